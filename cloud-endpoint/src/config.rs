@@ -1,0 +1,802 @@
+//! The cloud endpoint's configuration: built-in defaults, then a TOML file, then
+//! environment variables prefixed `CLOUD_ENDPOINT_`.
+//!
+//! Nested keys use a double underscore in the environment:
+//! `CLOUD_ENDPOINT_DOMAIN__DATASTORE__NAME=ds2` sets `domain.datastore.name`. Lists take
+//! figment's inline syntax: `CLOUD_ENDPOINT_DOMAIN__NETWORKS='["VM Network","web"]'`.
+//! An empty variable counts as unset. Relative paths given in the TOML file are resolved
+//! against the file's folder; those from the environment or the defaults stay relative to
+//! the working directory.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment variable the configuration reads.
+pub const ENV_PREFIX: &str = "CLOUD_ENDPOINT_";
+
+/// Variables under [`ENV_PREFIX`] that are not settings (the binary's own options, such as
+/// the config file path or the log filter); the loader skips them instead of rejecting them
+/// as unknown keys.
+pub const RESERVED_ENV_VARS: &[&str] = &["CLOUD_ENDPOINT_CONFIG", "CLOUD_ENDPOINT_LOG"];
+
+/// Password of the built-in demo users. Anyone who reads this file knows it: replace the
+/// users (or their passwords) in the config file before exposing an endpoint.
+pub const DEMO_PASSWORD: &str = "VMware1!Cloud";
+
+/// The whole configuration of a cloud endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// UDP address the QUIC server binds. Default `127.0.0.1:4433`.
+    pub listen: SocketAddr,
+    /// The endpoint's certificate chain (PEM). Required.
+    pub cert: PathBuf,
+    /// The private key of `cert` (PEM). Required.
+    pub key: PathBuf,
+    /// CA bundle (PEM) that issued the edge-agent certificates this endpoint trusts. Required.
+    pub edge_ca: PathBuf,
+    /// Folder of the cloud datastore (VM folders, staging). Default `./datastore`.
+    pub datastore_dir: PathBuf,
+    /// SQLite file of the inventory. Default `./inventory.sqlite3`.
+    pub database: PathBuf,
+    /// Migrations accepted at once; more wait. Default 32, at least 1.
+    pub max_concurrent_migrations: u32,
+    /// The vCenter-like domain migrated VMs land in.
+    pub domain: DomainConfig,
+}
+
+/// The cloud domain seeded into the inventory on first start.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainConfig {
+    pub datacenter: String,
+    /// VM folder migrated VMs are registered in.
+    pub folder: String,
+    pub cluster: String,
+    pub host: HostConfig,
+    pub datastore: DatastoreConfig,
+    /// Names of the cloud networks NICs can be mapped to; non-empty, unique.
+    pub networks: Vec<String>,
+    /// Who may log in to the domain; names unique.
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    pub name: String,
+    pub cpu_cores: u32,
+    pub memory_mib: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreConfig {
+    pub name: String,
+    /// A quota for migrated disks; `None` means the filesystem's size.
+    pub capacity_bytes: Option<u64>,
+}
+
+/// A user of the cloud domain. Exactly one of `password` / `password_hash` is set.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plain password; hashed with argon2id before it is stored.
+    pub password: Option<String>,
+    /// An argon2 PHC string (`$argon2id$v=19$...`), stored as is.
+    pub password_hash: Option<String>,
+    pub role: Role,
+}
+
+// Passwords stay out of logs and panic messages.
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_hash", &self.password_hash.as_ref().map(|_| "<redacted>"))
+            .field("role", &self.role)
+            .finish()
+    }
+}
+
+/// What a user of the cloud domain may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Role {
+    /// Everything.
+    Administrator,
+    /// Migrate VMs in, and read the inventory.
+    MigrationOperator,
+    /// Read the inventory only.
+    ReadOnly,
+}
+
+impl Role {
+    /// Whether this role may start a migration into the domain.
+    pub fn may_migrate(self) -> bool {
+        matches!(self, Role::Administrator | Role::MigrationOperator)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Administrator => "Administrator",
+            Role::MigrationOperator => "MigrationOperator",
+            Role::ReadOnly => "ReadOnly",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A role name that is not one of `Administrator`, `MigrationOperator`, `ReadOnly`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown role {0:?}; use Administrator, MigrationOperator or ReadOnly")]
+pub struct ParseRoleError(pub String);
+
+impl FromStr for Role {
+    type Err = ParseRoleError;
+
+    fn from_str(s: &str) -> Result<Role, ParseRoleError> {
+        match s {
+            "Administrator" => Ok(Role::Administrator),
+            "MigrationOperator" => Ok(Role::MigrationOperator),
+            "ReadOnly" => Ok(Role::ReadOnly),
+            other => Err(ParseRoleError(other.to_owned())),
+        }
+    }
+}
+
+impl Default for DomainConfig {
+    fn default() -> Self {
+        let user = |name: &str, role| UserConfig {
+            name: name.to_owned(),
+            password: Some(DEMO_PASSWORD.to_owned()),
+            password_hash: None,
+            role,
+        };
+        DomainConfig {
+            datacenter: "Cloud-DC".to_owned(),
+            folder: "Migrated VMs".to_owned(),
+            cluster: "Cloud-Cluster".to_owned(),
+            host: HostConfig::default(),
+            datastore: DatastoreConfig::default(),
+            networks: ["VM Network", "cloud-web", "cloud-db"].map(String::from).to_vec(),
+            users: vec![
+                user("administrator@cloud.local", Role::Administrator),
+                user("migrator@cloud.local", Role::MigrationOperator),
+                user("auditor@cloud.local", Role::ReadOnly),
+            ],
+        }
+    }
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig { name: "esx-cloud-01.local".to_owned(), cpu_cores: 32, memory_mib: 262_144 }
+    }
+}
+
+impl Default for DatastoreConfig {
+    fn default() -> Self {
+        DatastoreConfig { name: "cloud-ds1".to_owned(), capacity_bytes: None }
+    }
+}
+
+/// The settings that have a default (the certificate paths have none).
+#[derive(Serialize)]
+struct Defaults {
+    listen: SocketAddr,
+    datastore_dir: PathBuf,
+    database: PathBuf,
+    max_concurrent_migrations: u32,
+    domain: DomainConfig,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            datastore_dir: PathBuf::from("./datastore"),
+            database: PathBuf::from("./inventory.sqlite3"),
+            max_concurrent_migrations: 32,
+            domain: DomainConfig::default(),
+        }
+    }
+}
+
+/// Why a configuration could not be loaded. Each message names where the bad value came
+/// from (file or variable) and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}; check the path of the config file", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// Syntax errors, wrong types, unknown keys (from figment, which names the key and source).
+    #[error("invalid configuration: {0}")]
+    Invalid(Box<figment::Error>),
+
+    #[error("no `{key}` is set: set `{key} = \"PATH\"` in the config file or the variable {env}; {hint}")]
+    MissingPath { key: &'static str, env: String, hint: &'static str },
+
+    #[error("`{key}` is empty ({origin}); give a name")]
+    EmptyName { key: String, origin: String },
+
+    #[error("`domain.networks` is empty ({origin}); list at least one cloud network, e.g. networks = [\"VM Network\"]")]
+    NoNetworks { origin: String },
+
+    #[error("`domain.networks` lists {name:?} more than once ({origin}); network names must be unique")]
+    DuplicateNetwork { name: String, origin: String },
+
+    #[error("`domain.users` lists user {name:?} more than once ({origin}); user names must be unique")]
+    DuplicateUser { name: String, origin: String },
+
+    #[error("user {user:?} ({origin}) has {problem}; give exactly one of `password` or `password_hash`")]
+    UserCredentials { user: String, problem: &'static str, origin: String },
+
+    #[error("user {user:?} ({origin}) has an unusable `password_hash`: {reason}; give an argon2 PHC string such as $argon2id$v=19$m=19456,t=2,p=1$SALT$HASH")]
+    BadPasswordHash { user: String, reason: String, origin: String },
+
+    #[error("`max_concurrent_migrations` is 0 ({origin}); it must be at least 1")]
+    ZeroConcurrency { origin: String },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        ConfigError::Invalid(Box::new(e))
+    }
+}
+
+impl Config {
+    /// Loads the configuration: built-in defaults, then the TOML `file` (if given), then the
+    /// process environment (`CLOUD_ENDPOINT_*`), then validates the result.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        // Variables that are not UTF-8 cannot be ours; skip them rather than fail.
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
+        Config::load_with_env(file, &env)
+    }
+
+    /// Like [`Config::load`], with the environment given as pairs (tests, embedding).
+    pub fn load_with_env(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Defaults::default()));
+        if let Some(path) = file {
+            // figment would treat a missing file as empty; an explicit file must exist.
+            std::fs::File::open(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let figment = figment.merge(EnvPairs::new(env));
+
+        for (key, hint) in [
+            ("cert", "create an endpoint certificate with `certs endpoint` or `certs quickstart`"),
+            ("key", "it is written next to the certificate by `certs endpoint` or `certs quickstart`"),
+            ("edge_ca", "use the CA certificate that signed the edge agents' certificates (`certs quickstart` writes one)"),
+        ] {
+            let empty = match figment.find_value(key) {
+                Ok(v) => v.as_str().is_some_and(str::is_empty),
+                Err(_) => true,
+            };
+            if empty {
+                return Err(ConfigError::MissingPath { key, env: env_name(&[key]), hint });
+            }
+        }
+
+        // Lossy: environment values arrive as strings, so "32" must become a number.
+        let mut config: Config = figment.extract_lossy()?;
+        resolve_relative(&figment, "cert", &mut config.cert);
+        resolve_relative(&figment, "key", &mut config.key);
+        resolve_relative(&figment, "edge_ca", &mut config.edge_ca);
+        resolve_relative(&figment, "datastore_dir", &mut config.datastore_dir);
+        resolve_relative(&figment, "database", &mut config.database);
+        config.validate(&figment)?;
+        Ok(config)
+    }
+
+    fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
+        if self.max_concurrent_migrations == 0 {
+            return Err(ConfigError::ZeroConcurrency { origin: origin(figment, "max_concurrent_migrations") });
+        }
+        let d = &self.domain;
+        for (key, value) in [
+            ("domain.datacenter", &d.datacenter),
+            ("domain.folder", &d.folder),
+            ("domain.cluster", &d.cluster),
+            ("domain.host.name", &d.host.name),
+            ("domain.datastore.name", &d.datastore.name),
+        ] {
+            if value.trim().is_empty() {
+                return Err(ConfigError::EmptyName { key: key.to_owned(), origin: origin(figment, key) });
+            }
+        }
+        let origin_networks = || origin(figment, "domain.networks");
+        if d.networks.is_empty() {
+            return Err(ConfigError::NoNetworks { origin: origin_networks() });
+        }
+        let mut seen = HashSet::new();
+        for name in &d.networks {
+            if name.trim().is_empty() {
+                return Err(ConfigError::EmptyName { key: "domain.networks[]".to_owned(), origin: origin_networks() });
+            }
+            if !seen.insert(name) {
+                return Err(ConfigError::DuplicateNetwork { name: name.clone(), origin: origin_networks() });
+            }
+        }
+        let origin_users = || origin(figment, "domain.users");
+        let mut seen = HashSet::new();
+        for user in &d.users {
+            if user.name.trim().is_empty() {
+                return Err(ConfigError::EmptyName { key: "domain.users[].name".to_owned(), origin: origin_users() });
+            }
+            if !seen.insert(&user.name) {
+                return Err(ConfigError::DuplicateUser { name: user.name.clone(), origin: origin_users() });
+            }
+            let problem = match (&user.password, &user.password_hash) {
+                (Some(_), Some(_)) => Some("both `password` and `password_hash`"),
+                (None, None) => Some("neither `password` nor `password_hash`"),
+                (Some(p), None) if p.is_empty() => Some("an empty `password`"),
+                _ => None,
+            };
+            if let Some(problem) = problem {
+                return Err(ConfigError::UserCredentials { user: user.name.clone(), problem, origin: origin_users() });
+            }
+            if let Some(hash) = &user.password_hash {
+                check_password_hash(hash).map_err(|reason| ConfigError::BadPasswordHash {
+                    user: user.name.clone(),
+                    reason,
+                    origin: origin_users(),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An annotated example configuration with every setting at its default.
+    pub fn example_toml() -> String {
+        EXAMPLE_TOML.replace("{DEMO_PASSWORD}", DEMO_PASSWORD)
+    }
+}
+
+/// Checks that `hash` is an argon2 PHC string the inventory can verify against.
+pub(crate) fn check_password_hash(hash: &str) -> Result<(), String> {
+    let parsed = argon2::PasswordHash::new(hash).map_err(|e| e.to_string())?;
+    match parsed.algorithm.as_str() {
+        "argon2id" | "argon2i" | "argon2d" => {}
+        other => return Err(format!("algorithm {other:?} is not argon2")),
+    }
+    if parsed.hash.is_none() {
+        return Err("the hash part is missing".to_owned());
+    }
+    argon2::Params::try_from(&parsed).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+const EXAMPLE_TOML: &str = r#"# cloud-endpoint configuration.
+# Every setting can also come from an environment variable named CLOUD_ENDPOINT_ plus the
+# key in capitals, nested keys joined by a double underscore; variables beat this file:
+#   CLOUD_ENDPOINT_LISTEN=0.0.0.0:4433
+#   CLOUD_ENDPOINT_DOMAIN__DATASTORE__NAME=cloud-ds2
+# Relative paths in this file are relative to the folder of this file.
+
+# UDP address of the QUIC server.
+listen = "127.0.0.1:4433"
+
+# The endpoint's certificate chain and private key (PEM), and the CA that issued the
+# edge agents' certificates. Required, no defaults: create them with `certs endpoint`
+# or `certs quickstart`.
+cert = "pki/endpoint.pem"
+key = "pki/endpoint-key.pem"
+edge_ca = "pki/ca.pem"
+
+# Folder of the cloud datastore: one folder per VM, plus .staging for transfers.
+datastore_dir = "./datastore"
+
+# SQLite file of the inventory (the vCenter-like domain).
+database = "./inventory.sqlite3"
+
+# Migrations accepted at once (at least 1); further ones wait.
+max_concurrent_migrations = 32
+
+# The domain migrated VMs land in. It is written into the inventory on first start;
+# later starts add new networks and users but never delete anything.
+[domain]
+datacenter = "Cloud-DC"
+# VM folder migrated VMs are registered in.
+folder = "Migrated VMs"
+cluster = "Cloud-Cluster"
+# Cloud networks a source NIC can be mapped to (non-empty, unique).
+networks = ["VM Network", "cloud-web", "cloud-db"]
+
+[domain.host]
+name = "esx-cloud-01.local"
+cpu_cores = 32
+memory_mib = 262144
+
+[domain.datastore]
+name = "cloud-ds1"
+# A quota for migrated disks, in bytes. Without it, the filesystem's size is the limit.
+# capacity_bytes = 1099511627776
+
+# Users of the domain. Each has exactly one of `password` (hashed with argon2id when
+# stored) or `password_hash` (an argon2 PHC string, stored as is), and a role:
+# Administrator, MigrationOperator (may migrate) or ReadOnly.
+# These demo users share a published password: CHANGE THEM before exposing the endpoint.
+# A user removed from this list can no longer log in (kept in the inventory for history).
+[[domain.users]]
+name = "administrator@cloud.local"
+password = "{DEMO_PASSWORD}"
+role = "Administrator"
+
+[[domain.users]]
+name = "migrator@cloud.local"
+password = "{DEMO_PASSWORD}"
+role = "MigrationOperator"
+
+[[domain.users]]
+name = "auditor@cloud.local"
+password = "{DEMO_PASSWORD}"
+role = "ReadOnly"
+"#;
+
+/// The name of the environment variable for a key path, e.g. `CLOUD_ENDPOINT_DOMAIN__HOST__NAME`.
+fn env_name<K: AsRef<str>>(keys: &[K]) -> String {
+    let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_ascii_uppercase()).collect();
+    format!("{ENV_PREFIX}{}", keys.join("__"))
+}
+
+/// A human description of where the winning value of `key` came from.
+fn origin(figment: &Figment, key: &str) -> String {
+    match figment.find_metadata(key) {
+        Some(md) => match md.source.as_ref().and_then(|s| s.file_path()) {
+            Some(path) => format!("set in {}", path.display()),
+            None if md.name == ENV_METADATA_NAME => {
+                let keys: Vec<&str> = key.split('.').collect();
+                format!("set by {}", md.interpolate(&Profile::Default, &keys))
+            }
+            None => "built-in default".to_owned(),
+        },
+        None => "built-in default".to_owned(),
+    }
+}
+
+/// A relative path from the TOML file is taken relative to the file's folder.
+fn resolve_relative(figment: &Figment, key: &str, path: &mut PathBuf) {
+    if path.is_absolute() {
+        return;
+    }
+    let file = figment.find_metadata(key).and_then(|md| md.source.as_ref()).and_then(|s| s.file_path());
+    if let Some(dir) = file.and_then(Path::parent) {
+        *path = dir.join(&*path);
+    }
+}
+
+const ENV_METADATA_NAME: &str = "environment variable";
+
+/// A figment provider over given `(name, value)` pairs, so that tests need not touch the
+/// process environment. Only `CLOUD_ENDPOINT_*` names count; `__` nests keys.
+struct EnvPairs {
+    dict: Dict,
+}
+
+impl EnvPairs {
+    fn new(pairs: &[(String, String)]) -> EnvPairs {
+        let mut dict = Dict::new();
+        for (name, value) in pairs {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+            if rest.is_empty() || value.is_empty() || RESERVED_ENV_VARS.contains(&name.as_str()) {
+                continue;
+            }
+            let key = rest.to_ascii_lowercase().replace("__", ".");
+            // Scalars stay strings (extract_lossy turns "32" into a number where one is
+            // wanted, and a name like "10" stays a name); lists and tables are parsed.
+            let trimmed = value.trim_start();
+            let value = if trimmed.starts_with('[') || trimmed.starts_with('{') {
+                value.parse::<Value>().unwrap_or_else(|never| match never {})
+            } else {
+                Value::from(value.clone())
+            };
+            if let Some(nested) = figment::util::nest(&key, value).into_dict() {
+                dict = merge_dicts(dict, nested);
+            }
+        }
+        EnvPairs { dict }
+    }
+}
+
+fn merge_dicts(mut into: Dict, from: Dict) -> Dict {
+    for (k, v) in from {
+        let merged = match (into.remove(&k), v) {
+            (Some(Value::Dict(_, a)), Value::Dict(tag, b)) => Value::Dict(tag, merge_dicts(a, b)),
+            (_, v) => v,
+        };
+        into.insert(k, merged);
+    }
+    into
+}
+
+impl Provider for EnvPairs {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(ENV_METADATA_NAME).interpolater(|_: &Profile, keys: &[&str]| env_name(keys))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.dict.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn cert_env() -> Vec<(String, String)> {
+        pairs(&[
+            ("CLOUD_ENDPOINT_CERT", "/pki/endpoint.pem"),
+            ("CLOUD_ENDPOINT_KEY", "/pki/endpoint-key.pem"),
+            ("CLOUD_ENDPOINT_EDGE_CA", "/pki/ca.pem"),
+        ])
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const PATHS: &str = "cert = \"/pki/e.pem\"\nkey = \"/pki/k.pem\"\nedge_ca = \"/pki/ca.pem\"\n";
+
+    fn load_toml(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "cloud.toml", text);
+        Config::load_with_env(Some(&file), &pairs(env))
+    }
+
+    #[test]
+    fn defaults_apply_when_only_the_paths_are_given() {
+        let c = Config::load_with_env(None, &cert_env()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:4433".parse().unwrap());
+        assert_eq!(c.cert, PathBuf::from("/pki/endpoint.pem"));
+        assert_eq!(c.datastore_dir, PathBuf::from("./datastore"));
+        assert_eq!(c.database, PathBuf::from("./inventory.sqlite3"));
+        assert_eq!(c.max_concurrent_migrations, 32);
+        assert_eq!(c.domain, DomainConfig::default());
+        assert_eq!(c.domain.datastore.capacity_bytes, None);
+        let users: Vec<_> = c.domain.users.iter().map(|u| (u.name.as_str(), u.role)).collect();
+        assert_eq!(
+            users,
+            [
+                ("administrator@cloud.local", Role::Administrator),
+                ("migrator@cloud.local", Role::MigrationOperator),
+                ("auditor@cloud.local", Role::ReadOnly),
+            ]
+        );
+        assert!(c.domain.users.iter().all(|u| u.password.as_deref() == Some(DEMO_PASSWORD)));
+    }
+
+    #[test]
+    fn each_required_path_is_reported_with_its_fix() {
+        for missing in ["CLOUD_ENDPOINT_CERT", "CLOUD_ENDPOINT_KEY", "CLOUD_ENDPOINT_EDGE_CA"] {
+            let env: Vec<_> = cert_env().into_iter().filter(|(k, _)| k != missing).collect();
+            let err = Config::load_with_env(None, &env).unwrap_err();
+            assert!(matches!(err, ConfigError::MissingPath { .. }), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains(missing), "{msg}");
+            assert!(msg.contains("certs quickstart"), "{msg}");
+        }
+        // An empty value counts as unset.
+        let mut env = cert_env();
+        env[0].1 = String::new();
+        let err = Config::load_with_env(None, &env).unwrap_err();
+        assert!(err.to_string().contains("no `cert` is set"), "{err}");
+        assert!(err.to_string().contains("certs endpoint"), "{err}");
+        let err = load_toml("cert = \"\"\nkey = \"k\"\nedge_ca = \"c\"\n", &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::MissingPath { key: "cert", .. }), "{err:?}");
+    }
+
+    #[test]
+    fn toml_file_overrides_defaults_and_keeps_the_rest() {
+        let c = load_toml(
+            &format!(
+                "{PATHS}listen = \"0.0.0.0:5000\"\nmax_concurrent_migrations = 4\n\
+                 [domain]\nnetworks = [\"prod\"]\n\
+                 [domain.datastore]\nname = \"ds9\"\ncapacity_bytes = 1000000\n\
+                 [[domain.users]]\nname = \"ops\"\npassword = \"pw\"\nrole = \"MigrationOperator\"\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:5000".parse().unwrap());
+        assert_eq!(c.max_concurrent_migrations, 4);
+        assert_eq!(c.domain.networks, ["prod"]);
+        assert_eq!(c.domain.datastore, DatastoreConfig { name: "ds9".into(), capacity_bytes: Some(1_000_000) });
+        // A list in the file replaces the default list.
+        assert_eq!(c.domain.users.len(), 1);
+        assert_eq!(c.domain.users[0].role, Role::MigrationOperator);
+        // Untouched settings keep their defaults.
+        assert_eq!(c.domain.cluster, "Cloud-Cluster");
+        assert_eq!(c.domain.host, HostConfig::default());
+        assert_eq!(c.database, PathBuf::from("./inventory.sqlite3"));
+    }
+
+    #[test]
+    fn environment_beats_the_file() {
+        let c = load_toml(
+            &format!("{PATHS}listen = \"0.0.0.0:5000\"\n[domain.datastore]\nname = \"from-file\"\n"),
+            &[
+                ("CLOUD_ENDPOINT_LISTEN", "10.0.0.1:6000"),
+                ("CLOUD_ENDPOINT_DOMAIN__DATASTORE__NAME", "from-env"),
+                ("CLOUD_ENDPOINT_DOMAIN__DATASTORE__CAPACITY_BYTES", "4096"),
+                ("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "7"),
+                ("CLOUD_ENDPOINT_DOMAIN__HOST__NAME", "10"),
+                ("CLOUD_ENDPOINT_DOMAIN__NETWORKS", r#"["VM Network", "cloud web"]"#),
+                ("CLOUD_ENDPOINT_DATASTORE_DIR", "rel/ds"),
+                // The binary's own variables and foreign ones are not settings.
+                ("CLOUD_ENDPOINT_CONFIG", "/etc/whatever.toml"),
+                ("OTHER_LISTEN", "garbage"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.listen, "10.0.0.1:6000".parse().unwrap());
+        assert_eq!(c.domain.datastore.name, "from-env");
+        assert_eq!(c.domain.datastore.capacity_bytes, Some(4096));
+        assert_eq!(c.max_concurrent_migrations, 7);
+        assert_eq!(c.domain.host.name, "10");
+        assert_eq!(c.domain.networks, ["VM Network", "cloud web"]);
+        // From the environment: relative to the working directory, untouched.
+        assert_eq!(c.datastore_dir, PathBuf::from("rel/ds"));
+    }
+
+    #[test]
+    fn load_reads_the_process_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("cloud.toml", PATHS)?;
+            jail.set_env("CLOUD_ENDPOINT_LISTEN", "127.0.0.1:7777");
+            jail.set_env("CLOUD_ENDPOINT_DOMAIN__FOLDER", "Imported");
+            let c = Config::load(Some(Path::new("cloud.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.listen, "127.0.0.1:7777".parse().unwrap());
+            assert_eq!(c.domain.folder, "Imported");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn relative_paths_in_the_file_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(
+            dir.path(),
+            "etc/cloud.toml",
+            "cert = \"pki/e.pem\"\nkey = \"/abs/k.pem\"\nedge_ca = \"../ca.pem\"\ndatastore_dir = \"ds\"\n",
+        );
+        let c = Config::load_with_env(Some(&file), &[]).unwrap();
+        let etc = dir.path().join("etc");
+        assert_eq!(c.cert, etc.join("pki/e.pem"));
+        assert_eq!(c.key, PathBuf::from("/abs/k.pem"));
+        assert_eq!(c.edge_ca, etc.join("../ca.pem"));
+        assert_eq!(c.datastore_dir, etc.join("ds"));
+        // Not set in the file: the default stays relative to the working directory.
+        assert_eq!(c.database, PathBuf::from("./inventory.sqlite3"));
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope.toml");
+        let err = Config::load_with_env(Some(&path), &cert_env()).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("nope.toml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_source() {
+        let err = load_toml(&format!("{PATHS}listn = \"0.0.0.0:1\"\n"), &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err:?}");
+        assert!(msg.contains("listn") && msg.contains("cloud.toml"), "{msg}");
+
+        let err = load_toml(&format!("{PATHS}[domain.host]\ncores = 4\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("cores"), "{err}");
+
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_LISTN", "0.0.0.0:1")]).unwrap_err();
+        assert!(err.to_string().contains("CLOUD_ENDPOINT_LISTN"), "{err}");
+
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "many")]).unwrap_err();
+        assert!(err.to_string().contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"), "{err}");
+
+        let err = load_toml(&format!("{PATHS}listen = \"nowhere\"\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+
+        let err = load_toml(&format!("{PATHS}[[domain.users]]\nname = \"x\"\npassword = \"p\"\nrole = \"Root\"\n"), &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("Root"), "{err}");
+    }
+
+    #[test]
+    fn validation_errors_name_the_setting_and_its_source() {
+        let err = load_toml(&format!("{PATHS}max_concurrent_migrations = 0\n"), &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::ZeroConcurrency { .. }), "{err:?}");
+        assert!(err.to_string().contains("cloud.toml"), "{err}");
+
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "0")]).unwrap_err();
+        assert!(err.to_string().contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"), "{err}");
+
+        let err = load_toml(&format!("{PATHS}[domain]\nnetworks = []\n"), &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::NoNetworks { .. }), "{err:?}");
+
+        let err = load_toml(&format!("{PATHS}[domain]\nnetworks = [\"a\", \"b\", \"a\"]\n"), &[]).unwrap_err();
+        assert!(matches!(&err, ConfigError::DuplicateNetwork { name, .. } if name == "a"), "{err:?}");
+
+        let err = load_toml(&format!("{PATHS}[domain]\ncluster = \" \"\n"), &[]).unwrap_err();
+        assert!(matches!(&err, ConfigError::EmptyName { key, .. } if key == "domain.cluster"), "{err:?}");
+
+        let user = |name: &str, creds: &str| format!("[[domain.users]]\nname = \"{name}\"\n{creds}role = \"ReadOnly\"\n");
+        let hash = crate::inventory::hash_password("pw").unwrap();
+
+        let err = load_toml(&format!("{PATHS}{}{}", user("a", "password = \"x\"\n"), user("a", "password = \"y\"\n")), &[])
+            .unwrap_err();
+        assert!(matches!(&err, ConfigError::DuplicateUser { name, .. } if name == "a"), "{err:?}");
+
+        let err = load_toml(&format!("{PATHS}{}", user("a", "")), &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::UserCredentials { problem, .. } if problem.starts_with("neither")), "{err:?}");
+
+        let both = format!("password = \"x\"\npassword_hash = '{hash}'\n");
+        let err = load_toml(&format!("{PATHS}{}", user("a", &both)), &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::UserCredentials { problem, .. } if problem.starts_with("both")), "{err:?}");
+
+        let err = load_toml(&format!("{PATHS}{}", user("a", "password_hash = \"plaintext\"\n")), &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::BadPasswordHash { .. }), "{err:?}");
+
+        let ok = load_toml(&format!("{PATHS}{}", user("a", &format!("password_hash = '{hash}'\n"))), &[]).unwrap();
+        assert_eq!(ok.domain.users[0].password_hash.as_deref(), Some(hash.as_str()));
+    }
+
+    #[test]
+    fn example_is_valid_and_shows_the_defaults() {
+        let example = Config::example_toml();
+        let c = load_toml(&example, &[]).unwrap();
+        assert_eq!(c.domain, DomainConfig::default());
+        let defaults = Defaults::default();
+        assert_eq!(c.listen, defaults.listen);
+        assert_eq!(c.max_concurrent_migrations, defaults.max_concurrent_migrations);
+        assert!(c.datastore_dir.ends_with("datastore"));
+        assert!(example.contains("# capacity_bytes"));
+    }
+
+    #[test]
+    fn roles_parse_and_print_by_name() {
+        for role in [Role::Administrator, Role::MigrationOperator, Role::ReadOnly] {
+            assert_eq!(role.to_string().parse::<Role>().unwrap(), role);
+        }
+        assert!("admin".parse::<Role>().is_err());
+        assert!(Role::Administrator.may_migrate());
+        assert!(Role::MigrationOperator.may_migrate());
+        assert!(!Role::ReadOnly.may_migrate());
+    }
+
+    #[test]
+    fn debug_output_hides_passwords() {
+        let shown = format!("{:?}", DomainConfig::default());
+        assert!(!shown.contains(DEMO_PASSWORD), "{shown}");
+    }
+}

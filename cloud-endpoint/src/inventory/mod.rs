@@ -1,0 +1,396 @@
+//! The cloud domain's inventory: a vCenter-like model (datacenter, folders, cluster, host,
+//! datastore, networks, VMs, users) and the record of migrations, kept in SQLite.
+//!
+//! Object ids carry vCenter's prefixes and come from one counter, as vCenter's managed
+//! object references do (`datacenter-2`, `group-v3`, `domain-c8`, `host-9`, `vm-14`, ...;
+//! number 1 is the root folder `group-d1`). Migrations are numbered on their own
+//! (`migration-N`), as vCenter numbers tasks apart from objects.
+//!
+//! One [`Inventory`] is shared by every task of the endpoint; it holds one connection
+//! behind a mutex, and its methods block (call them from `spawn_blocking`). A method that
+//! changes several rows does so in one transaction.
+
+mod migrations;
+mod password;
+mod schema;
+mod seed;
+mod vms;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension};
+use serde::Serialize;
+
+use crate::config::{DomainConfig, Role};
+
+pub use password::hash_password;
+
+/// How long a statement waits for a lock held by another connection (another process
+/// opening the same file, e.g. an admin tool) before failing with "database is locked".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything that can go wrong in the inventory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InventoryError {
+    /// Unknown user, inactive user or wrong password: deliberately not told apart.
+    #[error("user or password not accepted by the cloud domain")]
+    BadCredentials,
+
+    #[error("user {user:?} has role {role}, which may not migrate VMs into the cloud domain; ask for the MigrationOperator or Administrator role")]
+    NotPermitted { user: String, role: Role },
+
+    #[error("the cloud domain already has a VM named {name:?}, or one is being migrated in; choose another name")]
+    NameTaken { name: String },
+
+    #[error("{what} is not in the inventory")]
+    NotFound { what: String },
+
+    #[error("migration {id} is {state}, not RUNNING")]
+    MigrationNotRunning { id: String, state: String },
+
+    /// A request that contradicts itself or the inventory (e.g. two disks with one key).
+    #[error("invalid inventory request: {0}")]
+    Invalid(String),
+
+    #[error("inventory database {}: {source}; check that the file is a cloud-endpoint inventory on a writable disk", path.display())]
+    Db {
+        /// The database file (empty only inside this module, before it is filled in).
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    #[error("cannot create the folder of the inventory database {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("inventory database {} has schema version {found}, newer than this cloud-endpoint knows ({supported}); run a newer cloud-endpoint or use another database file", path.display())]
+    SchemaTooNew { path: PathBuf, found: i64, supported: i64 },
+
+    #[error("cannot hash the password of user {user:?}: {reason}")]
+    PasswordHash { user: String, reason: String },
+}
+
+impl From<rusqlite::Error> for InventoryError {
+    /// The path is filled in by [`Inventory`] before the error leaves it.
+    fn from(source: rusqlite::Error) -> Self {
+        InventoryError::Db { path: PathBuf::new(), source }
+    }
+}
+
+impl InventoryError {
+    fn with_path(self, file: &Path) -> Self {
+        match self {
+            InventoryError::Db { path, source } if path.as_os_str().is_empty() => {
+                InventoryError::Db { path: file.to_owned(), source }
+            }
+            InventoryError::SchemaTooNew { path, found, supported } if path.as_os_str().is_empty() => {
+                InventoryError::SchemaTooNew { path: file.to_owned(), found, supported }
+            }
+            other => other,
+        }
+    }
+}
+
+/// An authenticated user of the cloud domain.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DatastoreInfo {
+    pub id: String,
+    pub name: String,
+    /// The configured quota; `None` = the filesystem's size.
+    pub capacity_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetworkInfo {
+    pub id: String,
+    pub name: String,
+}
+
+/// The fixed part of the domain, for the datacenter, folder, cluster and host listings.
+#[derive(Debug, Clone, Serialize)]
+pub struct DomainInfo {
+    pub datacenter: DatacenterInfo,
+    /// Every folder, root folder `group-d1` first.
+    pub folders: Vec<FolderInfo>,
+    pub cluster: ClusterInfo,
+    pub host: HostInfo,
+    pub datastore: DatastoreInfo,
+    /// The VM folder migrated VMs are registered in.
+    pub vm_folder: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DatacenterInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_folder: String,
+    pub host_folder: String,
+    pub datastore_folder: String,
+    pub network_folder: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FolderInfo {
+    pub id: String,
+    pub name: String,
+    /// vSphere's folder type: DATACENTER, HOST, DATASTORE, NETWORK or VIRTUAL_MACHINE.
+    pub kind: String,
+    /// A folder or datacenter id; `None` for the root folder.
+    pub parent: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterInfo {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostInfo {
+    pub id: String,
+    pub name: String,
+    pub cluster: String,
+    pub cpu_cores: u32,
+    pub memory_mib: u64,
+}
+
+/// A VM to register at the end of a migration.
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    pub name: String,
+    pub guest_os: String,
+    pub num_cpus: u32,
+    pub cores_per_socket: Option<u32>,
+    pub memory_mib: u64,
+    pub firmware: Option<String>,
+    pub bios_uuid: Option<String>,
+    /// Datastore path of the .vmx, e.g. `[cloud-ds1] web01/web01.vmx`.
+    pub vmx_path: String,
+    pub disks: Vec<NewDisk>,
+    pub nics: Vec<NewNic>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDisk {
+    /// Controller slot, e.g. `scsi0:0`.
+    pub key: String,
+    /// Datastore path of the descriptor, e.g. `[cloud-ds1] web01/web01.vmdk`.
+    pub path: String,
+    pub capacity_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewNic {
+    /// e.g. `ethernet0`.
+    pub key: String,
+    /// The cloud network (`network-N`) the NIC is mapped to.
+    pub network_id: String,
+    pub mac: Option<String>,
+    pub virtual_dev: Option<String>,
+    /// The network name the NIC had at the source.
+    pub source_network: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub guest_os: String,
+    pub num_cpus: u32,
+    pub cores_per_socket: Option<u32>,
+    pub memory_mib: u64,
+    pub firmware: Option<String>,
+    pub bios_uuid: Option<String>,
+    /// POWERED_OFF for a migrated VM.
+    pub power_state: String,
+    /// Host id.
+    pub host: String,
+    /// Datastore id.
+    pub datastore: String,
+    /// Folder id.
+    pub folder: String,
+    pub vmx_path: String,
+    pub disks: Vec<DiskRecord>,
+    pub nics: Vec<NicRecord>,
+    /// The migration that brought the VM in.
+    pub migration: Option<String>,
+    /// RFC 3339, UTC.
+    pub created: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiskRecord {
+    pub key: String,
+    pub path: String,
+    pub capacity_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NicRecord {
+    pub key: String,
+    /// Network id.
+    pub network: String,
+    pub network_name: String,
+    pub mac: Option<String>,
+    pub virtual_dev: Option<String>,
+    pub source_network: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationRecord {
+    pub id: String,
+    pub vm_name: String,
+    pub user: String,
+    /// Which edge agent sent it (e.g. its certificate's name).
+    pub edge: String,
+    /// RUNNING, SUCCEEDED or FAILED.
+    pub state: String,
+    pub error: Option<String>,
+    /// The registered VM, once SUCCEEDED.
+    pub vm: Option<String>,
+    /// RFC 3339, UTC.
+    pub started: String,
+    pub finished: Option<String>,
+    pub logical_bytes: u64,
+}
+
+/// The inventory database. See the module documentation.
+#[derive(Debug)]
+pub struct Inventory {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl Inventory {
+    /// Opens (or creates) the database at `path`, brings its schema up to date and makes
+    /// the domain match `domain`: on first start everything is created; later, new
+    /// networks and users are added, changed passwords and roles are applied, users no
+    /// longer configured are deactivated (kept for the history, unable to log in), the
+    /// datastore's capacity follows the config, and nothing is deleted.
+    pub fn open(path: &Path, domain: &DomainConfig) -> Result<Inventory, InventoryError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|source| InventoryError::Io { path: parent.to_owned(), source })?;
+        }
+        let open = || -> Result<Connection, InventoryError> {
+            let mut conn = Connection::open(path)?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            conn.pragma_update(None, "foreign_keys", true)?;
+            // WAL: readers do not block the writer; a crash never leaves a torn database.
+            let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(database = %path.display(), mode, "SQLite could not switch to WAL mode");
+            }
+            schema::upgrade(&mut conn)?;
+            seed::reconcile(&mut conn, domain)?;
+            Ok(conn)
+        };
+        let conn = open().map_err(|e| e.with_path(path))?;
+        Ok(Inventory { path: path.to_owned(), conn: Mutex::new(conn) })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the connection and names the database file in its errors.
+    fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, InventoryError>) -> Result<T, InventoryError> {
+        f(&mut self.lock()).map_err(|e| e.with_path(&self.path))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while the lock was held cannot leave a half-done change behind: an
+        // unfinished rusqlite transaction rolls back when dropped.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Checks a user's password. Unknown and deactivated users cost one hash too, and all
+    /// failures look the same, so neither the answer nor its timing tells which was wrong.
+    pub fn authenticate(&self, user: &str, password: &str) -> Result<Principal, InventoryError> {
+        let row: Option<(String, String, bool)> = self.with_conn(|conn| {
+            Ok(conn
+                .query_row("SELECT password_hash, role, active FROM app_user WHERE name = ?1", [user], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .optional()?)
+        })?;
+        // The hash runs outside the lock: it takes tens of milliseconds.
+        match row {
+            Some((hash, role, true)) => {
+                if !password::verify(&hash, password) {
+                    return Err(InventoryError::BadCredentials);
+                }
+                let role = role.parse::<Role>().map_err(|e| InventoryError::Invalid(e.to_string()))?;
+                Ok(Principal { user: user.to_owned(), role })
+            }
+            _ => {
+                password::verify(password::dummy_hash(), password);
+                Err(InventoryError::BadCredentials)
+            }
+        }
+    }
+
+    /// The datastore migrated VMs are written to (one, for now).
+    pub fn datastore(&self) -> Result<DatastoreInfo, InventoryError> {
+        self.with_conn(|conn| {
+            Ok(conn.query_row(
+                "SELECT d.id, d.name, d.capacity_bytes FROM datastore d JOIN placement p ON p.datastore = d.id",
+                [],
+                |row| Ok(DatastoreInfo { id: row.get(0)?, name: row.get(1)?, capacity_bytes: row.get(2)? }),
+            )?)
+        })
+    }
+
+    /// The cloud networks, ordered by id number.
+    pub fn networks(&self) -> Result<Vec<NetworkInfo>, InventoryError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT id, name FROM network ORDER BY num")?;
+            let rows = stmt.query_map([], |row| Ok(NetworkInfo { id: row.get(0)?, name: row.get(1)? }))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    pub fn network_by_name(&self, name: &str) -> Result<Option<NetworkInfo>, InventoryError> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row("SELECT id, name FROM network WHERE name = ?1", [name], |row| {
+                    Ok(NetworkInfo { id: row.get(0)?, name: row.get(1)? })
+                })
+                .optional()?)
+        })
+    }
+
+    /// Datacenter, folders, cluster, host and datastore of the domain.
+    pub fn domain(&self) -> Result<DomainInfo, InventoryError> {
+        self.with_conn(|conn| seed::domain_info(conn))
+    }
+}
+
+/// Now, as RFC 3339 in UTC.
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+}
+
+/// Takes the next number of a counter (`moref` for objects, `migration`).
+fn next_number(conn: &Connection, counter: &str) -> rusqlite::Result<i64> {
+    conn.query_row("UPDATE counter SET last = last + 1 WHERE name = ?1 RETURNING last", [counter], |row| row.get(0))
+}

@@ -1,0 +1,171 @@
+//! The database schema as a list of steps. `PRAGMA user_version` records how many steps a
+//! file has; opening applies the missing ones in order, each in its own transaction with
+//! its version bump, so a crash leaves the file at a whole step. Steps are never edited
+//! once released: a change is a new step.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::InventoryError;
+
+/// Step `i` brings a database from version `i` to `i + 1`.
+const STEPS: &[&str] = &[V1];
+
+/// The schema version this build writes.
+pub(super) const VERSION: i64 = STEPS.len() as i64;
+
+const V1: &str = r#"
+-- Numbering: one counter for vCenter-style objects ('moref'), one for migrations.
+CREATE TABLE counter (
+    name TEXT PRIMARY KEY,
+    last INTEGER NOT NULL
+) STRICT;
+INSERT INTO counter (name, last) VALUES ('moref', 0), ('migration', 0);
+
+-- Folders: the root folder (group-d1) and each datacenter's vm/host/datastore/network
+-- folders and their subfolders. `parent` is a folder or a datacenter id.
+CREATE TABLE folder (
+    id TEXT PRIMARY KEY,
+    num INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL CHECK (type IN ('DATACENTER', 'HOST', 'DATASTORE', 'NETWORK', 'VIRTUAL_MACHINE')),
+    parent TEXT
+) STRICT;
+
+CREATE TABLE datacenter (
+    id TEXT PRIMARY KEY,
+    num INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    parent TEXT NOT NULL REFERENCES folder (id),
+    vm_folder TEXT NOT NULL REFERENCES folder (id),
+    host_folder TEXT NOT NULL REFERENCES folder (id),
+    datastore_folder TEXT NOT NULL REFERENCES folder (id),
+    network_folder TEXT NOT NULL REFERENCES folder (id)
+) STRICT;
+
+CREATE TABLE cluster (
+    id TEXT PRIMARY KEY,
+    num INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    folder TEXT NOT NULL REFERENCES folder (id)
+) STRICT;
+
+CREATE TABLE host (
+    id TEXT PRIMARY KEY,
+    num INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    cluster TEXT NOT NULL REFERENCES cluster (id),
+    cpu_cores INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE datastore (
+    id TEXT PRIMARY KEY,
+    num INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    folder TEXT NOT NULL REFERENCES folder (id),
+    capacity_bytes INTEGER CHECK (capacity_bytes >= 0)
+) STRICT;
+
+CREATE TABLE network (
+    id TEXT PRIMARY KEY,
+    num INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    folder TEXT NOT NULL REFERENCES folder (id)
+) STRICT;
+
+-- Where migrated VMs land: one row.
+CREATE TABLE placement (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 0),
+    datacenter TEXT NOT NULL REFERENCES datacenter (id),
+    folder TEXT NOT NULL REFERENCES folder (id),
+    cluster TEXT NOT NULL REFERENCES cluster (id),
+    host TEXT NOT NULL REFERENCES host (id),
+    datastore TEXT NOT NULL REFERENCES datastore (id)
+) STRICT;
+
+-- Users are deactivated, never deleted: migrations keep naming them.
+CREATE TABLE app_user (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('Administrator', 'MigrationOperator', 'ReadOnly')),
+    active INTEGER NOT NULL DEFAULT 1 CHECK (active IN (0, 1))
+) STRICT;
+
+CREATE TABLE vm (
+    id TEXT PRIMARY KEY,
+    num INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    guest_os TEXT NOT NULL,
+    num_cpus INTEGER NOT NULL CHECK (num_cpus >= 0),
+    cores_per_socket INTEGER,
+    memory_mib INTEGER NOT NULL CHECK (memory_mib >= 0),
+    firmware TEXT,
+    bios_uuid TEXT,
+    power_state TEXT NOT NULL CHECK (power_state IN ('POWERED_ON', 'POWERED_OFF', 'SUSPENDED')),
+    host TEXT NOT NULL REFERENCES host (id),
+    datastore TEXT NOT NULL REFERENCES datastore (id),
+    folder TEXT NOT NULL REFERENCES folder (id),
+    vmx_path TEXT NOT NULL,
+    created TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE vm_disk (
+    vm TEXT NOT NULL REFERENCES vm (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    capacity_bytes INTEGER NOT NULL CHECK (capacity_bytes >= 0),
+    PRIMARY KEY (vm, position),
+    UNIQUE (vm, key)
+) STRICT;
+
+CREATE TABLE vm_nic (
+    vm TEXT NOT NULL REFERENCES vm (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    network TEXT NOT NULL REFERENCES network (id),
+    mac TEXT,
+    virtual_dev TEXT,
+    source_network TEXT NOT NULL,
+    PRIMARY KEY (vm, position),
+    UNIQUE (vm, key)
+) STRICT;
+CREATE INDEX vm_nic_network ON vm_nic (network);
+
+CREATE TABLE migration (
+    num INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    vm_name TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    edge TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('RUNNING', 'SUCCEEDED', 'FAILED')),
+    error TEXT,
+    vm TEXT UNIQUE REFERENCES vm (id),
+    started TEXT NOT NULL,
+    finished TEXT,
+    logical_bytes INTEGER NOT NULL CHECK (logical_bytes >= 0)
+) STRICT;
+-- A running migration holds its VM name: a second one for the same name cannot start.
+CREATE UNIQUE INDEX migration_running_name ON migration (vm_name) WHERE state = 'RUNNING';
+"#;
+
+/// Applies the missing steps. Refuses a file written by a newer build.
+pub(super) fn upgrade(conn: &mut Connection) -> Result<(), InventoryError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > VERSION {
+        return Err(InventoryError::SchemaTooNew { path: Default::default(), found, supported: VERSION });
+    }
+    for (index, step) in STEPS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
+        // Immediate: two processes opening a new file at once do not both apply a step.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if current > index as i64 {
+            continue;
+        }
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+        tracing::info!(version = index + 1, "inventory schema upgraded");
+    }
+    Ok(())
+}

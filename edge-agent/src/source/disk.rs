@@ -1,0 +1,285 @@
+//! Telling disk formats apart by their bytes, and reading raw images.
+
+use std::fs::{self, File};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::{check_range, vmdk, DiskFormat, DiskReader, SourceError};
+
+/// An opened disk, with what [`super::open_vm`] needs beyond the reader.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub reader: Box<dyn DiskReader>,
+    pub format: DiskFormat,
+    /// Things that are readable but worth telling the operator, e.g. a short extent file.
+    pub warnings: Vec<String>,
+}
+
+/// How many bytes of a file are enough to recognise its format.
+const HEAD_LEN: u64 = 512;
+
+/// Opens a disk file, whatever its format, read-only.
+pub(crate) fn open(path: &Path) -> Result<Opened, SourceError> {
+    let (file, len) = open_read_only(path, "open the disk file")?;
+    if len == 0 {
+        return Err(SourceError::EmptyImage {
+            path: path.to_owned(),
+        });
+    }
+    let head = read_head(path, &file, len)?;
+    let tail = if len >= 2 * HEAD_LEN {
+        read_bytes(path, &file, len - HEAD_LEN, HEAD_LEN as usize)?
+    } else {
+        Vec::new()
+    };
+
+    if head.starts_with(b"KDMV") {
+        return Err(vmdk::refuse_hosted_sparse(path, &file, len));
+    }
+    if let Some((what, advice)) = foreign_format(&head, &tail) {
+        return Err(SourceError::Unsupported {
+            path: path.to_owned(),
+            what: what.to_owned(),
+            advice: advice.to_owned(),
+        });
+    }
+    if vmdk::looks_like_descriptor(&head) {
+        return vmdk::open_descriptor(path, &file, len);
+    }
+    let is_vmdk = path
+        .extension()
+        .is_some_and(|ext| ext.eq_ignore_ascii_case("vmdk"));
+    // A flat extent holds disk sectors (a partition table has zeros) and is sector-sized; a
+    // small, text-only .vmdk is a descriptor we failed to recognise, not a disk.
+    if is_vmdk && len < vmdk::DESCRIPTOR_SIZE_LIMIT && len % 512 != 0 {
+        let all = read_bytes(path, &file, 0, len as usize)?;
+        if !all.contains(&0) && std::str::from_utf8(&all).is_ok() {
+            return Err(SourceError::BadDescriptor {
+                path: path.to_owned(),
+                line: None,
+                message: "this .vmdk is a text file but not a VMDK descriptor (no \
+                          `# Disk DescriptorFile` header, no createType); restore the \
+                          descriptor from the source datastore"
+                    .to_owned(),
+            });
+        }
+    }
+    let mut warnings = Vec::new();
+    if len % 512 != 0 {
+        warnings.push(format!(
+            "{} is {len} bytes, not a whole number of 512-byte sectors; it is migrated as is",
+            path.display()
+        ));
+    }
+    Ok(Opened {
+        reader: Box::new(RawDisk {
+            path: path.to_owned(),
+            file,
+            capacity: len,
+        }),
+        format: DiskFormat::Raw,
+        warnings,
+    })
+}
+
+/// Recognises image formats we do not read, by magic: the head of the file for most, the
+/// last sector for VHD (a fixed VHD is raw data followed by a footer).
+fn foreign_format(head: &[u8], tail: &[u8]) -> Option<(&'static str, &'static str)> {
+    const CONVERT: &str =
+        "convert it to raw with `qemu-img convert -O raw SOURCE DEST.raw` and point the .vmx at the result";
+    if head.starts_with(b"COWD") {
+        return Some((
+            "ESX sparse VMDK (COWD, a vmfsSparse snapshot or redo log)",
+            "consolidate the VM's snapshots first, or convert the chain with `qemu-img convert -O raw`",
+        ));
+    }
+    if head.starts_with(b"QFI\xfb") {
+        return Some(("a qcow2 image", CONVERT));
+    }
+    if head.starts_with(b"vhdxfile") {
+        return Some(("a VHDX image", CONVERT));
+    }
+    if head.starts_with(b"conectix") || tail.starts_with(b"conectix") {
+        return Some(("a VHD image", CONVERT));
+    }
+    if head.get(64..68) == Some(&[0x7f, 0x10, 0xda, 0xbe]) {
+        return Some(("a VirtualBox VDI image", CONVERT));
+    }
+    None
+}
+
+/// A plain image: the file's bytes are the disk's bytes.
+#[derive(Debug)]
+struct RawDisk {
+    path: PathBuf,
+    file: File,
+    capacity: u64,
+}
+
+impl DiskReader for RawDisk {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(self.capacity, offset, buf.len())?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| read_error(&self.path, offset, e))
+    }
+}
+
+/// Opens `path` read-only and measures it by seeking to its end, which unlike the metadata
+/// length also works for block devices (a fullDevice extent, a raw image on /dev).
+pub(crate) fn open_read_only(
+    path: &Path,
+    action: &'static str,
+) -> Result<(File, u64), SourceError> {
+    let io_err = |source| SourceError::Io {
+        path: path.to_owned(),
+        action,
+        source,
+    };
+    let meta = fs::metadata(path).map_err(io_err)?;
+    if meta.is_dir() {
+        return Err(io_err(io::Error::new(
+            io::ErrorKind::IsADirectory,
+            "it is a directory",
+        )));
+    }
+    let mut file = File::open(path).map_err(io_err)?;
+    let len = file.seek(SeekFrom::End(0)).map_err(io_err)?;
+    Ok((file, len))
+}
+
+/// The first [`HEAD_LEN`] bytes of the file (fewer if it is shorter).
+fn read_head(path: &Path, file: &File, len: u64) -> Result<Vec<u8>, SourceError> {
+    read_bytes(path, file, 0, len.min(HEAD_LEN) as usize)
+}
+
+/// `count` bytes at `offset`; callers bound `count`.
+pub(crate) fn read_bytes(
+    path: &Path,
+    file: &File,
+    offset: u64,
+    count: usize,
+) -> Result<Vec<u8>, SourceError> {
+    let mut buf = vec![0; count];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|source| SourceError::Io {
+            path: path.to_owned(),
+            action: "read the disk file",
+            source,
+        })?;
+    Ok(buf)
+}
+
+/// An I/O error from a read, with the file and offset it happened at.
+pub(crate) fn read_error(path: &Path, offset: u64, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("reading {} at offset {offset}: {e}", path.display()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::open_disk;
+    use crate::source::testutil::{pseudo_random, qemu_img};
+
+    #[test]
+    fn reads_a_raw_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let data = pseudo_random(1 << 20, 7);
+        fs::write(&path, &data).unwrap();
+
+        let opened = open(&path).unwrap();
+        assert_eq!(opened.format, DiskFormat::Raw);
+        assert!(opened.warnings.is_empty());
+        let disk = opened.reader;
+        assert_eq!(disk.capacity(), data.len() as u64);
+        let mut buf = vec![0; 4099];
+        disk.read_at(12_345, &mut buf).unwrap();
+        assert_eq!(buf, data[12_345..12_345 + 4099]);
+        let mut all = vec![0; data.len()];
+        disk.read_at(0, &mut all).unwrap();
+        assert_eq!(all, data);
+
+        // Reads past the capacity are refused, not short.
+        let err = disk.read_at(data.len() as u64 - 10, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let err = disk.read_at(u64::MAX, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        disk.read_at(data.len() as u64, &mut []).unwrap();
+
+        // Reading never changed the source.
+        assert_eq!(fs::read(&path).unwrap(), data);
+    }
+
+    #[test]
+    fn refuses_an_empty_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.img");
+        fs::write(&path, b"").unwrap();
+        let err = open_disk(&path).unwrap_err();
+        assert!(matches!(err, SourceError::EmptyImage { .. }), "{err}");
+        assert!(err.to_string().contains("empty disk image"), "{err}");
+    }
+
+    #[test]
+    fn refuses_missing_files_and_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = open_disk(&dir.path().join("nope.raw")).unwrap_err();
+        assert!(
+            matches!(&err, SourceError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound),
+            "{err}"
+        );
+        let err = open_disk(dir.path()).unwrap_err();
+        assert!(matches!(err, SourceError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_foreign_image_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        for (format, file, what) in [
+            ("qcow2", "disk.qcow2", "qcow2"),
+            ("vhdx", "disk.vhdx", "VHDX"),
+            ("vpc", "dynamic.vhd", "VHD"),
+            ("vdi", "disk.vdi", "VDI"),
+        ] {
+            let path = dir.path().join(file);
+            qemu_img(&["create", "-f", format, path.to_str().unwrap(), "4M"]);
+            let err = open_disk(&path).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, SourceError::Unsupported { .. }), "{msg}");
+            assert!(msg.contains(what) && msg.contains("not supported yet"), "{msg}");
+            assert!(msg.contains("qemu-img convert"), "{msg}");
+        }
+        // A fixed VHD is raw data with a footer: only the last sector tells.
+        let path = dir.path().join("fixed.vhd");
+        qemu_img(&[
+            "create",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            path.to_str().unwrap(),
+            "4M",
+        ]);
+        let err = open_disk(&path).unwrap_err();
+        assert!(err.to_string().contains("VHD image"), "{err}");
+    }
+
+    #[test]
+    fn warns_about_a_partial_last_sector() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.img");
+        fs::write(&path, pseudo_random(1000, 3)).unwrap();
+        let opened = open(&path).unwrap();
+        assert_eq!(opened.reader.capacity(), 1000);
+        assert_eq!(opened.warnings.len(), 1, "{:?}", opened.warnings);
+    }
+}

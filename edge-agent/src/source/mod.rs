@@ -1,0 +1,270 @@
+//! Reading a VMware VM from its files: the `.vmx` configuration and the disks it names.
+//!
+//! [`open_vm`] turns a `.vmx` into a [`SourceVm`] (hardware, NICs, disks with their
+//! capacities, and notes on what is not migrated). [`open_disk`] gives a [`DiskReader`] over
+//! one disk's logical content, read by offset from several threads at once.
+//!
+//! Everything here opens files read-only: the source VM is never modified. Sizes read from
+//! files (a `.vmx`, a VMDK descriptor, extent sizes) are bounded before anything is allocated
+//! from them.
+//!
+//! Supported: raw images and VMDK text descriptors with FLAT / VMFS / ZERO extents
+//! (monolithicFlat, twoGbMaxExtentFlat, vmfs). Refused with a "not supported yet" error:
+//! sparse and streamOptimized VMDKs, snapshot deltas, raw device mappings, qcow2, VHD, VHDX
+//! and VDI.
+
+mod disk;
+mod vm;
+mod vmdk;
+mod vmx;
+
+#[cfg(test)]
+mod testutil;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong while reading a source VM.
+///
+/// Each message names the file, says what is wrong and what to do about it.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A file could not be opened, inspected or read.
+    #[error(
+        "{}: cannot {action}: {source}; check that the path is right and that the agent may read it",
+        path.display()
+    )]
+    Io {
+        path: PathBuf,
+        /// What was being done, e.g. "open the .vmx file".
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A file is bigger than anything of its kind can reasonably be.
+    #[error(
+        "{}: {size} bytes is too large for a {what} (limit {limit} bytes); check that the path names a {what}",
+        path.display()
+    )]
+    TooLarge {
+        path: PathBuf,
+        /// What the file should be, e.g. ".vmx file".
+        what: &'static str,
+        size: u64,
+        limit: u64,
+    },
+
+    /// The file given as a `.vmx` is not a VMware configuration file at all.
+    #[error("{}: not a VMware .vmx file ({reason}); pass the VM's .vmx configuration file", path.display())]
+    NotVmx { path: PathBuf, reason: String },
+
+    /// A `.vmx` line that is not `key = "value"`.
+    #[error("{} line {line}: {message}", path.display())]
+    VmxSyntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+
+    /// A `.vmx` value of the wrong form, e.g. `numvcpus = "two"`.
+    #[error("{} line {line}: {key} = \"{value}\" {problem}", path.display())]
+    VmxValue {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        value: String,
+        /// What is wrong and what is expected.
+        problem: String,
+    },
+
+    /// A present NIC without a `networkName`, so there is nothing to map it to.
+    #[error(
+        "{}: {nic} has no networkName{detail}; add `{nic}.networkName = \"...\"` naming its network, \
+         or mark it `{nic}.present = \"FALSE\"` to leave it out",
+        path.display()
+    )]
+    NicWithoutNetwork {
+        path: PathBuf,
+        nic: String,
+        /// What the NIC is connected to instead, if the `.vmx` says, e.g. " (connectionType nat)".
+        detail: String,
+    },
+
+    /// A present disk whose file does not exist.
+    #[error(
+        "{}: disk {key} points to {file_name}, which does not exist ({}): restore the file or mark the disk `present = \"FALSE\"`",
+        vmx.display(),
+        resolved.display()
+    )]
+    DiskMissing {
+        vmx: PathBuf,
+        key: String,
+        /// The `fileName` as written in the `.vmx`.
+        file_name: String,
+        resolved: PathBuf,
+    },
+
+    /// A device explicitly present but without a `fileName`.
+    #[error(
+        "{}: disk {key} has present = \"TRUE\" but no fileName; add `{key}.fileName` or mark the disk `present = \"FALSE\"`",
+        vmx.display()
+    )]
+    DiskWithoutFile { vmx: PathBuf, key: String },
+
+    /// A disk of the VM could not be opened; `source` says why.
+    #[error("{}: disk {key}: {source}", vmx.display())]
+    Disk {
+        vmx: PathBuf,
+        key: String,
+        #[source]
+        source: Box<SourceError>,
+    },
+
+    /// A disk image of zero bytes.
+    #[error(
+        "{}: empty disk image (0 bytes); check that the copy of the VM is complete, or remove the disk from the .vmx",
+        path.display()
+    )]
+    EmptyImage { path: PathBuf },
+
+    /// A disk format (or VMDK variant) that this version cannot read.
+    #[error("{}: {what} is not supported yet; {advice}", path.display())]
+    Unsupported {
+        path: PathBuf,
+        /// The format, e.g. "VMDK with SPARSE extents (monolithicSparse)".
+        what: String,
+        /// How to get a supported format.
+        advice: String,
+    },
+
+    /// A VMDK descriptor that cannot be parsed or describes an impossible disk.
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    BadDescriptor {
+        path: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
+
+    /// A VMDK extent file named by a descriptor does not exist.
+    #[error(
+        "{}: extent {file_name} does not exist ({}); copy all of the disk's extent files next to the descriptor",
+        descriptor.display(),
+        resolved.display()
+    )]
+    ExtentMissing {
+        descriptor: PathBuf,
+        /// The file name as written in the descriptor.
+        file_name: String,
+        resolved: PathBuf,
+    },
+}
+
+/// A VM as described by its `.vmx`, with every disk it will migrate opened and measured.
+#[derive(Debug, Clone)]
+pub struct SourceVm {
+    /// Absolute path of the `.vmx`.
+    pub vmx_path: PathBuf,
+    /// `displayName`; if absent, the `.vmx` file stem.
+    pub name: String,
+    /// `guestOS`, default "otherGuest".
+    pub guest_os: String,
+    /// `numvcpus`, default 1.
+    pub num_cpus: u32,
+    /// `cpuid.coresPerSocket`.
+    pub cores_per_socket: Option<u32>,
+    /// `memsize`; if absent, 256 (VMware's own default) and a note says so.
+    pub memory_mib: u64,
+    /// `firmware`, lower-cased: "bios" or "efi".
+    pub firmware: Option<String>,
+    /// `uuid.bios` as written.
+    pub bios_uuid: Option<String>,
+    /// Present NICs, ordered by N of ethernetN.
+    pub nics: Vec<SourceNic>,
+    /// Present disks, ordered: scsi, sata, nvme, ide; then bus number, then unit number.
+    pub disks: Vec<SourceDisk>,
+    /// What was skipped or assumed, and why, e.g. "ide1:0 is a CD-ROM (cdrom-image), not migrated".
+    pub notes: Vec<String>,
+}
+
+/// A virtual NIC (`ethernetN`).
+#[derive(Debug, Clone)]
+pub struct SourceNic {
+    /// "ethernet0".
+    pub key: String,
+    /// `networkName`: the port group the NIC is connected to.
+    pub network: String,
+    /// `virtualDev`, e.g. "vmxnet3", "e1000e".
+    pub virtual_dev: Option<String>,
+    /// `addressType`: "static", "generated" or "vpx".
+    pub address_type: Option<String>,
+    /// `address` if addressType is static, else `generatedAddress`; as written.
+    pub mac: Option<String>,
+}
+
+/// A virtual disk that will be migrated.
+#[derive(Debug, Clone)]
+pub struct SourceDisk {
+    /// The device, e.g. "scsi0:0".
+    pub key: String,
+    /// Absolute path: `fileName` resolved against the `.vmx`'s folder.
+    pub path: PathBuf,
+    /// Logical size in bytes.
+    pub capacity: u64,
+    pub format: DiskFormat,
+}
+
+/// How a disk's bytes are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// A plain image: the file's bytes are the disk's bytes.
+    Raw,
+    /// A VMDK text descriptor with FLAT / VMFS (and ZERO) extents: monolithicFlat,
+    /// twoGbMaxExtentFlat, vmfs.
+    VmdkFlat,
+}
+
+/// Parses the `.vmx`, opens every present disk to learn its capacity, validates everything.
+/// Opens files read-only; never modifies anything.
+pub fn open_vm(vmx: &Path) -> Result<SourceVm, SourceError> {
+    vm::open_vm(vmx)
+}
+
+/// A disk's logical content, read by offset.
+///
+/// Implementations use positional reads, so several threads can read one disk at once.
+pub trait DiskReader: Send + Sync + std::fmt::Debug {
+    /// Logical size in bytes.
+    fn capacity(&self) -> u64;
+
+    /// Fills `buf` with the bytes at `[offset, offset + buf.len())`; that range must lie within
+    /// capacity. Bytes past the end of a backing file that is shorter than its extent read as
+    /// zeros.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// Opens a disk file: a raw image, or a VMDK text descriptor (a small text file starting with
+/// "# Disk DescriptorFile") whose extents are FLAT, VMFS or ZERO.
+///
+/// Refuses with [`SourceError::Unsupported`]: sparse and streamOptimized VMDKs, snapshot
+/// deltas (parentFileNameHint), raw device mappings, qcow2, VHD, VHDX and VDI images.
+pub fn open_disk(path: &Path) -> Result<Box<dyn DiskReader>, SourceError> {
+    disk::open(path).map(|opened| opened.reader)
+}
+
+/// Checks that `[offset, offset + len)` lies within `capacity`, as [`DiskReader::read_at`] requires.
+fn check_range(capacity: u64, offset: u64, len: usize) -> io::Result<()> {
+    let fits = u64::try_from(len)
+        .ok()
+        .and_then(|len| offset.checked_add(len))
+        .is_some_and(|end| end <= capacity);
+    if fits {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("read of {len} bytes at offset {offset} goes past the disk's capacity of {capacity} bytes"),
+        ))
+    }
+}

@@ -1,0 +1,44 @@
+//! Test helpers: disk images made by the real `qemu-img`, and reproducible pseudo-random data.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Runs `qemu-img` with `args`, panicking with its output if it fails.
+pub(crate) fn qemu_img(args: &[&str]) {
+    let output = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("these tests need qemu-img on PATH (apt-get install qemu-utils)");
+    assert!(
+        output.status.success(),
+        "qemu-img {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `len` bytes from a xorshift generator seeded with `seed`: incompressible, reproducible,
+/// and different at every offset so misplaced reads show.
+pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub(crate) fn write(dir: &Path, name: &str, text: impl AsRef<[u8]>) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The path as a `&str`, for command lines.
+pub(crate) fn s(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}

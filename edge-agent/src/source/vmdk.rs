@@ -1,0 +1,525 @@
+//! VMDK text descriptors and the FLAT / VMFS / ZERO extents they describe.
+//!
+//! A descriptor is a small text file: header keys (`createType`, `parentCID`,
+//! `parentFileNameHint`), extent lines (`RW 2097152 FLAT "disk-flat.vmdk" 0`: access, size in
+//! 512-byte sectors, type, file, offset in sectors) and `ddb.*` keys. The disk is the
+//! extents one after the other.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::disk::{open_read_only, read_bytes, read_error, Opened};
+use super::vmx::quote;
+use super::{check_range, DiskFormat, DiskReader, SourceError};
+
+/// Most descriptors are a few hundred bytes, but a twoGbMaxExtentFlat one has a ~45-byte line
+/// per 2 GiB: about 200 KiB for an 8 TiB disk (the largest hosted disk). 64 KiB would refuse
+/// disks over ~3 TiB; 1 MiB still keeps a mistaken multi-GiB file out of memory.
+pub(crate) const DESCRIPTOR_SIZE_LIMIT: u64 = 1024 * 1024;
+
+/// More extents than any real disk has; bounds the work done for a hostile descriptor.
+pub(crate) const MAX_EXTENTS: usize = 10_000;
+
+/// Up to this many extent files stay open; beyond that (a large twoGbMaxExtentFlat) each read
+/// opens its extent, so one disk cannot use up the process's file descriptors.
+const KEEP_OPEN_EXTENTS: usize = 64;
+
+const SECTOR: u64 = 512;
+
+const SPARSE_ADVICE: &str = "convert it with `qemu-img convert -O raw` (or `-O vmdk -o subformat=monolithicFlat`) \
+     and point the .vmx at the result, or wait for sparse VMDK support";
+
+/// True when the first bytes of a file are a VMDK text descriptor.
+pub(crate) fn looks_like_descriptor(head: &[u8]) -> bool {
+    let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
+    let start = head
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(head.len());
+    if head[start..].starts_with(b"# Disk DescriptorFile") {
+        return true;
+    }
+    // Hand-written descriptors sometimes lack the header comment.
+    !head.contains(&0)
+        && String::from_utf8_lossy(head)
+            .to_ascii_lowercase()
+            .contains("createtype")
+}
+
+/// The error for a hosted sparse or streamOptimized VMDK ("KDMV" magic). Its embedded
+/// descriptor, when there is one, tells which of the two it is.
+pub(crate) fn refuse_hosted_sparse(path: &Path, file: &File, len: u64) -> SourceError {
+    let header = read_bytes(path, file, 0, 512u64.min(len) as usize).unwrap_or_default();
+    let u64_at = |at: usize| {
+        header
+            .get(at..at + 8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    let compressed = header.get(77..79).is_some_and(|b| b != [0, 0]);
+    let (desc_offset, desc_sectors) = (u64_at(28), u64_at(36));
+    let embedded_type = desc_offset
+        .checked_mul(SECTOR)
+        .zip(desc_sectors.checked_mul(SECTOR))
+        .filter(|&(offset, size)| {
+            offset > 0
+                && size > 0
+                && size <= DESCRIPTOR_SIZE_LIMIT
+                && offset.checked_add(size).is_some_and(|end| end <= len)
+        })
+        .and_then(|(offset, size)| read_bytes(path, file, offset, size as usize).ok())
+        .and_then(|bytes| {
+            String::from_utf8_lossy(&bytes).lines().find_map(|line| {
+                let (key, value) = line.split_once('=')?;
+                key.trim()
+                    .eq_ignore_ascii_case("createType")
+                    .then(|| value.trim().trim_matches('"').to_owned())
+            })
+        });
+    let what = match embedded_type {
+        Some(ty) if ty.eq_ignore_ascii_case("streamOptimized") => stream_optimized(),
+        Some(ty) => format!("VMDK with SPARSE extents ({})", quote(&ty)),
+        None if compressed => stream_optimized(),
+        None => "VMDK with SPARSE extents (a hosted sparse extent)".to_owned(),
+    };
+    SourceError::Unsupported {
+        path: path.to_owned(),
+        what,
+        advice: SPARSE_ADVICE.to_owned(),
+    }
+}
+
+fn stream_optimized() -> String {
+    "streamOptimized VMDK (compressed, as in OVA files)".to_owned()
+}
+
+/// Parses the descriptor in `file` and opens its extents.
+pub(crate) fn open_descriptor(path: &Path, file: &File, len: u64) -> Result<Opened, SourceError> {
+    if len > DESCRIPTOR_SIZE_LIMIT {
+        return Err(SourceError::TooLarge {
+            path: path.to_owned(),
+            what: "VMDK descriptor",
+            size: len,
+            limit: DESCRIPTOR_SIZE_LIMIT,
+        });
+    }
+    let bytes = read_bytes(path, file, 0, len as usize)?;
+    let descriptor = Descriptor::parse(path, &bytes)?;
+    descriptor.check_supported(path)?;
+    FlatVmdk::open(path, &descriptor)
+}
+
+/// What a descriptor says, before any extent file is looked at.
+#[derive(Debug, Default)]
+struct Descriptor {
+    create_type: Option<String>,
+    parent_cid: Option<String>,
+    parent_hint: Option<String>,
+    extents: Vec<ExtentLine>,
+}
+
+#[derive(Debug)]
+struct ExtentLine {
+    line: usize,
+    access: String,
+    sectors: u64,
+    kind: String,
+    file_name: Option<String>,
+    offset_sectors: u64,
+}
+
+impl Descriptor {
+    fn parse(path: &Path, bytes: &[u8]) -> Result<Self, SourceError> {
+        let bad = |line: Option<usize>, message: String| SourceError::BadDescriptor {
+            path: path.to_owned(),
+            line,
+            message,
+        };
+        if bytes.contains(&0) {
+            return Err(bad(
+                None,
+                "the descriptor contains binary data; it is damaged, restore it from the source datastore"
+                    .to_owned(),
+            ));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|_| {
+            bad(
+                None,
+                "the descriptor is not valid UTF-8; it is damaged, restore it from the source datastore"
+                    .to_owned(),
+            )
+        })?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+
+        let mut descriptor = Descriptor::default();
+        for (index, raw) in text.lines().enumerate() {
+            let line = index + 1;
+            let trimmed = raw.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            let first = trimmed.split_whitespace().next().unwrap_or_default();
+            if ["RW", "RDONLY", "NOACCESS"]
+                .iter()
+                .any(|access| first.eq_ignore_ascii_case(access))
+            {
+                if descriptor.extents.len() == MAX_EXTENTS {
+                    return Err(bad(
+                        Some(line),
+                        format!("more than {MAX_EXTENTS} extents; this is not a real disk descriptor"),
+                    ));
+                }
+                let extent = parse_extent(trimmed, line).map_err(|m| bad(Some(line), m))?;
+                descriptor.extents.push(extent);
+            } else if let Some((key, value)) = trimmed.split_once('=') {
+                let value = unquote(value.trim()).map_err(|m| bad(Some(line), m))?;
+                let slot = match key.trim().to_ascii_lowercase().as_str() {
+                    "createtype" => &mut descriptor.create_type,
+                    "parentcid" => &mut descriptor.parent_cid,
+                    "parentfilenamehint" => &mut descriptor.parent_hint,
+                    // version, CID, encoding, isNativeSnapshot, ddb.*: nothing we need.
+                    _ => continue,
+                };
+                *slot = Some(value);
+            } else {
+                return Err(bad(
+                    Some(line),
+                    format!(
+                        "expected an extent line such as `RW 2097152 FLAT \"disk-flat.vmdk\" 0` \
+                         or `key = \"value\"`, found `{}`; the descriptor is damaged, restore it \
+                         from the source datastore",
+                        quote(trimmed)
+                    ),
+                ));
+            }
+        }
+        if descriptor.extents.is_empty() {
+            return Err(bad(
+                None,
+                "the descriptor has no extent lines (it may be truncated); restore it from the source datastore"
+                    .to_owned(),
+            ));
+        }
+        Ok(descriptor)
+    }
+
+    /// Refuses what a flat reader cannot read: snapshot deltas, sparse and streamOptimized
+    /// extents, raw device mappings.
+    fn check_supported(&self, path: &Path) -> Result<(), SourceError> {
+        let unsupported = |what: String, advice: &str| SourceError::Unsupported {
+            path: path.to_owned(),
+            what,
+            advice: advice.to_owned(),
+        };
+        let has_parent = self
+            .parent_cid
+            .as_deref()
+            .is_some_and(|cid| !cid.eq_ignore_ascii_case("ffffffff"));
+        if self.parent_hint.is_some() || has_parent {
+            let parent = self
+                .parent_hint
+                .as_deref()
+                .map(|hint| format!(" of {}", quote(hint)))
+                .unwrap_or_default();
+            return Err(unsupported(
+                format!("a VMDK snapshot delta{parent} (a snapshot chain)"),
+                "consolidate the VM's snapshots first (delete all snapshots), or flatten the chain \
+                 with `qemu-img convert -O raw` and point the .vmx at the result",
+            ));
+        }
+        let create_type = self.create_type.as_deref().unwrap_or("no createType");
+        let lower = create_type.to_ascii_lowercase();
+        if lower.contains("streamoptimized") {
+            return Err(unsupported(stream_optimized(), SPARSE_ADVICE));
+        }
+        if lower.contains("rawdevicemap") || lower == "vmfsraw" {
+            return Err(unsupported(
+                format!("a raw device mapping ({})", quote(create_type)),
+                "copy the mapped LUN to a raw image (for example with dd) and point the .vmx at it",
+            ));
+        }
+        for extent in &self.extents {
+            let kind = extent.kind.to_ascii_uppercase();
+            match kind.as_str() {
+                "FLAT" | "VMFS" | "ZERO" => {}
+                "SPARSE" | "VMFSSPARSE" | "SESPARSE" => {
+                    return Err(unsupported(
+                        format!(
+                            "VMDK with {kind} extents ({})",
+                            quote(create_type)
+                        ),
+                        SPARSE_ADVICE,
+                    ));
+                }
+                "VMFSRDM" | "VMFSRAW" => {
+                    return Err(unsupported(
+                        format!("a raw device mapping ({kind} extent)"),
+                        "copy the mapped LUN to a raw image (for example with dd) and point the .vmx at it",
+                    ));
+                }
+                _ => {
+                    return Err(SourceError::BadDescriptor {
+                        path: path.to_owned(),
+                        line: Some(extent.line),
+                        message: format!(
+                            "unknown extent type `{}`; expected FLAT, VMFS, ZERO, SPARSE, \
+                             VMFSSPARSE, SESPARSE, VMFSRDM or VMFSRAW",
+                            quote(&extent.kind)
+                        ),
+                    });
+                }
+            }
+            if extent.access.eq_ignore_ascii_case("NOACCESS") {
+                return Err(SourceError::BadDescriptor {
+                    path: path.to_owned(),
+                    line: Some(extent.line),
+                    message: "the extent is marked NOACCESS, so the disk cannot be read; \
+                              restore the descriptor from the source datastore"
+                        .to_owned(),
+                });
+            }
+        }
+        if lower.contains("sparse") {
+            return Err(unsupported(
+                format!("VMDK with SPARSE extents ({})", quote(create_type)),
+                SPARSE_ADVICE,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `ACCESS SECTORS TYPE ["FILE" [OFFSET]]`.
+fn parse_extent(text: &str, line: usize) -> Result<ExtentLine, String> {
+    let tokens = tokenize(text)?;
+    let mut tokens = tokens.into_iter();
+    let access = tokens.next().unwrap_or_default();
+    let number = |token: Option<String>, what: &str| -> Result<u64, String> {
+        let token = token.ok_or_else(|| format!("the extent line has no {what}"))?;
+        token.parse::<u64>().map_err(|_| {
+            format!(
+                "the extent {what} `{}` is not a whole number (of 512-byte sectors)",
+                quote(&token)
+            )
+        })
+    };
+    let sectors = number(tokens.next(), "size")?;
+    let kind = tokens
+        .next()
+        .ok_or_else(|| "the extent line has no type (FLAT, VMFS, ZERO, ...)".to_owned())?;
+    let file_name = tokens.next();
+    if file_name.is_none() && !kind.eq_ignore_ascii_case("ZERO") {
+        return Err(format!("the {kind} extent line has no file name"));
+    }
+    let offset_sectors = match tokens.next() {
+        Some(token) => number(Some(token), "offset")?,
+        None => 0,
+    };
+    if let Some(extra) = tokens.next() {
+        return Err(format!(
+            "unexpected `{}` after the extent's offset",
+            quote(&extra)
+        ));
+    }
+    Ok(ExtentLine {
+        line,
+        access,
+        sectors,
+        kind,
+        file_name,
+        offset_sectors,
+    })
+}
+
+/// Splits on whitespace, keeping `"quoted strings"` (which may hold spaces) as one token.
+fn tokenize(text: &str) -> Result<Vec<String>, String> {
+    let mut tokens = Vec::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let end = quoted
+                .find('"')
+                .ok_or("a quoted file name has no closing `\"`; the descriptor may be truncated")?;
+            tokens.push(quoted[..end].to_owned());
+            rest = quoted[end + 1..].trim_start();
+        } else {
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            tokens.push(rest[..end].to_owned());
+            rest = rest[end..].trim_start();
+        }
+    }
+    Ok(tokens)
+}
+
+fn unquote(value: &str) -> Result<String, String> {
+    match value.strip_prefix('"') {
+        Some(inner) => inner
+            .strip_suffix('"')
+            .map(str::to_owned)
+            .ok_or_else(|| "a quoted value has no closing `\"`; the descriptor may be truncated".to_owned()),
+        None => Ok(value.to_owned()),
+    }
+}
+
+/// A disk made of FLAT / VMFS / ZERO extents laid end to end.
+#[derive(Debug)]
+struct FlatVmdk {
+    capacity: u64,
+    /// Sorted by `start`, contiguous, none empty.
+    extents: Vec<Extent>,
+}
+
+#[derive(Debug)]
+struct Extent {
+    /// Logical byte range `[start, end)` of the disk.
+    start: u64,
+    end: u64,
+    backing: Backing,
+}
+
+#[derive(Debug)]
+enum Backing {
+    Zero,
+    File {
+        path: PathBuf,
+        /// `None` when the extent is opened for each read (see [`KEEP_OPEN_EXTENTS`]).
+        file: Option<File>,
+        /// Byte offset of the extent in the file.
+        offset: u64,
+        /// How many of the extent's bytes the file holds; the rest read as zeros.
+        available: u64,
+    },
+}
+
+impl FlatVmdk {
+    fn open(path: &Path, descriptor: &Descriptor) -> Result<Opened, SourceError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let keep_open = descriptor.extents.len() <= KEEP_OPEN_EXTENTS;
+        let mut extents = Vec::with_capacity(descriptor.extents.len());
+        let mut warnings = Vec::new();
+        let mut start = 0u64;
+        for line in &descriptor.extents {
+            let bad = |message: String| SourceError::BadDescriptor {
+                path: path.to_owned(),
+                line: Some(line.line),
+                message,
+            };
+            let len = line.sectors.checked_mul(SECTOR).ok_or_else(|| {
+                bad(format!(
+                    "extent size {} sectors is too large to be a disk; the descriptor is damaged",
+                    line.sectors
+                ))
+            })?;
+            let end = start.checked_add(len).ok_or_else(|| {
+                bad("the extents add up to more than 16 EiB; the descriptor is damaged".to_owned())
+            })?;
+            let backing = match &line.file_name {
+                None => Backing::Zero,
+                Some(_) if line.kind.eq_ignore_ascii_case("ZERO") => Backing::Zero,
+                Some(file_name) => {
+                    let offset = line.offset_sectors.checked_mul(SECTOR).ok_or_else(|| {
+                        bad(format!(
+                            "extent offset {} sectors is too large; the descriptor is damaged",
+                            line.offset_sectors
+                        ))
+                    })?;
+                    let resolved = dir.join(file_name);
+                    if !resolved.exists() {
+                        return Err(SourceError::ExtentMissing {
+                            descriptor: path.to_owned(),
+                            file_name: file_name.clone(),
+                            resolved,
+                        });
+                    }
+                    let (file, file_len) = open_read_only(&resolved, "open the VMDK extent")?;
+                    let available = file_len.saturating_sub(offset).min(len);
+                    if available < len {
+                        warnings.push(format!(
+                            "extent {} is {} bytes short of the {len} bytes {} gives it; the \
+                             missing part reads as zeros (was the copy cut short?)",
+                            resolved.display(),
+                            len - available,
+                            path.display()
+                        ));
+                    }
+                    Backing::File {
+                        path: resolved,
+                        file: keep_open.then_some(file),
+                        offset,
+                        available,
+                    }
+                }
+            };
+            if len > 0 {
+                extents.push(Extent {
+                    start,
+                    end,
+                    backing,
+                });
+            }
+            start = end;
+        }
+        if start == 0 {
+            return Err(SourceError::EmptyImage {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Opened {
+            reader: Box::new(FlatVmdk {
+                capacity: start,
+                extents,
+            }),
+            format: DiskFormat::VmdkFlat,
+            warnings,
+        })
+    }
+}
+
+impl DiskReader for FlatVmdk {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(self.capacity, offset, buf.len())?;
+        let mut pos = offset;
+        let mut done = 0;
+        while done < buf.len() {
+            let index = self.extents.partition_point(|extent| extent.end <= pos);
+            let extent = &self.extents[index];
+            let within = pos - extent.start;
+            // Bounded by the buffer's length, so it fits in usize.
+            let count = (extent.end - pos).min((buf.len() - done) as u64) as usize;
+            let chunk = &mut buf[done..done + count];
+            match &extent.backing {
+                Backing::Zero => chunk.fill(0),
+                Backing::File {
+                    path,
+                    file,
+                    offset,
+                    available,
+                } => {
+                    let stored = available.saturating_sub(within).min(count as u64) as usize;
+                    let (data, past_end) = chunk.split_at_mut(stored);
+                    if !data.is_empty() {
+                        let at = offset + within;
+                        let result = match file {
+                            Some(file) => file.read_exact_at(data, at),
+                            None => File::open(path).and_then(|file| file.read_exact_at(data, at)),
+                        };
+                        result.map_err(|e| read_error(path, at, e))?;
+                    }
+                    past_end.fill(0);
+                }
+            }
+            done += count;
+            pos += count as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "vmdk_tests.rs"]
+mod tests;

@@ -1,0 +1,148 @@
+//! Turning disk bytes into chunk frames and back: zero detection, SHA-256,
+//! zstd. Pure functions on buffers; the drivers call them from worker threads
+//! so compression and hashing use every core.
+
+use ring::digest::{digest, SHA256};
+
+use crate::wire::{ChunkHeader, Encoding};
+
+/// zstd level 1: on a realistic disk image it compresses at ~870 MB/s per core
+/// with ratio 4.5; level 3 gains ~12 % ratio for 1.6x the CPU, which only pays
+/// on links slower than ~100 MB/s.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+/// Why a received chunk was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChunkError {
+    #[error("payload does not decompress: {0}")]
+    Decompress(String),
+    #[error("payload decompresses to {got} bytes, header says {expected}")]
+    WrongLength { got: usize, expected: u32 },
+    #[error("SHA-256 of the plaintext does not match the chunk's hash: altered in flight")]
+    HashMismatch,
+}
+
+/// SHA-256 of a chunk's plaintext.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    digest(&SHA256, data)
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
+}
+
+/// True if every byte is zero. Compares 16 bytes at a time, which the compiler
+/// turns into vector compares; runs at memory speed.
+pub fn is_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(16);
+    let wide = words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0);
+    wide && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// Per-thread state to seal chunks without reallocating.
+pub struct Sealer {
+    compressor: zstd::bulk::Compressor<'static>,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer").finish_non_exhaustive()
+    }
+}
+
+impl Sealer {
+    pub fn new(level: i32) -> std::io::Result<Self> {
+        Ok(Sealer {
+            compressor: zstd::bulk::Compressor::new(level)?,
+        })
+    }
+
+    /// Hashes and compresses one chunk into `payload` (cleared first) and
+    /// returns its header. The payload is the raw plaintext when compression
+    /// saves less than 1/32 of it: not worth the receiver's CPU.
+    pub fn seal(
+        &mut self,
+        disk: u16,
+        offset: u64,
+        plain: &[u8],
+        payload: &mut Vec<u8>,
+    ) -> ChunkHeader {
+        let sha256 = sha256(plain);
+        payload.clear();
+        payload.reserve(zstd::zstd_safe::compress_bound(plain.len()));
+        let limit = plain.len() - plain.len() / 32;
+        let encoding = match self.compressor.compress_to_buffer(plain, payload) {
+            Ok(n) if n < limit => Encoding::Zstd,
+            _ => {
+                payload.clear();
+                payload.extend_from_slice(plain);
+                Encoding::Raw
+            }
+        };
+        ChunkHeader {
+            disk,
+            offset,
+            plain_len: plain.len() as u32,
+            encoding,
+            sha256,
+            payload_len: payload.len() as u32,
+        }
+    }
+}
+
+/// Per-thread state to open chunks.
+pub struct Opener {
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opener").finish_non_exhaustive()
+    }
+}
+
+impl Opener {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Opener {
+            decompressor: zstd::bulk::Decompressor::new()?,
+        })
+    }
+
+    /// Decodes a payload into `plain` and verifies its hash. Decompression is
+    /// bounded by the header's plaintext length (itself bounded by the plan's
+    /// chunk size), so a zstd bomb fails instead of filling memory.
+    pub fn open<'a>(
+        &mut self,
+        header: &ChunkHeader,
+        payload: &'a [u8],
+        plain: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], ChunkError> {
+        let data: &[u8] = match header.encoding {
+            Encoding::Raw => payload,
+            Encoding::Zstd => {
+                // Decompressing into a slice of exactly the declared length
+                // bounds the output: more would be an error, not an allocation.
+                let len = header.plain_len as usize;
+                plain.resize(len, 0);
+                let n = self
+                    .decompressor
+                    .decompress_to_buffer(payload, &mut plain[..len])
+                    .map_err(|e| ChunkError::Decompress(e.to_string()))?;
+                &plain[..n]
+            }
+        };
+        if data.len() != header.plain_len as usize {
+            return Err(ChunkError::WrongLength {
+                got: data.len(),
+                expected: header.plain_len,
+            });
+        }
+        if sha256(data) != header.sha256 {
+            return Err(ChunkError::HashMismatch);
+        }
+        Ok(data)
+    }
+}
+

@@ -1,0 +1,20 @@
+//! The library edge-agent and cloud-endpoint share: the migration protocol (a
+//! state machine with no I/O), the wire format, chunking, compression and
+//! integrity, and the QUIC transport that carries them.
+//!
+//! ```text
+//! plan        what is migrated (VM, disks, NICs)
+//! wire        bytes on the wire: preambles, control messages, chunk frames
+//! chunk       zero detection, SHA-256, zstd (pure functions on buffers)
+//! integrity   per-disk digests over chunk hashes
+//! protocol    SenderSession / ReceiverSession: the sans-I/O state machines
+//! transport   quinn + rustls configuration and framed stream I/O
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod chunk;
+pub mod integrity;
+pub mod plan;
+pub mod protocol;
+pub mod transport;
+pub mod wire;

@@ -1,0 +1,130 @@
+//! What the edge agent asks the cloud to build: the VM's identity, hardware,
+//! NICs and disks, plus the placement choices. Sent once, on the control stream,
+//! before any disk data moves, so the cloud can refuse early and completely.
+
+use serde::{Deserialize, Serialize};
+
+use crate::wire::WireError;
+
+/// Smallest chunk the protocol accepts: smaller chunks cost more per-chunk
+/// overhead (hash, frame, ack) than they save in zero detection.
+pub const MIN_CHUNK_SIZE: u32 = 64 * 1024;
+/// Largest chunk: bounds the memory one in-flight chunk can take on either side.
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// Default chunk: fine enough to find the holes of a real file system, coarse
+/// enough that compression keeps its ratio (zstd loses <1 % against whole-file).
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+/// Disks per VM: vSphere allows 4 SCSI x 15 + 4 SATA x 30 + 4 NVMe x 15 + 4 IDE.
+pub const MAX_DISKS: usize = 256;
+/// NICs per VM (vSphere allows 10; leave headroom for other hypervisors).
+pub const MAX_NICS: usize = 64;
+/// Largest disk the protocol accepts: 64 TiB, vSphere's VMDK limit.
+pub const MAX_DISK_BYTES: u64 = 64 << 40;
+
+/// The whole request to migrate one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationPlan {
+    pub vm: VmSpec,
+    /// Source network name to cloud network name; source networks not listed
+    /// go to the cloud network of the same name.
+    pub network_map: Vec<(String, String)>,
+    pub chunk_size: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub guest_os: String,
+    pub num_cpus: u32,
+    pub cores_per_socket: Option<u32>,
+    pub memory_mib: u64,
+    pub firmware: Option<String>,
+    pub bios_uuid: Option<String>,
+    pub nics: Vec<NicSpec>,
+    pub disks: Vec<DiskSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// Device key as in the .vmx, e.g. `ethernet0`.
+    pub key: String,
+    /// The source side's network (port group) name.
+    pub network: String,
+    pub virtual_dev: Option<String>,
+    /// Kept as a static MAC in the cloud unless absent.
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Device key as in the .vmx, e.g. `scsi0:1`.
+    pub key: String,
+    pub capacity: u64,
+}
+
+impl DiskSpec {
+    /// Number of chunks the disk is cut into.
+    pub fn chunk_count(&self, chunk_size: u32) -> u64 {
+        self.capacity.div_ceil(u64::from(chunk_size))
+    }
+
+    /// Plaintext length of the chunk at `offset` (the last one may be short).
+    pub fn chunk_len(&self, chunk_size: u32, offset: u64) -> u32 {
+        (self.capacity - offset).min(u64::from(chunk_size)) as u32
+    }
+}
+
+impl MigrationPlan {
+    /// Structural checks every peer must apply before trusting a plan: these
+    /// bound what the receiver will allocate. Domain checks (is the name free,
+    /// is there space) belong to the cloud endpoint.
+    pub fn check_limits(&self) -> Result<(), WireError> {
+        let bad = |what: String| Err(WireError::BadPlan(what));
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size)
+            || self.chunk_size % 4096 != 0
+        {
+            return bad(format!(
+                "chunk size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} or not a multiple of 4096",
+                self.chunk_size
+            ));
+        }
+        if self.vm.disks.is_empty() {
+            return bad("the VM has no disk to migrate".into());
+        }
+        if self.vm.disks.len() > MAX_DISKS {
+            return bad(format!(
+                "{} disks is more than the {MAX_DISKS} a VM may have",
+                self.vm.disks.len()
+            ));
+        }
+        if self.vm.nics.len() > MAX_NICS {
+            return bad(format!(
+                "{} NICs is more than the {MAX_NICS} a VM may have",
+                self.vm.nics.len()
+            ));
+        }
+        for disk in &self.vm.disks {
+            if disk.capacity == 0 || disk.capacity > MAX_DISK_BYTES {
+                return bad(format!(
+                    "disk {} declares {} bytes; a disk must hold 1 byte to 64 TiB",
+                    disk.key, disk.capacity
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Total logical bytes of all disks.
+    pub fn logical_bytes(&self) -> u64 {
+        self.vm.disks.iter().map(|d| d.capacity).sum()
+    }
+
+    /// The cloud network a source network maps to.
+    pub fn mapped_network<'a>(&'a self, source: &'a str) -> &'a str {
+        self.network_map
+            .iter()
+            .find(|(from, _)| from == source)
+            .map(|(_, to)| to.as_str())
+            .unwrap_or(source)
+    }
+}

@@ -1,0 +1,503 @@
+//! The cloud endpoint's side of one migration.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::ProtocolError;
+use crate::chunk::ChunkError;
+use crate::integrity::{hex, DiskHashes};
+use crate::plan::MigrationPlan;
+use crate::wire::{ChunkHeader, CloudMessage, EdgeMessage, RefusalCode};
+
+/// Tunables of the receiving side.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// Time from connection to an accepted plan. Bounds what a half-open or
+    /// idle client can hold (a reserved connection slot) without sending data.
+    pub setup_timeout: Duration,
+    /// Times one chunk may fail verification before the migration is failed:
+    /// a link that corrupts the same chunk again and again is not a link to
+    /// trust, and an edge that keeps sending bad data is misbehaving.
+    pub max_rejects_per_chunk: u32,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            setup_timeout: Duration::from_secs(30),
+            max_rejects_per_chunk: 3,
+        }
+    }
+}
+
+/// What the driver must do for the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverEvent {
+    /// Check the credential; answer with [`ReceiverSession::authenticated`].
+    Authenticate {
+        agent: String,
+        user: String,
+        password: String,
+    },
+    /// Check the plan against the domain and prepare the staging area; answer
+    /// with [`ReceiverSession::plan_accepted`] or [`ReceiverSession::refuse`].
+    ValidatePlan(MigrationPlan),
+    /// Every disk is complete and its digest matches: make the files durable,
+    /// register the VM, then answer with [`ReceiverSession::finalized`].
+    Finalize,
+    /// The migration ended without a VM: discard what was staged.
+    Discard { reason: String },
+}
+
+/// What to do with a chunk frame whose header was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Verify the payload and write it, then report `chunk_written` or
+    /// `chunk_rejected`.
+    Write,
+    /// Already written or being written: read and drop the payload.
+    Duplicate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello,
+    Authenticating,
+    AwaitPlan,
+    Validating,
+    Streaming,
+    Finalizing,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::AwaitHello => "waiting for hello",
+            Phase::Authenticating => "authenticating",
+            Phase::AwaitPlan => "waiting for the plan",
+            Phase::Validating => "validating the plan",
+            Phase::Streaming => "streaming",
+            Phase::Finalizing => "finalizing",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Disk {
+    capacity: u64,
+    hashes: DiskHashes,
+    in_flight: HashMap<u64, [u8; 32]>,
+    sealed: bool,
+}
+
+/// One migration as the cloud endpoint sees it.
+#[derive(Debug)]
+pub struct ReceiverSession {
+    config: ReceiverConfig,
+    phase: Phase,
+    setup_deadline: Instant,
+    plan: Option<MigrationPlan>,
+    disks: Vec<Disk>,
+    rejects: HashMap<(u16, u64), u32>,
+    acks: BTreeMap<u16, Vec<u64>>,
+    outbox: VecDeque<CloudMessage>,
+    events: VecDeque<ReceiverEvent>,
+    bytes_written: u64,
+}
+
+impl ReceiverSession {
+    pub fn new(config: ReceiverConfig, now: Instant) -> Self {
+        ReceiverSession {
+            setup_deadline: now + config.setup_timeout,
+            config,
+            phase: Phase::AwaitHello,
+            plan: None,
+            disks: Vec::new(),
+            rejects: HashMap::new(),
+            acks: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            bytes_written: 0,
+        }
+    }
+
+    /// The accepted plan, once there is one.
+    pub fn plan(&self) -> Option<&MigrationPlan> {
+        self.plan.as_ref().filter(|_| self.disks.len() == self.plan_disks())
+    }
+
+    fn plan_disks(&self) -> usize {
+        self.plan.as_ref().map_or(0, |p| p.vm.disks.len())
+    }
+
+    /// Plaintext bytes verified and written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
+    /// True once the session reached an end (committed or failed).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Done | Phase::Failed)
+    }
+
+    pub fn is_committed(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    fn unexpected(&self, message: &'static str) -> ProtocolError {
+        ProtocolError::Unexpected {
+            message,
+            phase: self.phase.name(),
+        }
+    }
+
+    /// A control message from the edge.
+    pub fn handle_control(&mut self, msg: EdgeMessage, _now: Instant) -> Result<(), ProtocolError> {
+        let res = self.on_control(msg);
+        if let Err(e) = &res {
+            self.fail(e.code(), vec![e.to_string()]);
+        }
+        res
+    }
+
+    fn on_control(&mut self, msg: EdgeMessage) -> Result<(), ProtocolError> {
+        match msg {
+            EdgeMessage::Hello {
+                agent,
+                user,
+                password,
+            } => {
+                if self.phase != Phase::AwaitHello {
+                    return Err(self.unexpected("Hello"));
+                }
+                self.phase = Phase::Authenticating;
+                self.events.push_back(ReceiverEvent::Authenticate {
+                    agent,
+                    user,
+                    password,
+                });
+            }
+            EdgeMessage::Plan(plan) => {
+                if self.phase != Phase::AwaitPlan {
+                    return Err(self.unexpected("Plan"));
+                }
+                plan.check_limits()?;
+                self.phase = Phase::Validating;
+                self.events.push_back(ReceiverEvent::ValidatePlan(plan.clone()));
+                self.plan = Some(plan);
+            }
+            EdgeMessage::ZeroChunks {
+                disk,
+                offset,
+                count,
+            } => {
+                if self.phase != Phase::Streaming {
+                    return Err(self.unexpected("ZeroChunks"));
+                }
+                let (d, chunk_size) = self.disk_mut(disk)?;
+                let first = offset / u64::from(chunk_size);
+                let end = first.checked_add(count);
+                if offset % u64::from(chunk_size) != 0
+                    || count == 0
+                    || end.is_none_or(|end| end > d.hashes.chunk_count())
+                {
+                    return Err(ProtocolError::OutsidePlan(format!(
+                        "zero run of {count} chunks at offset {offset} does not fit disk {disk} of {} bytes",
+                        d.capacity
+                    )));
+                }
+                for index in first..first + count {
+                    if d.in_flight.contains_key(&index) {
+                        return Err(ProtocolError::OutsidePlan(format!(
+                            "disk {disk} chunk at offset {} declared zero while data for it is being written",
+                            index * u64::from(chunk_size)
+                        )));
+                    }
+                    let zero = d.hashes.zero_hash(index);
+                    if let Some(existing) = d.hashes.get(index) {
+                        if existing != zero {
+                            return Err(ProtocolError::OutsidePlan(format!(
+                                "disk {disk} chunk at offset {} declared zero after data was written there",
+                                index * u64::from(chunk_size)
+                            )));
+                        }
+                    }
+                    d.hashes.set(index, zero);
+                }
+            }
+            EdgeMessage::DiskSealed { disk, digest } => {
+                if self.phase != Phase::Streaming {
+                    return Err(self.unexpected("DiskSealed"));
+                }
+                let (d, _) = self.disk_mut(disk)?;
+                if d.sealed {
+                    return Err(ProtocolError::OutsidePlan(format!(
+                        "disk {disk} sealed twice"
+                    )));
+                }
+                let Some(ours) = d.hashes.digest() else {
+                    return Err(ProtocolError::Integrity(format!(
+                        "disk {disk} sealed with {} of {} chunks neither received nor declared zero",
+                        d.hashes.missing(),
+                        d.hashes.chunk_count()
+                    )));
+                };
+                if ours != digest {
+                    return Err(ProtocolError::Integrity(format!(
+                        "disk {disk} digest {} differs from the edge's {}",
+                        hex(&ours),
+                        hex(&digest)
+                    )));
+                }
+                d.sealed = true;
+            }
+            EdgeMessage::Commit => {
+                if self.phase != Phase::Streaming {
+                    return Err(self.unexpected("Commit"));
+                }
+                if let Some(i) = self.disks.iter().position(|d| !d.sealed) {
+                    return Err(ProtocolError::Integrity(format!(
+                        "commit before disk {i} was sealed"
+                    )));
+                }
+                self.phase = Phase::Finalizing;
+                self.events.push_back(ReceiverEvent::Finalize);
+            }
+            EdgeMessage::Abort { reason } => {
+                if !self.is_finished() {
+                    self.phase = Phase::Failed;
+                    self.events.push_back(ReceiverEvent::Discard {
+                        reason: format!("aborted by the edge agent: {reason}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn disk_mut(&mut self, disk: u16) -> Result<(&mut Disk, u32), ProtocolError> {
+        let chunk_size = self.plan.as_ref().map_or(0, |p| p.chunk_size);
+        let count = self.disks.len();
+        self.disks
+            .get_mut(usize::from(disk))
+            .map(|d| (d, chunk_size))
+            .ok_or_else(|| {
+                ProtocolError::OutsidePlan(format!("disk {disk} does not exist (plan has {count})"))
+            })
+    }
+
+    /// The driver checked the credential.
+    pub fn authenticated(&mut self, result: Result<String, (RefusalCode, String)>, endpoint: &str) {
+        if self.phase != Phase::Authenticating {
+            return;
+        }
+        match result {
+            Ok(role) => {
+                self.phase = Phase::AwaitPlan;
+                self.outbox.push_back(CloudMessage::Welcome {
+                    endpoint: endpoint.to_owned(),
+                    role,
+                });
+            }
+            Err((code, problem)) => self.fail(code, vec![problem]),
+        }
+    }
+
+    /// The driver validated the plan and staged its files: data may flow.
+    pub fn plan_accepted(&mut self, migration_id: String, datastore: String) {
+        if self.phase != Phase::Validating {
+            return;
+        }
+        let plan = self.plan.as_ref().expect("validating has a plan");
+        self.disks = plan
+            .vm
+            .disks
+            .iter()
+            .map(|d| Disk {
+                capacity: d.capacity,
+                hashes: DiskHashes::new(d.capacity, plan.chunk_size),
+                in_flight: HashMap::new(),
+                sealed: false,
+            })
+            .collect();
+        self.phase = Phase::Streaming;
+        self.outbox.push_back(CloudMessage::PlanAccepted {
+            migration_id,
+            datastore,
+        });
+    }
+
+    /// Ends the migration with a refusal sent to the edge (bad plan, failed
+    /// write, lost database...). Anything staged must be discarded.
+    pub fn refuse(&mut self, code: RefusalCode, problems: Vec<String>) {
+        self.fail(code, problems);
+    }
+
+    fn fail(&mut self, code: RefusalCode, problems: Vec<String>) {
+        if self.is_finished() {
+            return;
+        }
+        let staged = matches!(self.phase, Phase::Streaming | Phase::Finalizing);
+        self.phase = Phase::Failed;
+        self.outbox.push_back(CloudMessage::Refused {
+            code,
+            problems: problems.clone(),
+        });
+        if staged {
+            self.events.push_back(ReceiverEvent::Discard {
+                reason: problems.join("; "),
+            });
+        }
+    }
+
+    /// A chunk frame's header arrived on a data stream. Checked against the
+    /// plan before its payload is read, so nothing is allocated for a chunk
+    /// that cannot be right.
+    pub fn admit_chunk(&mut self, h: &ChunkHeader) -> Result<Admission, ProtocolError> {
+        let res = self.on_admit(h);
+        if let Err(e) = &res {
+            self.fail(e.code(), vec![e.to_string()]);
+        }
+        res
+    }
+
+    fn on_admit(&mut self, h: &ChunkHeader) -> Result<Admission, ProtocolError> {
+        if self.phase != Phase::Streaming {
+            return Err(self.unexpected("chunk data"));
+        }
+        let (d, chunk_size) = self.disk_mut(h.disk)?;
+        let cs = u64::from(chunk_size);
+        if h.offset % cs != 0 || h.offset >= d.capacity {
+            return Err(ProtocolError::OutsidePlan(format!(
+                "disk {} has no chunk at offset {} (capacity {}, chunk size {cs})",
+                h.disk, h.offset, d.capacity
+            )));
+        }
+        let expected = (d.capacity - h.offset).min(cs) as u32;
+        if h.plain_len != expected {
+            return Err(ProtocolError::OutsidePlan(format!(
+                "disk {} chunk at offset {} claims {} bytes, the plan says {expected}",
+                h.disk, h.offset, h.plain_len
+            )));
+        }
+        let index = h.offset / cs;
+        if let Some(hash) = d.in_flight.get(&index) {
+            return if *hash == h.sha256 {
+                Ok(Admission::Duplicate)
+            } else {
+                Err(ProtocolError::OutsidePlan(format!(
+                    "disk {} chunk at offset {} sent twice with different content",
+                    h.disk, h.offset
+                )))
+            };
+        }
+        if let Some(hash) = d.hashes.get(index) {
+            if hash != h.sha256 {
+                return Err(ProtocolError::OutsidePlan(format!(
+                    "disk {} chunk at offset {} already written with other content",
+                    h.disk, h.offset
+                )));
+            }
+            // A replay of what is on disk: acknowledge again, write nothing.
+            self.acks.entry(h.disk).or_default().push(h.offset);
+            return Ok(Admission::Duplicate);
+        }
+        d.in_flight.insert(index, h.sha256);
+        Ok(Admission::Write)
+    }
+
+    /// The driver verified and wrote an admitted chunk.
+    pub fn chunk_written(&mut self, disk: u16, offset: u64) {
+        let Ok((d, chunk_size)) = self.disk_mut(disk) else {
+            return;
+        };
+        let index = offset / u64::from(chunk_size);
+        if let Some(hash) = d.in_flight.remove(&index) {
+            let len = (d.capacity - offset).min(u64::from(chunk_size));
+            d.hashes.set(index, hash);
+            self.bytes_written += len;
+            self.acks.entry(disk).or_default().push(offset);
+        }
+    }
+
+    /// An admitted chunk failed verification: ask for it again, or fail the
+    /// migration when it failed too often.
+    pub fn chunk_rejected(
+        &mut self,
+        disk: u16,
+        offset: u64,
+        error: &ChunkError,
+    ) -> Result<(), ProtocolError> {
+        let Ok((d, chunk_size)) = self.disk_mut(disk) else {
+            return Ok(());
+        };
+        d.in_flight.remove(&(offset / u64::from(chunk_size)));
+        let rejects = self.rejects.entry((disk, offset)).or_default();
+        *rejects += 1;
+        if *rejects > self.config.max_rejects_per_chunk {
+            let e = ProtocolError::Integrity(format!(
+                "disk {disk} chunk at offset {offset} failed verification {} times, last: {error}",
+                *rejects
+            ));
+            self.fail(e.code(), vec![e.to_string()]);
+            return Err(e);
+        }
+        self.outbox.push_back(CloudMessage::Nack {
+            disk,
+            offset,
+            reason: error.to_string(),
+        });
+        Ok(())
+    }
+
+    /// The driver registered the VM (or failed to).
+    pub fn finalized(&mut self, result: Result<(String, String), (RefusalCode, String)>) {
+        if self.phase != Phase::Finalizing {
+            return;
+        }
+        match result {
+            Ok((vm_id, vm_path)) => {
+                self.phase = Phase::Done;
+                self.outbox
+                    .push_back(CloudMessage::Committed { vm_id, vm_path });
+            }
+            Err((code, problem)) => self.fail(code, vec![problem]),
+        }
+    }
+
+    /// Next control message to send. Pending acknowledgements go out first,
+    /// batched per disk.
+    pub fn poll_transmit(&mut self) -> Option<CloudMessage> {
+        if let Some((&disk, _)) = self.acks.iter().next() {
+            let offsets = self.acks.remove(&disk).expect("key just seen");
+            return Some(CloudMessage::Acks { disk, offsets });
+        }
+        self.outbox.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ReceiverEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        matches!(
+            self.phase,
+            Phase::AwaitHello | Phase::Authenticating | Phase::AwaitPlan | Phase::Validating
+        )
+        .then_some(self.setup_deadline)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(deadline) = self.poll_timeout() {
+            if now >= deadline {
+                let e = ProtocolError::TimedOut("before a plan was accepted");
+                self.fail(e.code(), vec![e.to_string()]);
+            }
+        }
+    }
+}

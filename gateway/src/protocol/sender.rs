@@ -1,0 +1,437 @@
+//! The edge agent's side of one migration.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::ProtocolError;
+use crate::integrity::DiskHashes;
+use crate::plan::MigrationPlan;
+use crate::wire::{CloudMessage, EdgeMessage};
+
+/// Tunables and identity of the sending side.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Name of this agent, for the cloud's migration records.
+    pub agent: String,
+    pub user: String,
+    pub password: String,
+    /// Times one chunk may be resent after the cloud rejected it.
+    pub max_resends_per_chunk: u32,
+    /// Time allowed for the cloud to answer hello, plan and commit. Registering
+    /// a VM includes fsyncing its disks, so this is generous.
+    pub reply_timeout: Duration,
+}
+
+impl SenderConfig {
+    pub fn new(agent: impl Into<String>, user: impl Into<String>, password: impl Into<String>) -> Self {
+        SenderConfig {
+            agent: agent.into(),
+            user: user.into(),
+            password: password.into(),
+            max_resends_per_chunk: 3,
+            reply_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the driver learns from the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderEvent {
+    /// The credential was accepted.
+    Welcomed { endpoint: String, role: String },
+    /// The plan was accepted: start reading and sending chunks.
+    Accepted {
+        migration_id: String,
+        datastore: String,
+    },
+    /// These chunks are verified and on the cloud's disk.
+    Acked { disk: u16, offsets: Vec<u64>, bytes: u64 },
+    /// The cloud rejected a chunk: read, seal and send it again.
+    Resend { disk: u16, offset: u64 },
+    /// The VM is registered in the cloud domain.
+    Committed { vm_id: String, vm_path: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitWelcome,
+    AwaitPlanAccepted,
+    Streaming,
+    AwaitCommitted,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::AwaitWelcome => "waiting for the welcome",
+            Phase::AwaitPlanAccepted => "waiting for the plan to be accepted",
+            Phase::Streaming => "streaming",
+            Phase::AwaitCommitted => "waiting for the commit",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Pending,
+    Sent,
+    Done,
+}
+
+#[derive(Debug)]
+struct Disk {
+    capacity: u64,
+    state: Vec<ChunkState>,
+    hashes: DiskHashes,
+    resends: Vec<u8>,
+    /// Chunks not yet acked or declared zero.
+    remaining: u64,
+    /// A run of zero chunks not yet announced: (first offset, count).
+    zero_run: Option<(u64, u64)>,
+    sealed: bool,
+}
+
+/// One migration as the edge agent sees it.
+#[derive(Debug)]
+pub struct SenderSession {
+    config: SenderConfig,
+    plan: MigrationPlan,
+    phase: Phase,
+    deadline: Option<Instant>,
+    disks: Vec<Disk>,
+    outbox: VecDeque<EdgeMessage>,
+    events: VecDeque<SenderEvent>,
+    error: Option<ProtocolError>,
+    acked_bytes: u64,
+    zero_bytes: u64,
+}
+
+impl SenderSession {
+    /// Starts a migration: the first message to transmit is the hello.
+    pub fn new(config: SenderConfig, plan: MigrationPlan, now: Instant) -> Result<Self, ProtocolError> {
+        plan.check_limits()?;
+        let disks = plan
+            .vm
+            .disks
+            .iter()
+            .map(|d| {
+                let n = d.chunk_count(plan.chunk_size);
+                Disk {
+                    capacity: d.capacity,
+                    state: vec![ChunkState::Pending; n as usize],
+                    hashes: DiskHashes::new(d.capacity, plan.chunk_size),
+                    resends: vec![0; n as usize],
+                    remaining: n,
+                    zero_run: None,
+                    sealed: false,
+                }
+            })
+            .collect();
+        let mut outbox = VecDeque::new();
+        outbox.push_back(EdgeMessage::Hello {
+            agent: config.agent.clone(),
+            user: config.user.clone(),
+            password: config.password.clone(),
+        });
+        Ok(SenderSession {
+            deadline: Some(now + config.reply_timeout),
+            config,
+            plan,
+            phase: Phase::AwaitWelcome,
+            disks,
+            outbox,
+            events: VecDeque::new(),
+            error: None,
+            acked_bytes: 0,
+            zero_bytes: 0,
+        })
+    }
+
+    pub fn plan(&self) -> &MigrationPlan {
+        &self.plan
+    }
+
+    /// Plaintext bytes the cloud has verified and written.
+    pub fn acked_bytes(&self) -> u64 {
+        self.acked_bytes
+    }
+
+    /// Bytes found to be zero (never sent).
+    pub fn zero_bytes(&self) -> u64 {
+        self.zero_bytes
+    }
+
+    /// Bytes accounted for: written in the cloud or known to be zero.
+    pub fn done_bytes(&self) -> u64 {
+        self.acked_bytes + self.zero_bytes
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Done | Phase::Failed)
+    }
+
+    pub fn is_committed(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Why the migration failed, if it did.
+    pub fn error(&self) -> Option<&ProtocolError> {
+        self.error.as_ref()
+    }
+
+    fn chunk_size(&self) -> u64 {
+        u64::from(self.plan.chunk_size)
+    }
+
+    fn unexpected(&self, message: &'static str) -> ProtocolError {
+        ProtocolError::Unexpected {
+            message,
+            phase: self.phase.name(),
+        }
+    }
+
+    /// A control message from the cloud.
+    pub fn handle_control(&mut self, msg: CloudMessage, now: Instant) -> Result<(), ProtocolError> {
+        let res = self.on_control(msg, now);
+        if let Err(e) = &res {
+            self.fail(e.clone());
+        }
+        res
+    }
+
+    fn on_control(&mut self, msg: CloudMessage, now: Instant) -> Result<(), ProtocolError> {
+        match msg {
+            CloudMessage::Welcome { endpoint, role } => {
+                if self.phase != Phase::AwaitWelcome {
+                    return Err(self.unexpected("Welcome"));
+                }
+                self.phase = Phase::AwaitPlanAccepted;
+                self.deadline = Some(now + self.config.reply_timeout);
+                self.outbox.push_back(EdgeMessage::Plan(self.plan.clone()));
+                self.events
+                    .push_back(SenderEvent::Welcomed { endpoint, role });
+            }
+            CloudMessage::PlanAccepted {
+                migration_id,
+                datastore,
+            } => {
+                if self.phase != Phase::AwaitPlanAccepted {
+                    return Err(self.unexpected("PlanAccepted"));
+                }
+                self.phase = Phase::Streaming;
+                self.deadline = None;
+                self.events.push_back(SenderEvent::Accepted {
+                    migration_id,
+                    datastore,
+                });
+            }
+            CloudMessage::Refused { code, problems } => {
+                return Err(ProtocolError::Refused { code, problems });
+            }
+            CloudMessage::Acks { disk, offsets } => {
+                if !matches!(self.phase, Phase::Streaming | Phase::AwaitCommitted) {
+                    return Err(self.unexpected("Acks"));
+                }
+                let cs = self.chunk_size();
+                let mut bytes = 0;
+                let d = self.disk_mut(disk)?;
+                for &offset in &offsets {
+                    let index = checked_index(d, offset, cs).ok_or_else(|| {
+                        ProtocolError::OutsidePlan(format!("ack for disk {disk} offset {offset}"))
+                    })?;
+                    match d.state[index as usize] {
+                        ChunkState::Sent => {
+                            d.state[index as usize] = ChunkState::Done;
+                            d.remaining -= 1;
+                            bytes += (d.capacity - offset).min(cs);
+                        }
+                        // A duplicate was acknowledged again.
+                        ChunkState::Done => {}
+                        ChunkState::Pending => {
+                            return Err(ProtocolError::OutsidePlan(format!(
+                                "ack for disk {disk} offset {offset}, which was never sent"
+                            )))
+                        }
+                    }
+                }
+                self.acked_bytes += bytes;
+                self.events.push_back(SenderEvent::Acked {
+                    disk,
+                    offsets,
+                    bytes,
+                });
+                self.maybe_seal(disk);
+            }
+            CloudMessage::Nack { disk, offset, .. } => {
+                if self.phase != Phase::Streaming {
+                    return Err(self.unexpected("Nack"));
+                }
+                let cs = self.chunk_size();
+                let max = self.config.max_resends_per_chunk;
+                let d = self.disk_mut(disk)?;
+                let index = checked_index(d, offset, cs)
+                    .filter(|&i| d.state[i as usize] == ChunkState::Sent)
+                    .ok_or_else(|| {
+                        ProtocolError::OutsidePlan(format!(
+                            "nack for disk {disk} offset {offset}, which is not in flight"
+                        ))
+                    })?;
+                let resends = &mut d.resends[index as usize];
+                *resends = resends.saturating_add(1);
+                if u32::from(*resends) > max {
+                    return Err(ProtocolError::Integrity(format!(
+                        "disk {disk} chunk at offset {offset} was rejected {resends} times"
+                    )));
+                }
+                d.state[index as usize] = ChunkState::Pending;
+                d.hashes.unset(index);
+                self.events.push_back(SenderEvent::Resend { disk, offset });
+            }
+            CloudMessage::Committed { vm_id, vm_path } => {
+                if self.phase != Phase::AwaitCommitted {
+                    return Err(self.unexpected("Committed"));
+                }
+                self.phase = Phase::Done;
+                self.deadline = None;
+                self.events
+                    .push_back(SenderEvent::Committed { vm_id, vm_path });
+            }
+        }
+        Ok(())
+    }
+
+    fn disk_mut(&mut self, disk: u16) -> Result<&mut Disk, ProtocolError> {
+        self.disks
+            .get_mut(usize::from(disk))
+            .ok_or_else(|| ProtocolError::OutsidePlan(format!("disk {disk} is not in the plan")))
+    }
+
+    fn streaming_disk(&mut self, disk: u16, offset: u64) -> Option<(&mut Disk, u64)> {
+        if self.phase != Phase::Streaming {
+            return None;
+        }
+        let cs = self.chunk_size();
+        let d = self.disks.get_mut(usize::from(disk))?;
+        let index = checked_index(d, offset, cs)?;
+        (d.state[index as usize] == ChunkState::Pending).then_some((d, index))
+    }
+
+    /// The driver read the chunk at `offset` and found only zeros.
+    pub fn chunk_zero(&mut self, disk: u16, offset: u64) {
+        let cs = self.chunk_size();
+        let Some((d, index)) = self.streaming_disk(disk, offset) else {
+            return;
+        };
+        d.state[index as usize] = ChunkState::Done;
+        let zero = d.hashes.zero_hash(index);
+        d.hashes.set(index, zero);
+        d.remaining -= 1;
+        let len = (d.capacity - offset).min(cs);
+        let flush = match &mut d.zero_run {
+            Some((start, count)) if *start + *count * cs == offset => {
+                *count += 1;
+                None
+            }
+            run => run.replace((offset, 1)),
+        };
+        if let Some((offset, count)) = flush {
+            self.outbox.push_back(EdgeMessage::ZeroChunks {
+                disk,
+                offset,
+                count,
+            });
+        }
+        self.zero_bytes += len;
+        self.maybe_seal(disk);
+    }
+
+    /// The driver sealed the chunk at `offset` (plaintext hash `sha256`) and
+    /// queued it on a data stream.
+    pub fn chunk_sent(&mut self, disk: u16, offset: u64, sha256: [u8; 32]) {
+        let Some((d, index)) = self.streaming_disk(disk, offset) else {
+            return;
+        };
+        d.state[index as usize] = ChunkState::Sent;
+        d.hashes.set(index, sha256);
+    }
+
+    /// Seals a disk once every chunk is acked or zero; commits once every disk
+    /// is sealed.
+    fn maybe_seal(&mut self, disk: u16) {
+        let d = &mut self.disks[usize::from(disk)];
+        if d.remaining != 0 || d.sealed {
+            return;
+        }
+        if let Some((offset, count)) = d.zero_run.take() {
+            self.outbox.push_back(EdgeMessage::ZeroChunks {
+                disk,
+                offset,
+                count,
+            });
+        }
+        let digest = d.hashes.digest().expect("every chunk is done");
+        d.sealed = true;
+        self.outbox
+            .push_back(EdgeMessage::DiskSealed { disk, digest });
+        if self.disks.iter().all(|d| d.sealed) && self.phase == Phase::Streaming {
+            self.phase = Phase::AwaitCommitted;
+            self.outbox.push_back(EdgeMessage::Commit);
+        }
+    }
+
+    /// Sets the commit deadline once the commit has actually been sent.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<EdgeMessage> {
+        let msg = self.outbox.pop_front()?;
+        if msg == EdgeMessage::Commit {
+            self.deadline = Some(now + self.config.reply_timeout);
+        }
+        Some(msg)
+    }
+
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline.filter(|_| !self.is_finished())
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|d| now >= d) {
+            let e = ProtocolError::TimedOut(match self.phase {
+                Phase::AwaitWelcome => "waiting for the cloud to accept the credential",
+                Phase::AwaitPlanAccepted => "waiting for the cloud to accept the plan",
+                _ => "waiting for the cloud to register the VM",
+            });
+            self.fail(e);
+        }
+    }
+
+    /// Gives up: the cloud is told to discard everything.
+    pub fn abort(&mut self, reason: impl Into<String>) {
+        let reason = reason.into();
+        if !self.is_finished() {
+            self.outbox.push_back(EdgeMessage::Abort {
+                reason: reason.clone(),
+            });
+            self.fail(ProtocolError::Aborted(reason));
+        }
+    }
+
+    fn fail(&mut self, e: ProtocolError) {
+        if !self.is_finished() {
+            self.phase = Phase::Failed;
+            self.deadline = None;
+            self.error = Some(e);
+        }
+    }
+}
+
+/// Chunk index of `offset` if it is a chunk boundary inside the disk.
+fn checked_index(d: &Disk, offset: u64, chunk_size: u64) -> Option<u64> {
+    (offset % chunk_size == 0 && offset < d.capacity).then_some(offset / chunk_size)
+}

@@ -1,0 +1,495 @@
+//! Sender and receiver sessions against each other in memory: no sockets, no
+//! sleeps, a fake clock. The "link" is a pair of queues that tests may tamper
+//! with, reorder or duplicate.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::chunk::{Opener, Sealer};
+use crate::plan::{DiskSpec, MigrationPlan, VmSpec, MIN_CHUNK_SIZE};
+use crate::wire::{control, ChunkHeader, CloudMessage, Decoded, EdgeMessage, RefusalCode};
+
+const CS: u32 = MIN_CHUNK_SIZE;
+
+/// A disk image with random, compressible and zero regions, and a short tail.
+fn disk_image(seed: u64, chunks: usize) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut img = vec![0u8; chunks * CS as usize + 1000];
+    for (i, chunk) in img.chunks_mut(CS as usize).enumerate() {
+        match i % 4 {
+            0 => rng.fill(chunk),
+            1 => chunk
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = b"the quick brown fox "[j % 20]),
+            2 => {} // zeros
+            _ => chunk[..100].fill(7),
+        }
+    }
+    img
+}
+
+fn plan(disks: &[&Vec<u8>]) -> MigrationPlan {
+    MigrationPlan {
+        vm: VmSpec {
+            name: "web01".into(),
+            guest_os: "debian12_64Guest".into(),
+            num_cpus: 2,
+            cores_per_socket: None,
+            memory_mib: 1024,
+            firmware: None,
+            bios_uuid: None,
+            nics: vec![],
+            disks: disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| DiskSpec {
+                    key: format!("scsi0:{i}"),
+                    capacity: d.len() as u64,
+                })
+                .collect(),
+        },
+        network_map: vec![],
+        chunk_size: CS,
+    }
+}
+
+type Tamper = Box<dyn FnMut(&ChunkHeader, &mut Vec<u8>)>;
+
+/// Both sessions, their in-memory drivers and the link between them.
+struct Pair {
+    now: Instant,
+    sender: SenderSession,
+    receiver: ReceiverSession,
+    sources: Vec<Vec<u8>>,
+    dests: Vec<Vec<u8>>,
+    to_cloud: VecDeque<Vec<u8>>,
+    to_edge: VecDeque<Vec<u8>>,
+    data: VecDeque<(ChunkHeader, Vec<u8>)>,
+    to_read: VecDeque<(u16, u64)>,
+    sealer: Sealer,
+    opener: Opener,
+    tamper: Option<Tamper>,
+    reorder: bool,
+    duplicate: bool,
+    writes: usize,
+    data_frames: usize,
+    refuse_plan: Option<Vec<String>>,
+    committed: Option<String>,
+    discarded: Option<String>,
+}
+
+impl Pair {
+    fn new(sources: Vec<Vec<u8>>, password: &str) -> Pair {
+        let now = Instant::now();
+        let plan = plan(&sources.iter().collect::<Vec<_>>());
+        let sender = SenderSession::new(
+            SenderConfig::new("edge-test", "migrator@cloud.local", password),
+            plan,
+            now,
+        )
+        .unwrap();
+        Pair {
+            now,
+            sender,
+            receiver: ReceiverSession::new(ReceiverConfig::default(), now),
+            dests: sources.iter().map(|s| vec![0; s.len()]).collect(),
+            sources,
+            to_cloud: VecDeque::new(),
+            to_edge: VecDeque::new(),
+            data: VecDeque::new(),
+            to_read: VecDeque::new(),
+            sealer: Sealer::new(1).unwrap(),
+            opener: Opener::new().unwrap(),
+            tamper: None,
+            reorder: false,
+            duplicate: false,
+            writes: 0,
+            data_frames: 0,
+            refuse_plan: None,
+            committed: None,
+            discarded: None,
+        }
+    }
+
+    /// One round: every queue is drained once. Returns whether anything moved.
+    fn step(&mut self) -> bool {
+        let mut moved = false;
+        // Edge: transmit control (through the real codec), handle events.
+        while let Some(msg) = self.sender.poll_transmit(self.now) {
+            self.to_cloud.push_back(control::encode(&msg).unwrap());
+            moved = true;
+        }
+        while let Some(ev) = self.sender.poll_event() {
+            moved = true;
+            match ev {
+                SenderEvent::Accepted { .. } => {
+                    for (d, src) in self.sources.iter().enumerate() {
+                        for off in (0..src.len() as u64).step_by(CS as usize) {
+                            self.to_read.push_back((d as u16, off));
+                        }
+                    }
+                }
+                SenderEvent::Resend { disk, offset } => self.to_read.push_back((disk, offset)),
+                _ => {}
+            }
+        }
+        // Edge driver: read, detect zeros, seal.
+        while let Some((disk, offset)) = self.to_read.pop_front() {
+            moved = true;
+            let src = &self.sources[disk as usize];
+            let end = (offset as usize + CS as usize).min(src.len());
+            let plain = &src[offset as usize..end];
+            if crate::chunk::is_zero(plain) {
+                self.sender.chunk_zero(disk, offset);
+            } else {
+                let mut payload = Vec::new();
+                let h = self.sealer.seal(disk, offset, plain, &mut payload);
+                self.sender.chunk_sent(disk, offset, h.sha256);
+                if let Some(t) = self.tamper.as_mut() {
+                    t(&h, &mut payload);
+                }
+                if self.duplicate {
+                    self.data.push_back((h, payload.clone()));
+                }
+                self.data.push_back((h, payload));
+            }
+        }
+        // Link: control both ways.
+        while let Some(frame) = self.to_cloud.pop_front() {
+            moved = true;
+            let Decoded::Frame(msg, _) = control::decode::<EdgeMessage>(&frame).unwrap() else {
+                panic!("whole frame")
+            };
+            let _ = self.receiver.handle_control(msg, self.now);
+        }
+        // Cloud driver: data frames, reversed if asked.
+        if self.reorder {
+            self.data.make_contiguous().reverse();
+        }
+        while let Some((h, payload)) = self.data.pop_front() {
+            moved = true;
+            self.data_frames += 1;
+            let header = ChunkHeader::decode(&h.encode()).unwrap();
+            match self.receiver.admit_chunk(&header) {
+                Ok(Admission::Write) => {
+                    let mut plain = Vec::new();
+                    match self.opener.open(&header, &payload, &mut plain) {
+                        Ok(data) => {
+                            let dst = &mut self.dests[header.disk as usize];
+                            dst[header.offset as usize..][..data.len()].copy_from_slice(data);
+                            self.writes += 1;
+                            self.receiver.chunk_written(header.disk, header.offset);
+                        }
+                        Err(e) => {
+                            let _ = self.receiver.chunk_rejected(header.disk, header.offset, &e);
+                        }
+                    }
+                }
+                Ok(Admission::Duplicate) => {}
+                Err(_) => break,
+            }
+        }
+        while let Some(ev) = self.receiver.poll_event() {
+            moved = true;
+            match ev {
+                ReceiverEvent::Authenticate { password, .. } => {
+                    let res = if password == "secret" {
+                        Ok("MigrationOperator".to_owned())
+                    } else {
+                        Err((RefusalCode::BadCredentials, "user or password not accepted".to_owned()))
+                    };
+                    self.receiver.authenticated(res, "cloud-test");
+                }
+                ReceiverEvent::ValidatePlan(_) => match self.refuse_plan.take() {
+                    Some(problems) => self.receiver.refuse(RefusalCode::PlanRejected, problems),
+                    None => self.receiver.plan_accepted("migration-1".into(), "ds1".into()),
+                },
+                ReceiverEvent::Finalize => {
+                    self.committed = Some("vm-42".into());
+                    self.receiver
+                        .finalized(Ok(("vm-42".into(), "[ds1] web01/web01.vmx".into())));
+                }
+                ReceiverEvent::Discard { reason } => self.discarded = Some(reason),
+            }
+        }
+        while let Some(msg) = self.receiver.poll_transmit() {
+            moved = true;
+            self.to_edge.push_back(control::encode(&msg).unwrap());
+        }
+        while let Some(frame) = self.to_edge.pop_front() {
+            moved = true;
+            let Decoded::Frame(msg, _) = control::decode::<CloudMessage>(&frame).unwrap() else {
+                panic!("whole frame")
+            };
+            let _ = self.sender.handle_control(msg, self.now);
+        }
+        self.now += Duration::from_millis(1);
+        moved
+    }
+
+    fn drive(&mut self) {
+        for _ in 0..10_000 {
+            if !self.step() {
+                return;
+            }
+        }
+        panic!("did not settle");
+    }
+}
+
+#[test]
+fn a_vm_moves_and_the_copy_is_identical() {
+    let mut pair = Pair::new(vec![disk_image(1, 16), disk_image(2, 5)], "secret");
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    assert!(pair.receiver.is_committed());
+    assert_eq!(pair.committed.as_deref(), Some("vm-42"));
+    assert_eq!(pair.dests, pair.sources);
+    // 16+1 and 5+1 chunks, every fourth one zero: zeros never travel.
+    assert_eq!(pair.writes, 13 + 5);
+    assert_eq!(pair.sender.zero_bytes(), (4 + 1) * u64::from(CS));
+    assert_eq!(
+        pair.sender.done_bytes(),
+        pair.sources.iter().map(|s| s.len() as u64).sum::<u64>()
+    );
+}
+
+#[test]
+fn a_chunk_altered_in_flight_is_rejected_and_resent() {
+    let mut pair = Pair::new(vec![disk_image(3, 8)], "secret");
+    let mut altered = 0;
+    pair.tamper = Some(Box::new(move |h, payload| {
+        if h.offset == u64::from(CS) && altered < 2 {
+            altered += 1;
+            let mid = payload.len() / 2;
+            payload[mid] ^= 0x40;
+        }
+    }));
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    assert_eq!(pair.dests, pair.sources);
+}
+
+#[test]
+fn a_chunk_altered_every_time_fails_the_migration() {
+    let mut pair = Pair::new(vec![disk_image(4, 4)], "secret");
+    pair.tamper = Some(Box::new(|h, payload| {
+        if h.offset == 0 {
+            payload[0] ^= 1;
+        }
+    }));
+    pair.drive();
+    assert!(!pair.sender.is_committed());
+    let err = pair.sender.error().expect("failed");
+    assert_eq!(err.code(), RefusalCode::IntegrityFailure, "{err}");
+    assert!(pair.discarded.is_some(), "the cloud discards the staged VM");
+    assert!(pair.committed.is_none());
+}
+
+#[test]
+fn a_wrong_password_is_refused_before_any_data() {
+    let mut pair = Pair::new(vec![disk_image(5, 4)], "guess");
+    pair.drive();
+    let err = pair.sender.error().expect("refused");
+    assert_eq!(err.code(), RefusalCode::BadCredentials);
+    assert_eq!(pair.data_frames, 0);
+    assert!(pair.receiver.is_finished() && !pair.receiver.is_committed());
+}
+
+#[test]
+fn every_plan_problem_reaches_the_edge() {
+    let mut pair = Pair::new(vec![disk_image(6, 4)], "secret");
+    pair.refuse_plan = Some(vec!["name web01 is taken".into(), "network X is not mapped".into()]);
+    pair.drive();
+    match pair.sender.error() {
+        Some(ProtocolError::Refused { code, problems }) => {
+            assert_eq!(*code, RefusalCode::PlanRejected);
+            assert_eq!(problems.len(), 2);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(pair.data_frames, 0);
+}
+
+#[test]
+fn reordered_and_duplicated_chunks_are_written_once() {
+    let mut pair = Pair::new(vec![disk_image(7, 12)], "secret");
+    pair.reorder = true;
+    pair.duplicate = true;
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    assert_eq!(pair.dests, pair.sources);
+    assert_eq!(pair.writes, 9 + 1);
+}
+
+/// Drives a receiver to the streaming phase by hand.
+fn streaming_receiver(capacity: u64) -> ReceiverSession {
+    let now = Instant::now();
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
+    r.handle_control(
+        EdgeMessage::Hello {
+            agent: "a".into(),
+            user: "u".into(),
+            password: "p".into(),
+        },
+        now,
+    )
+    .unwrap();
+    r.authenticated(Ok("Administrator".into()), "c");
+    let img = vec![0u8; capacity as usize];
+    r.handle_control(EdgeMessage::Plan(plan(&[&img])), now).unwrap();
+    r.plan_accepted("m".into(), "ds".into());
+    while r.poll_transmit().is_some() {}
+    while r.poll_event().is_some() {}
+    r
+}
+
+fn header(disk: u16, offset: u64, plain_len: u32) -> ChunkHeader {
+    ChunkHeader {
+        disk,
+        offset,
+        plain_len,
+        encoding: crate::wire::Encoding::Raw,
+        sha256: [1; 32],
+        payload_len: plain_len,
+    }
+}
+
+#[test]
+fn chunks_at_impossible_places_are_refused() {
+    let cap = 4 * u64::from(CS);
+    for h in [
+        header(1, 0, CS),                      // no such disk
+        header(0, 1, CS),                      // not a chunk boundary
+        header(0, cap, CS),                    // past the end
+        header(0, 0, CS / 2),                  // wrong length
+        header(0, u64::MAX - u64::from(CS) + 1, CS), // overflow bait
+    ] {
+        let mut r = streaming_receiver(cap);
+        let err = r.admit_chunk(&h).unwrap_err();
+        assert_eq!(err.code(), RefusalCode::ProtocolViolation, "{err}");
+        assert!(r.is_finished());
+        assert!(matches!(
+            r.poll_transmit(),
+            Some(CloudMessage::Refused { code: RefusalCode::ProtocolViolation, .. })
+        ));
+    }
+}
+
+#[test]
+fn a_chunk_rewritten_with_other_content_is_refused() {
+    let mut r = streaming_receiver(2 * u64::from(CS));
+    assert_eq!(r.admit_chunk(&header(0, 0, CS)).unwrap(), Admission::Write);
+    r.chunk_written(0, 0);
+    // An exact replay is acknowledged, not rewritten.
+    assert_eq!(r.admit_chunk(&header(0, 0, CS)).unwrap(), Admission::Duplicate);
+    let mut other = header(0, 0, CS);
+    other.sha256 = [2; 32];
+    assert!(r.admit_chunk(&other).is_err());
+}
+
+#[test]
+fn sealing_a_disk_with_missing_chunks_fails() {
+    let mut r = streaming_receiver(3 * u64::from(CS));
+    r.handle_control(
+        EdgeMessage::ZeroChunks {
+            disk: 0,
+            offset: 0,
+            count: 2,
+        },
+        Instant::now(),
+    )
+    .unwrap();
+    let err = r
+        .handle_control(
+            EdgeMessage::DiskSealed {
+                disk: 0,
+                digest: [0; 32],
+            },
+            Instant::now(),
+        )
+        .unwrap_err();
+    assert_eq!(err.code(), RefusalCode::IntegrityFailure);
+    assert!(err.to_string().contains("1 of 3"), "{err}");
+}
+
+#[test]
+fn zero_runs_past_the_end_are_refused() {
+    let mut r = streaming_receiver(3 * u64::from(CS));
+    let err = r
+        .handle_control(
+            EdgeMessage::ZeroChunks {
+                disk: 0,
+                offset: u64::from(CS),
+                count: u64::MAX,
+            },
+            Instant::now(),
+        )
+        .unwrap_err();
+    assert_eq!(err.code(), RefusalCode::ProtocolViolation);
+}
+
+#[test]
+fn data_before_a_plan_is_a_violation() {
+    let now = Instant::now();
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
+    assert!(r.admit_chunk(&header(0, 0, CS)).is_err());
+}
+
+#[test]
+fn a_silent_client_times_out() {
+    let now = Instant::now();
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
+    let deadline = r.poll_timeout().unwrap();
+    r.handle_timeout(deadline - Duration::from_millis(1));
+    assert!(!r.is_finished());
+    r.handle_timeout(deadline);
+    assert!(r.is_finished());
+    assert_eq!(r.poll_timeout(), None);
+}
+
+#[test]
+fn an_edge_abort_discards_the_staged_vm() {
+    let mut r = streaming_receiver(u64::from(CS));
+    r.handle_control(
+        EdgeMessage::Abort {
+            reason: "operator cancelled".into(),
+        },
+        Instant::now(),
+    )
+    .unwrap();
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Discard { .. })));
+    assert!(r.is_finished() && !r.is_committed());
+}
+
+#[test]
+fn a_zstd_bomb_is_bounded_by_the_declared_length() {
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+    let h = ChunkHeader {
+        disk: 0,
+        offset: 0,
+        plain_len: CS,
+        encoding: crate::wire::Encoding::Zstd,
+        sha256: [0; 32],
+        payload_len: bomb.len() as u32,
+    };
+    let mut plain = Vec::new();
+    let err = Opener::new().unwrap().open(&h, &bomb, &mut plain).unwrap_err();
+    assert!(matches!(err, crate::chunk::ChunkError::Decompress(_)), "{err}");
+    assert!(plain.capacity() <= CS as usize * 2);
+}
+
+#[test]
+fn incompressible_chunks_go_raw() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut data = vec![0u8; CS as usize];
+    rng.fill(&mut data[..]);
+    let mut payload = Vec::new();
+    let h = Sealer::new(1).unwrap().seal(0, 0, &data, &mut payload);
+    assert_eq!(h.encoding, crate::wire::Encoding::Raw);
+    assert_eq!(payload, data);
+}

@@ -1,0 +1,266 @@
+//! Control-stream messages: length-prefixed postcard encodings of
+//! [`EdgeMessage`] and [`CloudMessage`].
+//!
+//! A frame is `len: u32 BE` then `len` bytes of body. The length is checked
+//! against [`MAX_CONTROL_FRAME`] before anything is allocated; serde's
+//! collection size hints are capped by postcard, so a lying inner length
+//! cannot allocate more than the (bounded) frame either.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::{Decoded, WireError};
+use crate::plan::MigrationPlan;
+
+/// Largest control frame: a plan with hundreds of disks and NICs fits easily.
+pub const MAX_CONTROL_FRAME: usize = 1024 * 1024;
+const LEN_PREFIX: usize = 4;
+
+/// Edge agent to cloud endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EdgeMessage {
+    /// First message: who is asking, with a credential of the cloud domain.
+    Hello {
+        agent: String,
+        user: String,
+        password: String,
+    },
+    /// The VM to build, sent after `Welcome`.
+    Plan(MigrationPlan),
+    /// `count` consecutive all-zero chunks starting at `offset`: never sent as
+    /// data, they stay holes in the destination.
+    ZeroChunks { disk: u16, offset: u64, count: u64 },
+    /// Every chunk of the disk has been sent or declared zero; `digest` is the
+    /// SHA-256 over all chunk hashes in offset order (see [`crate::integrity`]).
+    DiskSealed { disk: u16, digest: [u8; 32] },
+    /// All disks sealed and acknowledged: register the VM.
+    Commit,
+    /// The edge gives up; the cloud discards everything of this migration.
+    Abort { reason: String },
+}
+
+/// Cloud endpoint to edge agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CloudMessage {
+    /// Credential accepted.
+    Welcome { endpoint: String, role: String },
+    /// The plan passed every check; data may flow.
+    PlanAccepted {
+        migration_id: String,
+        datastore: String,
+    },
+    /// The request cannot go on. Every problem found is listed at once.
+    Refused {
+        code: RefusalCode,
+        problems: Vec<String>,
+    },
+    /// Chunks verified and written.
+    Acks { disk: u16, offsets: Vec<u64> },
+    /// A chunk failed verification and was not written: send it again.
+    Nack {
+        disk: u16,
+        offset: u64,
+        reason: String,
+    },
+    /// The VM is on disk and registered.
+    Committed { vm_id: String, vm_path: String },
+}
+
+/// Why the cloud refused; each code also closes the QUIC connection with the
+/// matching application error code (see [`RefusalCode::close_code`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalCode {
+    /// Wrong user or password.
+    BadCredentials,
+    /// The user's role may not migrate.
+    NotPermitted,
+    /// The plan cannot be placed (name taken, no space, unmapped network...).
+    PlanRejected,
+    /// The peer broke the protocol.
+    ProtocolViolation,
+    /// Data failed verification too often or the disk digest did not match.
+    IntegrityFailure,
+    /// The endpoint failed (I/O, database) while writing or registering.
+    EndpointFailure,
+    /// Too many migrations are running; retry later.
+    Busy,
+    /// The edge agent aborted.
+    Aborted,
+}
+
+impl RefusalCode {
+    /// QUIC application close code for this refusal.
+    pub fn close_code(self) -> u32 {
+        match self {
+            RefusalCode::BadCredentials => 0x101,
+            RefusalCode::NotPermitted => 0x102,
+            RefusalCode::PlanRejected => 0x103,
+            RefusalCode::ProtocolViolation => 0x104,
+            RefusalCode::IntegrityFailure => 0x105,
+            RefusalCode::EndpointFailure => 0x106,
+            RefusalCode::Busy => 0x107,
+            RefusalCode::Aborted => 0x108,
+        }
+    }
+
+    pub fn from_close_code(code: u64) -> Option<Self> {
+        use RefusalCode::*;
+        [
+            BadCredentials,
+            NotPermitted,
+            PlanRejected,
+            ProtocolViolation,
+            IntegrityFailure,
+            EndpointFailure,
+            Busy,
+            Aborted,
+        ]
+        .into_iter()
+        .find(|c| u64::from(c.close_code()) == code)
+    }
+}
+
+/// Encodes a control message as one frame.
+pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, WireError> {
+    let body = postcard::to_stdvec(msg).map_err(|e| WireError::MalformedControl(e.to_string()))?;
+    if body.len() > MAX_CONTROL_FRAME {
+        return Err(WireError::FrameTooLarge {
+            len: body.len() as u64,
+            limit: MAX_CONTROL_FRAME as u64,
+        });
+    }
+    let mut out = Vec::with_capacity(LEN_PREFIX + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Reads the length prefix of a control frame; errors if it is over the limit.
+pub fn frame_len(prefix: [u8; LEN_PREFIX]) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_CONTROL_FRAME {
+        return Err(WireError::FrameTooLarge {
+            len: len as u64,
+            limit: MAX_CONTROL_FRAME as u64,
+        });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body (without its length prefix).
+pub fn decode_body<M: DeserializeOwned>(body: &[u8]) -> Result<M, WireError> {
+    let (msg, rest) = postcard::take_from_bytes::<M>(body)
+        .map_err(|e| WireError::MalformedControl(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::MalformedControl(format!(
+            "{} trailing bytes after the message",
+            rest.len()
+        )));
+    }
+    Ok(msg)
+}
+
+/// Decodes one frame from the front of `buf`, if it is all there.
+pub fn decode<M: DeserializeOwned>(buf: &[u8]) -> Result<Decoded<M>, WireError> {
+    let Some(prefix) = buf.get(..LEN_PREFIX) else {
+        return Ok(Decoded::Incomplete);
+    };
+    let len = frame_len(prefix.try_into().expect("4 bytes"))?;
+    let Some(body) = buf.get(LEN_PREFIX..LEN_PREFIX + len) else {
+        return Ok(Decoded::Incomplete);
+    };
+    Ok(Decoded::Frame(decode_body(body)?, LEN_PREFIX + len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{DiskSpec, VmSpec};
+
+    fn plan() -> MigrationPlan {
+        MigrationPlan {
+            vm: VmSpec {
+                name: "web01".into(),
+                guest_os: "debian12_64Guest".into(),
+                num_cpus: 2,
+                cores_per_socket: None,
+                memory_mib: 2048,
+                firmware: Some("efi".into()),
+                bios_uuid: None,
+                nics: vec![],
+                disks: vec![DiskSpec {
+                    key: "scsi0:0".into(),
+                    capacity: 1 << 30,
+                }],
+            },
+            network_map: vec![("VM Network".into(), "cloud-web".into())],
+            chunk_size: crate::plan::DEFAULT_CHUNK_SIZE,
+        }
+    }
+
+    #[test]
+    fn round_trip_every_prefix_is_incomplete() {
+        let msg = EdgeMessage::Plan(plan());
+        let frame = encode(&msg).unwrap();
+        for cut in 0..frame.len() {
+            assert_eq!(
+                decode::<EdgeMessage>(&frame[..cut]).unwrap(),
+                Decoded::Incomplete
+            );
+        }
+        assert_eq!(
+            decode::<EdgeMessage>(&frame).unwrap(),
+            Decoded::Frame(msg, frame.len())
+        );
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocation() {
+        let prefix = ((MAX_CONTROL_FRAME + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            decode::<EdgeMessage>(&prefix),
+            Err(WireError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_and_trailing_bytes_are_malformed() {
+        let mut frame = vec![0, 0, 0, 3, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            decode::<CloudMessage>(&frame),
+            Err(WireError::MalformedControl(_))
+        ));
+        frame = encode(&EdgeMessage::Commit).unwrap();
+        frame.push(0);
+        let len = frame.len() as u32 - 4;
+        frame[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(
+            decode::<EdgeMessage>(&frame),
+            Err(WireError::MalformedControl(_))
+        ));
+    }
+
+    #[test]
+    fn a_huge_inner_vector_length_cannot_allocate() {
+        // Acks with a claimed 2^60 offsets but a 20-byte body.
+        let mut body = vec![4u8, 0]; // variant Acks, disk 0
+        body.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x10]);
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        assert!(decode::<CloudMessage>(&frame).is_err());
+    }
+
+    #[test]
+    fn close_codes_are_distinct_and_reversible() {
+        for code in [
+            RefusalCode::BadCredentials,
+            RefusalCode::PlanRejected,
+            RefusalCode::Aborted,
+        ] {
+            assert_eq!(
+                RefusalCode::from_close_code(code.close_code().into()),
+                Some(code)
+            );
+        }
+        assert_eq!(RefusalCode::from_close_code(0), None);
+    }
+}

@@ -1,0 +1,125 @@
+//! Bytes on the wire. Everything a peer sends is decoded here, and nothing
+//! else in the crate parses peer input: decoders check every length against a
+//! limit before allocating, and tell "need more bytes" apart from "malformed".
+//!
+//! Each QUIC stream starts with a [`Preamble`] naming the protocol version and
+//! the stream's role. The control stream then carries length-prefixed
+//! [`control`] messages; data streams carry [`chunk`] frames.
+
+pub mod chunk;
+pub mod control;
+
+pub use chunk::{ChunkHeader, Encoding, CHUNK_HEADER_LEN};
+pub use control::{CloudMessage, EdgeMessage, RefusalCode, MAX_CONTROL_FRAME};
+
+/// ALPN protocol id: lets a future incompatible version refuse at the TLS layer.
+pub const ALPN: &[u8] = b"hcm/1";
+/// Magic at the start of every stream.
+pub const MAGIC: [u8; 4] = *b"HCMG";
+/// Current protocol version. A receiver refuses versions it does not know.
+pub const PROTOCOL_VERSION: u16 = 1;
+pub const PREAMBLE_LEN: usize = 8;
+
+/// Problems with bytes a peer sent. Each maps to a QUIC close code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    #[error("stream does not start with the gateway magic: the peer is not a migration gateway")]
+    BadMagic,
+    #[error("peer speaks protocol version {0}, this build speaks {PROTOCOL_VERSION}: upgrade the older side")]
+    UnsupportedVersion(u16),
+    #[error("unknown stream kind {0}")]
+    UnknownStreamKind(u8),
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
+    FrameTooLarge { len: u64, limit: u64 },
+    #[error("malformed control message: {0}")]
+    MalformedControl(String),
+    #[error("malformed chunk frame: {0}")]
+    MalformedChunk(String),
+    #[error("invalid migration plan: {0}")]
+    BadPlan(String),
+}
+
+/// What a stream is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// The one bidirectional stream of a migration: plan, acks, commit.
+    Control = 0,
+    /// A unidirectional stream of chunk frames.
+    Data = 1,
+}
+
+/// First bytes of every stream: magic, version, kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preamble {
+    pub version: u16,
+    pub kind: StreamKind,
+}
+
+impl Preamble {
+    pub fn new(kind: StreamKind) -> Self {
+        Preamble {
+            version: PROTOCOL_VERSION,
+            kind,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; PREAMBLE_LEN] {
+        let mut out = [0u8; PREAMBLE_LEN];
+        out[..4].copy_from_slice(&MAGIC);
+        out[4..6].copy_from_slice(&self.version.to_be_bytes());
+        out[6] = self.kind as u8;
+        out
+    }
+
+    pub fn decode(bytes: &[u8; PREAMBLE_LEN]) -> Result<Self, WireError> {
+        if bytes[..4] != MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        let version = u16::from_be_bytes([bytes[4], bytes[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let kind = match bytes[6] {
+            0 => StreamKind::Control,
+            1 => StreamKind::Data,
+            other => return Err(WireError::UnknownStreamKind(other)),
+        };
+        Ok(Preamble { version, kind })
+    }
+}
+
+/// Outcome of trying to decode from a buffer that may hold a partial frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded<T> {
+    /// A whole frame and how many bytes it used.
+    Frame(T, usize),
+    /// The buffer holds a prefix of a valid frame: read more.
+    Incomplete,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preamble_round_trip_and_rejections() {
+        let p = Preamble::new(StreamKind::Data);
+        assert_eq!(Preamble::decode(&p.encode()).unwrap(), p);
+        let mut bad = p.encode();
+        bad[0] = b'X';
+        assert_eq!(Preamble::decode(&bad), Err(WireError::BadMagic));
+        let mut newer = p.encode();
+        newer[5] = 9;
+        assert_eq!(
+            Preamble::decode(&newer),
+            Err(WireError::UnsupportedVersion(9))
+        );
+        let mut kind = p.encode();
+        kind[6] = 7;
+        assert_eq!(
+            Preamble::decode(&kind),
+            Err(WireError::UnknownStreamKind(7))
+        );
+    }
+}
