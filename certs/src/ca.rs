@@ -40,9 +40,18 @@ impl Validity {
         let now = OffsetDateTime::now_utc();
         // Certificates carry whole seconds only.
         let now = now - Duration::nanoseconds(now.nanosecond().into());
+        // RFC 5280 4.1.2.5: 9999-12-31 23:59:59 is the latest date a certificate can carry;
+        // a larger --days means "does not expire" rather than an overflow.
+        let latest = time::Date::from_calendar_date(9999, time::Month::December, 31)
+            .and_then(|d| d.with_hms(23, 59, 59))
+            .expect("9999-12-31 23:59:59 is a valid date and time")
+            .assume_utc();
+        let not_after = now
+            .checked_add(Duration::days(days.into()))
+            .map_or(latest, |t| t.min(latest));
         Validity {
             not_before: now - Duration::hours(1),
-            not_after: now + Duration::days(days.into()),
+            not_after,
         }
     }
 }

@@ -253,6 +253,11 @@ fn bad_names_are_rejected_with_a_clear_message() {
         Err(Error::InvalidValidity { .. })
     ));
     assert!(Ca::generate(" ").is_err());
+    // A huge lifetime saturates at the latest date X.509 can express instead of overflowing.
+    let forever = Validity::days(u32::MAX);
+    assert_eq!(forever.not_after.year(), 9999);
+    let edge = ca.issue_edge("edge-01", forever).unwrap();
+    verify_client(&ca, &edge.cert_der()).unwrap();
 }
 
 #[test]

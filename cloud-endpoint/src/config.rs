@@ -104,7 +104,10 @@ impl fmt::Debug for UserConfig {
         f.debug_struct("UserConfig")
             .field("name", &self.name)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("password_hash", &self.password_hash.as_ref().map(|_| "<redacted>"))
+            .field(
+                "password_hash",
+                &self.password_hash.as_ref().map(|_| "<redacted>"),
+            )
             .field("role", &self.role)
             .finish()
     }
@@ -174,7 +177,9 @@ impl Default for DomainConfig {
             cluster: "Cloud-Cluster".to_owned(),
             host: HostConfig::default(),
             datastore: DatastoreConfig::default(),
-            networks: ["VM Network", "cloud-web", "cloud-db"].map(String::from).to_vec(),
+            networks: ["VM Network", "cloud-web", "cloud-db"]
+                .map(String::from)
+                .to_vec(),
             users: vec![
                 user("administrator@cloud.local", Role::Administrator),
                 user("migrator@cloud.local", Role::MigrationOperator),
@@ -186,13 +191,20 @@ impl Default for DomainConfig {
 
 impl Default for HostConfig {
     fn default() -> Self {
-        HostConfig { name: "esx-cloud-01.local".to_owned(), cpu_cores: 32, memory_mib: 262_144 }
+        HostConfig {
+            name: "esx-cloud-01.local".to_owned(),
+            cpu_cores: 32,
+            memory_mib: 262_144,
+        }
     }
 }
 
 impl Default for DatastoreConfig {
     fn default() -> Self {
-        DatastoreConfig { name: "cloud-ds1".to_owned(), capacity_bytes: None }
+        DatastoreConfig {
+            name: "cloud-ds1".to_owned(),
+            capacity_bytes: None,
+        }
     }
 }
 
@@ -235,7 +247,11 @@ pub enum ConfigError {
     Invalid(Box<figment::Error>),
 
     #[error("no `{key}` is set: set `{key} = \"PATH\"` in the config file or the variable {env}; {hint}")]
-    MissingPath { key: &'static str, env: String, hint: &'static str },
+    MissingPath {
+        key: &'static str,
+        env: String,
+        hint: &'static str,
+    },
 
     #[error("`{key}` is empty ({origin}); give a name")]
     EmptyName { key: String, origin: String },
@@ -243,17 +259,31 @@ pub enum ConfigError {
     #[error("`domain.networks` is empty ({origin}); list at least one cloud network, e.g. networks = [\"VM Network\"]")]
     NoNetworks { origin: String },
 
-    #[error("`domain.networks` lists {name:?} more than once ({origin}); network names must be unique")]
+    #[error(
+        "`domain.networks` lists {name:?} more than once ({origin}); network names must be unique"
+    )]
     DuplicateNetwork { name: String, origin: String },
 
-    #[error("`domain.users` lists user {name:?} more than once ({origin}); user names must be unique")]
+    #[error(
+        "`domain.users` lists user {name:?} more than once ({origin}); user names must be unique"
+    )]
     DuplicateUser { name: String, origin: String },
 
-    #[error("user {user:?} ({origin}) has {problem}; give exactly one of `password` or `password_hash`")]
-    UserCredentials { user: String, problem: &'static str, origin: String },
+    #[error(
+        "user {user:?} ({origin}) has {problem}; give exactly one of `password` or `password_hash`"
+    )]
+    UserCredentials {
+        user: String,
+        problem: &'static str,
+        origin: String,
+    },
 
     #[error("user {user:?} ({origin}) has an unusable `password_hash`: {reason}; give an argon2 PHC string such as $argon2id$v=19$m=19456,t=2,p=1$SALT$HASH")]
-    BadPasswordHash { user: String, reason: String, origin: String },
+    BadPasswordHash {
+        user: String,
+        reason: String,
+        origin: String,
+    },
 
     #[error("`max_concurrent_migrations` is 0 ({origin}); it must be at least 1")]
     ZeroConcurrency { origin: String },
@@ -277,12 +307,18 @@ impl Config {
     }
 
     /// Like [`Config::load`], with the environment given as pairs (tests, embedding).
-    pub fn load_with_env(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Defaults::default()));
         if let Some(path) = file {
             // figment would treat a missing file as empty; an explicit file must exist.
-            std::fs::File::open(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-            figment = figment.merge(Toml::file_exact(path));
+            std::fs::File::open(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            figment = figment.merge(TomlFile(path.to_owned()));
         }
         let figment = figment.merge(EnvPairs::new(env));
 
@@ -293,7 +329,9 @@ impl Config {
         ] {
             let empty = match figment.find_value(key) {
                 Ok(v) => v.as_str().is_some_and(str::is_empty),
-                Err(_) => true,
+                Err(e) if e.missing() => true,
+                // A provider failed (e.g. a TOML syntax error): report that instead.
+                Err(e) => return Err(e.into()),
             };
             if empty {
                 return Err(ConfigError::MissingPath { key, env: env_name(&[key]), hint });
@@ -313,7 +351,9 @@ impl Config {
 
     fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
         if self.max_concurrent_migrations == 0 {
-            return Err(ConfigError::ZeroConcurrency { origin: origin(figment, "max_concurrent_migrations") });
+            return Err(ConfigError::ZeroConcurrency {
+                origin: origin(figment, "max_concurrent_migrations"),
+            });
         }
         let d = &self.domain;
         for (key, value) in [
@@ -324,30 +364,47 @@ impl Config {
             ("domain.datastore.name", &d.datastore.name),
         ] {
             if value.trim().is_empty() {
-                return Err(ConfigError::EmptyName { key: key.to_owned(), origin: origin(figment, key) });
+                return Err(ConfigError::EmptyName {
+                    key: key.to_owned(),
+                    origin: origin(figment, key),
+                });
             }
         }
         let origin_networks = || origin(figment, "domain.networks");
         if d.networks.is_empty() {
-            return Err(ConfigError::NoNetworks { origin: origin_networks() });
+            return Err(ConfigError::NoNetworks {
+                origin: origin_networks(),
+            });
         }
         let mut seen = HashSet::new();
         for name in &d.networks {
             if name.trim().is_empty() {
-                return Err(ConfigError::EmptyName { key: "domain.networks[]".to_owned(), origin: origin_networks() });
+                return Err(ConfigError::EmptyName {
+                    key: "domain.networks[]".to_owned(),
+                    origin: origin_networks(),
+                });
             }
             if !seen.insert(name) {
-                return Err(ConfigError::DuplicateNetwork { name: name.clone(), origin: origin_networks() });
+                return Err(ConfigError::DuplicateNetwork {
+                    name: name.clone(),
+                    origin: origin_networks(),
+                });
             }
         }
         let origin_users = || origin(figment, "domain.users");
         let mut seen = HashSet::new();
         for user in &d.users {
             if user.name.trim().is_empty() {
-                return Err(ConfigError::EmptyName { key: "domain.users[].name".to_owned(), origin: origin_users() });
+                return Err(ConfigError::EmptyName {
+                    key: "domain.users[].name".to_owned(),
+                    origin: origin_users(),
+                });
             }
             if !seen.insert(&user.name) {
-                return Err(ConfigError::DuplicateUser { name: user.name.clone(), origin: origin_users() });
+                return Err(ConfigError::DuplicateUser {
+                    name: user.name.clone(),
+                    origin: origin_users(),
+                });
             }
             let problem = match (&user.password, &user.password_hash) {
                 (Some(_), Some(_)) => Some("both `password` and `password_hash`"),
@@ -356,7 +413,11 @@ impl Config {
                 _ => None,
             };
             if let Some(problem) = problem {
-                return Err(ConfigError::UserCredentials { user: user.name.clone(), problem, origin: origin_users() });
+                return Err(ConfigError::UserCredentials {
+                    user: user.name.clone(),
+                    problem,
+                    origin: origin_users(),
+                });
             }
             if let Some(hash) = &user.password_hash {
                 check_password_hash(hash).map_err(|reason| ConfigError::BadPasswordHash {
@@ -458,7 +519,10 @@ role = "ReadOnly"
 
 /// The name of the environment variable for a key path, e.g. `CLOUD_ENDPOINT_DOMAIN__HOST__NAME`.
 fn env_name<K: AsRef<str>>(keys: &[K]) -> String {
-    let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_ascii_uppercase()).collect();
+    let keys: Vec<String> = keys
+        .iter()
+        .map(|k| k.as_ref().to_ascii_uppercase())
+        .collect();
     format!("{ENV_PREFIX}{}", keys.join("__"))
 }
 
@@ -482,16 +546,36 @@ fn resolve_relative(figment: &Figment, key: &str, path: &mut PathBuf) {
     if path.is_absolute() {
         return;
     }
-    let file = figment.find_metadata(key).and_then(|md| md.source.as_ref()).and_then(|s| s.file_path());
+    let file = figment
+        .find_metadata(key)
+        .and_then(|md| md.source.as_ref())
+        .and_then(|s| s.file_path());
     if let Some(dir) = file.and_then(Path::parent) {
         *path = dir.join(&*path);
     }
 }
 
-const ENV_METADATA_NAME: &str = "environment variable";
+/// The TOML file, with keys in errors shown as written in it (`domain.host.name`, not
+/// figment's `default.domain.host.name`).
+#[derive(Debug)]
+struct TomlFile(PathBuf);
+
+impl Provider for TomlFile {
+    fn metadata(&self) -> Metadata {
+        Metadata::from("TOML file", self.0.as_path())
+            .interpolater(|_: &Profile, keys: &[&str]| keys.join("."))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Toml::file_exact(&self.0).data()
+    }
+}
+
+const ENV_METADATA_NAME: &str = "the environment";
 
 /// A figment provider over given `(name, value)` pairs, so that tests need not touch the
 /// process environment. Only `CLOUD_ENDPOINT_*` names count; `__` nests keys.
+#[derive(Debug)]
 struct EnvPairs {
     dict: Dict,
 }
@@ -500,7 +584,9 @@ impl EnvPairs {
     fn new(pairs: &[(String, String)]) -> EnvPairs {
         let mut dict = Dict::new();
         for (name, value) in pairs {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             if rest.is_empty() || value.is_empty() || RESERVED_ENV_VARS.contains(&name.as_str()) {
                 continue;
             }
@@ -509,7 +595,9 @@ impl EnvPairs {
             // wanted, and a name like "10" stays a name); lists and tables are parsed.
             let trimmed = value.trim_start();
             let value = if trimmed.starts_with('[') || trimmed.starts_with('{') {
-                value.parse::<Value>().unwrap_or_else(|never| match never {})
+                value
+                    .parse::<Value>()
+                    .unwrap_or_else(|never| match never {})
             } else {
                 Value::from(value.clone())
             };
@@ -547,7 +635,9 @@ mod tests {
     use super::*;
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+        list.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
     }
 
     fn cert_env() -> Vec<(String, String)> {
@@ -583,7 +673,12 @@ mod tests {
         assert_eq!(c.max_concurrent_migrations, 32);
         assert_eq!(c.domain, DomainConfig::default());
         assert_eq!(c.domain.datastore.capacity_bytes, None);
-        let users: Vec<_> = c.domain.users.iter().map(|u| (u.name.as_str(), u.role)).collect();
+        let users: Vec<_> = c
+            .domain
+            .users
+            .iter()
+            .map(|u| (u.name.as_str(), u.role))
+            .collect();
         assert_eq!(
             users,
             [
@@ -592,13 +687,24 @@ mod tests {
                 ("auditor@cloud.local", Role::ReadOnly),
             ]
         );
-        assert!(c.domain.users.iter().all(|u| u.password.as_deref() == Some(DEMO_PASSWORD)));
+        assert!(c
+            .domain
+            .users
+            .iter()
+            .all(|u| u.password.as_deref() == Some(DEMO_PASSWORD)));
     }
 
     #[test]
     fn each_required_path_is_reported_with_its_fix() {
-        for missing in ["CLOUD_ENDPOINT_CERT", "CLOUD_ENDPOINT_KEY", "CLOUD_ENDPOINT_EDGE_CA"] {
-            let env: Vec<_> = cert_env().into_iter().filter(|(k, _)| k != missing).collect();
+        for missing in [
+            "CLOUD_ENDPOINT_CERT",
+            "CLOUD_ENDPOINT_KEY",
+            "CLOUD_ENDPOINT_EDGE_CA",
+        ] {
+            let env: Vec<_> = cert_env()
+                .into_iter()
+                .filter(|(k, _)| k != missing)
+                .collect();
             let err = Config::load_with_env(None, &env).unwrap_err();
             assert!(matches!(err, ConfigError::MissingPath { .. }), "{err:?}");
             let msg = err.to_string();
@@ -612,7 +718,10 @@ mod tests {
         assert!(err.to_string().contains("no `cert` is set"), "{err}");
         assert!(err.to_string().contains("certs endpoint"), "{err}");
         let err = load_toml("cert = \"\"\nkey = \"k\"\nedge_ca = \"c\"\n", &[]).unwrap_err();
-        assert!(matches!(err, ConfigError::MissingPath { key: "cert", .. }), "{err:?}");
+        assert!(
+            matches!(err, ConfigError::MissingPath { key: "cert", .. }),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -630,7 +739,13 @@ mod tests {
         assert_eq!(c.listen, "0.0.0.0:5000".parse().unwrap());
         assert_eq!(c.max_concurrent_migrations, 4);
         assert_eq!(c.domain.networks, ["prod"]);
-        assert_eq!(c.domain.datastore, DatastoreConfig { name: "ds9".into(), capacity_bytes: Some(1_000_000) });
+        assert_eq!(
+            c.domain.datastore,
+            DatastoreConfig {
+                name: "ds9".into(),
+                capacity_bytes: Some(1_000_000)
+            }
+        );
         // A list in the file replaces the default list.
         assert_eq!(c.domain.users.len(), 1);
         assert_eq!(c.domain.users[0].role, Role::MigrationOperator);
@@ -643,14 +758,19 @@ mod tests {
     #[test]
     fn environment_beats_the_file() {
         let c = load_toml(
-            &format!("{PATHS}listen = \"0.0.0.0:5000\"\n[domain.datastore]\nname = \"from-file\"\n"),
+            &format!(
+                "{PATHS}listen = \"0.0.0.0:5000\"\n[domain.datastore]\nname = \"from-file\"\n"
+            ),
             &[
                 ("CLOUD_ENDPOINT_LISTEN", "10.0.0.1:6000"),
                 ("CLOUD_ENDPOINT_DOMAIN__DATASTORE__NAME", "from-env"),
                 ("CLOUD_ENDPOINT_DOMAIN__DATASTORE__CAPACITY_BYTES", "4096"),
                 ("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "7"),
                 ("CLOUD_ENDPOINT_DOMAIN__HOST__NAME", "10"),
-                ("CLOUD_ENDPOINT_DOMAIN__NETWORKS", r#"["VM Network", "cloud web"]"#),
+                (
+                    "CLOUD_ENDPOINT_DOMAIN__NETWORKS",
+                    r#"["VM Network", "cloud web"]"#,
+                ),
                 ("CLOUD_ENDPOINT_DATASTORE_DIR", "rel/ds"),
                 // The binary's own variables and foreign ones are not settings.
                 ("CLOUD_ENDPOINT_CONFIG", "/etc/whatever.toml"),
@@ -670,15 +790,34 @@ mod tests {
 
     #[test]
     fn load_reads_the_process_environment() {
-        figment::Jail::expect_with(|jail| {
-            jail.create_file("cloud.toml", PATHS)?;
-            jail.set_env("CLOUD_ENDPOINT_LISTEN", "127.0.0.1:7777");
-            jail.set_env("CLOUD_ENDPOINT_DOMAIN__FOLDER", "Imported");
-            let c = Config::load(Some(Path::new("cloud.toml"))).map_err(|e| e.to_string())?;
+        // The environment is process-wide, so the check runs in a child process of this
+        // test binary (figment::Jail would also change the working directory of every
+        // test running at the same time).
+        const CHILD_FILE: &str = "CONFIG_RS_TEST_CHILD_FILE";
+        const NAME: &str = "config::tests::load_reads_the_process_environment";
+        if let Some(file) = std::env::var_os(CHILD_FILE) {
+            let c = Config::load(Some(Path::new(&file))).unwrap();
             assert_eq!(c.listen, "127.0.0.1:7777".parse().unwrap());
             assert_eq!(c.domain.folder, "Imported");
-            Ok(())
-        });
+            assert_eq!(c.cert, PathBuf::from("/pki/e.pem"));
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = write(dir.path(), "cloud.toml", PATHS);
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--test-threads=1"])
+            .env(CHILD_FILE, &file)
+            .env("CLOUD_ENDPOINT_LISTEN", "127.0.0.1:7777")
+            .env("CLOUD_ENDPOINT_DOMAIN__FOLDER", "Imported")
+            .env("CLOUD_ENDPOINT_CONFIG", "ignored: the binary's own option")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
@@ -721,54 +860,123 @@ mod tests {
         let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_LISTN", "0.0.0.0:1")]).unwrap_err();
         assert!(err.to_string().contains("CLOUD_ENDPOINT_LISTN"), "{err}");
 
-        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "many")]).unwrap_err();
-        assert!(err.to_string().contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"), "{err}");
+        let err = load_toml(
+            PATHS,
+            &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "many")],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"),
+            "{err}"
+        );
+
+        // A syntax error is reported as such, even though it hides the required paths.
+        let err = load_toml("cert = \"/e\"\nbad toml [", &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err:?}");
+        assert!(err.to_string().contains("line 2"), "{err}");
 
         let err = load_toml(&format!("{PATHS}listen = \"nowhere\"\n"), &[]).unwrap_err();
         assert!(err.to_string().contains("listen"), "{err}");
 
-        let err = load_toml(&format!("{PATHS}[[domain.users]]\nname = \"x\"\npassword = \"p\"\nrole = \"Root\"\n"), &[])
-            .unwrap_err();
+        let err = load_toml(
+            &format!("{PATHS}[[domain.users]]\nname = \"x\"\npassword = \"p\"\nrole = \"Root\"\n"),
+            &[],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("Root"), "{err}");
     }
 
     #[test]
     fn validation_errors_name_the_setting_and_its_source() {
         let err = load_toml(&format!("{PATHS}max_concurrent_migrations = 0\n"), &[]).unwrap_err();
-        assert!(matches!(err, ConfigError::ZeroConcurrency { .. }), "{err:?}");
+        assert!(
+            matches!(err, ConfigError::ZeroConcurrency { .. }),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("cloud.toml"), "{err}");
 
-        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "0")]).unwrap_err();
-        assert!(err.to_string().contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"), "{err}");
+        let err =
+            load_toml(PATHS, &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "0")]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"),
+            "{err}"
+        );
 
         let err = load_toml(&format!("{PATHS}[domain]\nnetworks = []\n"), &[]).unwrap_err();
         assert!(matches!(err, ConfigError::NoNetworks { .. }), "{err:?}");
 
-        let err = load_toml(&format!("{PATHS}[domain]\nnetworks = [\"a\", \"b\", \"a\"]\n"), &[]).unwrap_err();
-        assert!(matches!(&err, ConfigError::DuplicateNetwork { name, .. } if name == "a"), "{err:?}");
+        let err = load_toml(
+            &format!("{PATHS}[domain]\nnetworks = [\"a\", \"b\", \"a\"]\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::DuplicateNetwork { name, .. } if name == "a"),
+            "{err:?}"
+        );
 
         let err = load_toml(&format!("{PATHS}[domain]\ncluster = \" \"\n"), &[]).unwrap_err();
-        assert!(matches!(&err, ConfigError::EmptyName { key, .. } if key == "domain.cluster"), "{err:?}");
+        assert!(
+            matches!(&err, ConfigError::EmptyName { key, .. } if key == "domain.cluster"),
+            "{err:?}"
+        );
 
-        let user = |name: &str, creds: &str| format!("[[domain.users]]\nname = \"{name}\"\n{creds}role = \"ReadOnly\"\n");
+        let user = |name: &str, creds: &str| {
+            format!("[[domain.users]]\nname = \"{name}\"\n{creds}role = \"ReadOnly\"\n")
+        };
         let hash = crate::inventory::hash_password("pw").unwrap();
 
-        let err = load_toml(&format!("{PATHS}{}{}", user("a", "password = \"x\"\n"), user("a", "password = \"y\"\n")), &[])
-            .unwrap_err();
-        assert!(matches!(&err, ConfigError::DuplicateUser { name, .. } if name == "a"), "{err:?}");
+        let err = load_toml(
+            &format!(
+                "{PATHS}{}{}",
+                user("a", "password = \"x\"\n"),
+                user("a", "password = \"y\"\n")
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::DuplicateUser { name, .. } if name == "a"),
+            "{err:?}"
+        );
 
         let err = load_toml(&format!("{PATHS}{}", user("a", "")), &[]).unwrap_err();
-        assert!(matches!(err, ConfigError::UserCredentials { problem, .. } if problem.starts_with("neither")), "{err:?}");
+        assert!(
+            matches!(err, ConfigError::UserCredentials { problem, .. } if problem.starts_with("neither")),
+            "{err:?}"
+        );
 
         let both = format!("password = \"x\"\npassword_hash = '{hash}'\n");
         let err = load_toml(&format!("{PATHS}{}", user("a", &both)), &[]).unwrap_err();
-        assert!(matches!(err, ConfigError::UserCredentials { problem, .. } if problem.starts_with("both")), "{err:?}");
+        assert!(
+            matches!(err, ConfigError::UserCredentials { problem, .. } if problem.starts_with("both")),
+            "{err:?}"
+        );
 
-        let err = load_toml(&format!("{PATHS}{}", user("a", "password_hash = \"plaintext\"\n")), &[]).unwrap_err();
-        assert!(matches!(err, ConfigError::BadPasswordHash { .. }), "{err:?}");
+        let err = load_toml(
+            &format!("{PATHS}{}", user("a", "password_hash = \"plaintext\"\n")),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::BadPasswordHash { .. }),
+            "{err:?}"
+        );
 
-        let ok = load_toml(&format!("{PATHS}{}", user("a", &format!("password_hash = '{hash}'\n"))), &[]).unwrap();
-        assert_eq!(ok.domain.users[0].password_hash.as_deref(), Some(hash.as_str()));
+        let ok = load_toml(
+            &format!(
+                "{PATHS}{}",
+                user("a", &format!("password_hash = '{hash}'\n"))
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            ok.domain.users[0].password_hash.as_deref(),
+            Some(hash.as_str())
+        );
     }
 
     #[test]
@@ -778,7 +986,10 @@ mod tests {
         assert_eq!(c.domain, DomainConfig::default());
         let defaults = Defaults::default();
         assert_eq!(c.listen, defaults.listen);
-        assert_eq!(c.max_concurrent_migrations, defaults.max_concurrent_migrations);
+        assert_eq!(
+            c.max_concurrent_migrations,
+            defaults.max_concurrent_migrations
+        );
         assert!(c.datastore_dir.ends_with("datastore"));
         assert!(example.contains("# capacity_bytes"));
     }

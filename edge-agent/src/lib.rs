@@ -1,1 +1,73 @@
+//! The on-prem edge agent: reads a VM from its files and streams it to a cloud
+//! endpoint over QUIC. The binary is a thin shell over [`migrate::run`].
+//!
+//! ```text
+//! source    the VM on disk: .vmx, raw and flat VMDK disks (read-only)
+//! target    the cloud endpoint: URL, credential, trust (CA or thumbprint)
+//! migrate   the driver: SenderSession + QUIC streams + reader/sealer workers
+//! report    progress and the final summary (human or JSON)
+//! ```
 #![forbid(unsafe_code)]
+
+pub mod migrate;
+pub mod report;
+pub mod source;
+pub mod target;
+
+use gateway::protocol::ProtocolError;
+use gateway::transport::TransportError;
+use gateway::wire::RefusalCode;
+
+/// Why a migration did not complete.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MigrateError {
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    #[error("{0}")]
+    Target(String),
+    #[error(transparent)]
+    Certificate(#[from] certs::Error),
+    #[error("{}", describe_refusal(*code, problems))]
+    Refused {
+        code: RefusalCode,
+        problems: Vec<String>,
+    },
+    #[error("migration failed: {0}")]
+    Protocol(ProtocolError),
+    #[error("{0}")]
+    Transport(#[from] TransportError),
+    #[error("reading {what} failed: {source}; the source was not modified")]
+    Read {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl From<ProtocolError> for MigrateError {
+    fn from(e: ProtocolError) -> Self {
+        match e {
+            ProtocolError::Refused { code, problems } => MigrateError::Refused { code, problems },
+            other => MigrateError::Protocol(other),
+        }
+    }
+}
+
+fn describe_refusal(code: RefusalCode, problems: &[String]) -> String {
+    let head = match code {
+        RefusalCode::BadCredentials => "the cloud endpoint did not accept the credential (--user/--password)",
+        RefusalCode::NotPermitted => "the cloud endpoint's user may not migrate VMs (role ReadOnly)",
+        RefusalCode::PlanRejected => "the cloud endpoint refused the migration plan",
+        RefusalCode::ProtocolViolation => "the cloud endpoint reported a protocol violation",
+        RefusalCode::IntegrityFailure => "the cloud endpoint could not verify the data",
+        RefusalCode::EndpointFailure => "the cloud endpoint failed while writing the VM",
+        RefusalCode::Busy => "the cloud endpoint is at its limit of concurrent migrations; retry later",
+        RefusalCode::Aborted => "the migration was aborted",
+    };
+    let mut out = format!("{head}; nothing was registered in the cloud");
+    for p in problems {
+        out.push_str("\n  - ");
+        out.push_str(p);
+    }
+    out
+}

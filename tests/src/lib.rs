@@ -1,1 +1,249 @@
+//! Shared pieces of the end-to-end tests: a PKI made at run time, a cloud
+//! endpoint served in-process on a real UDP socket on 127.0.0.1, source VMs
+//! written into temp dirs, and `qemu-img` to check what arrived.
 #![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use certs::{Ca, Validity};
+use cloud_endpoint::config::Config;
+use cloud_endpoint::{Domain, Endpoint};
+use edge_agent::report::Silent;
+use edge_agent::target::Target;
+use gateway::transport::{Identity, ServerTrust};
+use rand::{Rng, SeedableRng};
+
+pub use cloud_endpoint::config::DEMO_PASSWORD;
+pub const MIGRATOR: &str = "migrator@cloud.local";
+pub const AUDITOR: &str = "auditor@cloud.local";
+
+/// A CA with an endpoint certificate for localhost/127.0.0.1 and an edge
+/// certificate, written under `dir`.
+#[derive(Debug)]
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: Ca,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let ca = Ca::generate("Test Gateway CA").unwrap();
+        ca.write(dir).unwrap();
+        ca.issue_endpoint(&["localhost".into(), "127.0.0.1".into()], Validity::days(30))
+            .unwrap()
+            .write(dir, "endpoint")
+            .unwrap();
+        ca.issue_edge("edge-01", Validity::days(30))
+            .unwrap()
+            .write(dir, "edge")
+            .unwrap();
+        Pki { dir: dir.to_owned(), ca }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn edge_identity(&self) -> Identity {
+        Identity {
+            chain: certs::load_certs(&self.path("edge.pem")).unwrap(),
+            key: certs::load_key(&self.path("edge.key")).unwrap(),
+        }
+    }
+
+    pub fn trust_ca(&self) -> ServerTrust {
+        ServerTrust::Ca(vec![self.ca.cert_der()])
+    }
+}
+
+/// A cloud endpoint running in this process.
+#[derive(Debug)]
+pub struct Cloud {
+    pub addr: SocketAddr,
+    pub domain: Arc<Domain>,
+    pub root: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Cloud {
+    /// Starts an endpoint with the built-in domain; `env` overrides settings
+    /// as CLOUD_ENDPOINT_* variables would.
+    pub async fn start(root: &Path, pki: &Pki, env: &[(&str, &str)]) -> Cloud {
+        let mut vars: Vec<(String, String)> = vec![
+            ("CLOUD_ENDPOINT_LISTEN".into(), "127.0.0.1:0".into()),
+            ("CLOUD_ENDPOINT_CERT".into(), pki.path("endpoint.pem").display().to_string()),
+            ("CLOUD_ENDPOINT_KEY".into(), pki.path("endpoint.key").display().to_string()),
+            ("CLOUD_ENDPOINT_EDGE_CA".into(), pki.path("ca.pem").display().to_string()),
+            ("CLOUD_ENDPOINT_DATASTORE_DIR".into(), root.join("datastore").display().to_string()),
+            ("CLOUD_ENDPOINT_DATABASE".into(), root.join("inventory.sqlite3").display().to_string()),
+        ];
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let config = Config::load_with_env(None, &vars).expect("config");
+        let endpoint = Endpoint::open(config).expect("endpoint opens");
+        let socket = endpoint.bind().unwrap();
+        let addr = socket.local_addr().unwrap();
+        let domain = endpoint.domain.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            endpoint
+                .run(socket, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Cloud {
+            addr,
+            domain,
+            root: root.join("datastore"),
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn target(&self, pki: &Pki, user: &str, password: &str) -> Target {
+        Target {
+            addr: self.addr,
+            server_name: "localhost".into(),
+            user: user.into(),
+            password: password.into(),
+            trust: pki.trust_ca(),
+            identity: pki.edge_identity(),
+        }
+    }
+
+    /// Entries of the datastore folder, `.staging` contents included.
+    pub fn datastore_entries(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.root).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if name == ".staging" {
+                for s in std::fs::read_dir(self.root.join(".staging")).unwrap() {
+                    out.push(format!(".staging/{}", s.unwrap().file_name().to_string_lossy()));
+                }
+            } else {
+                out.push(name);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+/// What a region of a generated disk holds.
+#[derive(Debug, Clone, Copy)]
+pub enum Fill {
+    Random,
+    Text,
+    Zero,
+}
+
+/// Writes a raw disk of `regions` (each `region` bytes) into `path`; zero
+/// regions are left as holes.
+pub fn write_raw_disk(path: &Path, region: usize, regions: &[Fill], seed: u64) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut f = std::fs::File::create(path).unwrap();
+    let text = b"Lorem ipsum dolor sit amet, legacy VM data 0123456789\n";
+    let mut buf = vec![0u8; region];
+    for (i, fill) in regions.iter().enumerate() {
+        match fill {
+            Fill::Random => rng.fill(&mut buf[..]),
+            Fill::Text => {
+                for (j, b) in buf.iter_mut().enumerate() {
+                    *b = text[(j + i) % text.len()];
+                }
+                // A few random bytes so compression has work to do.
+                for _ in 0..64 {
+                    let at = rng.random_range(0..region);
+                    buf[at] = rng.random();
+                }
+            }
+            Fill::Zero => {
+                f.seek(SeekFrom::Current(region as i64)).unwrap();
+                continue;
+            }
+        }
+        f.write_all(&buf).unwrap();
+    }
+    f.set_len((region * regions.len()) as u64).unwrap();
+}
+
+/// A NIC line set for a .vmx.
+#[derive(Debug, Clone)]
+pub struct Nic<'a> {
+    pub network: &'a str,
+    pub mac: &'a str,
+}
+
+/// Writes `<dir>/<name>.vmx` naming `disks` (file names relative to dir) on
+/// scsi0:0.. and `nics` on ethernet0..
+pub fn write_vmx(dir: &Path, name: &str, disks: &[&str], nics: &[Nic<'_>]) -> PathBuf {
+    let mut vmx = format!(
+        ".encoding = \"UTF-8\"\nconfig.version = \"8\"\nvirtualHW.version = \"14\"\n\
+         displayName = \"{name}\"\nguestOS = \"debian12-64\"\nnumvcpus = \"2\"\nmemsize = \"2048\"\n\
+         firmware = \"efi\"\nuuid.bios = \"56 4d 12 34 56 78 9a bc-de f0 12 34 56 78 9a bc\"\n\
+         scsi0.present = \"TRUE\"\nscsi0.virtualDev = \"pvscsi\"\n"
+    );
+    for (i, d) in disks.iter().enumerate() {
+        vmx.push_str(&format!(
+            "scsi0:{i}.present = \"TRUE\"\nscsi0:{i}.fileName = \"{d}\"\nscsi0:{i}.deviceType = \"scsi-hardDisk\"\n"
+        ));
+    }
+    vmx.push_str("ide1:0.present = \"TRUE\"\nide1:0.deviceType = \"cdrom-image\"\nide1:0.fileName = \"debian.iso\"\n");
+    for (i, n) in nics.iter().enumerate() {
+        vmx.push_str(&format!(
+            "ethernet{i}.present = \"TRUE\"\nethernet{i}.virtualDev = \"vmxnet3\"\nethernet{i}.networkName = \"{}\"\n\
+             ethernet{i}.addressType = \"static\"\nethernet{i}.address = \"{}\"\n",
+            n.network, n.mac
+        ));
+    }
+    let path = dir.join(format!("{name}.vmx"));
+    std::fs::write(&path, vmx).unwrap();
+    path
+}
+
+/// `qemu-img compare` of two images (formats probed): true if identical.
+pub fn images_identical(a: &Path, b: &Path) -> bool {
+    let out = Command::new("qemu-img").arg("compare").arg(a).arg(b).output().expect("qemu-img on PATH");
+    if !out.status.success() {
+        eprintln!(
+            "qemu-img compare {} {}: {}{}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
+}
+
+/// `qemu-img` with arguments; panics with its output on failure.
+pub fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().expect("qemu-img on PATH");
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Migrates with default options and no progress output.
+pub async fn migrate(
+    vmx: &Path,
+    target: &Target,
+    opts: &edge_agent::migrate::MigrateOptions,
+) -> Result<edge_agent::report::Summary, edge_agent::MigrateError> {
+    let vm = edge_agent::source::open_vm(vmx)?;
+    edge_agent::migrate::run(&vm, target, opts, Arc::new(Silent)).await
+}

@@ -74,7 +74,11 @@ pub enum InventoryError {
     },
 
     #[error("inventory database {} has schema version {found}, newer than this cloud-endpoint knows ({supported}); run a newer cloud-endpoint or use another database file", path.display())]
-    SchemaTooNew { path: PathBuf, found: i64, supported: i64 },
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
 
     #[error("cannot hash the password of user {user:?}: {reason}")]
     PasswordHash { user: String, reason: String },
@@ -83,7 +87,10 @@ pub enum InventoryError {
 impl From<rusqlite::Error> for InventoryError {
     /// The path is filled in by [`Inventory`] before the error leaves it.
     fn from(source: rusqlite::Error) -> Self {
-        InventoryError::Db { path: PathBuf::new(), source }
+        InventoryError::Db {
+            path: PathBuf::new(),
+            source,
+        }
     }
 }
 
@@ -91,11 +98,20 @@ impl InventoryError {
     fn with_path(self, file: &Path) -> Self {
         match self {
             InventoryError::Db { path, source } if path.as_os_str().is_empty() => {
-                InventoryError::Db { path: file.to_owned(), source }
+                InventoryError::Db {
+                    path: file.to_owned(),
+                    source,
+                }
             }
-            InventoryError::SchemaTooNew { path, found, supported } if path.as_os_str().is_empty() => {
-                InventoryError::SchemaTooNew { path: file.to_owned(), found, supported }
-            }
+            InventoryError::SchemaTooNew {
+                path,
+                found,
+                supported,
+            } if path.as_os_str().is_empty() => InventoryError::SchemaTooNew {
+                path: file.to_owned(),
+                found,
+                supported,
+            },
             other => other,
         }
     }
@@ -285,8 +301,10 @@ impl Inventory {
     /// datastore's capacity follows the config, and nothing is deleted.
     pub fn open(path: &Path, domain: &DomainConfig) -> Result<Inventory, InventoryError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|source| InventoryError::Io { path: parent.to_owned(), source })?;
+            std::fs::create_dir_all(parent).map_err(|source| InventoryError::Io {
+                path: parent.to_owned(),
+                source,
+            })?;
         }
         let open = || -> Result<Connection, InventoryError> {
             let mut conn = Connection::open(path)?;
@@ -302,7 +320,10 @@ impl Inventory {
             Ok(conn)
         };
         let conn = open().map_err(|e| e.with_path(path))?;
-        Ok(Inventory { path: path.to_owned(), conn: Mutex::new(conn) })
+        Ok(Inventory {
+            path: path.to_owned(),
+            conn: Mutex::new(conn),
+        })
     }
 
     /// The database file.
@@ -311,14 +332,19 @@ impl Inventory {
     }
 
     /// Runs `f` on the connection and names the database file in its errors.
-    fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, InventoryError>) -> Result<T, InventoryError> {
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, InventoryError>,
+    ) -> Result<T, InventoryError> {
         f(&mut self.lock()).map_err(|e| e.with_path(&self.path))
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while the lock was held cannot leave a half-done change behind: an
         // unfinished rusqlite transaction rolls back when dropped.
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Checks a user's password. Unknown and deactivated users cost one hash too, and all
@@ -326,9 +352,11 @@ impl Inventory {
     pub fn authenticate(&self, user: &str, password: &str) -> Result<Principal, InventoryError> {
         let row: Option<(String, String, bool)> = self.with_conn(|conn| {
             Ok(conn
-                .query_row("SELECT password_hash, role, active FROM app_user WHERE name = ?1", [user], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                })
+                .query_row(
+                    "SELECT password_hash, role, active FROM app_user WHERE name = ?1",
+                    [user],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
                 .optional()?)
         })?;
         // The hash runs outside the lock: it takes tens of milliseconds.
@@ -337,8 +365,13 @@ impl Inventory {
                 if !password::verify(&hash, password) {
                     return Err(InventoryError::BadCredentials);
                 }
-                let role = role.parse::<Role>().map_err(|e| InventoryError::Invalid(e.to_string()))?;
-                Ok(Principal { user: user.to_owned(), role })
+                let role = role
+                    .parse::<Role>()
+                    .map_err(|e| InventoryError::Invalid(e.to_string()))?;
+                Ok(Principal {
+                    user: user.to_owned(),
+                    role,
+                })
             }
             _ => {
                 password::verify(password::dummy_hash(), password);
@@ -362,7 +395,12 @@ impl Inventory {
     pub fn networks(&self) -> Result<Vec<NetworkInfo>, InventoryError> {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare_cached("SELECT id, name FROM network ORDER BY num")?;
-            let rows = stmt.query_map([], |row| Ok(NetworkInfo { id: row.get(0)?, name: row.get(1)? }))?;
+            let rows = stmt.query_map([], |row| {
+                Ok(NetworkInfo {
+                    id: row.get(0)?,
+                    name: row.get(1)?,
+                })
+            })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
@@ -370,9 +408,16 @@ impl Inventory {
     pub fn network_by_name(&self, name: &str) -> Result<Option<NetworkInfo>, InventoryError> {
         self.with_conn(|conn| {
             Ok(conn
-                .query_row("SELECT id, name FROM network WHERE name = ?1", [name], |row| {
-                    Ok(NetworkInfo { id: row.get(0)?, name: row.get(1)? })
-                })
+                .query_row(
+                    "SELECT id, name FROM network WHERE name = ?1",
+                    [name],
+                    |row| {
+                        Ok(NetworkInfo {
+                            id: row.get(0)?,
+                            name: row.get(1)?,
+                        })
+                    },
+                )
                 .optional()?)
         })
     }
@@ -392,5 +437,9 @@ fn now() -> String {
 
 /// Takes the next number of a counter (`moref` for objects, `migration`).
 fn next_number(conn: &Connection, counter: &str) -> rusqlite::Result<i64> {
-    conn.query_row("UPDATE counter SET last = last + 1 WHERE name = ?1 RETURNING last", [counter], |row| row.get(0))
+    conn.query_row(
+        "UPDATE counter SET last = last + 1 WHERE name = ?1 RETURNING last",
+        [counter],
+        |row| row.get(0),
+    )
 }

@@ -12,19 +12,26 @@ use super::InventoryError;
 pub fn hash_password(password: &str) -> Result<String, InventoryError> {
     // argon2's own OsRng needs a feature we do not enable; rand gives the salt instead.
     let salt_bytes: [u8; 16] = rand::random();
-    let salt = SaltString::encode_b64(&salt_bytes)
-        .map_err(|e| InventoryError::PasswordHash { user: String::new(), reason: e.to_string() })?;
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| InventoryError::PasswordHash {
+        user: String::new(),
+        reason: e.to_string(),
+    })?;
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|hash| hash.to_string())
-        .map_err(|e| InventoryError::PasswordHash { user: String::new(), reason: e.to_string() })
+        .map_err(|e| InventoryError::PasswordHash {
+            user: String::new(),
+            reason: e.to_string(),
+        })
 }
 
 /// Whether `password` matches the PHC string `hash` (with the parameters the hash names).
 /// An unparsable hash matches nothing.
 pub(super) fn verify(hash: &str, password: &str) -> bool {
     match PasswordHash::new(hash) {
-        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
         Err(e) => {
             tracing::error!(error = %e, "a stored password hash cannot be parsed; that user cannot log in");
             false

@@ -255,7 +255,10 @@ mod tests {
             let err = open_disk(&path).unwrap_err();
             let msg = err.to_string();
             assert!(matches!(err, SourceError::Unsupported { .. }), "{msg}");
-            assert!(msg.contains(what) && msg.contains("not supported yet"), "{msg}");
+            assert!(
+                msg.contains(what) && msg.contains("not supported yet"),
+                "{msg}"
+            );
             assert!(msg.contains("qemu-img convert"), "{msg}");
         }
         // A fixed VHD is raw data with a footer: only the last sector tells.

@@ -1,6 +1,6 @@
 //! From `.vmx` entries to a [`SourceVm`]: hardware, NICs, and the disks to migrate.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use super::vmx::{quote, VmxFile};
@@ -21,12 +21,15 @@ pub(crate) fn open_vm(vmx_path: &Path) -> Result<SourceVm, SourceError> {
     let vmx = VmxFile::read(&vmx_path)?;
     let mut notes = Vec::new();
 
-    let name = vmx.value("displayName").map(str::to_owned).unwrap_or_else(|| {
-        vmx_path
-            .file_stem()
-            .map(|stem| stem.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    });
+    let name = vmx
+        .value("displayName")
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            vmx_path
+                .file_stem()
+                .map(|stem| stem.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
     let guest_os = vmx.value("guestOS").unwrap_or("otherGuest").to_owned();
     let num_cpus = vmx.number("numvcpus", 1u32)?.unwrap_or(1);
     let cores_per_socket = vmx.number("cpuid.coresPerSocket", 1u32)?;
@@ -44,7 +47,9 @@ pub(crate) fn open_vm(vmx_path: &Path) -> Result<SourceVm, SourceError> {
         Some(entry) => {
             let firmware = entry.value.to_ascii_lowercase();
             if firmware != "bios" && firmware != "efi" {
-                return Err(vmx.bad_value(entry, "is not a known firmware; use \"bios\" or \"efi\""));
+                return Err(
+                    vmx.bad_value(entry, "is not a known firmware; use \"bios\" or \"efi\"")
+                );
             }
             Some(firmware)
         }
@@ -85,12 +90,16 @@ fn read_nics(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceNic>, S
             continue;
         }
         let Some(network) = vmx.value(&attr("networkName")) else {
-            let detail = [("connectionType", "connectionType"), ("dvs.portgroupId", "distributed port group")]
-                .iter()
-                .find_map(|(suffix, what)| {
-                    vmx.value(&attr(suffix)).map(|v| format!(" ({what} {})", quote(v)))
-                })
-                .unwrap_or_default();
+            let detail = [
+                ("connectionType", "connectionType"),
+                ("dvs.portgroupId", "distributed port group"),
+            ]
+            .iter()
+            .find_map(|(suffix, what)| {
+                vmx.value(&attr(suffix))
+                    .map(|v| format!(" ({what} {})", quote(v)))
+            })
+            .unwrap_or_default();
             return Err(SourceError::NicWithoutNetwork {
                 path: vmx.path.clone(),
                 nic: key,
@@ -101,7 +110,11 @@ fn read_nics(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceNic>, S
         let is_static = address_type
             .as_deref()
             .is_some_and(|t| t.eq_ignore_ascii_case("static"));
-        let mac_key = attr(if is_static { "address" } else { "generatedAddress" });
+        let mac_key = attr(if is_static {
+            "address"
+        } else {
+            "generatedAddress"
+        });
         let mac = match vmx.get(&mac_key).filter(|e| !e.value.is_empty()) {
             Some(entry) if !is_mac(&entry.value) => {
                 return Err(vmx.bad_value(
@@ -113,15 +126,20 @@ fn read_nics(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceNic>, S
             None => {
                 notes.push(format!(
                     "{key} has no {}; the target will assign a MAC address",
-                    if is_static { "address although addressType is static" } else { "generatedAddress" }
+                    if is_static {
+                        "address although addressType is static"
+                    } else {
+                        "generatedAddress"
+                    }
                 ));
                 None
             }
         };
+        let virtual_dev = vmx.value(&attr("virtualDev")).map(str::to_owned);
         nics.push(SourceNic {
             key,
             network: network.to_owned(),
-            virtual_dev: vmx.value(&attr("virtualDev")).map(str::to_owned),
+            virtual_dev,
             address_type,
             mac,
         });
@@ -205,11 +223,11 @@ fn parse_slot(key: &str) -> Result<Option<Slot>, ()> {
 }
 
 fn read_disks(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceDisk>, SourceError> {
-    let mut slots = BTreeMap::new();
+    let mut slots = BTreeSet::new();
     for (key, entry) in vmx.entries() {
         match parse_slot(key) {
             Ok(Some(slot)) => {
-                slots.insert(slot, ());
+                slots.insert(slot);
             }
             Ok(None) => {}
             Err(()) => {
@@ -226,7 +244,7 @@ fn read_disks(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceDisk>,
     }
     let folder = vmx.path.parent().unwrap_or(Path::new("/"));
     let mut disks = Vec::new();
-    for slot in slots.into_keys() {
+    for slot in slots {
         let key = slot.key();
         let attr = |name: &str| format!("{key}.{name}");
         let present = vmx.bool(&attr("present"))?;
@@ -243,15 +261,15 @@ fn read_disks(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceDisk>,
         }
         let device_type = vmx.value(&attr("deviceType")).map(str::to_ascii_lowercase);
         let file_name = vmx.value(&attr("fileName"));
-        if let Some(cdrom) = device_type
-            .as_deref()
-            .filter(|t| CDROM_TYPES.contains(t))
-        {
+        if let Some(cdrom) = device_type.as_deref().filter(|t| CDROM_TYPES.contains(t)) {
             notes.push(format!("{key} is a CD-ROM ({cdrom}), not migrated"));
             continue;
         }
         if let Some(iso) = file_name.filter(|f| f.to_ascii_lowercase().ends_with(".iso")) {
-            notes.push(format!("{key} is a CD-ROM image ({}), not migrated", quote(iso)));
+            notes.push(format!(
+                "{key} is a CD-ROM image ({}), not migrated",
+                quote(iso)
+            ));
             continue;
         }
         if device_type.as_deref() == Some("scsi-passthru") {
@@ -295,11 +313,15 @@ fn open_disk(
             });
         }
         Err(source) => {
-            return Err(wrap(vmx, key, SourceError::Io {
-                path,
-                action: "look for the disk file",
-                source,
-            }));
+            return Err(wrap(
+                vmx,
+                key,
+                SourceError::Io {
+                    path,
+                    action: "look for the disk file",
+                    source,
+                },
+            ));
         }
     }
     let opened = match disk::open(&path) {

@@ -28,7 +28,8 @@ const KEEP_OPEN_EXTENTS: usize = 64;
 
 const SECTOR: u64 = 512;
 
-const SPARSE_ADVICE: &str = "convert it with `qemu-img convert -O raw` (or `-O vmdk -o subformat=monolithicFlat`) \
+const SPARSE_ADVICE: &str =
+    "convert it with `qemu-img convert -O raw` (or `-O vmdk -o subformat=monolithicFlat`) \
      and point the .vmx at the result, or wait for sparse VMDK support";
 
 /// True when the first bytes of a file are a VMDK text descriptor.
@@ -136,7 +137,10 @@ impl Descriptor {
             line,
             message,
         };
-        if bytes.contains(&0) {
+        // qemu-img pads the descriptor it writes to a whole sector with NULs.
+        let text_len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        let (bytes, padding) = bytes.split_at(text_len);
+        if padding.iter().any(|&b| b != 0) {
             return Err(bad(
                 None,
                 "the descriptor contains binary data; it is damaged, restore it from the source datastore"
@@ -167,7 +171,9 @@ impl Descriptor {
                 if descriptor.extents.len() == MAX_EXTENTS {
                     return Err(bad(
                         Some(line),
-                        format!("more than {MAX_EXTENTS} extents; this is not a real disk descriptor"),
+                        format!(
+                            "more than {MAX_EXTENTS} extents; this is not a real disk descriptor"
+                        ),
                     ));
                 }
                 let extent = parse_extent(trimmed, line).map_err(|m| bad(Some(line), m))?;
@@ -245,10 +251,7 @@ impl Descriptor {
                 "FLAT" | "VMFS" | "ZERO" => {}
                 "SPARSE" | "VMFSSPARSE" | "SESPARSE" => {
                     return Err(unsupported(
-                        format!(
-                            "VMDK with {kind} extents ({})",
-                            quote(create_type)
-                        ),
+                        format!("VMDK with {kind} extents ({})", quote(create_type)),
                         SPARSE_ADVICE,
                     ));
                 }
@@ -354,10 +357,9 @@ fn tokenize(text: &str) -> Result<Vec<String>, String> {
 
 fn unquote(value: &str) -> Result<String, String> {
     match value.strip_prefix('"') {
-        Some(inner) => inner
-            .strip_suffix('"')
-            .map(str::to_owned)
-            .ok_or_else(|| "a quoted value has no closing `\"`; the descriptor may be truncated".to_owned()),
+        Some(inner) => inner.strip_suffix('"').map(str::to_owned).ok_or_else(|| {
+            "a quoted value has no closing `\"`; the descriptor may be truncated".to_owned()
+        }),
         None => Ok(value.to_owned()),
     }
 }

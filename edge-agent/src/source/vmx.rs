@@ -160,7 +160,9 @@ impl VmxFile {
 
     /// All entries, keyed by lower-cased key, in no particular order.
     pub fn entries(&self) -> impl Iterator<Item = (&str, &Entry)> {
-        self.entries.iter().map(|(key, entry)| (key.as_str(), entry))
+        self.entries
+            .iter()
+            .map(|(key, entry)| (key.as_str(), entry))
     }
 
     /// A boolean such as `present = "TRUE"`; absent or empty gives `None`.
@@ -253,7 +255,9 @@ fn parse_line(text: &str) -> Result<Option<(&str, String)>, String> {
         rest
     };
     let value = unescape(raw_value).map_err(|bad| {
-        format!("invalid escape `{bad}` in {key}'s value; VMware writes `|` as `|7C` and `\"` as `|22`")
+        format!(
+            "invalid escape `{bad}` in {key}'s value; VMware writes `|` as `|7C` and `\"` as `|22`"
+        )
     })?;
     Ok(Some((key, value)))
 }
@@ -331,10 +335,9 @@ mod tests {
 
     #[test]
     fn decodes_escapes() {
-        let vmx = parse(
-            "displayName = \"say |22hi|22 |7C pipe |23 hash\"\nannotation = \"caf|C3|A9\"\n",
-        )
-        .unwrap();
+        let vmx =
+            parse("displayName = \"say |22hi|22 |7C pipe |23 hash\"\nannotation = \"caf|C3|A9\"\n")
+                .unwrap();
         assert_eq!(vmx.value("displayName"), Some("say \"hi\" | pipe # hash"));
         assert_eq!(vmx.value("annotation"), Some("café"));
     }
@@ -343,7 +346,10 @@ mod tests {
     fn invalid_escape_names_the_line() {
         let err = parse("config.version = \"8\"\ndisplayName = \"a|zz\"\n").unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, SourceError::VmxSyntax { line: 2, .. }), "{msg}");
+        assert!(
+            matches!(err, SourceError::VmxSyntax { line: 2, .. }),
+            "{msg}"
+        );
         assert!(msg.contains("`|zz`"), "{msg}");
     }
 
@@ -367,8 +373,12 @@ mod tests {
 
     #[test]
     fn text_after_the_value_is_refused() {
-        let err = parse("config.version = \"8\" junk\n").unwrap_err();
-        assert!(matches!(err, SourceError::VmxSyntax { line: 1, .. }), "{err}");
+        let err = parse("config.version = \"8\"\ndisplayName = \"a\" junk\n").unwrap_err();
+        assert!(
+            matches!(err, SourceError::VmxSyntax { line: 2, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("`junk`"), "{err}");
     }
 
     #[test]
@@ -400,19 +410,26 @@ mod tests {
 
         let bytes = b"config.version = \"8\"\ndisplayName = \"caf\xe9\"\n";
         let err = VmxFile::parse(Path::new("/x.vmx"), bytes).unwrap_err();
-        assert!(matches!(err, SourceError::VmxSyntax { line: 2, .. }), "{err}");
+        assert!(
+            matches!(err, SourceError::VmxSyntax { line: 2, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn booleans_and_numbers_are_checked() {
-        let vmx =
-            parse("config.version = \"8\"\na = \"TRUE\"\nb = \"false\"\nc = \"maybe\"\nn = \"0\"\n")
-                .unwrap();
+        let vmx = parse(
+            "config.version = \"8\"\na = \"TRUE\"\nb = \"false\"\nc = \"maybe\"\nn = \"0\"\n",
+        )
+        .unwrap();
         assert_eq!(vmx.bool("a").unwrap(), Some(true));
         assert_eq!(vmx.bool("b").unwrap(), Some(false));
         assert_eq!(vmx.bool("missing").unwrap(), None);
         let err = vmx.bool("c").unwrap_err();
-        assert!(matches!(err, SourceError::VmxValue { line: 4, .. }), "{err}");
+        assert!(
+            matches!(err, SourceError::VmxValue { line: 4, .. }),
+            "{err}"
+        );
         let err = vmx.number::<u32>("n", 1).unwrap_err();
         assert!(err.to_string().contains("at least 1"), "{err}");
     }

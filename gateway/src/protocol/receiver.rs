@@ -201,7 +201,7 @@ impl ReceiverSession {
                 let (d, chunk_size) = self.disk_mut(disk)?;
                 let first = offset / u64::from(chunk_size);
                 let end = first.checked_add(count);
-                if offset % u64::from(chunk_size) != 0
+                if !offset.is_multiple_of(u64::from(chunk_size))
                     || count == 0
                     || end.is_none_or(|end| end > d.hashes.chunk_count())
                 {
@@ -371,7 +371,7 @@ impl ReceiverSession {
         }
         let (d, chunk_size) = self.disk_mut(h.disk)?;
         let cs = u64::from(chunk_size);
-        if h.offset % cs != 0 || h.offset >= d.capacity {
+        if !h.offset.is_multiple_of(cs) || h.offset >= d.capacity {
             return Err(ProtocolError::OutsidePlan(format!(
                 "disk {} has no chunk at offset {} (capacity {}, chunk size {cs})",
                 h.disk, h.offset, d.capacity

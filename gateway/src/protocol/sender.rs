@@ -433,5 +433,5 @@ impl SenderSession {
 
 /// Chunk index of `offset` if it is a chunk boundary inside the disk.
 fn checked_index(d: &Disk, offset: u64, chunk_size: u64) -> Option<u64> {
-    (offset % chunk_size == 0 && offset < d.capacity).then_some(offset / chunk_size)
+    (offset.is_multiple_of(chunk_size) && offset < d.capacity).then_some(offset / chunk_size)
 }

@@ -1,0 +1,150 @@
+//! The migration records: a RUNNING migration holds its VM name until it SUCCEEDS (the VM
+//! is registered) or FAILS (the name is free again).
+
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+
+use super::{next_number, now, Inventory, InventoryError, MigrationRecord, Principal};
+
+const SELECT_MIGRATION: &str =
+    "SELECT id, vm_name, user_name, edge, state, error, vm, started, finished, logical_bytes FROM migration";
+
+fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
+    Ok(MigrationRecord {
+        id: row.get(0)?,
+        vm_name: row.get(1)?,
+        user: row.get(2)?,
+        edge: row.get(3)?,
+        state: row.get(4)?,
+        error: row.get(5)?,
+        vm: row.get(6)?,
+        started: row.get(7)?,
+        finished: row.get(8)?,
+        logical_bytes: row.get(9)?,
+    })
+}
+
+/// Whether a registered VM or a RUNNING migration holds `name`.
+pub(super) fn name_taken(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM vm WHERE name = ?1)
+             OR EXISTS (SELECT 1 FROM migration WHERE vm_name = ?1 AND state = 'RUNNING')",
+        [name],
+        |row| row.get(0),
+    )
+}
+
+/// The state of a migration, or NotFound.
+pub(super) fn state_of(conn: &Connection, id: &str) -> Result<(String, String), InventoryError> {
+    conn.query_row(
+        "SELECT state, vm_name FROM migration WHERE id = ?1",
+        [id],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )
+    .optional()?
+    .ok_or_else(|| InventoryError::NotFound {
+        what: format!("migration {id}"),
+    })
+}
+
+impl Inventory {
+    /// Whether a registered VM or a RUNNING migration holds the name.
+    pub fn vm_name_taken(&self, name: &str) -> Result<bool, InventoryError> {
+        self.with_conn(|conn| Ok(name_taken(conn, name)?))
+    }
+
+    /// Starts a migration record and reserves `vm_name` for it; fails with NameTaken if a
+    /// VM or another RUNNING migration has the name, and NotPermitted for a role that may
+    /// not migrate. Returns the migration id (`migration-N`).
+    pub fn begin_migration(
+        &self,
+        principal: &Principal,
+        edge: &str,
+        vm_name: &str,
+        logical_bytes: u64,
+    ) -> Result<String, InventoryError> {
+        if !principal.role.may_migrate() {
+            return Err(InventoryError::NotPermitted {
+                user: principal.user.clone(),
+                role: principal.role,
+            });
+        }
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if name_taken(&tx, vm_name)? {
+                return Err(InventoryError::NameTaken { name: vm_name.to_owned() });
+            }
+            let num = next_number(&tx, "migration")?;
+            let id = format!("migration-{num}");
+            tx.execute(
+                "INSERT INTO migration (num, id, vm_name, user_name, edge, state, started, logical_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'RUNNING', ?6, ?7)",
+                params![num, id, vm_name, principal.user, edge, now(), logical_bytes],
+            )?;
+            tx.commit()?;
+            Ok(id)
+        })
+    }
+
+    /// Marks a RUNNING migration FAILED with `error`, which frees its VM name. Failing an
+    /// already FAILED migration does nothing (the first error stays); a SUCCEEDED one is
+    /// refused with MigrationNotRunning.
+    pub fn fail_migration(&self, migration_id: &str, error: &str) -> Result<(), InventoryError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (state, _) = state_of(&tx, migration_id)?;
+            match state.as_str() {
+                "RUNNING" => {
+                    tx.execute(
+                        "UPDATE migration SET state = 'FAILED', error = ?2, finished = ?3 WHERE id = ?1",
+                        params![migration_id, error, now()],
+                    )?;
+                    tx.commit()?;
+                    Ok(())
+                }
+                "FAILED" => Ok(()),
+                _ => Err(InventoryError::MigrationNotRunning { id: migration_id.to_owned(), state }),
+            }
+        })
+    }
+
+    /// Marks every RUNNING migration FAILED with `reason` (at start: a restart cut them);
+    /// returns their ids in order.
+    pub fn fail_running_migrations(&self, reason: &str) -> Result<Vec<String>, InventoryError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let ids: Vec<String> = {
+                let mut stmt = tx.prepare("SELECT id FROM migration WHERE state = 'RUNNING' ORDER BY num")?;
+                let ids = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+                ids
+            };
+            tx.execute(
+                "UPDATE migration SET state = 'FAILED', error = ?1, finished = ?2 WHERE state = 'RUNNING'",
+                params![reason, now()],
+            )?;
+            tx.commit()?;
+            Ok(ids)
+        })
+    }
+
+    /// Every migration, oldest first.
+    pub fn list_migrations(&self) -> Result<Vec<MigrationRecord>, InventoryError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare_cached(&format!("{SELECT_MIGRATION} ORDER BY num"))?;
+            let rows = stmt.query_map([], migration_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// One migration by id.
+    pub fn migration(&self, migration_id: &str) -> Result<Option<MigrationRecord>, InventoryError> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    &format!("{SELECT_MIGRATION} WHERE id = ?1"),
+                    [migration_id],
+                    migration_from_row,
+                )
+                .optional()?)
+        })
+    }
+}

@@ -1,0 +1,316 @@
+//! Makes the stored domain match the configured one: created whole on first start, then
+//! only grown (networks, users) and adjusted (passwords, roles, capacity) on later starts.
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use super::{
+    next_number, password, ClusterInfo, DatacenterInfo, DatastoreInfo, DomainInfo, FolderInfo,
+    HostInfo, InventoryError,
+};
+use crate::config::{DomainConfig, UserConfig};
+
+pub(super) fn reconcile(
+    conn: &mut Connection,
+    domain: &DomainConfig,
+) -> Result<(), InventoryError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let placed: Option<String> = tx
+        .query_row("SELECT datacenter FROM placement", [], |row| row.get(0))
+        .optional()?;
+    match placed {
+        None => create_domain(&tx, domain)?,
+        Some(_) => check_fixed_names(&tx, domain)?,
+    }
+    tx.execute(
+        "UPDATE datastore SET capacity_bytes = ?1 WHERE id = (SELECT datastore FROM placement)",
+        [domain.datastore.capacity_bytes],
+    )?;
+    add_networks(&tx, &domain.networks)?;
+    sync_users(&tx, &domain.users)?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn next_id(tx: &Transaction<'_>, prefix: &str) -> rusqlite::Result<(i64, String)> {
+    let n = next_number(tx, "moref")?;
+    Ok((n, format!("{prefix}{n}")))
+}
+
+fn add_folder(
+    tx: &Transaction<'_>,
+    prefix: &str,
+    name: &str,
+    kind: &str,
+    parent: Option<&str>,
+) -> rusqlite::Result<String> {
+    let (num, id) = next_id(tx, prefix)?;
+    tx.execute(
+        "INSERT INTO folder (id, num, name, type, parent) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, num, name, kind, parent],
+    )?;
+    Ok(id)
+}
+
+/// The first start: the same object tree a fresh vCenter with one datacenter has.
+fn create_domain(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), InventoryError> {
+    let root = add_folder(tx, "group-d", "Datacenters", "DATACENTER", None)?;
+    let (dc_num, dc) = next_id(tx, "datacenter-")?;
+    let vm_folder = add_folder(tx, "group-v", "vm", "VIRTUAL_MACHINE", Some(&dc))?;
+    let host_folder = add_folder(tx, "group-h", "host", "HOST", Some(&dc))?;
+    let ds_folder = add_folder(tx, "group-s", "datastore", "DATASTORE", Some(&dc))?;
+    let net_folder = add_folder(tx, "group-n", "network", "NETWORK", Some(&dc))?;
+    tx.execute(
+        "INSERT INTO datacenter (id, num, name, parent, vm_folder, host_folder, datastore_folder, network_folder)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![dc, dc_num, d.datacenter, root, vm_folder, host_folder, ds_folder, net_folder],
+    )?;
+    let landing = add_folder(
+        tx,
+        "group-v",
+        &d.folder,
+        "VIRTUAL_MACHINE",
+        Some(&vm_folder),
+    )?;
+    let (num, cluster) = next_id(tx, "domain-c")?;
+    tx.execute(
+        "INSERT INTO cluster (id, num, name, folder) VALUES (?1, ?2, ?3, ?4)",
+        params![cluster, num, d.cluster, host_folder],
+    )?;
+    let (num, host) = next_id(tx, "host-")?;
+    tx.execute(
+        "INSERT INTO host (id, num, name, cluster, cpu_cores, memory_mib) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![host, num, d.host.name, cluster, d.host.cpu_cores, d.host.memory_mib],
+    )?;
+    let (num, datastore) = next_id(tx, "datastore-")?;
+    tx.execute(
+        "INSERT INTO datastore (id, num, name, folder, capacity_bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            datastore,
+            num,
+            d.datastore.name,
+            ds_folder,
+            d.datastore.capacity_bytes
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO placement (singleton, datacenter, folder, cluster, host, datastore) VALUES (0, ?1, ?2, ?3, ?4, ?5)",
+        params![dc, landing, cluster, host, datastore],
+    )?;
+    tracing::info!(datacenter = %dc, "cloud domain created in the inventory");
+    Ok(())
+}
+
+/// Renaming the datacenter, folder, cluster, host or datastore in the config does not
+/// rename the stored objects (VM paths name the datastore); say so instead of diverging
+/// silently.
+fn check_fixed_names(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), InventoryError> {
+    let stored: [String; 5] = tx.query_row(
+        "SELECT dc.name, f.name, c.name, h.name, ds.name FROM placement p
+         JOIN datacenter dc ON dc.id = p.datacenter JOIN folder f ON f.id = p.folder
+         JOIN cluster c ON c.id = p.cluster JOIN host h ON h.id = p.host JOIN datastore ds ON ds.id = p.datastore",
+        [],
+        |row| Ok([row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?]),
+    )?;
+    let configured = [
+        &d.datacenter,
+        &d.folder,
+        &d.cluster,
+        &d.host.name,
+        &d.datastore.name,
+    ];
+    let keys = [
+        "domain.datacenter",
+        "domain.folder",
+        "domain.cluster",
+        "domain.host.name",
+        "domain.datastore.name",
+    ];
+    for ((stored, configured), key) in stored.iter().zip(configured).zip(keys) {
+        if stored != configured {
+            tracing::warn!(
+                key,
+                stored = %stored,
+                configured = %configured,
+                "the inventory keeps the name it was created with; the configured name is ignored"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn add_networks(tx: &Transaction<'_>, networks: &[String]) -> Result<(), InventoryError> {
+    let folder: String = tx.query_row(
+        "SELECT dc.network_folder FROM placement p JOIN datacenter dc ON dc.id = p.datacenter",
+        [],
+        |row| row.get(0),
+    )?;
+    for name in networks {
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM network WHERE name = ?1)",
+            [name],
+            |row| row.get(0),
+        )?;
+        if !exists {
+            let (num, id) = next_id(tx, "network-")?;
+            tx.execute(
+                "INSERT INTO network (id, num, name, folder) VALUES (?1, ?2, ?3, ?4)",
+                params![id, num, name, folder],
+            )?;
+            tracing::info!(network = %id, name = %name, "cloud network added");
+        }
+    }
+    Ok(())
+}
+
+/// The config is the authority on who may log in: a changed password or role applies at
+/// the next start, and a user left out of the config is deactivated (not deleted, since
+/// migrations name it). Otherwise an operator who replaces the demo password in the
+/// config would keep the published one working.
+fn sync_users(tx: &Transaction<'_>, users: &[UserConfig]) -> Result<(), InventoryError> {
+    for user in users {
+        let stored: Option<(String, String, bool)> = tx
+            .query_row(
+                "SELECT password_hash, role, active FROM app_user WHERE name = ?1",
+                [&user.name],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        let role = user.role.as_str();
+        let hash = match (&user.password_hash, &user.password, &stored) {
+            (Some(given), _, _) => given.clone(),
+            // Unchanged password: keep the stored hash (a new salt would be churn).
+            (None, Some(plain), Some((old, _, _))) if password::verify(old, plain) => old.clone(),
+            (None, Some(plain), _) => password::hash_password(plain).map_err(|e| match e {
+                InventoryError::PasswordHash { reason, .. } => InventoryError::PasswordHash {
+                    user: user.name.clone(),
+                    reason,
+                },
+                other => other,
+            })?,
+            (None, None, _) => {
+                return Err(InventoryError::Invalid(format!(
+                    "user {:?} has neither password nor password_hash",
+                    user.name
+                )))
+            }
+        };
+        match stored {
+            None => {
+                tx.execute(
+                    "INSERT INTO app_user (name, password_hash, role, active) VALUES (?1, ?2, ?3, 1)",
+                    params![user.name, hash, role],
+                )?;
+                tracing::info!(user = %user.name, role, "user added to the cloud domain");
+            }
+            Some((old_hash, old_role, active)) => {
+                if old_hash != hash || old_role != role || !active {
+                    tx.execute(
+                        "UPDATE app_user SET password_hash = ?2, role = ?3, active = 1 WHERE name = ?1",
+                        params![user.name, hash, role],
+                    )?;
+                    tracing::info!(user = %user.name, role, "user updated from the configuration");
+                }
+            }
+        }
+    }
+    let mut stmt = tx.prepare("SELECT name FROM app_user WHERE active = 1")?;
+    let active: Vec<String> = stmt
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    for name in active {
+        if !users.iter().any(|u| u.name == name) {
+            tx.execute("UPDATE app_user SET active = 0 WHERE name = ?1", [&name])?;
+            tracing::warn!(user = %name, "user no longer configured: deactivated (kept for the migration history)");
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn domain_info(conn: &Connection) -> Result<DomainInfo, InventoryError> {
+    let (datacenter, vm_folder, cluster_id, host_id, ds_id): (
+        String,
+        String,
+        String,
+        String,
+        String,
+    ) = conn.query_row(
+        "SELECT datacenter, folder, cluster, host, datastore FROM placement",
+        [],
+        |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+            ))
+        },
+    )?;
+    let datacenter = conn.query_row(
+        "SELECT id, name, vm_folder, host_folder, datastore_folder, network_folder FROM datacenter WHERE id = ?1",
+        [&datacenter],
+        |row| {
+            Ok(DatacenterInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                vm_folder: row.get(2)?,
+                host_folder: row.get(3)?,
+                datastore_folder: row.get(4)?,
+                network_folder: row.get(5)?,
+            })
+        },
+    )?;
+    let mut stmt = conn.prepare_cached("SELECT id, name, type, parent FROM folder ORDER BY num")?;
+    let folders = stmt
+        .query_map([], |row| {
+            Ok(FolderInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                kind: row.get(2)?,
+                parent: row.get(3)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let cluster = conn.query_row(
+        "SELECT id, name FROM cluster WHERE id = ?1",
+        [&cluster_id],
+        |row| {
+            Ok(ClusterInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+            })
+        },
+    )?;
+    let host = conn.query_row(
+        "SELECT id, name, cluster, cpu_cores, memory_mib FROM host WHERE id = ?1",
+        [&host_id],
+        |row| {
+            Ok(HostInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                cluster: row.get(2)?,
+                cpu_cores: row.get(3)?,
+                memory_mib: row.get(4)?,
+            })
+        },
+    )?;
+    let datastore = conn.query_row(
+        "SELECT id, name, capacity_bytes FROM datastore WHERE id = ?1",
+        [&ds_id],
+        |row| {
+            Ok(DatastoreInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                capacity_bytes: row.get(2)?,
+            })
+        },
+    )?;
+    Ok(DomainInfo {
+        datacenter,
+        folders,
+        cluster,
+        host,
+        datastore,
+        vm_folder,
+    })
+}

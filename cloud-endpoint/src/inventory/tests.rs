@@ -1,0 +1,559 @@
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::*;
+use crate::config::{DomainConfig, Role, UserConfig, DEMO_PASSWORD};
+
+fn temp_db() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state/inventory.sqlite3");
+    (dir, path)
+}
+
+fn id_number(id: &str) -> i64 {
+    id.rsplit(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn operator() -> Principal {
+    Principal {
+        user: "migrator@cloud.local".into(),
+        role: Role::MigrationOperator,
+    }
+}
+
+fn new_vm(inv: &Inventory, name: &str) -> NewVm {
+    let nets = inv.networks().unwrap();
+    NewVm {
+        name: name.into(),
+        guest_os: "ubuntu64Guest".into(),
+        num_cpus: 4,
+        cores_per_socket: Some(2),
+        memory_mib: 8192,
+        firmware: Some("efi".into()),
+        bios_uuid: Some("42 1a 2b 3c 4d 5e 6f 70-81 92 a3 b4 c5 d6 e7 f8".into()),
+        vmx_path: format!("[cloud-ds1] {name}/{name}.vmx"),
+        disks: vec![
+            NewDisk {
+                key: "scsi0:0".into(),
+                path: format!("[cloud-ds1] {name}/{name}.vmdk"),
+                capacity_bytes: 10 << 30,
+            },
+            NewDisk {
+                key: "scsi0:1".into(),
+                path: format!("[cloud-ds1] {name}/{name}_1.vmdk"),
+                capacity_bytes: 1 << 30,
+            },
+            NewDisk {
+                key: "sata0:0".into(),
+                path: format!("[cloud-ds1] {name}/{name}_2.vmdk"),
+                capacity_bytes: 512,
+            },
+        ],
+        nics: vec![
+            NewNic {
+                key: "ethernet1".into(),
+                network_id: nets[2].id.clone(),
+                mac: Some("00:50:56:aa:bb:cc".into()),
+                virtual_dev: Some("vmxnet3".into()),
+                source_network: "db-pg".into(),
+            },
+            NewNic {
+                key: "ethernet0".into(),
+                network_id: nets[1].id.clone(),
+                mac: None,
+                virtual_dev: None,
+                source_network: "web-pg".into(),
+            },
+        ],
+    }
+}
+
+#[test]
+fn first_open_seeds_the_domain_with_vcenter_ids_from_one_counter() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    assert!(path.exists());
+    let d = inv.domain().unwrap();
+    assert_eq!(d.folders[0].id, "group-d1");
+    assert_eq!(d.folders[0].kind, "DATACENTER");
+    assert!(d.datacenter.id.starts_with("datacenter-"));
+    assert_eq!(d.datacenter.name, "Cloud-DC");
+    assert!(d.datacenter.vm_folder.starts_with("group-v"));
+    assert!(d.datacenter.host_folder.starts_with("group-h"));
+    assert!(d.datacenter.datastore_folder.starts_with("group-s"));
+    assert!(d.datacenter.network_folder.starts_with("group-n"));
+    let landing = d.folders.iter().find(|f| f.id == d.vm_folder).unwrap();
+    assert!(landing.id.starts_with("group-v"));
+    assert_eq!(landing.name, "Migrated VMs");
+    assert_eq!(
+        landing.parent.as_deref(),
+        Some(d.datacenter.vm_folder.as_str())
+    );
+    assert!(d.cluster.id.starts_with("domain-c"));
+    assert_eq!(d.cluster.name, "Cloud-Cluster");
+    assert!(d.host.id.starts_with("host-"));
+    assert_eq!(
+        (d.host.name.as_str(), d.host.cpu_cores, d.host.memory_mib),
+        ("esx-cloud-01.local", 32, 262_144)
+    );
+    assert_eq!(d.host.cluster, d.cluster.id);
+    let ds = inv.datastore().unwrap();
+    assert!(ds.id.starts_with("datastore-"));
+    assert_eq!((ds.name.as_str(), ds.capacity_bytes), ("cloud-ds1", None));
+    let nets = inv.networks().unwrap();
+    assert_eq!(
+        nets.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+        ["VM Network", "cloud-web", "cloud-db"]
+    );
+    assert!(nets.iter().all(|n| n.id.starts_with("network-")));
+    assert_eq!(
+        inv.network_by_name("cloud-web").unwrap(),
+        Some(nets[1].clone())
+    );
+    assert_eq!(inv.network_by_name("nope").unwrap(), None);
+
+    // One counter: every object has its own number.
+    let mut numbers: Vec<i64> = d.folders.iter().map(|f| id_number(&f.id)).collect();
+    numbers.extend([&d.datacenter.id, &d.cluster.id, &d.host.id, &ds.id].map(|id| id_number(id)));
+    numbers.extend(nets.iter().map(|n| id_number(&n.id)));
+    numbers.sort();
+    assert_eq!(numbers, (1..=numbers.len() as i64).collect::<Vec<_>>());
+}
+
+#[test]
+fn authenticate_accepts_only_the_right_password_and_tells_nothing_else() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let p = inv
+        .authenticate("administrator@cloud.local", DEMO_PASSWORD)
+        .unwrap();
+    assert_eq!(
+        (p.user.as_str(), p.role),
+        ("administrator@cloud.local", Role::Administrator)
+    );
+    assert_eq!(
+        inv.authenticate("auditor@cloud.local", DEMO_PASSWORD)
+            .unwrap()
+            .role,
+        Role::ReadOnly
+    );
+
+    let wrong = inv
+        .authenticate("administrator@cloud.local", "guess")
+        .unwrap_err();
+    let unknown = inv.authenticate("root", DEMO_PASSWORD).unwrap_err();
+    assert!(matches!(wrong, InventoryError::BadCredentials));
+    assert!(matches!(unknown, InventoryError::BadCredentials));
+    assert_eq!(wrong.to_string(), unknown.to_string());
+    assert_eq!(
+        wrong.to_string(),
+        "user or password not accepted by the cloud domain"
+    );
+
+    // Stored hashes are argon2id PHC strings with distinct salts.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let hashes: Vec<String> = conn
+        .prepare("SELECT password_hash FROM app_user")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(hashes.len(), 3);
+    assert!(hashes.iter().all(|h| h.starts_with("$argon2id$")));
+    assert_ne!(hashes[0], hashes[1]);
+}
+
+#[test]
+fn begin_migration_reserves_the_name() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    assert!(!inv.vm_name_taken("web01").unwrap());
+    let id = inv
+        .begin_migration(&operator(), "edge-paris", "web01", 1 << 30)
+        .unwrap();
+    assert!(id.starts_with("migration-"), "{id}");
+    assert!(inv.vm_name_taken("web01").unwrap());
+    let err = inv
+        .begin_migration(&operator(), "edge-lyon", "web01", 1)
+        .unwrap_err();
+    assert!(
+        matches!(&err, InventoryError::NameTaken { name } if name == "web01"),
+        "{err:?}"
+    );
+    assert_eq!(inv.used_bytes().unwrap(), 1 << 30);
+
+    let m = inv.migration(&id).unwrap().unwrap();
+    assert_eq!(
+        (m.state.as_str(), m.user.as_str(), m.edge.as_str()),
+        ("RUNNING", "migrator@cloud.local", "edge-paris")
+    );
+    assert_eq!((m.vm, m.finished, m.error), (None, None, None));
+
+    let auditor = Principal {
+        user: "auditor@cloud.local".into(),
+        role: Role::ReadOnly,
+    };
+    let err = inv
+        .begin_migration(&auditor, "edge-paris", "db01", 1)
+        .unwrap_err();
+    assert!(
+        matches!(err, InventoryError::NotPermitted { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn concurrent_begins_for_one_name_let_exactly_one_through() {
+    let (_dir, path) = temp_db();
+    let inv = Arc::new(Inventory::open(&path, &DomainConfig::default()).unwrap());
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let inv = Arc::clone(&inv);
+            std::thread::spawn(move || {
+                inv.begin_migration(&operator(), &format!("edge-{i}"), "same", 1)
+            })
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    assert!(results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .all(|e| matches!(e, InventoryError::NameTaken { .. })));
+}
+
+#[test]
+fn register_vm_stores_devices_in_order_and_completes_the_migration() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let mid = inv
+        .begin_migration(&operator(), "edge-paris", "web01", 11 << 30)
+        .unwrap();
+    let spec = new_vm(&inv, "web01");
+    let vm_id = inv.register_vm(&mid, &spec).unwrap();
+    assert!(vm_id.starts_with("vm-"));
+    let nets = inv.networks().unwrap();
+    assert!(id_number(&vm_id) > id_number(&nets.last().unwrap().id));
+
+    let vms = inv.list_vms().unwrap();
+    assert_eq!(vms.len(), 1);
+    let vm = &vms[0];
+    let d = inv.domain().unwrap();
+    assert_eq!(
+        (vm.id.as_str(), vm.name.as_str(), vm.power_state.as_str()),
+        (vm_id.as_str(), "web01", "POWERED_OFF")
+    );
+    assert_eq!(
+        (vm.host.as_str(), vm.folder.as_str()),
+        (d.host.id.as_str(), d.vm_folder.as_str())
+    );
+    assert_eq!(vm.datastore, inv.datastore().unwrap().id);
+    assert_eq!(
+        (vm.num_cpus, vm.cores_per_socket, vm.memory_mib),
+        (4, Some(2), 8192)
+    );
+    assert_eq!(vm.firmware.as_deref(), Some("efi"));
+    assert_eq!(vm.vmx_path, "[cloud-ds1] web01/web01.vmx");
+    assert_eq!(vm.migration.as_deref(), Some(mid.as_str()));
+    assert!(time::OffsetDateTime::parse(
+        &vm.created,
+        &time::format_description::well_known::Rfc3339
+    )
+    .is_ok());
+    let disk_keys: Vec<_> = vm.disks.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(disk_keys, ["scsi0:0", "scsi0:1", "sata0:0"]);
+    assert_eq!(
+        vm.disks[1],
+        DiskRecord {
+            key: "scsi0:1".into(),
+            path: "[cloud-ds1] web01/web01_1.vmdk".into(),
+            capacity_bytes: 1 << 30
+        }
+    );
+    let nic_keys: Vec<_> = vm.nics.iter().map(|n| n.key.as_str()).collect();
+    assert_eq!(nic_keys, ["ethernet1", "ethernet0"]);
+    assert_eq!(vm.nics[0].network, nets[2].id);
+    assert_eq!(vm.nics[0].network_name, "cloud-db");
+    assert_eq!(vm.nics[0].mac.as_deref(), Some("00:50:56:aa:bb:cc"));
+    assert_eq!(vm.nics[1].source_network, "web-pg");
+
+    let by_name = inv.vm_by_name("web01").unwrap().unwrap();
+    assert_eq!(by_name.disks, vm.disks);
+    assert_eq!(inv.vm(&vm_id).unwrap().unwrap().name, "web01");
+    assert!(inv.vm_by_name("web02").unwrap().is_none());
+
+    let m = inv.migration(&mid).unwrap().unwrap();
+    assert_eq!(
+        (m.state.as_str(), m.vm.as_deref()),
+        ("SUCCEEDED", Some(vm_id.as_str()))
+    );
+    assert!(m.finished.is_some());
+    // The registered disks count; the finished migration no longer does.
+    assert_eq!(inv.used_bytes().unwrap(), (10 << 30) + (1 << 30) + 512);
+
+    // The name stays taken by the VM.
+    assert!(inv.vm_name_taken("web01").unwrap());
+    assert!(matches!(
+        inv.begin_migration(&operator(), "e", "web01", 1),
+        Err(InventoryError::NameTaken { .. })
+    ));
+    // A finished migration cannot register again.
+    assert!(matches!(
+        inv.register_vm(&mid, &spec),
+        Err(InventoryError::MigrationNotRunning { .. })
+    ));
+    assert!(matches!(
+        inv.fail_migration(&mid, "late"),
+        Err(InventoryError::MigrationNotRunning { .. })
+    ));
+}
+
+#[test]
+fn register_vm_is_all_or_nothing() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let mid = inv
+        .begin_migration(&operator(), "edge", "app01", 1)
+        .unwrap();
+    let mut spec = new_vm(&inv, "app01");
+    spec.nics[1].network_id = "network-999".into();
+    let err = inv.register_vm(&mid, &spec).unwrap_err();
+    assert!(
+        matches!(&err, InventoryError::NotFound { what } if what.contains("network-999")),
+        "{err:?}"
+    );
+    assert!(inv.list_vms().unwrap().is_empty());
+    assert_eq!(inv.migration(&mid).unwrap().unwrap().state, "RUNNING");
+
+    let mut spec = new_vm(&inv, "app01");
+    spec.disks[1].key = "scsi0:0".into();
+    assert!(matches!(
+        inv.register_vm(&mid, &spec),
+        Err(InventoryError::Invalid(_))
+    ));
+
+    let spec = new_vm(&inv, "other-name");
+    assert!(matches!(
+        inv.register_vm(&mid, &spec),
+        Err(InventoryError::Invalid(_))
+    ));
+    assert!(matches!(
+        inv.register_vm("migration-77", &spec),
+        Err(InventoryError::NotFound { .. })
+    ));
+    assert!(inv.list_vms().unwrap().is_empty());
+}
+
+#[test]
+fn fail_migration_frees_the_name() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let first = inv
+        .begin_migration(&operator(), "edge", "db01", 100)
+        .unwrap();
+    inv.fail_migration(&first, "edge went away").unwrap();
+    assert!(!inv.vm_name_taken("db01").unwrap());
+    assert_eq!(inv.used_bytes().unwrap(), 0);
+    let m = inv.migration(&first).unwrap().unwrap();
+    assert_eq!(
+        (m.state.as_str(), m.error.as_deref()),
+        ("FAILED", Some("edge went away"))
+    );
+    assert!(m.finished.is_some());
+    // Failing twice keeps the first reason.
+    inv.fail_migration(&first, "other").unwrap();
+    assert_eq!(
+        inv.migration(&first).unwrap().unwrap().error.as_deref(),
+        Some("edge went away")
+    );
+    assert!(matches!(
+        inv.fail_migration("migration-404", "x"),
+        Err(InventoryError::NotFound { .. })
+    ));
+
+    let second = inv
+        .begin_migration(&operator(), "edge", "db01", 100)
+        .unwrap();
+    assert_ne!(first, second);
+    let ids: Vec<_> = inv
+        .list_migrations()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, [first, second]);
+}
+
+#[test]
+fn fail_running_migrations_fails_only_the_running_ones() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let a = inv.begin_migration(&operator(), "edge", "a", 1).unwrap();
+    let b = inv.begin_migration(&operator(), "edge", "b", 1).unwrap();
+    let c = inv.begin_migration(&operator(), "edge", "c", 1).unwrap();
+    inv.register_vm(&b, &new_vm(&inv, "b")).unwrap();
+    drop(inv);
+
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let failed = inv
+        .fail_running_migrations("cut by an endpoint restart")
+        .unwrap();
+    assert_eq!(failed, [a.clone(), c.clone()]);
+    let states: Vec<_> = inv
+        .list_migrations()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.id, m.state, m.error))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (
+                a,
+                "FAILED".into(),
+                Some("cut by an endpoint restart".into())
+            ),
+            (b, "SUCCEEDED".into(), None),
+            (
+                c,
+                "FAILED".into(),
+                Some("cut by an endpoint restart".into())
+            ),
+        ]
+    );
+    assert!(inv.fail_running_migrations("again").unwrap().is_empty());
+}
+
+#[test]
+fn reopening_keeps_everything_and_grows_with_the_config() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let mid = inv
+        .begin_migration(&operator(), "edge", "web01", 1)
+        .unwrap();
+    let vm_id = inv.register_vm(&mid, &new_vm(&inv, "web01")).unwrap();
+    let before = inv.domain().unwrap();
+    let nets_before = inv.networks().unwrap();
+    drop(inv);
+
+    let mut domain = DomainConfig {
+        networks: vec!["cloud-dmz".into(), "VM Network".into()],
+        datacenter: "Renamed-DC".into(),
+        ..DomainConfig::default()
+    };
+    domain.datastore.capacity_bytes = Some(1 << 40);
+    domain.users.retain(|u| u.name != "auditor@cloud.local");
+    domain.users[0].password = Some("a new secret".into());
+    domain.users.push(UserConfig {
+        name: "ops@cloud.local".into(),
+        password: None,
+        password_hash: Some(hash_password("ops pw").unwrap()),
+        role: Role::ReadOnly,
+    });
+    domain.users[1].role = Role::Administrator;
+    let inv = Inventory::open(&path, &domain).unwrap();
+
+    let version: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, schema::VERSION);
+
+    let after = inv.domain().unwrap();
+    assert_eq!(after.datacenter.id, before.datacenter.id);
+    assert_eq!(
+        after.datacenter.name, "Cloud-DC",
+        "existing objects keep their names"
+    );
+    assert_eq!(after.host.id, before.host.id);
+    assert_eq!(inv.datastore().unwrap().capacity_bytes, Some(1 << 40));
+    let nets = inv.networks().unwrap();
+    assert_eq!(&nets[..3], &nets_before[..]);
+    assert_eq!(nets.len(), 4);
+    assert_eq!(nets[3].name, "cloud-dmz");
+    assert!(
+        id_number(&nets[3].id) > id_number(&vm_id),
+        "the counter continues after a reopen"
+    );
+
+    let vm = inv.vm_by_name("web01").unwrap().unwrap();
+    assert_eq!(
+        (vm.id.as_str(), vm.disks.len(), vm.nics.len()),
+        (vm_id.as_str(), 3, 2)
+    );
+    assert_eq!(inv.list_migrations().unwrap().len(), 1);
+
+    // Users follow the config: new password, new role, new user, removed user inactive.
+    assert!(inv
+        .authenticate("administrator@cloud.local", DEMO_PASSWORD)
+        .is_err());
+    assert!(inv
+        .authenticate("administrator@cloud.local", "a new secret")
+        .is_ok());
+    assert_eq!(
+        inv.authenticate("migrator@cloud.local", DEMO_PASSWORD)
+            .unwrap()
+            .role,
+        Role::Administrator
+    );
+    assert_eq!(
+        inv.authenticate("ops@cloud.local", "ops pw").unwrap().role,
+        Role::ReadOnly
+    );
+    assert!(matches!(
+        inv.authenticate("auditor@cloud.local", DEMO_PASSWORD),
+        Err(InventoryError::BadCredentials)
+    ));
+    let stored: String = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT password_hash FROM app_user WHERE name = 'ops@cloud.local'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        Some(stored),
+        domain.users[2].password_hash,
+        "a given hash is stored as is"
+    );
+    drop(inv);
+
+    // Back to the defaults: the auditor is active again.
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    assert!(inv
+        .authenticate("auditor@cloud.local", DEMO_PASSWORD)
+        .is_ok());
+    assert_eq!(
+        inv.networks().unwrap().len(),
+        4,
+        "networks are never deleted"
+    );
+}
+
+#[test]
+fn database_errors_name_the_file() {
+    let (dir, _) = temp_db();
+    let path = dir.path().join("garbage.sqlite3");
+    std::fs::write(&path, vec![b'x'; 4096]).unwrap();
+    let err = Inventory::open(&path, &DomainConfig::default()).unwrap_err();
+    assert!(matches!(err, InventoryError::Db { .. }), "{err:?}");
+    assert!(err.to_string().contains("garbage.sqlite3"), "{err}");
+
+    let path = dir.path().join("future.sqlite3");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let err = Inventory::open(&path, &DomainConfig::default()).unwrap_err();
+    assert!(
+        matches!(err, InventoryError::SchemaTooNew { found: 99, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("future.sqlite3"), "{err}");
+}

@@ -1,0 +1,214 @@
+//! Registered VMs: inserted at the end of a migration, listed for the API.
+
+use std::collections::HashSet;
+
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+
+use super::migrations::state_of;
+use super::{next_number, now, DiskRecord, Inventory, InventoryError, NewVm, NicRecord, VmRecord};
+
+const SELECT_VM: &str =
+    "SELECT v.id, v.name, v.guest_os, v.num_cpus, v.cores_per_socket, v.memory_mib, v.firmware,
+        v.bios_uuid, v.power_state, v.host, v.datastore, v.folder, v.vmx_path, m.id, v.created
+    FROM vm v LEFT JOIN migration m ON m.vm = v.id";
+
+fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
+    Ok(VmRecord {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        guest_os: row.get(2)?,
+        num_cpus: row.get(3)?,
+        cores_per_socket: row.get(4)?,
+        memory_mib: row.get(5)?,
+        firmware: row.get(6)?,
+        bios_uuid: row.get(7)?,
+        power_state: row.get(8)?,
+        host: row.get(9)?,
+        datastore: row.get(10)?,
+        folder: row.get(11)?,
+        vmx_path: row.get(12)?,
+        disks: Vec::new(),
+        nics: Vec::new(),
+        migration: row.get(13)?,
+        created: row.get(14)?,
+    })
+}
+
+/// Fills in disks and NICs, in their registered order.
+fn with_devices(conn: &Connection, mut vm: VmRecord) -> rusqlite::Result<VmRecord> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, path, capacity_bytes FROM vm_disk WHERE vm = ?1 ORDER BY position",
+    )?;
+    vm.disks = stmt
+        .query_map([&vm.id], |row| {
+            Ok(DiskRecord {
+                key: row.get(0)?,
+                path: row.get(1)?,
+                capacity_bytes: row.get(2)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT n.key, n.network, w.name, n.mac, n.virtual_dev, n.source_network
+         FROM vm_nic n JOIN network w ON w.id = n.network WHERE n.vm = ?1 ORDER BY n.position",
+    )?;
+    vm.nics = stmt
+        .query_map([&vm.id], |row| {
+            Ok(NicRecord {
+                key: row.get(0)?,
+                network: row.get(1)?,
+                network_name: row.get(2)?,
+                mac: row.get(3)?,
+                virtual_dev: row.get(4)?,
+                source_network: row.get(5)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(vm)
+}
+
+fn check_new_vm(vm: &NewVm) -> Result<(), InventoryError> {
+    let mut keys = HashSet::new();
+    for key in vm
+        .disks
+        .iter()
+        .map(|d| &d.key)
+        .chain(vm.nics.iter().map(|n| &n.key))
+    {
+        if key.is_empty() || !keys.insert(key) {
+            return Err(InventoryError::Invalid(format!(
+                "VM {:?}: device key {key:?} is empty or used twice",
+                vm.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Inventory {
+    /// In one transaction: registers the VM of a RUNNING migration (POWERED_OFF, on the
+    /// domain's host, in its VM folder, on its datastore) with its disks and NICs in the
+    /// given order, and marks the migration SUCCEEDED with a link to the VM. The VM must
+    /// have the name the migration reserved. Returns the VM id.
+    pub fn register_vm(&self, migration_id: &str, vm: &NewVm) -> Result<String, InventoryError> {
+        check_new_vm(vm)?;
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (state, reserved) = state_of(&tx, migration_id)?;
+            if state != "RUNNING" {
+                return Err(InventoryError::MigrationNotRunning { id: migration_id.to_owned(), state });
+            }
+            if reserved != vm.name {
+                return Err(InventoryError::Invalid(format!(
+                    "migration {migration_id} reserved the name {reserved:?}, not {:?}",
+                    vm.name
+                )));
+            }
+            let exists: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM vm WHERE name = ?1)", [&vm.name], |r| r.get(0))?;
+            if exists {
+                return Err(InventoryError::NameTaken { name: vm.name.clone() });
+            }
+            for nic in &vm.nics {
+                let known: bool =
+                    tx.query_row("SELECT EXISTS (SELECT 1 FROM network WHERE id = ?1)", [&nic.network_id], |r| r.get(0))?;
+                if !known {
+                    return Err(InventoryError::NotFound { what: format!("network {}", nic.network_id) });
+                }
+            }
+            let (host, datastore, folder): (String, String, String) =
+                tx.query_row("SELECT host, datastore, folder FROM placement", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let num = next_number(&tx, "moref")?;
+            let id = format!("vm-{num}");
+            tx.execute(
+                "INSERT INTO vm (id, num, name, guest_os, num_cpus, cores_per_socket, memory_mib, firmware, bios_uuid,
+                                 power_state, host, datastore, folder, vmx_path, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'POWERED_OFF', ?10, ?11, ?12, ?13, ?14)",
+                params![
+                    id,
+                    num,
+                    vm.name,
+                    vm.guest_os,
+                    vm.num_cpus,
+                    vm.cores_per_socket,
+                    vm.memory_mib,
+                    vm.firmware,
+                    vm.bios_uuid,
+                    host,
+                    datastore,
+                    folder,
+                    vm.vmx_path,
+                    now()
+                ],
+            )?;
+            for (position, disk) in vm.disks.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO vm_disk (vm, position, key, path, capacity_bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![id, position as i64, disk.key, disk.path, disk.capacity_bytes],
+                )?;
+            }
+            for (position, nic) in vm.nics.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO vm_nic (vm, position, key, network, mac, virtual_dev, source_network)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![id, position as i64, nic.key, nic.network_id, nic.mac, nic.virtual_dev, nic.source_network],
+                )?;
+            }
+            tx.execute(
+                "UPDATE migration SET state = 'SUCCEEDED', vm = ?2, finished = ?3 WHERE id = ?1",
+                params![migration_id, id, now()],
+            )?;
+            tx.commit()?;
+            Ok(id)
+        })
+    }
+
+    /// Every registered VM, ordered by id number.
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>, InventoryError> {
+        self.with_conn(|conn| {
+            let vms: Vec<VmRecord> = {
+                let mut stmt = conn.prepare_cached(&format!("{SELECT_VM} ORDER BY v.num"))?;
+                let rows = stmt.query_map([], vm_from_row)?;
+                rows.collect::<Result<_, _>>()?
+            };
+            Ok(vms
+                .into_iter()
+                .map(|vm| with_devices(conn, vm))
+                .collect::<Result<_, _>>()?)
+        })
+    }
+
+    pub fn vm_by_name(&self, name: &str) -> Result<Option<VmRecord>, InventoryError> {
+        self.vm_where("v.name = ?1", name)
+    }
+
+    /// One VM by id (`vm-N`).
+    pub fn vm(&self, id: &str) -> Result<Option<VmRecord>, InventoryError> {
+        self.vm_where("v.id = ?1", id)
+    }
+
+    fn vm_where(&self, condition: &str, value: &str) -> Result<Option<VmRecord>, InventoryError> {
+        self.with_conn(|conn| {
+            let vm = conn
+                .query_row(
+                    &format!("{SELECT_VM} WHERE {condition}"),
+                    [value],
+                    vm_from_row,
+                )
+                .optional()?;
+            Ok(vm.map(|vm| with_devices(conn, vm)).transpose()?)
+        })
+    }
+
+    /// Bytes the datastore is committed to: the capacities of registered disks plus the
+    /// logical size of RUNNING migrations (compare with a configured capacity).
+    pub fn used_bytes(&self) -> Result<u64, InventoryError> {
+        self.with_conn(|conn| {
+            Ok(conn.query_row(
+                "SELECT (SELECT COALESCE(SUM(capacity_bytes), 0) FROM vm_disk)
+                      + (SELECT COALESCE(SUM(logical_bytes), 0) FROM migration WHERE state = 'RUNNING')",
+                [],
+                |row| row.get(0),
+            )?)
+        })
+    }
+}

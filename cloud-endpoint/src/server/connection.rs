@@ -1,0 +1,392 @@
+//! One edge connection, one migration: the sans-I/O [`ReceiverSession`]
+//! connected to the control stream, the data streams, the datastore and the
+//! inventory.
+//!
+//! Tasks per connection: the control reader (feeds the session), the control
+//! writer (drains it), an event task (authentication, plan checks, commit:
+//! everything slow and blocking), and one task per data stream (admit, read,
+//! verify and write chunks on the blocking pool). Whatever ends the
+//! connection, one cleanup at the end discards an uncommitted migration.
+
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway::chunk::Opener;
+use gateway::protocol::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession};
+use gateway::transport::{self, ControlReader, ControlWriter, DataReader, TransportError};
+use gateway::wire::{EdgeMessage, RefusalCode};
+use tokio::sync::Notify;
+use tracing::Instrument;
+
+use super::placement::{self, Staged};
+use crate::inventory::Principal;
+use crate::Domain;
+
+struct Ctx {
+    domain: Arc<Domain>,
+    conn: quinn::Connection,
+    session: Mutex<ReceiverSession>,
+    wake_writer: Notify,
+    wake_events: Notify,
+    /// Set once the plan is accepted; taken by commit or discard.
+    staged: Mutex<Option<Staged>>,
+    /// Disk files for the data tasks (cheap clones of the staged handles).
+    disks: Mutex<Vec<Arc<std::fs::File>>>,
+    principal: Mutex<Option<Principal>>,
+    edge: String,
+}
+
+impl Ctx {
+    fn session(&self) -> std::sync::MutexGuard<'_, ReceiverSession> {
+        self.session.lock().expect("session lock poisoned")
+    }
+
+    /// After any change to the session: let the writer and the event task look.
+    fn wake(&self) {
+        self.wake_writer.notify_one();
+        self.wake_events.notify_one();
+    }
+}
+
+/// Serves one accepted connection to its end.
+pub async fn serve(conn: quinn::Connection, domain: Arc<Domain>, config: ReceiverConfig) {
+    let peer = conn.remote_address();
+    let edge = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().map(|c| certs::Thumbprint::of_der(c).to_string()))
+        .unwrap_or_default();
+    let span = tracing::info_span!("edge", %peer);
+    async move {
+        tracing::info!(edge_cert = %edge, "edge connected");
+        let ctx = Arc::new(Ctx {
+            domain,
+            conn: conn.clone(),
+            session: Mutex::new(ReceiverSession::new(config, Instant::now())),
+            wake_writer: Notify::new(),
+            wake_events: Notify::new(),
+            staged: Mutex::new(None),
+            disks: Mutex::new(Vec::new()),
+            principal: Mutex::new(None),
+            edge: format!("{peer} cert {edge}"),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(events(ctx.clone()).in_current_span());
+        tasks.spawn(control(ctx.clone()).in_current_span());
+        tasks.spawn(accept_data(ctx.clone()).in_current_span());
+        let reason = conn.closed().await;
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        cleanup(&ctx, &reason).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Discards an uncommitted migration, whatever ended the connection.
+async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
+    let committed = ctx.session().is_committed();
+    let staged = ctx.staged.lock().expect("staged lock").take();
+    if committed {
+        tracing::info!("migration committed, connection closed");
+        return;
+    }
+    let why = match reason {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            format!("connection closed: {}", String::from_utf8_lossy(&c.reason))
+        }
+        other => format!("connection lost: {other}"),
+    };
+    tracing::warn!(reason = %why, "migration not committed");
+    if let Some(staged) = staged {
+        let domain = ctx.domain.clone();
+        let _ = tokio::task::spawn_blocking(move || placement::discard(&domain, staged, &why)).await;
+    }
+}
+
+/// Closes the connection with the session's refusal once it is sent.
+fn close_refused(ctx: &Ctx, code: RefusalCode, reason: &str) {
+    transport::close(&ctx.conn, code, reason);
+}
+
+async fn control(ctx: Arc<Ctx>) {
+    let (send, recv) = match tokio::time::timeout(Duration::from_secs(30), ctx.conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            close_refused(&ctx, RefusalCode::ProtocolViolation, "no control stream within 30 s");
+            return;
+        }
+    };
+    let reader = match ControlReader::open(recv, true).await {
+        Ok(r) => r,
+        Err(e) => {
+            close_refused(&ctx, RefusalCode::ProtocolViolation, &e.to_string());
+            return;
+        }
+    };
+    let writer = ControlWriter::open(send, false).await.expect("no I/O without a preamble");
+    let read = control_reader(&ctx, reader);
+    let write = control_writer(&ctx, writer);
+    tokio::pin!(read, write);
+    tokio::select! {
+        e = &mut read => {
+            if let Err(e) = e {
+                if !ctx.session().is_finished() {
+                    close_refused(&ctx, RefusalCode::ProtocolViolation, &e.to_string());
+                }
+            }
+            // Let the writer flush the final answer.
+            let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+        }
+        _ = &mut write => {}
+    }
+}
+
+async fn control_reader(ctx: &Ctx, mut reader: ControlReader) -> Result<(), TransportError> {
+    loop {
+        let deadline = ctx.session().poll_timeout();
+        let msg = match deadline {
+            Some(deadline) => tokio::select! {
+                m = reader.recv::<EdgeMessage>() => m?,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    ctx.session().handle_timeout(Instant::now());
+                    ctx.wake();
+                    continue;
+                }
+            },
+            None => reader.recv::<EdgeMessage>().await?,
+        };
+        let Some(msg) = msg else {
+            return Ok(());
+        };
+        let res = ctx.session().handle_control(msg, Instant::now());
+        ctx.wake();
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "edge violated the protocol");
+        }
+    }
+}
+
+async fn control_writer(ctx: &Ctx, mut writer: ControlWriter) {
+    loop {
+        let (msgs, finished, committed) = {
+            let mut s = ctx.session();
+            let msgs: Vec<_> = std::iter::from_fn(|| s.poll_transmit()).collect();
+            (msgs, s.is_finished(), s.is_committed())
+        };
+        for msg in &msgs {
+            if writer.send(msg).await.is_err() {
+                return;
+            }
+        }
+        if finished {
+            writer.finish();
+            // The edge closes once it has read the answer; if it does not,
+            // close after a grace period so the connection does not linger.
+            if tokio::time::timeout(Duration::from_secs(5), ctx.conn.closed()).await.is_err() {
+                let (code, reason) = match msgs.iter().rev().find_map(|m| match m {
+                    gateway::wire::CloudMessage::Refused { code, problems } => Some((*code, problems.join("; "))),
+                    _ => None,
+                }) {
+                    Some(refusal) => refusal,
+                    None if committed => (RefusalCode::Aborted, "committed".to_owned()),
+                    None => (RefusalCode::Aborted, "migration ended".to_owned()),
+                };
+                if committed {
+                    ctx.conn.close(0u32.into(), b"committed");
+                } else {
+                    close_refused(ctx, code, &reason);
+                }
+            }
+            return;
+        }
+        ctx.wake_writer.notified().await;
+    }
+}
+
+/// Authentication, plan checks, commit and discard: the session's requests.
+async fn events(ctx: Arc<Ctx>) {
+    loop {
+        let events: Vec<_> = {
+            let mut s = ctx.session();
+            std::iter::from_fn(|| s.poll_event()).collect()
+        };
+        for event in events {
+            handle_event(&ctx, event).await;
+            ctx.wake();
+        }
+        ctx.wake_events.notified().await;
+    }
+}
+
+async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
+    let domain = ctx.domain.clone();
+    match event {
+        ReceiverEvent::Authenticate { agent, user, password } => {
+            let result = tokio::task::spawn_blocking(move || domain.inventory.authenticate(&user, &password))
+                .await
+                .expect("authentication does not panic");
+            let answer = match result {
+                Ok(p) => {
+                    tracing::info!(user = %p.user, role = %p.role.as_str(), %agent, "authenticated");
+                    let role = p.role.as_str().to_owned();
+                    *ctx.principal.lock().expect("principal lock") = Some(p);
+                    Ok(role)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "authentication failed");
+                    let code = match e {
+                        crate::inventory::InventoryError::BadCredentials => RefusalCode::BadCredentials,
+                        _ => RefusalCode::EndpointFailure,
+                    };
+                    Err((code, e.to_string()))
+                }
+            };
+            ctx.session().authenticated(answer, &ctx.domain.endpoint_name);
+        }
+        ReceiverEvent::ValidatePlan(plan) => {
+            let principal = ctx.principal.lock().expect("principal lock").clone();
+            let Some(principal) = principal else {
+                ctx.session()
+                    .refuse(RefusalCode::ProtocolViolation, vec!["plan before authentication".into()]);
+                return;
+            };
+            let edge = ctx.edge.clone();
+            let result =
+                tokio::task::spawn_blocking(move || placement::validate_and_stage(&domain, &principal, &edge, &plan))
+                    .await
+                    .expect("validation does not panic");
+            match result {
+                Ok(staged) => {
+                    tracing::info!(migration = %staged.migration_id, "plan accepted");
+                    let id = staged.migration_id.clone();
+                    *ctx.disks.lock().expect("disks lock") = staged.disks.clone();
+                    *ctx.staged.lock().expect("staged lock") = Some(staged);
+                    let ds = ctx.domain.datastore.name().to_owned();
+                    ctx.session().plan_accepted(id, ds);
+                }
+                Err((code, problems)) => {
+                    tracing::warn!(?code, ?problems, "plan refused");
+                    ctx.session().refuse(code, problems);
+                }
+            }
+        }
+        ReceiverEvent::Finalize => {
+            let staged = ctx.staged.lock().expect("staged lock").take();
+            let plan = ctx.session().plan().cloned();
+            let (Some(staged), Some(plan)) = (staged, plan) else {
+                ctx.session()
+                    .finalized(Err((RefusalCode::EndpointFailure, "nothing staged to commit".into())));
+                return;
+            };
+            ctx.disks.lock().expect("disks lock").clear();
+            let result = tokio::task::spawn_blocking(move || placement::finalize(&domain, &plan, staged))
+                .await
+                .expect("finalize does not panic");
+            match &result {
+                Ok((vm_id, path)) => tracing::info!(%vm_id, %path, "VM registered"),
+                Err(e) => tracing::error!(error = %e, "commit failed"),
+            }
+            ctx.session()
+                .finalized(result.map_err(|e| (RefusalCode::EndpointFailure, e)));
+        }
+        ReceiverEvent::Discard { reason } => {
+            let staged = ctx.staged.lock().expect("staged lock").take();
+            ctx.disks.lock().expect("disks lock").clear();
+            if let Some(staged) = staged {
+                tracing::warn!(%reason, migration = %staged.migration_id, "discarding");
+                let _ = tokio::task::spawn_blocking(move || placement::discard(&domain, staged, &reason)).await;
+            }
+        }
+    }
+}
+
+async fn accept_data(ctx: Arc<Ctx>) {
+    let mut streams = tokio::task::JoinSet::new();
+    while let Ok(recv) = ctx.conn.accept_uni().await {
+        let ctx = ctx.clone();
+        streams.spawn(
+            async move {
+                if let Err(e) = data_stream(&ctx, recv).await {
+                    if !ctx.session().is_finished() {
+                        tracing::warn!(error = %e, "data stream failed");
+                        close_refused(&ctx, RefusalCode::ProtocolViolation, &e.to_string());
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    streams.abort_all();
+}
+
+/// Buffers a data task moves into the blocking pool and back.
+struct Bufs {
+    opener: Opener,
+    payload: Vec<u8>,
+    plain: Vec<u8>,
+}
+
+async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), TransportError> {
+    let mut reader = DataReader::open(recv).await?;
+    let mut bufs = Some(Bufs {
+        opener: Opener::new().expect("zstd decompressor"),
+        payload: Vec::new(),
+        plain: Vec::new(),
+    });
+    while let Some(header) = reader.next_header().await? {
+        let admission = ctx.session().admit_chunk(&header);
+        let admission = match admission {
+            Ok(a) => a,
+            Err(e) => {
+                ctx.wake();
+                tracing::warn!(error = %e, "chunk refused");
+                reader.stop(e.code().close_code());
+                return Ok(());
+            }
+        };
+        let mut b = bufs.take().expect("buffers returned after each chunk");
+        reader.read_payload(&header, &mut b.payload).await?;
+        if admission == Admission::Duplicate {
+            bufs = Some(b);
+            ctx.wake();
+            continue;
+        }
+        let Some(file) = ctx.disks.lock().expect("disks lock").get(usize::from(header.disk)).cloned() else {
+            return Ok(());
+        };
+        let (b, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = match b.opener.open(&header, &b.payload, &mut b.plain) {
+                Ok(plain) => Ok(file.write_all_at(plain, header.offset)),
+                Err(e) => Err(e),
+            };
+            // Re-borrow: `plain` above borrowed b's buffers.
+            let b = b;
+            (b, outcome)
+        })
+        .await
+        .expect("verification does not panic");
+        bufs = Some(b);
+        match outcome {
+            Ok(Ok(())) => ctx.session().chunk_written(header.disk, header.offset),
+            Ok(Err(io)) => {
+                tracing::error!(error = %io, "datastore write failed");
+                ctx.session().refuse(
+                    RefusalCode::EndpointFailure,
+                    vec![format!(
+                        "cannot write disk {} at offset {} to the datastore: {io}",
+                        header.disk, header.offset
+                    )],
+                );
+            }
+            Err(e) => {
+                tracing::warn!(disk = header.disk, offset = header.offset, error = %e, "chunk failed verification");
+                let _ = ctx.session().chunk_rejected(header.disk, header.offset, &e);
+            }
+        }
+        ctx.wake();
+    }
+    Ok(())
+}

@@ -1,0 +1,498 @@
+//! The migration driver: connects the sans-I/O [`SenderSession`] to QUIC
+//! streams, and to worker tasks that read, zero-check, hash and compress
+//! chunks on every core.
+//!
+//! ```text
+//!            +-------------------- SenderSession (Mutex) -------------------+
+//!            |  plan, per-chunk state, zero runs, digests, commit           |
+//!            +--------------------------------------------------------------+
+//!   control reader  <- Welcome/PlanAccepted/Acks/Nack/Committed
+//!   control writer  -> Hello/Plan/ZeroChunks/DiskSealed/Commit
+//!   N workers       -> read (blocking pool) -> zero? -> seal -> data stream i
+//! ```
+//! Memory is bounded by N chunks being sealed plus quinn's send window: a
+//! worker's `write` waits when the window is full.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use gateway::chunk::{is_zero, Sealer, DEFAULT_ZSTD_LEVEL};
+use gateway::plan::{DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
+use gateway::protocol::{SenderConfig, SenderEvent, SenderSession};
+use gateway::transport::{self, ControlReader, ControlWriter, DataWriter, TransportError, TransportTuning};
+use gateway::wire::{ChunkHeader, CloudMessage, RefusalCode};
+use tokio::sync::{mpsc, Notify};
+
+use crate::report::{secs, Progress, ProgressSink, Summary};
+use crate::source::{open_disk, DiskReader, SourceVm};
+use crate::target::Target;
+use crate::MigrateError;
+
+/// How to migrate, beyond what and where.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Name of the VM in the cloud; default the source's display name.
+    pub name: Option<String>,
+    /// Source network name to cloud network name.
+    pub network_map: Vec<(String, String)>,
+    pub chunk_size: u32,
+    /// Parallel data streams, each with its own reader/sealer worker. Four
+    /// keeps two cores busy while some workers wait on the network.
+    pub streams: usize,
+    pub zstd_level: i32,
+    /// This agent's name in the cloud's records.
+    pub agent: String,
+    pub tuning: TransportTuning,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            name: None,
+            network_map: Vec::new(),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            streams: 4,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            agent: "edge-agent".into(),
+            tuning: TransportTuning::default(),
+        }
+    }
+}
+
+/// The plan the cloud is asked to accept.
+pub fn build_plan(vm: &SourceVm, opts: &MigrateOptions) -> MigrationPlan {
+    MigrationPlan {
+        vm: VmSpec {
+            name: opts.name.clone().unwrap_or_else(|| vm.name.clone()),
+            guest_os: vm.guest_os.clone(),
+            num_cpus: vm.num_cpus,
+            cores_per_socket: vm.cores_per_socket,
+            memory_mib: vm.memory_mib,
+            firmware: vm.firmware.clone(),
+            bios_uuid: vm.bios_uuid.clone(),
+            nics: vm
+                .nics
+                .iter()
+                .map(|n| NicSpec {
+                    key: n.key.clone(),
+                    network: n.network.clone(),
+                    virtual_dev: n.virtual_dev.clone(),
+                    mac: n.mac.clone(),
+                })
+                .collect(),
+            disks: vm
+                .disks
+                .iter()
+                .map(|d| DiskSpec {
+                    key: d.key.clone(),
+                    capacity: d.capacity,
+                })
+                .collect(),
+        },
+        network_map: opts.network_map.clone(),
+        chunk_size: opts.chunk_size,
+    }
+}
+
+/// Work for the reader/sealer workers: every chunk once, in disk order, then
+/// whatever the cloud asks to be resent.
+#[derive(Debug)]
+struct Jobs {
+    capacities: Vec<u64>,
+    chunk_size: u64,
+    disk: usize,
+    offset: u64,
+    resends: VecDeque<(u16, u64)>,
+    started: bool,
+    closed: bool,
+}
+
+enum Next {
+    Job(u16, u64),
+    Wait,
+    Closed,
+}
+
+impl Jobs {
+    fn next(&mut self) -> Next {
+        if self.closed {
+            return Next::Closed;
+        }
+        if !self.started {
+            return Next::Wait;
+        }
+        if let Some((d, o)) = self.resends.pop_front() {
+            return Next::Job(d, o);
+        }
+        while self.disk < self.capacities.len() {
+            if self.offset < self.capacities[self.disk] {
+                let job = Next::Job(self.disk as u16, self.offset);
+                self.offset += self.chunk_size;
+                return job;
+            }
+            self.disk += 1;
+            self.offset = 0;
+        }
+        Next::Wait
+    }
+}
+
+struct Shared {
+    session: Mutex<SenderSession>,
+    wake_writer: Notify,
+    jobs: Mutex<Jobs>,
+    jobs_changed: Notify,
+    payload_bytes: AtomicU64,
+    resent_chunks: AtomicU64,
+}
+
+impl Shared {
+    fn session(&self) -> std::sync::MutexGuard<'_, SenderSession> {
+        self.session.lock().expect("session lock poisoned")
+    }
+
+    fn update_jobs(&self, f: impl FnOnce(&mut Jobs)) {
+        f(&mut self.jobs.lock().expect("jobs lock poisoned"));
+        self.jobs_changed.notify_waiters();
+    }
+
+    async fn next_job(&self) -> Option<(u16, u64)> {
+        loop {
+            let notified = self.jobs_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.jobs.lock().expect("jobs lock poisoned").next() {
+                Next::Job(d, o) => return Some((d, o)),
+                Next::Closed => return None,
+                Next::Wait => {}
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Buffers a worker moves into the blocking pool and back, so nothing is
+/// reallocated per chunk.
+struct WorkerBufs {
+    sealer: Sealer,
+    plain: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+enum Sealed {
+    Zero,
+    Data(ChunkHeader),
+}
+
+/// Migrates `vm` to `target`. Returns when the VM is registered in the cloud
+/// domain, or with the reason it is not (then nothing is registered).
+pub async fn run(
+    vm: &SourceVm,
+    target: &Target,
+    opts: &MigrateOptions,
+    sink: Arc<dyn ProgressSink>,
+) -> Result<Summary, MigrateError> {
+    let started = Instant::now();
+    let plan = build_plan(vm, opts);
+    plan.check_limits()
+        .map_err(|e| MigrateError::Target(e.to_string()))?;
+    let mut disks: Vec<Box<dyn DiskReader>> = Vec::with_capacity(vm.disks.len());
+    for d in &vm.disks {
+        disks.push(open_disk(&d.path)?);
+    }
+    let disks = Arc::new(disks);
+    let total = plan.logical_bytes();
+
+    let crypto = transport::client_crypto(target.identity.clone(), target.trust.clone())?;
+    let bind: SocketAddr = if target.addr.is_ipv6() {
+        "[::]:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    let endpoint = transport::client_endpoint(bind, crypto, &opts.tuning)?;
+    let conn = transport::connect(&endpoint, target.addr, &target.server_name).await?;
+    tracing::info!(endpoint = %target.addr, "connected");
+
+    let session = SenderSession::new(
+        SenderConfig::new(&opts.agent, &target.user, &target.password),
+        plan.clone(),
+        Instant::now(),
+    )?;
+    let shared = Arc::new(Shared {
+        session: Mutex::new(session),
+        wake_writer: Notify::new(),
+        jobs: Mutex::new(Jobs {
+            capacities: plan.vm.disks.iter().map(|d| d.capacity).collect(),
+            chunk_size: u64::from(plan.chunk_size),
+            disk: 0,
+            offset: 0,
+            resends: VecDeque::new(),
+            started: false,
+            closed: false,
+        }),
+        jobs_changed: Notify::new(),
+        payload_bytes: AtomicU64::new(0),
+        resent_chunks: AtomicU64::new(0),
+    });
+
+    let result = drive(&shared, &conn, &disks, opts, &plan, sink.clone(), started).await;
+    shared.update_jobs(|j| j.closed = true);
+    let wire_bytes = conn.stats().udp_tx.bytes;
+    match result {
+        Ok((vm_id, vm_path, migration_id)) => {
+            conn.close(0u32.into(), b"committed");
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            let s = shared.session();
+            sink.progress(&Progress {
+                done_bytes: s.done_bytes(),
+                total_bytes: total,
+                wire_bytes,
+                elapsed_secs: secs(started.elapsed()),
+            });
+            Ok(Summary {
+                vm: plan.vm.name.clone(),
+                vm_id,
+                vm_path,
+                migration_id,
+                disks: plan.vm.disks.len(),
+                logical_bytes: total,
+                zero_bytes: s.zero_bytes(),
+                payload_bytes: shared.payload_bytes.load(Ordering::Relaxed),
+                wire_bytes,
+                resent_chunks: shared.resent_chunks.load(Ordering::Relaxed),
+                duration_secs: secs(started.elapsed()),
+            })
+        }
+        Err(e) => {
+            // Closing tells the cloud to discard what it staged; it would also
+            // do so on the idle timeout, but not as soon.
+            let e = refine(e);
+            transport::close(&conn, RefusalCode::Aborted, &e.to_string());
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            Err(e)
+        }
+    }
+}
+
+/// A closed connection carrying one of our refusal codes is a refusal.
+fn refine(e: MigrateError) -> MigrateError {
+    if let MigrateError::Transport(TransportError::Connection(quinn::ConnectionError::ApplicationClosed(c))) = &e {
+        if let Some(code) = RefusalCode::from_close_code(c.error_code.into_inner()) {
+            return MigrateError::Refused {
+                code,
+                problems: vec![String::from_utf8_lossy(&c.reason).into_owned()],
+            };
+        }
+    }
+    e
+}
+
+async fn drive(
+    shared: &Arc<Shared>,
+    conn: &quinn::Connection,
+    disks: &Arc<Vec<Box<dyn DiskReader>>>,
+    opts: &MigrateOptions,
+    plan: &MigrationPlan,
+    sink: Arc<dyn ProgressSink>,
+    started: Instant,
+) -> Result<(String, String, String), MigrateError> {
+    let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
+    let writer = ControlWriter::open(send, true).await?;
+    let reader = ControlReader::open(recv, false).await?;
+    let (fail_tx, mut fail_rx) = mpsc::channel::<MigrateError>(opts.streams + 2);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let shared = shared.clone();
+        let fail_tx = fail_tx.clone();
+        tasks.spawn(async move {
+            if let Err(e) = control_writer(&shared, writer).await {
+                let _ = fail_tx.send(e).await;
+            }
+        });
+    }
+    for _ in 0..opts.streams.max(1) {
+        let (shared, conn, disks, fail_tx) = (shared.clone(), conn.clone(), disks.clone(), fail_tx.clone());
+        let level = opts.zstd_level;
+        tasks.spawn(async move {
+            if let Err(e) = worker(&shared, &conn, &disks, level).await {
+                let _ = fail_tx.send(e).await;
+            }
+        });
+    }
+    {
+        let (shared, conn, sink) = (shared.clone(), conn.clone(), sink.clone());
+        let total = plan.logical_bytes();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let done_bytes = shared.session().done_bytes();
+                sink.progress(&Progress {
+                    done_bytes,
+                    total_bytes: total,
+                    wire_bytes: conn.stats().udp_tx.bytes,
+                    elapsed_secs: secs(started.elapsed()),
+                });
+            }
+        });
+    }
+    drop(fail_tx);
+
+    let outcome = tokio::select! {
+        r = control_reader(shared, reader, sink.as_ref(), plan) => r,
+        Some(e) = fail_rx.recv() => Err(e),
+    };
+    if outcome.is_ok() {
+        // Let the workers see the closed queue and finish their streams.
+        shared.update_jobs(|j| j.closed = true);
+        shared.wake_writer.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            // The progress ticker never ends; wait only for the others.
+            while tasks.len() > 1 {
+                if tasks.join_next().await.is_none() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    tasks.abort_all();
+    outcome
+}
+
+async fn control_writer(shared: &Shared, mut writer: ControlWriter) -> Result<(), MigrateError> {
+    loop {
+        let (msgs, finished) = {
+            let mut s = shared.session();
+            let now = Instant::now();
+            let msgs: Vec<_> = std::iter::from_fn(|| s.poll_transmit(now)).collect();
+            (msgs, s.is_finished())
+        };
+        for msg in &msgs {
+            writer.send(msg).await?;
+        }
+        if finished {
+            writer.finish();
+            return Ok(());
+        }
+        shared.wake_writer.notified().await;
+    }
+}
+
+async fn control_reader(
+    shared: &Shared,
+    mut reader: ControlReader,
+    sink: &dyn ProgressSink,
+    plan: &MigrationPlan,
+) -> Result<(String, String, String), MigrateError> {
+    let mut migration_id = String::new();
+    loop {
+        let deadline = shared.session().poll_timeout();
+        let msg = match deadline {
+            Some(deadline) => tokio::select! {
+                msg = reader.recv::<CloudMessage>() => msg?,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let mut s = shared.session();
+                    s.handle_timeout(Instant::now());
+                    if let Some(e) = s.error() {
+                        return Err(e.clone().into());
+                    }
+                    continue;
+                }
+            },
+            None => reader.recv::<CloudMessage>().await?,
+        };
+        let Some(msg) = msg else {
+            return Err(TransportError::StreamClosed.into());
+        };
+        let mut s = shared.session();
+        s.handle_control(msg, Instant::now())?;
+        while let Some(event) = s.poll_event() {
+            match event {
+                SenderEvent::Welcomed { endpoint, role } => {
+                    tracing::info!(%endpoint, %role, "credential accepted");
+                }
+                SenderEvent::Accepted { migration_id: id, datastore } => {
+                    tracing::info!(migration = %id, %datastore, "plan accepted");
+                    sink.started(&plan.vm.name, &id, plan.logical_bytes());
+                    migration_id = id;
+                    shared.update_jobs(|j| j.started = true);
+                }
+                SenderEvent::Acked { .. } => {}
+                SenderEvent::Resend { disk, offset } => {
+                    tracing::warn!(disk, offset, "chunk rejected by the cloud, resending");
+                    shared.resent_chunks.fetch_add(1, Ordering::Relaxed);
+                    shared.update_jobs(|j| j.resends.push_back((disk, offset)));
+                }
+                SenderEvent::Committed { vm_id, vm_path } => {
+                    shared.wake_writer.notify_one();
+                    return Ok((vm_id, vm_path, migration_id));
+                }
+            }
+        }
+        drop(s);
+        shared.wake_writer.notify_one();
+    }
+}
+
+async fn worker(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    disks: &Arc<Vec<Box<dyn DiskReader>>>,
+    level: i32,
+) -> Result<(), MigrateError> {
+    let mut stream: Option<DataWriter> = None;
+    let mut bufs = Some(WorkerBufs {
+        sealer: Sealer::new(level).map_err(|e| MigrateError::Target(format!("zstd level {level}: {e}")))?,
+        plain: Vec::new(),
+        payload: Vec::new(),
+    });
+    let chunk_size = u64::from(shared.session().plan().chunk_size);
+    while let Some((disk, offset)) = shared.next_job().await {
+        let mut b = bufs.take().expect("buffers returned after each chunk");
+        let disks = disks.clone();
+        let (b, sealed) = tokio::task::spawn_blocking(move || {
+            let reader = &disks[usize::from(disk)];
+            let len = (reader.capacity() - offset).min(chunk_size) as usize;
+            b.plain.resize(len, 0);
+            if let Err(e) = reader.read_at(offset, &mut b.plain) {
+                return Err(MigrateError::Read {
+                    what: format!("disk {disk} at offset {offset}"),
+                    source: e,
+                });
+            }
+            let sealed = if is_zero(&b.plain) {
+                Sealed::Zero
+            } else {
+                Sealed::Data(b.sealer.seal(disk, offset, &b.plain, &mut b.payload))
+            };
+            Ok((b, sealed))
+        })
+        .await
+        .expect("sealing does not panic")?;
+        match sealed {
+            Sealed::Zero => shared.session().chunk_zero(disk, offset),
+            Sealed::Data(header) => {
+                shared.session().chunk_sent(disk, offset, header.sha256);
+                if stream.is_none() {
+                    stream = Some(DataWriter::open(conn).await?);
+                }
+                let s = stream.as_mut().expect("opened above");
+                s.send_chunk(&header, &b.payload).await?;
+                shared
+                    .payload_bytes
+                    .fetch_add(u64::from(header.payload_len), Ordering::Relaxed);
+            }
+        }
+        shared.wake_writer.notify_one();
+        bufs = Some(b);
+    }
+    if let Some(mut s) = stream {
+        s.finish();
+    }
+    Ok(())
+}

@@ -1,0 +1,120 @@
+//! What the agent tells its user: progress while data moves, a summary at the
+//! end. Both have a JSON form for automation.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// A progress sample.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    /// Logical bytes done: written in the cloud or known to be zero.
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Bytes sent on the wire so far (UDP payload, after compression and encryption).
+    pub wire_bytes: u64,
+    pub elapsed_secs: f64,
+}
+
+/// Receives progress; the binary draws a bar or prints JSON lines.
+pub trait ProgressSink: Send + Sync {
+    /// The plan was accepted: data starts to flow.
+    fn started(&self, vm: &str, migration_id: &str, total_bytes: u64);
+    fn progress(&self, p: &Progress);
+}
+
+/// A sink that shows nothing (tests, library use).
+#[derive(Debug, Default)]
+pub struct Silent;
+
+impl ProgressSink for Silent {
+    fn started(&self, _: &str, _: &str, _: u64) {}
+    fn progress(&self, _: &Progress) {}
+}
+
+/// The result of a completed migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub vm: String,
+    pub vm_id: String,
+    pub vm_path: String,
+    pub migration_id: String,
+    pub disks: usize,
+    /// Sum of the disks' capacities.
+    pub logical_bytes: u64,
+    /// Of those, bytes in all-zero chunks: never sent.
+    pub zero_bytes: u64,
+    /// Chunk payload bytes sent (after compression), resends included.
+    pub payload_bytes: u64,
+    /// UDP payload bytes sent: everything, including QUIC and TLS overhead.
+    pub wire_bytes: u64,
+    /// Chunks resent after the cloud rejected them.
+    pub resent_chunks: u64,
+    pub duration_secs: f64,
+}
+
+impl Summary {
+    /// Logical bytes per wire byte.
+    pub fn ratio(&self) -> f64 {
+        self.logical_bytes as f64 / self.wire_bytes.max(1) as f64
+    }
+
+    /// Logical bytes per second.
+    pub fn rate(&self) -> f64 {
+        self.logical_bytes as f64 / self.duration_secs.max(1e-9)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("plain struct");
+        v["ratio"] = self.ratio().into();
+        v["logical_rate_bytes_per_sec"] = self.rate().into();
+        v
+    }
+
+    /// Human summary, several lines.
+    pub fn to_text(&self) -> String {
+        format!(
+            "migrated {vm} -> {vm_id} at {path} (migration {mid})\n\
+             disks:          {disks}\n\
+             logical bytes:  {logical} ({zero} all-zero, never sent)\n\
+             payload bytes:  {payload} (zstd, {resent} chunks resent)\n\
+             bytes on wire:  {wire} (QUIC + TLS 1.3)\n\
+             ratio:          {ratio:.2} logical bytes per wire byte\n\
+             duration:       {dur:.2} s\n\
+             rate:           {rate}/s logical",
+            vm = self.vm,
+            vm_id = self.vm_id,
+            path = self.vm_path,
+            mid = self.migration_id,
+            disks = self.disks,
+            logical = human(self.logical_bytes),
+            zero = human(self.zero_bytes),
+            payload = human(self.payload_bytes),
+            resent = self.resent_chunks,
+            wire = human(self.wire_bytes),
+            ratio = self.ratio(),
+            dur = self.duration_secs,
+            rate = human(self.rate() as u64),
+        )
+    }
+}
+
+/// Bytes in binary units with the exact count, e.g. `1.00 GiB (1073741824 B)`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.2} {} ({bytes} B)", UNITS[unit])
+    }
+}
+
+pub(crate) fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
