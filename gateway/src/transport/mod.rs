@@ -73,6 +73,10 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
             "the peer closed the connection: {}",
             String::from_utf8_lossy(&c.reason)
         ),
+        TransportError(t) if t.reason.contains("invalid peer certificate") => format!(
+            "the peer's certificate was not accepted ({}): check the CA bundle (--ca-bundle) or the pinned SHA-256 thumbprint (--thumbprint; `certs thumbprint FILE` prints it)",
+            t.reason.trim_start_matches("invalid peer certificate: ")
+        ),
         TransportError(t) => format!("TLS/QUIC failure: {t}"),
         Reset => "the peer reset the connection (it restarted or forgot it)".into(),
         LocallyClosed => "the connection was closed locally".into(),

@@ -125,10 +125,16 @@ struct PinnedVerifier {
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-#[derive(Debug)]
 struct PinMismatch {
     expected: Thumbprint,
     got: Thumbprint,
+}
+
+// rustls shows the error with Debug: make that the readable sentence too.
+impl std::fmt::Debug for PinMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 impl std::fmt::Display for PinMismatch {
