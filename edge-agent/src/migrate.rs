@@ -243,6 +243,7 @@ pub async fn run(
     let wire_bytes = conn.stats().udp_tx.bytes;
     match result {
         Ok((vm_id, vm_path, migration_id)) => {
+            let duration = started.elapsed();
             conn.close(0u32.into(), b"committed");
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
             let s = shared.session();
@@ -250,7 +251,7 @@ pub async fn run(
                 done_bytes: s.done_bytes(),
                 total_bytes: total,
                 wire_bytes,
-                elapsed_secs: secs(started.elapsed()),
+                elapsed_secs: secs(duration),
             });
             Ok(Summary {
                 vm: plan.vm.name.clone(),
@@ -263,7 +264,7 @@ pub async fn run(
                 payload_bytes: shared.payload_bytes.load(Ordering::Relaxed),
                 wire_bytes,
                 resent_chunks: shared.resent_chunks.load(Ordering::Relaxed),
-                duration_secs: secs(started.elapsed()),
+                duration_secs: secs(duration),
             })
         }
         Err(e) => {
@@ -458,6 +459,10 @@ async fn worker(
         let (b, sealed) = tokio::task::spawn_blocking(move || {
             let reader = &disks[usize::from(disk)];
             let len = (reader.capacity() - offset).min(chunk_size) as usize;
+            // Holes of a sparse source are zeros without reading them.
+            if reader.is_hole(offset, len as u64) {
+                return Ok((b, Sealed::Zero));
+            }
             b.plain.resize(len, 0);
             if let Err(e) = reader.read_at(offset, &mut b.plain) {
                 return Err(MigrateError::Read {

@@ -282,6 +282,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 return;
             };
             ctx.disks.lock().expect("disks lock").clear();
+            tracing::info!(migration = %staged.migration_id, "every disk verified; flushing and registering");
             let result = tokio::task::spawn_blocking(move || placement::finalize(&domain, &plan, staged))
                 .await
                 .expect("finalize does not panic");

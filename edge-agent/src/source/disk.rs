@@ -128,6 +128,10 @@ impl DiskReader for RawDisk {
             .read_exact_at(buf, offset)
             .map_err(|e| read_error(&self.path, offset, e))
     }
+
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        super::file_range_is_hole(&self.file, offset, len)
+    }
 }
 
 /// Opens `path` read-only and measures it by seeking to its end, which unlike the metadata

@@ -242,6 +242,29 @@ pub trait DiskReader: Send + Sync + std::fmt::Debug {
     /// capacity. Bytes past the end of a backing file that is shorter than its extent read as
     /// zeros.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// True if `[offset, offset + len)` is known to read as zeros without reading it: a
+    /// hole of a sparse file or a ZERO extent. `false` means "data, or unknown": read it.
+    /// Lets the agent skip the unallocated part of a disk at the cost of a seek.
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        false
+    }
+}
+
+/// Whether `file` holds no data in `[offset, offset + len)`, asked of the file system
+/// with `SEEK_DATA`. Any error (a file system or device without hole support) says no.
+pub(crate) fn file_range_is_hole(file: &std::fs::File, offset: u64, len: u64) -> bool {
+    use nix::unistd::{lseek, Whence};
+    let Ok(start) = i64::try_from(offset) else {
+        return false;
+    };
+    match lseek(file, start, Whence::SeekData) {
+        Ok(data) => u64::try_from(data).is_ok_and(|d| d >= offset.saturating_add(len)),
+        // ENXIO: no data at or after `offset`.
+        Err(nix::errno::Errno::ENXIO) => true,
+        Err(_) => false,
+    }
 }
 
 /// Opens a disk file: a raw image, or a VMDK text descriptor (a small text file starting with

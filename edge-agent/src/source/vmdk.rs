@@ -520,6 +520,34 @@ impl DiskReader for FlatVmdk {
         }
         Ok(())
     }
+
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len).min(self.capacity);
+        let mut pos = offset;
+        while pos < end {
+            let index = self.extents.partition_point(|extent| extent.end <= pos);
+            let Some(extent) = self.extents.get(index) else {
+                return false;
+            };
+            let within = pos - extent.start;
+            let count = extent.end.min(end) - pos;
+            let hole = match &extent.backing {
+                Backing::Zero => true,
+                Backing::File { file, offset, available, .. } => {
+                    let stored = available.saturating_sub(within).min(count);
+                    stored == 0
+                        || file
+                            .as_ref()
+                            .is_some_and(|f| super::file_range_is_hole(f, offset + within, stored))
+                }
+            };
+            if !hole {
+                return false;
+            }
+            pos += count;
+        }
+        true
+    }
 }
 
 #[cfg(test)]

@@ -468,3 +468,31 @@ fn a_missing_extent_is_named() {
     assert!(matches!(err, SourceError::ExtentMissing { .. }), "{msg}");
     assert!(msg.contains("extent a-flat.vmdk does not exist"), "{msg}");
 }
+
+#[test]
+fn holes_of_sparse_extents_are_known_without_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    // 4 MiB: data in the second MiB only, the rest a hole.
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(4 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 1 << 20], 1 << 20).unwrap();
+    drop(f);
+    let disk = crate::source::open_disk(&raw).unwrap();
+    assert!(disk.is_hole(0, 1 << 20));
+    assert!(!disk.is_hole(1 << 20, 1 << 20));
+    assert!(!disk.is_hole(0, 2 << 20));
+    assert!(disk.is_hole(2 << 20, 2 << 20));
+    let vmdk = dir.path().join("flat.vmdk");
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat"])
+        .arg(&raw)
+        .arg(&vmdk)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let disk = crate::source::open_disk(&vmdk).unwrap();
+    // qemu-img allocates the first block of what it writes; the tail stays sparse.
+    assert!(disk.is_hole(2 << 20, 2 << 20), "qemu-img keeps zeros sparse");
+    assert!(!disk.is_hole(1 << 20, 1 << 20));
+}
