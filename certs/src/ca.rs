@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -23,8 +23,7 @@ const CA_DAYS: u32 = 3650;
 /// accept for a server certificate.
 const LEAF_DAYS: u32 = 825;
 
-const CA_HINT: &str =
-    "create a CA with `certs ca --out DIR` or pass the directory that holds ca.pem and ca.key";
+const CA_HINT: &str = "create a CA with `certs ca --out DIR` or pass the directory that holds ca.pem and ca.key";
 
 /// When a certificate is valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,16 +98,8 @@ impl Issued {
     /// returns (cert path, key path).
     pub fn write(&self, dir: &Path, stem: &str) -> Result<(PathBuf, PathBuf), Error> {
         create_dir(dir)?;
-        let cert = write_file(
-            &dir.join(format!("{stem}.pem")),
-            &self.cert_pem,
-            Secrecy::Public,
-        )?;
-        let key = write_file(
-            &dir.join(format!("{stem}.key")),
-            &self.key_pem,
-            Secrecy::Secret,
-        )?;
+        let cert = write_file(&dir.join(format!("{stem}.pem")), &self.cert_pem, Secrecy::Public)?;
+        let key = write_file(&dir.join(format!("{stem}.key")), &self.key_pem, Secrecy::Secret)?;
         Ok((cert, key))
     }
 }
@@ -192,8 +183,7 @@ impl Ca {
             origin: origin.clone(),
             reason,
         };
-        let cert_der =
-            first_cert_der(cert_pem).ok_or_else(|| invalid("no PEM certificate".into()))?;
+        let cert_der = first_cert_der(cert_pem).ok_or_else(|| invalid("no PEM certificate".into()))?;
         let key = KeyPair::from_pem(key_pem)
             .map_err(|e| invalid(format!("the key is not a usable PEM private key ({e})")))?;
         // The certificate embeds its SubjectPublicKeyInfo verbatim, so finding the key's SPKI
@@ -279,12 +269,10 @@ impl Ca {
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
         params.serial_number = Some(random_serial()?);
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|source| Error::Generate {
-                what: "sign the certificate",
-                source,
-            })?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(|source| Error::Generate {
+            what: "sign the certificate",
+            source,
+        })?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -312,12 +300,10 @@ fn new_key() -> Result<KeyPair, Error> {
 /// 128 random bits: serial numbers must be unique per CA and unpredictable (CA/B BR 7.1).
 fn random_serial() -> Result<SerialNumber, Error> {
     let mut bytes = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| Error::Generate {
-            what: "draw a random serial number",
-            source: rcgen::Error::RingUnspecified,
-        })?;
+    SystemRandom::new().fill(&mut bytes).map_err(|_| Error::Generate {
+        what: "draw a random serial number",
+        source: rcgen::Error::RingUnspecified,
+    })?;
     // A serial number is a positive INTEGER.
     bytes[0] &= 0x7f;
     Ok(SerialNumber::from_slice(&bytes))
@@ -332,9 +318,7 @@ fn common_name_dn(common_name: &str) -> DistinguishedName {
 /// A subject alternative name: an IP address if `name` parses as one, else a DNS name,
 /// checked with the same rules rustls applies to server names.
 fn san(name: &str) -> Result<SanType, Error> {
-    let invalid = || Error::InvalidName {
-        name: name.to_owned(),
-    };
+    let invalid = || Error::InvalidName { name: name.to_owned() };
     if let Ok(ip) = name.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
     }

@@ -139,10 +139,7 @@ fn run(command: Command) -> Result<()> {
             report(&issued, &out, &stem)?;
         }
         Command::Thumbprint { file } => println!("{}", thumbprint_of_pem_file(&file)?),
-        Command::Quickstart {
-            out,
-            endpoint_names,
-        } => quickstart(&out, endpoint_names)?,
+        Command::Quickstart { out, endpoint_names } => quickstart(&out, endpoint_names)?,
     }
     Ok(())
 }
@@ -238,9 +235,6 @@ mod tests {
             assert!(out.join(file).exists(), "{file}");
         }
         quickstart(&out, vec![]).unwrap();
-        assert_eq!(
-            thumbprint_of_pem_file(&out.join("ca.pem")).unwrap(),
-            ca_thumbprint
-        );
+        assert_eq!(thumbprint_of_pem_file(&out.join("ca.pem")).unwrap(), ca_thumbprint);
     }
 }

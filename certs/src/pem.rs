@@ -8,10 +8,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::{Error, Thumbprint};
 
-const CERT_HINT: &str =
-    "create it with `certs endpoint`, `certs edge` or `certs quickstart`, or pass the right path";
-const KEY_HINT: &str =
-    "the key is written next to its certificate as <name>.key; pass the right path";
+const CERT_HINT: &str = "create it with `certs endpoint`, `certs edge` or `certs quickstart`, or pass the right path";
+const KEY_HINT: &str = "the key is written next to its certificate as <name>.key; pass the right path";
 
 /// All certificates in a PEM file, in file order. Fails if the file holds none.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
@@ -23,9 +21,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
             source,
         })?;
     if certs.is_empty() {
-        return Err(Error::NoCertificate {
-            path: path.to_owned(),
-        });
+        return Err(Error::NoCertificate { path: path.to_owned() });
     }
     Ok(certs)
 }
@@ -38,9 +34,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
             path: path.to_owned(),
             source,
         })?
-        .ok_or_else(|| Error::NoKey {
-            path: path.to_owned(),
-        })
+        .ok_or_else(|| Error::NoKey { path: path.to_owned() })
 }
 
 /// Thumbprint of the first certificate in a PEM file.
@@ -129,10 +123,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("empty.pem");
         fs::write(&path, "just text\n").unwrap();
-        assert!(matches!(
-            load_certs(&path),
-            Err(Error::NoCertificate { .. })
-        ));
+        assert!(matches!(load_certs(&path), Err(Error::NoCertificate { .. })));
         assert!(matches!(load_key(&path), Err(Error::NoKey { .. })));
         assert!(matches!(
             thumbprint_of_pem_file(&path),

@@ -39,9 +39,7 @@ fn verify_client(ca: &Ca, cert: &CertificateDer<'_>) -> Result<(), rustls::Error
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca), provider())
         .build()
         .unwrap();
-    verifier
-        .verify_client_cert(cert, &[], UnixTime::now())
-        .map(|_| ())
+    verifier.verify_client_cert(cert, &[], UnixTime::now()).map(|_| ())
 }
 
 fn cert_error(result: Result<(), rustls::Error>) -> CertificateError {
@@ -106,9 +104,7 @@ fn certificates_from_another_ca_are_rejected() {
 fn edge_certificate_is_a_client_certificate_only() {
     let ca = Ca::generate("Test CA").unwrap();
     let edge = ca.issue_edge("edge-01", Validity::default()).unwrap();
-    let endpoint = ca
-        .issue_endpoint(&names(&["edge-01"]), Validity::default())
-        .unwrap();
+    let endpoint = ca.issue_endpoint(&names(&["edge-01"]), Validity::default()).unwrap();
     verify_client(&ca, &edge.cert_der()).unwrap();
     // Each certificate is good for its own side of the connection only.
     let is_purpose_error = |e: &CertificateError| {
@@ -158,10 +154,7 @@ fn expired_certificate_is_rejected_as_expired() {
     let endpoint = ca.issue_endpoint(&names(&["localhost"]), expired).unwrap();
     let e = cert_error(verify_server(&ca, &endpoint.cert_der(), "localhost"));
     assert!(
-        matches!(
-            e,
-            CertificateError::Expired | CertificateError::ExpiredContext { .. }
-        ),
+        matches!(e, CertificateError::Expired | CertificateError::ExpiredContext { .. }),
         "{e:?}"
     );
 }
@@ -177,10 +170,7 @@ fn issued_files_load_back_and_the_key_signs() {
 
     assert_eq!(load_certs(&cert_path).unwrap(), vec![edge.cert_der()]);
     assert_eq!(load_key(&key_path).unwrap(), edge.key_der());
-    assert_eq!(
-        thumbprint_of_pem_file(&cert_path).unwrap(),
-        edge.thumbprint()
-    );
+    assert_eq!(thumbprint_of_pem_file(&cert_path).unwrap(), edge.thumbprint());
     assert!(rustls::crypto::ring::sign::any_supported_type(&edge.key_der()).is_ok());
     assert!(!format!("{edge:?}").contains("PRIVATE KEY"));
     assert!(!format!("{ca:?}").contains("PRIVATE KEY"));
@@ -196,9 +186,7 @@ fn issued_files_load_back_and_the_key_signs() {
 #[test]
 fn thumbprint_matches_openssl() {
     let ca = Ca::generate("Test CA").unwrap();
-    let endpoint = ca
-        .issue_endpoint(&names(&["localhost"]), Validity::default())
-        .unwrap();
+    let endpoint = ca.issue_endpoint(&names(&["localhost"]), Validity::default()).unwrap();
     let expected = Thumbprint::of_der(&endpoint.cert_der());
     assert_eq!(endpoint.thumbprint(), expected);
     assert_eq!(ca.thumbprint(), Thumbprint::of_der(&ca.cert_der()));
@@ -229,17 +217,8 @@ fn bad_names_are_rejected_with_a_clear_message() {
     let ca = Ca::generate("Test CA").unwrap();
     let v = Validity::default();
     assert!(matches!(ca.issue_endpoint(&[], v), Err(Error::NoNames)));
-    for bad in [
-        "",
-        "bad name",
-        "*.example.com",
-        "host:443",
-        "[::1]",
-        "-x.example.com",
-    ] {
-        let err = ca
-            .issue_endpoint(&names(&["localhost", bad]), v)
-            .unwrap_err();
+    for bad in ["", "bad name", "*.example.com", "host:443", "[::1]", "-x.example.com"] {
+        let err = ca.issue_endpoint(&names(&["localhost", bad]), v).unwrap_err();
         assert!(matches!(err, Error::InvalidName { .. }), "{bad}: {err:?}");
         assert!(err.to_string().contains("DNS name or IP address"), "{err}");
         assert!(ca.issue_edge(bad, v).is_err(), "{bad}");
@@ -281,9 +260,6 @@ fn ca_from_mismatched_or_non_ca_pem_is_rejected() {
     let missing = dir.path().join("missing");
     let err = Ca::load(&missing).unwrap_err().to_string();
     assert!(err.contains("cannot read CA certificate"), "{err}");
-    assert!(
-        err.contains(&missing.join("ca.pem").display().to_string()),
-        "{err}"
-    );
+    assert!(err.contains(&missing.join("ca.pem").display().to_string()), "{err}");
     assert!(err.contains("certs ca --out"), "{err}");
 }

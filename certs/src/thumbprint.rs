@@ -131,20 +131,17 @@ mod tests {
         let colon = sample().to_string();
         for bad in [
             String::new(),
-            colon[..colon.len() - 3].to_owned(), // 31 bytes
-            format!("{colon}:00"),               // 33 bytes
-            colon.replacen("A0", "G0", 1),       // not hex
-            colon.replacen("A0:C5", "A:0C5", 1), // misgrouped
+            colon[..colon.len() - 3].to_owned(),          // 31 bytes
+            format!("{colon}:00"),                        // 33 bytes
+            colon.replacen("A0", "G0", 1),                // not hex
+            colon.replacen("A0:C5", "A:0C5", 1),          // misgrouped
             colon.replace(':', "").replacen('A', "é", 1), // non-ASCII
             format!("sha1:{colon}"),
             "+0".repeat(32),
         ] {
             let err = bad.parse::<Thumbprint>().unwrap_err();
             let msg = err.to_string();
-            assert!(
-                msg.contains("64 hex digits") && msg.contains("32 bytes"),
-                "{msg}"
-            );
+            assert!(msg.contains("64 hex digits") && msg.contains("32 bytes"), "{msg}");
         }
     }
 

@@ -104,10 +104,7 @@ impl fmt::Debug for UserConfig {
         f.debug_struct("UserConfig")
             .field("name", &self.name)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field(
-                "password_hash",
-                &self.password_hash.as_ref().map(|_| "<redacted>"),
-            )
+            .field("password_hash", &self.password_hash.as_ref().map(|_| "<redacted>"))
             .field("role", &self.role)
             .finish()
     }
@@ -177,9 +174,7 @@ impl Default for DomainConfig {
             cluster: "Cloud-Cluster".to_owned(),
             host: HostConfig::default(),
             datastore: DatastoreConfig::default(),
-            networks: ["VM Network", "cloud-web", "cloud-db"]
-                .map(String::from)
-                .to_vec(),
+            networks: ["VM Network", "cloud-web", "cloud-db"].map(String::from).to_vec(),
             users: vec![
                 user("administrator@cloud.local", Role::Administrator),
                 user("migrator@cloud.local", Role::MigrationOperator),
@@ -256,22 +251,18 @@ pub enum ConfigError {
     #[error("`{key}` is empty ({origin}); give a name")]
     EmptyName { key: String, origin: String },
 
-    #[error("`domain.networks` is empty ({origin}); list at least one cloud network, e.g. networks = [\"VM Network\"]")]
+    #[error(
+        "`domain.networks` is empty ({origin}); list at least one cloud network, e.g. networks = [\"VM Network\"]"
+    )]
     NoNetworks { origin: String },
 
-    #[error(
-        "`domain.networks` lists {name:?} more than once ({origin}); network names must be unique"
-    )]
+    #[error("`domain.networks` lists {name:?} more than once ({origin}); network names must be unique")]
     DuplicateNetwork { name: String, origin: String },
 
-    #[error(
-        "`domain.users` lists user {name:?} more than once ({origin}); user names must be unique"
-    )]
+    #[error("`domain.users` lists user {name:?} more than once ({origin}); user names must be unique")]
     DuplicateUser { name: String, origin: String },
 
-    #[error(
-        "user {user:?} ({origin}) has {problem}; give exactly one of `password` or `password_hash`"
-    )]
+    #[error("user {user:?} ({origin}) has {problem}; give exactly one of `password` or `password_hash`")]
     UserCredentials {
         user: String,
         problem: &'static str,
@@ -307,10 +298,7 @@ impl Config {
     }
 
     /// Like [`Config::load`], with the environment given as pairs (tests, embedding).
-    pub fn load_with_env(
-        file: Option<&Path>,
-        env: &[(String, String)],
-    ) -> Result<Config, ConfigError> {
+    pub fn load_with_env(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Defaults::default()));
         if let Some(path) = file {
             // figment would treat a missing file as empty; an explicit file must exist.
@@ -323,9 +311,18 @@ impl Config {
         let figment = figment.merge(EnvPairs::new(env));
 
         for (key, hint) in [
-            ("cert", "create an endpoint certificate with `certs endpoint` or `certs quickstart`"),
-            ("key", "it is written next to the certificate by `certs endpoint` or `certs quickstart`"),
-            ("edge_ca", "use the CA certificate that signed the edge agents' certificates (`certs quickstart` writes one)"),
+            (
+                "cert",
+                "create an endpoint certificate with `certs endpoint` or `certs quickstart`",
+            ),
+            (
+                "key",
+                "it is written next to the certificate by `certs endpoint` or `certs quickstart`",
+            ),
+            (
+                "edge_ca",
+                "use the CA certificate that signed the edge agents' certificates (`certs quickstart` writes one)",
+            ),
         ] {
             let empty = match figment.find_value(key) {
                 Ok(v) => v.as_str().is_some_and(str::is_empty),
@@ -334,7 +331,11 @@ impl Config {
                 Err(e) => return Err(e.into()),
             };
             if empty {
-                return Err(ConfigError::MissingPath { key, env: env_name(&[key]), hint });
+                return Err(ConfigError::MissingPath {
+                    key,
+                    env: env_name(&[key]),
+                    hint,
+                });
             }
         }
 
@@ -519,10 +520,7 @@ role = "ReadOnly"
 
 /// The name of the environment variable for a key path, e.g. `CLOUD_ENDPOINT_DOMAIN__HOST__NAME`.
 fn env_name<K: AsRef<str>>(keys: &[K]) -> String {
-    let keys: Vec<String> = keys
-        .iter()
-        .map(|k| k.as_ref().to_ascii_uppercase())
-        .collect();
+    let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_ascii_uppercase()).collect();
     format!("{ENV_PREFIX}{}", keys.join("__"))
 }
 
@@ -562,8 +560,7 @@ struct TomlFile(PathBuf);
 
 impl Provider for TomlFile {
     fn metadata(&self) -> Metadata {
-        Metadata::from("TOML file", self.0.as_path())
-            .interpolater(|_: &Profile, keys: &[&str]| keys.join("."))
+        Metadata::from("TOML file", self.0.as_path()).interpolater(|_: &Profile, keys: &[&str]| keys.join("."))
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
@@ -595,9 +592,7 @@ impl EnvPairs {
             // wanted, and a name like "10" stays a name); lists and tables are parsed.
             let trimmed = value.trim_start();
             let value = if trimmed.starts_with('[') || trimmed.starts_with('{') {
-                value
-                    .parse::<Value>()
-                    .unwrap_or_else(|never| match never {})
+                value.parse::<Value>().unwrap_or_else(|never| match never {})
             } else {
                 Value::from(value.clone())
             };
@@ -635,9 +630,7 @@ mod tests {
     use super::*;
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        list.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     fn cert_env() -> Vec<(String, String)> {
@@ -673,12 +666,7 @@ mod tests {
         assert_eq!(c.max_concurrent_migrations, 32);
         assert_eq!(c.domain, DomainConfig::default());
         assert_eq!(c.domain.datastore.capacity_bytes, None);
-        let users: Vec<_> = c
-            .domain
-            .users
-            .iter()
-            .map(|u| (u.name.as_str(), u.role))
-            .collect();
+        let users: Vec<_> = c.domain.users.iter().map(|u| (u.name.as_str(), u.role)).collect();
         assert_eq!(
             users,
             [
@@ -696,15 +684,8 @@ mod tests {
 
     #[test]
     fn each_required_path_is_reported_with_its_fix() {
-        for missing in [
-            "CLOUD_ENDPOINT_CERT",
-            "CLOUD_ENDPOINT_KEY",
-            "CLOUD_ENDPOINT_EDGE_CA",
-        ] {
-            let env: Vec<_> = cert_env()
-                .into_iter()
-                .filter(|(k, _)| k != missing)
-                .collect();
+        for missing in ["CLOUD_ENDPOINT_CERT", "CLOUD_ENDPOINT_KEY", "CLOUD_ENDPOINT_EDGE_CA"] {
+            let env: Vec<_> = cert_env().into_iter().filter(|(k, _)| k != missing).collect();
             let err = Config::load_with_env(None, &env).unwrap_err();
             assert!(matches!(err, ConfigError::MissingPath { .. }), "{err:?}");
             let msg = err.to_string();
@@ -718,10 +699,7 @@ mod tests {
         assert!(err.to_string().contains("no `cert` is set"), "{err}");
         assert!(err.to_string().contains("certs endpoint"), "{err}");
         let err = load_toml("cert = \"\"\nkey = \"k\"\nedge_ca = \"c\"\n", &[]).unwrap_err();
-        assert!(
-            matches!(err, ConfigError::MissingPath { key: "cert", .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, ConfigError::MissingPath { key: "cert", .. }), "{err:?}");
     }
 
     #[test]
@@ -758,19 +736,14 @@ mod tests {
     #[test]
     fn environment_beats_the_file() {
         let c = load_toml(
-            &format!(
-                "{PATHS}listen = \"0.0.0.0:5000\"\n[domain.datastore]\nname = \"from-file\"\n"
-            ),
+            &format!("{PATHS}listen = \"0.0.0.0:5000\"\n[domain.datastore]\nname = \"from-file\"\n"),
             &[
                 ("CLOUD_ENDPOINT_LISTEN", "10.0.0.1:6000"),
                 ("CLOUD_ENDPOINT_DOMAIN__DATASTORE__NAME", "from-env"),
                 ("CLOUD_ENDPOINT_DOMAIN__DATASTORE__CAPACITY_BYTES", "4096"),
                 ("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "7"),
                 ("CLOUD_ENDPOINT_DOMAIN__HOST__NAME", "10"),
-                (
-                    "CLOUD_ENDPOINT_DOMAIN__NETWORKS",
-                    r#"["VM Network", "cloud web"]"#,
-                ),
+                ("CLOUD_ENDPOINT_DOMAIN__NETWORKS", r#"["VM Network", "cloud web"]"#),
                 ("CLOUD_ENDPOINT_DATASTORE_DIR", "rel/ds"),
                 // The binary's own variables and foreign ones are not settings.
                 ("CLOUD_ENDPOINT_CONFIG", "/etc/whatever.toml"),
@@ -860,14 +833,9 @@ mod tests {
         let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_LISTN", "0.0.0.0:1")]).unwrap_err();
         assert!(err.to_string().contains("CLOUD_ENDPOINT_LISTN"), "{err}");
 
-        let err = load_toml(
-            PATHS,
-            &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "many")],
-        )
-        .unwrap_err();
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "many")]).unwrap_err();
         assert!(
-            err.to_string()
-                .contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"),
+            err.to_string().contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"),
             "{err}"
         );
 
@@ -890,28 +858,19 @@ mod tests {
     #[test]
     fn validation_errors_name_the_setting_and_its_source() {
         let err = load_toml(&format!("{PATHS}max_concurrent_migrations = 0\n"), &[]).unwrap_err();
-        assert!(
-            matches!(err, ConfigError::ZeroConcurrency { .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, ConfigError::ZeroConcurrency { .. }), "{err:?}");
         assert!(err.to_string().contains("cloud.toml"), "{err}");
 
-        let err =
-            load_toml(PATHS, &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "0")]).unwrap_err();
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "0")]).unwrap_err();
         assert!(
-            err.to_string()
-                .contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"),
+            err.to_string().contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"),
             "{err}"
         );
 
         let err = load_toml(&format!("{PATHS}[domain]\nnetworks = []\n"), &[]).unwrap_err();
         assert!(matches!(err, ConfigError::NoNetworks { .. }), "{err:?}");
 
-        let err = load_toml(
-            &format!("{PATHS}[domain]\nnetworks = [\"a\", \"b\", \"a\"]\n"),
-            &[],
-        )
-        .unwrap_err();
+        let err = load_toml(&format!("{PATHS}[domain]\nnetworks = [\"a\", \"b\", \"a\"]\n"), &[]).unwrap_err();
         assert!(
             matches!(&err, ConfigError::DuplicateNetwork { name, .. } if name == "a"),
             "{err:?}"
@@ -923,9 +882,8 @@ mod tests {
             "{err:?}"
         );
 
-        let user = |name: &str, creds: &str| {
-            format!("[[domain.users]]\nname = \"{name}\"\n{creds}role = \"ReadOnly\"\n")
-        };
+        let user =
+            |name: &str, creds: &str| format!("[[domain.users]]\nname = \"{name}\"\n{creds}role = \"ReadOnly\"\n");
         let hash = crate::inventory::hash_password("pw").unwrap();
 
         let err = load_toml(
@@ -955,28 +913,15 @@ mod tests {
             "{err:?}"
         );
 
-        let err = load_toml(
-            &format!("{PATHS}{}", user("a", "password_hash = \"plaintext\"\n")),
-            &[],
-        )
-        .unwrap_err();
-        assert!(
-            matches!(err, ConfigError::BadPasswordHash { .. }),
-            "{err:?}"
-        );
+        let err = load_toml(&format!("{PATHS}{}", user("a", "password_hash = \"plaintext\"\n")), &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::BadPasswordHash { .. }), "{err:?}");
 
         let ok = load_toml(
-            &format!(
-                "{PATHS}{}",
-                user("a", &format!("password_hash = '{hash}'\n"))
-            ),
+            &format!("{PATHS}{}", user("a", &format!("password_hash = '{hash}'\n"))),
             &[],
         )
         .unwrap();
-        assert_eq!(
-            ok.domain.users[0].password_hash.as_deref(),
-            Some(hash.as_str())
-        );
+        assert_eq!(ok.domain.users[0].password_hash.as_deref(), Some(hash.as_str()));
     }
 
     #[test]
@@ -986,10 +931,7 @@ mod tests {
         assert_eq!(c.domain, DomainConfig::default());
         let defaults = Defaults::default();
         assert_eq!(c.listen, defaults.listen);
-        assert_eq!(
-            c.max_concurrent_migrations,
-            defaults.max_concurrent_migrations
-        );
+        assert_eq!(c.max_concurrent_migrations, defaults.max_concurrent_migrations);
         assert!(c.datastore_dir.ends_with("datastore"));
         assert!(example.contains("# capacity_bytes"));
     }

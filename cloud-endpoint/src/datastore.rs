@@ -49,19 +49,14 @@ pub enum DatastoreError {
     #[error("staging folder {} already exists; a migration id was reused, or a previous run left it (restart to clean .staging)", path.display())]
     StagingExists { path: PathBuf },
 
-    #[error(
-        "disk capacity {capacity} bytes is not a multiple of 512; round it up to whole sectors"
-    )]
+    #[error("disk capacity {capacity} bytes is not a multiple of 512; round it up to whole sectors")]
     UnalignedCapacity { capacity: u64 },
 
     #[error("device key {key:?} is not a VMX {expected} key")]
     BadDeviceKey { key: String, expected: &'static str },
 }
 
-fn io_err<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(io::Error) -> DatastoreError + 'a {
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DatastoreError + 'a {
     move |source| DatastoreError::Io {
         action,
         path: path.to_owned(),
@@ -80,11 +75,7 @@ pub struct Datastore {
 impl Datastore {
     /// Opens the datastore at `root`, creating `root` and `root/.staging` if needed.
     /// `capacity` is a quota for [`Datastore::free_bytes`]; `None` = the filesystem's size.
-    pub fn open(
-        root: &Path,
-        name: &str,
-        capacity: Option<u64>,
-    ) -> Result<Datastore, DatastoreError> {
+    pub fn open(root: &Path, name: &str, capacity: Option<u64>) -> Result<Datastore, DatastoreError> {
         let rule = if name.is_empty() {
             Some("it is empty")
         } else if name.contains(['[', ']']) {
@@ -145,9 +136,7 @@ impl Datastore {
             _ if name.contains('\\') => Some("it contains '\\'"),
             _ if name.contains('\0') => Some("it contains a NUL character"),
             _ if name.chars().any(char::is_control) => Some("it contains a control character"),
-            _ if name.contains('"') => {
-                Some("it contains '\"', which VMDK descriptors cannot quote")
-            }
+            _ if name.contains('"') => Some("it contains '\"', which VMDK descriptors cannot quote"),
             _ if name == "." || name == ".." => Some("it is \".\" or \"..\""),
             _ if name.starts_with('.') => Some("it starts with '.'"),
             _ => None,
@@ -164,15 +153,13 @@ impl Datastore {
     /// Whether the datastore has a folder (or file) for `vm_name`. False for a name that
     /// [`Datastore::check_vm_name`] rejects.
     pub fn vm_dir_exists(&self, vm_name: &str) -> bool {
-        Datastore::check_vm_name(vm_name).is_ok()
-            && fs::symlink_metadata(self.root.join(vm_name)).is_ok()
+        Datastore::check_vm_name(vm_name).is_ok() && fs::symlink_metadata(self.root.join(vm_name)).is_ok()
     }
 
     /// Creates a fresh `root/.staging/<migration_id>/` for the files of `vm_name`.
     pub fn stage(&self, migration_id: &str, vm_name: &str) -> Result<Staging, DatastoreError> {
         Datastore::check_vm_name(vm_name)?;
-        if let Err(DatastoreError::BadVmName { rule, .. }) = Datastore::check_vm_name(migration_id)
-        {
+        if let Err(DatastoreError::BadVmName { rule, .. }) = Datastore::check_vm_name(migration_id) {
             return Err(DatastoreError::BadMigrationId {
                 id: migration_id.to_owned(),
                 rule,
@@ -204,10 +191,7 @@ impl Datastore {
         for entry in fs::read_dir(&staging).map_err(io_err("list", &staging))? {
             let entry = entry.map_err(io_err("list", &staging))?;
             let path = entry.path();
-            let is_dir = entry
-                .file_type()
-                .map_err(io_err("inspect", &path))?
-                .is_dir();
+            let is_dir = entry.file_type().map_err(io_err("inspect", &path))?.is_dir();
             if is_dir {
                 fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
             } else {
@@ -300,8 +284,7 @@ impl Staging {
             .create_new(true)
             .open(&path)
             .map_err(io_err("create disk file", &path))?;
-        file.set_len(capacity)
-            .map_err(io_err("size disk file", &path))?;
+        file.set_len(capacity).map_err(io_err("size disk file", &path))?;
         Ok(file)
     }
 
@@ -309,12 +292,7 @@ impl Staging {
     /// (a multiple of 512). The adapter type and geometry follow the controller of
     /// `controller_key` as VMware and qemu-img compute them: IDE disks get 16 heads,
     /// all others 255; 63 sectors per track; cylinders capped at 65535.
-    pub fn write_descriptor(
-        &self,
-        index: usize,
-        capacity: u64,
-        controller_key: &str,
-    ) -> Result<(), DatastoreError> {
+    pub fn write_descriptor(&self, index: usize, capacity: u64, controller_key: &str) -> Result<(), DatastoreError> {
         // Not is_multiple_of: the workspace's rust-version is 1.85.
         let partial_sector = capacity % SECTOR;
         if partial_sector != 0 {
@@ -459,11 +437,7 @@ fn parse_disk_key(key: &str) -> Result<(&'static str, u32, u32), DatastoreError>
             .ok()
             .filter(|_| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
     };
-    Ok((
-        kind,
-        number(bus).ok_or_else(bad)?,
-        number(unit).ok_or_else(bad)?,
-    ))
+    Ok((kind, number(bus).ok_or_else(bad)?, number(unit).ok_or_else(bad)?))
 }
 
 fn check_nic_key(key: &str) -> Result<(), DatastoreError> {
@@ -551,10 +525,7 @@ fn vmx_text(vmx: &VmxSpec) -> Result<String, DatastoreError> {
             None => set(&format!("{key}.addressType"), "generated"),
         }
     }
-    Ok(lines
-        .iter()
-        .map(|(k, v)| format!("{k} = {}\n", vmx_quote(v)))
-        .collect())
+    Ok(lines.iter().map(|(k, v)| format!("{k} = {}\n", vmx_quote(v))).collect())
 }
 
 #[cfg(test)]
@@ -685,10 +656,7 @@ mod tests {
         let mut hole = [0xffu8; 4096];
         file.read_exact_at(&mut hole, 12345).unwrap();
         assert!(hole.iter().all(|&b| b == 0));
-        assert!(
-            staging.create_disk(1, 1).is_err(),
-            "an existing disk is not truncated"
-        );
+        assert!(staging.create_disk(1, 1).is_err(), "an existing disk is not truncated");
     }
 
     fn qemu_img(args: &[&str]) -> std::process::Output {
@@ -744,11 +712,7 @@ mod tests {
 
         for descriptor in [&first, &second] {
             let out = qemu_img(&["info", "--output=json", descriptor.to_str().unwrap()]);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             assert_eq!(info["format"], "vmdk", "{info}");
             assert_eq!(info["virtual-size"], capacity, "{info}");
@@ -785,12 +749,7 @@ mod tests {
             first.to_str().unwrap(),
             raw_path.to_str().unwrap(),
         ]);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
     }
 
     #[test]
@@ -801,27 +760,14 @@ mod tests {
             staging.write_descriptor(0, 1000, "scsi0:0"),
             Err(DatastoreError::UnalignedCapacity { .. })
         ));
-        for key in [
-            "floppy0:0",
-            "scsi0",
-            "scsi:0",
-            "scsix:0",
-            "scsi0:",
-            "scsi0:+1",
-        ] {
+        for key in ["floppy0:0", "scsi0", "scsi:0", "scsix:0", "scsi0:", "scsi0:+1"] {
             let err = staging.write_descriptor(0, 512, key).unwrap_err();
-            assert!(
-                matches!(err, DatastoreError::BadDeviceKey { .. }),
-                "{key}: {err:?}"
-            );
+            assert!(matches!(err, DatastoreError::BadDeviceKey { .. }), "{key}: {err:?}");
         }
         let sectors = (70_000u64 * 255 * 63 + 5) * 512;
         staging.write_descriptor(0, sectors, "nvme0:0").unwrap();
         let text = fs::read_to_string(staging.dir().join("web01.vmdk")).unwrap();
-        assert!(
-            text.contains("ddb.geometry.cylinders = \"65535\""),
-            "{text}"
-        );
+        assert!(text.contains("ddb.geometry.cylinders = \"65535\""), "{text}");
     }
 
     fn spec() -> VmxSpec {
@@ -911,32 +857,21 @@ mod tests {
             assert!(lines.contains(&expected), "missing {expected:?} in\n{text}");
         }
         assert_eq!(
-            lines
-                .iter()
-                .filter(|l| l.starts_with("scsi0.present"))
-                .count(),
+            lines.iter().filter(|l| l.starts_with("scsi0.present")).count(),
             1,
             "{text}"
         );
         assert!(!text.contains("ide0.present"), "{text}");
         assert!(!text.contains("ethernet1.virtualDev"), "{text}");
         assert!(!text.contains("ethernet1.address ="), "{text}");
-        let controller = lines
-            .iter()
-            .position(|l| l.starts_with("scsi0.present"))
-            .unwrap();
-        let first_disk = lines
-            .iter()
-            .position(|l| l.starts_with("scsi0:0."))
-            .unwrap();
+        let controller = lines.iter().position(|l| l.starts_with("scsi0.present")).unwrap();
+        let first_disk = lines.iter().position(|l| l.starts_with("scsi0:0.")).unwrap();
         assert!(controller < first_disk);
         // Every line is `key = "value"` with no stray quote inside the value.
         for line in &lines {
             let (_, value) = line.split_once(" = ").unwrap();
             assert!(
-                value.starts_with('"')
-                    && value.ends_with('"')
-                    && !value[1..value.len() - 1].contains('"'),
+                value.starts_with('"') && value.ends_with('"') && !value[1..value.len() - 1].contains('"'),
                 "{line}"
             );
         }
@@ -947,11 +882,7 @@ mod tests {
         minimal.bios_uuid = None;
         minimal.name = "tab\there".into();
         let text = vmx_text(&minimal).unwrap();
-        assert!(
-            !text.contains("cpuid.coresPerSocket")
-                && !text.contains("firmware")
-                && !text.contains("uuid.bios")
-        );
+        assert!(!text.contains("cpuid.coresPerSocket") && !text.contains("firmware") && !text.contains("uuid.bios"));
         assert!(text.contains("displayName = \"tab|09here\""), "{text}");
 
         let mut bad = spec();
@@ -979,20 +910,14 @@ mod tests {
         assert_eq!(folder, ds.root().join("web01"));
         assert!(!staged.exists());
         assert!(ds.vm_dir_exists("web01"));
-        assert!(
-            !ds.vm_dir_exists(".."),
-            "invalid names are never reported as existing"
-        );
+        assert!(!ds.vm_dir_exists(".."), "invalid names are never reported as existing");
         let mut names: Vec<String> = fs::read_dir(&folder)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
         assert_eq!(names, ["web01-flat.vmdk", "web01.vmdk", "web01.vmx"]);
-        assert_eq!(
-            &fs::read(folder.join("web01-flat.vmdk")).unwrap()[..4],
-            b"data"
-        );
+        assert_eq!(&fs::read(folder.join("web01-flat.vmdk")).unwrap()[..4], b"data");
     }
 
     #[test]
@@ -1033,10 +958,7 @@ mod tests {
         let other = ds.stage("migration-10", "c").unwrap().dir().to_owned();
         fs::write(ds.root().join(".staging/stray-file"), b"x").unwrap();
         let removed = ds.clean_staging().unwrap();
-        assert_eq!(
-            removed,
-            [other, kept_dir, ds.root().join(".staging/stray-file")]
-        );
+        assert_eq!(removed, [other, kept_dir, ds.root().join(".staging/stray-file")]);
         assert_eq!(fs::read_dir(ds.root().join(".staging")).unwrap().count(), 0);
         assert!(ds.clean_staging().unwrap().is_empty());
     }

@@ -79,11 +79,7 @@ impl Endpoint {
         for path in datastore.clean_staging()? {
             tracing::warn!(path = %path.display(), "removed leftover staging folder");
         }
-        let endpoint_name = format!(
-            "{} ({})",
-            config.domain.host.name,
-            certs::Thumbprint::of_der(&chain[0])
-        );
+        let endpoint_name = format!("{} ({})", config.domain.host.name, certs::Thumbprint::of_der(&chain[0]));
         Ok(Endpoint {
             domain: Arc::new(Domain {
                 inventory,

@@ -106,7 +106,10 @@ fn inventory(config: &Config, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     let ds = inv.datastore()?;
-    println!("cloud domain {} / datastore {} ({})", config.domain.datacenter, ds.name, ds.id);
+    println!(
+        "cloud domain {} / datastore {} ({})",
+        config.domain.datacenter, ds.name, ds.id
+    );
     if vms.is_empty() {
         println!("no VMs registered");
     }

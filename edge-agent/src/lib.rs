@@ -29,19 +29,13 @@ pub enum MigrateError {
     #[error(transparent)]
     Certificate(#[from] certs::Error),
     #[error("{}", describe_refusal(*code, problems))]
-    Refused {
-        code: RefusalCode,
-        problems: Vec<String>,
-    },
+    Refused { code: RefusalCode, problems: Vec<String> },
     #[error("migration failed: {0}")]
     Protocol(ProtocolError),
     #[error("{0}")]
     Transport(#[from] TransportError),
     #[error("reading {what} failed: {source}; the source was not modified")]
-    Read {
-        what: String,
-        source: std::io::Error,
-    },
+    Read { what: String, source: std::io::Error },
 }
 
 impl From<ProtocolError> for MigrateError {

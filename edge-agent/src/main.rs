@@ -13,7 +13,11 @@ use edge_agent::target::{self, Target};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "edge-agent", version, about = "Streams on-prem VMs to a cloud endpoint over QUIC with mutual TLS")]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Streams on-prem VMs to a cloud endpoint over QUIC with mutual TLS"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Migrate a powered-off VM (cold lift) into the cloud domain.
-    Migrate(MigrateArgs),
+    Migrate(Box<MigrateArgs>),
     /// Show what would be migrated from a .vmx, without connecting anywhere.
     Inspect {
         /// The VM's .vmx file.
@@ -98,7 +102,8 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .init();
-    let json = matches!(&cli.command, Command::Migrate(a) if a.json) || matches!(&cli.command, Command::Inspect { json: true, .. });
+    let json = matches!(&cli.command, Command::Migrate(a) if a.json)
+        || matches!(&cli.command, Command::Inspect { json: true, .. });
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -116,7 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { vmx, json } => inspect(&vmx, json),
         Command::Migrate(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            rt.block_on(migrate_cmd(args))
+            rt.block_on(migrate_cmd(*args))
         }
     }
 }
@@ -134,12 +139,20 @@ fn inspect(vmx: &std::path::Path, json: bool) -> anyhow::Result<()> {
         println!("{v}");
         return Ok(());
     }
-    println!("{} ({}, {} vCPU, {} MiB)", vm.name, vm.guest_os, vm.num_cpus, vm.memory_mib);
+    println!(
+        "{} ({}, {} vCPU, {} MiB)",
+        vm.name, vm.guest_os, vm.num_cpus, vm.memory_mib
+    );
     for d in &vm.disks {
         println!("  disk {:<9} {:>28}  {}", d.key, human(d.capacity), d.path.display());
     }
     for n in &vm.nics {
-        println!("  nic  {:<9} network {:?} mac {}", n.key, n.network, n.mac.as_deref().unwrap_or("-"));
+        println!(
+            "  nic  {:<9} network {:?} mac {}",
+            n.key,
+            n.network,
+            n.mac.as_deref().unwrap_or("-")
+        );
     }
     for note in &vm.notes {
         println!("  note: {note}");
@@ -167,7 +180,11 @@ async fn migrate_cmd(a: MigrateArgs) -> anyhow::Result<()> {
         agent: a.agent_name,
         ..MigrateOptions::default()
     };
-    let sink: Arc<dyn ProgressSink> = if a.json { Arc::new(JsonLines) } else { Arc::new(Bar::new()) };
+    let sink: Arc<dyn ProgressSink> = if a.json {
+        Arc::new(JsonLines)
+    } else {
+        Arc::new(Bar::new())
+    };
     let summary = migrate::run(&vm, &target, &opts, sink.clone()).await;
     drop(sink);
     let summary = summary?;
@@ -189,7 +206,10 @@ struct JsonLines;
 
 impl ProgressSink for JsonLines {
     fn started(&self, vm: &str, migration_id: &str, total_bytes: u64) {
-        println!("{}", serde_json::json!({"event": "started", "vm": vm, "migration_id": migration_id, "total_bytes": total_bytes}));
+        println!(
+            "{}",
+            serde_json::json!({"event": "started", "vm": vm, "migration_id": migration_id, "total_bytes": total_bytes})
+        );
     }
     fn progress(&self, p: &Progress) {
         let mut v = serde_json::to_value(p).expect("plain struct");

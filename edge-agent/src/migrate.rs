@@ -197,8 +197,7 @@ pub async fn run(
 ) -> Result<Summary, MigrateError> {
     let started = Instant::now();
     let plan = build_plan(vm, opts);
-    plan.check_limits()
-        .map_err(|e| MigrateError::Target(e.to_string()))?;
+    plan.check_limits().map_err(|e| MigrateError::Target(e.to_string()))?;
     let mut disks: Vec<Box<dyn DiskReader>> = Vec::with_capacity(vm.disks.len());
     for d in &vm.disks {
         disks.push(open_disk(&d.path)?);
@@ -417,7 +416,10 @@ async fn control_reader(
                 SenderEvent::Welcomed { endpoint, role } => {
                     tracing::info!(%endpoint, %role, "credential accepted");
                 }
-                SenderEvent::Accepted { migration_id: id, datastore } => {
+                SenderEvent::Accepted {
+                    migration_id: id,
+                    datastore,
+                } => {
                     tracing::info!(migration = %id, %datastore, "plan accepted");
                     sink.started(&plan.vm.name, &id, plan.logical_bytes());
                     migration_id = id;

@@ -54,7 +54,9 @@ pub fn parse_url(url: &str) -> Result<(String, u16), MigrateError> {
         }
     };
     let port = match port {
-        Some(p) => p.parse().map_err(|_| bad(&format!("has port `{p}`, not a number 1-65535")))?,
+        Some(p) => p
+            .parse()
+            .map_err(|_| bad(&format!("has port `{p}`, not a number 1-65535")))?,
         None => DEFAULT_PORT,
     };
     if host.is_empty() || port == 0 {
@@ -107,7 +109,10 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(parse_url("quic://gw.example:9000").unwrap(), ("gw.example".into(), 9000));
+        assert_eq!(
+            parse_url("quic://gw.example:9000").unwrap(),
+            ("gw.example".into(), 9000)
+        );
         assert_eq!(parse_url("gw.example").unwrap(), ("gw.example".into(), DEFAULT_PORT));
         assert_eq!(parse_url("127.0.0.1:1").unwrap(), ("127.0.0.1".into(), 1));
         assert_eq!(parse_url("quic://[::1]:7").unwrap(), ("::1".into(), 7));

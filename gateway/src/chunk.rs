@@ -25,10 +25,7 @@ pub enum ChunkError {
 
 /// SHA-256 of a chunk's plaintext.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
-    digest(&SHA256, data)
-        .as_ref()
-        .try_into()
-        .expect("SHA-256 is 32 bytes")
+    digest(&SHA256, data).as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
 
 /// True if every byte is zero. Compares 16 bytes at a time, which the compiler
@@ -62,13 +59,7 @@ impl Sealer {
     /// Hashes and compresses one chunk into `payload` (cleared first) and
     /// returns its header. The payload is the raw plaintext when compression
     /// saves less than 1/32 of it: not worth the receiver's CPU.
-    pub fn seal(
-        &mut self,
-        disk: u16,
-        offset: u64,
-        plain: &[u8],
-        payload: &mut Vec<u8>,
-    ) -> ChunkHeader {
+    pub fn seal(&mut self, disk: u16, offset: u64, plain: &[u8], payload: &mut Vec<u8>) -> ChunkHeader {
         let sha256 = sha256(plain);
         payload.clear();
         payload.reserve(zstd::zstd_safe::compress_bound(plain.len()));
@@ -145,4 +136,3 @@ impl Opener {
         Ok(data)
     }
 }
-

@@ -80,9 +80,7 @@ impl MigrationPlan {
     /// is there space) belong to the cloud endpoint.
     pub fn check_limits(&self) -> Result<(), WireError> {
         let bad = |what: String| Err(WireError::BadPlan(what));
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size)
-            || !self.chunk_size.is_multiple_of(4096)
-        {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) || !self.chunk_size.is_multiple_of(4096) {
             return bad(format!(
                 "chunk size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} or not a multiple of 4096",
                 self.chunk_size

@@ -40,7 +40,10 @@ impl Pki {
             .unwrap()
             .write(dir, "edge")
             .unwrap();
-        Pki { dir: dir.to_owned(), ca }
+        Pki {
+            dir: dir.to_owned(),
+            ca,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -75,11 +78,26 @@ impl Cloud {
     pub async fn start(root: &Path, pki: &Pki, env: &[(&str, &str)]) -> Cloud {
         let mut vars: Vec<(String, String)> = vec![
             ("CLOUD_ENDPOINT_LISTEN".into(), "127.0.0.1:0".into()),
-            ("CLOUD_ENDPOINT_CERT".into(), pki.path("endpoint.pem").display().to_string()),
-            ("CLOUD_ENDPOINT_KEY".into(), pki.path("endpoint.key").display().to_string()),
-            ("CLOUD_ENDPOINT_EDGE_CA".into(), pki.path("ca.pem").display().to_string()),
-            ("CLOUD_ENDPOINT_DATASTORE_DIR".into(), root.join("datastore").display().to_string()),
-            ("CLOUD_ENDPOINT_DATABASE".into(), root.join("inventory.sqlite3").display().to_string()),
+            (
+                "CLOUD_ENDPOINT_CERT".into(),
+                pki.path("endpoint.pem").display().to_string(),
+            ),
+            (
+                "CLOUD_ENDPOINT_KEY".into(),
+                pki.path("endpoint.key").display().to_string(),
+            ),
+            (
+                "CLOUD_ENDPOINT_EDGE_CA".into(),
+                pki.path("ca.pem").display().to_string(),
+            ),
+            (
+                "CLOUD_ENDPOINT_DATASTORE_DIR".into(),
+                root.join("datastore").display().to_string(),
+            ),
+            (
+                "CLOUD_ENDPOINT_DATABASE".into(),
+                root.join("inventory.sqlite3").display().to_string(),
+            ),
         ];
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let config = Config::load_with_env(None, &vars).expect("config");
@@ -218,7 +236,12 @@ pub fn write_vmx(dir: &Path, name: &str, disks: &[&str], nics: &[Nic<'_>]) -> Pa
 
 /// `qemu-img compare` of two images (formats probed): true if identical.
 pub fn images_identical(a: &Path, b: &Path) -> bool {
-    let out = Command::new("qemu-img").arg("compare").arg(a).arg(b).output().expect("qemu-img on PATH");
+    let out = Command::new("qemu-img")
+        .arg("compare")
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("qemu-img on PATH");
     if !out.status.success() {
         eprintln!(
             "qemu-img compare {} {}: {}{}",
@@ -234,7 +257,11 @@ pub fn images_identical(a: &Path, b: &Path) -> bool {
 /// `qemu-img` with arguments; panics with its output on failure.
 pub fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img").args(args).output().expect("qemu-img on PATH");
-    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

@@ -24,14 +24,26 @@ async fn a_64_mib_vm_arrives_identical_and_registered() {
     std::fs::create_dir_all(&src).unwrap();
     // 64 MiB: random, compressible and all-zero regions of 4 MiB.
     use Fill::*;
-    let layout = [Random, Text, Zero, Text, Zero, Zero, Random, Text, Text, Zero, Zero, Zero, Text, Random, Zero, Text];
+    let layout = [
+        Random, Text, Zero, Text, Zero, Zero, Random, Text, Text, Zero, Zero, Zero, Text, Random, Zero, Text,
+    ];
     write_raw_disk(&src.join("web01.img"), 4 * MIB, &layout, 1);
-    let vmx = write_vmx(&src, "web01", &["web01.img"], &[Nic { network: "VM Network", mac: "00:50:56:aa:bb:01" }]);
+    let vmx = write_vmx(
+        &src,
+        "web01",
+        &["web01.img"],
+        &[Nic {
+            network: "VM Network",
+            mac: "00:50:56:aa:bb:01",
+        }],
+    );
     let vmx_before = std::fs::read(&vmx).unwrap();
     let disk_mtime = std::fs::metadata(src.join("web01.img")).unwrap().mtime();
 
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
-    let summary = migrate(&vmx, &target, &MigrateOptions::default()).await.expect("migration succeeds");
+    let summary = migrate(&vmx, &target, &MigrateOptions::default())
+        .await
+        .expect("migration succeeds");
 
     assert_eq!(summary.logical_bytes, 64 * MIB as u64);
     assert_eq!(summary.zero_bytes, 7 * 4 * MIB as u64, "all-zero chunks are found");
@@ -48,10 +60,17 @@ async fn a_64_mib_vm_arrives_identical_and_registered() {
     // Zero regions stay holes in the destination's flat extent.
     let flat = std::fs::metadata(dest.join("web01-flat.vmdk")).unwrap();
     assert_eq!(flat.len(), 64 * MIB as u64);
-    assert!(flat.blocks() * 512 <= 40 * MIB as u64, "zeros are holes: {} bytes allocated", flat.blocks() * 512);
+    assert!(
+        flat.blocks() * 512 <= 40 * MIB as u64,
+        "zeros are holes: {} bytes allocated",
+        flat.blocks() * 512
+    );
     let vmx_out = std::fs::read_to_string(dest.join("web01.vmx")).unwrap();
     assert!(vmx_out.contains("scsi0:0.fileName = \"web01.vmdk\""), "{vmx_out}");
-    assert!(vmx_out.contains("ethernet0.address = \"00:50:56:aa:bb:01\""), "{vmx_out}");
+    assert!(
+        vmx_out.contains("ethernet0.address = \"00:50:56:aa:bb:01\""),
+        "{vmx_out}"
+    );
 
     let vm = cloud.domain.inventory.vm_by_name("web01").unwrap().expect("registered");
     assert_eq!(vm.id, summary.vm_id);
@@ -79,22 +98,42 @@ async fn two_disks_and_two_nics_keep_their_order_and_mapping() {
     write_raw_disk(&src.join("os.img"), MIB, &[Text, Random, Zero, Text], 2);
     // The second disk is a monolithicFlat VMDK, as ESXi stores disks.
     write_raw_disk(&src.join("data.raw"), MIB, &[Zero, Random, Text], 3);
-    qemu_img(&["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat",
-        src.join("data.raw").to_str().unwrap(), src.join("db01_1.vmdk").to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        src.join("data.raw").to_str().unwrap(),
+        src.join("db01_1.vmdk").to_str().unwrap(),
+    ]);
     let vmx = write_vmx(
         &src,
         "db01",
         &["os.img", "db01_1.vmdk"],
         &[
-            Nic { network: "Prod-App", mac: "00:50:56:00:00:0a" },
-            Nic { network: "Prod-DB", mac: "00:50:56:00:00:0b" },
+            Nic {
+                network: "Prod-App",
+                mac: "00:50:56:00:00:0a",
+            },
+            Nic {
+                network: "Prod-DB",
+                mac: "00:50:56:00:00:0b",
+            },
         ],
     );
     let opts = MigrateOptions {
-        network_map: vec![("Prod-App".into(), "cloud-web".into()), ("Prod-DB".into(), "cloud-db".into())],
+        network_map: vec![
+            ("Prod-App".into(), "cloud-web".into()),
+            ("Prod-DB".into(), "cloud-db".into()),
+        ],
         ..MigrateOptions::default()
     };
-    let summary = migrate(&vmx, &cloud.target(&pki, MIGRATOR, DEMO_PASSWORD), &opts).await.expect("migrates");
+    let summary = migrate(&vmx, &cloud.target(&pki, MIGRATOR, DEMO_PASSWORD), &opts)
+        .await
+        .expect("migrates");
     assert_eq!(summary.disks, 2);
 
     let dest = cloud.root.join("db01");
@@ -111,7 +150,10 @@ async fn two_disks_and_two_nics_keep_their_order_and_mapping() {
         .collect();
     assert_eq!(
         nics,
-        vec![("ethernet0", "cloud-web", "00:50:56:00:00:0a"), ("ethernet1", "cloud-db", "00:50:56:00:00:0b")]
+        vec![
+            ("ethernet0", "cloud-web", "00:50:56:00:00:0a"),
+            ("ethernet1", "cloud-db", "00:50:56:00:00:0b")
+        ]
     );
     let vmx_out = std::fs::read_to_string(dest.join("db01.vmx")).unwrap();
     assert!(vmx_out.contains("ethernet1.networkName = \"cloud-db\""), "{vmx_out}");
@@ -123,7 +165,15 @@ async fn two_disks_and_two_nics_keep_their_order_and_mapping() {
 fn small_vm(dir: &std::path::Path, name: &str, network: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     write_raw_disk(&dir.join(format!("{name}.img")), MIB, &[Fill::Text, Fill::Random], 4);
-    write_vmx(dir, name, &[&format!("{name}.img")], &[Nic { network, mac: "00:50:56:01:02:03" }])
+    write_vmx(
+        dir,
+        name,
+        &[&format!("{name}.img")],
+        &[Nic {
+            network,
+            mac: "00:50:56:01:02:03",
+        }],
+    )
 }
 
 fn refusal(r: Result<edge_agent::report::Summary, MigrateError>) -> (RefusalCode, Vec<String>) {
@@ -143,12 +193,17 @@ async fn bad_credentials_and_read_only_users_are_refused_before_any_data() {
     let (code, problems) = refusal(migrate(&vmx, &cloud.target(&pki, MIGRATOR, "wrong"), &Default::default()).await);
     assert_eq!(code, RefusalCode::BadCredentials);
     assert!(problems[0].contains("not accepted"), "{problems:?}");
-    let err = migrate(&vmx, &cloud.target(&pki, "nobody@cloud.local", DEMO_PASSWORD), &Default::default())
-        .await
-        .unwrap_err();
+    let err = migrate(
+        &vmx,
+        &cloud.target(&pki, "nobody@cloud.local", DEMO_PASSWORD),
+        &Default::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("did not accept the credential"), "{err}");
 
-    let (code, problems) = refusal(migrate(&vmx, &cloud.target(&pki, AUDITOR, DEMO_PASSWORD), &Default::default()).await);
+    let (code, problems) =
+        refusal(migrate(&vmx, &cloud.target(&pki, AUDITOR, DEMO_PASSWORD), &Default::default()).await);
     assert_eq!(code, RefusalCode::NotPermitted);
     assert!(problems[0].contains("ReadOnly"), "{problems:?}");
 
@@ -195,14 +250,30 @@ async fn a_name_already_taken_is_refused_and_the_first_vm_stays() {
     let first = migrate(&vmx, &target, &Default::default()).await.unwrap();
     let (code, problems) = refusal(migrate(&vmx, &target, &Default::default()).await);
     assert_eq!(code, RefusalCode::PlanRejected);
-    assert!(problems[0].contains("already exists") && problems[0].contains("--name"), "{problems:?}");
+    assert!(
+        problems[0].contains("already exists") && problems[0].contains("--name"),
+        "{problems:?}"
+    );
     // Under another name it goes through.
-    let opts = MigrateOptions { name: Some("app03-copy".into()), ..Default::default() };
+    let opts = MigrateOptions {
+        name: Some("app03-copy".into()),
+        ..Default::default()
+    };
     migrate(&vmx, &target, &opts).await.unwrap();
-    let names: Vec<_> = cloud.domain.inventory.list_vms().unwrap().into_iter().map(|v| (v.id, v.name)).collect();
+    let names: Vec<_> = cloud
+        .domain
+        .inventory
+        .list_vms()
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.id, v.name))
+        .collect();
     assert_eq!(names[0], (first.vm_id, "app03".into()));
     assert_eq!(names[1].1, "app03-copy");
-    assert_eq!(cloud.datastore_entries(), vec!["app03".to_owned(), "app03-copy".to_owned()]);
+    assert_eq!(
+        cloud.datastore_entries(),
+        vec!["app03".to_owned(), "app03-copy".to_owned()]
+    );
     cloud.stop().await;
 }
 
@@ -213,7 +284,10 @@ async fn names_that_escape_the_datastore_are_refused() {
     let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
     let vmx = small_vm(&tmp.path().join("src"), "app04", "VM Network");
     for name in ["../../etc", ".hidden", "a/b"] {
-        let opts = MigrateOptions { name: Some(name.into()), ..Default::default() };
+        let opts = MigrateOptions {
+            name: Some(name.into()),
+            ..Default::default()
+        };
         let (code, problems) = refusal(migrate(&vmx, &cloud.target(&pki, MIGRATOR, DEMO_PASSWORD), &opts).await);
         assert_eq!(code, RefusalCode::PlanRejected, "{name}");
         assert!(problems[0].contains("cannot name a datastore folder"), "{problems:?}");

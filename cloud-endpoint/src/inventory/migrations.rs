@@ -35,11 +35,9 @@ pub(super) fn name_taken(conn: &Connection, name: &str) -> rusqlite::Result<bool
 
 /// The state of a migration, or NotFound.
 pub(super) fn state_of(conn: &Connection, id: &str) -> Result<(String, String), InventoryError> {
-    conn.query_row(
-        "SELECT state, vm_name FROM migration WHERE id = ?1",
-        [id],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )
+    conn.query_row("SELECT state, vm_name FROM migration WHERE id = ?1", [id], |row| {
+        Ok((row.get(0)?, row.get(1)?))
+    })
     .optional()?
     .ok_or_else(|| InventoryError::NotFound {
         what: format!("migration {id}"),
@@ -71,7 +69,9 @@ impl Inventory {
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             if name_taken(&tx, vm_name)? {
-                return Err(InventoryError::NameTaken { name: vm_name.to_owned() });
+                return Err(InventoryError::NameTaken {
+                    name: vm_name.to_owned(),
+                });
             }
             let num = next_number(&tx, "migration")?;
             let id = format!("migration-{num}");
@@ -102,7 +102,10 @@ impl Inventory {
                     Ok(())
                 }
                 "FAILED" => Ok(()),
-                _ => Err(InventoryError::MigrationNotRunning { id: migration_id.to_owned(), state }),
+                _ => Err(InventoryError::MigrationNotRunning {
+                    id: migration_id.to_owned(),
+                    state,
+                }),
             }
         })
     }

@@ -74,11 +74,7 @@ pub enum InventoryError {
     },
 
     #[error("inventory database {} has schema version {found}, newer than this cloud-endpoint knows ({supported}); run a newer cloud-endpoint or use another database file", path.display())]
-    SchemaTooNew {
-        path: PathBuf,
-        found: i64,
-        supported: i64,
-    },
+    SchemaTooNew { path: PathBuf, found: i64, supported: i64 },
 
     #[error("cannot hash the password of user {user:?}: {reason}")]
     PasswordHash { user: String, reason: String },
@@ -97,21 +93,17 @@ impl From<rusqlite::Error> for InventoryError {
 impl InventoryError {
     fn with_path(self, file: &Path) -> Self {
         match self {
-            InventoryError::Db { path, source } if path.as_os_str().is_empty() => {
-                InventoryError::Db {
+            InventoryError::Db { path, source } if path.as_os_str().is_empty() => InventoryError::Db {
+                path: file.to_owned(),
+                source,
+            },
+            InventoryError::SchemaTooNew { path, found, supported } if path.as_os_str().is_empty() => {
+                InventoryError::SchemaTooNew {
                     path: file.to_owned(),
-                    source,
+                    found,
+                    supported,
                 }
             }
-            InventoryError::SchemaTooNew {
-                path,
-                found,
-                supported,
-            } if path.as_os_str().is_empty() => InventoryError::SchemaTooNew {
-                path: file.to_owned(),
-                found,
-                supported,
-            },
             other => other,
         }
     }
@@ -332,19 +324,14 @@ impl Inventory {
     }
 
     /// Runs `f` on the connection and names the database file in its errors.
-    fn with_conn<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, InventoryError>,
-    ) -> Result<T, InventoryError> {
+    fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, InventoryError>) -> Result<T, InventoryError> {
         f(&mut self.lock()).map_err(|e| e.with_path(&self.path))
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while the lock was held cannot leave a half-done change behind: an
         // unfinished rusqlite transaction rolls back when dropped.
-        self.conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Checks a user's password. Unknown and deactivated users cost one hash too, and all
@@ -386,7 +373,13 @@ impl Inventory {
             Ok(conn.query_row(
                 "SELECT d.id, d.name, d.capacity_bytes FROM datastore d JOIN placement p ON p.datastore = d.id",
                 [],
-                |row| Ok(DatastoreInfo { id: row.get(0)?, name: row.get(1)?, capacity_bytes: row.get(2)? }),
+                |row| {
+                    Ok(DatastoreInfo {
+                        id: row.get(0)?,
+                        name: row.get(1)?,
+                        capacity_bytes: row.get(2)?,
+                    })
+                },
             )?)
         })
     }
@@ -408,16 +401,12 @@ impl Inventory {
     pub fn network_by_name(&self, name: &str) -> Result<Option<NetworkInfo>, InventoryError> {
         self.with_conn(|conn| {
             Ok(conn
-                .query_row(
-                    "SELECT id, name FROM network WHERE name = ?1",
-                    [name],
-                    |row| {
-                        Ok(NetworkInfo {
-                            id: row.get(0)?,
-                            name: row.get(1)?,
-                        })
-                    },
-                )
+                .query_row("SELECT id, name FROM network WHERE name = ?1", [name], |row| {
+                    Ok(NetworkInfo {
+                        id: row.get(0)?,
+                        name: row.get(1)?,
+                    })
+                })
                 .optional()?)
         })
     }

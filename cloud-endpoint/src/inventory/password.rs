@@ -29,9 +29,7 @@ pub fn hash_password(password: &str) -> Result<String, InventoryError> {
 /// An unparsable hash matches nothing.
 pub(super) fn verify(hash: &str, password: &str) -> bool {
     match PasswordHash::new(hash) {
-        Ok(parsed) => Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok(),
+        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
         Err(e) => {
             tracing::error!(error = %e, "a stored password hash cannot be parsed; that user cannot log in");
             false

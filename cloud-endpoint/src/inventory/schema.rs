@@ -159,11 +159,7 @@ pub(super) fn upgrade(conn: &mut Connection) -> Result<(), InventoryError> {
             supported: VERSION,
         });
     }
-    for (index, step) in STEPS
-        .iter()
-        .enumerate()
-        .skip(usize::try_from(found).unwrap_or(0))
-    {
+    for (index, step) in STEPS.iter().enumerate().skip(usize::try_from(found).unwrap_or(0)) {
         // Immediate: two processes opening a new file at once do not both apply a step.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current: i64 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;

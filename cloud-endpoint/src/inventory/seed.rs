@@ -4,15 +4,11 @@
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::{
-    next_number, password, ClusterInfo, DatacenterInfo, DatastoreInfo, DomainInfo, FolderInfo,
-    HostInfo, InventoryError,
+    next_number, password, ClusterInfo, DatacenterInfo, DatastoreInfo, DomainInfo, FolderInfo, HostInfo, InventoryError,
 };
 use crate::config::{DomainConfig, UserConfig};
 
-pub(super) fn reconcile(
-    conn: &mut Connection,
-    domain: &DomainConfig,
-) -> Result<(), InventoryError> {
+pub(super) fn reconcile(conn: &mut Connection, domain: &DomainConfig) -> Result<(), InventoryError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let placed: Option<String> = tx
         .query_row("SELECT datacenter FROM placement", [], |row| row.get(0))
@@ -62,15 +58,18 @@ fn create_domain(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), Inventory
     tx.execute(
         "INSERT INTO datacenter (id, num, name, parent, vm_folder, host_folder, datastore_folder, network_folder)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![dc, dc_num, d.datacenter, root, vm_folder, host_folder, ds_folder, net_folder],
+        params![
+            dc,
+            dc_num,
+            d.datacenter,
+            root,
+            vm_folder,
+            host_folder,
+            ds_folder,
+            net_folder
+        ],
     )?;
-    let landing = add_folder(
-        tx,
-        "group-v",
-        &d.folder,
-        "VIRTUAL_MACHINE",
-        Some(&vm_folder),
-    )?;
+    let landing = add_folder(tx, "group-v", &d.folder, "VIRTUAL_MACHINE", Some(&vm_folder))?;
     let (num, cluster) = next_id(tx, "domain-c")?;
     tx.execute(
         "INSERT INTO cluster (id, num, name, folder) VALUES (?1, ?2, ?3, ?4)",
@@ -84,13 +83,7 @@ fn create_domain(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), Inventory
     let (num, datastore) = next_id(tx, "datastore-")?;
     tx.execute(
         "INSERT INTO datastore (id, num, name, folder, capacity_bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            datastore,
-            num,
-            d.datastore.name,
-            ds_folder,
-            d.datastore.capacity_bytes
-        ],
+        params![datastore, num, d.datastore.name, ds_folder, d.datastore.capacity_bytes],
     )?;
     tx.execute(
         "INSERT INTO placement (singleton, datacenter, folder, cluster, host, datastore) VALUES (0, ?1, ?2, ?3, ?4, ?5)",
@@ -111,13 +104,7 @@ fn check_fixed_names(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), Inven
         [],
         |row| Ok([row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?]),
     )?;
-    let configured = [
-        &d.datacenter,
-        &d.folder,
-        &d.cluster,
-        &d.host.name,
-        &d.datastore.name,
-    ];
+    let configured = [&d.datacenter, &d.folder, &d.cluster, &d.host.name, &d.datastore.name];
     let keys = [
         "domain.datacenter",
         "domain.folder",
@@ -145,11 +132,9 @@ fn add_networks(tx: &Transaction<'_>, networks: &[String]) -> Result<(), Invento
         |row| row.get(0),
     )?;
     for name in networks {
-        let exists: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM network WHERE name = ?1)",
-            [name],
-            |row| row.get(0),
-        )?;
+        let exists: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM network WHERE name = ?1)", [name], |row| {
+            row.get(0)
+        })?;
         if !exists {
             let (num, id) = next_id(tx, "network-")?;
             tx.execute(
@@ -214,9 +199,7 @@ fn sync_users(tx: &Transaction<'_>, users: &[UserConfig]) -> Result<(), Inventor
         }
     }
     let mut stmt = tx.prepare("SELECT name FROM app_user WHERE active = 1")?;
-    let active: Vec<String> = stmt
-        .query_map([], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
+    let active: Vec<String> = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
     for name in active {
         if !users.iter().any(|u| u.name == name) {
             tx.execute("UPDATE app_user SET active = 0 WHERE name = ?1", [&name])?;
@@ -227,25 +210,12 @@ fn sync_users(tx: &Transaction<'_>, users: &[UserConfig]) -> Result<(), Inventor
 }
 
 pub(super) fn domain_info(conn: &Connection) -> Result<DomainInfo, InventoryError> {
-    let (datacenter, vm_folder, cluster_id, host_id, ds_id): (
-        String,
-        String,
-        String,
-        String,
-        String,
-    ) = conn.query_row(
-        "SELECT datacenter, folder, cluster, host, datastore FROM placement",
-        [],
-        |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-            ))
-        },
-    )?;
+    let (datacenter, vm_folder, cluster_id, host_id, ds_id): (String, String, String, String, String) = conn
+        .query_row(
+            "SELECT datacenter, folder, cluster, host, datastore FROM placement",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+        )?;
     let datacenter = conn.query_row(
         "SELECT id, name, vm_folder, host_folder, datastore_folder, network_folder FROM datacenter WHERE id = ?1",
         [&datacenter],
@@ -271,16 +241,12 @@ pub(super) fn domain_info(conn: &Connection) -> Result<DomainInfo, InventoryErro
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let cluster = conn.query_row(
-        "SELECT id, name FROM cluster WHERE id = ?1",
-        [&cluster_id],
-        |row| {
-            Ok(ClusterInfo {
-                id: row.get(0)?,
-                name: row.get(1)?,
-            })
-        },
-    )?;
+    let cluster = conn.query_row("SELECT id, name FROM cluster WHERE id = ?1", [&cluster_id], |row| {
+        Ok(ClusterInfo {
+            id: row.get(0)?,
+            name: row.get(1)?,
+        })
+    })?;
     let host = conn.query_row(
         "SELECT id, name, cluster, cpu_cores, memory_mib FROM host WHERE id = ?1",
         [&host_id],

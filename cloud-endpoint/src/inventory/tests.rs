@@ -89,10 +89,7 @@ fn first_open_seeds_the_domain_with_vcenter_ids_from_one_counter() {
     let landing = d.folders.iter().find(|f| f.id == d.vm_folder).unwrap();
     assert!(landing.id.starts_with("group-v"));
     assert_eq!(landing.name, "Migrated VMs");
-    assert_eq!(
-        landing.parent.as_deref(),
-        Some(d.datacenter.vm_folder.as_str())
-    );
+    assert_eq!(landing.parent.as_deref(), Some(d.datacenter.vm_folder.as_str()));
     assert!(d.cluster.id.starts_with("domain-c"));
     assert_eq!(d.cluster.name, "Cloud-Cluster");
     assert!(d.host.id.starts_with("host-"));
@@ -110,10 +107,7 @@ fn first_open_seeds_the_domain_with_vcenter_ids_from_one_counter() {
         ["VM Network", "cloud-web", "cloud-db"]
     );
     assert!(nets.iter().all(|n| n.id.starts_with("network-")));
-    assert_eq!(
-        inv.network_by_name("cloud-web").unwrap(),
-        Some(nets[1].clone())
-    );
+    assert_eq!(inv.network_by_name("cloud-web").unwrap(), Some(nets[1].clone()));
     assert_eq!(inv.network_by_name("nope").unwrap(), None);
 
     // One counter: every object has its own number.
@@ -128,31 +122,22 @@ fn first_open_seeds_the_domain_with_vcenter_ids_from_one_counter() {
 fn authenticate_accepts_only_the_right_password_and_tells_nothing_else() {
     let (_dir, path) = temp_db();
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
-    let p = inv
-        .authenticate("administrator@cloud.local", DEMO_PASSWORD)
-        .unwrap();
+    let p = inv.authenticate("administrator@cloud.local", DEMO_PASSWORD).unwrap();
     assert_eq!(
         (p.user.as_str(), p.role),
         ("administrator@cloud.local", Role::Administrator)
     );
     assert_eq!(
-        inv.authenticate("auditor@cloud.local", DEMO_PASSWORD)
-            .unwrap()
-            .role,
+        inv.authenticate("auditor@cloud.local", DEMO_PASSWORD).unwrap().role,
         Role::ReadOnly
     );
 
-    let wrong = inv
-        .authenticate("administrator@cloud.local", "guess")
-        .unwrap_err();
+    let wrong = inv.authenticate("administrator@cloud.local", "guess").unwrap_err();
     let unknown = inv.authenticate("root", DEMO_PASSWORD).unwrap_err();
     assert!(matches!(wrong, InventoryError::BadCredentials));
     assert!(matches!(unknown, InventoryError::BadCredentials));
     assert_eq!(wrong.to_string(), unknown.to_string());
-    assert_eq!(
-        wrong.to_string(),
-        "user or password not accepted by the cloud domain"
-    );
+    assert_eq!(wrong.to_string(), "user or password not accepted by the cloud domain");
 
     // Stored hashes are argon2id PHC strings with distinct salts.
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -178,9 +163,7 @@ fn begin_migration_reserves_the_name() {
         .unwrap();
     assert!(id.starts_with("migration-"), "{id}");
     assert!(inv.vm_name_taken("web01").unwrap());
-    let err = inv
-        .begin_migration(&operator(), "edge-lyon", "web01", 1)
-        .unwrap_err();
+    let err = inv.begin_migration(&operator(), "edge-lyon", "web01", 1).unwrap_err();
     assert!(
         matches!(&err, InventoryError::NameTaken { name } if name == "web01"),
         "{err:?}"
@@ -198,13 +181,8 @@ fn begin_migration_reserves_the_name() {
         user: "auditor@cloud.local".into(),
         role: Role::ReadOnly,
     };
-    let err = inv
-        .begin_migration(&auditor, "edge-paris", "db01", 1)
-        .unwrap_err();
-    assert!(
-        matches!(err, InventoryError::NotPermitted { .. }),
-        "{err:?}"
-    );
+    let err = inv.begin_migration(&auditor, "edge-paris", "db01", 1).unwrap_err();
+    assert!(matches!(err, InventoryError::NotPermitted { .. }), "{err:?}");
 }
 
 #[test]
@@ -214,9 +192,7 @@ fn concurrent_begins_for_one_name_let_exactly_one_through() {
     let threads: Vec<_> = (0..8)
         .map(|i| {
             let inv = Arc::clone(&inv);
-            std::thread::spawn(move || {
-                inv.begin_migration(&operator(), &format!("edge-{i}"), "same", 1)
-            })
+            std::thread::spawn(move || inv.begin_migration(&operator(), &format!("edge-{i}"), "same", 1))
         })
         .collect();
     let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
@@ -253,18 +229,11 @@ fn register_vm_stores_devices_in_order_and_completes_the_migration() {
         (d.host.id.as_str(), d.vm_folder.as_str())
     );
     assert_eq!(vm.datastore, inv.datastore().unwrap().id);
-    assert_eq!(
-        (vm.num_cpus, vm.cores_per_socket, vm.memory_mib),
-        (4, Some(2), 8192)
-    );
+    assert_eq!((vm.num_cpus, vm.cores_per_socket, vm.memory_mib), (4, Some(2), 8192));
     assert_eq!(vm.firmware.as_deref(), Some("efi"));
     assert_eq!(vm.vmx_path, "[cloud-ds1] web01/web01.vmx");
     assert_eq!(vm.migration.as_deref(), Some(mid.as_str()));
-    assert!(time::OffsetDateTime::parse(
-        &vm.created,
-        &time::format_description::well_known::Rfc3339
-    )
-    .is_ok());
+    assert!(time::OffsetDateTime::parse(&vm.created, &time::format_description::well_known::Rfc3339).is_ok());
     let disk_keys: Vec<_> = vm.disks.iter().map(|d| d.key.as_str()).collect();
     assert_eq!(disk_keys, ["scsi0:0", "scsi0:1", "sata0:0"]);
     assert_eq!(
@@ -288,10 +257,7 @@ fn register_vm_stores_devices_in_order_and_completes_the_migration() {
     assert!(inv.vm_by_name("web02").unwrap().is_none());
 
     let m = inv.migration(&mid).unwrap().unwrap();
-    assert_eq!(
-        (m.state.as_str(), m.vm.as_deref()),
-        ("SUCCEEDED", Some(vm_id.as_str()))
-    );
+    assert_eq!((m.state.as_str(), m.vm.as_deref()), ("SUCCEEDED", Some(vm_id.as_str())));
     assert!(m.finished.is_some());
     // The registered disks count; the finished migration no longer does.
     assert_eq!(inv.used_bytes().unwrap(), (10 << 30) + (1 << 30) + 512);
@@ -317,9 +283,7 @@ fn register_vm_stores_devices_in_order_and_completes_the_migration() {
 fn register_vm_is_all_or_nothing() {
     let (_dir, path) = temp_db();
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
-    let mid = inv
-        .begin_migration(&operator(), "edge", "app01", 1)
-        .unwrap();
+    let mid = inv.begin_migration(&operator(), "edge", "app01", 1).unwrap();
     let mut spec = new_vm(&inv, "app01");
     spec.nics[1].network_id = "network-999".into();
     let err = inv.register_vm(&mid, &spec).unwrap_err();
@@ -332,16 +296,10 @@ fn register_vm_is_all_or_nothing() {
 
     let mut spec = new_vm(&inv, "app01");
     spec.disks[1].key = "scsi0:0".into();
-    assert!(matches!(
-        inv.register_vm(&mid, &spec),
-        Err(InventoryError::Invalid(_))
-    ));
+    assert!(matches!(inv.register_vm(&mid, &spec), Err(InventoryError::Invalid(_))));
 
     let spec = new_vm(&inv, "other-name");
-    assert!(matches!(
-        inv.register_vm(&mid, &spec),
-        Err(InventoryError::Invalid(_))
-    ));
+    assert!(matches!(inv.register_vm(&mid, &spec), Err(InventoryError::Invalid(_))));
     assert!(matches!(
         inv.register_vm("migration-77", &spec),
         Err(InventoryError::NotFound { .. })
@@ -353,9 +311,7 @@ fn register_vm_is_all_or_nothing() {
 fn fail_migration_frees_the_name() {
     let (_dir, path) = temp_db();
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
-    let first = inv
-        .begin_migration(&operator(), "edge", "db01", 100)
-        .unwrap();
+    let first = inv.begin_migration(&operator(), "edge", "db01", 100).unwrap();
     inv.fail_migration(&first, "edge went away").unwrap();
     assert!(!inv.vm_name_taken("db01").unwrap());
     assert_eq!(inv.used_bytes().unwrap(), 0);
@@ -376,16 +332,9 @@ fn fail_migration_frees_the_name() {
         Err(InventoryError::NotFound { .. })
     ));
 
-    let second = inv
-        .begin_migration(&operator(), "edge", "db01", 100)
-        .unwrap();
+    let second = inv.begin_migration(&operator(), "edge", "db01", 100).unwrap();
     assert_ne!(first, second);
-    let ids: Vec<_> = inv
-        .list_migrations()
-        .unwrap()
-        .into_iter()
-        .map(|m| m.id)
-        .collect();
+    let ids: Vec<_> = inv.list_migrations().unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(ids, [first, second]);
 }
 
@@ -400,9 +349,7 @@ fn fail_running_migrations_fails_only_the_running_ones() {
     drop(inv);
 
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
-    let failed = inv
-        .fail_running_migrations("cut by an endpoint restart")
-        .unwrap();
+    let failed = inv.fail_running_migrations("cut by an endpoint restart").unwrap();
     assert_eq!(failed, [a.clone(), c.clone()]);
     let states: Vec<_> = inv
         .list_migrations()
@@ -413,17 +360,9 @@ fn fail_running_migrations_fails_only_the_running_ones() {
     assert_eq!(
         states,
         [
-            (
-                a,
-                "FAILED".into(),
-                Some("cut by an endpoint restart".into())
-            ),
+            (a, "FAILED".into(), Some("cut by an endpoint restart".into())),
             (b, "SUCCEEDED".into(), None),
-            (
-                c,
-                "FAILED".into(),
-                Some("cut by an endpoint restart".into())
-            ),
+            (c, "FAILED".into(), Some("cut by an endpoint restart".into())),
         ]
     );
     assert!(inv.fail_running_migrations("again").unwrap().is_empty());
@@ -433,9 +372,7 @@ fn fail_running_migrations_fails_only_the_running_ones() {
 fn reopening_keeps_everything_and_grows_with_the_config() {
     let (_dir, path) = temp_db();
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
-    let mid = inv
-        .begin_migration(&operator(), "edge", "web01", 1)
-        .unwrap();
+    let mid = inv.begin_migration(&operator(), "edge", "web01", 1).unwrap();
     let vm_id = inv.register_vm(&mid, &new_vm(&inv, "web01")).unwrap();
     let before = inv.domain().unwrap();
     let nets_before = inv.networks().unwrap();
@@ -466,10 +403,7 @@ fn reopening_keeps_everything_and_grows_with_the_config() {
 
     let after = inv.domain().unwrap();
     assert_eq!(after.datacenter.id, before.datacenter.id);
-    assert_eq!(
-        after.datacenter.name, "Cloud-DC",
-        "existing objects keep their names"
-    );
+    assert_eq!(after.datacenter.name, "Cloud-DC", "existing objects keep their names");
     assert_eq!(after.host.id, before.host.id);
     assert_eq!(inv.datastore().unwrap().capacity_bytes, Some(1 << 40));
     let nets = inv.networks().unwrap();
@@ -482,23 +416,14 @@ fn reopening_keeps_everything_and_grows_with_the_config() {
     );
 
     let vm = inv.vm_by_name("web01").unwrap().unwrap();
-    assert_eq!(
-        (vm.id.as_str(), vm.disks.len(), vm.nics.len()),
-        (vm_id.as_str(), 3, 2)
-    );
+    assert_eq!((vm.id.as_str(), vm.disks.len(), vm.nics.len()), (vm_id.as_str(), 3, 2));
     assert_eq!(inv.list_migrations().unwrap().len(), 1);
 
     // Users follow the config: new password, new role, new user, removed user inactive.
-    assert!(inv
-        .authenticate("administrator@cloud.local", DEMO_PASSWORD)
-        .is_err());
-    assert!(inv
-        .authenticate("administrator@cloud.local", "a new secret")
-        .is_ok());
+    assert!(inv.authenticate("administrator@cloud.local", DEMO_PASSWORD).is_err());
+    assert!(inv.authenticate("administrator@cloud.local", "a new secret").is_ok());
     assert_eq!(
-        inv.authenticate("migrator@cloud.local", DEMO_PASSWORD)
-            .unwrap()
-            .role,
+        inv.authenticate("migrator@cloud.local", DEMO_PASSWORD).unwrap().role,
         Role::Administrator
     );
     assert_eq!(
@@ -526,14 +451,8 @@ fn reopening_keeps_everything_and_grows_with_the_config() {
 
     // Back to the defaults: the auditor is active again.
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
-    assert!(inv
-        .authenticate("auditor@cloud.local", DEMO_PASSWORD)
-        .is_ok());
-    assert_eq!(
-        inv.networks().unwrap().len(),
-        4,
-        "networks are never deleted"
-    );
+    assert!(inv.authenticate("auditor@cloud.local", DEMO_PASSWORD).is_ok());
+    assert_eq!(inv.networks().unwrap().len(), 4, "networks are never deleted");
 }
 
 #[test]
@@ -551,9 +470,6 @@ fn database_errors_name_the_file() {
         .pragma_update(None, "user_version", 99)
         .unwrap();
     let err = Inventory::open(&path, &DomainConfig::default()).unwrap_err();
-    assert!(
-        matches!(err, InventoryError::SchemaTooNew { found: 99, .. }),
-        "{err:?}"
-    );
+    assert!(matches!(err, InventoryError::SchemaTooNew { found: 99, .. }), "{err:?}");
     assert!(err.to_string().contains("future.sqlite3"), "{err}");
 }

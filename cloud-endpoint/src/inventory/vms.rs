@@ -7,8 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use super::migrations::state_of;
 use super::{next_number, now, DiskRecord, Inventory, InventoryError, NewVm, NicRecord, VmRecord};
 
-const SELECT_VM: &str =
-    "SELECT v.id, v.name, v.guest_os, v.num_cpus, v.cores_per_socket, v.memory_mib, v.firmware,
+const SELECT_VM: &str = "SELECT v.id, v.name, v.guest_os, v.num_cpus, v.cores_per_socket, v.memory_mib, v.firmware,
         v.bios_uuid, v.power_state, v.host, v.datastore, v.folder, v.vmx_path, m.id, v.created
     FROM vm v LEFT JOIN migration m ON m.vm = v.id";
 
@@ -36,9 +35,8 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
 
 /// Fills in disks and NICs, in their registered order.
 fn with_devices(conn: &Connection, mut vm: VmRecord) -> rusqlite::Result<VmRecord> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT key, path, capacity_bytes FROM vm_disk WHERE vm = ?1 ORDER BY position",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("SELECT key, path, capacity_bytes FROM vm_disk WHERE vm = ?1 ORDER BY position")?;
     vm.disks = stmt
         .query_map([&vm.id], |row| {
             Ok(DiskRecord {
@@ -69,12 +67,7 @@ fn with_devices(conn: &Connection, mut vm: VmRecord) -> rusqlite::Result<VmRecor
 
 fn check_new_vm(vm: &NewVm) -> Result<(), InventoryError> {
     let mut keys = HashSet::new();
-    for key in vm
-        .disks
-        .iter()
-        .map(|d| &d.key)
-        .chain(vm.nics.iter().map(|n| &n.key))
-    {
+    for key in vm.disks.iter().map(|d| &d.key).chain(vm.nics.iter().map(|n| &n.key)) {
         if key.is_empty() || !keys.insert(key) {
             return Err(InventoryError::Invalid(format!(
                 "VM {:?}: device key {key:?} is empty or used twice",
@@ -96,7 +89,10 @@ impl Inventory {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let (state, reserved) = state_of(&tx, migration_id)?;
             if state != "RUNNING" {
-                return Err(InventoryError::MigrationNotRunning { id: migration_id.to_owned(), state });
+                return Err(InventoryError::MigrationNotRunning {
+                    id: migration_id.to_owned(),
+                    state,
+                });
             }
             if reserved != vm.name {
                 return Err(InventoryError::Invalid(format!(
@@ -104,19 +100,28 @@ impl Inventory {
                     vm.name
                 )));
             }
-            let exists: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM vm WHERE name = ?1)", [&vm.name], |r| r.get(0))?;
+            let exists: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM vm WHERE name = ?1)", [&vm.name], |r| {
+                r.get(0)
+            })?;
             if exists {
                 return Err(InventoryError::NameTaken { name: vm.name.clone() });
             }
             for nic in &vm.nics {
-                let known: bool =
-                    tx.query_row("SELECT EXISTS (SELECT 1 FROM network WHERE id = ?1)", [&nic.network_id], |r| r.get(0))?;
+                let known: bool = tx.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM network WHERE id = ?1)",
+                    [&nic.network_id],
+                    |r| r.get(0),
+                )?;
                 if !known {
-                    return Err(InventoryError::NotFound { what: format!("network {}", nic.network_id) });
+                    return Err(InventoryError::NotFound {
+                        what: format!("network {}", nic.network_id),
+                    });
                 }
             }
             let (host, datastore, folder): (String, String, String) =
-                tx.query_row("SELECT host, datastore, folder FROM placement", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                tx.query_row("SELECT host, datastore, folder FROM placement", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
             let num = next_number(&tx, "moref")?;
             let id = format!("vm-{num}");
             tx.execute(
@@ -150,7 +155,15 @@ impl Inventory {
                 tx.execute(
                     "INSERT INTO vm_nic (vm, position, key, network, mac, virtual_dev, source_network)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![id, position as i64, nic.key, nic.network_id, nic.mac, nic.virtual_dev, nic.source_network],
+                    params![
+                        id,
+                        position as i64,
+                        nic.key,
+                        nic.network_id,
+                        nic.mac,
+                        nic.virtual_dev,
+                        nic.source_network
+                    ],
                 )?;
             }
             tx.execute(
@@ -189,11 +202,7 @@ impl Inventory {
     fn vm_where(&self, condition: &str, value: &str) -> Result<Option<VmRecord>, InventoryError> {
         self.with_conn(|conn| {
             let vm = conn
-                .query_row(
-                    &format!("{SELECT_VM} WHERE {condition}"),
-                    [value],
-                    vm_from_row,
-                )
+                .query_row(&format!("{SELECT_VM} WHERE {condition}"), [value], vm_from_row)
                 .optional()?;
             Ok(vm.map(|vm| with_devices(conn, vm)).transpose()?)
         })

@@ -126,7 +126,9 @@ async fn control(ctx: Arc<Ctx>) {
             return;
         }
     };
-    let writer = ControlWriter::open(send, false).await.expect("no I/O without a preamble");
+    let writer = ControlWriter::open(send, false)
+        .await
+        .expect("no I/O without a preamble");
     let read = control_reader(&ctx, reader);
     let write = control_writer(&ctx, writer);
     tokio::pin!(read, write);
@@ -185,7 +187,10 @@ async fn control_writer(ctx: &Ctx, mut writer: ControlWriter) {
             writer.finish();
             // The edge closes once it has read the answer; if it does not,
             // close after a grace period so the connection does not linger.
-            if tokio::time::timeout(Duration::from_secs(5), ctx.conn.closed()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), ctx.conn.closed())
+                .await
+                .is_err()
+            {
                 let (code, reason) = match msgs.iter().rev().find_map(|m| match m {
                     gateway::wire::CloudMessage::Refused { code, problems } => Some((*code, problems.join("; "))),
                     _ => None,
@@ -249,8 +254,10 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
         ReceiverEvent::ValidatePlan(plan) => {
             let principal = ctx.principal.lock().expect("principal lock").clone();
             let Some(principal) = principal else {
-                ctx.session()
-                    .refuse(RefusalCode::ProtocolViolation, vec!["plan before authentication".into()]);
+                ctx.session().refuse(
+                    RefusalCode::ProtocolViolation,
+                    vec!["plan before authentication".into()],
+                );
                 return;
             };
             let edge = ctx.edge.clone();
@@ -355,7 +362,13 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
             ctx.wake();
             continue;
         }
-        let Some(file) = ctx.disks.lock().expect("disks lock").get(usize::from(header.disk)).cloned() else {
+        let Some(file) = ctx
+            .disks
+            .lock()
+            .expect("disks lock")
+            .get(usize::from(header.disk))
+            .cloned()
+        else {
             return Ok(());
         };
         let (b, outcome) = tokio::task::spawn_blocking(move || {

@@ -62,7 +62,10 @@ pub async fn run(
         while conns.try_join_next().is_some() {}
     }
     tracing::info!("shutting down: closing connections");
-    endpoint.close(RefusalCode::Aborted.close_code().into(), b"cloud endpoint shutting down");
+    endpoint.close(
+        RefusalCode::Aborted.close_code().into(),
+        b"cloud endpoint shutting down",
+    );
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while conns.join_next().await.is_some() {}
     })

@@ -214,7 +214,10 @@ pub fn finalize(domain: &Domain, plan: &MigrationPlan, staged: Staged) -> Result
         let capacity = d.capacity.div_ceil(512) * 512;
         if capacity != d.capacity {
             if let Err(e) = staged.disks[i].set_len(capacity) {
-                return Err(fail(staged.staging, format!("cannot round disk {i} up to whole sectors: {e}")));
+                return Err(fail(
+                    staged.staging,
+                    format!("cannot round disk {i} up to whole sectors: {e}"),
+                ));
             }
         }
         if let Err(e) = staged.staging.write_descriptor(i, capacity, &d.key) {

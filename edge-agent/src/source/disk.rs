@@ -23,9 +23,7 @@ const HEAD_LEN: u64 = 512;
 pub(crate) fn open(path: &Path) -> Result<Opened, SourceError> {
     let (file, len) = open_read_only(path, "open the disk file")?;
     if len == 0 {
-        return Err(SourceError::EmptyImage {
-            path: path.to_owned(),
-        });
+        return Err(SourceError::EmptyImage { path: path.to_owned() });
     }
     let head = read_head(path, &file, len)?;
     let tail = if len >= 2 * HEAD_LEN {
@@ -47,9 +45,7 @@ pub(crate) fn open(path: &Path) -> Result<Opened, SourceError> {
     if vmdk::looks_like_descriptor(&head) {
         return vmdk::open_descriptor(path, &file, len);
     }
-    let is_vmdk = path
-        .extension()
-        .is_some_and(|ext| ext.eq_ignore_ascii_case("vmdk"));
+    let is_vmdk = path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("vmdk"));
     // A flat extent holds disk sectors (a partition table has zeros) and is sector-sized; a
     // small, text-only .vmdk is a descriptor we failed to recognise, not a disk.
     if is_vmdk && len < vmdk::DESCRIPTOR_SIZE_LIMIT && len % 512 != 0 {
@@ -136,10 +132,7 @@ impl DiskReader for RawDisk {
 
 /// Opens `path` read-only and measures it by seeking to its end, which unlike the metadata
 /// length also works for block devices (a fullDevice extent, a raw image on /dev).
-pub(crate) fn open_read_only(
-    path: &Path,
-    action: &'static str,
-) -> Result<(File, u64), SourceError> {
+pub(crate) fn open_read_only(path: &Path, action: &'static str) -> Result<(File, u64), SourceError> {
     let io_err = |source| SourceError::Io {
         path: path.to_owned(),
         action,
@@ -147,10 +140,7 @@ pub(crate) fn open_read_only(
     };
     let meta = fs::metadata(path).map_err(io_err)?;
     if meta.is_dir() {
-        return Err(io_err(io::Error::new(
-            io::ErrorKind::IsADirectory,
-            "it is a directory",
-        )));
+        return Err(io_err(io::Error::new(io::ErrorKind::IsADirectory, "it is a directory")));
     }
     let mut file = File::open(path).map_err(io_err)?;
     let len = file.seek(SeekFrom::End(0)).map_err(io_err)?;
@@ -163,28 +153,19 @@ fn read_head(path: &Path, file: &File, len: u64) -> Result<Vec<u8>, SourceError>
 }
 
 /// `count` bytes at `offset`; callers bound `count`.
-pub(crate) fn read_bytes(
-    path: &Path,
-    file: &File,
-    offset: u64,
-    count: usize,
-) -> Result<Vec<u8>, SourceError> {
+pub(crate) fn read_bytes(path: &Path, file: &File, offset: u64, count: usize) -> Result<Vec<u8>, SourceError> {
     let mut buf = vec![0; count];
-    file.read_exact_at(&mut buf, offset)
-        .map_err(|source| SourceError::Io {
-            path: path.to_owned(),
-            action: "read the disk file",
-            source,
-        })?;
+    file.read_exact_at(&mut buf, offset).map_err(|source| SourceError::Io {
+        path: path.to_owned(),
+        action: "read the disk file",
+        source,
+    })?;
     Ok(buf)
 }
 
 /// An I/O error from a read, with the file and offset it happened at.
 pub(crate) fn read_error(path: &Path, offset: u64, e: io::Error) -> io::Error {
-    io::Error::new(
-        e.kind(),
-        format!("reading {} at offset {offset}: {e}", path.display()),
-    )
+    io::Error::new(e.kind(), format!("reading {} at offset {offset}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -259,10 +240,7 @@ mod tests {
             let err = open_disk(&path).unwrap_err();
             let msg = err.to_string();
             assert!(matches!(err, SourceError::Unsupported { .. }), "{msg}");
-            assert!(
-                msg.contains(what) && msg.contains("not supported yet"),
-                "{msg}"
-            );
+            assert!(msg.contains(what) && msg.contains("not supported yet"), "{msg}");
             assert!(msg.contains("qemu-img convert"), "{msg}");
         }
         // A fixed VHD is raw data with a footer: only the last sector tells.

@@ -21,15 +21,12 @@ pub(crate) fn open_vm(vmx_path: &Path) -> Result<SourceVm, SourceError> {
     let vmx = VmxFile::read(&vmx_path)?;
     let mut notes = Vec::new();
 
-    let name = vmx
-        .value("displayName")
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            vmx_path
-                .file_stem()
-                .map(|stem| stem.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        });
+    let name = vmx.value("displayName").map(str::to_owned).unwrap_or_else(|| {
+        vmx_path
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
     let guest_os = vmx.value("guestOS").unwrap_or("otherGuest").to_owned();
     let num_cpus = vmx.number("numvcpus", 1u32)?.unwrap_or(1);
     let cores_per_socket = vmx.number("cpuid.coresPerSocket", 1u32)?;
@@ -47,9 +44,7 @@ pub(crate) fn open_vm(vmx_path: &Path) -> Result<SourceVm, SourceError> {
         Some(entry) => {
             let firmware = entry.value.to_ascii_lowercase();
             if firmware != "bios" && firmware != "efi" {
-                return Err(
-                    vmx.bad_value(entry, "is not a known firmware; use \"bios\" or \"efi\"")
-                );
+                return Err(vmx.bad_value(entry, "is not a known firmware; use \"bios\" or \"efi\""));
             }
             Some(firmware)
         }
@@ -95,10 +90,7 @@ fn read_nics(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceNic>, S
                 ("dvs.portgroupId", "distributed port group"),
             ]
             .iter()
-            .find_map(|(suffix, what)| {
-                vmx.value(&attr(suffix))
-                    .map(|v| format!(" ({what} {})", quote(v)))
-            })
+            .find_map(|(suffix, what)| vmx.value(&attr(suffix)).map(|v| format!(" ({what} {})", quote(v))))
             .unwrap_or_default();
             return Err(SourceError::NicWithoutNetwork {
                 path: vmx.path.clone(),
@@ -110,11 +102,7 @@ fn read_nics(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceNic>, S
         let is_static = address_type
             .as_deref()
             .is_some_and(|t| t.eq_ignore_ascii_case("static"));
-        let mac_key = attr(if is_static {
-            "address"
-        } else {
-            "generatedAddress"
-        });
+        let mac_key = attr(if is_static { "address" } else { "generatedAddress" });
         let mac = match vmx.get(&mac_key).filter(|e| !e.value.is_empty()) {
             Some(entry) if !is_mac(&entry.value) => {
                 return Err(vmx.bad_value(
@@ -211,11 +199,7 @@ fn parse_slot(key: &str) -> Result<Option<Slot>, ()> {
             return Ok(None);
         };
         return match (controller.parse(), unit.parse()) {
-            (Ok(controller), Ok(unit)) => Ok(Some(Slot {
-                bus,
-                controller,
-                unit,
-            })),
+            (Ok(controller), Ok(unit)) => Ok(Some(Slot { bus, controller, unit })),
             _ => Err(()),
         };
     }
@@ -266,10 +250,7 @@ fn read_disks(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceDisk>,
             continue;
         }
         if let Some(iso) = file_name.filter(|f| f.to_ascii_lowercase().ends_with(".iso")) {
-            notes.push(format!(
-                "{key} is a CD-ROM image ({}), not migrated",
-                quote(iso)
-            ));
+            notes.push(format!("{key} is a CD-ROM image ({}), not migrated", quote(iso)));
             continue;
         }
         if device_type.as_deref() == Some("scsi-passthru") {

@@ -74,18 +74,8 @@ ethernet0.generatedAddress = \"00:0c:29:aa:bb:cc\"
     assert_eq!(
         disks,
         [
-            (
-                "scsi0:0",
-                dir.path().join("web01.vmdk"),
-                10 << 20,
-                DiskFormat::VmdkFlat
-            ),
-            (
-                "scsi0:1",
-                dir.path().join("web01_1.img"),
-                3 << 20,
-                DiskFormat::Raw
-            ),
+            ("scsi0:0", dir.path().join("web01.vmdk"), 10 << 20, DiskFormat::VmdkFlat),
+            ("scsi0:1", dir.path().join("web01_1.img"), 3 << 20, DiskFormat::Raw),
         ]
     );
     assert_eq!(
@@ -170,18 +160,8 @@ fn a_missing_disk_file_is_named() {
 #[test]
 fn an_unreadable_disk_is_reported_with_its_device() {
     let dir = tempfile::tempdir().unwrap();
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        s(&dir.path().join("disk.qcow2")),
-        "1M",
-    ]);
-    let vmx = write(
-        dir.path(),
-        "q.vmx",
-        vmx_text("sata0:0.fileName = \"disk.qcow2\"\n"),
-    );
+    qemu_img(&["create", "-f", "qcow2", s(&dir.path().join("disk.qcow2")), "1M"]);
+    let vmx = write(dir.path(), "q.vmx", vmx_text("sata0:0.fileName = \"disk.qcow2\"\n"));
     let err = open_vm(&vmx).unwrap_err();
     let msg = err.to_string();
     match &err {
@@ -191,16 +171,9 @@ fn an_unreadable_disk_is_reported_with_its_device() {
         }
         _ => panic!("expected SourceError::Disk, got {msg}"),
     }
-    assert!(
-        msg.contains("q.vmx: disk sata0:0: ") && msg.contains("qcow2"),
-        "{msg}"
-    );
+    assert!(msg.contains("q.vmx: disk sata0:0: ") && msg.contains("qcow2"), "{msg}");
 
-    let vmx = write(
-        dir.path(),
-        "p.vmx",
-        vmx_text("scsi0:0.present = \"TRUE\"\n"),
-    );
+    let vmx = write(dir.path(), "p.vmx", vmx_text("scsi0:0.present = \"TRUE\"\n"));
     let err = open_vm(&vmx).unwrap_err();
     assert!(matches!(err, SourceError::DiskWithoutFile { .. }), "{err}");
 }
@@ -261,13 +234,7 @@ ethernet3.networkName = \"Lab\"
                 Some("00:0C:29:AB:CD:EF")
             ),
             ("ethernet3", "Lab", None, None, None),
-            (
-                "ethernet10",
-                "Backup",
-                None,
-                Some("vpx"),
-                Some("00:50:56:8a:00:10")
-            ),
+            ("ethernet10", "Backup", None, Some("vpx"), Some("00:50:56:8a:00:10")),
         ]
     );
     assert_eq!(
@@ -283,24 +250,18 @@ ethernet3.networkName = \"Lab\"
 #[test]
 fn bad_nics_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let body =
-        "ethernet0.connectionType = \"nat\"\nethernet0.generatedAddress = \"00:0c:29:aa:bb:cc\"\n";
+    let body = "ethernet0.connectionType = \"nat\"\nethernet0.generatedAddress = \"00:0c:29:aa:bb:cc\"\n";
     let vmx = write(dir.path(), "a.vmx", vmx_text(body));
     let msg = open_vm(&vmx).unwrap_err().to_string();
     assert!(
-        msg.contains("ethernet0 has no networkName (connectionType nat)")
-            && msg.contains("ethernet0.networkName"),
+        msg.contains("ethernet0 has no networkName (connectionType nat)") && msg.contains("ethernet0.networkName"),
         "{msg}"
     );
 
-    let body =
-        "ethernet0.networkName = \"VM Network\"\nethernet0.generatedAddress = \"00:0c:29:aa:bb\"\n";
+    let body = "ethernet0.networkName = \"VM Network\"\nethernet0.generatedAddress = \"00:0c:29:aa:bb\"\n";
     let vmx = write(dir.path(), "b.vmx", vmx_text(body));
     let err = open_vm(&vmx).unwrap_err();
-    assert!(
-        matches!(err, SourceError::VmxValue { line: 5, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, SourceError::VmxValue { line: 5, .. }), "{err}");
     assert!(err.to_string().contains("not a MAC address"), "{err}");
 }
 
@@ -315,21 +276,14 @@ fn defaults_apply_when_keys_are_absent() {
     assert_eq!(vm.memory_mib, 256);
     assert_eq!((vm.firmware, vm.bios_uuid), (None, None));
     assert!(vm.nics.is_empty() && vm.disks.is_empty());
-    assert_eq!(
-        vm.notes,
-        ["memsize is absent; assuming 256 MiB, VMware's default"]
-    );
+    assert_eq!(vm.notes, ["memsize is absent; assuming 256 MiB, VMware's default"]);
 }
 
 #[test]
 fn bad_values_and_keys_are_refused_with_their_line() {
     let dir = tempfile::tempdir().unwrap();
     for (body, line, expect) in [
-        (
-            "numvcpus = \"two\"\n",
-            4,
-            "numvcpus = \"two\" is not a valid number",
-        ),
+        ("numvcpus = \"two\"\n", 4, "numvcpus = \"two\" is not a valid number"),
         ("numvcpus = \"0\"\n", 4, "at least 1"),
         ("memsize = \"-5\"\n", 4, "memsize"),
         ("firmware = \"uefi\"\n", 4, "use \"bios\" or \"efi\""),
@@ -349,10 +303,7 @@ fn bad_values_and_keys_are_refused_with_their_line() {
         vmx_text("displayName = \"x\"\nscsi0:x.fileName = \"a.vmdk\"\n"),
     );
     let err = open_vm(&vmx).unwrap_err();
-    assert!(
-        matches!(err, SourceError::VmxSyntax { line: 5, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, SourceError::VmxSyntax { line: 5, .. }), "{err}");
     assert!(err.to_string().contains("not a valid device key"), "{err}");
 }
 

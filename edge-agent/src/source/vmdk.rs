@@ -28,17 +28,13 @@ const KEEP_OPEN_EXTENTS: usize = 64;
 
 const SECTOR: u64 = 512;
 
-const SPARSE_ADVICE: &str =
-    "convert it with `qemu-img convert -O raw` (or `-O vmdk -o subformat=monolithicFlat`) \
+const SPARSE_ADVICE: &str = "convert it with `qemu-img convert -O raw` (or `-O vmdk -o subformat=monolithicFlat`) \
      and point the .vmx at the result, or wait for sparse VMDK support";
 
 /// True when the first bytes of a file are a VMDK text descriptor.
 pub(crate) fn looks_like_descriptor(head: &[u8]) -> bool {
     let head = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head);
-    let start = head
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(head.len());
+    let start = head.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(head.len());
     if head[start..].starts_with(b"# Disk DescriptorFile") {
         return true;
     }
@@ -143,15 +139,13 @@ impl Descriptor {
         if padding.iter().any(|&b| b != 0) {
             return Err(bad(
                 None,
-                "the descriptor contains binary data; it is damaged, restore it from the source datastore"
-                    .to_owned(),
+                "the descriptor contains binary data; it is damaged, restore it from the source datastore".to_owned(),
             ));
         }
         let text = std::str::from_utf8(bytes).map_err(|_| {
             bad(
                 None,
-                "the descriptor is not valid UTF-8; it is damaged, restore it from the source datastore"
-                    .to_owned(),
+                "the descriptor is not valid UTF-8; it is damaged, restore it from the source datastore".to_owned(),
             )
         })?;
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -171,9 +165,7 @@ impl Descriptor {
                 if descriptor.extents.len() == MAX_EXTENTS {
                     return Err(bad(
                         Some(line),
-                        format!(
-                            "more than {MAX_EXTENTS} extents; this is not a real disk descriptor"
-                        ),
+                        format!("more than {MAX_EXTENTS} extents; this is not a real disk descriptor"),
                     ));
                 }
                 let extent = parse_extent(trimmed, line).map_err(|m| bad(Some(line), m))?;
@@ -320,10 +312,7 @@ fn parse_extent(text: &str, line: usize) -> Result<ExtentLine, String> {
         None => 0,
     };
     if let Some(extra) = tokens.next() {
-        return Err(format!(
-            "unexpected `{}` after the extent's offset",
-            quote(&extra)
-        ));
+        return Err(format!("unexpected `{}` after the extent's offset", quote(&extra)));
     }
     Ok(ExtentLine {
         line,
@@ -357,9 +346,10 @@ fn tokenize(text: &str) -> Result<Vec<String>, String> {
 
 fn unquote(value: &str) -> Result<String, String> {
     match value.strip_prefix('"') {
-        Some(inner) => inner.strip_suffix('"').map(str::to_owned).ok_or_else(|| {
-            "a quoted value has no closing `\"`; the descriptor may be truncated".to_owned()
-        }),
+        Some(inner) => inner
+            .strip_suffix('"')
+            .map(str::to_owned)
+            .ok_or_else(|| "a quoted value has no closing `\"`; the descriptor may be truncated".to_owned()),
         None => Ok(value.to_owned()),
     }
 }
@@ -413,9 +403,9 @@ impl FlatVmdk {
                     line.sectors
                 ))
             })?;
-            let end = start.checked_add(len).ok_or_else(|| {
-                bad("the extents add up to more than 16 EiB; the descriptor is damaged".to_owned())
-            })?;
+            let end = start
+                .checked_add(len)
+                .ok_or_else(|| bad("the extents add up to more than 16 EiB; the descriptor is damaged".to_owned()))?;
             let backing = match &line.file_name {
                 None => Backing::Zero,
                 Some(_) if line.kind.eq_ignore_ascii_case("ZERO") => Backing::Zero,
@@ -454,18 +444,12 @@ impl FlatVmdk {
                 }
             };
             if len > 0 {
-                extents.push(Extent {
-                    start,
-                    end,
-                    backing,
-                });
+                extents.push(Extent { start, end, backing });
             }
             start = end;
         }
         if start == 0 {
-            return Err(SourceError::EmptyImage {
-                path: path.to_owned(),
-            });
+            return Err(SourceError::EmptyImage { path: path.to_owned() });
         }
         Ok(Opened {
             reader: Box::new(FlatVmdk {
@@ -533,7 +517,12 @@ impl DiskReader for FlatVmdk {
             let count = extent.end.min(end) - pos;
             let hole = match &extent.backing {
                 Backing::Zero => true,
-                Backing::File { file, offset, available, .. } => {
+                Backing::File {
+                    file,
+                    offset,
+                    available,
+                    ..
+                } => {
                     let stored = available.saturating_sub(within).min(count);
                     stored == 0
                         || file

@@ -118,11 +118,7 @@ fn reads_across_hand_written_extents() {
     assert_eq!(opened.format, DiskFormat::VmdkFlat);
     // The short third extent is readable but reported.
     assert_eq!(opened.warnings.len(), 1, "{:?}", opened.warnings);
-    assert!(
-        opened.warnings[0].contains("disk-f003.vmdk"),
-        "{:?}",
-        opened.warnings
-    );
+    assert!(opened.warnings[0].contains("disk-f003.vmdk"), "{:?}", opened.warnings);
     let disk = opened.reader;
     assert_eq!(disk.capacity(), expected.len() as u64);
     for chunk in [1, 511, 512, 4096, 7777, expected.len()] {
@@ -187,11 +183,7 @@ fn many_extents_are_opened_per_read() {
 #[test]
 fn zero_extents_read_as_zeros_and_an_empty_disk_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(
-        dir.path(),
-        "z.vmdk",
-        format!("{HEADER}RW 2048 ZERO\nRW 8 ZERO\n"),
-    );
+    let path = write(dir.path(), "z.vmdk", format!("{HEADER}RW 2048 ZERO\nRW 8 ZERO\n"));
     let disk = open_disk(&path).unwrap();
     assert_eq!(disk.capacity(), 2056 * 512);
     assert!(read_all(&*disk, 4096).iter().all(|&b| b == 0));
@@ -233,16 +225,7 @@ fn hosted_sparse_and_stream_optimized_are_refused() {
     // A snapshot child made by qemu-img is itself a hosted sparse file.
     let base = dir.path().join("monolithicSparse.vmdk");
     let child = dir.path().join("child.vmdk");
-    qemu_img(&[
-        "create",
-        "-f",
-        "vmdk",
-        "-b",
-        s(&base),
-        "-F",
-        "vmdk",
-        s(&child),
-    ]);
+    qemu_img(&["create", "-f", "vmdk", "-b", s(&base), "-F", "vmdk", s(&child)]);
     assert!(matches!(open_err(&child), SourceError::Unsupported { .. }));
 }
 
@@ -282,35 +265,19 @@ fn sparse_extent_types_snapshots_and_rdms_are_refused() {
                     RW 8 VMFS \"x-delta.vmdk\"\n";
     let path = write(dir.path(), "x.vmdk", snapshot);
     let msg = open_err(&path).to_string();
-    assert!(
-        msg.contains("snapshot") && msg.contains("web01.vmdk"),
-        "{msg}"
-    );
+    assert!(msg.contains("snapshot") && msg.contains("web01.vmdk"), "{msg}");
 }
 
 #[test]
 fn garbage_and_truncated_descriptors_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let qemu = dir.path().join("q.vmdk");
-    qemu_img(&[
-        "create",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=monolithicFlat",
-        s(&qemu),
-        "1M",
-    ]);
+    qemu_img(&["create", "-f", "vmdk", "-o", "subformat=monolithicFlat", s(&qemu), "1M"]);
     let text = fs::read_to_string(&qemu).unwrap();
     let extent_at = text.find("RW ").unwrap();
 
     for (name, content, line, expect) in [
-        (
-            "cut-before.vmdk",
-            text[..extent_at].to_owned(),
-            None,
-            "no extent lines",
-        ),
+        ("cut-before.vmdk", text[..extent_at].to_owned(), None, "no extent lines"),
         (
             "cut-inside.vmdk",
             text[..extent_at + 14].to_owned(),
@@ -341,12 +308,7 @@ fn garbage_and_truncated_descriptors_are_refused() {
             Some(5),
             "NOACCESS",
         ),
-        (
-            "noname.vmdk",
-            format!("{HEADER}RW 8 FLAT\n"),
-            Some(5),
-            "no file name",
-        ),
+        ("noname.vmdk", format!("{HEADER}RW 8 FLAT\n"), Some(5), "no file name"),
         (
             "extra.vmdk",
             format!("{HEADER}RW 8 FLAT \"q-flat.vmdk\" 0 junk\n"),
@@ -372,10 +334,7 @@ fn garbage_and_truncated_descriptors_are_refused() {
 
     // A text .vmdk without the header is not taken for a raw disk.
     let path = write(dir.path(), "notes.vmdk", "this is not a disk\n");
-    assert!(matches!(
-        open_err(&path),
-        SourceError::BadDescriptor { line: None, .. }
-    ));
+    assert!(matches!(open_err(&path), SourceError::BadDescriptor { line: None, .. }));
 }
 
 #[test]
@@ -385,24 +344,9 @@ fn absurd_sizes_are_refused_without_panicking() {
     let huge = u64::MAX;
     let half = 1u64 << 54; // 2^63 bytes: two of them overflow
     for (name, body, line, expect) in [
-        (
-            "size.vmdk",
-            format!("RW {huge} FLAT \"f.vmdk\" 0\n"),
-            5,
-            "too large",
-        ),
-        (
-            "sum.vmdk",
-            format!("RW {half} ZERO\nRW {half} ZERO\n"),
-            6,
-            "16 EiB",
-        ),
-        (
-            "offset.vmdk",
-            format!("RW 8 FLAT \"f.vmdk\" {huge}\n"),
-            5,
-            "offset",
-        ),
+        ("size.vmdk", format!("RW {huge} FLAT \"f.vmdk\" 0\n"), 5, "too large"),
+        ("sum.vmdk", format!("RW {half} ZERO\nRW {half} ZERO\n"), 6, "16 EiB"),
+        ("offset.vmdk", format!("RW 8 FLAT \"f.vmdk\" {huge}\n"), 5, "offset"),
         (
             "digits.vmdk",
             "RW 99999999999999999999999 FLAT \"f.vmdk\" 0\n".to_owned(),
@@ -423,11 +367,7 @@ fn absurd_sizes_are_refused_without_panicking() {
     let path = write(dir.path(), "big.vmdk", format!("{HEADER}RW {half} ZERO\n"));
     assert_eq!(open_disk(&path).unwrap().capacity(), 1 << 63);
     // ...and an extent far past its file's end reads as zeros.
-    let path = write(
-        dir.path(),
-        "far.vmdk",
-        format!("{HEADER}RW 8 FLAT \"f.vmdk\" {half}\n"),
-    );
+    let path = write(dir.path(), "far.vmdk", format!("{HEADER}RW 8 FLAT \"f.vmdk\" {half}\n"));
     let disk = open_disk(&path).unwrap();
     let mut buf = [1u8; 4096];
     disk.read_at(0, &mut buf).unwrap();
@@ -439,10 +379,7 @@ fn absurd_sizes_are_refused_without_panicking() {
     assert!(msg.contains("more than 10000 extents"), "{msg}");
     let most = format!("{HEADER}{}", "RW 1 ZERO\n".repeat(MAX_EXTENTS));
     let path = write(dir.path(), "most.vmdk", most);
-    assert_eq!(
-        open_disk(&path).unwrap().capacity(),
-        MAX_EXTENTS as u64 * 512
-    );
+    assert_eq!(open_disk(&path).unwrap().capacity(), MAX_EXTENTS as u64 * 512);
 
     let padded = format!("{HEADER}{}", "#\n".repeat(DESCRIPTOR_SIZE_LIMIT as usize));
     let path = write(dir.path(), "padded.vmdk", padded);
@@ -453,15 +390,7 @@ fn absurd_sizes_are_refused_without_panicking() {
 fn a_missing_extent_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.vmdk");
-    qemu_img(&[
-        "create",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=monolithicFlat",
-        s(&path),
-        "1M",
-    ]);
+    qemu_img(&["create", "-f", "vmdk", "-o", "subformat=monolithicFlat", s(&path), "1M"]);
     fs::remove_file(dir.path().join("a-flat.vmdk")).unwrap();
     let err = open_err(&path);
     let msg = err.to_string();

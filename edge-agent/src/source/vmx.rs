@@ -97,8 +97,7 @@ impl VmxFile {
                 Err(_) => {
                     first_error.get_or_insert((
                         line,
-                        "is not valid UTF-8; fix the line or set `.encoding` to the file's real encoding"
-                            .to_owned(),
+                        "is not valid UTF-8; fix the line or set `.encoding` to the file's real encoding".to_owned(),
                     ));
                     continue;
                 }
@@ -160,9 +159,7 @@ impl VmxFile {
 
     /// All entries, keyed by lower-cased key, in no particular order.
     pub fn entries(&self) -> impl Iterator<Item = (&str, &Entry)> {
-        self.entries
-            .iter()
-            .map(|(key, entry)| (key.as_str(), entry))
+        self.entries.iter().map(|(key, entry)| (key.as_str(), entry))
     }
 
     /// A boolean such as `present = "TRUE"`; absent or empty gives `None`.
@@ -255,9 +252,7 @@ fn parse_line(text: &str) -> Result<Option<(&str, String)>, String> {
         rest
     };
     let value = unescape(raw_value).map_err(|bad| {
-        format!(
-            "invalid escape `{bad}` in {key}'s value; VMware writes `|` as `|7C` and `\"` as `|22`"
-        )
+        format!("invalid escape `{bad}` in {key}'s value; VMware writes `|` as `|7C` and `\"` as `|22`")
     })?;
     Ok(Some((key, value)))
 }
@@ -335,9 +330,7 @@ mod tests {
 
     #[test]
     fn decodes_escapes() {
-        let vmx =
-            parse("displayName = \"say |22hi|22 |7C pipe |23 hash\"\nannotation = \"caf|C3|A9\"\n")
-                .unwrap();
+        let vmx = parse("displayName = \"say |22hi|22 |7C pipe |23 hash\"\nannotation = \"caf|C3|A9\"\n").unwrap();
         assert_eq!(vmx.value("displayName"), Some("say \"hi\" | pipe # hash"));
         assert_eq!(vmx.value("annotation"), Some("café"));
     }
@@ -346,10 +339,7 @@ mod tests {
     fn invalid_escape_names_the_line() {
         let err = parse("config.version = \"8\"\ndisplayName = \"a|zz\"\n").unwrap_err();
         let msg = err.to_string();
-        assert!(
-            matches!(err, SourceError::VmxSyntax { line: 2, .. }),
-            "{msg}"
-        );
+        assert!(matches!(err, SourceError::VmxSyntax { line: 2, .. }), "{msg}");
         assert!(msg.contains("`|zz`"), "{msg}");
     }
 
@@ -374,10 +364,7 @@ mod tests {
     #[test]
     fn text_after_the_value_is_refused() {
         let err = parse("config.version = \"8\"\ndisplayName = \"a\" junk\n").unwrap_err();
-        assert!(
-            matches!(err, SourceError::VmxSyntax { line: 2, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, SourceError::VmxSyntax { line: 2, .. }), "{err}");
         assert!(err.to_string().contains("`junk`"), "{err}");
     }
 
@@ -410,26 +397,17 @@ mod tests {
 
         let bytes = b"config.version = \"8\"\ndisplayName = \"caf\xe9\"\n";
         let err = VmxFile::parse(Path::new("/x.vmx"), bytes).unwrap_err();
-        assert!(
-            matches!(err, SourceError::VmxSyntax { line: 2, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, SourceError::VmxSyntax { line: 2, .. }), "{err}");
     }
 
     #[test]
     fn booleans_and_numbers_are_checked() {
-        let vmx = parse(
-            "config.version = \"8\"\na = \"TRUE\"\nb = \"false\"\nc = \"maybe\"\nn = \"0\"\n",
-        )
-        .unwrap();
+        let vmx = parse("config.version = \"8\"\na = \"TRUE\"\nb = \"false\"\nc = \"maybe\"\nn = \"0\"\n").unwrap();
         assert_eq!(vmx.bool("a").unwrap(), Some(true));
         assert_eq!(vmx.bool("b").unwrap(), Some(false));
         assert_eq!(vmx.bool("missing").unwrap(), None);
         let err = vmx.bool("c").unwrap_err();
-        assert!(
-            matches!(err, SourceError::VmxValue { line: 4, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, SourceError::VmxValue { line: 4, .. }), "{err}");
         let err = vmx.number::<u32>("n", 1).unwrap_err();
         assert!(err.to_string().contains("at least 1"), "{err}");
     }

@@ -45,19 +45,13 @@ pub enum ProtocolError {
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error("{message} is not expected while {phase}")]
-    Unexpected {
-        message: &'static str,
-        phase: &'static str,
-    },
+    Unexpected { message: &'static str, phase: &'static str },
     #[error("chunk outside the plan: {0}")]
     OutsidePlan(String),
     #[error("integrity check failed: {0}")]
     Integrity(String),
     #[error("the cloud endpoint refused ({code:?}): {}", problems.join("; "))]
-    Refused {
-        code: RefusalCode,
-        problems: Vec<String>,
-    },
+    Refused { code: RefusalCode, problems: Vec<String> },
     #[error("timed out {0}")]
     TimedOut(&'static str),
     #[error("migration aborted: {0}")]

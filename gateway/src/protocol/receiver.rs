@@ -166,20 +166,13 @@ impl ReceiverSession {
 
     fn on_control(&mut self, msg: EdgeMessage) -> Result<(), ProtocolError> {
         match msg {
-            EdgeMessage::Hello {
-                agent,
-                user,
-                password,
-            } => {
+            EdgeMessage::Hello { agent, user, password } => {
                 if self.phase != Phase::AwaitHello {
                     return Err(self.unexpected("Hello"));
                 }
                 self.phase = Phase::Authenticating;
-                self.events.push_back(ReceiverEvent::Authenticate {
-                    agent,
-                    user,
-                    password,
-                });
+                self.events
+                    .push_back(ReceiverEvent::Authenticate { agent, user, password });
             }
             EdgeMessage::Plan(plan) => {
                 if self.phase != Phase::AwaitPlan {
@@ -190,11 +183,7 @@ impl ReceiverSession {
                 self.events.push_back(ReceiverEvent::ValidatePlan(plan.clone()));
                 self.plan = Some(plan);
             }
-            EdgeMessage::ZeroChunks {
-                disk,
-                offset,
-                count,
-            } => {
+            EdgeMessage::ZeroChunks { disk, offset, count } => {
                 if self.phase != Phase::Streaming {
                     return Err(self.unexpected("ZeroChunks"));
                 }
@@ -235,9 +224,7 @@ impl ReceiverSession {
                 }
                 let (d, _) = self.disk_mut(disk)?;
                 if d.sealed {
-                    return Err(ProtocolError::OutsidePlan(format!(
-                        "disk {disk} sealed twice"
-                    )));
+                    return Err(ProtocolError::OutsidePlan(format!("disk {disk} sealed twice")));
                 }
                 let Some(ours) = d.hashes.digest() else {
                     return Err(ProtocolError::Integrity(format!(
@@ -260,9 +247,7 @@ impl ReceiverSession {
                     return Err(self.unexpected("Commit"));
                 }
                 if let Some(i) = self.disks.iter().position(|d| !d.sealed) {
-                    return Err(ProtocolError::Integrity(format!(
-                        "commit before disk {i} was sealed"
-                    )));
+                    return Err(ProtocolError::Integrity(format!("commit before disk {i} was sealed")));
                 }
                 self.phase = Phase::Finalizing;
                 self.events.push_back(ReceiverEvent::Finalize);
@@ -285,9 +270,7 @@ impl ReceiverSession {
         self.disks
             .get_mut(usize::from(disk))
             .map(|d| (d, chunk_size))
-            .ok_or_else(|| {
-                ProtocolError::OutsidePlan(format!("disk {disk} does not exist (plan has {count})"))
-            })
+            .ok_or_else(|| ProtocolError::OutsidePlan(format!("disk {disk} does not exist (plan has {count})")))
     }
 
     /// The driver checked the credential.
@@ -426,12 +409,7 @@ impl ReceiverSession {
 
     /// An admitted chunk failed verification: ask for it again, or fail the
     /// migration when it failed too often.
-    pub fn chunk_rejected(
-        &mut self,
-        disk: u16,
-        offset: u64,
-        error: &ChunkError,
-    ) -> Result<(), ProtocolError> {
+    pub fn chunk_rejected(&mut self, disk: u16, offset: u64, error: &ChunkError) -> Result<(), ProtocolError> {
         let Ok((d, chunk_size)) = self.disk_mut(disk) else {
             return Ok(());
         };
@@ -462,8 +440,7 @@ impl ReceiverSession {
         match result {
             Ok((vm_id, vm_path)) => {
                 self.phase = Phase::Done;
-                self.outbox
-                    .push_back(CloudMessage::Committed { vm_id, vm_path });
+                self.outbox.push_back(CloudMessage::Committed { vm_id, vm_path });
             }
             Err((code, problem)) => self.fail(code, vec![problem]),
         }

@@ -40,10 +40,7 @@ pub enum SenderEvent {
     /// The credential was accepted.
     Welcomed { endpoint: String, role: String },
     /// The plan was accepted: start reading and sending chunks.
-    Accepted {
-        migration_id: String,
-        datastore: String,
-    },
+    Accepted { migration_id: String, datastore: String },
     /// These chunks are verified and on the cloud's disk.
     Acked { disk: u16, offsets: Vec<u64>, bytes: u64 },
     /// The cloud rejected a chunk: read, seal and send it again.
@@ -212,8 +209,7 @@ impl SenderSession {
                 self.phase = Phase::AwaitPlanAccepted;
                 self.deadline = Some(now + self.config.reply_timeout);
                 self.outbox.push_back(EdgeMessage::Plan(self.plan.clone()));
-                self.events
-                    .push_back(SenderEvent::Welcomed { endpoint, role });
+                self.events.push_back(SenderEvent::Welcomed { endpoint, role });
             }
             CloudMessage::PlanAccepted {
                 migration_id,
@@ -240,9 +236,8 @@ impl SenderSession {
                 let mut bytes = 0;
                 let d = self.disk_mut(disk)?;
                 for &offset in &offsets {
-                    let index = checked_index(d, offset, cs).ok_or_else(|| {
-                        ProtocolError::OutsidePlan(format!("ack for disk {disk} offset {offset}"))
-                    })?;
+                    let index = checked_index(d, offset, cs)
+                        .ok_or_else(|| ProtocolError::OutsidePlan(format!("ack for disk {disk} offset {offset}")))?;
                     match d.state[index as usize] {
                         ChunkState::Sent => {
                             d.state[index as usize] = ChunkState::Done;
@@ -259,11 +254,7 @@ impl SenderSession {
                     }
                 }
                 self.acked_bytes += bytes;
-                self.events.push_back(SenderEvent::Acked {
-                    disk,
-                    offsets,
-                    bytes,
-                });
+                self.events.push_back(SenderEvent::Acked { disk, offsets, bytes });
                 self.maybe_seal(disk);
             }
             CloudMessage::Nack { disk, offset, .. } => {
@@ -297,8 +288,7 @@ impl SenderSession {
                 }
                 self.phase = Phase::Done;
                 self.deadline = None;
-                self.events
-                    .push_back(SenderEvent::Committed { vm_id, vm_path });
+                self.events.push_back(SenderEvent::Committed { vm_id, vm_path });
             }
         }
         Ok(())
@@ -339,11 +329,7 @@ impl SenderSession {
             run => run.replace((offset, 1)),
         };
         if let Some((offset, count)) = flush {
-            self.outbox.push_back(EdgeMessage::ZeroChunks {
-                disk,
-                offset,
-                count,
-            });
+            self.outbox.push_back(EdgeMessage::ZeroChunks { disk, offset, count });
         }
         self.zero_bytes += len;
         self.maybe_seal(disk);
@@ -367,16 +353,11 @@ impl SenderSession {
             return;
         }
         if let Some((offset, count)) = d.zero_run.take() {
-            self.outbox.push_back(EdgeMessage::ZeroChunks {
-                disk,
-                offset,
-                count,
-            });
+            self.outbox.push_back(EdgeMessage::ZeroChunks { disk, offset, count });
         }
         let digest = d.hashes.digest().expect("every chunk is done");
         d.sealed = true;
-        self.outbox
-            .push_back(EdgeMessage::DiskSealed { disk, digest });
+        self.outbox.push_back(EdgeMessage::DiskSealed { disk, digest });
         if self.disks.iter().all(|d| d.sealed) && self.phase == Phase::Streaming {
             self.phase = Phase::AwaitCommitted;
             self.outbox.push_back(EdgeMessage::Commit);
@@ -415,9 +396,7 @@ impl SenderSession {
     pub fn abort(&mut self, reason: impl Into<String>) {
         let reason = reason.into();
         if !self.is_finished() {
-            self.outbox.push_back(EdgeMessage::Abort {
-                reason: reason.clone(),
-            });
+            self.outbox.push_back(EdgeMessage::Abort { reason: reason.clone() });
             self.fail(ProtocolError::Aborted(reason));
         }
     }

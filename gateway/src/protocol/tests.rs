@@ -363,10 +363,10 @@ fn header(disk: u16, offset: u64, plain_len: u32) -> ChunkHeader {
 fn chunks_at_impossible_places_are_refused() {
     let cap = 4 * u64::from(CS);
     for h in [
-        header(1, 0, CS),                      // no such disk
-        header(0, 1, CS),                      // not a chunk boundary
-        header(0, cap, CS),                    // past the end
-        header(0, 0, CS / 2),                  // wrong length
+        header(1, 0, CS),                            // no such disk
+        header(0, 1, CS),                            // not a chunk boundary
+        header(0, cap, CS),                          // past the end
+        header(0, 0, CS / 2),                        // wrong length
         header(0, u64::MAX - u64::from(CS) + 1, CS), // overflow bait
     ] {
         let mut r = streaming_receiver(cap);
@@ -375,7 +375,10 @@ fn chunks_at_impossible_places_are_refused() {
         assert!(r.is_finished());
         assert!(matches!(
             r.poll_transmit(),
-            Some(CloudMessage::Refused { code: RefusalCode::ProtocolViolation, .. })
+            Some(CloudMessage::Refused {
+                code: RefusalCode::ProtocolViolation,
+                ..
+            })
         ));
     }
 }

@@ -28,10 +28,7 @@ pub enum TransportError {
     #[error("TLS configuration: {0}")]
     Tls(String),
     #[error("cannot use UDP socket {addr}: {source}")]
-    Socket {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Socket { addr: SocketAddr, source: std::io::Error },
     #[error("cannot connect to {addr}: {source}")]
     Connect {
         addr: SocketAddr,

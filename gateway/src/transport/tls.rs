@@ -77,13 +77,15 @@ pub fn client_crypto(identity: Identity, trust: ServerTrust) -> Result<rustls::C
                 ca: None,
                 algorithms: provider.signature_verification_algorithms,
             })),
-        ServerTrust::CaAndPinned(cas, pin) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                pin,
-                ca: Some(ca_verifier(&cas)?),
-                algorithms: provider.signature_verification_algorithms,
-            })),
+        ServerTrust::CaAndPinned(cas, pin) => {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                    pin,
+                    ca: Some(ca_verifier(&cas)?),
+                    algorithms: provider.signature_verification_algorithms,
+                }))
+        }
     };
     let mut config = builder
         .with_client_auth_cert(identity.chain, identity.key)
@@ -160,12 +162,12 @@ impl ServerCertVerifier for PinnedVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got = Thumbprint::of_der(end_entity);
         if got != self.pin {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                rustls::OtherError(Arc::new(PinMismatch {
                     expected: self.pin,
                     got,
-                }))),
-            ));
+                })),
+            )));
         }
         match &self.ca {
             Some(ca) => ca.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now),

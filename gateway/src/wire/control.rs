@@ -44,23 +44,13 @@ pub enum CloudMessage {
     /// Credential accepted.
     Welcome { endpoint: String, role: String },
     /// The plan passed every check; data may flow.
-    PlanAccepted {
-        migration_id: String,
-        datastore: String,
-    },
+    PlanAccepted { migration_id: String, datastore: String },
     /// The request cannot go on. Every problem found is listed at once.
-    Refused {
-        code: RefusalCode,
-        problems: Vec<String>,
-    },
+    Refused { code: RefusalCode, problems: Vec<String> },
     /// Chunks verified and written.
     Acks { disk: u16, offsets: Vec<u64> },
     /// A chunk failed verification and was not written: send it again.
-    Nack {
-        disk: u16,
-        offset: u64,
-        reason: String,
-    },
+    Nack { disk: u16, offset: u64, reason: String },
     /// The VM is on disk and registered.
     Committed { vm_id: String, vm_path: String },
 }
@@ -148,8 +138,7 @@ pub fn frame_len(prefix: [u8; LEN_PREFIX]) -> Result<usize, WireError> {
 
 /// Decodes a frame body (without its length prefix).
 pub fn decode_body<M: DeserializeOwned>(body: &[u8]) -> Result<M, WireError> {
-    let (msg, rest) = postcard::take_from_bytes::<M>(body)
-        .map_err(|e| WireError::MalformedControl(e.to_string()))?;
+    let (msg, rest) = postcard::take_from_bytes::<M>(body).map_err(|e| WireError::MalformedControl(e.to_string()))?;
     if !rest.is_empty() {
         return Err(WireError::MalformedControl(format!(
             "{} trailing bytes after the message",
@@ -202,15 +191,9 @@ mod tests {
         let msg = EdgeMessage::Plan(plan());
         let frame = encode(&msg).unwrap();
         for cut in 0..frame.len() {
-            assert_eq!(
-                decode::<EdgeMessage>(&frame[..cut]).unwrap(),
-                Decoded::Incomplete
-            );
+            assert_eq!(decode::<EdgeMessage>(&frame[..cut]).unwrap(), Decoded::Incomplete);
         }
-        assert_eq!(
-            decode::<EdgeMessage>(&frame).unwrap(),
-            Decoded::Frame(msg, frame.len())
-        );
+        assert_eq!(decode::<EdgeMessage>(&frame).unwrap(), Decoded::Frame(msg, frame.len()));
     }
 
     #[test]
@@ -256,10 +239,7 @@ mod tests {
             RefusalCode::PlanRejected,
             RefusalCode::Aborted,
         ] {
-            assert_eq!(
-                RefusalCode::from_close_code(code.close_code().into()),
-                Some(code)
-            );
+            assert_eq!(RefusalCode::from_close_code(code.close_code().into()), Some(code));
         }
         assert_eq!(RefusalCode::from_close_code(0), None);
     }

@@ -111,15 +111,9 @@ mod tests {
         assert_eq!(Preamble::decode(&bad), Err(WireError::BadMagic));
         let mut newer = p.encode();
         newer[5] = 9;
-        assert_eq!(
-            Preamble::decode(&newer),
-            Err(WireError::UnsupportedVersion(9))
-        );
+        assert_eq!(Preamble::decode(&newer), Err(WireError::UnsupportedVersion(9)));
         let mut kind = p.encode();
         kind[6] = 7;
-        assert_eq!(
-            Preamble::decode(&kind),
-            Err(WireError::UnknownStreamKind(7))
-        );
+        assert_eq!(Preamble::decode(&kind), Err(WireError::UnknownStreamKind(7)));
     }
 }
