@@ -315,3 +315,39 @@ async fn bad_source_vms_fail_before_connecting() {
     let err = edge_agent::source::open_vm(&bad).unwrap_err().to_string();
     assert!(err.contains("line 2"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_vanishes_mid_transfer_leaves_nothing_behind() {
+    let tmp = rt_dir();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // Enough random data that the transfer is still running when it is cut.
+    write_raw_disk(&src.join("big.img"), 16 * MIB, &[Fill::Random; 16], 5);
+    let vmx = write_vmx(&src, "big01", &["big.img"], &[]);
+    let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
+    let lift = tokio::spawn(async move { migrate(&vmx, &target, &MigrateOptions::default()).await });
+    // Wait until the cloud has staged the VM, then cut the edge off.
+    let staged = async {
+        while !cloud.datastore_entries().iter().any(|e| e.starts_with(".staging/")) {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), staged).await.expect("staging appears");
+    lift.abort();
+    let _ = lift.await;
+    // The endpoint notices the closed connection and discards the staged files.
+    let cleaned = async {
+        while !cloud.datastore_entries().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(40), cleaned).await.expect("staging removed");
+    assert!(cloud.domain.inventory.list_vms().unwrap().is_empty(), "no half-migrated VM registered");
+    let migrations = cloud.domain.inventory.list_migrations().unwrap();
+    assert_eq!(migrations.len(), 1);
+    assert_eq!(migrations[0].state, "FAILED");
+    assert!(migrations[0].error.as_deref().unwrap_or("").contains("connection"), "{:?}", migrations[0].error);
+    cloud.stop().await;
+}
