@@ -104,6 +104,20 @@ prepare_cache() {
 # GNU time output: last line (sshd -d exits 255, which time reports on a line before).
 read_time() { tail -n1 "$1"; } # "wall user sys maxrss_kib"
 TIMEFMT='%e %U %S %M'
+clk_tck=$(getconf CLK_TCK)
+# Busy CPU ticks of the whole machine (user nice system irq softirq steal): the part not
+# used by the measured processes is "other" load, e.g. another job compiling.
+busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+# Both ends share 2 cores, so a concurrent job skews a run: before each one, wait (up to
+# BENCH_QUIET_WAIT s) for a second in which the machine is below 15 % of one core busy.
+wait_quiet() {
+  local t0 end=$((SECONDS + ${BENCH_QUIET_WAIT:-120}))
+  while [ $SECONDS -lt $end ]; do
+    t0=$(busy_ticks); sleep 1
+    [ $(($(busy_ticks) - t0)) -lt $((clk_tck * 15 / 100)) ] && return 0
+  done
+  log "warning: the machine stayed busy; measuring anyway (see other_cpu in results)"
+}
 
 # --- scp baseline: private sshd on loopback -------------------------------------------
 ssh_port=$(free_port t "${BENCH_SSH_PORT:-2222}")
@@ -133,7 +147,7 @@ ssh_opts=(-i "$tmp/ssh/client_key" -o StrictHostKeyChecking=no -o UserKnownHosts
 log "scp: $BENCH_REPS reps of $size bytes to 127.0.0.1:$ssh_port (cache: $cache)"
 for i in $(seq "$BENCH_REPS"); do
   rm -f "$tmp/scp-dst/disk.img"
-  prepare_cache
+  wait_quiet; prepare_cache; b0=$(busy_ticks)
   # sshd -d: no daemonising, one connection, then exit; GNU time sees the whole tree.
   /usr/bin/time -f "$TIMEFMT" -o "$tmp/sshd.$i.time" \
     /usr/sbin/sshd -d -f "$tmp/ssh/sshd_config" 2>"$tmp/sshd.$i.log" &
@@ -143,18 +157,18 @@ for i in $(seq "$BENCH_REPS"); do
   /usr/bin/time -f "$TIMEFMT" -o "$tmp/scp.$i.time" \
     scp -v "${ssh_opts[@]}" "$img" "root@127.0.0.1:$tmp/scp-dst/disk.img" 2>"$tmp/scp.$i.log" \
     || { tail -5 "$tmp/scp.$i.log" "$tmp/sshd.$i.log" >&2; die "scp rep $i"; }
-  wait "$sshd_pid" || true; sshd_pid=''
+  wait "$sshd_pid" || true; sshd_pid=''; b1=$(busy_ticks)
   [ "$(stat -c %s "$tmp/scp-dst/disk.img")" = "$size" ] || die "scp copied a short file"
   read -r wall cu cs crss <<<"$(read_time "$tmp/scp.$i.time")"
   read -r _ su sy srss <<<"$(read_time "$tmp/sshd.$i.time")"
   wire=$(sed -n 's/^Transferred: sent \([0-9]*\),.*/\1/p' "$tmp/scp.$i.log")
   cipher=$(sed -n 's/.*kex: client->server cipher: \([^ ]*\) .*/\1/p' "$tmp/sshd.$i.log" | tail -n1)
   jq -nc --arg w "$wall" --arg cc "$cu $cs" --arg sc "$su $sy" --arg cr "$crss" --arg sr "$srss" \
-    --arg wire "${wire:-}" --arg cipher "$cipher" \
+    --arg wire "${wire:-}" --arg cipher "$cipher" --arg busy "$(((b1 - b0) * 100 / clk_tck))" \
     '{wall:($w|tonumber), cpu_client:($cc|split(" ")|map(tonumber)|add),
       cpu_server:($sc|split(" ")|map(tonumber)|add), rss_client_kib:($cr|tonumber),
       rss_server_kib:($sr|tonumber), wire_bytes:(if $wire=="" then null else ($wire|tonumber) end),
-      cipher:$cipher}' >>"$tmp/scp.jsonl"
+      cipher:$cipher} | .other_cpu = ((($busy|tonumber)/100 - .cpu_client - .cpu_server)*100|round/100)' >>"$tmp/scp.jsonl"
   log "scp rep $i: $(tail -n1 "$tmp/scp.jsonl")"
 done
 rm -f "$tmp/scp-dst/disk.img"
@@ -190,25 +204,24 @@ export CLOUD_ENDPOINT_LISTEN=127.0.0.1:$quic_port CLOUD_ENDPOINT_CERT=$tmp/pki/e
 ce_pid=$!
 wait_listen u "$quic_port"
 kill -0 "$ce_pid" 2>/dev/null || { cat "$tmp/cloud-endpoint.log" >&2; die "cloud-endpoint did not start"; }
-clk_tck=$(getconf CLK_TCK)
 # utime+stime of the whole process (all threads), in clock ticks; fields 14 and 15 of
 # stat, counted after the ")" that ends the command name (which may contain spaces).
 ce_ticks() { local s; s=$(</proc/"$ce_pid"/stat); s=${s##*) }; awk '{print $12 + $13}' <<<"$s"; }
-ce_hwm_kib() { awk '/^VmHWM:/ {print $2}' /proc/"$ce_pid"/status; }
+ce_kib() { awk -v k="$1:" '$1 == k {print $2}' /proc/"$ce_pid"/status; } # VmHWM, VmRSS
 hwm_reset=yes
 
 log "lift: $BENCH_REPS reps to quic://127.0.0.1:$quic_port (cache: $cache)"
 for i in $(seq "$BENCH_REPS"); do
-  prepare_cache
+  wait_quiet; prepare_cache
   { [ "$hwm_reset" = yes ] && echo 5 >/proc/"$ce_pid"/clear_refs; } 2>/dev/null || hwm_reset=no
-  t0=$(ce_ticks)
+  t0=$(ce_ticks); b0=$(busy_ticks)
   /usr/bin/time -f "$TIMEFMT" -o "$tmp/edge.$i.time" \
     "$bin/edge-agent" migrate --vmx "$tmp/vm/bench.vmx" --url "quic://127.0.0.1:$quic_port" \
       --user migrator@cloud.local --password 'VMware1!Cloud' --ca-bundle "$tmp/pki/ca.pem" \
       --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" --name "bench-$i" --json \
       >"$tmp/lift.$i.json" 2>"$tmp/edge.$i.log" \
     || { tail -3 "$tmp/lift.$i.json" "$tmp/edge.$i.log" "$tmp/cloud-endpoint.log" >&2; die "lift rep $i"; }
-  t1=$(ce_ticks)
+  t1=$(ce_ticks); b1=$(busy_ticks)
   summary=$(tail -n1 "$tmp/lift.$i.json")
   [ "$(jq -r .event <<<"$summary")" = summary ] || die "lift rep $i printed no summary: $summary"
   if [ "$i" = 1 ]; then
@@ -220,11 +233,15 @@ for i in $(seq "$BENCH_REPS"); do
   fi
   read -r wall eu es erss <<<"$(read_time "$tmp/edge.$i.time")"
   jq -c --arg w "$wall" --arg cc "$eu $es" --arg sticks "$((t1 - t0))" --arg tck "$clk_tck" \
-    --arg cr "$erss" --arg sr "$(ce_hwm_kib)" --arg reset "$hwm_reset" \
+    --arg cr "$erss" --arg sr "$(ce_kib VmHWM)" --arg after "$(ce_kib VmRSS)" --arg reset "$hwm_reset" \
+    --arg busy "$((b1 - b0))" \
     '{wall:($w|tonumber), cpu_client:($cc|split(" ")|map(tonumber)|add),
       cpu_server:(($sticks|tonumber)/($tck|tonumber)), rss_client_kib:($cr|tonumber),
       rss_server_kib:($sr|tonumber), rss_server_per_rep:($reset=="yes"),
-      wire_bytes, payload_bytes, zero_bytes, ratio, duration_secs}' <<<"$summary" >>"$tmp/lift.jsonl"
+      rss_server_after_kib:($after|tonumber),
+      wire_bytes, payload_bytes, zero_bytes, ratio, duration_secs}
+     | .other_cpu = ((($busy|tonumber)/($tck|tonumber) - .cpu_client - .cpu_server)*100|round/100)' \
+    <<<"$summary" >>"$tmp/lift.jsonl"
   log "lift rep $i: $(tail -n1 "$tmp/lift.jsonl")"
 done
 
@@ -240,14 +257,16 @@ jq -n --slurpfile scp "$tmp/scp.jsonl" --slurpfile lift "$tmp/lift.jsonl" \
             median_cpu_server_s: (map(.cpu_server) | median),
             peak_rss_client_mib: (map(.rss_client_kib) | max / 1024),
             peak_rss_server_mib: (map(.rss_server_kib) | max / 1024),
-            median_wire_bytes: (map(.wire_bytes) | if any(. == null) then null else median end)};
+            median_wire_bytes: (map(.wire_bytes) | if any(. == null) then null else median end),
+            median_other_cpu_s: (map(.other_cpu) | median)};
   ($scp | agg) as $s | ($lift | agg) as $l
   | ($l.logical_MBps / $s.logical_MBps) as $x
   | {date: (now | todate), git: $rev, image: $image, logical_bytes: $size, cache: $cache,
      cores: '"$(nproc)"', scp: ($s + {cipher: $scp[0].cipher}),
      lift: ($l + {median_payload_bytes: ($lift | map(.payload_bytes) | median),
                   zero_bytes: $lift[0].zero_bytes, median_ratio: ($lift | map(.ratio) | median),
-                  median_summary_duration_s: ($lift | map(.duration_secs) | median)}),
+                  median_summary_duration_s: ($lift | map(.duration_secs) | median),
+                  server_rss_after_each_mib: ($lift | map(.rss_server_after_kib / 1024 | round))}),
      lift_over_scp_rate: $x,
      targets: {rate_at_least_4x_scp: {value: $x, pass: ($x >= 4)},
                peak_rss_each_side_under_256mib: {client_mib: $l.peak_rss_client_mib,
@@ -271,6 +290,8 @@ echo "-------+---------------+--------------+-----------------+-----------------
 row scp scp
 row lift lift
 jq -r '"scp cipher: \(.scp.cipher); lift: payload \(.lift.median_payload_bytes) B, zero \(.lift.zero_bytes) B, ratio \(.lift.median_ratio*100|round/100), in-agent duration \(.lift.median_summary_duration_s*100|round/100) s"' "$r"
+jq -r '"other CPU s on the machine during a run (noise; median): scp \(.scp.median_other_cpu_s), lift \(.lift.median_other_cpu_s)"' "$r"
+jq -r '"cloud-endpoint RSS after each lift, MiB: \(.lift.server_rss_after_each_mib | map(tostring) | join(", "))"' "$r"
 printf 'lift/scp logical rate: %.2fx\n' "$(jq .lift_over_scp_rate "$r")"
 printf 'target "at least 4x scp'"'"'s rate":             %s (%.2fx)\n' \
   "$(pf "$(jq .targets.rate_at_least_4x_scp.pass "$r")")" "$(jq .targets.rate_at_least_4x_scp.value "$r")"

@@ -72,6 +72,10 @@ struct MigrateArgs {
     /// Unmapped networks go to the cloud network of the same name.
     #[arg(long = "map-network", value_parser = parse_mapping)]
     map_network: Vec<(String, String)>,
+    /// Format of the disks in the cloud datastore: vmdk (vSphere layout), qcow2 or raw
+    /// (for KVM-based clouds). Default: the datastore's.
+    #[arg(long)]
+    disk_format: Option<gateway::plan::DiskFormat>,
     /// Parallel data streams.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
     streams: u16,
@@ -175,6 +179,7 @@ async fn migrate_cmd(a: MigrateArgs) -> anyhow::Result<()> {
         name: a.name,
         network_map: a.map_network,
         chunk_size: a.chunk_kib.saturating_mul(1024),
+        disk_format: a.disk_format,
         streams: a.streams.into(),
         zstd_level: a.zstd_level,
         agent: a.agent_name,

@@ -20,14 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gateway::chunk::{is_zero, Sealer, DEFAULT_ZSTD_LEVEL};
-use gateway::plan::{DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
+use gateway::plan::{DiskFormat, DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
 use gateway::protocol::{SenderConfig, SenderEvent, SenderSession};
 use gateway::transport::{self, ControlReader, ControlWriter, DataWriter, TransportError, TransportTuning};
 use gateway::wire::{ChunkHeader, CloudMessage, RefusalCode};
 use tokio::sync::{mpsc, Notify};
 
 use crate::report::{secs, Progress, ProgressSink, Summary};
-use crate::source::{open_disk, DiskReader, SourceVm};
+use crate::source::{open_source_disk, DiskReader, SourceVm};
 use crate::target::Target;
 use crate::MigrateError;
 
@@ -39,6 +39,8 @@ pub struct MigrateOptions {
     /// Source network name to cloud network name.
     pub network_map: Vec<(String, String)>,
     pub chunk_size: u32,
+    /// Format of the disks in the cloud; `None` = the datastore's default.
+    pub disk_format: Option<DiskFormat>,
     /// Parallel data streams, each with its own reader/sealer worker. Four
     /// keeps two cores busy while some workers wait on the network.
     pub streams: usize,
@@ -54,6 +56,7 @@ impl Default for MigrateOptions {
             name: None,
             network_map: Vec::new(),
             chunk_size: DEFAULT_CHUNK_SIZE,
+            disk_format: None,
             streams: 4,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             agent: "edge-agent".into(),
@@ -94,6 +97,7 @@ pub fn build_plan(vm: &SourceVm, opts: &MigrateOptions) -> MigrationPlan {
         },
         network_map: opts.network_map.clone(),
         chunk_size: opts.chunk_size,
+        disk_format: opts.disk_format,
     }
 }
 
@@ -200,7 +204,7 @@ pub async fn run(
     plan.check_limits().map_err(|e| MigrateError::Target(e.to_string()))?;
     let mut disks: Vec<Box<dyn DiskReader>> = Vec::with_capacity(vm.disks.len());
     for d in &vm.disks {
-        disks.push(open_disk(&d.path)?);
+        disks.push(open_source_disk(d)?);
     }
     let disks = Arc::new(disks);
     let total = plan.logical_bytes();

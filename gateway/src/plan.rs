@@ -29,6 +29,41 @@ pub struct MigrationPlan {
     /// go to the cloud network of the same name.
     pub network_map: Vec<(String, String)>,
     pub chunk_size: u32,
+    /// Format of the disks in the cloud datastore; `None` = the datastore's default.
+    pub disk_format: Option<DiskFormat>,
+}
+
+/// How the cloud stores a migrated disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskFormat {
+    /// vSphere's layout: a monolithicFlat descriptor plus a sparse `-flat.vmdk` extent.
+    VmdkFlat,
+    /// qcow2 v3, for KVM-based clouds.
+    Qcow2,
+    /// A sparse raw image.
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::VmdkFlat => "vmdk",
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "vmdk" | "vmdkflat" | "vmdk-flat" => Ok(DiskFormat::VmdkFlat),
+            "qcow2" => Ok(DiskFormat::Qcow2),
+            "raw" => Ok(DiskFormat::Raw),
+            _ => Err(format!("disk format `{s}` is not one of vmdk, qcow2, raw")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -334,7 +334,9 @@ async fn an_edge_that_vanishes_mid_transfer_leaves_nothing_behind() {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
     };
-    tokio::time::timeout(std::time::Duration::from_secs(10), staged).await.expect("staging appears");
+    tokio::time::timeout(std::time::Duration::from_secs(10), staged)
+        .await
+        .expect("staging appears");
     lift.abort();
     let _ = lift.await;
     // The endpoint notices the closed connection and discards the staged files.
@@ -343,11 +345,20 @@ async fn an_edge_that_vanishes_mid_transfer_leaves_nothing_behind() {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     };
-    tokio::time::timeout(std::time::Duration::from_secs(40), cleaned).await.expect("staging removed");
-    assert!(cloud.domain.inventory.list_vms().unwrap().is_empty(), "no half-migrated VM registered");
+    tokio::time::timeout(std::time::Duration::from_secs(40), cleaned)
+        .await
+        .expect("staging removed");
+    assert!(
+        cloud.domain.inventory.list_vms().unwrap().is_empty(),
+        "no half-migrated VM registered"
+    );
     let migrations = cloud.domain.inventory.list_migrations().unwrap();
     assert_eq!(migrations.len(), 1);
     assert_eq!(migrations[0].state, "FAILED");
-    assert!(migrations[0].error.as_deref().unwrap_or("").contains("connection"), "{:?}", migrations[0].error);
+    assert!(
+        migrations[0].error.as_deref().unwrap_or("").contains("connection"),
+        "{:?}",
+        migrations[0].error
+    );
     cloud.stop().await;
 }

@@ -79,6 +79,26 @@ pub(crate) fn open(path: &Path) -> Result<Opened, SourceError> {
     })
 }
 
+/// Opens a disk stored as a member of an archive (an OVA), read in place.
+pub(crate) fn open_member(archive: &Path, member: &super::ArchiveMember) -> Result<Opened, SourceError> {
+    let whole = super::slice::FileSlice::whole(archive)?;
+    let _slice = whole
+        .sub(member.offset, member.len)
+        .ok_or_else(|| SourceError::Unsupported {
+            path: archive.to_owned(),
+            what: format!(
+                "archive member {} at offset {} ({} bytes) past the end of the archive",
+                member.name, member.offset, member.len
+            ),
+            advice: "the archive is truncated; copy it again".to_owned(),
+        })?;
+    Err(SourceError::Unsupported {
+        path: archive.to_owned(),
+        what: format!("disk {} inside an archive", member.name),
+        advice: "OVA sources are not supported yet; unpack the archive".to_owned(),
+    })
+}
+
 /// Recognises image formats we do not read, by magic: the head of the file for most, the
 /// last sector for VHD (a fixed VHD is raw data followed by a footer).
 fn foreign_format(head: &[u8], tail: &[u8]) -> Option<(&'static str, &'static str)> {

@@ -14,6 +14,7 @@
 //! and VDI.
 
 mod disk;
+pub mod slice;
 mod vm;
 mod vmdk;
 mod vmx;
@@ -213,6 +214,19 @@ pub struct SourceDisk {
     /// Logical size in bytes.
     pub capacity: u64,
     pub format: DiskFormat,
+    /// Set when the disk is a member of an archive (an OVA) rather than a file of its own:
+    /// `path` is then the archive and the disk is read in place.
+    pub archive_member: Option<ArchiveMember>,
+}
+
+/// Where a disk lies inside an archive file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveMember {
+    /// The member's name in the archive, e.g. `web01-disk1.vmdk`.
+    pub name: String,
+    /// Byte offset of the member's data in the archive, and its length.
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// How a disk's bytes are stored.
@@ -223,6 +237,13 @@ pub enum DiskFormat {
     /// A VMDK text descriptor with FLAT / VMFS (and ZERO) extents: monolithicFlat,
     /// twoGbMaxExtentFlat, vmfs.
     VmdkFlat,
+    /// A hosted sparse VMDK ("KDMV": monolithicSparse, twoGbMaxExtentSparse) or a chain of
+    /// snapshot deltas, read as one flattened disk.
+    VmdkSparse,
+    /// A streamOptimized VMDK (compressed grains; the OVA format).
+    VmdkStreamOptimized,
+    /// qcow2 v2/v3, with its backing chain flattened.
+    Qcow2,
 }
 
 /// Parses the `.vmx`, opens every present disk to learn its capacity, validates everything.
@@ -274,6 +295,14 @@ pub(crate) fn file_range_is_hole(file: &std::fs::File, offset: u64, len: u64) ->
 /// deltas (parentFileNameHint), raw device mappings, qcow2, VHD, VHDX and VDI images.
 pub fn open_disk(path: &Path) -> Result<Box<dyn DiskReader>, SourceError> {
     disk::open(path).map(|opened| opened.reader)
+}
+
+/// Opens a disk of a [`SourceVm`] for reading: its own file, or its member of an archive.
+pub fn open_source_disk(disk: &SourceDisk) -> Result<Box<dyn DiskReader>, SourceError> {
+    match &disk.archive_member {
+        None => open_disk(&disk.path),
+        Some(member) => disk::open_member(&disk.path, member).map(|opened| opened.reader),
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies within `capacity`, as [`DiskReader::read_at`] requires.

@@ -315,6 +315,7 @@ fn open_disk(
         capacity: opened.reader.capacity(),
         format: opened.format,
         path,
+        archive_member: None,
     })
 }
 

@@ -54,6 +54,7 @@ fn plan(disks: &[&Vec<u8>]) -> MigrationPlan {
         },
         network_map: vec![],
         chunk_size: CS,
+        disk_format: None,
     }
 }
 

@@ -183,6 +183,7 @@ mod tests {
             },
             network_map: vec![("VM Network".into(), "cloud-web".into())],
             chunk_size: crate::plan::DEFAULT_CHUNK_SIZE,
+            disk_format: None,
         }
     }
 
