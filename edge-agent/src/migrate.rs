@@ -67,7 +67,7 @@ impl Default for MigrateOptions {
 
 /// The plan the cloud is asked to accept.
 pub fn build_plan(vm: &SourceVm, opts: &MigrateOptions) -> MigrationPlan {
-    MigrationPlan {
+    let mut plan = MigrationPlan {
         vm: VmSpec {
             name: opts.name.clone().unwrap_or_else(|| vm.name.clone()),
             guest_os: vm.guest_os.clone(),
@@ -98,7 +98,9 @@ pub fn build_plan(vm: &SourceVm, opts: &MigrateOptions) -> MigrationPlan {
         network_map: opts.network_map.clone(),
         chunk_size: opts.chunk_size,
         disk_format: opts.disk_format,
-    }
+    };
+    plan.fit_chunk_size();
+    plan
 }
 
 /// Work for the reader/sealer workers: every chunk once, in disk order, then

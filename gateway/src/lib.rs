@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chunk;
+pub mod fuzzing;
 pub mod integrity;
 pub mod plan;
 pub mod protocol;

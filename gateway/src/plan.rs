@@ -20,6 +20,12 @@ pub const MAX_DISKS: usize = 256;
 pub const MAX_NICS: usize = 64;
 /// Largest disk the protocol accepts: 64 TiB, vSphere's VMDK limit.
 pub const MAX_DISK_BYTES: u64 = 64 << 40;
+/// Most chunks one plan may have, all disks together. Each side keeps 33 bytes
+/// of state per chunk (hash and flag), so this caps that at ~140 MB per
+/// migration: 4 TiB at 1 MiB chunks, 64 TiB at 16 MiB; bigger VMs use bigger
+/// chunks (see [`MigrationPlan::fit_chunk_size`]). A receiver allocates it only
+/// after the plan passed authentication and the datastore's free-space check.
+pub const MAX_CHUNKS: u64 = 1 << 22;
 
 /// The whole request to migrate one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,7 +150,27 @@ impl MigrationPlan {
                 ));
             }
         }
+        let chunks = self.chunk_count();
+        if chunks > MAX_CHUNKS {
+            return bad(format!(
+                "{chunks} chunks of {} bytes is more than the {MAX_CHUNKS} one migration may have; use a larger chunk size",
+                self.chunk_size
+            ));
+        }
         Ok(())
+    }
+
+    /// Chunks of all disks together.
+    pub fn chunk_count(&self) -> u64 {
+        self.vm.disks.iter().map(|d| d.chunk_count(self.chunk_size)).sum()
+    }
+
+    /// Doubles the chunk size until the plan fits [`MAX_CHUNKS`] (or the size
+    /// reaches [`MAX_CHUNK_SIZE`]): a 10 TiB VM goes in 8 MiB chunks.
+    pub fn fit_chunk_size(&mut self) {
+        while self.chunk_count() > MAX_CHUNKS && self.chunk_size < MAX_CHUNK_SIZE {
+            self.chunk_size = (self.chunk_size * 2).min(MAX_CHUNK_SIZE);
+        }
     }
 
     /// Total logical bytes of all disks.
@@ -159,5 +185,52 @@ impl MigrationPlan {
             .find(|(from, _)| from == source)
             .map(|(_, to)| to.as_str())
             .unwrap_or(source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(disks: &[u64], chunk_size: u32) -> MigrationPlan {
+        MigrationPlan {
+            vm: VmSpec {
+                name: "x".into(),
+                guest_os: "otherGuest".into(),
+                num_cpus: 1,
+                cores_per_socket: None,
+                memory_mib: 1,
+                firmware: None,
+                bios_uuid: None,
+                nics: vec![],
+                disks: disks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &capacity)| DiskSpec {
+                        key: format!("scsi0:{i}"),
+                        capacity,
+                    })
+                    .collect(),
+            },
+            network_map: vec![],
+            chunk_size,
+            disk_format: None,
+        }
+    }
+
+    #[test]
+    fn chunk_counts_are_bounded_and_big_vms_get_bigger_chunks() {
+        let mut p = plan(&[10 << 40], DEFAULT_CHUNK_SIZE);
+        assert!(p.check_limits().is_err(), "10 TiB in 1 MiB chunks is too many");
+        p.fit_chunk_size();
+        assert_eq!(p.chunk_size, 4 << 20);
+        p.check_limits().unwrap();
+        // The worst case a peer can declare stays refused.
+        let mut worst = plan(&[MAX_DISK_BYTES; 4], MIN_CHUNK_SIZE);
+        assert!(worst.check_limits().is_err());
+        worst.fit_chunk_size();
+        assert!(worst.check_limits().is_err(), "4 x 64 TiB cannot fit even at 16 MiB");
+        assert!(plan(&[0], DEFAULT_CHUNK_SIZE).check_limits().is_err());
+        assert!(plan(&[1], 65536 + 1).check_limits().is_err());
     }
 }

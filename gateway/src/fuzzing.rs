@@ -1,0 +1,86 @@
+//! Entry points of the fuzz targets in `fuzz/`: each takes arbitrary bytes, as
+//! a hostile peer would send them, and must neither panic nor allocate beyond
+//! the protocol's limits. The regression tests replay every saved input in
+//! `fuzz/regressions/<target>/` through the same functions.
+
+use std::time::{Duration, Instant};
+
+use crate::protocol::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession};
+use crate::wire::{control, ChunkHeader, CloudMessage, Decoded, EdgeMessage, Preamble, CHUNK_HEADER_LEN, PREAMBLE_LEN};
+
+/// Control frames both ways: whatever decodes re-encodes to the same message.
+pub fn control_frame(data: &[u8]) {
+    if let Ok(Decoded::Frame(msg, used)) = control::decode::<EdgeMessage>(data) {
+        assert!(used <= data.len());
+        let again = control::encode(&msg).expect("a decoded message encodes");
+        assert!(matches!(control::decode::<EdgeMessage>(&again), Ok(Decoded::Frame(m, _)) if m == msg));
+    }
+    if let Ok(Decoded::Frame(msg, _)) = control::decode::<CloudMessage>(data) {
+        let again = control::encode(&msg).expect("a decoded message encodes");
+        assert!(matches!(control::decode::<CloudMessage>(&again), Ok(Decoded::Frame(m, _)) if m == msg));
+    }
+}
+
+/// Stream preambles and chunk headers.
+pub fn chunk_frame(data: &[u8]) {
+    if let Some(p) = data.get(..PREAMBLE_LEN) {
+        let _ = Preamble::decode(p.try_into().expect("preamble length"));
+    }
+    if let Some(h) = data.get(..CHUNK_HEADER_LEN) {
+        if let Ok(header) = ChunkHeader::decode(h.try_into().expect("header length")) {
+            assert_eq!(ChunkHeader::decode(&header.encode()), Ok(header));
+        }
+    }
+}
+
+/// A receiver session fed a hostile edge's messages and chunk headers, with
+/// a driver that accepts every credential and plan: the state machine must
+/// stay consistent whatever the order.
+pub fn receiver(data: &[u8]) {
+    let start = Instant::now();
+    let mut session = ReceiverSession::new(ReceiverConfig::default(), start);
+    let mut rest = data;
+    let mut step = 0u32;
+    while let Some((&tag, tail)) = rest.split_first() {
+        rest = tail;
+        step += 1;
+        let now = start + Duration::from_millis(u64::from(step));
+        match tag % 4 {
+            0 => match control::decode::<EdgeMessage>(rest) {
+                Ok(Decoded::Frame(msg, used)) => {
+                    rest = &rest[used..];
+                    let _ = session.handle_control(msg, now);
+                }
+                _ => break,
+            },
+            1 => {
+                let Some(h) = rest.get(..CHUNK_HEADER_LEN) else { break };
+                rest = &rest[CHUNK_HEADER_LEN..];
+                if let Ok(header) = ChunkHeader::decode(h.try_into().expect("header length")) {
+                    if let Ok(Admission::Write) = session.admit_chunk(&header) {
+                        if tag & 0x80 == 0 {
+                            session.chunk_written(header.disk, header.offset);
+                        } else {
+                            let _ = session.chunk_rejected(
+                                header.disk,
+                                header.offset,
+                                &crate::chunk::ChunkError::HashMismatch,
+                            );
+                        }
+                    }
+                }
+            }
+            2 => session.handle_timeout(now + Duration::from_secs(u64::from(tag))),
+            _ => {}
+        }
+        while let Some(event) = session.poll_event() {
+            match event {
+                ReceiverEvent::Authenticate { .. } => session.authenticated(Ok("Administrator".into()), "fuzz"),
+                ReceiverEvent::ValidatePlan(_) => session.plan_accepted("migration-1".into(), "ds".into()),
+                ReceiverEvent::Finalize => session.finalized(Ok(("vm-1".into(), "[ds] x/x.vmx".into()))),
+                ReceiverEvent::Discard { .. } => {}
+            }
+        }
+        while session.poll_transmit().is_some() {}
+    }
+}
