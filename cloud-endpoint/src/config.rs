@@ -18,6 +18,7 @@ use std::str::FromStr;
 use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
+use gateway::plan::DiskFormat;
 use serde::{Deserialize, Serialize};
 
 /// Prefix of every environment variable the configuration reads.
@@ -84,6 +85,24 @@ pub struct DatastoreConfig {
     pub name: String,
     /// A quota for migrated disks; `None` means the filesystem's size.
     pub capacity_bytes: Option<u64>,
+    /// Format of migrated disks when the migration asks for none: `vmdk` (monolithicFlat,
+    /// for vSphere; the default), `qcow2` (v3, for KVM clouds) or `raw` (sparse images).
+    #[serde(with = "disk_format_name")]
+    pub disk_format: DiskFormat,
+}
+
+/// A [`DiskFormat`] by the name the edge agent's `--disk-format` takes.
+mod disk_format_name {
+    use gateway::plan::DiskFormat;
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(format: &DiskFormat, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(format.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DiskFormat, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
 }
 
 /// A user of the cloud domain. Exactly one of `password` / `password_hash` is set.
@@ -199,6 +218,7 @@ impl Default for DatastoreConfig {
         DatastoreConfig {
             name: "cloud-ds1".to_owned(),
             capacity_bytes: None,
+            disk_format: DiskFormat::VmdkFlat,
         }
     }
 }
@@ -496,6 +516,10 @@ memory_mib = 262144
 name = "cloud-ds1"
 # A quota for migrated disks, in bytes. Without it, the filesystem's size is the limit.
 # capacity_bytes = 1099511627776
+# Format of migrated disks unless a migration asks for another (edge-agent migrate
+# --disk-format): "vmdk" (a monolithicFlat descriptor plus a sparse -flat.vmdk, for
+# vSphere), "qcow2" (v3, for KVM-based clouds) or "raw" (a sparse .img).
+disk_format = "vmdk"
 
 # Users of the domain. Each has exactly one of `password` (hashed with argon2id when
 # stored) or `password_hash` (an argon2 PHC string, stored as is), and a role:
@@ -666,6 +690,7 @@ mod tests {
         assert_eq!(c.max_concurrent_migrations, 32);
         assert_eq!(c.domain, DomainConfig::default());
         assert_eq!(c.domain.datastore.capacity_bytes, None);
+        assert_eq!(c.domain.datastore.disk_format, DiskFormat::VmdkFlat);
         let users: Vec<_> = c.domain.users.iter().map(|u| (u.name.as_str(), u.role)).collect();
         assert_eq!(
             users,
@@ -721,7 +746,8 @@ mod tests {
             c.domain.datastore,
             DatastoreConfig {
                 name: "ds9".into(),
-                capacity_bytes: Some(1_000_000)
+                capacity_bytes: Some(1_000_000),
+                disk_format: DiskFormat::VmdkFlat,
             }
         );
         // A list in the file replaces the default list.
@@ -741,6 +767,7 @@ mod tests {
                 ("CLOUD_ENDPOINT_LISTEN", "10.0.0.1:6000"),
                 ("CLOUD_ENDPOINT_DOMAIN__DATASTORE__NAME", "from-env"),
                 ("CLOUD_ENDPOINT_DOMAIN__DATASTORE__CAPACITY_BYTES", "4096"),
+                ("CLOUD_ENDPOINT_DOMAIN__DATASTORE__DISK_FORMAT", "qcow2"),
                 ("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "7"),
                 ("CLOUD_ENDPOINT_DOMAIN__HOST__NAME", "10"),
                 ("CLOUD_ENDPOINT_DOMAIN__NETWORKS", r#"["VM Network", "cloud web"]"#),
@@ -754,6 +781,7 @@ mod tests {
         assert_eq!(c.listen, "10.0.0.1:6000".parse().unwrap());
         assert_eq!(c.domain.datastore.name, "from-env");
         assert_eq!(c.domain.datastore.capacity_bytes, Some(4096));
+        assert_eq!(c.domain.datastore.disk_format, DiskFormat::Qcow2);
         assert_eq!(c.max_concurrent_migrations, 7);
         assert_eq!(c.domain.host.name, "10");
         assert_eq!(c.domain.networks, ["VM Network", "cloud web"]);
@@ -853,6 +881,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("Root"), "{err}");
+
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_DOMAIN__DATASTORE__DISK_FORMAT", "vhdx")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("vhdx")
+                && msg.contains("qcow2")
+                && msg.contains("CLOUD_ENDPOINT_DOMAIN__DATASTORE__DISK_FORMAT"),
+            "{msg}"
+        );
+        let c = load_toml(&format!("{PATHS}[domain.datastore]\ndisk_format = \"raw\"\n"), &[]).unwrap();
+        assert_eq!(c.domain.datastore.disk_format, DiskFormat::Raw);
     }
 
     #[test]

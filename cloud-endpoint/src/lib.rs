@@ -6,7 +6,8 @@
 //! config      TOML + environment, with a built-in demo domain
 //! inventory   the domain in SQLite: datacenter, cluster, host, datastore,
 //!             networks, folders, users (argon2), VMs, migrations
-//! datastore   the files: staging, sparse flat VMDKs, descriptors, .vmx
+//! datastore   the files: staging, disks as flat VMDKs, qcow2 or raw images,
+//!             descriptors, .vmx
 //! server      QUIC accept loop; per connection a ReceiverSession driver
 //! ```
 #![forbid(unsafe_code)]
@@ -72,7 +73,8 @@ impl Endpoint {
             &config.datastore_dir,
             &inventory.datastore()?.name,
             config.domain.datastore.capacity_bytes,
-        )?;
+        )?
+        .with_disk_format(config.domain.datastore.disk_format);
         for id in inventory.fail_running_migrations("the cloud endpoint stopped while the migration ran")? {
             tracing::warn!(migration = %id, "marked FAILED: interrupted by a restart");
         }

@@ -198,7 +198,8 @@ pub struct NewVm {
 pub struct NewDisk {
     /// Controller slot, e.g. `scsi0:0`.
     pub key: String,
-    /// Datastore path of the descriptor, e.g. `[cloud-ds1] web01/web01.vmdk`.
+    /// Datastore path of the file the .vmx names: a VMDK descriptor
+    /// (`[cloud-ds1] web01/web01.vmdk`), a qcow2 or a raw image (`web01.qcow2`, `web01.img`).
     pub path: String,
     pub capacity_bytes: u64,
 }

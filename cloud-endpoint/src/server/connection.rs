@@ -8,7 +8,6 @@
 //! verify and write chunks on the blocking pool). Whatever ends the
 //! connection, one cleanup at the end discards an uncommitted migration.
 
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,7 +31,7 @@ struct Ctx {
     /// Set once the plan is accepted; taken by commit or discard.
     staged: Mutex<Option<Staged>>,
     /// Disk files for the data tasks (cheap clones of the staged handles).
-    disks: Mutex<Vec<Arc<std::fs::File>>>,
+    disks: Mutex<Vec<Arc<crate::datastore::DiskFile>>>,
     principal: Mutex<Option<Principal>>,
     edge: String,
 }
@@ -290,11 +289,12 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             };
             ctx.disks.lock().expect("disks lock").clear();
             tracing::info!(migration = %staged.migration_id, "every disk verified; flushing and registering");
+            let format = staged.format.as_str();
             let result = tokio::task::spawn_blocking(move || placement::finalize(&domain, &plan, staged))
                 .await
                 .expect("finalize does not panic");
             match &result {
-                Ok((vm_id, path)) => tracing::info!(%vm_id, %path, "VM registered"),
+                Ok((vm_id, path)) => tracing::info!(%vm_id, %path, format, "VM registered"),
                 Err(e) => tracing::error!(error = %e, "commit failed"),
             }
             ctx.session()
@@ -373,7 +373,7 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
         };
         let (b, outcome) = tokio::task::spawn_blocking(move || {
             let outcome = match b.opener.open(&header, &b.payload, &mut b.plain) {
-                Ok(plain) => Ok(file.write_all_at(plain, header.offset)),
+                Ok(plain) => Ok(file.write_at(plain, header.offset)),
                 Err(e) => Err(e),
             };
             // Re-borrow: `plain` above borrowed b's buffers.

@@ -3,13 +3,12 @@
 //! turning them into a registered VM. All blocking (SQLite, argon2, fsync):
 //! callers run these on tokio's blocking pool.
 
-use std::fs::File;
 use std::sync::Arc;
 
 use gateway::plan::MigrationPlan;
 use gateway::wire::RefusalCode;
 
-use crate::datastore::{datastore_path, Staging, VmxDisk, VmxNic, VmxSpec};
+use crate::datastore::{datastore_path, DiskFile, DiskFormat, Staging, VmxDisk, VmxNic, VmxSpec};
 use crate::inventory::{InventoryError, NewDisk, NewNic, NewVm, Principal};
 use crate::Domain;
 
@@ -19,7 +18,9 @@ use crate::Domain;
 pub struct Staged {
     pub migration_id: String,
     pub staging: Staging,
-    pub disks: Vec<Arc<File>>,
+    /// The format of every disk: the plan's, else the datastore's default.
+    pub format: DiskFormat,
+    pub disks: Vec<Arc<DiskFile>>,
     /// Cloud network id of each NIC, in plan order.
     pub nic_networks: Vec<(String, String)>,
 }
@@ -157,12 +158,13 @@ pub fn validate_and_stage(
             InventoryError::NameTaken { .. } => (RefusalCode::PlanRejected, vec![e.to_string()]),
             other => endpoint_failure(other),
         })?;
+    let format = plan.disk_format.unwrap_or(domain.datastore.disk_format());
     let staged = (|| {
         let staging = domain.datastore.stage(&migration_id, &vm.name)?;
         let mut disks = Vec::new();
         for (i, d) in vm.disks.iter().enumerate() {
-            match staging.create_disk(i, d.capacity) {
-                Ok(f) => disks.push(Arc::new(f)),
+            match staging.create_disk(i, d.capacity, format) {
+                Ok(disk) => disks.push(disk),
                 Err(e) => {
                     let _ = staging.discard();
                     return Err(e);
@@ -175,6 +177,7 @@ pub fn validate_and_stage(
         Ok((staging, disks)) => Ok(Staged {
             migration_id,
             staging,
+            format,
             disks,
             nic_networks,
         }),
@@ -186,9 +189,10 @@ pub fn validate_and_stage(
     }
 }
 
-/// Makes the staged VM durable and registers it: fsync every disk, write the
-/// descriptors and the .vmx, move the folder into place, then insert the VM in
-/// one transaction. If registering fails the folder is removed again, so the
+/// Makes the staged VM durable and registers it: finish every disk (qcow2
+/// writes its tables; all are fsynced), write the descriptors (VMDK only) and
+/// the .vmx, move the folder into place, then insert the VM in one
+/// transaction. If registering fails the folder is removed again, so the
 /// datastore never holds a VM the inventory does not know.
 pub fn finalize(domain: &Domain, plan: &MigrationPlan, staged: Staged) -> Result<(String, String), String> {
     let vm = &plan.vm;
@@ -198,8 +202,8 @@ pub fn finalize(domain: &Domain, plan: &MigrationPlan, staged: Staged) -> Result
         let _ = domain.inventory.fail_migration(&staged.migration_id, &e);
         e
     };
-    for (i, f) in staged.disks.iter().enumerate() {
-        if let Err(e) = f.sync_all() {
+    for (i, disk) in staged.disks.iter().enumerate() {
+        if let Err(e) = disk.finish() {
             return Err(fail(
                 staged.staging,
                 format!("cannot flush disk {i} to the datastore: {e}"),
@@ -208,30 +212,24 @@ pub fn finalize(domain: &Domain, plan: &MigrationPlan, staged: Staged) -> Result
     }
     let mut vmx_disks = Vec::new();
     let mut new_disks = Vec::new();
-    for (i, d) in vm.disks.iter().enumerate() {
-        // The descriptor counts whole sectors; a disk with a partial last
-        // sector (rare: raw images of odd size) is rounded up, reading zeros.
-        let capacity = d.capacity.div_ceil(512) * 512;
-        if capacity != d.capacity {
-            if let Err(e) = staged.disks[i].set_len(capacity) {
-                return Err(fail(
-                    staged.staging,
-                    format!("cannot round disk {i} up to whole sectors: {e}"),
-                ));
+    for (i, (d, disk)) in vm.disks.iter().zip(&staged.disks).enumerate() {
+        // The disk counts whole sectors; a partial last sector (rare: raw
+        // images of odd size) was rounded up when it was created, reading zeros.
+        if disk.format() == DiskFormat::VmdkFlat {
+            if let Err(e) = staged.staging.write_descriptor(i, disk.capacity(), &d.key) {
+                return Err(fail(staged.staging, e.to_string()));
             }
         }
-        if let Err(e) = staged.staging.write_descriptor(i, capacity, &d.key) {
-            return Err(fail(staged.staging, e.to_string()));
-        }
-        let (descriptor, _) = Staging::disk_file_names(&vm.name, i);
+        // The descriptor of a VMDK, the image itself for qcow2 and raw.
+        let file_name = disk.file_name().to_owned();
         new_disks.push(NewDisk {
             key: d.key.clone(),
-            path: datastore_path(&ds, &vm.name, &descriptor),
+            path: datastore_path(&ds, &vm.name, &file_name),
             capacity_bytes: d.capacity,
         });
         vmx_disks.push(VmxDisk {
             key: d.key.clone(),
-            file_name: descriptor,
+            file_name,
         });
     }
     let spec = VmxSpec {

@@ -1,0 +1,145 @@
+//! A disk being written into staging, whatever its format. Verified chunks arrive out of
+//! order from several data streams at once, each on its own blocking-pool thread, so a
+//! [`DiskFile`] takes positional writes through `&self` and needs no caller-side lock.
+//!
+//! Raw images and the extents of flat VMDKs are the same thing on disk, a sparse file
+//! of the capacity, so one writer serves both; qcow2 has its own (see [`super::qcow2`]).
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::qcow2::Qcow2Writer;
+use super::{io_err, DatastoreError, DiskFormat, SECTOR};
+
+/// How one format puts guest bytes into its file.
+pub(super) trait DiskWriter: fmt::Debug + Send + Sync {
+    /// Writes `data` at guest `offset`. Concurrent calls cover disjoint ranges, except
+    /// that a range may be written again with the same bytes.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
+    /// Completes the file after the last write and makes it durable.
+    fn finish(&self) -> io::Result<()>;
+}
+
+/// A staged disk open for writing: see [`super::Staging::create_disk`].
+#[derive(Debug)]
+pub struct DiskFile {
+    format: DiskFormat,
+    /// Whole sectors: what the guest sees.
+    capacity: u64,
+    /// The file the .vmx and the inventory name.
+    file_name: String,
+    /// The file holding the data: the flat extent of a VMDK, else the image.
+    path: PathBuf,
+    writer: Box<dyn DiskWriter>,
+}
+
+impl DiskFile {
+    /// Creates `path` (never replacing a file) for a disk of `capacity` bytes, rounded up
+    /// to whole sectors: hypervisors address disks by sector, and the rounded tail reads as
+    /// zeros, as it does when a flat VMDK's descriptor counts whole sectors.
+    pub(super) fn create(
+        path: &Path,
+        file_name: String,
+        capacity: u64,
+        format: DiskFormat,
+    ) -> Result<DiskFile, DatastoreError> {
+        let bad = |rule| DatastoreError::BadCapacity {
+            capacity,
+            format: format.as_str(),
+            rule,
+        };
+        let capacity = capacity
+            .checked_next_multiple_of(SECTOR)
+            .ok_or_else(|| bad("it does not fit in whole sectors"))?;
+        if format == DiskFormat::Qcow2 && capacity > gateway::plan::MAX_DISK_BYTES {
+            // The metadata is preallocated for the whole capacity; the protocol's limit
+            // keeps it to 8 GiB of sparse L2 tables.
+            return Err(bad("it is larger than the 64 TiB a migration can carry"));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io_err("create disk file", path))?;
+        let writer: Box<dyn DiskWriter> = match format {
+            DiskFormat::VmdkFlat | DiskFormat::Raw => {
+                file.set_len(capacity).map_err(io_err("size disk file", path))?;
+                Box::new(SparseWriter { file })
+            }
+            DiskFormat::Qcow2 => {
+                Box::new(Qcow2Writer::create(file, capacity).map_err(io_err("lay out qcow2 metadata in", path))?)
+            }
+        };
+        Ok(DiskFile {
+            format,
+            capacity,
+            file_name,
+            path: path.to_owned(),
+            writer,
+        })
+    }
+
+    /// Writes `data` (a chunk's plaintext, up to 16 MiB) at guest `offset`. Safe to call
+    /// from several threads at once for different chunks, in any order; writing a chunk
+    /// again with the same bytes is harmless. A range past the capacity is refused.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|end| end > self.capacity) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes at offset {offset} end past the disk's {} bytes",
+                    data.len(),
+                    self.capacity
+                ),
+            ));
+        }
+        self.writer.write_at(data, offset)
+    }
+
+    /// Completes the file after the last write (qcow2: its tables and header) and fsyncs
+    /// it. Call once, when every chunk is written.
+    pub fn finish(&self) -> io::Result<()> {
+        self.writer.finish()
+    }
+
+    pub fn format(&self) -> DiskFormat {
+        self.format
+    }
+
+    /// The size the guest sees: the requested capacity rounded up to whole sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// The file the .vmx and the inventory name: the descriptor for a VMDK, else the image.
+    pub fn file_name(&self) -> &str {
+        &self.file_name
+    }
+
+    /// The staged file that holds the data (for a VMDK, its flat extent).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A raw image or flat extent: the file is the disk, byte for byte. It was sized to the
+/// capacity up front, so never-written ranges (all-zero chunks are never sent) are holes.
+#[derive(Debug)]
+struct SparseWriter {
+    file: File,
+}
+
+impl DiskWriter for SparseWriter {
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    fn finish(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}

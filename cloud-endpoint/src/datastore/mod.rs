@@ -1,0 +1,410 @@
+//! The files of the cloud datastore, laid out as on a vSphere datastore:
+//!
+//! ```text
+//! <root>/web01/web01.vmx
+//! <root>/web01/web01.vmdk          descriptor of disk 0 (monolithicFlat)
+//! <root>/web01/web01-flat.vmdk     its extent: raw, sparse
+//! <root>/web01/web01_1.vmdk        disk 1, and so on
+//! <root>/db01/db01.qcow2           or, per migration or datastore: qcow2 v3 images
+//! <root>/app01/app01.img           or sparse raw images
+//! <root>/.staging/migration-7/     a migration in flight
+//! ```
+//!
+//! A migration writes into its own staging folder; [`Staging::commit`] syncs it and renames
+//! it into place in one step, so a VM folder is either whole or absent. Nothing is deleted
+//! implicitly: dropping a [`Staging`] leaves its folder (call [`Staging::discard`]), and
+//! [`Datastore::clean_staging`] removes what a restart left behind.
+//!
+//! ```text
+//! mod.rs     Datastore, Staging: folders, names, commit
+//! disk.rs    DiskFile: a disk being written, whatever its format; raw and flat extents
+//! qcow2.rs   the qcow2 v3 writer
+//! vmdk.rs    monolithicFlat descriptors
+//! vmx.rs     the .vmx
+//! ```
+
+mod disk;
+mod qcow2;
+mod vmdk;
+mod vmx;
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use disk::DiskFile;
+pub use gateway::plan::DiskFormat;
+use vmx::vmx_text;
+pub use vmx::{VmxDisk, VmxNic, VmxSpec};
+
+const STAGING: &str = ".staging";
+const SECTOR: u64 = 512;
+
+/// Everything that can go wrong with datastore files. I/O errors name the path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DatastoreError {
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done, e.g. "create folder".
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("VM name {name:?} cannot name a datastore folder: {rule}")]
+    BadVmName { name: String, rule: &'static str },
+
+    #[error("datastore name {name:?} is not usable: {rule}")]
+    BadDatastoreName { name: String, rule: &'static str },
+
+    #[error("migration id {id:?} cannot name a staging folder: {rule}")]
+    BadMigrationId { id: String, rule: &'static str },
+
+    #[error("the datastore already has a folder {}; the migrated files stay in {} until discarded", path.display(), staging.display())]
+    VmFolderExists { path: PathBuf, staging: PathBuf },
+
+    #[error("staging folder {} already exists; a migration id was reused, or a previous run left it (restart to clean .staging)", path.display())]
+    StagingExists { path: PathBuf },
+
+    #[error("disk capacity {capacity} bytes is not a multiple of 512; round it up to whole sectors")]
+    UnalignedCapacity { capacity: u64 },
+
+    #[error("device key {key:?} is not a VMX {expected} key")]
+    BadDeviceKey { key: String, expected: &'static str },
+
+    #[error("a {format} disk of {capacity} bytes cannot be created: {rule}")]
+    BadCapacity {
+        capacity: u64,
+        format: &'static str,
+        rule: &'static str,
+    },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DatastoreError + 'a {
+    move |source| DatastoreError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The cloud datastore's folder.
+#[derive(Debug, Clone)]
+pub struct Datastore {
+    root: PathBuf,
+    name: String,
+    capacity: Option<u64>,
+    disk_format: DiskFormat,
+}
+
+impl Datastore {
+    /// Opens the datastore at `root`, creating `root` and `root/.staging` if needed.
+    /// `capacity` is a quota for [`Datastore::free_bytes`]; `None` = the filesystem's size.
+    pub fn open(root: &Path, name: &str, capacity: Option<u64>) -> Result<Datastore, DatastoreError> {
+        let rule = if name.is_empty() {
+            Some("it is empty")
+        } else if name.contains(['[', ']']) {
+            Some("datastore paths put it in brackets, so it cannot contain '[' or ']'")
+        } else if name.chars().any(char::is_control) {
+            Some("it contains a control character")
+        } else {
+            None
+        };
+        if let Some(rule) = rule {
+            return Err(DatastoreError::BadDatastoreName {
+                name: name.to_owned(),
+                rule,
+            });
+        }
+        let staging = root.join(STAGING);
+        fs::create_dir_all(&staging).map_err(io_err("create folder", &staging))?;
+        Ok(Datastore {
+            root: root.to_owned(),
+            name: name.to_owned(),
+            capacity,
+            disk_format: DiskFormat::VmdkFlat,
+        })
+    }
+
+    /// Sets the format migrated disks take unless their plan asks for another one.
+    pub fn with_disk_format(mut self, format: DiskFormat) -> Datastore {
+        self.disk_format = format;
+        self
+    }
+
+    /// The format of migrated disks whose plan names none; monolithicFlat VMDK unless
+    /// [`Datastore::with_disk_format`] chose another.
+    pub fn disk_format(&self) -> DiskFormat {
+        self.disk_format
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Bytes free for new disks: the filesystem's free space for unprivileged users and,
+    /// with a configured capacity, `capacity - used`; the smaller of the two.
+    pub fn free_bytes(&self, used: u64) -> Result<u64, DatastoreError> {
+        let stat = nix::sys::statvfs::statvfs(&self.root).map_err(|errno| DatastoreError::Io {
+            action: "read the free space of",
+            path: self.root.clone(),
+            source: io::Error::from(errno),
+        })?;
+        // The field types differ between platforms (u32 or u64).
+        #[allow(clippy::unnecessary_cast)]
+        let fs_free = (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64);
+        Ok(match self.capacity {
+            Some(capacity) => fs_free.min(capacity.saturating_sub(used)),
+            None => fs_free,
+        })
+    }
+
+    /// Checks that `name` can be a VM folder: 1 to 80 characters, no '/', '\\', '"' (it
+    /// would end a quoted name in a VMDK descriptor), NUL or other control characters,
+    /// not starting with '.' (hidden; also rules out "." and "..").
+    pub fn check_vm_name(name: &str) -> Result<(), DatastoreError> {
+        let rule = match name.chars().count() {
+            0 => Some("it is empty"),
+            81.. => Some("it is longer than 80 characters"),
+            _ if name.contains('/') => Some("it contains '/'"),
+            _ if name.contains('\\') => Some("it contains '\\'"),
+            _ if name.contains('\0') => Some("it contains a NUL character"),
+            _ if name.chars().any(char::is_control) => Some("it contains a control character"),
+            _ if name.contains('"') => Some("it contains '\"', which VMDK descriptors cannot quote"),
+            _ if name == "." || name == ".." => Some("it is \".\" or \"..\""),
+            _ if name.starts_with('.') => Some("it starts with '.'"),
+            _ => None,
+        };
+        match rule {
+            Some(rule) => Err(DatastoreError::BadVmName {
+                name: name.to_owned(),
+                rule,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the datastore has a folder (or file) for `vm_name`. False for a name that
+    /// [`Datastore::check_vm_name`] rejects.
+    pub fn vm_dir_exists(&self, vm_name: &str) -> bool {
+        Datastore::check_vm_name(vm_name).is_ok() && fs::symlink_metadata(self.root.join(vm_name)).is_ok()
+    }
+
+    /// Creates a fresh `root/.staging/<migration_id>/` for the files of `vm_name`.
+    pub fn stage(&self, migration_id: &str, vm_name: &str) -> Result<Staging, DatastoreError> {
+        Datastore::check_vm_name(vm_name)?;
+        if let Err(DatastoreError::BadVmName { rule, .. }) = Datastore::check_vm_name(migration_id) {
+            return Err(DatastoreError::BadMigrationId {
+                id: migration_id.to_owned(),
+                rule,
+            });
+        }
+        let staging = self.root.join(STAGING);
+        fs::create_dir_all(&staging).map_err(io_err("create folder", &staging))?;
+        let dir = staging.join(migration_id);
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(DatastoreError::StagingExists { path: dir })
+            }
+            Err(e) => return Err(io_err("create folder", &dir)(e)),
+        }
+        Ok(Staging {
+            dir,
+            root: self.root.clone(),
+            vm_name: vm_name.to_owned(),
+        })
+    }
+
+    /// Removes everything under `.staging` (migrations cut by a restart); returns what was
+    /// removed.
+    pub fn clean_staging(&self) -> Result<Vec<PathBuf>, DatastoreError> {
+        let staging = self.root.join(STAGING);
+        fs::create_dir_all(&staging).map_err(io_err("create folder", &staging))?;
+        let mut removed = Vec::new();
+        for entry in fs::read_dir(&staging).map_err(io_err("list", &staging))? {
+            let entry = entry.map_err(io_err("list", &staging))?;
+            let path = entry.path();
+            let is_dir = entry.file_type().map_err(io_err("inspect", &path))?.is_dir();
+            if is_dir {
+                fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
+            } else {
+                fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            }
+            removed.push(path);
+        }
+        removed.sort();
+        Ok(removed)
+    }
+}
+
+/// `[datastore] folder/file`, the form vSphere names datastore files by.
+pub fn datastore_path(datastore: &str, vm_name: &str, file: &str) -> String {
+    format!("[{datastore}] {vm_name}/{file}")
+}
+
+/// The staging folder of one migration. Dropping it leaves the folder on disk: call
+/// [`Staging::commit`] or [`Staging::discard`].
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+    root: PathBuf,
+    vm_name: String,
+}
+
+impl Staging {
+    /// vSphere's names: disk 0 is `<vm>.vmdk` + `<vm>-flat.vmdk`, disk i is `<vm>_<i>.vmdk`
+    /// + `<vm>_<i>-flat.vmdk`. Returns (descriptor, flat extent).
+    pub fn disk_file_names(vm_name: &str, index: usize) -> (String, String) {
+        let base = disk_base_name(vm_name, index);
+        (format!("{base}.vmdk"), format!("{base}-flat.vmdk"))
+    }
+
+    /// The file the .vmx and the inventory name for disk `index` in `format`: the
+    /// descriptor of a VMDK (`<vm>_<i>.vmdk`), the image itself for qcow2
+    /// (`<vm>_<i>.qcow2`) and raw (`<vm>_<i>.img`); disk 0 has no `_0`.
+    pub fn disk_file_name(vm_name: &str, index: usize, format: DiskFormat) -> String {
+        let base = disk_base_name(vm_name, index);
+        match format {
+            DiskFormat::VmdkFlat => format!("{base}.vmdk"),
+            DiskFormat::Qcow2 => format!("{base}.qcow2"),
+            DiskFormat::Raw => format!("{base}.img"),
+        }
+    }
+
+    /// The staging folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The VM the staged files are for.
+    pub fn vm_name(&self) -> &str {
+        &self.vm_name
+    }
+
+    /// Creates disk `index` in `format`, `capacity` bytes rounded up to whole sectors (the
+    /// rest reads as zeros), and returns it ready for concurrent positional writes. The
+    /// data file is sparse: only written blocks take space (see [`DiskFile`]). An existing
+    /// file is never truncated.
+    pub fn create_disk(
+        &self,
+        index: usize,
+        capacity: u64,
+        format: DiskFormat,
+    ) -> Result<Arc<DiskFile>, DatastoreError> {
+        let file_name = Staging::disk_file_name(&self.vm_name, index, format);
+        let data_name = match format {
+            DiskFormat::VmdkFlat => Staging::disk_file_names(&self.vm_name, index).1,
+            DiskFormat::Qcow2 | DiskFormat::Raw => file_name.clone(),
+        };
+        DiskFile::create(&self.dir.join(data_name), file_name, capacity, format).map(Arc::new)
+    }
+
+    /// Writes disk `index`'s monolithicFlat descriptor for a `capacity`-byte extent
+    /// (a multiple of 512). The adapter type and geometry follow the controller of
+    /// `controller_key` as VMware and qemu-img compute them: IDE disks get 16 heads,
+    /// all others 255; 63 sectors per track; cylinders capped at 65535.
+    pub fn write_descriptor(&self, index: usize, capacity: u64, controller_key: &str) -> Result<(), DatastoreError> {
+        let (descriptor, flat) = Staging::disk_file_names(&self.vm_name, index);
+        let text = vmdk::descriptor_text(capacity, controller_key, &flat)?;
+        let path = self.dir.join(descriptor);
+        fs::write(&path, text).map_err(io_err("write", &path))
+    }
+
+    /// Writes `<vm>.vmx` for `vmx`. Values are quoted and escaped the VMware way
+    /// (`"` as `|22`, `|` as `|7C`, control characters likewise).
+    pub fn write_vmx(&self, vmx: &VmxSpec) -> Result<(), DatastoreError> {
+        let text = vmx_text(vmx)?;
+        let path = self.dir.join(format!("{}.vmx", self.vm_name));
+        fs::write(&path, text).map_err(io_err("write", &path))
+    }
+
+    /// Makes the staged files durable and moves them into place: fsyncs every file and
+    /// the folder, renames the folder to `root/<vm>/` without replacing anything, and
+    /// fsyncs the parents. If `root/<vm>` exists, fails with
+    /// [`DatastoreError::VmFolderExists`] and leaves the staging folder as it was.
+    pub fn commit(self) -> Result<PathBuf, DatastoreError> {
+        for entry in fs::read_dir(&self.dir).map_err(io_err("list", &self.dir))? {
+            let path = entry.map_err(io_err("list", &self.dir))?.path();
+            if path.is_file() {
+                sync_path(&path)?;
+            }
+        }
+        sync_path(&self.dir)?;
+        let target = self.root.join(&self.vm_name);
+        rename_noreplace(&self.dir, &target).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => DatastoreError::VmFolderExists {
+                path: target.clone(),
+                staging: self.dir.clone(),
+            },
+            _ => io_err("move the staged VM folder to", &target)(e),
+        })?;
+        sync_path(&self.root)?;
+        if let Some(staging) = self.dir.parent() {
+            sync_path(staging)?;
+        }
+        Ok(target)
+    }
+
+    /// Removes the staging folder and everything in it (a failed or aborted migration).
+    pub fn discard(self) -> Result<(), DatastoreError> {
+        match fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &self.dir)(e)),
+        }
+    }
+}
+
+fn sync_path(path: &Path) -> Result<(), DatastoreError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("sync", path))
+}
+
+/// Renames `from` to `to`, failing with AlreadyExists instead of replacing `to` (a plain
+/// rename(2) would silently replace an empty folder).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use nix::errno::Errno;
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        // Filesystems without RENAME_NOREPLACE: check, then rename (a small race).
+        Err(Errno::EINVAL | Errno::ENOSYS) => rename_checked(from, to),
+        Err(errno) => Err(io::Error::from(errno)),
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    rename_checked(from, to)
+}
+
+fn rename_checked(from: &Path, to: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(to).is_ok() {
+        return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+    }
+    fs::rename(from, to)
+}
+
+/// `<vm>` for disk 0, `<vm>_<i>` for disk i: vSphere's naming, kept for every format.
+fn disk_base_name(vm_name: &str, index: usize) -> String {
+    match index {
+        0 => vm_name.to_owned(),
+        i => format!("{vm_name}_{i}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod disk_tests;
