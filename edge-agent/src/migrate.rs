@@ -336,6 +336,9 @@ async fn drive(
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
                 tick.tick().await;
+                if !shared.jobs.lock().expect("jobs lock poisoned").started {
+                    continue;
+                }
                 let done_bytes = shared.session().done_bytes();
                 sink.progress(&Progress {
                     done_bytes,

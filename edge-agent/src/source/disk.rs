@@ -33,7 +33,13 @@ pub(crate) fn open(path: &Path) -> Result<Opened, SourceError> {
     };
 
     if head.starts_with(b"KDMV") {
-        return Err(vmdk::refuse_hosted_sparse(path, &file, len));
+        return super::vmdk_chain::open_hosted(path, file, len);
+    }
+    if head.starts_with(b"COWD") {
+        return Err(super::vmdk_chain::cowd_unsupported(path));
+    }
+    if head.starts_with(super::qcow2::MAGIC) {
+        return super::qcow2::open(path);
     }
     if let Some((what, advice)) = foreign_format(&head, &tail) {
         return Err(SourceError::Unsupported {
@@ -81,27 +87,12 @@ pub(crate) fn open(path: &Path) -> Result<Opened, SourceError> {
 
 /// Opens a disk stored as a member of an archive (an OVA), read in place.
 pub(crate) fn open_member(archive: &Path, member: &super::ArchiveMember) -> Result<Opened, SourceError> {
-    let whole = super::slice::FileSlice::whole(archive)?;
-    let _slice = whole
-        .sub(member.offset, member.len)
-        .ok_or_else(|| SourceError::Unsupported {
-            path: archive.to_owned(),
-            what: format!(
-                "archive member {} at offset {} ({} bytes) past the end of the archive",
-                member.name, member.offset, member.len
-            ),
-            advice: "the archive is truncated; copy it again".to_owned(),
-        })?;
-    Err(SourceError::Unsupported {
-        path: archive.to_owned(),
-        what: format!("disk {} inside an archive", member.name),
-        advice: "OVA sources are not supported yet; unpack the archive".to_owned(),
-    })
+    super::ova::open_member(archive, member)
 }
 
 /// Recognises image formats we do not read, by magic: the head of the file for most, the
 /// last sector for VHD (a fixed VHD is raw data followed by a footer).
-fn foreign_format(head: &[u8], tail: &[u8]) -> Option<(&'static str, &'static str)> {
+pub(crate) fn foreign_format(head: &[u8], tail: &[u8]) -> Option<(&'static str, &'static str)> {
     const CONVERT: &str =
         "convert it to raw with `qemu-img convert -O raw SOURCE DEST.raw` and point the .vmx at the result";
     if head.starts_with(b"COWD") {
@@ -109,9 +100,6 @@ fn foreign_format(head: &[u8], tail: &[u8]) -> Option<(&'static str, &'static st
             "ESX sparse VMDK (COWD, a vmfsSparse snapshot or redo log)",
             "consolidate the VM's snapshots first, or convert the chain with `qemu-img convert -O raw`",
         ));
-    }
-    if head.starts_with(b"QFI\xfb") {
-        return Some(("a qcow2 image", CONVERT));
     }
     if head.starts_with(b"vhdxfile") {
         return Some(("a VHDX image", CONVERT));
@@ -250,7 +238,6 @@ mod tests {
     fn refuses_foreign_image_formats() {
         let dir = tempfile::tempdir().unwrap();
         for (format, file, what) in [
-            ("qcow2", "disk.qcow2", "qcow2"),
             ("vhdx", "disk.vhdx", "VHDX"),
             ("vpc", "dynamic.vhd", "VHD"),
             ("vdi", "disk.vdi", "VDI"),

@@ -8,15 +8,22 @@
 //! files (a `.vmx`, a VMDK descriptor, extent sizes) are bounded before anything is allocated
 //! from them.
 //!
-//! Supported: raw images and VMDK text descriptors with FLAT / VMFS / ZERO extents
-//! (monolithicFlat, twoGbMaxExtentFlat, vmfs). Refused with a "not supported yet" error:
-//! sparse and streamOptimized VMDKs, snapshot deltas, raw device mappings, qcow2, VHD, VHDX
-//! and VDI.
+//! Supported: raw images, qcow2 v2/v3 (backing chains flattened; see `qcow2`), and VMDK text descriptors with FLAT / VMFS / ZERO extents
+//! (monolithicFlat, twoGbMaxExtentFlat, vmfs), sparse VMDKs (monolithicSparse,
+//! twoGbMaxExtentSparse, streamOptimized; see `vmdk_sparse`) and VMDK snapshot chains
+//! (SPARSE and VMFSSPARSE deltas, flattened; see `vmdk_chain`). Refused with a "not supported
+//! yet" error: SESPARSE deltas, raw device mappings, VHD, VHDX and VDI.
 
 mod disk;
+mod manifest;
+mod ova;
+mod ovf;
 pub mod slice;
+mod qcow2;
 mod vm;
 mod vmdk;
+mod vmdk_chain;
+mod vmdk_sparse;
 mod vmx;
 
 #[cfg(test)]
@@ -148,6 +155,51 @@ pub enum SourceError {
         message: String,
     },
 
+    /// A disk image whose structure is damaged or impossible, e.g. qcow2 tables past the end
+    /// of the file.
+    #[error("{}: {message}", path.display())]
+    BadImage { path: PathBuf, message: String },
+
+    /// The backing file of an image (a qcow2 backing chain) could not be opened.
+    #[error("{}: backing file `{backing}`: {source}", path.display())]
+    Backing {
+        path: PathBuf,
+        /// The backing file name as the image records it.
+        backing: String,
+        #[source]
+        source: Box<SourceError>,
+    },
+
+    /// An OVF descriptor, manifest or OVA archive that cannot be parsed, describes an
+    /// impossible VM, or does not match the package's files.
+    #[error("{}{}: {message}", path.display(), ovf::location(member, line))]
+    BadOvf {
+        /// The `.ovf` (or `.mf`), or the `.ova` holding it.
+        path: PathBuf,
+        /// For an OVA, the member at fault, e.g. `web01.ovf`.
+        member: Option<String>,
+        line: Option<usize>,
+        message: String,
+    },
+
+    /// A file of an OVF package whose digest is not the one its manifest (`.mf`) lists.
+    #[error(
+        "{}: {file} does not match the manifest: its {algorithm} digest is {actual}, the manifest \
+         says {expected}; {} was altered or truncated; download it again",
+        path.display(),
+        ovf::package_kind(path)
+    )]
+    ManifestMismatch {
+        /// The `.ovf` or `.ova`.
+        path: PathBuf,
+        /// The file's name in the package.
+        file: String,
+        /// "SHA256", "SHA1" or "SHA512".
+        algorithm: &'static str,
+        expected: String,
+        actual: String,
+    },
+
     /// A VMDK extent file named by a descriptor does not exist.
     #[error(
         "{}: extent {file_name} does not exist ({}); copy all of the disk's extent files next to the descriptor",
@@ -165,7 +217,7 @@ pub enum SourceError {
 /// A VM as described by its `.vmx`, with every disk it will migrate opened and measured.
 #[derive(Debug, Clone)]
 pub struct SourceVm {
-    /// Absolute path of the `.vmx`.
+    /// Absolute path of the `.vmx` (or the `.ovf` / `.ova`).
     pub vmx_path: PathBuf,
     /// `displayName`; if absent, the `.vmx` file stem.
     pub name: String,
@@ -246,10 +298,16 @@ pub enum DiskFormat {
     Qcow2,
 }
 
-/// Parses the `.vmx`, opens every present disk to learn its capacity, validates everything.
+/// Parses the `.vmx` (or the OVF descriptor of a `.ovf` or `.ova`, after checking the
+/// package's manifest), opens every disk to learn its capacity, validates everything.
 /// Opens files read-only; never modifies anything.
 pub fn open_vm(vmx: &Path) -> Result<SourceVm, SourceError> {
-    vm::open_vm(vmx)
+    let extension = vmx.extension().map(|e| e.to_ascii_lowercase());
+    match extension.as_ref().and_then(|e| e.to_str()) {
+        Some("ovf") => ovf::open_ovf(vmx),
+        Some("ova") => ova::open_ova(vmx),
+        _ => vm::open_vm(vmx),
+    }
 }
 
 /// A disk's logical content, read by offset.
@@ -288,11 +346,14 @@ pub(crate) fn file_range_is_hole(file: &std::fs::File, offset: u64, len: u64) ->
     }
 }
 
-/// Opens a disk file: a raw image, or a VMDK text descriptor (a small text file starting with
+/// Opens a disk file: a raw image, a qcow2 image, or a VMDK text descriptor (a small text file starting with
 /// "# Disk DescriptorFile") whose extents are FLAT, VMFS or ZERO.
 ///
-/// Refuses with [`SourceError::Unsupported`]: sparse and streamOptimized VMDKs, snapshot
-/// deltas (parentFileNameHint), raw device mappings, qcow2, VHD, VHDX and VDI images.
+/// Also hosted sparse and streamOptimized VMDKs ("KDMV"), and VMDK snapshot deltas
+/// (parentFileNameHint), read with their parents as one flattened disk.
+///
+/// Refuses with [`SourceError::Unsupported`]: SESPARSE deltas, raw device mappings, VHD, VHDX
+/// and VDI images; encrypted qcow2 images.
 pub fn open_disk(path: &Path) -> Result<Box<dyn DiskReader>, SourceError> {
     disk::open(path).map(|opened| opened.reader)
 }

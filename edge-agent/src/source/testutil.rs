@@ -42,3 +42,24 @@ pub(crate) fn write(dir: &Path, name: &str, text: impl AsRef<[u8]>) -> std::path
 pub(crate) fn s(path: &Path) -> &str {
     path.to_str().expect("temp paths are UTF-8")
 }
+
+/// Runs `qemu-io` on a VMDK with one `-c` per command (e.g. `write -P 0x11 0 1M`), panicking
+/// with its output if it fails.
+pub(crate) fn qemu_io(image: &Path, commands: &[&str]) {
+    let mut command = Command::new("qemu-io");
+    command.args(["-f", "vmdk"]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    let output = command
+        .arg(image)
+        .output()
+        .expect("these tests need qemu-io on PATH (apt-get install qemu-utils)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // qemu-io reports a failed command on stdout and still exits 0.
+    assert!(
+        output.status.success() && !stdout.contains("error") && !stdout.contains("failed"),
+        "qemu-io {commands:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

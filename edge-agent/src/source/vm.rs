@@ -135,7 +135,7 @@ fn read_nics(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceNic>, S
     Ok(nics)
 }
 
-fn is_mac(text: &str) -> bool {
+pub(super) fn is_mac(text: &str) -> bool {
     let pairs: Vec<&str> = text.split(':').collect();
     pairs.len() == 6
         && pairs
@@ -145,7 +145,7 @@ fn is_mac(text: &str) -> bool {
 
 /// Disk buses in the order their disks are listed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Bus {
+pub(super) enum Bus {
     Scsi,
     Sata,
     Nvme,
@@ -155,7 +155,7 @@ enum Bus {
 impl Bus {
     const ALL: [Bus; 4] = [Bus::Scsi, Bus::Sata, Bus::Nvme, Bus::Ide];
 
-    fn prefix(self) -> &'static str {
+    pub(super) fn prefix(self) -> &'static str {
         match self {
             Bus::Scsi => "scsi",
             Bus::Sata => "sata",
@@ -167,14 +167,14 @@ impl Bus {
 
 /// A device slot such as scsi0:1, ordered by bus, then controller, then unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Slot {
-    bus: Bus,
-    controller: u32,
-    unit: u32,
+pub(super) struct Slot {
+    pub bus: Bus,
+    pub controller: u32,
+    pub unit: u32,
 }
 
 impl Slot {
-    fn key(self) -> String {
+    pub(super) fn key(self) -> String {
         format!("{}{}:{}", self.bus.prefix(), self.controller, self.unit)
     }
 

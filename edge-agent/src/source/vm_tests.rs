@@ -160,7 +160,18 @@ fn a_missing_disk_file_is_named() {
 #[test]
 fn an_unreadable_disk_is_reported_with_its_device() {
     let dir = tempfile::tempdir().unwrap();
-    qemu_img(&["create", "-f", "qcow2", s(&dir.path().join("disk.qcow2")), "1M"]);
+    // An encrypted qcow2 image: a format the agent reads, in a variant it refuses.
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=abc",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        s(&dir.path().join("disk.qcow2")),
+        "1M",
+    ]);
     let vmx = write(dir.path(), "q.vmx", vmx_text("sata0:0.fileName = \"disk.qcow2\"\n"));
     let err = open_vm(&vmx).unwrap_err();
     let msg = err.to_string();

@@ -3,7 +3,8 @@
 //! A descriptor is a small text file: header keys (`createType`, `parentCID`,
 //! `parentFileNameHint`), extent lines (`RW 2097152 FLAT "disk-flat.vmdk" 0`: access, size in
 //! 512-byte sectors, type, file, offset in sectors) and `ddb.*` keys. The disk is the
-//! extents one after the other.
+//! extents one after the other. Descriptors with sparse extents or a parent are handed to
+//! [`super::vmdk_chain`].
 
 use std::fs::File;
 use std::io;
@@ -29,7 +30,7 @@ const KEEP_OPEN_EXTENTS: usize = 64;
 const SECTOR: u64 = 512;
 
 const SPARSE_ADVICE: &str = "convert it with `qemu-img convert -O raw` (or `-O vmdk -o subformat=monolithicFlat`) \
-     and point the .vmx at the result, or wait for sparse VMDK support";
+     and point the .vmx at the result";
 
 /// True when the first bytes of a file are a VMDK text descriptor.
 pub(crate) fn looks_like_descriptor(head: &[u8]) -> bool {
@@ -45,52 +46,6 @@ pub(crate) fn looks_like_descriptor(head: &[u8]) -> bool {
             .contains("createtype")
 }
 
-/// The error for a hosted sparse or streamOptimized VMDK ("KDMV" magic). Its embedded
-/// descriptor, when there is one, tells which of the two it is.
-pub(crate) fn refuse_hosted_sparse(path: &Path, file: &File, len: u64) -> SourceError {
-    let header = read_bytes(path, file, 0, 512u64.min(len) as usize).unwrap_or_default();
-    let u64_at = |at: usize| {
-        header
-            .get(at..at + 8)
-            .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-    };
-    let compressed = header.get(77..79).is_some_and(|b| b != [0, 0]);
-    let (desc_offset, desc_sectors) = (u64_at(28), u64_at(36));
-    let embedded_type = desc_offset
-        .checked_mul(SECTOR)
-        .zip(desc_sectors.checked_mul(SECTOR))
-        .filter(|&(offset, size)| {
-            offset > 0
-                && size > 0
-                && size <= DESCRIPTOR_SIZE_LIMIT
-                && offset.checked_add(size).is_some_and(|end| end <= len)
-        })
-        .and_then(|(offset, size)| read_bytes(path, file, offset, size as usize).ok())
-        .and_then(|bytes| {
-            String::from_utf8_lossy(&bytes).lines().find_map(|line| {
-                let (key, value) = line.split_once('=')?;
-                key.trim()
-                    .eq_ignore_ascii_case("createType")
-                    .then(|| value.trim().trim_matches('"').to_owned())
-            })
-        });
-    let what = match embedded_type {
-        Some(ty) if ty.eq_ignore_ascii_case("streamOptimized") => stream_optimized(),
-        Some(ty) => format!("VMDK with SPARSE extents ({})", quote(&ty)),
-        None if compressed => stream_optimized(),
-        None => "VMDK with SPARSE extents (a hosted sparse extent)".to_owned(),
-    };
-    SourceError::Unsupported {
-        path: path.to_owned(),
-        what,
-        advice: SPARSE_ADVICE.to_owned(),
-    }
-}
-
-fn stream_optimized() -> String {
-    "streamOptimized VMDK (compressed, as in OVA files)".to_owned()
-}
-
 /// Parses the descriptor in `file` and opens its extents.
 pub(crate) fn open_descriptor(path: &Path, file: &File, len: u64) -> Result<Opened, SourceError> {
     if len > DESCRIPTOR_SIZE_LIMIT {
@@ -104,30 +59,34 @@ pub(crate) fn open_descriptor(path: &Path, file: &File, len: u64) -> Result<Open
     let bytes = read_bytes(path, file, 0, len as usize)?;
     let descriptor = Descriptor::parse(path, &bytes)?;
     descriptor.check_supported(path)?;
+    if descriptor.needs_chain_reader() {
+        return super::vmdk_chain::open_descriptor(path, &descriptor);
+    }
     FlatVmdk::open(path, &descriptor)
 }
 
 /// What a descriptor says, before any extent file is looked at.
 #[derive(Debug, Default)]
-struct Descriptor {
-    create_type: Option<String>,
-    parent_cid: Option<String>,
-    parent_hint: Option<String>,
-    extents: Vec<ExtentLine>,
+pub(super) struct Descriptor {
+    pub(super) create_type: Option<String>,
+    pub(super) cid: Option<String>,
+    pub(super) parent_cid: Option<String>,
+    pub(super) parent_hint: Option<String>,
+    pub(super) extents: Vec<ExtentLine>,
 }
 
 #[derive(Debug)]
-struct ExtentLine {
-    line: usize,
-    access: String,
-    sectors: u64,
-    kind: String,
-    file_name: Option<String>,
-    offset_sectors: u64,
+pub(super) struct ExtentLine {
+    pub(super) line: usize,
+    pub(super) access: String,
+    pub(super) sectors: u64,
+    pub(super) kind: String,
+    pub(super) file_name: Option<String>,
+    pub(super) offset_sectors: u64,
 }
 
 impl Descriptor {
-    fn parse(path: &Path, bytes: &[u8]) -> Result<Self, SourceError> {
+    pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<Self, SourceError> {
         let bad = |line: Option<usize>, message: String| SourceError::BadDescriptor {
             path: path.to_owned(),
             line,
@@ -174,9 +133,10 @@ impl Descriptor {
                 let value = unquote(value.trim()).map_err(|m| bad(Some(line), m))?;
                 let slot = match key.trim().to_ascii_lowercase().as_str() {
                     "createtype" => &mut descriptor.create_type,
+                    "cid" => &mut descriptor.cid,
                     "parentcid" => &mut descriptor.parent_cid,
                     "parentfilenamehint" => &mut descriptor.parent_hint,
-                    // version, CID, encoding, isNativeSnapshot, ddb.*: nothing we need.
+                    // version, encoding, isNativeSnapshot, ddb.*: nothing we need.
                     _ => continue,
                 };
                 *slot = Some(value);
@@ -202,35 +162,30 @@ impl Descriptor {
         Ok(descriptor)
     }
 
-    /// Refuses what a flat reader cannot read: snapshot deltas, sparse and streamOptimized
-    /// extents, raw device mappings.
-    fn check_supported(&self, path: &Path) -> Result<(), SourceError> {
+    /// Whether this is a snapshot delta or has hosted sparse extents, read by
+    /// [`super::vmdk_chain`] rather than [`FlatVmdk`].
+    pub(super) fn needs_chain_reader(&self) -> bool {
+        self.parent_hint.is_some()
+            || self
+                .parent_cid
+                .as_deref()
+                .is_some_and(|cid| !cid.eq_ignore_ascii_case("ffffffff"))
+            || self
+                .extents
+                .iter()
+                .any(|e| e.kind.eq_ignore_ascii_case("SPARSE") || e.kind.eq_ignore_ascii_case("VMFSSPARSE"))
+    }
+
+    /// Refuses what no reader here can read: SESPARSE extents, raw device mappings, unknown
+    /// and NOACCESS extents.
+    pub(super) fn check_supported(&self, path: &Path) -> Result<(), SourceError> {
         let unsupported = |what: String, advice: &str| SourceError::Unsupported {
             path: path.to_owned(),
             what,
             advice: advice.to_owned(),
         };
-        let has_parent = self
-            .parent_cid
-            .as_deref()
-            .is_some_and(|cid| !cid.eq_ignore_ascii_case("ffffffff"));
-        if self.parent_hint.is_some() || has_parent {
-            let parent = self
-                .parent_hint
-                .as_deref()
-                .map(|hint| format!(" of {}", quote(hint)))
-                .unwrap_or_default();
-            return Err(unsupported(
-                format!("a VMDK snapshot delta{parent} (a snapshot chain)"),
-                "consolidate the VM's snapshots first (delete all snapshots), or flatten the chain \
-                 with `qemu-img convert -O raw` and point the .vmx at the result",
-            ));
-        }
         let create_type = self.create_type.as_deref().unwrap_or("no createType");
         let lower = create_type.to_ascii_lowercase();
-        if lower.contains("streamoptimized") {
-            return Err(unsupported(stream_optimized(), SPARSE_ADVICE));
-        }
         if lower.contains("rawdevicemap") || lower == "vmfsraw" {
             return Err(unsupported(
                 format!("a raw device mapping ({})", quote(create_type)),
@@ -240,8 +195,8 @@ impl Descriptor {
         for extent in &self.extents {
             let kind = extent.kind.to_ascii_uppercase();
             match kind.as_str() {
-                "FLAT" | "VMFS" | "ZERO" => {}
-                "SPARSE" | "VMFSSPARSE" | "SESPARSE" => {
+                "FLAT" | "VMFS" | "ZERO" | "SPARSE" | "VMFSSPARSE" => {}
+                "SESPARSE" => {
                     return Err(unsupported(
                         format!("VMDK with {kind} extents ({})", quote(create_type)),
                         SPARSE_ADVICE,
@@ -275,7 +230,8 @@ impl Descriptor {
                 });
             }
         }
-        if lower.contains("sparse") {
+        let has_sparse = self.needs_chain_reader();
+        if lower.contains("sparse") && !has_sparse {
             return Err(unsupported(
                 format!("VMDK with SPARSE extents ({})", quote(create_type)),
                 SPARSE_ADVICE,

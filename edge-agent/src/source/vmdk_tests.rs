@@ -193,18 +193,13 @@ fn zero_extents_read_as_zeros_and_an_empty_disk_is_refused() {
 }
 
 #[test]
-fn hosted_sparse_and_stream_optimized_are_refused() {
+fn sparse_descriptors_and_snapshots_go_to_the_sparse_reader() {
+    // The details are tested in vmdk_sparse_tests.rs and vmdk_chain_tests.rs.
     let dir = tempfile::tempdir().unwrap();
-    for (subformat, expect) in [
-        (
-            "monolithicSparse",
-            "VMDK with SPARSE extents (monolithicSparse) is not supported yet",
-        ),
-        ("streamOptimized", "streamOptimized VMDK"),
-        (
-            "twoGbMaxExtentSparse",
-            "VMDK with SPARSE extents (twoGbMaxExtentSparse)",
-        ),
+    for (subformat, format) in [
+        ("monolithicSparse", DiskFormat::VmdkSparse),
+        ("streamOptimized", DiskFormat::VmdkStreamOptimized),
+        ("twoGbMaxExtentSparse", DiskFormat::VmdkSparse),
     ] {
         let path = dir.path().join(format!("{subformat}.vmdk"));
         qemu_img(&[
@@ -216,17 +211,28 @@ fn hosted_sparse_and_stream_optimized_are_refused() {
             s(&path),
             "8M",
         ]);
-        let err = open_err(&path);
-        let msg = err.to_string();
-        assert!(matches!(err, SourceError::Unsupported { .. }), "{msg}");
-        assert!(msg.contains(expect), "{msg}");
-        assert!(msg.contains("qemu-img convert -O raw"), "{msg}");
+        let opened = crate::source::disk::open(&path).unwrap();
+        assert_eq!(
+            (opened.format, opened.reader.capacity()),
+            (format, 8 << 20),
+            "{subformat}"
+        );
+        assert!(opened.reader.is_hole(0, 8 << 20), "{subformat}");
     }
     // A snapshot child made by qemu-img is itself a hosted sparse file.
-    let base = dir.path().join("monolithicSparse.vmdk");
     let child = dir.path().join("child.vmdk");
-    qemu_img(&["create", "-f", "vmdk", "-b", s(&base), "-F", "vmdk", s(&child)]);
-    assert!(matches!(open_err(&child), SourceError::Unsupported { .. }));
+    qemu_img(&[
+        "create",
+        "-f",
+        "vmdk",
+        "-b",
+        "monolithicSparse.vmdk",
+        "-F",
+        "vmdk",
+        s(&child),
+    ]);
+    let opened = crate::source::disk::open(&child).unwrap();
+    assert_eq!(opened.format, DiskFormat::VmdkSparse);
 }
 
 #[test]
@@ -234,10 +240,6 @@ fn sparse_extent_types_snapshots_and_rdms_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "x-delta.vmdk", pseudo_random(4096, 1));
     for (body, expect) in [
-        (
-            "createType=\"vmfsSparse\"\nRW 8 VMFSSPARSE \"x-delta.vmdk\"\n",
-            "VMFSSPARSE extents",
-        ),
         (
             "createType=\"seSparse\"\nRW 8 SESPARSE \"x-delta.vmdk\"\n",
             "SESPARSE extents",
