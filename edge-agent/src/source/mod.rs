@@ -8,18 +8,20 @@
 //! files (a `.vmx`, a VMDK descriptor, extent sizes) are bounded before anything is allocated
 //! from them.
 //!
-//! Supported: raw images, qcow2 v2/v3 (backing chains flattened; see `qcow2`), and VMDK text descriptors with FLAT / VMFS / ZERO extents
+//! Supported: raw images, qcow2 v2/v3 (backing chains flattened; see `qcow2`), VMDK text
+//! descriptors with FLAT / VMFS / ZERO extents
 //! (monolithicFlat, twoGbMaxExtentFlat, vmfs), sparse VMDKs (monolithicSparse,
 //! twoGbMaxExtentSparse, streamOptimized; see `vmdk_sparse`) and VMDK snapshot chains
 //! (SPARSE and VMFSSPARSE deltas, flattened; see `vmdk_chain`). Refused with a "not supported
 //! yet" error: SESPARSE deltas, raw device mappings, VHD, VHDX and VDI.
 
 mod disk;
+pub mod fuzzing;
 mod manifest;
 mod ova;
 mod ovf;
-pub mod slice;
 mod qcow2;
+pub mod slice;
 mod vm;
 mod vmdk;
 mod vmdk_chain;
@@ -346,8 +348,9 @@ pub(crate) fn file_range_is_hole(file: &std::fs::File, offset: u64, len: u64) ->
     }
 }
 
-/// Opens a disk file: a raw image, a qcow2 image, or a VMDK text descriptor (a small text file starting with
-/// "# Disk DescriptorFile") whose extents are FLAT, VMFS or ZERO.
+/// Opens a disk file: a raw image, a qcow2 image (with its backing chain), or a VMDK text
+/// descriptor (a small text file starting with "# Disk DescriptorFile") whose extents are
+/// FLAT, VMFS or ZERO.
 ///
 /// Also hosted sparse and streamOptimized VMDKs ("KDMV"), and VMDK snapshot deltas
 /// (parentFileNameHint), read with their parents as one flattened disk.

@@ -92,16 +92,17 @@ impl Descriptor {
             line,
             message,
         };
-        // qemu-img pads the descriptor it writes to a whole sector with NULs.
-        let text_len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        let (bytes, padding) = bytes.split_at(text_len);
-        if padding.iter().any(|&b| b != 0) {
+        // qemu-img pads the descriptor it writes to a whole sector with NULs, and when it
+        // rewrites a CID in place with a shorter one it can leave a stray NUL inside the
+        // text: NULs are noise, any other control byte means a damaged file.
+        let bytes: Vec<u8> = bytes.iter().copied().filter(|&b| b != 0).collect();
+        if bytes.iter().any(|&b| b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')) {
             return Err(bad(
                 None,
                 "the descriptor contains binary data; it is damaged, restore it from the source datastore".to_owned(),
             ));
         }
-        let text = std::str::from_utf8(bytes).map_err(|_| {
+        let text = std::str::from_utf8(&bytes).map_err(|_| {
             bad(
                 None,
                 "the descriptor is not valid UTF-8; it is damaged, restore it from the source datastore".to_owned(),

@@ -288,13 +288,13 @@ fn garbage_and_truncated_descriptors_are_refused() {
         ),
         (
             "garbage.vmdk",
-            format!("{HEADER}\u{1}\u{2} !!garbage!!\n"),
+            format!("{HEADER}?? !!garbage!!\n"),
             Some(5),
             "expected an extent line",
         ),
         (
             "binary.vmdk",
-            format!("{HEADER}RW 8 FLAT \"a\u{0}b\"\n"),
+            format!("{HEADER}RW 8 FLAT \"a\u{7}b\"\n"),
             None,
             "binary data",
         ),
@@ -426,4 +426,11 @@ fn holes_of_sparse_extents_are_known_without_reading() {
     // qemu-img allocates the first block of what it writes; the tail stays sparse.
     assert!(disk.is_hole(2 << 20, 2 << 20), "qemu-img keeps zeros sparse");
     assert!(!disk.is_hole(1 << 20, 1 << 20));
+}
+
+#[test]
+fn a_stray_nul_left_by_a_cid_rewrite_is_not_damage() {
+    let text = b"# Disk DescriptorFile\nversion=1\nCID=ecf04d\0\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\nRW 8 FLAT \"q-flat.vmdk\" 0\n\0\0\0\0";
+    let d = Descriptor::parse(std::path::Path::new("/x/q.vmdk"), text).unwrap();
+    assert_eq!(d.extents.len(), 1);
 }
