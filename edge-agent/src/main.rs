@@ -30,9 +30,9 @@ struct Cli {
 enum Command {
     /// Migrate a powered-off VM (cold lift) into the cloud domain.
     Migrate(Box<MigrateArgs>),
-    /// Show what would be migrated from a .vmx, without connecting anywhere.
+    /// Show what would be migrated from a .vmx, .ovf or .ova, without connecting anywhere.
     Inspect {
-        /// The VM's .vmx file.
+        /// The VM's .vmx file, OVF descriptor or OVA archive.
         vmx: PathBuf,
         #[arg(long)]
         json: bool,
@@ -41,7 +41,7 @@ enum Command {
 
 #[derive(Args)]
 struct MigrateArgs {
-    /// The VM's .vmx file.
+    /// The VM: its .vmx file, or an OVF descriptor (.ovf) or OVA archive (.ova).
     #[arg(long)]
     vmx: PathBuf,
     /// The cloud endpoint: quic://HOST[:PORT] (port 4433 by default).
