@@ -133,7 +133,6 @@ ListenAddress 127.0.0.1
 HostKey $tmp/ssh/host_key
 PidFile none
 PermitRootLogin prohibit-password
-PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 AuthorizedKeysFile $tmp/ssh/authorized_keys
@@ -203,14 +202,13 @@ export CLOUD_ENDPOINT_LISTEN=127.0.0.1:$quic_port CLOUD_ENDPOINT_CERT=$tmp/pki/e
   CLOUD_ENDPOINT_DATASTORE_DIR=$tmp/datastore CLOUD_ENDPOINT_DATABASE=$tmp/inventory.db \
   CLOUD_ENDPOINT_LOG=${CLOUD_ENDPOINT_LOG:-warn}
 "$bin/cloud-endpoint" serve >"$tmp/cloud-endpoint.log" 2>&1 &
-ce_pid=$!
+ce_pid=$! hwm_reset=yes
 wait_listen u "$quic_port"
 kill -0 "$ce_pid" 2>/dev/null || { cat "$tmp/cloud-endpoint.log" >&2; die "cloud-endpoint did not start"; }
 # utime+stime of the whole process (all threads), in clock ticks; fields 14 and 15 of
 # stat, counted after the ")" that ends the command name (which may contain spaces).
 ce_ticks() { local s; s=$(</proc/"$ce_pid"/stat); s=${s##*) }; awk '{print $12 + $13}' <<<"$s"; }
 ce_kib() { awk -v k="$1:" '$1 == k {print $2}' /proc/"$ce_pid"/status; } # VmHWM, VmRSS
-hwm_reset=yes
 
 log "lift: $BENCH_REPS reps to quic://127.0.0.1:$quic_port (cache: $cache)"
 for i in $(seq "$BENCH_REPS"); do
@@ -235,12 +233,10 @@ for i in $(seq "$BENCH_REPS"); do
   fi
   read -r wall eu es erss <<<"$(read_time "$tmp/edge.$i.time")"
   jq -c --arg w "$wall" --arg cc "$eu $es" --arg sticks "$((t1 - t0))" --arg tck "$clk_tck" \
-    --arg cr "$erss" --arg sr "$(ce_kib VmHWM)" --arg after "$(ce_kib VmRSS)" --arg reset "$hwm_reset" \
-    --arg busy "$((b1 - b0))" \
+    --arg cr "$erss" --arg sr "$(ce_kib VmHWM)" --arg after "$(ce_kib VmRSS)" --arg reset "$hwm_reset" --arg busy "$((b1 - b0))" \
     '{wall:($w|tonumber), cpu_client:($cc|split(" ")|map(tonumber)|add),
       cpu_server:(($sticks|tonumber)/($tck|tonumber)), rss_client_kib:($cr|tonumber),
-      rss_server_kib:($sr|tonumber), rss_server_per_rep:($reset=="yes"),
-      rss_server_after_kib:($after|tonumber),
+      rss_server_kib:($sr|tonumber), rss_server_per_rep:($reset=="yes"), rss_server_after_kib:($after|tonumber),
       wire_bytes, payload_bytes, zero_bytes, ratio, duration_secs}
      | .other_cpu = ((($busy|tonumber)/($tck|tonumber) - .cpu_client - .cpu_server)*100|round/100)' \
     <<<"$summary" >>"$tmp/lift.jsonl"
@@ -249,8 +245,7 @@ done
 
 # --- aggregate (jq does the float maths), print, save ---------------------------------
 jq -n --slurpfile scp "$tmp/scp.jsonl" --slurpfile lift "$tmp/lift.jsonl" \
-  --argjson size "$size" --arg cache "$cache" --arg image "$img" \
-  --arg rev "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)" '
+  --argjson size "$size" --arg cache "$cache" --arg image "$img" --arg rev "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)" '
   def median: sort | if length % 2 == 1 then .[length / 2 | floor]
                      else (.[length / 2 - 1] + .[length / 2]) / 2 end;
   def agg: {reps: ., median_wall_s: (map(.wall) | median),
