@@ -58,7 +58,11 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     use quinn::ConnectionError::*;
     match e {
         TimedOut => "the connection timed out: the peer stopped answering (is the UDP port reachable through every firewall?)".into(),
-        ConnectionClosed(c) if c.error_code.to_string().contains("crypto") || c.reason.is_empty() => {
+        ConnectionClosed(c) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED => {
+            "the peer refused the connection: it is shutting down or not accepting connections; retry later".into()
+        }
+        // TLS alerts travel as QUIC CRYPTO_ERROR codes 0x100-0x1ff.
+        ConnectionClosed(c) if (0x100..0x200).contains(&u64::from(c.error_code)) => {
             format!("the peer refused the TLS handshake ({}): check that this side's certificate is issued by the CA the peer trusts and is not expired", c.error_code)
         }
         ConnectionClosed(c) => format!(
