@@ -35,4 +35,5 @@ fn source_parsers() {
     replay("disk_qcow2", &|d| fuzzing::disk_image(d, "qcow2"));
     replay("source_ovf", &|d| fuzzing::package(d, "ovf"));
     replay("source_ova", &|d| fuzzing::package(d, "ova"));
+    fuzzing::remove_scratch();
 }

@@ -20,6 +20,12 @@ fn scratch() -> PathBuf {
     dir
 }
 
+/// Removes this process's scratch folder (the regression tests call it at the end;
+/// a fuzzer process just leaves its few small files behind).
+pub fn remove_scratch() {
+    let _ = std::fs::remove_dir_all(scratch());
+}
+
 /// Reads at most this much of any opened disk: enough to cross grain tables,
 /// L2 tables and extents, bounded so a huge declared capacity stays cheap.
 const READ_BUDGET: u64 = 4 << 20;
