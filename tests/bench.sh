@@ -200,7 +200,7 @@ EOF
 export CLOUD_ENDPOINT_LISTEN=127.0.0.1:$quic_port CLOUD_ENDPOINT_CERT=$tmp/pki/endpoint.pem \
   CLOUD_ENDPOINT_KEY=$tmp/pki/endpoint.key CLOUD_ENDPOINT_EDGE_CA=$tmp/pki/ca.pem \
   CLOUD_ENDPOINT_DATASTORE_DIR=$tmp/datastore CLOUD_ENDPOINT_DATABASE=$tmp/inventory.db \
-  CLOUD_ENDPOINT_LOG=${CLOUD_ENDPOINT_LOG:-warn}
+  CLOUD_ENDPOINT_LOG=${CLOUD_ENDPOINT_LOG:-warn} CLOUD_ENDPOINT_API_LISTEN=off
 "$bin/cloud-endpoint" serve >"$tmp/cloud-endpoint.log" 2>&1 &
 ce_pid=$! hwm_reset=yes
 wait_listen u "$quic_port"

@@ -61,7 +61,9 @@ VMX
 
 say "cloud: endpoint on loopback with the built-in domain"
 port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+api_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export CLOUD_ENDPOINT_LISTEN=127.0.0.1:$port
+export CLOUD_ENDPOINT_API_LISTEN=127.0.0.1:$api_port
 export CLOUD_ENDPOINT_CERT=$work/pki/endpoint.pem
 export CLOUD_ENDPOINT_KEY=$work/pki/endpoint.key
 export CLOUD_ENDPOINT_EDGE_CA=$work/pki/ca.pem
@@ -75,7 +77,7 @@ for _ in $(seq 100); do
   kill -0 $endpoint_pid 2>/dev/null || { cat "$work/cloud-endpoint.log"; exit 1; }
   sleep 0.1
 done
-echo "listening on UDP 127.0.0.1:$port (log: $work/cloud-endpoint.log)"
+echo "listening on UDP 127.0.0.1:$port, vSphere REST API on https://127.0.0.1:$api_port/api (log: $work/cloud-endpoint.log)"
 
 say "migrate: edge-agent -> QUIC + TLS 1.3 (mutual) -> cloud-endpoint"
 # The endpoint is trusted through the CA bundle AND its pinned thumbprint.
@@ -95,6 +97,15 @@ echo "allocated in the cloud: $(du -h "$dest/web01-flat.vmdk" | cut -f1) of $(du
 
 say "cloud inventory"
 "$bin/cloud-endpoint" inventory
+
+if command -v curl >/dev/null; then
+  say "the same VM through the vSphere REST API (curl, as a vSphere client would)"
+  api=https://127.0.0.1:$api_port/api
+  token=$(curl -sS --fail --cacert "$work/pki/ca.pem" -u 'auditor@cloud.local:VMware1!Cloud' -X POST "$api/session" | tr -d '"')
+  curl -sS --fail --cacert "$work/pki/ca.pem" -H "vmware-api-session-id: $token" "$api/vcenter/vm?names=web01"
+  echo
+  curl -sS --fail --cacert "$work/pki/ca.pem" -X DELETE -H "vmware-api-session-id: $token" "$api/session"
+fi
 echo
 echo "files: $dest"
 ls -l "$dest"

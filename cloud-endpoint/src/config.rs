@@ -39,6 +39,10 @@ pub const DEMO_PASSWORD: &str = "VMware1!Cloud";
 pub struct Config {
     /// UDP address the QUIC server binds. Default `127.0.0.1:4433`.
     pub listen: SocketAddr,
+    /// TCP address of the vSphere REST API (HTTPS, the endpoint's certificate, user and
+    /// password logins). Default `127.0.0.1:8443`; `"off"` serves no API.
+    #[serde(with = "api_listen_setting")]
+    pub api_listen: Option<SocketAddr>,
     /// The endpoint's certificate chain (PEM). Required.
     pub cert: PathBuf,
     /// The private key of `cert` (PEM). Required.
@@ -102,6 +106,34 @@ mod disk_format_name {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DiskFormat, D::Error> {
         String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
+}
+
+/// `api_listen`: an address, or `"off"` for none. (An empty environment variable counts as
+/// unset, so `CLOUD_ENDPOINT_API_LISTEN=off` is how the environment turns the API off.)
+mod api_listen_setting {
+    use std::net::SocketAddr;
+
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(addr) => s.collect_str(addr),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        let text = text.trim();
+        if text.is_empty() || text.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|e| {
+            D::Error::custom(format!(
+                "{text:?} is not an address such as 127.0.0.1:8443 or \"off\": {e}"
+            ))
+        })
     }
 }
 
@@ -227,6 +259,8 @@ impl Default for DatastoreConfig {
 #[derive(Serialize)]
 struct Defaults {
     listen: SocketAddr,
+    #[serde(with = "api_listen_setting")]
+    api_listen: Option<SocketAddr>,
     datastore_dir: PathBuf,
     database: PathBuf,
     max_concurrent_migrations: u32,
@@ -237,6 +271,7 @@ impl Default for Defaults {
     fn default() -> Self {
         Defaults {
             listen: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8443))),
             datastore_dir: PathBuf::from("./datastore"),
             database: PathBuf::from("./inventory.sqlite3"),
             max_concurrent_migrations: 32,
@@ -481,6 +516,10 @@ const EXAMPLE_TOML: &str = r#"# cloud-endpoint configuration.
 # UDP address of the QUIC server.
 listen = "127.0.0.1:4433"
 
+# TCP address of the vSphere REST API at https://ADDRESS/api (the same certificate as the
+# QUIC server; clients log in with a user of the domain). "off" serves no API.
+api_listen = "127.0.0.1:8443"
+
 # The endpoint's certificate chain and private key (PEM), and the CA that issued the
 # edge agents' certificates. Required, no defaults: create them with `certs endpoint`
 # or `certs quickstart`.
@@ -684,6 +723,7 @@ mod tests {
     fn defaults_apply_when_only_the_paths_are_given() {
         let c = Config::load_with_env(None, &cert_env()).unwrap();
         assert_eq!(c.listen, "127.0.0.1:4433".parse().unwrap());
+        assert_eq!(c.api_listen, Some("127.0.0.1:8443".parse().unwrap()));
         assert_eq!(c.cert, PathBuf::from("/pki/endpoint.pem"));
         assert_eq!(c.datastore_dir, PathBuf::from("./datastore"));
         assert_eq!(c.database, PathBuf::from("./inventory.sqlite3"));
@@ -970,9 +1010,28 @@ mod tests {
         assert_eq!(c.domain, DomainConfig::default());
         let defaults = Defaults::default();
         assert_eq!(c.listen, defaults.listen);
+        assert_eq!(c.api_listen, defaults.api_listen);
         assert_eq!(c.max_concurrent_migrations, defaults.max_concurrent_migrations);
         assert!(c.datastore_dir.ends_with("datastore"));
         assert!(example.contains("# capacity_bytes"));
+    }
+
+    #[test]
+    fn api_listen_takes_an_address_or_off() {
+        let c = load_toml(&format!("{PATHS}api_listen = \"0.0.0.0:9443\"\n"), &[]).unwrap();
+        assert_eq!(c.api_listen, Some("0.0.0.0:9443".parse().unwrap()));
+        let c = load_toml(&format!("{PATHS}api_listen = \"off\"\n"), &[]).unwrap();
+        assert_eq!(c.api_listen, None);
+        let c = load_toml(PATHS, &[("CLOUD_ENDPOINT_API_LISTEN", "OFF")]).unwrap();
+        assert_eq!(c.api_listen, None);
+        let c = load_toml(PATHS, &[("CLOUD_ENDPOINT_API_LISTEN", "[::1]:8443")]).unwrap();
+        assert_eq!(c.api_listen, Some("[::1]:8443".parse().unwrap()));
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_API_LISTEN", "nowhere")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("CLOUD_ENDPOINT_API_LISTEN") && msg.contains("off"),
+            "{msg}"
+        );
     }
 
     #[test]

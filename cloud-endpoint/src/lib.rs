@@ -9,16 +9,18 @@
 //! datastore   the files: staging, disks as flat VMDKs, qcow2 or raw images,
 //!             descriptors, .vmx
 //! server      QUIC accept loop; per connection a ReceiverSession driver
+//! api         the vSphere API over HTTPS (REST at /api): sessions, inventory
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod datastore;
 pub mod inventory;
 pub mod server;
 
 use std::future::Future;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 
 use config::Config;
@@ -39,6 +41,16 @@ pub enum EndpointError {
     Certificate(#[from] certs::Error),
     #[error(transparent)]
     Transport(#[from] gateway::transport::TransportError),
+    #[error("the endpoint certificate or key cannot serve the HTTPS API: {0}")]
+    ApiTls(#[source] rustls::Error),
+    #[error("cannot listen for the API on TCP {addr}: {source}; choose another `api_listen` (CLOUD_ENDPOINT_API_LISTEN) or \"off\"")]
+    ApiBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Api(#[from] api::ApiServeError),
 }
 
 /// The cloud domain a migration lands in: inventory plus datastore files.
@@ -56,6 +68,7 @@ pub struct Endpoint {
     pub config: Config,
     pub domain: Arc<Domain>,
     tls: rustls::ServerConfig,
+    api_tls: rustls::ServerConfig,
 }
 
 impl Endpoint {
@@ -66,7 +79,8 @@ impl Endpoint {
         let chain = certs::load_certs(&config.cert)?;
         let key = certs::load_key(&config.key)?;
         let edge_cas = certs::load_certs(&config.edge_ca)?;
-        let tls = gateway::transport::server_crypto(chain.clone(), key, &edge_cas)?;
+        let tls = gateway::transport::server_crypto(chain.clone(), key.clone_key(), &edge_cas)?;
+        let api_tls = api::server_tls(chain.clone(), key).map_err(EndpointError::ApiTls)?;
         let inventory = Inventory::open(&config.database, &config.domain)?;
         // The stored name wins: VM paths already carry it.
         let datastore = Datastore::open(
@@ -90,19 +104,76 @@ impl Endpoint {
             }),
             config,
             tls,
+            api_tls,
         })
     }
 
-    /// Serves on an already bound UDP socket until `shutdown` completes.
+    /// Serves migrations on an already bound UDP socket until `shutdown` completes.
     pub async fn run(&self, socket: UdpSocket, shutdown: impl Future<Output = ()>) -> Result<(), EndpointError> {
-        server::run(
-            socket,
-            self.domain.clone(),
-            self.tls.clone(),
-            self.config.max_concurrent_migrations,
-            shutdown,
-        )
-        .await
+        self.run_with_api(socket, None, shutdown).await
+    }
+
+    /// Serves migrations on `socket` and, given a listener, the API on it, until
+    /// `shutdown` completes. If either server fails, the other is stopped too and the
+    /// error returned.
+    pub async fn run_with_api(
+        &self,
+        socket: UdpSocket,
+        api_listener: Option<tokio::net::TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), EndpointError> {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            // The sender outlives both servers, so this only ends on `true`.
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let stop = &stop;
+        let quic = async {
+            let result = server::run(
+                socket,
+                self.domain.clone(),
+                self.tls.clone(),
+                self.config.max_concurrent_migrations,
+                wait(stopped.clone()),
+            )
+            .await;
+            stop.send_replace(true);
+            result
+        };
+        let api = async {
+            let Some(listener) = api_listener else {
+                return Ok(());
+            };
+            let result = api::serve(
+                listener,
+                self.api_tls.clone(),
+                self.domain.clone(),
+                wait(stopped.clone()),
+            )
+            .await;
+            stop.send_replace(true);
+            result.map_err(EndpointError::from)
+        };
+        let trigger = async {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = wait(stopped.clone()) => {}
+            }
+            stop.send_replace(true);
+        };
+        let (quic, api, ()) = tokio::join!(quic, api, trigger);
+        quic.and(api)
+    }
+
+    /// Binds the configured API address (`api_listen`); `None` when the API is off.
+    pub async fn bind_api(&self) -> Result<Option<tokio::net::TcpListener>, EndpointError> {
+        let Some(addr) = self.config.api_listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| EndpointError::ApiBind { addr, source })?;
+        Ok(Some(listener))
     }
 
     /// Binds the configured listen address.

@@ -85,13 +85,20 @@ fn serve(config: Config) -> anyhow::Result<()> {
     rt.block_on(async {
         let endpoint = Endpoint::open(config)?;
         let socket = endpoint.bind()?;
+        let api = endpoint.bind_api().await?;
         tracing::info!(
             listen = %socket.local_addr()?,
             datastore = %endpoint.config.datastore_dir.display(),
             database = %endpoint.config.database.display(),
             "cloud endpoint serving"
         );
-        endpoint.run(socket, shutdown_signal()).await?;
+        match &api {
+            Some(listener) => {
+                tracing::info!(api = %format!("https://{}/api", listener.local_addr()?), "vSphere REST API serving")
+            }
+            None => tracing::info!("vSphere REST API off (api_listen = \"off\")"),
+        }
+        endpoint.run_with_api(socket, api, shutdown_signal()).await?;
         Ok(())
     })
 }

@@ -66,6 +66,9 @@ impl Pki {
 #[derive(Debug)]
 pub struct Cloud {
     pub addr: SocketAddr,
+    /// The HTTPS API (`https://{api_addr}/api`), unless the test turned it off with
+    /// `CLOUD_ENDPOINT_API_LISTEN=off`.
+    pub api_addr: Option<SocketAddr>,
     pub domain: Arc<Domain>,
     pub root: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -78,6 +81,7 @@ impl Cloud {
     pub async fn start(root: &Path, pki: &Pki, env: &[(&str, &str)]) -> Cloud {
         let mut vars: Vec<(String, String)> = vec![
             ("CLOUD_ENDPOINT_LISTEN".into(), "127.0.0.1:0".into()),
+            ("CLOUD_ENDPOINT_API_LISTEN".into(), "127.0.0.1:0".into()),
             (
                 "CLOUD_ENDPOINT_CERT".into(),
                 pki.path("endpoint.pem").display().to_string(),
@@ -104,11 +108,13 @@ impl Cloud {
         let endpoint = Endpoint::open(config).expect("endpoint opens");
         let socket = endpoint.bind().unwrap();
         let addr = socket.local_addr().unwrap();
+        let api = endpoint.bind_api().await.unwrap();
+        let api_addr = api.as_ref().map(|l| l.local_addr().unwrap());
         let domain = endpoint.domain.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             endpoint
-                .run(socket, async {
+                .run_with_api(socket, api, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -116,6 +122,7 @@ impl Cloud {
         });
         Cloud {
             addr,
+            api_addr,
             domain,
             root: root.join("datastore"),
             stop: Some(stop),

@@ -36,6 +36,7 @@ use std::sync::Arc;
 pub use disk::DiskFile;
 pub use gateway::plan::DiskFormat;
 use vmx::vmx_text;
+pub(crate) use vmx::{parse_disk_key, VIRTUAL_HW_VERSION};
 pub use vmx::{VmxDisk, VmxNic, VmxSpec};
 
 const STAGING: &str = ".staging";
@@ -147,6 +148,21 @@ impl Datastore {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The datastore's size as vSphere shows it: the configured capacity, or else the
+    /// filesystem's size.
+    pub fn capacity_bytes(&self) -> Result<u64, DatastoreError> {
+        if let Some(capacity) = self.capacity {
+            return Ok(capacity);
+        }
+        let stat = nix::sys::statvfs::statvfs(&self.root).map_err(|errno| DatastoreError::Io {
+            action: "read the size of",
+            path: self.root.clone(),
+            source: io::Error::from(errno),
+        })?;
+        #[allow(clippy::unnecessary_cast)]
+        Ok((stat.blocks() as u64).saturating_mul(stat.fragment_size() as u64))
     }
 
     /// Bytes free for new disks: the filesystem's free space for unprivileged users and,

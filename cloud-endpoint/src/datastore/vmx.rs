@@ -40,7 +40,7 @@ pub struct VmxNic {
 }
 
 /// Splits `scsi0:1` into ("scsi", 0, 1).
-pub(super) fn parse_disk_key(key: &str) -> Result<(&'static str, u32, u32), DatastoreError> {
+pub(crate) fn parse_disk_key(key: &str) -> Result<(&'static str, u32, u32), DatastoreError> {
     let bad = || DatastoreError::BadDeviceKey {
         key: key.to_owned(),
         expected: "disk (scsiN:M, sataN:M, nvmeN:M, ideN:M)",
@@ -87,12 +87,15 @@ fn vmx_quote(value: &str) -> String {
     out
 }
 
+/// The virtual hardware version of every .vmx the datastore writes.
+pub(crate) const VIRTUAL_HW_VERSION: u32 = 14;
+
 pub(super) fn vmx_text(vmx: &VmxSpec) -> Result<String, DatastoreError> {
     let mut lines: Vec<(String, String)> = Vec::new();
     let mut set = |key: &str, value: &str| lines.push((key.to_owned(), value.to_owned()));
     set(".encoding", "UTF-8");
     set("config.version", "8");
-    set("virtualHW.version", "14");
+    set("virtualHW.version", &VIRTUAL_HW_VERSION.to_string());
     set("displayName", &vmx.name);
     set("guestOS", &vmx.guest_os);
     set("numvcpus", &vmx.num_cpus.to_string());

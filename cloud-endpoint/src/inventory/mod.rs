@@ -241,6 +241,8 @@ pub struct VmRecord {
     pub migration: Option<String>,
     /// RFC 3339, UTC.
     pub created: String,
+    /// vCenter's instance UUID (`vc.uuid`), given at registration.
+    pub instance_uuid: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1];
+const STEPS: &[&str] = &[V1, V2];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -147,6 +147,17 @@ CREATE TABLE migration (
 ) STRICT;
 -- A running migration holds its VM name: a second one for the same name cannot start.
 CREATE UNIQUE INDEX migration_running_name ON migration (vm_name) WHERE state = 'RUNNING';
+"#;
+
+/// VMs get vCenter's instance UUID (`vc.uuid`), which the REST API shows as
+/// `identity.instance_uuid`; VMs registered before this step get a random one (version 4),
+/// as vCenter gives one to every VM it registers.
+const V2: &str = r#"
+ALTER TABLE vm ADD COLUMN instance_uuid TEXT;
+UPDATE vm SET instance_uuid =
+    lower(hex(randomblob(4))) || '-' || lower(hex(randomblob(2))) || '-4' || substr(lower(hex(randomblob(2))), 2)
+    || '-' || substr('89ab', 1 + abs(random() % 4), 1) || substr(lower(hex(randomblob(2))), 2)
+    || '-' || lower(hex(randomblob(6)));
 "#;
 
 /// Applies the missing steps. Refuses a file written by a newer build.

@@ -473,3 +473,54 @@ fn database_errors_name_the_file() {
     assert!(matches!(err, InventoryError::SchemaTooNew { found: 99, .. }), "{err:?}");
     assert!(err.to_string().contains("future.sqlite3"), "{err}");
 }
+
+fn is_uuid_v4(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.iter().map(|p| p.len()).eq([8, 4, 4, 4, 12])
+        && s.chars()
+            .all(|c| c == '-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        && parts[2].starts_with('4')
+        && parts[3].starts_with(['8', '9', 'a', 'b'])
+}
+
+#[test]
+fn registered_vms_get_distinct_instance_uuids() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let mut seen = Vec::new();
+    for name in ["a", "b"] {
+        let mid = inv.begin_migration(&operator(), "edge", name, 1).unwrap();
+        let id = inv.register_vm(&mid, &new_vm(&inv, name)).unwrap();
+        let vm = inv.vm(&id).unwrap().unwrap();
+        assert!(is_uuid_v4(&vm.instance_uuid), "{}", vm.instance_uuid);
+        seen.push(vm.instance_uuid);
+    }
+    assert_ne!(seen[0], seen[1]);
+}
+
+#[test]
+fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    for name in ["a", "b", "c"] {
+        let mid = inv.begin_migration(&operator(), "edge", name, 1).unwrap();
+        inv.register_vm(&mid, &new_vm(&inv, name)).unwrap();
+    }
+    drop(inv);
+    // Back to what a version-1 build wrote: no column, version 1.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch("ALTER TABLE vm DROP COLUMN instance_uuid; PRAGMA user_version = 1;")
+        .unwrap();
+    drop(conn);
+
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let uuids: Vec<String> = inv.list_vms().unwrap().into_iter().map(|v| v.instance_uuid).collect();
+    assert_eq!(uuids.len(), 3);
+    for u in &uuids {
+        assert!(is_uuid_v4(u), "{u}");
+    }
+    assert!(
+        uuids[0] != uuids[1] && uuids[1] != uuids[2] && uuids[0] != uuids[2],
+        "{uuids:?}"
+    );
+}

@@ -8,7 +8,8 @@ use super::migrations::state_of;
 use super::{next_number, now, DiskRecord, Inventory, InventoryError, NewVm, NicRecord, VmRecord};
 
 const SELECT_VM: &str = "SELECT v.id, v.name, v.guest_os, v.num_cpus, v.cores_per_socket, v.memory_mib, v.firmware,
-        v.bios_uuid, v.power_state, v.host, v.datastore, v.folder, v.vmx_path, m.id, v.created
+        v.bios_uuid, v.power_state, v.host, v.datastore, v.folder, v.vmx_path, m.id, v.created,
+        COALESCE(v.instance_uuid, '')
     FROM vm v LEFT JOIN migration m ON m.vm = v.id";
 
 fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
@@ -30,6 +31,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
         nics: Vec::new(),
         migration: row.get(13)?,
         created: row.get(14)?,
+        instance_uuid: row.get(15)?,
     })
 }
 
@@ -63,6 +65,22 @@ fn with_devices(conn: &Connection, mut vm: VmRecord) -> rusqlite::Result<VmRecor
         })?
         .collect::<Result<_, _>>()?;
     Ok(vm)
+}
+
+/// A random (version 4) UUID in its canonical text form.
+fn random_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 fn check_new_vm(vm: &NewVm) -> Result<(), InventoryError> {
@@ -126,8 +144,8 @@ impl Inventory {
             let id = format!("vm-{num}");
             tx.execute(
                 "INSERT INTO vm (id, num, name, guest_os, num_cpus, cores_per_socket, memory_mib, firmware, bios_uuid,
-                                 power_state, host, datastore, folder, vmx_path, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'POWERED_OFF', ?10, ?11, ?12, ?13, ?14)",
+                                 power_state, host, datastore, folder, vmx_path, created, instance_uuid)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'POWERED_OFF', ?10, ?11, ?12, ?13, ?14, ?15)",
                 params![
                     id,
                     num,
@@ -142,7 +160,8 @@ impl Inventory {
                     datastore,
                     folder,
                     vm.vmx_path,
-                    now()
+                    now(),
+                    random_uuid()
                 ],
             )?;
             for (position, disk) in vm.disks.iter().enumerate() {

@@ -30,6 +30,9 @@ struct Ctx {
     wake_events: Notify,
     /// Set once the plan is accepted; taken by commit or discard.
     staged: Mutex<Option<Staged>>,
+    /// Held (shared) by every blocking domain operation; the cleanup takes it
+    /// exclusively, so it runs only once they are done.
+    blocking: Arc<tokio::sync::RwLock<()>>,
     /// Disk files for the data tasks (cheap clones of the staged handles).
     disks: Mutex<Vec<Arc<crate::datastore::DiskFile>>>,
     principal: Mutex<Option<Principal>>,
@@ -66,6 +69,7 @@ pub async fn serve(conn: quinn::Connection, domain: Arc<Domain>, config: Receive
             wake_writer: Notify::new(),
             wake_events: Notify::new(),
             staged: Mutex::new(None),
+            blocking: Arc::new(tokio::sync::RwLock::new(())),
             disks: Mutex::new(Vec::new()),
             principal: Mutex::new(None),
             edge: format!("{peer} cert {edge}"),
@@ -85,6 +89,9 @@ pub async fn serve(conn: quinn::Connection, domain: Arc<Domain>, config: Receive
 
 /// Discards an uncommitted migration, whatever ended the connection.
 async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
+    // Wait for blocking work the aborted tasks started (staging a plan,
+    // committing): it finishes on its own and may still record staged files.
+    let _quiet = ctx.blocking.write().await;
     let committed = ctx.session().is_committed();
     let staged = ctx.staged.lock().expect("staged lock").take();
     if committed {
@@ -260,16 +267,24 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 return;
             };
             let edge = ctx.edge.clone();
-            let result =
-                tokio::task::spawn_blocking(move || placement::validate_and_stage(&domain, &principal, &edge, &plan))
-                    .await
-                    .expect("validation does not panic");
+            // The staged files are recorded in the context by the blocking task
+            // itself: if the connection drops meanwhile and this task is
+            // aborted, the cleanup still finds (and removes) them.
+            let guard = ctx.blocking.clone().read_owned().await;
+            let record = ctx.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let _guard = guard;
+                let staged = placement::validate_and_stage(&domain, &principal, &edge, &plan)?;
+                let id = staged.migration_id.clone();
+                *record.disks.lock().expect("disks lock") = staged.disks.clone();
+                *record.staged.lock().expect("staged lock") = Some(staged);
+                Ok(id)
+            })
+            .await
+            .expect("validation does not panic");
             match result {
-                Ok(staged) => {
-                    tracing::info!(migration = %staged.migration_id, "plan accepted");
-                    let id = staged.migration_id.clone();
-                    *ctx.disks.lock().expect("disks lock") = staged.disks.clone();
-                    *ctx.staged.lock().expect("staged lock") = Some(staged);
+                Ok(id) => {
+                    tracing::info!(migration = %id, "plan accepted");
                     let ds = ctx.domain.datastore.name().to_owned();
                     ctx.session().plan_accepted(id, ds);
                 }
@@ -290,9 +305,13 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             ctx.disks.lock().expect("disks lock").clear();
             tracing::info!(migration = %staged.migration_id, "every disk verified; flushing and registering");
             let format = staged.format.as_str();
-            let result = tokio::task::spawn_blocking(move || placement::finalize(&domain, &plan, staged))
-                .await
-                .expect("finalize does not panic");
+            let guard = ctx.blocking.clone().read_owned().await;
+            let result = tokio::task::spawn_blocking(move || {
+                let _guard = guard;
+                placement::finalize(&domain, &plan, staged)
+            })
+            .await
+            .expect("finalize does not panic");
             match &result {
                 Ok((vm_id, path)) => tracing::info!(%vm_id, %path, format, "VM registered"),
                 Err(e) => tracing::error!(error = %e, "commit failed"),
@@ -305,7 +324,12 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             ctx.disks.lock().expect("disks lock").clear();
             if let Some(staged) = staged {
                 tracing::warn!(%reason, migration = %staged.migration_id, "discarding");
-                let _ = tokio::task::spawn_blocking(move || placement::discard(&domain, staged, &reason)).await;
+                let guard = ctx.blocking.clone().read_owned().await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _guard = guard;
+                    placement::discard(&domain, staged, &reason)
+                })
+                .await;
             }
         }
     }

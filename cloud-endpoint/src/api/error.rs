@@ -1,0 +1,189 @@
+//! API errors in vAPI's standard kinds. An [`ApiError`] says nothing about the wire: REST
+//! renders it as an HTTP status plus `{"error_type","messages"}` (here), the vAPI JSON-RPC
+//! protocol will render the same kind as `com.vmware.vapi.std.errors.*` inside a 200.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::inventory::InventoryError;
+
+/// The vAPI standard error kinds this API produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A bad argument: an unknown enum value in a filter, a malformed id.
+    InvalidArgument,
+    /// No session, an expired or unknown one, or bad credentials.
+    Unauthenticated,
+    /// A session whose role may not do this.
+    Unauthorized,
+    /// No such object, or no such path under /api.
+    NotFound,
+    /// No such operation on a path (e.g. PUT on a list).
+    OperationNotFound,
+    /// More results than a list may return.
+    UnableToAllocateResource,
+    /// The request took longer than the server allows.
+    TimedOut,
+    /// Anything else: the database failed, a worker panicked.
+    Error,
+}
+
+impl ErrorKind {
+    /// `error_type` as vAPI spells it.
+    pub fn error_type(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "INVALID_ARGUMENT",
+            ErrorKind::Unauthenticated => "UNAUTHENTICATED",
+            ErrorKind::Unauthorized => "UNAUTHORIZED",
+            ErrorKind::NotFound => "NOT_FOUND",
+            ErrorKind::OperationNotFound => "OPERATION_NOT_FOUND",
+            ErrorKind::UnableToAllocateResource => "UNABLE_TO_ALLOCATE_RESOURCE",
+            ErrorKind::TimedOut => "TIMED_OUT",
+            ErrorKind::Error => "ERROR",
+        }
+    }
+
+    /// The message id / error structure name, e.g. `com.vmware.vapi.std.errors.not_found`.
+    pub fn message_id(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "com.vmware.vapi.std.errors.invalid_argument",
+            ErrorKind::Unauthenticated => "com.vmware.vapi.std.errors.unauthenticated",
+            ErrorKind::Unauthorized => "com.vmware.vapi.std.errors.unauthorized",
+            ErrorKind::NotFound => "com.vmware.vapi.std.errors.not_found",
+            ErrorKind::OperationNotFound => "com.vmware.vapi.std.errors.operation_not_found",
+            ErrorKind::UnableToAllocateResource => "com.vmware.vapi.std.errors.unable_to_allocate_resource",
+            ErrorKind::TimedOut => "com.vmware.vapi.std.errors.timed_out",
+            ErrorKind::Error => "com.vmware.vapi.std.errors.error",
+        }
+    }
+
+    /// The HTTP status REST answers with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::InvalidArgument | ErrorKind::UnableToAllocateResource => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorKind::Unauthorized => StatusCode::FORBIDDEN,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::OperationNotFound => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::TimedOut => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Error => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// An error an API operation answers with: a kind and a message for the client.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {message}", kind.error_type())]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    /// Shown to the client as `default_message`; never carries internals.
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid_argument(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::InvalidArgument, message)
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::Unauthenticated, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(ErrorKind::NotFound, message)
+    }
+
+    /// A failure inside the endpoint. The details go to the log, the client gets `what`.
+    pub fn internal(what: &str, detail: &dyn std::fmt::Display) -> ApiError {
+        tracing::error!(error = %detail, "API: {what}");
+        ApiError::new(ErrorKind::Error, format!("{what}; see the cloud endpoint's log"))
+    }
+}
+
+impl From<InventoryError> for ApiError {
+    fn from(e: InventoryError) -> ApiError {
+        match e {
+            InventoryError::BadCredentials => ApiError::unauthenticated(e.to_string()),
+            InventoryError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            // Database paths and SQLite messages stay in the log.
+            other => ApiError::internal("the inventory could not answer", &other),
+        }
+    }
+}
+
+/// The REST body of an error: `{"error_type","messages":[{"id","default_message","args"}]}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error_type: &'static str,
+    pub messages: [LocalizableMessage<'a>; 1],
+}
+
+#[derive(Debug, Serialize)]
+pub struct LocalizableMessage<'a> {
+    pub id: &'static str,
+    pub default_message: &'a str,
+    pub args: [&'a str; 0],
+}
+
+impl ApiError {
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error_type: self.kind.error_type(),
+            messages: [LocalizableMessage {
+                id: self.kind.message_id(),
+                default_message: &self.message,
+                args: [],
+            }],
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.kind.status(), axum::Json(self.body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_vsphere_shape() {
+        let e = ApiError::not_found("VM vm-99 is not in the inventory");
+        let json = serde_json::to_value(e.body()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "error_type": "NOT_FOUND",
+                "messages": [{
+                    "id": "com.vmware.vapi.std.errors.not_found",
+                    "default_message": "VM vm-99 is not in the inventory",
+                    "args": []
+                }]
+            })
+        );
+        assert_eq!(e.kind.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn database_errors_do_not_leak_paths() {
+        let e = ApiError::from(InventoryError::Db {
+            path: "/secret/inventory.sqlite3".into(),
+            source: rusqlite::Error::InvalidQuery,
+        });
+        assert_eq!(e.kind, ErrorKind::Error);
+        assert!(!e.message.contains("secret"), "{}", e.message);
+        let e = ApiError::from(InventoryError::BadCredentials);
+        assert_eq!(e.kind.status(), StatusCode::UNAUTHORIZED);
+    }
+}

@@ -1,0 +1,120 @@
+//! The REST protocol at `/api` (vSphere 7.0U2+): plain JSON, errors as HTTP statuses with
+//! `{"error_type","messages"}` bodies, the session token in `vmware-api-session-id`.
+//!
+//! Every request but the login needs a live session, checked by [`require_session`] in
+//! front of all routes and of the 404 fallback, so nothing about the API's shape leaks
+//! to anonymous clients.
+
+mod query;
+mod session;
+mod vcenter;
+
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::Method;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use super::error::{ApiError, ErrorKind};
+use super::session::Now;
+use super::ApiState;
+use crate::inventory::Principal;
+
+/// The header that carries the session token.
+pub const SESSION_HEADER: &str = "vmware-api-session-id";
+
+/// A request body larger than this is refused (413) before a handler reads it.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A request not answered within this time gets TIMED_OUT (503). Generous: a list goes
+/// through SQLite and a login through argon2, each a few milliseconds when healthy.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The session a request arrived with; handlers take it as an extension.
+#[derive(Debug, Clone)]
+pub struct SessionContext {
+    pub token: String,
+    pub session: super::session::Session,
+}
+
+impl SessionContext {
+    pub fn principal(&self) -> &Principal {
+        &self.session.principal
+    }
+}
+
+/// The `/api` router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route(
+            "/api/session",
+            get(session::get).post(session::create).delete(session::delete),
+        )
+        .merge(vcenter::routes())
+        .route("/api/gateway/migrations", get(vcenter::list_migrations))
+        .route("/api/gateway/migrations/{migration}", get(vcenter::get_migration))
+        .fallback(not_found)
+        .method_not_allowed_fallback(operation_not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), require_session))
+        .layer(middleware::from_fn(time_limit))
+        .with_state(state)
+}
+
+/// The requests that need no session: the login. (The vAPI JSON-RPC endpoint, `POST /api`,
+/// will join it: its calls carry credentials or the session in the body.)
+fn is_public(method: &Method, path: &str) -> bool {
+    method == Method::POST && path == "/api/session"
+}
+
+async fn require_session(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
+    if is_public(request.method(), request.uri().path()) {
+        return next.run(request).await;
+    }
+    let Some(token) = request
+        .headers()
+        .get(SESSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    else {
+        return ApiError::unauthenticated(format!(
+            "this request needs a session: log in with POST /api/session and send its token in the {SESSION_HEADER} header"
+        ))
+        .into_response();
+    };
+    let token = token.to_owned();
+    let Some(session) = state.sessions.touch(&token, Now::current()) else {
+        return ApiError::unauthenticated(
+            "the session is unknown, ended or expired; log in again with POST /api/session",
+        )
+        .into_response();
+    };
+    request.extensions_mut().insert(SessionContext { token, session });
+    next.run(request).await
+}
+
+async fn time_limit(request: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            ErrorKind::TimedOut,
+            format!("the request took longer than {} s", REQUEST_TIMEOUT.as_secs()),
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no resource at {method} {}", uri.path()))
+}
+
+async fn operation_not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        ErrorKind::OperationNotFound,
+        format!("{} has no operation for {method}", uri.path()),
+    )
+}

@@ -1,0 +1,146 @@
+//! REST handlers of the vcenter and gateway resources: parse the path and query, run the
+//! protocol-neutral operation off the async workers, answer its value as JSON.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use super::query;
+use crate::api::error::ApiError;
+use crate::api::vcenter::{self, vm};
+use crate::api::{blocking, gateway, ApiState};
+use crate::Domain;
+
+type Answer<T> = Result<Json<T>, ApiError>;
+
+/// Runs a list operation with the filter of the query string.
+async fn list<T: Serialize + Send + 'static>(
+    state: &ApiState,
+    query: Option<String>,
+    allowed: &[&str],
+    op: fn(&Domain, &vcenter::Filter) -> Result<T, ApiError>,
+) -> Answer<T> {
+    let filter = query::filter(query.as_deref(), allowed)?;
+    Ok(Json(blocking(&state.domain, move |d| op(d, &filter)).await?))
+}
+
+/// Runs a get operation on one id.
+async fn one<T: Serialize + Send + 'static>(
+    state: &ApiState,
+    id: String,
+    op: fn(&Domain, &str) -> Result<T, ApiError>,
+) -> Answer<T> {
+    Ok(Json(blocking(&state.domain, move |d| op(d, &id)).await?))
+}
+
+/// One list route and one get route per resource: `(path, list, get)`.
+macro_rules! resource {
+    ($router:expr, $path:literal, $id:literal, [$($field:literal),*], $list:path, $get:path) => {
+        $router
+            .route(
+                concat!("/api/vcenter/", $path),
+                get(|State(s): State<ApiState>, RawQuery(q): RawQuery| async move {
+                    list(&s, q, &[$($field),*], $list).await
+                }),
+            )
+            .route(
+                concat!("/api/vcenter/", $path, "/{", $id, "}"),
+                get(|State(s): State<ApiState>, Path(id): Path<String>| async move { one(&s, id, $get).await }),
+            )
+    };
+}
+
+pub fn routes() -> Router<ApiState> {
+    let r = Router::new();
+    let r = resource!(
+        r,
+        "datacenter",
+        "datacenter",
+        ["datacenters", "names", "folders"],
+        vcenter::list_datacenters,
+        vcenter::get_datacenter
+    );
+    let r = resource!(
+        r,
+        "cluster",
+        "cluster",
+        [
+            "clusters",
+            "names",
+            "folders",
+            "datacenters",
+            "ha_enabled",
+            "drs_enabled"
+        ],
+        vcenter::list_clusters,
+        vcenter::get_cluster
+    );
+    let r = resource!(
+        r,
+        "host",
+        "host",
+        [
+            "hosts",
+            "names",
+            "folders",
+            "datacenters",
+            "clusters",
+            "connection_states"
+        ],
+        vcenter::list_hosts,
+        vcenter::get_host
+    );
+    let r = resource!(
+        r,
+        "datastore",
+        "datastore",
+        ["datastores", "names", "types", "folders", "datacenters"],
+        vcenter::list_datastores,
+        vcenter::get_datastore
+    );
+    let r = resource!(
+        r,
+        "network",
+        "network",
+        ["networks", "names", "types", "folders", "datacenters"],
+        vcenter::list_networks,
+        vcenter::get_network
+    );
+    let r = resource!(
+        r,
+        "folder",
+        "folder",
+        ["type", "folders", "names", "parent_folders", "datacenters"],
+        vcenter::list_folders,
+        vcenter::get_folder
+    );
+    resource!(
+        r,
+        "vm",
+        "vm",
+        [
+            "vms",
+            "names",
+            "folders",
+            "datacenters",
+            "hosts",
+            "clusters",
+            "resource_pools",
+            "power_states"
+        ],
+        vm::list,
+        vm::get
+    )
+}
+
+pub async fn list_migrations(State(state): State<ApiState>) -> Answer<Vec<crate::inventory::MigrationRecord>> {
+    Ok(Json(blocking(&state.domain, gateway::list_migrations).await?))
+}
+
+pub async fn get_migration(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Answer<crate::inventory::MigrationRecord> {
+    one(&state, id, gateway::get_migration).await
+}
