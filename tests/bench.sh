@@ -219,6 +219,7 @@ for i in $(seq "$BENCH_REPS"); do
     "$bin/edge-agent" migrate --vmx "$tmp/vm/bench.vmx" --url "quic://127.0.0.1:$quic_port" \
       --user migrator@cloud.local --password 'VMware1!Cloud' --ca-bundle "$tmp/pki/ca.pem" \
       --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" --name "bench-$i" --json \
+      --receipt "$tmp/bench-$i.receipt.json" \
       >"$tmp/lift.$i.json" 2>"$tmp/edge.$i.log" \
     || { tail -3 "$tmp/lift.$i.json" "$tmp/edge.$i.log" "$tmp/cloud-endpoint.log" >&2; die "lift rep $i"; }
   t1=$(ce_ticks); b1=$(busy_ticks)
@@ -264,6 +265,7 @@ for fmt in streamOptimized.vmdk compressed.qcow2; do
       "$bin/edge-agent" migrate --vmx "$tmp/vm/$fmt.vmx" --url "quic://127.0.0.1:$quic_port" \
         --user migrator@cloud.local --password 'VMware1!Cloud' --ca-bundle "$tmp/pki/ca.pem" \
         --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" --name "$name" --json \
+        --receipt "$tmp/$name.receipt.json" \
         >"$tmp/fmt.json" 2>"$tmp/fmt.log" || { tail -3 "$tmp/fmt.json" "$tmp/fmt.log" >&2; die "lift of $fmt"; }
     if [ "$i" = 1 ]; then
       qemu-img compare "$img" "$tmp/datastore/$name/$name.vmdk" >/dev/null 2>&1 \

@@ -87,7 +87,12 @@ say "migrate: edge-agent -> QUIC + TLS 1.3 (mutual) -> cloud-endpoint"
   --user migrator@cloud.local --password 'VMware1!Cloud' \
   --ca-bundle "$work/pki/ca.pem" --thumbprint "$thumbprint" \
   --cert "$work/pki/edge.pem" --key "$work/pki/edge.key" \
-  --map-network "Prod-DMZ=cloud-web"
+  --map-network "Prod-DMZ=cloud-web" \
+  --receipt "$work/web01.receipt.json"
+
+say "verify the signed receipt: endpoint signature and identity, Merkle roots re-read from the source"
+"$bin/edge-agent" verify-receipt --receipt "$work/web01.receipt.json" \
+  --ca-bundle "$work/pki/ca.pem" --thumbprint "$thumbprint" "$work/onprem/web01/web01.vmx"
 
 say "verify: qemu-img compare source and cloud copy"
 dest=$CLOUD_ENDPOINT_DATASTORE_DIR/web01

@@ -57,6 +57,77 @@ pub struct Config {
     pub max_concurrent_migrations: u32,
     /// The vCenter-like domain migrated VMs land in.
     pub domain: DomainConfig,
+    /// Limits on `edge-agent link-test` (test traffic an edge may ask for).
+    pub link_test: LinkTestConfig,
+    /// The WAN path edges come over, and bandwidth caps.
+    pub transport: TransportSettings,
+}
+
+/// QUIC tuning and bandwidth caps of the migration port.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSettings {
+    /// The fastest link edges connect over, e.g. "1gbit": with `link_rtt_ms` it sizes the
+    /// QUIC receive windows and UDP buffers (bandwidth x RTT). Default "1gbit".
+    pub link_rate: gateway::transport::Rate,
+    /// The longest round-trip time edges connect over, in milliseconds. Default 150
+    /// (vMotion's long-distance limit).
+    pub link_rtt_ms: u32,
+    /// Congestion controller for data the endpoint sends (acks, link-test traffic):
+    /// "bdp" (default), "bbr", "cubic" or "newreno".
+    pub congestion: gateway::transport::Congestion,
+    /// Cap on all migrations together, e.g. "2gbit", or "off" (default).
+    #[serde(with = "optional_rate")]
+    pub max_rate: Option<gateway::transport::Rate>,
+    /// Cap on each migration, e.g. "500mbit", or "off" (default).
+    #[serde(with = "optional_rate")]
+    pub max_rate_per_migration: Option<gateway::transport::Rate>,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        TransportSettings {
+            link_rate: gateway::transport::Rate::from_bps(1_000_000_000),
+            link_rtt_ms: 150,
+            congestion: gateway::transport::Congestion::Bdp,
+            max_rate: None,
+            max_rate_per_migration: None,
+        }
+    }
+}
+
+impl TransportSettings {
+    pub fn tuning(&self) -> gateway::transport::TransportTuning {
+        gateway::transport::TransportTuning {
+            congestion: self.congestion,
+            ..gateway::transport::TransportTuning::for_path(gateway::transport::PathEstimate {
+                rate_bps: self.link_rate.bps(),
+                rtt: std::time::Duration::from_millis(u64::from(self.link_rtt_ms.clamp(1, 10_000))),
+            })
+        }
+    }
+}
+
+/// A rate, or "off" for none.
+mod optional_rate {
+    use gateway::transport::Rate;
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(rate: &Option<Rate>, s: S) -> Result<S::Ok, S::Error> {
+        match rate {
+            Some(r) => s.collect_str(r),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Rate>, D::Error> {
+        let text = String::deserialize(d)?;
+        let text = text.trim();
+        if text.is_empty() || text.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(D::Error::custom)
+    }
 }
 
 /// The cloud domain seeded into the inventory on first start.
@@ -255,6 +326,35 @@ impl Default for DatastoreConfig {
     }
 }
 
+/// How much test traffic `edge-agent link-test` may ask of this endpoint. A link test
+/// sends incompressible data both ways as fast as the path allows, so every edge with a
+/// trusted certificate could otherwise keep the uplink full.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkTestConfig {
+    /// Whether link tests are answered at all. Default true.
+    pub enabled: bool,
+    /// Longest measurement per direction, in seconds; longer requests are clamped (and
+    /// told so). Default 10.
+    pub max_seconds: u32,
+    /// Link tests running at once; one more is refused as busy. Default 2.
+    pub max_concurrent: u32,
+    /// Link tests one edge certificate may start per minute; more are refused as busy
+    /// until the minute has passed. Default 6.
+    pub tests_per_minute: u32,
+}
+
+impl Default for LinkTestConfig {
+    fn default() -> Self {
+        LinkTestConfig {
+            enabled: true,
+            max_seconds: 10,
+            max_concurrent: 2,
+            tests_per_minute: 6,
+        }
+    }
+}
+
 /// The settings that have a default (the certificate paths have none).
 #[derive(Serialize)]
 struct Defaults {
@@ -265,6 +365,8 @@ struct Defaults {
     database: PathBuf,
     max_concurrent_migrations: u32,
     domain: DomainConfig,
+    link_test: LinkTestConfig,
+    transport: TransportSettings,
 }
 
 impl Default for Defaults {
@@ -276,6 +378,8 @@ impl Default for Defaults {
             database: PathBuf::from("./inventory.sqlite3"),
             max_concurrent_migrations: 32,
             domain: DomainConfig::default(),
+            link_test: LinkTestConfig::default(),
+            transport: TransportSettings::default(),
         }
     }
 }
@@ -333,6 +437,9 @@ pub enum ConfigError {
 
     #[error("`max_concurrent_migrations` is 0 ({origin}); it must be at least 1")]
     ZeroConcurrency { origin: String },
+
+    #[error("`{key}` is 0 ({origin}); it must be at least 1 (set `link_test.enabled = false` to refuse link tests)")]
+    ZeroLinkTestLimit { key: &'static str, origin: String },
 }
 
 impl From<figment::Error> for ConfigError {
@@ -406,6 +513,19 @@ impl Config {
     }
 
     fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
+        let lt = &self.link_test;
+        for (key, value) in [
+            ("link_test.max_seconds", lt.max_seconds),
+            ("link_test.max_concurrent", lt.max_concurrent),
+            ("link_test.tests_per_minute", lt.tests_per_minute),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::ZeroLinkTestLimit {
+                    key,
+                    origin: origin(figment, key),
+                });
+            }
+        }
         if self.max_concurrent_migrations == 0 {
             return Err(ConfigError::ZeroConcurrency {
                 origin: origin(figment, "max_concurrent_migrations"),
@@ -579,6 +699,34 @@ role = "MigrationOperator"
 name = "auditor@cloud.local"
 password = "{DEMO_PASSWORD}"
 role = "ReadOnly"
+
+# `edge-agent link-test` measures RTT, loss, path MTU and throughput over the migration
+# port with test traffic. These settings bound what one edge may ask for.
+[link_test]
+# false refuses every link test.
+enabled = true
+# Longest measurement per direction, in seconds; longer requests are cut to this.
+max_seconds = 10
+# Link tests at once; further ones are refused as busy.
+max_concurrent = 2
+# Link tests one edge certificate may start per minute; further ones are refused as busy.
+tests_per_minute = 6
+
+# The WAN path edges come over, and bandwidth caps of the migration port.
+[transport]
+# The fastest link and the longest round-trip time edges connect over: they size the
+# QUIC windows and UDP buffers (bandwidth x RTT). Larger costs memory only when used.
+link_rate = "1gbit"
+link_rtt_ms = 150
+# Congestion controller for what the endpoint sends: "bdp" (the gateway's own) keeps
+# its rate through random loss on long links; "cubic" yields to TCP on a congested
+# shared link; "bbr" and "newreno" are quinn's others.
+congestion = "bdp"
+# Caps, e.g. "2gbit" or "250MB/s", so migrations leave room on a shared core link:
+# all migrations together, and each one. "off" = no cap. An edge may set a lower cap of
+# its own (edge-agent migrate --max-rate).
+max_rate = "off"
+max_rate_per_migration = "off"
 "#;
 
 /// The name of the environment variable for a key path, e.g. `CLOUD_ENDPOINT_DOMAIN__HOST__NAME`.
@@ -1043,6 +1191,42 @@ mod tests {
         assert!(Role::Administrator.may_migrate());
         assert!(Role::MigrationOperator.may_migrate());
         assert!(!Role::ReadOnly.may_migrate());
+    }
+
+    #[test]
+    fn link_test_limits_have_defaults_and_come_from_file_or_environment() {
+        let c = Config::load_with_env(None, &cert_env()).unwrap();
+        assert_eq!(c.link_test, LinkTestConfig::default());
+        let example = load_toml(&Config::example_toml(), &[]).unwrap();
+        assert_eq!(example.link_test, LinkTestConfig::default());
+
+        let c = load_toml(
+            &format!("{PATHS}[link_test]\nmax_seconds = 30\n"),
+            &[
+                ("CLOUD_ENDPOINT_LINK_TEST__ENABLED", "false"),
+                ("CLOUD_ENDPOINT_LINK_TEST__MAX_CONCURRENT", "5"),
+                ("CLOUD_ENDPOINT_LINK_TEST__TESTS_PER_MINUTE", "1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.link_test,
+            LinkTestConfig {
+                enabled: false,
+                max_seconds: 30,
+                max_concurrent: 5,
+                tests_per_minute: 1,
+            }
+        );
+
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_LINK_TEST__MAX_SECONDS", "0")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("link_test.max_seconds") && msg.contains("CLOUD_ENDPOINT_LINK_TEST__MAX_SECONDS"),
+            "{msg}"
+        );
+        let err = load_toml(&format!("{PATHS}[link_test]\nmax_minutes = 3\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("max_minutes"), "{err}");
     }
 
     #[test]

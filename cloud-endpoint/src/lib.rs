@@ -51,6 +51,8 @@ pub enum EndpointError {
     },
     #[error(transparent)]
     Api(#[from] api::ApiServeError),
+    #[error("{0}; check the configured `cert` and `key` (CLOUD_ENDPOINT_CERT, CLOUD_ENDPOINT_KEY)")]
+    Receipts(#[from] gateway::receipt::ReceiptError),
 }
 
 /// The cloud domain a migration lands in: inventory plus datastore files.
@@ -60,6 +62,8 @@ pub struct Domain {
     pub datastore: Datastore,
     /// How the endpoint names itself to edges.
     pub endpoint_name: String,
+    /// Signs the receipt of every committed migration with the endpoint's TLS key.
+    pub receipts: gateway::receipt::ReceiptSigner,
 }
 
 /// A configured endpoint, ready to serve.
@@ -79,6 +83,7 @@ impl Endpoint {
         let chain = certs::load_certs(&config.cert)?;
         let key = certs::load_key(&config.key)?;
         let edge_cas = certs::load_certs(&config.edge_ca)?;
+        let receipts = gateway::receipt::ReceiptSigner::new(&chain, &key)?;
         let tls = gateway::transport::server_crypto(chain.clone(), key.clone_key(), &edge_cas)?;
         let api_tls = api::server_tls(chain.clone(), key).map_err(EndpointError::ApiTls)?;
         let inventory = Inventory::open(&config.database, &config.domain)?;
@@ -101,6 +106,7 @@ impl Endpoint {
                 inventory,
                 datastore,
                 endpoint_name,
+                receipts,
             }),
             config,
             tls,
@@ -134,6 +140,8 @@ impl Endpoint {
                 self.domain.clone(),
                 self.tls.clone(),
                 self.config.max_concurrent_migrations,
+                &self.config.transport,
+                &self.config.link_test,
                 wait(stopped.clone()),
             )
             .await;
@@ -180,7 +188,7 @@ impl Endpoint {
     pub fn bind(&self) -> Result<UdpSocket, EndpointError> {
         Ok(gateway::transport::bind_udp(
             self.config.listen,
-            &gateway::transport::TransportTuning::default(),
+            &self.config.transport.tuning(),
         )?)
     }
 }

@@ -157,12 +157,13 @@ fn migrations(config: &Config, json: bool) -> anyhow::Result<()> {
     }
     for m in &list {
         println!(
-            "{:<14} {:<24} {:<10} {} {} {}",
+            "{:<14} {:<24} {:<10} {} {} {}{}",
             m.id,
             m.vm_name,
             m.state,
             m.vm.as_deref().unwrap_or("-"),
             m.started,
+            if m.has_receipt { "signed receipt " } else { "" },
             m.error.as_deref().unwrap_or("")
         );
     }

@@ -6,10 +6,14 @@
 //! target    the cloud endpoint: URL, credential, trust (CA or thumbprint)
 //! migrate   the driver: SenderSession + QUIC streams + reader/sealer workers
 //! report    progress and the final summary (human or JSON)
+//! receipt   keeping the cloud's signed receipt; verifying one against the source
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod compression;
+pub mod linktest;
 pub mod migrate;
+pub mod receipt;
 pub mod report;
 pub mod source;
 pub mod target;
@@ -36,6 +40,9 @@ pub enum MigrateError {
     Transport(#[from] TransportError),
     #[error("reading {what} failed: {source}; the source was not modified")]
     Read { what: String, source: std::io::Error },
+    /// The VM was registered, but its receipt is missing, wrong or not kept.
+    #[error("{0}")]
+    Receipt(String),
 }
 
 impl From<ProtocolError> for MigrateError {

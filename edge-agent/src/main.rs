@@ -10,6 +10,7 @@ use edge_agent::migrate::{self, MigrateOptions};
 use edge_agent::report::{human, Progress, ProgressSink};
 use edge_agent::source;
 use edge_agent::target::{self, Target};
+use gateway::transport::{PathEstimate, TransportTuning};
 use indicatif::{ProgressBar, ProgressStyle};
 
 // mimalloc instead of glibc malloc: chunk buffers and quinn's receive buffers
@@ -37,6 +38,9 @@ struct Cli {
 enum Command {
     /// Migrate a powered-off VM (cold lift) into the cloud domain.
     Migrate(Box<MigrateArgs>),
+    /// Measure the path to a cloud endpoint (RTT, jitter, loss, MTU, throughput both ways)
+    /// over the migration port, and say what kind of migration it carries.
+    LinkTest(Box<LinkTestArgs>),
     /// Show what would be migrated from a .vmx, .ovf or .ova, without connecting anywhere.
     Inspect {
         /// The VM's .vmx file, OVF descriptor or OVA archive.
@@ -44,6 +48,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a migration receipt: the endpoint's signature and identity, then every disk's
+    /// Merkle root recomputed from the source VM. Exits non-zero on any failure.
+    VerifyReceipt(VerifyReceiptArgs),
+}
+
+#[derive(Args)]
+struct VerifyReceiptArgs {
+    /// The signed receipt `edge-agent migrate` wrote (or the API returned).
+    #[arg(long)]
+    receipt: PathBuf,
+    /// The source VM the receipt is checked against: its .vmx, .ovf or .ova.
+    source: PathBuf,
+    /// CA bundle (PEM) that issued the endpoint's certificate.
+    #[arg(long, env = "EDGE_AGENT_CA_BUNDLE")]
+    ca_bundle: Option<PathBuf>,
+    /// The endpoint certificate's SHA-256 thumbprint (AA:BB:...).
+    #[arg(long, env = "EDGE_AGENT_THUMBPRINT")]
+    thumbprint: Option<String>,
 }
 
 #[derive(Args)]
@@ -83,22 +105,65 @@ struct MigrateArgs {
     /// (for KVM-based clouds). Default: the datastore's.
     #[arg(long)]
     disk_format: Option<gateway::plan::DiskFormat>,
-    /// Parallel data streams.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
-    streams: u16,
+    /// Parallel QUIC data streams. Default: enough to fill --link-rate x --link-rtt
+    /// (4 to 16).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=16))]
+    streams: Option<u16>,
     /// Chunk size in KiB (64 to 16384, a multiple of 4).
     #[arg(long, default_value_t = 1024)]
     chunk_kib: u32,
-    /// zstd level: 1 by default; negative levels (down to -7) compress faster and less,
-    /// higher ones (up to 19) compress better and pay only on slow links.
-    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-7..=19))]
-    zstd_level: i32,
+    /// zstd level: `auto` (default) starts at 1 and compresses harder while the link,
+    /// not the CPU, is the bottleneck (up to 12); `auto:MIN-MAX` bounds it; a number
+    /// from -7 (fastest) to 19 (smallest) fixes it.
+    #[arg(long, default_value = "auto", allow_negative_numbers = true)]
+    zstd_level: edge_agent::compression::Compression,
+    /// Bandwidth cap for this migration, e.g. `200mbit` or `25MB/s`, so a lift does
+    /// not crowd out the traffic it shares the link with. Default: no cap.
+    #[arg(long, env = "EDGE_AGENT_MAX_RATE")]
+    max_rate: Option<gateway::transport::Rate>,
+    /// The link's rate, e.g. `100mbit`, to size QUIC windows and UDP buffers
+    /// (bandwidth x RTT) and to start at a quarter of that in flight instead of
+    /// probing up from 15 kB; `edge-agent link-test` measures it. Without it, windows
+    /// are sized for 1gbit and the start is the standard one.
+    #[arg(long, env = "EDGE_AGENT_LINK_RATE")]
+    link_rate: Option<gateway::transport::Rate>,
+    /// The link's round-trip time, e.g. `150ms`; see --link-rate.
+    #[arg(long, env = "EDGE_AGENT_LINK_RTT", default_value = "150ms", value_parser = parse_rtt)]
+    link_rtt: Duration,
+    /// Congestion controller: bdp (default: fills long links, ignores random loss,
+    /// backs off when a bottleneck queue overflows), bbr (quinn's), cubic (yields to
+    /// TCP on a shared, congested link) or newreno.
+    #[arg(long, env = "EDGE_AGENT_CONGESTION", default_value = "bdp")]
+    congestion: gateway::transport::Congestion,
     /// Name of this agent in the cloud's migration records.
     #[arg(long, env = "EDGE_AGENT_NAME", default_value = "edge-agent")]
     agent_name: String,
+    /// Where to write the endpoint's signed migration receipt (default: <VM name>.receipt.json
+    /// in the current directory, replaced if it exists); check it later with
+    /// `edge-agent verify-receipt`.
+    #[arg(long)]
+    receipt: Option<PathBuf>,
     /// Print progress and the summary as JSON lines on stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// `150ms`, `0.15s`, `2s`.
+fn parse_rtt(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not a round-trip time: write it like 150ms or 0.2s");
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        return Err(bad());
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    let d = Duration::try_from_secs_f64(v * scale).map_err(|_| bad())?;
+    if d < Duration::from_micros(10) || d > Duration::from_secs(10) {
+        return Err(format!("`{s}` is outside 10us to 10s"));
+    }
+    Ok(d)
 }
 
 fn parse_mapping(s: &str) -> Result<(String, String), String> {
@@ -115,7 +180,8 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let json = matches!(&cli.command, Command::Migrate(a) if a.json)
-        || matches!(&cli.command, Command::Inspect { json: true, .. });
+        || matches!(&cli.command, Command::Inspect { json: true, .. })
+        || matches!(&cli.command, Command::LinkTest(a) if a.json);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -135,7 +201,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(migrate_cmd(*args))
         }
+        Command::LinkTest(args) => {
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(link_test_cmd(*args))
+        }
+        Command::VerifyReceipt(args) => verify_receipt_cmd(&args),
     }
+}
+
+fn verify_receipt_cmd(a: &VerifyReceiptArgs) -> anyhow::Result<()> {
+    let trust = target::server_trust(a.ca_bundle.as_deref(), a.thumbprint.as_deref())?;
+    let verdict = edge_agent::receipt::verify(&a.receipt, &a.source, &trust)?;
+    print!("{verdict}");
+    if !verdict.ok() {
+        anyhow::bail!(
+            "{} of {} disks do not match the receipt: the source is not what the cloud received and registered as {}",
+            verdict.failures(),
+            verdict.disks.len(),
+            verdict.receipt.vm_id
+        );
+    }
+    println!("receipt verified: every disk of the source matches what the cloud registered");
+    Ok(())
 }
 
 fn inspect(vmx: &std::path::Path, json: bool) -> anyhow::Result<()> {
@@ -174,6 +261,18 @@ fn inspect(vmx: &std::path::Path, json: bool) -> anyhow::Result<()> {
 
 async fn migrate_cmd(a: MigrateArgs) -> anyhow::Result<()> {
     let vm = source::open_vm(&a.vmx)?;
+    let receipt = a.receipt.clone().unwrap_or_else(|| {
+        let name = a.name.as_deref().unwrap_or(&vm.name).replace(['/', '\\'], "_");
+        PathBuf::from(format!("{name}.receipt.json"))
+    });
+    // Found now, not after the VM is registered: the receipt would have nowhere to go.
+    if let Some(dir) = receipt.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        anyhow::bail!(
+            "--receipt {}: folder {} does not exist; create it or choose another path",
+            receipt.display(),
+            dir.display()
+        );
+    }
     let (host, port) = target::parse_url(&a.url)?;
     let target = Target {
         addr: target::resolve(&host, port).await?,
@@ -183,14 +282,33 @@ async fn migrate_cmd(a: MigrateArgs) -> anyhow::Result<()> {
         trust: target::server_trust(a.ca_bundle.as_deref(), a.thumbprint.as_deref())?,
         identity: target::identity(&a.cert, &a.key)?,
     };
+    // A cap below the link rate needs no more window than the cap fills.
+    let capped = |rate: u64| rate.min(a.max_rate.map_or(u64::MAX, |r| r.bps()));
+    let base = match a.link_rate {
+        Some(rate) => TransportTuning::for_known_path(PathEstimate {
+            rate_bps: capped(rate.bps()),
+            rtt: a.link_rtt,
+        }),
+        None => TransportTuning::for_path(PathEstimate {
+            rate_bps: capped(PathEstimate::DEFAULT.rate_bps),
+            rtt: a.link_rtt,
+        }),
+    };
+    let tuning = TransportTuning {
+        congestion: a.congestion,
+        ..base
+    };
     let opts = MigrateOptions {
         name: a.name,
         network_map: a.map_network,
         chunk_size: a.chunk_kib.saturating_mul(1024),
         disk_format: a.disk_format,
-        streams: a.streams.into(),
-        zstd_level: a.zstd_level,
+        streams: a.streams.map_or(tuning.data_streams, usize::from),
+        compression: a.zstd_level,
+        max_rate: a.max_rate,
         agent: a.agent_name,
+        tuning,
+        receipt_path: Some(receipt),
         ..MigrateOptions::default()
     };
     let sink: Arc<dyn ProgressSink> = if a.json {
@@ -267,4 +385,70 @@ impl Drop for Bar {
     fn drop(&mut self) {
         self.0.finish();
     }
+}
+
+#[derive(Args)]
+struct LinkTestArgs {
+    /// The cloud endpoint: quic://HOST[:PORT] (port 4433 by default), as for `migrate`.
+    #[arg(long, env = "EDGE_AGENT_URL")]
+    url: String,
+    /// CA bundle (PEM) that issued the endpoint's certificate.
+    #[arg(long, env = "EDGE_AGENT_CA_BUNDLE")]
+    ca_bundle: Option<PathBuf>,
+    /// The endpoint certificate's SHA-256 thumbprint to pin (AA:BB:...).
+    #[arg(long, env = "EDGE_AGENT_THUMBPRINT")]
+    thumbprint: Option<String>,
+    /// This agent's client certificate (PEM), issued by the CA the endpoint trusts.
+    #[arg(long, env = "EDGE_AGENT_CERT")]
+    cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, env = "EDGE_AGENT_KEY")]
+    key: PathBuf,
+    /// Seconds of throughput measurement per direction (the endpoint may clamp it).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    seconds: u32,
+    /// Application pings for RTT and jitter (at least 20).
+    #[arg(long, default_value_t = edge_agent::linktest::MIN_PINGS,
+          value_parser = clap::value_parser!(u32).range(i64::from(edge_agent::linktest::MIN_PINGS)..=1000))]
+    pings: u32,
+    /// Traffic streams per direction (a migration uses 4).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=4))]
+    streams: u8,
+    /// A VM (.vmx, .ovf or .ova) whose lift time over this link to estimate.
+    #[arg(long)]
+    vm: Option<PathBuf>,
+    /// Name of this agent in the endpoint's logs.
+    #[arg(long, env = "EDGE_AGENT_NAME", default_value = "edge-agent")]
+    agent_name: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn link_test_cmd(a: LinkTestArgs) -> anyhow::Result<()> {
+    let (host, port) = target::parse_url(&a.url)?;
+    let target = Target {
+        addr: target::resolve(&host, port).await?,
+        server_name: host,
+        // A link test is authenticated by the edge certificate alone.
+        user: String::new(),
+        password: String::new(),
+        trust: target::server_trust(a.ca_bundle.as_deref(), a.thumbprint.as_deref())?,
+        identity: target::identity(&a.cert, &a.key)?,
+    };
+    let opts = edge_agent::linktest::LinkTestOptions {
+        seconds: a.seconds,
+        pings: a.pings,
+        streams: a.streams,
+        vm: a.vm,
+        agent: a.agent_name,
+        ..Default::default()
+    };
+    let report = edge_agent::linktest::run(&target, &opts).await?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
 }

@@ -8,24 +8,34 @@
 //!            +--------------------------------------------------------------+
 //!   control reader  <- Welcome/PlanAccepted/Acks/Nack/Committed
 //!   control writer  -> Hello/Plan/ZeroChunks/DiskSealed/Commit
-//!   N workers       -> read (blocking pool) -> zero? -> seal -> data stream i
+//!   N sealers  read (blocking pool) -> zero? -> hash -> compress --+
+//!                                                                  v
+//!                                   bounded queue of sealed chunks (2N)
+//!                                                                  |
+//!   N senders  <- [bandwidth cap] <- data stream i <---------------+
 //! ```
-//! Memory is bounded by N chunks being sealed plus quinn's send window: a
-//! worker's `write` waits when the window is full.
+//! Sealers run ahead of the network, so the link stays busy while a chunk is
+//! read or compressed; the queue bounds how far. Memory is bounded by the
+//! chunks being sealed, the queue, and quinn's send window (a sender's
+//! `write` waits when it is full). The queue's pressure also drives the
+//! adaptive zstd level ([`crate::compression`]).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use gateway::chunk::{is_zero, Sealer, DEFAULT_ZSTD_LEVEL};
+use gateway::chunk::{is_zero, Sealer};
 use gateway::plan::{DiskFormat, DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
 use gateway::protocol::{SenderConfig, SenderEvent, SenderSession};
-use gateway::transport::{self, ControlReader, ControlWriter, DataWriter, TransportError, TransportTuning};
+use gateway::transport::{
+    self, ControlReader, ControlWriter, DataWriter, Rate, RateLimit, TransportError, TransportTuning,
+};
 use gateway::wire::{ChunkHeader, CloudMessage, RefusalCode};
 use tokio::sync::{mpsc, Notify};
 
+use crate::compression::{Compression, LevelController, Pressure};
 use crate::report::{secs, Progress, ProgressSink, Summary};
 use crate::source::{open_source_disk, DiskReader, SourceVm};
 use crate::target::Target;
@@ -41,13 +51,22 @@ pub struct MigrateOptions {
     pub chunk_size: u32,
     /// Format of the disks in the cloud; `None` = the datastore's default.
     pub disk_format: Option<DiskFormat>,
-    /// Parallel data streams, each with its own reader/sealer worker. Four
-    /// keeps two cores busy while some workers wait on the network.
+    /// Parallel data streams; [`TransportTuning::data_streams`] covers the path.
     pub streams: usize,
-    pub zstd_level: i32,
+    /// Reader/sealer workers. Two per core keeps the cores busy while some
+    /// workers wait on the disk.
+    pub workers: usize,
+    /// zstd level, fixed or adaptive (the default).
+    pub compression: Compression,
+    /// Bandwidth cap for this migration (chunk bytes on the wire).
+    pub max_rate: Option<Rate>,
     /// This agent's name in the cloud's records.
     pub agent: String,
     pub tuning: TransportTuning,
+    /// Where to write the endpoint's signed receipt (replacing the file).
+    /// `None`: not written, only returned in the summary. Either way it is
+    /// checked against this migration and the endpoint's TLS identity.
+    pub receipt_path: Option<std::path::PathBuf>,
 }
 
 impl Default for MigrateOptions {
@@ -57,10 +76,13 @@ impl Default for MigrateOptions {
             network_map: Vec::new(),
             chunk_size: DEFAULT_CHUNK_SIZE,
             disk_format: None,
-            streams: 4,
-            zstd_level: DEFAULT_ZSTD_LEVEL,
+            streams: TransportTuning::default().data_streams,
+            workers: 4,
+            compression: Compression::default(),
+            max_rate: None,
             agent: "edge-agent".into(),
             tuning: TransportTuning::default(),
+            receipt_path: None,
         }
     }
 }
@@ -153,6 +175,15 @@ struct Shared {
     jobs_changed: Notify,
     payload_bytes: AtomicU64,
     resent_chunks: AtomicU64,
+    /// The zstd level sealers use for their next chunk.
+    level: AtomicI32,
+    /// Nanoseconds sealers spent waiting for room in the sealed queue.
+    sealers_blocked_ns: AtomicU64,
+    /// Nanoseconds senders spent waiting for a sealed chunk.
+    senders_starved_ns: AtomicU64,
+    /// Emptied payload buffers, handed back from senders to sealers.
+    spare: Mutex<Vec<Vec<u8>>>,
+    levels: Mutex<LevelController>,
 }
 
 impl Shared {
@@ -241,6 +272,11 @@ pub async fn run(
         jobs_changed: Notify::new(),
         payload_bytes: AtomicU64::new(0),
         resent_chunks: AtomicU64::new(0),
+        level: AtomicI32::new(opts.compression.initial_level()),
+        sealers_blocked_ns: AtomicU64::new(0),
+        senders_starved_ns: AtomicU64::new(0),
+        spare: Mutex::new(Vec::new()),
+        levels: Mutex::new(LevelController::new(opts.compression)),
     });
 
     let result = drive(&shared, &conn, &disks, opts, &plan, sink.clone(), started).await;
@@ -248,6 +284,15 @@ pub async fn run(
     let wire_bytes = conn.stats().udp_tx.bytes;
     match result {
         Ok((vm_id, vm_path, migration_id)) => {
+            // The VM is registered whatever happens to its receipt now.
+            let receipt = shared.session().receipt().map(str::to_owned);
+            let kept = crate::receipt::keep(
+                &conn,
+                receipt.as_deref(),
+                opts.receipt_path.as_deref(),
+                &vm_id,
+                &migration_id,
+            );
             let duration = started.elapsed();
             conn.close(0u32.into(), b"committed");
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -270,6 +315,8 @@ pub async fn run(
                 wire_bytes,
                 resent_chunks: shared.resent_chunks.load(Ordering::Relaxed),
                 duration_secs: secs(duration),
+                receipt_path: kept?,
+                receipt: receipt.unwrap_or_default(),
             })
         }
         Err(e) => {
@@ -320,24 +367,62 @@ async fn drive(
             }
         });
     }
-    for _ in 0..opts.streams.max(1) {
-        let (shared, conn, disks, fail_tx) = (shared.clone(), conn.clone(), disks.clone(), fail_tx.clone());
-        let level = opts.zstd_level;
+    let (streams, workers) = (opts.streams.max(1), opts.workers.max(1));
+    // Room for two sealed chunks per worker: a sender rarely waits while a
+    // sealer is between chunks, and memory stays a few chunks deep.
+    let (sealed_tx, sealed_rx) = mpsc::channel::<SealedChunk>(2 * workers);
+    let sealed_rx = Arc::new(tokio::sync::Mutex::new(sealed_rx));
+    let limit = opts.max_rate.map(|r| Arc::new(RateLimit::new(r)));
+    for _ in 0..workers {
+        let (shared, disks, fail_tx, sealed_tx) = (shared.clone(), disks.clone(), fail_tx.clone(), sealed_tx.clone());
         tasks.spawn(async move {
-            if let Err(e) = worker(&shared, &conn, &disks, level).await {
+            if let Err(e) = sealer(&shared, &disks, sealed_tx).await {
                 let _ = fail_tx.send(e).await;
             }
         });
     }
+    for _ in 0..streams {
+        let (shared, conn, fail_tx, sealed_rx, limit) = (
+            shared.clone(),
+            conn.clone(),
+            fail_tx.clone(),
+            sealed_rx.clone(),
+            limit.clone(),
+        );
+        tasks.spawn(async move {
+            if let Err(e) = sender(&shared, &conn, &sealed_rx, limit.as_deref()).await {
+                let _ = fail_tx.send(e).await;
+            }
+        });
+    }
+    drop(sealed_tx);
     {
         let (shared, conn, sink) = (shared.clone(), conn.clone(), sink.clone());
         let total = plan.logical_bytes();
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            const TICK: Duration = Duration::from_millis(200);
+            // The compression level follows the pressure of the last second.
+            const TICKS_PER_WINDOW: u32 = 5;
+            let mut tick = tokio::time::interval(TICK);
+            let mut ticks = 0u32;
             loop {
                 tick.tick().await;
                 if !shared.jobs.lock().expect("jobs lock poisoned").started {
                     continue;
+                }
+                ticks += 1;
+                if ticks.is_multiple_of(TICKS_PER_WINDOW) {
+                    let window = (TICK * TICKS_PER_WINDOW).as_nanos() as f64;
+                    let pressure = Pressure {
+                        sealers_blocked: shared.sealers_blocked_ns.swap(0, Ordering::Relaxed) as f64
+                            / (window * workers as f64),
+                        senders_starved: shared.senders_starved_ns.swap(0, Ordering::Relaxed) as f64
+                            / (window * streams as f64),
+                    };
+                    let level = shared.levels.lock().expect("levels lock poisoned").update(pressure);
+                    if shared.level.swap(level, Ordering::Relaxed) != level {
+                        tracing::debug!(level, ?pressure, "zstd level changed");
+                    }
                 }
                 let done_bytes = shared.session().done_bytes();
                 sink.progress(&Progress {
@@ -440,7 +525,7 @@ async fn control_reader(
                     shared.resent_chunks.fetch_add(1, Ordering::Relaxed);
                     shared.update_jobs(|j| j.resends.push_back((disk, offset)));
                 }
-                SenderEvent::Committed { vm_id, vm_path } => {
+                SenderEvent::Committed { vm_id, vm_path, .. } => {
                     shared.wake_writer.notify_one();
                     return Ok((vm_id, vm_path, migration_id));
                 }
@@ -451,13 +536,20 @@ async fn control_reader(
     }
 }
 
-async fn worker(
+/// A chunk ready for the wire.
+struct SealedChunk {
+    header: ChunkHeader,
+    payload: Vec<u8>,
+}
+
+/// Reads, zero-checks, hashes and compresses chunks on the blocking pool, and
+/// queues them for the senders.
+async fn sealer(
     shared: &Shared,
-    conn: &quinn::Connection,
     disks: &Arc<Vec<Box<dyn DiskReader>>>,
-    level: i32,
+    sealed: mpsc::Sender<SealedChunk>,
 ) -> Result<(), MigrateError> {
-    let mut stream: Option<DataWriter> = None;
+    let level = shared.level.load(Ordering::Relaxed);
     let mut bufs = Some(WorkerBufs {
         sealer: Sealer::new(level).map_err(|e| MigrateError::Target(format!("zstd level {level}: {e}")))?,
         plain: Vec::new(),
@@ -466,8 +558,12 @@ async fn worker(
     let chunk_size = u64::from(shared.session().plan().chunk_size);
     while let Some((disk, offset)) = shared.next_job().await {
         let mut b = bufs.take().expect("buffers returned after each chunk");
+        if let Some(spare) = shared.spare.lock().expect("spare lock poisoned").pop() {
+            b.payload = spare;
+        }
+        let level = shared.level.load(Ordering::Relaxed);
         let disks = disks.clone();
-        let (b, sealed) = tokio::task::spawn_blocking(move || {
+        let (mut b, sealed_chunk) = tokio::task::spawn_blocking(move || {
             let reader = &disks[usize::from(disk)];
             let len = (reader.capacity() - offset).min(chunk_size) as usize;
             // Holes of a sparse source are zeros without reading them.
@@ -484,28 +580,65 @@ async fn worker(
             let sealed = if is_zero(&b.plain) {
                 Sealed::Zero
             } else {
+                // A level zstd refuses keeps the previous one: still correct.
+                let _ = b.sealer.set_level(level);
                 Sealed::Data(b.sealer.seal(disk, offset, &b.plain, &mut b.payload))
             };
             Ok((b, sealed))
         })
         .await
         .expect("sealing does not panic")?;
-        match sealed {
+        match sealed_chunk {
             Sealed::Zero => shared.session().chunk_zero(disk, offset),
             Sealed::Data(header) => {
                 shared.session().chunk_sent(disk, offset, header.sha256);
-                if stream.is_none() {
-                    stream = Some(DataWriter::open(conn).await?);
+                let chunk = SealedChunk {
+                    header,
+                    payload: std::mem::take(&mut b.payload),
+                };
+                let waiting = Instant::now();
+                if sealed.send(chunk).await.is_err() {
+                    // The senders are gone: the migration is ending.
+                    return Ok(());
                 }
-                let s = stream.as_mut().expect("opened above");
-                s.send_chunk(&header, &b.payload).await?;
                 shared
-                    .payload_bytes
-                    .fetch_add(u64::from(header.payload_len), Ordering::Relaxed);
+                    .sealers_blocked_ns
+                    .fetch_add(waiting.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
         }
         shared.wake_writer.notify_one();
         bufs = Some(b);
+    }
+    Ok(())
+}
+
+/// Takes sealed chunks off the queue and writes them to one data stream,
+/// within the bandwidth cap.
+async fn sender(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    sealed: &tokio::sync::Mutex<mpsc::Receiver<SealedChunk>>,
+    limit: Option<&RateLimit>,
+) -> Result<(), MigrateError> {
+    let mut stream: Option<DataWriter> = None;
+    loop {
+        let waiting = Instant::now();
+        let next = sealed.lock().await.recv().await;
+        let Some(chunk) = next else { break };
+        shared
+            .senders_starved_ns
+            .fetch_add(waiting.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let len = u64::from(chunk.header.payload_len);
+        if let Some(limit) = limit {
+            limit.acquire(len + gateway::wire::CHUNK_HEADER_LEN as u64).await;
+        }
+        if stream.is_none() {
+            stream = Some(DataWriter::open(conn).await?);
+        }
+        let s = stream.as_mut().expect("opened above");
+        s.send_chunk(&chunk.header, &chunk.payload).await?;
+        shared.payload_bytes.fetch_add(len, Ordering::Relaxed);
+        shared.spare.lock().expect("spare lock poisoned").push(chunk.payload);
     }
     if let Some(mut s) = stream {
         s.finish();

@@ -1,6 +1,7 @@
 //! What the agent tells its user: progress while data moves, a summary at the
 //! end. Both have a JSON form for automation.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -51,6 +52,12 @@ pub struct Summary {
     /// Chunks resent after the cloud rejected them.
     pub resent_chunks: u64,
     pub duration_secs: f64,
+    /// Where the endpoint's signed receipt was written, if it was.
+    pub receipt_path: Option<PathBuf>,
+    /// The signed receipt (JSON), as the endpoint issued it. Not in the JSON
+    /// summary line: the file holds it.
+    #[serde(skip)]
+    pub receipt: String,
 }
 
 impl Summary {
@@ -73,7 +80,7 @@ impl Summary {
 
     /// Human summary, several lines.
     pub fn to_text(&self) -> String {
-        format!(
+        let mut text = format!(
             "migrated {vm} -> {vm_id} at {path} (migration {mid})\n\
              disks:          {disks}\n\
              logical bytes:  {logical} ({zero} all-zero, never sent)\n\
@@ -95,7 +102,14 @@ impl Summary {
             ratio = self.ratio(),
             dur = self.duration_secs,
             rate = human(self.rate() as u64),
-        )
+        );
+        if let Some(path) = &self.receipt_path {
+            text.push_str(&format!(
+                "\nreceipt:        {} (signed by the endpoint; check it with `edge-agent verify-receipt`)",
+                path.display()
+            ));
+        }
+        text
     }
 }
 

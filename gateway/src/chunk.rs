@@ -41,6 +41,7 @@ pub fn is_zero(data: &[u8]) -> bool {
 /// Per-thread state to seal chunks without reallocating.
 pub struct Sealer {
     compressor: zstd::bulk::Compressor<'static>,
+    level: i32,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -53,7 +54,22 @@ impl Sealer {
     pub fn new(level: i32) -> std::io::Result<Self> {
         Ok(Sealer {
             compressor: zstd::bulk::Compressor::new(level)?,
+            level,
         })
+    }
+
+    /// Changes the zstd level for the next chunks. Chunks are compressed
+    /// independently, so the level may change between any two of them.
+    pub fn set_level(&mut self, level: i32) -> std::io::Result<()> {
+        if level != self.level {
+            self.compressor.set_compression_level(level)?;
+            self.level = level;
+        }
+        Ok(())
+    }
+
+    pub fn level(&self) -> i32 {
+        self.level
     }
 
     /// Hashes and compresses one chunk into `payload` (cleared first) and

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::protocol::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession};
+use crate::wire::probe::{self, CloudProbe, EdgeProbe};
 use crate::wire::{control, ChunkHeader, CloudMessage, Decoded, EdgeMessage, Preamble, CHUNK_HEADER_LEN, PREAMBLE_LEN};
 
 /// Control frames both ways: whatever decodes re-encodes to the same message.
@@ -18,6 +19,15 @@ pub fn control_frame(data: &[u8]) {
     if let Ok(Decoded::Frame(msg, _)) = control::decode::<CloudMessage>(data) {
         let again = control::encode(&msg).expect("a decoded message encodes");
         assert!(matches!(control::decode::<CloudMessage>(&again), Ok(Decoded::Frame(m, _)) if m == msg));
+    }
+    // Link-test probe messages share the framing, so the same inputs reach them.
+    if let Ok(Decoded::Frame(msg, _)) = probe::decode::<EdgeProbe>(data) {
+        let again = probe::encode(&msg).expect("a decoded message encodes");
+        assert!(matches!(probe::decode::<EdgeProbe>(&again), Ok(Decoded::Frame(m, _)) if m == msg));
+    }
+    if let Ok(Decoded::Frame(msg, _)) = probe::decode::<CloudProbe>(data) {
+        let again = probe::encode(&msg).expect("a decoded message encodes");
+        assert!(matches!(probe::decode::<CloudProbe>(&again), Ok(Decoded::Frame(m, _)) if m == msg));
     }
 }
 
@@ -77,7 +87,11 @@ pub fn receiver(data: &[u8]) {
             match event {
                 ReceiverEvent::Authenticate { .. } => session.authenticated(Ok("Administrator".into()), "fuzz"),
                 ReceiverEvent::ValidatePlan(_) => session.plan_accepted("migration-1".into(), "ds".into()),
-                ReceiverEvent::Finalize => session.finalized(Ok(("vm-1".into(), "[ds] x/x.vmx".into()))),
+                ReceiverEvent::Finalize => session.finalized(Ok(crate::protocol::Registered {
+                    vm_id: "vm-1".into(),
+                    vm_path: "[ds] x/x.vmx".into(),
+                    receipt: String::new(),
+                })),
                 ReceiverEvent::Discard { .. } => {}
             }
         }

@@ -1,12 +1,12 @@
 //! Whole-disk integrity: each chunk's SHA-256 is checked on arrival, and each
-//! disk's digest (SHA-256 over every chunk hash in offset order, zero chunks
-//! included) is computed on both sides and compared before commit. A chunk that
-//! went missing, arrived twice at the wrong place or was skipped as "zero" when
-//! it was not changes the digest.
-
-use ring::digest::{Context, SHA256};
+//! disk's Merkle root over every chunk hash in offset order (zero chunks
+//! included, see [`crate::merkle`]) is computed on both sides and compared
+//! before commit. A chunk that went missing, arrived twice at the wrong place
+//! or was skipped as "zero" when it was not changes the root. The same root is
+//! what the endpoint's signed receipt states for the disk.
 
 use crate::chunk::sha256;
+use crate::merkle;
 
 /// Chunk hashes of one disk, filled in any order.
 #[derive(Debug, Clone)]
@@ -81,18 +81,11 @@ impl DiskHashes {
         }
     }
 
-    /// The disk digest, once every chunk's hash is known.
-    pub fn digest(&self) -> Option<[u8; 32]> {
-        if self.missing != 0 {
-            return None;
-        }
-        let mut ctx = Context::new(&SHA256);
-        ctx.update(&self.capacity.to_be_bytes());
-        ctx.update(&self.chunk_size.to_be_bytes());
-        for h in &self.hashes {
-            ctx.update(h);
-        }
-        Some(ctx.finish().as_ref().try_into().expect("32 bytes"))
+    /// The disk's Merkle root, once every chunk's hash is known. The capacity
+    /// and chunk size are not hashed in: the leaf count and the short last
+    /// chunk's hash already depend on them, and the receipt states both.
+    pub fn merkle_root(&self) -> Option<[u8; 32]> {
+        (self.missing == 0).then(|| merkle::root(&self.hashes))
     }
 }
 
@@ -106,21 +99,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn digest_depends_on_every_chunk_and_order() {
+    fn root_depends_on_every_chunk_and_order() {
         let mut a = DiskHashes::new(3 * 65536 + 10, 65536);
         assert_eq!(a.chunk_count(), 4);
         for i in 0..4 {
-            assert_eq!(a.digest(), None);
+            assert_eq!(a.merkle_root(), None);
             a.set(i, [i as u8; 32]);
         }
-        let d = a.digest().unwrap();
+        let d = a.merkle_root().unwrap();
+        assert_eq!(d, merkle::root(&[[0; 32], [1; 32], [2; 32], [3; 32]]));
         let mut b = a.clone();
         b.set(1, [2; 32]);
         b.set(2, [1; 32]);
-        assert_ne!(b.digest().unwrap(), d);
+        assert_ne!(b.merkle_root().unwrap(), d);
         b.unset(1);
         assert_eq!(b.missing(), 1);
-        assert_eq!(b.digest(), None);
+        assert_eq!(b.merkle_root(), None);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! plan        what is migrated (VM, disks, NICs)
 //! wire        bytes on the wire: preambles, control messages, chunk frames
 //! chunk       zero detection, SHA-256, zstd (pure functions on buffers)
-//! integrity   per-disk digests over chunk hashes
+//! integrity   per-disk chunk hashes, checked on both sides before commit
+//! merkle      RFC 6962-style Merkle roots over a disk's chunk hashes
+//! receipt     the signed migration receipt the endpoint issues at commit
 //! protocol    SenderSession / ReceiverSession: the sans-I/O state machines
 //! transport   quinn + rustls configuration and framed stream I/O
 //! ```
@@ -15,7 +17,9 @@
 pub mod chunk;
 pub mod fuzzing;
 pub mod integrity;
+pub mod merkle;
 pub mod plan;
 pub mod protocol;
+pub mod receipt;
 pub mod transport;
 pub mod wire;

@@ -16,6 +16,8 @@ use edge_agent::target::Target;
 use gateway::transport::{Identity, ServerTrust};
 use rand::{Rng, SeedableRng};
 
+pub mod wan;
+
 pub use cloud_endpoint::config::DEMO_PASSWORD;
 pub const MIGRATOR: &str = "migrator@cloud.local";
 pub const AUDITOR: &str = "auditor@cloud.local";
@@ -30,9 +32,15 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(dir: &Path) -> Pki {
+        Pki::with_endpoint_names(dir, &["localhost", "127.0.0.1"])
+    }
+
+    /// The same with the endpoint certificate issued for `names` (DNS names or addresses).
+    pub fn with_endpoint_names(dir: &Path, names: &[&str]) -> Pki {
         let ca = Ca::generate("Test Gateway CA").unwrap();
         ca.write(dir).unwrap();
-        ca.issue_endpoint(&["localhost".into(), "127.0.0.1".into()], Validity::days(30))
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        ca.issue_endpoint(&names, Validity::days(30))
             .unwrap()
             .write(dir, "endpoint")
             .unwrap();

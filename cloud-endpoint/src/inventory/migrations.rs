@@ -6,7 +6,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 use super::{next_number, now, Inventory, InventoryError, MigrationRecord, Principal};
 
 const SELECT_MIGRATION: &str =
-    "SELECT id, vm_name, user_name, edge, state, error, vm, started, finished, logical_bytes FROM migration";
+    "SELECT id, vm_name, user_name, edge, state, error, vm, started, finished, logical_bytes,
+        EXISTS (SELECT 1 FROM receipt r WHERE r.migration = migration.id)
+    FROM migration";
 
 fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
     Ok(MigrationRecord {
@@ -20,6 +22,7 @@ fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
         started: row.get(7)?,
         finished: row.get(8)?,
         logical_bytes: row.get(9)?,
+        has_receipt: row.get(10)?,
     })
 }
 

@@ -12,6 +12,7 @@
 
 mod migrations;
 mod password;
+mod receipts;
 mod schema;
 mod seed;
 mod vms;
@@ -78,6 +79,9 @@ pub enum InventoryError {
 
     #[error("cannot hash the password of user {user:?}: {reason}")]
     PasswordHash { user: String, reason: String },
+
+    #[error("cannot issue the receipt of migration {id}: {reason}; the VM was not registered")]
+    Receipt { id: String, reason: String },
 }
 
 impl From<rusqlite::Error> for InventoryError {
@@ -279,6 +283,29 @@ pub struct MigrationRecord {
     pub started: String,
     pub finished: Option<String>,
     pub logical_bytes: u64,
+    /// Whether the endpoint issued a signed receipt (every SUCCEEDED migration has
+    /// one): `GET /api/gateway/migrations/{id}/receipt`.
+    pub has_receipt: bool,
+}
+
+/// What a receipt states that only the registering transaction knows.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiptContext<'a> {
+    pub migration_id: &'a str,
+    /// The id the VM is being registered with.
+    pub vm_id: &'a str,
+    /// When the migration began (its plan was accepted), RFC 3339 UTC.
+    pub planned_at: &'a str,
+    /// When it is committed: the migration's `finished` time, RFC 3339 UTC.
+    pub committed_at: &'a str,
+}
+
+/// A VM registered with its receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredVm {
+    pub vm_id: String,
+    /// The signed receipt, as stored.
+    pub receipt: String,
 }
 
 /// The inventory database. See the module documentation.

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2];
+const STEPS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -158,6 +158,19 @@ UPDATE vm SET instance_uuid =
     lower(hex(randomblob(4))) || '-' || lower(hex(randomblob(2))) || '-4' || substr(lower(hex(randomblob(2))), 2)
     || '-' || substr('89ab', 1 + abs(random() % 4), 1) || substr(lower(hex(randomblob(2))), 2)
     || '-' || lower(hex(randomblob(6)));
+"#;
+
+/// The signed receipt of each migration that registered a VM, written in the transaction
+/// that registers the VM. `signed` is the document exactly as it was handed to the edge,
+/// so the API returns it byte for byte. `vm` has no foreign key on purpose: a receipt is
+/// evidence of what arrived, and must outlive the VM if it is ever removed.
+const V3: &str = r#"
+CREATE TABLE receipt (
+    migration TEXT PRIMARY KEY REFERENCES migration (id),
+    vm TEXT NOT NULL UNIQUE,
+    signed TEXT NOT NULL,
+    created TEXT NOT NULL
+) STRICT;
 "#;
 
 /// Applies the missing steps. Refuses a file written by a newer build.

@@ -25,6 +25,14 @@ fn operator() -> Principal {
     }
 }
 
+/// Stands in for the signed receipt the endpoint issues: names what it was given.
+fn fake_receipt(r: &ReceiptContext<'_>) -> Result<String, String> {
+    Ok(format!(
+        "receipt of {} for {} ({} .. {})",
+        r.migration_id, r.vm_id, r.planned_at, r.committed_at
+    ))
+}
+
 fn new_vm(inv: &Inventory, name: &str) -> NewVm {
     let nets = inv.networks().unwrap();
     NewVm {
@@ -211,7 +219,7 @@ fn register_vm_stores_devices_in_order_and_completes_the_migration() {
         .begin_migration(&operator(), "edge-paris", "web01", 11 << 30)
         .unwrap();
     let spec = new_vm(&inv, "web01");
-    let vm_id = inv.register_vm(&mid, &spec).unwrap();
+    let vm_id = inv.register_vm(&mid, &spec, fake_receipt).unwrap().vm_id;
     assert!(vm_id.starts_with("vm-"));
     let nets = inv.networks().unwrap();
     assert!(id_number(&vm_id) > id_number(&nets.last().unwrap().id));
@@ -270,7 +278,7 @@ fn register_vm_stores_devices_in_order_and_completes_the_migration() {
     ));
     // A finished migration cannot register again.
     assert!(matches!(
-        inv.register_vm(&mid, &spec),
+        inv.register_vm(&mid, &spec, fake_receipt),
         Err(InventoryError::MigrationNotRunning { .. })
     ));
     assert!(matches!(
@@ -286,7 +294,7 @@ fn register_vm_is_all_or_nothing() {
     let mid = inv.begin_migration(&operator(), "edge", "app01", 1).unwrap();
     let mut spec = new_vm(&inv, "app01");
     spec.nics[1].network_id = "network-999".into();
-    let err = inv.register_vm(&mid, &spec).unwrap_err();
+    let err = inv.register_vm(&mid, &spec, fake_receipt).unwrap_err();
     assert!(
         matches!(&err, InventoryError::NotFound { what } if what.contains("network-999")),
         "{err:?}"
@@ -296,12 +304,18 @@ fn register_vm_is_all_or_nothing() {
 
     let mut spec = new_vm(&inv, "app01");
     spec.disks[1].key = "scsi0:0".into();
-    assert!(matches!(inv.register_vm(&mid, &spec), Err(InventoryError::Invalid(_))));
+    assert!(matches!(
+        inv.register_vm(&mid, &spec, fake_receipt),
+        Err(InventoryError::Invalid(_))
+    ));
 
     let spec = new_vm(&inv, "other-name");
-    assert!(matches!(inv.register_vm(&mid, &spec), Err(InventoryError::Invalid(_))));
     assert!(matches!(
-        inv.register_vm("migration-77", &spec),
+        inv.register_vm(&mid, &spec, fake_receipt),
+        Err(InventoryError::Invalid(_))
+    ));
+    assert!(matches!(
+        inv.register_vm("migration-77", &spec, fake_receipt),
         Err(InventoryError::NotFound { .. })
     ));
     assert!(inv.list_vms().unwrap().is_empty());
@@ -345,7 +359,7 @@ fn fail_running_migrations_fails_only_the_running_ones() {
     let a = inv.begin_migration(&operator(), "edge", "a", 1).unwrap();
     let b = inv.begin_migration(&operator(), "edge", "b", 1).unwrap();
     let c = inv.begin_migration(&operator(), "edge", "c", 1).unwrap();
-    inv.register_vm(&b, &new_vm(&inv, "b")).unwrap();
+    inv.register_vm(&b, &new_vm(&inv, "b"), fake_receipt).unwrap();
     drop(inv);
 
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
@@ -373,7 +387,10 @@ fn reopening_keeps_everything_and_grows_with_the_config() {
     let (_dir, path) = temp_db();
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
     let mid = inv.begin_migration(&operator(), "edge", "web01", 1).unwrap();
-    let vm_id = inv.register_vm(&mid, &new_vm(&inv, "web01")).unwrap();
+    let vm_id = inv
+        .register_vm(&mid, &new_vm(&inv, "web01"), fake_receipt)
+        .unwrap()
+        .vm_id;
     let before = inv.domain().unwrap();
     let nets_before = inv.networks().unwrap();
     drop(inv);
@@ -490,7 +507,7 @@ fn registered_vms_get_distinct_instance_uuids() {
     let mut seen = Vec::new();
     for name in ["a", "b"] {
         let mid = inv.begin_migration(&operator(), "edge", name, 1).unwrap();
-        let id = inv.register_vm(&mid, &new_vm(&inv, name)).unwrap();
+        let id = inv.register_vm(&mid, &new_vm(&inv, name), fake_receipt).unwrap().vm_id;
         let vm = inv.vm(&id).unwrap().unwrap();
         assert!(is_uuid_v4(&vm.instance_uuid), "{}", vm.instance_uuid);
         seen.push(vm.instance_uuid);
@@ -504,12 +521,12 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
     for name in ["a", "b", "c"] {
         let mid = inv.begin_migration(&operator(), "edge", name, 1).unwrap();
-        inv.register_vm(&mid, &new_vm(&inv, name)).unwrap();
+        inv.register_vm(&mid, &new_vm(&inv, name), fake_receipt).unwrap();
     }
     drop(inv);
-    // Back to what a version-1 build wrote: no column, version 1.
+    // Back to what a version-1 build wrote: no column, no receipts, version 1.
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("ALTER TABLE vm DROP COLUMN instance_uuid; PRAGMA user_version = 1;")
+    conn.execute_batch("DROP TABLE receipt; ALTER TABLE vm DROP COLUMN instance_uuid; PRAGMA user_version = 1;")
         .unwrap();
     drop(conn);
 
@@ -523,4 +540,50 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
         uuids[0] != uuids[1] && uuids[1] != uuids[2] && uuids[0] != uuids[2],
         "{uuids:?}"
     );
+    // Migrations from before receipts existed say so, and have none to give.
+    for m in inv.list_migrations().unwrap() {
+        assert!(!m.has_receipt, "{}", m.id);
+        assert_eq!(inv.receipt(&m.id).unwrap(), None);
+    }
+}
+
+#[test]
+fn the_receipt_is_stored_with_the_vm_or_nothing_is() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let mid = inv.begin_migration(&operator(), "edge", "web01", 1).unwrap();
+    assert_eq!(inv.receipt(&mid).unwrap(), None);
+    assert!(!inv.migration(&mid).unwrap().unwrap().has_receipt);
+
+    let err = inv
+        .register_vm(&mid, &new_vm(&inv, "web01"), |_| Err("the signing key is gone".into()))
+        .unwrap_err();
+    assert!(
+        matches!(&err, InventoryError::Receipt { .. }) && err.to_string().contains("the signing key is gone"),
+        "{err}"
+    );
+    assert!(inv.list_vms().unwrap().is_empty(), "no VM without its receipt");
+    assert_eq!(inv.migration(&mid).unwrap().unwrap().state, "RUNNING");
+
+    let registered = inv.register_vm(&mid, &new_vm(&inv, "web01"), fake_receipt).unwrap();
+    let record = inv.migration(&mid).unwrap().unwrap();
+    assert!(record.has_receipt);
+    assert_eq!(record.vm.as_deref(), Some(registered.vm_id.as_str()));
+    // The receipt learned the VM id, the start and the very commit time recorded.
+    let finished = record.finished.clone().unwrap();
+    assert_eq!(
+        registered.receipt,
+        format!(
+            "receipt of {mid} for {} ({} .. {finished})",
+            registered.vm_id, record.started
+        )
+    );
+    assert_eq!(inv.receipt(&mid).unwrap(), Some(registered.receipt.clone()));
+    assert!(matches!(
+        inv.receipt("migration-99"),
+        Err(InventoryError::NotFound { .. })
+    ));
+    drop(inv);
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    assert_eq!(inv.receipt(&mid).unwrap(), Some(registered.receipt));
 }

@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::migrations::state_of;
-use super::{next_number, now, DiskRecord, Inventory, InventoryError, NewVm, NicRecord, VmRecord};
+use super::{
+    next_number, now, DiskRecord, Inventory, InventoryError, NewVm, NicRecord, ReceiptContext, RegisteredVm, VmRecord,
+};
 
 const SELECT_VM: &str = "SELECT v.id, v.name, v.guest_os, v.num_cpus, v.cores_per_socket, v.memory_mib, v.firmware,
         v.bios_uuid, v.power_state, v.host, v.datastore, v.folder, v.vmx_path, m.id, v.created,
@@ -99,9 +101,16 @@ fn check_new_vm(vm: &NewVm) -> Result<(), InventoryError> {
 impl Inventory {
     /// In one transaction: registers the VM of a RUNNING migration (POWERED_OFF, on the
     /// domain's host, in its VM folder, on its datastore) with its disks and NICs in the
-    /// given order, and marks the migration SUCCEEDED with a link to the VM. The VM must
-    /// have the name the migration reserved. Returns the VM id.
-    pub fn register_vm(&self, migration_id: &str, vm: &NewVm) -> Result<String, InventoryError> {
+    /// given order, stores the receipt `issue` makes for it, and marks the migration
+    /// SUCCEEDED with a link to the VM. The VM must have the name the migration reserved.
+    /// `issue` runs inside the transaction (it learns the VM id and the commit time there);
+    /// if it fails nothing is registered. Returns the VM id and the receipt.
+    pub fn register_vm(
+        &self,
+        migration_id: &str,
+        vm: &NewVm,
+        issue: impl FnOnce(&ReceiptContext<'_>) -> Result<String, String>,
+    ) -> Result<RegisteredVm, InventoryError> {
         check_new_vm(vm)?;
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -185,12 +194,30 @@ impl Inventory {
                     ],
                 )?;
             }
+            let started: String = tx.query_row("SELECT started FROM migration WHERE id = ?1", [migration_id], |r| {
+                r.get(0)
+            })?;
+            let finished = now();
+            let receipt = issue(&ReceiptContext {
+                migration_id,
+                vm_id: &id,
+                planned_at: &started,
+                committed_at: &finished,
+            })
+            .map_err(|reason| InventoryError::Receipt {
+                id: migration_id.to_owned(),
+                reason,
+            })?;
+            tx.execute(
+                "INSERT INTO receipt (migration, vm, signed, created) VALUES (?1, ?2, ?3, ?4)",
+                params![migration_id, id, receipt, finished],
+            )?;
             tx.execute(
                 "UPDATE migration SET state = 'SUCCEEDED', vm = ?2, finished = ?3 WHERE id = ?1",
-                params![migration_id, id, now()],
+                params![migration_id, id, finished],
             )?;
             tx.commit()?;
-            Ok(id)
+            Ok(RegisteredVm { vm_id: id, receipt })
         })
     }
 

@@ -37,6 +37,8 @@ struct Ctx {
     disks: Mutex<Vec<Arc<crate::datastore::DiskFile>>>,
     principal: Mutex<Option<Principal>>,
     edge: String,
+    /// Bandwidth caps: the endpoint's total and this migration's.
+    caps: Vec<Arc<gateway::transport::RateLimit>>,
 }
 
 impl Ctx {
@@ -52,7 +54,14 @@ impl Ctx {
 }
 
 /// Serves one accepted connection to its end.
-pub async fn serve(conn: quinn::Connection, domain: Arc<Domain>, config: ReceiverConfig) {
+/// `control_streams` is the control stream, its preamble already read by the dispatch.
+pub async fn serve(
+    conn: quinn::Connection,
+    domain: Arc<Domain>,
+    config: ReceiverConfig,
+    caps: super::Caps,
+    control_streams: (quinn::SendStream, quinn::RecvStream),
+) {
     let peer = conn.remote_address();
     let edge = conn
         .peer_identity()
@@ -73,10 +82,18 @@ pub async fn serve(conn: quinn::Connection, domain: Arc<Domain>, config: Receive
             disks: Mutex::new(Vec::new()),
             principal: Mutex::new(None),
             edge: format!("{peer} cert {edge}"),
+            caps: caps
+                .total
+                .into_iter()
+                .chain(
+                    caps.per_migration
+                        .map(|r| Arc::new(gateway::transport::RateLimit::new(r))),
+                )
+                .collect(),
         });
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(events(ctx.clone()).in_current_span());
-        tasks.spawn(control(ctx.clone()).in_current_span());
+        tasks.spawn(control(ctx.clone(), control_streams).in_current_span());
         tasks.spawn(accept_data(ctx.clone()).in_current_span());
         let reason = conn.closed().await;
         tasks.abort_all();
@@ -116,22 +133,12 @@ fn close_refused(ctx: &Ctx, code: RefusalCode, reason: &str) {
     transport::close(&ctx.conn, code, reason);
 }
 
-async fn control(ctx: Arc<Ctx>) {
-    let (send, recv) = match tokio::time::timeout(Duration::from_secs(30), ctx.conn.accept_bi()).await {
-        Ok(Ok(streams)) => streams,
-        Ok(Err(_)) => return,
-        Err(_) => {
-            close_refused(&ctx, RefusalCode::ProtocolViolation, "no control stream within 30 s");
-            return;
-        }
-    };
-    let reader = match ControlReader::open(recv, true).await {
-        Ok(r) => r,
-        Err(e) => {
-            close_refused(&ctx, RefusalCode::ProtocolViolation, &e.to_string());
-            return;
-        }
-    };
+async fn control(ctx: Arc<Ctx>, (send, recv): (quinn::SendStream, quinn::RecvStream)) {
+    // The dispatch (server::probe::first_stream) accepted the stream, with its
+    // timeout, and checked the preamble.
+    let reader = ControlReader::open(recv, false)
+        .await
+        .expect("no I/O without a preamble");
     let writer = ControlWriter::open(send, false)
         .await
         .expect("no I/O without a preamble");
@@ -296,8 +303,11 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
         }
         ReceiverEvent::Finalize => {
             let staged = ctx.staged.lock().expect("staged lock").take();
-            let plan = ctx.session().plan().cloned();
-            let (Some(staged), Some(plan)) = (staged, plan) else {
+            let (plan, roots) = {
+                let s = ctx.session();
+                (s.plan().cloned(), s.disk_roots())
+            };
+            let (Some(staged), Some(plan), Some(roots)) = (staged, plan, roots) else {
                 ctx.session()
                     .finalized(Err((RefusalCode::EndpointFailure, "nothing staged to commit".into())));
                 return;
@@ -308,12 +318,12 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let guard = ctx.blocking.clone().read_owned().await;
             let result = tokio::task::spawn_blocking(move || {
                 let _guard = guard;
-                placement::finalize(&domain, &plan, staged)
+                placement::finalize(&domain, &plan, staged, &roots)
             })
             .await
             .expect("finalize does not panic");
             match &result {
-                Ok((vm_id, path)) => tracing::info!(%vm_id, %path, format, "VM registered"),
+                Ok(r) => tracing::info!(vm_id = %r.vm_id, path = %r.vm_path, format, "VM registered, receipt signed"),
                 Err(e) => tracing::error!(error = %e, "commit failed"),
             }
             ctx.session()
@@ -381,6 +391,12 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
         };
         let mut b = bufs.take().expect("buffers returned after each chunk");
         reader.read_payload(&header, &mut b.payload).await?;
+        // Taking the next chunk waits for the caps; meanwhile the edge's
+        // flow-control credit runs out and its sender slows to the cap.
+        for cap in &ctx.caps {
+            cap.acquire(u64::from(header.payload_len) + gateway::wire::CHUNK_HEADER_LEN as u64)
+                .await;
+        }
         if admission == Admission::Duplicate {
             bufs = Some(b);
             ctx.wake();

@@ -2,6 +2,7 @@
 
 mod connection;
 pub mod placement;
+mod probe;
 
 use std::future::Future;
 use std::net::UdpSocket;
@@ -9,11 +10,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway::protocol::ReceiverConfig;
-use gateway::transport::{self, TransportTuning};
+use gateway::transport::{self, RateLimit};
 use gateway::wire::RefusalCode;
 use tokio::sync::Semaphore;
 
+use crate::config::{LinkTestConfig, TransportSettings};
 use crate::{Domain, EndpointError};
+
+/// Caps on how fast the endpoint takes in migration data. They act on the
+/// read side: a capped reader releases QUIC flow-control credit at the cap, so
+/// the edge's sender slows down instead of the endpoint buffering.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Caps {
+    /// Shared by every connection.
+    pub total: Option<Arc<RateLimit>>,
+    /// A fresh limit per migration at this rate.
+    pub per_migration: Option<transport::Rate>,
+}
 
 /// Serves migrations on `socket` until `shutdown` completes, then closes every
 /// connection (their uncommitted migrations are discarded) and returns.
@@ -22,10 +35,17 @@ pub async fn run(
     domain: Arc<Domain>,
     tls: rustls::ServerConfig,
     max_concurrent: u32,
+    settings: &TransportSettings,
+    link_test: &LinkTestConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), EndpointError> {
-    let endpoint = transport::server_endpoint(socket, tls, &TransportTuning::default())?;
+    let endpoint = transport::server_endpoint(socket, tls, &settings.tuning())?;
+    let caps = Caps {
+        total: settings.max_rate.map(|r| Arc::new(RateLimit::new(r))),
+        per_migration: settings.max_rate_per_migration,
+    };
     let slots = Arc::new(Semaphore::new(max_concurrent as usize));
+    let link_tests = Arc::new(probe::LinkTests::new(link_test.clone()));
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -36,6 +56,8 @@ pub async fn run(
         let Some(incoming) = incoming else { break };
         let domain = domain.clone();
         let slots = slots.clone();
+        let link_tests = link_tests.clone();
+        let caps = caps.clone();
         conns.spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -44,6 +66,15 @@ pub async fn run(
                     tracing::warn!(%remote, error = %e, "handshake failed");
                     return;
                 }
+            };
+            // The first stream says what the connection is for: a link test
+            // has its own limits and never takes a migration slot.
+            let control = match probe::first_stream(&conn).await {
+                Some(probe::FirstStream::Migration(send, recv)) => (send, recv),
+                Some(probe::FirstStream::LinkTest(send, recv)) => {
+                    return link_tests.serve(conn, send, recv, &domain.endpoint_name).await;
+                }
+                None => return,
             };
             // A slot per migration bounds memory and disk bandwidth; an edge
             // over the limit is told to retry rather than queued invisibly.
@@ -56,7 +87,7 @@ pub async fn run(
                 );
                 return;
             };
-            connection::serve(conn, domain, ReceiverConfig::default()).await;
+            connection::serve(conn, domain, ReceiverConfig::default(), caps, control).await;
         });
         // Reap finished connection tasks so the set does not grow.
         while conns.try_join_next().is_some() {}

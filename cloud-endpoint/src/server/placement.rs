@@ -5,7 +5,10 @@
 
 use std::sync::Arc;
 
+use gateway::integrity::hex;
 use gateway::plan::MigrationPlan;
+use gateway::protocol::Registered;
+use gateway::receipt::{Receipt, ReceiptDisk, RECEIPT_FORMAT_VERSION};
 use gateway::wire::RefusalCode;
 
 use crate::datastore::{datastore_path, DiskFile, DiskFormat, Staging, VmxDisk, VmxNic, VmxSpec};
@@ -191,10 +194,16 @@ pub fn validate_and_stage(
 
 /// Makes the staged VM durable and registers it: finish every disk (qcow2
 /// writes its tables; all are fsynced), write the descriptors (VMDK only) and
-/// the .vmx, move the folder into place, then insert the VM in one
-/// transaction. If registering fails the folder is removed again, so the
-/// datastore never holds a VM the inventory does not know.
-pub fn finalize(domain: &Domain, plan: &MigrationPlan, staged: Staged) -> Result<(String, String), String> {
+/// the .vmx, move the folder into place, then insert the VM and its signed
+/// receipt (stating `roots`, each disk's Merkle root) in one transaction. If
+/// registering fails the folder is removed again, so the datastore never holds
+/// a VM the inventory does not know.
+pub fn finalize(
+    domain: &Domain,
+    plan: &MigrationPlan,
+    staged: Staged,
+    roots: &[[u8; 32]],
+) -> Result<Registered, String> {
     let vm = &plan.vm;
     let ds = domain.datastore.name().to_owned();
     let fail = |staging: Staging, e: String| {
@@ -279,6 +288,45 @@ pub fn finalize(domain: &Domain, plan: &MigrationPlan, staged: Staged) -> Result
             })
             .collect(),
     };
+    if roots.len() != vm.disks.len() {
+        let e = format!("{} Merkle roots for {} disks", roots.len(), vm.disks.len());
+        return Err(fail(staged.staging, e));
+    }
+    // Signed before the commit is visible: what goes into the receipt is known
+    // now, except the VM id and the commit time, which the transaction supplies.
+    let receipt_disks: Vec<ReceiptDisk> = vm
+        .disks
+        .iter()
+        .zip(&staged.disks)
+        .zip(roots)
+        .map(|((d, disk), root)| ReceiptDisk {
+            key: d.key.clone(),
+            capacity: disk.capacity(),
+            chunk_size: plan.chunk_size,
+            merkle_root: hex(root),
+            logical_bytes: d.capacity,
+        })
+        .collect();
+    let issue = |ctx: &crate::inventory::ReceiptContext<'_>| {
+        let receipt = Receipt {
+            format_version: RECEIPT_FORMAT_VERSION,
+            migration_id: ctx.migration_id.to_owned(),
+            vm_name: vm.name.clone(),
+            vm_id: ctx.vm_id.to_owned(),
+            vm_path: new_vm.vmx_path.clone(),
+            disks: receipt_disks,
+            planned_at: ctx.planned_at.to_owned(),
+            committed_at: ctx.committed_at.to_owned(),
+            endpoint: domain.endpoint_name.clone(),
+            endpoint_certificate: domain.receipts.certificate_pem().to_owned(),
+            endpoint_thumbprint: domain.receipts.thumbprint().to_string(),
+        };
+        domain
+            .receipts
+            .sign(receipt)
+            .map(|signed| signed.to_json())
+            .map_err(|e| e.to_string())
+    };
     let migration_id = staged.migration_id.clone();
     let folder = match staged.staging.commit() {
         Ok(folder) => folder,
@@ -288,8 +336,12 @@ pub fn finalize(domain: &Domain, plan: &MigrationPlan, staged: Staged) -> Result
             return Err(e);
         }
     };
-    match domain.inventory.register_vm(&migration_id, &new_vm) {
-        Ok(vm_id) => Ok((vm_id, new_vm.vmx_path)),
+    match domain.inventory.register_vm(&migration_id, &new_vm, issue) {
+        Ok(registered) => Ok(Registered {
+            vm_id: registered.vm_id,
+            vm_path: new_vm.vmx_path.clone(),
+            receipt: registered.receipt,
+        }),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&folder);
             let e = format!("cannot register the VM: {e}");

@@ -19,9 +19,9 @@
 //! (chunks on data streams)      =>
 //! ZeroChunks{runs}              ->
 //!                               <-       Acks / Nack (resend)
-//! DiskSealed{digest} per disk   ->       (after every chunk of it was acked)
+//! DiskSealed{Merkle root} per disk ->    (after every chunk of it was acked)
 //! Commit                        ->
-//!                               <-       Committed{vm id} | Refused(...)
+//!                               <-       Committed{vm id, signed receipt} | Refused(...)
 //! ```
 //! Chunk writes are idempotent (a chunk is its disk, offset and hash), so a
 //! duplicate is acknowledged again and never written twice.
@@ -32,7 +32,7 @@ mod sender;
 #[cfg(test)]
 mod tests;
 
-pub use receiver::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession};
+pub use receiver::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession, Registered};
 pub use sender::{SenderConfig, SenderEvent, SenderSession};
 
 use crate::wire::{RefusalCode, WireError};

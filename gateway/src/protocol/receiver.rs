@@ -42,8 +42,10 @@ pub enum ReceiverEvent {
     /// Check the plan against the domain and prepare the staging area; answer
     /// with [`ReceiverSession::plan_accepted`] or [`ReceiverSession::refuse`].
     ValidatePlan(MigrationPlan),
-    /// Every disk is complete and its digest matches: make the files durable,
-    /// register the VM, then answer with [`ReceiverSession::finalized`].
+    /// Every disk is complete and its Merkle root matches the edge's: make the
+    /// files durable, register the VM with a receipt stating the roots
+    /// ([`ReceiverSession::disk_roots`]), then answer with
+    /// [`ReceiverSession::finalized`].
     Finalize,
     /// The migration ended without a VM: discard what was staged.
     Discard { reason: String },
@@ -86,12 +88,23 @@ impl Phase {
     }
 }
 
+/// What the driver reports once the VM is registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub vm_id: String,
+    /// Datastore path of the .vmx.
+    pub vm_path: String,
+    /// The signed receipt as JSON (see [`crate::receipt`]).
+    pub receipt: String,
+}
+
 #[derive(Debug)]
 struct Disk {
     capacity: u64,
     hashes: DiskHashes,
     in_flight: HashMap<u64, [u8; 32]>,
-    sealed: bool,
+    /// The Merkle root, both sides agreeing, once the disk is sealed.
+    root: Option<[u8; 32]>,
 }
 
 /// One migration as the cloud endpoint sees it.
@@ -214,35 +227,35 @@ impl ReceiverSession {
                     d.hashes.set(index, zero);
                 }
             }
-            EdgeMessage::DiskSealed { disk, digest } => {
+            EdgeMessage::DiskSealed { disk, root } => {
                 if self.phase != Phase::Streaming {
                     return Err(self.unexpected("DiskSealed"));
                 }
                 let (d, _) = self.disk_mut(disk)?;
-                if d.sealed {
+                if d.root.is_some() {
                     return Err(ProtocolError::OutsidePlan(format!("disk {disk} sealed twice")));
                 }
-                let Some(ours) = d.hashes.digest() else {
+                let Some(ours) = d.hashes.merkle_root() else {
                     return Err(ProtocolError::Integrity(format!(
                         "disk {disk} sealed with {} of {} chunks neither received nor declared zero",
                         d.hashes.missing(),
                         d.hashes.chunk_count()
                     )));
                 };
-                if ours != digest {
+                if ours != root {
                     return Err(ProtocolError::Integrity(format!(
-                        "disk {disk} digest {} differs from the edge's {}",
+                        "disk {disk} Merkle root {} differs from the edge's {}",
                         hex(&ours),
-                        hex(&digest)
+                        hex(&root)
                     )));
                 }
-                d.sealed = true;
+                d.root = Some(ours);
             }
             EdgeMessage::Commit => {
                 if self.phase != Phase::Streaming {
                     return Err(self.unexpected("Commit"));
                 }
-                if let Some(i) = self.disks.iter().position(|d| !d.sealed) {
+                if let Some(i) = self.disks.iter().position(|d| d.root.is_none()) {
                     return Err(ProtocolError::Integrity(format!("commit before disk {i} was sealed")));
                 }
                 self.phase = Phase::Finalizing;
@@ -300,7 +313,7 @@ impl ReceiverSession {
                 capacity: d.capacity,
                 hashes: DiskHashes::new(d.capacity, plan.chunk_size),
                 in_flight: HashMap::new(),
-                sealed: false,
+                root: None,
             })
             .collect();
         self.phase = Phase::Streaming;
@@ -428,15 +441,32 @@ impl ReceiverSession {
         Ok(())
     }
 
-    /// The driver registered the VM (or failed to).
-    pub fn finalized(&mut self, result: Result<(String, String), (RefusalCode, String)>) {
+    /// Each disk's Merkle root, in plan order, once every disk is sealed (both
+    /// sides computed the same roots).
+    pub fn disk_roots(&self) -> Option<Vec<[u8; 32]>> {
+        if self.disks.is_empty() {
+            return None;
+        }
+        self.disks.iter().map(|d| d.root).collect()
+    }
+
+    /// The driver registered the VM and its receipt (or failed to).
+    pub fn finalized(&mut self, result: Result<Registered, (RefusalCode, String)>) {
         if self.phase != Phase::Finalizing {
             return;
         }
         match result {
-            Ok((vm_id, vm_path)) => {
+            Ok(Registered {
+                vm_id,
+                vm_path,
+                receipt,
+            }) => {
                 self.phase = Phase::Done;
-                self.outbox.push_back(CloudMessage::Committed { vm_id, vm_path });
+                self.outbox.push_back(CloudMessage::Committed {
+                    vm_id,
+                    vm_path,
+                    receipt,
+                });
             }
             Err((code, problem)) => self.fail(code, vec![problem]),
         }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use super::ProtocolError;
 use crate::integrity::DiskHashes;
 use crate::plan::MigrationPlan;
+use crate::receipt::SignedReceipt;
 use crate::wire::{CloudMessage, EdgeMessage};
 
 /// Tunables and identity of the sending side.
@@ -45,8 +46,16 @@ pub enum SenderEvent {
     Acked { disk: u16, offsets: Vec<u64>, bytes: u64 },
     /// The cloud rejected a chunk: read, seal and send it again.
     Resend { disk: u16, offset: u64 },
-    /// The VM is registered in the cloud domain.
-    Committed { vm_id: String, vm_path: String },
+    /// The VM is registered in the cloud domain. `receipt` is the endpoint's
+    /// signed receipt (JSON), already checked against this migration: its
+    /// signature verifies under the certificate it carries, and it states
+    /// this plan's VM and disks with the Merkle roots computed here. Whether
+    /// that certificate is the endpoint's is for the driver to check.
+    Committed {
+        vm_id: String,
+        vm_path: String,
+        receipt: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +98,8 @@ struct Disk {
     remaining: u64,
     /// A run of zero chunks not yet announced: (first offset, count).
     zero_run: Option<(u64, u64)>,
-    sealed: bool,
+    /// The Merkle root, once every chunk is acked or zero.
+    root: Option<[u8; 32]>,
 }
 
 /// One migration as the edge agent sees it.
@@ -105,6 +115,10 @@ pub struct SenderSession {
     error: Option<ProtocolError>,
     acked_bytes: u64,
     zero_bytes: u64,
+    /// Named by the cloud when it accepted the plan.
+    migration_id: Option<String>,
+    /// The signed receipt of the commit, once checked.
+    receipt: Option<String>,
 }
 
 impl SenderSession {
@@ -124,7 +138,7 @@ impl SenderSession {
                     resends: vec![0; n as usize],
                     remaining: n,
                     zero_run: None,
-                    sealed: false,
+                    root: None,
                 }
             })
             .collect();
@@ -145,11 +159,23 @@ impl SenderSession {
             error: None,
             acked_bytes: 0,
             zero_bytes: 0,
+            migration_id: None,
+            receipt: None,
         })
     }
 
     pub fn plan(&self) -> &MigrationPlan {
         &self.plan
+    }
+
+    /// The endpoint's signed receipt (JSON), once the VM is committed.
+    pub fn receipt(&self) -> Option<&str> {
+        self.receipt.as_deref()
+    }
+
+    /// Each disk's Merkle root, in plan order, once every disk is sealed.
+    pub fn disk_roots(&self) -> Option<Vec<[u8; 32]>> {
+        self.disks.iter().map(|d| d.root).collect()
     }
 
     /// Plaintext bytes the cloud has verified and written.
@@ -220,6 +246,7 @@ impl SenderSession {
                 }
                 self.phase = Phase::Streaming;
                 self.deadline = None;
+                self.migration_id = Some(migration_id.clone());
                 self.events.push_back(SenderEvent::Accepted {
                     migration_id,
                     datastore,
@@ -282,14 +309,50 @@ impl SenderSession {
                 d.hashes.unset(index);
                 self.events.push_back(SenderEvent::Resend { disk, offset });
             }
-            CloudMessage::Committed { vm_id, vm_path } => {
+            CloudMessage::Committed {
+                vm_id,
+                vm_path,
+                receipt,
+            } => {
                 if self.phase != Phase::AwaitCommitted {
                     return Err(self.unexpected("Committed"));
                 }
+                self.check_receipt(&vm_id, &vm_path, &receipt)?;
                 self.phase = Phase::Done;
                 self.deadline = None;
-                self.events.push_back(SenderEvent::Committed { vm_id, vm_path });
+                self.receipt = Some(receipt.clone());
+                self.events.push_back(SenderEvent::Committed {
+                    vm_id,
+                    vm_path,
+                    receipt,
+                });
             }
+        }
+        Ok(())
+    }
+
+    /// A receipt that does not state what was sent is worth nothing as
+    /// evidence: the migration fails (with the VM already registered, which
+    /// the error says) rather than hand the user a receipt that will not verify.
+    pub(super) fn check_receipt(&self, vm_id: &str, vm_path: &str, receipt: &str) -> Result<(), ProtocolError> {
+        let bad = |why: String| {
+            ProtocolError::Integrity(format!(
+                "the cloud registered the VM as {vm_id}, but its migration receipt is not valid: {why}; \
+                 the VM's integrity is not attested, check the endpoint before using it"
+            ))
+        };
+        let signed = SignedReceipt::from_json(receipt).map_err(|e| bad(e.to_string()))?;
+        signed.verify_signature().map_err(|e| bad(e.to_string()))?;
+        let roots: Vec<[u8; 32]> = self.disks.iter().map(|d| d.root.unwrap_or_default()).collect();
+        let differences = signed.receipt.differences(
+            self.migration_id.as_deref().unwrap_or_default(),
+            vm_id,
+            vm_path,
+            &self.plan,
+            &roots,
+        );
+        if !differences.is_empty() {
+            return Err(bad(differences.join("; ")));
         }
         Ok(())
     }
@@ -349,16 +412,16 @@ impl SenderSession {
     /// is sealed.
     fn maybe_seal(&mut self, disk: u16) {
         let d = &mut self.disks[usize::from(disk)];
-        if d.remaining != 0 || d.sealed {
+        if d.remaining != 0 || d.root.is_some() {
             return;
         }
         if let Some((offset, count)) = d.zero_run.take() {
             self.outbox.push_back(EdgeMessage::ZeroChunks { disk, offset, count });
         }
-        let digest = d.hashes.digest().expect("every chunk is done");
-        d.sealed = true;
-        self.outbox.push_back(EdgeMessage::DiskSealed { disk, digest });
-        if self.disks.iter().all(|d| d.sealed) && self.phase == Phase::Streaming {
+        let root = d.hashes.merkle_root().expect("every chunk is done");
+        d.root = Some(root);
+        self.outbox.push_back(EdgeMessage::DiskSealed { disk, root });
+        if self.disks.iter().all(|d| d.root.is_some()) && self.phase == Phase::Streaming {
             self.phase = Phase::AwaitCommitted;
             self.outbox.push_back(EdgeMessage::Commit);
         }

@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::chunk::{Opener, Sealer};
 use crate::plan::{DiskSpec, MigrationPlan, VmSpec, MIN_CHUNK_SIZE};
+use crate::receipt::{Receipt, ReceiptDisk, ReceiptSigner, SignedReceipt, RECEIPT_FORMAT_VERSION};
 use crate::wire::{control, ChunkHeader, CloudMessage, Decoded, EdgeMessage, RefusalCode};
 
 const CS: u32 = MIN_CHUNK_SIZE;
@@ -59,6 +60,16 @@ fn plan(disks: &[&Vec<u8>]) -> MigrationPlan {
 }
 
 type Tamper = Box<dyn FnMut(&ChunkHeader, &mut Vec<u8>)>;
+type AlterReceipt = Box<dyn FnMut(&mut Receipt)>;
+
+/// An endpoint certificate and key for the receipts of the in-memory cloud.
+fn receipt_signer() -> ReceiptSigner {
+    let ca = certs::Ca::generate("Protocol Test CA").unwrap();
+    let issued = ca
+        .issue_endpoint(&["localhost".into()], certs::Validity::days(1))
+        .unwrap();
+    ReceiptSigner::new(&[issued.cert_der()], &issued.key_der()).unwrap()
+}
 
 /// Both sessions, their in-memory drivers and the link between them.
 struct Pair {
@@ -81,6 +92,11 @@ struct Pair {
     refuse_plan: Option<Vec<String>>,
     committed: Option<String>,
     discarded: Option<String>,
+    signer: ReceiptSigner,
+    /// Changes the receipt before the cloud signs it (a lying endpoint).
+    alter_receipt: Option<AlterReceipt>,
+    /// The receipt the edge accepted with the commit.
+    edge_receipt: Option<String>,
 }
 
 impl Pair {
@@ -113,6 +129,9 @@ impl Pair {
             refuse_plan: None,
             committed: None,
             discarded: None,
+            signer: receipt_signer(),
+            alter_receipt: None,
+            edge_receipt: None,
         }
     }
 
@@ -135,6 +154,7 @@ impl Pair {
                     }
                 }
                 SenderEvent::Resend { disk, offset } => self.to_read.push_back((disk, offset)),
+                SenderEvent::Committed { receipt, .. } => self.edge_receipt = Some(receipt),
                 _ => {}
             }
         }
@@ -211,8 +231,12 @@ impl Pair {
                 },
                 ReceiverEvent::Finalize => {
                     self.committed = Some("vm-42".into());
-                    self.receiver
-                        .finalized(Ok(("vm-42".into(), "[ds1] web01/web01.vmx".into())));
+                    let receipt = self.receipt();
+                    self.receiver.finalized(Ok(Registered {
+                        vm_id: "vm-42".into(),
+                        vm_path: "[ds1] web01/web01.vmx".into(),
+                        receipt,
+                    }));
                 }
                 ReceiverEvent::Discard { reason } => self.discarded = Some(reason),
             }
@@ -230,6 +254,41 @@ impl Pair {
         }
         self.now += Duration::from_millis(1);
         moved
+    }
+
+    /// What the cloud driver signs at commit: the receiver's roots.
+    fn receipt(&mut self) -> String {
+        let roots = self.receiver.disk_roots().expect("every disk sealed before Finalize");
+        let plan = self.receiver.plan().expect("a plan").clone();
+        let mut receipt = Receipt {
+            format_version: RECEIPT_FORMAT_VERSION,
+            migration_id: "migration-1".into(),
+            vm_name: plan.vm.name.clone(),
+            vm_id: "vm-42".into(),
+            vm_path: "[ds1] web01/web01.vmx".into(),
+            disks: plan
+                .vm
+                .disks
+                .iter()
+                .zip(&roots)
+                .map(|(d, root)| ReceiptDisk {
+                    key: d.key.clone(),
+                    capacity: d.capacity.next_multiple_of(512),
+                    chunk_size: plan.chunk_size,
+                    merkle_root: crate::integrity::hex(root),
+                    logical_bytes: d.capacity,
+                })
+                .collect(),
+            planned_at: "2026-11-26T10:00:00Z".into(),
+            committed_at: "2026-11-26T10:00:05Z".into(),
+            endpoint: "cloud-test".into(),
+            endpoint_certificate: self.signer.certificate_pem().to_owned(),
+            endpoint_thumbprint: self.signer.thumbprint().to_string(),
+        };
+        if let Some(alter) = self.alter_receipt.as_mut() {
+            alter(&mut receipt);
+        }
+        self.signer.sign(receipt).unwrap().to_json()
     }
 
     fn drive(&mut self) {
@@ -257,6 +316,74 @@ fn a_vm_moves_and_the_copy_is_identical() {
         pair.sender.done_bytes(),
         pair.sources.iter().map(|s| s.len() as u64).sum::<u64>()
     );
+}
+
+#[test]
+fn the_commit_carries_a_signed_receipt_of_both_sides_roots() {
+    let sources = vec![disk_image(11, 7), disk_image(12, 1)];
+    let expected: Vec<String> = sources
+        .iter()
+        .map(|src| {
+            let hashes: Vec<[u8; 32]> = src.chunks(CS as usize).map(crate::chunk::sha256).collect();
+            crate::integrity::hex(&crate::merkle::root(&hashes))
+        })
+        .collect();
+    let mut pair = Pair::new(sources, "secret");
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    let sender_roots = pair.sender.disk_roots().unwrap();
+    assert_eq!(pair.receiver.disk_roots().unwrap(), sender_roots);
+    // Zero chunks are leaves too (the hash of their zeros), as if they were read.
+    let hex: Vec<String> = sender_roots.iter().map(|r| crate::integrity::hex(r)).collect();
+    assert_eq!(hex, expected);
+    let signed = SignedReceipt::from_json(pair.edge_receipt.as_deref().unwrap()).unwrap();
+    signed.verify_signature().unwrap();
+    let roots: Vec<&str> = signed.receipt.disks.iter().map(|d| d.merkle_root.as_str()).collect();
+    assert_eq!(roots, expected);
+}
+
+#[test]
+fn a_receipt_that_misstates_the_migration_fails_it_at_the_edge() {
+    let alterations: Vec<(AlterReceipt, &str)> = vec![
+        (
+            Box::new(|r| r.disks[0].merkle_root = "00".repeat(32)),
+            "disk 0's Merkle root",
+        ),
+        (Box::new(|r| r.vm_id = "vm-7".into()), "the VM id"),
+        (
+            Box::new(|r| {
+                r.disks.pop();
+            }),
+            "the number of disks",
+        ),
+        (Box::new(|r| r.migration_id = "migration-9".into()), "the migration id"),
+    ];
+    for (alter, what) in alterations {
+        let mut pair = Pair::new(vec![disk_image(13, 3)], "secret");
+        pair.alter_receipt = Some(alter);
+        pair.drive();
+        assert!(pair.receiver.is_committed());
+        assert!(!pair.sender.is_committed());
+        let err = pair.sender.error().expect("failed").to_string();
+        assert!(err.contains(what) && err.contains("vm-42"), "{what}: {err}");
+        assert!(pair.edge_receipt.is_none());
+    }
+    // A signature that does not verify is refused as well.
+    let mut pair = Pair::new(vec![disk_image(14, 2)], "secret");
+    pair.drive();
+    let good = pair.edge_receipt.clone().unwrap();
+    let mut forged = SignedReceipt::from_json(&good).unwrap();
+    forged.receipt.vm_path = "[ds1] other/other.vmx".into();
+    let sender = SenderSession::new(
+        SenderConfig::new("edge-test", "migrator@cloud.local", "secret"),
+        pair.sender.plan().clone(),
+        pair.now,
+    )
+    .unwrap();
+    let err = sender
+        .check_receipt("vm-42", "[ds1] other/other.vmx", &forged.to_json())
+        .unwrap_err();
+    assert!(err.to_string().contains("signature does not verify"), "{err}");
 }
 
 #[test]
@@ -409,13 +536,7 @@ fn sealing_a_disk_with_missing_chunks_fails() {
     )
     .unwrap();
     let err = r
-        .handle_control(
-            EdgeMessage::DiskSealed {
-                disk: 0,
-                digest: [0; 32],
-            },
-            Instant::now(),
-        )
+        .handle_control(EdgeMessage::DiskSealed { disk: 0, root: [0; 32] }, Instant::now())
         .unwrap_err();
     assert_eq!(err.code(), RefusalCode::IntegrityFailure);
     assert!(err.to_string().contains("1 of 3"), "{err}");

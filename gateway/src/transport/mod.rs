@@ -5,10 +5,14 @@
 //! opened by the edge, plus several unidirectional data streams so a lost
 //! packet stalls only the chunk it belongs to.
 
+mod congestion;
 mod io;
+mod rate;
 mod tls;
 
+pub use congestion::{BdpConfig, BdpController};
 pub use io::{ControlReader, ControlWriter, DataReader, DataWriter};
+pub use rate::{Rate, RateLimit};
 pub use tls::{client_crypto, server_crypto, Identity, ServerTrust};
 
 use std::net::{SocketAddr, UdpSocket};
@@ -85,51 +89,213 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     }
 }
 
-/// Transport tuning. Defaults suit a LAN or a short WAN hop; see each field
-/// for when to change it.
+/// The congestion controller. Migrations cross long WAN links where packets
+/// are lost for reasons other than congestion (radio, policers, shared
+/// uplinks); a controller that halves its window on every loss (Cubic,
+/// NewReno) moves a few Mbit/s on a 150 ms link at 1 % loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// The gateway's own ([`BdpController`], the default): BBR's model of
+    /// the path, a window sized for quinn's pacer, loss ignored unless a
+    /// round loses more than 5 %.
+    #[default]
+    Bdp,
+    /// quinn's BBR. Ignores random loss too, but with quinn's pacer it
+    /// overruns shallow bottleneck queues (a third of the bytes resent).
+    Bbr,
+    /// Loss-based, RFC 9438; quinn's default. Fair to TCP on shared links.
+    Cubic,
+    /// Loss-based, RFC 9002's reference controller.
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "bdp" => Ok(Congestion::Bdp),
+            "bbr" => Ok(Congestion::Bbr),
+            "cubic" => Ok(Congestion::Cubic),
+            "newreno" | "new-reno" | "reno" => Ok(Congestion::NewReno),
+            other => Err(format!(
+                "unknown congestion controller {other:?}: use bdp, bbr, cubic or newreno"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Congestion::Bdp => "bdp",
+            Congestion::Bbr => "bbr",
+            Congestion::Cubic => "cubic",
+            Congestion::NewReno => "newreno",
+        })
+    }
+}
+
+impl serde::Serialize for Congestion {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Congestion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Congestion, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The path a connection is sized for: its bottleneck rate and round-trip
+/// time. Windows and buffers follow the bandwidth-delay product, so a long
+/// fat link is filled and a short one does not reserve memory it cannot use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PathEstimate {
+    /// Bottleneck rate in bits per second.
+    pub rate_bps: u64,
+    pub rtt: Duration,
+}
+
+impl PathEstimate {
+    /// vMotion's long-distance limit (150 ms RTT) at 1 Gbit/s: sized for the
+    /// longest link users run migrations over, at a rate two cores can fill.
+    pub const DEFAULT: PathEstimate = PathEstimate {
+        rate_bps: 1_000_000_000,
+        rtt: Duration::from_millis(150),
+    };
+
+    /// Bytes in flight that fill this path.
+    pub fn bdp(&self) -> u64 {
+        (self.rate_bps as u128 * self.rtt.as_micros() / 8 / 1_000_000) as u64
+    }
+}
+
+impl Default for PathEstimate {
+    fn default() -> Self {
+        PathEstimate::DEFAULT
+    }
+}
+
+/// Flow-control window of one stream: 1.25 MiB, under 1024 full-size packets.
+///
+/// quinn keeps at most 1024 separate out-of-order spans per stream and closes
+/// the connection past that ("too many gaps in stream buffer"), a guard
+/// against peers that send confetti. A sender overshooting a shallow
+/// bottleneck queue (BBR's startup, Cubic's slow start) loses every other
+/// packet for a round trip, and a stream with a window of more than 1024
+/// packets then trips the guard. A window below it cannot, whatever the loss
+/// pattern; long paths are filled with more streams instead.
+pub const STREAM_WINDOW: u64 = 1_250_000;
+
+/// Transport tuning. [`TransportTuning::for_path`] derives it from the link;
+/// the default is sized for [`PathEstimate::DEFAULT`].
 #[derive(Debug, Clone)]
 pub struct TransportTuning {
-    /// Bytes one stream may have in flight. Must cover the bandwidth-delay
-    /// product divided by the number of data streams; quinn's 1.25 MB default
-    /// caps one stream at ~67 Mbit/s at 150 ms RTT.
+    /// Bytes one stream may have in flight. Kept at [`STREAM_WINDOW`]: a
+    /// long path is filled with more streams ([`Self::data_streams`]), not
+    /// bigger windows (see there why).
     pub stream_window: u64,
+    /// Data streams a migration opens so that together they cover the
+    /// bandwidth-delay product (each carries at most a stream window per
+    /// round trip, less while it waits for a retransmission).
+    pub data_streams: usize,
     /// Bytes all streams together may have in flight (receive side).
     pub connection_window: u64,
     /// Bytes the sender buffers before `write` waits: the send-side bound on
-    /// memory.
+    /// memory. Must cover the bandwidth-delay product plus what is being
+    /// retransmitted.
     pub send_window: u64,
     /// Silence after which the connection is given up.
     pub idle_timeout: Duration,
     /// Keep-alive so NAT and firewall state survives slow phases.
     pub keep_alive: Duration,
-    /// UDP socket buffer size asked for (the kernel caps it at rmem_max/wmem_max).
+    /// UDP socket buffer size asked for. The kernel caps it at
+    /// net.core.rmem_max/wmem_max unless the process may force it (root).
     pub socket_buffer: usize,
+    pub congestion: Congestion,
+    /// Largest UDP payload MTU discovery probes for. 1472 is a 1500-byte
+    /// Ethernet frame over IPv4; discovery backs off on paths with less,
+    /// and each step up saves per-packet header and encryption costs.
+    pub mtu_upper_bound: u16,
+    /// Round-trip time assumed before the first sample: a long link's
+    /// handshake then does not retransmit spuriously.
+    pub initial_rtt: Duration,
+    /// Congestion window of the first round trip when the path is known
+    /// (measured by `edge-agent link-test` or given by the operator): a
+    /// quarter of its BDP, paced over the first RTT, saves the ~6 round trips
+    /// a standard start needs to get there (a second on a 150 ms path).
+    /// `None` starts from RFC 9002's window.
+    pub initial_window: Option<u64>,
 }
 
 impl Default for TransportTuning {
     fn default() -> Self {
-        TransportTuning {
-            stream_window: 16 << 20,
-            connection_window: 64 << 20,
-            send_window: 64 << 20,
-            idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
-            socket_buffer: 8 << 20,
-        }
+        TransportTuning::for_path(PathEstimate::DEFAULT)
     }
 }
 
 impl TransportTuning {
+    /// Tuning for a path the operator knows (or `link-test` measured): as
+    /// [`Self::for_path`], and starting at a quarter of its BDP.
+    pub fn for_known_path(path: PathEstimate) -> Self {
+        TransportTuning {
+            initial_window: Some((path.bdp() / 4).clamp(14_720, 16 << 20)),
+            ..TransportTuning::for_path(path)
+        }
+    }
+
+    /// Windows and buffers for a path: twice its bandwidth-delay product
+    /// (one BDP in flight while the next is queued, and room for
+    /// retransmissions), within bounds that keep a LAN migration light and a
+    /// 10 Gbit/s intercontinental one under a few hundred MiB.
+    pub fn for_path(path: PathEstimate) -> Self {
+        let window = (2 * path.bdp()).clamp(8 << 20, 256 << 20);
+        // A stream whose head packet is lost buffers everything after it
+        // until the retransmission lands; three windows' worth of streams
+        // keeps the path full while some of them wait.
+        let streams = (3 * path.bdp()).div_ceil(STREAM_WINDOW) + 1;
+        TransportTuning {
+            stream_window: STREAM_WINDOW,
+            data_streams: (streams as usize).clamp(4, MAX_DATA_STREAMS as usize),
+            connection_window: window + (window / 2),
+            send_window: window,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            // Bursts arrive faster than the reader is scheduled: half a BDP
+            // of socket buffer absorbs them without drops.
+            socket_buffer: (path.bdp() / 2).clamp(4 << 20, 64 << 20) as usize,
+            congestion: Congestion::default(),
+            mtu_upper_bound: 1472,
+            initial_rtt: path.rtt.clamp(Duration::from_millis(10), Duration::from_millis(500)),
+            initial_window: None,
+        }
+    }
+
     fn transport_config(&self, max_uni_streams: u32) -> Arc<quinn::TransportConfig> {
         let mut t = quinn::TransportConfig::default();
         let varint = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.mtu_upper_bound);
         t.stream_receive_window(varint(self.stream_window))
             .receive_window(varint(self.connection_window))
             .send_window(self.send_window)
             .max_concurrent_uni_streams(max_uni_streams.into())
-            .max_concurrent_bidi_streams(1u32.into())
+            .max_concurrent_bidi_streams(max_uni_streams.min(5).into()) // control/probe + 4 link-test downloads; edge: 0
             .keep_alive_interval(Some(self.keep_alive))
-            .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok());
+            .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
+            .initial_rtt(self.initial_rtt)
+            .mtu_discovery_config(Some(mtu));
+        match self.congestion {
+            Congestion::Bdp => t.congestion_controller_factory(Arc::new(BdpConfig {
+                initial_window: self.initial_window,
+            })),
+            Congestion::Bbr => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+            Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+            Congestion::NewReno => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+            }
+        };
         Arc::new(t)
     }
 }
@@ -146,12 +312,40 @@ pub fn bind_udp(addr: SocketAddr, tuning: &TransportTuning) -> Result<UdpSocket,
         Some(socket2::Protocol::UDP),
     )
     .map_err(err)?;
-    // Best effort: the kernel clamps to its maximum; a smaller buffer costs
-    // throughput on long links, not correctness.
-    let _ = socket.set_recv_buffer_size(tuning.socket_buffer);
-    let _ = socket.set_send_buffer_size(tuning.socket_buffer);
+    size_socket_buffers(&socket, tuning.socket_buffer);
     socket.bind(&addr.into()).map_err(err)?;
     Ok(socket.into())
+}
+
+/// Asks for `wanted` bytes of UDP buffer each way. The kernel clamps the
+/// plain request at net.core.rmem_max/wmem_max (often 208 KiB to 4 MiB); a
+/// privileged process (root, CAP_NET_ADMIN, as the gateway usually runs in
+/// its container) may go past it. A smaller buffer costs throughput on long
+/// links, not correctness, so shortfalls are reported, not fatal.
+fn size_socket_buffers(socket: &socket2::Socket, wanted: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = socket.set_recv_buffer_size(wanted);
+    let _ = socket.set_send_buffer_size(wanted);
+    // Linux reports twice the usable size (the other half is bookkeeping).
+    let got = |v: std::io::Result<usize>| v.map(|n| n / 2).unwrap_or(0);
+    if got(socket.recv_buffer_size()) < wanted {
+        let _ = setsockopt(socket, sockopt::RcvBufForce, &wanted);
+    }
+    if got(socket.send_buffer_size()) < wanted {
+        let _ = setsockopt(socket, sockopt::SndBufForce, &wanted);
+    }
+    let (rcv, snd) = (got(socket.recv_buffer_size()), got(socket.send_buffer_size()));
+    if rcv < wanted || snd < wanted {
+        tracing::warn!(
+            wanted,
+            receive = rcv,
+            send = snd,
+            "UDP socket buffers are smaller than this path needs; long links may drop bursts. \
+             Run as root, or raise net.core.rmem_max and net.core.wmem_max to {wanted}"
+        );
+    } else {
+        tracing::debug!(receive = rcv, send = snd, "UDP socket buffers");
+    }
 }
 
 fn runtime() -> Arc<dyn quinn::Runtime> {

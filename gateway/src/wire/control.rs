@@ -29,9 +29,9 @@ pub enum EdgeMessage {
     /// `count` consecutive all-zero chunks starting at `offset`: never sent as
     /// data, they stay holes in the destination.
     ZeroChunks { disk: u16, offset: u64, count: u64 },
-    /// Every chunk of the disk has been sent or declared zero; `digest` is the
-    /// SHA-256 over all chunk hashes in offset order (see [`crate::integrity`]).
-    DiskSealed { disk: u16, digest: [u8; 32] },
+    /// Every chunk of the disk has been sent or declared zero; `root` is the
+    /// Merkle root over all chunk hashes in offset order (see [`crate::merkle`]).
+    DiskSealed { disk: u16, root: [u8; 32] },
     /// All disks sealed and acknowledged: register the VM.
     Commit,
     /// The edge gives up; the cloud discards everything of this migration.
@@ -51,8 +51,13 @@ pub enum CloudMessage {
     Acks { disk: u16, offsets: Vec<u64> },
     /// A chunk failed verification and was not written: send it again.
     Nack { disk: u16, offset: u64, reason: String },
-    /// The VM is on disk and registered.
-    Committed { vm_id: String, vm_path: String },
+    /// The VM is on disk and registered. `receipt` is the signed migration
+    /// receipt as JSON (see [`crate::receipt`]), stored by the cloud too.
+    Committed {
+        vm_id: String,
+        vm_path: String,
+        receipt: String,
+    },
 }
 
 /// Why the cloud refused; each code also closes the QUIC connection with the
@@ -67,7 +72,7 @@ pub enum RefusalCode {
     PlanRejected,
     /// The peer broke the protocol.
     ProtocolViolation,
-    /// Data failed verification too often or the disk digest did not match.
+    /// Data failed verification too often or a disk's Merkle root did not match.
     IntegrityFailure,
     /// The endpoint failed (I/O, database) while writing or registering.
     EndpointFailure,
@@ -231,6 +236,36 @@ mod tests {
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(&body);
         assert!(decode::<CloudMessage>(&frame).is_err());
+    }
+
+    #[test]
+    fn the_fuzz_seeds_are_whole_messages_of_todays_encoding() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/control_frame");
+        let mut committed = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            // Other seeds of the target (link-test probes) are checked by their module.
+            let used = if name.starts_with("edge-") {
+                match decode::<EdgeMessage>(&data) {
+                    Ok(Decoded::Frame(_, used)) => used,
+                    other => panic!("{name}: {other:?}"),
+                }
+            } else if name.starts_with("cloud-") {
+                match decode::<CloudMessage>(&data) {
+                    Ok(Decoded::Frame(msg, used)) => {
+                        committed += usize::from(matches!(msg, CloudMessage::Committed { .. }));
+                        used
+                    }
+                    other => panic!("{name}: {other:?}"),
+                }
+            } else {
+                continue;
+            };
+            assert_eq!(used, data.len(), "{name} has trailing bytes");
+        }
+        assert_eq!(committed, 1, "a seed carries a Committed with its receipt");
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //!
 //! Each QUIC stream starts with a [`Preamble`] naming the protocol version and
 //! the stream's role. The control stream then carries length-prefixed
-//! [`control`] messages; data streams carry [`chunk`] frames.
+//! [`control`] messages; data streams carry [`chunk`] frames. A link test's
+//! probe stream carries [`probe`] messages instead.
 
 pub mod chunk;
 pub mod control;
+pub mod probe;
 
 pub use chunk::{ChunkHeader, Encoding, CHUNK_HEADER_LEN};
 pub use control::{CloudMessage, EdgeMessage, RefusalCode, MAX_CONTROL_FRAME};
@@ -47,6 +49,12 @@ pub enum StreamKind {
     Control = 0,
     /// A unidirectional stream of chunk frames.
     Data = 1,
+    /// The first bidirectional stream of a link test (instead of `Control`):
+    /// requests, pings and results as [`probe`] messages.
+    Probe = 2,
+    /// A link test's traffic: upload (unidirectional, edge to cloud) or
+    /// download (bidirectional, opened by the edge, written by the cloud).
+    ProbeData = 3,
 }
 
 /// First bytes of every stream: magic, version, kind.
@@ -83,6 +91,8 @@ impl Preamble {
         let kind = match bytes[6] {
             0 => StreamKind::Control,
             1 => StreamKind::Data,
+            2 => StreamKind::Probe,
+            3 => StreamKind::ProbeData,
             other => return Err(WireError::UnknownStreamKind(other)),
         };
         Ok(Preamble { version, kind })

@@ -56,6 +56,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(vcenter::routes())
         .route("/api/gateway/migrations", get(vcenter::list_migrations))
         .route("/api/gateway/migrations/{migration}", get(vcenter::get_migration))
+        .route("/api/gateway/migrations/{migration}/receipt", get(vcenter::get_receipt))
         .fallback(not_found)
         .method_not_allowed_fallback(operation_not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

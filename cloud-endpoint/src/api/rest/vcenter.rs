@@ -144,3 +144,16 @@ pub async fn get_migration(
 ) -> Answer<crate::inventory::MigrationRecord> {
     one(&state, id, gateway::get_migration).await
 }
+
+/// The stored document as it is, not re-serialized: its bytes are what the edge got, and a
+/// verifier may compare them.
+pub async fn get_receipt(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let signed = blocking(&state.domain, move |d| gateway::get_receipt(d, &id)).await?;
+    Ok(axum::response::IntoResponse::into_response((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        signed,
+    )))
+}

@@ -1,0 +1,463 @@
+//! `edge-agent link-test`: measures the path to a cloud endpoint over the
+//! same QUIC port, TLS identity and trust as a migration, before one runs.
+//!
+//! ```text
+//! probe stream  Request -> Accepted; Ping -> Pong (x N): RTT, jitter
+//! upload        4 uni streams of random bytes for --seconds; the cloud
+//!               counts first..last byte; loss from this side's quinn stats
+//! download      4 bidi streams the edge opens, the cloud writes; counted
+//!               here; loss from the cloud's stats in its result
+//! at the end    quinn's smoothed RTT and path MTU (after discovery)
+//! ```
+//! The arithmetic (statistics, verdict, lift estimate) is in [`stats`] and
+//! [`estimate`], without I/O.
+
+pub mod estimate;
+pub mod report;
+pub mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use gateway::chunk::{Sealer, DEFAULT_ZSTD_LEVEL};
+use gateway::plan::DEFAULT_CHUNK_SIZE;
+use gateway::transport::{self, ControlReader, ControlWriter, TransportError, TransportTuning};
+use gateway::wire::probe::{CloudProbe, EdgeProbe, PathReport, MAX_PROBE_STREAMS};
+use gateway::wire::{Preamble, RefusalCode, StreamKind};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::source::{self, open_source_disk};
+use crate::target::Target;
+use report::{BulkLift, Direction, LinkReport, Mtu, VmReport};
+
+/// Fewest pings: enough for a mean and a jitter worth printing.
+pub const MIN_PINGS: u32 = 20;
+/// Bytes per write of upload data.
+const BLOCK: usize = 256 * 1024;
+/// Pause between pings, so they sample the path over a moment rather than
+/// one burst.
+const PING_GAP: Duration = Duration::from_millis(10);
+/// Longest wait for any single answer of the endpoint beyond the measured time.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct LinkTestOptions {
+    /// Seconds of throughput measurement per direction.
+    pub seconds: u32,
+    /// Application pings (at least [`MIN_PINGS`]).
+    pub pings: u32,
+    /// Traffic streams per direction (1 to 4; a migration uses 4).
+    pub streams: u8,
+    /// A VM (.vmx, .ovf, .ova) whose lift time to estimate on this link.
+    pub vm: Option<PathBuf>,
+    /// This agent's name in the endpoint's logs.
+    pub agent: String,
+    pub tuning: TransportTuning,
+}
+
+impl Default for LinkTestOptions {
+    fn default() -> Self {
+        LinkTestOptions {
+            seconds: 5,
+            pings: MIN_PINGS,
+            streams: MAX_PROBE_STREAMS,
+            vm: None,
+            agent: "edge-agent".into(),
+            tuning: TransportTuning::default(),
+        }
+    }
+}
+
+/// Why a link test did not complete.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkTestError {
+    /// Bad URL, trust options, certificate files or VM (as for `migrate`).
+    #[error(transparent)]
+    Setup(#[from] crate::MigrateError),
+    #[error("{}", describe_refusal(*code, reason))]
+    Refused { code: RefusalCode, reason: String },
+    #[error("{0}")]
+    Transport(TransportError),
+    #[error("the cloud endpoint broke the link-test protocol: {0}; is it running the same version as this agent?")]
+    Protocol(String),
+    #[error("no answer from the cloud endpoint within {0} s while {1}; the path may have stalled")]
+    Timeout(u64, &'static str),
+    #[error("reading the VM's disks for the estimate failed: {0}; the source was not modified")]
+    Read(String),
+}
+
+fn describe_refusal(code: RefusalCode, reason: &str) -> String {
+    let head = match code {
+        RefusalCode::Busy => "the cloud endpoint refused the link test as busy",
+        RefusalCode::NotPermitted => "the cloud endpoint does not allow link tests",
+        RefusalCode::ProtocolViolation => "the cloud endpoint reported a protocol violation",
+        _ => "the cloud endpoint ended the link test",
+    };
+    format!("{head}: {reason}")
+}
+
+impl From<TransportError> for LinkTestError {
+    fn from(e: TransportError) -> Self {
+        // A close with one of our refusal codes is the endpoint's answer.
+        if let TransportError::Connection(quinn::ConnectionError::ApplicationClosed(c)) = &e {
+            if let Some(code) = RefusalCode::from_close_code(c.error_code.into_inner()) {
+                return LinkTestError::Refused {
+                    code,
+                    reason: String::from_utf8_lossy(&c.reason).into_owned(),
+                };
+            }
+        }
+        LinkTestError::Transport(e)
+    }
+}
+
+impl From<crate::source::SourceError> for LinkTestError {
+    fn from(e: crate::source::SourceError) -> Self {
+        LinkTestError::Setup(e.into())
+    }
+}
+
+/// Runs a link test against `target` (its user and password are not used: the
+/// edge certificate authenticates a link test, which touches nothing in the
+/// cloud domain).
+pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, LinkTestError> {
+    // The VM first: a typo in its path should not cost a measurement.
+    let vm = match &opts.vm {
+        Some(path) => {
+            let vm = source::open_vm(path)?;
+            let disks = tokio::task::spawn_blocking({
+                let vm = vm.clone();
+                move || sample_vm(&vm)
+            })
+            .await
+            .map_err(|e| LinkTestError::Read(e.to_string()))??;
+            Some((vm.name, disks))
+        }
+        None => None,
+    };
+
+    let crypto = transport::client_crypto(target.identity.clone(), target.trust.clone())?;
+    let bind: SocketAddr = if target.addr.is_ipv6() {
+        "[::]:0".parse().expect("literal")
+    } else {
+        "0.0.0.0:0".parse().expect("literal")
+    };
+    let endpoint = transport::client_endpoint(bind, crypto, &opts.tuning)?;
+    let conn = transport::connect(&endpoint, target.addr, &target.server_name).await?;
+    tracing::info!(endpoint = %target.addr, "connected for a link test");
+    let result = measure(&conn, opts).await;
+    match &result {
+        Ok(_) => conn.close(0u32.into(), b"link test done"),
+        Err(LinkTestError::Refused { .. }) => {}
+        Err(e) => transport::close(&conn, RefusalCode::Aborted, &e.to_string()),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let m = result?;
+
+    let upload_mbit_s = m.upload.mbit_s;
+    let vm = vm.map(|(name, disks)| {
+        let estimate = estimate::estimate(&disks, upload_mbit_s, m.wire_overhead, estimate::CORES);
+        VmReport { name, disks, estimate }
+    });
+    Ok(LinkReport {
+        endpoint: m.endpoint,
+        address: target.addr.to_string(),
+        upload_secs: m.upload_secs,
+        download_secs: m.download_secs,
+        streams: m.streams,
+        clamped: m.clamped,
+        live_migration: stats::live_migration(m.rtt.mean_ms, upload_mbit_s),
+        bulk_lift: BulkLift {
+            pass: true,
+            secs_per_100_gib: report::secs_per_100_gib(upload_mbit_s),
+        },
+        rtt: m.rtt,
+        quinn_smoothed_rtt_ms: m.smoothed_rtt.as_secs_f64() * 1e3,
+        upload: m.upload,
+        download: m.download,
+        mtu: Mtu {
+            udp_payload: m.mtu,
+            ip_mtu: stats::ip_mtu(m.mtu, target.addr.is_ipv6()),
+            ip_version: if target.addr.is_ipv6() { 6 } else { 4 },
+        },
+        wire_overhead: m.wire_overhead,
+        vm,
+    })
+}
+
+/// Samples every disk of `vm` as [`estimate::sample_disk`] does.
+fn sample_vm(vm: &source::SourceVm) -> Result<Vec<estimate::DiskSample>, LinkTestError> {
+    let mut sealer = Sealer::new(DEFAULT_ZSTD_LEVEL).map_err(|e| LinkTestError::Read(e.to_string()))?;
+    let mut out = Vec::with_capacity(vm.disks.len());
+    for d in &vm.disks {
+        let reader = open_source_disk(d)?;
+        let sample = estimate::sample_disk(
+            &d.key,
+            reader.as_ref(),
+            u64::from(DEFAULT_CHUNK_SIZE),
+            estimate::MAX_SAMPLES,
+            &mut sealer,
+        )
+        .map_err(|e| LinkTestError::Read(format!("{}: {e}", d.path.display())))?;
+        out.push(sample);
+    }
+    Ok(out)
+}
+
+/// What the connection measured, before the verdicts.
+struct Measured {
+    endpoint: String,
+    upload_secs: u32,
+    download_secs: u32,
+    streams: u8,
+    clamped: Vec<String>,
+    rtt: stats::RttStats,
+    smoothed_rtt: Duration,
+    upload: Direction,
+    download: Direction,
+    mtu: u16,
+    wire_overhead: f64,
+}
+
+/// The probe stream: framed like the control stream.
+struct Probe {
+    writer: ControlWriter,
+    reader: ControlReader,
+}
+
+impl Probe {
+    async fn open(conn: &quinn::Connection) -> Result<Probe, LinkTestError> {
+        let (mut send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
+        send.write_all(&Preamble::new(StreamKind::Probe).encode())
+            .await
+            .map_err(write_error)?;
+        Ok(Probe {
+            writer: ControlWriter::open(send, false).await?,
+            reader: ControlReader::open(recv, false).await?,
+        })
+    }
+
+    async fn send(&mut self, msg: &EdgeProbe) -> Result<(), LinkTestError> {
+        Ok(self.writer.send(msg).await?)
+    }
+
+    async fn recv(&mut self, timeout: Duration, doing: &'static str) -> Result<CloudProbe, LinkTestError> {
+        match tokio::time::timeout(timeout, self.reader.recv::<CloudProbe>()).await {
+            Err(_) => Err(LinkTestError::Timeout(timeout.as_secs(), doing)),
+            Ok(Err(e)) => Err(e.into()),
+            Ok(Ok(Some(msg))) => Ok(msg),
+            Ok(Ok(None)) => Err(LinkTestError::Protocol(format!("the probe stream ended while {doing}"))),
+        }
+    }
+}
+
+fn write_error(e: quinn::WriteError) -> LinkTestError {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => TransportError::Connection(c).into(),
+        other => LinkTestError::Protocol(format!("a stream was refused: {other}")),
+    }
+}
+
+fn unexpected(msg: &CloudProbe, doing: &str) -> LinkTestError {
+    LinkTestError::Protocol(format!("unexpected {msg:?} while {doing}"))
+}
+
+async fn measure(conn: &quinn::Connection, opts: &LinkTestOptions) -> Result<Measured, LinkTestError> {
+    let mut probe = Probe::open(conn).await?;
+    probe
+        .send(&EdgeProbe::Request {
+            agent: opts.agent.clone(),
+            upload_secs: opts.seconds,
+            download_secs: opts.seconds,
+            streams: opts.streams,
+        })
+        .await?;
+    let (endpoint, upload_secs, download_secs, streams, clamped) = match probe
+        .recv(ANSWER_TIMEOUT, "waiting for the link test to be accepted")
+        .await?
+    {
+        CloudProbe::Accepted {
+            endpoint,
+            upload_secs,
+            download_secs,
+            streams,
+            clamped,
+        } => (endpoint, upload_secs, download_secs, streams, clamped),
+        other => return Err(unexpected(&other, "waiting for the link test to be accepted")),
+    };
+    if streams == 0 || streams > MAX_PROBE_STREAMS {
+        return Err(LinkTestError::Protocol(format!(
+            "the endpoint granted {streams} streams"
+        )));
+    }
+
+    // RTT: sequential pings, each echoed at once by the endpoint.
+    let base = Instant::now();
+    let mut rtts = Vec::with_capacity(opts.pings.max(MIN_PINGS) as usize);
+    for seq in 0..opts.pings.max(MIN_PINGS) {
+        let sent_micros = base.elapsed().as_micros() as u64;
+        probe.send(&EdgeProbe::Ping { seq, sent_micros }).await?;
+        match probe.recv(ANSWER_TIMEOUT, "waiting for a ping's echo").await? {
+            CloudProbe::Pong { seq: s, sent_micros: t } if s == seq && t == sent_micros => {
+                rtts.push(base.elapsed().saturating_sub(Duration::from_micros(t)));
+            }
+            other => return Err(unexpected(&other, "waiting for a ping's echo")),
+        }
+        tokio::time::sleep(PING_GAP).await;
+    }
+    let rtt = stats::rtt_stats(&rtts).expect("at least MIN_PINGS pings");
+
+    // Upload: the endpoint counts; this side's stats give the losses.
+    let before = conn.stats();
+    // Random bytes: nothing on the path (a WAN optimizer, a compressing VPN)
+    // can make them smaller, so the rate is the link's.
+    let mut block = vec![0u8; BLOCK];
+    SystemRandom::new()
+        .fill(&mut block)
+        .map_err(|_| LinkTestError::Protocol("the system random source failed".into()))?;
+    let block: Arc<[u8]> = block.into();
+    let deadline = Instant::now() + Duration::from_secs(upload_secs.into());
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        let mut send = conn.open_uni().await.map_err(TransportError::from)?;
+        let block = block.clone();
+        writers.spawn(async move {
+            send.write_all(&Preamble::new(StreamKind::ProbeData).encode()).await?;
+            while Instant::now() < deadline {
+                send.write_all(&block).await?;
+            }
+            let _ = send.finish();
+            // Until the endpoint acknowledged everything: then the phase's
+            // losses are counted.
+            let _ = send.stopped().await;
+            Ok::<_, quinn::WriteError>(())
+        });
+    }
+    let answer = probe
+        .recv(
+            Duration::from_secs(upload_secs.into()) + ANSWER_TIMEOUT,
+            "waiting for the upload's result",
+        )
+        .await;
+    // A stream the endpoint stopped for running late is not an error.
+    while let Some(r) = writers.join_next().await {
+        match r {
+            Ok(Ok(())) | Ok(Err(quinn::WriteError::Stopped(_))) => {}
+            Ok(Err(e)) => return Err(write_error(e)),
+            Err(e) => return Err(LinkTestError::Protocol(e.to_string())),
+        }
+    }
+    let (up_bytes, up_micros, cut) = match answer? {
+        CloudProbe::UploadResult { bytes, micros, cut } => (bytes, micros, cut),
+        other => return Err(unexpected(&other, "waiting for the upload's result")),
+    };
+    let after = conn.stats();
+    let up_sent = after.path.sent_packets.saturating_sub(before.path.sent_packets);
+    let up_lost = after.path.lost_packets.saturating_sub(before.path.lost_packets);
+    let udp_bytes = after.udp_tx.bytes.saturating_sub(before.udp_tx.bytes);
+    let wire_overhead = if up_bytes > 0 {
+        udp_bytes as f64 / up_bytes as f64
+    } else {
+        1.0
+    };
+    let upload = direction(up_bytes, up_micros, up_sent, up_lost, cut);
+
+    // Download: the endpoint writes on bidi streams this side opens (the edge
+    // accepts no streams); counted here, losses from the endpoint's stats.
+    probe.send(&EdgeProbe::DownloadStart).await?;
+    let counted = Arc::new(Counted::default());
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(TransportError::from)?;
+        send.write_all(&Preamble::new(StreamKind::ProbeData).encode())
+            .await
+            .map_err(write_error)?;
+        let _ = send.finish();
+        let counted = counted.clone();
+        readers.spawn(async move {
+            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+                counted.add(chunk.bytes.len() as u64);
+            }
+            Ok::<_, quinn::ReadError>(())
+        });
+    }
+    let answer = probe
+        .recv(
+            Duration::from_secs(download_secs.into()) + ANSWER_TIMEOUT,
+            "waiting for the download's result",
+        )
+        .await?;
+    while let Some(r) = readers.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(quinn::ReadError::ConnectionLost(c))) => return Err(TransportError::Connection(c).into()),
+            Ok(Err(e)) => return Err(LinkTestError::Protocol(format!("a download stream failed: {e}"))),
+            Err(e) => return Err(LinkTestError::Protocol(e.to_string())),
+        }
+    }
+    let path: PathReport = match answer {
+        CloudProbe::DownloadResult { path, .. } => path,
+        other => return Err(unexpected(&other, "waiting for the download's result")),
+    };
+    let (down_bytes, down_micros) = counted.total();
+    let download = direction(down_bytes, down_micros, path.sent_packets, path.lost_packets, false);
+
+    probe.send(&EdgeProbe::Done).await?;
+    probe.writer.finish();
+    let end = conn.stats();
+    Ok(Measured {
+        endpoint,
+        upload_secs,
+        download_secs,
+        streams,
+        clamped,
+        rtt,
+        smoothed_rtt: conn.rtt(),
+        upload,
+        download,
+        mtu: end.path.current_mtu,
+        wire_overhead,
+    })
+}
+
+fn direction(bytes: u64, micros: u64, sent: u64, lost: u64, cut: bool) -> Direction {
+    Direction {
+        bytes,
+        secs: micros as f64 / 1e6,
+        mbit_s: stats::mbit_per_s(bytes, micros),
+        sent_packets: sent,
+        lost_packets: lost,
+        loss_percent: stats::loss_percent(lost, sent),
+        cut,
+    }
+}
+
+/// Bytes received on several streams, from the first to the last byte.
+#[derive(Debug, Default)]
+struct Counted {
+    first: OnceLock<Instant>,
+    last_and_bytes: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Counted {
+    fn add(&self, n: u64) {
+        let now = Instant::now();
+        self.first.get_or_init(|| now);
+        let mut g = self.last_and_bytes.lock().expect("counter lock");
+        g.0 = Some(now);
+        g.1 += n;
+    }
+
+    fn total(&self) -> (u64, u64) {
+        let g = self.last_and_bytes.lock().expect("counter lock");
+        let micros = match (self.first.get(), g.0) {
+            (Some(first), Some(last)) => last.duration_since(*first).as_micros() as u64,
+            _ => 0,
+        };
+        (g.1, micros)
+    }
+}
