@@ -125,6 +125,12 @@ impl LinkReport {
             fmt_duration(self.bulk_lift.secs_per_100_gib),
             fmt_rate(u.mbit_s)
         ));
+        // What `migrate` should size its windows and first round trip for.
+        line(format!(
+            "for migrate on this link: --link-rate {}mbit --link-rtt {}ms",
+            u.mbit_s.round().max(1.0),
+            self.rtt.min_ms.ceil().max(1.0)
+        ));
         if let Some(vm) = &self.vm {
             let e = &vm.estimate;
             line(format!(
