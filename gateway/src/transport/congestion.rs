@@ -36,6 +36,8 @@ pub const HEAVY_LOSS: f64 = 0.05;
 const HEAVY_LOSS_MIN_PACKETS: u64 = 5;
 /// In-flight target as a multiple of the BDP.
 const WINDOW_GAIN: f64 = 1.5;
+/// Worst spacing of ack bursts the window absorbs on short paths.
+const ACK_AGGREGATION: Duration = Duration::from_millis(2);
 /// Rounds the bandwidth filter remembers.
 const BW_ROUNDS: usize = 10;
 /// Startup ends when the bandwidth grew less than this over
@@ -79,6 +81,7 @@ pub struct BdpController {
     plateau_bw: f64,
     plateau_rounds: u32,
     min_rtt: Duration,
+    srtt: Duration,
     /// Upper bound on the window learned from heavy loss: a bottleneck
     /// buffer shallower than half a BDP overflows below the target.
     cap: u64,
@@ -100,6 +103,7 @@ impl BdpController {
             plateau_bw: 0.0,
             plateau_rounds: 0,
             min_rtt: Duration::ZERO,
+            srtt: Duration::ZERO,
             cap: u64::MAX,
         }
     }
@@ -123,8 +127,15 @@ impl BdpController {
     }
 
     fn target(&self) -> u64 {
-        // A few packets on top absorb ack aggregation on short paths.
-        ((self.bdp() as f64 * WINDOW_GAIN) as u64 + 4 * self.mtu)
+        let bw = self.bandwidth();
+        // On short paths the RTT is mostly the hosts' own processing, and
+        // acks come in bursts up to a few milliseconds apart (interrupt
+        // coalescing, scheduling): the minimum RTT then understates what must
+        // be in flight. The smoothed RTT and two milliseconds of the rate
+        // cover that; on a long path they add next to nothing.
+        let model = (self.bdp() as f64 * WINDOW_GAIN).max(bw * self.srtt.as_secs_f64());
+        let aggregation = bw * ACK_AGGREGATION.as_secs_f64();
+        ((model + aggregation) as u64 + 4 * self.mtu)
             .min(self.cap)
             .max(self.min_window())
     }
@@ -141,6 +152,7 @@ impl BdpController {
         min_rtt: Duration,
     ) {
         self.min_rtt = min_rtt;
+        self.srtt = srtt;
         self.round_acked += bytes;
         self.round_app_limited |= app_limited;
         if self.startup && !app_limited {
@@ -319,7 +331,8 @@ mod tests {
             dropped += send - accepted;
             queued += accepted;
             if send > accepted {
-                pipe.push_back((now + min_rtt * 2, send - accepted, true));
+                // Reported lost when the packets behind it are acked: one RTT on.
+                pipe.push_back((now + min_rtt, send - accepted, true));
             }
             let served = queued.min(rate / 1000.0);
             queued -= served;
