@@ -68,6 +68,38 @@ struct VerifyReceiptArgs {
     thumbprint: Option<String>,
 }
 
+/// Mutual TLS with the endpoint: how the agent trusts it (a CA, a pinned
+/// thumbprint, or both) and proves who it is; the same for every command
+/// that connects.
+#[derive(Args)]
+struct TlsArgs {
+    /// CA bundle (PEM) that issued the endpoint's certificate.
+    #[arg(long, env = "EDGE_AGENT_CA_BUNDLE")]
+    ca_bundle: Option<PathBuf>,
+    /// The endpoint certificate's SHA-256 thumbprint to pin (AA:BB:...).
+    #[arg(long, env = "EDGE_AGENT_THUMBPRINT")]
+    thumbprint: Option<String>,
+    /// This agent's client certificate (PEM), issued by the CA the endpoint trusts.
+    #[arg(long, env = "EDGE_AGENT_CERT")]
+    cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long, env = "EDGE_AGENT_KEY")]
+    key: PathBuf,
+}
+
+impl TlsArgs {
+    fn trust(&self) -> anyhow::Result<gateway::transport::ServerTrust> {
+        Ok(target::server_trust(
+            self.ca_bundle.as_deref(),
+            self.thumbprint.as_deref(),
+        )?)
+    }
+
+    fn identity(&self) -> anyhow::Result<gateway::transport::Identity> {
+        Ok(target::identity(&self.cert, &self.key)?)
+    }
+}
+
 #[derive(Args)]
 struct MigrateArgs {
     /// The VM: its .vmx file, or an OVF descriptor (.ovf) or OVA archive (.ova).
@@ -82,18 +114,8 @@ struct MigrateArgs {
     /// Password of that user; prefer the environment variable over the command line.
     #[arg(long, env = "EDGE_AGENT_PASSWORD", hide_env_values = true)]
     password: String,
-    /// CA bundle (PEM) that issued the endpoint's certificate.
-    #[arg(long, env = "EDGE_AGENT_CA_BUNDLE")]
-    ca_bundle: Option<PathBuf>,
-    /// The endpoint certificate's SHA-256 thumbprint to pin (AA:BB:...).
-    #[arg(long, env = "EDGE_AGENT_THUMBPRINT")]
-    thumbprint: Option<String>,
-    /// This agent's client certificate (PEM), issued by the CA the endpoint trusts.
-    #[arg(long, env = "EDGE_AGENT_CERT")]
-    cert: PathBuf,
-    /// Its private key (PEM).
-    #[arg(long, env = "EDGE_AGENT_KEY")]
-    key: PathBuf,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Name of the VM in the cloud (default: its displayName).
     #[arg(long)]
     name: Option<String>,
@@ -279,8 +301,8 @@ async fn migrate_cmd(a: MigrateArgs) -> anyhow::Result<()> {
         server_name: host,
         user: a.user,
         password: a.password,
-        trust: target::server_trust(a.ca_bundle.as_deref(), a.thumbprint.as_deref())?,
-        identity: target::identity(&a.cert, &a.key)?,
+        trust: a.tls.trust()?,
+        identity: a.tls.identity()?,
     };
     // A cap below the link rate needs no more window than the cap fills.
     let capped = |rate: u64| rate.min(a.max_rate.map_or(u64::MAX, |r| r.bps()));
@@ -392,18 +414,8 @@ struct LinkTestArgs {
     /// The cloud endpoint: quic://HOST[:PORT] (port 4433 by default), as for `migrate`.
     #[arg(long, env = "EDGE_AGENT_URL")]
     url: String,
-    /// CA bundle (PEM) that issued the endpoint's certificate.
-    #[arg(long, env = "EDGE_AGENT_CA_BUNDLE")]
-    ca_bundle: Option<PathBuf>,
-    /// The endpoint certificate's SHA-256 thumbprint to pin (AA:BB:...).
-    #[arg(long, env = "EDGE_AGENT_THUMBPRINT")]
-    thumbprint: Option<String>,
-    /// This agent's client certificate (PEM), issued by the CA the endpoint trusts.
-    #[arg(long, env = "EDGE_AGENT_CERT")]
-    cert: PathBuf,
-    /// Its private key (PEM).
-    #[arg(long, env = "EDGE_AGENT_KEY")]
-    key: PathBuf,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Seconds of throughput measurement per direction (the endpoint may clamp it).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
     seconds: u32,
@@ -411,7 +423,7 @@ struct LinkTestArgs {
     #[arg(long, default_value_t = edge_agent::linktest::MIN_PINGS,
           value_parser = clap::value_parser!(u32).range(i64::from(edge_agent::linktest::MIN_PINGS)..=1000))]
     pings: u32,
-    /// Traffic streams per direction (a migration uses 4).
+    /// Traffic streams per direction (a migration opens 4 to 16, to cover the path).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=4))]
     streams: u8,
     /// A VM (.vmx, .ovf or .ova) whose lift time over this link to estimate.
@@ -433,8 +445,8 @@ async fn link_test_cmd(a: LinkTestArgs) -> anyhow::Result<()> {
         // A link test is authenticated by the edge certificate alone.
         user: String::new(),
         password: String::new(),
-        trust: target::server_trust(a.ca_bundle.as_deref(), a.thumbprint.as_deref())?,
-        identity: target::identity(&a.cert, &a.key)?,
+        trust: a.tls.trust()?,
+        identity: a.tls.identity()?,
     };
     let opts = edge_agent::linktest::LinkTestOptions {
         seconds: a.seconds,

@@ -21,7 +21,6 @@
 //! adaptive zstd level ([`crate::compression`]).
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -242,14 +241,7 @@ pub async fn run(
     let disks = Arc::new(disks);
     let total = plan.logical_bytes();
 
-    let crypto = transport::client_crypto(target.identity.clone(), target.trust.clone())?;
-    let bind: SocketAddr = if target.addr.is_ipv6() {
-        "[::]:0".parse().expect("literal")
-    } else {
-        "0.0.0.0:0".parse().expect("literal")
-    };
-    let endpoint = transport::client_endpoint(bind, crypto, &opts.tuning)?;
-    let conn = transport::connect(&endpoint, target.addr, &target.server_name).await?;
+    let (endpoint, conn) = target.connect(&opts.tuning).await?;
     tracing::info!(endpoint = %target.addr, "connected");
 
     let session = SenderSession::new(

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use certs::Thumbprint;
-use gateway::transport::{Identity, ServerTrust};
+use gateway::transport::{self, Identity, ServerTrust, TransportError, TransportTuning};
 
 use crate::MigrateError;
 
@@ -23,6 +23,26 @@ pub struct Target {
     pub password: String,
     pub trust: ServerTrust,
     pub identity: Identity,
+}
+
+impl Target {
+    /// A QUIC endpoint on a fresh UDP socket and a connection to the target
+    /// with the handshake done: the edge always initiates, so only the
+    /// cloud's UDP port must be reachable.
+    pub async fn connect(
+        &self,
+        tuning: &TransportTuning,
+    ) -> Result<(quinn::Endpoint, quinn::Connection), TransportError> {
+        let crypto = transport::client_crypto(self.identity.clone(), self.trust.clone())?;
+        let bind: SocketAddr = if self.addr.is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        let endpoint = transport::client_endpoint(bind, crypto, tuning)?;
+        let conn = transport::connect(&endpoint, self.addr, &self.server_name).await?;
+        Ok((endpoint, conn))
+    }
 }
 
 /// Splits `quic://host:port`, `host:port` or `host` into host and port.

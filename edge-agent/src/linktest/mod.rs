@@ -16,7 +16,6 @@ pub mod estimate;
 pub mod report;
 pub mod stats;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -49,7 +48,7 @@ pub struct LinkTestOptions {
     pub seconds: u32,
     /// Application pings (at least [`MIN_PINGS`]).
     pub pings: u32,
-    /// Traffic streams per direction (1 to 4; a migration uses 4).
+    /// Traffic streams per direction (1 to 4; a migration opens 4 to 16, to cover the path).
     pub streams: u8,
     /// A VM (.vmx, .ovf, .ova) whose lift time to estimate on this link.
     pub vm: Option<PathBuf>,
@@ -140,14 +139,7 @@ pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, 
         None => None,
     };
 
-    let crypto = transport::client_crypto(target.identity.clone(), target.trust.clone())?;
-    let bind: SocketAddr = if target.addr.is_ipv6() {
-        "[::]:0".parse().expect("literal")
-    } else {
-        "0.0.0.0:0".parse().expect("literal")
-    };
-    let endpoint = transport::client_endpoint(bind, crypto, &opts.tuning)?;
-    let conn = transport::connect(&endpoint, target.addr, &target.server_name).await?;
+    let (endpoint, conn) = target.connect(&opts.tuning).await?;
     tracing::info!(endpoint = %target.addr, "connected for a link test");
     let result = measure(&conn, opts).await;
     match &result {
