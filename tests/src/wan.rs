@@ -236,19 +236,27 @@ pub fn bin_dir() -> PathBuf {
 }
 
 /// Makes sure the release binaries of the workspace (`edge-agent`, `cloud-endpoint`,
-/// ...) are built and current, and returns their directory. `cargo test` builds only the
-/// binaries of the packages whose integration tests need them, so this runs
-/// `cargo build --workspace --tests --bins`: the same package and target selection as
-/// `cargo nextest run --workspace` (hence the same feature resolution, nothing rebuilt),
-/// plus the binaries; a no-op when they are up to date.
+/// `certs`, `wan-relay`) are built and current, and returns their directory. `cargo test`
+/// builds only the binaries of packages whose own integration tests need them, so the
+/// binaries may be missing or older than the libraries this test was built from.
+/// Binaries newer than this test executable are current (CI builds them right after the
+/// test executables); otherwise `cargo build --workspace` (the demo's build) brings them up to date.
 pub fn ensure_binaries() -> PathBuf {
     let dir = bin_dir();
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let test_exe = std::env::current_exe().ok().and_then(|e| modified(&e));
+    let current = ["edge-agent", "cloud-endpoint", "certs", "wan-relay"]
+        .iter()
+        .all(|b| matches!((modified(&dir.join(b)), test_exe), (Some(bin), Some(exe)) if bin >= exe));
+    if current {
+        return dir;
+    }
     let release = dir.file_name() == Some(OsStr::new("release"));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     // The same build as the demo's (and CI's, before the tests), so this is
     // a no-op there; `--tests` would unify features differently and rebuild.
-    cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+    cmd.args(["build", "--quiet", "--workspace"]);
     if release {
         cmd.arg("--release");
     }
