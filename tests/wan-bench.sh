@@ -247,7 +247,7 @@ lift() { # rate loss rtt
   "$wan" exec onprem timeout "$BENCH_LIFT_TIMEOUT" "$bin/edge-agent" migrate --vmx "$tmp/vm/bench.vmx" \
     --url quic://10.77.2.2:4433 --user migrator@cloud.local --password 'VMware1!Cloud' \
     --ca-bundle "$tmp/pki/ca.pem" --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" \
-    --name "$name" --link-rate "$1" --link-rtt "$((2 * BENCH_DELAY_MS))ms" \
+    --name "$name" --link-rate "$1" --link-rtt "$((2 * BENCH_DELAY_MS))ms" --receipt "$tmp/$name.receipt.json" \
     --json >"$out" 2>"$tmp/lift.$lift_n.log" || rc=$?
   t1=$(now)
   local wall rx summary

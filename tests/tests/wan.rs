@@ -117,6 +117,8 @@ fn lift_across_an_emulated_wan_link() {
             .arg(pki.path("edge.pem"))
             .arg("--key")
             .arg(pki.path("edge.key"))
+            .arg("--receipt")
+            .arg(dir.path().join("wanvm.receipt.json"))
             .arg("--json"),
         Duration::from_secs(120),
     );
