@@ -261,6 +261,16 @@ pub fn ensure_binaries() -> PathBuf {
         cmd.arg("--release");
     }
     cmd.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    // Not the test's environment: cargo and nextest set CARGO_*, LD_LIBRARY_PATH and
+    // NEXTEST_* for a test, and build scripts that watch them would see another build
+    // than the demo's and CI's, and rebuild (then the demo would rebuild again).
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        let keep = k == "CARGO_HOME" || k == "CARGO_TARGET_DIR";
+        if !keep && (k.starts_with("CARGO_") || k.starts_with("NEXTEST") || k == "LD_LIBRARY_PATH" || k == "OUT_DIR") {
+            cmd.env_remove(&key);
+        }
+    }
     let status = cmd.status().expect("running cargo build");
     assert!(status.success(), "cargo build --workspace --bins failed: {status}");
     dir
