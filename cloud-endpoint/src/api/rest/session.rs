@@ -71,10 +71,15 @@ pub async fn delete(State(state): State<ApiState>, Extension(ctx): Extension<Ses
 
 /// RFC 3339 in UTC with milliseconds, as vCenter writes times (`2024-05-01T10:00:00.123Z`).
 fn rfc3339_millis(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    let t = t.replace_nanosecond(t.millisecond() as u32 * 1_000_000).unwrap_or(t);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+    // A fixed three-digit fraction: the well-known RFC 3339 formatter trims
+    // trailing zeros (`.060` becomes `.06`), which clients parsing a fixed
+    // width reject.
+    const FORMAT: &[time::format_description::FormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.to_offset(time::UtcOffset::UTC)
+        .format(FORMAT)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
 }
 
 #[cfg(test)]
@@ -88,5 +93,10 @@ mod tests {
             .unwrap()
             .to_offset(time::UtcOffset::from_hms(2, 0, 0).unwrap());
         assert_eq!(rfc3339_millis(t), "2024-05-01T08:00:00.123Z");
+        // Trailing zeros of the fraction are kept: always three digits.
+        let t = OffsetDateTime::from_unix_timestamp_nanos(1_714_550_400_060_000_000).unwrap();
+        assert_eq!(rfc3339_millis(t), "2024-05-01T08:00:00.060Z");
+        let t = OffsetDateTime::from_unix_timestamp(1_714_550_400).unwrap();
+        assert_eq!(rfc3339_millis(t), "2024-05-01T08:00:00.000Z");
     }
 }
