@@ -81,12 +81,23 @@ pub fn receiver(data: &[u8]) {
                 }
             }
             2 => session.handle_timeout(now + Duration::from_secs(u64::from(tag))),
+            // The driver's periodic sync: what was written becomes acknowledged.
+            3 => {
+                let batch = session.take_unsynced();
+                session.synced(&batch);
+            }
             _ => {}
         }
         while let Some(event) = session.poll_event() {
             match event {
                 ReceiverEvent::Authenticate { .. } => session.authenticated(Ok("Administrator".into()), "fuzz"),
                 ReceiverEvent::ValidatePlan(_) => session.plan_accepted("migration-1".into(), "ds".into()),
+                // A journal naming chunks inside and outside the plan.
+                ReceiverEvent::ValidateResume { migration_id, .. } => session.resume_accepted(
+                    migration_id,
+                    "ds".into(),
+                    &[(0, 0, [1; 32]), (0, 1 << 40, [2; 32]), (9, 3, [3; 32])],
+                ),
                 ReceiverEvent::Finalize => session.finalized(Ok(crate::protocol::Registered {
                     vm_id: "vm-1".into(),
                     vm_path: "[ds] x/x.vmx".into(),

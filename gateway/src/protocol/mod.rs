@@ -32,8 +32,8 @@ mod sender;
 #[cfg(test)]
 mod tests;
 
-pub use receiver::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession, Registered};
-pub use sender::{SenderConfig, SenderEvent, SenderSession};
+pub use receiver::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession, Registered, Unsynced};
+pub use sender::{SenderConfig, SenderEvent, SenderSession, Work};
 
 use crate::wire::{RefusalCode, WireError};
 

@@ -42,6 +42,13 @@ pub enum ReceiverEvent {
     /// Check the plan against the domain and prepare the staging area; answer
     /// with [`ReceiverSession::plan_accepted`] or [`ReceiverSession::refuse`].
     ValidatePlan(MigrationPlan),
+    /// Check that this edge may continue `migration_id` with this (unchanged)
+    /// plan, reopen its staged files and read its journal; answer with
+    /// [`ReceiverSession::resume_accepted`] or [`ReceiverSession::refuse`].
+    ValidateResume {
+        migration_id: String,
+        plan: MigrationPlan,
+    },
     /// Every disk is complete and its Merkle root matches the edge's: make the
     /// files durable, register the VM with a receipt stating the roots
     /// ([`ReceiverSession::disk_roots`]), then answer with
@@ -88,6 +95,25 @@ impl Phase {
     }
 }
 
+/// Chunks verified and written but not yet known to be durable: the driver
+/// syncs the disk files, records them in its journal, then reports them with
+/// [`ReceiverSession::synced`]. Only then are data chunks acknowledged, so an
+/// acknowledgement always means "on disk": after any break the edge re-sends
+/// exactly what was not acknowledged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unsynced {
+    /// (disk, offset, plaintext SHA-256).
+    pub chunks: Vec<(u16, u64, [u8; 32])>,
+    /// (disk, first offset, count) of runs the edge declared zero.
+    pub zero_runs: Vec<(u16, u64, u64)>,
+}
+
+impl Unsynced {
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty() && self.zero_runs.is_empty()
+    }
+}
+
 /// What the driver reports once the VM is registered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
@@ -120,6 +146,10 @@ pub struct ReceiverSession {
     outbox: VecDeque<CloudMessage>,
     events: VecDeque<ReceiverEvent>,
     bytes_written: u64,
+    unsynced: Unsynced,
+    /// The migration was paused (storage full, write error): what arrived is
+    /// kept for a resume instead of discarded.
+    paused: bool,
 }
 
 impl ReceiverSession {
@@ -135,7 +165,17 @@ impl ReceiverSession {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             bytes_written: 0,
+            unsynced: Unsynced::default(),
+            paused: false,
         }
+    }
+
+    /// Whether what was staged must be kept for a resume when the connection
+    /// ends now: the plan was accepted, and the migration neither committed
+    /// nor was refused or aborted (a lost link, a killed edge), or it was
+    /// paused on purpose ([`Self::pause`]).
+    pub fn is_resumable(&self) -> bool {
+        matches!(self.phase, Phase::Streaming) || (self.phase == Phase::Failed && self.paused)
     }
 
     /// The accepted plan, once there is one.
@@ -192,6 +232,18 @@ impl ReceiverSession {
                 self.events.push_back(ReceiverEvent::ValidatePlan(plan.clone()));
                 self.plan = Some(plan);
             }
+            EdgeMessage::Resume { migration_id, plan } => {
+                if self.phase != Phase::AwaitPlan {
+                    return Err(self.unexpected("Resume"));
+                }
+                plan.check_limits()?;
+                self.phase = Phase::Validating;
+                self.events.push_back(ReceiverEvent::ValidateResume {
+                    migration_id,
+                    plan: plan.clone(),
+                });
+                self.plan = Some(plan);
+            }
             EdgeMessage::ZeroChunks { disk, offset, count } => {
                 if self.phase != Phase::Streaming {
                     return Err(self.unexpected("ZeroChunks"));
@@ -226,6 +278,7 @@ impl ReceiverSession {
                     }
                     d.hashes.set(index, zero);
                 }
+                self.unsynced.zero_runs.push((disk, offset, count));
             }
             EdgeMessage::DiskSealed { disk, root } => {
                 if self.phase != Phase::Streaming {
@@ -299,11 +352,7 @@ impl ReceiverSession {
         }
     }
 
-    /// The driver validated the plan and staged its files: data may flow.
-    pub fn plan_accepted(&mut self, migration_id: String, datastore: String) {
-        if self.phase != Phase::Validating {
-            return;
-        }
+    fn start_streaming(&mut self) {
         let plan = self.plan.as_ref().expect("validating has a plan");
         self.disks = plan
             .vm
@@ -317,10 +366,77 @@ impl ReceiverSession {
             })
             .collect();
         self.phase = Phase::Streaming;
+    }
+
+    /// The driver validated the plan and staged its files: data may flow.
+    pub fn plan_accepted(&mut self, migration_id: String, datastore: String) {
+        if self.phase != Phase::Validating {
+            return;
+        }
+        self.start_streaming();
         self.outbox.push_back(CloudMessage::PlanAccepted {
             migration_id,
             datastore,
         });
+    }
+
+    /// The driver reopened a migration's staged files; `durable` is what its
+    /// journal holds: (disk, chunk index, plaintext hash), zero chunks with
+    /// their zero hash. Entries outside the plan are ignored (the journal is
+    /// checked when read; this only keeps the session's invariants).
+    pub fn resume_accepted(&mut self, migration_id: String, datastore: String, durable: &[(u16, u64, [u8; 32])]) {
+        if self.phase != Phase::Validating {
+            return;
+        }
+        self.start_streaming();
+        let mut done: Vec<Vec<u8>> = self
+            .disks
+            .iter()
+            .map(|d| vec![0u8; d.hashes.chunk_count().div_ceil(8) as usize])
+            .collect();
+        for &(disk, index, hash) in durable {
+            let Some(d) = self.disks.get_mut(usize::from(disk)) else {
+                continue;
+            };
+            if index < d.hashes.chunk_count() {
+                d.hashes.set(index, hash);
+                crate::wire::set_bit(&mut done[usize::from(disk)], index);
+            }
+        }
+        self.outbox.push_back(CloudMessage::Resumed {
+            migration_id,
+            datastore,
+            done,
+        });
+    }
+
+    /// The driver cannot store more (datastore full, a write failed): the
+    /// migration stops with `problems` but keeps what arrived, to be resumed.
+    pub fn pause(&mut self, problems: Vec<String>) {
+        if self.phase == Phase::Streaming {
+            self.paused = true;
+            self.phase = Phase::Failed;
+            self.outbox.push_back(CloudMessage::Refused {
+                code: RefusalCode::Paused,
+                problems,
+            });
+        }
+    }
+
+    /// Chunks written (and zero runs declared) since the last call, to be
+    /// made durable and then reported with [`Self::synced`].
+    pub fn take_unsynced(&mut self) -> Unsynced {
+        std::mem::take(&mut self.unsynced)
+    }
+
+    /// The driver made `batch` durable: acknowledge its data chunks.
+    pub fn synced(&mut self, batch: &Unsynced) {
+        if self.phase != Phase::Streaming && self.phase != Phase::Finalizing {
+            return;
+        }
+        for &(disk, offset, _) in &batch.chunks {
+            self.acks.entry(disk).or_default().push(offset);
+        }
     }
 
     /// Ends the migration with a refusal sent to the edge (bad plan, failed
@@ -394,8 +510,11 @@ impl ReceiverSession {
                     h.disk, h.offset
                 )));
             }
-            // A replay of what is on disk: acknowledge again, write nothing.
-            self.acks.entry(h.disk).or_default().push(h.offset);
+            // A replay of what is on disk: acknowledge again (unless its first
+            // copy still waits for its sync, which acknowledges it), write nothing.
+            if !self.unsynced.chunks.iter().any(|c| c.0 == h.disk && c.1 == h.offset) {
+                self.acks.entry(h.disk).or_default().push(h.offset);
+            }
             return Ok(Admission::Duplicate);
         }
         d.in_flight.insert(index, h.sha256);
@@ -412,7 +531,7 @@ impl ReceiverSession {
             let len = (d.capacity - offset).min(u64::from(chunk_size));
             d.hashes.set(index, hash);
             self.bytes_written += len;
-            self.acks.entry(disk).or_default().push(offset);
+            self.unsynced.chunks.push((disk, offset, hash));
         }
     }
 

@@ -42,8 +42,22 @@ pub enum SenderEvent {
     Welcomed { endpoint: String, role: String },
     /// The plan was accepted: start reading and sending chunks.
     Accepted { migration_id: String, datastore: String },
-    /// These chunks are verified and on the cloud's disk.
-    Acked { disk: u16, offsets: Vec<u64>, bytes: u64 },
+    /// The cloud continues the migration: `done_bytes` are already there,
+    /// `to_hash` chunks of them must be read and hashed here (they were
+    /// acknowledged after this agent last recorded its checkpoint) but not sent.
+    Resumed {
+        migration_id: String,
+        datastore: String,
+        done_bytes: u64,
+        to_hash: u64,
+    },
+    /// These chunks (offset, plaintext hash) are verified and durably on the
+    /// cloud's disk.
+    Acked {
+        disk: u16,
+        chunks: Vec<(u64, [u8; 32])>,
+        bytes: u64,
+    },
     /// The cloud rejected a chunk: read, seal and send it again.
     Resend { disk: u16, offset: u64 },
     /// The VM is registered in the cloud domain. `receipt` is the endpoint's
@@ -84,8 +98,26 @@ impl Phase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ChunkState {
     Pending,
+    /// Pending, and known to be all zeros from the checkpoint: declared zero
+    /// again without reading it.
+    PendingZero,
     Sent,
+    /// In the cloud already (after a resume), but its hash is not known here.
+    Unhashed,
     Done,
+}
+
+/// What the driver must do with one chunk (see [`SenderSession::work_for`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Read, zero-check, seal and send it.
+    Send,
+    /// Read and hash it only: the cloud has it ([`SenderSession::chunk_hashed`]).
+    Hash,
+    /// Declare it zero without reading it ([`SenderSession::chunk_zero`]).
+    Zero,
+    /// Nothing: done, or in flight.
+    Skip,
 }
 
 #[derive(Debug)]
@@ -119,6 +151,10 @@ pub struct SenderSession {
     migration_id: Option<String>,
     /// The signed receipt of the commit, once checked.
     receipt: Option<String>,
+    /// Resuming: the migration to continue, and what this agent's checkpoint
+    /// recorded as done (disk, chunk index, hash), until the cloud says what
+    /// it holds.
+    resume: Option<(String, Vec<(u16, u64, [u8; 32])>)>,
 }
 
 impl SenderSession {
@@ -161,7 +197,70 @@ impl SenderSession {
             zero_bytes: 0,
             migration_id: None,
             receipt: None,
+            resume: None,
         })
+    }
+
+    /// Continues `migration_id`, which the cloud accepted before with this
+    /// same plan. `checkpoint` is what this agent recorded as acknowledged or
+    /// zero: (disk, chunk index, plaintext hash). The cloud's answer decides
+    /// what is done; the checkpoint only spares reading and hashing again.
+    pub fn resuming(
+        config: SenderConfig,
+        plan: MigrationPlan,
+        migration_id: String,
+        checkpoint: Vec<(u16, u64, [u8; 32])>,
+        now: Instant,
+    ) -> Result<Self, ProtocolError> {
+        let mut s = SenderSession::new(config, plan, now)?;
+        s.resume = Some((migration_id, checkpoint));
+        Ok(s)
+    }
+
+    /// The migration id, once the cloud accepted (or resumed) the plan.
+    pub fn migration_id(&self) -> Option<&str> {
+        self.migration_id.as_deref()
+    }
+
+    /// What to do with the chunk at `offset` of `disk`.
+    pub fn work_for(&self, disk: u16, offset: u64) -> Work {
+        if self.phase != Phase::Streaming {
+            return Work::Skip;
+        }
+        let cs = self.chunk_size();
+        let Some(d) = self.disks.get(usize::from(disk)) else {
+            return Work::Skip;
+        };
+        match checked_index(d, offset, cs).map(|i| d.state[i as usize]) {
+            Some(ChunkState::Pending) => Work::Send,
+            Some(ChunkState::PendingZero) => Work::Zero,
+            Some(ChunkState::Unhashed) => Work::Hash,
+            _ => Work::Skip,
+        }
+    }
+
+    /// The driver hashed a chunk the cloud already holds ([`Work::Hash`]).
+    pub fn chunk_hashed(&mut self, disk: u16, offset: u64, sha256: [u8; 32]) {
+        if self.phase != Phase::Streaming {
+            return;
+        }
+        let cs = self.chunk_size();
+        let Some(d) = self.disks.get_mut(usize::from(disk)) else {
+            return;
+        };
+        let Some(index) = checked_index(d, offset, cs).filter(|&i| d.state[i as usize] == ChunkState::Unhashed) else {
+            return;
+        };
+        d.state[index as usize] = ChunkState::Done;
+        d.remaining -= 1;
+        let len = (d.capacity - offset).min(cs);
+        if sha256 == d.hashes.zero_hash(index) {
+            self.zero_bytes += len;
+        } else {
+            self.acked_bytes += len;
+        }
+        d.hashes.set(index, sha256);
+        self.maybe_seal(disk);
     }
 
     pub fn plan(&self) -> &MigrationPlan {
@@ -234,14 +333,20 @@ impl SenderSession {
                 }
                 self.phase = Phase::AwaitPlanAccepted;
                 self.deadline = Some(now + self.config.reply_timeout);
-                self.outbox.push_back(EdgeMessage::Plan(self.plan.clone()));
+                self.outbox.push_back(match &self.resume {
+                    Some((migration_id, _)) => EdgeMessage::Resume {
+                        migration_id: migration_id.clone(),
+                        plan: self.plan.clone(),
+                    },
+                    None => EdgeMessage::Plan(self.plan.clone()),
+                });
                 self.events.push_back(SenderEvent::Welcomed { endpoint, role });
             }
             CloudMessage::PlanAccepted {
                 migration_id,
                 datastore,
             } => {
-                if self.phase != Phase::AwaitPlanAccepted {
+                if self.phase != Phase::AwaitPlanAccepted || self.resume.is_some() {
                     return Err(self.unexpected("PlanAccepted"));
                 }
                 self.phase = Phase::Streaming;
@@ -252,6 +357,34 @@ impl SenderSession {
                     datastore,
                 });
             }
+            CloudMessage::Resumed {
+                migration_id,
+                datastore,
+                done,
+            } => {
+                let expected = self.resume.as_ref().map(|(id, _)| id.as_str());
+                if self.phase != Phase::AwaitPlanAccepted || expected != Some(migration_id.as_str()) {
+                    return Err(self.unexpected("Resumed"));
+                }
+                self.on_resumed(&done)?;
+                self.phase = Phase::Streaming;
+                self.deadline = None;
+                self.migration_id = Some(migration_id.clone());
+                let to_hash = self
+                    .disks
+                    .iter()
+                    .map(|d| d.state.iter().filter(|&&s| s == ChunkState::Unhashed).count() as u64)
+                    .sum();
+                self.events.push_back(SenderEvent::Resumed {
+                    migration_id,
+                    datastore,
+                    done_bytes: self.done_bytes(),
+                    to_hash,
+                });
+                for disk in 0..self.disks.len() {
+                    self.maybe_seal(disk as u16);
+                }
+            }
             CloudMessage::Refused { code, problems } => {
                 return Err(ProtocolError::Refused { code, problems });
             }
@@ -261,6 +394,7 @@ impl SenderSession {
                 }
                 let cs = self.chunk_size();
                 let mut bytes = 0;
+                let mut chunks = Vec::with_capacity(offsets.len());
                 let d = self.disk_mut(disk)?;
                 for &offset in &offsets {
                     let index = checked_index(d, offset, cs)
@@ -270,10 +404,11 @@ impl SenderSession {
                             d.state[index as usize] = ChunkState::Done;
                             d.remaining -= 1;
                             bytes += (d.capacity - offset).min(cs);
+                            chunks.push((offset, d.hashes.get(index).expect("a sent chunk has its hash")));
                         }
                         // A duplicate was acknowledged again.
                         ChunkState::Done => {}
-                        ChunkState::Pending => {
+                        ChunkState::Pending | ChunkState::PendingZero | ChunkState::Unhashed => {
                             return Err(ProtocolError::OutsidePlan(format!(
                                 "ack for disk {disk} offset {offset}, which was never sent"
                             )))
@@ -281,7 +416,7 @@ impl SenderSession {
                     }
                 }
                 self.acked_bytes += bytes;
-                self.events.push_back(SenderEvent::Acked { disk, offsets, bytes });
+                self.events.push_back(SenderEvent::Acked { disk, chunks, bytes });
                 self.maybe_seal(disk);
             }
             CloudMessage::Nack { disk, offset, .. } => {
@@ -331,6 +466,63 @@ impl SenderSession {
         Ok(())
     }
 
+    /// Applies the cloud's bitmaps of what it holds to the checkpoint.
+    fn on_resumed(&mut self, done: &[Vec<u8>]) -> Result<(), ProtocolError> {
+        if done.len() != self.disks.len() {
+            return Err(ProtocolError::OutsidePlan(format!(
+                "the cloud resumed {} disks, the plan has {}",
+                done.len(),
+                self.disks.len()
+            )));
+        }
+        let cs = self.chunk_size();
+        let (_, checkpoint) = self.resume.take().expect("resuming");
+        let mut known: Vec<DiskHashes> = self
+            .disks
+            .iter()
+            .map(|d| DiskHashes::new(d.capacity, self.plan.chunk_size))
+            .collect();
+        for (disk, index, hash) in checkpoint {
+            if let Some(k) = known.get_mut(usize::from(disk)) {
+                if index < k.chunk_count() {
+                    k.set(index, hash);
+                }
+            }
+        }
+        for ((d, bitmap), known) in self.disks.iter_mut().zip(done).zip(&known) {
+            let count = d.state.len() as u64;
+            if bitmap.len() as u64 != count.div_ceil(8) {
+                return Err(ProtocolError::OutsidePlan(format!(
+                    "the cloud's resume bitmap has {} bytes for a disk of {count} chunks",
+                    bitmap.len()
+                )));
+            }
+            for index in 0..count {
+                let zero = d.hashes.zero_hash(index);
+                let hash = known.get(index);
+                if crate::wire::bit(bitmap, index) {
+                    match hash {
+                        Some(hash) => {
+                            d.state[index as usize] = ChunkState::Done;
+                            d.remaining -= 1;
+                            d.hashes.set(index, hash);
+                            let len = (d.capacity - index * cs).min(cs);
+                            if hash == zero {
+                                self.zero_bytes += len;
+                            } else {
+                                self.acked_bytes += len;
+                            }
+                        }
+                        None => d.state[index as usize] = ChunkState::Unhashed,
+                    }
+                } else if hash == Some(zero) {
+                    d.state[index as usize] = ChunkState::PendingZero;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A receipt that does not state what was sent is worth nothing as
     /// evidence: the migration fails (with the VM already registered, which
     /// the error says) rather than hand the user a receipt that will not verify.
@@ -370,7 +562,7 @@ impl SenderSession {
         let cs = self.chunk_size();
         let d = self.disks.get_mut(usize::from(disk))?;
         let index = checked_index(d, offset, cs)?;
-        (d.state[index as usize] == ChunkState::Pending).then_some((d, index))
+        matches!(d.state[index as usize], ChunkState::Pending | ChunkState::PendingZero).then_some((d, index))
     }
 
     /// The driver read the chunk at `offset` and found only zeros.

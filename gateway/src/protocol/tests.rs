@@ -97,6 +97,16 @@ struct Pair {
     alter_receipt: Option<AlterReceipt>,
     /// The receipt the edge accepted with the commit.
     edge_receipt: Option<String>,
+    /// Chunks the edge driver reads per step (0: all): lets a test cut a
+    /// migration half way.
+    reads_per_step: usize,
+    /// The cloud driver's journal: what it synced (disk, index, hash).
+    cloud_journal: Vec<(u16, u64, [u8; 32])>,
+    /// The edge driver's checkpoint: what was acknowledged or zero.
+    edge_checkpoint: Vec<(u16, u64, [u8; 32])>,
+    /// Chunks hashed without sending (resumed, acknowledged but not in the
+    /// edge's checkpoint).
+    hashed: usize,
 }
 
 impl Pair {
@@ -132,7 +142,31 @@ impl Pair {
             signer: receipt_signer(),
             alter_receipt: None,
             edge_receipt: None,
+            reads_per_step: 0,
+            cloud_journal: Vec::new(),
+            edge_checkpoint: Vec::new(),
+            hashed: 0,
         }
+    }
+
+    /// A new pair of sessions continuing `self`'s migration after a break:
+    /// the destination and both drivers' records survive, nothing in flight does.
+    fn resumed(self) -> Pair {
+        let plan = self.sender.plan().clone();
+        let sender = SenderSession::resuming(
+            SenderConfig::new("edge-test", "migrator@cloud.local", "secret"),
+            plan,
+            "migration-1".into(),
+            self.edge_checkpoint.clone(),
+            self.now,
+        )
+        .unwrap();
+        let mut next = Pair::new(self.sources.clone(), "secret");
+        next.sender = sender;
+        next.dests = self.dests;
+        next.cloud_journal = self.cloud_journal;
+        next.edge_checkpoint = self.edge_checkpoint;
+        next
     }
 
     /// One round: every queue is drained once. Returns whether anything moved.
@@ -146,7 +180,7 @@ impl Pair {
         while let Some(ev) = self.sender.poll_event() {
             moved = true;
             match ev {
-                SenderEvent::Accepted { .. } => {
+                SenderEvent::Accepted { .. } | SenderEvent::Resumed { .. } => {
                     for (d, src) in self.sources.iter().enumerate() {
                         for off in (0..src.len() as u64).step_by(CS as usize) {
                             self.to_read.push_back((d as u16, off));
@@ -155,17 +189,44 @@ impl Pair {
                 }
                 SenderEvent::Resend { disk, offset } => self.to_read.push_back((disk, offset)),
                 SenderEvent::Committed { receipt, .. } => self.edge_receipt = Some(receipt),
+                SenderEvent::Acked { disk, chunks, .. } => self.edge_checkpoint.extend(
+                    chunks
+                        .into_iter()
+                        .map(|(offset, hash)| (disk, offset / u64::from(CS), hash)),
+                ),
                 _ => {}
             }
         }
         // Edge driver: read, detect zeros, seal.
+        let mut reads = 0;
         while let Some((disk, offset)) = self.to_read.pop_front() {
             moved = true;
             let src = &self.sources[disk as usize];
             let end = (offset as usize + CS as usize).min(src.len());
             let plain = &src[offset as usize..end];
+            let index = offset / u64::from(CS);
+            let zero = || {
+                let h = crate::integrity::DiskHashes::new(src.len() as u64, CS);
+                h.zero_hash(index)
+            };
+            match self.sender.work_for(disk, offset) {
+                Work::Skip => continue,
+                Work::Zero => {
+                    self.sender.chunk_zero(disk, offset);
+                    self.edge_checkpoint.push((disk, index, zero()));
+                    continue;
+                }
+                Work::Hash => {
+                    self.hashed += 1;
+                    self.sender.chunk_hashed(disk, offset, crate::chunk::sha256(plain));
+                    continue;
+                }
+                Work::Send => {}
+            }
+            reads += 1;
             if crate::chunk::is_zero(plain) {
                 self.sender.chunk_zero(disk, offset);
+                self.edge_checkpoint.push((disk, index, zero()));
             } else {
                 let mut payload = Vec::new();
                 let h = self.sealer.seal(disk, offset, plain, &mut payload);
@@ -177,6 +238,9 @@ impl Pair {
                     self.data.push_back((h, payload.clone()));
                 }
                 self.data.push_back((h, payload));
+            }
+            if reads == self.reads_per_step {
+                break;
             }
         }
         // Link: control both ways.
@@ -214,6 +278,22 @@ impl Pair {
                 Err(_) => break,
             }
         }
+        // The cloud driver's sync: journal what was written, then acknowledge it.
+        let batch = self.receiver.take_unsynced();
+        if !batch.is_empty() {
+            moved = true;
+        }
+        for &(disk, offset, hash) in &batch.chunks {
+            self.cloud_journal.push((disk, offset / u64::from(CS), hash));
+        }
+        for &(disk, first, count) in &batch.zero_runs {
+            let src_len = self.sources[usize::from(disk)].len() as u64;
+            let h = crate::integrity::DiskHashes::new(src_len, CS);
+            for index in first / u64::from(CS)..first / u64::from(CS) + count {
+                self.cloud_journal.push((disk, index, h.zero_hash(index)));
+            }
+        }
+        self.receiver.synced(&batch);
         while let Some(ev) = self.receiver.poll_event() {
             moved = true;
             match ev {
@@ -224,6 +304,10 @@ impl Pair {
                         Err((RefusalCode::BadCredentials, "user or password not accepted".to_owned()))
                     };
                     self.receiver.authenticated(res, "cloud-test");
+                }
+                ReceiverEvent::ValidateResume { migration_id, .. } => {
+                    let journal = self.cloud_journal.clone();
+                    self.receiver.resume_accepted(migration_id, "ds1".into(), &journal);
                 }
                 ReceiverEvent::ValidatePlan(_) => match self.refuse_plan.take() {
                     Some(problems) => self.receiver.refuse(RefusalCode::PlanRejected, problems),
@@ -299,6 +383,151 @@ impl Pair {
         }
         panic!("did not settle");
     }
+}
+
+#[test]
+fn a_broken_migration_resumes_and_resends_only_what_was_not_acknowledged() {
+    let sources = vec![disk_image(21, 24), disk_image(22, 9)];
+    let chunks: usize = sources.iter().map(|s| s.len().div_ceil(CS as usize)).sum();
+    let mut first = Pair::new(sources.clone(), "secret");
+    first.reads_per_step = 2;
+    for _ in 0..12 {
+        first.step();
+    }
+    assert!(!first.sender.is_finished());
+    // The link breaks: what was sealed but not yet delivered is lost.
+    first.data.clear();
+    first.to_edge.clear();
+    first.to_cloud.clear();
+    let durable = first.cloud_journal.len();
+    assert!(durable > 4 && durable < chunks, "{durable} of {chunks} chunks durable at the break");
+    // The edge's checkpoint missed the last acknowledgements it was sent.
+    let acked_late = 2;
+    first.edge_checkpoint.truncate(first.edge_checkpoint.len() - acked_late);
+
+    let mut second = first.resumed();
+    second.drive();
+    assert!(second.sender.is_committed(), "{:?}", second.sender.error());
+    assert!(second.receiver.is_committed());
+    assert_eq!(second.dests, sources, "the resumed copy is identical");
+    assert!(second.edge_receipt.is_some());
+    assert_eq!(second.hashed, acked_late, "chunks the cloud had but the edge did not record are hashed, not sent");
+    // Only chunks the cloud did not hold durably crossed the link again.
+    let zero_chunks_left = (0..sources.len())
+        .flat_map(|d| {
+            let src = &sources[d];
+            (0..src.len().div_ceil(CS as usize)).map(move |i| (d, i))
+        })
+        .filter(|&(d, i)| {
+            let src = &sources[d];
+            let plain = &src[i * CS as usize..((i + 1) * CS as usize).min(src.len())];
+            crate::chunk::is_zero(plain) && !first_journal_has(&second.cloud_journal[..durable], d, i)
+        })
+        .count();
+    assert_eq!(second.data_frames + zero_chunks_left, chunks - durable);
+    assert_eq!(
+        second.sender.done_bytes(),
+        sources.iter().map(|s| s.len() as u64).sum::<u64>()
+    );
+}
+
+fn first_journal_has(journal: &[(u16, u64, [u8; 32])], disk: usize, index: usize) -> bool {
+    journal.iter().any(|&(d, i, _)| usize::from(d) == disk && i == index as u64)
+}
+
+#[test]
+fn a_resume_that_names_another_migration_or_bad_bitmaps_fails() {
+    let sources = vec![disk_image(31, 4)];
+    let plan = plan(&sources.iter().collect::<Vec<_>>());
+    let now = Instant::now();
+    let config = || SenderConfig::new("edge-test", "migrator@cloud.local", "secret");
+    let welcome = CloudMessage::Welcome {
+        endpoint: "cloud".into(),
+        role: "MigrationOperator".into(),
+    };
+    // The cloud answers for another migration.
+    let mut s = SenderSession::resuming(config(), plan.clone(), "migration-1".into(), vec![], now).unwrap();
+    s.handle_control(welcome.clone(), now).unwrap();
+    assert!(matches!(s.poll_transmit(now), Some(EdgeMessage::Hello { .. })));
+    assert!(matches!(s.poll_transmit(now), Some(EdgeMessage::Resume { migration_id, .. }) if migration_id == "migration-1"));
+    let other = CloudMessage::Resumed {
+        migration_id: "migration-2".into(),
+        datastore: "ds1".into(),
+        done: vec![vec![0]],
+    };
+    assert!(s.handle_control(other, now).is_err());
+    // A bitmap of the wrong size.
+    let mut s = SenderSession::resuming(config(), plan.clone(), "migration-1".into(), vec![], now).unwrap();
+    s.handle_control(welcome.clone(), now).unwrap();
+    let short = CloudMessage::Resumed {
+        migration_id: "migration-1".into(),
+        datastore: "ds1".into(),
+        done: vec![vec![0; 5]],
+    };
+    assert!(matches!(s.handle_control(short, now), Err(ProtocolError::OutsidePlan(_))));
+    // A fresh migration never accepts Resumed, a resuming one never PlanAccepted.
+    let mut s = SenderSession::new(config(), plan.clone(), now).unwrap();
+    s.handle_control(welcome.clone(), now).unwrap();
+    let resumed = CloudMessage::Resumed {
+        migration_id: "migration-1".into(),
+        datastore: "ds1".into(),
+        done: vec![vec![0]],
+    };
+    assert!(s.handle_control(resumed, now).is_err());
+    let mut s = SenderSession::resuming(config(), plan, "migration-1".into(), vec![], now).unwrap();
+    s.handle_control(welcome, now).unwrap();
+    let accepted = CloudMessage::PlanAccepted {
+        migration_id: "migration-1".into(),
+        datastore: "ds1".into(),
+    };
+    assert!(s.handle_control(accepted, now).is_err());
+}
+
+#[test]
+fn acknowledgements_wait_for_the_sync_and_a_paused_migration_keeps_its_files() {
+    let mut pair = Pair::new(vec![disk_image(41, 8)], "secret");
+    // Up to the plan: no data yet.
+    for _ in 0..4 {
+        pair.step();
+    }
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), pair.now);
+    let plan = pair.sender.plan().clone();
+    r.handle_control(
+        EdgeMessage::Hello {
+            agent: "a".into(),
+            user: "u".into(),
+            password: "p".into(),
+        },
+        pair.now,
+    )
+    .unwrap();
+    r.authenticated(Ok("MigrationOperator".into()), "cloud");
+    r.handle_control(EdgeMessage::Plan(plan), pair.now).unwrap();
+    r.plan_accepted("migration-1".into(), "ds1".into());
+    while r.poll_transmit().is_some() {}
+    while r.poll_event().is_some() {}
+    let mut sealer = Sealer::new(1).unwrap();
+    let mut payload = Vec::new();
+    let src = &pair.sources[0];
+    let h = sealer.seal(0, 0, &src[..CS as usize], &mut payload);
+    assert_eq!(r.admit_chunk(&h), Ok(Admission::Write));
+    r.chunk_written(0, 0);
+    assert_eq!(r.poll_transmit(), None, "no acknowledgement before the sync");
+    // A replay while the first copy waits for its sync is not acknowledged twice.
+    assert_eq!(r.admit_chunk(&h), Ok(Admission::Duplicate));
+    assert_eq!(r.poll_transmit(), None);
+    let batch = r.take_unsynced();
+    assert_eq!(batch.chunks, vec![(0, 0, h.sha256)]);
+    r.synced(&batch);
+    assert_eq!(r.poll_transmit(), Some(CloudMessage::Acks { disk: 0, offsets: vec![0] }));
+    assert!(r.is_resumable(), "a link lost while streaming keeps the files");
+    r.pause(vec!["datastore full".into()]);
+    assert!(matches!(
+        r.poll_transmit(),
+        Some(CloudMessage::Refused { code: RefusalCode::Paused, .. })
+    ));
+    assert!(r.poll_event().is_none(), "a pause discards nothing");
+    assert!(r.is_resumable());
 }
 
 #[test]

@@ -34,8 +34,13 @@ pub enum EdgeMessage {
     DiskSealed { disk: u16, root: [u8; 32] },
     /// All disks sealed and acknowledged: register the VM.
     Commit,
-    /// The edge gives up; the cloud discards everything of this migration.
+    /// The edge gives up; the cloud discards everything of this migration and
+    /// confirms by closing the connection with [`RefusalCode::Aborted`].
     Abort { reason: String },
+    /// Sent instead of `Plan` to continue a migration the cloud accepted
+    /// before (a dropped link, a restarted edge or endpoint). `plan` must be
+    /// the one the migration started with; the cloud answers `Resumed`.
+    Resume { migration_id: String, plan: MigrationPlan },
 }
 
 /// Cloud endpoint to edge agent.
@@ -58,6 +63,29 @@ pub enum CloudMessage {
         vm_path: String,
         receipt: String,
     },
+    /// The migration continues: `done` has one bitmap per disk (bit `i` of
+    /// byte `i / 8`, least significant first) of the chunks the cloud holds
+    /// durably, written or zero. Everything else must be sent again.
+    Resumed {
+        migration_id: String,
+        datastore: String,
+        done: Vec<Vec<u8>>,
+    },
+}
+
+/// Whether chunk `index` is set in a [`CloudMessage::Resumed`] bitmap.
+pub fn bit(bitmap: &[u8], index: u64) -> bool {
+    usize::try_from(index / 8)
+        .ok()
+        .and_then(|byte| bitmap.get(byte))
+        .is_some_and(|b| b & (1 << (index % 8)) != 0)
+}
+
+/// Sets chunk `index` in a bitmap sized for its disk.
+pub fn set_bit(bitmap: &mut [u8], index: u64) {
+    if let Some(b) = usize::try_from(index / 8).ok().and_then(|byte| bitmap.get_mut(byte)) {
+        *b |= 1 << (index % 8);
+    }
 }
 
 /// Why the cloud refused; each code also closes the QUIC connection with the
@@ -80,6 +108,13 @@ pub enum RefusalCode {
     Busy,
     /// The edge agent aborted.
     Aborted,
+    /// The endpoint stopped the migration but kept what arrived (its datastore
+    /// is full, or a write failed): free the space and run the same migration
+    /// again to resume.
+    Paused,
+    /// The migration to resume is not one the endpoint can continue (unknown,
+    /// finished, expired or aborted): start a new migration.
+    UnknownMigration,
 }
 
 impl RefusalCode {
@@ -94,6 +129,8 @@ impl RefusalCode {
             RefusalCode::EndpointFailure => 0x106,
             RefusalCode::Busy => 0x107,
             RefusalCode::Aborted => 0x108,
+            RefusalCode::Paused => 0x109,
+            RefusalCode::UnknownMigration => 0x10a,
         }
     }
 
@@ -108,6 +145,8 @@ impl RefusalCode {
             EndpointFailure,
             Busy,
             Aborted,
+            Paused,
+            UnknownMigration,
         ]
         .into_iter()
         .find(|c| u64::from(c.close_code()) == code)

@@ -12,7 +12,7 @@ pub mod control;
 pub mod probe;
 
 pub use chunk::{ChunkHeader, Encoding, CHUNK_HEADER_LEN};
-pub use control::{CloudMessage, EdgeMessage, RefusalCode, MAX_CONTROL_FRAME};
+pub use control::{bit, set_bit, CloudMessage, EdgeMessage, RefusalCode, MAX_CONTROL_FRAME};
 
 /// ALPN protocol id: lets a future incompatible version refuse at the TLS layer.
 pub const ALPN: &[u8] = b"hcm/1";
