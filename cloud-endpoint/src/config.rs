@@ -55,6 +55,10 @@ pub struct Config {
     pub database: PathBuf,
     /// Migrations accepted at once; more wait. Default 32, at least 1.
     pub max_concurrent_migrations: u32,
+    /// How long a migration whose connection ended (a dropped link, a killed edge, an
+    /// endpoint restart) waits for its edge to resume it before its files are removed.
+    /// Default 24 hours.
+    pub resume_window_hours: u64,
     /// The vCenter-like domain migrated VMs land in.
     pub domain: DomainConfig,
     /// Limits on `edge-agent link-test` (test traffic an edge may ask for).
@@ -364,6 +368,7 @@ struct Defaults {
     datastore_dir: PathBuf,
     database: PathBuf,
     max_concurrent_migrations: u32,
+    resume_window_hours: u64,
     domain: DomainConfig,
     link_test: LinkTestConfig,
     transport: TransportSettings,
@@ -377,6 +382,7 @@ impl Default for Defaults {
             datastore_dir: PathBuf::from("./datastore"),
             database: PathBuf::from("./inventory.sqlite3"),
             max_concurrent_migrations: 32,
+            resume_window_hours: 24,
             domain: DomainConfig::default(),
             link_test: LinkTestConfig::default(),
             transport: TransportSettings::default(),
@@ -655,6 +661,10 @@ database = "./inventory.sqlite3"
 
 # Migrations accepted at once (at least 1); further ones wait.
 max_concurrent_migrations = 32
+
+# Hours an interrupted migration (dropped link, killed edge, endpoint restart) waits
+# for its edge to resume it before its partial files are removed.
+resume_window_hours = 24
 
 # The domain migrated VMs land in. It is written into the inventory on first start;
 # later starts add new networks and users but never delete anything.

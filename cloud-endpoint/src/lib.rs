@@ -22,6 +22,7 @@ pub mod server;
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
+use std::time::Duration;
 
 use config::Config;
 use datastore::Datastore;
@@ -64,6 +65,8 @@ pub struct Domain {
     pub endpoint_name: String,
     /// Signs the receipt of every committed migration with the endpoint's TLS key.
     pub receipts: gateway::receipt::ReceiptSigner,
+    /// The migrations a connection serves now.
+    pub live: server::live::LiveMigrations,
 }
 
 /// A configured endpoint, ready to serve.
@@ -94,10 +97,17 @@ impl Endpoint {
             config.domain.datastore.capacity_bytes,
         )?
         .with_disk_format(config.domain.datastore.disk_format);
-        for id in inventory.fail_running_migrations("the cloud endpoint stopped while the migration ran")? {
-            tracing::warn!(migration = %id, "marked FAILED: interrupted by a restart");
+        // Migrations cut by the restart wait for their edge to resume them; their
+        // staging folders stay, everything else under .staging is an orphan.
+        let (failed, waiting) =
+            inventory.interrupt_running_migrations("the cloud endpoint stopped while the migration ran")?;
+        for id in failed {
+            tracing::warn!(migration = %id, "marked FAILED: interrupted by a restart, with no resume record");
         }
-        for path in datastore.clean_staging()? {
+        for id in &waiting {
+            tracing::info!(migration = %id, "interrupted by a restart; waiting for its edge to resume it");
+        }
+        for path in datastore.clean_staging_except(&waiting)? {
             tracing::warn!(path = %path.display(), "removed leftover staging folder");
         }
         let endpoint_name = format!("{} ({})", config.domain.host.name, certs::Thumbprint::of_der(&chain[0]));
@@ -107,6 +117,7 @@ impl Endpoint {
                 datastore,
                 endpoint_name,
                 receipts,
+                live: Default::default(),
             }),
             config,
             tls,
@@ -169,7 +180,23 @@ impl Endpoint {
             }
             stop.send_replace(true);
         };
-        let (quic, api, ()) = tokio::join!(quic, api, trigger);
+        // Interrupted migrations nobody resumed in time give their space back.
+        let janitor = async {
+            let window = Duration::from_secs(self.config.resume_window_hours.saturating_mul(3600));
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            let expire = async {
+                loop {
+                    tick.tick().await;
+                    let domain = self.domain.clone();
+                    let _ = tokio::task::spawn_blocking(move || server::placement::expire(&domain, window)).await;
+                }
+            };
+            tokio::select! {
+                _ = expire => {}
+                _ = wait(stopped.clone()) => {}
+            }
+        };
+        let (quic, api, (), ()) = tokio::join!(quic, api, trigger, janitor);
         quic.and(api)
     }
 

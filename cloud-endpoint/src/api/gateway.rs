@@ -25,3 +25,35 @@ pub fn get_receipt(domain: &Domain, id: &str) -> Result<String, ApiError> {
         ))
     })
 }
+
+/// Aborts a RUNNING migration: the connection serving it (if any) is closed and its
+/// cleanup discards the staged files; one that waits for a resume is discarded now. The
+/// edge's next resume is then refused as unknown. Returns the record afterwards.
+pub fn abort_migration(
+    domain: &Domain,
+    principal: &crate::inventory::Principal,
+    id: &str,
+) -> Result<MigrationRecord, ApiError> {
+    if !principal.role.may_migrate() {
+        return Err(ApiError::new(
+            crate::api::error::ErrorKind::Unauthorized,
+            format!(
+                "user {} has role {}, which may not abort migrations; ask a MigrationOperator or Administrator",
+                principal.user,
+                principal.role.as_str()
+            ),
+        ));
+    }
+    let record = get_migration(domain, id)?;
+    if record.state != "RUNNING" {
+        return Err(ApiError::invalid_argument(format!(
+            "migration {id} is {}; only a RUNNING migration can be aborted",
+            record.state
+        )));
+    }
+    let reason = format!("aborted through the API by {}", principal.user);
+    if !domain.live.abort(id, &reason) {
+        crate::server::placement::discard_files(domain, id, &reason);
+    }
+    get_migration(domain, id)
+}

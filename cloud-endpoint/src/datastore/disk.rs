@@ -21,6 +21,8 @@ pub(super) trait DiskWriter: fmt::Debug + Send + Sync {
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
     /// Completes the file after the last write and makes it durable.
     fn finish(&self) -> io::Result<()>;
+    /// Makes the writes so far durable (data and the tables that map it).
+    fn sync_data(&self) -> io::Result<()>;
 }
 
 /// A staged disk open for writing: see [`super::Staging::create_disk`].
@@ -83,6 +85,55 @@ impl DiskFile {
         })
     }
 
+    /// Reopens a disk [`DiskFile::create`] made for a resumed migration: the same
+    /// capacity and format, the file already there.
+    pub(super) fn reopen(
+        path: &Path,
+        file_name: String,
+        capacity: u64,
+        format: DiskFormat,
+    ) -> Result<DiskFile, DatastoreError> {
+        let capacity = capacity
+            .checked_next_multiple_of(SECTOR)
+            .ok_or_else(|| DatastoreError::BadCapacity {
+                capacity,
+                format: format.as_str(),
+                rule: "it does not fit in whole sectors",
+            })?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err("reopen disk file", path))?;
+        let writer: Box<dyn DiskWriter> = match format {
+            DiskFormat::VmdkFlat | DiskFormat::Raw => {
+                let len = file.metadata().map_err(io_err("inspect disk file", path))?.len();
+                if len != capacity {
+                    return Err(io_err("reopen disk file", path)(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("it has {len} bytes, the migration's disk {capacity}"),
+                    )));
+                }
+                Box::new(SparseWriter { file })
+            }
+            DiskFormat::Qcow2 => {
+                Box::new(Qcow2Writer::reopen(file, capacity).map_err(io_err("read qcow2 tables of", path))?)
+            }
+        };
+        Ok(DiskFile {
+            format,
+            capacity,
+            file_name,
+            path: path.to_owned(),
+            writer,
+        })
+    }
+
+    /// Makes every write so far durable (fdatasync), before the journal records it.
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.writer.sync_data()
+    }
+
     /// Writes `data` (a chunk's plaintext, up to 16 MiB) at guest `offset`. Safe to call
     /// from several threads at once for different chunks, in any order; writing a chunk
     /// again with the same bytes is harmless. A range past the capacity is refused.
@@ -141,5 +192,9 @@ impl DiskWriter for SparseWriter {
 
     fn finish(&self) -> io::Result<()> {
         self.file.sync_all()
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
     }
 }

@@ -24,6 +24,7 @@
 //! ```
 
 mod disk;
+mod journal;
 mod qcow2;
 mod vmdk;
 mod vmx;
@@ -34,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use disk::DiskFile;
+pub use journal::{Journal, JOURNAL_FILE};
 pub use gateway::plan::DiskFormat;
 use vmx::vmx_text;
 pub(crate) use vmx::{parse_disk_key, VIRTUAL_HW_VERSION};
@@ -239,6 +241,50 @@ impl Datastore {
         })
     }
 
+    /// Reopens the staging folder of a migration that is being resumed.
+    pub fn reopen_staging(&self, migration_id: &str, vm_name: &str) -> Result<Staging, DatastoreError> {
+        Datastore::check_vm_name(vm_name)?;
+        if let Err(DatastoreError::BadVmName { rule, .. }) = Datastore::check_vm_name(migration_id) {
+            return Err(DatastoreError::BadMigrationId {
+                id: migration_id.to_owned(),
+                rule,
+            });
+        }
+        let dir = self.root.join(STAGING).join(migration_id);
+        if !dir.is_dir() {
+            return Err(io_err("reopen staging folder", &dir)(io::Error::from(io::ErrorKind::NotFound)));
+        }
+        Ok(Staging {
+            dir,
+            root: self.root.clone(),
+            vm_name: vm_name.to_owned(),
+        })
+    }
+
+    /// Removes everything under `.staging` except the folders of `keep` (migrations
+    /// waiting to be resumed); returns what was removed.
+    pub fn clean_staging_except(&self, keep: &[String]) -> Result<Vec<PathBuf>, DatastoreError> {
+        let staging = self.root.join(STAGING);
+        fs::create_dir_all(&staging).map_err(io_err("create folder", &staging))?;
+        let mut removed = Vec::new();
+        for entry in fs::read_dir(&staging).map_err(io_err("list", &staging))? {
+            let entry = entry.map_err(io_err("list", &staging))?;
+            let path = entry.path();
+            if keep.iter().any(|k| entry.file_name() == k.as_str()) {
+                continue;
+            }
+            let is_dir = entry.file_type().map_err(io_err("inspect", &path))?.is_dir();
+            if is_dir {
+                fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
+            } else {
+                fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            }
+            removed.push(path);
+        }
+        removed.sort();
+        Ok(removed)
+    }
+
     /// Removes everything under `.staging` (migrations cut by a restart); returns what was
     /// removed.
     pub fn clean_staging(&self) -> Result<Vec<PathBuf>, DatastoreError> {
@@ -323,6 +369,26 @@ impl Staging {
         DiskFile::create(&self.dir.join(data_name), file_name, capacity, format).map(Arc::new)
     }
 
+    /// Reopens disk `index` of a resumed migration, as [`Staging::create_disk`] made it.
+    pub fn reopen_disk(
+        &self,
+        index: usize,
+        capacity: u64,
+        format: DiskFormat,
+    ) -> Result<Arc<DiskFile>, DatastoreError> {
+        let file_name = Staging::disk_file_name(&self.vm_name, index, format);
+        let data_name = match format {
+            DiskFormat::VmdkFlat => Staging::disk_file_names(&self.vm_name, index).1,
+            DiskFormat::Qcow2 | DiskFormat::Raw => file_name.clone(),
+        };
+        DiskFile::reopen(&self.dir.join(data_name), file_name, capacity, format).map(Arc::new)
+    }
+
+    /// The migration's journal of durable chunks (see [`Journal`]).
+    pub fn journal(&self) -> Result<Journal, DatastoreError> {
+        Journal::open(&self.dir)
+    }
+
     /// Writes disk `index`'s monolithicFlat descriptor for a `capacity`-byte extent
     /// (a multiple of 512). The adapter type and geometry follow the controller of
     /// `controller_key` as VMware and qemu-img compute them: IDE disks get 16 heads,
@@ -347,6 +413,13 @@ impl Staging {
     /// fsyncs the parents. If `root/<vm>` exists, fails with
     /// [`DatastoreError::VmFolderExists`] and leaves the staging folder as it was.
     pub fn commit(self) -> Result<PathBuf, DatastoreError> {
+        // The journal served resumes; the VM folder does not carry it.
+        let journal = self.dir.join(JOURNAL_FILE);
+        match fs::remove_file(&journal) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &journal)(e)),
+        }
         for entry in fs::read_dir(&self.dir).map_err(io_err("list", &self.dir))? {
             let path = entry.map_err(io_err("list", &self.dir))?.path();
             if path.is_file() {

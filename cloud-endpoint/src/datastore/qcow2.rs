@@ -181,6 +181,53 @@ impl Qcow2Writer {
         })
     }
 
+    /// Reopens an image [`Qcow2Writer::create`] laid out, to continue writing it: the
+    /// tables are where the layout puts them, and the next free cluster follows the
+    /// highest one an L2 entry maps (a cluster allocated but never mapped before a crash
+    /// is handed out again).
+    pub fn reopen(file: File, size: u64) -> io::Result<Qcow2Writer> {
+        let layout = Layout::new(size, CLUSTER_BITS);
+        let len = file.metadata()?.len();
+        if len < layout.at(layout.data) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{len} bytes is shorter than the {} bytes of metadata a disk of this size lays out",
+                    layout.at(layout.data)
+                ),
+            ));
+        }
+        let mut next_free = layout.data;
+        let entries_at = layout.at(layout.l2_tables);
+        // One L2 table at a time: memory stays one cluster however big the disk.
+        let per_table = layout.cluster_size() / 8;
+        let mut table = vec![0u8; layout.cluster_size() as usize];
+        let mut first = 0;
+        while first < layout.guest_clusters {
+            let count = (layout.guest_clusters - first).min(per_table);
+            let bytes = &mut table[..count as usize * 8];
+            file.read_exact_at(bytes, entries_at + first * 8)?;
+            for entry in bytes.chunks_exact(8) {
+                let host = u64::from_be_bytes(entry.try_into().expect("8-byte entry")) & OFFSET_MASK;
+                if host != 0 {
+                    next_free = next_free.max((host >> layout.cluster_bits) + 1);
+                }
+            }
+            first += count;
+        }
+        if next_free > layout.end() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "an L2 entry maps a cluster past the image's preallocated end",
+            ));
+        }
+        Ok(Qcow2Writer {
+            file,
+            next_free: Mutex::new(next_free),
+            layout,
+        })
+    }
+
     #[cfg(test)]
     pub fn layout(&self) -> &Layout {
         &self.layout
@@ -268,6 +315,11 @@ impl super::disk::DiskWriter for Qcow2Writer {
             i = j;
         }
         Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        // The L2 entries live in the same file, so one fdatasync covers data and map.
+        self.file.sync_data()
     }
 
     fn finish(&self) -> io::Result<()> {

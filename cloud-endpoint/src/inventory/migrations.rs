@@ -5,6 +5,24 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{next_number, now, Inventory, InventoryError, MigrationRecord, Principal};
 
+/// What the endpoint recorded to let an edge resume a migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeInfo {
+    pub id: String,
+    pub vm_name: String,
+    pub user: String,
+    /// RUNNING, SUCCEEDED or FAILED.
+    pub state: String,
+    pub error: Option<String>,
+    /// The registered VM of a SUCCEEDED migration.
+    pub vm: Option<String>,
+    pub edge_cert: Option<String>,
+    pub plan: Option<Vec<u8>>,
+    pub disk_format: Option<String>,
+    /// Since when no connection serves it.
+    pub interrupted: Option<String>,
+}
+
 const SELECT_MIGRATION: &str =
     "SELECT id, vm_name, user_name, edge, state, error, vm, started, finished, logical_bytes,
         EXISTS (SELECT 1 FROM receipt r WHERE r.migration = migration.id)
@@ -128,6 +146,124 @@ impl Inventory {
                 params![reason, now()],
             )?;
             tx.commit()?;
+            Ok(ids)
+        })
+    }
+
+    /// Records what a resume needs (see the schema's step 4) for a RUNNING migration
+    /// whose files are now staged; the migration counts as served by a connection.
+    pub fn set_resume_info(
+        &self,
+        migration_id: &str,
+        edge_cert: &str,
+        plan: &[u8],
+        disk_format: &str,
+    ) -> Result<(), InventoryError> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE migration SET edge_cert = ?2, plan = ?3, disk_format = ?4, interrupted = NULL
+                 WHERE id = ?1 AND state = 'RUNNING'",
+                params![migration_id, edge_cert, plan, disk_format],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The resume record of a migration, or None if there is no such migration.
+    pub fn resume_info(&self, migration_id: &str) -> Result<Option<ResumeInfo>, InventoryError> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT id, vm_name, user_name, state, error, vm, edge_cert, plan, disk_format, interrupted
+                     FROM migration WHERE id = ?1",
+                    [migration_id],
+                    |row| {
+                        Ok(ResumeInfo {
+                            id: row.get(0)?,
+                            vm_name: row.get(1)?,
+                            user: row.get(2)?,
+                            state: row.get(3)?,
+                            error: row.get(4)?,
+                            vm: row.get(5)?,
+                            edge_cert: row.get(6)?,
+                            plan: row.get(7)?,
+                            disk_format: row.get(8)?,
+                            interrupted: row.get(9)?,
+                        })
+                    },
+                )
+                .optional()?)
+        })
+    }
+
+    /// A RUNNING migration lost its connection (or the endpoint restarted): it waits
+    /// for its edge to resume it. Keeps an earlier time if it was already waiting.
+    pub fn mark_interrupted(&self, migration_id: &str) -> Result<(), InventoryError> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE migration SET interrupted = COALESCE(interrupted, ?2) WHERE id = ?1 AND state = 'RUNNING'",
+                params![migration_id, now()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// A connection serves the migration again.
+    pub fn mark_resumed(&self, migration_id: &str) -> Result<(), InventoryError> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE migration SET interrupted = NULL WHERE id = ?1 AND state = 'RUNNING'",
+                [migration_id],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// At start: every RUNNING migration lost its connection with the previous process.
+    /// Those that cannot be resumed (no plan recorded) are FAILED with `reason`; the
+    /// others wait for their edge. Returns (failed, waiting) ids.
+    pub fn interrupt_running_migrations(&self, reason: &str) -> Result<(Vec<String>, Vec<String>), InventoryError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let ids = |sql: &str| -> rusqlite::Result<Vec<String>> {
+                let mut stmt = tx.prepare(sql)?;
+                let ids = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+                Ok(ids)
+            };
+            let failed = ids("SELECT id FROM migration WHERE state = 'RUNNING' AND plan IS NULL ORDER BY num")?;
+            let waiting = ids("SELECT id FROM migration WHERE state = 'RUNNING' AND plan IS NOT NULL ORDER BY num")?;
+            let at = now();
+            tx.execute(
+                "UPDATE migration SET state = 'FAILED', error = ?1, finished = ?2 WHERE state = 'RUNNING' AND plan IS NULL",
+                params![reason, at],
+            )?;
+            tx.execute(
+                "UPDATE migration SET interrupted = COALESCE(interrupted, ?1) WHERE state = 'RUNNING'",
+                params![at],
+            )?;
+            tx.commit()?;
+            Ok((failed, waiting))
+        })
+    }
+
+    /// RUNNING migrations that have waited for their edge since before `cutoff`
+    /// (RFC 3339, compared as text: every time here is UTC with the same layout).
+    pub fn interrupted_before(&self, cutoff: &str) -> Result<Vec<String>, InventoryError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id FROM migration WHERE state = 'RUNNING' AND interrupted IS NOT NULL AND interrupted < ?1
+                 ORDER BY num",
+            )?;
+            let ids = stmt.query_map([cutoff], |row| row.get(0))?.collect::<Result<_, _>>()?;
+            Ok(ids)
+        })
+    }
+
+    /// Ids of RUNNING migrations (their staging folders are kept at start).
+    pub fn running_migrations(&self) -> Result<Vec<String>, InventoryError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare("SELECT id FROM migration WHERE state = 'RUNNING' ORDER BY num")?;
+            let ids = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
             Ok(ids)
         })
     }

@@ -29,6 +29,7 @@ use serde::Serialize;
 
 use crate::config::{DomainConfig, Role};
 
+pub use migrations::ResumeInfo;
 pub use password::hash_password;
 
 /// How long a statement waits for a lock held by another connection (another process
@@ -449,7 +450,12 @@ impl Inventory {
 
 /// Now, as RFC 3339 in UTC.
 fn now() -> String {
-    time::OffsetDateTime::now_utc()
+    timestamp(time::OffsetDateTime::now_utc())
+}
+
+/// A time as the inventory stores it: RFC 3339 in UTC.
+pub fn timestamp(t: time::OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
 }

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3];
+const STEPS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -171,6 +171,18 @@ CREATE TABLE receipt (
     signed TEXT NOT NULL,
     created TEXT NOT NULL
 ) STRICT;
+"#;
+
+/// What a RUNNING migration needs to be resumed after its connection ends: the edge
+/// certificate that may continue it (SHA-256 thumbprint), its plan (postcard, compared
+/// byte for byte with the one a resuming edge sends), the disk format chosen, and since
+/// when it has had no connection (NULL while one serves it). Migrations that started
+/// before this step have no plan and cannot be resumed.
+const V4: &str = r#"
+ALTER TABLE migration ADD COLUMN edge_cert TEXT;
+ALTER TABLE migration ADD COLUMN plan BLOB;
+ALTER TABLE migration ADD COLUMN disk_format TEXT;
+ALTER TABLE migration ADD COLUMN interrupted TEXT;
 "#;
 
 /// Applies the missing steps. Refuses a file written by a newer build.

@@ -4,15 +4,19 @@
 //!
 //! Tasks per connection: the control reader (feeds the session), the control
 //! writer (drains it), an event task (authentication, plan checks, commit:
-//! everything slow and blocking), and one task per data stream (admit, read,
-//! verify and write chunks on the blocking pool). Whatever ends the
-//! connection, one cleanup at the end discards an uncommitted migration.
+//! everything slow and blocking), a sync task (makes written chunks durable,
+//! journals them, and only then lets the session acknowledge them), and one
+//! task per data stream (admit, read, verify and write chunks on the blocking
+//! pool). Whatever ends the connection, one cleanup at the end either keeps the
+//! staged files for a resume (the link or a process went away) or discards
+//! them (refused, aborted).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gateway::chunk::Opener;
-use gateway::protocol::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession};
+use gateway::protocol::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession, Unsynced};
 use gateway::transport::{self, ControlReader, ControlWriter, DataReader, TransportError};
 use gateway::wire::{EdgeMessage, RefusalCode};
 use tokio::sync::Notify;
@@ -37,11 +41,27 @@ struct Ctx {
     disks: Mutex<Vec<Arc<crate::datastore::DiskFile>>>,
     principal: Mutex<Option<Principal>>,
     edge: String,
+    /// SHA-256 thumbprint of the edge's certificate: only it may resume the migration.
+    edge_cert: String,
+    /// Set when the migration is aborted through the API.
+    aborted: Arc<AtomicBool>,
+    /// The migration this connection serves, once accepted or resumed.
+    migration_id: Mutex<Option<String>>,
     /// Bandwidth caps: the endpoint's total and this migration's.
     caps: Vec<Arc<gateway::transport::RateLimit>>,
 }
 
 impl Ctx {
+    /// The plan was accepted or resumed: the context holds its staged files and
+    /// the endpoint knows this connection serves it.
+    fn attach(&self, staged: Staged) {
+        let id = staged.migration_id.clone();
+        *self.disks.lock().expect("disks lock") = staged.disks.clone();
+        *self.staged.lock().expect("staged lock") = Some(staged);
+        self.domain.live.attach(&id, &self.conn, self.aborted.clone());
+        *self.migration_id.lock().expect("id lock") = Some(id);
+    }
+
     fn session(&self) -> std::sync::MutexGuard<'_, ReceiverSession> {
         self.session.lock().expect("session lock poisoned")
     }
@@ -82,6 +102,9 @@ pub async fn serve(
             disks: Mutex::new(Vec::new()),
             principal: Mutex::new(None),
             edge: format!("{peer} cert {edge}"),
+            edge_cert: edge.clone(),
+            aborted: super::live::abort_flag(),
+            migration_id: Mutex::new(None),
             caps: caps
                 .total
                 .into_iter()
@@ -95,6 +118,7 @@ pub async fn serve(
         tasks.spawn(events(ctx.clone()).in_current_span());
         tasks.spawn(control(ctx.clone(), control_streams).in_current_span());
         tasks.spawn(accept_data(ctx.clone()).in_current_span());
+        tasks.spawn(sync(ctx.clone()).in_current_span());
         let reason = conn.closed().await;
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
@@ -104,28 +128,107 @@ pub async fn serve(
     .await
 }
 
-/// Discards an uncommitted migration, whatever ended the connection.
+/// Ends the connection's migration: nothing to do if it committed; its files
+/// are kept for a resume if the connection just went away (or the migration
+/// paused); they are discarded if it was refused or aborted.
 async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
     // Wait for blocking work the aborted tasks started (staging a plan,
-    // committing): it finishes on its own and may still record staged files.
+    // committing, syncing): it finishes on its own and may still record staged files.
     let _quiet = ctx.blocking.write().await;
-    let committed = ctx.session().is_committed();
+    let (committed, resumable, unsynced) = {
+        let mut s = ctx.session();
+        (s.is_committed(), s.is_resumable(), s.take_unsynced())
+    };
     let staged = ctx.staged.lock().expect("staged lock").take();
+    let id = ctx.migration_id.lock().expect("id lock").clone();
+    let detach = || {
+        if let Some(id) = &id {
+            ctx.domain.live.detach(id, &ctx.conn);
+        }
+    };
     if committed {
         tracing::info!("migration committed, connection closed");
-        return;
+        return detach();
     }
     let why = match reason {
         quinn::ConnectionError::ApplicationClosed(c) => {
             format!("connection closed: {}", String::from_utf8_lossy(&c.reason))
         }
+        quinn::ConnectionError::LocallyClosed => "closed by the endpoint".to_owned(),
         other => format!("connection lost: {other}"),
     };
-    tracing::warn!(reason = %why, "migration not committed");
+    let aborted = ctx.aborted.load(Ordering::SeqCst);
     if let Some(staged) = staged {
         let domain = ctx.domain.clone();
-        let _ = tokio::task::spawn_blocking(move || placement::discard(&domain, staged, &why)).await;
+        if resumable && !aborted {
+            tracing::warn!(reason = %why, "migration not committed; kept for a resume");
+            let _ = tokio::task::spawn_blocking(move || placement::suspend(&domain, staged, &unsynced, &why)).await;
+        } else {
+            let why = if aborted { "aborted through the API".to_owned() } else { why };
+            tracing::warn!(reason = %why, "migration not committed; discarding");
+            let _ = tokio::task::spawn_blocking(move || placement::discard(&domain, staged, &why)).await;
+        }
     }
+    detach();
+}
+
+/// How often written chunks are made durable and acknowledged. Longer batches
+/// cost fewer fsyncs; shorter ones leave less to re-send after a break.
+const SYNC_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Makes written chunks durable, journals them, then acknowledges them.
+async fn sync(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // The cleanup waits for this (it takes `blocking` exclusively): a batch
+        // taken from the session is always journaled or handed back.
+        let guard = ctx.blocking.clone().read_owned().await;
+        let batch = ctx.session().take_unsynced();
+        if batch.is_empty() {
+            continue;
+        }
+        let Some(journal) = ctx.staged.lock().expect("staged lock").as_ref().map(|s| s.journal.clone()) else {
+            continue;
+        };
+        let disks = ctx.disks.lock().expect("disks lock").clone();
+        let (batch, result) = tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            let result = sync_batch(&disks, &journal, &batch);
+            (batch, result)
+        })
+        .await
+        .expect("syncing does not panic");
+        match result {
+            Ok(()) => ctx.session().synced(&batch),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot make chunks durable");
+                ctx.session().pause(vec![format!(
+                    "the endpoint cannot make written data durable in datastore {}: {e}; what arrived is kept: fix the datastore, then run the same migration again to resume",
+                    ctx.domain.datastore.name()
+                )]);
+            }
+        }
+        ctx.wake();
+    }
+}
+
+/// fdatasync of the disks a batch wrote, then the journal records it.
+fn sync_batch(
+    disks: &[Arc<crate::datastore::DiskFile>],
+    journal: &crate::datastore::Journal,
+    batch: &Unsynced,
+) -> std::io::Result<()> {
+    let mut touched: Vec<u16> = batch.chunks.iter().map(|c| c.0).collect();
+    touched.sort_unstable();
+    touched.dedup();
+    for d in touched {
+        if let Some(disk) = disks.get(usize::from(d)) {
+            disk.sync_data()?;
+        }
+    }
+    journal.append(batch)
 }
 
 /// Closes the connection with the session's refusal once it is sent.
@@ -273,7 +376,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 );
                 return;
             };
-            let edge = ctx.edge.clone();
+            let (edge, edge_cert) = (ctx.edge.clone(), ctx.edge_cert.clone());
             // The staged files are recorded in the context by the blocking task
             // itself: if the connection drops meanwhile and this task is
             // aborted, the cleanup still finds (and removes) them.
@@ -281,10 +384,9 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let record = ctx.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let _guard = guard;
-                let staged = placement::validate_and_stage(&domain, &principal, &edge, &plan)?;
+                let staged = placement::validate_and_stage(&domain, &principal, &edge, &edge_cert, &plan)?;
                 let id = staged.migration_id.clone();
-                *record.disks.lock().expect("disks lock") = staged.disks.clone();
-                *record.staged.lock().expect("staged lock") = Some(staged);
+                record.attach(staged);
                 Ok(id)
             })
             .await
@@ -297,6 +399,53 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 }
                 Err((code, problems)) => {
                     tracing::warn!(?code, ?problems, "plan refused");
+                    ctx.session().refuse(code, problems);
+                }
+            }
+        }
+        ReceiverEvent::ValidateResume { migration_id, plan } => {
+            let principal = ctx.principal.lock().expect("principal lock").clone();
+            let Some(principal) = principal else {
+                ctx.session().refuse(
+                    RefusalCode::ProtocolViolation,
+                    vec!["resume before authentication".into()],
+                );
+                return;
+            };
+            // The edge may be back before the endpoint noticed its old
+            // connection is gone: close that one and let its cleanup keep the files.
+            let owner = domain.inventory.resume_info(&migration_id).ok().flatten();
+            if owner.as_ref().and_then(|o| o.edge_cert.as_deref()) == Some(ctx.edge_cert.as_str())
+                && !ctx.domain.live.take_over(&migration_id).await
+            {
+                ctx.session().refuse(
+                    RefusalCode::Busy,
+                    vec![format!(
+                        "migration {migration_id} is still being closed on its previous connection; retry in a few seconds"
+                    )],
+                );
+                return;
+            }
+            let edge_cert = ctx.edge_cert.clone();
+            let guard = ctx.blocking.clone().read_owned().await;
+            let record = ctx.clone();
+            let id = migration_id.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let _guard = guard;
+                let (staged, durable) = placement::resume(&domain, &principal, &edge_cert, &id, &plan)?;
+                record.attach(staged);
+                Ok(durable)
+            })
+            .await
+            .expect("resume does not panic");
+            match result {
+                Ok(durable) => {
+                    tracing::info!(migration = %migration_id, durable_chunks = durable.len(), "migration resumed");
+                    let ds = ctx.domain.datastore.name().to_owned();
+                    ctx.session().resume_accepted(migration_id, ds, &durable);
+                }
+                Err((code, problems)) => {
+                    tracing::warn!(?code, ?problems, "resume refused");
                     ctx.session().refuse(code, problems);
                 }
             }
@@ -332,14 +481,22 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
         ReceiverEvent::Discard { reason } => {
             let staged = ctx.staged.lock().expect("staged lock").take();
             ctx.disks.lock().expect("disks lock").clear();
+            let mut discarded = None;
             if let Some(staged) = staged {
                 tracing::warn!(%reason, migration = %staged.migration_id, "discarding");
+                discarded = Some(staged.migration_id.clone());
                 let guard = ctx.blocking.clone().read_owned().await;
+                let why = reason.clone();
                 let _ = tokio::task::spawn_blocking(move || {
                     let _guard = guard;
-                    placement::discard(&domain, staged, &reason)
+                    placement::discard(&domain, staged, &why)
                 })
                 .await;
+            }
+            // An edge that aborted waits for this close as the confirmation.
+            if ctx.session().edge_aborted() {
+                let what = discarded.map_or("nothing was staged".to_owned(), |id| format!("{id} discarded"));
+                close_refused(ctx, RefusalCode::Aborted, &format!("{what}: {reason}"));
             }
         }
     }
@@ -426,14 +583,18 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
         match outcome {
             Ok(Ok(())) => ctx.session().chunk_written(header.disk, header.offset),
             Ok(Err(io)) => {
+                // Nothing written so far is lost: the migration pauses and
+                // resumes once the datastore can take data again.
                 tracing::error!(error = %io, "datastore write failed");
-                ctx.session().refuse(
-                    RefusalCode::EndpointFailure,
-                    vec![format!(
-                        "cannot write disk {} at offset {} to the datastore: {io}",
-                        header.disk, header.offset
-                    )],
-                );
+                let what = if io.raw_os_error() == Some(nix::libc::ENOSPC) {
+                    format!("datastore {} is full", ctx.domain.datastore.name())
+                } else {
+                    format!("datastore {} failed a write", ctx.domain.datastore.name())
+                };
+                ctx.session().pause(vec![format!(
+                    "{what} (disk {} at offset {}: {io}); the migration is paused with what arrived kept: free space or fix the datastore, then run the same migration again to resume",
+                    header.disk, header.offset
+                )]);
             }
             Err(e) => {
                 tracing::warn!(disk = header.disk, offset = header.offset, error = %e, "chunk failed verification");

@@ -1,6 +1,7 @@
 //! The QUIC server: accepts edge connections and serves each migration.
 
 mod connection;
+pub mod live;
 pub mod placement;
 mod probe;
 

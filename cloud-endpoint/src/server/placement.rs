@@ -11,7 +11,7 @@ use gateway::protocol::Registered;
 use gateway::receipt::{Receipt, ReceiptDisk, RECEIPT_FORMAT_VERSION};
 use gateway::wire::RefusalCode;
 
-use crate::datastore::{datastore_path, DiskFile, DiskFormat, Staging, VmxDisk, VmxNic, VmxSpec};
+use crate::datastore::{datastore_path, DiskFile, DiskFormat, Journal, Staging, VmxDisk, VmxNic, VmxSpec};
 use crate::inventory::{InventoryError, NewDisk, NewNic, NewVm, Principal};
 use crate::Domain;
 
@@ -24,8 +24,46 @@ pub struct Staged {
     /// The format of every disk: the plan's, else the datastore's default.
     pub format: DiskFormat,
     pub disks: Vec<Arc<DiskFile>>,
+    /// Which chunks are durably in `disks` (see [`Journal`]).
+    pub journal: Arc<Journal>,
     /// Cloud network id of each NIC, in plan order.
     pub nic_networks: Vec<(String, String)>,
+}
+
+/// The plan as the inventory keeps it, to compare with a resuming edge's.
+fn plan_bytes(plan: &MigrationPlan) -> Vec<u8> {
+    gateway::wire::control::encode(plan).unwrap_or_default()
+}
+
+/// Cloud network (id, name) of each NIC, or the problems.
+fn map_nics(domain: &Domain, plan: &MigrationPlan, problems: &mut Vec<String>) -> Result<Vec<(String, String)>, Refusal> {
+    let networks = domain.inventory.networks().map_err(endpoint_failure)?;
+    let names: Vec<&str> = networks.iter().map(|n| n.name.as_str()).collect();
+    for (from, to) in &plan.network_map {
+        if !names.contains(&to.as_str()) {
+            problems.push(format!(
+                "network mapping {from:?} -> {to:?}: the cloud domain has no network {to:?} (it has: {})",
+                names.join(", ")
+            ));
+        }
+    }
+    let mut nic_networks = Vec::new();
+    for nic in &plan.vm.nics {
+        let target = plan.mapped_network(&nic.network);
+        match networks.iter().find(|n| n.name == target) {
+            Some(n) => nic_networks.push((n.id.clone(), n.name.clone())),
+            None if target == nic.network => problems.push(format!(
+                "NIC {} is on source network {:?}, which has no cloud network of that name; map it with --map-network \"{}=<one of: {}>\"",
+                nic.key,
+                nic.network,
+                nic.network,
+                names.join(", ")
+            )),
+            // Reported above with the mapping.
+            None => {}
+        }
+    }
+    Ok(nic_networks)
 }
 
 /// A refusal: the code and every problem found.
@@ -59,6 +97,7 @@ pub fn validate_and_stage(
     domain: &Domain,
     principal: &Principal,
     edge: &str,
+    edge_cert: &str,
     plan: &MigrationPlan,
 ) -> Result<Staged, Refusal> {
     if !principal.role.may_migrate() {
@@ -111,35 +150,12 @@ pub fn validate_and_stage(
         }
     }
 
-    let networks = inv.networks().map_err(endpoint_failure)?;
-    let names: Vec<&str> = networks.iter().map(|n| n.name.as_str()).collect();
-    for (from, to) in &plan.network_map {
-        if !names.contains(&to.as_str()) {
-            problems.push(format!(
-                "network mapping {from:?} -> {to:?}: the cloud domain has no network {to:?} (it has: {})",
-                names.join(", ")
-            ));
-        }
-    }
-    let mut nic_networks = Vec::new();
     for nic in &vm.nics {
         if !is_nic_key(&nic.key) || !keys.insert(nic.key.as_str()) {
             problems.push(format!("NIC key {:?} is not a unique ethernetN", nic.key));
         }
-        let target = plan.mapped_network(&nic.network);
-        match networks.iter().find(|n| n.name == target) {
-            Some(n) => nic_networks.push((n.id.clone(), n.name.clone())),
-            None if target == nic.network => problems.push(format!(
-                "NIC {} is on source network {:?}, which has no cloud network of that name; map it with --map-network \"{}=<one of: {}>\"",
-                nic.key,
-                nic.network,
-                nic.network,
-                names.join(", ")
-            )),
-            // Reported above with the mapping.
-            None => {}
-        }
     }
+    let nic_networks = map_nics(domain, plan, &mut problems)?;
 
     let needed = plan.logical_bytes();
     let used = inv.used_bytes().map_err(endpoint_failure)?;
@@ -165,31 +181,173 @@ pub fn validate_and_stage(
     let staged = (|| {
         let staging = domain.datastore.stage(&migration_id, &vm.name)?;
         let mut disks = Vec::new();
-        for (i, d) in vm.disks.iter().enumerate() {
-            match staging.create_disk(i, d.capacity, format) {
-                Ok(disk) => disks.push(disk),
-                Err(e) => {
-                    let _ = staging.discard();
-                    return Err(e);
-                }
+        let journal = (|| {
+            for (i, d) in vm.disks.iter().enumerate() {
+                disks.push(staging.create_disk(i, d.capacity, format)?);
+            }
+            staging.journal()
+        })();
+        match journal {
+            Ok(journal) => Ok((staging, disks, journal)),
+            Err(e) => {
+                let _ = staging.discard();
+                Err(e)
             }
         }
-        Ok((staging, disks))
     })();
     match staged {
-        Ok((staging, disks)) => Ok(Staged {
-            migration_id,
-            staging,
-            format,
-            disks,
-            nic_networks,
-        }),
+        Ok((staging, disks, journal)) => {
+            if let Err(e) = inv.set_resume_info(&migration_id, edge_cert, &plan_bytes(plan), format.as_str()) {
+                let _ = staging.discard();
+                let _ = inv.fail_migration(&migration_id, &e.to_string());
+                return Err(endpoint_failure(e));
+            }
+            Ok(Staged {
+                migration_id,
+                staging,
+                format,
+                disks,
+                journal: Arc::new(journal),
+                nic_networks,
+            })
+        }
         Err(e) => {
             let e: crate::datastore::DatastoreError = e;
             let _ = inv.fail_migration(&migration_id, &e.to_string());
             Err(endpoint_failure(e))
         }
     }
+}
+
+/// A journal entry: (disk, chunk index, plaintext hash).
+pub type Durable = Vec<(u16, u64, [u8; 32])>;
+
+/// Checks that the edge of certificate `edge_cert`, as `principal`, may continue
+/// `migration_id` with `plan` (the one it started with), and reopens its staged files
+/// and journal. Refusals say what the edge should do instead.
+pub fn resume(
+    domain: &Domain,
+    principal: &Principal,
+    edge_cert: &str,
+    migration_id: &str,
+    plan: &MigrationPlan,
+) -> Result<(Staged, Durable), Refusal> {
+    let inv = &domain.inventory;
+    let unknown = |why: String| (RefusalCode::UnknownMigration, vec![why]);
+    let Some(info) = inv.resume_info(migration_id).map_err(endpoint_failure)? else {
+        return Err(unknown(format!(
+            "the endpoint has no migration {migration_id}; start a new migration"
+        )));
+    };
+    match info.state.as_str() {
+        "RUNNING" => {}
+        "SUCCEEDED" => {
+            return Err(unknown(format!(
+                "migration {migration_id} already SUCCEEDED: the VM is registered as {}; its receipt is at GET /api/gateway/migrations/{migration_id}/receipt",
+                info.vm.as_deref().unwrap_or("?")
+            )))
+        }
+        state => {
+            return Err(unknown(format!(
+                "migration {migration_id} is {state} ({}) and its files are gone; start a new migration",
+                info.error.as_deref().unwrap_or("no reason recorded")
+            )))
+        }
+    }
+    if !principal.role.may_migrate() {
+        let e = InventoryError::NotPermitted {
+            user: principal.user.clone(),
+            role: principal.role,
+        };
+        return Err((RefusalCode::NotPermitted, vec![e.to_string()]));
+    }
+    if info.edge_cert.as_deref() != Some(edge_cert) {
+        return Err((
+            RefusalCode::NotPermitted,
+            vec![format!(
+                "migration {migration_id} belongs to another edge agent (certificate {}); only that agent can resume it",
+                info.edge_cert.as_deref().unwrap_or("unknown")
+            )],
+        ));
+    }
+    if info.user != principal.user && principal.role != crate::config::Role::Administrator {
+        return Err((
+            RefusalCode::NotPermitted,
+            vec![format!(
+                "migration {migration_id} was started by {}; only that user or an Administrator can resume it",
+                info.user
+            )],
+        ));
+    }
+    let Some(stored) = info.plan.as_deref() else {
+        return Err(unknown(format!(
+            "migration {migration_id} was started by an endpoint version that kept no resume record; abort it and start a new migration"
+        )));
+    };
+    if stored != plan_bytes(plan).as_slice() {
+        return Err((
+            RefusalCode::PlanRejected,
+            vec![format!(
+                "the VM or the options differ from those migration {migration_id} started with; run `edge-agent abort` with the same arguments, then migrate again"
+            )],
+        ));
+    }
+    let format = match info.disk_format.as_deref().map(str::parse::<DiskFormat>) {
+        Some(Ok(format)) => format,
+        _ => return Err(endpoint_failure(format!("migration {migration_id} has no disk format recorded"))),
+    };
+    let mut problems = Vec::new();
+    let nic_networks = map_nics(domain, plan, &mut problems)?;
+    if !problems.is_empty() {
+        return Err((RefusalCode::PlanRejected, problems));
+    }
+    let reopened = (|| {
+        let staging = domain.datastore.reopen_staging(migration_id, &plan.vm.name)?;
+        let mut disks = Vec::new();
+        for (i, d) in plan.vm.disks.iter().enumerate() {
+            disks.push(staging.reopen_disk(i, d.capacity, format)?);
+        }
+        let journal = staging.journal()?;
+        let durable = journal.read(plan)?;
+        Ok::<_, crate::datastore::DatastoreError>((staging, disks, journal, durable))
+    })();
+    let (staging, disks, journal, durable) = reopened.map_err(|e| {
+        (
+            RefusalCode::UnknownMigration,
+            vec![format!(
+                "migration {migration_id} cannot be resumed: {e}; run `edge-agent abort` with the same arguments, then migrate again"
+            )],
+        )
+    })?;
+    inv.mark_resumed(migration_id).map_err(endpoint_failure)?;
+    Ok((
+        Staged {
+            migration_id: migration_id.to_owned(),
+            staging,
+            format,
+            disks,
+            journal: Arc::new(journal),
+            nic_networks,
+        },
+        durable,
+    ))
+}
+
+/// Keeps what a migration staged for a resume: its connection ended without a commit
+/// or an abort. Chunks written but not yet journaled are synced and journaled now, so
+/// the edge re-sends only what never reached the disk.
+pub fn suspend(domain: &Domain, staged: Staged, unsynced: &gateway::protocol::Unsynced, reason: &str) {
+    if !unsynced.is_empty() {
+        let synced = staged.disks.iter().try_for_each(|d| d.sync_data());
+        match synced.and_then(|()| staged.journal.append(unsynced)) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot journal the last chunks; they will be sent again"),
+        }
+    }
+    if let Err(e) = domain.inventory.mark_interrupted(&staged.migration_id) {
+        tracing::error!(migration = %staged.migration_id, error = %e, "cannot record the interruption");
+    }
+    tracing::info!(migration = %staged.migration_id, %reason, "migration interrupted; kept for a resume");
 }
 
 /// Makes the staged VM durable and registers it: finish every disk (qcow2
@@ -348,6 +506,46 @@ pub fn finalize(
             let _ = domain.inventory.fail_migration(&migration_id, &e);
             Err(e)
         }
+    }
+}
+
+/// Fails the migrations that have waited longer than `window` for their edge, and
+/// removes their staged files. Returns their ids.
+pub fn expire(domain: &Domain, window: std::time::Duration) -> Vec<String> {
+    let cutoff = time::OffsetDateTime::now_utc() - window;
+    let ids = match domain.inventory.interrupted_before(&crate::inventory::timestamp(cutoff)) {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list interrupted migrations");
+            return Vec::new();
+        }
+    };
+    let hours = window.as_secs() / 3600;
+    let mut expired = Vec::new();
+    for id in ids {
+        if domain.live.is_live(&id) {
+            continue;
+        }
+        let reason = format!("not resumed within {hours} hours (resume_window_hours); its partial files were removed");
+        discard_files(domain, &id, &reason);
+        expired.push(id);
+    }
+    expired
+}
+
+/// Removes the staged files of a migration no connection serves and fails it.
+pub fn discard_files(domain: &Domain, migration_id: &str, reason: &str) {
+    let dir = domain.datastore.root().join(".staging").join(migration_id);
+    if crate::datastore::Datastore::check_vm_name(migration_id).is_ok() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot remove staging folder");
+            }
+        }
+    }
+    match domain.inventory.fail_migration(migration_id, reason) {
+        Ok(()) => tracing::warn!(migration = %migration_id, %reason, "migration discarded"),
+        Err(e) => tracing::error!(migration = %migration_id, error = %e, "cannot record the discarded migration"),
     }
 }
 

@@ -150,6 +150,8 @@ pub struct ReceiverSession {
     /// The migration was paused (storage full, write error): what arrived is
     /// kept for a resume instead of discarded.
     paused: bool,
+    /// The edge sent `Abort`.
+    edge_aborted: bool,
 }
 
 impl ReceiverSession {
@@ -167,7 +169,14 @@ impl ReceiverSession {
             bytes_written: 0,
             unsynced: Unsynced::default(),
             paused: false,
+            edge_aborted: false,
         }
+    }
+
+    /// Whether the edge aborted the migration (it waits for the cloud to
+    /// confirm the discard by closing the connection).
+    pub fn edge_aborted(&self) -> bool {
+        self.edge_aborted
     }
 
     /// Whether what was staged must be kept for a resume when the connection
@@ -316,6 +325,7 @@ impl ReceiverSession {
             }
             EdgeMessage::Abort { reason } => {
                 if !self.is_finished() {
+                    self.edge_aborted = true;
                     self.phase = Phase::Failed;
                     self.events.push_back(ReceiverEvent::Discard {
                         reason: format!("aborted by the edge agent: {reason}"),

@@ -1,0 +1,220 @@
+//! The journal of a migration in staging: which chunks are durably in its disk files.
+//!
+//! The connection driver appends a batch only after fdatasync of the disks the batch
+//! wrote, then fdatasyncs the journal, and only then acknowledges the chunks to the edge.
+//! So every record names data that is on disk, and every acknowledgement names a record.
+//! A resumed migration reads the journal back instead of the disks: the destination is
+//! never re-read or re-hashed.
+//!
+//! Records are fixed-size, so a record torn by a crash mid-append is a short tail that
+//! [`Journal::open`] cuts off:
+//!
+//! ```text
+//! disk u16 | kind u8 (0 data, 1 zero run) | 0u8 | 0u32 | offset u64 | count u64 | sha256 [32]
+//! ```
+//! All integers are big-endian; a data record has count 1 and the plaintext hash, a zero
+//! run has a zero hash field (each chunk's zero hash is derived from its length).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use gateway::integrity::DiskHashes;
+use gateway::plan::MigrationPlan;
+use gateway::protocol::Unsynced;
+
+use super::{io_err, DatastoreError};
+
+/// The journal's file name inside the staging folder; removed before the commit.
+pub const JOURNAL_FILE: &str = ".chunks.journal";
+const RECORD: usize = 56;
+const DATA: u8 = 0;
+const ZERO_RUN: u8 = 1;
+
+/// An open journal, appended to by one connection at a time.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl Journal {
+    /// Opens (creating if absent) the journal in `dir`, cutting a torn last record.
+    pub fn open(dir: &Path) -> Result<Journal, DatastoreError> {
+        let path = dir.join(JOURNAL_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io_err("open journal", &path))?;
+        let len = file.metadata().map_err(io_err("inspect journal", &path))?.len();
+        let whole = len - len % RECORD as u64;
+        if whole != len {
+            file.set_len(whole).map_err(io_err("cut the torn end of journal", &path))?;
+        }
+        Ok(Journal {
+            path,
+            file: Mutex::new(file),
+        })
+    }
+
+    /// Appends `batch` and makes it durable. The caller has already synced the disks.
+    pub fn append(&self, batch: &Unsynced) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(RECORD * (batch.chunks.len() + batch.zero_runs.len()));
+        let mut record = |disk: u16, kind: u8, offset: u64, count: u64, hash: &[u8; 32]| {
+            buf.extend_from_slice(&disk.to_be_bytes());
+            buf.push(kind);
+            buf.extend_from_slice(&[0; 5]);
+            buf.extend_from_slice(&offset.to_be_bytes());
+            buf.extend_from_slice(&count.to_be_bytes());
+            buf.extend_from_slice(hash);
+        };
+        for (disk, offset, hash) in &batch.chunks {
+            record(*disk, DATA, *offset, 1, hash);
+        }
+        for (disk, offset, count) in &batch.zero_runs {
+            record(*disk, ZERO_RUN, *offset, *count, &[0; 32]);
+        }
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.write_all(&buf)?;
+        file.sync_data()
+    }
+
+    /// Every chunk the journal holds, as (disk, chunk index, plaintext hash) with zero
+    /// chunks carrying their zero hash. A record that does not fit `plan` means the file
+    /// is not this migration's journal: an error, never a guess.
+    pub fn read(&self, plan: &MigrationPlan) -> Result<Vec<(u16, u64, [u8; 32])>, DatastoreError> {
+        let corrupt = |why: String| DatastoreError::Io {
+            action: "read journal",
+            path: self.path.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidData, why),
+        };
+        let mut data = Vec::new();
+        File::open(&self.path)
+            .and_then(|mut f| f.read_to_end(&mut data))
+            .map_err(io_err("read journal", &self.path))?;
+        let cs = u64::from(plan.chunk_size);
+        let hashes: Vec<DiskHashes> = plan
+            .vm
+            .disks
+            .iter()
+            .map(|d| DiskHashes::new(d.capacity, plan.chunk_size))
+            .collect();
+        let mut out = Vec::new();
+        for r in data.chunks_exact(RECORD) {
+            let disk = u16::from_be_bytes([r[0], r[1]]);
+            let kind = r[2];
+            let offset = u64::from_be_bytes(r[8..16].try_into().expect("8 bytes"));
+            let count = u64::from_be_bytes(r[16..24].try_into().expect("8 bytes"));
+            let hash: [u8; 32] = r[24..56].try_into().expect("32 bytes");
+            let Some(h) = hashes.get(usize::from(disk)) else {
+                return Err(corrupt(format!("a record names disk {disk}, the plan has {}", hashes.len())));
+            };
+            let first = offset / cs;
+            let fits = offset % cs == 0
+                && count >= 1
+                && first.checked_add(count).is_some_and(|end| end <= h.chunk_count())
+                && (kind == ZERO_RUN || (kind == DATA && count == 1));
+            if !fits {
+                return Err(corrupt(format!(
+                    "a record (kind {kind}, disk {disk}, offset {offset}, count {count}) does not fit the plan"
+                )));
+            }
+            if kind == DATA {
+                out.push((disk, first, hash));
+            } else {
+                out.extend((first..first + count).map(|i| (disk, i, h.zero_hash(i))));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gateway::plan::{DiskSpec, VmSpec};
+
+    fn plan() -> MigrationPlan {
+        MigrationPlan {
+            vm: VmSpec {
+                name: "web01".into(),
+                guest_os: "other".into(),
+                num_cpus: 1,
+                cores_per_socket: None,
+                memory_mib: 64,
+                firmware: None,
+                bios_uuid: None,
+                nics: vec![],
+                disks: vec![DiskSpec {
+                    key: "scsi0:0".into(),
+                    capacity: 10 << 20,
+                }],
+            },
+            network_map: vec![],
+            chunk_size: 1 << 20,
+            disk_format: None,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = plan();
+        let j = Journal::open(dir.path()).unwrap();
+        j.append(
+            &Unsynced {
+                chunks: vec![(0, 0, [7; 32]), (0, 3 << 20, [8; 32])],
+                zero_runs: vec![(0, 5 << 20, 2)],
+            }
+        )
+        .unwrap();
+        drop(j);
+        // A crash in the middle of the next append.
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[0, 0, 0, 9]).unwrap();
+        drop(f);
+        let j = Journal::open(dir.path()).unwrap();
+        let read = j.read(&plan).unwrap();
+        let zero = DiskHashes::new(10 << 20, 1 << 20);
+        assert_eq!(
+            read,
+            vec![
+                (0, 0, [7; 32]),
+                (0, 3, [8; 32]),
+                (0, 5, zero.zero_hash(5)),
+                (0, 6, zero.zero_hash(6))
+            ]
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * RECORD as u64);
+    }
+
+    #[test]
+    fn records_outside_the_plan_are_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = plan();
+        let j = Journal::open(dir.path()).unwrap();
+        j.append(
+            &Unsynced {
+                chunks: vec![(1, 0, [7; 32])],
+                zero_runs: vec![],
+            }
+        )
+        .unwrap();
+        let e = j.read(&plan).unwrap_err().to_string();
+        assert!(e.contains("disk 1") && e.contains(JOURNAL_FILE), "{e}");
+        let j2 = tempfile::tempdir().unwrap();
+        let j2 = Journal::open(j2.path()).unwrap();
+        j2.append(
+            &Unsynced {
+                chunks: vec![],
+                zero_runs: vec![(0, 9 << 20, 2)],
+            }
+        )
+        .unwrap();
+        assert!(j2.read(&plan).unwrap_err().to_string().contains("does not fit"));
+    }
+}

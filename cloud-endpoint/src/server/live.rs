@@ -1,0 +1,99 @@
+//! Which migrations a connection serves right now. A resumed migration may arrive on a
+//! new connection while the old one still looks alive here (the edge's link dropped, and
+//! the old connection waits for its idle timeout): the new one takes over, closing the
+//! old one and waiting until its cleanup has kept the files for the resume. An abort
+//! through the API reaches the connection that serves the migration the same way.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gateway::wire::RefusalCode;
+use tokio::sync::Notify;
+
+#[derive(Debug)]
+struct Entry {
+    conn: quinn::Connection,
+    aborted: Arc<AtomicBool>,
+}
+
+/// The registry, one per endpoint.
+#[derive(Debug, Default)]
+pub struct LiveMigrations {
+    entries: Mutex<HashMap<String, Entry>>,
+    detached: Notify,
+}
+
+/// How long a take-over waits for the old connection's cleanup.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(10);
+
+impl LiveMigrations {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `conn` now serves `id`; `aborted` is set if the migration is aborted through the API.
+    pub fn attach(&self, id: &str, conn: &quinn::Connection, aborted: Arc<AtomicBool>) {
+        self.lock().insert(
+            id.to_owned(),
+            Entry {
+                conn: conn.clone(),
+                aborted,
+            },
+        );
+    }
+
+    /// `conn`'s cleanup for `id` is done (a newer connection's entry stays).
+    pub fn detach(&self, id: &str, conn: &quinn::Connection) {
+        let mut entries = self.lock();
+        if entries.get(id).is_some_and(|e| e.conn.stable_id() == conn.stable_id()) {
+            entries.remove(id);
+        }
+        drop(entries);
+        self.detached.notify_waiters();
+    }
+
+    pub fn is_live(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    /// Closes the connection that still serves `id`, if any, and waits until its
+    /// cleanup has run. False if it did not finish in time.
+    pub async fn take_over(&self, id: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + TAKE_OVER_WAIT;
+        loop {
+            let notified = self.detached.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.lock().get(id) {
+                None => return true,
+                Some(e) => e.conn.close(
+                    RefusalCode::Aborted.close_code().into(),
+                    b"the migration was resumed on a new connection",
+                ),
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Aborts `id` if a connection serves it: its cleanup discards the files. False if
+    /// no connection serves it.
+    pub fn abort(&self, id: &str, reason: &str) -> bool {
+        match self.lock().get(id) {
+            Some(e) => {
+                e.aborted.store(true, Ordering::SeqCst);
+                e.conn.close(RefusalCode::Aborted.close_code().into(), reason.as_bytes());
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The flag [`LiveMigrations::abort`] sets, for a connection's cleanup.
+pub fn abort_flag() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
