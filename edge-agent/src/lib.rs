@@ -10,6 +10,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod compression;
 pub mod linktest;
 pub mod migrate;
@@ -43,6 +44,27 @@ pub enum MigrateError {
     /// The VM was registered, but its receipt is missing, wrong or not kept.
     #[error("{0}")]
     Receipt(String),
+    /// The link stayed down longer than the agent keeps retrying.
+    #[error(
+        "the cloud endpoint has been unreachable for {secs} s (last error: {last}); migration {migration_id} is kept \
+         on both sides: run the same command again to resume it"
+    )]
+    LinkDown {
+        migration_id: String,
+        secs: u64,
+        last: String,
+    },
+    /// The source changed since the migration started: resuming would mix old and new data.
+    #[error(
+        "the source changed since migration {migration_id} started: {what}; resuming would mix old and new \
+         blocks. Run `edge-agent abort` with the same arguments to discard it (checkpoint {}), then migrate again",
+        checkpoint.display()
+    )]
+    SourceChanged {
+        migration_id: String,
+        what: String,
+        checkpoint: std::path::PathBuf,
+    },
 }
 
 impl From<ProtocolError> for MigrateError {
@@ -64,6 +86,8 @@ fn describe_refusal(code: RefusalCode, problems: &[String]) -> String {
         RefusalCode::EndpointFailure => "the cloud endpoint failed while writing the VM",
         RefusalCode::Busy => "the cloud endpoint is at its limit of concurrent migrations; retry later",
         RefusalCode::Aborted => "the migration was aborted",
+        RefusalCode::Paused => "the cloud endpoint paused the migration and kept what arrived",
+        RefusalCode::UnknownMigration => "the cloud endpoint cannot resume this migration",
     };
     let mut out = format!("{head}; nothing was registered in the cloud");
     for p in problems {

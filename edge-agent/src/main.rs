@@ -36,8 +36,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Migrate a powered-off VM (cold lift) into the cloud domain.
+    /// Migrate a powered-off VM (cold lift) into the cloud domain. An unfinished
+    /// migration of the same VM to the same endpoint is resumed.
     Migrate(Box<MigrateArgs>),
+    /// Abort the unfinished migration of a VM (same arguments as `migrate`): the
+    /// endpoint removes its partial files and frees the name.
+    Abort(Box<MigrateArgs>),
     /// Measure the path to a cloud endpoint (RTT, jitter, loss, MTU, throughput both ways)
     /// over the migration port, and say what kind of migration it carries.
     LinkTest(Box<LinkTestArgs>),
@@ -168,6 +172,14 @@ struct MigrateArgs {
     /// Print progress and the summary as JSON lines on stdout.
     #[arg(long)]
     json: bool,
+    /// Folder of the checkpoints that let a restarted agent resume an unfinished
+    /// migration (default: $XDG_STATE_HOME/edge-agent or ~/.local/state/edge-agent).
+    #[arg(long, env = "EDGE_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Seconds to keep reconnecting when the link to the endpoint is lost before
+    /// giving up (the migration stays resumable).
+    #[arg(long, env = "EDGE_AGENT_RETRY_FOR", default_value_t = 300)]
+    retry_for: u64,
 }
 
 /// `150ms`, `0.15s`, `2s`.
@@ -221,7 +233,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { vmx, json } => inspect(&vmx, json),
         Command::Migrate(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            rt.block_on(migrate_cmd(*args))
+            rt.block_on(migrate_cmd(*args, false))
+        }
+        Command::Abort(args) => {
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(migrate_cmd(*args, true))
         }
         Command::LinkTest(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -281,7 +297,7 @@ fn inspect(vmx: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate_cmd(a: MigrateArgs) -> anyhow::Result<()> {
+async fn migrate_cmd(a: MigrateArgs, abort: bool) -> anyhow::Result<()> {
     let vm = source::open_vm(&a.vmx)?;
     let receipt = a.receipt.clone().unwrap_or_else(|| {
         let name = a.name.as_deref().unwrap_or(&vm.name).replace(['/', '\\'], "_");
@@ -331,8 +347,14 @@ async fn migrate_cmd(a: MigrateArgs) -> anyhow::Result<()> {
         agent: a.agent_name,
         tuning,
         receipt_path: Some(receipt),
+        state_dir: Some(a.state_dir.unwrap_or_else(edge_agent::checkpoint::default_state_dir)),
+        retry_for: Duration::from_secs(a.retry_for),
         ..MigrateOptions::default()
     };
+    if abort {
+        println!("{}", migrate::abort(&vm, &target, &opts).await?);
+        return Ok(());
+    }
     let sink: Arc<dyn ProgressSink> = if a.json {
         Arc::new(JsonLines)
     } else {

@@ -20,20 +20,22 @@
 //! `write` waits when it is full). The queue's pressure also drives the
 //! adaptive zstd level ([`crate::compression`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gateway::chunk::{is_zero, Sealer};
 use gateway::plan::{DiskFormat, DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
-use gateway::protocol::{SenderConfig, SenderEvent, SenderSession};
+use gateway::protocol::{DoneChunk, ProtocolError, SenderConfig, SenderEvent, SenderSession, Work};
 use gateway::transport::{
     self, ControlReader, ControlWriter, DataWriter, Rate, RateLimit, TransportError, TransportTuning,
 };
 use gateway::wire::{ChunkHeader, CloudMessage, RefusalCode};
 use tokio::sync::{mpsc, Notify};
 
+use crate::checkpoint::{self, Checkpoint, Header};
 use crate::compression::{Compression, LevelController, Pressure};
 use crate::report::{secs, Progress, ProgressSink, Summary};
 use crate::source::{open_source_disk, DiskReader, SourceVm};
@@ -66,6 +68,12 @@ pub struct MigrateOptions {
     /// `None`: not written, only returned in the summary. Either way it is
     /// checked against this migration and the endpoint's TLS identity.
     pub receipt_path: Option<std::path::PathBuf>,
+    /// Where the checkpoint of an unfinished migration is kept, so a restarted
+    /// agent resumes it. `None`: no checkpoint files (a dropped link is still
+    /// resumed by this process).
+    pub state_dir: Option<PathBuf>,
+    /// How long to keep reconnecting after the link to the endpoint is lost.
+    pub retry_for: Duration,
 }
 
 impl Default for MigrateOptions {
@@ -82,6 +90,8 @@ impl Default for MigrateOptions {
             agent: "edge-agent".into(),
             tuning: TransportTuning::default(),
             receipt_path: None,
+            state_dir: None,
+            retry_for: Duration::from_secs(300),
         }
     }
 }
@@ -183,6 +193,69 @@ struct Shared {
     /// Emptied payload buffers, handed back from senders to sealers.
     spare: Mutex<Vec<Vec<u8>>>,
     levels: Mutex<LevelController>,
+    run: Arc<RunState>,
+}
+
+/// What outlives one connection: the record of done chunks (checkpointed when a
+/// state folder is set) and the counters of the whole run.
+struct RunState {
+    records: Mutex<Records>,
+    sent: Mutex<HashSet<(u16, u64)>>,
+    sent_bytes: AtomicU64,
+    resent_bytes: AtomicU64,
+}
+
+struct Records {
+    /// (disk, chunk index, hash) of every chunk acknowledged or zero.
+    done: Vec<DoneChunk>,
+    checkpoint: Option<Checkpoint>,
+    /// The header to write once the cloud names the migration.
+    header: Header,
+}
+
+impl RunState {
+    fn record(&self, disk: u16, index: u64, hash: [u8; 32]) {
+        let mut r = self.records.lock().expect("records lock poisoned");
+        r.done.push((disk, index, hash));
+        if let Some(c) = r.checkpoint.as_mut() {
+            c.record(disk, index, &hash);
+        }
+    }
+
+    fn flush(&self) {
+        let mut r = self.records.lock().expect("records lock poisoned");
+        if let Some(c) = r.checkpoint.as_mut() {
+            if let Err(e) = c.flush() {
+                tracing::warn!(error = %e, path = %c.path().display(), "cannot write the checkpoint; a restart would resend more");
+            }
+        }
+    }
+
+    /// The cloud accepted a new migration: start its checkpoint.
+    fn started(&self, migration_id: &str) {
+        let mut r = self.records.lock().expect("records lock poisoned");
+        r.done.clear();
+        r.header.migration_id = migration_id.to_owned();
+        let header = r.header.clone();
+        if let Some(c) = r.checkpoint.as_mut() {
+            if let Err(e) = c.start(&header) {
+                tracing::warn!(error = %e, path = %c.path().display(), "cannot write the checkpoint; a restarted agent could not resume");
+            }
+        }
+    }
+
+    fn remove_checkpoint(&self) {
+        if let Some(c) = self.records.lock().expect("records lock poisoned").checkpoint.as_mut() {
+            c.remove();
+        }
+    }
+
+    fn sent(&self, disk: u16, offset: u64, len: u64) {
+        self.sent_bytes.fetch_add(len, Ordering::Relaxed);
+        if !self.sent.lock().expect("sent lock poisoned").insert((disk, offset)) {
+            self.resent_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Shared {
@@ -220,11 +293,29 @@ struct WorkerBufs {
 
 enum Sealed {
     Zero,
+    /// Read and hashed only: the cloud holds it already.
+    Hashed([u8; 32]),
     Data(ChunkHeader),
+}
+
+/// A chunk found (or known) to be zero: declared, and recorded as done.
+fn zero_done(shared: &Shared, disk: u16, offset: u64) {
+    let mut s = shared.session();
+    s.chunk_zero(disk, offset);
+    if let Some(hash) = s.chunk_hash(disk, offset) {
+        let index = offset / u64::from(s.plan().chunk_size);
+        drop(s);
+        shared.run.record(disk, index, hash);
+    }
 }
 
 /// Migrates `vm` to `target`. Returns when the VM is registered in the cloud
 /// domain, or with the reason it is not (then nothing is registered).
+///
+/// A migration the cloud accepted survives a lost link: the agent reconnects
+/// with backoff (for up to [`MigrateOptions::retry_for`]) and resumes it, sending
+/// only what the cloud does not hold durably. With a state folder, a checkpoint
+/// lets a restarted agent do the same; a source changed since is refused.
 pub async fn run(
     vm: &SourceVm,
     target: &Target,
@@ -239,16 +330,344 @@ pub async fn run(
         disks.push(open_source_disk(d)?);
     }
     let disks = Arc::new(disks);
-    let total = plan.logical_bytes();
 
-    let (endpoint, conn) = target.connect(&opts.tuning).await?;
-    tracing::info!(endpoint = %target.addr, "connected");
+    let endpoint = target.addr.to_string();
+    let source = checkpoint::fingerprint(vm).map_err(|e| MigrateError::Read {
+        what: format!("the source files of {}", vm.vmx_path.display()),
+        source: e,
+    })?;
+    let header = Header {
+        migration_id: String::new(),
+        endpoint: endpoint.clone(),
+        vm_name: plan.vm.name.clone(),
+        plan_digest: checkpoint::plan_digest(&plan),
+        plan: gateway::wire::control::encode(&plan).unwrap_or_default(),
+        source,
+        started: time_now(),
+    };
+    let mut resume: Option<(String, Vec<DoneChunk>)> = None;
+    let mut ckpt = opts
+        .state_dir
+        .as_deref()
+        .map(|dir| Checkpoint::at(dir, &vm.vmx_path, &endpoint, &plan.vm.name));
+    if let Some(c) = ckpt.as_mut() {
+        let loaded = c.load().map_err(|e| {
+            MigrateError::Target(format!(
+                "cannot read the checkpoint {}: {e}; remove it to start the migration over",
+                c.path().display()
+            ))
+        })?;
+        if let Some((recorded, done)) = loaded {
+            check_unchanged(&recorded, &header, &plan, &disks, &done, c.path())?;
+            c.open_chunks().map_err(|e| {
+                MigrateError::Target(format!("cannot append to the checkpoint {}: {e}", c.path().display()))
+            })?;
+            tracing::info!(migration = %recorded.migration_id, recorded_chunks = done.len(), "resuming from the checkpoint");
+            resume = Some((recorded.migration_id, done));
+        }
+    }
+    let run = Arc::new(RunState {
+        records: Mutex::new(Records {
+            done: resume.as_ref().map(|(_, d)| d.clone()).unwrap_or_default(),
+            checkpoint: ckpt,
+            header,
+        }),
+        sent: Mutex::new(HashSet::new()),
+        sent_bytes: AtomicU64::new(0),
+        resent_bytes: AtomicU64::new(0),
+    });
 
-    let session = SenderSession::new(
+    let mut reconnects = 0u32;
+    let mut down_since: Option<Instant> = None;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let outcome = attempt(
+            vm,
+            target,
+            opts,
+            &plan,
+            &disks,
+            resume.clone(),
+            &run,
+            sink.clone(),
+            started,
+        )
+        .await;
+        let (e, migration_id, progressed) = match outcome {
+            Ok(mut summary) => {
+                run.remove_checkpoint();
+                summary.reconnects = reconnects;
+                return Ok(summary);
+            }
+            Err(failure) => failure,
+        };
+        if progressed {
+            down_since = None;
+            backoff = Duration::from_secs(1);
+        }
+        let known = migration_id.or_else(|| resume.as_ref().map(|(id, _)| id.clone()));
+        match &e {
+            MigrateError::Refused {
+                code: RefusalCode::UnknownMigration,
+                problems,
+            } if resume.is_some() => {
+                // The cloud no longer has it (expired, aborted, already done):
+                // start over, and say why.
+                tracing::warn!(problems = %problems.join("; "), "the endpoint cannot resume the migration; starting it over");
+                run.remove_checkpoint();
+                run.records.lock().expect("records lock poisoned").done.clear();
+                resume = None;
+                continue;
+            }
+            e if retriable(e) && known.is_some() => {
+                let since = *down_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= opts.retry_for {
+                    run.flush();
+                    return Err(MigrateError::LinkDown {
+                        migration_id: known.unwrap_or_default(),
+                        secs: since.elapsed().as_secs(),
+                        last: e.to_string(),
+                    });
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "lost the endpoint; reconnecting to resume");
+                run.flush();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                reconnects += 1;
+                let done = run.records.lock().expect("records lock poisoned").done.clone();
+                resume = known.map(|id| (id, done));
+            }
+            e => {
+                run.flush();
+                if cloud_discarded(e) {
+                    run.remove_checkpoint();
+                }
+                return Err(e_into(e));
+            }
+        }
+    }
+}
+
+/// Aborts the unfinished migration recorded for `vm` and `target` in
+/// `opts.state_dir`: the endpoint discards its files and frees the VM name, and
+/// the checkpoint is removed. Returns what happened, for the operator.
+pub async fn abort(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> Result<String, MigrateError> {
+    let plan = build_plan(vm, opts);
+    let endpoint = target.addr.to_string();
+    let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
+    let mut ckpt = Checkpoint::at(&dir, &vm.vmx_path, &endpoint, &plan.vm.name);
+    let loaded = ckpt
+        .load()
+        .map_err(|e| MigrateError::Target(format!("cannot read the checkpoint {}: {e}", ckpt.path().display())))?;
+    let Some((header, _)) = loaded else {
+        return Err(MigrateError::Target(format!(
+            "no unfinished migration of {} to {endpoint} as {:?} is recorded in {}; nothing to abort",
+            vm.vmx_path.display(),
+            plan.vm.name,
+            dir.display()
+        )));
+    };
+    // The plan the migration started with, even if the source changed since.
+    let plan = match gateway::wire::control::decode::<MigrationPlan>(&header.plan) {
+        Ok(gateway::wire::Decoded::Frame(p, _)) => p,
+        _ => plan,
+    };
+    let id = header.migration_id.clone();
+    let (endpoint_conn, conn) = target.connect(&opts.tuning).await?;
+    let mut s = SenderSession::resuming(
         SenderConfig::new(&opts.agent, &target.user, &target.password),
-        plan.clone(),
+        plan,
+        id.clone(),
+        Vec::new(),
         Instant::now(),
     )?;
+    let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
+    let mut writer = ControlWriter::open(send, true).await?;
+    let mut reader = ControlReader::open(recv, false).await?;
+    let outcome: Result<(), MigrateError> = async {
+        loop {
+            while let Some(msg) = s.poll_transmit(Instant::now()) {
+                writer.send(&msg).await?;
+            }
+            if s.is_finished() {
+                return Ok(());
+            }
+            let msg = tokio::time::timeout(Duration::from_secs(60), reader.recv::<CloudMessage>())
+                .await
+                .map_err(|_| MigrateError::Target("the endpoint did not answer within 60 s".into()))??
+                .ok_or(TransportError::StreamClosed)?;
+            s.handle_control(msg, Instant::now())?;
+            while let Some(event) = s.poll_event() {
+                if let SenderEvent::Resumed { .. } = event {
+                    s.abort("aborted by the operator (edge-agent abort)");
+                }
+            }
+        }
+    }
+    .await;
+    match outcome.map_err(refine) {
+        Ok(()) => {
+            writer.finish();
+            // The endpoint confirms the discard by closing with Aborted.
+            let closed = tokio::time::timeout(Duration::from_secs(30), conn.closed()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint_conn.wait_idle()).await;
+            match closed {
+                Ok(quinn::ConnectionError::ApplicationClosed(c))
+                    if RefusalCode::from_close_code(c.error_code.into_inner()) == Some(RefusalCode::Aborted) =>
+                {
+                    ckpt.remove();
+                    Ok(format!(
+                        "migration {id} aborted: {}",
+                        String::from_utf8_lossy(&c.reason)
+                    ))
+                }
+                other => Err(MigrateError::Target(format!(
+                    "the endpoint did not confirm the abort of {id} ({other:?}); run the same command again"
+                ))),
+            }
+        }
+        Err(MigrateError::Refused {
+            code: RefusalCode::UnknownMigration,
+            problems,
+        }) => {
+            ckpt.remove();
+            Ok(format!(
+                "nothing to abort at the endpoint: {}; the local checkpoint was removed",
+                problems.join("; ")
+            ))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The error as returned (the match above borrows it).
+fn e_into(e: &MigrateError) -> MigrateError {
+    match e {
+        MigrateError::Refused { code, problems } => MigrateError::Refused {
+            code: *code,
+            problems: problems.clone(),
+        },
+        other => MigrateError::Target(other.to_string()),
+    }
+}
+
+/// Errors after which the same migration can go on over a new connection.
+fn retriable(e: &MigrateError) -> bool {
+    matches!(
+        e,
+        MigrateError::Transport(_)
+            | MigrateError::Refused {
+                code: RefusalCode::Busy,
+                ..
+            }
+            | MigrateError::Protocol(ProtocolError::TimedOut(_))
+    )
+}
+
+/// Whether the cloud threw the migration away (so the checkpoint is worthless).
+fn cloud_discarded(e: &MigrateError) -> bool {
+    match e {
+        MigrateError::Refused { code, .. } => !matches!(code, RefusalCode::Paused | RefusalCode::Busy),
+        MigrateError::Protocol(_) => true,
+        _ => false,
+    }
+}
+
+fn time_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A checkpoint is only resumed for the same plan and an unchanged source: its files'
+/// stamps, and a re-read of up to 16 recorded chunks spread over the disks.
+fn check_unchanged(
+    recorded: &Header,
+    now: &Header,
+    plan: &MigrationPlan,
+    disks: &[Box<dyn DiskReader>],
+    done: &[(u16, u64, [u8; 32])],
+    path: &std::path::Path,
+) -> Result<(), MigrateError> {
+    let changed = |what: String| MigrateError::SourceChanged {
+        migration_id: recorded.migration_id.clone(),
+        what,
+        checkpoint: path.to_owned(),
+    };
+    if recorded.plan_digest != now.plan_digest {
+        return Err(changed("the VM's configuration or the migration options differ".into()));
+    }
+    for (was, is) in recorded.source.iter().zip(&now.source) {
+        if was != is {
+            return Err(changed(format!(
+                "{} was modified (size {} -> {}, modified {} -> {} ns)",
+                is.path.display(),
+                was.len,
+                is.len,
+                was.mtime_ns,
+                is.mtime_ns
+            )));
+        }
+    }
+    if recorded.source.len() != now.source.len() {
+        return Err(changed("its set of files differs".into()));
+    }
+    let cs = u64::from(plan.chunk_size);
+    let step = (done.len() / 16).max(1);
+    let mut plain = Vec::new();
+    for &(disk, index, hash) in done.iter().step_by(step).take(16) {
+        let Some(reader) = disks.get(usize::from(disk)) else {
+            return Err(changed(format!("the checkpoint names disk {disk}")));
+        };
+        let offset = index * cs;
+        if offset >= reader.capacity() {
+            return Err(changed(format!("disk {disk} is smaller than recorded")));
+        }
+        plain.resize((reader.capacity() - offset).min(cs) as usize, 0);
+        reader.read_at(offset, &mut plain).map_err(|e| MigrateError::Read {
+            what: format!("disk {disk} at offset {offset}"),
+            source: e,
+        })?;
+        if gateway::chunk::sha256(&plain) != hash {
+            return Err(changed(format!(
+                "disk {disk} at offset {offset} holds other data than was sent"
+            )));
+        }
+    }
+    Ok(())
+}
+
+type AttemptFailure = (MigrateError, Option<String>, bool);
+
+/// One connection's worth of the migration. On failure: the error, the
+/// migration id if the cloud named it, and whether this attempt got as far as
+/// streaming (then the backoff starts over).
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    vm: &SourceVm,
+    target: &Target,
+    opts: &MigrateOptions,
+    plan: &MigrationPlan,
+    disks: &Arc<Vec<Box<dyn DiskReader>>>,
+    resume: Option<(String, Vec<DoneChunk>)>,
+    run: &Arc<RunState>,
+    sink: Arc<dyn ProgressSink>,
+    started: Instant,
+) -> Result<Summary, AttemptFailure> {
+    let _ = vm;
+    let total = plan.logical_bytes();
+    let (endpoint, conn) = target
+        .connect(&opts.tuning)
+        .await
+        .map_err(|e| (MigrateError::from(e), None, false))?;
+    tracing::info!(endpoint = %target.addr, "connected");
+
+    let config = SenderConfig::new(&opts.agent, &target.user, &target.password);
+    let session = match resume {
+        Some((id, done)) => SenderSession::resuming(config, plan.clone(), id, done, Instant::now()),
+        None => SenderSession::new(config, plan.clone(), Instant::now()),
+    }
+    .map_err(|e| (e.into(), None, false))?;
     let shared = Arc::new(Shared {
         session: Mutex::new(session),
         wake_writer: Notify::new(),
@@ -269,11 +688,16 @@ pub async fn run(
         senders_starved_ns: AtomicU64::new(0),
         spare: Mutex::new(Vec::new()),
         levels: Mutex::new(LevelController::new(opts.compression)),
+        run: run.clone(),
     });
 
-    let result = drive(&shared, &conn, &disks, opts, &plan, sink.clone(), started).await;
+    let result = drive(&shared, &conn, disks, opts, plan, sink.clone(), started).await;
     shared.update_jobs(|j| j.closed = true);
     let wire_bytes = conn.stats().udp_tx.bytes;
+    let (migration_id, progressed) = {
+        let s = shared.session();
+        (s.migration_id().map(str::to_owned), s.migration_id().is_some())
+    };
     match result {
         Ok((vm_id, vm_path, migration_id)) => {
             // The VM is registered whatever happens to its receipt now.
@@ -293,8 +717,10 @@ pub async fn run(
                 done_bytes: s.done_bytes(),
                 total_bytes: total,
                 wire_bytes,
+                sent_bytes: run.sent_bytes.load(Ordering::Relaxed),
                 elapsed_secs: secs(duration),
             });
+            let kept = kept.map_err(|e| (e, Some(migration_id.clone()), true))?;
             Ok(Summary {
                 vm: plan.vm.name.clone(),
                 vm_id,
@@ -306,18 +732,25 @@ pub async fn run(
                 payload_bytes: shared.payload_bytes.load(Ordering::Relaxed),
                 wire_bytes,
                 resent_chunks: shared.resent_chunks.load(Ordering::Relaxed),
+                sent_bytes: run.sent_bytes.load(Ordering::Relaxed),
+                resent_bytes: run.resent_bytes.load(Ordering::Relaxed),
+                resumed_bytes: s.resumed_bytes(),
+                reconnects: 0,
                 duration_secs: secs(duration),
-                receipt_path: kept?,
+                receipt_path: kept,
                 receipt: receipt.unwrap_or_default(),
             })
         }
         Err(e) => {
-            // Closing tells the cloud to discard what it staged; it would also
-            // do so on the idle timeout, but not as soon.
             let e = refine(e);
-            transport::close(&conn, RefusalCode::Aborted, &e.to_string());
+            // A lost link gets no close (there is nobody to tell); anything
+            // else tells the cloud at once why this connection ends. The cloud
+            // keeps the migration for a resume unless it refused it.
+            if !matches!(e, MigrateError::Transport(_)) {
+                transport::close(&conn, RefusalCode::Aborted, &e.to_string());
+            }
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-            Err(e)
+            Err((e, migration_id, progressed))
         }
     }
 }
@@ -416,11 +849,15 @@ async fn drive(
                         tracing::debug!(level, ?pressure, "zstd level changed");
                     }
                 }
+                if ticks.is_multiple_of(TICKS_PER_WINDOW) {
+                    shared.run.flush();
+                }
                 let done_bytes = shared.session().done_bytes();
                 sink.progress(&Progress {
                     done_bytes,
                     total_bytes: total,
                     wire_bytes: conn.stats().udp_tx.bytes,
+                    sent_bytes: shared.run.sent_bytes.load(Ordering::Relaxed),
                     elapsed_secs: secs(started.elapsed()),
                 });
             }
@@ -507,11 +944,28 @@ async fn control_reader(
                     datastore,
                 } => {
                     tracing::info!(migration = %id, %datastore, "plan accepted");
+                    shared.run.started(&id);
                     sink.started(&plan.vm.name, &id, plan.logical_bytes());
                     migration_id = id;
                     shared.update_jobs(|j| j.started = true);
                 }
-                SenderEvent::Acked { .. } => {}
+                SenderEvent::Resumed {
+                    migration_id: id,
+                    datastore,
+                    done_bytes,
+                    to_hash,
+                } => {
+                    tracing::info!(migration = %id, %datastore, done_bytes, to_hash, "migration resumed");
+                    sink.started(&plan.vm.name, &id, plan.logical_bytes());
+                    migration_id = id;
+                    shared.update_jobs(|j| j.started = true);
+                }
+                SenderEvent::Acked { disk, chunks, .. } => {
+                    let cs = u64::from(plan.chunk_size);
+                    for (offset, hash) in chunks {
+                        shared.run.record(disk, offset / cs, hash);
+                    }
+                }
                 SenderEvent::Resend { disk, offset } => {
                     tracing::warn!(disk, offset, "chunk rejected by the cloud, resending");
                     shared.resent_chunks.fetch_add(1, Ordering::Relaxed);
@@ -549,11 +1003,23 @@ async fn sealer(
     });
     let chunk_size = u64::from(shared.session().plan().chunk_size);
     while let Some((disk, offset)) = shared.next_job().await {
+        // After a resume most chunks are done; some are known zero or only
+        // need their hash.
+        let work = shared.session().work_for(disk, offset);
+        match work {
+            Work::Skip => continue,
+            Work::Zero => {
+                zero_done(shared, disk, offset);
+                continue;
+            }
+            Work::Send | Work::Hash => {}
+        }
         let mut b = bufs.take().expect("buffers returned after each chunk");
         if let Some(spare) = shared.spare.lock().expect("spare lock poisoned").pop() {
             b.payload = spare;
         }
         let level = shared.level.load(Ordering::Relaxed);
+        let chunk_len = (disks[usize::from(disk)].capacity() - offset).min(chunk_size) as usize;
         let disks = disks.clone();
         let (mut b, sealed_chunk) = tokio::task::spawn_blocking(move || {
             let reader = &disks[usize::from(disk)];
@@ -569,7 +1035,9 @@ async fn sealer(
                     source: e,
                 });
             }
-            let sealed = if is_zero(&b.plain) {
+            let sealed = if work == Work::Hash {
+                Sealed::Hashed(gateway::chunk::sha256(&b.plain))
+            } else if is_zero(&b.plain) {
                 Sealed::Zero
             } else {
                 // A level zstd refuses keeps the previous one: still correct.
@@ -581,7 +1049,16 @@ async fn sealer(
         .await
         .expect("sealing does not panic")?;
         match sealed_chunk {
-            Sealed::Zero => shared.session().chunk_zero(disk, offset),
+            Sealed::Zero if work == Work::Hash => {
+                let zero = gateway::chunk::sha256(&vec![0; chunk_len]);
+                shared.session().chunk_hashed(disk, offset, zero);
+                shared.run.record(disk, offset / chunk_size, zero);
+            }
+            Sealed::Zero => zero_done(shared, disk, offset),
+            Sealed::Hashed(hash) => {
+                shared.session().chunk_hashed(disk, offset, hash);
+                shared.run.record(disk, offset / chunk_size, hash);
+            }
             Sealed::Data(header) => {
                 shared.session().chunk_sent(disk, offset, header.sha256);
                 let chunk = SealedChunk {
@@ -629,6 +1106,11 @@ async fn sender(
         }
         let s = stream.as_mut().expect("opened above");
         s.send_chunk(&chunk.header, &chunk.payload).await?;
+        shared.run.sent(
+            chunk.header.disk,
+            chunk.header.offset,
+            u64::from(chunk.header.plain_len),
+        );
         shared.payload_bytes.fetch_add(len, Ordering::Relaxed);
         shared.spare.lock().expect("spare lock poisoned").push(chunk.payload);
     }

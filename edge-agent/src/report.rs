@@ -14,6 +14,8 @@ pub struct Progress {
     pub total_bytes: u64,
     /// Bytes sent on the wire so far (UDP payload, after compression and encryption).
     pub wire_bytes: u64,
+    /// Plaintext bytes of the data chunks this process sent, repeats included.
+    pub sent_bytes: u64,
     pub elapsed_secs: f64,
 }
 
@@ -51,6 +53,16 @@ pub struct Summary {
     pub wire_bytes: u64,
     /// Chunks resent after the cloud rejected them.
     pub resent_chunks: u64,
+    /// Plaintext bytes of the data chunks this process sent, repeats included.
+    pub sent_bytes: u64,
+    /// Plaintext bytes this process sent more than once: after a reconnect, what was
+    /// in flight at the break; after a rejection, the rejected chunk.
+    pub resent_bytes: u64,
+    /// Bytes the cloud already held when this process resumed the migration
+    /// (not sent again).
+    pub resumed_bytes: u64,
+    /// Times the link was lost and the migration resumed on a new connection.
+    pub reconnects: u32,
     pub duration_secs: f64,
     /// Where the endpoint's signed receipt was written, if it was.
     pub receipt_path: Option<PathBuf>,

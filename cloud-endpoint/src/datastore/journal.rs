@@ -52,7 +52,8 @@ impl Journal {
         let len = file.metadata().map_err(io_err("inspect journal", &path))?.len();
         let whole = len - len % RECORD as u64;
         if whole != len {
-            file.set_len(whole).map_err(io_err("cut the torn end of journal", &path))?;
+            file.set_len(whole)
+                .map_err(io_err("cut the torn end of journal", &path))?;
         }
         Ok(Journal {
             path,
@@ -110,7 +111,10 @@ impl Journal {
             let count = u64::from_be_bytes(r[16..24].try_into().expect("8 bytes"));
             let hash: [u8; 32] = r[24..56].try_into().expect("32 bytes");
             let Some(h) = hashes.get(usize::from(disk)) else {
-                return Err(corrupt(format!("a record names disk {disk}, the plan has {}", hashes.len())));
+                return Err(corrupt(format!(
+                    "a record names disk {disk}, the plan has {}",
+                    hashes.len()
+                )));
             };
             let first = offset / cs;
             let fits = offset % cs == 0
@@ -164,12 +168,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plan = plan();
         let j = Journal::open(dir.path()).unwrap();
-        j.append(
-            &Unsynced {
-                chunks: vec![(0, 0, [7; 32]), (0, 3 << 20, [8; 32])],
-                zero_runs: vec![(0, 5 << 20, 2)],
-            }
-        )
+        j.append(&Unsynced {
+            chunks: vec![(0, 0, [7; 32]), (0, 3 << 20, [8; 32])],
+            zero_runs: vec![(0, 5 << 20, 2)],
+        })
         .unwrap();
         drop(j);
         // A crash in the middle of the next append.
@@ -197,23 +199,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plan = plan();
         let j = Journal::open(dir.path()).unwrap();
-        j.append(
-            &Unsynced {
-                chunks: vec![(1, 0, [7; 32])],
-                zero_runs: vec![],
-            }
-        )
+        j.append(&Unsynced {
+            chunks: vec![(1, 0, [7; 32])],
+            zero_runs: vec![],
+        })
         .unwrap();
         let e = j.read(&plan).unwrap_err().to_string();
         assert!(e.contains("disk 1") && e.contains(JOURNAL_FILE), "{e}");
         let j2 = tempfile::tempdir().unwrap();
         let j2 = Journal::open(j2.path()).unwrap();
-        j2.append(
-            &Unsynced {
-                chunks: vec![],
-                zero_runs: vec![(0, 9 << 20, 2)],
-            }
-        )
+        j2.append(&Unsynced {
+            chunks: vec![],
+            zero_runs: vec![(0, 9 << 20, 2)],
+        })
         .unwrap();
         assert!(j2.read(&plan).unwrap_err().to_string().contains("does not fit"));
     }

@@ -35,8 +35,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use disk::DiskFile;
-pub use journal::{Journal, JOURNAL_FILE};
 pub use gateway::plan::DiskFormat;
+pub use journal::{Journal, JOURNAL_FILE};
 use vmx::vmx_text;
 pub(crate) use vmx::{parse_disk_key, VIRTUAL_HW_VERSION};
 pub use vmx::{VmxDisk, VmxNic, VmxSpec};
@@ -252,7 +252,9 @@ impl Datastore {
         }
         let dir = self.root.join(STAGING).join(migration_id);
         if !dir.is_dir() {
-            return Err(io_err("reopen staging folder", &dir)(io::Error::from(io::ErrorKind::NotFound)));
+            return Err(io_err("reopen staging folder", &dir)(io::Error::from(
+                io::ErrorKind::NotFound,
+            )));
         }
         Ok(Staging {
             dir,

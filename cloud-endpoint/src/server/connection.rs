@@ -164,7 +164,11 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
             tracing::warn!(reason = %why, "migration not committed; kept for a resume");
             let _ = tokio::task::spawn_blocking(move || placement::suspend(&domain, staged, &unsynced, &why)).await;
         } else {
-            let why = if aborted { "aborted through the API".to_owned() } else { why };
+            let why = if aborted {
+                "aborted through the API".to_owned()
+            } else {
+                why
+            };
             tracing::warn!(reason = %why, "migration not committed; discarding");
             let _ = tokio::task::spawn_blocking(move || placement::discard(&domain, staged, &why)).await;
         }
@@ -189,7 +193,13 @@ async fn sync(ctx: Arc<Ctx>) {
         if batch.is_empty() {
             continue;
         }
-        let Some(journal) = ctx.staged.lock().expect("staged lock").as_ref().map(|s| s.journal.clone()) else {
+        let Some(journal) = ctx
+            .staged
+            .lock()
+            .expect("staged lock")
+            .as_ref()
+            .map(|s| s.journal.clone())
+        else {
             continue;
         };
         let disks = ctx.disks.lock().expect("disks lock").clone();

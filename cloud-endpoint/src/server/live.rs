@@ -85,7 +85,8 @@ impl LiveMigrations {
         match self.lock().get(id) {
             Some(e) => {
                 e.aborted.store(true, Ordering::SeqCst);
-                e.conn.close(RefusalCode::Aborted.close_code().into(), reason.as_bytes());
+                e.conn
+                    .close(RefusalCode::Aborted.close_code().into(), reason.as_bytes());
                 true
             }
             None => false,

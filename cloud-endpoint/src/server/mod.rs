@@ -30,7 +30,7 @@ pub(crate) struct Caps {
 }
 
 /// Serves migrations on `socket` until `shutdown` completes, then closes every
-/// connection (their uncommitted migrations are discarded) and returns.
+/// connection (their uncommitted migrations wait for their edges to resume them) and returns.
 pub async fn run(
     socket: UdpSocket,
     domain: Arc<Domain>,
@@ -94,9 +94,11 @@ pub async fn run(
         while conns.try_join_next().is_some() {}
     }
     tracing::info!("shutting down: closing connections");
+    // Busy, not Aborted: running migrations are kept, and their edges retry
+    // until the endpoint is back, then resume.
     endpoint.close(
-        RefusalCode::Aborted.close_code().into(),
-        b"cloud endpoint shutting down",
+        RefusalCode::Busy.close_code().into(),
+        b"cloud endpoint shutting down; running migrations are kept and resume when it is back",
     );
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while conns.join_next().await.is_some() {}

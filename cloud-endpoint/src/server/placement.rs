@@ -36,7 +36,11 @@ fn plan_bytes(plan: &MigrationPlan) -> Vec<u8> {
 }
 
 /// Cloud network (id, name) of each NIC, or the problems.
-fn map_nics(domain: &Domain, plan: &MigrationPlan, problems: &mut Vec<String>) -> Result<Vec<(String, String)>, Refusal> {
+fn map_nics(
+    domain: &Domain,
+    plan: &MigrationPlan,
+    problems: &mut Vec<String>,
+) -> Result<Vec<(String, String)>, Refusal> {
     let networks = domain.inventory.networks().map_err(endpoint_failure)?;
     let names: Vec<&str> = networks.iter().map(|n| n.name.as_str()).collect();
     for (from, to) in &plan.network_map {
@@ -294,7 +298,11 @@ pub fn resume(
     }
     let format = match info.disk_format.as_deref().map(str::parse::<DiskFormat>) {
         Some(Ok(format)) => format,
-        _ => return Err(endpoint_failure(format!("migration {migration_id} has no disk format recorded"))),
+        _ => {
+            return Err(endpoint_failure(format!(
+                "migration {migration_id} has no disk format recorded"
+            )))
+        }
     };
     let mut problems = Vec::new();
     let nic_networks = map_nics(domain, plan, &mut problems)?;
@@ -513,7 +521,10 @@ pub fn finalize(
 /// removes their staged files. Returns their ids.
 pub fn expire(domain: &Domain, window: std::time::Duration) -> Vec<String> {
     let cutoff = time::OffsetDateTime::now_utc() - window;
-    let ids = match domain.inventory.interrupted_before(&crate::inventory::timestamp(cutoff)) {
+    let ids = match domain
+        .inventory
+        .interrupted_before(&crate::inventory::timestamp(cutoff))
+    {
         Ok(ids) => ids,
         Err(e) => {
             tracing::error!(error = %e, "cannot list interrupted migrations");

@@ -33,7 +33,7 @@ mod sender;
 mod tests;
 
 pub use receiver::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession, Registered, Unsynced};
-pub use sender::{SenderConfig, SenderEvent, SenderSession, Work};
+pub use sender::{DoneChunk, SenderConfig, SenderEvent, SenderSession, Work};
 
 use crate::wire::{RefusalCode, WireError};
 

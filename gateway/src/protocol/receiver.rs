@@ -45,10 +45,7 @@ pub enum ReceiverEvent {
     /// Check that this edge may continue `migration_id` with this (unchanged)
     /// plan, reopen its staged files and read its journal; answer with
     /// [`ReceiverSession::resume_accepted`] or [`ReceiverSession::refuse`].
-    ValidateResume {
-        migration_id: String,
-        plan: MigrationPlan,
-    },
+    ValidateResume { migration_id: String, plan: MigrationPlan },
     /// Every disk is complete and its Merkle root matches the edge's: make the
     /// files durable, register the VM with a receipt stating the roots
     /// ([`ReceiverSession::disk_roots`]), then answer with

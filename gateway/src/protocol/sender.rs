@@ -107,6 +107,9 @@ enum ChunkState {
     Done,
 }
 
+/// A chunk known to be done: (disk, chunk index, plaintext hash).
+pub type DoneChunk = (u16, u64, [u8; 32]);
+
 /// What the driver must do with one chunk (see [`SenderSession::work_for`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
@@ -154,7 +157,8 @@ pub struct SenderSession {
     /// Resuming: the migration to continue, and what this agent's checkpoint
     /// recorded as done (disk, chunk index, hash), until the cloud says what
     /// it holds.
-    resume: Option<(String, Vec<(u16, u64, [u8; 32])>)>,
+    resume: Option<(String, Vec<DoneChunk>)>,
+    resumed_bytes: u64,
 }
 
 impl SenderSession {
@@ -198,6 +202,7 @@ impl SenderSession {
             migration_id: None,
             receipt: None,
             resume: None,
+            resumed_bytes: 0,
         })
     }
 
@@ -209,7 +214,7 @@ impl SenderSession {
         config: SenderConfig,
         plan: MigrationPlan,
         migration_id: String,
-        checkpoint: Vec<(u16, u64, [u8; 32])>,
+        checkpoint: Vec<DoneChunk>,
         now: Instant,
     ) -> Result<Self, ProtocolError> {
         let mut s = SenderSession::new(config, plan, now)?;
@@ -220,6 +225,17 @@ impl SenderSession {
     /// The migration id, once the cloud accepted (or resumed) the plan.
     pub fn migration_id(&self) -> Option<&str> {
         self.migration_id.as_deref()
+    }
+
+    /// The plaintext hash of a chunk, once it is known here (sent, acknowledged or zero).
+    pub fn chunk_hash(&self, disk: u16, offset: u64) -> Option<[u8; 32]> {
+        let d = self.disks.get(usize::from(disk))?;
+        d.hashes.get(checked_index(d, offset, self.chunk_size())?)
+    }
+
+    /// Bytes the cloud already held when it resumed this migration.
+    pub fn resumed_bytes(&self) -> u64 {
+        self.resumed_bytes
     }
 
     /// What to do with the chunk at `offset` of `disk`.
@@ -367,6 +383,7 @@ impl SenderSession {
                     return Err(self.unexpected("Resumed"));
                 }
                 self.on_resumed(&done)?;
+                self.resumed_bytes = self.done_bytes();
                 self.phase = Phase::Streaming;
                 self.deadline = None;
                 self.migration_id = Some(migration_id.clone());

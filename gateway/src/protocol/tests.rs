@@ -400,7 +400,10 @@ fn a_broken_migration_resumes_and_resends_only_what_was_not_acknowledged() {
     first.to_edge.clear();
     first.to_cloud.clear();
     let durable = first.cloud_journal.len();
-    assert!(durable > 4 && durable < chunks, "{durable} of {chunks} chunks durable at the break");
+    assert!(
+        durable > 4 && durable < chunks,
+        "{durable} of {chunks} chunks durable at the break"
+    );
     // The edge's checkpoint missed the last acknowledgements it was sent.
     let acked_late = 2;
     first.edge_checkpoint.truncate(first.edge_checkpoint.len() - acked_late);
@@ -411,7 +414,10 @@ fn a_broken_migration_resumes_and_resends_only_what_was_not_acknowledged() {
     assert!(second.receiver.is_committed());
     assert_eq!(second.dests, sources, "the resumed copy is identical");
     assert!(second.edge_receipt.is_some());
-    assert_eq!(second.hashed, acked_late, "chunks the cloud had but the edge did not record are hashed, not sent");
+    assert_eq!(
+        second.hashed, acked_late,
+        "chunks the cloud had but the edge did not record are hashed, not sent"
+    );
     // Only chunks the cloud did not hold durably crossed the link again.
     let zero_chunks_left = (0..sources.len())
         .flat_map(|d| {
@@ -432,12 +438,14 @@ fn a_broken_migration_resumes_and_resends_only_what_was_not_acknowledged() {
 }
 
 fn first_journal_has(journal: &[(u16, u64, [u8; 32])], disk: usize, index: usize) -> bool {
-    journal.iter().any(|&(d, i, _)| usize::from(d) == disk && i == index as u64)
+    journal
+        .iter()
+        .any(|&(d, i, _)| usize::from(d) == disk && i == index as u64)
 }
 
 #[test]
 fn a_resume_that_names_another_migration_or_bad_bitmaps_fails() {
-    let sources = vec![disk_image(31, 4)];
+    let sources = [disk_image(31, 4)];
     let plan = plan(&sources.iter().collect::<Vec<_>>());
     let now = Instant::now();
     let config = || SenderConfig::new("edge-test", "migrator@cloud.local", "secret");
@@ -449,7 +457,9 @@ fn a_resume_that_names_another_migration_or_bad_bitmaps_fails() {
     let mut s = SenderSession::resuming(config(), plan.clone(), "migration-1".into(), vec![], now).unwrap();
     s.handle_control(welcome.clone(), now).unwrap();
     assert!(matches!(s.poll_transmit(now), Some(EdgeMessage::Hello { .. })));
-    assert!(matches!(s.poll_transmit(now), Some(EdgeMessage::Resume { migration_id, .. }) if migration_id == "migration-1"));
+    assert!(
+        matches!(s.poll_transmit(now), Some(EdgeMessage::Resume { migration_id, .. }) if migration_id == "migration-1")
+    );
     let other = CloudMessage::Resumed {
         migration_id: "migration-2".into(),
         datastore: "ds1".into(),
@@ -464,7 +474,10 @@ fn a_resume_that_names_another_migration_or_bad_bitmaps_fails() {
         datastore: "ds1".into(),
         done: vec![vec![0; 5]],
     };
-    assert!(matches!(s.handle_control(short, now), Err(ProtocolError::OutsidePlan(_))));
+    assert!(matches!(
+        s.handle_control(short, now),
+        Err(ProtocolError::OutsidePlan(_))
+    ));
     // A fresh migration never accepts Resumed, a resuming one never PlanAccepted.
     let mut s = SenderSession::new(config(), plan.clone(), now).unwrap();
     s.handle_control(welcome.clone(), now).unwrap();
@@ -519,12 +532,21 @@ fn acknowledgements_wait_for_the_sync_and_a_paused_migration_keeps_its_files() {
     let batch = r.take_unsynced();
     assert_eq!(batch.chunks, vec![(0, 0, h.sha256)]);
     r.synced(&batch);
-    assert_eq!(r.poll_transmit(), Some(CloudMessage::Acks { disk: 0, offsets: vec![0] }));
+    assert_eq!(
+        r.poll_transmit(),
+        Some(CloudMessage::Acks {
+            disk: 0,
+            offsets: vec![0]
+        })
+    );
     assert!(r.is_resumable(), "a link lost while streaming keeps the files");
     r.pause(vec!["datastore full".into()]);
     assert!(matches!(
         r.poll_transmit(),
-        Some(CloudMessage::Refused { code: RefusalCode::Paused, .. })
+        Some(CloudMessage::Refused {
+            code: RefusalCode::Paused,
+            ..
+        })
     ));
     assert!(r.poll_event().is_none(), "a pause discards nothing");
     assert!(r.is_resumable());

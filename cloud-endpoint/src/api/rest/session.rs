@@ -74,9 +74,8 @@ fn rfc3339_millis(t: OffsetDateTime) -> String {
     // A fixed three-digit fraction: the well-known RFC 3339 formatter trims
     // trailing zeros (`.060` becomes `.06`), which clients parsing a fixed
     // width reject.
-    const FORMAT: &[time::format_description::FormatItem<'_>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
+    const FORMAT: &[time::format_description::FormatItem<'_>] =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     t.to_offset(time::UtcOffset::UTC)
         .format(FORMAT)
         .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())

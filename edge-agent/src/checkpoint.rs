@@ -1,0 +1,279 @@
+//! The edge's record of a migration in progress, so that a restarted agent (or one whose
+//! link dropped) continues instead of starting over.
+//!
+//! Two files per migration in the state folder, named by a key of (source, endpoint,
+//! VM name in the cloud):
+//!
+//! ```text
+//! <key>.json     header: migration id, endpoint, plan digest, source fingerprint
+//! <key>.chunks   appended: (disk u16, chunk index u64, sha256 [32]) per chunk the
+//!                cloud acknowledged or that was declared zero
+//! ```
+//! The cloud's journal decides what is done; this record only spares reading and
+//! hashing those chunks again (a chunk the cloud holds but this file misses is read and
+//! hashed, not sent). The fingerprint (size, modification and change times, inode of
+//! the .vmx and every disk file) and a re-hash of a few recorded chunks detect a source
+//! that changed while the migration was paused: resuming it would mix old and new blocks.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use gateway::protocol::DoneChunk;
+use serde::{Deserialize, Serialize};
+
+use crate::source::SourceVm;
+
+const RECORD: usize = 2 + 8 + 32;
+
+/// The state folder when none is given: `$EDGE_AGENT_STATE_DIR`, else
+/// `$XDG_STATE_HOME/edge-agent`, else `~/.local/state/edge-agent`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("edge-agent");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/edge-agent"),
+        None => PathBuf::from("/var/lib/edge-agent"),
+    }
+}
+
+/// One file's identity at the time the migration started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub path: PathBuf,
+    pub len: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+    pub inode: u64,
+}
+
+/// Stamps of the .vmx (or OVF/OVA) and every disk file.
+pub fn fingerprint(vm: &SourceVm) -> io::Result<Vec<FileStamp>> {
+    let mut paths: Vec<&Path> = vec![&vm.vmx_path];
+    paths.extend(vm.disks.iter().map(|d| d.path.as_path()));
+    paths.dedup();
+    paths
+        .into_iter()
+        .map(|p| {
+            let m = fs::metadata(p)?;
+            Ok(FileStamp {
+                path: p.to_owned(),
+                len: m.len(),
+                mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+                ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+                inode: m.ino(),
+            })
+        })
+        .collect()
+}
+
+/// What the header records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub migration_id: String,
+    pub endpoint: String,
+    pub vm_name: String,
+    /// SHA-256 of the plan's wire encoding.
+    pub plan_digest: String,
+    /// The plan's wire encoding itself: `edge-agent abort` names the migration with
+    /// it even when the source changed since.
+    #[serde(default)]
+    pub plan: Vec<u8>,
+    pub source: Vec<FileStamp>,
+    pub started: String,
+}
+
+/// The two files of one migration's record.
+#[derive(Debug)]
+pub struct Checkpoint {
+    header_path: PathBuf,
+    chunks_path: PathBuf,
+    chunks: Option<File>,
+    pending: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// The record for `source` migrated to `endpoint` as `vm_name`, under `dir`.
+    pub fn at(dir: &Path, source: &Path, endpoint: &str, vm_name: &str) -> Checkpoint {
+        let source = fs::canonicalize(source).unwrap_or_else(|_| source.to_owned());
+        let key = gateway::chunk::sha256(format!("{}\n{endpoint}\n{vm_name}", source.display()).as_bytes());
+        let safe: String = vm_name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(40)
+            .collect();
+        let base = format!("{safe}-{}", &gateway::integrity::hex(&key)[..16]);
+        Checkpoint {
+            header_path: dir.join(format!("{base}.json")),
+            chunks_path: dir.join(format!("{base}.chunks")),
+            chunks: None,
+            pending: Vec::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.header_path
+    }
+
+    /// The recorded header and chunks, if a record exists. A torn last chunk record is
+    /// ignored.
+    pub fn load(&self) -> io::Result<Option<(Header, Vec<DoneChunk>)>> {
+        let text = match fs::read_to_string(&self.header_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let header: Header = serde_json::from_str(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", self.header_path.display()),
+            )
+        })?;
+        let mut data = Vec::new();
+        match File::open(&self.chunks_path) {
+            Ok(mut f) => {
+                f.read_to_end(&mut data)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let chunks = data
+            .chunks_exact(RECORD)
+            .map(|r| {
+                (
+                    u16::from_be_bytes([r[0], r[1]]),
+                    u64::from_be_bytes(r[2..10].try_into().expect("8 bytes")),
+                    r[10..42].try_into().expect("32 bytes"),
+                )
+            })
+            .collect();
+        Ok(Some((header, chunks)))
+    }
+
+    /// Starts a record (replacing any): the header, and an empty chunk list.
+    pub fn start(&mut self, header: &Header) -> io::Result<()> {
+        if let Some(dir) = self.header_path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = self.header_path.with_extension("json.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(
+            serde_json::to_string_pretty(header)
+                .map_err(io::Error::other)?
+                .as_bytes(),
+        )?;
+        f.sync_all()?;
+        let _ = fs::remove_file(&self.chunks_path);
+        fs::rename(&tmp, &self.header_path)?;
+        self.open_chunks()
+    }
+
+    /// Continues an existing record.
+    pub fn open_chunks(&mut self) -> io::Result<()> {
+        let f = OpenOptions::new().create(true).append(true).open(&self.chunks_path)?;
+        // Cut a torn last record, so appends stay aligned.
+        let len = f.metadata()?.len();
+        if len % RECORD as u64 != 0 {
+            f.set_len(len - len % RECORD as u64)?;
+        }
+        self.chunks = Some(f);
+        Ok(())
+    }
+
+    /// Queues chunk records; [`Checkpoint::flush`] writes them.
+    pub fn record(&mut self, disk: u16, index: u64, hash: &[u8; 32]) {
+        self.pending.extend_from_slice(&disk.to_be_bytes());
+        self.pending.extend_from_slice(&index.to_be_bytes());
+        self.pending.extend_from_slice(hash);
+    }
+
+    /// Writes and syncs the queued records.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if let Some(f) = self.chunks.as_mut() {
+            f.write_all(&self.pending)?;
+            f.sync_data()?;
+        }
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Removes the record (the migration committed, or the cloud discarded it).
+    pub fn remove(&mut self) {
+        self.chunks = None;
+        self.pending.clear();
+        let _ = fs::remove_file(&self.chunks_path);
+        let _ = fs::remove_file(&self.header_path);
+    }
+}
+
+/// SHA-256 of a plan's wire encoding, hex.
+pub fn plan_digest(plan: &gateway::plan::MigrationPlan) -> String {
+    let bytes = gateway::wire::control::encode(plan).unwrap_or_default();
+    gateway::integrity::hex(&gateway::chunk::sha256(&bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            migration_id: "migration-7".into(),
+            endpoint: "127.0.0.1:4433".into(),
+            vm_name: "web01".into(),
+            plan_digest: "ab".into(),
+            plan: vec![1, 2],
+            source: vec![],
+            started: "2026-11-26T10:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn a_record_survives_a_restart_and_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Checkpoint::at(dir.path(), Path::new("/vms/web01.vmx"), "127.0.0.1:4433", "web 01");
+        assert!(c.load().unwrap().is_none());
+        c.start(&header()).unwrap();
+        c.record(0, 3, &[9; 32]);
+        c.record(1, 0, &[8; 32]);
+        c.flush().unwrap();
+        drop(c);
+        let chunks = dir.path().join(
+            fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .find(|n| n.to_string_lossy().ends_with(".chunks"))
+                .unwrap(),
+        );
+        OpenOptions::new()
+            .append(true)
+            .open(&chunks)
+            .unwrap()
+            .write_all(&[1, 2, 3])
+            .unwrap();
+        let mut c = Checkpoint::at(dir.path(), Path::new("/vms/web01.vmx"), "127.0.0.1:4433", "web 01");
+        let (h, records) = c.load().unwrap().unwrap();
+        assert_eq!(h, header());
+        assert_eq!(records, vec![(0, 3, [9; 32]), (1, 0, [8; 32])]);
+        c.open_chunks().unwrap();
+        c.record(0, 4, &[7; 32]);
+        c.flush().unwrap();
+        assert_eq!(c.load().unwrap().unwrap().1.len(), 3);
+        // Another endpoint or name is another record.
+        let other = Checkpoint::at(dir.path(), Path::new("/vms/web01.vmx"), "10.0.0.1:4433", "web 01");
+        assert!(other.load().unwrap().is_none());
+        c.remove();
+        assert!(c.load().unwrap().is_none());
+    }
+}
