@@ -1,5 +1,5 @@
 //! The cloud domain's vSphere API over HTTPS, so that vSphere clients (curl, Ansible
-//! `vmware_rest`, PowerCLI, later the Python SDK) see the migrated VMs as they would in a
+//! `vmware_rest`, PowerCLI, the Python SDK) see the migrated VMs as they would in a
 //! vCenter.
 //!
 //! ```text
@@ -9,17 +9,21 @@
 //! error      vAPI's standard error kinds, rendered per protocol
 //! vcenter    the com.vmware.vcenter services over the inventory, protocol-neutral
 //! gateway    the gateway's own resources (migration records)
+//! tasks      com.vmware.cis.tasks: migrations shown as vSphere tasks
 //! rest       the REST protocol at /api: routes, session checks, query filters
+//! vapi       the vAPI JSON-RPC protocol at POST /api (the vSphere Automation SDKs)
 //! ```
 //!
-//! Protocols to come sit beside `rest` and reuse `session`, `error` and the services:
-//! vAPI JSON-RPC at `POST /api`, relocation tasks (`com.vmware.cis.tasks`).
+//! Both protocols share `session`, `error` and the services: a session from one works in
+//! the other, and a list answers the same objects for the same filter.
 
 pub mod error;
 pub mod gateway;
 mod https;
 pub mod rest;
 pub mod session;
+pub mod tasks;
+pub mod vapi;
 pub mod vcenter;
 
 use std::future::Future;
@@ -31,7 +35,7 @@ pub use https::{server_tls, ApiServeError};
 
 use crate::Domain;
 use error::ApiError;
-use session::SessionStore;
+use session::{Now, SessionStore};
 
 /// Logins (argon2 hashes) verified at once; more wait their turn.
 const CONCURRENT_LOGINS: usize = 4;
@@ -51,6 +55,32 @@ impl ApiState {
             sessions: Arc::new(SessionStore::default()),
             login_slots: Arc::new(Semaphore::new(CONCURRENT_LOGINS)),
         }
+    }
+
+    /// Checks a user and password of the cloud domain and starts a session; returns its
+    /// token. Bad credentials are UNAUTHENTICATED. Both protocols log in here.
+    pub async fn login(&self, user: String, password: String) -> Result<String, ApiError> {
+        // argon2 takes tens of milliseconds of CPU: a few logins at a time, each off the
+        // async workers, so a flood of logins cannot starve the other requests.
+        let _slot = self
+            .login_slots
+            .acquire()
+            .await
+            .map_err(|e| ApiError::internal("the login queue is closed", &e))?;
+        let name = user.clone();
+        let result = blocking(&self.domain, move |domain| {
+            Ok(domain.inventory.authenticate(&user, &password)?)
+        })
+        .await;
+        let principal = match result {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(user = %name, error = %e, "API login refused");
+                return Err(e);
+            }
+        };
+        tracing::info!(user = %principal.user, role = %principal.role, "API session started");
+        Ok(self.sessions.create(principal, Now::current()))
     }
 }
 

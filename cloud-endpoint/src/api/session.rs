@@ -146,6 +146,18 @@ impl SessionStore {
     }
 }
 
+/// RFC 3339 in UTC with milliseconds, as vCenter writes times (`2024-05-01T10:00:00.123Z`).
+pub fn rfc3339_millis(t: OffsetDateTime) -> String {
+    // A fixed three-digit fraction: the well-known RFC 3339 formatter trims
+    // trailing zeros (`.060` becomes `.06`), which clients parsing a fixed
+    // width reject.
+    const FORMAT: &[time::format_description::FormatItem<'_>] =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    t.to_offset(time::UtcOffset::UTC)
+        .format(FORMAT)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
+}
+
 fn new_token() -> String {
     let mut bytes = [0u8; 16];
     // The OS generator failing means no safe token can be made; that is not recoverable.
@@ -257,5 +269,19 @@ mod tests {
         assert_eq!(basic_credentials(&format!("Basic {}", enc("no colon"))), None);
         assert_eq!(basic_credentials("Basic !!!"), None);
         assert_eq!(basic_credentials("Basic"), None);
+    }
+
+    #[test]
+    fn times_are_utc_with_milliseconds() {
+        // 2024-05-01T08:00:00.123456789Z, seen from UTC+2.
+        let t = OffsetDateTime::from_unix_timestamp_nanos(1_714_550_400_123_456_789)
+            .unwrap()
+            .to_offset(time::UtcOffset::from_hms(2, 0, 0).unwrap());
+        assert_eq!(rfc3339_millis(t), "2024-05-01T08:00:00.123Z");
+        // Trailing zeros of the fraction are kept: always three digits.
+        let t = OffsetDateTime::from_unix_timestamp_nanos(1_714_550_400_060_000_000).unwrap();
+        assert_eq!(rfc3339_millis(t), "2024-05-01T08:00:00.060Z");
+        let t = OffsetDateTime::from_unix_timestamp(1_714_550_400).unwrap();
+        assert_eq!(rfc3339_millis(t), "2024-05-01T08:00:00.000Z");
     }
 }

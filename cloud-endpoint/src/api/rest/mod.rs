@@ -3,7 +3,8 @@
 //!
 //! Every request but the login needs a live session, checked by [`require_session`] in
 //! front of all routes and of the 404 fallback, so nothing about the API's shape leaks
-//! to anonymous clients.
+//! to anonymous clients. vAPI JSON-RPC calls (`POST /api`) pass it: they carry the
+//! session in their body, and `api::vapi` holds them to the same rule.
 
 mod query;
 mod session;
@@ -15,7 +16,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 use super::error::{ApiError, ErrorKind};
@@ -54,6 +55,8 @@ pub fn router(state: ApiState) -> Router {
             get(session::get).post(session::create).delete(session::delete),
         )
         .merge(vcenter::routes())
+        .route("/api/cis/tasks/{task}", get(vcenter::get_task))
+        .route("/api", post(super::vapi::invoke))
         .route("/api/gateway/migrations", get(vcenter::list_migrations))
         .route("/api/gateway/migrations/{migration}", get(vcenter::get_migration))
         .route("/api/gateway/migrations/{migration}/receipt", get(vcenter::get_receipt))
@@ -65,10 +68,10 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// The requests that need no session: the login. (The vAPI JSON-RPC endpoint, `POST /api`,
-/// will join it: its calls carry credentials or the session in the body.)
+/// The requests that need no session here: the login, and vAPI calls, whose credentials
+/// or session travel in the body and are checked by `api::vapi`.
 fn is_public(method: &Method, path: &str) -> bool {
-    method == Method::POST && path == "/api/session"
+    method == Method::POST && (path == "/api/session" || path == "/api")
 }
 
 async fn require_session(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::query;
 use crate::api::error::ApiError;
 use crate::api::vcenter::{self, vm};
-use crate::api::{blocking, gateway, ApiState};
+use crate::api::{blocking, gateway, tasks, ApiState};
 use crate::Domain;
 
 type Answer<T> = Result<Json<T>, ApiError>;
@@ -86,7 +86,9 @@ pub fn routes() -> Router<ApiState> {
             "folders",
             "datacenters",
             "clusters",
-            "connection_states"
+            "connection_states",
+            "standalone",
+            "host_uuids"
         ],
         vcenter::list_hosts,
         vcenter::get_host
@@ -132,6 +134,11 @@ pub fn routes() -> Router<ApiState> {
         vm::list,
         vm::get
     )
+}
+
+/// `GET /api/cis/tasks/{task}`: a migration as vSphere's task.
+pub async fn get_task(State(state): State<ApiState>, Path(id): Path<String>) -> Answer<tasks::TaskInfo> {
+    one(&state, id, tasks::get).await
 }
 
 pub async fn list_migrations(State(state): State<ApiState>) -> Answer<Vec<crate::inventory::MigrationRecord>> {

@@ -1,6 +1,6 @@
 //! The `com.vmware.vcenter` services over the inventory, apart from any wire protocol:
 //! each operation takes the domain and a [`Filter`] or an id and returns serde structs in
-//! vSphere 7's shapes. REST serialises them as they are; the vAPI JSON-RPC layer will wrap
+//! vSphere 7's shapes. REST serialises them as they are; the vAPI JSON-RPC layer wraps
 //! the same values in its STRUCTURE/OPTIONAL encoding.
 //!
 //! Every operation blocks (SQLite, statvfs): call them from `spawn_blocking`.
@@ -134,10 +134,22 @@ pub struct ClusterSummary {
     pub drs_enabled: bool,
 }
 
-/// The inventory keeps no resource pools yet, so vSphere's `resource_pool` is left out.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterInfo {
     pub name: String,
+    /// See [`root_resource_pool`].
+    pub resource_pool: String,
+}
+
+/// The root resource pool of a cluster. The inventory keeps no resource pools, but in
+/// vSphere every cluster has one (its "Resources"), holding the cluster's VMs, and vAPI's
+/// cluster info requires its id. It takes the cluster's number (`domain-c8` gives
+/// `resgroup-8`), which no other object has: all numbers come from one counter.
+pub fn root_resource_pool(cluster: &str) -> String {
+    match cluster.strip_prefix("domain-c") {
+        Some(n) => format!("resgroup-{n}"),
+        None => format!("resgroup-{cluster}"),
+    }
 }
 
 /// Filters: `clusters`, `names`, `folders`, `datacenters`, `ha_enabled`, `drs_enabled`.
@@ -168,7 +180,10 @@ pub fn get_cluster(domain: &Domain, id: &str) -> Result<ClusterInfo, ApiError> {
     if c.id != id {
         return Err(not_found("cluster", id));
     }
-    Ok(ClusterInfo { name: c.name })
+    Ok(ClusterInfo {
+        resource_pool: root_resource_pool(&c.id),
+        name: c.name,
+    })
 }
 
 // --- host --------------------------------------------------------------------------
@@ -189,9 +204,11 @@ pub struct HostInfo {
     pub power_state: &'static str,
 }
 
-/// Filters: `hosts`, `names`, `folders`, `datacenters`, `clusters`, `connection_states`.
+/// Filters: `hosts`, `names`, `folders`, `datacenters`, `clusters`, `connection_states`,
+/// `standalone`, `host_uuids`.
 pub fn list_hosts(domain: &Domain, filter: &Filter) -> Result<Vec<HostSummary>, ApiError> {
     filter.check_enum("connection_states", &["CONNECTED", "DISCONNECTED", "NOT_RESPONDING"])?;
+    filter.check_enum("standalone", &["true", "false"])?;
     let d = domain.inventory.domain()?;
     let h = &d.host;
     // A host in a cluster sits in the cluster, not in a folder.
@@ -200,7 +217,11 @@ pub fn list_hosts(domain: &Domain, filter: &Filter) -> Result<Vec<HostSummary>, 
         && filter.get("folders").is_none()
         && filter.allows("datacenters", &d.datacenter.id)
         && filter.allows("clusters", &h.cluster)
-        && filter.allows("connection_states", "CONNECTED");
+        && filter.allows("connection_states", "CONNECTED")
+        // The host is in the cluster, not standalone; the inventory keeps no host UUID,
+        // so a host_uuids filter matches nothing.
+        && filter.allows("standalone", "false")
+        && filter.get("host_uuids").is_none();
     Ok(pass
         .then(|| HostSummary {
             host: h.id.clone(),

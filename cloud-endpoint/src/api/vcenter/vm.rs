@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{check_list_size, not_found, Filter};
+use super::{check_list_size, not_found, root_resource_pool, Filter};
 use crate::api::error::ApiError;
 use crate::datastore::{parse_disk_key, VIRTUAL_HW_VERSION};
 use crate::inventory::{DiskRecord, NicRecord, VmRecord};
@@ -44,8 +44,10 @@ pub fn list(domain: &Domain, filter: &Filter) -> Result<Vec<VmSummary>, ApiError
                 && filter
                     .get("clusters")
                     .is_none_or(|set| cluster_of(&vm.host).is_some_and(|c| set.iter().any(|s| s == c)))
-                // No resource pools yet: a VM is in none of those asked for.
-                && filter.get("resource_pools").is_none()
+                // The only resource pool is the cluster's root, which holds its VMs.
+                && filter.get("resource_pools").is_none_or(|set| {
+                    cluster_of(&vm.host).is_some_and(|c| set.contains(&root_resource_pool(c)))
+                })
                 && filter.allows("power_states", &vm.power_state)
         })
         .map(|vm| VmSummary {
