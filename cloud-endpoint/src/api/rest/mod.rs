@@ -58,7 +58,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/cis/tasks/{task}", get(vcenter::get_task))
         .route("/api", post(super::vapi::invoke))
         .route("/api/gateway/migrations", get(vcenter::list_migrations))
-        .route("/api/gateway/migrations/{migration}", get(vcenter::get_migration))
+        .route(
+            "/api/gateway/migrations/{migration}",
+            get(vcenter::get_migration).post(vcenter::abort_migration),
+        )
         .route("/api/gateway/migrations/{migration}/receipt", get(vcenter::get_receipt))
         .fallback(not_found)
         .method_not_allowed_fallback(operation_not_found)

@@ -164,3 +164,34 @@ pub async fn get_receipt(
         signed,
     )))
 }
+
+/// `POST /api/gateway/migrations/{id}?action=abort`: aborts a RUNNING migration (the
+/// partial files are removed, the VM name freed) and returns its record, FAILED.
+pub async fn abort_migration(
+    State(state): State<ApiState>,
+    axum::Extension(ctx): axum::Extension<super::SessionContext>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Answer<crate::inventory::MigrationRecord> {
+    if query.as_deref() != Some("action=abort") {
+        return Err(ApiError::invalid_argument(format!(
+            "POST /api/gateway/migrations/{id} needs ?action=abort, the only action on a migration"
+        )));
+    }
+    let principal = ctx.principal().clone();
+    let aborted = id.clone();
+    let mut record = blocking(&state.domain, move |d| {
+        gateway::abort_migration(d, &principal, &aborted)
+    })
+    .await?;
+    // A live migration is discarded by its connection's cleanup: wait for it (briefly).
+    for _ in 0..100 {
+        if record.state != "RUNNING" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let id = id.clone();
+        record = blocking(&state.domain, move |d| gateway::get_migration(d, &id)).await?;
+    }
+    Ok(Json(record))
+}
