@@ -289,3 +289,31 @@ pub async fn migrate(
     let vm = edge_agent::source::open_vm(vmx)?;
     edge_agent::migrate::run(&vm, target, opts, Arc::new(Silent)).await
 }
+
+/// A `kB` field of this process's /proc/self/status (`VmHWM`, `VmRSS`), in KiB. The
+/// endpoint runs in-process, so its memory is in these figures (beside the test's own).
+pub fn proc_status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `secs` seconds: the
+/// endpoint records a refusal in its inventory just after it answers the edge.
+pub async fn eventually<T>(secs: u64, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > end {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+pub mod raw;

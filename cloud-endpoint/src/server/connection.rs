@@ -49,6 +49,10 @@ struct Ctx {
     migration_id: Mutex<Option<String>>,
     /// Bandwidth caps: the endpoint's total and this migration's.
     caps: Vec<Arc<gateway::transport::RateLimit>>,
+    /// The endpoint's migration slots, and the one this migration holds once its plan
+    /// arrived (released when the connection's context is dropped).
+    slots: Arc<tokio::sync::Semaphore>,
+    slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl Ctx {
@@ -81,6 +85,7 @@ pub async fn serve(
     config: ReceiverConfig,
     caps: super::Caps,
     control_streams: (quinn::SendStream, quinn::RecvStream),
+    slots: Arc<tokio::sync::Semaphore>,
 ) {
     let peer = conn.remote_address();
     let edge = conn
@@ -113,6 +118,8 @@ pub async fn serve(
                         .map(|r| Arc::new(gateway::transport::RateLimit::new(r))),
                 )
                 .collect(),
+            slots,
+            slot: Mutex::new(None),
         });
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(events(ctx.clone()).in_current_span());
@@ -246,6 +253,8 @@ fn close_refused(ctx: &Ctx, code: RefusalCode, reason: &str) {
     transport::close(&ctx.conn, code, reason);
 }
 
+const ENDED_EARLY: &str = "the edge ended its control stream before the migration ended";
+
 async fn control(ctx: Arc<Ctx>, (send, recv): (quinn::SendStream, quinn::RecvStream)) {
     // The dispatch (server::probe::first_stream) accepted the stream, with its
     // timeout, and checked the preamble.
@@ -260,6 +269,14 @@ async fn control(ctx: Arc<Ctx>, (send, recv): (quinn::SendStream, quinn::RecvStr
     tokio::pin!(read, write);
     tokio::select! {
         e = &mut read => {
+            // The edge finished its control stream with the migration still open (it
+            // never does without an Abort first): nothing more can come, and without a
+            // close the connection stayed open as long as the edge sent keep-alives.
+            let ended_early = e.is_ok() && !ctx.session().is_finished();
+            if ended_early {
+                ctx.session().refuse(RefusalCode::ProtocolViolation, vec![ENDED_EARLY.into()]);
+                ctx.wake();
+            }
             if let Err(e) = e {
                 if !ctx.session().is_finished() {
                     close_refused(&ctx, RefusalCode::ProtocolViolation, &e.to_string());
@@ -267,6 +284,9 @@ async fn control(ctx: Arc<Ctx>, (send, recv): (quinn::SendStream, quinn::RecvStr
             }
             // Let the writer flush the final answer.
             let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+            if ended_early {
+                close_refused(&ctx, RefusalCode::ProtocolViolation, ENDED_EARLY);
+            }
         }
         _ = &mut write => {}
     }
@@ -352,6 +372,24 @@ async fn events(ctx: Arc<Ctx>) {
     }
 }
 
+/// A slot per migration bounds memory and disk bandwidth; an edge over the limit is
+/// told to retry rather than queued invisibly. Taken once a credential and a plan (or a
+/// resume) arrived, not at the first stream: a flood of connections that never send
+/// them would otherwise hold every slot until their setup timeout, and real migrations
+/// would be refused as busy. False (and the session refused) when none is free.
+fn take_slot(ctx: &Ctx) -> bool {
+    let Ok(slot) = ctx.slots.clone().try_acquire_owned() else {
+        tracing::warn!("refused: too many concurrent migrations");
+        ctx.session().refuse(
+            RefusalCode::Busy,
+            vec!["the cloud endpoint is at its limit of concurrent migrations; retry later".into()],
+        );
+        return false;
+    };
+    *ctx.slot.lock().expect("slot lock") = Some(slot);
+    true
+}
+
 async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
     let domain = ctx.domain.clone();
     match event {
@@ -386,6 +424,9 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 );
                 return;
             };
+            if !take_slot(ctx) {
+                return;
+            }
             let (edge, edge_cert) = (ctx.edge.clone(), ctx.edge_cert.clone());
             // The staged files are recorded in the context by the blocking task
             // itself: if the connection drops meanwhile and this task is
@@ -434,6 +475,9 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                         "migration {migration_id} is still being closed on its previous connection; retry in a few seconds"
                     )],
                 );
+                return;
+            }
+            if !take_slot(ctx) {
                 return;
             }
             let edge_cert = ctx.edge_cert.clone();

@@ -23,7 +23,14 @@ struct Entry {
 pub struct LiveMigrations {
     entries: Mutex<HashMap<String, Entry>>,
     detached: Notify,
+    /// The receive window all migrations share (bytes; 0 = leave quinn's per-connection
+    /// window alone). See [`LiveMigrations::share_window`].
+    window_budget: std::sync::atomic::AtomicU64,
 }
+
+/// The smallest receive window a migration gets however many run: a few chunks per
+/// stream keep a loopback or LAN link busy.
+const MIN_SHARED_WINDOW: u64 = 4 << 20;
 
 /// How long a take-over waits for the old connection's cleanup.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(10);
@@ -33,15 +40,38 @@ impl LiveMigrations {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Shares `bytes` of receive window among the live migrations. Each connection is
+    /// configured with the window one migration needs to fill the link (bandwidth x RTT);
+    /// 32 of them at once could make the endpoint buffer 32 times that while its disks
+    /// are slower than the link (an fsync, a busy datastore). Splitting the budget keeps
+    /// the endpoint's memory at about one link's worth, and the edges wait instead.
+    pub fn share_window(&self, bytes: u64) {
+        self.window_budget.store(bytes, Ordering::Relaxed);
+    }
+
+    fn rebalance(&self, entries: &HashMap<String, Entry>) {
+        let budget = self.window_budget.load(Ordering::Relaxed);
+        if budget == 0 || entries.is_empty() {
+            return;
+        }
+        let each = (budget / entries.len() as u64).clamp(MIN_SHARED_WINDOW.min(budget), budget);
+        let each = quinn::VarInt::from_u64(each).unwrap_or(quinn::VarInt::MAX);
+        for e in entries.values() {
+            e.conn.set_receive_window(each);
+        }
+    }
+
     /// `conn` now serves `id`; `aborted` is set if the migration is aborted through the API.
     pub fn attach(&self, id: &str, conn: &quinn::Connection, aborted: Arc<AtomicBool>) {
-        self.lock().insert(
+        let mut entries = self.lock();
+        entries.insert(
             id.to_owned(),
             Entry {
                 conn: conn.clone(),
                 aborted,
             },
         );
+        self.rebalance(&entries);
     }
 
     /// `conn`'s cleanup for `id` is done (a newer connection's entry stays).
@@ -50,6 +80,7 @@ impl LiveMigrations {
         if entries.get(id).is_some_and(|e| e.conn.stable_id() == conn.stable_id()) {
             entries.remove(id);
         }
+        self.rebalance(&entries);
         drop(entries);
         self.detached.notify_waiters();
     }

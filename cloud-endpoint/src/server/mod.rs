@@ -41,6 +41,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), EndpointError> {
     let endpoint = transport::server_endpoint(socket, tls, &settings.tuning())?;
+    domain.live.share_window(settings.tuning().connection_window);
     let caps = Caps {
         total: settings.max_rate.map(|r| Arc::new(RateLimit::new(r))),
         per_migration: settings.max_rate_per_migration,
@@ -77,18 +78,9 @@ pub async fn run(
                 }
                 None => return,
             };
-            // A slot per migration bounds memory and disk bandwidth; an edge
-            // over the limit is told to retry rather than queued invisibly.
-            let Ok(_slot) = slots.try_acquire_owned() else {
-                tracing::warn!(%remote, "refused: too many concurrent migrations");
-                transport::close(
-                    &conn,
-                    RefusalCode::Busy,
-                    "the cloud endpoint is at its limit of concurrent migrations; retry later",
-                );
-                return;
-            };
-            connection::serve(conn, domain, ReceiverConfig::default(), caps, control).await;
+            // The migration slot is taken when the plan arrives (connection.rs): a
+            // connection that never gets that far must not hold one.
+            connection::serve(conn, domain, ReceiverConfig::default(), caps, control, slots).await;
         });
         // Reap finished connection tasks so the set does not grow.
         while conns.try_join_next().is_some() {}
