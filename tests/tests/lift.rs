@@ -317,7 +317,7 @@ async fn bad_source_vms_fail_before_connecting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_edge_that_vanishes_mid_transfer_leaves_nothing_behind() {
+async fn an_edge_that_vanishes_mid_transfer_is_kept_for_it_and_an_abort_removes_it() {
     let tmp = rt_dir();
     let pki = Pki::new(&tmp.path().join("pki"));
     let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
@@ -339,26 +339,42 @@ async fn an_edge_that_vanishes_mid_transfer_leaves_nothing_behind() {
         .expect("staging appears");
     lift.abort();
     let _ = lift.await;
-    // The endpoint notices the closed connection and discards the staged files.
-    let cleaned = async {
-        while !cloud.datastore_entries().is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(40), cleaned)
-        .await
-        .expect("staging removed");
+    // The migration waits for its edge to resume it: nothing registered, the name held.
     assert!(
         cloud.domain.inventory.list_vms().unwrap().is_empty(),
         "no half-migrated VM registered"
     );
     let migrations = cloud.domain.inventory.list_migrations().unwrap();
     assert_eq!(migrations.len(), 1);
+    assert_eq!(migrations[0].state, "RUNNING");
+    assert!(cloud.domain.inventory.vm_name_taken("big01").unwrap());
+    // An operator gives up on it: the files go, the name is free.
+    let operator = cloud_endpoint::inventory::Principal {
+        user: MIGRATOR.into(),
+        role: cloud_endpoint::config::Role::MigrationOperator,
+    };
+    let domain = cloud.domain.clone();
+    let id = migrations[0].id.clone();
+    tokio::task::spawn_blocking(move || {
+        cloud_endpoint::api::gateway::abort_migration(&domain, &operator, &id).unwrap()
+    })
+    .await
+    .unwrap();
+    let cleaned = async {
+        while !cloud.datastore_entries().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), cleaned)
+        .await
+        .expect("staging removed");
+    let migrations = cloud.domain.inventory.list_migrations().unwrap();
     assert_eq!(migrations[0].state, "FAILED");
     assert!(
-        migrations[0].error.as_deref().unwrap_or("").contains("connection"),
+        migrations[0].error.as_deref().unwrap_or("").contains("aborted"),
         "{:?}",
         migrations[0].error
     );
+    assert!(!cloud.domain.inventory.vm_name_taken("big01").unwrap());
     cloud.stop().await;
 }

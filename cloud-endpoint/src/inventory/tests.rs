@@ -526,8 +526,13 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
     drop(inv);
     // Back to what a version-1 build wrote: no column, no receipts, version 1.
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute_batch("DROP TABLE receipt; ALTER TABLE vm DROP COLUMN instance_uuid; PRAGMA user_version = 1;")
-        .unwrap();
+    conn.execute_batch(
+        "DROP TABLE receipt; ALTER TABLE vm DROP COLUMN instance_uuid;
+         ALTER TABLE migration DROP COLUMN edge_cert; ALTER TABLE migration DROP COLUMN plan;
+         ALTER TABLE migration DROP COLUMN disk_format; ALTER TABLE migration DROP COLUMN interrupted;
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
     drop(conn);
 
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
