@@ -86,6 +86,10 @@ pub struct TransportSettings {
     /// Cap on each migration, e.g. "500mbit", or "off" (default).
     #[serde(with = "optional_rate")]
     pub max_rate_per_migration: Option<gateway::transport::Rate>,
+    /// Seconds of silence after which a migration's connection is given up and the
+    /// migration waits for its edge to resume it. Default 30, at least 1. QUIC uses the
+    /// smaller of this and the edge's value.
+    pub idle_timeout_secs: u32,
 }
 
 impl Default for TransportSettings {
@@ -96,6 +100,7 @@ impl Default for TransportSettings {
             congestion: gateway::transport::Congestion::Bdp,
             max_rate: None,
             max_rate_per_migration: None,
+            idle_timeout_secs: 30,
         }
     }
 }
@@ -104,6 +109,7 @@ impl TransportSettings {
     pub fn tuning(&self) -> gateway::transport::TransportTuning {
         gateway::transport::TransportTuning {
             congestion: self.congestion,
+            idle_timeout: std::time::Duration::from_secs(u64::from(self.idle_timeout_secs)),
             ..gateway::transport::TransportTuning::for_path(gateway::transport::PathEstimate {
                 rate_bps: self.link_rate.bps(),
                 rtt: std::time::Duration::from_millis(u64::from(self.link_rtt_ms.clamp(1, 10_000))),
@@ -446,6 +452,9 @@ pub enum ConfigError {
 
     #[error("`{key}` is 0 ({origin}); it must be at least 1 (set `link_test.enabled = false` to refuse link tests)")]
     ZeroLinkTestLimit { key: &'static str, origin: String },
+
+    #[error("`transport.idle_timeout_secs` is 0 ({origin}); it must be at least 1 (QUIC reads 0 as never giving up on a dead link)")]
+    ZeroIdleTimeout { origin: String },
 }
 
 impl From<figment::Error> for ConfigError {
@@ -531,6 +540,11 @@ impl Config {
                     origin: origin(figment, key),
                 });
             }
+        }
+        if self.transport.idle_timeout_secs == 0 {
+            return Err(ConfigError::ZeroIdleTimeout {
+                origin: origin(figment, "transport.idle_timeout_secs"),
+            });
         }
         if self.max_concurrent_migrations == 0 {
             return Err(ConfigError::ZeroConcurrency {
@@ -737,6 +751,11 @@ congestion = "bdp"
 # its own (edge-agent migrate --max-rate).
 max_rate = "off"
 max_rate_per_migration = "off"
+# Seconds of silence after which a migration's connection counts as lost; the
+# migration then waits for its edge to reconnect and resume it. Shorter notices a dead
+# link sooner, too short gives up on one that only stalled. The edge's own value wins
+# if it is smaller.
+idle_timeout_secs = 30
 "#;
 
 /// The name of the environment variable for a key path, e.g. `CLOUD_ENDPOINT_DOMAIN__HOST__NAME`.
@@ -1237,6 +1256,25 @@ mod tests {
         );
         let err = load_toml(&format!("{PATHS}[link_test]\nmax_minutes = 3\n"), &[]).unwrap_err();
         assert!(err.to_string().contains("max_minutes"), "{err}");
+    }
+
+    #[test]
+    fn the_idle_timeout_has_a_default_and_comes_from_file_or_environment() {
+        let c = Config::load_with_env(None, &cert_env()).unwrap();
+        assert_eq!(c.transport.idle_timeout_secs, 30);
+        assert_eq!(c.transport.tuning().idle_timeout, std::time::Duration::from_secs(30));
+        let example = load_toml(&Config::example_toml(), &[]).unwrap();
+        assert_eq!(example.transport, TransportSettings::default());
+        let c = load_toml(&format!("{PATHS}[transport]\nidle_timeout_secs = 5\n"), &[]).unwrap();
+        assert_eq!(c.transport.tuning().idle_timeout, std::time::Duration::from_secs(5));
+        let c = load_toml(PATHS, &[("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", "3")]).unwrap();
+        assert_eq!(c.transport.idle_timeout_secs, 3);
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", "0")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("transport.idle_timeout_secs") && msg.contains("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! source    the VM on disk: .vmx, raw and flat VMDK disks (read-only)
 //! target    the cloud endpoint: URL, credential, trust (CA or thumbprint)
 //! migrate   the driver: SenderSession + QUIC streams + reader/sealer workers
+//! plan      `edge-agent plan`: the endpoint checks a plan, nothing is staged
 //! report    progress and the final summary (human or JSON)
 //! receipt   keeping the cloud's signed receipt; verifying one against the source
 //! ```
@@ -14,6 +15,7 @@ pub mod checkpoint;
 pub mod compression;
 pub mod linktest;
 pub mod migrate;
+pub mod plan;
 pub mod receipt;
 pub mod report;
 pub mod source;

@@ -42,6 +42,11 @@ enum Command {
     /// Abort the unfinished migration of a VM (same arguments as `migrate`): the
     /// endpoint removes its partial files and frees the name.
     Abort(Box<MigrateArgs>),
+    /// Check a migration before anything moves (same arguments as `migrate`): the
+    /// endpoint validates the plan (name, capacity on datastore and host, network
+    /// mapping, role, firewall rules) and says what would be created, or lists every
+    /// problem. Nothing is staged or recorded. Exits non-zero on problems.
+    Plan(Box<MigrateArgs>),
     /// Measure the path to a cloud endpoint (RTT, jitter, loss, MTU, throughput both ways)
     /// over the migration port, and say what kind of migration it carries.
     LinkTest(Box<LinkTestArgs>),
@@ -123,6 +128,10 @@ struct MigrateArgs {
     /// Name of the VM in the cloud (default: its displayName).
     #[arg(long)]
     name: Option<String>,
+    /// The VM's distributed-firewall rules (JSON, NSX DFW-like; see the README). Default:
+    /// `<stem>.dfw.json` next to the VM file, if it exists.
+    #[arg(long)]
+    firewall: Option<PathBuf>,
     /// Map a source network to a cloud network: `--map-network "VM Network=cloud-web"`.
     /// Unmapped networks go to the cloud network of the same name.
     #[arg(long = "map-network", value_parser = parse_mapping)]
@@ -213,7 +222,7 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .init();
-    let json = matches!(&cli.command, Command::Migrate(a) if a.json)
+    let json = matches!(&cli.command, Command::Migrate(a) | Command::Plan(a) if a.json)
         || matches!(&cli.command, Command::Inspect { json: true, .. })
         || matches!(&cli.command, Command::LinkTest(a) if a.json);
     match run(cli) {
@@ -233,11 +242,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { vmx, json } => inspect(&vmx, json),
         Command::Migrate(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            rt.block_on(migrate_cmd(*args, false))
+            rt.block_on(migrate_cmd(*args, Mode::Migrate))
         }
         Command::Abort(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            rt.block_on(migrate_cmd(*args, true))
+            rt.block_on(migrate_cmd(*args, Mode::Abort))
+        }
+        Command::Plan(args) => {
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(migrate_cmd(*args, Mode::Plan))
         }
         Command::LinkTest(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -297,8 +310,19 @@ fn inspect(vmx: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate_cmd(a: MigrateArgs, abort: bool) -> anyhow::Result<()> {
-    let vm = source::open_vm(&a.vmx)?;
+/// What `migrate_cmd` does with the VM and the target.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Migrate,
+    Abort,
+    Plan,
+}
+
+async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
+    let mut vm = source::open_vm(&a.vmx)?;
+    if let Some(rules) = &a.firewall {
+        vm.firewall = source::firewall::read(rules, &vm.name)?;
+    }
     let receipt = a.receipt.clone().unwrap_or_else(|| {
         let name = a.name.as_deref().unwrap_or(&vm.name).replace(['/', '\\'], "_");
         PathBuf::from(format!("{name}.receipt.json"))
@@ -351,9 +375,32 @@ async fn migrate_cmd(a: MigrateArgs, abort: bool) -> anyhow::Result<()> {
         retry_for: Duration::from_secs(a.retry_for),
         ..MigrateOptions::default()
     };
-    if abort {
-        println!("{}", migrate::abort(&vm, &target, &opts).await?);
-        return Ok(());
+    match mode {
+        Mode::Migrate => {}
+        Mode::Abort => {
+            println!("{}", migrate::abort(&vm, &target, &opts).await?);
+            return Ok(());
+        }
+        Mode::Plan => {
+            let check = edge_agent::plan::check(&vm, &target, &opts).await?;
+            if a.json {
+                let mut v = check.to_json();
+                v["event"] = "plan".into();
+                println!("{v}");
+            } else {
+                for note in &vm.notes {
+                    eprintln!("note: {note}");
+                }
+                print!("{}", check.to_text());
+            }
+            if !check.ok() {
+                anyhow::bail!(
+                    "the endpoint refused the plan with {} problem(s); fix them and run `edge-agent plan` again",
+                    check.problems.len()
+                );
+            }
+            return Ok(());
+        }
     }
     let sink: Arc<dyn ProgressSink> = if a.json {
         Arc::new(JsonLines)

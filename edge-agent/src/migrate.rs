@@ -129,6 +129,7 @@ pub fn build_plan(vm: &SourceVm, opts: &MigrateOptions) -> MigrationPlan {
         network_map: opts.network_map.clone(),
         chunk_size: opts.chunk_size,
         disk_format: opts.disk_format,
+        firewall: vm.firewall.clone(),
     };
     plan.fit_chunk_size();
     plan
@@ -739,15 +740,22 @@ async fn attempt(
                 duration_secs: secs(duration),
                 receipt_path: kept,
                 receipt: receipt.unwrap_or_default(),
+                report: s.report().cloned(),
             })
         }
         Err(e) => {
             let e = refine(e);
             // A lost link gets no close (there is nobody to tell); anything
-            // else tells the cloud at once why this connection ends. The cloud
-            // keeps the migration for a resume unless it refused it.
+            // else tells the cloud at once why this connection ends: Aborted
+            // when the migration cannot go on (the cloud discards it), Paused
+            // when it can be resumed later (a source read error, for one).
             if !matches!(e, MigrateError::Transport(_)) {
-                transport::close(&conn, RefusalCode::Aborted, &e.to_string());
+                let code = if cloud_discarded(&e) {
+                    RefusalCode::Aborted
+                } else {
+                    RefusalCode::Paused
+                };
+                transport::close(&conn, code, &e.to_string());
             }
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
             Err((e, migration_id, progressed))
@@ -975,6 +983,8 @@ async fn control_reader(
                     shared.wake_writer.notify_one();
                     return Ok((vm_id, vm_path, migration_id));
                 }
+                // Only a session made to validate a plan (`edge-agent plan`) has it.
+                SenderEvent::Validated(_) => {}
             }
         }
         drop(s);

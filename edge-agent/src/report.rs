@@ -70,6 +70,9 @@ pub struct Summary {
     /// summary line: the file holds it.
     #[serde(skip)]
     pub receipt: String,
+    /// The endpoint's report: NIC mapping, firewall rules carried and not carried
+    /// (also at `GET /api/gateway/migrations/{id}/report`).
+    pub report: Option<gateway::plan::MigrationReport>,
 }
 
 impl Summary {
@@ -115,11 +118,23 @@ impl Summary {
             dur = self.duration_secs,
             rate = human(self.rate() as u64),
         );
+        if self.resumed_bytes > 0 || self.reconnects > 0 {
+            text.push_str(&format!(
+                "\nresumed:        {} already in the cloud, {} re-sent after {} reconnect(s)",
+                human(self.resumed_bytes),
+                human(self.resent_bytes),
+                self.reconnects
+            ));
+        }
         if let Some(path) = &self.receipt_path {
             text.push_str(&format!(
                 "\nreceipt:        {} (signed by the endpoint; check it with `edge-agent verify-receipt`)",
                 path.display()
             ));
+        }
+        if let Some(report) = &self.report {
+            text.push('\n');
+            text.push_str(report.to_text().trim_end());
         }
         text
     }

@@ -102,8 +102,12 @@ pub fn receiver(data: &[u8]) {
                     vm_id: "vm-1".into(),
                     vm_path: "[ds] x/x.vmx".into(),
                     receipt: String::new(),
+                    report: None,
                 })),
                 ReceiverEvent::Discard { .. } => {}
+                ReceiverEvent::CheckPlan(_) => {
+                    session.plan_checked(Err((crate::wire::RefusalCode::PlanRejected, vec![])))
+                }
             }
         }
         while session.poll_transmit().is_some() {}

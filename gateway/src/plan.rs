@@ -37,6 +37,9 @@ pub struct MigrationPlan {
     pub chunk_size: u32,
     /// Format of the disks in the cloud datastore; `None` = the datastore's default.
     pub disk_format: Option<DiskFormat>,
+    /// The VM's distributed-firewall rules and what of them has no equivalent in
+    /// the cloud domain. Empty when the VM came without a rules file.
+    pub firewall: FirewallSpec,
 }
 
 /// How the cloud stores a migrated disk.
@@ -150,6 +153,7 @@ impl MigrationPlan {
                 ));
             }
         }
+        self.firewall.check_limits()?;
         let chunks = self.chunk_count();
         if chunks > MAX_CHUNKS {
             return bad(format!(
@@ -188,6 +192,10 @@ impl MigrationPlan {
     }
 }
 
+// The firewall rules and the migration report: their own file (plan/firewall.rs).
+mod firewall;
+pub use firewall::*;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +223,7 @@ mod tests {
             network_map: vec![],
             chunk_size,
             disk_format: None,
+            firewall: FirewallSpec::default(),
         }
     }
 

@@ -16,6 +16,7 @@ use edge_agent::target::Target;
 use gateway::transport::{Identity, ServerTrust};
 use rand::{Rng, SeedableRng};
 
+pub mod relay;
 pub mod wan;
 
 pub use cloud_endpoint::config::DEMO_PASSWORD;

@@ -124,7 +124,12 @@ impl RawEdge {
         })
         .await;
         self.send(&EdgeMessage::Commit).await;
-        match self.next_not_ack().await {
+        let mut answer = self.next_not_ack().await;
+        // The migration report comes just before the commit's answer.
+        if let CloudMessage::Report(_) = answer {
+            answer = self.next_not_ack().await;
+        }
+        match answer {
             CloudMessage::Committed { vm_id, .. } => {
                 self.close();
                 vm_id
@@ -161,6 +166,7 @@ pub fn plan(name: &str, disks: &[(&str, u64)], chunk_size: u32) -> MigrationPlan
         network_map: vec![],
         chunk_size,
         disk_format: None,
+        firewall: Default::default(),
     }
 }
 

@@ -1,5 +1,11 @@
 //! Resources of the gateway itself, under `/api/gateway` (vCenter has no such service):
-//! the record of migrations into the domain and their signed receipts.
+//! the record of migrations into the domain, their signed receipts and reports, the
+//! firewall rules carried with each VM, and the validation of a migration plan.
+
+use std::collections::BTreeMap;
+
+use gateway::plan::{FirewallSpec, MigrationPlan, VmSpec, DEFAULT_CHUNK_SIZE};
+use serde::Deserialize;
 
 use crate::api::error::ApiError;
 use crate::inventory::MigrationRecord;
@@ -23,6 +29,105 @@ pub fn get_receipt(domain: &Domain, id: &str) -> Result<String, ApiError> {
         ApiError::not_found(format!(
             "migration {id} has no receipt: only a migration that registered its VM (state SUCCEEDED) has one"
         ))
+    })
+}
+
+/// The report of a migration (what was created, the NIC mapping, the rules carried and
+/// not carried), as stored at commit.
+pub fn get_report(domain: &Domain, id: &str) -> Result<String, ApiError> {
+    domain.inventory.migration_report(id)?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "migration {id} has no report: only a migration that registered its VM (state SUCCEEDED) has one"
+        ))
+    })
+}
+
+/// The firewall rules carried with a VM, references to VMs rewritten to their ids.
+pub fn get_vm_firewall(domain: &Domain, vm: &str) -> Result<crate::inventory::VmFirewall, ApiError> {
+    domain
+        .inventory
+        .vm_firewall(vm)?
+        .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not in the inventory")))
+}
+
+/// The body of `POST /api/gateway/plans`: what `edge-agent migrate` would send.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRequest {
+    /// As in the wire plan: name, guest_os, num_cpus, memory_mib, nics (key, network,
+    /// virtual_dev, mac), disks (key, capacity); optional fields may be left out.
+    pub vm: VmSpec,
+    /// Source network name to cloud network name.
+    #[serde(default)]
+    pub network_map: BTreeMap<String, String>,
+    /// `vmdk`, `qcow2` or `raw`; absent: the datastore's default.
+    #[serde(default)]
+    pub disk_format: Option<String>,
+    /// The firewall rules as a rules file has them (`rules`, `groups`, `ip_sets`) plus
+    /// `source_vm` (default: the VM's name) and `not_carried`.
+    #[serde(default)]
+    pub firewall: FirewallSpec,
+}
+
+/// The outcome of checking a plan through the API.
+#[derive(Debug)]
+pub enum PlanVerdict {
+    Valid(Box<gateway::plan::MigrationReport>),
+    /// The error kind (INVALID_ARGUMENT, or UNAUTHORIZED for a role that may not
+    /// migrate) and every problem.
+    Refused(crate::api::error::ErrorKind, Vec<String>),
+}
+
+/// Checks a plan as a migration's would be checked, staging and recording nothing.
+pub fn check_plan(
+    domain: &Domain,
+    principal: &crate::inventory::Principal,
+    body: &[u8],
+) -> Result<PlanVerdict, ApiError> {
+    let req: PlanRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_argument(format!(
+            "the plan is not valid JSON of the documented shape ({e}); see POST /api/gateway/plans in the README"
+        ))
+    })?;
+    let disk_format = req
+        .disk_format
+        .as_deref()
+        .map(str::parse::<gateway::plan::DiskFormat>)
+        .transpose()
+        .map_err(ApiError::invalid_argument)?;
+    let mut firewall = req.firewall;
+    if firewall.source_vm.is_empty() {
+        firewall.source_vm = req.vm.name.clone();
+    }
+    for n in &mut firewall.not_carried {
+        if n.reason.is_empty() {
+            n.reason = n.kind.reason().to_owned();
+        }
+    }
+    let mut plan = MigrationPlan {
+        vm: req.vm,
+        network_map: req.network_map.into_iter().collect(),
+        chunk_size: DEFAULT_CHUNK_SIZE,
+        disk_format,
+        firewall,
+    };
+    plan.fit_chunk_size();
+    plan.check_limits()
+        .map_err(|e| ApiError::invalid_argument(e.to_string()))?;
+    Ok(match crate::server::placement::validate(domain, principal, &plan) {
+        Ok(v) => PlanVerdict::Valid(Box::new(v.preview)),
+        Err((gateway::wire::RefusalCode::NotPermitted, problems)) => {
+            PlanVerdict::Refused(crate::api::error::ErrorKind::Unauthorized, problems)
+        }
+        Err((gateway::wire::RefusalCode::PlanRejected, problems)) => {
+            PlanVerdict::Refused(crate::api::error::ErrorKind::InvalidArgument, problems)
+        }
+        Err((_, problems)) => {
+            return Err(ApiError::internal(
+                "the plan could not be checked",
+                &problems.join("; "),
+            ))
+        }
     })
 }
 

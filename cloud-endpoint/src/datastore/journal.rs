@@ -160,6 +160,7 @@ mod tests {
             network_map: vec![],
             chunk_size: 1 << 20,
             disk_format: None,
+            firewall: Default::default(),
         }
     }
 

@@ -290,22 +290,7 @@ impl Datastore {
     /// Removes everything under `.staging` (migrations cut by a restart); returns what was
     /// removed.
     pub fn clean_staging(&self) -> Result<Vec<PathBuf>, DatastoreError> {
-        let staging = self.root.join(STAGING);
-        fs::create_dir_all(&staging).map_err(io_err("create folder", &staging))?;
-        let mut removed = Vec::new();
-        for entry in fs::read_dir(&staging).map_err(io_err("list", &staging))? {
-            let entry = entry.map_err(io_err("list", &staging))?;
-            let path = entry.path();
-            let is_dir = entry.file_type().map_err(io_err("inspect", &path))?.is_dir();
-            if is_dir {
-                fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
-            } else {
-                fs::remove_file(&path).map_err(io_err("remove", &path))?;
-            }
-            removed.push(path);
-        }
-        removed.sort();
-        Ok(removed)
+        self.clean_staging_except(&[])
     }
 }
 
@@ -363,12 +348,19 @@ impl Staging {
         capacity: u64,
         format: DiskFormat,
     ) -> Result<Arc<DiskFile>, DatastoreError> {
+        let (data, file_name) = self.disk_paths(index, format);
+        DiskFile::create(&data, file_name, capacity, format).map(Arc::new)
+    }
+
+    /// The file holding disk `index`'s data (a VMDK's flat extent, else the image) and
+    /// the name the .vmx gives the disk.
+    fn disk_paths(&self, index: usize, format: DiskFormat) -> (PathBuf, String) {
         let file_name = Staging::disk_file_name(&self.vm_name, index, format);
         let data_name = match format {
             DiskFormat::VmdkFlat => Staging::disk_file_names(&self.vm_name, index).1,
             DiskFormat::Qcow2 | DiskFormat::Raw => file_name.clone(),
         };
-        DiskFile::create(&self.dir.join(data_name), file_name, capacity, format).map(Arc::new)
+        (self.dir.join(data_name), file_name)
     }
 
     /// Reopens disk `index` of a resumed migration, as [`Staging::create_disk`] made it.
@@ -378,12 +370,8 @@ impl Staging {
         capacity: u64,
         format: DiskFormat,
     ) -> Result<Arc<DiskFile>, DatastoreError> {
-        let file_name = Staging::disk_file_name(&self.vm_name, index, format);
-        let data_name = match format {
-            DiskFormat::VmdkFlat => Staging::disk_file_names(&self.vm_name, index).1,
-            DiskFormat::Qcow2 | DiskFormat::Raw => file_name.clone(),
-        };
-        DiskFile::reopen(&self.dir.join(data_name), file_name, capacity, format).map(Arc::new)
+        let (data, file_name) = self.disk_paths(index, format);
+        DiskFile::reopen(&data, file_name, capacity, format).map(Arc::new)
     }
 
     /// The migration's journal of durable chunks (see [`Journal`]).

@@ -10,6 +10,7 @@
 //! behind a mutex, and its methods block (call them from `spawn_blocking`). A method that
 //! changes several rows does so in one transaction.
 
+mod firewall;
 mod migrations;
 mod password;
 mod receipts;
@@ -29,6 +30,7 @@ use serde::Serialize;
 
 use crate::config::{DomainConfig, Role};
 
+pub use firewall::VmFirewall;
 pub use migrations::ResumeInfo;
 pub use password::hash_password;
 
@@ -197,6 +199,9 @@ pub struct NewVm {
     pub vmx_path: String,
     pub disks: Vec<NewDisk>,
     pub nics: Vec<NewNic>,
+    /// The VM's firewall rules; references to the VM itself (by `firewall.source_vm` or
+    /// `name`) and to VMs of the domain are stored rewritten to their ids.
+    pub firewall: gateway::plan::FirewallSpec,
 }
 
 #[derive(Debug, Clone)]

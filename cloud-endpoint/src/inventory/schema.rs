@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -183,6 +183,41 @@ ALTER TABLE migration ADD COLUMN edge_cert TEXT;
 ALTER TABLE migration ADD COLUMN plan BLOB;
 ALTER TABLE migration ADD COLUMN disk_format TEXT;
 ALTER TABLE migration ADD COLUMN interrupted TEXT;
+"#;
+
+/// Distributed-firewall rules carried with a migrated VM, and the report of each
+/// migration that registered a VM. A rule keeps its indexed fields in columns and the whole
+/// rule (sources, destinations, services, applied-to, VM references rewritten to ids) as
+/// JSON; groups and IP sets are the VM's own, as the rules that name them. The report is
+/// written in the transaction that registers the VM, like the receipt, and like it has no
+/// foreign key to the VM: it records what happened, and outlives the VM.
+const V5: &str = r#"
+CREATE TABLE firewall_rule (
+    vm TEXT NOT NULL REFERENCES vm (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    rule_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('ALLOW', 'DROP', 'REJECT')),
+    direction TEXT NOT NULL CHECK (direction IN ('IN', 'OUT', 'IN_OUT')),
+    disabled INTEGER NOT NULL CHECK (disabled IN (0, 1)),
+    rule TEXT NOT NULL,
+    PRIMARY KEY (vm, position),
+    UNIQUE (vm, rule_id)
+) STRICT;
+
+CREATE TABLE firewall_group (
+    vm TEXT NOT NULL REFERENCES vm (id) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('GROUP', 'IP_SET')),
+    name TEXT NOT NULL,
+    members TEXT NOT NULL,
+    PRIMARY KEY (vm, kind, name)
+) STRICT;
+
+CREATE TABLE migration_report (
+    migration TEXT PRIMARY KEY REFERENCES migration (id),
+    report TEXT NOT NULL,
+    created TEXT NOT NULL
+) STRICT;
 "#;
 
 /// Applies the missing steps. Refuses a file written by a newer build.

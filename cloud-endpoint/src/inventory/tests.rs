@@ -44,6 +44,7 @@ fn new_vm(inv: &Inventory, name: &str) -> NewVm {
         firmware: Some("efi".into()),
         bios_uuid: Some("42 1a 2b 3c 4d 5e 6f 70-81 92 a3 b4 c5 d6 e7 f8".into()),
         vmx_path: format!("[cloud-ds1] {name}/{name}.vmx"),
+        firewall: Default::default(),
         disks: vec![
             NewDisk {
                 key: "scsi0:0".into(),
@@ -527,7 +528,8 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
     // Back to what a version-1 build wrote: no column, no receipts, version 1.
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
-        "DROP TABLE receipt; ALTER TABLE vm DROP COLUMN instance_uuid;
+        "DROP TABLE firewall_rule; DROP TABLE firewall_group; DROP TABLE migration_report;
+         DROP TABLE receipt; ALTER TABLE vm DROP COLUMN instance_uuid;
          ALTER TABLE migration DROP COLUMN edge_cert; ALTER TABLE migration DROP COLUMN plan;
          ALTER TABLE migration DROP COLUMN disk_format; ALTER TABLE migration DROP COLUMN interrupted;
          PRAGMA user_version = 1;",
@@ -591,4 +593,74 @@ fn the_receipt_is_stored_with_the_vm_or_nothing_is() {
     drop(inv);
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
     assert_eq!(inv.receipt(&mid).unwrap(), Some(registered.receipt));
+}
+
+#[test]
+fn firewall_rules_and_the_report_are_stored_with_the_vm_and_rewritten_to_its_id() {
+    use gateway::plan::{FirewallGroup, FirewallRule, FirewallSpec, RuleAction, RuleDirection, RuleEndpoint};
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let first = inv.begin_migration(&operator(), "edge", "db01", 1).unwrap();
+    let db01 = inv
+        .register_vm(&first, &new_vm(&inv, "db01"), fake_receipt)
+        .unwrap()
+        .vm_id;
+    assert!(inv.vm_firewall(&db01).unwrap().unwrap().rules.is_empty());
+    assert_eq!(
+        inv.migration_report(&first).unwrap(),
+        None,
+        "registered without a report"
+    );
+
+    let mid = inv.begin_migration(&operator(), "edge", "web01-cloud", 1).unwrap();
+    let mut vm = new_vm(&inv, "web01-cloud");
+    let rule = FirewallRule {
+        id: "7".into(),
+        name: "to-db".into(),
+        action: RuleAction::Allow,
+        direction: RuleDirection::Out,
+        sources: vec![RuleEndpoint::Vm("web01".into())],
+        destinations: vec![
+            RuleEndpoint::Vm("db01".into()),
+            RuleEndpoint::Address("10.0.0.1".into()),
+        ],
+        services: vec![],
+        applied_to: vec![RuleEndpoint::Vm("web01-cloud".into())],
+        disabled: false,
+    };
+    vm.firewall = FirewallSpec {
+        origin: "web01.dfw.json".into(),
+        source_vm: "web01".into(),
+        rules: vec![rule],
+        groups: vec![FirewallGroup {
+            name: "me".into(),
+            members: vec![RuleEndpoint::Vm("web01".into())],
+        }],
+        ..FirewallSpec::default()
+    };
+    let registered = inv
+        .register_vm_with_report(&mid, &vm, fake_receipt, |ctx| {
+            Some(format!("{{\"vm_id\":\"{}\",\"not_carried\":[]}}", ctx.vm_id))
+        })
+        .unwrap();
+    let id = registered.vm_id;
+    let fw = inv.vm_firewall(&id).unwrap().unwrap();
+    let own = RuleEndpoint::VmId(id.clone());
+    assert_eq!(fw.rules[0].sources, vec![own.clone()], "the source name is the new id");
+    assert_eq!(fw.rules[0].applied_to, vec![own.clone()], "so is the cloud name");
+    assert_eq!(
+        fw.rules[0].destinations,
+        vec![RuleEndpoint::VmId(db01), RuleEndpoint::Address("10.0.0.1".into())],
+        "other VMs of the domain by their ids"
+    );
+    assert_eq!(fw.groups[0].members, vec![own]);
+    assert_eq!(
+        inv.migration_report(&mid).unwrap().unwrap(),
+        format!("{{\"vm_id\":\"{id}\",\"not_carried\":[]}}")
+    );
+    assert!(inv.vm_firewall("vm-9999").unwrap().is_none());
+    assert!(matches!(
+        inv.migration_report("migration-99"),
+        Err(InventoryError::NotFound { .. })
+    ));
 }

@@ -111,6 +111,18 @@ impl Inventory {
         vm: &NewVm,
         issue: impl FnOnce(&ReceiptContext<'_>) -> Result<String, String>,
     ) -> Result<RegisteredVm, InventoryError> {
+        self.register_vm_with_report(migration_id, vm, issue, |_| None)
+    }
+
+    /// [`Self::register_vm`], also storing the VM's firewall rules (`vm.firewall`) and the
+    /// migration report `report` makes (JSON; `None` for none) in the same transaction.
+    pub fn register_vm_with_report(
+        &self,
+        migration_id: &str,
+        vm: &NewVm,
+        issue: impl FnOnce(&ReceiptContext<'_>) -> Result<String, String>,
+        report: impl FnOnce(&ReceiptContext<'_>) -> Option<String>,
+    ) -> Result<RegisteredVm, InventoryError> {
         check_new_vm(vm)?;
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -197,17 +209,24 @@ impl Inventory {
             let started: String = tx.query_row("SELECT started FROM migration WHERE id = ?1", [migration_id], |r| {
                 r.get(0)
             })?;
+            super::firewall::insert(&tx, &id, &vm.name, &vm.firewall)?;
             let finished = now();
-            let receipt = issue(&ReceiptContext {
+            let ctx = ReceiptContext {
                 migration_id,
                 vm_id: &id,
                 planned_at: &started,
                 committed_at: &finished,
-            })
-            .map_err(|reason| InventoryError::Receipt {
+            };
+            let receipt = issue(&ctx).map_err(|reason| InventoryError::Receipt {
                 id: migration_id.to_owned(),
                 reason,
             })?;
+            if let Some(report) = report(&ctx) {
+                tx.execute(
+                    "INSERT INTO migration_report (migration, report, created) VALUES (?1, ?2, ?3)",
+                    params![migration_id, report, finished],
+                )?;
+            }
             tx.execute(
                 "INSERT INTO receipt (migration, vm, signed, created) VALUES (?1, ?2, ?3, ?4)",
                 params![migration_id, id, receipt, finished],

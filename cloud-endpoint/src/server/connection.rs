@@ -164,14 +164,18 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
         quinn::ConnectionError::LocallyClosed => "closed by the endpoint".to_owned(),
         other => format!("connection lost: {other}"),
     };
-    let aborted = ctx.aborted.load(Ordering::SeqCst);
+    // Aborted through the API, or by the edge giving up for good (it closes
+    // with Aborted; a pause it means to resume closes with Paused).
+    let edge_gave_up = matches!(reason, quinn::ConnectionError::ApplicationClosed(c)
+        if RefusalCode::from_close_code(c.error_code.into_inner()) == Some(RefusalCode::Aborted));
+    let aborted = ctx.aborted.load(Ordering::SeqCst) || edge_gave_up;
     if let Some(staged) = staged {
         let domain = ctx.domain.clone();
         if resumable && !aborted {
             tracing::warn!(reason = %why, "migration not committed; kept for a resume");
             let _ = tokio::task::spawn_blocking(move || placement::suspend(&domain, staged, &unsynced, &why)).await;
         } else {
-            let why = if aborted {
+            let why = if ctx.aborted.load(Ordering::SeqCst) {
                 "aborted through the API".to_owned()
             } else {
                 why
@@ -272,10 +276,12 @@ async fn control(ctx: Arc<Ctx>, (send, recv): (quinn::SendStream, quinn::RecvStr
             // The edge finished its control stream with the migration still open (it
             // never does without an Abort first): nothing more can come, and without a
             // close the connection stayed open as long as the edge sent keep-alives.
+            // It is closed at once; an accepted migration stays resumable, as for any
+            // edge that went away (a process whose streams were dropped ends them so).
             let ended_early = e.is_ok() && !ctx.session().is_finished();
             if ended_early {
-                ctx.session().refuse(RefusalCode::ProtocolViolation, vec![ENDED_EARLY.into()]);
-                ctx.wake();
+                close_refused(&ctx, RefusalCode::ProtocolViolation, ENDED_EARLY);
+                return;
             }
             if let Err(e) = e {
                 if !ctx.session().is_finished() {
@@ -284,9 +290,6 @@ async fn control(ctx: Arc<Ctx>, (send, recv): (quinn::SendStream, quinn::RecvStr
             }
             // Let the writer flush the final answer.
             let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
-            if ended_early {
-                close_refused(&ctx, RefusalCode::ProtocolViolation, ENDED_EARLY);
-            }
         }
         _ = &mut write => {}
     }
@@ -454,6 +457,30 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 }
             }
         }
+        // `edge-agent plan`: the checks of a migration, nothing staged or recorded, and
+        // no migration slot taken (a check holds nothing for long).
+        ReceiverEvent::CheckPlan(plan) => {
+            let principal = ctx.principal.lock().expect("principal lock").clone();
+            let Some(principal) = principal else {
+                ctx.session().refuse(
+                    RefusalCode::ProtocolViolation,
+                    vec!["plan before authentication".into()],
+                );
+                return;
+            };
+            let guard = ctx.blocking.clone().read_owned().await;
+            let result = tokio::task::spawn_blocking(move || {
+                let _guard = guard;
+                placement::validate(&domain, &principal, &plan).map(|v| v.preview)
+            })
+            .await
+            .expect("validation does not panic");
+            match &result {
+                Ok(_) => tracing::info!("plan checked: valid"),
+                Err((code, problems)) => tracing::info!(?code, ?problems, "plan checked: refused"),
+            }
+            ctx.session().plan_checked(result);
+        }
         ReceiverEvent::ValidateResume { migration_id, plan } => {
             let principal = ctx.principal.lock().expect("principal lock").clone();
             let Some(principal) = principal else {
@@ -506,9 +533,9 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
         }
         ReceiverEvent::Finalize => {
             let staged = ctx.staged.lock().expect("staged lock").take();
-            let (plan, roots) = {
+            let (plan, roots, zero_bytes) = {
                 let s = ctx.session();
-                (s.plan().cloned(), s.disk_roots())
+                (s.plan().cloned(), s.disk_roots(), s.zero_bytes())
             };
             let (Some(staged), Some(plan), Some(roots)) = (staged, plan, roots) else {
                 ctx.session()
@@ -521,7 +548,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let guard = ctx.blocking.clone().read_owned().await;
             let result = tokio::task::spawn_blocking(move || {
                 let _guard = guard;
-                placement::finalize(&domain, &plan, staged, &roots)
+                placement::finalize(&domain, &plan, staged, &roots, zero_bytes)
             })
             .await
             .expect("finalize does not panic");

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use gateway::integrity::hex;
-use gateway::plan::MigrationPlan;
+use gateway::plan::{CarriedRule, MigrationPlan, MigrationReport, NicMapping, ReportDisk};
 use gateway::protocol::Registered;
 use gateway::receipt::{Receipt, ReceiptDisk, RECEIPT_FORMAT_VERSION};
 use gateway::wire::RefusalCode;
@@ -94,26 +94,35 @@ fn is_nic_key(key: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Checks everything about a plan before a byte of disk data moves, and lists
-/// every problem at once. On success the VM name is reserved and the disks
-/// are created in staging.
-pub fn validate_and_stage(
-    domain: &Domain,
-    principal: &Principal,
-    edge: &str,
-    edge_cert: &str,
-    plan: &MigrationPlan,
-) -> Result<Staged, Refusal> {
-    if !principal.role.may_migrate() {
+/// A plan that passed every check, and what a migration of it would create.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    /// Cloud network (id, name) of each NIC, in plan order.
+    pub nic_networks: Vec<(String, String)>,
+    pub format: DiskFormat,
+    /// The migration report as far as it is known before anything moves.
+    pub preview: MigrationReport,
+}
+
+/// Checks everything about a plan against the domain, touching nothing, and lists every
+/// problem at once: the role, the name, the hardware against the host, the device keys,
+/// the network mapping, the space on the datastore, the firewall rules. Shared by a
+/// migration (before it stages), `edge-agent plan` and `POST /api/gateway/plans`. The
+/// code is NotPermitted when the role may not migrate (its problem comes first), else
+/// PlanRejected.
+pub fn validate(domain: &Domain, principal: &Principal, plan: &MigrationPlan) -> Result<Validated, Refusal> {
+    let inv = &domain.inventory;
+    let vm = &plan.vm;
+    let mut problems = Vec::new();
+    let permitted = principal.role.may_migrate();
+    if !permitted {
         let e = InventoryError::NotPermitted {
             user: principal.user.clone(),
             role: principal.role,
         };
-        return Err((RefusalCode::NotPermitted, vec![e.to_string()]));
+        problems.push(e.to_string());
     }
-    let inv = &domain.inventory;
-    let vm = &plan.vm;
-    let mut problems = Vec::new();
+    let info = inv.domain().map_err(endpoint_failure)?;
 
     match crate::datastore::Datastore::check_vm_name(&vm.name) {
         Err(e) => problems.push(e.to_string()),
@@ -130,6 +139,19 @@ pub fn validate_and_stage(
         problems.push(format!(
             "the VM declares {} vCPUs and {} MiB of memory; both must be at least 1",
             vm.num_cpus, vm.memory_mib
+        ));
+    }
+    // A VM cannot have more vCPUs or memory than the host it is registered on.
+    if vm.num_cpus > info.host.cpu_cores {
+        problems.push(format!(
+            "the VM has {} vCPUs but host {} ({}) has {} CPU cores; reduce numvcpus at the source or give the host more cores",
+            vm.num_cpus, info.host.name, info.host.id, info.host.cpu_cores
+        ));
+    }
+    if vm.memory_mib > info.host.memory_mib {
+        problems.push(format!(
+            "the VM has {} MiB of memory but host {} ({}) has {} MiB; reduce memsize at the source or give the host more memory",
+            vm.memory_mib, info.host.name, info.host.id, info.host.memory_mib
         ));
     }
     for text in [&vm.guest_os]
@@ -170,10 +192,144 @@ pub fn validate_and_stage(
             domain.datastore.name()
         ));
     }
+    firewall_problems(domain, plan, &mut problems)?;
 
     if !problems.is_empty() {
-        return Err((RefusalCode::PlanRejected, problems));
+        let code = if permitted {
+            RefusalCode::PlanRejected
+        } else {
+            RefusalCode::NotPermitted
+        };
+        return Err((code, problems));
     }
+    let format = plan.disk_format.unwrap_or(domain.datastore.disk_format());
+    let preview = preview(&info, plan, &nic_networks, format);
+    Ok(Validated {
+        nic_networks,
+        format,
+        preview,
+    })
+}
+
+/// What a migration of `plan` creates, as far as it is known before anything moves.
+fn preview(
+    info: &crate::inventory::DomainInfo,
+    plan: &MigrationPlan,
+    nic_networks: &[(String, String)],
+    format: DiskFormat,
+) -> MigrationReport {
+    let vm = &plan.vm;
+    let folder_name = info
+        .folders
+        .iter()
+        .find(|f| f.id == info.vm_folder)
+        .map(|f| f.name.clone())
+        .unwrap_or_default();
+    MigrationReport {
+        migration_id: None,
+        vm_name: vm.name.clone(),
+        vm_id: None,
+        vm_path: None,
+        folder_id: info.vm_folder.clone(),
+        folder_name,
+        datastore_id: info.datastore.id.clone(),
+        datastore_name: info.datastore.name.clone(),
+        host_id: info.host.id.clone(),
+        host_name: info.host.name.clone(),
+        disk_format: format.as_str().to_owned(),
+        num_cpus: vm.num_cpus,
+        memory_mib: vm.memory_mib,
+        disks: vm
+            .disks
+            .iter()
+            .map(|d| ReportDisk {
+                key: d.key.clone(),
+                capacity: d.capacity,
+            })
+            .collect(),
+        logical_bytes: plan.logical_bytes(),
+        zero_bytes: None,
+        nics: vm
+            .nics
+            .iter()
+            .zip(nic_networks)
+            .map(|(n, (id, name))| NicMapping {
+                key: n.key.clone(),
+                source_network: n.network.clone(),
+                network_id: id.clone(),
+                network_name: name.clone(),
+                mac: n.mac.clone(),
+            })
+            .collect(),
+        rules_carried: plan
+            .firewall
+            .rules
+            .iter()
+            .map(|r| CarriedRule {
+                id: r.id.clone(),
+                name: r.name.clone(),
+                disabled: r.disabled,
+            })
+            .collect(),
+        not_carried: plan.firewall.not_carried.clone(),
+        committed_at: None,
+    }
+}
+
+/// The firewall rules' problems: their own ([`gateway::plan::FirewallSpec::problems`])
+/// and references to VMs that are neither this VM nor in the cloud domain.
+fn firewall_problems(domain: &Domain, plan: &MigrationPlan, problems: &mut Vec<String>) -> Result<(), Refusal> {
+    let fw = &plan.firewall;
+    problems.extend(fw.problems());
+    let origin = if fw.origin.is_empty() {
+        "firewall rules".to_owned()
+    } else {
+        format!("firewall rules ({})", fw.origin)
+    };
+    let mut unknown = std::collections::BTreeSet::new();
+    for name in fw.vm_references() {
+        if name == fw.source_vm || name == plan.vm.name || unknown.contains(name) {
+            continue;
+        }
+        if domain
+            .inventory
+            .vm_id_by_name(name)
+            .map_err(endpoint_failure)?
+            .is_none()
+        {
+            unknown.insert(name);
+        }
+    }
+    for name in unknown {
+        problems.push(format!(
+            "{origin}: VM {name:?} is neither this VM ({:?}) nor a VM of the cloud domain; migrate it first, or refer to it by its addresses",
+            fw.source_vm
+        ));
+    }
+    for id in fw.vm_id_references() {
+        if !domain.inventory.vm_exists(id).map_err(endpoint_failure)? {
+            problems.push(format!("{origin}: VM id {id:?} is not in the cloud domain"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks everything about a plan before a byte of disk data moves ([`validate`]), and
+/// lists every problem at once. On success the VM name is reserved and the disks are
+/// created in staging.
+pub fn validate_and_stage(
+    domain: &Domain,
+    principal: &Principal,
+    edge: &str,
+    edge_cert: &str,
+    plan: &MigrationPlan,
+) -> Result<Staged, Refusal> {
+    let Validated {
+        nic_networks, format, ..
+    } = validate(domain, principal, plan)?;
+    let inv = &domain.inventory;
+    let vm = &plan.vm;
+    let needed = plan.logical_bytes();
 
     let migration_id = inv
         .begin_migration(principal, edge, &vm.name, needed)
@@ -181,7 +337,6 @@ pub fn validate_and_stage(
             InventoryError::NameTaken { .. } => (RefusalCode::PlanRejected, vec![e.to_string()]),
             other => endpoint_failure(other),
         })?;
-    let format = plan.disk_format.unwrap_or(domain.datastore.disk_format());
     let staged = (|| {
         let staging = domain.datastore.stage(&migration_id, &vm.name)?;
         let mut disks = Vec::new();
@@ -369,6 +524,7 @@ pub fn finalize(
     plan: &MigrationPlan,
     staged: Staged,
     roots: &[[u8; 32]],
+    zero_bytes: u64,
 ) -> Result<Registered, String> {
     let vm = &plan.vm;
     let ds = domain.datastore.name().to_owned();
@@ -453,6 +609,7 @@ pub fn finalize(
                 source_network: n.network.clone(),
             })
             .collect(),
+        firewall: plan.firewall.clone(),
     };
     if roots.len() != vm.disks.len() {
         let e = format!("{} Merkle roots for {} disks", roots.len(), vm.disks.len());
@@ -493,6 +650,20 @@ pub fn finalize(
             .map(|signed| signed.to_json())
             .map_err(|e| e.to_string())
     };
+    // The report is kept with the migration and sent to the edge before `Committed`.
+    let info = match domain.inventory.domain() {
+        Ok(info) => info,
+        Err(e) => return Err(fail(staged.staging, e.to_string())),
+    };
+    let mut report = preview(&info, plan, &staged.nic_networks, staged.format);
+    let report_json = |ctx: &crate::inventory::ReceiptContext<'_>| {
+        report.migration_id = Some(ctx.migration_id.to_owned());
+        report.vm_id = Some(ctx.vm_id.to_owned());
+        report.vm_path = Some(new_vm.vmx_path.clone());
+        report.zero_bytes = Some(zero_bytes);
+        report.committed_at = Some(ctx.committed_at.to_owned());
+        serde_json::to_string(&report).ok()
+    };
     let migration_id = staged.migration_id.clone();
     let folder = match staged.staging.commit() {
         Ok(folder) => folder,
@@ -502,11 +673,15 @@ pub fn finalize(
             return Err(e);
         }
     };
-    match domain.inventory.register_vm(&migration_id, &new_vm, issue) {
+    let registered = domain
+        .inventory
+        .register_vm_with_report(&migration_id, &new_vm, issue, report_json);
+    match registered {
         Ok(registered) => Ok(Registered {
             vm_id: registered.vm_id,
             vm_path: new_vm.vmx_path.clone(),
             receipt: registered.receipt,
+            report: Some(report),
         }),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&folder);

@@ -16,6 +16,7 @@
 //! yet" error: SESPARSE deltas, raw device mappings, VHD, VHDX and VDI.
 
 mod disk;
+pub mod firewall;
 pub mod fuzzing;
 mod manifest;
 mod ova;
@@ -202,6 +203,19 @@ pub enum SourceError {
         actual: String,
     },
 
+    /// A firewall rules file that cannot be used.
+    #[error(
+        "{}{}: {message}; see the rules file format in the README (\"Firewall rules\")",
+        path.display(),
+        rule.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+    )]
+    Firewall {
+        path: PathBuf,
+        /// The rule (or group, IP set, section entry) at fault, e.g. `rule #2 "ssh"`.
+        rule: Option<String>,
+        message: String,
+    },
+
     /// A VMDK extent file named by a descriptor does not exist.
     #[error(
         "{}: extent {file_name} does not exist ({}); copy all of the disk's extent files next to the descriptor",
@@ -241,6 +255,9 @@ pub struct SourceVm {
     pub disks: Vec<SourceDisk>,
     /// What was skipped or assumed, and why, e.g. "ide1:0 is a CD-ROM (cdrom-image), not migrated".
     pub notes: Vec<String>,
+    /// Distributed-firewall rules from `<stem>.dfw.json` next to the VM file (see
+    /// [`firewall`]); empty without one.
+    pub firewall: gateway::plan::FirewallSpec,
 }
 
 /// A virtual NIC (`ethernetN`).
@@ -303,13 +320,16 @@ pub enum DiskFormat {
 /// Parses the `.vmx` (or the OVF descriptor of a `.ovf` or `.ova`, after checking the
 /// package's manifest), opens every disk to learn its capacity, validates everything.
 /// Opens files read-only; never modifies anything.
+/// Reads the firewall rules file next to the VM file, if there is one.
 pub fn open_vm(vmx: &Path) -> Result<SourceVm, SourceError> {
     let extension = vmx.extension().map(|e| e.to_ascii_lowercase());
-    match extension.as_ref().and_then(|e| e.to_str()) {
+    let mut vm = match extension.as_ref().and_then(|e| e.to_str()) {
         Some("ovf") => ovf::open_ovf(vmx),
         Some("ova") => ova::open_ova(vmx),
         _ => vm::open_vm(vmx),
-    }
+    }?;
+    vm.firewall = firewall::find(&vm.vmx_path, &vm.name)?;
+    Ok(vm)
 }
 
 /// A disk's logical content, read by offset.

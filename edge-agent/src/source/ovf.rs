@@ -308,6 +308,7 @@ pub(crate) fn finish(
         nics: descriptor.nics,
         disks,
         notes: all_notes,
+        firewall: Default::default(),
     }
 }
 

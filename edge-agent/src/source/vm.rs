@@ -65,6 +65,7 @@ pub(crate) fn open_vm(vmx_path: &Path) -> Result<SourceVm, SourceError> {
         nics,
         disks,
         notes,
+        firewall: Default::default(),
     })
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use super::ProtocolError;
 use crate::chunk::ChunkError;
 use crate::integrity::{hex, DiskHashes};
-use crate::plan::MigrationPlan;
+use crate::plan::{MigrationPlan, MigrationReport};
 use crate::wire::{ChunkHeader, CloudMessage, EdgeMessage, RefusalCode};
 
 /// Tunables of the receiving side.
@@ -53,6 +53,10 @@ pub enum ReceiverEvent {
     Finalize,
     /// The migration ended without a VM: discard what was staged.
     Discard { reason: String },
+    /// The edge only asks whether the plan is valid: check it against the
+    /// domain without staging or recording anything; answer with
+    /// [`ReceiverSession::plan_checked`].
+    CheckPlan(MigrationPlan),
 }
 
 /// What to do with a chunk frame whose header was read.
@@ -71,6 +75,10 @@ enum Phase {
     Authenticating,
     AwaitPlan,
     Validating,
+    /// Checking a plan the edge only wants validated.
+    Checking,
+    /// That plan was found valid and the answer sent.
+    Checked,
     Streaming,
     Finalizing,
     Done,
@@ -84,6 +92,8 @@ impl Phase {
             Phase::Authenticating => "authenticating",
             Phase::AwaitPlan => "waiting for the plan",
             Phase::Validating => "validating the plan",
+            Phase::Checking => "checking the plan",
+            Phase::Checked => "plan checked",
             Phase::Streaming => "streaming",
             Phase::Finalizing => "finalizing",
             Phase::Done => "done",
@@ -119,6 +129,8 @@ pub struct Registered {
     pub vm_path: String,
     /// The signed receipt as JSON (see [`crate::receipt`]).
     pub receipt: String,
+    /// What the migration created, sent to the edge before `Committed`.
+    pub report: Option<MigrationReport>,
 }
 
 #[derive(Debug)]
@@ -196,7 +208,7 @@ impl ReceiverSession {
 
     /// True once the session reached an end (committed or failed).
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Failed)
+        matches!(self.phase, Phase::Done | Phase::Checked | Phase::Failed)
     }
 
     pub fn is_committed(&self) -> bool {
@@ -249,6 +261,14 @@ impl ReceiverSession {
                     plan: plan.clone(),
                 });
                 self.plan = Some(plan);
+            }
+            EdgeMessage::Validate(plan) => {
+                if self.phase != Phase::AwaitPlan {
+                    return Err(self.unexpected("Validate"));
+                }
+                plan.check_limits()?;
+                self.phase = Phase::Checking;
+                self.events.push_back(ReceiverEvent::CheckPlan(plan));
             }
             EdgeMessage::ZeroChunks { disk, offset, count } => {
                 if self.phase != Phase::Streaming {
@@ -417,6 +437,21 @@ impl ReceiverSession {
         });
     }
 
+    /// The driver checked a plan the edge only wanted validated: `Ok` is what a
+    /// migration would create, `Err` the refusal with every problem.
+    pub fn plan_checked(&mut self, result: Result<MigrationReport, (RefusalCode, Vec<String>)>) {
+        if self.phase != Phase::Checking {
+            return;
+        }
+        match result {
+            Ok(report) => {
+                self.phase = Phase::Checked;
+                self.outbox.push_back(CloudMessage::Valid(report));
+            }
+            Err((code, problems)) => self.fail(code, problems),
+        }
+    }
+
     /// The driver cannot store more (datastore full, a write failed): the
     /// migration stops with `problems` but keeps what arrived, to be resumed.
     pub fn pause(&mut self, problems: Vec<String>) {
@@ -567,6 +602,21 @@ impl ReceiverSession {
         Ok(())
     }
 
+    /// Bytes of the chunks known to be all zeros (declared zero by the edge, or
+    /// written with the zero chunk's hash): what never had to be sent.
+    pub fn zero_bytes(&self) -> u64 {
+        let chunk_size = self.plan.as_ref().map_or(0, |p| u64::from(p.chunk_size));
+        self.disks
+            .iter()
+            .map(|d| {
+                (0..d.hashes.chunk_count())
+                    .filter(|&i| d.hashes.get(i) == Some(d.hashes.zero_hash(i)))
+                    .map(|i| (d.capacity - i * chunk_size).min(chunk_size))
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     /// Each disk's Merkle root, in plan order, once every disk is sealed (both
     /// sides computed the same roots).
     pub fn disk_roots(&self) -> Option<Vec<[u8; 32]>> {
@@ -586,8 +636,12 @@ impl ReceiverSession {
                 vm_id,
                 vm_path,
                 receipt,
+                report,
             }) => {
                 self.phase = Phase::Done;
+                if let Some(report) = report {
+                    self.outbox.push_back(CloudMessage::Report(report));
+                }
                 self.outbox.push_back(CloudMessage::Committed {
                     vm_id,
                     vm_path,
@@ -616,7 +670,7 @@ impl ReceiverSession {
     pub fn poll_timeout(&self) -> Option<Instant> {
         matches!(
             self.phase,
-            Phase::AwaitHello | Phase::Authenticating | Phase::AwaitPlan | Phase::Validating
+            Phase::AwaitHello | Phase::Authenticating | Phase::AwaitPlan | Phase::Validating | Phase::Checking
         )
         .then_some(self.setup_deadline)
     }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use super::ProtocolError;
 use crate::integrity::DiskHashes;
-use crate::plan::MigrationPlan;
+use crate::plan::{MigrationPlan, MigrationReport};
 use crate::receipt::SignedReceipt;
 use crate::wire::{CloudMessage, EdgeMessage};
 
@@ -70,6 +70,9 @@ pub enum SenderEvent {
         vm_path: String,
         receipt: String,
     },
+    /// A session made with [`SenderSession::validating`]: the cloud found the
+    /// plan valid; this is what a migration would create. Nothing was staged.
+    Validated(Box<MigrationReport>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +82,8 @@ enum Phase {
     Streaming,
     AwaitCommitted,
     Done,
+    /// The plan was only validated, and found valid.
+    Validated,
     Failed,
 }
 
@@ -90,6 +95,7 @@ impl Phase {
             Phase::Streaming => "streaming",
             Phase::AwaitCommitted => "waiting for the commit",
             Phase::Done => "done",
+            Phase::Validated => "validated",
             Phase::Failed => "failed",
         }
     }
@@ -159,6 +165,10 @@ pub struct SenderSession {
     /// it holds.
     resume: Option<(String, Vec<DoneChunk>)>,
     resumed_bytes: u64,
+    /// Only validate the plan (`edge-agent plan`): nothing is staged or sent.
+    validate_only: bool,
+    /// The cloud's report of the commit.
+    report: Option<MigrationReport>,
 }
 
 impl SenderSession {
@@ -203,7 +213,23 @@ impl SenderSession {
             receipt: None,
             resume: None,
             resumed_bytes: 0,
+            validate_only: false,
+            report: None,
         })
+    }
+
+    /// Asks the cloud to check `plan` without staging anything: after the
+    /// welcome the session sends `Validate` and ends with
+    /// [`SenderEvent::Validated`] or the refusal listing every problem.
+    pub fn validating(config: SenderConfig, plan: MigrationPlan, now: Instant) -> Result<Self, ProtocolError> {
+        let mut s = SenderSession::new(config, plan, now)?;
+        s.validate_only = true;
+        Ok(s)
+    }
+
+    /// The cloud's report of what the migration created, once committed.
+    pub fn report(&self) -> Option<&MigrationReport> {
+        self.report.as_ref()
     }
 
     /// Continues `migration_id`, which the cloud accepted before with this
@@ -233,7 +259,7 @@ impl SenderSession {
         d.hashes.get(checked_index(d, offset, self.chunk_size())?)
     }
 
-    /// Bytes the cloud already held when it resumed this migration.
+    /// Bytes the cloud already held when it resumed this migration (written or zero).
     pub fn resumed_bytes(&self) -> u64 {
         self.resumed_bytes
     }
@@ -309,7 +335,7 @@ impl SenderSession {
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Failed)
+        matches!(self.phase, Phase::Done | Phase::Validated | Phase::Failed)
     }
 
     pub fn is_committed(&self) -> bool {
@@ -354,6 +380,7 @@ impl SenderSession {
                         migration_id: migration_id.clone(),
                         plan: self.plan.clone(),
                     },
+                    None if self.validate_only => EdgeMessage::Validate(self.plan.clone()),
                     None => EdgeMessage::Plan(self.plan.clone()),
                 });
                 self.events.push_back(SenderEvent::Welcomed { endpoint, role });
@@ -362,7 +389,7 @@ impl SenderSession {
                 migration_id,
                 datastore,
             } => {
-                if self.phase != Phase::AwaitPlanAccepted || self.resume.is_some() {
+                if self.phase != Phase::AwaitPlanAccepted || self.resume.is_some() || self.validate_only {
                     return Err(self.unexpected("PlanAccepted"));
                 }
                 self.phase = Phase::Streaming;
@@ -379,11 +406,13 @@ impl SenderSession {
                 done,
             } => {
                 let expected = self.resume.as_ref().map(|(id, _)| id.as_str());
-                if self.phase != Phase::AwaitPlanAccepted || expected != Some(migration_id.as_str()) {
+                if self.phase != Phase::AwaitPlanAccepted
+                    || expected != Some(migration_id.as_str())
+                    || self.validate_only
+                {
                     return Err(self.unexpected("Resumed"));
                 }
                 self.on_resumed(&done)?;
-                self.resumed_bytes = self.done_bytes();
                 self.phase = Phase::Streaming;
                 self.deadline = None;
                 self.migration_id = Some(migration_id.clone());
@@ -479,6 +508,20 @@ impl SenderSession {
                     receipt,
                 });
             }
+            CloudMessage::Valid(report) => {
+                if self.phase != Phase::AwaitPlanAccepted || !self.validate_only {
+                    return Err(self.unexpected("Valid"));
+                }
+                self.phase = Phase::Validated;
+                self.deadline = None;
+                self.events.push_back(SenderEvent::Validated(Box::new(report)));
+            }
+            CloudMessage::Report(report) => {
+                if self.phase != Phase::AwaitCommitted || self.report.is_some() {
+                    return Err(self.unexpected("Report"));
+                }
+                self.report = Some(report);
+            }
         }
         Ok(())
     }
@@ -506,6 +549,7 @@ impl SenderSession {
                 }
             }
         }
+        let mut held = 0;
         for ((d, bitmap), known) in self.disks.iter_mut().zip(done).zip(&known) {
             let count = d.state.len() as u64;
             if bitmap.len() as u64 != count.div_ceil(8) {
@@ -518,6 +562,7 @@ impl SenderSession {
                 let zero = d.hashes.zero_hash(index);
                 let hash = known.get(index);
                 if crate::wire::bit(bitmap, index) {
+                    held += (d.capacity - index * cs).min(cs);
                     match hash {
                         Some(hash) => {
                             d.state[index as usize] = ChunkState::Done;
@@ -537,6 +582,7 @@ impl SenderSession {
                 }
             }
         }
+        self.resumed_bytes = held;
         Ok(())
     }
 

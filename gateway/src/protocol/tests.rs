@@ -56,6 +56,36 @@ fn plan(disks: &[&Vec<u8>]) -> MigrationPlan {
         network_map: vec![],
         chunk_size: CS,
         disk_format: None,
+        firewall: Default::default(),
+    }
+}
+
+/// The cloud's report of a migration (`vm_id` empty: of a validated plan).
+fn report(vm_id: &str) -> crate::plan::MigrationReport {
+    crate::plan::MigrationReport {
+        migration_id: (!vm_id.is_empty()).then(|| "migration-1".into()),
+        vm_name: "web01".into(),
+        vm_id: (!vm_id.is_empty()).then(|| vm_id.into()),
+        vm_path: None,
+        folder_id: "group-v3".into(),
+        folder_name: "vm".into(),
+        datastore_id: "datastore-9".into(),
+        datastore_name: "ds1".into(),
+        host_id: "host-8".into(),
+        host_name: "esx01".into(),
+        disk_format: "vmdk".into(),
+        num_cpus: 2,
+        memory_mib: 1024,
+        disks: vec![],
+        logical_bytes: 0,
+        zero_bytes: None,
+        nics: vec![],
+        rules_carried: vec![],
+        not_carried: vec![crate::plan::NotCarried::new(
+            crate::plan::NotCarriedKind::SpoofGuard,
+            "default",
+        )],
+        committed_at: None,
     }
 }
 
@@ -107,6 +137,8 @@ struct Pair {
     /// Chunks hashed without sending (resumed, acknowledged but not in the
     /// edge's checkpoint).
     hashed: usize,
+    /// What a validate-only session was told the plan would create.
+    validated: Option<crate::plan::MigrationReport>,
 }
 
 impl Pair {
@@ -146,6 +178,7 @@ impl Pair {
             cloud_journal: Vec::new(),
             edge_checkpoint: Vec::new(),
             hashed: 0,
+            validated: None,
         }
     }
 
@@ -189,6 +222,7 @@ impl Pair {
                 }
                 SenderEvent::Resend { disk, offset } => self.to_read.push_back((disk, offset)),
                 SenderEvent::Committed { receipt, .. } => self.edge_receipt = Some(receipt),
+                SenderEvent::Validated(report) => self.validated = Some(*report),
                 SenderEvent::Acked { disk, chunks, .. } => self.edge_checkpoint.extend(
                     chunks
                         .into_iter()
@@ -320,9 +354,14 @@ impl Pair {
                         vm_id: "vm-42".into(),
                         vm_path: "[ds1] web01/web01.vmx".into(),
                         receipt,
+                        report: Some(report("vm-42")),
                     }));
                 }
                 ReceiverEvent::Discard { reason } => self.discarded = Some(reason),
+                ReceiverEvent::CheckPlan(_) => match self.refuse_plan.take() {
+                    Some(problems) => self.receiver.plan_checked(Err((RefusalCode::PlanRejected, problems))),
+                    None => self.receiver.plan_checked(Ok(report(""))),
+                },
             }
         }
         while let Some(msg) = self.receiver.poll_transmit() {
@@ -868,4 +907,78 @@ fn incompressible_chunks_go_raw() {
     let h = Sealer::new(1).unwrap().seal(0, 0, &data, &mut payload);
     assert_eq!(h.encoding, crate::wire::Encoding::Raw);
     assert_eq!(payload, data);
+}
+
+#[test]
+fn the_report_reaches_the_edge_with_the_commit() {
+    let mut pair = Pair::new(vec![disk_image(13, 3)], "secret");
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    assert_eq!(pair.sender.report(), Some(&report("vm-42")));
+}
+
+/// A pair whose edge only asks for the plan to be validated.
+fn validating_pair() -> Pair {
+    let mut pair = Pair::new(vec![disk_image(14, 3)], "secret");
+    let plan = pair.sender.plan().clone();
+    pair.sender = SenderSession::validating(
+        SenderConfig::new("edge-test", "migrator@cloud.local", "secret"),
+        plan,
+        pair.now,
+    )
+    .unwrap();
+    pair
+}
+
+#[test]
+fn a_validated_plan_stages_nothing_and_ends_both_sessions() {
+    let mut pair = validating_pair();
+    pair.drive();
+    assert_eq!(pair.validated, Some(report("")));
+    assert!(pair.sender.is_finished() && !pair.sender.is_committed() && pair.sender.error().is_none());
+    assert!(pair.receiver.is_finished() && !pair.receiver.is_committed() && !pair.receiver.is_resumable());
+    assert!(
+        pair.receiver.plan().is_none(),
+        "a checked plan is not the migration's plan"
+    );
+    assert_eq!((pair.data_frames, pair.discarded.as_deref()), (0, None));
+    assert_eq!(pair.receiver.poll_timeout(), None, "no setup timer after the answer");
+}
+
+#[test]
+fn a_refused_validation_lists_every_problem() {
+    let mut pair = validating_pair();
+    pair.refuse_plan = Some(vec!["a".into(), "b".into(), "c".into()]);
+    pair.drive();
+    match pair.sender.error() {
+        Some(ProtocolError::Refused { code, problems }) => {
+            assert_eq!(*code, RefusalCode::PlanRejected);
+            assert_eq!(problems.len(), 3);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(pair.validated.is_none() && pair.discarded.is_none());
+}
+
+#[test]
+fn validation_messages_out_of_place_are_violations() {
+    // A migrating edge does not expect Valid, nor a Report before the commit.
+    let now = Instant::now();
+    let mut s = SenderSession::new(SenderConfig::new("e", "u", "p"), plan(&[&disk_image(15, 1)]), now).unwrap();
+    s.handle_control(
+        CloudMessage::Welcome {
+            endpoint: "c".into(),
+            role: "r".into(),
+        },
+        now,
+    )
+    .unwrap();
+    assert!(s.handle_control(CloudMessage::Valid(report("")), now).is_err());
+    let mut s = SenderSession::new(SenderConfig::new("e", "u", "p"), plan(&[&disk_image(15, 1)]), now).unwrap();
+    assert!(s.handle_control(CloudMessage::Report(report("vm-1")), now).is_err());
+    // A cloud session takes Validate only where it would take a plan.
+    let mut r = streaming_receiver(1 << 20);
+    assert!(r
+        .handle_control(EdgeMessage::Validate(plan(&[&disk_image(15, 1)])), now)
+        .is_err());
 }

@@ -206,9 +206,15 @@ pub struct TransportTuning {
     /// memory. Must cover the bandwidth-delay product plus what is being
     /// retransmitted.
     pub send_window: u64,
-    /// Silence after which the connection is given up.
+    /// Silence after which the connection is given up (30 s by default). QUIC uses
+    /// the smaller of the two sides' values, so either side can shorten it. Shorter
+    /// notices a dead link sooner (the edge reconnects and resumes sooner, the
+    /// endpoint frees the migration sooner); too short gives up on a link that only
+    /// stalled for a moment. Tests use 2-3 s to cut links quickly.
     pub idle_timeout: Duration,
-    /// Keep-alive so NAT and firewall state survives slow phases.
+    /// Keep-alive so NAT and firewall state survives slow phases. Sent at least
+    /// every third of [`Self::idle_timeout`], so a quiet but healthy connection
+    /// never reaches it.
     pub keep_alive: Duration,
     /// UDP socket buffer size asked for. The kernel caps it at
     /// net.core.rmem_max/wmem_max unless the process may force it (root).
@@ -277,12 +283,17 @@ impl TransportTuning {
         let varint = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.mtu_upper_bound);
+        // A zero idle timeout means none (QUIC's convention): nothing to stay under.
+        let keep_alive = match self.idle_timeout.is_zero() {
+            true => self.keep_alive,
+            false => self.keep_alive.min(self.idle_timeout / 3),
+        };
         t.stream_receive_window(varint(self.stream_window))
             .receive_window(varint(self.connection_window))
             .send_window(self.send_window)
             .max_concurrent_uni_streams(max_uni_streams.into())
             .max_concurrent_bidi_streams(max_uni_streams.min(5).into()) // control/probe + 4 link-test downloads; edge: 0
-            .keep_alive_interval(Some(self.keep_alive))
+            .keep_alive_interval(Some(keep_alive))
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
             .initial_rtt(self.initial_rtt)
             .mtu_discovery_config(Some(mtu));

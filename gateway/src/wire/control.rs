@@ -9,7 +9,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{Decoded, WireError};
-use crate::plan::MigrationPlan;
+use crate::plan::{MigrationPlan, MigrationReport};
 
 /// Largest control frame: a plan with hundreds of disks and NICs fits easily.
 pub const MAX_CONTROL_FRAME: usize = 1024 * 1024;
@@ -41,6 +41,10 @@ pub enum EdgeMessage {
     /// before (a dropped link, a restarted edge or endpoint). `plan` must be
     /// the one the migration started with; the cloud answers `Resumed`.
     Resume { migration_id: String, plan: MigrationPlan },
+    /// Sent instead of `Plan` to have the plan checked without staging
+    /// anything: the cloud answers `Valid` or `Refused` with every problem,
+    /// then the connection ends.
+    Validate(MigrationPlan),
 }
 
 /// Cloud endpoint to edge agent.
@@ -71,6 +75,12 @@ pub enum CloudMessage {
         datastore: String,
         done: Vec<Vec<u8>>,
     },
+    /// Answer to `Validate`: the plan passed every check; this is what a
+    /// migration would create (the fields only a commit knows are `None`).
+    Valid(MigrationReport),
+    /// Sent just before `Committed`: what the migration created, as the
+    /// cloud keeps it (NIC mapping, rules carried and not carried).
+    Report(MigrationReport),
 }
 
 /// Whether chunk `index` is set in a [`CloudMessage::Resumed`] bitmap.
@@ -228,6 +238,7 @@ mod tests {
             network_map: vec![("VM Network".into(), "cloud-web".into())],
             chunk_size: crate::plan::DEFAULT_CHUNK_SIZE,
             disk_format: None,
+            firewall: Default::default(),
         }
     }
 

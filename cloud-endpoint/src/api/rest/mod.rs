@@ -63,6 +63,9 @@ pub fn router(state: ApiState) -> Router {
             get(vcenter::get_migration).post(vcenter::abort_migration),
         )
         .route("/api/gateway/migrations/{migration}/receipt", get(vcenter::get_receipt))
+        .route("/api/gateway/migrations/{migration}/report", get(vcenter::get_report))
+        .route("/api/gateway/vms/{vm}/firewall", get(vcenter::get_vm_firewall))
+        .route("/api/gateway/plans", post(vcenter::check_plan))
         .fallback(not_found)
         .method_not_allowed_fallback(operation_not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -165,6 +165,52 @@ pub async fn get_receipt(
     )))
 }
 
+/// The stored report as it is (JSON).
+pub async fn get_report(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let report = blocking(&state.domain, move |d| gateway::get_report(d, &id)).await?;
+    Ok(axum::response::IntoResponse::into_response((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        report,
+    )))
+}
+
+pub async fn get_vm_firewall(
+    State(state): State<ApiState>,
+    Path(vm): Path<String>,
+) -> Answer<crate::inventory::VmFirewall> {
+    one(&state, vm, gateway::get_vm_firewall).await
+}
+
+/// `POST /api/gateway/plans`: 200 with what a migration of the plan would create, or
+/// 400 (403 for a role that may not migrate) with one message per problem, every
+/// problem at once, in vSphere's error shape.
+pub async fn check_plan(
+    State(state): State<ApiState>,
+    axum::Extension(ctx): axum::Extension<super::SessionContext>,
+    body: axum::body::Bytes,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let principal = ctx.principal().clone();
+    let verdict = blocking(&state.domain, move |d| gateway::check_plan(d, &principal, &body)).await?;
+    Ok(match verdict {
+        gateway::PlanVerdict::Valid(report) => Json(report).into_response(),
+        gateway::PlanVerdict::Refused(kind, problems) => {
+            let messages: Vec<serde_json::Value> = problems
+                .iter()
+                .map(|p| serde_json::json!({"id": kind.message_id(), "default_message": p, "args": []}))
+                .collect();
+            (
+                kind.status(),
+                Json(serde_json::json!({"error_type": kind.error_type(), "messages": messages})),
+            )
+                .into_response()
+        }
+    })
+}
+
 /// `POST /api/gateway/migrations/{id}?action=abort`: aborts a RUNNING migration (the
 /// partial files are removed, the VM name freed) and returns its record, FAILED.
 pub async fn abort_migration(
