@@ -277,3 +277,84 @@ async fn a_source_changed_while_paused_is_refused_and_abort_cleans_up() {
     ));
     cloud.stop().await;
 }
+
+/// The real endpoint binary, killed with SIGKILL mid-transfer (no shutdown, no last
+/// journal flush) and started again on the same port: the edge reconnects by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_killed_with_sigkill_is_resumed_after_its_restart() {
+    let bin = wan::ensure_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = tmp.path().join("cloud");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let start = || {
+        Command::new(bin.join("cloud-endpoint"))
+            .env("CLOUD_ENDPOINT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("CLOUD_ENDPOINT_API_LISTEN", "off")
+            .env("CLOUD_ENDPOINT_CERT", pki.path("endpoint.pem"))
+            .env("CLOUD_ENDPOINT_KEY", pki.path("endpoint.key"))
+            .env("CLOUD_ENDPOINT_EDGE_CA", pki.path("ca.pem"))
+            .env("CLOUD_ENDPOINT_DATASTORE_DIR", cloud.join("datastore"))
+            .env("CLOUD_ENDPOINT_DATABASE", cloud.join("inventory.sqlite3"))
+            .env("CLOUD_ENDPOINT_LOG", "warn")
+            // The edge notices a dead endpoint after the idle timeout: short here.
+            .env("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", "3")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut endpoint = start();
+    let vmx = vm(&tmp.path().join("src"), "kv01", 24, 74);
+    let source = source::open_vm(&vmx).unwrap();
+    let target = edge_agent::target::Target {
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        server_name: "localhost".into(),
+        user: MIGRATOR.into(),
+        password: DEMO_PASSWORD.into(),
+        trust: pki.trust_ca(),
+        identity: pki.edge_identity(),
+    };
+    let opts = MigrateOptions {
+        max_rate: Some("64mbit".parse::<Rate>().unwrap()),
+        retry_for: Duration::from_secs(60),
+        tuning: gateway::transport::TransportTuning {
+            idle_timeout: Duration::from_secs(3),
+            ..Default::default()
+        },
+        ..MigrateOptions::default()
+    };
+    let sink = Arc::new(Last::default());
+    let lift = {
+        let sink = sink.clone();
+        tokio::spawn(async move { migrate::run(&source, &target, &opts, sink).await })
+    };
+    let total = 24 * MIB as u64;
+    let t0 = Instant::now();
+    while sink.done() < total / 3 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done_at_kill = sink.done();
+    endpoint.kill().unwrap();
+    endpoint.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut endpoint = start();
+    let summary = lift.await.unwrap().expect("the edge resumes by itself");
+    endpoint.kill().unwrap();
+    endpoint.wait().unwrap();
+    println!(
+        "endpoint SIGKILL: {done_at_kill} of {total} bytes done at the kill, {} resumed, {} re-sent, {} reconnect(s)",
+        summary.resumed_bytes, summary.resent_bytes, summary.reconnects
+    );
+    assert!(summary.reconnects >= 1, "{summary:?}");
+    assert!(summary.resumed_bytes > 0, "{summary:?}");
+    assert!(images_identical(
+        &tmp.path().join("src/kv01.img"),
+        &cloud.join("datastore/kv01/kv01-flat.vmdk")
+    ));
+    assert!(summary.receipt.contains("kv01"));
+}
