@@ -393,6 +393,19 @@ fn take_slot(ctx: &Ctx) -> bool {
     true
 }
 
+/// Who the edge authenticated as; refuses the session (a `what` before any
+/// credential is a protocol violation) when nobody.
+fn authenticated(ctx: &Ctx, what: &str) -> Option<Principal> {
+    let principal = ctx.principal.lock().expect("principal lock").clone();
+    if principal.is_none() {
+        ctx.session().refuse(
+            RefusalCode::ProtocolViolation,
+            vec![format!("{what} before authentication")],
+        );
+    }
+    principal
+}
+
 async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
     let domain = ctx.domain.clone();
     match event {
@@ -419,12 +432,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             ctx.session().authenticated(answer, &ctx.domain.endpoint_name);
         }
         ReceiverEvent::ValidatePlan(plan) => {
-            let principal = ctx.principal.lock().expect("principal lock").clone();
-            let Some(principal) = principal else {
-                ctx.session().refuse(
-                    RefusalCode::ProtocolViolation,
-                    vec!["plan before authentication".into()],
-                );
+            let Some(principal) = authenticated(ctx, "plan") else {
                 return;
             };
             if !take_slot(ctx) {
@@ -460,12 +468,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
         // `edge-agent plan`: the checks of a migration, nothing staged or recorded, and
         // no migration slot taken (a check holds nothing for long).
         ReceiverEvent::CheckPlan(plan) => {
-            let principal = ctx.principal.lock().expect("principal lock").clone();
-            let Some(principal) = principal else {
-                ctx.session().refuse(
-                    RefusalCode::ProtocolViolation,
-                    vec!["plan before authentication".into()],
-                );
+            let Some(principal) = authenticated(ctx, "plan") else {
                 return;
             };
             let guard = ctx.blocking.clone().read_owned().await;
@@ -482,12 +485,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             ctx.session().plan_checked(result);
         }
         ReceiverEvent::ValidateResume { migration_id, plan } => {
-            let principal = ctx.principal.lock().expect("principal lock").clone();
-            let Some(principal) = principal else {
-                ctx.session().refuse(
-                    RefusalCode::ProtocolViolation,
-                    vec!["resume before authentication".into()],
-                );
+            let Some(principal) = authenticated(ctx, "resume") else {
                 return;
             };
             // The edge may be back before the endpoint noticed its old
