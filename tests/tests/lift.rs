@@ -355,6 +355,14 @@ async fn an_edge_that_vanishes_mid_transfer_is_kept_for_it_and_an_abort_removes_
             user: MIGRATOR.into(),
             role: cloud_endpoint::config::Role::MigrationOperator,
         };
+        // Another operator may not abort it: only its user or an Administrator.
+        let stranger = cloud_endpoint::inventory::Principal {
+            user: "someone-else@cloud.local".into(),
+            role: cloud_endpoint::config::Role::MigrationOperator,
+        };
+        let refused = cloud_endpoint::api::gateway::abort_migration(&cloud.domain, &stranger, &migrations[0].id)
+            .expect_err("another operator's abort is refused");
+        assert!(refused.to_string().contains("only their own"), "{refused}");
         let domain = cloud.domain.clone();
         let id = migrations[0].id.clone();
         let aborted =

@@ -72,6 +72,24 @@ async fn an_endpoint_restarted_mid_transfer_is_resumed_by_the_edge() {
         assert!(t0.elapsed() < Duration::from_secs(30), "no progress");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The task shows what the cloud holds durably, while it moves.
+    let id = cloud.domain.inventory.list_migrations().unwrap()[0].id.clone();
+    let task = loop {
+        let task = cloud_endpoint::api::tasks::get(&cloud.domain, &id).unwrap();
+        if task.progress.completed > 0 {
+            break task;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the task never showed progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(task.status, "RUNNING");
+    assert_eq!(task.progress.total, total);
+    assert!(task.progress.completed < total, "{:?}", task.progress);
+    assert!(
+        task.progress.message.default_message.contains('%'),
+        "{:?}",
+        task.progress
+    );
     let done_at_cut = sink.done();
     cloud.stop().await;
     // The migration waits in staging for its edge, not failed, not registered.

@@ -150,6 +150,18 @@ pub fn abort_migration(
         ));
     }
     let record = get_migration(domain, id)?;
+    // An operator stops their own migrations; someone else's is an administrator's call.
+    if principal.role != crate::config::Role::Administrator && record.user != principal.user {
+        return Err(ApiError::new(
+            crate::api::error::ErrorKind::Unauthorized,
+            format!(
+                "migration {id} was started by {}; user {} (role {}) may abort only their own migrations: ask an Administrator",
+                record.user,
+                principal.user,
+                principal.role.as_str()
+            ),
+        ));
+    }
     if record.state != "RUNNING" {
         return Err(ApiError::invalid_argument(format!(
             "migration {id} is {}; only a RUNNING migration can be aborted",

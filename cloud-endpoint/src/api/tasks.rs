@@ -100,14 +100,32 @@ pub fn get(domain: &Domain, id: &str) -> Result<TaskInfo, ApiError> {
             "task {id} is not in the inventory; tasks are migrations, named by their migration id (migration-N)"
         ))
     })?;
-    Ok(TaskInfo::from_record(&record))
+    let mut task = TaskInfo::from_record(&record);
+    if record.state == "RUNNING" {
+        if let Some(bytes) = domain.live.progress(id) {
+            task.progress.completed = bytes.min(task.progress.total);
+            let waiting = if domain.live.is_live(id) {
+                ""
+            } else {
+                "; waiting for its edge to resume it"
+            };
+            task.progress.message.default_message = format!(
+                "moving {} into the cloud domain: {} of {} bytes held durably ({}%){waiting}",
+                record.vm_name,
+                task.progress.completed,
+                task.progress.total,
+                task.progress.completed * 100 / task.progress.total.max(1)
+            );
+        }
+    }
+    Ok(task)
 }
 
 impl TaskInfo {
+    /// The task as its record tells it. A RUNNING record shows 0 bytes completed: the
+    /// bytes moved so far are only known to the connection serving it (see [`get`]).
     pub fn from_record(m: &MigrationRecord) -> TaskInfo {
         let total = m.logical_bytes;
-        // The record keeps no count of bytes moved so far: a running migration shows 0
-        // until it ends (see the progress note in the README's API section).
         let (completed, progress) = match m.state.as_str() {
             "SUCCEEDED" => (
                 total,

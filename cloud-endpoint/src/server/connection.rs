@@ -151,6 +151,9 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
     let detach = || {
         if let Some(id) = &id {
             ctx.domain.live.detach(id, &ctx.conn);
+            if committed || !resumable {
+                ctx.domain.live.forget_progress(id);
+            }
         }
     };
     if committed {
@@ -172,6 +175,9 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
     if let Some(staged) = staged {
         let domain = ctx.domain.clone();
         if resumable && !aborted {
+            if let Some(id) = &id {
+                ctx.domain.live.set_progress(id, ctx.session().durable_bytes());
+            }
             tracing::warn!(reason = %why, "migration not committed; kept for a resume");
             let _ = tokio::task::spawn_blocking(move || placement::suspend(&domain, staged, &unsynced, &why)).await;
         } else {
@@ -200,7 +206,13 @@ async fn sync(ctx: Arc<Ctx>) {
         // The cleanup waits for this (it takes `blocking` exclusively): a batch
         // taken from the session is always journaled or handed back.
         let guard = ctx.blocking.clone().read_owned().await;
-        let batch = ctx.session().take_unsynced();
+        let (batch, durable) = {
+            let mut s = ctx.session();
+            (s.take_unsynced(), s.durable_bytes())
+        };
+        if let Some(id) = ctx.migration_id.lock().expect("id lock").as_deref() {
+            ctx.domain.live.set_progress(id, durable);
+        }
         if batch.is_empty() {
             continue;
         }

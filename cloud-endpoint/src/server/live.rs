@@ -26,6 +26,10 @@ pub struct LiveMigrations {
     /// The receive window all migrations share (bytes; 0 = leave quinn's per-connection
     /// window alone). See [`LiveMigrations::share_window`].
     window_budget: std::sync::atomic::AtomicU64,
+    /// Logical bytes each RUNNING migration holds durably, as its connection last saw
+    /// them: a task's progress. Kept while the migration waits for a resume (the figure
+    /// is still true: the journal holds those chunks) and dropped when it ends.
+    progress: Mutex<HashMap<String, u64>>,
 }
 
 /// The smallest receive window a migration gets however many run: a few chunks per
@@ -83,6 +87,25 @@ impl LiveMigrations {
         self.rebalance(&entries);
         drop(entries);
         self.detached.notify_waiters();
+    }
+
+    /// Records that `id` holds `bytes` durably.
+    pub fn set_progress(&self, id: &str, bytes: u64) {
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), bytes);
+    }
+
+    /// What `id` held durably when its connection last reported; `None` if no
+    /// connection served it since the endpoint started.
+    pub fn progress(&self, id: &str) -> Option<u64> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied()
+    }
+
+    /// `id` ended (committed, failed or discarded): its progress is its record's.
+    pub fn forget_progress(&self, id: &str) {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
     pub fn is_live(&self, id: &str) -> bool {

@@ -155,6 +155,9 @@ pub struct ReceiverSession {
     outbox: VecDeque<CloudMessage>,
     events: VecDeque<ReceiverEvent>,
     bytes_written: u64,
+    /// Logical bytes (zero chunks included) of the chunks known to be durable:
+    /// the migration's progress as an operator should read it.
+    durable_bytes: u64,
     unsynced: Unsynced,
     /// The migration was paused (storage full, write error): what arrived is
     /// kept for a resume instead of discarded.
@@ -176,6 +179,7 @@ impl ReceiverSession {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             bytes_written: 0,
+            durable_bytes: 0,
             unsynced: Unsynced::default(),
             paused: false,
             edge_aborted: false,
@@ -204,6 +208,24 @@ impl ReceiverSession {
     /// Plaintext bytes verified and written so far.
     pub fn bytes_written(&self) -> u64 {
         self.bytes_written
+    }
+
+    /// Logical bytes of the plan's disks held durably (written, synced and
+    /// journaled, or declared zero and journaled), resumed ones included. A
+    /// chunk re-sent after a resume may be counted twice, so the figure is
+    /// capped at the plan's size.
+    pub fn durable_bytes(&self) -> u64 {
+        let total = self.plan.as_ref().map_or(0, MigrationPlan::logical_bytes);
+        self.durable_bytes.min(total)
+    }
+
+    /// Plaintext length of chunk `index` of `disk` (0 outside the plan).
+    fn chunk_bytes(&self, disk: u16, offset: u64, count: u64) -> u64 {
+        let (Some(plan), Some(d)) = (self.plan.as_ref(), self.disks.get(usize::from(disk))) else {
+            return 0;
+        };
+        let end = offset.saturating_add(count.saturating_mul(u64::from(plan.chunk_size)));
+        end.min(d.capacity).saturating_sub(offset)
     }
 
     /// True once the session reached an end (committed or failed).
@@ -430,6 +452,11 @@ impl ReceiverSession {
                 crate::wire::set_bit(&mut done[usize::from(disk)], index);
             }
         }
+        let chunk_size = self.plan.as_ref().map_or(0, |p| u64::from(p.chunk_size));
+        self.durable_bytes = durable
+            .iter()
+            .map(|&(disk, index, _)| self.chunk_bytes(disk, index.saturating_mul(chunk_size), 1))
+            .sum();
         self.outbox.push_back(CloudMessage::Resumed {
             migration_id,
             datastore,
@@ -478,6 +505,10 @@ impl ReceiverSession {
         }
         for &(disk, offset, _) in &batch.chunks {
             self.acks.entry(disk).or_default().push(offset);
+            self.durable_bytes += self.chunk_bytes(disk, offset, 1);
+        }
+        for &(disk, first, count) in &batch.zero_runs {
+            self.durable_bytes += self.chunk_bytes(disk, first, count);
         }
     }
 

@@ -447,7 +447,14 @@ fn a_broken_migration_resumes_and_resends_only_what_was_not_acknowledged() {
     let acked_late = 2;
     first.edge_checkpoint.truncate(first.edge_checkpoint.len() - acked_late);
 
+    let before = first.receiver.durable_bytes();
+    assert!(before > 0 && before < sources.iter().map(|s| s.len() as u64).sum::<u64>());
     let mut second = first.resumed();
+    while second.receiver.durable_bytes() == 0 && second.step() {}
+    assert!(
+        second.receiver.durable_bytes() >= before,
+        "a resumed migration's progress starts at what its journal holds"
+    );
     second.drive();
     assert!(second.sender.is_committed(), "{:?}", second.sender.error());
     assert!(second.receiver.is_committed());
@@ -602,10 +609,10 @@ fn a_vm_moves_and_the_copy_is_identical() {
     // 16+1 and 5+1 chunks, every fourth one zero: zeros never travel.
     assert_eq!(pair.writes, 13 + 5);
     assert_eq!(pair.sender.zero_bytes(), (4 + 1) * u64::from(CS));
-    assert_eq!(
-        pair.sender.done_bytes(),
-        pair.sources.iter().map(|s| s.len() as u64).sum::<u64>()
-    );
+    let logical = pair.sources.iter().map(|s| s.len() as u64).sum::<u64>();
+    assert_eq!(pair.sender.done_bytes(), logical);
+    // The cloud's progress counts zero chunks too, and ends at the whole VM.
+    assert_eq!(pair.receiver.durable_bytes(), logical);
 }
 
 #[test]
