@@ -22,4 +22,5 @@ pub mod plan;
 pub mod protocol;
 pub mod receipt;
 pub mod transport;
+pub mod tunnel;
 pub mod wire;

@@ -309,6 +309,32 @@ def node_active(q, node):
     return None
 
 
+PREFILL_OFF = 4 << 20
+
+
+def parse_size(sz):
+    m = re.fullmatch(r"(\d+)([KMGT]?)", sz.upper().rstrip("B").rstrip("I"))
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
+
+
+def region_hash(image, fmt, mib):
+    """sha256 of [PREFILL_OFF, +mib MiB) of an image, read with qemu-img dd."""
+    import hashlib
+    with tempfile.TemporaryDirectory() as td:
+        out = os.path.join(td, "r.raw")
+        subprocess.run(["qemu-img", "dd", "-U", "-f", fmt, "-O", "raw", "bs=1M", "skip=%d" % (PREFILL_OFF >> 20),
+                        "count=%d" % ((PREFILL_OFF >> 20) + mib),  # qemu-img dd: count includes skip
+                        "if=" + image, "of=" + out], check=True, capture_output=True)
+        h = hashlib.sha256()
+        with open(out, "rb") as f:
+            while True:
+                d = f.read(1 << 20)
+                if not d:
+                    break
+                h.update(d)
+        return h.hexdigest()
+
+
 def fmt_bytes(n):
     return "%d B (%.2f MiB)" % (n, n / 1048576.0)
 
@@ -323,6 +349,8 @@ def main():
     ap.add_argument("--machine", default="q35")
     ap.add_argument("--mem", type=int, default=256, help="guest MiB")
     ap.add_argument("--disk-size", default="64M")
+    ap.add_argument("--prefill", type=int, default=32,
+                    help="MiB of random data put on the source disk (at 4 MiB) for the mirror to copy")
     ap.add_argument("--dirty", type=int, default=0, help="guest dirty=MIB (memory rewritten in a loop)")
     ap.add_argument("--transport", choices=["unix", "tcp"], default="unix")
     ap.add_argument("--via-proxy", action="store_true", help="put counting proxies on the NBD and migration paths")
@@ -330,6 +358,8 @@ def main():
     ap.add_argument("--run-after", type=float, default=4.0, help="seconds to let the destination run afterwards")
     ap.add_argument("--downtime-limit", type=int, default=300, help="ms")
     ap.add_argument("--max-bandwidth", type=int, default=0, help="bytes/s, 0 = leave QEMU's default")
+    ap.add_argument("--cap", action="append", default=[],
+                    help="extra migration capability to enable on both sides (e.g. auto-converge)")
     ap.add_argument("--copy-mode", choices=["background", "write-blocking"], default="background")
     ap.add_argument("--switchover", choices=["pre-switchover", "after"], default="pre-switchover",
                     help="finalise the mirror at the pre-switchover pause (libvirt) or after migration completed")
@@ -351,12 +381,25 @@ def main():
     env = guest_env(a.guest_dir)
     say("guest: kernel %s initrd %s" % (env["KERNEL"], env["INITRD"]))
 
+    results = {"ok": False}
     P = lambda n: os.path.join(wd, n)
     for f in ("src.qcow2", "dst.qcow2", "src-serial.log", "dst-serial.log"):
         if os.path.exists(P(f)):
             os.unlink(P(f))
     for d in ("src.qcow2", "dst.qcow2"):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", P(d), a.disk_size], check=True)
+    if a.prefill:
+        # random data at [PREFILL_OFF, +prefill MiB) of the source disk, so the mirror has work;
+        # the guest only writes the first ~2 MiB
+        raw = P("prefill.raw")
+        with open(raw, "wb") as f:
+            f.truncate(parse_size(a.disk_size))
+            f.seek(PREFILL_OFF)
+            for _ in range(a.prefill):
+                f.write(os.urandom(1 << 20))
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, P("src.qcow2")], check=True)
+        results["prefill_sha256"] = region_hash(raw, "raw", a.prefill)
+        os.unlink(raw)
 
     # --- addresses: real endpoints on the destination, and what the source connects to
     if a.transport == "unix":
@@ -374,7 +417,6 @@ def main():
     say("NBD: destination listens on %s, source connects to %s" % (show(nbd_real), show(nbd_src)))
     say("migration: destination listens on %s, source connects to %s" % (show(mig_real), show(mig_src)))
 
-    results = {"ok": False}
     try:
         # --- source
         t_boot = now()
@@ -408,6 +450,12 @@ def main():
         if a.max_bandwidth:
             params["max-bandwidth"] = a.max_bandwidth
         src.cmd("migrate-set-parameters", **params)
+        for c in a.cap:
+            for q in (src, dst):
+                q.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True}])
+        mp = src.cmd("query-migrate-parameters")
+        results["max_bandwidth"] = mp.get("max-bandwidth")
+        results["downtime_limit"] = mp.get("downtime-limit")
 
         def export():
             nbd_args = {"type": "nbd", "id": "exp0", "node-name": "disk0", "name": "disk0", "writable": True}
@@ -471,7 +519,12 @@ def main():
             if st in ("completed", "failed", "cancelled"):
                 break
             if time.monotonic() > end:
-                raise RuntimeError("migration timeout: %s" % info)
+                QMP_LOG.append((now(), "src", "cmd", "query-migrate -> " + json.dumps(info, sort_keys=True)))
+                src.cmd("migrate_cancel")
+                raise RuntimeError("migration did not converge in %.0f s (cancelled): remaining %s bytes, "
+                                   "dirty-pages-rate %s pages/s, %s dirty syncs" % (
+                                       a.timeout, info["ram"].get("remaining"), info["ram"].get("dirty-pages-rate"),
+                                       info["ram"].get("dirty-sync-count")))
         QMP_LOG.append((now(), "src", "cmd", "query-migrate -> " + json.dumps(info, sort_keys=True)))
         results["migrate_wall_s"] = now() - t_mig
         if st != "completed":
@@ -547,6 +600,11 @@ def main():
         results["check_disk"] = json.loads(ck.stdout) if ck.stdout.strip() else ck.stderr
         if ck.returncode != 0:
             problems.append("check-disk failed: %s" % ck.stdout.strip())
+        if a.prefill:
+            hd = region_hash(P("dst.qcow2"), "qcow2", a.prefill)
+            results["prefill_copied_ok"] = hd == results["prefill_sha256"]
+            if hd != results["prefill_sha256"]:
+                problems.append("prefilled region differs on the destination disk")
         results["problems"] = problems
         results["ok"] = not problems
     except Exception as e:
@@ -577,6 +635,8 @@ def main():
         a.dirty_calc_time, a.dirty, g("dirty_rate_mib_s")))
     print("mirror: READY after %s s, %s bytes copied at READY, %s bytes total (len %s)" % (
         g("mirror_ready_s", "%.2f"), g("mirror_bytes_at_ready"), g("mirror_bytes"), g("mirror_len")))
+    print("migration parameters: max-bandwidth %s B/s, downtime-limit %s ms, extra capabilities %s" % (
+        g("max_bandwidth"), g("downtime_limit"), a.cap or "-"))
     print("migration: total-time %s ms, downtime %s ms, setup %s ms, wall %s s, ram transferred %s of %s, "
           "%s dirty syncs, %s Mbit/s" % (g("total_time_ms"), g("downtime_ms"), g("setup_time_ms"),
                                           g("migrate_wall_s", "%.2f"), g("ram_transferred"), g("ram_total"),
@@ -593,6 +653,9 @@ def main():
         print("proxy %-9s %s -> %s: %d conn, client->server %s, server->client %s" % (
             p.name, show(p.listen), show(p.target), p.conns, fmt_bytes(p.up), fmt_bytes(p.down)))
         r["proxy_" + p.name] = {"up": p.up, "down": p.down, "conns": p.conns}
+    if a.prefill:
+        print("prefilled %d MiB on the source disk copied intact to the destination: %s" % (
+            a.prefill, g("prefill_copied_ok")))
     print("counter: source last %s, destination first %s, destination last %s" % (
         g("src_last_counter"), g("dst_first_counter"), g("dst_last_counter")))
     print("check-disk (destination): %s" % json.dumps(r.get("check_disk")))
@@ -600,9 +663,11 @@ def main():
         print("PROBLEM:", pr)
     print("RESULT: %s" % ("PASS" if r["ok"] else "FAIL"))
     print("RESULT-JSON: " + json.dumps(r, sort_keys=True, default=str))
-    print("files: %s" % wd)
     if not a.workdir and not a.keep and r["ok"]:
         shutil.rmtree(wd, ignore_errors=True)
+        print("files: %s (removed; use --keep or --workdir to keep)" % wd)
+    else:
+        print("files: %s" % wd)
     sys.exit(0 if r["ok"] else 1)
 
 

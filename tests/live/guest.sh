@@ -119,9 +119,22 @@ i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 [ -b /dev/vda ] || echo "no /dev/vda: counting without disk"
 echo "guest up: uptime $(cut -d' ' -f1 /proc/uptime)s dirty=${dirty}MiB period=$period"
 if [ "$dirty" -gt 0 ] 2>/dev/null; then
+    # /dirty/src: dirty+1 MiB of a repeated random MiB; each pass copies dirty MiB of it into
+    # /dirty/buf from a different 4 KiB-shifted offset, so every page of buf changes content
+    # (non-zero, and visible to calc-dirty-rate's page-sampling, which hashes pages)
     mkdir -p /dirty
-    mount -t tmpfs -o size=$((dirty + 4))m tmpfs /dirty
-    ( p=0; while :; do p=$((p+1)); yes "dirty pass $p" | dd of=/dirty/buf bs=1M count=$dirty iflag=fullblock conv=notrunc 2>/dev/null; done ) &
+    mount -t tmpfs -o size=$((2 * dirty + 4))m tmpfs /dirty
+    (
+        dd if=/dev/urandom of=/dirty/chunk bs=1M count=1 2>/dev/null
+        i=0; while [ $i -le $dirty ]; do cat /dirty/chunk; i=$((i+1)); done >/dirty/src
+        rm -f /dirty/chunk
+        p=0
+        while :; do
+            p=$((p+1))
+            dd if=/dirty/src of=/dirty/buf bs=1M count=$dirty skip=$(( (p % 255 + 1) * 4096 )) \
+                iflag=skip_bytes conv=notrunc 2>/dev/null
+        done
+    ) &
     renice -n 19 -p $! >/dev/null 2>&1
 fi
 n=0

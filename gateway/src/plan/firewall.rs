@@ -578,7 +578,7 @@ pub struct CarriedRule {
 
 /// What a migration created in the cloud domain, or (for a plan that was only validated)
 /// what it would create: the fields that only a commit knows are then `None`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationReport {
     pub migration_id: Option<String>,
     pub vm_name: String,

@@ -26,6 +26,7 @@
 //! Chunk writes are idempotent (a chunk is its disk, offset and hash), so a
 //! duplicate is acknowledged again and never written twice.
 
+pub mod live;
 mod receiver;
 mod sender;
 

@@ -5,10 +5,12 @@
 //! Each QUIC stream starts with a [`Preamble`] naming the protocol version and
 //! the stream's role. The control stream then carries length-prefixed
 //! [`control`] messages; data streams carry [`chunk`] frames. A link test's
-//! probe stream carries [`probe`] messages instead.
+//! probe stream carries [`probe`] messages instead, and a live migration's stream
+//! [`live`] messages.
 
 pub mod chunk;
 pub mod control;
+pub mod live;
 pub mod probe;
 
 pub use chunk::{ChunkHeader, Encoding, CHUNK_HEADER_LEN};
@@ -55,6 +57,12 @@ pub enum StreamKind {
     /// A link test's traffic: upload (unidirectional, edge to cloud) or
     /// download (bidirectional, opened by the edge, written by the cloud).
     ProbeData = 3,
+    /// The first bidirectional stream of a live migration (instead of `Control`):
+    /// [`live`] messages.
+    Live = 4,
+    /// A bidirectional stream of a live migration carrying one connection of the
+    /// source hypervisor (see [`crate::tunnel`]).
+    Tunnel = 5,
 }
 
 /// First bytes of every stream: magic, version, kind.
@@ -93,6 +101,8 @@ impl Preamble {
             1 => StreamKind::Data,
             2 => StreamKind::Probe,
             3 => StreamKind::ProbeData,
+            4 => StreamKind::Live,
+            5 => StreamKind::Tunnel,
             other => return Err(WireError::UnknownStreamKind(other)),
         };
         Ok(Preamble { version, kind })

@@ -1,0 +1,238 @@
+//! Live migration on the wire: a running VM's disks and memory cross while it runs.
+//!
+//! A live migration has its own connection. Its first bidirectional stream is a
+//! [`StreamKind::Live`](super::StreamKind::Live) control stream carrying
+//! [`LiveEdgeMessage`] and [`LiveCloudMessage`] in the same length-prefixed frames as a
+//! cold migration's control stream (see [`super::control`]). Once the cloud has started
+//! the destination VM (`Ready`), the edge opens one
+//! [`StreamKind::Tunnel`](super::StreamKind::Tunnel) bidirectional stream per connection
+//! the source hypervisor makes: the storage mirror's NBD connections and the memory
+//! migration stream. A tunnel stream starts with a [`TunnelHeader`], then carries
+//! [`crate::tunnel`] frames (zstd-compressed) in both directions.
+//!
+//! The order, enforced by [`crate::protocol::live`]:
+//! edge `Hello` → cloud `Welcome`; edge `Plan` (+ `BootFile` pieces) → cloud `Ready`
+//! (the destination runs with `-incoming`, its disks exported); tunnels carry the mirror
+//! and the memory; edge `Switchover` once the source has paused with its disks in sync →
+//! cloud `Committed` once the destination runs and the VM is registered. Either side may
+//! end it with `Abort`/`Refused`: the cloud tears the destination down and removes its
+//! files; the edge lets the source run on.
+
+use serde::{Deserialize, Serialize};
+
+use super::control::RefusalCode;
+use super::WireError;
+use crate::plan::{MigrationPlan, MigrationReport};
+
+/// Largest boot file (kernel or initrd) a live plan may carry.
+pub const MAX_BOOT_FILE: u64 = 256 << 20;
+/// Largest piece of a boot file in one control frame.
+pub const BOOT_PIECE: usize = 512 * 1024;
+/// Longest downtime an edge may ask for: past this the guest notices anyway.
+pub const MAX_DOWNTIME_MS: u32 = 60_000;
+/// Most tunnels one live migration may open (one per NBD connection and the memory stream).
+pub const MAX_TUNNELS: u32 = 64;
+
+/// What the source hypervisor runs: the cold plan (identity, disks, NICs, placement,
+/// firewall) plus what a running VM needs to continue elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LivePlan {
+    pub plan: MigrationPlan,
+    /// Direct kernel boot of the source (`-kernel/-initrd/-append`). The destination
+    /// needs the same files: QEMU sizes its option ROMs from them, and the guest boots
+    /// them again after a reboot in the cloud.
+    pub boot: Option<DirectBoot>,
+    /// The downtime the switchover may cost, in milliseconds (QEMU's `downtime-limit`).
+    pub downtime_limit_ms: u32,
+}
+
+/// Files of a direct kernel boot; their bytes follow as [`LiveEdgeMessage::BootFile`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectBoot {
+    pub kernel: BootFile,
+    pub initrd: Option<BootFile>,
+    pub append: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFile {
+    pub len: u64,
+    pub sha256: [u8; 32],
+}
+
+impl LivePlan {
+    /// Structural limits before the cloud trusts the plan (see
+    /// [`MigrationPlan::check_limits`]).
+    pub fn check_limits(&self) -> Result<(), WireError> {
+        self.plan.check_limits()?;
+        if self.downtime_limit_ms == 0 || self.downtime_limit_ms > MAX_DOWNTIME_MS {
+            return Err(WireError::BadPlan(format!(
+                "downtime limit {} ms is outside 1..={MAX_DOWNTIME_MS}",
+                self.downtime_limit_ms
+            )));
+        }
+        if let Some(boot) = &self.boot {
+            for f in std::iter::once(&boot.kernel).chain(boot.initrd.iter()) {
+                if f.len == 0 || f.len > MAX_BOOT_FILE {
+                    return Err(WireError::BadPlan(format!(
+                        "boot file of {} bytes; a kernel or initrd must hold 1 byte to {MAX_BOOT_FILE}",
+                        f.len
+                    )));
+                }
+            }
+            if boot.append.len() > 4096 || boot.append.chars().any(char::is_control) {
+                return Err(WireError::BadPlan(
+                    "the kernel command line is over 4096 bytes or has control characters".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of boot files that follow the plan.
+    pub fn boot_bytes(&self) -> u64 {
+        self.boot
+            .as_ref()
+            .map_or(0, |b| b.kernel.len + b.initrd.as_ref().map_or(0, |i| i.len))
+    }
+}
+
+/// Edge agent to cloud endpoint, on a live migration's control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LiveEdgeMessage {
+    Hello {
+        agent: String,
+        user: String,
+        password: String,
+    },
+    Plan(Box<LivePlan>),
+    /// A piece of boot file `file` (0 = kernel, 1 = initrd) at `offset`; pieces come
+    /// in order, right after the plan.
+    BootFile {
+        file: u8,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    /// The source VM is paused, its memory has crossed and its disks are in sync with
+    /// the destination's: run the destination and register it.
+    Switchover,
+    /// The edge gives up (the source runs on): tear the destination down.
+    Abort {
+        reason: String,
+    },
+}
+
+/// Cloud endpoint to edge agent, on a live migration's control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LiveCloudMessage {
+    Welcome {
+        endpoint: String,
+        role: String,
+    },
+    /// The destination VM waits for the memory stream, its new disks exported for the
+    /// mirror: `exports[i]` is the NBD export name of the plan's disk `i`.
+    Ready {
+        migration_id: String,
+        exports: Vec<String>,
+    },
+    /// The destination runs in the cloud and is registered.
+    Committed {
+        vm_id: String,
+        report: Box<MigrationReport>,
+    },
+    Refused {
+        code: RefusalCode,
+        problems: Vec<String>,
+    },
+}
+
+/// What a tunnel stream carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TunnelKind {
+    /// A connection of the storage mirror to the destination's NBD server.
+    Nbd,
+    /// QEMU's migration stream (RAM and device state).
+    Memory,
+}
+
+/// First bytes of a tunnel stream, after its preamble: which migration and what for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelHeader {
+    pub migration_id: String,
+    pub kind: TunnelKind,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::control::{decode, encode};
+    use crate::wire::Decoded;
+
+    fn plan() -> LivePlan {
+        LivePlan {
+            plan: MigrationPlan {
+                vm: crate::plan::VmSpec {
+                    name: "web01".into(),
+                    guest_os: "otherLinux64Guest".into(),
+                    num_cpus: 1,
+                    cores_per_socket: None,
+                    memory_mib: 256,
+                    firmware: None,
+                    bios_uuid: None,
+                    nics: vec![],
+                    disks: vec![crate::plan::DiskSpec {
+                        key: "scsi0:0".into(),
+                        capacity: 64 << 20,
+                    }],
+                },
+                network_map: vec![],
+                chunk_size: crate::plan::DEFAULT_CHUNK_SIZE,
+                disk_format: None,
+                firewall: crate::plan::FirewallSpec::default(),
+            },
+            boot: Some(DirectBoot {
+                kernel: BootFile {
+                    len: 10,
+                    sha256: [1; 32],
+                },
+                initrd: None,
+                append: "console=ttyS0".into(),
+            }),
+            downtime_limit_ms: 300,
+        }
+    }
+
+    #[test]
+    fn live_messages_round_trip() {
+        let msgs = [
+            LiveEdgeMessage::Plan(Box::new(plan())),
+            LiveEdgeMessage::BootFile {
+                file: 0,
+                offset: 0,
+                bytes: vec![7; 100],
+            },
+            LiveEdgeMessage::Switchover,
+        ];
+        for m in msgs {
+            let frame = encode(&m).unwrap();
+            assert_eq!(
+                decode::<LiveEdgeMessage>(&frame).unwrap(),
+                Decoded::Frame(m, frame.len())
+            );
+        }
+    }
+
+    #[test]
+    fn limits_bound_downtime_and_boot_files() {
+        assert!(plan().check_limits().is_ok());
+        let mut p = plan();
+        p.downtime_limit_ms = 0;
+        assert!(p.check_limits().is_err());
+        let mut p = plan();
+        p.boot.as_mut().unwrap().kernel.len = MAX_BOOT_FILE + 1;
+        assert!(p.check_limits().is_err());
+        let mut p = plan();
+        p.boot.as_mut().unwrap().append = "a\nb".into();
+        assert!(p.check_limits().is_err());
+    }
+}
