@@ -14,6 +14,7 @@
 pub mod checkpoint;
 pub mod compression;
 pub mod linktest;
+pub mod live;
 pub mod migrate;
 pub mod plan;
 pub mod receipt;

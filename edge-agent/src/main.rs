@@ -47,6 +47,14 @@ enum Command {
     /// mapping, role, firewall rules) and says what would be created, or lists every
     /// problem. Nothing is staged or recorded. Exits non-zero on problems.
     Plan(Box<MigrateArgs>),
+    /// Migrate a running QEMU VM without stopping it: its disks are mirrored and its
+    /// memory copied through the tunnel while it runs, then it continues in the cloud
+    /// after a pause of at most --downtime-ms. The source stops only once the cloud runs
+    /// it; on any failure it runs on.
+    LiveMigrate(Box<LiveArgs>),
+    /// Print the QEMU command line that runs a .vmx's VM on-prem so that it can be
+    /// live-migrated (the cloud starts its destination with the same devices).
+    QemuCommand(QemuCommandArgs),
     /// Measure the path to a cloud endpoint (RTT, jitter, loss, MTU, throughput both ways)
     /// over the migration port, and say what kind of migration it carries.
     LinkTest(Box<LinkTestArgs>),
@@ -107,6 +115,72 @@ impl TlsArgs {
     fn identity(&self) -> anyhow::Result<gateway::transport::Identity> {
         Ok(target::identity(&self.cert, &self.key)?)
     }
+}
+
+/// The source's direct kernel boot, if it boots that way.
+#[derive(Args)]
+struct BootArgs {
+    /// The kernel the source QEMU boots directly (-kernel); the cloud gets a copy.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Its initrd (-initrd).
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Its command line (-append).
+    #[arg(long, requires = "kernel")]
+    append: Option<String>,
+}
+
+impl BootArgs {
+    fn direct_kernel(&self) -> Option<gateway::qemu::DirectKernel> {
+        self.kernel.as_ref().map(|k| gateway::qemu::DirectKernel {
+            kernel: k.clone(),
+            initrd: self.initrd.clone(),
+            append: self.append.clone(),
+        })
+    }
+}
+
+#[derive(Args)]
+struct LiveArgs {
+    /// The source QEMU's QMP socket (a unix socket path).
+    #[arg(long)]
+    qmp: PathBuf,
+    #[command(flatten)]
+    boot: BootArgs,
+    /// The longest pause the switchover may cost, in milliseconds (QEMU's downtime-limit).
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Memory passes before the migration is given up as not converging.
+    #[arg(long, default_value_t = 30)]
+    max_passes: u64,
+    /// Let QEMU slow the guest's vCPUs when it dirties memory faster than the link
+    /// carries it (otherwise such a migration is refused by the forecast).
+    #[arg(long)]
+    auto_converge: bool,
+    /// Print the forecast (link, dirty rate, passes, time, pause) and stop.
+    #[arg(long)]
+    forecast_only: bool,
+    /// zstd level of the disk and memory tunnels (-7 fastest to 19 smallest).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    tunnel_zstd_level: i32,
+    #[command(flatten)]
+    lift: MigrateArgs,
+}
+
+#[derive(Args)]
+struct QemuCommandArgs {
+    /// The VM's .vmx file.
+    #[arg(long)]
+    vmx: PathBuf,
+    /// Where its QMP socket goes.
+    #[arg(long)]
+    qmp: PathBuf,
+    /// Where its serial console is written.
+    #[arg(long)]
+    serial_log: PathBuf,
+    #[command(flatten)]
+    boot: BootArgs,
 }
 
 #[derive(Args)]
@@ -252,6 +326,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(migrate_cmd(*args, Mode::Plan))
         }
+        Command::LiveMigrate(args) => {
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(live_cmd(*args))
+        }
+        Command::QemuCommand(a) => {
+            let vm = source::open_vm(&a.vmx)?;
+            let spec = edge_agent::live::source_machine(&vm, a.boot.direct_kernel(), &a.serial_log, &a.qmp)?;
+            spec.validate()?;
+            let argv = spec.argv();
+            let quoted: Vec<String> = argv
+                .iter()
+                .map(|s| {
+                    if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_=,./:".contains(c)) {
+                        s.clone()
+                    } else {
+                        format!("'{}'", s.replace('\'', "'\\''"))
+                    }
+                })
+                .collect();
+            println!("qemu-system-x86_64 {}", quoted.join(" "));
+            Ok(())
+        }
         Command::LinkTest(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(link_test_cmd(*args))
@@ -318,7 +414,95 @@ enum Mode {
     Plan,
 }
 
+async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
+    let json = a.lift.json;
+    let link = a.lift.link_rate.map(|rate| PathEstimate {
+        rate_bps: rate.bps(),
+        rtt: a.lift.link_rtt,
+    });
+    let (vm, target, lift) = prepare(a.lift).await?;
+    let opts = edge_agent::live::LiveOptions {
+        qmp: a.qmp,
+        kernel: a.boot.direct_kernel(),
+        downtime: Duration::from_millis(a.downtime_ms),
+        max_passes: a.max_passes,
+        auto_converge: a.auto_converge,
+        link,
+        forecast_only: a.forecast_only,
+        zstd_level: a.tunnel_zstd_level,
+        lift,
+    };
+    let progress = move |p: edge_agent::live::LiveProgress| {
+        if json {
+            println!("{}", serde_json::to_value(&p).expect("plain enum"));
+        } else {
+            eprintln!("{}", edge_agent::live::describe(&p));
+        }
+    };
+    let summary = edge_agent::live::run(&vm, &target, &opts, &progress).await?;
+    if json {
+        let mut v = serde_json::to_value(&summary).expect("plain struct");
+        v["event"] = "summary".into();
+        println!("{v}");
+    } else {
+        println!("{}", edge_agent::live::summary_text(&summary));
+    }
+    Ok(())
+}
+
 async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
+    let json = a.json;
+    let (vm, target, opts) = prepare(a).await?;
+    match mode {
+        Mode::Migrate => {}
+        Mode::Abort => {
+            println!("{}", migrate::abort(&vm, &target, &opts).await?);
+            return Ok(());
+        }
+        Mode::Plan => {
+            let check = edge_agent::plan::check(&vm, &target, &opts).await?;
+            if json {
+                let mut v = check.to_json();
+                v["event"] = "plan".into();
+                println!("{v}");
+            } else {
+                for note in &vm.notes {
+                    eprintln!("note: {note}");
+                }
+                print!("{}", check.to_text());
+            }
+            if !check.ok() {
+                anyhow::bail!(
+                    "the endpoint refused the plan with {} problem(s); fix them and run `edge-agent plan` again",
+                    check.problems.len()
+                );
+            }
+            return Ok(());
+        }
+    }
+    let sink: Arc<dyn ProgressSink> = if json {
+        Arc::new(JsonLines)
+    } else {
+        Arc::new(Bar::new())
+    };
+    let summary = migrate::run(&vm, &target, &opts, sink.clone()).await;
+    drop(sink);
+    let summary = summary?;
+    if json {
+        let mut v = summary.to_json();
+        v["event"] = "summary".into();
+        println!("{v}");
+    } else {
+        for note in &vm.notes {
+            eprintln!("note: {note}");
+        }
+        println!("{}", summary.to_text());
+    }
+    Ok(())
+}
+
+/// The VM, the endpoint and the options every migrating command shares.
+async fn prepare(a: MigrateArgs) -> anyhow::Result<(source::SourceVm, Target, MigrateOptions)> {
     let mut vm = source::open_vm(&a.vmx)?;
     if let Some(rules) = &a.firewall {
         vm.firewall = source::firewall::read(rules, &vm.name)?;
@@ -375,52 +559,7 @@ async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
         retry_for: Duration::from_secs(a.retry_for),
         ..MigrateOptions::default()
     };
-    match mode {
-        Mode::Migrate => {}
-        Mode::Abort => {
-            println!("{}", migrate::abort(&vm, &target, &opts).await?);
-            return Ok(());
-        }
-        Mode::Plan => {
-            let check = edge_agent::plan::check(&vm, &target, &opts).await?;
-            if a.json {
-                let mut v = check.to_json();
-                v["event"] = "plan".into();
-                println!("{v}");
-            } else {
-                for note in &vm.notes {
-                    eprintln!("note: {note}");
-                }
-                print!("{}", check.to_text());
-            }
-            if !check.ok() {
-                anyhow::bail!(
-                    "the endpoint refused the plan with {} problem(s); fix them and run `edge-agent plan` again",
-                    check.problems.len()
-                );
-            }
-            return Ok(());
-        }
-    }
-    let sink: Arc<dyn ProgressSink> = if a.json {
-        Arc::new(JsonLines)
-    } else {
-        Arc::new(Bar::new())
-    };
-    let summary = migrate::run(&vm, &target, &opts, sink.clone()).await;
-    drop(sink);
-    let summary = summary?;
-    if a.json {
-        let mut v = summary.to_json();
-        v["event"] = "summary".into();
-        println!("{v}");
-    } else {
-        for note in &vm.notes {
-            eprintln!("note: {note}");
-        }
-        println!("{}", summary.to_text());
-    }
-    Ok(())
+    Ok((vm, target, opts))
 }
 
 /// Progress as JSON lines on stdout, at most one per second.

@@ -4,6 +4,7 @@
 //! machine   MachineSpec: a VM's devices, and the QEMU command line built from them
 //! qmp       an async QMP client (the JSON control protocol over a unix socket)
 //! process   starting, attaching to, watching and stopping one QEMU process
+//! vm        a plan's VM as a MachineSpec: the one mapping source, destination and host share
 //! ```
 //!
 //! The pieces are shared: cloud-endpoint runs powered-on VMs with them, and a live
@@ -13,6 +14,7 @@ mod error;
 pub mod machine;
 pub mod process;
 pub mod qmp;
+pub mod vm;
 
 pub use error::QemuError;
 pub use machine::{DirectKernel, DiskFormat, MachineDisk, MachineNic, MachineSpec, NicBackend};
