@@ -776,14 +776,22 @@ async fn drive_source(
         ready: true,
     });
 
-    // Then memory.
-    let mut caps = vec![json!({"capability": "events", "state": true})];
+    // Then memory. pause-before-switchover: when QEMU has paused the source for the last
+    // pass it waits for us, so the mirrors complete while the source is stopped but its
+    // disks are still active (libvirt's order); the wait is downtime, so react to the
+    // event at once rather than on a poll.
+    let mut caps = vec![
+        json!({"capability": "events", "state": true}),
+        json!({"capability": "pause-before-switchover", "state": true}),
+    ];
     if opts.auto_converge {
         caps.push(json!({"capability": "auto-converge", "state": true}));
     }
     qmp.execute("migrate-set-capabilities", json!({ "capabilities": caps }))
         .await
         .map_err(qmp_err("migrate-set-capabilities"))?;
+    // QEMU caps a migration at 128 MiB/s by default; the tunnel's flow control is the
+    // real limit.
     qmp.execute(
         "migrate-set-parameters",
         json!({"downtime-limit": opts.downtime.as_millis() as u64, "max-bandwidth": 10_000_000_000u64}),
@@ -794,66 +802,89 @@ async fn drive_source(
         .await
         .map_err(qmp_err("starting the memory migration"))?;
     state.migrating = true;
-    let last = loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let m = qmp
-            .execute("query-migrate", Value::Null)
-            .await
-            .map_err(qmp_err("query-migrate"))?;
-        match m["status"].as_str().unwrap_or("") {
-            "completed" => break m,
-            "failed" | "cancelled" => {
-                return Err(hv(format!(
-                    "the memory migration {}: {}",
-                    m["status"].as_str().unwrap_or(""),
-                    m["error-desc"].as_str().unwrap_or("the link to the cloud failed")
-                )))
-            }
-            _ => {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut mirrored = 0u64;
+    loop {
+        let status = tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(ev) if ev.name == "MIGRATION" => ev.data["status"].as_str().unwrap_or("").to_owned(),
+                Ok(ev) if ev.name == "BLOCK_JOB_ERROR" || (ev.name == "BLOCK_JOB_COMPLETED" && !state.mirrors.is_empty()) => {
+                    return Err(hv(format!(
+                        "the storage mirror stopped during the memory migration: {}",
+                        ev.data["error"].as_str().unwrap_or("the link to the cloud's disk failed")
+                    )));
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Err(hv("QMP closed: the source VM stopped")),
+            },
+            _ = tick.tick() => {
+                let m = qmp.execute("query-migrate", Value::Null).await.map_err(qmp_err("query-migrate"))?;
                 let ram = &m["ram"];
                 let pass = ram["dirty-sync-count"].as_u64().unwrap_or(0);
-                progress(LiveProgress::Memory {
-                    pass,
-                    transferred: ram["transferred"].as_u64().unwrap_or(0),
-                    remaining: ram["remaining"].as_u64().unwrap_or(0),
-                    mbps: ram["mbps"].as_f64().unwrap_or(0.0),
-                    expected_downtime_ms: m["expected-downtime"].as_u64().unwrap_or(0),
-                    dirty_pages_rate: ram["dirty-pages-rate"].as_u64().unwrap_or(0),
-                });
-                if pass > opts.max_passes {
+                if m["status"] == "active" {
+                    progress(LiveProgress::Memory {
+                        pass,
+                        transferred: ram["transferred"].as_u64().unwrap_or(0),
+                        remaining: ram["remaining"].as_u64().unwrap_or(0),
+                        mbps: ram["mbps"].as_f64().unwrap_or(0.0),
+                        expected_downtime_ms: m["expected-downtime"].as_u64().unwrap_or(0),
+                        dirty_pages_rate: ram["dirty-pages-rate"].as_u64().unwrap_or(0),
+                    });
+                }
+                if pass > opts.max_passes && m["status"] == "active" {
                     return Err(hv(format!(
                         "pre-copy did not converge in {} passes (the guest dirties memory faster than the link \
                          carries it); the source runs on. Pass --auto-converge, raise --downtime-ms or --max-passes",
                         opts.max_passes
                     )));
                 }
+                m["status"].as_str().unwrap_or("").to_owned()
             }
+        };
+        match status.as_str() {
+            "pre-switchover" if !state.mirrors.is_empty() => {
+                // The source is paused: the mirrors have nothing left to copy.
+                // Cancelling a READY mirror completes it, flushing what is in flight.
+                if let Ok(jobs) = qmp.execute("query-block-jobs", Value::Null).await {
+                    mirrored = jobs
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|j| j["offset"].as_u64())
+                        .sum();
+                }
+                for job in std::mem::take(&mut state.mirrors) {
+                    qmp.execute("block-job-cancel", json!({"device": job}))
+                        .await
+                        .map_err(qmp_err("completing the storage mirror"))?;
+                    let done = qmp
+                        .wait_for_event(&mut events, "BLOCK_JOB_COMPLETED", Duration::from_secs(60))
+                        .await
+                        .map_err(qmp_err("waiting for the storage mirror to complete"))?;
+                    if let Some(e) = done.data["error"].as_str() {
+                        return Err(hv(format!("the storage mirror failed at the switchover: {e}")));
+                    }
+                }
+                qmp.execute("migrate-continue", json!({"state": "pre-switchover"}))
+                    .await
+                    .map_err(qmp_err("migrate-continue"))?;
+            }
+            "completed" => break,
+            "failed" | "cancelled" => {
+                let m = qmp.execute("query-migrate", Value::Null).await.unwrap_or(Value::Null);
+                return Err(hv(format!(
+                    "the memory migration {status}: {}",
+                    m["error-desc"].as_str().unwrap_or("the link to the cloud failed")
+                )));
+            }
+            _ => {}
         }
-    };
+    }
     state.migrating = false;
-    // The source is paused: the mirrors have nothing left to copy. Completing them
-    // (cancel of a READY mirror) flushes what is in flight to the cloud.
-    let mut mirrored = 0u64;
-    if let Ok(jobs) = qmp.execute("query-block-jobs", Value::Null).await {
-        mirrored = jobs
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|j| j["offset"].as_u64())
-            .sum();
-    }
-    for job in std::mem::take(&mut state.mirrors) {
-        qmp.execute("block-job-cancel", json!({"device": job}))
-            .await
-            .map_err(qmp_err("completing the storage mirror"))?;
-        let done = qmp
-            .wait_for_event(&mut events, "BLOCK_JOB_COMPLETED", Duration::from_secs(60))
-            .await
-            .map_err(qmp_err("waiting for the storage mirror to complete"))?;
-        if let Some(e) = done.data["error"].as_str() {
-            return Err(hv(format!("the storage mirror failed at the switchover: {e}")));
-        }
-    }
+    let last = qmp
+        .execute("query-migrate", Value::Null)
+        .await
+        .map_err(qmp_err("query-migrate"))?;
     for node in std::mem::take(&mut state.targets) {
         let _ = qmp.execute("blockdev-del", json!({"node-name": node})).await;
     }

@@ -224,7 +224,9 @@ def sockaddr(addr):        # QAPI SocketAddress
 # ---------------------------------------------------------------- helpers
 def guest_env(guest_dir):
     cmd = [os.path.join(HERE, "guest.sh")] + ([guest_dir] if guest_dir else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit("guest.sh failed (%d):\n%s%s" % (out.returncode, out.stdout, out.stderr))
     envf = re.search(r"^env file:\s+(\S+)", out.stdout, re.M).group(1)
     env = {}
     for line in open(envf):
@@ -252,13 +254,20 @@ def wait_serial(path, pattern, timeout):
 
 
 def qemu_cmd(a, env, name, disk, qmp, serial, incoming):
-    append = env["APPEND"] + (" dirty=%d" % a.dirty if a.dirty else "")
+    v = a.dst_variant if incoming else "same"     # experiments: deliberately mismatched destination
+    append = env["APPEND"] + (" dirty=%d" % a.dirty if a.dirty else "") + (" x=1" if v == "append" else "")
+    boot = ["-kernel", env["KERNEL"], "-initrd", env["INITRD"], "-append", append]
+    if v == "no-kernel":
+        boot = []
+    elif v == "no-initrd":
+        boot = ["-kernel", env["KERNEL"], "-append", append]
     cmd = [a.qemu, "-name", name, "-machine", a.machine, "-accel", "tcg", "-cpu", "max",
-           "-m", str(a.mem), "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot",
-           "-kernel", env["KERNEL"], "-initrd", env["INITRD"], "-append", append,
+           "-m", str(a.mem * 2 if v == "mem" else a.mem), "-smp", "1", "-nodefaults", "-display", "none",
+           "-no-reboot"] + boot + [
            "-blockdev", "driver=file,filename=%s,node-name=disk0-file,cache.direct=off" % disk,
            "-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0",
-           "-device", "virtio-blk-pci,id=vblk0,drive=disk0",
+           "-device", "virtio-blk-pci,id=%s,drive=disk0%s" % (
+               "vblk9" if v == "devid" else "vblk0", ",addr=0x9" if v == "pciaddr" else ""),
            "-serial", "file:%s" % serial,
            "-qmp", "unix:%s,server=on,wait=off" % qmp]
     if incoming:
@@ -367,7 +376,12 @@ def main():
                     help="start the destination without -S (it then runs as soon as RAM arrived)")
     ap.add_argument("--export-order", choices=["before-incoming", "after-incoming"], default="before-incoming")
     ap.add_argument("--allow-inactive", choices=["auto", "yes", "no"], default="auto",
-                    help="block-export-add allow-inactive: auto = try without, retry with it on error")
+                    help="block-export-add allow-inactive: auto = without (retry with it only if that fails); "
+                         "yes makes the NBD export refuse writes, so the mirror fails (EPERM)")
+    ap.add_argument("--dst-variant", default="same",
+                    choices=["same", "no-kernel", "no-initrd", "append", "mem", "devid", "pciaddr",
+                             "small-disk", "big-disk"],
+                    help="experiment: start the destination with a deliberately different command line")
     ap.add_argument("--dirty-calc-time", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=120)
     a = ap.parse_args()
@@ -387,7 +401,10 @@ def main():
         if os.path.exists(P(f)):
             os.unlink(P(f))
     for d in ("src.qcow2", "dst.qcow2"):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", P(d), a.disk_size], check=True)
+        size = a.disk_size
+        if d == "dst.qcow2" and a.dst_variant in ("small-disk", "big-disk"):
+            size = str(parse_size(a.disk_size) // 2 if a.dst_variant == "small-disk" else parse_size(a.disk_size) * 2)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", P(d), size], check=True)
     if a.prefill:
         # random data at [PREFILL_OFF, +prefill MiB) of the source disk, so the mirror has work;
         # the guest only writes the first ~2 MiB

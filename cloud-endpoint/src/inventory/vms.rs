@@ -123,6 +123,31 @@ impl Inventory {
         issue: impl FnOnce(&ReceiptContext<'_>) -> Result<String, String>,
         report: impl FnOnce(&ReceiptContext<'_>) -> Option<String>,
     ) -> Result<RegisteredVm, InventoryError> {
+        self.register(migration_id, vm, Some(Box::new(issue)), Box::new(report), "POWERED_OFF")
+    }
+
+    /// Registers a live-migrated VM, which already runs on the host: POWERED_ON, with
+    /// its report. It has no receipt: its disks changed while they moved, so there are
+    /// no fixed disk contents to sign (QUIC's AEAD authenticated every byte in transit).
+    pub fn register_running_vm(
+        &self,
+        migration_id: &str,
+        vm: &NewVm,
+        report: impl FnOnce(&ReceiptContext<'_>) -> Option<String>,
+    ) -> Result<String, InventoryError> {
+        self.register(migration_id, vm, None, Box::new(report), "POWERED_ON")
+            .map(|r| r.vm_id)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn register(
+        &self,
+        migration_id: &str,
+        vm: &NewVm,
+        issue: Option<Box<dyn FnOnce(&ReceiptContext<'_>) -> Result<String, String> + '_>>,
+        report: Box<dyn FnOnce(&ReceiptContext<'_>) -> Option<String> + '_>,
+        power_state: &'static str,
+    ) -> Result<RegisteredVm, InventoryError> {
         check_new_vm(vm)?;
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -166,7 +191,7 @@ impl Inventory {
             tx.execute(
                 "INSERT INTO vm (id, num, name, guest_os, num_cpus, cores_per_socket, memory_mib, firmware, bios_uuid,
                                  power_state, host, datastore, folder, vmx_path, created, instance_uuid)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'POWERED_OFF', ?10, ?11, ?12, ?13, ?14, ?15)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?16, ?10, ?11, ?12, ?13, ?14, ?15)",
                 params![
                     id,
                     num,
@@ -182,7 +207,8 @@ impl Inventory {
                     folder,
                     vm.vmx_path,
                     now(),
-                    random_uuid()
+                    random_uuid(),
+                    power_state
                 ],
             )?;
             for (position, disk) in vm.disks.iter().enumerate() {
@@ -217,20 +243,25 @@ impl Inventory {
                 planned_at: &started,
                 committed_at: &finished,
             };
-            let receipt = issue(&ctx).map_err(|reason| InventoryError::Receipt {
-                id: migration_id.to_owned(),
-                reason,
-            })?;
+            let receipt = match issue {
+                Some(issue) => issue(&ctx).map_err(|reason| InventoryError::Receipt {
+                    id: migration_id.to_owned(),
+                    reason,
+                })?,
+                None => String::new(),
+            };
             if let Some(report) = report(&ctx) {
                 tx.execute(
                     "INSERT INTO migration_report (migration, report, created) VALUES (?1, ?2, ?3)",
                     params![migration_id, report, finished],
                 )?;
             }
-            tx.execute(
-                "INSERT INTO receipt (migration, vm, signed, created) VALUES (?1, ?2, ?3, ?4)",
-                params![migration_id, id, receipt, finished],
-            )?;
+            if !receipt.is_empty() {
+                tx.execute(
+                    "INSERT INTO receipt (migration, vm, signed, created) VALUES (?1, ?2, ?3, ?4)",
+                    params![migration_id, id, receipt, finished],
+                )?;
+            }
             tx.execute(
                 "UPDATE migration SET state = 'SUCCEEDED', vm = ?2, finished = ?3 WHERE id = ?1",
                 params![migration_id, id, finished],

@@ -2,6 +2,7 @@
 
 mod connection;
 pub mod live;
+mod live_migration;
 pub mod placement;
 mod probe;
 
@@ -75,6 +76,9 @@ pub async fn run(
                 Some(probe::FirstStream::Migration(send, recv)) => (send, recv),
                 Some(probe::FirstStream::LinkTest(send, recv)) => {
                     return link_tests.serve(conn, send, recv, &domain.endpoint_name).await;
+                }
+                Some(probe::FirstStream::LiveMigration(send, recv)) => {
+                    return live_migration::serve(conn, domain, (send, recv), slots).await;
                 }
                 None => return,
             };

@@ -541,75 +541,9 @@ pub fn finalize(
             ));
         }
     }
-    let mut vmx_disks = Vec::new();
-    let mut new_disks = Vec::new();
-    for (i, (d, disk)) in vm.disks.iter().zip(&staged.disks).enumerate() {
-        // The disk counts whole sectors; a partial last sector (rare: raw
-        // images of odd size) was rounded up when it was created, reading zeros.
-        if disk.format() == DiskFormat::VmdkFlat {
-            if let Err(e) = staged.staging.write_descriptor(i, disk.capacity(), &d.key) {
-                return Err(fail(staged.staging, e.to_string()));
-            }
-        }
-        // The descriptor of a VMDK, the image itself for qcow2 and raw.
-        let file_name = disk.file_name().to_owned();
-        new_disks.push(NewDisk {
-            key: d.key.clone(),
-            path: datastore_path(&ds, &vm.name, &file_name),
-            capacity_bytes: d.capacity,
-        });
-        vmx_disks.push(VmxDisk {
-            key: d.key.clone(),
-            file_name,
-        });
-    }
-    let spec = VmxSpec {
-        name: vm.name.clone(),
-        guest_os: vm.guest_os.clone(),
-        num_cpus: vm.num_cpus,
-        cores_per_socket: vm.cores_per_socket,
-        memory_mib: vm.memory_mib,
-        firmware: vm.firmware.clone(),
-        bios_uuid: vm.bios_uuid.clone(),
-        disks: vmx_disks,
-        nics: vm
-            .nics
-            .iter()
-            .zip(&staged.nic_networks)
-            .map(|(n, (_, net_name))| VmxNic {
-                key: n.key.clone(),
-                network_name: net_name.clone(),
-                virtual_dev: n.virtual_dev.clone(),
-                mac: n.mac.clone(),
-            })
-            .collect(),
-    };
-    if let Err(e) = staged.staging.write_vmx(&spec) {
-        return Err(fail(staged.staging, e.to_string()));
-    }
-    let new_vm = NewVm {
-        name: vm.name.clone(),
-        guest_os: vm.guest_os.clone(),
-        num_cpus: vm.num_cpus,
-        cores_per_socket: vm.cores_per_socket,
-        memory_mib: vm.memory_mib,
-        firmware: vm.firmware.clone(),
-        bios_uuid: vm.bios_uuid.clone(),
-        vmx_path: datastore_path(&ds, &vm.name, &format!("{}.vmx", vm.name)),
-        disks: new_disks,
-        nics: vm
-            .nics
-            .iter()
-            .zip(&staged.nic_networks)
-            .map(|(n, (net_id, _))| NewNic {
-                key: n.key.clone(),
-                network_id: net_id.clone(),
-                mac: n.mac.clone(),
-                virtual_dev: n.virtual_dev.clone(),
-                source_network: n.network.clone(),
-            })
-            .collect(),
-        firewall: plan.firewall.clone(),
+    let new_vm = match write_vm_files(&ds, plan, &staged) {
+        Ok(new_vm) => new_vm,
+        Err(e) => return Err(fail(staged.staging, e)),
     };
     if roots.len() != vm.disks.len() {
         let e = format!("{} Merkle roots for {} disks", roots.len(), vm.disks.len());
@@ -683,6 +617,133 @@ pub fn finalize(
             receipt: registered.receipt,
             report: Some(report),
         }),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&folder);
+            let e = format!("cannot register the VM: {e}");
+            let _ = domain.inventory.fail_migration(&migration_id, &e);
+            Err(e)
+        }
+    }
+}
+
+/// Writes the staged VM's .vmx (and each flat VMDK's descriptor) and returns its
+/// inventory record.
+fn write_vm_files(ds: &str, plan: &MigrationPlan, staged: &Staged) -> Result<NewVm, String> {
+    let vm = &plan.vm;
+    let mut vmx_disks = Vec::new();
+    let mut new_disks = Vec::new();
+    for (i, (d, disk)) in vm.disks.iter().zip(&staged.disks).enumerate() {
+        // The disk counts whole sectors; a partial last sector (rare: raw
+        // images of odd size) was rounded up when it was created, reading zeros.
+        if disk.format() == DiskFormat::VmdkFlat {
+            staged
+                .staging
+                .write_descriptor(i, disk.capacity(), &d.key)
+                .map_err(|e| e.to_string())?;
+        }
+        // The descriptor of a VMDK, the image itself for qcow2 and raw.
+        let file_name = disk.file_name().to_owned();
+        new_disks.push(NewDisk {
+            key: d.key.clone(),
+            path: datastore_path(ds, &vm.name, &file_name),
+            capacity_bytes: d.capacity,
+        });
+        vmx_disks.push(VmxDisk {
+            key: d.key.clone(),
+            file_name,
+        });
+    }
+    let spec = VmxSpec {
+        name: vm.name.clone(),
+        guest_os: vm.guest_os.clone(),
+        num_cpus: vm.num_cpus,
+        cores_per_socket: vm.cores_per_socket,
+        memory_mib: vm.memory_mib,
+        firmware: vm.firmware.clone(),
+        bios_uuid: vm.bios_uuid.clone(),
+        disks: vmx_disks,
+        nics: vm
+            .nics
+            .iter()
+            .zip(&staged.nic_networks)
+            .map(|(n, (_, net_name))| VmxNic {
+                key: n.key.clone(),
+                network_name: net_name.clone(),
+                virtual_dev: n.virtual_dev.clone(),
+                mac: n.mac.clone(),
+            })
+            .collect(),
+    };
+    staged.staging.write_vmx(&spec).map_err(|e| e.to_string())?;
+    Ok(NewVm {
+        name: vm.name.clone(),
+        guest_os: vm.guest_os.clone(),
+        num_cpus: vm.num_cpus,
+        cores_per_socket: vm.cores_per_socket,
+        memory_mib: vm.memory_mib,
+        firmware: vm.firmware.clone(),
+        bios_uuid: vm.bios_uuid.clone(),
+        vmx_path: datastore_path(ds, &vm.name, &format!("{}.vmx", vm.name)),
+        disks: new_disks,
+        nics: vm
+            .nics
+            .iter()
+            .zip(&staged.nic_networks)
+            .map(|(n, (net_id, _))| NewNic {
+                key: n.key.clone(),
+                network_id: net_id.clone(),
+                mac: n.mac.clone(),
+                virtual_dev: n.virtual_dev.clone(),
+                source_network: n.network.clone(),
+            })
+            .collect(),
+        firewall: plan.firewall.clone(),
+    })
+}
+
+/// Registers a live-migrated VM whose destination hypervisor runs it already from the
+/// staged disks: writes its .vmx, moves the staging folder into place (open files move
+/// with it) and registers it POWERED_ON with its report. On failure the files are
+/// removed and the migration failed; the caller stops the hypervisor.
+pub fn finalize_live(
+    domain: &Domain,
+    plan: &MigrationPlan,
+    staged: Staged,
+) -> Result<(String, MigrationReport), String> {
+    let ds = domain.datastore.name().to_owned();
+    let fail = |staging: Staging, e: String| {
+        let _ = staging.discard();
+        let _ = domain.inventory.fail_migration(&staged.migration_id, &e);
+        e
+    };
+    let new_vm = match write_vm_files(&ds, plan, &staged) {
+        Ok(new_vm) => new_vm,
+        Err(e) => return Err(fail(staged.staging, e)),
+    };
+    let info = match domain.inventory.domain() {
+        Ok(info) => info,
+        Err(e) => return Err(fail(staged.staging, e.to_string())),
+    };
+    let mut report = preview(&info, plan, &staged.nic_networks, staged.format);
+    let migration_id = staged.migration_id.clone();
+    let folder = match staged.staging.commit() {
+        Ok(folder) => folder,
+        Err(e) => {
+            let e = e.to_string();
+            let _ = domain.inventory.fail_migration(&migration_id, &e);
+            return Err(e);
+        }
+    };
+    let vm_path = new_vm.vmx_path.clone();
+    let registered = domain.inventory.register_running_vm(&migration_id, &new_vm, |ctx| {
+        report.migration_id = Some(ctx.migration_id.to_owned());
+        report.vm_id = Some(ctx.vm_id.to_owned());
+        report.vm_path = Some(vm_path.clone());
+        report.committed_at = Some(ctx.committed_at.to_owned());
+        serde_json::to_string(&report).ok()
+    });
+    match registered {
+        Ok(vm_id) => Ok((vm_id, report)),
         Err(e) => {
             let _ = std::fs::remove_dir_all(&folder);
             let e = format!("cannot register the VM: {e}");

@@ -35,6 +35,7 @@ const BLOCK: usize = 256 * 1024;
 pub(super) enum FirstStream {
     Migration(quinn::SendStream, quinn::RecvStream),
     LinkTest(quinn::SendStream, quinn::RecvStream),
+    LiveMigration(quinn::SendStream, quinn::RecvStream),
 }
 
 /// Accepts the first bidirectional stream and reads its preamble. `None` when
@@ -52,7 +53,8 @@ pub(super) async fn first_stream(conn: &quinn::Connection) -> Option<FirstStream
     let why = match tokio::time::timeout(FIRST_STREAM_TIMEOUT, first).await {
         Ok(Ok((StreamKind::Control, send, recv))) => return Some(FirstStream::Migration(send, recv)),
         Ok(Ok((StreamKind::Probe, send, recv))) => return Some(FirstStream::LinkTest(send, recv)),
-        Ok(Ok((kind, _, _))) => format!("the first stream is a {kind:?} stream, not a control or probe stream"),
+        Ok(Ok((StreamKind::Live, send, recv))) => return Some(FirstStream::LiveMigration(send, recv)),
+        Ok(Ok((kind, _, _))) => format!("the first stream is a {kind:?} stream, not a control, live or probe stream"),
         Ok(Err(TransportError::Connection(_))) => return None,
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no control stream within {} s", FIRST_STREAM_TIMEOUT.as_secs()),
@@ -62,7 +64,7 @@ pub(super) async fn first_stream(conn: &quinn::Connection) -> Option<FirstStream
 }
 
 /// The SHA-256 thumbprint of the edge's certificate: who a budget belongs to.
-fn edge_thumbprint(conn: &quinn::Connection) -> Option<String> {
+pub(super) fn edge_thumbprint(conn: &quinn::Connection) -> Option<String> {
     conn.peer_identity()
         .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().map(|c| certs::Thumbprint::of_der(c).to_string()))

@@ -1,0 +1,620 @@
+//! A live migration's connection: the destination hypervisor, the tunnels into it, and
+//! the switchover (the protocol is [`gateway::protocol::live`]).
+//!
+//! The destination runs from the migration's staging folder, started paused and waiting
+//! for the memory stream (`-incoming defer -S`) with its new disks exported over NBD on a
+//! private unix socket; the edge's tunnels connect there. At the switchover it runs
+//! (`cont`) only once it has all of the memory and the mirror has been finished, then the
+//! staging folder becomes the VM's folder and the VM is registered POWERED_ON. Anything
+//! else tears it down: QEMU is stopped and the staged files removed, and the edge lets
+//! the source run on.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway::protocol::live::{LiveEvent, LiveReceiver};
+use gateway::qemu::vm::{machine_for_vm, MachineFiles};
+use gateway::qemu::{DirectKernel, QemuBinary, QemuProcess};
+use gateway::transport::{ControlReader, ControlWriter};
+use gateway::tunnel::{splice, TunnelStats};
+use gateway::wire::live::{LiveEdgeMessage, LivePlan, TunnelHeader, TunnelKind, MAX_TUNNELS};
+use gateway::wire::{control, Preamble, RefusalCode, StreamKind, PREAMBLE_LEN};
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use super::placement::{self, Staged};
+use crate::datastore::DiskFormat;
+use crate::inventory::Principal;
+use crate::Domain;
+
+/// How long the destination may take to load the last of the memory after the edge
+/// reports the source paused.
+const SWITCHOVER_WAIT: Duration = Duration::from_secs(120);
+/// How long QEMU gets to quit before it is killed when a migration is torn down.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// zstd level of what the endpoint sends back through tunnels (NBD replies: tiny).
+const TUNNEL_LEVEL: i32 = 1;
+
+/// The destination of a live migration while it is being built.
+struct Destination {
+    process: Arc<QemuProcess>,
+    staged: Staged,
+    /// Private folder of the NBD and memory sockets (unix socket paths are short).
+    sockets: tempfile::TempDir,
+    /// Set by the one memory tunnel a migration may have.
+    memory_claimed: Arc<std::sync::atomic::AtomicBool>,
+    tunnels: u32,
+}
+
+impl Destination {
+    fn nbd_socket(&self) -> PathBuf {
+        self.sockets.path().join("nbd.sock")
+    }
+
+    fn memory_socket(&self) -> PathBuf {
+        self.sockets.path().join("mem.sock")
+    }
+}
+
+/// Serves one live migration to its end. `control_streams` is its first stream, the
+/// preamble already read by the dispatch.
+pub async fn serve(
+    conn: quinn::Connection,
+    domain: Arc<Domain>,
+    control_streams: (quinn::SendStream, quinn::RecvStream),
+    slots: Arc<tokio::sync::Semaphore>,
+) {
+    let peer = conn.remote_address();
+    let edge_cert = super::probe::edge_thumbprint(&conn).unwrap_or_default();
+    let span = tracing::info_span!("live", %peer);
+    async move {
+        tracing::info!(edge_cert = %edge_cert, "edge connected for a live migration");
+        let (send, recv) = control_streams;
+        let mut writer = match ControlWriter::open(send, false).await {
+            Ok(w) => w,
+            Err(_) => return,
+        };
+        // The reader runs on its own: a frame read must not be cut by the select below.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let reader = tokio::spawn(async move {
+            let Ok(mut reader) = ControlReader::open(recv, false).await else {
+                return;
+            };
+            loop {
+                let msg = reader.recv::<LiveEdgeMessage>().await;
+                let end = !matches!(msg, Ok(Some(_)));
+                if tx.send(msg).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let mut run = Run {
+            domain,
+            conn: conn.clone(),
+            edge: format!("{peer} cert {edge_cert}"),
+            edge_cert,
+            session: LiveReceiver::new(),
+            principal: None,
+            slot: None,
+            slots,
+            boot: [Vec::new(), Vec::new()],
+            dest: None,
+            stats: Arc::new(TunnelStats::default()),
+        };
+        loop {
+            while let Some(msg) = run.session.poll_transmit() {
+                if writer.send(&msg).await.is_err() {
+                    break;
+                }
+            }
+            while let Some(event) = run.session.poll_event() {
+                run.handle(event).await;
+                while let Some(msg) = run.session.poll_transmit() {
+                    let _ = writer.send(&msg).await;
+                }
+            }
+            if run.session.is_finished() && !run.session.is_done() {
+                break;
+            }
+            let tunnels_open = run.session.tunnels_open();
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(Ok(Some(msg))) => {
+                        if let Err(e) = run.session.handle(msg) {
+                            run.session.refuse(RefusalCode::ProtocolViolation, vec![e.to_string()]);
+                        }
+                    }
+                    Some(Ok(None)) | None => {
+                        if run.session.is_done() {
+                            break;
+                        }
+                        run.session.refuse(RefusalCode::Aborted, vec!["the edge closed the live migration's stream".into()]);
+                    }
+                    Some(Err(e)) => {
+                        if run.session.is_done() {
+                            break;
+                        }
+                        run.session.refuse(RefusalCode::Aborted, vec![format!("the link to the edge broke: {e}")]);
+                    }
+                },
+                bi = conn.accept_bi(), if tunnels_open => match bi {
+                    Ok((send, recv)) => run.tunnel(send, recv),
+                    Err(e) => run.session.refuse(RefusalCode::Aborted, vec![format!("the link to the edge broke: {e}")]),
+                },
+            }
+        }
+        // Tell the edge why, then close.
+        while let Some(msg) = run.session.poll_transmit() {
+            let _ = writer.send(&msg).await;
+        }
+        writer.finish();
+        reader.abort();
+        if let Some(dest) = run.dest.take() {
+            run.tear_down(dest, "the live migration ended before its switchover").await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        conn.close(RefusalCode::Aborted.close_code().into(), b"live migration ended");
+    }
+    .instrument(span)
+    .await
+}
+
+struct Run {
+    domain: Arc<Domain>,
+    conn: quinn::Connection,
+    edge: String,
+    edge_cert: String,
+    session: LiveReceiver,
+    principal: Option<Principal>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    slots: Arc<tokio::sync::Semaphore>,
+    boot: [Vec<u8>; 2],
+    dest: Option<Destination>,
+    stats: Arc<TunnelStats>,
+}
+
+impl Run {
+    async fn handle(&mut self, event: LiveEvent) {
+        match event {
+            LiveEvent::Authenticate { agent, user, password } => {
+                let domain = self.domain.clone();
+                let result = tokio::task::spawn_blocking(move || domain.inventory.authenticate(&user, &password))
+                    .await
+                    .expect("authentication does not panic");
+                match result {
+                    Ok(p) => {
+                        tracing::info!(user = %p.user, role = %p.role.as_str(), %agent, "authenticated");
+                        let role = p.role.as_str().to_owned();
+                        self.principal = Some(p);
+                        self.session
+                            .authenticated(Ok((self.domain.endpoint_name.clone(), role)));
+                    }
+                    Err(e) => {
+                        let code = match e {
+                            crate::inventory::InventoryError::BadCredentials => RefusalCode::BadCredentials,
+                            _ => RefusalCode::EndpointFailure,
+                        };
+                        self.session.authenticated(Err((code, e.to_string())));
+                    }
+                }
+            }
+            LiveEvent::CheckPlan(plan) => {
+                let Some(principal) = self.principal.clone() else {
+                    return self.session.refuse(
+                        RefusalCode::ProtocolViolation,
+                        vec!["a plan before authentication".into()],
+                    );
+                };
+                let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                    return self.session.refuse(
+                        RefusalCode::Busy,
+                        vec!["the cloud endpoint is at its limit of concurrent migrations; retry later".into()],
+                    );
+                };
+                self.slot = Some(slot);
+                let domain = self.domain.clone();
+                let result = tokio::task::spawn_blocking(move || check_live_plan(&domain, &principal, &plan))
+                    .await
+                    .expect("validation does not panic");
+                self.session.plan_checked(result);
+            }
+            LiveEvent::BootBytes { file, bytes, .. } => {
+                if let Some(buf) = self.boot.get_mut(usize::from(file)) {
+                    buf.extend_from_slice(&bytes);
+                }
+            }
+            LiveEvent::StartDestination => {
+                let plan = self.session.plan().cloned().expect("a plan was checked");
+                match self.start_destination(&plan).await {
+                    Ok((dest, id, exports)) => {
+                        tracing::info!(migration = %id, pid = dest.process.pid(), "destination waits for the memory stream");
+                        self.dest = Some(dest);
+                        self.session.destination_ready(id, exports);
+                    }
+                    Err((code, problem)) => self.session.refuse(code, vec![problem]),
+                }
+            }
+            LiveEvent::Switchover => {
+                let plan = self.session.plan().cloned().expect("a plan was checked");
+                let Some(dest) = self.dest.take() else {
+                    return self.session.refuse(
+                        RefusalCode::ProtocolViolation,
+                        vec!["switchover without a destination".into()],
+                    );
+                };
+                match self.switch_over(&plan, dest).await {
+                    Ok((vm_id, report)) => {
+                        let (_, _, plain, wire) = self.stats.snapshot();
+                        tracing::info!(vm = %vm_id, tunnel_plain = plain, tunnel_wire = wire, "live migration committed");
+                        self.session.committed(vm_id, report);
+                    }
+                    Err(problem) => self.session.refuse(RefusalCode::EndpointFailure, vec![problem]),
+                }
+            }
+            LiveEvent::TearDown { reason } => {
+                if let Some(dest) = self.dest.take() {
+                    self.tear_down(dest, &reason).await;
+                }
+            }
+        }
+    }
+
+    /// Stages the disks, writes the boot files, starts QEMU paused with `-incoming defer`
+    /// and exports its disks. Returns the migration id and the export names.
+    async fn start_destination(
+        &mut self,
+        plan: &LivePlan,
+    ) -> Result<(Destination, String, Vec<String>), (RefusalCode, String)> {
+        let principal = self.principal.clone().expect("authenticated");
+        let domain = self.domain.clone();
+        let (edge, edge_cert) = (self.edge.clone(), self.edge_cert.clone());
+        let cold = plan.plan.clone();
+        let staged = tokio::task::spawn_blocking(move || {
+            placement::validate_and_stage(&domain, &principal, &edge, &edge_cert, &cold)
+        })
+        .await
+        .expect("staging does not panic")
+        .map_err(|(code, problems)| (code, problems.join("; ")))?;
+        let id = staged.migration_id.clone();
+        let fail = |staged: Staged, domain: &Domain, problem: String| {
+            placement::discard(domain, staged, &problem);
+            (RefusalCode::EndpointFailure, problem)
+        };
+        let files = match prepare_files(&staged, plan, &self.boot).await {
+            Ok(files) => files,
+            Err(e) => return Err(fail(staged, &self.domain, e)),
+        };
+        let sockets = match tempfile::Builder::new().prefix("ce-live-").tempdir() {
+            Ok(d) => d,
+            Err(e) => {
+                return Err(fail(
+                    staged,
+                    &self.domain,
+                    format!("cannot create a folder for the tunnel sockets: {e}"),
+                ))
+            }
+        };
+        let mut spec = machine_for_vm(&plan.plan.vm, files);
+        spec.incoming_defer = true;
+        spec.paused = true;
+        let started = async {
+            let binary = QemuBinary::from_env().map_err(|e| e.to_string())?;
+            let log = staged.staging.dir().join(format!("{}.qemu.log", plan.plan.vm.name));
+            QemuProcess::spawn(&binary, &spec, &log)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        let process = match started {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                return Err(fail(
+                    staged,
+                    &self.domain,
+                    format!("the destination VM did not start: {e}"),
+                ))
+            }
+        };
+        let dest = Destination {
+            process,
+            staged,
+            sockets,
+            memory_claimed: Arc::default(),
+            tunnels: 0,
+        };
+        let pid_file = dest.staged.staging.dir().join(format!("{}.pid", plan.plan.vm.name));
+        let _ = std::fs::write(&pid_file, format!("{}\n", dest.process.pid()));
+        let qmp = dest.process.qmp().clone();
+        let nbd = dest.nbd_socket();
+        let mem = dest.memory_socket();
+        let exports: Vec<String> = (0..plan.plan.vm.disks.len()).map(|i| format!("disk{i}")).collect();
+        let setup = async {
+            qmp.execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "events", "state": true}]}),
+            )
+            .await?;
+            // nbd-server-start takes the legacy address form ({type, data}).
+            qmp.execute(
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": nbd.to_string_lossy()}}}),
+            )
+            .await?;
+            for (i, name) in exports.iter().enumerate() {
+                // Without allow-inactive: the export activates the waiting
+                // destination's node, so the mirror can write to it.
+                qmp.execute(
+                    "block-export-add",
+                    json!({"type": "nbd", "id": format!("export{i}"), "node-name": gateway::qemu::vm::disk_node(i),
+                           "name": name, "writable": true}),
+                )
+                .await?;
+            }
+            qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", mem.display())}))
+                .await?;
+            Ok::<_, gateway::qemu::QemuError>(())
+        }
+        .await;
+        if let Err(e) = setup {
+            let problem = format!("the destination VM could not be prepared for the migration: {e}");
+            self.tear_down(dest, &problem).await;
+            return Err((RefusalCode::EndpointFailure, problem));
+        }
+        Ok((dest, id, exports))
+    }
+
+    /// Connects a tunnel stream to the destination's NBD server or memory socket.
+    fn tunnel(&mut self, send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let Some(dest) = self.dest.as_mut() else {
+            return;
+        };
+        if dest.tunnels >= MAX_TUNNELS {
+            self.session.refuse(
+                RefusalCode::ProtocolViolation,
+                vec![format!("more than {MAX_TUNNELS} tunnels in one live migration")],
+            );
+            return;
+        }
+        dest.tunnels += 1;
+        let (nbd, mem) = (dest.nbd_socket(), dest.memory_socket());
+        let migration_id = dest.staged.migration_id.clone();
+        let memory_claimed = dest.memory_claimed.clone();
+        let stats = self.stats.clone();
+        let conn = self.conn.clone();
+        // The header is read in the tunnel's own task: a slow or silent opener must
+        // not hold up the control stream.
+        tokio::spawn(
+            async move {
+                let header = match read_tunnel_header(&mut recv).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad tunnel stream");
+                        transport_close(&conn, RefusalCode::ProtocolViolation, &e);
+                        return;
+                    }
+                };
+                if header.migration_id != migration_id {
+                    let e = format!("a tunnel for {} on the connection of {migration_id}", header.migration_id);
+                    transport_close(&conn, RefusalCode::ProtocolViolation, &e);
+                    return;
+                }
+                let path = match header.kind {
+                    TunnelKind::Nbd => nbd,
+                    TunnelKind::Memory if !memory_claimed.swap(true, std::sync::atomic::Ordering::SeqCst) => mem,
+                    TunnelKind::Memory => {
+                        transport_close(&conn, RefusalCode::ProtocolViolation, "a second memory tunnel");
+                        return;
+                    }
+                };
+                let local = match tokio::net::UnixStream::connect(&path).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, socket = %path.display(), "the destination does not accept the tunnel");
+                        return;
+                    }
+                };
+                if let Err(e) = splice(local, send, recv, TUNNEL_LEVEL, stats).await {
+                    tracing::warn!(kind = ?header.kind, error = %e, "tunnel ended");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+
+    /// The source is paused and its disks in sync: once the destination has loaded all
+    /// of the memory, stop the exports, run it, and register it.
+    async fn switch_over(
+        &mut self,
+        plan: &LivePlan,
+        dest: Destination,
+    ) -> Result<(String, gateway::plan::MigrationReport), String> {
+        let qmp = dest.process.qmp().clone();
+        let mut events = qmp.events();
+        let loaded = async {
+            loop {
+                let m = qmp
+                    .execute("query-migrate", Value::Null)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match m["status"].as_str().unwrap_or("") {
+                    "completed" => return Ok(()),
+                    "failed" | "cancelled" => {
+                        return Err(format!(
+                            "the destination could not load the memory stream: {}",
+                            m["error-desc"].as_str().unwrap_or("see its qemu.log")
+                        ))
+                    }
+                    _ => {}
+                }
+                // The MIGRATION event, or a short poll if it was missed.
+                let _ = tokio::time::timeout(Duration::from_millis(20), events.recv()).await;
+            }
+        };
+        let result = match tokio::time::timeout(SWITCHOVER_WAIT, loaded).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the destination did not finish loading the memory within {} s",
+                SWITCHOVER_WAIT.as_secs()
+            )),
+        };
+        let result = match result {
+            Ok(()) => async {
+                qmp.execute("nbd-server-stop", Value::Null).await?;
+                qmp.execute("cont", Value::Null).await
+            }
+            .await
+            .map_err(|e| format!("the destination could not be started: {e}")),
+            Err(e) => Err(e),
+        };
+        if let Err(problem) = result {
+            self.tear_down(dest, &problem).await;
+            return Err(problem);
+        }
+        let Destination { process, staged, .. } = dest;
+        let domain = self.domain.clone();
+        let cold = plan.plan.clone();
+        let registered = tokio::task::spawn_blocking(move || placement::finalize_live(&domain, &cold, staged))
+            .await
+            .expect("registering does not panic");
+        match registered {
+            Ok((vm_id, report)) => {
+                crate::hosts::Hosts::adopt(&self.domain, &vm_id, process).await;
+                Ok((vm_id, report))
+            }
+            Err(e) => {
+                // The files are gone already: the VM must not run on without them.
+                let _ = process.stop(STOP_GRACE).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn tear_down(&self, dest: Destination, reason: &str) {
+        tracing::warn!(migration = %dest.staged.migration_id, %reason, "tearing the destination down");
+        let _ = dest.process.stop(STOP_GRACE).await;
+        let domain = self.domain.clone();
+        let reason = reason.to_owned();
+        let staged = dest.staged;
+        let _ = tokio::task::spawn_blocking(move || placement::discard(&domain, staged, &reason)).await;
+    }
+}
+
+fn transport_close(conn: &quinn::Connection, code: RefusalCode, why: &str) {
+    gateway::transport::close(conn, code, why);
+}
+
+/// A tunnel stream's preamble and header.
+async fn read_tunnel_header(recv: &mut quinn::RecvStream) -> Result<TunnelHeader, String> {
+    let mut pre = [0u8; PREAMBLE_LEN];
+    recv.read_exact(&mut pre).await.map_err(|e| e.to_string())?;
+    let p = Preamble::decode(&pre).map_err(|e| e.to_string())?;
+    if p.kind != StreamKind::Tunnel {
+        return Err(format!("a {:?} stream where a tunnel was expected", p.kind));
+    }
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
+    let len = control::frame_len(prefix).map_err(|e| e.to_string())?;
+    if len > 4096 {
+        return Err(format!("a tunnel header of {len} bytes"));
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    control::decode_body(&body).map_err(|e| e.to_string())
+}
+
+/// The plan against the domain, plus what a live migration needs: a hypervisor here and
+/// room for the VM on the host.
+fn check_live_plan(domain: &Domain, principal: &Principal, plan: &LivePlan) -> Result<(), (RefusalCode, Vec<String>)> {
+    let mut problems = match placement::validate(domain, principal, &plan.plan) {
+        Ok(_) => Vec::new(),
+        Err((RefusalCode::PlanRejected, problems)) => problems,
+        Err(other) => return Err(other),
+    };
+    if let Err(e) = QemuBinary::from_env() {
+        problems.push(format!(
+            "this endpoint cannot run VMs, so it cannot take a live migration: {e}"
+        ));
+    }
+    if let Some(problem) = domain.hosts.room_for(plan.plan.vm.memory_mib) {
+        problems.push(problem);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err((RefusalCode::PlanRejected, problems))
+    }
+}
+
+/// The staged disks as QEMU opens them, the boot files written beside them, and the
+/// console and QMP paths the VM keeps once it is registered (see crate::hosts).
+async fn prepare_files(staged: &Staged, plan: &LivePlan, boot: &[Vec<u8>; 2]) -> Result<MachineFiles, String> {
+    let dir = staged.staging.dir().to_owned();
+    let name = plan.plan.vm.name.clone();
+    let mut disks = Vec::new();
+    for (i, disk) in staged.disks.iter().enumerate() {
+        let capacity = plan.plan.vm.disks[i].capacity;
+        let path = disk.path().to_owned();
+        let format = match disk.format() {
+            // The flat extent is a raw image; its descriptor is written at the commit.
+            DiskFormat::VmdkFlat | DiskFormat::Raw => gateway::qemu::DiskFormat::Raw,
+            DiskFormat::Qcow2 => {
+                // Our qcow2 writer lays out its tables as it goes; QEMU writes this
+                // image, so qemu-img makes it, empty.
+                recreate_qcow2(&path, capacity).await?;
+                gateway::qemu::DiskFormat::Qcow2
+            }
+        };
+        disks.push((path, format));
+    }
+    let kernel = match &plan.boot {
+        None => None,
+        Some(b) => {
+            let kernel = dir.join(format!("{name}.vmlinuz"));
+            std::fs::write(&kernel, &boot[0]).map_err(|e| format!("cannot write the kernel: {e}"))?;
+            let initrd = match b.initrd {
+                Some(_) => {
+                    let path = dir.join(format!("{name}.initrd"));
+                    std::fs::write(&path, &boot[1]).map_err(|e| format!("cannot write the initrd: {e}"))?;
+                    Some(path)
+                }
+                None => None,
+            };
+            Some(DirectKernel {
+                kernel,
+                initrd,
+                append: (!b.append.is_empty()).then(|| b.append.clone()),
+            })
+        }
+    };
+    Ok(MachineFiles {
+        disks,
+        kernel,
+        serial_log: dir.join(format!("{name}.console.log")),
+        qmp_socket: dir.join(format!("{name}.qmp")),
+    })
+}
+
+async fn recreate_qcow2(path: &Path, capacity: u64) -> Result<(), String> {
+    let _ = std::fs::remove_file(path);
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg(capacity.to_string())
+        .output()
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot run qemu-img to create {}: {e}; install qemu-utils",
+                path.display()
+            )
+        })?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img could not create {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}

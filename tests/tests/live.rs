@@ -1,0 +1,352 @@
+//! Live migration of a running QEMU guest into the cloud domain, over real QUIC on
+//! loopback. The guest (tests/live/guest.sh: a Debian cloud kernel and a busybox
+//! initramfs) prints `counter N` on its serial console and records N on its disk.
+//!
+//! - The guest moves while it runs: the cloud's console continues the counter without a
+//!   reset, the disk written during the migration checks out, the VM is POWERED_ON in the
+//!   inventory, and the source has stopped.
+//! - The link breaks during pre-copy: the migration fails, the source runs on, the
+//!   destination is torn down and nothing is registered.
+//!
+//! Without qemu-system-x86_64 (`.ci/run` installs it) each test prints `skipped: ...`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use e2e::relay::Relay;
+use e2e::*;
+use edge_agent::live::{self, LiveOptions, LiveProgress};
+use edge_agent::migrate::MigrateOptions;
+use gateway::qemu::{DirectKernel, QemuBinary, QemuProcess};
+use gateway::transport::{PathEstimate, TransportTuning};
+use serde_json::{json, Value};
+
+const IDLE_SECS: u64 = 3;
+
+fn qemu() -> Option<QemuBinary> {
+    match QemuBinary::from_env() {
+        Ok(b) => Some(b),
+        Err(e) => {
+            println!("skipped: qemu-system-x86_64 not installed ({e})");
+            None
+        }
+    }
+}
+
+/// The guest's kernel, initrd and command line, built once into target/live-guest.
+fn guest(extra_append: &str) -> DirectKernel {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
+    let cache = repo.join("target/live-guest");
+    let out = Command::new(repo.join("tests/live/guest.sh"))
+        .arg(&cache)
+        .output()
+        .expect("run tests/live/guest.sh");
+    assert!(
+        out.status.success(),
+        "guest.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env = std::fs::read_to_string(cache.join("guest.env")).unwrap();
+    let var = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} in guest.env"))
+            .trim_matches('"')
+            .to_owned()
+    };
+    DirectKernel {
+        kernel: var("KERNEL").into(),
+        initrd: Some(var("INITRD").into()),
+        append: Some(format!("{} {extra_append}", var("APPEND")).trim().to_owned()),
+    }
+}
+
+/// A 256 MiB, 1 vCPU VM with an empty 64 MiB qcow2 disk and one NIC.
+fn vm(dir: &Path, name: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        dir.join(format!("{name}.qcow2")).to_str().unwrap(),
+        "64M",
+    ]);
+    let vmx = format!(
+        ".encoding = \"UTF-8\"\nconfig.version = \"8\"\nvirtualHW.version = \"14\"\n\
+         displayName = \"{name}\"\nguestOS = \"debian12-64\"\nnumvcpus = \"1\"\nmemsize = \"256\"\n\
+         scsi0.present = \"TRUE\"\nscsi0.virtualDev = \"pvscsi\"\n\
+         scsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"{name}.qcow2\"\n\
+         ethernet0.present = \"TRUE\"\nethernet0.virtualDev = \"e1000\"\nethernet0.networkName = \"VM Network\"\n\
+         ethernet0.addressType = \"static\"\nethernet0.address = \"00:50:56:12:34:56\"\n"
+    );
+    let path = dir.join(format!("{name}.vmx"));
+    std::fs::write(&path, vmx).unwrap();
+    path
+}
+
+/// The counters the guest printed on a console log so far.
+fn counters(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("counter ")?.trim().parse().ok())
+        .collect()
+}
+
+async fn wait_counter(log: &Path, at_least: u64, secs: u64) -> u64 {
+    eventually(secs, || counters(log).last().copied().filter(|&n| n >= at_least))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the guest did not count to {at_least} within {secs} s: {:?}",
+                counters(log)
+            )
+        })
+}
+
+struct Source {
+    process: QemuProcess,
+    serial: PathBuf,
+    qmp: PathBuf,
+    vm: edge_agent::source::SourceVm,
+    kernel: DirectKernel,
+}
+
+async fn start_source(binary: &QemuBinary, dir: &Path, name: &str, append: &str) -> Source {
+    let vmx = vm(dir, name);
+    let vm = edge_agent::source::open_vm(&vmx).unwrap();
+    let kernel = guest(append);
+    let serial = dir.join("source.console.log");
+    let qmp = dir.join("source.qmp");
+    let spec = live::source_machine(&vm, Some(kernel.clone()), &serial, &qmp).unwrap();
+    let process = QemuProcess::spawn(binary, &spec, &dir.join("source.qemu.log"))
+        .await
+        .expect("the source VM starts");
+    // Booting under TCG takes 5-12 s.
+    wait_counter(&serial, 3, 90).await;
+    Source {
+        process,
+        serial,
+        qmp,
+        vm,
+        kernel,
+    }
+}
+
+fn opts(source: &Source, link: Option<PathEstimate>) -> LiveOptions {
+    LiveOptions {
+        qmp: source.qmp.clone(),
+        kernel: Some(source.kernel.clone()),
+        link,
+        lift: MigrateOptions {
+            tuning: TransportTuning {
+                idle_timeout: Duration::from_secs(IDLE_SECS),
+                ..TransportTuning::default()
+            },
+            ..MigrateOptions::default()
+        },
+        ..LiveOptions::default()
+    }
+}
+
+fn idle_env() -> String {
+    IDLE_SECS.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
+    let Some(binary) = qemu() else { return };
+    let tmp = tempfile::Builder::new().prefix("lv").tempdir_in("/tmp").unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let idle = idle_env();
+    let cloud = Cloud::start(
+        &tmp.path().join("cloud"),
+        &pki,
+        &[("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", &idle)],
+    )
+    .await;
+    let source = start_source(&binary, &tmp.path().join("src"), "live01", "").await;
+    let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
+    let seen: Arc<Mutex<Vec<LiveProgress>>> = Arc::default();
+    let progress = {
+        let seen = seen.clone();
+        move |p: LiveProgress| {
+            println!("{}", live::describe(&p));
+            seen.lock().unwrap().push(p);
+        }
+    };
+    // The link is measured by a short link test: the forecast is the real one.
+    let summary = live::run(&source.vm, &target, &opts(&source, None), &progress)
+        .await
+        .expect("the live migration succeeds");
+    println!("{}", live::summary_text(&summary));
+    let last_source = *counters(&source.serial).last().unwrap();
+
+    // The forecast came first, from the measured link and dirty rate.
+    let seen = seen.lock().unwrap().clone();
+    match &seen[0] {
+        LiveProgress::Forecast(f) => {
+            assert!(f.converges, "{f:?}");
+            assert!(f.link_bytes_per_s > 1e6 && f.rtt_ms < 50.0, "{f:?}");
+            assert_eq!(f.memory_bytes, 256 << 20);
+        }
+        other => panic!("the first event is {other:?}, not the forecast"),
+    }
+    assert!(seen
+        .iter()
+        .any(|p| matches!(p, LiveProgress::Storage { ready: true, .. })));
+    assert!(summary.downtime_ms > 0 && summary.downtime_ms < 5_000, "{summary:?}");
+    assert!(summary.ram_transferred > 1 << 20, "{summary:?}");
+    assert!(
+        summary.tunnel_wire_bytes < summary.tunnel_plain_bytes,
+        "the tunnels compress: {summary:?}"
+    );
+
+    // The source has stopped; the cloud's VM is POWERED_ON and keeps counting where the
+    // source left off, with no reboot in between.
+    tokio::time::timeout(Duration::from_secs(10), source.process.wait())
+        .await
+        .expect("the source QEMU quit");
+    let vm = cloud
+        .domain
+        .inventory
+        .vm_by_name("live01")
+        .unwrap()
+        .expect("registered");
+    assert_eq!(vm.id, summary.vm_id);
+    assert_eq!(vm.power_state, "POWERED_ON");
+    assert_eq!(vm.nics[0].mac.as_deref(), Some("00:50:56:12:34:56"));
+    let console = cloud.root.join("live01/live01.console.log");
+    let after = wait_counter(&console, last_source + 5, 30).await;
+    let cloud_counters = counters(&console);
+    assert_eq!(
+        cloud_counters.first().copied(),
+        Some(last_source + 1),
+        "the cloud continues at the source's last counter + 1 ({last_source}): {cloud_counters:?}"
+    );
+    assert!(
+        cloud_counters.windows(2).all(|w| w[1] == w[0] + 1),
+        "{cloud_counters:?}"
+    );
+    assert!(
+        !std::fs::read_to_string(&console).unwrap().contains("Linux version"),
+        "the guest did not boot again in the cloud"
+    );
+    // The API shows it running too.
+    let task = cloud_endpoint::api::tasks::get(&cloud.domain, &summary.migration_id).unwrap();
+    assert_eq!(task.status, "SUCCEEDED");
+
+    // Power it off, then the disk it wrote before, during and after the migration
+    // checks out, up to the last counter the cloud printed.
+    cloud_endpoint::hosts::Hosts::power_off(&cloud.domain, &vm.id)
+        .await
+        .unwrap();
+    let disk = std::fs::read_dir(cloud.root.join("live01"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().into_owned();
+            n.ends_with("-flat.vmdk") || n.ends_with(".qcow2") || n.ends_with(".img")
+        })
+        .expect("the disk in the VM's folder");
+    let check = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("live/check-disk.py"))
+        .arg(&disk)
+        .args(["--min-counter", &after.saturating_sub(10).to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "check-disk: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
+    let Some(binary) = qemu() else { return };
+    let tmp = tempfile::Builder::new().prefix("lv").tempdir_in("/tmp").unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let idle = idle_env();
+    let cloud = Cloud::start(
+        &tmp.path().join("cloud"),
+        &pki,
+        &[("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", &idle)],
+    )
+    .await;
+    // A guest that rewrites 48 MiB of memory all the time: pre-copy takes passes.
+    let source = start_source(&binary, &tmp.path().join("src"), "live02", "dirty=48").await;
+    let relay = Arc::new(Relay::start(cloud.addr).await);
+    let mut target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
+    target.addr = relay.addr;
+    let cut_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let progress = {
+        let (relay, cut_at) = (relay.clone(), cut_at.clone());
+        move |p: LiveProgress| {
+            println!("{}", live::describe(&p));
+            if matches!(p, LiveProgress::Memory { .. }) {
+                let mut at = cut_at.lock().unwrap();
+                if at.is_none() {
+                    relay.cut();
+                    *at = Some(Instant::now());
+                }
+            }
+        }
+    };
+    let link = PathEstimate {
+        rate_bps: 1_000_000_000,
+        rtt: Duration::from_millis(1),
+    };
+    let mut o = opts(&source, Some(link));
+    o.auto_converge = true;
+    let err = live::run(&source.vm, &target, &o, &progress)
+        .await
+        .expect_err("a cut link fails the migration");
+    println!("error: {err}");
+    assert!(cut_at.lock().unwrap().is_some(), "the link was cut during pre-copy");
+
+    // The source runs on and keeps counting.
+    let qmp = source.process.qmp();
+    let status: Value = qmp.execute("query-status", json!(null)).await.unwrap();
+    assert_eq!(status["status"], "running", "{status}");
+    let before = *counters(&source.serial).last().unwrap();
+    wait_counter(&source.serial, before + 3, 30).await;
+    let jobs = qmp.execute("query-block-jobs", json!(null)).await.unwrap();
+    assert_eq!(jobs, json!([]), "no mirror left behind");
+
+    // The cloud tore its destination down once the link was gone: no VM, no files,
+    // no QEMU.
+    let gone = eventually(20, || {
+        let ms = cloud.domain.inventory.list_migrations().unwrap();
+        (ms.len() == 1 && ms[0].state == "FAILED" && cloud.datastore_entries().is_empty()).then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "{:?} {:?}",
+        cloud.domain.inventory.list_migrations().unwrap(),
+        cloud.datastore_entries()
+    );
+    assert!(cloud.domain.inventory.list_vms().unwrap().is_empty());
+    let cloud_root = cloud.root.display().to_string();
+    let left = eventually(10, || (!qemu_running_under(&cloud_root)).then_some(())).await;
+    assert!(left.is_some(), "a destination QEMU still runs under {cloud_root}");
+    let _ = source.process.stop(Duration::from_secs(3)).await;
+    cloud.stop().await;
+}
+
+/// Whether a QEMU process runs with files under `root` on its command line.
+fn qemu_running_under(root: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("qemu-system") && c.contains(root)
+            })
+            .unwrap_or(false)
+    })
+}
