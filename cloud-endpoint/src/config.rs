@@ -154,6 +154,48 @@ pub struct DomainConfig {
     pub networks: Vec<String>,
     /// Who may log in to the domain; names unique.
     pub users: Vec<UserConfig>,
+    /// More hosts of the cluster, beside `host` (the default placement). Names unique.
+    pub extra_hosts: Vec<HostConfig>,
+    /// More datastores, beside `datastore` (the default placement, in `datastore_dir`),
+    /// each in its own folder on disk. Names and folders unique.
+    pub extra_datastores: Vec<ExtraDatastoreConfig>,
+    /// More VM folders, beside `folder` (the default placement), in the datacenter's VM
+    /// folder. Names unique.
+    pub folders: Vec<String>,
+    /// Child resource pools of the cluster's root pool ("Resources", always present).
+    pub resource_pools: Vec<ResourcePoolConfig>,
+}
+
+/// A datastore beside the default one: the same settings plus its folder on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraDatastoreConfig {
+    pub name: String,
+    /// Its folder (VM folders, staging); relative paths in the file follow the file.
+    pub dir: PathBuf,
+    /// A quota for migrated disks; `None` means the filesystem's size.
+    #[serde(default)]
+    pub capacity_bytes: Option<u64>,
+    /// As `domain.datastore.disk_format`; `vmdk` when left out.
+    #[serde(with = "disk_format_name", default = "default_disk_format")]
+    pub disk_format: DiskFormat,
+}
+
+fn default_disk_format() -> DiskFormat {
+    DiskFormat::VmdkFlat
+}
+
+/// A child resource pool of the cluster's root pool.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcePoolConfig {
+    pub name: String,
+    /// Most memory one VM placed in the pool may have; `None` = no limit but the host's.
+    #[serde(default)]
+    pub memory_limit_mib: Option<u64>,
+    /// Most vCPUs one VM placed in the pool may have; `None` = no limit but the host's.
+    #[serde(default)]
+    pub cpu_limit_cores: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -312,6 +354,12 @@ impl Default for DomainConfig {
                 user("migrator@cloud.local", Role::MigrationOperator),
                 user("auditor@cloud.local", Role::ReadOnly),
             ],
+            // One of each by default: placement choices are opt-in, and a fresh
+            // endpoint's datastore is one folder (see the example for more).
+            extra_hosts: Vec::new(),
+            extra_datastores: Vec::new(),
+            folders: Vec::new(),
+            resource_pools: Vec::new(),
         }
     }
 }
@@ -453,6 +501,14 @@ pub enum ConfigError {
     #[error("`{key}` is 0 ({origin}); it must be at least 1 (set `link_test.enabled = false` to refuse link tests)")]
     ZeroLinkTestLimit { key: &'static str, origin: String },
 
+    #[error("`{key}` lists {name:?} more than once ({origin}); {what} must be unique")]
+    DuplicateName {
+        key: &'static str,
+        name: String,
+        what: &'static str,
+        origin: String,
+    },
+
     #[error("`transport.idle_timeout_secs` is 0 ({origin}); it must be at least 1 (QUIC reads 0 as never giving up on a dead link)")]
     ZeroIdleTimeout { origin: String },
 }
@@ -523,6 +579,9 @@ impl Config {
         resolve_relative(&figment, "edge_ca", &mut config.edge_ca);
         resolve_relative(&figment, "datastore_dir", &mut config.datastore_dir);
         resolve_relative(&figment, "database", &mut config.database);
+        for ds in &mut config.domain.extra_datastores {
+            resolve_relative(&figment, "domain.extra_datastores", &mut ds.dir);
+        }
         config.validate(&figment)?;
         Ok(config)
     }
@@ -566,6 +625,7 @@ impl Config {
                 });
             }
         }
+        self.validate_placement_objects(figment)?;
         let origin_networks = || origin(figment, "domain.networks");
         if d.networks.is_empty() {
             return Err(ConfigError::NoNetworks {
@@ -621,6 +681,69 @@ impl Config {
                     reason,
                     origin: origin_users(),
                 })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of hosts, datastores, folders and pools: not empty, unique in their kind
+    /// (placements name them), and datastore folders distinct.
+    fn validate_placement_objects(&self, figment: &Figment) -> Result<(), ConfigError> {
+        let d = &self.domain;
+        let kinds: [(&'static str, &'static str, Vec<&String>); 4] = [
+            (
+                "domain.extra_hosts",
+                "host names",
+                std::iter::once(&d.host.name)
+                    .chain(d.extra_hosts.iter().map(|h| &h.name))
+                    .collect(),
+            ),
+            (
+                "domain.extra_datastores",
+                "datastore names",
+                std::iter::once(&d.datastore.name)
+                    .chain(d.extra_datastores.iter().map(|s| &s.name))
+                    .collect(),
+            ),
+            (
+                "domain.folders",
+                "VM folder names",
+                std::iter::once(&d.folder).chain(d.folders.iter()).collect(),
+            ),
+            (
+                "domain.resource_pools",
+                "resource pool names (\"Resources\" is the root pool's)",
+                d.resource_pools.iter().map(|p| &p.name).collect(),
+            ),
+        ];
+        for (key, what, names) in kinds {
+            let mut seen = HashSet::new();
+            for name in names {
+                if name.trim().is_empty() {
+                    return Err(ConfigError::EmptyName {
+                        key: format!("{key}[]"),
+                        origin: origin(figment, key),
+                    });
+                }
+                if !seen.insert(name.as_str()) || (key == "domain.resource_pools" && name == "Resources") {
+                    return Err(ConfigError::DuplicateName {
+                        key,
+                        name: name.clone(),
+                        what,
+                        origin: origin(figment, key),
+                    });
+                }
+            }
+        }
+        let mut dirs = HashSet::from([self.datastore_dir.clone()]);
+        for ds in &d.extra_datastores {
+            if !dirs.insert(ds.dir.clone()) {
+                return Err(ConfigError::DuplicateName {
+                    key: "domain.extra_datastores",
+                    name: ds.dir.display().to_string(),
+                    what: "datastore folders (`datastore_dir` and each `dir`)",
+                    origin: origin(figment, "domain.extra_datastores"),
+                });
             }
         }
         Ok(())
@@ -689,6 +812,12 @@ folder = "Migrated VMs"
 cluster = "Cloud-Cluster"
 # Cloud networks a source NIC can be mapped to (non-empty, unique).
 networks = ["VM Network", "cloud-web", "cloud-db"]
+# More placement choices (`edge-agent migrate --host/--folder/--resource-pool`); none by
+# default. Objects listed here are added to an existing inventory at the next start
+# (never removed or renamed). Hosts join the cluster.
+# extra_hosts = [{ name = "esx-cloud-02.local", cpu_cores = 16, memory_mib = 131072 }]
+# folders = ["Imported", "Staging VMs"]
+# resource_pools = [{ name = "migrations", memory_limit_mib = 65536, cpu_limit_cores = 8 }]
 
 [domain.host]
 name = "esx-cloud-01.local"
@@ -703,6 +832,14 @@ name = "cloud-ds1"
 # --disk-format): "vmdk" (a monolithicFlat descriptor plus a sparse -flat.vmdk, for
 # vSphere), "qcow2" (v3, for KVM-based clouds) or "raw" (a sparse .img).
 disk_format = "vmdk"
+
+# More datastores, each in its own folder (`edge-agent migrate --datastore` or
+# `--disk-datastore scsi0:1=cloud-ds2`); none by default.
+# [[domain.extra_datastores]]
+# name = "cloud-ds2"
+# dir = "./datastore2"
+# capacity_bytes = 1099511627776
+# disk_format = "vmdk"
 
 # Users of the domain. Each has exactly one of `password` (hashed with argon2id when
 # stored) or `password_hash` (an argon2 PHC string, stored as is), and a role:

@@ -60,13 +60,28 @@ pub enum EndpointError {
 #[derive(Debug)]
 pub struct Domain {
     pub inventory: Inventory,
+    /// The default datastore (`datastore_dir`).
     pub datastore: Datastore,
+    /// The other datastores (`domain.extra_datastores`), each in its own folder.
+    pub extra_datastores: Vec<Datastore>,
     /// How the endpoint names itself to edges.
     pub endpoint_name: String,
     /// Signs the receipt of every committed migration with the endpoint's TLS key.
     pub receipts: gateway::receipt::ReceiptSigner,
     /// The migrations a connection serves now.
     pub live: server::live::LiveMigrations,
+}
+
+impl Domain {
+    /// Every datastore with a folder on this endpoint, the default first.
+    pub fn datastores(&self) -> impl Iterator<Item = &Datastore> {
+        std::iter::once(&self.datastore).chain(&self.extra_datastores)
+    }
+
+    /// The datastore of that name, if this endpoint has its folder.
+    pub fn datastore_named(&self, name: &str) -> Option<&Datastore> {
+        self.datastores().find(|ds| ds.name() == name)
+    }
 }
 
 /// A configured endpoint, ready to serve.
@@ -97,6 +112,12 @@ impl Endpoint {
             config.domain.datastore.capacity_bytes,
         )?
         .with_disk_format(config.domain.datastore.disk_format);
+        let extra_datastores = config
+            .domain
+            .extra_datastores
+            .iter()
+            .map(|ds| Datastore::open(&ds.dir, &ds.name, ds.capacity_bytes).map(|d| d.with_disk_format(ds.disk_format)))
+            .collect::<Result<Vec<_>, _>>()?;
         // Migrations cut by the restart wait for their edge to resume them; their
         // staging folders stay, everything else under .staging is an orphan.
         let (failed, waiting) =
@@ -107,14 +128,18 @@ impl Endpoint {
         for id in &waiting {
             tracing::info!(migration = %id, "interrupted by a restart; waiting for its edge to resume it");
         }
-        for path in datastore.clean_staging_except(&waiting)? {
-            tracing::warn!(path = %path.display(), "removed leftover staging folder");
+        // A migration may have disks staged on several datastores.
+        for ds in std::iter::once(&datastore).chain(&extra_datastores) {
+            for path in ds.clean_staging_except(&waiting)? {
+                tracing::warn!(path = %path.display(), "removed leftover staging folder");
+            }
         }
         let endpoint_name = format!("{} ({})", config.domain.host.name, certs::Thumbprint::of_der(&chain[0]));
         Ok(Endpoint {
             domain: Arc::new(Domain {
                 inventory,
                 datastore,
+                extra_datastores,
                 endpoint_name,
                 receipts,
                 live: Default::default(),

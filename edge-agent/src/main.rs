@@ -214,6 +214,27 @@ struct MigrateArgs {
     /// (for KVM-based clouds). Default: the datastore's.
     #[arg(long)]
     disk_format: Option<gateway::plan::DiskFormat>,
+    /// VM folder in the cloud, by name or id (`group-v5`). Default: the domain's.
+    #[arg(long)]
+    folder: Option<String>,
+    /// Cluster, by name or id (`domain-c7`). Default: the domain's.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Host of the cluster, by name or id (`host-12`). Default: the domain's.
+    #[arg(long)]
+    host: Option<String>,
+    /// Resource pool of the cluster, by name or id (`resgroup-8`). Default: the
+    /// cluster's root pool.
+    #[arg(long)]
+    resource_pool: Option<String>,
+    /// Datastore of the VM (its folder and .vmx, and every disk not placed with
+    /// --disk-datastore), by name or id (`datastore-9`). Default: the domain's.
+    #[arg(long)]
+    datastore: Option<String>,
+    /// Put one disk on another datastore: `--disk-datastore scsi0:1=cloud-ds2`
+    /// (repeatable).
+    #[arg(long = "disk-datastore", value_parser = parse_disk_datastore)]
+    disk_datastore: Vec<(String, String)>,
     /// Parallel QUIC data streams. Default: enough to fill --link-rate x --link-rtt
     /// (4 to 16).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=16))]
@@ -287,6 +308,16 @@ fn parse_mapping(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_owned(), b.to_owned())),
         _ => Err(format!("`{s}` is not SOURCE=CLOUD, e.g. \"VM Network=cloud-web\"")),
+    }
+}
+
+/// `scsi0:1=cloud-ds2`.
+fn parse_disk_datastore(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_owned(), b.to_owned())),
+        _ => Err(format!(
+            "`{s}` is not DISK=DATASTORE, e.g. \"scsi0:1=cloud-ds2\" (disk keys as `edge-agent inspect` shows them)"
+        )),
     }
 }
 
@@ -549,6 +580,14 @@ async fn prepare(a: MigrateArgs) -> anyhow::Result<(source::SourceVm, Target, Mi
         network_map: a.map_network,
         chunk_size: a.chunk_kib.saturating_mul(1024),
         disk_format: a.disk_format,
+        placement: gateway::plan::Placement {
+            folder: a.folder,
+            cluster: a.cluster,
+            host: a.host,
+            resource_pool: a.resource_pool,
+            datastore: a.datastore,
+            disk_datastores: a.disk_datastore,
+        },
         streams: a.streams.map_or(tuning.data_streams, usize::from),
         compression: a.zstd_level,
         max_rate: a.max_rate,

@@ -52,6 +52,9 @@ pub struct MigrateOptions {
     pub chunk_size: u32,
     /// Format of the disks in the cloud; `None` = the datastore's default.
     pub disk_format: Option<DiskFormat>,
+    /// Folder, cluster, host, resource pool and datastores in the cloud; the default
+    /// leaves every choice to the domain.
+    pub placement: gateway::plan::Placement,
     /// Parallel data streams; [`TransportTuning::data_streams`] covers the path.
     pub streams: usize,
     /// Reader/sealer workers. Two per core keeps the cores busy while some
@@ -83,6 +86,7 @@ impl Default for MigrateOptions {
             network_map: Vec::new(),
             chunk_size: DEFAULT_CHUNK_SIZE,
             disk_format: None,
+            placement: Default::default(),
             streams: TransportTuning::default().data_streams,
             workers: 4,
             compression: Compression::default(),
@@ -130,6 +134,7 @@ pub fn build_plan(vm: &SourceVm, opts: &MigrateOptions) -> MigrationPlan {
         chunk_size: opts.chunk_size,
         disk_format: opts.disk_format,
         firewall: vm.firewall.clone(),
+        placement: opts.placement.clone(),
     };
     plan.fit_chunk_size();
     plan

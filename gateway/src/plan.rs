@@ -40,6 +40,74 @@ pub struct MigrationPlan {
     /// The VM's distributed-firewall rules and what of them has no equivalent in
     /// the cloud domain. Empty when the VM came without a rules file.
     pub firewall: FirewallSpec,
+    /// Where in the cloud domain the VM goes; every choice left out takes the
+    /// domain's default. Last in the struct: the fields before it kept their encoding.
+    pub placement: Placement,
+}
+
+/// Where the cloud puts a migrated VM, vSphere's relocate spec: each object named by
+/// its name or its id (`group-v5`, `domain-c7`, `host-12`, `resgroup-8`,
+/// `datastore-9`). `None` takes the domain's default; the cloud checks every
+/// choice before a byte moves and lists every problem at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// VM folder the VM is registered in.
+    pub folder: Option<String>,
+    pub cluster: Option<String>,
+    /// Must be a host of the cluster (the chosen one, or the default).
+    pub host: Option<String>,
+    /// Must be a resource pool of the cluster; the cluster's root pool by default.
+    pub resource_pool: Option<String>,
+    /// The VM's datastore: its folder with the .vmx, and every disk not listed below.
+    pub datastore: Option<String>,
+    /// Disk key (`scsi0:1`) to datastore, for disks that go elsewhere than the VM's.
+    pub disk_datastores: Vec<(String, String)>,
+}
+
+/// Longest name or id a placement choice may have (vSphere's names are at most 80).
+pub const MAX_PLACEMENT_NAME: usize = 256;
+
+impl Placement {
+    /// Whether every choice is the domain's default.
+    pub fn is_default(&self) -> bool {
+        *self == Placement::default()
+    }
+
+    /// The datastore chosen for disk `key`, if one was.
+    pub fn disk_datastore(&self, key: &str) -> Option<&str> {
+        self.disk_datastores
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, ds)| ds.as_str())
+    }
+
+    fn check_limits(&self) -> Result<(), WireError> {
+        if self.disk_datastores.len() > MAX_DISKS {
+            return Err(WireError::BadPlan(format!(
+                "{} per-disk datastores is more than the {MAX_DISKS} disks a VM may have",
+                self.disk_datastores.len()
+            )));
+        }
+        let names = [
+            &self.folder,
+            &self.cluster,
+            &self.host,
+            &self.resource_pool,
+            &self.datastore,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.disk_datastores.iter().flat_map(|(k, ds)| [k, ds]));
+        for name in names {
+            if name.len() > MAX_PLACEMENT_NAME {
+                return Err(WireError::BadPlan(format!(
+                    "a placement choice of {} bytes is longer than the {MAX_PLACEMENT_NAME} allowed",
+                    name.len()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How the cloud stores a migrated disk.
@@ -154,6 +222,7 @@ impl MigrationPlan {
             }
         }
         self.firewall.check_limits()?;
+        self.placement.check_limits()?;
         let chunks = self.chunk_count();
         if chunks > MAX_CHUNKS {
             return bad(format!(
@@ -224,6 +293,7 @@ mod tests {
             chunk_size,
             disk_format: None,
             firewall: FirewallSpec::default(),
+            placement: Placement::default(),
         }
     }
 

@@ -167,6 +167,7 @@ pub fn plan(name: &str, disks: &[(&str, u64)], chunk_size: u32) -> MigrationPlan
         chunk_size,
         disk_format: None,
         firewall: Default::default(),
+        placement: Default::default(),
     }
 }
 

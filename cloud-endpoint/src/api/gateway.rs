@@ -67,6 +67,24 @@ pub struct PlanRequest {
     /// `source_vm` (default: the VM's name) and `not_carried`.
     #[serde(default)]
     pub firewall: FirewallSpec,
+    /// Where the VM goes, as vSphere's relocate spec places it; absent fields take the
+    /// domain's default.
+    #[serde(default)]
+    pub placement: PlacementRequest,
+}
+
+/// `placement` of a plan request: each object by name or id; `disks` maps a disk key to
+/// the datastore of that disk (`{"scsi0:1": "cloud-ds2"}`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementRequest {
+    pub folder: Option<String>,
+    pub cluster: Option<String>,
+    pub host: Option<String>,
+    pub resource_pool: Option<String>,
+    pub datastore: Option<String>,
+    #[serde(default)]
+    pub disks: BTreeMap<String, String>,
 }
 
 /// The outcome of checking a plan through the API.
@@ -110,6 +128,14 @@ pub fn check_plan(
         chunk_size: DEFAULT_CHUNK_SIZE,
         disk_format,
         firewall,
+        placement: gateway::plan::Placement {
+            folder: req.placement.folder,
+            cluster: req.placement.cluster,
+            host: req.placement.host,
+            resource_pool: req.placement.resource_pool,
+            datastore: req.placement.datastore,
+            disk_datastores: req.placement.disks.into_iter().collect(),
+        },
     };
     plan.fit_chunk_size();
     plan.check_limits()

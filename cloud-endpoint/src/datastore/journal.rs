@@ -161,6 +161,7 @@ mod tests {
             chunk_size: 1 << 20,
             disk_format: None,
             firewall: Default::default(),
+            placement: Default::default(),
         }
     }
 

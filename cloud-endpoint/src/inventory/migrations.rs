@@ -81,6 +81,19 @@ impl Inventory {
         vm_name: &str,
         logical_bytes: u64,
     ) -> Result<String, InventoryError> {
+        self.begin_migration_on(principal, edge, vm_name, logical_bytes, &[])
+    }
+
+    /// [`Self::begin_migration`], reserving `space` (datastore id, bytes) on each
+    /// datastore the disks go to, in the same transaction.
+    pub fn begin_migration_on(
+        &self,
+        principal: &Principal,
+        edge: &str,
+        vm_name: &str,
+        logical_bytes: u64,
+        space: &[(String, u64)],
+    ) -> Result<String, InventoryError> {
         if !principal.role.may_migrate() {
             return Err(InventoryError::NotPermitted {
                 user: principal.user.clone(),
@@ -101,6 +114,13 @@ impl Inventory {
                  VALUES (?1, ?2, ?3, ?4, ?5, 'RUNNING', ?6, ?7)",
                 params![num, id, vm_name, principal.user, edge, now(), logical_bytes],
             )?;
+            for (datastore, bytes) in space {
+                tx.execute(
+                    "INSERT INTO migration_space (migration, datastore, bytes) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (migration, datastore) DO UPDATE SET bytes = bytes + excluded.bytes",
+                    params![id, datastore, bytes],
+                )?;
+            }
             tx.commit()?;
             Ok(id)
         })

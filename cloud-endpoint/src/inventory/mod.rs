@@ -148,6 +148,48 @@ pub struct DomainInfo {
     pub datastore: DatastoreInfo,
     /// The VM folder migrated VMs are registered in.
     pub vm_folder: String,
+    /// Every cluster, host, datastore and resource pool (root pools first), in creation
+    /// order; `cluster`, `host` and `datastore` above are the default placement.
+    pub clusters: Vec<ClusterInfo>,
+    pub hosts: Vec<HostInfo>,
+    pub datastores: Vec<DatastoreInfo>,
+    pub resource_pools: Vec<PoolInfo>,
+}
+
+/// A resource pool: a cluster's root pool ("Resources", `parent` None) or a child of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolInfo {
+    pub id: String,
+    pub name: String,
+    pub cluster: String,
+    pub parent: Option<String>,
+    /// Most memory / vCPUs one VM in the pool may have.
+    pub memory_limit_mib: Option<u64>,
+    pub cpu_limit_cores: Option<u32>,
+}
+
+/// What vSphere calls every cluster's root resource pool.
+pub const ROOT_POOL_NAME: &str = "Resources";
+
+/// The root resource pool of a cluster. It has no row, but in vSphere every cluster has
+/// one (its "Resources"), holding the cluster's VMs, and vAPI's cluster info requires its
+/// id. It takes the cluster's number (`domain-c8` gives `resgroup-8`), which no other
+/// object has: all numbers come from one counter.
+pub fn root_resource_pool(cluster: &str) -> String {
+    match cluster.strip_prefix("domain-c") {
+        Some(n) => format!("resgroup-{n}"),
+        None => format!("resgroup-{cluster}"),
+    }
+}
+
+/// Where a migrated VM is registered. `None` fields take the domain's default placement.
+#[derive(Debug, Clone, Default)]
+pub struct VmPlacement {
+    pub host: Option<String>,
+    pub datastore: Option<String>,
+    pub folder: Option<String>,
+    /// A child pool's id; `None` is the root pool of the host's cluster.
+    pub resource_pool: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -202,6 +244,7 @@ pub struct NewVm {
     /// The VM's firewall rules; references to the VM itself (by `firewall.source_vm` or
     /// `name`) and to VMs of the domain are stored rewritten to their ids.
     pub firewall: gateway::plan::FirewallSpec,
+    pub placement: VmPlacement,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +255,8 @@ pub struct NewDisk {
     /// (`[cloud-ds1] web01/web01.vmdk`), a qcow2 or a raw image (`web01.qcow2`, `web01.img`).
     pub path: String,
     pub capacity_bytes: u64,
+    /// The datastore id the disk is on; `None` = the VM's.
+    pub datastore: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -244,6 +289,8 @@ pub struct VmRecord {
     pub datastore: String,
     /// Folder id.
     pub folder: String,
+    /// Resource pool id: its cluster's root pool unless placed in a child pool.
+    pub resource_pool: String,
     pub vmx_path: String,
     pub disks: Vec<DiskRecord>,
     pub nics: Vec<NicRecord>,
@@ -260,6 +307,8 @@ pub struct DiskRecord {
     pub key: String,
     pub path: String,
     pub capacity_bytes: u64,
+    /// Datastore id of the disk.
+    pub datastore: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4, V5];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -217,6 +217,36 @@ CREATE TABLE migration_report (
     migration TEXT PRIMARY KEY REFERENCES migration (id),
     report TEXT NOT NULL,
     created TEXT NOT NULL
+) STRICT;
+"#;
+
+/// Placement choices: child resource pools of a cluster (its root pool, "Resources", has
+/// no row: its id `resgroup-N` follows the cluster's number), each VM's pool (NULL: the
+/// root pool of its host's cluster), each disk's datastore (another than the VM's when a
+/// migration placed it so; earlier disks are on their VM's), and the space a running
+/// migration holds on each datastore (earlier migrations hold theirs on the default one).
+/// Hosts, datastores and VM folders beyond the first reuse the V1 tables. The two new
+/// columns carry no foreign key: SQLite cannot drop a column that has one, and the
+/// upgrade tests rebuild older files by dropping them; registration writes only ids it
+/// has just resolved in the same inventory.
+const V6: &str = r#"
+CREATE TABLE resource_pool (
+    id TEXT PRIMARY KEY,
+    num INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    cluster TEXT NOT NULL REFERENCES cluster (id),
+    memory_limit_mib INTEGER CHECK (memory_limit_mib >= 0),
+    cpu_limit_cores INTEGER CHECK (cpu_limit_cores >= 0),
+    UNIQUE (cluster, name)
+) STRICT;
+ALTER TABLE vm ADD COLUMN resource_pool TEXT;
+ALTER TABLE vm_disk ADD COLUMN datastore TEXT;
+UPDATE vm_disk SET datastore = (SELECT datastore FROM vm WHERE vm.id = vm_disk.vm);
+CREATE TABLE migration_space (
+    migration TEXT NOT NULL REFERENCES migration (id),
+    datastore TEXT NOT NULL REFERENCES datastore (id),
+    bytes INTEGER NOT NULL CHECK (bytes >= 0),
+    PRIMARY KEY (migration, datastore)
 ) STRICT;
 "#;
 

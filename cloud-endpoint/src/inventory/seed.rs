@@ -4,7 +4,8 @@
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::{
-    next_number, password, ClusterInfo, DatacenterInfo, DatastoreInfo, DomainInfo, FolderInfo, HostInfo, InventoryError,
+    next_number, password, root_resource_pool, ClusterInfo, DatacenterInfo, DatastoreInfo, DomainInfo, FolderInfo,
+    HostInfo, InventoryError, PoolInfo, ROOT_POOL_NAME,
 };
 use crate::config::{DomainConfig, UserConfig};
 
@@ -21,6 +22,7 @@ pub(super) fn reconcile(conn: &mut Connection, domain: &DomainConfig) -> Result<
         "UPDATE datastore SET capacity_bytes = ?1 WHERE id = (SELECT datastore FROM placement)",
         [domain.datastore.capacity_bytes],
     )?;
+    add_placement_objects(&tx, domain)?;
     add_networks(&tx, &domain.networks)?;
     sync_users(&tx, &domain.users)?;
     tx.commit()?;
@@ -120,6 +122,75 @@ fn check_fixed_names(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), Inven
                 configured = %configured,
                 "the inventory keeps the name it was created with; the configured name is ignored"
             );
+        }
+    }
+    Ok(())
+}
+
+/// Hosts, datastores, VM folders and resource pools beyond the first: added by name when
+/// absent, on the first start as on later ones, so a config that grows grows the
+/// inventory. Nothing is removed or renamed (VMs and disk paths name them).
+fn add_placement_objects(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), InventoryError> {
+    let (cluster, ds_folder, vm_folder): (String, String, String) = tx.query_row(
+        "SELECT p.cluster, dc.datastore_folder, dc.vm_folder FROM placement p JOIN datacenter dc ON dc.id = p.datacenter",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+    )?;
+    let exists = |sql: &str, name: &str| -> rusqlite::Result<bool> { tx.query_row(sql, [name], |row| row.get(0)) };
+    for h in &d.extra_hosts {
+        if !exists("SELECT EXISTS (SELECT 1 FROM host WHERE name = ?1)", &h.name)? {
+            let (num, id) = next_id(tx, "host-")?;
+            tx.execute(
+                "INSERT INTO host (id, num, name, cluster, cpu_cores, memory_mib) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, num, h.name, cluster, h.cpu_cores, h.memory_mib],
+            )?;
+            tracing::info!(host = %id, name = %h.name, "host added to the cluster");
+        }
+    }
+    for ds in &d.extra_datastores {
+        if !exists("SELECT EXISTS (SELECT 1 FROM datastore WHERE name = ?1)", &ds.name)? {
+            let (num, id) = next_id(tx, "datastore-")?;
+            tx.execute(
+                "INSERT INTO datastore (id, num, name, folder, capacity_bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, num, ds.name, ds_folder, ds.capacity_bytes],
+            )?;
+            tracing::info!(datastore = %id, name = %ds.name, "datastore added");
+        }
+        tx.execute(
+            "UPDATE datastore SET capacity_bytes = ?2 WHERE name = ?1",
+            params![ds.name, ds.capacity_bytes],
+        )?;
+    }
+    for name in &d.folders {
+        let known: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM folder WHERE name = ?1 AND type = 'VIRTUAL_MACHINE' AND parent = ?2)",
+            params![name, vm_folder],
+            |row| row.get(0),
+        )?;
+        if !known {
+            let id = add_folder(tx, "group-v", name, "VIRTUAL_MACHINE", Some(&vm_folder))?;
+            tracing::info!(folder = %id, name = %name, "VM folder added");
+        }
+    }
+    for pool in &d.resource_pools {
+        let known: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM resource_pool WHERE name = ?1 AND cluster = ?2)",
+            params![pool.name, cluster],
+            |row| row.get(0),
+        )?;
+        if !known {
+            let (num, id) = next_id(tx, "resgroup-")?;
+            tx.execute(
+                "INSERT INTO resource_pool (id, num, name, cluster, memory_limit_mib, cpu_limit_cores)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, num, pool.name, cluster, pool.memory_limit_mib, pool.cpu_limit_cores],
+            )?;
+            tracing::info!(resource_pool = %id, name = %pool.name, "resource pool added");
+        } else {
+            tx.execute(
+                "UPDATE resource_pool SET memory_limit_mib = ?3, cpu_limit_cores = ?4 WHERE name = ?1 AND cluster = ?2",
+                params![pool.name, cluster, pool.memory_limit_mib, pool.cpu_limit_cores],
+            )?;
         }
     }
     Ok(())
@@ -271,6 +342,66 @@ pub(super) fn domain_info(conn: &Connection) -> Result<DomainInfo, InventoryErro
             })
         },
     )?;
+    let mut stmt = conn.prepare_cached("SELECT id, name FROM cluster ORDER BY num")?;
+    let clusters = stmt
+        .query_map([], |row| {
+            Ok(ClusterInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = conn.prepare_cached("SELECT id, name, cluster, cpu_cores, memory_mib FROM host ORDER BY num")?;
+    let hosts = stmt
+        .query_map([], |row| {
+            Ok(HostInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                cluster: row.get(2)?,
+                cpu_cores: row.get(3)?,
+                memory_mib: row.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = conn.prepare_cached("SELECT id, name, capacity_bytes FROM datastore ORDER BY num")?;
+    let datastores = stmt
+        .query_map([], |row| {
+            Ok(DatastoreInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                capacity_bytes: row.get(2)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    // Each cluster's root pool first, then the child pools.
+    let mut resource_pools: Vec<PoolInfo> = clusters
+        .iter()
+        .map(|c| PoolInfo {
+            id: root_resource_pool(&c.id),
+            name: ROOT_POOL_NAME.to_owned(),
+            cluster: c.id.clone(),
+            parent: None,
+            memory_limit_mib: None,
+            cpu_limit_cores: None,
+        })
+        .collect();
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, name, cluster, memory_limit_mib, cpu_limit_cores FROM resource_pool ORDER BY num",
+    )?;
+    let children = stmt.query_map([], |row| {
+        let cluster: String = row.get(2)?;
+        Ok(PoolInfo {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            parent: Some(root_resource_pool(&cluster)),
+            cluster,
+            memory_limit_mib: row.get(3)?,
+            cpu_limit_cores: row.get(4)?,
+        })
+    })?;
+    for pool in children {
+        resource_pools.push(pool?);
+    }
     Ok(DomainInfo {
         datacenter,
         folders,
@@ -278,5 +409,9 @@ pub(super) fn domain_info(conn: &Connection) -> Result<DomainInfo, InventoryErro
         host,
         datastore,
         vm_folder,
+        clusters,
+        hosts,
+        datastores,
+        resource_pools,
     })
 }

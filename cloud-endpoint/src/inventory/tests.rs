@@ -45,21 +45,25 @@ fn new_vm(inv: &Inventory, name: &str) -> NewVm {
         bios_uuid: Some("42 1a 2b 3c 4d 5e 6f 70-81 92 a3 b4 c5 d6 e7 f8".into()),
         vmx_path: format!("[cloud-ds1] {name}/{name}.vmx"),
         firewall: Default::default(),
+        placement: Default::default(),
         disks: vec![
             NewDisk {
                 key: "scsi0:0".into(),
                 path: format!("[cloud-ds1] {name}/{name}.vmdk"),
                 capacity_bytes: 10 << 30,
+                datastore: None,
             },
             NewDisk {
                 key: "scsi0:1".into(),
                 path: format!("[cloud-ds1] {name}/{name}_1.vmdk"),
                 capacity_bytes: 1 << 30,
+                datastore: None,
             },
             NewDisk {
                 key: "sata0:0".into(),
                 path: format!("[cloud-ds1] {name}/{name}_2.vmdk"),
                 capacity_bytes: 512,
+                datastore: None,
             },
         ],
         nics: vec![
@@ -250,7 +254,8 @@ fn register_vm_stores_devices_in_order_and_completes_the_migration() {
         DiskRecord {
             key: "scsi0:1".into(),
             path: "[cloud-ds1] web01/web01_1.vmdk".into(),
-            capacity_bytes: 1 << 30
+            capacity_bytes: 1 << 30,
+            datastore: inv.datastore().unwrap().id,
         }
     );
     let nic_keys: Vec<_> = vm.nics.iter().map(|n| n.key.as_str()).collect();
@@ -532,12 +537,21 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          DROP TABLE receipt; ALTER TABLE vm DROP COLUMN instance_uuid;
          ALTER TABLE migration DROP COLUMN edge_cert; ALTER TABLE migration DROP COLUMN plan;
          ALTER TABLE migration DROP COLUMN disk_format; ALTER TABLE migration DROP COLUMN interrupted;
+         DROP TABLE migration_space; DROP TABLE resource_pool;
+         ALTER TABLE vm DROP COLUMN resource_pool; ALTER TABLE vm_disk DROP COLUMN datastore;
          PRAGMA user_version = 1;",
     )
     .unwrap();
     drop(conn);
 
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    // Step 6 put every disk on its VM's datastore, and every VM in its cluster's root pool.
+    let root = crate::inventory::root_resource_pool(&inv.domain().unwrap().cluster.id);
+    for vm in inv.list_vms().unwrap() {
+        let vm = inv.vm(&vm.id).unwrap().unwrap();
+        assert!(vm.disks.iter().all(|d| d.datastore == vm.datastore), "{:?}", vm.disks);
+        assert_eq!(vm.resource_pool, root);
+    }
     let uuids: Vec<String> = inv.list_vms().unwrap().into_iter().map(|v| v.instance_uuid).collect();
     assert_eq!(uuids.len(), 3);
     for u in &uuids {
@@ -663,4 +677,67 @@ fn firewall_rules_and_the_report_are_stored_with_the_vm_and_rewritten_to_its_id(
         inv.migration_report("migration-99"),
         Err(InventoryError::NotFound { .. })
     ));
+}
+
+#[test]
+fn placement_objects_added_to_the_config_join_an_existing_inventory() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let before = inv.domain().unwrap();
+    assert_eq!((before.hosts.len(), before.datastores.len()), (1, 1));
+    assert_eq!(before.resource_pools.len(), 1, "only the cluster's root pool");
+    drop(inv);
+    let grown = DomainConfig {
+        extra_hosts: vec![crate::config::HostConfig {
+            name: "esx-02".into(),
+            cpu_cores: 8,
+            memory_mib: 8192,
+        }],
+        extra_datastores: vec![crate::config::ExtraDatastoreConfig {
+            name: "ds2".into(),
+            dir: "ds2".into(),
+            capacity_bytes: Some(1 << 30),
+            disk_format: gateway::plan::DiskFormat::Qcow2,
+        }],
+        folders: vec!["Imported".into()],
+        resource_pools: vec![crate::config::ResourcePoolConfig {
+            name: "batch".into(),
+            memory_limit_mib: Some(4096),
+            cpu_limit_cores: None,
+        }],
+        ..DomainConfig::default()
+    };
+    for _ in 0..2 {
+        // The second start finds them all and adds nothing twice.
+        let inv = Inventory::open(&path, &grown).unwrap();
+        let d = inv.domain().unwrap();
+        let hosts: Vec<_> = d.hosts.iter().map(|h| (h.name.as_str(), h.cluster.as_str())).collect();
+        assert_eq!(
+            hosts,
+            [
+                (before.host.name.as_str(), before.cluster.id.as_str()),
+                ("esx-02", before.cluster.id.as_str())
+            ]
+        );
+        let stores: Vec<_> = d
+            .datastores
+            .iter()
+            .map(|s| (s.name.as_str(), s.capacity_bytes))
+            .collect();
+        assert_eq!(stores, [("cloud-ds1", None), ("ds2", Some(1 << 30))]);
+        let imported: Vec<_> = d.folders.iter().filter(|f| f.name == "Imported").collect();
+        assert_eq!(imported.len(), 1);
+        assert_eq!(imported[0].parent.as_deref(), Some(d.datacenter.vm_folder.as_str()));
+        let pools: Vec<_> = d
+            .resource_pools
+            .iter()
+            .map(|p| (p.name.as_str(), p.parent.is_some()))
+            .collect();
+        assert_eq!(pools, [("Resources", false), ("batch", true)]);
+        // The default placement stays the first objects.
+        assert_eq!(
+            (d.host.id.as_str(), d.datastore.id.as_str()),
+            (before.host.id.as_str(), before.datastore.id.as_str())
+        );
+    }
 }

@@ -11,8 +11,8 @@ use super::{
 
 const SELECT_VM: &str = "SELECT v.id, v.name, v.guest_os, v.num_cpus, v.cores_per_socket, v.memory_mib, v.firmware,
         v.bios_uuid, v.power_state, v.host, v.datastore, v.folder, v.vmx_path, m.id, v.created,
-        COALESCE(v.instance_uuid, '')
-    FROM vm v LEFT JOIN migration m ON m.vm = v.id";
+        COALESCE(v.instance_uuid, ''), v.resource_pool, h.cluster
+    FROM vm v LEFT JOIN migration m ON m.vm = v.id JOIN host h ON h.id = v.host";
 
 fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
     Ok(VmRecord {
@@ -34,19 +34,25 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
         migration: row.get(13)?,
         created: row.get(14)?,
         instance_uuid: row.get(15)?,
+        resource_pool: match row.get::<_, Option<String>>(16)? {
+            Some(pool) => pool,
+            None => super::root_resource_pool(&row.get::<_, String>(17)?),
+        },
     })
 }
 
 /// Fills in disks and NICs, in their registered order.
 fn with_devices(conn: &Connection, mut vm: VmRecord) -> rusqlite::Result<VmRecord> {
-    let mut stmt =
-        conn.prepare_cached("SELECT key, path, capacity_bytes FROM vm_disk WHERE vm = ?1 ORDER BY position")?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT key, path, capacity_bytes, COALESCE(datastore, ?2) FROM vm_disk WHERE vm = ?1 ORDER BY position",
+    )?;
     vm.disks = stmt
-        .query_map([&vm.id], |row| {
+        .query_map([&vm.id, &vm.datastore], |row| {
             Ok(DiskRecord {
                 key: row.get(0)?,
                 path: row.get(1)?,
                 capacity_bytes: row.get(2)?,
+                datastore: row.get(3)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -182,16 +188,27 @@ impl Inventory {
                     });
                 }
             }
-            let (host, datastore, folder): (String, String, String) =
+            let (default_host, default_datastore, default_folder): (String, String, String) =
                 tx.query_row("SELECT host, datastore, folder FROM placement", [], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })?;
+            let p = &vm.placement;
+            let host = p.host.clone().unwrap_or(default_host);
+            let datastore = p.datastore.clone().unwrap_or(default_datastore);
+            let folder = p.folder.clone().unwrap_or(default_folder);
+            // A root pool has no row: the VM then names none (its host's cluster's root).
+            let pool = match &p.resource_pool {
+                Some(id) => tx
+                    .query_row("SELECT id FROM resource_pool WHERE id = ?1", [id], |r| r.get::<_, String>(0))
+                    .optional()?,
+                None => None,
+            };
             let num = next_number(&tx, "moref")?;
             let id = format!("vm-{num}");
             tx.execute(
                 "INSERT INTO vm (id, num, name, guest_os, num_cpus, cores_per_socket, memory_mib, firmware, bios_uuid,
-                                 power_state, host, datastore, folder, vmx_path, created, instance_uuid)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?16, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                 power_state, host, datastore, folder, vmx_path, created, instance_uuid, resource_pool)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?17, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                 params![
                     id,
                     num,
@@ -208,13 +225,21 @@ impl Inventory {
                     vm.vmx_path,
                     now(),
                     random_uuid(),
+                    pool,
                     power_state
                 ],
             )?;
             for (position, disk) in vm.disks.iter().enumerate() {
                 tx.execute(
-                    "INSERT INTO vm_disk (vm, position, key, path, capacity_bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![id, position as i64, disk.key, disk.path, disk.capacity_bytes],
+                    "INSERT INTO vm_disk (vm, position, key, path, capacity_bytes, datastore) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        id,
+                        position as i64,
+                        disk.key,
+                        disk.path,
+                        disk.capacity_bytes,
+                        disk.datastore.as_ref().unwrap_or(&datastore)
+                    ],
                 )?;
             }
             for (position, nic) in vm.nics.iter().enumerate() {
@@ -306,6 +331,25 @@ impl Inventory {
 
     /// Bytes the datastore is committed to: the capacities of registered disks plus the
     /// logical size of RUNNING migrations (compare with a configured capacity).
+    /// Bytes datastore `datastore_id` holds or has promised: its registered disks and the
+    /// space running migrations reserved on it. Migrations that reserved nothing per
+    /// datastore (started before placements) count on the default datastore.
+    pub fn used_bytes_on(&self, datastore_id: &str) -> Result<u64, InventoryError> {
+        self.with_conn(|conn| {
+            Ok(conn.query_row(
+                "SELECT (SELECT COALESCE(SUM(d.capacity_bytes), 0) FROM vm_disk d JOIN vm v ON v.id = d.vm
+                         WHERE COALESCE(d.datastore, v.datastore) = ?1)
+                      + (SELECT COALESCE(SUM(s.bytes), 0) FROM migration_space s JOIN migration m ON m.id = s.migration
+                         WHERE m.state = 'RUNNING' AND s.datastore = ?1)
+                      + (SELECT COALESCE(SUM(m.logical_bytes), 0) FROM migration m
+                         WHERE m.state = 'RUNNING' AND ?1 = (SELECT datastore FROM placement)
+                           AND NOT EXISTS (SELECT 1 FROM migration_space s WHERE s.migration = m.id))",
+                [datastore_id],
+                |row| row.get(0),
+            )?)
+        })
+    }
+
     pub fn used_bytes(&self) -> Result<u64, InventoryError> {
         self.with_conn(|conn| {
             Ok(conn.query_row(

@@ -66,6 +66,20 @@ impl Ctx {
         *self.migration_id.lock().expect("id lock") = Some(id);
     }
 
+    /// The datastore of `disk` (the VM's for `None`) as placed, for messages: the
+    /// default datastore before a plan is staged.
+    fn datastore_name(&self, disk: Option<u16>) -> String {
+        let staged = self.staged.lock().expect("staged lock");
+        match staged.as_ref() {
+            Some(s) => disk
+                .and_then(|d| s.placement.disk_datastores.get(usize::from(d)))
+                .unwrap_or(&s.placement.datastore)
+                .name
+                .clone(),
+            None => self.domain.datastore.name().to_owned(),
+        }
+    }
+
     fn session(&self) -> std::sync::MutexGuard<'_, ReceiverSession> {
         self.session.lock().expect("session lock poisoned")
     }
@@ -239,7 +253,7 @@ async fn sync(ctx: Arc<Ctx>) {
                 tracing::error!(error = %e, "cannot make chunks durable");
                 ctx.session().pause(vec![format!(
                     "the endpoint cannot make written data durable in datastore {}: {e}; what arrived is kept: fix the datastore, then run the same migration again to resume",
-                    ctx.domain.datastore.name()
+                    ctx.datastore_name(None)
                 )]);
             }
         }
@@ -468,7 +482,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             match result {
                 Ok(id) => {
                     tracing::info!(migration = %id, "plan accepted");
-                    let ds = ctx.domain.datastore.name().to_owned();
+                    let ds = ctx.datastore_name(None);
                     ctx.session().plan_accepted(id, ds);
                 }
                 Err((code, problems)) => {
@@ -532,7 +546,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             match result {
                 Ok(durable) => {
                     tracing::info!(migration = %migration_id, durable_chunks = durable.len(), "migration resumed");
-                    let ds = ctx.domain.datastore.name().to_owned();
+                    let ds = ctx.datastore_name(None);
                     ctx.session().resume_accepted(migration_id, ds, &durable);
                 }
                 Err((code, problems)) => {
@@ -678,9 +692,9 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
                 // resumes once the datastore can take data again.
                 tracing::error!(error = %io, "datastore write failed");
                 let what = if io.raw_os_error() == Some(nix::libc::ENOSPC) {
-                    format!("datastore {} is full", ctx.domain.datastore.name())
+                    format!("datastore {} is full", ctx.datastore_name(Some(header.disk)))
                 } else {
-                    format!("datastore {} failed a write", ctx.domain.datastore.name())
+                    format!("datastore {} failed a write", ctx.datastore_name(Some(header.disk)))
                 };
                 ctx.session().pause(vec![format!(
                     "{what} (disk {} at offset {}: {io}); the migration is paused with what arrived kept: free space or fix the datastore, then run the same migration again to resume",

@@ -5,22 +5,33 @@
 
 use std::sync::Arc;
 
-use gateway::integrity::hex;
 use gateway::plan::{CarriedRule, MigrationPlan, MigrationReport, NicMapping, ReportDisk};
-use gateway::protocol::Registered;
-use gateway::receipt::{Receipt, ReceiptDisk, RECEIPT_FORMAT_VERSION};
 use gateway::wire::RefusalCode;
 
-use crate::datastore::{datastore_path, DiskFile, DiskFormat, Journal, Staging, VmxDisk, VmxNic, VmxSpec};
-use crate::inventory::{InventoryError, NewDisk, NewNic, NewVm, Principal};
+use crate::datastore::{DatastoreError, DiskFile, DiskFormat, Journal, Staging};
+use crate::inventory::{InventoryError, Principal};
 use crate::Domain;
+
+mod commit;
+mod resolve;
+pub use commit::{finalize, finalize_live};
+pub use resolve::Resolved;
+
+#[cfg(test)]
+mod tests;
 
 /// A plan that passed every check: its name is reserved, its disks exist as
 /// sparse files in the staging folder.
 #[derive(Debug)]
 pub struct Staged {
     pub migration_id: String,
+    /// On the VM's datastore: the disks placed there, the journal, the .vmx.
     pub staging: Staging,
+    /// On each other datastore a disk was placed on (datastore name, its staging
+    /// folder of this migration), in first-use order.
+    pub other_staging: Vec<(String, Staging)>,
+    /// Where the VM and each disk go.
+    pub placement: Resolved,
     /// The format of every disk: the plan's, else the datastore's default.
     pub format: DiskFormat,
     pub disks: Vec<Arc<DiskFile>>,
@@ -102,11 +113,13 @@ pub struct Validated {
     pub format: DiskFormat,
     /// The migration report as far as it is known before anything moves.
     pub preview: MigrationReport,
+    pub placement: Resolved,
 }
 
 /// Checks everything about a plan against the domain, touching nothing, and lists every
-/// problem at once: the role, the name, the hardware against the host, the device keys,
-/// the network mapping, the space on the datastore, the firewall rules. Shared by a
+/// problem at once: the role, the name, the placement (every object exists, host and pool
+/// in the cluster), the hardware against the host and pool, the device keys, the network
+/// mapping, the space on each datastore, the firewall rules. Shared by a
 /// migration (before it stages), `edge-agent plan` and `POST /api/gateway/plans`. The
 /// code is NotPermitted when the role may not migrate (its problem comes first), else
 /// PlanRejected.
@@ -123,13 +136,25 @@ pub fn validate(domain: &Domain, principal: &Principal, plan: &MigrationPlan) ->
         problems.push(e.to_string());
     }
     let info = inv.domain().map_err(endpoint_failure)?;
+    let placement = resolve::resolve(domain, &info, plan, &mut problems);
 
     match crate::datastore::Datastore::check_vm_name(&vm.name) {
         Err(e) => problems.push(e.to_string()),
         Ok(()) => {
-            if inv.vm_name_taken(&vm.name).map_err(endpoint_failure)? || domain.datastore.vm_dir_exists(&vm.name) {
+            // Names stay unique across the whole domain, not per folder as vSphere allows:
+            // the VM's folder on a datastore is named after it, and the REST API's
+            // clients look VMs up by name.
+            let on_disk = match &placement {
+                Some(r) => r.space(plan).iter().any(|(ds, _)| {
+                    domain
+                        .datastore_named(&ds.name)
+                        .is_some_and(|d| d.vm_dir_exists(&vm.name))
+                }),
+                None => domain.datastores().any(|d| d.vm_dir_exists(&vm.name)),
+            };
+            if inv.vm_name_taken(&vm.name).map_err(endpoint_failure)? || on_disk {
                 problems.push(format!(
-                    "a VM named {:?} already exists in the cloud domain (or is being migrated); pass --name to choose another",
+                    "a VM named {:?} already exists in the cloud domain (or is being migrated); VM names are unique across all folders of the domain; pass --name to choose another",
                     vm.name
                 ));
             }
@@ -141,18 +166,8 @@ pub fn validate(domain: &Domain, principal: &Principal, plan: &MigrationPlan) ->
             vm.num_cpus, vm.memory_mib
         ));
     }
-    // A VM cannot have more vCPUs or memory than the host it is registered on.
-    if vm.num_cpus > info.host.cpu_cores {
-        problems.push(format!(
-            "the VM has {} vCPUs but host {} ({}) has {} CPU cores; reduce numvcpus at the source or give the host more cores",
-            vm.num_cpus, info.host.name, info.host.id, info.host.cpu_cores
-        ));
-    }
-    if vm.memory_mib > info.host.memory_mib {
-        problems.push(format!(
-            "the VM has {} MiB of memory but host {} ({}) has {} MiB; reduce memsize at the source or give the host more memory",
-            vm.memory_mib, info.host.name, info.host.id, info.host.memory_mib
-        ));
+    if let Some(r) = &placement {
+        hardware_problems(plan, r, &mut problems);
     }
     for text in [&vm.guest_os]
         .into_iter()
@@ -183,68 +198,139 @@ pub fn validate(domain: &Domain, principal: &Principal, plan: &MigrationPlan) ->
     }
     let nic_networks = map_nics(domain, plan, &mut problems)?;
 
-    let needed = plan.logical_bytes();
-    let used = inv.used_bytes().map_err(endpoint_failure)?;
-    let free = domain.datastore.free_bytes(used).map_err(endpoint_failure)?;
-    if needed > free {
-        problems.push(format!(
-            "the disks need {needed} bytes but datastore {} has {free} bytes free; free space or choose a smaller VM",
-            domain.datastore.name()
-        ));
+    if let Some(r) = &placement {
+        space_problems(domain, plan, r, &mut problems)?;
     }
     firewall_problems(domain, plan, &mut problems)?;
 
-    if !problems.is_empty() {
-        let code = if permitted {
-            RefusalCode::PlanRejected
-        } else {
-            RefusalCode::NotPermitted
-        };
-        return Err((code, problems));
-    }
-    let format = plan.disk_format.unwrap_or(domain.datastore.disk_format());
-    let preview = preview(&info, plan, &nic_networks, format);
+    let placement = match placement {
+        Some(placement) if problems.is_empty() => placement,
+        _ => {
+            let code = if permitted {
+                RefusalCode::PlanRejected
+            } else {
+                RefusalCode::NotPermitted
+            };
+            return Err((code, problems));
+        }
+    };
+    // The VM's datastore decides the format of all its disks, so one VM has one format.
+    let format = plan.disk_format.unwrap_or_else(|| {
+        domain
+            .datastore_named(&placement.datastore.name)
+            .map_or(domain.datastore.disk_format(), |d| d.disk_format())
+    });
+    let preview = preview(&placement, plan, &nic_networks, format);
     Ok(Validated {
         nic_networks,
         format,
         preview,
+        placement,
     })
+}
+
+/// A VM cannot have more vCPUs or memory than the host it is registered on, nor than its
+/// resource pool allows one VM.
+fn hardware_problems(plan: &MigrationPlan, r: &Resolved, problems: &mut Vec<String>) {
+    let vm = &plan.vm;
+    let host = &r.host;
+    if vm.num_cpus > host.cpu_cores {
+        problems.push(format!(
+            "the VM has {} vCPUs but host {} ({}) has {} CPU cores; reduce numvcpus at the source, choose another host (--host) or give the host more cores",
+            vm.num_cpus, host.name, host.id, host.cpu_cores
+        ));
+    }
+    if vm.memory_mib > host.memory_mib {
+        problems.push(format!(
+            "the VM has {} MiB of memory but host {} ({}) has {} MiB; reduce memsize at the source, choose another host (--host) or give the host more memory",
+            vm.memory_mib, host.name, host.id, host.memory_mib
+        ));
+    }
+    let pool = &r.pool;
+    if let Some(limit) = pool.cpu_limit_cores.filter(|&l| vm.num_cpus > l) {
+        problems.push(format!(
+            "the VM has {} vCPUs but resource pool {} ({}) allows {limit} per VM; choose another pool (--resource-pool) or raise its cpu_limit_cores",
+            vm.num_cpus, pool.name, pool.id
+        ));
+    }
+    if let Some(limit) = pool.memory_limit_mib.filter(|&l| vm.memory_mib > l) {
+        problems.push(format!(
+            "the VM has {} MiB of memory but resource pool {} ({}) allows {limit} MiB per VM; choose another pool (--resource-pool) or raise its memory_limit_mib",
+            vm.memory_mib, pool.name, pool.id
+        ));
+    }
+}
+
+/// Each datastore must hold the disks placed on it, next to what it holds and what
+/// running migrations reserved on it.
+fn space_problems(
+    domain: &Domain,
+    plan: &MigrationPlan,
+    r: &Resolved,
+    problems: &mut Vec<String>,
+) -> Result<(), Refusal> {
+    for (info, needed) in r.space(plan) {
+        let Some(ds) = domain.datastore_named(&info.name) else {
+            continue;
+        };
+        let used = domain.inventory.used_bytes_on(&info.id).map_err(endpoint_failure)?;
+        let free = ds.free_bytes(used).map_err(endpoint_failure)?;
+        if needed > free {
+            let keys: Vec<&str> = plan
+                .vm
+                .disks
+                .iter()
+                .zip(&r.disk_datastores)
+                .filter(|(_, d)| d.id == info.id)
+                .map(|(d, _)| d.key.as_str())
+                .collect();
+            problems.push(format!(
+                "the disks placed on datastore {} ({}) ({}) need {needed} bytes but it has {free} bytes free; free space, choose another datastore (--datastore, --disk-datastore) or a smaller VM",
+                info.name,
+                info.id,
+                keys.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a migration of `plan` creates, as far as it is known before anything moves.
 fn preview(
-    info: &crate::inventory::DomainInfo,
+    placement: &Resolved,
     plan: &MigrationPlan,
     nic_networks: &[(String, String)],
     format: DiskFormat,
 ) -> MigrationReport {
     let vm = &plan.vm;
-    let folder_name = info
-        .folders
-        .iter()
-        .find(|f| f.id == info.vm_folder)
-        .map(|f| f.name.clone())
-        .unwrap_or_default();
     MigrationReport {
         migration_id: None,
         vm_name: vm.name.clone(),
         vm_id: None,
         vm_path: None,
-        folder_id: info.vm_folder.clone(),
-        folder_name,
-        datastore_id: info.datastore.id.clone(),
-        datastore_name: info.datastore.name.clone(),
-        host_id: info.host.id.clone(),
-        host_name: info.host.name.clone(),
+        folder_id: placement.folder.id.clone(),
+        folder_name: placement.folder.name.clone(),
+        datastore_id: placement.datastore.id.clone(),
+        datastore_name: placement.datastore.name.clone(),
+        host_id: placement.host.id.clone(),
+        host_name: placement.host.name.clone(),
+        cluster_id: placement.cluster.id.clone(),
+        cluster_name: placement.cluster.name.clone(),
+        resource_pool_id: placement.pool.id.clone(),
+        resource_pool_name: placement.pool.name.clone(),
         disk_format: format.as_str().to_owned(),
         num_cpus: vm.num_cpus,
         memory_mib: vm.memory_mib,
         disks: vm
             .disks
             .iter()
-            .map(|d| ReportDisk {
+            .zip(&placement.disk_datastores)
+            .map(|(d, ds)| ReportDisk {
                 key: d.key.clone(),
                 capacity: d.capacity,
+                datastore_id: ds.id.clone(),
+                datastore_name: ds.name.clone(),
+                path: None,
             })
             .collect(),
         logical_bytes: plan.logical_bytes(),
@@ -315,8 +401,8 @@ fn firewall_problems(domain: &Domain, plan: &MigrationPlan, problems: &mut Vec<S
 }
 
 /// Checks everything about a plan before a byte of disk data moves ([`validate`]), and
-/// lists every problem at once. On success the VM name is reserved and the disks are
-/// created in staging.
+/// lists every problem at once. On success the VM name is reserved, the space on each
+/// datastore too, and the disks are created in staging on their datastores.
 pub fn validate_and_stage(
     domain: &Domain,
     principal: &Principal,
@@ -325,45 +411,56 @@ pub fn validate_and_stage(
     plan: &MigrationPlan,
 ) -> Result<Staged, Refusal> {
     let Validated {
-        nic_networks, format, ..
+        nic_networks,
+        format,
+        placement,
+        ..
     } = validate(domain, principal, plan)?;
     let inv = &domain.inventory;
     let vm = &plan.vm;
     let needed = plan.logical_bytes();
+    let space: Vec<(String, u64)> = placement
+        .space(plan)
+        .into_iter()
+        .map(|(ds, bytes)| (ds.id.clone(), bytes))
+        .collect();
 
     let migration_id = inv
-        .begin_migration(principal, edge, &vm.name, needed)
+        .begin_migration_on(principal, edge, &vm.name, needed, &space)
         .map_err(|e| match e {
             InventoryError::NameTaken { .. } => (RefusalCode::PlanRejected, vec![e.to_string()]),
             other => endpoint_failure(other),
         })?;
     let staged = (|| {
-        let staging = domain.datastore.stage(&migration_id, &vm.name)?;
+        let (staging, other_staging) = open_stagings(domain, &migration_id, &vm.name, &placement, true)?;
         let mut disks = Vec::new();
         let journal = (|| {
             for (i, d) in vm.disks.iter().enumerate() {
-                disks.push(staging.create_disk(i, d.capacity, format)?);
+                let at = disk_staging(&staging, &other_staging, &placement, i);
+                disks.push(at.create_disk(i, d.capacity, format)?);
             }
             staging.journal()
         })();
         match journal {
-            Ok(journal) => Ok((staging, disks, journal)),
+            Ok(journal) => Ok((staging, other_staging, disks, journal)),
             Err(e) => {
-                let _ = staging.discard();
+                discard_stagings(staging, other_staging);
                 Err(e)
             }
         }
     })();
     match staged {
-        Ok((staging, disks, journal)) => {
+        Ok((staging, other_staging, disks, journal)) => {
             if let Err(e) = inv.set_resume_info(&migration_id, edge_cert, &plan_bytes(plan), format.as_str()) {
-                let _ = staging.discard();
+                discard_stagings(staging, other_staging);
                 let _ = inv.fail_migration(&migration_id, &e.to_string());
                 return Err(endpoint_failure(e));
             }
             Ok(Staged {
                 migration_id,
                 staging,
+                other_staging,
+                placement,
                 format,
                 disks,
                 journal: Arc::new(journal),
@@ -374,6 +471,75 @@ pub fn validate_and_stage(
             let e: crate::datastore::DatastoreError = e;
             let _ = inv.fail_migration(&migration_id, &e.to_string());
             Err(endpoint_failure(e))
+        }
+    }
+}
+
+/// The datastore of that name among this endpoint's folders.
+fn datastore_of<'a>(domain: &'a Domain, name: &str) -> Result<&'a crate::datastore::Datastore, DatastoreError> {
+    domain.datastore_named(name).ok_or_else(|| DatastoreError::Io {
+        action: "find the folder of datastore",
+        path: name.into(),
+        source: std::io::Error::from(std::io::ErrorKind::NotFound),
+    })
+}
+
+/// The staging folders of a migration: on the VM's datastore and on each other datastore
+/// a disk goes to; created fresh (`create`) or reopened for a resume. On failure none
+/// that this call created is left.
+fn open_stagings(
+    domain: &Domain,
+    migration_id: &str,
+    vm_name: &str,
+    placement: &Resolved,
+    create: bool,
+) -> Result<(Staging, Vec<(String, Staging)>), DatastoreError> {
+    let open = |name: &str| {
+        let ds = datastore_of(domain, name)?;
+        if create {
+            ds.stage(migration_id, vm_name)
+        } else {
+            ds.reopen_staging(migration_id, vm_name)
+        }
+    };
+    let home = open(&placement.datastore.name)?;
+    let mut others = Vec::new();
+    for ds in placement.other_datastores() {
+        match open(&ds.name) {
+            Ok(staging) => others.push((ds.name.clone(), staging)),
+            Err(e) => {
+                if create {
+                    discard_stagings(home, others);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok((home, others))
+}
+
+/// The staging folder disk `index` lives in.
+fn disk_staging<'a>(
+    home: &'a Staging,
+    others: &'a [(String, Staging)],
+    placement: &Resolved,
+    index: usize,
+) -> &'a Staging {
+    let name = placement
+        .disk_datastores
+        .get(index)
+        .map_or(placement.datastore.name.as_str(), |d| d.name.as_str());
+    others
+        .iter()
+        .find(|(ds, _)| ds == name)
+        .map_or(home, |(_, staging)| staging)
+}
+
+fn discard_stagings(home: Staging, others: Vec<(String, Staging)>) {
+    for staging in std::iter::once(home).chain(others.into_iter().map(|(_, s)| s)) {
+        let dir = staging.dir().to_owned();
+        if let Err(e) = staging.discard() {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot remove staging folder; it is removed at the next start");
         }
     }
 }
@@ -461,20 +627,24 @@ pub fn resume(
     };
     let mut problems = Vec::new();
     let nic_networks = map_nics(domain, plan, &mut problems)?;
-    if !problems.is_empty() {
+    // The same plan resolves to the same objects, unless the domain lost one since.
+    let domain_info = inv.domain().map_err(endpoint_failure)?;
+    let placement = resolve::resolve(domain, &domain_info, plan, &mut problems);
+    let Some(placement) = placement.filter(|_| problems.is_empty()) else {
         return Err((RefusalCode::PlanRejected, problems));
-    }
+    };
     let reopened = (|| {
-        let staging = domain.datastore.reopen_staging(migration_id, &plan.vm.name)?;
+        let (staging, other_staging) = open_stagings(domain, migration_id, &plan.vm.name, &placement, false)?;
         let mut disks = Vec::new();
         for (i, d) in plan.vm.disks.iter().enumerate() {
-            disks.push(staging.reopen_disk(i, d.capacity, format)?);
+            let at = disk_staging(&staging, &other_staging, &placement, i);
+            disks.push(at.reopen_disk(i, d.capacity, format)?);
         }
         let journal = staging.journal()?;
         let durable = journal.read(plan)?;
-        Ok::<_, crate::datastore::DatastoreError>((staging, disks, journal, durable))
+        Ok::<_, DatastoreError>((staging, other_staging, disks, journal, durable))
     })();
-    let (staging, disks, journal, durable) = reopened.map_err(|e| {
+    let (staging, other_staging, disks, journal, durable) = reopened.map_err(|e| {
         (
             RefusalCode::UnknownMigration,
             vec![format!(
@@ -487,6 +657,8 @@ pub fn resume(
         Staged {
             migration_id: migration_id.to_owned(),
             staging,
+            other_staging,
+            placement,
             format,
             disks,
             journal: Arc::new(journal),
@@ -511,246 +683,6 @@ pub fn suspend(domain: &Domain, staged: Staged, unsynced: &gateway::protocol::Un
         tracing::error!(migration = %staged.migration_id, error = %e, "cannot record the interruption");
     }
     tracing::info!(migration = %staged.migration_id, %reason, "migration interrupted; kept for a resume");
-}
-
-/// Makes the staged VM durable and registers it: finish every disk (qcow2
-/// writes its tables; all are fsynced), write the descriptors (VMDK only) and
-/// the .vmx, move the folder into place, then insert the VM and its signed
-/// receipt (stating `roots`, each disk's Merkle root) in one transaction. If
-/// registering fails the folder is removed again, so the datastore never holds
-/// a VM the inventory does not know.
-pub fn finalize(
-    domain: &Domain,
-    plan: &MigrationPlan,
-    staged: Staged,
-    roots: &[[u8; 32]],
-    zero_bytes: u64,
-) -> Result<Registered, String> {
-    let vm = &plan.vm;
-    let ds = domain.datastore.name().to_owned();
-    let fail = |staging: Staging, e: String| {
-        let _ = staging.discard();
-        let _ = domain.inventory.fail_migration(&staged.migration_id, &e);
-        e
-    };
-    for (i, disk) in staged.disks.iter().enumerate() {
-        if let Err(e) = disk.finish() {
-            return Err(fail(
-                staged.staging,
-                format!("cannot flush disk {i} to the datastore: {e}"),
-            ));
-        }
-    }
-    let new_vm = match write_vm_files(&ds, plan, &staged) {
-        Ok(new_vm) => new_vm,
-        Err(e) => return Err(fail(staged.staging, e)),
-    };
-    if roots.len() != vm.disks.len() {
-        let e = format!("{} Merkle roots for {} disks", roots.len(), vm.disks.len());
-        return Err(fail(staged.staging, e));
-    }
-    // Signed before the commit is visible: what goes into the receipt is known
-    // now, except the VM id and the commit time, which the transaction supplies.
-    let receipt_disks: Vec<ReceiptDisk> = vm
-        .disks
-        .iter()
-        .zip(&staged.disks)
-        .zip(roots)
-        .map(|((d, disk), root)| ReceiptDisk {
-            key: d.key.clone(),
-            capacity: disk.capacity(),
-            chunk_size: plan.chunk_size,
-            merkle_root: hex(root),
-            logical_bytes: d.capacity,
-        })
-        .collect();
-    let issue = |ctx: &crate::inventory::ReceiptContext<'_>| {
-        let receipt = Receipt {
-            format_version: RECEIPT_FORMAT_VERSION,
-            migration_id: ctx.migration_id.to_owned(),
-            vm_name: vm.name.clone(),
-            vm_id: ctx.vm_id.to_owned(),
-            vm_path: new_vm.vmx_path.clone(),
-            disks: receipt_disks,
-            planned_at: ctx.planned_at.to_owned(),
-            committed_at: ctx.committed_at.to_owned(),
-            endpoint: domain.endpoint_name.clone(),
-            endpoint_certificate: domain.receipts.certificate_pem().to_owned(),
-            endpoint_thumbprint: domain.receipts.thumbprint().to_string(),
-        };
-        domain
-            .receipts
-            .sign(receipt)
-            .map(|signed| signed.to_json())
-            .map_err(|e| e.to_string())
-    };
-    // The report is kept with the migration and sent to the edge before `Committed`.
-    let info = match domain.inventory.domain() {
-        Ok(info) => info,
-        Err(e) => return Err(fail(staged.staging, e.to_string())),
-    };
-    let mut report = preview(&info, plan, &staged.nic_networks, staged.format);
-    let report_json = |ctx: &crate::inventory::ReceiptContext<'_>| {
-        report.migration_id = Some(ctx.migration_id.to_owned());
-        report.vm_id = Some(ctx.vm_id.to_owned());
-        report.vm_path = Some(new_vm.vmx_path.clone());
-        report.zero_bytes = Some(zero_bytes);
-        report.committed_at = Some(ctx.committed_at.to_owned());
-        serde_json::to_string(&report).ok()
-    };
-    let migration_id = staged.migration_id.clone();
-    let folder = match staged.staging.commit() {
-        Ok(folder) => folder,
-        Err(e) => {
-            let e = e.to_string();
-            let _ = domain.inventory.fail_migration(&migration_id, &e);
-            return Err(e);
-        }
-    };
-    let registered = domain
-        .inventory
-        .register_vm_with_report(&migration_id, &new_vm, issue, report_json);
-    match registered {
-        Ok(registered) => Ok(Registered {
-            vm_id: registered.vm_id,
-            vm_path: new_vm.vmx_path.clone(),
-            receipt: registered.receipt,
-            report: Some(report),
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&folder);
-            let e = format!("cannot register the VM: {e}");
-            let _ = domain.inventory.fail_migration(&migration_id, &e);
-            Err(e)
-        }
-    }
-}
-
-/// Writes the staged VM's .vmx (and each flat VMDK's descriptor) and returns its
-/// inventory record.
-fn write_vm_files(ds: &str, plan: &MigrationPlan, staged: &Staged) -> Result<NewVm, String> {
-    let vm = &plan.vm;
-    let mut vmx_disks = Vec::new();
-    let mut new_disks = Vec::new();
-    for (i, (d, disk)) in vm.disks.iter().zip(&staged.disks).enumerate() {
-        // The disk counts whole sectors; a partial last sector (rare: raw
-        // images of odd size) was rounded up when it was created, reading zeros.
-        if disk.format() == DiskFormat::VmdkFlat {
-            staged
-                .staging
-                .write_descriptor(i, disk.capacity(), &d.key)
-                .map_err(|e| e.to_string())?;
-        }
-        // The descriptor of a VMDK, the image itself for qcow2 and raw.
-        let file_name = disk.file_name().to_owned();
-        new_disks.push(NewDisk {
-            key: d.key.clone(),
-            path: datastore_path(ds, &vm.name, &file_name),
-            capacity_bytes: d.capacity,
-        });
-        vmx_disks.push(VmxDisk {
-            key: d.key.clone(),
-            file_name,
-        });
-    }
-    let spec = VmxSpec {
-        name: vm.name.clone(),
-        guest_os: vm.guest_os.clone(),
-        num_cpus: vm.num_cpus,
-        cores_per_socket: vm.cores_per_socket,
-        memory_mib: vm.memory_mib,
-        firmware: vm.firmware.clone(),
-        bios_uuid: vm.bios_uuid.clone(),
-        disks: vmx_disks,
-        nics: vm
-            .nics
-            .iter()
-            .zip(&staged.nic_networks)
-            .map(|(n, (_, net_name))| VmxNic {
-                key: n.key.clone(),
-                network_name: net_name.clone(),
-                virtual_dev: n.virtual_dev.clone(),
-                mac: n.mac.clone(),
-            })
-            .collect(),
-    };
-    staged.staging.write_vmx(&spec).map_err(|e| e.to_string())?;
-    Ok(NewVm {
-        name: vm.name.clone(),
-        guest_os: vm.guest_os.clone(),
-        num_cpus: vm.num_cpus,
-        cores_per_socket: vm.cores_per_socket,
-        memory_mib: vm.memory_mib,
-        firmware: vm.firmware.clone(),
-        bios_uuid: vm.bios_uuid.clone(),
-        vmx_path: datastore_path(ds, &vm.name, &format!("{}.vmx", vm.name)),
-        disks: new_disks,
-        nics: vm
-            .nics
-            .iter()
-            .zip(&staged.nic_networks)
-            .map(|(n, (net_id, _))| NewNic {
-                key: n.key.clone(),
-                network_id: net_id.clone(),
-                mac: n.mac.clone(),
-                virtual_dev: n.virtual_dev.clone(),
-                source_network: n.network.clone(),
-            })
-            .collect(),
-        firewall: plan.firewall.clone(),
-    })
-}
-
-/// Registers a live-migrated VM whose destination hypervisor runs it already from the
-/// staged disks: writes its .vmx, moves the staging folder into place (open files move
-/// with it) and registers it POWERED_ON with its report. On failure the files are
-/// removed and the migration failed; the caller stops the hypervisor.
-pub fn finalize_live(
-    domain: &Domain,
-    plan: &MigrationPlan,
-    staged: Staged,
-) -> Result<(String, MigrationReport), String> {
-    let ds = domain.datastore.name().to_owned();
-    let fail = |staging: Staging, e: String| {
-        let _ = staging.discard();
-        let _ = domain.inventory.fail_migration(&staged.migration_id, &e);
-        e
-    };
-    let new_vm = match write_vm_files(&ds, plan, &staged) {
-        Ok(new_vm) => new_vm,
-        Err(e) => return Err(fail(staged.staging, e)),
-    };
-    let info = match domain.inventory.domain() {
-        Ok(info) => info,
-        Err(e) => return Err(fail(staged.staging, e.to_string())),
-    };
-    let mut report = preview(&info, plan, &staged.nic_networks, staged.format);
-    let migration_id = staged.migration_id.clone();
-    let folder = match staged.staging.commit() {
-        Ok(folder) => folder,
-        Err(e) => {
-            let e = e.to_string();
-            let _ = domain.inventory.fail_migration(&migration_id, &e);
-            return Err(e);
-        }
-    };
-    let vm_path = new_vm.vmx_path.clone();
-    let registered = domain.inventory.register_running_vm(&migration_id, &new_vm, |ctx| {
-        report.migration_id = Some(ctx.migration_id.to_owned());
-        report.vm_id = Some(ctx.vm_id.to_owned());
-        report.vm_path = Some(vm_path.clone());
-        report.committed_at = Some(ctx.committed_at.to_owned());
-        serde_json::to_string(&report).ok()
-    });
-    match registered {
-        Ok(vm_id) => Ok((vm_id, report)),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&folder);
-            let e = format!("cannot register the VM: {e}");
-            let _ = domain.inventory.fail_migration(&migration_id, &e);
-            Err(e)
-        }
-    }
 }
 
 /// Fails the migrations that have waited longer than `window` for their edge, and
@@ -780,13 +712,16 @@ pub fn expire(domain: &Domain, window: std::time::Duration) -> Vec<String> {
     expired
 }
 
-/// Removes the staged files of a migration no connection serves and fails it.
+/// Removes the staged files of a migration no connection serves and fails it. Its
+/// disks may be staged on any datastore, so every one is looked at.
 pub fn discard_files(domain: &Domain, migration_id: &str, reason: &str) {
-    let dir = domain.datastore.root().join(".staging").join(migration_id);
     if crate::datastore::Datastore::check_vm_name(migration_id).is_ok() {
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot remove staging folder");
+        for ds in domain.datastores() {
+            let dir = ds.root().join(".staging").join(migration_id);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot remove staging folder");
+                }
             }
         }
     }
@@ -796,29 +731,10 @@ pub fn discard_files(domain: &Domain, migration_id: &str, reason: &str) {
     }
 }
 
-/// Removes what a failed migration staged and records why it failed.
+/// Removes what a failed migration staged, on every datastore, and records why it failed.
 pub fn discard(domain: &Domain, staged: Staged, reason: &str) {
-    let dir = staged.staging.dir().to_owned();
-    if let Err(e) = staged.staging.discard() {
-        tracing::error!(dir = %dir.display(), error = %e, "cannot remove staging folder; it is removed at the next start");
-    }
+    discard_stagings(staged.staging, staged.other_staging);
     if let Err(e) = domain.inventory.fail_migration(&staged.migration_id, reason) {
         tracing::error!(migration = %staged.migration_id, error = %e, "cannot record the failed migration");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn device_keys() {
-        for ok in ["scsi0:0", "sata1:29", "nvme3:14", "ide0:1"] {
-            assert!(is_disk_key(ok), "{ok}");
-        }
-        for bad in ["scsi0", "scsi:0", "usb0:0", "scsi0:0.fileName", "../x:0", "scsi0:a"] {
-            assert!(!is_disk_key(bad), "{bad}");
-        }
-        assert!(is_nic_key("ethernet0") && !is_nic_key("ethernet") && !is_nic_key("eth0"));
     }
 }

@@ -566,6 +566,12 @@ pub struct NicMapping {
 pub struct ReportDisk {
     pub key: String,
     pub capacity: u64,
+    /// The datastore the disk is on (the VM's, or the one chosen for this disk).
+    pub datastore_id: String,
+    pub datastore_name: String,
+    /// `[datastore] vm/file`, as the .vmx and the inventory name the disk; known once
+    /// committed.
+    pub path: Option<String>,
 }
 
 /// A rule carried into the cloud domain.
@@ -603,12 +609,38 @@ pub struct MigrationReport {
     pub not_carried: Vec<NotCarried>,
     /// RFC 3339, UTC.
     pub committed_at: Option<String>,
+    pub cluster_id: String,
+    pub cluster_name: String,
+    pub resource_pool_id: String,
+    pub resource_pool_name: String,
 }
 
 impl MigrationReport {
     /// A few lines for people: NICs, rules carried and not carried.
     pub fn to_text(&self) -> String {
-        let mut out = String::new();
+        let mut out = format!(
+            "placement: folder {} ({}), cluster {} ({}), host {} ({}), resource pool {} ({}), datastore {} ({})\n",
+            self.folder_name,
+            self.folder_id,
+            self.cluster_name,
+            self.cluster_id,
+            self.host_name,
+            self.host_id,
+            self.resource_pool_name,
+            self.resource_pool_id,
+            self.datastore_name,
+            self.datastore_id,
+        );
+        for d in &self.disks {
+            out.push_str(&format!(
+                "disk {}: {} bytes on datastore {} ({}){}\n",
+                d.key,
+                d.capacity,
+                d.datastore_name,
+                d.datastore_id,
+                d.path.as_deref().map(|p| format!(", {p}")).unwrap_or_default()
+            ));
+        }
         for n in &self.nics {
             out.push_str(&format!(
                 "nic {}: {:?} -> {} ({}), mac {}\n",

@@ -57,6 +57,7 @@ fn plan(disks: &[&Vec<u8>]) -> MigrationPlan {
         chunk_size: CS,
         disk_format: None,
         firewall: Default::default(),
+        placement: Default::default(),
     }
 }
 
@@ -86,6 +87,10 @@ fn report(vm_id: &str) -> crate::plan::MigrationReport {
             "default",
         )],
         committed_at: None,
+        cluster_id: "domain-c7".into(),
+        cluster_name: "cl1".into(),
+        resource_pool_id: "resgroup-7".into(),
+        resource_pool_name: "Resources".into(),
     }
 }
 

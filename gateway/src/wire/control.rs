@@ -239,6 +239,7 @@ mod tests {
             chunk_size: crate::plan::DEFAULT_CHUNK_SIZE,
             disk_format: None,
             firewall: Default::default(),
+            placement: Default::default(),
         }
     }
 

@@ -189,6 +189,7 @@ mod tests {
                 chunk_size: crate::plan::DEFAULT_CHUNK_SIZE,
                 disk_format: None,
                 firewall: crate::plan::FirewallSpec::default(),
+                placement: Default::default(),
             },
             boot: Some(DirectBoot {
                 kernel: BootFile {

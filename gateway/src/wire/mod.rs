@@ -21,7 +21,10 @@ pub const ALPN: &[u8] = b"hcm/1";
 /// Magic at the start of every stream.
 pub const MAGIC: [u8; 4] = *b"HCMG";
 /// Current protocol version. A receiver refuses versions it does not know.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2: the plan carries a placement (folder, cluster, host, resource pool,
+/// datastores); a version-1 peer would fail to decode it, so it is refused up front
+/// with a message naming both versions instead.
+pub const PROTOCOL_VERSION: u16 = 2;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.

@@ -117,6 +117,21 @@ pub fn routes() -> Router<ApiState> {
         vcenter::list_folders,
         vcenter::get_folder
     );
+    let r = resource!(
+        r,
+        "resource-pool",
+        "resource_pool",
+        [
+            "resource_pools",
+            "names",
+            "parent_resource_pools",
+            "datacenters",
+            "hosts",
+            "clusters"
+        ],
+        vcenter::resource_pool::list,
+        vcenter::resource_pool::get
+    );
     resource!(
         r,
         "vm",

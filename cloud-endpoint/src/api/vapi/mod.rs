@@ -50,6 +50,7 @@ const OPERATIONS: &[(&str, &[&str])] = &[
     ("com.vmware.vcenter.datacenter", &["list", "get"]),
     ("com.vmware.vcenter.cluster", &["list", "get"]),
     ("com.vmware.vcenter.folder", &["list"]),
+    ("com.vmware.vcenter.resource_pool", &["list", "get"]),
 ];
 
 /// The filter spec fields of each list, as the SDK's `FilterSpec` classes name them.
@@ -85,6 +86,14 @@ const CLUSTER_FILTER: &[&str] = &[
     "drs_enabled",
 ];
 const FOLDER_FILTER: &[&str] = &["type", "folders", "names", "parent_folders", "datacenters"];
+const RESOURCE_POOL_FILTER: &[&str] = &[
+    "resource_pools",
+    "names",
+    "parent_resource_pools",
+    "datacenters",
+    "hosts",
+    "clusters",
+];
 
 /// A JSON-RPC response: `result` (a vAPI output or error) or a JSON-RPC `error`.
 #[derive(Debug, Serialize)]
@@ -283,6 +292,26 @@ async fn call(
                 FOLDER_FILTER,
                 vcenter::list_folders,
                 &shapes::FOLDER_SUMMARY,
+            )
+            .await
+        }
+        ("com.vmware.vcenter.resource_pool", "list") => {
+            list(
+                state,
+                input,
+                RESOURCE_POOL_FILTER,
+                vcenter::resource_pool::list,
+                &shapes::RESOURCE_POOL_SUMMARY,
+            )
+            .await
+        }
+        ("com.vmware.vcenter.resource_pool", "get") => {
+            get(
+                state,
+                input,
+                "resource_pool",
+                vcenter::resource_pool::get,
+                &shapes::RESOURCE_POOL_INFO,
             )
             .await
         }

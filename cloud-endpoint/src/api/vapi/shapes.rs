@@ -65,6 +65,11 @@ pub const FOLDER_SUMMARY: Shape = Struct(
     &[("folder", Plain), ("name", Plain), ("type", Plain)],
 );
 
+pub const RESOURCE_POOL_SUMMARY: Shape = Struct(
+    "com.vmware.vcenter.resource_pool.summary",
+    &[("resource_pool", Plain), ("name", Plain)],
+);
+
 // --- gets -----------------------------------------------------------------------------
 
 pub const DATACENTER_INFO: Shape = Struct(
@@ -81,6 +86,16 @@ pub const DATACENTER_INFO: Shape = Struct(
 pub const CLUSTER_INFO: Shape = Struct(
     "com.vmware.vcenter.cluster.info",
     &[("name", Plain), ("resource_pool", Plain)],
+);
+
+pub const RESOURCE_POOL_INFO: Shape = Struct(
+    "com.vmware.vcenter.resource_pool.info",
+    &[
+        ("name", Plain),
+        ("resource_pools", List(&Plain)),
+        ("cpu_allocation", Opt(&Never)),
+        ("memory_allocation", Opt(&Never)),
+    ],
 );
 
 pub const DATASTORE_INFO: Shape = Struct(

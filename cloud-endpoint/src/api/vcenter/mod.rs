@@ -5,6 +5,7 @@
 //!
 //! Every operation blocks (SQLite, statvfs): call them from `spawn_blocking`.
 
+pub mod resource_pool;
 pub mod vm;
 
 use std::collections::BTreeMap;
@@ -141,45 +142,41 @@ pub struct ClusterInfo {
     pub resource_pool: String,
 }
 
-/// The root resource pool of a cluster. The inventory keeps no resource pools, but in
-/// vSphere every cluster has one (its "Resources"), holding the cluster's VMs, and vAPI's
-/// cluster info requires its id. It takes the cluster's number (`domain-c8` gives
-/// `resgroup-8`), which no other object has: all numbers come from one counter.
-pub fn root_resource_pool(cluster: &str) -> String {
-    match cluster.strip_prefix("domain-c") {
-        Some(n) => format!("resgroup-{n}"),
-        None => format!("resgroup-{cluster}"),
-    }
-}
+pub use crate::inventory::root_resource_pool;
 
 /// Filters: `clusters`, `names`, `folders`, `datacenters`, `ha_enabled`, `drs_enabled`.
 pub fn list_clusters(domain: &Domain, filter: &Filter) -> Result<Vec<ClusterSummary>, ApiError> {
     filter.check_enum("ha_enabled", &["true", "false"])?;
     filter.check_enum("drs_enabled", &["true", "false"])?;
     let d = domain.inventory.domain()?;
-    let c = &d.cluster;
-    let pass = filter.allows("clusters", &c.id)
-        && filter.allows("names", &c.name)
-        && filter.allows("folders", &d.datacenter.host_folder)
+    // Every cluster sits in the datacenter's host folder.
+    let in_place = filter.allows("folders", &d.datacenter.host_folder)
         && filter.allows("datacenters", &d.datacenter.id)
         && filter.allows("ha_enabled", "false")
         && filter.allows("drs_enabled", "false");
-    Ok(pass
-        .then(|| ClusterSummary {
+    let list: Vec<ClusterSummary> = d
+        .clusters
+        .iter()
+        .filter(|c| in_place && filter.allows("clusters", &c.id) && filter.allows("names", &c.name))
+        .map(|c| ClusterSummary {
             cluster: c.id.clone(),
             name: c.name.clone(),
             ha_enabled: false,
             drs_enabled: false,
         })
-        .into_iter()
-        .collect())
+        .collect();
+    check_list_size("clusters", list.len())?;
+    Ok(list)
 }
 
 pub fn get_cluster(domain: &Domain, id: &str) -> Result<ClusterInfo, ApiError> {
-    let c = domain.inventory.domain()?.cluster;
-    if c.id != id {
-        return Err(not_found("cluster", id));
-    }
+    let c = domain
+        .inventory
+        .domain()?
+        .clusters
+        .into_iter()
+        .find(|c| c.id == id)
+        .ok_or_else(|| not_found("cluster", id))?;
     Ok(ClusterInfo {
         resource_pool: root_resource_pool(&c.id),
         name: c.name,
@@ -210,34 +207,42 @@ pub fn list_hosts(domain: &Domain, filter: &Filter) -> Result<Vec<HostSummary>, 
     filter.check_enum("connection_states", &["CONNECTED", "DISCONNECTED", "NOT_RESPONDING"])?;
     filter.check_enum("standalone", &["true", "false"])?;
     let d = domain.inventory.domain()?;
-    let h = &d.host;
-    // A host in a cluster sits in the cluster, not in a folder.
-    let pass = filter.allows("hosts", &h.id)
-        && filter.allows("names", &h.name)
-        && filter.get("folders").is_none()
+    // A host in a cluster sits in the cluster, not in a folder. Every host is in a
+    // cluster, not standalone; the inventory keeps no host UUID, so a host_uuids filter
+    // matches nothing.
+    let in_place = filter.get("folders").is_none()
         && filter.allows("datacenters", &d.datacenter.id)
-        && filter.allows("clusters", &h.cluster)
         && filter.allows("connection_states", "CONNECTED")
-        // The host is in the cluster, not standalone; the inventory keeps no host UUID,
-        // so a host_uuids filter matches nothing.
         && filter.allows("standalone", "false")
         && filter.get("host_uuids").is_none();
-    Ok(pass
-        .then(|| HostSummary {
+    let list: Vec<HostSummary> = d
+        .hosts
+        .iter()
+        .filter(|h| {
+            in_place
+                && filter.allows("hosts", &h.id)
+                && filter.allows("names", &h.name)
+                && filter.allows("clusters", &h.cluster)
+        })
+        .map(|h| HostSummary {
             host: h.id.clone(),
             name: h.name.clone(),
             connection_state: "CONNECTED",
             power_state: "POWERED_ON",
         })
-        .into_iter()
-        .collect())
+        .collect();
+    check_list_size("hosts", list.len())?;
+    Ok(list)
 }
 
 pub fn get_host(domain: &Domain, id: &str) -> Result<HostInfo, ApiError> {
-    let h = domain.inventory.domain()?.host;
-    if h.id != id {
-        return Err(not_found("host", id));
-    }
+    let h = domain
+        .inventory
+        .domain()?
+        .hosts
+        .into_iter()
+        .find(|h| h.id == id)
+        .ok_or_else(|| not_found("host", id))?;
     Ok(HostInfo {
         name: h.name,
         connection_state: "CONNECTED",
@@ -273,11 +278,15 @@ pub struct DatastoreInfo {
     pub thin_provisioning_supported: bool,
 }
 
-/// Free bytes and capacity of the datastore, as the migration placement counts them.
-fn datastore_space(domain: &Domain) -> Result<(u64, u64), ApiError> {
-    let used = domain.inventory.used_bytes()?;
+/// Free bytes and capacity of a datastore, as the migration placement counts them. A
+/// datastore the inventory knows but this endpoint has no folder for shows neither.
+fn datastore_space(domain: &Domain, ds: &crate::inventory::DatastoreInfo) -> Result<(u64, u64), ApiError> {
+    let Some(store) = domain.datastore_named(&ds.name) else {
+        return Ok((0, 0));
+    };
+    let used = domain.inventory.used_bytes_on(&ds.id)?;
     let space = || -> Result<(u64, u64), crate::datastore::DatastoreError> {
-        Ok((domain.datastore.free_bytes(used)?, domain.datastore.capacity_bytes()?))
+        Ok((store.free_bytes(used)?, store.capacity_bytes()?))
     };
     space().map_err(|e| ApiError::internal("the datastore's size could not be read", &e))
 }
@@ -286,35 +295,40 @@ fn datastore_space(domain: &Domain) -> Result<(u64, u64), ApiError> {
 pub fn list_datastores(domain: &Domain, filter: &Filter) -> Result<Vec<DatastoreSummary>, ApiError> {
     filter.check_enum("types", DATASTORE_TYPES)?;
     let d = domain.inventory.domain()?;
-    let ds = &d.datastore;
-    let pass = filter.allows("datastores", &ds.id)
-        && filter.allows("names", &ds.name)
-        && filter.allows("types", DATASTORE_TYPE)
+    let in_place = filter.allows("types", DATASTORE_TYPE)
         && filter.allows("folders", &d.datacenter.datastore_folder)
         && filter.allows("datacenters", &d.datacenter.id);
-    if !pass {
-        return Ok(Vec::new());
+    let mut list = Vec::new();
+    for ds in &d.datastores {
+        if !(in_place && filter.allows("datastores", &ds.id) && filter.allows("names", &ds.name)) {
+            continue;
+        }
+        let (free_space, capacity) = datastore_space(domain, ds)?;
+        list.push(DatastoreSummary {
+            datastore: ds.id.clone(),
+            name: ds.name.clone(),
+            kind: DATASTORE_TYPE,
+            free_space,
+            capacity,
+        });
     }
-    let (free_space, capacity) = datastore_space(domain)?;
-    Ok(vec![DatastoreSummary {
-        datastore: ds.id.clone(),
-        name: ds.name.clone(),
-        kind: DATASTORE_TYPE,
-        free_space,
-        capacity,
-    }])
+    check_list_size("datastores", list.len())?;
+    Ok(list)
 }
 
 pub fn get_datastore(domain: &Domain, id: &str) -> Result<DatastoreInfo, ApiError> {
-    let ds = domain.inventory.datastore()?;
-    if ds.id != id {
-        return Err(not_found("datastore", id));
-    }
-    let (free_space, _) = datastore_space(domain)?;
+    let ds = domain
+        .inventory
+        .domain()?
+        .datastores
+        .into_iter()
+        .find(|d| d.id == id)
+        .ok_or_else(|| not_found("datastore", id))?;
+    let (free_space, _) = datastore_space(domain, &ds)?;
     Ok(DatastoreInfo {
+        accessible: domain.datastore_named(&ds.name).is_some(),
         name: ds.name,
         kind: DATASTORE_TYPE,
-        accessible: true,
         free_space,
         multiple_host_access: false,
         thin_provisioning_supported: true,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{check_list_size, not_found, root_resource_pool, Filter};
+use super::{check_list_size, not_found, Filter};
 use crate::api::error::ApiError;
 use crate::datastore::{parse_disk_key, VIRTUAL_HW_VERSION};
 use crate::inventory::{DiskRecord, NicRecord, VmRecord};
@@ -29,7 +29,7 @@ pub struct VmSummary {
 pub fn list(domain: &Domain, filter: &Filter) -> Result<Vec<VmSummary>, ApiError> {
     filter.check_enum("power_states", POWER_STATES)?;
     let d = domain.inventory.domain()?;
-    let cluster_of = |host: &str| (host == d.host.id).then_some(d.host.cluster.as_str());
+    let cluster_of = |host: &str| d.hosts.iter().find(|h| h.id == host).map(|h| h.cluster.as_str());
     let list: Vec<VmSummary> = domain
         .inventory
         .list_vms()?
@@ -44,10 +44,9 @@ pub fn list(domain: &Domain, filter: &Filter) -> Result<Vec<VmSummary>, ApiError
                 && filter
                     .get("clusters")
                     .is_none_or(|set| cluster_of(&vm.host).is_some_and(|c| set.iter().any(|s| s == c)))
-                // The only resource pool is the cluster's root, which holds its VMs.
-                && filter.get("resource_pools").is_none_or(|set| {
-                    cluster_of(&vm.host).is_some_and(|c| set.contains(&root_resource_pool(c)))
-                })
+                // A VM is in exactly one pool (vSphere's filter does not descend into
+                // child pools either).
+                && filter.allows("resource_pools", &vm.resource_pool)
                 && filter.allows("power_states", &vm.power_state)
         })
         .map(|vm| VmSummary {
@@ -476,22 +475,26 @@ mod tests {
             host: "host-9".into(),
             datastore: "datastore-10".into(),
             folder: "group-v7".into(),
+            resource_pool: "resgroup-8".into(),
             vmx_path: "[cloud-ds1] db01/db01.vmx".into(),
             disks: vec![
                 DiskRecord {
                     key: "scsi0:0".into(),
                     path: "[cloud-ds1] db01/db01.vmdk".into(),
                     capacity_bytes: 1 << 30,
+                    datastore: "datastore-10".into(),
                 },
                 DiskRecord {
                     key: "sata0:1".into(),
                     path: "[cloud-ds1] db01/db01_1.vmdk".into(),
                     capacity_bytes: 1 << 20,
+                    datastore: "datastore-10".into(),
                 },
                 DiskRecord {
                     key: "ide0:1".into(),
                     path: "[cloud-ds1] db01/db01_2.qcow2".into(),
                     capacity_bytes: 512,
+                    datastore: "datastore-10".into(),
                 },
             ],
             nics: vec![NicRecord {

@@ -1,0 +1,265 @@
+use gateway::plan::{DiskSpec, FirewallSpec, Placement, VmSpec};
+
+use super::*;
+use crate::config::{DomainConfig, ExtraDatastoreConfig, HostConfig, ResourcePoolConfig, Role};
+use crate::datastore::Datastore;
+use crate::inventory::Inventory;
+
+#[test]
+fn device_keys() {
+    for ok in ["scsi0:0", "sata1:29", "nvme3:14", "ide0:1"] {
+        assert!(is_disk_key(ok), "{ok}");
+    }
+    for bad in ["scsi0", "scsi:0", "usb0:0", "scsi0:0.fileName", "../x:0", "scsi0:a"] {
+        assert!(!is_disk_key(bad), "{bad}");
+    }
+    assert!(is_nic_key("ethernet0") && !is_nic_key("ethernet") && !is_nic_key("eth0"));
+}
+
+/// A domain of two hosts (the second small), two datastores (the second with a 1 MiB
+/// quota), two VM folders and a pool limited to 1 vCPU and 512 MiB.
+fn domain(dir: &std::path::Path) -> Domain {
+    let config = DomainConfig {
+        extra_hosts: vec![HostConfig {
+            name: "esx-small".into(),
+            cpu_cores: 2,
+            memory_mib: 1024,
+        }],
+        extra_datastores: vec![ExtraDatastoreConfig {
+            name: "ds-small".into(),
+            dir: dir.join("ds2"),
+            capacity_bytes: Some(1 << 20),
+            disk_format: DiskFormat::VmdkFlat,
+        }],
+        folders: vec!["Imported".into()],
+        resource_pools: vec![ResourcePoolConfig {
+            name: "tiny".into(),
+            memory_limit_mib: Some(512),
+            cpu_limit_cores: Some(1),
+        }],
+        ..DomainConfig::default()
+    };
+    let inventory = Inventory::open(&dir.join("inv.sqlite3"), &config).unwrap();
+    let datastore = Datastore::open(&dir.join("ds1"), "cloud-ds1", None).unwrap();
+    let extra = Datastore::open(&dir.join("ds2"), "ds-small", Some(1 << 20)).unwrap();
+    let ca = certs::Ca::generate("Test CA").unwrap();
+    let issued = ca
+        .issue_endpoint(&["localhost".into()], certs::Validity::days(1))
+        .unwrap();
+    let receipts = gateway::receipt::ReceiptSigner::new(&[issued.cert_der()], &issued.key_der()).unwrap();
+    Domain {
+        inventory,
+        datastore,
+        extra_datastores: vec![extra],
+        endpoint_name: "test".into(),
+        receipts,
+        live: Default::default(),
+    }
+}
+
+fn operator() -> Principal {
+    Principal {
+        user: "migrator@cloud.local".into(),
+        role: Role::MigrationOperator,
+    }
+}
+
+fn plan(cpus: u32, memory_mib: u64, placement: Placement) -> MigrationPlan {
+    MigrationPlan {
+        vm: VmSpec {
+            name: "web01".into(),
+            guest_os: "otherGuest".into(),
+            num_cpus: cpus,
+            cores_per_socket: None,
+            memory_mib,
+            firmware: None,
+            bios_uuid: None,
+            nics: vec![],
+            disks: vec![
+                DiskSpec {
+                    key: "scsi0:0".into(),
+                    capacity: 4 << 20,
+                },
+                DiskSpec {
+                    key: "scsi0:1".into(),
+                    capacity: 512 << 10,
+                },
+            ],
+        },
+        network_map: vec![],
+        chunk_size: gateway::plan::DEFAULT_CHUNK_SIZE,
+        disk_format: None,
+        firewall: FirewallSpec::default(),
+        placement,
+    }
+}
+
+fn problems(domain: &Domain, plan: &MigrationPlan) -> Vec<String> {
+    match validate(domain, &operator(), plan) {
+        Ok(_) => Vec::new(),
+        Err((code, problems)) => {
+            assert_eq!(code, RefusalCode::PlanRejected);
+            problems
+        }
+    }
+}
+
+#[test]
+fn the_default_placement_is_the_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = domain(dir.path());
+    let v = validate(&d, &operator(), &plan(2, 1024, Placement::default())).unwrap();
+    let info = d.inventory.domain().unwrap();
+    assert_eq!(v.placement.host.id, info.host.id);
+    assert_eq!(v.placement.datastore.name, "cloud-ds1");
+    assert_eq!(v.placement.folder.id, info.vm_folder);
+    assert_eq!(v.placement.pool.name, "Resources");
+    assert_eq!(
+        v.preview.resource_pool_id,
+        crate::inventory::root_resource_pool(&info.cluster.id)
+    );
+    assert!(v.preview.disks.iter().all(|disk| disk.datastore_name == "cloud-ds1"));
+}
+
+#[test]
+fn choices_by_name_or_id_resolve() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = domain(dir.path());
+    let info = d.inventory.domain().unwrap();
+    let small = info.hosts.iter().find(|h| h.name == "esx-small").unwrap();
+    let imported = info.folders.iter().find(|f| f.name == "Imported").unwrap();
+    let placement = Placement {
+        folder: Some(imported.id.clone()),
+        cluster: Some(info.cluster.name.clone()),
+        host: Some(small.id.clone()),
+        resource_pool: Some("tiny".into()),
+        datastore: Some("cloud-ds1".into()),
+        disk_datastores: vec![("scsi0:1".into(), "ds-small".into())],
+    };
+    let v = validate(&d, &operator(), &plan(1, 512, placement)).unwrap();
+    assert_eq!(v.placement.host.name, "esx-small");
+    assert_eq!(v.placement.folder.name, "Imported");
+    assert_eq!(v.placement.pool.name, "tiny");
+    let on: Vec<&str> = v.preview.disks.iter().map(|d| d.datastore_name.as_str()).collect();
+    assert_eq!(on, ["cloud-ds1", "ds-small"]);
+    assert_eq!(v.preview.host_name, "esx-small");
+    assert_eq!(v.preview.folder_name, "Imported");
+}
+
+#[test]
+fn every_problem_is_listed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = domain(dir.path());
+    let placement = Placement {
+        folder: Some("Nowhere".into()),
+        cluster: Some("domain-c999".into()),
+        host: Some("esx-missing".into()),
+        resource_pool: Some("resgroup-999".into()),
+        datastore: Some("ds-missing".into()),
+        disk_datastores: vec![
+            ("scsi0:1".into(), "ds-gone".into()),
+            ("scsi0:7".into(), "cloud-ds1".into()),
+        ],
+    };
+    let found = problems(&d, &plan(1, 256, placement));
+    let expect = [
+        "VM folder \"Nowhere\" (--folder)",
+        "cluster \"domain-c999\" (--cluster)",
+        "host \"esx-missing\" (--host)",
+        "resource pool \"resgroup-999\" (--resource-pool)",
+        "datastore \"ds-missing\" (--datastore)",
+        "datastore \"ds-gone\" (--disk-datastore scsi0:1)",
+        "disk \"scsi0:7\", which the VM does not have",
+    ];
+    for e in expect {
+        assert!(
+            found.iter().any(|p| p.contains(e)),
+            "no problem with {e:?} in {found:#?}"
+        );
+    }
+    assert_eq!(found.len(), expect.len(), "{found:#?}");
+    // Each names the choices there are.
+    assert!(found[0].contains("Imported (group-v"), "{}", found[0]);
+    assert!(found[2].contains("esx-small (host-"), "{}", found[2]);
+    assert!(found[3].contains("tiny (resgroup-"), "{}", found[3]);
+    assert!(found[4].contains("ds-small (datastore-"), "{}", found[4]);
+}
+
+#[test]
+fn host_pool_and_datastore_limits_are_checked_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = domain(dir.path());
+    // 4 vCPUs and 2048 MiB on the small host in the tiny pool; both disks (4.5 MiB) on
+    // the 1 MiB datastore.
+    let placement = Placement {
+        host: Some("esx-small".into()),
+        resource_pool: Some("tiny".into()),
+        datastore: Some("ds-small".into()),
+        ..Placement::default()
+    };
+    let found = problems(&d, &plan(4, 2048, placement));
+    let expect = [
+        "4 vCPUs but host esx-small",
+        "2048 MiB of memory but host esx-small",
+        "4 vCPUs but resource pool tiny",
+        "2048 MiB of memory but resource pool tiny",
+        "on datastore ds-small",
+    ];
+    for e in expect {
+        assert!(
+            found.iter().any(|p| p.contains(e)),
+            "no problem with {e:?} in {found:#?}"
+        );
+    }
+    assert_eq!(found.len(), expect.len(), "{found:#?}");
+    assert!(found[4].contains("(scsi0:0, scsi0:1)"), "{}", found[4]);
+
+    // Only the disk put there counts against the small datastore: 512 KiB fits.
+    let placement = Placement {
+        disk_datastores: vec![("scsi0:1".into(), "ds-small".into())],
+        ..Placement::default()
+    };
+    assert_eq!(problems(&d, &plan(1, 256, placement)), Vec::<String>::new());
+}
+
+#[test]
+fn a_host_or_pool_outside_the_cluster_and_a_taken_name_are_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = domain(dir.path());
+    // A second cluster is not configurable; put one straight into the inventory.
+    rusqlite::Connection::open(dir.path().join("inv.sqlite3"))
+        .unwrap()
+        .execute_batch(
+            "INSERT INTO cluster (id, num, name, folder) SELECT 'domain-c900', 900, 'Other', folder FROM cluster LIMIT 1;
+             INSERT INTO host (id, num, name, cluster, cpu_cores, memory_mib) VALUES ('host-901', 901, 'esx-other', 'domain-c900', 8, 8192);",
+        )
+        .unwrap();
+    std::fs::create_dir(dir.path().join("ds2/web01")).unwrap();
+    let placement = Placement {
+        cluster: Some("Other".into()),
+        host: Some("esx-small".into()),
+        resource_pool: Some("tiny".into()),
+        disk_datastores: vec![("scsi0:1".into(), "ds-small".into())],
+        ..Placement::default()
+    };
+    let found = problems(&d, &plan(1, 256, placement));
+    let expect = [
+        "host esx-small (host-",
+        "resource pool tiny (resgroup-",
+        "a VM named \"web01\" already exists",
+    ];
+    for e in expect {
+        assert!(
+            found.iter().any(|p| p.contains(e)),
+            "no problem with {e:?} in {found:#?}"
+        );
+    }
+    assert_eq!(found.len(), expect.len(), "{found:#?}");
+    assert!(found[0].contains("is not in cluster Other (domain-c900)") && found[0].contains("esx-other (host-901)"));
+    assert!(
+        found[1].contains("choose one of its pools: Resources (resgroup-900)"),
+        "{}",
+        found[1]
+    );
+    assert!(found[2].contains("unique across all folders"), "{}", found[2]);
+}
