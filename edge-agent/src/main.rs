@@ -54,7 +54,8 @@ enum Command {
     LiveMigrate(Box<LiveArgs>),
     /// Print the QEMU command line that runs a .vmx's VM on-prem so that it can be
     /// live-migrated (the cloud starts its destination with the same devices).
-    QemuCommand(QemuCommandArgs),
+    #[command(name = "qemu-command")]
+    SourceQemu(QemuCommandArgs),
     /// Measure the path to a cloud endpoint (RTT, jitter, loss, MTU, throughput both ways)
     /// over the migration port, and say what kind of migration it carries.
     LinkTest(Box<LinkTestArgs>),
@@ -361,7 +362,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(live_cmd(*args))
         }
-        Command::QemuCommand(a) => {
+        Command::SourceQemu(a) => {
             let vm = source::open_vm(&a.vmx)?;
             let spec = edge_agent::live::source_machine(&vm, a.boot.direct_kernel(), &a.serial_log, &a.qmp)?;
             spec.validate()?;

@@ -13,6 +13,13 @@ puts a byte-counting forwarding proxy there and checks that it works through it.
   tests/live/direct-migrate.py --dirty 64         # guest rewrites 64 MiB of RAM in a loop
   tests/live/direct-migrate.py --transport tcp --switchover after
 
+The gateway's benchmark (tests/live-bench.sh) runs it as the no-tunnel reference, with the
+same QEMU command line the gateway's source uses (--edge-agent: `edge-agent qemu-command`
+from a .vmx; the destination gets the same plus -incoming defer -S), each QEMU under a
+command prefix (--src-prefix/--dst-prefix, e.g. `ip netns exec wan-cloud`), the
+destination listening on --listen-host (TCP) and ports of its choice, and a base image to
+start the source from (--src-image). The last line is always `RESULT-JSON: {...}`.
+
 Exit status 0 if the migration completed, the counter continued without reset on the
 destination and check-disk.py found the destination disk intact past the switchover.
 """
@@ -253,7 +260,55 @@ def wait_serial(path, pattern, timeout):
     return False
 
 
+VMX = """.encoding = "UTF-8"
+config.version = "8"
+virtualHW.version = "14"
+displayName = "%(name)s"
+guestOS = "debian12-64"
+numvcpus = "1"
+memsize = "%(mem)d"
+scsi0.present = "TRUE"
+scsi0.virtualDev = "pvscsi"
+scsi0:0.present = "TRUE"
+scsi0:0.fileName = "%(disk)s"
+ethernet0.present = "TRUE"
+ethernet0.virtualDev = "e1000"
+ethernet0.networkName = "VM Network"
+ethernet0.addressType = "static"
+ethernet0.address = "00:50:56:12:34:56"
+"""
+
+
+def edge_agent_cmd(a, env, name, disk, qmp, serial, incoming):
+    """The command line `edge-agent qemu-command` gives for a .vmx of this guest (the one
+    the gateway's live migration expects on the source and builds for its destination);
+    the destination gets the same plus -incoming defer [-S]."""
+    vmx = os.path.join(os.path.dirname(disk), "%s.vmx" % name)
+    with open(vmx, "w") as f:
+        f.write(VMX % {"name": a.vm_name, "mem": a.mem, "disk": os.path.basename(disk)})
+    append = env["APPEND"] + (" dirty=%d" % a.dirty if a.dirty else "")
+    out = subprocess.run([a.edge_agent, "qemu-command", "--vmx", vmx, "--qmp", qmp, "--serial-log", serial,
+                          "--kernel", env["KERNEL"], "--initrd", env["INITRD"], "--append", append],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit("edge-agent qemu-command failed (%d): %s" % (out.returncode, out.stderr.strip()))
+    argv = shlex.split(out.stdout.strip())
+    cmd = [a.qemu] + argv[1:]
+    if incoming:
+        cmd += ["-incoming", "defer"]
+        if a.dest_paused:
+            cmd += ["-S"]
+    return cmd
+
+
 def qemu_cmd(a, env, name, disk, qmp, serial, incoming):
+    prefix = shlex.split(a.dst_prefix if incoming else a.src_prefix)
+    if a.edge_agent:
+        return prefix + edge_agent_cmd(a, env, name, disk, qmp, serial, incoming)
+    return prefix + plain_qemu_cmd(a, env, name, disk, qmp, serial, incoming)
+
+
+def plain_qemu_cmd(a, env, name, disk, qmp, serial, incoming):
     v = a.dst_variant if incoming else "same"     # experiments: deliberately mismatched destination
     append = env["APPEND"] + (" dirty=%d" % a.dirty if a.dirty else "") + (" x=1" if v == "append" else "")
     boot = ["-kernel", env["KERNEL"], "-initrd", env["INITRD"], "-append", append]
@@ -319,6 +374,7 @@ def node_active(q, node):
 
 
 PREFILL_OFF = 4 << 20
+NODE = "disk0"      # the disk's block node (drive0 with --edge-agent)
 
 
 def parse_size(sz):
@@ -383,8 +439,23 @@ def main():
                              "small-disk", "big-disk"],
                     help="experiment: start the destination with a deliberately different command line")
     ap.add_argument("--dirty-calc-time", type=int, default=1)
+    ap.add_argument("--edge-agent", metavar="BIN",
+                    help="run both QEMUs with the command line `BIN qemu-command` prints for a .vmx of this guest "
+                         "(1 vCPU, --mem MiB, the disk as scsi0:0, one e1000 NIC): the gateway's own; disk node drive0")
+    ap.add_argument("--vm-name", default="live-bench", help="displayName of the .vmx (--edge-agent)")
+    ap.add_argument("--src-prefix", default="", help="command prefix for the source QEMU, e.g. 'ip netns exec wan-onprem'")
+    ap.add_argument("--dst-prefix", default="", help="command prefix for the destination QEMU")
+    ap.add_argument("--listen-host", default="127.0.0.1",
+                    help="--transport tcp: the address the destination listens on (NBD and migration)")
+    ap.add_argument("--nbd-port", type=int, default=0, help="--transport tcp: destination NBD port (0: any free)")
+    ap.add_argument("--mig-port", type=int, default=0, help="--transport tcp: destination migration port (0: any free)")
+    ap.add_argument("--src-image", metavar="QCOW2",
+                    help="copy this image as the source disk (instead of an empty one with --prefill MiB of random "
+                         "data); --prefill then names how many MiB at 4 MiB to check on the destination")
     ap.add_argument("--timeout", type=float, default=120)
     a = ap.parse_args()
+    global NODE
+    NODE = "drive0" if a.edge_agent else "disk0"
 
     if a.workdir:
         wd = os.path.abspath(a.workdir)
@@ -405,7 +476,16 @@ def main():
         if d == "dst.qcow2" and a.dst_variant in ("small-disk", "big-disk"):
             size = str(parse_size(a.disk_size) // 2 if a.dst_variant == "small-disk" else parse_size(a.disk_size) * 2)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", P(d), size], check=True)
-    if a.prefill:
+    if a.src_image:
+        subprocess.run(["qemu-img", "convert", "-O", "qcow2", a.src_image, P("src.qcow2")], check=True)
+        size = subprocess.run(["qemu-img", "info", "--output=json", a.src_image], check=True,
+                              capture_output=True, text=True)
+        size = json.loads(size.stdout)["virtual-size"]
+        if size != parse_size(a.disk_size):
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", P("dst.qcow2"), str(size)], check=True)
+        if a.prefill:
+            results["prefill_sha256"] = region_hash(a.src_image, "qcow2", a.prefill)
+    elif a.prefill:
         # random data at [PREFILL_OFF, +prefill MiB) of the source disk, so the mirror has work;
         # the guest only writes the first ~2 MiB
         raw = P("prefill.raw")
@@ -423,7 +503,8 @@ def main():
         nbd_real, mig_real = ("unix", P("dst-nbd.sock")), ("unix", P("dst-mig.sock"))
         nbd_via, mig_via = ("unix", P("proxy-nbd.sock")), ("unix", P("proxy-mig.sock"))
     else:
-        nbd_real, mig_real = ("tcp", "127.0.0.1", free_port()), ("tcp", "127.0.0.1", free_port())
+        nbd_real = ("tcp", a.listen_host, a.nbd_port or free_port())
+        mig_real = ("tcp", a.listen_host, a.mig_port or free_port())
         nbd_via, mig_via = ("tcp", "127.0.0.1", free_port()), ("tcp", "127.0.0.1", free_port())
     proxies = []
     if a.via_proxy:
@@ -475,7 +556,7 @@ def main():
         results["downtime_limit"] = mp.get("downtime-limit")
 
         def export():
-            nbd_args = {"type": "nbd", "id": "exp0", "node-name": "disk0", "name": "disk0", "writable": True}
+            nbd_args = {"type": "nbd", "id": "exp0", "node-name": NODE, "name": "disk0", "writable": True}
             if a.allow_inactive == "yes":
                 nbd_args["allow-inactive"] = True
             r = dst.cmd("block-export-add", check=(a.allow_inactive != "auto"), **nbd_args)
@@ -489,7 +570,7 @@ def main():
                 results.setdefault("needed_allow_inactive", a.allow_inactive == "yes")
 
         # --- destination: NBD server + writable export of its disk node
-        results["dst_node_active_before_export"] = node_active(dst, "disk0")
+        results["dst_node_active_before_export"] = node_active(dst, NODE)
         dst.cmd("nbd-server-start", addr=sockaddr_legacy(nbd_real))
         if a.export_order == "before-incoming":
             export()
@@ -497,14 +578,14 @@ def main():
         if a.export_order == "after-incoming":
             export()
         say("destination status: %s" % dst.cmd("query-status")["status"])
-        results["dst_node_active_during_incoming"] = node_active(dst, "disk0")
+        results["dst_node_active_during_incoming"] = node_active(dst, NODE)
 
         # --- source: NBD client node + mirror
         t_mirror = now()
         src.cmd("blockdev-add", **{"driver": "nbd", "node-name": "mirror-target",
                                    "server": sockaddr(nbd_src), "export": "disk0"})
         ev0 = len(src.events)
-        src.cmd("blockdev-mirror", **{"job-id": "mirror0", "device": "disk0", "target": "mirror-target",
+        src.cmd("blockdev-mirror", **{"job-id": "mirror0", "device": NODE, "target": "mirror-target",
                                       "sync": "full", "copy-mode": a.copy_mode})
         ready = src.wait_event("*", timeout=a.timeout, since=ev0, pred=lambda e: e["event"] in (
             "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and e["data"]["device"] == "mirror0")
