@@ -411,7 +411,7 @@ async fn check_rest(cloud: &Cloud, pki: &Pki, p: &Placed) {
         format!("clusters={}", info.cluster.id),
     ] {
         let list = get(cloud, pki, &format!("/api/vcenter/vm?{filter}")).await;
-        assert_eq!(ids(&list, "vm"), [vm_id.clone()], "{filter}");
+        assert_eq!(ids(&list, "vm"), [vm_id.as_str()], "{filter}");
     }
     for filter in [
         format!("hosts={}", info.host.id),
@@ -429,9 +429,9 @@ async fn check_rest(cloud: &Cloud, pki: &Pki, p: &Placed) {
         [info.datastore.id.clone(), store2.id.clone(), store3.id.clone()]
     );
     let one = get(cloud, pki, &format!("/api/vcenter/datastore?names={}", store3.name)).await;
-    assert_eq!(ids(&one, "datastore"), [store3.id.clone()]);
+    assert_eq!(ids(&one, "datastore"), [store3.id.as_str()]);
     let folders = get(cloud, pki, "/api/vcenter/folder?type=VIRTUAL_MACHINE&names=Imported").await;
-    assert_eq!(ids(&folders, "folder"), [folder.id.clone()]);
+    assert_eq!(ids(&folders, "folder"), [folder.id.as_str()]);
     let pools = get(cloud, pki, "/api/vcenter/resource-pool").await;
     assert_eq!(
         ids(&pools, "resource_pool"),
