@@ -2,7 +2,7 @@ use gateway::plan::{DiskSpec, FirewallSpec, Placement, VmSpec};
 
 use super::*;
 use crate::config::{DomainConfig, ExtraDatastoreConfig, HostConfig, ResourcePoolConfig, Role};
-use crate::datastore::Datastore;
+use crate::datastore::{Datastore, JOURNAL_FILE};
 use crate::inventory::Inventory;
 
 #[test]
@@ -262,4 +262,62 @@ fn a_host_or_pool_outside_the_cluster_and_a_taken_name_are_problems() {
         found[1]
     );
     assert!(found[2].contains("unique across all folders"), "{}", found[2]);
+}
+
+/// Staging folders of migration `id` on the two datastores, with their files.
+fn staged_files(dir: &std::path::Path, id: &str) -> [Vec<String>; 2] {
+    ["ds1", "ds2"].map(|ds| {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join(ds).join(".staging").join(id))
+            .map(|r| {
+                r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    })
+}
+
+#[test]
+fn a_disk_on_another_datastore_is_staged_there_and_discarded_with_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = domain(dir.path());
+    let placement = Placement {
+        disk_datastores: vec![("scsi0:1".into(), "ds-small".into())],
+        ..Placement::default()
+    };
+    let p = plan(1, 256, placement);
+    let staged = validate_and_stage(&d, &operator(), "edge", "cert", &p).unwrap();
+    let id = staged.migration_id.clone();
+    assert_eq!(
+        staged_files(dir.path(), &id),
+        [
+            vec![JOURNAL_FILE.to_owned(), "web01-flat.vmdk".to_owned()],
+            vec!["web01_1-flat.vmdk".to_owned()]
+        ]
+    );
+    // The space is held on each datastore: the small one has 512 KiB left.
+    let small = d.inventory.domain().unwrap().datastores[1].id.clone();
+    assert_eq!(d.inventory.used_bytes_on(&small).unwrap(), 512 << 10);
+    // A failed migration leaves nothing on either datastore.
+    discard(&d, staged, "test");
+    assert_eq!(staged_files(dir.path(), &id), [Vec::<String>::new(), Vec::new()]);
+    assert_eq!(d.inventory.used_bytes_on(&small).unwrap(), 0);
+
+    // One kept for a resume (no connection holds it) is found on both by its id.
+    let staged = validate_and_stage(&d, &operator(), "edge", "cert", &p).unwrap();
+    let id = staged.migration_id.clone();
+    drop(staged);
+    assert!(staged_files(dir.path(), &id).iter().all(|f| !f.is_empty()));
+    // A resume reopens both staging folders and the disks in them.
+    let (resumed, durable) = resume(&d, &operator(), "cert", &id, &p).unwrap();
+    assert!(durable.is_empty());
+    assert_eq!(resumed.disks.len(), 2);
+    assert_eq!(resumed.other_staging.len(), 1);
+    assert_eq!(resumed.other_staging[0].0, "ds-small");
+    drop(resumed);
+    discard_files(&d, &id, "expired");
+    assert_eq!(staged_files(dir.path(), &id), [Vec::<String>::new(), Vec::new()]);
+    let m = d.inventory.list_migrations().unwrap();
+    assert!(m.iter().all(|m| m.state == "FAILED"), "{m:?}");
 }
