@@ -11,6 +11,7 @@
 //! receipt     the signed migration receipt the endpoint issues at commit
 //! protocol    SenderSession / ReceiverSession: the sans-I/O state machines
 //! transport   quinn + rustls configuration and framed stream I/O
+//! qemu        QEMU processes, their command line and QMP: the hosts' hypervisor
 //! ```
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod integrity;
 pub mod merkle;
 pub mod plan;
 pub mod protocol;
+pub mod qemu;
 pub mod receipt;
 pub mod transport;
 pub mod wire;

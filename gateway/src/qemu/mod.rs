@@ -1,0 +1,20 @@
+//! QEMU as the hypervisor of the cloud domain's hosts, and later of live migration.
+//!
+//! ```text
+//! machine   MachineSpec: a VM's devices, and the QEMU command line built from them
+//! qmp       an async QMP client (the JSON control protocol over a unix socket)
+//! process   starting, attaching to, watching and stopping one QEMU process
+//! ```
+//!
+//! The pieces are shared: cloud-endpoint runs powered-on VMs with them, and a live
+//! migration will start its destination from the same [`MachineSpec`] as its source.
+
+mod error;
+pub mod machine;
+pub mod process;
+pub mod qmp;
+
+pub use error::QemuError;
+pub use machine::{DirectKernel, DiskFormat, MachineDisk, MachineNic, MachineSpec, NicBackend};
+pub use process::{QemuBinary, QemuProcess};
+pub use qmp::{Qmp, QmpEvent};
