@@ -5,6 +5,7 @@
 //!
 //! Every operation blocks (SQLite, statvfs): call them from `spawn_blocking`.
 
+pub mod power;
 pub mod vm;
 
 use std::collections::BTreeMap;
