@@ -9,13 +9,16 @@
 //! datastore   the files: staging, disks as flat VMDKs, qcow2 or raw images,
 //!             descriptors, .vmx
 //! server      QUIC accept loop; per connection a ReceiverSession driver
-//! api         the vSphere API over HTTPS (REST at /api): sessions, inventory
+//! hosts       the host runs powered-on VMs as QEMU processes (QMP)
+//! api         the vSphere API over HTTPS (REST at /api): sessions, inventory,
+//!             power, consoles
 //! ```
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod config;
 pub mod datastore;
+pub mod hosts;
 pub mod inventory;
 pub mod server;
 
@@ -54,6 +57,8 @@ pub enum EndpointError {
     Api(#[from] api::ApiServeError),
     #[error("{0}; check the configured `cert` and `key` (CLOUD_ENDPOINT_CERT, CLOUD_ENDPOINT_KEY)")]
     Receipts(#[from] gateway::receipt::ReceiptError),
+    #[error("cannot find the VMs that ran before the restart again: {0}")]
+    Hosts(#[from] hosts::HostError),
 }
 
 /// The cloud domain a migration lands in: inventory plus datastore files.
@@ -70,6 +75,8 @@ pub struct Domain {
     pub receipts: gateway::receipt::ReceiptSigner,
     /// The migrations a connection serves now.
     pub live: server::live::LiveMigrations,
+    /// The powered-on VMs' QEMU processes.
+    pub hosts: hosts::Hosts,
 }
 
 impl Domain {
@@ -143,6 +150,7 @@ impl Endpoint {
                 endpoint_name,
                 receipts,
                 live: Default::default(),
+                hosts: hosts::Hosts::new(config.domain.host.memory_mib, config.domain.host.cpu_cores),
             }),
             config,
             tls,
@@ -164,6 +172,8 @@ impl Endpoint {
         api_listener: Option<tokio::net::TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), EndpointError> {
+        // VMs left running by the previous run are this run's again (or POWERED_OFF).
+        hosts::Hosts::recover(&self.domain).await?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             // The sender outlives both servers, so this only ends on `true`.
@@ -222,6 +232,8 @@ impl Endpoint {
             }
         };
         let (quic, api, (), ()) = tokio::join!(quic, api, trigger, janitor);
+        // Powered-on VMs run on, as on an ESXi host whose vCenter restarts.
+        self.domain.hosts.detach().await;
         quic.and(api)
     }
 

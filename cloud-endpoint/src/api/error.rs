@@ -6,6 +6,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use gateway::qemu::QemuError;
+
+use crate::hosts::HostError;
 use crate::inventory::InventoryError;
 
 /// The vAPI standard error kinds this API produces.
@@ -22,8 +25,12 @@ pub enum ErrorKind {
     NotFound,
     /// No such operation on a path (e.g. PUT on a list).
     OperationNotFound,
-    /// More results than a list may return.
+    /// More results than a list may return; a VM the host has no memory left for.
     UnableToAllocateResource,
+    /// The object is already in the state asked for (power on a powered-on VM).
+    AlreadyInDesiredState,
+    /// The operation needs another state first (reset a powered-off VM).
+    NotAllowedInCurrentState,
     /// The request took longer than the server allows.
     TimedOut,
     /// Anything else: the database failed, a worker panicked.
@@ -40,6 +47,8 @@ impl ErrorKind {
             ErrorKind::NotFound => "NOT_FOUND",
             ErrorKind::OperationNotFound => "OPERATION_NOT_FOUND",
             ErrorKind::UnableToAllocateResource => "UNABLE_TO_ALLOCATE_RESOURCE",
+            ErrorKind::AlreadyInDesiredState => "ALREADY_IN_DESIRED_STATE",
+            ErrorKind::NotAllowedInCurrentState => "NOT_ALLOWED_IN_CURRENT_STATE",
             ErrorKind::TimedOut => "TIMED_OUT",
             ErrorKind::Error => "ERROR",
         }
@@ -54,6 +63,8 @@ impl ErrorKind {
             ErrorKind::NotFound => "com.vmware.vapi.std.errors.not_found",
             ErrorKind::OperationNotFound => "com.vmware.vapi.std.errors.operation_not_found",
             ErrorKind::UnableToAllocateResource => "com.vmware.vapi.std.errors.unable_to_allocate_resource",
+            ErrorKind::AlreadyInDesiredState => "com.vmware.vapi.std.errors.already_in_desired_state",
+            ErrorKind::NotAllowedInCurrentState => "com.vmware.vapi.std.errors.not_allowed_in_current_state",
             ErrorKind::TimedOut => "com.vmware.vapi.std.errors.timed_out",
             ErrorKind::Error => "com.vmware.vapi.std.errors.error",
         }
@@ -62,7 +73,10 @@ impl ErrorKind {
     /// The HTTP status REST answers with.
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorKind::InvalidArgument | ErrorKind::UnableToAllocateResource => StatusCode::BAD_REQUEST,
+            ErrorKind::InvalidArgument
+            | ErrorKind::UnableToAllocateResource
+            | ErrorKind::AlreadyInDesiredState
+            | ErrorKind::NotAllowedInCurrentState => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorKind::Unauthorized => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
@@ -117,6 +131,33 @@ impl From<InventoryError> for ApiError {
             // Database paths and SQLite messages stay in the log.
             other => ApiError::internal("the inventory could not answer", &other),
         }
+    }
+}
+
+impl From<HostError> for ApiError {
+    fn from(e: HostError) -> ApiError {
+        let e = match e {
+            HostError::Inventory(i) => return ApiError::from(i),
+            other => other,
+        };
+        let kind = match &e {
+            HostError::NotFound(_) => ErrorKind::NotFound,
+            HostError::AlreadyInState { .. } => ErrorKind::AlreadyInDesiredState,
+            HostError::NotRunning { .. } => ErrorKind::NotAllowedInCurrentState,
+            HostError::Memory { .. } | HostError::Cpus { .. } => ErrorKind::UnableToAllocateResource,
+            // The operator of the endpoint must act; the message names the package.
+            HostError::Qemu(QemuError::NotInstalled { .. } | QemuError::BadBinary { .. }) => {
+                tracing::error!(error = %e, "API: cannot power on");
+                return ApiError::new(
+                    ErrorKind::Error,
+                    "the cloud host cannot run VMs: QEMU (qemu-system-x86_64) is not installed on the endpoint; \
+                     see the endpoint's log",
+                );
+            }
+            // File paths and QEMU's output stay in the log.
+            _ => return ApiError::internal("the host could not change the VM's power state", &e),
+        };
+        ApiError::new(kind, e.to_string())
     }
 }
 

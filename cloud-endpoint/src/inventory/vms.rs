@@ -329,6 +329,19 @@ impl Inventory {
         })
     }
 
+    /// Records a VM's power state (POWERED_ON, POWERED_OFF), as its host sees it.
+    pub fn set_power_state(&self, id: &str, state: &str) -> Result<(), InventoryError> {
+        self.with_conn(|conn| {
+            let changed = conn.execute("UPDATE vm SET power_state = ?2 WHERE id = ?1", params![id, state])?;
+            if changed == 0 {
+                return Err(InventoryError::NotFound {
+                    what: format!("VM {id}"),
+                });
+            }
+            Ok(())
+        })
+    }
+
     /// Bytes the datastore is committed to: the capacities of registered disks plus the
     /// logical size of RUNNING migrations (compare with a configured capacity).
     /// Bytes datastore `datastore_id` holds or has promised: its registered disks and the

@@ -580,6 +580,10 @@ async fn prepare_files(staged: &Staged, plan: &LivePlan, boot: &[Vec<u8>; 2]) ->
                 }
                 None => None,
             };
+            // Kept beside the disks: a later power on boots the same way (see
+            // crate::hosts::VmFiles::direct_kernel).
+            std::fs::write(dir.join(format!("{name}.append")), &b.append)
+                .map_err(|e| format!("cannot write the kernel command line: {e}"))?;
             Some(DirectKernel {
                 kernel,
                 initrd,

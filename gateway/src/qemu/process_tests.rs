@@ -43,6 +43,15 @@ fn binary() -> Option<QemuBinary> {
     }
 }
 
+/// Kills the QEMU of a failing test (QEMU outlives its parent on purpose).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = kill(self.0);
+    }
+}
+
 fn spec(dir: &Path) -> MachineSpec {
     boot_disk(&dir.join("boot.img"));
     MachineSpec {
@@ -91,6 +100,7 @@ async fn real_qemu_boots_answers_qmp_and_stops() {
     let qemu = QemuProcess::spawn(&binary, &spec, &dir.path().join("qemu.log"))
         .await
         .unwrap();
+    let _guard = KillOnDrop(qemu.pid());
     let qmp = qemu.qmp();
     assert_eq!(
         qmp.greeting()["version"]["qemu"]["major"].as_u64().map(|m| m >= 7),

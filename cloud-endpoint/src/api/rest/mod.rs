@@ -65,6 +65,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/gateway/migrations/{migration}/receipt", get(vcenter::get_receipt))
         .route("/api/gateway/migrations/{migration}/report", get(vcenter::get_report))
         .route("/api/gateway/vms/{vm}/firewall", get(vcenter::get_vm_firewall))
+        .route(
+            "/api/vcenter/vm/{vm}/power",
+            get(vcenter::get_power).post(vcenter::change_power),
+        )
+        .route("/api/gateway/vms/{vm}/console", get(vcenter::get_console))
         .route("/api/gateway/plans", post(vcenter::check_plan))
         .fallback(not_found)
         .method_not_allowed_fallback(operation_not_found)

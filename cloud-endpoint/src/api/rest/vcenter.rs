@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::query;
 use crate::api::error::ApiError;
-use crate::api::vcenter::{self, vm};
+use crate::api::vcenter::{self, power, vm};
 use crate::api::{blocking, gateway, tasks, ApiState};
 use crate::Domain;
 
@@ -255,4 +255,55 @@ pub async fn abort_migration(
         record = blocking(&state.domain, move |d| gateway::get_migration(d, &id)).await?;
     }
     Ok(Json(record))
+}
+
+/// `GET /api/vcenter/vm/{vm}/power`: `{"state":"POWERED_ON"}`.
+pub async fn get_power(State(state): State<ApiState>, Path(vm): Path<String>) -> Answer<power::PowerInfo> {
+    one(&state, vm, power::get).await
+}
+
+/// `POST /api/vcenter/vm/{vm}/power?action=start|stop|reset`: 204 once done.
+pub async fn change_power(
+    State(state): State<ApiState>,
+    axum::Extension(ctx): axum::Extension<super::SessionContext>,
+    Path(vm): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let mut action = None;
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match &*key {
+            "action" => action = Some(power::Action::parse(&value)?),
+            // vSphere's optional flag for a task handle; these operations answer when done.
+            "vmw-task" => {}
+            other => {
+                return Err(ApiError::invalid_argument(format!(
+                    "POST /api/vcenter/vm/{vm}/power takes ?action=start|stop|reset, not {other:?}"
+                )))
+            }
+        }
+    }
+    let action = action.ok_or_else(|| {
+        ApiError::invalid_argument(format!(
+            "POST /api/vcenter/vm/{vm}/power needs ?action=start|stop|reset"
+        ))
+    })?;
+    power::change(&state.domain, ctx.principal(), &vm, action).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// `GET /api/gateway/vms/{vm}/console?bytes=N`: the end of the guest's serial console as
+/// text (64 KiB unless N says otherwise, at most 1 MiB).
+pub async fn get_console(
+    State(state): State<ApiState>,
+    axum::Extension(ctx): axum::Extension<super::SessionContext>,
+    Path(vm): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<axum::response::Response, ApiError> {
+    let bytes = power::console_bytes(query.as_deref())?;
+    let principal = ctx.principal().clone();
+    let out = blocking(&state.domain, move |d| power::console(d, &principal, &vm, bytes)).await?;
+    Ok(axum::response::IntoResponse::into_response((
+        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        String::from_utf8_lossy(&out).into_owned(),
+    )))
 }

@@ -24,7 +24,7 @@ use serde_json::{json, Map, Value};
 use self::value::{encode, secret, struct_fields, unwrap_optional, Shape};
 use super::error::{ApiError, ErrorKind};
 use super::session::{rfc3339_millis, Now, Session};
-use super::vcenter::{self, vm, Filter};
+use super::vcenter::{self, power, vm, Filter};
 use super::{blocking, tasks, ApiState};
 use crate::Domain;
 
@@ -44,6 +44,7 @@ const OPERATIONS: &[(&str, &[&str])] = &[
     ("com.vmware.cis.session", &["create", "get", "delete"]),
     ("com.vmware.cis.tasks", &["get"]),
     ("com.vmware.vcenter.VM", &["list", "get"]),
+    ("com.vmware.vcenter.vm.power", &["get", "start", "stop", "reset"]),
     ("com.vmware.vcenter.host", &["list"]),
     ("com.vmware.vcenter.datastore", &["list", "get"]),
     ("com.vmware.vcenter.network", &["list"]),
@@ -219,6 +220,16 @@ async fn call(
         ("com.vmware.cis.tasks", "get") => get(state, input, "task", tasks::get, &shapes::TASK_INFO).await,
         ("com.vmware.vcenter.VM", "list") => list(state, input, VM_FILTER, vm::list, &shapes::VM_SUMMARY).await,
         ("com.vmware.vcenter.VM", "get") => get(state, input, "vm", vm_info, &shapes::VM_INFO).await,
+        ("com.vmware.vcenter.vm.power", "get") => get(state, input, "vm", power::get, &shapes::POWER_INFO).await,
+        ("com.vmware.vcenter.vm.power", action @ ("start" | "stop" | "reset")) => {
+            let action = power::Action::parse(action)?;
+            let vm = input_fields(input)?
+                .get("vm")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::invalid_argument("the call needs the VM's id in \"vm\""))?;
+            power::change(&state.domain, &session.principal, vm, action).await?;
+            Ok(Value::Null)
+        }
         ("com.vmware.vcenter.host", "list") => {
             list(state, input, HOST_FILTER, vcenter::list_hosts, &shapes::HOST_SUMMARY).await
         }

@@ -292,6 +292,12 @@ pub const VM_INFO: Shape = Struct(
     ],
 );
 
+/// `com.vmware.vcenter.vm.power` get.
+pub const POWER_INFO: Shape = Struct(
+    "com.vmware.vcenter.vm.power.info",
+    &[("state", Plain), ("clean_power_off", Opt(&Plain))],
+);
+
 // --- com.vmware.cis -------------------------------------------------------------------
 
 pub const SESSION_INFO: Shape = Struct(

@@ -6,6 +6,7 @@
 //! Every operation blocks (SQLite, statvfs): call them from `spawn_blocking`.
 
 pub mod resource_pool;
+pub mod power;
 pub mod vm;
 
 use std::collections::BTreeMap;

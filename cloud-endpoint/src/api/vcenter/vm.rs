@@ -305,7 +305,8 @@ impl VmInfo {
             info.disks.insert((DISK_KEY_BASE + index).to_string(), disk);
         }
         for (index, record) in vm.nics.iter().enumerate() {
-            info.nics.insert((NIC_KEY_BASE + index).to_string(), nic(index, record));
+            info.nics
+                .insert((NIC_KEY_BASE + index).to_string(), nic(index, record, &vm.power_state));
         }
         info
     }
@@ -345,7 +346,7 @@ fn disk(index: usize, d: &DiskRecord) -> Disk {
     disk
 }
 
-fn nic(index: usize, n: &NicRecord) -> Nic {
+fn nic(index: usize, n: &NicRecord, power_state: &str) -> Nic {
     Nic {
         label: format!("Network adapter {}", index + 1),
         kind: nic_type(n.virtual_dev.as_deref()),
@@ -353,8 +354,13 @@ fn nic(index: usize, n: &NicRecord) -> Nic {
         // generates it when the VM first powers on.
         mac_type: if n.mac.is_some() { "MANUAL" } else { "GENERATED" },
         mac_address: n.mac.clone(),
-        // A migrated VM is powered off, and a powered-off VM's NIC is not connected.
-        state: "NOT_CONNECTED",
+        // A powered-off VM's NIC is not connected; a running one's is, to the host's
+        // isolated user-mode network (see crate::hosts).
+        state: if power_state == crate::hosts::POWERED_ON {
+            "CONNECTED"
+        } else {
+            "NOT_CONNECTED"
+        },
         start_connected: true,
         allow_guest_control: true,
         wake_on_lan_enabled: false,

@@ -1,0 +1,358 @@
+//! The cloud domain's host runs its powered-on VMs: one QEMU process per VM, started,
+//! watched and stopped here over QMP.
+//!
+//! ```text
+//! mod.rs    Hosts: power on, power off, reset; the watcher that notices a QEMU exit;
+//!           finding running VMs again after a restart
+//! spec.rs   an inventory VM as a gateway::qemu::MachineSpec; its runtime files
+//! ```
+//!
+//! The inventory's `power_state` follows the processes: POWERED_ON once QEMU runs,
+//! POWERED_OFF when it has stopped, whether through the API, the guest shutting down, or
+//! QEMU crashing.
+//!
+//! An endpoint that stops leaves its VMs running, as an ESXi host keeps its VMs while
+//! vCenter restarts: QEMU runs in its own process group, and the VM folder keeps its
+//! QMP socket and pid file. On start, [`Hosts::recover`] finds each VM the inventory
+//! says is POWERED_ON again by that pid and socket, or marks it POWERED_OFF.
+
+mod spec;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway::qemu::{QemuBinary, QemuError, QemuProcess};
+
+pub use spec::{machine_spec, resolve_datastore_path, VmFiles};
+
+use crate::inventory::{InventoryError, VmRecord};
+use crate::Domain;
+
+pub const POWERED_ON: &str = "POWERED_ON";
+pub const POWERED_OFF: &str = "POWERED_OFF";
+
+/// How long a VM has to stop after `quit` before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a power operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HostError {
+    #[error("VM {0} is not in the inventory")]
+    NotFound(String),
+    #[error("VM {vm} is already {state}")]
+    AlreadyInState { vm: String, state: &'static str },
+    #[error("VM {vm} is {state}; power it on first")]
+    NotRunning { vm: String, state: &'static str },
+    #[error(
+        "VM {vm} needs {need} MiB of memory; the host has {host} MiB and its powered-on VMs use {used} MiB; \
+         power off another VM or raise the host's memory_mib"
+    )]
+    Memory {
+        vm: String,
+        need: u64,
+        used: u64,
+        host: u64,
+    },
+    #[error("VM {vm} has {vcpus} vCPUs, more than the host's {cores} cores; give it fewer vCPUs")]
+    Cpus { vm: String, vcpus: u32, cores: u32 },
+    #[error("VM disk {path} cannot be opened: {reason}")]
+    Disk { path: String, reason: String },
+    #[error("cannot write {}: {source}", path.display())]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("an endpoint worker failed: {0}")]
+    Worker(String),
+    #[error(transparent)]
+    Qemu(#[from] QemuError),
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+}
+
+/// A VM whose QEMU runs.
+#[derive(Debug)]
+struct Running {
+    process: Arc<QemuProcess>,
+    memory_mib: u64,
+    /// Tells this run from a later one of the same VM: a watcher only cleans up its own.
+    generation: u64,
+    files: VmFiles,
+}
+
+/// The host's running VMs.
+#[derive(Debug)]
+pub struct Hosts {
+    memory_mib: u64,
+    cpu_cores: u32,
+    /// One lock for every power operation: they are rare, and a start that checks the
+    /// memory of the others must not race another start.
+    running: tokio::sync::Mutex<HashMap<String, Running>>,
+    generation: AtomicU64,
+    /// Set when the endpoint stops: watchers let go of their VMs, which run on.
+    detached: tokio::sync::watch::Sender<bool>,
+}
+
+impl Hosts {
+    /// A host with this much memory and this many cores (the domain config's host).
+    pub fn new(memory_mib: u64, cpu_cores: u32) -> Hosts {
+        Hosts {
+            memory_mib,
+            cpu_cores,
+            running: Default::default(),
+            generation: AtomicU64::new(0),
+            detached: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Whether `vm` has a QEMU now.
+    pub async fn is_running(&self, vm: &str) -> bool {
+        self.running.lock().await.contains_key(vm)
+    }
+
+    /// QEMU's pid for `vm`, while it runs.
+    pub async fn pid(&self, vm: &str) -> Option<u32> {
+        self.running.lock().await.get(vm).map(|r| r.process.pid())
+    }
+
+    /// Powers `vm` on: builds its machine from the inventory, starts QEMU and marks it
+    /// POWERED_ON. Refused if it runs already or the host's memory would not hold it.
+    pub async fn power_on(domain: &Arc<Domain>, vm_id: &str) -> Result<(), HostError> {
+        let hosts = &domain.hosts;
+        let mut running = hosts.running.lock().await;
+        let vm = load_vm(domain, vm_id).await?;
+        if running.contains_key(vm_id) {
+            return Err(HostError::AlreadyInState {
+                vm: vm_id.to_owned(),
+                state: POWERED_ON,
+            });
+        }
+        let used: u64 = running.values().map(|r| r.memory_mib).sum();
+        if used.saturating_add(vm.memory_mib) > hosts.memory_mib {
+            return Err(HostError::Memory {
+                vm: vm_id.to_owned(),
+                need: vm.memory_mib,
+                used,
+                host: hosts.memory_mib,
+            });
+        }
+        if vm.num_cpus > hosts.cpu_cores {
+            return Err(HostError::Cpus {
+                vm: vm_id.to_owned(),
+                vcpus: vm.num_cpus,
+                cores: hosts.cpu_cores,
+            });
+        }
+        if vm.firmware.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("efi")) {
+            // No UEFI firmware is set up for the hosts yet; SeaBIOS boots what it can.
+            tracing::warn!(vm = %vm_id, "an EFI VM is started with BIOS firmware; it may not boot");
+        }
+        let files = VmFiles::of_vm(domain, &vm);
+        let spec = machine_spec(domain, &vm, &files)?;
+        let binary = QemuBinary::from_env()?;
+        let process = QemuProcess::spawn(&binary, &spec, &files.qemu_log).await?;
+        let pid = process.pid();
+        if let Err(source) = std::fs::write(&files.pid_file, format!("{pid}\n")) {
+            // Without the pid file a restart could not find the VM: do not run it.
+            let _ = process.stop(STOP_GRACE).await;
+            files.clean_runtime();
+            return Err(HostError::Io {
+                path: files.pid_file.clone(),
+                source,
+            });
+        }
+        let process = Arc::new(process);
+        if let Err(e) = set_state(domain, vm_id, POWERED_ON).await {
+            let _ = process.stop(STOP_GRACE).await;
+            files.clean_runtime();
+            return Err(e);
+        }
+        tracing::info!(vm = %vm_id, name = %vm.name, pid, "powered on");
+        let generation = hosts.generation.fetch_add(1, Ordering::Relaxed);
+        running.insert(
+            vm_id.to_owned(),
+            Running {
+                process: process.clone(),
+                memory_mib: vm.memory_mib,
+                generation,
+                files,
+            },
+        );
+        watch(domain.clone(), vm_id.to_owned(), process, generation);
+        Ok(())
+    }
+
+    /// Powers `vm` off as a power cut would (vSphere's `stop`): QEMU quits, or is killed
+    /// after a grace period. The VM is POWERED_OFF when this returns.
+    pub async fn power_off(domain: &Arc<Domain>, vm_id: &str) -> Result<(), HostError> {
+        let mut running = domain.hosts.running.lock().await;
+        load_vm(domain, vm_id).await?;
+        let Some(run) = running.remove(vm_id) else {
+            return Err(HostError::AlreadyInState {
+                vm: vm_id.to_owned(),
+                state: POWERED_OFF,
+            });
+        };
+        let how = run.process.stop(STOP_GRACE).await;
+        // Whether QEMU went quietly or was killed, or even refused to die, the VM is
+        // no longer this host's to run; the error says what is left behind.
+        run.files.clean_runtime();
+        set_state(domain, vm_id, POWERED_OFF).await?;
+        let how = how?;
+        tracing::info!(vm = %vm_id, pid = run.process.pid(), ended = %how, "powered off");
+        Ok(())
+    }
+
+    /// Resets a running VM (QMP `system_reset`), as the reset button does.
+    pub async fn reset(domain: &Arc<Domain>, vm_id: &str) -> Result<(), HostError> {
+        let running = domain.hosts.running.lock().await;
+        load_vm(domain, vm_id).await?;
+        let Some(run) = running.get(vm_id) else {
+            return Err(HostError::NotRunning {
+                vm: vm_id.to_owned(),
+                state: POWERED_OFF,
+            });
+        };
+        run.process
+            .qmp()
+            .execute("system_reset", serde_json::Value::Null)
+            .await?;
+        tracing::info!(vm = %vm_id, "reset");
+        Ok(())
+    }
+
+    /// After a restart: each VM the inventory shows POWERED_ON is found again by the pid
+    /// file and QMP socket in its folder, or, its QEMU gone, marked POWERED_OFF.
+    pub async fn recover(domain: &Arc<Domain>) -> Result<(), HostError> {
+        let d = domain.clone();
+        let vms = tokio::task::spawn_blocking(move || d.inventory.list_vms())
+            .await
+            .map_err(|e| HostError::Worker(e.to_string()))??;
+        let mut running = domain.hosts.running.lock().await;
+        for vm in vms.into_iter().filter(|vm| vm.power_state == POWERED_ON) {
+            let files = VmFiles::of_vm(domain, &vm);
+            let attached = match files.read_pid() {
+                Some(pid) => QemuProcess::attach(pid, &files.qmp_socket).await.ok(),
+                None => None,
+            };
+            let Some(process) = attached else {
+                tracing::warn!(vm = %vm.id, name = %vm.name, "its QEMU stopped while the endpoint was down: POWERED_OFF");
+                files.clean_runtime();
+                set_state(domain, &vm.id, POWERED_OFF).await?;
+                continue;
+            };
+            tracing::info!(vm = %vm.id, name = %vm.name, pid = process.pid(), "still running: attached");
+            let process = Arc::new(process);
+            let generation = domain.hosts.generation.fetch_add(1, Ordering::Relaxed);
+            running.insert(
+                vm.id.clone(),
+                Running {
+                    process: process.clone(),
+                    memory_mib: vm.memory_mib,
+                    generation,
+                    files,
+                },
+            );
+            watch(domain.clone(), vm.id, process, generation);
+        }
+        Ok(())
+    }
+}
+
+impl Hosts {
+    /// Takes over a VM that already runs: a live migration's destination, registered
+    /// POWERED_ON once it ran, its files moved into the VM's folder (its QMP socket and
+    /// pid file with them). From here on it is powered off, reset and watched like any
+    /// VM this host started.
+    pub async fn adopt(domain: &Arc<Domain>, vm_id: &str, process: Arc<QemuProcess>) {
+        let vm = match load_vm(domain, vm_id).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                tracing::error!(vm = %vm_id, error = %e, "cannot take over a migrated VM");
+                return;
+            }
+        };
+        let files = VmFiles::of_vm(domain, &vm);
+        let mut running = domain.hosts.running.lock().await;
+        let generation = domain.hosts.generation.fetch_add(1, Ordering::Relaxed);
+        running.insert(
+            vm_id.to_owned(),
+            Running {
+                process: process.clone(),
+                memory_mib: vm.memory_mib,
+                generation,
+                files,
+            },
+        );
+        tracing::info!(vm = %vm_id, name = %vm.name, pid = process.pid(), "runs on this host after a live migration");
+        watch(domain.clone(), vm_id.to_owned(), process, generation);
+    }
+
+    /// Why a VM of `memory_mib` could not run here now, if it could not: the memory of
+    /// the running VMs and the host's. Call from a blocking thread.
+    pub fn room_for(&self, memory_mib: u64) -> Option<String> {
+        let used: u64 = self.running.blocking_lock().values().map(|r| r.memory_mib).sum();
+        (used.saturating_add(memory_mib) > self.memory_mib).then(|| {
+            format!(
+                "the host has {} MiB of memory and its running VMs use {used} MiB: a VM of {memory_mib} MiB does not fit; power off a VM or give the host more memory",
+                self.memory_mib
+            )
+        })
+    }
+
+    /// Lets go of the running VMs as the endpoint stops: their QMP connections close
+    /// (QEMU's monitor takes one client, and the next endpoint run will be it) and their
+    /// watchers end. The VMs keep running and stay POWERED_ON.
+    pub async fn detach(&self) {
+        self.detached.send_replace(true);
+        let mut running = self.running.lock().await;
+        for (vm, run) in running.drain() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), run.process.qmp().close()).await;
+            tracing::info!(vm = %vm, pid = run.process.pid(), "left running for the next start of the endpoint");
+        }
+    }
+}
+
+/// Marks the VM POWERED_OFF when its QEMU exits on its own (guest shutdown, crash, a
+/// kill from outside). A power off through the API has removed the run already.
+fn watch(domain: Arc<Domain>, vm_id: String, process: Arc<QemuProcess>, generation: u64) {
+    let mut detached = domain.hosts.detached.subscribe();
+    tokio::spawn(async move {
+        let how = tokio::select! {
+            how = process.wait() => how,
+            _ = detached.wait_for(|d| *d) => return,
+        };
+        let mut running = domain.hosts.running.lock().await;
+        if running.get(&vm_id).is_none_or(|r| r.generation != generation) {
+            return;
+        }
+        let Some(run) = running.remove(&vm_id) else { return };
+        run.files.clean_runtime();
+        tracing::info!(vm = %vm_id, ended = %how, "QEMU exited: POWERED_OFF");
+        if let Err(e) = set_state(&domain, &vm_id, POWERED_OFF).await {
+            tracing::error!(vm = %vm_id, error = %e, "cannot record POWERED_OFF");
+        }
+    });
+}
+
+async fn load_vm(domain: &Arc<Domain>, vm_id: &str) -> Result<VmRecord, HostError> {
+    let d = domain.clone();
+    let id = vm_id.to_owned();
+    tokio::task::spawn_blocking(move || d.inventory.vm(&id))
+        .await
+        .map_err(|e| HostError::Worker(e.to_string()))??
+        .ok_or_else(|| HostError::NotFound(vm_id.to_owned()))
+}
+
+async fn set_state(domain: &Arc<Domain>, vm_id: &str, state: &'static str) -> Result<(), HostError> {
+    let d = domain.clone();
+    let id = vm_id.to_owned();
+    tokio::task::spawn_blocking(move || d.inventory.set_power_state(&id, state))
+        .await
+        .map_err(|e| HostError::Worker(e.to_string()))??;
+    Ok(())
+}
