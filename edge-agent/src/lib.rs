@@ -82,7 +82,9 @@ impl From<ProtocolError> for MigrateError {
 fn describe_refusal(code: RefusalCode, problems: &[String]) -> String {
     let head = match code {
         RefusalCode::BadCredentials => "the cloud endpoint did not accept the credential (--user/--password)",
-        RefusalCode::NotPermitted => "the cloud endpoint does not permit this (the user's role, or this edge's certificate)",
+        RefusalCode::NotPermitted => {
+            "the cloud endpoint does not permit this (the user's role, or this edge's certificate)"
+        }
         RefusalCode::PlanRejected => "the cloud endpoint refused the migration plan",
         RefusalCode::ProtocolViolation => "the cloud endpoint reported a protocol violation",
         RefusalCode::IntegrityFailure => "the cloud endpoint could not verify the data",

@@ -501,10 +501,27 @@ pub async fn run(
         .map_err(|e| MigrateError::Target(format!("{e}")))?;
     let qmp = Qmp::connect(&opts.qmp).await.map_err(|e| {
         hv(format!(
-            "cannot reach QMP at {}: {e}; start the VM with the command `edge-agent qemu-command` prints",
+            "cannot reach QMP at {}: {e}; start the VM with the command `edge-agent qemu-command` prints \
+             (QEMU's monitor serves one client at a time: close any other QMP client of it)",
             opts.qmp.display()
         ))
     })?;
+    let result = migrate_connected(vm, target, opts, progress, &qmp, live_plan, boot_files).await;
+    // QEMU's monitor serves one client at a time: let go of it for whoever is next.
+    qmp.close().await;
+    result
+}
+
+async fn migrate_connected(
+    vm: &SourceVm,
+    target: &Target,
+    opts: &LiveOptions,
+    progress: &(dyn Fn(LiveProgress) + Send + Sync),
+    qmp: &Qmp,
+    live_plan: LivePlan,
+    boot_files: Vec<Vec<u8>>,
+) -> Result<LiveSummary, MigrateError> {
+    let qmp = qmp.clone();
     check_source(&qmp, &live_plan).await?;
 
     // The forecast, before anything is created in the cloud.

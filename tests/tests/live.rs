@@ -19,7 +19,7 @@ use e2e::relay::Relay;
 use e2e::*;
 use edge_agent::live::{self, LiveOptions, LiveProgress};
 use edge_agent::migrate::MigrateOptions;
-use gateway::qemu::{DirectKernel, QemuBinary, QemuProcess};
+use gateway::qemu::{DirectKernel, QemuBinary};
 use gateway::transport::{PathEstimate, TransportTuning};
 use serde_json::{json, Value};
 
@@ -108,7 +108,9 @@ async fn wait_counter(log: &Path, at_least: u64, secs: u64) -> u64 {
 }
 
 struct Source {
-    process: QemuProcess,
+    /// QEMU itself, not a QemuProcess: QEMU's monitor serves one QMP client at a time,
+    /// and the edge agent is the one.
+    process: std::process::Child,
     serial: PathBuf,
     qmp: PathBuf,
     vm: edge_agent::source::SourceVm,
@@ -122,8 +124,13 @@ async fn start_source(binary: &QemuBinary, dir: &Path, name: &str, append: &str)
     let serial = dir.join("source.console.log");
     let qmp = dir.join("source.qmp");
     let spec = live::source_machine(&vm, Some(kernel.clone()), &serial, &qmp).unwrap();
-    let process = QemuProcess::spawn(binary, &spec, &dir.join("source.qemu.log"))
-        .await
+    spec.validate().unwrap();
+    let log = std::fs::File::create(dir.join("source.qemu.log")).unwrap();
+    let process = Command::new(binary.path())
+        .args(spec.argv())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
         .expect("the source VM starts");
     // Booting under TCG takes 5-12 s.
     wait_counter(&serial, 3, 90).await;
@@ -207,9 +214,9 @@ async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
 
     // The source has stopped; the cloud's VM is POWERED_ON and keeps counting where the
     // source left off, with no reboot in between.
-    tokio::time::timeout(Duration::from_secs(10), source.process.wait())
-        .await
-        .expect("the source QEMU quit");
+    let mut process = source.process;
+    let quit = eventually(10, || process.try_wait().unwrap()).await;
+    assert!(quit.is_some(), "the source QEMU quit");
     let vm = cloud
         .domain
         .inventory
@@ -310,7 +317,9 @@ async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
     assert!(cut_at.lock().unwrap().is_some(), "the link was cut during pre-copy");
 
     // The source runs on and keeps counting.
-    let qmp = source.process.qmp();
+    let qmp = gateway::qemu::Qmp::connect(&source.qmp)
+        .await
+        .expect("QMP of the source");
     let status: Value = qmp.execute("query-status", json!(null)).await.unwrap();
     assert_eq!(status["status"], "running", "{status}");
     let before = *counters(&source.serial).last().unwrap();
@@ -335,7 +344,10 @@ async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
     let cloud_root = cloud.root.display().to_string();
     let left = eventually(10, || (!qemu_running_under(&cloud_root)).then_some(())).await;
     assert!(left.is_some(), "a destination QEMU still runs under {cloud_root}");
-    let _ = source.process.stop(Duration::from_secs(3)).await;
+    let _ = qmp.execute("quit", json!(null)).await;
+    let mut process = source.process;
+    let _ = eventually(10, || process.try_wait().unwrap()).await;
+    let _ = process.kill();
     cloud.stop().await;
 }
 

@@ -7,8 +7,8 @@ use gateway::qemu::{DiskFormat, MachineDisk, MachineNic, MachineSpec, NicBackend
 
 use super::HostError;
 use crate::datastore::Datastore;
-use crate::Domain;
 use crate::inventory::VmRecord;
+use crate::Domain;
 
 /// The files of a powered-on VM beside its disks, in its datastore folder: where an
 /// endpoint that restarts finds its running VMs again.

@@ -5,8 +5,8 @@
 //!
 //! Every operation blocks (SQLite, statvfs): call them from `spawn_blocking`.
 
-pub mod resource_pool;
 pub mod power;
+pub mod resource_pool;
 pub mod vm;
 
 use std::collections::BTreeMap;

@@ -52,7 +52,15 @@ pub fn finalize(
             ));
         }
     }
-    let new_vm = match write_vm_files(domain, plan, &staging, &other_staging, &placement, &disks, &nic_networks) {
+    let new_vm = match write_vm_files(
+        domain,
+        plan,
+        &staging,
+        &other_staging,
+        &placement,
+        &disks,
+        &nic_networks,
+    ) {
         Ok(new_vm) => new_vm,
         Err(e) => return Err(fail(staging, other_staging, e)),
     };
@@ -266,7 +274,15 @@ pub fn finalize_live(
         nic_networks,
         ..
     } = staged;
-    let new_vm = match write_vm_files(domain, plan, &staging, &other_staging, &placement, &disks, &nic_networks) {
+    let new_vm = match write_vm_files(
+        domain,
+        plan,
+        &staging,
+        &other_staging,
+        &placement,
+        &disks,
+        &nic_networks,
+    ) {
         Ok(new_vm) => new_vm,
         Err(e) => {
             discard_stagings(staging, other_staging);
