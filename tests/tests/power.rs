@@ -126,6 +126,28 @@ impl Api {
         .await
     }
 
+    /// A vAPI JSON-RPC call (the Python SDK's protocol) on `com.vmware.vcenter.vm.power`.
+    async fn vapi_power(&self, operation: &str, vm: &str, token: &str) -> Value {
+        let body = serde_json::json!({
+            "jsonrpc": "2.0", "method": "invoke", "id": "1",
+            "params": {
+                "serviceId": "com.vmware.vcenter.vm.power", "operationId": operation,
+                "input": {"STRUCTURE": {"operation-input": {"vm": vm}}},
+                "ctx": {"appCtx": {}, "securityCtx": {
+                    "schemeId": "com.vmware.vapi.std.security.session_id", "sessionId": token}}
+            }
+        });
+        let r = self
+            .http
+            .post(format!("{}/api", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json::<Value>().await.unwrap()["result"].clone()
+    }
+
     async fn state(&self, vm: &str, token: &str) -> String {
         let info = self.json(&format!("/api/vcenter/vm/{vm}/power"), token).await;
         info["state"].as_str().unwrap().to_owned()
@@ -257,6 +279,19 @@ async fn a_lifted_vm_boots_in_the_cloud_and_stops() {
 
     let (s, b) = api.power(&vm, "start", &op).await;
     assert_error(s, &b, StatusCode::BAD_REQUEST, "ALREADY_IN_DESIRED_STATE");
+    // The same through vAPI, with the REST session (sessions are shared).
+    let info = api.vapi_power("get", &vm, &op).await;
+    assert_eq!(
+        info["output"]["STRUCTURE"]["com.vmware.vcenter.vm.power.info"]["state"], "POWERED_ON",
+        "{info}"
+    );
+    let refused = api.vapi_power("start", &vm, &op).await;
+    assert!(
+        refused["error"]["ERROR"]
+            .get("com.vmware.vapi.std.errors.already_in_desired_state")
+            .is_some(),
+        "{refused}"
+    );
     let (s, b) = api.power(&other, "start", &op).await;
     assert_error(s, &b, StatusCode::BAD_REQUEST, "UNABLE_TO_ALLOCATE_RESOURCE");
     assert!(b.contains("memory"), "{b}");
@@ -298,10 +333,11 @@ async fn a_lifted_vm_boots_in_the_cloud_and_stops() {
     cloud.stop().await;
     assert!(alive(other_pid), "VMs outlive an endpoint restart");
     let cloud = Cloud::start(&cloud_dir, &pki, &env).await;
-    assert_eq!(cloud.domain.hosts.pid(&other).await, Some(other_pid));
     let api = Api::new(&cloud, &pki);
+    // The API answers once the running VMs are found again (the endpoint does that first).
     let op = api.token(MIGRATOR).await;
     assert_eq!(api.state(&other, &op).await, "POWERED_ON");
+    assert_eq!(cloud.domain.hosts.pid(&other).await, Some(other_pid));
 
     // QEMU killed behind the endpoint's back: the VM shows POWERED_OFF.
     let killed = std::process::Command::new("kill")
