@@ -202,7 +202,7 @@ mod tests {
         assert_eq!(disk_format(Path::new("a/b.qcow2")), Some(DiskFormat::Qcow2));
         assert_eq!(disk_format(Path::new("a/b.img")), Some(DiskFormat::Raw));
         assert_eq!(disk_format(Path::new("a/b.iso")), None);
-        assert_eq!(nic_model(Some("VMXNET3")), "vmxnet3");
-        assert_eq!(nic_model(None), "e1000");
+        assert_eq!(gateway::qemu::vm::nic_model(Some("VMXNET3")), "vmxnet3");
+        assert_eq!(gateway::qemu::vm::nic_model(None), "e1000");
     }
 }

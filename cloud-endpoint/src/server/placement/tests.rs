@@ -54,6 +54,7 @@ fn domain(dir: &std::path::Path) -> Domain {
         endpoint_name: "test".into(),
         receipts,
         live: Default::default(),
+        hosts: crate::hosts::Hosts::new(65536, 16),
     }
 }
 
