@@ -285,7 +285,7 @@ fn space_problems(
                 .map(|(d, _)| d.key.as_str())
                 .collect();
             problems.push(format!(
-                "the disks placed on datastore {} ({}) ({}) need {needed} bytes but it has {free} bytes free; free space, choose another datastore (--datastore, --disk-datastore) or a smaller VM",
+                "the disks placed on datastore {} ({}) ({}) need {needed} bytes but it has {free} bytes free; free space or choose a smaller VM, or put the disks on another datastore (--datastore, --disk-datastore)",
                 info.name,
                 info.id,
                 keys.join(", ")
