@@ -29,6 +29,11 @@ cache=${1:-${LIVE_GUEST_DIR:-$repo/target/live-guest}}
 kpkg=${KERNEL_PKG:-linux-image-cloud-amd64}
 mkdir -p "$cache/debs"
 cache=$(cd "$cache" && pwd)
+# Tests run in parallel processes: one builds, the others wait for it and reuse the result.
+if [ -z "${GUEST_SH_LOCKED:-}" ] && command -v flock >/dev/null; then
+  export GUEST_SH_LOCKED=1
+  exec flock "$cache/.lock" "$0" "$@"
+fi
 
 log() { echo "guest.sh: $*" >&2; }
 

@@ -107,10 +107,20 @@ async fn wait_counter(log: &Path, at_least: u64, secs: u64) -> u64 {
         })
 }
 
+/// A child process killed when dropped: a failed test leaves no guest running.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Source {
     /// QEMU itself, not a QemuProcess: QEMU's monitor serves one QMP client at a time,
     /// and the edge agent is the one.
-    process: std::process::Child,
+    process: Killed,
     serial: PathBuf,
     qmp: PathBuf,
     vm: edge_agent::source::SourceVm,
@@ -131,6 +141,7 @@ async fn start_source(binary: &QemuBinary, dir: &Path, name: &str, append: &str)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
+        .map(Killed)
         .expect("the source VM starts");
     // Booting under TCG takes 5-12 s.
     wait_counter(&serial, 3, 90).await;
@@ -159,23 +170,32 @@ fn opts(source: &Source, link: Option<PathEstimate>) -> LiveOptions {
     }
 }
 
-fn idle_env() -> String {
-    IDLE_SECS.to_string()
+/// A cloud endpoint (`host_memory_mib` for its host, if given) and a running source VM
+/// `name` whose kernel command line adds `append`. `None` without QEMU.
+async fn setup(
+    name: &str,
+    append: &str,
+    host_memory_mib: Option<&str>,
+) -> Option<(tempfile::TempDir, Pki, Cloud, Source)> {
+    let binary = qemu()?;
+    // Short: unix socket paths (QMP) must stay under 108 bytes.
+    let tmp = tempfile::Builder::new().prefix("lv").tempdir_in("/tmp").unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let idle = IDLE_SECS.to_string();
+    let mut env = vec![("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", idle.as_str())];
+    if let Some(mib) = host_memory_mib {
+        env.push(("CLOUD_ENDPOINT_DOMAIN__HOST__MEMORY_MIB", mib));
+    }
+    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &env).await;
+    let source = start_source(&binary, &tmp.path().join("src"), name, append).await;
+    Some((tmp, pki, cloud, source))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
-    let Some(binary) = qemu() else { return };
-    let tmp = tempfile::Builder::new().prefix("lv").tempdir_in("/tmp").unwrap();
-    let pki = Pki::new(&tmp.path().join("pki"));
-    let idle = idle_env();
-    let cloud = Cloud::start(
-        &tmp.path().join("cloud"),
-        &pki,
-        &[("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", &idle)],
-    )
-    .await;
-    let source = start_source(&binary, &tmp.path().join("src"), "live01", "").await;
+    let Some((_tmp, pki, cloud, source)) = setup("live01", "", None).await else {
+        return;
+    };
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     let seen: Arc<Mutex<Vec<LiveProgress>>> = Arc::default();
     let progress = {
@@ -215,7 +235,7 @@ async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
     // The source has stopped; the cloud's VM is POWERED_ON and keeps counting where the
     // source left off, with no reboot in between.
     let mut process = source.process;
-    let quit = eventually(10, || process.try_wait().unwrap()).await;
+    let quit = eventually(10, || process.0.try_wait().unwrap()).await;
     assert!(quit.is_some(), "the source QEMU quit");
     let vm = cloud
         .domain
@@ -275,18 +295,10 @@ async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
-    let Some(binary) = qemu() else { return };
-    let tmp = tempfile::Builder::new().prefix("lv").tempdir_in("/tmp").unwrap();
-    let pki = Pki::new(&tmp.path().join("pki"));
-    let idle = idle_env();
-    let cloud = Cloud::start(
-        &tmp.path().join("cloud"),
-        &pki,
-        &[("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", &idle)],
-    )
-    .await;
     // A guest that rewrites 48 MiB of memory all the time: pre-copy takes passes.
-    let source = start_source(&binary, &tmp.path().join("src"), "live02", "dirty=48").await;
+    let Some((_tmp, pki, cloud, source)) = setup("live02", "dirty=48", None).await else {
+        return;
+    };
     let relay = Arc::new(Relay::start(cloud.addr).await);
     let mut target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     target.addr = relay.addr;
@@ -344,11 +356,14 @@ async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
     let cloud_root = cloud.root.display().to_string();
     let left = eventually(10, || (!qemu_running_under(&cloud_root)).then_some(())).await;
     assert!(left.is_some(), "a destination QEMU still runs under {cloud_root}");
-    let _ = qmp.execute("quit", json!(null)).await;
-    let mut process = source.process;
-    let _ = eventually(10, || process.try_wait().unwrap()).await;
-    let _ = process.kill();
+    quit(qmp, source.process).await;
     cloud.stop().await;
+}
+
+/// Quits the source QEMU (killed if it does not go).
+async fn quit(qmp: gateway::qemu::Qmp, mut process: Killed) {
+    let _ = qmp.execute("quit", json!(null)).await;
+    let _ = eventually(10, || process.0.try_wait().unwrap()).await;
 }
 
 /// Whether a QEMU process runs with files under `root` on its command line.
@@ -361,4 +376,57 @@ fn qemu_running_under(root: &str) -> bool {
             })
             .unwrap_or(false)
     })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_that_cannot_converge_or_fit_is_refused_before_memory_moves() {
+    // A host with less memory than the guest has: the destination cannot start there.
+    let Some((_tmp, pki, cloud, source)) = setup("live03", "dirty=32", Some("128")).await else {
+        return;
+    };
+    let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
+    let quiet = |p: LiveProgress| println!("{}", live::describe(&p));
+
+    // On a 10 Mbit/s link this guest dirties memory faster than it crosses: the forecast
+    // refuses before the cloud is asked for anything.
+    let slow = PathEstimate {
+        rate_bps: 10_000_000,
+        rtt: Duration::from_millis(150),
+    };
+    let err = live::run(&source.vm, &target, &opts(&source, Some(slow)), &quiet)
+        .await
+        .expect_err("a guest that cannot converge is refused")
+        .to_string();
+    assert!(
+        err.contains("does not converge") && err.contains("--auto-converge"),
+        "{err}"
+    );
+    assert!(
+        cloud.domain.inventory.list_migrations().unwrap().is_empty(),
+        "nothing asked of the cloud"
+    );
+
+    // With --auto-converge the cloud is asked, and refuses: the host cannot hold the VM.
+    let mut o = opts(&source, Some(slow));
+    o.auto_converge = true;
+    let err = live::run(&source.vm, &target, &o, &quiet)
+        .await
+        .expect_err("a VM the host cannot hold is refused");
+    match &err {
+        edge_agent::MigrateError::Refused { code, problems } => {
+            assert_eq!(*code, gateway::wire::RefusalCode::PlanRejected, "{err}");
+            assert!(problems.iter().any(|p| p.contains("MiB")), "{problems:?}");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(cloud.domain.inventory.list_migrations().unwrap().is_empty());
+    assert!(cloud.datastore_entries().is_empty());
+    assert!(!qemu_running_under(&cloud.root.display().to_string()));
+
+    // The source never noticed.
+    let qmp = gateway::qemu::Qmp::connect(&source.qmp).await.unwrap();
+    let status: Value = qmp.execute("query-status", json!(null)).await.unwrap();
+    assert_eq!(status["status"], "running");
+    quit(qmp, source.process).await;
+    cloud.stop().await;
 }

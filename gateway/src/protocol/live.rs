@@ -337,27 +337,7 @@ mod tests {
     fn plan(kernel: &[u8], initrd: &[u8]) -> LivePlan {
         let sha = crate::chunk::sha256;
         LivePlan {
-            plan: crate::plan::MigrationPlan {
-                vm: crate::plan::VmSpec {
-                    name: "web01".into(),
-                    guest_os: "otherLinux64Guest".into(),
-                    num_cpus: 1,
-                    cores_per_socket: None,
-                    memory_mib: 256,
-                    firmware: None,
-                    bios_uuid: None,
-                    nics: vec![],
-                    disks: vec![crate::plan::DiskSpec {
-                        key: "scsi0:0".into(),
-                        capacity: 64 << 20,
-                    }],
-                },
-                network_map: vec![],
-                chunk_size: crate::plan::DEFAULT_CHUNK_SIZE,
-                disk_format: None,
-                firewall: crate::plan::FirewallSpec::default(),
-                placement: Default::default(),
-            },
+            plan: crate::wire::live::tests::sample_plan(),
             boot: Some(DirectBoot {
                 kernel: BootFile {
                     len: kernel.len() as u64,

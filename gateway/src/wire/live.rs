@@ -163,34 +163,39 @@ pub struct TunnelHeader {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::wire::control::{decode, encode};
     use crate::wire::Decoded;
 
+    /// A one-disk plan for the live-migration tests here and in `protocol::live`.
+    pub(crate) fn sample_plan() -> MigrationPlan {
+        MigrationPlan {
+            vm: crate::plan::VmSpec {
+                name: "web01".into(),
+                guest_os: "otherLinux64Guest".into(),
+                num_cpus: 1,
+                cores_per_socket: None,
+                memory_mib: 256,
+                firmware: None,
+                bios_uuid: None,
+                nics: vec![],
+                disks: vec![crate::plan::DiskSpec {
+                    key: "scsi0:0".into(),
+                    capacity: 64 << 20,
+                }],
+            },
+            network_map: vec![],
+            chunk_size: crate::plan::DEFAULT_CHUNK_SIZE,
+            disk_format: None,
+            firewall: crate::plan::FirewallSpec::default(),
+            placement: Default::default(),
+        }
+    }
+
     fn plan() -> LivePlan {
         LivePlan {
-            plan: MigrationPlan {
-                vm: crate::plan::VmSpec {
-                    name: "web01".into(),
-                    guest_os: "otherLinux64Guest".into(),
-                    num_cpus: 1,
-                    cores_per_socket: None,
-                    memory_mib: 256,
-                    firmware: None,
-                    bios_uuid: None,
-                    nics: vec![],
-                    disks: vec![crate::plan::DiskSpec {
-                        key: "scsi0:0".into(),
-                        capacity: 64 << 20,
-                    }],
-                },
-                network_map: vec![],
-                chunk_size: crate::plan::DEFAULT_CHUNK_SIZE,
-                disk_format: None,
-                firewall: crate::plan::FirewallSpec::default(),
-                placement: Default::default(),
-            },
+            plan: sample_plan(),
             boot: Some(DirectBoot {
                 kernel: BootFile {
                     len: 10,
