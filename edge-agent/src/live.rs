@@ -589,17 +589,29 @@ async fn migrate_connected(
         LiveCloudMessage::Welcome { .. } => {}
         other => return Err(MigrateError::Target(format!("unexpected answer to hello: {other:?}"))),
     }
-    writer.send(&LiveEdgeMessage::Plan(Box::new(live_plan.clone()))).await?;
-    for (file, bytes) in boot_files.iter().enumerate() {
-        for (i, piece) in bytes.chunks(BOOT_PIECE).enumerate() {
-            writer
-                .send(&LiveEdgeMessage::BootFile {
-                    file: file as u8,
-                    offset: (i * BOOT_PIECE) as u64,
-                    bytes: piece.to_vec(),
-                })
-                .await?;
+    let sent = async {
+        writer.send(&LiveEdgeMessage::Plan(Box::new(live_plan.clone()))).await?;
+        for (file, bytes) in boot_files.iter().enumerate() {
+            for (i, piece) in bytes.chunks(BOOT_PIECE).enumerate() {
+                writer
+                    .send(&LiveEdgeMessage::BootFile {
+                        file: file as u8,
+                        offset: (i * BOOT_PIECE) as u64,
+                        bytes: piece.to_vec(),
+                    })
+                    .await?;
+            }
         }
+        Ok::<_, TransportError>(())
+    }
+    .await;
+    if let Err(e) = sent {
+        // The cloud refuses a plan while its boot files are still on their way, and
+        // stops reading: its answer says why.
+        return match reader.recv::<LiveCloudMessage>().await {
+            Ok(Some(LiveCloudMessage::Refused { code, problems })) => Err(MigrateError::Refused { code, problems }),
+            _ => Err(e.into()),
+        };
     }
     let (migration_id, exports) = match next(reader.recv().await?)? {
         LiveCloudMessage::Ready { migration_id, exports } => (migration_id, exports),
