@@ -27,7 +27,11 @@ pub const ENV_PREFIX: &str = "CLOUD_ENDPOINT_";
 /// Variables under [`ENV_PREFIX`] that are not settings (the binary's own options, such as
 /// the config file path or the log filter); the loader skips them instead of rejecting them
 /// as unknown keys.
-pub const RESERVED_ENV_VARS: &[&str] = &["CLOUD_ENDPOINT_CONFIG", "CLOUD_ENDPOINT_LOG"];
+pub const RESERVED_ENV_VARS: &[&str] = &[
+    "CLOUD_ENDPOINT_CONFIG",
+    "CLOUD_ENDPOINT_LOG",
+    crate::server::placement::CRASH_AT_ENV,
+];
 
 /// Password of the built-in demo users. Anyone who reads this file knows it: replace the
 /// users (or their passwords) in the config file before exposing an endpoint.
@@ -59,6 +63,10 @@ pub struct Config {
     /// endpoint restart) waits for its edge to resume it before its files are removed.
     /// Default 24 hours.
     pub resume_window_hours: u64,
+    /// Which staged chunks are read back and checked before a VM is registered and its
+    /// receipt signed: "all" (default) or "resumed" (only those an earlier connection
+    /// wrote, taken from the journal).
+    pub verify_staged: VerifyStaged,
     /// The vCenter-like domain migrated VMs land in.
     pub domain: DomainConfig,
     /// Limits on `edge-agent link-test` (test traffic an edge may ask for).
@@ -413,6 +421,23 @@ impl Default for LinkTestConfig {
     }
 }
 
+/// What the endpoint reads back from staging before a commit (see [`Config::verify_staged`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyStaged {
+    All,
+    Resumed,
+}
+
+impl VerifyStaged {
+    pub fn scope(self) -> gateway::protocol::VerifyScope {
+        match self {
+            VerifyStaged::All => gateway::protocol::VerifyScope::All,
+            VerifyStaged::Resumed => gateway::protocol::VerifyScope::Resumed,
+        }
+    }
+}
+
 /// The settings that have a default (the certificate paths have none).
 #[derive(Serialize)]
 struct Defaults {
@@ -423,6 +448,7 @@ struct Defaults {
     database: PathBuf,
     max_concurrent_migrations: u32,
     resume_window_hours: u64,
+    verify_staged: VerifyStaged,
     domain: DomainConfig,
     link_test: LinkTestConfig,
     transport: TransportSettings,
@@ -437,6 +463,7 @@ impl Default for Defaults {
             database: PathBuf::from("./inventory.sqlite3"),
             max_concurrent_migrations: 32,
             resume_window_hours: 24,
+            verify_staged: VerifyStaged::All,
             domain: DomainConfig::default(),
             link_test: LinkTestConfig::default(),
             transport: TransportSettings::default(),
@@ -802,6 +829,11 @@ max_concurrent_migrations = 32
 # Hours an interrupted migration (dropped link, killed edge, endpoint restart) waits
 # for its edge to resume it before its partial files are removed.
 resume_window_hours = 24
+
+# Before a VM is registered and its receipt signed, the endpoint reads its staged disks
+# back and checks every chunk against what was sent; chunks that differ are sent again
+# by the edge. "all" (every chunk) or "resumed" (only chunks an earlier connection wrote).
+verify_staged = "all"
 
 # The domain migrated VMs land in. It is written into the inventory on first start;
 # later starts add new networks and users but never delete anything.

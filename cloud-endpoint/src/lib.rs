@@ -125,6 +125,11 @@ impl Endpoint {
             .iter()
             .map(|ds| Datastore::open(&ds.dir, &ds.name, ds.capacity_bytes).map(|d| d.with_disk_format(ds.disk_format)))
             .collect::<Result<Vec<_>, _>>()?;
+        // A commit a crash cut is finished (VM registered) or undone (folders back in
+        // staging) before anything looks at staging.
+        for id in server::placement::recover_commits(&inventory)? {
+            tracing::info!(migration = %id, "recovered a commit cut by the last stop");
+        }
         // Migrations cut by the restart wait for their edge to resume them; their
         // staging folders stay, everything else under .staging is an orphan.
         let (failed, waiting) =
@@ -186,6 +191,10 @@ impl Endpoint {
                 self.domain.clone(),
                 self.tls.clone(),
                 self.config.max_concurrent_migrations,
+                gateway::protocol::ReceiverConfig {
+                    verify: self.config.verify_staged.scope(),
+                    ..Default::default()
+                },
                 &self.config.transport,
                 &self.config.link_test,
                 wait(stopped.clone()),

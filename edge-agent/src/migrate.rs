@@ -190,6 +190,7 @@ struct Shared {
     jobs_changed: Notify,
     payload_bytes: AtomicU64,
     resent_chunks: AtomicU64,
+    repaired_chunks: AtomicU64,
     /// The zstd level sealers use for their next chunk.
     level: AtomicI32,
     /// Nanoseconds sealers spent waiting for room in the sealed queue.
@@ -689,6 +690,7 @@ async fn attempt(
         jobs_changed: Notify::new(),
         payload_bytes: AtomicU64::new(0),
         resent_chunks: AtomicU64::new(0),
+        repaired_chunks: AtomicU64::new(0),
         level: AtomicI32::new(opts.compression.initial_level()),
         sealers_blocked_ns: AtomicU64::new(0),
         senders_starved_ns: AtomicU64::new(0),
@@ -738,6 +740,7 @@ async fn attempt(
                 payload_bytes: shared.payload_bytes.load(Ordering::Relaxed),
                 wire_bytes,
                 resent_chunks: shared.resent_chunks.load(Ordering::Relaxed),
+                repaired_chunks: shared.repaired_chunks.load(Ordering::Relaxed),
                 sent_bytes: run.sent_bytes.load(Ordering::Relaxed),
                 resent_bytes: run.resent_bytes.load(Ordering::Relaxed),
                 resumed_bytes: s.resumed_bytes(),
@@ -978,6 +981,14 @@ async fn control_reader(
                     for (offset, hash) in chunks {
                         shared.run.record(disk, offset / cs, hash);
                     }
+                }
+                SenderEvent::Repairing { disk, chunks } => {
+                    shared.repaired_chunks.fetch_add(chunks, Ordering::Relaxed);
+                    tracing::warn!(
+                        disk,
+                        chunks,
+                        "the cloud read its staged copy back and found chunks that differ from what it acknowledged; sending them again"
+                    );
                 }
                 SenderEvent::Resend { disk, offset } => {
                     tracing::warn!(disk, offset, "chunk rejected by the cloud, resending");

@@ -51,8 +51,11 @@ pub struct Summary {
     pub payload_bytes: u64,
     /// UDP payload bytes sent: everything, including QUIC and TLS overhead.
     pub wire_bytes: u64,
-    /// Chunks resent after the cloud rejected them.
+    /// Chunks resent after the cloud rejected them, repaired ones included.
     pub resent_chunks: u64,
+    /// Chunks the cloud found damaged in its staged copy when it read it back before
+    /// the commit, and that were sent again to repair it.
+    pub repaired_chunks: u64,
     /// Plaintext bytes of the data chunks this process sent, repeats included.
     pub sent_bytes: u64,
     /// Plaintext bytes this process sent more than once: after a reconnect, what was
@@ -124,6 +127,12 @@ impl Summary {
                 human(self.resumed_bytes),
                 human(self.resent_bytes),
                 self.reconnects
+            ));
+        }
+        if self.repaired_chunks > 0 {
+            text.push_str(&format!(
+                "\nrepaired:       {} chunks the cloud's staged copy no longer held as sent were sent again",
+                self.repaired_chunks
             ));
         }
         if let Some(path) = &self.receipt_path {

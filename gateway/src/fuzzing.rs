@@ -104,6 +104,16 @@ pub fn receiver(data: &[u8]) {
                     receipt: String::new(),
                     report: None,
                 })),
+                // The read-back finds the first chunk it was given damaged, the tag
+                // deciding: repairs and clean read-backs both get exercised.
+                ReceiverEvent::VerifyStaged { chunks } => {
+                    let damaged = chunks
+                        .first()
+                        .filter(|_| tag & 0x40 != 0)
+                        .map(|&(disk, index, _)| vec![(disk, index)])
+                        .unwrap_or_default();
+                    session.staged_verified(damaged)
+                }
                 ReceiverEvent::Discard { .. } => {}
                 ReceiverEvent::CheckPlan(_) => {
                     session.plan_checked(Err((crate::wire::RefusalCode::PlanRejected, vec![])))

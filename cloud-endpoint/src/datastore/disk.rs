@@ -23,6 +23,9 @@ pub(super) trait DiskWriter: fmt::Debug + Send + Sync {
     fn finish(&self) -> io::Result<()>;
     /// Makes the writes so far durable (data and the tables that map it).
     fn sync_data(&self) -> io::Result<()>;
+    /// Reads guest bytes `offset..offset + buf.len()` as the file holds them now
+    /// (never-written ranges read as zeros): the read-back before a commit.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 }
 
 /// A staged disk open for writing: see [`super::Staging::create_disk`].
@@ -152,6 +155,23 @@ impl DiskFile {
         self.writer.write_at(data, offset)
     }
 
+    /// Reads guest bytes at `offset` into `buf` from the file as it is now, to check it
+    /// against what was sent. A range past the capacity is refused.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|end| end > self.capacity) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes at offset {offset} end past the disk's {} bytes",
+                    buf.len(),
+                    self.capacity
+                ),
+            ));
+        }
+        self.writer.read_at(buf, offset)
+    }
+
     /// Completes the file after the last write (qcow2: its tables and header) and fsyncs
     /// it. Call once, when every chunk is written.
     pub fn finish(&self) -> io::Result<()> {
@@ -196,5 +216,9 @@ impl DiskWriter for SparseWriter {
 
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
     }
 }

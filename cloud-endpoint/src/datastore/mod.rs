@@ -11,7 +11,9 @@
 //! ```
 //!
 //! A migration writes into its own staging folder; [`Staging::commit`] syncs it and renames
-//! it into place in one step, so a VM folder is either whole or absent. Nothing is deleted
+//! it into place in one step, so a VM folder is either whole or absent. The commit is
+//! recorded in the inventory before the first rename, so a restart after a crash moves a
+//! folder of an unregistered VM back to staging (see `server/placement/commit.rs`). Nothing is deleted
 //! implicitly: dropping a [`Staging`] leaves its folder (call [`Staging::discard`]), and
 //! [`Datastore::clean_staging`] removes what a restart left behind.
 //!
@@ -19,6 +21,7 @@
 //! mod.rs     Datastore, Staging: folders, names, commit
 //! disk.rs    DiskFile: a disk being written, whatever its format; raw and flat extents
 //! qcow2.rs   the qcow2 v3 writer
+//! readback.rs  staged chunks read back and checked before a commit
 //! vmdk.rs    monolithicFlat descriptors
 //! vmx.rs     the .vmx
 //! ```
@@ -26,6 +29,7 @@
 mod disk;
 mod journal;
 mod qcow2;
+mod readback;
 mod vmdk;
 mod vmx;
 
@@ -37,6 +41,7 @@ use std::sync::Arc;
 pub use disk::DiskFile;
 pub use gateway::plan::DiskFormat;
 pub use journal::{Journal, JOURNAL_FILE};
+pub use readback::{read_back, ReadBack};
 use vmx::vmx_text;
 pub(crate) use vmx::{parse_disk_key, VIRTUAL_HW_VERSION};
 pub use vmx::{VmxDisk, VmxNic, VmxSpec};
@@ -398,18 +403,26 @@ impl Staging {
         fs::write(&path, text).map_err(io_err("write", &path))
     }
 
+    /// The VM folder this staging folder becomes at the commit: `root/<vm>/`.
+    pub fn target(&self) -> PathBuf {
+        self.root.join(&self.vm_name)
+    }
+
+    /// Marks the folder as `migration_id`'s before it moves into place, so a restart
+    /// that finds a commit cut short moves back only folders of that migration.
+    pub fn mark(&self, migration_id: &str) -> Result<(), DatastoreError> {
+        let path = self.dir.join(MIGRATION_MARK);
+        fs::write(&path, migration_id).map_err(io_err("write", &path))
+    }
+
     /// Makes the staged files durable and moves them into place: fsyncs every file and
     /// the folder, renames the folder to `root/<vm>/` without replacing anything, and
     /// fsyncs the parents. If `root/<vm>` exists, fails with
     /// [`DatastoreError::VmFolderExists`] and leaves the staging folder as it was.
+    /// The journal and the mark move with the folder: until the VM is registered, a
+    /// restart can move it back and resume from the journal; then
+    /// [`remove_commit_leftovers`] removes them.
     pub fn commit(self) -> Result<PathBuf, DatastoreError> {
-        // The journal served resumes; the VM folder does not carry it.
-        let journal = self.dir.join(JOURNAL_FILE);
-        match fs::remove_file(&journal) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("remove", &journal)(e)),
-        }
         for entry in fs::read_dir(&self.dir).map_err(io_err("list", &self.dir))? {
             let path = entry.map_err(io_err("list", &self.dir))?.path();
             if path.is_file() {
@@ -417,7 +430,7 @@ impl Staging {
             }
         }
         sync_path(&self.dir)?;
-        let target = self.root.join(&self.vm_name);
+        let target = self.target();
         rename_noreplace(&self.dir, &target).map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => DatastoreError::VmFolderExists {
                 path: target.clone(),
@@ -440,6 +453,44 @@ impl Staging {
             Err(e) => Err(io_err("remove", &self.dir)(e)),
         }
     }
+}
+
+/// The file that names the migration a staged folder belongs to (see [`Staging::mark`]).
+pub const MIGRATION_MARK: &str = ".migration";
+
+/// Which migration marked `folder` (see [`Staging::mark`]), if any.
+pub fn marked_by(folder: &Path) -> Option<String> {
+    fs::read_to_string(folder.join(MIGRATION_MARK)).ok()
+}
+
+/// Removes what only a commit in progress needs from a VM folder now registered: the
+/// journal and the mark. Missing files are fine (a restart may finish this twice).
+pub fn remove_commit_leftovers(folder: &Path) -> Result<(), DatastoreError> {
+    for name in [JOURNAL_FILE, MIGRATION_MARK] {
+        let path = folder.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &path)(e)),
+        }
+    }
+    sync_path(folder)
+}
+
+/// Moves a VM folder back to the staging folder it came from (a commit a restart
+/// undoes), creating `.staging` if needed. Never replaces anything.
+pub fn move_back(target: &Path, staging: &Path) -> Result<(), DatastoreError> {
+    if let Some(parent) = staging.parent() {
+        fs::create_dir_all(parent).map_err(io_err("create folder", parent))?;
+    }
+    rename_noreplace(target, staging).map_err(io_err("move the VM folder back to", staging))?;
+    if let Some(parent) = staging.parent() {
+        sync_path(parent)?;
+    }
+    if let Some(parent) = target.parent() {
+        sync_path(parent)?;
+    }
+    Ok(())
 }
 
 fn sync_path(path: &Path) -> Result<(), DatastoreError> {

@@ -322,6 +322,36 @@ impl super::disk::DiskWriter for Qcow2Writer {
         self.file.sync_data()
     }
 
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&end| end <= self.layout.size)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "read past the virtual size"))?;
+        let cluster = self.layout.cluster_size();
+        let first = offset >> self.layout.cluster_bits;
+        let last = (end - 1) >> self.layout.cluster_bits;
+        // The entries as the file holds them: what qemu would read, not what a writer
+        // meant to map.
+        let mut entries = vec![0u8; (last - first + 1) as usize * 8];
+        self.file
+            .read_exact_at(&mut entries, self.layout.at(self.layout.l2_tables) + first * 8)?;
+        for (g, entry) in (first..=last).zip(entries.chunks_exact(8)) {
+            let from = (g * cluster).max(offset);
+            let to = ((g + 1) * cluster).min(end);
+            let part = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            let host = u64::from_be_bytes(entry.try_into().expect("8-byte entry")) & OFFSET_MASK;
+            if host == 0 {
+                part.fill(0);
+            } else {
+                self.file.read_exact_at(part, host + (from - g * cluster))?;
+            }
+        }
+        Ok(())
+    }
+
     fn finish(&self) -> io::Result<()> {
         let layout = &self.layout;
         let used = *self.next_free.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -310,3 +310,72 @@ impl Inventory {
         })
     }
 }
+
+/// One folder a commit moves: a migration's staging folder and the VM folder it becomes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommitMove {
+    pub staging: std::path::PathBuf,
+    pub target: std::path::PathBuf,
+}
+
+/// A commit a restart found unfinished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingCommit {
+    pub migration_id: String,
+    /// RUNNING (the VM was not registered) or SUCCEEDED (it was).
+    pub state: String,
+    pub moves: Vec<CommitMove>,
+}
+
+impl Inventory {
+    /// Records the folders a commit is about to move, durably, before the first move.
+    pub fn record_commit_moves(&self, migration_id: &str, moves: &[CommitMove]) -> Result<(), InventoryError> {
+        let json = serde_json::to_string(moves).map_err(|e| InventoryError::Invalid(e.to_string()))?;
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE migration SET commit_moves = ?2 WHERE id = ?1",
+                params![migration_id, json],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The commit is done, or undone: nothing to finish at the next start.
+    pub fn clear_commit_moves(&self, migration_id: &str) -> Result<(), InventoryError> {
+        self.with_conn(|conn| {
+            conn.execute("UPDATE migration SET commit_moves = NULL WHERE id = ?1", [migration_id])?;
+            Ok(())
+        })
+    }
+
+    /// Commits that a crash cut, in the order they were started.
+    pub fn pending_commits(&self) -> Result<Vec<PendingCommit>, InventoryError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT id, state, commit_moves FROM migration WHERE commit_moves IS NOT NULL ORDER BY num")?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(migration_id, state, json)| {
+                    let moves = serde_json::from_str(&json).map_err(|e| {
+                        InventoryError::Invalid(format!(
+                            "the commit record of migration {migration_id} is unreadable: {e}"
+                        ))
+                    })?;
+                    Ok(PendingCommit {
+                        migration_id,
+                        state,
+                        moves,
+                    })
+                })
+                .collect()
+        })
+    }
+}

@@ -31,7 +31,7 @@ use serde::Serialize;
 use crate::config::{DomainConfig, Role};
 
 pub use firewall::VmFirewall;
-pub use migrations::ResumeInfo;
+pub use migrations::{CommitMove, PendingCommit, ResumeInfo};
 pub use password::hash_password;
 
 /// How long a statement waits for a lock held by another connection (another process

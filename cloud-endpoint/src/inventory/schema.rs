@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -248,6 +248,13 @@ CREATE TABLE migration_space (
     bytes INTEGER NOT NULL CHECK (bytes >= 0),
     PRIMARY KEY (migration, datastore)
 ) STRICT;
+"#;
+
+/// A commit in progress: the staging folders a migration is moving into place, recorded
+/// before the first move and cleared once the VM is registered and its journal removed,
+/// so a restart finishes or undoes a commit a crash cut (see `server/placement/commit.rs`).
+const V7: &str = r#"
+ALTER TABLE migration ADD COLUMN commit_moves TEXT;
 "#;
 
 /// Applies the missing steps. Refuses a file written by a newer build.

@@ -539,6 +539,7 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          ALTER TABLE migration DROP COLUMN disk_format; ALTER TABLE migration DROP COLUMN interrupted;
          DROP TABLE migration_space; DROP TABLE resource_pool;
          ALTER TABLE vm DROP COLUMN resource_pool; ALTER TABLE vm_disk DROP COLUMN datastore;
+         ALTER TABLE migration DROP COLUMN commit_moves;
          PRAGMA user_version = 1;",
     )
     .unwrap();

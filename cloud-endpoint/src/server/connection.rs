@@ -514,6 +514,21 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let Some(principal) = authenticated(ctx, "resume") else {
                 return;
             };
+            // An edge that missed its commit's answer gets it now, with nothing staged.
+            match placement::committed_replay(&domain, &principal, &ctx.edge_cert, &migration_id, &plan) {
+                Ok(Some(replay)) => {
+                    tracing::info!(migration = %migration_id, vm_id = %replay.registered.vm_id, "resume of a committed migration: replaying its commit");
+                    let ds = ctx.datastore_name(None);
+                    ctx.session()
+                        .resume_committed(migration_id, ds, &replay.roots, replay.registered);
+                    return;
+                }
+                Ok(None) => {}
+                Err((code, problems)) => {
+                    ctx.session().refuse(code, problems);
+                    return;
+                }
+            }
             // The edge may be back before the endpoint noticed its old
             // connection is gone: close that one and let its cleanup keep the files.
             let owner = domain.inventory.resume_info(&migration_id).ok().flatten();
@@ -555,6 +570,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 }
             }
         }
+        ReceiverEvent::VerifyStaged { chunks } => verify_staged(ctx, chunks).await,
         ReceiverEvent::Finalize => {
             let staged = ctx.staged.lock().expect("staged lock").take();
             let (plan, roots, zero_bytes) = {
@@ -603,6 +619,67 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 let what = discarded.map_or("nothing was staged".to_owned(), |id| format!("{id} discarded"));
                 close_refused(ctx, RefusalCode::Aborted, &format!("{what}: {reason}"));
             }
+        }
+    }
+}
+
+/// Threads that read a migration's staged disks back before its commit: hashing is the
+/// cost, and two keep up with a local disk on this kind of machine.
+const READ_BACK_THREADS: usize = 2;
+
+/// The read-back before a commit (see [`crate::datastore::read_back`]): chunks that
+/// differ from what was sent are asked for again, and a datastore that cannot be read
+/// pauses the migration with what it holds kept.
+async fn verify_staged(ctx: &Arc<Ctx>, chunks: Vec<(u16, u64, [u8; 32])>) {
+    let disks = ctx.disks.lock().expect("disks lock").clone();
+    let Some((capacities, chunk_size)) = ctx.session().plan().map(|p| {
+        let capacities: Vec<u64> = p.vm.disks.iter().map(|d| d.capacity).collect();
+        (capacities, p.chunk_size)
+    }) else {
+        return;
+    };
+    let count = chunks.len();
+    let started = Instant::now();
+    let guard = ctx.blocking.clone().read_owned().await;
+    let result = tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        crate::datastore::read_back(&disks, &capacities, chunk_size, &chunks, READ_BACK_THREADS)
+    })
+    .await
+    .expect("the read-back does not panic");
+    match result {
+        Ok(found) => {
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                chunks = count,
+                bytes = found.bytes_read,
+                secs,
+                damaged = found.damaged.len(),
+                rewritten_zero = found.rewritten_zero.len(),
+                "staged disks read back"
+            );
+            for (disk, index) in &found.rewritten_zero {
+                tracing::warn!(
+                    disk,
+                    chunk = index,
+                    "a staged chunk that must be zero was not; rewritten with zeros"
+                );
+            }
+            for (disk, index) in found.damaged.iter().take(32) {
+                tracing::warn!(
+                    disk,
+                    chunk = index,
+                    "a staged chunk differs from what the edge sent; asking the edge for it again"
+                );
+            }
+            ctx.session().staged_verified(found.damaged);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the staged disks back");
+            ctx.session().pause(vec![format!(
+                "the endpoint cannot read the staged disks back from datastore {} before the commit: {e}; what arrived is kept: fix the datastore, then run the same migration again to resume",
+                ctx.datastore_name(None)
+            )]);
         }
     }
 }

@@ -37,6 +37,7 @@ pub async fn run(
     domain: Arc<Domain>,
     tls: rustls::ServerConfig,
     max_concurrent: u32,
+    receiver: ReceiverConfig,
     settings: &TransportSettings,
     link_test: &LinkTestConfig,
     shutdown: impl Future<Output = ()>,
@@ -61,6 +62,7 @@ pub async fn run(
         let slots = slots.clone();
         let link_tests = link_tests.clone();
         let caps = caps.clone();
+        let receiver = receiver.clone();
         conns.spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -84,7 +86,7 @@ pub async fn run(
             };
             // The migration slot is taken when the plan arrives (connection.rs): a
             // connection that never gets that far must not hold one.
-            connection::serve(conn, domain, ReceiverConfig::default(), caps, control, slots).await;
+            connection::serve(conn, domain, receiver, caps, control, slots).await;
         });
         // Reap finished connection tasks so the set does not grow.
         while conns.try_join_next().is_some() {}

@@ -14,7 +14,7 @@ use crate::Domain;
 
 mod commit;
 mod resolve;
-pub use commit::{finalize, finalize_live};
+pub use commit::{finalize, finalize_live, recover_commits, CRASH_AT_ENV};
 pub use resolve::Resolved;
 
 #[cfg(test)]
@@ -666,6 +666,74 @@ pub fn resume(
         },
         durable,
     ))
+}
+
+/// What a migration whose VM is already registered answers a resume with (see
+/// [`committed_replay`]).
+#[derive(Debug)]
+pub struct CommittedReplay {
+    pub roots: Vec<[u8; 32]>,
+    pub registered: gateway::protocol::Registered,
+}
+
+/// A resume of a SUCCEEDED migration by the edge that ran it, as a user who may resume
+/// it, with the same plan: the edge missed the commit (its link broke, or the endpoint
+/// stopped, after the VM was registered). It gets the registered roots, report and
+/// receipt to replay the commit; `None` for any other migration, which
+/// [`resume`] checks (and refuses) as before.
+pub fn committed_replay(
+    domain: &Domain,
+    principal: &Principal,
+    edge_cert: &str,
+    migration_id: &str,
+    plan: &MigrationPlan,
+) -> Result<Option<CommittedReplay>, Refusal> {
+    let inv = &domain.inventory;
+    let Some(info) = inv.resume_info(migration_id).map_err(endpoint_failure)? else {
+        return Ok(None);
+    };
+    if info.state != "SUCCEEDED"
+        || info.edge_cert.as_deref() != Some(edge_cert)
+        || !principal.role.may_migrate()
+        || (info.user != principal.user && principal.role != crate::config::Role::Administrator)
+        || info.plan.as_deref() != Some(plan_bytes(plan).as_slice())
+    {
+        return Ok(None);
+    }
+    let (Some(receipt), Some(vm_id)) = (inv.receipt(migration_id).map_err(endpoint_failure)?, info.vm) else {
+        return Ok(None);
+    };
+    let signed = gateway::receipt::SignedReceipt::from_json(&receipt).map_err(endpoint_failure)?;
+    let roots = signed
+        .receipt
+        .disks
+        .iter()
+        .map(|d| {
+            let bytes: Option<Vec<u8>> = (0..d.merkle_root.len())
+                .step_by(2)
+                .map(|i| d.merkle_root.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+                .collect();
+            bytes.and_then(|b| <[u8; 32]>::try_from(b).ok())
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            endpoint_failure(format!(
+                "the stored receipt of {migration_id} has an unreadable Merkle root"
+            ))
+        })?;
+    let report = inv
+        .migration_report(migration_id)
+        .map_err(endpoint_failure)?
+        .and_then(|json| serde_json::from_str(&json).ok());
+    Ok(Some(CommittedReplay {
+        roots,
+        registered: gateway::protocol::Registered {
+            vm_id,
+            vm_path: signed.receipt.vm_path.clone(),
+            receipt,
+            report,
+        },
+    }))
 }
 
 /// Keeps what a migration staged for a resume: its connection ended without a commit

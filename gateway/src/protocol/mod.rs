@@ -21,6 +21,8 @@
 //!                               <-       Acks / Nack (resend)
 //! DiskSealed{Merkle root} per disk ->    (after every chunk of it was acked)
 //! Commit                        ->
+//!                                        (the cloud reads its staged disks back)
+//!                               <-       Repair{chunks found damaged}: resend, re-seal, commit again
 //!                               <-       Committed{vm id, signed receipt} | Refused(...)
 //! ```
 //! Chunk writes are idempotent (a chunk is its disk, offset and hash), so a
@@ -33,7 +35,7 @@ mod sender;
 #[cfg(test)]
 mod tests;
 
-pub use receiver::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession, Registered, Unsynced};
+pub use receiver::{Admission, ReceiverConfig, ReceiverEvent, ReceiverSession, Registered, Unsynced, VerifyScope};
 pub use sender::{DoneChunk, SenderConfig, SenderEvent, SenderSession, Work};
 
 use crate::wire::{RefusalCode, WireError};

@@ -19,6 +19,13 @@ pub struct ReceiverConfig {
     /// a link that corrupts the same chunk again and again is not a link to
     /// trust, and an edge that keeps sending bad data is misbehaving.
     pub max_rejects_per_chunk: u32,
+    /// Which staged chunks are read back and checked against their hashes before
+    /// the commit (see [`VerifyScope`]).
+    pub verify: VerifyScope,
+    /// Rounds of repair (re-requesting chunks found damaged in staging) before the
+    /// migration fails: a datastore that damages the same data again is not one to
+    /// register a VM on.
+    pub max_repair_rounds: u32,
 }
 
 impl Default for ReceiverConfig {
@@ -26,8 +33,24 @@ impl Default for ReceiverConfig {
         ReceiverConfig {
             setup_timeout: Duration::from_secs(30),
             max_rejects_per_chunk: 3,
+            verify: VerifyScope::All,
+            max_repair_rounds: 2,
         }
     }
+}
+
+/// What the cloud reads back from its staged disks before it registers a VM and signs a
+/// receipt stating their Merkle roots. A receipt speaks of the bytes the cloud holds,
+/// not of the hashes it recorded when they arrived: staged files can change while a
+/// migration waits for a resume (a disk fault, a careless or hostile hand).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyScope {
+    /// Every chunk, zero chunks included (the default: about a fifth of a lift's CPU
+    /// on a realistic disk, see the README's benchmark).
+    All,
+    /// Only chunks that were not written and verified over the current connection:
+    /// those taken from the journal of an earlier one.
+    Resumed,
 }
 
 /// What the driver must do for the session.
@@ -51,6 +74,11 @@ pub enum ReceiverEvent {
     /// ([`ReceiverSession::disk_roots`]), then answer with
     /// [`ReceiverSession::finalized`].
     Finalize,
+    /// The edge asked to commit and every disk's root matches: read back each of
+    /// `chunks` (disk, chunk index, expected plaintext hash) from the staged files,
+    /// rewrite the expected-zero ones that are not zero, and report the others that
+    /// differ with [`ReceiverSession::staged_verified`].
+    VerifyStaged { chunks: Vec<(u16, u64, [u8; 32])> },
     /// The migration ended without a VM: discard what was staged.
     Discard { reason: String },
     /// The edge only asks whether the plan is valid: check it against the
@@ -80,6 +108,8 @@ enum Phase {
     /// That plan was found valid and the answer sent.
     Checked,
     Streaming,
+    /// Reading the staged disks back before the commit.
+    Verifying,
     Finalizing,
     Done,
     Failed,
@@ -95,6 +125,7 @@ impl Phase {
             Phase::Checking => "checking the plan",
             Phase::Checked => "plan checked",
             Phase::Streaming => "streaming",
+            Phase::Verifying => "verifying the staged disks",
             Phase::Finalizing => "finalizing",
             Phase::Done => "done",
             Phase::Failed => "failed",
@@ -140,6 +171,13 @@ struct Disk {
     in_flight: HashMap<u64, [u8; 32]>,
     /// The Merkle root, both sides agreeing, once the disk is sealed.
     root: Option<[u8; 32]>,
+    /// The root of the first seal: a disk re-sealed after a repair must state it again.
+    first_root: Option<[u8; 32]>,
+    /// Chunks being repaired (found damaged in staging) and the hash they must have.
+    repairing: HashMap<u64, [u8; 32]>,
+    /// Per chunk: its hash came from the journal of an earlier connection and it was
+    /// not written again over this one. Empty unless resumed.
+    from_journal: Vec<bool>,
 }
 
 /// One migration as the cloud endpoint sees it.
@@ -164,6 +202,14 @@ pub struct ReceiverSession {
     paused: bool,
     /// The edge sent `Abort`.
     edge_aborted: bool,
+    /// Repair rounds so far (see [`ReceiverConfig::max_repair_rounds`]).
+    repair_rounds: u32,
+    /// Chunks re-requested because staging did not hold what was sent.
+    repaired_chunks: u64,
+    /// A resume of a migration whose VM was registered before the edge heard of it
+    /// (a link lost, or the endpoint stopped, during the commit): what to answer once the
+    /// edge has sealed every disk with the registered roots.
+    already_committed: Option<Registered>,
 }
 
 impl ReceiverSession {
@@ -183,7 +229,15 @@ impl ReceiverSession {
             unsynced: Unsynced::default(),
             paused: false,
             edge_aborted: false,
+            repair_rounds: 0,
+            repaired_chunks: 0,
+            already_committed: None,
         }
+    }
+
+    /// Chunks found damaged in staging by the read-back and sent again by the edge.
+    pub fn repaired_chunks(&self) -> u64 {
+        self.repaired_chunks
     }
 
     /// Whether the edge aborted the migration (it waits for the cloud to
@@ -197,7 +251,7 @@ impl ReceiverSession {
     /// nor was refused or aborted (a lost link, a killed edge), or it was
     /// paused on purpose ([`Self::pause`]).
     pub fn is_resumable(&self) -> bool {
-        matches!(self.phase, Phase::Streaming) || (self.phase == Phase::Failed && self.paused)
+        matches!(self.phase, Phase::Streaming | Phase::Verifying) || (self.phase == Phase::Failed && self.paused)
     }
 
     /// The accepted plan, once there is one.
@@ -309,6 +363,12 @@ impl ReceiverSession {
                     )));
                 }
                 for index in first..first + count {
+                    if d.repairing.contains_key(&index) {
+                        return Err(ProtocolError::Integrity(format!(
+                            "disk {disk} chunk at offset {} was sent as data before and is declared zero now: the source changed during the migration; abort it and migrate again",
+                            index * u64::from(chunk_size)
+                        )));
+                    }
                     if d.in_flight.contains_key(&index) {
                         return Err(ProtocolError::OutsidePlan(format!(
                             "disk {disk} chunk at offset {} declared zero while data for it is being written",
@@ -332,9 +392,22 @@ impl ReceiverSession {
                 if self.phase != Phase::Streaming {
                     return Err(self.unexpected("DiskSealed"));
                 }
+                let committed = self.already_committed.is_some();
                 let (d, _) = self.disk_mut(disk)?;
                 if d.root.is_some() {
                     return Err(ProtocolError::OutsidePlan(format!("disk {disk} sealed twice")));
+                }
+                if committed {
+                    let registered = d.first_root.unwrap_or_default();
+                    if registered != root {
+                        return Err(ProtocolError::Integrity(format!(
+                            "disk {disk} Merkle root {} differs from the {} the registered VM's receipt states: the source changed since it was migrated",
+                            hex(&root),
+                            hex(&registered)
+                        )));
+                    }
+                    d.root = Some(root);
+                    return Ok(());
                 }
                 let Some(ours) = d.hashes.merkle_root() else {
                     return Err(ProtocolError::Integrity(format!(
@@ -350,7 +423,15 @@ impl ReceiverSession {
                         hex(&root)
                     )));
                 }
+                if d.first_root.is_some_and(|first| first != ours) {
+                    return Err(ProtocolError::Integrity(format!(
+                        "disk {disk} re-sealed after a repair with root {}, not the {} it was sealed with",
+                        hex(&ours),
+                        hex(&d.first_root.unwrap_or_default())
+                    )));
+                }
                 d.root = Some(ours);
+                d.first_root = Some(ours);
             }
             EdgeMessage::Commit => {
                 if self.phase != Phase::Streaming {
@@ -359,8 +440,14 @@ impl ReceiverSession {
                 if let Some(i) = self.disks.iter().position(|d| d.root.is_none()) {
                     return Err(ProtocolError::Integrity(format!("commit before disk {i} was sealed")));
                 }
-                self.phase = Phase::Finalizing;
-                self.events.push_back(ReceiverEvent::Finalize);
+                if let Some(registered) = self.already_committed.take() {
+                    self.phase = Phase::Finalizing;
+                    self.finalized(Ok(registered));
+                    return Ok(());
+                }
+                self.phase = Phase::Verifying;
+                let chunks = self.verification_chunks();
+                self.events.push_back(ReceiverEvent::VerifyStaged { chunks });
             }
             EdgeMessage::Abort { reason } => {
                 if !self.is_finished() {
@@ -412,6 +499,9 @@ impl ReceiverSession {
                 hashes: DiskHashes::new(d.capacity, plan.chunk_size),
                 in_flight: HashMap::new(),
                 root: None,
+                first_root: None,
+                repairing: HashMap::new(),
+                from_journal: Vec::new(),
             })
             .collect();
         self.phase = Phase::Streaming;
@@ -450,6 +540,10 @@ impl ReceiverSession {
             if index < d.hashes.chunk_count() {
                 d.hashes.set(index, hash);
                 crate::wire::set_bit(&mut done[usize::from(disk)], index);
+                if d.from_journal.is_empty() {
+                    d.from_journal = vec![false; d.hashes.chunk_count() as usize];
+                }
+                d.from_journal[index as usize] = true;
             }
         }
         let chunk_size = self.plan.as_ref().map_or(0, |p| u64::from(p.chunk_size));
@@ -457,6 +551,52 @@ impl ReceiverSession {
             .iter()
             .map(|&(disk, index, _)| self.chunk_bytes(disk, index.saturating_mul(chunk_size), 1))
             .sum();
+        self.outbox.push_back(CloudMessage::Resumed {
+            migration_id,
+            datastore,
+            done,
+        });
+    }
+
+    /// The driver found the migration to resume already committed: its VM is registered
+    /// (`registered`, with the receipt as issued), with `roots` per disk. The edge is told
+    /// the cloud holds every chunk; once it seals each disk with the root it computes
+    /// from its source and that root is the registered one, its commit is answered with
+    /// the stored report and receipt. Nothing is written or registered again.
+    pub fn resume_committed(
+        &mut self,
+        migration_id: String,
+        datastore: String,
+        roots: &[[u8; 32]],
+        registered: Registered,
+    ) {
+        if self.phase != Phase::Validating {
+            return;
+        }
+        self.start_streaming();
+        if roots.len() != self.disks.len() {
+            self.fail(
+                RefusalCode::EndpointFailure,
+                vec![format!(
+                    "migration {migration_id} is registered with {} disks' roots, the plan has {} disks",
+                    roots.len(),
+                    self.disks.len()
+                )],
+            );
+            return;
+        }
+        let mut done = Vec::new();
+        for (d, root) in self.disks.iter_mut().zip(roots) {
+            d.first_root = Some(*root);
+            let count = d.hashes.chunk_count();
+            let mut bitmap = vec![0u8; count.div_ceil(8) as usize];
+            for index in 0..count {
+                crate::wire::set_bit(&mut bitmap, index);
+            }
+            done.push(bitmap);
+        }
+        self.durable_bytes = self.plan.as_ref().map_or(0, MigrationPlan::logical_bytes);
+        self.already_committed = Some(registered);
         self.outbox.push_back(CloudMessage::Resumed {
             migration_id,
             datastore,
@@ -482,7 +622,7 @@ impl ReceiverSession {
     /// The driver cannot store more (datastore full, a write failed): the
     /// migration stops with `problems` but keeps what arrived, to be resumed.
     pub fn pause(&mut self, problems: Vec<String>) {
-        if self.phase == Phase::Streaming {
+        if matches!(self.phase, Phase::Streaming | Phase::Verifying) {
             self.paused = true;
             self.phase = Phase::Failed;
             self.outbox.push_back(CloudMessage::Refused {
@@ -500,7 +640,7 @@ impl ReceiverSession {
 
     /// The driver made `batch` durable: acknowledge its data chunks.
     pub fn synced(&mut self, batch: &Unsynced) {
-        if self.phase != Phase::Streaming && self.phase != Phase::Finalizing {
+        if !matches!(self.phase, Phase::Streaming | Phase::Verifying | Phase::Finalizing) {
             return;
         }
         for &(disk, offset, _) in &batch.chunks {
@@ -522,7 +662,7 @@ impl ReceiverSession {
         if self.is_finished() {
             return;
         }
-        let staged = matches!(self.phase, Phase::Streaming | Phase::Finalizing);
+        let staged = matches!(self.phase, Phase::Streaming | Phase::Verifying | Phase::Finalizing);
         self.phase = Phase::Failed;
         self.outbox.push_back(CloudMessage::Refused {
             code,
@@ -590,6 +730,17 @@ impl ReceiverSession {
             }
             return Ok(Admission::Duplicate);
         }
+        if let Some(expected) = d.repairing.get(&index) {
+            if *expected != h.sha256 {
+                return Err(ProtocolError::Integrity(format!(
+                    "disk {} chunk at offset {} was re-sent for a repair with other content than before (SHA-256 {}, before {}): the source changed during the migration; abort it and migrate again",
+                    h.disk,
+                    h.offset,
+                    hex(&h.sha256),
+                    hex(expected)
+                )));
+            }
+        }
         d.in_flight.insert(index, h.sha256);
         Ok(Admission::Write)
     }
@@ -603,6 +754,10 @@ impl ReceiverSession {
         if let Some(hash) = d.in_flight.remove(&index) {
             let len = (d.capacity - offset).min(u64::from(chunk_size));
             d.hashes.set(index, hash);
+            d.repairing.remove(&index);
+            if let Some(f) = d.from_journal.get_mut(index as usize) {
+                *f = false;
+            }
             self.bytes_written += len;
             self.unsynced.chunks.push((disk, offset, hash));
         }
@@ -655,6 +810,84 @@ impl ReceiverSession {
             return None;
         }
         self.disks.iter().map(|d| d.root).collect()
+    }
+
+    /// What the read-back before the commit checks, per [`ReceiverConfig::verify`].
+    fn verification_chunks(&self) -> Vec<(u16, u64, [u8; 32])> {
+        let mut chunks = Vec::new();
+        for (disk, d) in self.disks.iter().enumerate() {
+            for index in 0..d.hashes.chunk_count() {
+                let wanted = match self.config.verify {
+                    VerifyScope::All => true,
+                    VerifyScope::Resumed => d.from_journal.get(index as usize).copied().unwrap_or(false),
+                };
+                if let (true, Some(hash)) = (wanted, d.hashes.get(index)) {
+                    chunks.push((disk as u16, index, hash));
+                }
+            }
+        }
+        chunks
+    }
+
+    /// The driver read the staged disks back. `damaged` lists the chunks (disk, chunk
+    /// index) whose bytes differ from their hash and that the driver could not rewrite
+    /// itself (all but the zero ones). None: the VM is registered. Otherwise the edge is
+    /// asked to send them again ([`CloudMessage::Repair`]); each must come back with the
+    /// hash it had, each disk is sealed again with its first root, and the next commit
+    /// reads the disks back again. After [`ReceiverConfig::max_repair_rounds`] rounds
+    /// the migration fails.
+    pub fn staged_verified(&mut self, damaged: Vec<(u16, u64)>) {
+        if self.phase != Phase::Verifying {
+            return;
+        }
+        if damaged.is_empty() {
+            self.phase = Phase::Finalizing;
+            self.events.push_back(ReceiverEvent::Finalize);
+            return;
+        }
+        let chunk_size = self.plan.as_ref().map_or(0, |p| u64::from(p.chunk_size));
+        let listed = |damaged: &[(u16, u64)]| {
+            let mut names: Vec<String> = damaged
+                .iter()
+                .take(8)
+                .map(|(d, i)| format!("disk {d} offset {}", i * chunk_size))
+                .collect();
+            if damaged.len() > 8 {
+                names.push(format!("and {} more", damaged.len() - 8));
+            }
+            names.join(", ")
+        };
+        if self.repair_rounds >= self.config.max_repair_rounds {
+            let e = ProtocolError::Integrity(format!(
+                "the staged disks still differ from what was sent after {} repairs ({}): the cloud's datastore does not keep what it writes; nothing was registered; check the datastore, then migrate again",
+                self.repair_rounds,
+                listed(&damaged)
+            ));
+            self.fail(e.code(), vec![e.to_string()]);
+            return;
+        }
+        self.repair_rounds += 1;
+        let mut by_disk: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+        for &(disk, index) in &damaged {
+            let Some(d) = self.disks.get_mut(usize::from(disk)) else {
+                continue;
+            };
+            let Some(hash) = d.hashes.get(index) else {
+                continue;
+            };
+            d.hashes.unset(index);
+            d.repairing.insert(index, hash);
+            d.root = None;
+            let offset = index * chunk_size;
+            let len = (d.capacity - offset).min(chunk_size);
+            self.durable_bytes = self.durable_bytes.saturating_sub(len);
+            by_disk.entry(disk).or_default().push(offset);
+            self.repaired_chunks += 1;
+        }
+        self.phase = Phase::Streaming;
+        for (disk, offsets) in by_disk {
+            self.outbox.push_back(CloudMessage::Repair { disk, offsets });
+        }
     }
 
     /// The driver registered the VM and its receipt (or failed to).

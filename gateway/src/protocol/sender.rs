@@ -60,6 +60,9 @@ pub enum SenderEvent {
     },
     /// The cloud rejected a chunk: read, seal and send it again.
     Resend { disk: u16, offset: u64 },
+    /// The cloud read its staged disks back before the commit and found `chunks`
+    /// damaged: they are sent again (each also comes as a [`SenderEvent::Resend`]).
+    Repairing { disk: u16, chunks: u64 },
     /// The VM is registered in the cloud domain. `receipt` is the endpoint's
     /// signed receipt (JSON), already checked against this migration: its
     /// signature verifies under the certificate it carries, and it states
@@ -490,6 +493,40 @@ impl SenderSession {
                 d.hashes.unset(index);
                 self.events.push_back(SenderEvent::Resend { disk, offset });
             }
+            CloudMessage::Repair { disk, offsets } => {
+                if self.phase != Phase::AwaitCommitted && self.phase != Phase::Streaming {
+                    return Err(self.unexpected("Repair"));
+                }
+                let cs = self.chunk_size();
+                let d = self.disk_mut(disk)?;
+                let mut bytes = 0;
+                for &offset in &offsets {
+                    let index = checked_index(d, offset, cs)
+                        .filter(|&i| d.state[i as usize] == ChunkState::Done)
+                        .ok_or_else(|| {
+                            ProtocolError::OutsidePlan(format!(
+                                "repair of disk {disk} offset {offset}, which was not acknowledged"
+                            ))
+                        })?;
+                    d.state[index as usize] = ChunkState::Pending;
+                    d.hashes.unset(index);
+                    d.remaining += 1;
+                    d.root = None;
+                    bytes += (d.capacity - offset).min(cs);
+                }
+                self.acked_bytes = self.acked_bytes.saturating_sub(bytes);
+                // Back to streaming: the disk is sealed again once the repaired chunks
+                // are acknowledged, then the commit is sent again.
+                self.phase = Phase::Streaming;
+                self.deadline = None;
+                self.events.push_back(SenderEvent::Repairing {
+                    disk,
+                    chunks: offsets.len() as u64,
+                });
+                for offset in offsets {
+                    self.events.push_back(SenderEvent::Resend { disk, offset });
+                }
+            }
             CloudMessage::Committed {
                 vm_id,
                 vm_path,
@@ -686,7 +723,10 @@ impl SenderSession {
     pub fn poll_transmit(&mut self, now: Instant) -> Option<EdgeMessage> {
         let msg = self.outbox.pop_front()?;
         if msg == EdgeMessage::Commit {
-            self.deadline = Some(now + self.config.reply_timeout);
+            // The cloud reads every staged disk back before it answers: allow for that
+            // at a slow datastore's pace (100 MB/s) on top of the reply timeout.
+            let read_back = Duration::from_secs(self.plan.logical_bytes() / 100_000_000);
+            self.deadline = Some(now + self.config.reply_timeout + read_back);
         }
         Some(msg)
     }

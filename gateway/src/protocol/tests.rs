@@ -144,6 +144,16 @@ struct Pair {
     hashed: usize,
     /// What a validate-only session was told the plan would create.
     validated: Option<crate::plan::MigrationReport>,
+    /// Bytes flipped in the cloud's copy (disk, byte offset) right before each
+    /// read-back: a staged file changed on the cloud's disk.
+    damage_before_verify: Vec<(u16, u64)>,
+    /// Damage the copy again at every read-back (a datastore that keeps losing data).
+    damage_every_time: bool,
+    /// Chunks each read-back found damaged (data) and rewrote (zero).
+    verify_rounds: Vec<(usize, usize)>,
+    /// The cloud already registered the VM (roots, what it answered): a resume
+    /// replays the commit.
+    registered: Option<(Vec<[u8; 32]>, Registered)>,
 }
 
 impl Pair {
@@ -184,7 +194,42 @@ impl Pair {
             edge_checkpoint: Vec::new(),
             hashed: 0,
             validated: None,
+            damage_before_verify: Vec::new(),
+            damage_every_time: false,
+            verify_rounds: Vec::new(),
+            registered: None,
         }
+    }
+
+    /// The cloud driver's read-back: damage what the test asked for, then compare each
+    /// chunk with its expected hash; zero chunks are rewritten here, the rest reported.
+    fn verify_staged(&mut self, chunks: &[(u16, u64, [u8; 32])]) -> Vec<(u16, u64)> {
+        let damage = if self.damage_every_time {
+            self.damage_before_verify.clone()
+        } else {
+            std::mem::take(&mut self.damage_before_verify)
+        };
+        for (disk, at) in damage {
+            self.dests[usize::from(disk)][at as usize] ^= 0x5a;
+        }
+        let (mut damaged, mut rewritten) = (Vec::new(), 0);
+        for &(disk, index, expected) in chunks {
+            let dest = &mut self.dests[usize::from(disk)];
+            let start = index as usize * CS as usize;
+            let end = (start + CS as usize).min(dest.len());
+            if crate::chunk::sha256(&dest[start..end]) == expected {
+                continue;
+            }
+            let h = crate::integrity::DiskHashes::new(dest.len() as u64, CS);
+            if expected == h.zero_hash(index) {
+                dest[start..end].fill(0);
+                rewritten += 1;
+            } else {
+                damaged.push((disk, index));
+            }
+        }
+        self.verify_rounds.push((damaged.len(), rewritten));
+        damaged
     }
 
     /// A new pair of sessions continuing `self`'s migration after a break:
@@ -344,10 +389,16 @@ impl Pair {
                     };
                     self.receiver.authenticated(res, "cloud-test");
                 }
-                ReceiverEvent::ValidateResume { migration_id, .. } => {
-                    let journal = self.cloud_journal.clone();
-                    self.receiver.resume_accepted(migration_id, "ds1".into(), &journal);
-                }
+                ReceiverEvent::ValidateResume { migration_id, .. } => match self.registered.clone() {
+                    Some((roots, registered)) => {
+                        self.receiver
+                            .resume_committed(migration_id, "ds1".into(), &roots, registered)
+                    }
+                    None => {
+                        let journal = self.cloud_journal.clone();
+                        self.receiver.resume_accepted(migration_id, "ds1".into(), &journal);
+                    }
+                },
                 ReceiverEvent::ValidatePlan(_) => match self.refuse_plan.take() {
                     Some(problems) => self.receiver.refuse(RefusalCode::PlanRejected, problems),
                     None => self.receiver.plan_accepted("migration-1".into(), "ds1".into()),
@@ -355,12 +406,19 @@ impl Pair {
                 ReceiverEvent::Finalize => {
                     self.committed = Some("vm-42".into());
                     let receipt = self.receipt();
-                    self.receiver.finalized(Ok(Registered {
+                    let registered = Registered {
                         vm_id: "vm-42".into(),
                         vm_path: "[ds1] web01/web01.vmx".into(),
                         receipt,
                         report: Some(report("vm-42")),
-                    }));
+                    };
+                    let roots = self.receiver.disk_roots().expect("sealed");
+                    self.registered = Some((roots, registered.clone()));
+                    self.receiver.finalized(Ok(registered));
+                }
+                ReceiverEvent::VerifyStaged { chunks } => {
+                    let damaged = self.verify_staged(&chunks);
+                    self.receiver.staged_verified(damaged);
                 }
                 ReceiverEvent::Discard { reason } => self.discarded = Some(reason),
                 ReceiverEvent::CheckPlan(_) => match self.refuse_plan.take() {
@@ -686,6 +744,125 @@ fn a_receipt_that_misstates_the_migration_fails_it_at_the_edge() {
         .check_receipt("vm-42", "[ds1] other/other.vmx", &forged.to_json())
         .unwrap_err();
     assert!(err.to_string().contains("signature does not verify"), "{err}");
+}
+
+#[test]
+fn staging_damaged_before_the_commit_is_found_and_repaired_from_the_edge() {
+    // disk_image: chunk 0 random, 1 text, 2 zero, 3 mostly zero; the tail is short.
+    let sources = vec![disk_image(31, 8), disk_image(32, 3)];
+    let mut pair = Pair::new(sources.clone(), "secret");
+    let cs = u64::from(CS);
+    // A data chunk of each disk, and a zero chunk (rewritten by the cloud itself).
+    pair.damage_before_verify = vec![(0, cs + 17), (1, 5), (0, 2 * cs + 3)];
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    assert_eq!(pair.dests, sources, "the registered copy is what was sent");
+    assert_eq!(
+        pair.verify_rounds,
+        vec![(2, 1), (0, 0)],
+        "read back twice: damage, then clean"
+    );
+    assert_eq!(pair.receiver.repaired_chunks(), 2);
+    // The receipt states the roots of what was sent, which the cloud now holds.
+    let signed = SignedReceipt::from_json(pair.edge_receipt.as_deref().unwrap()).unwrap();
+    let expected: Vec<String> = sources
+        .iter()
+        .map(|src| {
+            let hashes: Vec<[u8; 32]> = src.chunks(CS as usize).map(crate::chunk::sha256).collect();
+            crate::integrity::hex(&crate::merkle::root(&hashes))
+        })
+        .collect();
+    let roots: Vec<&str> = signed.receipt.disks.iter().map(|d| d.merkle_root.as_str()).collect();
+    assert_eq!(roots, expected);
+}
+
+#[test]
+fn a_datastore_that_keeps_damaging_the_copy_fails_the_migration() {
+    let mut pair = Pair::new(vec![disk_image(33, 4)], "secret");
+    pair.damage_before_verify = vec![(0, 100)];
+    pair.damage_every_time = true;
+    pair.drive();
+    assert!(!pair.sender.is_committed());
+    assert!(pair.committed.is_none(), "nothing is registered");
+    let err = pair.sender.error().expect("failed").to_string();
+    assert!(
+        err.contains("after 2 repairs") && err.contains("disk 0 offset 0") && err.contains("nothing was registered"),
+        "{err}"
+    );
+    assert!(pair.discarded.is_some(), "the staged VM is discarded");
+}
+
+#[test]
+fn a_resumed_migration_reads_back_what_its_journal_vouched_for() {
+    let sources = vec![disk_image(34, 12)];
+    let mut first = Pair::new(sources.clone(), "secret");
+    first.reads_per_step = 2;
+    for _ in 0..8 {
+        first.step();
+    }
+    assert!(!first.sender.is_finished());
+    first.data.clear();
+    first.to_edge.clear();
+    first.to_cloud.clear();
+    let journaled = first.cloud_journal.clone();
+    let (disk, index, _) = *journaled
+        .iter()
+        .find(|(d, i, _)| !crate::chunk::is_zero(&sources[usize::from(*d)][*i as usize * CS as usize..][..CS as usize]))
+        .expect("a data chunk was journaled");
+    // While the migration waits, its staged file changes on the cloud's disk.
+    first.dests[usize::from(disk)][index as usize * CS as usize + 9] ^= 0xff;
+    let mut second = first.resumed();
+    second.receiver = ReceiverSession::new(
+        ReceiverConfig {
+            verify: VerifyScope::Resumed,
+            ..ReceiverConfig::default()
+        },
+        second.now,
+    );
+    second.drive();
+    assert!(second.sender.is_committed(), "{:?}", second.sender.error());
+    assert_eq!(second.dests, sources);
+    assert_eq!(second.receiver.repaired_chunks(), 1);
+}
+
+#[test]
+fn an_edge_that_missed_the_commit_resumes_and_gets_the_same_receipt() {
+    let sources = vec![disk_image(35, 6), disk_image(36, 2)];
+    let mut first = Pair::new(sources, "secret");
+    first.drive();
+    let registered = first.registered.clone().expect("registered");
+    let receipt = first.edge_receipt.clone().unwrap();
+    first.edge_checkpoint.truncate(3);
+    let mut replay = first.resumed();
+    replay.registered = Some(registered);
+    replay.drive();
+    assert!(replay.sender.is_committed(), "{:?}", replay.sender.error());
+    assert_eq!(
+        replay.edge_receipt.as_deref(),
+        Some(receipt.as_str()),
+        "the receipt as issued"
+    );
+    assert_eq!(replay.data_frames, 0, "nothing is sent again");
+    assert!(
+        replay.hashed > 0,
+        "chunks the checkpoint missed are read to compute the roots"
+    );
+    assert!(replay.committed.is_none(), "nothing is registered again");
+}
+
+#[test]
+fn a_source_changed_after_its_commit_does_not_get_the_old_receipt() {
+    let mut first = Pair::new(vec![disk_image(37, 4)], "secret");
+    first.drive();
+    let registered = first.registered.clone().expect("registered");
+    first.edge_checkpoint.clear();
+    first.sources[0][10] ^= 1;
+    let mut replay = first.resumed();
+    replay.registered = Some(registered);
+    replay.drive();
+    assert!(!replay.sender.is_committed());
+    let err = replay.sender.error().expect("refused").to_string();
+    assert!(err.contains("the source changed since it was migrated"), "{err}");
 }
 
 #[test]

@@ -81,6 +81,11 @@ pub enum CloudMessage {
     /// Sent just before `Committed`: what the migration created, as the
     /// cloud keeps it (NIC mapping, rules carried and not carried).
     Report(MigrationReport),
+    /// Answer to `Commit` when the cloud read its staged disks back and found these
+    /// chunks differ from what it acknowledged: send each again (with the content it
+    /// had), seal the disk again with the same root, then commit again. Last in the
+    /// enum: the variants before it kept their encoding.
+    Repair { disk: u16, offsets: Vec<u64> },
 }
 
 /// Whether chunk `index` is set in a [`CloudMessage::Resumed`] bitmap.

@@ -24,7 +24,9 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// Version 2: the plan carries a placement (folder, cluster, host, resource pool,
 /// datastores); a version-1 peer would fail to decode it, so it is refused up front
 /// with a message naming both versions instead.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: the cloud reads staged disks back before a commit and may answer
+/// `Commit` with `Repair`; plans carry each device's controller and model.
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.

@@ -1,4 +1,17 @@
-//! Turning a staged migration into a registered VM, on one datastore or several.
+//! Turning a staged migration into a registered VM, on one datastore or several, in a
+//! sequence a crash can cut anywhere:
+//!
+//! ```text
+//! 1 finish and fsync the disks, write descriptors and the .vmx, mark each folder
+//! 2 record in the inventory which folders move where          (crash: moved back)
+//! 3 rename each staging folder into place, the VM's home last  (crash: moved back)
+//! 4 register the VM with its receipt, in one transaction      (crash: finished)
+//! 5 remove the journal and the marks, clear the record        (crash: finished)
+//! ```
+//!
+//! Until step 4 the journal moves with the folders, so a restart that undoes the commit
+//! ([`recover_commits`]) leaves a migration its edge resumes with nothing to re-send;
+//! after it, the restart only tidies up, and a resuming edge gets its receipt.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,8 +23,21 @@ use gateway::receipt::{Receipt, ReceiptDisk, RECEIPT_FORMAT_VERSION};
 
 use super::{datastore_of, discard_stagings, disk_staging, preview, Resolved, Staged};
 use crate::datastore::{datastore_path, DiskFile, DiskFormat, Staging, VmxDisk, VmxNic, VmxSpec};
-use crate::inventory::{NewDisk, NewNic, NewVm, VmPlacement};
+use crate::inventory::{CommitMove, Inventory, NewDisk, NewNic, NewVm, VmPlacement};
 use crate::Domain;
+
+/// Test hook: the endpoint aborts (as a `kill -9` would end it) when it reaches the
+/// commit step this variable names (`disks-finished`, `moves-recorded`, `moved-1`, ...,
+/// `registered`, `leftovers-removed`), so tests can check that a restart recovers from
+/// a crash at every step. Unset in production.
+pub const CRASH_AT_ENV: &str = "CLOUD_ENDPOINT_TEST_CRASH_AT";
+
+fn crash_point(step: &str) {
+    if std::env::var(CRASH_AT_ENV).is_ok_and(|at| at == step) {
+        eprintln!("{CRASH_AT_ENV}={step}: aborting the endpoint at this commit step");
+        std::process::abort();
+    }
+}
 
 /// Makes the staged VM durable and registers it: finish every disk (qcow2 writes its
 /// tables; all are fsynced), write the descriptors (VMDK only, beside their extents) and
@@ -52,6 +78,7 @@ pub fn finalize(
             ));
         }
     }
+    crash_point("disks-finished");
     let new_vm = match write_vm_files(
         domain,
         plan,
@@ -116,10 +143,11 @@ pub fn finalize(
         report.committed_at = Some(ctx.committed_at.to_owned());
         serde_json::to_string(&report).ok()
     };
-    let folders = match commit_all(staging, other_staging) {
+    let folders = match commit_all(&domain.inventory, &migration_id, staging, other_staging) {
         Ok(folders) => folders,
         Err(e) => {
             let _ = domain.inventory.fail_migration(&migration_id, &e);
+            let _ = domain.inventory.clear_commit_moves(&migration_id);
             return Err(e);
         }
     };
@@ -127,18 +155,38 @@ pub fn finalize(
         .inventory
         .register_vm_with_report(&migration_id, &new_vm, issue, report_json);
     match registered {
-        Ok(registered) => Ok(Registered {
-            vm_id: registered.vm_id,
-            vm_path: new_vm.vmx_path.clone(),
-            receipt: registered.receipt,
-            report: Some(report),
-        }),
+        Ok(registered) => {
+            crash_point("registered");
+            tidy_committed(&domain.inventory, &migration_id, &folders);
+            Ok(Registered {
+                vm_id: registered.vm_id,
+                vm_path: new_vm.vmx_path.clone(),
+                receipt: registered.receipt,
+                report: Some(report),
+            })
+        }
         Err(e) => {
             remove_folders(&folders);
             let e = format!("cannot register the VM: {e}");
             let _ = domain.inventory.fail_migration(&migration_id, &e);
+            let _ = domain.inventory.clear_commit_moves(&migration_id);
             Err(e)
         }
+    }
+}
+
+/// A registered VM's folders no longer need the journal and marks, nor the inventory
+/// its record of the moves. A failure here leaves them for the next start to remove.
+fn tidy_committed(inventory: &Inventory, migration_id: &str, folders: &[PathBuf]) {
+    for folder in folders {
+        if let Err(e) = crate::datastore::remove_commit_leftovers(folder) {
+            tracing::warn!(folder = %folder.display(), error = %e, "cannot remove the commit's journal; the next start does");
+            return;
+        }
+    }
+    crash_point("leftovers-removed");
+    if let Err(e) = inventory.clear_commit_moves(migration_id) {
+        tracing::warn!(migration = %migration_id, error = %e, "cannot clear the commit record; the next start does");
     }
 }
 
@@ -294,10 +342,11 @@ pub fn finalize_live(
     for (r, d) in report.disks.iter_mut().zip(&new_vm.disks) {
         r.path = Some(d.path.clone());
     }
-    let folders = match commit_all(staging, other_staging) {
+    let folders = match commit_all(&domain.inventory, &migration_id, staging, other_staging) {
         Ok(folders) => folders,
         Err(e) => {
             let _ = domain.inventory.fail_migration(&migration_id, &e);
+            let _ = domain.inventory.clear_commit_moves(&migration_id);
             return Err(e);
         }
     };
@@ -310,11 +359,15 @@ pub fn finalize_live(
         serde_json::to_string(&report).ok()
     });
     match registered {
-        Ok(vm_id) => Ok((vm_id, report)),
+        Ok(vm_id) => {
+            tidy_committed(&domain.inventory, &migration_id, &folders);
+            Ok((vm_id, report))
+        }
         Err(e) => {
             remove_folders(&folders);
             let e = format!("cannot register the VM: {e}");
             let _ = domain.inventory.fail_migration(&migration_id, &e);
+            let _ = domain.inventory.clear_commit_moves(&migration_id);
             Err(e)
         }
     }
@@ -322,17 +375,49 @@ pub fn finalize_live(
 
 /// Moves every staging folder into place, the other datastores' first: the VM's home
 /// folder (with the .vmx) appears last, so a VM folder with a .vmx never names a disk
-/// that is not in place. If one move fails, the folders already moved and the staging
-/// folders not yet moved are removed.
-fn commit_all(home: Staging, others: Vec<(String, Staging)>) -> Result<Vec<PathBuf>, String> {
-    let mut done = Vec::new();
+/// that is not in place. Each folder is marked as this migration's and the moves are
+/// recorded in the inventory before the first one, so a restart can undo them. If one
+/// move fails, the folders already moved and the staging folders not yet moved are
+/// removed.
+fn commit_all(
+    inventory: &Inventory,
+    migration_id: &str,
+    home: Staging,
+    others: Vec<(String, Staging)>,
+) -> Result<Vec<PathBuf>, String> {
     let mut pending: Vec<Staging> = others.into_iter().map(|(_, s)| s).collect();
     pending.push(home);
+    let moves: Vec<CommitMove> = pending
+        .iter()
+        .map(|s| CommitMove {
+            staging: s.dir().to_owned(),
+            target: s.target(),
+        })
+        .collect();
+    let recorded = pending
+        .iter()
+        .try_for_each(|s| s.mark(migration_id).map_err(|e| e.to_string()))
+        .and_then(|()| {
+            inventory
+                .record_commit_moves(migration_id, &moves)
+                .map_err(|e| format!("cannot record the commit: {e}"))
+        });
+    if let Err(e) = recorded {
+        for staging in pending {
+            let _ = staging.discard();
+        }
+        return Err(e);
+    }
+    crash_point("moves-recorded");
+    let mut done = Vec::new();
     let mut pending = pending.into_iter();
     while let Some(staging) = pending.next() {
         let dir = staging.dir().to_owned();
         match staging.commit() {
-            Ok(folder) => done.push(folder),
+            Ok(folder) => {
+                done.push(folder);
+                crash_point(&format!("moved-{}", done.len()));
+            }
             Err(e) => {
                 remove_folders(&done);
                 remove_folders(&[dir]);
@@ -344,6 +429,51 @@ fn commit_all(home: Staging, others: Vec<(String, Staging)>) -> Result<Vec<PathB
         }
     }
     Ok(done)
+}
+
+/// At start, before staging is cleaned: finishes or undoes the commits a crash cut.
+/// A migration whose VM was registered only has its journal and marks removed; one whose
+/// VM was not has every folder that moved (and still carries its mark) moved back to
+/// staging, where its edge resumes it with nothing to re-send; one that failed has its
+/// moved folders removed. Returns the migrations recovered.
+pub fn recover_commits(inventory: &Inventory) -> Result<Vec<String>, crate::inventory::InventoryError> {
+    let mut recovered = Vec::new();
+    for pending in inventory.pending_commits()? {
+        let id = &pending.migration_id;
+        let ours = |target: &std::path::Path| crate::datastore::marked_by(target).as_deref() == Some(id.as_str());
+        match pending.state.as_str() {
+            "SUCCEEDED" => {
+                for m in &pending.moves {
+                    if let Err(e) = crate::datastore::remove_commit_leftovers(&m.target) {
+                        tracing::warn!(folder = %m.target.display(), error = %e, "cannot remove a committed VM's journal");
+                    }
+                }
+                tracing::info!(migration = %id, "finished a commit cut by the last stop: the VM was registered");
+            }
+            "RUNNING" => {
+                for m in pending.moves.iter().rev() {
+                    if ours(&m.target) && !m.staging.exists() {
+                        if let Err(e) = crate::datastore::move_back(&m.target, &m.staging) {
+                            tracing::error!(folder = %m.target.display(), error = %e, "cannot move an unregistered VM's folder back to staging");
+                            continue;
+                        }
+                    }
+                }
+                tracing::warn!(migration = %id, "undid a commit cut by the last stop: the VM was not registered; its edge resumes it");
+            }
+            _ => {
+                for m in &pending.moves {
+                    if ours(&m.target) {
+                        remove_folders(std::slice::from_ref(&m.target));
+                    }
+                }
+                tracing::warn!(migration = %id, "removed the folders of a failed commit cut by the last stop");
+            }
+        }
+        inventory.clear_commit_moves(id)?;
+        recovered.push(id.clone());
+    }
+    Ok(recovered)
 }
 
 fn remove_folders(folders: &[PathBuf]) {
