@@ -1036,6 +1036,10 @@ async fn sealer(
             Work::Skip => continue,
             Work::Zero => {
                 zero_done(shared, disk, offset);
+                // The last chunk of a resumed migration may be one of these: its
+                // seal and commit must go out now, not with the next acknowledgement
+                // (after a resume of a fully held migration, none comes).
+                shared.wake_writer.notify_one();
                 continue;
             }
             Work::Send | Work::Hash => {}

@@ -200,8 +200,9 @@ async fn a_crash_at_every_step_of_the_commit_is_finished_or_undone_by_the_restar
             "{step}: the endpoint aborted at its crash point"
         );
         let mut endpoint = ep.start(None);
-        let summary = lift
+        let summary = tokio::time::timeout(Duration::from_secs(120), lift)
             .await
+            .unwrap_or_else(|_| panic!("{step}: the lift did not end within 120 s of the restart"))
             .unwrap()
             .unwrap_or_else(|e| panic!("{step}: the lift ends after the restart: {e}"));
         endpoint.kill().unwrap();
@@ -276,7 +277,11 @@ async fn a_staged_disk_altered_while_the_migration_waits_is_repaired_before_the_
     drop(file);
     assert!(!images_identical(&tmp.path().join("src/db01-0.img"), &flat));
     let mut endpoint = ep.start(None);
-    let summary = lift.await.unwrap().expect("the lift ends after the restart");
+    let summary = tokio::time::timeout(Duration::from_secs(120), lift)
+        .await
+        .expect("the lift ends within 120 s of the restart")
+        .unwrap()
+        .expect("the lift ends after the restart");
     endpoint.kill().unwrap();
     endpoint.wait().unwrap();
     println!(
