@@ -398,7 +398,7 @@ fn refuses_a_truncated_ova() {
 #[test]
 fn refuses_an_ova_without_a_disk_file_or_with_malformed_xml() {
     let dir = tempfile::tempdir().unwrap();
-    let package = export(dir.path(), Disks::Raw, None);
+    let package = export(dir.path(), Disks::StreamOptimized, None);
     let ova = tar(&package, "web01.ova", &["web01.ovf", DISK1]);
     let msg = open_vm(&ova).unwrap_err().to_string();
     assert!(

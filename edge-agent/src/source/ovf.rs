@@ -10,9 +10,10 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use super::claim::Role;
 use super::disk::{self, Opened};
 use super::manifest::{self, Manifest};
-use super::{ArchiveMember, SourceDisk, SourceError, SourceNic, SourceVm};
+use super::{ArchiveMember, SourceDisk, SourceError, SourceNic, SourceOptions, SourceVm};
 
 /// ovftool writes descriptors of a few tens of KiB; this bounds the read and the parse (and,
 /// with it, the number of XML nodes; roxmltree also bounds nesting depth).
@@ -115,7 +116,7 @@ pub(crate) struct Descriptor {
 }
 
 /// Opens a `.ovf` whose files lie beside it, verifying them against `<name>.mf` if present.
-pub(crate) fn open_ovf(path: &Path) -> Result<SourceVm, SourceError> {
+pub(crate) fn open_ovf(path: &Path, options: &SourceOptions) -> Result<SourceVm, SourceError> {
     let path = std::path::absolute(path).map_err(|source| SourceError::Io {
         path: path.to_owned(),
         action: "resolve the .ovf path",
@@ -197,7 +198,8 @@ pub(crate) fn open_ovf(path: &Path) -> Result<SourceVm, SourceError> {
                 ),
             ));
         }
-        let opened = disk::open(&file).map_err(|e| wrap(&package, &described.key, e))?;
+        let opened =
+            disk::open_as(&file, open_as(options, &described.key)).map_err(|e| wrap(&package, &described.key, e))?;
         let len = std::fs::metadata(&file).map(|m| m.len()).ok();
         disks.push(attach(&package, described, file, None, len, opened, &mut notes)?);
     }
@@ -226,6 +228,15 @@ pub(crate) fn unlisted_notes<'a>(manifest: &Manifest, files: impl Iterator<Item 
             )
         })
         .collect()
+}
+
+/// How the disk `key` is read: as raw if the operator asked for it.
+pub(crate) fn open_as<'a>(options: &SourceOptions, key: &'a str) -> disk::OpenAs<'a> {
+    if options.takes_as_raw(key) {
+        disk::OpenAs::Raw
+    } else {
+        disk::OpenAs::Detect(Role::Disk(Some(key)))
+    }
 }
 
 /// A disk's error, with the disk it happened to.
@@ -279,6 +290,8 @@ pub(crate) fn attach(
         capacity: described.capacity,
         format: opened.format,
         archive_member,
+        // Set by `open_vm_with`, which knows the operator's options.
+        taken_as_raw: false,
     })
 }
 
