@@ -102,7 +102,7 @@ fn open_formatless(
 ) -> Result<Opened, SourceError> {
     // A flat extent holds disk sectors (a partition table has zeros) and is sector-sized; a
     // small, text-only .vmdk is a descriptor we failed to recognise, not a disk.
-    if claim == Claim::Vmdk && len < vmdk::DESCRIPTOR_SIZE_LIMIT && len % 512 != 0 {
+    if claim == Claim::Vmdk && len < vmdk::DESCRIPTOR_SIZE_LIMIT && !len.is_multiple_of(512) {
         let all = read_bytes(path, &file, 0, len as usize)?;
         if !all.contains(&0) && std::str::from_utf8(&all).is_ok() {
             return Err(SourceError::BadDescriptor {
@@ -130,7 +130,7 @@ fn open_formatless(
 /// The file as a raw image.
 fn raw(path: &Path, file: File, len: u64) -> Opened {
     let mut warnings = Vec::new();
-    if len % 512 != 0 {
+    if !len.is_multiple_of(512) {
         warnings.push(format!(
             "{} is {len} bytes, not a whole number of 512-byte sectors; it is migrated as is",
             path.display()
@@ -255,6 +255,17 @@ pub(crate) fn read_bytes(path: &Path, file: &File, offset: u64, count: usize) ->
 
 /// An I/O error from a read, with the file and offset it happened at.
 pub(crate) fn read_error(path: &Path, offset: u64, e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        // Every read was checked against the file's length when it was opened.
+        return io::Error::new(
+            e.kind(),
+            format!(
+                "reading {} at offset {offset}: the file ends before that, though it was longer when \
+                 it was opened: it was cut or replaced while being read",
+                path.display()
+            ),
+        );
+    }
     io::Error::new(e.kind(), format!("reading {} at offset {offset}: {e}", path.display()))
 }
 

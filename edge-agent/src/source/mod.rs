@@ -8,6 +8,16 @@
 //! files (a `.vmx`, a VMDK descriptor, extent sizes) are bounded before anything is allocated
 //! from them.
 //!
+//! A damaged source is refused when it is opened (at `inspect` and `plan`, before anything
+//! moves), never read as something else: an extent shorter than its descriptor declares,
+//! sparse or qcow2 tables that point past the end of their file (a copy cut short), a file
+//! whose bytes are not the format its name claims (see `claim`). Raw is taken only for
+//! files that claim it (`.img`, `.raw`, `-flat.vmdk`), block devices, and the disks the
+//! operator names ([`SourceOptions::raw_disks`], `--raw-disk`). Damage only reading shows
+//! (a corrupt compressed grain, a file cut while it is read) fails the read with
+//! `InvalidData` or `UnexpectedEof`, which the migration treats as damage, not as a
+//! passing I/O error.
+//!
 //! Supported: raw images, qcow2 v2/v3 (backing chains flattened; see `qcow2`), VMDK text
 //! descriptors with FLAT / VMFS / ZERO extents
 //! (monolithicFlat, twoGbMaxExtentFlat, vmfs), sparse VMDKs (monolithicSparse,

@@ -300,7 +300,7 @@ pub(crate) fn open_member(archive: &Path, member: &ArchiveMember, open_as: OpenA
 /// A member read as a raw image.
 fn raw_member(member: &ArchiveMember, slice: FileSlice) -> Opened {
     let mut warnings = Vec::new();
-    if slice.len % BLOCK != 0 {
+    if !slice.len.is_multiple_of(BLOCK) {
         warnings.push(format!(
             "{} is {} bytes, not a whole number of 512-byte sectors; it is migrated as is",
             member.name, slice.len
