@@ -425,7 +425,10 @@ fn verify_receipt_cmd(a: &VerifyReceiptArgs) -> anyhow::Result<()> {
 
 /// How disks are read, from the `--raw-disk` flags.
 fn source_options(raw_disks: Vec<String>) -> source::SourceOptions {
-    source::SourceOptions { raw_disks }
+    source::SourceOptions {
+        raw_disks,
+        ..Default::default()
+    }
 }
 
 fn inspect(vmx: &std::path::Path, json: bool, options: &source::SourceOptions) -> anyhow::Result<()> {
@@ -476,7 +479,7 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
         rate_bps: rate.bps(),
         rtt: a.lift.link_rtt,
     });
-    let (vm, target, lift) = prepare(a.lift).await?;
+    let (vm, target, lift) = prepare(a.lift, false).await?;
     let opts = edge_agent::live::LiveOptions {
         qmp: a.qmp,
         kernel: a.boot.direct_kernel(),
@@ -508,7 +511,8 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
 
 async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
     let json = a.json;
-    let (vm, target, opts) = prepare(a).await?;
+    // An abort needs the VM's name, not its disks, which may have been damaged since.
+    let (vm, target, opts) = prepare(a, mode == Mode::Abort).await?;
     match mode {
         Mode::Migrate => {}
         Mode::Abort => {
@@ -557,9 +561,17 @@ async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The VM, the endpoint and the options every migrating command shares.
-async fn prepare(a: MigrateArgs) -> anyhow::Result<(source::SourceVm, Target, MigrateOptions)> {
-    let mut vm = source::open_vm_with(&a.vmx, &source_options(a.raw_disk.clone()))?;
+/// The VM, the endpoint and the options every migrating command shares. With
+/// `configuration_only`, the VM's disks are not read (see [`source::SourceOptions`]).
+async fn prepare(
+    a: MigrateArgs,
+    configuration_only: bool,
+) -> anyhow::Result<(source::SourceVm, Target, MigrateOptions)> {
+    let options = source::SourceOptions {
+        configuration_only,
+        ..source_options(a.raw_disk.clone())
+    };
+    let mut vm = source::open_vm_with(&a.vmx, &options)?;
     if let Some(rules) = &a.firewall {
         vm.firewall = source::firewall::read(rules, &vm.name)?;
     }

@@ -515,3 +515,63 @@ async fn a_read_error_a_resume_can_fix_pauses_the_migration_and_keeps_it() {
     assert_landed(&cloud, "big01", &raw);
     cloud.stop().await;
 }
+
+/// A migration left paused (the edge killed), whose source is then found cut short: the
+/// next `edge-agent migrate` refuses it before anything moves, and `edge-agent abort` with
+/// the same arguments still discards the cloud's partial copy and frees the name, though
+/// the source no longer opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_migration_whose_source_was_cut_since_can_still_be_aborted() {
+    use std::io::BufRead;
+    let bin = wan::ensure_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
+    let (src, state) = (tmp.path().join("src"), tmp.path().join("state"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let raw = src.join("reference.raw");
+    raw_disk(&raw, 24, Fill::Random, 36);
+    let vmdk = src.join("db01.vmdk");
+    convert(&raw, &vmdk, &["-O", "vmdk", "-o", "subformat=monolithicFlat"]);
+    let vmx = write_vmx(&src, "db01", &["db01.vmdk"], &[]);
+
+    let mut first = edge(
+        &bin,
+        &pki,
+        &cloud,
+        "migrate",
+        &vmx,
+        &state,
+        &["--json", "--max-rate", "48mbit"],
+    );
+    let killed = tokio::task::spawn_blocking(move || {
+        let mut child = first.stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        for line in out.lines() {
+            let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            assert_ne!(v["event"], "summary", "finished before it could be killed");
+            if v["event"] == "progress" && v["done_bytes"].as_u64().unwrap() >= 4 * MIB as u64 {
+                break;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    });
+    killed.await.unwrap();
+    let kept = cloud.domain.inventory.list_migrations().unwrap();
+    assert_eq!(kept[0].state, "RUNNING", "{kept:?}");
+
+    truncate(&src.join("db01-flat.vmdk"), 12 * MIB as u64);
+    let (ok, stderr) = run(edge(&bin, &pki, &cloud, "migrate", &vmx, &state, &[])).await;
+    assert!(!ok && stderr.contains("db01-flat.vmdk is 12582912 bytes"), "{stderr}");
+    let (ok, stderr) = run(edge(&bin, &pki, &cloud, "abort", &vmx, &state, &[])).await;
+    assert!(ok, "{stderr}");
+    assert_nothing_left(&cloud, "db01").await;
+
+    convert(&raw, &vmdk, &["-O", "vmdk", "-o", "subformat=monolithicFlat"]);
+    let (ok, stderr) = run(edge(&bin, &pki, &cloud, "migrate", &vmx, &state, &[])).await;
+    assert!(ok, "{stderr}");
+    assert_landed(&cloud, "db01", &raw);
+    cloud.stop().await;
+}

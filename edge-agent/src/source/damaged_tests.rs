@@ -262,6 +262,7 @@ fn the_operator_can_take_a_disk_as_raw_by_its_key() {
 
     let options = SourceOptions {
         raw_disks: vec!["scsi0:0".into()],
+        ..Default::default()
     };
     let vm = open_vm_with(&vmx, &options).unwrap();
     let source = &vm.disks[0];
@@ -290,6 +291,7 @@ fn the_operator_can_take_a_disk_as_raw_by_its_key() {
 
     let typo = SourceOptions {
         raw_disks: vec!["scsi0:9".into()],
+        ..Default::default()
     };
     let msg = open_vm_with(&vmx, &typo).unwrap_err().to_string();
     assert!(
@@ -319,4 +321,23 @@ fn a_format_under_another_name_is_read_as_its_bytes_say_and_noted() {
     let mut read = vec![0; data.len()];
     opened.reader.read_at(0, &mut read).unwrap();
     assert!(read == data);
+}
+
+/// `edge-agent abort` opens the VM only to name it: a source damaged since the migration
+/// started can still be aborted.
+#[test]
+fn a_damaged_vm_can_still_be_named_for_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, _) = raw_source(dir.path());
+    let disk = vmdk(&raw, "web01.vmdk", "monolithicSparse");
+    let vmx = vmx(dir.path(), &disk);
+    truncate(&disk, len(&disk) / 2);
+    assert!(open_vm(&vmx).unwrap_err().to_string().contains("cut short"));
+    let options = SourceOptions {
+        configuration_only: true,
+        ..Default::default()
+    };
+    let vm = open_vm_with(&vmx, &options).unwrap();
+    assert_eq!((vm.name.as_str(), vm.disks.len()), ("vm", 1));
+    assert!(!vm.disks[0].taken_as_raw, "no --raw-disk was given");
 }

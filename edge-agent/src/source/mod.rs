@@ -349,11 +349,16 @@ pub struct SourceOptions {
     /// (`--raw-disk`). Without it, a file whose bytes show no known format is read as raw
     /// only if its name says raw (`.img`, `.raw`, `-flat.vmdk`) or it is a block device.
     pub raw_disks: Vec<String>,
+    /// Open only what names the VM: every disk is taken as a raw file without reading its
+    /// format, and an OVF package's disks are not checked against its manifest or
+    /// descriptor. For `edge-agent abort`, which needs the VM's name, not its disks, and
+    /// must work on a source that was damaged since the migration started.
+    pub configuration_only: bool,
 }
 
 impl SourceOptions {
     fn takes_as_raw(&self, key: &str) -> bool {
-        self.raw_disks.iter().any(|k| k == key)
+        self.configuration_only || self.raw_disks.iter().any(|k| k == key)
     }
 }
 
@@ -419,7 +424,7 @@ pub fn open_vm_with(vmx: &Path, options: &SourceOptions) -> Result<SourceVm, Sou
         });
     }
     for disk in &mut vm.disks {
-        if options.takes_as_raw(&disk.key) {
+        if options.raw_disks.contains(&disk.key) {
             disk.taken_as_raw = true;
             vm.notes.push(format!(
                 "{} is read as a raw image, as --raw-disk {} asks, whatever its name or first bytes say",

@@ -89,6 +89,7 @@ pub(crate) fn open_ova(path: &Path, options: &SourceOptions) -> Result<SourceVm,
     let package = Package {
         path: path.clone(),
         member: Some(descriptor_member.name.clone()),
+        disks_unchecked: options.configuration_only,
     };
     if descriptor_member.len > ovf::DESCRIPTOR_SIZE_LIMIT {
         return Err(SourceError::TooLarge {
@@ -129,7 +130,7 @@ pub(crate) fn open_ova(path: &Path, options: &SourceOptions) -> Result<SourceVm,
 
     let descriptor = ovf::parse(&package, &descriptor_bytes)?;
 
-    if let Some(manifest) = &manifest {
+    if let Some(manifest) = manifest.as_ref().filter(|_| !package.disks_unchecked) {
         let mut jobs = Vec::new();
         for entry in manifest.entries.iter().filter(|e| e.file != descriptor_member.name) {
             let member = find_member(&members, &entry.file).ok_or_else(|| {

@@ -555,9 +555,34 @@ fn a_vmdk_member_that_is_not_a_vmdk_is_refused_unless_taken_as_raw() {
     );
     let options = crate::source::SourceOptions {
         raw_disks: vec!["scsi0:0".into(), "scsi0:1".into()],
+        ..Default::default()
     };
     let vm = crate::source::open_vm_with(&ova, &options).unwrap();
     assert!(vm.disks.iter().all(|d| d.taken_as_raw && d.format == DiskFormat::Raw));
     assert!(read_all(&vm.disks[0]) == package.disk1);
     assert!(read_all(&vm.disks[1]) == package.disk2);
+}
+
+/// `edge-agent abort` opens an OVA only to name the VM: a disk cut short since (its digest,
+/// size and capacity all wrong) does not stop it.
+#[test]
+fn a_damaged_ova_can_still_be_named_for_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let package = export(dir.path(), Disks::StreamOptimized, Some("SHA256"));
+    let disk2 = dir.path().join(DISK2);
+    let len = fs::metadata(&disk2).unwrap().len();
+    fs::File::options()
+        .write(true)
+        .open(&disk2)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let ova = standard_ova(&package);
+    assert!(open_vm(&ova).is_err());
+    let options = crate::source::SourceOptions {
+        configuration_only: true,
+        ..Default::default()
+    };
+    let vm = crate::source::open_vm_with(&ova, &options).unwrap();
+    assert_eq!((vm.name.as_str(), vm.disks.len()), ("web01", 2));
 }

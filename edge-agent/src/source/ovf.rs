@@ -27,6 +27,9 @@ pub(crate) struct Package {
     pub path: PathBuf,
     /// For an OVA, the descriptor's member name.
     pub member: Option<String>,
+    /// The disks are opened only to name the VM ([`SourceOptions::configuration_only`]):
+    /// their digests, sizes and capacities are not checked.
+    pub disks_unchecked: bool,
 }
 
 impl Package {
@@ -125,6 +128,7 @@ pub(crate) fn open_ovf(path: &Path, options: &SourceOptions) -> Result<SourceVm,
     let package = Package {
         path: path.clone(),
         member: None,
+        disks_unchecked: options.configuration_only,
     };
     let folder = path.parent().unwrap_or(Path::new("/")).to_owned();
     let descriptor_name = path
@@ -158,7 +162,7 @@ pub(crate) fn open_ovf(path: &Path, options: &SourceOptions) -> Result<SourceVm,
 
     let descriptor = parse(&package, &bytes)?;
 
-    if let Some(manifest) = &manifest {
+    if let Some(manifest) = manifest.as_ref().filter(|_| !package.disks_unchecked) {
         let mut jobs = Vec::new();
         for entry in manifest.entries.iter().filter(|e| e.file != descriptor_name) {
             let file = resolve(&folder, &entry.file)
@@ -259,6 +263,16 @@ pub(crate) fn attach(
     opened: Opened,
     notes: &mut Vec<String>,
 ) -> Result<SourceDisk, SourceError> {
+    if package.disks_unchecked {
+        return Ok(SourceDisk {
+            key: described.key.clone(),
+            path,
+            capacity: described.capacity,
+            format: opened.format,
+            archive_member,
+            taken_as_raw: false,
+        });
+    }
     if let (Some(expected), Some(len)) = (described.file.size, len) {
         if expected != len {
             return Err(package.error(
