@@ -1085,6 +1085,8 @@ async fn sealer(
         payload: Vec::new(),
     });
     let chunk_size = u64::from(shared.session().plan().chunk_size);
+    // Disk keys (scsi0:0), for read errors.
+    let keys: Arc<[String]> = shared.session().plan().vm.disks.iter().map(|d| d.key.clone()).collect();
     while let Some((disk, offset)) = shared.next_job().await {
         // After a resume most chunks are done; some are known zero or only
         // need their hash.
@@ -1104,7 +1106,7 @@ async fn sealer(
         let level = shared.level.load(Ordering::Relaxed);
         let chunk_len = (disks[usize::from(disk)].capacity() - offset).min(chunk_size) as usize;
         let disks = disks.clone();
-        let key = shared.session().plan().vm.disks[usize::from(disk)].key.clone();
+        let keys = keys.clone();
         let (mut b, sealed_chunk) = tokio::task::spawn_blocking(move || {
             let reader = &disks[usize::from(disk)];
             let len = (reader.capacity() - offset).min(chunk_size) as usize;
@@ -1115,7 +1117,7 @@ async fn sealer(
             b.plain.resize(len, 0);
             if let Err(e) = reader.read_at(offset, &mut b.plain) {
                 return Err(MigrateError::Read {
-                    what: format!("disk {key} at offset {offset}"),
+                    what: format!("disk {} at offset {offset}", keys[usize::from(disk)]),
                     source: e,
                 });
             }
