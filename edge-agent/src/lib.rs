@@ -44,6 +44,34 @@ pub enum MigrateError {
     Transport(#[from] TransportError),
     #[error("reading {what} failed: {source}; the source was not modified")]
     Read { what: String, source: std::io::Error },
+    /// The source turned out damaged while it was read (content its format cannot hold, a
+    /// file shorter than its own tables or than when it was opened): a resume would read the
+    /// same damage, so the migration was aborted on both sides.
+    #[error("{what} is damaged: {source}. {}", damaged_outcome(migration_id, vm_name, *discarded))]
+    SourceDamaged {
+        /// The disk and offset, e.g. "disk scsi0:0 at offset 4194304".
+        what: String,
+        source: std::io::Error,
+        migration_id: String,
+        /// The VM's name in the cloud.
+        vm_name: String,
+        /// Whether the cloud confirmed it discarded the migration.
+        discarded: bool,
+    },
+    /// A source read failed for a reason that may pass (EIO from a flaky mount, a
+    /// permission): the migration is paused and kept on both sides.
+    #[error(
+        "reading {what} failed: {source}; the source was not modified. Migration {migration_id} is paused and \
+         kept on both sides: its partial copy stays staged in the cloud and the name \"{vm_name}\" stays \
+         reserved. Fix the read error and run the same command again to resume, or run `edge-agent abort` \
+         with the same arguments to discard it"
+    )]
+    SourceReadPaused {
+        what: String,
+        source: std::io::Error,
+        migration_id: String,
+        vm_name: String,
+    },
     /// The VM was registered, but its receipt is missing, wrong or not kept.
     #[error("{0}")]
     Receipt(String),
@@ -76,6 +104,22 @@ impl From<ProtocolError> for MigrateError {
             ProtocolError::Refused { code, problems } => MigrateError::Refused { code, problems },
             other => MigrateError::Protocol(other),
         }
+    }
+}
+
+fn damaged_outcome(migration_id: &str, vm_name: &str, discarded: bool) -> String {
+    if discarded {
+        format!(
+            "Migration {migration_id} was aborted: the cloud discarded its partial copy (nothing was registered, \
+             its staging is removed) and the name \"{vm_name}\" is free again. A resume would read the same \
+             damage: restore or repair the source (`qemu-img check` shows what is wrong), then migrate again"
+        )
+    } else {
+        format!(
+            "The cloud was told to abort migration {migration_id} but did not confirm: run `edge-agent abort` \
+             with the same arguments to make sure its partial copy is discarded and the name \"{vm_name}\" is \
+             freed; then restore or repair the source (`qemu-img check` shows what is wrong) and migrate again"
+        )
     }
 }
 

@@ -65,6 +65,12 @@ enum Command {
         vmx: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Read this disk as a raw image whatever its file's name or first bytes say, e.g.
+        /// `--raw-disk scsi0:1` (repeatable; keys as `edge-agent inspect` shows them). Without
+        /// it, a file that shows no known format is read as raw only if its name says so
+        /// (.img, .raw, -flat.vmdk); a .qcow2 or .vmdk whose header is damaged is refused.
+        #[arg(long = "raw-disk", value_name = "DISK")]
+        raw_disk: Vec<String>,
     },
     /// Check a migration receipt: the endpoint's signature and identity, then every disk's
     /// Merkle root recomputed from the source VM. Exits non-zero on any failure.
@@ -84,6 +90,12 @@ struct VerifyReceiptArgs {
     /// The endpoint certificate's SHA-256 thumbprint (AA:BB:...).
     #[arg(long, env = "EDGE_AGENT_THUMBPRINT")]
     thumbprint: Option<String>,
+    /// Read this disk as a raw image whatever its file's name or first bytes say, e.g.
+    /// `--raw-disk scsi0:1` (repeatable; keys as `edge-agent inspect` shows them). Without
+    /// it, a file that shows no known format is read as raw only if its name says so
+    /// (.img, .raw, -flat.vmdk); a .qcow2 or .vmdk whose header is damaged is refused.
+    #[arg(long = "raw-disk", value_name = "DISK")]
+    raw_disk: Vec<String>,
 }
 
 /// Mutual TLS with the endpoint: how the agent trusts it (a CA, a pinned
@@ -189,6 +201,12 @@ struct MigrateArgs {
     /// The VM: its .vmx file, or an OVF descriptor (.ovf) or OVA archive (.ova).
     #[arg(long)]
     vmx: PathBuf,
+    /// Read this disk as a raw image whatever its file's name or first bytes say, e.g.
+    /// `--raw-disk scsi0:1` (repeatable; keys as `edge-agent inspect` shows them). Without
+    /// it, a file that shows no known format is read as raw only if its name says so
+    /// (.img, .raw, -flat.vmdk); a .qcow2 or .vmdk whose header is damaged is refused.
+    #[arg(long = "raw-disk", value_name = "DISK")]
+    raw_disk: Vec<String>,
     /// The cloud endpoint: quic://HOST[:PORT] (port 4433 by default).
     #[arg(long, env = "EDGE_AGENT_URL")]
     url: String,
@@ -345,7 +363,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Inspect { vmx, json } => inspect(&vmx, json),
+        Command::Inspect { vmx, json, raw_disk } => inspect(&vmx, json, &source_options(raw_disk)),
         Command::Migrate(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(migrate_cmd(*args, Mode::Migrate))
@@ -390,7 +408,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn verify_receipt_cmd(a: &VerifyReceiptArgs) -> anyhow::Result<()> {
     let trust = target::server_trust(a.ca_bundle.as_deref(), a.thumbprint.as_deref())?;
-    let verdict = edge_agent::receipt::verify(&a.receipt, &a.source, &trust)?;
+    let options = source_options(a.raw_disk.clone());
+    let verdict = edge_agent::receipt::verify_with(&a.receipt, &a.source, &options, &trust)?;
     print!("{verdict}");
     if !verdict.ok() {
         anyhow::bail!(
@@ -404,8 +423,16 @@ fn verify_receipt_cmd(a: &VerifyReceiptArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn inspect(vmx: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let vm = source::open_vm(vmx)?;
+/// How disks are read, from the `--raw-disk` flags.
+fn source_options(raw_disks: Vec<String>) -> source::SourceOptions {
+    source::SourceOptions {
+        raw_disks,
+        ..Default::default()
+    }
+}
+
+fn inspect(vmx: &std::path::Path, json: bool, options: &source::SourceOptions) -> anyhow::Result<()> {
+    let vm = source::open_vm_with(vmx, options)?;
     if json {
         let v = serde_json::json!({
             "name": vm.name, "guest_os": vm.guest_os, "num_cpus": vm.num_cpus,
@@ -452,7 +479,7 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
         rate_bps: rate.bps(),
         rtt: a.lift.link_rtt,
     });
-    let (vm, target, lift) = prepare(a.lift).await?;
+    let (vm, target, lift) = prepare(a.lift, false).await?;
     let opts = edge_agent::live::LiveOptions {
         qmp: a.qmp,
         kernel: a.boot.direct_kernel(),
@@ -484,7 +511,8 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
 
 async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
     let json = a.json;
-    let (vm, target, opts) = prepare(a).await?;
+    // An abort needs the VM's name, not its disks, which may have been damaged since.
+    let (vm, target, opts) = prepare(a, mode == Mode::Abort).await?;
     match mode {
         Mode::Migrate => {}
         Mode::Abort => {
@@ -533,9 +561,17 @@ async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The VM, the endpoint and the options every migrating command shares.
-async fn prepare(a: MigrateArgs) -> anyhow::Result<(source::SourceVm, Target, MigrateOptions)> {
-    let mut vm = source::open_vm(&a.vmx)?;
+/// The VM, the endpoint and the options every migrating command shares. With
+/// `configuration_only`, the VM's disks are not read (see [`source::SourceOptions`]).
+async fn prepare(
+    a: MigrateArgs,
+    configuration_only: bool,
+) -> anyhow::Result<(source::SourceVm, Target, MigrateOptions)> {
+    let options = source::SourceOptions {
+        configuration_only,
+        ..source_options(a.raw_disk.clone())
+    };
+    let mut vm = source::open_vm_with(&a.vmx, &options)?;
     if let Some(rules) = &a.firewall {
         vm.firewall = source::firewall::read(rules, &vm.name)?;
     }

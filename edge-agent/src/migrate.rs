@@ -576,6 +576,8 @@ fn cloud_discarded(e: &MigrateError) -> bool {
     match e {
         MigrateError::Refused { code, .. } => !matches!(code, RefusalCode::Paused | RefusalCode::Busy),
         MigrateError::Protocol(_) => true,
+        // Unconfirmed, the checkpoint stays so that `edge-agent abort` can finish the job.
+        MigrateError::SourceDamaged { discarded, .. } => *discarded,
         _ => false,
     }
 }
@@ -631,9 +633,15 @@ fn check_unchanged(
             return Err(changed(format!("disk {disk} is smaller than recorded")));
         }
         plain.resize((reader.capacity() - offset).min(cs) as usize, 0);
-        reader.read_at(offset, &mut plain).map_err(|e| MigrateError::Read {
-            what: format!("disk {disk} at offset {offset}"),
-            source: e,
+        reader.read_at(offset, &mut plain).map_err(|e| {
+            if is_damage(&e) {
+                changed(format!("disk {disk} at offset {offset} can no longer be read ({e})"))
+            } else {
+                MigrateError::Read {
+                    what: format!("disk {disk} at offset {offset}"),
+                    source: e,
+                }
+            }
         })?;
         if gateway::chunk::sha256(&plain) != hash {
             return Err(changed(format!(
@@ -758,7 +766,8 @@ async fn attempt(
             // when the migration cannot go on (the cloud discards it), Paused
             // when it can be resumed later (a source read error, for one).
             if !matches!(e, MigrateError::Transport(_)) {
-                let code = if cloud_discarded(&e) {
+                // A damaged source was aborted: closing says so again, confirmed or not.
+                let code = if cloud_discarded(&e) || matches!(e, MigrateError::SourceDamaged { .. }) {
                     RefusalCode::Aborted
                 } else {
                     RefusalCode::Paused
@@ -885,6 +894,10 @@ async fn drive(
         r = control_reader(shared, reader, sink.as_ref(), plan) => r,
         Some(e) = fail_rx.recv() => Err(e),
     };
+    let outcome = match outcome {
+        Err(MigrateError::Read { what, source }) => Err(source_failed(shared, conn, plan, what, source).await),
+        other => other,
+    };
     if outcome.is_ok() {
         // Let the workers see the closed queue and finish their streams.
         shared.update_jobs(|j| j.closed = true);
@@ -901,6 +914,61 @@ async fn drive(
     }
     tasks.abort_all();
     outcome
+}
+
+/// How long the cloud has to confirm that it discarded a migration the edge aborted.
+const ABORT_CONFIRM: Duration = Duration::from_secs(30);
+
+/// Whether a read error shows the source itself damaged: content its format cannot hold
+/// (InvalidData), or a file shorter than its tables or than when it was opened
+/// (UnexpectedEof). A resume would read the same bytes again. Anything else (EIO from a
+/// flaky NFS mount, a permission taken away) may pass.
+fn is_damage(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+    )
+}
+
+/// A source read failed mid-transfer. Damage is not fixed by a resume: the migration is
+/// aborted on both sides (the cloud discards its staging and frees the name, and confirms
+/// by closing with Aborted). Anything else pauses it, kept for a resume. Either way the
+/// error says which.
+async fn source_failed(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    plan: &MigrationPlan,
+    what: String,
+    source: std::io::Error,
+) -> MigrateError {
+    let migration_id = shared.session().migration_id().unwrap_or_default().to_owned();
+    let vm_name = plan.vm.name.clone();
+    if !is_damage(&source) {
+        return MigrateError::SourceReadPaused {
+            what,
+            source,
+            migration_id,
+            vm_name,
+        };
+    }
+    tracing::warn!(%what, error = %source, "the source is damaged; aborting the migration");
+    shared.update_jobs(|j| j.closed = true);
+    shared
+        .session()
+        .abort(format!("the source is damaged: {what}: {source}"));
+    shared.wake_writer.notify_one();
+    let discarded = matches!(
+        tokio::time::timeout(ABORT_CONFIRM, conn.closed()).await,
+        Ok(quinn::ConnectionError::ApplicationClosed(c))
+            if RefusalCode::from_close_code(c.error_code.into_inner()) == Some(RefusalCode::Aborted)
+    );
+    MigrateError::SourceDamaged {
+        what,
+        source,
+        migration_id,
+        vm_name,
+        discarded,
+    }
 }
 
 async fn control_writer(shared: &Shared, mut writer: ControlWriter) -> Result<(), MigrateError> {
@@ -1028,6 +1096,8 @@ async fn sealer(
         payload: Vec::new(),
     });
     let chunk_size = u64::from(shared.session().plan().chunk_size);
+    // Disk keys (scsi0:0), for read errors.
+    let keys: Arc<[String]> = shared.session().plan().vm.disks.iter().map(|d| d.key.clone()).collect();
     while let Some((disk, offset)) = shared.next_job().await {
         // After a resume most chunks are done; some are known zero or only
         // need their hash.
@@ -1051,6 +1121,7 @@ async fn sealer(
         let level = shared.level.load(Ordering::Relaxed);
         let chunk_len = (disks[usize::from(disk)].capacity() - offset).min(chunk_size) as usize;
         let disks = disks.clone();
+        let keys = keys.clone();
         let (mut b, sealed_chunk) = tokio::task::spawn_blocking(move || {
             let reader = &disks[usize::from(disk)];
             let len = (reader.capacity() - offset).min(chunk_size) as usize;
@@ -1061,7 +1132,7 @@ async fn sealer(
             b.plain.resize(len, 0);
             if let Err(e) = reader.read_at(offset, &mut b.plain) {
                 return Err(MigrateError::Read {
-                    what: format!("disk {disk} at offset {offset}"),
+                    what: format!("disk {} at offset {offset}", keys[usize::from(disk)]),
                     source: e,
                 });
             }

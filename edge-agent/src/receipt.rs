@@ -125,6 +125,17 @@ pub fn read(path: &Path) -> Result<SignedReceipt, VerifyError> {
 /// that is damaged, forged or from an untrusted endpoint is an error, and then
 /// no disk is read.
 pub fn verify(receipt_path: &Path, source: &Path, trust: &ServerTrust) -> Result<Verification, VerifyError> {
+    verify_with(receipt_path, source, &source::SourceOptions::default(), trust)
+}
+
+/// [`verify`], reading the source's disks as `options` says (the `--raw-disk` flags the
+/// migration was given).
+pub fn verify_with(
+    receipt_path: &Path,
+    source: &Path,
+    options: &source::SourceOptions,
+    trust: &ServerTrust,
+) -> Result<Verification, VerifyError> {
     let signed = read(receipt_path)?;
     signed.verify(trust).map_err(|source| VerifyError::Receipt {
         path: receipt_path.to_owned(),
@@ -139,7 +150,7 @@ pub fn verify(receipt_path: &Path, source: &Path, trust: &ServerTrust) -> Result
             });
         }
     }
-    let vm = source::open_vm(source)?;
+    let vm = source::open_vm_with(source, options)?;
 
     let mut checks: Vec<DiskCheck> = Vec::new();
     // Disks are independent: hash them on separate threads (reads are positional).

@@ -5,6 +5,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::claim::{self, Claim, Role};
 use super::{check_range, vmdk, DiskFormat, DiskReader, SourceError};
 
 /// An opened disk, with what [`super::open_vm`] needs beyond the reader.
@@ -19,42 +20,89 @@ pub(crate) struct Opened {
 /// How many bytes of a file are enough to recognise its format.
 const HEAD_LEN: u64 = 512;
 
+/// How a disk file is to be read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum OpenAs<'a> {
+    /// In the format its bytes show; raw only if it claims to be (see [`claim`]).
+    Detect(Role<'a>),
+    /// As a raw image whatever its bytes look like: the operator said so (`--raw-disk`).
+    Raw,
+}
+
 /// Opens a disk file, whatever its format, read-only.
 pub(crate) fn open(path: &Path) -> Result<Opened, SourceError> {
+    open_as(path, OpenAs::Detect(Role::Disk(None)))
+}
+
+/// Opens a disk file read-only, as `open_as` says.
+pub(crate) fn open_as(path: &Path, open_as: OpenAs<'_>) -> Result<Opened, SourceError> {
     let (file, len) = open_read_only(path, "open the disk file")?;
     if len == 0 {
         return Err(SourceError::EmptyImage { path: path.to_owned() });
     }
+    let role = match open_as {
+        OpenAs::Raw => return Ok(raw(path, file, len)),
+        OpenAs::Detect(role) => role,
+    };
     let head = read_head(path, &file, len)?;
     let tail = if len >= 2 * HEAD_LEN {
         read_bytes(path, &file, len - HEAD_LEN, HEAD_LEN as usize)?
     } else {
         Vec::new()
     };
+    let claim = Claim::of(path);
 
-    if head.starts_with(b"KDMV") {
-        return super::vmdk_chain::open_hosted(path, file, len);
-    }
-    if head.starts_with(b"COWD") {
+    let mut opened = if head.starts_with(b"KDMV") {
+        super::vmdk_chain::open_hosted(path, file, len)?
+    } else if head.starts_with(b"COWD") {
         return Err(super::vmdk_chain::cowd_unsupported(path));
-    }
-    if head.starts_with(super::qcow2::MAGIC) {
-        return super::qcow2::open(path);
-    }
-    if let Some((what, advice)) = foreign_format(&head, &tail) {
+    } else if head.starts_with(super::qcow2::MAGIC) {
+        super::qcow2::open(path)?
+    } else if let Some((what, advice)) = foreign_format(&head, &tail) {
         return Err(SourceError::Unsupported {
             path: path.to_owned(),
             what: what.to_owned(),
             advice: advice.to_owned(),
         });
+    } else if vmdk::looks_like_descriptor(&head) {
+        vmdk::open_descriptor(path, &file, len)?
+    } else {
+        return open_formatless(path, file, len, &head, claim, role);
+    };
+    // Bytes of a known format under another format's name (a `.img` holding qcow2 is
+    // common and says nothing): read as the bytes say, and told.
+    let is_vmdk = matches!(
+        opened.format,
+        DiskFormat::VmdkFlat | DiskFormat::VmdkSparse | DiskFormat::VmdkStreamOptimized
+    );
+    let misnamed = match claim {
+        Claim::Qcow2 => opened.format != DiskFormat::Qcow2,
+        Claim::Vmdk => !is_vmdk,
+        Claim::Foreign { .. } => true,
+        Claim::Raw | Claim::Unclaimed => false,
+    };
+    if misnamed {
+        opened.warnings.push(format!(
+            "{} is named like another format but holds {}; it is read as what it holds",
+            path.display(),
+            describe_format(opened.format)
+        ));
     }
-    if vmdk::looks_like_descriptor(&head) {
-        return vmdk::open_descriptor(path, &file, len);
-    }
-    let is_vmdk = path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("vmdk"));
+    Ok(opened)
+}
+
+/// A file whose bytes show no known format: raw if it claims to be, else refused.
+fn open_formatless(
+    path: &Path,
+    file: File,
+    len: u64,
+    head: &[u8],
+    claim: Claim,
+    role: Role<'_>,
+) -> Result<Opened, SourceError> {
     // A flat extent holds disk sectors (a partition table has zeros) and is sector-sized; a
     // small, text-only .vmdk is a descriptor we failed to recognise, not a disk.
-    if is_vmdk && len < vmdk::DESCRIPTOR_SIZE_LIMIT && len % 512 != 0 {
+    if claim == Claim::Vmdk && len < vmdk::DESCRIPTOR_SIZE_LIMIT && !len.is_multiple_of(512) {
         let all = read_bytes(path, &file, 0, len as usize)?;
         if !all.contains(&0) && std::str::from_utf8(&all).is_ok() {
             return Err(SourceError::BadDescriptor {
@@ -67,14 +115,28 @@ pub(crate) fn open(path: &Path) -> Result<Opened, SourceError> {
             });
         }
     }
+    let raw_claimed = match claim {
+        Claim::Raw => true,
+        // A fullDevice disk, a LUN: a device has no format of its own.
+        Claim::Unclaimed => matches!(role, Role::Backing) || is_block_device(&file),
+        Claim::Qcow2 | Claim::Vmdk | Claim::Foreign { .. } => false,
+    };
+    if !raw_claimed {
+        return Err(claim::refuse(path, claim, head, role));
+    }
+    Ok(raw(path, file, len))
+}
+
+/// The file as a raw image.
+fn raw(path: &Path, file: File, len: u64) -> Opened {
     let mut warnings = Vec::new();
-    if len % 512 != 0 {
+    if !len.is_multiple_of(512) {
         warnings.push(format!(
             "{} is {len} bytes, not a whole number of 512-byte sectors; it is migrated as is",
             path.display()
         ));
     }
-    Ok(Opened {
+    Opened {
         reader: Box::new(RawDisk {
             path: path.to_owned(),
             file,
@@ -82,12 +144,32 @@ pub(crate) fn open(path: &Path) -> Result<Opened, SourceError> {
         }),
         format: DiskFormat::Raw,
         warnings,
-    })
+    }
+}
+
+fn is_block_device(file: &File) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    file.metadata().is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// A format as the operator knows it.
+fn describe_format(format: DiskFormat) -> &'static str {
+    match format {
+        DiskFormat::Raw => "a raw image",
+        DiskFormat::VmdkFlat => "a VMDK descriptor",
+        DiskFormat::VmdkSparse => "a sparse VMDK",
+        DiskFormat::VmdkStreamOptimized => "a streamOptimized VMDK",
+        DiskFormat::Qcow2 => "a qcow2 image",
+    }
 }
 
 /// Opens a disk stored as a member of an archive (an OVA), read in place.
-pub(crate) fn open_member(archive: &Path, member: &super::ArchiveMember) -> Result<Opened, SourceError> {
-    super::ova::open_member(archive, member)
+pub(crate) fn open_member(
+    archive: &Path,
+    member: &super::ArchiveMember,
+    open_as: OpenAs<'_>,
+) -> Result<Opened, SourceError> {
+    super::ova::open_member(archive, member, open_as)
 }
 
 /// Recognises image formats we do not read, by magic: the head of the file for most, the
@@ -173,6 +255,17 @@ pub(crate) fn read_bytes(path: &Path, file: &File, offset: u64, count: usize) ->
 
 /// An I/O error from a read, with the file and offset it happened at.
 pub(crate) fn read_error(path: &Path, offset: u64, e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        // Every read was checked against the file's length when it was opened.
+        return io::Error::new(
+            e.kind(),
+            format!(
+                "reading {} at offset {offset}: the file ends before that, though it was longer when \
+                 it was opened: it was cut or replaced while being read",
+                path.display()
+            ),
+        );
+    }
     io::Error::new(e.kind(), format!("reading {} at offset {offset}: {e}", path.display()))
 }
 

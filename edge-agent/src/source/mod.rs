@@ -8,6 +8,16 @@
 //! files (a `.vmx`, a VMDK descriptor, extent sizes) are bounded before anything is allocated
 //! from them.
 //!
+//! A damaged source is refused when it is opened (at `inspect` and `plan`, before anything
+//! moves), never read as something else: an extent shorter than its descriptor declares,
+//! sparse or qcow2 tables that point past the end of their file (a copy cut short), a file
+//! whose bytes are not the format its name claims (see `claim`). Raw is taken only for
+//! files that claim it (`.img`, `.raw`, `-flat.vmdk`), block devices, and the disks the
+//! operator names ([`SourceOptions::raw_disks`], `--raw-disk`). Damage only reading shows
+//! (a corrupt compressed grain, a file cut while it is read) fails the read with
+//! `InvalidData` or `UnexpectedEof`, which the migration treats as damage, not as a
+//! passing I/O error.
+//!
 //! Supported: raw images, qcow2 v2/v3 (backing chains flattened; see `qcow2`), VMDK text
 //! descriptors with FLAT / VMFS / ZERO extents
 //! (monolithicFlat, twoGbMaxExtentFlat, vmfs), sparse VMDKs (monolithicSparse,
@@ -15,6 +25,7 @@
 //! (SPARSE and VMFSSPARSE deltas, flattened; see `vmdk_chain`). Refused with a "not supported
 //! yet" error: SESPARSE deltas, raw device mappings, VHD, VHDX and VDI.
 
+mod claim;
 mod disk;
 pub mod firewall;
 pub mod fuzzing;
@@ -29,6 +40,8 @@ mod vmdk_chain;
 mod vmdk_sparse;
 mod vmx;
 
+#[cfg(test)]
+mod damaged_tests;
 #[cfg(test)]
 mod testutil;
 
@@ -216,6 +229,42 @@ pub enum SourceError {
         message: String,
     },
 
+    /// A disk file whose bytes are not the format its name claims, or that shows no format
+    /// and does not claim to be raw (see `claim`).
+    #[error("{}: {problem}; {advice}", path.display())]
+    NotItsFormat {
+        path: PathBuf,
+        /// What the name claims and what the bytes are.
+        problem: String,
+        /// Restore the file, or take it as raw with `--raw-disk`.
+        advice: String,
+    },
+
+    /// An extent file that holds less of the disk than its descriptor declares: a copy cut
+    /// short. Read on, its missing part would arrive in the cloud as zeros.
+    #[error(
+        "{}: extent {} {holds}, but line {line} of the descriptor declares {declared} bytes: \
+         the extent is cut short (an incomplete copy?); copy it again from the source datastore",
+        descriptor.display(),
+        extent.display()
+    )]
+    ExtentShort {
+        descriptor: PathBuf,
+        line: usize,
+        extent: PathBuf,
+        /// What the file holds, e.g. "is 1048576 bytes".
+        holds: String,
+        declared: u64,
+    },
+
+    /// The operator named a disk (`--raw-disk KEY`) that the VM does not have.
+    #[error(
+        "{}: --raw-disk {key}: the VM has no disk {key} (its disks: {disks}); name a disk as \
+         `edge-agent inspect` shows it",
+        path.display()
+    )]
+    NoSuchDisk { path: PathBuf, key: String, disks: String },
+
     /// A VMDK extent file named by a descriptor does not exist.
     #[error(
         "{}: extent {file_name} does not exist ({}); copy all of the disk's extent files next to the descriptor",
@@ -288,6 +337,29 @@ pub struct SourceDisk {
     /// Set when the disk is a member of an archive (an OVA) rather than a file of its own:
     /// `path` is then the archive and the disk is read in place.
     pub archive_member: Option<ArchiveMember>,
+    /// The operator asked for this disk to be read as a raw image (`--raw-disk`), whatever
+    /// its name or first bytes say.
+    pub taken_as_raw: bool,
+}
+
+/// How the operator wants source disks read, beyond what their files show.
+#[derive(Debug, Clone, Default)]
+pub struct SourceOptions {
+    /// Disks, by key (`scsi0:0`), read as raw images whatever their name or first bytes say
+    /// (`--raw-disk`). Without it, a file whose bytes show no known format is read as raw
+    /// only if its name says raw (`.img`, `.raw`, `-flat.vmdk`) or it is a block device.
+    pub raw_disks: Vec<String>,
+    /// Open only what names the VM: every disk is taken as a raw file without reading its
+    /// format, and an OVF package's disks are not checked against its manifest or
+    /// descriptor. For `edge-agent abort`, which needs the VM's name, not its disks, and
+    /// must work on a source that was damaged since the migration started.
+    pub configuration_only: bool,
+}
+
+impl SourceOptions {
+    fn takes_as_raw(&self, key: &str) -> bool {
+        self.configuration_only || self.raw_disks.iter().any(|k| k == key)
+    }
 }
 
 /// Where a disk lies inside an archive file.
@@ -322,12 +394,44 @@ pub enum DiskFormat {
 /// Opens files read-only; never modifies anything.
 /// Reads the firewall rules file next to the VM file, if there is one.
 pub fn open_vm(vmx: &Path) -> Result<SourceVm, SourceError> {
+    open_vm_with(vmx, &SourceOptions::default())
+}
+
+/// [`open_vm`], reading the disks `options` names as raw images.
+pub fn open_vm_with(vmx: &Path, options: &SourceOptions) -> Result<SourceVm, SourceError> {
     let extension = vmx.extension().map(|e| e.to_ascii_lowercase());
     let mut vm = match extension.as_ref().and_then(|e| e.to_str()) {
-        Some("ovf") => ovf::open_ovf(vmx),
-        Some("ova") => ova::open_ova(vmx),
-        _ => vm::open_vm(vmx),
+        Some("ovf") => ovf::open_ovf(vmx, options),
+        Some("ova") => ova::open_ova(vmx, options),
+        _ => vm::open_vm(vmx, options),
     }?;
+    // A key that names no disk is a typo that would otherwise go unnoticed until the
+    // disk it meant is refused.
+    if let Some(key) = options
+        .raw_disks
+        .iter()
+        .find(|key| !vm.disks.iter().any(|d| &d.key == *key))
+    {
+        let disks: Vec<&str> = vm.disks.iter().map(|d| d.key.as_str()).collect();
+        return Err(SourceError::NoSuchDisk {
+            path: vm.vmx_path.clone(),
+            key: key.clone(),
+            disks: if disks.is_empty() {
+                "none".to_owned()
+            } else {
+                disks.join(", ")
+            },
+        });
+    }
+    for disk in &mut vm.disks {
+        if options.raw_disks.contains(&disk.key) {
+            disk.taken_as_raw = true;
+            vm.notes.push(format!(
+                "{} is read as a raw image, as --raw-disk {} asks, whatever its name or first bytes say",
+                disk.key, disk.key
+            ));
+        }
+    }
     vm.firewall = firewall::find(&vm.vmx_path, &vm.name)?;
     Ok(vm)
 }
@@ -381,12 +485,19 @@ pub fn open_disk(path: &Path) -> Result<Box<dyn DiskReader>, SourceError> {
     disk::open(path).map(|opened| opened.reader)
 }
 
-/// Opens a disk of a [`SourceVm`] for reading: its own file, or its member of an archive.
+/// Opens a disk of a [`SourceVm`] for reading: its own file, or its member of an archive;
+/// as a raw image if the operator asked for that when the VM was opened.
 pub fn open_source_disk(disk: &SourceDisk) -> Result<Box<dyn DiskReader>, SourceError> {
+    let open_as = if disk.taken_as_raw {
+        disk::OpenAs::Raw
+    } else {
+        disk::OpenAs::Detect(claim::Role::Disk(Some(&disk.key)))
+    };
     match &disk.archive_member {
-        None => open_disk(&disk.path),
-        Some(member) => disk::open_member(&disk.path, member).map(|opened| opened.reader),
+        None => disk::open_as(&disk.path, open_as),
+        Some(member) => disk::open_member(&disk.path, member, open_as),
     }
+    .map(|opened| opened.reader)
 }
 
 /// Checks that `[offset, offset + len)` lies within `capacity`, as [`DiskReader::read_at`] requires.

@@ -13,11 +13,12 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::disk::{self, Opened};
+use super::claim::{self, Claim};
+use super::disk::{self, OpenAs, Opened};
 use super::manifest::{self, Manifest};
 use super::ovf::{self, Package};
 use super::slice::FileSlice;
-use super::{check_range, vmdk, ArchiveMember, DiskFormat, DiskReader, SourceError, SourceVm};
+use super::{check_range, vmdk, ArchiveMember, DiskFormat, DiskReader, SourceError, SourceOptions, SourceVm};
 
 const BLOCK: u64 = 512;
 
@@ -32,7 +33,7 @@ const MAX_PAX_LEN: u64 = 64 * 1024;
 
 /// Opens an `.ova`: indexes the archive, verifies the manifest, parses the descriptor and
 /// opens every disk in place to check it against the descriptor.
-pub(crate) fn open_ova(path: &Path) -> Result<SourceVm, SourceError> {
+pub(crate) fn open_ova(path: &Path, options: &SourceOptions) -> Result<SourceVm, SourceError> {
     let path = std::path::absolute(path).map_err(|source| SourceError::Io {
         path: path.to_owned(),
         action: "resolve the .ova path",
@@ -88,6 +89,7 @@ pub(crate) fn open_ova(path: &Path) -> Result<SourceVm, SourceError> {
     let package = Package {
         path: path.clone(),
         member: Some(descriptor_member.name.clone()),
+        disks_unchecked: options.configuration_only,
     };
     if descriptor_member.len > ovf::DESCRIPTOR_SIZE_LIMIT {
         return Err(SourceError::TooLarge {
@@ -128,7 +130,7 @@ pub(crate) fn open_ova(path: &Path) -> Result<SourceVm, SourceError> {
 
     let descriptor = ovf::parse(&package, &descriptor_bytes)?;
 
-    if let Some(manifest) = &manifest {
+    if let Some(manifest) = manifest.as_ref().filter(|_| !package.disks_unchecked) {
         let mut jobs = Vec::new();
         for entry in manifest.entries.iter().filter(|e| e.file != descriptor_member.name) {
             let member = find_member(&members, &entry.file).ok_or_else(|| {
@@ -158,7 +160,8 @@ pub(crate) fn open_ova(path: &Path) -> Result<SourceVm, SourceError> {
                 ),
             )
         })?;
-        let opened = open_member(&path, member).map_err(|e| ovf::wrap(&package, &described.key, e))?;
+        let open_as = ovf::open_as(options, &described.key);
+        let opened = open_member(&path, member, open_as).map_err(|e| ovf::wrap(&package, &described.key, e))?;
         disks.push(ovf::attach(
             &package,
             described,
@@ -232,8 +235,8 @@ fn truncated(archive: &Path, member: &ArchiveMember) -> SourceError {
 }
 
 /// Opens a disk that is a member of an archive, read in place: a sparse or streamOptimized
-/// VMDK ("KDMV"), or a raw image.
-pub(crate) fn open_member(archive: &Path, member: &ArchiveMember) -> Result<Opened, SourceError> {
+/// VMDK ("KDMV"), or a raw image (one whose member name says so, or `open_as` raw).
+pub(crate) fn open_member(archive: &Path, member: &ArchiveMember, open_as: OpenAs<'_>) -> Result<Opened, SourceError> {
     let (file, len) = disk::open_read_only(archive, "open the OVA archive")?;
     let whole = FileSlice {
         path: archive.to_owned(),
@@ -250,9 +253,20 @@ pub(crate) fn open_member(archive: &Path, member: &ArchiveMember) -> Result<Open
             message: "the disk file is empty (0 bytes): the OVA is incomplete; download it again".to_owned(),
         });
     }
+    let role = match open_as {
+        OpenAs::Raw => return Ok(raw_member(member, slice)),
+        OpenAs::Detect(role) => role,
+    };
     let head = slice.read_vec(0, slice.len.min(BLOCK) as usize)?;
     if head.starts_with(b"KDMV") {
         return super::vmdk_sparse::open_sparse_slice(slice);
+    }
+    if head.starts_with(super::qcow2::MAGIC) {
+        return Err(SourceError::Unsupported {
+            path: archive.to_owned(),
+            what: format!("a qcow2 image as the disk file {} of an OVA", member.name),
+            advice: "export the VM again as an OVA with VMDK disks (ovftool's default)".to_owned(),
+        });
     }
     let tail = if slice.len >= 2 * BLOCK {
         slice.read_vec(slice.len - BLOCK, BLOCK as usize)?
@@ -276,18 +290,28 @@ pub(crate) fn open_member(archive: &Path, member: &ArchiveMember) -> Result<Open
             advice: "export the VM again as an OVA with streamOptimized disks (ovftool's default)".to_owned(),
         });
     }
+    // The member's name is its only claim: a `.vmdk` whose KDMV magic is damaged is no raw disk.
+    let claim = Claim::of(Path::new(&member.name));
+    if claim != Claim::Raw {
+        return Err(claim::refuse(&archive.join(&member.name), claim, &head, role));
+    }
+    Ok(raw_member(member, slice))
+}
+
+/// A member read as a raw image.
+fn raw_member(member: &ArchiveMember, slice: FileSlice) -> Opened {
     let mut warnings = Vec::new();
-    if slice.len % BLOCK != 0 {
+    if !slice.len.is_multiple_of(BLOCK) {
         warnings.push(format!(
             "{} is {} bytes, not a whole number of 512-byte sectors; it is migrated as is",
             member.name, slice.len
         ));
     }
-    Ok(Opened {
+    Opened {
         reader: Box::new(SliceDisk { slice }),
         format: DiskFormat::Raw,
         warnings,
-    })
+    }
 }
 
 /// A raw disk image that is a byte range of a file (a member of an OVA).

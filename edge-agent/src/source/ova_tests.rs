@@ -398,7 +398,7 @@ fn refuses_a_truncated_ova() {
 #[test]
 fn refuses_an_ova_without_a_disk_file_or_with_malformed_xml() {
     let dir = tempfile::tempdir().unwrap();
-    let package = export(dir.path(), Disks::Raw, None);
+    let package = export(dir.path(), Disks::StreamOptimized, None);
     let ova = tar(&package, "web01.ova", &["web01.ovf", DISK1]);
     let msg = open_vm(&ova).unwrap_err().to_string();
     assert!(
@@ -524,4 +524,65 @@ fn parses_tar_numbers() {
     assert!(Pax::parse(b"99 path=x\n").is_err());
     assert!(Pax::parse(b"3 x\n").is_err());
     assert!(Pax::parse(b"22 GNU.sparse.major=1\n").unwrap().sparse);
+}
+
+/// A member named `.vmdk` whose bytes are no VMDK (a damaged KDMV magic, or a raw disk under
+/// a VMDK name) is refused, not read as raw; the operator may take it as raw by its key.
+#[test]
+fn a_vmdk_member_that_is_not_a_vmdk_is_refused_unless_taken_as_raw() {
+    let dir = tempfile::tempdir().unwrap();
+    let package = export(dir.path(), Disks::StreamOptimized, None);
+    let disk2 = dir.path().join(DISK2);
+    let mut bytes = fs::read(&disk2).unwrap();
+    bytes[3] = b'W';
+    fs::write(&disk2, bytes).unwrap();
+    let ova = tar(&package, "damaged.ova", &["web01.ovf", DISK1, DISK2]);
+    let msg = open_vm(&ova).unwrap_err().to_string();
+    assert!(
+        msg.contains(&format!("damaged.ova/{DISK2}: its name says a VMDK"))
+            && msg.contains("one byte off sparse VMDK's `KDMV` magic")
+            && msg.contains("`--raw-disk scsi0:1`"),
+        "{msg}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let package = export(dir.path(), Disks::Raw, None);
+    let ova = tar(&package, "raw.ova", &["web01.ovf", DISK1, DISK2]);
+    let msg = open_vm(&ova).unwrap_err().to_string();
+    assert!(
+        msg.contains("disk scsi0:0") && msg.contains("its name says a VMDK"),
+        "{msg}"
+    );
+    let options = crate::source::SourceOptions {
+        raw_disks: vec!["scsi0:0".into(), "scsi0:1".into()],
+        ..Default::default()
+    };
+    let vm = crate::source::open_vm_with(&ova, &options).unwrap();
+    assert!(vm.disks.iter().all(|d| d.taken_as_raw && d.format == DiskFormat::Raw));
+    assert!(read_all(&vm.disks[0]) == package.disk1);
+    assert!(read_all(&vm.disks[1]) == package.disk2);
+}
+
+/// `edge-agent abort` opens an OVA only to name the VM: a disk cut short since (its digest,
+/// size and capacity all wrong) does not stop it.
+#[test]
+fn a_damaged_ova_can_still_be_named_for_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let package = export(dir.path(), Disks::StreamOptimized, Some("SHA256"));
+    let disk2 = dir.path().join(DISK2);
+    let len = fs::metadata(&disk2).unwrap().len();
+    fs::File::options()
+        .write(true)
+        .open(&disk2)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let ova = standard_ova(&package);
+    assert!(open_vm(&ova).is_err());
+    let options = crate::source::SourceOptions {
+        configuration_only: true,
+        ..Default::default()
+    };
+    let vm = crate::source::open_vm_with(&ova, &options).unwrap();
+    assert_eq!((vm.name.as_str(), vm.disks.len()), ("web01", 2));
 }

@@ -10,9 +10,10 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use super::claim::Role;
 use super::disk::{self, Opened};
 use super::manifest::{self, Manifest};
-use super::{ArchiveMember, SourceDisk, SourceError, SourceNic, SourceVm};
+use super::{ArchiveMember, SourceDisk, SourceError, SourceNic, SourceOptions, SourceVm};
 
 /// ovftool writes descriptors of a few tens of KiB; this bounds the read and the parse (and,
 /// with it, the number of XML nodes; roxmltree also bounds nesting depth).
@@ -26,6 +27,9 @@ pub(crate) struct Package {
     pub path: PathBuf,
     /// For an OVA, the descriptor's member name.
     pub member: Option<String>,
+    /// The disks are opened only to name the VM ([`SourceOptions::configuration_only`]):
+    /// their digests, sizes and capacities are not checked.
+    pub disks_unchecked: bool,
 }
 
 impl Package {
@@ -115,7 +119,7 @@ pub(crate) struct Descriptor {
 }
 
 /// Opens a `.ovf` whose files lie beside it, verifying them against `<name>.mf` if present.
-pub(crate) fn open_ovf(path: &Path) -> Result<SourceVm, SourceError> {
+pub(crate) fn open_ovf(path: &Path, options: &SourceOptions) -> Result<SourceVm, SourceError> {
     let path = std::path::absolute(path).map_err(|source| SourceError::Io {
         path: path.to_owned(),
         action: "resolve the .ovf path",
@@ -124,6 +128,7 @@ pub(crate) fn open_ovf(path: &Path) -> Result<SourceVm, SourceError> {
     let package = Package {
         path: path.clone(),
         member: None,
+        disks_unchecked: options.configuration_only,
     };
     let folder = path.parent().unwrap_or(Path::new("/")).to_owned();
     let descriptor_name = path
@@ -157,7 +162,7 @@ pub(crate) fn open_ovf(path: &Path) -> Result<SourceVm, SourceError> {
 
     let descriptor = parse(&package, &bytes)?;
 
-    if let Some(manifest) = &manifest {
+    if let Some(manifest) = manifest.as_ref().filter(|_| !package.disks_unchecked) {
         let mut jobs = Vec::new();
         for entry in manifest.entries.iter().filter(|e| e.file != descriptor_name) {
             let file = resolve(&folder, &entry.file)
@@ -197,7 +202,8 @@ pub(crate) fn open_ovf(path: &Path) -> Result<SourceVm, SourceError> {
                 ),
             ));
         }
-        let opened = disk::open(&file).map_err(|e| wrap(&package, &described.key, e))?;
+        let opened =
+            disk::open_as(&file, open_as(options, &described.key)).map_err(|e| wrap(&package, &described.key, e))?;
         let len = std::fs::metadata(&file).map(|m| m.len()).ok();
         disks.push(attach(&package, described, file, None, len, opened, &mut notes)?);
     }
@@ -228,6 +234,15 @@ pub(crate) fn unlisted_notes<'a>(manifest: &Manifest, files: impl Iterator<Item 
         .collect()
 }
 
+/// How the disk `key` is read: as raw if the operator asked for it.
+pub(crate) fn open_as<'a>(options: &SourceOptions, key: &'a str) -> disk::OpenAs<'a> {
+    if options.takes_as_raw(key) {
+        disk::OpenAs::Raw
+    } else {
+        disk::OpenAs::Detect(Role::Disk(Some(key)))
+    }
+}
+
 /// A disk's error, with the disk it happened to.
 pub(crate) fn wrap(package: &Package, key: &str, source: SourceError) -> SourceError {
     SourceError::Disk {
@@ -248,6 +263,16 @@ pub(crate) fn attach(
     opened: Opened,
     notes: &mut Vec<String>,
 ) -> Result<SourceDisk, SourceError> {
+    if package.disks_unchecked {
+        return Ok(SourceDisk {
+            key: described.key.clone(),
+            path,
+            capacity: described.capacity,
+            format: opened.format,
+            archive_member,
+            taken_as_raw: false,
+        });
+    }
     if let (Some(expected), Some(len)) = (described.file.size, len) {
         if expected != len {
             return Err(package.error(
@@ -279,6 +304,8 @@ pub(crate) fn attach(
         capacity: described.capacity,
         format: opened.format,
         archive_member,
+        // Set by `open_vm_with`, which knows the operator's options.
+        taken_as_raw: false,
     })
 }
 

@@ -158,6 +158,7 @@ fn package() -> Package {
     Package {
         path: PathBuf::from("/exports/web01.ova"),
         member: Some("web01.ovf".to_owned()),
+        disks_unchecked: false,
     }
 }
 

@@ -6,6 +6,7 @@
 //! note. Refused with a clear error: encryption, external data files, extended L2 entries
 //! (subclusters), images QEMU marked corrupt, and features this reader does not know.
 
+mod check;
 mod header;
 pub(crate) use header::MAGIC;
 mod reader;
@@ -21,6 +22,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use super::claim::Role;
 use super::disk::{self, Opened};
 use super::slice::FileSlice;
 use super::vmx::quote;
@@ -135,7 +137,9 @@ fn open_backing(
             if qcow2 {
                 open(&resolved)
             } else {
-                disk::open(&resolved)
+                // Read as QEMU reads it: in the format its bytes show, raw if they show none
+                // (unless its name claims a format they are not).
+                disk::open_as(&resolved, disk::OpenAs::Detect(Role::Backing))
             }
         }
     };

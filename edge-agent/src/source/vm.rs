@@ -3,8 +3,9 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use super::claim::Role;
 use super::vmx::{quote, VmxFile};
-use super::{disk, SourceDisk, SourceError, SourceNic, SourceVm};
+use super::{disk, SourceDisk, SourceError, SourceNic, SourceOptions, SourceVm};
 
 /// VMware's default when `memsize` is absent.
 const DEFAULT_MEMORY_MIB: u64 = 256;
@@ -12,7 +13,7 @@ const DEFAULT_MEMORY_MIB: u64 = 256;
 /// Device types that are not disks and are left out, with a note.
 const CDROM_TYPES: [&str; 3] = ["cdrom-image", "cdrom-raw", "atapi-cdrom"];
 
-pub(crate) fn open_vm(vmx_path: &Path) -> Result<SourceVm, SourceError> {
+pub(crate) fn open_vm(vmx_path: &Path, options: &SourceOptions) -> Result<SourceVm, SourceError> {
     let vmx_path = std::path::absolute(vmx_path).map_err(|source| SourceError::Io {
         path: vmx_path.to_owned(),
         action: "resolve the .vmx path",
@@ -51,7 +52,7 @@ pub(crate) fn open_vm(vmx_path: &Path) -> Result<SourceVm, SourceError> {
     };
     let bios_uuid = vmx.value("uuid.bios").map(str::to_owned);
     let nics = read_nics(&vmx, &mut notes)?;
-    let disks = read_disks(&vmx, &mut notes)?;
+    let disks = read_disks(&vmx, options, &mut notes)?;
 
     Ok(SourceVm {
         vmx_path,
@@ -207,7 +208,7 @@ fn parse_slot(key: &str) -> Result<Option<Slot>, ()> {
     Ok(None)
 }
 
-fn read_disks(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceDisk>, SourceError> {
+fn read_disks(vmx: &VmxFile, options: &SourceOptions, notes: &mut Vec<String>) -> Result<Vec<SourceDisk>, SourceError> {
     let mut slots = BTreeSet::new();
     for (key, entry) in vmx.entries() {
         match parse_slot(key) {
@@ -270,7 +271,7 @@ fn read_disks(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceDisk>,
             notes.push(format!("{key} has no fileName, not migrated"));
             continue;
         };
-        disks.push(open_disk(vmx, folder, key, file_name, notes)?);
+        disks.push(open_disk(vmx, folder, key, file_name, options, notes)?);
     }
     Ok(disks)
 }
@@ -280,6 +281,7 @@ fn open_disk(
     folder: &Path,
     key: String,
     file_name: &str,
+    options: &SourceOptions,
     notes: &mut Vec<String>,
 ) -> Result<SourceDisk, SourceError> {
     // An absolute fileName stays as is (Path::join keeps it).
@@ -306,7 +308,12 @@ fn open_disk(
             ));
         }
     }
-    let opened = match disk::open(&path) {
+    let open_as = if options.takes_as_raw(&key) {
+        disk::OpenAs::Raw
+    } else {
+        disk::OpenAs::Detect(Role::Disk(Some(&key)))
+    };
+    let opened = match disk::open_as(&path, open_as) {
         Ok(opened) => opened,
         Err(e) => return Err(wrap(vmx, key, e)),
     };
@@ -317,6 +324,8 @@ fn open_disk(
         format: opened.format,
         path,
         archive_member: None,
+        // Set by `open_vm_with`, which knows the operator's options.
+        taken_as_raw: false,
     })
 }
 

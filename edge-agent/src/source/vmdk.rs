@@ -311,6 +311,36 @@ fn unquote(value: &str) -> Result<String, String> {
     }
 }
 
+/// Refuses a FLAT / VMFS extent whose file ends before the `len` bytes at `offset` that
+/// descriptor line `line` declares: read on, the missing part would arrive as zeros.
+pub(super) fn check_extent_len(
+    descriptor: &Path,
+    line: usize,
+    extent: &Path,
+    file_len: u64,
+    offset: u64,
+    len: u64,
+) -> Result<(), SourceError> {
+    if offset.checked_add(len).is_some_and(|end| end <= file_len) {
+        return Ok(());
+    }
+    let holds = if offset == 0 {
+        format!("is {file_len} bytes")
+    } else {
+        format!(
+            "is {file_len} bytes, {} of them from the extent's offset of {offset} bytes",
+            file_len.saturating_sub(offset)
+        )
+    };
+    Err(SourceError::ExtentShort {
+        descriptor: descriptor.to_owned(),
+        line,
+        extent: extent.to_owned(),
+        holds,
+        declared: len,
+    })
+}
+
 /// A disk made of FLAT / VMFS / ZERO extents laid end to end.
 #[derive(Debug)]
 struct FlatVmdk {
@@ -336,8 +366,6 @@ enum Backing {
         file: Option<File>,
         /// Byte offset of the extent in the file.
         offset: u64,
-        /// How many of the extent's bytes the file holds; the rest read as zeros.
-        available: u64,
     },
 }
 
@@ -346,7 +374,6 @@ impl FlatVmdk {
         let dir = path.parent().unwrap_or(Path::new("."));
         let keep_open = descriptor.extents.len() <= KEEP_OPEN_EXTENTS;
         let mut extents = Vec::with_capacity(descriptor.extents.len());
-        let mut warnings = Vec::new();
         let mut start = 0u64;
         for line in &descriptor.extents {
             let bad = |message: String| SourceError::BadDescriptor {
@@ -382,21 +409,11 @@ impl FlatVmdk {
                         });
                     }
                     let (file, file_len) = open_read_only(&resolved, "open the VMDK extent")?;
-                    let available = file_len.saturating_sub(offset).min(len);
-                    if available < len {
-                        warnings.push(format!(
-                            "extent {} is {} bytes short of the {len} bytes {} gives it; the \
-                             missing part reads as zeros (was the copy cut short?)",
-                            resolved.display(),
-                            len - available,
-                            path.display()
-                        ));
-                    }
+                    check_extent_len(path, line.line, &resolved, file_len, offset, len)?;
                     Backing::File {
                         path: resolved,
                         file: keep_open.then_some(file),
                         offset,
-                        available,
                     }
                 }
             };
@@ -414,7 +431,7 @@ impl FlatVmdk {
                 extents,
             }),
             format: DiskFormat::VmdkFlat,
-            warnings,
+            warnings: Vec::new(),
         })
     }
 }
@@ -437,23 +454,15 @@ impl DiskReader for FlatVmdk {
             let chunk = &mut buf[done..done + count];
             match &extent.backing {
                 Backing::Zero => chunk.fill(0),
-                Backing::File {
-                    path,
-                    file,
-                    offset,
-                    available,
-                } => {
-                    let stored = available.saturating_sub(within).min(count as u64) as usize;
-                    let (data, past_end) = chunk.split_at_mut(stored);
-                    if !data.is_empty() {
-                        let at = offset + within;
-                        let result = match file {
-                            Some(file) => file.read_exact_at(data, at),
-                            None => File::open(path).and_then(|file| file.read_exact_at(data, at)),
-                        };
-                        result.map_err(|e| read_error(path, at, e))?;
-                    }
-                    past_end.fill(0);
+                // The extent was checked to lie within its file at open: a read that ends
+                // early now means the file shrank since, an UnexpectedEof.
+                Backing::File { path, file, offset } => {
+                    let at = offset + within;
+                    let result = match file {
+                        Some(file) => file.read_exact_at(chunk, at),
+                        None => File::open(path).and_then(|file| file.read_exact_at(chunk, at)),
+                    };
+                    result.map_err(|e| read_error(path, at, e))?;
                 }
             }
             done += count;
@@ -474,18 +483,9 @@ impl DiskReader for FlatVmdk {
             let count = extent.end.min(end) - pos;
             let hole = match &extent.backing {
                 Backing::Zero => true,
-                Backing::File {
-                    file,
-                    offset,
-                    available,
-                    ..
-                } => {
-                    let stored = available.saturating_sub(within).min(count);
-                    stored == 0
-                        || file
-                            .as_ref()
-                            .is_some_and(|f| super::file_range_is_hole(f, offset + within, stored))
-                }
+                Backing::File { file, offset, .. } => file
+                    .as_ref()
+                    .is_some_and(|f| super::file_range_is_hole(f, offset + within, count)),
             };
             if !hole {
                 return false;

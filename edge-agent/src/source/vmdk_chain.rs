@@ -62,11 +62,11 @@ struct Piece {
 #[derive(Debug)]
 enum PieceData {
     Sparse(SparseExtent),
-    /// A FLAT / VMFS extent: `available` bytes of the file from `offset`, zeros after.
+    /// A FLAT / VMFS extent: the file's bytes from `offset` (checked at open to hold the
+    /// whole extent).
     Flat {
         file: ExtentFile,
         offset: u64,
-        available: u64,
     },
     Zero,
 }
@@ -130,18 +130,7 @@ impl DiskReader for LayeredDisk {
                     let start = piece.start;
                     extent.read_at(within, chunk, &mut |at, part| self.read_parent(start + at, part))?;
                 }
-                PieceData::Flat {
-                    file,
-                    offset,
-                    available,
-                } => {
-                    let stored = available.saturating_sub(within).min(count as u64) as usize;
-                    let (data, past_end) = chunk.split_at_mut(stored);
-                    if !data.is_empty() {
-                        file.read_exact_at(data, offset + within)?;
-                    }
-                    past_end.fill(0);
-                }
+                PieceData::Flat { file, offset } => file.read_exact_at(chunk, offset + within)?,
             }
             done += count;
             pos += count as u64;
@@ -165,14 +154,7 @@ impl DiskReader for LayeredDisk {
                     let start = piece.start;
                     extent.is_hole(within, count, &mut |at, n| self.parent_is_hole(start + at, n))
                 }
-                PieceData::Flat {
-                    file,
-                    offset,
-                    available,
-                } => {
-                    let stored = available.saturating_sub(within).min(count);
-                    stored == 0 || file.is_hole(offset + within, stored)
-                }
+                PieceData::Flat { file, offset } => file.is_hole(offset + within, count),
             };
             if !hole {
                 return false;
@@ -346,16 +328,7 @@ fn open_descriptor_layer(path: &Path, descriptor: &Descriptor, walk: &mut Walk) 
                 })?;
                 let resolved = existing_extent(path, dir, file_name)?;
                 let (file, file_len) = open_read_only(&resolved, "open the VMDK extent")?;
-                let available = file_len.saturating_sub(offset).min(len);
-                if available < len {
-                    walk.warnings.push(format!(
-                        "extent {} is {} bytes short of the {len} bytes {} gives it; the missing \
-                         part reads as zeros (was the copy cut short?)",
-                        resolved.display(),
-                        len - available,
-                        path.display()
-                    ));
-                }
+                vmdk::check_extent_len(path, line.line, &resolved, file_len, offset, len)?;
                 let mut file = ExtentFile::Open(FileSlice {
                     path: resolved,
                     file: Arc::new(file),
@@ -365,11 +338,7 @@ fn open_descriptor_layer(path: &Path, descriptor: &Descriptor, walk: &mut Walk) 
                 if !keep_open {
                     file.close();
                 }
-                PieceData::Flat {
-                    file,
-                    offset,
-                    available,
-                }
+                PieceData::Flat { file, offset }
             }
             (Some(file_name), "SPARSE" | "VMFSSPARSE") => {
                 let resolved = existing_extent(path, dir, file_name)?;
@@ -390,17 +359,22 @@ fn open_descriptor_layer(path: &Path, descriptor: &Descriptor, walk: &mut Walk) 
                     hosted.extent
                 };
                 let stored = extent.capacity();
-                if stored != len {
+                if stored < len {
+                    return Err(SourceError::ExtentShort {
+                        descriptor: path.to_owned(),
+                        line: line.line,
+                        extent: resolved,
+                        holds: format!("holds {stored} bytes (the capacity its header gives)"),
+                        declared: len,
+                    });
+                }
+                if stored > len {
                     walk.warnings.push(format!(
-                        "sparse extent {} holds {stored} bytes but {} line {} gives it {len}; {}",
+                        "sparse extent {} holds {stored} bytes but {} line {} gives it {len}; the \
+                         rest of the extent is not read",
                         resolved.display(),
                         path.display(),
                         line.line,
-                        if stored < len {
-                            "the rest reads as unallocated"
-                        } else {
-                            "the rest of the extent is not read"
-                        }
                     ));
                 }
                 if !keep_open {

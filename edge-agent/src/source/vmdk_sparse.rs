@@ -20,6 +20,7 @@ use super::slice::FileSlice;
 use super::vmdk::{Descriptor, DESCRIPTOR_SIZE_LIMIT};
 use super::SourceError;
 
+mod check;
 mod grains;
 
 pub(super) use grains::{ExtentFile, SparseExtent};
@@ -198,6 +199,8 @@ impl HostedSparse {
             gd_sector,
         };
         let (capacity, gd) = layout.read_gd(&slice)?;
+        let zero_gte = header.flags & FLAG_ZERO_GTE != 0;
+        layout.check_grains(&slice, &gd, zero_gte, compressed)?;
         let descriptor = read_embedded_descriptor(&slice, &header)?;
         Ok(HostedSparse {
             extent: SparseExtent::new(
@@ -205,7 +208,7 @@ impl HostedSparse {
                 capacity,
                 layout,
                 gd,
-                header.flags & FLAG_ZERO_GTE != 0,
+                zero_gte,
                 compressed,
                 header.flags & FLAG_MARKERS != 0,
             ),
@@ -398,6 +401,7 @@ pub(super) fn open_cowd(slice: FileSlice) -> Result<SparseExtent, SourceError> {
         gd_sector,
     };
     let (capacity, gd) = layout.read_gd(&slice)?;
+    layout.check_grains(&slice, &gd, false, false)?;
     Ok(SparseExtent::new(
         ExtentFile::Open(slice),
         capacity,

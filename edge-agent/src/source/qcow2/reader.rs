@@ -22,10 +22,10 @@ const L2_CACHE_BYTES: u64 = 64 << 20;
 const ZSTD_WINDOW_LOG_MAX: u32 = 22;
 
 /// Bits 9-55 of L1 and standard L2 entries: a cluster-aligned host offset.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const L2_COMPRESSED: u64 = 1 << 62;
+pub(super) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(super) const L2_COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of a standard L2 entry (v3): the cluster reads as zeros.
-const L2_ZERO: u64 = 1;
+pub(super) const L2_ZERO: u64 = 1;
 
 /// How one guest cluster is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,10 +78,17 @@ impl Qcow2Disk {
         backing: Option<Box<dyn DiskReader>>,
     ) -> Result<Self, SourceError> {
         let bytes = file.read_vec(header.l1_table_offset, (header.l1_entries * 8) as usize)?;
-        let l1 = bytes
+        let l1: Box<[u64]> = bytes
             .chunks_exact(8)
             .map(|entry| u64::from_be_bytes(entry.try_into().unwrap_or_default()))
             .collect();
+        super::check::check(&super::check::Tables {
+            file: &file,
+            l1: &l1,
+            cluster_bits: header.cluster_bits,
+            zero_flag: header.version >= 3,
+            capacity: header.size,
+        })?;
         let cluster_size = 1u64 << header.cluster_bits;
         Ok(Qcow2Disk {
             bytes_read: AtomicU64::new(bytes.len() as u64),
