@@ -317,4 +317,15 @@ pub async fn eventually<T>(secs: u64, mut check: impl FnMut() -> Option<T>) -> O
     }
 }
 
+/// `qemu-system-x86_64` (or `QEMU_SYSTEM`). A test that needs it fails without it and
+/// says how to install it: a test that did not run must not pass.
+pub fn require_qemu() -> gateway::qemu::QemuBinary {
+    gateway::qemu::QemuBinary::from_env().unwrap_or_else(|e| {
+        panic!(
+            "this test boots a VM and needs qemu-system-x86_64, which is missing ({e}): run tests/setup.sh \
+             (installs qemu-system-x86 from bookworm-backports, beside qemu-utils), or set QEMU_SYSTEM to the binary"
+        )
+    })
+}
+
 pub mod raw;
