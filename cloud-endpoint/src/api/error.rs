@@ -139,6 +139,8 @@ impl From<LoginError> for ApiError {
     fn from(e: LoginError) -> ApiError {
         match e {
             LoginError::Inventory(i) => ApiError::from(i),
+            // Said as the inventory says it, so that nothing tells the two apart.
+            LoginError::BadCredentials { .. } => ApiError::from(InventoryError::BadCredentials),
             refused => ApiError::unauthenticated(refused.to_string()),
         }
     }

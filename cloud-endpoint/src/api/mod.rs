@@ -64,17 +64,24 @@ impl ApiState {
     pub async fn login(&self, user: String, password: String, source: IpAddr) -> Result<String, ApiError> {
         // argon2 takes tens of milliseconds of CPU: a few logins at a time, each off the
         // async workers, so a flood of logins cannot starve the other requests.
-        let _slot = self
+        let slot = self
             .login_slots
             .acquire()
             .await
             .map_err(|e| ApiError::internal("the login queue is closed", &e))?;
-        let principal = blocking(&self.domain, move |domain| {
-            Ok(domain
+        let domain = self.domain.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            domain
                 .logins
-                .authenticate(&domain.inventory, &user, &password, source, "API")?)
+                .authenticate(&domain.inventory, &user, &password, source, "API")
         })
-        .await?;
+        .await
+        .map_err(|e| ApiError::internal("the login failed inside the endpoint", &e))?;
+        // A failure's answer is held with the slot given back: held answers must not
+        // keep the next logins waiting.
+        drop(slot);
+        crate::logins::hold_answer(&result).await;
+        let principal = result?;
         tracing::info!(user = %principal.user, role = %principal.role, %source, "API session started");
         Ok(self.sessions.create(principal, Now::current()))
     }

@@ -21,8 +21,9 @@ pub struct LoginSettings {
     /// An address is blocked (for every user) at this many failures within
     /// `failure_interval_secs`. Default 5, at least 1.
     pub source_max_failed_attempts: u32,
-    /// After an address's second failure it waits this long before it may try again,
-    /// twice as long after each further failure. Default 1000 ms; 0 = no delays.
+    /// After an address's second failure it waits this long before it may try again (the
+    /// failure's answer is held that long), twice as long after each further failure.
+    /// Default 1000 ms; 0 = no delays.
     pub source_delay_ms: u64,
     /// Users and addresses remembered, each; the least recently seen are forgotten first
     /// beyond it. Default 10000, at least 1.
@@ -77,10 +78,11 @@ pub(super) const EXAMPLE_TOML: &str = r#"
 # password it sent was right.
 [logins]
 # Per client address (IPv4, or the /64 of an IPv6 address): after its second failure an
-# address waits `source_delay_ms` before its next try, twice as long after each further
-# failure, and at `source_max_failed_attempts` failures within `failure_interval_secs`
-# it is blocked for `unlock_time_secs`, whichever user it tries. One guessing address
-# is stopped here and never locks a user out.
+# address waits `source_delay_ms` before its next try (the failure is answered that much
+# later; a try sent meanwhile is refused), twice as long after each further failure, and
+# at `source_max_failed_attempts` failures within `failure_interval_secs` it is blocked
+# for `unlock_time_secs`, whichever user it tries. One guessing address is stopped here
+# and never locks a user out.
 source_max_failed_attempts = 5
 source_delay_ms = 1000
 # Per user, against guessing from many addresses (vCenter SSO's lockout policy): once

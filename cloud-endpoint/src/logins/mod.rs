@@ -1,7 +1,8 @@
 //! Password logins, guarded: every login of the endpoint (REST and vAPI sessions, edge
 //! agents' Hellos over QUIC, live migrations) goes through [`Logins::authenticate`],
 //! which asks the [`throttle`] before it lets the inventory run a password hash, and
-//! counts and logs what happened.
+//! counts and logs what happened; the caller then holds a failure's answer for the
+//! source's delay ([`hold_answer`]).
 //!
 //! A refused attempt costs a lookup in two hash maps, not an argon2 hash (about 20 ms of a
 //! core, 19 MiB): a locked user or a throttled address cannot make the endpoint burn its
@@ -26,14 +27,25 @@ use throttle::{Policy, Refusal, SourceKey, Throttle};
 /// Locked users and blocked sources listed at most by [`Logins::stats`].
 const MAX_LISTED: usize = 100;
 
+/// The longest a failure's answer is held (see [`LoginError::BadCredentials`]): well
+/// within the API's request time limit and the edges' idle timeout. A source told sooner
+/// than its next try may come is refused until then, and told when.
+const MAX_ANSWER_HOLD: Duration = Duration::from_secs(10);
+
 /// Why a login was not accepted.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LoginError {
-    /// Wrong password or unknown user ([`InventoryError::BadCredentials`]), or the
-    /// inventory failed.
+    /// Wrong password or unknown user (told apart nowhere). `hold` is how long the caller
+    /// holds this answer: the source's delay before its next try, so that a client that
+    /// retries one by one is slowed down instead of refused, and only a parallel guesser
+    /// meets [`LoginError::SourceDelayed`]. Holding costs a timer, not a thread or a core.
+    #[error("{}", InventoryError::BadCredentials)]
+    BadCredentials { hold: Duration },
+
+    /// The inventory failed.
     #[error(transparent)]
-    Inventory(#[from] InventoryError),
+    Inventory(InventoryError),
 
     #[error("the account {user:?} is locked after too many failed logins until {until}; try again after that time")]
     Locked { user: String, until: String },
@@ -49,7 +61,18 @@ impl LoginError {
     /// Whether the answer is "not accepted" (bad credentials or a throttle refusal) rather
     /// than the endpoint failing.
     pub fn is_refusal(&self) -> bool {
-        !matches!(self, LoginError::Inventory(e) if !matches!(e, InventoryError::BadCredentials))
+        !matches!(self, LoginError::Inventory(_))
+    }
+}
+
+/// Holds a failed login's answer for its [`LoginError::BadCredentials`] `hold` (async:
+/// a timer, not a thread). Callers run it after [`Logins::authenticate`], outside any
+/// slot or lock.
+pub async fn hold_answer(result: &Result<Principal, LoginError>) {
+    if let Err(LoginError::BadCredentials { hold }) = result {
+        if !hold.is_zero() {
+            tokio::time::sleep(*hold).await;
+        }
     }
 }
 
@@ -191,7 +214,10 @@ impl Logins {
                         "user locked out: failed logins from several addresses"
                     );
                 }
-                Err(LoginError::Inventory(InventoryError::BadCredentials))
+                let hold = failure
+                    .source_waits
+                    .map_or(Duration::ZERO, |at| at.saturating_duration_since(now).min(MAX_ANSWER_HOLD));
+                Err(LoginError::BadCredentials { hold })
             }
             Err(other) => {
                 tracing::error!(user = ?user, source = %key, via, error = %other, "login failed inside the endpoint");
@@ -280,3 +306,6 @@ fn wall(at: Instant, now: Instant) -> String {
     };
     rounded.format(FORMAT).unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
 }
+
+#[cfg(test)]
+mod tests;

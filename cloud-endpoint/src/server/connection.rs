@@ -444,6 +444,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             })
             .await
             .expect("authentication does not panic");
+            crate::logins::hold_answer(&result).await;
             let answer = match result {
                 Ok(p) => {
                     tracing::info!(user = %p.user, role = %p.role.as_str(), %agent, "authenticated");

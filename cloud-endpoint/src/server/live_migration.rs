@@ -187,6 +187,7 @@ impl Run {
                 })
                 .await
                 .expect("authentication does not panic");
+                crate::logins::hold_answer(&result).await;
                 match result {
                     Ok(p) => {
                         tracing::info!(user = %p.user, role = %p.role.as_str(), %agent, "authenticated");
