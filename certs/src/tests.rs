@@ -197,7 +197,9 @@ fn thumbprint_matches_openssl() {
         .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
         .arg(&cert_path)
         .output()
-        .unwrap_or_else(|e| panic!("this test compares with openssl, which cannot run ({e}): run tests/setup.sh (installs openssl)"));
+        .unwrap_or_else(|e| {
+            panic!("this test compares with openssl, which cannot run ({e}): run tests/setup.sh (installs openssl)")
+        });
     assert!(output.status.success(), "{output:?}");
     // "sha256 Fingerprint=AA:BB:..." (the label's case varies between versions)
     let stdout = String::from_utf8(output.stdout).unwrap();

@@ -39,7 +39,9 @@ impl EndpointProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("cloud-endpoint starts (built by wan::ensure_binaries)");
+        let mut child = cmd
+            .spawn()
+            .expect("cloud-endpoint starts (built by wan::ensure_binaries)");
         let log: Arc<Mutex<Vec<String>>> = Arc::default();
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().expect("piped stderr");

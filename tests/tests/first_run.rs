@@ -40,7 +40,10 @@ async fn the_example_config_serves_with_the_quickstart_certificates() {
             .find(|l| l.starts_with(&format!("{key} = ")))
             .unwrap_or_else(|| panic!("example-config sets {key}"));
         let path = line.split('"').nth(1).unwrap();
-        assert!(dir.join(path).is_file(), "example-config's {line} is not a file certs quickstart wrote");
+        assert!(
+            dir.join(path).is_file(),
+            "example-config's {line} is not a file certs quickstart wrote"
+        );
     }
 
     // As the README runs it, from the folder of the file; only the ports are moved off
@@ -62,7 +65,10 @@ async fn the_example_config_serves_with_the_quickstart_certificates() {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let http = reqwest::Client::builder().tls_backend_preconfigured(tls).build().unwrap();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()
+        .unwrap();
     let base = format!("https://localhost:{}/api", endpoint.api.port());
     let r = http
         .post(format!("{base}/session"))

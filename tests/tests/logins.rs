@@ -110,8 +110,15 @@ fn edge(pki: &Pki, source: IpAddr) -> quinn::Endpoint {
 }
 
 /// An edge's Hello over a new QUIC connection: the role, or the refusal and its message.
-async fn hello(edge: &quinn::Endpoint, addr: SocketAddr, user: &str, password: &str) -> Result<String, (RefusalCode, String)> {
-    let conn = transport::connect(edge, addr, "localhost").await.expect("QUIC handshake");
+async fn hello(
+    edge: &quinn::Endpoint,
+    addr: SocketAddr,
+    user: &str,
+    password: &str,
+) -> Result<String, (RefusalCode, String)> {
+    let conn = transport::connect(edge, addr, "localhost")
+        .await
+        .expect("QUIC handshake");
     let (send, recv) = conn.open_bi().await.unwrap();
     let mut tx = ControlWriter::open(send, true).await.unwrap();
     let mut rx = ControlReader::open(recv, false).await.unwrap();
@@ -283,7 +290,9 @@ async fn three_hundred_wrong_passwords_over_rest_are_slowed_then_blocked_at_litt
             && l.contains("via=\"API\"")),
         "{failures:#?}"
     );
-    assert!(log.iter().any(|l| l.contains("login source blocked") && l.contains("source=127.0.0.1")));
+    assert!(log
+        .iter()
+        .any(|l| l.contains("login source blocked") && l.contains("source=127.0.0.1")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -335,7 +344,11 @@ async fn three_hundred_wrong_passwords_over_quic_are_refused_before_any_hash() {
     // One after another, a guesser waits for its answers: each is held longer than the one
     // before (the 2nd by 100 ms, then 200, 400), so it is never refused for haste; the
     // 5th failure blocks it and the 295 tries left cost no check.
-    assert_eq!((seen.not_accepted, seen.delayed, seen.blocked), (5, 0, FLOOD - 5), "{seen:?}");
+    assert_eq!(
+        (seen.not_accepted, seen.delayed, seen.blocked),
+        (5, 0, FLOOD - 5),
+        "{seen:?}"
+    );
     assert!(slow[1] >= Duration::from_millis(100), "{slow:?}");
     assert!(slow[2] >= Duration::from_millis(200), "{slow:?}");
     assert!(slow[3] >= Duration::from_millis(400), "{slow:?}");
@@ -373,7 +386,11 @@ async fn three_hundred_wrong_passwords_over_quic_are_refused_before_any_hash() {
         "{stderr}"
     );
     let s = security(&pki, cloud.api, loopback(3)).await;
-    assert_eq!((s["failed_logins"].as_u64(), s["lockouts"].as_u64()), (Some(5), Some(0)), "{s}");
+    assert_eq!(
+        (s["failed_logins"].as_u64(), s["lockouts"].as_u64()),
+        (Some(5), Some(0)),
+        "{s}"
+    );
     assert_eq!(s["refused_logins"], FLOOD - 5 + 1, "{s}");
     assert!(cloud
         .log()
@@ -444,14 +461,18 @@ async fn guessing_from_five_addresses_locks_the_user_out_until_the_unlock_time()
     let vapi = vapi_login(&pki, api, loopback(17), MIGRATOR, DEMO_PASSWORD).await;
     let text = vapi.to_string();
     assert!(
-        text.contains("com.vmware.vapi.std.errors.unauthenticated") && text.contains("is locked after too many failed logins"),
+        text.contains("com.vmware.vapi.std.errors.unauthenticated")
+            && text.contains("is locked after too many failed logins"),
         "{text}"
     );
     let quic_edge = edge(&pki, loopback(18));
     let refused = hello(&quic_edge, cloud.quic, MIGRATOR, DEMO_PASSWORD).await;
     let (code, message) = refused.expect_err("a locked user is refused over QUIC");
     assert_eq!(code, RefusalCode::BadCredentials);
-    assert!(message.contains("is locked after too many failed logins until"), "{message}");
+    assert!(
+        message.contains("is locked after too many failed logins until"),
+        "{message}"
+    );
     // Other users are not locked out; the lockout is counted and shown.
     let s = security(&pki, api, loopback(19)).await;
     assert_eq!(s["lockouts"], 1, "{s}");
@@ -466,7 +487,11 @@ async fn guessing_from_five_addresses_locks_the_user_out_until_the_unlock_time()
     let (status, _, _) = login(&client(&pki, loopback(20)), api, evil, "guess").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let log = cloud.log();
-    assert!(log.iter().any(|l| l.contains(r#"user="x\" source=10.9.9.9\nWARN forged""#)), "{log:#?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains(r#"user="x\" source=10.9.9.9\nWARN forged""#)),
+        "{log:#?}"
+    );
     assert!(!log.iter().any(|l| l.starts_with("WARN forged")));
 
     // After the unlock time (4 s) the user logs in again, as itself.

@@ -50,7 +50,10 @@ impl LoginSettings {
             ("logins.max_failed_attempts", u64::from(self.max_failed_attempts)),
             ("logins.failure_interval_secs", self.failure_interval_secs),
             ("logins.unlock_time_secs", self.unlock_time_secs),
-            ("logins.source_max_failed_attempts", u64::from(self.source_max_failed_attempts)),
+            (
+                "logins.source_max_failed_attempts",
+                u64::from(self.source_max_failed_attempts),
+            ),
             ("logins.max_tracked", u64::from(self.max_tracked)),
         ]
         .into_iter()
@@ -153,8 +156,13 @@ mod tests {
         let err = from_file(dir.path(), "", &[("CLOUD_ENDPOINT_LOGINS__MAX_TRACKED", "0")]).unwrap_err();
         let msg = err.to_string();
         assert!(
-            matches!(err, ConfigError::ZeroLoginLimit { key: "logins.max_tracked", .. })
-                && msg.contains("CLOUD_ENDPOINT_LOGINS__MAX_TRACKED")
+            matches!(
+                err,
+                ConfigError::ZeroLoginLimit {
+                    key: "logins.max_tracked",
+                    ..
+                }
+            ) && msg.contains("CLOUD_ENDPOINT_LOGINS__MAX_TRACKED")
                 && msg.contains("at least 1"),
             "{msg}"
         );

@@ -214,9 +214,9 @@ impl Logins {
                         "user locked out: failed logins from several addresses"
                     );
                 }
-                let hold = failure
-                    .source_waits
-                    .map_or(Duration::ZERO, |at| at.saturating_duration_since(now).min(MAX_ANSWER_HOLD));
+                let hold = failure.source_waits.map_or(Duration::ZERO, |at| {
+                    at.saturating_duration_since(now).min(MAX_ANSWER_HOLD)
+                });
                 Err(LoginError::BadCredentials { hold })
             }
             Err(other) => {
@@ -304,7 +304,9 @@ fn wall(at: Instant, now: Instant) -> String {
         0 => t,
         n => t + Duration::from_nanos(u64::from(1_000_000_000 - n)),
     };
-    rounded.format(FORMAT).unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
+    rounded
+        .format(FORMAT)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
 }
 
 #[cfg(test)]

@@ -38,13 +38,24 @@ fn a_guessing_address_is_refused_without_hashing_and_others_log_in() {
         assert!(text.contains("198.51.100.1") && text.contains("until") && text.ends_with("with the right password"));
     }
     // The right password from there is refused too, and says nothing about the password.
-    let blocked = logins.authenticate(&inv, ADMIN, DEMO_PASSWORD, addr(1), "test").unwrap_err();
+    let blocked = logins
+        .authenticate(&inv, ADMIN, DEMO_PASSWORD, addr(1), "test")
+        .unwrap_err();
     assert_eq!(blocked.to_string(), answers[19].to_string());
     // Another address logs in as the same user: one address never locks a user out.
-    assert_eq!(logins.authenticate(&inv, ADMIN, DEMO_PASSWORD, addr(2), "test").unwrap().user, ADMIN);
+    assert_eq!(
+        logins
+            .authenticate(&inv, ADMIN, DEMO_PASSWORD, addr(2), "test")
+            .unwrap()
+            .user,
+        ADMIN
+    );
 
     let stats = logins.stats();
-    assert_eq!(stats.password_checks, 4, "3 wrong + 1 right; the 18 refusals cost no hash");
+    assert_eq!(
+        stats.password_checks, 4,
+        "3 wrong + 1 right; the 18 refusals cost no hash"
+    );
     assert_eq!(
         (stats.failed_logins, stats.refused_logins, stats.successful_logins),
         (3, 18, 1)
@@ -64,10 +75,14 @@ fn a_user_failed_from_several_addresses_is_locked_even_for_the_right_password() 
         ..LoginSettings::default()
     });
     for n in 1..=3 {
-        let e = logins.authenticate(&inv, MIGRATOR, "guess", addr(n), "test").unwrap_err();
+        let e = logins
+            .authenticate(&inv, MIGRATOR, "guess", addr(n), "test")
+            .unwrap_err();
         assert!(matches!(e, LoginError::BadCredentials { .. }), "{e}");
     }
-    let locked = logins.authenticate(&inv, MIGRATOR, DEMO_PASSWORD, addr(9), "test").unwrap_err();
+    let locked = logins
+        .authenticate(&inv, MIGRATOR, DEMO_PASSWORD, addr(9), "test")
+        .unwrap_err();
     let text = locked.to_string();
     assert!(matches!(locked, LoginError::Locked { .. }), "{text}");
     assert!(
@@ -99,16 +114,32 @@ fn a_retrying_client_is_slowed_down_and_a_parallel_one_refused() {
     let first = logins.authenticate(&inv, ADMIN, "guess", addr(1), "test").unwrap_err();
     assert_eq!(hold(first), Duration::ZERO, "a typo is answered at once");
     let second = hold(logins.authenticate(&inv, ADMIN, "guess", addr(1), "test").unwrap_err());
-    assert!(second > Duration::from_millis(200) && second <= Duration::from_millis(300), "{second:?}");
+    assert!(
+        second > Duration::from_millis(200) && second <= Duration::from_millis(300),
+        "{second:?}"
+    );
     // A try before the hold is over (a parallel guesser) costs no hash.
-    let early = logins.authenticate(&inv, ADMIN, DEMO_PASSWORD, addr(1), "test").unwrap_err();
+    let early = logins
+        .authenticate(&inv, ADMIN, DEMO_PASSWORD, addr(1), "test")
+        .unwrap_err();
     assert!(matches!(early, LoginError::SourceDelayed { .. }), "{early}");
-    assert!(early.to_string().contains("the next try from this address is accepted from 20"));
+    assert!(early
+        .to_string()
+        .contains("the next try from this address is accepted from 20"));
     assert_eq!(logins.stats().password_checks, 2);
     // One that waited for its answer is heard, and the next hold is twice as long.
     std::thread::sleep(second);
     let third = hold(logins.authenticate(&inv, ADMIN, "guess", addr(1), "test").unwrap_err());
-    assert!(third > Duration::from_millis(500) && third <= Duration::from_millis(600), "{third:?}");
+    assert!(
+        third > Duration::from_millis(500) && third <= Duration::from_millis(600),
+        "{third:?}"
+    );
     std::thread::sleep(third);
-    assert_eq!(logins.authenticate(&inv, ADMIN, DEMO_PASSWORD, addr(1), "test").unwrap().user, ADMIN);
+    assert_eq!(
+        logins
+            .authenticate(&inv, ADMIN, DEMO_PASSWORD, addr(1), "test")
+            .unwrap()
+            .user,
+        ADMIN
+    );
 }

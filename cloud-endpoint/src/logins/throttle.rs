@@ -146,7 +146,10 @@ impl Tracked for SourceEntry {
     fn live(&self, now: Instant, interval: Duration) -> bool {
         self.held_until(now).is_some()
             || self.wait_until.is_some_and(|t| t > now)
-            || self.failures.back().is_some_and(|&t| now.saturating_duration_since(t) < interval)
+            || self
+                .failures
+                .back()
+                .is_some_and(|&t| now.saturating_duration_since(t) < interval)
     }
 
     fn last_seen(&self) -> Instant {
@@ -177,7 +180,12 @@ impl Tracked for UserEntry {
 /// every entry holds a block or lockout, the one whose hold ends first. A flood of new
 /// names or addresses can so push out an old block only after filling the whole table,
 /// each entry with a failure that cost the guesser a password check.
-fn make_room<K: Clone + Eq + Hash, V: Tracked>(table: &mut HashMap<K, V>, cap: usize, now: Instant, interval: Duration) {
+fn make_room<K: Clone + Eq + Hash, V: Tracked>(
+    table: &mut HashMap<K, V>,
+    cap: usize,
+    now: Instant,
+    interval: Duration,
+) {
     if table.len() < cap {
         return;
     }

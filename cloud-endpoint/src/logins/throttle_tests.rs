@@ -24,17 +24,30 @@ fn one_guessing_source_waits_longer_each_time_then_is_blocked_for_every_user() {
     assert_eq!(t.admit(ADMIN, a, t0), Ok(()));
     // A typo costs nothing.
     let f = t.failed(ADMIN, a, t0);
-    assert_eq!(f, Failure { user_sources: 1, ..Failure::default() });
+    assert_eq!(
+        f,
+        Failure {
+            user_sources: 1,
+            ..Failure::default()
+        }
+    );
     assert_eq!(t.admit(ADMIN, a, t0), Ok(()));
     // Then 1 s, 2 s, 4 s between tries.
     let mut now = t0;
     for delay in [1, 2, 4] {
         let f = t.failed(ADMIN, a, now);
         assert_eq!(f.source_waits, Some(now + secs(delay)));
-        assert_eq!(t.admit(ADMIN, a, now), Err(Refusal::SourceDelayed { until: now + secs(delay) }));
+        assert_eq!(
+            t.admit(ADMIN, a, now),
+            Err(Refusal::SourceDelayed {
+                until: now + secs(delay)
+            })
+        );
         assert_eq!(
             t.admit("migrator@cloud.local", a, now),
-            Err(Refusal::SourceDelayed { until: now + secs(delay) }),
+            Err(Refusal::SourceDelayed {
+                until: now + secs(delay)
+            }),
             "the delay holds for every user"
         );
         // Another source is not held up.
@@ -48,7 +61,10 @@ fn one_guessing_source_waits_longer_each_time_then_is_blocked_for_every_user() {
     assert_eq!(f.source_blocked, Some(now + secs(300)));
     assert_eq!(f.user_locked, None);
     for user in [ADMIN, "migrator@cloud.local", "nobody"] {
-        assert_eq!(t.admit(user, a, now + secs(299)), Err(Refusal::SourceBlocked { until: now + secs(300) }));
+        assert_eq!(
+            t.admit(user, a, now + secs(299)),
+            Err(Refusal::SourceBlocked { until: now + secs(300) })
+        );
     }
     assert_eq!(t.admit(ADMIN, ip(2), now), Ok(()));
     assert_eq!(t.blocked_sources(now), [(a, now + secs(300))]);
@@ -99,13 +115,20 @@ fn failures_older_than_the_interval_and_a_successful_login_are_forgotten() {
         t.failed(ADMIN, ip(n), t0 + secs(181));
     }
     assert_eq!(t.succeeded(ADMIN, t0 + secs(182)), Ok(()));
-    assert_eq!(t.failed(ADMIN, ip(4), t0 + secs(183)).user_sources, 1, "a login resets the user's count");
+    assert_eq!(
+        t.failed(ADMIN, ip(4), t0 + secs(183)).user_sources,
+        1,
+        "a login resets the user's count"
+    );
     // A source's own record survives its login as another user.
     let a = ip(7);
     t.failed("mallory@cloud.local", a, t0);
     t.failed("mallory@cloud.local", a, t0);
     assert_eq!(t.succeeded("mallory@cloud.local", t0), Ok(()));
-    assert_eq!(t.admit(ADMIN, a, t0), Err(Refusal::SourceDelayed { until: t0 + secs(1) }));
+    assert_eq!(
+        t.admit(ADMIN, a, t0),
+        Err(Refusal::SourceDelayed { until: t0 + secs(1) })
+    );
 }
 
 #[test]
@@ -115,7 +138,10 @@ fn unknown_users_lock_like_known_ones_and_names_are_taken_exactly() {
     for n in 1..=5 {
         t.failed("ghost@cloud.local", ip(n), t0);
     }
-    assert!(matches!(t.admit("ghost@cloud.local", ip(9), t0), Err(Refusal::UserLocked { .. })));
+    assert!(matches!(
+        t.admit("ghost@cloud.local", ip(9), t0),
+        Err(Refusal::UserLocked { .. })
+    ));
     // The inventory matches names exactly: so does the lockout.
     assert_eq!(t.admit("Ghost@cloud.local", ip(9), t0), Ok(()));
     assert_eq!(t.admit("ghost@cloud.other", ip(9), t0), Ok(()));
