@@ -85,7 +85,7 @@ pub(super) const EXAMPLE_TOML: &str = r#"
 # later; a try sent meanwhile is refused), twice as long after each further failure, and
 # at `source_max_failed_attempts` failures within `failure_interval_secs` it is blocked
 # for `unlock_time_secs`, whichever user it tries. One guessing address is stopped here
-# and never locks a user out.
+# and never locks a user out (clients sharing an address behind NAT are blocked with it).
 source_max_failed_attempts = 5
 source_delay_ms = 1000
 # Per user, against guessing from many addresses (vCenter SSO's lockout policy): once

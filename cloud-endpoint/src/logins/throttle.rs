@@ -18,6 +18,9 @@
 //! guesses per unlock time before it locks (21 by default, vCenter's 5), and whoever
 //! controls `max_failed_attempts` addresses can still lock a user out for a while.
 //!
+//! Clients behind one NAT share an address: a guesser among them blocks them all for the
+//! unlock time (they are told so, and until when), as it would at any per-address limit.
+//!
 //! Unknown users are tracked like known ones, so a lockout tells nothing about which
 //! names exist.
 
