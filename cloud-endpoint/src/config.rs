@@ -21,6 +21,10 @@ use figment::{Figment, Metadata, Profile, Provider};
 use gateway::plan::DiskFormat;
 use serde::{Deserialize, Serialize};
 
+mod logins;
+
+pub use logins::LoginSettings;
+
 /// Prefix of every environment variable the configuration reads.
 pub const ENV_PREFIX: &str = "CLOUD_ENDPOINT_";
 
@@ -73,6 +77,8 @@ pub struct Config {
     pub link_test: LinkTestConfig,
     /// The WAN path edges come over, and bandwidth caps.
     pub transport: TransportSettings,
+    /// Limits on wrong passwords, per user and per client address.
+    pub logins: LoginSettings,
 }
 
 /// QUIC tuning and bandwidth caps of the migration port.
@@ -452,6 +458,7 @@ struct Defaults {
     domain: DomainConfig,
     link_test: LinkTestConfig,
     transport: TransportSettings,
+    logins: LoginSettings,
 }
 
 impl Default for Defaults {
@@ -467,6 +474,7 @@ impl Default for Defaults {
             domain: DomainConfig::default(),
             link_test: LinkTestConfig::default(),
             transport: TransportSettings::default(),
+            logins: LoginSettings::default(),
         }
     }
 }
@@ -535,6 +543,9 @@ pub enum ConfigError {
         what: &'static str,
         origin: String,
     },
+
+    #[error("`{key}` is 0 ({origin}); it must be at least 1 (see `cloud-endpoint example-config` for what it limits)")]
+    ZeroLoginLimit { key: &'static str, origin: String },
 
     #[error("`transport.idle_timeout_secs` is 0 ({origin}); it must be at least 1 (QUIC reads 0 as never giving up on a dead link)")]
     ZeroIdleTimeout { origin: String },
@@ -630,6 +641,12 @@ impl Config {
         if self.transport.idle_timeout_secs == 0 {
             return Err(ConfigError::ZeroIdleTimeout {
                 origin: origin(figment, "transport.idle_timeout_secs"),
+            });
+        }
+        if let Some(key) = self.logins.zero_setting() {
+            return Err(ConfigError::ZeroLoginLimit {
+                key,
+                origin: origin(figment, key),
             });
         }
         if self.max_concurrent_migrations == 0 {
@@ -778,7 +795,7 @@ impl Config {
 
     /// An annotated example configuration with every setting at its default.
     pub fn example_toml() -> String {
-        EXAMPLE_TOML.replace("{DEMO_PASSWORD}", DEMO_PASSWORD)
+        EXAMPLE_TOML.replace("{DEMO_PASSWORD}", DEMO_PASSWORD) + logins::EXAMPLE_TOML
     }
 }
 
@@ -811,10 +828,10 @@ listen = "127.0.0.1:4433"
 api_listen = "127.0.0.1:8443"
 
 # The endpoint's certificate chain and private key (PEM), and the CA that issued the
-# edge agents' certificates. Required, no defaults: create them with `certs endpoint`
-# or `certs quickstart`.
+# edge agents' certificates. Required, no defaults: `certs quickstart --out pki` (run
+# beside this file) writes these three files under these names.
 cert = "pki/endpoint.pem"
-key = "pki/endpoint-key.pem"
+key = "pki/endpoint.key"
 edge_ca = "pki/ca.pem"
 
 # Folder of the cloud datastore: one folder per VM, plus .staging for transfers.
@@ -1045,7 +1062,7 @@ mod tests {
     fn cert_env() -> Vec<(String, String)> {
         pairs(&[
             ("CLOUD_ENDPOINT_CERT", "/pki/endpoint.pem"),
-            ("CLOUD_ENDPOINT_KEY", "/pki/endpoint-key.pem"),
+            ("CLOUD_ENDPOINT_KEY", "/pki/endpoint.key"),
             ("CLOUD_ENDPOINT_EDGE_CA", "/pki/ca.pem"),
         ])
     }

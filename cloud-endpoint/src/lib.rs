@@ -6,6 +6,8 @@
 //! config      TOML + environment, with a built-in demo domain
 //! inventory   the domain in SQLite: datacenter, cluster, host, datastore,
 //!             networks, folders, users (argon2), VMs, migrations
+//! logins      every password login goes through its throttle (per user and
+//!             per client address) before a hash runs
 //! datastore   the files: staging, disks as flat VMDKs, qcow2 or raw images,
 //!             descriptors, .vmx
 //! server      QUIC accept loop; per connection a ReceiverSession driver
@@ -20,6 +22,7 @@ pub mod config;
 pub mod datastore;
 pub mod hosts;
 pub mod inventory;
+pub mod logins;
 pub mod server;
 
 use std::future::Future;
@@ -77,6 +80,8 @@ pub struct Domain {
     pub live: server::live::LiveMigrations,
     /// The powered-on VMs' QEMU processes.
     pub hosts: hosts::Hosts,
+    /// The login throttle every password login goes through.
+    pub logins: logins::Logins,
 }
 
 impl Domain {
@@ -156,6 +161,7 @@ impl Endpoint {
                 receipts,
                 live: Default::default(),
                 hosts: hosts::Hosts::new(config.domain.host.memory_mib, config.domain.host.cpu_cores),
+                logins: logins::Logins::new(&config.logins),
             }),
             config,
             tls,

@@ -16,6 +16,7 @@ use edge_agent::target::Target;
 use gateway::transport::{Identity, ServerTrust};
 use rand::{Rng, SeedableRng};
 
+pub mod process;
 pub mod relay;
 pub mod wan;
 
@@ -315,6 +316,17 @@ pub async fn eventually<T>(secs: u64, mut check: impl FnMut() -> Option<T>) -> O
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// `qemu-system-x86_64` (or `QEMU_SYSTEM`). A test that needs it fails without it and
+/// says how to install it: a test that did not run must not pass.
+pub fn require_qemu() -> gateway::qemu::QemuBinary {
+    gateway::qemu::QemuBinary::from_env().unwrap_or_else(|e| {
+        panic!(
+            "this test boots a VM and needs qemu-system-x86_64, which is missing ({e}): run tests/setup.sh \
+             (installs qemu-system-x86 from bookworm-backports, beside qemu-utils), or set QEMU_SYSTEM to the binary"
+        )
+    })
 }
 
 pub mod raw;

@@ -6,7 +6,7 @@
 //! <prefix>-onprem 10.77.1.2  <->  <prefix>-router  <->  10.77.2.2 <prefix>-cloud
 //! ```
 //!
-//! Needs root. [`WanLink::unavailable`] says why a test should skip instead.
+//! Needs root. [`WanLink::unavailable`] says why a test cannot run (and so fails).
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

@@ -8,7 +8,8 @@
 //! - The link breaks during pre-copy: the migration fails, the source runs on, the
 //!   destination is torn down and nothing is registered.
 //!
-//! Without qemu-system-x86_64 (`.ci/run` installs it) each test prints `skipped: ...`.
+//! Needs qemu-system-x86_64 (tests/setup.sh installs it); without it each test fails and
+//! says so.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,16 +25,6 @@ use gateway::transport::{PathEstimate, TransportTuning};
 use serde_json::{json, Value};
 
 const IDLE_SECS: u64 = 3;
-
-fn qemu() -> Option<QemuBinary> {
-    match QemuBinary::from_env() {
-        Ok(b) => Some(b),
-        Err(e) => {
-            println!("skipped: qemu-system-x86_64 not installed ({e})");
-            None
-        }
-    }
-}
 
 /// The guest's kernel, initrd and command line, built once into target/live-guest.
 fn guest(extra_append: &str) -> DirectKernel {
@@ -171,13 +162,9 @@ fn opts(source: &Source, link: Option<PathEstimate>) -> LiveOptions {
 }
 
 /// A cloud endpoint (`host_memory_mib` for its host, if given) and a running source VM
-/// `name` whose kernel command line adds `append`. `None` without QEMU.
-async fn setup(
-    name: &str,
-    append: &str,
-    host_memory_mib: Option<&str>,
-) -> Option<(tempfile::TempDir, Pki, Cloud, Source)> {
-    let binary = qemu()?;
+/// `name` whose kernel command line adds `append`.
+async fn setup(name: &str, append: &str, host_memory_mib: Option<&str>) -> (tempfile::TempDir, Pki, Cloud, Source) {
+    let binary = require_qemu();
     // Short: unix socket paths (QMP) must stay under 108 bytes.
     let tmp = tempfile::Builder::new().prefix("lv").tempdir_in("/tmp").unwrap();
     let pki = Pki::new(&tmp.path().join("pki"));
@@ -188,14 +175,12 @@ async fn setup(
     }
     let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &env).await;
     let source = start_source(&binary, &tmp.path().join("src"), name, append).await;
-    Some((tmp, pki, cloud, source))
+    (tmp, pki, cloud, source)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
-    let Some((_tmp, pki, cloud, source)) = setup("live01", "", None).await else {
-        return;
-    };
+    let (_tmp, pki, cloud, source) = setup("live01", "", None).await;
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     let seen: Arc<Mutex<Vec<LiveProgress>>> = Arc::default();
     let progress = {
@@ -296,9 +281,7 @@ async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
     // A guest that rewrites 48 MiB of memory all the time: pre-copy takes passes.
-    let Some((_tmp, pki, cloud, source)) = setup("live02", "dirty=48", None).await else {
-        return;
-    };
+    let (_tmp, pki, cloud, source) = setup("live02", "dirty=48", None).await;
     let relay = Arc::new(Relay::start(cloud.addr).await);
     let mut target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     target.addr = relay.addr;
@@ -381,9 +364,7 @@ fn qemu_running_under(root: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_guest_that_cannot_converge_or_fit_is_refused_before_memory_moves() {
     // A host with less memory than the guest has: the destination cannot start there.
-    let Some((_tmp, pki, cloud, source)) = setup("live03", "dirty=32", Some("128")).await else {
-        return;
-    };
+    let (_tmp, pki, cloud, source) = setup("live03", "dirty=32", Some("128")).await;
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     let quiet = |p: LiveProgress| println!("{}", live::describe(&p));
 

@@ -3,7 +3,8 @@
 //! and is stopped again; its power state follows the process, also across an endpoint
 //! restart and a QEMU killed from outside.
 //!
-//! Needs `qemu-system-x86_64` (CI installs it); without it the test passes with a note.
+//! Needs `qemu-system-x86_64` (tests/setup.sh installs it); without it the test fails and
+//! says so.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -202,10 +203,7 @@ impl Drop for KillLeftovers {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lifted_vm_boots_in_the_cloud_and_stops() {
-    if let Err(e) = gateway::qemu::QemuBinary::from_env() {
-        println!("skipped: qemu-system-x86_64 not installed ({e})");
-        return;
-    }
+    require_qemu();
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(&tmp.path().join("pki"));
     let cloud_dir = tmp.path().join("cloud");

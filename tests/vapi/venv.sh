@@ -24,7 +24,7 @@ if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >&2
   else
-    echo "python3 with the venv module is needed for the vAPI test: install python3-venv (apt-get install python3-venv) or set VAPI_SDK_SKIP=1 to skip it" >&2
+    echo "python3 with the venv module is needed for the vAPI test: install python3-venv (apt-get install python3-venv, or run tests/setup.sh as root)" >&2
     exit 1
   fi
 fi
@@ -33,7 +33,7 @@ rm -rf "$venv"
 python3 -m venv "$venv" >&2
 if ! "$venv/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$req" >&2; then
   rm -rf "$venv"
-  echo "could not install the vSphere SDK from PyPI into $venv (see pip's output above): the vAPI test needs network access to PyPI, or set VAPI_SDK_SKIP=1 to skip it" >&2
+  echo "could not install the vSphere SDK from PyPI into $venv (see pip's output above): the vAPI test needs network access to PyPI" >&2
   exit 1
 fi
 # Written last: a venv whose install was cut short is rebuilt next time.

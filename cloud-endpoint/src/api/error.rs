@@ -10,6 +10,7 @@ use gateway::qemu::QemuError;
 
 use crate::hosts::HostError;
 use crate::inventory::InventoryError;
+use crate::logins::LoginError;
 
 /// The vAPI standard error kinds this API produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +131,17 @@ impl From<InventoryError> for ApiError {
             InventoryError::NotFound { .. } => ApiError::not_found(e.to_string()),
             // Database paths and SQLite messages stay in the log.
             other => ApiError::internal("the inventory could not answer", &other),
+        }
+    }
+}
+
+impl From<LoginError> for ApiError {
+    fn from(e: LoginError) -> ApiError {
+        match e {
+            LoginError::Inventory(i) => ApiError::from(i),
+            // Said as the inventory says it, so that nothing tells the two apart.
+            LoginError::BadCredentials { .. } => ApiError::from(InventoryError::BadCredentials),
+            refused => ApiError::unauthenticated(refused.to_string()),
         }
     }
 }

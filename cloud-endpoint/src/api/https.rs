@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -137,6 +138,9 @@ async fn serve_connection(
             return;
         }
     };
+    // Handlers see the client's address (the login throttle counts per address).
+    // (A layer on a clone of the router: a few allocations, beside a TLS handshake.)
+    let app = app.layer(axum::Extension(ConnectInfo(peer)));
     let service = TowerToHyperService::new(app);
     let conn = http.serve_connection_with_upgrades(TokioIo::new(tls), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {

@@ -27,6 +27,7 @@ pub mod vapi;
 pub mod vcenter;
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
@@ -57,29 +58,31 @@ impl ApiState {
         }
     }
 
-    /// Checks a user and password of the cloud domain and starts a session; returns its
-    /// token. Bad credentials are UNAUTHENTICATED. Both protocols log in here.
-    pub async fn login(&self, user: String, password: String) -> Result<String, ApiError> {
+    /// Checks a user and password of the cloud domain, for a client at `source`, and
+    /// starts a session; returns its token. Bad credentials, a locked-out user and a
+    /// throttled address are UNAUTHENTICATED. Both protocols log in here.
+    pub async fn login(&self, user: String, password: String, source: IpAddr) -> Result<String, ApiError> {
         // argon2 takes tens of milliseconds of CPU: a few logins at a time, each off the
         // async workers, so a flood of logins cannot starve the other requests.
-        let _slot = self
+        let slot = self
             .login_slots
             .acquire()
             .await
             .map_err(|e| ApiError::internal("the login queue is closed", &e))?;
-        let name = user.clone();
-        let result = blocking(&self.domain, move |domain| {
-            Ok(domain.inventory.authenticate(&user, &password)?)
+        let domain = self.domain.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            domain
+                .logins
+                .authenticate(&domain.inventory, &user, &password, source, "API")
         })
-        .await;
-        let principal = match result {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(user = %name, error = %e, "API login refused");
-                return Err(e);
-            }
-        };
-        tracing::info!(user = %principal.user, role = %principal.role, "API session started");
+        .await
+        .map_err(|e| ApiError::internal("the login failed inside the endpoint", &e))?;
+        // A failure's answer is held with the slot given back: held answers must not
+        // keep the next logins waiting.
+        drop(slot);
+        crate::logins::hold_answer(&result).await;
+        let principal = result?;
+        tracing::info!(user = %principal.user, role = %principal.role, %source, "API session started");
         Ok(self.sessions.create(principal, Now::current()))
     }
 }

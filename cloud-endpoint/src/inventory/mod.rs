@@ -421,7 +421,30 @@ impl Inventory {
 
     /// Checks a user's password. Unknown and deactivated users cost one hash too, and all
     /// failures look the same, so neither the answer nor its timing tells which was wrong.
-    pub fn authenticate(&self, user: &str, password: &str) -> Result<Principal, InventoryError> {
+    /// Unthrottled: the endpoint's logins go through [`crate::logins::Logins`].
+    #[cfg(test)]
+    pub(crate) fn authenticate(&self, user: &str, password: &str) -> Result<Principal, InventoryError> {
+        let admitted = self.authenticate_admitted(user, password, || Ok::<(), std::convert::Infallible>(()));
+        admitted.unwrap_or_else(|never| match never {})
+    }
+
+    /// [`Inventory::authenticate`], once `admit` agrees. At most a few password checks
+    /// run at once; `admit` runs when this one's turn has come, right before its hash, so
+    /// that a throttle sees the failures of the checks this one waited for. Its error is
+    /// returned as is, and no hash runs.
+    pub fn authenticate_admitted<E>(
+        &self,
+        user: &str,
+        password: &str,
+        admit: impl FnOnce() -> Result<(), E>,
+    ) -> Result<Result<Principal, InventoryError>, E> {
+        password::bounded(|| {
+            admit()?;
+            Ok(self.check_password(user, password))
+        })
+    }
+
+    fn check_password(&self, user: &str, password: &str) -> Result<Principal, InventoryError> {
         let row: Option<(String, String, bool)> = self.with_conn(|conn| {
             Ok(conn
                 .query_row(

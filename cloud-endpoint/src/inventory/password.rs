@@ -35,8 +35,8 @@ const MAX_CONCURRENT_CHECKS: usize = 4;
 /// Running checks, and the signal that one ended.
 static CHECKS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
 
-/// Runs `f` once fewer than [`MAX_CONCURRENT_CHECKS`] others run.
-fn bounded<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f` (a password check) once fewer than [`MAX_CONCURRENT_CHECKS`] others run.
+pub(super) fn bounded<T>(f: impl FnOnce() -> T) -> T {
     struct Done;
     impl Drop for Done {
         fn drop(&mut self) {
@@ -56,10 +56,10 @@ fn bounded<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Whether `password` matches the PHC string `hash` (with the parameters the hash names).
-/// An unparsable hash matches nothing.
+/// An unparsable hash matches nothing. Call it inside [`bounded`].
 pub(super) fn verify(hash: &str, password: &str) -> bool {
     match PasswordHash::new(hash) {
-        Ok(parsed) => bounded(|| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()),
+        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
         Err(e) => {
             tracing::error!(error = %e, "a stored password hash cannot be parsed; that user cannot log in");
             false

@@ -436,9 +436,15 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
     let domain = ctx.domain.clone();
     match event {
         ReceiverEvent::Authenticate { agent, user, password } => {
-            let result = tokio::task::spawn_blocking(move || domain.inventory.authenticate(&user, &password))
-                .await
-                .expect("authentication does not panic");
+            let source = ctx.conn.remote_address().ip();
+            let result = tokio::task::spawn_blocking(move || {
+                domain
+                    .logins
+                    .authenticate(&domain.inventory, &user, &password, source, "QUIC")
+            })
+            .await
+            .expect("authentication does not panic");
+            crate::logins::hold_answer(&result).await;
             let answer = match result {
                 Ok(p) => {
                     tracing::info!(user = %p.user, role = %p.role.as_str(), %agent, "authenticated");
@@ -446,14 +452,8 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                     *ctx.principal.lock().expect("principal lock") = Some(p);
                     Ok(role)
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "authentication failed");
-                    let code = match e {
-                        crate::inventory::InventoryError::BadCredentials => RefusalCode::BadCredentials,
-                        _ => RefusalCode::EndpointFailure,
-                    };
-                    Err((code, e.to_string()))
-                }
+                // The login gate logged the failure or refusal.
+                Err(e) => Err(crate::logins::refusal(&e)),
             };
             ctx.session().authenticated(answer, &ctx.domain.endpoint_name);
         }

@@ -179,9 +179,15 @@ impl Run {
         match event {
             LiveEvent::Authenticate { agent, user, password } => {
                 let domain = self.domain.clone();
-                let result = tokio::task::spawn_blocking(move || domain.inventory.authenticate(&user, &password))
-                    .await
-                    .expect("authentication does not panic");
+                let source = self.conn.remote_address().ip();
+                let result = tokio::task::spawn_blocking(move || {
+                    domain
+                        .logins
+                        .authenticate(&domain.inventory, &user, &password, source, "live")
+                })
+                .await
+                .expect("authentication does not panic");
+                crate::logins::hold_answer(&result).await;
                 match result {
                     Ok(p) => {
                         tracing::info!(user = %p.user, role = %p.role.as_str(), %agent, "authenticated");
@@ -190,13 +196,7 @@ impl Run {
                         self.session
                             .authenticated(Ok((self.domain.endpoint_name.clone(), role)));
                     }
-                    Err(e) => {
-                        let code = match e {
-                            crate::inventory::InventoryError::BadCredentials => RefusalCode::BadCredentials,
-                            _ => RefusalCode::EndpointFailure,
-                        };
-                        self.session.authenticated(Err((code, e.to_string())));
-                    }
+                    Err(e) => self.session.authenticated(Err(crate::logins::refusal(&e))),
                 }
             }
             LiveEvent::CheckPlan(plan) => {

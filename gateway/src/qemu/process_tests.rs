@@ -33,14 +33,11 @@ fn boot_disk(path: &Path) {
     std::fs::write(path, code).unwrap();
 }
 
-fn binary() -> Option<QemuBinary> {
-    match QemuBinary::from_env() {
-        Ok(b) => Some(b),
-        Err(e) => {
-            eprintln!("skipped: qemu-system-x86_64 not installed ({e})");
-            None
-        }
-    }
+/// QEMU, which these tests need: without it they fail and say how to install it.
+fn binary() -> QemuBinary {
+    QemuBinary::from_env().unwrap_or_else(|e| {
+        panic!("this test runs qemu-system-x86_64, which is missing ({e}): run tests/setup.sh, or set QEMU_SYSTEM")
+    })
 }
 
 /// Kills the QEMU of a failing test (QEMU outlives its parent on purpose).
@@ -94,7 +91,7 @@ fn a_missing_binary_names_the_package() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_qemu_boots_answers_qmp_and_stops() {
-    let Some(binary) = binary() else { return };
+    let binary = binary();
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(dir.path());
     let qemu = QemuProcess::spawn(&binary, &spec, &dir.path().join("qemu.log"))
@@ -172,7 +169,7 @@ async fn real_qemu_boots_answers_qmp_and_stops() {
 
 #[tokio::test]
 async fn qemu_refusing_the_command_line_is_reported_with_its_output() {
-    let Some(binary) = binary() else { return };
+    let binary = binary();
     let dir = tempfile::tempdir().unwrap();
     let mut spec = spec(dir.path());
     spec.disks[0].path = dir.path().join("missing.img");

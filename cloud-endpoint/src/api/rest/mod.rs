@@ -71,6 +71,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/gateway/vms/{vm}/console", get(vcenter::get_console))
         .route("/api/gateway/plans", post(vcenter::check_plan))
+        .route("/api/gateway/security", get(session::security))
         .fallback(not_found)
         .method_not_allowed_fallback(operation_not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -1,17 +1,26 @@
-//! `/api/session`: log in with Basic credentials, show the session, log out.
+//! `/api/session`: log in with Basic credentials, show the session, log out; and
+//! `/api/gateway/security`: what the login throttle counted and holds.
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use serde::Serialize;
 
 use super::SessionContext;
-use crate::api::error::ApiError;
+use crate::api::error::{ApiError, ErrorKind};
 use crate::api::session::{basic_credentials, rfc3339_millis};
 use crate::api::ApiState;
+use crate::config::Role;
+use crate::logins::LoginStats;
 
 /// `POST /api/session` with `Authorization: Basic`: 201 and the token as a JSON string.
-pub async fn create(State(state): State<ApiState>, headers: HeaderMap) -> Result<(StatusCode, Json<String>), ApiError> {
+pub async fn create(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<String>), ApiError> {
     let Some((user, password)) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -21,7 +30,7 @@ pub async fn create(State(state): State<ApiState>, headers: HeaderMap) -> Result
             "log in with a user of the cloud domain in an Authorization: Basic header",
         ));
     };
-    let token = state.login(user, password).await?;
+    let token = state.login(user, password, peer.ip()).await?;
     Ok((StatusCode::CREATED, Json(token)))
 }
 
@@ -46,4 +55,24 @@ pub async fn delete(State(state): State<ApiState>, Extension(ctx): Extension<Ses
     state.sessions.remove(&ctx.token);
     tracing::info!(user = %ctx.principal().user, "API session ended");
     StatusCode::NO_CONTENT
+}
+
+/// `GET /api/gateway/security`, Administrators only: failed, refused and accepted logins
+/// since the start, password checks run, lockouts, and the users locked out and client
+/// addresses blocked now.
+pub async fn security(
+    State(state): State<ApiState>,
+    Extension(ctx): Extension<SessionContext>,
+) -> Result<Json<LoginStats>, ApiError> {
+    let principal = ctx.principal();
+    if principal.role != Role::Administrator {
+        return Err(ApiError::new(
+            ErrorKind::Unauthorized,
+            format!(
+                "user {} has role {}, which may not read the login counters; ask an Administrator",
+                principal.user, principal.role
+            ),
+        ));
+    }
+    Ok(Json(state.domain.logins.stats()))
 }

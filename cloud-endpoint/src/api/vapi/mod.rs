@@ -14,8 +14,10 @@
 mod shapes;
 pub mod value;
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use serde::Serialize;
@@ -117,7 +119,12 @@ fn rpc_error(id: Value, code: i64, message: String) -> Json<Response> {
 }
 
 /// `POST /api`: one vAPI call.
-pub async fn invoke(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Json<Response> {
+pub async fn invoke(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Json<Response> {
     let request: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -159,7 +166,7 @@ pub async fn invoke(State(state): State<ApiState>, headers: HeaderMap, body: Byt
         }
     }
     let security = params["ctx"].get("securityCtx");
-    let result = match call(&state, service, operation, &params["input"], security).await {
+    let result = match call(&state, service, operation, &params["input"], security, peer.ip()).await {
         Ok(output) => json!({ "output": output }),
         Err(e) => {
             if e.kind == ErrorKind::Unauthenticated {
@@ -182,6 +189,7 @@ async fn call(
     operation: &str,
     input: &Value,
     security: Option<&Value>,
+    source: IpAddr,
 ) -> Result<Value, ApiError> {
     let scheme = security.and_then(|s| s["schemeId"].as_str());
     if (service, operation) == ("com.vmware.cis.session", "create") {
@@ -193,7 +201,7 @@ async fn call(
         let security = security.unwrap_or(&Value::Null);
         let user = security["userName"].as_str().unwrap_or_default().to_owned();
         let password = security["password"].as_str().unwrap_or_default().to_owned();
-        let token = state.login(user, password).await?;
+        let token = state.login(user, password, source).await?;
         return Ok(secret(&token));
     }
     // Nothing else answers without a live session, not even an unknown operation.

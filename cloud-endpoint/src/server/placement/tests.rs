@@ -55,6 +55,7 @@ fn domain(dir: &std::path::Path) -> Domain {
         receipts,
         live: Default::default(),
         hosts: crate::hosts::Hosts::new(65536, 16),
+        logins: Default::default(),
     }
 }
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The workspace's tests, as the README gives them: installs what the tests need
+# (tests/setup.sh), builds, then runs every test. Arguments go to nextest, e.g.
+# `tests/run.sh -p e2e --test logins`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tests/setup.sh
+# The test executables, then the binaries the end-to-end tests spawn from
+# target/release, so the binaries are the newer ones and the WAN test uses them as they
+# are instead of rebuilding them.
+cargo nextest run --release --workspace --no-run "$@"
+cargo build --release --workspace
+cargo nextest run --release --workspace "$@"
