@@ -24,7 +24,9 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// Version 2: the plan carries a placement (folder, cluster, host, resource pool,
 /// datastores); a version-1 peer would fail to decode it, so it is refused up front
 /// with a message naming both versions instead.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: `AbortMigration` (an abort checked before it touches the migration), and
+/// each disk of a report names its own format.
+pub const PROTOCOL_VERSION: u16 = 3;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.

@@ -1,5 +1,6 @@
 use gateway::plan::{DiskSpec, FirewallSpec, Placement, VmSpec};
 
+use super::validate::{is_disk_key, is_nic_key};
 use super::*;
 use crate::config::{DomainConfig, ExtraDatastoreConfig, HostConfig, ResourcePoolConfig, Role};
 use crate::datastore::{Datastore, JOURNAL_FILE};
