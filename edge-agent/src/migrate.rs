@@ -539,8 +539,8 @@ pub async fn abort(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> Res
     .await;
     let refused = |what: String| {
         MigrateError::Target(format!(
-            "the endpoint refused to abort migration {id}: {what}\nnothing was changed: the migration \
-             goes on (or waits for its edge) and the checkpoint {} is kept",
+            "the endpoint refused to abort migration {id}: {what}\nthe migration goes on (or waits for \
+             its edge) and the checkpoint {} is kept",
             ckpt.path().display()
         ))
     };
