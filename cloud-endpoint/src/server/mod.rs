@@ -35,7 +35,7 @@ pub(crate) struct Caps {
 /// How much a read-side cap lets through at once. The reader takes payloads in pieces
 /// ([`gateway::transport::DataReader::read_payload_paced`]), so a short burst keeps the
 /// link's traffic smooth without pausing between pieces.
-pub(crate) const READ_BURST: Duration = Duration::from_millis(20);
+pub(crate) const READ_BURST: Duration = Duration::from_millis(10);
 
 /// Serves migrations on `socket` until `shutdown` completes, then closes every
 /// connection (their uncommitted migrations wait for their edges to resume them) and returns.

@@ -37,7 +37,7 @@ impl Rate {
 }
 
 /// How far ahead of a read-side cap a sender may get: see [`Rate::burst_window`].
-pub const CAP_WINDOW: Duration = Duration::from_millis(100);
+pub const CAP_WINDOW: Duration = Duration::from_millis(50);
 /// The smallest capped window: a few full datagrams, so a slow cap still sends whole ones.
 pub const MIN_CAP_WINDOW: u64 = 16 * 1024;
 
