@@ -171,13 +171,17 @@ impl Checkpoint {
                 .as_bytes(),
         )?;
         f.sync_all()?;
+        self.chunks = None;
         let _ = fs::remove_file(&self.chunks_path);
         fs::rename(&tmp, &self.header_path)?;
         self.open_chunks()
     }
 
-    /// Continues an existing record.
+    /// Continues an existing record (once: later calls keep the open file).
     pub fn open_chunks(&mut self) -> io::Result<()> {
+        if self.chunks.is_some() {
+            return Ok(());
+        }
         let f = OpenOptions::new().create(true).append(true).open(&self.chunks_path)?;
         // Cut a torn last record, so appends stay aligned.
         let len = f.metadata()?.len();

@@ -124,7 +124,17 @@ fn damaged_outcome(migration_id: &str, vm_name: &str, discarded: bool) -> String
 }
 
 fn describe_refusal(code: RefusalCode, problems: &[String]) -> String {
-    let head = match code {
+    let mut out = format!("{}; nothing was registered in the cloud", refusal_head(code));
+    for p in problems {
+        out.push_str("\n  - ");
+        out.push_str(p);
+    }
+    out
+}
+
+/// What a refusal code means, for people.
+pub(crate) fn refusal_head(code: RefusalCode) -> &'static str {
+    match code {
         RefusalCode::BadCredentials => "the cloud endpoint did not accept the credential (--user/--password)",
         RefusalCode::NotPermitted => {
             "the cloud endpoint does not permit this (the user's role, or this edge's certificate)"
@@ -137,11 +147,5 @@ fn describe_refusal(code: RefusalCode, problems: &[String]) -> String {
         RefusalCode::Aborted => "the migration was aborted",
         RefusalCode::Paused => "the cloud endpoint paused the migration and kept what arrived",
         RefusalCode::UnknownMigration => "the cloud endpoint cannot resume this migration",
-    };
-    let mut out = format!("{head}; nothing was registered in the cloud");
-    for p in problems {
-        out.push_str("\n  - ");
-        out.push_str(p);
     }
-    out
 }

@@ -251,6 +251,15 @@ impl RunState {
         }
     }
 
+    /// The cloud resumed the migration of the loaded checkpoint: append to it from now.
+    fn resumed(&self) {
+        if let Some(c) = self.records.lock().expect("records lock poisoned").checkpoint.as_mut() {
+            if let Err(e) = c.open_chunks() {
+                tracing::warn!(error = %e, path = %c.path().display(), "cannot append to the checkpoint; a restart would resend more");
+            }
+        }
+    }
+
     fn remove_checkpoint(&self) {
         if let Some(c) = self.records.lock().expect("records lock poisoned").checkpoint.as_mut() {
             c.remove();
@@ -366,9 +375,9 @@ pub async fn run(
         })?;
         if let Some((recorded, done)) = loaded {
             check_unchanged(&recorded, &header, &plan, &disks, &done, c.path())?;
-            c.open_chunks().map_err(|e| {
-                MigrateError::Target(format!("cannot append to the checkpoint {}: {e}", c.path().display()))
-            })?;
+            // Appended to only once the endpoint resumed the migration for us: an agent it
+            // refuses (another user's, or one whose role may not migrate) must leave the
+            // owner's record as it found it.
             tracing::info!(migration = %recorded.migration_id, recorded_chunks = done.len(), "resuming from the checkpoint");
             resume = Some((recorded.migration_id, done));
         }
@@ -446,7 +455,11 @@ pub async fn run(
             }
             e => {
                 run.flush();
-                if cloud_discarded(e) {
+                // A refusal before this attempt had the migration going (a resume that
+                // another user, a role that may not migrate, or a changed plan asked for)
+                // changed nothing at the cloud: the checkpoint stays for whoever may
+                // resume or abort the migration.
+                if progressed && cloud_discarded(e) {
                     run.remove_checkpoint();
                 }
                 return Err(e_into(e));
@@ -457,7 +470,9 @@ pub async fn run(
 
 /// Aborts the unfinished migration recorded for `vm` and `target` in
 /// `opts.state_dir`: the endpoint discards its files and frees the VM name, and
-/// the checkpoint is removed. Returns what happened, for the operator.
+/// the checkpoint is removed. Returns what happened, for the operator. An abort the
+/// endpoint refuses (another user's migration, a role that may not abort) changes
+/// nothing, here or there: the error says so.
 pub async fn abort(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> Result<String, MigrateError> {
     let plan = build_plan(vm, opts);
     let endpoint = target.addr.to_string();
@@ -481,38 +496,56 @@ pub async fn abort(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> Res
     };
     let id = header.migration_id.clone();
     let (endpoint_conn, conn) = target.connect(&opts.tuning).await?;
-    let mut s = SenderSession::resuming(
+    let mut s = SenderSession::aborting(
         SenderConfig::new(&opts.agent, &target.user, &target.password),
         plan,
         id.clone(),
-        Vec::new(),
+        "aborted by the operator (edge-agent abort)",
         Instant::now(),
     )?;
     let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
     let mut writer = ControlWriter::open(send, true).await?;
     let mut reader = ControlReader::open(recv, false).await?;
+    // Ok once the endpoint ended the exchange without refusing: its close says how.
     let outcome: Result<(), MigrateError> = async {
         loop {
             while let Some(msg) = s.poll_transmit(Instant::now()) {
                 writer.send(&msg).await?;
             }
-            if s.is_finished() {
-                return Ok(());
+            if let Some(e) = s.error() {
+                return Err(MigrateError::from(e.clone()));
             }
             let msg = tokio::time::timeout(Duration::from_secs(60), reader.recv::<CloudMessage>())
                 .await
-                .map_err(|_| MigrateError::Target("the endpoint did not answer within 60 s".into()))??
-                .ok_or(TransportError::StreamClosed)?;
-            s.handle_control(msg, Instant::now())?;
-            while let Some(event) = s.poll_event() {
-                if let SenderEvent::Resumed { .. } = event {
-                    s.abort("aborted by the operator (edge-agent abort)");
+                .map_err(|_| MigrateError::Target("the endpoint did not answer within 60 s".into()))?;
+            match msg {
+                Ok(Some(msg)) => {
+                    // A refusal is kept by the session and returned above.
+                    let _ = s.handle_control(msg, Instant::now());
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    return match refine(e.into()) {
+                        // The confirmation itself.
+                        MigrateError::Refused {
+                            code: RefusalCode::Aborted,
+                            ..
+                        } => Ok(()),
+                        other => Err(other),
+                    };
                 }
             }
         }
     }
     .await;
-    match outcome.map_err(refine) {
+    let refused = |what: String| {
+        MigrateError::Target(format!(
+            "the endpoint refused to abort migration {id}: {what}\nthe migration goes on (or waits for \
+             its edge) and the checkpoint {} is kept",
+            ckpt.path().display()
+        ))
+    };
+    match outcome {
         Ok(()) => {
             writer.finish();
             // The endpoint confirms the discard by closing with Aborted.
@@ -543,6 +576,11 @@ pub async fn abort(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> Res
                 problems.join("; ")
             ))
         }
+        Err(MigrateError::Refused { code, problems }) => Err(refused(format!(
+            "{}\n  - {}",
+            crate::refusal_head(code),
+            problems.join("\n  - ")
+        ))),
         Err(e) => Err(e),
     }
 }
@@ -1040,6 +1078,7 @@ async fn control_reader(
                     to_hash,
                 } => {
                     tracing::info!(migration = %id, %datastore, done_bytes, to_hash, "migration resumed");
+                    shared.run.resumed();
                     sink.started(&plan.vm.name, &id, plan.logical_bytes());
                     migration_id = id;
                     shared.update_jobs(|j| j.started = true);

@@ -118,6 +118,7 @@ pub fn receiver(data: &[u8]) {
                 ReceiverEvent::CheckPlan(_) => {
                     session.plan_checked(Err((crate::wire::RefusalCode::PlanRejected, vec![])))
                 }
+                ReceiverEvent::AbortMigration { .. } => session.migration_aborted(Ok(())),
             }
         }
         while session.poll_transmit().is_some() {}

@@ -4,12 +4,14 @@
 //! Each edge socket (every reconnect binds a new one) gets its own upstream socket, so
 //! the endpoint sees a distinct peer per edge connection, as it would through NAT.
 //! Counting those sockets tells a test when an edge gave up its connection and dialled
-//! again.
+//! again. The relay also logs when each datagram toward the endpoint crossed it and its
+//! size: the link's traffic as a network team's capture would show it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::net::UdpSocket;
 use tokio::task::JoinSet;
@@ -27,6 +29,8 @@ struct Switch {
     dropped: AtomicU64,
     /// Edge sockets seen, in order of their first datagram (dropped or not).
     edges: Mutex<Vec<SocketAddr>>,
+    /// (arrival, bytes) of every edge -> endpoint datagram forwarded.
+    upstream: Mutex<Vec<(Instant, usize)>>,
 }
 
 impl Switch {
@@ -92,6 +96,12 @@ impl Relay {
     pub fn forwarded(&self) -> u64 {
         self.switch.forwarded.load(Ordering::Relaxed)
     }
+
+    /// When each datagram from the edges to the endpoint crossed the relay, and its
+    /// UDP payload size, in order.
+    pub fn upstream_log(&self) -> Vec<(Instant, usize)> {
+        self.switch.upstream.lock().expect("upstream lock").clone()
+    }
 }
 
 impl Drop for Relay {
@@ -109,6 +119,7 @@ async fn forward(front: Arc<UdpSocket>, endpoint: SocketAddr, switch: Arc<Switch
         let Ok((n, edge)) = front.recv_from(&mut buf).await else {
             continue;
         };
+        let arrived = Instant::now();
         let up = match upstream.get(&edge) {
             Some(s) => s.clone(),
             None => {
@@ -126,6 +137,7 @@ async fn forward(front: Arc<UdpSocket>, endpoint: SocketAddr, switch: Arc<Switch
             }
         };
         if switch.pass(&switch.up_cut) {
+            switch.upstream.lock().expect("upstream lock").push((arrived, n));
             // A full socket buffer loses the datagram, as a congested link would.
             let _ = up.send(&buf[..n]).await;
         }

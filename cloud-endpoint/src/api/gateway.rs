@@ -195,17 +195,6 @@ pub fn abort_migration(
         )));
     }
     let reason = format!("aborted through the API by {}", principal.user);
-    if domain.live.abort(id, &reason) {
-        // Its connection's cleanup discards it. If that cleanup had already
-        // decided to keep it for a resume, the files are still there once the
-        // connection lets go: discard them here.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while domain.live.is_live(id) && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-    if get_migration(domain, id)?.state == "RUNNING" && !domain.live.is_live(id) {
-        crate::server::placement::discard_files(domain, id, &reason);
-    }
+    crate::server::placement::abort(domain, id, &reason)?;
     get_migration(domain, id)
 }

@@ -129,7 +129,7 @@ pub async fn serve(
                 .into_iter()
                 .chain(
                     caps.per_migration
-                        .map(|r| Arc::new(gateway::transport::RateLimit::new(r))),
+                        .map(|r| Arc::new(gateway::transport::RateLimit::with_burst(r, super::READ_BURST))),
                 )
                 .collect(),
             slots,
@@ -529,12 +529,31 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                     return;
                 }
             }
+            // Who asks, from which edge, with which plan: checked before anything
+            // touches the migration. A resume refused after the take-over below would
+            // have ended the connection of the owner's agent, lifting at that moment.
+            let check = {
+                let (domain, principal, edge_cert, id, plan) = (
+                    domain.clone(),
+                    principal.clone(),
+                    ctx.edge_cert.clone(),
+                    migration_id.clone(),
+                    plan.clone(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    placement::check_resume(&domain, &principal, &edge_cert, &id, &plan).map(|_| ())
+                })
+                .await
+                .expect("checking a resume does not panic")
+            };
+            if let Err((code, problems)) = check {
+                tracing::warn!(migration = %migration_id, ?code, ?problems, "resume refused");
+                ctx.session().refuse(code, problems);
+                return;
+            }
             // The edge may be back before the endpoint noticed its old
             // connection is gone: close that one and let its cleanup keep the files.
-            let owner = domain.inventory.resume_info(&migration_id).ok().flatten();
-            if owner.as_ref().and_then(|o| o.edge_cert.as_deref()) == Some(ctx.edge_cert.as_str())
-                && !ctx.domain.live.take_over(&migration_id).await
-            {
+            if !ctx.domain.live.take_over(&migration_id).await {
                 ctx.session().refuse(
                     RefusalCode::Busy,
                     vec![format!(
@@ -571,6 +590,36 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             }
         }
         ReceiverEvent::VerifyStaged { chunks } => verify_staged(ctx, chunks).await,
+        // `edge-agent abort`: who asks is checked first, and a refusal leaves the
+        // migration and the connection that serves it alone.
+        ReceiverEvent::AbortMigration { migration_id, reason } => {
+            let Some(principal) = authenticated(ctx, "abort") else {
+                return;
+            };
+            let edge_cert = ctx.edge_cert.clone();
+            let id = migration_id.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                placement::authorize(&domain, &principal, &edge_cert, &id, placement::Action::Abort)?;
+                // The edge's words go into the record and a close reason: one plain line.
+                let reason: String = reason.chars().filter(|c| !c.is_control()).take(200).collect();
+                let why = format!("aborted by {} with edge-agent abort: {reason}", principal.user);
+                placement::abort(&domain, &id, &why).map_err(placement::endpoint_failure)?;
+                Ok(why)
+            })
+            .await
+            .expect("aborting does not panic");
+            match result {
+                Ok(why) => {
+                    tracing::warn!(migration = %migration_id, %why, "migration aborted by its edge");
+                    ctx.session().migration_aborted(Ok(()));
+                    close_refused(ctx, RefusalCode::Aborted, &format!("{migration_id} discarded: {why}"));
+                }
+                Err((code, problems)) => {
+                    tracing::warn!(migration = %migration_id, ?code, ?problems, "abort refused");
+                    ctx.session().migration_aborted(Err((code, problems)));
+                }
+            }
+        }
         ReceiverEvent::Finalize => {
             let staged = ctx.staged.lock().expect("staged lock").take();
             let (plan, roots, zero_bytes) = {
@@ -729,13 +778,17 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
             }
         };
         let mut b = bufs.take().expect("buffers returned after each chunk");
-        reader.read_payload(&header, &mut b.payload).await?;
-        // Taking the next chunk waits for the caps; meanwhile the edge's
-        // flow-control credit runs out and its sender slows to the cap.
-        for cap in &ctx.caps {
-            cap.acquire(u64::from(header.payload_len) + gateway::wire::CHUNK_HEADER_LEN as u64)
-                .await;
-        }
+        // The payload is read at the caps, piece by piece: what waits stays in quinn's
+        // receive buffer, the edge's flow-control credit runs out (the connection's window
+        // is sized from the cap) and its sender slows to the cap from the first byte.
+        let caps = &ctx.caps;
+        let pace = |bytes: u64| async move {
+            for cap in caps {
+                cap.acquire(bytes).await;
+            }
+        };
+        pace(gateway::wire::CHUNK_HEADER_LEN as u64).await;
+        reader.read_payload_paced(&header, &mut b.payload, pace).await?;
         if admission == Admission::Duplicate {
             bufs = Some(b);
             ctx.wake();

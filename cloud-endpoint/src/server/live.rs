@@ -2,7 +2,9 @@
 //! new connection while the old one still looks alive here (the edge's link dropped, and
 //! the old connection waits for its idle timeout): the new one takes over, closing the
 //! old one and waiting until its cleanup has kept the files for the resume. An abort
-//! through the API reaches the connection that serves the migration the same way.
+//! (through the API, or `edge-agent abort`) reaches the connection that serves the
+//! migration the same way. Both come only after the asker's right to act on the
+//! migration was checked (placement::authorize).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +28,9 @@ pub struct LiveMigrations {
     /// The receive window all migrations share (bytes; 0 = leave quinn's per-connection
     /// window alone). See [`LiveMigrations::share_window`].
     window_budget: std::sync::atomic::AtomicU64,
+    /// The bandwidth cap each migration is held to, if any: its window is what the edge
+    /// may send beyond the cap (see [`gateway::transport::Rate::burst_window`]).
+    window_cap: Mutex<Option<gateway::transport::Rate>>,
     /// Logical bytes each RUNNING migration holds durably, as its connection last saw
     /// them: a task's progress. Kept while the migration waits for a resume (the figure
     /// is still true: the journal holds those chunks) and dropped when it ends.
@@ -49,8 +54,13 @@ impl LiveMigrations {
     /// 32 of them at once could make the endpoint buffer 32 times that while its disks
     /// are slower than the link (an fsync, a busy datastore). Splitting the budget keeps
     /// the endpoint's memory at about one link's worth, and the edges wait instead.
-    pub fn share_window(&self, bytes: u64) {
+    ///
+    /// Under a bandwidth cap (`cap`) each migration's share is at most the cap's burst
+    /// window on its connection's path, however large the budget: the window is what the
+    /// edge may send beyond the cap, so a migration alone does not get the whole budget.
+    pub fn share_window(&self, bytes: u64, cap: Option<gateway::transport::Rate>) {
         self.window_budget.store(bytes, Ordering::Relaxed);
+        *self.window_cap.lock().unwrap_or_else(|p| p.into_inner()) = cap;
     }
 
     fn rebalance(&self, entries: &HashMap<String, Entry>) {
@@ -59,9 +69,11 @@ impl LiveMigrations {
             return;
         }
         let each = (budget / entries.len() as u64).clamp(MIN_SHARED_WINDOW.min(budget), budget);
-        let each = quinn::VarInt::from_u64(each).unwrap_or(quinn::VarInt::MAX);
+        let cap = *self.window_cap.lock().unwrap_or_else(|p| p.into_inner());
         for e in entries.values() {
-            e.conn.set_receive_window(each);
+            let window = cap.map_or(each, |cap| each.min(cap.burst_window(e.conn.rtt())));
+            e.conn
+                .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
         }
     }
 
@@ -113,7 +125,10 @@ impl LiveMigrations {
     }
 
     /// Closes the connection that still serves `id`, if any, and waits until its
-    /// cleanup has run. False if it did not finish in time.
+    /// cleanup has run. False if it did not finish in time. The caller has checked that
+    /// the new connection may resume `id`. The old one is closed as Paused, not Aborted:
+    /// an agent still behind it (a second process of the same edge took over) stops and
+    /// keeps its checkpoint, which the one that took over now uses.
     pub async fn take_over(&self, id: &str) -> bool {
         let deadline = tokio::time::Instant::now() + TAKE_OVER_WAIT;
         loop {
@@ -123,8 +138,8 @@ impl LiveMigrations {
             match self.lock().get(id) {
                 None => return true,
                 Some(e) => e.conn.close(
-                    RefusalCode::Aborted.close_code().into(),
-                    b"the migration was resumed on a new connection",
+                    RefusalCode::Paused.close_code().into(),
+                    b"the migration was resumed on a new connection (another run of edge-agent on this edge took it over); this one stops and the migration goes on there",
                 ),
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {

@@ -21,7 +21,9 @@ use crate::{Domain, EndpointError};
 
 /// Caps on how fast the endpoint takes in migration data. They act on the
 /// read side: a capped reader releases QUIC flow-control credit at the cap, so
-/// the edge's sender slows down instead of the endpoint buffering.
+/// the edge's sender slows down instead of the endpoint buffering. The receive
+/// window of a capped endpoint's connections is sized from the cap (see
+/// [`gateway::transport::Rate::burst_window`]), so the cap holds from the first byte.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Caps {
     /// Shared by every connection.
@@ -29,6 +31,11 @@ pub(crate) struct Caps {
     /// A fresh limit per migration at this rate.
     pub per_migration: Option<transport::Rate>,
 }
+
+/// How much a read-side cap lets through at once. The reader takes payloads in pieces
+/// ([`gateway::transport::DataReader::read_payload_paced`]), so a short burst keeps the
+/// link's traffic smooth without pausing between pieces.
+pub(crate) const READ_BURST: Duration = Duration::from_millis(10);
 
 /// Serves migrations on `socket` until `shutdown` completes, then closes every
 /// connection (their uncommitted migrations wait for their edges to resume them) and returns.
@@ -42,12 +49,32 @@ pub async fn run(
     link_test: &LinkTestConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), EndpointError> {
-    let endpoint = transport::server_endpoint(socket, tls, &settings.tuning())?;
-    domain.live.share_window(settings.tuning().connection_window);
+    let tuning = settings.tuning();
+    // What one migration may take: the tighter of the two caps (all migrations together
+    // cannot go faster than the total either).
+    let cap = [settings.max_rate_per_migration, settings.max_rate]
+        .into_iter()
+        .flatten()
+        .min();
+    let initial = match cap {
+        Some(cap) => tuning.clone().capped(cap),
+        None => tuning.clone(),
+    };
+    let endpoint = transport::server_endpoint(socket, tls, &initial)?;
+    // Under a total cap the window all migrations share is that cap's too.
+    let budget = match settings.max_rate {
+        Some(total) => tuning.connection_window.min(total.burst_window(Duration::ZERO)),
+        None => tuning.connection_window,
+    };
+    domain.live.share_window(budget, cap);
     let caps = Caps {
-        total: settings.max_rate.map(|r| Arc::new(RateLimit::new(r))),
+        total: settings
+            .max_rate
+            .map(|r| Arc::new(RateLimit::with_burst(r, READ_BURST))),
         per_migration: settings.max_rate_per_migration,
     };
+    // Uncapped traffic (link tests, live migrations) gets the window of the path back.
+    let full_window = quinn::VarInt::from_u64(tuning.connection_window).unwrap_or(quinn::VarInt::MAX);
     let slots = Arc::new(Semaphore::new(max_concurrent as usize));
     let link_tests = Arc::new(probe::LinkTests::new(link_test.clone()));
     let mut conns = tokio::task::JoinSet::new();
@@ -77,9 +104,11 @@ pub async fn run(
             let control = match probe::first_stream(&conn).await {
                 Some(probe::FirstStream::Migration(send, recv)) => (send, recv),
                 Some(probe::FirstStream::LinkTest(send, recv)) => {
+                    conn.set_receive_window(full_window);
                     return link_tests.serve(conn, send, recv, &domain.endpoint_name).await;
                 }
                 Some(probe::FirstStream::LiveMigration(send, recv)) => {
+                    conn.set_receive_window(full_window);
                     return live_migration::serve(conn, domain, (send, recv), slots).await;
                 }
                 None => return,

@@ -572,6 +572,10 @@ pub struct ReportDisk {
     /// `[datastore] vm/file`, as the .vmx and the inventory name the disk; known once
     /// committed.
     pub path: Option<String>,
+    /// `vmdk`, `qcow2` or `raw`: the plan's format, else its datastore's. Reports stored
+    /// before protocol version 3 have none (their disks all had the report's format).
+    #[serde(default)]
+    pub format: String,
 }
 
 /// A rule carried into the cloud domain.
@@ -596,7 +600,8 @@ pub struct MigrationReport {
     pub datastore_name: String,
     pub host_id: String,
     pub host_name: String,
-    /// `vmdk`, `qcow2` or `raw`.
+    /// `vmdk`, `qcow2` or `raw`: the format of the disks on the VM's datastore. A disk
+    /// placed on another datastore takes that one's ([`ReportDisk::format`]).
     pub disk_format: String,
     pub num_cpus: u32,
     pub memory_mib: u64,
@@ -633,11 +638,16 @@ impl MigrationReport {
         );
         for d in &self.disks {
             out.push_str(&format!(
-                "disk {}: {} bytes on datastore {} ({}){}\n",
+                "disk {}: {} bytes on datastore {} ({}){}{}\n",
                 d.key,
                 d.capacity,
                 d.datastore_name,
                 d.datastore_id,
+                if d.format.is_empty() {
+                    String::new()
+                } else {
+                    format!(" as {}", d.format)
+                },
                 d.path.as_deref().map(|p| format!(", {p}")).unwrap_or_default()
             ));
         }

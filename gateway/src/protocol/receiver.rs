@@ -85,6 +85,10 @@ pub enum ReceiverEvent {
     /// domain without staging or recording anything; answer with
     /// [`ReceiverSession::plan_checked`].
     CheckPlan(MigrationPlan),
+    /// The edge asks to discard `migration_id` (`edge-agent abort`): check that
+    /// it may, before touching the migration; then end whatever serves it and
+    /// discard its files, and answer with [`ReceiverSession::migration_aborted`].
+    AbortMigration { migration_id: String, reason: String },
 }
 
 /// What to do with a chunk frame whose header was read.
@@ -107,6 +111,8 @@ enum Phase {
     Checking,
     /// That plan was found valid and the answer sent.
     Checked,
+    /// Checking whether the edge may abort a migration, then aborting it.
+    Aborting,
     Streaming,
     /// Reading the staged disks back before the commit.
     Verifying,
@@ -124,6 +130,7 @@ impl Phase {
             Phase::Validating => "validating the plan",
             Phase::Checking => "checking the plan",
             Phase::Checked => "plan checked",
+            Phase::Aborting => "aborting a migration",
             Phase::Streaming => "streaming",
             Phase::Verifying => "verifying the staged disks",
             Phase::Finalizing => "finalizing",
@@ -337,6 +344,14 @@ impl ReceiverSession {
                     plan: plan.clone(),
                 });
                 self.plan = Some(plan);
+            }
+            EdgeMessage::AbortMigration { migration_id, reason } => {
+                if self.phase != Phase::AwaitPlan {
+                    return Err(self.unexpected("AbortMigration"));
+                }
+                self.phase = Phase::Aborting;
+                self.events
+                    .push_back(ReceiverEvent::AbortMigration { migration_id, reason });
             }
             EdgeMessage::Validate(plan) => {
                 if self.phase != Phase::AwaitPlan {
@@ -614,6 +629,22 @@ impl ReceiverSession {
             Ok(report) => {
                 self.phase = Phase::Checked;
                 self.outbox.push_back(CloudMessage::Valid(report));
+            }
+            Err((code, problems)) => self.fail(code, problems),
+        }
+    }
+
+    /// The driver handled an edge's `AbortMigration`: `Ok` once the migration is
+    /// discarded (the driver confirms by closing the connection with
+    /// [`RefusalCode::Aborted`]), `Err` the refusal, with nothing changed.
+    pub fn migration_aborted(&mut self, result: Result<(), (RefusalCode, Vec<String>)>) {
+        if self.phase != Phase::Aborting {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.edge_aborted = true;
+                self.phase = Phase::Failed;
             }
             Err((code, problems)) => self.fail(code, problems),
         }
@@ -934,7 +965,12 @@ impl ReceiverSession {
     pub fn poll_timeout(&self) -> Option<Instant> {
         matches!(
             self.phase,
-            Phase::AwaitHello | Phase::Authenticating | Phase::AwaitPlan | Phase::Validating | Phase::Checking
+            Phase::AwaitHello
+                | Phase::Authenticating
+                | Phase::AwaitPlan
+                | Phase::Validating
+                | Phase::Checking
+                | Phase::Aborting
         )
         .then_some(self.setup_deadline)
     }

@@ -87,6 +87,8 @@ enum Phase {
     Done,
     /// The plan was only validated, and found valid.
     Validated,
+    /// `AbortMigration` sent: the cloud confirms by closing the connection, or refuses.
+    AwaitAborted,
     Failed,
 }
 
@@ -99,6 +101,7 @@ impl Phase {
             Phase::AwaitCommitted => "waiting for the commit",
             Phase::Done => "done",
             Phase::Validated => "validated",
+            Phase::AwaitAborted => "waiting for the abort to be confirmed",
             Phase::Failed => "failed",
         }
     }
@@ -170,6 +173,8 @@ pub struct SenderSession {
     resumed_bytes: u64,
     /// Only validate the plan (`edge-agent plan`): nothing is staged or sent.
     validate_only: bool,
+    /// Only abort a migration (`edge-agent abort`): its id and the reason.
+    abort: Option<(String, String)>,
     /// The cloud's report of the commit.
     report: Option<MigrationReport>,
 }
@@ -217,6 +222,7 @@ impl SenderSession {
             resume: None,
             resumed_bytes: 0,
             validate_only: false,
+            abort: None,
             report: None,
         })
     }
@@ -227,6 +233,22 @@ impl SenderSession {
     pub fn validating(config: SenderConfig, plan: MigrationPlan, now: Instant) -> Result<Self, ProtocolError> {
         let mut s = SenderSession::new(config, plan, now)?;
         s.validate_only = true;
+        Ok(s)
+    }
+
+    /// Asks the cloud to discard `migration_id`, started before with `plan`: after the
+    /// welcome the session sends `AbortMigration` and waits. The cloud confirms by
+    /// closing the connection with [`crate::wire::RefusalCode::Aborted`] (the driver
+    /// watches for it); a refusal fails the session, and then nothing was changed.
+    pub fn aborting(
+        config: SenderConfig,
+        plan: MigrationPlan,
+        migration_id: String,
+        reason: impl Into<String>,
+        now: Instant,
+    ) -> Result<Self, ProtocolError> {
+        let mut s = SenderSession::new(config, plan, now)?;
+        s.abort = Some((migration_id, reason.into()));
         Ok(s)
     }
 
@@ -378,6 +400,15 @@ impl SenderSession {
                 }
                 self.phase = Phase::AwaitPlanAccepted;
                 self.deadline = Some(now + self.config.reply_timeout);
+                if let Some((migration_id, reason)) = &self.abort {
+                    self.phase = Phase::AwaitAborted;
+                    self.outbox.push_back(EdgeMessage::AbortMigration {
+                        migration_id: migration_id.clone(),
+                        reason: reason.clone(),
+                    });
+                    self.events.push_back(SenderEvent::Welcomed { endpoint, role });
+                    return Ok(());
+                }
                 self.outbox.push_back(match &self.resume {
                     Some((migration_id, _)) => EdgeMessage::Resume {
                         migration_id: migration_id.clone(),
@@ -744,6 +775,7 @@ impl SenderSession {
             let e = ProtocolError::TimedOut(match self.phase {
                 Phase::AwaitWelcome => "waiting for the cloud to accept the credential",
                 Phase::AwaitPlanAccepted => "waiting for the cloud to accept the plan",
+                Phase::AwaitAborted => "waiting for the cloud to abort the migration",
                 _ => "waiting for the cloud to register the VM",
             });
             self.fail(e);

@@ -154,6 +154,10 @@ struct Pair {
     /// The cloud already registered the VM (roots, what it answered): a resume
     /// replays the commit.
     registered: Option<(Vec<[u8; 32]>, Registered)>,
+    /// The cloud driver refuses the next abort with these problems.
+    refuse_abort: Option<Vec<String>>,
+    /// The migration the cloud driver aborted for the edge.
+    aborted: Option<String>,
 }
 
 impl Pair {
@@ -198,6 +202,8 @@ impl Pair {
             damage_every_time: false,
             verify_rounds: Vec::new(),
             registered: None,
+            refuse_abort: None,
+            aborted: None,
         }
     }
 
@@ -424,6 +430,15 @@ impl Pair {
                 ReceiverEvent::CheckPlan(_) => match self.refuse_plan.take() {
                     Some(problems) => self.receiver.plan_checked(Err((RefusalCode::PlanRejected, problems))),
                     None => self.receiver.plan_checked(Ok(report(""))),
+                },
+                ReceiverEvent::AbortMigration { migration_id, .. } => match self.refuse_abort.take() {
+                    Some(problems) => self
+                        .receiver
+                        .migration_aborted(Err((RefusalCode::NotPermitted, problems))),
+                    None => {
+                        self.aborted = Some(migration_id);
+                        self.receiver.migration_aborted(Ok(()));
+                    }
                 },
             }
         }
@@ -1169,5 +1184,94 @@ fn validation_messages_out_of_place_are_violations() {
     let mut r = streaming_receiver(1 << 20);
     assert!(r
         .handle_control(EdgeMessage::Validate(plan(&[&disk_image(15, 1)])), now)
+        .is_err());
+}
+
+/// A pair whose edge only asks the cloud to abort migration-1 (`edge-agent abort`).
+fn aborting_pair() -> Pair {
+    let mut pair = Pair::new(vec![disk_image(16, 3)], "secret");
+    let plan = pair.sender.plan().clone();
+    pair.sender = SenderSession::aborting(
+        SenderConfig::new("edge-test", "migrator@cloud.local", "secret"),
+        plan,
+        "migration-1".into(),
+        "operator gave up",
+        pair.now,
+    )
+    .unwrap();
+    pair
+}
+
+#[test]
+fn an_abort_names_the_migration_and_waits_for_the_close() {
+    let mut pair = aborting_pair();
+    pair.drive();
+    assert_eq!(pair.aborted.as_deref(), Some("migration-1"));
+    // The cloud confirms by closing the connection: the driver's part, not a message.
+    assert!(pair.receiver.edge_aborted() && pair.receiver.is_finished() && !pair.receiver.is_resumable());
+    assert!(!pair.sender.is_finished() && pair.sender.error().is_none());
+    assert!(pair.sender.migration_id().is_none(), "nothing was resumed to abort it");
+    assert_eq!((pair.data_frames, pair.discarded.as_deref()), (0, None));
+    assert_eq!(pair.receiver.poll_timeout(), None);
+}
+
+#[test]
+fn a_refused_abort_reaches_the_edge_and_discards_nothing() {
+    let mut pair = aborting_pair();
+    pair.refuse_abort = Some(vec!["user auditor may not abort migration-1".into()]);
+    pair.drive();
+    match pair.sender.error() {
+        Some(ProtocolError::Refused { code, problems }) => {
+            assert_eq!(*code, RefusalCode::NotPermitted);
+            assert!(problems[0].contains("may not abort"), "{problems:?}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(pair.aborted.is_none() && pair.discarded.is_none());
+    assert!(!pair.receiver.edge_aborted() && !pair.receiver.is_resumable());
+}
+
+#[test]
+fn an_abort_request_is_taken_only_in_place_of_a_plan() {
+    let now = Instant::now();
+    let mut r = streaming_receiver(1 << 20);
+    let abort = EdgeMessage::AbortMigration {
+        migration_id: "migration-1".into(),
+        reason: "x".into(),
+    };
+    assert!(r.handle_control(abort.clone(), now).is_err());
+    // A session that is aborting takes no plan, and no PlanAccepted reaches its edge.
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
+    r.handle_control(
+        EdgeMessage::Hello {
+            agent: "a".into(),
+            user: "u".into(),
+            password: "p".into(),
+        },
+        now,
+    )
+    .unwrap();
+    r.authenticated(Ok("MigrationOperator".into()), "c");
+    r.handle_control(abort, now).unwrap();
+    assert!(r
+        .handle_control(EdgeMessage::Plan(plan(&[&disk_image(17, 1)])), now)
+        .is_err());
+    let mut s = aborting_pair().sender;
+    s.handle_control(
+        CloudMessage::Welcome {
+            endpoint: "c".into(),
+            role: "r".into(),
+        },
+        now,
+    )
+    .unwrap();
+    assert!(s
+        .handle_control(
+            CloudMessage::PlanAccepted {
+                migration_id: "migration-1".into(),
+                datastore: "ds".into()
+            },
+            now
+        )
         .is_err());
 }

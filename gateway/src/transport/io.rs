@@ -136,6 +136,9 @@ impl DataWriter {
     }
 }
 
+/// The piece a paced payload read takes at a time: a few dozen datagrams.
+pub const PACED_PIECE: usize = 64 * 1024;
+
 /// A data stream the cloud reads chunk frames from.
 #[derive(Debug)]
 pub struct DataReader {
@@ -163,6 +166,30 @@ impl DataReader {
         buf.resize(header.payload_len as usize, 0);
         if header.payload_len > 0 && !read_exact_or_end(&mut self.stream, buf).await? {
             return Err(TransportError::StreamClosed);
+        }
+        Ok(())
+    }
+
+    /// [`Self::read_payload`], awaiting `pace(n)` before each piece of `n` bytes (at most
+    /// [`PACED_PIECE`]) is read. A capped reader thus takes the payload, and gives the
+    /// edge its flow-control credit back, at the cap piece by piece instead of a whole
+    /// chunk at a time: the link sees the cap, not chunk-sized bursts at line rate.
+    pub async fn read_payload_paced<F, Fut>(
+        &mut self,
+        header: &ChunkHeader,
+        buf: &mut Vec<u8>,
+        mut pace: F,
+    ) -> Result<(), TransportError>
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        buf.resize(header.payload_len as usize, 0);
+        for piece in buf.chunks_mut(PACED_PIECE) {
+            pace(piece.len() as u64).await;
+            if !read_exact_or_end(&mut self.stream, piece).await? {
+                return Err(TransportError::StreamClosed);
+            }
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ mod tls;
 
 pub use congestion::{BdpConfig, BdpController};
 pub use io::{ControlReader, ControlWriter, DataReader, DataWriter};
-pub use rate::{Rate, RateLimit};
+pub use rate::{Rate, RateLimit, CAP_WINDOW, MIN_CAP_WINDOW};
 pub use tls::{client_crypto, server_crypto, Identity, ServerTrust};
 
 use std::net::{SocketAddr, UdpSocket};
@@ -276,6 +276,17 @@ impl TransportTuning {
             initial_rtt: path.rtt.clamp(Duration::from_millis(10), Duration::from_millis(500)),
             initial_window: None,
         }
+    }
+
+    /// The same tuning for a receiver that takes data at `rate` at most (a capped
+    /// endpoint): the connection's receive window is the cap's burst window on a short
+    /// path ([`Rate::burst_window`]), so from the first byte a sender cannot get further
+    /// ahead of the cap than that. The receiver widens the window of a connection once
+    /// it knows its round-trip time, or that it carries something else than a capped
+    /// migration (`quinn::Connection::set_receive_window`).
+    pub fn capped(mut self, rate: Rate) -> Self {
+        self.connection_window = self.connection_window.min(rate.burst_window(Duration::ZERO));
+        self
     }
 
     fn transport_config(&self, max_uni_streams: u32) -> Arc<quinn::TransportConfig> {

@@ -23,7 +23,23 @@ impl Rate {
     pub fn bytes_per_sec(self) -> f64 {
         self.0 as f64 / 8.0
     }
+
+    /// The flow-control window of a receiver that takes data at this rate, on a path of
+    /// round-trip time `rtt`: what the sender may have sent beyond what the receiver
+    /// took in. [`CAP_WINDOW`] of the rate, or two round trips of it on a longer path
+    /// (one round trip of window cannot keep the cap's rate flowing), at least
+    /// [`MIN_CAP_WINDOW`]. A receive window sized from the link instead lets a sender
+    /// push that whole window at line rate before a read-side cap is felt.
+    pub fn burst_window(self, rtt: Duration) -> u64 {
+        let span = CAP_WINDOW.max(rtt * 2);
+        ((self.bytes_per_sec() * span.as_secs_f64()) as u64).max(MIN_CAP_WINDOW)
+    }
 }
+
+/// How far ahead of a read-side cap a sender may get: see [`Rate::burst_window`].
+pub const CAP_WINDOW: Duration = Duration::from_millis(50);
+/// The smallest capped window: a few full datagrams, so a slow cap still sends whole ones.
+pub const MIN_CAP_WINDOW: u64 = 16 * 1024;
 
 impl std::str::FromStr for Rate {
     type Err = String;
@@ -107,13 +123,25 @@ pub struct RateLimit {
 
 impl RateLimit {
     pub fn new(rate: Rate) -> RateLimit {
+        // A tenth of a second of traffic may go at once: enough for a
+        // chunk at LAN rates, little enough to keep the average honest.
+        RateLimit::with_burst(rate, Duration::from_millis(100))
+    }
+
+    /// A limit that lets `burst` of traffic go at once. Short bursts suit callers that
+    /// take small pieces (a reader pacing its reads); one that sends whole chunks needs
+    /// a burst of at least a chunk's time or it pauses between every chunk.
+    pub fn with_burst(rate: Rate, burst: Duration) -> RateLimit {
         RateLimit {
             rate,
-            // A tenth of a second of traffic may go at once: enough for a
-            // chunk at LAN rates, little enough to keep the average honest.
-            burst: Duration::from_millis(100),
+            burst,
             free_at: Mutex::new(Instant::now()),
         }
+    }
+
+    /// How much traffic may go at once.
+    pub fn burst(&self) -> Duration {
+        self.burst
     }
 
     pub fn rate(&self) -> Rate {

@@ -45,6 +45,15 @@ pub enum EdgeMessage {
     /// anything: the cloud answers `Valid` or `Refused` with every problem,
     /// then the connection ends.
     Validate(MigrationPlan),
+    /// Sent instead of `Plan` by `edge-agent abort`: discard `migration_id`, which
+    /// this edge started and no longer means to finish. The cloud checks who asks
+    /// (role, user, edge certificate) before it touches the migration; then it ends
+    /// the connection that serves it (if any), discards its files and confirms by
+    /// closing this connection with [`RefusalCode::Aborted`], or answers `Refused`
+    /// and changes nothing. Added in protocol version 3: before, an abort was a
+    /// `Resume` followed by `Abort`, and a refused one had already ended the
+    /// migration's connection.
+    AbortMigration { migration_id: String, reason: String },
 }
 
 /// Cloud endpoint to edge agent.

@@ -25,7 +25,8 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// datastores); a version-1 peer would fail to decode it, so it is refused up front
 /// with a message naming both versions instead.
 /// Version 3: the cloud reads staged disks back before a commit and may answer
-/// `Commit` with `Repair`; plans carry each device's controller and model.
+/// `Commit` with `Repair`; `AbortMigration` (an abort checked before it touches the
+/// migration); each disk of a report names its own format.
 pub const PROTOCOL_VERSION: u16 = 3;
 pub const PREAMBLE_LEN: usize = 8;
 

@@ -21,7 +21,8 @@ use gateway::plan::MigrationPlan;
 use gateway::protocol::Registered;
 use gateway::receipt::{Receipt, ReceiptDisk, RECEIPT_FORMAT_VERSION};
 
-use super::{datastore_of, discard_stagings, disk_staging, preview, Resolved, Staged};
+use super::validate::preview;
+use super::{datastore_of, discard_stagings, disk_staging, Resolved, Staged};
 use crate::datastore::{datastore_path, DiskFile, DiskFormat, Staging, VmxDisk, VmxNic, VmxSpec};
 use crate::inventory::{CommitMove, Inventory, NewDisk, NewNic, NewVm, VmPlacement};
 use crate::Domain;
@@ -59,7 +60,7 @@ pub fn finalize(
         staging,
         other_staging,
         placement,
-        format,
+        disk_formats,
         disks,
         nic_networks,
         ..
@@ -131,7 +132,7 @@ pub fn finalize(
             .map_err(|e| e.to_string())
     };
     // The report is kept with the migration and sent to the edge before `Committed`.
-    let mut report = preview(&placement, plan, &nic_networks, format);
+    let mut report = preview(domain, &placement, plan, &nic_networks, &disk_formats);
     for (r, d) in report.disks.iter_mut().zip(&new_vm.disks) {
         r.path = Some(d.path.clone());
     }
@@ -317,7 +318,7 @@ pub fn finalize_live(
         staging,
         other_staging,
         placement,
-        format,
+        disk_formats,
         disks,
         nic_networks,
         ..
@@ -338,7 +339,7 @@ pub fn finalize_live(
             return Err(e);
         }
     };
-    let mut report = preview(&placement, plan, &nic_networks, format);
+    let mut report = preview(domain, &placement, plan, &nic_networks, &disk_formats);
     for (r, d) in report.disks.iter_mut().zip(&new_vm.disks) {
         r.path = Some(d.path.clone());
     }

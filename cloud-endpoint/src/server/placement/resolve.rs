@@ -1,7 +1,8 @@
 //! A plan's placement choices resolved against the inventory: each named object found by
 //! id or name, the relations between them checked (host and pool in the cluster), and the
 //! datastore of every disk. Problems are collected, never returned early, so a refusal
-//! lists them all.
+//! lists them all; a choice that names nothing leaves the default in its place, so the
+//! checks that need a host, a pool or a datastore still run.
 
 use gateway::plan::MigrationPlan;
 
@@ -68,7 +69,8 @@ fn find<'a, T>(items: &[&'a T], wanted: &str, name: impl Fn(&T) -> &str, id: imp
 }
 
 /// Picks `wanted` among `items`, or the default; a choice that names nothing is a problem
-/// naming the choices (`what` and `flag` say which option it was).
+/// naming the choices (`what` and `flag` say which option it was), and the default is
+/// picked in its place.
 fn pick<'a, T>(
     items: &[&'a T],
     wanted: Option<&str>,
@@ -88,15 +90,17 @@ fn pick<'a, T>(
                     choices(items, name, id)
                 ));
             }
-            found
+            found.or(default)
         }
     }
 }
 
 /// Resolves `plan.placement` against `info`, adding a problem for every choice that names
 /// nothing, a host or pool outside the cluster, a per-disk datastore for a disk the VM
-/// does not have, and a datastore whose folder this endpoint lacks. `None` when any
-/// choice could not be resolved (its problems are listed).
+/// does not have, and a datastore whose folder this endpoint lacks. The placement is
+/// usable only if no problem was added; otherwise it is what the later checks (hardware,
+/// space) run against, each unknown choice replaced by its default. `None` only when the
+/// domain lacks a default (a cluster without a host): its problem is listed.
 pub fn resolve(
     domain: &Domain,
     info: &DomainInfo,
@@ -104,7 +108,6 @@ pub fn resolve(
     problems: &mut Vec<String>,
 ) -> Option<Resolved> {
     let p = &plan.placement;
-    let before = problems.len();
     let folders: Vec<&FolderInfo> = info.folders.iter().filter(|f| f.kind == "VIRTUAL_MACHINE").collect();
     let default_folder = info.folders.iter().find(|f| f.id == info.vm_folder);
     let folder = pick(
@@ -221,7 +224,7 @@ pub fn resolve(
             Some(wanted) => pick(
                 &datastores,
                 Some(wanted),
-                None,
+                datastore,
                 ("datastore", &format!("--disk-datastore {}", disk.key)),
                 |d| &d.name,
                 |d| &d.id,
@@ -242,9 +245,6 @@ pub fn resolve(
         problems.push(format!(
             "datastore {name} ({id}) has no folder configured on this endpoint (domain.extra_datastores); choose another datastore or configure its `dir`"
         ));
-    }
-    if problems.len() > before {
-        return None;
     }
     Some(Resolved {
         folder: folder?.clone(),

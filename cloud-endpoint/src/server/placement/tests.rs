@@ -1,5 +1,6 @@
 use gateway::plan::{DiskSpec, FirewallSpec, Placement, VmSpec};
 
+use super::validate::{is_disk_key, is_nic_key};
 use super::*;
 use crate::config::{DomainConfig, ExtraDatastoreConfig, HostConfig, ResourcePoolConfig, Role};
 use crate::datastore::{Datastore, JOURNAL_FILE};
@@ -322,4 +323,149 @@ fn a_disk_on_another_datastore_is_staged_there_and_discarded_with_the_rest() {
     assert_eq!(staged_files(dir.path(), &id), [Vec::<String>::new(), Vec::new()]);
     let m = d.inventory.list_migrations().unwrap();
     assert!(m.iter().all(|m| m.state == "FAILED"), "{m:?}");
+}
+
+#[test]
+fn an_unknown_choice_does_not_hide_the_hardware_and_space_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = domain(dir.path());
+    // An unknown folder, 512 GiB of memory (the default host has 256 GiB) and both disks
+    // on the 1 MiB datastore, as the unknown per-disk datastore leaves them on the VM's.
+    let placement = Placement {
+        folder: Some("Nowhere".into()),
+        datastore: Some("ds-small".into()),
+        disk_datastores: vec![("scsi0:1".into(), "ds-gone".into())],
+        ..Placement::default()
+    };
+    let found = problems(&d, &plan(1, 512 << 10, placement));
+    let expect = [
+        "VM folder \"Nowhere\" (--folder)",
+        "datastore \"ds-gone\" (--disk-datastore scsi0:1)",
+        "524288 MiB of memory but host",
+        "on datastore ds-small",
+    ];
+    for e in expect {
+        assert!(
+            found.iter().any(|p| p.contains(e)),
+            "no problem with {e:?} in {found:#?}"
+        );
+    }
+    assert_eq!(found.len(), expect.len(), "{found:#?}");
+}
+
+#[test]
+fn a_disk_takes_the_format_of_its_datastore() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = domain(dir.path());
+    d.extra_datastores[0] = d.extra_datastores[0].clone().with_disk_format(DiskFormat::Qcow2);
+    let placement = Placement {
+        disk_datastores: vec![("scsi0:1".into(), "ds-small".into())],
+        ..Placement::default()
+    };
+    let p = plan(1, 256, placement);
+    let v = validate(&d, &operator(), &p).unwrap();
+    assert_eq!(v.disk_formats, [DiskFormat::VmdkFlat, DiskFormat::Qcow2]);
+    assert_eq!(v.preview.disk_format, "vmdk", "the VM's datastore's");
+    let formats: Vec<&str> = v.preview.disks.iter().map(|d| d.format.as_str()).collect();
+    assert_eq!(formats, ["vmdk", "qcow2"]);
+    let staged = validate_and_stage(&d, &operator(), "edge", "cert", &p).unwrap();
+    let id = staged.migration_id.clone();
+    assert_eq!(
+        staged_files(dir.path(), &id),
+        [
+            vec![JOURNAL_FILE.to_owned(), "web01-flat.vmdk".to_owned()],
+            vec!["web01_1.qcow2".to_owned()]
+        ]
+    );
+    drop(staged);
+    // A resume reopens each disk in its own format.
+    let (resumed, _) = resume(&d, &operator(), "cert", &id, &p).unwrap();
+    assert_eq!(resumed.disk_formats, [DiskFormat::VmdkFlat, DiskFormat::Qcow2]);
+    assert_eq!(resumed.disks[1].file_name(), "web01_1.qcow2");
+    drop(resumed);
+    discard_files(&d, &id, "test");
+
+    // A format the plan names is every disk's.
+    let mut explicit = p.clone();
+    explicit.disk_format = Some(DiskFormat::Raw);
+    let v = validate(&d, &operator(), &explicit).unwrap();
+    assert_eq!(v.disk_formats, [DiskFormat::Raw, DiskFormat::Raw]);
+}
+
+#[test]
+fn the_resume_record_keeps_each_disks_format() {
+    use DiskFormat::*;
+    assert_eq!(formats_text(&[Qcow2, Qcow2]), "qcow2");
+    assert_eq!(formats_text(&[VmdkFlat, Qcow2]), "vmdk,qcow2");
+    // One name, as endpoints before per-disk formats wrote it, is every disk's.
+    assert_eq!(parse_formats("vmdk", 3), Some(vec![VmdkFlat; 3]));
+    assert_eq!(parse_formats("vmdk,qcow2", 2), Some(vec![VmdkFlat, Qcow2]));
+    assert_eq!(parse_formats("vmdk,qcow2", 3), None);
+    assert_eq!(parse_formats("vmdk,floppy", 2), None);
+    assert_eq!(parse_formats("", 0), Some(vec![]));
+}
+
+#[test]
+fn only_the_owner_or_an_administrator_on_its_edge_may_act_on_a_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = domain(dir.path());
+    let p = plan(1, 256, Placement::default());
+    let staged = validate_and_stage(&d, &operator(), "edge", "cert-a", &p).unwrap();
+    let id = staged.migration_id.clone();
+    drop(staged);
+    let who = |user: &str, role| Principal {
+        user: user.into(),
+        role,
+    };
+    let refused = |principal: &Principal, cert: &str, action| {
+        let (code, problems) = authorize(&d, principal, cert, &id, action).unwrap_err();
+        assert_eq!(code, RefusalCode::NotPermitted, "{problems:?}");
+        problems.join("; ")
+    };
+    let auditor = who("auditor@cloud.local", Role::ReadOnly);
+    let other = who("other@cloud.local", Role::MigrationOperator);
+    // Each refusal names the action refused and says nothing changed.
+    for (principal, cert, action, says) in [
+        (
+            &auditor,
+            "cert-a",
+            Action::Abort,
+            "has role ReadOnly, which may not abort migration",
+        ),
+        (&auditor, "cert-a", Action::Resume, "which may not resume migration"),
+        (
+            &other,
+            "cert-a",
+            Action::Abort,
+            "may abort only their own migrations: ask migrator@cloud.local",
+        ),
+        (&other, "cert-a", Action::Resume, "may resume only their own migrations"),
+        (
+            &operator(),
+            "cert-b",
+            Action::Resume,
+            "another edge agent (certificate cert-a); only that agent can resume",
+        ),
+    ] {
+        let text = refused(principal, cert, action);
+        assert!(text.contains(says) && text.contains("nothing was changed"), "{text}");
+    }
+    // The owner and an Administrator may; a resume also needs the same plan.
+    assert!(authorize(&d, &operator(), "cert-a", &id, Action::Abort).is_ok());
+    let admin = who("administrator@cloud.local", Role::Administrator);
+    assert!(check_resume(&d, &admin, "cert-a", &id, &p).is_ok());
+    let mut changed = p.clone();
+    changed.vm.num_cpus = 2;
+    let (code, _) = check_resume(&d, &operator(), "cert-a", &id, &changed).unwrap_err();
+    assert_eq!(code, RefusalCode::PlanRejected);
+    // Nothing of it touched the migration.
+    assert_eq!(d.inventory.resume_info(&id).unwrap().unwrap().state, "RUNNING");
+    assert!(staged_files(dir.path(), &id)[0].contains(&JOURNAL_FILE.to_owned()));
+
+    // An abort discards it; acting on it afterwards is told there is nothing left.
+    abort(&d, &id, "test").unwrap();
+    assert_eq!(staged_files(dir.path(), &id), [Vec::<String>::new(), Vec::new()]);
+    let (code, problems) = authorize(&d, &operator(), "cert-a", &id, Action::Abort).unwrap_err();
+    assert_eq!(code, RefusalCode::UnknownMigration);
+    assert!(problems[0].contains("nothing to abort"), "{problems:?}");
 }

@@ -1,0 +1,285 @@
+//! Acting on a migration an edge started before: who may resume or abort it (checked
+//! before anything touches it), resuming it on a new connection, keeping it for a resume
+//! when its connection ends, and aborting or expiring it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gateway::plan::MigrationPlan;
+use gateway::wire::RefusalCode;
+
+use super::{
+    disk_staging, endpoint_failure, home_format, map_nics, open_stagings, parse_formats, plan_bytes, resolve, Refusal,
+    Staged,
+};
+use crate::config::Role;
+use crate::datastore::DatastoreError;
+use crate::inventory::{Principal, ResumeInfo};
+use crate::Domain;
+
+/// A journal entry: (disk, chunk index, plaintext hash).
+pub type Durable = Vec<(u16, u64, [u8; 32])>;
+
+/// What an edge asks to do with a migration it started before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Continue it (`edge-agent migrate` with a checkpoint, or a reconnect).
+    Resume,
+    /// Discard it (`edge-agent abort`).
+    Abort,
+}
+
+impl Action {
+    fn verb(self) -> &'static str {
+        match self {
+            Action::Resume => "resume",
+            Action::Abort => "abort",
+        }
+    }
+}
+
+/// Whether `principal`, on the edge of certificate `edge_cert`, may `action` migration
+/// `migration_id`: a role that migrates, the edge that started it, its user or an
+/// Administrator, and the migration still RUNNING. Reads only, so a refusal changes
+/// nothing: callers check this before anything touches the migration (the connection
+/// that serves it, its files, the edge's checkpoint). Each refusal names the action.
+pub fn authorize(
+    domain: &Domain,
+    principal: &Principal,
+    edge_cert: &str,
+    migration_id: &str,
+    action: Action,
+) -> Result<ResumeInfo, Refusal> {
+    let verb = action.verb();
+    let refused = |why: String| (RefusalCode::NotPermitted, vec![why]);
+    if !principal.role.may_migrate() {
+        return Err(refused(format!(
+            "user {:?} has role {}, which may not {verb} migration {migration_id}: only a MigrationOperator or an \
+             Administrator may {verb} migrations; nothing was changed",
+            principal.user,
+            principal.role.as_str()
+        )));
+    }
+    let unknown = |why: String| (RefusalCode::UnknownMigration, vec![why]);
+    let Some(info) = domain.inventory.resume_info(migration_id).map_err(endpoint_failure)? else {
+        return Err(unknown(match action {
+            Action::Resume => format!("the endpoint has no migration {migration_id}; start a new migration"),
+            Action::Abort => format!("the endpoint has no migration {migration_id}; nothing to abort"),
+        }));
+    };
+    if info.edge_cert.as_deref() != Some(edge_cert) {
+        return Err(refused(format!(
+            "migration {migration_id} belongs to another edge agent (certificate {}); only that agent can {verb} it; \
+             nothing was changed",
+            info.edge_cert.as_deref().unwrap_or("unknown")
+        )));
+    }
+    if info.user != principal.user && principal.role != Role::Administrator {
+        return Err(refused(format!(
+            "migration {migration_id} was started by {}; user {} (role {}) may {verb} only their own migrations: ask {} \
+             or an Administrator; nothing was changed",
+            info.user,
+            principal.user,
+            principal.role.as_str(),
+            info.user
+        )));
+    }
+    let next = match action {
+        Action::Resume => "start a new migration",
+        Action::Abort => "nothing to abort",
+    };
+    match info.state.as_str() {
+        "RUNNING" => Ok(info),
+        "SUCCEEDED" => Err(unknown(format!(
+            "migration {migration_id} already SUCCEEDED: the VM is registered as {}; its receipt is at GET /api/gateway/migrations/{migration_id}/receipt",
+            info.vm.as_deref().unwrap_or("?")
+        ))),
+        state => Err(unknown(format!(
+            "migration {migration_id} is {state} ({}) and its files are gone; {next}",
+            info.error.as_deref().unwrap_or("no reason recorded")
+        ))),
+    }
+}
+
+/// [`authorize`] for a resume, and the plan is the one the migration started with.
+pub fn check_resume(
+    domain: &Domain,
+    principal: &Principal,
+    edge_cert: &str,
+    migration_id: &str,
+    plan: &MigrationPlan,
+) -> Result<ResumeInfo, Refusal> {
+    let info = authorize(domain, principal, edge_cert, migration_id, Action::Resume)?;
+    let Some(stored) = info.plan.as_deref() else {
+        return Err((
+            RefusalCode::UnknownMigration,
+            vec![format!(
+                "migration {migration_id} was started by an endpoint version that kept no resume record; abort it and start a new migration"
+            )],
+        ));
+    };
+    if stored != plan_bytes(plan).as_slice() {
+        return Err((
+            RefusalCode::PlanRejected,
+            vec![format!(
+                "the VM or the options differ from those migration {migration_id} started with; run `edge-agent abort` with the same arguments, then migrate again"
+            )],
+        ));
+    }
+    Ok(info)
+}
+
+/// Checks that the edge of certificate `edge_cert`, as `principal`, may continue
+/// `migration_id` with `plan` (the one it started with: [`check_resume`]), and reopens
+/// its staged files and journal. Refusals say what the edge should do instead.
+pub fn resume(
+    domain: &Domain,
+    principal: &Principal,
+    edge_cert: &str,
+    migration_id: &str,
+    plan: &MigrationPlan,
+) -> Result<(Staged, Durable), Refusal> {
+    let inv = &domain.inventory;
+    let info = check_resume(domain, principal, edge_cert, migration_id, plan)?;
+    let Some(disk_formats) = info
+        .disk_format
+        .as_deref()
+        .and_then(|text| parse_formats(text, plan.vm.disks.len()))
+    else {
+        return Err(endpoint_failure(format!(
+            "migration {migration_id} has no disk format recorded for its {} disks",
+            plan.vm.disks.len()
+        )));
+    };
+    let mut problems = Vec::new();
+    let nic_networks = map_nics(domain, plan, &mut problems)?;
+    // The same plan resolves to the same objects, unless the domain lost one since.
+    let domain_info = inv.domain().map_err(endpoint_failure)?;
+    let placement = resolve::resolve(domain, &domain_info, plan, &mut problems);
+    let Some(placement) = placement.filter(|_| problems.is_empty()) else {
+        return Err((RefusalCode::PlanRejected, problems));
+    };
+    let reopened = (|| {
+        let (staging, other_staging) = open_stagings(domain, migration_id, &plan.vm.name, &placement, false)?;
+        let mut disks = Vec::new();
+        for (i, (d, &format)) in plan.vm.disks.iter().zip(&disk_formats).enumerate() {
+            let at = disk_staging(&staging, &other_staging, &placement, i);
+            disks.push(at.reopen_disk(i, d.capacity, format)?);
+        }
+        let journal = staging.journal()?;
+        let durable = journal.read(plan)?;
+        Ok::<_, DatastoreError>((staging, other_staging, disks, journal, durable))
+    })();
+    let (staging, other_staging, disks, journal, durable) = reopened.map_err(|e| {
+        (
+            RefusalCode::UnknownMigration,
+            vec![format!(
+                "migration {migration_id} cannot be resumed: {e}; run `edge-agent abort` with the same arguments, then migrate again"
+            )],
+        )
+    })?;
+    inv.mark_resumed(migration_id).map_err(endpoint_failure)?;
+    Ok((
+        Staged {
+            migration_id: migration_id.to_owned(),
+            staging,
+            other_staging,
+            format: home_format(domain, plan, &placement),
+            placement,
+            disk_formats,
+            disks,
+            journal: Arc::new(journal),
+            nic_networks,
+        },
+        durable,
+    ))
+}
+
+/// Keeps what a migration staged for a resume: its connection ended without a commit
+/// or an abort. Chunks written but not yet journaled are synced and journaled now, so
+/// the edge re-sends only what never reached the disk.
+pub fn suspend(domain: &Domain, staged: Staged, unsynced: &gateway::protocol::Unsynced, reason: &str) {
+    if !unsynced.is_empty() {
+        let synced = staged.disks.iter().try_for_each(|d| d.sync_data());
+        match synced.and_then(|()| staged.journal.append(unsynced)) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot journal the last chunks; they will be sent again"),
+        }
+    }
+    if let Err(e) = domain.inventory.mark_interrupted(&staged.migration_id) {
+        tracing::error!(migration = %staged.migration_id, error = %e, "cannot record the interruption");
+    }
+    tracing::info!(migration = %staged.migration_id, %reason, "migration interrupted; kept for a resume");
+}
+
+/// Fails the migrations that have waited longer than `window` for their edge, and
+/// removes their staged files. Returns their ids.
+pub fn expire(domain: &Domain, window: Duration) -> Vec<String> {
+    let cutoff = time::OffsetDateTime::now_utc() - window;
+    let ids = match domain
+        .inventory
+        .interrupted_before(&crate::inventory::timestamp(cutoff))
+    {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot list interrupted migrations");
+            return Vec::new();
+        }
+    };
+    let hours = window.as_secs() / 3600;
+    let mut expired = Vec::new();
+    for id in ids {
+        if domain.live.is_live(&id) {
+            continue;
+        }
+        let reason = format!("not resumed within {hours} hours (resume_window_hours); its partial files were removed");
+        discard_files(domain, &id, &reason);
+        expired.push(id);
+    }
+    expired
+}
+
+/// Removes the staged files of a migration no connection serves and fails it. Its
+/// disks may be staged on any datastore, so every one is looked at.
+pub fn discard_files(domain: &Domain, migration_id: &str, reason: &str) {
+    if crate::datastore::Datastore::check_vm_name(migration_id).is_ok() {
+        for ds in domain.datastores() {
+            let dir = ds.root().join(".staging").join(migration_id);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot remove staging folder");
+                }
+            }
+        }
+    }
+    match domain.inventory.fail_migration(migration_id, reason) {
+        Ok(()) => tracing::warn!(migration = %migration_id, %reason, "migration discarded"),
+        Err(e) => tracing::error!(migration = %migration_id, error = %e, "cannot record the discarded migration"),
+    }
+}
+
+/// How long an abort waits for the connection that serves the migration to let go.
+const ABORT_WAIT: Duration = Duration::from_secs(10);
+
+/// Aborts RUNNING migration `migration_id` for `reason`: the connection that serves it,
+/// if any, is closed and its cleanup discards the staged files (waited for, up to 10 s);
+/// one that waits for a resume is discarded now. Blocking. The caller checked who asks
+/// ([`authorize`], or the API's rule).
+pub fn abort(domain: &Domain, migration_id: &str, reason: &str) -> Result<(), crate::inventory::InventoryError> {
+    if domain.live.abort(migration_id, reason) {
+        // If that cleanup had already decided to keep the files for a resume, they are
+        // still there once the connection lets go: discarded below.
+        let deadline = Instant::now() + ABORT_WAIT;
+        while domain.live.is_live(migration_id) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let running = domain
+        .inventory
+        .resume_info(migration_id)?
+        .is_some_and(|m| m.state == "RUNNING");
+    if running && !domain.live.is_live(migration_id) {
+        discard_files(domain, migration_id, reason);
+    }
+    Ok(())
+}
