@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 tests/setup.sh
 # The test executables, then the binaries the end-to-end tests spawn from
 # target/release, so the binaries are the newer ones and the WAN test uses them as they
-# are instead of rebuilding them.
-cargo nextest run --release --workspace --no-run "$@"
+# are instead of rebuilding them. The arguments (filters, --no-fail-fast, ...) are for
+# the run only: the build is the same whatever runs.
+cargo nextest run --release --workspace --no-run
 cargo build --release --workspace
 cargo nextest run --release --workspace "$@"
