@@ -196,11 +196,13 @@ impl Endpoint {
                 socket,
                 self.domain.clone(),
                 self.tls.clone(),
-                self.config.max_concurrent_migrations,
-                gateway::protocol::ReceiverConfig {
-                    verify: self.config.verify_staged.scope(),
-                    ..Default::default()
-                },
+                (
+                    self.config.max_concurrent_migrations,
+                    gateway::protocol::ReceiverConfig {
+                        verify: self.config.verify_staged.scope(),
+                        ..Default::default()
+                    },
+                ),
                 &self.config.transport,
                 &self.config.link_test,
                 wait(stopped.clone()),

@@ -94,7 +94,8 @@ pub fn read_back(
     };
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
-            scope.spawn(&worker);
+            // The closure holds only references, so each thread gets a copy.
+            scope.spawn(worker);
         }
     });
     if let Some(e) = first_error.into_inner().expect("error lock") {

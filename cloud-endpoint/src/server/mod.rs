@@ -37,14 +37,14 @@ pub(crate) struct Caps {
 /// link's traffic smooth without pausing between pieces.
 pub(crate) const READ_BURST: Duration = Duration::from_millis(10);
 
-/// Serves migrations on `socket` until `shutdown` completes, then closes every
+/// Serves migrations on `socket` (at most `max_concurrent` at once, each session with
+/// `receiver`'s settings) until `shutdown` completes, then closes every
 /// connection (their uncommitted migrations wait for their edges to resume them) and returns.
 pub async fn run(
     socket: UdpSocket,
     domain: Arc<Domain>,
     tls: rustls::ServerConfig,
-    max_concurrent: u32,
-    receiver: ReceiverConfig,
+    (max_concurrent, receiver): (u32, ReceiverConfig),
     settings: &TransportSettings,
     link_test: &LinkTestConfig,
     shutdown: impl Future<Output = ()>,
