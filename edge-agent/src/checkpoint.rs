@@ -83,6 +83,10 @@ pub struct Header {
     pub plan: Vec<u8>,
     pub source: Vec<FileStamp>,
     pub started: String,
+    /// A replication (`edge-agent replicate`): the record outlives each pass, and the
+    /// source is expected to change between passes.
+    #[serde(default)]
+    pub replica: bool,
 }
 
 /// The two files of one migration's record.

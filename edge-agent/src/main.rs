@@ -42,6 +42,15 @@ enum Command {
     /// Abort the unfinished migration of a VM (same arguments as `migrate`): the
     /// endpoint removes its partial files and frees the name.
     Abort(Box<MigrateArgs>),
+    /// Replicate a VM that keeps running (same arguments as `migrate`): the first pass
+    /// sends everything into a replica the cloud keeps (not a registered VM); each later
+    /// pass reads the source again and sends only the chunks that changed. With
+    /// --every, a pass runs every N minutes until stopped. `abort` drops the replica.
+    Replicate(Box<ReplicateArgs>),
+    /// Finish a replication (same arguments as `migrate`): the source must be powered
+    /// off; a last pass sends what changed since the previous one, the cloud reads every
+    /// disk back, registers the VM and signs a receipt, as for a cold lift.
+    Switchover(Box<MigrateArgs>),
     /// Check a migration before anything moves (same arguments as `migrate`): the
     /// endpoint validates the plan (name, capacity on datastore and host, network
     /// mapping, role, firewall rules) and says what would be created, or lists every
@@ -78,6 +87,17 @@ enum Command {
 }
 
 #[derive(Args)]
+struct ReplicateArgs {
+    #[command(flatten)]
+    migrate: MigrateArgs,
+    /// Run a pass every this many minutes (the recovery point objective) until the
+    /// process is stopped; a pass that fails is retried at the next one. Without it,
+    /// one pass.
+    #[arg(long, value_name = "MINUTES")]
+    every: Option<u64>,
+}
+
+#[derive(Args)]
 struct VerifyReceiptArgs {
     /// The signed receipt `edge-agent migrate` wrote (or the API returned).
     #[arg(long)]
@@ -101,7 +121,7 @@ struct VerifyReceiptArgs {
 /// Mutual TLS with the endpoint: how the agent trusts it (a CA, a pinned
 /// thumbprint, or both) and proves who it is; the same for every command
 /// that connects.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct TlsArgs {
     /// CA bundle (PEM) that issued the endpoint's certificate.
     #[arg(long, env = "EDGE_AGENT_CA_BUNDLE")]
@@ -196,7 +216,7 @@ struct QemuCommandArgs {
     boot: BootArgs,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct MigrateArgs {
     /// The VM: its .vmx file, or an OVF descriptor (.ovf) or OVA archive (.ova).
     #[arg(long)]
@@ -346,7 +366,8 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .init();
-    let json = matches!(&cli.command, Command::Migrate(a) | Command::Plan(a) if a.json)
+    let json = matches!(&cli.command, Command::Migrate(a) | Command::Plan(a) | Command::Switchover(a) if a.json)
+        || matches!(&cli.command, Command::Replicate(a) if a.migrate.json)
         || matches!(&cli.command, Command::Inspect { json: true, .. })
         || matches!(&cli.command, Command::LinkTest(a) if a.json);
     match run(cli) {
@@ -371,6 +392,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Abort(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             rt.block_on(migrate_cmd(*args, Mode::Abort))
+        }
+        Command::Replicate(args) => {
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let ReplicateArgs { migrate, every } = *args;
+            rt.block_on(replicate_cmd(migrate, every))
+        }
+        Command::Switchover(args) => {
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(migrate_cmd(*args, Mode::Switchover))
         }
         Command::Plan(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -471,6 +501,29 @@ enum Mode {
     Migrate,
     Abort,
     Plan,
+    Replicate,
+    Switchover,
+}
+
+/// `edge-agent replicate`: one pass, or one every `every` minutes until stopped.
+async fn replicate_cmd(a: MigrateArgs, every: Option<u64>) -> anyhow::Result<()> {
+    let Some(minutes) = every else {
+        return migrate_cmd(a, Mode::Replicate).await;
+    };
+    if minutes == 0 {
+        anyhow::bail!("--every 0: give the minutes between passes (1 or more)");
+    }
+    let period = Duration::from_secs(minutes * 60);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // A failed pass (the endpoint down, the link lost for longer than --retry-for)
+        // leaves the replica and the checkpoint as they were: the next pass continues.
+        if let Err(e) = migrate_cmd(a.clone(), Mode::Replicate).await {
+            eprintln!("edge-agent: pass failed: {e:#}; the next pass runs in {minutes} minute(s)");
+        }
+    }
 }
 
 async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
@@ -512,9 +565,20 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
 async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
     let json = a.json;
     // An abort needs the VM's name, not its disks, which may have been damaged since.
-    let (vm, target, opts) = prepare(a, mode == Mode::Abort).await?;
+    let (vm, target, mut opts) = prepare(a, mode == Mode::Abort).await?;
     match mode {
         Mode::Migrate => {}
+        Mode::Replicate => opts.replication = migrate::Replication::Sync,
+        Mode::Switchover => {
+            if let Some(lock) = edge_agent::source::running_lock(&vm) {
+                anyhow::bail!(
+                    "{} still runs ({} exists): power the VM off, then run the switchover again; the replica in the cloud is unchanged",
+                    vm.name,
+                    lock.display()
+                );
+            }
+            opts.replication = migrate::Replication::Switchover;
+        }
         Mode::Abort => {
             println!("{}", migrate::abort(&vm, &target, &opts).await?);
             return Ok(());

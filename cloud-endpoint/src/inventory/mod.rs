@@ -341,6 +341,22 @@ pub struct MigrationRecord {
     /// Whether the endpoint issued a signed receipt (every SUCCEEDED migration has
     /// one): `GET /api/gateway/migrations/{id}/receipt`.
     pub has_receipt: bool,
+    /// A replication: its passes so far (absent for a cold lift, and for a
+    /// replication whose first pass has not ended).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaRecord>,
+}
+
+/// The passes of a replication, as the cloud recorded them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaRecord {
+    /// Passes that ended with the replica read back and kept.
+    pub syncs: u64,
+    /// When the last one ended, RFC 3339 UTC: the replica holds the source as it was
+    /// read then.
+    pub last_sync: String,
+    /// Plaintext bytes the last pass wrote into the replica.
+    pub last_delta_bytes: u64,
 }
 
 /// What a receipt states that only the registering transaction knows.

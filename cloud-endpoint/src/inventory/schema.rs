@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -255,6 +255,15 @@ CREATE TABLE migration_space (
 /// so a restart finishes or undoes a commit a crash cut (see `server/placement/commit.rs`).
 const V7: &str = r#"
 ALTER TABLE migration ADD COLUMN commit_moves TEXT;
+"#;
+
+/// Replications: a RUNNING migration whose staging is kept, between passes, as the
+/// replica of a source that keeps running (see `server/placement/replica.rs`). A
+/// replica never expires with `resume_window_hours`.
+const V8: &str = r#"
+ALTER TABLE migration ADD COLUMN replica_syncs INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE migration ADD COLUMN replica_synced TEXT;
+ALTER TABLE migration ADD COLUMN replica_delta_bytes INTEGER;
 "#;
 
 /// Applies the missing steps. Refuses a file written by a newer build.

@@ -648,6 +648,36 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             ctx.session()
                 .finalized(result.map_err(|e| (RefusalCode::EndpointFailure, e)));
         }
+        // A replication pass ended and was read back: the staging stays as the replica.
+        ReceiverEvent::KeepReplica { delta_bytes } => {
+            let unsynced = ctx.session().take_unsynced();
+            let record = ctx.clone();
+            let guard = ctx.blocking.clone().read_owned().await;
+            let batch = unsynced.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let _guard = guard;
+                let staged = record.staged.lock().expect("staged lock");
+                match staged.as_ref() {
+                    Some(staged) => placement::keep_replica(&domain, staged, &batch, delta_bytes)
+                        .map(|()| staged.migration_id.clone()),
+                    None => Err((RefusalCode::EndpointFailure, "nothing staged to keep".to_owned())),
+                }
+            })
+            .await
+            .expect("keeping a replica does not panic");
+            let mut s = ctx.session();
+            match result {
+                Ok(id) => {
+                    tracing::info!(migration = %id, delta_bytes, "replica read back and kept");
+                    s.synced(&unsynced);
+                    s.replica_kept(Ok(()));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e.1, "cannot keep the replica");
+                    s.replica_kept(Err(e));
+                }
+            }
+        }
         ReceiverEvent::Discard { reason } => {
             let staged = ctx.staged.lock().expect("staged lock").take();
             ctx.disks.lock().expect("disks lock").clear();
