@@ -94,9 +94,11 @@ async fn a_running_vm_is_replicated_then_switched_over_sending_only_what_changed
     let other = tempfile::tempdir().unwrap();
     let clash = write_vmx(other.path(), "db01", &["db01.img"], &[]);
     std::fs::copy(&disk, other.path().join("db01.img")).unwrap();
+    std::fs::create_dir_all(other.path().join("state")).unwrap();
     let refused = run(edge_command(&bin, &pki, &cloud, &clash, &other.path().join("state"), &["migrate"])).await;
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("db01"), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("db01") && said.contains("exists"), "{said}");
 
     // The guest writes into three chunks, one of them in a zero region, and zeroes a
     // fourth whole chunk: the second pass sends three chunks and declares one zero.
