@@ -244,6 +244,7 @@ mod tests {
             plan: vec![1, 2],
             source: vec![],
             started: "2026-11-26T10:00:00Z".into(),
+            replica: false,
         }
     }
 

@@ -90,11 +90,11 @@ enum Command {
 struct ReplicateArgs {
     #[command(flatten)]
     migrate: MigrateArgs,
-    /// Run a pass every this many minutes (the recovery point objective) until the
-    /// process is stopped; a pass that fails is retried at the next one. Without it,
-    /// one pass.
-    #[arg(long, value_name = "MINUTES")]
-    every: Option<u64>,
+    /// Run a pass at this interval (the recovery point objective: `15m`, `1h`, `30s`; a
+    /// bare number is minutes) until the process is stopped; a pass that fails is tried
+    /// again at the next one. Without it, one pass.
+    #[arg(long, value_name = "INTERVAL", value_parser = parse_interval)]
+    every: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -343,6 +343,26 @@ fn parse_rtt(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `15m`, `1h`, `30s`, or minutes.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let bad = || format!("`{s}` is not an interval: write it like 15m, 1h or 30s");
+    let (num, unit) = match s.trim().char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.trim().split_at(i),
+        None => (s.trim(), "m"),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        _ => return Err(bad()),
+    };
+    if secs == 0 {
+        return Err(format!("`{s}`: the interval between passes must be at least 1s"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 fn parse_mapping(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_owned(), b.to_owned())),
@@ -505,15 +525,11 @@ enum Mode {
     Switchover,
 }
 
-/// `edge-agent replicate`: one pass, or one every `every` minutes until stopped.
-async fn replicate_cmd(a: MigrateArgs, every: Option<u64>) -> anyhow::Result<()> {
-    let Some(minutes) = every else {
+/// `edge-agent replicate`: one pass, or one every `every` until stopped.
+async fn replicate_cmd(a: MigrateArgs, every: Option<Duration>) -> anyhow::Result<()> {
+    let Some(period) = every else {
         return migrate_cmd(a, Mode::Replicate).await;
     };
-    if minutes == 0 {
-        anyhow::bail!("--every 0: give the minutes between passes (1 or more)");
-    }
-    let period = Duration::from_secs(minutes * 60);
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -521,7 +537,10 @@ async fn replicate_cmd(a: MigrateArgs, every: Option<u64>) -> anyhow::Result<()>
         // A failed pass (the endpoint down, the link lost for longer than --retry-for)
         // leaves the replica and the checkpoint as they were: the next pass continues.
         if let Err(e) = migrate_cmd(a.clone(), Mode::Replicate).await {
-            eprintln!("edge-agent: pass failed: {e:#}; the next pass runs in {minutes} minute(s)");
+            eprintln!(
+                "edge-agent: pass failed: {e:#}; the next pass runs in {} s",
+                period.as_secs()
+            );
         }
     }
 }

@@ -334,7 +334,14 @@ pub mod raw;
 /// An `edge-agent` command line against `cloud` as the migrator, with the test PKI, a
 /// state folder and a receipt in it: `args[0]` is the subcommand (`migrate`,
 /// `replicate`, `switchover`, `abort`...), the rest is appended after the common options.
-pub fn edge_command(bin: &Path, pki: &Pki, cloud: &Cloud, vmx: &Path, state: &Path, args: &[&str]) -> std::process::Command {
+pub fn edge_command(
+    bin: &Path,
+    pki: &Pki,
+    cloud: &Cloud,
+    vmx: &Path,
+    state: &Path,
+    args: &[&str],
+) -> std::process::Command {
     let mut cmd = std::process::Command::new(bin.join("edge-agent"));
     cmd.arg(args.first().copied().unwrap_or("migrate"))
         .arg("--vmx")

@@ -68,7 +68,9 @@ async fn a_running_vm_is_replicated_then_switched_over_sending_only_what_changed
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     // 16 MiB: random data with every fourth MiB zero.
-    let regions: Vec<Fill> = (0..16).map(|i| if i % 4 == 3 { Fill::Zero } else { Fill::Random }).collect();
+    let regions: Vec<Fill> = (0..16)
+        .map(|i| if i % 4 == 3 { Fill::Zero } else { Fill::Random })
+        .collect();
     let disk = src.join("db01.img");
     write_raw_disk(&disk, MIB, &regions, 91);
     let vmx = write_vmx(&src, "db01", &["db01.img"], &[]);
@@ -89,13 +91,29 @@ async fn a_running_vm_is_replicated_then_switched_over_sending_only_what_changed
     assert_eq!(record.state, "RUNNING", "{record:?}");
     let replica = record.replica.clone().expect("the pass is recorded");
     assert_eq!((replica.syncs, replica.last_delta_bytes), (1, 12 * MIB as u64));
-    assert!(cloud.domain.inventory.list_vms().unwrap().is_empty(), "nothing registered");
+    assert!(
+        cloud.domain.inventory.list_vms().unwrap().is_empty(),
+        "nothing registered"
+    );
+    // What the API shows of it: a replica in sync, its pass just ended.
+    let shown = cloud_endpoint::api::gateway::get_migration(&cloud.domain, &id).unwrap();
+    let json = serde_json::to_value(&shown).unwrap();
+    assert_eq!(json["replica"]["state"], "in sync", "{json}");
+    assert!(json["replica"]["lag_seconds"].as_i64().unwrap() < 60, "{json}");
     // The name stays reserved for the replica.
     let other = tempfile::tempdir().unwrap();
     let clash = write_vmx(other.path(), "db01", &["db01.img"], &[]);
     std::fs::copy(&disk, other.path().join("db01.img")).unwrap();
     std::fs::create_dir_all(other.path().join("state")).unwrap();
-    let refused = run(edge_command(&bin, &pki, &cloud, &clash, &other.path().join("state"), &["migrate"])).await;
+    let refused = run(edge_command(
+        &bin,
+        &pki,
+        &cloud,
+        &clash,
+        &other.path().join("state"),
+        &["migrate"],
+    ))
+    .await;
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("db01") && said.contains("exists"), "{said}");
@@ -111,7 +129,10 @@ async fn a_running_vm_is_replicated_then_switched_over_sending_only_what_changed
         .unwrap();
     let second = summary(run(edge(&["replicate"])).await);
     assert_eq!(second["sent_bytes"].as_u64().unwrap(), 3 * CHUNK, "{second}");
-    assert!(second["wire_bytes"].as_u64().unwrap() < first["wire_bytes"].as_u64().unwrap() / 10, "{second}");
+    assert!(
+        second["wire_bytes"].as_u64().unwrap() < first["wire_bytes"].as_u64().unwrap() / 10,
+        "{second}"
+    );
     let replica = cloud.domain.inventory.migration(&id).unwrap().unwrap().replica.unwrap();
     assert_eq!((replica.syncs, replica.last_delta_bytes), (2, 3 * CHUNK));
 
@@ -144,6 +165,12 @@ async fn a_running_vm_is_replicated_then_switched_over_sending_only_what_changed
     assert!(images_identical(&disk, &cloud.root.join("db01/db01-flat.vmdk")));
     let record = cloud.domain.inventory.migration(&id).unwrap().unwrap();
     assert_eq!(record.state, "SUCCEEDED");
+    let json = serde_json::to_value(cloud_endpoint::api::gateway::get_migration(&cloud.domain, &id).unwrap()).unwrap();
+    assert_eq!(
+        (json["replica"]["state"].as_str(), json["replica"]["syncs"].as_u64()),
+        (Some("done"), Some(3)),
+        "{json}"
+    );
     assert!(record.has_receipt);
     let verify = std::process::Command::new(bin.join("edge-agent"))
         .arg("verify-receipt")
@@ -199,5 +226,84 @@ async fn a_replica_damaged_in_the_cloud_is_repaired_by_the_switchover() {
     let done = summary(run(edge(&["switchover"])).await);
     assert!(done["repaired_chunks"].as_u64().unwrap() >= 1, "{done}");
     assert!(images_identical(&disk, &cloud.root.join("app01/app01-flat.vmdk")));
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_passes_go_on_across_an_endpoint_restart() {
+    let bin = wan::ensure_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let root = tmp.path().join("cloud");
+    let cloud = Cloud::start(&root, &pki, &[]).await;
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let disk = src.join("log01.img");
+    write_raw_disk(&disk, MIB, &[Fill::Random, Fill::Zero, Fill::Random, Fill::Random], 93);
+    let vmx = write_vmx(&src, "log01", &["log01.img"], &[]);
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut schedule = edge_command(
+        &bin,
+        &pki,
+        &cloud,
+        &vmx,
+        &state,
+        &[
+            "replicate",
+            "--every",
+            "1s",
+            "--chunk-kib",
+            CHUNK_KIB,
+            "--retry-for",
+            "60",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let syncs = |cloud: &Cloud| {
+        let all = cloud.domain.inventory.list_migrations().unwrap();
+        all.first().and_then(|m| m.replica.as_ref()).map_or(0, |r| r.syncs)
+    };
+    assert!(
+        eventually(60, || (syncs(&cloud) >= 2).then_some(())).await.is_some(),
+        "two passes"
+    );
+    // The endpoint goes away and comes back at the same address: the passes go on.
+    let listen = cloud.addr.to_string();
+    cloud.stop().await;
+    let cloud = Cloud::start(&root, &pki, &[("CLOUD_ENDPOINT_LISTEN", &listen)]).await;
+    let before = syncs(&cloud);
+    guest_writes(&disk, &[2 * MIB as u64 + 5], 64, 3);
+    assert!(
+        eventually(60, || (syncs(&cloud) >= before + 2).then_some(()))
+            .await
+            .is_some(),
+        "the schedule went on after the restart"
+    );
+    schedule.kill().unwrap();
+    schedule.wait().unwrap();
+    // The replica holds the source as of a pass after the write.
+    let m = &cloud.domain.inventory.list_migrations().unwrap()[0];
+    assert_eq!(m.state, "RUNNING");
+    let done = summary(
+        run(edge_command(
+            &bin,
+            &pki,
+            &cloud,
+            &vmx,
+            &state,
+            &["switchover", "--json", "--chunk-kib", CHUNK_KIB],
+        ))
+        .await,
+    );
+    assert_eq!(
+        done["sent_bytes"].as_u64().unwrap(),
+        0,
+        "every change was already in the replica: {done}"
+    );
+    assert!(images_identical(&disk, &cloud.root.join("log01/log01-flat.vmdk")));
     cloud.stop().await;
 }

@@ -13,14 +13,36 @@ use crate::Domain;
 
 /// Every migration, oldest first, running ones included.
 pub fn list_migrations(domain: &Domain) -> Result<Vec<MigrationRecord>, ApiError> {
-    Ok(domain.inventory.list_migrations()?)
+    let mut all = domain.inventory.list_migrations()?;
+    all.iter_mut().for_each(|m| replica_state(domain, m));
+    Ok(all)
 }
 
 pub fn get_migration(domain: &Domain, id: &str) -> Result<MigrationRecord, ApiError> {
-    domain
+    let mut m = domain
         .inventory
         .migration(id)?
-        .ok_or_else(|| ApiError::not_found(format!("migration {id} is not in the inventory")))
+        .ok_or_else(|| ApiError::not_found(format!("migration {id} is not in the inventory")))?;
+    replica_state(domain, &mut m);
+    Ok(m)
+}
+
+/// A replication's state as an operator reads it: a pass running now, or waiting for the
+/// next one (in sync as of its last pass), and how old that is.
+fn replica_state(domain: &Domain, m: &mut MigrationRecord) {
+    let running = m.state == "RUNNING" && domain.live.is_live(&m.id);
+    if let Some(r) = m.replica.as_mut() {
+        r.state = Some(if m.state != "RUNNING" {
+            "done"
+        } else if running {
+            "syncing"
+        } else {
+            "in sync"
+        });
+        r.lag_seconds = time::OffsetDateTime::parse(&r.last_sync, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(|t| (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0));
+    }
 }
 
 /// The signed receipt of a migration, exactly as the endpoint issued it to the edge.

@@ -47,6 +47,8 @@ fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
                 syncs: row.get(11)?,
                 last_sync,
                 last_delta_bytes: row.get::<_, Option<u64>>(13)?.unwrap_or(0),
+                state: None,
+                lag_seconds: None,
             }),
             None => None,
         },

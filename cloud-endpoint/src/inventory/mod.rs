@@ -357,6 +357,13 @@ pub struct ReplicaRecord {
     pub last_sync: String,
     /// Plaintext bytes the last pass wrote into the replica.
     pub last_delta_bytes: u64,
+    /// `syncing` (a pass runs now), `in sync` (waiting for the next pass or the
+    /// switchover), `done` (switched over, or ended); filled by the API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
+    /// Seconds since the last pass ended: how far the replica may be behind the source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<i64>,
 }
 
 /// What a receipt states that only the registering transaction knows.

@@ -522,7 +522,12 @@ fn check_range(capacity: u64, offset: u64, len: usize) -> io::Result<()> {
 /// one exists: the source would go on writing after its last pass.
 pub fn running_lock(vm: &SourceVm) -> Option<PathBuf> {
     let mut files = vec![vm.vmx_path.clone()];
-    files.extend(vm.disks.iter().filter(|d| d.archive_member.is_none()).map(|d| d.path.clone()));
+    files.extend(
+        vm.disks
+            .iter()
+            .filter(|d| d.archive_member.is_none())
+            .map(|d| d.path.clone()),
+    );
     for file in files {
         let mut workstation = file.clone().into_os_string();
         workstation.push(".lck");

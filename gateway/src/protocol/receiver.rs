@@ -479,7 +479,9 @@ impl ReceiverSession {
                     return Err(self.unexpected("SyncDone"));
                 }
                 if let Some(i) = self.disks.iter().position(|d| d.root.is_none()) {
-                    return Err(ProtocolError::Integrity(format!("sync done before disk {i} was sealed")));
+                    return Err(ProtocolError::Integrity(format!(
+                        "sync done before disk {i} was sealed"
+                    )));
                 }
                 self.keep_replica = true;
                 self.phase = Phase::Verifying;

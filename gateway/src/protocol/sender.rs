@@ -422,7 +422,10 @@ impl SenderSession {
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Synced | Phase::Validated | Phase::Failed)
+        matches!(
+            self.phase,
+            Phase::Done | Phase::Synced | Phase::Validated | Phase::Failed
+        )
     }
 
     pub fn is_committed(&self) -> bool {

@@ -1346,7 +1346,10 @@ fn a_replica_is_kept_and_each_delta_pass_sends_only_what_changed() {
     let mut second = first.next_pass(changed.clone(), true);
     second.drive();
     assert!(second.sender.is_synced(), "{:?}", second.sender.error());
-    assert_eq!(second.data_frames, 2, "two changed data chunks, of {full} in the first pass");
+    assert_eq!(
+        second.data_frames, 2,
+        "two changed data chunks, of {full} in the first pass"
+    );
     assert_eq!(second.synced, Some(2 * u64::from(CS)));
     assert_eq!(second.dests, changed, "the zeroed chunk is zero in the replica too");
 
@@ -1373,7 +1376,11 @@ fn a_delta_pass_repairs_a_replica_damaged_between_passes() {
     last.drive();
     assert!(last.sender.is_committed(), "{:?}", last.sender.error());
     assert_eq!(last.dests, sources);
-    assert_eq!(last.verify_rounds.first(), Some(&(1, 1)), "one chunk re-sent, one rewritten");
+    assert_eq!(
+        last.verify_rounds.first(),
+        Some(&(1, 1)),
+        "one chunk re-sent, one rewritten"
+    );
 }
 
 #[test]
@@ -1415,5 +1422,8 @@ fn a_replaced_chunk_is_replaced_once_per_pass_and_only_in_a_delta_pass() {
     r.chunk_written(0, 0);
     let mut third = header(0, 0, CS);
     third.sha256 = [3; 32];
-    assert!(r.admit_chunk(&third).is_err(), "twice in one pass: the source is not read consistently");
+    assert!(
+        r.admit_chunk(&third).is_err(),
+        "twice in one pass: the source is not read consistently"
+    );
 }

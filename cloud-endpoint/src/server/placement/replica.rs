@@ -17,17 +17,13 @@ pub fn keep_replica(
     unsynced: &Unsynced,
     delta_bytes: u64,
 ) -> Result<(), (RefusalCode, String)> {
-    let durable = staged
-        .disks
-        .iter()
-        .try_for_each(|d| d.sync_data())
-        .and_then(|()| {
-            if unsynced.is_empty() {
-                Ok(())
-            } else {
-                staged.journal.append(unsynced)
-            }
-        });
+    let durable = staged.disks.iter().try_for_each(|d| d.sync_data()).and_then(|()| {
+        if unsynced.is_empty() {
+            Ok(())
+        } else {
+            staged.journal.append(unsynced)
+        }
+    });
     durable.map_err(|e| {
         (
             RefusalCode::EndpointFailure,
