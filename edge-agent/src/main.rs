@@ -278,9 +278,10 @@ struct MigrateArgs {
     /// (4 to 16).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=16))]
     streams: Option<u16>,
-    /// Chunk size in KiB (64 to 16384, a multiple of 4).
-    #[arg(long, default_value_t = 1024)]
-    chunk_kib: u32,
+    /// Chunk size in KiB (64 to 16384, a multiple of 4). Default 1024; 64 for
+    /// `replicate` and `switchover`, where a chunk is the unit a change costs on the wire.
+    #[arg(long)]
+    chunk_kib: Option<u32>,
     /// zstd level: `auto` (default) starts at 1 and compresses harder while the link,
     /// not the CPU, is the bottleneck (up to 12); `auto:MIN-MAX` bounds it; a number
     /// from -7 (fastest) to 19 (smallest) fixes it.
@@ -342,6 +343,12 @@ fn parse_rtt(s: &str) -> Result<Duration, String> {
     }
     Ok(d)
 }
+
+/// The chunk size of a replication unless --chunk-kib says otherwise: a write of a few
+/// KiB in the guest costs one chunk on the wire at each pass (measured: 1 % of a 1 GiB
+/// disk's 64 KiB blocks rewritten cost 1.2 % of the first pass's wire bytes with 64 KiB
+/// chunks; with 1 MiB chunks the same change touches about 15 % of the chunks).
+const REPLICATION_CHUNK_KIB: u32 = 64;
 
 /// `15m`, `1h`, `30s`, or minutes.
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -551,7 +558,7 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
         rate_bps: rate.bps(),
         rtt: a.lift.link_rtt,
     });
-    let (vm, target, lift) = prepare(a.lift, false).await?;
+    let (vm, target, lift) = prepare(a.lift, false, false).await?;
     let opts = edge_agent::live::LiveOptions {
         qmp: a.qmp,
         kernel: a.boot.direct_kernel(),
@@ -584,7 +591,12 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
 async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
     let json = a.json;
     // An abort needs the VM's name, not its disks, which may have been damaged since.
-    let (vm, target, mut opts) = prepare(a, mode == Mode::Abort).await?;
+    let (vm, target, mut opts) = prepare(
+        a,
+        mode == Mode::Abort,
+        matches!(mode, Mode::Replicate | Mode::Switchover),
+    )
+    .await?;
     match mode {
         Mode::Migrate => {}
         Mode::Replicate => opts.replication = migrate::Replication::Sync,
@@ -649,6 +661,7 @@ async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
 async fn prepare(
     a: MigrateArgs,
     configuration_only: bool,
+    replication: bool,
 ) -> anyhow::Result<(source::SourceVm, Target, MigrateOptions)> {
     let options = source::SourceOptions {
         configuration_only,
@@ -698,7 +711,10 @@ async fn prepare(
     let opts = MigrateOptions {
         name: a.name,
         network_map: a.map_network,
-        chunk_size: a.chunk_kib.saturating_mul(1024),
+        chunk_size: a
+            .chunk_kib
+            .unwrap_or(if replication { REPLICATION_CHUNK_KIB } else { 1024 })
+            .saturating_mul(1024),
         disk_format: a.disk_format,
         placement: gateway::plan::Placement {
             folder: a.folder,
