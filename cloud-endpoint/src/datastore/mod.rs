@@ -49,6 +49,20 @@ pub use vmx::{VmxDisk, VmxNic, VmxSpec};
 const STAGING: &str = ".staging";
 const SECTOR: u64 = 512;
 
+/// Makes `dir` reachable by its owner only (0700); a failure (a folder the endpoint does
+/// not own) is logged, not fatal: the files below keep their own modes.
+fn private_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+        tracing::warn!(
+            folder = %dir.display(),
+            error = %e,
+            "cannot make the datastore folder private (0700); other local users may read the VMs' disks: \
+             give the folder to the endpoint's user"
+        );
+    }
+}
+
 /// Everything that can go wrong with datastore files. I/O errors name the path.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -129,6 +143,12 @@ impl Datastore {
         }
         let staging = root.join(STAGING);
         fs::create_dir_all(&staging).map_err(io_err("create folder", &staging))?;
+        // The VMs' disks are theirs alone: the folder is the endpoint's only, whatever the
+        // umask made of it (or an older version left), so nothing below it is readable
+        // by other local users even where a file's own mode is wider.
+        for dir in [root, staging.as_path()] {
+            private_dir(dir);
+        }
         Ok(Datastore {
             root: root.to_owned(),
             name: name.to_owned(),

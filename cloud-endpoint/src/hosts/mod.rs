@@ -171,7 +171,7 @@ impl Hosts {
             files.clean_runtime();
             return Err(e);
         }
-        tracing::info!(vm = %vm_id, name = %vm.name, pid, "powered on");
+        tracing::info!(vm = %vm_id, name = ?vm.name, pid, "powered on");
         let generation = hosts.generation.fetch_add(1, Ordering::Relaxed);
         running.insert(
             vm_id.to_owned(),
@@ -240,12 +240,12 @@ impl Hosts {
                 None => None,
             };
             let Some(process) = attached else {
-                tracing::warn!(vm = %vm.id, name = %vm.name, "its QEMU stopped while the endpoint was down: POWERED_OFF");
+                tracing::warn!(vm = %vm.id, name = ?vm.name, "its QEMU stopped while the endpoint was down: POWERED_OFF");
                 files.clean_runtime();
                 set_state(domain, &vm.id, POWERED_OFF).await?;
                 continue;
             };
-            tracing::info!(vm = %vm.id, name = %vm.name, pid = process.pid(), "still running: attached");
+            tracing::info!(vm = %vm.id, name = ?vm.name, pid = process.pid(), "still running: attached");
             let process = Arc::new(process);
             let generation = domain.hosts.generation.fetch_add(1, Ordering::Relaxed);
             running.insert(
@@ -288,7 +288,7 @@ impl Hosts {
                 files,
             },
         );
-        tracing::info!(vm = %vm_id, name = %vm.name, pid = process.pid(), "runs on this host after a live migration");
+        tracing::info!(vm = %vm_id, name = ?vm.name, pid = process.pid(), "runs on this host after a live migration");
         watch(domain.clone(), vm_id.to_owned(), process, generation);
     }
 

@@ -222,7 +222,7 @@ async fn call(
         ("com.vmware.cis.session", "get") => session_info(&session),
         ("com.vmware.cis.session", "delete") => {
             state.sessions.remove(token);
-            tracing::info!(user = %session.principal.user, "API session ended (vAPI)");
+            tracing::info!(user = ?session.principal.user, "API session ended (vAPI)");
             Ok(Value::Null)
         }
         ("com.vmware.cis.tasks", "get") => get(state, input, "task", tasks::get, &shapes::TASK_INFO).await,
