@@ -291,7 +291,7 @@ mod tests {
 
     #[test]
     fn a_user_at_its_limit_loses_its_own_oldest_session_and_no_one_elses() {
-        let store = store(600, 3600, 5, 3);
+        let store = store(10_000, 20_000, 5, 3);
         let t0 = Now::current();
         let at = |s: u64| t0.plus(Duration::from_secs(s));
         let admin = store.create(who("admin"), at(0)).unwrap();
