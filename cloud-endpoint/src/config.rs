@@ -43,6 +43,10 @@ pub const RESERVED_ENV_VARS: &[&str] = &[
 /// users (or their passwords) in the config file before exposing an endpoint.
 pub const DEMO_PASSWORD: &str = "VMware1!Cloud";
 
+/// The user each VM's QEMU runs as when the endpoint runs as root, unless `qemu_user`
+/// names another.
+pub const DEFAULT_QEMU_USER: &str = "gateway-qemu";
+
 /// The whole configuration of a cloud endpoint.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +91,9 @@ pub struct Config {
     pub logins: LoginSettings,
     /// Bounds of the HTTPS API: connections, idle and handshake times, sessions.
     pub api: ApiSettings,
+    /// The unprivileged user each VM's QEMU runs as when the endpoint runs as root (it
+    /// must exist; `tests/setup.sh` creates it). Default `gateway-qemu`.
+    pub qemu_user: String,
     /// Serve on an address other than loopback although a user still has the demo
     /// password ([`DEMO_PASSWORD`]). Default false: the endpoint refuses to start. Only
     /// for a lab; a warning says so at every start.
@@ -472,6 +479,7 @@ struct Defaults {
     transport: TransportSettings,
     logins: LoginSettings,
     api: ApiSettings,
+    qemu_user: String,
     allow_default_passwords: bool,
 }
 
@@ -490,6 +498,7 @@ impl Default for Defaults {
             transport: TransportSettings::default(),
             logins: LoginSettings::default(),
             api: ApiSettings::default(),
+            qemu_user: DEFAULT_QEMU_USER.to_owned(),
             allow_default_passwords: false,
         }
     }
@@ -880,6 +889,11 @@ resume_window_hours = 24
 # back and checks every chunk against what was sent; chunks that differ are sent again
 # by the edge. "all" (every chunk) or "resumed" (only chunks an earlier connection wrote).
 verify_staged = "all"
+
+# When the endpoint runs as root, each VM's QEMU runs as this unprivileged user (it must
+# exist: useradd --system --no-create-home --shell /usr/sbin/nologin gateway-qemu), which
+# owns the VM's folder while it runs and cannot read the database or the keys.
+qemu_user = "gateway-qemu"
 
 # Serve on an address other than loopback although a user still has the published demo
 # password. Only for a lab: every start warns while it is set.

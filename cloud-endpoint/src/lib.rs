@@ -204,7 +204,8 @@ impl Endpoint {
                 endpoint_name,
                 receipts,
                 live: Default::default(),
-                hosts: hosts::Hosts::new(config.domain.host.memory_mib, config.domain.host.cpu_cores),
+                hosts: hosts::Hosts::new(config.domain.host.memory_mib, config.domain.host.cpu_cores)
+                    .with_qemu_user(&config.qemu_user),
                 logins: logins::Logins::new(&config.logins),
                 revoked_edges,
             }),

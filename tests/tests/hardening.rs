@@ -3,6 +3,8 @@
 //! - after a lift, every file it created (database, disks, .vmx, journal, receipt) is its
 //!   own (no permission for group or others), and so is every folder;
 //! - a user name with a newline cannot forge a line of its log;
+//! - a VM's QEMU runs sandboxed, as its own user, and cannot read the database or keys;
+//! - a revoked edge certificate is refused at its next connection;
 //! - it refuses to serve beyond loopback while a user has the published demo password,
 //!   unless told so loudly; `cloud-endpoint hash-password` gives the way out.
 
@@ -79,12 +81,16 @@ async fn files_of_a_lift_are_private_and_peers_cannot_forge_log_lines() {
     for root in [cloud_dir.join("datastore"), cloud_dir.join("db")] {
         for (path, mode, is_dir) in modes(&root) {
             assert_eq!(
-                mode & 0o077,
+                mode & 0o066,
                 0,
                 "{} is {mode:o}: readable or writable by others than the endpoint's user",
                 path.display()
             );
-            if is_dir {
+            if path == cloud_dir.join("datastore") {
+                // Others may pass through to a VM folder they own (a confined QEMU's
+                // user), not list it.
+                assert_eq!(mode, 0o711, "{}", path.display());
+            } else if is_dir {
                 assert_eq!(mode, 0o700, "{}", path.display());
             } else {
                 seen_files += 1;
@@ -276,4 +282,108 @@ async fn a_revoked_edge_is_refused_at_its_next_connection_without_a_restart() {
     std::fs::write(&revoked, "# nothing revoked any more, a comment of another length\n").unwrap();
     e2e::raw::RawEdge::welcomed(&cloud, &pki).await.close();
     cloud.stop().await;
+}
+
+/// `field` of /proc/PID/status (`Uid`, `Seccomp`), its first value.
+fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vms_qemu_is_sandboxed_as_its_own_user_and_cannot_read_the_database() {
+    require_qemu();
+    assert!(
+        nix_is_root(),
+        "this test checks QEMU's own user, which the endpoint uses when it runs as root: run it as root (CI does)"
+    );
+    let user = Command::new("id")
+        .args(["-u", cloud_endpoint::config::DEFAULT_QEMU_USER])
+        .output()
+        .unwrap();
+    assert!(
+        user.status.success(),
+        "the user {} is missing: run tests/setup.sh (it creates it)",
+        cloud_endpoint::config::DEFAULT_QEMU_USER
+    );
+    let qemu_uid = String::from_utf8(user.stdout).unwrap().trim().to_owned();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_raw_disk(&src.join("jail01.img"), MIB, &[Fill::Random], 11);
+    let vmx = write_vmx(&src, "jail01", &["jail01.img"], &[]);
+    let text = std::fs::read_to_string(&vmx)
+        .unwrap()
+        .replace("memsize = \"2048\"", "memsize = \"64\"")
+        .replace("numvcpus = \"2\"", "numvcpus = \"1\"")
+        .replace("firmware = \"efi\"", "firmware = \"bios\"");
+    std::fs::write(&vmx, text).unwrap();
+    let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
+    let vm = migrate(&vmx, &target, &MigrateOptions::default()).await.unwrap().vm_id;
+
+    cloud_endpoint::hosts::Hosts::power_on(&cloud.domain, &vm)
+        .await
+        .unwrap();
+    let pid = cloud.domain.hosts.pid(&vm).await.expect("QEMU runs");
+    assert_eq!(proc_status(pid, "Uid"), qemu_uid, "QEMU does not run as its own user");
+    assert_eq!(
+        proc_status(pid, "Seccomp"),
+        "2",
+        "QEMU runs without its seccomp sandbox"
+    );
+    let qemu = cloud.domain.hosts.process(&vm).await.unwrap();
+    let open = |path: &Path, node: &str| {
+        serde_json::json!({
+            "driver": "file", "node-name": node, "filename": path.to_str().unwrap(), "read-only": true
+        })
+    };
+
+    // A file QEMU's user may read, in its own VM folder: QMP opens it (so a refusal
+    // below is the permission, not the command).
+    let folder = cloud.root.join("jail01");
+    let own = folder.join("readable.img");
+    std::fs::write(&own, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o644)).unwrap();
+    qemu.qmp()
+        .execute("blockdev-add", open(&own, "own"))
+        .await
+        .expect("QEMU opens a file its user may read");
+
+    // The database and the endpoint's private key: refused.
+    let database = cloud.domain.inventory.path().to_owned();
+    for (secret, node) in [
+        (database.as_path(), "stolen-db"),
+        (&pki.path("endpoint.key"), "stolen-key"),
+    ] {
+        let err = qemu
+            .qmp()
+            .execute("blockdev-add", open(secret, node))
+            .await
+            .expect_err("a confined QEMU opened the endpoint's secret");
+        assert!(
+            err.to_string().contains("Permission denied"),
+            "{}: {err}",
+            secret.display()
+        );
+    }
+    cloud_endpoint::hosts::Hosts::power_off(&cloud.domain, &vm)
+        .await
+        .unwrap();
+    cloud.stop().await;
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }

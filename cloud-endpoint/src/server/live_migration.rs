@@ -302,7 +302,13 @@ impl Run {
         let started = async {
             let binary = QemuBinary::from_env().map_err(|e| e.to_string())?;
             let log = staged.staging.dir().join(format!("{}.qemu.log", plan.plan.vm.name));
-            QemuProcess::spawn(&binary, &spec, &log)
+            // The sandbox, not yet a user of its own: the destination's sockets and staged
+            // files are the endpoint's (see docs/hosts.md).
+            let sandbox = gateway::qemu::Confinement {
+                sandbox: true,
+                run_as: None,
+            };
+            QemuProcess::spawn_confined(&binary, &spec, &log, &sandbox)
                 .await
                 .map_err(|e| e.to_string())
         }
