@@ -266,7 +266,7 @@ async fn a_revoked_edge_is_refused_at_its_next_connection_without_a_restart() {
     };
     let reason = String::from_utf8_lossy(&close.reason);
     assert!(
-        reason.contains(&serial.trim_start_matches('0')) && reason.contains("revoked"),
+        reason.contains(serial.trim_start_matches('0')) && reason.contains("revoked"),
         "the refusal does not name the serial {serial}: {reason}"
     );
 
