@@ -90,6 +90,18 @@ pub async fn serve(
     https::serve(listener, Arc::new(tls), app, settings, shutdown).await
 }
 
+/// Entry points of the fuzz target of the API's request bodies (`fuzz/fuzz_targets/api_bodies.rs`),
+/// replayed over its seeds by `cloud-endpoint/tests/fuzz_regressions.rs`.
+pub mod fuzzing {
+    /// A body of `POST /api` (vAPI JSON-RPC) or of `POST /api/gateway/plans` (a migration
+    /// plan): parsed and checked as the endpoint does before it touches the inventory.
+    /// Must never panic.
+    pub fn bodies(data: &[u8]) {
+        super::vapi::fuzz_body(data);
+        let _ = super::gateway::plan_of_body(data);
+    }
+}
+
 /// Runs `op` on tokio's blocking pool: the inventory and the datastore block.
 async fn blocking<T: Send + 'static>(
     domain: &Arc<Domain>,
