@@ -118,12 +118,9 @@ pub enum PlanVerdict {
     Refused(crate::api::error::ErrorKind, Vec<String>),
 }
 
-/// Checks a plan as a migration's would be checked, staging and recording nothing.
-pub fn check_plan(
-    domain: &Domain,
-    principal: &crate::inventory::Principal,
-    body: &[u8],
-) -> Result<PlanVerdict, ApiError> {
+/// The migration plan a `POST /api/gateway/plans` body describes, within the limits of
+/// any plan; nothing about the inventory yet. Pure: the fuzz target of API bodies runs it.
+pub(crate) fn plan_of_body(body: &[u8]) -> Result<MigrationPlan, ApiError> {
     let req: PlanRequest = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid_argument(format!(
             "the plan is not valid JSON of the documented shape ({e}); see POST /api/gateway/plans in the README"
@@ -162,6 +159,16 @@ pub fn check_plan(
     plan.fit_chunk_size();
     plan.check_limits()
         .map_err(|e| ApiError::invalid_argument(e.to_string()))?;
+    Ok(plan)
+}
+
+/// Checks a plan as a migration's would be checked, staging and recording nothing.
+pub fn check_plan(
+    domain: &Domain,
+    principal: &crate::inventory::Principal,
+    body: &[u8],
+) -> Result<PlanVerdict, ApiError> {
+    let plan = plan_of_body(body)?;
     Ok(match crate::server::placement::validate(domain, principal, &plan) {
         Ok(v) => PlanVerdict::Valid(Box::new(v.preview)),
         Err((gateway::wire::RefusalCode::NotPermitted, problems)) => {

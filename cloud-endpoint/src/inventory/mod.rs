@@ -77,6 +77,13 @@ pub enum InventoryError {
         source: std::io::Error,
     },
 
+    #[error("cannot make the inventory database file {} private (mode 0600): {source}; give the file to the user the endpoint runs as", path.display())]
+    Private {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("inventory database {} has schema version {found}, newer than this cloud-endpoint knows ({supported}); run a newer cloud-endpoint or use another database file", path.display())]
     SchemaTooNew { path: PathBuf, found: i64, supported: i64 },
 
@@ -393,6 +400,18 @@ pub struct Inventory {
     conn: Mutex<Connection>,
 }
 
+/// Makes `file` readable and writable by its owner only (0600), if it exists.
+fn private_file(file: &Path) -> Result<(), InventoryError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        result => result.map_err(|source| InventoryError::Private {
+            path: file.to_owned(),
+            source,
+        }),
+    }
+}
+
 impl Inventory {
     /// Opens (or creates) the database at `path`, brings its schema up to date and makes
     /// the domain match `domain`: on first start everything is created; later, new
@@ -420,6 +439,14 @@ impl Inventory {
             Ok(conn)
         };
         let conn = open().map_err(|e| e.with_path(path))?;
+        // Password hashes, users, every VM: the endpoint's only, whatever the umask made
+        // of the files (or an older version left). SQLite gives its -wal and -shm files
+        // the database file's mode when it creates them.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            private_file(Path::new(&file))?;
+        }
         Ok(Inventory {
             path: path.to_owned(),
             conn: Mutex::new(conn),
@@ -465,6 +492,21 @@ impl Inventory {
             admit()?;
             Ok(self.check_password(user, password))
         })
+    }
+
+    /// Active users whose password is `password` (the endpoint asks this of the published
+    /// demo password before it serves beyond loopback). One hash per active user.
+    pub fn users_with_password(&self, password: &str) -> Result<Vec<String>, InventoryError> {
+        let users: Vec<(String, String)> = self.with_conn(|conn| {
+            let mut stmt = conn.prepare("SELECT name, password_hash FROM app_user WHERE active = 1 ORDER BY name")?;
+            let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })?;
+        Ok(users
+            .into_iter()
+            .filter(|(_, hash)| password::bounded(|| password::verify(hash, password)))
+            .map(|(name, _)| name)
+            .collect())
     }
 
     fn check_password(&self, user: &str, password: &str) -> Result<Principal, InventoryError> {
