@@ -92,12 +92,20 @@ pub fn receiver(data: &[u8]) {
             match event {
                 ReceiverEvent::Authenticate { .. } => session.authenticated(Ok("Administrator".into()), "fuzz"),
                 ReceiverEvent::ValidatePlan(_) => session.plan_accepted("migration-1".into(), "ds".into()),
-                // A journal naming chunks inside and outside the plan.
-                ReceiverEvent::ValidateResume { migration_id, .. } => session.resume_accepted(
-                    migration_id,
-                    "ds".into(),
-                    &[(0, 0, [1; 32]), (0, 1 << 40, [2; 32]), (9, 3, [3; 32])],
-                ),
+                // A journal holding the first chunk, plus a table of no disk of the plan.
+                ReceiverEvent::ValidateResume { migration_id, plan } => {
+                    let mut tables: Vec<crate::integrity::DiskHashes> = plan
+                        .vm
+                        .disks
+                        .iter()
+                        .map(|d| crate::integrity::DiskHashes::new(d.capacity, plan.chunk_size))
+                        .collect();
+                    if let Some(t) = tables.first_mut() {
+                        t.set(0, [1; 32]);
+                    }
+                    tables.push(crate::integrity::DiskHashes::new(4096, 4096));
+                    session.resume_accepted(migration_id, "ds".into(), tables)
+                }
                 ReceiverEvent::Finalize => session.finalized(Ok(crate::protocol::Registered {
                     vm_id: "vm-1".into(),
                     vm_path: "[ds] x/x.vmx".into(),

@@ -92,8 +92,10 @@ impl Ctx {
 }
 
 /// Serves one accepted connection to its end.
-/// `control_streams` is the control stream, its preamble already read by the dispatch.
+/// `control_streams` is the control stream, its preamble already read by the dispatch;
+/// `connected` is when the handshake completed (the session's deadlines count from it).
 pub async fn serve(
+    connected: Instant,
     conn: quinn::Connection,
     domain: Arc<Domain>,
     config: ReceiverConfig,
@@ -113,7 +115,7 @@ pub async fn serve(
         let ctx = Arc::new(Ctx {
             domain,
             conn: conn.clone(),
-            session: Mutex::new(ReceiverSession::new(config, Instant::now())),
+            session: Mutex::new(ReceiverSession::new(config, connected)),
             wake_writer: Notify::new(),
             wake_events: Notify::new(),
             staged: Mutex::new(None),
@@ -483,6 +485,9 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 Ok(id) => {
                     tracing::info!(migration = %id, "plan accepted");
                     let ds = ctx.datastore_name(None);
+                    // Data streams only now: until the plan is accepted, a stream the
+                    // peer may open is memory it can fill without being read.
+                    transport::allow_streams(&ctx.conn, transport::StreamPhase::Data);
                     ctx.session().plan_accepted(id, ds);
                 }
                 Err((code, problems)) => {
@@ -579,9 +584,11 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             .expect("resume does not panic");
             match result {
                 Ok(durable) => {
-                    tracing::info!(migration = %migration_id, durable_chunks = durable.len(), "migration resumed");
+                    let durable_chunks: u64 = durable.iter().map(|d| d.known()).sum();
+                    tracing::info!(migration = %migration_id, durable_chunks, "migration resumed");
                     let ds = ctx.datastore_name(None);
-                    ctx.session().resume_accepted(migration_id, ds, &durable);
+                    transport::allow_streams(&ctx.conn, transport::StreamPhase::Data);
+                    ctx.session().resume_accepted(migration_id, ds, durable);
                 }
                 Err((code, problems)) => {
                     tracing::warn!(?code, ?problems, "resume refused");
