@@ -357,6 +357,14 @@ async fn control_writer(ctx: &Ctx, mut writer: ControlWriter) {
         };
         for msg in &msgs {
             if writer.send(msg).await.is_err() {
+                // The edge stopped reading its control stream (or the connection is gone):
+                // nothing more can reach it, and without a close a peer that sends
+                // keep-alives held the connection past every deadline.
+                let (code, reason) = last_refusal(&msgs).unwrap_or((
+                    RefusalCode::ProtocolViolation,
+                    "the edge stopped reading its control stream".to_owned(),
+                ));
+                close_refused(ctx, code, &reason);
                 return;
             }
         }
@@ -368,10 +376,7 @@ async fn control_writer(ctx: &Ctx, mut writer: ControlWriter) {
                 .await
                 .is_err()
             {
-                let (code, reason) = match msgs.iter().rev().find_map(|m| match m {
-                    gateway::wire::CloudMessage::Refused { code, problems } => Some((*code, problems.join("; "))),
-                    _ => None,
-                }) {
+                let (code, reason) = match last_refusal(&msgs) {
                     Some(refusal) => refusal,
                     None if committed => (RefusalCode::Aborted, "committed".to_owned()),
                     None => (RefusalCode::Aborted, "migration ended".to_owned()),
@@ -386,6 +391,14 @@ async fn control_writer(ctx: &Ctx, mut writer: ControlWriter) {
         }
         ctx.wake_writer.notified().await;
     }
+}
+
+/// The last refusal among `msgs`: its code and problems, for a close.
+fn last_refusal(msgs: &[gateway::wire::CloudMessage]) -> Option<(RefusalCode, String)> {
+    msgs.iter().rev().find_map(|m| match m {
+        gateway::wire::CloudMessage::Refused { code, problems } => Some((*code, problems.join("; "))),
+        _ => None,
+    })
 }
 
 /// Authentication, plan checks, commit and discard: the session's requests.

@@ -107,6 +107,7 @@ pub async fn serve(
             principal: None,
             slot: None,
             slots,
+            memory: None,
             boot: None,
             dest: None,
             stats: Arc::new(TunnelStats::default()),
@@ -204,6 +205,9 @@ struct Run {
     principal: Option<Principal>,
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// The destination's memory on the host, held from the plan's acceptance until the
+    /// VM is adopted or the migration ends.
+    memory: Option<crate::hosts::MemoryReservation>,
     /// The boot files as they arrive, on disk (see [`BootFiles`]).
     boot: Option<BootFiles>,
     dest: Option<Destination>,
@@ -259,6 +263,7 @@ impl Run {
                 let result = tokio::task::spawn_blocking(move || check_live_plan(&domain, &principal, &plan))
                     .await
                     .expect("validation does not panic");
+                let result = result.map(|reservation| self.memory = Some(reservation));
                 self.session.plan_checked(result);
             }
             LiveEvent::BootBytes { file, bytes, .. } => {
@@ -526,6 +531,8 @@ impl Run {
         match registered {
             Ok((vm_id, report)) => {
                 crate::hosts::Hosts::adopt(&self.domain, &vm_id, process).await;
+                // Counted as running now.
+                self.memory = None;
                 Ok((vm_id, report))
             }
             Err(e) => {
@@ -571,7 +578,11 @@ async fn read_tunnel_header(recv: &mut quinn::RecvStream) -> Result<TunnelHeader
 
 /// The plan against the domain, plus what a live migration needs: a hypervisor here and
 /// room for the VM on the host.
-fn check_live_plan(domain: &Domain, principal: &Principal, plan: &LivePlan) -> Result<(), (RefusalCode, Vec<String>)> {
+fn check_live_plan(
+    domain: &Domain,
+    principal: &Principal,
+    plan: &LivePlan,
+) -> Result<crate::hosts::MemoryReservation, (RefusalCode, Vec<String>)> {
     let mut problems = match placement::validate(domain, principal, &plan.plan) {
         Ok(_) => Vec::new(),
         Err((RefusalCode::PlanRejected, problems)) => problems,
@@ -582,13 +593,18 @@ fn check_live_plan(domain: &Domain, principal: &Principal, plan: &LivePlan) -> R
             "this endpoint cannot run VMs, so it cannot take a live migration: {e}"
         ));
     }
-    if let Some(problem) = domain.hosts.room_for(plan.plan.vm.memory_mib) {
-        problems.push(problem);
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err((RefusalCode::PlanRejected, problems))
+    // Counted from now, not from when the destination is adopted: concurrent live plans
+    // must not each see the same free memory.
+    let reservation = match domain.hosts.reserve(plan.plan.vm.memory_mib) {
+        Ok(r) => Some(r),
+        Err(problem) => {
+            problems.push(problem);
+            None
+        }
+    };
+    match (problems.is_empty(), reservation) {
+        (true, Some(reservation)) => Ok(reservation),
+        _ => Err((RefusalCode::PlanRejected, problems)),
     }
 }
 
