@@ -132,3 +132,51 @@ pub fn receiver(data: &[u8]) {
         while session.poll_transmit().is_some() {}
     }
 }
+
+/// A live migration's control frames as a hostile edge sends them, one after another:
+/// whatever decodes re-encodes to the same message, plans are checked against the limits,
+/// and the frames drive the cloud's live session (whose driver agrees to everything, a
+/// second passing per frame so the deadlines fire), which must never panic. The same
+/// bytes reach the cloud's messages and the tunnel header.
+pub fn live_control(data: &[u8]) {
+    use crate::protocol::live::{LiveEvent, LiveReceiver, LiveTimeouts};
+    use crate::wire::live::{LiveCloudMessage, LiveEdgeMessage, TunnelHeader};
+    fn round_trip<M>(msg: &M)
+    where
+        M: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let again = control::encode(msg).expect("a decoded message encodes");
+        assert!(matches!(control::decode::<M>(&again), Ok(Decoded::Frame(m, _)) if m == *msg));
+    }
+    if let Ok(Decoded::Frame(msg, _)) = control::decode::<LiveCloudMessage>(data) {
+        round_trip(&msg);
+    }
+    if let Ok(Decoded::Frame(msg, _)) = control::decode::<TunnelHeader>(data) {
+        round_trip(&msg);
+    }
+    let start = Instant::now();
+    let mut session = LiveReceiver::new(LiveTimeouts::default(), start);
+    let mut rest = data;
+    let mut now = start;
+    while let Ok(Decoded::Frame(msg, used)) = control::decode::<LiveEdgeMessage>(rest) {
+        round_trip(&msg);
+        if let LiveEdgeMessage::Plan(plan) = &msg {
+            let _ = plan.check_limits();
+        }
+        rest = &rest[used..];
+        let _ = session.handle(msg);
+        while let Some(event) = session.poll_event() {
+            match event {
+                LiveEvent::Authenticate { .. } => session.authenticated(Ok(("fuzz".into(), "Administrator".into()))),
+                LiveEvent::CheckPlan(_) => session.plan_checked(Ok(())),
+                LiveEvent::StartDestination => session.destination_ready("migration-1".into(), vec![], now),
+                LiveEvent::Switchover => session.committed("vm-1".into(), Default::default()),
+                LiveEvent::BootBytes { .. } | LiveEvent::TearDown { .. } => {}
+            }
+        }
+        while session.poll_transmit().is_some() {}
+        now += Duration::from_secs(1);
+        session.progress(now);
+        session.handle_timeout(now);
+    }
+}
