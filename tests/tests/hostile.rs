@@ -699,7 +699,7 @@ async fn connections_are_bounded_per_edge_and_in_all_and_unaccepted_streams_cann
         let (endpoint, conns) = hold_connections(&cloud, &pki, &format!("edge-flood-{e}"), PER_EDGE).await;
         // A fifth connection of the same edge is closed as busy.
         let fifth = transport::connect(&endpoint, cloud.addr, "localhost").await.unwrap();
-        match tokio::time::timeout(Duration::from_secs(10), fifth.closed()).await {
+        match tokio::time::timeout(Duration::from_secs(30), fifth.closed()).await {
             Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
                 assert_eq!(
                     RefusalCode::from_close_code(c.error_code.into_inner()),
