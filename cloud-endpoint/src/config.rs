@@ -123,6 +123,19 @@ pub struct TransportSettings {
     /// migration waits for its edge to resume it. Default 30, at least 1. QUIC uses the
     /// smaller of this and the edge's value.
     pub idle_timeout_secs: u32,
+    /// QUIC connections open at once, from all edges (migrations, link tests, live
+    /// migrations, and handshakes in progress); one more is refused before its handshake.
+    /// Default 256, at least 1. Each costs at most a stream window (1.25 MB) until it has
+    /// said Hello.
+    pub max_connections: u32,
+    /// Connections one edge certificate may have open at once; one more is closed as busy
+    /// after the handshake, so one edge cannot take every connection. Default 48 (the
+    /// default 32 migration slots, plus link tests and retries), at least 1.
+    pub max_connections_per_edge: u32,
+    /// Seconds from the handshake to the edge's Hello (its first stream and its
+    /// credential); a connection that has not said Hello by then is closed. Default 10,
+    /// at least 1.
+    pub hello_timeout_secs: u32,
 }
 
 impl Default for TransportSettings {
@@ -134,6 +147,9 @@ impl Default for TransportSettings {
             max_rate: None,
             max_rate_per_migration: None,
             idle_timeout_secs: 30,
+            max_connections: 256,
+            max_connections_per_edge: 48,
+            hello_timeout_secs: 10,
         }
     }
 }
@@ -574,6 +590,9 @@ pub enum ConfigError {
 
     #[error("`transport.idle_timeout_secs` is 0 ({origin}); it must be at least 1 (QUIC reads 0 as never giving up on a dead link)")]
     ZeroIdleTimeout { origin: String },
+
+    #[error("`{key}` is 0 ({origin}); it must be at least 1 (0 would refuse every edge)")]
+    ZeroTransportLimit { key: &'static str, origin: String },
 }
 
 impl From<figment::Error> for ConfigError {
@@ -676,6 +695,19 @@ impl Config {
                 key,
                 origin: origin(figment, key),
             });
+        }
+        let t = &self.transport;
+        for (key, value) in [
+            ("transport.max_connections", t.max_connections),
+            ("transport.max_connections_per_edge", t.max_connections_per_edge),
+            ("transport.hello_timeout_secs", t.hello_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::ZeroTransportLimit {
+                    key,
+                    origin: origin(figment, key),
+                });
+            }
         }
         if let Some(key) = self.logins.zero_setting() {
             return Err(ConfigError::ZeroLoginLimit {
@@ -991,6 +1023,14 @@ max_rate_per_migration = "off"
 # link sooner, too short gives up on one that only stalled. The edge's own value wins
 # if it is smaller.
 idle_timeout_secs = 30
+# Connections open at once from all edges, and from one edge certificate; one more is
+# refused (all) or closed as busy (one edge). Each costs memory before it is
+# authenticated, so these bound what edges that only connect can hold.
+max_connections = 256
+max_connections_per_edge = 48
+# Seconds from the handshake to the edge's Hello; a connection that has not said Hello
+# by then is closed.
+hello_timeout_secs = 10
 "#;
 
 /// The name of the environment variable for a key path, e.g. `CLOUD_ENDPOINT_DOMAIN__HOST__NAME`.
@@ -1508,6 +1548,38 @@ mod tests {
         let msg = err.to_string();
         assert!(
             msg.contains("transport.idle_timeout_secs") && msg.contains("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_refuse_zero() {
+        let c = Config::load_with_env(None, &cert_env()).unwrap();
+        assert_eq!(
+            (
+                c.transport.max_connections,
+                c.transport.max_connections_per_edge,
+                c.transport.hello_timeout_secs
+            ),
+            (256, 48, 10)
+        );
+        let c = load_toml(
+            &format!("{PATHS}[transport]\nmax_connections = 8\nhello_timeout_secs = 2\n"),
+            &[("CLOUD_ENDPOINT_TRANSPORT__MAX_CONNECTIONS_PER_EDGE", "3")],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.transport.max_connections,
+                c.transport.max_connections_per_edge,
+                c.transport.hello_timeout_secs
+            ),
+            (8, 3, 2)
+        );
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_TRANSPORT__MAX_CONNECTIONS", "0")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("transport.max_connections") && msg.contains("CLOUD_ENDPOINT_TRANSPORT__MAX_CONNECTIONS"),
             "{msg}"
         );
     }

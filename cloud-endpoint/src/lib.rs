@@ -246,6 +246,9 @@ impl Endpoint {
                     self.config.max_concurrent_migrations,
                     gateway::protocol::ReceiverConfig {
                         verify: self.config.verify_staged.scope(),
+                        hello_timeout: std::time::Duration::from_secs(u64::from(
+                            self.config.transport.hello_timeout_secs,
+                        )),
                         ..Default::default()
                     },
                 ),

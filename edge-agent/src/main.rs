@@ -468,6 +468,12 @@ fn verify_receipt_cmd(a: &VerifyReceiptArgs) -> anyhow::Result<()> {
     let options = source_options(a.raw_disk.clone());
     let verdict = edge_agent::receipt::verify_with(&a.receipt, &a.source, &options, &trust)?;
     print!("{verdict}");
+    if let Some(why) = &verdict.vm_mismatch {
+        anyhow::bail!(
+            "{why}: the receipt is of what the cloud registered as {}, not of this source",
+            verdict.receipt.vm_id
+        );
+    }
     if !verdict.ok() {
         anyhow::bail!(
             "{} of {} disks do not match the receipt: the source is not what the cloud received and registered as {}",

@@ -56,17 +56,21 @@ impl DiskCheck {
 #[derive(Debug, Clone)]
 pub struct Verification {
     pub receipt: gateway::receipt::Receipt,
+    /// `None` when the source VM is the one the receipt names; otherwise what differs.
+    /// Disks of the same bytes in another VM match every root: the VM's name, which the
+    /// receipt signs, tells them apart.
+    pub vm_mismatch: Option<String>,
     pub disks: Vec<DiskCheck>,
 }
 
 impl Verification {
-    /// True when every disk matches the receipt.
+    /// True when the source is the VM the receipt names and every disk matches it.
     pub fn ok(&self) -> bool {
-        self.disks.iter().all(DiskCheck::ok)
+        self.vm_mismatch.is_none() && self.disks.iter().all(DiskCheck::ok)
     }
 
     pub fn failures(&self) -> usize {
-        self.disks.iter().filter(|d| !d.ok()).count()
+        usize::from(self.vm_mismatch.is_some()) + self.disks.iter().filter(|d| !d.ok()).count()
     }
 }
 
@@ -87,6 +91,9 @@ impl fmt::Display for Verification {
                 "signed by {} (certificate {}): signature and identity OK",
                 r.endpoint, r.endpoint_thumbprint
             )?;
+        }
+        if let Some(why) = &self.vm_mismatch {
+            writeln!(f, "  {:<9} MISMATCH  {why}", "VM")?;
         }
         for d in &self.disks {
             match &d.mismatch {
@@ -151,6 +158,12 @@ pub fn verify_with(
         }
     }
     let vm = source::open_vm_with(source, options)?;
+    let vm_mismatch = (vm.name != receipt.vm_name).then(|| {
+        format!(
+            "the source VM is named {:?}, the receipt is of {:?}: it is another VM, whatever its disks hold",
+            vm.name, receipt.vm_name
+        )
+    });
 
     let mut checks: Vec<DiskCheck> = Vec::new();
     // Disks are independent: hash them on separate threads (reads are positional).
@@ -227,7 +240,11 @@ pub fn verify_with(
             });
         }
     }
-    Ok(Verification { receipt, disks: checks })
+    Ok(Verification {
+        receipt,
+        vm_mismatch,
+        disks: checks,
+    })
 }
 
 /// The Merkle root of a source disk, as both sides of a migration compute it:

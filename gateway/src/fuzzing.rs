@@ -92,12 +92,20 @@ pub fn receiver(data: &[u8]) {
             match event {
                 ReceiverEvent::Authenticate { .. } => session.authenticated(Ok("Administrator".into()), "fuzz"),
                 ReceiverEvent::ValidatePlan(_) => session.plan_accepted("migration-1".into(), "ds".into()),
-                // A journal naming chunks inside and outside the plan.
-                ReceiverEvent::ValidateResume { migration_id, .. } => session.resume_accepted(
-                    migration_id,
-                    "ds".into(),
-                    &[(0, 0, [1; 32]), (0, 1 << 40, [2; 32]), (9, 3, [3; 32])],
-                ),
+                // A journal holding the first chunk, plus a table of no disk of the plan.
+                ReceiverEvent::ValidateResume { migration_id, plan } => {
+                    let mut tables: Vec<crate::integrity::DiskHashes> = plan
+                        .vm
+                        .disks
+                        .iter()
+                        .map(|d| crate::integrity::DiskHashes::new(d.capacity, plan.chunk_size))
+                        .collect();
+                    if let Some(t) = tables.first_mut() {
+                        t.set(0, [1; 32]);
+                    }
+                    tables.push(crate::integrity::DiskHashes::new(4096, 4096));
+                    session.resume_accepted(migration_id, "ds".into(), tables)
+                }
                 ReceiverEvent::Finalize => session.finalized(Ok(crate::protocol::Registered {
                     vm_id: "vm-1".into(),
                     vm_path: "[ds] x/x.vmx".into(),
@@ -123,5 +131,53 @@ pub fn receiver(data: &[u8]) {
             }
         }
         while session.poll_transmit().is_some() {}
+    }
+}
+
+/// A live migration's control frames as a hostile edge sends them, one after another:
+/// whatever decodes re-encodes to the same message, plans are checked against the limits,
+/// and the frames drive the cloud's live session (whose driver agrees to everything, a
+/// second passing per frame so the deadlines fire), which must never panic. The same
+/// bytes reach the cloud's messages and the tunnel header.
+pub fn live_control(data: &[u8]) {
+    use crate::protocol::live::{LiveEvent, LiveReceiver, LiveTimeouts};
+    use crate::wire::live::{LiveCloudMessage, LiveEdgeMessage, TunnelHeader};
+    fn round_trip<M>(msg: &M)
+    where
+        M: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let again = control::encode(msg).expect("a decoded message encodes");
+        assert!(matches!(control::decode::<M>(&again), Ok(Decoded::Frame(m, _)) if m == *msg));
+    }
+    if let Ok(Decoded::Frame(msg, _)) = control::decode::<LiveCloudMessage>(data) {
+        round_trip(&msg);
+    }
+    if let Ok(Decoded::Frame(msg, _)) = control::decode::<TunnelHeader>(data) {
+        round_trip(&msg);
+    }
+    let start = Instant::now();
+    let mut session = LiveReceiver::new(LiveTimeouts::default(), start);
+    let mut rest = data;
+    let mut now = start;
+    while let Ok(Decoded::Frame(msg, used)) = control::decode::<LiveEdgeMessage>(rest) {
+        round_trip(&msg);
+        if let LiveEdgeMessage::Plan(plan) = &msg {
+            let _ = plan.check_limits();
+        }
+        rest = &rest[used..];
+        let _ = session.handle(msg);
+        while let Some(event) = session.poll_event() {
+            match event {
+                LiveEvent::Authenticate { .. } => session.authenticated(Ok(("fuzz".into(), "Administrator".into()))),
+                LiveEvent::CheckPlan(_) => session.plan_checked(Ok(())),
+                LiveEvent::StartDestination => session.destination_ready("migration-1".into(), vec![], now),
+                LiveEvent::Switchover => session.committed("vm-1".into(), Default::default()),
+                LiveEvent::BootBytes { .. } | LiveEvent::TearDown { .. } => {}
+            }
+        }
+        while session.poll_transmit().is_some() {}
+        now += Duration::from_secs(1);
+        session.progress(now);
+        session.handle_timeout(now);
     }
 }

@@ -33,6 +33,16 @@ impl DiskHashes {
         }
     }
 
+    /// The disk's capacity and chunk size: two tables of the same shape hold the same chunks.
+    pub fn shape(&self) -> (u64, u32) {
+        (self.capacity, self.chunk_size)
+    }
+
+    /// Chunks whose hash is known.
+    pub fn known(&self) -> u64 {
+        self.chunk_count() - self.missing
+    }
+
     pub fn chunk_count(&self) -> u64 {
         self.hashes.len() as u64
     }

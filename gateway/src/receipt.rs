@@ -59,6 +59,8 @@ pub enum ReceiptError {
     Key(String),
     #[error("signing the receipt failed: {0}")]
     Sign(String),
+    #[error("the receipt's signing certificate is not an endpoint's: {0}; only a certificate for server authentication (serverAuth extended key usage, as `certs endpoint` makes it) may sign receipts")]
+    NotAnEndpoint(String),
 }
 
 /// What the cloud endpoint states about one migrated VM. Field order is part
@@ -178,6 +180,12 @@ impl ReceiptSigner {
         let signer = key
             .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
             .ok_or_else(|| ReceiptError::Key("an ECDSA key, but not on curve P-256".into()))?;
+        require_server_auth(leaf).map_err(|e| match e {
+            ReceiptError::NotAnEndpoint(why) => ReceiptError::Key(format!(
+                "the endpoint certificate is not for server authentication ({why}); issue it with `certs endpoint`"
+            )),
+            other => other,
+        })?;
         let probe = b"hcm receipt signer probe";
         let signature = signer.sign(probe).map_err(|e| ReceiptError::Sign(e.to_string()))?;
         verify_with(leaf, probe, &signature).map_err(|_| {
@@ -277,6 +285,9 @@ impl SignedReceipt {
             .decode(self.signature.trim())
             .map_err(|_| ReceiptError::BadSignature)?;
         verify_with(&chain[0], &self.receipt.canonical_bytes(), &signature)?;
+        // An edge (client) certificate of the same CA signs nothing an endpoint states,
+        // whether the verifier trusts a CA or a pinned thumbprint.
+        require_server_auth(&chain[0])?;
         Ok(chain)
     }
 
@@ -315,6 +326,21 @@ fn verify_with(cert: &CertificateDer<'_>, message: &[u8], signature: &[u8]) -> R
     let ee = webpki::EndEntityCert::try_from(cert).map_err(|e| ReceiptError::Certificate(e.to_string()))?;
     ee.verify_signature(webpki::ring::ECDSA_P256_SHA256, message, signature)
         .map_err(|_| ReceiptError::BadSignature)
+}
+
+/// Checks that `cert` carries the serverAuth extended key usage: a cloud endpoint's
+/// certificate, not an edge's (clientAuth) or a CA's.
+fn require_server_auth(cert: &CertificateDer<'_>) -> Result<(), ReceiptError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| ReceiptError::Certificate(e.to_string()))?;
+    match parsed.extended_key_usage() {
+        Ok(Some(eku)) if eku.value.server_auth => Ok(()),
+        Ok(Some(_)) => Err(ReceiptError::NotAnEndpoint(
+            "its extended key usage does not include serverAuth".into(),
+        )),
+        Ok(None) => Err(ReceiptError::NotAnEndpoint("it has no extended key usage".into())),
+        Err(e) => Err(ReceiptError::Certificate(e.to_string())),
+    }
 }
 
 fn commit_time(text: &str) -> Result<UnixTime, ReceiptError> {
@@ -489,16 +515,32 @@ mod tests {
         ));
         swapped.receipt.endpoint_thumbprint = other.signer.thumbprint().to_string();
         assert_eq!(swapped.verify_signature().unwrap_err(), ReceiptError::BadSignature);
-        // A receipt signed by an edge (client) certificate of the right CA is
-        // not an endpoint's.
+        // An edge (client) certificate of the right CA is not an endpoint's: it cannot
+        // be made a receipt signer, and a receipt it signed anyway (with its key, by
+        // hand) does not verify under a CA or under a pin of its own thumbprint.
         let edge = ep.ca.issue_edge("edge-01", Validity::days(30)).unwrap();
-        let edge_signer = ReceiptSigner::new(&[edge.cert_der()], &edge.key_der()).unwrap();
-        let by_edge = edge_signer.sign(receipt(&edge_signer)).unwrap();
-        by_edge.verify_signature().unwrap();
-        assert!(matches!(
-            by_edge.verify(&ServerTrust::Ca(vec![ep.ca.cert_der()])),
-            Err(ReceiptError::UntrustedEndpoint(_))
-        ));
+        let err = ReceiptSigner::new(&[edge.cert_der()], &edge.key_der()).unwrap_err();
+        assert!(err.to_string().contains("not for server authentication"), "{err}");
+        let key = rustls::crypto::ring::sign::any_ecdsa_type(&edge.key_der()).unwrap();
+        let signer = key.choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256]).unwrap();
+        let mut forged = receipt(&ep.signer);
+        forged.endpoint_certificate = pem_encode(&[edge.cert_der()]);
+        forged.endpoint_thumbprint = Thumbprint::of_der(&edge.cert_der()).to_string();
+        let by_edge = SignedReceipt {
+            signature: base64::engine::general_purpose::STANDARD
+                .encode(signer.sign(&forged.canonical_bytes()).unwrap()),
+            receipt: forged,
+        };
+        for trust in [
+            ServerTrust::Ca(vec![ep.ca.cert_der()]),
+            ServerTrust::Pinned(Thumbprint::of_der(&edge.cert_der())),
+        ] {
+            assert!(
+                matches!(by_edge.verify(&trust), Err(ReceiptError::NotAnEndpoint(_))),
+                "{:?}",
+                by_edge.verify(&trust)
+            );
+        }
     }
 
     #[test]

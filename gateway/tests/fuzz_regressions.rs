@@ -39,3 +39,8 @@ fn chunk_frame() {
 fn receiver_session() {
     replay("receiver_session", gateway::fuzzing::receiver);
 }
+
+#[test]
+fn live_control() {
+    replay("live_control", gateway::fuzzing::live_control);
+}

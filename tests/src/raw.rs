@@ -52,6 +52,12 @@ impl RawEdge {
         self.tx.send(msg).await.expect("control stream open");
     }
 
+    /// Sends `msg`; an error is the endpoint having closed the stream or the connection,
+    /// which a test of a refusal expects at some point.
+    pub async fn try_send(&mut self, msg: &EdgeMessage) -> Result<(), TransportError> {
+        self.tx.send(msg).await
+    }
+
     pub async fn recv(&mut self) -> CloudMessage {
         tokio::time::timeout(Duration::from_secs(20), self.rx.recv::<CloudMessage>())
             .await

@@ -16,7 +16,7 @@ use e2e::raw::{plan, sealed, RawEdge};
 use e2e::*;
 use gateway::plan::{MigrationPlan, NicSpec, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use gateway::transport::{self, ControlReader, ControlWriter, ServerTrust, TransportTuning};
-use gateway::wire::{ChunkHeader, CloudMessage, Encoding, RefusalCode};
+use gateway::wire::{ChunkHeader, CloudMessage, EdgeMessage, Encoding, RefusalCode};
 
 const MIB: usize = 1 << 20;
 
@@ -493,37 +493,40 @@ async fn device_keys_that_are_paths_are_refused_and_nothing_is_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_half_open_connections_times_out_while_real_lifts_go_through() {
-    const FLOOD: usize = 200;
+    // As many as one edge certificate may hold (transport.max_connections_per_edge's
+    // default), plus some that are closed as busy at once.
+    const FLOOD: usize = 48;
+    const EXTRA: usize = 8;
+    const QUITTERS: usize = 5;
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(&tmp.path().join("pki"));
-    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
+    // Long enough for the two lifts below to run while the flood holds its connections.
+    let cloud = Cloud::start(
+        &tmp.path().join("cloud"),
+        &pki,
+        &[("CLOUD_ENDPOINT_TRANSPORT__HELLO_TIMEOUT_SECS", "20")],
+    )
+    .await;
 
-    // One UDP socket for the whole flood, as one misbehaving host would have. Its
-    // keep-alives hold the connections open: only the endpoint's timeouts end them.
-    let crypto = transport::client_crypto(pki.edge_identity(), pki.trust_ca()).unwrap();
+    // One UDP socket and one edge certificate for the whole flood, as one misbehaving
+    // edge would have (the real lifts come from another edge). Its keep-alives hold the
+    // connections open: only the endpoint's timeouts end them.
+    let crypto = transport::client_crypto(pki.other_edge("edge-flood"), pki.trust_ca()).unwrap();
     let flood =
         transport::client_endpoint("127.0.0.1:0".parse().unwrap(), crypto, &TransportTuning::default()).unwrap();
     let opened = Instant::now();
     let mut silent = Vec::new(); // handshake, then nothing
     let mut mute = Vec::new(); // a control stream, then no Hello
     let mut quitters = Vec::new(); // a control stream, ended at once
-    for i in 0..FLOOD {
+    for _ in 0..QUITTERS {
         let conn = transport::connect(&flood, cloud.addr, "localhost").await.unwrap();
-        if i % 2 == 0 {
-            silent.push(conn);
-        } else {
-            let (send, recv) = conn.open_bi().await.unwrap();
-            let mut tx = ControlWriter::open(send, true).await.unwrap(); // the preamble only
-            if i % 10 == 1 {
-                tx.finish();
-                quitters.push((conn, tx, ControlReader::open(recv, false).await.unwrap()));
-            } else {
-                mute.push((conn, tx, ControlReader::open(recv, false).await.unwrap()));
-            }
-        }
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut tx = ControlWriter::open(send, true).await.unwrap(); // the preamble only
+        tx.finish();
+        quitters.push((conn, tx, ControlReader::open(recv, false).await.unwrap()));
     }
     // An edge that ends its control stream is refused at once, not left open for as
-    // long as it sends keep-alives (which it did until this test).
+    // long as it sends keep-alives.
     for (conn, _tx, mut rx) in quitters {
         // The endpoint closes the connection with ProtocolViolation and says why.
         let _ = tokio::time::timeout(Duration::from_secs(10), rx.recv::<CloudMessage>()).await;
@@ -545,15 +548,51 @@ async fn a_flood_of_half_open_connections_times_out_while_real_lifts_go_through(
         }
     }
 
+    // The quitters' connections are closed, so they no longer count once the endpoint's
+    // tasks for them have ended (just after the close): the flood holds as many as the
+    // edge may.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..FLOOD {
+        let conn = transport::connect(&flood, cloud.addr, "localhost").await.unwrap();
+        if i % 2 == 0 {
+            silent.push(conn);
+        } else {
+            let (send, recv) = conn.open_bi().await.unwrap();
+            let tx = ControlWriter::open(send, true).await.unwrap(); // the preamble only
+            mute.push((conn, tx, ControlReader::open(recv, false).await.unwrap()));
+        }
+    }
+    // Past the per-edge limit: closed as busy right after the handshake, saying why.
+    for _ in 0..EXTRA {
+        let conn = transport::connect(&flood, cloud.addr, "localhost").await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("the endpoint closes a connection past the limit");
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(
+                    RefusalCode::from_close_code(c.error_code.into_inner()),
+                    Some(RefusalCode::Busy)
+                );
+                let reason = String::from_utf8_lossy(&c.reason);
+                assert!(
+                    reason.contains("already has 48 connections open") && reason.contains("max_connections_per_edge"),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected a busy close, got {other:?}"),
+        }
+    }
     // During the flood: two real lifts, one after the other, complete and are identical.
     still_serves(&cloud, &pki, tmp.path(), "during-flood-1").await;
     still_serves(&cloud, &pki, tmp.path(), "during-flood-2").await;
     assert!(
-        opened.elapsed() < Duration::from_secs(25),
-        "the lifts ran during the flood"
+        silent.iter().all(|c| c.close_reason().is_none()),
+        "the lifts ran while the flood held its connections ({:?} after it opened)",
+        opened.elapsed()
     );
 
-    // Then the endpoint's setup timeouts (30 s, not configurable) end every half-open one.
+    // Then the endpoint's Hello deadline ends every half-open one.
     let mut waits = tokio::task::JoinSet::new();
     for conn in silent {
         waits.spawn(async move {
@@ -600,12 +639,264 @@ async fn a_flood_of_half_open_connections_times_out_while_real_lifts_go_through(
     assert_eq!(
         reasons,
         [
-            ("no control stream within 30 s".to_owned(), FLOOD / 2),
-            ("timed out before a plan was accepted".to_owned(), mute_count)
+            (
+                "no control stream within 20 s (transport.hello_timeout_secs)".to_owned(),
+                FLOOD / 2
+            ),
+            ("timed out before the edge said Hello".to_owned(), mute_count)
         ]
         .into(),
     );
-    assert!(took < Duration::from_secs(40), "closed after {took:?}");
+    assert!(took < Duration::from_secs(35), "closed after {took:?}");
     assert_eq!(cloud.domain.inventory.list_vms().unwrap().len(), 2);
+    cloud.stop().await;
+}
+
+/// Connections of `edge` to `cloud`, each with a control stream opened and nothing said.
+/// Past `held`, the endpoint closes them as busy.
+async fn hold_connections(
+    cloud: &Cloud,
+    pki: &Pki,
+    edge: &str,
+    held: usize,
+) -> (quinn::Endpoint, Vec<(quinn::Connection, ControlWriter)>) {
+    let crypto = transport::client_crypto(pki.other_edge(edge), pki.trust_ca()).unwrap();
+    let endpoint =
+        transport::client_endpoint("127.0.0.1:0".parse().unwrap(), crypto, &TransportTuning::default()).unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..held {
+        let conn = transport::connect(&endpoint, cloud.addr, "localhost").await.unwrap();
+        let (send, _recv) = conn.open_bi().await.unwrap();
+        let tx = ControlWriter::open(send, true).await.unwrap();
+        conns.push((conn, tx));
+    }
+    (endpoint, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_bounded_per_edge_and_in_all_and_unaccepted_streams_cannot_be_filled() {
+    const EDGES: usize = 5;
+    const PER_EDGE: usize = 4;
+    const ALL: usize = 24;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = Cloud::start(
+        &tmp.path().join("cloud"),
+        &pki,
+        &[
+            ("CLOUD_ENDPOINT_TRANSPORT__MAX_CONNECTIONS", "24"),
+            ("CLOUD_ENDPOINT_TRANSPORT__MAX_CONNECTIONS_PER_EDGE", "4"),
+            ("CLOUD_ENDPOINT_TRANSPORT__HELLO_TIMEOUT_SECS", "20"),
+        ],
+    )
+    .await;
+    let hwm_before = proc_status_kib("VmHWM");
+    let opened = Instant::now();
+
+    // Five edges hold four connections each, each with a control stream and no Hello.
+    let mut flood = Vec::new();
+    for e in 0..EDGES {
+        let (endpoint, conns) = hold_connections(&cloud, &pki, &format!("edge-flood-{e}"), PER_EDGE).await;
+        // A fifth connection of the same edge is closed as busy.
+        let fifth = transport::connect(&endpoint, cloud.addr, "localhost").await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(30), fifth.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                assert_eq!(
+                    RefusalCode::from_close_code(c.error_code.into_inner()),
+                    Some(RefusalCode::Busy),
+                    "{c:?}"
+                );
+            }
+            other => panic!("expected a busy close of the fifth connection, got {other:?}"),
+        }
+        flood.push((endpoint, conns));
+    }
+    // Before its Hello, a connection may not open another stream: what the endpoint
+    // allowed and never accepted (16 data and 4 more bidirectional streams of 1.25 MB
+    // each) was memory any edge could fill. Each stuffer tries to fill them all.
+    let mut stuffers = tokio::task::JoinSet::new();
+    for (_, conns) in &flood {
+        for (conn, _) in conns {
+            let conn = conn.clone();
+            stuffers.spawn(async move {
+                let junk = vec![0xA5u8; 1_250_000];
+                let mut opened = 0;
+                for _ in 0..16 {
+                    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), conn.open_uni()).await else {
+                        break;
+                    };
+                    opened += 1;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), s.write_all(&junk)).await;
+                }
+                for _ in 0..4 {
+                    let Ok(Ok((mut s, _))) = tokio::time::timeout(Duration::from_secs(2), conn.open_bi()).await else {
+                        break;
+                    };
+                    opened += 1;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), s.write_all(&junk)).await;
+                }
+                opened
+            });
+        }
+    }
+
+    // Beside the flood, a real lift from another edge completes, identical.
+    still_serves(&cloud, &pki, tmp.path(), "beside-the-flood").await;
+    let mut streams_opened = 0;
+    while let Some(n) = stuffers.join_next().await {
+        streams_opened += n.unwrap();
+    }
+    assert_eq!(streams_opened, 0, "streams opened before a Hello");
+    let grown_mib = (proc_status_kib("VmHWM") - hwm_before) / 1024;
+    println!(
+        "{} connections held without a Hello: peak memory grew {grown_mib} MiB",
+        EDGES * PER_EDGE
+    );
+    assert!(
+        grown_mib < 96,
+        "peak memory grew {grown_mib} MiB with {} half-open connections",
+        EDGES * PER_EDGE
+    );
+
+    // Up to the total: one more edge's four, then any further connection is refused
+    // before its handshake.
+    assert!(
+        flood
+            .iter()
+            .all(|(_, c)| c.iter().all(|(c, _)| c.close_reason().is_none())),
+        "the flood still holds its connections ({:?})",
+        opened.elapsed()
+    );
+    // The lift's connection lets go of its count once its task ends, just after the lift.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_last_endpoint, last) = hold_connections(&cloud, &pki, "edge-flood-last", ALL - EDGES * PER_EDGE).await;
+    let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
+    let refused = target
+        .connect(&TransportTuning::default())
+        .await
+        .expect_err("a connection past transport.max_connections is refused");
+    let msg = refused.to_string();
+    assert!(
+        msg.contains("refused the connection") && msg.contains("retry later"),
+        "{msg}"
+    );
+
+    // The Hello deadline ends them all; then lifts go through again.
+    for (conn, _) in flood.iter().flat_map(|(_, c)| c.iter()).chain(last.iter()) {
+        match tokio::time::timeout(Duration::from_secs(30), conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                assert_eq!(
+                    RefusalCode::from_close_code(c.error_code.into_inner()),
+                    Some(RefusalCode::ProtocolViolation)
+                );
+            }
+            other => panic!("expected the Hello deadline to close it, got {other:?}"),
+        }
+    }
+    still_serves(&cloud, &pki, tmp.path(), "after-the-flood").await;
+    cloud.stop().await;
+}
+
+/// Appends `records` zero-run records for chunks `first..first + count` of disk 0 to a
+/// migration's journal, as an endpoint before this bound journaled every repeat an edge
+/// sent (the format is datastore/journal.rs's: 56 bytes, big-endian).
+fn append_old_zero_runs(journal: &Path, first_offset: u64, count: u64, records: usize) {
+    use std::io::Write;
+    let mut record = Vec::with_capacity(56);
+    record.extend_from_slice(&0u16.to_be_bytes());
+    record.push(1); // a zero run
+    record.extend_from_slice(&[0; 5]);
+    record.extend_from_slice(&first_offset.to_be_bytes());
+    record.extend_from_slice(&count.to_be_bytes());
+    record.extend_from_slice(&[0; 32]);
+    let mut f = std::fs::OpenOptions::new().append(true).open(journal).unwrap();
+    for _ in 0..records {
+        f.write_all(&record).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_run_declared_again_is_refused_and_a_resume_replays_within_the_plan() {
+    // A 4 GiB disk in 64 KiB chunks: 65,536 chunks. Declared zero 600 times (6 KB on the
+    // wire), an endpoint that journaled each repeat replayed 39 M entries (1.9 GB) on a
+    // resume.
+    const REPEATS: usize = 600;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
+    let cs = u64::from(MIN_CHUNK_SIZE);
+    let capacity: u64 = 4 << 30;
+    let chunks = capacity / cs;
+    let the_plan = plan("zeros", &[("scsi0:0", capacity)], MIN_CHUNK_SIZE);
+    let rest_zero = EdgeMessage::ZeroChunks {
+        disk: 0,
+        offset: cs,
+        count: chunks - 1,
+    };
+    let hwm_before = proc_status_kib("VmHWM");
+
+    let hostile = async {
+        let mut edge = RawEdge::welcomed(&cloud, &pki).await;
+        let id = edge.plan(&the_plan).await.expect("plan accepted");
+        // Everything but chunk 0 declared zero, once; chunk 0 as data, so its ack says the
+        // batch (the zero run included) is journaled.
+        edge.send(&rest_zero).await;
+        let (first, payload) = sealed(0, &vec![5u8; MIN_CHUNK_SIZE as usize]);
+        edge.chunk(&first, &payload).await.unwrap();
+        edge.acked(&[0]).await;
+        edge.close();
+        eventually(10, || (!cloud.domain.live.is_live(&id)).then_some(()))
+            .await
+            .expect("the connection's end was noticed");
+
+        // The journal as an older endpoint left it after 600 repeats of the declaration.
+        let journal = cloud.root.join(format!(".staging/{id}/.chunks.journal"));
+        append_old_zero_runs(&journal, cs, chunks - 1, REPEATS);
+        assert!(std::fs::metadata(&journal).unwrap().len() > (REPEATS * 56) as u64);
+
+        // The resume replays it into one state per chunk: every chunk is held.
+        let mut edge = RawEdge::welcomed(&cloud, &pki).await;
+        edge.send(&EdgeMessage::Resume {
+            migration_id: id.clone(),
+            plan: the_plan.clone(),
+        })
+        .await;
+        match edge.recv().await {
+            CloudMessage::Resumed { done, .. } => {
+                assert_eq!(done.len(), 1);
+                let held = (0..chunks).filter(|&i| gateway::wire::bit(&done[0], i)).count() as u64;
+                assert_eq!(held, chunks, "every chunk is held after the replay");
+            }
+            other => panic!("expected Resumed, got {other:?}"),
+        }
+
+        // The same declaration again: refused at the first repeat, whatever follows.
+        let mut sent = 0;
+        while sent < REPEATS && edge.try_send(&rest_zero).await.is_ok() {
+            sent += 1;
+        }
+        let (code, problems) = edge.refusal().await;
+        assert_eq!(code, RefusalCode::ProtocolViolation, "{problems:?}");
+        assert!(
+            problems[0].contains(&format!("chunk at offset {cs} declared zero again")),
+            "{problems:?}"
+        );
+        let rec = record(&cloud, &id, "FAILED").await;
+        assert!(rec.error.unwrap_or_default().contains("declared zero again"));
+        edge.close();
+    };
+    // A real lift beside it completes, identical.
+    tokio::join!(hostile, still_serves(&cloud, &pki, tmp.path(), "beside-zeros"));
+
+    let grown_mib = (proc_status_kib("VmHWM") - hwm_before) / 1024;
+    println!(
+        "peak memory grew {grown_mib} MiB (VmRSS now {} MiB)",
+        proc_status_kib("VmRSS") / 1024
+    );
+    assert!(
+        grown_mib < 96,
+        "peak memory grew {grown_mib} MiB (the plan's chunk table is 2 MiB)"
+    );
+    assert_eq!(cloud.datastore_entries(), vec!["beside-zeros".to_owned()]);
     cloud.stop().await;
 }

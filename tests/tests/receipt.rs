@@ -282,6 +282,20 @@ async fn altered_receipts_altered_sources_and_other_endpoints_fail() {
         "{err}"
     );
 
+    // Another VM with the same bytes (a copy of the disks under another name): every
+    // root matches, and the receipt still fails, naming both VMs.
+    let copy = write_vmx(&src, "web02", &["app01.img", "app01_1.img"], &[]);
+    let verdict = receipt::verify(&receipt_file, &copy, &pki.trust_ca()).unwrap();
+    assert!(verdict.disks.iter().all(|d| d.ok()), "{verdict}");
+    assert!(!verdict.ok(), "{verdict}");
+    assert_eq!(verdict.failures(), 1, "{verdict}");
+    assert!(
+        verdict
+            .to_string()
+            .contains("VM        MISMATCH  the source VM is named \"web02\", the receipt is of \"app01\""),
+        "{verdict}"
+    );
+
     // One byte changed in the source's second disk: that disk, and only it, mismatches.
     {
         use std::os::unix::fs::FileExt;

@@ -83,38 +83,44 @@ impl Journal {
         file.sync_data()
     }
 
-    /// Every chunk the journal holds, as (disk, chunk index, plaintext hash) with zero
-    /// chunks carrying their zero hash. A record that does not fit `plan` means the file
-    /// is not this migration's journal: an error, never a guess.
-    pub fn read(&self, plan: &MigrationPlan) -> Result<Vec<(u16, u64, [u8; 32])>, DatastoreError> {
+    /// What the journal holds: one table per disk of `plan`, each chunk's plaintext hash
+    /// (zero chunks with their zero hash), the last record naming a chunk winning. The
+    /// file is read record by record into tables of the plan's size, so neither its
+    /// length nor its runs (an older endpoint journaled every zero run an edge sent,
+    /// repeats included) can make replay hold more than the plan's chunk hashes. A record
+    /// that does not fit `plan` means the file is not this migration's journal: an
+    /// error, never a guess.
+    pub fn read(&self, plan: &MigrationPlan) -> Result<Vec<DiskHashes>, DatastoreError> {
         let corrupt = |why: String| DatastoreError::Io {
             action: "read journal",
             path: self.path.clone(),
             source: io::Error::new(io::ErrorKind::InvalidData, why),
         };
-        let mut data = Vec::new();
-        File::open(&self.path)
-            .and_then(|mut f| f.read_to_end(&mut data))
-            .map_err(io_err("read journal", &self.path))?;
+        let file = File::open(&self.path).map_err(io_err("read journal", &self.path))?;
+        let mut reader = io::BufReader::new(file);
         let cs = u64::from(plan.chunk_size);
-        let hashes: Vec<DiskHashes> = plan
+        let mut tables: Vec<DiskHashes> = plan
             .vm
             .disks
             .iter()
             .map(|d| DiskHashes::new(d.capacity, plan.chunk_size))
             .collect();
-        let mut out = Vec::new();
-        for r in data.chunks_exact(RECORD) {
+        let mut r = [0u8; RECORD];
+        loop {
+            match reader.read_exact(&mut r) {
+                Ok(()) => {}
+                // The torn tail was cut at open; a shorter rest is a record being appended.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(io_err("read journal", &self.path)(e)),
+            }
             let disk = u16::from_be_bytes([r[0], r[1]]);
             let kind = r[2];
             let offset = u64::from_be_bytes(r[8..16].try_into().expect("8 bytes"));
             let count = u64::from_be_bytes(r[16..24].try_into().expect("8 bytes"));
             let hash: [u8; 32] = r[24..56].try_into().expect("32 bytes");
-            let Some(h) = hashes.get(usize::from(disk)) else {
-                return Err(corrupt(format!(
-                    "a record names disk {disk}, the plan has {}",
-                    hashes.len()
-                )));
+            let disks = tables.len();
+            let Some(h) = tables.get_mut(usize::from(disk)) else {
+                return Err(corrupt(format!("a record names disk {disk}, the plan has {disks}")));
             };
             let first = offset / cs;
             let fits = offset % cs == 0
@@ -127,12 +133,15 @@ impl Journal {
                 )));
             }
             if kind == DATA {
-                out.push((disk, first, hash));
+                h.set(first, hash);
             } else {
-                out.extend((first..first + count).map(|i| (disk, i, h.zero_hash(i))));
+                for i in first..first + count {
+                    let zero = h.zero_hash(i);
+                    h.set(i, zero);
+                }
             }
         }
-        Ok(out)
+        Ok(tables)
     }
 }
 
@@ -184,13 +193,14 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         let read = j.read(&plan).unwrap();
         let zero = DiskHashes::new(10 << 20, 1 << 20);
+        let held: Vec<(u64, [u8; 32])> = (0..10).filter_map(|i| read[0].get(i).map(|h| (i, h))).collect();
         assert_eq!(
-            read,
+            held,
             vec![
-                (0, 0, [7; 32]),
-                (0, 3, [8; 32]),
-                (0, 5, zero.zero_hash(5)),
-                (0, 6, zero.zero_hash(6))
+                (0, [7; 32]),
+                (3, [8; 32]),
+                (5, zero.zero_hash(5)),
+                (6, zero.zero_hash(6))
             ]
         );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * RECORD as u64);
@@ -216,5 +226,30 @@ mod tests {
         })
         .unwrap();
         assert!(j2.read(&plan).unwrap_err().to_string().contains("does not fit"));
+    }
+
+    #[test]
+    fn repeated_runs_replay_into_one_table_of_the_plan_size() {
+        // What an older endpoint journaled for an edge that declared the whole disk zero
+        // 600 times: replayed, it is one state per chunk, not 600 entries per chunk.
+        let dir = tempfile::tempdir().unwrap();
+        let plan = plan();
+        let j = Journal::open(dir.path()).unwrap();
+        let whole = Unsynced {
+            chunks: vec![],
+            zero_runs: vec![(0, 0, 10); 600],
+        };
+        j.append(&whole).unwrap();
+        j.append(&Unsynced {
+            chunks: vec![(0, 2 << 20, [9; 32])],
+            zero_runs: vec![],
+        })
+        .unwrap();
+        let read = j.read(&plan).unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!((read[0].chunk_count(), read[0].known()), (10, 10));
+        // The last record naming a chunk wins.
+        assert_eq!(read[0].get(2), Some([9; 32]));
+        assert_eq!(read[0].get(9), Some(read[0].zero_hash(9)));
     }
 }

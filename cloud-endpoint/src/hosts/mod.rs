@@ -114,6 +114,24 @@ pub struct Hosts {
     detached: tokio::sync::watch::Sender<bool>,
     /// The user QEMU runs as when the endpoint runs as root (see [`confine`]).
     qemu_user: String,
+    /// Memory of live migrations' destinations from their plan's acceptance until they are
+    /// adopted as running VMs (see [`Hosts::reserve`]).
+    reserved_mib: Arc<std::sync::Mutex<u64>>,
+}
+
+/// Memory held for a live migration's destination; given back when dropped (the VM was
+/// adopted, or the migration ended without one).
+#[derive(Debug)]
+pub struct MemoryReservation {
+    reserved_mib: Arc<std::sync::Mutex<u64>>,
+    mib: u64,
+}
+
+impl Drop for MemoryReservation {
+    fn drop(&mut self) {
+        let mut r = self.reserved_mib.lock().unwrap_or_else(|p| p.into_inner());
+        *r = r.saturating_sub(self.mib);
+    }
 }
 
 impl Hosts {
@@ -137,7 +155,12 @@ impl Hosts {
             generation: AtomicU64::new(0),
             detached: tokio::sync::watch::channel(false).0,
             qemu_user: confine::DEFAULT_QEMU_USER.to_owned(),
+            reserved_mib: Default::default(),
         }
+    }
+
+    fn reserved(&self) -> u64 {
+        *self.reserved_mib.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether `vm` has a QEMU now.
@@ -162,7 +185,8 @@ impl Hosts {
                 state: POWERED_ON,
             });
         }
-        let used: u64 = running.values().map(|r| r.memory_mib).sum();
+        // Live migrations' destinations count from their plan's acceptance.
+        let used: u64 = running.values().map(|r| r.memory_mib).sum::<u64>() + hosts.reserved();
         if used.saturating_add(vm.memory_mib) > hosts.memory_mib {
             return Err(HostError::Memory {
                 vm: vm_id.to_owned(),
@@ -334,15 +358,27 @@ impl Hosts {
         watch(domain.clone(), vm_id.to_owned(), process, generation);
     }
 
-    /// Why a VM of `memory_mib` could not run here now, if it could not: the memory of
-    /// the running VMs and the host's. Call from a blocking thread.
-    pub fn room_for(&self, memory_mib: u64) -> Option<String> {
-        let used: u64 = self.running.blocking_lock().values().map(|r| r.memory_mib).sum();
-        (used.saturating_add(memory_mib) > self.memory_mib).then(|| {
-            format!(
-                "the host has {} MiB of memory and its running VMs use {used} MiB: a VM of {memory_mib} MiB does not fit; power off a VM or give the host more memory",
-                self.memory_mib
-            )
+    /// Holds `memory_mib` for a live migration's destination from its plan's acceptance
+    /// until the reservation is dropped (after the VM is adopted, or when the migration
+    /// ends without one): concurrent live plans, and power-ons meanwhile, see it as used.
+    /// Refused, saying why, when the running VMs and the other reservations leave no room.
+    /// Call from a blocking thread.
+    pub fn reserve(&self, memory_mib: u64) -> Result<MemoryReservation, String> {
+        // The running set's lock first, as a power-on takes it: the check and the
+        // reservation are one step against both.
+        let running = self.running.blocking_lock();
+        let used: u64 = running.values().map(|r| r.memory_mib).sum();
+        let mut reserved = self.reserved_mib.lock().unwrap_or_else(|p| p.into_inner());
+        if used.saturating_add(*reserved).saturating_add(memory_mib) > self.memory_mib {
+            return Err(format!(
+                "the host has {} MiB of memory, its running VMs use {used} MiB and live migrations under way hold {} MiB: a VM of {memory_mib} MiB does not fit; power off a VM, wait for a migration to end, or give the host more memory",
+                self.memory_mib, *reserved
+            ));
+        }
+        *reserved += memory_mib;
+        Ok(MemoryReservation {
+            reserved_mib: self.reserved_mib.clone(),
+            mib: memory_mib,
         })
     }
 

@@ -92,8 +92,10 @@ impl Ctx {
 }
 
 /// Serves one accepted connection to its end.
-/// `control_streams` is the control stream, its preamble already read by the dispatch.
+/// `control_streams` is the control stream, its preamble already read by the dispatch;
+/// `connected` is when the handshake completed (the session's deadlines count from it).
 pub async fn serve(
+    connected: Instant,
     conn: quinn::Connection,
     domain: Arc<Domain>,
     config: ReceiverConfig,
@@ -113,7 +115,7 @@ pub async fn serve(
         let ctx = Arc::new(Ctx {
             domain,
             conn: conn.clone(),
-            session: Mutex::new(ReceiverSession::new(config, Instant::now())),
+            session: Mutex::new(ReceiverSession::new(config, connected)),
             wake_writer: Notify::new(),
             wake_events: Notify::new(),
             staged: Mutex::new(None),
@@ -355,6 +357,14 @@ async fn control_writer(ctx: &Ctx, mut writer: ControlWriter) {
         };
         for msg in &msgs {
             if writer.send(msg).await.is_err() {
+                // The edge stopped reading its control stream (or the connection is gone):
+                // nothing more can reach it, and without a close a peer that sends
+                // keep-alives held the connection past every deadline.
+                let (code, reason) = last_refusal(&msgs).unwrap_or((
+                    RefusalCode::ProtocolViolation,
+                    "the edge stopped reading its control stream".to_owned(),
+                ));
+                close_refused(ctx, code, &reason);
                 return;
             }
         }
@@ -366,10 +376,7 @@ async fn control_writer(ctx: &Ctx, mut writer: ControlWriter) {
                 .await
                 .is_err()
             {
-                let (code, reason) = match msgs.iter().rev().find_map(|m| match m {
-                    gateway::wire::CloudMessage::Refused { code, problems } => Some((*code, problems.join("; "))),
-                    _ => None,
-                }) {
+                let (code, reason) = match last_refusal(&msgs) {
                     Some(refusal) => refusal,
                     None if committed => (RefusalCode::Aborted, "committed".to_owned()),
                     None => (RefusalCode::Aborted, "migration ended".to_owned()),
@@ -384,6 +391,14 @@ async fn control_writer(ctx: &Ctx, mut writer: ControlWriter) {
         }
         ctx.wake_writer.notified().await;
     }
+}
+
+/// The last refusal among `msgs`: its code and problems, for a close.
+fn last_refusal(msgs: &[gateway::wire::CloudMessage]) -> Option<(RefusalCode, String)> {
+    msgs.iter().rev().find_map(|m| match m {
+        gateway::wire::CloudMessage::Refused { code, problems } => Some((*code, problems.join("; "))),
+        _ => None,
+    })
 }
 
 /// Authentication, plan checks, commit and discard: the session's requests.
@@ -484,6 +499,9 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 Ok(id) => {
                     tracing::info!(migration = %id, "plan accepted");
                     let ds = ctx.datastore_name(None);
+                    // Data streams only now: until the plan is accepted, a stream the
+                    // peer may open is memory it can fill without being read.
+                    transport::allow_streams(&ctx.conn, transport::StreamPhase::Data);
                     ctx.session().plan_accepted(id, ds);
                 }
                 Err((code, problems)) => {
@@ -580,9 +598,11 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             .expect("resume does not panic");
             match result {
                 Ok(durable) => {
-                    tracing::info!(migration = ?migration_id, durable_chunks = durable.len(), "migration resumed");
+                    let durable_chunks: u64 = durable.iter().map(|d| d.known()).sum();
+                    tracing::info!(migration = ?migration_id, durable_chunks, "migration resumed");
                     let ds = ctx.datastore_name(None);
-                    ctx.session().resume_accepted(migration_id, ds, &durable);
+                    transport::allow_streams(&ctx.conn, transport::StreamPhase::Data);
+                    ctx.session().resume_accepted(migration_id, ds, durable);
                 }
                 Err((code, problems)) => {
                     tracing::warn!(?code, ?problems, "resume refused");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway::protocol::live::{LiveEvent, LiveReceiver};
+use gateway::protocol::live::{LiveEvent, LiveReceiver, LiveTimeouts};
 use gateway::qemu::vm::{machine_for_vm, MachineFiles};
 use gateway::qemu::{DirectKernel, QemuBinary, QemuProcess};
 use gateway::transport::{ControlReader, ControlWriter};
@@ -58,12 +58,15 @@ impl Destination {
 }
 
 /// Serves one live migration to its end. `control_streams` is its first stream, the
-/// preamble already read by the dispatch.
+/// preamble already read by the dispatch; `connected` is when the handshake completed
+/// (the deadlines count from it), `hello` the time the edge has to say Hello.
 pub async fn serve(
+    connected: std::time::Instant,
     conn: quinn::Connection,
     domain: Arc<Domain>,
     control_streams: (quinn::SendStream, quinn::RecvStream),
     slots: Arc<tokio::sync::Semaphore>,
+    hello: Duration,
 ) {
     let peer = conn.remote_address();
     let edge_cert = super::probe::edge_thumbprint(&conn).unwrap_or_default();
@@ -94,14 +97,23 @@ pub async fn serve(
             conn: conn.clone(),
             edge: format!("{peer} cert {edge_cert}"),
             edge_cert,
-            session: LiveReceiver::new(),
+            session: LiveReceiver::new(
+                LiveTimeouts {
+                    hello,
+                    ..Default::default()
+                },
+                connected,
+            ),
             principal: None,
             slot: None,
             slots,
-            boot: [Vec::new(), Vec::new()],
+            memory: None,
+            boot: None,
             dest: None,
             stats: Arc::new(TunnelStats::default()),
         };
+        let mut tunnels_allowed = false;
+        let mut last_moved = run.stats.snapshot();
         loop {
             while let Some(msg) = run.session.poll_transmit() {
                 if writer.send(&msg).await.is_err() {
@@ -118,7 +130,23 @@ pub async fn serve(
                 break;
             }
             let tunnels_open = run.session.tunnels_open();
+            if tunnels_open && !tunnels_allowed {
+                // Tunnel streams only once the destination waits for them: before, a
+                // stream the peer may open is memory it can fill without being read.
+                gateway::transport::allow_streams(&conn, gateway::transport::StreamPhase::Tunnels);
+                tunnels_allowed = true;
+            }
+            let deadline = run.session.poll_timeout();
             tokio::select! {
+                _ = sleep_until(deadline) => {
+                    let now = std::time::Instant::now();
+                    let moved = run.stats.snapshot();
+                    if moved != last_moved {
+                        last_moved = moved;
+                        run.session.progress(now);
+                    }
+                    run.session.handle_timeout(now);
+                }
                 msg = rx.recv() => match msg {
                     Some(Ok(Some(msg))) => {
                         if let Err(e) = run.session.handle(msg) {
@@ -160,6 +188,14 @@ pub async fn serve(
     .await
 }
 
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Run {
     domain: Arc<Domain>,
     conn: quinn::Connection,
@@ -169,7 +205,11 @@ struct Run {
     principal: Option<Principal>,
     slot: Option<tokio::sync::OwnedSemaphorePermit>,
     slots: Arc<tokio::sync::Semaphore>,
-    boot: [Vec<u8>; 2],
+    /// The destination's memory on the host, held from the plan's acceptance until the
+    /// VM is adopted or the migration ends.
+    memory: Option<crate::hosts::MemoryReservation>,
+    /// The boot files as they arrive, on disk (see [`BootFiles`]).
+    boot: Option<BootFiles>,
     dest: Option<Destination>,
     stats: Arc<TunnelStats>,
 }
@@ -214,15 +254,26 @@ impl Run {
                     );
                 };
                 self.slot = Some(slot);
+                if plan.boot.is_some() {
+                    match BootFiles::create(&self.domain) {
+                        Ok(files) => self.boot = Some(files),
+                        Err(problem) => return self.session.refuse(RefusalCode::EndpointFailure, vec![problem]),
+                    }
+                }
                 let domain = self.domain.clone();
                 let result = tokio::task::spawn_blocking(move || check_live_plan(&domain, &principal, &plan))
                     .await
                     .expect("validation does not panic");
+                let result = result.map(|reservation| self.memory = Some(reservation));
                 self.session.plan_checked(result);
             }
             LiveEvent::BootBytes { file, bytes, .. } => {
-                if let Some(buf) = self.boot.get_mut(usize::from(file)) {
-                    buf.extend_from_slice(&bytes);
+                let stored = match self.boot.as_mut() {
+                    Some(files) => files.append(file, &bytes).await,
+                    None => Err("boot file bytes without a place to store them".to_owned()),
+                };
+                if let Err(problem) = stored {
+                    self.session.refuse(RefusalCode::EndpointFailure, vec![problem]);
                 }
             }
             LiveEvent::StartDestination => {
@@ -231,7 +282,7 @@ impl Run {
                     Ok((dest, id, exports)) => {
                         tracing::info!(migration = %id, pid = dest.process.pid(), "destination waits for the memory stream");
                         self.dest = Some(dest);
-                        self.session.destination_ready(id, exports);
+                        self.session.destination_ready(id, exports, std::time::Instant::now());
                     }
                     Err((code, problem)) => self.session.refuse(code, vec![problem]),
                 }
@@ -282,7 +333,7 @@ impl Run {
             placement::discard(domain, staged, &problem);
             (RefusalCode::EndpointFailure, problem)
         };
-        let files = match prepare_files(&staged, plan, &self.boot).await {
+        let files = match prepare_files(&staged, plan, self.boot.take()).await {
             Ok(files) => files,
             Err(e) => return Err(fail(staged, &self.domain, e)),
         };
@@ -487,6 +538,8 @@ impl Run {
         match registered {
             Ok((vm_id, report)) => {
                 crate::hosts::Hosts::adopt(&self.domain, &vm_id, process).await;
+                // Counted as running now.
+                self.memory = None;
                 Ok((vm_id, report))
             }
             Err(e) => {
@@ -532,7 +585,11 @@ async fn read_tunnel_header(recv: &mut quinn::RecvStream) -> Result<TunnelHeader
 
 /// The plan against the domain, plus what a live migration needs: a hypervisor here and
 /// room for the VM on the host.
-fn check_live_plan(domain: &Domain, principal: &Principal, plan: &LivePlan) -> Result<(), (RefusalCode, Vec<String>)> {
+fn check_live_plan(
+    domain: &Domain,
+    principal: &Principal,
+    plan: &LivePlan,
+) -> Result<crate::hosts::MemoryReservation, (RefusalCode, Vec<String>)> {
     let mut problems = match placement::validate(domain, principal, &plan.plan) {
         Ok(_) => Vec::new(),
         Err((RefusalCode::PlanRejected, problems)) => problems,
@@ -543,19 +600,24 @@ fn check_live_plan(domain: &Domain, principal: &Principal, plan: &LivePlan) -> R
             "this endpoint cannot run VMs, so it cannot take a live migration: {e}"
         ));
     }
-    if let Some(problem) = domain.hosts.room_for(plan.plan.vm.memory_mib) {
-        problems.push(problem);
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err((RefusalCode::PlanRejected, problems))
+    // Counted from now, not from when the destination is adopted: concurrent live plans
+    // must not each see the same free memory.
+    let reservation = match domain.hosts.reserve(plan.plan.vm.memory_mib) {
+        Ok(r) => Some(r),
+        Err(problem) => {
+            problems.push(problem);
+            None
+        }
+    };
+    match (problems.is_empty(), reservation) {
+        (true, Some(reservation)) => Ok(reservation),
+        _ => Err((RefusalCode::PlanRejected, problems)),
     }
 }
 
 /// The staged disks as QEMU opens them, the boot files written beside them, and the
 /// console and QMP paths the VM keeps once it is registered (see crate::hosts).
-async fn prepare_files(staged: &Staged, plan: &LivePlan, boot: &[Vec<u8>; 2]) -> Result<MachineFiles, String> {
+async fn prepare_files(staged: &Staged, plan: &LivePlan, boot: Option<BootFiles>) -> Result<MachineFiles, String> {
     let dir = staged.staging.dir().to_owned();
     let name = plan.plan.vm.name.clone();
     let mut disks = Vec::new();
@@ -577,12 +639,13 @@ async fn prepare_files(staged: &Staged, plan: &LivePlan, boot: &[Vec<u8>; 2]) ->
     let kernel = match &plan.boot {
         None => None,
         Some(b) => {
+            let mut received = boot.ok_or("the boot files were not received")?;
             let kernel = dir.join(format!("{name}.vmlinuz"));
-            std::fs::write(&kernel, &boot[0]).map_err(|e| format!("cannot write the kernel: {e}"))?;
+            received.place(0, &kernel).await?;
             let initrd = match b.initrd {
                 Some(_) => {
                     let path = dir.join(format!("{name}.initrd"));
-                    std::fs::write(&path, &boot[1]).map_err(|e| format!("cannot write the initrd: {e}"))?;
+                    received.place(1, &path).await?;
                     Some(path)
                 }
                 None => None,
@@ -628,4 +691,68 @@ async fn recreate_qcow2(path: &Path, capacity: u64) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A live migration's boot files as they arrive: written piece by piece to a private
+/// folder in the default datastore's staging area, never held in memory (a kernel and an
+/// initrd may be 256 MiB each), then moved beside the staged disks when the destination
+/// starts. The folder goes with this value (and a restart cleans `.staging`).
+struct BootFiles {
+    dir: tempfile::TempDir,
+    files: [Option<tokio::fs::File>; 2],
+}
+
+const BOOT_NAMES: [&str; 2] = ["kernel", "initrd"];
+
+impl BootFiles {
+    fn create(domain: &Domain) -> Result<BootFiles, String> {
+        let staging = domain.datastore.root().join(".staging");
+        let dir = tempfile::Builder::new()
+            .prefix(".boot-")
+            .tempdir_in(&staging)
+            .map_err(|e| {
+                format!(
+                    "cannot create a folder for the boot files in {}: {e}; check the datastore",
+                    staging.display()
+                )
+            })?;
+        Ok(BootFiles {
+            dir,
+            files: [None, None],
+        })
+    }
+
+    /// Appends `bytes` to boot file `file` (0 the kernel, 1 the initrd); the session
+    /// checked their order and length.
+    async fn append(&mut self, file: u8, bytes: &[u8]) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        let index = usize::from(file).min(1);
+        let path = self.dir.path().join(BOOT_NAMES[index]);
+        let what = |e: std::io::Error| {
+            format!(
+                "cannot store the {} in {}: {e}; free space in the datastore",
+                BOOT_NAMES[index],
+                path.display()
+            )
+        };
+        if self.files[index].is_none() {
+            self.files[index] = Some(tokio::fs::File::create(&path).await.map_err(what)?);
+        }
+        let f = self.files[index].as_mut().expect("opened above");
+        f.write_all(bytes).await.map_err(what)
+    }
+
+    /// Moves boot file `file` to `to` (copied when `to` is on another file system).
+    async fn place(&mut self, file: usize, to: &Path) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt;
+        let from = self.dir.path().join(BOOT_NAMES[file]);
+        let failed = |e: std::io::Error| format!("cannot place the {} at {}: {e}", BOOT_NAMES[file], to.display());
+        if let Some(mut f) = self.files[file].take() {
+            f.flush().await.map_err(failed)?;
+        }
+        if tokio::fs::rename(&from, to).await.is_err() {
+            tokio::fs::copy(&from, to).await.map_err(failed)?;
+        }
+        Ok(())
+    }
 }

@@ -77,6 +77,9 @@ pub async fn run(
     // Uncapped traffic (link tests, live migrations) gets the window of the path back.
     let full_window = quinn::VarInt::from_u64(tuning.connection_window).unwrap_or(quinn::VarInt::MAX);
     let slots = Arc::new(Semaphore::new(max_concurrent as usize));
+    let connections = Arc::new(Semaphore::new(settings.max_connections as usize));
+    let per_edge = Arc::new(EdgeConnections::new(settings.max_connections_per_edge));
+    let hello = Duration::from_secs(u64::from(settings.hello_timeout_secs));
     let link_tests = Arc::new(probe::LinkTests::new(link_test.clone()));
     let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -86,12 +89,25 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let Some(incoming) = incoming else { break };
+        // Refused before the handshake, which is most of a new connection's cost; the
+        // edge reads "the peer refused the connection ... retry later".
+        let Ok(open) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(
+                remote = %incoming.remote_address(),
+                limit = settings.max_connections,
+                "connection refused: transport.max_connections are open"
+            );
+            incoming.refuse();
+            continue;
+        };
+        let per_edge = per_edge.clone();
         let domain = domain.clone();
         let slots = slots.clone();
         let link_tests = link_tests.clone();
         let caps = caps.clone();
         let receiver = receiver.clone();
         conns.spawn(async move {
+            let _open = open;
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -103,23 +119,37 @@ pub async fn run(
             if !revoked::admit(&conn, &domain.revoked_edges) {
                 return;
             }
+            let connected = std::time::Instant::now();
+            let edge = probe::edge_thumbprint(&conn).unwrap_or_default();
+            let Some(_edge_slot) = per_edge.enter(&edge) else {
+                tracing::warn!(%remote, edge_cert = %edge, limit = per_edge.limit, "connection closed: the edge certificate has transport.max_connections_per_edge open");
+                return transport::close(
+                    &conn,
+                    RefusalCode::Busy,
+                    &format!(
+                        "this edge certificate already has {} connections open to the cloud endpoint (its transport.max_connections_per_edge); retry when one has ended",
+                        per_edge.limit
+                    ),
+                );
+            };
             // The first stream says what the connection is for: a link test
             // has its own limits and never takes a migration slot.
-            let control = match probe::first_stream(&conn).await {
+            let control = match probe::first_stream(&conn, hello).await {
                 Some(probe::FirstStream::Migration(send, recv)) => (send, recv),
                 Some(probe::FirstStream::LinkTest(send, recv)) => {
                     conn.set_receive_window(full_window);
+                    transport::allow_streams(&conn, transport::StreamPhase::LinkTest);
                     return link_tests.serve(conn, send, recv, &domain.endpoint_name).await;
                 }
                 Some(probe::FirstStream::LiveMigration(send, recv)) => {
                     conn.set_receive_window(full_window);
-                    return live_migration::serve(conn, domain, (send, recv), slots).await;
+                    return live_migration::serve(connected, conn, domain, (send, recv), slots, hello).await;
                 }
                 None => return,
             };
             // The migration slot is taken when the plan arrives (connection.rs): a
             // connection that never gets that far must not hold one.
-            connection::serve(conn, domain, receiver, caps, control, slots).await;
+            connection::serve(connected, conn, domain, receiver, caps, control, slots).await;
         });
         // Reap finished connection tasks so the set does not grow.
         while conns.try_join_next().is_some() {}
@@ -137,4 +167,54 @@ pub async fn run(
     .await;
     endpoint.wait_idle().await;
     Ok(())
+}
+
+/// Connections open per edge certificate ([`TransportSettings::max_connections_per_edge`]).
+#[derive(Debug)]
+struct EdgeConnections {
+    limit: u32,
+    open: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// One connection of an edge, counted until dropped.
+struct EdgeSlot {
+    edges: Arc<EdgeConnections>,
+    edge: String,
+}
+
+impl EdgeConnections {
+    fn new(limit: u32) -> Self {
+        EdgeConnections {
+            limit,
+            open: Default::default(),
+        }
+    }
+
+    /// Counts a connection of `edge` (its certificate's thumbprint), or `None` when it
+    /// has `limit` open already.
+    fn enter(self: &Arc<Self>, edge: &str) -> Option<EdgeSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(edge.to_owned()).or_default();
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(EdgeSlot {
+            edges: self.clone(),
+            edge: edge.to_owned(),
+        })
+    }
+}
+
+impl Drop for EdgeSlot {
+    fn drop(&mut self) {
+        let mut open = self.edges.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.edge) {
+            *count -= 1;
+            // The map holds only edges with a connection open.
+            if *count == 0 {
+                open.remove(&self.edge);
+            }
+        }
+    }
 }

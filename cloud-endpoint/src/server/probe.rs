@@ -20,8 +20,6 @@ use tracing::Instrument;
 
 use crate::config::LinkTestConfig;
 
-/// How long an edge has to open its first stream after the handshake.
-const FIRST_STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// An upload stream still sending this long after the granted time is stopped.
 const UPLOAD_GRACE: Duration = Duration::from_secs(2);
 /// Beyond the granted seconds, time a whole link test may take (handshake
@@ -38,9 +36,10 @@ pub(super) enum FirstStream {
     LiveMigration(quinn::SendStream, quinn::RecvStream),
 }
 
-/// Accepts the first bidirectional stream and reads its preamble. `None` when
-/// the connection ended or was closed here for a protocol violation.
-pub(super) async fn first_stream(conn: &quinn::Connection) -> Option<FirstStream> {
+/// Accepts the first bidirectional stream and reads its preamble within `timeout` (the
+/// Hello timeout: the first stream comes before the Hello). `None` when the connection
+/// ended or was closed here for a protocol violation.
+pub(super) async fn first_stream(conn: &quinn::Connection, timeout: Duration) -> Option<FirstStream> {
     let first = async {
         let (send, mut recv) = conn.accept_bi().await.map_err(TransportError::from)?;
         let mut b = [0u8; PREAMBLE_LEN];
@@ -50,14 +49,17 @@ pub(super) async fn first_stream(conn: &quinn::Connection) -> Option<FirstStream
         })?;
         Ok::<_, TransportError>((Preamble::decode(&b)?.kind, send, recv))
     };
-    let why = match tokio::time::timeout(FIRST_STREAM_TIMEOUT, first).await {
+    let why = match tokio::time::timeout(timeout, first).await {
         Ok(Ok((StreamKind::Control, send, recv))) => return Some(FirstStream::Migration(send, recv)),
         Ok(Ok((StreamKind::Probe, send, recv))) => return Some(FirstStream::LinkTest(send, recv)),
         Ok(Ok((StreamKind::Live, send, recv))) => return Some(FirstStream::LiveMigration(send, recv)),
         Ok(Ok((kind, _, _))) => format!("the first stream is a {kind:?} stream, not a control, live or probe stream"),
         Ok(Err(TransportError::Connection(_))) => return None,
         Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no control stream within {} s", FIRST_STREAM_TIMEOUT.as_secs()),
+        Err(_) => format!(
+            "no control stream within {} s (transport.hello_timeout_secs)",
+            timeout.as_secs()
+        ),
     };
     transport::close(conn, RefusalCode::ProtocolViolation, &why);
     None

@@ -17,6 +17,7 @@
 //! which the edge resumes, never stopped.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use super::ProtocolError;
 use crate::plan::MigrationReport;
@@ -73,9 +74,41 @@ impl std::fmt::Debug for BootRx {
     }
 }
 
+/// How long each phase of a live migration may take on the cloud's side. Every phase
+/// has one, so an edge that stops half-way (a plan and all but the last boot file piece,
+/// or a destination it never feeds) holds its migration slot, staged disks and waiting
+/// hypervisor only that long.
+#[derive(Debug, Clone)]
+pub struct LiveTimeouts {
+    /// From the connection to the edge's Hello (10 s by default).
+    pub hello: Duration,
+    /// From the connection to a destination ready for the tunnels: the plan, its check,
+    /// the boot files (up to 2 x 256 MiB: 10 minutes by default is 7 Mbit/s for the
+    /// largest) and the start of the destination.
+    pub setup: Duration,
+    /// With the destination waiting: the longest time without tunnel traffic (the
+    /// mirror and the memory stream move all the time while a migration converges;
+    /// 2 minutes by default). The switchover itself is bounded by the driver.
+    pub ready_idle: Duration,
+}
+
+impl Default for LiveTimeouts {
+    fn default() -> Self {
+        LiveTimeouts {
+            hello: Duration::from_secs(10),
+            setup: Duration::from_secs(600),
+            ready_idle: Duration::from_secs(120),
+        }
+    }
+}
+
 /// One live migration as the cloud endpoint sees it.
 #[derive(Debug)]
 pub struct LiveReceiver {
+    timeouts: LiveTimeouts,
+    connected: Instant,
+    /// Last tunnel traffic (or the destination becoming ready) while in [`Phase::Ready`].
+    last_progress: Instant,
     phase: Phase,
     plan: Option<LivePlan>,
     /// Boot file being received: (index, bytes so far, running hash).
@@ -85,15 +118,13 @@ pub struct LiveReceiver {
     events: VecDeque<LiveEvent>,
 }
 
-impl Default for LiveReceiver {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl LiveReceiver {
-    pub fn new() -> Self {
+    /// A session for a connection made at `now` (its deadlines count from then).
+    pub fn new(timeouts: LiveTimeouts, now: Instant) -> Self {
         LiveReceiver {
+            timeouts,
+            connected: now,
+            last_progress: now,
             phase: Phase::AwaitHello,
             plan: None,
             boot: None,
@@ -282,9 +313,10 @@ impl LiveReceiver {
     }
 
     /// The destination waits for the memory stream with its disks exported.
-    pub fn destination_ready(&mut self, migration_id: String, exports: Vec<String>) {
+    pub fn destination_ready(&mut self, migration_id: String, exports: Vec<String>, now: Instant) {
         if self.phase == Phase::Starting {
             self.phase = Phase::Ready;
+            self.last_progress = now;
             self.outbox.push_back(LiveCloudMessage::Ready { migration_id, exports });
         }
     }
@@ -324,6 +356,56 @@ impl LiveReceiver {
         self.outbox.pop_front()
     }
 
+    /// Tunnel bytes moved at `now`: the migration is converging.
+    pub fn progress(&mut self, now: Instant) {
+        if self.phase == Phase::Ready {
+            self.last_progress = self.last_progress.max(now);
+        }
+    }
+
+    /// When [`Self::handle_timeout`] must next be called: the deadline of the phase.
+    /// None while switching over (the driver bounds the wait for the memory) or ended.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = &self.timeouts;
+        match self.phase {
+            Phase::AwaitHello | Phase::Authenticating => Some(self.connected + t.hello.min(t.setup)),
+            Phase::AwaitPlan | Phase::Checking | Phase::Boot | Phase::Starting => Some(self.connected + t.setup),
+            Phase::Ready => Some(self.last_progress + t.ready_idle),
+            Phase::Switching | Phase::Done | Phase::Failed => None,
+        }
+    }
+
+    /// Fails the migration (tearing a destination down) if its phase's deadline passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(deadline) = self.poll_timeout() else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        let t = &self.timeouts;
+        let why = match self.phase {
+            Phase::AwaitHello | Phase::Authenticating => {
+                format!("the edge did not say Hello within {} s", t.hello.min(t.setup).as_secs())
+            }
+            Phase::Ready => format!(
+                "no tunnel traffic for {} s while the destination waited: the live migration was given up; the source runs on",
+                t.ready_idle.as_secs()
+            ),
+            phase => format!(
+                "the live migration was not ready within {} s of connecting (still {}): the plan, the boot files and the destination's start must fit in that time; retry on a faster link",
+                t.setup.as_secs(),
+                match phase {
+                    Phase::AwaitPlan => "waiting for the plan",
+                    Phase::Checking => "checking the plan",
+                    Phase::Boot => "receiving the boot files",
+                    _ => "starting the destination",
+                }
+            ),
+        };
+        self.fail(RefusalCode::ProtocolViolation, vec![why]);
+    }
+
     pub fn poll_event(&mut self) -> Option<LiveEvent> {
         self.events.pop_front()
     }
@@ -354,7 +436,7 @@ mod tests {
     }
 
     fn welcomed() -> LiveReceiver {
-        let mut r = LiveReceiver::new();
+        let mut r = LiveReceiver::new(LiveTimeouts::default(), Instant::now());
         r.handle(LiveEdgeMessage::Hello {
             agent: "edge".into(),
             user: "u".into(),
@@ -389,7 +471,7 @@ mod tests {
         let events: Vec<_> = std::iter::from_fn(|| r.poll_event()).collect();
         assert_eq!(events.len(), 4, "{events:?}");
         assert_eq!(events[3], LiveEvent::StartDestination);
-        r.destination_ready("migration-1".into(), vec!["disk0".into()]);
+        r.destination_ready("migration-1".into(), vec!["disk0".into()], Instant::now());
         assert!(r.tunnels_open());
         assert!(matches!(r.poll_transmit(), Some(LiveCloudMessage::Ready { .. })));
         r.handle(LiveEdgeMessage::Switchover).unwrap();
@@ -419,7 +501,7 @@ mod tests {
         r.plan_checked(Ok(()));
         r.handle(piece(0, 0, b"k")).unwrap();
         r.handle(piece(1, 0, b"i")).unwrap();
-        r.destination_ready("migration-1".into(), vec![]);
+        r.destination_ready("migration-1".into(), vec![], Instant::now());
         let _ = std::iter::from_fn(|| r.poll_event()).count();
         r.handle(LiveEdgeMessage::Abort {
             reason: "link too slow".into(),
@@ -443,5 +525,71 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn every_phase_has_a_deadline() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        let timeouts = LiveTimeouts {
+            hello: secs(10),
+            setup: secs(600),
+            ready_idle: secs(120),
+        };
+        let refusal = |r: &mut LiveReceiver| match r.poll_transmit() {
+            Some(LiveCloudMessage::Refused { problems, .. }) => problems.join("; "),
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        // No Hello.
+        let mut r = LiveReceiver::new(timeouts.clone(), t0);
+        assert_eq!(r.poll_timeout(), Some(t0 + secs(10)));
+        r.handle_timeout(t0 + secs(9));
+        assert!(!r.is_finished());
+        r.handle_timeout(t0 + secs(10));
+        assert!(refusal(&mut r).contains("did not say Hello within 10 s"));
+
+        // A plan and all but the last boot file piece: the slot is let go at the setup
+        // deadline, counted from the connection.
+        let mut r = LiveReceiver::new(timeouts.clone(), t0);
+        r.handle(LiveEdgeMessage::Hello {
+            agent: "edge".into(),
+            user: "u".into(),
+            password: "p".into(),
+        })
+        .unwrap();
+        r.authenticated(Ok(("cloud".into(), "MigrationOperator".into())));
+        let _ = r.poll_transmit();
+        r.handle(LiveEdgeMessage::Plan(Box::new(plan(b"kernel!", b"initrd"))))
+            .unwrap();
+        r.plan_checked(Ok(()));
+        r.handle(piece(0, 0, b"kernel!")).unwrap();
+        r.handle(piece(1, 0, b"initr")).unwrap();
+        assert_eq!(r.poll_timeout(), Some(t0 + secs(600)));
+        r.handle_timeout(t0 + secs(600));
+        let why = refusal(&mut r);
+        assert!(
+            why.contains("not ready within 600 s") && why.contains("boot files"),
+            "{why}"
+        );
+
+        // Ready: the deadline moves with tunnel traffic, and a silent peer is cut.
+        let mut r = welcomed();
+        r.handle(LiveEdgeMessage::Plan(Box::new(plan(b"k", b"i")))).unwrap();
+        r.plan_checked(Ok(()));
+        r.handle(piece(0, 0, b"k")).unwrap();
+        r.handle(piece(1, 0, b"i")).unwrap();
+        let ready = Instant::now();
+        r.destination_ready("migration-1".into(), vec![], ready);
+        let _ = std::iter::from_fn(|| r.poll_event()).count();
+        let _ = r.poll_transmit();
+        assert_eq!(r.poll_timeout(), Some(ready + Duration::from_secs(120)));
+        r.progress(ready + secs(100));
+        r.handle_timeout(ready + secs(150));
+        assert!(!r.is_finished(), "traffic at 100 s moved the deadline to 220 s");
+        r.handle_timeout(ready + secs(220));
+        assert!(matches!(r.poll_event(), Some(LiveEvent::TearDown { .. })));
+        assert!(refusal(&mut r).contains("no tunnel traffic for 120 s"));
+        // Switching over: the driver bounds it; nothing here.
+        assert_eq!(r.poll_timeout(), None);
     }
 }

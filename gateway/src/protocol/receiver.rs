@@ -12,6 +12,10 @@ use crate::wire::{ChunkHeader, CloudMessage, EdgeMessage, RefusalCode};
 /// Tunables of the receiving side.
 #[derive(Debug, Clone)]
 pub struct ReceiverConfig {
+    /// Time from connection to the edge's Hello. Until then the peer has shown no
+    /// credential: it should hold the connection only as long as a real edge needs to
+    /// open its control stream and say who it is.
+    pub hello_timeout: Duration,
     /// Time from connection to an accepted plan. Bounds what a half-open or
     /// idle client can hold (a reserved connection slot) without sending data.
     pub setup_timeout: Duration,
@@ -31,6 +35,7 @@ pub struct ReceiverConfig {
 impl Default for ReceiverConfig {
     fn default() -> Self {
         ReceiverConfig {
+            hello_timeout: Duration::from_secs(10),
             setup_timeout: Duration::from_secs(30),
             max_rejects_per_chunk: 3,
             verify: VerifyScope::All,
@@ -201,6 +206,7 @@ struct Disk {
 pub struct ReceiverSession {
     config: ReceiverConfig,
     phase: Phase,
+    hello_deadline: Instant,
     setup_deadline: Instant,
     plan: Option<MigrationPlan>,
     disks: Vec<Disk>,
@@ -233,8 +239,10 @@ pub struct ReceiverSession {
 }
 
 impl ReceiverSession {
+    /// A session for a connection made at `now` (its deadlines count from then).
     pub fn new(config: ReceiverConfig, now: Instant) -> Self {
         ReceiverSession {
+            hello_deadline: now + config.hello_timeout.min(config.setup_timeout),
             setup_deadline: now + config.setup_timeout,
             config,
             phase: Phase::AwaitHello,
@@ -394,6 +402,12 @@ impl ReceiverSession {
                         d.capacity
                     )));
                 }
+                // A chunk's state is set once. The edge declares each chunk zero once per
+                // connection, and after a resume only those the cloud's bitmap lacks, so a
+                // chunk already known can only come from a broken or hostile edge: it is
+                // refused, not ignored, which bounds what one session journals (one record
+                // per chunk) and the work a peer can ask for (one pass over the plan)
+                // whatever it sends. The whole run is checked before anything is set.
                 for index in first..first + count {
                     if d.repairing.contains_key(&index) {
                         return Err(ProtocolError::Integrity(format!(
@@ -407,23 +421,37 @@ impl ReceiverSession {
                             index * u64::from(chunk_size)
                         )));
                     }
-                    let zero = d.hashes.zero_hash(index);
                     if let Some(existing) = d.hashes.get(index) {
-                        if existing != zero {
-                            if !delta || !d.replaced.insert(index) {
-                                return Err(ProtocolError::OutsidePlan(format!(
-                                    "disk {disk} chunk at offset {} declared zero after data was written there",
-                                    index * u64::from(chunk_size)
-                                )));
-                            }
-                            // The replica's file still holds the old data there: the
-                            // read-back before the pass ends finds it and writes zeros,
-                            // whatever the verify scope.
-                            if d.from_journal.is_empty() {
-                                d.from_journal = vec![false; d.hashes.chunk_count() as usize];
-                            }
-                            d.from_journal[index as usize] = true;
+                        // A delta pass of a replication may turn a chunk the replica
+                        // holds as data into zeros, once.
+                        let zero = d.hashes.zero_hash(index);
+                        if delta && existing != zero && !d.replaced.contains(&index) {
+                            continue;
                         }
+                        let what = if existing == zero {
+                            "declared zero again (each chunk is declared once)"
+                        } else if delta {
+                            "declared zero after data was written there in this pass"
+                        } else {
+                            "declared zero after data was written there"
+                        };
+                        return Err(ProtocolError::OutsidePlan(format!(
+                            "disk {disk} chunk at offset {} {what}",
+                            index * u64::from(chunk_size)
+                        )));
+                    }
+                }
+                for index in first..first + count {
+                    let zero = d.hashes.zero_hash(index);
+                    if d.hashes.get(index).is_some() {
+                        // Replaced in a delta pass: the replica's file still holds the
+                        // old data there; the read-back before the pass ends finds it and
+                        // writes zeros, whatever the verify scope.
+                        d.replaced.insert(index);
+                        if d.from_journal.is_empty() {
+                            d.from_journal = vec![false; d.hashes.chunk_count() as usize];
+                        }
+                        d.from_journal[index as usize] = true;
                     }
                     d.hashes.set(index, zero);
                 }
@@ -593,37 +621,33 @@ impl ReceiverSession {
     }
 
     /// The driver reopened a migration's staged files; `durable` is what its
-    /// journal holds: (disk, chunk index, plaintext hash), zero chunks with
-    /// their zero hash. Entries outside the plan are ignored (the journal is
-    /// checked when read; this only keeps the session's invariants).
-    pub fn resume_accepted(&mut self, migration_id: String, datastore: String, durable: &[(u16, u64, [u8; 32])]) {
+    /// journal holds, one table per disk of the plan (zero chunks with their zero
+    /// hash): its size is the plan's, whatever the journal held. A table of another
+    /// shape than the plan's disk is ignored (the journal is checked when read; this
+    /// only keeps the session's invariants).
+    pub fn resume_accepted(&mut self, migration_id: String, datastore: String, durable: Vec<DiskHashes>) {
         if self.phase != Phase::Validating {
             return;
         }
         self.start_streaming();
-        let mut done: Vec<Vec<u8>> = self
-            .disks
-            .iter()
-            .map(|d| vec![0u8; d.hashes.chunk_count().div_ceil(8) as usize])
-            .collect();
-        for &(disk, index, hash) in durable {
-            let Some(d) = self.disks.get_mut(usize::from(disk)) else {
-                continue;
-            };
-            if index < d.hashes.chunk_count() {
-                d.hashes.set(index, hash);
-                crate::wire::set_bit(&mut done[usize::from(disk)], index);
-                if d.from_journal.is_empty() {
-                    d.from_journal = vec![false; d.hashes.chunk_count() as usize];
-                }
-                d.from_journal[index as usize] = true;
-            }
-        }
         let chunk_size = self.plan.as_ref().map_or(0, |p| u64::from(p.chunk_size));
-        self.durable_bytes = durable
-            .iter()
-            .map(|&(disk, index, _)| self.chunk_bytes(disk, index.saturating_mul(chunk_size), 1))
-            .sum();
+        let mut done = Vec::with_capacity(self.disks.len());
+        let mut durable_bytes = 0;
+        let mut tables = durable.into_iter();
+        for d in &mut self.disks {
+            let count = d.hashes.chunk_count();
+            let mut bitmap = vec![0u8; count.div_ceil(8) as usize];
+            if let Some(table) = tables.next().filter(|t| t.shape() == d.hashes.shape() && t.known() > 0) {
+                d.from_journal = (0..count).map(|i| table.is_known(i)).collect();
+                for index in (0..count).filter(|&i| table.is_known(i)) {
+                    crate::wire::set_bit(&mut bitmap, index);
+                    durable_bytes += (d.capacity - index * chunk_size).min(chunk_size);
+                }
+                d.hashes = table;
+            }
+            done.push(bitmap);
+        }
+        self.durable_bytes = durable_bytes;
         self.outbox.push_back(CloudMessage::Resumed {
             migration_id,
             datastore,
@@ -1062,6 +1086,9 @@ impl ReceiverSession {
 
     /// When [`Self::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.phase == Phase::AwaitHello {
+            return Some(self.hello_deadline);
+        }
         matches!(
             self.phase,
             Phase::AwaitHello
@@ -1077,7 +1104,10 @@ impl ReceiverSession {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(deadline) = self.poll_timeout() {
             if now >= deadline {
-                let e = ProtocolError::TimedOut("before a plan was accepted");
+                let e = ProtocolError::TimedOut(match self.phase {
+                    Phase::AwaitHello => "before the edge said Hello",
+                    _ => "before a plan was accepted",
+                });
                 self.fail(e.code(), vec![e.to_string()]);
             }
         }

@@ -436,8 +436,15 @@ impl Pair {
                             .resume_committed(migration_id, "ds1".into(), &roots, registered)
                     }
                     None => {
-                        let journal = self.cloud_journal.clone();
-                        self.receiver.resume_accepted(migration_id, "ds1".into(), &journal);
+                        let mut tables: Vec<_> = self
+                            .sources
+                            .iter()
+                            .map(|s| crate::integrity::DiskHashes::new(s.len() as u64, CS))
+                            .collect();
+                        for &(disk, index, hash) in &self.cloud_journal {
+                            tables[usize::from(disk)].set(index, hash);
+                        }
+                        self.receiver.resume_accepted(migration_id, "ds1".into(), tables);
                     }
                 },
                 ReceiverEvent::ValidatePlan(_) => match self.refuse_plan.take() {
@@ -1080,6 +1087,42 @@ fn sealing_a_disk_with_missing_chunks_fails() {
 }
 
 #[test]
+fn a_chunk_declared_zero_twice_is_refused_and_journaled_once() {
+    let zero = |offset: u64, count: u64| EdgeMessage::ZeroChunks { disk: 0, offset, count };
+    let cs = u64::from(CS);
+    let mut r = streaming_receiver(8 * cs);
+    r.handle_control(zero(0, 4), Instant::now()).unwrap();
+    let first = r.take_unsynced();
+    assert_eq!(first.zero_runs, vec![(0, 0, 4)]);
+    // A run that overlaps the first by one chunk: refused as a whole, nothing set.
+    let err = r.handle_control(zero(3 * cs, 5), Instant::now()).unwrap_err();
+    assert_eq!(err.code(), RefusalCode::ProtocolViolation);
+    assert!(
+        err.to_string()
+            .contains(&format!("chunk at offset {} declared zero again", 3 * cs)),
+        "{err}"
+    );
+    assert!(r.take_unsynced().is_empty(), "the repeat is not journaled");
+    assert!(r.is_finished());
+
+    // Repeats on a fresh session: the first repeat ends it, however many follow, so
+    // the journal holds one record whatever the edge sent.
+    let mut r = streaming_receiver(8 * cs);
+    let mut journaled = Vec::new();
+    for _ in 0..600 {
+        let _ = r.handle_control(zero(0, 8), Instant::now());
+        journaled.extend(r.take_unsynced().zero_runs);
+    }
+    assert_eq!(journaled, vec![(0, 0, 8)]);
+    // A chunk written as data and then declared zero keeps its own refusal.
+    let mut r = streaming_receiver(2 * cs);
+    assert_eq!(r.admit_chunk(&header(0, 0, CS)).unwrap(), Admission::Write);
+    r.chunk_written(0, 0);
+    let err = r.handle_control(zero(0, 1), Instant::now()).unwrap_err();
+    assert!(err.to_string().contains("after data was written there"), "{err}");
+}
+
+#[test]
 fn zero_runs_past_the_end_are_refused() {
     let mut r = streaming_receiver(3 * u64::from(CS));
     let err = r
@@ -1100,6 +1143,40 @@ fn data_before_a_plan_is_a_violation() {
     let now = Instant::now();
     let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
     assert!(r.admit_chunk(&header(0, 0, CS)).is_err());
+}
+
+#[test]
+fn the_hello_has_its_own_shorter_deadline() {
+    let now = Instant::now();
+    let config = ReceiverConfig {
+        hello_timeout: Duration::from_secs(10),
+        setup_timeout: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let mut r = ReceiverSession::new(config.clone(), now);
+    assert_eq!(r.poll_timeout(), Some(now + Duration::from_secs(10)));
+    r.handle_timeout(now + Duration::from_secs(10));
+    match r.poll_transmit() {
+        Some(CloudMessage::Refused { code, problems }) => {
+            assert_eq!(code, RefusalCode::ProtocolViolation);
+            assert!(problems[0].contains("before the edge said Hello"), "{problems:?}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Hello in time: the plan's deadline, counted from the connection, applies.
+    let mut r = ReceiverSession::new(config, now);
+    r.handle_control(
+        EdgeMessage::Hello {
+            agent: "a".into(),
+            user: "u".into(),
+            password: "p".into(),
+        },
+        now + Duration::from_secs(9),
+    )
+    .unwrap();
+    assert_eq!(r.poll_timeout(), Some(now + Duration::from_secs(30)));
+    r.handle_timeout(now + Duration::from_secs(29));
+    assert!(!r.is_finished());
 }
 
 #[test]
@@ -1417,7 +1494,10 @@ fn a_replaced_chunk_is_replaced_once_per_pass_and_only_in_a_delta_pass() {
     )
     .unwrap();
     assert!(r.is_delta());
-    r.resume_accepted("m".into(), "ds".into(), &[(0, 0, [1; 32]), (0, 1, [1; 32])]);
+    let mut held = crate::integrity::DiskHashes::new(cap, CS);
+    held.set(0, [1; 32]);
+    held.set(1, [1; 32]);
+    r.resume_accepted("m".into(), "ds".into(), vec![held]);
     assert_eq!(r.admit_chunk(&other).unwrap(), Admission::Write);
     r.chunk_written(0, 0);
     let mut third = header(0, 0, CS);

@@ -63,7 +63,7 @@ fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     match e {
         TimedOut => "the connection timed out: the peer stopped answering (is the UDP port reachable through every firewall?)".into(),
         ConnectionClosed(c) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED => {
-            "the peer refused the connection: it is shutting down or not accepting connections; retry later".into()
+            "the peer refused the connection: it is shutting down, or has all the connections it accepts open (a cloud endpoint's transport.max_connections); retry later".into()
         }
         // TLS alerts travel as QUIC CRYPTO_ERROR codes 0x100-0x1ff.
         ConnectionClosed(c) if (0x100..0x200).contains(&u64::from(c.error_code)) => {
@@ -289,7 +289,11 @@ impl TransportTuning {
         self
     }
 
-    fn transport_config(&self, max_uni_streams: u32) -> Arc<quinn::TransportConfig> {
+    /// `uni` and `bidi`: streams the peer may open at once. Each stream the peer may open
+    /// is a receive window's worth of memory it can fill without being read, so a server
+    /// allows only the first (control) stream and raises the limits per connection when
+    /// a phase needs more ([`phase_streams`]); a client accepts none.
+    fn transport_config(&self, uni: u32, bidi: u32) -> Arc<quinn::TransportConfig> {
         let mut t = quinn::TransportConfig::default();
         let varint = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
         let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -302,8 +306,8 @@ impl TransportTuning {
         t.stream_receive_window(varint(self.stream_window))
             .receive_window(varint(self.connection_window))
             .send_window(self.send_window)
-            .max_concurrent_uni_streams(max_uni_streams.into())
-            .max_concurrent_bidi_streams(max_uni_streams.min(5).into()) // control/probe + 4 link-test downloads; edge: 0
+            .max_concurrent_uni_streams(uni.into())
+            .max_concurrent_bidi_streams(bidi.into())
             .keep_alive_interval(Some(keep_alive))
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok())
             .initial_rtt(self.initial_rtt)
@@ -324,6 +328,47 @@ impl TransportTuning {
 
 /// Most data streams one migration may open.
 pub const MAX_DATA_STREAMS: u32 = 16;
+
+/// What a connection is doing, for the streams its peer may open ([`phase_streams`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamPhase {
+    /// From the handshake until the first stream says what the connection is for: that
+    /// stream only.
+    Opening,
+    /// A migration before its plan is accepted, or a live migration before its
+    /// destination waits: the control stream already open, nothing more.
+    Control,
+    /// A migration streaming its disks: its data streams.
+    Data,
+    /// A live migration whose destination waits: its control stream and 4 tunnels (the
+    /// memory stream and the disks' mirror connections).
+    Tunnels,
+    /// A link test: its control stream, 4 upload and 4 download streams.
+    LinkTest,
+}
+
+/// (unidirectional, bidirectional) streams the peer may have open at once in `phase`:
+/// the server raises them with `quinn::Connection::set_max_concurrent_uni_streams` (and
+/// `_bi_`) when a connection enters a phase. Lowering does not take back credit already
+/// given, so each connection only ever goes up from [`StreamPhase::Opening`].
+pub fn phase_streams(phase: StreamPhase) -> (u32, u32) {
+    let probe = u32::from(crate::wire::probe::MAX_PROBE_STREAMS);
+    match phase {
+        StreamPhase::Opening => (0, 1),
+        // The control stream stays open and counts against the limit: no second one.
+        StreamPhase::Control => (0, 1),
+        StreamPhase::Data => (MAX_DATA_STREAMS, 1),
+        StreamPhase::Tunnels => (0, 5),
+        StreamPhase::LinkTest => (probe, 1 + probe),
+    }
+}
+
+/// Raises the streams `conn`'s peer may open to what `phase` needs.
+pub fn allow_streams(conn: &quinn::Connection, phase: StreamPhase) {
+    let (uni, bidi) = phase_streams(phase);
+    conn.set_max_concurrent_uni_streams(uni.into());
+    conn.set_max_concurrent_bi_streams(bidi.into());
+}
 
 /// Binds a UDP socket with the tuned buffer sizes.
 pub fn bind_udp(addr: SocketAddr, tuning: &TransportTuning) -> Result<UdpSocket, TransportError> {
@@ -386,7 +431,8 @@ pub fn server_endpoint(
     })?;
     let crypto = QuicServerConfig::try_from(crypto).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(tuning.transport_config(MAX_DATA_STREAMS));
+    let (uni, bidi) = phase_streams(StreamPhase::Opening);
+    config.transport_config(tuning.transport_config(uni, bidi));
     quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime())
         .map_err(|source| TransportError::Socket { addr, source })
 }
@@ -401,7 +447,7 @@ pub fn client_endpoint(
     let crypto = QuicClientConfig::try_from(crypto).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     // The edge accepts no streams from the cloud.
-    config.transport_config(tuning.transport_config(0));
+    config.transport_config(tuning.transport_config(0, 0));
     let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime())
         .map_err(|source| TransportError::Socket { addr: bind, source })?;
     endpoint.set_default_client_config(config);

@@ -209,6 +209,38 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_live_fuzz_seeds_are_whole_messages_of_todays_encoding() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/live_control");
+        let mut seeds = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let used = match name.split('-').next() {
+                    Some("edge") => match decode::<LiveEdgeMessage>(rest) {
+                        Ok(Decoded::Frame(_, used)) => used,
+                        other => panic!("{name}: {other:?}"),
+                    },
+                    Some("cloud") => match decode::<LiveCloudMessage>(rest) {
+                        Ok(Decoded::Frame(_, used)) => used,
+                        other => panic!("{name}: {other:?}"),
+                    },
+                    Some("tunnel") => match decode::<TunnelHeader>(rest) {
+                        Ok(Decoded::Frame(_, used)) => used,
+                        other => panic!("{name}: {other:?}"),
+                    },
+                    _ => panic!("{name}: seeds are named edge-, cloud- or tunnel-"),
+                };
+                rest = &rest[used..];
+            }
+            seeds += 1;
+        }
+        assert!(seeds >= 5, "the live_control seeds are missing");
+    }
+
+    #[test]
     fn live_messages_round_trip() {
         let msgs = [
             LiveEdgeMessage::Plan(Box::new(plan())),

@@ -17,8 +17,8 @@ use crate::datastore::DatastoreError;
 use crate::inventory::{Principal, ResumeInfo};
 use crate::Domain;
 
-/// A journal entry: (disk, chunk index, plaintext hash).
-pub type Durable = Vec<(u16, u64, [u8; 32])>;
+/// What a migration's journal holds: one table of chunk hashes per disk of its plan.
+pub type Durable = Vec<gateway::integrity::DiskHashes>;
 
 /// What an edge asks to do with a migration it started before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
