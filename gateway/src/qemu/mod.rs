@@ -11,12 +11,17 @@
 //! migration will start its destination from the same [`MachineSpec`] as its source.
 
 mod error;
+pub mod firmware;
 pub mod machine;
 pub mod process;
 pub mod qmp;
 pub mod vm;
 
 pub use error::QemuError;
-pub use machine::{DirectKernel, DiskFormat, MachineDisk, MachineNic, MachineSpec, NicBackend};
+pub use machine::{
+    ControllerModel, DirectKernel, DiskAttachment, DiskFormat, Firmware, MachineController, MachineDisk, MachineNic,
+    MachineSpec, NicBackend,
+};
+pub use firmware::Ovmf;
 pub use process::{QemuBinary, QemuProcess};
 pub use qmp::{Qmp, QmpEvent};
