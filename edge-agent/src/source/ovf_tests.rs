@@ -546,7 +546,7 @@ fn controller_types_come_from_the_resource_subtypes() {
     assert_eq!(keys, ["scsi0:0", "sata0:1"]);
     let mut types: Vec<(&str, &gateway::plan::ControllerType)> =
         d.controller_types.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    types.sort();
+    types.sort_by_key(|(k, _)| *k);
     use gateway::plan::ControllerType::*;
     assert_eq!(
         types,

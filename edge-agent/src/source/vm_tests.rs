@@ -114,6 +114,7 @@ fn skipped_devices_are_noted() {
     raw_disk(dir.path(), "a.img", 4096);
     let body = "\
 memsize = \"1024\"
+scsi0.virtualDev = \"lsilogic\"
 scsi0:0.fileName = \"a.img\"
 scsi1.present = \"FALSE\"
 scsi1:0.fileName = \"missing-but-ignored.vmdk\"
