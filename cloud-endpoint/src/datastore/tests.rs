@@ -244,7 +244,9 @@ fn descriptor_rejects_partial_sectors_and_bad_keys() {
         assert!(matches!(err, DatastoreError::BadDeviceKey { .. }), "{key}: {err:?}");
     }
     let sectors = (70_000u64 * 255 * 63 + 5) * 512;
-    staging.write_descriptor(0, sectors, "nvme0:0", &kind("nvme0:0")).unwrap();
+    staging
+        .write_descriptor(0, sectors, "nvme0:0", &kind("nvme0:0"))
+        .unwrap();
     let text = fs::read_to_string(staging.dir().join("web01.vmdk")).unwrap();
     assert!(text.contains("ddb.geometry.cylinders = \"65535\""), "{text}");
 }
@@ -412,7 +414,9 @@ fn commit_moves_the_folder_into_place() {
         .unwrap()
         .write_at(b"data", 0)
         .unwrap();
-    staging.write_descriptor(0, 1 << 20, "scsi0:0", &kind("scsi0:0")).unwrap();
+    staging
+        .write_descriptor(0, 1 << 20, "scsi0:0", &kind("scsi0:0"))
+        .unwrap();
     staging.write_vmx(&spec()).unwrap();
     let staged = staging.dir().to_owned();
     assert!(!ds.vm_dir_exists("web01"));

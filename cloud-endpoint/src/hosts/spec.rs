@@ -229,7 +229,12 @@ fn attachment(vm: &VmRecord, key: &str, controllers: &mut Vec<MachineController>
         .qemu_device()
         .ok()
         .and_then(ControllerModel::from_device)
-        .ok_or_else(|| unsupported(format!("{id}: {} controller: QEMU cannot emulate it", kind.display_name())))?;
+        .ok_or_else(|| {
+            unsupported(format!(
+                "{id}: {} controller: QEMU cannot emulate it",
+                kind.display_name()
+            ))
+        })?;
     if !controllers.iter().any(|c| c.id == id) {
         controllers.push(MachineController { id: id.clone(), model });
     }

@@ -587,7 +587,10 @@ fn the_copys_controllers_and_nic_address_types_are_kept() {
     let (_dir, path) = temp_db();
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
     let mid = inv.begin_migration(&operator(), "edge", "hw01", 1).unwrap();
-    let vm_id = inv.register_vm(&mid, &new_vm(&inv, "hw01"), fake_receipt).unwrap().vm_id;
+    let vm_id = inv
+        .register_vm(&mid, &new_vm(&inv, "hw01"), fake_receipt)
+        .unwrap()
+        .vm_id;
     let vm = inv.vm(&vm_id).unwrap().unwrap();
     assert_eq!(vm.controller_type("scsi0"), Some(gateway::plan::ControllerType::Pvscsi));
     assert_eq!(vm.controller_type("sata0"), Some(gateway::plan::ControllerType::Ahci));
@@ -600,7 +603,10 @@ fn upgrading_a_version_7_file_keeps_what_its_vmx_files_say() {
     let (_dir, path) = temp_db();
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
     let mid = inv.begin_migration(&operator(), "edge", "old01", 1).unwrap();
-    let vm_id = inv.register_vm(&mid, &new_vm(&inv, "old01"), fake_receipt).unwrap().vm_id;
+    let vm_id = inv
+        .register_vm(&mid, &new_vm(&inv, "old01"), fake_receipt)
+        .unwrap()
+        .vm_id;
     drop(inv);
     // Back to what a version-7 build wrote: no controllers, no address types.
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -614,10 +620,19 @@ fn upgrading_a_version_7_file_keeps_what_its_vmx_files_say() {
     let vm = inv.vm(&vm_id).unwrap().unwrap();
     // A version-7 build wrote every SCSI controller `lsilogic`, and a MAC as static.
     assert!(vm.controllers.is_empty(), "{:?}", vm.controllers);
-    assert_eq!(vm.controller_type("scsi0"), Some(gateway::plan::ControllerType::LsiLogic));
-    let nics: Vec<(Option<&str>, Option<&str>)> =
-        vm.nics.iter().map(|n| (n.mac.as_deref(), n.address_type.as_deref())).collect();
-    assert_eq!(nics, [(Some("00:50:56:aa:bb:cc"), Some("static")), (None, Some("generated"))]);
+    assert_eq!(
+        vm.controller_type("scsi0"),
+        Some(gateway::plan::ControllerType::LsiLogic)
+    );
+    let nics: Vec<(Option<&str>, Option<&str>)> = vm
+        .nics
+        .iter()
+        .map(|n| (n.mac.as_deref(), n.address_type.as_deref()))
+        .collect();
+    assert_eq!(
+        nics,
+        [(Some("00:50:56:aa:bb:cc"), Some("static")), (None, Some("generated"))]
+    );
 }
 
 #[test]

@@ -550,7 +550,13 @@ fn controller_types_come_from_the_resource_subtypes() {
     use gateway::plan::ControllerType::*;
     assert_eq!(
         types,
-        [("ide0", &Ide), ("ide1", &Ide), ("nvme0", &Nvme), ("sata0", &Ahci), ("scsi0", &Pvscsi)]
+        [
+            ("ide0", &Ide),
+            ("ide1", &Ide),
+            ("nvme0", &Nvme),
+            ("sata0", &Ahci),
+            ("scsi0", &Pvscsi)
+        ]
     );
     // ovftool's NIC subtypes, lower-cased as the .vmx writes them.
     assert_eq!(d.nics[0].virtual_dev.as_deref(), Some("vmxnet3"));

@@ -352,15 +352,21 @@ ethernet1.addressType = \"vpx\"
 ethernet1.generatedAddress = \"00:50:56:9a:00:0b\"
 ",
     );
-    for (i, slot) in ["scsi0:0", "scsi1:3", "scsi2:0", "sata0:2", "nvme0:1", "ide0:1"].iter().enumerate() {
+    for (i, slot) in ["scsi0:0", "scsi1:3", "scsi2:0", "sata0:2", "nvme0:1", "ide0:1"]
+        .iter()
+        .enumerate()
+    {
         raw_disk(dir.path(), &format!("d{i}.img"), 4096);
         body.push_str(&format!("{slot}.present = \"TRUE\"\n{slot}.fileName = \"d{i}.img\"\n"));
     }
     let vmx = write(dir.path(), "hw.vmx", vmx_text(&body));
     let vm = open_vm(&vmx).unwrap();
     assert_eq!(vm.firmware.as_deref(), Some("efi"));
-    let controllers: Vec<(&str, ControllerType)> =
-        vm.controllers.iter().map(|c| (c.key.as_str(), c.kind.clone())).collect();
+    let controllers: Vec<(&str, ControllerType)> = vm
+        .controllers
+        .iter()
+        .map(|c| (c.key.as_str(), c.kind.clone()))
+        .collect();
     assert_eq!(
         controllers,
         [
@@ -374,14 +380,23 @@ ethernet1.generatedAddress = \"00:50:56:9a:00:0b\"
     );
     // A SCSI controller that names no type is not guessed at silently.
     assert!(
-        vm.notes.iter().any(|n| n.starts_with("scsi2 has no virtualDev; taken as lsilogic")),
+        vm.notes
+            .iter()
+            .any(|n| n.starts_with("scsi2 has no virtualDev; taken as lsilogic")),
         "{:?}",
         vm.notes
     );
     let nics: Vec<(&str, Option<&str>, Option<&str>, Option<&str>)> = vm
         .nics
         .iter()
-        .map(|n| (n.key.as_str(), n.virtual_dev.as_deref(), n.address_type.as_deref(), n.mac.as_deref()))
+        .map(|n| {
+            (
+                n.key.as_str(),
+                n.virtual_dev.as_deref(),
+                n.address_type.as_deref(),
+                n.mac.as_deref(),
+            )
+        })
         .collect();
     assert_eq!(
         nics,

@@ -252,7 +252,9 @@ pub fn nic_qemu_model(virtual_dev: Option<&str>) -> Result<&'static str, &'stati
 
 /// A NIC's `addressType` as vSphere writes it.
 pub fn is_address_type(text: &str) -> bool {
-    ["static", "generated", "vpx"].iter().any(|t| t.eq_ignore_ascii_case(text))
+    ["static", "generated", "vpx"]
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(text))
 }
 
 /// The type of the controller `key` (`scsi0`) among `controllers`: as listed, else its
@@ -326,7 +328,9 @@ impl MigrationPlan {
                     slot.bus.units()
                 ));
             }
-            let Some(kind) = vm.controller_type(&controller) else { continue };
+            let Some(kind) = vm.controller_type(&controller) else {
+                continue;
+            };
             if let Err(why) = kind.qemu_device() {
                 if refused_controllers.insert(controller.clone()) {
                     problems.push(format!(
@@ -446,7 +450,9 @@ mod tests {
     #[test]
     fn what_the_hosts_cannot_run_is_named() {
         let p = plan(
-            &["scsi0:0", "scsi0:1", "scsi1:7", "ide0:2", "sata0:30", "nvme0:15", "ide2:0"],
+            &[
+                "scsi0:0", "scsi0:1", "scsi1:7", "ide0:2", "sata0:30", "nvme0:15", "ide2:0",
+            ],
             &[
                 ("scsi0", ControllerType::BusLogic),
                 ("scsi1", ControllerType::Other("megaraid".into())),
@@ -456,7 +462,9 @@ mod tests {
         let problems = p.hardware_problems();
         let all = problems.join("\n");
         assert!(
-            all.contains("scsi0: BusLogic controller: QEMU cannot emulate it; change the controller to lsilogic or pvscsi"),
+            all.contains(
+                "scsi0: BusLogic controller: QEMU cannot emulate it; change the controller to lsilogic or pvscsi"
+            ),
             "{all}"
         );
         assert_eq!(all.matches("scsi0: BusLogic").count(), 1, "once per controller: {all}");
@@ -466,7 +474,10 @@ mod tests {
         assert!(all.contains("disk sata0:30: unit 30"), "{all}");
         assert!(all.contains("disk nvme0:15: unit 15"), "{all}");
         assert!(all.contains("disk ide2:0: a VM has 2 ide controllers at most"), "{all}");
-        assert!(all.contains("ethernet0: NIC model vmxnet2: QEMU has no model for it"), "{all}");
+        assert!(
+            all.contains("ethernet0: NIC model vmxnet2: QEMU has no model for it"),
+            "{all}"
+        );
         assert!(all.contains("ethernet1: NIC model token-ring"), "{all}");
         assert_eq!(problems.len(), 9, "{all}");
     }
@@ -475,6 +486,9 @@ mod tests {
     fn a_controller_on_the_wrong_bus_is_refused() {
         let p = plan(&["sata0:0"], &[("sata0", ControllerType::Pvscsi)], &[]);
         let all = p.hardware_problems().join("\n");
-        assert!(all.contains("sata0: a VMware Paravirtual SCSI (pvscsi) controller cannot be on the sata bus"), "{all}");
+        assert!(
+            all.contains("sata0: a VMware Paravirtual SCSI (pvscsi) controller cannot be on the sata bus"),
+            "{all}"
+        );
     }
 }

@@ -18,10 +18,10 @@ pub mod qmp;
 pub mod vm;
 
 pub use error::QemuError;
+pub use firmware::Ovmf;
 pub use machine::{
     ControllerModel, DirectKernel, DiskAttachment, DiskFormat, Firmware, MachineController, MachineDisk, MachineNic,
     MachineSpec, NicBackend,
 };
-pub use firmware::Ovmf;
 pub use process::{QemuBinary, QemuProcess};
 pub use qmp::{Qmp, QmpEvent};

@@ -575,7 +575,10 @@ mod tests {
         // scsi0 has no controller row (registered before they were kept): what its .vmx says.
         assert_eq!(json["scsi_adapters"]["1000"]["type"], "LSILOGIC");
         assert_eq!(json["scsi_adapters"]["1001"]["type"], "PVSCSI");
-        assert_eq!(json["scsi_adapters"]["1001"]["scsi"], serde_json::json!({"bus": 1, "unit": 7}));
+        assert_eq!(
+            json["scsi_adapters"]["1001"]["scsi"],
+            serde_json::json!({"bus": 1, "unit": 7})
+        );
         assert_eq!(json["disks"]["2003"]["scsi"], serde_json::json!({"bus": 1, "unit": 0}));
         assert_eq!(json["nics"]["4001"]["type"], "VMXNET3");
         assert_eq!(json["nics"]["4001"]["mac_type"], "ASSIGNED");
