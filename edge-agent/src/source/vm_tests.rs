@@ -329,6 +329,9 @@ fn a_disk_image_is_not_taken_for_a_vmx() {
     assert!(err.to_string().contains("pass the VM's .vmx"), "{err}");
 }
 
+/// A NIC as the test compares it: key, model, address type, MAC.
+type NicView<'a> = (&'a str, Option<&'a str>, Option<&'a str>, Option<&'a str>);
+
 #[test]
 fn controllers_nics_and_firmware_are_read_as_the_vmx_says() {
     let dir = tempfile::tempdir().unwrap();
@@ -386,7 +389,7 @@ ethernet1.generatedAddress = \"00:50:56:9a:00:0b\"
         "{:?}",
         vm.notes
     );
-    let nics: Vec<(&str, Option<&str>, Option<&str>, Option<&str>)> = vm
+    let nics: Vec<NicView> = vm
         .nics
         .iter()
         .map(|n| {
