@@ -421,7 +421,7 @@ start_endpoint() { # NET
     for _ in $(seq 100); do [ -n "$(ss -Hlnu "sport = :$ce_port")" ] && break; sleep 0.1; done
     [ -n "$(ss -Hlnu "sport = :$ce_port")" ] || { tail "$tmp/cloud-endpoint-$net.log" >&2; die "cloud-endpoint did not start"; }
   else
-    ip netns exec "$CL" env CLOUD_ENDPOINT_LISTEN=10.77.2.2:4433 "${env[@]}" "$bin/cloud-endpoint" serve \
+    ip netns exec "$CL" env CLOUD_ENDPOINT_LISTEN=10.77.2.2:4433 CLOUD_ENDPOINT_ALLOW_DEFAULT_PASSWORDS=true "${env[@]}" "$bin/cloud-endpoint" serve \
       >>"$tmp/cloud-endpoint-$net.log" 2>&1 &
     ce_pid=$!
     for _ in $(seq 100); do [ -n "$(ip netns exec "$CL" ss -Hlnu 'sport = :4433')" ] && break; sleep 0.1; done

@@ -13,6 +13,7 @@
 #   python3 + venv         python3-venv          the vSphere SDK test (tests/vapi/venv.sh)
 #   openssl                openssl               thumbprints checked against openssl (certs)
 #   cargo-nextest          crates.io             the test runner
+#   user gateway-qemu      useradd               QEMU's own user when the endpoint is root
 #
 # Usage: tests/setup.sh        (tests/run.sh calls it before the tests)
 set -euo pipefail
@@ -63,6 +64,13 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
   else
     apt_install qemu-system-x86
   fi
+fi
+
+# The unprivileged user the cloud endpoint runs each VM's QEMU as when it runs as root
+# (docs/hosts.md): power.rs and hardening.rs boot VMs as root.
+if [ "$(id -u)" = 0 ] && ! getent passwd gateway-qemu >/dev/null; then
+  say "creating the user gateway-qemu (QEMU's, for an endpoint running as root)"
+  useradd --system --no-create-home --shell /usr/sbin/nologin gateway-qemu
 fi
 
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest

@@ -196,7 +196,7 @@ start_link() { # rate loss
   link_up=1
   "$wan" exec cloud /usr/sbin/sshd -f "$tmp/ssh/sshd_config"
   rm -rf "$tmp/datastore" "$tmp/inventory.db"
-  "$wan" exec cloud env CLOUD_ENDPOINT_LISTEN=10.77.2.2:4433 CLOUD_ENDPOINT_API_LISTEN=off \
+  "$wan" exec cloud env CLOUD_ENDPOINT_LISTEN=10.77.2.2:4433 CLOUD_ENDPOINT_API_LISTEN=off CLOUD_ENDPOINT_ALLOW_DEFAULT_PASSWORDS=true \
     CLOUD_ENDPOINT_CERT="$tmp/pki/endpoint.pem" CLOUD_ENDPOINT_KEY="$tmp/pki/endpoint.key" \
     CLOUD_ENDPOINT_EDGE_CA="$tmp/pki/ca.pem" CLOUD_ENDPOINT_DATASTORE_DIR="$tmp/datastore" \
     CLOUD_ENDPOINT_DATABASE="$tmp/inventory.db" CLOUD_ENDPOINT_LOG=warn \

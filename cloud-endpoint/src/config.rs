@@ -21,8 +21,10 @@ use figment::{Figment, Metadata, Profile, Provider};
 use gateway::plan::DiskFormat;
 use serde::{Deserialize, Serialize};
 
+mod api;
 mod logins;
 
+pub use api::ApiSettings;
 pub use logins::LoginSettings;
 
 /// Prefix of every environment variable the configuration reads.
@@ -41,6 +43,10 @@ pub const RESERVED_ENV_VARS: &[&str] = &[
 /// users (or their passwords) in the config file before exposing an endpoint.
 pub const DEMO_PASSWORD: &str = "VMware1!Cloud";
 
+/// The user each VM's QEMU runs as when the endpoint runs as root, unless `qemu_user`
+/// names another.
+pub const DEFAULT_QEMU_USER: &str = "gateway-qemu";
+
 /// The whole configuration of a cloud endpoint.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +63,10 @@ pub struct Config {
     pub key: PathBuf,
     /// CA bundle (PEM) that issued the edge-agent certificates this endpoint trusts. Required.
     pub edge_ca: PathBuf,
+    /// A file of revoked edge certificate serial numbers (hex, one per line), checked
+    /// right after each handshake and read again when it changes. Default none.
+    #[serde(default)]
+    pub revoked_edge_serials: Option<PathBuf>,
     /// Folder of the cloud datastore (VM folders, staging). Default `./datastore`.
     pub datastore_dir: PathBuf,
     /// SQLite file of the inventory. Default `./inventory.sqlite3`.
@@ -79,6 +89,15 @@ pub struct Config {
     pub transport: TransportSettings,
     /// Limits on wrong passwords, per user and per client address.
     pub logins: LoginSettings,
+    /// Bounds of the HTTPS API: connections, idle and handshake times, sessions.
+    pub api: ApiSettings,
+    /// The unprivileged user each VM's QEMU runs as when the endpoint runs as root (it
+    /// must exist; `tests/setup.sh` creates it). Default `gateway-qemu`.
+    pub qemu_user: String,
+    /// Serve on an address other than loopback although a user still has the demo
+    /// password ([`DEMO_PASSWORD`]). Default false: the endpoint refuses to start. Only
+    /// for a lab; a warning says so at every start.
+    pub allow_default_passwords: bool,
 }
 
 /// QUIC tuning and bandwidth caps of the migration port.
@@ -459,6 +478,9 @@ struct Defaults {
     link_test: LinkTestConfig,
     transport: TransportSettings,
     logins: LoginSettings,
+    api: ApiSettings,
+    qemu_user: String,
+    allow_default_passwords: bool,
 }
 
 impl Default for Defaults {
@@ -475,6 +497,9 @@ impl Default for Defaults {
             link_test: LinkTestConfig::default(),
             transport: TransportSettings::default(),
             logins: LoginSettings::default(),
+            api: ApiSettings::default(),
+            qemu_user: DEFAULT_QEMU_USER.to_owned(),
+            allow_default_passwords: false,
         }
     }
 }
@@ -615,6 +640,9 @@ impl Config {
         resolve_relative(&figment, "cert", &mut config.cert);
         resolve_relative(&figment, "key", &mut config.key);
         resolve_relative(&figment, "edge_ca", &mut config.edge_ca);
+        if let Some(path) = &mut config.revoked_edge_serials {
+            resolve_relative(&figment, "revoked_edge_serials", path);
+        }
         resolve_relative(&figment, "datastore_dir", &mut config.datastore_dir);
         resolve_relative(&figment, "database", &mut config.database);
         for ds in &mut config.domain.extra_datastores {
@@ -641,6 +669,12 @@ impl Config {
         if self.transport.idle_timeout_secs == 0 {
             return Err(ConfigError::ZeroIdleTimeout {
                 origin: origin(figment, "transport.idle_timeout_secs"),
+            });
+        }
+        if let Some(key) = self.api.zero_setting() {
+            return Err(ConfigError::ZeroLoginLimit {
+                key,
+                origin: origin(figment, key),
             });
         }
         if let Some(key) = self.logins.zero_setting() {
@@ -795,7 +829,7 @@ impl Config {
 
     /// An annotated example configuration with every setting at its default.
     pub fn example_toml() -> String {
-        EXAMPLE_TOML.replace("{DEMO_PASSWORD}", DEMO_PASSWORD) + logins::EXAMPLE_TOML
+        EXAMPLE_TOML.replace("{DEMO_PASSWORD}", DEMO_PASSWORD) + logins::EXAMPLE_TOML + api::EXAMPLE_TOML
     }
 }
 
@@ -833,6 +867,10 @@ api_listen = "127.0.0.1:8443"
 cert = "pki/endpoint.pem"
 key = "pki/endpoint.key"
 edge_ca = "pki/ca.pem"
+# Revoked edge certificates: a file of serial numbers in hex, one per line, as
+# `openssl x509 -serial -noout -in edge.pem` prints them. Checked right after each
+# handshake; the file is read again when it changes (no restart). None by default.
+# revoked_edge_serials = "pki/revoked-edges.txt"
 
 # Folder of the cloud datastore: one folder per VM, plus .staging for transfers.
 datastore_dir = "./datastore"
@@ -851,6 +889,15 @@ resume_window_hours = 24
 # back and checks every chunk against what was sent; chunks that differ are sent again
 # by the edge. "all" (every chunk) or "resumed" (only chunks an earlier connection wrote).
 verify_staged = "all"
+
+# When the endpoint runs as root, each VM's QEMU runs as this unprivileged user (it must
+# exist: useradd --system --no-create-home --shell /usr/sbin/nologin gateway-qemu), which
+# owns the VM's folder while it runs and cannot read the database or the keys.
+qemu_user = "gateway-qemu"
+
+# Serve on an address other than loopback although a user still has the published demo
+# password. Only for a lab: every start warns while it is set.
+allow_default_passwords = false
 
 # The domain migrated VMs land in. It is written into the inventory on first start;
 # later starts add new networks and users but never delete anything.
@@ -893,7 +940,9 @@ disk_format = "vmdk"
 # Users of the domain. Each has exactly one of `password` (hashed with argon2id when
 # stored) or `password_hash` (an argon2 PHC string, stored as is), and a role:
 # Administrator, MigrationOperator (may migrate) or ReadOnly.
-# These demo users share a published password: CHANGE THEM before exposing the endpoint.
+# These demo users share a published password: CHANGE THEM before exposing the endpoint
+# (`cloud-endpoint hash-password` prints a `password_hash` line to put here). The
+# endpoint refuses to serve on an address other than loopback while a user still has it.
 # A user removed from this list can no longer log in (kept in the inventory for history).
 [[domain.users]]
 name = "administrator@cloud.local"

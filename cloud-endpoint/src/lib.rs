@@ -6,8 +6,9 @@
 //! config      TOML + environment, with a built-in demo domain
 //! inventory   the domain in SQLite: datacenter, cluster, host, datastore,
 //!             networks, folders, users (argon2), VMs, migrations
-//! logins      every password login goes through its throttle (per user and
-//!             per client address) before a hash runs
+//! logins      every password login goes through its queue bound and throttle
+//!             (per user and per client address) before a hash runs
+//! logging     log lines peers cannot forge (control characters escaped)
 //! datastore   the files: staging, disks as flat VMDKs, qcow2 or raw images,
 //!             descriptors, .vmx
 //! server      QUIC accept loop; per connection a ReceiverSession driver
@@ -22,6 +23,7 @@ pub mod config;
 pub mod datastore;
 pub mod hosts;
 pub mod inventory;
+pub mod logging;
 pub mod logins;
 pub mod server;
 
@@ -60,8 +62,17 @@ pub enum EndpointError {
     Api(#[from] api::ApiServeError),
     #[error("{0}; check the configured `cert` and `key` (CLOUD_ENDPOINT_CERT, CLOUD_ENDPOINT_KEY)")]
     Receipts(#[from] gateway::receipt::ReceiptError),
+    #[error(transparent)]
+    Revoked(#[from] server::revoked::RevokedError),
     #[error("cannot find the VMs that ran before the restart again: {0}")]
     Hosts(#[from] hosts::HostError),
+    #[error(
+        "refusing to serve on {addresses}, which is not loopback, while {users} still have the published demo \
+         password; give each user its own password in the config file's [[domain.users]] (`cloud-endpoint \
+         hash-password` prints a `password_hash` line), or set `allow_default_passwords = true` \
+         (CLOUD_ENDPOINT_ALLOW_DEFAULT_PASSWORDS=true) for a lab"
+    )]
+    DefaultPasswords { addresses: String, users: String },
 }
 
 /// The cloud domain a migration lands in: inventory plus datastore files.
@@ -82,6 +93,8 @@ pub struct Domain {
     pub hosts: hosts::Hosts,
     /// The login throttle every password login goes through.
     pub logins: logins::Logins,
+    /// Edge certificates refused right after their handshake.
+    pub revoked_edges: server::revoked::RevokedEdges,
 }
 
 impl Domain {
@@ -94,6 +107,35 @@ impl Domain {
     pub fn datastore_named(&self, name: &str) -> Option<&Datastore> {
         self.datastores().find(|ds| ds.name() == name)
     }
+}
+
+/// Refuses an endpoint that would serve beyond loopback while a user still has the
+/// published demo password (anyone who read the README could log in as administrator),
+/// unless `allow_default_passwords` says so; then it warns, at every start.
+fn refuse_default_passwords(config: &Config, inventory: &Inventory) -> Result<(), EndpointError> {
+    let exposed: Vec<String> = std::iter::once(config.listen)
+        .chain(config.api_listen)
+        .filter(|addr| !addr.ip().is_loopback())
+        .map(|addr| addr.to_string())
+        .collect();
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    let users = inventory.users_with_password(config::DEMO_PASSWORD)?;
+    if users.is_empty() {
+        return Ok(());
+    }
+    let (addresses, users) = (exposed.join(" and "), users.join(", "));
+    if config.allow_default_passwords {
+        tracing::warn!(
+            %addresses,
+            %users,
+            "SERVING WITH THE PUBLISHED DEMO PASSWORD beyond loopback (allow_default_passwords = true): \
+             anyone who can reach the endpoint can log in as these users"
+        );
+        return Ok(());
+    }
+    Err(EndpointError::DefaultPasswords { addresses, users })
 }
 
 /// A configured endpoint, ready to serve.
@@ -113,10 +155,12 @@ impl Endpoint {
         let chain = certs::load_certs(&config.cert)?;
         let key = certs::load_key(&config.key)?;
         let edge_cas = certs::load_certs(&config.edge_ca)?;
+        let revoked_edges = server::revoked::RevokedEdges::open(config.revoked_edge_serials.as_deref())?;
         let receipts = gateway::receipt::ReceiptSigner::new(&chain, &key)?;
         let tls = gateway::transport::server_crypto(chain.clone(), key.clone_key(), &edge_cas)?;
         let api_tls = api::server_tls(chain.clone(), key).map_err(EndpointError::ApiTls)?;
         let inventory = Inventory::open(&config.database, &config.domain)?;
+        refuse_default_passwords(&config, &inventory)?;
         // The stored name wins: VM paths already carry it.
         let datastore = Datastore::open(
             &config.datastore_dir,
@@ -160,8 +204,10 @@ impl Endpoint {
                 endpoint_name,
                 receipts,
                 live: Default::default(),
-                hosts: hosts::Hosts::new(config.domain.host.memory_mib, config.domain.host.cpu_cores),
+                hosts: hosts::Hosts::new(config.domain.host.memory_mib, config.domain.host.cpu_cores)
+                    .with_qemu_user(&config.qemu_user),
                 logins: logins::Logins::new(&config.logins),
+                revoked_edges,
             }),
             config,
             tls,
@@ -219,6 +265,7 @@ impl Endpoint {
                 listener,
                 self.api_tls.clone(),
                 self.domain.clone(),
+                &self.config.api,
                 wait(stopped.clone()),
             )
             .await;

@@ -48,13 +48,23 @@ enum Command {
     },
     /// Print an annotated config file with every setting and its default.
     ExampleConfig,
+    /// Read a new password from standard input and print the `password_hash` line that
+    /// sets it for a user in the config file's [[domain.users]] (the config file is where
+    /// users and passwords live; the next start applies it).
+    HashPassword,
 }
 
 fn main() -> std::process::ExitCode {
+    // Everything the endpoint creates (the database, disk images, console logs, .vmx
+    // files, journals, receipts, and what QEMU and qemu-img create for it) is its own:
+    // 0600 files and 0700 folders, whatever umask the service manager gave.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
-        .with_writer(std::io::stderr)
+        // Colour codes would be escaped like any control character a peer sends.
+        .with_ansi(false)
+        .with_writer(cloud_endpoint::logging::EscapedStderr)
         .init();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -71,12 +81,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         print!("{}", Config::example_toml());
         return Ok(());
     }
+    if let Command::HashPassword = command {
+        return hash_password();
+    }
     let config = Config::load(cli.config.as_deref())?;
     match command {
         Command::Serve => serve(config),
         Command::Inventory { json } => inventory(&config, json),
         Command::Migrations { json } => migrations(&config, json),
-        Command::ExampleConfig => unreachable!("handled above"),
+        Command::ExampleConfig | Command::HashPassword => unreachable!("handled above"),
     }
 }
 
@@ -110,6 +123,28 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    if std::io::stdin().is_terminal() {
+        eprintln!("new password (one line; it is shown as typed, pipe it in to avoid that):");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        anyhow::bail!("the password is empty; type or pipe in the new password on one line");
+    }
+    if password == cloud_endpoint::config::DEMO_PASSWORD {
+        anyhow::bail!("that is the published demo password; choose another");
+    }
+    let hash = cloud_endpoint::inventory::hash_password(password)?;
+    println!("password_hash = \"{hash}\"");
+    Ok(())
 }
 
 fn inventory(config: &Config, json: bool) -> anyhow::Result<()> {

@@ -83,6 +83,10 @@ pub struct Header {
     pub plan: Vec<u8>,
     pub source: Vec<FileStamp>,
     pub started: String,
+    /// A replication (`edge-agent replicate`): the record outlives each pass, and the
+    /// source is expected to change between passes.
+    #[serde(default)]
+    pub replica: bool,
 }
 
 /// The two files of one migration's record.
@@ -240,6 +244,7 @@ mod tests {
             plan: vec![1, 2],
             source: vec![],
             started: "2026-11-26T10:00:00Z".into(),
+            replica: false,
         }
     }
 

@@ -77,6 +77,22 @@ pub struct MigrateOptions {
     pub state_dir: Option<PathBuf>,
     /// How long to keep reconnecting after the link to the endpoint is lost.
     pub retry_for: Duration,
+    /// A cold lift, or a pass of a replication.
+    pub replication: Replication,
+}
+
+/// What a run does with the cloud's copy (see docs/replication.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Replication {
+    /// A cold lift: send everything, register the VM.
+    #[default]
+    Off,
+    /// Start a replication (a full pass) or run its next delta pass, and leave the
+    /// copy in the cloud as a replica: nothing is registered.
+    Sync,
+    /// A last delta pass of a replication, then register the VM (the source must be
+    /// stopped).
+    Switchover,
 }
 
 impl Default for MigrateOptions {
@@ -96,6 +112,7 @@ impl Default for MigrateOptions {
             receipt_path: None,
             state_dir: None,
             retry_for: Duration::from_secs(300),
+            replication: Replication::Off,
         }
     }
 }
@@ -362,6 +379,7 @@ pub async fn run(
         plan: gateway::wire::control::encode(&plan).unwrap_or_default(),
         source,
         started: time_now(),
+        replica: opts.replication != Replication::Off,
     };
     let mut resume: Option<(String, Vec<DoneChunk>)> = None;
     let mut ckpt = opts
@@ -376,13 +394,49 @@ pub async fn run(
             ))
         })?;
         if let Some((recorded, done)) = loaded {
-            check_unchanged(&recorded, &header, &plan, &disks, &done, c.path())?;
+            match (recorded.replica, opts.replication) {
+                (false, Replication::Off) => check_unchanged(&recorded, &header, &plan, &disks, &done, c.path())?,
+                (true, Replication::Off) => {
+                    return Err(MigrateError::Target(format!(
+                        "{} is being replicated to this endpoint as {} (migration {}): run `edge-agent switchover` to finish it, or `edge-agent abort` to drop the replica",
+                        vm.vmx_path.display(),
+                        recorded.vm_name,
+                        recorded.migration_id
+                    )))
+                }
+                (false, _) => {
+                    return Err(MigrateError::Target(format!(
+                        "{} has an unfinished cold migration to this endpoint (migration {}): finish it with `edge-agent migrate`, or `edge-agent abort` it before replicating",
+                        vm.vmx_path.display(),
+                        recorded.migration_id
+                    )))
+                }
+                // The source changes between passes: each pass compares everything.
+                (true, _) if recorded.plan_digest != header.plan_digest => {
+                    return Err(MigrateError::SourceChanged {
+                        migration_id: recorded.migration_id.clone(),
+                        what: "the VM's configuration (disks, CPUs, memory, NICs) or the options differ from the replication's; `edge-agent abort` the replication and start it again".into(),
+                        checkpoint: c.path().to_owned(),
+                    })
+                }
+                (true, _) => {}
+            }
             // Appended to only once the endpoint resumed the migration for us: an agent it
             // refuses (another user's, or one whose role may not migrate) must leave the
             // owner's record as it found it.
             tracing::info!(migration = %recorded.migration_id, recorded_chunks = done.len(), "resuming from the checkpoint");
             resume = Some((recorded.migration_id, done));
         }
+    }
+    if opts.replication == Replication::Switchover && resume.is_none() {
+        return Err(MigrateError::Target(format!(
+            "no replication of {} to this endpoint is recorded{}: start one with `edge-agent replicate`, or lift the VM cold with `edge-agent migrate`",
+            vm.vmx_path.display(),
+            opts.state_dir
+                .as_deref()
+                .map(|d| format!(" in {}", d.display()))
+                .unwrap_or_default()
+        )));
     }
     let run = Arc::new(RunState {
         records: Mutex::new(Records {
@@ -413,7 +467,12 @@ pub async fn run(
         .await;
         let (e, migration_id, progressed) = match outcome {
             Ok(mut summary) => {
-                run.remove_checkpoint();
+                if opts.replication == Replication::Sync {
+                    // The next pass compares against what this one recorded.
+                    run.flush();
+                } else {
+                    run.remove_checkpoint();
+                }
                 summary.reconnects = reconnects;
                 return Ok(summary);
             }
@@ -718,11 +777,18 @@ async fn attempt(
     tracing::info!(endpoint = %target.addr, "connected");
 
     let config = SenderConfig::new(&opts.agent, &target.user, &target.password);
-    let session = match resume {
+    let mut session = match resume {
+        // A replication is compared chunk by chunk on every resume: its source runs.
+        Some((id, done)) if opts.replication != Replication::Off => {
+            SenderSession::syncing(config, plan.clone(), id, done, Instant::now())
+        }
         Some((id, done)) => SenderSession::resuming(config, plan.clone(), id, done, Instant::now()),
         None => SenderSession::new(config, plan.clone(), Instant::now()),
     }
     .map_err(|e| (e.into(), None, false))?;
+    if opts.replication == Replication::Sync {
+        session.finish_as_replica();
+    }
     let shared = Arc::new(Shared {
         session: Mutex::new(session),
         wake_writer: Notify::new(),
@@ -756,17 +822,23 @@ async fn attempt(
     };
     match result {
         Ok((vm_id, vm_path, migration_id)) => {
-            // The VM is registered whatever happens to its receipt now.
+            let synced = shared.session().is_synced();
+            // The VM is registered whatever happens to its receipt now. A replication
+            // pass has no receipt: nothing was registered.
             let receipt = shared.session().receipt().map(str::to_owned);
-            let kept = crate::receipt::keep(
-                &conn,
-                receipt.as_deref(),
-                opts.receipt_path.as_deref(),
-                &vm_id,
-                &migration_id,
-            );
+            let kept = if synced {
+                Ok(None)
+            } else {
+                crate::receipt::keep(
+                    &conn,
+                    receipt.as_deref(),
+                    opts.receipt_path.as_deref(),
+                    &vm_id,
+                    &migration_id,
+                )
+            };
             let duration = started.elapsed();
-            conn.close(0u32.into(), b"committed");
+            conn.close(0u32.into(), if synced { b"synced" } else { b"committed" });
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
             let s = shared.session();
             sink.progress(&Progress {
@@ -797,6 +869,7 @@ async fn attempt(
                 receipt_path: kept,
                 receipt: receipt.unwrap_or_default(),
                 report: s.report().cloned(),
+                replica: synced,
             })
         }
         Err(e) => {
@@ -1108,6 +1181,11 @@ async fn control_reader(
                     shared.wake_writer.notify_one();
                     return Ok((vm_id, vm_path, migration_id));
                 }
+                // A replication pass: the replica is kept, no VM is registered.
+                SenderEvent::Synced { delta_bytes } => {
+                    tracing::info!(migration = %migration_id, delta_bytes, "replica in sync");
+                    return Ok((String::new(), String::new(), migration_id));
+                }
                 // Only a session made to validate a plan (`edge-agent plan`) has it.
                 SenderEvent::Validated(_) => {}
             }
@@ -1153,7 +1231,7 @@ async fn sealer(
                 shared.wake_writer.notify_one();
                 continue;
             }
-            Work::Send | Work::Hash => {}
+            Work::Send | Work::Hash | Work::Compare(_) => {}
         }
         let mut b = bufs.take().expect("buffers returned after each chunk");
         if let Some(spare) = shared.spare.lock().expect("spare lock poisoned").pop() {
@@ -1179,6 +1257,17 @@ async fn sealer(
             }
             let sealed = if work == Work::Hash {
                 Sealed::Hashed(gateway::chunk::sha256(&b.plain))
+            } else if let Work::Compare(held) = work {
+                // A delta pass: what the replica holds already stays.
+                let hash = gateway::chunk::sha256(&b.plain);
+                if hash == held {
+                    Sealed::Hashed(hash)
+                } else if is_zero(&b.plain) {
+                    Sealed::Zero
+                } else {
+                    let _ = b.sealer.set_level(level);
+                    Sealed::Data(b.sealer.seal(disk, offset, &b.plain, &mut b.payload))
+                }
             } else if is_zero(&b.plain) {
                 Sealed::Zero
             } else {
@@ -1190,18 +1279,24 @@ async fn sealer(
         })
         .await
         .expect("sealing does not panic")?;
-        match sealed_chunk {
-            Sealed::Zero if work == Work::Hash => {
+        match (sealed_chunk, work) {
+            (Sealed::Zero, Work::Hash) => {
                 let zero = gateway::chunk::sha256(&vec![0; chunk_len]);
                 shared.session().chunk_hashed(disk, offset, zero);
                 shared.run.record(disk, offset / chunk_size, zero);
             }
-            Sealed::Zero => zero_done(shared, disk, offset),
-            Sealed::Hashed(hash) => {
+            // Zeros (a hole) where the replica holds zeros: unchanged.
+            (Sealed::Zero, Work::Compare(held)) if shared.session().zero_hash(disk, offset) == Some(held) => {
+                shared.session().chunk_hashed(disk, offset, held);
+            }
+            (Sealed::Zero, _) => zero_done(shared, disk, offset),
+            // Unchanged in a delta pass: its record is there from an earlier pass.
+            (Sealed::Hashed(hash), Work::Compare(_)) => shared.session().chunk_hashed(disk, offset, hash),
+            (Sealed::Hashed(hash), _) => {
                 shared.session().chunk_hashed(disk, offset, hash);
                 shared.run.record(disk, offset / chunk_size, hash);
             }
-            Sealed::Data(header) => {
+            (Sealed::Data(header), _) => {
                 shared.session().chunk_sent(disk, offset, header.sha256);
                 let chunk = SealedChunk {
                     header,

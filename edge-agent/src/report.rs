@@ -76,6 +76,10 @@ pub struct Summary {
     /// The endpoint's report: NIC mapping, firewall rules carried and not carried
     /// (also at `GET /api/gateway/migrations/{id}/report`).
     pub report: Option<gateway::plan::MigrationReport>,
+    /// A replication pass (`edge-agent replicate`): the cloud keeps a replica, no VM
+    /// was registered (`vm_id` and `vm_path` are empty).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub replica: bool,
 }
 
 impl Summary {
@@ -98,8 +102,21 @@ impl Summary {
 
     /// Human summary, several lines.
     pub fn to_text(&self) -> String {
+        let head = if self.replica {
+            format!(
+                "replica of {} in sync (migration {}): {} of changed data sent, nothing registered",
+                self.vm,
+                self.migration_id,
+                human(self.sent_bytes)
+            )
+        } else {
+            format!(
+                "migrated {} -> {} at {} (migration {})",
+                self.vm, self.vm_id, self.vm_path, self.migration_id
+            )
+        };
         let mut text = format!(
-            "migrated {vm} -> {vm_id} at {path} (migration {mid})\n\
+            "{head}\n\
              disks:          {disks}\n\
              logical bytes:  {logical} ({zero} all-zero, never sent)\n\
              payload bytes:  {payload} (zstd, {resent} chunks resent)\n\
@@ -107,10 +124,6 @@ impl Summary {
              ratio:          {ratio:.2} logical bytes per wire byte\n\
              duration:       {dur:.2} s\n\
              rate:           {rate}/s logical",
-            vm = self.vm,
-            vm_id = self.vm_id,
-            path = self.vm_path,
-            mid = self.migration_id,
             disks = self.disks,
             logical = human(self.logical_bytes),
             zero = human(self.zero_bytes),

@@ -119,6 +119,7 @@ pub fn receiver(data: &[u8]) {
                     session.plan_checked(Err((crate::wire::RefusalCode::PlanRejected, vec![])))
                 }
                 ReceiverEvent::AbortMigration { .. } => session.migration_aborted(Ok(())),
+                ReceiverEvent::KeepReplica { .. } => session.replica_kept(Ok(())),
             }
         }
         while session.poll_transmit().is_some() {}

@@ -155,7 +155,7 @@ pub struct VmSpec {
     pub nics: Vec<NicSpec>,
     pub disks: Vec<DiskSpec>,
     /// The disk controllers the disks sit on, each with its type, so the copy gets the
-    /// controller its boot disk's driver knows (added in protocol version 4). A disk whose
+    /// controller its boot disk's driver knows (added in protocol version 5). A disk whose
     /// controller is not listed is on that bus's default type (see [`ControllerType::default_for`]).
     pub controllers: Vec<ControllerSpec>,
 }
@@ -170,7 +170,7 @@ pub struct NicSpec {
     /// Kept as a static MAC in the cloud unless absent.
     pub mac: Option<String>,
     /// `ethernetN.addressType` as the source wrote it: `static`, `generated` or `vpx`
-    /// (added in protocol version 4); `None` when the source did not say.
+    /// (added in protocol version 5); `None` when the source did not say.
     pub address_type: Option<String>,
 }
 

@@ -114,6 +114,12 @@ impl Cloud {
             ),
         ];
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        // A test's temp folder is 0700; a VM's QEMU runs as its own user when the tests
+        // run as root (docs/hosts.md), and must pass through it to the datastore.
+        if let Some(parent) = root.parent() {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o711)).unwrap();
+        }
         let config = Config::load_with_env(None, &vars).expect("config");
         let endpoint = Endpoint::open(config).expect("endpoint opens");
         let socket = endpoint.bind().unwrap();
@@ -330,3 +336,38 @@ pub fn require_qemu() -> gateway::qemu::QemuBinary {
 }
 
 pub mod raw;
+
+/// An `edge-agent` command line against `cloud` as the migrator, with the test PKI, a
+/// state folder and a receipt in it: `args[0]` is the subcommand (`migrate`,
+/// `replicate`, `switchover`, `abort`...), the rest is appended after the common options.
+pub fn edge_command(
+    bin: &Path,
+    pki: &Pki,
+    cloud: &Cloud,
+    vmx: &Path,
+    state: &Path,
+    args: &[&str],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin.join("edge-agent"));
+    cmd.arg(args.first().copied().unwrap_or("migrate"))
+        .arg("--vmx")
+        .arg(vmx)
+        .arg("--url")
+        .arg(format!("quic://127.0.0.1:{}", cloud.addr.port()))
+        .arg("--user")
+        .arg(MIGRATOR)
+        .arg("--ca-bundle")
+        .arg(pki.path("ca.pem"))
+        .arg("--cert")
+        .arg(pki.path("edge.pem"))
+        .arg("--key")
+        .arg(pki.path("edge.key"))
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--receipt")
+        .arg(state.join("receipt.json"))
+        .args(&args[1.min(args.len())..])
+        .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
+        .env_remove("EDGE_AGENT_LOG");
+    cmd
+}

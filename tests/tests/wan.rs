@@ -19,6 +19,8 @@ const PORT: u16 = 4433;
 fn endpoint_env(cmd: &mut Command, pki: &Pki, cloud: &Path) {
     cmd.env("CLOUD_ENDPOINT_LISTEN", format!("{CLOUD_ADDR}:{PORT}"))
         .env("CLOUD_ENDPOINT_API_LISTEN", "off")
+        // The emulated WAN's address is not loopback; the demo users are a test's own.
+        .env("CLOUD_ENDPOINT_ALLOW_DEFAULT_PASSWORDS", "true")
         .env("CLOUD_ENDPOINT_CERT", pki.path("endpoint.pem"))
         .env("CLOUD_ENDPOINT_KEY", pki.path("endpoint.key"))
         .env("CLOUD_ENDPOINT_EDGE_CA", pki.path("ca.pem"))

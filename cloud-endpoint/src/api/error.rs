@@ -34,6 +34,9 @@ pub enum ErrorKind {
     NotAllowedInCurrentState,
     /// The request took longer than the server allows.
     TimedOut,
+    /// The endpoint is too busy to take this now (too many logins waiting, every session
+    /// slot taken); the client tries again later.
+    ServiceUnavailable,
     /// Anything else: the database failed, a worker panicked.
     Error,
 }
@@ -51,6 +54,7 @@ impl ErrorKind {
             ErrorKind::AlreadyInDesiredState => "ALREADY_IN_DESIRED_STATE",
             ErrorKind::NotAllowedInCurrentState => "NOT_ALLOWED_IN_CURRENT_STATE",
             ErrorKind::TimedOut => "TIMED_OUT",
+            ErrorKind::ServiceUnavailable => "SERVICE_UNAVAILABLE",
             ErrorKind::Error => "ERROR",
         }
     }
@@ -67,6 +71,7 @@ impl ErrorKind {
             ErrorKind::AlreadyInDesiredState => "com.vmware.vapi.std.errors.already_in_desired_state",
             ErrorKind::NotAllowedInCurrentState => "com.vmware.vapi.std.errors.not_allowed_in_current_state",
             ErrorKind::TimedOut => "com.vmware.vapi.std.errors.timed_out",
+            ErrorKind::ServiceUnavailable => "com.vmware.vapi.std.errors.service_unavailable",
             ErrorKind::Error => "com.vmware.vapi.std.errors.error",
         }
     }
@@ -82,7 +87,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::OperationNotFound => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorKind::TimedOut => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::TimedOut | ErrorKind::ServiceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Error => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -95,6 +100,8 @@ pub struct ApiError {
     pub kind: ErrorKind,
     /// Shown to the client as `default_message`; never carries internals.
     pub message: String,
+    /// When the client may try again (REST: a `Retry-After` header, in seconds).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -102,6 +109,15 @@ impl ApiError {
         ApiError {
             kind,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The endpoint is too busy for this now; the client may try again after `after`.
+    pub fn busy(message: impl Into<String>, after: std::time::Duration) -> ApiError {
+        ApiError {
+            retry_after: Some(after),
+            ..ApiError::new(ErrorKind::ServiceUnavailable, message)
         }
     }
 
@@ -141,6 +157,8 @@ impl From<LoginError> for ApiError {
             LoginError::Inventory(i) => ApiError::from(i),
             // Said as the inventory says it, so that nothing tells the two apart.
             LoginError::BadCredentials { .. } => ApiError::from(InventoryError::BadCredentials),
+            busy @ LoginError::Busy { retry_after, .. } => ApiError::busy(busy.to_string(), retry_after),
+            LoginError::Internal(detail) => ApiError::internal("the login failed inside the endpoint", &detail),
             refused => ApiError::unauthenticated(refused.to_string()),
         }
     }
@@ -202,7 +220,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.kind.status(), axum::Json(self.body())).into_response()
+        let mut response = (self.kind.status(), axum::Json(self.body())).into_response();
+        if let Some(after) = self.retry_after {
+            // Whole seconds, rounded up: "0" would invite an immediate retry.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.max(1).into());
+        }
+        response
     }
 }
 

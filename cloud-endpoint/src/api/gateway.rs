@@ -13,14 +13,36 @@ use crate::Domain;
 
 /// Every migration, oldest first, running ones included.
 pub fn list_migrations(domain: &Domain) -> Result<Vec<MigrationRecord>, ApiError> {
-    Ok(domain.inventory.list_migrations()?)
+    let mut all = domain.inventory.list_migrations()?;
+    all.iter_mut().for_each(|m| replica_state(domain, m));
+    Ok(all)
 }
 
 pub fn get_migration(domain: &Domain, id: &str) -> Result<MigrationRecord, ApiError> {
-    domain
+    let mut m = domain
         .inventory
         .migration(id)?
-        .ok_or_else(|| ApiError::not_found(format!("migration {id} is not in the inventory")))
+        .ok_or_else(|| ApiError::not_found(format!("migration {id} is not in the inventory")))?;
+    replica_state(domain, &mut m);
+    Ok(m)
+}
+
+/// A replication's state as an operator reads it: a pass running now, or waiting for the
+/// next one (in sync as of its last pass), and how old that is.
+fn replica_state(domain: &Domain, m: &mut MigrationRecord) {
+    let running = m.state == "RUNNING" && domain.live.is_live(&m.id);
+    if let Some(r) = m.replica.as_mut() {
+        r.state = Some(if m.state != "RUNNING" {
+            "done"
+        } else if running {
+            "syncing"
+        } else {
+            "in sync"
+        });
+        r.lag_seconds = time::OffsetDateTime::parse(&r.last_sync, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .map(|t| (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0));
+    }
 }
 
 /// The signed receipt of a migration, exactly as the endpoint issued it to the edge.
@@ -96,12 +118,9 @@ pub enum PlanVerdict {
     Refused(crate::api::error::ErrorKind, Vec<String>),
 }
 
-/// Checks a plan as a migration's would be checked, staging and recording nothing.
-pub fn check_plan(
-    domain: &Domain,
-    principal: &crate::inventory::Principal,
-    body: &[u8],
-) -> Result<PlanVerdict, ApiError> {
+/// The migration plan a `POST /api/gateway/plans` body describes, within the limits of
+/// any plan; nothing about the inventory yet. Pure: the fuzz target of API bodies runs it.
+pub(crate) fn plan_of_body(body: &[u8]) -> Result<MigrationPlan, ApiError> {
     let req: PlanRequest = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid_argument(format!(
             "the plan is not valid JSON of the documented shape ({e}); see POST /api/gateway/plans in the README"
@@ -140,6 +159,16 @@ pub fn check_plan(
     plan.fit_chunk_size();
     plan.check_limits()
         .map_err(|e| ApiError::invalid_argument(e.to_string()))?;
+    Ok(plan)
+}
+
+/// Checks a plan as a migration's would be checked, staging and recording nothing.
+pub fn check_plan(
+    domain: &Domain,
+    principal: &crate::inventory::Principal,
+    body: &[u8],
+) -> Result<PlanVerdict, ApiError> {
+    let plan = plan_of_body(body)?;
     Ok(match crate::server::placement::validate(domain, principal, &plan) {
         Ok(v) => PlanVerdict::Valid(Box::new(v.preview)),
         Err((gateway::wire::RefusalCode::NotPermitted, problems)) => {

@@ -30,60 +30,49 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
-
 pub use https::{server_tls, ApiServeError};
 
+use crate::config::ApiSettings;
 use crate::Domain;
 use error::ApiError;
 use session::{Now, SessionStore};
-
-/// Logins (argon2 hashes) verified at once; more wait their turn.
-const CONCURRENT_LOGINS: usize = 4;
 
 /// What every request handler shares.
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub domain: Arc<Domain>,
     pub sessions: Arc<SessionStore>,
-    login_slots: Arc<Semaphore>,
 }
 
 impl ApiState {
-    pub fn new(domain: Arc<Domain>) -> ApiState {
+    pub fn new(domain: Arc<Domain>, settings: &ApiSettings) -> ApiState {
         ApiState {
             domain,
-            sessions: Arc::new(SessionStore::default()),
-            login_slots: Arc::new(Semaphore::new(CONCURRENT_LOGINS)),
+            sessions: Arc::new(SessionStore::new(settings)),
         }
     }
 
     /// Checks a user and password of the cloud domain, for a client at `source`, and
     /// starts a session; returns its token. Bad credentials, a locked-out user and a
-    /// throttled address are UNAUTHENTICATED. Both protocols log in here.
+    /// throttled address are UNAUTHENTICATED; a full login queue or session table is
+    /// SERVICE_UNAVAILABLE with a time to try again. Both protocols log in here.
     pub async fn login(&self, user: String, password: String, source: IpAddr) -> Result<String, ApiError> {
-        // argon2 takes tens of milliseconds of CPU: a few logins at a time, each off the
-        // async workers, so a flood of logins cannot starve the other requests.
-        let slot = self
-            .login_slots
-            .acquire()
-            .await
-            .map_err(|e| ApiError::internal("the login queue is closed", &e))?;
+        // argon2 takes tens of milliseconds of CPU: the login gate runs it off the async
+        // workers, a few at a time, and refuses at once what its queue cannot hold.
         let domain = self.domain.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            domain
-                .logins
-                .authenticate(&domain.inventory, &user, &password, source, "API")
-        })
-        .await
-        .map_err(|e| ApiError::internal("the login failed inside the endpoint", &e))?;
-        // A failure's answer is held with the slot given back: held answers must not
-        // keep the next logins waiting.
-        drop(slot);
-        crate::logins::hold_answer(&result).await;
-        let principal = result?;
-        tracing::info!(user = %principal.user, role = %principal.role, %source, "API session started");
-        Ok(self.sessions.create(principal, Now::current()))
+        let principal = self
+            .domain
+            .logins
+            .login(source, "API", move || {
+                domain
+                    .logins
+                    .authenticate(&domain.inventory, &user, &password, source, "API")
+            })
+            .await?;
+        let (user, role) = (principal.user.clone(), principal.role);
+        let token = self.sessions.create(principal, Now::current())?;
+        tracing::info!(user = ?user, %role, %source, "API session started");
+        Ok(token)
     }
 }
 
@@ -94,10 +83,23 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: rustls::ServerConfig,
     domain: Arc<Domain>,
+    settings: &ApiSettings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiServeError> {
-    let app = rest::router(ApiState::new(domain));
-    https::serve(listener, Arc::new(tls), app, shutdown).await
+    let app = rest::router(ApiState::new(domain, settings));
+    https::serve(listener, Arc::new(tls), app, settings, shutdown).await
+}
+
+/// Entry points of the fuzz target of the API's request bodies (`fuzz/fuzz_targets/api_bodies.rs`),
+/// replayed over its seeds by `cloud-endpoint/tests/fuzz_regressions.rs`.
+pub mod fuzzing {
+    /// A body of `POST /api` (vAPI JSON-RPC) or of `POST /api/gateway/plans` (a migration
+    /// plan): parsed and checked as the endpoint does before it touches the inventory.
+    /// Must never panic.
+    pub fn bodies(data: &[u8]) {
+        super::vapi::fuzz_body(data);
+        let _ = super::gateway::plan_of_body(data);
+    }
 }
 
 /// Runs `op` on tokio's blocking pool: the inventory and the datastore block.

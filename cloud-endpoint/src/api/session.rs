@@ -15,12 +15,11 @@ use time::OffsetDateTime;
 
 use crate::inventory::Principal;
 
-/// A session unused for this long is gone (vCenter's default idle timeout is 30 minutes).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+use super::error::ApiError;
+use crate::config::ApiSettings;
 
-/// At most this many sessions at once; a login beyond it ends the least recently used one.
-/// Bounds memory against clients that log in per request and never log out.
-pub const MAX_SESSIONS: usize = 1000;
+/// How soon a login refused for want of session slots is told to try again.
+const RETRY_WHEN_FULL: Duration = Duration::from_secs(60);
 
 /// The instant of a request: monotonic for expiry, wall clock for what clients see.
 #[derive(Debug, Clone, Copy)]
@@ -52,31 +51,48 @@ pub struct Session {
     pub principal: Principal,
     pub created: OffsetDateTime,
     pub last_accessed: OffsetDateTime,
+    started: Instant,
     last_used: Instant,
 }
 
+impl Session {
+    /// Whether the session has ended by `now`: unused for `idle`, or older than `lifetime`.
+    fn ended(&self, now: Instant, idle: Duration, lifetime: Duration) -> bool {
+        now.saturating_duration_since(self.last_used) >= idle || now.saturating_duration_since(self.started) >= lifetime
+    }
+}
+
 /// The sessions of one API server.
+///
+/// Bounds: at most `max_sessions` in all and `max_per_user` per user. A user at its own
+/// limit loses its own least recently used session to a new login (a script that logs in
+/// per request and never logs out keeps working); a login when every slot is taken is
+/// refused. No login ever ends another user's session: otherwise any user, a ReadOnly one
+/// included, could log every administrator out by logging in often enough.
 #[derive(Debug)]
 pub struct SessionStore {
     sessions: Mutex<HashMap<String, Session>>,
     idle_timeout: Duration,
+    max_lifetime: Duration,
     max_sessions: usize,
+    max_per_user: usize,
 }
 
 impl Default for SessionStore {
     fn default() -> Self {
-        SessionStore::new(IDLE_TIMEOUT, MAX_SESSIONS)
+        SessionStore::new(&ApiSettings::default())
     }
 }
 
 impl SessionStore {
-    /// A store whose sessions expire after `idle_timeout` unused, holding at most
-    /// `max_sessions` (at least 1).
-    pub fn new(idle_timeout: Duration, max_sessions: usize) -> SessionStore {
+    /// A store with the session bounds of `settings` (each at least 1).
+    pub fn new(settings: &ApiSettings) -> SessionStore {
         SessionStore {
             sessions: Mutex::new(HashMap::new()),
-            idle_timeout,
-            max_sessions: max_sessions.max(1),
+            idle_timeout: settings.session_idle_timeout(),
+            max_lifetime: settings.session_max_lifetime(),
+            max_sessions: (settings.max_sessions as usize).max(1),
+            max_per_user: (settings.max_sessions_per_user as usize).max(1),
         }
     }
 
@@ -86,24 +102,40 @@ impl SessionStore {
     }
 
     /// Starts a session for `principal` and returns its token: 128 random bits from the
-    /// operating system, as 32 hex digits (vCenter's tokens look the same).
-    pub fn create(&self, principal: Principal, now: Now) -> String {
+    /// operating system, as 32 hex digits (vCenter's tokens look the same). At the user's
+    /// own limit its least recently used session ends; when every slot is taken by live
+    /// sessions, the login is refused (SERVICE_UNAVAILABLE, try again later).
+    pub fn create(&self, principal: Principal, now: Now) -> Result<String, ApiError> {
         let token = new_token();
         let mut sessions = self.lock();
-        sessions.retain(|_, s| now.instant.saturating_duration_since(s.last_used) < self.idle_timeout);
-        while sessions.len() >= self.max_sessions {
-            let oldest = sessions
-                .iter()
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(token, _)| token.clone());
-            match oldest {
-                Some(token) => {
-                    if let Some(s) = sessions.remove(&token) {
-                        tracing::info!(user = %s.principal.user, "API session evicted: too many sessions");
-                    }
-                }
-                None => break,
+        sessions.retain(|_, s| !s.ended(now.instant, self.idle_timeout, self.max_lifetime));
+        let (held, oldest) = sessions
+            .iter()
+            .filter(|(_, s)| s.principal.user == principal.user)
+            .fold((0usize, None::<(&String, Instant)>), |(n, oldest), (token, s)| {
+                let older = oldest.is_none_or(|(_, t)| s.last_used < t);
+                (n + 1, if older { Some((token, s.last_used)) } else { oldest })
+            });
+        if held >= self.max_per_user {
+            if let Some(token) = oldest.map(|(token, _)| token.clone()) {
+                sessions.remove(&token);
+                tracing::info!(
+                    user = ?principal.user,
+                    limit = self.max_per_user,
+                    "API session ended: the user logged in again at its session limit; its least recently used session made room"
+                );
             }
+        } else if sessions.len() >= self.max_sessions {
+            drop(sessions);
+            tracing::warn!(user = ?principal.user, limit = self.max_sessions, "API login refused: every session slot is taken");
+            return Err(ApiError::busy(
+                format!(
+                    "the endpoint holds its limit of {} sessions; log out sessions no longer used \
+                     (DELETE /api/session) or try again later",
+                    self.max_sessions
+                ),
+                RETRY_WHEN_FULL,
+            ));
         }
         sessions.insert(
             token.clone(),
@@ -111,18 +143,19 @@ impl SessionStore {
                 principal,
                 created: now.wall,
                 last_accessed: now.wall,
+                started: now.instant,
                 last_used: now.instant,
             },
         );
-        token
+        Ok(token)
     }
 
-    /// The session of `token` if it is live, marked as used `now`; an expired session is
-    /// removed and gives `None`, like an unknown token.
+    /// The session of `token` if it is live, marked as used `now`; an ended session (idle
+    /// too long, or past its lifetime) is removed and gives `None`, like an unknown token.
     pub fn touch(&self, token: &str, now: Now) -> Option<Session> {
         let mut sessions = self.lock();
         let session = sessions.get_mut(token)?;
-        if now.instant.saturating_duration_since(session.last_used) >= self.idle_timeout {
+        if session.ended(now.instant, self.idle_timeout, self.max_lifetime) {
             sessions.remove(token);
             return None;
         }
@@ -186,6 +219,16 @@ mod tests {
     use super::*;
     use crate::config::Role;
 
+    fn store(idle_secs: u64, lifetime_secs: u64, max: u32, per_user: u32) -> SessionStore {
+        SessionStore::new(&ApiSettings {
+            session_idle_timeout_secs: idle_secs,
+            session_max_lifetime_secs: lifetime_secs,
+            max_sessions: max,
+            max_sessions_per_user: per_user,
+            ..ApiSettings::default()
+        })
+    }
+
     fn who(user: &str) -> Principal {
         Principal {
             user: user.into(),
@@ -195,9 +238,9 @@ mod tests {
 
     #[test]
     fn a_session_lives_while_used_and_expires_when_idle() {
-        let store = SessionStore::new(Duration::from_secs(1800), 10);
+        let store = store(1800, 24 * 3600, 10, 10);
         let t0 = Now::current();
-        let token = store.create(who("a"), t0);
+        let token = store.create(who("a"), t0).unwrap();
         assert_eq!(token.len(), 32);
         assert!(token.chars().all(|c| c.is_ascii_hexdigit()));
 
@@ -222,8 +265,8 @@ mod tests {
         let store = SessionStore::default();
         let now = Now::current();
         assert!(store.touch("00000000000000000000000000000000", now).is_none());
-        let token = store.create(who("a"), now);
-        let other = store.create(who("b"), now);
+        let token = store.create(who("a"), now).unwrap();
+        let other = store.create(who("b"), now).unwrap();
         assert_ne!(token, other);
         assert!(store.remove(&token));
         assert!(!store.remove(&token));
@@ -232,26 +275,64 @@ mod tests {
     }
 
     #[test]
-    fn the_least_recently_used_session_makes_room() {
-        let store = SessionStore::new(Duration::from_secs(60), 3);
+    fn a_session_ends_at_its_lifetime_however_often_it_is_used() {
+        let store = store(60, 3600, 10, 10);
         let t0 = Now::current();
-        let a = store.create(who("a"), t0);
-        let b = store.create(who("b"), t0.plus(Duration::from_secs(1)));
-        let c = store.create(who("c"), t0.plus(Duration::from_secs(2)));
-        // a is used again, so b is now the least recently used.
-        store.touch(&a, t0.plus(Duration::from_secs(3))).unwrap();
-        let d = store.create(who("d"), t0.plus(Duration::from_secs(4)));
-        assert_eq!(store.len(), 3);
-        let t = t0.plus(Duration::from_secs(5));
-        assert!(store.touch(&b, t).is_none());
-        for token in [&a, &c, &d] {
-            assert!(store.touch(token, t).is_some());
+        let token = store.create(who("a"), t0).unwrap();
+        let mut t = t0;
+        for _ in 0..59 {
+            t = t.plus(Duration::from_secs(59));
+            assert!(store.touch(&token, t).is_some(), "used every 59 s: alive");
         }
-        // Expired sessions are swept at login before anyone live is evicted.
-        let later = t.plus(Duration::from_secs(61));
-        let e = store.create(who("e"), later);
+        // 59 x 59 s = 58 min 1 s; the hour ends the session however busy it is.
+        assert!(store.touch(&token, t0.plus(Duration::from_secs(3600))).is_none());
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn a_user_at_its_limit_loses_its_own_oldest_session_and_no_one_elses() {
+        let store = store(10_000, 20_000, 5, 3);
+        let t0 = Now::current();
+        let at = |s: u64| t0.plus(Duration::from_secs(s));
+        let admin = store.create(who("admin"), at(0)).unwrap();
+        let a1 = store.create(who("a"), at(1)).unwrap();
+        let a2 = store.create(who("a"), at(2)).unwrap();
+        let a3 = store.create(who("a"), at(3)).unwrap();
+        // a1 is used again: a2 is now a's least recently used session.
+        store.touch(&a1, at(4)).unwrap();
+        // "a" logs in many more times: only its own sessions make room.
+        let mut last = String::new();
+        for i in 0..1000 {
+            last = store.create(who("a"), at(5 + i)).unwrap();
+        }
+        assert_eq!(store.len(), 4, "admin's one and a's three");
+        assert!(store.touch(&admin, at(2000)).is_some(), "another user's session stays");
+        assert!(store.touch(&last, at(2000)).is_some());
+        for gone in [&a1, &a2, &a3] {
+            assert!(store.touch(gone, at(2000)).is_none());
+        }
+    }
+
+    #[test]
+    fn a_login_is_refused_when_every_slot_is_taken_by_live_sessions() {
+        let store = store(60, 3600, 3, 2);
+        let t0 = Now::current();
+        let kept: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|u| store.create(who(u), t0).unwrap())
+            .collect();
+        let refused = store.create(who("d"), t0.plus(Duration::from_secs(1))).unwrap_err();
+        assert_eq!(refused.kind, crate::api::error::ErrorKind::ServiceUnavailable);
+        assert!(refused.message.contains("limit of 3 sessions"), "{}", refused.message);
+        assert!(refused.retry_after.is_some());
+        for token in &kept {
+            assert!(store.touch(token, t0.plus(Duration::from_secs(2))).is_some());
+        }
+        // Ended sessions are swept at login before anyone is refused.
+        let later = t0.plus(Duration::from_secs(120));
+        let d = store.create(who("d"), later).unwrap();
         assert_eq!(store.len(), 1);
-        assert!(store.touch(&e, later).is_some());
+        assert!(store.touch(&d, later).is_some());
     }
 
     #[test]

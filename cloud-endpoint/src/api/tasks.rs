@@ -207,6 +207,7 @@ mod tests {
             finished: None,
             logical_bytes: 1 << 30,
             has_receipt: false,
+            replica: None,
         }
     }
 

@@ -28,6 +28,14 @@ pub struct LoginSettings {
     /// Users and addresses remembered, each; the least recently seen are forgotten first
     /// beyond it. Default 10000, at least 1.
     pub max_tracked: u32,
+    /// Logins waiting for (or having) a password check at once, from every client
+    /// together; a further one is refused at once as busy (API: 503 with Retry-After;
+    /// QUIC: a Busy refusal), so that a flood cannot queue real users behind it.
+    /// Default 64, at least 1.
+    pub max_waiting: u32,
+    /// The same per client address: one address cannot take the whole queue.
+    /// Default 8, at least 1.
+    pub max_waiting_per_source: u32,
 }
 
 impl Default for LoginSettings {
@@ -39,6 +47,8 @@ impl Default for LoginSettings {
             source_max_failed_attempts: 5,
             source_delay_ms: 1000,
             max_tracked: 10_000,
+            max_waiting: 64,
+            max_waiting_per_source: 8,
         }
     }
 }
@@ -55,6 +65,8 @@ impl LoginSettings {
                 u64::from(self.source_max_failed_attempts),
             ),
             ("logins.max_tracked", u64::from(self.max_tracked)),
+            ("logins.max_waiting", u64::from(self.max_waiting)),
+            ("logins.max_waiting_per_source", u64::from(self.max_waiting_per_source)),
         ]
         .into_iter()
         .find_map(|(key, value)| (value == 0).then_some(key))
@@ -98,6 +110,11 @@ failure_interval_secs = 180
 unlock_time_secs = 300
 # Users and addresses remembered (each); beyond it the least recently seen are forgotten.
 max_tracked = 10000
+# Logins waiting for a password check (about 20 ms of a core each, four at a time), in
+# all and per client address; a further one is refused at once as busy (the API answers
+# 503 with Retry-After), so that a flood of logins cannot queue real users behind it.
+max_waiting = 64
+max_waiting_per_source = 8
 "#;
 
 #[cfg(test)]

@@ -49,6 +49,21 @@ pub use vmx::{VmxDisk, VmxNic, VmxSpec};
 const STAGING: &str = ".staging";
 const SECTOR: u64 = 512;
 
+/// Sets `dir`'s `mode` (0700 or 0711); a failure (a folder the endpoint does not own) is
+/// logged, not fatal: the files below keep their own modes.
+fn private_dir(dir: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(mode)) {
+        tracing::warn!(
+            folder = %dir.display(),
+            error = %e,
+            mode = format!("{mode:o}"),
+            "cannot make the datastore folder private; other local users may read the VMs' disks: \
+             give the folder to the endpoint's user"
+        );
+    }
+}
+
 /// Everything that can go wrong with datastore files. I/O errors name the path.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -129,6 +144,12 @@ impl Datastore {
         }
         let staging = root.join(STAGING);
         fs::create_dir_all(&staging).map_err(io_err("create folder", &staging))?;
+        // The VMs' disks are theirs alone, whatever the umask made of these folders (or
+        // an older version left): others may pass through the datastore folder (0711) to
+        // a VM folder they own (a confined QEMU's user, see hosts/confine.rs), not list
+        // it; staging is the endpoint's only (0700).
+        private_dir(root, 0o711);
+        private_dir(&staging, 0o700);
         Ok(Datastore {
             root: root.to_owned(),
             name: name.to_owned(),
@@ -232,7 +253,12 @@ impl Datastore {
         let staging = self.root.join(STAGING);
         fs::create_dir_all(&staging).map_err(io_err("create folder", &staging))?;
         let dir = staging.join(migration_id);
-        match fs::create_dir(&dir) {
+        // 0700 whatever the umask: this folder becomes the VM's folder at the commit.
+        let created = {
+            use std::os::unix::fs::DirBuilderExt as _;
+            fs::DirBuilder::new().mode(0o700).create(&dir)
+        };
+        match created {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(DatastoreError::StagingExists { path: dir })

@@ -16,6 +16,7 @@
 //! QMP socket and pid file. On start, [`Hosts::recover`] finds each VM the inventory
 //! says is POWERED_ON again by that pid and socket, or marks it POWERED_OFF.
 
+pub mod confine;
 mod spec;
 
 use std::collections::HashMap;
@@ -74,6 +75,22 @@ pub enum HostError {
     Qemu(#[from] QemuError),
     #[error(transparent)]
     Inventory(#[from] InventoryError),
+    #[error(
+        "the endpoint runs as root, and runs each VM's QEMU as the unprivileged user {user:?}, which {problem}: \
+         create it with `useradd --system --no-create-home --shell /usr/sbin/nologin {user}` (tests/setup.sh does), \
+         or name another unprivileged user in `qemu_user`"
+    )]
+    QemuUser { user: String, problem: String },
+    #[error(
+        "QEMU's unprivileged user cannot reach the VM folder {}: the folder {} above it lets others no \
+         passage (mode {mode}); allow it with `chmod o+x` (others may pass through, not list it)",
+        folder.display(), above.display()
+    )]
+    Unreachable {
+        folder: std::path::PathBuf,
+        above: std::path::PathBuf,
+        mode: String,
+    },
 }
 
 /// A VM whose QEMU runs.
@@ -97,9 +114,22 @@ pub struct Hosts {
     generation: AtomicU64,
     /// Set when the endpoint stops: watchers let go of their VMs, which run on.
     detached: tokio::sync::watch::Sender<bool>,
+    /// The user QEMU runs as when the endpoint runs as root (see [`confine`]).
+    qemu_user: String,
 }
 
 impl Hosts {
+    /// QEMU runs as `user` when the endpoint runs as root (config `qemu_user`).
+    pub fn with_qemu_user(mut self, user: &str) -> Hosts {
+        user.clone_into(&mut self.qemu_user);
+        self
+    }
+
+    /// The QEMU process of a running VM (QMP, for tools and tests).
+    pub async fn process(&self, vm: &str) -> Option<Arc<QemuProcess>> {
+        self.running.lock().await.get(vm).map(|r| r.process.clone())
+    }
+
     /// A host with this much memory and this many cores (the domain config's host).
     pub fn new(memory_mib: u64, cpu_cores: u32) -> Hosts {
         Hosts {
@@ -108,6 +138,7 @@ impl Hosts {
             running: Default::default(),
             generation: AtomicU64::new(0),
             detached: tokio::sync::watch::channel(false).0,
+            qemu_user: confine::DEFAULT_QEMU_USER.to_owned(),
         }
     }
 
@@ -152,7 +183,18 @@ impl Hosts {
         let files = VmFiles::of_vm(domain, &vm);
         let spec = machine_spec(domain, &vm, &files)?;
         let binary = QemuBinary::from_env()?;
-        let process = QemuProcess::spawn(&binary, &spec, &files.qemu_log).await?;
+        let confinement = confine::confinement(&hosts.qemu_user)?;
+        if let Some(user) = confinement.run_as {
+            // Its folder, and the folders of disks placed on other datastores.
+            let mut folders: Vec<&std::path::Path> = vec![&files.folder];
+            folders.extend(spec.disks.iter().filter_map(|d| d.path.parent()));
+            folders.sort();
+            folders.dedup();
+            for folder in folders {
+                confine::hand_over(folder, user)?;
+            }
+        }
+        let process = QemuProcess::spawn_confined(&binary, &spec, &files.qemu_log, &confinement).await?;
         let pid = process.pid();
         if let Err(source) = std::fs::write(&files.pid_file, format!("{pid}\n")) {
             // Without the pid file a restart could not find the VM: do not run it.
@@ -169,7 +211,7 @@ impl Hosts {
             files.clean_runtime();
             return Err(e);
         }
-        tracing::info!(vm = %vm_id, name = %vm.name, pid, "powered on");
+        tracing::info!(vm = %vm_id, name = ?vm.name, pid, "powered on");
         let generation = hosts.generation.fetch_add(1, Ordering::Relaxed);
         running.insert(
             vm_id.to_owned(),
@@ -238,12 +280,12 @@ impl Hosts {
                 None => None,
             };
             let Some(process) = attached else {
-                tracing::warn!(vm = %vm.id, name = %vm.name, "its QEMU stopped while the endpoint was down: POWERED_OFF");
+                tracing::warn!(vm = %vm.id, name = ?vm.name, "its QEMU stopped while the endpoint was down: POWERED_OFF");
                 files.clean_runtime();
                 set_state(domain, &vm.id, POWERED_OFF).await?;
                 continue;
             };
-            tracing::info!(vm = %vm.id, name = %vm.name, pid = process.pid(), "still running: attached");
+            tracing::info!(vm = %vm.id, name = ?vm.name, pid = process.pid(), "still running: attached");
             let process = Arc::new(process);
             let generation = domain.hosts.generation.fetch_add(1, Ordering::Relaxed);
             running.insert(
@@ -286,7 +328,7 @@ impl Hosts {
                 files,
             },
         );
-        tracing::info!(vm = %vm_id, name = %vm.name, pid = process.pid(), "runs on this host after a live migration");
+        tracing::info!(vm = %vm_id, name = ?vm.name, pid = process.pid(), "runs on this host after a live migration");
         watch(domain.clone(), vm_id.to_owned(), process, generation);
     }
 

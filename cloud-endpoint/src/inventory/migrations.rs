@@ -25,7 +25,8 @@ pub struct ResumeInfo {
 
 const SELECT_MIGRATION: &str =
     "SELECT id, vm_name, user_name, edge, state, error, vm, started, finished, logical_bytes,
-        EXISTS (SELECT 1 FROM receipt r WHERE r.migration = migration.id)
+        EXISTS (SELECT 1 FROM receipt r WHERE r.migration = migration.id),
+        replica_syncs, replica_synced, replica_delta_bytes
     FROM migration";
 
 fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
@@ -41,6 +42,16 @@ fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
         finished: row.get(8)?,
         logical_bytes: row.get(9)?,
         has_receipt: row.get(10)?,
+        replica: match row.get::<_, Option<String>>(12)? {
+            Some(last_sync) => Some(super::ReplicaRecord {
+                syncs: row.get(11)?,
+                last_sync,
+                last_delta_bytes: row.get::<_, Option<u64>>(13)?.unwrap_or(0),
+                state: None,
+                lag_seconds: None,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -272,10 +283,32 @@ impl Inventory {
         self.with_conn(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT id FROM migration WHERE state = 'RUNNING' AND interrupted IS NOT NULL AND interrupted < ?1
-                 ORDER BY num",
+                 AND replica_synced IS NULL ORDER BY num",
             )?;
             let ids = stmt.query_map([cutoff], |row| row.get(0))?.collect::<Result<_, _>>()?;
             Ok(ids)
+        })
+    }
+
+    /// A pass of the replication `migration_id` ended with its replica read back and
+    /// durable: `delta_bytes` were written by it.
+    pub fn record_replica_sync(&self, migration_id: &str, delta_bytes: u64) -> Result<(), InventoryError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (state, _) = state_of(&tx, migration_id)?;
+            if state != "RUNNING" {
+                return Err(InventoryError::MigrationNotRunning {
+                    id: migration_id.to_owned(),
+                    state,
+                });
+            }
+            tx.execute(
+                "UPDATE migration SET replica_syncs = replica_syncs + 1, replica_synced = ?2,
+                     replica_delta_bytes = ?3 WHERE id = ?1",
+                params![migration_id, now(), delta_bytes],
+            )?;
+            tx.commit()?;
+            Ok(())
         })
     }
 

@@ -77,6 +77,13 @@ pub enum InventoryError {
         source: std::io::Error,
     },
 
+    #[error("cannot make the inventory database file {} private (mode 0600): {source}; give the file to the user the endpoint runs as", path.display())]
+    Private {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("inventory database {} has schema version {found}, newer than this cloud-endpoint knows ({supported}); run a newer cloud-endpoint or use another database file", path.display())]
     SchemaTooNew { path: PathBuf, found: i64, supported: i64 },
 
@@ -298,7 +305,7 @@ pub struct VmRecord {
     pub vmx_path: String,
     pub disks: Vec<DiskRecord>,
     /// The disks' controllers with their types; a controller without one here (a VM
-    /// registered before schema step 8) has its bus's default type, as its .vmx says.
+    /// registered before schema step 9) has its bus's default type, as its .vmx says.
     pub controllers: Vec<gateway::plan::ControllerSpec>,
     pub nics: Vec<NicRecord>,
     /// The migration that brought the VM in.
@@ -357,6 +364,29 @@ pub struct MigrationRecord {
     /// Whether the endpoint issued a signed receipt (every SUCCEEDED migration has
     /// one): `GET /api/gateway/migrations/{id}/receipt`.
     pub has_receipt: bool,
+    /// A replication: its passes so far (absent for a cold lift, and for a
+    /// replication whose first pass has not ended).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaRecord>,
+}
+
+/// The passes of a replication, as the cloud recorded them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaRecord {
+    /// Passes that ended with the replica read back and kept.
+    pub syncs: u64,
+    /// When the last one ended, RFC 3339 UTC: the replica holds the source as it was
+    /// read then.
+    pub last_sync: String,
+    /// Plaintext bytes the last pass wrote into the replica.
+    pub last_delta_bytes: u64,
+    /// `syncing` (a pass runs now), `in sync` (waiting for the next pass or the
+    /// switchover), `done` (switched over, or ended); filled by the API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
+    /// Seconds since the last pass ended: how far the replica may be behind the source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_seconds: Option<i64>,
 }
 
 /// What a receipt states that only the registering transaction knows.
@@ -386,6 +416,18 @@ pub struct Inventory {
     conn: Mutex<Connection>,
 }
 
+/// Makes `file` readable and writable by its owner only (0600), if it exists.
+fn private_file(file: &Path) -> Result<(), InventoryError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    match std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        result => result.map_err(|source| InventoryError::Private {
+            path: file.to_owned(),
+            source,
+        }),
+    }
+}
+
 impl Inventory {
     /// Opens (or creates) the database at `path`, brings its schema up to date and makes
     /// the domain match `domain`: on first start everything is created; later, new
@@ -413,6 +455,14 @@ impl Inventory {
             Ok(conn)
         };
         let conn = open().map_err(|e| e.with_path(path))?;
+        // Password hashes, users, every VM: the endpoint's only, whatever the umask made
+        // of the files (or an older version left). SQLite gives its -wal and -shm files
+        // the database file's mode when it creates them.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            private_file(Path::new(&file))?;
+        }
         Ok(Inventory {
             path: path.to_owned(),
             conn: Mutex::new(conn),
@@ -458,6 +508,21 @@ impl Inventory {
             admit()?;
             Ok(self.check_password(user, password))
         })
+    }
+
+    /// Active users whose password is `password` (the endpoint asks this of the published
+    /// demo password before it serves beyond loopback). One hash per active user.
+    pub fn users_with_password(&self, password: &str) -> Result<Vec<String>, InventoryError> {
+        let users: Vec<(String, String)> = self.with_conn(|conn| {
+            let mut stmt = conn.prepare("SELECT name, password_hash FROM app_user WHERE active = 1 ORDER BY name")?;
+            let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })?;
+        Ok(users
+            .into_iter()
+            .filter(|(_, hash)| password::bounded(|| password::verify(hash, password)))
+            .map(|(name, _)| name)
+            .collect())
     }
 
     fn check_password(&self, user: &str, password: &str) -> Result<Principal, InventoryError> {

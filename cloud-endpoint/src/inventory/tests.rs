@@ -552,6 +552,8 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          DROP TABLE migration_space; DROP TABLE resource_pool;
          ALTER TABLE vm DROP COLUMN resource_pool; ALTER TABLE vm_disk DROP COLUMN datastore;
          ALTER TABLE migration DROP COLUMN commit_moves;
+         ALTER TABLE migration DROP COLUMN replica_syncs; ALTER TABLE migration DROP COLUMN replica_synced;
+         ALTER TABLE migration DROP COLUMN replica_delta_bytes;
          DROP TABLE vm_controller; ALTER TABLE vm_nic DROP COLUMN address_type;
          PRAGMA user_version = 1;",
     )
@@ -599,7 +601,7 @@ fn the_copys_controllers_and_nic_address_types_are_kept() {
 }
 
 #[test]
-fn upgrading_a_version_7_file_keeps_what_its_vmx_files_say() {
+fn upgrading_a_version_8_file_keeps_what_its_vmx_files_say() {
     let (_dir, path) = temp_db();
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
     let mid = inv.begin_migration(&operator(), "edge", "old01", 1).unwrap();
@@ -608,17 +610,17 @@ fn upgrading_a_version_7_file_keeps_what_its_vmx_files_say() {
         .unwrap()
         .vm_id;
     drop(inv);
-    // Back to what a version-7 build wrote: no controllers, no address types.
+    // Back to what a version-8 build wrote: no controllers, no address types.
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
-        "DROP TABLE vm_controller; ALTER TABLE vm_nic DROP COLUMN address_type; PRAGMA user_version = 7;",
+        "DROP TABLE vm_controller; ALTER TABLE vm_nic DROP COLUMN address_type; PRAGMA user_version = 8;",
     )
     .unwrap();
     drop(conn);
 
     let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
     let vm = inv.vm(&vm_id).unwrap().unwrap();
-    // A version-7 build wrote every SCSI controller `lsilogic`, and a MAC as static.
+    // A version-8 build wrote every SCSI controller `lsilogic`, and a MAC as static.
     assert!(vm.controllers.is_empty(), "{:?}", vm.controllers);
     assert_eq!(
         vm.controller_type("scsi0"),

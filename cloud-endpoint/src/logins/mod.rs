@@ -12,6 +12,7 @@
 
 pub mod throttle;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -55,13 +56,26 @@ pub enum LoginError {
 
     #[error("failed logins from {address}: the next try from this address is accepted from {until} on; wait and check the user name and password")]
     SourceDelayed { address: String, until: String },
+
+    /// Too many logins wait already (from this address, or in all): refused at once,
+    /// before any queueing, so that a flood cannot make real users wait behind it.
+    #[error("the endpoint is busy with {waiting} logins waiting {scope}; try again in {} s", retry_after.as_secs().max(1))]
+    Busy {
+        waiting: usize,
+        scope: String,
+        retry_after: Duration,
+    },
+
+    /// The password check failed inside the endpoint (a worker ended).
+    #[error("the login failed inside the endpoint: {0}; see the endpoint's log")]
+    Internal(String),
 }
 
 impl LoginError {
     /// Whether the answer is "not accepted" (bad credentials or a throttle refusal) rather
     /// than the endpoint failing.
     pub fn is_refusal(&self) -> bool {
-        !matches!(self, LoginError::Inventory(_))
+        !matches!(self, LoginError::Inventory(_) | LoginError::Internal(_))
     }
 }
 
@@ -76,11 +90,13 @@ pub async fn hold_answer(result: &Result<Principal, LoginError>) {
     }
 }
 
-/// How an edge agent is told over QUIC: a throttle refusal is `BadCredentials` with its
+/// How an edge agent is told over QUIC: a busy queue is `Busy` (try again soon); a throttle refusal is `BadCredentials` with its
 /// message (it names the time to try again), as a wrong password is; only the endpoint
 /// failing is `EndpointFailure`.
 pub fn refusal(e: &LoginError) -> (gateway::wire::RefusalCode, String) {
-    let code = if e.is_refusal() {
+    let code = if let LoginError::Busy { .. } = e {
+        gateway::wire::RefusalCode::Busy
+    } else if e.is_refusal() {
         gateway::wire::RefusalCode::BadCredentials
     } else {
         gateway::wire::RefusalCode::EndpointFailure
@@ -97,6 +113,8 @@ pub struct LoginStats {
     pub failed_logins: u64,
     /// Attempts refused by the throttle before any password check.
     pub refused_logins: u64,
+    /// Attempts refused as busy: the login queue was full (in all, or for the address).
+    pub busy_logins: u64,
     /// Password checks (argon2 hashes) run.
     pub password_checks: u64,
     /// Users locked out, and sources blocked, since the start.
@@ -124,15 +142,47 @@ struct Counters {
     successful: AtomicU64,
     failed: AtomicU64,
     refused: AtomicU64,
+    busy: AtomicU64,
     checks: AtomicU64,
     lockouts: AtomicU64,
     source_blocks: AtomicU64,
 }
 
-/// The endpoint's login gate: the throttle, its counters and its settings.
+/// How soon a login refused as busy is told to try again.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
+
+/// Logins waiting or being checked: in all, and per source.
+#[derive(Debug, Default)]
+struct Waiting {
+    total: usize,
+    per_source: HashMap<SourceKey, usize>,
+}
+
+/// A login's place in the queue, given back when dropped.
+#[derive(Debug)]
+pub struct QueuePlace<'a> {
+    logins: &'a Logins,
+    key: SourceKey,
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.logins.waiting();
+        waiting.total -= 1;
+        if let Some(n) = waiting.per_source.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.per_source.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The endpoint's login gate: the queue bound, the throttle, its counters and its settings.
 #[derive(Debug)]
 pub struct Logins {
     throttle: Mutex<Throttle>,
+    waiting: Mutex<Waiting>,
     counters: Counters,
     settings: LoginSettings,
 }
@@ -147,6 +197,7 @@ impl Logins {
     pub fn new(settings: &LoginSettings) -> Logins {
         Logins {
             throttle: Mutex::new(Throttle::new(Policy::from(settings))),
+            waiting: Mutex::new(Waiting::default()),
             counters: Counters::default(),
             settings: settings.clone(),
         }
@@ -155,6 +206,60 @@ impl Logins {
     fn throttle(&self) -> MutexGuard<'_, Throttle> {
         // Every method leaves the tables consistent; a panic elsewhere cannot tear them.
         self.throttle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A place in the login queue for a client at `source`, or [`LoginError::Busy`] at
+    /// once when `max_waiting` logins wait in all or `max_waiting_per_source` from that
+    /// address (IPv4, or an IPv6 /64). The per-source share keeps a flood from one
+    /// address from filling the queue; the total bounds the queue (and the threads
+    /// parked in it) whatever the number of sources.
+    pub fn enter(&self, source: IpAddr, via: &str) -> Result<QueuePlace<'_>, LoginError> {
+        let key = SourceKey::of(source);
+        let mut waiting = self.waiting();
+        let from_source = waiting.per_source.get(&key).copied().unwrap_or(0);
+        let full = if from_source >= self.settings.max_waiting_per_source as usize {
+            Some((from_source, format!("from {key}")))
+        } else if waiting.total >= self.settings.max_waiting as usize {
+            Some((waiting.total, "in all".to_owned()))
+        } else {
+            None
+        };
+        if let Some((n, scope)) = full {
+            drop(waiting);
+            self.counters.busy.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(source = %key, via, waiting = n, scope, "login refused: the login queue is full");
+            return Err(LoginError::Busy {
+                waiting: n,
+                scope,
+                retry_after: BUSY_RETRY,
+            });
+        }
+        waiting.total += 1;
+        *waiting.per_source.entry(key).or_insert(0) += 1;
+        Ok(QueuePlace { logins: self, key })
+    }
+
+    /// A whole login of a client at `source` through the `via` door: a place in the queue
+    /// ([`Logins::enter`]), then `check` (normally [`Logins::authenticate`]) on the
+    /// blocking pool, then a failure's answer held ([`hold_answer`]) after the place is
+    /// given back.
+    pub async fn login(
+        &self,
+        source: IpAddr,
+        via: &str,
+        check: impl FnOnce() -> Result<Principal, LoginError> + Send + 'static,
+    ) -> Result<Principal, LoginError> {
+        let place = self.enter(source, via)?;
+        let result = tokio::task::spawn_blocking(check)
+            .await
+            .unwrap_or_else(|e| Err(LoginError::Internal(e.to_string())));
+        drop(place);
+        hold_answer(&result).await;
+        result
     }
 
     /// Checks `user`'s `password`, for a client at `source`, unless the throttle refuses
@@ -282,6 +387,7 @@ impl Logins {
             successful_logins: c.successful.load(Ordering::Relaxed),
             failed_logins: c.failed.load(Ordering::Relaxed),
             refused_logins: c.refused.load(Ordering::Relaxed),
+            busy_logins: c.busy.load(Ordering::Relaxed),
             password_checks: c.checks.load(Ordering::Relaxed),
             lockouts: c.lockouts.load(Ordering::Relaxed),
             source_blocks: c.source_blocks.load(Ordering::Relaxed),

@@ -109,7 +109,7 @@ pub async fn serve(
         .unwrap_or_default();
     let span = tracing::info_span!("edge", %peer);
     async move {
-        tracing::info!(edge_cert = %edge, "edge connected");
+        tracing::info!(edge_cert = ?edge, "edge connected");
         let ctx = Arc::new(Ctx {
             domain,
             conn: conn.clone(),
@@ -192,7 +192,7 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
             if let Some(id) = &id {
                 ctx.domain.live.set_progress(id, ctx.session().durable_bytes());
             }
-            tracing::warn!(reason = %why, "migration not committed; kept for a resume");
+            tracing::warn!(reason = ?why, "migration not committed; kept for a resume");
             let _ = tokio::task::spawn_blocking(move || placement::suspend(&domain, staged, &unsynced, &why)).await;
         } else {
             let why = if ctx.aborted.load(Ordering::SeqCst) {
@@ -200,7 +200,7 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
             } else {
                 why
             };
-            tracing::warn!(reason = %why, "migration not committed; discarding");
+            tracing::warn!(reason = ?why, "migration not committed; discarding");
             let _ = tokio::task::spawn_blocking(move || placement::discard(&domain, staged, &why)).await;
         }
     }
@@ -437,17 +437,18 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
     match event {
         ReceiverEvent::Authenticate { agent, user, password } => {
             let source = ctx.conn.remote_address().ip();
-            let result = tokio::task::spawn_blocking(move || {
-                domain
-                    .logins
-                    .authenticate(&domain.inventory, &user, &password, source, "QUIC")
-            })
-            .await
-            .expect("authentication does not panic");
-            crate::logins::hold_answer(&result).await;
+            let check = domain.clone();
+            let result = domain
+                .logins
+                .login(source, "QUIC", move || {
+                    check
+                        .logins
+                        .authenticate(&check.inventory, &user, &password, source, "QUIC")
+                })
+                .await;
             let answer = match result {
                 Ok(p) => {
-                    tracing::info!(user = %p.user, role = %p.role.as_str(), %agent, "authenticated");
+                    tracing::info!(user = ?p.user, role = %p.role.as_str(), ?agent, "authenticated");
                     let role = p.role.as_str().to_owned();
                     *ctx.principal.lock().expect("principal lock") = Some(p);
                     Ok(role)
@@ -517,7 +518,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             // An edge that missed its commit's answer gets it now, with nothing staged.
             match placement::committed_replay(&domain, &principal, &ctx.edge_cert, &migration_id, &plan) {
                 Ok(Some(replay)) => {
-                    tracing::info!(migration = %migration_id, vm_id = %replay.registered.vm_id, "resume of a committed migration: replaying its commit");
+                    tracing::info!(migration = ?migration_id, vm_id = %replay.registered.vm_id, "resume of a committed migration: replaying its commit");
                     let ds = ctx.datastore_name(None);
                     ctx.session()
                         .resume_committed(migration_id, ds, &replay.roots, replay.registered);
@@ -547,7 +548,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 .expect("checking a resume does not panic")
             };
             if let Err((code, problems)) = check {
-                tracing::warn!(migration = %migration_id, ?code, ?problems, "resume refused");
+                tracing::warn!(migration = ?migration_id, ?code, ?problems, "resume refused");
                 ctx.session().refuse(code, problems);
                 return;
             }
@@ -579,7 +580,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             .expect("resume does not panic");
             match result {
                 Ok(durable) => {
-                    tracing::info!(migration = %migration_id, durable_chunks = durable.len(), "migration resumed");
+                    tracing::info!(migration = ?migration_id, durable_chunks = durable.len(), "migration resumed");
                     let ds = ctx.datastore_name(None);
                     ctx.session().resume_accepted(migration_id, ds, &durable);
                 }
@@ -610,12 +611,12 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             .expect("aborting does not panic");
             match result {
                 Ok(why) => {
-                    tracing::warn!(migration = %migration_id, %why, "migration aborted by its edge");
+                    tracing::warn!(migration = ?migration_id, ?why, "migration aborted by its edge");
                     ctx.session().migration_aborted(Ok(()));
                     close_refused(ctx, RefusalCode::Aborted, &format!("{migration_id} discarded: {why}"));
                 }
                 Err((code, problems)) => {
-                    tracing::warn!(migration = %migration_id, ?code, ?problems, "abort refused");
+                    tracing::warn!(migration = ?migration_id, ?code, ?problems, "abort refused");
                     ctx.session().migration_aborted(Err((code, problems)));
                 }
             }
@@ -642,18 +643,48 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             .await
             .expect("finalize does not panic");
             match &result {
-                Ok(r) => tracing::info!(vm_id = %r.vm_id, path = %r.vm_path, format, "VM registered, receipt signed"),
+                Ok(r) => tracing::info!(vm_id = %r.vm_id, path = ?r.vm_path, format, "VM registered, receipt signed"),
                 Err(e) => tracing::error!(error = %e, "commit failed"),
             }
             ctx.session()
                 .finalized(result.map_err(|e| (RefusalCode::EndpointFailure, e)));
+        }
+        // A replication pass ended and was read back: the staging stays as the replica.
+        ReceiverEvent::KeepReplica { delta_bytes } => {
+            let unsynced = ctx.session().take_unsynced();
+            let record = ctx.clone();
+            let guard = ctx.blocking.clone().read_owned().await;
+            let batch = unsynced.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let _guard = guard;
+                let staged = record.staged.lock().expect("staged lock");
+                match staged.as_ref() {
+                    Some(staged) => placement::keep_replica(&domain, staged, &batch, delta_bytes)
+                        .map(|()| staged.migration_id.clone()),
+                    None => Err((RefusalCode::EndpointFailure, "nothing staged to keep".to_owned())),
+                }
+            })
+            .await
+            .expect("keeping a replica does not panic");
+            let mut s = ctx.session();
+            match result {
+                Ok(id) => {
+                    tracing::info!(migration = %id, delta_bytes, "replica read back and kept");
+                    s.synced(&unsynced);
+                    s.replica_kept(Ok(()));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e.1, "cannot keep the replica");
+                    s.replica_kept(Err(e));
+                }
+            }
         }
         ReceiverEvent::Discard { reason } => {
             let staged = ctx.staged.lock().expect("staged lock").take();
             ctx.disks.lock().expect("disks lock").clear();
             let mut discarded = None;
             if let Some(staged) = staged {
-                tracing::warn!(%reason, migration = %staged.migration_id, "discarding");
+                tracing::warn!(?reason, migration = %staged.migration_id, "discarding");
                 discarded = Some(staged.migration_id.clone());
                 let guard = ctx.blocking.clone().read_owned().await;
                 let why = reason.clone();

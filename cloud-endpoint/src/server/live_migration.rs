@@ -69,7 +69,7 @@ pub async fn serve(
     let edge_cert = super::probe::edge_thumbprint(&conn).unwrap_or_default();
     let span = tracing::info_span!("live", %peer);
     async move {
-        tracing::info!(edge_cert = %edge_cert, "edge connected for a live migration");
+        tracing::info!(edge_cert = ?edge_cert, "edge connected for a live migration");
         let (send, recv) = control_streams;
         let mut writer = match ControlWriter::open(send, false).await {
             Ok(w) => w,
@@ -180,17 +180,18 @@ impl Run {
             LiveEvent::Authenticate { agent, user, password } => {
                 let domain = self.domain.clone();
                 let source = self.conn.remote_address().ip();
-                let result = tokio::task::spawn_blocking(move || {
-                    domain
-                        .logins
-                        .authenticate(&domain.inventory, &user, &password, source, "live")
-                })
-                .await
-                .expect("authentication does not panic");
-                crate::logins::hold_answer(&result).await;
+                let check = domain.clone();
+                let result = domain
+                    .logins
+                    .login(source, "live", move || {
+                        check
+                            .logins
+                            .authenticate(&check.inventory, &user, &password, source, "live")
+                    })
+                    .await;
                 match result {
                     Ok(p) => {
-                        tracing::info!(user = %p.user, role = %p.role.as_str(), %agent, "authenticated");
+                        tracing::info!(user = ?p.user, role = %p.role.as_str(), ?agent, "authenticated");
                         let role = p.role.as_str().to_owned();
                         self.principal = Some(p);
                         self.session
@@ -301,7 +302,13 @@ impl Run {
         let started = async {
             let binary = QemuBinary::from_env().map_err(|e| e.to_string())?;
             let log = staged.staging.dir().join(format!("{}.qemu.log", plan.plan.vm.name));
-            QemuProcess::spawn(&binary, &spec, &log)
+            // The sandbox, not yet a user of its own: the destination's sockets and staged
+            // files are the endpoint's (see docs/hosts.md).
+            let sandbox = gateway::qemu::Confinement {
+                sandbox: true,
+                run_as: None,
+            };
+            QemuProcess::spawn_confined(&binary, &spec, &log, &sandbox)
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -491,7 +498,7 @@ impl Run {
     }
 
     async fn tear_down(&self, dest: Destination, reason: &str) {
-        tracing::warn!(migration = %dest.staged.migration_id, %reason, "tearing the destination down");
+        tracing::warn!(migration = %dest.staged.migration_id, ?reason, "tearing the destination down");
         let _ = dest.process.stop(STOP_GRACE).await;
         let domain = self.domain.clone();
         let reason = reason.to_owned();

@@ -5,6 +5,7 @@ pub mod live;
 mod live_migration;
 pub mod placement;
 mod probe;
+pub mod revoked;
 
 use std::future::Future;
 use std::net::UdpSocket;
@@ -99,6 +100,9 @@ pub async fn run(
                     return;
                 }
             };
+            if !revoked::admit(&conn, &domain.revoked_edges) {
+                return;
+            }
             // The first stream says what the connection is for: a link test
             // has its own limits and never takes a migration slot.
             let control = match probe::first_stream(&conn).await {

@@ -21,10 +21,12 @@ use crate::inventory::{InventoryError, Principal};
 use crate::Domain;
 
 mod commit;
+mod replica;
 mod resolve;
 mod resume;
 mod validate;
 pub use commit::{finalize, finalize_live, recover_commits, CRASH_AT_ENV};
+pub use replica::keep_replica;
 pub use resolve::Resolved;
 pub use resume::{abort, authorize, check_resume, discard_files, expire, resume, suspend, Action, Durable};
 pub use validate::{validate, Validated};

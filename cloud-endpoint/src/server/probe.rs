@@ -191,7 +191,7 @@ impl LinkTests {
         let span = tracing::info_span!("link_test", %peer);
         async move {
             let refuse = |code, why: String| {
-                tracing::warn!(reason = %why, "link test refused");
+                tracing::warn!(reason = ?why, "link test refused");
                 transport::close(&conn, code, &why);
             };
             if !self.config.enabled {
@@ -244,7 +244,7 @@ impl LinkTests {
                     }
                 }
                 Ok(Err(Failure(code, why))) => {
-                    tracing::warn!(reason = %why, "link test failed");
+                    tracing::warn!(reason = ?why, "link test failed");
                     transport::close(&conn, code, &why);
                 }
                 Err(_) => refuse(

@@ -539,3 +539,34 @@ fn check_range(capacity: u64, offset: u64, len: usize) -> io::Result<()> {
         ))
     }
 }
+
+/// The lock a running VMware VM holds on its files, if one is there: Workstation and
+/// Fusion keep a `<name>.vmx.lck` folder beside the .vmx while the VM runs, ESXi a
+/// `.lck-<id>` file beside the .vmx and each disk. A switchover refuses to finish while
+/// one exists: the source would go on writing after its last pass.
+pub fn running_lock(vm: &SourceVm) -> Option<PathBuf> {
+    let mut files = vec![vm.vmx_path.clone()];
+    files.extend(
+        vm.disks
+            .iter()
+            .filter(|d| d.archive_member.is_none())
+            .map(|d| d.path.clone()),
+    );
+    for file in files {
+        let mut workstation = file.clone().into_os_string();
+        workstation.push(".lck");
+        let workstation = PathBuf::from(workstation);
+        if workstation.exists() {
+            return Some(workstation);
+        }
+        // ESXi names its locks after the files' inodes, not their names: any lock in
+        // the folder of a file of this VM counts.
+        let locks = file.parent().and_then(|dir| std::fs::read_dir(dir).ok());
+        for entry in locks.into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".lck-") {
+                return Some(entry.path());
+            }
+        }
+    }
+    None
+}

@@ -1,6 +1,6 @@
 //! The cloud endpoint's side of one migration.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::ProtocolError;
@@ -81,6 +81,10 @@ pub enum ReceiverEvent {
     VerifyStaged { chunks: Vec<(u16, u64, [u8; 32])> },
     /// The migration ended without a VM: discard what was staged.
     Discard { reason: String },
+    /// A replication's pass is complete and read back (`SyncDone`): keep the staged
+    /// disks and journal as the replica, record the pass (`delta_bytes` written by
+    /// it), then answer with [`ReceiverSession::replica_kept`].
+    KeepReplica { delta_bytes: u64 },
     /// The edge only asks whether the plan is valid: check it against the
     /// domain without staging or recording anything; answer with
     /// [`ReceiverSession::plan_checked`].
@@ -118,6 +122,8 @@ enum Phase {
     Verifying,
     Finalizing,
     Done,
+    /// A replication pass ended: the staged disks are kept as the replica.
+    Synced,
     Failed,
 }
 
@@ -135,6 +141,7 @@ impl Phase {
             Phase::Verifying => "verifying the staged disks",
             Phase::Finalizing => "finalizing",
             Phase::Done => "done",
+            Phase::Synced => "synced",
             Phase::Failed => "failed",
         }
     }
@@ -185,6 +192,8 @@ struct Disk {
     /// Per chunk: its hash came from the journal of an earlier connection and it was
     /// not written again over this one. Empty unless resumed.
     from_journal: Vec<bool>,
+    /// Chunks the cloud held that this delta pass replaced: at most once each.
+    replaced: HashSet<u64>,
 }
 
 /// One migration as the cloud endpoint sees it.
@@ -217,6 +226,10 @@ pub struct ReceiverSession {
     /// (a link lost, or the endpoint stopped, during the commit): what to answer once the
     /// edge has sealed every disk with the registered roots.
     already_committed: Option<Registered>,
+    /// A delta pass of a replication (`Sync`): chunks the cloud holds may be replaced.
+    delta: bool,
+    /// The edge sent `SyncDone`: after the read-back, keep the replica, register nothing.
+    keep_replica: bool,
 }
 
 impl ReceiverSession {
@@ -239,7 +252,14 @@ impl ReceiverSession {
             repair_rounds: 0,
             repaired_chunks: 0,
             already_committed: None,
+            delta: false,
+            keep_replica: false,
         }
+    }
+
+    /// Whether this connection runs a delta pass of a replication.
+    pub fn is_delta(&self) -> bool {
+        self.delta
     }
 
     /// Chunks found damaged in staging by the read-back and sent again by the edge.
@@ -258,7 +278,8 @@ impl ReceiverSession {
     /// nor was refused or aborted (a lost link, a killed edge), or it was
     /// paused on purpose ([`Self::pause`]).
     pub fn is_resumable(&self) -> bool {
-        matches!(self.phase, Phase::Streaming | Phase::Verifying) || (self.phase == Phase::Failed && self.paused)
+        matches!(self.phase, Phase::Streaming | Phase::Verifying | Phase::Synced)
+            || (self.phase == Phase::Failed && self.paused)
     }
 
     /// The accepted plan, once there is one.
@@ -291,7 +312,12 @@ impl ReceiverSession {
 
     /// True once the session reached an end (committed or failed).
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Checked | Phase::Failed)
+        matches!(self.phase, Phase::Done | Phase::Checked | Phase::Synced | Phase::Failed)
+    }
+
+    /// Whether a replication pass ended with the replica kept.
+    pub fn is_synced(&self) -> bool {
+        self.phase == Phase::Synced
     }
 
     pub fn is_committed(&self) -> bool {
@@ -333,18 +359,8 @@ impl ReceiverSession {
                 self.events.push_back(ReceiverEvent::ValidatePlan(plan.clone()));
                 self.plan = Some(plan);
             }
-            EdgeMessage::Resume { migration_id, plan } => {
-                if self.phase != Phase::AwaitPlan {
-                    return Err(self.unexpected("Resume"));
-                }
-                plan.check_limits()?;
-                self.phase = Phase::Validating;
-                self.events.push_back(ReceiverEvent::ValidateResume {
-                    migration_id,
-                    plan: plan.clone(),
-                });
-                self.plan = Some(plan);
-            }
+            EdgeMessage::Resume { migration_id, plan } => self.on_resume(migration_id, plan, false)?,
+            EdgeMessage::Sync { migration_id, plan } => self.on_resume(migration_id, plan, true)?,
             EdgeMessage::AbortMigration { migration_id, reason } => {
                 if self.phase != Phase::AwaitPlan {
                     return Err(self.unexpected("AbortMigration"));
@@ -365,6 +381,7 @@ impl ReceiverSession {
                 if self.phase != Phase::Streaming {
                     return Err(self.unexpected("ZeroChunks"));
                 }
+                let delta = self.delta;
                 let (d, chunk_size) = self.disk_mut(disk)?;
                 let first = offset / u64::from(chunk_size);
                 let end = first.checked_add(count);
@@ -393,10 +410,19 @@ impl ReceiverSession {
                     let zero = d.hashes.zero_hash(index);
                     if let Some(existing) = d.hashes.get(index) {
                         if existing != zero {
-                            return Err(ProtocolError::OutsidePlan(format!(
-                                "disk {disk} chunk at offset {} declared zero after data was written there",
-                                index * u64::from(chunk_size)
-                            )));
+                            if !delta || !d.replaced.insert(index) {
+                                return Err(ProtocolError::OutsidePlan(format!(
+                                    "disk {disk} chunk at offset {} declared zero after data was written there",
+                                    index * u64::from(chunk_size)
+                                )));
+                            }
+                            // The replica's file still holds the old data there: the
+                            // read-back before the pass ends finds it and writes zeros,
+                            // whatever the verify scope.
+                            if d.from_journal.is_empty() {
+                                d.from_journal = vec![false; d.hashes.chunk_count() as usize];
+                            }
+                            d.from_journal[index as usize] = true;
                         }
                     }
                     d.hashes.set(index, zero);
@@ -448,10 +474,25 @@ impl ReceiverSession {
                 d.root = Some(ours);
                 d.first_root = Some(ours);
             }
+            EdgeMessage::SyncDone => {
+                if self.phase != Phase::Streaming || self.already_committed.is_some() {
+                    return Err(self.unexpected("SyncDone"));
+                }
+                if let Some(i) = self.disks.iter().position(|d| d.root.is_none()) {
+                    return Err(ProtocolError::Integrity(format!(
+                        "sync done before disk {i} was sealed"
+                    )));
+                }
+                self.keep_replica = true;
+                self.phase = Phase::Verifying;
+                let chunks = self.verification_chunks();
+                self.events.push_back(ReceiverEvent::VerifyStaged { chunks });
+            }
             EdgeMessage::Commit => {
                 if self.phase != Phase::Streaming {
                     return Err(self.unexpected("Commit"));
                 }
+                self.keep_replica = false;
                 if let Some(i) = self.disks.iter().position(|d| d.root.is_none()) {
                     return Err(ProtocolError::Integrity(format!("commit before disk {i} was sealed")));
                 }
@@ -474,6 +515,22 @@ impl ReceiverSession {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `Resume`, or `Sync` (`delta`): continue a migration the cloud accepted before.
+    fn on_resume(&mut self, migration_id: String, plan: MigrationPlan, delta: bool) -> Result<(), ProtocolError> {
+        if self.phase != Phase::AwaitPlan {
+            return Err(self.unexpected(if delta { "Sync" } else { "Resume" }));
+        }
+        plan.check_limits()?;
+        self.delta = delta;
+        self.phase = Phase::Validating;
+        self.events.push_back(ReceiverEvent::ValidateResume {
+            migration_id,
+            plan: plan.clone(),
+        });
+        self.plan = Some(plan);
         Ok(())
     }
 
@@ -517,6 +574,7 @@ impl ReceiverSession {
                 first_root: None,
                 repairing: HashMap::new(),
                 from_journal: Vec::new(),
+                replaced: HashSet::new(),
             })
             .collect();
         self.phase = Phase::Streaming;
@@ -721,6 +779,7 @@ impl ReceiverSession {
         if self.phase != Phase::Streaming {
             return Err(self.unexpected("chunk data"));
         }
+        let delta = self.delta;
         let (d, chunk_size) = self.disk_mut(h.disk)?;
         let cs = u64::from(chunk_size);
         if !h.offset.is_multiple_of(cs) || h.offset >= d.capacity {
@@ -746,6 +805,16 @@ impl ReceiverSession {
                     h.disk, h.offset
                 )))
             };
+        }
+        let replacing = delta
+            && d.hashes.get(index).is_some_and(|hash| hash != h.sha256)
+            && !d.replaced.contains(&index)
+            && !d.repairing.contains_key(&index);
+        if replacing {
+            // A delta pass: the source changed this chunk since the replica got it.
+            d.replaced.insert(index);
+            d.in_flight.insert(index, h.sha256);
+            return Ok(Admission::Write);
         }
         if let Some(hash) = d.hashes.get(index) {
             if hash != h.sha256 {
@@ -873,7 +942,13 @@ impl ReceiverSession {
         }
         if damaged.is_empty() {
             self.phase = Phase::Finalizing;
-            self.events.push_back(ReceiverEvent::Finalize);
+            self.events.push_back(if self.keep_replica {
+                ReceiverEvent::KeepReplica {
+                    delta_bytes: self.bytes_written,
+                }
+            } else {
+                ReceiverEvent::Finalize
+            });
             return;
         }
         let chunk_size = self.plan.as_ref().map_or(0, |p| u64::from(p.chunk_size));
@@ -944,6 +1019,30 @@ impl ReceiverSession {
                 });
             }
             Err((code, problem)) => self.fail(code, vec![problem]),
+        }
+    }
+
+    /// The driver kept the replica and recorded the pass (or could not).
+    pub fn replica_kept(&mut self, result: Result<(), (RefusalCode, String)>) {
+        if self.phase != Phase::Finalizing || !self.keep_replica {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.phase = Phase::Synced;
+                self.outbox.push_back(CloudMessage::Synced {
+                    delta_bytes: self.bytes_written,
+                });
+            }
+            // What was staged stays: the pass can be run again.
+            Err((code, problem)) => {
+                self.paused = true;
+                self.phase = Phase::Failed;
+                self.outbox.push_back(CloudMessage::Refused {
+                    code,
+                    problems: vec![problem],
+                });
+            }
         }
     }
 

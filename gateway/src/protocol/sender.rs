@@ -73,6 +73,9 @@ pub enum SenderEvent {
         vm_path: String,
         receipt: String,
     },
+    /// A replication pass ended ([`SenderSession::finish_as_replica`]): the cloud
+    /// read its replica back and keeps it; `delta_bytes` were written by this pass.
+    Synced { delta_bytes: u64 },
     /// A session made with [`SenderSession::validating`]: the cloud found the
     /// plan valid; this is what a migration would create. Nothing was staged.
     Validated(Box<MigrationReport>),
@@ -85,6 +88,8 @@ enum Phase {
     Streaming,
     AwaitCommitted,
     Done,
+    /// A replication pass ended with the replica kept.
+    Synced,
     /// The plan was only validated, and found valid.
     Validated,
     /// `AbortMigration` sent: the cloud confirms by closing the connection, or refuses.
@@ -100,6 +105,7 @@ impl Phase {
             Phase::Streaming => "streaming",
             Phase::AwaitCommitted => "waiting for the commit",
             Phase::Done => "done",
+            Phase::Synced => "synced",
             Phase::Validated => "validated",
             Phase::AwaitAborted => "waiting for the abort to be confirmed",
             Phase::Failed => "failed",
@@ -116,6 +122,9 @@ enum ChunkState {
     Sent,
     /// In the cloud already (after a resume), but its hash is not known here.
     Unhashed,
+    /// In the cloud's replica with the hash recorded here (a delta pass): read it,
+    /// and send it only if the source changed it since.
+    Held,
     Done,
 }
 
@@ -131,6 +140,10 @@ pub enum Work {
     Hash,
     /// Declare it zero without reading it ([`SenderSession::chunk_zero`]).
     Zero,
+    /// Read and hash it: unchanged from this hash (the replica's), it is done
+    /// ([`SenderSession::chunk_hashed`]); changed, it is sealed and sent (or
+    /// declared zero) like [`Work::Send`].
+    Compare([u8; 32]),
     /// Nothing: done, or in flight.
     Skip,
 }
@@ -177,6 +190,10 @@ pub struct SenderSession {
     abort: Option<(String, String)>,
     /// The cloud's report of the commit.
     report: Option<MigrationReport>,
+    /// A delta pass of a replication: `Sync` instead of `Resume`.
+    delta: bool,
+    /// End with `SyncDone` (keep the replica) instead of `Commit`.
+    keep_replica: bool,
 }
 
 impl SenderSession {
@@ -224,6 +241,8 @@ impl SenderSession {
             validate_only: false,
             abort: None,
             report: None,
+            delta: false,
+            keep_replica: false,
         })
     }
 
@@ -273,6 +292,34 @@ impl SenderSession {
         Ok(s)
     }
 
+    /// Runs a delta pass of the replication `migration_id`: like [`Self::resuming`], but
+    /// every chunk the cloud holds with a hash in `checkpoint` is read and compared
+    /// ([`Work::Compare`]), and sent again only if the source changed it. Chunks the
+    /// cloud holds without a recorded hash are sent (the cloud writes nothing for one
+    /// that did not change).
+    pub fn syncing(
+        config: SenderConfig,
+        plan: MigrationPlan,
+        migration_id: String,
+        checkpoint: Vec<DoneChunk>,
+        now: Instant,
+    ) -> Result<Self, ProtocolError> {
+        let mut s = SenderSession::resuming(config, plan, migration_id, checkpoint, now)?;
+        s.delta = true;
+        Ok(s)
+    }
+
+    /// Ends the pass with `SyncDone` instead of `Commit`: the cloud keeps what it holds
+    /// as the replica, and nothing is registered.
+    pub fn finish_as_replica(&mut self) {
+        self.keep_replica = true;
+    }
+
+    /// Whether the session ended with the replica kept.
+    pub fn is_synced(&self) -> bool {
+        self.phase == Phase::Synced
+    }
+
     /// The migration id, once the cloud accepted (or resumed) the plan.
     pub fn migration_id(&self) -> Option<&str> {
         self.migration_id.as_deref()
@@ -282,6 +329,12 @@ impl SenderSession {
     pub fn chunk_hash(&self, disk: u16, offset: u64) -> Option<[u8; 32]> {
         let d = self.disks.get(usize::from(disk))?;
         d.hashes.get(checked_index(d, offset, self.chunk_size())?)
+    }
+
+    /// The hash of an all-zero chunk at `offset` of `disk` (the last one may be short).
+    pub fn zero_hash(&self, disk: u16, offset: u64) -> Option<[u8; 32]> {
+        let d = self.disks.get(usize::from(disk))?;
+        Some(d.hashes.zero_hash(checked_index(d, offset, self.chunk_size())?))
     }
 
     /// Bytes the cloud already held when it resumed this migration (written or zero).
@@ -302,11 +355,16 @@ impl SenderSession {
             Some(ChunkState::Pending) => Work::Send,
             Some(ChunkState::PendingZero) => Work::Zero,
             Some(ChunkState::Unhashed) => Work::Hash,
+            Some(ChunkState::Held) => {
+                let index = offset / cs;
+                d.hashes.get(index).map_or(Work::Send, Work::Compare)
+            }
             _ => Work::Skip,
         }
     }
 
-    /// The driver hashed a chunk the cloud already holds ([`Work::Hash`]).
+    /// The driver hashed a chunk the cloud already holds ([`Work::Hash`]), or found a
+    /// chunk of [`Work::Compare`] unchanged.
     pub fn chunk_hashed(&mut self, disk: u16, offset: u64, sha256: [u8; 32]) {
         if self.phase != Phase::Streaming {
             return;
@@ -315,7 +373,11 @@ impl SenderSession {
         let Some(d) = self.disks.get_mut(usize::from(disk)) else {
             return;
         };
-        let Some(index) = checked_index(d, offset, cs).filter(|&i| d.state[i as usize] == ChunkState::Unhashed) else {
+        let Some(index) = checked_index(d, offset, cs).filter(|&i| match d.state[i as usize] {
+            ChunkState::Unhashed => true,
+            ChunkState::Held => d.hashes.get(i) == Some(sha256),
+            _ => false,
+        }) else {
             return;
         };
         d.state[index as usize] = ChunkState::Done;
@@ -360,7 +422,10 @@ impl SenderSession {
     }
 
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Validated | Phase::Failed)
+        matches!(
+            self.phase,
+            Phase::Done | Phase::Synced | Phase::Validated | Phase::Failed
+        )
     }
 
     pub fn is_committed(&self) -> bool {
@@ -410,6 +475,10 @@ impl SenderSession {
                     return Ok(());
                 }
                 self.outbox.push_back(match &self.resume {
+                    Some((migration_id, _)) if self.delta => EdgeMessage::Sync {
+                        migration_id: migration_id.clone(),
+                        plan: self.plan.clone(),
+                    },
                     Some((migration_id, _)) => EdgeMessage::Resume {
                         migration_id: migration_id.clone(),
                         plan: self.plan.clone(),
@@ -488,7 +557,7 @@ impl SenderSession {
                         }
                         // A duplicate was acknowledged again.
                         ChunkState::Done => {}
-                        ChunkState::Pending | ChunkState::PendingZero | ChunkState::Unhashed => {
+                        ChunkState::Pending | ChunkState::PendingZero | ChunkState::Unhashed | ChunkState::Held => {
                             return Err(ProtocolError::OutsidePlan(format!(
                                 "ack for disk {disk} offset {offset}, which was never sent"
                             )))
@@ -576,6 +645,14 @@ impl SenderSession {
                     receipt,
                 });
             }
+            CloudMessage::Synced { delta_bytes } => {
+                if self.phase != Phase::AwaitCommitted || !self.keep_replica {
+                    return Err(self.unexpected("Synced"));
+                }
+                self.phase = Phase::Synced;
+                self.deadline = None;
+                self.events.push_back(SenderEvent::Synced { delta_bytes });
+            }
             CloudMessage::Valid(report) => {
                 if self.phase != Phase::AwaitPlanAccepted || !self.validate_only {
                     return Err(self.unexpected("Valid"));
@@ -629,6 +706,15 @@ impl SenderSession {
             for index in 0..count {
                 let zero = d.hashes.zero_hash(index);
                 let hash = known.get(index);
+                if self.delta {
+                    // Everything is read again; what the replica holds is compared.
+                    if let (true, Some(hash)) = (crate::wire::bit(bitmap, index), hash) {
+                        held += (d.capacity - index * cs).min(cs);
+                        d.state[index as usize] = ChunkState::Held;
+                        d.hashes.set(index, hash);
+                    }
+                    continue;
+                }
                 if crate::wire::bit(bitmap, index) {
                     held += (d.capacity - index * cs).min(cs);
                     match hash {
@@ -693,7 +779,11 @@ impl SenderSession {
         let cs = self.chunk_size();
         let d = self.disks.get_mut(usize::from(disk))?;
         let index = checked_index(d, offset, cs)?;
-        matches!(d.state[index as usize], ChunkState::Pending | ChunkState::PendingZero).then_some((d, index))
+        matches!(
+            d.state[index as usize],
+            ChunkState::Pending | ChunkState::PendingZero | ChunkState::Held
+        )
+        .then_some((d, index))
     }
 
     /// The driver read the chunk at `offset` and found only zeros.
@@ -746,14 +836,18 @@ impl SenderSession {
         self.outbox.push_back(EdgeMessage::DiskSealed { disk, root });
         if self.disks.iter().all(|d| d.root.is_some()) && self.phase == Phase::Streaming {
             self.phase = Phase::AwaitCommitted;
-            self.outbox.push_back(EdgeMessage::Commit);
+            self.outbox.push_back(if self.keep_replica {
+                EdgeMessage::SyncDone
+            } else {
+                EdgeMessage::Commit
+            });
         }
     }
 
     /// Sets the commit deadline once the commit has actually been sent.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<EdgeMessage> {
         let msg = self.outbox.pop_front()?;
-        if msg == EdgeMessage::Commit {
+        if matches!(msg, EdgeMessage::Commit | EdgeMessage::SyncDone) {
             // The cloud reads every staged disk back before it answers: allow for that
             // at a slow datastore's pace (100 MB/s) on top of the reply timeout.
             let read_back = Duration::from_secs(self.plan.logical_bytes() / 100_000_000);

@@ -159,6 +159,8 @@ struct Pair {
     refuse_abort: Option<Vec<String>>,
     /// The migration the cloud driver aborted for the edge.
     aborted: Option<String>,
+    /// A replication pass ended with the replica kept: the bytes it wrote.
+    synced: Option<u64>,
 }
 
 impl Pair {
@@ -205,6 +207,7 @@ impl Pair {
             registered: None,
             refuse_abort: None,
             aborted: None,
+            synced: None,
         }
     }
 
@@ -259,6 +262,29 @@ impl Pair {
         next
     }
 
+    /// The next pass of this replication, over a new connection, after the source
+    /// changed to `sources`: both drivers' records and the replica survive.
+    fn next_pass(self, sources: Vec<Vec<u8>>, keep_replica: bool) -> Pair {
+        let plan = self.sender.plan().clone();
+        let mut sender = SenderSession::syncing(
+            SenderConfig::new("edge-test", "migrator@cloud.local", "secret"),
+            plan,
+            "migration-1".into(),
+            self.edge_checkpoint.clone(),
+            self.now,
+        )
+        .unwrap();
+        if keep_replica {
+            sender.finish_as_replica();
+        }
+        let mut next = Pair::new(sources, "secret");
+        next.sender = sender;
+        next.dests = self.dests;
+        next.cloud_journal = self.cloud_journal;
+        next.edge_checkpoint = self.edge_checkpoint;
+        next
+    }
+
     /// One round: every queue is drained once. Returns whether anything moved.
     fn step(&mut self) -> bool {
         let mut moved = false;
@@ -280,6 +306,7 @@ impl Pair {
                 SenderEvent::Resend { disk, offset } => self.to_read.push_back((disk, offset)),
                 SenderEvent::Committed { receipt, .. } => self.edge_receipt = Some(receipt),
                 SenderEvent::Validated(report) => self.validated = Some(*report),
+                SenderEvent::Synced { delta_bytes } => self.synced = Some(delta_bytes),
                 SenderEvent::Acked { disk, chunks, .. } => self.edge_checkpoint.extend(
                     chunks
                         .into_iter()
@@ -311,6 +338,14 @@ impl Pair {
                     self.hashed += 1;
                     self.sender.chunk_hashed(disk, offset, crate::chunk::sha256(plain));
                     continue;
+                }
+                Work::Compare(held) => {
+                    let hash = crate::chunk::sha256(plain);
+                    if hash == held {
+                        self.hashed += 1;
+                        self.sender.chunk_hashed(disk, offset, hash);
+                        continue;
+                    }
                 }
                 Work::Send => {}
             }
@@ -428,6 +463,14 @@ impl Pair {
                     self.receiver.staged_verified(damaged);
                 }
                 ReceiverEvent::Discard { reason } => self.discarded = Some(reason),
+                ReceiverEvent::KeepReplica { .. } => {
+                    let batch = self.receiver.take_unsynced();
+                    for &(disk, offset, hash) in &batch.chunks {
+                        self.cloud_journal.push((disk, offset / u64::from(CS), hash));
+                    }
+                    self.receiver.synced(&batch);
+                    self.receiver.replica_kept(Ok(()));
+                }
                 ReceiverEvent::CheckPlan(_) => match self.refuse_plan.take() {
                     Some(problems) => self.receiver.plan_checked(Err((RefusalCode::PlanRejected, problems))),
                     None => self.receiver.plan_checked(Ok(report(""))),
@@ -1275,4 +1318,113 @@ fn an_abort_request_is_taken_only_in_place_of_a_plan() {
             now
         )
         .is_err());
+}
+
+/// A chunk's bytes in one of the test images.
+fn chunk_of(img: &mut [u8], index: usize) -> &mut [u8] {
+    let end = ((index + 1) * CS as usize).min(img.len());
+    &mut img[index * CS as usize..end]
+}
+
+#[test]
+fn a_replica_is_kept_and_each_delta_pass_sends_only_what_changed() {
+    let sources = vec![disk_image(41, 12)];
+    let mut first = Pair::new(sources.clone(), "secret");
+    first.sender.finish_as_replica();
+    first.drive();
+    assert!(first.sender.is_synced(), "{:?}", first.sender.error());
+    assert!(first.receiver.is_synced() && first.receiver.is_resumable());
+    assert!(first.committed.is_none(), "a replica is not registered");
+    assert_eq!(first.dests, sources);
+    let full = first.data_frames;
+
+    // The running source changes: new data in a data chunk (0), a text chunk zeroed (1),
+    // data where there were zeros (2).
+    let mut changed = sources.clone();
+    rand::rngs::StdRng::seed_from_u64(5).fill(chunk_of(&mut changed[0], 0));
+    chunk_of(&mut changed[0], 1).fill(0);
+    chunk_of(&mut changed[0], 2)[..10].fill(9);
+    let mut second = first.next_pass(changed.clone(), true);
+    second.drive();
+    assert!(second.sender.is_synced(), "{:?}", second.sender.error());
+    assert_eq!(
+        second.data_frames, 2,
+        "two changed data chunks, of {full} in the first pass"
+    );
+    assert_eq!(second.synced, Some(2 * u64::from(CS)));
+    assert_eq!(second.dests, changed, "the zeroed chunk is zero in the replica too");
+
+    // The switchover: nothing changed since, nothing sent; the VM is registered with
+    // the roots of the source as it is now.
+    let mut last = second.next_pass(changed.clone(), false);
+    last.drive();
+    assert!(last.sender.is_committed(), "{:?}", last.sender.error());
+    assert_eq!(last.data_frames, 0);
+    assert_eq!(last.dests, changed);
+    assert!(last.edge_receipt.is_some());
+}
+
+#[test]
+fn a_delta_pass_repairs_a_replica_damaged_between_passes() {
+    let sources = vec![disk_image(42, 8)];
+    let mut first = Pair::new(sources.clone(), "secret");
+    first.sender.finish_as_replica();
+    first.drive();
+    assert!(first.sender.is_synced());
+    let mut last = first.next_pass(sources.clone(), false);
+    // Bit rot in a data chunk and in a zero chunk of the replica.
+    last.damage_before_verify = vec![(0, 5), (0, 2 * u64::from(CS) + 9)];
+    last.drive();
+    assert!(last.sender.is_committed(), "{:?}", last.sender.error());
+    assert_eq!(last.dests, sources);
+    assert_eq!(
+        last.verify_rounds.first(),
+        Some(&(1, 1)),
+        "one chunk re-sent, one rewritten"
+    );
+}
+
+#[test]
+fn a_replaced_chunk_is_replaced_once_per_pass_and_only_in_a_delta_pass() {
+    let cap = 2 * u64::from(CS);
+    let mut r = streaming_receiver(cap);
+    assert_eq!(r.admit_chunk(&header(0, 0, CS)).unwrap(), Admission::Write);
+    r.chunk_written(0, 0);
+    let mut other = header(0, 0, CS);
+    other.sha256 = [2; 32];
+    // A cold lift never replaces what it wrote.
+    assert!(r.admit_chunk(&other).is_err());
+
+    // A delta pass may replace a chunk the replica holds, once.
+    let now = Instant::now();
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
+    r.handle_control(
+        EdgeMessage::Hello {
+            agent: "a".into(),
+            user: "u".into(),
+            password: "p".into(),
+        },
+        now,
+    )
+    .unwrap();
+    r.authenticated(Ok("Administrator".into()), "c");
+    let img = vec![0u8; cap as usize];
+    r.handle_control(
+        EdgeMessage::Sync {
+            migration_id: "m".into(),
+            plan: plan(&[&img]),
+        },
+        now,
+    )
+    .unwrap();
+    assert!(r.is_delta());
+    r.resume_accepted("m".into(), "ds".into(), &[(0, 0, [1; 32]), (0, 1, [1; 32])]);
+    assert_eq!(r.admit_chunk(&other).unwrap(), Admission::Write);
+    r.chunk_written(0, 0);
+    let mut third = header(0, 0, CS);
+    third.sha256 = [3; 32];
+    assert!(
+        r.admit_chunk(&third).is_err(),
+        "twice in one pass: the source is not read consistently"
+    );
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::{MachineSpec, QemuError, Qmp};
+use super::{Confinement, MachineSpec, QemuError, Qmp};
 
 /// How long QEMU may take to open its QMP socket. Generous: on a loaded 2-core machine
 /// starting TCG and loading the firmware takes a second or two.
@@ -74,6 +74,17 @@ impl QemuProcess {
     /// to its QMP socket. QEMU runs in its own process group: a Ctrl-C meant for the
     /// endpoint does not reach the guests, and they outlive an endpoint restart.
     pub async fn spawn(binary: &QemuBinary, spec: &MachineSpec, output_log: &Path) -> Result<QemuProcess, QemuError> {
+        QemuProcess::spawn_confined(binary, spec, output_log, &Confinement::default()).await
+    }
+
+    /// [`QemuProcess::spawn`], confined by `confinement` (its sandbox arguments follow the
+    /// spec's; its user must reach the spec's files itself).
+    pub async fn spawn_confined(
+        binary: &QemuBinary,
+        spec: &MachineSpec,
+        output_log: &Path,
+        confinement: &Confinement,
+    ) -> Result<QemuProcess, QemuError> {
         spec.validate()?;
         let socket = &spec.qmp_socket;
         let len = socket.as_os_str().len();
@@ -102,15 +113,21 @@ impl QemuProcess {
         };
         let log = std::fs::File::create(output_log).map_err(io("create", output_log))?;
         let log2 = log.try_clone().map_err(io("open", output_log))?;
-        let mut child = tokio::process::Command::new(binary.path())
+        let mut command = tokio::process::Command::new(binary.path());
+        command
             .args(spec.argv())
+            .args(confinement.argv())
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
             .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(io("start", binary.path()))?;
+            .kill_on_drop(false);
+        if let Some(user) = confinement.run_as {
+            // The standard library also drops the supplementary groups when a root
+            // parent sets the user.
+            command.uid(user.uid).gid(user.gid);
+        }
+        let mut child = command.spawn().map_err(io("start", binary.path()))?;
         let pid = child.id().ok_or(QemuError::Disconnected)?;
         let (tx, mut exited) = watch::channel(None);
         tokio::spawn(async move {

@@ -54,6 +54,16 @@ pub enum EdgeMessage {
     /// `Resume` followed by `Abort`, and a refused one had already ended the
     /// migration's connection.
     AbortMigration { migration_id: String, reason: String },
+    /// Sent instead of `Plan` to run a delta pass of a replication (`edge-agent
+    /// replicate` again, or `switchover`): a `Resume` in which the edge may also send
+    /// chunks the cloud holds, once each, when the source changed them since the last
+    /// pass. Each replaced chunk is read back before the next `SyncDone` or `Commit`.
+    Sync { migration_id: String, plan: MigrationPlan },
+    /// Sent instead of `Commit` when every disk is sealed and the migration is a
+    /// replication: the cloud reads the staged disks back, keeps them as the
+    /// replica of the source (not a registered VM), answers `Synced`, and the next
+    /// pass continues from there.
+    SyncDone,
 }
 
 /// Cloud endpoint to edge agent.
@@ -95,6 +105,9 @@ pub enum CloudMessage {
     /// had), seal the disk again with the same root, then commit again. Last in the
     /// enum: the variants before it kept their encoding.
     Repair { disk: u16, offsets: Vec<u64> },
+    /// Answer to `SyncDone`: the replica holds the source as it was sealed, read back
+    /// and durable. `delta_bytes` are the plaintext bytes this pass wrote.
+    Synced { delta_bytes: u64 },
 }
 
 /// Whether chunk `index` is set in a [`CloudMessage::Resumed`] bitmap.

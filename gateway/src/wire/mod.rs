@@ -27,9 +27,11 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// Version 3: the cloud reads staged disks back before a commit and may answer
 /// `Commit` with `Repair`; `AbortMigration` (an abort checked before it touches the
 /// migration); each disk of a report names its own format.
-/// Version 4: the plan carries the VM's disk controllers with their types
+/// Version 4: replication (`Sync`, `SyncDone`, `Synced`): delta passes into a replica
+/// the cloud keeps until a switchover commits it.
+/// Version 5: the plan carries the VM's disk controllers with their types
 /// (`VmSpec::controllers`) and each NIC's `addressType`, so the copy keeps its hardware.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.

@@ -53,7 +53,7 @@ pub async fn get(Extension(ctx): Extension<SessionContext>) -> Json<SessionInfo>
 /// `DELETE /api/session`: 204.
 pub async fn delete(State(state): State<ApiState>, Extension(ctx): Extension<SessionContext>) -> StatusCode {
     state.sessions.remove(&ctx.token);
-    tracing::info!(user = %ctx.principal().user, "API session ended");
+    tracing::info!(user = ?ctx.principal().user, "API session ended");
     StatusCode::NO_CONTENT
 }
 

@@ -222,7 +222,7 @@ async fn call(
         ("com.vmware.cis.session", "get") => session_info(&session),
         ("com.vmware.cis.session", "delete") => {
             state.sessions.remove(token);
-            tracing::info!(user = %session.principal.user, "API session ended (vAPI)");
+            tracing::info!(user = ?session.principal.user, "API session ended (vAPI)");
             Ok(Value::Null)
         }
         ("com.vmware.cis.tasks", "get") => get(state, input, "task", tasks::get, &shapes::TASK_INFO).await,
@@ -359,6 +359,34 @@ fn session_info(session: &Session) -> Result<Value, ApiError> {
         "last_accessed_time": rfc3339_millis(session.last_accessed),
     });
     encode(&info, &shapes::SESSION_INFO, "session")
+}
+
+/// Fuzzing entry for a `POST /api` body (fuzz/fuzz_targets/api_bodies.rs): what the
+/// endpoint does with it before anything reaches the inventory (the JSON, the envelope,
+/// the input structure, a list filter with every field any list takes) must answer, never
+/// panic, whatever the bytes.
+pub(crate) fn fuzz_body(data: &[u8]) {
+    let Ok(request) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    let params = &request["params"];
+    let _ = (params["serviceId"].as_str(), params["operationId"].as_str());
+    let _ = params["ctx"].get("securityCtx");
+    let input = &params["input"];
+    let _ = input_fields(input);
+    let _ = filter(
+        input,
+        &[
+            "names",
+            "vms",
+            "hosts",
+            "folders",
+            "datastores",
+            "clusters",
+            "datacenters",
+            "power_states",
+        ],
+    );
 }
 
 /// The fields of the operation input structure.

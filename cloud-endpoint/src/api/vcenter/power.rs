@@ -83,7 +83,7 @@ fn may_operate(principal: &Principal, what: &str) -> Result<(), ApiError> {
 /// Starts, stops or resets VM `id`; returns when it is done.
 pub async fn change(domain: &Arc<Domain>, principal: &Principal, id: &str, action: Action) -> Result<(), ApiError> {
     may_operate(principal, &format!("{} VMs", action.verb()))?;
-    tracing::info!(vm = %id, user = %principal.user, action = action.verb(), "power operation");
+    tracing::info!(vm = ?id, user = ?principal.user, action = action.verb(), "power operation");
     match action {
         Action::Start => Hosts::power_on(domain, id).await?,
         Action::Stop => Hosts::power_off(domain, id).await?,

@@ -209,7 +209,7 @@ pub fn suspend(domain: &Domain, staged: Staged, unsynced: &gateway::protocol::Un
     if let Err(e) = domain.inventory.mark_interrupted(&staged.migration_id) {
         tracing::error!(migration = %staged.migration_id, error = %e, "cannot record the interruption");
     }
-    tracing::info!(migration = %staged.migration_id, %reason, "migration interrupted; kept for a resume");
+    tracing::info!(migration = %staged.migration_id, ?reason, "migration interrupted; kept for a resume");
 }
 
 /// Fails the migrations that have waited longer than `window` for their edge, and
@@ -253,7 +253,7 @@ pub fn discard_files(domain: &Domain, migration_id: &str, reason: &str) {
         }
     }
     match domain.inventory.fail_migration(migration_id, reason) {
-        Ok(()) => tracing::warn!(migration = %migration_id, %reason, "migration discarded"),
+        Ok(()) => tracing::warn!(migration = ?migration_id, ?reason, "migration discarded"),
         Err(e) => tracing::error!(migration = %migration_id, error = %e, "cannot record the discarded migration"),
     }
 }

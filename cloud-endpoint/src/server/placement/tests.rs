@@ -57,6 +57,7 @@ fn domain(dir: &std::path::Path) -> Domain {
         live: Default::default(),
         hosts: crate::hosts::Hosts::new(65536, 16),
         logins: Default::default(),
+        revoked_edges: Default::default(),
     }
 }
 

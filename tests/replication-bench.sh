@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# Benchmark: a replication's delta pass and its switchover, against what a user would
+# script instead: `rsync --inplace -z` of the same disk over ssh (loopback), after the
+# same change.
+#
+# Usage (as root, from anywhere):   tests/replication-bench.sh
+#   BENCH_DIR=/tmp/gateway-bench  cache of the sample image (shared with tests/bench.sh) and
+#                                 replication-results.json
+#   BENCH_SIZE=1G                 sample disk size; e.g. 256M for a quick run
+#   BENCH_CHANGE_PCT=1            share of the disk's 64 KiB blocks the "guest" rewrites
+#                                 between passes, at random places, with data copied from
+#                                 elsewhere on the disk (compresses like the disk does)
+#   BENCH_CHUNK_KIB=64            the replication's chunk size (--chunk-kib; 64 is the
+#                                 default of replicate)
+#   BENCH_KEEP=1                  keep the run's temp dir
+#
+# Steps: a first pass (a full lift into a replica); the change; a delta pass (timed, wire
+# bytes) and rsync of the same change onto a copy of the original (timed, bytes sent);
+# a switchover after one more change of the same size (the "downtime": the source is
+# powered off before it); a cold lift of the changed disk for comparison; qemu-img compare
+# of both copies with the source.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_DIR=${BENCH_DIR:-/tmp/gateway-bench}
+BENCH_SIZE=${BENCH_SIZE:-1G}
+BENCH_CHANGE_PCT=${BENCH_CHANGE_PCT:-1}
+BENCH_CHUNK_KIB=${BENCH_CHUNK_KIB:-64}
+log() { printf '[replication-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (sshd, apt-get)"
+[[ $BENCH_SIZE =~ ^[0-9]+[KMGT]?$ ]] || die "BENCH_SIZE=$BENCH_SIZE is not like 1G or 256M"
+need_pkgs=()
+[ -x /usr/bin/time ] || need_pkgs+=(time)
+[ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
+command -v rsync >/dev/null || need_pkgs+=(rsync)
+command -v jq >/dev/null || need_pkgs+=(jq)
+command -v ss >/dev/null || need_pkgs+=(iproute2)
+command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing ${need_pkgs[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+log "cargo build --release --workspace"
+(cd "$root" && cargo build --release --workspace --quiet)
+bin=$root/target/release
+
+mkdir -p "$BENCH_DIR"
+if [ "$BENCH_SIZE" = 1G ]; then img=$BENCH_DIR/sample-disk.img; else img=$BENCH_DIR/sample-disk-$BENCH_SIZE.img; fi
+if [ ! -s "$img" ]; then
+  mode=full; [ "$(numfmt --from=iec "$BENCH_SIZE")" -lt $((1 << 30)) ] && mode=small
+  log "making $img ($BENCH_SIZE, $mode file set)"
+  bash "$root/tests/sample-disk.sh" "$img.part" "$BENCH_SIZE" "$mode"
+  mv "$img.part" "$img"
+fi
+size=$(stat -c %s "$img")
+
+tmp=$(mktemp -d "$BENCH_DIR/replication.XXXXXX")
+ce_pid='' sshd_pid=''
+cleanup() {
+  local rc=$?
+  for pid in $sshd_pid $ce_pid; do kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
+  if [ "${BENCH_KEEP:-0}" = 1 ]; then log "kept $tmp"; else rm -rf "$tmp"; fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+free_port() { local p=$2; while [ -n "$(ss -Hln"$1" "sport = :$p")" ]; do p=$((p + 1)); done; echo "$p"; }
+wait_listen() {
+  for _ in $(seq 100); do [ -n "$(ss -Hln"$1" "sport = :$2")" ] && return 0; sleep 0.1; done
+  die "nothing listens on port $2 after 10 s"
+}
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+
+# The source: a private copy the "guest" writes into; rsync's destination: a copy of the
+# original, as the cloud's replica holds it after the first pass.
+mkdir -p "$tmp/vm"
+cp --reflink=auto --sparse=always "$img" "$tmp/vm/db01.img"
+cp --reflink=auto --sparse=always "$img" "$tmp/rsync-dst.img"
+cat >"$tmp/vm/db01.vmx" <<'EOF'
+.encoding = "UTF-8"
+config.version = "8"
+virtualHW.version = "14"
+displayName = "db01"
+guestOS = "debian12-64"
+numvcpus = "2"
+memsize = "2048"
+scsi0.present = "TRUE"
+scsi0.virtualDev = "pvscsi"
+scsi0:0.present = "TRUE"
+scsi0:0.fileName = "db01.img"
+EOF
+
+# The guest's writes: BENCH_CHANGE_PCT % of the 64 KiB blocks, at random places (seeded),
+# each new data that compresses like the disk: a block from a random place of the disk
+# with its bytes permuted (a copy would let rsync find it elsewhere in the file and send a
+# reference instead of the data).
+change() {
+  python3 - "$tmp/vm/db01.img" "$BENCH_CHANGE_PCT" "$1" <<'PY'
+import os, random, sys
+path, pct, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+block = 64 * 1024
+with open(path, "r+b") as f:
+    size = os.fstat(f.fileno()).st_size
+    blocks = size // block
+    rng = random.Random(seed)
+    picks = rng.sample(range(blocks), max(1, int(blocks * pct / 100)))
+    perm = list(range(256))
+    rng.shuffle(perm)
+    table = bytes(perm)
+    for b in picks:
+        f.seek(rng.randrange(blocks) * block)
+        data = f.read(block).translate(table)
+        if len(set(data)) == 1:
+            data = os.urandom(block // 4) * 4  # new data where the disk was empty
+        f.seek(b * block)
+        f.write(data)
+    print(len(picks) * block)
+PY
+}
+
+quic_port=$(free_port u 4433)
+"$bin/certs" quickstart --out "$tmp/pki" >/dev/null
+export CLOUD_ENDPOINT_LISTEN=127.0.0.1:$quic_port CLOUD_ENDPOINT_CERT=$tmp/pki/endpoint.pem \
+  CLOUD_ENDPOINT_KEY=$tmp/pki/endpoint.key CLOUD_ENDPOINT_EDGE_CA=$tmp/pki/ca.pem \
+  CLOUD_ENDPOINT_DATASTORE_DIR=$tmp/datastore CLOUD_ENDPOINT_DATABASE=$tmp/inventory.db \
+  CLOUD_ENDPOINT_LOG=${CLOUD_ENDPOINT_LOG:-warn} CLOUD_ENDPOINT_API_LISTEN=off
+"$bin/cloud-endpoint" serve >"$tmp/cloud-endpoint.log" 2>&1 &
+ce_pid=$!
+wait_listen u "$quic_port"
+edge() { # subcommand, extra args...
+  local cmd=$1; shift
+  "$bin/edge-agent" "$cmd" --vmx "$tmp/vm/db01.vmx" --url "quic://127.0.0.1:$quic_port" \
+    --user migrator@cloud.local --password 'VMware1!Cloud' --ca-bundle "$tmp/pki/ca.pem" \
+    --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" --state-dir "$tmp/state" \
+    --receipt "$tmp/receipt.json" --chunk-kib "$BENCH_CHUNK_KIB" --json "$@" 2>>"$tmp/edge.log" | tail -n1
+}
+
+log "first pass: the whole disk into a replica ($size bytes, chunks of $BENCH_CHUNK_KIB KiB)"
+sync; t0=$(now); first=$(edge replicate); t1=$(now)
+[ "$(jq -r .replica <<<"$first")" = true ] || die "first pass: $first"
+first_wall=$(secs "$t0" "$t1")
+
+changed=$(change 1)
+log "the guest rewrote $changed bytes; delta pass"
+sync; t0=$(now); delta=$(edge replicate); t1=$(now)
+delta_wall=$(secs "$t0" "$t1")
+[ "$(jq -r .replica <<<"$delta")" = true ] || die "delta pass: $delta"
+
+# rsync of the same change onto the original's copy, over a private sshd on loopback.
+ssh_port=$(free_port t 2222)
+mkdir -p "$tmp/ssh" /run/sshd
+ssh-keygen -q -t ed25519 -N '' -f "$tmp/ssh/host_key"
+ssh-keygen -q -t ed25519 -N '' -f "$tmp/ssh/client_key"
+cp "$tmp/ssh/client_key.pub" "$tmp/ssh/authorized_keys"
+cat >"$tmp/ssh/sshd_config" <<EOF
+Port $ssh_port
+ListenAddress 127.0.0.1
+HostKey $tmp/ssh/host_key
+PidFile none
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+AuthorizedKeysFile $tmp/ssh/authorized_keys
+StrictModes no
+UsePAM no
+EOF
+/usr/sbin/sshd -D -f "$tmp/ssh/sshd_config" 2>"$tmp/sshd.log" &
+sshd_pid=$!
+wait_listen t "$ssh_port"
+rsync_z=(--compress); rsync --version | grep -A1 -i '^Compress list' | grep -qw zstd && rsync_z=(--compress --compress-choice=zstd)
+log "rsync --inplace ${rsync_z[*]} of the same change"
+sync; t0=$(now)
+rsync --inplace --no-whole-file "${rsync_z[@]}" --stats \
+  -e "ssh -i $tmp/ssh/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR -p $ssh_port" \
+  "$tmp/vm/db01.img" "root@127.0.0.1:$tmp/rsync-dst.img" >"$tmp/rsync.log" 2>&1 || { cat "$tmp/rsync.log" >&2; die rsync; }
+t1=$(now)
+rsync_wall=$(secs "$t0" "$t1")
+rsync_sent=$(sed -n 's/^Total bytes sent: \([0-9,.]*\).*/\1/p' "$tmp/rsync.log" | tr -d ',.')
+cmp -s "$tmp/vm/db01.img" "$tmp/rsync-dst.img" || die "rsync's copy differs"
+
+changed2=$(change 2)
+log "the guest rewrote $changed2 more bytes and was powered off; switchover"
+sync; t0=$(now); switch=$(edge switchover); t1=$(now)
+switch_wall=$(secs "$t0" "$t1")
+vm_id=$(jq -r .vm_id <<<"$switch")
+[ "${vm_id#vm-}" != "$vm_id" ] || die "switchover: $switch"
+qemu-img compare "$tmp/vm/db01.img" "$tmp/datastore/db01/db01.vmdk" >/dev/null || die "the switched-over copy differs"
+
+log "a cold lift of the same (changed, stopped) disk, for comparison"
+rm -rf "$tmp/state"
+sync; t0=$(now); cold=$(edge migrate --name db01-cold); t1=$(now)
+cold_wall=$(secs "$t0" "$t1")
+qemu-img compare "$tmp/vm/db01.img" "$tmp/datastore/db01-cold/db01-cold.vmdk" >/dev/null || die "the cold copy differs"
+
+jq -n --argjson size "$size" --arg pct "$BENCH_CHANGE_PCT" --arg chunk "$BENCH_CHUNK_KIB" \
+  --argjson first "$first" --argjson delta "$delta" --argjson switch "$switch" --argjson cold "$cold" \
+  --arg fw "$first_wall" --arg dw "$delta_wall" --arg rw "$rsync_wall" --arg rs "${rsync_sent:-0}" \
+  --arg sw "$switch_wall" --arg cw "$cold_wall" --arg changed "$changed" \
+  --arg rev "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)" '
+  {date: (now | todate), git: $rev, logical_bytes: $size, change_pct: ($pct|tonumber),
+   changed_bytes: ($changed|tonumber), chunk_kib: ($chunk|tonumber),
+   first_pass: {wall_s: ($fw|tonumber), wire_bytes: $first.wire_bytes},
+   delta_pass: {wall_s: ($dw|tonumber), wire_bytes: $delta.wire_bytes, sent_bytes: $delta.sent_bytes},
+   rsync_inplace_z: {wall_s: ($rw|tonumber), bytes_sent: ($rs|tonumber)},
+   switchover: {wall_s: ($sw|tonumber), wire_bytes: $switch.wire_bytes},
+   cold_lift: {wall_s: ($cw|tonumber), wire_bytes: $cold.wire_bytes}}
+  | .delta_wire_share_of_full = (.delta_pass.wire_bytes / .first_pass.wire_bytes)
+  | .delta_speedup_over_rsync = (.rsync_inplace_z.wall_s / .delta_pass.wall_s)
+  | .switchover_shorter_than_cold = (.cold_lift.wall_s / .switchover.wall_s)' >"$BENCH_DIR/replication-results.json"
+r=$BENCH_DIR/replication-results.json
+echo
+jq -r '"Replication of \(.logical_bytes) bytes, \(.change_pct) % of 64 KiB blocks rewritten (\(.changed_bytes) B), chunks of \(.chunk_kib) KiB, loopback, git \(.git)"' "$r"
+jq -r '"first pass (full):    \(.first_pass.wall_s) s, \(.first_pass.wire_bytes) wire bytes",
+       "delta pass:           \(.delta_pass.wall_s) s, \(.delta_pass.wire_bytes) wire bytes (\(.delta_wire_share_of_full*10000|round/100) % of the full pass), \(.delta_pass.sent_bytes) B of chunks sent",
+       "rsync --inplace -z:   \(.rsync_inplace_z.wall_s) s, \(.rsync_inplace_z.bytes_sent) bytes sent",
+       "delta pass vs rsync:  \(.delta_speedup_over_rsync*100|round/100)x faster",
+       "switchover (1 more change of the same size): \(.switchover.wall_s) s; cold lift of the same disk: \(.cold_lift.wall_s) s (\(.switchover_shorter_than_cold*100|round/100)x shorter)"' "$r"
+echo "results: $r"

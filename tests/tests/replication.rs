@@ -1,0 +1,309 @@
+//! Replication of a VM that keeps running: a first pass into a replica the cloud keeps
+//! (nothing registered), delta passes that send only the chunks the source changed,
+//! a switchover refused while the source runs, then a last pass, the read-back, the
+//! registration and the receipt. A replica damaged in the cloud between passes is
+//! repaired by the switchover's read-back. Real binaries over QUIC on loopback.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Output;
+
+use e2e::*;
+
+const MIB: usize = 1 << 20;
+/// Small chunks, so a change of a few KiB costs one small chunk on the wire.
+const CHUNK_KIB: &str = "256";
+const CHUNK: u64 = 256 * 1024;
+
+/// Runs an edge command and returns its JSON summary line; panics with its output if
+/// it failed.
+fn summary(out: Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+async fn run(cmd: std::process::Command) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = cmd;
+        cmd.output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The source VM writes: `len` bytes of new data at each offset.
+fn guest_writes(disk: &Path, offsets: &[u64], len: usize, seed: u8) {
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    for (i, &offset) in offsets.iter().enumerate() {
+        let data: Vec<u8> = (0..len).map(|j| (j as u8).wrapping_mul(31) ^ seed ^ i as u8).collect();
+        f.write_all_at(&data, offset).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vm_is_replicated_then_switched_over_sending_only_what_changed() {
+    let bin = wan::ensure_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // 16 MiB: random data with every fourth MiB zero.
+    let regions: Vec<Fill> = (0..16)
+        .map(|i| if i % 4 == 3 { Fill::Zero } else { Fill::Random })
+        .collect();
+    let disk = src.join("db01.img");
+    write_raw_disk(&disk, MIB, &regions, 91);
+    let vmx = write_vmx(&src, "db01", &["db01.img"], &[]);
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let edge = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--json", "--chunk-kib", CHUNK_KIB]);
+        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
+    };
+
+    // First pass: everything that is not zero, into a replica; no VM registered.
+    let first = summary(run(edge(&["replicate"])).await);
+    assert_eq!(first["replica"], true, "{first}");
+    assert_eq!(first["sent_bytes"].as_u64().unwrap(), 12 * MIB as u64, "{first}");
+    let id = first["migration_id"].as_str().unwrap().to_owned();
+    let record = cloud.domain.inventory.migration(&id).unwrap().unwrap();
+    assert_eq!(record.state, "RUNNING", "{record:?}");
+    let replica = record.replica.clone().expect("the pass is recorded");
+    assert_eq!((replica.syncs, replica.last_delta_bytes), (1, 12 * MIB as u64));
+    assert!(
+        cloud.domain.inventory.list_vms().unwrap().is_empty(),
+        "nothing registered"
+    );
+    // What the API shows of it: a replica in sync, its pass just ended.
+    let shown = cloud_endpoint::api::gateway::get_migration(&cloud.domain, &id).unwrap();
+    let json = serde_json::to_value(&shown).unwrap();
+    assert_eq!(json["replica"]["state"], "in sync", "{json}");
+    assert!(json["replica"]["lag_seconds"].as_i64().unwrap() < 60, "{json}");
+    // The name stays reserved for the replica.
+    let other = tempfile::tempdir().unwrap();
+    let clash = write_vmx(other.path(), "db01", &["db01.img"], &[]);
+    std::fs::copy(&disk, other.path().join("db01.img")).unwrap();
+    std::fs::create_dir_all(other.path().join("state")).unwrap();
+    let refused = run(edge_command(
+        &bin,
+        &pki,
+        &cloud,
+        &clash,
+        &other.path().join("state"),
+        &["migrate"],
+    ))
+    .await;
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("db01") && said.contains("exists"), "{said}");
+
+    // The guest writes into three chunks, one of them in a zero region, and zeroes a
+    // fourth whole chunk: the second pass sends three chunks and declares one zero.
+    guest_writes(&disk, &[100, 5 * MIB as u64 + 7, 3 * MIB as u64 + 4096], 3000, 1);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .write_all_at(&vec![0; CHUNK as usize], 9 * MIB as u64)
+        .unwrap();
+    let second = summary(run(edge(&["replicate"])).await);
+    assert_eq!(second["sent_bytes"].as_u64().unwrap(), 3 * CHUNK, "{second}");
+    assert!(
+        second["wire_bytes"].as_u64().unwrap() < first["wire_bytes"].as_u64().unwrap() / 10,
+        "{second}"
+    );
+    let replica = cloud.domain.inventory.migration(&id).unwrap().unwrap().replica.unwrap();
+    assert_eq!((replica.syncs, replica.last_delta_bytes), (2, 3 * CHUNK));
+
+    // Nothing changed: nothing is sent.
+    let third = summary(run(edge(&["replicate"])).await);
+    assert_eq!(third["sent_bytes"].as_u64().unwrap(), 0, "{third}");
+
+    // A cold lift of the replicated VM is refused and names the way out.
+    let cold = run(edge(&["migrate"])).await;
+    assert!(!cold.status.success());
+    let said = String::from_utf8_lossy(&cold.stdout).into_owned() + &String::from_utf8_lossy(&cold.stderr);
+    assert!(said.contains("switchover"), "{said}");
+
+    // While the source runs (VMware's lock beside the .vmx), no switchover.
+    let lock = src.join("db01.vmx.lck");
+    std::fs::create_dir(&lock).unwrap();
+    let running = run(edge(&["switchover"])).await;
+    assert!(!running.status.success());
+    let said = String::from_utf8_lossy(&running.stderr);
+    assert!(said.contains("still runs") && said.contains("db01.vmx.lck"), "{said}");
+    std::fs::remove_dir(&lock).unwrap();
+
+    // The last writes before the power-off, then the switchover: one chunk sent, the
+    // VM registered, identical to the source, with a receipt that verifies.
+    guest_writes(&disk, &[14 * MIB as u64 + 10], 100, 2);
+    let done = summary(run(edge(&["switchover"])).await);
+    assert_eq!(done["sent_bytes"].as_u64().unwrap(), CHUNK, "{done}");
+    assert!(done.get("replica").is_none(), "{done}");
+    assert!(done["vm_id"].as_str().unwrap().starts_with("vm-"), "{done}");
+    assert!(images_identical(&disk, &cloud.root.join("db01/db01-flat.vmdk")));
+    let record = cloud.domain.inventory.migration(&id).unwrap().unwrap();
+    assert_eq!(record.state, "SUCCEEDED");
+    let json = serde_json::to_value(cloud_endpoint::api::gateway::get_migration(&cloud.domain, &id).unwrap()).unwrap();
+    assert_eq!(
+        (json["replica"]["state"].as_str(), json["replica"]["syncs"].as_u64()),
+        (Some("done"), Some(3)),
+        "{json}"
+    );
+    assert!(record.has_receipt);
+    let verify = std::process::Command::new(bin.join("edge-agent"))
+        .arg("verify-receipt")
+        .arg("--receipt")
+        .arg(state.join("receipt.json"))
+        .arg("--ca-bundle")
+        .arg(pki.path("ca.pem"))
+        .arg(&vmx)
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let left: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "receipt.json")
+        .collect();
+    assert!(left.is_empty(), "no checkpoint left: {left:?}");
+    assert!(!cloud.datastore_entries().iter().any(|e| e.starts_with(".staging/")));
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_damaged_in_the_cloud_is_repaired_by_the_switchover() {
+    let bin = wan::ensure_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let regions: Vec<Fill> = (0..8).map(|i| if i == 5 { Fill::Zero } else { Fill::Random }).collect();
+    let disk = src.join("app01.img");
+    write_raw_disk(&disk, MIB, &regions, 92);
+    let vmx = write_vmx(&src, "app01", &["app01.img"], &[]);
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let edge = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--json", "--chunk-kib", CHUNK_KIB]);
+        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
+    };
+    summary(run(edge(&["replicate"])).await);
+    // Between passes, the replica's file changes in the cloud: data, and a hole.
+    let staged = files_under(&cloud.root.join(".staging"))
+        .into_iter()
+        .filter(|f| f.to_string_lossy().ends_with("app01-flat.vmdk"))
+        .collect::<Vec<_>>();
+    assert_eq!(staged.len(), 1, "{staged:?}");
+    let flat = &staged[0];
+    let f = std::fs::OpenOptions::new().write(true).open(flat).unwrap();
+    f.write_all_at(b"bit rot", 2 * MIB as u64 + 77).unwrap();
+    f.write_all_at(b"not zero", 5 * MIB as u64 + 300).unwrap();
+    drop(f);
+    let done = summary(run(edge(&["switchover"])).await);
+    assert!(done["repaired_chunks"].as_u64().unwrap() >= 1, "{done}");
+    assert!(images_identical(&disk, &cloud.root.join("app01/app01-flat.vmdk")));
+    cloud.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_passes_go_on_across_an_endpoint_restart() {
+    let bin = wan::ensure_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let root = tmp.path().join("cloud");
+    let cloud = Cloud::start(&root, &pki, &[]).await;
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let disk = src.join("log01.img");
+    write_raw_disk(&disk, MIB, &[Fill::Random, Fill::Zero, Fill::Random, Fill::Random], 93);
+    let vmx = write_vmx(&src, "log01", &["log01.img"], &[]);
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut schedule = edge_command(
+        &bin,
+        &pki,
+        &cloud,
+        &vmx,
+        &state,
+        &[
+            "replicate",
+            "--every",
+            "1s",
+            "--chunk-kib",
+            CHUNK_KIB,
+            "--retry-for",
+            "60",
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let syncs = |cloud: &Cloud| {
+        let all = cloud.domain.inventory.list_migrations().unwrap();
+        all.first().and_then(|m| m.replica.as_ref()).map_or(0, |r| r.syncs)
+    };
+    assert!(
+        eventually(60, || (syncs(&cloud) >= 2).then_some(())).await.is_some(),
+        "two passes"
+    );
+    // The endpoint goes away and comes back at the same address: the passes go on.
+    let listen = cloud.addr.to_string();
+    cloud.stop().await;
+    let cloud = Cloud::start(&root, &pki, &[("CLOUD_ENDPOINT_LISTEN", &listen)]).await;
+    let before = syncs(&cloud);
+    guest_writes(&disk, &[2 * MIB as u64 + 5], 64, 3);
+    assert!(
+        eventually(60, || (syncs(&cloud) >= before + 2).then_some(()))
+            .await
+            .is_some(),
+        "the schedule went on after the restart"
+    );
+    schedule.kill().unwrap();
+    schedule.wait().unwrap();
+    // The replica holds the source as of a pass after the write.
+    let m = &cloud.domain.inventory.list_migrations().unwrap()[0];
+    assert_eq!(m.state, "RUNNING");
+    let done = summary(
+        run(edge_command(
+            &bin,
+            &pki,
+            &cloud,
+            &vmx,
+            &state,
+            &["switchover", "--json", "--chunk-kib", CHUNK_KIB],
+        ))
+        .await,
+    );
+    assert_eq!(
+        done["sent_bytes"].as_u64().unwrap(),
+        0,
+        "every change was already in the replica: {done}"
+    );
+    assert!(images_identical(&disk, &cloud.root.join("log01/log01-flat.vmdk")));
+    cloud.stop().await;
+}
