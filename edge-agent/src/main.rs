@@ -501,7 +501,11 @@ fn inspect(vmx: &std::path::Path, json: bool, options: &source::SourceOptions) -
             "name": vm.name, "guest_os": vm.guest_os, "num_cpus": vm.num_cpus,
             "memory_mib": vm.memory_mib, "firmware": vm.firmware,
             "disks": vm.disks.iter().map(|d| serde_json::json!({"key": d.key, "path": d.path, "capacity": d.capacity})).collect::<Vec<_>>(),
-            "nics": vm.nics.iter().map(|n| serde_json::json!({"key": n.key, "network": n.network, "mac": n.mac})).collect::<Vec<_>>(),
+            "controllers": vm.controllers.iter().map(|c| serde_json::json!({"key": c.key, "type": c.kind.display_name()})).collect::<Vec<_>>(),
+            "nics": vm.nics.iter().map(|n| serde_json::json!({
+                "key": n.key, "network": n.network, "mac": n.mac,
+                "virtual_dev": n.virtual_dev, "address_type": n.address_type,
+            })).collect::<Vec<_>>(),
             "notes": vm.notes,
         });
         println!("{v}");
@@ -511,15 +515,21 @@ fn inspect(vmx: &std::path::Path, json: bool, options: &source::SourceOptions) -
         "{} ({}, {} vCPU, {} MiB)",
         vm.name, vm.guest_os, vm.num_cpus, vm.memory_mib
     );
+    println!("  firmware {}", vm.firmware.as_deref().unwrap_or("bios"));
+    for c in &vm.controllers {
+        println!("  controller {:<6} {}", c.key, c.kind.display_name());
+    }
     for d in &vm.disks {
         println!("  disk {:<9} {:>28}  {}", d.key, human(d.capacity), d.path.display());
     }
     for n in &vm.nics {
         println!(
-            "  nic  {:<9} network {:?} mac {}",
+            "  nic  {:<9} network {:?} model {} mac {} ({})",
             n.key,
             n.network,
-            n.mac.as_deref().unwrap_or("-")
+            n.virtual_dev.as_deref().unwrap_or("-"),
+            n.mac.as_deref().unwrap_or("-"),
+            n.address_type.as_deref().unwrap_or("-")
         );
     }
     for note in &vm.notes {

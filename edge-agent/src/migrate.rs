@@ -136,6 +136,7 @@ pub fn build_plan(vm: &SourceVm, opts: &MigrateOptions) -> MigrationPlan {
                     network: n.network.clone(),
                     virtual_dev: n.virtual_dev.clone(),
                     mac: n.mac.clone(),
+                    address_type: n.address_type.clone(),
                 })
                 .collect(),
             disks: vm
@@ -146,6 +147,7 @@ pub fn build_plan(vm: &SourceVm, opts: &MigrateOptions) -> MigrationPlan {
                     capacity: d.capacity,
                 })
                 .collect(),
+            controllers: vm.controllers.clone(),
         },
         network_map: opts.network_map.clone(),
         chunk_size: opts.chunk_size,

@@ -154,6 +154,10 @@ pub struct VmSpec {
     pub bios_uuid: Option<String>,
     pub nics: Vec<NicSpec>,
     pub disks: Vec<DiskSpec>,
+    /// The disk controllers the disks sit on, each with its type, so the copy gets the
+    /// controller its boot disk's driver knows (added in protocol version 5). A disk whose
+    /// controller is not listed is on that bus's default type (see [`ControllerType::default_for`]).
+    pub controllers: Vec<ControllerSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,16 +169,29 @@ pub struct NicSpec {
     pub virtual_dev: Option<String>,
     /// Kept as a static MAC in the cloud unless absent.
     pub mac: Option<String>,
+    /// `ethernetN.addressType` as the source wrote it: `static`, `generated` or `vpx`
+    /// (added in protocol version 5); `None` when the source did not say.
+    pub address_type: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
-    /// Device key as in the .vmx, e.g. `scsi0:1`.
+    /// Device key as in the .vmx, e.g. `scsi0:1`: the disk's position, its controller's
+    /// bus and number and its unit on it (see [`DiskSpec::slot`]).
     pub key: String,
     pub capacity: u64,
 }
 
+// Controllers and device slots: their own file (plan/hardware.rs).
+mod hardware;
+pub use hardware::*;
+
 impl DiskSpec {
+    /// The disk's slot, parsed from its key; `None` for a key that is no slot.
+    pub fn slot(&self) -> Option<Slot> {
+        Slot::parse(&self.key)
+    }
+
     /// Number of chunks the disk is cut into.
     pub fn chunk_count(&self, chunk_size: u32) -> u64 {
         self.capacity.div_ceil(u64::from(chunk_size))
@@ -211,6 +228,12 @@ impl MigrationPlan {
             return bad(format!(
                 "{} NICs is more than the {MAX_NICS} a VM may have",
                 self.vm.nics.len()
+            ));
+        }
+        if self.vm.controllers.len() > MAX_DISKS {
+            return bad(format!(
+                "{} controllers is more than the {MAX_DISKS} disks a VM may have",
+                self.vm.controllers.len()
             ));
         }
         for disk in &self.vm.disks {
@@ -280,6 +303,7 @@ mod tests {
                 firmware: None,
                 bios_uuid: None,
                 nics: vec![],
+                controllers: vec![],
                 disks: disks
                     .iter()
                     .enumerate()

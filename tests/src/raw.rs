@@ -161,6 +161,7 @@ pub fn plan(name: &str, disks: &[(&str, u64)], chunk_size: u32) -> MigrationPlan
             firmware: None,
             bios_uuid: None,
             nics: vec![],
+            controllers: vec![],
             disks: disks
                 .iter()
                 .map(|(key, capacity)| DiskSpec {

@@ -465,6 +465,7 @@ async fn device_keys_that_are_paths_are_refused_and_nothing_is_written() {
         network: "VM Network".into(),
         virtual_dev: None,
         mac: None,
+        address_type: None,
     });
     let cases = [
         (

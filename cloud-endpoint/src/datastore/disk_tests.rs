@@ -372,7 +372,9 @@ fn flat_vmdk_extents_take_the_same_chunks() {
         DiskFormat::VmdkFlat,
         &dense(capacity, 256 * KIB, 8),
     );
-    staging.write_descriptor(0, disk.capacity(), "scsi0:0").unwrap();
+    staging
+        .write_descriptor(0, disk.capacity(), "scsi0:0", &gateway::plan::ControllerType::Pvscsi)
+        .unwrap();
     let descriptor = staging.dir().join(disk.file_name());
     assert_eq!(descriptor, staging.dir().join("web01.vmdk"));
     assert_same_bytes(&descriptor, "vmdk", &reference);

@@ -161,6 +161,7 @@ mod tests {
                 firmware: None,
                 bios_uuid: None,
                 nics: vec![],
+                controllers: vec![],
                 disks: vec![DiskSpec {
                     key: "scsi0:0".into(),
                     capacity: 10 << 20,

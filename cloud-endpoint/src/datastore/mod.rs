@@ -414,9 +414,15 @@ impl Staging {
     /// (a multiple of 512). The adapter type and geometry follow the controller of
     /// `controller_key` as VMware and qemu-img compute them: IDE disks get 16 heads,
     /// all others 255; 63 sectors per track; cylinders capped at 65535.
-    pub fn write_descriptor(&self, index: usize, capacity: u64, controller_key: &str) -> Result<(), DatastoreError> {
+    pub fn write_descriptor(
+        &self,
+        index: usize,
+        capacity: u64,
+        controller_key: &str,
+        controller: &gateway::plan::ControllerType,
+    ) -> Result<(), DatastoreError> {
         let (descriptor, flat) = Staging::disk_file_names(&self.vm_name, index);
-        let text = vmdk::descriptor_text(capacity, controller_key, &flat)?;
+        let text = vmdk::descriptor_text(capacity, controller_key, controller, &flat)?;
         let path = self.dir.join(descriptor);
         fs::write(&path, text).map_err(io_err("write", &path))
     }

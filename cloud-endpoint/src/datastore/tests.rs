@@ -168,7 +168,7 @@ fn descriptors_are_read_by_qemu_img() {
             disk.write_at(data, offset).unwrap();
             raw.write_all_at(data, offset).unwrap();
         }
-        staging.write_descriptor(index, capacity, key).unwrap();
+        staging.write_descriptor(index, capacity, key, &kind(key)).unwrap();
     }
     raw.sync_all().unwrap();
 
@@ -236,15 +236,17 @@ fn descriptor_rejects_partial_sectors_and_bad_keys() {
     let (_dir, ds) = datastore(None);
     let staging = ds.stage("migration-4", "web01").unwrap();
     assert!(matches!(
-        staging.write_descriptor(0, 1000, "scsi0:0"),
+        staging.write_descriptor(0, 1000, "scsi0:0", &kind("scsi0:0")),
         Err(DatastoreError::UnalignedCapacity { .. })
     ));
     for key in ["floppy0:0", "scsi0", "scsi:0", "scsix:0", "scsi0:", "scsi0:+1"] {
-        let err = staging.write_descriptor(0, 512, key).unwrap_err();
+        let err = staging.write_descriptor(0, 512, key, &kind("scsi0:0")).unwrap_err();
         assert!(matches!(err, DatastoreError::BadDeviceKey { .. }), "{key}: {err:?}");
     }
     let sectors = (70_000u64 * 255 * 63 + 5) * 512;
-    staging.write_descriptor(0, sectors, "nvme0:0").unwrap();
+    staging
+        .write_descriptor(0, sectors, "nvme0:0", &kind("nvme0:0"))
+        .unwrap();
     let text = fs::read_to_string(staging.dir().join("web01.vmdk")).unwrap();
     assert!(text.contains("ddb.geometry.cylinders = \"65535\""), "{text}");
 }
@@ -279,6 +281,20 @@ fn spec() -> VmxSpec {
                 key: "nvme1:0".into(),
                 file_name: "web01_4.vmdk".into(),
             },
+            VmxDisk {
+                key: "scsi1:0".into(),
+                file_name: "web01_5.vmdk".into(),
+            },
+        ],
+        controllers: vec![
+            gateway::plan::ControllerSpec {
+                key: "scsi0".into(),
+                kind: gateway::plan::ControllerType::Pvscsi,
+            },
+            gateway::plan::ControllerSpec {
+                key: "sata0".into(),
+                kind: gateway::plan::ControllerType::Ahci,
+            },
         ],
         nics: vec![
             VmxNic {
@@ -286,12 +302,21 @@ fn spec() -> VmxSpec {
                 network_name: "cloud-web".into(),
                 virtual_dev: Some("vmxnet3".into()),
                 mac: Some("00:50:56:01:02:03".into()),
+                address_type: Some("static".into()),
             },
             VmxNic {
                 key: "ethernet1".into(),
                 network_name: "cloud|db".into(),
                 virtual_dev: None,
                 mac: None,
+                address_type: None,
+            },
+            VmxNic {
+                key: "ethernet2".into(),
+                network_name: "cloud-web".into(),
+                virtual_dev: Some("e1000e".into()),
+                mac: Some("00:50:56:9a:00:07".into()),
+                address_type: Some("vpx".into()),
             },
         ],
     }
@@ -316,7 +341,11 @@ fn vmx_has_every_setting_quoted_and_escaped() {
         "firmware = \"efi\"",
         "uuid.bios = \"42 1a 2b 3c 4d 5e 6f 70-81 92 a3 b4 c5 d6 e7 f8\"",
         "scsi0.present = \"TRUE\"",
-        "scsi0.virtualDev = \"lsilogic\"",
+        "scsi0.virtualDev = \"pvscsi\"",
+        // A controller the plan does not list gets its bus's default.
+        "scsi1.virtualDev = \"lsilogic\"",
+        "scsi1:0.fileName = \"web01_5.vmdk\"",
+        "firmware = \"efi\"",
         "scsi0:1.present = \"TRUE\"",
         "scsi0:1.fileName = \"web01_1.vmdk\"",
         "scsi0:1.deviceType = \"scsi-hardDisk\"",
@@ -332,6 +361,10 @@ fn vmx_has_every_setting_quoted_and_escaped() {
         "ethernet0.address = \"00:50:56:01:02:03\"",
         "ethernet1.networkName = \"cloud|7Cdb\"",
         "ethernet1.addressType = \"generated\"",
+        // A vCenter-assigned MAC stays one, under the key vSphere reads it from.
+        "ethernet2.virtualDev = \"e1000e\"",
+        "ethernet2.addressType = \"vpx\"",
+        "ethernet2.generatedAddress = \"00:50:56:9a:00:07\"",
     ] {
         assert!(lines.contains(&expected), "missing {expected:?} in\n{text}");
     }
@@ -381,7 +414,9 @@ fn commit_moves_the_folder_into_place() {
         .unwrap()
         .write_at(b"data", 0)
         .unwrap();
-    staging.write_descriptor(0, 1 << 20, "scsi0:0").unwrap();
+    staging
+        .write_descriptor(0, 1 << 20, "scsi0:0", &kind("scsi0:0"))
+        .unwrap();
     staging.write_vmx(&spec()).unwrap();
     let staged = staging.dir().to_owned();
     assert!(!ds.vm_dir_exists("web01"));
@@ -440,4 +475,10 @@ fn discard_and_clean_staging_remove_leftovers() {
     assert_eq!(removed, [other, kept_dir, ds.root().join(".staging/stray-file")]);
     assert_eq!(fs::read_dir(ds.root().join(".staging")).unwrap().count(), 0);
     assert!(ds.clean_staging().unwrap().is_empty());
+}
+
+/// The type a disk key's controller has by default.
+fn kind(key: &str) -> gateway::plan::ControllerType {
+    let bus = gateway::plan::Slot::parse(key).map_or(gateway::plan::Bus::Scsi, |s| s.bus);
+    gateway::plan::ControllerType::default_for(bus)
 }

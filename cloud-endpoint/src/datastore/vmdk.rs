@@ -1,22 +1,37 @@
 //! vSphere's disk layout: a monolithicFlat descriptor naming one raw, sparse extent. The
 //! extent is written like a raw image (see [`super::disk`]); this is the descriptor.
 
+use gateway::plan::ControllerType;
+
 use super::vmx::parse_disk_key;
 use super::{DatastoreError, SECTOR};
 
-/// The descriptor of a `capacity`-byte (a multiple of 512) extent named `flat`. The
-/// adapter type and geometry follow the controller of `controller_key` as VMware and
-/// qemu-img compute them: IDE disks get 16 heads, all others 255; 63 sectors per track;
+/// The descriptor of a `capacity`-byte (a multiple of 512) extent named `flat`, for a disk
+/// in slot `controller_key` of a `controller`. The geometry follows the bus as VMware and
+/// qemu-img compute it: IDE disks get 16 heads, all others 255; 63 sectors per track;
 /// cylinders capped at 65535.
-pub(super) fn descriptor_text(capacity: u64, controller_key: &str, flat: &str) -> Result<String, DatastoreError> {
+///
+/// `ddb.adapterType` takes one of the four values the VMDK format defines (ide, buslogic,
+/// lsilogic, legacyESX), which every reader (qemu-img, ovftool, VDDK) accepts: `ide` on
+/// IDE, `buslogic` on BusLogic, and `lsilogic` on the others (pvscsi, LSI Logic SAS,
+/// SATA, NVMe), as ESXi writes for them: the descriptor's adapter type only picks a
+/// geometry and a default controller when the disk is attached anew; the .vmx says which
+/// controller the disk is on.
+pub(super) fn descriptor_text(
+    capacity: u64,
+    controller_key: &str,
+    controller: &ControllerType,
+    flat: &str,
+) -> Result<String, DatastoreError> {
     // Not is_multiple_of: the workspace's rust-version is 1.85.
     let partial_sector = capacity % SECTOR;
     if partial_sector != 0 {
         return Err(DatastoreError::UnalignedCapacity { capacity });
     }
     let (kind, _, _) = parse_disk_key(controller_key)?;
-    let (adapter, heads) = match kind {
-        "ide" => ("ide", 16),
+    let (adapter, heads) = match (kind, controller) {
+        ("ide", _) => ("ide", 16),
+        (_, ControllerType::BusLogic) => ("buslogic", 255),
         _ => ("lsilogic", 255),
     };
     let sectors = capacity / SECTOR;

@@ -61,6 +61,8 @@ pub enum HostError {
     Cpus { vm: String, vcpus: u32, cores: u32 },
     #[error("VM disk {path} cannot be opened: {reason}")]
     Disk { path: String, reason: String },
+    #[error("VM {vm} has hardware the host cannot run: {reason}; change it in the VM's .vmx")]
+    Hardware { vm: String, reason: String },
     #[error("cannot write {}: {source}", path.display())]
     Io {
         path: std::path::PathBuf,
@@ -201,10 +203,6 @@ impl Hosts {
                 vcpus: vm.num_cpus,
                 cores: hosts.cpu_cores,
             });
-        }
-        if vm.firmware.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("efi")) {
-            // No UEFI firmware is set up for the hosts yet; SeaBIOS boots what it can.
-            tracing::warn!(vm = %vm_id, "an EFI VM is started with BIOS firmware; it may not boot");
         }
         let files = VmFiles::of_vm(domain, &vm);
         let spec = machine_spec(domain, &vm, &files)?;

@@ -3,7 +3,11 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use gateway::qemu::{DiskFormat, MachineDisk, MachineNic, MachineSpec, NicBackend};
+use gateway::plan::{Bus, Slot};
+use gateway::qemu::{
+    ControllerModel, DiskAttachment, DiskFormat, Firmware, MachineController, MachineDisk, MachineNic, MachineSpec,
+    NicBackend, Ovmf,
+};
 
 use super::HostError;
 use crate::datastore::Datastore;
@@ -23,6 +27,9 @@ pub struct VmFiles {
     pub console_log: PathBuf,
     /// QEMU's own stdout and stderr (its warnings and errors).
     pub qemu_log: PathBuf,
+    /// An EFI VM's UEFI variable store (its boot entries): OVMF's template, copied at its
+    /// first power on and kept, as ESXi keeps a VM's `.nvram`.
+    pub efi_vars: PathBuf,
 }
 
 impl VmFiles {
@@ -34,6 +41,7 @@ impl VmFiles {
             pid_file: file("pid"),
             console_log: file("console.log"),
             qemu_log: file("qemu.log"),
+            efi_vars: file("ovmf-vars.fd"),
             folder,
         }
     }
@@ -126,10 +134,17 @@ fn disk_format(path: &Path) -> Option<DiskFormat> {
     }
 }
 
-/// The machine for `vm`: its CPUs, memory, disks in slot order (the first one boots,
-/// through SeaBIOS, as a lifted BIOS VM did on ESXi) and NICs with their MACs.
+/// The machine for `vm`: its CPUs, memory, firmware (SeaBIOS, or OVMF for an EFI VM),
+/// disk controllers of the types its .vmx names with each disk in its slot (the first
+/// disk boots, as the lifted VM did on ESXi), and NICs of its models with their MACs.
+///
+/// A VM that came by live migration with a direct kernel keeps the virtio-blk disks it
+/// ran on at the source (see `gateway::qemu::vm::machine_for_vm`): its kernel booted with
+/// those drivers, and the cloud does not change what the guest knows.
 pub fn machine_spec(domain: &Domain, vm: &VmRecord, files: &VmFiles) -> Result<MachineSpec, HostError> {
+    let kernel = files.direct_kernel();
     let mut disks = Vec::with_capacity(vm.disks.len());
+    let mut controllers: Vec<MachineController> = Vec::new();
     for (index, disk) in vm.disks.iter().enumerate() {
         let path = resolve_in_domain(domain, &disk.path)?;
         let format = disk_format(&path).ok_or_else(|| HostError::Disk {
@@ -142,13 +157,29 @@ pub fn machine_spec(domain: &Domain, vm: &VmRecord, files: &VmFiles) -> Result<M
                 reason: "the file is missing from the datastore".into(),
             });
         }
+        let attachment = if kernel.is_some() {
+            DiskAttachment::VirtioBlk
+        } else {
+            attachment(vm, &disk.key, &mut controllers)?
+        };
         disks.push(MachineDisk {
             path,
             format,
             device_id: format!("disk{index}"),
             node_name: format!("drive{index}"),
+            attachment,
         });
     }
+    let firmware = if vm.firmware.as_deref().is_some_and(|f| f.eq_ignore_ascii_case("efi")) {
+        let ovmf = Ovmf::from_env()?;
+        ovmf.vars_for(&files.efi_vars)?;
+        Firmware::Efi {
+            code: ovmf.code,
+            vars: files.efi_vars.clone(),
+        }
+    } else {
+        Firmware::Bios
+    };
     let nics = vm
         .nics
         .iter()
@@ -166,11 +197,50 @@ pub fn machine_spec(domain: &Domain, vm: &VmRecord, files: &VmFiles) -> Result<M
         vcpus: vm.num_cpus.max(1),
         disks,
         nics,
-        kernel: files.direct_kernel(),
+        controllers,
+        firmware,
+        kernel,
         serial_log: files.console_log.clone(),
         qmp_socket: files.qmp_socket.clone(),
         incoming_defer: false,
         paused: false,
+    })
+}
+
+/// Where the disk in slot `key` plugs in: the machine's IDE, or a controller of the type
+/// the VM's .vmx names, added to `controllers` at its first disk.
+fn attachment(vm: &VmRecord, key: &str, controllers: &mut Vec<MachineController>) -> Result<DiskAttachment, HostError> {
+    let unsupported = |reason: String| HostError::Hardware {
+        vm: vm.id.clone(),
+        reason,
+    };
+    let slot = Slot::parse(key).ok_or_else(|| unsupported(format!("disk key {key:?} is no controller slot")))?;
+    if slot.bus == Bus::Ide {
+        return Ok(DiskAttachment::Ide {
+            bus: slot.controller,
+            unit: slot.unit,
+        });
+    }
+    let id = slot.controller_key();
+    let kind = vm
+        .controller_type(&id)
+        .ok_or_else(|| unsupported(format!("{id} is no controller")))?;
+    let model = kind
+        .qemu_device()
+        .ok()
+        .and_then(ControllerModel::from_device)
+        .ok_or_else(|| {
+            unsupported(format!(
+                "{id}: {} controller: QEMU cannot emulate it",
+                kind.display_name()
+            ))
+        })?;
+    if !controllers.iter().any(|c| c.id == id) {
+        controllers.push(MachineController { id: id.clone(), model });
+    }
+    Ok(DiskAttachment::Controller {
+        controller: id,
+        unit: slot.unit,
     })
 }
 

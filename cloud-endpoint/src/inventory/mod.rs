@@ -247,6 +247,8 @@ pub struct NewVm {
     /// Datastore path of the .vmx, e.g. `[cloud-ds1] web01/web01.vmx`.
     pub vmx_path: String,
     pub disks: Vec<NewDisk>,
+    /// The disks' controllers with their types, as the .vmx declares them.
+    pub controllers: Vec<gateway::plan::ControllerSpec>,
     pub nics: Vec<NewNic>,
     /// The VM's firewall rules; references to the VM itself (by `firewall.source_vm` or
     /// `name`) and to VMs of the domain are stored rewritten to their ids.
@@ -274,6 +276,8 @@ pub struct NewNic {
     pub network_id: String,
     pub mac: Option<String>,
     pub virtual_dev: Option<String>,
+    /// `static`, `generated` or `vpx`, as the .vmx says.
+    pub address_type: Option<String>,
     /// The network name the NIC had at the source.
     pub source_network: String,
 }
@@ -300,6 +304,9 @@ pub struct VmRecord {
     pub resource_pool: String,
     pub vmx_path: String,
     pub disks: Vec<DiskRecord>,
+    /// The disks' controllers with their types; a controller without one here (a VM
+    /// registered before schema step 9) has its bus's default type, as its .vmx says.
+    pub controllers: Vec<gateway::plan::ControllerSpec>,
     pub nics: Vec<NicRecord>,
     /// The migration that brought the VM in.
     pub migration: Option<String>,
@@ -326,7 +333,16 @@ pub struct NicRecord {
     pub network_name: String,
     pub mac: Option<String>,
     pub virtual_dev: Option<String>,
+    /// `static`, `generated` or `vpx`.
+    pub address_type: Option<String>,
     pub source_network: String,
+}
+
+impl VmRecord {
+    /// The type of the controller `key` (`scsi0`), as its .vmx says.
+    pub fn controller_type(&self, key: &str) -> Option<gateway::plan::ControllerType> {
+        gateway::plan::controller_type_in(&self.controllers, key)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -264,6 +264,23 @@ const V8: &str = r#"
 ALTER TABLE migration ADD COLUMN replica_syncs INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE migration ADD COLUMN replica_synced TEXT;
 ALTER TABLE migration ADD COLUMN replica_delta_bytes INTEGER;
+"#;
+
+/// The copy's hardware: each VM's disk controllers with their types (`pvscsi`,
+/// `lsilogic`, `lsisas1068`, `buslogic`, `ahci`, `nvme`, `ide`) and each NIC's address type
+/// (`static`, `generated`, `vpx`). VMs registered before this step have no controller rows:
+/// their .vmx was written with every SCSI controller `lsilogic`, which is also what a
+/// controller without a row reads as; their NICs get the address type their .vmx was
+/// written with (`static` with a MAC, else `generated`).
+const V9: &str = r#"
+CREATE TABLE vm_controller (
+    vm TEXT NOT NULL REFERENCES vm (id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    type TEXT NOT NULL,
+    PRIMARY KEY (vm, key)
+) STRICT;
+ALTER TABLE vm_nic ADD COLUMN address_type TEXT;
+UPDATE vm_nic SET address_type = CASE WHEN mac IS NULL THEN 'generated' ELSE 'static' END;
 "#;
 
 /// Applies the missing steps. Refuses a file written by a newer build.

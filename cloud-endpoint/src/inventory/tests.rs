@@ -66,12 +66,23 @@ fn new_vm(inv: &Inventory, name: &str) -> NewVm {
                 datastore: None,
             },
         ],
+        controllers: vec![
+            gateway::plan::ControllerSpec {
+                key: "scsi0".into(),
+                kind: gateway::plan::ControllerType::Pvscsi,
+            },
+            gateway::plan::ControllerSpec {
+                key: "sata0".into(),
+                kind: gateway::plan::ControllerType::Ahci,
+            },
+        ],
         nics: vec![
             NewNic {
                 key: "ethernet1".into(),
                 network_id: nets[2].id.clone(),
                 mac: Some("00:50:56:aa:bb:cc".into()),
                 virtual_dev: Some("vmxnet3".into()),
+                address_type: Some("static".into()),
                 source_network: "db-pg".into(),
             },
             NewNic {
@@ -79,6 +90,7 @@ fn new_vm(inv: &Inventory, name: &str) -> NewVm {
                 network_id: nets[1].id.clone(),
                 mac: None,
                 virtual_dev: None,
+                address_type: Some("generated".into()),
                 source_network: "web-pg".into(),
             },
         ],
@@ -540,6 +552,9 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          DROP TABLE migration_space; DROP TABLE resource_pool;
          ALTER TABLE vm DROP COLUMN resource_pool; ALTER TABLE vm_disk DROP COLUMN datastore;
          ALTER TABLE migration DROP COLUMN commit_moves;
+         ALTER TABLE migration DROP COLUMN replica_syncs; ALTER TABLE migration DROP COLUMN replica_synced;
+         ALTER TABLE migration DROP COLUMN replica_delta_bytes;
+         DROP TABLE vm_controller; ALTER TABLE vm_nic DROP COLUMN address_type;
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -567,6 +582,59 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
         assert!(!m.has_receipt, "{}", m.id);
         assert_eq!(inv.receipt(&m.id).unwrap(), None);
     }
+}
+
+#[test]
+fn the_copys_controllers_and_nic_address_types_are_kept() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let mid = inv.begin_migration(&operator(), "edge", "hw01", 1).unwrap();
+    let vm_id = inv
+        .register_vm(&mid, &new_vm(&inv, "hw01"), fake_receipt)
+        .unwrap()
+        .vm_id;
+    let vm = inv.vm(&vm_id).unwrap().unwrap();
+    assert_eq!(vm.controller_type("scsi0"), Some(gateway::plan::ControllerType::Pvscsi));
+    assert_eq!(vm.controller_type("sata0"), Some(gateway::plan::ControllerType::Ahci));
+    let types: Vec<Option<&str>> = vm.nics.iter().map(|n| n.address_type.as_deref()).collect();
+    assert_eq!(types, [Some("static"), Some("generated")]);
+}
+
+#[test]
+fn upgrading_a_version_8_file_keeps_what_its_vmx_files_say() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let mid = inv.begin_migration(&operator(), "edge", "old01", 1).unwrap();
+    let vm_id = inv
+        .register_vm(&mid, &new_vm(&inv, "old01"), fake_receipt)
+        .unwrap()
+        .vm_id;
+    drop(inv);
+    // Back to what a version-8 build wrote: no controllers, no address types.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "DROP TABLE vm_controller; ALTER TABLE vm_nic DROP COLUMN address_type; PRAGMA user_version = 8;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let vm = inv.vm(&vm_id).unwrap().unwrap();
+    // A version-8 build wrote every SCSI controller `lsilogic`, and a MAC as static.
+    assert!(vm.controllers.is_empty(), "{:?}", vm.controllers);
+    assert_eq!(
+        vm.controller_type("scsi0"),
+        Some(gateway::plan::ControllerType::LsiLogic)
+    );
+    let nics: Vec<(Option<&str>, Option<&str>)> = vm
+        .nics
+        .iter()
+        .map(|n| (n.mac.as_deref(), n.address_type.as_deref()))
+        .collect();
+    assert_eq!(
+        nics,
+        [(Some("00:50:56:aa:bb:cc"), Some("static")), (None, Some("generated"))]
+    );
 }
 
 #[test]

@@ -30,6 +30,7 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
         folder: row.get(11)?,
         vmx_path: row.get(12)?,
         disks: Vec::new(),
+        controllers: Vec::new(),
         nics: Vec::new(),
         migration: row.get(13)?,
         created: row.get(14)?,
@@ -57,7 +58,7 @@ fn with_devices(conn: &Connection, mut vm: VmRecord) -> rusqlite::Result<VmRecor
         })?
         .collect::<Result<_, _>>()?;
     let mut stmt = conn.prepare_cached(
-        "SELECT n.key, n.network, w.name, n.mac, n.virtual_dev, n.source_network
+        "SELECT n.key, n.network, w.name, n.mac, n.virtual_dev, n.source_network, n.address_type
          FROM vm_nic n JOIN network w ON w.id = n.network WHERE n.vm = ?1 ORDER BY n.position",
     )?;
     vm.nics = stmt
@@ -69,6 +70,16 @@ fn with_devices(conn: &Connection, mut vm: VmRecord) -> rusqlite::Result<VmRecor
                 mac: row.get(3)?,
                 virtual_dev: row.get(4)?,
                 source_network: row.get(5)?,
+                address_type: row.get(6)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut stmt = conn.prepare_cached("SELECT key, type FROM vm_controller WHERE vm = ?1 ORDER BY key")?;
+    vm.controllers = stmt
+        .query_map([&vm.id], |row| {
+            Ok(gateway::plan::ControllerSpec {
+                key: row.get(0)?,
+                kind: gateway::plan::ControllerType::from_name(&row.get::<_, String>(1)?),
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -244,8 +255,8 @@ impl Inventory {
             }
             for (position, nic) in vm.nics.iter().enumerate() {
                 tx.execute(
-                    "INSERT INTO vm_nic (vm, position, key, network, mac, virtual_dev, source_network)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO vm_nic (vm, position, key, network, mac, virtual_dev, source_network, address_type)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![
                         id,
                         position as i64,
@@ -253,8 +264,15 @@ impl Inventory {
                         nic.network_id,
                         nic.mac,
                         nic.virtual_dev,
-                        nic.source_network
+                        nic.source_network,
+                        nic.address_type
                     ],
+                )?;
+            }
+            for controller in &vm.controllers {
+                tx.execute(
+                    "INSERT INTO vm_controller (vm, key, type) VALUES (?1, ?2, ?3)",
+                    params![id, controller.key, controller.kind.name()],
                 )?;
             }
             let started: String = tx.query_row("SELECT started FROM migration WHERE id = ?1", [migration_id], |r| {

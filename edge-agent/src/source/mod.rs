@@ -302,6 +302,9 @@ pub struct SourceVm {
     pub nics: Vec<SourceNic>,
     /// Present disks, ordered: scsi, sata, nvme, ide; then bus number, then unit number.
     pub disks: Vec<SourceDisk>,
+    /// The controllers the disks sit on, with their types, in key order: `scsiN.virtualDev`
+    /// (or the OVF controller's ResourceSubType); SATA, NVMe and IDE have one type each.
+    pub controllers: Vec<gateway::plan::ControllerSpec>,
     /// What was skipped or assumed, and why, e.g. "ide1:0 is a CD-ROM (cdrom-image), not migrated".
     pub notes: Vec<String>,
     /// Distributed-firewall rules from `<stem>.dfw.json` next to the VM file (see
@@ -434,6 +437,27 @@ pub fn open_vm_with(vmx: &Path, options: &SourceOptions) -> Result<SourceVm, Sou
     }
     vm.firewall = firewall::find(&vm.vmx_path, &vm.name)?;
     Ok(vm)
+}
+
+/// The controllers `disks` sit on, in key order, each with the type `kind_of` gives it.
+pub(crate) fn controllers_of(
+    disks: &[SourceDisk],
+    mut kind_of: impl FnMut(&str) -> gateway::plan::ControllerType,
+) -> Vec<gateway::plan::ControllerSpec> {
+    let keys: std::collections::BTreeSet<(gateway::plan::Bus, u32)> = disks
+        .iter()
+        .filter_map(|d| gateway::plan::Slot::parse(&d.key))
+        .map(|s| (s.bus, s.controller))
+        .collect();
+    keys.into_iter()
+        .map(|(bus, n)| {
+            let key = format!("{}{n}", bus.prefix());
+            gateway::plan::ControllerSpec {
+                kind: kind_of(&key),
+                key,
+            }
+        })
+        .collect()
 }
 
 /// A disk's logical content, read by offset.

@@ -115,6 +115,8 @@ pub(crate) struct Descriptor {
     pub nics: Vec<SourceNic>,
     /// Attached disks, ordered like [`SourceVm::disks`].
     pub disks: Vec<DescribedDisk>,
+    /// Every controller's type, by key (`scsi0`).
+    pub controller_types: std::collections::HashMap<String, gateway::plan::ControllerType>,
     pub notes: Vec<String>,
 }
 
@@ -333,6 +335,13 @@ pub(crate) fn finish(
         firmware: descriptor.firmware,
         bios_uuid: descriptor.bios_uuid,
         nics: descriptor.nics,
+        controllers: super::controllers_of(&disks, |key| {
+            descriptor.controller_types.get(key).cloned().unwrap_or_else(|| {
+                gateway::plan::ControllerType::default_for(
+                    gateway::plan::parse_controller_key(key).map_or(gateway::plan::Bus::Scsi, |(bus, _)| bus),
+                )
+            })
+        }),
         disks,
         notes: all_notes,
         firewall: Default::default(),

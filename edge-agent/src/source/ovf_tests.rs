@@ -509,3 +509,55 @@ fn locations_read_naturally() {
     assert_eq!(location(&Some("a.ovf".into()), &None), ": a.ovf");
     assert_eq!(location(&None, &None), "");
 }
+
+#[test]
+fn controller_types_come_from_the_resource_subtypes() {
+    let sata = r#"      <Item>
+        <rasd:Address>0</rasd:Address>
+        <rasd:Description>SATA Controller</rasd:Description>
+        <rasd:ElementName>SATA controller 0</rasd:ElementName>
+        <rasd:InstanceID>12</rasd:InstanceID>
+        <rasd:ResourceSubType>vmware.sata.ahci</rasd:ResourceSubType>
+        <rasd:ResourceType>20</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:Address>0</rasd:Address>
+        <rasd:ElementName>NVME controller 0</rasd:ElementName>
+        <rasd:InstanceID>13</rasd:InstanceID>
+        <rasd:ResourceSubType>vmware.nvme.controller</rasd:ResourceSubType>
+        <rasd:ResourceType>20</rasd:ResourceType>
+      </Item>
+      <Item ovf:required="false">
+        <rasd:AutomaticAllocation>false</rasd:AutomaticAllocation>
+        <rasd:ElementName>Video card</rasd:ElementName>"#;
+    let text = standard()
+        .replace("<rasd:ResourceSubType>lsilogic</rasd:ResourceSubType>", "<rasd:ResourceSubType>VirtualSCSI</rasd:ResourceSubType>")
+        .replacen(
+            "      <Item ovf:required=\"false\">\n        <rasd:AutomaticAllocation>false</rasd:AutomaticAllocation>\n        <rasd:ElementName>Video card</rasd:ElementName>",
+            sata,
+            1,
+        )
+        .replace(
+            "<rasd:InstanceID>9</rasd:InstanceID>\n        <rasd:Parent>3</rasd:Parent>",
+            "<rasd:InstanceID>9</rasd:InstanceID>\n        <rasd:Parent>12</rasd:Parent>",
+        );
+    let d = parse_text(&text).unwrap();
+    let keys: Vec<&str> = d.disks.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(keys, ["scsi0:0", "sata0:1"]);
+    let mut types: Vec<(&str, &gateway::plan::ControllerType)> =
+        d.controller_types.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    types.sort_by_key(|(k, _)| *k);
+    use gateway::plan::ControllerType::*;
+    assert_eq!(
+        types,
+        [
+            ("ide0", &Ide),
+            ("ide1", &Ide),
+            ("nvme0", &Nvme),
+            ("sata0", &Ahci),
+            ("scsi0", &Pvscsi)
+        ]
+    );
+    // ovftool's NIC subtypes, lower-cased as the .vmx writes them.
+    assert_eq!(d.nics[0].virtual_dev.as_deref(), Some("vmxnet3"));
+}

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use super::claim::Role;
 use super::vmx::{quote, VmxFile};
 use super::{disk, SourceDisk, SourceError, SourceNic, SourceOptions, SourceVm};
+pub(super) use gateway::plan::Bus;
+use gateway::plan::ControllerType;
 
 /// VMware's default when `memsize` is absent.
 const DEFAULT_MEMORY_MIB: u64 = 256;
@@ -53,6 +55,7 @@ pub(crate) fn open_vm(vmx_path: &Path, options: &SourceOptions) -> Result<Source
     let bios_uuid = vmx.value("uuid.bios").map(str::to_owned);
     let nics = read_nics(&vmx, &mut notes)?;
     let disks = read_disks(&vmx, options, &mut notes)?;
+    let controllers = super::controllers_of(&disks, |key| controller_type(&vmx, key, &mut notes));
 
     Ok(SourceVm {
         vmx_path,
@@ -65,6 +68,7 @@ pub(crate) fn open_vm(vmx_path: &Path, options: &SourceOptions) -> Result<Source
         bios_uuid,
         nics,
         disks,
+        controllers,
         notes,
         firewall: Default::default(),
     })
@@ -137,34 +141,33 @@ fn read_nics(vmx: &VmxFile, notes: &mut Vec<String>) -> Result<Vec<SourceNic>, S
     Ok(nics)
 }
 
+/// The type of controller `key` (`scsi0`): a SCSI controller's `virtualDev`, else the
+/// bus's one type. A SCSI controller naming none is taken as LSI Logic, and a note says so:
+/// VMware then picks by guest OS, BusLogic for some old guests.
+fn controller_type(vmx: &VmxFile, key: &str, notes: &mut Vec<String>) -> ControllerType {
+    let Some((bus, _)) = gateway::plan::parse_controller_key(key) else {
+        return ControllerType::Other(key.to_owned());
+    };
+    if bus != Bus::Scsi {
+        return ControllerType::default_for(bus);
+    }
+    match vmx.value(&format!("{key}.virtualDev")) {
+        Some(dev) => ControllerType::from_scsi_virtual_dev(dev),
+        None => {
+            notes.push(format!(
+                "{key} has no virtualDev; taken as lsilogic (VMware picks by guest OS, BusLogic for some old guests): set {key}.virtualDev in the source VM if its guest needs another"
+            ));
+            ControllerType::LsiLogic
+        }
+    }
+}
+
 pub(super) fn is_mac(text: &str) -> bool {
     let pairs: Vec<&str> = text.split(':').collect();
     pairs.len() == 6
         && pairs
             .iter()
             .all(|pair| pair.len() == 2 && pair.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
-/// Disk buses in the order their disks are listed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Bus {
-    Scsi,
-    Sata,
-    Nvme,
-    Ide,
-}
-
-impl Bus {
-    const ALL: [Bus; 4] = [Bus::Scsi, Bus::Sata, Bus::Nvme, Bus::Ide];
-
-    pub(super) fn prefix(self) -> &'static str {
-        match self {
-            Bus::Scsi => "scsi",
-            Bus::Sata => "sata",
-            Bus::Nvme => "nvme",
-            Bus::Ide => "ide",
-        }
-    }
 }
 
 /// A device slot such as scsi0:1, ordered by bus, then controller, then unit.

@@ -114,6 +114,7 @@ fn skipped_devices_are_noted() {
     raw_disk(dir.path(), "a.img", 4096);
     let body = "\
 memsize = \"1024\"
+scsi0.virtualDev = \"lsilogic\"
 scsi0:0.fileName = \"a.img\"
 scsi1.present = \"FALSE\"
 scsi1:0.fileName = \"missing-but-ignored.vmdk\"
@@ -326,4 +327,101 @@ fn a_disk_image_is_not_taken_for_a_vmx() {
     let err = open_vm(&path).unwrap_err();
     assert!(matches!(err, SourceError::NotVmx { .. }), "{err}");
     assert!(err.to_string().contains("pass the VM's .vmx"), "{err}");
+}
+
+/// A NIC as the test compares it: key, model, address type, MAC.
+type NicView<'a> = (&'a str, Option<&'a str>, Option<&'a str>, Option<&'a str>);
+
+#[test]
+fn controllers_nics_and_firmware_are_read_as_the_vmx_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut body = String::from(
+        "firmware = \"efi\"
+scsi0.present = \"TRUE\"
+scsi0.virtualDev = \"pvscsi\"
+scsi1.present = \"TRUE\"
+scsi1.virtualDev = \"BusLogic\"
+scsi2.present = \"TRUE\"
+sata0.present = \"TRUE\"
+nvme0.present = \"TRUE\"
+ethernet0.present = \"TRUE\"
+ethernet0.virtualDev = \"vmxnet3\"
+ethernet0.networkName = \"VM Network\"
+ethernet0.addressType = \"static\"
+ethernet0.address = \"00:50:56:00:00:0a\"
+ethernet1.virtualDev = \"e1000e\"
+ethernet1.networkName = \"DB\"
+ethernet1.addressType = \"vpx\"
+ethernet1.generatedAddress = \"00:50:56:9a:00:0b\"
+",
+    );
+    for (i, slot) in ["scsi0:0", "scsi1:3", "scsi2:0", "sata0:2", "nvme0:1", "ide0:1"]
+        .iter()
+        .enumerate()
+    {
+        raw_disk(dir.path(), &format!("d{i}.img"), 4096);
+        body.push_str(&format!("{slot}.present = \"TRUE\"\n{slot}.fileName = \"d{i}.img\"\n"));
+    }
+    let vmx = write(dir.path(), "hw.vmx", vmx_text(&body));
+    let vm = open_vm(&vmx).unwrap();
+    assert_eq!(vm.firmware.as_deref(), Some("efi"));
+    let controllers: Vec<(&str, ControllerType)> = vm
+        .controllers
+        .iter()
+        .map(|c| (c.key.as_str(), c.kind.clone()))
+        .collect();
+    assert_eq!(
+        controllers,
+        [
+            ("scsi0", ControllerType::Pvscsi),
+            ("scsi1", ControllerType::BusLogic),
+            ("scsi2", ControllerType::LsiLogic),
+            ("sata0", ControllerType::Ahci),
+            ("nvme0", ControllerType::Nvme),
+            ("ide0", ControllerType::Ide),
+        ]
+    );
+    // A SCSI controller that names no type is not guessed at silently.
+    assert!(
+        vm.notes
+            .iter()
+            .any(|n| n.starts_with("scsi2 has no virtualDev; taken as lsilogic")),
+        "{:?}",
+        vm.notes
+    );
+    let nics: Vec<NicView> = vm
+        .nics
+        .iter()
+        .map(|n| {
+            (
+                n.key.as_str(),
+                n.virtual_dev.as_deref(),
+                n.address_type.as_deref(),
+                n.mac.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nics,
+        [
+            ("ethernet0", Some("vmxnet3"), Some("static"), Some("00:50:56:00:00:0a")),
+            ("ethernet1", Some("e1000e"), Some("vpx"), Some("00:50:56:9a:00:0b")),
+        ]
+    );
+}
+
+#[test]
+fn a_controller_holding_only_a_cdrom_is_not_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    raw_disk(dir.path(), "a.img", 4096);
+    let body = "scsi0.virtualDev = \"lsisas1068\"
+scsi0:0.fileName = \"a.img\"
+sata0.present = \"TRUE\"
+sata0:0.deviceType = \"cdrom-image\"
+sata0:0.fileName = \"x.iso\"
+";
+    let vmx = write(dir.path(), "cd.vmx", vmx_text(body));
+    let vm = open_vm(&vmx).unwrap();
+    let keys: Vec<(&str, &ControllerType)> = vm.controllers.iter().map(|c| (c.key.as_str(), &c.kind)).collect();
+    assert_eq!(keys, [("scsi0", &ControllerType::LsiSas1068)]);
 }

@@ -44,6 +44,7 @@ fn plan(disks: &[&Vec<u8>]) -> MigrationPlan {
             firmware: None,
             bios_uuid: None,
             nics: vec![],
+            controllers: vec![],
             disks: disks
                 .iter()
                 .enumerate()

@@ -27,6 +27,12 @@ pub enum QemuError {
     BadSpec(String),
 
     #[error(
+        "no UEFI firmware for an EFI VM: {} has no OVMF_CODE_4M.fd/OVMF_VARS_4M.fd or OVMF_CODE.fd/OVMF_VARS.fd; \
+         install Debian's OVMF (`apt-get install ovmf`) or set OVMF_DIR to the folder that holds it", dir.display()
+    )]
+    NoOvmf { dir: PathBuf },
+
+    #[error(
         "the QMP socket path {} is {len} bytes, more than a unix socket address holds ({max}); \
          use a shorter datastore or VM folder path", path.display()
     )]

@@ -40,7 +40,7 @@ impl DiskFormat {
     }
 }
 
-/// One disk: an image file opened as a block node, attached as a virtio-blk device.
+/// One disk: an image file opened as a block node, attached to a controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MachineDisk {
     pub path: PathBuf,
@@ -50,6 +50,73 @@ pub struct MachineDisk {
     /// The format node's name (`-blockdev ...,node-name=`), e.g. `drive0`; the file node
     /// under it is `<node_name>-file`.
     pub node_name: String,
+    pub attachment: DiskAttachment,
+}
+
+/// Where a disk is plugged in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskAttachment {
+    /// A virtio-blk PCI device of its own: what a live migration's guest runs on (its
+    /// source QEMU was started so) and what needs no controller.
+    VirtioBlk,
+    /// Unit `unit` of the [`MachineController`] with id `controller`.
+    Controller { controller: String, unit: u32 },
+    /// The machine's built-in IDE (PIIX): bus 0 or 1, unit 0 (master) or 1 (slave).
+    Ide { bus: u32, unit: u32 },
+}
+
+/// A disk controller and the QEMU device that emulates it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineController {
+    /// The device id, e.g. `scsi0`, `sata0`, `nvme0`.
+    pub id: String,
+    pub model: ControllerModel,
+}
+
+/// The controller devices the hosts run, by their place in QEMU: SCSI host adapters take
+/// `scsi-hd` disks by SCSI id, AHCI takes `ide-hd` per port, NVMe `nvme-ns` namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControllerModel {
+    /// `pvscsi`, `lsi53c895a` or `mptsas1068`.
+    Scsi(&'static str),
+    /// `ich9-ahci`.
+    Ahci,
+    /// `nvme`.
+    Nvme,
+}
+
+impl ControllerModel {
+    /// The QEMU device.
+    pub fn device(self) -> &'static str {
+        match self {
+            ControllerModel::Scsi(device) => device,
+            ControllerModel::Ahci => "ich9-ahci",
+            ControllerModel::Nvme => "nvme",
+        }
+    }
+
+    /// The model of a plan's controller device (`gateway::plan::ControllerType::qemu_device`).
+    pub fn from_device(device: &str) -> Option<ControllerModel> {
+        match device {
+            "pvscsi" => Some(ControllerModel::Scsi("pvscsi")),
+            "lsi53c895a" => Some(ControllerModel::Scsi("lsi53c895a")),
+            "mptsas1068" => Some(ControllerModel::Scsi("mptsas1068")),
+            "ich9-ahci" => Some(ControllerModel::Ahci),
+            "nvme" => Some(ControllerModel::Nvme),
+            _ => None,
+        }
+    }
+}
+
+/// How the VM starts.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Firmware {
+    /// SeaBIOS, the machine's default.
+    #[default]
+    Bios,
+    /// UEFI: OVMF's code read-only, and the VM's own copy of its variable store, which
+    /// keeps the boot entries the guest writes.
+    Efi { code: PathBuf, vars: PathBuf },
 }
 
 /// What a NIC is connected to.
@@ -93,6 +160,9 @@ pub struct MachineSpec {
     /// In order; the first one is the boot disk unless `kernel` is set.
     pub disks: Vec<MachineDisk>,
     pub nics: Vec<MachineNic>,
+    /// The disk controllers the disks name, in order.
+    pub controllers: Vec<MachineController>,
+    pub firmware: Firmware,
     pub kernel: Option<DirectKernel>,
     /// The guest's COM1 is written to this file (truncated when QEMU starts).
     pub serial_log: PathBuf,
@@ -158,10 +228,39 @@ impl MachineSpec {
             }
             Ok(())
         };
+        for controller in &self.controllers {
+            check_id(&controller.id, "controller id")?;
+        }
+        let mut slots = HashSet::new();
         for disk in &self.disks {
             check_id(&disk.device_id, "disk device id")?;
             check_id(&disk.node_name, "block node name")?;
             check_id(&format!("{}-file", disk.node_name), "block node name")?;
+            match &disk.attachment {
+                DiskAttachment::VirtioBlk => {}
+                DiskAttachment::Controller { controller, unit } => {
+                    if !self.controllers.iter().any(|c| &c.id == controller) {
+                        return bad(format!(
+                            "disk {} is on controller {controller:?}, which the machine does not have",
+                            disk.device_id
+                        ));
+                    }
+                    if !slots.insert((controller.clone(), *unit)) {
+                        return bad(format!("two disks are unit {unit} of controller {controller}"));
+                    }
+                }
+                DiskAttachment::Ide { bus, unit } => {
+                    if *bus > 1 || *unit > 1 {
+                        return bad(format!(
+                            "disk {} is IDE {bus}:{unit}; the machine's IDE has buses 0-1 with units 0-1",
+                            disk.device_id
+                        ));
+                    }
+                    if !slots.insert((format!("ide.{bus}"), *unit)) {
+                        return bad(format!("two disks are IDE {bus}:{unit}"));
+                    }
+                }
+            }
         }
         for nic in &self.nics {
             check_id(&nic.id, "NIC id")?;
@@ -191,6 +290,22 @@ impl MachineSpec {
         push(&["-name", &format!("guest={}", opt_value(&self.name))]);
         push(&["-m", &format!("{}M", self.memory_mib)]);
         push(&["-smp", &self.vcpus.to_string()]);
+        if let Firmware::Efi { code, vars } = &self.firmware {
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", path_value(code)),
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", path_value(vars)),
+            ]);
+        }
+        for controller in &self.controllers {
+            let mut device = format!("{},id={}", controller.model.device(), controller.id);
+            if controller.model == ControllerModel::Nvme {
+                // An NVMe controller needs a serial; the id keeps it stable across runs.
+                device.push_str(&format!(",serial={}", controller.id));
+            }
+            push(&["-device", &device]);
+        }
         for (index, disk) in self.disks.iter().enumerate() {
             // JSON form: the file name needs no escaping, and the node names are explicit.
             let blockdev = json!({
@@ -203,7 +318,23 @@ impl MachineSpec {
                 },
             });
             push(&["-blockdev", &blockdev.to_string()]);
-            let mut device = format!("virtio-blk-pci,drive={},id={}", disk.node_name, disk.device_id);
+            let (node, id) = (&disk.node_name, &disk.device_id);
+            let mut device = match &disk.attachment {
+                DiskAttachment::VirtioBlk => format!("virtio-blk-pci,drive={node},id={id}"),
+                DiskAttachment::Controller { controller, unit } => {
+                    match self.controllers.iter().find(|c| &c.id == controller).map(|c| c.model) {
+                        Some(ControllerModel::Ahci) => {
+                            format!("ide-hd,drive={node},id={id},bus={controller}.{unit}")
+                        }
+                        // vSphere's NVMe units count from 0, namespace ids from 1.
+                        Some(ControllerModel::Nvme) => {
+                            format!("nvme-ns,drive={node},id={id},bus={controller},nsid={}", unit + 1)
+                        }
+                        _ => format!("scsi-hd,drive={node},id={id},bus={controller}.0,scsi-id={unit},lun=0"),
+                    }
+                }
+                DiskAttachment::Ide { bus, unit } => format!("ide-hd,drive={node},id={id},bus=ide.{bus},unit={unit}"),
+            };
             if index == 0 && self.kernel.is_none() {
                 device.push_str(",bootindex=0");
             }
@@ -274,12 +405,14 @@ mod tests {
                     format: DiskFormat::Vmdk,
                     device_id: "disk0".into(),
                     node_name: "drive0".into(),
+                    attachment: DiskAttachment::VirtioBlk,
                 },
                 MachineDisk {
                     path: "/ds/web01/web,01_1.qcow2".into(),
                     format: DiskFormat::Qcow2,
                     device_id: "disk1".into(),
                     node_name: "drive1".into(),
+                    attachment: DiskAttachment::VirtioBlk,
                 },
             ],
             nics: vec![MachineNic {
@@ -288,6 +421,8 @@ mod tests {
                 model: "vmxnet3".into(),
                 backend: NicBackend::UserRestricted,
             }],
+            controllers: vec![],
+            firmware: Firmware::Bios,
             kernel: None,
             serial_log: "/ds/web01/web01.console.log".into(),
             qmp_socket: "/ds/web01/web01,qmp".into(),
@@ -340,6 +475,70 @@ mod tests {
         let dest_argv = dest.argv();
         assert_eq!(&dest_argv[..argv.len()], &argv[..]);
         assert_eq!(&dest_argv[argv.len()..], ["-S", "-incoming", "defer"]);
+    }
+
+    #[test]
+    fn disks_sit_on_their_controllers_and_efi_boots_ovmf() {
+        let disk = |i: usize, attachment: DiskAttachment| MachineDisk {
+            path: format!("/ds/hw01/d{i}.img").into(),
+            format: DiskFormat::Raw,
+            device_id: format!("disk{i}"),
+            node_name: format!("drive{i}"),
+            attachment,
+        };
+        let on = |controller: &str, unit| DiskAttachment::Controller {
+            controller: controller.into(),
+            unit,
+        };
+        let s = MachineSpec {
+            disks: vec![
+                disk(0, on("scsi0", 3)),
+                disk(1, on("sata0", 1)),
+                disk(2, on("nvme0", 0)),
+                disk(3, DiskAttachment::Ide { bus: 1, unit: 0 }),
+            ],
+            controllers: vec![
+                MachineController {
+                    id: "scsi0".into(),
+                    model: ControllerModel::Scsi("mptsas1068"),
+                },
+                MachineController {
+                    id: "sata0".into(),
+                    model: ControllerModel::Ahci,
+                },
+                MachineController {
+                    id: "nvme0".into(),
+                    model: ControllerModel::Nvme,
+                },
+            ],
+            firmware: Firmware::Efi {
+                code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+                vars: "/ds/hw01/hw01.ovmf-vars.fd".into(),
+            },
+            ..spec()
+        };
+        s.validate().unwrap();
+        let joined = s.argv().join(" ");
+        for expected in [
+            "-drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd -drive if=pflash,format=raw,unit=1,file=/ds/hw01/hw01.ovmf-vars.fd",
+            "-device mptsas1068,id=scsi0 -device ich9-ahci,id=sata0 -device nvme,id=nvme0,serial=nvme0",
+            "-device scsi-hd,drive=drive0,id=disk0,bus=scsi0.0,scsi-id=3,lun=0,bootindex=0 ",
+            "-device ide-hd,drive=drive1,id=disk1,bus=sata0.1 ",
+            "-device nvme-ns,drive=drive2,id=disk2,bus=nvme0,nsid=1 ",
+            "-device ide-hd,drive=drive3,id=disk3,bus=ide.1,unit=0 ",
+        ] {
+            assert!(joined.contains(expected), "missing {expected:?} in {joined}");
+        }
+
+        let mut bad = s.clone();
+        bad.disks[1].attachment = on("scsi0", 3);
+        assert!(matches!(bad.validate(), Err(QemuError::BadSpec(m)) if m.contains("two disks are unit 3")));
+        let mut bad = s.clone();
+        bad.disks[0].attachment = on("scsi9", 0);
+        assert!(matches!(bad.validate(), Err(QemuError::BadSpec(m)) if m.contains("does not have")));
+        let mut bad = s;
+        bad.disks[3].attachment = DiskAttachment::Ide { bus: 2, unit: 0 };
+        assert!(bad.validate().is_err());
     }
 
     #[test]

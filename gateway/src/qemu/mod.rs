@@ -13,6 +13,7 @@
 
 pub mod confine;
 mod error;
+pub mod firmware;
 pub mod machine;
 pub mod process;
 pub mod qmp;
@@ -20,6 +21,10 @@ pub mod vm;
 
 pub use confine::{Confinement, RunAs};
 pub use error::QemuError;
-pub use machine::{DirectKernel, DiskFormat, MachineDisk, MachineNic, MachineSpec, NicBackend};
+pub use firmware::Ovmf;
+pub use machine::{
+    ControllerModel, DirectKernel, DiskAttachment, DiskFormat, Firmware, MachineController, MachineDisk, MachineNic,
+    MachineSpec, NicBackend,
+};
 pub use process::{QemuBinary, QemuProcess};
 pub use qmp::{Qmp, QmpEvent};

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::qemu::{DiskFormat, MachineDisk, MachineNic, NicBackend};
+use crate::qemu::{DiskAttachment, DiskFormat, Firmware, MachineDisk, MachineNic, NicBackend};
 
 /// A boot sector that prints "qmp test\r\n" on COM1 and halts.
 fn boot_disk(path: &Path) {
@@ -60,6 +60,7 @@ fn spec(dir: &Path) -> MachineSpec {
             format: DiskFormat::Raw,
             device_id: "disk0".into(),
             node_name: "drive0".into(),
+            attachment: DiskAttachment::VirtioBlk,
         }],
         nics: vec![MachineNic {
             id: "nic0".into(),
@@ -67,6 +68,8 @@ fn spec(dir: &Path) -> MachineSpec {
             model: "e1000".into(),
             backend: NicBackend::UserRestricted,
         }],
+        controllers: vec![],
+        firmware: Firmware::Bios,
         kernel: None,
         serial_log: dir.join("console.log"),
         qmp_socket: dir.join("qmp.sock"),

@@ -5,19 +5,15 @@
 
 use std::path::PathBuf;
 
-use super::{DirectKernel, DiskFormat, MachineDisk, MachineNic, MachineSpec, NicBackend};
+use super::{DirectKernel, DiskAttachment, DiskFormat, Firmware, MachineDisk, MachineNic, MachineSpec, NicBackend};
 use crate::plan::VmSpec;
 
 /// QEMU's model for a .vmx NIC type (`ethernetN.virtualDev`), so the guest finds the NIC
-/// its drivers know.
+/// its drivers know. A model the hosts cannot run was refused when the plan was checked
+/// ([`crate::plan::nic_qemu_model`]); a VM registered before that check gets e1000, ESXi's
+/// default.
 pub fn nic_model(virtual_dev: Option<&str>) -> &'static str {
-    match virtual_dev.map(str::to_ascii_lowercase).as_deref() {
-        Some("vmxnet3") => "vmxnet3",
-        Some("e1000e") => "e1000e",
-        Some("vlance") => "pcnet",
-        // ESXi's default for the guests that get here.
-        _ => "e1000",
-    }
+    crate::plan::nic_qemu_model(virtual_dev).unwrap_or("e1000")
 }
 
 /// Where a VM's machine keeps its files, and how it boots.
@@ -32,6 +28,11 @@ pub struct MachineFiles {
 
 /// The machine for `vm`: its CPUs, memory, disks in plan order (the first one boots,
 /// through SeaBIOS, unless a kernel is given) and NICs with their MACs.
+///
+/// This is the machine of a live migration, whose source runs on-prem under QEMU with
+/// virtio-blk disks (the guest's drivers are the ones it booted with there), so disks stay
+/// virtio-blk whatever controllers the .vmx names; a cloud host powering a lifted VM on
+/// follows its controllers instead (cloud-endpoint's `hosts::machine_spec`).
 pub fn machine_for_vm(vm: &VmSpec, files: MachineFiles) -> MachineSpec {
     MachineSpec {
         name: vm.name.clone(),
@@ -46,6 +47,7 @@ pub fn machine_for_vm(vm: &VmSpec, files: MachineFiles) -> MachineSpec {
                 format,
                 device_id: format!("disk{index}"),
                 node_name: format!("drive{index}"),
+                attachment: DiskAttachment::VirtioBlk,
             })
             .collect(),
         nics: vm
@@ -59,6 +61,8 @@ pub fn machine_for_vm(vm: &VmSpec, files: MachineFiles) -> MachineSpec {
                 backend: NicBackend::UserRestricted,
             })
             .collect(),
+        controllers: Vec::new(),
+        firmware: Firmware::Bios,
         kernel: files.kernel,
         serial_log: files.serial_log,
         qmp_socket: files.qmp_socket,
@@ -81,5 +85,6 @@ mod tests {
         assert_eq!(nic_model(Some("VMXNET3")), "vmxnet3");
         assert_eq!(nic_model(Some("vlance")), "pcnet");
         assert_eq!(nic_model(None), "e1000");
+        assert_eq!(nic_model(Some("e1000e")), "e1000e");
     }
 }

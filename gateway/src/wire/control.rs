@@ -257,6 +257,7 @@ mod tests {
                 firmware: Some("efi".into()),
                 bios_uuid: None,
                 nics: vec![],
+                controllers: vec![],
                 disks: vec![DiskSpec {
                     key: "scsi0:0".into(),
                     capacity: 1 << 30,

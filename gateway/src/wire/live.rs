@@ -180,6 +180,7 @@ pub(crate) mod tests {
                 firmware: None,
                 bios_uuid: None,
                 nics: vec![],
+                controllers: vec![],
                 disks: vec![crate::plan::DiskSpec {
                     key: "scsi0:0".into(),
                     capacity: 64 << 20,

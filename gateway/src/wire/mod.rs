@@ -29,7 +29,9 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// migration); each disk of a report names its own format.
 /// Version 4: replication (`Sync`, `SyncDone`, `Synced`): delta passes into a replica
 /// the cloud keeps until a switchover commits it.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// Version 5: the plan carries the VM's disk controllers with their types
+/// (`VmSpec::controllers`) and each NIC's `addressType`, so the copy keeps its hardware.
+pub const PROTOCOL_VERSION: u16 = 5;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.

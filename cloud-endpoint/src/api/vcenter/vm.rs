@@ -222,8 +222,17 @@ const SCSI_ADAPTER_KEY_BASE: u32 = 1000;
 const SATA_ADAPTER_KEY_BASE: u32 = 15000;
 const NVME_ADAPTER_KEY_BASE: u32 = 31000;
 
-/// The SCSI controller type the datastore's .vmx writer declares (`lsilogic`).
-const SCSI_ADAPTER_TYPE: &str = "LSILOGIC";
+/// vSphere's SCSI adapter type (`Vcenter.Vm.Hardware.Adapter.Scsi.Type`) for the
+/// controller type the .vmx declares.
+fn scsi_adapter_type(kind: Option<gateway::plan::ControllerType>) -> &'static str {
+    use gateway::plan::ControllerType;
+    match kind {
+        Some(ControllerType::Pvscsi) => "PVSCSI",
+        Some(ControllerType::LsiSas1068) => "LSILOGICSAS",
+        Some(ControllerType::BusLogic) => "BUSLOGIC",
+        _ => "LSILOGIC",
+    }
+}
 
 impl VmInfo {
     pub fn from_record(vm: &VmRecord) -> VmInfo {
@@ -280,7 +289,7 @@ impl VmInfo {
                     .entry((SCSI_ADAPTER_KEY_BASE + a.bus).to_string())
                     .or_insert_with(|| ScsiAdapter {
                         label: format!("SCSI controller {}", a.bus),
-                        kind: SCSI_ADAPTER_TYPE,
+                        kind: scsi_adapter_type(vm.controller_type(&format!("scsi{}", a.bus))),
                         scsi: BusAddress { bus: a.bus, unit: 7 },
                         sharing: "NONE",
                     });
@@ -350,9 +359,7 @@ fn nic(index: usize, n: &NicRecord, power_state: &str) -> Nic {
     Nic {
         label: format!("Network adapter {}", index + 1),
         kind: nic_type(n.virtual_dev.as_deref()),
-        // A kept MAC is written as static (addressType = "static"); without one the host
-        // generates it when the VM first powers on.
-        mac_type: if n.mac.is_some() { "MANUAL" } else { "GENERATED" },
+        mac_type: mac_type(n.address_type.as_deref(), n.mac.is_some()),
         mac_address: n.mac.clone(),
         // A powered-off VM's NIC is not connected; a running one's is, to the host's
         // isolated user-mode network (see crate::hosts).
@@ -372,6 +379,19 @@ fn nic(index: usize, n: &NicRecord, power_state: &str) -> Nic {
     }
 }
 
+/// vSphere's `mac_type` for a .vmx `addressType`: `static` is MANUAL, `generated` (by the
+/// host) GENERATED, `vpx` (given by vCenter) ASSIGNED. Without one, a kept MAC was written
+/// static, and no MAC is generated when the VM first powers on.
+fn mac_type(address_type: Option<&str>, has_mac: bool) -> &'static str {
+    match address_type.map(str::to_ascii_lowercase).as_deref() {
+        Some("static") => "MANUAL",
+        Some("vpx") => "ASSIGNED",
+        Some("generated") => "GENERATED",
+        _ if has_mac => "MANUAL",
+        _ => "GENERATED",
+    }
+}
+
 /// vSphere's NIC type for a .vmx `ethernetN.virtualDev`. Without one ESXi picks E1000 for
 /// the guests that matter here.
 fn nic_type(virtual_dev: Option<&str>) -> &'static str {
@@ -380,7 +400,7 @@ fn nic_type(virtual_dev: Option<&str>) -> &'static str {
         Some("vmxnet2") => "VMXNET2",
         Some("vmxnet") => "VMXNET",
         Some("e1000e") => "E1000E",
-        Some("vlance") => "PCNET32",
+        Some("vlance" | "pcnet32") => "PCNET32",
         Some("vrdma") | Some("vmxnet3vrdma") => "VMXNET3_VRDMA",
         _ => "E1000",
     }
@@ -502,15 +522,37 @@ mod tests {
                     capacity_bytes: 512,
                     datastore: "datastore-10".into(),
                 },
+                DiskRecord {
+                    key: "scsi1:0".into(),
+                    path: "[cloud-ds1] db01/db01_3.vmdk".into(),
+                    capacity_bytes: 512,
+                    datastore: "datastore-10".into(),
+                },
             ],
-            nics: vec![NicRecord {
-                key: "ethernet0".into(),
-                network: "network-12".into(),
-                network_name: "cloud-db".into(),
-                mac: None,
-                virtual_dev: Some("e1000e".into()),
-                source_network: "DB".into(),
+            controllers: vec![gateway::plan::ControllerSpec {
+                key: "scsi1".into(),
+                kind: gateway::plan::ControllerType::Pvscsi,
             }],
+            nics: vec![
+                NicRecord {
+                    key: "ethernet0".into(),
+                    network: "network-12".into(),
+                    network_name: "cloud-db".into(),
+                    mac: None,
+                    virtual_dev: Some("e1000e".into()),
+                    address_type: None,
+                    source_network: "DB".into(),
+                },
+                NicRecord {
+                    key: "ethernet1".into(),
+                    network: "network-12".into(),
+                    network_name: "cloud-db".into(),
+                    mac: Some("00:50:56:9a:00:01".into()),
+                    virtual_dev: Some("vmxnet3".into()),
+                    address_type: Some("vpx".into()),
+                    source_network: "DB".into(),
+                },
+            ],
             migration: None,
             created: "2024-01-01T00:00:00Z".into(),
             instance_uuid: "5003a1b2-0000-4000-8000-000000000001".into(),
@@ -530,7 +572,17 @@ mod tests {
             json["disks"]["2002"]["ide"],
             serde_json::json!({"primary": true, "master": false})
         );
+        // scsi0 has no controller row (registered before they were kept): what its .vmx says.
         assert_eq!(json["scsi_adapters"]["1000"]["type"], "LSILOGIC");
+        assert_eq!(json["scsi_adapters"]["1001"]["type"], "PVSCSI");
+        assert_eq!(
+            json["scsi_adapters"]["1001"]["scsi"],
+            serde_json::json!({"bus": 1, "unit": 7})
+        );
+        assert_eq!(json["disks"]["2003"]["scsi"], serde_json::json!({"bus": 1, "unit": 0}));
+        assert_eq!(json["nics"]["4001"]["type"], "VMXNET3");
+        assert_eq!(json["nics"]["4001"]["mac_type"], "ASSIGNED");
+        assert_eq!(json["nics"]["4001"]["mac_address"], "00:50:56:9a:00:01");
         assert_eq!(json["sata_adapters"]["15000"]["bus"], 0);
         assert_eq!(json["nvme_adapters"], serde_json::json!({}));
         assert_eq!(json["nics"]["4000"]["type"], "E1000E");

@@ -211,7 +211,11 @@ fn write_vm_files(
         // The disk counts whole sectors; a partial last sector (rare: raw
         // images of odd size) was rounded up when it was created, reading zeros.
         if disk.format() == DiskFormat::VmdkFlat {
-            if let Err(e) = at.write_descriptor(i, disk.capacity(), &d.key) {
+            let controller = d
+                .slot()
+                .and_then(|s| vm.controller_type(&s.controller_key()))
+                .unwrap_or(gateway::plan::ControllerType::LsiLogic);
+            if let Err(e) = at.write_descriptor(i, disk.capacity(), &d.key, &controller) {
                 return Err(e.to_string());
             }
         }
@@ -258,6 +262,7 @@ fn write_vm_files(
         firmware: vm.firmware.clone(),
         bios_uuid: vm.bios_uuid.clone(),
         disks: vmx_disks,
+        controllers: vm.controllers.clone(),
         nics: vm
             .nics
             .iter()
@@ -267,6 +272,7 @@ fn write_vm_files(
                 network_name: net_name.clone(),
                 virtual_dev: n.virtual_dev.clone(),
                 mac: n.mac.clone(),
+                address_type: n.address_type.clone(),
             })
             .collect(),
     };
@@ -281,6 +287,7 @@ fn write_vm_files(
         bios_uuid: vm.bios_uuid.clone(),
         vmx_path: datastore_path(&home_ds, &vm.name, &format!("{}.vmx", vm.name)),
         disks: new_disks,
+        controllers: vm.controllers.clone(),
         nics: vm
             .nics
             .iter()
@@ -290,6 +297,7 @@ fn write_vm_files(
                 network_id: net_id.clone(),
                 mac: n.mac.clone(),
                 virtual_dev: n.virtual_dev.clone(),
+                address_type: n.address_type.clone(),
                 source_network: n.network.clone(),
             })
             .collect(),

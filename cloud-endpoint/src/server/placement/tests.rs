@@ -79,6 +79,7 @@ fn plan(cpus: u32, memory_mib: u64, placement: Placement) -> MigrationPlan {
             firmware: None,
             bios_uuid: None,
             nics: vec![],
+            controllers: vec![],
             disks: vec![
                 DiskSpec {
                     key: "scsi0:0".into(),

@@ -120,6 +120,9 @@ pub fn validate(domain: &Domain, principal: &Principal, plan: &MigrationPlan) ->
             problems.push(format!("NIC key {:?} is not a unique ethernetN", nic.key));
         }
     }
+    // What the hosts cannot run, named device by device: never swapped for something
+    // they can.
+    problems.extend(plan.hardware_problems());
     let nic_networks = map_nics(domain, plan, &mut problems)?;
 
     if let Some(r) = &placement {

@@ -215,6 +215,7 @@ impl<'a, 'input> Parser<'a, 'input> {
             bios_uuid: hardware.bios_uuid,
             nics: hardware.nics,
             disks: hardware.disks,
+            controller_types: hardware.controller_types,
             notes: self.notes,
         })
     }

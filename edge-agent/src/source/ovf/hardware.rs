@@ -9,6 +9,7 @@ use super::descriptor::{bytes_of, resource, DiskDef, Parser, DEFAULT_MEMORY_MIB,
 use super::{DescribedDisk, FileRef};
 use crate::source::vm::{is_mac, Bus, Slot};
 use crate::source::{SourceError, SourceNic};
+use gateway::plan::ControllerType;
 
 /// What the VirtualHardwareSection says.
 #[derive(Debug)]
@@ -21,6 +22,8 @@ pub(super) struct Hardware {
     pub nics: Vec<SourceNic>,
     /// Attached disks, ordered like [`crate::source::SourceVm::disks`], keys set.
     pub disks: Vec<DescribedDisk>,
+    /// Every controller's type, by key (`scsi0`).
+    pub controller_types: HashMap<String, ControllerType>,
 }
 
 impl<'a, 'input> Parser<'a, 'input> {
@@ -36,8 +39,9 @@ impl<'a, 'input> Parser<'a, 'input> {
         let memory_mib = self.memory(&items)?;
         let (firmware, bios_uuid) = self.config(section)?;
         let nics = self.nics(&items, networks)?;
-        let disks = self.disks(&items, files, disk_defs)?;
+        let (disks, controller_types) = self.disks(&items, files, disk_defs)?;
         Ok(Hardware {
+            controller_types,
             num_cpus,
             cores_per_socket,
             memory_mib,
@@ -243,23 +247,39 @@ impl<'a, 'input> Parser<'a, 'input> {
         Ok(nics)
     }
 
-    /// Controllers by InstanceID, with their bus and number.
-    fn controllers(&mut self, items: &[Item<'a, 'input>]) -> Result<HashMap<String, (Bus, u32)>, SourceError> {
+    /// Controllers by InstanceID, with their bus, number and type: IDE is ResourceType 5;
+    /// SCSI is 6, its type the ResourceSubType (`lsilogic`, `buslogic`, `lsilogicsas`,
+    /// `VirtualSCSI`: ovftool's names); SATA and NVMe are 20 (other storage), told apart by
+    /// the ResourceSubType (`vmware.sata.ahci`, `vmware.nvme.controller`).
+    fn controllers(
+        &mut self,
+        items: &[Item<'a, 'input>],
+    ) -> Result<HashMap<String, (Bus, u32, ControllerType)>, SourceError> {
         let mut found = Vec::new();
         for item in items {
-            let bus = match item.kind {
-                resource::IDE => Bus::Ide,
-                resource::SCSI => Bus::Scsi,
+            let subtype = item.prop("ResourceSubType").unwrap_or_default();
+            let kind = match item.kind {
+                resource::IDE => ControllerType::Ide,
+                resource::SCSI if subtype.is_empty() => {
+                    let kind = ControllerType::default_for(Bus::Scsi);
+                    self.notes.push(format!(
+                        "SCSI controller {} has no ResourceSubType; taken as {}",
+                        item.name(),
+                        kind.display_name()
+                    ));
+                    kind
+                }
+                resource::SCSI => ControllerType::from_scsi_virtual_dev(subtype),
                 resource::OTHER_STORAGE => {
-                    let subtype = item.prop("ResourceSubType").unwrap_or_default().to_ascii_lowercase();
-                    if subtype.contains("nvme") {
-                        Bus::Nvme
+                    if subtype.to_ascii_lowercase().contains("nvme") {
+                        ControllerType::Nvme
                     } else {
-                        Bus::Sata
+                        ControllerType::Ahci
                     }
                 }
                 _ => continue,
             };
+            let bus = kind.bus();
             let id = item.prop("InstanceID").unwrap_or_default();
             let number = match item.prop("Address").filter(|a| !a.is_empty()) {
                 None => None,
@@ -267,13 +287,13 @@ impl<'a, 'input> Parser<'a, 'input> {
                     self.error(item.node, format!("controller Address {address:?} is not a bus number"))
                 })?),
             };
-            found.push((id, bus, number, item.node));
+            found.push((id, bus, number, item.node, kind));
         }
         let mut by_id = HashMap::new();
         let mut taken: BTreeMap<(Bus, u32), &str> = BTreeMap::new();
         // Numbered controllers first, so unnumbered ones take the free numbers.
         found.sort_by_key(|c| c.2.is_none());
-        for (id, bus, number, node) in found {
+        for (id, bus, number, node, kind) in found {
             let number = match number {
                 Some(number) => number,
                 None => {
@@ -294,7 +314,7 @@ impl<'a, 'input> Parser<'a, 'input> {
                     ),
                 ));
             }
-            if id.is_empty() || by_id.insert(id.to_owned(), (bus, number)).is_some() {
+            if id.is_empty() || by_id.insert(id.to_owned(), (bus, number, kind)).is_some() {
                 return Err(self.error(node, format!("controller InstanceID {id:?} is missing or not unique")));
             }
         }
@@ -306,8 +326,14 @@ impl<'a, 'input> Parser<'a, 'input> {
         items: &[Item<'a, 'input>],
         files: &BTreeMap<String, FileRef>,
         disk_defs: &BTreeMap<String, DiskDef>,
-    ) -> Result<Vec<DescribedDisk>, SourceError> {
+    ) -> Result<(Vec<DescribedDisk>, HashMap<String, ControllerType>), SourceError> {
         let controllers = self.controllers(items)?;
+        let controller_types = controllers
+            .values()
+            .map(|(bus, n, kind)| (format!("{}{n}", bus.prefix()), kind.clone()))
+            .collect();
+        let controllers: HashMap<&String, (Bus, u32)> =
+            controllers.iter().map(|(id, (bus, n, _))| (id, (*bus, *n))).collect();
         let mut slots: BTreeMap<Slot, String> = BTreeMap::new();
         let mut disks = Vec::new();
         let mut used_disks = HashSet::new();
@@ -333,7 +359,7 @@ impl<'a, 'input> Parser<'a, 'input> {
             let parent = item.prop("Parent").filter(|p| !p.is_empty());
             let controller = match parent {
                 None => None,
-                Some(parent) => Some(*controllers.get(parent).ok_or_else(|| {
+                Some(parent) => Some(*controllers.get(&parent.to_owned()).ok_or_else(|| {
                     self.error(
                         item.node,
                         format!(
@@ -453,7 +479,7 @@ impl<'a, 'input> Parser<'a, 'input> {
             described.key = slot.key();
             out.push(described);
         }
-        Ok(out)
+        Ok((out, controller_types))
     }
 }
 

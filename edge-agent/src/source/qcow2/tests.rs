@@ -358,7 +358,7 @@ fn a_vmx_names_a_qcow2_disk() {
         dir.path(),
         "web01.vmx",
         ".encoding = \"UTF-8\"\nconfig.version = \"8\"\nvirtualHW.version = \"19\"\n\
-         displayName = \"web01\"\nmemsize = \"1024\"\nscsi0.present = \"TRUE\"\nscsi0:0.present = \"TRUE\"\n\
+         displayName = \"web01\"\nmemsize = \"1024\"\nscsi0.present = \"TRUE\"\nscsi0.virtualDev = \"lsilogic\"\nscsi0:0.present = \"TRUE\"\n\
          scsi0:0.fileName = \"web01.qcow2\"\n",
     );
     let vm = open_vm(&vmx).unwrap();
