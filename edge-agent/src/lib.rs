@@ -38,6 +38,11 @@ pub enum MigrateError {
     Certificate(#[from] certs::Error),
     #[error("{}", describe_refusal(*code, problems))]
     Refused { code: RefusalCode, problems: Vec<String> },
+    /// The endpoint refused the login because too many logins wait for a password
+    /// check (a flood, or many agents starting at once behind one address): nothing was
+    /// staged, and `migrate` tries again for `--retry-for` before it gives up.
+    #[error("the cloud endpoint has too many logins waiting ({}); nothing was staged; run the migration again in a few seconds", problems.join("; "))]
+    LoginsBusy { problems: Vec<String> },
     #[error("migration failed: {0}")]
     Protocol(ProtocolError),
     #[error("{0}")]

@@ -484,6 +484,16 @@ pub async fn run(
         }
         let known = migration_id.or_else(|| resume.as_ref().map(|(id, _)| id.clone()));
         match &e {
+            // Nothing was staged or changed: wait and log in again, within --retry-for.
+            MigrateError::LoginsBusy { .. } => {
+                let since = *down_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= opts.retry_for {
+                    return Err(e_into(&e));
+                }
+                tracing::warn!(error = %e, retry_in = ?backoff, "the endpoint is busy with logins; logging in again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
             MigrateError::Refused {
                 code: RefusalCode::UnknownMigration,
                 problems,
@@ -873,7 +883,13 @@ async fn attempt(
             })
         }
         Err(e) => {
-            let e = refine(e);
+            let e = match refine(e) {
+                MigrateError::Refused {
+                    code: RefusalCode::Busy,
+                    problems,
+                } if !shared.session().is_welcomed() => MigrateError::LoginsBusy { problems },
+                e => e,
+            };
             // A lost link gets no close (there is nobody to tell); anything
             // else tells the cloud at once why this connection ends: Aborted
             // when the migration cannot go on (the cloud discards it), Paused

@@ -157,6 +157,8 @@ pub struct VmSpec {
     /// The disk controllers the disks sit on, each with its type, so the copy gets the
     /// controller its boot disk's driver knows (added in protocol version 5). A disk whose
     /// controller is not listed is on that bus's default type (see [`ControllerType::default_for`]).
+    /// Optional in the JSON of `POST /api/gateway/plans`, as before version 5.
+    #[serde(default)]
     pub controllers: Vec<ControllerSpec>,
 }
 

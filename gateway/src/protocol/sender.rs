@@ -194,6 +194,8 @@ pub struct SenderSession {
     delta: bool,
     /// End with `SyncDone` (keep the replica) instead of `Commit`.
     keep_replica: bool,
+    /// The cloud accepted the credential (a refusal before it is one of the login).
+    welcomed: bool,
 }
 
 impl SenderSession {
@@ -243,6 +245,7 @@ impl SenderSession {
             report: None,
             delta: false,
             keep_replica: false,
+            welcomed: false,
         })
     }
 
@@ -313,6 +316,12 @@ impl SenderSession {
     /// as the replica, and nothing is registered.
     pub fn finish_as_replica(&mut self) {
         self.keep_replica = true;
+    }
+
+    /// Whether the cloud accepted the credential: a refusal before it was one of the
+    /// login (a wrong password, or an endpoint with too many logins waiting).
+    pub fn is_welcomed(&self) -> bool {
+        self.welcomed
     }
 
     /// Whether the session ended with the replica kept.
@@ -464,6 +473,7 @@ impl SenderSession {
                     return Err(self.unexpected("Welcome"));
                 }
                 self.phase = Phase::AwaitPlanAccepted;
+                self.welcomed = true;
                 self.deadline = Some(now + self.config.reply_timeout);
                 if let Some((migration_id, reason)) = &self.abort {
                     self.phase = Phase::AwaitAborted;
