@@ -105,28 +105,7 @@ fn assert_landed(cloud: &Cloud, name: &str, source: &Path) {
 /// `edge-agent COMMAND --vmx VMX` with the endpoint, credential and TLS of the tests, and
 /// `extra` arguments.
 fn edge(bin: &Path, pki: &Pki, cloud: &Cloud, command: &str, vmx: &Path, state: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(bin.join("edge-agent"));
-    cmd.arg(command)
-        .arg("--vmx")
-        .arg(vmx)
-        .arg("--url")
-        .arg(format!("quic://127.0.0.1:{}", cloud.addr.port()))
-        .arg("--user")
-        .arg(MIGRATOR)
-        .arg("--ca-bundle")
-        .arg(pki.path("ca.pem"))
-        .arg("--cert")
-        .arg(pki.path("edge.pem"))
-        .arg("--key")
-        .arg(pki.path("edge.key"))
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--receipt")
-        .arg(state.join("receipt.json"))
-        .args(extra)
-        .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
-        .env_remove("EDGE_AGENT_LOG");
-    cmd
+    edge_command(bin, pki, cloud, vmx, state, &[&[command], extra].concat())
 }
 
 /// Runs `cmd` in the blocking pool (the endpoint runs on this runtime); returns whether it

@@ -123,28 +123,7 @@ async fn an_endpoint_restarted_mid_transfer_is_resumed_by_the_edge() {
 }
 
 fn edge(bin: &Path, pki: &Pki, cloud: &Cloud, vmx: &Path, state: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(bin.join("edge-agent"));
-    cmd.arg(extra.first().copied().unwrap_or("migrate"))
-        .arg("--vmx")
-        .arg(vmx)
-        .arg("--url")
-        .arg(format!("quic://127.0.0.1:{}", cloud.addr.port()))
-        .arg("--user")
-        .arg(MIGRATOR)
-        .arg("--ca-bundle")
-        .arg(pki.path("ca.pem"))
-        .arg("--cert")
-        .arg(pki.path("edge.pem"))
-        .arg("--key")
-        .arg(pki.path("edge.key"))
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--receipt")
-        .arg(state.join("receipt.json"))
-        .args(&extra[1.min(extra.len())..])
-        .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
-        .env_remove("EDGE_AGENT_LOG");
-    cmd
+    edge_command(bin, pki, cloud, vmx, state, extra)
 }
 
 /// Runs a JSON-lines migrate and kills it with SIGKILL once `fraction` is done.
