@@ -1000,8 +1000,8 @@ fn reordered_and_duplicated_chunks_are_written_once() {
 }
 
 /// Drives a receiver to the streaming phase by hand.
-fn streaming_receiver(capacity: u64) -> ReceiverSession {
-    let now = Instant::now();
+/// A receiver that accepted the edge's credential and waits for its plan.
+fn welcomed_receiver(now: Instant) -> ReceiverSession {
     let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
     r.handle_control(
         EdgeMessage::Hello {
@@ -1013,6 +1013,12 @@ fn streaming_receiver(capacity: u64) -> ReceiverSession {
     )
     .unwrap();
     r.authenticated(Ok("Administrator".into()), "c");
+    r
+}
+
+fn streaming_receiver(capacity: u64) -> ReceiverSession {
+    let now = Instant::now();
+    let mut r = welcomed_receiver(now);
     let img = vec![0u8; capacity as usize];
     r.handle_control(EdgeMessage::Plan(plan(&[&img])), now).unwrap();
     r.plan_accepted("m".into(), "ds".into());
@@ -1474,17 +1480,7 @@ fn a_replaced_chunk_is_replaced_once_per_pass_and_only_in_a_delta_pass() {
 
     // A delta pass may replace a chunk the replica holds, once.
     let now = Instant::now();
-    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
-    r.handle_control(
-        EdgeMessage::Hello {
-            agent: "a".into(),
-            user: "u".into(),
-            password: "p".into(),
-        },
-        now,
-    )
-    .unwrap();
-    r.authenticated(Ok("Administrator".into()), "c");
+    let mut r = welcomed_receiver(now);
     let img = vec![0u8; cap as usize];
     r.handle_control(
         EdgeMessage::Sync {
