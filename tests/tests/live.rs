@@ -401,7 +401,8 @@ async fn a_guest_that_cannot_converge_or_fit_is_refused_before_memory_moves() {
         other => panic!("{other}"),
     }
     assert!(cloud.domain.inventory.list_migrations().unwrap().is_empty());
-    assert!(cloud.datastore_entries().is_empty());
+    let left = cloud.datastore_entries();
+    assert!(left.is_empty(), "left in the datastore: {left:?}");
     assert!(!qemu_running_under(&cloud.root.display().to_string()));
 
     // The source never noticed.

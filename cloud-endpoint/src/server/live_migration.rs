@@ -254,16 +254,19 @@ impl Run {
                     );
                 };
                 self.slot = Some(slot);
-                if plan.boot.is_some() {
+                let has_boot = plan.boot.is_some();
+                let domain = self.domain.clone();
+                let result = tokio::task::spawn_blocking(move || check_live_plan(&domain, &principal, &plan))
+                    .await
+                    .expect("validation does not panic");
+                // The boot files' folder only for a plan the cloud accepted: a refused one
+                // leaves nothing in the datastore.
+                if result.is_ok() && has_boot {
                     match BootFiles::create(&self.domain) {
                         Ok(files) => self.boot = Some(files),
                         Err(problem) => return self.session.refuse(RefusalCode::EndpointFailure, vec![problem]),
                     }
                 }
-                let domain = self.domain.clone();
-                let result = tokio::task::spawn_blocking(move || check_live_plan(&domain, &principal, &plan))
-                    .await
-                    .expect("validation does not panic");
                 let result = result.map(|reservation| self.memory = Some(reservation));
                 self.session.plan_checked(result);
             }
