@@ -381,3 +381,25 @@ pub fn edge_command(
         .env_remove("EDGE_AGENT_LOG");
     cmd
 }
+
+/// After a lift run with [`edge_command`]: the receipt it wrote into `state` verifies
+/// against the source `vmx` under the test CA (`edge-agent verify-receipt`), and nothing
+/// else is left in `state` (no checkpoint of a finished migration).
+pub fn assert_receipt_verifies_and_no_checkpoint_left(bin: &Path, pki: &Pki, vmx: &Path, state: &Path) {
+    let verify = std::process::Command::new(bin.join("edge-agent"))
+        .arg("verify-receipt")
+        .arg("--receipt")
+        .arg(state.join("receipt.json"))
+        .arg("--ca-bundle")
+        .arg(pki.path("ca.pem"))
+        .arg(vmx)
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let left: Vec<String> = std::fs::read_dir(state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "receipt.json")
+        .collect();
+    assert!(left.is_empty(), "no checkpoint left: {left:?}");
+}

@@ -172,22 +172,7 @@ async fn a_running_vm_is_replicated_then_switched_over_sending_only_what_changed
         "{json}"
     );
     assert!(record.has_receipt);
-    let verify = std::process::Command::new(bin.join("edge-agent"))
-        .arg("verify-receipt")
-        .arg("--receipt")
-        .arg(state.join("receipt.json"))
-        .arg("--ca-bundle")
-        .arg(pki.path("ca.pem"))
-        .arg(&vmx)
-        .output()
-        .unwrap();
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
-    let left: Vec<String> = std::fs::read_dir(&state)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "receipt.json")
-        .collect();
-    assert!(left.is_empty(), "no checkpoint left: {left:?}");
+    assert_receipt_verifies_and_no_checkpoint_left(&bin, &pki, &vmx, &state);
     assert!(!cloud.datastore_entries().iter().any(|e| e.starts_with(".staging/")));
     cloud.stop().await;
 }

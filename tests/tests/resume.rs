@@ -201,22 +201,7 @@ async fn an_edge_killed_mid_transfer_resumes_from_its_checkpoint() {
         &cloud.root.join("app01/app01-flat.vmdk")
     ));
     // The receipt verifies against the source; the checkpoint is gone.
-    let verify = Command::new(bin.join("edge-agent"))
-        .arg("verify-receipt")
-        .arg("--receipt")
-        .arg(state.join("receipt.json"))
-        .arg("--ca-bundle")
-        .arg(pki.path("ca.pem"))
-        .arg(&vmx)
-        .output()
-        .unwrap();
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
-    let left: Vec<_> = std::fs::read_dir(&state)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != "receipt.json")
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert_receipt_verifies_and_no_checkpoint_left(&bin, &pki, &vmx, &state);
     cloud.stop().await;
 }
 
