@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use gateway::protocol::DoneChunk;
 use serde::{Deserialize, Serialize};
 
-use crate::source::SourceVm;
+use crate::source::{ChainLink, SourceVm};
 
 const RECORD: usize = 2 + 8 + 32;
 
@@ -87,6 +87,10 @@ pub struct Header {
     /// source is expected to change between passes.
     #[serde(default)]
     pub replica: bool,
+    /// A replication of VMware files: per disk, the frozen part of its snapshot chain that
+    /// the last complete pass read, newest first (see `source::snapshot_tracking`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frozen_chains: Vec<Vec<ChainLink>>,
 }
 
 /// The two files of one migration's record.
@@ -167,6 +171,14 @@ impl Checkpoint {
         if let Some(dir) = self.header_path.parent() {
             fs::create_dir_all(dir)?;
         }
+        self.chunks = None;
+        let _ = fs::remove_file(&self.chunks_path);
+        self.rewrite_header(header)?;
+        self.open_chunks()
+    }
+
+    /// Replaces the header of an existing record, keeping its chunks.
+    pub fn rewrite_header(&mut self, header: &Header) -> io::Result<()> {
         let tmp = self.header_path.with_extension("json.tmp");
         let mut f = File::create(&tmp)?;
         f.write_all(
@@ -175,10 +187,7 @@ impl Checkpoint {
                 .as_bytes(),
         )?;
         f.sync_all()?;
-        self.chunks = None;
-        let _ = fs::remove_file(&self.chunks_path);
-        fs::rename(&tmp, &self.header_path)?;
-        self.open_chunks()
+        fs::rename(&tmp, &self.header_path)
     }
 
     /// Continues an existing record (once: later calls keep the open file).
@@ -245,6 +254,7 @@ mod tests {
             source: vec![],
             started: "2026-11-26T10:00:00Z".into(),
             replica: false,
+            frozen_chains: Vec::new(),
         }
     }
 

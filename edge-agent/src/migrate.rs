@@ -38,7 +38,8 @@ use tokio::sync::{mpsc, Notify};
 use crate::checkpoint::{self, Checkpoint, Header};
 use crate::compression::{Compression, LevelController, Pressure};
 use crate::report::{secs, Progress, ProgressSink, Summary};
-use crate::source::{open_source_disk, DiskReader, SourceVm};
+use crate::source::snapshot_tracking::{self, ChangedChunks};
+use crate::source::{open_source_disk, running_lock, ChainLink, DiskReader, SourceVm};
 use crate::target::Target;
 use crate::MigrateError;
 
@@ -226,6 +227,10 @@ struct Shared {
 /// state folder is set) and the counters of the whole run.
 struct RunState {
     records: Mutex<Records>,
+    /// What changed-block tracking says for this pass of a replication.
+    tracking: Tracking,
+    /// Source bytes read.
+    read_bytes: AtomicU64,
     sent: Mutex<HashSet<(u16, u64)>>,
     sent_bytes: AtomicU64,
     resent_bytes: AtomicU64,
@@ -239,7 +244,36 @@ struct Records {
     header: Header,
 }
 
+/// Changed-block tracking of a replication pass, per disk.
+#[derive(Debug, Default)]
+struct Tracking {
+    /// Chunks that may have changed since the last pass; `None`: any may.
+    changed: Vec<Option<ChangedChunks>>,
+    /// The frozen snapshot chains this pass reads: the next pass's reference.
+    frozen: Vec<Vec<ChainLink>>,
+    notes: Vec<String>,
+}
+
+impl Tracking {
+    /// Whether chunk `index` of `disk` is known unchanged since the last pass.
+    fn unchanged(&self, disk: u16, index: u64) -> bool {
+        matches!(self.changed.get(usize::from(disk)), Some(Some(changed)) if !changed.contains(index))
+    }
+}
+
 impl RunState {
+    /// A replication pass ended: the next one compares against the chains this one read.
+    fn passed(&self) {
+        let mut r = self.records.lock().expect("records lock poisoned");
+        r.header.frozen_chains = self.tracking.frozen.clone();
+        let header = r.header.clone();
+        if let Some(c) = r.checkpoint.as_mut() {
+            if let Err(e) = c.rewrite_header(&header) {
+                tracing::warn!(error = %e, path = %c.path().display(), "cannot write the checkpoint; the next pass compares every chunk");
+            }
+        }
+    }
+
     fn record(&self, disk: u16, index: u64, hash: [u8; 32]) {
         let mut r = self.records.lock().expect("records lock poisoned");
         r.done.push((disk, index, hash));
@@ -360,18 +394,20 @@ pub async fn run(
     let started = Instant::now();
     let plan = build_plan(vm, opts);
     plan.check_limits().map_err(|e| MigrateError::Target(e.to_string()))?;
+    // A replication's disks are opened once its record says what the last pass read.
     let mut disks: Vec<Box<dyn DiskReader>> = Vec::with_capacity(vm.disks.len());
-    for d in &vm.disks {
-        disks.push(open_source_disk(d)?);
+    if opts.replication == Replication::Off {
+        for d in &vm.disks {
+            disks.push(open_source_disk(d)?);
+        }
     }
-    let disks = Arc::new(disks);
 
     let endpoint = target.addr.to_string();
     let source = checkpoint::fingerprint(vm).map_err(|e| MigrateError::Read {
         what: format!("the source files of {}", vm.vmx_path.display()),
         source: e,
     })?;
-    let header = Header {
+    let mut header = Header {
         migration_id: String::new(),
         endpoint: endpoint.clone(),
         vm_name: plan.vm.name.clone(),
@@ -380,6 +416,7 @@ pub async fn run(
         source,
         started: time_now(),
         replica: opts.replication != Replication::Off,
+        frozen_chains: Vec::new(),
     };
     let mut resume: Option<(String, Vec<DoneChunk>)> = None;
     let mut ckpt = opts
@@ -419,7 +456,12 @@ pub async fn run(
                         checkpoint: c.path().to_owned(),
                     })
                 }
-                (true, _) => {}
+                (true, _) => {
+                    // Rewritten after each pass: it goes on naming this replication.
+                    header.migration_id = recorded.migration_id.clone();
+                    header.started = recorded.started.clone();
+                    header.frozen_chains = recorded.frozen_chains.clone();
+                }
             }
             // Appended to only once the endpoint resumed the migration for us: an agent it
             // refuses (another user's, or one whose role may not migrate) must leave the
@@ -438,7 +480,24 @@ pub async fn run(
                 .unwrap_or_default()
         )));
     }
+    let mut tracking = Tracking::default();
+    if opts.replication != Replication::Off {
+        // A switchover runs on a stopped VM (checked before): its whole chain is frozen.
+        let running = running_lock(vm).is_some();
+        for (i, d) in vm.disks.iter().enumerate() {
+            let previous = header.frozen_chains.get(i).map(Vec::as_slice);
+            let pass = snapshot_tracking::plan_disk_pass(d, running, previous, u64::from(plan.chunk_size))?;
+            tracing::info!(disk = %d.key, note = %pass.note, "changed-block tracking");
+            disks.push(pass.reader);
+            tracking.changed.push(pass.changed);
+            tracking.frozen.push(pass.frozen);
+            tracking.notes.push(pass.note);
+        }
+    }
+    let disks = Arc::new(disks);
     let run = Arc::new(RunState {
+        tracking,
+        read_bytes: AtomicU64::new(0),
         records: Mutex::new(Records {
             done: resume.as_ref().map(|(_, d)| d.clone()).unwrap_or_default(),
             checkpoint: ckpt,
@@ -470,6 +529,7 @@ pub async fn run(
                 if opts.replication == Replication::Sync {
                     // The next pass compares against what this one recorded.
                     run.flush();
+                    run.passed();
                 } else {
                     run.remove_checkpoint();
                 }
@@ -880,6 +940,8 @@ async fn attempt(
                 receipt: receipt.unwrap_or_default(),
                 report: s.report().cloned(),
                 replica: synced,
+                read_bytes: run.read_bytes.load(Ordering::Relaxed),
+                tracking: run.tracking.notes.clone(),
             })
         }
         Err(e) => {
@@ -1247,6 +1309,13 @@ async fn sealer(
                 shared.wake_writer.notify_one();
                 continue;
             }
+            // A delta pass over a chunk the snapshot chain says is unchanged: the
+            // replica's copy stays, unread.
+            Work::Compare(held) if shared.run.tracking.unchanged(disk, offset / chunk_size) => {
+                shared.session().chunk_hashed(disk, offset, held);
+                shared.wake_writer.notify_one();
+                continue;
+            }
             Work::Send | Work::Hash | Work::Compare(_) => {}
         }
         let mut b = bufs.take().expect("buffers returned after each chunk");
@@ -1257,6 +1326,7 @@ async fn sealer(
         let chunk_len = (disks[usize::from(disk)].capacity() - offset).min(chunk_size) as usize;
         let disks = disks.clone();
         let keys = keys.clone();
+        let run = shared.run.clone();
         let (mut b, sealed_chunk) = tokio::task::spawn_blocking(move || {
             let reader = &disks[usize::from(disk)];
             let len = (reader.capacity() - offset).min(chunk_size) as usize;
@@ -1271,6 +1341,7 @@ async fn sealer(
                     source: e,
                 });
             }
+            run.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
             let sealed = if work == Work::Hash {
                 Sealed::Hashed(gateway::chunk::sha256(&b.plain))
             } else if let Work::Compare(held) = work {

@@ -80,6 +80,13 @@ pub struct Summary {
     /// was registered (`vm_id` and `vm_path` are empty).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub replica: bool,
+    /// Source bytes read by this process (a replication pass with changed-block tracking
+    /// reads only what changed).
+    pub read_bytes: u64,
+    /// What changed-block tracking found for each disk of a replication pass, or why it
+    /// compared every chunk.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tracking: Vec<String>,
 }
 
 impl Summary {
@@ -134,6 +141,12 @@ impl Summary {
             dur = self.duration_secs,
             rate = human(self.rate() as u64),
         );
+        if !self.tracking.is_empty() {
+            text.push_str(&format!("\nread:           {} of the source", human(self.read_bytes)));
+            for note in &self.tracking {
+                text.push_str(&format!("\ntracking:       {note}"));
+            }
+        }
         if self.resumed_bytes > 0 || self.reconnects > 0 {
             text.push_str(&format!(
                 "\nresumed:        {} already in the cloud, {} re-sent after {} reconnect(s)",

@@ -34,6 +34,7 @@ mod ova;
 mod ovf;
 mod qcow2;
 pub mod slice;
+pub mod snapshot_tracking;
 mod vm;
 mod vmdk;
 mod vmdk_chain;
@@ -46,6 +47,7 @@ mod damaged_tests;
 mod testutil;
 
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong while reading a source VM.
@@ -479,6 +481,29 @@ pub trait DiskReader: Send + Sync + std::fmt::Debug {
         let _ = (offset, len);
         false
     }
+
+    /// The VMDK snapshot chain this disk reads through, newest first: each delta and, last,
+    /// its base. Empty for a disk that is not a VMDK delta or sparse VMDK.
+    fn snapshot_chain(&self) -> Vec<ChainLink> {
+        Vec::new()
+    }
+
+    /// The byte ranges the newest disk of the chain holds itself (a snapshot delta's
+    /// allocated and zero grains), sorted: exactly what the VM wrote while that delta was
+    /// its newest. `None` for a disk that is not a snapshot delta.
+    fn written_by_newest(&self) -> Option<io::Result<Vec<Range<u64>>>> {
+        None
+    }
+}
+
+/// One disk of a VMDK snapshot chain, as it was when the chain was opened.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChainLink {
+    /// Canonical path of the disk's descriptor (or hosted sparse file).
+    pub path: PathBuf,
+    /// Its content ID: VMware gives a disk a new one when it is first written after
+    /// being opened, so an unchanged CID means an unchanged disk.
+    pub cid: Option<String>,
 }
 
 /// Whether `file` holds no data in `[offset, offset + len)`, asked of the file system

@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use super::slice::FileSlice;
 use super::vmdk::{self, Descriptor, DESCRIPTOR_SIZE_LIMIT};
 use super::vmdk_sparse::{self, corrupt, ExtentFile, HostedSparse, SparseExtent, SECTOR};
 use super::vmx::quote;
-use super::{check_range, DiskFormat, DiskReader, SourceError};
+use super::{check_range, ChainLink, DiskFormat, DiskReader, SourceError};
 
 /// More disks than any real snapshot chain has (VMware allows 32 snapshots); bounds the work
 /// and the recursion of a hostile chain.
@@ -48,7 +49,16 @@ pub(super) struct LayeredDisk {
     capacity: u64,
     /// Sorted by `start`, contiguous, none empty.
     pieces: Vec<Piece>,
-    parent: Option<Box<dyn DiskReader>>,
+    parent: Option<Parent>,
+    /// This disk as a link of its chain.
+    link: ChainLink,
+}
+
+/// The disk a delta was taken from.
+#[derive(Debug)]
+struct Parent {
+    disk: Box<dyn DiskReader>,
+    link: ChainLink,
 }
 
 #[derive(Debug)]
@@ -83,7 +93,7 @@ impl LayeredDisk {
 
     /// Reads the parent's bytes at `offset`; zeros where there is no parent or past its end.
     fn read_parent(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let inside = match &self.parent {
+        let inside = match self.parent.as_ref().map(|p| &p.disk) {
             None => 0,
             Some(parent) => {
                 let inside = parent.capacity().saturating_sub(offset).min(buf.len() as u64) as usize;
@@ -98,7 +108,7 @@ impl LayeredDisk {
     }
 
     fn parent_is_hole(&self, offset: u64, len: u64) -> bool {
-        match &self.parent {
+        match self.parent.as_ref().map(|p| &p.disk) {
             None => true,
             Some(parent) => {
                 let inside = parent.capacity().saturating_sub(offset).min(len);
@@ -162,6 +172,45 @@ impl DiskReader for LayeredDisk {
             pos += count;
         }
         true
+    }
+
+    fn snapshot_chain(&self) -> Vec<ChainLink> {
+        let mut chain = vec![self.link.clone()];
+        if let Some(parent) = &self.parent {
+            let above = parent.disk.snapshot_chain();
+            // A flat base does not know its place in the chain.
+            if above.is_empty() {
+                chain.push(parent.link.clone());
+            } else {
+                chain.extend(above);
+            }
+        }
+        chain
+    }
+
+    fn written_by_newest(&self) -> Option<io::Result<Vec<Range<u64>>>> {
+        self.parent.as_ref()?;
+        let mut written: Vec<Range<u64>> = Vec::new();
+        for piece in &self.pieces {
+            let ranges = match &piece.data {
+                PieceData::Sparse(extent) => match extent.written_grains() {
+                    Ok(ranges) => ranges
+                        .into_iter()
+                        .map(|r| piece.start + r.start..(piece.start + r.end).min(piece.end))
+                        .collect(),
+                    Err(e) => return Some(Err(e)),
+                },
+                // A delta's flat or zero extent replaces its parent's bytes entirely.
+                PieceData::Flat { .. } | PieceData::Zero => vec![piece.start..piece.end],
+            };
+            for range in ranges.into_iter().filter(|r| r.start < r.end) {
+                match written.last_mut() {
+                    Some(last) if last.end == range.start => last.end = range.end,
+                    _ => written.push(range),
+                }
+            }
+        }
+        Some(Ok(written))
     }
 }
 
@@ -264,6 +313,7 @@ pub(super) fn single_extent(path: &Path, hosted: HostedSparse) -> Opened {
             data: PieceData::Sparse(hosted.extent),
         }],
         parent: None,
+        link: link_of(path, None),
     };
     walk.finish(Layer {
         disk: Box::new(disk),
@@ -280,6 +330,7 @@ fn open_kdmv_layer(path: &Path, slice: FileSlice, walk: &mut Walk) -> Result<Lay
         Some(descriptor) => open_parent(path, descriptor, walk)?,
         None => None,
     };
+    let cid = hosted.descriptor.as_ref().and_then(|d| d.cid.clone());
     let disk = LayeredDisk {
         capacity,
         pieces: vec![Piece {
@@ -288,6 +339,7 @@ fn open_kdmv_layer(path: &Path, slice: FileSlice, walk: &mut Walk) -> Result<Lay
             data: PieceData::Sparse(hosted.extent),
         }],
         parent,
+        link: link_of(path, cid),
     };
     Ok(Layer {
         stream_optimized: disk.is_stream_optimized(),
@@ -400,6 +452,7 @@ fn open_descriptor_layer(path: &Path, descriptor: &Descriptor, walk: &mut Walk) 
         capacity: start,
         pieces,
         parent,
+        link: link_of(path, descriptor.cid.clone()),
     };
     Ok(Layer {
         stream_optimized: disk.is_stream_optimized(),
@@ -434,11 +487,7 @@ fn same_cid(a: &str, b: &str) -> bool {
 
 /// Opens the parent that `descriptor` (of the delta at `child`) names, if any, and checks
 /// that it is the disk the delta was taken from.
-fn open_parent(
-    child: &Path,
-    descriptor: &Descriptor,
-    walk: &mut Walk,
-) -> Result<Option<Box<dyn DiskReader>>, SourceError> {
+fn open_parent(child: &Path, descriptor: &Descriptor, walk: &mut Walk) -> Result<Option<Parent>, SourceError> {
     let bad = |message: String| SourceError::BadDescriptor {
         path: child.to_owned(),
         line: None,
@@ -495,7 +544,17 @@ fn open_parent(
             parent.display()
         )),
     }
-    Ok(Some(layer.disk))
+    Ok(Some(Parent {
+        disk: layer.disk,
+        link: link_of(&parent, layer.cid),
+    }))
+}
+
+fn link_of(path: &Path, cid: Option<String>) -> ChainLink {
+    ChainLink {
+        path: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()),
+        cid,
+    }
 }
 
 /// The parent's path: the hint resolved against the child's folder; if that does not exist

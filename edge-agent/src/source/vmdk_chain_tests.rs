@@ -98,6 +98,29 @@ fn snapshot_chains_read_as_qemu_flattens_them() {
 }
 
 #[test]
+fn a_chain_lists_its_disks_with_their_cids_and_a_delta_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child, grandchild) = qemu_chain(dir.path());
+    let disk = open_disk(&grandchild).unwrap();
+    let chain = disk.snapshot_chain();
+    let paths: Vec<PathBuf> = chain.iter().map(|l| l.path.clone()).collect();
+    let canonical = |p: &Path| fs::canonicalize(p).unwrap();
+    assert_eq!(paths, vec![canonical(&grandchild), canonical(&child), canonical(&base)]);
+    assert_eq!(
+        chain[1].cid.as_deref().map(|c| u32::from_str_radix(c, 16).unwrap()),
+        Some(u32::from_str_radix(&embedded_value(&grandchild, "parentCID"), 16).unwrap())
+    );
+    // The grandchild holds a zero grain at 0 and 100 KiB of data at 7 MiB (two grains).
+    let written = disk.written_by_newest().unwrap().unwrap();
+    assert_eq!(written, vec![0..65_536, (7 << 20)..(7 << 20) + 2 * 65_536]);
+    // The child holds 512 KiB..1.5 MiB; a disk with no parent is no delta.
+    let written = open_disk(&child).unwrap().written_by_newest().unwrap().unwrap();
+    assert_eq!(written, vec![524_288..(3 << 19)]);
+    assert!(open_disk(&base).unwrap().written_by_newest().is_none());
+    assert_eq!(open_disk(&base).unwrap().snapshot_chain().len(), 1);
+}
+
+#[test]
 fn deltas_over_flat_and_split_sparse_parents() {
     let dir = tempfile::tempdir().unwrap();
     let data = pseudo_random(6 << 20, 3);

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -373,6 +374,33 @@ impl SparseExtent {
             pos = next;
         }
         unallocated_from.is_none_or(|from| unallocated_is_hole(from, end - from))
+    }
+
+    /// The byte ranges of the extent's allocated and zero grains (what it holds itself, as
+    /// opposed to what reads from its parent), sorted and merged, within its capacity.
+    pub(in crate::source) fn written_grains(&self) -> io::Result<Vec<Range<u64>>> {
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        let table_span = self.gtes_per_gt * self.grain_bytes;
+        for index in 0..self.gd.len() as u64 {
+            let Some(table) = self.table(index)? else {
+                continue;
+            };
+            for (entry, &sector) in table.iter().enumerate() {
+                if sector == 0 {
+                    continue;
+                }
+                let start = index * table_span + entry as u64 * self.grain_bytes;
+                if start >= self.capacity {
+                    break;
+                }
+                let end = (start + self.grain_bytes).min(self.capacity);
+                match ranges.last_mut() {
+                    Some(last) if last.end == start => last.end = end,
+                    _ => ranges.push(start..end),
+                }
+            }
+        }
+        Ok(ranges)
     }
 
     /// The bytes of compressed grain `grain` whose marker (or data) is at byte `at`: exactly
