@@ -192,7 +192,7 @@ impl DiskReader for LayeredDisk {
         self.parent.as_ref()?;
         let mut written: Vec<Range<u64>> = Vec::new();
         for piece in &self.pieces {
-            let ranges = match &piece.data {
+            let ranges: Vec<Range<u64>> = match &piece.data {
                 PieceData::Sparse(extent) => match extent.written_grains() {
                     Ok(ranges) => ranges
                         .into_iter()
@@ -201,7 +201,7 @@ impl DiskReader for LayeredDisk {
                     Err(e) => return Some(Err(e)),
                 },
                 // A delta's flat or zero extent replaces its parent's bytes entirely.
-                PieceData::Flat { .. } | PieceData::Zero => vec![piece.start..piece.end],
+                PieceData::Flat { .. } | PieceData::Zero => std::iter::once(piece.start..piece.end).collect(),
             };
             for range in ranges.into_iter().filter(|r| r.start < r.end) {
                 match written.last_mut() {
