@@ -12,6 +12,11 @@
 #                                 elsewhere on the disk (compresses like the disk does)
 #   BENCH_CHUNK_KIB=64            the replication's chunk size (--chunk-kib; 64 is the
 #                                 default of replicate)
+#   BENCH_SOURCE=raw              raw: the disk is a raw image and every pass reads all of
+#                                 it (compared with rsync); vmdk-snapshots: the disk is a
+#                                 VMware snapshot chain (a monolithicSparse base and deltas,
+#                                 the VM "running" with VMware's lock), each pass reads only
+#                                 the grains of the deltas frozen since the last one
 #   BENCH_KEEP=1                  keep the run's temp dir
 #
 # Steps: a first pass (a full lift into a replica); the change; a delta pass (timed, wire
@@ -26,11 +31,13 @@ BENCH_DIR=${BENCH_DIR:-/tmp/gateway-bench}
 BENCH_SIZE=${BENCH_SIZE:-1G}
 BENCH_CHANGE_PCT=${BENCH_CHANGE_PCT:-1}
 BENCH_CHUNK_KIB=${BENCH_CHUNK_KIB:-64}
+BENCH_SOURCE=${BENCH_SOURCE:-raw}
 log() { printf '[replication-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (sshd, apt-get)"
 [[ $BENCH_SIZE =~ ^[0-9]+[KMGT]?$ ]] || die "BENCH_SIZE=$BENCH_SIZE is not like 1G or 256M"
+case $BENCH_SOURCE in raw | vmdk-snapshots) ;; *) die "BENCH_SOURCE=$BENCH_SOURCE is neither raw nor vmdk-snapshots" ;; esac
 need_pkgs=()
 [ -x /usr/bin/time ] || need_pkgs+=(time)
 [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
@@ -122,6 +129,95 @@ with open(path, "r+b") as f:
 PY
 }
 
+# The VMware variant: the sample disk as a monolithicSparse base with a snapshot the
+# running VM writes into; the guest's writes go into the newest delta (qemu-io), a new
+# snapshot freezes it before the delta pass, and the VM is powered off (its lock removed)
+# before the switchover.
+vmdk_change() { # seed, delta file: prints the bytes written
+  mkdir -p "$tmp/blocks"
+  python3 - "$tmp/vm/db01.img" "$BENCH_CHANGE_PCT" "$1" "$tmp/blocks" <<'PY' >"$tmp/blocks/plan"
+import os, random, sys
+path, pct, seed, out = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+block = 64 * 1024
+with open(path, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    blocks = size // block
+    rng = random.Random(seed)
+    picks = rng.sample(range(blocks), max(1, int(blocks * pct / 100)))
+    perm = list(range(256))
+    rng.shuffle(perm)
+    table = bytes(perm)
+    for i, b in enumerate(picks):
+        f.seek(rng.randrange(blocks) * block)
+        data = f.read(block).translate(table)
+        if len(set(data)) == 1:
+            data = os.urandom(block // 4) * 4
+        name = os.path.join(out, f"{seed}-{i}")
+        with open(name, "wb") as o:
+            o.write(data)
+        print(f"write -q -s {name} {b * block} {block}")
+PY
+  local args=() n
+  while read -r line; do args+=(-c "$line"); done <"$tmp/blocks/plan"
+  qemu-io "${args[@]}" "$2" >/dev/null
+  n=$(grep -c . "$tmp/blocks/plan")
+  rm -rf "$tmp/blocks"
+  echo $((n * 65536))
+}
+snapshot() { # parent file name, delta file name: the .vmx names the delta from now on
+  qemu-img create -q -f vmdk -b "$1" -F vmdk "$tmp/vm/$2"
+  sed -i "s/^scsi0:0.fileName = .*/scsi0:0.fileName = \"$2\"/" "$tmp/vm/db01.vmx"
+}
+snapshots_bench() {
+  log "the sample disk as a VMware snapshot chain: db01.vmdk (monolithicSparse) <- db01-000001.vmdk, running"
+  qemu-img convert -O vmdk -o subformat=monolithicSparse "$tmp/vm/db01.img" "$tmp/vm/db01.vmdk"
+  snapshot db01.vmdk db01-000001.vmdk
+  mkdir "$tmp/vm/db01.vmx.lck"
+  log "first pass: the frozen base into a replica ($size bytes, chunks of $BENCH_CHUNK_KIB KiB)"
+  sync; t0=$(now); first=$(edge replicate); t1=$(now)
+  [ "$(jq -r .replica <<<"$first")" = true ] || die "first pass: $first"
+  first_wall=$(secs "$t0" "$t1")
+  changed=$(vmdk_change 1 "$tmp/vm/db01-000001.vmdk")
+  snapshot db01-000001.vmdk db01-000002.vmdk
+  log "the guest wrote $changed bytes into db01-000001.vmdk, then a snapshot froze it; delta pass"
+  sync; t0=$(now); delta=$(edge replicate); t1=$(now)
+  delta_wall=$(secs "$t0" "$t1")
+  [ "$(jq -r .replica <<<"$delta")" = true ] || die "delta pass: $delta"
+  changed2=$(vmdk_change 2 "$tmp/vm/db01-000002.vmdk")
+  rmdir "$tmp/vm/db01.vmx.lck"
+  log "the guest wrote $changed2 more bytes into db01-000002.vmdk and was powered off; switchover"
+  sync; t0=$(now); switch=$(edge switchover); t1=$(now)
+  switch_wall=$(secs "$t0" "$t1")
+  vm_id=$(jq -r .vm_id <<<"$switch")
+  [ "${vm_id#vm-}" != "$vm_id" ] || die "switchover: $switch"
+  qemu-img compare "$tmp/vm/db01-000002.vmdk" "$tmp/datastore/db01/db01.vmdk" >/dev/null || die "the switched-over copy differs"
+  log "a cold lift of the same (changed, stopped) VM, for comparison"
+  rm -rf "$tmp/state"
+  sync; t0=$(now); cold=$(edge migrate --name db01-cold); t1=$(now)
+  cold_wall=$(secs "$t0" "$t1")
+  qemu-img compare "$tmp/vm/db01-000002.vmdk" "$tmp/datastore/db01-cold/db01-cold.vmdk" >/dev/null || die "the cold copy differs"
+  jq -n --argjson size "$size" --arg pct "$BENCH_CHANGE_PCT" --arg chunk "$BENCH_CHUNK_KIB" \
+    --argjson first "$first" --argjson delta "$delta" --argjson switch "$switch" --argjson cold "$cold" \
+    --arg fw "$first_wall" --arg dw "$delta_wall" --arg sw "$switch_wall" --arg cw "$cold_wall" \
+    --arg changed "$changed" --arg rev "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)" '
+    {date: (now | todate), git: $rev, source: "vmdk-snapshots", logical_bytes: $size,
+     change_pct: ($pct|tonumber), changed_bytes: ($changed|tonumber), chunk_kib: ($chunk|tonumber),
+     first_pass: {wall_s: ($fw|tonumber), wire_bytes: $first.wire_bytes, read_bytes: $first.read_bytes},
+     delta_pass: {wall_s: ($dw|tonumber), wire_bytes: $delta.wire_bytes, sent_bytes: $delta.sent_bytes, read_bytes: $delta.read_bytes},
+     switchover: {wall_s: ($sw|tonumber), wire_bytes: $switch.wire_bytes, read_bytes: $switch.read_bytes},
+     cold_lift: {wall_s: ($cw|tonumber), wire_bytes: $cold.wire_bytes}}
+    | .delta_wire_share_of_full = (.delta_pass.wire_bytes / .first_pass.wire_bytes)
+    | .switchover_shorter_than_cold = (.cold_lift.wall_s / .switchover.wall_s)' >"$BENCH_DIR/replication-snapshots-results.json"
+  r=$BENCH_DIR/replication-snapshots-results.json
+  echo
+  jq -r '"Replication of a VMware snapshot chain, \(.logical_bytes) bytes, \(.change_pct) % of 64 KiB blocks written between passes (\(.changed_bytes) B), chunks of \(.chunk_kib) KiB, loopback, git \(.git)"' "$r"
+  jq -r '"first pass (frozen base):  \(.first_pass.wall_s) s, \(.first_pass.wire_bytes) wire bytes",
+         "delta pass:                \(.delta_pass.wall_s) s, \(.delta_pass.read_bytes) B read, \(.delta_pass.wire_bytes) wire bytes (\(.delta_wire_share_of_full*10000|round/100) % of the first pass)",
+         "switchover:                \(.switchover.wall_s) s, \(.switchover.read_bytes) B read",
+         "cold lift of the same VM:  \(.cold_lift.wall_s) s (the switchover is \(.switchover_shorter_than_cold*100|round/100)x shorter)"' "$r"
+  echo "results: $r"
+}
+
 quic_port=$(free_port u 4433)
 "$bin/certs" quickstart --out "$tmp/pki" >/dev/null
 export CLOUD_ENDPOINT_LISTEN=127.0.0.1:$quic_port CLOUD_ENDPOINT_CERT=$tmp/pki/endpoint.pem \
@@ -138,6 +234,11 @@ edge() { # subcommand, extra args...
     --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" --state-dir "$tmp/state" \
     --receipt "$tmp/receipt.json" --chunk-kib "$BENCH_CHUNK_KIB" --json "$@" 2>>"$tmp/edge.log" | tail -n1
 }
+
+if [ "$BENCH_SOURCE" = vmdk-snapshots ]; then
+  snapshots_bench
+  exit 0
+fi
 
 log "first pass: the whole disk into a replica ($size bytes, chunks of $BENCH_CHUNK_KIB KiB)"
 sync; t0=$(now); first=$(edge replicate); t1=$(now)
