@@ -938,12 +938,22 @@ impl ReceiverSession {
 
     /// What the read-back before the commit checks, per [`ReceiverConfig::verify`].
     fn verification_chunks(&self) -> Vec<(u16, u64, [u8; 32])> {
+        // A delta pass that keeps the replica reads back what it changed: the rest was
+        // read back by the pass that wrote it, and the switchover reads everything back
+        // before it registers the VM. So a pass costs the cloud what changed, not the
+        // size of the disk.
+        let only_this_pass = self.delta && self.keep_replica;
         let mut chunks = Vec::new();
         for (disk, d) in self.disks.iter().enumerate() {
             for index in 0..d.hashes.chunk_count() {
-                let wanted = match self.config.verify {
-                    VerifyScope::All => true,
-                    VerifyScope::Resumed => d.from_journal.get(index as usize).copied().unwrap_or(false),
+                let earlier = d.from_journal.get(index as usize).copied();
+                let wanted = if only_this_pass {
+                    d.replaced.contains(&index) || earlier != Some(true)
+                } else {
+                    match self.config.verify {
+                        VerifyScope::All => true,
+                        VerifyScope::Resumed => earlier.unwrap_or(false),
+                    }
                 };
                 if let (true, Some(hash)) = (wanted, d.hashes.get(index)) {
                     chunks.push((disk as u16, index, hash));

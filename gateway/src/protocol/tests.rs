@@ -152,6 +152,8 @@ struct Pair {
     damage_every_time: bool,
     /// Chunks each read-back found damaged (data) and rewrote (zero).
     verify_rounds: Vec<(usize, usize)>,
+    /// How many chunks each read-back was asked to read.
+    verified_chunks: Vec<usize>,
     /// The cloud already registered the VM (roots, what it answered): a resume
     /// replays the commit.
     registered: Option<(Vec<[u8; 32]>, Registered)>,
@@ -204,6 +206,7 @@ impl Pair {
             damage_before_verify: Vec::new(),
             damage_every_time: false,
             verify_rounds: Vec::new(),
+            verified_chunks: Vec::new(),
             registered: None,
             refuse_abort: None,
             aborted: None,
@@ -222,6 +225,7 @@ impl Pair {
         for (disk, at) in damage {
             self.dests[usize::from(disk)][at as usize] ^= 0x5a;
         }
+        self.verified_chunks.push(chunks.len());
         let (mut damaged, mut rewritten) = (Vec::new(), 0);
         for &(disk, index, expected) in chunks {
             let dest = &mut self.dests[usize::from(disk)];
@@ -1419,6 +1423,7 @@ fn a_replica_is_kept_and_each_delta_pass_sends_only_what_changed() {
     assert!(first.receiver.is_synced() && first.receiver.is_resumable());
     assert!(first.committed.is_none(), "a replica is not registered");
     assert_eq!(first.dests, sources);
+    assert_eq!(first.verified_chunks, vec![13], "the first pass reads its replica back");
     let full = first.data_frames;
 
     // The running source changes: new data in a data chunk (0), a text chunk zeroed (1),
@@ -1436,6 +1441,11 @@ fn a_replica_is_kept_and_each_delta_pass_sends_only_what_changed() {
     );
     assert_eq!(second.synced, Some(2 * u64::from(CS)));
     assert_eq!(second.dests, changed, "the zeroed chunk is zero in the replica too");
+    assert_eq!(
+        second.verified_chunks,
+        vec![3],
+        "a delta pass reads back what it changed"
+    );
 
     // The switchover: nothing changed since, nothing sent; the VM is registered with
     // the roots of the source as it is now.
@@ -1445,6 +1455,7 @@ fn a_replica_is_kept_and_each_delta_pass_sends_only_what_changed() {
     assert_eq!(last.data_frames, 0);
     assert_eq!(last.dests, changed);
     assert!(last.edge_receipt.is_some());
+    assert_eq!(last.verified_chunks, vec![13], "the switchover reads everything back");
 }
 
 #[test]
