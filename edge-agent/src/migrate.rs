@@ -22,9 +22,9 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use gateway::chunk::{is_zero, Sealer};
 use gateway::plan::{DiskFormat, DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
@@ -32,7 +32,7 @@ use gateway::protocol::{DoneChunk, ProtocolError, SenderConfig, SenderEvent, Sen
 use gateway::transport::{
     self, ControlReader, ControlWriter, DataWriter, Rate, RateLimit, TransportError, TransportTuning,
 };
-use gateway::wire::{ChunkHeader, CloudMessage, RefusalCode};
+use gateway::wire::{ChunkHeader, CloudMessage, EdgeMessage, RefusalCode};
 use tokio::sync::{mpsc, Notify};
 
 use crate::checkpoint::{self, Checkpoint, Header};
@@ -79,6 +79,10 @@ pub struct MigrateOptions {
     pub retry_for: Duration,
     /// A cold lift, or a pass of a replication.
     pub replication: Replication,
+    /// When the source was stopped for a switchover (`edge-agent switchover --qmp`
+    /// stops a QEMU source itself): the start of the VM's downtime. `None`: not
+    /// known here (a source the operator powered off).
+    pub source_stopped: Option<SystemTime>,
 }
 
 /// What a run does with the cloud's copy (see docs/replication.md).
@@ -113,8 +117,25 @@ impl Default for MigrateOptions {
             state_dir: None,
             retry_for: Duration::from_secs(300),
             replication: Replication::Off,
+            source_stopped: None,
         }
     }
+}
+
+/// Where a pass reads its source when not from the VM's own files: a point-in-time copy
+/// QEMU made of a running VM's disks, and which chunks changed since the last pass
+/// ([`crate::tracking`]).
+#[derive(Debug)]
+pub struct PassSource {
+    /// One reader per disk of the VM, in its order, of the disk's capacity.
+    pub readers: Vec<Box<dyn DiskReader>>,
+    /// Per disk, per chunk: whether it may have changed since the last pass. `None`: any
+    /// chunk may have (each is read and compared). A chunk the replica holds that is
+    /// not marked is known to be unchanged and is not read.
+    pub changed: Option<Vec<Vec<bool>>>,
+    /// Set once this pass sent `Commit`: from then on the cloud, not the edge, decides
+    /// whether the VM was registered.
+    pub commit_sent: Arc<AtomicBool>,
 }
 
 /// The plan the cloud is asked to accept.
@@ -229,6 +250,23 @@ struct RunState {
     sent: Mutex<HashSet<(u16, u64)>>,
     sent_bytes: AtomicU64,
     resent_bytes: AtomicU64,
+    /// Plaintext bytes read from the source disks (holes are not read).
+    read_bytes: AtomicU64,
+    /// See [`PassSource::changed`].
+    changed: Option<Vec<Vec<bool>>>,
+    commit_sent: Arc<AtomicBool>,
+}
+
+impl RunState {
+    /// A chunk the replica holds that the source's tracking says did not change.
+    fn unchanged(&self, disk: u16, offset: u64, chunk_size: u64) -> bool {
+        self.changed.as_ref().is_some_and(|changed| {
+            changed
+                .get(usize::from(disk))
+                .and_then(|d| d.get((offset / chunk_size) as usize))
+                .is_some_and(|changed| !changed)
+        })
+    }
 }
 
 struct Records {
@@ -357,13 +395,45 @@ pub async fn run(
     opts: &MigrateOptions,
     sink: Arc<dyn ProgressSink>,
 ) -> Result<Summary, MigrateError> {
+    run_pass(vm, target, opts, sink, None).await
+}
+
+/// [`run`], reading the source from `pass` when given (a QEMU source's backup) instead
+/// of the VM's files.
+pub async fn run_pass(
+    vm: &SourceVm,
+    target: &Target,
+    opts: &MigrateOptions,
+    sink: Arc<dyn ProgressSink>,
+    pass: Option<PassSource>,
+) -> Result<Summary, MigrateError> {
     let started = Instant::now();
     let plan = build_plan(vm, opts);
     plan.check_limits().map_err(|e| MigrateError::Target(e.to_string()))?;
-    let mut disks: Vec<Box<dyn DiskReader>> = Vec::with_capacity(vm.disks.len());
-    for d in &vm.disks {
-        disks.push(open_source_disk(d)?);
-    }
+    let (disks, changed, commit_sent) = match pass {
+        Some(pass) => {
+            let fits = pass.readers.len() == vm.disks.len()
+                && pass
+                    .readers
+                    .iter()
+                    .zip(&vm.disks)
+                    .all(|(r, d)| r.capacity() == d.capacity);
+            if !fits {
+                return Err(MigrateError::Target(format!(
+                    "the source's copy of {} does not match its disks (count or sizes); nothing was sent",
+                    vm.vmx_path.display()
+                )));
+            }
+            (pass.readers, pass.changed, pass.commit_sent)
+        }
+        None => {
+            let mut disks: Vec<Box<dyn DiskReader>> = Vec::with_capacity(vm.disks.len());
+            for d in &vm.disks {
+                disks.push(open_source_disk(d)?);
+            }
+            (disks, None, Arc::new(AtomicBool::new(false)))
+        }
+    };
     let disks = Arc::new(disks);
 
     let endpoint = target.addr.to_string();
@@ -447,6 +517,9 @@ pub async fn run(
         sent: Mutex::new(HashSet::new()),
         sent_bytes: AtomicU64::new(0),
         resent_bytes: AtomicU64::new(0),
+        read_bytes: AtomicU64::new(0),
+        changed,
+        commit_sent,
     });
 
     let mut reconnects = 0u32;
@@ -537,6 +610,16 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The checkpoint file of `vm`'s replication (or migration) to `target` under
+/// `opts.state_dir`, and whether it records a replica the cloud holds.
+pub fn replica_record(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> (PathBuf, bool) {
+    let plan = build_plan(vm, opts);
+    let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
+    let c = Checkpoint::at(&dir, &vm.vmx_path, &target.addr.to_string(), &plan.vm.name);
+    let replica = matches!(c.load(), Ok(Some((header, _))) if header.replica);
+    (c.path().to_owned(), replica)
 }
 
 /// Aborts the unfinished migration recorded for `vm` and `target` in
@@ -873,6 +956,8 @@ async fn attempt(
                 repaired_chunks: shared.repaired_chunks.load(Ordering::Relaxed),
                 sent_bytes: run.sent_bytes.load(Ordering::Relaxed),
                 resent_bytes: run.resent_bytes.load(Ordering::Relaxed),
+                read_bytes: run.read_bytes.load(Ordering::Relaxed),
+                tracking: None,
                 resumed_bytes: s.resumed_bytes(),
                 reconnects: 0,
                 duration_secs: secs(duration),
@@ -1109,6 +1194,9 @@ async fn control_writer(shared: &Shared, mut writer: ControlWriter) -> Result<()
             (msgs, s.is_finished())
         };
         for msg in &msgs {
+            if matches!(msg, EdgeMessage::Commit) {
+                shared.run.commit_sent.store(true, Ordering::SeqCst);
+            }
             writer.send(msg).await?;
         }
         if finished {
@@ -1247,6 +1335,12 @@ async fn sealer(
                 shared.wake_writer.notify_one();
                 continue;
             }
+            // The source's tracking knows it unchanged since the replica got it.
+            Work::Compare(held) if shared.run.unchanged(disk, offset, chunk_size) => {
+                shared.session().chunk_hashed(disk, offset, held);
+                shared.wake_writer.notify_one();
+                continue;
+            }
             Work::Send | Work::Hash | Work::Compare(_) => {}
         }
         let mut b = bufs.take().expect("buffers returned after each chunk");
@@ -1257,6 +1351,7 @@ async fn sealer(
         let chunk_len = (disks[usize::from(disk)].capacity() - offset).min(chunk_size) as usize;
         let disks = disks.clone();
         let keys = keys.clone();
+        let run = shared.run.clone();
         let (mut b, sealed_chunk) = tokio::task::spawn_blocking(move || {
             let reader = &disks[usize::from(disk)];
             let len = (reader.capacity() - offset).min(chunk_size) as usize;
@@ -1271,6 +1366,7 @@ async fn sealer(
                     source: e,
                 });
             }
+            run.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
             let sealed = if work == Work::Hash {
                 Sealed::Hashed(gateway::chunk::sha256(&b.plain))
             } else if let Work::Compare(held) = work {

@@ -61,6 +61,12 @@ pub struct Summary {
     /// Plaintext bytes this process sent more than once: after a reconnect, what was
     /// in flight at the break; after a rejection, the rejected chunk.
     pub resent_bytes: u64,
+    /// Plaintext bytes read from the source disks (holes and chunks the source's
+    /// tracking knows unchanged are not read).
+    pub read_bytes: u64,
+    /// How a QEMU source's changes were found (`replicate --qmp`), if they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::tracking::TrackingReport>,
     /// Bytes the cloud already held when this process resumed the migration
     /// (not sent again).
     pub resumed_bytes: u64,
@@ -141,6 +147,9 @@ impl Summary {
                 human(self.resent_bytes),
                 self.reconnects
             ));
+        }
+        if let Some(t) = &self.tracking {
+            text.push_str(&format!("\ntracking:       {}", t.describe()));
         }
         if self.repaired_chunks > 0 {
             text.push_str(&format!(
