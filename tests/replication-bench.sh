@@ -18,6 +18,11 @@
 #                                 the VM "running" with VMware's lock), each pass reads only
 #                                 the grains of the deltas frozen since the last one
 #   BENCH_KEEP=1                  keep the run's temp dir
+#   BENCH_QEMU=1                  also replicate the same disk (as qcow2) from a QEMU that
+#                                 runs it (`--qmp`: QEMU's dirty bitmaps), change the same
+#                                 share of blocks through QEMU, and time `switchover --qmp`
+#                                 (stop, incremental backup, last pass, commit, quit)
+#                                 against the cold lift; needs qemu-system-x86_64
 #
 # Steps: a first pass (a full lift into a replica); the change; a delta pass (timed, wire
 # bytes) and rsync of the same change onto a copy of the original (timed, bytes sent);
@@ -65,10 +70,10 @@ fi
 size=$(stat -c %s "$img")
 
 tmp=$(mktemp -d "$BENCH_DIR/replication.XXXXXX")
-ce_pid='' sshd_pid=''
+ce_pid='' sshd_pid='' qemu_pid=''
 cleanup() {
   local rc=$?
-  for pid in $sshd_pid $ce_pid; do kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
+  for pid in $qemu_pid $sshd_pid $ce_pid; do kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
   if [ "${BENCH_KEEP:-0}" = 1 ]; then log "kept $tmp"; else rm -rf "$tmp"; fi
   exit $rc
 }
@@ -297,10 +302,74 @@ sync; t0=$(now); cold=$(edge migrate --name db01-cold); t1=$(now)
 cold_wall=$(secs "$t0" "$t1")
 qemu-img compare "$tmp/vm/db01.img" "$tmp/datastore/db01-cold/db01-cold.vmdk" >/dev/null || die "the cold copy differs"
 
+# A QEMU source: the same disk as qcow2 (QEMU keeps persistent bitmaps only in qcow2),
+# run by a QEMU with no guest code (-machine none): the "guest" writes go through QEMU's
+# block layer (qemu-io in the monitor), so its dirty bitmap sees them.
+qemu_json=null
+if [ "${BENCH_QEMU:-0}" = 1 ]; then
+  command -v qemu-system-x86_64 >/dev/null || die "BENCH_QEMU=1 needs qemu-system-x86_64 (tests/setup.sh)"
+  mkdir -p "$tmp/qvm"
+  qemu-img convert -O qcow2 "$img" "$tmp/qvm/qdb01.qcow2"
+  sed 's/db01/qdb01/g; s/qdb01.img/qdb01.qcow2/' "$tmp/vm/db01.vmx" >"$tmp/qvm/qdb01.vmx"
+  qsock=$tmp/q.sock
+  qemu-system-x86_64 -machine none -nodefaults -display none -qmp "unix:$qsock,server,nowait" \
+    -blockdev "{\"driver\":\"qcow2\",\"node-name\":\"drive0\",\"file\":{\"driver\":\"file\",\"filename\":\"$tmp/qvm/qdb01.qcow2\"}}" \
+    >"$tmp/qemu.log" 2>&1 &
+  qemu_pid=$!
+  for _ in $(seq 100); do [ -S "$qsock" ] && break; sleep 0.1; done
+  qedge() { # subcommand, extra args...
+    local cmd=$1; shift
+    "$bin/edge-agent" "$cmd" --vmx "$tmp/qvm/qdb01.vmx" --qmp "$qsock" --url "quic://127.0.0.1:$quic_port" \
+      --user migrator@cloud.local --password 'VMware1!Cloud' --ca-bundle "$tmp/pki/ca.pem" \
+      --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" --state-dir "$tmp/qstate" \
+      --receipt "$tmp/qreceipt.json" --chunk-kib "$BENCH_CHUNK_KIB" --json "$@" 2>>"$tmp/qedge.log" | tail -n1
+  }
+  # BENCH_CHANGE_PCT % of the 64 KiB blocks rewritten through QEMU, at random places.
+  qchange() {
+    python3 - "$qsock" "$tmp/qvm/qdb01.qcow2" "$BENCH_CHANGE_PCT" "$1" "$tmp/qblock" <<'PY'
+import json, os, random, socket, sys
+sock, path, pct, seed, blockfile = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+block = 64 * 1024
+s = socket.socket(socket.AF_UNIX); s.connect(sock); f = s.makefile("rw")
+def cmd(name, **args):
+    f.write(json.dumps({"execute": name, "arguments": args}) + "\n"); f.flush()
+    while True:
+        m = json.loads(f.readline())
+        if "event" not in m:
+            return m
+f.readline(); cmd("qmp_capabilities")
+size = json.loads(os.popen("qemu-img info -U --output=json " + path).read())["virtual-size"]
+rng = random.Random(seed)
+picks = rng.sample(range(size // block), max(1, int(size // block * pct / 100)))
+for b in picks:
+    with open(blockfile, "wb") as out:
+        out.write(rng.randbytes(block // 4) * 4)  # new data, compressible 4:1
+    r = cmd("human-monitor-command", **{"command-line": 'qemu-io drive0 "write -s %s %d %d"' % (blockfile, b * block, block)})
+    assert "error" not in r, r
+print(len(picks) * block)
+PY
+  }
+  log "QEMU source: first pass (full backup) of $tmp/qvm/qdb01.qcow2"
+  qfirst=$(qedge replicate)
+  [ "$(jq -r .tracking.mode <<<"$qfirst")" = full ] || die "QEMU first pass: $qfirst"
+  qchanged=$(qchange 3)
+  log "QEMU source: $qchanged bytes rewritten through QEMU; switchover --qmp"
+  sync; t0=$(now); qswitch=$(qedge switchover); t1=$(now)
+  qswitch_wall=$(secs "$t0" "$t1")
+  [ "$(jq -r .tracking.mode <<<"$qswitch")" = bitmap ] || die "QEMU switchover: $qswitch"
+  wait "$qemu_pid" 2>/dev/null || true
+  qemu_pid=''
+  qemu-img compare "$tmp/qvm/qdb01.qcow2" "$tmp/datastore/qdb01/qdb01.vmdk" >/dev/null || die "the QEMU source's copy differs"
+  qemu_json=$(jq -n --arg w "$qswitch_wall" --arg c "$qchanged" --argjson s "$qswitch" \
+    '{wall_s: ($w|tonumber), changed_bytes: ($c|tonumber), read_bytes: $s.read_bytes,
+      sent_bytes: $s.sent_bytes, wire_bytes: $s.wire_bytes, changed_chunks: $s.tracking.changed_chunks,
+      chunks: $s.tracking.chunks}')
+fi
+
 jq -n --argjson size "$size" --arg pct "$BENCH_CHANGE_PCT" --arg chunk "$BENCH_CHUNK_KIB" \
   --argjson first "$first" --argjson delta "$delta" --argjson switch "$switch" --argjson cold "$cold" \
   --arg fw "$first_wall" --arg dw "$delta_wall" --arg rw "$rsync_wall" --arg rs "${rsync_sent:-0}" \
-  --arg sw "$switch_wall" --arg cw "$cold_wall" --arg changed "$changed" \
+  --arg sw "$switch_wall" --arg cw "$cold_wall" --arg changed "$changed" --argjson qemu "$qemu_json" \
   --arg rev "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)" '
   {date: (now | todate), git: $rev, logical_bytes: $size, change_pct: ($pct|tonumber),
    changed_bytes: ($changed|tonumber), chunk_kib: ($chunk|tonumber),
@@ -308,10 +377,13 @@ jq -n --argjson size "$size" --arg pct "$BENCH_CHANGE_PCT" --arg chunk "$BENCH_C
    delta_pass: {wall_s: ($dw|tonumber), wire_bytes: $delta.wire_bytes, sent_bytes: $delta.sent_bytes},
    rsync_inplace_z: {wall_s: ($rw|tonumber), bytes_sent: ($rs|tonumber)},
    switchover: {wall_s: ($sw|tonumber), wire_bytes: $switch.wire_bytes},
-   cold_lift: {wall_s: ($cw|tonumber), wire_bytes: $cold.wire_bytes}}
+   cold_lift: {wall_s: ($cw|tonumber), wire_bytes: $cold.wire_bytes},
+   qemu_switchover: $qemu}
   | .delta_wire_share_of_full = (.delta_pass.wire_bytes / .first_pass.wire_bytes)
   | .delta_speedup_over_rsync = (.rsync_inplace_z.wall_s / .delta_pass.wall_s)
-  | .switchover_shorter_than_cold = (.cold_lift.wall_s / .switchover.wall_s)' >"$BENCH_DIR/replication-results.json"
+  | .switchover_shorter_than_cold = (.cold_lift.wall_s / .switchover.wall_s)
+  | if .qemu_switchover then .qemu_switchover.shorter_than_cold = (.cold_lift.wall_s / .qemu_switchover.wall_s) else . end' \
+  >"$BENCH_DIR/replication-results.json"
 r=$BENCH_DIR/replication-results.json
 echo
 jq -r '"Replication of \(.logical_bytes) bytes, \(.change_pct) % of 64 KiB blocks rewritten (\(.changed_bytes) B), chunks of \(.chunk_kib) KiB, loopback, git \(.git)"' "$r"
@@ -320,4 +392,6 @@ jq -r '"first pass (full):    \(.first_pass.wall_s) s, \(.first_pass.wire_bytes)
        "rsync --inplace -z:   \(.rsync_inplace_z.wall_s) s, \(.rsync_inplace_z.bytes_sent) bytes sent",
        "delta pass vs rsync:  \(.delta_speedup_over_rsync*100|round/100)x faster",
        "switchover (1 more change of the same size): \(.switchover.wall_s) s; cold lift of the same disk: \(.cold_lift.wall_s) s (\(.switchover_shorter_than_cold*100|round/100)x shorter)"' "$r"
+jq -r 'select(.qemu_switchover) | .qemu_switchover |
+       "QEMU source, switchover --qmp after \(.changed_bytes) B rewritten: \(.wall_s) s (\(.shorter_than_cold*100|round/100)x shorter than the cold lift), \(.changed_chunks) of \(.chunks) chunks changed, \(.read_bytes) B read, \(.sent_bytes) B sent"' "$r"
 echo "results: $r"

@@ -21,6 +21,7 @@ pub mod receipt;
 pub mod report;
 pub mod source;
 pub mod target;
+pub mod tracking;
 
 use gateway::protocol::ProtocolError;
 use gateway::transport::TransportError;

@@ -50,7 +50,7 @@ enum Command {
     /// Finish a replication (same arguments as `migrate`): the source must be powered
     /// off; a last pass sends what changed since the previous one, the cloud reads every
     /// disk back, registers the VM and signs a receipt, as for a cold lift.
-    Switchover(Box<MigrateArgs>),
+    Switchover(Box<SwitchoverArgs>),
     /// Check a migration before anything moves (same arguments as `migrate`): the
     /// endpoint validates the plan (name, capacity on datastore and host, network
     /// mapping, role, firewall rules) and says what would be created, or lists every
@@ -95,6 +95,23 @@ struct ReplicateArgs {
     /// again at the next one. Without it, one pass.
     #[arg(long, value_name = "INTERVAL", value_parser = parse_interval)]
     every: Option<Duration>,
+    /// The QMP socket of the QEMU that runs the VM: each pass reads a point-in-time
+    /// backup QEMU makes, and after the first only the chunks its dirty bitmap marks
+    /// (docs/replication.md).
+    #[arg(long, value_name = "SOCKET")]
+    qmp: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SwitchoverArgs {
+    #[command(flatten)]
+    migrate: MigrateArgs,
+    /// The QMP socket of the QEMU that runs the VM: the switchover stops the guest
+    /// (`stop`), sends what changed, and quits QEMU once the cloud registered the VM;
+    /// if it fails before that, the guest is resumed (`cont`). Without it, power the VM
+    /// off first.
+    #[arg(long, value_name = "SOCKET")]
+    qmp: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -393,8 +410,9 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .init();
-    let json = matches!(&cli.command, Command::Migrate(a) | Command::Plan(a) | Command::Switchover(a) if a.json)
+    let json = matches!(&cli.command, Command::Migrate(a) | Command::Plan(a) if a.json)
         || matches!(&cli.command, Command::Replicate(a) if a.migrate.json)
+        || matches!(&cli.command, Command::Switchover(a) if a.migrate.json)
         || matches!(&cli.command, Command::Inspect { json: true, .. })
         || matches!(&cli.command, Command::LinkTest(a) if a.json);
     match run(cli) {
@@ -422,12 +440,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Replicate(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let ReplicateArgs { migrate, every } = *args;
-            rt.block_on(replicate_cmd(migrate, every))
+            let ReplicateArgs { migrate, every, qmp } = *args;
+            rt.block_on(replicate_cmd(migrate, every, qmp))
         }
         Command::Switchover(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            rt.block_on(migrate_cmd(*args, Mode::Switchover))
+            let SwitchoverArgs { migrate, qmp } = *args;
+            rt.block_on(migrate_cmd_with(migrate, Mode::Switchover, qmp))
         }
         Command::Plan(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -549,9 +568,9 @@ enum Mode {
 }
 
 /// `edge-agent replicate`: one pass, or one every `every` until stopped.
-async fn replicate_cmd(a: MigrateArgs, every: Option<Duration>) -> anyhow::Result<()> {
+async fn replicate_cmd(a: MigrateArgs, every: Option<Duration>, qmp: Option<PathBuf>) -> anyhow::Result<()> {
     let Some(period) = every else {
-        return migrate_cmd(a, Mode::Replicate).await;
+        return migrate_cmd_with(a, Mode::Replicate, qmp).await;
     };
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -559,7 +578,7 @@ async fn replicate_cmd(a: MigrateArgs, every: Option<Duration>) -> anyhow::Resul
         tick.tick().await;
         // A failed pass (the endpoint down, the link lost for longer than --retry-for)
         // leaves the replica and the checkpoint as they were: the next pass continues.
-        if let Err(e) = migrate_cmd(a.clone(), Mode::Replicate).await {
+        if let Err(e) = migrate_cmd_with(a.clone(), Mode::Replicate, qmp.clone()).await {
             eprintln!(
                 "edge-agent: pass failed: {e:#}; the next pass runs in {} s",
                 period.as_secs()
@@ -605,6 +624,11 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
 }
 
 async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
+    migrate_cmd_with(a, mode, None).await
+}
+
+/// `qmp`: the socket of the QEMU that runs the source (`replicate` and `switchover`).
+async fn migrate_cmd_with(a: MigrateArgs, mode: Mode, qmp: Option<PathBuf>) -> anyhow::Result<()> {
     let json = a.json;
     // An abort needs the VM's name, not its disks, which may have been damaged since.
     let (vm, target, mut opts) = prepare(
@@ -656,7 +680,12 @@ async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
     } else {
         Arc::new(Bar::new())
     };
-    let summary = migrate::run(&vm, &target, &opts, sink.clone()).await;
+    let summary = match &qmp {
+        Some(socket) => qemu_pass(&vm, &target, &mut opts, sink.clone(), socket).await,
+        None => migrate::run(&vm, &target, &opts, sink.clone())
+            .await
+            .map_err(Into::into),
+    };
     drop(sink);
     let summary = summary?;
     if json {
@@ -670,6 +699,85 @@ async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
         println!("{}", summary.to_text());
     }
     Ok(())
+}
+
+/// A pass (or the switchover) of a replication whose source QEMU runs behind `socket`:
+/// the source is read from QEMU's backup, only what its dirty bitmap marks after the
+/// first pass (edge_agent::tracking). A switchover stops the guest first, quits QEMU once
+/// the cloud registered the VM, and resumes the guest if it fails before the commit.
+async fn qemu_pass(
+    vm: &source::SourceVm,
+    target: &Target,
+    opts: &mut MigrateOptions,
+    sink: Arc<dyn ProgressSink>,
+    socket: &std::path::Path,
+) -> anyhow::Result<edge_agent::report::Summary> {
+    let switchover = opts.replication == migrate::Replication::Switchover;
+    let (record, replica) = migrate::replica_record(vm, target, opts);
+    if switchover && !replica {
+        anyhow::bail!(
+            "no replication of {} to this endpoint is recorded in {}: start one with `edge-agent replicate`; the source VM was not stopped",
+            vm.vmx_path.display(),
+            record.parent().unwrap_or(&record).display()
+        );
+    }
+    let chunk_size = migrate::build_plan(vm, opts).chunk_size;
+    let mut qemu = edge_agent::tracking::QemuSource::connect(socket, vm, chunk_size, &record).await?;
+    if switchover {
+        match qemu.stop().await {
+            Ok(at) => opts.source_stopped = at,
+            Err(e) => {
+                qemu.close().await;
+                return Err(e.into());
+            }
+        }
+    }
+    let (pass, source) = match qemu.begin_pass(replica).await {
+        Ok(p) => p,
+        Err(e) => {
+            let resumed = if switchover {
+                format!("; {}", qemu.resume().await)
+            } else {
+                String::new()
+            };
+            qemu.close().await;
+            anyhow::bail!("{e}{resumed}");
+        }
+    };
+    eprintln!("edge-agent: {}", pass.report.describe());
+    let commit_sent = source.commit_sent.clone();
+    let report = pass.report.clone();
+    let result = migrate::run_pass(vm, target, opts, sink, Some(source)).await;
+    let outcome = match result {
+        Ok(mut summary) => {
+            summary.tracking = Some(report);
+            if switchover {
+                qemu.discard(&pass);
+                if let Err(e) = qemu.finish_switchover().await {
+                    eprintln!(
+                        "edge-agent: warning: the VM is registered in the cloud, but the source QEMU could not be quit ({e}): it is paused; quit it, never resume it"
+                    );
+                }
+                Ok(summary)
+            } else {
+                qemu.pass_succeeded(pass).await.map(|()| summary).map_err(Into::into)
+            }
+        }
+        Err(e) => {
+            qemu.pass_failed(pass).await;
+            let what = if !switchover {
+                "QEMU's record of what changed is kept for the next pass".to_owned()
+            } else if commit_sent.load(std::sync::atomic::Ordering::SeqCst) {
+                "the commit was sent before the failure, so the cloud may have registered the VM: the source QEMU                  is left paused so that the VM never runs in both places; look at the migration in the cloud                  (`GET /api/gateway/migrations`): if it SUCCEEDED, quit the source QEMU; if it did not, run the                  switchover again or resume the source with QMP `cont`"
+                    .to_owned()
+            } else {
+                qemu.resume().await
+            };
+            Err(anyhow::anyhow!("{e}\n{what}"))
+        }
+    };
+    qemu.close().await;
+    outcome
 }
 
 /// The VM, the endpoint and the options every migrating command shares. With

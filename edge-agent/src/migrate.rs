@@ -22,9 +22,9 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use gateway::chunk::{is_zero, Sealer};
 use gateway::plan::{DiskFormat, DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
@@ -32,7 +32,7 @@ use gateway::protocol::{DoneChunk, ProtocolError, SenderConfig, SenderEvent, Sen
 use gateway::transport::{
     self, ControlReader, ControlWriter, DataWriter, Rate, RateLimit, TransportError, TransportTuning,
 };
-use gateway::wire::{ChunkHeader, CloudMessage, RefusalCode};
+use gateway::wire::{ChunkHeader, CloudMessage, EdgeMessage, RefusalCode};
 use tokio::sync::{mpsc, Notify};
 
 use crate::checkpoint::{self, Checkpoint, Header};
@@ -80,6 +80,10 @@ pub struct MigrateOptions {
     pub retry_for: Duration,
     /// A cold lift, or a pass of a replication.
     pub replication: Replication,
+    /// When the source was stopped for a switchover (`edge-agent switchover --qmp`
+    /// stops a QEMU source itself): the start of the VM's downtime. `None`: not
+    /// known here (a source the operator powered off).
+    pub source_stopped: Option<SystemTime>,
 }
 
 /// What a run does with the cloud's copy (see docs/replication.md).
@@ -114,8 +118,25 @@ impl Default for MigrateOptions {
             state_dir: None,
             retry_for: Duration::from_secs(300),
             replication: Replication::Off,
+            source_stopped: None,
         }
     }
+}
+
+/// Where a pass reads its source when not from the VM's own files: a point-in-time copy
+/// QEMU made of a running VM's disks, and which chunks changed since the last pass
+/// ([`crate::tracking`]).
+#[derive(Debug)]
+pub struct PassSource {
+    /// One reader per disk of the VM, in its order, of the disk's capacity.
+    pub readers: Vec<Box<dyn DiskReader>>,
+    /// Per disk, per chunk: whether it may have changed since the last pass. `None`: any
+    /// chunk may have (each is read and compared). A chunk the replica holds that is
+    /// not marked is known to be unchanged and is not read.
+    pub changed: Option<Vec<Vec<bool>>>,
+    /// Set once this pass sent `Commit`: from then on the cloud, not the edge, decides
+    /// whether the VM was registered.
+    pub commit_sent: Arc<AtomicBool>,
 }
 
 /// The plan the cloud is asked to accept.
@@ -227,13 +248,29 @@ struct Shared {
 /// state folder is set) and the counters of the whole run.
 struct RunState {
     records: Mutex<Records>,
-    /// What changed-block tracking says for this pass of a replication.
+    /// What the snapshot chains say changed since the last pass of a replication.
     tracking: Tracking,
-    /// Source bytes read.
-    read_bytes: AtomicU64,
     sent: Mutex<HashSet<(u16, u64)>>,
     sent_bytes: AtomicU64,
     resent_bytes: AtomicU64,
+    /// Plaintext bytes read from the source disks (holes are not read).
+    read_bytes: AtomicU64,
+    /// See [`PassSource::changed`].
+    changed: Option<Vec<Vec<bool>>>,
+    commit_sent: Arc<AtomicBool>,
+}
+
+impl RunState {
+    /// A chunk the replica holds that the source's tracking says did not change.
+    fn unchanged(&self, disk: u16, offset: u64, chunk_size: u64) -> bool {
+        let by_qemu = self.changed.as_ref().is_some_and(|changed| {
+            changed
+                .get(usize::from(disk))
+                .and_then(|d| d.get((offset / chunk_size) as usize))
+                .is_some_and(|changed| !changed)
+        });
+        by_qemu || self.tracking.unchanged(disk, offset / chunk_size)
+    }
 }
 
 struct Records {
@@ -391,16 +428,50 @@ pub async fn run(
     opts: &MigrateOptions,
     sink: Arc<dyn ProgressSink>,
 ) -> Result<Summary, MigrateError> {
+    run_pass(vm, target, opts, sink, None).await
+}
+
+/// [`run`], reading the source from `pass` when given (a QEMU source's backup) instead
+/// of the VM's files.
+pub async fn run_pass(
+    vm: &SourceVm,
+    target: &Target,
+    opts: &MigrateOptions,
+    sink: Arc<dyn ProgressSink>,
+    pass: Option<PassSource>,
+) -> Result<Summary, MigrateError> {
     let started = Instant::now();
     let plan = build_plan(vm, opts);
     plan.check_limits().map_err(|e| MigrateError::Target(e.to_string()))?;
-    // A replication's disks are opened once its record says what the last pass read.
-    let mut disks: Vec<Box<dyn DiskReader>> = Vec::with_capacity(vm.disks.len());
-    if opts.replication == Replication::Off {
-        for d in &vm.disks {
-            disks.push(open_source_disk(d)?);
+    // A replication of files (not a QEMU backup) opens its disks once its record says
+    // which snapshot chains the last pass read.
+    let chain_tracked = pass.is_none() && opts.replication != Replication::Off;
+    let (mut disks, changed, commit_sent) = match pass {
+        Some(pass) => {
+            let fits = pass.readers.len() == vm.disks.len()
+                && pass
+                    .readers
+                    .iter()
+                    .zip(&vm.disks)
+                    .all(|(r, d)| r.capacity() == d.capacity);
+            if !fits {
+                return Err(MigrateError::Target(format!(
+                    "the source's copy of {} does not match its disks (count or sizes); nothing was sent",
+                    vm.vmx_path.display()
+                )));
+            }
+            (pass.readers, pass.changed, pass.commit_sent)
         }
-    }
+        None => {
+            let mut disks: Vec<Box<dyn DiskReader>> = Vec::with_capacity(vm.disks.len());
+            if !chain_tracked {
+                for d in &vm.disks {
+                    disks.push(open_source_disk(d)?);
+                }
+            }
+            (disks, None, Arc::new(AtomicBool::new(false)))
+        }
+    };
 
     let endpoint = target.addr.to_string();
     let source = checkpoint::fingerprint(vm).map_err(|e| MigrateError::Read {
@@ -481,7 +552,7 @@ pub async fn run(
         )));
     }
     let mut tracking = Tracking::default();
-    if opts.replication != Replication::Off {
+    if chain_tracked {
         // A switchover runs on a stopped VM (checked before): its whole chain is frozen.
         let running = running_lock(vm).is_some();
         for (i, d) in vm.disks.iter().enumerate() {
@@ -497,7 +568,6 @@ pub async fn run(
     let disks = Arc::new(disks);
     let run = Arc::new(RunState {
         tracking,
-        read_bytes: AtomicU64::new(0),
         records: Mutex::new(Records {
             done: resume.as_ref().map(|(_, d)| d.clone()).unwrap_or_default(),
             checkpoint: ckpt,
@@ -506,6 +576,9 @@ pub async fn run(
         sent: Mutex::new(HashSet::new()),
         sent_bytes: AtomicU64::new(0),
         resent_bytes: AtomicU64::new(0),
+        read_bytes: AtomicU64::new(0),
+        changed,
+        commit_sent,
     });
 
     let mut reconnects = 0u32;
@@ -597,6 +670,16 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The checkpoint file of `vm`'s replication (or migration) to `target` under
+/// `opts.state_dir`, and whether it records a replica the cloud holds.
+pub fn replica_record(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> (PathBuf, bool) {
+    let plan = build_plan(vm, opts);
+    let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
+    let c = Checkpoint::at(&dir, &vm.vmx_path, &target.addr.to_string(), &plan.vm.name);
+    let replica = matches!(c.load(), Ok(Some((header, _))) if header.replica);
+    (c.path().to_owned(), replica)
 }
 
 /// Aborts the unfinished migration recorded for `vm` and `target` in
@@ -933,6 +1016,8 @@ async fn attempt(
                 repaired_chunks: shared.repaired_chunks.load(Ordering::Relaxed),
                 sent_bytes: run.sent_bytes.load(Ordering::Relaxed),
                 resent_bytes: run.resent_bytes.load(Ordering::Relaxed),
+                read_bytes: run.read_bytes.load(Ordering::Relaxed),
+                tracking: None,
                 resumed_bytes: s.resumed_bytes(),
                 reconnects: 0,
                 duration_secs: secs(duration),
@@ -940,8 +1025,7 @@ async fn attempt(
                 receipt: receipt.unwrap_or_default(),
                 report: s.report().cloned(),
                 replica: synced,
-                read_bytes: run.read_bytes.load(Ordering::Relaxed),
-                tracking: run.tracking.notes.clone(),
+                snapshots: run.tracking.notes.clone(),
             })
         }
         Err(e) => {
@@ -1171,6 +1255,9 @@ async fn control_writer(shared: &Shared, mut writer: ControlWriter) -> Result<()
             (msgs, s.is_finished())
         };
         for msg in &msgs {
+            if matches!(msg, EdgeMessage::Commit) {
+                shared.run.commit_sent.store(true, Ordering::SeqCst);
+            }
             writer.send(msg).await?;
         }
         if finished {
@@ -1309,9 +1396,9 @@ async fn sealer(
                 shared.wake_writer.notify_one();
                 continue;
             }
-            // A delta pass over a chunk the snapshot chain says is unchanged: the
-            // replica's copy stays, unread.
-            Work::Compare(held) if shared.run.tracking.unchanged(disk, offset / chunk_size) => {
+            // The source's tracking (QEMU's dirty bitmap, or the snapshot chain) knows it
+            // unchanged since the replica got it: the replica's copy stays, unread.
+            Work::Compare(held) if shared.run.unchanged(disk, offset, chunk_size) => {
                 shared.session().chunk_hashed(disk, offset, held);
                 shared.wake_writer.notify_one();
                 continue;

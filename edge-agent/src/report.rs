@@ -61,6 +61,12 @@ pub struct Summary {
     /// Plaintext bytes this process sent more than once: after a reconnect, what was
     /// in flight at the break; after a rejection, the rejected chunk.
     pub resent_bytes: u64,
+    /// Plaintext bytes read from the source disks (holes and chunks the source's
+    /// tracking knows unchanged are not read).
+    pub read_bytes: u64,
+    /// How a QEMU source's changes were found (`replicate --qmp`), if they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::tracking::TrackingReport>,
     /// Bytes the cloud already held when this process resumed the migration
     /// (not sent again).
     pub resumed_bytes: u64,
@@ -80,13 +86,10 @@ pub struct Summary {
     /// was registered (`vm_id` and `vm_path` are empty).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub replica: bool,
-    /// Source bytes read by this process (a replication pass with changed-block tracking
-    /// reads only what changed).
-    pub read_bytes: u64,
-    /// What changed-block tracking found for each disk of a replication pass, or why it
-    /// compared every chunk.
+    /// A replication of VMware files: what each disk's snapshot chain said changed since
+    /// the last pass, or why every chunk was compared.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tracking: Vec<String>,
+    pub snapshots: Vec<String>,
 }
 
 impl Summary {
@@ -141,10 +144,10 @@ impl Summary {
             dur = self.duration_secs,
             rate = human(self.rate() as u64),
         );
-        if !self.tracking.is_empty() {
+        if !self.snapshots.is_empty() {
             text.push_str(&format!("\nread:           {} of the source", human(self.read_bytes)));
-            for note in &self.tracking {
-                text.push_str(&format!("\ntracking:       {note}"));
+            for note in &self.snapshots {
+                text.push_str(&format!("\nsnapshots:      {note}"));
             }
         }
         if self.resumed_bytes > 0 || self.reconnects > 0 {
@@ -154,6 +157,9 @@ impl Summary {
                 human(self.resent_bytes),
                 self.reconnects
             ));
+        }
+        if let Some(t) = &self.tracking {
+            text.push_str(&format!("\ntracking:       {}", t.describe()));
         }
         if self.repaired_chunks > 0 {
             text.push_str(&format!(

@@ -20,6 +20,9 @@
 # Kernel command line options read by /init:
 #   dirty=MIB   also rewrite MIB MiB of tmpfs memory in a loop (non-zero data)
 #   period=SEC  sleep between counter steps (default 0.15)
+#   scribble=N  also write one 64 KiB block per step at block 64 + (N*37 mod N) of /dev/vda
+#               (4 MiB + ... : a disk that keeps changing, for replication): random data
+#               starting "SCRIBBLE <N>", or zeros when N is a multiple of 5
 # check-disk.py verifies the disk.
 set -eu
 
@@ -116,9 +119,9 @@ mount -t devtmpfs devtmpfs /dev
 [ -c /dev/ttyS0 ] && exec </dev/ttyS0 >/dev/ttyS0 2>&1
 echo 1 >/proc/sys/kernel/printk 2>/dev/null
 for m in $(cat /etc/modules.order); do insmod /lib/modules/$m.ko || echo "insmod $m failed"; done
-dirty=0; period=0.15
+dirty=0; period=0.15; scribble=0
 for w in $(cat /proc/cmdline); do
-    case "$w" in dirty=*) dirty=${w#dirty=} ;; period=*) period=${w#period=} ;; esac
+    case "$w" in dirty=*) dirty=${w#dirty=} ;; period=*) period=${w#period=} ;; scribble=*) scribble=${w#scribble=} ;; esac
 done
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 [ -b /dev/vda ] || echo "no /dev/vda: counting without disk"
@@ -157,6 +160,15 @@ while :; do
         slot=$((n % 4096))
         printf 'LIVEREC %d %d %d\n' $n $slot $chk | dd of=/dev/vda bs=512 seek=$((8 + slot)) count=1 conv=sync,notrunc,fsync oflag=direct 2>/dev/null || echo "record write $n failed"
         printf 'LIVEHDR %d %d\n' $n $chk | dd of=/dev/vda bs=512 seek=0 count=1 conv=sync,notrunc,fsync oflag=direct 2>/dev/null || echo "header write $n failed"
+        if [ "$scribble" -gt 0 ] 2>/dev/null; then
+            if [ $((n % 5)) = 0 ]; then
+                head -c 65536 /dev/zero >/tmp/block
+            else
+                head -c 65536 /dev/urandom >/tmp/block
+                printf 'SCRIBBLE %d\n' $n | dd of=/tmp/block conv=notrunc 2>/dev/null
+            fi
+            dd if=/tmp/block of=/dev/vda bs=65536 seek=$((64 + (n * 37) % scribble)) count=1 conv=notrunc,fsync oflag=direct 2>/dev/null || echo "scribble write $n failed"
+        fi
     fi
     sleep $period
 done

@@ -11,139 +11,20 @@
 //! Needs qemu-system-x86_64 (tests/setup.sh installs it); without it each test fails and
 //! says so.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use e2e::guest::*;
 use e2e::relay::Relay;
 use e2e::*;
 use edge_agent::live::{self, LiveOptions, LiveProgress};
 use edge_agent::migrate::MigrateOptions;
-use gateway::qemu::{DirectKernel, QemuBinary};
 use gateway::transport::{PathEstimate, TransportTuning};
 use serde_json::{json, Value};
 
 const IDLE_SECS: u64 = 3;
-
-/// The guest's kernel, initrd and command line, built once into target/live-guest.
-fn guest(extra_append: &str) -> DirectKernel {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
-    let cache = repo.join("target/live-guest");
-    let out = Command::new(repo.join("tests/live/guest.sh"))
-        .arg(&cache)
-        .output()
-        .expect("run tests/live/guest.sh");
-    assert!(
-        out.status.success(),
-        "guest.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let env = std::fs::read_to_string(cache.join("guest.env")).unwrap();
-    let var = |k: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .unwrap_or_else(|| panic!("{k} in guest.env"))
-            .trim_matches('"')
-            .to_owned()
-    };
-    DirectKernel {
-        kernel: var("KERNEL").into(),
-        initrd: Some(var("INITRD").into()),
-        append: Some(format!("{} {extra_append}", var("APPEND")).trim().to_owned()),
-    }
-}
-
-/// A 256 MiB, 1 vCPU VM with an empty 64 MiB qcow2 disk and one NIC.
-fn vm(dir: &Path, name: &str) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        dir.join(format!("{name}.qcow2")).to_str().unwrap(),
-        "64M",
-    ]);
-    let vmx = format!(
-        ".encoding = \"UTF-8\"\nconfig.version = \"8\"\nvirtualHW.version = \"14\"\n\
-         displayName = \"{name}\"\nguestOS = \"debian12-64\"\nnumvcpus = \"1\"\nmemsize = \"256\"\n\
-         scsi0.present = \"TRUE\"\nscsi0.virtualDev = \"pvscsi\"\n\
-         scsi0:0.present = \"TRUE\"\nscsi0:0.fileName = \"{name}.qcow2\"\n\
-         ethernet0.present = \"TRUE\"\nethernet0.virtualDev = \"e1000\"\nethernet0.networkName = \"VM Network\"\n\
-         ethernet0.addressType = \"static\"\nethernet0.address = \"00:50:56:12:34:56\"\n"
-    );
-    let path = dir.join(format!("{name}.vmx"));
-    std::fs::write(&path, vmx).unwrap();
-    path
-}
-
-/// The counters the guest printed on a console log so far.
-fn counters(log: &Path) -> Vec<u64> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("counter ")?.trim().parse().ok())
-        .collect()
-}
-
-async fn wait_counter(log: &Path, at_least: u64, secs: u64) -> u64 {
-    eventually(secs, || counters(log).last().copied().filter(|&n| n >= at_least))
-        .await
-        .unwrap_or_else(|| {
-            panic!(
-                "the guest did not count to {at_least} within {secs} s: {:?}",
-                counters(log)
-            )
-        })
-}
-
-/// A child process killed when dropped: a failed test leaves no guest running.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Source {
-    /// QEMU itself, not a QemuProcess: QEMU's monitor serves one QMP client at a time,
-    /// and the edge agent is the one.
-    process: Killed,
-    serial: PathBuf,
-    qmp: PathBuf,
-    vm: edge_agent::source::SourceVm,
-    kernel: DirectKernel,
-}
-
-async fn start_source(binary: &QemuBinary, dir: &Path, name: &str, append: &str) -> Source {
-    let vmx = vm(dir, name);
-    let vm = edge_agent::source::open_vm(&vmx).unwrap();
-    let kernel = guest(append);
-    let serial = dir.join("source.console.log");
-    let qmp = dir.join("source.qmp");
-    let spec = live::source_machine(&vm, Some(kernel.clone()), &serial, &qmp).unwrap();
-    spec.validate().unwrap();
-    let log = std::fs::File::create(dir.join("source.qemu.log")).unwrap();
-    let process = Command::new(binary.path())
-        .args(spec.argv())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .map(Killed)
-        .expect("the source VM starts");
-    // Booting under TCG takes 5-12 s.
-    wait_counter(&serial, 3, 90).await;
-    Source {
-        process,
-        serial,
-        qmp,
-        vm,
-        kernel,
-    }
-}
 
 fn opts(source: &Source, link: Option<PathEstimate>) -> LiveOptions {
     LiveOptions {

@@ -87,7 +87,7 @@ fn running_vm(dir: &Path, vm: &str) -> (PathBuf, PathBuf) {
 }
 
 fn tracking(summary: &serde_json::Value) -> String {
-    summary["tracking"]
+    summary["snapshots"]
         .as_array()
         .map(|notes| {
             notes

@@ -33,6 +33,7 @@ mod manifest;
 mod ova;
 mod ovf;
 mod qcow2;
+pub use qcow2::BackupImage;
 pub mod slice;
 pub mod snapshot_tracking;
 mod vm;

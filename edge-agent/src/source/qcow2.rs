@@ -34,6 +34,40 @@ const MAX_CHAIN_DEPTH: usize = 64;
 const FLATTEN: &str = "flatten the chain where it is complete with `qemu-img convert -O qcow2 IMAGE.qcow2 \
                        FLAT.qcow2` and point the .vmx at the result";
 
+/// A qcow2 image a QEMU backup job wrote (see [`crate::tracking`]): read like any qcow2
+/// image, and asked which chunks the job copied into it.
+#[derive(Debug)]
+pub struct BackupImage {
+    disk: reader::Qcow2Disk,
+}
+
+impl BackupImage {
+    /// Opens `path`, which must have no backing file: a backup target stands alone.
+    pub fn open(path: &Path) -> Result<BackupImage, SourceError> {
+        let (disk, _) = open_image(path)?;
+        Ok(BackupImage { disk })
+    }
+
+    /// Whether the job wrote anything (data or zeros) in `[offset, offset + len)`.
+    pub fn written(&self, offset: u64, len: u64) -> io::Result<bool> {
+        self.disk.is_written(offset, len)
+    }
+}
+
+impl DiskReader for BackupImage {
+    fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.disk.read_at(offset, buf)
+    }
+
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        self.disk.is_hole(offset, len)
+    }
+}
+
 /// Opens a qcow2 image and, recursively, its backing chain.
 pub(crate) fn open(path: &Path) -> Result<Opened, SourceError> {
     let _link = ChainLink::enter(path)?;

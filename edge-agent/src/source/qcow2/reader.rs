@@ -225,6 +225,28 @@ impl Qcow2Disk {
         Ok(Mapping::Data(host))
     }
 
+    /// Whether any cluster of `[offset, offset + len)` is mapped in this image itself (data,
+    /// compressed or a zero cluster), whatever its backing file holds. A QEMU backup job
+    /// writes exactly the clusters it copied, zeroed ones as zero clusters (see
+    /// [`crate::tracking`]), so this says which chunks a backup copied.
+    pub(super) fn is_written(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let end = offset.saturating_add(len).min(self.capacity);
+        let l2_span = 1u64 << (2 * self.cluster_bits - 3);
+        let mut pos = offset;
+        while pos < end {
+            // No L2 table: the whole span is unallocated, without reading anything.
+            if self.l1[(pos / l2_span) as usize] & OFFSET_MASK == 0 {
+                pos = (pos / l2_span + 1) * l2_span;
+                continue;
+            }
+            if self.mapping(pos)? != Mapping::Unallocated {
+                return Ok(true);
+            }
+            pos = (pos | (self.cluster_size() - 1)) + 1;
+        }
+        Ok(false)
+    }
+
     /// The mapping at `pos` and how many bytes from `pos` (at most `max`) it covers: runs of
     /// zero or unallocated clusters, or of data clusters contiguous in the file, are one read.
     /// A data mapping's host offset is that of `pos` itself.

@@ -367,3 +367,26 @@ fn a_vmx_names_a_qcow2_disk() {
     assert_eq!(vm.disks[0].capacity, data.len() as u64);
     assert!(vm.notes.is_empty(), "{:?}", vm.notes);
 }
+
+/// What a backup job leaves in its target: data clusters, zero clusters (`write -z`
+/// without unmap, as a backup writes a range that now reads as zeros) and unallocated
+/// ones. Only the first two count as written, a zero cluster included.
+#[test]
+fn a_backup_image_says_which_ranges_were_written_zero_clusters_included() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("backup.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&image), "4M"]);
+    qemu_io(&image, "write -P 0x5a 1M 64k");
+    qemu_io(&image, "write -z 3M 64k");
+    let backup = BackupImage::open(&image).unwrap();
+    let chunk = 64 * 1024;
+    let written: Vec<u64> = (0..64).filter(|i| backup.written(i * chunk, chunk).unwrap()).collect();
+    assert_eq!(written, vec![16, 48]);
+    // A range that only touches a written cluster counts; reads are the image's.
+    assert!(backup.written(1024 * 1024 - 512, 1024).unwrap());
+    let mut buf = vec![1; 4096];
+    backup.read_at(3 * MIB as u64, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    backup.read_at(MIB as u64, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+}
