@@ -87,6 +87,10 @@ pub struct Header {
     /// source is expected to change between passes.
     #[serde(default)]
     pub replica: bool,
+    /// A replication switched over to this VM in the cloud, awaiting `edge-agent
+    /// confirm` (the record is then removed) or `rollback` (then replication goes on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_over: Option<String>,
 }
 
 /// The two files of one migration's record.
@@ -181,6 +185,19 @@ impl Checkpoint {
         self.open_chunks()
     }
 
+    /// Replaces the header of an existing record, keeping its chunks.
+    pub fn set_header(&self, header: &Header) -> io::Result<()> {
+        let tmp = self.header_path.with_extension("json.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(
+            serde_json::to_string_pretty(header)
+                .map_err(io::Error::other)?
+                .as_bytes(),
+        )?;
+        f.sync_all()?;
+        fs::rename(&tmp, &self.header_path)
+    }
+
     /// Continues an existing record (once: later calls keep the open file).
     pub fn open_chunks(&mut self) -> io::Result<()> {
         if self.chunks.is_some() {
@@ -245,6 +262,7 @@ mod tests {
             source: vec![],
             started: "2026-11-26T10:00:00Z".into(),
             replica: false,
+            switched_over: None,
         }
     }
 
