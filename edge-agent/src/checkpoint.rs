@@ -91,6 +91,10 @@ pub struct Header {
     /// the last complete pass read, newest first (see `source::snapshot_tracking`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub frozen_chains: Vec<Vec<ChainLink>>,
+    /// A replication switched over to this VM in the cloud, awaiting `edge-agent
+    /// confirm` (the record is then removed) or `rollback` (then replication goes on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_over: Option<String>,
 }
 
 /// The two files of one migration's record.
@@ -178,7 +182,7 @@ impl Checkpoint {
     }
 
     /// Replaces the header of an existing record, keeping its chunks.
-    pub fn rewrite_header(&mut self, header: &Header) -> io::Result<()> {
+    pub fn rewrite_header(&self, header: &Header) -> io::Result<()> {
         let tmp = self.header_path.with_extension("json.tmp");
         let mut f = File::create(&tmp)?;
         f.write_all(
@@ -255,6 +259,7 @@ mod tests {
             started: "2026-11-26T10:00:00Z".into(),
             replica: false,
             frozen_chains: Vec::new(),
+            switched_over: None,
         }
     }
 

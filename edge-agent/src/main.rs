@@ -49,8 +49,17 @@ enum Command {
     Replicate(Box<ReplicateArgs>),
     /// Finish a replication (same arguments as `migrate`): the source must be powered
     /// off; a last pass sends what changed since the previous one, the cloud reads every
-    /// disk back, registers the VM and signs a receipt, as for a cold lift.
+    /// disk back, registers the VM and signs a receipt, as for a cold lift; with
+    /// --power-on it runs the VM and reports the downtime. Until `confirm` (or
+    /// --confirm) it can be rolled back.
     Switchover(Box<SwitchoverArgs>),
+    /// Undo a switchover that awaits confirmation (same arguments as `switchover`): the
+    /// cloud powers its VM off, unregisters it and keeps its disks as the replica; the
+    /// source can be started again and `replicate` goes on.
+    Rollback(Box<MigrateArgs>),
+    /// Make a switchover final (same arguments as `switchover`): no rollback afterwards;
+    /// the edge's record of the replication is removed.
+    Confirm(Box<MigrateArgs>),
     /// Check a migration before anything moves (same arguments as `migrate`): the
     /// endpoint validates the plan (name, capacity on datastore and host, network
     /// mapping, role, firewall rules) and says what would be created, or lists every
@@ -95,6 +104,14 @@ struct ReplicateArgs {
     /// again at the next one. Without it, one pass.
     #[arg(long, value_name = "INTERVAL", value_parser = parse_interval)]
     every: Option<Duration>,
+    /// Switch over at this time (RFC 3339, e.g. 2026-12-07T02:00:00Z), or at the first
+    /// pass after it: the endpoint holds the time (the API can move or clear it; a pass
+    /// learns it). The source must be stopped by then; while it runs, the switchover is
+    /// refused, said, and passes go on.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    switchover_at: Option<i64>,
+    #[command(flatten)]
+    switchover: SwitchoverFlags,
     /// The QMP socket of the QEMU that runs the VM: each pass reads a point-in-time
     /// backup QEMU makes, and after the first only the chunks its dirty bitmap marks
     /// (docs/replication.md).
@@ -106,12 +123,43 @@ struct ReplicateArgs {
 struct SwitchoverArgs {
     #[command(flatten)]
     migrate: MigrateArgs,
+    #[command(flatten)]
+    flags: SwitchoverFlags,
     /// The QMP socket of the QEMU that runs the VM: the switchover stops the guest
     /// (`stop`), sends what changed, and quits QEMU once the cloud registered the VM;
     /// if it fails before that, the guest is resumed (`cont`). Without it, power the VM
     /// off first.
     #[arg(long, value_name = "SOCKET")]
     qmp: Option<PathBuf>,
+}
+
+/// What a switchover does beyond registering the VM.
+#[derive(Args, Clone, Copy)]
+struct SwitchoverFlags {
+    /// Power the VM on in the cloud once it is registered; the summary gives the downtime.
+    #[arg(long)]
+    power_on: bool,
+    /// Make the switchover final at once: no `edge-agent rollback` afterwards.
+    #[arg(long)]
+    confirm: bool,
+}
+
+impl SwitchoverFlags {
+    fn options(self) -> migrate::SwitchoverOptions {
+        migrate::SwitchoverOptions {
+            power_on: self.power_on,
+            confirm: self.confirm,
+            // This command does not stop the source: the operator did, before.
+            source_stopped_at: None,
+        }
+    }
+}
+
+/// RFC 3339 as Unix seconds.
+fn parse_time(s: &str) -> Result<i64, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|e| format!("`{s}` is not an RFC 3339 time ({e}): write it like 2026-12-07T02:00:00Z"))
 }
 
 #[derive(Args)]
@@ -410,9 +458,9 @@ fn main() -> std::process::ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
         .init();
-    let json = matches!(&cli.command, Command::Migrate(a) | Command::Plan(a) if a.json)
-        || matches!(&cli.command, Command::Replicate(a) if a.migrate.json)
+    let json = matches!(&cli.command, Command::Migrate(a) | Command::Plan(a) | Command::Rollback(a) | Command::Confirm(a) if a.json)
         || matches!(&cli.command, Command::Switchover(a) if a.migrate.json)
+        || matches!(&cli.command, Command::Replicate(a) if a.migrate.json)
         || matches!(&cli.command, Command::Inspect { json: true, .. })
         || matches!(&cli.command, Command::LinkTest(a) if a.json);
     match run(cli) {
@@ -440,13 +488,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Replicate(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let ReplicateArgs { migrate, every, qmp } = *args;
-            rt.block_on(replicate_cmd(migrate, every, qmp))
+            let ReplicateArgs {
+                migrate,
+                every,
+                switchover_at,
+                switchover,
+                qmp,
+            } = *args;
+            rt.block_on(replicate_cmd(migrate, every, switchover_at, switchover, qmp))
         }
         Command::Switchover(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let SwitchoverArgs { migrate, qmp } = *args;
-            rt.block_on(migrate_cmd_with(migrate, Mode::Switchover, qmp))
+            let SwitchoverArgs { migrate, flags, qmp } = *args;
+            let extra = Extra {
+                switchover: flags.options(),
+                schedule: None,
+                qmp,
+            };
+            rt.block_on(migrate_cmd_with(migrate, Mode::Switchover, extra))
+                .map(drop)
+        }
+        Command::Rollback(args) => {
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(migrate_cmd(*args, Mode::Rollback))
+        }
+        Command::Confirm(args) => {
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(migrate_cmd(*args, Mode::Confirm))
         }
         Command::Plan(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -565,25 +633,84 @@ enum Mode {
     Plan,
     Replicate,
     Switchover,
+    Rollback,
+    Confirm,
 }
 
-/// `edge-agent replicate`: one pass, or one every `every` until stopped.
-async fn replicate_cmd(a: MigrateArgs, every: Option<Duration>, qmp: Option<PathBuf>) -> anyhow::Result<()> {
-    let Some(period) = every else {
-        return migrate_cmd_with(a, Mode::Replicate, qmp).await;
+/// What a pass or a switchover asks beyond its mode.
+#[derive(Clone, Default)]
+struct Extra {
+    switchover: migrate::SwitchoverOptions,
+    schedule: Option<Option<i64>>,
+    /// The socket of the QEMU that runs the source (`replicate` and `switchover`).
+    qmp: Option<PathBuf>,
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// `edge-agent replicate`: one pass, or one every `every` until stopped. With
+/// `switchover_at` (sent with the first pass), or a time the endpoint holds (set through
+/// the API), the switchover runs once that time has come: at it, or at the first pass
+/// after it. A switchover refused because the source runs is said, and passes go on.
+async fn replicate_cmd(
+    a: MigrateArgs,
+    every: Option<Duration>,
+    switchover_at: Option<i64>,
+    flags: SwitchoverFlags,
+    qmp: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut schedule = switchover_at.map(Some);
+    // The endpoint's value, as the last pass learned it.
+    let mut held: Option<i64> = None;
+    let switchover = Extra {
+        switchover: flags.options(),
+        schedule: None,
+        qmp: qmp.clone(),
     };
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let say_at = |at: i64| migrate::rfc3339(at).unwrap_or_else(|| at.to_string());
     loop {
-        tick.tick().await;
-        // A failed pass (the endpoint down, the link lost for longer than --retry-for)
-        // leaves the replica and the checkpoint as they were: the next pass continues.
-        if let Err(e) = migrate_cmd_with(a.clone(), Mode::Replicate, qmp.clone()).await {
-            eprintln!(
-                "edge-agent: pass failed: {e:#}; the next pass runs in {} s",
-                period.as_secs()
-            );
+        if let Some(at) = held.filter(|&at| unix_now() >= at) {
+            match migrate_cmd_with(a.clone(), Mode::Switchover, switchover.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) => eprintln!(
+                    "edge-agent: the switchover scheduled at {} did not run: {e:#}; replication goes on",
+                    say_at(at)
+                ),
+            }
         }
+        let extra = Extra {
+            schedule,
+            qmp: qmp.clone(),
+            ..Extra::default()
+        };
+        match migrate_cmd_with(a.clone(), Mode::Replicate, extra).await {
+            Ok(summary) => {
+                schedule = None;
+                held = summary.and_then(|s| s.switchover_at).and_then(|t| parse_time(&t).ok());
+            }
+            Err(e) if every.is_none() => return Err(e),
+            // A failed pass (the endpoint down, the link lost for longer than --retry-for)
+            // leaves the replica and the checkpoint as they were: the next pass continues.
+            Err(e) => eprintln!(
+                "edge-agent: pass failed: {e:#}; the next pass runs in {} s",
+                every.unwrap_or_default().as_secs()
+            ),
+        }
+        let Some(period) = every else {
+            // One pass; a switchover whose time has come runs now.
+            return match held.filter(|&at| unix_now() >= at) {
+                Some(_) => migrate_cmd_with(a, Mode::Switchover, switchover).await.map(drop),
+                None => Ok(()),
+            };
+        };
+        // Wake for the scheduled switchover if it comes before the next pass.
+        let until = held
+            .map(|at| at - unix_now())
+            .filter(|&s| s > 0)
+            .map(|s| Duration::from_secs(s.unsigned_abs()));
+        tokio::time::sleep(until.map_or(period, |u| u.min(period))).await;
     }
 }
 
@@ -624,21 +751,44 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
 }
 
 async fn migrate_cmd(a: MigrateArgs, mode: Mode) -> anyhow::Result<()> {
-    migrate_cmd_with(a, mode, None).await
+    migrate_cmd_with(a, mode, Extra::default()).await.map(drop)
 }
 
-/// `qmp`: the socket of the QEMU that runs the source (`replicate` and `switchover`).
-async fn migrate_cmd_with(a: MigrateArgs, mode: Mode, qmp: Option<PathBuf>) -> anyhow::Result<()> {
+/// Runs `mode`; returns the summary of a pass, lift or switchover.
+async fn migrate_cmd_with(
+    a: MigrateArgs,
+    mode: Mode,
+    extra: Extra,
+) -> anyhow::Result<Option<edge_agent::report::Summary>> {
     let json = a.json;
-    // An abort needs the VM's name, not its disks, which may have been damaged since.
+    // An abort, a rollback or a confirmation needs the VM's name, not its disks, which
+    // may have been damaged (or be running again) since.
     let (vm, target, mut opts) = prepare(
         a,
-        mode == Mode::Abort,
-        matches!(mode, Mode::Replicate | Mode::Switchover),
+        matches!(mode, Mode::Abort | Mode::Rollback | Mode::Confirm),
+        matches!(
+            mode,
+            Mode::Replicate | Mode::Switchover | Mode::Rollback | Mode::Confirm
+        ),
     )
     .await?;
+    opts.switchover = extra.switchover;
+    opts.schedule = extra.schedule;
+    let qmp = extra.qmp;
     match mode {
         Mode::Migrate => {}
+        Mode::Rollback | Mode::Confirm => {
+            let said = migrate::end_switchover(&vm, &target, &opts, mode == Mode::Confirm).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": if mode == Mode::Confirm { "confirmed" } else { "rolled back" }, "message": said})
+                );
+            } else {
+                println!("{said}");
+            }
+            return Ok(None);
+        }
         Mode::Replicate => opts.replication = migrate::Replication::Sync,
         Mode::Switchover => {
             if let Some(lock) = edge_agent::source::running_lock(&vm) {
@@ -652,7 +802,7 @@ async fn migrate_cmd_with(a: MigrateArgs, mode: Mode, qmp: Option<PathBuf>) -> a
         }
         Mode::Abort => {
             println!("{}", migrate::abort(&vm, &target, &opts).await?);
-            return Ok(());
+            return Ok(None);
         }
         Mode::Plan => {
             let check = edge_agent::plan::check(&vm, &target, &opts).await?;
@@ -672,7 +822,7 @@ async fn migrate_cmd_with(a: MigrateArgs, mode: Mode, qmp: Option<PathBuf>) -> a
                     check.problems.len()
                 );
             }
-            return Ok(());
+            return Ok(None);
         }
     }
     let sink: Arc<dyn ProgressSink> = if json {
@@ -698,7 +848,7 @@ async fn migrate_cmd_with(a: MigrateArgs, mode: Mode, qmp: Option<PathBuf>) -> a
         }
         println!("{}", summary.to_text());
     }
-    Ok(())
+    Ok(Some(summary))
 }
 
 /// A pass (or the switchover) of a replication whose source QEMU runs behind `socket`:
@@ -725,7 +875,8 @@ async fn qemu_pass(
     let mut qemu = edge_agent::tracking::QemuSource::connect(socket, vm, chunk_size, &record).await?;
     if switchover {
         match qemu.stop().await {
-            Ok(at) => opts.source_stopped = at,
+            // The downtime counts from here (the stop itself takes milliseconds).
+            Ok(at) => opts.switchover.source_stopped_at = at.map(|_| std::time::Instant::now()),
             Err(e) => {
                 qemu.close().await;
                 return Err(e.into());

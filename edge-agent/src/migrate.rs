@@ -24,7 +24,7 @@ use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use gateway::chunk::{is_zero, Sealer};
 use gateway::plan::{DiskFormat, DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
@@ -80,10 +80,24 @@ pub struct MigrateOptions {
     pub retry_for: Duration,
     /// A cold lift, or a pass of a replication.
     pub replication: Replication,
-    /// When the source was stopped for a switchover (`edge-agent switchover --qmp`
-    /// stops a QEMU source itself): the start of the VM's downtime. `None`: not
-    /// known here (a source the operator powered off).
-    pub source_stopped: Option<SystemTime>,
+    /// A switchover: what to ask of the cloud beyond the commit.
+    pub switchover: SwitchoverOptions,
+    /// A replication pass: set (`Some(Some)`, Unix seconds) or clear (`Some(None)`) the
+    /// scheduled switchover the cloud holds.
+    pub schedule: Option<Option<i64>>,
+}
+
+/// What `edge-agent switchover` asks beyond the commit (see docs/replication.md).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SwitchoverOptions {
+    /// Power the VM on in the cloud once it is registered.
+    pub power_on: bool,
+    /// Make the switchover final at once (no rollback).
+    pub confirm: bool,
+    /// When the edge stopped the source, if it did (through QMP, say): the downtime
+    /// counts from there. `None`: the operator stopped it before, and the downtime
+    /// counts from the start of the switchover ([`run`]'s call).
+    pub source_stopped_at: Option<Instant>,
 }
 
 /// What a run does with the cloud's copy (see docs/replication.md).
@@ -118,7 +132,8 @@ impl Default for MigrateOptions {
             state_dir: None,
             retry_for: Duration::from_secs(300),
             replication: Replication::Off,
-            source_stopped: None,
+            switchover: SwitchoverOptions::default(),
+            schedule: None,
         }
     }
 }
@@ -350,6 +365,16 @@ impl RunState {
         }
     }
 
+    /// The switchover awaits confirmation: the record says so (see [`end_switchover`]).
+    fn mark_switched_over(&self, header: Option<Header>) {
+        let r = self.records.lock().expect("records lock poisoned");
+        if let (Some(c), Some(header)) = (r.checkpoint.as_ref(), header) {
+            if let Err(e) = c.rewrite_header(&header) {
+                tracing::warn!(error = %e, path = %c.path().display(), "cannot mark the switchover in the checkpoint; `edge-agent rollback` will not find it");
+            }
+        }
+    }
+
     fn remove_checkpoint(&self) {
         if let Some(c) = self.records.lock().expect("records lock poisoned").checkpoint.as_mut() {
             c.remove();
@@ -488,8 +513,11 @@ pub async fn run_pass(
         started: time_now(),
         replica: opts.replication != Replication::Off,
         frozen_chains: Vec::new(),
+        switched_over: None,
     };
     let mut resume: Option<(String, Vec<DoneChunk>)> = None;
+    // The record as loaded: a switchover that awaits confirmation is marked in it.
+    let mut loaded_header: Option<Header> = None;
     let mut ckpt = opts
         .state_dir
         .as_deref()
@@ -502,6 +530,14 @@ pub async fn run_pass(
             ))
         })?;
         if let Some((recorded, done)) = loaded {
+            if let Some(vm_id) = &recorded.switched_over {
+                return Err(MigrateError::Target(format!(
+                    "{} was switched over to {vm_id} (migration {}), which awaits confirmation: run `edge-agent confirm` \
+                     to make it final, or `edge-agent rollback` to power the cloud VM off and go back to replicating",
+                    vm.vmx_path.display(),
+                    recorded.migration_id
+                )));
+            }
             match (recorded.replica, opts.replication) {
                 (false, Replication::Off) => check_unchanged(&recorded, &header, &plan, &disks, &done, c.path())?,
                 (true, Replication::Off) => {
@@ -538,7 +574,8 @@ pub async fn run_pass(
             // refuses (another user's, or one whose role may not migrate) must leave the
             // owner's record as it found it.
             tracing::info!(migration = %recorded.migration_id, recorded_chunks = done.len(), "resuming from the checkpoint");
-            resume = Some((recorded.migration_id, done));
+            resume = Some((recorded.migration_id.clone(), done));
+            loaded_header = Some(recorded);
         }
     }
     if opts.replication == Replication::Switchover && resume.is_none() {
@@ -599,10 +636,23 @@ pub async fn run_pass(
         .await;
         let (e, migration_id, progressed) = match outcome {
             Ok(mut summary) => {
+                let awaiting_confirm = summary.switchover.as_ref().map_or(
+                    opts.replication == Replication::Switchover && !opts.switchover.confirm,
+                    |s| s.awaiting_confirm,
+                );
                 if opts.replication == Replication::Sync {
                     // The next pass compares against what this one recorded.
                     run.flush();
                     run.passed();
+                } else if awaiting_confirm {
+                    // Kept for `edge-agent rollback`: after one, the next pass compares
+                    // against what this last pass recorded.
+                    run.flush();
+                    let header = loaded_header.clone().map(|h| Header {
+                        switched_over: Some(summary.vm_id.clone()),
+                        ..h
+                    });
+                    run.mark_switched_over(header);
                 } else {
                     run.remove_checkpoint();
                 }
@@ -799,6 +849,131 @@ pub async fn abort(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> Res
     }
 }
 
+/// Rolls back (`confirm: false`) or confirms the switchover recorded for `vm` and
+/// `target` in `opts.state_dir` as awaiting confirmation. A rollback: the cloud powers its
+/// VM off before it answers, unregisters it and keeps its disks as the replica; the
+/// record stays, so that `edge-agent replicate` goes on, and the receipt file is renamed
+/// `.superseded`. A confirmation: final; the record is removed. Returns what the cloud
+/// did; a refusal changes nothing, here or there.
+pub async fn end_switchover(
+    vm: &SourceVm,
+    target: &Target,
+    opts: &MigrateOptions,
+    confirm: bool,
+) -> Result<String, MigrateError> {
+    let plan = build_plan(vm, opts);
+    let endpoint = target.addr.to_string();
+    let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
+    let mut ckpt = Checkpoint::at(&dir, &vm.vmx_path, &endpoint, &plan.vm.name);
+    let loaded = ckpt
+        .load()
+        .map_err(|e| MigrateError::Target(format!("cannot read the checkpoint {}: {e}", ckpt.path().display())))?;
+    let verb = if confirm { "confirm" } else { "roll back" };
+    let Some((header, _)) = loaded.filter(|(h, _)| h.switched_over.is_some()) else {
+        return Err(MigrateError::Target(format!(
+            "no switchover of {} to {endpoint} as {:?} awaiting confirmation is recorded in {}; nothing to {verb} \
+             (a switchover run with --confirm is final)",
+            vm.vmx_path.display(),
+            plan.vm.name,
+            dir.display()
+        )));
+    };
+    let plan = match gateway::wire::control::decode::<MigrationPlan>(&header.plan) {
+        Ok(gateway::wire::Decoded::Frame(p, _)) => p,
+        _ => plan,
+    };
+    let id = header.migration_id.clone();
+    let (endpoint_conn, conn) = target.connect(&opts.tuning).await?;
+    let mut s = SenderSession::ending_switchover(
+        SenderConfig::new(&opts.agent, &target.user, &target.password),
+        plan,
+        id.clone(),
+        confirm,
+        Instant::now(),
+    )?;
+    let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
+    let mut writer = ControlWriter::open(send, true).await?;
+    let mut reader = ControlReader::open(recv, false).await?;
+    let outcome: Result<String, MigrateError> = async {
+        loop {
+            while let Some(msg) = s.poll_transmit(Instant::now()) {
+                writer.send(&msg).await?;
+            }
+            while let Some(event) = s.poll_event() {
+                if let SenderEvent::SwitchoverEnded { message } = event {
+                    return Ok(message);
+                }
+            }
+            if let Some(e) = s.error() {
+                return Err(MigrateError::from(e.clone()));
+            }
+            let wait = s
+                .poll_timeout()
+                .map_or(Duration::from_secs(60), |d| d.saturating_duration_since(Instant::now()));
+            let Ok(msg) = tokio::time::timeout(wait, reader.recv::<CloudMessage>()).await else {
+                s.handle_timeout(Instant::now());
+                continue;
+            };
+            match msg {
+                // A refusal is kept by the session and returned above.
+                Ok(Some(msg)) => {
+                    let _ = s.handle_control(msg, Instant::now());
+                }
+                Ok(None) => {
+                    return Err(MigrateError::Target(format!(
+                    "the endpoint ended the connection before it said whether it could {verb} the switchover of {id}; \
+                         run the same command again"
+                )))
+                }
+                Err(e) => return Err(refine(e.into())),
+            }
+        }
+    }
+    .await;
+    writer.finish();
+    conn.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint_conn.wait_idle()).await;
+    match outcome {
+        Ok(message) if confirm => {
+            ckpt.remove();
+            Ok(message)
+        }
+        Ok(message) => {
+            let back = Header {
+                switched_over: None,
+                ..header
+            };
+            let kept = ckpt.rewrite_header(&back).map_err(|e| {
+                MigrateError::Target(format!(
+                    "{message}\nbut the record {} cannot be updated ({e}): fix the folder, then run `edge-agent \
+                     rollback` again (the endpoint answers that it is rolled back already)",
+                    ckpt.path().display()
+                ))
+            });
+            kept?;
+            let mut said = message;
+            if let Some(receipt) = opts.receipt_path.as_deref().filter(|p| p.is_file()) {
+                let superseded = receipt.with_extension("json.superseded");
+                if std::fs::rename(receipt, &superseded).is_ok() {
+                    said.push_str(&format!(
+                        "\nthe receipt {} no longer states the cloud's VM: kept as {}",
+                        receipt.display(),
+                        superseded.display()
+                    ));
+                }
+            }
+            Ok(said)
+        }
+        Err(MigrateError::Refused { code, problems }) => Err(MigrateError::Target(format!(
+            "the endpoint refused to {verb} the switchover of {id}: {}\n  - {}\nnothing was changed; the record {} is kept",
+            crate::refusal_head(code),
+            problems.join("\n  - "),
+            ckpt.path().display()
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
 /// The error as returned (the match above borrows it).
 fn e_into(e: &MigrateError) -> MigrateError {
     match e {
@@ -832,6 +1007,14 @@ fn cloud_discarded(e: &MigrateError) -> bool {
         MigrateError::SourceDamaged { discarded, .. } => *discarded,
         _ => false,
     }
+}
+
+/// Unix seconds as RFC 3339 UTC.
+pub fn rfc3339(unix: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }
 
 fn time_now() -> String {
@@ -939,8 +1122,20 @@ async fn attempt(
         None => SenderSession::new(config, plan.clone(), Instant::now()),
     }
     .map_err(|e| (e.into(), None, false))?;
-    if opts.replication == Replication::Sync {
-        session.finish_as_replica();
+    match opts.replication {
+        Replication::Sync => {
+            session.finish_as_replica();
+            if let Some(at) = opts.schedule {
+                session.schedule(at);
+            }
+        }
+        Replication::Switchover => session.finish_as_switchover(
+            opts.switchover.power_on,
+            opts.switchover.confirm,
+            opts.switchover.source_stopped_at.unwrap_or(started),
+            opts.switchover.source_stopped_at.is_some(),
+        ),
+        Replication::Off => {}
     }
     let shared = Arc::new(Shared {
         session: Mutex::new(session),
@@ -1026,6 +1221,18 @@ async fn attempt(
                 report: s.report().cloned(),
                 replica: synced,
                 snapshots: run.tracking.notes.clone(),
+                switchover_at: s.scheduled_switchover().and_then(rfc3339),
+                switchover: s.switchover_outcome().map(|o| crate::report::SwitchoverReport {
+                    powered_on: o.powered_on,
+                    power_error: o.power_error.clone(),
+                    downtime_ms: o.downtime_ms,
+                    downtime_from: if opts.switchover.source_stopped_at.is_some() {
+                        "source stopped by the edge"
+                    } else {
+                        "switchover started"
+                    },
+                    awaiting_confirm: o.awaiting_confirm,
+                }),
             })
         }
         Err(e) => {
@@ -1347,12 +1554,16 @@ async fn control_reader(
                     return Ok((vm_id, vm_path, migration_id));
                 }
                 // A replication pass: the replica is kept, no VM is registered.
-                SenderEvent::Synced { delta_bytes } => {
-                    tracing::info!(migration = %migration_id, delta_bytes, "replica in sync");
+                SenderEvent::Synced {
+                    delta_bytes,
+                    switchover_at,
+                } => {
+                    tracing::info!(migration = %migration_id, delta_bytes, ?switchover_at, "replica in sync");
                     return Ok((String::new(), String::new(), migration_id));
                 }
-                // Only a session made to validate a plan (`edge-agent plan`) has it.
-                SenderEvent::Validated(_) => {}
+                // Only a session made to validate a plan (`edge-agent plan`), or to roll
+                // back or confirm a switchover, has them.
+                SenderEvent::Validated(_) | SenderEvent::SwitchoverEnded { .. } => {}
             }
         }
         drop(s);

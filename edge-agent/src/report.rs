@@ -90,6 +90,30 @@ pub struct Summary {
     /// the last pass, or why every chunk was compared.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<String>,
+    /// A replication pass: the scheduled switchover the cloud holds (RFC 3339 UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchover_at: Option<String>,
+    /// A switchover: whether the cloud powered the VM on, the downtime, and whether it
+    /// awaits `edge-agent confirm` (or `rollback`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchover: Option<SwitchoverReport>,
+}
+
+/// What a switchover did beyond the commit.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwitchoverReport {
+    pub powered_on: bool,
+    /// Why the power-on asked for failed (the VM is registered, powered off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_error: Option<String>,
+    /// From `downtime_from` to the VM running in the cloud, as the endpoint measured it
+    /// (the edge's part stated in its request); absent when the VM was not powered on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// `source stopped by the edge`, or `switchover started` (the operator had stopped
+    /// the source before).
+    pub downtime_from: &'static str,
+    pub awaiting_confirm: bool,
 }
 
 impl Summary {
@@ -172,6 +196,38 @@ impl Summary {
                 "\nreceipt:        {} (signed by the endpoint; check it with `edge-agent verify-receipt`)",
                 path.display()
             ));
+        }
+        if let Some(at) = &self.switchover_at {
+            text.push_str(&format!(
+                "\nswitchover:     scheduled at {at} (held by the endpoint; the first pass at or after it switches over)"
+            ));
+        }
+        if let Some(s) = &self.switchover {
+            match (s.powered_on, s.downtime_ms, &s.power_error) {
+                (true, Some(ms), _) => text.push_str(&format!(
+                    "\npowered on:     {} runs in the cloud\ndowntime:       {:.2} s, from the {} to the VM running in the cloud",
+                    self.vm_id,
+                    ms as f64 / 1000.0,
+                    if s.downtime_from == "switchover started" {
+                        "switchover's start (the source was stopped before it)"
+                    } else {
+                        "source's stop by the edge"
+                    }
+                )),
+                (_, _, Some(why)) => text.push_str(&format!(
+                    "\npowered on:     no: {why}; the VM is registered, powered off: power it on through the API"
+                )),
+                _ => text.push_str(&format!(
+                    "\npowered on:     no (not asked: --power-on); power {} on through the API",
+                    self.vm_id
+                )),
+            }
+            text.push_str(if s.awaiting_confirm {
+                "\nconfirm:        awaiting: `edge-agent confirm` makes it final; `edge-agent rollback` powers the \
+                 cloud VM off and keeps its disks as the replica (keep the source until you confirm)"
+            } else {
+                "\nconfirm:        confirmed: final, no rollback"
+            });
         }
         if let Some(report) = &self.report {
             text.push('\n');

@@ -127,7 +127,8 @@ pub fn receiver(data: &[u8]) {
                     session.plan_checked(Err((crate::wire::RefusalCode::PlanRejected, vec![])))
                 }
                 ReceiverEvent::AbortMigration { .. } => session.migration_aborted(Ok(())),
-                ReceiverEvent::KeepReplica { .. } => session.replica_kept(Ok(())),
+                ReceiverEvent::KeepReplica { .. } => session.replica_kept(Ok(None)),
+                ReceiverEvent::EndSwitchover { .. } => session.switchover_ended(Ok(String::new())),
             }
         }
         while session.poll_transmit().is_some() {}

@@ -158,7 +158,7 @@ async fn a_running_vm_is_replicated_then_switched_over_sending_only_what_changed
     // The last writes before the power-off, then the switchover: one chunk sent, the
     // VM registered, identical to the source, with a receipt that verifies.
     guest_writes(&disk, &[14 * MIB as u64 + 10], 100, 2);
-    let done = summary(run(edge(&["switchover"])).await);
+    let done = summary(run(edge(&["switchover", "--confirm"])).await);
     assert_eq!(done["sent_bytes"].as_u64().unwrap(), CHUNK, "{done}");
     assert!(done.get("replica").is_none(), "{done}");
     assert!(done["vm_id"].as_str().unwrap().starts_with("vm-"), "{done}");

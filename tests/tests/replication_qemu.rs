@@ -119,7 +119,7 @@ impl Setup {
     /// source's, no bitmap of ours is left in the source image, and the receipt verifies
     /// with nothing left in the state folder.
     async fn switch_over(mut self, name: &str) -> Value {
-        let done = summary(&run(self.edge(&["switchover"])).await);
+        let done = summary(&run(self.edge(&["switchover", "--confirm"])).await);
         assert!(done["vm_id"].as_str().unwrap().starts_with("vm-"), "{done}");
         let quit = eventually(30, || self.source.process.0.try_wait().unwrap()).await;
         assert!(quit.is_some(), "the source QEMU quit after the commit");

@@ -143,7 +143,7 @@ async fn a_running_vmware_vm_syncs_only_the_grains_of_its_frozen_snapshot_deltas
     // grains (one written, one zeroed), and the copy is the chain as the VM sees it.
     qemu_io(&second, &["write -P 0x32 9M 64k", "write -z 14M 64k"]);
     std::fs::remove_dir(src.join("db02.vmx.lck")).unwrap();
-    let done = summary(run(edge(&["switchover"])).await);
+    let done = summary(run(edge(&["switchover", "--confirm"])).await);
     assert_eq!(done["read_bytes"].as_u64().unwrap(), 3 * CHUNK, "{done}");
     assert_eq!(done["sent_bytes"].as_u64().unwrap(), 2 * CHUNK, "{done}");
     assert!(done["vm_id"].as_str().unwrap().starts_with("vm-"), "{done}");

@@ -28,21 +28,147 @@ pub fn get_migration(domain: &Domain, id: &str) -> Result<MigrationRecord, ApiEr
 }
 
 /// A replication's state as an operator reads it: a pass running now, or waiting for the
-/// next one (in sync as of its last pass), and how old that is.
-fn replica_state(domain: &Domain, m: &mut MigrationRecord) {
+/// next one (in sync as of its last pass), and how old that is; a switchover running,
+/// awaiting confirmation, done or rolled back; and the forecast of a switchover.
+pub(crate) fn replica_state(domain: &Domain, m: &mut MigrationRecord) {
+    use crate::inventory::switchover::{AWAITING_CONFIRM, ROLLED_BACK, ROLLING_BACK};
     let running = m.state == "RUNNING" && domain.live.is_live(&m.id);
-    if let Some(r) = m.replica.as_mut() {
-        r.state = Some(if m.state != "RUNNING" {
-            "done"
-        } else if running {
-            "syncing"
-        } else {
-            "in sync"
-        });
-        r.lag_seconds = time::OffsetDateTime::parse(&r.last_sync, &time::format_description::well_known::Rfc3339)
-            .ok()
-            .map(|t| (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0));
+    let Some(r) = m.replica.as_mut() else {
+        return;
+    };
+    r.state = Some(match (m.state.as_str(), r.switchover_state.as_deref()) {
+        ("SUCCEEDED", Some(AWAITING_CONFIRM)) => "switched over (awaiting confirm)",
+        ("SUCCEEDED", Some(ROLLING_BACK)) => "rolling back",
+        ("SUCCEEDED", _) => "done",
+        ("RUNNING", _) if domain.live.is_switching(&m.id) => "switching over",
+        ("RUNNING", _) if running => "syncing",
+        ("RUNNING", Some(ROLLED_BACK)) => "rolled back",
+        ("RUNNING", _) => "in sync",
+        _ => "failed",
+    });
+    if m.state != "RUNNING" {
+        return;
     }
+    let now = time::OffsetDateTime::now_utc();
+    let parse = |t: &str| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok();
+    r.lag_seconds = parse(&r.last_sync).map(|t| (now - t).whole_seconds().max(0));
+    // A switchover is a last pass plus the commit: without changed-block tracking it
+    // reads the whole source as the last pass did and, the source stopped, sends about
+    // what changed since (assumed as much as the last pass sent: D bytes at the last
+    // pass's rate D / S, so S), then reads the replica back as the last pass did (R).
+    if let (Some(pass), Some(read_back)) = (r.last_pass_ms, r.last_read_back_ms) {
+        let seconds = (pass + read_back).div_ceil(1000).max(1);
+        r.forecast_switchover_seconds = Some(seconds);
+        let start = r
+            .switchover_at
+            .as_deref()
+            .and_then(parse)
+            .filter(|&at| at > now)
+            .unwrap_or(now);
+        let done = start + time::Duration::seconds(i64::try_from(seconds).unwrap_or(i64::MAX / 2));
+        r.forecast_done_at = Some(crate::inventory::timestamp(done));
+    }
+}
+
+/// The body of `PATCH /api/gateway/migrations/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrationPatch {
+    /// RFC 3339 (`2026-12-07T02:00:00Z`), or null to clear it. Required.
+    switchover_at: Option<String>,
+}
+
+/// Sets or clears the scheduled switchover of a RUNNING replication: the edge learns it
+/// at its next pass (`Synced`) and switches over at the first pass at or after it. A
+/// MigrationOperator sets their own replications', an Administrator anyone's.
+pub fn patch_migration(
+    domain: &Domain,
+    principal: &crate::inventory::Principal,
+    id: &str,
+    body: &[u8],
+) -> Result<MigrationRecord, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid_argument(format!(
+            "the body is not JSON ({e}); send {{\"switchover_at\": \"2026-12-07T02:00:00Z\"}} or {{\"switchover_at\": null}}"
+        ))
+    })?;
+    if value.get("switchover_at").is_none() {
+        return Err(ApiError::invalid_argument(
+            "the body must set switchover_at: an RFC 3339 time such as \"2026-12-07T02:00:00Z\", or null to clear it",
+        ));
+    }
+    let patch: MigrationPatch = serde_json::from_value(value).map_err(|e| {
+        ApiError::invalid_argument(format!(
+            "{e}: switchover_at is the only field that can be changed, an RFC 3339 time or null"
+        ))
+    })?;
+    let at = match patch.switchover_at.as_deref() {
+        None => None,
+        Some(text) => {
+            let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).map_err(|e| {
+                ApiError::invalid_argument(format!(
+                    "switchover_at {text:?} is not an RFC 3339 time ({e}); write it like 2026-12-07T02:00:00Z"
+                ))
+            })?;
+            Some(crate::inventory::timestamp(t.to_offset(time::UtcOffset::UTC)))
+        }
+    };
+    let record = owned_migration(domain, principal, id, "schedule switchovers of")?;
+    if record.state != "RUNNING" || record.replica.is_none() {
+        return Err(ApiError::invalid_argument(format!(
+            "migration {id} is {}{}: only a RUNNING replication whose first pass ended has a switchover to schedule",
+            record.state,
+            if record.replica.is_none() {
+                ", not a replication"
+            } else {
+                ""
+            }
+        )));
+    }
+    domain
+        .inventory
+        .set_switchover_at(id, at.as_deref())
+        .map_err(|e| match e {
+            e @ (crate::inventory::InventoryError::Invalid(_)
+            | crate::inventory::InventoryError::MigrationNotRunning { .. }) => {
+                ApiError::invalid_argument(e.to_string())
+            }
+            other => ApiError::from(other),
+        })?;
+    get_migration(domain, id)
+}
+
+/// The record of migration `id` if `principal` may act on it as an operator: their own
+/// migration with a role that migrates, or any as an Administrator.
+fn owned_migration(
+    domain: &Domain,
+    principal: &crate::inventory::Principal,
+    id: &str,
+    what: &str,
+) -> Result<MigrationRecord, ApiError> {
+    if !principal.role.may_migrate() {
+        return Err(ApiError::new(
+            crate::api::error::ErrorKind::Unauthorized,
+            format!(
+                "user {} has role {}, which may not {what} migrations; ask a MigrationOperator or Administrator",
+                principal.user,
+                principal.role.as_str()
+            ),
+        ));
+    }
+    let record = get_migration(domain, id)?;
+    if principal.role != crate::config::Role::Administrator && record.user != principal.user {
+        return Err(ApiError::new(
+            crate::api::error::ErrorKind::Unauthorized,
+            format!(
+                "migration {id} was started by {}; user {} (role {}) may {what} only their own migrations: ask an Administrator",
+                record.user,
+                principal.user,
+                principal.role.as_str()
+            ),
+        ));
+    }
+    Ok(record)
 }
 
 /// The signed receipt of a migration, exactly as the endpoint issued it to the edge.

@@ -37,6 +37,12 @@ pub struct TaskInfo {
     /// What went wrong, in the API's error shape, when FAILED.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
+    /// A replication: its state (syncing, in sync, switching over, switched over
+    /// (awaiting confirm), done, rolled back), last sync, lag, last delta, scheduled and
+    /// forecast switchover, as `GET /api/gateway/migrations/{id}` shows it (vSphere's task
+    /// has no such field; clients that do not know it ignore it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::inventory::ReplicaRecord>,
 }
 
 /// vAPI's `localizable_message`.
@@ -95,13 +101,16 @@ impl From<ErrorBody<'_>> for TaskError {
 
 /// The task of migration `id`; NOT_FOUND if there is none.
 pub fn get(domain: &Domain, id: &str) -> Result<TaskInfo, ApiError> {
-    let record = domain.inventory.migration(id)?.ok_or_else(|| {
+    let mut record = domain.inventory.migration(id)?.ok_or_else(|| {
         ApiError::not_found(format!(
             "task {id} is not in the inventory; tasks are migrations, named by their migration id (migration-N)"
         ))
     })?;
+    super::gateway::replica_state(domain, &mut record);
     let mut task = TaskInfo::from_record(&record);
-    if record.state == "RUNNING" {
+    if let (Some(r), "RUNNING") = (&record.replica, record.state.as_str()) {
+        task.progress.message.default_message = replication_message(&record.vm_name, r);
+    } else if record.state == "RUNNING" {
         if let Some(bytes) = domain.live.progress(id) {
             task.progress.completed = bytes.min(task.progress.total);
             let waiting = if domain.live.is_live(id) {
@@ -168,8 +177,28 @@ impl TaskInfo {
                 },
             },
             error,
+            replication: m.replica.clone(),
         }
     }
+}
+
+/// A RUNNING replication's progress as one line: its state, how old the replica is, and
+/// its switchover.
+fn replication_message(vm: &str, r: &crate::inventory::ReplicaRecord) -> String {
+    let mut line = format!(
+        "replicating {vm} into the cloud domain: {}; last sync {} ({} s ago, {} bytes changed)",
+        r.state.unwrap_or("in sync"),
+        r.last_sync,
+        r.lag_seconds.unwrap_or(0),
+        r.last_delta_bytes
+    );
+    match (&r.switchover_at, r.forecast_switchover_seconds) {
+        (Some(at), Some(s)) => line += &format!("; switchover scheduled at {at}, forecast to take {s} s"),
+        (Some(at), None) => line += &format!("; switchover scheduled at {at}"),
+        (None, Some(s)) => line += &format!("; a switchover now is forecast to take {s} s"),
+        (None, None) => {}
+    }
+    line
 }
 
 /// An inventory time (RFC 3339 in UTC, 0 to 9 fraction digits) with exactly three

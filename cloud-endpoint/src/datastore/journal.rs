@@ -63,24 +63,26 @@ impl Journal {
 
     /// Appends `batch` and makes it durable. The caller has already synced the disks.
     pub fn append(&self, batch: &Unsynced) -> io::Result<()> {
-        let mut buf = Vec::with_capacity(RECORD * (batch.chunks.len() + batch.zero_runs.len()));
-        let mut record = |disk: u16, kind: u8, offset: u64, count: u64, hash: &[u8; 32]| {
-            buf.extend_from_slice(&disk.to_be_bytes());
-            buf.push(kind);
-            buf.extend_from_slice(&[0; 5]);
-            buf.extend_from_slice(&offset.to_be_bytes());
-            buf.extend_from_slice(&count.to_be_bytes());
-            buf.extend_from_slice(hash);
-        };
-        for (disk, offset, hash) in &batch.chunks {
-            record(*disk, DATA, *offset, 1, hash);
-        }
-        for (disk, offset, count) in &batch.zero_runs {
-            record(*disk, ZERO_RUN, *offset, *count, &[0; 32]);
-        }
+        let buf = records(batch);
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         file.write_all(&buf)?;
         file.sync_data()
+    }
+
+    /// Replaces the journal in `dir` with one holding exactly `batch`: written beside it,
+    /// made durable, then renamed over it, so a crash leaves the old journal or the new
+    /// one. A rollback uses it to forget chunks the cloud VM changed.
+    pub fn replace(dir: &Path, batch: &Unsynced) -> Result<(), DatastoreError> {
+        let path = dir.join(JOURNAL_FILE);
+        let next = dir.join(format!("{JOURNAL_FILE}.next"));
+        let written = (|| {
+            let mut file = File::create(&next)?;
+            file.write_all(&records(batch))?;
+            file.sync_all()?;
+            std::fs::rename(&next, &path)?;
+            File::open(dir)?.sync_all()
+        })();
+        written.map_err(io_err("replace journal", &path))
     }
 
     /// What the journal holds: one table per disk of `plan`, each chunk's plaintext hash
@@ -143,6 +145,26 @@ impl Journal {
         }
         Ok(tables)
     }
+}
+
+/// The records of `batch`, in the journal's layout.
+fn records(batch: &Unsynced) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(RECORD * (batch.chunks.len() + batch.zero_runs.len()));
+    let mut record = |disk: u16, kind: u8, offset: u64, count: u64, hash: &[u8; 32]| {
+        buf.extend_from_slice(&disk.to_be_bytes());
+        buf.push(kind);
+        buf.extend_from_slice(&[0; 5]);
+        buf.extend_from_slice(&offset.to_be_bytes());
+        buf.extend_from_slice(&count.to_be_bytes());
+        buf.extend_from_slice(hash);
+    };
+    for (disk, offset, hash) in &batch.chunks {
+        record(*disk, DATA, *offset, 1, hash);
+    }
+    for (disk, offset, count) in &batch.zero_runs {
+        record(*disk, ZERO_RUN, *offset, *count, &[0; 32]);
+    }
+    buf
 }
 
 #[cfg(test)]

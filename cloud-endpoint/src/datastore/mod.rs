@@ -495,6 +495,14 @@ pub fn marked_by(folder: &Path) -> Option<String> {
     fs::read_to_string(folder.join(MIGRATION_MARK)).ok()
 }
 
+/// Marks a VM folder as `migration_id`'s (as [`Staging::mark`] marks a staging folder),
+/// so that a restart that finds it moving back into staging knows whose it is.
+pub fn mark_folder(folder: &Path, migration_id: &str) -> Result<(), DatastoreError> {
+    let path = folder.join(MIGRATION_MARK);
+    fs::write(&path, migration_id).map_err(io_err("write", &path))?;
+    sync_path(folder)
+}
+
 /// Removes what only a commit in progress needs from a VM folder now registered: the
 /// journal and the mark. Missing files are fine (a restart may finish this twice).
 pub fn remove_commit_leftovers(folder: &Path) -> Result<(), DatastoreError> {

@@ -48,6 +48,11 @@ pub enum HostError {
     #[error("VM {vm} is {state}; power it on first")]
     NotRunning { vm: String, state: &'static str },
     #[error(
+        "VM {vm} is not powered on: the switchover of migration {migration} is being rolled back, and the VM must \
+         never run in the cloud while its source may run again; replicate and switch over again to run it here"
+    )]
+    RolledBack { vm: String, migration: String },
+    #[error(
         "VM {vm} needs {need} MiB of memory; the host has {host} MiB and its powered-on VMs use {used} MiB; \
          power off another VM or raise the host's memory_mib"
     )]
@@ -185,6 +190,19 @@ impl Hosts {
             return Err(HostError::AlreadyInState {
                 vm: vm_id.to_owned(),
                 state: POWERED_ON,
+            });
+        }
+        // Checked under the power lock: a rollback marks the migration before it powers
+        // the VM off, so no power-on slips in between.
+        let d = domain.clone();
+        let id = vm_id.to_owned();
+        let blocked = tokio::task::spawn_blocking(move || d.inventory.power_on_blocked(&id))
+            .await
+            .map_err(|e| HostError::Worker(e.to_string()))??;
+        if let Some(migration) = blocked {
+            return Err(HostError::RolledBack {
+                vm: vm_id.to_owned(),
+                migration,
             });
         }
         // Live migrations' destinations count from their plan's acceptance.

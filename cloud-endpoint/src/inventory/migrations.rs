@@ -5,6 +5,16 @@ use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::{next_number, now, Inventory, InventoryError, MigrationRecord, Principal};
 
+/// How long a replication pass took, as the endpoint measured it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassTimes {
+    /// From the edge's login to its `SyncDone`: reading and hashing the source, sending
+    /// what changed.
+    pub pass_ms: u64,
+    /// The read-back of the replica before it was kept.
+    pub read_back_ms: u64,
+}
+
 /// What the endpoint recorded to let an edge resume a migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResumeInfo {
@@ -26,7 +36,9 @@ pub struct ResumeInfo {
 const SELECT_MIGRATION: &str =
     "SELECT id, vm_name, user_name, edge, state, error, vm, started, finished, logical_bytes,
         EXISTS (SELECT 1 FROM receipt r WHERE r.migration = migration.id),
-        replica_syncs, replica_synced, replica_delta_bytes
+        replica_syncs, replica_synced, replica_delta_bytes,
+        switchover_at, switchover_state, downtime_ms, downtime_from, replica_pass_ms, replica_read_back_ms,
+        (SELECT COUNT(*) FROM superseded_receipt s WHERE s.migration = migration.id)
     FROM migration";
 
 fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
@@ -49,6 +61,15 @@ fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
                 last_delta_bytes: row.get::<_, Option<u64>>(13)?.unwrap_or(0),
                 state: None,
                 lag_seconds: None,
+                switchover_at: row.get(14)?,
+                switchover_state: row.get(15)?,
+                downtime_ms: row.get(16)?,
+                downtime_from: row.get(17)?,
+                last_pass_ms: row.get(18)?,
+                last_read_back_ms: row.get(19)?,
+                forecast_switchover_seconds: None,
+                forecast_done_at: None,
+                superseded_receipts: row.get(20)?,
             }),
             None => None,
         },
@@ -291,8 +312,17 @@ impl Inventory {
     }
 
     /// A pass of the replication `migration_id` ended with its replica read back and
-    /// durable: `delta_bytes` were written by it.
-    pub fn record_replica_sync(&self, migration_id: &str, delta_bytes: u64) -> Result<(), InventoryError> {
+    /// durable: `delta_bytes` were written by it, in `pass` (the edge's login to its
+    /// `SyncDone`) and `read_back` (the read-back). `schedule` is the edge's change to the
+    /// scheduled switchover, if it sent one (`Some(None)` clears it). A rollback's state
+    /// ends here: the replica is in sync again. Returns the scheduled switchover held now.
+    pub fn record_replica_sync(
+        &self,
+        migration_id: &str,
+        delta_bytes: u64,
+        pass: PassTimes,
+        schedule: Option<Option<&str>>,
+    ) -> Result<Option<String>, InventoryError> {
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let (state, _) = state_of(&tx, migration_id)?;
@@ -304,11 +334,23 @@ impl Inventory {
             }
             tx.execute(
                 "UPDATE migration SET replica_syncs = replica_syncs + 1, replica_synced = ?2,
-                     replica_delta_bytes = ?3 WHERE id = ?1",
-                params![migration_id, now(), delta_bytes],
+                     replica_delta_bytes = ?3, replica_pass_ms = ?4, replica_read_back_ms = ?5,
+                     switchover_state = NULL WHERE id = ?1",
+                params![migration_id, now(), delta_bytes, pass.pass_ms, pass.read_back_ms],
+            )?;
+            if let Some(at) = schedule {
+                tx.execute(
+                    "UPDATE migration SET switchover_at = ?2 WHERE id = ?1",
+                    params![migration_id, at],
+                )?;
+            }
+            let held: Option<String> = tx.query_row(
+                "SELECT switchover_at FROM migration WHERE id = ?1",
+                [migration_id],
+                |row| row.get(0),
             )?;
             tx.commit()?;
-            Ok(())
+            Ok(held)
         })
     }
 

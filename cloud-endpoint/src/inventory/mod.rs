@@ -16,6 +16,7 @@ mod password;
 mod receipts;
 mod schema;
 mod seed;
+pub mod switchover;
 mod vms;
 
 #[cfg(test)]
@@ -31,7 +32,7 @@ use serde::Serialize;
 use crate::config::{DomainConfig, Role};
 
 pub use firewall::VmFirewall;
-pub use migrations::{CommitMove, PendingCommit, ResumeInfo};
+pub use migrations::{CommitMove, PassTimes, PendingCommit, ResumeInfo};
 pub use password::hash_password;
 
 /// How long a statement waits for a lock held by another connection (another process
@@ -387,6 +388,39 @@ pub struct ReplicaRecord {
     /// Seconds since the last pass ended: how far the replica may be behind the source.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lag_seconds: Option<i64>,
+    /// The scheduled switchover, RFC 3339 UTC: set by `edge-agent replicate
+    /// --switchover-at` or `PATCH /api/gateway/migrations/{id}`; the edge learns it at
+    /// its next pass.
+    pub switchover_at: Option<String>,
+    /// How long the last pass took, from the edge's login to `SyncDone` (reading and
+    /// hashing the source, sending what changed), and its read-back, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_pass_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_read_back_ms: Option<u64>,
+    /// How long a switchover started now would take (its downtime before a power-on),
+    /// forecast from the last pass (see docs/replication.md); filled by the API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast_switchover_seconds: Option<u64>,
+    /// When a switchover would be done: at the scheduled time (or now, if none is
+    /// scheduled or it is past) plus the forecast; filled by the API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast_done_at: Option<String>,
+    /// Where the switchover stands as recorded (`awaiting confirm`, `done`,
+    /// `rolling back`, `rolled back`); `state` says it for the operator.
+    #[serde(skip)]
+    pub switchover_state: Option<String>,
+    /// The last switchover's downtime: from `downtime_from` to the VM running in the
+    /// cloud, in milliseconds (absent when the VM was not powered on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// What the downtime counts from: `source stopped by the edge`, or `switchover
+    /// started` (the operator had stopped the source before).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_from: Option<String>,
+    /// Receipts of switchovers rolled back since: kept, no longer current
+    /// (`GET /api/gateway/migrations/{id}/receipt` gives the current one only).
+    pub superseded_receipts: u64,
 }
 
 /// What a receipt states that only the registering transaction knows.

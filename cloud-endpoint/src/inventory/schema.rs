@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -281,6 +281,29 @@ CREATE TABLE vm_controller (
 ) STRICT;
 ALTER TABLE vm_nic ADD COLUMN address_type TEXT;
 UPDATE vm_nic SET address_type = CASE WHEN mac IS NULL THEN 'generated' ELSE 'static' END;
+"#;
+
+/// The switchover lifecycle of replications: the scheduled switchover (`switchover_at`,
+/// RFC 3339 UTC, set by the edge or through the API), where a switchover stands
+/// (`switchover_state`: `awaiting confirm`, `done`, `rolling back`, `rolled back`), the
+/// downtime it cost (`downtime_ms`, and `downtime_from`: what the downtime counts from),
+/// each pass's duration and read-back (`replica_pass_ms`, `replica_read_back_ms`, for the
+/// forecast), and the receipts of switchovers rolled back since (`superseded_receipt`):
+/// a receipt is moved there, never changed, so that a migration has one current receipt.
+const V10: &str = r#"
+ALTER TABLE migration ADD COLUMN switchover_at TEXT;
+ALTER TABLE migration ADD COLUMN switchover_state TEXT;
+ALTER TABLE migration ADD COLUMN downtime_ms INTEGER;
+ALTER TABLE migration ADD COLUMN downtime_from TEXT;
+ALTER TABLE migration ADD COLUMN replica_pass_ms INTEGER;
+ALTER TABLE migration ADD COLUMN replica_read_back_ms INTEGER;
+CREATE TABLE superseded_receipt (
+    migration TEXT NOT NULL REFERENCES migration (id),
+    vm TEXT NOT NULL,
+    signed TEXT NOT NULL,
+    created TEXT NOT NULL,
+    superseded TEXT NOT NULL
+) STRICT;
 "#;
 
 /// Applies the missing steps. Refuses a file written by a newer build.

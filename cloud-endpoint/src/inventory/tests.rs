@@ -555,6 +555,10 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          ALTER TABLE migration DROP COLUMN replica_syncs; ALTER TABLE migration DROP COLUMN replica_synced;
          ALTER TABLE migration DROP COLUMN replica_delta_bytes;
          DROP TABLE vm_controller; ALTER TABLE vm_nic DROP COLUMN address_type;
+         ALTER TABLE migration DROP COLUMN switchover_at; ALTER TABLE migration DROP COLUMN switchover_state;
+         ALTER TABLE migration DROP COLUMN downtime_ms; ALTER TABLE migration DROP COLUMN downtime_from;
+         ALTER TABLE migration DROP COLUMN replica_pass_ms; ALTER TABLE migration DROP COLUMN replica_read_back_ms;
+         DROP TABLE superseded_receipt;
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -613,7 +617,12 @@ fn upgrading_a_version_8_file_keeps_what_its_vmx_files_say() {
     // Back to what a version-8 build wrote: no controllers, no address types.
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(
-        "DROP TABLE vm_controller; ALTER TABLE vm_nic DROP COLUMN address_type; PRAGMA user_version = 8;",
+        "DROP TABLE vm_controller; ALTER TABLE vm_nic DROP COLUMN address_type;
+         ALTER TABLE migration DROP COLUMN switchover_at; ALTER TABLE migration DROP COLUMN switchover_state;
+         ALTER TABLE migration DROP COLUMN downtime_ms; ALTER TABLE migration DROP COLUMN downtime_from;
+         ALTER TABLE migration DROP COLUMN replica_pass_ms; ALTER TABLE migration DROP COLUMN replica_read_back_ms;
+         DROP TABLE superseded_receipt;
+         PRAGMA user_version = 8;",
     )
     .unwrap();
     drop(conn);
@@ -809,4 +818,94 @@ fn placement_objects_added_to_the_config_join_an_existing_inventory() {
             (before.host.id.as_str(), before.datastore.id.as_str())
         );
     }
+}
+
+#[test]
+fn a_rolled_back_switchover_is_a_replica_again_and_its_receipt_is_superseded() {
+    use crate::inventory::switchover::{AWAITING_CONFIRM, FROM_SWITCHOVER_START, ROLLED_BACK};
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let mid = inv.begin_migration(&operator(), "edge", "rb01", 1).unwrap();
+    let pass = crate::inventory::PassTimes {
+        pass_ms: 1500,
+        read_back_ms: 500,
+    };
+    // The edge schedules; an API change is what the next pass learns.
+    let held = inv
+        .record_replica_sync(&mid, 10, pass, Some(Some("2026-12-07T02:00:00Z")))
+        .unwrap();
+    assert_eq!(held.as_deref(), Some("2026-12-07T02:00:00Z"));
+    inv.set_switchover_at(&mid, Some("2026-12-07T03:00:00Z")).unwrap();
+    assert_eq!(
+        inv.record_replica_sync(&mid, 0, pass, None).unwrap().as_deref(),
+        Some("2026-12-07T03:00:00Z")
+    );
+    // Switched over, reversible.
+    let first = inv.register_vm(&mid, &new_vm(&inv, "rb01"), fake_receipt).unwrap();
+    inv.record_switchover(&mid, true, Some(2345), FROM_SWITCHOVER_START)
+        .unwrap();
+    let r = inv.migration(&mid).unwrap().unwrap().replica.unwrap();
+    assert_eq!(r.switchover_state.as_deref(), Some(AWAITING_CONFIRM));
+    assert_eq!((r.downtime_ms, r.switchover_at.as_deref()), (Some(2345), None));
+    assert!(
+        inv.set_switchover_at(&mid, None).is_err(),
+        "switched over: nothing to schedule"
+    );
+    assert_eq!(inv.power_on_blocked(&first.vm_id).unwrap(), None);
+
+    // The rollback starts: the host may not power the VM on from now on.
+    assert_eq!(inv.begin_rollback(&mid).unwrap(), first.vm_id);
+    assert_eq!(
+        inv.power_on_blocked(&first.vm_id).unwrap().as_deref(),
+        Some(mid.as_str())
+    );
+    assert!(
+        inv.confirm_switchover(&mid).is_err(),
+        "a rollback under way is not confirmed"
+    );
+    // A VM that could not be powered off: the switchover stands.
+    inv.cancel_rollback(&mid).unwrap();
+    assert_eq!(inv.power_on_blocked(&first.vm_id).unwrap(), None);
+    inv.begin_rollback(&mid).unwrap();
+    let moves = [CommitMove {
+        staging: "/ds/.staging/m".into(),
+        target: "/ds/rb01".into(),
+    }];
+    assert_eq!(inv.finish_rollback(&mid, &moves).unwrap(), first.vm_id);
+    let m = inv.migration(&mid).unwrap().unwrap();
+    assert_eq!(
+        (m.state.as_str(), m.vm.as_deref(), m.has_receipt),
+        ("RUNNING", None, false)
+    );
+    let r = m.replica.unwrap();
+    assert_eq!(
+        (r.switchover_state.as_deref(), r.superseded_receipts),
+        (Some(ROLLED_BACK), 1)
+    );
+    assert!(inv.vm(&first.vm_id).unwrap().is_none(), "unregistered");
+    assert!(inv.vm_name_taken("rb01").unwrap(), "the replica keeps the name");
+    assert_eq!(inv.receipt(&mid).unwrap(), None);
+    assert_eq!(
+        inv.superseded_receipts(&mid).unwrap(),
+        std::slice::from_ref(&first.receipt)
+    );
+    assert_eq!(
+        inv.pending_commits().unwrap()[0].moves,
+        moves,
+        "a restart finishes the moves"
+    );
+    inv.clear_commit_moves(&mid).unwrap();
+
+    // The next pass ends the rolled-back state; a new switchover gets a new receipt.
+    inv.record_replica_sync(&mid, 64, pass, None).unwrap();
+    assert_eq!(
+        inv.migration(&mid).unwrap().unwrap().replica.unwrap().switchover_state,
+        None
+    );
+    let second = inv.register_vm(&mid, &new_vm(&inv, "rb01"), fake_receipt).unwrap();
+    assert_ne!(second.vm_id, first.vm_id);
+    assert_eq!(inv.receipt(&mid).unwrap(), Some(second.receipt));
+    inv.record_switchover(&mid, true, None, FROM_SWITCHOVER_START).unwrap();
+    assert_eq!(inv.confirm_switchover(&mid).unwrap(), second.vm_id);
+    assert!(inv.begin_rollback(&mid).is_err(), "confirmed: final");
 }

@@ -53,6 +53,10 @@ struct Ctx {
     /// arrived (released when the connection's context is dropped).
     slots: Arc<tokio::sync::Semaphore>,
     slot: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    /// When the connection came: a replication pass is timed from here (the forecast).
+    connected: Instant,
+    /// When the edge's `SyncDone` or commit arrived (the first read-back started).
+    verify_started: Mutex<Option<Instant>>,
 }
 
 impl Ctx {
@@ -136,6 +140,8 @@ pub async fn serve(
                 .collect(),
             slots,
             slot: Mutex::new(None),
+            connected,
+            verify_started: Mutex::new(None),
         });
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(events(ctx.clone()).in_current_span());
@@ -610,7 +616,33 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 }
             }
         }
-        ReceiverEvent::VerifyStaged { chunks } => verify_staged(ctx, chunks).await,
+        ReceiverEvent::VerifyStaged { chunks } => {
+            ctx.verify_started
+                .lock()
+                .expect("verify lock")
+                .get_or_insert_with(Instant::now);
+            if ctx.session().switchover().is_some() {
+                if let Some(id) = ctx.migration_id.lock().expect("id lock").clone() {
+                    ctx.domain.live.set_switching(&id);
+                }
+            }
+            verify_staged(ctx, chunks).await
+        }
+        // `edge-agent rollback` or `confirm`: who asks is checked first; a refusal
+        // changes nothing.
+        ReceiverEvent::EndSwitchover { migration_id, confirm } => {
+            let Some(principal) = authenticated(ctx, if confirm { "confirm" } else { "rollback" }) else {
+                return;
+            };
+            let result = placement::end_switchover(&domain, &principal, &ctx.edge_cert, &migration_id, confirm).await;
+            match &result {
+                Ok(what) => tracing::info!(migration = ?migration_id, confirm, ?what, "switchover ended by its edge"),
+                Err((code, problems)) => {
+                    tracing::warn!(migration = ?migration_id, ?code, ?problems, confirm, "rollback or confirm refused")
+                }
+            }
+            ctx.session().switchover_ended(result);
+        }
         // `edge-agent abort`: who asks is checked first, and a refusal leaves the
         // migration and the connection that serves it alone.
         ReceiverEvent::AbortMigration { migration_id, reason } => {
@@ -655,10 +687,16 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             ctx.disks.lock().expect("disks lock").clear();
             tracing::info!(migration = %staged.migration_id, "every disk verified; flushing and registering");
             let format = staged.format.as_str();
+            let migration_id = staged.migration_id.clone();
+            let switchover = ctx.session().switchover().cloned();
+            // Until it is confirmed a switchover can be rolled back: its folders keep the
+            // replica's journal.
+            let reversible = switchover.as_ref().is_some_and(|(request, _)| !request.confirm);
             let guard = ctx.blocking.clone().read_owned().await;
+            let committing = domain.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let _guard = guard;
-                placement::finalize(&domain, &plan, staged, &roots, zero_bytes)
+                placement::finalize(&committing, &plan, staged, &roots, zero_bytes, reversible)
             })
             .await
             .expect("finalize does not panic");
@@ -666,21 +704,33 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 Ok(r) => tracing::info!(vm_id = %r.vm_id, path = ?r.vm_path, format, "VM registered, receipt signed"),
                 Err(e) => tracing::error!(error = %e, "commit failed"),
             }
+            if let (Ok(registered), Some((request, received))) = (&result, switchover) {
+                let outcome =
+                    placement::switched_over(&domain, &migration_id, &registered.vm_id, &request, received).await;
+                ctx.session().switched_over(outcome);
+            }
             ctx.session()
                 .finalized(result.map_err(|e| (RefusalCode::EndpointFailure, e)));
         }
         // A replication pass ended and was read back: the staging stays as the replica.
-        ReceiverEvent::KeepReplica { delta_bytes } => {
+        ReceiverEvent::KeepReplica { delta_bytes, schedule } => {
             let unsynced = ctx.session().take_unsynced();
             let record = ctx.clone();
             let guard = ctx.blocking.clone().read_owned().await;
             let batch = unsynced.clone();
+            let now = Instant::now();
+            let verify_started = ctx.verify_started.lock().expect("verify lock").unwrap_or(now);
+            let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+            let pass = crate::inventory::PassTimes {
+                pass_ms: millis(verify_started.saturating_duration_since(ctx.connected)),
+                read_back_ms: millis(now.saturating_duration_since(verify_started)),
+            };
             let result = tokio::task::spawn_blocking(move || {
                 let _guard = guard;
                 let staged = record.staged.lock().expect("staged lock");
                 match staged.as_ref() {
-                    Some(staged) => placement::keep_replica(&domain, staged, &batch, delta_bytes)
-                        .map(|()| staged.migration_id.clone()),
+                    Some(staged) => placement::keep_replica(&domain, staged, &batch, delta_bytes, pass, schedule)
+                        .map(|at| (staged.migration_id.clone(), at)),
                     None => Err((RefusalCode::EndpointFailure, "nothing staged to keep".to_owned())),
                 }
             })
@@ -688,10 +738,10 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             .expect("keeping a replica does not panic");
             let mut s = ctx.session();
             match result {
-                Ok(id) => {
-                    tracing::info!(migration = %id, delta_bytes, "replica read back and kept");
+                Ok((id, switchover_at)) => {
+                    tracing::info!(migration = %id, delta_bytes, ?switchover_at, "replica read back and kept");
                     s.synced(&unsynced);
-                    s.replica_kept(Ok(()));
+                    s.replica_kept(Ok(switchover_at));
                 }
                 Err(e) => {
                     tracing::error!(error = %e.1, "cannot keep the replica");

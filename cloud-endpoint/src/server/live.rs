@@ -35,6 +35,8 @@ pub struct LiveMigrations {
     /// them: a task's progress. Kept while the migration waits for a resume (the figure
     /// is still true: the journal holds those chunks) and dropped when it ends.
     progress: Mutex<HashMap<String, u64>>,
+    /// Migrations whose connection runs a switchover (read-back, registration, power-on).
+    switching: Mutex<std::collections::HashSet<String>>,
 }
 
 /// The smallest receive window a migration gets however many run: a few chunks per
@@ -95,6 +97,7 @@ impl LiveMigrations {
         let mut entries = self.lock();
         if entries.get(id).is_some_and(|e| e.conn.stable_id() == conn.stable_id()) {
             entries.remove(id);
+            self.switching.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         }
         self.rebalance(&entries);
         drop(entries);
@@ -122,6 +125,19 @@ impl LiveMigrations {
 
     pub fn is_live(&self, id: &str) -> bool {
         self.lock().contains_key(id)
+    }
+
+    /// The connection serving `id` runs its switchover now.
+    pub fn set_switching(&self, id: &str) {
+        self.switching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned());
+    }
+
+    /// Whether a connection serves `id` and runs its switchover.
+    pub fn is_switching(&self, id: &str) -> bool {
+        self.is_live(id) && self.switching.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
     }
 
     /// Closes the connection that still serves `id`, if any, and waits until its

@@ -7,7 +7,7 @@ use super::ProtocolError;
 use crate::chunk::ChunkError;
 use crate::integrity::{hex, DiskHashes};
 use crate::plan::{MigrationPlan, MigrationReport};
-use crate::wire::{ChunkHeader, CloudMessage, EdgeMessage, RefusalCode};
+use crate::wire::{ChunkHeader, CloudMessage, EdgeMessage, RefusalCode, SwitchoverOutcome, SwitchoverRequest};
 
 /// Tunables of the receiving side.
 #[derive(Debug, Clone)]
@@ -88,8 +88,13 @@ pub enum ReceiverEvent {
     Discard { reason: String },
     /// A replication's pass is complete and read back (`SyncDone`): keep the staged
     /// disks and journal as the replica, record the pass (`delta_bytes` written by
-    /// it), then answer with [`ReceiverSession::replica_kept`].
-    KeepReplica { delta_bytes: u64 },
+    /// it) and `schedule` (the edge's `Schedule`: `Some(None)` clears the scheduled
+    /// switchover), then answer with [`ReceiverSession::replica_kept`] and the
+    /// scheduled switchover the cloud holds.
+    KeepReplica {
+        delta_bytes: u64,
+        schedule: Option<Option<i64>>,
+    },
     /// The edge only asks whether the plan is valid: check it against the
     /// domain without staging or recording anything; answer with
     /// [`ReceiverSession::plan_checked`].
@@ -98,6 +103,10 @@ pub enum ReceiverEvent {
     /// it may, before touching the migration; then end whatever serves it and
     /// discard its files, and answer with [`ReceiverSession::migration_aborted`].
     AbortMigration { migration_id: String, reason: String },
+    /// The edge asks to roll back (`confirm: false`) or confirm a switchover that awaits
+    /// confirmation: check that it may, act, and answer with
+    /// [`ReceiverSession::switchover_ended`].
+    EndSwitchover { migration_id: String, confirm: bool },
 }
 
 /// What to do with a chunk frame whose header was read.
@@ -122,6 +131,10 @@ enum Phase {
     Checked,
     /// Checking whether the edge may abort a migration, then aborting it.
     Aborting,
+    /// Checking whether the edge may roll back or confirm a switchover, then doing it.
+    EndingSwitchover,
+    /// The switchover was rolled back or confirmed and the answer sent.
+    SwitchoverEnded,
     Streaming,
     /// Reading the staged disks back before the commit.
     Verifying,
@@ -147,6 +160,8 @@ impl Phase {
             Phase::Finalizing => "finalizing",
             Phase::Done => "done",
             Phase::Synced => "synced",
+            Phase::EndingSwitchover => "ending a switchover",
+            Phase::SwitchoverEnded => "switchover ended",
             Phase::Failed => "failed",
         }
     }
@@ -236,6 +251,13 @@ pub struct ReceiverSession {
     delta: bool,
     /// The edge sent `SyncDone`: after the read-back, keep the replica, register nothing.
     keep_replica: bool,
+    /// The edge sent `Switchover` (instead of `Commit`), and when it arrived: the
+    /// downtime the cloud reports counts on from there with the cloud's own clock.
+    switchover: Option<(SwitchoverRequest, Instant)>,
+    /// The edge's `Schedule` in this pass, if it sent one.
+    schedule: Option<Option<i64>>,
+    /// What the driver did for the `Switchover` (see [`Self::switched_over`]).
+    switchover_outcome: Option<SwitchoverOutcome>,
 }
 
 impl ReceiverSession {
@@ -262,7 +284,16 @@ impl ReceiverSession {
             already_committed: None,
             delta: false,
             keep_replica: false,
+            switchover: None,
+            schedule: None,
+            switchover_outcome: None,
         }
+    }
+
+    /// What the edge asked with `Switchover` and when it arrived; `None` for a plain
+    /// commit (or before the commit).
+    pub fn switchover(&self) -> Option<&(SwitchoverRequest, Instant)> {
+        self.switchover.as_ref()
     }
 
     /// Whether this connection runs a delta pass of a replication.
@@ -320,7 +351,10 @@ impl ReceiverSession {
 
     /// True once the session reached an end (committed or failed).
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Done | Phase::Checked | Phase::Synced | Phase::Failed)
+        matches!(
+            self.phase,
+            Phase::Done | Phase::Checked | Phase::Synced | Phase::SwitchoverEnded | Phase::Failed
+        )
     }
 
     /// Whether a replication pass ended with the replica kept.
@@ -340,15 +374,15 @@ impl ReceiverSession {
     }
 
     /// A control message from the edge.
-    pub fn handle_control(&mut self, msg: EdgeMessage, _now: Instant) -> Result<(), ProtocolError> {
-        let res = self.on_control(msg);
+    pub fn handle_control(&mut self, msg: EdgeMessage, now: Instant) -> Result<(), ProtocolError> {
+        let res = self.on_control(msg, now);
         if let Err(e) = &res {
             self.fail(e.code(), vec![e.to_string()]);
         }
         res
     }
 
-    fn on_control(&mut self, msg: EdgeMessage) -> Result<(), ProtocolError> {
+    fn on_control(&mut self, msg: EdgeMessage, now: Instant) -> Result<(), ProtocolError> {
         match msg {
             EdgeMessage::Hello { agent, user, password } => {
                 if self.phase != Phase::AwaitHello {
@@ -376,6 +410,20 @@ impl ReceiverSession {
                 self.phase = Phase::Aborting;
                 self.events
                     .push_back(ReceiverEvent::AbortMigration { migration_id, reason });
+            }
+            EdgeMessage::EndSwitchover { migration_id, confirm } => {
+                if self.phase != Phase::AwaitPlan {
+                    return Err(self.unexpected("EndSwitchover"));
+                }
+                self.phase = Phase::EndingSwitchover;
+                self.events
+                    .push_back(ReceiverEvent::EndSwitchover { migration_id, confirm });
+            }
+            EdgeMessage::Schedule { switchover_at } => {
+                if self.phase != Phase::Streaming {
+                    return Err(self.unexpected("Schedule"));
+                }
+                self.schedule = Some(switchover_at);
             }
             EdgeMessage::Validate(plan) => {
                 if self.phase != Phase::AwaitPlan {
@@ -516,11 +564,26 @@ impl ReceiverSession {
                 let chunks = self.verification_chunks();
                 self.events.push_back(ReceiverEvent::VerifyStaged { chunks });
             }
-            EdgeMessage::Commit => {
+            EdgeMessage::Commit | EdgeMessage::Switchover(_) => {
                 if self.phase != Phase::Streaming {
                     return Err(self.unexpected("Commit"));
                 }
                 self.keep_replica = false;
+                if let EdgeMessage::Switchover(request) = msg {
+                    // Sent again after a repair: the downtime counts from the first.
+                    let since = self.switchover.as_ref().map_or(now, |(_, at)| *at);
+                    let first = self
+                        .switchover
+                        .as_ref()
+                        .map_or(request.downtime_so_far_ms, |(r, _)| r.downtime_so_far_ms);
+                    self.switchover = Some((
+                        SwitchoverRequest {
+                            downtime_so_far_ms: first,
+                            ..request
+                        },
+                        since,
+                    ));
+                }
                 if let Some(i) = self.disks.iter().position(|d| d.root.is_none()) {
                     return Err(ProtocolError::Integrity(format!("commit before disk {i} was sealed")));
                 }
@@ -979,6 +1042,7 @@ impl ReceiverSession {
             self.events.push_back(if self.keep_replica {
                 ReceiverEvent::KeepReplica {
                     delta_bytes: self.bytes_written,
+                    schedule: self.schedule,
                 }
             } else {
                 ReceiverEvent::Finalize
@@ -1043,6 +1107,9 @@ impl ReceiverSession {
                 report,
             }) => {
                 self.phase = Phase::Done;
+                if let Some(outcome) = self.switchover_outcome.take() {
+                    self.outbox.push_back(CloudMessage::SwitchedOver(outcome));
+                }
                 if let Some(report) = report {
                     self.outbox.push_back(CloudMessage::Report(report));
                 }
@@ -1056,16 +1123,42 @@ impl ReceiverSession {
         }
     }
 
-    /// The driver kept the replica and recorded the pass (or could not).
-    pub fn replica_kept(&mut self, result: Result<(), (RefusalCode, String)>) {
+    /// What the driver did beyond the commit the edge asked for with `Switchover`
+    /// (powered the VM on, or not): sent just before `Committed`. Call before
+    /// [`Self::finalized`].
+    pub fn switched_over(&mut self, outcome: SwitchoverOutcome) {
+        if self.phase == Phase::Finalizing && self.switchover.is_some() {
+            self.switchover_outcome = Some(outcome);
+        }
+    }
+
+    /// The driver handled an edge's `EndSwitchover`: `Ok` with what it did, or the
+    /// refusal, with nothing changed.
+    pub fn switchover_ended(&mut self, result: Result<String, (RefusalCode, Vec<String>)>) {
+        if self.phase != Phase::EndingSwitchover {
+            return;
+        }
+        match result {
+            Ok(message) => {
+                self.phase = Phase::SwitchoverEnded;
+                self.outbox.push_back(CloudMessage::SwitchoverEnded { message });
+            }
+            Err((code, problems)) => self.fail(code, problems),
+        }
+    }
+
+    /// The driver kept the replica and recorded the pass (or could not); `Ok` carries
+    /// the scheduled switchover (Unix seconds) the cloud holds now.
+    pub fn replica_kept(&mut self, result: Result<Option<i64>, (RefusalCode, String)>) {
         if self.phase != Phase::Finalizing || !self.keep_replica {
             return;
         }
         match result {
-            Ok(()) => {
+            Ok(switchover_at) => {
                 self.phase = Phase::Synced;
                 self.outbox.push_back(CloudMessage::Synced {
                     delta_bytes: self.bytes_written,
+                    switchover_at,
                 });
             }
             // What was staged stays: the pass can be run again.

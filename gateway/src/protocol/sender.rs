@@ -7,7 +7,7 @@ use super::ProtocolError;
 use crate::integrity::DiskHashes;
 use crate::plan::{MigrationPlan, MigrationReport};
 use crate::receipt::SignedReceipt;
-use crate::wire::{CloudMessage, EdgeMessage};
+use crate::wire::{CloudMessage, EdgeMessage, SwitchoverOutcome, SwitchoverRequest};
 
 /// Tunables and identity of the sending side.
 #[derive(Debug, Clone)]
@@ -74,8 +74,15 @@ pub enum SenderEvent {
         receipt: String,
     },
     /// A replication pass ended ([`SenderSession::finish_as_replica`]): the cloud
-    /// read its replica back and keeps it; `delta_bytes` were written by this pass.
-    Synced { delta_bytes: u64 },
+    /// read its replica back and keeps it; `delta_bytes` were written by this pass, and
+    /// `switchover_at` (Unix seconds) is the scheduled switchover the cloud holds.
+    Synced {
+        delta_bytes: u64,
+        switchover_at: Option<i64>,
+    },
+    /// A session made with [`SenderSession::ending_switchover`]: the cloud rolled the
+    /// switchover back or confirmed it, and says what it did.
+    SwitchoverEnded { message: String },
     /// A session made with [`SenderSession::validating`]: the cloud found the
     /// plan valid; this is what a migration would create. Nothing was staged.
     Validated(Box<MigrationReport>),
@@ -94,6 +101,9 @@ enum Phase {
     Validated,
     /// `AbortMigration` sent: the cloud confirms by closing the connection, or refuses.
     AwaitAborted,
+    /// `EndSwitchover` sent: the cloud answers `SwitchoverEnded`, or refuses.
+    AwaitSwitchoverEnded,
+    SwitchoverEnded,
     Failed,
 }
 
@@ -108,6 +118,8 @@ impl Phase {
             Phase::Synced => "synced",
             Phase::Validated => "validated",
             Phase::AwaitAborted => "waiting for the abort to be confirmed",
+            Phase::AwaitSwitchoverEnded => "waiting for the switchover to be rolled back or confirmed",
+            Phase::SwitchoverEnded => "switchover ended",
             Phase::Failed => "failed",
         }
     }
@@ -196,6 +208,25 @@ pub struct SenderSession {
     keep_replica: bool,
     /// The cloud accepted the credential (a refusal before it is one of the login).
     welcomed: bool,
+    /// End with `Switchover` instead of `Commit` (see [`Self::finish_as_switchover`]).
+    switchover: Option<Switchover>,
+    /// Set or clear the scheduled switchover before `SyncDone` (see [`Self::schedule`]).
+    schedule: Option<Option<i64>>,
+    /// The cloud's `SwitchedOver`, once it came.
+    switchover_outcome: Option<SwitchoverOutcome>,
+    /// Only roll back or confirm a switchover: the migration, and whether to confirm.
+    end_switchover: Option<(String, bool)>,
+    /// The scheduled switchover the cloud holds (Unix seconds), as `Synced` said.
+    scheduled_switchover: Option<i64>,
+}
+
+/// How a switchover ends beyond the commit (see [`SenderSession::finish_as_switchover`]).
+#[derive(Debug, Clone, Copy)]
+struct Switchover {
+    power_on: bool,
+    confirm: bool,
+    downtime_since: Instant,
+    stopped_by_edge: bool,
 }
 
 impl SenderSession {
@@ -246,6 +277,11 @@ impl SenderSession {
             delta: false,
             keep_replica: false,
             welcomed: false,
+            switchover: None,
+            schedule: None,
+            switchover_outcome: None,
+            end_switchover: None,
+            scheduled_switchover: None,
         })
     }
 
@@ -272,6 +308,63 @@ impl SenderSession {
         let mut s = SenderSession::new(config, plan, now)?;
         s.abort = Some((migration_id, reason.into()));
         Ok(s)
+    }
+
+    /// Asks the cloud to roll back (`confirm: false`) or confirm the switchover of
+    /// `migration_id`: after the welcome the session sends `EndSwitchover` and ends with
+    /// [`SenderEvent::SwitchoverEnded`], or the refusal (then nothing was changed).
+    pub fn ending_switchover(
+        config: SenderConfig,
+        plan: MigrationPlan,
+        migration_id: String,
+        confirm: bool,
+        now: Instant,
+    ) -> Result<Self, ProtocolError> {
+        let mut s = SenderSession::new(config, plan, now)?;
+        s.end_switchover = Some((migration_id, confirm));
+        Ok(s)
+    }
+
+    /// Whether the switchover was rolled back or confirmed.
+    pub fn is_switchover_ended(&self) -> bool {
+        self.phase == Phase::SwitchoverEnded
+    }
+
+    /// Ends the pass with `Switchover` instead of `Commit`: the cloud commits, then powers
+    /// the VM on if `power_on`, and keeps the switchover reversible unless `confirm`.
+    /// The downtime counts from `downtime_since` (when the edge stopped the source,
+    /// `stopped_by_edge`, or else when the switchover started).
+    pub fn finish_as_switchover(
+        &mut self,
+        power_on: bool,
+        confirm: bool,
+        downtime_since: Instant,
+        stopped_by_edge: bool,
+    ) {
+        self.switchover = Some(Switchover {
+            power_on,
+            confirm,
+            downtime_since,
+            stopped_by_edge,
+        });
+    }
+
+    /// Sets (`Some`, Unix seconds) or clears (`None`) the scheduled switchover the cloud
+    /// holds, at the end of this replication pass.
+    pub fn schedule(&mut self, switchover_at: Option<i64>) {
+        self.schedule = Some(switchover_at);
+    }
+
+    /// The cloud's answer to `Switchover`: power-on, downtime, whether it awaits
+    /// confirmation. `None` for a plain commit, or a commit the cloud had already made
+    /// before this connection (the link was lost during the switchover).
+    pub fn switchover_outcome(&self) -> Option<&SwitchoverOutcome> {
+        self.switchover_outcome.as_ref()
+    }
+
+    /// The scheduled switchover the cloud holds (Unix seconds), once the pass is synced.
+    pub fn scheduled_switchover(&self) -> Option<i64> {
+        self.scheduled_switchover
     }
 
     /// The cloud's report of what the migration created, once committed.
@@ -433,7 +526,7 @@ impl SenderSession {
     pub fn is_finished(&self) -> bool {
         matches!(
             self.phase,
-            Phase::Done | Phase::Synced | Phase::Validated | Phase::Failed
+            Phase::Done | Phase::Synced | Phase::Validated | Phase::SwitchoverEnded | Phase::Failed
         )
     }
 
@@ -480,6 +573,18 @@ impl SenderSession {
                     self.outbox.push_back(EdgeMessage::AbortMigration {
                         migration_id: migration_id.clone(),
                         reason: reason.clone(),
+                    });
+                    self.events.push_back(SenderEvent::Welcomed { endpoint, role });
+                    return Ok(());
+                }
+                if let Some((migration_id, confirm)) = &self.end_switchover {
+                    self.phase = Phase::AwaitSwitchoverEnded;
+                    // A rollback powers the VM off and reads the replica back.
+                    let read_back = Duration::from_secs(self.plan.logical_bytes() / 100_000_000);
+                    self.deadline = Some(now + self.config.reply_timeout + read_back);
+                    self.outbox.push_back(EdgeMessage::EndSwitchover {
+                        migration_id: migration_id.clone(),
+                        confirm: *confirm,
                     });
                     self.events.push_back(SenderEvent::Welcomed { endpoint, role });
                     return Ok(());
@@ -655,13 +760,35 @@ impl SenderSession {
                     receipt,
                 });
             }
-            CloudMessage::Synced { delta_bytes } => {
+            CloudMessage::Synced {
+                delta_bytes,
+                switchover_at,
+            } => {
                 if self.phase != Phase::AwaitCommitted || !self.keep_replica {
                     return Err(self.unexpected("Synced"));
                 }
                 self.phase = Phase::Synced;
                 self.deadline = None;
-                self.events.push_back(SenderEvent::Synced { delta_bytes });
+                self.scheduled_switchover = switchover_at;
+                self.events.push_back(SenderEvent::Synced {
+                    delta_bytes,
+                    switchover_at,
+                });
+            }
+            CloudMessage::SwitchedOver(outcome) => {
+                if self.phase != Phase::AwaitCommitted || self.switchover.is_none() || self.switchover_outcome.is_some()
+                {
+                    return Err(self.unexpected("SwitchedOver"));
+                }
+                self.switchover_outcome = Some(outcome);
+            }
+            CloudMessage::SwitchoverEnded { message } => {
+                if self.phase != Phase::AwaitSwitchoverEnded {
+                    return Err(self.unexpected("SwitchoverEnded"));
+                }
+                self.phase = Phase::SwitchoverEnded;
+                self.deadline = None;
+                self.events.push_back(SenderEvent::SwitchoverEnded { message });
             }
             CloudMessage::Valid(report) => {
                 if self.phase != Phase::AwaitPlanAccepted || !self.validate_only {
@@ -846,18 +973,36 @@ impl SenderSession {
         self.outbox.push_back(EdgeMessage::DiskSealed { disk, root });
         if self.disks.iter().all(|d| d.root.is_some()) && self.phase == Phase::Streaming {
             self.phase = Phase::AwaitCommitted;
-            self.outbox.push_back(if self.keep_replica {
-                EdgeMessage::SyncDone
-            } else {
-                EdgeMessage::Commit
+            if self.keep_replica {
+                if let Some(switchover_at) = self.schedule.take() {
+                    self.outbox.push_back(EdgeMessage::Schedule { switchover_at });
+                }
+            }
+            self.outbox.push_back(match (self.keep_replica, &self.switchover) {
+                (true, _) => EdgeMessage::SyncDone,
+                (false, Some(s)) => EdgeMessage::Switchover(SwitchoverRequest {
+                    power_on: s.power_on,
+                    confirm: s.confirm,
+                    // Filled in when it is sent (see poll_transmit).
+                    downtime_so_far_ms: 0,
+                    stopped_by_edge: s.stopped_by_edge,
+                }),
+                (false, None) => EdgeMessage::Commit,
             });
         }
     }
 
     /// Sets the commit deadline once the commit has actually been sent.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<EdgeMessage> {
-        let msg = self.outbox.pop_front()?;
-        if matches!(msg, EdgeMessage::Commit | EdgeMessage::SyncDone) {
+        let mut msg = self.outbox.pop_front()?;
+        if let (EdgeMessage::Switchover(request), Some(s)) = (&mut msg, &self.switchover) {
+            request.downtime_so_far_ms =
+                u64::try_from(now.saturating_duration_since(s.downtime_since).as_millis()).unwrap_or(u64::MAX);
+        }
+        if matches!(
+            msg,
+            EdgeMessage::Commit | EdgeMessage::SyncDone | EdgeMessage::Switchover(_)
+        ) {
             // The cloud reads every staged disk back before it answers: allow for that
             // at a slow datastore's pace (100 MB/s) on top of the reply timeout.
             let read_back = Duration::from_secs(self.plan.logical_bytes() / 100_000_000);
@@ -880,6 +1025,7 @@ impl SenderSession {
                 Phase::AwaitWelcome => "waiting for the cloud to accept the credential",
                 Phase::AwaitPlanAccepted => "waiting for the cloud to accept the plan",
                 Phase::AwaitAborted => "waiting for the cloud to abort the migration",
+                Phase::AwaitSwitchoverEnded => "waiting for the cloud to roll back or confirm the switchover",
                 _ => "waiting for the cloud to register the VM",
             });
             self.fail(e);

@@ -163,6 +163,15 @@ struct Pair {
     aborted: Option<String>,
     /// A replication pass ended with the replica kept: the bytes it wrote.
     synced: Option<u64>,
+    /// The scheduled switchover the cloud driver holds (Unix seconds).
+    cloud_switchover_at: Option<i64>,
+    /// What the edge learned of it with `Synced`.
+    edge_switchover_at: Option<Option<i64>>,
+    /// The cloud driver rolled back (false) or confirmed (true) this migration's
+    /// switchover.
+    ended: Option<(String, bool)>,
+    /// What the edge was told when the switchover ended.
+    ended_message: Option<String>,
 }
 
 impl Pair {
@@ -211,6 +220,10 @@ impl Pair {
             refuse_abort: None,
             aborted: None,
             synced: None,
+            cloud_switchover_at: None,
+            edge_switchover_at: None,
+            ended: None,
+            ended_message: None,
         }
     }
 
@@ -263,6 +276,7 @@ impl Pair {
         next.dests = self.dests;
         next.cloud_journal = self.cloud_journal;
         next.edge_checkpoint = self.edge_checkpoint;
+        next.cloud_switchover_at = self.cloud_switchover_at;
         next
     }
 
@@ -286,6 +300,7 @@ impl Pair {
         next.dests = self.dests;
         next.cloud_journal = self.cloud_journal;
         next.edge_checkpoint = self.edge_checkpoint;
+        next.cloud_switchover_at = self.cloud_switchover_at;
         next
     }
 
@@ -310,7 +325,14 @@ impl Pair {
                 SenderEvent::Resend { disk, offset } => self.to_read.push_back((disk, offset)),
                 SenderEvent::Committed { receipt, .. } => self.edge_receipt = Some(receipt),
                 SenderEvent::Validated(report) => self.validated = Some(*report),
-                SenderEvent::Synced { delta_bytes } => self.synced = Some(delta_bytes),
+                SenderEvent::Synced {
+                    delta_bytes,
+                    switchover_at,
+                } => {
+                    self.synced = Some(delta_bytes);
+                    self.edge_switchover_at = Some(switchover_at);
+                }
+                SenderEvent::SwitchoverEnded { message } => self.ended_message = Some(message),
                 SenderEvent::Acked { disk, chunks, .. } => self.edge_checkpoint.extend(
                     chunks
                         .into_iter()
@@ -467,6 +489,16 @@ impl Pair {
                     };
                     let roots = self.receiver.disk_roots().expect("sealed");
                     self.registered = Some((roots, registered.clone()));
+                    // The cloud driver "powers the VM on" at once: the downtime is what
+                    // the edge stated (the test's clock does not move).
+                    if let Some((request, _)) = self.receiver.switchover().cloned() {
+                        self.receiver.switched_over(crate::wire::SwitchoverOutcome {
+                            powered_on: request.power_on,
+                            power_error: None,
+                            downtime_ms: request.power_on.then_some(request.downtime_so_far_ms),
+                            awaiting_confirm: !request.confirm,
+                        });
+                    }
                     self.receiver.finalized(Ok(registered));
                 }
                 ReceiverEvent::VerifyStaged { chunks } => {
@@ -474,14 +506,27 @@ impl Pair {
                     self.receiver.staged_verified(damaged);
                 }
                 ReceiverEvent::Discard { reason } => self.discarded = Some(reason),
-                ReceiverEvent::KeepReplica { .. } => {
+                ReceiverEvent::KeepReplica { schedule, .. } => {
                     let batch = self.receiver.take_unsynced();
                     for &(disk, offset, hash) in &batch.chunks {
                         self.cloud_journal.push((disk, offset / u64::from(CS), hash));
                     }
+                    if let Some(at) = schedule {
+                        self.cloud_switchover_at = at;
+                    }
                     self.receiver.synced(&batch);
-                    self.receiver.replica_kept(Ok(()));
+                    self.receiver.replica_kept(Ok(self.cloud_switchover_at));
                 }
+                ReceiverEvent::EndSwitchover { migration_id, confirm } => match self.refuse_abort.take() {
+                    Some(problems) => self
+                        .receiver
+                        .switchover_ended(Err((RefusalCode::NotPermitted, problems))),
+                    None => {
+                        self.ended = Some((migration_id, confirm));
+                        self.receiver
+                            .switchover_ended(Ok(if confirm { "confirmed" } else { "rolled back" }.into()));
+                    }
+                },
                 ReceiverEvent::CheckPlan(_) => match self.refuse_plan.take() {
                     Some(problems) => self.receiver.plan_checked(Err((RefusalCode::PlanRejected, problems))),
                     None => self.receiver.plan_checked(Ok(report(""))),
@@ -1514,4 +1559,142 @@ fn a_replaced_chunk_is_replaced_once_per_pass_and_only_in_a_delta_pass() {
         r.admit_chunk(&third).is_err(),
         "twice in one pass: the source is not read consistently"
     );
+}
+
+#[test]
+fn a_switchover_states_the_downtime_and_the_power_on_and_awaits_confirmation() {
+    let mut sources = vec![disk_image(43, 6)];
+    let mut first = Pair::new(sources.clone(), "secret");
+    first.sender.finish_as_replica();
+    first.drive();
+    assert!(first.sender.is_synced());
+    chunk_of(&mut sources[0], 3)[..5].fill(7);
+    let mut last = first.next_pass(sources.clone(), false);
+    // The edge stopped the source 4.5 s before this pass's commit is sent.
+    let stopped = last.now - Duration::from_millis(4500);
+    last.sender.finish_as_switchover(true, false, stopped, true);
+    // A repair round: the commit is sent twice; the downtime counts from the first.
+    last.damage_before_verify = vec![(0, 7)];
+    last.drive();
+    assert!(last.sender.is_committed(), "{:?}", last.sender.error());
+    assert_eq!(last.dests, sources);
+    let (request, _) = last.receiver.switchover().cloned().expect("a switchover");
+    assert!(request.power_on && !request.confirm && request.stopped_by_edge);
+    // The test's clock moves a millisecond a step.
+    assert!((4500..5500).contains(&request.downtime_so_far_ms), "{request:?}");
+    let outcome = last.sender.switchover_outcome().expect("SwitchedOver before Committed");
+    assert_eq!(
+        (outcome.powered_on, outcome.downtime_ms, outcome.awaiting_confirm),
+        (true, Some(request.downtime_so_far_ms), true)
+    );
+    assert_eq!(last.verify_rounds.len(), 2, "a repair, then the commit again");
+}
+
+#[test]
+fn a_plain_commit_gets_no_switchover_answer_and_a_cold_edge_refuses_one() {
+    let sources = vec![disk_image(44, 3)];
+    let mut pair = Pair::new(sources, "secret");
+    pair.drive();
+    assert!(pair.sender.is_committed());
+    assert!(pair.receiver.switchover().is_none() && pair.sender.switchover_outcome().is_none());
+    // An edge that did not ask for a switchover takes no SwitchedOver.
+    let mut s = Pair::new(vec![disk_image(44, 3)], "secret").sender;
+    let now = Instant::now();
+    s.handle_control(
+        CloudMessage::Welcome {
+            endpoint: "c".into(),
+            role: "r".into(),
+        },
+        now,
+    )
+    .unwrap();
+    let outcome = crate::wire::SwitchoverOutcome {
+        powered_on: true,
+        power_error: None,
+        downtime_ms: Some(1),
+        awaiting_confirm: false,
+    };
+    assert!(s.handle_control(CloudMessage::SwitchedOver(outcome), now).is_err());
+}
+
+#[test]
+fn the_scheduled_switchover_is_set_by_the_edge_and_the_cloud_holds_it() {
+    let sources = vec![disk_image(45, 4)];
+    let mut first = Pair::new(sources.clone(), "secret");
+    first.sender.finish_as_replica();
+    first.sender.schedule(Some(1_796_608_800));
+    first.drive();
+    assert!(first.sender.is_synced(), "{:?}", first.sender.error());
+    assert_eq!(first.cloud_switchover_at, Some(1_796_608_800));
+    assert_eq!(first.edge_switchover_at, Some(Some(1_796_608_800)));
+    // A later pass that says nothing learns the value the cloud holds (which the API
+    // may have changed meanwhile).
+    let mut second = first.next_pass(sources.clone(), true);
+    second.cloud_switchover_at = Some(1_796_612_400);
+    second.drive();
+    assert_eq!(second.edge_switchover_at, Some(Some(1_796_612_400)));
+    // Cleared by the edge.
+    let mut third = second.next_pass(sources, true);
+    third.sender.schedule(None);
+    third.drive();
+    assert_eq!(
+        (third.cloud_switchover_at, third.edge_switchover_at),
+        (None, Some(None))
+    );
+}
+
+fn ending_pair(confirm: bool) -> Pair {
+    let mut pair = Pair::new(vec![disk_image(46, 2)], "secret");
+    let plan = pair.sender.plan().clone();
+    pair.sender = SenderSession::ending_switchover(
+        SenderConfig::new("edge-test", "migrator@cloud.local", "secret"),
+        plan,
+        "migration-1".into(),
+        confirm,
+        pair.now,
+    )
+    .unwrap();
+    pair
+}
+
+#[test]
+fn a_rollback_or_confirm_names_the_migration_and_moves_no_data() {
+    for confirm in [false, true] {
+        let mut pair = ending_pair(confirm);
+        pair.drive();
+        assert_eq!(pair.ended, Some(("migration-1".to_owned(), confirm)));
+        assert!(pair.sender.is_switchover_ended() && pair.sender.is_finished());
+        assert!(pair.receiver.is_finished() && !pair.receiver.is_resumable());
+        let said = pair.ended_message.clone().unwrap();
+        assert_eq!(said, if confirm { "confirmed" } else { "rolled back" });
+        assert_eq!((pair.data_frames, pair.discarded.as_deref()), (0, None));
+    }
+    // Refused: the edge is told why, nothing was done.
+    let mut pair = ending_pair(false);
+    pair.refuse_abort = Some(vec!["user auditor may not roll back migration-1".into()]);
+    pair.drive();
+    assert!(matches!(
+        pair.sender.error(),
+        Some(ProtocolError::Refused {
+            code: RefusalCode::NotPermitted,
+            ..
+        })
+    ));
+    assert!(pair.ended.is_none() && pair.discarded.is_none());
+}
+
+#[test]
+fn a_rollback_request_is_taken_only_in_place_of_a_plan() {
+    let now = Instant::now();
+    let mut r = streaming_receiver(1 << 20);
+    let end = EdgeMessage::EndSwitchover {
+        migration_id: "migration-1".into(),
+        confirm: false,
+    };
+    assert!(r.handle_control(end, now).is_err());
+    // A schedule outside a pass is refused too.
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
+    assert!(r
+        .handle_control(EdgeMessage::Schedule { switchover_at: Some(1) }, now)
+        .is_err());
 }

@@ -64,6 +64,48 @@ pub enum EdgeMessage {
     /// replica of the source (not a registered VM), answers `Synced`, and the next
     /// pass continues from there.
     SyncDone,
+    /// Sent instead of `Commit` by `edge-agent switchover` (protocol version 6): commit
+    /// as `Commit` does, then power the VM on if asked, and answer `SwitchedOver` just
+    /// before `Committed`. Sent again, like `Commit`, after a repair.
+    Switchover(SwitchoverRequest),
+    /// Sent instead of `Plan` by `edge-agent rollback` (`confirm: false`) and
+    /// `edge-agent confirm` (`confirm: true`) for a switchover that awaits confirmation:
+    /// the cloud checks who asks (as for `AbortMigration`), then either powers the VM
+    /// off and keeps its disks as the replica again, or makes the switchover final.
+    /// Answered by `SwitchoverEnded`, or `Refused` with nothing changed.
+    EndSwitchover { migration_id: String, confirm: bool },
+    /// Sent during a replication pass, before `SyncDone`: set (`Some`, Unix seconds)
+    /// or clear (`None`) the time of the scheduled switchover the cloud holds.
+    Schedule { switchover_at: Option<i64> },
+}
+
+/// What `edge-agent switchover` asks of the cloud beyond a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverRequest {
+    /// Power the VM on on its host once it is registered.
+    pub power_on: bool,
+    /// Make the switchover final at once: no rollback (`edge-agent switchover --confirm`).
+    pub confirm: bool,
+    /// Milliseconds from the downtime's start to this message being sent: a duration,
+    /// not a time, so the two clocks need not agree.
+    pub downtime_so_far_ms: u64,
+    /// The downtime starts when the edge stopped the source (`true`), or, the source
+    /// having been stopped before by the operator, when the switchover started.
+    pub stopped_by_edge: bool,
+}
+
+/// The cloud's answer to [`SwitchoverRequest`], sent just before `Committed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchoverOutcome {
+    /// The VM runs on its host.
+    pub powered_on: bool,
+    /// Why the power-on asked for failed (the VM stays registered, powered off).
+    pub power_error: Option<String>,
+    /// From the downtime's start to the VM running in the cloud, when it runs.
+    pub downtime_ms: Option<u64>,
+    /// The switchover can still be rolled back (`edge-agent rollback`) until it is
+    /// confirmed (`edge-agent confirm`).
+    pub awaiting_confirm: bool,
 }
 
 /// Cloud endpoint to edge agent.
@@ -106,8 +148,18 @@ pub enum CloudMessage {
     /// enum: the variants before it kept their encoding.
     Repair { disk: u16, offsets: Vec<u64> },
     /// Answer to `SyncDone`: the replica holds the source as it was sealed, read back
-    /// and durable. `delta_bytes` are the plaintext bytes this pass wrote.
-    Synced { delta_bytes: u64 },
+    /// and durable. `delta_bytes` are the plaintext bytes this pass wrote;
+    /// `switchover_at` (Unix seconds) is the scheduled switchover the cloud holds, if
+    /// any (set by the edge's `Schedule` or through the API).
+    Synced {
+        delta_bytes: u64,
+        switchover_at: Option<i64>,
+    },
+    /// Sent just before `Committed` when the edge asked with `Switchover`.
+    SwitchedOver(SwitchoverOutcome),
+    /// Answer to `EndSwitchover`: done; `message` says what the cloud did and what the
+    /// operator may do next.
+    SwitchoverEnded { message: String },
 }
 
 /// Whether chunk `index` is set in a [`CloudMessage::Resumed`] bitmap.

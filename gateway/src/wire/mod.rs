@@ -14,7 +14,9 @@ pub mod live;
 pub mod probe;
 
 pub use chunk::{ChunkHeader, Encoding, CHUNK_HEADER_LEN};
-pub use control::{bit, set_bit, CloudMessage, EdgeMessage, RefusalCode, MAX_CONTROL_FRAME};
+pub use control::{
+    bit, set_bit, CloudMessage, EdgeMessage, RefusalCode, SwitchoverOutcome, SwitchoverRequest, MAX_CONTROL_FRAME,
+};
 
 /// ALPN protocol id: lets a future incompatible version refuse at the TLS layer.
 pub const ALPN: &[u8] = b"hcm/1";
@@ -31,7 +33,11 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// the cloud keeps until a switchover commits it.
 /// Version 5: the plan carries the VM's disk controllers with their types
 /// (`VmSpec::controllers`) and each NIC's `addressType`, so the copy keeps its hardware.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// Version 6: the switchover lifecycle: `Switchover` (a commit that may power the VM on
+/// and states the downtime so far; answered by `SwitchedOver` before `Committed`),
+/// `EndSwitchover` (rollback or confirm), `Schedule`, and `Synced` carrying the
+/// scheduled switchover time the cloud holds.
+pub const PROTOCOL_VERSION: u16 = 6;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.

@@ -60,7 +60,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/gateway/migrations", get(vcenter::list_migrations))
         .route(
             "/api/gateway/migrations/{migration}",
-            get(vcenter::get_migration).post(vcenter::abort_migration),
+            get(vcenter::get_migration)
+                .post(vcenter::abort_migration)
+                .patch(vcenter::patch_migration),
         )
         .route("/api/gateway/migrations/{migration}/receipt", get(vcenter::get_receipt))
         .route("/api/gateway/migrations/{migration}/report", get(vcenter::get_report))

@@ -257,6 +257,22 @@ pub async fn abort_migration(
     Ok(Json(record))
 }
 
+/// `PATCH /api/gateway/migrations/{id}` with `{"switchover_at": "2026-12-07T02:00:00Z"}`
+/// (or `null`): schedules, moves or clears a replication's switchover; returns the record.
+pub async fn patch_migration(
+    State(state): State<ApiState>,
+    axum::Extension(ctx): axum::Extension<super::SessionContext>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Answer<crate::inventory::MigrationRecord> {
+    let principal = ctx.principal().clone();
+    let record = blocking(&state.domain, move |d| {
+        gateway::patch_migration(d, &principal, &id, &body)
+    })
+    .await?;
+    Ok(Json(record))
+}
+
 /// `GET /api/vcenter/vm/{vm}/power`: `{"state":"POWERED_ON"}`.
 pub async fn get_power(State(state): State<ApiState>, Path(vm): Path<String>) -> Answer<power::PowerInfo> {
     one(&state, vm, power::get).await

@@ -46,13 +46,16 @@ fn crash_point(step: &str) {
 /// datastores' first, the VM's home folder last), then insert the VM and its signed
 /// receipt (stating `roots`, each disk's Merkle root) in one transaction. If any step
 /// fails, every folder it made is removed again, so no datastore holds files of a VM the
-/// inventory does not know.
+/// inventory does not know. A `reversible` commit (a switchover awaiting confirmation)
+/// keeps each folder's journal and mark: a rollback turns the folders back into the
+/// replica and compares the disks with the journal (see `replica.rs`).
 pub fn finalize(
     domain: &Domain,
     plan: &MigrationPlan,
     staged: Staged,
     roots: &[[u8; 32]],
     zero_bytes: u64,
+    reversible: bool,
 ) -> Result<Registered, String> {
     let vm = &plan.vm;
     let Staged {
@@ -158,7 +161,13 @@ pub fn finalize(
     match registered {
         Ok(registered) => {
             crash_point("registered");
-            tidy_committed(&domain.inventory, &migration_id, &folders);
+            if reversible {
+                if let Err(e) = domain.inventory.clear_commit_moves(&migration_id) {
+                    tracing::warn!(migration = %migration_id, error = %e, "cannot clear the commit record; the next start does");
+                }
+            } else {
+                tidy_committed(&domain.inventory, &migration_id, &folders);
+            }
             Ok(Registered {
                 vm_id: registered.vm_id,
                 vm_path: new_vm.vmx_path.clone(),

@@ -1,22 +1,36 @@
 //! Replications: between passes the staged disks and their journal stay as the
 //! replica of a source that keeps running, and a switchover commits them like a cold
 //! lift's. What a pass does on the wire is in `gateway::protocol` (`Sync`, `SyncDone`).
+//!
+//! A switchover can power the VM on and stays reversible until the edge confirms it:
+//! its folders keep the journal and the migration's mark, so that a rollback can power
+//! the VM off, unregister it and move the folders back into staging, where the next
+//! pass finds the replica (docs/replication.md).
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use gateway::protocol::Unsynced;
+use gateway::wire::{RefusalCode, SwitchoverOutcome, SwitchoverRequest};
 
-use super::{Domain, Staged};
-use gateway::wire::RefusalCode;
+use super::{endpoint_failure, resume, Action, Domain, Refusal, Staged};
+use crate::hosts::{HostError, Hosts};
+use crate::inventory::switchover::{FROM_EDGE_STOP, FROM_SWITCHOVER_START};
+use crate::inventory::{CommitMove, InventoryError, PassTimes, Principal};
 
 /// A pass ended and its read-back found the replica as the edge sealed it: make what
 /// the pass wrote durable (the disks, then the journal, with `unsynced`: the last zero
-/// runs and chunks not yet journaled), then record the pass. The staging stays, for the
-/// next pass or the switchover.
+/// runs and chunks not yet journaled), then record the pass with its times and the
+/// edge's change to the schedule (`schedule`, Unix seconds). The staging stays, for the
+/// next pass or the switchover. Returns the scheduled switchover held now (Unix seconds).
 pub fn keep_replica(
     domain: &Domain,
     staged: &Staged,
     unsynced: &Unsynced,
     delta_bytes: u64,
-) -> Result<(), (RefusalCode, String)> {
+    pass: PassTimes,
+    schedule: Option<Option<i64>>,
+) -> Result<Option<i64>, (RefusalCode, String)> {
     let durable = staged.disks.iter().try_for_each(|d| d.sync_data()).and_then(|()| {
         if unsynced.is_empty() {
             Ok(())
@@ -33,8 +47,281 @@ pub fn keep_replica(
             ),
         )
     })?;
-    domain
+    let schedule = match schedule {
+        Some(Some(at)) => Some(Some(rfc3339(at).ok_or_else(|| {
+            (
+                RefusalCode::ProtocolViolation,
+                format!("the scheduled switchover {at} (Unix seconds) is not a time"),
+            )
+        })?)),
+        Some(None) => Some(None),
+        None => None,
+    };
+    let held = domain
         .inventory
-        .record_replica_sync(&staged.migration_id, delta_bytes)
-        .map_err(|e| (RefusalCode::EndpointFailure, e.to_string()))
+        .record_replica_sync(
+            &staged.migration_id,
+            delta_bytes,
+            pass,
+            schedule.as_ref().map(Option::as_deref),
+        )
+        .map_err(|e| (RefusalCode::EndpointFailure, e.to_string()))?;
+    Ok(held.as_deref().and_then(unix_seconds))
+}
+
+/// Unix seconds as the inventory writes times (RFC 3339, UTC).
+pub fn rfc3339(unix: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .map(crate::inventory::timestamp)
+}
+
+/// An inventory time as Unix seconds.
+pub fn unix_seconds(stored: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(stored, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
+}
+
+/// The VM of `migration_id` was registered by a switchover: power it on if the edge
+/// asked, and record where the switchover stands and its downtime: what the edge counted
+/// before its request (`downtime_so_far_ms`) plus this endpoint's time from the request's
+/// arrival (`received`) to the VM running. A power-on that fails leaves the VM registered
+/// and powered off, and says why.
+pub async fn switched_over(
+    domain: &Arc<Domain>,
+    migration_id: &str,
+    vm_id: &str,
+    request: &SwitchoverRequest,
+    received: Instant,
+) -> SwitchoverOutcome {
+    // The existing power path of the hosts (and of the API): the same checks and states.
+    let (powered_on, power_error) = if request.power_on {
+        match Hosts::power_on(domain, vm_id).await {
+            Ok(()) => (true, None),
+            Err(e) => {
+                tracing::warn!(migration = %migration_id, vm = %vm_id, error = %e, "switchover: cannot power the VM on");
+                (false, Some(e.to_string()))
+            }
+        }
+    } else {
+        (false, None)
+    };
+    let downtime_ms = powered_on.then(|| {
+        let here = u64::try_from(received.elapsed().as_millis()).unwrap_or(u64::MAX);
+        request.downtime_so_far_ms.saturating_add(here)
+    });
+    let from = if request.stopped_by_edge {
+        FROM_EDGE_STOP
+    } else {
+        FROM_SWITCHOVER_START
+    };
+    let awaiting_confirm = !request.confirm;
+    let d = domain.clone();
+    let id = migration_id.to_owned();
+    let recorded =
+        tokio::task::spawn_blocking(move || d.inventory.record_switchover(&id, awaiting_confirm, downtime_ms, from))
+            .await;
+    if !matches!(recorded, Ok(Ok(()))) {
+        tracing::error!(migration = %migration_id, ?recorded, "cannot record the switchover's state and downtime");
+    }
+    tracing::info!(migration = %migration_id, vm = %vm_id, powered_on, ?downtime_ms, from, awaiting_confirm, "switched over");
+    SwitchoverOutcome {
+        powered_on,
+        power_error,
+        downtime_ms,
+        awaiting_confirm,
+    }
+}
+
+/// A step of a rollback or confirmation, run on the blocking pool.
+type DomainWork = Box<dyn FnOnce(&Domain) -> Result<String, Refusal> + Send>;
+
+/// `edge-agent rollback` (`confirm: false`) or `edge-agent confirm` of the switchover
+/// of `migration_id`, asked by `principal` on the edge of certificate `edge_cert`.
+/// Returns what was done, for the edge to print; a refusal changes nothing.
+pub async fn end_switchover(
+    domain: &Arc<Domain>,
+    principal: &Principal,
+    edge_cert: &str,
+    migration_id: &str,
+    confirm: bool,
+) -> Result<String, Refusal> {
+    let blocking = |f: DomainWork| {
+        let d = domain.clone();
+        async move {
+            tokio::task::spawn_blocking(move || f(d.as_ref()))
+                .await
+                .unwrap_or_else(|e| Err(endpoint_failure(e.to_string())))
+        }
+    };
+    let (p, cert, id) = (principal.clone(), edge_cert.to_owned(), migration_id.to_owned());
+    let vm_name = blocking(Box::new(move |d: &Domain| {
+        super::authorize(d, &p, &cert, &id, Action::EndSwitchover).map(|info| info.vm_name)
+    }))
+    .await?;
+    let refused = |e: InventoryError| (RefusalCode::UnknownMigration, vec![format!("{e}; nothing was changed")]);
+    if confirm {
+        let id = migration_id.to_owned();
+        return blocking(Box::new(move |d: &Domain| {
+            let vm = d.inventory.confirm_switchover(&id).map_err(refused)?;
+            // The journal and marks only a rollback needed; left behind, they are harmless.
+            for folder in vm_folders(d, &vm_name) {
+                if let Err(e) = crate::datastore::remove_commit_leftovers(&folder) {
+                    tracing::warn!(folder = %folder.display(), error = %e, "cannot remove a confirmed VM's journal");
+                }
+            }
+            Ok(format!(
+                "switchover of {vm_name} confirmed: {vm} in the cloud is final and can no longer be rolled back; \
+                 its receipt stands; the source may be retired"
+            ))
+        }))
+        .await;
+    }
+
+    // From here the host refuses to power the VM on: the rollback powers it off next, and
+    // the VM never runs in the cloud once the source may run again.
+    let id = migration_id.to_owned();
+    let vm = blocking(Box::new(move |d: &Domain| {
+        d.inventory.begin_rollback(&id).map_err(refused)
+    }))
+    .await?;
+    match Hosts::power_off(domain, &vm).await {
+        Ok(()) | Err(HostError::AlreadyInState { .. }) => {}
+        Err(e) => {
+            let id = migration_id.to_owned();
+            let undone = blocking(Box::new(move |d: &Domain| {
+                d.inventory.cancel_rollback(&id).map_err(refused)
+            }))
+            .await;
+            return Err((
+                RefusalCode::EndpointFailure,
+                vec![format!(
+                    "cannot power {vm} off ({e}){}: the switchover stands, awaiting confirmation; do not start the \
+                     source; run `edge-agent rollback` again",
+                    if undone.is_ok() {
+                        ""
+                    } else {
+                        " and cannot record that the rollback stopped"
+                    }
+                )],
+            ));
+        }
+    }
+    let (p, cert, id) = (principal.clone(), edge_cert.to_owned(), migration_id.to_owned());
+    blocking(Box::new(move |d: &Domain| {
+        let moves: Vec<CommitMove> = vm_folders(d, &vm_name)
+            .into_iter()
+            .filter_map(|target| {
+                let root = target.parent()?.to_owned();
+                Some(CommitMove {
+                    staging: root.join(".staging").join(&id),
+                    target,
+                })
+            })
+            .collect();
+        // Marked, so that a restart that finds the moves unfinished moves these back.
+        for m in &moves {
+            crate::datastore::mark_folder(&m.target, &id).map_err(|e| endpoint_failure(e.to_string()))?;
+        }
+        let vm = d.inventory.finish_rollback(&id, &moves).map_err(refused)?;
+        let mut problems = Vec::new();
+        for m in &moves {
+            if let Err(e) = crate::datastore::move_back(&m.target, &m.staging) {
+                problems.push(format!("{} stays in place until the endpoint's next start ({e})", m.target.display()));
+            }
+        }
+        if problems.is_empty() {
+            if let Err(e) = d.inventory.clear_commit_moves(&id) {
+                tracing::warn!(migration = %id, error = %e, "cannot clear the rollback's record of moves; the next start does");
+            }
+        }
+        let changed = if problems.is_empty() {
+            forget_changed_chunks(d, &p, &cert, &id)
+        } else {
+            Err(problems.join("; "))
+        };
+        let next = match changed {
+            Ok(0) => "the next `edge-agent replicate` pass compares every chunk with the source".to_owned(),
+            Ok(n) => format!(
+                "the cloud VM changed {n} chunk(s) of its disks: the next `edge-agent replicate` pass sends them again"
+            ),
+            Err(e) => format!("the next pass checks the replica ({e})"),
+        };
+        Ok(format!(
+            "switchover of {vm_name} rolled back: {vm} was powered off and unregistered, its disks are the replica \
+             again (state rolled back), and its receipt is superseded; the source can be started again; {next}"
+        ))
+    }))
+    .await
+}
+
+/// The folders of VM `vm_name` on every datastore (its home, and those of disks placed
+/// elsewhere).
+fn vm_folders(domain: &Domain, vm_name: &str) -> Vec<std::path::PathBuf> {
+    if crate::datastore::Datastore::check_vm_name(vm_name).is_err() {
+        return Vec::new();
+    }
+    domain
+        .datastores()
+        .map(|ds| ds.root().join(vm_name))
+        .filter(|f| f.is_dir())
+        .collect()
+}
+
+/// After a rollback: the cloud VM may have run and written its disks, and the journal
+/// states the replica as the switchover left it. Every journaled chunk is read back and
+/// compared; those that differ are dropped from the journal, so that the next pass sends
+/// them (expected-zero ones are rewritten with zeros here, as before a commit). Returns
+/// how many were dropped. A replica without a journal (a restart removed it) holds
+/// nothing for the next pass, which then sends every chunk.
+fn forget_changed_chunks(domain: &Domain, principal: &Principal, edge_cert: &str, id: &str) -> Result<usize, String> {
+    let info = domain
+        .inventory
+        .resume_info(id)
+        .map_err(|e| e.to_string())?
+        .ok_or("the migration is gone")?;
+    let plan = match info
+        .plan
+        .as_deref()
+        .map(gateway::wire::control::decode::<gateway::plan::MigrationPlan>)
+    {
+        Some(Ok(gateway::wire::Decoded::Frame(plan, _))) => plan,
+        _ => return Err("the migration's plan is not recorded".into()),
+    };
+    let (staged, durable) = resume(domain, principal, edge_cert, id, &plan).map_err(|(_, p)| p.join("; "))?;
+    let cs = u64::from(plan.chunk_size);
+    let mut chunks = Vec::new();
+    for (disk, table) in durable.iter().enumerate() {
+        for index in 0..table.chunk_count() {
+            if let Some(hash) = table.get(index) {
+                chunks.push((disk as u16, index, hash));
+            }
+        }
+    }
+    let capacities: Vec<u64> = plan.vm.disks.iter().map(|d| d.capacity).collect();
+    let found = crate::datastore::read_back(&staged.disks, &capacities, plan.chunk_size, &chunks, 2)
+        .map_err(|e| format!("the replica cannot be read: {e}"))?;
+    let changed: std::collections::HashSet<(u16, u64)> = found.damaged.iter().copied().collect();
+    let mut kept = Unsynced::default();
+    for (disk, index, hash) in chunks {
+        if changed.contains(&(disk, index)) {
+            continue;
+        }
+        if hash == durable[usize::from(disk)].zero_hash(index) {
+            kept.zero_runs.push((disk, index * cs, 1));
+        } else {
+            kept.chunks.push((disk, index * cs, hash));
+        }
+    }
+    staged
+        .disks
+        .iter()
+        .try_for_each(|d| d.sync_data())
+        .map_err(|e| e.to_string())?;
+    crate::datastore::Journal::replace(staged.staging.dir(), &kept).map_err(|e| e.to_string())?;
+    // The files stay as the replica (dropping `staged` closes them): nothing serves the
+    // migration until the next pass.
+    let _ = domain.inventory.mark_interrupted(id);
+    Ok(changed.len())
 }

@@ -27,6 +27,8 @@ pub enum Action {
     Resume,
     /// Discard it (`edge-agent abort`).
     Abort,
+    /// Roll back or confirm its switchover (`edge-agent rollback`, `confirm`).
+    EndSwitchover,
 }
 
 impl Action {
@@ -34,6 +36,7 @@ impl Action {
         match self {
             Action::Resume => "resume",
             Action::Abort => "abort",
+            Action::EndSwitchover => "roll back or confirm",
         }
     }
 }
@@ -65,6 +68,9 @@ pub fn authorize(
         return Err(unknown(match action {
             Action::Resume => format!("the endpoint has no migration {migration_id}; start a new migration"),
             Action::Abort => format!("the endpoint has no migration {migration_id}; nothing to abort"),
+            Action::EndSwitchover => {
+                format!("the endpoint has no migration {migration_id}; no switchover to roll back or confirm")
+            }
         }));
     };
     if info.edge_cert.as_deref() != Some(edge_cert) {
@@ -87,7 +93,23 @@ pub fn authorize(
     let next = match action {
         Action::Resume => "start a new migration",
         Action::Abort => "nothing to abort",
+        Action::EndSwitchover => "nothing to roll back or confirm",
     };
+    // Whether the switchover awaits confirmation is the caller's to check, in the
+    // transaction that acts on it.
+    if action == Action::EndSwitchover {
+        return match info.state.as_str() {
+            "SUCCEEDED" => Ok(info),
+            state => Err(unknown(format!(
+                "migration {migration_id} is {state}, not a switched-over replication: {}",
+                if state == "RUNNING" {
+                    "run `edge-agent switchover` first"
+                } else {
+                    next
+                }
+            ))),
+        };
+    }
     match info.state.as_str() {
         "RUNNING" => Ok(info),
         "SUCCEEDED" => Err(unknown(format!(

@@ -1,0 +1,186 @@
+//! The switchover lifecycle of a replication (see docs/replication.md): a switchover
+//! registers the VM and may leave it reversible (`awaiting confirm`) until the edge
+//! confirms it (`done`) or rolls it back (`rolling back`, then `rolled back`: the VM is
+//! unregistered, the migration RUNNING again with its disks as the replica, its receipt
+//! superseded). The scheduled switchover time lives here too.
+
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+
+use super::migrations::state_of;
+use super::{now, CommitMove, Inventory, InventoryError};
+
+/// A switchover that can still be rolled back.
+pub const AWAITING_CONFIRM: &str = "awaiting confirm";
+/// Confirmed: final.
+pub const CONFIRMED: &str = "done";
+/// Being rolled back: the VM is being powered off; the host refuses to power it on.
+pub const ROLLING_BACK: &str = "rolling back";
+/// Rolled back: the VM is unregistered, its disks are the replica again.
+pub const ROLLED_BACK: &str = "rolled back";
+
+/// What the downtime of a switchover counts from.
+pub const FROM_EDGE_STOP: &str = "source stopped by the edge";
+pub const FROM_SWITCHOVER_START: &str = "switchover started";
+
+impl Inventory {
+    /// Sets (`Some`, RFC 3339 UTC) or clears the scheduled switchover of the RUNNING
+    /// replication `migration_id`. Refused for a migration that is not a replication
+    /// with a first pass done, or not RUNNING.
+    pub fn set_switchover_at(&self, migration_id: &str, at: Option<&str>) -> Result<(), InventoryError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (state, _) = state_of(&tx, migration_id)?;
+            if state != "RUNNING" {
+                return Err(InventoryError::MigrationNotRunning {
+                    id: migration_id.to_owned(),
+                    state,
+                });
+            }
+            let replica: bool = tx.query_row(
+                "SELECT replica_synced IS NOT NULL FROM migration WHERE id = ?1",
+                [migration_id],
+                |row| row.get(0),
+            )?;
+            if !replica {
+                return Err(InventoryError::Invalid(format!(
+                    "migration {migration_id} is not a replication with a pass done; only a replication's switchover can be scheduled"
+                )));
+            }
+            tx.execute(
+                "UPDATE migration SET switchover_at = ?2 WHERE id = ?1",
+                params![migration_id, at],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// The switchover of `migration_id` registered its VM: it awaits confirmation
+    /// (`awaiting_confirm`) or is final, and cost `downtime_ms` from `downtime_from`
+    /// (absent when the VM was not powered on). The schedule is done with.
+    pub fn record_switchover(
+        &self,
+        migration_id: &str,
+        awaiting_confirm: bool,
+        downtime_ms: Option<u64>,
+        downtime_from: &str,
+    ) -> Result<(), InventoryError> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE migration SET switchover_state = ?2, downtime_ms = ?3, downtime_from = ?4, switchover_at = NULL
+                 WHERE id = ?1 AND state = 'SUCCEEDED'",
+                params![
+                    migration_id,
+                    if awaiting_confirm { AWAITING_CONFIRM } else { CONFIRMED },
+                    downtime_ms,
+                    downtime_from
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The rollback of `migration_id`'s switchover starts: from now on the host refuses
+    /// to power its VM on. Refused unless the switchover awaits confirmation. Returns
+    /// the VM.
+    pub fn begin_rollback(&self, migration_id: &str) -> Result<String, InventoryError> {
+        self.move_switchover(migration_id, AWAITING_CONFIRM, ROLLING_BACK)
+    }
+
+    /// A rollback that could not power the VM off: the switchover stands, reversible.
+    pub fn cancel_rollback(&self, migration_id: &str) -> Result<String, InventoryError> {
+        self.move_switchover(migration_id, ROLLING_BACK, AWAITING_CONFIRM)
+    }
+
+    /// Confirms the switchover of `migration_id`: final, no rollback. Returns the VM.
+    pub fn confirm_switchover(&self, migration_id: &str) -> Result<String, InventoryError> {
+        self.move_switchover(migration_id, AWAITING_CONFIRM, CONFIRMED)
+    }
+
+    fn move_switchover(&self, migration_id: &str, from: &str, to: &str) -> Result<String, InventoryError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (state, _) = state_of(&tx, migration_id)?;
+            let (switchover, vm): (Option<String>, Option<String>) = tx.query_row(
+                "SELECT switchover_state, vm FROM migration WHERE id = ?1",
+                [migration_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            let (Some(vm), true) = (vm, state == "SUCCEEDED" && switchover.as_deref() == Some(from)) else {
+                return Err(InventoryError::Invalid(format!(
+                    "migration {migration_id} is {state}{}, not a switchover that is {from}",
+                    switchover.map(|s| format!(" (switchover {s})")).unwrap_or_default()
+                )));
+            };
+            tx.execute(
+                "UPDATE migration SET switchover_state = ?2 WHERE id = ?1",
+                params![migration_id, to],
+            )?;
+            tx.commit()?;
+            Ok(vm)
+        })
+    }
+
+    /// The VM of a rollback is powered off: unregister it and make `migration_id` a
+    /// RUNNING replication again, in one transaction. Its receipt moves to the
+    /// superseded ones (unchanged: it still says what the cloud registered then), its
+    /// report goes, and `moves` (each VM folder back to its staging folder) are recorded
+    /// so that a restart finishes moving them. Returns the VM that was unregistered.
+    pub fn finish_rollback(&self, migration_id: &str, moves: &[CommitMove]) -> Result<String, InventoryError> {
+        let json = serde_json::to_string(moves).map_err(|e| InventoryError::Invalid(e.to_string()))?;
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (state, _) = state_of(&tx, migration_id)?;
+            let (switchover, vm): (Option<String>, Option<String>) = tx.query_row(
+                "SELECT switchover_state, vm FROM migration WHERE id = ?1",
+                [migration_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            let (Some(vm), true) = (vm, state == "SUCCEEDED" && switchover.as_deref() == Some(ROLLING_BACK)) else {
+                return Err(InventoryError::Invalid(format!(
+                    "migration {migration_id} is {state}, not a switchover being rolled back"
+                )));
+            };
+            let at = now();
+            tx.execute(
+                "INSERT INTO superseded_receipt (migration, vm, signed, created, superseded)
+                 SELECT migration, vm, signed, created, ?2 FROM receipt WHERE migration = ?1",
+                params![migration_id, at],
+            )?;
+            tx.execute("DELETE FROM receipt WHERE migration = ?1", [migration_id])?;
+            tx.execute("DELETE FROM migration_report WHERE migration = ?1", [migration_id])?;
+            tx.execute(
+                "UPDATE migration SET state = 'RUNNING', vm = NULL, finished = NULL, error = NULL,
+                     switchover_state = ?2, interrupted = ?3, commit_moves = ?4 WHERE id = ?1",
+                params![migration_id, ROLLED_BACK, at, json],
+            )?;
+            tx.execute("DELETE FROM vm WHERE id = ?1", [&vm])?;
+            tx.commit()?;
+            Ok(vm)
+        })
+    }
+
+    /// Whether the host must refuse to power `vm_id` on: its migration's switchover is
+    /// being rolled back. Returns the migration.
+    pub fn power_on_blocked(&self, vm_id: &str) -> Result<Option<String>, InventoryError> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT id FROM migration WHERE vm = ?1 AND switchover_state IN (?2, ?3)",
+                    params![vm_id, ROLLING_BACK, ROLLED_BACK],
+                    |row| row.get(0),
+                )
+                .optional()?)
+        })
+    }
+
+    /// The receipts of `migration_id`'s rolled-back switchovers, oldest first.
+    pub fn superseded_receipts(&self, migration_id: &str) -> Result<Vec<String>, InventoryError> {
+        self.with_conn(|conn| {
+            state_of(conn, migration_id)?;
+            let mut stmt = conn.prepare("SELECT signed FROM superseded_receipt WHERE migration = ?1 ORDER BY rowid")?;
+            let rows = stmt.query_map([migration_id], |row| row.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+}
