@@ -4,7 +4,8 @@
 //!
 //! - The guest moves while it runs: the cloud's console continues the counter without a
 //!   reset, the disk written during the migration checks out, the VM is POWERED_ON in the
-//!   inventory, and the source has stopped.
+//!   inventory, the source has stopped, and the destination's QEMU runs confined (its own
+//!   user, the sandbox, the database out of reach) as the hosts' VMs do.
 //! - The link breaks during pre-copy: the migration fails, the source runs on, the
 //!   destination is torn down and nothing is registered.
 //!
@@ -231,6 +232,7 @@ async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
     assert_eq!(vm.id, summary.vm_id);
     assert_eq!(vm.power_state, "POWERED_ON");
     assert_eq!(vm.nics[0].mac.as_deref(), Some("00:50:56:12:34:56"));
+    destination_is_confined(&cloud, &vm.id).await;
     let console = cloud.root.join("live01/live01.console.log");
     let after = wait_counter(&console, last_source + 5, 30).await;
     let cloud_counters = counters(&console);
@@ -276,6 +278,55 @@ async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
         String::from_utf8_lossy(&check.stderr)
     );
     cloud.stop().await;
+}
+
+/// The destination's QEMU, now the VM's, runs as the hosts' VMs do (hardening.rs): as
+/// QEMU's own user, in its seccomp sandbox, and cannot open the inventory's database or
+/// the endpoint's key although it loaded a memory stream the edge sent.
+async fn destination_is_confined(cloud: &Cloud, vm: &str) {
+    assert!(
+        process_is_root(),
+        "the destination's own user is used when the endpoint runs as root: run this test as root (CI does)"
+    );
+    let user = Command::new("id")
+        .args(["-u", cloud_endpoint::config::DEFAULT_QEMU_USER])
+        .output()
+        .unwrap();
+    assert!(
+        user.status.success(),
+        "the user {} is missing: run tests/setup.sh (it creates it)",
+        cloud_endpoint::config::DEFAULT_QEMU_USER
+    );
+    let pid = cloud.domain.hosts.pid(vm).await.expect("the destination runs on");
+    assert_eq!(
+        proc_status(pid, "Uid"),
+        String::from_utf8(user.stdout).unwrap().trim(),
+        "the destination's QEMU does not run as its own user"
+    );
+    assert_eq!(
+        proc_status(pid, "Seccomp"),
+        "2",
+        "the destination's QEMU runs without its sandbox"
+    );
+    let qemu = cloud.domain.hosts.process(vm).await.unwrap();
+    let database = cloud.domain.inventory.path().to_owned();
+    let err = qemu
+        .qmp()
+        .execute(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "stolen-db", "filename": database.to_str().unwrap(), "read-only": true}),
+        )
+        .await
+        .expect_err("the destination's QEMU opened the inventory's database");
+    assert!(err.to_string().contains("Permission denied"), "{err}");
+}
+
+fn process_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

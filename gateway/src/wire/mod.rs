@@ -31,7 +31,9 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// the cloud keeps until a switchover commits it.
 /// Version 5: the plan carries the VM's disk controllers with their types
 /// (`VmSpec::controllers`) and each NIC's `addressType`, so the copy keeps its hardware.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// Version 6: the plan carries the SHA-256 of the source's .vmx or OVF descriptor
+/// (`MigrationPlan::source_descriptor_sha256`), which the receipt signs.
+pub const PROTOCOL_VERSION: u16 = 6;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.
