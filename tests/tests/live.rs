@@ -6,6 +6,8 @@
 //!   reset, the disk written during the migration checks out, the VM is POWERED_ON in the
 //!   inventory, the source has stopped, and the destination's QEMU runs confined (its own
 //!   user, the sandbox, the database out of reach) as the hosts' VMs do.
+//! - A plan the host or the datastore cannot hold (memory; boot files beside the disk) is
+//!   refused before memory moves, naming both.
 //! - The link breaks during pre-copy: the migration fails, the source runs on, the
 //!   destination is torn down and nothing is registered.
 //!
@@ -162,9 +164,15 @@ fn opts(source: &Source, link: Option<PathEstimate>) -> LiveOptions {
     }
 }
 
-/// A cloud endpoint (`host_memory_mib` for its host, if given) and a running source VM
-/// `name` whose kernel command line adds `append`.
-async fn setup(name: &str, append: &str, host_memory_mib: Option<&str>) -> (tempfile::TempDir, Pki, Cloud, Source) {
+/// A cloud endpoint (`host_memory_mib` for its host and `datastore_bytes` for its
+/// datastore's capacity, if given) and a running source VM `name` whose kernel command
+/// line adds `append`.
+async fn setup(
+    name: &str,
+    append: &str,
+    host_memory_mib: Option<&str>,
+    datastore_bytes: Option<&str>,
+) -> (tempfile::TempDir, Pki, Cloud, Source) {
     let binary = require_qemu();
     // Short: unix socket paths (QMP) must stay under 108 bytes.
     let tmp = tempfile::Builder::new().prefix("lv").tempdir_in("/tmp").unwrap();
@@ -174,6 +182,9 @@ async fn setup(name: &str, append: &str, host_memory_mib: Option<&str>) -> (temp
     if let Some(mib) = host_memory_mib {
         env.push(("CLOUD_ENDPOINT_DOMAIN__HOST__MEMORY_MIB", mib));
     }
+    if let Some(bytes) = datastore_bytes {
+        env.push(("CLOUD_ENDPOINT_DOMAIN__DATASTORE__CAPACITY_BYTES", bytes));
+    }
     let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &env).await;
     let source = start_source(&binary, &tmp.path().join("src"), name, append).await;
     (tmp, pki, cloud, source)
@@ -181,7 +192,7 @@ async fn setup(name: &str, append: &str, host_memory_mib: Option<&str>) -> (temp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
-    let (_tmp, pki, cloud, source) = setup("live01", "", None).await;
+    let (_tmp, pki, cloud, source) = setup("live01", "", None, None).await;
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     let seen: Arc<Mutex<Vec<LiveProgress>>> = Arc::default();
     let progress = {
@@ -332,7 +343,7 @@ fn process_is_root() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
     // A guest that rewrites 48 MiB of memory all the time: pre-copy takes passes.
-    let (_tmp, pki, cloud, source) = setup("live02", "dirty=48", None).await;
+    let (_tmp, pki, cloud, source) = setup("live02", "dirty=48", None, None).await;
     let relay = Arc::new(Relay::start(cloud.addr).await);
     let mut target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     target.addr = relay.addr;
@@ -414,8 +425,10 @@ fn qemu_running_under(root: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_guest_that_cannot_converge_or_fit_is_refused_before_memory_moves() {
-    // A host with less memory than the guest has: the destination cannot start there.
-    let (_tmp, pki, cloud, source) = setup("live03", "dirty=32", Some("128")).await;
+    // A host with less memory than the guest has: the destination cannot start there. A
+    // datastore of 65 MiB: the 64 MiB disk fits, the kernel and initrd (several MiB)
+    // beside it do not.
+    let (_tmp, pki, cloud, source) = setup("live03", "dirty=32", Some("128"), Some("68157440")).await;
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     let quiet = |p: LiveProgress| println!("{}", live::describe(&p));
 
@@ -438,7 +451,8 @@ async fn a_guest_that_cannot_converge_or_fit_is_refused_before_memory_moves() {
         "nothing asked of the cloud"
     );
 
-    // With --auto-converge the cloud is asked, and refuses: the host cannot hold the VM.
+    // With --auto-converge the cloud is asked, and refuses: the host cannot hold the VM,
+    // and the datastore cannot hold its boot files beside its disk.
     let mut o = opts(&source, Some(slow));
     o.auto_converge = true;
     let err = live::run(&source.vm, &target, &o, &quiet)
@@ -448,6 +462,11 @@ async fn a_guest_that_cannot_converge_or_fit_is_refused_before_memory_moves() {
         edge_agent::MigrateError::Refused { code, problems } => {
             assert_eq!(*code, gateway::wire::RefusalCode::PlanRejected, "{err}");
             assert!(problems.iter().any(|p| p.contains("MiB")), "{problems:?}");
+            assert!(
+                problems.iter().any(|p| p.starts_with("datastore cloud-ds1 has")
+                    && p.contains("the kernel and initrd of the live migration need")),
+                "{problems:?}"
+            );
         }
         other => panic!("{other}"),
     }

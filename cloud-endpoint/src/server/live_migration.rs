@@ -626,8 +626,9 @@ fn check_live_plan(
             None
         }
     };
+    // Checked beside the other problems, so that all are listed at once.
     let boot_space = match &plan.boot {
-        Some(boot) if problems.is_empty() => {
+        Some(boot) => {
             let bytes = boot
                 .kernel
                 .len
@@ -651,7 +652,7 @@ fn check_live_plan(
                 }
             }
         }
-        _ => None,
+        None => None,
     };
     match (problems.is_empty(), reservation) {
         (true, Some(reservation)) => Ok((reservation, boot_space)),
