@@ -464,7 +464,7 @@ async fn a_guest_that_cannot_converge_or_fit_is_refused_before_memory_moves() {
             assert!(problems.iter().any(|p| p.contains("MiB")), "{problems:?}");
             assert!(
                 problems.iter().any(|p| p.starts_with("datastore cloud-ds1 has")
-                    && p.contains("the kernel and initrd of the live migration need")),
+                    && p.contains("the kernel and initrd of the live migration, beside its disks, need")),
                 "{problems:?}"
             );
         }

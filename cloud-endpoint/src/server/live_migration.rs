@@ -639,11 +639,14 @@ fn check_live_plan(
                 .inventory
                 .space_on(&info.id)
                 .map_err(placement::endpoint_failure)?;
+            // The plan's disks there are reserved only when the destination starts, after
+            // the boot files arrived: they must fit beside them from now on.
+            let disks = disks_on(&plan.plan, &info);
             match domain.datastore.reserve_scratch(
                 bytes,
-                used.used,
-                used.reserved,
-                "the kernel and initrd of the live migration",
+                used.used.saturating_add(disks),
+                used.reserved.saturating_add(disks),
+                "the kernel and initrd of the live migration, beside its disks,",
             ) {
                 Ok(space) => Some(space),
                 Err(e) => {
@@ -658,6 +661,22 @@ fn check_live_plan(
         (true, Some(reservation)) => Ok((reservation, boot_space)),
         _ => Err((RefusalCode::PlanRejected, problems)),
     }
+}
+
+/// Bytes of the plan's disks placed on datastore `info` (by its name or id, or by
+/// default: the plan names no datastore for them).
+fn disks_on(plan: &gateway::plan::MigrationPlan, info: &crate::inventory::DatastoreInfo) -> u64 {
+    plan.vm
+        .disks
+        .iter()
+        .filter(|d| {
+            plan.placement
+                .disk_datastore(&d.key)
+                .or(plan.placement.datastore.as_deref())
+                .is_none_or(|ds| ds == info.name || ds == info.id)
+        })
+        .map(|d| d.capacity)
+        .sum()
 }
 
 /// The staged disks as QEMU opens them, the boot files written beside them, and the
