@@ -239,8 +239,16 @@ impl Checkpoint {
 }
 
 /// SHA-256 of a plan's wire encoding, hex.
+///
+/// Without the source descriptor's digest: a replication's .vmx changes between passes
+/// (VMware rewrites it at each snapshot) while the VM stays the same; a cold lift's
+/// record also holds the .vmx's file stamp, which catches an edited one.
 pub fn plan_digest(plan: &gateway::plan::MigrationPlan) -> String {
-    let bytes = gateway::wire::control::encode(plan).unwrap_or_default();
+    let plan = gateway::plan::MigrationPlan {
+        source_descriptor_sha256: None,
+        ..plan.clone()
+    };
+    let bytes = gateway::wire::control::encode(&plan).unwrap_or_default();
     gateway::integrity::hex(&gateway::chunk::sha256(&bytes))
 }
 

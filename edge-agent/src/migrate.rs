@@ -191,6 +191,7 @@ pub fn build_plan(vm: &SourceVm, opts: &MigrateOptions) -> MigrationPlan {
         disk_format: opts.disk_format,
         firewall: vm.firewall.clone(),
         placement: opts.placement.clone(),
+        source_descriptor_sha256: Some(vm.descriptor_sha256),
     };
     plan.fit_chunk_size();
     plan

@@ -57,8 +57,8 @@ impl DiskCheck {
 pub struct Verification {
     pub receipt: gateway::receipt::Receipt,
     /// `None` when the source VM is the one the receipt names; otherwise what differs.
-    /// Disks of the same bytes in another VM match every root: the VM's name, which the
-    /// receipt signs, tells them apart.
+    /// Disks of the same bytes in another VM match every root: the VM's name and (from
+    /// receipt format 2) its descriptor's SHA-256, which the receipt signs, tell them apart.
     pub vm_mismatch: Option<String>,
     pub disks: Vec<DiskCheck>,
 }
@@ -91,6 +91,17 @@ impl fmt::Display for Verification {
                 "signed by {} (certificate {}): signature and identity OK",
                 r.endpoint, r.endpoint_thumbprint
             )?;
+        }
+        match &r.source_descriptor_sha256 {
+            Some(digest) if self.vm_mismatch.is_none() => {
+                writeln!(f, "  {:<9} OK        {} SHA-256 {digest}", "VM", r.vm_name)?
+            }
+            Some(_) => {}
+            None => writeln!(
+                f,
+                "  receipt format {}: it does not bind the source's .vmx or OVF descriptor (format 2 does); the VM's name and disks are checked",
+                r.format_version
+            )?,
         }
         if let Some(why) = &self.vm_mismatch {
             writeln!(f, "  {:<9} MISMATCH  {why}", "VM")?;
@@ -158,12 +169,24 @@ pub fn verify_with(
         }
     }
     let vm = source::open_vm_with(source, options)?;
-    let vm_mismatch = (vm.name != receipt.vm_name).then(|| {
-        format!(
+    let mut differs = Vec::new();
+    if vm.name != receipt.vm_name {
+        differs.push(format!(
             "the source VM is named {:?}, the receipt is of {:?}: it is another VM, whatever its disks hold",
             vm.name, receipt.vm_name
-        )
-    });
+        ));
+    }
+    // Format 1 receipts do not bind the descriptor: only the name and disks are checked.
+    if let Some(signed) = &receipt.source_descriptor_sha256 {
+        let read = hex(&vm.descriptor_sha256);
+        if *signed != read {
+            differs.push(format!(
+                "the source's descriptor {} has SHA-256 {read}, the receipt binds {signed}: this is not the .vmx (or OVF) the migration read, so not the VM the receipt is of (another VM with the same disks, or its configuration was edited since); check the receipt against the descriptor as it was migrated",
+                vm.vmx_path.display()
+            ));
+        }
+    }
+    let vm_mismatch = (!differs.is_empty()).then(|| differs.join("; "));
 
     let mut checks: Vec<DiskCheck> = Vec::new();
     // Disks are independent: hash them on separate threads (reads are positional).

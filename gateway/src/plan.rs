@@ -41,8 +41,13 @@ pub struct MigrationPlan {
     /// the cloud domain. Empty when the VM came without a rules file.
     pub firewall: FirewallSpec,
     /// Where in the cloud domain the VM goes; every choice left out takes the
-    /// domain's default. Last in the struct: the fields before it kept their encoding.
+    /// domain's default.
     pub placement: Placement,
+    /// SHA-256 of the source's .vmx (or OVF descriptor) as the edge read it: the cloud
+    /// signs it into the receipt, which then binds this VM, not only its disks' bytes.
+    /// `None` for a plan made without a source file (the API's plan check). Last in the
+    /// struct: the fields before it kept their encoding (protocol version 6).
+    pub source_descriptor_sha256: Option<[u8; 32]>,
 }
 
 /// Where the cloud puts a migrated VM, vSphere's relocate spec: each object named by
@@ -320,6 +325,7 @@ mod tests {
             disk_format: None,
             firewall: FirewallSpec::default(),
             placement: Placement::default(),
+            source_descriptor_sha256: None,
         }
     }
 

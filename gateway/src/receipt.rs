@@ -28,9 +28,14 @@ use crate::integrity::hex;
 use crate::plan::MigrationPlan;
 use crate::transport::ServerTrust;
 
-/// Format version this build writes and reads. A change to the fields or to
-/// how the signature is made is a new version.
-pub const RECEIPT_FORMAT_VERSION: u32 = 1;
+/// Format version this build writes. A change to the fields or to how the signature is
+/// made is a new version. Version 2 adds `source_descriptor_sha256`: the receipt binds the
+/// source VM's .vmx or OVF descriptor, not only its name and disks.
+pub const RECEIPT_FORMAT_VERSION: u32 = 2;
+
+/// The oldest format version this build still reads and verifies: version 1 receipts
+/// (without the descriptor's digest) stay verifiable for what they bind.
+pub const OLDEST_RECEIPT_FORMAT_VERSION: u32 = 1;
 
 /// Largest signed receipt accepted: 256 disks and a certificate chain take
 /// under 100 KiB, and the control frame that carries one is 1 MiB at most.
@@ -43,7 +48,7 @@ pub const MAX_RECEIPT_BYTES: usize = 512 * 1024;
 pub enum ReceiptError {
     #[error("not a migration receipt: {0}; pass the file `edge-agent migrate` wrote or the body of GET /api/gateway/migrations/{{id}}/receipt")]
     Malformed(String),
-    #[error("receipt format version {0} is not known to this build (it reads version {RECEIPT_FORMAT_VERSION}); use a newer edge-agent")]
+    #[error("receipt format version {0} is not known to this build (it reads versions {OLDEST_RECEIPT_FORMAT_VERSION} to {RECEIPT_FORMAT_VERSION}); use a newer edge-agent")]
     UnsupportedVersion(u32),
     #[error("the receipt's endpoint certificate cannot be read: {0}; the receipt is damaged")]
     Certificate(String),
@@ -74,6 +79,11 @@ pub struct Receipt {
     pub migration_id: String,
     /// The VM's name in the cloud domain.
     pub vm_name: String,
+    /// SHA-256 of the source's .vmx or OVF descriptor as the edge read it, lowercase hex
+    /// (from format version 2; absent in version 1, whose canonical bytes it then leaves
+    /// as they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_descriptor_sha256: Option<String>,
     /// The VM's id in the cloud inventory, e.g. `vm-14`.
     pub vm_id: String,
     /// The datastore path of its .vmx, e.g. `[cloud-ds1] web01/web01.vmx`.
@@ -143,6 +153,13 @@ impl Receipt {
         };
         same("the migration id", &self.migration_id, &migration_id);
         same("the VM name", &self.vm_name, &plan.vm.name);
+        same(
+            "the source descriptor's SHA-256",
+            &self.source_descriptor_sha256.as_deref().unwrap_or("none"),
+            &plan
+                .source_descriptor_sha256
+                .map_or_else(|| "none".to_owned(), |d| hex(&d)),
+        );
         same("the VM id", &self.vm_id, &vm_id);
         same("the VM path", &self.vm_path, &vm_path);
         same("the number of disks", &self.disks.len(), &plan.vm.disks.len());
@@ -246,10 +263,20 @@ impl SignedReceipt {
             )));
         }
         let signed: SignedReceipt = serde_json::from_str(text).map_err(|e| ReceiptError::Malformed(e.to_string()))?;
-        if signed.receipt.format_version != RECEIPT_FORMAT_VERSION {
-            return Err(ReceiptError::UnsupportedVersion(signed.receipt.format_version));
+        let version = signed.receipt.format_version;
+        if !(OLDEST_RECEIPT_FORMAT_VERSION..=RECEIPT_FORMAT_VERSION).contains(&version) {
+            return Err(ReceiptError::UnsupportedVersion(version));
         }
-        Ok(signed)
+        // Each version has its fields, no more and no fewer.
+        match (version, &signed.receipt.source_descriptor_sha256) {
+            (1, Some(_)) => Err(ReceiptError::Malformed(
+                "a format 1 receipt has no source_descriptor_sha256".into(),
+            )),
+            (2.., None) => Err(ReceiptError::Malformed(format!(
+                "a format {version} receipt lacks source_descriptor_sha256"
+            ))),
+            _ => Ok(signed),
+        }
     }
 
     /// The certificate chain the receipt carries, leaf first.
@@ -419,6 +446,7 @@ mod tests {
             format_version: RECEIPT_FORMAT_VERSION,
             migration_id: "migration-3".into(),
             vm_name: "web01".into(),
+            source_descriptor_sha256: Some(hex(&[7; 32])),
             vm_id: "vm-14".into(),
             vm_path: "[cloud-ds1] web01/web01.vmx".into(),
             disks: vec![ReceiptDisk {
@@ -459,9 +487,51 @@ mod tests {
         // The canonical bytes are the compact struct in field order.
         let canonical = String::from_utf8(signed.receipt.canonical_bytes()).unwrap();
         assert!(
-            canonical.starts_with(r#"{"format_version":1,"migration_id":"migration-3","#),
+            canonical.starts_with(
+                r#"{"format_version":2,"migration_id":"migration-3","vm_name":"web01","source_descriptor_sha256":"0707"#
+            ),
             "{canonical}"
         );
+    }
+
+    #[test]
+    fn a_format_1_receipt_still_verifies_and_versions_keep_their_fields() {
+        let ep = endpoint();
+        // As an endpoint before format 2 signed it: no descriptor digest, and canonical
+        // bytes without the field.
+        let mut old = receipt(&ep.signer);
+        old.format_version = 1;
+        old.source_descriptor_sha256 = None;
+        let canonical = String::from_utf8(old.canonical_bytes()).unwrap();
+        assert!(
+            canonical
+                .starts_with(r#"{"format_version":1,"migration_id":"migration-3","vm_name":"web01","vm_id":"vm-14","#),
+            "{canonical}"
+        );
+        let signed = ep.signer.sign(old).unwrap();
+        let parsed = SignedReceipt::from_json(&signed.to_json()).unwrap();
+        parsed.verify(&ServerTrust::Ca(vec![ep.ca.cert_der()])).unwrap();
+        assert_eq!(parsed.receipt.source_descriptor_sha256, None);
+
+        // A digest added to a format 1 receipt, or taken from a format 2 one, is refused
+        // before its signature is looked at.
+        let mut v: serde_json::Value = serde_json::from_str(&signed.to_json()).unwrap();
+        v["receipt"]["source_descriptor_sha256"] = "00".into();
+        assert!(matches!(
+            SignedReceipt::from_json(&v.to_string()),
+            Err(ReceiptError::Malformed(m)) if m.contains("format 1 receipt has no source_descriptor_sha256")
+        ));
+        let current = ep.signer.sign(receipt(&ep.signer)).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&current.to_json()).unwrap();
+        v["receipt"].as_object_mut().unwrap().remove("source_descriptor_sha256");
+        assert!(matches!(
+            SignedReceipt::from_json(&v.to_string()),
+            Err(ReceiptError::Malformed(m)) if m.contains("lacks source_descriptor_sha256")
+        ));
+        // And the digest is signed like every other field.
+        let mut altered = current.clone();
+        altered.receipt.source_descriptor_sha256 = Some(hex(&[8; 32]));
+        assert_eq!(altered.verify_signature().unwrap_err(), ReceiptError::BadSignature);
     }
 
     #[test]
@@ -555,10 +625,9 @@ mod tests {
     fn a_receipt_of_a_newer_format_is_named_as_such() {
         let ep = endpoint();
         let mut signed = ep.signer.sign(receipt(&ep.signer)).unwrap();
-        signed.receipt.format_version = 2;
-        assert_eq!(
-            SignedReceipt::from_json(&signed.to_json()).unwrap_err(),
-            ReceiptError::UnsupportedVersion(2)
-        );
+        signed.receipt.format_version = 3;
+        let err = SignedReceipt::from_json(&signed.to_json()).unwrap_err();
+        assert_eq!(err, ReceiptError::UnsupportedVersion(3));
+        assert!(err.to_string().contains("it reads versions 1 to 2"), "{err}");
     }
 }

@@ -404,3 +404,14 @@ pub fn assert_receipt_verifies_and_no_checkpoint_left(bin: &Path, pki: &Pki, vmx
         .collect();
     assert!(left.is_empty(), "no checkpoint left: {left:?}");
 }
+
+/// `field` of /proc/PID/status (`Uid`, `Seccomp`), its first value.
+pub fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .to_owned()
+}

@@ -1,8 +1,8 @@
 //! Who may act on a migration, with the real `edge-agent` binary on one edge (one
 //! certificate, one state folder) shared by several cloud users: while the owner lifts, a
 //! ReadOnly user and a second operator run `edge-agent abort` and `migrate` with the same
-//! arguments; after the owner's agent is killed, the second operator tries to take the
-//! migration over. Every attempt is refused with a message naming the refused action,
+//! arguments, and a second edge agent (another certificate, the owner's user) resumes it;
+//! after the owner's agent is killed, the second operator tries to take the migration over. Every attempt is refused with a message naming the refused action,
 //! and none of them touches the owner's migration: its lift goes on (or resumes) to a
 //! disk identical to the source, and its checkpoint stays as it was.
 
@@ -57,6 +57,21 @@ fn vm(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
 /// `edge-agent <command>` as `user`, with the arguments every run on this edge shares:
 /// the same VM, endpoint, certificate, state folder and receipt path.
 fn edge(bin: &Path, pki: &Pki, cloud: &Cloud, vmx: &Path, state: &Path, command: &str, user: &str) -> Command {
+    edge_with(bin, pki, cloud, vmx, state, command, user, "edge")
+}
+
+/// [`edge`] with the certificate and key of `cert_stem` (`edge` is the owner's).
+#[allow(clippy::too_many_arguments)]
+fn edge_with(
+    bin: &Path,
+    pki: &Pki,
+    cloud: &Cloud,
+    vmx: &Path,
+    state: &Path,
+    command: &str,
+    user: &str,
+    cert_stem: &str,
+) -> Command {
     let mut cmd = Command::new(bin.join("edge-agent"));
     cmd.arg(command)
         .arg("--vmx")
@@ -68,9 +83,9 @@ fn edge(bin: &Path, pki: &Pki, cloud: &Cloud, vmx: &Path, state: &Path, command:
         .arg("--ca-bundle")
         .arg(pki.path("ca.pem"))
         .arg("--cert")
-        .arg(pki.path("edge.pem"))
+        .arg(pki.path(&format!("{cert_stem}.pem")))
         .arg("--key")
-        .arg(pki.path("edge.key"))
+        .arg(pki.path(&format!("{cert_stem}.key")))
         .arg("--state-dir")
         .arg(state)
         .arg("--receipt")
@@ -199,6 +214,13 @@ async fn other_users_of_the_edge_cannot_abort_or_take_over_a_running_lift() {
     let id = lift.migration_id.clone().expect("the lift named its migration");
     assert!(cloud.domain.live.is_live(&id));
 
+    // A second edge agent of the same CA, run by the owner's own user with a copy of the
+    // owner's checkpoint: its Resume names the owner's migration.
+    pki.ca
+        .issue_edge("edge-02", certs::Validity::days(1))
+        .unwrap()
+        .write(&pki.dir, "edge-02")
+        .unwrap();
     let attempts = [
         (
             AUDITOR,
@@ -225,11 +247,19 @@ async fn other_users_of_the_edge_cannot_abort_or_take_over_a_running_lift() {
             "may resume only their own migrations: ask migrator@cloud.local",
         ),
     ];
-    for (user, command, head, says) in attempts {
+    let other_edge = (MIGRATOR, "migrate", "does not permit", "belongs to another edge agent");
+    for (user, command, head, says) in attempts.into_iter().chain([other_edge]) {
         let before = checkpoint(&state);
         assert_eq!(before.len(), 2, "the owner's checkpoint: {before:?}");
         let done_before = lift.done;
-        let out = edge(&bin, &pki, &cloud, &vmx, &state, command, user).output().unwrap();
+        let cert = if (user, says) == (other_edge.0, other_edge.3) {
+            "edge-02"
+        } else {
+            "edge"
+        };
+        let out = edge_with(&bin, &pki, &cloud, &vmx, &state, command, user, cert)
+            .output()
+            .unwrap();
         let out_text = text(&out);
         println!("{user} {command}: {out_text}");
         assert!(!out.status.success(), "{user} {command} was not refused: {out_text}");

@@ -284,17 +284,6 @@ async fn a_revoked_edge_is_refused_at_its_next_connection_without_a_restart() {
     cloud.stop().await;
 }
 
-/// `field` of /proc/PID/status (`Uid`, `Seccomp`), its first value.
-fn proc_status(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vms_qemu_is_sandboxed_as_its_own_user_and_cannot_read_the_database() {
     require_qemu();

@@ -4,7 +4,10 @@
 //!
 //! - The guest moves while it runs: the cloud's console continues the counter without a
 //!   reset, the disk written during the migration checks out, the VM is POWERED_ON in the
-//!   inventory, and the source has stopped.
+//!   inventory, the source has stopped, and the destination's QEMU runs confined (its own
+//!   user, the sandbox, the database out of reach) as the hosts' VMs do.
+//! - A plan the host or the datastore cannot hold (memory; boot files beside the disk) is
+//!   refused before memory moves, naming both.
 //! - The link breaks during pre-copy: the migration fails, the source runs on, the
 //!   destination is torn down and nothing is registered.
 //!
@@ -42,9 +45,15 @@ fn opts(source: &Source, link: Option<PathEstimate>) -> LiveOptions {
     }
 }
 
-/// A cloud endpoint (`host_memory_mib` for its host, if given) and a running source VM
-/// `name` whose kernel command line adds `append`.
-async fn setup(name: &str, append: &str, host_memory_mib: Option<&str>) -> (tempfile::TempDir, Pki, Cloud, Source) {
+/// A cloud endpoint (`host_memory_mib` for its host and `datastore_bytes` for its
+/// datastore's capacity, if given) and a running source VM `name` whose kernel command
+/// line adds `append`.
+async fn setup(
+    name: &str,
+    append: &str,
+    host_memory_mib: Option<&str>,
+    datastore_bytes: Option<&str>,
+) -> (tempfile::TempDir, Pki, Cloud, Source) {
     let binary = require_qemu();
     // Short: unix socket paths (QMP) must stay under 108 bytes.
     let tmp = tempfile::Builder::new().prefix("lv").tempdir_in("/tmp").unwrap();
@@ -54,6 +63,9 @@ async fn setup(name: &str, append: &str, host_memory_mib: Option<&str>) -> (temp
     if let Some(mib) = host_memory_mib {
         env.push(("CLOUD_ENDPOINT_DOMAIN__HOST__MEMORY_MIB", mib));
     }
+    if let Some(bytes) = datastore_bytes {
+        env.push(("CLOUD_ENDPOINT_DOMAIN__DATASTORE__CAPACITY_BYTES", bytes));
+    }
     let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &env).await;
     let source = start_source(&binary, &tmp.path().join("src"), name, append).await;
     (tmp, pki, cloud, source)
@@ -61,7 +73,7 @@ async fn setup(name: &str, append: &str, host_memory_mib: Option<&str>) -> (temp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
-    let (_tmp, pki, cloud, source) = setup("live01", "", None).await;
+    let (_tmp, pki, cloud, source) = setup("live01", "", None, None).await;
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     let seen: Arc<Mutex<Vec<LiveProgress>>> = Arc::default();
     let progress = {
@@ -112,6 +124,7 @@ async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
     assert_eq!(vm.id, summary.vm_id);
     assert_eq!(vm.power_state, "POWERED_ON");
     assert_eq!(vm.nics[0].mac.as_deref(), Some("00:50:56:12:34:56"));
+    destination_is_confined(&cloud, &vm.id).await;
     let console = cloud.root.join("live01/live01.console.log");
     let after = wait_counter(&console, last_source + 5, 30).await;
     let cloud_counters = counters(&console);
@@ -159,10 +172,59 @@ async fn a_running_guest_moves_into_the_cloud_and_keeps_counting() {
     cloud.stop().await;
 }
 
+/// The destination's QEMU, now the VM's, runs as the hosts' VMs do (hardening.rs): as
+/// QEMU's own user, in its seccomp sandbox, and cannot open the inventory's database or
+/// the endpoint's key although it loaded a memory stream the edge sent.
+async fn destination_is_confined(cloud: &Cloud, vm: &str) {
+    assert!(
+        process_is_root(),
+        "the destination's own user is used when the endpoint runs as root: run this test as root (CI does)"
+    );
+    let user = Command::new("id")
+        .args(["-u", cloud_endpoint::config::DEFAULT_QEMU_USER])
+        .output()
+        .unwrap();
+    assert!(
+        user.status.success(),
+        "the user {} is missing: run tests/setup.sh (it creates it)",
+        cloud_endpoint::config::DEFAULT_QEMU_USER
+    );
+    let pid = cloud.domain.hosts.pid(vm).await.expect("the destination runs on");
+    assert_eq!(
+        proc_status(pid, "Uid"),
+        String::from_utf8(user.stdout).unwrap().trim(),
+        "the destination's QEMU does not run as its own user"
+    );
+    assert_eq!(
+        proc_status(pid, "Seccomp"),
+        "2",
+        "the destination's QEMU runs without its sandbox"
+    );
+    let qemu = cloud.domain.hosts.process(vm).await.unwrap();
+    let database = cloud.domain.inventory.path().to_owned();
+    let err = qemu
+        .qmp()
+        .execute(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "stolen-db", "filename": database.to_str().unwrap(), "read-only": true}),
+        )
+        .await
+        .expect_err("the destination's QEMU opened the inventory's database");
+    assert!(err.to_string().contains("Permission denied"), "{err}");
+}
+
+fn process_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
     // A guest that rewrites 48 MiB of memory all the time: pre-copy takes passes.
-    let (_tmp, pki, cloud, source) = setup("live02", "dirty=48", None).await;
+    let (_tmp, pki, cloud, source) = setup("live02", "dirty=48", None, None).await;
     let relay = Arc::new(Relay::start(cloud.addr).await);
     let mut target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     target.addr = relay.addr;
@@ -244,8 +306,10 @@ fn qemu_running_under(root: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_guest_that_cannot_converge_or_fit_is_refused_before_memory_moves() {
-    // A host with less memory than the guest has: the destination cannot start there.
-    let (_tmp, pki, cloud, source) = setup("live03", "dirty=32", Some("128")).await;
+    // A host with less memory than the guest has: the destination cannot start there. A
+    // datastore of 65 MiB: the 64 MiB disk fits, the kernel and initrd (several MiB)
+    // beside it do not.
+    let (_tmp, pki, cloud, source) = setup("live03", "dirty=32", Some("128"), Some("68157440")).await;
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     let quiet = |p: LiveProgress| println!("{}", live::describe(&p));
 
@@ -268,7 +332,8 @@ async fn a_guest_that_cannot_converge_or_fit_is_refused_before_memory_moves() {
         "nothing asked of the cloud"
     );
 
-    // With --auto-converge the cloud is asked, and refuses: the host cannot hold the VM.
+    // With --auto-converge the cloud is asked, and refuses: the host cannot hold the VM,
+    // and the datastore cannot hold its boot files beside its disk.
     let mut o = opts(&source, Some(slow));
     o.auto_converge = true;
     let err = live::run(&source.vm, &target, &o, &quiet)
@@ -278,6 +343,11 @@ async fn a_guest_that_cannot_converge_or_fit_is_refused_before_memory_moves() {
         edge_agent::MigrateError::Refused { code, problems } => {
             assert_eq!(*code, gateway::wire::RefusalCode::PlanRejected, "{err}");
             assert!(problems.iter().any(|p| p.contains("MiB")), "{problems:?}");
+            assert!(
+                problems.iter().any(|p| p.starts_with("datastore cloud-ds1 has")
+                    && p.contains("the kernel and initrd of the live migration, beside its disks, need")),
+                "{problems:?}"
+            );
         }
         other => panic!("{other}"),
     }

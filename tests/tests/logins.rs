@@ -7,6 +7,8 @@
 //!   meanwhile. One address never locks a user out.
 //! - Wrong passwords for one user from five addresses lock that user out (also for its
 //!   right password, on every door) until the unlock time, then it logs in again.
+//! - Logins waiting for a password check are served one address after the other: an
+//!   address keeping eight logins waiting delays another address's login by one check.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -517,5 +519,90 @@ async fn guessing_from_five_addresses_locks_the_user_out_until_the_unlock_time()
     assert_eq!(
         hello(&quic_edge, cloud.quic, MIGRATOR, DEMO_PASSWORD).await,
         Ok("MigrationOperator".to_owned())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_address_with_eight_logins_waiting_delays_another_address_by_one_check() {
+    let bin = wan::ensure_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    // One check at a time: the order in which waiting logins are served is then the order
+    // in which their answers come back.
+    let cloud = endpoint(
+        &bin,
+        tmp.path(),
+        &pki,
+        &[("CLOUD_ENDPOINT_LOGINS__MAX_CONCURRENT_CHECKS", "1")],
+    );
+    let api = cloud.api;
+
+    // Eight clients of 127.0.0.1 log in with the right password again and again, so that
+    // the address always has its eight logins (max_waiting_per_source) in the queue.
+    let busy = client(&pki, loopback(1));
+    let answered: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (http, answered, stop) = (busy.clone(), answered.clone(), stop.clone());
+        flood.spawn(async move {
+            let mut refused = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, text, _) = login(&http, api, MIGRATOR, DEMO_PASSWORD).await;
+                match status {
+                    StatusCode::CREATED => answered.lock().unwrap().push(Instant::now()),
+                    StatusCode::SERVICE_UNAVAILABLE => refused += 1,
+                    other => panic!("{other}: {text}"),
+                }
+            }
+            refused
+        });
+    }
+    // Let the flood fill the queue.
+    let filled = Instant::now();
+    while answered.lock().unwrap().len() < 40 {
+        assert!(
+            filled.elapsed() < Duration::from_secs(30),
+            "the flood's logins are not answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Another address logs in five times: each waits for the check that runs and at most
+    // one more of 127.0.0.1's (its turn in the rotation), however many of them wait.
+    // Served first come first served it would wait for the seven or eight queued before it.
+    let other = client(&pki, loopback(2));
+    let mut overtaken = Vec::new();
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let sent = Instant::now();
+        let (status, token, elapsed) = login(&other, api, AUDITOR, DEMO_PASSWORD).await;
+        let back = Instant::now();
+        assert_eq!(status, StatusCode::CREATED, "{token}");
+        let during = answered
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|t| **t > sent && **t < back)
+            .count();
+        overtaken.push(during);
+        took.push(elapsed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut refused = 0;
+    while let Some(r) = flood.join_next().await {
+        refused += r.unwrap();
+    }
+    let flood_logins = answered.lock().unwrap().len();
+    println!(
+        "beside 8 clients of 127.0.0.1 logging in without pause ({flood_logins} logins, {refused} refused as busy), \
+         127.0.0.2's logins took {:?} ms, with {overtaken:?} of 127.0.0.1's answered meanwhile",
+        took.iter().map(Duration::as_millis).collect::<Vec<_>>()
+    );
+    // At most those two, plus one answered just as it was sent.
+    assert!(
+        overtaken.iter().all(|&n| n <= 3),
+        "127.0.0.2's logins waited behind {overtaken:?} logins of 127.0.0.1"
     );
 }

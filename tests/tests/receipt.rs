@@ -1,7 +1,8 @@
 //! Signed migration receipts end to end, over real QUIC on 127.0.0.1: a lifted VM's
 //! receipt verifies against its source, is the same document through the REST API and
-//! after an endpoint restart; altered receipts, altered sources, another endpoint's pin
-//! and another CA all fail.
+//! after an endpoint restart; altered receipts, altered sources, another VM with the same
+//! disks (another name, or the same name and another .vmx), another endpoint's pin and
+//! another CA all fail.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -293,6 +294,57 @@ async fn altered_receipts_altered_sources_and_other_endpoints_fail() {
         verdict
             .to_string()
             .contains("VM        MISMATCH  the source VM is named \"web02\", the receipt is of \"app01\""),
+        "{verdict}"
+    );
+
+    // Another VM of the same name and the same disk bytes whose .vmx differs (here its
+    // memory): the receipt binds the .vmx the migration read, so it is refused, saying
+    // what differs and what to do, by the library and by `edge-agent verify-receipt`.
+    let twin = src.join("app01-twin.vmx");
+    std::fs::write(
+        &twin,
+        std::fs::read_to_string(&vmx)
+            .unwrap()
+            .replace("memsize = \"2048\"", "memsize = \"4096\""),
+    )
+    .unwrap();
+    let verdict = receipt::verify(&receipt_file, &twin, &pki.trust_ca()).unwrap();
+    assert!(verdict.disks.iter().all(|d| d.ok()), "{verdict}");
+    assert!(!verdict.ok(), "{verdict}");
+    let why = verdict.vm_mismatch.as_deref().unwrap();
+    assert!(
+        why.contains("app01-twin.vmx has SHA-256")
+            && why.contains("the receipt binds")
+            && why.contains("not the .vmx (or OVF) the migration read")
+            && why.contains("check the receipt against the descriptor as it was migrated"),
+        "{why}"
+    );
+    assert!(!why.contains("is named"), "the names are the same: {why}");
+    let bin = wan::ensure_binaries();
+    let out = std::process::Command::new(bin.join("edge-agent"))
+        .arg("verify-receipt")
+        .arg("--receipt")
+        .arg(&receipt_file)
+        .arg("--ca-bundle")
+        .arg(pki.path("ca.pem"))
+        .arg(&twin)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("VM        MISMATCH") && said.contains("the receipt binds"),
+        "{said}"
+    );
+    // The migrated .vmx itself still verifies, naming the digest it binds.
+    let verdict = receipt::verify(&receipt_file, &vmx, &pki.trust_ca()).unwrap();
+    assert!(verdict.ok(), "{verdict}");
+    assert!(
+        verdict.to_string().contains("VM        OK        app01 SHA-256 "),
         "{verdict}"
     );
 

@@ -281,6 +281,8 @@ pub(crate) fn plan_of_body(body: &[u8]) -> Result<MigrationPlan, ApiError> {
             datastore: req.placement.datastore,
             disk_datastores: req.placement.disks.into_iter().collect(),
         },
+        // A plan checked, not migrated: no source file was read.
+        source_descriptor_sha256: None,
     };
     plan.fit_chunk_size();
     plan.check_limits()

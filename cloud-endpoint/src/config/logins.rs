@@ -36,6 +36,11 @@ pub struct LoginSettings {
     /// The same per client address: one address cannot take the whole queue.
     /// Default 8, at least 1.
     pub max_waiting_per_source: u32,
+    /// Password checks that run at once; the logins waiting for one are served one
+    /// client address after the other (round-robin), so that one address's waiting logins
+    /// delay another address's by one check, not by all of them. Default 4, at least 1;
+    /// more than 4 run as 4 (each check holds 19 MiB and a core for about 20 ms).
+    pub max_concurrent_checks: u32,
 }
 
 impl Default for LoginSettings {
@@ -49,6 +54,7 @@ impl Default for LoginSettings {
             max_tracked: 10_000,
             max_waiting: 64,
             max_waiting_per_source: 8,
+            max_concurrent_checks: 4,
         }
     }
 }
@@ -67,6 +73,7 @@ impl LoginSettings {
             ("logins.max_tracked", u64::from(self.max_tracked)),
             ("logins.max_waiting", u64::from(self.max_waiting)),
             ("logins.max_waiting_per_source", u64::from(self.max_waiting_per_source)),
+            ("logins.max_concurrent_checks", u64::from(self.max_concurrent_checks)),
         ]
         .into_iter()
         .find_map(|(key, value)| (value == 0).then_some(key))
@@ -115,6 +122,9 @@ max_tracked = 10000
 # 503 with Retry-After), so that a flood of logins cannot queue real users behind it.
 max_waiting = 64
 max_waiting_per_source = 8
+# Password checks at once (at most 4); the waiting logins are served one client address
+# after the other, so an address with many logins waiting delays another by one check.
+max_concurrent_checks = 4
 "#;
 
 #[cfg(test)]

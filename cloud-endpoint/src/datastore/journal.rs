@@ -194,6 +194,7 @@ mod tests {
             disk_format: None,
             firewall: Default::default(),
             placement: Default::default(),
+            source_descriptor_sha256: None,
         }
     }
 

@@ -36,7 +36,7 @@ mod vmx;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub use disk::DiskFile;
 pub use gateway::plan::DiskFormat;
@@ -104,6 +104,38 @@ pub enum DatastoreError {
         format: &'static str,
         rule: &'static str,
     },
+
+    #[error("datastore {datastore} has {free} bytes free, and {what} need {needed} bytes; free space in it, or wait for the migrations under way to end")]
+    NoRoom {
+        datastore: String,
+        what: &'static str,
+        needed: u64,
+        free: u64,
+    },
+}
+
+/// Held while space is promised, so that two promises cannot both count the same free
+/// bytes: a migration's reservation in the inventory, and live migrations' boot files
+/// ([`Datastore::reserve_scratch`]). One lock for every datastore of the process: each
+/// decision takes a few milliseconds and they are rare.
+pub fn space_decision() -> std::sync::MutexGuard<'static, ()> {
+    static SPACE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SPACE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Space a datastore promised to files that are not disks (a live migration's kernel
+/// and initrd while they arrive), counted by [`Datastore::free_bytes`] until dropped.
+#[derive(Debug)]
+pub struct ScratchSpace {
+    promised: Arc<Mutex<u64>>,
+    bytes: u64,
+}
+
+impl Drop for ScratchSpace {
+    fn drop(&mut self) {
+        let mut promised = self.promised.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *promised = promised.saturating_sub(self.bytes);
+    }
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DatastoreError + 'a {
@@ -121,6 +153,8 @@ pub struct Datastore {
     name: String,
     capacity: Option<u64>,
     disk_format: DiskFormat,
+    /// Bytes promised by [`ScratchSpace`]s, shared by the clones of this datastore.
+    scratch: Arc<Mutex<u64>>,
 }
 
 impl Datastore {
@@ -155,6 +189,7 @@ impl Datastore {
             name: name.to_owned(),
             capacity,
             disk_format: DiskFormat::VmdkFlat,
+            scratch: Arc::default(),
         })
     }
 
@@ -193,9 +228,14 @@ impl Datastore {
         Ok((stat.blocks() as u64).saturating_mul(stat.fragment_size() as u64))
     }
 
-    /// Bytes free for new disks: the filesystem's free space for unprivileged users and,
-    /// with a configured capacity, `capacity - used`; the smaller of the two.
-    pub fn free_bytes(&self, used: u64) -> Result<u64, DatastoreError> {
+    /// Bytes free for new disks. `used` is what the inventory counts on this datastore
+    /// (registered disks, and what running migrations reserved), `reserved` the part of
+    /// it that running migrations reserved. With a configured capacity, `capacity - used`;
+    /// in any case no more than the filesystem's free space for unprivileged users less
+    /// what is promised and not written yet: reservations and scratch files (boot files)
+    /// beyond what the staging area holds already. Sparse staged disks fill as data
+    /// arrives, so the filesystem alone would let two migrations count the same bytes.
+    pub fn free_bytes(&self, used: u64, reserved: u64) -> Result<u64, DatastoreError> {
         let stat = nix::sys::statvfs::statvfs(&self.root).map_err(|errno| DatastoreError::Io {
             action: "read the free space of",
             path: self.root.clone(),
@@ -204,10 +244,72 @@ impl Datastore {
         // The field types differ between platforms (u32 or u64).
         #[allow(clippy::unnecessary_cast)]
         let fs_free = (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64);
+        let scratch = self.scratch_promised();
+        let promised = reserved.saturating_add(scratch);
+        let outstanding = if promised == 0 {
+            0
+        } else {
+            promised.saturating_sub(self.staged_bytes())
+        };
+        let fs_free = fs_free.saturating_sub(outstanding);
         Ok(match self.capacity {
-            Some(capacity) => fs_free.min(capacity.saturating_sub(used)),
+            Some(capacity) => fs_free.min(capacity.saturating_sub(used).saturating_sub(scratch)),
             None => fs_free,
         })
+    }
+
+    fn scratch_promised(&self) -> u64 {
+        *self.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Promises `bytes` to files that are not disks (see [`ScratchSpace`]) if they fit
+    /// ([`Datastore::free_bytes`] with the inventory's `used` and `reserved`). Call it
+    /// holding [`space_decision`], with the inventory's figures read under it.
+    pub fn reserve_scratch(
+        &self,
+        bytes: u64,
+        used: u64,
+        reserved: u64,
+        what: &'static str,
+    ) -> Result<ScratchSpace, DatastoreError> {
+        let free = self.free_bytes(used, reserved)?;
+        if bytes > free {
+            return Err(DatastoreError::NoRoom {
+                datastore: self.name.clone(),
+                what,
+                needed: bytes,
+                free,
+            });
+        }
+        *self.scratch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += bytes;
+        Ok(ScratchSpace {
+            promised: self.scratch.clone(),
+            bytes,
+        })
+    }
+
+    /// Bytes the files in the staging area take on disk (sparse disks count what they
+    /// hold). Unreadable entries count as nothing: the count then errs towards less
+    /// free space.
+    fn staged_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut total = 0u64;
+        let Ok(folders) = fs::read_dir(self.root.join(STAGING)) else {
+            return 0;
+        };
+        for folder in folders.flatten() {
+            let Ok(files) = fs::read_dir(folder.path()) else {
+                continue;
+            };
+            for file in files.flatten() {
+                if let Ok(meta) = file.metadata() {
+                    if meta.is_file() {
+                        total = total.saturating_add(meta.blocks().saturating_mul(512));
+                    }
+                }
+            }
+        }
+        total
     }
 
     /// Checks that `name` can be a VM folder: 1 to 80 characters, no '/', '\\', '"' (it

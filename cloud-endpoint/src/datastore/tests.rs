@@ -59,25 +59,65 @@ fn vm_name_rules() {
 #[test]
 fn free_bytes_is_capped_by_the_configured_capacity() {
     let (_dir, ds) = datastore(None);
-    let fs_free = ds.free_bytes(0).unwrap();
+    let fs_free = ds.free_bytes(0, 0).unwrap();
     assert!(fs_free > 0);
     assert_eq!(
-        ds.free_bytes(u64::MAX).unwrap(),
+        ds.free_bytes(u64::MAX, 0).unwrap(),
         fs_free,
         "without a capacity, `used` does not matter"
     );
 
     let capped = Datastore::open(ds.root(), "cloud-ds1", Some(10_000)).unwrap();
-    assert_eq!(capped.free_bytes(0).unwrap(), 10_000.min(fs_free));
-    assert_eq!(capped.free_bytes(4_000).unwrap(), 6_000.min(fs_free));
-    assert_eq!(capped.free_bytes(20_000).unwrap(), 0);
+    assert_eq!(capped.free_bytes(0, 0).unwrap(), 10_000.min(fs_free));
+    assert_eq!(capped.free_bytes(4_000, 0).unwrap(), 6_000.min(fs_free));
+    assert_eq!(capped.free_bytes(20_000, 0).unwrap(), 0);
 
     let huge = Datastore::open(ds.root(), "cloud-ds1", Some(u64::MAX)).unwrap();
     assert_eq!(
-        huge.free_bytes(0).unwrap(),
+        huge.free_bytes(0, 0).unwrap(),
         fs_free,
         "the filesystem's free space still limits"
     );
+}
+
+#[test]
+fn reservations_and_boot_files_count_against_the_free_space() {
+    let (_dir, ds) = datastore(None);
+    // Without a capacity, what running migrations reserved and have not written yet is
+    // not free, though the filesystem still has it (their disks are sparse).
+    let fs_free = ds.free_bytes(0, 0).unwrap();
+    let reserved = fs_free / 2;
+    let left = ds.free_bytes(reserved, reserved).unwrap();
+    assert!(
+        left < fs_free - reserved / 2,
+        "{left} bytes free with {reserved} of {fs_free} reserved"
+    );
+    // What the staging area holds already is in the filesystem's count, not again: a
+    // staged disk counts what it holds, not its size.
+    assert_eq!(ds.staged_bytes(), 0);
+    let staged = ds.stage("migration-1", "web01").unwrap();
+    std::fs::write(staged.dir().join("written"), vec![1u8; 1 << 20]).unwrap();
+    std::fs::File::create(staged.dir().join("sparse"))
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let held = ds.staged_bytes();
+    assert!((1 << 20..2 << 20).contains(&held), "{held} bytes staged");
+
+    // With a capacity: boot files promised count until they are let go.
+    let capped = Datastore::open(ds.root(), "cloud-ds1", Some(10_000)).unwrap();
+    assert_eq!(capped.free_bytes(4_000, 0).unwrap(), 6_000);
+    let boot = capped.reserve_scratch(1_000, 4_000, 0, "boot files").unwrap();
+    assert_eq!(capped.free_bytes(4_000, 0).unwrap(), 5_000);
+    let err = capped.reserve_scratch(5_001, 4_000, 0, "boot files").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "datastore cloud-ds1 has 5000 bytes free, and boot files need 5001 bytes; free space in it, or wait for the migrations under way to end"
+    );
+    // Clones of the datastore (the domain's and a request's) see the same promises.
+    assert_eq!(capped.clone().free_bytes(4_000, 0).unwrap(), 5_000);
+    drop(boot);
+    assert_eq!(capped.free_bytes(4_000, 0).unwrap(), 6_000);
 }
 
 #[test]

@@ -80,3 +80,13 @@ pub fn hand_over(folder: &Path, user: RunAs) -> Result<(), HostError> {
     }
     Ok(())
 }
+
+/// Gives `folder` itself to `user`, and nothing above or in it: a private folder outside
+/// the datastores (0700, such as the one of a live migration's sockets, in which QEMU
+/// creates them).
+pub fn give(folder: &Path, user: RunAs) -> Result<(), HostError> {
+    std::os::unix::fs::lchown(folder, Some(user.uid), Some(user.gid)).map_err(|source| HostError::Io {
+        path: folder.to_owned(),
+        source,
+    })
+}

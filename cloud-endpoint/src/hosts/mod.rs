@@ -225,17 +225,10 @@ impl Hosts {
         let files = VmFiles::of_vm(domain, &vm);
         let spec = machine_spec(domain, &vm, &files)?;
         let binary = QemuBinary::from_env()?;
-        let confinement = confine::confinement(&hosts.qemu_user)?;
-        if let Some(user) = confinement.run_as {
-            // Its folder, and the folders of disks placed on other datastores.
-            let mut folders: Vec<&std::path::Path> = vec![&files.folder];
-            folders.extend(spec.disks.iter().filter_map(|d| d.path.parent()));
-            folders.sort();
-            folders.dedup();
-            for folder in folders {
-                confine::hand_over(folder, user)?;
-            }
-        }
+        // Its folder, and the folders of disks placed on other datastores.
+        let mut folders: Vec<&std::path::Path> = vec![&files.folder];
+        folders.extend(spec.disks.iter().filter_map(|d| d.path.parent()));
+        let confinement = hosts.confine(&folders, &[])?;
         let process = QemuProcess::spawn_confined(&binary, &spec, &files.qemu_log, &confinement).await?;
         let pid = process.pid();
         if let Err(source) = std::fs::write(&files.pid_file, format!("{pid}\n")) {
@@ -372,6 +365,31 @@ impl Hosts {
         );
         tracing::info!(vm = %vm_id, name = ?vm.name, pid = process.pid(), "runs on this host after a live migration");
         watch(domain.clone(), vm_id.to_owned(), process, generation);
+    }
+
+    /// The confinement of a VM's QEMU (see [`confine`]), every VM's alike, whether a
+    /// power-on or a live migration's destination starts it: the sandbox, and when the
+    /// endpoint runs as root, QEMU's own user, to whom `folders` (in datastores: the VM's
+    /// files) and `private` (a private folder elsewhere, such as one for sockets) are
+    /// handed over. Nothing else of the endpoint's is reachable by that user.
+    pub fn confine(
+        &self,
+        folders: &[&std::path::Path],
+        private: &[&std::path::Path],
+    ) -> Result<gateway::qemu::Confinement, HostError> {
+        let confinement = confine::confinement(&self.qemu_user)?;
+        if let Some(user) = confinement.run_as {
+            let mut folders = folders.to_vec();
+            folders.sort();
+            folders.dedup();
+            for folder in folders {
+                confine::hand_over(folder, user)?;
+            }
+            for folder in private {
+                confine::give(folder, user)?;
+            }
+        }
+        Ok(confinement)
     }
 
     /// Holds `memory_mib` for a live migration's destination from its plan's acceptance

@@ -113,11 +113,14 @@ impl Inventory {
         vm_name: &str,
         logical_bytes: u64,
     ) -> Result<String, InventoryError> {
-        self.begin_migration_on(principal, edge, vm_name, logical_bytes, &[])
+        self.begin_migration_on(principal, edge, vm_name, logical_bytes, &[], &|_, _| Ok(u64::MAX))
     }
 
     /// [`Self::begin_migration`], reserving `space` (datastore id, bytes) on each
-    /// datastore the disks go to, in the same transaction.
+    /// datastore the disks go to, in the same transaction, where each datastore's free
+    /// space is checked again: `free` gives it (datastore id, what the inventory counts
+    /// on it, this transaction's view). Two plans checked at the same time cannot both
+    /// take the same free bytes: the second sees the first's reservation, or waits for it.
     pub fn begin_migration_on(
         &self,
         principal: &Principal,
@@ -125,6 +128,7 @@ impl Inventory {
         vm_name: &str,
         logical_bytes: u64,
         space: &[(String, u64)],
+        free: &dyn Fn(&str, super::DatastoreUse) -> Result<u64, String>,
     ) -> Result<String, InventoryError> {
         if !principal.role.may_migrate() {
             return Err(InventoryError::NotPermitted {
@@ -138,6 +142,20 @@ impl Inventory {
                 return Err(InventoryError::NameTaken {
                     name: vm_name.to_owned(),
                 });
+            }
+            for (datastore, needed) in space {
+                let used = super::vms::space_on(&tx, datastore)?;
+                let free = free(datastore, used).map_err(|reason| InventoryError::FreeSpace {
+                    datastore: datastore.clone(),
+                    reason,
+                })?;
+                if *needed > free {
+                    return Err(InventoryError::NoSpace {
+                        datastore: datastore.clone(),
+                        needed: *needed,
+                        free,
+                    });
+                }
             }
             let num = next_number(&tx, "migration")?;
             let id = format!("migration-{num}");

@@ -34,6 +34,8 @@ use crate::config::{DomainConfig, Role};
 pub use firewall::VmFirewall;
 pub use migrations::{CommitMove, PassTimes, PendingCommit, ResumeInfo};
 pub use password::hash_password;
+pub use password::MAX_CONCURRENT_CHECKS as MAX_CONCURRENT_PASSWORD_CHECKS;
+pub use vms::DatastoreUse;
 
 /// How long a statement waits for a lock held by another connection (another process
 /// opening the same file, e.g. an admin tool) before failing with "database is locked".
@@ -55,6 +57,14 @@ pub enum InventoryError {
 
     #[error("{what} is not in the inventory")]
     NotFound { what: String },
+
+    /// Checked again inside the transaction that reserves the space: another migration
+    /// may have taken it since the plan was checked.
+    #[error("datastore {datastore} has {free} bytes free for new disks now, and the disks placed on it need {needed} bytes (migrations that started since the plan was checked took space); free space, wait for them to end, or choose another datastore")]
+    NoSpace { datastore: String, needed: u64, free: u64 },
+
+    #[error("cannot read the free space of datastore {datastore}: {reason}; check its folder")]
+    FreeSpace { datastore: String, reason: String },
 
     #[error("migration {id} is {state}, not RUNNING")]
     MigrationNotRunning { id: String, state: String },

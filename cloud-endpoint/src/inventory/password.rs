@@ -30,7 +30,7 @@ pub fn hash_password(password: &str) -> Result<String, InventoryError> {
 /// a moment, and a flood of logins (REST sessions, or Hellos of connections that have no
 /// migration slot yet) had no bound at all. Further checks wait their turn; four keep
 /// two cores busy and cost 76 MiB.
-const MAX_CONCURRENT_CHECKS: usize = 4;
+pub const MAX_CONCURRENT_CHECKS: usize = 4;
 
 /// Running checks, and the signal that one ended.
 static CHECKS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());

@@ -360,25 +360,16 @@ impl Inventory {
         })
     }
 
-    /// Bytes the datastore is committed to: the capacities of registered disks plus the
-    /// logical size of RUNNING migrations (compare with a configured capacity).
     /// Bytes datastore `datastore_id` holds or has promised: its registered disks and the
     /// space running migrations reserved on it. Migrations that reserved nothing per
     /// datastore (started before placements) count on the default datastore.
     pub fn used_bytes_on(&self, datastore_id: &str) -> Result<u64, InventoryError> {
-        self.with_conn(|conn| {
-            Ok(conn.query_row(
-                "SELECT (SELECT COALESCE(SUM(d.capacity_bytes), 0) FROM vm_disk d JOIN vm v ON v.id = d.vm
-                         WHERE COALESCE(d.datastore, v.datastore) = ?1)
-                      + (SELECT COALESCE(SUM(s.bytes), 0) FROM migration_space s JOIN migration m ON m.id = s.migration
-                         WHERE m.state = 'RUNNING' AND s.datastore = ?1)
-                      + (SELECT COALESCE(SUM(m.logical_bytes), 0) FROM migration m
-                         WHERE m.state = 'RUNNING' AND ?1 = (SELECT datastore FROM placement)
-                           AND NOT EXISTS (SELECT 1 FROM migration_space s WHERE s.migration = m.id))",
-                [datastore_id],
-                |row| row.get(0),
-            )?)
-        })
+        Ok(self.space_on(datastore_id)?.used)
+    }
+
+    /// [`Self::used_bytes_on`], with the part running migrations reserved.
+    pub fn space_on(&self, datastore_id: &str) -> Result<DatastoreUse, InventoryError> {
+        self.with_conn(|conn| Ok(space_on(conn, datastore_id)?))
     }
 
     pub fn used_bytes(&self) -> Result<u64, InventoryError> {
@@ -391,4 +382,32 @@ impl Inventory {
             )?)
         })
     }
+}
+
+/// What a datastore holds and has promised, as the inventory counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DatastoreUse {
+    /// Its registered disks' capacities plus `reserved`.
+    pub used: u64,
+    /// What RUNNING migrations reserved on it: their disks, still being filled.
+    pub reserved: u64,
+}
+
+/// [`Inventory::space_on`] on a connection (or inside a transaction).
+pub(super) fn space_on(conn: &rusqlite::Connection, datastore_id: &str) -> rusqlite::Result<DatastoreUse> {
+    let (registered, reserved): (u64, u64) = conn.query_row(
+        "SELECT (SELECT COALESCE(SUM(d.capacity_bytes), 0) FROM vm_disk d JOIN vm v ON v.id = d.vm
+                 WHERE COALESCE(d.datastore, v.datastore) = ?1),
+                (SELECT COALESCE(SUM(s.bytes), 0) FROM migration_space s JOIN migration m ON m.id = s.migration
+                 WHERE m.state = 'RUNNING' AND s.datastore = ?1)
+              + (SELECT COALESCE(SUM(m.logical_bytes), 0) FROM migration m
+                 WHERE m.state = 'RUNNING' AND ?1 = (SELECT datastore FROM placement)
+                   AND NOT EXISTS (SELECT 1 FROM migration_space s WHERE s.migration = m.id))",
+        [datastore_id],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    Ok(DatastoreUse {
+        used: registered.saturating_add(reserved),
+        reserved,
+    })
 }

@@ -12,7 +12,7 @@
 
 pub mod throttle;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -178,11 +178,82 @@ impl Drop for QueuePlace<'_> {
     }
 }
 
+/// Whose turn it is to have a password checked: at most `max_checks` logins run their
+/// check at once; the others wait in one queue per client address, and the addresses are
+/// served round-robin. One address with many logins waiting (up to
+/// `max_waiting_per_source`) then delays another address's login by one check at most,
+/// not by all of its own.
+#[derive(Debug, Default)]
+struct Turns {
+    running: usize,
+    /// Addresses with logins waiting, in serving order; each appears once.
+    rotation: VecDeque<SourceKey>,
+    /// Each address's waiting logins, first come first served.
+    queues: HashMap<SourceKey, VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>>,
+    next_id: u64,
+}
+
+impl Turns {
+    /// Gives the free check slots to the next waiting logins, one address after another.
+    fn serve_next(&mut self, max_checks: usize) {
+        while self.running < max_checks {
+            let Some(key) = self.rotation.pop_front() else {
+                return;
+            };
+            let Some(queue) = self.queues.get_mut(&key) else {
+                continue;
+            };
+            let Some((_, wake)) = queue.pop_front() else {
+                continue;
+            };
+            if queue.is_empty() {
+                self.queues.remove(&key);
+            } else {
+                self.rotation.push_back(key);
+            }
+            // Counted as running from here: the login's Turn gives the slot back when it
+            // ends, also if it was abandoned before it saw its turn.
+            self.running += 1;
+            let _ = wake.send(());
+        }
+    }
+}
+
+/// A login's turn for a password check (or its place in the line for one); the slot is
+/// given to the next address's login when dropped.
+#[derive(Debug)]
+struct Turn<'a> {
+    logins: &'a Logins,
+    key: SourceKey,
+    id: u64,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut turns = self.logins.turns();
+        if let Some(queue) = turns.queues.get_mut(&self.key) {
+            if let Some(at) = queue.iter().position(|(id, _)| *id == self.id) {
+                // Still waiting: it leaves the line, and held no slot.
+                queue.remove(at);
+                if queue.is_empty() {
+                    turns.queues.remove(&self.key);
+                    let key = self.key;
+                    turns.rotation.retain(|k| *k != key);
+                }
+                return;
+            }
+        }
+        turns.running -= 1;
+        turns.serve_next(self.logins.max_checks());
+    }
+}
+
 /// The endpoint's login gate: the queue bound, the throttle, its counters and its settings.
 #[derive(Debug)]
 pub struct Logins {
     throttle: Mutex<Throttle>,
     waiting: Mutex<Waiting>,
+    turns: Mutex<Turns>,
     counters: Counters,
     settings: LoginSettings,
 }
@@ -198,6 +269,7 @@ impl Logins {
         Logins {
             throttle: Mutex::new(Throttle::new(Policy::from(settings))),
             waiting: Mutex::new(Waiting::default()),
+            turns: Mutex::new(Turns::default()),
             counters: Counters::default(),
             settings: settings.clone(),
         }
@@ -210,6 +282,39 @@ impl Logins {
 
     fn waiting(&self) -> MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn turns(&self) -> MutexGuard<'_, Turns> {
+        self.turns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Password checks at once: the setting, within the inventory's own bound.
+    fn max_checks(&self) -> usize {
+        (self.settings.max_concurrent_checks as usize).clamp(1, crate::inventory::MAX_CONCURRENT_PASSWORD_CHECKS)
+    }
+
+    /// Waits for this login's turn at a password check ([`Turns`]).
+    async fn turn(&self, key: SourceKey) -> Turn<'_> {
+        let (turn, woken) = {
+            let mut turns = self.turns();
+            let id = turns.next_id;
+            turns.next_id += 1;
+            let turn = Turn { logins: self, key, id };
+            if turns.running < self.max_checks() && turns.rotation.is_empty() {
+                turns.running += 1;
+                return turn;
+            }
+            let (wake, woken) = tokio::sync::oneshot::channel();
+            let queue = turns.queues.entry(key).or_default();
+            queue.push_back((id, wake));
+            if queue.len() == 1 {
+                turns.rotation.push_back(key);
+            }
+            (turn, woken)
+        };
+        // The sender goes only with a wake-up, or with the endpoint.
+        let _ = woken.await;
+        turn
     }
 
     /// A place in the login queue for a client at `source`, or [`LoginError::Busy`] at
@@ -244,9 +349,9 @@ impl Logins {
     }
 
     /// A whole login of a client at `source` through the `via` door: a place in the queue
-    /// ([`Logins::enter`]), then `check` (normally [`Logins::authenticate`]) on the
-    /// blocking pool, then a failure's answer held ([`hold_answer`]) after the place is
-    /// given back.
+    /// ([`Logins::enter`]), its turn among the client addresses ([`Turns`]), then `check`
+    /// (normally [`Logins::authenticate`]) on the blocking pool, then a failure's answer
+    /// held ([`hold_answer`]) after the place is given back.
     pub async fn login(
         &self,
         source: IpAddr,
@@ -254,9 +359,11 @@ impl Logins {
         check: impl FnOnce() -> Result<Principal, LoginError> + Send + 'static,
     ) -> Result<Principal, LoginError> {
         let place = self.enter(source, via)?;
+        let turn = self.turn(place.key).await;
         let result = tokio::task::spawn_blocking(check)
             .await
             .unwrap_or_else(|e| Err(LoginError::Internal(e.to_string())));
+        drop(turn);
         drop(place);
         hold_answer(&result).await;
         result

@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tracing::Instrument;
 
 use super::placement::{self, Staged};
-use crate::datastore::DiskFormat;
+use crate::datastore::{DiskFormat, ScratchSpace};
 use crate::inventory::Principal;
 use crate::Domain;
 
@@ -261,12 +261,20 @@ impl Run {
                     .expect("validation does not panic");
                 // The boot files' folder only for a plan the cloud accepted: a refused one
                 // leaves nothing in the datastore.
-                if result.is_ok() && has_boot {
-                    match BootFiles::create(&self.domain) {
-                        Ok(files) => self.boot = Some(files),
-                        Err(problem) => return self.session.refuse(RefusalCode::EndpointFailure, vec![problem]),
+                let result = match result {
+                    Ok((memory, space)) => {
+                        if has_boot {
+                            match BootFiles::create(&self.domain, space) {
+                                Ok(files) => self.boot = Some(files),
+                                Err(problem) => {
+                                    return self.session.refuse(RefusalCode::EndpointFailure, vec![problem])
+                                }
+                            }
+                        }
+                        Ok(memory)
                     }
-                }
+                    Err(refusal) => Err(refusal),
+                };
                 let result = result.map(|reservation| self.memory = Some(reservation));
                 self.session.plan_checked(result);
             }
@@ -356,13 +364,18 @@ impl Run {
         let started = async {
             let binary = QemuBinary::from_env().map_err(|e| e.to_string())?;
             let log = staged.staging.dir().join(format!("{}.qemu.log", plan.plan.vm.name));
-            // The sandbox, not yet a user of its own: the destination's sockets and staged
-            // files are the endpoint's (see docs/hosts.md).
-            let sandbox = gateway::qemu::Confinement {
-                sandbox: true,
-                run_as: None,
-            };
-            QemuProcess::spawn_confined(&binary, &spec, &log, &sandbox)
+            // Confined as the hosts' VMs are: it loads a memory stream the edge controls.
+            // Its staged files and its sockets' folder become its user's; the staging
+            // area around them, the inventory and the keys stay out of its reach.
+            let folders: Vec<&Path> = std::iter::once(staged.staging.dir())
+                .chain(staged.other_staging.iter().map(|(_, s)| s.dir()))
+                .collect();
+            let confinement = self
+                .domain
+                .hosts
+                .confine(&folders, &[sockets.path()])
+                .map_err(|e| format!("cannot confine the destination's QEMU: {e}"))?;
+            QemuProcess::spawn_confined(&binary, &spec, &log, &confinement)
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -586,13 +599,14 @@ async fn read_tunnel_header(recv: &mut quinn::RecvStream) -> Result<TunnelHeader
     control::decode_body(&body).map_err(|e| e.to_string())
 }
 
-/// The plan against the domain, plus what a live migration needs: a hypervisor here and
-/// room for the VM on the host.
+/// The plan against the domain, plus what a live migration needs: a hypervisor here,
+/// room for the VM on the host, and room for its boot files in the default datastore
+/// (they arrive before the disks' space is reserved), each held from now on.
 fn check_live_plan(
     domain: &Domain,
     principal: &Principal,
     plan: &LivePlan,
-) -> Result<crate::hosts::MemoryReservation, (RefusalCode, Vec<String>)> {
+) -> Result<(crate::hosts::MemoryReservation, Option<ScratchSpace>), (RefusalCode, Vec<String>)> {
     let mut problems = match placement::validate(domain, principal, &plan.plan) {
         Ok(_) => Vec::new(),
         Err((RefusalCode::PlanRejected, problems)) => problems,
@@ -612,10 +626,57 @@ fn check_live_plan(
             None
         }
     };
+    // Checked beside the other problems, so that all are listed at once.
+    let boot_space = match &plan.boot {
+        Some(boot) => {
+            let bytes = boot
+                .kernel
+                .len
+                .saturating_add(boot.initrd.as_ref().map_or(0, |f| f.len));
+            let _deciding = crate::datastore::space_decision();
+            let info = domain.inventory.datastore().map_err(placement::endpoint_failure)?;
+            let used = domain
+                .inventory
+                .space_on(&info.id)
+                .map_err(placement::endpoint_failure)?;
+            // The plan's disks there are reserved only when the destination starts, after
+            // the boot files arrived: they must fit beside them from now on.
+            let disks = disks_on(&plan.plan, &info);
+            match domain.datastore.reserve_scratch(
+                bytes,
+                used.used.saturating_add(disks),
+                used.reserved.saturating_add(disks),
+                "the kernel and initrd of the live migration, beside its disks,",
+            ) {
+                Ok(space) => Some(space),
+                Err(e) => {
+                    problems.push(e.to_string());
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     match (problems.is_empty(), reservation) {
-        (true, Some(reservation)) => Ok(reservation),
+        (true, Some(reservation)) => Ok((reservation, boot_space)),
         _ => Err((RefusalCode::PlanRejected, problems)),
     }
+}
+
+/// Bytes of the plan's disks placed on datastore `info` (by its name or id, or by
+/// default: the plan names no datastore for them).
+fn disks_on(plan: &gateway::plan::MigrationPlan, info: &crate::inventory::DatastoreInfo) -> u64 {
+    plan.vm
+        .disks
+        .iter()
+        .filter(|d| {
+            plan.placement
+                .disk_datastore(&d.key)
+                .or(plan.placement.datastore.as_deref())
+                .is_none_or(|ds| ds == info.name || ds == info.id)
+        })
+        .map(|d| d.capacity)
+        .sum()
 }
 
 /// The staged disks as QEMU opens them, the boot files written beside them, and the
@@ -703,12 +764,14 @@ async fn recreate_qcow2(path: &Path, capacity: u64) -> Result<(), String> {
 struct BootFiles {
     dir: tempfile::TempDir,
     files: [Option<tokio::fs::File>; 2],
+    /// Their declared size, promised in the datastore while they arrive.
+    _space: Option<ScratchSpace>,
 }
 
 const BOOT_NAMES: [&str; 2] = ["kernel", "initrd"];
 
 impl BootFiles {
-    fn create(domain: &Domain) -> Result<BootFiles, String> {
+    fn create(domain: &Domain, space: Option<ScratchSpace>) -> Result<BootFiles, String> {
         let staging = domain.datastore.root().join(".staging");
         let dir = tempfile::Builder::new()
             .prefix(".boot-")
@@ -722,6 +785,7 @@ impl BootFiles {
         Ok(BootFiles {
             dir,
             files: [None, None],
+            _space: space,
         })
     }
 

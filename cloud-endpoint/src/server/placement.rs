@@ -121,22 +121,18 @@ pub fn validate_and_stage(
         placement,
         ..
     } = validate(domain, principal, plan)?;
+    // The receipt binds the source VM by this digest: a migration without it could not
+    // get one. (The API's plan check has none, and `validate` does not ask for it.)
+    if plan.source_descriptor_sha256.is_none() {
+        return Err((
+            RefusalCode::PlanRejected,
+            vec!["the plan does not carry the SHA-256 of the source's .vmx or OVF descriptor, which the migration's receipt signs; migrate with an edge agent of this version".into()],
+        ));
+    }
     let format = home_format(domain, plan, &placement);
     let inv = &domain.inventory;
     let vm = &plan.vm;
-    let needed = plan.logical_bytes();
-    let space: Vec<(String, u64)> = placement
-        .space(plan)
-        .into_iter()
-        .map(|(ds, bytes)| (ds.id.clone(), bytes))
-        .collect();
-
-    let migration_id = inv
-        .begin_migration_on(principal, edge, &vm.name, needed, &space)
-        .map_err(|e| match e {
-            InventoryError::NameTaken { .. } => (RefusalCode::PlanRejected, vec![e.to_string()]),
-            other => endpoint_failure(other),
-        })?;
+    let migration_id = reserve(domain, principal, edge, plan, &placement)?;
     let staged = (|| {
         let (staging, other_staging) = open_stagings(domain, &migration_id, &vm.name, &placement, true)?;
         let mut disks = Vec::new();
@@ -185,6 +181,50 @@ pub fn validate_and_stage(
             Err(endpoint_failure(e))
         }
     }
+}
+
+/// Starts the migration's record: reserves the VM name, and the space on each datastore
+/// its disks go to, checking that space again in the transaction that reserves it
+/// ([`validate`] checked it before, but another plan may have taken it since). Returns
+/// the migration id.
+fn reserve(
+    domain: &Domain,
+    principal: &Principal,
+    edge: &str,
+    plan: &MigrationPlan,
+    placement: &Resolved,
+) -> Result<String, Refusal> {
+    let vm = &plan.vm;
+    let needed = plan.logical_bytes();
+    let space: Vec<(String, u64)> = placement
+        .space(plan)
+        .into_iter()
+        .map(|(ds, bytes)| (ds.id.clone(), bytes))
+        .collect();
+    // Against what other plans reserved meanwhile, and boot files promised.
+    let free = |id: &str, used: crate::inventory::DatastoreUse| {
+        let name = placement
+            .space(plan)
+            .into_iter()
+            .find(|(ds, _)| ds.id == id)
+            .map(|(ds, _)| ds.name.clone())
+            .unwrap_or_default();
+        match domain.datastore_named(&name) {
+            Some(ds) => ds.free_bytes(used.used, used.reserved).map_err(|e| e.to_string()),
+            // Not one of this endpoint's folders: `validate` refused it already.
+            None => Ok(u64::MAX),
+        }
+    };
+    let _deciding = crate::datastore::space_decision();
+    domain
+        .inventory
+        .begin_migration_on(principal, edge, &vm.name, needed, &space, &free)
+        .map_err(|e| match e {
+            InventoryError::NameTaken { .. } | InventoryError::NoSpace { .. } => {
+                (RefusalCode::PlanRejected, vec![e.to_string()])
+            }
+            other => endpoint_failure(other),
+        })
 }
 
 /// The format a disk placed on `datastore` takes: the plan's, else the datastore's.

@@ -287,6 +287,10 @@ pub enum SourceError {
 pub struct SourceVm {
     /// Absolute path of the `.vmx` (or the `.ovf` / `.ova`).
     pub vmx_path: PathBuf,
+    /// SHA-256 of the `.vmx` (or of the OVF descriptor, also inside an `.ova`) as read:
+    /// the plan carries it and the receipt signs it, so a receipt names this VM's
+    /// configuration and not only its disks' bytes.
+    pub descriptor_sha256: [u8; 32],
     /// `displayName`; if absent, the `.vmx` file stem.
     pub name: String,
     /// `guestOS`, default "otherGuest".

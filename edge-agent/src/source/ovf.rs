@@ -118,6 +118,8 @@ pub(crate) struct Descriptor {
     /// Every controller's type, by key (`scsi0`).
     pub controller_types: std::collections::HashMap<String, gateway::plan::ControllerType>,
     pub notes: Vec<String>,
+    /// SHA-256 of the descriptor's bytes as read (see [`SourceVm::descriptor_sha256`]).
+    pub sha256: [u8; 32],
 }
 
 /// Opens a `.ovf` whose files lie beside it, verifying them against `<name>.mf` if present.
@@ -327,6 +329,7 @@ pub(crate) fn finish(
     all_notes.append(&mut notes);
     SourceVm {
         vmx_path: path,
+        descriptor_sha256: descriptor.sha256,
         name,
         guest_os: descriptor.guest_os,
         num_cpus: descriptor.num_cpus,

@@ -58,6 +58,7 @@ pub(crate) fn open_vm(vmx_path: &Path, options: &SourceOptions) -> Result<Source
     let controllers = super::controllers_of(&disks, |key| controller_type(&vmx, key, &mut notes));
 
     Ok(SourceVm {
+        descriptor_sha256: vmx.sha256,
         vmx_path,
         name,
         guest_os,

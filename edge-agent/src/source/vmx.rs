@@ -31,6 +31,8 @@ pub(crate) struct Entry {
 pub(crate) struct VmxFile {
     pub path: PathBuf,
     entries: HashMap<String, Entry>,
+    /// SHA-256 of the bytes parsed (see [`super::SourceVm::descriptor_sha256`]).
+    pub sha256: [u8; 32],
 }
 
 impl VmxFile {
@@ -73,6 +75,8 @@ impl VmxFile {
 
     /// Parses the bytes of a `.vmx`; `path` is only for messages.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, SourceError> {
+        // Of the bytes as read, before anything is stripped.
+        let sha256 = gateway::chunk::sha256(bytes);
         let not_vmx = |reason: &str| SourceError::NotVmx {
             path: path.to_owned(),
             reason: reason.to_owned(),
@@ -142,6 +146,7 @@ impl VmxFile {
         Ok(VmxFile {
             path: path.to_owned(),
             entries,
+            sha256,
         })
     }
 

@@ -59,6 +59,7 @@ fn plan(disks: &[&Vec<u8>]) -> MigrationPlan {
         disk_format: None,
         firewall: Default::default(),
         placement: Default::default(),
+        source_descriptor_sha256: Some([0x5d; 32]),
     }
 }
 
@@ -565,6 +566,7 @@ impl Pair {
             format_version: RECEIPT_FORMAT_VERSION,
             migration_id: "migration-1".into(),
             vm_name: plan.vm.name.clone(),
+            source_descriptor_sha256: plan.source_descriptor_sha256.map(|d| crate::integrity::hex(&d)),
             vm_id: "vm-42".into(),
             vm_path: "[ds1] web01/web01.vmx".into(),
             disks: plan

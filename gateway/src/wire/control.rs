@@ -320,6 +320,7 @@ mod tests {
             disk_format: None,
             firewall: Default::default(),
             placement: Default::default(),
+            source_descriptor_sha256: Some([0x5d; 32]),
         }
     }
 

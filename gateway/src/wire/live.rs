@@ -191,6 +191,7 @@ pub(crate) mod tests {
             disk_format: None,
             firewall: crate::plan::FirewallSpec::default(),
             placement: Default::default(),
+            source_descriptor_sha256: Some([0x5d; 32]),
         }
     }
 

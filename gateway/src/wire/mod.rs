@@ -37,7 +37,9 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// and states the downtime so far; answered by `SwitchedOver` before `Committed`),
 /// `EndSwitchover` (rollback or confirm), `Schedule`, and `Synced` carrying the
 /// scheduled switchover time the cloud holds.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// Version 7: the plan carries the SHA-256 of the source's .vmx or OVF descriptor
+/// (`MigrationPlan::source_descriptor_sha256`), which the receipt signs.
+pub const PROTOCOL_VERSION: u16 = 7;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.

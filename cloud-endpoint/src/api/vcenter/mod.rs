@@ -285,9 +285,9 @@ fn datastore_space(domain: &Domain, ds: &crate::inventory::DatastoreInfo) -> Res
     let Some(store) = domain.datastore_named(&ds.name) else {
         return Ok((0, 0));
     };
-    let used = domain.inventory.used_bytes_on(&ds.id)?;
+    let used = domain.inventory.space_on(&ds.id)?;
     let space = || -> Result<(u64, u64), crate::datastore::DatastoreError> {
-        Ok((store.free_bytes(used)?, store.capacity_bytes()?))
+        Ok((store.free_bytes(used.used, used.reserved)?, store.capacity_bytes()?))
     };
     space().map_err(|e| ApiError::internal("the datastore's size could not be read", &e))
 }

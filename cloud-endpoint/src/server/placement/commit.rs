@@ -119,6 +119,9 @@ pub fn finalize(
             format_version: RECEIPT_FORMAT_VERSION,
             migration_id: ctx.migration_id.to_owned(),
             vm_name: vm.name.clone(),
+            // What binds the receipt to the source VM, beside its name and disks; a plan
+            // without it was refused before it was staged.
+            source_descriptor_sha256: plan.source_descriptor_sha256.map(|d| hex(&d)),
             vm_id: ctx.vm_id.to_owned(),
             vm_path: new_vm.vmx_path.clone(),
             disks: receipt_disks,

@@ -140,7 +140,30 @@ pub fn check_resume(
             )],
         ));
     };
-    if stored != plan_bytes(plan).as_slice() {
+    // A replication's .vmx may change between passes (VMware rewrites it at each
+    // snapshot): the plan it started with, with this pass's descriptor digest, which the
+    // switchover's receipt signs.
+    let replica = domain
+        .inventory
+        .migration(migration_id)
+        .ok()
+        .flatten()
+        .is_some_and(|m| m.replica.is_some());
+    let same = if replica {
+        match gateway::wire::control::decode::<MigrationPlan>(stored) {
+            Ok(gateway::wire::Decoded::Frame(stored, _)) => {
+                let stored = MigrationPlan {
+                    source_descriptor_sha256: plan.source_descriptor_sha256,
+                    ..stored
+                };
+                plan_bytes(&stored) == plan_bytes(plan)
+            }
+            _ => false,
+        }
+    } else {
+        stored == plan_bytes(plan).as_slice()
+    };
+    if !same {
         return Err((
             RefusalCode::PlanRejected,
             vec![format!(

@@ -96,6 +96,7 @@ fn plan(cpus: u32, memory_mib: u64, placement: Placement) -> MigrationPlan {
         disk_format: None,
         firewall: FirewallSpec::default(),
         placement,
+        source_descriptor_sha256: Some([1; 32]),
     }
 }
 
@@ -470,4 +471,38 @@ fn only_the_owner_or_an_administrator_on_its_edge_may_act_on_a_migration() {
     let (code, problems) = authorize(&d, &operator(), "cert-a", &id, Action::Abort).unwrap_err();
     assert_eq!(code, RefusalCode::UnknownMigration);
     assert!(problems[0].contains("nothing to abort"), "{problems:?}");
+}
+
+#[test]
+fn two_plans_checked_together_cannot_both_take_the_space_for_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = domain(dir.path());
+    // A 768 KiB disk on ds-small (1 MiB): each plan fits alone, not both.
+    let on_small = |name: &str| {
+        let placement = Placement {
+            disk_datastores: vec![("scsi0:1".into(), "ds-small".into())],
+            ..Placement::default()
+        };
+        let mut p = plan(1, 256, placement);
+        p.vm.name = name.into();
+        p.vm.disks[1].capacity = 768 << 10;
+        p
+    };
+    let (a, b) = (on_small("web01"), on_small("web02"));
+    // Both are checked before either reserves, as two edges' plans arriving together are.
+    let checked_a = validate(&d, &operator(), &a).unwrap();
+    let checked_b = validate(&d, &operator(), &b).unwrap();
+    reserve(&d, &operator(), "edge-a", &a, &checked_a.placement).unwrap();
+    let (code, problems) = reserve(&d, &operator(), "edge-b", &b, &checked_b.placement).unwrap_err();
+    assert_eq!(code, RefusalCode::PlanRejected);
+    let small = d.inventory.domain().unwrap().datastores[1].id.clone();
+    assert_eq!(
+        problems,
+        [format!(
+            "datastore {small} has 262144 bytes free for new disks now, and the disks placed on it need 786432 bytes (migrations that started since the plan was checked took space); free space, wait for them to end, or choose another datastore"
+        )]
+    );
+    // The refused plan holds nothing: not its name, not space.
+    assert!(!d.inventory.vm_name_taken("web02").unwrap());
+    assert_eq!(d.inventory.used_bytes_on(&small).unwrap(), 768 << 10);
 }

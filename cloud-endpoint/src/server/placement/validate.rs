@@ -206,8 +206,8 @@ fn space_problems(
         let Some(ds) = domain.datastore_named(&info.name) else {
             continue;
         };
-        let used = domain.inventory.used_bytes_on(&info.id).map_err(endpoint_failure)?;
-        let free = ds.free_bytes(used).map_err(endpoint_failure)?;
+        let used = domain.inventory.space_on(&info.id).map_err(endpoint_failure)?;
+        let free = ds.free_bytes(used.used, used.reserved).map_err(endpoint_failure)?;
         if needed > free {
             let keys: Vec<&str> = plan
                 .vm

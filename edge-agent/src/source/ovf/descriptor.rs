@@ -49,6 +49,7 @@ pub(super) mod resource {
 
 /// Parses a descriptor's bytes; `package` is only for messages.
 pub(super) fn parse(package: &Package, bytes: &[u8]) -> Result<Descriptor, SourceError> {
+    let sha256 = gateway::chunk::sha256(bytes);
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
@@ -67,7 +68,9 @@ pub(super) fn parse(package: &Package, bytes: &[u8]) -> Result<Descriptor, Sourc
             format!("the descriptor is not well-formed XML: {e}"),
         )
     })?;
-    Parser::new(package, &doc)?.descriptor()
+    let mut descriptor = Parser::new(package, &doc)?.descriptor()?;
+    descriptor.sha256 = sha256;
+    Ok(descriptor)
 }
 
 /// A `DiskSection/Disk`.
@@ -217,6 +220,8 @@ impl<'a, 'input> Parser<'a, 'input> {
             disks: hardware.disks,
             controller_types: hardware.controller_types,
             notes: self.notes,
+            // Of the bytes as read, set by `parse`, which has them.
+            sha256: [0; 32],
         })
     }
 
