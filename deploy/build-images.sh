@@ -31,6 +31,9 @@ trap 'rm -rf "$ctx"' EXIT
 # The cloud endpoint.
 mkdir -p "$ctx/endpoint"
 cp "$bin/cloud-endpoint" "$bin/certs" "$ctx/endpoint/"
+# The release profile keeps debug info for the benchmarks' profiles; an image has no use
+# for it (it is most of each binary's size).
+strip --strip-debug "$ctx/endpoint/cloud-endpoint" "$ctx/endpoint/certs"
 docker build -q -f deploy/cloud-endpoint.Dockerfile --build-arg "BASE=$base" \
   --label "org.opencontainers.image.revision=$revision" \
   -t gateway/cloud-endpoint:latest "$ctx/endpoint" >/dev/null
@@ -40,6 +43,7 @@ root=$ctx/edge/rootfs
 mkdir -p "$root/usr/local/bin" "$root/tmp" "$ctx/edge/state"
 chmod 1777 "$root/tmp"
 cp "$bin/edge-agent" "$root/usr/local/bin/"
+strip --strip-debug "$root/usr/local/bin/edge-agent"
 ldd "$bin/edge-agent" | awk '/=>/ { print $3 } /^[[:space:]]*\// { print $1 }' | while read -r lib; do
   [ -f "$lib" ] || continue
   cp --parents -L "$lib" "$root/"
