@@ -38,7 +38,9 @@ fn engine_or_skip() -> Option<String> {
         eprintln!("SKIPPED (GATEWAY_SKIP_CONTAINERS=1): {why}");
         return Some(why.to_owned());
     }
-    panic!("the container tests need a Docker engine: {why}; set GATEWAY_SKIP_CONTAINERS=1 to skip them on this machine");
+    panic!(
+        "the container tests need a Docker engine: {why}; set GATEWAY_SKIP_CONTAINERS=1 to skip them on this machine"
+    );
 }
 
 fn command_ok(program: &str, args: &[&str]) -> bool {
@@ -166,6 +168,7 @@ impl Deployment {
             "migrate",
             "--vmx=/onprem/web01/web01.vmx",
             "--receipt=/onprem/web01.receipt.json",
+            "--map-network=Prod-DMZ=cloud-web",
             "--json",
             &format!("--max-rate={rate}"),
         ]));
@@ -186,7 +189,10 @@ impl Deployment {
 
     /// Bytes the edge reported durable at the cloud (its last JSON progress line).
     fn lifted_bytes(&self, edge: &str) -> u64 {
-        let out = Command::new("docker").args(["logs", edge]).output().expect("docker logs");
+        let out = Command::new("docker")
+            .args(["logs", edge])
+            .output()
+            .expect("docker logs");
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -199,6 +205,8 @@ impl Deployment {
     fn wait_lifted(&self, edge: &str, bytes: u64) {
         let t0 = Instant::now();
         while self.lifted_bytes(edge) < bytes {
+            let running = stdout(Command::new("docker").args(["inspect", "-f", "{{.State.Running}}", edge]));
+            assert_eq!(running, "true", "the edge ended early:\n{}", self.logs(edge));
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
                 "the lift did not reach {bytes} bytes:\n{}",
@@ -235,7 +243,12 @@ impl Deployment {
                 .arg(format!("{volume}:/ds:ro"))
                 .arg("-v")
                 .arg(format!("{}:/onprem:ro", self.work.path().join("onprem").display()))
-                .args([ENDPOINT_IMAGE, "compare", "/onprem/web01/web01.img", "/ds/web01/web01.vmdk"]),
+                .args([
+                    ENDPOINT_IMAGE,
+                    "compare",
+                    "/onprem/web01/web01.img",
+                    "/ds/web01/web01.vmdk",
+                ]),
         );
         assert!(out.contains("Images are identical"), "{out}");
     }
@@ -246,7 +259,10 @@ impl Drop for Deployment {
         let _ = Command::new("docker")
             .args(["rm", "-f", &format!("{}-edge", self.project)])
             .output();
-        let _ = self.compose().args(["down", "-v", "--remove-orphans", "-t", "1"]).output();
+        let _ = self
+            .compose()
+            .args(["down", "-v", "--remove-orphans", "-t", "1"])
+            .output();
     }
 }
 
@@ -327,9 +343,15 @@ fn a_stopped_endpoint_container_drains_then_the_lift_resumes() {
     let exit = stdout(Command::new("docker").args(["inspect", "-f", "{{.State.ExitCode}}", &endpoint]));
     let logs = d.logs(&endpoint);
     assert_eq!(exit, "0", "the endpoint did not exit cleanly on SIGTERM:\n{logs}");
-    assert!(stopped_in < Duration::from_secs(9), "the drain took {stopped_in:?}:\n{logs}");
+    assert!(
+        stopped_in < Duration::from_secs(9),
+        "the drain took {stopped_in:?}:\n{logs}"
+    );
     assert!(logs.contains("drained"), "no drain in the endpoint's log:\n{logs}");
-    assert!(logs.contains("kept for a resume"), "the migration was not kept for a resume:\n{logs}");
+    assert!(
+        logs.contains("kept for a resume"),
+        "the migration was not kept for a resume:\n{logs}"
+    );
     eprintln!("docker stop took {:.2} s", stopped_in.as_secs_f64());
     run(Command::new("docker").args(["start", &endpoint]));
     d.wait_healthy(&endpoint);

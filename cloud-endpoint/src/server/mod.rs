@@ -168,12 +168,7 @@ pub async fn run(
 /// A restarted endpoint resumes it from the journal. What is still running after `grace`
 /// is left: the journal only ever names synced data, so a cut costs re-sent chunks, never
 /// a wrong copy.
-async fn drain(
-    endpoint: &quinn::Endpoint,
-    domain: &Domain,
-    mut conns: tokio::task::JoinSet<()>,
-    grace: Duration,
-) {
+async fn drain(endpoint: &quinn::Endpoint, domain: &Domain, mut conns: tokio::task::JoinSet<()>, grace: Duration) {
     let started = tokio::time::Instant::now();
     domain.health.set_quic(crate::health::QuicState::Draining);
     tracing::info!(
@@ -188,10 +183,7 @@ async fn drain(
         RefusalCode::Busy.close_code().into(),
         b"cloud endpoint shutting down; running migrations are kept and resume when it is back",
     );
-    let drained = tokio::time::timeout(grace, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     match drained {
         Ok(()) => tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
