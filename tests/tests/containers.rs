@@ -198,7 +198,7 @@ impl Deployment {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["event"] == "progress")
             .filter_map(|v| v["done_bytes"].as_u64())
-            .last()
+            .next_back()
             .unwrap_or(0)
     }
 
