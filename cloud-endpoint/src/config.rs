@@ -1417,6 +1417,12 @@ mod tests {
         assert!(matches!(err, ConfigError::ZeroConcurrency { .. }), "{err:?}");
         assert!(err.to_string().contains("cloud.toml"), "{err}");
 
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_SHUTDOWN_GRACE_SECS", "0")]).unwrap_err();
+        assert!(matches!(err, ConfigError::ZeroShutdownGrace { .. }), "{err:?}");
+        assert!(err.to_string().contains("CLOUD_ENDPOINT_SHUTDOWN_GRACE_SECS"), "{err}");
+        let c = load_toml(PATHS, &[("CLOUD_ENDPOINT_SHUTDOWN_GRACE_SECS", "3")]).unwrap();
+        assert_eq!(c.shutdown_grace(), std::time::Duration::from_secs(3));
+
         let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "0")]).unwrap_err();
         assert!(
             err.to_string().contains("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS"),
