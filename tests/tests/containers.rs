@@ -123,7 +123,10 @@ impl Deployment {
             .arg(workspace().join("deploy/compose.yaml"))
             .env("GATEWAY_DEPLOY_DIR", self.work.path())
             // A port of its own on the host: tests at once do not meet.
-            .env("GATEWAY_API_PUBLISH", "127.0.0.1:");
+            .env("GATEWAY_API_PUBLISH", "127.0.0.1:")
+            // A killed endpoint says nothing: the edge finds it gone after the idle
+            // timeout, 30 s by default; 5 s is plenty on one machine's bridge.
+            .env("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", "5");
         cmd
     }
 
