@@ -14,6 +14,9 @@
 #   openssl                openssl               thumbprints checked against openssl (certs)
 #   cargo-nextest          crates.io             the test runner
 #   user gateway-qemu      useradd               QEMU's own user when the endpoint is root
+#   debootstrap            debootstrap           the containers' Debian base (deploy/base.sh)
+#   docker-compose         docker-compose        the compose deployment (containers.rs); the
+#                                                Docker engine itself is the machine's
 #
 # Usage: tests/setup.sh        (tests/run.sh calls it before the tests)
 set -euo pipefail
@@ -45,6 +48,8 @@ command -v cpio >/dev/null || need+=(cpio)
 command -v flock >/dev/null || need+=(util-linux)
 command -v python3 >/dev/null || need+=(python3)
 command -v openssl >/dev/null || need+=(openssl)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v docker-compose >/dev/null || need+=(docker-compose)
 [ -e /usr/share/OVMF/OVMF_CODE.fd ] || [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
 if [ ${#need[@]} -gt 0 ]; then
   apt_install "${need[@]}"

@@ -81,6 +81,11 @@ pub struct Config {
     /// receipt signed: "all" (default) or "resumed" (only those an earlier connection
     /// wrote, taken from the journal).
     pub verify_staged: VerifyStaged,
+    /// At a stop (SIGTERM, Ctrl-C), the seconds running migrations get to reach a
+    /// resumable state (written chunks synced and journaled) and their connections to
+    /// close before the endpoint exits. Default 8, under the 10 s a container engine
+    /// waits before it kills; at least 1. A second signal exits at once.
+    pub shutdown_grace_secs: u32,
     /// The vCenter-like domain migrated VMs land in.
     pub domain: DomainConfig,
     /// Limits on `edge-agent link-test` (test traffic an edge may ask for).
@@ -490,6 +495,7 @@ struct Defaults {
     max_concurrent_migrations: u32,
     resume_window_hours: u64,
     verify_staged: VerifyStaged,
+    shutdown_grace_secs: u32,
     domain: DomainConfig,
     link_test: LinkTestConfig,
     transport: TransportSettings,
@@ -509,6 +515,7 @@ impl Default for Defaults {
             max_concurrent_migrations: 32,
             resume_window_hours: 24,
             verify_staged: VerifyStaged::All,
+            shutdown_grace_secs: 8,
             domain: DomainConfig::default(),
             link_test: LinkTestConfig::default(),
             transport: TransportSettings::default(),
@@ -574,6 +581,9 @@ pub enum ConfigError {
     #[error("`max_concurrent_migrations` is 0 ({origin}); it must be at least 1")]
     ZeroConcurrency { origin: String },
 
+    #[error("`shutdown_grace_secs` is 0 ({origin}); it must be at least 1 (running migrations need a moment to journal what arrived)")]
+    ZeroShutdownGrace { origin: String },
+
     #[error("`{key}` is 0 ({origin}); it must be at least 1 (set `link_test.enabled = false` to refuse link tests)")]
     ZeroLinkTestLimit { key: &'static str, origin: String },
 
@@ -602,6 +612,11 @@ impl From<figment::Error> for ConfigError {
 }
 
 impl Config {
+    /// How long a stop waits for running migrations ([`Config::shutdown_grace_secs`]).
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.shutdown_grace_secs))
+    }
+
     /// Loads the configuration: built-in defaults, then the TOML `file` (if given), then the
     /// process environment (`CLOUD_ENDPOINT_*`), then validates the result.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -718,6 +733,11 @@ impl Config {
         if self.max_concurrent_migrations == 0 {
             return Err(ConfigError::ZeroConcurrency {
                 origin: origin(figment, "max_concurrent_migrations"),
+            });
+        }
+        if self.shutdown_grace_secs == 0 {
+            return Err(ConfigError::ZeroShutdownGrace {
+                origin: origin(figment, "shutdown_grace_secs"),
             });
         }
         let d = &self.domain;
@@ -921,6 +941,11 @@ resume_window_hours = 24
 # back and checks every chunk against what was sent; chunks that differ are sent again
 # by the edge. "all" (every chunk) or "resumed" (only chunks an earlier connection wrote).
 verify_staged = "all"
+
+# At a stop (SIGTERM, Ctrl-C): seconds running migrations get to sync and journal what
+# arrived, and their connections to close as busy (edges retry and resume), before the
+# endpoint exits. Under the 10 s docker stop waits before it kills. At least 1.
+shutdown_grace_secs = 8
 
 # When the endpoint runs as root, each VM's QEMU runs as this unprivileged user (it must
 # exist: useradd --system --no-create-home --shell /usr/sbin/nologin gateway-qemu), which
@@ -1391,6 +1416,12 @@ mod tests {
         let err = load_toml(&format!("{PATHS}max_concurrent_migrations = 0\n"), &[]).unwrap_err();
         assert!(matches!(err, ConfigError::ZeroConcurrency { .. }), "{err:?}");
         assert!(err.to_string().contains("cloud.toml"), "{err}");
+
+        let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_SHUTDOWN_GRACE_SECS", "0")]).unwrap_err();
+        assert!(matches!(err, ConfigError::ZeroShutdownGrace { .. }), "{err:?}");
+        assert!(err.to_string().contains("CLOUD_ENDPOINT_SHUTDOWN_GRACE_SECS"), "{err}");
+        let c = load_toml(PATHS, &[("CLOUD_ENDPOINT_SHUTDOWN_GRACE_SECS", "3")]).unwrap();
+        assert_eq!(c.shutdown_grace(), std::time::Duration::from_secs(3));
 
         let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_MAX_CONCURRENT_MIGRATIONS", "0")]).unwrap_err();
         assert!(

@@ -8,6 +8,7 @@
 //!             networks, folders, users (argon2), VMs, migrations
 //! logins      every password login goes through its queue bound and throttle
 //!             (per user and per client address) before a hash runs
+//! health      what the probes report: QUIC listening or draining
 //! logging     log lines peers cannot forge (control characters escaped)
 //! datastore   the files: staging, disks as flat VMDKs, qcow2 or raw images,
 //!             descriptors, .vmx
@@ -21,6 +22,7 @@
 pub mod api;
 pub mod config;
 pub mod datastore;
+pub mod health;
 pub mod hosts;
 pub mod inventory;
 pub mod logging;
@@ -95,6 +97,8 @@ pub struct Domain {
     pub logins: logins::Logins,
     /// Edge certificates refused right after their handshake.
     pub revoked_edges: server::revoked::RevokedEdges,
+    /// Listening or draining, for `/readyz`.
+    pub health: health::Health,
 }
 
 impl Domain {
@@ -208,6 +212,7 @@ impl Endpoint {
                     .with_qemu_user(&config.qemu_user),
                 logins: logins::Logins::new(&config.logins),
                 revoked_edges,
+                health: Default::default(),
             }),
             config,
             tls,
@@ -254,7 +259,7 @@ impl Endpoint {
                 ),
                 &self.config.transport,
                 &self.config.link_test,
-                wait(stopped.clone()),
+                (wait(stopped.clone()), self.config.shutdown_grace()),
             )
             .await;
             stop.send_replace(true);

@@ -1,6 +1,7 @@
 //! `cloud-endpoint`: the cloud side of the migration gateway.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -95,7 +96,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(async {
+    let grace = config.shutdown_grace();
+    let result = rt.block_on(async {
         let endpoint = Endpoint::open(config)?;
         let socket = endpoint.bind()?;
         let api = endpoint.bind_api().await?;
@@ -111,9 +113,35 @@ fn serve(config: Config) -> anyhow::Result<()> {
             }
             None => tracing::info!("vSphere REST API off (api_listen = \"off\")"),
         }
-        endpoint.run_with_api(socket, api, shutdown_signal()).await?;
-        Ok(())
-    })
+        let (signalled, mut stop) = tokio::sync::watch::channel(false);
+        let signals = async {
+            shutdown_signal().await;
+            tracing::info!(grace_secs = grace.as_secs(), "stop asked for: draining");
+            signalled.send_replace(true);
+            // A second signal: the operator will not wait.
+            shutdown_signal().await;
+        };
+        let serving = endpoint.run_with_api(socket, api, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        let mut deadline = signalled.subscribe();
+        let overdue = async move {
+            let _ = deadline.wait_for(|s| *s).await;
+            // The drain keeps to the grace period itself; this catches what it cannot
+            // bound (a blocking operation that hangs).
+            tokio::time::sleep(grace + Duration::from_secs(1)).await;
+        };
+        tokio::select! {
+            result = serving => result?,
+            () = signals => tracing::warn!("second stop signal: exiting at once; migrations resume from their journals"),
+            () = overdue => tracing::warn!("grace period over: exiting; migrations resume from their journals"),
+        }
+        anyhow::Ok(())
+    });
+    // Blocking work still running (a sync or a commit cut by the grace period) is not
+    // waited for: the journal names only what was synced.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
 /// SIGINT or SIGTERM.

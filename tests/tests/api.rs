@@ -176,6 +176,34 @@ async fn sessions_log_in_show_and_log_out() {
     cloud.stop().await;
 }
 
+/// `/healthz` and `/readyz` answer without a session; `/readyz` says which check fails
+/// (here a datastore folder that is gone) and is ready again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_without_a_session_and_say_what_is_not_ready() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let root = tmp.path().join("cloud");
+    let cloud = Cloud::start(&root, &pki, &[]).await;
+    let api = Api::new(&cloud, &pki);
+    let (status, body) = api.call(Method::GET, "/healthz", None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "alive"})));
+    let (status, body) = api.call(Method::GET, "/readyz", None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"status": "ready"})));
+
+    let ds = cloud.domain.datastore.root().to_owned();
+    let aside = tmp.path().join("datastore-aside");
+    std::fs::rename(&ds, &aside).unwrap();
+    let (status, body) = api.call(Method::GET, "/readyz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["status"], "not ready");
+    assert_eq!(body["not_ready"][0]["check"], "datastore", "{body}");
+    // The liveness probe does not depend on the datastore: a restart would not help.
+    assert_eq!(api.call(Method::GET, "/healthz", None).await.0, StatusCode::OK);
+    std::fs::rename(&aside, &ds).unwrap();
+    assert_eq!(api.call(Method::GET, "/readyz", None).await.0, StatusCode::OK);
+    cloud.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_and_gets_show_the_cloud_domain() {
     let tmp = tempfile::tempdir().unwrap();

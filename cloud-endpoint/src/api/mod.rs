@@ -3,6 +3,7 @@
 //! vCenter.
 //!
 //! ```text
+//! health     /healthz and /readyz, without a session (probes)
 //! https      TCP accept loop, TLS (the endpoint's certificate, no client certificates),
 //!            HTTP/1.1 and HTTP/2, limits, graceful shutdown
 //! session    login sessions in memory: tokens, idle expiry, a cap (clock passed in)
@@ -19,6 +20,7 @@
 
 pub mod error;
 pub mod gateway;
+pub mod health;
 mod https;
 pub mod rest;
 pub mod session;
@@ -86,7 +88,8 @@ pub async fn serve(
     settings: &ApiSettings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiServeError> {
-    let app = rest::router(ApiState::new(domain, settings));
+    // The probes answer without a session; the rest of the API needs one.
+    let app = health::router(domain.clone()).merge(rest::router(ApiState::new(domain, settings)));
     https::serve(listener, Arc::new(tls), app, settings, shutdown).await
 }
 

@@ -39,8 +39,8 @@ pub(crate) struct Caps {
 pub(crate) const READ_BURST: Duration = Duration::from_millis(10);
 
 /// Serves migrations on `socket` (at most `max_concurrent` at once, each session with
-/// `receiver`'s settings) until `shutdown` completes, then closes every
-/// connection (their uncommitted migrations wait for their edges to resume them) and returns.
+/// `receiver`'s settings) until `shutdown` completes, then drains (see [`drain`]) for at
+/// most `grace` and returns.
 pub async fn run(
     socket: UdpSocket,
     domain: Arc<Domain>,
@@ -48,7 +48,7 @@ pub async fn run(
     (max_concurrent, receiver): (u32, ReceiverConfig),
     settings: &TransportSettings,
     link_test: &LinkTestConfig,
-    shutdown: impl Future<Output = ()>,
+    (shutdown, grace): (impl Future<Output = ()>, Duration),
 ) -> Result<(), EndpointError> {
     let tuning = settings.tuning();
     // What one migration may take: the tighter of the two caps (all migrations together
@@ -62,6 +62,7 @@ pub async fn run(
         None => tuning.clone(),
     };
     let endpoint = transport::server_endpoint(socket, tls, &initial)?;
+    domain.health.set_quic(crate::health::QuicState::Listening);
     // Under a total cap the window all migrations share is that cap's too.
     let budget = match settings.max_rate {
         Some(total) => tuning.connection_window.min(total.burst_window(Duration::ZERO)),
@@ -154,19 +155,54 @@ pub async fn run(
         // Reap finished connection tasks so the set does not grow.
         while conns.try_join_next().is_some() {}
     }
-    tracing::info!("shutting down: closing connections");
+    drain(&endpoint, &domain, conns, grace).await;
+    Ok(())
+}
+
+/// A stop: `/readyz` says draining, new connections are refused (the edge reads "the
+/// peer refused the connection: it is shutting down ... retry later"), and every
+/// connection is closed as Busy, which edges retry within their `--retry-for`. Each
+/// connection's cleanup then brings its migration to a resumable state: the blocking
+/// work under way (a batch being synced, a commit) finishes, the chunks written but not
+/// yet journaled are synced and journaled, and the migration is recorded as interrupted.
+/// A restarted endpoint resumes it from the journal. What is still running after `grace`
+/// is left: the journal only ever names synced data, so a cut costs re-sent chunks, never
+/// a wrong copy.
+async fn drain(endpoint: &quinn::Endpoint, domain: &Domain, mut conns: tokio::task::JoinSet<()>, grace: Duration) {
+    let started = tokio::time::Instant::now();
+    domain.health.set_quic(crate::health::QuicState::Draining);
+    tracing::info!(
+        connections = conns.len(),
+        grace_secs = grace.as_secs(),
+        "shutting down: refusing new connections, closing running ones as busy (their migrations resume)"
+    );
     // Busy, not Aborted: running migrations are kept, and their edges retry
-    // until the endpoint is back, then resume.
+    // until the endpoint is back, then resume. A closed quinn endpoint refuses new
+    // connections with the same code.
     endpoint.close(
         RefusalCode::Busy.close_code().into(),
         b"cloud endpoint shutting down; running migrations are kept and resume when it is back",
     );
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    endpoint.wait_idle().await;
-    Ok(())
+    let drained = tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
+    match drained {
+        Ok(()) => tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drained: every migration is journaled and waits for its edge"
+        ),
+        Err(_) => {
+            tracing::warn!(
+                still_running = conns.len(),
+                grace_secs = grace.as_secs(),
+                "grace period over with connections still closing; they resume from their journals"
+            );
+            conns.abort_all();
+        }
+    }
+    // The close frames go out; a peer that does not answer is not waited for beyond the
+    // grace period.
+    let rest = grace.saturating_sub(started.elapsed()).max(Duration::from_millis(200));
+    let _ = tokio::time::timeout(rest, endpoint.wait_idle()).await;
+    domain.health.set_quic(crate::health::QuicState::NotListening);
 }
 
 /// Connections open per edge certificate ([`TransportSettings::max_connections_per_edge`]).

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The same lift twice over, in the same run: between host processes (endpoint and edge
+# on loopback, as tests/demo.sh) and through the compose deployment (the edge container
+# reaching the endpoint container over the cloud network). Alternating rounds, the
+# median of each; plus the image sizes and the endpoint's idle RSS both ways, and the
+# edge's peak RSS. Prints a Markdown table (docs/containers.md has the figures).
+#
+# Usage: deploy/build-images.sh && deploy/bench.sh      (BENCH_DISK=512M BENCH_ROUNDS=3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+bin=${GATEWAY_BIN:-$root/target/release}
+disk=${BENCH_DISK:-512M}
+rounds=${BENCH_ROUNDS:-3}
+say() { echo "deploy/bench.sh: $*" >&2; }
+
+work=$(mktemp -d /tmp/gateway-bench.XXXXXX)
+export GATEWAY_DEPLOY_DIR=$work
+project=gwbench-$$
+compose() { docker-compose -p "$project" -f "$root/deploy/compose.yaml" "$@"; }
+endpoint_pid=
+cleanup() {
+  [ -n "$endpoint_pid" ] && kill "$endpoint_pid" 2>/dev/null && wait "$endpoint_pid" 2>/dev/null
+  compose down -v --remove-orphans -t 2 >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$bin/certs" quickstart --out "$work/pki" --endpoint-name cloud-endpoint >/dev/null
+mkdir -p "$work/onprem/web01"
+say "making the sample VM ($disk, ext4 with real files)"
+tests/sample-disk.sh "$work/onprem/web01/web01.img" "$disk" small
+cat > "$work/onprem/web01/web01.vmx" <<VMX
+.encoding = "UTF-8"
+displayName = "web01"
+guestOS = "debian12-64"
+numvcpus = "1"
+memsize = "512"
+scsi0.present = "TRUE"
+scsi0.virtualDev = "pvscsi"
+scsi0:0.present = "TRUE"
+scsi0:0.fileName = "web01.img"
+VMX
+chown -R 10001:10001 "$work/pki" "$work/onprem"
+
+# Host processes: the endpoint on loopback.
+port=$(python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+CLOUD_ENDPOINT_LISTEN=127.0.0.1:$port CLOUD_ENDPOINT_API_LISTEN=off \
+CLOUD_ENDPOINT_CERT=$work/pki/endpoint.pem CLOUD_ENDPOINT_KEY=$work/pki/endpoint.key \
+CLOUD_ENDPOINT_EDGE_CA=$work/pki/ca.pem CLOUD_ENDPOINT_DATASTORE_DIR=$work/host/datastore \
+CLOUD_ENDPOINT_DATABASE=$work/host/inventory.sqlite3 \
+  "$bin/cloud-endpoint" serve 2> "$work/host-endpoint.log" &
+endpoint_pid=$!
+for _ in $(seq 100); do grep -q "cloud endpoint serving" "$work/host-endpoint.log" && break; sleep 0.1; done
+sleep 2
+host_idle_rss=$(awk '/VmRSS/ { print $2 }' "/proc/$endpoint_pid/status")
+
+# The compose deployment: the endpoint container, healthy.
+GATEWAY_API_PUBLISH=127.0.0.1: compose up -d cloud-endpoint >/dev/null 2>&1
+cid=$(compose ps -q cloud-endpoint)
+for _ in $(seq 120); do
+  [ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] && break
+  sleep 0.5
+done
+sleep 2
+# docker top: host PIDs with their RSS (KiB); the endpoint, not tini.
+container_idle_rss=$(docker top "$cid" -o pid,rss,args | awk '/cloud-endpoint serve/ && !/init/ { print $2 }' | head -n1)
+
+now() { date +%s.%N; }
+host_lift() { # host_lift NAME
+  local t0; t0=$(now)
+  EDGE_AGENT_PASSWORD='VMware1!Cloud' "$bin/edge-agent" migrate --vmx "$work/onprem/web01/web01.vmx" \
+    --url "quic://localhost:$port" --user migrator@cloud.local --ca-bundle "$work/pki/ca.pem" \
+    --cert "$work/pki/edge.pem" --key "$work/pki/edge.key" --name "$1" \
+    --receipt "$work/$1.receipt.json" --state-dir "$work/host-state" > "$work/$1.out" 2>&1
+  awk -v a="$(now)" -v b="$t0" 'BEGIN { print a - b }'
+}
+container_lift() { # container_lift NAME
+  local t0 name=$project-$1 c peak=0 rss; t0=$(now)
+  GATEWAY_API_PUBLISH=127.0.0.1: compose run -d --no-deps --name "$name" edge-agent migrate \
+    --vmx=/onprem/web01/web01.vmx --name "$1" --receipt "/tmp/$1.receipt.json" >/dev/null 2>&1
+  while [ "$(docker inspect -f '{{.State.Running}}' "$name")" = true ]; do
+    rss=$(docker top "$name" -o pid,rss 2>/dev/null | awk 'NR == 2 { print $2 }')
+    [ -n "$rss" ] && [ "$rss" -gt "$peak" ] && peak=$rss
+    sleep 0.2
+  done
+  [ "$(docker inspect -f '{{.State.ExitCode}}' "$name")" = 0 ] || { docker logs "$name" >&2; exit 1; }
+  docker logs "$name" > "$work/$1.out" 2>&1
+  awk -v a="$(now)" -v b="$t0" 'BEGIN { print a - b }'
+  docker rm "$name" >/dev/null
+  if [ "$peak" -gt "$(cat "$work/edge-peak" 2>/dev/null || echo 0)" ]; then echo "$peak" > "$work/edge-peak"; fi
+}
+median() { sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+
+for r in $(seq "$rounds"); do
+  h=$(host_lift "host$r"); c=$(container_lift "ctr$r")
+  say "round $r: host processes ${h} s, containers ${c} s"
+  echo "$h" >> "$work/host.times"; echo "$c" >> "$work/ctr.times"
+  # The edge's own figure: from its connection to the commit, without process or
+  # container start.
+  awk '/^duration:/ { print $2 }' "$work/host$r.out" >> "$work/host.lift"
+  awk '/^duration:/ { print $2 }' "$work/ctr$r.out" >> "$work/ctr.lift"
+done
+host_lift_s=$(median < "$work/host.lift"); ctr_lift_s=$(median < "$work/ctr.lift")
+host=$(median < "$work/host.times"); ctr=$(median < "$work/ctr.times")
+size() { docker image inspect -f '{{.Size}}' "$1" | numfmt --to=iec --suffix=B; }
+logical=$(stat -c %s "$work/onprem/web01/web01.img")
+
+echo
+echo "| | host processes | compose deployment |"
+echo "|---|---|---|"
+printf '| lift of a %s sample VM (median of %s, wall, edge start to exit) | %.2f s | %.2f s (%+.1f %%) |\n' \
+  "$(numfmt --to=iec "$logical")" "$rounds" "$host" "$ctr" "$(awk -v c="$ctr" -v h="$host" 'BEGIN { print (c - h) * 100 / h }')"
+printf '| the same, as the edge times it (connection to commit) | %.2f s | %.2f s (%+.1f %%) |\n' \
+  "$host_lift_s" "$ctr_lift_s" "$(awk -v c="$ctr_lift_s" -v h="$host_lift_s" 'BEGIN { print (c - h) * 100 / h }')"
+printf '| cloud endpoint idle RSS | %s MiB | %s MiB |\n' "$((host_idle_rss / 1024))" "$((container_idle_rss / 1024))"
+printf '| edge agent peak RSS during the lift | | %s MiB |\n' "$(( $(cat "$work/edge-peak" 2>/dev/null || echo 0) / 1024 ))"
+echo
+echo "| image | size |"
+echo "|---|---|"
+for i in gateway/cloud-endpoint:latest gateway/edge-agent:latest; do echo "| $i | $(size "$i") |"; done

@@ -1,0 +1,367 @@
+//! The gateway in containers: both images built from the release binaries
+//! (`deploy/build-images.sh`, no registry), the compose deployment of `deploy/compose.yaml`
+//! (an endpoint on the cloud network, an edge on the on-prem and cloud networks), and a
+//! lift between the containers that survives the endpoint container being killed
+//! (`docker kill`) or stopped (`docker stop`: SIGTERM, drain, exit 0 within the grace
+//! period) in the middle, the copy compared with `qemu-img compare` each time.
+//!
+//! A Docker engine and docker-compose are required. Where there is none the tests fail
+//! and say why; GATEWAY_SKIP_CONTAINERS=1 turns that into a printed skip for a machine
+//! that cannot run containers (CI never sets it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use e2e::*;
+
+const MIB: usize = 1 << 20;
+/// The source disk: incompressible, so the edge's rate cap makes the lift last.
+const DISK_MIB: usize = 12;
+/// About 1 MiB/s on the wire: the 12 MiB lift takes ~12 s, time to break it.
+const EDGE_RATE: &str = "8mbit";
+const ENDPOINT_IMAGE: &str = "gateway/cloud-endpoint:latest";
+
+/// `None` when the tests may run; otherwise why they are skipped (GATEWAY_SKIP_CONTAINERS=1).
+/// Panics with the reason when there is no engine and no skip was asked for.
+fn engine_or_skip() -> Option<String> {
+    let missing = if !command_ok("docker", &["version", "--format", "{{.Server.Version}}"]) {
+        Some("no Docker engine answers `docker version` (install docker.io and start dockerd)")
+    } else if !command_ok("docker-compose", &["version"]) {
+        Some("no docker-compose (Debian: apt-get install docker-compose)")
+    } else {
+        None
+    };
+    let why = missing?;
+    if std::env::var("GATEWAY_SKIP_CONTAINERS").as_deref() == Ok("1") {
+        eprintln!("SKIPPED (GATEWAY_SKIP_CONTAINERS=1): {why}");
+        return Some(why.to_owned());
+    }
+    panic!(
+        "the container tests need a Docker engine: {why}; set GATEWAY_SKIP_CONTAINERS=1 to skip them on this machine"
+    );
+}
+
+fn command_ok(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds the images once per test process (the script takes a lock of its own, so
+/// test processes at once build them one after the other; the base is built once per
+/// machine).
+fn images() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let bin = wan::ensure_binaries();
+        let t0 = Instant::now();
+        let out = run(Command::new(workspace().join("deploy/build-images.sh")).env("GATEWAY_BIN", &bin));
+        eprintln!(
+            "images built in {:.1} s:\n{}",
+            t0.elapsed().as_secs_f64(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    });
+}
+
+/// Runs `cmd`, panicking with its output unless it succeeds.
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run(cmd).stdout).trim().to_owned()
+}
+
+/// One compose project: its own containers, networks and volumes, all removed on drop.
+struct Deployment {
+    project: String,
+    work: tempfile::TempDir,
+}
+
+impl Deployment {
+    /// Certificates (the endpoint's named `cloud-endpoint`, as the edge calls it) and a
+    /// VM `web01` with an incompressible `DISK_MIB` disk, handed to the containers' user.
+    fn new(tag: &str) -> Deployment {
+        let work = tempfile::tempdir().unwrap();
+        let project = format!("gwtest-{tag}-{}", std::process::id());
+        Pki::with_endpoint_names(&work.path().join("pki"), &["cloud-endpoint"]);
+        let dir = work.path().join("onprem/web01");
+        std::fs::create_dir_all(&dir).unwrap();
+        let regions: Vec<Fill> = (0..DISK_MIB)
+            .map(|i| if i % 6 == 5 { Fill::Zero } else { Fill::Random })
+            .collect();
+        write_raw_disk(&dir.join("web01.img"), MIB, &regions, 17);
+        // On the network the compose file's edge maps (Prod-DMZ=cloud-web).
+        let nic = Nic {
+            network: "Prod-DMZ",
+            mac: "00:50:56:3f:00:01",
+        };
+        write_vmx(&dir, "web01", &["web01.img"], &[nic]);
+        run(Command::new("chown").args(["-R", "10001:10001"]).arg(work.path()));
+        Deployment { project, work }
+    }
+
+    fn compose(&self) -> Command {
+        let mut cmd = Command::new("docker-compose");
+        cmd.args(["-p", &self.project, "-f"])
+            .arg(workspace().join("deploy/compose.yaml"))
+            .env("GATEWAY_DEPLOY_DIR", self.work.path())
+            // A port of its own on the host: tests at once do not meet.
+            .env("GATEWAY_API_PUBLISH", "127.0.0.1:")
+            // A killed endpoint says nothing: the edge finds it gone after the idle
+            // timeout, 30 s by default; 5 s is plenty on one machine's bridge.
+            .env("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", "5");
+        cmd
+    }
+
+    fn endpoint_container(&self) -> String {
+        stdout(self.compose().args(["ps", "-q", "cloud-endpoint"]))
+    }
+
+    /// Starts the endpoint and waits until its healthcheck (`/readyz`) passes.
+    fn up_endpoint(&self) -> String {
+        run(self.compose().args(["up", "-d", "cloud-endpoint"]));
+        let id = self.endpoint_container();
+        self.wait_healthy(&id);
+        id
+    }
+
+    fn wait_healthy(&self, id: &str) {
+        let t0 = Instant::now();
+        loop {
+            let health = stdout(Command::new("docker").args(["inspect", "-f", "{{.State.Health.Status}}", id]));
+            if health == "healthy" {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the endpoint is not healthy after 60 s ({health}):\n{}",
+                self.logs(id)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Starts the edge's lift of web01, capped at `rate`, in the background; returns its container.
+    fn start_lift(&self, rate: &str) -> String {
+        let name = format!("{}-edge", self.project);
+        run(self.compose().args([
+            "run",
+            "-d",
+            "--no-deps",
+            "--name",
+            &name,
+            "edge-agent",
+            "migrate",
+            "--vmx=/onprem/web01/web01.vmx",
+            "--receipt=/onprem/web01.receipt.json",
+            "--map-network=Prod-DMZ=cloud-web",
+            "--json",
+            &format!("--max-rate={rate}"),
+        ]));
+        name
+    }
+
+    fn logs(&self, container: &str) -> String {
+        let out = Command::new("docker")
+            .args(["logs", container])
+            .output()
+            .expect("docker logs");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// Bytes the edge reported durable at the cloud (its last JSON progress line).
+    fn lifted_bytes(&self, edge: &str) -> u64 {
+        let out = Command::new("docker")
+            .args(["logs", edge])
+            .output()
+            .expect("docker logs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "progress")
+            .filter_map(|v| v["done_bytes"].as_u64())
+            .next_back()
+            .unwrap_or(0)
+    }
+
+    fn wait_lifted(&self, edge: &str, bytes: u64) {
+        let t0 = Instant::now();
+        while self.lifted_bytes(edge) < bytes {
+            let running = stdout(Command::new("docker").args(["inspect", "-f", "{{.State.Running}}", edge]));
+            assert_eq!(running, "true", "the edge ended early:\n{}", self.logs(edge));
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the lift did not reach {bytes} bytes:\n{}",
+                self.logs(edge)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the edge to exit; returns its summary line, panicking unless it succeeded.
+    fn wait_edge(&self, edge: &str) -> serde_json::Value {
+        let code = stdout(Command::new("timeout").args(["180", "docker", "wait", edge]));
+        let logs = self.logs(edge);
+        assert_eq!(code, "0", "the edge failed:\n{logs}");
+        logs.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "summary")
+            .unwrap_or_else(|| panic!("no summary from the edge:\n{logs}"))
+    }
+
+    /// `qemu-img compare` of the source and the copy in the endpoint's datastore volume,
+    /// run in the endpoint's image (as its user, who owns the copy).
+    fn assert_copy_identical(&self) {
+        let endpoint = self.endpoint_container();
+        let volume = stdout(Command::new("docker").args([
+            "inspect",
+            "-f",
+            "{{range .Mounts}}{{if eq .Destination \"/var/lib/gateway/datastore\"}}{{.Name}}{{end}}{{end}}",
+            &endpoint,
+        ]));
+        let out = stdout(
+            Command::new("docker")
+                .args(["run", "--rm", "--network", "none", "--entrypoint", "qemu-img", "-v"])
+                .arg(format!("{volume}:/ds:ro"))
+                .arg("-v")
+                .arg(format!("{}:/onprem:ro", self.work.path().join("onprem").display()))
+                .args([
+                    ENDPOINT_IMAGE,
+                    "compare",
+                    "/onprem/web01/web01.img",
+                    "/ds/web01/web01.vmdk",
+                ]),
+        );
+        assert!(out.contains("Images are identical"), "{out}");
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &format!("{}-edge", self.project)])
+            .output();
+        let _ = self
+            .compose()
+            .args(["down", "-v", "--remove-orphans", "-t", "1"])
+            .output();
+    }
+}
+
+#[test]
+fn the_compose_deployment_lifts_a_vm_between_containers() {
+    if engine_or_skip().is_some() {
+        return;
+    }
+    images();
+    let d = Deployment::new("lift");
+    // `up` as the README gives it: the edge waits for the endpoint's healthcheck, then lifts.
+    run(d.compose().args(["up", "-d"]));
+    let edge = stdout(d.compose().args(["ps", "-q", "edge-agent"]));
+    let code = stdout(Command::new("timeout").args(["180", "docker", "wait", &edge]));
+    assert_eq!(code, "0", "the edge failed:\n{}", d.logs(&edge));
+    d.assert_copy_identical();
+    // The endpoint's probes, from inside its container (no session needed).
+    let endpoint = d.endpoint_container();
+    let ready = stdout(Command::new("docker").args([
+        "exec",
+        &endpoint,
+        "curl",
+        "-sS",
+        "--insecure",
+        "https://127.0.0.1:8443/readyz",
+    ]));
+    assert_eq!(ready, r#"{"status":"ready"}"#);
+    // The edge reaches the endpoint over the cloud network only: the endpoint is not on
+    // the on-prem network.
+    let networks = stdout(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{range $n, $_ := .NetworkSettings.Networks}}{{$n}} {{end}}",
+        &endpoint,
+    ]));
+    assert!(
+        networks.contains("_cloud") && !networks.contains("_onprem"),
+        "{networks}"
+    );
+}
+
+#[test]
+fn a_killed_endpoint_container_is_started_again_and_the_lift_resumes() {
+    if engine_or_skip().is_some() {
+        return;
+    }
+    images();
+    let d = Deployment::new("kill");
+    let endpoint = d.up_endpoint();
+    let edge = d.start_lift(EDGE_RATE);
+    d.wait_lifted(&edge, (DISK_MIB * MIB / 4) as u64);
+    run(Command::new("docker").args(["kill", &endpoint]));
+    std::thread::sleep(Duration::from_secs(1));
+    run(Command::new("docker").args(["start", &endpoint]));
+    d.wait_healthy(&endpoint);
+    let summary = d.wait_edge(&edge);
+    assert!(
+        summary["reconnects"].as_u64() >= Some(1),
+        "the lift did not resume over a new connection: {summary}"
+    );
+    d.assert_copy_identical();
+}
+
+#[test]
+fn a_stopped_endpoint_container_drains_then_the_lift_resumes() {
+    if engine_or_skip().is_some() {
+        return;
+    }
+    images();
+    let d = Deployment::new("stop");
+    let endpoint = d.up_endpoint();
+    let edge = d.start_lift(EDGE_RATE);
+    d.wait_lifted(&edge, (DISK_MIB * MIB / 4) as u64);
+    let t0 = Instant::now();
+    // docker's own 10 s before SIGKILL: the drain must end well inside it.
+    run(Command::new("docker").args(["stop", "-t", "10", &endpoint]));
+    let stopped_in = t0.elapsed();
+    let exit = stdout(Command::new("docker").args(["inspect", "-f", "{{.State.ExitCode}}", &endpoint]));
+    let logs = d.logs(&endpoint);
+    assert_eq!(exit, "0", "the endpoint did not exit cleanly on SIGTERM:\n{logs}");
+    assert!(
+        stopped_in < Duration::from_secs(9),
+        "the drain took {stopped_in:?}:\n{logs}"
+    );
+    assert!(logs.contains("drained"), "no drain in the endpoint's log:\n{logs}");
+    assert!(
+        logs.contains("kept for a resume"),
+        "the migration was not kept for a resume:\n{logs}"
+    );
+    eprintln!("docker stop took {:.2} s", stopped_in.as_secs_f64());
+    run(Command::new("docker").args(["start", &endpoint]));
+    d.wait_healthy(&endpoint);
+    let summary = d.wait_edge(&edge);
+    assert!(
+        summary["reconnects"].as_u64() >= Some(1),
+        "the lift did not resume over a new connection: {summary}"
+    );
+    d.assert_copy_identical();
+}
