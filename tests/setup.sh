@@ -64,8 +64,11 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
     sed -i 's/^Suites: bookworm bookworm-updates$/Suites: bookworm bookworm-updates bookworm-backports/' "$src"
     APT_UPDATED=
   fi
-  if apt-cache policy qemu-utils 2>/dev/null | grep -q '\*\*\*.*bpo'; then
-    apt_install -t bookworm-backports qemu-system-x86
+  # The installed qemu-utils' version, read whole before matching: `grep -q` in a pipe
+  # under pipefail fails at random when apt-cache gets SIGPIPE.
+  utils=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+  if [[ "$utils" == *bpo* ]]; then
+    apt_install -t bookworm-backports "qemu-system-x86=$utils"
   else
     apt_install qemu-system-x86
   fi

@@ -236,6 +236,7 @@ impl Endpoint {
     ) -> Result<(), EndpointError> {
         // VMs left running by the previous run are this run's again (or POWERED_OFF).
         hosts::Hosts::recover(&self.domain).await?;
+        hosts::test_boot::remove_leftovers(&self.domain).await;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             // The sender outlives both servers, so this only ends on `true`.

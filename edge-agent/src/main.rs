@@ -898,7 +898,13 @@ async fn qemu_pass(
     eprintln!("edge-agent: {}", pass.report.describe());
     let commit_sent = source.commit_sent.clone();
     let report = pass.report.clone();
-    let result = migrate::run_pass(vm, target, opts, sink, Some(source)).await;
+    // Interrupted (Ctrl-C, SIGTERM) while the guest is stopped, the process would exit
+    // and leave it paused: the pass is given up as a failure instead, which resumes the
+    // guest unless the commit went out.
+    let result = tokio::select! {
+        r = migrate::run_pass(vm, target, opts, sink, Some(source)) => r.map_err(anyhow::Error::from),
+        signal = interrupted(), if switchover => Err(anyhow::anyhow!("the switchover was interrupted ({signal})")),
+    };
     let outcome = match result {
         Ok(mut summary) => {
             summary.tracking = Some(report);
@@ -919,16 +925,31 @@ async fn qemu_pass(
             let what = if !switchover {
                 "QEMU's record of what changed is kept for the next pass".to_owned()
             } else if commit_sent.load(std::sync::atomic::Ordering::SeqCst) {
-                "the commit was sent before the failure, so the cloud may have registered the VM: the source QEMU                  is left paused so that the VM never runs in both places; look at the migration in the cloud                  (`GET /api/gateway/migrations`): if it SUCCEEDED, quit the source QEMU; if it did not, run the                  switchover again or resume the source with QMP `cont`"
-                    .to_owned()
+                "the commit was sent before the failure, so the cloud may have registered the VM: the source QEMU is left paused so that the VM never runs in both places; look at the migration in the cloud (`GET /api/gateway/migrations`): if it SUCCEEDED, quit the source QEMU; if it did not, run the switchover again or resume the source with QMP `cont`"
+ .to_owned()
             } else {
                 qemu.resume().await
             };
-            Err(anyhow::anyhow!("{e}\n{what}"))
+            Err(anyhow::anyhow!("{e:#}\n{what}"))
         }
     };
     qemu.close().await;
     outcome
+}
+
+/// Waits for Ctrl-C or SIGTERM; says which came.
+async fn interrupted() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "Ctrl-C";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        _ = term.recv() => "SIGTERM",
+    }
 }
 
 /// The VM, the endpoint and the options every migrating command shares. With

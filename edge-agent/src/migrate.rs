@@ -739,26 +739,12 @@ pub fn replica_record(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> 
 /// endpoint refuses (another user's migration, a role that may not abort) changes
 /// nothing, here or there: the error says so.
 pub async fn abort(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> Result<String, MigrateError> {
-    let plan = build_plan(vm, opts);
-    let endpoint = target.addr.to_string();
-    let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
-    let mut ckpt = Checkpoint::at(&dir, &vm.vmx_path, &endpoint, &plan.vm.name);
-    let loaded = ckpt
-        .load()
-        .map_err(|e| MigrateError::Target(format!("cannot read the checkpoint {}: {e}", ckpt.path().display())))?;
-    let Some((header, _)) = loaded else {
-        return Err(MigrateError::Target(format!(
-            "no unfinished migration of {} to {endpoint} as {:?} is recorded in {}; nothing to abort",
-            vm.vmx_path.display(),
-            plan.vm.name,
+    let Recorded { mut ckpt, header, plan } = recorded(vm, target, opts, |_| true)?.map_err(|(which, dir)| {
+        MigrateError::Target(format!(
+            "no unfinished migration of {which} is recorded in {}; nothing to abort",
             dir.display()
-        )));
-    };
-    // The plan the migration started with, even if the source changed since.
-    let plan = match gateway::wire::control::decode::<MigrationPlan>(&header.plan) {
-        Ok(gateway::wire::Decoded::Frame(p, _)) => p,
-        _ => plan,
-    };
+        ))
+    })?;
     let id = header.migration_id.clone();
     let (endpoint_conn, conn) = target.connect(&opts.tuning).await?;
     let mut s = SenderSession::aborting(
@@ -850,6 +836,40 @@ pub async fn abort(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> Res
     }
 }
 
+/// A migration recorded in the state folder, as `abort`, `rollback` and `confirm` find it.
+struct Recorded {
+    ckpt: Checkpoint,
+    header: Header,
+    /// The plan the migration started with, even if the source changed since.
+    plan: MigrationPlan,
+}
+
+/// The migration of `vm` to `target` recorded in `opts.state_dir`, if its header is
+/// `usable`; otherwise which migration was looked for ("VMX to ENDPOINT as NAME") and where.
+fn recorded(
+    vm: &SourceVm,
+    target: &Target,
+    opts: &MigrateOptions,
+    usable: impl Fn(&Header) -> bool,
+) -> Result<Result<Recorded, (String, PathBuf)>, MigrateError> {
+    let plan = build_plan(vm, opts);
+    let endpoint = target.addr.to_string();
+    let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
+    let ckpt = Checkpoint::at(&dir, &vm.vmx_path, &endpoint, &plan.vm.name);
+    let loaded = ckpt
+        .load()
+        .map_err(|e| MigrateError::Target(format!("cannot read the checkpoint {}: {e}", ckpt.path().display())))?;
+    let Some((header, _)) = loaded.filter(|(h, _)| usable(h)) else {
+        let which = format!("{} to {endpoint} as {:?}", vm.vmx_path.display(), plan.vm.name);
+        return Ok(Err((which, dir)));
+    };
+    let plan = match gateway::wire::control::decode::<MigrationPlan>(&header.plan) {
+        Ok(gateway::wire::Decoded::Frame(p, _)) => p,
+        _ => plan,
+    };
+    Ok(Ok(Recorded { ckpt, header, plan }))
+}
+
 /// Rolls back (`confirm: false`) or confirms the switchover recorded for `vm` and
 /// `target` in `opts.state_dir` as awaiting confirmation. A rollback: the cloud powers its
 /// VM off before it answers, unregisters it and keeps its disks as the replica; the
@@ -862,27 +882,15 @@ pub async fn end_switchover(
     opts: &MigrateOptions,
     confirm: bool,
 ) -> Result<String, MigrateError> {
-    let plan = build_plan(vm, opts);
-    let endpoint = target.addr.to_string();
-    let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
-    let mut ckpt = Checkpoint::at(&dir, &vm.vmx_path, &endpoint, &plan.vm.name);
-    let loaded = ckpt
-        .load()
-        .map_err(|e| MigrateError::Target(format!("cannot read the checkpoint {}: {e}", ckpt.path().display())))?;
     let verb = if confirm { "confirm" } else { "roll back" };
-    let Some((header, _)) = loaded.filter(|(h, _)| h.switched_over.is_some()) else {
-        return Err(MigrateError::Target(format!(
-            "no switchover of {} to {endpoint} as {:?} awaiting confirmation is recorded in {}; nothing to {verb} \
+    let awaiting = |h: &Header| h.switched_over.is_some();
+    let Recorded { mut ckpt, header, plan } = recorded(vm, target, opts, awaiting)?.map_err(|(which, dir)| {
+        MigrateError::Target(format!(
+            "no switchover of {which} awaiting confirmation is recorded in {}; nothing to {verb} \
              (a switchover run with --confirm is final)",
-            vm.vmx_path.display(),
-            plan.vm.name,
             dir.display()
-        )));
-    };
-    let plan = match gateway::wire::control::decode::<MigrationPlan>(&header.plan) {
-        Ok(gateway::wire::Decoded::Frame(p, _)) => p,
-        _ => plan,
-    };
+        ))
+    })?;
     let id = header.migration_id.clone();
     let (endpoint_conn, conn) = target.connect(&opts.tuning).await?;
     let mut s = SenderSession::ending_switchover(

@@ -40,7 +40,7 @@ impl Target {
             "0.0.0.0:0".parse().expect("literal")
         };
         let endpoint = transport::client_endpoint(bind, crypto, tuning)?;
-        let conn = transport::connect(&endpoint, self.addr, &self.server_name).await?;
+        let conn = transport::connect_within(&endpoint, self.addr, &self.server_name, tuning.handshake_timeout()).await?;
         Ok((endpoint, conn))
     }
 }

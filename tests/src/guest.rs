@@ -130,3 +130,36 @@ pub async fn start_source(binary: &QemuBinary, dir: &Path, name: &str, append: &
         kernel,
     }
 }
+
+/// Where [`boot_sector_disk`] keeps its message: what a test changes to tell one
+/// state of the disk from another by what the guest prints.
+pub const BOOT_MESSAGE_OFFSET: u64 = 0x17;
+
+/// A 1 MiB raw disk whose MBR prints `message` (and CR LF) on COM1 and halts. SeaBIOS loads the
+/// sector at 0000:7C00 and jumps to it in real mode; the UART needs no setup for QEMU to
+/// pass the bytes to its chardev.
+pub fn boot_sector_disk(path: &Path, message: &str) {
+    let mut sector: Vec<u8> = vec![
+        0xFA, //             0x7c00 cli
+        0x31, 0xC0, //       0x7c01 xor ax, ax
+        0x8E, 0xD8, //       0x7c03 mov ds, ax           ; the text is at DS:SI = 0:7c17
+        0xFC, //             0x7c05 cld                  ; lodsb counts up
+        0xBE, 0x17, 0x7C, // 0x7c06 mov si, 0x7c17       ; the text follows these 23 bytes
+        0xBA, 0xF8, 0x03, // 0x7c09 mov dx, 0x3f8        ; COM1's data port
+        0xAC, //             0x7c0c next: lodsb          ; al = [si++]
+        0x84, 0xC0, //       0x7c0d test al, al
+        0x74, 0x03, //       0x7c0f jz halt              ; NUL ends the text
+        0xEE, //             0x7c11 out dx, al
+        0xEB, 0xF8, //       0x7c12 jmp next
+        0xF4, //             0x7c14 halt: hlt            ; interrupts are off: stays here
+        0xEB, 0xFD, //       0x7c15 jmp halt             ; (an NMI would wake it)
+    ];
+    assert_eq!(sector.len(), 0x17);
+    assert!(message.len() < 480, "the message fits in the boot sector");
+    sector.extend_from_slice(message.as_bytes());
+    sector.extend_from_slice(b"\r\n\0");
+    sector.resize(510, 0);
+    sector.extend_from_slice(&[0x55, 0xAA]); // the BIOS boots only a sector ending so
+    sector.resize(1 << 20, 0);
+    std::fs::write(path, sector).expect("write the boot disk");
+}

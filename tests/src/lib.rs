@@ -309,6 +309,27 @@ pub async fn migrate(
     edge_agent::migrate::run(&vm, target, opts, Arc::new(Silent)).await
 }
 
+/// Runs `cmd` to its end on a blocking thread: the endpoint under test runs on the
+/// runtime's threads and must go on answering meanwhile.
+pub async fn run(mut cmd: std::process::Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().expect("the command starts"))
+        .await
+        .expect("the blocking task ends")
+}
+
+/// The JSON summary (the last line of standard output) of an edge-agent command run with
+/// `--json`, which must have succeeded; what it printed is shown otherwise.
+pub fn summary(out: impl std::borrow::Borrow<std::process::Output>) -> serde_json::Value {
+    let out = out.borrow();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).expect("a JSON summary line")
+}
+
 /// A `kB` field of this process's /proc/self/status (`VmHWM`, `VmRSS`), in KiB. The
 /// endpoint runs in-process, so its memory is in these figures (beside the test's own).
 pub fn proc_status_kib(field: &str) -> u64 {
@@ -347,6 +368,7 @@ pub fn require_qemu() -> gateway::qemu::QemuBinary {
 }
 
 pub mod raw;
+pub mod rest;
 
 /// An `edge-agent` command line against `cloud` as the migrator, with the test PKI, a
 /// state folder and a receipt in it: `args[0]` is the subcommand (`migrate`,

@@ -475,3 +475,34 @@ async fn a_second_edge_cannot_resume_another_edges_migration() {
     landed_whole(&cloud, &pki, &vmx, "shared01", &summary, &receipt);
     cloud.stop().await;
 }
+
+/// An endpoint that does not answer (stopped, restarting, or a firewall dropping its UDP
+/// port) is named as such once the handshake's deadline passes, well before the 30 s
+/// idle timeout: an edge that reconnects to a restarting endpoint tries again sooner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_does_not_answer_is_named_before_the_idle_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = start_cloud(&tmp.path().join("cloud"), &pki).await;
+    let mut target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
+    cloud.stop().await;
+    // A socket that takes the datagrams and never answers, as a firewall that drops them.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    target.addr = silent.local_addr().unwrap();
+    let vmx = vm(&tmp.path().join("src"), "quiet01", 1, 85);
+    let opts = MigrateOptions {
+        state_dir: Some(tmp.path().join("state")),
+        ..MigrateOptions::default()
+    };
+    assert_eq!(opts.tuning.idle_timeout, Duration::from_secs(30));
+    let t0 = Instant::now();
+    let err = migrate(&vmx, &target, &opts).await.expect_err("nobody answers");
+    let waited = t0.elapsed();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(&format!("no answer from {}", target.addr)) && text.contains("UDP port"),
+        "{text}"
+    );
+    assert!(waited < Duration::from_secs(20), "gave up after {waited:?}");
+    drop(silent);
+}

@@ -18,38 +18,10 @@ use serde_json::Value;
 const SESSION: &str = "vmware-api-session-id";
 const MESSAGE: &str = "booted in the cloud";
 
-/// A 1 MiB raw disk whose MBR prints [`MESSAGE`] on COM1 and halts. SeaBIOS loads the
-/// sector at 0000:7C00 and jumps to it in real mode; the UART needs no setup for QEMU to
-/// pass the bytes to its chardev.
-fn boot_disk(path: &Path) {
-    let mut sector: Vec<u8> = vec![
-        0xFA, //             0x7c00 cli
-        0x31, 0xC0, //       0x7c01 xor ax, ax
-        0x8E, 0xD8, //       0x7c03 mov ds, ax           ; the text is at DS:SI = 0:7c17
-        0xFC, //             0x7c05 cld                  ; lodsb counts up
-        0xBE, 0x17, 0x7C, // 0x7c06 mov si, 0x7c17       ; the text follows these 23 bytes
-        0xBA, 0xF8, 0x03, // 0x7c09 mov dx, 0x3f8        ; COM1's data port
-        0xAC, //             0x7c0c next: lodsb          ; al = [si++]
-        0x84, 0xC0, //       0x7c0d test al, al
-        0x74, 0x03, //       0x7c0f jz halt              ; NUL ends the text
-        0xEE, //             0x7c11 out dx, al
-        0xEB, 0xF8, //       0x7c12 jmp next
-        0xF4, //             0x7c14 halt: hlt            ; interrupts are off: stays here
-        0xEB, 0xFD, //       0x7c15 jmp halt             ; (an NMI would wake it)
-    ];
-    assert_eq!(sector.len(), 0x17);
-    sector.extend_from_slice(MESSAGE.as_bytes());
-    sector.extend_from_slice(b"\r\n\0");
-    sector.resize(510, 0);
-    sector.extend_from_slice(&[0x55, 0xAA]); // the BIOS boots only a sector ending so
-    sector.resize(1 << 20, 0);
-    std::fs::write(path, sector).unwrap();
-}
-
 /// A lifted-VM source: the boot disk, a .vmx for a small BIOS VM with one NIC.
 fn source_vm(dir: &Path, name: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    boot_disk(&dir.join(format!("{name}.img")));
+    e2e::guest::boot_sector_disk(&dir.join(format!("{name}.img")), MESSAGE);
     let vmx = write_vmx(
         dir,
         name,

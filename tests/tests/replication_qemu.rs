@@ -32,26 +32,6 @@ fn chunks_in(steps: std::ops::RangeInclusive<u64>) -> BTreeSet<u64> {
     steps.flat_map(chunks_of).collect()
 }
 
-async fn run(cmd: std::process::Command) -> Output {
-    tokio::task::spawn_blocking(move || {
-        let mut cmd = cmd;
-        cmd.output().unwrap()
-    })
-    .await
-    .unwrap()
-}
-
-/// The JSON summary line of an edge command that must have succeeded.
-fn summary(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-}
-
 fn last_counter(source: &Source) -> u64 {
     counters(&source.serial).last().copied().unwrap_or(0)
 }
@@ -210,6 +190,30 @@ async fn a_running_qemu_guest_is_replicated_through_its_dirty_bitmap_and_switche
     assert!(!failed.status.success());
     let said = String::from_utf8_lossy(&failed.stderr);
     assert!(said.contains("resumed"), "{said}");
+    let now = last_counter(&s.source);
+    wait_counter(&s.source.serial, now + 3, 30).await;
+
+    // A switchover interrupted (Ctrl-C) while the guest is stopped resumes it: slowed
+    // down to be caught mid-way, interrupted once it said what it reads (after the stop).
+    let log = s.state.join("interrupted.log");
+    let mut slow = s.edge(&["switchover", "--max-rate", "1mbit"]);
+    slow.stderr(std::fs::File::create(&log).unwrap());
+    let mut edge = slow.spawn().unwrap();
+    let said = |log: &Path| std::fs::read_to_string(log).unwrap_or_default();
+    let stopped = eventually(60, || said(&log).contains("QEMU dirty bitmap").then_some(())).await;
+    assert!(stopped.is_some(), "the switchover stopped the guest: {}", said(&log));
+    let sigint = std::process::Command::new("kill")
+        .args(["-INT", &edge.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sigint.success());
+    let status = tokio::task::spawn_blocking(move || edge.wait().unwrap()).await.unwrap();
+    let text = said(&log);
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("interrupted (Ctrl-C)") && text.contains("resumed (QMP cont)"),
+        "{text}"
+    );
     let now = last_counter(&s.source);
     wait_counter(&s.source.serial, now + 3, 30).await;
 

@@ -16,22 +16,6 @@ const MIB: u64 = 1 << 20;
 /// The replication's chunk: one grain of the deltas qemu-img writes.
 const CHUNK: u64 = 64 * KIB;
 
-fn summary(out: Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-}
-
-async fn run(mut cmd: Command) -> Output {
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
-
 /// The guest writes: `qemu-io` commands on the disk the VM writes now.
 fn qemu_io(disk: &Path, commands: &[&str]) {
     let mut cmd = Command::new("qemu-io");

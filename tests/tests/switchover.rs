@@ -23,27 +23,6 @@ const CHUNK_KIB: &str = "256";
 const CHUNK: u64 = 256 * 1024;
 const SESSION: &str = "vmware-api-session-id";
 
-/// Runs an edge command and returns its last JSON line; panics with its output if it
-/// failed.
-fn summary(out: Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-}
-
-async fn run(cmd: std::process::Command) -> Output {
-    tokio::task::spawn_blocking(move || {
-        let mut cmd = cmd;
-        cmd.output().unwrap()
-    })
-    .await
-    .unwrap()
-}
-
 /// A small source VM the host can run (64 MiB, one vCPU, BIOS): `regions` MiB of disk.
 fn source_vm(dir: &Path, name: &str, regions: &[Fill], seed: u64) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(dir).unwrap();

@@ -173,7 +173,9 @@ impl From<HostError> for ApiError {
         let kind = match &e {
             HostError::NotFound(_) => ErrorKind::NotFound,
             HostError::AlreadyInState { .. } => ErrorKind::AlreadyInDesiredState,
-            HostError::NotRunning { .. } | HostError::RolledBack { .. } => ErrorKind::NotAllowedInCurrentState,
+            HostError::NotRunning { .. } | HostError::RolledBack { .. } | HostError::TestBoot { .. } => {
+                ErrorKind::NotAllowedInCurrentState
+            }
             HostError::Memory { .. } | HostError::Cpus { .. } => ErrorKind::UnableToAllocateResource,
             // The operator of the endpoint must act; the message names the package.
             HostError::Qemu(QemuError::NotInstalled { .. } | QemuError::BadBinary { .. }) => {

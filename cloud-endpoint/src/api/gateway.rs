@@ -322,29 +322,8 @@ pub fn abort_migration(
     principal: &crate::inventory::Principal,
     id: &str,
 ) -> Result<MigrationRecord, ApiError> {
-    if !principal.role.may_migrate() {
-        return Err(ApiError::new(
-            crate::api::error::ErrorKind::Unauthorized,
-            format!(
-                "user {} has role {}, which may not abort migrations; ask a MigrationOperator or Administrator",
-                principal.user,
-                principal.role.as_str()
-            ),
-        ));
-    }
-    let record = get_migration(domain, id)?;
     // An operator stops their own migrations; someone else's is an administrator's call.
-    if principal.role != crate::config::Role::Administrator && record.user != principal.user {
-        return Err(ApiError::new(
-            crate::api::error::ErrorKind::Unauthorized,
-            format!(
-                "migration {id} was started by {}; user {} (role {}) may abort only their own migrations: ask an Administrator",
-                record.user,
-                principal.user,
-                principal.role.as_str()
-            ),
-        ));
-    }
+    let record = owned_migration(domain, principal, id, "abort")?;
     if record.state != "RUNNING" {
         return Err(ApiError::invalid_argument(format!(
             "migration {id} is {}; only a RUNNING migration can be aborted",
@@ -354,4 +333,58 @@ pub fn abort_migration(
     let reason = format!("aborted through the API by {}", principal.user);
     crate::server::placement::abort(domain, id, &reason)?;
     get_migration(domain, id)
+}
+
+/// Starts a test boot of replication `id`'s replica (`crate::hosts::test_boot`), for
+/// whoever may act on the replication: its operator, or an Administrator.
+pub async fn start_test_boot(
+    domain: &std::sync::Arc<Domain>,
+    principal: &crate::inventory::Principal,
+    id: &str,
+) -> Result<crate::hosts::test_boot::TestBootInfo, ApiError> {
+    let (p, i) = (principal.clone(), id.to_owned());
+    crate::api::blocking(domain, move |d| owned_migration(d, &p, &i, "test-boot")).await?;
+    tracing::info!(migration = ?id, user = ?principal.user, "test boot asked for");
+    Ok(crate::hosts::Hosts::start_test_boot(domain, id).await?)
+}
+
+/// The test boot of replication `id`, as it runs (or has stopped on its own).
+pub async fn test_boot(domain: &Domain, id: &str) -> Result<crate::hosts::test_boot::TestBootInfo, ApiError> {
+    domain.hosts.test_boot(id).await.ok_or_else(|| no_test_boot(id))
+}
+
+fn no_test_boot(id: &str) -> ApiError {
+    ApiError::new(
+        crate::api::error::ErrorKind::NotFound,
+        format!("no test boot of migration {id} runs; start one with POST /api/gateway/migrations/{id}/test-boot"),
+    )
+}
+
+/// The end of the test boot's serial console (it shows what the guest prints, secrets
+/// included: operators only, as for a VM's console).
+pub async fn test_boot_console(
+    domain: &Domain,
+    principal: &crate::inventory::Principal,
+    id: &str,
+    bytes: u64,
+) -> Result<Vec<u8>, ApiError> {
+    crate::api::vcenter::power::may_operate(principal, "read consoles")?;
+    let path = domain.hosts.test_boot_console(id).await.ok_or_else(|| no_test_boot(id))?;
+    tokio::task::spawn_blocking(move || crate::api::vcenter::power::tail(&path, bytes))
+        .await
+        .map_err(|e| ApiError::internal("an endpoint worker failed", &e))?
+}
+
+/// Stops the test boot of replication `id` and removes its copy.
+pub async fn discard_test_boot(
+    domain: &std::sync::Arc<Domain>,
+    principal: &crate::inventory::Principal,
+    id: &str,
+) -> Result<(), ApiError> {
+    let (p, i) = (principal.clone(), id.to_owned());
+    crate::api::blocking(domain, move |d| owned_migration(d, &p, &i, "discard test boots of")).await?;
+    match domain.hosts.discard_test_boot(id).await? {
+        true => Ok(()),
+        false => Err(no_test_boot(id)),
+    }
 }

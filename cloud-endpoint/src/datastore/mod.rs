@@ -496,6 +496,12 @@ impl Staging {
         (self.dir.join(data_name), file_name)
     }
 
+    /// The file holding disk `index`'s data as staged in `format` (a VMDK's flat extent:
+    /// raw data).
+    pub fn disk_data_path(&self, index: usize, format: DiskFormat) -> PathBuf {
+        self.disk_paths(index, format).0
+    }
+
     /// Reopens disk `index` of a resumed migration, as [`Staging::create_disk`] made it.
     pub fn reopen_disk(
         &self,

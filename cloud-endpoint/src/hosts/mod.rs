@@ -5,6 +5,7 @@
 //! mod.rs    Hosts: power on, power off, reset; the watcher that notices a QEMU exit;
 //!           finding running VMs again after a restart
 //! spec.rs   an inventory VM as a gateway::qemu::MachineSpec; its runtime files
+//! test_boot.rs  disposable copies of replicas, booted while the syncs go on
 //! ```
 //!
 //! The inventory's `power_state` follows the processes: POWERED_ON once QEMU runs,
@@ -18,6 +19,7 @@
 
 pub mod confine;
 mod spec;
+pub mod test_boot;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,6 +76,8 @@ pub enum HostError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no test boot of migration {migration}: {reason}")]
+    TestBoot { migration: String, reason: String },
     #[error("an endpoint worker failed: {0}")]
     Worker(String),
     #[error(transparent)]
@@ -124,6 +128,8 @@ pub struct Hosts {
     /// Memory of live migrations' destinations from their plan's acceptance until they are
     /// adopted as running VMs (see [`Hosts::reserve`]).
     reserved_mib: Arc<std::sync::Mutex<u64>>,
+    /// Test boots of replicas, by migration id (see [`test_boot`]).
+    test_boots: tokio::sync::Mutex<HashMap<String, test_boot::TestBoot>>,
 }
 
 /// Memory held for a live migration's destination; given back when dropped (the VM was
@@ -163,6 +169,7 @@ impl Hosts {
             detached: tokio::sync::watch::channel(false).0,
             qemu_user: confine::DEFAULT_QEMU_USER.to_owned(),
             reserved_mib: Default::default(),
+            test_boots: Default::default(),
         }
     }
 
@@ -420,6 +427,8 @@ impl Hosts {
     /// (QEMU's monitor takes one client, and the next endpoint run will be it) and their
     /// watchers end. The VMs keep running and stay POWERED_ON.
     pub async fn detach(&self) {
+        // Disposable, and nobody would discard them after: test boots stop with the endpoint.
+        self.discard_test_boots().await;
         self.detached.send_replace(true);
         let mut running = self.running.lock().await;
         for (vm, run) in running.drain() {

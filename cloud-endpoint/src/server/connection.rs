@@ -440,6 +440,19 @@ fn take_slot(ctx: &Ctx) -> bool {
     true
 }
 
+/// A replication that switches over or is aborted: its test boot, a copy of what is now
+/// the VM (or of nothing), is discarded, in the background.
+fn discard_test_boot(ctx: &Ctx, migration_id: &str) {
+    let (domain, id) = (ctx.domain.clone(), migration_id.to_owned());
+    tokio::spawn(async move {
+        match domain.hosts.discard_test_boot(&id).await {
+            Ok(true) => tracing::info!(migration = ?id, "its test boot was discarded"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(migration = ?id, error = %e, "cannot discard its test boot"),
+        }
+    });
+}
+
 /// Who the edge authenticated as; refuses the session (a `what` before any
 /// credential is a protocol violation) when nobody.
 fn authenticated(ctx: &Ctx, what: &str) -> Option<Principal> {
@@ -587,7 +600,17 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 );
                 return;
             }
+            if !ctx.domain.live.claim(&migration_id, &ctx.conn, ctx.aborted.clone()) {
+                ctx.session().refuse(
+                    RefusalCode::Busy,
+                    vec![format!(
+                        "the replica of migration {migration_id} is being copied for a test boot; retry in a few seconds"
+                    )],
+                );
+                return;
+            }
             if !take_slot(ctx) {
+                ctx.domain.live.detach(&migration_id, &ctx.conn);
                 return;
             }
             let edge_cert = ctx.edge_cert.clone();
@@ -612,6 +635,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 }
                 Err((code, problems)) => {
                     tracing::warn!(?code, ?problems, "resume refused");
+                    ctx.domain.live.detach(&migration_id, &ctx.conn);
                     ctx.session().refuse(code, problems);
                 }
             }
@@ -624,6 +648,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             if ctx.session().switchover().is_some() {
                 if let Some(id) = ctx.migration_id.lock().expect("id lock").clone() {
                     ctx.domain.live.set_switching(&id);
+                    discard_test_boot(ctx, &id);
                 }
             }
             verify_staged(ctx, chunks).await
@@ -664,6 +689,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             match result {
                 Ok(why) => {
                     tracing::warn!(migration = ?migration_id, ?why, "migration aborted by its edge");
+                    discard_test_boot(ctx, &migration_id);
                     ctx.session().migration_aborted(Ok(()));
                     close_refused(ctx, RefusalCode::Aborted, &format!("{migration_id} discarded: {why}"));
                 }

@@ -37,6 +37,23 @@ pub struct LiveMigrations {
     progress: Mutex<HashMap<String, u64>>,
     /// Migrations whose connection runs a switchover (read-back, registration, power-on).
     switching: Mutex<std::collections::HashSet<String>>,
+    /// Replicas being copied for a test boot: no pass may write them meanwhile. Changed
+    /// only with `entries` locked, so that a copy and a connection never both begin.
+    copying: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A replica held for copying ([`LiveMigrations::begin_copy`]); released when dropped.
+#[derive(Debug)]
+pub struct CopyHold<'a> {
+    live: &'a LiveMigrations,
+    id: String,
+}
+
+impl Drop for CopyHold<'_> {
+    fn drop(&mut self) {
+        let _entries = self.live.lock();
+        self.live.copying().remove(&self.id);
+    }
 }
 
 /// The smallest receive window a migration gets however many run: a few chunks per
@@ -77,6 +94,48 @@ impl LiveMigrations {
             e.conn
                 .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
         }
+    }
+
+    fn copying(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.copying.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds `id`'s replica still while it is copied: refused (with what to do) while a
+    /// connection serves `id`, and until the hold is dropped a resume is refused with
+    /// [`LiveMigrations::claim`].
+    pub fn begin_copy(&self, id: &str) -> Result<CopyHold<'_>, String> {
+        let entries = self.lock();
+        if entries.contains_key(id) {
+            return Err(format!(
+                "a pass of migration {id} runs now and writes its replica; try again once it has ended \
+                 (GET /api/cis/tasks/{id} shows the replication in sync)"
+            ));
+        }
+        if !self.copying().insert(id.to_owned()) {
+            return Err(format!("the replica of migration {id} is being copied already"));
+        }
+        Ok(CopyHold {
+            live: self,
+            id: id.to_owned(),
+        })
+    }
+
+    /// Marks `conn` as serving `id` before its staged files are reopened (as
+    /// [`LiveMigrations::attach`] does after), unless its replica is being copied (false:
+    /// the edge should retry in a few seconds).
+    pub fn claim(&self, id: &str, conn: &quinn::Connection, aborted: Arc<AtomicBool>) -> bool {
+        let mut entries = self.lock();
+        if self.copying().contains(id) {
+            return false;
+        }
+        entries.insert(
+            id.to_owned(),
+            Entry {
+                conn: conn.clone(),
+                aborted,
+            },
+        );
+        true
     }
 
     /// `conn` now serves `id`; `aborted` is set if the migration is aborted through the API.

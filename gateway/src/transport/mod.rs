@@ -38,6 +38,8 @@ pub enum TransportError {
         addr: SocketAddr,
         source: quinn::ConnectError,
     },
+    #[error("no answer from {addr} within {} s: check that the cloud endpoint runs and that its UDP port is open on every firewall between", .waited.as_secs())]
+    NoAnswer { addr: SocketAddr, waited: Duration },
     #[error("{}", describe_connection_error(.0))]
     Connection(#[from] quinn::ConnectionError),
     #[error("the peer closed the stream before the migration ended")]
@@ -242,6 +244,17 @@ impl Default for TransportTuning {
 }
 
 impl TransportTuning {
+    /// How long a handshake may take before the edge gives up and tries again: room for
+    /// the handshake's retransmissions after several losses (its probe timeout starts at
+    /// three initial RTTs and doubles), never longer than the idle timeout.
+    pub fn handshake_timeout(&self) -> Duration {
+        let floor = Duration::from_secs(10).max(self.initial_rtt * 30);
+        match self.idle_timeout.is_zero() {
+            true => floor,
+            false => floor.min(self.idle_timeout),
+        }
+    }
+
     /// Tuning for a path the operator knows (or `link-test` measured): as
     /// [`Self::for_path`], and starting at a quarter of its BDP.
     pub fn for_known_path(path: PathEstimate) -> Self {
@@ -464,6 +477,20 @@ pub async fn connect(
         .connect(addr, server_name)
         .map_err(|source| TransportError::Connect { addr, source })?;
     Ok(connecting.await?)
+}
+
+/// [`connect`], giving up after `within`. quinn waits a whole idle timeout (30 s) for an
+/// endpoint that does not answer; an edge reconnecting to an endpoint that is restarting
+/// should try again sooner, and the handshake's own retransmissions fit in far less.
+pub async fn connect_within(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    within: Duration,
+) -> Result<quinn::Connection, TransportError> {
+    tokio::time::timeout(within, connect(endpoint, addr, server_name))
+        .await
+        .map_err(|_| TransportError::NoAnswer { addr, waited: within })?
 }
 
 /// Closes a connection with a refusal code and a human-readable reason.

@@ -66,6 +66,16 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/gateway/migrations/{migration}/receipt", get(vcenter::get_receipt))
         .route("/api/gateway/migrations/{migration}/report", get(vcenter::get_report))
+        .route(
+            "/api/gateway/migrations/{migration}/test-boot",
+            get(vcenter::get_test_boot)
+                .post(vcenter::start_test_boot)
+                .delete(vcenter::discard_test_boot),
+        )
+        .route(
+            "/api/gateway/migrations/{migration}/test-boot/console",
+            get(vcenter::get_test_boot_console),
+        )
         .route("/api/gateway/vms/{vm}/firewall", get(vcenter::get_vm_firewall))
         .route(
             "/api/vcenter/vm/{vm}/power",

@@ -245,6 +245,10 @@ pub async fn abort_migration(
         gateway::abort_migration(d, &principal, &aborted)
     })
     .await?;
+    // Its test boot, if any, was a copy of a replica that is gone now.
+    if let Err(e) = state.domain.hosts.discard_test_boot(&id).await {
+        tracing::warn!(migration = ?id, error = %e, "cannot discard its test boot");
+    }
     // A live migration is discarded by its connection's cleanup: wait for it (briefly).
     for _ in 0..100 {
         if record.state != "RUNNING" {
@@ -318,6 +322,48 @@ pub async fn get_console(
     let bytes = power::console_bytes(query.as_deref())?;
     let principal = ctx.principal().clone();
     let out = blocking(&state.domain, move |d| power::console(d, &principal, &vm, bytes)).await?;
+    Ok(axum::response::IntoResponse::into_response((
+        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        String::from_utf8_lossy(&out).into_owned(),
+    )))
+}
+
+/// `POST /api/gateway/migrations/{id}/test-boot`: boots a disposable copy of the
+/// replication's replica (201 with what runs); `GET` shows it; `DELETE` discards it (204).
+pub async fn start_test_boot(
+    State(state): State<ApiState>,
+    axum::Extension(ctx): axum::Extension<super::SessionContext>,
+    Path(id): Path<String>,
+) -> Result<(axum::http::StatusCode, Json<crate::hosts::test_boot::TestBootInfo>), ApiError> {
+    let info = gateway::start_test_boot(&state.domain, ctx.principal(), &id).await?;
+    Ok((axum::http::StatusCode::CREATED, Json(info)))
+}
+
+pub async fn get_test_boot(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Answer<crate::hosts::test_boot::TestBootInfo> {
+    Ok(Json(gateway::test_boot(&state.domain, &id).await?))
+}
+
+pub async fn discard_test_boot(
+    State(state): State<ApiState>,
+    axum::Extension(ctx): axum::Extension<super::SessionContext>,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    gateway::discard_test_boot(&state.domain, ctx.principal(), &id).await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
+/// `GET /api/gateway/migrations/{id}/test-boot/console?bytes=N`: as a VM's console.
+pub async fn get_test_boot_console(
+    State(state): State<ApiState>,
+    axum::Extension(ctx): axum::Extension<super::SessionContext>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<axum::response::Response, ApiError> {
+    let bytes = power::console_bytes(query.as_deref())?;
+    let out = gateway::test_boot_console(&state.domain, ctx.principal(), &id, bytes).await?;
     Ok(axum::response::IntoResponse::into_response((
         [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         String::from_utf8_lossy(&out).into_owned(),

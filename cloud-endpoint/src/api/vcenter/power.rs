@@ -66,7 +66,7 @@ pub fn get(domain: &Domain, id: &str) -> Result<PowerInfo, ApiError> {
     Ok(PowerInfo { state: vm.power_state })
 }
 
-fn may_operate(principal: &Principal, what: &str) -> Result<(), ApiError> {
+pub fn may_operate(principal: &Principal, what: &str) -> Result<(), ApiError> {
     match principal.role {
         Role::Administrator | Role::MigrationOperator => Ok(()),
         Role::ReadOnly => Err(ApiError::new(
@@ -119,9 +119,13 @@ pub fn console_bytes(query: Option<&str>) -> Result<u64, ApiError> {
 pub fn console(domain: &Domain, principal: &Principal, id: &str, bytes: u64) -> Result<Vec<u8>, ApiError> {
     may_operate(principal, "read VM consoles")?;
     let vm = domain.inventory.vm(id)?.ok_or_else(|| not_found("VM", id))?;
-    let path = VmFiles::of_vm(domain, &vm).console_log;
+    tail(&VmFiles::of_vm(domain, &vm).console_log, bytes)
+}
+
+/// The last `bytes` of a console log; nothing if there is none yet.
+pub fn tail(path: &std::path::Path, bytes: u64) -> Result<Vec<u8>, ApiError> {
     let read = || -> std::io::Result<Vec<u8>> {
-        let mut f = std::fs::File::open(&path)?;
+        let mut f = std::fs::File::open(path)?;
         let len = f.metadata()?.len();
         f.seek(SeekFrom::Start(len.saturating_sub(bytes)))?;
         let mut out = Vec::new();

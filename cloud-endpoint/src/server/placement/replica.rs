@@ -13,7 +13,7 @@ use std::time::Instant;
 use gateway::protocol::Unsynced;
 use gateway::wire::{RefusalCode, SwitchoverOutcome, SwitchoverRequest};
 
-use super::{endpoint_failure, resume, Action, Domain, Refusal, Staged};
+use super::{disk_staging, endpoint_failure, open_stagings, parse_formats, resolve, resume, Action, Domain, Refusal, Staged};
 use crate::hosts::{HostError, Hosts};
 use crate::inventory::switchover::{FROM_EDGE_STOP, FROM_SWITCHOVER_START};
 use crate::inventory::{CommitMove, InventoryError, PassTimes, Principal};
@@ -324,4 +324,81 @@ fn forget_changed_chunks(domain: &Domain, principal: &Principal, edge_cert: &str
     // migration until the next pass.
     let _ = domain.inventory.mark_interrupted(id);
     Ok(changed.len())
+}
+
+/// A replica as a test boot copies it (crate::hosts::test_boot).
+#[derive(Debug)]
+pub struct ReplicaFiles {
+    /// The plan the replication started with: the VM's hardware.
+    pub plan: gateway::plan::MigrationPlan,
+    /// The file holding each disk's data, in plan order, and its format.
+    pub disks: Vec<(std::path::PathBuf, crate::datastore::DiskFormat)>,
+    /// Passes the replica holds, and when the last one ended (RFC 3339 UTC).
+    pub syncs: u64,
+    pub last_sync: String,
+    /// Who started the replication.
+    pub user: String,
+}
+
+/// The replica of replication `migration_id`: refused, saying why, unless it is a
+/// RUNNING replication with at least one pass kept. Its files are as the last pass (or
+/// the one running now) left them: the caller holds them still while it reads them
+/// (`LiveMigrations::begin_copy`).
+pub fn replica_files(domain: &Domain, migration_id: &str) -> Result<ReplicaFiles, String> {
+    let inv = &domain.inventory;
+    let failed = |e: InventoryError| format!("cannot read migration {migration_id} from the inventory: {e}");
+    let record = inv.migration(migration_id).map_err(failed)?;
+    let info = inv.resume_info(migration_id).map_err(failed)?;
+    let (Some(record), Some(info)) = (record, info) else {
+        return Err(format!("the endpoint has no migration {migration_id}"));
+    };
+    let Some(replica) = record.replica.filter(|r| r.syncs > 0) else {
+        return Err(format!(
+            "migration {migration_id} is no replication with a replica yet: only a replication (`edge-agent \
+             replicate`) whose first pass has ended can be test-booted"
+        ));
+    };
+    if record.state != "RUNNING" {
+        return Err(format!(
+            "migration {migration_id} is {}: its replica is no longer kept (a switched-over VM runs as {}; power \
+             it on instead)",
+            record.state,
+            record.vm.as_deref().unwrap_or("no VM")
+        ));
+    }
+    let plan = info
+        .plan
+        .as_deref()
+        .and_then(|bytes| match gateway::wire::control::decode::<gateway::plan::MigrationPlan>(bytes) {
+            Ok(gateway::wire::Decoded::Frame(plan, _)) => Some(plan),
+            _ => None,
+        })
+        .ok_or_else(|| format!("migration {migration_id} has no readable plan recorded"))?;
+    let formats = info
+        .disk_format
+        .as_deref()
+        .and_then(|text| parse_formats(text, plan.vm.disks.len()))
+        .ok_or_else(|| format!("migration {migration_id} has no disk format recorded for its disks"))?;
+    let domain_info = inv.domain().map_err(failed)?;
+    let mut problems = Vec::new();
+    let placement = resolve::resolve(domain, &domain_info, &plan, &mut problems)
+        .filter(|_| problems.is_empty())
+        .ok_or_else(|| format!("the replica of {migration_id} cannot be found: {}", problems.join("; ")))?;
+    let (home, others) = open_stagings(domain, migration_id, &plan.vm.name, &placement, false)
+        .map_err(|e| format!("the replica of {migration_id} cannot be found: {e}"))?;
+    let disks = formats
+        .iter()
+        .enumerate()
+        .map(|(i, &format)| {
+            let at = disk_staging(&home, &others, &placement, i);
+            (at.disk_data_path(i, format), format)
+        })
+        .collect();
+    Ok(ReplicaFiles {
+        plan,
+        disks,
+        syncs: replica.syncs,
+        last_sync: replica.last_sync,
+        user: record.user,
+    })
 }

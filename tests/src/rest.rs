@@ -1,0 +1,70 @@
+//! A client of the endpoint's HTTPS API as a script would use it: a session per user,
+//! calls answered with their status and body.
+
+use std::sync::Arc;
+
+use reqwest::{Client, Method, StatusCode};
+use serde_json::Value;
+
+use crate::{Cloud, Pki, DEMO_PASSWORD};
+
+/// The header vSphere's REST API carries its session in.
+pub const SESSION: &str = "vmware-api-session-id";
+
+#[derive(Debug)]
+pub struct Rest {
+    http: Client,
+    base: String,
+}
+
+impl Rest {
+    /// A client of `cloud`'s API (started with one), trusting the test CA.
+    pub fn new(cloud: &Cloud, pki: &Pki) -> Rest {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca.cert_der()).expect("the test CA");
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Rest {
+            http: Client::builder()
+                .tls_backend_preconfigured(tls)
+                .build()
+                .expect("an HTTP client"),
+            base: format!("https://{}", cloud.api_addr.expect("the cloud runs its API")),
+        }
+    }
+
+    /// A session of `user` (the demo password).
+    pub async fn token(&self, user: &str) -> String {
+        let r = self
+            .http
+            .post(format!("{}/api/session", self.base))
+            .basic_auth(user, Some(DEMO_PASSWORD))
+            .send()
+            .await
+            .expect("the API answers");
+        assert_eq!(r.status(), StatusCode::CREATED, "login of {user}");
+        r.json::<String>().await.expect("a session id")
+    }
+
+    /// (status, body as text)
+    pub async fn call(&self, method: Method, path: &str, token: &str) -> (StatusCode, String) {
+        let r = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(SESSION, token)
+            .send()
+            .await
+            .expect("the API answers");
+        (r.status(), r.text().await.expect("a body"))
+    }
+
+    /// A GET that must answer 200 with JSON.
+    pub async fn json(&self, path: &str, token: &str) -> Value {
+        let (status, body) = self.call(Method::GET, path, token).await;
+        assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
+        serde_json::from_str(&body).expect("JSON")
+    }
+}
