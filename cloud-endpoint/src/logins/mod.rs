@@ -381,8 +381,11 @@ impl Logins {
         via: &str,
     ) -> Result<Principal, LoginError> {
         let key = SourceKey::of(source);
+        // One user whatever the case it is typed in: one count of failures, one lockout.
+        let typed = user;
+        let user = &crate::inventory::user_key(typed);
         self.admit(user, key, via)?;
-        let checked = inventory.authenticate_admitted(user, password, || {
+        let checked = inventory.authenticate_admitted(typed, password, || {
             self.admit(user, key, via)?;
             self.counters.checks.fetch_add(1, Ordering::Relaxed);
             Ok::<(), LoginError>(())
