@@ -554,7 +554,9 @@ pub enum ConfigError {
     #[error("`domain.networks` lists {name:?} more than once ({origin}); network names must be unique")]
     DuplicateNetwork { name: String, origin: String },
 
-    #[error("`domain.users` lists user {name:?} more than once ({origin}); user names must be unique, whatever their case")]
+    #[error(
+        "`domain.users` lists user {name:?} more than once ({origin}); user names must be unique, whatever their case"
+    )]
     DuplicateUser { name: String, origin: String },
 
     #[error("user {user:?} ({origin}) has {problem}; give exactly one of `password` or `password_hash`")]
