@@ -18,9 +18,11 @@
 //! sending the header; the cookie is `Secure`, `HttpOnly` and `SameSite=Strict` and
 //! counts only under `/rest`, so no other site can make a browser use it.
 
+use std::net::SocketAddr;
+
 use axum::body::{to_bytes, Body};
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{header, Extensions, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::{Json, Router};
@@ -200,6 +202,14 @@ async fn handle(State(legacy): State<Legacy>, request: Request) -> Response {
             return older_error(e.into_response()).await;
         }
     };
+    // The request goes on with the client's address only: the extensions of this
+    // router's match (the `/rest/{*path}` parameter) would add to the path parameters
+    // the /api routes extract.
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().cloned();
+    parts.extensions = Extensions::new();
+    if let Some(peer) = peer {
+        parts.extensions.insert(peer);
+    }
     // A session from the cookie goes on as the header /api reads.
     if let Some(value) = token.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
         parts.headers.insert(SESSION_HEADER, value);
@@ -290,9 +300,14 @@ async fn older_error(response: Response) -> Response {
         .and_then(Value::as_str)
         .unwrap_or("ERROR")
         .to_ascii_lowercase();
-    let messages = body.get("messages").cloned().unwrap_or_else(|| json!([]));
+    let id = format!("com.vmware.vapi.std.errors.{kind}");
+    // An answer of /api's that is no error body (none is expected) still says something.
+    let messages = body.get("messages").cloned().unwrap_or_else(|| {
+        let reason = parts.status.canonical_reason().unwrap_or("the request failed");
+        json!([{"id": id, "default_message": reason, "args": []}])
+    });
     let shaped = json!({
-        "type": format!("com.vmware.vapi.std.errors.{kind}"),
+        "type": id,
         "value": {"messages": messages},
     });
     let mut out = (parts.status, Json(shaped)).into_response();
