@@ -78,15 +78,15 @@ pub fn get_nic(domain: &Domain, vm: &str, nic: &str) -> Result<Nic, ApiError> {
 /// What the .vmx declares is in `GET /api/vcenter/vm/{vm}` (`guest_OS`).
 pub fn guest_identity(domain: &Domain, vm: &str) -> Result<(), ApiError> {
     let info = info(domain, vm)?;
-    let state = if info.power_state == crate::hosts::POWERED_ON {
-        "is powered on but runs no VMware Tools the cloud host can ask"
+    let why = if info.power_state == crate::hosts::POWERED_ON {
+        "the cloud host runs no VMware Tools to ask"
     } else {
-        "is not running"
+        "the VM is powered off"
     };
     Err(ApiError::new(
         ErrorKind::ServiceUnavailable,
         format!(
-            "VMware Tools is not running in VM {vm}: it {state}, so the guest's identity is unknown; \
+            "VMware Tools is not running in VM {vm} ({why}), so the guest's identity is unknown; \
              the guest OS its configuration declares is {} (GET /api/vcenter/vm/{vm})",
             info.guest_os
         ),
