@@ -45,3 +45,37 @@ pub fn system_version(domain: &Domain) -> Result<VersionInfo, ApiError> {
         install_time,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_has_vsphere_field_names() {
+        let info = VersionInfo {
+            version: VSPHERE_API_VERSION,
+            product: "p",
+            build: "0.1.0",
+            kind: "vCenter Server with an embedded Platform Services Controller",
+            summary: "s".into(),
+            releasedate: "",
+            install_time: "2026-12-06T17:00:00.000Z".into(),
+        };
+        let json = serde_json::to_value(&info).unwrap();
+        let mut fields: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            [
+                "build",
+                "install_time",
+                "product",
+                "releasedate",
+                "summary",
+                "type",
+                "version"
+            ]
+        );
+        assert!(VSPHERE_API_VERSION.starts_with("8.0."));
+    }
+}

@@ -635,6 +635,28 @@ mod tests {
     }
 
     #[test]
+    fn device_lists_and_efi_boots_take_the_sdks_shapes() {
+        let disks = json!([{"disk": "2000"}, {"disk": "2001"}]);
+        assert_eq!(
+            encode(&disks, &shapes::DISK_SUMMARY_LIST, "disks").unwrap(),
+            json!([
+                {"STRUCTURE": {"com.vmware.vcenter.vm.hardware.disk.summary": {"disk": "2000"}}},
+                {"STRUCTURE": {"com.vmware.vcenter.vm.hardware.disk.summary": {"disk": "2001"}}},
+            ])
+        );
+        let mut boot =
+            json!({"type": "EFI", "delay": 0, "retry": false, "retry_delay": 10000, "enter_setup_mode": false});
+        complete_boot(&mut boot);
+        let encoded = encode(&boot, &shapes::BOOT_INFO, "boot").unwrap();
+        let fields = &encoded["STRUCTURE"]["com.vmware.vcenter.vm.hardware.boot.info"];
+        assert_eq!(fields["efi_legacy_boot"], json!({"OPTIONAL": false}));
+        assert_eq!(fields["network_protocol"], json!({"OPTIONAL": "IPV4"}));
+        let mut nic = json!({"type": "E1000E"});
+        complete_nic(&mut nic);
+        assert!(nic.get("upt_compatibility_enabled").is_none(), "only VMXNET3 has UPT");
+    }
+
+    #[test]
     fn unknown_operations_name_what_is_offered() {
         let e = operation_not_found("com.vmware.vcenter.host", "get");
         assert_eq!(e.kind, ErrorKind::OperationNotFound);
