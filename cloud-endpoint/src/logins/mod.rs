@@ -403,8 +403,9 @@ impl Logins {
                 let now = Instant::now();
                 let failure = self.throttle().failed(user, key, now);
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                // The name as typed: the log shows what the client sent.
                 tracing::warn!(
-                    user = ?user,
+                    user = ?typed,
                     source = %key,
                     via,
                     user_sources = failure.user_sources,
@@ -435,7 +436,7 @@ impl Logins {
                 Err(LoginError::BadCredentials { hold })
             }
             Err(other) => {
-                tracing::error!(user = ?user, source = %key, via, error = %other, "login failed inside the endpoint");
+                tracing::error!(user = ?typed, source = %key, via, error = %other, "login failed inside the endpoint");
                 Err(LoginError::Inventory(other))
             }
         }
