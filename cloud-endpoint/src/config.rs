@@ -561,7 +561,9 @@ pub enum ConfigError {
     #[error("`domain.networks` lists {name:?} more than once ({origin}); network names must be unique")]
     DuplicateNetwork { name: String, origin: String },
 
-    #[error("`domain.users` lists user {name:?} more than once ({origin}); user names must be unique")]
+    #[error(
+        "`domain.users` lists user {name:?} more than once ({origin}); user names must be unique, whatever their case"
+    )]
     DuplicateUser { name: String, origin: String },
 
     #[error("user {user:?} ({origin}) has {problem}; give exactly one of `password` or `password_hash`")]
@@ -786,7 +788,9 @@ impl Config {
                     origin: origin_users(),
                 });
             }
-            if !seen.insert(&user.name) {
+            // Logins match names without regard to case (see `inventory::user_key`): two
+            // names that differ only in case would be one user.
+            if !seen.insert(crate::inventory::user_key(&user.name)) {
                 return Err(ConfigError::DuplicateUser {
                     name: user.name.clone(),
                     origin: origin_users(),
@@ -1459,6 +1463,20 @@ mod tests {
         .unwrap_err();
         assert!(
             matches!(&err, ConfigError::DuplicateUser { name, .. } if name == "a"),
+            "{err:?}"
+        );
+        // Logins do not tell case apart, so neither does the check.
+        let err = load_toml(
+            &format!(
+                "{PATHS}{}{}",
+                user("ops@cloud.local", "password = \"x\"\n"),
+                user("Ops@CLOUD.local", "password = \"y\"\n")
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::DuplicateUser { name, .. } if name == "Ops@CLOUD.local"),
             "{err:?}"
         );
 

@@ -11,7 +11,8 @@ import sys
 
 import requests
 from com.vmware.cis_client import Tasks
-from com.vmware.vapi.std.errors_client import NotFound, Unauthenticated
+from com.vmware.appliance.system_client import Version
+from com.vmware.vapi.std.errors_client import NotFound, ServiceUnavailable, Unauthenticated
 from com.vmware.vcenter_client import (
     VM,
     Cluster,
@@ -21,7 +22,9 @@ from com.vmware.vcenter_client import (
     Host,
     Network,
 )
-from com.vmware.vcenter.vm_client import Power
+from com.vmware.vcenter.vm.guest_client import Identity
+from com.vmware.vcenter.vm.hardware_client import Boot, Cpu, Disk, Ethernet, Memory
+from com.vmware.vcenter.vm_client import Hardware, Power
 from vmware.vapi.lib.connect import get_requests_connector
 from vmware.vapi.security.client.security_context_filter import (
     LegacySecurityContextFilter,
@@ -249,6 +252,50 @@ same(
     sorted([web["vm"], db["vm"]]),
     "VM filter on the cluster's root resource pool",
 )
+
+# --- a VM's hardware, one resource at a time: what VM get showed ------------------------
+config = stub_config(session_id)
+vm = web["vm"]
+hw = Hardware(config).get(vm)
+same(
+    (str(hw.version), str(hw.upgrade_policy), str(hw.upgrade_status)),
+    (rest["hardware"]["version"], rest["hardware"]["upgrade_policy"], rest["hardware"]["upgrade_status"]),
+    "hardware get",
+)
+cpu = Cpu(config).get(vm)
+same((cpu.count, cpu.cores_per_socket), (rest["cpu"]["count"], rest["cpu"]["cores_per_socket"]), "hardware cpu get")
+same(Memory(config).get(vm).size_mib, rest["memory"]["size_MiB"], "hardware memory get")
+same(str(Boot(config).get(vm).type), rest["boot"]["type"], "hardware boot get")
+disks = Disk(config)
+same(sorted(d.disk for d in disks.list(vm)), sorted(rest["disks"]), "hardware disk list")
+for key, want_disk in rest["disks"].items():
+    d = disks.get(vm, key)
+    same(
+        (d.label, d.capacity, d.backing.vmdk_file, d.scsi.bus, d.scsi.unit),
+        (
+            want_disk["label"],
+            want_disk["capacity"],
+            want_disk["backing"]["vmdk_file"],
+            want_disk["scsi"]["bus"],
+            want_disk["scsi"]["unit"],
+        ),
+        "hardware disk get %s" % key,
+    )
+nics = Ethernet(config)
+same(sorted(n.nic for n in nics.list(vm)), sorted(rest["nics"]), "hardware ethernet list")
+for key, want_nic in rest["nics"].items():
+    n = nics.get(vm, key)
+    same(
+        (n.mac_address, n.backing.network, str(n.type)),
+        (want_nic["mac_address"], want_nic["backing"]["network"], want_nic["type"]),
+        "hardware ethernet get %s" % key,
+    )
+raises(NotFound, lambda: disks.get(vm, "2999"), "disk get of a missing disk")
+raises(NotFound, lambda: Cpu(config).get("vm-999999"), "cpu get of a missing VM")
+raises(ServiceUnavailable, lambda: Identity(config).get(vm), "guest identity without VMware Tools")
+version = Version(config).get()
+assert version.version.startswith("8.0."), version.version
+ok("appliance version %s (%s)" % (version.version, version.type))
 
 # --- missing objects ------------------------------------------------------------------
 raises(NotFound, lambda: vc.VM.get("vm-999999"), "VM get of a missing VM")

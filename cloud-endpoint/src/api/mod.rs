@@ -12,16 +12,20 @@
 //! gateway    the gateway's own resources (migration records)
 //! tasks      com.vmware.cis.tasks: migrations shown as vSphere tasks
 //! rest       the REST protocol at /api: routes, session checks, query filters
+//! legacy_rest  the older REST API at /rest: calls translated to /api, answers rewrapped
+//! appliance  com.vmware.appliance.system.version
 //! vapi       the vAPI JSON-RPC protocol at POST /api (the vSphere Automation SDKs)
 //! ```
 //!
 //! Both protocols share `session`, `error` and the services: a session from one works in
 //! the other, and a list answers the same objects for the same filter.
 
+pub mod appliance;
 pub mod error;
 pub mod gateway;
 pub mod health;
 mod https;
+mod legacy_rest;
 pub mod rest;
 pub mod session;
 pub mod tasks;

@@ -193,6 +193,21 @@ pub const ROOT_POOL_NAME: &str = "Resources";
 /// one (its "Resources"), holding the cluster's VMs, and vAPI's cluster info requires its
 /// id. It takes the cluster's number (`domain-c8` gives `resgroup-8`), which no other
 /// object has: all numbers come from one counter.
+/// The key a login name is matched by: the name in ASCII lower case, so that
+/// `administrator@CLOUD.LOCAL` and `Administrator@cloud.local` are
+/// `administrator@cloud.local`.
+///
+/// vCenter Single Sign-On matches the domain part without regard to case (a domain is a
+/// DNS name), and the user part too: its own domain (`vsphere.local`) lives in an LDAP
+/// directory (vmdir) that matches account names case-insensitively, as Active Directory
+/// does, so `Administrator@VSPHERE.LOCAL` logs in as `administrator@vsphere.local`.
+/// ASCII only, as SQLite's NOCASE: domain names are ASCII, and folding other scripts'
+/// cases would need a Unicode table the throttle and the database agree on. The throttle
+/// counts failures per key, so a name's case is no way around a lockout.
+pub fn user_key(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
 pub fn root_resource_pool(cluster: &str) -> String {
     match cluster.strip_prefix("domain-c") {
         Some(n) => format!("resgroup-{n}"),
@@ -570,28 +585,29 @@ impl Inventory {
     }
 
     fn check_password(&self, user: &str, password: &str) -> Result<Principal, InventoryError> {
-        let row: Option<(String, String, bool)> = self.with_conn(|conn| {
+        // The name as typed, in any case (see [`user_key`]); the session gets it as
+        // configured. An active user comes before a deactivated one whose name differs
+        // only in case, and the exact spelling first.
+        let row: Option<(String, String, String, bool)> = self.with_conn(|conn| {
             Ok(conn
                 .query_row(
-                    "SELECT password_hash, role, active FROM app_user WHERE name = ?1",
+                    "SELECT name, password_hash, role, active FROM app_user WHERE name = ?1 COLLATE NOCASE \
+                     ORDER BY active DESC, name = ?1 DESC LIMIT 1",
                     [user],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
                 )
                 .optional()?)
         })?;
         // The hash runs outside the lock: it takes tens of milliseconds.
         match row {
-            Some((hash, role, true)) => {
+            Some((name, hash, role, true)) => {
                 if !password::verify(&hash, password) {
                     return Err(InventoryError::BadCredentials);
                 }
                 let role = role
                     .parse::<Role>()
                     .map_err(|e| InventoryError::Invalid(e.to_string()))?;
-                Ok(Principal {
-                    user: user.to_owned(),
-                    role,
-                })
+                Ok(Principal { user: name, role })
             }
             _ => {
                 password::verify(password::dummy_hash(), password);

@@ -157,6 +157,11 @@ fn authenticate_accepts_only_the_right_password_and_tells_nothing_else() {
         Role::ReadOnly
     );
 
+    // Case does not tell names apart, as in vCenter; the principal is the configured name.
+    let p = inv.authenticate("ADMINISTRATOR@Cloud.Local", DEMO_PASSWORD).unwrap();
+    assert_eq!(p.user, "administrator@cloud.local");
+    assert!(inv.authenticate("administrator@CLOUD.LOCAL", "guess").is_err());
+
     let wrong = inv.authenticate("administrator@cloud.local", "guess").unwrap_err();
     let unknown = inv.authenticate("root", DEMO_PASSWORD).unwrap_err();
     assert!(matches!(wrong, InventoryError::BadCredentials));

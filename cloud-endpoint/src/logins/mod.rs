@@ -381,8 +381,11 @@ impl Logins {
         via: &str,
     ) -> Result<Principal, LoginError> {
         let key = SourceKey::of(source);
+        // One user whatever the case it is typed in: one count of failures, one lockout.
+        let typed = user;
+        let user = &crate::inventory::user_key(typed);
         self.admit(user, key, via)?;
-        let checked = inventory.authenticate_admitted(user, password, || {
+        let checked = inventory.authenticate_admitted(typed, password, || {
             self.admit(user, key, via)?;
             self.counters.checks.fetch_add(1, Ordering::Relaxed);
             Ok::<(), LoginError>(())
@@ -400,8 +403,9 @@ impl Logins {
                 let now = Instant::now();
                 let failure = self.throttle().failed(user, key, now);
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                // The name as typed: the log shows what the client sent.
                 tracing::warn!(
-                    user = ?user,
+                    user = ?typed,
                     source = %key,
                     via,
                     user_sources = failure.user_sources,
@@ -432,7 +436,7 @@ impl Logins {
                 Err(LoginError::BadCredentials { hold })
             }
             Err(other) => {
-                tracing::error!(user = ?user, source = %key, via, error = %other, "login failed inside the endpoint");
+                tracing::error!(user = ?typed, source = %key, via, error = %other, "login failed inside the endpoint");
                 Err(LoginError::Inventory(other))
             }
         }

@@ -143,3 +143,32 @@ fn a_retrying_client_is_slowed_down_and_a_parallel_one_refused() {
         ADMIN
     );
 }
+
+#[test]
+fn a_name_logs_in_whatever_its_case_and_is_locked_out_whatever_its_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let inv = inventory(&dir);
+    let logins = Logins::new(&LoginSettings {
+        max_failed_attempts: 3,
+        ..LoginSettings::default()
+    });
+    // The session's user is the configured name, not the typed one.
+    for typed in ["administrator@CLOUD.LOCAL", "Administrator@Cloud.Local", ADMIN] {
+        let principal = logins
+            .authenticate(&inv, typed, DEMO_PASSWORD, addr(1), "test")
+            .unwrap();
+        assert_eq!(principal.user, ADMIN, "{typed}");
+    }
+    // Failures under three spellings are three failures of one user.
+    for (n, typed) in [(1, "MIGRATOR@cloud.local"), (2, "migrator@CLOUD.local"), (3, MIGRATOR)] {
+        let e = logins.authenticate(&inv, typed, "guess", addr(n), "test").unwrap_err();
+        assert!(matches!(e, LoginError::BadCredentials { .. }), "{e}");
+    }
+    for typed in [MIGRATOR, "Migrator@Cloud.Local"] {
+        let e = logins
+            .authenticate(&inv, typed, DEMO_PASSWORD, addr(9), "test")
+            .unwrap_err();
+        assert!(matches!(e, LoginError::Locked { .. }), "{typed}: {e}");
+    }
+    assert_eq!(logins.stats().locked_users.len(), 1);
+}

@@ -6,6 +6,7 @@
 //! to anonymous clients. vAPI JSON-RPC calls (`POST /api`) pass it: they carry the
 //! session in their body, and `api::vapi` holds them to the same rule.
 
+mod hardware;
 mod query;
 mod session;
 mod vcenter;
@@ -47,14 +48,21 @@ impl SessionContext {
     }
 }
 
-/// The `/api` router.
+/// The API's router: `/api`, and the older `/rest` in front of it.
 pub fn router(state: ApiState) -> Router {
+    let api = api_router(state.clone());
+    super::legacy_rest::router(state, api.clone()).fallback_service(api)
+}
+
+/// The `/api` router.
+fn api_router(state: ApiState) -> Router {
     Router::new()
         .route(
             "/api/session",
             get(session::get).post(session::create).delete(session::delete),
         )
         .merge(vcenter::routes())
+        .merge(hardware::routes())
         .route("/api/cis/tasks/{task}", get(vcenter::get_task))
         .route("/api", post(super::vapi::invoke))
         .route("/api/gateway/migrations", get(vcenter::list_migrations))

@@ -26,8 +26,8 @@ use serde_json::{json, Map, Value};
 use self::value::{encode, secret, struct_fields, unwrap_optional, Shape};
 use super::error::{ApiError, ErrorKind};
 use super::session::{rfc3339_millis, Now, Session};
-use super::vcenter::{self, power, vm, Filter};
-use super::{blocking, tasks, ApiState};
+use super::vcenter::{self, hardware, power, vm, Filter};
+use super::{appliance, blocking, tasks, ApiState};
 use crate::Domain;
 
 /// JSON-RPC's own error codes, for requests that are not vAPI calls at all.
@@ -54,6 +54,14 @@ const OPERATIONS: &[(&str, &[&str])] = &[
     ("com.vmware.vcenter.cluster", &["list", "get"]),
     ("com.vmware.vcenter.folder", &["list"]),
     ("com.vmware.vcenter.resource_pool", &["list", "get"]),
+    ("com.vmware.vcenter.vm.hardware", &["get"]),
+    ("com.vmware.vcenter.vm.hardware.cpu", &["get"]),
+    ("com.vmware.vcenter.vm.hardware.memory", &["get"]),
+    ("com.vmware.vcenter.vm.hardware.boot", &["get"]),
+    ("com.vmware.vcenter.vm.hardware.disk", &["list", "get"]),
+    ("com.vmware.vcenter.vm.hardware.ethernet", &["list", "get"]),
+    ("com.vmware.vcenter.vm.guest.identity", &["get"]),
+    ("com.vmware.appliance.system.version", &["get"]),
 ];
 
 /// The filter spec fields of each list, as the SDK's `FilterSpec` classes name them.
@@ -334,6 +342,35 @@ async fn call(
             )
             .await
         }
+        ("com.vmware.vcenter.vm.hardware", "get") => {
+            get(state, input, "vm", hardware::hardware, &shapes::HARDWARE_INFO).await
+        }
+        ("com.vmware.vcenter.vm.hardware.cpu", "get") => {
+            get(state, input, "vm", hardware::cpu, &shapes::CPU_INFO).await
+        }
+        ("com.vmware.vcenter.vm.hardware.memory", "get") => {
+            get(state, input, "vm", hardware::memory, &shapes::MEMORY_INFO).await
+        }
+        ("com.vmware.vcenter.vm.hardware.boot", "get") => get(state, input, "vm", boot_info, &shapes::BOOT_INFO).await,
+        ("com.vmware.vcenter.vm.hardware.disk", "list") => {
+            get(state, input, "vm", hardware::list_disks, &shapes::DISK_SUMMARY_LIST).await
+        }
+        ("com.vmware.vcenter.vm.hardware.disk", "get") => {
+            get_device(state, input, "disk", hardware::get_disk, &shapes::DISK_INFO).await
+        }
+        ("com.vmware.vcenter.vm.hardware.ethernet", "list") => {
+            get(state, input, "vm", hardware::list_nics, &shapes::NIC_SUMMARY_LIST).await
+        }
+        ("com.vmware.vcenter.vm.hardware.ethernet", "get") => {
+            get_device(state, input, "nic", nic_info, &shapes::NIC_INFO).await
+        }
+        ("com.vmware.vcenter.vm.guest.identity", "get") => {
+            get(state, input, "vm", hardware::guest_identity, &value::Shape::Never).await
+        }
+        ("com.vmware.appliance.system.version", "get") => {
+            let version = blocking(&state.domain, appliance::system_version).await?;
+            encode(&to_json(&version)?, &shapes::APPLIANCE_VERSION, "version")
+        }
         _ => Err(operation_not_found(service, operation)),
     }
 }
@@ -467,6 +504,58 @@ async fn get<T: Serialize + Send + 'static>(
     encode(&to_json(&info)?, shape, arg)
 }
 
+/// A get on one device of a VM: the VM's id in `vm`, the device's key in `arg`.
+async fn get_device<T: Serialize + Send + 'static>(
+    state: &ApiState,
+    input: &Value,
+    arg: &'static str,
+    op: fn(&Domain, &str, &str) -> Result<T, ApiError>,
+    shape: &'static Shape,
+) -> Result<Value, ApiError> {
+    let fields = input_fields(input)?;
+    let id = |name: &str| {
+        fields
+            .get(name)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| ApiError::invalid_argument(format!("the call needs the id of the object in {name:?}")))
+    };
+    let (vm, device) = (id("vm")?, id(arg)?);
+    let info = blocking(&state.domain, move |d| op(d, &vm, &device)).await?;
+    encode(&to_json(&info)?, shape, arg)
+}
+
+/// A boot as REST shows it, with the fields vAPI requires of an EFI boot (see [`vm_info`]).
+fn boot_info(domain: &Domain, vm: &str) -> Result<Value, ApiError> {
+    let mut boot = to_json(&hardware::boot(domain, vm)?)?;
+    complete_boot(&mut boot);
+    Ok(boot)
+}
+
+/// A NIC as REST shows it, with the fields vAPI requires of a VMXNET3 one (see [`vm_info`]).
+fn nic_info(domain: &Domain, vm: &str, nic: &str) -> Result<Value, ApiError> {
+    let mut info = to_json(&hardware::get_nic(domain, vm, nic)?)?;
+    complete_nic(&mut info);
+    Ok(info)
+}
+
+fn complete_boot(boot: &mut Value) {
+    if let Some(boot) = boot.as_object_mut() {
+        if boot.get("type").is_some_and(|t| t == "EFI") {
+            boot.entry("efi_legacy_boot").or_insert(json!(false));
+            boot.entry("network_protocol").or_insert(json!("IPV4"));
+        }
+    }
+}
+
+fn complete_nic(nic: &mut Value) {
+    if let Some(nic) = nic.as_object_mut() {
+        if nic.get("type").is_some_and(|t| t == "VMXNET3") {
+            nic.entry("upt_compatibility_enabled").or_insert(json!(false));
+        }
+    }
+}
+
 /// A VM as REST shows it, with the fields vAPI requires and REST leaves out:
 /// - identity's BIOS UUID: a VM whose source had none shows an empty one rather than
 ///   losing its name and instance UUID, or getting a made-up UUID;
@@ -478,18 +567,11 @@ fn vm_info(domain: &Domain, id: &str) -> Result<Value, ApiError> {
     if let Some(identity) = info.get_mut("identity").and_then(Value::as_object_mut) {
         identity.entry("bios_uuid").or_insert_with(|| json!(""));
     }
-    if let Some(boot) = info.get_mut("boot").and_then(Value::as_object_mut) {
-        if boot.get("type").is_some_and(|t| t == "EFI") {
-            boot.entry("efi_legacy_boot").or_insert(json!(false));
-            boot.entry("network_protocol").or_insert(json!("IPV4"));
-        }
+    if let Some(boot) = info.get_mut("boot") {
+        complete_boot(boot);
     }
     if let Some(nics) = info.get_mut("nics").and_then(Value::as_object_mut) {
-        for nic in nics.values_mut().filter_map(Value::as_object_mut) {
-            if nic.get("type").is_some_and(|t| t == "VMXNET3") {
-                nic.entry("upt_compatibility_enabled").or_insert(json!(false));
-            }
-        }
+        nics.values_mut().for_each(complete_nic);
     }
     Ok(info)
 }
@@ -550,6 +632,28 @@ mod tests {
         let e = filter(&input(spec), VM_FILTER).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidArgument);
         assert!(e.message.contains("colour"), "{}", e.message);
+    }
+
+    #[test]
+    fn device_lists_and_efi_boots_take_the_sdks_shapes() {
+        let disks = json!([{"disk": "2000"}, {"disk": "2001"}]);
+        assert_eq!(
+            encode(&disks, &shapes::DISK_SUMMARY_LIST, "disks").unwrap(),
+            json!([
+                {"STRUCTURE": {"com.vmware.vcenter.vm.hardware.disk.summary": {"disk": "2000"}}},
+                {"STRUCTURE": {"com.vmware.vcenter.vm.hardware.disk.summary": {"disk": "2001"}}},
+            ])
+        );
+        let mut boot =
+            json!({"type": "EFI", "delay": 0, "retry": false, "retry_delay": 10000, "enter_setup_mode": false});
+        complete_boot(&mut boot);
+        let encoded = encode(&boot, &shapes::BOOT_INFO, "boot").unwrap();
+        let fields = &encoded["STRUCTURE"]["com.vmware.vcenter.vm.hardware.boot.info"];
+        assert_eq!(fields["efi_legacy_boot"], json!({"OPTIONAL": false}));
+        assert_eq!(fields["network_protocol"], json!({"OPTIONAL": "IPV4"}));
+        let mut nic = json!({"type": "E1000E"});
+        complete_nic(&mut nic);
+        assert!(nic.get("upt_compatibility_enabled").is_none(), "only VMXNET3 has UPT");
     }
 
     #[test]

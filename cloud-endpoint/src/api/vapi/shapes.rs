@@ -127,7 +127,7 @@ const NVME_ADDRESS: Shape = Struct(
     &[("bus", Plain), ("unit", Plain)],
 );
 
-const DISK: Shape = Struct(
+pub const DISK_INFO: Shape = Struct(
     "com.vmware.vcenter.vm.hardware.disk.info",
     &[
         ("label", Plain),
@@ -147,7 +147,7 @@ const DISK: Shape = Struct(
     ],
 );
 
-const NIC: Shape = Struct(
+pub const NIC_INFO: Shape = Struct(
     "com.vmware.vcenter.vm.hardware.ethernet.info",
     &[
         ("label", Plain),
@@ -207,6 +207,75 @@ const NVME_ADAPTER: Shape = Struct(
     &[("label", Plain), ("bus", Plain), ("pci_slot_number", Opt(&Plain))],
 );
 
+pub const HARDWARE_INFO: Shape = Struct(
+    "com.vmware.vcenter.vm.hardware.info",
+    &[
+        ("version", Plain),
+        ("upgrade_policy", Plain),
+        ("upgrade_version", Opt(&Plain)),
+        ("upgrade_status", Plain),
+        ("upgrade_error", Opt(&Error)),
+    ],
+);
+
+pub const BOOT_INFO: Shape = Struct(
+    "com.vmware.vcenter.vm.hardware.boot.info",
+    &[
+        ("type", Plain),
+        ("efi_legacy_boot", Opt(&Plain)),
+        ("network_protocol", Opt(&Plain)),
+        ("delay", Plain),
+        ("retry", Plain),
+        ("retry_delay", Plain),
+        ("enter_setup_mode", Plain),
+    ],
+);
+
+pub const CPU_INFO: Shape = Struct(
+    "com.vmware.vcenter.vm.hardware.cpu.info",
+    &[
+        ("count", Plain),
+        ("cores_per_socket", Plain),
+        ("hot_add_enabled", Plain),
+        ("hot_remove_enabled", Plain),
+    ],
+);
+
+pub const MEMORY_INFO: Shape = Struct(
+    "com.vmware.vcenter.vm.hardware.memory.info",
+    &[
+        ("size_MiB", Plain),
+        ("hot_add_enabled", Plain),
+        ("hot_add_increment_size_MiB", Opt(&Plain)),
+        ("hot_add_limit_MiB", Opt(&Plain)),
+    ],
+);
+
+/// `com.vmware.vcenter.vm.hardware.disk` list.
+pub const DISK_SUMMARY: Shape = Struct("com.vmware.vcenter.vm.hardware.disk.summary", &[("disk", Plain)]);
+
+pub const DISK_SUMMARY_LIST: Shape = List(&DISK_SUMMARY);
+
+/// `com.vmware.vcenter.vm.hardware.ethernet` list.
+pub const NIC_SUMMARY: Shape = Struct("com.vmware.vcenter.vm.hardware.ethernet.summary", &[("nic", Plain)]);
+
+pub const NIC_SUMMARY_LIST: Shape = List(&NIC_SUMMARY);
+
+/// `com.vmware.appliance.system.version` get.
+pub const APPLIANCE_VERSION: Shape = Struct(
+    "com.vmware.appliance.system.version.version_struct",
+    &[
+        ("version", Plain),
+        ("product", Plain),
+        ("build", Plain),
+        ("type", Plain),
+        ("summary", Plain),
+        ("releasedate", Plain),
+        ("install_time", Plain),
+        ("name", Opt(&Plain)),
+    ],
+);
+
 pub const VM_INFO: Shape = Struct(
     "com.vmware.vcenter.VM.info",
     &[
@@ -221,34 +290,8 @@ pub const VM_INFO: Shape = Struct(
         ),
         ("power_state", Plain),
         ("instant_clone_frozen", Opt(&Plain)),
-        (
-            "hardware",
-            Struct(
-                "com.vmware.vcenter.vm.hardware.info",
-                &[
-                    ("version", Plain),
-                    ("upgrade_policy", Plain),
-                    ("upgrade_version", Opt(&Plain)),
-                    ("upgrade_status", Plain),
-                    ("upgrade_error", Opt(&Error)),
-                ],
-            ),
-        ),
-        (
-            "boot",
-            Struct(
-                "com.vmware.vcenter.vm.hardware.boot.info",
-                &[
-                    ("type", Plain),
-                    ("efi_legacy_boot", Opt(&Plain)),
-                    ("network_protocol", Opt(&Plain)),
-                    ("delay", Plain),
-                    ("retry", Plain),
-                    ("retry_delay", Plain),
-                    ("enter_setup_mode", Plain),
-                ],
-            ),
-        ),
+        ("hardware", HARDWARE_INFO),
+        ("boot", BOOT_INFO),
         (
             "boot_devices",
             List(&Struct(
@@ -256,32 +299,10 @@ pub const VM_INFO: Shape = Struct(
                 &[("type", Plain), ("nic", Opt(&Plain)), ("disks", Opt(&List(&Plain)))],
             )),
         ),
-        (
-            "cpu",
-            Struct(
-                "com.vmware.vcenter.vm.hardware.cpu.info",
-                &[
-                    ("count", Plain),
-                    ("cores_per_socket", Plain),
-                    ("hot_add_enabled", Plain),
-                    ("hot_remove_enabled", Plain),
-                ],
-            ),
-        ),
-        (
-            "memory",
-            Struct(
-                "com.vmware.vcenter.vm.hardware.memory.info",
-                &[
-                    ("size_MiB", Plain),
-                    ("hot_add_enabled", Plain),
-                    ("hot_add_increment_size_MiB", Opt(&Plain)),
-                    ("hot_add_limit_MiB", Opt(&Plain)),
-                ],
-            ),
-        ),
-        ("disks", Map(&DISK)),
-        ("nics", Map(&NIC)),
+        ("cpu", CPU_INFO),
+        ("memory", MEMORY_INFO),
+        ("disks", Map(&DISK_INFO)),
+        ("nics", Map(&NIC_INFO)),
         ("cdroms", Map(&Never)),
         ("floppies", Map(&Never)),
         ("parallel_ports", Map(&Never)),

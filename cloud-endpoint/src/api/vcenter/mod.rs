@@ -5,6 +5,7 @@
 //!
 //! Every operation blocks (SQLite, statvfs): call them from `spawn_blocking`.
 
+pub mod hardware;
 pub mod power;
 pub mod resource_pool;
 pub mod vm;
