@@ -12,14 +12,19 @@
 //! tasks      com.vmware.cis.tasks: migrations shown as vSphere tasks
 //! rest       the REST protocol at /api: routes, session checks, query filters
 //! vapi       the vAPI JSON-RPC protocol at POST /api (the vSphere Automation SDKs)
+//! access     the access log line and request metrics of every request
+//! metrics    GET /metrics: on the API port (session or bearer token) and on a plain
+//!            listener of its own
 //! ```
 //!
 //! Both protocols share `session`, `error` and the services: a session from one works in
 //! the other, and a list answers the same objects for the same filter.
 
+mod access;
 pub mod error;
 pub mod gateway;
 mod https;
+pub mod metrics;
 pub mod rest;
 pub mod session;
 pub mod tasks;
@@ -42,6 +47,8 @@ use session::{Now, SessionStore};
 pub struct ApiState {
     pub domain: Arc<Domain>,
     pub sessions: Arc<SessionStore>,
+    /// The bearer token that may read `GET /metrics` without a session (`metrics.bearer_token`).
+    pub metrics_token: Option<Arc<str>>,
 }
 
 impl ApiState {
@@ -49,7 +56,14 @@ impl ApiState {
         ApiState {
             domain,
             sessions: Arc::new(SessionStore::new(settings)),
+            metrics_token: None,
         }
+    }
+
+    /// Lets `token` read `GET /metrics` without a session (an empty token lets nobody).
+    pub fn with_metrics_token(mut self, token: Option<String>) -> ApiState {
+        self.metrics_token = token.filter(|t| !t.is_empty()).map(Arc::from);
+        self
     }
 
     /// Checks a user and password of the cloud domain, for a client at `source`, and
@@ -82,11 +96,11 @@ impl ApiState {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: rustls::ServerConfig,
-    domain: Arc<Domain>,
+    state: ApiState,
     settings: &ApiSettings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiServeError> {
-    let app = rest::router(ApiState::new(domain, settings));
+    let app = rest::router(state);
     https::serve(listener, Arc::new(tls), app, settings, shutdown).await
 }
 

@@ -57,6 +57,11 @@ struct Ctx {
     connected: Instant,
     /// When the edge's `SyncDone` or commit arrived (the first read-back started).
     verify_started: Mutex<Option<Instant>>,
+    /// The connection's span: its `migration_id` is recorded once known, so that every
+    /// line of the migration carries it.
+    span: tracing::Span,
+    /// UDP bytes received as last counted into the metrics.
+    wire_counted: std::sync::atomic::AtomicU64,
 }
 
 impl Ctx {
@@ -67,7 +72,18 @@ impl Ctx {
         *self.disks.lock().expect("disks lock") = staged.disks.clone();
         *self.staged.lock().expect("staged lock") = Some(staged);
         self.domain.live.attach(&id, &self.conn, self.aborted.clone());
+        self.span.record("migration_id", tracing::field::display(&id));
         *self.migration_id.lock().expect("id lock") = Some(id);
+    }
+
+    /// Counts the UDP bytes received since the last call into the metrics.
+    fn count_wire_bytes(&self) {
+        let now = self.conn.stats().udp_rx.bytes;
+        let before = self.wire_counted.swap(now, Ordering::Relaxed);
+        self.domain
+            .metrics
+            .received_wire_bytes
+            .inc_by(now.saturating_sub(before));
     }
 
     /// The datastore of `disk` (the VM's for `None`) as placed, for messages: the
@@ -113,7 +129,7 @@ pub async fn serve(
         .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().map(|c| certs::Thumbprint::of_der(c).to_string()))
         .unwrap_or_default();
-    let span = tracing::info_span!("edge", %peer);
+    let span = tracing::info_span!("edge", %peer, migration_id = tracing::field::Empty);
     async move {
         tracing::info!(edge_cert = ?edge, "edge connected");
         let ctx = Arc::new(Ctx {
@@ -142,6 +158,8 @@ pub async fn serve(
             slot: Mutex::new(None),
             connected,
             verify_started: Mutex::new(None),
+            span: tracing::Span::current(),
+            wire_counted: Default::default(),
         });
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(events(ctx.clone()).in_current_span());
@@ -170,8 +188,10 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
     };
     let staged = ctx.staged.lock().expect("staged lock").take();
     let id = ctx.migration_id.lock().expect("id lock").clone();
+    ctx.count_wire_bytes();
     let detach = || {
         if let Some(id) = &id {
+            ctx.domain.metrics.migration_ended(id);
             ctx.domain.live.detach(id, &ctx.conn);
             if committed || !resumable {
                 ctx.domain.live.forget_progress(id);
@@ -223,8 +243,11 @@ const SYNC_INTERVAL: Duration = Duration::from_millis(250);
 async fn sync(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(SYNC_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rate = Rate::default();
     loop {
         tick.tick().await;
+        ctx.count_wire_bytes();
+        sample(&ctx, &mut rate);
         // The cleanup waits for this (it takes `blocking` exclusively): a batch
         // taken from the session is always journaled or handed back.
         let guard = ctx.blocking.clone().read_owned().await;
@@ -267,6 +290,51 @@ async fn sync(ctx: Arc<Ctx>) {
         }
         ctx.wake();
     }
+}
+
+/// A migration's rate: logical bytes made durable per second, smoothed over a few seconds.
+#[derive(Default)]
+struct Rate {
+    last: Option<(Instant, u64)>,
+    per_second: f64,
+}
+
+/// How much of the rate each new second of samples makes (an exponential moving
+/// average over about five seconds).
+const RATE_WEIGHT_PER_SECOND: f64 = 0.2;
+
+/// The migration's progress, rate, ETA and link into the metrics.
+fn sample(ctx: &Ctx, rate: &mut Rate) {
+    let Some(id) = ctx.migration_id.lock().expect("id lock").clone() else {
+        return;
+    };
+    let (durable, total) = {
+        let s = ctx.session();
+        (s.durable_bytes(), s.plan().map_or(0, |p| p.logical_bytes()))
+    };
+    let now = Instant::now();
+    if let Some((then, bytes)) = rate.last {
+        let secs = now.duration_since(then).as_secs_f64();
+        if secs > 0.0 {
+            let current = durable.saturating_sub(bytes) as f64 / secs;
+            let weight = (RATE_WEIGHT_PER_SECOND * secs).min(1.0);
+            rate.per_second += (current - rate.per_second) * weight;
+        }
+    }
+    rate.last = Some((now, durable));
+    let stats = ctx.conn.stats();
+    ctx.domain.metrics.migration_sample(
+        &id,
+        &crate::metrics::MigrationSample {
+            durable_bytes: durable,
+            total_bytes: total,
+            rate: rate.per_second,
+            rtt: ctx.conn.rtt(),
+            lost_packets: stats.path.lost_packets,
+            sent_packets: stats.path.sent_packets,
+            cwnd: stats.path.cwnd,
+        },
+    );
 }
 
 /// fdatasync of the disks a batch wrote, then the journal records it.
@@ -362,6 +430,9 @@ async fn control_writer(ctx: &Ctx, mut writer: ControlWriter) {
             (msgs, s.is_finished(), s.is_committed())
         };
         for msg in &msgs {
+            if let gateway::wire::CloudMessage::Refused { code, .. } = msg {
+                ctx.domain.metrics.refused(*code);
+            }
             if writer.send(msg).await.is_err() {
                 // The edge stopped reading its control stream (or the connection is gone):
                 // nothing more can reach it, and without a close a peer that sends
@@ -606,6 +677,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 Ok(durable) => {
                     let durable_chunks: u64 = durable.iter().map(|d| d.known()).sum();
                     tracing::info!(migration = ?migration_id, durable_chunks, "migration resumed");
+                    ctx.domain.metrics.resumes.inc();
                     let ds = ctx.datastore_name(None);
                     transport::allow_streams(&ctx.conn, transport::StreamPhase::Data);
                     ctx.session().resume_accepted(migration_id, ds, durable);
@@ -890,7 +962,10 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
         };
         pace(gateway::wire::CHUNK_HEADER_LEN as u64).await;
         reader.read_payload_paced(&header, &mut b.payload, pace).await?;
+        let metrics = &ctx.domain.metrics;
+        metrics.received_payload_bytes.inc_by(u64::from(header.payload_len));
         if admission == Admission::Duplicate {
+            metrics.chunks_resent.inc();
             bufs = Some(b);
             ctx.wake();
             continue;
@@ -917,7 +992,10 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
         .expect("verification does not panic");
         bufs = Some(b);
         match outcome {
-            Ok(Ok(())) => ctx.session().chunk_written(header.disk, header.offset),
+            Ok(Ok(())) => {
+                ctx.session().chunk_written(header.disk, header.offset);
+                metrics.received_logical_bytes.inc_by(u64::from(header.plain_len));
+            }
             Ok(Err(io)) => {
                 // Nothing written so far is lost: the migration pauses and
                 // resumes once the datastore can take data again.
@@ -934,6 +1012,7 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
             }
             Err(e) => {
                 tracing::warn!(disk = header.disk, offset = header.offset, error = %e, "chunk failed verification");
+                metrics.chunks_rejected.inc();
                 let _ = ctx.session().chunk_rejected(header.disk, header.offset, &e);
             }
         }

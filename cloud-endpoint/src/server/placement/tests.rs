@@ -58,6 +58,7 @@ fn domain(dir: &std::path::Path) -> Domain {
         hosts: crate::hosts::Hosts::new(65536, 16),
         logins: Default::default(),
         revoked_edges: Default::default(),
+        metrics: Default::default(),
     }
 }
 
