@@ -869,7 +869,10 @@ impl Config {
 
     /// An annotated example configuration with every setting at its default.
     pub fn example_toml() -> String {
-        EXAMPLE_TOML.replace("{DEMO_PASSWORD}", DEMO_PASSWORD) + logins::EXAMPLE_TOML + api::EXAMPLE_TOML + metrics::EXAMPLE_TOML
+        EXAMPLE_TOML.replace("{DEMO_PASSWORD}", DEMO_PASSWORD)
+            + logins::EXAMPLE_TOML
+            + api::EXAMPLE_TOML
+            + metrics::EXAMPLE_TOML
     }
 }
 

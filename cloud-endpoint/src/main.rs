@@ -29,7 +29,13 @@ struct Cli {
     #[arg(long, env = "CLOUD_ENDPOINT_LOG", default_value = "info", global = true)]
     log: String,
     /// Log line format: text, or json (one JSON object per line, for log collectors).
-    #[arg(long, env = "CLOUD_ENDPOINT_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "CLOUD_ENDPOINT_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     log_format: cloud_endpoint::logging::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,

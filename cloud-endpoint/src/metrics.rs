@@ -12,8 +12,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use prometheus::{
-    Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder as _, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::Domain;
@@ -312,7 +312,10 @@ impl EndpointMetrics {
         let logins = domain.logins.stats();
         let follow = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
         follow(&self.failed_logins, logins.failed_logins);
-        follow(&self.login_refusals.with_label_values(&["throttled"]), logins.refused_logins);
+        follow(
+            &self.login_refusals.with_label_values(&["throttled"]),
+            logins.refused_logins,
+        );
         follow(&self.login_refusals.with_label_values(&["busy"]), logins.busy_logins);
         match domain.inventory.list_migrations() {
             Ok(list) => {
@@ -401,11 +404,19 @@ mod tests {
         TextEncoder::new().encode(&m.registry.gather(), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(
-            text.contains(r#"cloud_endpoint_api_requests_total{method="GET",route="/api/vcenter/vm/{vm}",status="200"} 1"#),
+            text.contains(
+                r#"cloud_endpoint_api_requests_total{method="GET",route="/api/vcenter/vm/{vm}",status="200"} 1"#
+            ),
             "{text}"
         );
-        assert!(text.contains(r#"cloud_endpoint_refusals_total{reason="Busy"} 1"#), "{text}");
-        assert!(text.contains(r#"cloud_endpoint_migration_eta_seconds{migration_id="m-1"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"cloud_endpoint_refusals_total{reason="Busy"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cloud_endpoint_migration_eta_seconds{migration_id="m-1"} 1"#),
+            "{text}"
+        );
         m.migration_ended("m-1");
         let mut out = Vec::new();
         TextEncoder::new().encode(&m.registry.gather(), &mut out).unwrap();

@@ -34,7 +34,13 @@ struct Cli {
     log: String,
     /// Log line format on standard error: text, or json (one JSON object per line, with
     /// the migration's id in the `span` of each line of a migration).
-    #[arg(long, env = "EDGE_AGENT_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "EDGE_AGENT_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     log_format: LogFormat,
 }
 

@@ -61,7 +61,8 @@ impl EdgeMetrics {
     pub fn new() -> EdgeMetrics {
         let registry = Registry::new();
         fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> M {
-            r.register(Box::new(m.clone())).expect("metric names are unique and valid");
+            r.register(Box::new(m.clone()))
+                .expect("metric names are unique and valid");
             m
         }
         let counter = |name: &str, help: &str| reg(&registry, IntCounter::with_opts(opts(name, help)).expect("valid"));
@@ -194,7 +195,9 @@ impl std::fmt::Debug for MetricsSink {
 
 impl ProgressSink for MetricsSink {
     fn started(&self, vm: &str, migration_id: &str, total_bytes: u64) {
-        self.metrics.total_bytes.set(i64::try_from(total_bytes).unwrap_or(i64::MAX));
+        self.metrics
+            .total_bytes
+            .set(i64::try_from(total_bytes).unwrap_or(i64::MAX));
         self.inner.started(vm, migration_id, total_bytes);
     }
 

@@ -472,7 +472,9 @@ pub async fn run_pass(
 ) -> Result<Summary, MigrateError> {
     // Every line of the migration carries its id (recorded once known) and VM.
     let span = tracing::info_span!("migration", vm = ?vm.name, migration_id = tracing::field::Empty);
-    run_pass_in(vm, target, opts, sink, pass, span.clone()).instrument(span).await
+    run_pass_in(vm, target, opts, sink, pass, span.clone())
+        .instrument(span)
+        .await
 }
 
 async fn run_pass_in(
@@ -1542,8 +1544,9 @@ async fn control_reader(
                     migration_id: id,
                     datastore,
                 } => {
-                    tracing::info!(migration = %id, %datastore, "plan accepted");
+                    // First: the span gets the id, so this line carries it too.
                     shared.run.started(&id);
+                    tracing::info!(migration = %id, %datastore, "plan accepted");
                     sink.started(&plan.vm.name, &id, plan.logical_bytes());
                     migration_id = id;
                     shared.update_jobs(|j| j.started = true);

@@ -68,9 +68,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Serves `GET /metrics` over plain HTTP on `listener`, without credentials, until
 /// `shutdown` completes. Anything else is 404.
-pub async fn serve_plain(listener: tokio::net::TcpListener, state: ApiState, shutdown: impl Future<Output = ()> + Send + 'static) {
+pub async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
     let app = Router::new()
-        .route("/metrics", get(|State(state): State<ApiState>| async move { render(&state).await }))
+        .route(
+            "/metrics",
+            get(|State(state): State<ApiState>| async move { render(&state).await }),
+        )
         .fallback(|| async { (StatusCode::NOT_FOUND, "only GET /metrics is served here\n") })
         .with_state(state);
     if let Ok(addr) = listener.local_addr() {

@@ -88,7 +88,8 @@ pub fn router(state: ApiState) -> Router {
 /// or session travel in the body and are checked by `api::vapi`, and the metrics, which
 /// take a session or a bearer token (`api::metrics`).
 fn is_public(method: &Method, path: &str) -> bool {
-    (method == Method::POST && (path == "/api/session" || path == "/api")) || (method == Method::GET && path == "/metrics")
+    (method == Method::POST && (path == "/api/session" || path == "/api"))
+        || (method == Method::GET && path == "/metrics")
 }
 
 async fn require_session(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
