@@ -221,7 +221,7 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
                 ctx.domain.live.set_progress(id, ctx.session().durable_bytes());
             }
             tracing::warn!(reason = ?why, "migration not committed; kept for a resume");
-            let _ = tokio::task::spawn_blocking(move || placement::suspend(&domain, staged, &unsynced, &why)).await;
+            let _ = spawn_blocking_in_span(move || placement::suspend(&domain, staged, &unsynced, &why)).await;
         } else {
             let why = if ctx.aborted.load(Ordering::SeqCst) {
                 "aborted through the API".to_owned()
@@ -229,7 +229,7 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
                 why
             };
             tracing::warn!(reason = ?why, "migration not committed; discarding");
-            let _ = tokio::task::spawn_blocking(move || placement::discard(&domain, staged, &why)).await;
+            let _ = spawn_blocking_in_span(move || placement::discard(&domain, staged, &why)).await;
         }
     }
     detach();
@@ -271,7 +271,7 @@ async fn sync(ctx: Arc<Ctx>) {
             continue;
         };
         let disks = ctx.disks.lock().expect("disks lock").clone();
-        let (batch, result) = tokio::task::spawn_blocking(move || {
+        let (batch, result) = spawn_blocking_in_span(move || {
             let _guard = guard;
             let result = sync_batch(&disks, &journal, &batch);
             (batch, result)
@@ -352,6 +352,13 @@ fn sync_batch(
         }
     }
     journal.append(batch)
+}
+
+/// `tokio::task::spawn_blocking` in the current span: the lines of the blocking work
+/// (staging, journaling, commit, discard) carry the connection's peer and migration id too.
+fn spawn_blocking_in_span<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> tokio::task::JoinHandle<T> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
 }
 
 /// Closes the connection with the session's refusal once it is sent.
@@ -563,7 +570,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             // aborted, the cleanup still finds (and removes) them.
             let guard = ctx.blocking.clone().read_owned().await;
             let record = ctx.clone();
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 let staged = placement::validate_and_stage(&domain, &principal, &edge, &edge_cert, &plan)?;
                 let id = staged.migration_id.clone();
@@ -594,7 +601,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 return;
             };
             let guard = ctx.blocking.clone().read_owned().await;
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 placement::validate(&domain, &principal, &plan).map(|v| v.preview)
             })
@@ -636,7 +643,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                     migration_id.clone(),
                     plan.clone(),
                 );
-                tokio::task::spawn_blocking(move || {
+                spawn_blocking_in_span(move || {
                     placement::check_resume(&domain, &principal, &edge_cert, &id, &plan).map(|_| ())
                 })
                 .await
@@ -665,7 +672,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let guard = ctx.blocking.clone().read_owned().await;
             let record = ctx.clone();
             let id = migration_id.clone();
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 let (staged, durable) = placement::resume(&domain, &principal, &edge_cert, &id, &plan)?;
                 record.attach(staged);
@@ -723,7 +730,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             };
             let edge_cert = ctx.edge_cert.clone();
             let id = migration_id.clone();
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 placement::authorize(&domain, &principal, &edge_cert, &id, placement::Action::Abort)?;
                 // The edge's words go into the record and a close reason: one plain line.
                 let reason: String = reason.chars().filter(|c| !c.is_control()).take(200).collect();
@@ -766,7 +773,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let reversible = switchover.as_ref().is_some_and(|(request, _)| !request.confirm);
             let guard = ctx.blocking.clone().read_owned().await;
             let committing = domain.clone();
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 placement::finalize(&committing, &plan, staged, &roots, zero_bytes, reversible)
             })
@@ -797,7 +804,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 pass_ms: millis(verify_started.saturating_duration_since(ctx.connected)),
                 read_back_ms: millis(now.saturating_duration_since(verify_started)),
             };
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 let staged = record.staged.lock().expect("staged lock");
                 match staged.as_ref() {
@@ -830,7 +837,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 discarded = Some(staged.migration_id.clone());
                 let guard = ctx.blocking.clone().read_owned().await;
                 let why = reason.clone();
-                let _ = tokio::task::spawn_blocking(move || {
+                let _ = spawn_blocking_in_span(move || {
                     let _guard = guard;
                     placement::discard(&domain, staged, &why)
                 })
@@ -863,7 +870,7 @@ async fn verify_staged(ctx: &Arc<Ctx>, chunks: Vec<(u16, u64, [u8; 32])>) {
     let count = chunks.len();
     let started = Instant::now();
     let guard = ctx.blocking.clone().read_owned().await;
-    let result = tokio::task::spawn_blocking(move || {
+    let result = spawn_blocking_in_span(move || {
         let _guard = guard;
         crate::datastore::read_back(&disks, &capacities, chunk_size, &chunks, READ_BACK_THREADS)
     })
@@ -979,7 +986,7 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
         else {
             return Ok(());
         };
-        let (b, outcome) = tokio::task::spawn_blocking(move || {
+        let (b, outcome) = spawn_blocking_in_span(move || {
             let outcome = match b.opener.open(&header, &b.payload, &mut b.plain) {
                 Ok(plain) => Ok(file.write_at(plain, header.offset)),
                 Err(e) => Err(e),
