@@ -23,9 +23,11 @@ use serde::{Deserialize, Serialize};
 
 mod api;
 mod logins;
+mod metrics;
 
 pub use api::ApiSettings;
 pub use logins::LoginSettings;
+pub use metrics::MetricsSettings;
 
 /// Prefix of every environment variable the configuration reads.
 pub const ENV_PREFIX: &str = "CLOUD_ENDPOINT_";
@@ -36,6 +38,7 @@ pub const ENV_PREFIX: &str = "CLOUD_ENDPOINT_";
 pub const RESERVED_ENV_VARS: &[&str] = &[
     "CLOUD_ENDPOINT_CONFIG",
     "CLOUD_ENDPOINT_LOG",
+    "CLOUD_ENDPOINT_LOG_FORMAT",
     crate::server::placement::CRASH_AT_ENV,
 ];
 
@@ -96,6 +99,9 @@ pub struct Config {
     pub logins: LoginSettings,
     /// Bounds of the HTTPS API: connections, idle and handshake times, sessions.
     pub api: ApiSettings,
+    /// Where Prometheus scrapes the endpoint: a listener of its own, and who may read
+    /// `GET /metrics` on the API port.
+    pub metrics: MetricsSettings,
     /// The unprivileged user each VM's QEMU runs as when the endpoint runs as root (it
     /// must exist; `tests/setup.sh` creates it). Default `gateway-qemu`.
     pub qemu_user: String,
@@ -501,6 +507,7 @@ struct Defaults {
     transport: TransportSettings,
     logins: LoginSettings,
     api: ApiSettings,
+    metrics: MetricsSettings,
     qemu_user: String,
     allow_default_passwords: bool,
 }
@@ -521,6 +528,7 @@ impl Default for Defaults {
             transport: TransportSettings::default(),
             logins: LoginSettings::default(),
             api: ApiSettings::default(),
+            metrics: MetricsSettings::default(),
             qemu_user: DEFAULT_QEMU_USER.to_owned(),
             allow_default_passwords: false,
         }
@@ -885,7 +893,10 @@ impl Config {
 
     /// An annotated example configuration with every setting at its default.
     pub fn example_toml() -> String {
-        EXAMPLE_TOML.replace("{DEMO_PASSWORD}", DEMO_PASSWORD) + logins::EXAMPLE_TOML + api::EXAMPLE_TOML
+        EXAMPLE_TOML.replace("{DEMO_PASSWORD}", DEMO_PASSWORD)
+            + logins::EXAMPLE_TOML
+            + api::EXAMPLE_TOML
+            + metrics::EXAMPLE_TOML
     }
 }
 

@@ -9,7 +9,9 @@
 //! logins      every password login goes through its queue bound and throttle
 //!             (per user and per client address) before a hash runs
 //! health      what the probes report: QUIC listening or draining
-//! logging     log lines peers cannot forge (control characters escaped)
+//! logging     log lines peers cannot forge (control characters escaped), JSON lines
+//! metrics     the Prometheus metrics (counters moved where things happen, the rest
+//!             read from the domain at each scrape)
 //! datastore   the files: staging, disks as flat VMDKs, qcow2 or raw images,
 //!             descriptors, .vmx
 //! server      QUIC accept loop; per connection a ReceiverSession driver
@@ -27,6 +29,7 @@ pub mod hosts;
 pub mod inventory;
 pub mod logging;
 pub mod logins;
+pub mod metrics;
 pub mod server;
 
 use std::future::Future;
@@ -62,6 +65,12 @@ pub enum EndpointError {
     },
     #[error(transparent)]
     Api(#[from] api::ApiServeError),
+    #[error("cannot listen for metrics on TCP {addr}: {source}; choose another `metrics.listen` (CLOUD_ENDPOINT_METRICS__LISTEN) or \"off\"")]
+    MetricsBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}; check the configured `cert` and `key` (CLOUD_ENDPOINT_CERT, CLOUD_ENDPOINT_KEY)")]
     Receipts(#[from] gateway::receipt::ReceiptError),
     #[error(transparent)]
@@ -99,6 +108,8 @@ pub struct Domain {
     pub revoked_edges: server::revoked::RevokedEdges,
     /// Listening or draining, for `/readyz`.
     pub health: health::Health,
+    /// The Prometheus metrics.
+    pub metrics: metrics::EndpointMetrics,
 }
 
 impl Domain {
@@ -213,6 +224,7 @@ impl Endpoint {
                 logins: logins::Logins::new(&config.logins),
                 revoked_edges,
                 health: Default::default(),
+                metrics: metrics::EndpointMetrics::new(),
             }),
             config,
             tls,
@@ -222,16 +234,17 @@ impl Endpoint {
 
     /// Serves migrations on an already bound UDP socket until `shutdown` completes.
     pub async fn run(&self, socket: UdpSocket, shutdown: impl Future<Output = ()>) -> Result<(), EndpointError> {
-        self.run_with_api(socket, None, shutdown).await
+        self.run_all(socket, None, None, shutdown).await
     }
 
-    /// Serves migrations on `socket` and, given a listener, the API on it, until
-    /// `shutdown` completes. If either server fails, the other is stopped too and the
-    /// error returned.
-    pub async fn run_with_api(
+    /// Serves migrations on `socket` and, given listeners, the API and the plain-HTTP
+    /// metrics on them, until `shutdown` completes. If either server fails, the other is
+    /// stopped too and the error returned.
+    pub async fn run_all(
         &self,
         socket: UdpSocket,
         api_listener: Option<tokio::net::TcpListener>,
+        metrics_listener: Option<tokio::net::TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), EndpointError> {
         // VMs left running by the previous run are this run's again (or POWERED_OFF).
@@ -266,6 +279,13 @@ impl Endpoint {
             stop.send_replace(true);
             result
         };
+        let state = api::ApiState::new(self.domain.clone(), &self.config.api)
+            .with_metrics_token(self.config.metrics.bearer_token.clone());
+        let metrics = async {
+            if let Some(listener) = metrics_listener {
+                api::metrics::serve_plain(listener, state.clone(), wait(stopped.clone())).await;
+            }
+        };
         let api = async {
             let Some(listener) = api_listener else {
                 return Ok(());
@@ -273,7 +293,7 @@ impl Endpoint {
             let result = api::serve(
                 listener,
                 self.api_tls.clone(),
-                self.domain.clone(),
+                state.clone(),
                 &self.config.api,
                 wait(stopped.clone()),
             )
@@ -304,7 +324,7 @@ impl Endpoint {
                 _ = wait(stopped.clone()) => {}
             }
         };
-        let (quic, api, (), ()) = tokio::join!(quic, api, trigger, janitor);
+        let (quic, api, (), (), ()) = tokio::join!(quic, api, trigger, janitor, metrics);
         // Powered-on VMs run on, as on an ESXi host whose vCenter restarts.
         self.domain.hosts.detach().await;
         quic.and(api)
@@ -318,6 +338,17 @@ impl Endpoint {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| EndpointError::ApiBind { addr, source })?;
+        Ok(Some(listener))
+    }
+
+    /// Binds the configured plain-HTTP metrics address (`metrics.listen`); `None` when off.
+    pub async fn bind_metrics(&self) -> Result<Option<tokio::net::TcpListener>, EndpointError> {
+        let Some(addr) = self.config.metrics.listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| EndpointError::MetricsBind { addr, source })?;
         Ok(Some(listener))
     }
 

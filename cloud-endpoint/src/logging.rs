@@ -4,10 +4,38 @@
 //! forged a log line"). Fields that carry a peer's text are logged with `?` (escaped by
 //! Debug), and as a second line of defence every line goes through [`EscapeControl`],
 //! which writes control characters inside an event as escapes: one event, one line.
+//!
+//! Lines are text by default, or JSON objects (`--log-format json`), one per line, for
+//! log collectors: the event's fields, its level, target and time, and the span it ran
+//! in with its fields (`migration_id` for a migration's lines).
 
 use std::io::{self, Write};
 
 use tracing_subscriber::fmt::MakeWriter;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the process's subscriber: `filter` (tracing env-filter syntax) in `format`,
+/// on standard error, control characters escaped.
+pub fn init(filter: &str, format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        // Colour codes would be escaped like any control character a peer sends.
+        .with_ansi(false)
+        .with_writer(EscapedStderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+    }
+}
 
 /// Writes each formatted event with its control characters escaped (`\n`, `\r`,
 /// `\u{1b}`...), except its final newline and tabs. tracing-subscriber formats an event

@@ -29,6 +29,15 @@ struct Cli {
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "CLOUD_ENDPOINT_LOG", default_value = "info", global = true)]
     log: String,
+    /// Log line format: text, or json (one JSON object per line, for log collectors).
+    #[arg(
+        long,
+        env = "CLOUD_ENDPOINT_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: cloud_endpoint::logging::LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -61,12 +70,7 @@ fn main() -> std::process::ExitCode {
     // 0600 files and 0700 folders, whatever umask the service manager gave.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
-        // Colour codes would be escaped like any control character a peer sends.
-        .with_ansi(false)
-        .with_writer(cloud_endpoint::logging::EscapedStderr)
-        .init();
+    cloud_endpoint::logging::init(&cli.log, cli.log_format);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -101,6 +105,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let endpoint = Endpoint::open(config)?;
         let socket = endpoint.bind()?;
         let api = endpoint.bind_api().await?;
+        let metrics = endpoint.bind_metrics().await?;
         tracing::info!(
             listen = %socket.local_addr()?,
             datastore = %endpoint.config.datastore_dir.display(),
@@ -121,7 +126,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             // A second signal: the operator will not wait.
             shutdown_signal().await;
         };
-        let serving = endpoint.run_with_api(socket, api, async move {
+        let serving = endpoint.run_all(socket, api, metrics, async move {
             let _ = stop.wait_for(|s| *s).await;
         });
         let mut deadline = signalled.subscribe();

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod compression;
 pub mod linktest;
 pub mod live;
+pub mod metrics;
 pub mod migrate;
 pub mod plan;
 pub mod receipt;

@@ -489,6 +489,17 @@ pub async fn run(
     opts: &LiveOptions,
     progress: &(dyn Fn(LiveProgress) + Send + Sync),
 ) -> Result<LiveSummary, MigrateError> {
+    // Every line of the migration carries its id, recorded once the cloud gave one.
+    let span = tracing::info_span!("live_migration", vm = ?vm.name, migration_id = tracing::field::Empty);
+    tracing::Instrument::instrument(run_in(vm, target, opts, progress), span).await
+}
+
+async fn run_in(
+    vm: &SourceVm,
+    target: &Target,
+    opts: &LiveOptions,
+    progress: &(dyn Fn(LiveProgress) + Send + Sync),
+) -> Result<LiveSummary, MigrateError> {
     let plan = build_plan(vm, &opts.lift);
     let (boot, boot_files) = boot_of(&opts.kernel)?;
     let live_plan = LivePlan {
@@ -621,6 +632,7 @@ async fn migrate_connected(
             )))
         }
     };
+    tracing::Span::current().record("migration_id", migration_id.as_str());
     progress(LiveProgress::Ready {
         migration_id: migration_id.clone(),
     });

@@ -32,6 +32,35 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `edge_agent=debug`.
     #[arg(long, env = "EDGE_AGENT_LOG", default_value = "warn", global = true)]
     log: String,
+    /// Log line format on standard error: text, or json (one JSON object per line, with
+    /// the migration's id in the `span` of each line of a migration).
+    #[arg(
+        long,
+        env = "EDGE_AGENT_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The agent's metrics, once `--metrics-listen` serves them (the progress sinks feed them).
+static METRICS: std::sync::OnceLock<Arc<edge_agent::metrics::EdgeMetrics>> = std::sync::OnceLock::new();
+
+/// Serves the agent's metrics on `addr` from now until the process ends.
+fn serve_metrics(rt: &tokio::runtime::Runtime, addr: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let Some(addr) = addr else { return Ok(()) };
+    let listener = rt.block_on(edge_agent::metrics::bind(addr))?;
+    let metrics = METRICS.get_or_init(Default::default).clone();
+    tracing::info!(metrics = %format!("http://{}/metrics", listener.local_addr()?), "Prometheus metrics serving");
+    rt.spawn(edge_agent::metrics::serve(listener, metrics, std::future::pending()));
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -389,6 +418,11 @@ struct MigrateArgs {
     /// giving up (the migration stays resumable).
     #[arg(long, env = "EDGE_AGENT_RETRY_FOR", default_value_t = 300)]
     retry_for: u64,
+    /// Serve Prometheus metrics (bytes read and sent, rate, ETA, RTT, loss, congestion
+    /// window, reconnects) over plain HTTP at http://ADDR/metrics while `migrate`,
+    /// `replicate`, `switchover` or `live-migrate` runs, e.g. 127.0.0.1:9465.
+    #[arg(long, env = "EDGE_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `150ms`, `0.15s`, `2s`.
@@ -454,10 +488,13 @@ fn parse_disk_datastore(s: &str) -> Result<(String, String), String> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+    }
     let json = matches!(&cli.command, Command::Migrate(a) | Command::Plan(a) | Command::Rollback(a) | Command::Confirm(a) if a.json)
         || matches!(&cli.command, Command::Switchover(a) if a.migrate.json)
         || matches!(&cli.command, Command::Replicate(a) if a.migrate.json)
@@ -480,6 +517,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect { vmx, json, raw_disk } => inspect(&vmx, json, &source_options(raw_disk)),
         Command::Migrate(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            serve_metrics(&rt, args.metrics_listen)?;
             rt.block_on(migrate_cmd(*args, Mode::Migrate))
         }
         Command::Abort(args) => {
@@ -488,6 +526,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Replicate(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            serve_metrics(&rt, args.migrate.metrics_listen)?;
             let ReplicateArgs {
                 migrate,
                 every,
@@ -499,6 +538,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Switchover(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            serve_metrics(&rt, args.migrate.metrics_listen)?;
             let SwitchoverArgs { migrate, flags, qmp } = *args;
             let extra = Extra {
                 switchover: flags.options(),
@@ -522,6 +562,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::LiveMigrate(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            serve_metrics(&rt, args.lift.metrics_listen)?;
             rt.block_on(live_cmd(*args))
         }
         Command::SourceQemu(a) => {
@@ -732,7 +773,17 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
         zstd_level: a.tunnel_zstd_level,
         lift,
     };
+    let metrics = METRICS.get().cloned();
     let progress = move |p: edge_agent::live::LiveProgress| {
+        if let Some(m) = &metrics {
+            match &p {
+                edge_agent::live::LiveProgress::Storage { done, total, .. } => m.progress(*done, *total),
+                edge_agent::live::LiveProgress::Memory {
+                    transferred, remaining, ..
+                } => m.memory(*transferred, *remaining),
+                _ => {}
+            }
+        }
         if json {
             println!("{}", serde_json::to_value(&p).expect("plain enum"));
         } else {
@@ -829,6 +880,13 @@ async fn migrate_cmd_with(
         Arc::new(JsonLines)
     } else {
         Arc::new(Bar::new())
+    };
+    let sink: Arc<dyn ProgressSink> = match METRICS.get() {
+        Some(metrics) => Arc::new(edge_agent::metrics::MetricsSink {
+            metrics: metrics.clone(),
+            inner: sink,
+        }),
+        None => sink,
     };
     let summary = match &qmp {
         Some(socket) => qemu_pass(&vm, &target, &mut opts, sink.clone(), socket).await,

@@ -34,6 +34,7 @@ use gateway::transport::{
 };
 use gateway::wire::{ChunkHeader, CloudMessage, EdgeMessage, RefusalCode};
 use tokio::sync::{mpsc, Notify};
+use tracing::Instrument as _;
 
 use crate::checkpoint::{self, Checkpoint, Header};
 use crate::compression::{Compression, LevelController, Pressure};
@@ -274,6 +275,8 @@ struct RunState {
     /// See [`PassSource::changed`].
     changed: Option<Vec<Vec<bool>>>,
     commit_sent: Arc<AtomicBool>,
+    /// The migration's span: its `migration_id` is recorded once the cloud gave one.
+    span: tracing::Span,
 }
 
 impl RunState {
@@ -349,6 +352,7 @@ impl RunState {
         let mut r = self.records.lock().expect("records lock poisoned");
         r.done.clear();
         r.header.migration_id = migration_id.to_owned();
+        self.span.record("migration_id", migration_id);
         let header = r.header.clone();
         if let Some(c) = r.checkpoint.as_mut() {
             if let Err(e) = c.start(&header) {
@@ -466,6 +470,21 @@ pub async fn run_pass(
     sink: Arc<dyn ProgressSink>,
     pass: Option<PassSource>,
 ) -> Result<Summary, MigrateError> {
+    // Every line of the migration carries its id (recorded once known) and VM.
+    let span = tracing::info_span!("migration", vm = ?vm.name, migration_id = tracing::field::Empty);
+    run_pass_in(vm, target, opts, sink, pass, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn run_pass_in(
+    vm: &SourceVm,
+    target: &Target,
+    opts: &MigrateOptions,
+    sink: Arc<dyn ProgressSink>,
+    pass: Option<PassSource>,
+    span: tracing::Span,
+) -> Result<Summary, MigrateError> {
     let started = Instant::now();
     let plan = build_plan(vm, opts);
     plan.check_limits().map_err(|e| MigrateError::Target(e.to_string()))?;
@@ -574,6 +593,7 @@ pub async fn run_pass(
             // Appended to only once the endpoint resumed the migration for us: an agent it
             // refuses (another user's, or one whose role may not migrate) must leave the
             // owner's record as it found it.
+            span.record("migration_id", recorded.migration_id.as_str());
             tracing::info!(migration = %recorded.migration_id, recorded_chunks = done.len(), "resuming from the checkpoint");
             resume = Some((recorded.migration_id.clone(), done));
             loaded_header = Some(recorded);
@@ -617,6 +637,7 @@ pub async fn run_pass(
         read_bytes: AtomicU64::new(0),
         changed,
         commit_sent,
+        span,
     });
 
     let mut reconnects = 0u32;
@@ -705,6 +726,7 @@ pub async fn run_pass(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 reconnects += 1;
+                sink.reconnecting();
                 let done = run.records.lock().expect("records lock poisoned").done.clone();
                 resume = known.map(|id| (id, done));
             }
@@ -1204,6 +1226,8 @@ async fn attempt(
                 wire_bytes,
                 sent_bytes: run.sent_bytes.load(Ordering::Relaxed),
                 elapsed_secs: secs(duration),
+                read_bytes: run.read_bytes.load(Ordering::Relaxed),
+                link: Some(crate::report::LinkSample::of(&conn)),
             });
             let kept = kept.map_err(|e| (e, Some(migration_id.clone()), true))?;
             Ok(Summary {
@@ -1302,11 +1326,11 @@ async fn drive(
     {
         let shared = shared.clone();
         let fail_tx = fail_tx.clone();
-        tasks.spawn(async move {
+        tasks.spawn(in_span(async move {
             if let Err(e) = control_writer(&shared, writer).await {
                 let _ = fail_tx.send(e).await;
             }
-        });
+        }));
     }
     let (streams, workers) = (opts.streams.max(1), opts.workers.max(1));
     // Room for two sealed chunks per worker: a sender rarely waits while a
@@ -1316,11 +1340,11 @@ async fn drive(
     let limit = opts.max_rate.map(|r| Arc::new(RateLimit::new(r)));
     for _ in 0..workers {
         let (shared, disks, fail_tx, sealed_tx) = (shared.clone(), disks.clone(), fail_tx.clone(), sealed_tx.clone());
-        tasks.spawn(async move {
+        tasks.spawn(in_span(async move {
             if let Err(e) = sealer(&shared, &disks, sealed_tx).await {
                 let _ = fail_tx.send(e).await;
             }
-        });
+        }));
     }
     for _ in 0..streams {
         let (shared, conn, fail_tx, sealed_rx, limit) = (
@@ -1330,17 +1354,17 @@ async fn drive(
             sealed_rx.clone(),
             limit.clone(),
         );
-        tasks.spawn(async move {
+        tasks.spawn(in_span(async move {
             if let Err(e) = sender(&shared, &conn, &sealed_rx, limit.as_deref()).await {
                 let _ = fail_tx.send(e).await;
             }
-        });
+        }));
     }
     drop(sealed_tx);
     {
         let (shared, conn, sink) = (shared.clone(), conn.clone(), sink.clone());
         let total = plan.logical_bytes();
-        tasks.spawn(async move {
+        tasks.spawn(in_span(async move {
             const TICK: Duration = Duration::from_millis(200);
             // The compression level follows the pressure of the last second.
             const TICKS_PER_WINDOW: u32 = 5;
@@ -1375,9 +1399,11 @@ async fn drive(
                     wire_bytes: conn.stats().udp_tx.bytes,
                     sent_bytes: shared.run.sent_bytes.load(Ordering::Relaxed),
                     elapsed_secs: secs(started.elapsed()),
+                    read_bytes: shared.run.read_bytes.load(Ordering::Relaxed),
+                    link: Some(crate::report::LinkSample::of(&conn)),
                 });
             }
-        });
+        }));
     }
     drop(fail_tx);
 
@@ -1405,6 +1431,11 @@ async fn drive(
     }
     tasks.abort_all();
     outcome
+}
+
+/// `task` in the current span (the migration's): its lines carry the migration id.
+fn in_span<F: std::future::Future>(task: F) -> tracing::instrument::Instrumented<F> {
+    task.in_current_span()
 }
 
 /// How long the cloud has to confirm that it discarded a migration the edge aborted.
@@ -1521,8 +1552,9 @@ async fn control_reader(
                     migration_id: id,
                     datastore,
                 } => {
-                    tracing::info!(migration = %id, %datastore, "plan accepted");
+                    // First: the span gets the id, so this line carries it too.
                     shared.run.started(&id);
+                    tracing::info!(migration = %id, %datastore, "plan accepted");
                     sink.started(&plan.vm.name, &id, plan.logical_bytes());
                     migration_id = id;
                     shared.update_jobs(|j| j.started = true);

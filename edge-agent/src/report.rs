@@ -17,6 +17,33 @@ pub struct Progress {
     /// Plaintext bytes of the data chunks this process sent, repeats included.
     pub sent_bytes: u64,
     pub elapsed_secs: f64,
+    /// Bytes read from the source disks so far (for the metrics).
+    #[serde(skip)]
+    pub read_bytes: u64,
+    /// The link as the current connection sees it (for the metrics).
+    #[serde(skip)]
+    pub link: Option<LinkSample>,
+}
+
+/// A QUIC connection's view of the link.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinkSample {
+    pub rtt: Duration,
+    pub lost_packets: u64,
+    pub sent_packets: u64,
+    pub cwnd: u64,
+}
+
+impl LinkSample {
+    pub fn of(conn: &quinn::Connection) -> LinkSample {
+        let stats = conn.stats();
+        LinkSample {
+            rtt: conn.rtt(),
+            lost_packets: stats.path.lost_packets,
+            sent_packets: stats.path.sent_packets,
+            cwnd: stats.path.cwnd,
+        }
+    }
 }
 
 /// Receives progress; the binary draws a bar or prints JSON lines.
@@ -24,6 +51,8 @@ pub trait ProgressSink: Send + Sync {
     /// The plan was accepted: data starts to flow.
     fn started(&self, vm: &str, migration_id: &str, total_bytes: u64);
     fn progress(&self, p: &Progress);
+    /// The link was lost and the agent reconnects to resume.
+    fn reconnecting(&self) {}
 }
 
 /// A sink that shows nothing (tests, library use).

@@ -40,7 +40,8 @@ impl Target {
             "0.0.0.0:0".parse().expect("literal")
         };
         let endpoint = transport::client_endpoint(bind, crypto, tuning)?;
-        let conn = transport::connect_within(&endpoint, self.addr, &self.server_name, tuning.handshake_timeout()).await?;
+        let conn =
+            transport::connect_within(&endpoint, self.addr, &self.server_name, tuning.handshake_timeout()).await?;
         Ok((endpoint, conn))
     }
 }

@@ -90,6 +90,9 @@ pub struct Cloud {
     /// The HTTPS API (`https://{api_addr}/api`), unless the test turned it off with
     /// `CLOUD_ENDPOINT_API_LISTEN=off`.
     pub api_addr: Option<SocketAddr>,
+    /// The plain-HTTP metrics listener (`http://{metrics_addr}/metrics`), when the test
+    /// set `CLOUD_ENDPOINT_METRICS__LISTEN`.
+    pub metrics_addr: Option<SocketAddr>,
     pub domain: Arc<Domain>,
     pub root: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -137,11 +140,13 @@ impl Cloud {
         let addr = socket.local_addr().unwrap();
         let api = endpoint.bind_api().await.unwrap();
         let api_addr = api.as_ref().map(|l| l.local_addr().unwrap());
+        let metrics = endpoint.bind_metrics().await.unwrap();
+        let metrics_addr = metrics.as_ref().map(|l| l.local_addr().unwrap());
         let domain = endpoint.domain.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             endpoint
-                .run_with_api(socket, api, async {
+                .run_all(socket, api, metrics, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -150,6 +155,7 @@ impl Cloud {
         Cloud {
             addr,
             api_addr,
+            metrics_addr,
             domain,
             root: root.join("datastore"),
             stop: Some(stop),

@@ -60,11 +60,15 @@ impl EndpointProcess {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) => {
+                    // Text lines (`listen=ADDR`) or JSON lines (`"listen":"ADDR"`).
                     if line.contains("cloud endpoint serving") {
-                        quic = field(&line, "listen=").and_then(|a| a.parse().ok());
+                        quic = field(&line, "listen=")
+                            .or_else(|| json_field(&line, "listen"))
+                            .and_then(|a| a.parse().ok());
                     }
                     if line.contains("vSphere REST API serving") {
                         api = field(&line, "api=https://")
+                            .or_else(|| json_field(&line, "api").and_then(|a| a.strip_prefix("https://")))
                             .and_then(|a| a.strip_suffix("/api"))
                             .and_then(|a| a.parse().ok());
                     }
@@ -121,6 +125,13 @@ impl Drop for EndpointProcess {
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let at = line.find(key)? + key.len();
     line[at..].split_whitespace().next()
+}
+
+/// The string value of `key` in a JSON log line (`"key":"value"`).
+fn json_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pattern = format!("\"{key}\":\"");
+    let at = line.find(&pattern)? + pattern.len();
+    line[at..].split('"').next()
 }
 
 /// Removes ANSI escape sequences (`ESC [ ... letter`), in case colours are on anyway.

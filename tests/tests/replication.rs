@@ -6,7 +6,6 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Output;
 
 use e2e::*;
 

@@ -369,7 +369,11 @@ pub async fn test_boot_console(
     bytes: u64,
 ) -> Result<Vec<u8>, ApiError> {
     crate::api::vcenter::power::may_operate(principal, "read consoles")?;
-    let path = domain.hosts.test_boot_console(id).await.ok_or_else(|| no_test_boot(id))?;
+    let path = domain
+        .hosts
+        .test_boot_console(id)
+        .await
+        .ok_or_else(|| no_test_boot(id))?;
     tokio::task::spawn_blocking(move || crate::api::vcenter::power::tail(&path, bytes))
         .await
         .map_err(|e| ApiError::internal("an endpoint worker failed", &e))?

@@ -15,17 +15,22 @@
 //! legacy_rest  the older REST API at /rest: calls translated to /api, answers rewrapped
 //! appliance  com.vmware.appliance.system.version
 //! vapi       the vAPI JSON-RPC protocol at POST /api (the vSphere Automation SDKs)
+//! access     the access log line and request metrics of every request
+//! metrics    GET /metrics: on the API port (session or bearer token) and on a plain
+//!            listener of its own
 //! ```
 //!
 //! Both protocols share `session`, `error` and the services: a session from one works in
 //! the other, and a list answers the same objects for the same filter.
 
+mod access;
 pub mod appliance;
 pub mod error;
 pub mod gateway;
 pub mod health;
 mod https;
 mod legacy_rest;
+pub mod metrics;
 pub mod rest;
 pub mod session;
 pub mod tasks;
@@ -48,6 +53,8 @@ use session::{Now, SessionStore};
 pub struct ApiState {
     pub domain: Arc<Domain>,
     pub sessions: Arc<SessionStore>,
+    /// The bearer token that may read `GET /metrics` without a session (`metrics.bearer_token`).
+    pub metrics_token: Option<Arc<str>>,
 }
 
 impl ApiState {
@@ -55,7 +62,14 @@ impl ApiState {
         ApiState {
             domain,
             sessions: Arc::new(SessionStore::new(settings)),
+            metrics_token: None,
         }
+    }
+
+    /// Lets `token` read `GET /metrics` without a session (an empty token lets nobody).
+    pub fn with_metrics_token(mut self, token: Option<String>) -> ApiState {
+        self.metrics_token = token.filter(|t| !t.is_empty()).map(Arc::from);
+        self
     }
 
     /// Checks a user and password of the cloud domain, for a client at `source`, and
@@ -88,12 +102,12 @@ impl ApiState {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: rustls::ServerConfig,
-    domain: Arc<Domain>,
+    state: ApiState,
     settings: &ApiSettings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiServeError> {
     // The probes answer without a session; the rest of the API needs one.
-    let app = health::router(domain.clone()).merge(rest::router(ApiState::new(domain, settings)));
+    let app = health::router(state.domain.clone()).merge(rest::router(state));
     https::serve(listener, Arc::new(tls), app, settings, shutdown).await
 }
 

@@ -173,6 +173,14 @@ impl Hosts {
         }
     }
 
+    /// The host's memory and what powered-on VMs and live migrations under way hold of
+    /// it, in MiB. Call from a blocking thread.
+    pub fn memory_mib(&self) -> (u64, u64) {
+        let running = self.running.blocking_lock();
+        let used: u64 = running.values().map(|r| r.memory_mib).sum();
+        (self.memory_mib, used.saturating_add(self.reserved()))
+    }
+
     fn reserved(&self) -> u64 {
         *self.reserved_mib.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -201,7 +201,10 @@ fn prepare(
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(io_err(&dir))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(&dir))?;
     }
     let copied = replica
         .disks
@@ -338,7 +341,9 @@ pub async fn remove_leftovers(domain: &Domain) {
         }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => tracing::info!(folder = %dir.display(), "removed a test boot left by an earlier run"),
-            Err(e) => tracing::warn!(folder = %dir.display(), error = %e, "cannot remove a test boot left by an earlier run"),
+            Err(e) => {
+                tracing::warn!(folder = %dir.display(), error = %e, "cannot remove a test boot left by an earlier run")
+            }
         }
     }
 }

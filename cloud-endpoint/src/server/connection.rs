@@ -57,6 +57,11 @@ struct Ctx {
     connected: Instant,
     /// When the edge's `SyncDone` or commit arrived (the first read-back started).
     verify_started: Mutex<Option<Instant>>,
+    /// The connection's span: its `migration_id` is recorded once known, so that every
+    /// line of the migration carries it.
+    span: tracing::Span,
+    /// UDP bytes received as last counted into the metrics.
+    wire_counted: std::sync::atomic::AtomicU64,
 }
 
 impl Ctx {
@@ -67,7 +72,18 @@ impl Ctx {
         *self.disks.lock().expect("disks lock") = staged.disks.clone();
         *self.staged.lock().expect("staged lock") = Some(staged);
         self.domain.live.attach(&id, &self.conn, self.aborted.clone());
+        self.span.record("migration_id", tracing::field::display(&id));
         *self.migration_id.lock().expect("id lock") = Some(id);
+    }
+
+    /// Counts the UDP bytes received since the last call into the metrics.
+    fn count_wire_bytes(&self) {
+        let now = self.conn.stats().udp_rx.bytes;
+        let before = self.wire_counted.swap(now, Ordering::Relaxed);
+        self.domain
+            .metrics
+            .received_wire_bytes
+            .inc_by(now.saturating_sub(before));
     }
 
     /// The datastore of `disk` (the VM's for `None`) as placed, for messages: the
@@ -113,7 +129,7 @@ pub async fn serve(
         .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.first().map(|c| certs::Thumbprint::of_der(c).to_string()))
         .unwrap_or_default();
-    let span = tracing::info_span!("edge", %peer);
+    let span = tracing::info_span!("edge", %peer, migration_id = tracing::field::Empty);
     async move {
         tracing::info!(edge_cert = ?edge, "edge connected");
         let ctx = Arc::new(Ctx {
@@ -142,6 +158,8 @@ pub async fn serve(
             slot: Mutex::new(None),
             connected,
             verify_started: Mutex::new(None),
+            span: tracing::Span::current(),
+            wire_counted: Default::default(),
         });
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(events(ctx.clone()).in_current_span());
@@ -170,8 +188,10 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
     };
     let staged = ctx.staged.lock().expect("staged lock").take();
     let id = ctx.migration_id.lock().expect("id lock").clone();
+    ctx.count_wire_bytes();
     let detach = || {
         if let Some(id) = &id {
+            ctx.domain.metrics.migration_ended(id);
             ctx.domain.live.detach(id, &ctx.conn);
             if committed || !resumable {
                 ctx.domain.live.forget_progress(id);
@@ -201,7 +221,7 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
                 ctx.domain.live.set_progress(id, ctx.session().durable_bytes());
             }
             tracing::warn!(reason = ?why, "migration not committed; kept for a resume");
-            let _ = tokio::task::spawn_blocking(move || placement::suspend(&domain, staged, &unsynced, &why)).await;
+            let _ = spawn_blocking_in_span(move || placement::suspend(&domain, staged, &unsynced, &why)).await;
         } else {
             let why = if ctx.aborted.load(Ordering::SeqCst) {
                 "aborted through the API".to_owned()
@@ -209,7 +229,7 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
                 why
             };
             tracing::warn!(reason = ?why, "migration not committed; discarding");
-            let _ = tokio::task::spawn_blocking(move || placement::discard(&domain, staged, &why)).await;
+            let _ = spawn_blocking_in_span(move || placement::discard(&domain, staged, &why)).await;
         }
     }
     detach();
@@ -223,8 +243,11 @@ const SYNC_INTERVAL: Duration = Duration::from_millis(250);
 async fn sync(ctx: Arc<Ctx>) {
     let mut tick = tokio::time::interval(SYNC_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rate = Rate::default();
     loop {
         tick.tick().await;
+        ctx.count_wire_bytes();
+        sample(&ctx, &mut rate);
         // The cleanup waits for this (it takes `blocking` exclusively): a batch
         // taken from the session is always journaled or handed back.
         let guard = ctx.blocking.clone().read_owned().await;
@@ -248,7 +271,7 @@ async fn sync(ctx: Arc<Ctx>) {
             continue;
         };
         let disks = ctx.disks.lock().expect("disks lock").clone();
-        let (batch, result) = tokio::task::spawn_blocking(move || {
+        let (batch, result) = spawn_blocking_in_span(move || {
             let _guard = guard;
             let result = sync_batch(&disks, &journal, &batch);
             (batch, result)
@@ -269,6 +292,51 @@ async fn sync(ctx: Arc<Ctx>) {
     }
 }
 
+/// A migration's rate: logical bytes made durable per second, smoothed over a few seconds.
+#[derive(Default)]
+struct Rate {
+    last: Option<(Instant, u64)>,
+    per_second: f64,
+}
+
+/// How much of the rate each new second of samples makes (an exponential moving
+/// average over about five seconds).
+const RATE_WEIGHT_PER_SECOND: f64 = 0.2;
+
+/// The migration's progress, rate, ETA and link into the metrics.
+fn sample(ctx: &Ctx, rate: &mut Rate) {
+    let Some(id) = ctx.migration_id.lock().expect("id lock").clone() else {
+        return;
+    };
+    let (durable, total) = {
+        let s = ctx.session();
+        (s.durable_bytes(), s.plan().map_or(0, |p| p.logical_bytes()))
+    };
+    let now = Instant::now();
+    if let Some((then, bytes)) = rate.last {
+        let secs = now.duration_since(then).as_secs_f64();
+        if secs > 0.0 {
+            let current = durable.saturating_sub(bytes) as f64 / secs;
+            let weight = (RATE_WEIGHT_PER_SECOND * secs).min(1.0);
+            rate.per_second += (current - rate.per_second) * weight;
+        }
+    }
+    rate.last = Some((now, durable));
+    let stats = ctx.conn.stats();
+    ctx.domain.metrics.migration_sample(
+        &id,
+        &crate::metrics::MigrationSample {
+            durable_bytes: durable,
+            total_bytes: total,
+            rate: rate.per_second,
+            rtt: ctx.conn.rtt(),
+            lost_packets: stats.path.lost_packets,
+            sent_packets: stats.path.sent_packets,
+            cwnd: stats.path.cwnd,
+        },
+    );
+}
+
 /// fdatasync of the disks a batch wrote, then the journal records it.
 fn sync_batch(
     disks: &[Arc<crate::datastore::DiskFile>],
@@ -284,6 +352,13 @@ fn sync_batch(
         }
     }
     journal.append(batch)
+}
+
+/// `tokio::task::spawn_blocking` in the current span: the lines of the blocking work
+/// (staging, journaling, commit, discard) carry the connection's peer and migration id too.
+fn spawn_blocking_in_span<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> tokio::task::JoinHandle<T> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
 }
 
 /// Closes the connection with the session's refusal once it is sent.
@@ -362,6 +437,9 @@ async fn control_writer(ctx: &Ctx, mut writer: ControlWriter) {
             (msgs, s.is_finished(), s.is_committed())
         };
         for msg in &msgs {
+            if let gateway::wire::CloudMessage::Refused { code, .. } = msg {
+                ctx.domain.metrics.refused(*code);
+            }
             if writer.send(msg).await.is_err() {
                 // The edge stopped reading its control stream (or the connection is gone):
                 // nothing more can reach it, and without a close a peer that sends
@@ -505,7 +583,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             // aborted, the cleanup still finds (and removes) them.
             let guard = ctx.blocking.clone().read_owned().await;
             let record = ctx.clone();
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 let staged = placement::validate_and_stage(&domain, &principal, &edge, &edge_cert, &plan)?;
                 let id = staged.migration_id.clone();
@@ -536,7 +614,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 return;
             };
             let guard = ctx.blocking.clone().read_owned().await;
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 placement::validate(&domain, &principal, &plan).map(|v| v.preview)
             })
@@ -578,7 +656,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                     migration_id.clone(),
                     plan.clone(),
                 );
-                tokio::task::spawn_blocking(move || {
+                spawn_blocking_in_span(move || {
                     placement::check_resume(&domain, &principal, &edge_cert, &id, &plan).map(|_| ())
                 })
                 .await
@@ -617,7 +695,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let guard = ctx.blocking.clone().read_owned().await;
             let record = ctx.clone();
             let id = migration_id.clone();
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 let (staged, durable) = placement::resume(&domain, &principal, &edge_cert, &id, &plan)?;
                 record.attach(staged);
@@ -629,6 +707,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 Ok(durable) => {
                     let durable_chunks: u64 = durable.iter().map(|d| d.known()).sum();
                     tracing::info!(migration = ?migration_id, durable_chunks, "migration resumed");
+                    ctx.domain.metrics.resumes.inc();
                     let ds = ctx.datastore_name(None);
                     transport::allow_streams(&ctx.conn, transport::StreamPhase::Data);
                     ctx.session().resume_accepted(migration_id, ds, durable);
@@ -676,7 +755,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             };
             let edge_cert = ctx.edge_cert.clone();
             let id = migration_id.clone();
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 placement::authorize(&domain, &principal, &edge_cert, &id, placement::Action::Abort)?;
                 // The edge's words go into the record and a close reason: one plain line.
                 let reason: String = reason.chars().filter(|c| !c.is_control()).take(200).collect();
@@ -720,7 +799,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let reversible = switchover.as_ref().is_some_and(|(request, _)| !request.confirm);
             let guard = ctx.blocking.clone().read_owned().await;
             let committing = domain.clone();
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 placement::finalize(&committing, &plan, staged, &roots, zero_bytes, reversible)
             })
@@ -751,7 +830,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 pass_ms: millis(verify_started.saturating_duration_since(ctx.connected)),
                 read_back_ms: millis(now.saturating_duration_since(verify_started)),
             };
-            let result = tokio::task::spawn_blocking(move || {
+            let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 let staged = record.staged.lock().expect("staged lock");
                 match staged.as_ref() {
@@ -784,7 +863,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 discarded = Some(staged.migration_id.clone());
                 let guard = ctx.blocking.clone().read_owned().await;
                 let why = reason.clone();
-                let _ = tokio::task::spawn_blocking(move || {
+                let _ = spawn_blocking_in_span(move || {
                     let _guard = guard;
                     placement::discard(&domain, staged, &why)
                 })
@@ -817,7 +896,7 @@ async fn verify_staged(ctx: &Arc<Ctx>, chunks: Vec<(u16, u64, [u8; 32])>) {
     let count = chunks.len();
     let started = Instant::now();
     let guard = ctx.blocking.clone().read_owned().await;
-    let result = tokio::task::spawn_blocking(move || {
+    let result = spawn_blocking_in_span(move || {
         let _guard = guard;
         crate::datastore::read_back(&disks, &capacities, chunk_size, &chunks, READ_BACK_THREADS)
     })
@@ -916,7 +995,10 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
         };
         pace(gateway::wire::CHUNK_HEADER_LEN as u64).await;
         reader.read_payload_paced(&header, &mut b.payload, pace).await?;
+        let metrics = &ctx.domain.metrics;
+        metrics.received_payload_bytes.inc_by(u64::from(header.payload_len));
         if admission == Admission::Duplicate {
+            metrics.chunks_resent.inc();
             bufs = Some(b);
             ctx.wake();
             continue;
@@ -930,7 +1012,7 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
         else {
             return Ok(());
         };
-        let (b, outcome) = tokio::task::spawn_blocking(move || {
+        let (b, outcome) = spawn_blocking_in_span(move || {
             let outcome = match b.opener.open(&header, &b.payload, &mut b.plain) {
                 Ok(plain) => Ok(file.write_at(plain, header.offset)),
                 Err(e) => Err(e),
@@ -943,7 +1025,10 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
         .expect("verification does not panic");
         bufs = Some(b);
         match outcome {
-            Ok(Ok(())) => ctx.session().chunk_written(header.disk, header.offset),
+            Ok(Ok(())) => {
+                ctx.session().chunk_written(header.disk, header.offset);
+                metrics.received_logical_bytes.inc_by(u64::from(header.plain_len));
+            }
             Ok(Err(io)) => {
                 // Nothing written so far is lost: the migration pauses and
                 // resumes once the datastore can take data again.
@@ -960,6 +1045,7 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
             }
             Err(e) => {
                 tracing::warn!(disk = header.disk, offset = header.offset, error = %e, "chunk failed verification");
+                metrics.chunks_rejected.inc();
                 let _ = ctx.session().chunk_rejected(header.disk, header.offset, &e);
             }
         }

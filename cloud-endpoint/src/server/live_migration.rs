@@ -70,7 +70,7 @@ pub async fn serve(
 ) {
     let peer = conn.remote_address();
     let edge_cert = super::probe::edge_thumbprint(&conn).unwrap_or_default();
-    let span = tracing::info_span!("live", %peer);
+    let span = tracing::info_span!("live", %peer, migration_id = tracing::field::Empty);
     async move {
         tracing::info!(edge_cert = ?edge_cert, "edge connected for a live migration");
         let (send, recv) = control_streams;
@@ -340,6 +340,8 @@ impl Run {
         .expect("staging does not panic")
         .map_err(|(code, problems)| (code, problems.join("; ")))?;
         let id = staged.migration_id.clone();
+        // The connection's span (this runs in it): every later line carries the id.
+        tracing::Span::current().record("migration_id", tracing::field::display(&id));
         let fail = |staged: Staged, domain: &Domain, problem: String| {
             placement::discard(domain, staged, &problem);
             (RefusalCode::EndpointFailure, problem)

@@ -92,18 +92,22 @@ fn api_router(state: ApiState) -> Router {
         .route("/api/gateway/vms/{vm}/console", get(vcenter::get_console))
         .route("/api/gateway/plans", post(vcenter::check_plan))
         .route("/api/gateway/security", get(session::security))
+        .route("/metrics", get(super::metrics::authorized))
         .fallback(not_found)
         .method_not_allowed_fallback(operation_not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), require_session))
         .layer(middleware::from_fn(time_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), super::access::log))
         .with_state(state)
 }
 
-/// The requests that need no session here: the login, and vAPI calls, whose credentials
-/// or session travel in the body and are checked by `api::vapi`.
+/// The requests that need no session here: the login, vAPI calls, whose credentials
+/// or session travel in the body and are checked by `api::vapi`, and the metrics, which
+/// take a session or a bearer token (`api::metrics`).
 fn is_public(method: &Method, path: &str) -> bool {
-    method == Method::POST && (path == "/api/session" || path == "/api")
+    (method == Method::POST && (path == "/api/session" || path == "/api"))
+        || (method == Method::GET && path == "/metrics")
 }
 
 async fn require_session(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
@@ -129,8 +133,11 @@ async fn require_session(State(state): State<ApiState>, mut request: Request, ne
         )
         .into_response();
     };
+    let user = super::access::AccessUser(session.principal.user.clone());
     request.extensions_mut().insert(SessionContext { token, session });
-    next.run(request).await
+    let mut response = next.run(request).await;
+    response.extensions_mut().insert(user);
+    response
 }
 
 async fn time_limit(request: Request, next: Next) -> Response {

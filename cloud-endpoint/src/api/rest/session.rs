@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse as _;
 use axum::{Extension, Json};
 use serde::Serialize;
 
@@ -20,7 +21,7 @@ pub async fn create(
     State(state): State<ApiState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-) -> Result<(StatusCode, Json<String>), ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let Some((user, password)) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -30,8 +31,10 @@ pub async fn create(
             "log in with a user of the cloud domain in an Authorization: Basic header",
         ));
     };
-    let token = state.login(user, password, peer.ip()).await?;
-    Ok((StatusCode::CREATED, Json(token)))
+    let token = state.login(user.clone(), password, peer.ip()).await?;
+    let mut response = (StatusCode::CREATED, Json(token)).into_response();
+    response.extensions_mut().insert(crate::api::access::AccessUser(user));
+    Ok(response)
 }
 
 #[derive(Debug, Serialize)]

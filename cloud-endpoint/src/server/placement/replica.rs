@@ -13,7 +13,9 @@ use std::time::Instant;
 use gateway::protocol::Unsynced;
 use gateway::wire::{RefusalCode, SwitchoverOutcome, SwitchoverRequest};
 
-use super::{disk_staging, endpoint_failure, open_stagings, parse_formats, resolve, resume, Action, Domain, Refusal, Staged};
+use super::{
+    disk_staging, endpoint_failure, open_stagings, parse_formats, resolve, resume, Action, Domain, Refusal, Staged,
+};
 use crate::hosts::{HostError, Hosts};
 use crate::inventory::switchover::{FROM_EDGE_STOP, FROM_SWITCHOVER_START};
 use crate::inventory::{CommitMove, InventoryError, PassTimes, Principal};
@@ -369,10 +371,12 @@ pub fn replica_files(domain: &Domain, migration_id: &str) -> Result<ReplicaFiles
     let plan = info
         .plan
         .as_deref()
-        .and_then(|bytes| match gateway::wire::control::decode::<gateway::plan::MigrationPlan>(bytes) {
-            Ok(gateway::wire::Decoded::Frame(plan, _)) => Some(plan),
-            _ => None,
-        })
+        .and_then(
+            |bytes| match gateway::wire::control::decode::<gateway::plan::MigrationPlan>(bytes) {
+                Ok(gateway::wire::Decoded::Frame(plan, _)) => Some(plan),
+                _ => None,
+            },
+        )
         .ok_or_else(|| format!("migration {migration_id} has no readable plan recorded"))?;
     let formats = info
         .disk_format

@@ -59,6 +59,7 @@ fn domain(dir: &std::path::Path) -> Domain {
         logins: Default::default(),
         revoked_edges: Default::default(),
         health: Default::default(),
+        metrics: Default::default(),
     }
 }
 
