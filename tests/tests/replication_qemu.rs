@@ -11,7 +11,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Output;
 
 use e2e::guest::*;
 use e2e::*;

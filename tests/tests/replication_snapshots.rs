@@ -7,7 +7,7 @@
 //! on loopback.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use e2e::*;
 
