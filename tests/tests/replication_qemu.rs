@@ -194,7 +194,8 @@ async fn a_running_qemu_guest_is_replicated_through_its_dirty_bitmap_and_switche
 
     // A switchover interrupted (Ctrl-C) while the guest is stopped resumes it: slowed
     // down to be caught mid-way, interrupted once it said what it reads (after the stop).
-    let log = s.state.join("interrupted.log");
+    // Beside the state folder, which must hold nothing but the receipt at the end.
+    let log = s.state.with_file_name("interrupted.log");
     let mut slow = s.edge(&["switchover", "--max-rate", "1mbit"]);
     slow.stderr(std::fs::File::create(&log).unwrap());
     let mut edge = slow.spawn().unwrap();
