@@ -81,6 +81,14 @@ async fn the_dashboard_shows_a_lift_moving_its_receipt_and_hides_abort_from_read
         csp.contains("script-src 'self'") && !csp.contains("unsafe-inline") && csp.contains("default-src 'none'"),
         "{csp}"
     );
+    assert_eq!(page.headers()["cache-control"], "no-cache");
+    let script = http.get(format!("{base}/ui/dashboard.js")).send().await.unwrap();
+    assert_eq!(script.status(), StatusCode::OK);
+    assert!(script.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/javascript"));
+    assert_eq!(script.headers()["x-content-type-options"], "nosniff");
     let token = rest.token(MIGRATOR).await;
     let list = http
         .get(format!("{base}/api/gateway/migrations"))

@@ -16,6 +16,9 @@
     token: null,
     me: null, // {user, role, may_migrate}
     timer: null,
+    // Bumped at each login and logout: a poll still in flight from an earlier session
+    // neither renders nor schedules another.
+    generation: 0,
     tick: 0,
     selected: null, // migration id whose receipt and report are shown
     detailsFor: null,
@@ -130,6 +133,7 @@
   // ---- screens -------------------------------------------------------------------
 
   function showLogin(message) {
+    state.generation++;
     clearTimeout(state.timer);
     state.timer = null;
     state.token = null;
@@ -148,8 +152,9 @@
     $('who-user').textContent = state.me.user;
     $('who-role').textContent = state.me.role;
     document.body.dataset.role = state.me.role;
+    state.generation++;
     state.tick = 0;
-    poll();
+    poll(state.generation);
   }
 
   function status(text, isError) {
@@ -160,13 +165,15 @@
 
   // ---- polling -------------------------------------------------------------------
 
-  async function poll() {
+  async function poll(generation) {
     clearTimeout(state.timer);
+    const current = () => generation === state.generation;
     try {
       const [migrations, links] = await Promise.all([
         api('GET', '/api/gateway/migrations'),
         api('GET', '/api/gateway/links'),
       ]);
+      if (!current()) return;
       state.migrations = migrations;
       state.traces = new Map(links.map((t) => [t.migration, t]));
       // A migration no connection serves now (waiting for its edge to resume it, or
@@ -174,6 +181,7 @@
       const waiting = migrations.filter((m) => m.state === 'RUNNING' && !state.traces.has(m.id));
       const tasks = await Promise.all(waiting.map((m) => api('GET', '/api/cis/tasks/' + encodeURIComponent(m.id)).catch(() => null)));
       state.taskProgress = new Map();
+      if (!current()) return;
       waiting.forEach((m, i) => { if (tasks[i]) state.taskProgress.set(m.id, tasks[i].progress.completed); });
       renderMigrations();
       renderLinks();
@@ -182,11 +190,13 @@
       status('Updated ' + new Date().toLocaleTimeString());
       document.body.dataset.polls = String(state.tick + 1);
     } catch (e) {
+      if (!current()) return;
       if (e instanceof Unauthenticated) { showLogin(e.message); return; }
       status('Cannot reach the endpoint: ' + e.message, true);
     }
+    if (!current()) return;
     state.tick++;
-    if (state.token) state.timer = setTimeout(poll, POLL_MS);
+    state.timer = setTimeout(() => poll(generation), POLL_MS);
   }
 
   // ---- migrations ----------------------------------------------------------------
@@ -347,15 +357,23 @@
     return v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2);
   }
 
+  // An edge is its certificate: each connection comes from another port, and an edge
+  // reconnecting to resume is still the same edge.
+  function edgeOf(t) {
+    const at = t.edge.indexOf(' cert ');
+    return at < 0 ? { id: t.edge, from: '' } : { id: t.edge.slice(at + 6), from: t.edge.slice(0, at) };
+  }
+
   function renderLinks() {
     const byEdge = new Map();
     for (const t of state.traces.values()) {
-      if (!byEdge.has(t.edge)) byEdge.set(t.edge, []);
-      byEdge.get(t.edge).push(t);
+      const edge = edgeOf(t).id;
+      if (!byEdge.has(edge)) byEdge.set(edge, []);
+      byEdge.get(edge).push(t);
     }
     const out = [];
     for (const [edge, traces] of byEdge) {
-      const box = el('div', { class: 'edge', 'data-edge': edge }, el('h3', {}, 'Edge ' + edge));
+      const box = el('div', { class: 'edge', 'data-edge': edge }, el('h3', {}, 'Edge certificate ' + edge));
       for (const t of traces) {
         const s = t.samples;
         const m = state.migrations.find((x) => x.id === t.migration);
@@ -367,7 +385,7 @@
         });
         const thr = s.map((x) => [x.at_ms, x.rate_bytes_per_second * 8 / 1e6]);
         box.append(
-          el('p', {}, t.migration + (m ? ' · ' + m.vm_name : '')),
+          el('p', {}, t.migration + (m ? ' · ' + m.vm_name : '') + (edgeOf(t).from ? ' · from ' + edgeOf(t).from : '')),
           el('div', { class: 'charts' },
             chart('RTT', rtt, 'ms', 'rtt'),
             chart('Loss', loss, '%', 'loss'),
