@@ -13,6 +13,7 @@
 #   python3 + venv         python3-venv          the vSphere SDK test (tests/vapi/venv.sh)
 #   openssl                openssl               thumbprints checked against openssl (certs)
 #   promtool               prometheus            metrics exposition checked (metrics.rs)
+#   chromium               chromium              the dashboard in a headless browser (dashboard.rs)
 #   cargo-nextest          crates.io             the test runner
 #   user gateway-qemu      useradd               QEMU's own user when the endpoint is root
 #   debootstrap            debootstrap           the containers' Debian base (deploy/base.sh)
@@ -52,6 +53,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v chromium >/dev/null || need+=(chromium)
 [ -e /usr/share/OVMF/OVMF_CODE.fd ] || [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
 if [ ${#need[@]} -gt 0 ]; then
   apt_install "${need[@]}"

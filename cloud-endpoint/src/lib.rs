@@ -110,6 +110,8 @@ pub struct Domain {
     pub health: health::Health,
     /// The Prometheus metrics.
     pub metrics: metrics::EndpointMetrics,
+    /// The recent link and progress samples of each served migration (the dashboard's charts).
+    pub links: server::links::LinkHistory,
 }
 
 impl Domain {
@@ -225,6 +227,7 @@ impl Endpoint {
                 revoked_edges,
                 health: Default::default(),
                 metrics: metrics::EndpointMetrics::new(),
+                links: Default::default(),
             }),
             config,
             tls,

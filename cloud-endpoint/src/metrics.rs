@@ -255,15 +255,9 @@ impl EndpointMetrics {
             .with_label_values(l)
             .set(i64::try_from(sample.total_bytes).unwrap_or(i64::MAX));
         self.migration_rate.with_label_values(l).set(sample.rate);
-        let left = sample.total_bytes.saturating_sub(sample.durable_bytes) as f64;
-        let eta = if left == 0.0 {
-            0.0
-        } else if sample.rate > 0.0 {
-            left / sample.rate
-        } else {
-            f64::INFINITY
-        };
-        self.migration_eta.with_label_values(l).set(eta);
+        self.migration_eta
+            .with_label_values(l)
+            .set(sample.eta_seconds().unwrap_or(f64::INFINITY));
         self.link_rtt.with_label_values(l).set(sample.rtt.as_secs_f64());
         self.link_lost_packets
             .with_label_values(l)
@@ -380,6 +374,20 @@ pub struct MigrationSample {
     pub lost_packets: u64,
     pub sent_packets: u64,
     pub cwnd: u64,
+}
+
+impl MigrationSample {
+    /// Seconds left at the current rate: 0 when done, `None` while nothing moves.
+    pub fn eta_seconds(&self) -> Option<f64> {
+        let left = self.total_bytes.saturating_sub(self.durable_bytes) as f64;
+        if left == 0.0 {
+            Some(0.0)
+        } else if self.rate > 0.0 {
+            Some(left / self.rate)
+        } else {
+            None
+        }
+    }
 }
 
 #[cfg(test)]

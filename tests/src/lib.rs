@@ -16,6 +16,7 @@ use edge_agent::target::Target;
 use gateway::transport::{Identity, ServerTrust};
 use rand::{Rng, SeedableRng};
 
+pub mod browser;
 pub mod guest;
 pub mod process;
 pub mod relay;

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! health     /healthz and /readyz, without a session (probes)
+//! dashboard  the web page at /ui/ (its files; its data comes from /api with a session)
 //! https      TCP accept loop, TLS (the endpoint's certificate, no client certificates),
 //!            HTTP/1.1 and HTTP/2, limits, graceful shutdown
 //! session    login sessions in memory: tokens, idle expiry, a cap (clock passed in)
@@ -25,6 +26,7 @@
 
 mod access;
 pub mod appliance;
+pub mod dashboard;
 pub mod error;
 pub mod gateway;
 pub mod health;

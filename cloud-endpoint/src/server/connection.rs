@@ -192,6 +192,7 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
     let detach = || {
         if let Some(id) = &id {
             ctx.domain.metrics.migration_ended(id);
+            ctx.domain.links.end(id);
             ctx.domain.live.detach(id, &ctx.conn);
             if committed || !resumable {
                 ctx.domain.live.forget_progress(id);
@@ -323,16 +324,29 @@ fn sample(ctx: &Ctx, rate: &mut Rate) {
     }
     rate.last = Some((now, durable));
     let stats = ctx.conn.stats();
-    ctx.domain.metrics.migration_sample(
+    let sample = crate::metrics::MigrationSample {
+        durable_bytes: durable,
+        total_bytes: total,
+        rate: rate.per_second,
+        rtt: ctx.conn.rtt(),
+        lost_packets: stats.path.lost_packets,
+        sent_packets: stats.path.sent_packets,
+        cwnd: stats.path.cwnd,
+    };
+    ctx.domain.metrics.migration_sample(&id, &sample);
+    ctx.domain.links.record(
         &id,
-        &crate::metrics::MigrationSample {
+        &ctx.edge,
+        crate::server::links::LinkSample {
+            at_ms: crate::server::links::epoch_ms(std::time::SystemTime::now()),
             durable_bytes: durable,
             total_bytes: total,
-            rate: rate.per_second,
-            rtt: ctx.conn.rtt(),
-            lost_packets: stats.path.lost_packets,
-            sent_packets: stats.path.sent_packets,
-            cwnd: stats.path.cwnd,
+            rate_bytes_per_second: sample.rate,
+            eta_seconds: sample.eta_seconds(),
+            rtt_ms: sample.rtt.as_secs_f64() * 1000.0,
+            sent_packets: sample.sent_packets,
+            lost_packets: sample.lost_packets,
+            cwnd_bytes: sample.cwnd,
         },
     );
 }

@@ -92,10 +92,14 @@ fn api_router(state: ApiState) -> Router {
         .route("/api/gateway/vms/{vm}/console", get(vcenter::get_console))
         .route("/api/gateway/plans", post(vcenter::check_plan))
         .route("/api/gateway/security", get(session::security))
+        .route("/api/gateway/session", get(session::whoami))
+        .route("/api/gateway/links", get(vcenter::list_links))
+        .merge(super::dashboard::routes())
         .route("/metrics", get(super::metrics::authorized))
         .fallback(not_found)
         .method_not_allowed_fallback(operation_not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::map_response(super::dashboard::no_store))
         .layer(middleware::from_fn_with_state(state.clone(), require_session))
         .layer(middleware::from_fn(time_limit))
         .layer(middleware::from_fn_with_state(state.clone(), super::access::log))
@@ -103,11 +107,13 @@ fn api_router(state: ApiState) -> Router {
 }
 
 /// The requests that need no session here: the login, vAPI calls, whose credentials
-/// or session travel in the body and are checked by `api::vapi`, and the metrics, which
-/// take a session or a bearer token (`api::metrics`).
+/// or session travel in the body and are checked by `api::vapi`, the metrics, which
+/// take a session or a bearer token (`api::metrics`), and the dashboard's files, which
+/// hold no data (they log in and read the rest through this API).
 fn is_public(method: &Method, path: &str) -> bool {
     (method == Method::POST && (path == "/api/session" || path == "/api"))
         || (method == Method::GET && path == "/metrics")
+        || super::dashboard::is_asset(method, path)
 }
 
 async fn require_session(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {

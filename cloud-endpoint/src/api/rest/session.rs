@@ -53,6 +53,26 @@ pub async fn get(Extension(ctx): Extension<SessionContext>) -> Json<SessionInfo>
     })
 }
 
+/// `GET /api/gateway/session`: who the session is and what their role lets them do,
+/// for a client that shows or hides actions (the dashboard); vSphere's session info
+/// (`GET /api/session`) has no role, and stays as vSphere answers it.
+#[derive(Debug, Serialize)]
+pub struct Whoami {
+    pub user: String,
+    pub role: &'static str,
+    /// Start, abort (their own, or any as an Administrator) and switch over migrations.
+    pub may_migrate: bool,
+}
+
+pub async fn whoami(Extension(ctx): Extension<SessionContext>) -> Json<Whoami> {
+    let p = ctx.principal();
+    Json(Whoami {
+        user: p.user.clone(),
+        role: p.role.as_str(),
+        may_migrate: p.role.may_migrate(),
+    })
+}
+
 /// `DELETE /api/session`: 204.
 pub async fn delete(State(state): State<ApiState>, Extension(ctx): Extension<SessionContext>) -> StatusCode {
     state.sessions.remove(&ctx.token);

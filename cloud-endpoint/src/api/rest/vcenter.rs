@@ -160,6 +160,12 @@ pub async fn list_migrations(State(state): State<ApiState>) -> Answer<Vec<crate:
     Ok(Json(blocking(&state.domain, gateway::list_migrations).await?))
 }
 
+/// `GET /api/gateway/links`: the recent link and progress samples of each migration a
+/// connection serves now (`server::links`).
+pub async fn list_links(State(state): State<ApiState>) -> Json<Vec<crate::server::links::LinkTrace>> {
+    Json(state.domain.links.traces())
+}
+
 pub async fn get_migration(
     State(state): State<ApiState>,
     Path(id): Path<String>,

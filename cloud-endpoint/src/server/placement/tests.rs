@@ -60,6 +60,7 @@ fn domain(dir: &std::path::Path) -> Domain {
         revoked_edges: Default::default(),
         health: Default::default(),
         metrics: Default::default(),
+        links: Default::default(),
     }
 }
 
