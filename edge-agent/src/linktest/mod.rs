@@ -133,13 +133,13 @@ pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, 
     let vm = match &opts.vm {
         Some(path) => {
             let vm = source::open_vm(path)?;
-            let disks = tokio::task::spawn_blocking({
+            let (disks, share) = tokio::task::spawn_blocking({
                 let vm = vm.clone();
                 move || sample_vm(&vm)
             })
             .await
             .map_err(|e| LinkTestError::Read(e.to_string()))??;
-            Some((vm.name, disks))
+            Some((vm.name, disks, share))
         }
         None => None,
     };
@@ -159,14 +159,14 @@ pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, 
     // phase's first round trips climb from a cold start, which `migrate
     // --link-rate` skips (and the forecast counts apart, as its ramp).
     let upload_mbit_s = m.upload.steady_mbit_s;
-    let vm = vm.map(|(name, disks)| {
+    let vm = vm.map(|(name, disks, cpu_share)| {
         let link = estimate::LinkModel {
             upload_mbit_s,
             wire_overhead: m.wire_overhead,
             rtt: Duration::from_secs_f64(m.rtt.min_ms / 1e3),
             compression: crate::compression::Compression::default(),
         };
-        let estimate = estimate::estimate(&disks, &link, estimate::CORES);
+        let estimate = estimate::estimate_with_share(&disks, &link, estimate::CORES, cpu_share);
         VmReport { name, disks, estimate }
     });
     Ok(LinkReport {
@@ -208,10 +208,13 @@ pub fn probe_streams(rtt: Duration) -> u8 {
     tuning.data_streams.clamp(1, usize::from(MAX_PROBE_STREAMS)) as u8
 }
 
-/// Samples every disk of `vm` as [`estimate::sample_disk`] does.
-fn sample_vm(vm: &source::SourceVm) -> Result<Vec<estimate::DiskSample>, LinkTestError> {
+/// Samples every disk of `vm` as [`estimate::sample_disk`] does; and the
+/// share of the cores sealing gets on this machine now
+/// ([`estimate::parallel_share`], on a few of the first disk's data chunks).
+fn sample_vm(vm: &source::SourceVm) -> Result<(Vec<estimate::DiskSample>, f64), LinkTestError> {
     let mut sealer = Sealer::new(DEFAULT_ZSTD_LEVEL).map_err(|e| LinkTestError::Read(e.to_string()))?;
     let mut out = Vec::with_capacity(vm.disks.len());
+    let mut calibration = Vec::new();
     // Every level `migrate --zstd-level auto` may choose.
     let levels: Vec<i32> = match crate::compression::Compression::default() {
         crate::compression::Compression::Adaptive { min, max } => (min..=max).collect(),
@@ -229,9 +232,35 @@ fn sample_vm(vm: &source::SourceVm) -> Result<Vec<estimate::DiskSample>, LinkTes
             estimate::LEVEL_SAMPLES,
         )
         .map_err(|e| LinkTestError::Read(format!("{}: {e}", d.path.display())))?;
+        if calibration.is_empty() {
+            calibration = calibration_chunks(reader.as_ref(), &sample);
+        }
         out.push(sample);
     }
-    Ok(out)
+    let share = estimate::parallel_share(&calibration, DEFAULT_ZSTD_LEVEL, estimate::CORES);
+    Ok((out, share))
+}
+
+/// Up to 8 non-zero chunks of a sampled disk, spread over it, to seal on all
+/// cores at once.
+fn calibration_chunks(disk: &dyn source::DiskReader, s: &estimate::DiskSample) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
+    for index in estimate::sample_indexes(s.chunks, estimate::MAX_SAMPLES) {
+        if chunks.len() == 8 {
+            break;
+        }
+        let offset = index * s.chunk_size;
+        let len = s.chunk_size.min(s.capacity - offset);
+        if disk.is_hole(offset, len) {
+            continue;
+        }
+        let mut buf = vec![0; len as usize];
+        if disk.read_at(offset, &mut buf).is_err() || gateway::chunk::is_zero(&buf) {
+            continue;
+        }
+        chunks.push(buf);
+    }
+    chunks
 }
 
 /// What the connection measured, before the verdicts.

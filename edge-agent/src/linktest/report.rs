@@ -167,21 +167,24 @@ impl LinkReport {
                 human_short(e.wire_bytes)
             ));
             line(format!(
-                "  link {} at {}; CPU {} at {:.0} MB/s per core at level 1 (SHA-256 + zstd) x {} cores",
+                "  link {} at {}; CPU {} at {:.0} MB/s per core at level 1 (SHA-256 + zstd) x {} cores \
+                 ({:.0} % of them free now)",
                 fmt_duration(e.network_secs),
                 fmt_rate(u.steady_mbit_s),
                 fmt_duration(e.cpu_secs),
                 e.seal_mb_s_per_core,
-                e.cores
+                e.cores,
+                e.cpu_share * 100.0
             ));
             let f = &e.fixed;
             line(format!(
-                "  fixed: setup {} ({} RTT: handshake, login, plan), ramp {} ({} RTT), read-back {}, commit {} \
-                 ({} RTT + {} s local)",
+                "  fixed: setup {} ({} RTT: handshake, login, plan), ramp {} (half a climb from {} Mbit/s, x{} a round trip), \
+                 read-back {}, commit {} ({} RTT, {} s local, the datastore's sync)",
                 fmt_duration(f.setup_secs),
                 super::estimate::SETUP_RTTS,
                 fmt_duration(f.ramp_secs),
-                super::estimate::RAMP_RTTS,
+                super::estimate::RAMP_START_MBIT_S,
+                super::estimate::RAMP_GROWTH_PER_RTT,
                 fmt_duration(f.readback_secs),
                 fmt_duration(f.commit_secs),
                 super::estimate::COMMIT_RTTS,
