@@ -206,10 +206,9 @@ pub const RAMP_START_MBIT_S: f64 = 4.5;
 /// ~2.1x a second), until the link's rate.
 pub const RAMP_GROWTH_PER_RTT: f64 = 1.12;
 /// Weight of that climb in the forecast: some lifts reach the link's rate in
-/// their first second instead (of the first 4 lifts at 100 Mbit/s and
-/// 150 ms, 3 climbed and 1 did not). Half a climb puts either kind of lift
-/// within half a climb of the forecast.
-pub const RAMP_SLOW_SHARE: f64 = 0.5;
+/// their first second instead (of 6 lifts at 100 Mbit/s and 150 ms, 5
+/// climbed and 1 did not), so the forecast counts the climb's expected cost.
+pub const RAMP_SLOW_SHARE: f64 = 5.0 / 6.0;
 /// Round trips after the last chunk is sent: its acknowledgement, the commit
 /// request and the read-back's answer, the registration's answer.
 pub const COMMIT_RTTS: f64 = 4.0;
