@@ -509,7 +509,11 @@ pub fn estimate_with_share(disks: &[DiskSample], link: &LinkModel, cores: u32, c
     } else {
         plain_sampled as f64 / payload_sampled as f64
     };
-    let share = if cpu_share.is_finite() { cpu_share.clamp(0.05, 1.0) } else { 1.0 };
+    let share = if cpu_share.is_finite() {
+        cpu_share.clamp(0.05, 1.0)
+    } else {
+        1.0
+    };
     let seal_rate = if seal_secs > 0.0 {
         plain_sampled as f64 / seal_secs * share
     } else {
@@ -538,7 +542,11 @@ pub fn estimate_with_share(disks: &[DiskSample], link: &LinkModel, cores: u32, c
         zero,
         hash_rate * f64::from(cores.max(1)),
     );
-    let limit = if sim.cpu_limited_secs * 2.0 > sim.secs { "CPU" } else { "link" };
+    let limit = if sim.cpu_limited_secs * 2.0 > sim.secs {
+        "CPU"
+    } else {
+        "link"
+    };
     LiftEstimate {
         logical_bytes: logical,
         zero_bytes: zero.round() as u64,
@@ -635,7 +643,10 @@ mod tests {
         assert!(s.hash_secs > 0.0);
         // 4 of the 6 data chunks, at each level; the sealer is left at its own.
         assert_eq!(s.levels.iter().map(|l| l.level).collect::<Vec<_>>(), [1, 6, 12]);
-        assert!(s.levels.iter().all(|l| l.plain_bytes == s.levels[0].plain_bytes && l.seal_secs > 0.0));
+        assert!(s
+            .levels
+            .iter()
+            .all(|l| l.plain_bytes == s.levels[0].plain_bytes && l.seal_secs > 0.0));
         assert!(s.levels[2].payload_bytes <= s.levels[0].payload_bytes, "{:?}", s.levels);
         assert_eq!(sealer.level(), gateway::chunk::DEFAULT_ZSTD_LEVEL);
     }
@@ -693,7 +704,10 @@ mod tests {
         // 10 Gbit/s: the cores are the limit at level 1 and it stays there.
         let sim = simulate(10_000.0 * MB, 1250.0 * MB, &curve(), 2, Compression::default());
         assert_eq!((sim.highest_level, sim.final_level), (1, 1));
-        assert!((sim.secs - 10.0).abs() < 1e-6 && sim.cpu_limited_secs == sim.secs, "{sim:?}");
+        assert!(
+            (sim.secs - 10.0).abs() < 1e-6 && sim.cpu_limited_secs == sim.secs,
+            "{sim:?}"
+        );
     }
 
     #[test]
@@ -751,7 +765,10 @@ mod tests {
         // On a 10 Gbit/s link the two cores are the limit, at level 1.
         let e = estimate(std::slice::from_ref(&disk), &link(10_000.0, 1), 2);
         assert_eq!((e.limit, e.zstd_final_level), ("CPU", 1));
-        assert!((e.transfer_secs - 25.0 * gib as f64 / (2.0 * 500e6)).abs() < 1e-3, "{e:?}");
+        assert!(
+            (e.transfer_secs - 25.0 * gib as f64 / (2.0 * 500e6)).abs() < 1e-3,
+            "{e:?}"
+        );
 
         // An all-zero disk costs only the fixed part.
         let empty = DiskSample {

@@ -257,10 +257,16 @@ mod tests {
             ]
         );
 
-        assert!(live_migration(&rtt(150.0, 150.0), 250.0).pass, "the limits themselves pass");
+        assert!(
+            live_migration(&rtt(150.0, 150.0), 250.0).pass,
+            "the limits themselves pass"
+        );
         let v = live_migration(&rtt(180.0, 181.0), 900.0);
         assert!(!v.pass);
-        assert_eq!(v.reasons[0], "RTT min 180.0 ms (mean 181.0) exceeds 150 ms (+1 ms for the hosts)");
+        assert_eq!(
+            v.reasons[0],
+            "RTT min 180.0 ms (mean 181.0) exceeds 150 ms (+1 ms for the hosts)"
+        );
         let v = live_migration(&rtt(20.0, 20.0), 95.0);
         assert!(!v.pass);
         assert_eq!(v.reasons[1], "upload 95.0 Mbit/s is below 250 Mbit/s per migration");
@@ -272,7 +278,10 @@ mod tests {
         // a millisecond, and queueing behind other pings raises the mean.
         let v = live_migration(&rtt(150.2, 150.7), 300.0);
         assert!(v.pass, "{v:?}");
-        assert_eq!(v.reasons[0], "RTT min 150.2 ms (mean 150.7) <= 150 ms (+1 ms for the hosts)");
+        assert_eq!(
+            v.reasons[0],
+            "RTT min 150.2 ms (mean 150.7) <= 150 ms (+1 ms for the hosts)"
+        );
         let v = live_migration(&rtt(150.9, 150.9), 300.0);
         assert!(v.pass, "{v:?}");
         // The mean does not decide: a loaded path at 150 ms still passes...
@@ -280,7 +289,10 @@ mod tests {
         // ...but a path whose fastest ping is past the tolerance does not.
         let v = live_migration(&rtt(151.2, 151.4), 300.0);
         assert!(!v.pass);
-        assert_eq!(v.reasons[0], "RTT min 151.2 ms (mean 151.4) exceeds 150 ms (+1 ms for the hosts)");
+        assert_eq!(
+            v.reasons[0],
+            "RTT min 151.2 ms (mean 151.4) exceeds 150 ms (+1 ms for the hosts)"
+        );
     }
 
     #[test]
