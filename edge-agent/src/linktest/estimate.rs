@@ -759,8 +759,14 @@ mod tests {
         let readback = 25.0 * gib as f64 / (2.0 * (64 << 20) as f64 / 0.04) + 75.0 * gib as f64 / 4e9;
         assert!((f.readback_secs - readback).abs() < 1e-6, "{f:?}");
         assert!((e.lift_secs - e.transfer_secs - f.total_secs).abs() < 1e-9);
-        assert!(e.transfer_secs >= e.network_secs - 1e-6, "{e:?}");
-        assert_eq!(e.wire_bytes, (e.payload_bytes as f64 * 1.03).round() as u64);
+        // Link-limited: the transfer is the payload at the link's rate (chunk
+        // headers apportioned at level 1's ratio, hence not to the byte).
+        assert!(
+            (e.transfer_secs - e.network_secs).abs() < e.network_secs * 1e-3,
+            "{e:?}"
+        );
+        // Both from the unrounded payload: within a byte of each other.
+        assert!(e.wire_bytes.abs_diff((e.payload_bytes as f64 * 1.03).round() as u64) <= 1);
 
         // On a 10 Gbit/s link the two cores are the limit, at level 1.
         let e = estimate(std::slice::from_ref(&disk), &link(10_000.0, 1), 2);

@@ -572,3 +572,18 @@ impl Counted {
         (g.1, micros)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_streams_cover_the_path_as_a_migration_does() {
+        // A LAN: the fewest a migration opens.
+        assert_eq!(probe_streams(Duration::from_micros(300)), 4);
+        // 150 ms: 16 x 1.25 MB a round trip is ~1 Gbit/s; 4 held it to ~266 Mbit/s.
+        assert_eq!(probe_streams(Duration::from_millis(150)), MAX_PROBE_STREAMS);
+        // 40 ms at 1 Gbit/s: 5 MB in flight, 3 x that over 1.25 MB windows, plus one.
+        assert_eq!(probe_streams(Duration::from_millis(40)), 13);
+    }
+}
