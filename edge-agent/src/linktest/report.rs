@@ -178,7 +178,7 @@ impl LinkReport {
             ));
             let f = &e.fixed;
             line(format!(
-                "  fixed: setup {} ({} RTT: handshake, login, plan), ramp {} (5/6 of a climb from {} Mbit/s, x{} a round trip), \
+                "  fixed: setup {} ({} RTT: handshake, login, plan), ramp {} (0.6 of a climb from {} Mbit/s, x{} a round trip), \
                  read-back {}, commit {} ({} RTT, {} s local, the datastore's sync)",
                 fmt_duration(f.setup_secs),
                 super::estimate::SETUP_RTTS,
