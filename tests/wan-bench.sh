@@ -24,6 +24,13 @@
 #                                  link is up, so the QUIC sockets get the 8 MiB they ask
 #                                  for (TCP gets 64 MiB inside the namespaces); "" keeps them
 #   BENCH_BUILD=1                  cargo build --release --workspace first (0: use target/)
+#   BENCH_BIN=target/release       where the binaries are (a copy, to measure one build while
+#                                  another compiles)
+#   BENCH_MODE=baselines           "forecast": no baselines; per link of BENCH_FORECAST_LINKS,
+#                                  `edge-agent link-test --vm` then the real lift right after,
+#                                  and the forecast's error against the lift's wall time
+#   BENCH_FORECAST_LINKS="20mbit:0 100mbit:0 100mbit:0.01"   rate:loss of each forecast case
+#   BENCH_LINKTEST_SECS=5          link-test --seconds in forecast mode
 #   BENCH_KEEP=1                   keep the run's temp dir (logs, copies)
 #
 # Per case: wall time, logical rate (MB/s of the image), the link's use (bytes that
@@ -45,12 +52,16 @@ BENCH_TIMEOUT=${BENCH_TIMEOUT:-60}
 BENCH_LIFT_TIMEOUT=${BENCH_LIFT_TIMEOUT:-900}
 BENCH_FAST_RATE=${BENCH_FAST_RATE:-500mbit}
 BENCH_UDP_MEM_MAX=${BENCH_UDP_MEM_MAX-8388608}
+BENCH_MODE=${BENCH_MODE:-baselines}
+BENCH_FORECAST_LINKS=${BENCH_FORECAST_LINKS:-20mbit:0 100mbit:0 100mbit:0.01}
+BENCH_LINKTEST_SECS=${BENCH_LINKTEST_SECS:-5}
 log() { printf '[wan-bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces, tc, iptables, sshd, apt-get)"
 [[ $BENCH_SIZE =~ ^[0-9]+[KMGT]?$ ]] || die "BENCH_SIZE=$BENCH_SIZE is not like 1G or 256M"
 [[ $BENCH_TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "BENCH_TIMEOUT=$BENCH_TIMEOUT is not a number of seconds"
+case $BENCH_MODE in baselines|forecast) ;; *) die "BENCH_MODE=$BENCH_MODE: use baselines or forecast" ;; esac
 
 # --- tools (install only what is missing; wan.sh installs iptables/iproute2 itself) ------
 need_pkgs=()
@@ -105,7 +116,7 @@ if [ "${BENCH_BUILD:-1}" = 1 ]; then
   log "cargo build --release --workspace"
   (cd "$root" && cargo build --release --workspace --quiet)
 fi
-bin=$root/target/release
+bin=${BENCH_BIN:-$root/target/release}
 for b in edge-agent cloud-endpoint certs wan-relay; do [ -x "$bin/$b" ] || die "no $bin/$b (cargo build --release --workspace)"; done
 
 mkdir -p "$BENCH_DIR"
@@ -247,7 +258,7 @@ lift() { # rate loss rtt
   "$wan" exec onprem timeout "$BENCH_LIFT_TIMEOUT" "$bin/edge-agent" migrate --vmx "$tmp/vm/bench.vmx" \
     --url quic://10.77.2.2:4433 --user migrator@cloud.local --password 'VMware1!Cloud' \
     --ca-bundle "$tmp/pki/ca.pem" --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" \
-    --name "$name" --link-rate "$1" --link-rtt "$((2 * BENCH_DELAY_MS))ms" --receipt "$tmp/$name.receipt.json" \
+    --name "$name" --link-rate "${lift_rate:-$1}" --link-rtt "$((2 * BENCH_DELAY_MS))ms" --receipt "$tmp/$name.receipt.json" \
     --json >"$out" 2>"$tmp/lift.$lift_n.log" || rc=$?
   t1=$(now)
   local wall rx summary
@@ -297,6 +308,57 @@ baseline() { # rate loss rtt tool cc
   fi
   rm -f "$dst"
 }
+
+# --- forecast mode: link-test --vm against the lift that follows it ----------------------
+# The forecast is what a user reads before a lift: `link-test --vm` on the same link, its
+# `lift_secs` (transfer and fixed costs) against the wall time of `migrate` run right
+# after with the figures link-test recommends (--link-rate from its measured rate).
+forecast_case() { # rate loss
+  local lt=$tmp/linktest.$((lift_n + 1)).json rc=0 forecast mbit
+  "$wan" exec onprem "$bin/edge-agent" link-test --url quic://10.77.2.2:4433 \
+    --ca-bundle "$tmp/pki/ca.pem" --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" \
+    --seconds "$BENCH_LINKTEST_SECS" --vm "$tmp/vm/bench.vmx" --json >"$lt" 2>"$lt.log" || rc=$?
+  [ "$rc" = 0 ] || { cat "$lt.log" >&2; die "link-test failed (exit $rc)"; }
+  forecast=$(jq '.vm.estimate.lift_secs' "$lt")
+  mbit=$(jq '.upload.steady_mbit_s | round' "$lt")
+  log "link-test: $(jq -c '{rtt_min_ms: .rtt.min_ms, rtt_mean_ms: .rtt.mean_ms, streams, up_steady: .upload.steady_mbit_s, up_whole: .upload.mbit_s, live: .live_migration.pass, forecast_s: .vm.estimate.lift_secs, levels: .vm.estimate.zstd_levels, ratio: .vm.estimate.compression_ratio}' "$lt")"
+  # The lift as link-test tells the user to run it.
+  lift_rate=${mbit}mbit lift "$1" "$2" "$rtt"
+  jq -c --slurpfile lt "$lt" --argjson forecast "$forecast" '
+    select(.tool == "lift") | . + {forecast_s: $forecast,
+      forecast_error: (if .complete then ($forecast - .wall_s) / .wall_s else null end),
+      linktest: ($lt[0] | {rtt_min_ms: .rtt.min_ms, rtt_mean_ms: .rtt.mean_ms, streams,
+        upload_steady_mbit_s: .upload.steady_mbit_s, upload_whole_mbit_s: .upload.mbit_s,
+        upload_loss_percent: .upload.loss_percent, live_migration: .live_migration,
+        estimate: (.vm.estimate | del(.level_curve))})}' <<<"$(tail -n1 "$tmp/cases.jsonl")" >>"$tmp/forecast.jsonl"
+  log "$(tail -n1 "$tmp/forecast.jsonl" | jq -r '"forecast \(.forecast_s*10|round/10) s, lift \(.wall_s*10|round/10) s: error \(if .forecast_error then "\(.forecast_error*1000|round/10) %" else "-" end)"')"
+}
+
+if [ "$BENCH_MODE" = forecast ]; then
+  lift_n=0
+  log "image $img ($size B); forecast cases: $BENCH_FORECAST_LINKS"
+  for case in $BENCH_FORECAST_LINKS; do
+    start_link "${case%%:*}" "${case#*:}"
+    forecast_case "${case%%:*}" "${case#*:}"
+    stop_link "$case"
+  done
+  r=$BENCH_DIR/wan-forecast.json
+  jq -n --slurpfile cases "$tmp/forecast.jsonl" --slurpfile links "$tmp/links.jsonl" --argjson size "$size" \
+    --arg image "$img" --arg delay "$BENCH_DELAY_MS" \
+    --arg rev "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)" '
+    {date: (now | todate), git: $rev, image: $image, logical_bytes: $size, one_way_delay_ms: ($delay | tonumber),
+     cores: '"$(nproc)"', cases: $cases, emulator: $links}' >"$r"
+  echo
+  echo "link-test --vm forecast vs the lift: $(jq -r '"\(.logical_bytes) B image (\(.image)), \(.one_way_delay_ms) ms each way, git \(.git)"' "$r")"
+  echo
+  echo "| rate | loss | RTT min/mean ms | streams | probe Mbit/s (whole phase) | zstd level / ratio forecast | ratio real | forecast s | lift s | error |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  jq -r '.cases[] | "| \(.rate) | \(.loss * 100)% | \(.linktest.rtt_min_ms * 10 | round / 10) / \(.linktest.rtt_mean_ms * 10 | round / 10) | \(.linktest.streams) | \(.linktest.upload_steady_mbit_s * 10 | round / 10) (\(.linktest.upload_whole_mbit_s * 10 | round / 10)) | \(.linktest.estimate.zstd_final_level) / \(.linktest.estimate.compression_ratio * 100 | round / 100) | \(if .complete then (.logical_bytes - .zero_bytes) / .payload_bytes * 100 | round / 100 else "-" end) | \(.forecast_s * 10 | round / 10) | \(.wall_s * 10 | round / 10)\(if .complete then "" else " (cut)" end) | \(if .forecast_error then "\(.forecast_error * 1000 | round / 10) %" else "-" end) |"' "$r"
+  echo
+  jq -r '.cases[] | "\(.rate) loss \(.loss * 100)%: live migration class \(if .linktest.live_migration.pass then "PASS" else "FAIL" end): \(.linktest.live_migration.reasons | join(", ")); forecast transfer \(.linktest.estimate.transfer_secs * 10 | round / 10) s + fixed \(.linktest.estimate.fixed.total_secs * 10 | round / 10) s; lift payload \(.payload_bytes) B vs forecast \(.linktest.estimate.payload_bytes) B"' "$r"
+  echo "results: $r"
+  exit 0
+fi
 
 host_cc=$(sysctl -n net.ipv4.tcp_congestion_control)
 allow_ccs

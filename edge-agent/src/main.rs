@@ -1160,9 +1160,10 @@ struct LinkTestArgs {
     #[arg(long, default_value_t = edge_agent::linktest::MIN_PINGS,
           value_parser = clap::value_parser!(u32).range(i64::from(edge_agent::linktest::MIN_PINGS)..=1000))]
     pings: u32,
-    /// Traffic streams per direction (a migration opens 4 to 16, to cover the path).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=4))]
-    streams: u8,
+    /// Traffic streams per direction, 1 to 16. Default: as many as a migration opens on
+    /// this path (4 on a LAN, 16 at 150 ms), from the handshake's round trip.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=16))]
+    streams: Option<u8>,
     /// A VM (.vmx, .ovf or .ova) whose lift time over this link to estimate.
     #[arg(long)]
     vm: Option<PathBuf>,

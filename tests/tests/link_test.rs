@@ -51,7 +51,11 @@ async fn loopback_link_is_measured_passes_the_live_class_and_estimates_a_vm() {
     let text = r.to_text();
     println!("{text}");
 
-    assert_eq!((r.upload_secs, r.download_secs, r.streams), (1, 1, 4));
+    assert_eq!((r.upload_secs, r.download_secs), (1, 1));
+    // As many streams as a migration opens on this path: 4 on loopback, unless
+    // a loaded machine stretched the handshake's round trip past 10 ms.
+    assert!((4..=16).contains(&r.streams), "{}", r.streams);
+    assert!(r.upload.steady_mbit_s > 0.0 && r.download.steady_mbit_s > 0.0);
     assert!(r.clamped.is_empty(), "{:?}", r.clamped);
     assert!(r.endpoint.contains("esx-cloud-01.local"), "{}", r.endpoint);
     assert_eq!(r.rtt.pings, 20);

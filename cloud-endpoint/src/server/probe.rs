@@ -501,8 +501,8 @@ mod tests {
 
     #[test]
     fn requests_beyond_limits_are_clamped_and_say_so() {
-        let g = grant(60, 0, 9, 10);
-        assert_eq!((g.upload_secs, g.download_secs, g.streams), (10, 1, 4));
+        let g = grant(60, 0, 40, 10);
+        assert_eq!((g.upload_secs, g.download_secs, g.streams), (10, 1, 16));
         assert_eq!(g.clamped.len(), 3, "{:?}", g.clamped);
         assert!(
             g.clamped[0].contains("upload of 60 s clamped to 10 s"),
@@ -510,7 +510,7 @@ mod tests {
             g.clamped
         );
         assert!(g.clamped[0].contains("link_test.max_seconds"), "{:?}", g.clamped);
-        assert!(g.clamped[2].contains("9 streams clamped to 4"), "{:?}", g.clamped);
+        assert!(g.clamped[2].contains("40 streams clamped to 16"), "{:?}", g.clamped);
     }
 
     #[test]

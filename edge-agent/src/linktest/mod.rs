@@ -3,10 +3,12 @@
 //!
 //! ```text
 //! probe stream  Request -> Accepted; Ping -> Pong (x N): RTT, jitter
-//! upload        4 uni streams of random bytes for --seconds; the cloud
+//! upload        N uni streams of random bytes for --seconds; the cloud
 //!               counts first..last byte; loss from this side's quinn stats
-//! download      4 bidi streams the edge opens, the cloud writes; counted
+//! download      N bidi streams the edge opens, the cloud writes; counted
 //!               here; loss from the cloud's stats in its result
+//!               (N covers the path as a migration's data streams do:
+//!               4 on a LAN, 16 at 150 ms)
 //! at the end    quinn's smoothed RTT and path MTU (after discovery)
 //! ```
 //! The arithmetic (statistics, verdict, lift estimate) is in [`stats`] and
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use gateway::chunk::{Sealer, DEFAULT_ZSTD_LEVEL};
 use gateway::plan::DEFAULT_CHUNK_SIZE;
-use gateway::transport::{self, ControlReader, ControlWriter, TransportError, TransportTuning};
+use gateway::transport::{self, ControlReader, ControlWriter, PathEstimate, TransportError, TransportTuning};
 use gateway::wire::probe::{CloudProbe, EdgeProbe, PathReport, MAX_PROBE_STREAMS};
 use gateway::wire::{Preamble, RefusalCode, StreamKind};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -38,6 +40,8 @@ const BLOCK: usize = 256 * 1024;
 /// Pause between pings, so they sample the path over a moment rather than
 /// one burst.
 const PING_GAP: Duration = Duration::from_millis(10);
+/// How often a phase's progress is sampled for its steady rate.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Longest wait for any single answer of the endpoint beyond the measured time.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -48,8 +52,9 @@ pub struct LinkTestOptions {
     pub seconds: u32,
     /// Application pings (at least [`MIN_PINGS`]).
     pub pings: u32,
-    /// Traffic streams per direction (1 to 4; a migration opens 4 to 16, to cover the path).
-    pub streams: u8,
+    /// Traffic streams per direction (1 to 16); `None` covers the path as a
+    /// migration's data streams do ([`probe_streams`]).
+    pub streams: Option<u8>,
     /// A VM (.vmx, .ovf, .ova) whose lift time to estimate on this link.
     pub vm: Option<PathBuf>,
     /// This agent's name in the endpoint's logs.
@@ -62,7 +67,7 @@ impl Default for LinkTestOptions {
         LinkTestOptions {
             seconds: 5,
             pings: MIN_PINGS,
-            streams: MAX_PROBE_STREAMS,
+            streams: None,
             vm: None,
             agent: "edge-agent".into(),
             tuning: TransportTuning::default(),
@@ -128,13 +133,13 @@ pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, 
     let vm = match &opts.vm {
         Some(path) => {
             let vm = source::open_vm(path)?;
-            let disks = tokio::task::spawn_blocking({
+            let (disks, share) = tokio::task::spawn_blocking({
                 let vm = vm.clone();
                 move || sample_vm(&vm)
             })
             .await
             .map_err(|e| LinkTestError::Read(e.to_string()))??;
-            Some((vm.name, disks))
+            Some((vm.name, disks, share))
         }
         None => None,
     };
@@ -150,9 +155,18 @@ pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, 
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     let m = result?;
 
-    let upload_mbit_s = m.upload.mbit_s;
-    let vm = vm.map(|(name, disks)| {
-        let estimate = estimate::estimate(&disks, upload_mbit_s, m.wire_overhead, estimate::CORES);
+    // The rate a migration's transfer sees once its window is open: the
+    // phase's first round trips climb from a cold start, which `migrate
+    // --link-rate` skips (and the forecast counts apart, as its ramp).
+    let upload_mbit_s = m.upload.steady_mbit_s;
+    let vm = vm.map(|(name, disks, cpu_share)| {
+        let link = estimate::LinkModel {
+            upload_mbit_s,
+            wire_overhead: m.wire_overhead,
+            rtt: Duration::from_secs_f64(m.rtt.min_ms / 1e3),
+            compression: crate::compression::Compression::default(),
+        };
+        let estimate = estimate::estimate_with_share(&disks, &link, estimate::CORES, cpu_share);
         VmReport { name, disks, estimate }
     });
     Ok(LinkReport {
@@ -162,7 +176,7 @@ pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, 
         download_secs: m.download_secs,
         streams: m.streams,
         clamped: m.clamped,
-        live_migration: stats::live_migration(m.rtt.mean_ms, upload_mbit_s),
+        live_migration: stats::live_migration(&m.rtt, upload_mbit_s),
         bulk_lift: BulkLift {
             pass: true,
             secs_per_100_gib: report::secs_per_100_gib(upload_mbit_s),
@@ -181,10 +195,31 @@ pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, 
     })
 }
 
-/// Samples every disk of `vm` as [`estimate::sample_disk`] does.
-fn sample_vm(vm: &source::SourceVm) -> Result<Vec<estimate::DiskSample>, LinkTestError> {
+/// Traffic streams that cover a path of `rtt` as `migrate`'s data streams
+/// do when the rate is not known yet ([`TransportTuning::for_path`] at
+/// [`PathEstimate::DEFAULT`]'s 1 Gbit/s): each stream has at most a 1.25 MB
+/// window in flight, so four streams cap a 150 ms path at ~266 Mbit/s, less
+/// than a migration reaches there.
+pub fn probe_streams(rtt: Duration) -> u8 {
+    let tuning = TransportTuning::for_path(PathEstimate {
+        rtt,
+        ..PathEstimate::DEFAULT
+    });
+    tuning.data_streams.clamp(1, usize::from(MAX_PROBE_STREAMS)) as u8
+}
+
+/// Samples every disk of `vm` as [`estimate::sample_disk`] does; and the
+/// share of the cores sealing gets on this machine now
+/// ([`estimate::parallel_share`], on a few of the first disk's data chunks).
+fn sample_vm(vm: &source::SourceVm) -> Result<(Vec<estimate::DiskSample>, f64), LinkTestError> {
     let mut sealer = Sealer::new(DEFAULT_ZSTD_LEVEL).map_err(|e| LinkTestError::Read(e.to_string()))?;
     let mut out = Vec::with_capacity(vm.disks.len());
+    let mut calibration = Vec::new();
+    // Every level `migrate --zstd-level auto` may choose.
+    let levels: Vec<i32> = match crate::compression::Compression::default() {
+        crate::compression::Compression::Adaptive { min, max } => (min..=max).collect(),
+        crate::compression::Compression::Fixed(l) => vec![l],
+    };
     for d in &vm.disks {
         let reader = open_source_disk(d)?;
         let sample = estimate::sample_disk(
@@ -193,11 +228,39 @@ fn sample_vm(vm: &source::SourceVm) -> Result<Vec<estimate::DiskSample>, LinkTes
             u64::from(DEFAULT_CHUNK_SIZE),
             estimate::MAX_SAMPLES,
             &mut sealer,
+            &levels,
+            estimate::LEVEL_SAMPLES,
         )
         .map_err(|e| LinkTestError::Read(format!("{}: {e}", d.path.display())))?;
+        if calibration.is_empty() {
+            calibration = calibration_chunks(reader.as_ref(), &sample);
+        }
         out.push(sample);
     }
-    Ok(out)
+    let share = estimate::parallel_share(&calibration, DEFAULT_ZSTD_LEVEL, estimate::CORES);
+    Ok((out, share))
+}
+
+/// Up to 8 non-zero chunks of a sampled disk, spread over it, to seal on all
+/// cores at once.
+fn calibration_chunks(disk: &dyn source::DiskReader, s: &estimate::DiskSample) -> Vec<Vec<u8>> {
+    let mut chunks = Vec::new();
+    for index in estimate::sample_indexes(s.chunks, estimate::MAX_SAMPLES) {
+        if chunks.len() == 8 {
+            break;
+        }
+        let offset = index * s.chunk_size;
+        let len = s.chunk_size.min(s.capacity - offset);
+        if disk.is_hole(offset, len) {
+            continue;
+        }
+        let mut buf = vec![0; len as usize];
+        if disk.read_at(offset, &mut buf).is_err() || gateway::chunk::is_zero(&buf) {
+            continue;
+        }
+        chunks.push(buf);
+    }
+    chunks
 }
 
 /// What the connection measured, before the verdicts.
@@ -260,12 +323,15 @@ fn unexpected(msg: &CloudProbe, doing: &str) -> LinkTestError {
 
 async fn measure(conn: &quinn::Connection, opts: &LinkTestOptions) -> Result<Measured, LinkTestError> {
     let mut probe = Probe::open(conn).await?;
+    // The handshake's round trip sizes the streams: the pings come after the
+    // request that names them.
+    let streams = opts.streams.unwrap_or_else(|| probe_streams(conn.rtt()));
     probe
         .send(&EdgeProbe::Request {
             agent: opts.agent.clone(),
             upload_secs: opts.seconds,
             download_secs: opts.seconds,
-            streams: opts.streams,
+            streams,
         })
         .await?;
     let (endpoint, upload_secs, download_secs, streams, clamped) = match probe
@@ -312,7 +378,23 @@ async fn measure(conn: &quinn::Connection, opts: &LinkTestOptions) -> Result<Mea
         .fill(&mut block)
         .map_err(|_| LinkTestError::Protocol("the system random source failed".into()))?;
     let block: Arc<[u8]> = block.into();
-    let deadline = Instant::now() + Duration::from_secs(upload_secs.into());
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(upload_secs.into());
+    // What this side sent (less what was lost) while the streams were full:
+    // the rate over the phase's second half, past the cold start.
+    let sampler = tokio::spawn({
+        let conn = conn.clone();
+        async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(SAMPLE_EVERY);
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let s = conn.stats();
+                samples.push((Instant::now(), s.udp_tx.bytes.saturating_sub(s.path.lost_bytes)));
+            }
+            samples
+        }
+    });
     let mut writers = tokio::task::JoinSet::new();
     for _ in 0..streams {
         let mut send = conn.open_uni().await.map_err(TransportError::from)?;
@@ -356,12 +438,36 @@ async fn measure(conn: &quinn::Connection, opts: &LinkTestOptions) -> Result<Mea
     } else {
         1.0
     };
-    let upload = direction(up_bytes, up_micros, up_sent, up_lost, cut);
+    let up_samples = sampler.await.map_err(|e| LinkTestError::Protocol(e.to_string()))?;
+    // Stream bytes per delivered UDP byte over the whole phase converts the
+    // second half's UDP rate to stream goodput.
+    let delivered = udp_bytes.saturating_sub(after.path.lost_bytes.saturating_sub(before.path.lost_bytes));
+    let stream_share = if delivered > 0 {
+        up_bytes as f64 / delivered as f64
+    } else {
+        1.0
+    };
+    let up_steady = stats::steady_mbit_s(&up_samples, started).map(|r| r * stream_share.min(1.0));
+    let upload = direction(up_bytes, up_micros, up_sent, up_lost, cut, up_steady);
 
     // Download: the endpoint writes on bidi streams this side opens (the edge
     // accepts no streams); counted here, losses from the endpoint's stats.
     probe.send(&EdgeProbe::DownloadStart).await?;
     let counted = Arc::new(Counted::default());
+    let down_started = Instant::now();
+    let down_deadline = down_started + Duration::from_secs(download_secs.into());
+    let down_sampler = tokio::spawn({
+        let counted = counted.clone();
+        async move {
+            let mut samples = Vec::new();
+            let mut tick = tokio::time::interval(SAMPLE_EVERY);
+            while Instant::now() < down_deadline {
+                tick.tick().await;
+                samples.push((Instant::now(), counted.total().0));
+            }
+            samples
+        }
+    });
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..streams {
         let (mut send, mut recv) = conn.open_bi().await.map_err(TransportError::from)?;
@@ -396,7 +502,16 @@ async fn measure(conn: &quinn::Connection, opts: &LinkTestOptions) -> Result<Mea
         other => return Err(unexpected(&other, "waiting for the download's result")),
     };
     let (down_bytes, down_micros) = counted.total();
-    let download = direction(down_bytes, down_micros, path.sent_packets, path.lost_packets, false);
+    let down_samples = down_sampler.await.map_err(|e| LinkTestError::Protocol(e.to_string()))?;
+    let down_steady = stats::steady_mbit_s(&down_samples, down_started);
+    let download = direction(
+        down_bytes,
+        down_micros,
+        path.sent_packets,
+        path.lost_packets,
+        false,
+        down_steady,
+    );
 
     probe.send(&EdgeProbe::Done).await?;
     probe.writer.finish();
@@ -416,11 +531,15 @@ async fn measure(conn: &quinn::Connection, opts: &LinkTestOptions) -> Result<Mea
     })
 }
 
-fn direction(bytes: u64, micros: u64, sent: u64, lost: u64, cut: bool) -> Direction {
+/// `steady_mbit_s`: the rate over the phase's second half, if it could be
+/// sampled; else the whole phase's.
+fn direction(bytes: u64, micros: u64, sent: u64, lost: u64, cut: bool, steady_mbit_s: Option<f64>) -> Direction {
+    let mbit_s = stats::mbit_per_s(bytes, micros);
     Direction {
         bytes,
         secs: micros as f64 / 1e6,
-        mbit_s: stats::mbit_per_s(bytes, micros),
+        mbit_s,
+        steady_mbit_s: steady_mbit_s.filter(|r| r.is_finite() && *r > 0.0).unwrap_or(mbit_s),
         sent_packets: sent,
         lost_packets: lost,
         loss_percent: stats::loss_percent(lost, sent),
@@ -451,5 +570,20 @@ impl Counted {
             _ => 0,
         };
         (g.1, micros)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_streams_cover_the_path_as_a_migration_does() {
+        // A LAN: the fewest a migration opens.
+        assert_eq!(probe_streams(Duration::from_micros(300)), 4);
+        // 150 ms: 16 x 1.25 MB a round trip is ~1 Gbit/s; 4 held it to ~266 Mbit/s.
+        assert_eq!(probe_streams(Duration::from_millis(150)), MAX_PROBE_STREAMS);
+        // 40 ms at 1 Gbit/s: 5 MB in flight, 3 x that over 1.25 MB windows, plus one.
+        assert_eq!(probe_streams(Duration::from_millis(40)), 13);
     }
 }

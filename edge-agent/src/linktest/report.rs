@@ -13,7 +13,11 @@ pub struct Direction {
     /// Stream bytes received, from the first to the last byte.
     pub bytes: u64,
     pub secs: f64,
+    /// From the first to the last byte.
     pub mbit_s: f64,
+    /// Over the phase's second half, once the congestion window is open: the
+    /// rate verdicts and forecasts use.
+    pub steady_mbit_s: f64,
     /// The sender's packets over the phase (quinn path statistics).
     pub sent_packets: u64,
     pub lost_packets: u64,
@@ -95,7 +99,14 @@ impl LinkReport {
         line(format!(
             "{:<16} {:<28} {}",
             "throughput",
-            format!("{}{}", fmt_rate(u.mbit_s), cut(u)),
+            format!("{}{}", fmt_rate(u.steady_mbit_s), cut(u)),
+            fmt_rate(d.steady_mbit_s)
+        ));
+        // The whole phase includes the cold start of its first round trips.
+        line(format!(
+            "{:<16} {:<28} {}",
+            "  whole phase",
+            fmt_rate(u.mbit_s),
             fmt_rate(d.mbit_s)
         ));
         let moved = |d: &Direction| format!("{} in {:.2} s", human_short(d.bytes), d.secs);
@@ -123,39 +134,61 @@ impl LinkReport {
         line(format!(
             "bulk lift: PASS (any link works): 100 GiB of payload (compressed, zeros skipped) takes {} at {}",
             fmt_duration(self.bulk_lift.secs_per_100_gib),
-            fmt_rate(u.mbit_s)
+            fmt_rate(u.steady_mbit_s)
         ));
         // What `migrate` should size its windows and first round trip for.
         line(format!(
             "for migrate on this link: --link-rate {}mbit --link-rtt {}ms",
-            u.mbit_s.round().max(1.0),
+            u.steady_mbit_s.round().max(1.0),
             self.rtt.min_ms.ceil().max(1.0)
         ));
         if let Some(vm) = &self.vm {
             let e = &vm.estimate;
             line(format!(
-                "VM {} ({} disk{}, {}): lift takes about {}, limited by the {}",
+                "VM {} ({} disk{}, {}): lift takes about {} (transfer {}, limited by the {}; fixed costs {})",
                 vm.name,
                 vm.disks.len(),
                 if vm.disks.len() == 1 { "" } else { "s" },
                 human_short(e.logical_bytes),
                 fmt_duration(e.lift_secs),
-                e.limit
+                fmt_duration(e.transfer_secs),
+                e.limit,
+                fmt_duration(e.fixed.total_secs)
             ));
             line(format!(
-                "  {:.1} % zero (never sent), zstd ratio {:.2} on the rest: {} payload, about {} on the wire",
+                "  {:.1} % zero (never sent); zstd level {} at first, {} once settled (migrate's auto level on this \
+                 link): ratio {:.2} over the lift ({:.2} at level 1); {} payload, about {} on the wire",
                 e.zero_fraction * 100.0,
+                e.zstd_levels.0,
+                e.zstd_final_level,
                 e.compression_ratio,
+                e.level1_ratio,
                 human_short(e.payload_bytes),
                 human_short(e.wire_bytes)
             ));
             line(format!(
-                "  link {} at {}; CPU {} at {:.0} MB/s per core (SHA-256 + zstd) x {} cores",
+                "  link {} at {}; CPU {} at {:.0} MB/s per core at level 1 (SHA-256 + zstd) x {} cores \
+                 ({:.0} % of them free now)",
                 fmt_duration(e.network_secs),
-                fmt_rate(u.mbit_s),
+                fmt_rate(u.steady_mbit_s),
                 fmt_duration(e.cpu_secs),
                 e.seal_mb_s_per_core,
-                e.cores
+                e.cores,
+                e.cpu_share * 100.0
+            ));
+            let f = &e.fixed;
+            line(format!(
+                "  fixed: setup {} ({} RTT: handshake, login, plan), ramp {} (0.6 of a climb from {} Mbit/s, x{} a round trip), \
+                 read-back {}, commit {} ({} RTT, {} s local, the datastore's sync)",
+                fmt_duration(f.setup_secs),
+                super::estimate::SETUP_RTTS,
+                fmt_duration(f.ramp_secs),
+                super::estimate::RAMP_START_MBIT_S,
+                super::estimate::RAMP_GROWTH_PER_RTT,
+                fmt_duration(f.readback_secs),
+                fmt_duration(f.commit_secs),
+                super::estimate::COMMIT_RTTS,
+                super::estimate::LOCAL_SECS
             ));
             let sampled: Vec<String> = vm
                 .disks
@@ -164,12 +197,15 @@ impl LinkReport {
                 .collect();
             line(format!(
                 "  method: sampled {} evenly; holes and all-zero chunks are never sent; the rest sealed as \
-                 migrate does (zstd level {}); payload = data / ratio + chunk headers; time = the larger of \
-                 payload / upload rate and data / (per-core seal speed x {} cores); wire = payload x the \
-                 upload's measured overhead {:.3}",
+                 migrate does, and up to {} chunks per disk at each zstd level 1-{}; the transfer replays \
+                 migrate's adaptive level second by second (each second moves the smaller of upload rate x \
+                 the level's ratio and the level's seal speed x {} cores); time = transfer + fixed costs \
+                 (RTT {} from the pings' minimum); wire = payload x the upload's measured overhead {:.3}",
                 sampled.join(", "),
-                gateway::chunk::DEFAULT_ZSTD_LEVEL,
+                super::estimate::LEVEL_SAMPLES,
+                crate::compression::MAX_AUTO_LEVEL,
                 e.cores,
+                fmt_ms(self.rtt.min_ms),
                 self.wire_overhead
             ));
         }

@@ -1,7 +1,7 @@
 //! Link-test arithmetic with no I/O: RTT statistics, rates, loss, MTU and the
 //! verdict against what users of vMotion and HCX know.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -49,6 +49,22 @@ pub fn mbit_per_s(bytes: u64, micros: u64) -> f64 {
     bytes as f64 * 8.0 / micros as f64
 }
 
+/// Megabits per second over the second half of a phase that started at
+/// `start`, from `(time, cumulative bytes)` samples: the first round trips
+/// climb from a cold congestion window, which a migration told the link's
+/// rate skips. `None` with fewer than two samples in that half.
+pub fn steady_mbit_s(samples: &[(Instant, u64)], start: Instant) -> Option<f64> {
+    let end = samples.last()?.0;
+    let half = start + end.saturating_duration_since(start) / 2;
+    let from = samples.iter().find(|(t, _)| *t >= half)?;
+    let (t1, b1) = *samples.last()?;
+    let micros = t1.saturating_duration_since(from.0).as_micros() as u64;
+    if micros == 0 {
+        return None;
+    }
+    Some(mbit_per_s(b1.saturating_sub(from.1), micros))
+}
+
 /// Lost packets as a percentage of sent ones.
 pub fn loss_percent(lost: u64, sent: u64) -> f64 {
     if sent == 0 {
@@ -70,15 +86,25 @@ pub struct Verdict {
     pub reasons: Vec<String>,
 }
 
+/// Slack on [`LIVE_MAX_RTT_MS`] for what the hosts add to a round trip: an
+/// application ping crosses two QUIC stacks, TLS and two schedulers, which on
+/// a path of exactly 150 ms measure 150.2-150.9 ms. vMotion's limit is the
+/// network's, so a path at the limit passes instead of failing by a fraction
+/// of a millisecond no user could remove.
+pub const LIVE_RTT_TOLERANCE_MS: f64 = 1.0;
+
 /// The "live migration class": what vMotion asks of a long-distance link,
-/// measured with the mean ping RTT and the upload rate (a migration moves
-/// edge to cloud).
-pub fn live_migration(rtt_mean_ms: f64, upload_mbit_s: f64) -> Verdict {
-    let rtt_ok = rtt_mean_ms <= LIVE_MAX_RTT_MS;
+/// judged on the minimum ping RTT (the path's propagation delay: the mean
+/// also carries queueing and the hosts' scheduling, which a live migration's
+/// own traffic changes anyway) within [`LIVE_RTT_TOLERANCE_MS`], and the
+/// upload rate (a migration moves edge to cloud).
+pub fn live_migration(rtt: &RttStats, upload_mbit_s: f64) -> Verdict {
+    let rtt_ok = rtt.min_ms <= LIVE_MAX_RTT_MS + LIVE_RTT_TOLERANCE_MS;
     let rate_ok = upload_mbit_s >= LIVE_MIN_MBIT_S;
-    let rtt = format!(
-        "RTT {} {} {LIVE_MAX_RTT_MS:.0} ms",
-        fmt_ms(rtt_mean_ms),
+    let rtt_line = format!(
+        "RTT min {} (mean {}) {} {LIVE_MAX_RTT_MS:.0} ms (+{LIVE_RTT_TOLERANCE_MS:.0} ms for the hosts)",
+        fmt_ms_fine(rtt.min_ms),
+        fmt_ms_fine(rtt.mean_ms).trim_end_matches(" ms"),
         if rtt_ok { "<=" } else { "exceeds" }
     );
     let rate = format!(
@@ -88,7 +114,7 @@ pub fn live_migration(rtt_mean_ms: f64, upload_mbit_s: f64) -> Verdict {
     );
     Verdict {
         pass: rtt_ok && rate_ok,
-        reasons: vec![rtt, rate],
+        reasons: vec![rtt_line, rate],
     }
 }
 
@@ -122,6 +148,15 @@ pub fn fmt_ms(ms: f64) -> String {
         _ if ms < 1.0 => format!("{ms:.3} ms"),
         _ if ms < 100.0 => format!("{ms:.1} ms"),
         _ => format!("{ms:.0} ms"),
+    }
+}
+
+/// "0.084 ms", "150.2 ms": a tenth of a millisecond shown on long paths too,
+/// where a verdict against a limit turns on it.
+pub fn fmt_ms_fine(ms: f64) -> String {
+    match ms {
+        _ if ms < 1.0 => format!("{ms:.3} ms"),
+        _ => format!("{ms:.1} ms"),
     }
 }
 
@@ -169,6 +204,27 @@ mod tests {
     }
 
     #[test]
+    fn the_steady_rate_leaves_out_the_cold_start() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // 1 s at 10 Mbit/s, then 1 s at 100: the second half is 100.
+        let samples: Vec<_> = (0..=20u64)
+            .map(|i| {
+                let bytes = if i <= 10 {
+                    i * 125_000
+                } else {
+                    1_250_000 + (i - 10) * 1_250_000
+                };
+                (at(i * 100), bytes)
+            })
+            .collect();
+        let r = steady_mbit_s(&samples, t0).unwrap();
+        assert!((r - 100.0).abs() < 1e-9, "{r}");
+        assert_eq!(steady_mbit_s(&[], t0), None);
+        assert_eq!(steady_mbit_s(&[(at(0), 5)], t0), None);
+    }
+
+    #[test]
     fn rates_loss_and_mtu() {
         assert_eq!(mbit_per_s(125_000_000, 1_000_000), 1000.0);
         assert_eq!(mbit_per_s(5, 0), 0.0);
@@ -179,25 +235,75 @@ mod tests {
         assert_eq!(ip_mtu(1200, false), 1228);
     }
 
+    fn rtt(min_ms: f64, mean_ms: f64) -> RttStats {
+        RttStats {
+            pings: 20,
+            min_ms,
+            mean_ms,
+            max_ms: mean_ms * 2.0 - min_ms,
+            jitter_ms: 0.0,
+        }
+    }
+
     #[test]
     fn live_migration_class_follows_vmotion_limits() {
-        let v = live_migration(0.1, 2000.0);
+        let v = live_migration(&rtt(0.1, 0.2), 2000.0);
         assert!(v.pass, "{v:?}");
         assert_eq!(
             v.reasons,
             [
-                "RTT 0.100 ms <= 150 ms",
+                "RTT min 0.100 ms (mean 0.200) <= 150 ms (+1 ms for the hosts)",
                 "upload 2.00 Gbit/s >= 250 Mbit/s per migration"
             ]
         );
 
-        assert!(live_migration(150.0, 250.0).pass, "the limits themselves pass");
-        let v = live_migration(180.0, 900.0);
+        assert!(
+            live_migration(&rtt(150.0, 150.0), 250.0).pass,
+            "the limits themselves pass"
+        );
+        let v = live_migration(&rtt(180.0, 181.0), 900.0);
         assert!(!v.pass);
-        assert_eq!(v.reasons[0], "RTT 180 ms exceeds 150 ms");
-        let v = live_migration(20.0, 95.0);
+        assert_eq!(
+            v.reasons[0],
+            "RTT min 180.0 ms (mean 181.0) exceeds 150 ms (+1 ms for the hosts)"
+        );
+        let v = live_migration(&rtt(20.0, 20.0), 95.0);
         assert!(!v.pass);
         assert_eq!(v.reasons[1], "upload 95.0 Mbit/s is below 250 Mbit/s per migration");
+    }
+
+    #[test]
+    fn a_path_of_exactly_150_ms_passes() {
+        // What the emulated 150 ms link measures: the hosts add a fraction of
+        // a millisecond, and queueing behind other pings raises the mean.
+        let v = live_migration(&rtt(150.2, 150.7), 300.0);
+        assert!(v.pass, "{v:?}");
+        assert_eq!(
+            v.reasons[0],
+            "RTT min 150.2 ms (mean 150.7) <= 150 ms (+1 ms for the hosts)"
+        );
+        let v = live_migration(&rtt(150.9, 150.9), 300.0);
+        assert!(v.pass, "{v:?}");
+        // The mean does not decide: a loaded path at 150 ms still passes...
+        assert!(live_migration(&rtt(150.3, 158.0), 300.0).pass);
+        // ...but a path whose fastest ping is past the tolerance does not.
+        let v = live_migration(&rtt(151.2, 151.4), 300.0);
+        assert!(!v.pass);
+        assert_eq!(
+            v.reasons[0],
+            "RTT min 151.2 ms (mean 151.4) exceeds 150 ms (+1 ms for the hosts)"
+        );
+    }
+
+    #[test]
+    fn the_verdict_uses_the_samples_minimum() {
+        let samples: Vec<_> = [150.9, 150.2, 150.6, 150.8]
+            .iter()
+            .map(|&m| Duration::from_secs_f64(m / 1e3))
+            .collect();
+        let s = rtt_stats(&samples).unwrap();
+        assert!((s.min_ms - 150.2).abs() < 1e-9 && s.mean_ms > 150.5, "{s:?}");
+        assert!(live_migration(&s, 300.0).pass);
     }
 
     #[test]
@@ -212,5 +318,7 @@ mod tests {
         assert_eq!(fmt_duration(4.0 * 86_400.0 + 3.0 * 3600.0), "4 d 03 h");
         assert_eq!(fmt_rate(312.4), "312 Mbit/s");
         assert_eq!(fmt_ms(12.34), "12.3 ms");
+        assert_eq!(fmt_ms_fine(150.24), "150.2 ms");
+        assert_eq!(fmt_ms_fine(0.0844), "0.084 ms");
     }
 }

@@ -356,7 +356,8 @@ pub enum StreamPhase {
     /// A live migration whose destination waits: its control stream and 4 tunnels (the
     /// memory stream and the disks' mirror connections).
     Tunnels,
-    /// A link test: its control stream, 4 upload and 4 download streams.
+    /// A link test: its probe stream, and its upload and download streams (up to
+    /// [`crate::wire::probe::MAX_PROBE_STREAMS`] each).
     LinkTest,
 }
 

@@ -27,9 +27,13 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use super::{control, Decoded, WireError};
 pub use control::MAX_CONTROL_FRAME;
 
-/// Most traffic streams per direction a link test may use: a migration's four
-/// data streams, so the test sees the same flow-control windows.
-pub const MAX_PROBE_STREAMS: u8 = 4;
+/// Most traffic streams per direction a link test may use: as many as a
+/// migration's data streams ([`crate::transport::MAX_DATA_STREAMS`]), so the
+/// test sees the same flow-control windows. Each stream carries at most a
+/// 1.25 MB window per round trip: four held a 150 ms path to ~266 Mbit/s.
+/// Only the bound grew (from 4): an older endpoint clamps a request for more
+/// and says so, an older edge asks for 4 at most.
+pub const MAX_PROBE_STREAMS: u8 = 16;
 
 /// Most pings one link test may send; the cloud refuses more (a ping answers
 /// at once, so an unbounded number would be a free amplifier of work).
