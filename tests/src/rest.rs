@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Client, Method, RequestBuilder, StatusCode};
 use serde_json::Value;
 
 use crate::{Cloud, Pki, DEMO_PASSWORD};
@@ -34,6 +34,11 @@ impl Rest {
                 .expect("an HTTP client"),
             base: format!("https://{}", cloud.api_addr.expect("the cloud runs its API")),
         }
+    }
+
+    /// A request to `path` (`/api/...`, `/rest/...`), with no session yet.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base))
     }
 
     /// A session of `user` (the demo password).

@@ -309,12 +309,7 @@ async fn a_vms_qemu_is_sandboxed_as_its_own_user_and_cannot_read_the_database() 
     std::fs::create_dir_all(&src).unwrap();
     write_raw_disk(&src.join("jail01.img"), MIB, &[Fill::Random], 11);
     let vmx = write_vmx(&src, "jail01", &["jail01.img"], &[]);
-    let text = std::fs::read_to_string(&vmx)
-        .unwrap()
-        .replace("memsize = \"2048\"", "memsize = \"64\"")
-        .replace("numvcpus = \"2\"", "numvcpus = \"1\"")
-        .replace("firmware = \"efi\"", "firmware = \"bios\"");
-    std::fs::write(&vmx, text).unwrap();
+    small_enough_to_boot(&vmx);
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     let vm = migrate(&vmx, &target, &MigrateOptions::default()).await.unwrap().vm_id;
 

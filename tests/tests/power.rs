@@ -7,15 +7,14 @@
 //! says so.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::*;
 use edge_agent::migrate::MigrateOptions;
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
-const SESSION: &str = "vmware-api-session-id";
+use e2e::rest::Rest;
 const MESSAGE: &str = "booted in the cloud";
 
 /// A lifted-VM source: the boot disk, a .vmx for a small BIOS VM with one NIC.
@@ -31,63 +30,22 @@ fn source_vm(dir: &Path, name: &str) -> PathBuf {
             mac: "00:50:56:aa:bb:07",
         }],
     );
-    let text = std::fs::read_to_string(&vmx)
-        .unwrap()
-        .replace("memsize = \"2048\"", "memsize = \"64\"")
-        .replace("numvcpus = \"2\"", "numvcpus = \"1\"")
-        .replace("firmware = \"efi\"", "firmware = \"bios\"");
-    std::fs::write(&vmx, text).unwrap();
+    small_enough_to_boot(&vmx);
     vmx
 }
 
-struct Api {
-    http: Client,
-    base: String,
+struct Api(Rest);
+
+impl std::ops::Deref for Api {
+    type Target = Rest;
+    fn deref(&self) -> &Rest {
+        &self.0
+    }
 }
 
 impl Api {
     fn new(cloud: &Cloud, pki: &Pki) -> Api {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca.cert_der()).unwrap();
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Api {
-            http: Client::builder().tls_backend_preconfigured(tls).build().unwrap(),
-            base: format!("https://{}", cloud.api_addr.expect("API on")),
-        }
-    }
-
-    async fn token(&self, user: &str) -> String {
-        let r = self
-            .http
-            .post(format!("{}/api/session", self.base))
-            .basic_auth(user, Some(DEMO_PASSWORD))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-        r.json::<String>().await.unwrap()
-    }
-
-    /// (status, body as text)
-    async fn call(&self, method: Method, path: &str, token: &str) -> (StatusCode, String) {
-        let r = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .header(SESSION, token)
-            .send()
-            .await
-            .unwrap();
-        (r.status(), r.text().await.unwrap())
-    }
-
-    async fn json(&self, path: &str, token: &str) -> Value {
-        let (status, body) = self.call(Method::GET, path, token).await;
-        assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
-        serde_json::from_str(&body).unwrap()
+        Api(Rest::new(cloud, pki))
     }
 
     async fn power(&self, vm: &str, action: &str, token: &str) -> (StatusCode, String) {
@@ -110,13 +68,7 @@ impl Api {
                     "schemeId": "com.vmware.vapi.std.security.session_id", "sessionId": token}}
             }
         });
-        let r = self
-            .http
-            .post(format!("{}/api", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = self.request(Method::POST, "/api").json(&body).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         r.json::<Value>().await.unwrap()["result"].clone()
     }

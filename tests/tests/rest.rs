@@ -8,35 +8,28 @@
 //! - user names in any case, through REST, vAPI and the edge's QUIC login.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use e2e::*;
 use edge_agent::migrate::MigrateOptions;
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-const SESSION: &str = "vmware-api-session-id";
+use e2e::rest::{Rest, SESSION};
 const MIB: usize = 1 << 20;
 const ADMIN: &str = "administrator@cloud.local";
 
-struct Api {
-    http: Client,
-    base: String,
+struct Api(Rest);
+
+impl std::ops::Deref for Api {
+    type Target = Rest;
+    fn deref(&self) -> &Rest {
+        &self.0
+    }
 }
 
 impl Api {
     fn new(cloud: &Cloud, pki: &Pki) -> Api {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca.cert_der()).unwrap();
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Api {
-            http: Client::builder().tls_backend_preconfigured(tls).build().unwrap(),
-            base: format!("https://{}", cloud.api_addr.expect("API on")),
-        }
+        Api(Rest::new(cloud, pki))
     }
 
     /// `request` sent; the status, the headers and the body as JSON (`null` when empty).
@@ -53,7 +46,7 @@ impl Api {
     }
 
     async fn call(&self, method: Method, path: &str, token: Option<&str>) -> (StatusCode, Value) {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        let mut request = self.request(method, path);
         if let Some(token) = token {
             request = request.header(SESSION, token);
         }
@@ -78,16 +71,14 @@ impl Api {
     /// An Ansible-style login: Basic credentials to the older API's session service.
     async fn rest_login(&self, user: &str, password: &str) -> (StatusCode, reqwest::header::HeaderMap, Value) {
         let request = self
-            .http
-            .post(format!("{}/rest/com/vmware/cis/session", self.base))
+            .request(Method::POST, "/rest/com/vmware/cis/session")
             .basic_auth(user, Some(password));
         self.send(request).await
     }
 
     async fn api_login(&self, user: &str) -> (StatusCode, Value) {
         let request = self
-            .http
-            .post(format!("{}/api/session", self.base))
+            .request(Method::POST, "/api/session")
             .basic_auth(user, Some(DEMO_PASSWORD));
         let (status, _, body) = self.send(request).await;
         (status, body)
@@ -140,12 +131,7 @@ fn source_vm(dir: &Path, name: &str) -> PathBuf {
             },
         ],
     );
-    let text = std::fs::read_to_string(&vmx)
-        .unwrap()
-        .replace("memsize = \"2048\"", "memsize = \"64\"")
-        .replace("numvcpus = \"2\"", "numvcpus = \"1\"")
-        .replace("firmware = \"efi\"", "firmware = \"bios\"");
-    std::fs::write(&vmx, text).unwrap();
+    small_enough_to_boot(&vmx);
     vmx
 }
 
@@ -183,8 +169,7 @@ async fn an_ansible_style_client_logs_in_lists_powers_and_reads_through_rest() {
     // The older read of the session, and the same session under /api.
     let (status, _, body) = api
         .send(
-            api.http
-                .post(format!("{}/rest/com/vmware/cis/session?~action=get", api.base))
+            api.request(Method::POST, "/rest/com/vmware/cis/session?~action=get")
                 .header(SESSION, &token),
         )
         .await;
@@ -311,8 +296,7 @@ async fn an_ansible_style_client_logs_in_lists_powers_and_reads_through_rest() {
     // A script that keeps the cookie and sends no header.
     let (status, _, body) = api
         .send(
-            api.http
-                .get(format!("{}/rest/vcenter/vm", api.base))
+            api.request(Method::GET, "/rest/vcenter/vm")
                 .header(reqwest::header::COOKIE, format!("{SESSION}={token}")),
         )
         .await;
@@ -379,8 +363,7 @@ async fn an_ansible_style_client_logs_in_lists_powers_and_reads_through_rest() {
     // Logout: 200, the cookie cleared, the session gone under both APIs.
     let (status, headers, body) = api
         .send(
-            api.http
-                .delete(format!("{}/rest/com/vmware/cis/session", api.base))
+            api.request(Method::DELETE, "/rest/com/vmware/cis/session")
                 .header(SESSION, &token),
         )
         .await;
@@ -568,7 +551,7 @@ async fn user_names_log_in_whatever_their_case() {
                        "schemeId": "com.vmware.vapi.std.security.user_pass",
                        "userName": "auditor@Cloud.LOCAL", "password": DEMO_PASSWORD}}}
     });
-    let (status, _, body) = api.send(api.http.post(format!("{}/api", api.base)).json(&login)).await;
+    let (status, _, body) = api.send(api.request(Method::POST, "/api").json(&login)).await;
     assert_eq!(status, StatusCode::OK);
     let token = body["result"]["output"]["SECRET"]
         .as_str()

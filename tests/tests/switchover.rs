@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::*;
-use reqwest::{Client, Method, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 const MIB: usize = 1 << 20;
 const CHUNK_KIB: &str = "256";
 const CHUNK: u64 = 256 * 1024;
-const SESSION: &str = "vmware-api-session-id";
+use e2e::rest::{Rest, SESSION};
 
 /// A small source VM the host can run (64 MiB, one vCPU, BIOS): `regions` MiB of disk.
 fn source_vm(dir: &Path, name: &str, regions: &[Fill], seed: u64) -> (PathBuf, PathBuf) {
@@ -28,12 +28,7 @@ fn source_vm(dir: &Path, name: &str, regions: &[Fill], seed: u64) -> (PathBuf, P
     let disk = dir.join(format!("{name}.img"));
     write_raw_disk(&disk, MIB, regions, seed);
     let vmx = write_vmx(dir, name, &[&format!("{name}.img")], &[]);
-    let text = std::fs::read_to_string(&vmx)
-        .unwrap()
-        .replace("memsize = \"2048\"", "memsize = \"64\"")
-        .replace("numvcpus = \"2\"", "numvcpus = \"1\"")
-        .replace("firmware = \"efi\"", "firmware = \"bios\"");
-    std::fs::write(&vmx, text).unwrap();
+    small_enough_to_boot(&vmx);
     (vmx, disk)
 }
 
@@ -249,43 +244,24 @@ impl Drop for Reap {
 }
 
 /// The REST API as the tests call it.
-struct Api {
-    http: Client,
-    base: String,
+struct Api(Rest);
+
+impl std::ops::Deref for Api {
+    type Target = Rest;
+    fn deref(&self) -> &Rest {
+        &self.0
+    }
 }
 
 impl Api {
     fn new(cloud: &Cloud, pki: &Pki) -> Api {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca.cert_der()).unwrap();
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Api {
-            http: Client::builder().tls_backend_preconfigured(tls).build().unwrap(),
-            base: format!("https://{}", cloud.api_addr.expect("API on")),
-        }
-    }
-
-    async fn token(&self, user: &str) -> String {
-        let r = self
-            .http
-            .post(format!("{}/api/session", self.base))
-            .basic_auth(user, Some(DEMO_PASSWORD))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-        r.json::<String>().await.unwrap()
+        Api(Rest::new(cloud, pki))
     }
 
     /// `PATCH /api/gateway/migrations/{id}` with `body`: (status, JSON body).
     async fn patch(&self, id: &str, token: &str, body: &str) -> (StatusCode, Value) {
         let r = self
-            .http
-            .request(Method::PATCH, format!("{}/api/gateway/migrations/{id}", self.base))
+            .request(Method::PATCH, &format!("/api/gateway/migrations/{id}"))
             .header(SESSION, token)
             .header("content-type", "application/json")
             .body(body.to_owned())
