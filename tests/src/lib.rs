@@ -399,25 +399,39 @@ pub fn edge_command(
     state: &Path,
     args: &[&str],
 ) -> std::process::Command {
-    let mut cmd = std::process::Command::new(bin.join("edge-agent"));
-    cmd.arg(args.first().copied().unwrap_or("migrate"))
-        .arg("--vmx")
+    let mut cmd = edge_at(
+        bin,
+        pki,
+        cloud.addr.port(),
+        MIGRATOR,
+        args.first().copied().unwrap_or("migrate"),
+    );
+    cmd.arg("--vmx")
         .arg(vmx)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--receipt")
+        .arg(state.join("receipt.json"))
+        .args(&args[1.min(args.len())..]);
+    cmd
+}
+
+/// `edge-agent <subcommand>` connected to the endpoint on loopback port `quic_port` as
+/// `user` (the demo password), with the test PKI's CA bundle, edge certificate and key;
+/// the edge's own log settings are left out so that its output is what a test expects.
+pub fn edge_at(bin: &Path, pki: &Pki, quic_port: u16, user: &str, subcommand: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin.join("edge-agent"));
+    cmd.arg(subcommand)
         .arg("--url")
-        .arg(format!("quic://127.0.0.1:{}", cloud.addr.port()))
+        .arg(format!("quic://127.0.0.1:{quic_port}"))
         .arg("--user")
-        .arg(MIGRATOR)
+        .arg(user)
         .arg("--ca-bundle")
         .arg(pki.path("ca.pem"))
         .arg("--cert")
         .arg(pki.path("edge.pem"))
         .arg("--key")
         .arg(pki.path("edge.key"))
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--receipt")
-        .arg(state.join("receipt.json"))
-        .args(&args[1.min(args.len())..])
         .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
         .env_remove("EDGE_AGENT_LOG");
     cmd

@@ -63,23 +63,10 @@ fn source_vm(dir: &Path) -> PathBuf {
 
 /// `edge-agent <command> --vmx ...` against `cloud`, as an operator would run it.
 fn edge(bin: &Path, pki: &Pki, cloud: &Cloud, vmx: &Path, state: &Path, command: &str) -> Output {
-    Command::new(bin.join("edge-agent"))
-        .arg(command)
+    edge_at(bin, pki, cloud.addr.port(), MIGRATOR, command)
         .arg("--vmx")
         .arg(vmx)
-        .arg("--url")
-        .arg(format!("quic://127.0.0.1:{}", cloud.addr.port()))
-        .arg("--user")
-        .arg(MIGRATOR)
-        .arg("--ca-bundle")
-        .arg(pki.path("ca.pem"))
-        .arg("--cert")
-        .arg(pki.path("edge.pem"))
-        .arg("--key")
-        .arg(pki.path("edge.key"))
-        .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
         .env("EDGE_AGENT_STATE_DIR", state)
-        .env_remove("EDGE_AGENT_LOG")
         .output()
         .expect("edge-agent runs")
 }

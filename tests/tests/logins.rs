@@ -365,22 +365,9 @@ async fn three_hundred_wrong_passwords_over_quic_are_refused_before_any_hash() {
     std::fs::create_dir_all(&src).unwrap();
     e2e::write_raw_disk(&src.join("app01.img"), 1 << 20, &[e2e::Fill::Text], 1);
     let vmx = e2e::write_vmx(&src, "app01", &["app01.img"], &[]);
-    let out = std::process::Command::new(bin.join("edge-agent"))
-        .arg("plan")
+    let out = e2e::edge_at(&bin, &pki, quic.port(), ADMIN, "plan")
         .arg("--vmx")
         .arg(&vmx)
-        .arg("--url")
-        .arg(format!("quic://127.0.0.1:{}", quic.port()))
-        .arg("--user")
-        .arg(ADMIN)
-        .arg("--ca-bundle")
-        .arg(pki.path("ca.pem"))
-        .arg("--cert")
-        .arg(pki.path("edge.pem"))
-        .arg("--key")
-        .arg(pki.path("edge.key"))
-        .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
-        .env_remove("EDGE_AGENT_LOG")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

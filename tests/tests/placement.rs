@@ -7,7 +7,7 @@
 //! it is intact after the endpoint restarts.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 
 use e2e::*;
@@ -46,24 +46,11 @@ async fn start(root: &Path, pki: &Pki) -> Cloud {
 
 /// `edge-agent <command> --vmx ... <extra>` against `cloud`, as an operator would run it.
 fn edge(bin: &Path, pki: &Pki, cloud: &Cloud, vmx: &Path, state: &Path, command: &str, extra: &[&str]) -> Output {
-    Command::new(bin.join("edge-agent"))
-        .arg(command)
+    edge_at(bin, pki, cloud.addr.port(), MIGRATOR, command)
         .arg("--vmx")
         .arg(vmx)
-        .arg("--url")
-        .arg(format!("quic://127.0.0.1:{}", cloud.addr.port()))
-        .arg("--user")
-        .arg(MIGRATOR)
-        .arg("--ca-bundle")
-        .arg(pki.path("ca.pem"))
-        .arg("--cert")
-        .arg(pki.path("edge.pem"))
-        .arg("--key")
-        .arg(pki.path("edge.key"))
         .args(extra)
-        .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
         .env("EDGE_AGENT_STATE_DIR", state)
-        .env_remove("EDGE_AGENT_LOG")
         .output()
         .expect("edge-agent runs")
 }

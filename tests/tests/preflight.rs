@@ -18,25 +18,12 @@ const SESSION: &str = "vmware-api-session-id";
 
 /// `edge-agent <command> --vmx ... <extra>` as the migration operator.
 fn edge(bin: &Path, pki: &Pki, cloud: &Cloud, vmx: &Path, state: &Path, command: &str, extra: &[&str]) -> Output {
-    Command::new(bin.join("edge-agent"))
-        .arg(command)
+    edge_at(bin, pki, cloud.addr.port(), MIGRATOR, command)
         .arg("--vmx")
         .arg(vmx)
-        .arg("--url")
-        .arg(format!("quic://127.0.0.1:{}", cloud.addr.port()))
-        .arg("--user")
-        .arg(MIGRATOR)
-        .arg("--ca-bundle")
-        .arg(pki.path("ca.pem"))
-        .arg("--cert")
-        .arg(pki.path("edge.pem"))
-        .arg("--key")
-        .arg(pki.path("edge.key"))
         .arg("--state-dir")
         .arg(state)
         .args(extra)
-        .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
-        .env_remove("EDGE_AGENT_LOG")
         .output()
         .expect("edge-agent runs")
 }
