@@ -931,6 +931,15 @@ async fn qemu_pass(
     }
     let chunk_size = migrate::build_plan(vm, opts).chunk_size;
     let mut qemu = edge_agent::tracking::QemuSource::connect(socket, vm, chunk_size, &record).await?;
+    // Listened to before the guest stops, so that no signal can end the process between
+    // the stop and the pass with the guest left paused.
+    let mut interruption = match switchover.then(Interruption::listen).transpose() {
+        Ok(i) => i,
+        Err(e) => {
+            qemu.close().await;
+            return Err(e);
+        }
+    };
     if switchover {
         match qemu.stop().await {
             // The downtime counts from here (the stop itself takes milliseconds).
@@ -961,7 +970,12 @@ async fn qemu_pass(
     // guest unless the commit went out.
     let result = tokio::select! {
         r = migrate::run_pass(vm, target, opts, sink, Some(source)) => r.map_err(anyhow::Error::from),
-        signal = interrupted(), if switchover => Err(anyhow::anyhow!("the switchover was interrupted ({signal})")),
+        Some(signal) = async {
+            match interruption.as_mut() {
+                Some(i) => Some(i.wait().await),
+                None => None,
+            }
+        } => Err(anyhow::anyhow!("the switchover was interrupted ({signal})")),
     };
     let outcome = match result {
         Ok(mut summary) => {
@@ -995,18 +1009,30 @@ async fn qemu_pass(
     outcome
 }
 
-/// Waits for Ctrl-C or SIGTERM; says which came.
-async fn interrupted() -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return "Ctrl-C";
+/// Ctrl-C and SIGTERM, caught from the moment this is made: one that comes before the
+/// wait (while the guest is being stopped, or before the pass starts) is kept for it,
+/// instead of killing the process with the guest paused.
+struct Interruption {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interruption {
+    fn listen() -> anyhow::Result<Interruption> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind| signal(kind).context("listening for Ctrl-C and SIGTERM before stopping the source VM");
+        Ok(Interruption {
+            int: listen(SignalKind::interrupt())?,
+            term: listen(SignalKind::terminate())?,
+        })
+    }
+
+    /// Says which came.
+    async fn wait(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "Ctrl-C",
+            _ = self.term.recv() => "SIGTERM",
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "Ctrl-C",
-        _ = term.recv() => "SIGTERM",
     }
 }
 
