@@ -142,17 +142,24 @@ fn lift_options() -> MigrateOptions {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ansible_style_client_logs_in_lists_powers_and_reads_through_rest() {
-    require_qemu();
+/// A cloud (its folder in the returned temporary one) with web01 lifted into it by the
+/// migrator: the cloud, web01's VM id and a client of its API.
+async fn web01_lifted() -> (tempfile::TempDir, Cloud, String, Api) {
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(&tmp.path().join("pki"));
     let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
     let vmx = source_vm(&tmp.path().join("src"), "web01");
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     let web = migrate(&vmx, &target, &lift_options()).await.expect("web01 migrates");
-    let vm = web.vm_id.as_str();
     let api = Api::new(&cloud, &pki);
+    (tmp, cloud, web.vm_id, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ansible_style_client_logs_in_lists_powers_and_reads_through_rest() {
+    require_qemu();
+    let (_tmp, cloud, web, api) = web01_lifted().await;
+    let vm = web.as_str();
 
     // Login: 200 and the session as {"value": ...}, also set as a cookie.
     let (status, headers, body) = api.rest_login(MIGRATOR, DEMO_PASSWORD).await;
@@ -381,14 +388,8 @@ async fn an_ansible_style_client_logs_in_lists_powers_and_reads_through_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_hardware_resource_of_a_lifted_vm_shows_its_devices() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&tmp.path().join("pki"));
-    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
-    let vmx = source_vm(&tmp.path().join("src"), "web01");
-    let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
-    let web = migrate(&vmx, &target, &lift_options()).await.expect("web01 migrates");
-    let vm = web.vm_id.as_str();
-    let api = Api::new(&cloud, &pki);
+    let (_tmp, cloud, web, api) = web01_lifted().await;
+    let vm = web.as_str();
     let (_, token) = api.api_login(AUDITOR).await;
     let t = token.as_str().unwrap();
     let nets = cloud.domain.inventory.networks().unwrap();
