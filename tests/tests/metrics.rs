@@ -69,6 +69,26 @@ fn must(text: &str, series: &str) -> f64 {
     value(text, series).unwrap_or_else(|| panic!("no series {series} in\n{text}"))
 }
 
+/// A login of the migrator with `wrong_password` (refused) at `/api/session<query>`, then
+/// with the right one: the session it got.
+async fn bad_then_good_login(http: &Client, api: &str, query: &str, wrong_password: &str) -> String {
+    let bad = http
+        .post(format!("{api}/api/session{query}"))
+        .basic_auth(MIGRATOR, Some(wrong_password))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::UNAUTHORIZED);
+    let good = http
+        .post(format!("{api}/api/session"))
+        .basic_auth(MIGRATOR, Some(DEMO_PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(good.status(), StatusCode::CREATED);
+    good.json::<String>().await.unwrap()
+}
+
 async fn get(http: &Client, url: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
     let mut req = http.get(url);
     for (k, v) in headers {
@@ -164,21 +184,7 @@ async fn a_lift_moves_the_endpoint_and_edge_metrics() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // A bad login, a good one, and a list.
-    let bad = http
-        .post(format!("{api}/api/session"))
-        .basic_auth(MIGRATOR, Some("not-the-password"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status(), StatusCode::UNAUTHORIZED);
-    let good = http
-        .post(format!("{api}/api/session"))
-        .basic_auth(MIGRATOR, Some(DEMO_PASSWORD))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(good.status(), StatusCode::CREATED);
-    let session = good.json::<String>().await.unwrap();
+    let session = bad_then_good_login(&http, &api, "", "not-the-password").await;
     let (status, _) = get(&http, &format!("{api}/api/vcenter/vm"), &[(SESSION, &session)]).await;
     assert_eq!(status, StatusCode::OK);
     let (status, _) = get(
@@ -379,21 +385,7 @@ async fn json_logs_carry_the_migration_id_and_the_access_log_keeps_no_secrets() 
     let http = client(&pki);
     let api = format!("https://{}", cloud.api);
     let wrong = "Wrong-Pa55word-7";
-    let bad = http
-        .post(format!("{api}/api/session?note=hello"))
-        .basic_auth(MIGRATOR, Some(wrong))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status(), StatusCode::UNAUTHORIZED);
-    let good = http
-        .post(format!("{api}/api/session"))
-        .basic_auth(MIGRATOR, Some(DEMO_PASSWORD))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(good.status(), StatusCode::CREATED);
-    let session = good.json::<String>().await.unwrap();
+    let session = bad_then_good_login(&http, &api, "?note=hello", wrong).await;
     let (status, _) = get(
         &http,
         &format!("{api}/api/vcenter/vm?names=web01"),
