@@ -22,8 +22,8 @@
 //! descriptors with FLAT / VMFS / ZERO extents
 //! (monolithicFlat, twoGbMaxExtentFlat, vmfs), sparse VMDKs (monolithicSparse,
 //! twoGbMaxExtentSparse, streamOptimized; see `vmdk_sparse`) and VMDK snapshot chains
-//! (SPARSE and VMFSSPARSE deltas, flattened; see `vmdk_chain`). Refused with a "not supported
-//! yet" error: SESPARSE deltas, raw device mappings, VHD, VHDX and VDI.
+//! (SPARSE, VMFSSPARSE and SESPARSE deltas, flattened; see `vmdk_chain`). Refused with a "not
+//! supported yet" error: raw device mappings, VHD, VHDX and VDI.
 
 mod claim;
 mod disk;
@@ -533,8 +533,8 @@ pub(crate) fn file_range_is_hole(file: &std::fs::File, offset: u64, len: u64) ->
 /// Also hosted sparse and streamOptimized VMDKs ("KDMV"), and VMDK snapshot deltas
 /// (parentFileNameHint), read with their parents as one flattened disk.
 ///
-/// Refuses with [`SourceError::Unsupported`]: SESPARSE deltas, raw device mappings, VHD, VHDX
-/// and VDI images; encrypted qcow2 images.
+/// Refuses with [`SourceError::Unsupported`]: raw device mappings, VHD, VHDX and VDI images;
+/// encrypted qcow2 images; SEsparse deltas with an unreplayed journal.
 pub fn open_disk(path: &Path) -> Result<Box<dyn DiskReader>, SourceError> {
     disk::open(path).map(|opened| opened.reader)
 }

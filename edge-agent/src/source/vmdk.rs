@@ -171,13 +171,14 @@ impl Descriptor {
                 .parent_cid
                 .as_deref()
                 .is_some_and(|cid| !cid.eq_ignore_ascii_case("ffffffff"))
-            || self
-                .extents
-                .iter()
-                .any(|e| e.kind.eq_ignore_ascii_case("SPARSE") || e.kind.eq_ignore_ascii_case("VMFSSPARSE"))
+            || self.extents.iter().any(|e| {
+                ["SPARSE", "VMFSSPARSE", "SESPARSE"]
+                    .iter()
+                    .any(|k| e.kind.eq_ignore_ascii_case(k))
+            })
     }
 
-    /// Refuses what no reader here can read: SESPARSE extents, raw device mappings, unknown
+    /// Refuses what no reader here can read: raw device mappings, unknown
     /// and NOACCESS extents.
     pub(super) fn check_supported(&self, path: &Path) -> Result<(), SourceError> {
         let unsupported = |what: String, advice: &str| SourceError::Unsupported {
@@ -196,13 +197,7 @@ impl Descriptor {
         for extent in &self.extents {
             let kind = extent.kind.to_ascii_uppercase();
             match kind.as_str() {
-                "FLAT" | "VMFS" | "ZERO" | "SPARSE" | "VMFSSPARSE" => {}
-                "SESPARSE" => {
-                    return Err(unsupported(
-                        format!("VMDK with {kind} extents ({})", quote(create_type)),
-                        SPARSE_ADVICE,
-                    ));
-                }
+                "FLAT" | "VMFS" | "ZERO" | "SPARSE" | "VMFSSPARSE" | "SESPARSE" => {}
                 "VMFSRDM" | "VMFSRAW" => {
                     return Err(unsupported(
                         format!("a raw device mapping ({kind} extent)"),

@@ -392,17 +392,20 @@ fn open_descriptor_layer(path: &Path, descriptor: &Descriptor, walk: &mut Walk) 
                 }
                 PieceData::Flat { file, offset }
             }
-            (Some(file_name), "SPARSE" | "VMFSSPARSE") => {
+            (Some(file_name), "SPARSE" | "VMFSSPARSE" | "SESPARSE") => {
                 let resolved = existing_extent(path, dir, file_name)?;
                 let slice = FileSlice::whole(&resolved)?;
                 // The file's magic, not the extent type, says which sparse format it is.
-                let magic = slice.read_vec(0, slice.len.min(4) as usize)?;
+                let head = slice.read_vec(0, slice.len.min(8) as usize)?;
+                let magic = &head[..head.len().min(4)];
                 let mut extent = if magic == b"COWD" {
                     vmdk_sparse::open_cowd(slice)?
+                } else if vmdk_sparse::is_se_sparse(&head) {
+                    vmdk_sparse::open_se_sparse(slice)?
                 } else if magic != b"KDMV" {
                     return Err(bad(format!(
-                        "extent {} is a {kind} extent but neither a hosted (KDMV) nor an ESX (COWD) \
-                         sparse file; restore it from the source datastore",
+                        "extent {} is a {kind} extent but neither a hosted (KDMV), an ESX (COWD) nor \
+                         an SEsparse file; restore it from the source datastore",
                         quote(file_name)
                     )));
                 } else {

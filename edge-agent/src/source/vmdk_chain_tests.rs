@@ -302,7 +302,7 @@ fn parent_hints_and_cids_of_hand_written_deltas() {
     let path = delta(d, "bad.vmdk", "00000005", Some(("notes.txt", "00000006")), "RW 8 ZERO");
     let msg = open_disk(&path).unwrap_err().to_string();
     assert!(msg.contains("notes.txt") && msg.contains("not a VMDK"), "{msg}");
-    // SESPARSE deltas are still refused, clearly.
+    // An SESPARSE extent that is no SEsparse file.
     write(d, "se-delta.vmdk", pseudo_random(4096, 3));
     let path = write(
         d,
@@ -312,7 +312,10 @@ fn parent_hints_and_cids_of_hand_written_deltas() {
         ),
     );
     let msg = open_disk(&path).unwrap_err().to_string();
-    assert!(msg.contains("SESPARSE") && msg.contains("not supported yet"), "{msg}");
+    assert!(
+        msg.contains("se-delta.vmdk") && msg.contains("nor an SEsparse file"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -22,8 +22,10 @@ use super::SourceError;
 
 mod check;
 mod grains;
+mod se_sparse;
 
 pub(super) use grains::{ExtentFile, SparseExtent};
+pub(super) use se_sparse::{is_se_sparse, open as open_se_sparse};
 
 pub(super) const SECTOR: u64 = 512;
 const GD_AT_END: u64 = u64::MAX;
@@ -207,7 +209,7 @@ impl HostedSparse {
                 ExtentFile::Open(slice),
                 capacity,
                 layout,
-                gd,
+                &gd,
                 zero_gte,
                 compressed,
                 header.flags & FLAG_MARKERS != 0,
@@ -406,7 +408,7 @@ pub(super) fn open_cowd(slice: FileSlice) -> Result<SparseExtent, SourceError> {
         ExtentFile::Open(slice),
         capacity,
         layout,
-        gd,
+        &gd,
         false,
         false,
         false,

@@ -238,10 +238,6 @@ fn sparse_extent_types_snapshots_and_rdms_are_refused() {
     write(dir.path(), "x-delta.vmdk", pseudo_random(4096, 1));
     for (body, expect) in [
         (
-            "createType=\"seSparse\"\nRW 8 SESPARSE \"x-delta.vmdk\"\n",
-            "SESPARSE extents",
-        ),
-        (
             "createType=\"monolithicSparse\"\nRW 8 FLAT \"x-delta.vmdk\" 0\n",
             "SPARSE extents (monolithicSparse)",
         ),

@@ -94,6 +94,27 @@ enum Grain {
     At(u64),
 }
 
+/// How an extent's grain tables say where each grain is.
+#[derive(Debug, Clone, Copy)]
+pub(in crate::source) enum Entries {
+    /// Hosted (KDMV) and ESX (COWD) extents: u32 entries, each a grain's sector; 0 is
+    /// unallocated, and 1 a zero grain when `zero_gte` (the header's flag) says so.
+    Sectors { zero_gte: bool },
+    /// SEsparse extents: u64 entries whose top nibble is the grain's state (0 unallocated,
+    /// 1 unmapped and 2 zero, both reading as zeros, 3 allocated) and whose other 60 bits
+    /// number the grain in the grains region, which starts at `grains_sector`.
+    SeSparse { grains_sector: u64 },
+}
+
+impl Entries {
+    fn bytes(self) -> u64 {
+        match self {
+            Entries::Sectors { .. } => 4,
+            Entries::SeSparse { .. } => 8,
+        }
+    }
+}
+
 /// A sparse extent: grain directory in memory, grain tables cached, grains read on demand.
 #[derive(Debug)]
 pub(in crate::source) struct SparseExtent {
@@ -103,9 +124,8 @@ pub(in crate::source) struct SparseExtent {
     grain_bytes: u64,
     gtes_per_gt: u64,
     /// Sector of each grain table, 0 for none.
-    gd: Box<[u32]>,
-    /// Whether a GT entry of 1 means a zero grain.
-    zero_gte: bool,
+    gd: Box<[u64]>,
+    entries: Entries,
     compressed: bool,
     /// Whether each compressed grain starts with a marker giving its size.
     markers: bool,
@@ -115,13 +135,13 @@ pub(in crate::source) struct SparseExtent {
 /// The grain tables in memory, dropped oldest first beyond `limit`.
 #[derive(Debug, Default)]
 struct TableCache {
-    tables: HashMap<u64, Arc<[u32]>>,
+    tables: HashMap<u64, Arc<[u64]>>,
     order: VecDeque<u64>,
     limit: usize,
 }
 
 impl TableCache {
-    fn insert(&mut self, index: u64, table: Arc<[u32]>) {
+    fn insert(&mut self, index: u64, table: Arc<[u64]>) {
         if self.tables.insert(index, table).is_none() {
             self.order.push_back(index);
             while self.order.len() > self.limit {
@@ -147,19 +167,60 @@ impl SparseExtent {
         file: ExtentFile,
         capacity: u64,
         layout: Layout,
-        gd: Box<[u32]>,
+        gd: &[u32],
         zero_gte: bool,
         compressed: bool,
         markers: bool,
     ) -> SparseExtent {
-        let table_bytes = (layout.gtes_per_gt * 4) as usize;
+        let gd = gd.iter().map(|&sector| u64::from(sector)).collect();
+        SparseExtent::with_entries(
+            file,
+            capacity,
+            layout,
+            gd,
+            Entries::Sectors { zero_gte },
+            compressed,
+            markers,
+        )
+    }
+
+    /// An SEsparse extent: `gd` holds the sector of each grain table (0 for none).
+    pub(in crate::source) fn se_sparse(
+        file: ExtentFile,
+        capacity: u64,
+        layout: Layout,
+        gd: Box<[u64]>,
+        grains_sector: u64,
+    ) -> SparseExtent {
+        SparseExtent::with_entries(
+            file,
+            capacity,
+            layout,
+            gd,
+            Entries::SeSparse { grains_sector },
+            false,
+            false,
+        )
+    }
+
+    fn with_entries(
+        file: ExtentFile,
+        capacity: u64,
+        layout: Layout,
+        gd: Box<[u64]>,
+        entries: Entries,
+        compressed: bool,
+        markers: bool,
+    ) -> SparseExtent {
+        // Tables are kept as u64 entries whatever their size in the file.
+        let table_bytes = (layout.gtes_per_gt * 8) as usize;
         SparseExtent {
             file,
             capacity,
             grain_bytes: layout.grain_sectors * SECTOR,
             gtes_per_gt: layout.gtes_per_gt,
             gd,
-            zero_gte,
+            entries,
             compressed,
             markers,
             tables: Mutex::new(TableCache {
@@ -199,7 +260,7 @@ impl SparseExtent {
 
     /// The grain table at `index` of the directory, from the cache or the file; `None` if the
     /// directory has no table there.
-    fn table(&self, index: u64) -> io::Result<Option<Arc<[u32]>>> {
+    fn table(&self, index: u64) -> io::Result<Option<Arc<[u64]>>> {
         let Some(&sector) = self.gd.get(index as usize) else {
             return Ok(None);
         };
@@ -213,23 +274,27 @@ impl SparseExtent {
         drop(cache);
         // Read this table and the following ones if they lie right after it, as they do in
         // files made by VMware and qemu, so a sequential read costs one read per batch.
-        let table_bytes = self.gtes_per_gt * 4;
+        let entry_bytes = self.entries.bytes();
+        let table_bytes = self.gtes_per_gt * entry_bytes;
         let table_sectors = table_bytes / SECTOR;
         let mut count = 1;
         while count < GT_BATCH {
             let next = self.gd.get(index as usize + count);
-            let expected = u64::from(sector) + count as u64 * table_sectors;
-            if next.is_none_or(|&s| u64::from(s) != expected) {
+            let expected = sector + count as u64 * table_sectors;
+            if next.is_none_or(|&s| s != expected) {
                 break;
             }
             count += 1;
         }
         let mut bytes = vec![0; count * table_bytes as usize];
-        self.file.read_exact_at(&mut bytes, u64::from(sector) * SECTOR)?;
+        self.file.read_exact_at(&mut bytes, sector * SECTOR)?;
         let mut cache = self.tables.lock().unwrap_or_else(PoisonError::into_inner);
         let mut first = None;
         for (i, chunk) in bytes.chunks_exact(table_bytes as usize).enumerate() {
-            let table: Arc<[u32]> = chunk.chunks_exact(4).map(|w| u32_at(w, 0)).collect();
+            let table: Arc<[u64]> = match entry_bytes {
+                4 => chunk.chunks_exact(4).map(|w| u64::from(u32_at(w, 0))).collect(),
+                _ => chunk.chunks_exact(8).map(|w| u64_at(w, 0)).collect(),
+            };
             if i == 0 {
                 first = Some(Arc::clone(&table));
             }
@@ -240,7 +305,7 @@ impl SparseExtent {
 
     /// What the tables say about grain `grain`, using `current` to avoid a cache lookup per
     /// grain of the same table.
-    fn grain(&self, grain: u64, current: &mut Option<(u64, Option<Arc<[u32]>>)>) -> io::Result<Grain> {
+    fn grain(&self, grain: u64, current: &mut Option<(u64, Option<Arc<[u64]>>)>) -> io::Result<Grain> {
         let index = grain / self.gtes_per_gt;
         if current.as_ref().is_none_or(|(i, _)| *i != index) {
             *current = Some((index, self.table(index)?));
@@ -249,21 +314,38 @@ impl SparseExtent {
             return Ok(Grain::Unallocated);
         };
         let entry = (grain % self.gtes_per_gt) as usize;
-        match table[entry] {
-            0 => Ok(Grain::Unallocated),
-            1 if self.zero_gte => Ok(Grain::Zero),
-            sector => {
-                let at = u64::from(sector) * SECTOR;
-                if at >= self.file.len() {
-                    return Err(self.corrupt_io(format!(
-                        "grain table {index} entry {entry} points to sector {sector}, past the end of \
-                         the file ({} bytes)",
-                        self.file.len()
-                    )));
+        let raw = table[entry];
+        let sector = match self.entries {
+            Entries::Sectors { .. } if raw == 0 => return Ok(Grain::Unallocated),
+            Entries::Sectors { zero_gte: true } if raw == 1 => return Ok(Grain::Zero),
+            Entries::Sectors { .. } => raw,
+            Entries::SeSparse { grains_sector } => match raw >> 60 {
+                0 if raw == 0 => return Ok(Grain::Unallocated),
+                1 | 2 => return Ok(Grain::Zero),
+                3 => {
+                    // The grain's number is split: its low 12 bits sit in bits 48-59.
+                    let number = ((raw >> 48) & 0xfff) | ((raw & 0xffff_ffff_ffff) << 12);
+                    number
+                        .checked_mul(self.grain_bytes / SECTOR)
+                        .and_then(|s| s.checked_add(grains_sector))
+                        .unwrap_or(u64::MAX / SECTOR)
                 }
-                Ok(Grain::At(at))
-            }
+                _ => {
+                    return Err(self.corrupt_io(format!(
+                        "grain table {index} entry {entry} is {raw:#018x}, which is no SEsparse grain state"
+                    )))
+                }
+            },
+        };
+        let at = sector.saturating_mul(SECTOR);
+        if at >= self.file.len() {
+            return Err(self.corrupt_io(format!(
+                "grain table {index} entry {entry} points to sector {sector}, past the end of \
+                 the file ({} bytes)",
+                self.file.len()
+            )));
         }
+        Ok(Grain::At(at))
     }
 
     /// Fills `buf` with the extent's bytes at `offset`. Unallocated parts (and anything past
@@ -385,8 +467,9 @@ impl SparseExtent {
             let Some(table) = self.table(index)? else {
                 continue;
             };
-            for (entry, &sector) in table.iter().enumerate() {
-                if sector == 0 {
+            // Any entry but 0 is something this extent says itself (data, or zeros).
+            for (entry, &raw) in table.iter().enumerate() {
+                if raw == 0 {
                     continue;
                 }
                 let start = index * table_span + entry as u64 * self.grain_bytes;
