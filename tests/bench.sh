@@ -28,6 +28,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$root/tests/bench-lib.sh"
 BENCH_DIR=${BENCH_DIR:-/tmp/gateway-bench}
 BENCH_SIZE=${BENCH_SIZE:-1G}
 BENCH_REPS=${BENCH_REPS:-3}
@@ -179,24 +180,7 @@ quic_port=$(free_port u "${BENCH_QUIC_PORT:-4433}")
 "$bin/certs" quickstart --out "$tmp/pki" >/dev/null
 mkdir -p "$tmp/vm"
 ln -s "$img" "$tmp/vm/sample-disk.img" # the .vmx names its disk relative to its folder
-cat >"$tmp/vm/bench.vmx" <<'EOF'
-.encoding = "UTF-8"
-config.version = "8"
-virtualHW.version = "14"
-displayName = "bench01"
-guestOS = "debian12-64"
-numvcpus = "2"
-memsize = "2048"
-scsi0.present = "TRUE"
-scsi0.virtualDev = "pvscsi"
-scsi0:0.present = "TRUE"
-scsi0:0.fileName = "sample-disk.img"
-ethernet0.present = "TRUE"
-ethernet0.virtualDev = "vmxnet3"
-ethernet0.networkName = "VM Network"
-ethernet0.addressType = "generated"
-ethernet0.generatedAddress = "00:50:56:aa:bb:cc"
-EOF
+write_vmx "$tmp/vm/bench.vmx" bench01 sample-disk.img 00:50:56:aa:bb:cc
 export CLOUD_ENDPOINT_LISTEN=127.0.0.1:$quic_port CLOUD_ENDPOINT_CERT=$tmp/pki/endpoint.pem \
   CLOUD_ENDPOINT_KEY=$tmp/pki/endpoint.key CLOUD_ENDPOINT_EDGE_CA=$tmp/pki/ca.pem \
   CLOUD_ENDPOINT_DATASTORE_DIR=$tmp/datastore CLOUD_ENDPOINT_DATABASE=$tmp/inventory.db \

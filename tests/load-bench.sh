@@ -19,6 +19,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$root/tests/bench-lib.sh"
 LOAD_N=${LOAD_N:-32}
 LOAD_SIZE=${LOAD_SIZE:-64M}
 LOAD_DIR=${LOAD_DIR:-/tmp/gateway-load-bench}
@@ -62,19 +63,7 @@ make_disk() {
 make_vm() {
   mkdir -p "$1"
   make_disk "$1/$2.img" "$3" "$4"
-  cat >"$1/$2.vmx" <<EOF
-.encoding = "UTF-8"
-config.version = "8"
-virtualHW.version = "14"
-displayName = "$2"
-guestOS = "debian12-64"
-numvcpus = "2"
-memsize = "2048"
-scsi0.present = "TRUE"
-scsi0.virtualDev = "pvscsi"
-scsi0:0.present = "TRUE"
-scsi0:0.fileName = "$2.img"
-EOF
+  write_vmx "$1/$2.vmx" "$2" "$2.img"
 }
 log "making $LOAD_N VMs of $LOAD_SIZE and one of $LOAD_N x $LOAD_SIZE"
 for i in $(seq -w 1 "$LOAD_N"); do make_vm "$tmp/vms/load$i" "load$i" "$size" "$i"; done

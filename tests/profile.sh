@@ -15,6 +15,7 @@
 # and a busy machine move the seconds a little but the shares hardly.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$root/tests/bench-lib.sh"
 BENCH_DIR=${BENCH_DIR:-/tmp/gateway-bench}
 freq=${PROFILE_FREQ:-499}
 log() { printf '[profile %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -59,22 +60,7 @@ while [ -n "$(ss -Hlnu "sport = :$port")" ]; do port=$((port + 1)); done
 "$bin/certs" quickstart --out "$tmp/pki" >/dev/null
 mkdir -p "$tmp/vm"
 ln -s "$img" "$tmp/vm/sample-disk.img"
-cat >"$tmp/vm/profile.vmx" <<'EOF'
-.encoding = "UTF-8"
-config.version = "8"
-virtualHW.version = "14"
-displayName = "profile01"
-guestOS = "debian12-64"
-numvcpus = "2"
-memsize = "2048"
-scsi0.present = "TRUE"
-scsi0.virtualDev = "pvscsi"
-scsi0:0.present = "TRUE"
-scsi0:0.fileName = "sample-disk.img"
-ethernet0.present = "TRUE"
-ethernet0.virtualDev = "vmxnet3"
-ethernet0.networkName = "VM Network"
-EOF
+write_vmx "$tmp/vm/profile.vmx" profile01 sample-disk.img 00:50:56:aa:bb:cc
 export CLOUD_ENDPOINT_LISTEN=127.0.0.1:$port CLOUD_ENDPOINT_CERT=$tmp/pki/endpoint.pem \
   CLOUD_ENDPOINT_KEY=$tmp/pki/endpoint.key CLOUD_ENDPOINT_EDGE_CA=$tmp/pki/ca.pem \
   CLOUD_ENDPOINT_DATASTORE_DIR=$tmp/datastore CLOUD_ENDPOINT_DATABASE=$tmp/inventory.db \

@@ -32,6 +32,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$root/tests/bench-lib.sh"
 BENCH_DIR=${BENCH_DIR:-/tmp/gateway-bench}
 BENCH_SIZE=${BENCH_SIZE:-1G}
 BENCH_CHANGE_PCT=${BENCH_CHANGE_PCT:-1}
@@ -92,19 +93,7 @@ secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 mkdir -p "$tmp/vm"
 cp --reflink=auto --sparse=always "$img" "$tmp/vm/db01.img"
 cp --reflink=auto --sparse=always "$img" "$tmp/rsync-dst.img"
-cat >"$tmp/vm/db01.vmx" <<'EOF'
-.encoding = "UTF-8"
-config.version = "8"
-virtualHW.version = "14"
-displayName = "db01"
-guestOS = "debian12-64"
-numvcpus = "2"
-memsize = "2048"
-scsi0.present = "TRUE"
-scsi0.virtualDev = "pvscsi"
-scsi0:0.present = "TRUE"
-scsi0:0.fileName = "db01.img"
-EOF
+write_vmx "$tmp/vm/db01.vmx" db01 db01.img
 
 # The guest's writes: BENCH_CHANGE_PCT % of the 64 KiB blocks, at random places (seeded),
 # each new data that compresses like the disk: a block from a random place of the disk

@@ -40,6 +40,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$root/tests/bench-lib.sh"
 wan=$root/tests/wan/wan.sh
 BENCH_DIR=${BENCH_DIR:-/tmp/gateway-bench}
 BENCH_SIZE=${BENCH_SIZE:-1G}
@@ -160,24 +161,7 @@ cloud_rx() { "$wan" exec cloud cat /sys/class/net/wan0/statistics/rx_bytes; }
 "$bin/certs" edge --ca "$tmp/pki" --out "$tmp/pki" --name wan-bench-edge >/dev/null
 mkdir -p "$tmp/vm" "$tmp/ssh" "$tmp/dst" /run/sshd
 ln -s "$img" "$tmp/vm/sample-disk.img"
-cat >"$tmp/vm/bench.vmx" <<'EOF'
-.encoding = "UTF-8"
-config.version = "8"
-virtualHW.version = "14"
-displayName = "wanbench"
-guestOS = "debian12-64"
-numvcpus = "2"
-memsize = "2048"
-scsi0.present = "TRUE"
-scsi0.virtualDev = "pvscsi"
-scsi0:0.present = "TRUE"
-scsi0:0.fileName = "sample-disk.img"
-ethernet0.present = "TRUE"
-ethernet0.virtualDev = "vmxnet3"
-ethernet0.networkName = "VM Network"
-ethernet0.addressType = "generated"
-ethernet0.generatedAddress = "00:50:56:aa:bb:cc"
-EOF
+write_vmx "$tmp/vm/bench.vmx" wanbench sample-disk.img 00:50:56:aa:bb:cc
 ssh-keygen -q -t ed25519 -N '' -f "$tmp/ssh/host_key"
 ssh-keygen -q -t ed25519 -N '' -f "$tmp/ssh/client_key"
 cp "$tmp/ssh/client_key.pub" "$tmp/ssh/authorized_keys"

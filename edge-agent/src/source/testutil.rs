@@ -63,3 +63,21 @@ pub(crate) fn qemu_io(image: &Path, commands: &[&str]) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// What qemu-img reads for the whole disk (or chain) at `top`, as raw bytes.
+pub(crate) fn flattened_by_qemu(top: &Path) -> Vec<u8> {
+    let raw = top.with_extension("flat.raw");
+    qemu_img(&["convert", "-O", "raw", s(top), s(&raw)]);
+    let bytes = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(raw).unwrap();
+    bytes
+}
+
+/// Reads the whole disk in chunks of `chunk` bytes.
+pub(crate) fn read_all(disk: &dyn crate::source::DiskReader, chunk: usize) -> Vec<u8> {
+    let mut out = vec![0; disk.capacity() as usize];
+    for (i, piece) in out.chunks_mut(chunk).enumerate() {
+        disk.read_at((i * chunk) as u64, piece).unwrap();
+    }
+    out
+}

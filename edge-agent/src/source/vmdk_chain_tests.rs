@@ -2,26 +2,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::source::testutil::{pseudo_random, qemu_img, qemu_io, s, write};
+use crate::source::testutil::{flattened_by_qemu, pseudo_random, qemu_img, qemu_io, read_all, s, write};
 use crate::source::{open_disk, open_vm};
-
-/// Reads the whole disk in chunks of `chunk` bytes.
-fn read_all(disk: &dyn DiskReader, chunk: usize) -> Vec<u8> {
-    let mut out = vec![0; disk.capacity() as usize];
-    for (i, piece) in out.chunks_mut(chunk).enumerate() {
-        disk.read_at((i * chunk) as u64, piece).unwrap();
-    }
-    out
-}
-
-/// What qemu-img reads for the whole chain ending at `top`.
-fn flattened_by_qemu(top: &Path) -> Vec<u8> {
-    let raw = top.with_extension("flat.raw");
-    qemu_img(&["convert", "-O", "raw", s(top), s(&raw)]);
-    let bytes = fs::read(&raw).unwrap();
-    fs::remove_file(raw).unwrap();
-    bytes
-}
 
 /// `qemu-img create` a delta of `parent` (named by file name: qemu-img, like VMware, records
 /// it relative to the child's folder), with `options` and a size other than the parent's.

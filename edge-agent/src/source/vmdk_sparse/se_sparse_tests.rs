@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::source::open_disk;
-use crate::source::testutil::{qemu_img, qemu_io, s, write};
+use crate::source::testutil::{flattened_by_qemu, qemu_img, qemu_io, read_all, s, write};
 
 const GRAIN: usize = 4096;
 const MIB: u64 = 1 << 20;
@@ -141,23 +141,6 @@ fn chain(dir: &Path, grains: &[(u64, State)], replay_journal: bool) -> PathBuf {
     )
 }
 
-fn read_all(path: &Path) -> Vec<u8> {
-    let disk = open_disk(path).unwrap();
-    let mut out = vec![0; disk.capacity() as usize];
-    for (i, piece) in out.chunks_mut(MIB as usize).enumerate() {
-        disk.read_at(i as u64 * MIB, piece).unwrap();
-    }
-    out
-}
-
-fn flattened_by_qemu(top: &Path) -> Vec<u8> {
-    let raw = top.with_extension("flat.raw");
-    qemu_img(&["convert", "-O", "raw", s(top), s(&raw)]);
-    let bytes = fs::read(&raw).unwrap();
-    fs::remove_file(raw).unwrap();
-    bytes
-}
-
 #[test]
 fn an_sesparse_delta_reads_as_qemu_reads_it_and_says_what_it_changed() {
     let dir = tempfile::tempdir().unwrap();
@@ -176,7 +159,7 @@ fn an_sesparse_delta_reads_as_qemu_reads_it_and_says_what_it_changed() {
         ),
     ];
     let top = chain(dir.path(), &grains, false);
-    let ours = read_all(&top);
+    let ours = read_all(&*open_disk(&top).unwrap(), MIB as usize);
     let qemus = flattened_by_qemu(&top);
     assert_eq!(ours.len(), qemus.len());
     assert!(
