@@ -51,6 +51,7 @@ struct Ctx {
 
 /// The methods answered after a login (for `NotSupported` of every other).
 const SYNC_METHODS: &[&str] = &[
+    "Fetch",
     "RetrieveProperties",
     "RetrievePropertiesEx",
     "ContinueRetrievePropertiesEx",
@@ -369,6 +370,19 @@ fn retrieve_result(state: &ApiState, ctx: &Ctx, snap: &Snapshot, mut retrieval: 
 fn sync_call(state: &ApiState, ctx: &Ctx, this: &MoRef, call: &Call) -> Result<String, Fault> {
     let body = &call.body;
     match call.method.as_str() {
+        // pyvmomi reads `vm.name` and every other property through this hidden method.
+        "Fetch" => {
+            let snap = snapshot(state, ctx)?;
+            let obj = snap.resolve(this)?;
+            let prop = body
+                .text_of("prop")
+                .ok_or_else(|| Fault::invalid_argument("prop", "Fetch needs a prop"))?;
+            let mut out = String::new();
+            if let Some(value) = snap.get(&obj, prop)? {
+                value.write(&mut out, "returnval");
+            }
+            Ok(out)
+        }
         "RetrieveProperties" => {
             let specs = specs(body)?;
             let snap = snapshot(state, ctx)?;

@@ -23,7 +23,7 @@ pub fn guest_id(vmx: &str) -> String {
     }
     let id = vmx.replace("otherlinux", "otherLinux");
     match id.split_once("-64") {
-        Some((base, _)) if base.ends_with(|c: char| c.is_ascii_digit()) => format!("{base}_64Guest"),
+        Some((base, _)) if base.contains(|c: char| c.is_ascii_digit()) => format!("{base}_64Guest"),
         Some((base, _)) => format!("{base}64Guest"),
         None if id.is_empty() => "otherGuest".to_owned(),
         None => format!("{id}Guest"),
