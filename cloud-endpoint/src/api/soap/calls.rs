@@ -11,7 +11,7 @@ use super::fault::Fault;
 use super::model::{self, known_type, Extra, Snapshot, View};
 use super::value::{MoRef, Value};
 use super::xml::{Call, Element};
-use super::{Reply, SessionObjects, API_VERSION};
+use super::{Reply, SessionObjects};
 use crate::api::error::{ApiError, ErrorKind};
 use crate::api::session::{rfc3339_millis, Now, Session};
 use crate::api::vcenter::power::{self, Action};
@@ -143,40 +143,8 @@ fn service_content(state: &ApiState) -> Result<String, Fault> {
         .find(|f| f.parent.is_none())
         .map_or("group-d1", |f| f.id.as_str())
         .to_owned();
-    let r = |kind: &str, id: &str| Value::Ref(MoRef::new(kind, id));
-    let s = Value::str;
-    let about = Value::Data(
-        "AboutInfo",
-        vec![
-            ("name", s("VMware vCenter Server")),
-            ("fullName", s("VMware vCenter Server 8.0.3 build-24022515 (cloud migration gateway)")),
-            ("vendor", s("VMware, Inc.")),
-            ("version", s("8.0.3")),
-            ("build", s("24022515")),
-            ("localeVersion", s("INTL")),
-            ("localeBuild", s("000")),
-            ("osType", s("linux-x64")),
-            ("productLineId", s("vpx")),
-            ("apiType", s("VirtualCenter")),
-            ("apiVersion", s(API_VERSION)),
-            ("instanceUuid", s(&state.soap.instance_uuid)),
-            ("licenseProductName", s("VMware VirtualCenter Server")),
-            ("licenseProductVersion", s("8.0")),
-        ],
-    );
-    let content = Value::Data(
-        "ServiceContent",
-        vec![
-            ("rootFolder", r("Folder", &root)),
-            ("propertyCollector", r("PropertyCollector", model::PROPERTY_COLLECTOR)),
-            ("viewManager", r("ViewManager", model::VIEW_MANAGER)),
-            ("about", about),
-            ("sessionManager", r("SessionManager", model::SESSION_MANAGER)),
-            ("searchIndex", r("SearchIndex", model::SEARCH_INDEX)),
-        ],
-    );
     let mut out = String::new();
-    content.write(&mut out, "returnval");
+    model::service_content(&root, &state.soap.instance_uuid).write(&mut out, "returnval");
     Ok(out)
 }
 
@@ -258,6 +226,7 @@ fn snapshot(state: &ApiState, ctx: &Ctx) -> Result<Snapshot, Fault> {
             views: mine.map(|o| o.views.clone()).unwrap_or_default(),
             tasks: state.soap.tasks.all(),
             session: Some(user_session(&ctx.session, mine)),
+            instance_uuid: state.soap.instance_uuid.clone(),
         }
     };
     let domain = &state.domain;

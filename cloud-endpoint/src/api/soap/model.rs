@@ -109,6 +109,7 @@ pub fn properties(kind: &str) -> &'static [&'static str] {
         "ContainerView" => &["view", "container", "type", "recursive"],
         "Task" => &["info"],
         "SessionManager" => &["currentSession"],
+        "ServiceInstance" => &["content", "serverClock"],
         _ => &[],
     }
 }
@@ -128,6 +129,44 @@ pub struct Extra {
     pub tasks: Vec<TaskRecord>,
     /// `SessionManager.currentSession` (a `UserSession`).
     pub session: Option<Value>,
+    /// `about.instanceUuid`.
+    pub instance_uuid: String,
+}
+
+/// `ServiceInstance.content`: where a client finds everything else.
+pub fn service_content(root_folder: &str, instance_uuid: &str) -> Value {
+    let r = |kind: &str, id: &str| Value::Ref(MoRef::new(kind, id));
+    let s = Value::str;
+    let about = Value::Data(
+        "AboutInfo",
+        vec![
+            ("name", s("VMware vCenter Server")),
+            ("fullName", s("VMware vCenter Server 8.0.3 build-24022515 (cloud migration gateway)")),
+            ("vendor", s("VMware, Inc.")),
+            ("version", s("8.0.3")),
+            ("build", s("24022515")),
+            ("localeVersion", s("INTL")),
+            ("localeBuild", s("000")),
+            ("osType", s("linux-x64")),
+            ("productLineId", s("vpx")),
+            ("apiType", s("VirtualCenter")),
+            ("apiVersion", s(super::API_VERSION)),
+            ("instanceUuid", s(instance_uuid)),
+            ("licenseProductName", s("VMware VirtualCenter Server")),
+            ("licenseProductVersion", s("8.0")),
+        ],
+    );
+    Value::Data(
+        "ServiceContent",
+        vec![
+            ("rootFolder", r("Folder", root_folder)),
+            ("propertyCollector", r("PropertyCollector", PROPERTY_COLLECTOR)),
+            ("viewManager", r("ViewManager", VIEW_MANAGER)),
+            ("about", about),
+            ("sessionManager", r("SessionManager", SESSION_MANAGER)),
+            ("searchIndex", r("SearchIndex", SEARCH_INDEX)),
+        ],
+    )
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -409,6 +448,12 @@ impl Snapshot {
             (Obj::View, "recursive") => self.extra.views.get(&obj.value).map(|v| Value::Bool(v.recursive)),
             (Obj::Task(i), "info") => Some(self.extra.tasks[i].info()),
             (Obj::Singleton(_), "currentSession") => self.extra.session.clone(),
+            (Obj::Singleton(_), "content") => {
+                Some(service_content(&self.root_folder().value, &self.extra.instance_uuid))
+            }
+            (Obj::Singleton(_), "serverClock") => Some(Value::Time(crate::api::session::rfc3339_millis(
+                time::OffsetDateTime::now_utc(),
+            ))),
             _ => None,
         }
     }
