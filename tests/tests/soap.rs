@@ -145,26 +145,33 @@ async fn pyvmomi_reads_and_powers_the_cloud_domain() {
     // Raw calls: what a client that is not pyvmomi meets.
     let (status, body) = soap(&rest, "not xml", None).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(body.contains("xsi:type=\"InvalidRequest\"") && body.contains("<faultstring>"), "{body}");
+    assert!(
+        body.contains("xsi:type=\"InvalidRequest\"") && body.contains("<faultstring>"),
+        "{body}"
+    );
     let deep = format!("<M>{}{}</M>", "<a>".repeat(200), "</a>".repeat(200));
     let (_, body) = soap(&rest, &envelope(&deep), None).await;
     assert!(body.contains("deeper than"), "{body}");
-    let (status, body) = soap(&rest, &envelope(r#"<NoSuchMethod xmlns="urn:vim25"><_this type="Folder">group-d1</_this></NoSuchMethod>"#), None).await;
+    let (status, body) = soap(
+        &rest,
+        &envelope(r#"<NoSuchMethod xmlns="urn:vim25"><_this type="Folder">group-d1</_this></NoSuchMethod>"#),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(body.contains("NotAuthenticatedFault"), "no session comes first: {body}");
-    let versions = rest.request(Method::GET, "/sdk/vimServiceVersions.xml").send().await.unwrap();
+    let versions = rest
+        .request(Method::GET, "/sdk/vimServiceVersions.xml")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(versions.status(), StatusCode::OK);
     assert!(versions.text().await.unwrap().contains("<name>urn:vim25</name>"));
     // A SOAP login gives a cookie that REST does not take, and the REST token is no cookie.
     let login = envelope(&format!(
         r#"<Login xmlns="urn:vim25"><_this type="SessionManager">SessionManager</_this><userName>{AUDITOR}</userName><password>{DEMO_PASSWORD}</password></Login>"#
     ));
-    let r = rest
-        .request(Method::POST, "/sdk")
-        .body(login)
-        .send()
-        .await
-        .unwrap();
+    let r = rest.request(Method::POST, "/sdk").body(login).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(cookie.starts_with("vmware_soap_session=\""), "{cookie}");
@@ -174,7 +181,10 @@ async fn pyvmomi_reads_and_powers_the_cloud_domain() {
     let fetch = envelope(r#"<Fetch xmlns="urn:vim25"><_this type="Folder">group-d1</_this><prop>name</prop></Fetch>"#);
     let (status, body) = soap(&rest, &fetch, Some(&format!("vmware_soap_session=\"{token}\""))).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(body.contains("NotAuthenticatedFault"), "a REST token is no SOAP session: {body}");
+    assert!(
+        body.contains("NotAuthenticatedFault"),
+        "a REST token is no SOAP session: {body}"
+    );
     let (status, body) = soap(&rest, &fetch, Some(&cookie)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.contains("<returnval xsi:type=\"xsd:string\">"), "{body}");

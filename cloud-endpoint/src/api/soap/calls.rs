@@ -71,7 +71,11 @@ pub(super) async fn dispatch(
     cookie: Option<String>,
     call: Call,
 ) -> Result<Reply, Fault> {
-    let this = call.body.child("_this").map(moref).unwrap_or_else(|| MoRef::new("", ""));
+    let this = call
+        .body
+        .child("_this")
+        .map(moref)
+        .unwrap_or_else(|| MoRef::new("", ""));
     match call.method.as_str() {
         "RetrieveServiceContent" => {
             let st = state.clone();
@@ -101,7 +105,9 @@ pub(super) async fn dispatch(
             tracing::info!(user = ?ctx.session.principal.user, "SOAP session ended");
             String::new()
         }
-        "WaitForUpdatesEx" | "WaitForUpdates" | "CheckForUpdates" => wait_for_updates(state, &ctx, &call.body, &method).await?,
+        "WaitForUpdatesEx" | "WaitForUpdates" | "CheckForUpdates" => {
+            wait_for_updates(state, &ctx, &call.body, &method).await?
+        }
         "PowerOnVM_Task" | "PowerOffVM_Task" | "ResetVM_Task" => power_task(state, &ctx, &this, &method).await?,
         m if SYNC_METHODS.contains(&m) => {
             let st = state.clone();
@@ -127,7 +133,10 @@ fn reply(body: String, user: Option<String>) -> Reply {
 async fn blocking<T: Send + 'static>(op: impl FnOnce() -> Result<T, Fault> + Send + 'static) -> Result<T, Fault> {
     tokio::task::spawn_blocking(op).await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "SOAP call failed inside the endpoint");
-        Err(Fault::new("SystemError", "the call failed inside the endpoint; see its log"))
+        Err(Fault::new(
+            "SystemError",
+            "the call failed inside the endpoint; see its log",
+        ))
     })
 }
 
@@ -163,7 +172,12 @@ fn user_session(session: &Session, objects: Option<&SessionObjects>) -> Value {
             ("extensionSession", Value::Bool(false)),
             (
                 "ipAddress",
-                Value::Str(objects.and_then(|o| o.source).map(|ip| ip.to_string()).unwrap_or_default()),
+                Value::Str(
+                    objects
+                        .and_then(|o| o.source)
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_default(),
+                ),
             ),
             ("userAgent", Value::str("")),
             ("callCount", Value::Long(0)),
@@ -262,7 +276,10 @@ fn specs(body: &Element) -> Result<Vec<FilterSpec>, Fault> {
         .map(collector::parse_filter_spec)
         .collect::<Result<_, _>>()?;
     if specs.is_empty() {
-        return Err(Fault::invalid_argument("specSet", "give at least one PropertyFilterSpec in specSet"));
+        return Err(Fault::invalid_argument(
+            "specSet",
+            "give at least one PropertyFilterSpec in specSet",
+        ));
     }
     Ok(specs)
 }
@@ -292,7 +309,10 @@ fn plan_all(snap: &Snapshot, specs: &[FilterSpec]) -> Result<Vec<(MoRef, Vec<Str
     Ok(out)
 }
 
-fn page(snap: &Snapshot, items: impl IntoIterator<Item = (MoRef, Vec<String>)>) -> Result<Vec<collector::ObjectContent>, Fault> {
+fn page(
+    snap: &Snapshot,
+    items: impl IntoIterator<Item = (MoRef, Vec<String>)>,
+) -> Result<Vec<collector::ObjectContent>, Fault> {
     let mut out = Vec::new();
     for (obj, paths) in items {
         // An object deleted between pages is left out of the later page.
@@ -411,7 +431,11 @@ fn sync_call(state: &ApiState, ctx: &Ctx, this: &MoRef, call: &Call) -> Result<S
             )?;
             // Checked now, so a bad object or path fails here and not in WaitForUpdates.
             collector::plan(&snapshot(state, ctx)?, &spec)?;
-            let id = format!("session[{}]filter-{}", &ctx.token[..8.min(ctx.token.len())], state.soap.next());
+            let id = format!(
+                "session[{}]filter-{}",
+                &ctx.token[..8.min(ctx.token.len())],
+                state.soap.next()
+            );
             with_session(state, ctx, |s| {
                 if s.filters.len() >= MAX_FILTERS {
                     return Err(Fault::invalid_request(format!(
@@ -437,10 +461,10 @@ fn sync_call(state: &ApiState, ctx: &Ctx, this: &MoRef, call: &Call) -> Result<S
         }),
         "CreateContainerView" => {
             let snap = snapshot(state, ctx)?;
-            let container = snap.resolve(&moref(
-                body.child("container")
-                    .ok_or_else(|| Fault::invalid_argument("container", "CreateContainerView needs a container"))?,
-            ))?;
+            let container = snap
+                .resolve(&moref(body.child("container").ok_or_else(|| {
+                    Fault::invalid_argument("container", "CreateContainerView needs a container")
+                })?))?;
             let types: Vec<String> = body.all("type").map(|t| t.text.trim().to_owned()).collect();
             if let Some(bad) = types.iter().find(|t| !known_type(t)) {
                 return Err(Fault::invalid_argument(
@@ -449,7 +473,11 @@ fn sync_call(state: &ApiState, ctx: &Ctx, this: &MoRef, call: &Call) -> Result<S
                 ));
             }
             let recursive = body.bool_of("recursive")?.unwrap_or(false);
-            let id = format!("session[{}]view-{}", &ctx.token[..8.min(ctx.token.len())], state.soap.next());
+            let id = format!(
+                "session[{}]view-{}",
+                &ctx.token[..8.min(ctx.token.len())],
+                state.soap.next()
+            );
             with_session(state, ctx, |s| {
                 if s.views.len() >= MAX_VIEWS {
                     return Err(Fault::invalid_request(format!(
@@ -481,10 +509,10 @@ fn sync_call(state: &ApiState, ctx: &Ctx, this: &MoRef, call: &Call) -> Result<S
         }
         "FindChild" => {
             let snap = snapshot(state, ctx)?;
-            let entity = snap.resolve(&moref(
-                body.child("entity")
-                    .ok_or_else(|| Fault::invalid_argument("entity", "FindChild needs an entity"))?,
-            ))?;
+            let entity = snap
+                .resolve(&moref(body.child("entity").ok_or_else(|| {
+                    Fault::invalid_argument("entity", "FindChild needs an entity")
+                })?))?;
             let name = body.text_of("name").unwrap_or_default();
             Ok(returnval_ref(snap.find_child(&entity, name)))
         }
@@ -510,8 +538,16 @@ fn sync_call(state: &ApiState, ctx: &Ctx, this: &MoRef, call: &Call) -> Result<S
 
 async fn power_task(state: &ApiState, ctx: &Ctx, this: &MoRef, method: &str) -> Result<String, Fault> {
     let (action, privilege, description) = match method {
-        "PowerOnVM_Task" => (Action::Start, "VirtualMachine.Interact.PowerOn", "VirtualMachine.powerOn"),
-        "PowerOffVM_Task" => (Action::Stop, "VirtualMachine.Interact.PowerOff", "VirtualMachine.powerOff"),
+        "PowerOnVM_Task" => (
+            Action::Start,
+            "VirtualMachine.Interact.PowerOn",
+            "VirtualMachine.powerOn",
+        ),
+        "PowerOffVM_Task" => (
+            Action::Stop,
+            "VirtualMachine.Interact.PowerOff",
+            "VirtualMachine.powerOff",
+        ),
         _ => (Action::Reset, "VirtualMachine.Interact.Reset", "VirtualMachine.reset"),
     };
     if !(this.kind.is_empty() || this.kind == "VirtualMachine") {
@@ -524,8 +560,7 @@ async fn power_task(state: &ApiState, ctx: &Ctx, this: &MoRef, method: &str) -> 
         .ok_or_else(|| Fault::not_found(this))?;
     let principal = ctx.session.principal.clone();
     let target = MoRef::new("VirtualMachine", &vm.id);
-    power::may_operate(&principal, "operate VMs")
-        .map_err(|e| Fault::no_permission(&target, privilege, e.message))?;
+    power::may_operate(&principal, "operate VMs").map_err(|e| Fault::no_permission(&target, privilege, e.message))?;
     let task = state.soap.tasks.start(description, target.clone(), vm.name.clone());
     let (domain, soap, task_id) = (state.domain.clone(), state.soap.clone(), task.clone());
     tokio::spawn(async move {
@@ -668,4 +703,3 @@ fn updates(state: &ApiState, ctx: &Ctx, reset: bool) -> Result<Option<String>, F
     .write(&mut out, "returnval");
     Ok(Some(out))
 }
-

@@ -82,9 +82,7 @@ impl Fault {
     pub fn not_supported(method: &str) -> Fault {
         Fault::new(
             "NotSupported",
-            format!(
-                "{method} is not supported by this endpoint's vim25 API; docs/soap.md lists the calls it answers"
-            ),
+            format!("{method} is not supported by this endpoint's vim25 API; docs/soap.md lists the calls it answers"),
         )
     }
 
@@ -118,7 +116,10 @@ impl Fault {
         out.push_str("<soapenv:Fault>\n<faultcode>ServerFaultCode</faultcode>\n<faultstring>");
         escape(&mut out, &self.message);
         out.push_str("</faultstring>\n<detail>\n");
-        out.push_str(&format!("<{}Fault xmlns=\"urn:vim25\" xsi:type=\"{}\">", self.kind, self.kind));
+        out.push_str(&format!(
+            "<{}Fault xmlns=\"urn:vim25\" xsi:type=\"{}\">",
+            self.kind, self.kind
+        ));
         for (name, value) in &self.fields {
             value.write_field(&mut out, name);
         }

@@ -170,15 +170,19 @@ async fn invoke(
             Err(fault) => ("-".to_owned(), Err(fault)),
             Ok(call) => {
                 let method = call.method.clone();
-                (method, calls::dispatch(&state, peer.ip(), session_cookie(&headers), call).await)
+                (
+                    method,
+                    calls::dispatch(&state, peer.ip(), session_cookie(&headers), call).await,
+                )
             }
         },
     };
-    let label = if !method.is_empty() && method.len() <= 64 && method.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        method.clone()
-    } else {
-        "-".to_owned()
-    };
+    let label =
+        if !method.is_empty() && method.len() <= 64 && method.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            method.clone()
+        } else {
+            "-".to_owned()
+        };
     let mut response = match result {
         Ok(reply) => {
             let mut text = String::from(xml::ENVELOPE_START);

@@ -141,7 +141,10 @@ pub fn service_content(root_folder: &str, instance_uuid: &str) -> Value {
         "AboutInfo",
         vec![
             ("name", s("VMware vCenter Server")),
-            ("fullName", s("VMware vCenter Server 8.0.3 build-24022515 (cloud migration gateway)")),
+            (
+                "fullName",
+                s("VMware vCenter Server 8.0.3 build-24022515 (cloud migration gateway)"),
+            ),
             ("vendor", s("VMware, Inc.")),
             ("version", s("8.0.3")),
             ("build", s("24022515")),
@@ -207,7 +210,11 @@ impl Snapshot {
     ) -> Snapshot {
         let mut index = HashMap::new();
         for (i, f) in d.folders.iter().enumerate() {
-            let obj = if f.parent.is_none() { Obj::RootFolder(i) } else { Obj::Folder(i) };
+            let obj = if f.parent.is_none() {
+                Obj::RootFolder(i)
+            } else {
+                Obj::Folder(i)
+            };
             index.insert(f.id.clone(), obj);
         }
         index.insert(d.datacenter.id.clone(), Obj::Datacenter);
@@ -370,7 +377,10 @@ impl Snapshot {
             (Obj::Host(_), "runtime") => Some(Value::Data(
                 "HostRuntimeInfo",
                 vec![
-                    ("connectionState", Value::Enum("HostSystemConnectionState", "connected".into())),
+                    (
+                        "connectionState",
+                        Value::Enum("HostSystemConnectionState", "connected".into()),
+                    ),
                     ("powerState", Value::Enum("HostSystemPowerState", "poweredOn".into())),
                     ("inMaintenanceMode", Value::Bool(false)),
                 ],
@@ -439,7 +449,11 @@ impl Snapshot {
             }
             (Obj::Vm(i), _) => super::vm::property(&self.vms[i], prop),
             (Obj::View, "view") => Some(Value::refs(self.view_contents(&obj.value))),
-            (Obj::View, "container") => self.extra.views.get(&obj.value).map(|v| Value::Ref(v.container.clone())),
+            (Obj::View, "container") => self
+                .extra
+                .views
+                .get(&obj.value)
+                .map(|v| Value::Ref(v.container.clone())),
             (Obj::View, "type") => self
                 .extra
                 .views
@@ -535,7 +549,12 @@ impl Snapshot {
             out.push(self.datacenter());
         }
         if folder.id == dc.host_folder {
-            out.extend(self.d.clusters.iter().map(|c| MoRef::new("ClusterComputeResource", &c.id)));
+            out.extend(
+                self.d
+                    .clusters
+                    .iter()
+                    .map(|c| MoRef::new("ClusterComputeResource", &c.id)),
+            );
         }
         if folder.id == dc.datastore_folder {
             out.extend(self.d.datastores.iter().map(|d| MoRef::new("Datastore", &d.id)));

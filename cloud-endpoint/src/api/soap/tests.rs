@@ -180,7 +180,16 @@ fn traversal_reaches_the_tree_and_skip_leaves_objects_out() {
     let all = collector::select(&snap, &spec(root.clone(), false, walk(), "ManagedEntity", &["name"])).unwrap();
     let got = ids(&all);
     assert_eq!(got[0], "group-d1");
-    for want in ["datacenter-2", "group-v3", "group-v20", "group-h4", "domain-c7", "vm-100", "vm-101", "vm-103"] {
+    for want in [
+        "datacenter-2",
+        "group-v3",
+        "group-v20",
+        "group-h4",
+        "domain-c7",
+        "vm-100",
+        "vm-101",
+        "vm-103",
+    ] {
         assert!(got.contains(&want), "{want} in {got:?}");
     }
     // Not walked into: the datastore and network folders, the cluster's hosts.
@@ -202,8 +211,16 @@ fn traversal_reaches_the_tree_and_skip_leaves_objects_out() {
     if let Selection::Traversal(t) = &mut steps[1] {
         t.skip = true;
     }
-    let got = collector::select(&snap, &spec(snap.root_folder(), false, steps, "ManagedEntity", &["name"])).unwrap();
-    assert!(!ids(&got).contains(&"group-v3") && ids(&got).contains(&"vm-100"), "{:?}", ids(&got));
+    let got = collector::select(
+        &snap,
+        &spec(snap.root_folder(), false, steps, "ManagedEntity", &["name"]),
+    )
+    .unwrap();
+    assert!(
+        !ids(&got).contains(&"group-v3") && ids(&got).contains(&"vm-100"),
+        "{:?}",
+        ids(&got)
+    );
 }
 
 #[test]
@@ -216,14 +233,24 @@ fn a_looping_spec_ends_and_an_unknown_name_is_a_fault() {
     ];
     let vm = MoRef::new("VirtualMachine", "vm-100");
     let got = collector::select(&snap, &spec(vm, false, select, "ManagedEntity", &["name"])).unwrap();
-    assert!(ids(&got).contains(&"group-d1") && ids(&got).contains(&"vm-101"), "{:?}", ids(&got));
+    assert!(
+        ids(&got).contains(&"group-d1") && ids(&got).contains(&"vm-101"),
+        "{:?}",
+        ids(&got)
+    );
 
     let bad = vec![ts("x", "Folder", "childEntity", &["nowhere"])];
     let fault = collector::select(&snap, &spec(snap.root_folder(), false, bad, "Folder", &["name"])).unwrap_err();
     assert_eq!(fault.kind, "InvalidArgument");
     let fault = collector::select(
         &snap,
-        &spec(MoRef::new("VirtualMachine", "vm-999"), false, vec![], "VirtualMachine", &["name"]),
+        &spec(
+            MoRef::new("VirtualMachine", "vm-999"),
+            false,
+            vec![],
+            "VirtualMachine",
+            &["name"],
+        ),
     )
     .unwrap_err();
     assert_eq!(fault.kind, "ManagedObjectNotFound");
@@ -238,7 +265,13 @@ fn path_sets_answer_nested_properties_and_refuse_unknown_ones() {
         false,
         vec![],
         "VirtualMachine",
-        &["name", "runtime.powerState", "config.hardware.device", "summary.config.numCpu", "config.noSuchField"],
+        &[
+            "name",
+            "runtime.powerState",
+            "config.hardware.device",
+            "summary.config.numCpu",
+            "config.noSuchField",
+        ],
     );
     let plan = collector::plan(&snap, &s).unwrap();
     let content = collector::contents(&snap, &plan[0].0, &plan[0].1).unwrap();
@@ -268,15 +301,18 @@ fn path_sets_answer_nested_properties_and_refuse_unknown_ones() {
         disk.field("backing").and_then(|b| b.field("fileName")),
         Some(&Value::str("[cloud-ds1] vm000/vm000.vmdk"))
     );
-    assert_eq!(
-        devices[2].field("macAddress"),
-        Some(&Value::str("00:50:56:00:00:01"))
-    );
+    assert_eq!(devices[2].field("macAddress"), Some(&Value::str("00:50:56:00:00:01")));
 
     let bad = spec(vm, false, vec![], "VirtualMachine", &["noSuchProperty"]);
     assert_eq!(collector::plan(&snap, &bad).unwrap_err().kind, "InvalidProperty");
     // A PropertySpec of another type leaves the object out.
-    let other = spec(MoRef::new("VirtualMachine", "vm-100"), false, vec![], "HostSystem", &["name"]);
+    let other = spec(
+        MoRef::new("VirtualMachine", "vm-100"),
+        false,
+        vec![],
+        "HostSystem",
+        &["name"],
+    );
     assert!(collector::plan(&snap, &other).unwrap().is_empty());
 }
 
@@ -335,16 +371,19 @@ fn search_index_finds_by_path_uuid_and_child() {
     );
     assert_eq!(snap.find_by_inventory_path("cloud-dc/vm/nope"), None);
     assert_eq!(
-        snap.find_vm_by_uuid("5003A1B2-0000-4000-8000-000000000102", true).map(|r| r.value),
+        snap.find_vm_by_uuid("5003A1B2-0000-4000-8000-000000000102", true)
+            .map(|r| r.value),
         Some("vm-102".to_owned())
     );
     assert_eq!(
-        snap.find_vm_by_uuid("564d1234-5678-9abc-def0-123456789abc", false).map(|r| r.value),
+        snap.find_vm_by_uuid("564d1234-5678-9abc-def0-123456789abc", false)
+            .map(|r| r.value),
         Some("vm-100".to_owned()),
         "the first VM with that BIOS uuid"
     );
     assert_eq!(
-        snap.find_child(&MoRef::new("Datacenter", "datacenter-2"), "host").map(|r| r.value),
+        snap.find_child(&MoRef::new("Datacenter", "datacenter-2"), "host")
+            .map(|r| r.value),
         Some("group-h4".to_owned())
     );
 }
@@ -366,5 +405,7 @@ fn a_filter_spec_is_read_as_pyvmomi_sends_it() {
     let call = parse_call(missing.as_bytes()).unwrap();
     let fault = collector::parse_filter_spec(call.body.child("specSet").unwrap()).unwrap_err();
     assert_eq!(fault.kind, "InvalidArgument");
-    assert!(fault.to_xml().contains("<InvalidArgumentFault xmlns=\"urn:vim25\" xsi:type=\"InvalidArgument\">"));
+    assert!(fault
+        .to_xml()
+        .contains("<InvalidArgumentFault xmlns=\"urn:vim25\" xsi:type=\"InvalidArgument\">"));
 }

@@ -239,7 +239,10 @@ pub fn property(vm: &VmRecord, prop: &str) -> Option<Value> {
                 "VirtualMachineConfigInfo",
                 vec![
                     ("changeVersion", Value::str(&vm.created)),
-                    ("modified", Value::Time(crate::api::session::rfc3339_millis(time::OffsetDateTime::UNIX_EPOCH))),
+                    (
+                        "modified",
+                        Value::Time(crate::api::session::rfc3339_millis(time::OffsetDateTime::UNIX_EPOCH)),
+                    ),
                     ("name", Value::str(&vm.name)),
                     ("guestFullName", Value::str(&guest)),
                     ("version", Value::Str(format!("vmx-{VIRTUAL_HW_VERSION:02}"))),
@@ -250,10 +253,7 @@ pub fn property(vm: &VmRecord, prop: &str) -> Option<Value> {
                     ("firmware", Value::str(&info.boot.kind.to_ascii_lowercase())),
                     (
                         "files",
-                        Value::Data(
-                            "VirtualMachineFileInfo",
-                            vec![("vmPathName", Value::str(&vm.vmx_path))],
-                        ),
+                        Value::Data("VirtualMachineFileInfo", vec![("vmPathName", Value::str(&vm.vmx_path))]),
                     ),
                     (
                         "hardware",
@@ -274,7 +274,10 @@ pub fn property(vm: &VmRecord, prop: &str) -> Option<Value> {
             "VirtualMachineRuntimeInfo",
             vec![
                 ("host", host()),
-                ("connectionState", Value::Enum("VirtualMachineConnectionState", "connected".into())),
+                (
+                    "connectionState",
+                    Value::Enum("VirtualMachineConnectionState", "connected".into()),
+                ),
                 ("powerState", power_state(vm)),
             ],
         ),
@@ -288,7 +291,10 @@ pub fn property(vm: &VmRecord, prop: &str) -> Option<Value> {
                         "VirtualMachineRuntimeInfo",
                         vec![
                             ("host", host()),
-                            ("connectionState", Value::Enum("VirtualMachineConnectionState", "connected".into())),
+                            (
+                                "connectionState",
+                                Value::Enum("VirtualMachineConnectionState", "connected".into()),
+                            ),
                             ("powerState", power_state(vm)),
                         ],
                     ),

@@ -198,7 +198,10 @@ mod tests {
         assert!(parse_call(&big).unwrap_err().message.contains("more than"));
         let dtd = r#"<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaa">]><x>&a;</x>"#;
         assert!(parse_call(dtd.as_bytes()).is_err());
-        assert!(parse_call(b"<Envelope><Body/></Envelope>").unwrap_err().message.contains("names no method"));
+        assert!(parse_call(b"<Envelope><Body/></Envelope>")
+            .unwrap_err()
+            .message
+            .contains("names no method"));
         assert!(parse_call(b"<html/>").unwrap_err().message.contains("not a SOAP"));
         assert!(parse_call(b"\xff\xfe").is_err());
     }
