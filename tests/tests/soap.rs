@@ -230,3 +230,85 @@ async fn pyvmomi_reads_and_powers_the_cloud_domain() {
 fn rest_addr(cloud: &Cloud) -> String {
     cloud.api_addr.expect("the API listens").to_string()
 }
+
+/// The access log of `/sdk` requests names the vim25 method and the session's user, and
+/// never a Login's password, right or wrong (an endpoint process, whose log is read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_soap_methods_without_secrets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+    let path = |p: &Path| p.display().to_string();
+    let vars = [
+        ("CLOUD_ENDPOINT_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CLOUD_ENDPOINT_API_LISTEN", "127.0.0.1:0".to_owned()),
+        ("CLOUD_ENDPOINT_CERT", path(&pki.path("endpoint.pem"))),
+        ("CLOUD_ENDPOINT_KEY", path(&pki.path("endpoint.key"))),
+        ("CLOUD_ENDPOINT_EDGE_CA", path(&pki.path("ca.pem"))),
+        ("CLOUD_ENDPOINT_DATASTORE_DIR", path(&tmp.path().join("datastore"))),
+        ("CLOUD_ENDPOINT_DATABASE", path(&tmp.path().join("inventory.sqlite3"))),
+    ];
+    let endpoint = e2e::process::EndpointProcess::serve(&bin, tmp.path(), None, &vars);
+    let http = {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca.cert_der()).unwrap();
+        let tls =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .build()
+            .unwrap()
+    };
+    let url = format!("https://{}/sdk", endpoint.api);
+    let post = |body: String, cookie: Option<String>| {
+        let mut r = http.post(&url).body(body);
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        r.send()
+    };
+    let wrong = "Wrong-Secret-4711";
+    let login = |password: &str| {
+        envelope(&format!(
+            r#"<Login xmlns="urn:vim25"><_this type="SessionManager">SessionManager</_this><userName>{AUDITOR}</userName><password>{password}</password></Login>"#
+        ))
+    };
+    let r = post(login(wrong), None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(r.text().await.unwrap().contains("InvalidLoginFault"));
+    let r = post(login(DEMO_PASSWORD), None).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let fetch =
+        envelope(r#"<Fetch xmlns="urn:vim25"><_this type="Folder">group-d1</_this><prop>childEntity</prop></Fetch>"#);
+    let r = post(fetch, Some(cookie)).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("xsi:type=\"ArrayOfManagedObjectReference\""), "{body}");
+
+    let lines = eventually(10, || {
+        let log = endpoint.log();
+        log.iter().any(|l| l.contains("call=\"Fetch\"")).then_some(log)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no access line of Fetch:\n{}", endpoint.log().join("\n")));
+    let access = |call: &str, status: u16, user: &str| {
+        lines.iter().any(|l| {
+            l.contains("API request")
+                && l.contains("path=\"/sdk\"")
+                && l.contains(&format!("call=\"{call}\""))
+                && l.contains(&format!("status={status}"))
+                && l.contains(&format!("user=\"{user}\""))
+        })
+    };
+    assert!(access("Login", 500, "-"), "{lines:#?}");
+    assert!(access("Login", 200, AUDITOR), "{lines:#?}");
+    assert!(access("Fetch", 200, AUDITOR), "{lines:#?}");
+    for secret in [wrong, DEMO_PASSWORD] {
+        assert!(!lines.iter().any(|l| l.contains(secret)), "{secret} logged: {lines:#?}");
+    }
+}

@@ -48,7 +48,7 @@ pub(super) async fn log(State(state): State<ApiState>, request: Request, next: N
         path = ?path,
         status,
         user = ?user.as_deref().unwrap_or("-"),
-        call = call.as_deref().unwrap_or("-"),
+        call = ?call.as_deref().unwrap_or("-"),
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
         "API request"
     );
