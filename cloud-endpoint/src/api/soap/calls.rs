@@ -21,6 +21,8 @@ use crate::api::ApiState;
 /// what bounds the memory a retrieval of a large inventory takes.
 pub const MAX_PAGE: usize = 500;
 /// The most container views, filters and unfinished paged retrievals one session holds.
+/// Their ids (`view-N`, `filter-N`) are counters, never part of the session cookie, and
+/// only their session finds them.
 pub const MAX_VIEWS: usize = 1000;
 pub const MAX_FILTERS: usize = 100;
 pub const MAX_RETRIEVALS: usize = 16;
@@ -431,11 +433,7 @@ fn sync_call(state: &ApiState, ctx: &Ctx, this: &MoRef, call: &Call) -> Result<S
             )?;
             // Checked now, so a bad object or path fails here and not in WaitForUpdates.
             collector::plan(&snapshot(state, ctx)?, &spec)?;
-            let id = format!(
-                "session[{}]filter-{}",
-                &ctx.token[..8.min(ctx.token.len())],
-                state.soap.next()
-            );
+            let id = format!("filter-{}", state.soap.next());
             with_session(state, ctx, |s| {
                 if s.filters.len() >= MAX_FILTERS {
                     return Err(Fault::invalid_request(format!(
@@ -473,11 +471,7 @@ fn sync_call(state: &ApiState, ctx: &Ctx, this: &MoRef, call: &Call) -> Result<S
                 ));
             }
             let recursive = body.bool_of("recursive")?.unwrap_or(false);
-            let id = format!(
-                "session[{}]view-{}",
-                &ctx.token[..8.min(ctx.token.len())],
-                state.soap.next()
-            );
+            let id = format!("view-{}", state.soap.next());
             with_session(state, ctx, |s| {
                 if s.views.len() >= MAX_VIEWS {
                     return Err(Fault::invalid_request(format!(
