@@ -35,6 +35,7 @@ mod replication_qemu;
 mod replication_snapshots;
 mod rest;
 mod resume;
+mod soap;
 mod sources;
 mod switchover;
 mod test_boot;

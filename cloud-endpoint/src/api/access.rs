@@ -3,6 +3,8 @@
 //! string), the status, the user when the request had a session or logged in, and the
 //! time taken. Credentials never reach it: passwords, session tokens and Authorization
 //! headers are not read here, and the user comes from the session, not from a header.
+//! For the SOAP API (`/sdk`) the line names the vim25 method called (`call`), never its
+//! arguments (a Login's password stays out).
 
 use std::time::Instant;
 
@@ -33,6 +35,10 @@ pub(super) async fn log(State(state): State<ApiState>, request: Request, next: N
     let mut response = next.run(request).await;
     let status = response.status().as_u16();
     let user = response.extensions_mut().remove::<AccessUser>().map(|u| u.0);
+    let call = response
+        .extensions_mut()
+        .remove::<super::soap::SoapMethod>()
+        .map(|m| m.0);
     state.domain.metrics.api_request(method, &route, status, started);
     // Peer-chosen text (path, user) with `?`: escaped, so it cannot forge a line.
     tracing::info!(
@@ -42,6 +48,7 @@ pub(super) async fn log(State(state): State<ApiState>, request: Request, next: N
         path = ?path,
         status,
         user = ?user.as_deref().unwrap_or("-"),
+        call = ?call.as_deref().unwrap_or("-"),
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
         "API request"
     );

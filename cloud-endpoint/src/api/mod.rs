@@ -16,6 +16,8 @@
 //! legacy_rest  the older REST API at /rest: calls translated to /api, answers rewrapped
 //! appliance  com.vmware.appliance.system.version
 //! vapi       the vAPI JSON-RPC protocol at POST /api (the vSphere Automation SDKs)
+//! soap       the vim25 SOAP API at /sdk (pyvmomi, govmomi, PowerCLI): its own sessions,
+//!            the same users, login throttle and services
 //! access     the access log line and request metrics of every request
 //! metrics    GET /metrics: on the API port (session or bearer token) and on a plain
 //!            listener of its own
@@ -35,6 +37,7 @@ mod legacy_rest;
 pub mod metrics;
 pub mod rest;
 pub mod session;
+pub mod soap;
 pub mod tasks;
 pub mod vapi;
 pub mod vcenter;
@@ -57,6 +60,8 @@ pub struct ApiState {
     pub sessions: Arc<SessionStore>,
     /// The bearer token that may read `GET /metrics` without a session (`metrics.bearer_token`).
     pub metrics_token: Option<Arc<str>>,
+    /// The SOAP API's sessions, views, filters and tasks, apart from REST's sessions.
+    pub soap: Arc<soap::SoapState>,
 }
 
 impl ApiState {
@@ -65,6 +70,7 @@ impl ApiState {
             domain,
             sessions: Arc::new(SessionStore::new(settings)),
             metrics_token: None,
+            soap: Arc::new(soap::SoapState::new(settings)),
         }
     }
 
@@ -79,21 +85,34 @@ impl ApiState {
     /// throttled address are UNAUTHENTICATED; a full login queue or session table is
     /// SERVICE_UNAVAILABLE with a time to try again. Both protocols log in here.
     pub async fn login(&self, user: String, password: String, source: IpAddr) -> Result<String, ApiError> {
+        self.login_into(&self.sessions, user, password, source, "API").await
+    }
+
+    /// [`ApiState::login`] into session store `store`: the REST and vAPI sessions, or the
+    /// SOAP ones (`via` names the protocol in the login log and throttle).
+    pub async fn login_into(
+        &self,
+        store: &SessionStore,
+        user: String,
+        password: String,
+        source: IpAddr,
+        via: &'static str,
+    ) -> Result<String, ApiError> {
         // argon2 takes tens of milliseconds of CPU: the login gate runs it off the async
         // workers, a few at a time, and refuses at once what its queue cannot hold.
         let domain = self.domain.clone();
         let principal = self
             .domain
             .logins
-            .login(source, "API", move || {
+            .login(source, via, move || {
                 domain
                     .logins
-                    .authenticate(&domain.inventory, &user, &password, source, "API")
+                    .authenticate(&domain.inventory, &user, &password, source, via)
             })
             .await?;
         let (user, role) = (principal.user.clone(), principal.role);
-        let token = self.sessions.create(principal, Now::current())?;
-        tracing::info!(user = ?user, %role, %source, "API session started");
+        let token = store.create(principal, Now::current())?;
+        tracing::info!(user = ?user, %role, %source, via, "API session started");
         Ok(token)
     }
 }
@@ -122,6 +141,12 @@ pub mod fuzzing {
     pub fn bodies(data: &[u8]) {
         super::vapi::fuzz_body(data);
         let _ = super::gateway::plan_of_body(data);
+    }
+
+    /// A body of `POST /sdk` (a vim25 SOAP call): parsed within its bounds and its filter
+    /// specs read, as the endpoint does before it touches the inventory. Must never panic.
+    pub fn soap_request(data: &[u8]) {
+        super::soap::fuzz_request(data);
     }
 }
 

@@ -164,6 +164,13 @@ impl SessionStore {
         Some(session.clone())
     }
 
+    /// Whether `token` is a live session at `now`, without marking it used.
+    pub fn is_live(&self, token: &str, now: Now) -> bool {
+        self.lock()
+            .get(token)
+            .is_some_and(|s| !s.ended(now.instant, self.idle_timeout, self.max_lifetime))
+    }
+
     /// Ends a session; false if there was none.
     pub fn remove(&self, token: &str) -> bool {
         self.lock().remove(token).is_some()

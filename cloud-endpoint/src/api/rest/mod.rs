@@ -95,6 +95,7 @@ fn api_router(state: ApiState) -> Router {
         .route("/api/gateway/session", get(session::whoami))
         .route("/api/gateway/links", get(vcenter::list_links))
         .merge(super::dashboard::routes())
+        .merge(super::soap::routes())
         .route("/metrics", get(super::metrics::authorized))
         .fallback(not_found)
         .method_not_allowed_fallback(operation_not_found)
@@ -109,9 +110,12 @@ fn api_router(state: ApiState) -> Router {
 /// The requests that need no session here: the login, vAPI calls, whose credentials
 /// or session travel in the body and are checked by `api::vapi`, the metrics, which
 /// take a session or a bearer token (`api::metrics`), and the dashboard's files, which
-/// hold no data (they log in and read the rest through this API).
+/// hold no data (they log in and read the rest through this API). The SOAP API at
+/// `/sdk` checks its own sessions (`api::soap`), with its own cookie.
 fn is_public(method: &Method, path: &str) -> bool {
     (method == Method::POST && (path == "/api/session" || path == "/api"))
+        || path == "/sdk"
+        || path.starts_with("/sdk/")
         || (method == Method::GET && path == "/metrics")
         || super::dashboard::is_asset(method, path)
 }

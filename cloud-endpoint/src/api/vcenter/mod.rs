@@ -282,7 +282,7 @@ pub struct DatastoreInfo {
 
 /// Free bytes and capacity of a datastore, as the migration placement counts them. A
 /// datastore the inventory knows but this endpoint has no folder for shows neither.
-fn datastore_space(domain: &Domain, ds: &crate::inventory::DatastoreInfo) -> Result<(u64, u64), ApiError> {
+pub(crate) fn datastore_space(domain: &Domain, ds: &crate::inventory::DatastoreInfo) -> Result<(u64, u64), ApiError> {
     let Some(store) = domain.datastore_named(&ds.name) else {
         return Ok((0, 0));
     };
