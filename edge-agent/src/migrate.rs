@@ -534,6 +534,7 @@ async fn run_pass_in(
         replica: opts.replication != Replication::Off,
         frozen_chains: Vec::new(),
         switched_over: None,
+        chunk_hash: gateway::chunk::ChunkHash::CURRENT,
     };
     let mut resume: Option<(String, Vec<DoneChunk>)> = None;
     // The record as loaded: a switchover that awaits confirmation is marked in it.
@@ -1109,7 +1110,7 @@ fn check_unchanged(
                 }
             }
         })?;
-        if gateway::chunk::sha256(&plain) != hash {
+        if gateway::chunk::chunk_hash(&plain) != hash {
             return Err(changed(format!(
                 "disk {disk} at offset {offset} holds other data than was sent"
             )));
@@ -1682,10 +1683,10 @@ async fn sealer(
             }
             run.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
             let sealed = if work == Work::Hash {
-                Sealed::Hashed(gateway::chunk::sha256(&b.plain))
+                Sealed::Hashed(gateway::chunk::chunk_hash(&b.plain))
             } else if let Work::Compare(held) = work {
                 // A delta pass: what the replica holds already stays.
-                let hash = gateway::chunk::sha256(&b.plain);
+                let hash = gateway::chunk::chunk_hash(&b.plain);
                 if hash == held {
                     Sealed::Hashed(hash)
                 } else if is_zero(&b.plain) {
@@ -1707,7 +1708,7 @@ async fn sealer(
         .expect("sealing does not panic")?;
         match (sealed_chunk, work) {
             (Sealed::Zero, Work::Hash) => {
-                let zero = gateway::chunk::sha256(&vec![0; chunk_len]);
+                let zero = gateway::chunk::chunk_hash(&vec![0; chunk_len]);
                 shared.session().chunk_hashed(disk, offset, zero);
                 shared.run.record(disk, offset / chunk_size, zero);
             }
@@ -1723,7 +1724,7 @@ async fn sealer(
                 shared.run.record(disk, offset / chunk_size, hash);
             }
             (Sealed::Data(header), _) => {
-                shared.session().chunk_sent(disk, offset, header.sha256);
+                shared.session().chunk_sent(disk, offset, header.hash);
                 let chunk = SealedChunk {
                     header,
                     payload: std::mem::take(&mut b.payload),

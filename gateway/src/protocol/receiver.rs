@@ -884,7 +884,7 @@ impl ReceiverSession {
         }
         let index = h.offset / cs;
         if let Some(hash) = d.in_flight.get(&index) {
-            return if *hash == h.sha256 {
+            return if *hash == h.hash {
                 Ok(Admission::Duplicate)
             } else {
                 Err(ProtocolError::OutsidePlan(format!(
@@ -894,17 +894,17 @@ impl ReceiverSession {
             };
         }
         let replacing = delta
-            && d.hashes.get(index).is_some_and(|hash| hash != h.sha256)
+            && d.hashes.get(index).is_some_and(|hash| hash != h.hash)
             && !d.replaced.contains(&index)
             && !d.repairing.contains_key(&index);
         if replacing {
             // A delta pass: the source changed this chunk since the replica got it.
             d.replaced.insert(index);
-            d.in_flight.insert(index, h.sha256);
+            d.in_flight.insert(index, h.hash);
             return Ok(Admission::Write);
         }
         if let Some(hash) = d.hashes.get(index) {
-            if hash != h.sha256 {
+            if hash != h.hash {
                 return Err(ProtocolError::OutsidePlan(format!(
                     "disk {} chunk at offset {} already written with other content",
                     h.disk, h.offset
@@ -918,17 +918,17 @@ impl ReceiverSession {
             return Ok(Admission::Duplicate);
         }
         if let Some(expected) = d.repairing.get(&index) {
-            if *expected != h.sha256 {
+            if *expected != h.hash {
                 return Err(ProtocolError::Integrity(format!(
                     "disk {} chunk at offset {} was re-sent for a repair with other content than before (SHA-256 {}, before {}): the source changed during the migration; abort it and migrate again",
                     h.disk,
                     h.offset,
-                    hex(&h.sha256),
+                    hex(&h.hash),
                     hex(expected)
                 )));
             }
         }
-        d.in_flight.insert(index, h.sha256);
+        d.in_flight.insert(index, h.hash);
         Ok(Admission::Write)
     }
 

@@ -467,7 +467,7 @@ impl SenderSession {
 
     /// The driver hashed a chunk the cloud already holds ([`Work::Hash`]), or found a
     /// chunk of [`Work::Compare`] unchanged.
-    pub fn chunk_hashed(&mut self, disk: u16, offset: u64, sha256: [u8; 32]) {
+    pub fn chunk_hashed(&mut self, disk: u16, offset: u64, hash: [u8; 32]) {
         if self.phase != Phase::Streaming {
             return;
         }
@@ -477,7 +477,7 @@ impl SenderSession {
         };
         let Some(index) = checked_index(d, offset, cs).filter(|&i| match d.state[i as usize] {
             ChunkState::Unhashed => true,
-            ChunkState::Held => d.hashes.get(i) == Some(sha256),
+            ChunkState::Held => d.hashes.get(i) == Some(hash),
             _ => false,
         }) else {
             return;
@@ -485,12 +485,12 @@ impl SenderSession {
         d.state[index as usize] = ChunkState::Done;
         d.remaining -= 1;
         let len = (d.capacity - offset).min(cs);
-        if sha256 == d.hashes.zero_hash(index) {
+        if hash == d.hashes.zero_hash(index) {
             self.zero_bytes += len;
         } else {
             self.acked_bytes += len;
         }
-        d.hashes.set(index, sha256);
+        d.hashes.set(index, hash);
         self.maybe_seal(disk);
     }
 
@@ -948,14 +948,14 @@ impl SenderSession {
         self.maybe_seal(disk);
     }
 
-    /// The driver sealed the chunk at `offset` (plaintext hash `sha256`) and
+    /// The driver sealed the chunk at `offset` (plaintext hash `hash`) and
     /// queued it on a data stream.
-    pub fn chunk_sent(&mut self, disk: u16, offset: u64, sha256: [u8; 32]) {
+    pub fn chunk_sent(&mut self, disk: u16, offset: u64, hash: [u8; 32]) {
         let Some((d, index)) = self.streaming_disk(disk, offset) else {
             return;
         };
         d.state[index as usize] = ChunkState::Sent;
-        d.hashes.set(index, sha256);
+        d.hashes.set(index, hash);
     }
 
     /// Seals a disk once every chunk is acked or zero; commits once every disk

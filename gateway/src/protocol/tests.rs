@@ -245,7 +245,7 @@ impl Pair {
             let dest = &mut self.dests[usize::from(disk)];
             let start = index as usize * CS as usize;
             let end = (start + CS as usize).min(dest.len());
-            if crate::chunk::sha256(&dest[start..end]) == expected {
+            if crate::chunk::chunk_hash(&dest[start..end]) == expected {
                 continue;
             }
             let h = crate::integrity::DiskHashes::new(dest.len() as u64, CS);
@@ -363,11 +363,11 @@ impl Pair {
                 }
                 Work::Hash => {
                     self.hashed += 1;
-                    self.sender.chunk_hashed(disk, offset, crate::chunk::sha256(plain));
+                    self.sender.chunk_hashed(disk, offset, crate::chunk::chunk_hash(plain));
                     continue;
                 }
                 Work::Compare(held) => {
-                    let hash = crate::chunk::sha256(plain);
+                    let hash = crate::chunk::chunk_hash(plain);
                     if hash == held {
                         self.hashed += 1;
                         self.sender.chunk_hashed(disk, offset, hash);
@@ -383,7 +383,7 @@ impl Pair {
             } else {
                 let mut payload = Vec::new();
                 let h = self.sealer.seal(disk, offset, plain, &mut payload);
-                self.sender.chunk_sent(disk, offset, h.sha256);
+                self.sender.chunk_sent(disk, offset, h.hash);
                 if let Some(t) = self.tamper.as_mut() {
                     t(&h, &mut payload);
                 }
@@ -567,6 +567,7 @@ impl Pair {
             migration_id: "migration-1".into(),
             vm_name: plan.vm.name.clone(),
             source_descriptor_sha256: plan.source_descriptor_sha256.map(|d| crate::integrity::hex(&d)),
+            chunk_hash: Some(crate::chunk::ChunkHash::CURRENT.name().into()),
             vm_id: "vm-42".into(),
             vm_path: "[ds1] web01/web01.vmx".into(),
             disks: plan
@@ -756,7 +757,7 @@ fn acknowledgements_wait_for_the_sync_and_a_paused_migration_keeps_its_files() {
     assert_eq!(r.admit_chunk(&h), Ok(Admission::Duplicate));
     assert_eq!(r.poll_transmit(), None);
     let batch = r.take_unsynced();
-    assert_eq!(batch.chunks, vec![(0, 0, h.sha256)]);
+    assert_eq!(batch.chunks, vec![(0, 0, h.hash)]);
     r.synced(&batch);
     assert_eq!(
         r.poll_transmit(),
@@ -801,7 +802,7 @@ fn the_commit_carries_a_signed_receipt_of_both_sides_roots() {
     let expected: Vec<String> = sources
         .iter()
         .map(|src| {
-            let hashes: Vec<[u8; 32]> = src.chunks(CS as usize).map(crate::chunk::sha256).collect();
+            let hashes: Vec<[u8; 32]> = src.chunks(CS as usize).map(crate::chunk::chunk_hash).collect();
             crate::integrity::hex(&crate::merkle::root(&hashes))
         })
         .collect();
@@ -885,7 +886,7 @@ fn staging_damaged_before_the_commit_is_found_and_repaired_from_the_edge() {
     let expected: Vec<String> = sources
         .iter()
         .map(|src| {
-            let hashes: Vec<[u8; 32]> = src.chunks(CS as usize).map(crate::chunk::sha256).collect();
+            let hashes: Vec<[u8; 32]> = src.chunks(CS as usize).map(crate::chunk::chunk_hash).collect();
             crate::integrity::hex(&crate::merkle::root(&hashes))
         })
         .collect();
@@ -1084,7 +1085,7 @@ fn header(disk: u16, offset: u64, plain_len: u32) -> ChunkHeader {
         offset,
         plain_len,
         encoding: crate::wire::Encoding::Raw,
-        sha256: [1; 32],
+        hash: [1; 32],
         payload_len: plain_len,
     }
 }
@@ -1121,7 +1122,7 @@ fn a_chunk_rewritten_with_other_content_is_refused() {
     // An exact replay is acknowledged, not rewritten.
     assert_eq!(r.admit_chunk(&header(0, 0, CS)).unwrap(), Admission::Duplicate);
     let mut other = header(0, 0, CS);
-    other.sha256 = [2; 32];
+    other.hash = [2; 32];
     assert!(r.admit_chunk(&other).is_err());
 }
 
@@ -1271,7 +1272,7 @@ fn a_zstd_bomb_is_bounded_by_the_declared_length() {
         offset: 0,
         plain_len: CS,
         encoding: crate::wire::Encoding::Zstd,
-        sha256: [0; 32],
+        hash: [0; 32],
         payload_len: bomb.len() as u32,
     };
     let mut plain = Vec::new();
@@ -1532,7 +1533,7 @@ fn a_replaced_chunk_is_replaced_once_per_pass_and_only_in_a_delta_pass() {
     assert_eq!(r.admit_chunk(&header(0, 0, CS)).unwrap(), Admission::Write);
     r.chunk_written(0, 0);
     let mut other = header(0, 0, CS);
-    other.sha256 = [2; 32];
+    other.hash = [2; 32];
     // A cold lift never replaces what it wrote.
     assert!(r.admit_chunk(&other).is_err());
 
@@ -1556,7 +1557,7 @@ fn a_replaced_chunk_is_replaced_once_per_pass_and_only_in_a_delta_pass() {
     assert_eq!(r.admit_chunk(&other).unwrap(), Admission::Write);
     r.chunk_written(0, 0);
     let mut third = header(0, 0, CS);
-    third.sha256 = [3; 32];
+    third.hash = [3; 32];
     assert!(
         r.admit_chunk(&third).is_err(),
         "twice in one pass: the source is not read consistently"
