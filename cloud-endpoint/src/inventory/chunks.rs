@@ -31,6 +31,16 @@ pub struct IndexedDisk<'a> {
     pub chunks: Vec<(u64, u32, [u8; 32])>,
 }
 
+/// Whose disks a look-up may read: those `user` or `edge_cert` lifted, indexed with the
+/// chunk hash `hash`, other than `migration`'s own.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkScope<'a> {
+    pub user: &'a str,
+    pub edge_cert: &'a str,
+    pub hash: &'a str,
+    pub migration: &'a str,
+}
+
 /// Where a chunk with the asked hash is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkSource {
@@ -90,35 +100,25 @@ impl Inventory {
         })
     }
 
-    /// Whether any disk `user` or `edge_cert` may reuse chunks of is indexed (with
-    /// `hash`), other than `migration`'s own.
-    pub fn has_reusable_chunks(
-        &self,
-        user: &str,
-        edge_cert: &str,
-        hash: &str,
-        migration: &str,
-    ) -> Result<bool, InventoryError> {
+    /// Whether any disk of `scope` is indexed.
+    pub fn has_reusable_chunks(&self, scope: ChunkScope<'_>) -> Result<bool, InventoryError> {
         self.with_conn(|conn| {
             Ok(conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM chunk_source
                   WHERE hash = ?3 AND migration != ?4 AND (user_name = ?1 OR edge_cert = ?2))",
-                params![user, edge_cert, hash, migration],
+                params![scope.user, scope.edge_cert, scope.hash, scope.migration],
                 |row| row.get(0),
             )?)
         })
     }
 
-    /// Up to `limit` places holding a chunk of `len` bytes with `chunk_hash`, on disks
-    /// `user` or `edge_cert` may reuse (never `migration`'s own). Newest disks first.
+    /// Up to `limit` places holding a chunk of `len` bytes with `chunk_hash`, on disks of
+    /// `scope`. Newest disks first.
     pub fn find_chunk(
         &self,
         chunk_hash: &[u8; 32],
         len: u32,
-        user: &str,
-        edge_cert: &str,
-        hash: &str,
-        migration: &str,
+        scope: ChunkScope<'_>,
         limit: u32,
     ) -> Result<Vec<ChunkSource>, InventoryError> {
         self.with_conn(|conn| {
@@ -130,7 +130,15 @@ impl Inventory {
                   ORDER BY s.id DESC LIMIT ?7",
             )?;
             let rows = q.query_map(
-                params![&chunk_hash[..], len, user, edge_cert, hash, migration, limit],
+                params![
+                    &chunk_hash[..],
+                    len,
+                    scope.user,
+                    scope.edge_cert,
+                    scope.hash,
+                    scope.migration,
+                    limit
+                ],
                 |row| {
                     Ok(ChunkSource {
                         data_path: PathBuf::from(row.get::<_, String>(0)?),
@@ -144,11 +152,12 @@ impl Inventory {
         })
     }
 
-    /// Bytes `migration` copied inside the cloud instead of receiving them.
-    pub fn set_dedup_bytes(&self, migration: &str, bytes: u64) -> Result<(), InventoryError> {
+    /// Adds bytes one connection of `migration` copied inside the cloud instead of
+    /// receiving them (a replication adds each pass's).
+    pub fn add_dedup_bytes(&self, migration: &str, bytes: u64) -> Result<(), InventoryError> {
         self.with_conn(|conn| {
             conn.execute(
-                "UPDATE migration SET dedup_bytes = ?2 WHERE id = ?1",
+                "UPDATE migration SET dedup_bytes = COALESCE(dedup_bytes, 0) + ?2 WHERE id = ?1",
                 params![migration, i64::try_from(bytes).unwrap_or(i64::MAX)],
             )?;
             Ok(())

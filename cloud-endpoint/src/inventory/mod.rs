@@ -13,7 +13,7 @@
 mod chunks;
 mod firewall;
 mod migrations;
-pub use chunks::{ChunkSource, IndexedDisk};
+pub use chunks::{ChunkScope, ChunkSource, IndexedDisk};
 mod password;
 mod receipts;
 mod schema;

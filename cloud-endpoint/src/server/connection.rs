@@ -856,7 +856,9 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 let indexing = domain.clone();
                 let vm_id = registered.vm_id.clone();
                 let _ = spawn_blocking_in_span(move || {
-                    let _ = indexing.inventory.set_dedup_bytes(&who.migration, dedup_bytes);
+                    if dedup_bytes > 0 {
+                        let _ = indexing.inventory.add_dedup_bytes(&who.migration, dedup_bytes);
+                    }
                     dedup::index_committed(&indexing, &who, &vm_id, &hashes);
                 })
                 .await;
@@ -899,7 +901,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                         if let (Ok(_), Some(who)) = (&kept, who) {
                             // A replica is a disk the cloud holds: later lifts may copy from it.
                             if dedup_bytes > 0 {
-                                let _ = domain.inventory.set_dedup_bytes(&who.migration, dedup_bytes);
+                                let _ = domain.inventory.add_dedup_bytes(&who.migration, dedup_bytes);
                             }
                             dedup::index_replica(&domain, &who, &staged.disks, &hashes);
                         }

@@ -14,7 +14,7 @@ use gateway::chunk::ChunkHash;
 use gateway::integrity::DiskHashes;
 
 use crate::datastore::{DiskFile, DiskFormat};
-use crate::inventory::IndexedDisk;
+use crate::inventory::{ChunkScope, IndexedDisk};
 use crate::Domain;
 
 /// Places tried per chunk: a disk that changed since it was indexed is skipped.
@@ -28,16 +28,24 @@ pub struct Requester {
     pub migration: String,
 }
 
+impl Requester {
+    fn scope(&self) -> ChunkScope<'_> {
+        ChunkScope {
+            user: &self.user,
+            edge_cert: &self.edge_cert,
+            hash: ChunkHash::CURRENT.name(),
+            migration: &self.migration,
+        }
+    }
+}
+
 /// Whether the cloud holds any disk `who` may reuse chunks of: then the edge is told to
 /// ask before it sends.
 pub fn offered(domain: &Domain, who: &Requester) -> bool {
-    domain
-        .inventory
-        .has_reusable_chunks(&who.user, &who.edge_cert, ChunkHash::CURRENT.name(), &who.migration)
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read the chunk index; this migration sends every chunk");
-            false
-        })
+    domain.inventory.has_reusable_chunks(who.scope()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the chunk index; this migration sends every chunk");
+        false
+    })
 }
 
 /// Copies each of `chunks` (offset, length, hash) that an indexed disk of `who` holds
@@ -55,15 +63,7 @@ pub fn copy_chunks(
     for &(offset, len, hash) in chunks {
         let found = domain
             .inventory
-            .find_chunk(
-                &hash,
-                len,
-                &who.user,
-                &who.edge_cert,
-                ChunkHash::CURRENT.name(),
-                &who.migration,
-                CANDIDATES,
-            )
+            .find_chunk(&hash, len, who.scope(), CANDIDATES)
             .unwrap_or_default();
         let mut copied = false;
         for place in found {
@@ -157,53 +157,42 @@ pub fn index_committed(domain: &Domain, who: &Requester, vm_id: &str, hashes: &[
         let Some((data_path, format)) = resolve(domain, &disk.path).as_deref().and_then(data_file) else {
             continue;
         };
-        index(
-            domain,
-            who,
-            Some(vm_id),
-            i as u16,
+        let at = DiskAt {
             data_path,
             format,
-            disk.capacity_bytes,
-            table,
-        );
+            capacity: disk.capacity_bytes,
+        };
+        index(domain, who, Some(vm_id), i as u16, at, table);
     }
 }
 
 /// After a replication pass: indexes the replica's staged disks.
 pub fn index_replica(domain: &Domain, who: &Requester, disks: &[std::sync::Arc<DiskFile>], hashes: &[DiskHashes]) {
     for (i, (disk, table)) in disks.iter().zip(hashes).enumerate() {
-        index(
-            domain,
-            who,
-            None,
-            i as u16,
-            disk.path().to_owned(),
-            disk.format(),
-            disk.capacity(),
-            table,
-        );
+        let at = DiskAt {
+            data_path: disk.path().to_owned(),
+            format: disk.format(),
+            capacity: disk.capacity(),
+        };
+        index(domain, who, None, i as u16, at, table);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn index(
-    domain: &Domain,
-    who: &Requester,
-    vm: Option<&str>,
-    disk: u16,
+/// Where a disk's data is.
+struct DiskAt {
     data_path: PathBuf,
     format: DiskFormat,
     capacity: u64,
-    table: &DiskHashes,
-) {
+}
+
+fn index(domain: &Domain, who: &Requester, vm: Option<&str>, disk: u16, at: DiskAt, table: &DiskHashes) {
     let indexed = IndexedDisk {
         migration: &who.migration,
         vm,
         disk,
-        data_path,
-        format: format.as_str(),
-        capacity,
+        data_path: at.data_path,
+        format: at.format.as_str(),
+        capacity: at.capacity,
         user: &who.user,
         edge_cert: &who.edge_cert,
         hash: ChunkHash::CURRENT.name(),
