@@ -297,17 +297,9 @@ async fn an_earlier_lift_seeds_a_replications_first_pass() {
     let tpl_vmx = write_vmx(&tpl, "tpl", &["tpl.img"], &[]);
     let state = tmp.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let lifted = summary(
-        run(edge_command(
-            &bin,
-            &pki,
-            &cloud,
-            &tpl_vmx,
-            &state,
-            &["migrate", "--json"],
-        ))
-        .await,
-    );
+    // Chunks match by hash and size: the template is lifted with the replication's chunk size.
+    let lift = ["migrate", "--json", "--chunk-kib", CHUNK_KIB];
+    let lifted = summary(run(edge_command(&bin, &pki, &cloud, &tpl_vmx, &state, &lift)).await);
     assert_eq!(lifted["sent_bytes"].as_u64().unwrap(), data, "{lifted}");
     std::fs::remove_file(state.join("receipt.json")).unwrap();
 
