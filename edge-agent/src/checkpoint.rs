@@ -6,8 +6,9 @@
 //!
 //! ```text
 //! <key>.json     header: migration id, endpoint, plan digest, source fingerprint
-//! <key>.chunks   appended: (disk u16, chunk index u64, sha256 [32]) per chunk the
-//!                cloud acknowledged or that was declared zero
+//! <key>.chunks   appended: (disk u16, chunk index u64, hash [32]) per chunk the
+//!                cloud acknowledged or that was declared zero; the header names the
+//!                chunk hash (a record without one is SHA-256, by an older agent)
 //! ```
 //! The cloud's journal decides what is done; this record only spares reading and
 //! hashing those chunks again (a chunk the cloud holds but this file misses is read and
@@ -95,6 +96,10 @@ pub struct Header {
     /// confirm` (the record is then removed) or `rollback` (then replication goes on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switched_over: Option<String>,
+    /// The hash of the recorded chunks. A record without it was written by an agent of
+    /// protocol version 7 or older, with SHA-256: [`Checkpoint::load`] drops its chunks.
+    #[serde(default)]
+    pub chunk_hash: gateway::chunk::ChunkHash,
 }
 
 /// The two files of one migration's record.
@@ -143,12 +148,29 @@ impl Checkpoint {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let header: Header = serde_json::from_str(&text).map_err(|e| {
+        let mut header: Header = serde_json::from_str(&text).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("{}: {e}", self.header_path.display()),
             )
         })?;
+        if header.chunk_hash != gateway::chunk::ChunkHash::CURRENT {
+            // Hashes of another algorithm would be taken for this build's and mix into
+            // the Merkle roots: forget them (the chunks are read and hashed again, and
+            // the cloud's journal still spares sending what it holds).
+            tracing::warn!(
+                record = %self.header_path.display(),
+                "the record's chunk hashes are {}; reading and hashing those chunks again",
+                header.chunk_hash.name()
+            );
+            header.chunk_hash = gateway::chunk::ChunkHash::CURRENT;
+            match fs::remove_file(&self.chunks_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            self.rewrite_header(&header)?;
+        }
         let mut data = Vec::new();
         match File::open(&self.chunks_path) {
             Ok(mut f) => {
@@ -268,7 +290,35 @@ mod tests {
             replica: false,
             frozen_chains: Vec::new(),
             switched_over: None,
+            chunk_hash: gateway::chunk::ChunkHash::CURRENT,
         }
+    }
+
+    #[test]
+    fn sha256_chunks_of_an_older_agent_are_dropped_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Checkpoint::at(dir.path(), Path::new("/vms/web01.vmx"), "127.0.0.1:4433", "web01");
+        c.start(&header()).unwrap();
+        c.record(0, 3, &[9; 32]);
+        c.flush().unwrap();
+        drop(c);
+        // As an agent of protocol version 7 wrote the header: no chunk_hash field.
+        let mut v: serde_json::Value = serde_json::from_str(
+            &fs::read_to_string(
+                Checkpoint::at(dir.path(), Path::new("/vms/web01.vmx"), "127.0.0.1:4433", "web01").path(),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        v.as_object_mut().unwrap().remove("chunk_hash");
+        let c = Checkpoint::at(dir.path(), Path::new("/vms/web01.vmx"), "127.0.0.1:4433", "web01");
+        fs::write(c.path(), v.to_string()).unwrap();
+        let (h, records) = c.load().unwrap().unwrap();
+        assert!(records.is_empty(), "{records:?}");
+        assert_eq!(h, header());
+        // The record now names this build's hash, and holds nothing of the old one.
+        let (_, again) = c.load().unwrap().unwrap();
+        assert!(again.is_empty());
     }
 
     #[test]

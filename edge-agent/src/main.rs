@@ -385,6 +385,11 @@ struct MigrateArgs {
     /// not crowd out the traffic it shares the link with. Default: no cap.
     #[arg(long, env = "EDGE_AGENT_MAX_RATE")]
     max_rate: Option<gateway::transport::Rate>,
+    /// Send every chunk even when the cloud offers to copy those it holds already
+    /// (deduplication: by default a chunk of a disk this user or edge lifted before is
+    /// copied inside the cloud instead of crossing the link). Each chunk is then read once.
+    #[arg(long, env = "EDGE_AGENT_NO_DEDUP")]
+    no_dedup: bool,
     /// The link's rate, e.g. `100mbit`, to size QUIC windows and UDP buffers
     /// (bandwidth x RTT) and to start at a quarter of that in flight instead of
     /// probing up from 15 kB; `edge-agent link-test` measures it. Without it, windows
@@ -1112,6 +1117,7 @@ async fn prepare(
         receipt_path: Some(receipt),
         state_dir: Some(a.state_dir.unwrap_or_else(edge_agent::checkpoint::default_state_dir)),
         retry_for: Duration::from_secs(a.retry_for),
+        dedup: !a.no_dedup,
         ..MigrateOptions::default()
     };
     Ok((vm, target, opts))

@@ -86,6 +86,9 @@ pub struct MigrateOptions {
     /// A replication pass: set (`Some(Some)`, Unix seconds) or clear (`Some(None)`) the
     /// scheduled switchover the cloud holds.
     pub schedule: Option<Option<i64>>,
+    /// Ask the cloud for chunks it holds before sending them, when it offers
+    /// (`--no-dedup` turns it off: every chunk is read once and sent).
+    pub dedup: bool,
 }
 
 /// What `edge-agent switchover` asks beyond the commit (see docs/replication.md).
@@ -135,6 +138,7 @@ impl Default for MigrateOptions {
             replication: Replication::Off,
             switchover: SwitchoverOptions::default(),
             schedule: None,
+            dedup: true,
         }
     }
 }
@@ -431,6 +435,8 @@ enum Sealed {
     Zero,
     /// Read and hashed only: the cloud holds it already.
     Hashed([u8; 32]),
+    /// Read and hashed to ask the cloud whether it holds it (deduplication).
+    Probed([u8; 32]),
     Data(ChunkHeader),
 }
 
@@ -534,6 +540,7 @@ async fn run_pass_in(
         replica: opts.replication != Replication::Off,
         frozen_chains: Vec::new(),
         switched_over: None,
+        chunk_hash: gateway::chunk::ChunkHash::CURRENT,
     };
     let mut resume: Option<(String, Vec<DoneChunk>)> = None;
     // The record as loaded: a switchover that awaits confirmation is marked in it.
@@ -1109,7 +1116,7 @@ fn check_unchanged(
                 }
             }
         })?;
-        if gateway::chunk::sha256(&plain) != hash {
+        if gateway::chunk::chunk_hash(&plain) != hash {
             return Err(changed(format!(
                 "disk {disk} at offset {offset} holds other data than was sent"
             )));
@@ -1153,6 +1160,9 @@ async fn attempt(
         None => SenderSession::new(config, plan.clone(), Instant::now()),
     }
     .map_err(|e| (e.into(), None, false))?;
+    if !opts.dedup {
+        session.refuse_dedup();
+    }
     match opts.replication {
         Replication::Sync => {
             session.finish_as_replica();
@@ -1243,6 +1253,7 @@ async fn attempt(
                 resent_chunks: shared.resent_chunks.load(Ordering::Relaxed),
                 repaired_chunks: shared.repaired_chunks.load(Ordering::Relaxed),
                 sent_bytes: run.sent_bytes.load(Ordering::Relaxed),
+                dedup_bytes: s.dedup_bytes(),
                 resent_bytes: run.resent_bytes.load(Ordering::Relaxed),
                 read_bytes: run.read_bytes.load(Ordering::Relaxed),
                 tracking: None,
@@ -1590,6 +1601,10 @@ async fn control_reader(
                     shared.resent_chunks.fetch_add(1, Ordering::Relaxed);
                     shared.update_jobs(|j| j.resends.push_back((disk, offset)));
                 }
+                // Deduplication: the cloud does not hold these; they are read again and sent.
+                SenderEvent::Send { disk, offsets } => {
+                    shared.update_jobs(|j| j.resends.extend(offsets.into_iter().map(|o| (disk, o))));
+                }
                 SenderEvent::Committed { vm_id, vm_path, .. } => {
                     shared.wake_writer.notify_one();
                     return Ok((vm_id, vm_path, migration_id));
@@ -1655,7 +1670,7 @@ async fn sealer(
                 shared.wake_writer.notify_one();
                 continue;
             }
-            Work::Send | Work::Hash | Work::Compare(_) => {}
+            Work::Send | Work::Hash | Work::Compare(_) | Work::Probe => {}
         }
         let mut b = bufs.take().expect("buffers returned after each chunk");
         if let Some(spare) = shared.spare.lock().expect("spare lock poisoned").pop() {
@@ -1681,11 +1696,18 @@ async fn sealer(
                 });
             }
             run.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            let sealed = if work == Work::Hash {
-                Sealed::Hashed(gateway::chunk::sha256(&b.plain))
+            let sealed = if work == Work::Probe {
+                // Deduplication: the hash goes into a query; the data waits for the answer.
+                if is_zero(&b.plain) {
+                    Sealed::Zero
+                } else {
+                    Sealed::Probed(gateway::chunk::chunk_hash(&b.plain))
+                }
+            } else if work == Work::Hash {
+                Sealed::Hashed(gateway::chunk::chunk_hash(&b.plain))
             } else if let Work::Compare(held) = work {
                 // A delta pass: what the replica holds already stays.
-                let hash = gateway::chunk::sha256(&b.plain);
+                let hash = gateway::chunk::chunk_hash(&b.plain);
                 if hash == held {
                     Sealed::Hashed(hash)
                 } else if is_zero(&b.plain) {
@@ -1707,7 +1729,7 @@ async fn sealer(
         .expect("sealing does not panic")?;
         match (sealed_chunk, work) {
             (Sealed::Zero, Work::Hash) => {
-                let zero = gateway::chunk::sha256(&vec![0; chunk_len]);
+                let zero = gateway::chunk::chunk_hash(&vec![0; chunk_len]);
                 shared.session().chunk_hashed(disk, offset, zero);
                 shared.run.record(disk, offset / chunk_size, zero);
             }
@@ -1716,6 +1738,7 @@ async fn sealer(
                 shared.session().chunk_hashed(disk, offset, held);
             }
             (Sealed::Zero, _) => zero_done(shared, disk, offset),
+            (Sealed::Probed(hash), _) => shared.session().chunk_probed(disk, offset, hash),
             // Unchanged in a delta pass: its record is there from an earlier pass.
             (Sealed::Hashed(hash), Work::Compare(_)) => shared.session().chunk_hashed(disk, offset, hash),
             (Sealed::Hashed(hash), _) => {
@@ -1723,7 +1746,7 @@ async fn sealer(
                 shared.run.record(disk, offset / chunk_size, hash);
             }
             (Sealed::Data(header), _) => {
-                shared.session().chunk_sent(disk, offset, header.sha256);
+                shared.session().chunk_sent(disk, offset, header.hash);
                 let chunk = SealedChunk {
                     header,
                     payload: std::mem::take(&mut b.payload),

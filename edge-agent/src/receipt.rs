@@ -7,7 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use certs::Thumbprint;
-use gateway::chunk::sha256;
+use gateway::chunk::ChunkHash;
 use gateway::integrity::hex;
 use gateway::merkle::MerkleBuilder;
 use gateway::plan::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
@@ -106,6 +106,7 @@ impl fmt::Display for Verification {
         if let Some(why) = &self.vm_mismatch {
             writeln!(f, "  {:<9} MISMATCH  {why}", "VM")?;
         }
+        writeln!(f, "  Merkle roots over {} chunk hashes", r.chunk_hash().name())?;
         for d in &self.disks {
             match &d.mismatch {
                 None => writeln!(f, "  {:<9} OK        Merkle root {}", d.key, d.receipt_root)?,
@@ -189,6 +190,8 @@ pub fn verify_with(
     let vm_mismatch = (!differs.is_empty()).then(|| differs.join("; "));
 
     let mut checks: Vec<DiskCheck> = Vec::new();
+    // The roots are rebuilt with the receipt's own hash: SHA-256 for formats 1 and 2.
+    let alg = receipt.chunk_hash();
     // Disks are independent: hash them on separate threads (reads are positional).
     std::thread::scope(|scope| -> Result<(), VerifyError> {
         let mut running = Vec::new();
@@ -226,7 +229,11 @@ pub fn verify_with(
                 mismatch: None,
             });
             let path = src.path.clone();
-            running.push((at, path, scope.spawn(move || disk_root(reader.as_ref(), chunk_size))));
+            running.push((
+                at,
+                path,
+                scope.spawn(move || disk_root(reader.as_ref(), chunk_size, alg)),
+            ));
         }
         for (at, path, handle) in running {
             let check = &mut checks[at];
@@ -271,13 +278,14 @@ pub fn verify_with(
 }
 
 /// The Merkle root of a source disk, as both sides of a migration compute it:
-/// one leaf per chunk, the SHA-256 of its plaintext; a hole (known zero without
-/// reading) has the hash of its zeros, exactly what reading it would give.
-pub fn disk_root(reader: &dyn DiskReader, chunk_size: u32) -> std::io::Result<[u8; 32]> {
+/// one leaf per chunk, the hash (`alg`, the receipt's: SHA-256 for formats 1 and 2) of
+/// its plaintext; a hole (known zero without reading) has the hash of its zeros, exactly
+/// what reading it would give.
+pub fn disk_root(reader: &dyn DiskReader, chunk_size: u32, alg: ChunkHash) -> std::io::Result<[u8; 32]> {
     let cs = u64::from(chunk_size);
     let capacity = reader.capacity();
-    let zero_full = sha256(&vec![0u8; chunk_size as usize]);
-    let mut tree = MerkleBuilder::new();
+    let zero_full = alg.digest(&vec![0u8; chunk_size as usize]);
+    let mut tree = MerkleBuilder::with(alg);
     let mut buf = vec![0u8; chunk_size as usize];
     let mut offset = 0;
     while offset < capacity {
@@ -286,12 +294,12 @@ pub fn disk_root(reader: &dyn DiskReader, chunk_size: u32) -> std::io::Result<[u
             if len == cs {
                 zero_full
             } else {
-                sha256(&vec![0u8; len as usize])
+                alg.digest(&vec![0u8; len as usize])
             }
         } else {
             let plain = &mut buf[..len as usize];
             reader.read_at(offset, plain)?;
-            sha256(plain)
+            alg.digest(plain)
         };
         tree.push(&hash);
         offset += len;

@@ -87,6 +87,9 @@ pub struct Summary {
     pub repaired_chunks: u64,
     /// Plaintext bytes of the data chunks this process sent, repeats included.
     pub sent_bytes: u64,
+    /// Plaintext bytes the cloud copied from disks it already held (this user's or this
+    /// edge's earlier lifts and replicas) instead of receiving them.
+    pub dedup_bytes: u64,
     /// Plaintext bytes this process sent more than once: after a reconnect, what was
     /// in flight at the break; after a rejection, the rejected chunk.
     pub resent_bytes: u64,
@@ -197,6 +200,13 @@ impl Summary {
             dur = self.duration_secs,
             rate = human(self.rate() as u64),
         );
+        if self.dedup_bytes > 0 {
+            text.push_str(&format!(
+                "\ndeduplicated:   {} copied inside the cloud from disks it held, not sent; {} sent as data",
+                human(self.dedup_bytes),
+                human(self.sent_bytes)
+            ));
+        }
         if !self.snapshots.is_empty() {
             text.push_str(&format!("\nread:           {} of the source", human(self.read_bytes)));
             for note in &self.snapshots {

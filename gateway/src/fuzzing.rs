@@ -91,7 +91,7 @@ pub fn receiver(data: &[u8]) {
         while let Some(event) = session.poll_event() {
             match event {
                 ReceiverEvent::Authenticate { .. } => session.authenticated(Ok("Administrator".into()), "fuzz"),
-                ReceiverEvent::ValidatePlan(_) => session.plan_accepted("migration-1".into(), "ds".into()),
+                ReceiverEvent::ValidatePlan(_) => session.plan_accepted("migration-1".into(), "ds".into(), true),
                 // A journal holding the first chunk, plus a table of no disk of the plan.
                 ReceiverEvent::ValidateResume { migration_id, plan } => {
                     let mut tables: Vec<crate::integrity::DiskHashes> = plan
@@ -129,6 +129,11 @@ pub fn receiver(data: &[u8]) {
                 ReceiverEvent::AbortMigration { .. } => session.migration_aborted(Ok(())),
                 ReceiverEvent::KeepReplica { .. } => session.replica_kept(Ok(None)),
                 ReceiverEvent::EndSwitchover { .. } => session.switchover_ended(Ok(String::new())),
+                // Every other chunk "found" in the cloud: copies and sends both get exercised.
+                ReceiverEvent::Lookup { disk, chunks } => {
+                    let results = chunks.iter().enumerate().map(|(i, c)| (c.0, i % 2 == 0)).collect();
+                    session.lookup_done(disk, results)
+                }
             }
         }
         while session.poll_transmit().is_some() {}

@@ -1,11 +1,11 @@
-//! Whole-disk integrity: each chunk's SHA-256 is checked on arrival, and each
+//! Whole-disk integrity: each chunk's hash is checked on arrival, and each
 //! disk's Merkle root over every chunk hash in offset order (zero chunks
 //! included, see [`crate::merkle`]) is computed on both sides and compared
 //! before commit. A chunk that went missing, arrived twice at the wrong place
 //! or was skipped as "zero" when it was not changes the root. The same root is
 //! what the endpoint's signed receipt states for the disk.
 
-use crate::chunk::sha256;
+use crate::chunk::chunk_hash;
 use crate::merkle;
 
 /// Chunk hashes of one disk, filled in any order.
@@ -29,7 +29,7 @@ impl DiskHashes {
             hashes: vec![[0; 32]; n as usize],
             known: vec![false; n as usize],
             missing: n,
-            zero_full: sha256(&vec![0u8; chunk_size as usize]),
+            zero_full: chunk_hash(&vec![0u8; chunk_size as usize]),
         }
     }
 
@@ -87,7 +87,7 @@ impl DiskHashes {
         if len == u64::from(self.chunk_size) {
             self.zero_full
         } else {
-            sha256(&vec![0u8; len as usize])
+            chunk_hash(&vec![0u8; len as usize])
         }
     }
 
@@ -130,7 +130,7 @@ mod tests {
     #[test]
     fn zero_hash_of_the_short_tail() {
         let h = DiskHashes::new(65536 + 512, 65536);
-        assert_eq!(h.zero_hash(0), sha256(&[0u8; 65536]));
-        assert_eq!(h.zero_hash(1), sha256(&[0u8; 512]));
+        assert_eq!(h.zero_hash(0), chunk_hash(&[0u8; 65536]));
+        assert_eq!(h.zero_hash(1), chunk_hash(&[0u8; 512]));
     }
 }

@@ -1,54 +1,55 @@
 //! Merkle trees over a disk's chunk hashes, shaped as RFC 6962 (Certificate
-//! Transparency) defines them. The leaves are the SHA-256 of each chunk's
+//! Transparency) defines them. The leaves are the chunk hash of each chunk's
 //! plaintext in offset order, all-zero chunks included (their leaf is the hash
 //! of that many zero bytes, see [`crate::integrity::DiskHashes::zero_hash`]).
+//! Leaves and inner nodes are hashed with the chunk hash too
+//! ([`ChunkHash::CURRENT`]; a receipt of format 1 or 2 was built with SHA-256, and
+//! [`MerkleBuilder::with`] rebuilds it so).
 //!
 //! Leaves and inner nodes are hashed with different one-byte prefixes (0x00 and
 //! 0x01), so a leaf can never be passed off as an inner node (the second
 //! preimage attack on plain Merkle trees), and a root can never be mistaken for
-//! a plain SHA-256 over the chunk hashes, which has no prefix. A tree of n > 1
+//! a plain hash over the chunk hashes, which has no prefix. A tree of n > 1
 //! leaves splits at the largest power of two below n: the same root comes out
 //! whether the tree is built from a slice or streamed leaf by leaf, and a
 //! later proof that one chunk belongs to a disk (an audit path of log2(n)
 //! hashes) is possible without changing the root.
 
-use ring::digest::{Context, SHA256};
+use crate::chunk::ChunkHash;
 
-/// Prefix of a leaf hash: `SHA-256(0x00 || chunk hash)`.
+/// Prefix of a leaf hash: `H(0x00 || chunk hash)`.
 pub const LEAF_PREFIX: u8 = 0x00;
-/// Prefix of an inner node: `SHA-256(0x01 || left || right)`.
+/// Prefix of an inner node: `H(0x01 || left || right)`.
 pub const NODE_PREFIX: u8 = 0x01;
 
-fn leaf_of(data: &[u8]) -> [u8; 32] {
-    let mut ctx = Context::new(&SHA256);
-    ctx.update(&[LEAF_PREFIX]);
-    ctx.update(data);
-    ctx.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
+fn leaf_of(alg: ChunkHash, data: &[u8]) -> [u8; 32] {
+    alg.digest_parts(&[&[LEAF_PREFIX], data])
 }
 
-/// The leaf hash of one chunk, given the SHA-256 of its plaintext.
-pub fn leaf_hash(chunk_sha256: &[u8; 32]) -> [u8; 32] {
-    leaf_of(chunk_sha256)
+/// The leaf hash of one chunk, given the hash of its plaintext.
+pub fn leaf_hash(alg: ChunkHash, chunk_hash: &[u8; 32]) -> [u8; 32] {
+    leaf_of(alg, chunk_hash)
 }
 
 /// The hash of an inner node.
-pub fn node_hash(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
-    let mut ctx = Context::new(&SHA256);
-    ctx.update(&[NODE_PREFIX]);
-    ctx.update(left);
-    ctx.update(right);
-    ctx.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
+pub fn node_hash(alg: ChunkHash, left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    alg.digest_parts(&[&[NODE_PREFIX], left, right])
 }
 
-/// The root of a tree without leaves: SHA-256 of nothing, as RFC 6962 says. A
+/// The root of a tree without leaves: the hash of nothing, as RFC 6962 says. A
 /// plan never has an empty disk; this only keeps the function total.
-pub fn empty_root() -> [u8; 32] {
-    crate::chunk::sha256(&[])
+pub fn empty_root(alg: ChunkHash) -> [u8; 32] {
+    alg.digest(&[])
 }
 
-/// The root over chunk hashes in offset order.
+/// The root over chunk hashes in offset order, with this build's chunk hash.
 pub fn root(chunk_hashes: &[[u8; 32]]) -> [u8; 32] {
-    let mut tree = MerkleBuilder::new();
+    root_with(ChunkHash::CURRENT, chunk_hashes)
+}
+
+/// The root over chunk hashes in offset order, built with `alg`.
+pub fn root_with(alg: ChunkHash, chunk_hashes: &[[u8; 32]]) -> [u8; 32] {
+    let mut tree = MerkleBuilder::with(alg);
     for h in chunk_hashes {
         tree.push(h);
     }
@@ -57,22 +58,39 @@ pub fn root(chunk_hashes: &[[u8; 32]]) -> [u8; 32] {
 
 /// Builds a root from leaves given in order, holding only one hash per level
 /// (at most 64): a disk of any size is verified in constant memory.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MerkleBuilder {
+    alg: ChunkHash,
     /// Roots of complete subtrees, largest first, with their heights; their
     /// sizes are the binary digits of the leaf count.
     stack: Vec<(u32, [u8; 32])>,
     leaves: u64,
 }
 
+impl Default for MerkleBuilder {
+    fn default() -> Self {
+        MerkleBuilder::new()
+    }
+}
+
 impl MerkleBuilder {
+    /// A tree hashed with this build's chunk hash.
     pub fn new() -> Self {
-        MerkleBuilder::default()
+        MerkleBuilder::with(ChunkHash::CURRENT)
     }
 
-    /// Adds the next chunk, given the SHA-256 of its plaintext.
-    pub fn push(&mut self, chunk_sha256: &[u8; 32]) {
-        self.push_leaf(leaf_hash(chunk_sha256));
+    /// A tree hashed with `alg`: an older receipt's root is rebuilt with its own hash.
+    pub fn with(alg: ChunkHash) -> Self {
+        MerkleBuilder {
+            alg,
+            stack: Vec::new(),
+            leaves: 0,
+        }
+    }
+
+    /// Adds the next chunk, given the hash of its plaintext.
+    pub fn push(&mut self, chunk_hash: &[u8; 32]) {
+        self.push_leaf(leaf_hash(self.alg, chunk_hash));
     }
 
     fn push_leaf(&mut self, leaf: [u8; 32]) {
@@ -83,7 +101,7 @@ impl MerkleBuilder {
                 break;
             }
             self.stack.pop();
-            hash = node_hash(&left, &hash);
+            hash = node_hash(self.alg, &left, &hash);
             height += 1;
         }
         self.stack.push((height, hash));
@@ -104,10 +122,10 @@ impl MerkleBuilder {
     pub fn root(&self) -> [u8; 32] {
         let mut subtrees = self.stack.iter().rev();
         let Some(&(_, mut acc)) = subtrees.next() else {
-            return empty_root();
+            return empty_root(self.alg);
         };
         for (_, left) in subtrees {
-            acc = node_hash(left, &acc);
+            acc = node_hash(self.alg, left, &acc);
         }
         acc
     }
@@ -118,18 +136,20 @@ mod tests {
     use super::*;
     use crate::integrity::hex;
 
+    const SHA: ChunkHash = ChunkHash::Sha256;
+
     /// RFC 6962's recursive definition, written out as the RFC states it.
-    fn reference(leaves: &[[u8; 32]]) -> [u8; 32] {
+    fn reference(alg: ChunkHash, leaves: &[[u8; 32]]) -> [u8; 32] {
         match leaves.len() {
-            0 => empty_root(),
-            1 => leaf_hash(&leaves[0]),
+            0 => empty_root(alg),
+            1 => leaf_hash(alg, &leaves[0]),
             n => {
                 // The largest power of two smaller than n.
                 let mut k = 1;
                 while k * 2 < n {
                     k *= 2;
                 }
-                node_hash(&reference(&leaves[..k]), &reference(&leaves[k..]))
+                node_hash(alg, &reference(alg, &leaves[..k]), &reference(alg, &leaves[k..]))
             }
         }
     }
@@ -162,16 +182,17 @@ mod tests {
             "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
             "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
         ];
-        let mut tree = MerkleBuilder::new();
+        // SHA-256 trees: what receipts of formats 1 and 2 hold.
+        let mut tree = MerkleBuilder::with(SHA);
         for (input, want) in inputs.iter().zip(roots) {
             let data: Vec<u8> = (0..input.len() / 2)
                 .map(|i| u8::from_str_radix(&input[2 * i..2 * i + 2], 16).unwrap())
                 .collect();
-            tree.push_leaf(leaf_of(&data));
+            tree.push_leaf(leaf_of(SHA, &data));
             assert_eq!(hex(&tree.root()), want, "{} leaves", tree.len());
         }
         assert_eq!(
-            hex(&MerkleBuilder::new().root()),
+            hex(&MerkleBuilder::with(SHA).root()),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }
@@ -189,33 +210,57 @@ mod tests {
         ];
         let leaves: Vec<_> = (0..5).map(chunk).collect();
         for (n, want) in (1..=5).zip(want) {
-            assert_eq!(hex(&root(&leaves[..n])), want, "{n} leaves");
+            assert_eq!(hex(&root_with(SHA, &leaves[..n])), want, "{n} leaves");
         }
     }
 
     #[test]
     fn single_leaf_is_its_prefixed_hash_not_the_chunk_hash() {
         let c = chunk(7);
-        assert_eq!(root(&[c]), leaf_hash(&c));
-        assert_ne!(root(&[c]), c);
-        assert_eq!(leaf_hash(&c), {
-            let mut data = vec![LEAF_PREFIX];
-            data.extend_from_slice(&c);
-            crate::chunk::sha256(&data)
-        });
+        for alg in [SHA, ChunkHash::Blake3] {
+            assert_eq!(root_with(alg, &[c]), leaf_hash(alg, &c));
+            assert_ne!(root_with(alg, &[c]), c);
+            assert_eq!(leaf_hash(alg, &c), {
+                let mut data = vec![LEAF_PREFIX];
+                data.extend_from_slice(&c);
+                alg.digest(&data)
+            });
+        }
+        // The two hashes give different roots: a receipt's format decides which one to rebuild.
+        assert_ne!(root_with(SHA, &[c]), root_with(ChunkHash::Blake3, &[c]));
+        assert_eq!(root(&[c]), root_with(ChunkHash::CURRENT, &[c]));
+    }
+
+    #[test]
+    fn blake3_matches_its_reference_vector() {
+        // The BLAKE3 paper's test vector for the empty input: the crate is the algorithm.
+        assert_eq!(
+            hex(&ChunkHash::Blake3.digest(&[])),
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+        assert_eq!(
+            ChunkHash::Blake3.digest_parts(&[b"ab", b"c"]),
+            ChunkHash::Blake3.digest(b"abc")
+        );
     }
 
     #[test]
     fn streamed_roots_match_the_recursive_definition_for_odd_counts() {
         let leaves: Vec<_> = (0..=70).map(chunk).collect();
-        let mut tree = MerkleBuilder::new();
-        for n in 1..=leaves.len() {
-            tree.push(&leaves[n - 1]);
-            assert_eq!(tree.root(), reference(&leaves[..n]), "{n} leaves");
+        for alg in [SHA, ChunkHash::Blake3] {
+            let mut tree = MerkleBuilder::with(alg);
+            for n in 1..=leaves.len() {
+                tree.push(&leaves[n - 1]);
+                assert_eq!(tree.root(), reference(alg, &leaves[..n]), "{n} leaves");
+            }
+            // Three leaves: the split is 2 + 1, not 1 + 2.
+            let leaf = |i: usize| leaf_hash(alg, &leaves[i]);
+            let (a, b, c) = (leaf(0), leaf(1), leaf(2));
+            assert_eq!(
+                root_with(alg, &leaves[..3]),
+                node_hash(alg, &node_hash(alg, &a, &b), &c)
+            );
         }
-        // Three leaves: the split is 2 + 1, not 1 + 2.
-        let (a, b, c) = (leaf_hash(&leaves[0]), leaf_hash(&leaves[1]), leaf_hash(&leaves[2]));
-        assert_eq!(root(&leaves[..3]), node_hash(&node_hash(&a, &b), &c));
     }
 
     #[test]
@@ -223,7 +268,8 @@ mod tests {
         let (a, b) = (chunk(1), chunk(2));
         assert_ne!(root(&[a, b]), root(&[b, a]));
         // A "leaf" whose value is an inner node does not give that node's tree.
-        let inner = node_hash(&leaf_hash(&a), &leaf_hash(&b));
+        let alg = ChunkHash::CURRENT;
+        let inner = node_hash(alg, &leaf_hash(alg, &a), &leaf_hash(alg, &b));
         assert_ne!(root(&[inner]), root(&[a, b]));
     }
 }

@@ -24,14 +24,17 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::SignatureScheme;
 use serde::{Deserialize, Serialize};
 
+use crate::chunk::ChunkHash;
 use crate::integrity::hex;
 use crate::plan::MigrationPlan;
 use crate::transport::ServerTrust;
 
 /// Format version this build writes. A change to the fields or to how the signature is
 /// made is a new version. Version 2 adds `source_descriptor_sha256`: the receipt binds the
-/// source VM's .vmx or OVF descriptor, not only its name and disks.
-pub const RECEIPT_FORMAT_VERSION: u32 = 2;
+/// source VM's .vmx or OVF descriptor, not only its name and disks. Version 3 adds
+/// `chunk_hash`: the Merkle roots are BLAKE3 trees over BLAKE3 chunk hashes (protocol
+/// version 8); versions 1 and 2 name no hash and mean SHA-256.
+pub const RECEIPT_FORMAT_VERSION: u32 = 3;
 
 /// The oldest format version this build still reads and verifies: version 1 receipts
 /// (without the descriptor's digest) stay verifiable for what they bind.
@@ -84,6 +87,10 @@ pub struct Receipt {
     /// as they were).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_descriptor_sha256: Option<String>,
+    /// The hash of the chunks and Merkle trees, `blake3` (from format version 3; absent
+    /// before, which means `sha256`). [`Receipt::chunk_hash`] reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_hash: Option<String>,
     /// The VM's id in the cloud inventory, e.g. `vm-14`.
     pub vm_id: String,
     /// The datastore path of its .vmx, e.g. `[cloud-ds1] web01/web01.vmx`.
@@ -128,6 +135,15 @@ pub struct SignedReceipt {
 }
 
 impl Receipt {
+    /// The hash the disks' Merkle roots were built with. Formats 1 and 2 used SHA-256;
+    /// [`SignedReceipt::from_json`] has checked that a format 3 receipt names a known one.
+    pub fn chunk_hash(&self) -> ChunkHash {
+        self.chunk_hash
+            .as_deref()
+            .and_then(ChunkHash::from_name)
+            .unwrap_or(ChunkHash::Sha256)
+    }
+
     /// The bytes the signature covers.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a receipt of strings and integers serializes")
@@ -274,6 +290,18 @@ impl SignedReceipt {
             )),
             (2.., None) => Err(ReceiptError::Malformed(format!(
                 "a format {version} receipt lacks source_descriptor_sha256"
+            ))),
+            _ => Ok(()),
+        }?;
+        match (version, signed.receipt.chunk_hash.as_deref()) {
+            (..=2, Some(_)) => Err(ReceiptError::Malformed(format!(
+                "a format {version} receipt has no chunk_hash (it means SHA-256)"
+            ))),
+            (3.., None) => Err(ReceiptError::Malformed(format!(
+                "a format {version} receipt lacks chunk_hash"
+            ))),
+            (3.., Some(name)) if ChunkHash::from_name(name).is_none() => Err(ReceiptError::Malformed(format!(
+                "chunk_hash {name:?} is not a hash this build knows (sha256, blake3); use a newer edge-agent"
             ))),
             _ => Ok(signed),
         }
@@ -447,6 +475,7 @@ mod tests {
             migration_id: "migration-3".into(),
             vm_name: "web01".into(),
             source_descriptor_sha256: Some(hex(&[7; 32])),
+            chunk_hash: Some(ChunkHash::CURRENT.name().into()),
             vm_id: "vm-14".into(),
             vm_path: "[cloud-ds1] web01/web01.vmx".into(),
             disks: vec![ReceiptDisk {
@@ -488,7 +517,7 @@ mod tests {
         let canonical = String::from_utf8(signed.receipt.canonical_bytes()).unwrap();
         assert!(
             canonical.starts_with(
-                r#"{"format_version":2,"migration_id":"migration-3","vm_name":"web01","source_descriptor_sha256":"0707"#
+                r#"{"format_version":3,"migration_id":"migration-3","vm_name":"web01","source_descriptor_sha256":"0707"#
             ),
             "{canonical}"
         );
@@ -502,6 +531,7 @@ mod tests {
         let mut old = receipt(&ep.signer);
         old.format_version = 1;
         old.source_descriptor_sha256 = None;
+        old.chunk_hash = None;
         let canonical = String::from_utf8(old.canonical_bytes()).unwrap();
         assert!(
             canonical
@@ -512,6 +542,7 @@ mod tests {
         let parsed = SignedReceipt::from_json(&signed.to_json()).unwrap();
         parsed.verify(&ServerTrust::Ca(vec![ep.ca.cert_der()])).unwrap();
         assert_eq!(parsed.receipt.source_descriptor_sha256, None);
+        assert_eq!(parsed.receipt.chunk_hash(), ChunkHash::Sha256);
 
         // A digest added to a format 1 receipt, or taken from a format 2 one, is refused
         // before its signature is looked at.
@@ -625,9 +656,43 @@ mod tests {
     fn a_receipt_of_a_newer_format_is_named_as_such() {
         let ep = endpoint();
         let mut signed = ep.signer.sign(receipt(&ep.signer)).unwrap();
-        signed.receipt.format_version = 3;
+        signed.receipt.format_version = 4;
         let err = SignedReceipt::from_json(&signed.to_json()).unwrap_err();
-        assert_eq!(err, ReceiptError::UnsupportedVersion(3));
-        assert!(err.to_string().contains("it reads versions 1 to 2"), "{err}");
+        assert_eq!(err, ReceiptError::UnsupportedVersion(4));
+        assert!(err.to_string().contains("it reads versions 1 to 3"), "{err}");
+    }
+
+    #[test]
+    fn format_3_names_its_hash_and_format_2_still_parses_as_sha256() {
+        let ep = endpoint();
+        let current = ep.signer.sign(receipt(&ep.signer)).unwrap();
+        let parsed = SignedReceipt::from_json(&current.to_json()).unwrap();
+        assert_eq!(parsed.receipt.chunk_hash(), ChunkHash::Blake3);
+        let canonical = String::from_utf8(current.receipt.canonical_bytes()).unwrap();
+        assert!(canonical.contains(r#""chunk_hash":"blake3""#), "{canonical}");
+        // Format 2, as an endpoint of protocol version 7 signed it: no chunk_hash, SHA-256.
+        let mut v2 = receipt(&ep.signer);
+        v2.format_version = 2;
+        v2.chunk_hash = None;
+        let signed = ep.signer.sign(v2).unwrap();
+        let parsed = SignedReceipt::from_json(&signed.to_json()).unwrap();
+        parsed.verify(&ServerTrust::Ca(vec![ep.ca.cert_der()])).unwrap();
+        assert_eq!(parsed.receipt.chunk_hash(), ChunkHash::Sha256);
+        // A hash named in format 2, missing or unknown in format 3: refused, never guessed.
+        let mut v: serde_json::Value = serde_json::from_str(&signed.to_json()).unwrap();
+        v["receipt"]["chunk_hash"] = "blake3".into();
+        assert!(matches!(SignedReceipt::from_json(&v.to_string()),
+            Err(ReceiptError::Malformed(m)) if m.contains("format 2 receipt has no chunk_hash")));
+        let mut v: serde_json::Value = serde_json::from_str(&current.to_json()).unwrap();
+        v["receipt"].as_object_mut().unwrap().remove("chunk_hash");
+        assert!(matches!(SignedReceipt::from_json(&v.to_string()),
+            Err(ReceiptError::Malformed(m)) if m.contains("lacks chunk_hash")));
+        v["receipt"]["chunk_hash"] = "md5".into();
+        assert!(matches!(SignedReceipt::from_json(&v.to_string()),
+            Err(ReceiptError::Malformed(m)) if m.contains("not a hash this build knows")));
+        // The hash's name is signed like every other field.
+        let mut altered = current.clone();
+        altered.receipt.chunk_hash = Some("sha256".into());
+        assert_eq!(altered.verify_signature().unwrap_err(), ReceiptError::BadSignature);
     }
 }

@@ -122,7 +122,7 @@ impl RawEdge {
     pub async fn seal_and_commit(&mut self, disk: &[u8]) -> String {
         let hashes: Vec<[u8; 32]> = disk
             .chunks(DEFAULT_CHUNK_SIZE as usize)
-            .map(gateway::chunk::sha256)
+            .map(gateway::chunk::chunk_hash)
             .collect();
         self.send(&EdgeMessage::DiskSealed {
             disk: 0,

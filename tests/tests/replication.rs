@@ -275,3 +275,60 @@ async fn scheduled_passes_go_on_across_an_endpoint_restart() {
     assert!(images_identical(&disk, &cloud.root.join("log01/log01-flat.vmdk")));
     cloud.stop().await;
 }
+
+/// A copy already in the cloud seeds a replication: after the template is lifted, the
+/// first pass of a replication of a clone (one small change) sends only the changed
+/// chunk; the rest is copied inside the cloud and verified. The switchover then registers
+/// a copy identical to the source, with a receipt that verifies, and the API's migration
+/// record counts the copied bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_lift_seeds_a_replications_first_pass() {
+    let bin = wan::ensure_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
+    let regions: Vec<Fill> = (0..8)
+        .map(|i| if i % 4 == 3 { Fill::Zero } else { Fill::Random })
+        .collect();
+    let data = 6 * MIB as u64;
+    let tpl = tmp.path().join("tpl");
+    std::fs::create_dir_all(&tpl).unwrap();
+    write_raw_disk(&tpl.join("tpl.img"), MIB, &regions, 93);
+    let tpl_vmx = write_vmx(&tpl, "tpl", &["tpl.img"], &[]);
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    // Chunks match by hash and size: the template is lifted with the replication's chunk size.
+    let lift = ["migrate", "--json", "--chunk-kib", CHUNK_KIB];
+    let lifted = summary(run(edge_command(&bin, &pki, &cloud, &tpl_vmx, &state, &lift)).await);
+    assert_eq!(lifted["sent_bytes"].as_u64().unwrap(), data, "{lifted}");
+    std::fs::remove_file(state.join("receipt.json")).unwrap();
+
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let disk = src.join("app02.img");
+    std::fs::copy(tpl.join("tpl.img"), &disk).unwrap();
+    guest_writes(&disk, &[MIB as u64 + 5], 100, 3);
+    let vmx = write_vmx(&src, "app02", &["app02.img"], &[]);
+    let edge = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--json", "--chunk-kib", CHUNK_KIB]);
+        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
+    };
+    let first = summary(run(edge(&["replicate"])).await);
+    assert_eq!(first["replica"], true, "{first}");
+    assert_eq!(
+        first["sent_bytes"].as_u64().unwrap(),
+        CHUNK,
+        "only the changed chunk: {first}"
+    );
+    assert_eq!(first["dedup_bytes"].as_u64().unwrap(), data - CHUNK, "{first}");
+    let id = first["migration_id"].as_str().unwrap().to_owned();
+
+    let done = summary(run(edge(&["switchover", "--confirm"])).await);
+    assert_eq!(done["sent_bytes"].as_u64().unwrap(), 0, "{done}");
+    assert!(images_identical(&disk, &cloud.root.join("app02/app02-flat.vmdk")));
+    let json = serde_json::to_value(cloud_endpoint::api::gateway::get_migration(&cloud.domain, &id).unwrap()).unwrap();
+    assert_eq!(json["dedup_bytes"].as_u64(), Some(data - CHUNK), "{json}");
+    assert_receipt_verifies_and_no_checkpoint_left(&bin, &pki, &vmx, &state);
+    cloud.stop().await;
+}

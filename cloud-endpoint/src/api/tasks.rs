@@ -236,6 +236,7 @@ mod tests {
             finished: None,
             logical_bytes: 1 << 30,
             has_receipt: false,
+            dedup_bytes: 0,
             replica: None,
         }
     }

@@ -132,6 +132,30 @@ impl DiskFile {
         })
     }
 
+    /// Opens a disk the cloud holds (a registered VM's, a replica's) to read chunks from
+    /// it for deduplication. Read-only at the OS level: a write through it fails, so a
+    /// copy can never change the disk it copies from.
+    pub fn open_read_only(path: &Path, capacity: u64, format: DiskFormat) -> Result<DiskFile, DatastoreError> {
+        let capacity = capacity.next_multiple_of(SECTOR);
+        let file = File::open(path).map_err(io_err("open disk to copy chunks from", path))?;
+        let writer: Box<dyn DiskWriter> = match format {
+            DiskFormat::VmdkFlat | DiskFormat::Raw => Box::new(SparseWriter { file }),
+            DiskFormat::Qcow2 => {
+                Box::new(Qcow2Writer::reopen(file, capacity).map_err(io_err("read qcow2 tables of", path))?)
+            }
+        };
+        Ok(DiskFile {
+            format,
+            capacity,
+            file_name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            path: path.to_owned(),
+            writer,
+        })
+    }
+
     /// Makes every write so far durable (fdatasync), before the journal records it.
     pub fn sync_data(&self) -> io::Result<()> {
         self.writer.sync_data()

@@ -10,16 +10,21 @@
 //! [`Journal::open`] cuts off:
 //!
 //! ```text
-//! disk u16 | kind u8 (0 data, 1 zero run) | 0u8 | 0u32 | offset u64 | count u64 | sha256 [32]
+//! disk u16 | kind u8 (0 data, 1 zero run) | hash u8 | 0u32 | offset u64 | count u64 | hash [32]
 //! ```
 //! All integers are big-endian; a data record has count 1 and the plaintext hash, a zero
-//! run has a zero hash field (each chunk's zero hash is derived from its length).
+//! run has a zero hash field (each chunk's zero hash is derived from its length). The
+//! hash byte names the chunk hash: 0 SHA-256 (what endpoints of protocol version 7 and
+//! older wrote there, as padding), 1 BLAKE3. A data record of another hash than this
+//! build's is not trusted: [`Journal::read`] returns its chunk as stale, and the resume
+//! re-hashes that chunk from the staged disk (`placement::resume`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use gateway::chunk::ChunkHash;
 use gateway::integrity::DiskHashes;
 use gateway::plan::MigrationPlan;
 use gateway::protocol::Unsynced;
@@ -31,6 +36,25 @@ pub const JOURNAL_FILE: &str = ".chunks.journal";
 const RECORD: usize = 56;
 const DATA: u8 = 0;
 const ZERO_RUN: u8 = 1;
+
+/// The journal's byte for a chunk hash.
+fn hash_id(alg: ChunkHash) -> u8 {
+    match alg {
+        ChunkHash::Sha256 => 0,
+        ChunkHash::Blake3 => 1,
+    }
+}
+
+/// What a journal holds for a plan.
+#[derive(Debug)]
+pub struct Replay {
+    /// One table per disk of the plan: each chunk's hash, the last record winning.
+    pub tables: Vec<DiskHashes>,
+    /// Data chunks (disk, chunk index) whose last record carries another hash than this
+    /// build's (an older endpoint wrote them): held on disk, but not in `tables` until
+    /// they are re-hashed.
+    pub stale: Vec<(u16, u64)>,
+}
 
 /// An open journal, appended to by one connection at a time.
 #[derive(Debug)]
@@ -92,7 +116,7 @@ impl Journal {
     /// repeats included) can make replay hold more than the plan's chunk hashes. A record
     /// that does not fit `plan` means the file is not this migration's journal: an
     /// error, never a guess.
-    pub fn read(&self, plan: &MigrationPlan) -> Result<Vec<DiskHashes>, DatastoreError> {
+    pub fn read(&self, plan: &MigrationPlan) -> Result<Replay, DatastoreError> {
         let corrupt = |why: String| DatastoreError::Io {
             action: "read journal",
             path: self.path.clone(),
@@ -107,6 +131,8 @@ impl Journal {
             .iter()
             .map(|d| DiskHashes::new(d.capacity, plan.chunk_size))
             .collect();
+        let mut stale = std::collections::BTreeSet::new();
+        let current = hash_id(ChunkHash::CURRENT);
         let mut r = [0u8; RECORD];
         loop {
             match reader.read_exact(&mut r) {
@@ -134,16 +160,24 @@ impl Journal {
                     "a record (kind {kind}, disk {disk}, offset {offset}, count {count}) does not fit the plan"
                 )));
             }
-            if kind == DATA {
+            if kind == DATA && r[3] != current {
+                h.unset(first);
+                stale.insert((disk, first));
+            } else if kind == DATA {
                 h.set(first, hash);
+                stale.remove(&(disk, first));
             } else {
                 for i in first..first + count {
                     let zero = h.zero_hash(i);
                     h.set(i, zero);
+                    stale.remove(&(disk, i));
                 }
             }
         }
-        Ok(tables)
+        Ok(Replay {
+            tables,
+            stale: stale.into_iter().collect(),
+        })
     }
 }
 
@@ -153,7 +187,8 @@ fn records(batch: &Unsynced) -> Vec<u8> {
     let mut record = |disk: u16, kind: u8, offset: u64, count: u64, hash: &[u8; 32]| {
         buf.extend_from_slice(&disk.to_be_bytes());
         buf.push(kind);
-        buf.extend_from_slice(&[0; 5]);
+        buf.push(hash_id(ChunkHash::CURRENT));
+        buf.extend_from_slice(&[0; 4]);
         buf.extend_from_slice(&offset.to_be_bytes());
         buf.extend_from_slice(&count.to_be_bytes());
         buf.extend_from_slice(hash);
@@ -216,6 +251,8 @@ mod tests {
         drop(f);
         let j = Journal::open(dir.path()).unwrap();
         let read = j.read(&plan).unwrap();
+        assert!(read.stale.is_empty());
+        let read = read.tables;
         let zero = DiskHashes::new(10 << 20, 1 << 20);
         let held: Vec<(u64, [u8; 32])> = (0..10).filter_map(|i| read[0].get(i).map(|h| (i, h))).collect();
         assert_eq!(
@@ -269,11 +306,46 @@ mod tests {
             zero_runs: vec![],
         })
         .unwrap();
-        let read = j.read(&plan).unwrap();
+        let read = j.read(&plan).unwrap().tables;
         assert_eq!(read.len(), 1);
         assert_eq!((read[0].chunk_count(), read[0].known()), (10, 10));
         // The last record naming a chunk wins.
         assert_eq!(read[0].get(2), Some([9; 32]));
         assert_eq!(read[0].get(9), Some(read[0].zero_hash(9)));
+    }
+
+    #[test]
+    fn sha256_records_of_an_older_endpoint_are_stale_not_trusted() {
+        // Protocol version 7 wrote 0 in the hash byte and SHA-256 hashes: such a data
+        // record must not be replayed as a hash of this build, whatever it says.
+        let dir = tempfile::tempdir().unwrap();
+        let plan = plan();
+        let j = Journal::open(dir.path()).unwrap();
+        j.append(&Unsynced {
+            chunks: vec![(0, 0, [7; 32]), (0, 1 << 20, [8; 32]), (0, 4 << 20, [6; 32])],
+            zero_runs: vec![(0, 2 << 20, 1)],
+        })
+        .unwrap();
+        drop(j);
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        for r in bytes.chunks_mut(RECORD) {
+            r[3] = 0;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        // Chunk 4 was written again by this build: its new record wins.
+        j.append(&Unsynced {
+            chunks: vec![(0, 4 << 20, [5; 32])],
+            zero_runs: vec![],
+        })
+        .unwrap();
+        let read = j.read(&plan).unwrap();
+        assert_eq!(read.stale, vec![(0, 0), (0, 1)]);
+        let t = &read.tables[0];
+        assert_eq!((t.get(0), t.get(1)), (None, None));
+        // Zero runs carry no hash: the zero hash is derived with this build's hash.
+        assert_eq!(t.get(2), Some(t.zero_hash(2)));
+        assert_eq!(t.get(4), Some([5; 32]));
     }
 }

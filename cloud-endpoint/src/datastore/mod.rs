@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 
 pub use disk::DiskFile;
 pub use gateway::plan::DiskFormat;
-pub use journal::{Journal, JOURNAL_FILE};
+pub use journal::{Journal, Replay, JOURNAL_FILE};
 pub use readback::{read_back, ReadBack};
 use vmx::vmx_text;
 pub(crate) use vmx::{parse_disk_key, VIRTUAL_HW_VERSION};

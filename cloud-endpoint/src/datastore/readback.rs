@@ -14,7 +14,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use gateway::chunk::{is_zero, sha256};
+use gateway::chunk::{chunk_hash, is_zero};
 
 use super::DiskFile;
 
@@ -29,7 +29,7 @@ pub struct ReadBack {
     pub bytes_read: u64,
 }
 
-/// Reads back `chunks` (disk, chunk index, expected plaintext SHA-256) of `disks` on up to
+/// Reads back `chunks` (disk, chunk index, expected plaintext chunk hash) of `disks` on up to
 /// `threads` threads. `capacities` are the disks' sizes in the plan, which the chunks
 /// cover (a staged file may be longer: whole sectors). A read or write error fails the
 /// whole read-back: the caller pauses the migration rather than register a VM whose disks
@@ -42,7 +42,7 @@ pub fn read_back(
     threads: usize,
 ) -> io::Result<ReadBack> {
     let cs = u64::from(chunk_size);
-    let zero_full = sha256(&vec![0u8; chunk_size as usize]);
+    let zero_full = chunk_hash(&vec![0u8; chunk_size as usize]);
     let next = AtomicU64::new(0);
     let bytes_read = AtomicU64::new(0);
     let found = Mutex::new(ReadBack::default());
@@ -73,7 +73,7 @@ pub fn read_back(
                 let zero_expected = if len == chunk_size as usize {
                     expected == zero_full
                 } else {
-                    expected == sha256(&vec![0u8; len])
+                    expected == chunk_hash(&vec![0u8; len])
                 };
                 if zero_expected {
                     if !is_zero(data) {
@@ -81,7 +81,7 @@ pub fn read_back(
                         file.write_at(data, offset)?;
                         found.lock().expect("found lock").rewritten_zero.push((disk, index));
                     }
-                } else if sha256(data) != expected {
+                } else if chunk_hash(data) != expected {
                     found.lock().expect("found lock").damaged.push((disk, index));
                 }
                 Ok::<_, io::Error>(())

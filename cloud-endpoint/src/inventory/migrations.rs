@@ -38,7 +38,8 @@ const SELECT_MIGRATION: &str =
         EXISTS (SELECT 1 FROM receipt r WHERE r.migration = migration.id),
         replica_syncs, replica_synced, replica_delta_bytes,
         switchover_at, switchover_state, downtime_ms, downtime_from, replica_pass_ms, replica_read_back_ms,
-        (SELECT COUNT(*) FROM superseded_receipt s WHERE s.migration = migration.id)
+        (SELECT COUNT(*) FROM superseded_receipt s WHERE s.migration = migration.id),
+        dedup_bytes
     FROM migration";
 
 fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
@@ -54,6 +55,7 @@ fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
         finished: row.get(8)?,
         logical_bytes: row.get(9)?,
         has_receipt: row.get(10)?,
+        dedup_bytes: row.get::<_, Option<u64>>(21)?.unwrap_or(0),
         replica: match row.get::<_, Option<String>>(12)? {
             Some(last_sync) => Some(super::ReplicaRecord {
                 syncs: row.get(11)?,

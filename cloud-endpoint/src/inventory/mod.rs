@@ -10,8 +10,10 @@
 //! behind a mutex, and its methods block (call them from `spawn_blocking`). A method that
 //! changes several rows does so in one transaction.
 
+mod chunks;
 mod firewall;
 mod migrations;
+pub use chunks::{ChunkScope, ChunkSource, IndexedDisk};
 mod password;
 mod receipts;
 mod schema;
@@ -390,6 +392,9 @@ pub struct MigrationRecord {
     /// Whether the endpoint issued a signed receipt (every SUCCEEDED migration has
     /// one): `GET /api/gateway/migrations/{id}/receipt`.
     pub has_receipt: bool,
+    /// Plaintext bytes the cloud copied from disks it already held (this user's or this
+    /// edge's) instead of receiving them: deduplicated, they did not cross the WAN.
+    pub dedup_bytes: u64,
     /// A replication: its passes so far (absent for a cold lift, and for a
     /// replication whose first pass has not ended).
     #[serde(skip_serializing_if = "Option::is_none")]

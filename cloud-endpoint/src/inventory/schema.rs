@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -304,6 +304,37 @@ CREATE TABLE superseded_receipt (
     created TEXT NOT NULL,
     superseded TEXT NOT NULL
 ) STRICT;
+"#;
+
+/// Deduplication (protocol version 8): the chunk hashes of the disks the cloud holds
+/// (registered VMs and replicas), keyed by hash. A `chunk_source` is one disk: where its
+/// data file is, in which format, who lifted it (`user_name`, `edge_cert`: dedup never
+/// crosses to another user or edge) and with which hash (`hash`, so that an index of
+/// another algorithm is never trusted). Removing the VM removes its sources and their
+/// chunks. `dedup_bytes`: bytes a migration copied inside the cloud instead of receiving.
+const V11: &str = r#"
+ALTER TABLE migration ADD COLUMN dedup_bytes INTEGER;
+CREATE TABLE chunk_source (
+    id INTEGER PRIMARY KEY,
+    migration TEXT NOT NULL REFERENCES migration (id),
+    vm TEXT REFERENCES vm (id) ON DELETE CASCADE,
+    disk INTEGER NOT NULL,
+    data_path TEXT NOT NULL,
+    format TEXT NOT NULL,
+    capacity INTEGER NOT NULL CHECK (capacity >= 0),
+    user_name TEXT NOT NULL,
+    edge_cert TEXT,
+    hash TEXT NOT NULL,
+    UNIQUE (migration, disk)
+) STRICT;
+CREATE TABLE chunk_index (
+    hash BLOB NOT NULL,
+    source INTEGER NOT NULL REFERENCES chunk_source (id) ON DELETE CASCADE,
+    offset INTEGER NOT NULL CHECK (offset >= 0),
+    len INTEGER NOT NULL CHECK (len > 0)
+) STRICT;
+CREATE INDEX chunk_index_hash ON chunk_index (hash);
+CREATE INDEX chunk_index_source ON chunk_index (source);
 "#;
 
 /// Applies the missing steps. Refuses a file written by a newer build.

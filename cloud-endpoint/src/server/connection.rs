@@ -22,6 +22,7 @@ use gateway::wire::{EdgeMessage, RefusalCode};
 use tokio::sync::Notify;
 use tracing::Instrument;
 
+use super::dedup;
 use super::placement::{self, Staged};
 use crate::inventory::Principal;
 use crate::Domain;
@@ -613,7 +614,8 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                     // Data streams only now: until the plan is accepted, a stream the
                     // peer may open is memory it can fill without being read.
                     transport::allow_streams(&ctx.conn, transport::StreamPhase::Data);
-                    ctx.session().plan_accepted(id, ds);
+                    let dedup = requester(ctx).is_some_and(|who| dedup::offered(&ctx.domain, &who));
+                    ctx.session().plan_accepted(id, ds, dedup);
                 }
                 Err((code, problems)) => {
                     tracing::warn!(?code, ?problems, "plan refused");
@@ -792,11 +794,37 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 }
             }
         }
+        ReceiverEvent::Lookup { disk, chunks } => {
+            let target = ctx.disks.lock().expect("disks lock").get(usize::from(disk)).cloned();
+            let (Some(who), Some(target)) = (requester(ctx), target) else {
+                let results = chunks.iter().map(|c| (c.0, false)).collect();
+                ctx.session().lookup_done(disk, results);
+                return;
+            };
+            let guard = ctx.blocking.clone().read_owned().await;
+            let results = spawn_blocking_in_span(move || {
+                let _guard = guard;
+                dedup::copy_chunks(&domain, &who, &target, &chunks)
+            })
+            .await
+            .expect("copying chunks does not panic");
+            let copied = results.iter().filter(|r| r.1).count();
+            tracing::debug!(disk, asked = results.len(), copied, "hash query answered");
+            ctx.session().lookup_done(disk, results);
+        }
         ReceiverEvent::Finalize => {
             let staged = ctx.staged.lock().expect("staged lock").take();
-            let (plan, roots, zero_bytes) = {
+            let (plan, roots, zero_bytes, hashes, dedup_bytes) = {
                 let s = ctx.session();
-                (s.plan().cloned(), s.disk_roots(), s.zero_bytes())
+                let hashes: Vec<gateway::integrity::DiskHashes> =
+                    s.disk_hashes().unwrap_or_default().into_iter().cloned().collect();
+                (
+                    s.plan().cloned(),
+                    s.disk_roots(),
+                    s.zero_bytes(),
+                    hashes,
+                    s.dedup_bytes(),
+                )
             };
             let (Some(staged), Some(plan), Some(roots)) = (staged, plan, roots) else {
                 ctx.session()
@@ -823,6 +851,18 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 Ok(r) => tracing::info!(vm_id = %r.vm_id, path = ?r.vm_path, format, "VM registered, receipt signed"),
                 Err(e) => tracing::error!(error = %e, "commit failed"),
             }
+            if let (Ok(registered), Some(who)) = (&result, requester(ctx)) {
+                // Later migrations of this user or edge may copy this VM's chunks.
+                let indexing = domain.clone();
+                let vm_id = registered.vm_id.clone();
+                let _ = spawn_blocking_in_span(move || {
+                    if dedup_bytes > 0 {
+                        let _ = indexing.inventory.add_dedup_bytes(&who.migration, dedup_bytes);
+                    }
+                    dedup::index_committed(&indexing, &who, &vm_id, &hashes);
+                })
+                .await;
+            }
             if let (Ok(registered), Some((request, received))) = (&result, switchover) {
                 let outcome =
                     placement::switched_over(&domain, &migration_id, &registered.vm_id, &request, received).await;
@@ -844,12 +884,29 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 pass_ms: millis(verify_started.saturating_duration_since(ctx.connected)),
                 read_back_ms: millis(now.saturating_duration_since(verify_started)),
             };
+            let who = requester(ctx);
+            let (hashes, dedup_bytes) = {
+                let s = ctx.session();
+                let hashes: Vec<gateway::integrity::DiskHashes> =
+                    s.disk_hashes().unwrap_or_default().into_iter().cloned().collect();
+                (hashes, s.dedup_bytes())
+            };
             let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
                 let staged = record.staged.lock().expect("staged lock");
                 match staged.as_ref() {
-                    Some(staged) => placement::keep_replica(&domain, staged, &batch, delta_bytes, pass, schedule)
-                        .map(|at| (staged.migration_id.clone(), at)),
+                    Some(staged) => {
+                        let kept = placement::keep_replica(&domain, staged, &batch, delta_bytes, pass, schedule)
+                            .map(|at| (staged.migration_id.clone(), at));
+                        if let (Ok(_), Some(who)) = (&kept, who) {
+                            // A replica is a disk the cloud holds: later lifts may copy from it.
+                            if dedup_bytes > 0 {
+                                let _ = domain.inventory.add_dedup_bytes(&who.migration, dedup_bytes);
+                            }
+                            dedup::index_replica(&domain, &who, &staged.disks, &hashes);
+                        }
+                        kept
+                    }
                     None => Err((RefusalCode::EndpointFailure, "nothing staged to keep".to_owned())),
                 }
             })
@@ -875,6 +932,8 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             if let Some(staged) = staged {
                 tracing::warn!(?reason, migration = %staged.migration_id, "discarding");
                 discarded = Some(staged.migration_id.clone());
+                // Its files go: nothing may be copied from them any more.
+                let _ = domain.inventory.drop_chunk_sources(&staged.migration_id);
                 let guard = ctx.blocking.clone().read_owned().await;
                 let why = reason.clone();
                 let _ = spawn_blocking_in_span(move || {
@@ -890,6 +949,18 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             }
         }
     }
+}
+
+/// Who this connection migrates for, once authenticated and the migration known: the
+/// deduplication scope.
+fn requester(ctx: &Ctx) -> Option<dedup::Requester> {
+    let user = ctx.principal.lock().expect("principal lock").as_ref()?.user.clone();
+    let migration = ctx.migration_id.lock().expect("id lock").clone()?;
+    Some(dedup::Requester {
+        user,
+        edge_cert: ctx.edge_cert.clone(),
+        migration,
+    })
 }
 
 /// Threads that read a migration's staged disks back before its commit: hashing is the

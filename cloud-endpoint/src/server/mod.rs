@@ -1,6 +1,7 @@
 //! The QUIC server: accepts edge connections and serves each migration.
 
 mod connection;
+pub mod dedup;
 pub mod links;
 pub mod live;
 mod live_migration;

@@ -107,6 +107,14 @@ pub enum ReceiverEvent {
     /// confirmation: check that it may, act, and answer with
     /// [`ReceiverSession::switchover_ended`].
     EndSwitchover { migration_id: String, confirm: bool },
+    /// The edge asked whether the cloud holds these chunks of `disk` (offset, length,
+    /// plaintext hash): copy each one found on a disk the migration's user or edge may
+    /// read into the staged disk, verified against its hash after the read, and answer
+    /// with [`ReceiverSession::lookup_done`] for every chunk of the list.
+    Lookup {
+        disk: u16,
+        chunks: Vec<(u64, u32, [u8; 32])>,
+    },
 }
 
 /// What to do with a chunk frame whose header was read.
@@ -258,6 +266,13 @@ pub struct ReceiverSession {
     schedule: Option<Option<i64>>,
     /// What the driver did for the `Switchover` (see [`Self::switched_over`]).
     switchover_outcome: Option<SwitchoverOutcome>,
+    /// `PlanAccepted` offered deduplication: the edge may send `HashQuery`.
+    dedup: bool,
+    /// Chunks asked about in `HashQuery` and not yet answered, per disk: each chunk is
+    /// asked once, so this is bounded by the plan's chunk count.
+    asked: HashMap<u16, HashSet<u64>>,
+    /// Plaintext bytes copied inside the cloud instead of sent (deduplicated).
+    dedup_bytes: u64,
 }
 
 impl ReceiverSession {
@@ -287,7 +302,62 @@ impl ReceiverSession {
             switchover: None,
             schedule: None,
             switchover_outcome: None,
+            dedup: false,
+            asked: HashMap::new(),
+            dedup_bytes: 0,
         }
+    }
+
+    /// Plaintext bytes copied inside the cloud from disks it held instead of sent.
+    pub fn dedup_bytes(&self) -> u64 {
+        self.dedup_bytes
+    }
+
+    /// Every chunk hash of each disk, in plan order, once every disk is sealed: what the
+    /// cloud indexes for later deduplication.
+    pub fn disk_hashes(&self) -> Option<Vec<&DiskHashes>> {
+        self.disks
+            .iter()
+            .map(|d| (d.hashes.missing() == 0).then_some(&d.hashes))
+            .collect()
+    }
+
+    /// The driver copied (`true`) or could not copy (`false`) each chunk of a
+    /// [`ReceiverEvent::Lookup`] of `disk`. Copied chunks count as verified and written
+    /// (acknowledged once durable); the others are to be sent, as the answer says.
+    pub fn lookup_done(&mut self, disk: u16, results: Vec<(u64, bool)>) {
+        let cs = u64::from(self.plan.as_ref().map_or(0, |p| p.chunk_size));
+        let Some(d) = self.disks.get_mut(usize::from(disk)) else {
+            return;
+        };
+        let asked = self.asked.entry(disk).or_default();
+        let (mut copied, mut send) = (Vec::new(), Vec::new());
+        let mut bytes = 0;
+        let mut written = Vec::new();
+        for (offset, ok) in results {
+            let index = offset / cs;
+            if !asked.remove(&index) {
+                continue;
+            }
+            let Some(hash) = d.in_flight.remove(&index) else {
+                continue;
+            };
+            if ok {
+                d.hashes.set(index, hash);
+                if let Some(f) = d.from_journal.get_mut(index as usize) {
+                    *f = false;
+                }
+                bytes += (d.capacity - offset).min(cs);
+                written.push((disk, offset, hash));
+                copied.push(offset);
+            } else {
+                send.push(offset);
+            }
+        }
+        self.bytes_written += bytes;
+        self.dedup_bytes += bytes;
+        self.unsynced.chunks.extend(written);
+        self.outbox.push_back(CloudMessage::HashAnswer { disk, copied, send });
     }
 
     /// What the edge asked with `Switchover` and when it arrived; `None` for a plain
@@ -424,6 +494,12 @@ impl ReceiverSession {
                     return Err(self.unexpected("Schedule"));
                 }
                 self.schedule = Some(switchover_at);
+            }
+            EdgeMessage::HashQuery { disk, chunks } => {
+                if self.phase != Phase::Streaming || !self.dedup {
+                    return Err(self.unexpected("HashQuery"));
+                }
+                self.on_hash_query(disk, chunks)?;
             }
             EdgeMessage::Validate(plan) => {
                 if self.phase != Phase::AwaitPlan {
@@ -672,14 +748,18 @@ impl ReceiverSession {
     }
 
     /// The driver validated the plan and staged its files: data may flow.
-    pub fn plan_accepted(&mut self, migration_id: String, datastore: String) {
+    /// `dedup`: the driver holds disks this user or edge may reuse chunks of, and will
+    /// answer [`ReceiverEvent::Lookup`]s.
+    pub fn plan_accepted(&mut self, migration_id: String, datastore: String, dedup: bool) {
         if self.phase != Phase::Validating {
             return;
         }
         self.start_streaming();
+        self.dedup = dedup;
         self.outbox.push_back(CloudMessage::PlanAccepted {
             migration_id,
             datastore,
+            dedup,
         });
     }
 
@@ -851,6 +931,42 @@ impl ReceiverSession {
         }
     }
 
+    /// Checks a `HashQuery` against the plan and what is held, then asks the driver.
+    /// Every chunk must be one the cloud neither holds nor has in flight, asked once:
+    /// so the queries of a migration add up to at most its chunk count.
+    fn on_hash_query(&mut self, disk: u16, chunks: Vec<(u64, [u8; 32])>) -> Result<(), ProtocolError> {
+        if chunks.is_empty() || chunks.len() > crate::wire::control::MAX_HASH_QUERY {
+            return Err(ProtocolError::OutsidePlan(format!(
+                "a hash query of {} chunks (1 to {} allowed)",
+                chunks.len(),
+                crate::wire::control::MAX_HASH_QUERY
+            )));
+        }
+        let (d, chunk_size) = self.disk_mut(disk)?;
+        let cs = u64::from(chunk_size);
+        let mut lookup = Vec::with_capacity(chunks.len());
+        let mut indexes = Vec::with_capacity(chunks.len());
+        for &(offset, hash) in &chunks {
+            if !offset.is_multiple_of(cs) || offset >= d.capacity {
+                return Err(ProtocolError::OutsidePlan(format!(
+                    "a hash query names disk {disk} offset {offset}, not a chunk of the plan"
+                )));
+            }
+            let index = offset / cs;
+            if d.in_flight.contains_key(&index) || d.hashes.is_known(index) || d.repairing.contains_key(&index) {
+                return Err(ProtocolError::OutsidePlan(format!(
+                    "a hash query names disk {disk} offset {offset}, which was sent, asked or held already"
+                )));
+            }
+            d.in_flight.insert(index, hash);
+            indexes.push(index);
+            lookup.push((offset, (d.capacity - offset).min(cs) as u32, hash));
+        }
+        self.asked.entry(disk).or_default().extend(indexes);
+        self.events.push_back(ReceiverEvent::Lookup { disk, chunks: lookup });
+        Ok(())
+    }
+
     /// A chunk frame's header arrived on a data stream. Checked against the
     /// plan before its payload is read, so nothing is allocated for a chunk
     /// that cannot be right.
@@ -884,7 +1000,7 @@ impl ReceiverSession {
         }
         let index = h.offset / cs;
         if let Some(hash) = d.in_flight.get(&index) {
-            return if *hash == h.sha256 {
+            return if *hash == h.hash {
                 Ok(Admission::Duplicate)
             } else {
                 Err(ProtocolError::OutsidePlan(format!(
@@ -894,17 +1010,17 @@ impl ReceiverSession {
             };
         }
         let replacing = delta
-            && d.hashes.get(index).is_some_and(|hash| hash != h.sha256)
+            && d.hashes.get(index).is_some_and(|hash| hash != h.hash)
             && !d.replaced.contains(&index)
             && !d.repairing.contains_key(&index);
         if replacing {
             // A delta pass: the source changed this chunk since the replica got it.
             d.replaced.insert(index);
-            d.in_flight.insert(index, h.sha256);
+            d.in_flight.insert(index, h.hash);
             return Ok(Admission::Write);
         }
         if let Some(hash) = d.hashes.get(index) {
-            if hash != h.sha256 {
+            if hash != h.hash {
                 return Err(ProtocolError::OutsidePlan(format!(
                     "disk {} chunk at offset {} already written with other content",
                     h.disk, h.offset
@@ -918,17 +1034,17 @@ impl ReceiverSession {
             return Ok(Admission::Duplicate);
         }
         if let Some(expected) = d.repairing.get(&index) {
-            if *expected != h.sha256 {
+            if *expected != h.hash {
                 return Err(ProtocolError::Integrity(format!(
                     "disk {} chunk at offset {} was re-sent for a repair with other content than before (SHA-256 {}, before {}): the source changed during the migration; abort it and migrate again",
                     h.disk,
                     h.offset,
-                    hex(&h.sha256),
+                    hex(&h.hash),
                     hex(expected)
                 )));
             }
         }
-        d.in_flight.insert(index, h.sha256);
+        d.in_flight.insert(index, h.hash);
         Ok(Admission::Write)
     }
 

@@ -60,6 +60,9 @@ pub enum SenderEvent {
     },
     /// The cloud rejected a chunk: read, seal and send it again.
     Resend { disk: u16, offset: u64 },
+    /// Deduplication: the cloud does not hold these chunks (asked with `HashQuery`):
+    /// read, seal and send them.
+    Send { disk: u16, offsets: Vec<u64> },
     /// The cloud read its staged disks back before the commit and found `chunks`
     /// damaged: they are sent again (each also comes as a [`SenderEvent::Resend`]).
     Repairing { disk: u16, chunks: u64 },
@@ -137,6 +140,11 @@ enum ChunkState {
     /// In the cloud's replica with the hash recorded here (a delta pass): read it,
     /// and send it only if the source changed it since.
     Held,
+    /// Deduplication: read and hash it, then ask the cloud whether it holds it.
+    Probe,
+    /// Its hash is in a `HashQuery` (sent or being gathered): the answer says whether
+    /// the cloud copied it or it is to be sent.
+    Asked,
     Done,
 }
 
@@ -156,6 +164,10 @@ pub enum Work {
     /// ([`SenderSession::chunk_hashed`]); changed, it is sealed and sent (or
     /// declared zero) like [`Work::Send`].
     Compare([u8; 32]),
+    /// Read it: zero, declare it zero ([`SenderSession::chunk_zero`]); else hash it
+    /// and report the hash ([`SenderSession::chunk_probed`]), which goes into a hash
+    /// query instead of the data.
+    Probe,
     /// Nothing: done, or in flight.
     Skip,
 }
@@ -172,6 +184,10 @@ struct Disk {
     zero_run: Option<(u64, u64)>,
     /// The Merkle root, once every chunk is acked or zero.
     root: Option<[u8; 32]>,
+    /// Deduplication: chunks still in [`ChunkState::Probe`], and the hashes gathered
+    /// for the next `HashQuery` (at most `MAX_HASH_QUERY`).
+    probing: u64,
+    query: Vec<(u64, [u8; 32])>,
 }
 
 /// One migration as the edge agent sees it.
@@ -218,6 +234,13 @@ pub struct SenderSession {
     end_switchover: Option<(String, bool)>,
     /// The scheduled switchover the cloud holds (Unix seconds), as `Synced` said.
     scheduled_switchover: Option<i64>,
+    /// The cloud offered deduplication (`PlanAccepted { dedup }`) and this is a new
+    /// migration: chunks are hashed and asked about before they are sent.
+    dedup: bool,
+    /// Plaintext bytes the cloud copied from disks it held instead of receiving them.
+    dedup_bytes: u64,
+    /// Never ask, whatever the cloud offers.
+    refuse_dedup: bool,
 }
 
 /// How a switchover ends beyond the commit (see [`SenderSession::finish_as_switchover`]).
@@ -247,6 +270,8 @@ impl SenderSession {
                     remaining: n,
                     zero_run: None,
                     root: None,
+                    probing: 0,
+                    query: Vec::new(),
                 }
             })
             .collect();
@@ -282,7 +307,55 @@ impl SenderSession {
             switchover_outcome: None,
             end_switchover: None,
             scheduled_switchover: None,
+            dedup: false,
+            dedup_bytes: 0,
+            refuse_dedup: false,
         })
+    }
+
+    /// Plaintext bytes the cloud copied from disks it already held (deduplicated):
+    /// they did not cross the link.
+    pub fn dedup_bytes(&self) -> u64 {
+        self.dedup_bytes
+    }
+
+    /// Sends every chunk even if the cloud offers deduplication (`--no-dedup`).
+    pub fn refuse_dedup(&mut self) {
+        self.refuse_dedup = true;
+    }
+
+    /// Whether this migration asks the cloud for chunks before sending them.
+    pub fn is_deduplicating(&self) -> bool {
+        self.dedup
+    }
+
+    /// The driver read the chunk at `offset` of [`Work::Probe`], found it not zero and
+    /// hashed it: the hash joins the next `HashQuery`, sent when it holds
+    /// `MAX_HASH_QUERY` chunks or when no chunk of the disk is left to probe. So the
+    /// questions travel in batches while the reading goes on, never one round trip
+    /// per chunk.
+    pub fn chunk_probed(&mut self, disk: u16, offset: u64, hash: [u8; 32]) {
+        let Some((d, index)) = self.streaming_disk(disk, offset) else {
+            return;
+        };
+        if d.state[index as usize] != ChunkState::Probe {
+            return;
+        }
+        d.state[index as usize] = ChunkState::Asked;
+        d.probing -= 1;
+        d.hashes.set(index, hash);
+        d.query.push((offset, hash));
+        self.flush_query(disk);
+    }
+
+    /// Sends the gathered hash query of `disk` when it is full or the disk has no
+    /// chunk left to probe.
+    fn flush_query(&mut self, disk: u16) {
+        let d = &mut self.disks[usize::from(disk)];
+        if d.query.len() >= crate::wire::control::MAX_HASH_QUERY || (d.probing == 0 && !d.query.is_empty()) {
+            let chunks = std::mem::take(&mut d.query);
+            self.outbox.push_back(EdgeMessage::HashQuery { disk, chunks });
+        }
     }
 
     /// Asks the cloud to check `plan` without staging anything: after the
@@ -457,6 +530,7 @@ impl SenderSession {
             Some(ChunkState::Pending) => Work::Send,
             Some(ChunkState::PendingZero) => Work::Zero,
             Some(ChunkState::Unhashed) => Work::Hash,
+            Some(ChunkState::Probe) => Work::Probe,
             Some(ChunkState::Held) => {
                 let index = offset / cs;
                 d.hashes.get(index).map_or(Work::Send, Work::Compare)
@@ -467,7 +541,7 @@ impl SenderSession {
 
     /// The driver hashed a chunk the cloud already holds ([`Work::Hash`]), or found a
     /// chunk of [`Work::Compare`] unchanged.
-    pub fn chunk_hashed(&mut self, disk: u16, offset: u64, sha256: [u8; 32]) {
+    pub fn chunk_hashed(&mut self, disk: u16, offset: u64, hash: [u8; 32]) {
         if self.phase != Phase::Streaming {
             return;
         }
@@ -477,7 +551,7 @@ impl SenderSession {
         };
         let Some(index) = checked_index(d, offset, cs).filter(|&i| match d.state[i as usize] {
             ChunkState::Unhashed => true,
-            ChunkState::Held => d.hashes.get(i) == Some(sha256),
+            ChunkState::Held => d.hashes.get(i) == Some(hash),
             _ => false,
         }) else {
             return;
@@ -485,12 +559,12 @@ impl SenderSession {
         d.state[index as usize] = ChunkState::Done;
         d.remaining -= 1;
         let len = (d.capacity - offset).min(cs);
-        if sha256 == d.hashes.zero_hash(index) {
+        if hash == d.hashes.zero_hash(index) {
             self.zero_bytes += len;
         } else {
             self.acked_bytes += len;
         }
-        d.hashes.set(index, sha256);
+        d.hashes.set(index, hash);
         self.maybe_seal(disk);
     }
 
@@ -606,9 +680,19 @@ impl SenderSession {
             CloudMessage::PlanAccepted {
                 migration_id,
                 datastore,
+                dedup,
             } => {
                 if self.phase != Phase::AwaitPlanAccepted || self.resume.is_some() || self.validate_only {
                     return Err(self.unexpected("PlanAccepted"));
+                }
+                if dedup && !self.refuse_dedup {
+                    // Every chunk is read and hashed first and its hash asked about; only
+                    // what the cloud does not hold is read again and sent.
+                    self.dedup = true;
+                    for d in &mut self.disks {
+                        d.state.fill(ChunkState::Probe);
+                        d.probing = d.state.len() as u64;
+                    }
                 }
                 self.phase = Phase::Streaming;
                 self.deadline = None;
@@ -672,7 +756,12 @@ impl SenderSession {
                         }
                         // A duplicate was acknowledged again.
                         ChunkState::Done => {}
-                        ChunkState::Pending | ChunkState::PendingZero | ChunkState::Unhashed | ChunkState::Held => {
+                        ChunkState::Pending
+                        | ChunkState::PendingZero
+                        | ChunkState::Unhashed
+                        | ChunkState::Held
+                        | ChunkState::Probe
+                        | ChunkState::Asked => {
                             return Err(ProtocolError::OutsidePlan(format!(
                                 "ack for disk {disk} offset {offset}, which was never sent"
                             )))
@@ -682,6 +771,36 @@ impl SenderSession {
                 self.acked_bytes += bytes;
                 self.events.push_back(SenderEvent::Acked { disk, chunks, bytes });
                 self.maybe_seal(disk);
+            }
+            CloudMessage::HashAnswer { disk, copied, send } => {
+                if self.phase != Phase::Streaming || !self.dedup {
+                    return Err(self.unexpected("HashAnswer"));
+                }
+                let cs = self.chunk_size();
+                let d = self.disk_mut(disk)?;
+                let mut bytes = 0;
+                for (&offset, is_copied) in copied.iter().map(|o| (o, true)).chain(send.iter().map(|o| (o, false))) {
+                    let index = checked_index(d, offset, cs)
+                        .filter(|&i| d.state[i as usize] == ChunkState::Asked)
+                        .ok_or_else(|| {
+                            ProtocolError::OutsidePlan(format!(
+                                "hash answer for disk {disk} offset {offset}, which was not asked about"
+                            ))
+                        })?;
+                    if is_copied {
+                        // Copied in the cloud and verified there against the hash sent:
+                        // acknowledged like a sent chunk once durable.
+                        d.state[index as usize] = ChunkState::Sent;
+                        bytes += (d.capacity - offset).min(cs);
+                    } else {
+                        d.state[index as usize] = ChunkState::Pending;
+                        d.hashes.unset(index);
+                    }
+                }
+                self.dedup_bytes += bytes;
+                if !send.is_empty() {
+                    self.events.push_back(SenderEvent::Send { disk, offsets: send });
+                }
             }
             CloudMessage::Nack { disk, offset, .. } => {
                 if self.phase != Phase::Streaming {
@@ -918,7 +1037,7 @@ impl SenderSession {
         let index = checked_index(d, offset, cs)?;
         matches!(
             d.state[index as usize],
-            ChunkState::Pending | ChunkState::PendingZero | ChunkState::Held
+            ChunkState::Pending | ChunkState::PendingZero | ChunkState::Held | ChunkState::Probe
         )
         .then_some((d, index))
     }
@@ -929,6 +1048,10 @@ impl SenderSession {
         let Some((d, index)) = self.streaming_disk(disk, offset) else {
             return;
         };
+        let probed = d.state[index as usize] == ChunkState::Probe;
+        if probed {
+            d.probing -= 1;
+        }
         d.state[index as usize] = ChunkState::Done;
         let zero = d.hashes.zero_hash(index);
         d.hashes.set(index, zero);
@@ -945,17 +1068,27 @@ impl SenderSession {
             self.outbox.push_back(EdgeMessage::ZeroChunks { disk, offset, count });
         }
         self.zero_bytes += len;
+        if probed {
+            self.flush_query(disk);
+        }
         self.maybe_seal(disk);
     }
 
-    /// The driver sealed the chunk at `offset` (plaintext hash `sha256`) and
+    /// The driver sealed the chunk at `offset` (plaintext hash `hash`) and
     /// queued it on a data stream.
-    pub fn chunk_sent(&mut self, disk: u16, offset: u64, sha256: [u8; 32]) {
+    pub fn chunk_sent(&mut self, disk: u16, offset: u64, hash: [u8; 32]) {
         let Some((d, index)) = self.streaming_disk(disk, offset) else {
             return;
         };
+        let probed = d.state[index as usize] == ChunkState::Probe;
+        if probed {
+            d.probing -= 1;
+        }
         d.state[index as usize] = ChunkState::Sent;
-        d.hashes.set(index, sha256);
+        d.hashes.set(index, hash);
+        if probed {
+            self.flush_query(disk);
+        }
     }
 
     /// Seals a disk once every chunk is acked or zero; commits once every disk

@@ -173,6 +173,16 @@ struct Pair {
     ended: Option<(String, bool)>,
     /// What the edge was told when the switchover ended.
     ended_message: Option<String>,
+    /// The cloud offers deduplication with `PlanAccepted`.
+    offer_dedup: bool,
+    /// Chunks the cloud holds on disks this edge may reuse, by hash (what its index
+    /// says: a test may make the bytes disagree with the key, as a disk changed since).
+    cloud_store: std::collections::HashMap<[u8; 32], Vec<u8>>,
+    /// Hash queries the cloud answered, and the chunks they asked about.
+    lookups: Vec<usize>,
+    /// Chunks the cloud driver copied, and those it found changed and refused.
+    copies: usize,
+    refused_copies: usize,
 }
 
 impl Pair {
@@ -222,6 +232,11 @@ impl Pair {
             aborted: None,
             synced: None,
             cloud_switchover_at: None,
+            offer_dedup: false,
+            cloud_store: std::collections::HashMap::new(),
+            lookups: Vec::new(),
+            copies: 0,
+            refused_copies: 0,
             edge_switchover_at: None,
             ended: None,
             ended_message: None,
@@ -245,7 +260,7 @@ impl Pair {
             let dest = &mut self.dests[usize::from(disk)];
             let start = index as usize * CS as usize;
             let end = (start + CS as usize).min(dest.len());
-            if crate::chunk::sha256(&dest[start..end]) == expected {
+            if crate::chunk::chunk_hash(&dest[start..end]) == expected {
                 continue;
             }
             let h = crate::integrity::DiskHashes::new(dest.len() as u64, CS);
@@ -324,6 +339,7 @@ impl Pair {
                     }
                 }
                 SenderEvent::Resend { disk, offset } => self.to_read.push_back((disk, offset)),
+                SenderEvent::Send { disk, offsets } => self.to_read.extend(offsets.into_iter().map(|o| (disk, o))),
                 SenderEvent::Committed { receipt, .. } => self.edge_receipt = Some(receipt),
                 SenderEvent::Validated(report) => self.validated = Some(*report),
                 SenderEvent::Synced {
@@ -363,16 +379,25 @@ impl Pair {
                 }
                 Work::Hash => {
                     self.hashed += 1;
-                    self.sender.chunk_hashed(disk, offset, crate::chunk::sha256(plain));
+                    self.sender.chunk_hashed(disk, offset, crate::chunk::chunk_hash(plain));
                     continue;
                 }
                 Work::Compare(held) => {
-                    let hash = crate::chunk::sha256(plain);
+                    let hash = crate::chunk::chunk_hash(plain);
                     if hash == held {
                         self.hashed += 1;
                         self.sender.chunk_hashed(disk, offset, hash);
                         continue;
                     }
+                }
+                Work::Probe => {
+                    if crate::chunk::is_zero(plain) {
+                        self.sender.chunk_zero(disk, offset);
+                        self.edge_checkpoint.push((disk, index, zero()));
+                    } else {
+                        self.sender.chunk_probed(disk, offset, crate::chunk::chunk_hash(plain));
+                    }
+                    continue;
                 }
                 Work::Send => {}
             }
@@ -383,7 +408,7 @@ impl Pair {
             } else {
                 let mut payload = Vec::new();
                 let h = self.sealer.seal(disk, offset, plain, &mut payload);
-                self.sender.chunk_sent(disk, offset, h.sha256);
+                self.sender.chunk_sent(disk, offset, h.hash);
                 if let Some(t) = self.tamper.as_mut() {
                     t(&h, &mut payload);
                 }
@@ -477,8 +502,31 @@ impl Pair {
                 },
                 ReceiverEvent::ValidatePlan(_) => match self.refuse_plan.take() {
                     Some(problems) => self.receiver.refuse(RefusalCode::PlanRejected, problems),
-                    None => self.receiver.plan_accepted("migration-1".into(), "ds1".into()),
+                    None => self
+                        .receiver
+                        .plan_accepted("migration-1".into(), "ds1".into(), self.offer_dedup),
                 },
+                ReceiverEvent::Lookup { disk, chunks } => {
+                    // The cloud driver: copy what its index names, verified after the read.
+                    self.lookups.push(chunks.len());
+                    let mut results = Vec::new();
+                    for (offset, len, hash) in chunks {
+                        let copied = match self.cloud_store.get(&hash) {
+                            Some(data) if data.len() == len as usize && crate::chunk::chunk_hash(data) == hash => {
+                                self.dests[usize::from(disk)][offset as usize..][..data.len()].copy_from_slice(data);
+                                self.copies += 1;
+                                true
+                            }
+                            Some(_) => {
+                                self.refused_copies += 1;
+                                false
+                            }
+                            None => false,
+                        };
+                        results.push((offset, copied));
+                    }
+                    self.receiver.lookup_done(disk, results);
+                }
                 ReceiverEvent::Finalize => {
                     self.committed = Some("vm-42".into());
                     let receipt = self.receipt();
@@ -567,6 +615,7 @@ impl Pair {
             migration_id: "migration-1".into(),
             vm_name: plan.vm.name.clone(),
             source_descriptor_sha256: plan.source_descriptor_sha256.map(|d| crate::integrity::hex(&d)),
+            chunk_hash: Some(crate::chunk::ChunkHash::CURRENT.name().into()),
             vm_id: "vm-42".into(),
             vm_path: "[ds1] web01/web01.vmx".into(),
             disks: plan
@@ -718,6 +767,7 @@ fn a_resume_that_names_another_migration_or_bad_bitmaps_fails() {
     let accepted = CloudMessage::PlanAccepted {
         migration_id: "migration-1".into(),
         datastore: "ds1".into(),
+        dedup: false,
     };
     assert!(s.handle_control(accepted, now).is_err());
 }
@@ -742,7 +792,7 @@ fn acknowledgements_wait_for_the_sync_and_a_paused_migration_keeps_its_files() {
     .unwrap();
     r.authenticated(Ok("MigrationOperator".into()), "cloud");
     r.handle_control(EdgeMessage::Plan(plan), pair.now).unwrap();
-    r.plan_accepted("migration-1".into(), "ds1".into());
+    r.plan_accepted("migration-1".into(), "ds1".into(), false);
     while r.poll_transmit().is_some() {}
     while r.poll_event().is_some() {}
     let mut sealer = Sealer::new(1).unwrap();
@@ -756,7 +806,7 @@ fn acknowledgements_wait_for_the_sync_and_a_paused_migration_keeps_its_files() {
     assert_eq!(r.admit_chunk(&h), Ok(Admission::Duplicate));
     assert_eq!(r.poll_transmit(), None);
     let batch = r.take_unsynced();
-    assert_eq!(batch.chunks, vec![(0, 0, h.sha256)]);
+    assert_eq!(batch.chunks, vec![(0, 0, h.hash)]);
     r.synced(&batch);
     assert_eq!(
         r.poll_transmit(),
@@ -801,7 +851,7 @@ fn the_commit_carries_a_signed_receipt_of_both_sides_roots() {
     let expected: Vec<String> = sources
         .iter()
         .map(|src| {
-            let hashes: Vec<[u8; 32]> = src.chunks(CS as usize).map(crate::chunk::sha256).collect();
+            let hashes: Vec<[u8; 32]> = src.chunks(CS as usize).map(crate::chunk::chunk_hash).collect();
             crate::integrity::hex(&crate::merkle::root(&hashes))
         })
         .collect();
@@ -885,7 +935,7 @@ fn staging_damaged_before_the_commit_is_found_and_repaired_from_the_edge() {
     let expected: Vec<String> = sources
         .iter()
         .map(|src| {
-            let hashes: Vec<[u8; 32]> = src.chunks(CS as usize).map(crate::chunk::sha256).collect();
+            let hashes: Vec<[u8; 32]> = src.chunks(CS as usize).map(crate::chunk::chunk_hash).collect();
             crate::integrity::hex(&crate::merkle::root(&hashes))
         })
         .collect();
@@ -1072,7 +1122,7 @@ fn streaming_receiver(capacity: u64) -> ReceiverSession {
     let mut r = welcomed_receiver(now);
     let img = vec![0u8; capacity as usize];
     r.handle_control(EdgeMessage::Plan(plan(&[&img])), now).unwrap();
-    r.plan_accepted("m".into(), "ds".into());
+    r.plan_accepted("m".into(), "ds".into(), false);
     while r.poll_transmit().is_some() {}
     while r.poll_event().is_some() {}
     r
@@ -1084,7 +1134,7 @@ fn header(disk: u16, offset: u64, plain_len: u32) -> ChunkHeader {
         offset,
         plain_len,
         encoding: crate::wire::Encoding::Raw,
-        sha256: [1; 32],
+        hash: [1; 32],
         payload_len: plain_len,
     }
 }
@@ -1121,7 +1171,7 @@ fn a_chunk_rewritten_with_other_content_is_refused() {
     // An exact replay is acknowledged, not rewritten.
     assert_eq!(r.admit_chunk(&header(0, 0, CS)).unwrap(), Admission::Duplicate);
     let mut other = header(0, 0, CS);
-    other.sha256 = [2; 32];
+    other.hash = [2; 32];
     assert!(r.admit_chunk(&other).is_err());
 }
 
@@ -1271,7 +1321,7 @@ fn a_zstd_bomb_is_bounded_by_the_declared_length() {
         offset: 0,
         plain_len: CS,
         encoding: crate::wire::Encoding::Zstd,
-        sha256: [0; 32],
+        hash: [0; 32],
         payload_len: bomb.len() as u32,
     };
     let mut plain = Vec::new();
@@ -1447,7 +1497,8 @@ fn an_abort_request_is_taken_only_in_place_of_a_plan() {
         .handle_control(
             CloudMessage::PlanAccepted {
                 migration_id: "migration-1".into(),
-                datastore: "ds".into()
+                datastore: "ds".into(),
+                dedup: false,
             },
             now
         )
@@ -1532,7 +1583,7 @@ fn a_replaced_chunk_is_replaced_once_per_pass_and_only_in_a_delta_pass() {
     assert_eq!(r.admit_chunk(&header(0, 0, CS)).unwrap(), Admission::Write);
     r.chunk_written(0, 0);
     let mut other = header(0, 0, CS);
-    other.sha256 = [2; 32];
+    other.hash = [2; 32];
     // A cold lift never replaces what it wrote.
     assert!(r.admit_chunk(&other).is_err());
 
@@ -1556,7 +1607,7 @@ fn a_replaced_chunk_is_replaced_once_per_pass_and_only_in_a_delta_pass() {
     assert_eq!(r.admit_chunk(&other).unwrap(), Admission::Write);
     r.chunk_written(0, 0);
     let mut third = header(0, 0, CS);
-    third.sha256 = [3; 32];
+    third.hash = [3; 32];
     assert!(
         r.admit_chunk(&third).is_err(),
         "twice in one pass: the source is not read consistently"
@@ -1699,4 +1750,173 @@ fn a_rollback_request_is_taken_only_in_place_of_a_plan() {
     assert!(r
         .handle_control(EdgeMessage::Schedule { switchover_at: Some(1) }, now)
         .is_err());
+}
+
+/// The chunks of `img` (not zero) by hash: what a cloud holding `img` indexes.
+fn store_of(img: &[u8]) -> std::collections::HashMap<[u8; 32], Vec<u8>> {
+    img.chunks(CS as usize)
+        .filter(|c| !crate::chunk::is_zero(c))
+        .map(|c| (crate::chunk::chunk_hash(c), c.to_vec()))
+        .collect()
+}
+
+#[test]
+fn a_clone_of_a_held_template_sends_only_what_differs() {
+    let template = disk_image(81, 40);
+    let mut clone = template.clone();
+    // One small change in one chunk, and one chunk of new data.
+    clone[5 * CS as usize + 17] ^= 0xff;
+    clone[9 * CS as usize..10 * CS as usize].fill(0x42);
+    let mut pair = Pair::new(vec![clone.clone()], "secret");
+    pair.offer_dedup = true;
+    pair.cloud_store = store_of(&template);
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    assert_eq!(pair.dests, vec![clone.clone()], "the copy is identical");
+    // Chunks 5 and 9 changed: only they crossed as data.
+    assert_eq!(pair.data_frames, 2, "only the changed chunks are sent");
+    let non_zero = clone.chunks(CS as usize).filter(|c| !crate::chunk::is_zero(c)).count();
+    assert_eq!(pair.copies, non_zero - 2);
+    let copied_bytes: u64 = clone
+        .chunks(CS as usize)
+        .enumerate()
+        .filter(|(i, c)| !crate::chunk::is_zero(c) && *i != 5 && *i != 9)
+        .map(|(_, c)| c.len() as u64)
+        .sum();
+    assert_eq!(pair.sender.dedup_bytes(), copied_bytes);
+    assert_eq!(pair.receiver.dedup_bytes(), copied_bytes);
+    // Batched: one query for the disk's 31 non-zero chunks, not one per chunk.
+    assert_eq!(pair.lookups, vec![non_zero]);
+    // The receipt and roots are as strict as for any lift.
+    let roots = pair.sender.disk_roots().unwrap();
+    assert_eq!(pair.receiver.disk_roots().unwrap(), roots);
+    let hashes: Vec<[u8; 32]> = clone.chunks(CS as usize).map(crate::chunk::chunk_hash).collect();
+    assert_eq!(roots[0], crate::merkle::root(&hashes));
+    assert!(pair.edge_receipt.is_some());
+    assert_eq!(pair.sender.done_bytes(), clone.len() as u64);
+}
+
+#[test]
+fn a_held_chunk_that_changed_since_it_was_indexed_is_sent_not_copied() {
+    let template = disk_image(82, 12);
+    let mut pair = Pair::new(vec![template.clone()], "secret");
+    pair.offer_dedup = true;
+    pair.cloud_store = store_of(&template);
+    // The disk holding chunk 0 was written since it was indexed: its bytes no longer
+    // have the hash the index names.
+    let key = crate::chunk::chunk_hash(&template[..CS as usize]);
+    pair.cloud_store.get_mut(&key).unwrap()[3] ^= 1;
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    assert_eq!(pair.dests, vec![template]);
+    assert_eq!((pair.refused_copies, pair.data_frames), (1, 1));
+}
+
+#[test]
+fn a_query_of_more_than_the_limit_is_split_and_none_is_sent_without_an_offer() {
+    // More non-zero chunks than one query may carry: two queries, still no round trip
+    // per chunk.
+    let n = crate::wire::control::MAX_HASH_QUERY + 10;
+    let mut img = vec![0u8; n * CS as usize];
+    for (i, c) in img.chunks_mut(CS as usize).enumerate() {
+        c[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    }
+    let mut pair = Pair::new(vec![img.clone()], "secret");
+    pair.offer_dedup = true;
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    assert_eq!(pair.lookups, vec![crate::wire::control::MAX_HASH_QUERY, 10]);
+    assert_eq!((pair.copies, pair.data_frames), (0, n));
+    assert_eq!(pair.dests, vec![img.clone()]);
+    // Without the cloud's offer the edge never asks.
+    let mut plain = Pair::new(vec![img.clone()], "secret");
+    plain.cloud_store = store_of(&img);
+    plain.drive();
+    assert!(plain.sender.is_committed());
+    assert!(plain.lookups.is_empty());
+    assert_eq!((plain.copies, plain.data_frames), (0, n));
+}
+
+#[test]
+fn hash_queries_the_plan_does_not_allow_are_protocol_violations() {
+    let img = disk_image(83, 4);
+    let accept = |offer: bool| {
+        let mut pair = Pair::new(vec![img.clone()], "secret");
+        pair.offer_dedup = offer;
+        // Hello, plan, accepted; nothing read yet.
+        pair.reads_per_step = 0;
+        let mut r = ReceiverSession::new(ReceiverConfig::default(), pair.now);
+        r.handle_control(
+            EdgeMessage::Hello {
+                agent: "a".into(),
+                user: "u".into(),
+                password: "secret".into(),
+            },
+            pair.now,
+        )
+        .unwrap();
+        r.authenticated(Ok("MigrationOperator".into()), "cloud");
+        r.handle_control(EdgeMessage::Plan(pair.sender.plan().clone()), pair.now)
+            .unwrap();
+        r.plan_accepted("migration-1".into(), "ds1".into(), offer);
+        r
+    };
+    let q = |chunks: Vec<(u64, [u8; 32])>| EdgeMessage::HashQuery { disk: 0, chunks };
+    let now = Instant::now();
+    // Not offered.
+    assert!(accept(false).handle_control(q(vec![(0, [1; 32])]), now).is_err());
+    // Empty, too long, off a chunk boundary, past the disk, another disk.
+    assert!(accept(true).handle_control(q(vec![]), now).is_err());
+    let long = vec![(0, [1; 32]); crate::wire::control::MAX_HASH_QUERY + 1];
+    assert!(accept(true).handle_control(q(long), now).is_err());
+    assert!(accept(true).handle_control(q(vec![(7, [1; 32])]), now).is_err());
+    assert!(accept(true).handle_control(q(vec![(1 << 40, [1; 32])]), now).is_err());
+    let other_disk = EdgeMessage::HashQuery {
+        disk: 3,
+        chunks: vec![(0, [1; 32])],
+    };
+    assert!(accept(true).handle_control(other_disk, now).is_err());
+    // A chunk asked twice, in one query or in two: each chunk is asked once, so a
+    // migration's queries add up to at most its chunk count.
+    assert!(accept(true)
+        .handle_control(q(vec![(0, [1; 32]), (0, [1; 32])]), now)
+        .is_err());
+    let mut r = accept(true);
+    r.handle_control(q(vec![(0, [1; 32])]), now).unwrap();
+    let lookup = std::iter::from_fn(|| r.poll_event()).find(|e| matches!(e, ReceiverEvent::Lookup { .. }));
+    assert!(
+        matches!(&lookup, Some(ReceiverEvent::Lookup { disk: 0, chunks }) if *chunks == vec![(0, CS, [1; 32])]),
+        "{lookup:?}"
+    );
+    assert!(r.handle_control(q(vec![(0, [1; 32])]), now).is_err());
+    // The edge refuses an answer about a chunk it did not ask for.
+    let plan = plan(&[&img]);
+    let mut s = SenderSession::new(SenderConfig::new("e", "u", "p"), plan, now).unwrap();
+    s.handle_control(
+        CloudMessage::Welcome {
+            endpoint: "c".into(),
+            role: "MigrationOperator".into(),
+        },
+        now,
+    )
+    .unwrap();
+    s.handle_control(
+        CloudMessage::PlanAccepted {
+            migration_id: "migration-1".into(),
+            datastore: "ds1".into(),
+            dedup: true,
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!(s.work_for(0, 0), Work::Probe);
+    let answer = CloudMessage::HashAnswer {
+        disk: 0,
+        copied: vec![0],
+        send: vec![],
+    };
+    assert!(matches!(
+        s.handle_control(answer, now),
+        Err(ProtocolError::OutsidePlan(_))
+    ));
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! type u8 = 0xC1 | disk u16 | offset u64 | plain_len u32 | encoding u8
-//! | sha256 [32] | payload_len u32 | payload
+//! | hash [32] | payload_len u32 | payload
 //! ```
 //! All integers big-endian. The header has a fixed size, so a reader knows the
 //! payload length, and can refuse it, before reading or allocating the payload.
@@ -31,8 +31,9 @@ pub struct ChunkHeader {
     pub offset: u64,
     pub plain_len: u32,
     pub encoding: Encoding,
-    /// SHA-256 of the plaintext: what the receiver verifies before writing.
-    pub sha256: [u8; 32],
+    /// The chunk hash ([`crate::chunk::ChunkHash::CURRENT`]) of the plaintext: what the
+    /// receiver verifies before writing.
+    pub hash: [u8; 32],
     pub payload_len: u32,
 }
 
@@ -44,7 +45,7 @@ impl ChunkHeader {
         out[3..11].copy_from_slice(&self.offset.to_be_bytes());
         out[11..15].copy_from_slice(&self.plain_len.to_be_bytes());
         out[15] = self.encoding as u8;
-        out[16..48].copy_from_slice(&self.sha256);
+        out[16..48].copy_from_slice(&self.hash);
         out[48..52].copy_from_slice(&self.payload_len.to_be_bytes());
         out
     }
@@ -68,7 +69,7 @@ impl ChunkHeader {
                 1 => Encoding::Zstd,
                 other => return bad(format!("unknown encoding {other}")),
             },
-            sha256: b[16..48].try_into().expect("32 bytes"),
+            hash: b[16..48].try_into().expect("32 bytes"),
             payload_len: be32(48),
         };
         if header.plain_len == 0 || header.plain_len > MAX_CHUNK_SIZE {
@@ -103,7 +104,7 @@ mod tests {
             offset: 7 << 20,
             plain_len: 1 << 20,
             encoding: Encoding::Zstd,
-            sha256: [0xAB; 32],
+            hash: [0xAB; 32],
             payload_len: 1234,
         }
     }

@@ -13,6 +13,11 @@ use crate::plan::{MigrationPlan, MigrationReport};
 
 /// Largest control frame: a plan with hundreds of disks and NICs fits easily.
 pub const MAX_CONTROL_FRAME: usize = 1024 * 1024;
+
+/// Most chunks one [`EdgeMessage::HashQuery`] may ask about: 1024 hashes are 41 KiB on
+/// the wire and 1 GiB of 1 MiB chunks, so a query is answered while the edge reads on,
+/// and the cloud's work for one message (index look-ups, reads, writes) stays bounded.
+pub const MAX_HASH_QUERY: usize = 1024;
 const LEN_PREFIX: usize = 4;
 
 /// Edge agent to cloud endpoint.
@@ -77,6 +82,12 @@ pub enum EdgeMessage {
     /// Sent during a replication pass, before `SyncDone`: set (`Some`, Unix seconds)
     /// or clear (`None`) the time of the scheduled switchover the cloud holds.
     Schedule { switchover_at: Option<i64> },
+    /// Deduplication (protocol version 8, only after a `PlanAccepted` with `dedup`):
+    /// chunks of `disk` (offset, plaintext hash) the edge read and hashed but has not
+    /// sent. The cloud copies those it holds on disks this user or edge may read,
+    /// verifies each copy against its hash, and answers `HashAnswer`; it never copies a
+    /// chunk across tenants. At most [`MAX_HASH_QUERY`] chunks, each asked once.
+    HashQuery { disk: u16, chunks: Vec<(u64, [u8; 32])> },
 }
 
 /// What `edge-agent switchover` asks of the cloud beyond a commit.
@@ -113,8 +124,14 @@ pub struct SwitchoverOutcome {
 pub enum CloudMessage {
     /// Credential accepted.
     Welcome { endpoint: String, role: String },
-    /// The plan passed every check; data may flow.
-    PlanAccepted { migration_id: String, datastore: String },
+    /// The plan passed every check; data may flow. `dedup`: the cloud holds disks this
+    /// user or edge may reuse chunks of, so the edge asks (`HashQuery`) before it sends
+    /// (protocol version 8).
+    PlanAccepted {
+        migration_id: String,
+        datastore: String,
+        dedup: bool,
+    },
     /// The request cannot go on. Every problem found is listed at once.
     Refused { code: RefusalCode, problems: Vec<String> },
     /// Chunks verified and written.
@@ -160,6 +177,14 @@ pub enum CloudMessage {
     /// Answer to `EndSwitchover`: done; `message` says what the cloud did and what the
     /// operator may do next.
     SwitchoverEnded { message: String },
+    /// Answer to one `HashQuery`, every chunk of it in one of two lists: `copied` chunks
+    /// were copied from a disk in the cloud and verified against their hash (they are
+    /// acknowledged like sent ones once durable); `send` chunks must be sent.
+    HashAnswer {
+        disk: u16,
+        copied: Vec<u64>,
+        send: Vec<u64>,
+    },
 }
 
 /// Whether chunk `index` is set in a [`CloudMessage::Resumed`] bitmap.

@@ -39,7 +39,11 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// scheduled switchover time the cloud holds.
 /// Version 7: the plan carries the SHA-256 of the source's .vmx or OVF descriptor
 /// (`MigrationPlan::source_descriptor_sha256`), which the receipt signs.
-pub const PROTOCOL_VERSION: u16 = 7;
+/// Version 8: the chunk hash is BLAKE3 ([`crate::chunk::ChunkHash`]): chunk frames,
+/// acknowledgements, Merkle trees and receipts (format 3) carry BLAKE3 hashes where
+/// version 7 carried SHA-256. A version-7 peer would fail every chunk's check, so it is
+/// refused at the preamble.
+pub const PROTOCOL_VERSION: u16 = 8;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.

@@ -122,6 +122,7 @@ pub fn finalize(
             // What binds the receipt to the source VM, beside its name and disks; a plan
             // without it was refused before it was staged.
             source_descriptor_sha256: plan.source_descriptor_sha256.map(|d| hex(&d)),
+            chunk_hash: Some(gateway::chunk::ChunkHash::CURRENT.name().to_owned()),
             vm_id: ctx.vm_id.to_owned(),
             vm_path: new_vm.vmx_path.clone(),
             disks: receipt_disks,

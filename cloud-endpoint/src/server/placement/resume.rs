@@ -212,7 +212,8 @@ pub fn resume(
             disks.push(at.reopen_disk(i, d.capacity, format)?);
         }
         let journal = staging.journal()?;
-        let durable = journal.read(plan)?;
+        let replay = journal.read(plan)?;
+        let durable = rehash_stale(plan, staging.dir(), &disks, &journal, replay)?;
         Ok::<_, DatastoreError>((staging, other_staging, disks, journal, durable))
     })();
     let (staging, other_staging, disks, journal, durable) = reopened.map_err(|e| {
@@ -238,6 +239,54 @@ pub fn resume(
         },
         durable,
     ))
+}
+
+/// Chunks an older endpoint journaled with SHA-256 (protocol version 7 and before) are
+/// read from the staged disk and hashed again with this build's chunk hash, then
+/// journaled so: a hash of another algorithm is never compared with the edge's, and
+/// the staged bytes are not sent again when they are right. What a stale chunk holds is
+/// checked as strictly as any: the edge compares the new hash with its own and re-sends
+/// a chunk that differs, and the read-back and Merkle roots before the commit stand.
+fn rehash_stale(
+    plan: &MigrationPlan,
+    dir: &std::path::Path,
+    disks: &[Arc<crate::datastore::DiskFile>],
+    journal: &crate::datastore::Journal,
+    replay: crate::datastore::Replay,
+) -> Result<Vec<gateway::integrity::DiskHashes>, DatastoreError> {
+    let mut tables = replay.tables;
+    if replay.stale.is_empty() {
+        return Ok(tables);
+    }
+    tracing::warn!(
+        chunks = replay.stale.len(),
+        hash = gateway::chunk::ChunkHash::CURRENT.name(),
+        "the journal holds SHA-256 chunk hashes of an older endpoint; re-hashing those chunks from the staged disks"
+    );
+    let cs = u64::from(plan.chunk_size);
+    let mut buf = vec![0u8; plan.chunk_size as usize];
+    let mut rehashed = gateway::protocol::Unsynced::default();
+    for (disk, index) in replay.stale {
+        let (Some(file), Some(spec)) = (disks.get(usize::from(disk)), plan.vm.disks.get(usize::from(disk))) else {
+            continue;
+        };
+        let offset = index * cs;
+        let len = (spec.capacity - offset).min(cs) as usize;
+        file.read_at(&mut buf[..len], offset).map_err(|e| DatastoreError::Io {
+            action: "re-hash a staged chunk of",
+            path: dir.to_owned(),
+            source: e,
+        })?;
+        let hash = gateway::chunk::chunk_hash(&buf[..len]);
+        tables[usize::from(disk)].set(index, hash);
+        rehashed.chunks.push((disk, offset, hash));
+    }
+    journal.append(&rehashed).map_err(|e| DatastoreError::Io {
+        action: "journal re-hashed chunks",
+        path: std::path::PathBuf::from(crate::datastore::JOURNAL_FILE),
+        source: e,
+    })?;
+    Ok(tables)
 }
 
 /// Keeps what a migration staged for a resume: its connection ended without a commit
