@@ -14,7 +14,11 @@ use edge_agent::source::open_disk;
 /// would bill the reader for other processes' turns.
 fn thread_cpu() -> Duration {
     let stat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("/proc/thread-self/schedstat (Linux)");
-    let ns = stat.split_whitespace().next().and_then(|f| f.parse().ok()).expect("schedstat's first field is ns");
+    let ns = stat
+        .split_whitespace()
+        .next()
+        .and_then(|f| f.parse().ok())
+        .expect("schedstat's first field is ns");
     Duration::from_nanos(ns)
 }
 
@@ -35,7 +39,10 @@ fn main() -> anyhow::Result<()> {
         }
         let (wall, cpu) = (wall.elapsed().as_secs_f64(), (thread_cpu() - cpu).as_secs_f64());
         let gib = disk.capacity() as f64 / f64::from(1u32 << 30);
-        println!("{path}: {wall:.2} s wall, {cpu:.2} CPU-s, {:.2} CPU-s per GiB", cpu / gib);
+        println!(
+            "{path}: {wall:.2} s wall, {cpu:.2} CPU-s, {:.2} CPU-s per GiB",
+            cpu / gib
+        );
     }
     Ok(())
 }
