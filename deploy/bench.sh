@@ -69,7 +69,8 @@ container_idle_rss=$(docker top "$cid" -o pid,rss,args | awk '/cloud-endpoint se
 now() { date +%s.%N; }
 host_lift() { # host_lift NAME
   local t0; t0=$(now)
-  EDGE_AGENT_PASSWORD='VMware1!Cloud' "$bin/edge-agent" migrate --vmx "$work/onprem/web01/web01.vmx" \
+  # --no-dedup: the same disk is lifted again and again; each lift must cross the link.
+  EDGE_AGENT_PASSWORD='VMware1!Cloud' "$bin/edge-agent" migrate --no-dedup --vmx "$work/onprem/web01/web01.vmx" \
     --url "quic://localhost:$port" --user migrator@cloud.local --ca-bundle "$work/pki/ca.pem" \
     --cert "$work/pki/edge.pem" --key "$work/pki/edge.key" --name "$1" \
     --receipt "$work/$1.receipt.json" --state-dir "$work/host-state" > "$work/$1.out" 2>&1

@@ -23,7 +23,9 @@
 #    is the delta of /proc/PID/stat utime+stime across each lift and its peak RSS is
 #    VmHWM, reset before each rep via /proc/PID/clear_refs (5) when the kernel allows
 #    (else the peak across all reps so far). Wire bytes: the summary's UDP payload bytes.
-# Both wire figures exclude IP/UDP/TCP headers. Note the lift fsyncs the disk before it
+# Every lift runs with --no-dedup: the reps lift the same disk, and the cloud would
+# otherwise copy it from the previous rep instead of receiving it (tests/dedup-bench.sh
+# measures that). Both wire figures exclude IP/UDP/TCP headers. Note the lift fsyncs the disk before it
 # registers the VM (inside its wall time); scp does not fsync.
 set -euo pipefail
 
@@ -200,7 +202,7 @@ for i in $(seq "$BENCH_REPS"); do
   { [ "$hwm_reset" = yes ] && echo 5 >/proc/"$ce_pid"/clear_refs; } 2>/dev/null || hwm_reset=no
   t0=$(ce_ticks); b0=$(busy_ticks)
   /usr/bin/time -f "$TIMEFMT" -o "$tmp/edge.$i.time" \
-    "$bin/edge-agent" migrate --vmx "$tmp/vm/bench.vmx" --url "quic://127.0.0.1:$quic_port" \
+    "$bin/edge-agent" migrate --no-dedup --vmx "$tmp/vm/bench.vmx" --url "quic://127.0.0.1:$quic_port" \
       --user migrator@cloud.local --password 'VMware1!Cloud' --ca-bundle "$tmp/pki/ca.pem" \
       --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" --name "bench-$i" --json \
       --receipt "$tmp/bench-$i.receipt.json" \
@@ -246,7 +248,7 @@ for fmt in streamOptimized.vmdk compressed.qcow2; do
     wait_quiet; sync; [ "$cache" = drop ] && echo 3 >/proc/sys/vm/drop_caches || cat "$src" >/dev/null
     name="bench-${fmt%%.*}-$i"
     /usr/bin/time -f "$TIMEFMT" -o "$tmp/fmt.time" \
-      "$bin/edge-agent" migrate --vmx "$tmp/vm/$fmt.vmx" --url "quic://127.0.0.1:$quic_port" \
+      "$bin/edge-agent" migrate --no-dedup --vmx "$tmp/vm/$fmt.vmx" --url "quic://127.0.0.1:$quic_port" \
         --user migrator@cloud.local --password 'VMware1!Cloud' --ca-bundle "$tmp/pki/ca.pem" \
         --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" --name "$name" --json \
         --receipt "$tmp/$name.receipt.json" \

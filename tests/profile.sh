@@ -79,9 +79,10 @@ sleep 0.5
 t0=$(ce_ticks)
 log "lifting $size bytes under perf ($freq Hz, DWARF stacks)"
 # `time` inside perf: it counts the edge's CPU alone (user + system), not perf's.
+# --no-dedup: a cloud that held this disk already would copy it instead of receiving it.
 perf record -q -F "$freq" --call-graph dwarf -o "$tmp/edge.data" -- \
   /usr/bin/time -f '%U %S' -o "$tmp/edge.time" \
-  "$bin/edge-agent" migrate --vmx "$tmp/vm/profile.vmx" --url "quic://127.0.0.1:$port" \
+  "$bin/edge-agent" migrate --no-dedup --vmx "$tmp/vm/profile.vmx" --url "quic://127.0.0.1:$port" \
     --user migrator@cloud.local --password 'VMware1!Cloud' --ca-bundle "$tmp/pki/ca.pem" \
     --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" --name profile-1 --json \
     >"$tmp/lift.json" 2>"$tmp/edge.log" || { tail -3 "$tmp/edge.log" >&2; die "the lift failed"; }

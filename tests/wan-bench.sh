@@ -239,7 +239,8 @@ lift() { # rate loss rtt
   lift_n=$((lift_n + 1))
   local name=wanbench-$lift_n rx0 t0 t1 rc=0 out=$tmp/lift.$lift_n.json
   rx0=$(cloud_rx); t0=$(now)
-  "$wan" exec onprem timeout "$BENCH_LIFT_TIMEOUT" "$bin/edge-agent" migrate --vmx "$tmp/vm/bench.vmx" \
+  # --no-dedup: the same disk is lifted again and again; each lift must cross the link.
+  "$wan" exec onprem timeout "$BENCH_LIFT_TIMEOUT" "$bin/edge-agent" migrate --no-dedup --vmx "$tmp/vm/bench.vmx" \
     --url quic://10.77.2.2:4433 --user migrator@cloud.local --password 'VMware1!Cloud' \
     --ca-bundle "$tmp/pki/ca.pem" --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" \
     --name "$name" --link-rate "${lift_rate:-$1}" --link-rtt "$((2 * BENCH_DELAY_MS))ms" --receipt "$tmp/$name.receipt.json" \
