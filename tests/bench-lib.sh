@@ -28,3 +28,20 @@ ethernet0.generatedAddress = "$mac"
 VMX
   fi
 }
+
+# sample_disk SIZE: prints the path of the realistic sample disk of SIZE (tests/sample-disk.sh:
+# real files in ext4, the rest zeros), made once and cached in $BENCH_DIR; 1G is the one
+# every benchmark shares. Under 1G the smaller file set is used, so that it fits.
+sample_disk() {
+  local size=$1 img mode=full
+  mkdir -p "$BENCH_DIR"
+  if [ "$size" = 1G ]; then img=$BENCH_DIR/sample-disk.img; else img=$BENCH_DIR/sample-disk-$size.img; fi
+  if [ ! -s "$img" ]; then
+    [ "$(numfmt --from=iec "$size")" -lt $((1 << 30)) ] && mode=small
+    log "making $img ($size, $mode file set; takes a minute or two)"
+    # Built under a temporary name, so an interrupted run never leaves a half image cached.
+    bash "$root/tests/sample-disk.sh" "$img.part" "$size" "$mode" >&2
+    mv "$img.part" "$img"
+  fi
+  echo "$img"
+}

@@ -58,16 +58,7 @@ log "cargo build --release --workspace"
 (cd "$root" && cargo build --release --workspace --quiet)
 bin=$root/target/release
 
-mkdir -p "$BENCH_DIR"
-if [ "$BENCH_SIZE" = 1G ]; then img=$BENCH_DIR/sample-disk.img; else img=$BENCH_DIR/sample-disk-$BENCH_SIZE.img; fi
-if [ ! -s "$img" ]; then
-  # Under 1G the full file set (~520 MiB) may not fit: use the script's small set.
-  mode=full; [ "$(numfmt --from=iec "$BENCH_SIZE")" -lt $((1 << 30)) ] && mode=small
-  log "making $img ($BENCH_SIZE, $mode file set; takes about a minute)"
-  # Build under a temporary name so an interrupted run never leaves a half image cached.
-  bash "$root/tests/sample-disk.sh" "$img.part" "$BENCH_SIZE" "$mode"
-  mv "$img.part" "$img"
-fi
+img=$(sample_disk "$BENCH_SIZE")
 size=$(stat -c %s "$img")
 
 # --- temp dir, cleanup ----------------------------------------------------------------

@@ -19,6 +19,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+. "$root/tests/bench-lib.sh"
 BENCH_DIR=${BENCH_DIR:-/tmp/gateway-bench}
 BENCH_SIZE=${BENCH_SIZE:-256M}
 BENCH_CLONES=${BENCH_CLONES:-10}
@@ -41,14 +42,7 @@ log "cargo build --release --workspace"
 (cd "$root" && cargo build --release --workspace --quiet)
 bin=$root/target/release
 
-mkdir -p "$BENCH_DIR"
-if [ "$BENCH_SIZE" = 1G ]; then img=$BENCH_DIR/sample-disk.img; else img=$BENCH_DIR/sample-disk-$BENCH_SIZE.img; fi
-if [ ! -s "$img" ]; then
-  mode=full; [ "$(numfmt --from=iec "$BENCH_SIZE")" -lt $((1 << 30)) ] && mode=small
-  log "making $img ($BENCH_SIZE, $mode file set)"
-  bash "$root/tests/sample-disk.sh" "$img.part" "$BENCH_SIZE" "$mode"
-  mv "$img.part" "$img"
-fi
+img=$(sample_disk "$BENCH_SIZE")
 
 tmp=$(mktemp -d "$BENCH_DIR/dedup.XXXXXX")
 ce_pid=''
@@ -70,19 +64,7 @@ secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
 vm() { # name, disk file: a VM folder with a .vmx naming the disk
   mkdir -p "$tmp/$1"
-  cat >"$tmp/$1/$1.vmx" <<EOF
-.encoding = "UTF-8"
-config.version = "8"
-virtualHW.version = "14"
-displayName = "$1"
-guestOS = "debian12-64"
-numvcpus = "2"
-memsize = "2048"
-scsi0.present = "TRUE"
-scsi0.virtualDev = "pvscsi"
-scsi0:0.present = "TRUE"
-scsi0:0.fileName = "$2"
-EOF
+  write_vmx "$tmp/$1/$1.vmx" "$1" "$2"
 }
 vm tpl tpl.img
 cp --reflink=auto --sparse=always "$img" "$tmp/tpl/tpl.img"

@@ -36,12 +36,7 @@ perf record -q -o /dev/null -- true 2>/dev/null \
 log "cargo build --release --workspace"
 (cd "$root" && cargo build --release --workspace --quiet)
 bin=$root/target/release
-img=$BENCH_DIR/sample-disk.img
-mkdir -p "$BENCH_DIR"
-if [ ! -s "$img" ]; then
-  log "making $img (1 GiB realistic disk; takes a minute or two)"
-  bash "$root/tests/sample-disk.sh" "$img.part" 1G full && mv "$img.part" "$img"
-fi
+img=$(sample_disk 1G)
 size=$(stat -c %s "$img")
 
 tmp=$(mktemp -d "$BENCH_DIR/profile.XXXXXX")

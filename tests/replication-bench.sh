@@ -60,14 +60,7 @@ log "cargo build --release --workspace"
 (cd "$root" && cargo build --release --workspace --quiet)
 bin=$root/target/release
 
-mkdir -p "$BENCH_DIR"
-if [ "$BENCH_SIZE" = 1G ]; then img=$BENCH_DIR/sample-disk.img; else img=$BENCH_DIR/sample-disk-$BENCH_SIZE.img; fi
-if [ ! -s "$img" ]; then
-  mode=full; [ "$(numfmt --from=iec "$BENCH_SIZE")" -lt $((1 << 30)) ] && mode=small
-  log "making $img ($BENCH_SIZE, $mode file set)"
-  bash "$root/tests/sample-disk.sh" "$img.part" "$BENCH_SIZE" "$mode"
-  mv "$img.part" "$img"
-fi
+img=$(sample_disk "$BENCH_SIZE")
 size=$(stat -c %s "$img")
 
 tmp=$(mktemp -d "$BENCH_DIR/replication.XXXXXX")
