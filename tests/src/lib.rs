@@ -19,6 +19,7 @@ use rand::{Rng, SeedableRng};
 pub mod browser;
 pub mod guest;
 pub mod process;
+pub mod python;
 pub mod relay;
 pub mod wan;
 

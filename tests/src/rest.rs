@@ -17,21 +17,33 @@ pub struct Rest {
     base: String,
 }
 
+/// TLS settings of a client that trusts the test CA (rustls with ring, as the endpoint).
+pub fn tls_config(pki: &Pki) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.cert_der()).expect("the test CA");
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// An HTTPS client builder trusting the test CA, for tests that add to it (a source
+/// address, a timeout) before building.
+pub fn client_builder(pki: &Pki) -> reqwest::ClientBuilder {
+    Client::builder().tls_backend_preconfigured(tls_config(pki))
+}
+
+/// An HTTPS client trusting the test CA.
+pub fn https_client(pki: &Pki) -> Client {
+    client_builder(pki).build().expect("an HTTP client")
+}
+
 impl Rest {
     /// A client of `cloud`'s API (started with one), trusting the test CA.
     pub fn new(cloud: &Cloud, pki: &Pki) -> Rest {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca.cert_der()).expect("the test CA");
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         Rest {
-            http: Client::builder()
-                .tls_backend_preconfigured(tls)
-                .build()
-                .expect("an HTTP client"),
+            http: https_client(pki),
             base: format!("https://{}", cloud.api_addr.expect("the cloud runs its API")),
         }
     }

@@ -24,21 +24,9 @@ fn loopback(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
 }
 
-fn roots(pki: &Pki) -> rustls::RootCertStore {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.cert_der()).unwrap();
-    roots
-}
-
 /// An HTTPS client trusting the test CA, connecting from `source`.
 fn client(pki: &Pki, source: IpAddr) -> Client {
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots(pki))
-        .with_no_client_auth();
-    Client::builder()
-        .tls_backend_preconfigured(tls)
+    e2e::rest::client_builder(pki)
         .local_address(source)
         .timeout(Duration::from_secs(30))
         .build()
@@ -47,11 +35,7 @@ fn client(pki: &Pki, source: IpAddr) -> Client {
 
 /// The same, speaking HTTP/2 only: its requests share one connection.
 fn h2_client(pki: &Pki, source: IpAddr) -> Client {
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots(pki))
-        .with_no_client_auth();
+    let mut tls = e2e::rest::tls_config(pki);
     tls.alpn_protocols = vec![b"h2".to_vec()];
     Client::builder()
         .tls_backend_preconfigured(tls)
@@ -127,11 +111,7 @@ async fn one_address_cannot_hold_the_api_and_silent_clients_are_closed() {
     // 127.0.0.2: 40 HTTP/2 clients that finish TLS, send the connection preface and
     // SETTINGS, then say nothing more.
     let tls = {
-        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots(&pki))
-            .with_no_client_auth();
+        let mut c = e2e::rest::tls_config(&pki);
         c.alpn_protocols = vec![b"h2".to_vec()];
         tokio_rustls::TlsConnector::from(Arc::new(c))
     };

@@ -256,8 +256,12 @@ async fn the_dashboard_shows_a_lift_moving_its_receipt_and_hides_abort_from_read
             "document.querySelector('#migrations tr[data-id={id:?}] .pct').textContent"
         ));
         assert_eq!(pct, "100.0 %");
-        let vm = browser.eval("document.querySelectorAll('#vms tbody tr').length");
-        assert!(vm.as_u64().unwrap_or(0) >= 1, "the lifted VM is listed: {vm}");
+        // The inventory table refreshes on its own timer, after the migration's row.
+        browser.wait_for(
+            "the lifted VM listed in the inventory",
+            "document.querySelectorAll('#vms tbody tr').length >= 1",
+            Duration::from_secs(10),
+        );
         browser.screenshot(&shots.join("3-receipt.png"));
     });
     drop(browser);
@@ -267,16 +271,5 @@ async fn the_dashboard_shows_a_lift_moving_its_receipt_and_hides_abort_from_read
 
 /// An HTTPS client trusting the test CA, for the page's headers.
 fn reqwest_client(pki: &Pki) -> reqwest::Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.cert_der()).unwrap();
-    let tls =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .build()
-        .unwrap()
+    e2e::rest::https_client(pki)
 }

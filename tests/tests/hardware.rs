@@ -12,7 +12,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::*;
@@ -88,17 +87,7 @@ struct Api {
 
 impl Api {
     async fn login(cloud: &Cloud, pki: &Pki) -> Api {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca.cert_der()).unwrap();
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .build()
-            .unwrap();
+        let http = e2e::rest::https_client(pki);
         let base = format!("https://{}", cloud.api_addr.expect("API on"));
         let login = http
             .post(format!("{base}/api/session"))

@@ -50,18 +50,7 @@ fn endpoint(bin: &Path, dir: &Path, pki: &Pki, env: &[(&str, &str)]) -> Endpoint
 
 /// An HTTPS client trusting the test CA, connecting from `source`.
 fn client(pki: &Pki, source: IpAddr) -> Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.cert_der()).unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Client::builder()
-        .tls_backend_preconfigured(tls)
-        .local_address(source)
-        .build()
-        .unwrap()
+    e2e::rest::client_builder(pki).local_address(source).build().unwrap()
 }
 
 /// `POST /api/session`: the status, the token or the error message, and how long it took.

@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::Arc;
 
 use e2e::*;
 use reqwest::{Method, StatusCode};
@@ -64,17 +63,7 @@ fn text(out: &Output) -> String {
 }
 
 fn https(pki: &Pki) -> reqwest::Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.cert_der()).unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .build()
-        .unwrap()
+    e2e::rest::https_client(pki)
 }
 
 /// GET `path` with a fresh session: the JSON body of a 200.

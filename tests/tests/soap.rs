@@ -9,8 +9,7 @@
 //! Needs pyvmomi from PyPI and `qemu-system-x86_64` (tests/setup.sh installs both);
 //! without them the test fails and says so.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use e2e::rest::Rest;
 use e2e::*;
@@ -19,20 +18,6 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 const MIB: usize = 1 << 20;
-
-fn sdk_python(dir: &Path) -> PathBuf {
-    let out = Command::new("bash")
-        .arg(dir.join("venv.sh"))
-        .output()
-        .expect("bash runs tests/vapi/venv.sh");
-    assert!(
-        out.status.success(),
-        "tests/vapi/venv.sh could not make the virtualenv with pyvmomi; this test needs PyPI (run tests/setup.sh on a machine that reaches PyPI):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(stdout.lines().last().expect("venv.sh prints the python").trim())
-}
 
 /// One raw SOAP call: the HTTP status and the body.
 async fn soap(rest: &Rest, body: &str, cookie: Option<&str>) -> (StatusCode, String) {
@@ -57,11 +42,7 @@ fn envelope(inner: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pyvmomi_reads_and_powers_the_cloud_domain() {
     require_qemu();
-    let vapi_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("vapi");
-    let python = {
-        let dir = vapi_dir.clone();
-        tokio::task::spawn_blocking(move || sdk_python(&dir)).await.unwrap()
-    };
+    let python = e2e::python::venv_python().await;
 
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(&tmp.path().join("pki"));
@@ -201,25 +182,13 @@ async fn pyvmomi_reads_and_powers_the_cloud_domain() {
     });
     let expected_path = tmp.path().join("expected.json");
     std::fs::write(&expected_path, serde_json::to_vec_pretty(&expected).unwrap()).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("soap/pyvmomi_check.py");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(&python)
-            .arg(&script)
-            .arg(&expected_path)
-            .output()
-            .expect("the virtualenv's python runs")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "tests/soap/pyvmomi_check.py failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-    assert!(stdout.contains("all pyvmomi checks passed"), "{stdout}\n{stderr}");
-    println!("{stdout}");
+    e2e::python::run_check(
+        &python,
+        "soap/pyvmomi_check.py",
+        &expected_path,
+        "all pyvmomi checks passed",
+    )
+    .await;
 
     // pyvmomi's logouts ended its SOAP sessions only: the REST session still answers.
     let (status, _) = rest.call(Method::GET, "/api/session", &token).await;
@@ -249,20 +218,7 @@ async fn the_access_log_names_soap_methods_without_secrets() {
         ("CLOUD_ENDPOINT_DATABASE", path(&tmp.path().join("inventory.sqlite3"))),
     ];
     let endpoint = e2e::process::EndpointProcess::serve(&bin, tmp.path(), None, &vars);
-    let http = {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(pki.ca.cert_der()).unwrap();
-        let tls =
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-        reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .build()
-            .unwrap()
-    };
+    let http = e2e::rest::https_client(&pki);
     let url = format!("https://{}/sdk", endpoint.api);
     let post = |body: String, cookie: Option<String>| {
         let mut r = http.post(&url).body(body);

@@ -7,10 +7,6 @@
 //! The SDK comes from PyPI (tests/setup.sh makes the virtualenv): without network (or
 //! python3-venv) the test fails and says so.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
-
 use e2e::*;
 use edge_agent::migrate::MigrateOptions;
 use reqwest::{Client, StatusCode};
@@ -20,14 +16,7 @@ const SESSION: &str = "vmware-api-session-id";
 const MIB: usize = 1 << 20;
 
 fn client(pki: &Pki) -> Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca.cert_der()).unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Client::builder().tls_backend_preconfigured(tls).build().unwrap()
+    e2e::rest::https_client(pki)
 }
 
 async fn rest_get(http: &Client, base: &str, path: &str, token: &str) -> (StatusCode, Value) {
@@ -55,27 +44,9 @@ async fn vapi(http: &Client, base: &str, body: Value) -> (StatusCode, Value) {
 }
 
 /// The python of the SDK's virtualenv, made (or found) by tests/vapi/venv.sh.
-fn sdk_python(dir: &Path) -> PathBuf {
-    let out = Command::new("bash")
-        .arg(dir.join("venv.sh"))
-        .output()
-        .expect("bash runs tests/vapi/venv.sh");
-    assert!(
-        out.status.success(),
-        "tests/vapi/venv.sh could not make the SDK's virtualenv; this test needs the vSphere SDK from PyPI (run tests/setup.sh on a machine that reaches PyPI):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(stdout.lines().last().expect("venv.sh prints the python").trim())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_reads_the_cloud_domain() {
-    let vapi_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("vapi");
-    let python = {
-        let dir = vapi_dir.clone();
-        tokio::task::spawn_blocking(move || sdk_python(&dir)).await.unwrap()
-    };
+    let python = e2e::python::venv_python().await;
 
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(&tmp.path().join("pki"));
@@ -236,25 +207,7 @@ async fn the_python_sdk_reads_the_cloud_domain() {
     });
     let expected_path = tmp.path().join("expected.json");
     std::fs::write(&expected_path, serde_json::to_vec_pretty(&expected).unwrap()).unwrap();
-    let script = vapi_dir.join("sdk_check.py");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(&python)
-            .arg(&script)
-            .arg(&expected_path)
-            .output()
-            .expect("the SDK's python runs")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "tests/vapi/sdk_check.py failed ({}):\n{stdout}\n{stderr}",
-        out.status
-    );
-    assert!(stdout.contains("all SDK checks passed"), "{stdout}\n{stderr}");
-    println!("{stdout}");
+    e2e::python::run_check(&python, "vapi/sdk_check.py", &expected_path, "all SDK checks passed").await;
 
     // The SDK's logout ended its session only; the REST session still answers.
     rest_ok(&http, &base, "/api/session", &token).await;
