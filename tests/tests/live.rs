@@ -229,19 +229,51 @@ async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
     let mut target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
     target.addr = relay.addr;
     let cut_at: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let progress = {
+    let cut = {
         let (relay, cut_at) = (relay.clone(), cut_at.clone());
-        move |p: LiveProgress| {
-            println!("{}", live::describe(&p));
-            if matches!(p, LiveProgress::Memory { .. }) {
-                let mut at = cut_at.lock().unwrap();
-                if at.is_none() {
-                    relay.cut();
-                    *at = Some(Instant::now());
-                }
+        move || {
+            let mut at = cut_at.lock().unwrap();
+            if at.is_none() {
+                relay.cut();
+                *at = Some(Instant::now());
             }
         }
     };
+    // The cut comes at the first memory progress report, or once 4,000 more datagrams
+    // crossed after the mirror was ready (the memory migration starts then), whichever is
+    // first: progress is polled once a second, and an idle machine can finish pre-copy
+    // within that second.
+    let memory_started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = {
+        let (cut, memory_started) = (cut.clone(), memory_started.clone());
+        move |p: LiveProgress| {
+            println!("{}", live::describe(&p));
+            match p {
+                LiveProgress::Memory { .. } => cut(),
+                LiveProgress::Storage { ready: true, .. } => {
+                    memory_started.store(true, std::sync::atomic::Ordering::SeqCst)
+                }
+                _ => {}
+            }
+        }
+    };
+    let watcher = tokio::spawn({
+        let relay = relay.clone();
+        async move {
+            let mut from = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                if !memory_started.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let now = relay.forwarded();
+                if now >= *from.get_or_insert(now) + 4_000 {
+                    cut();
+                    return;
+                }
+            }
+        }
+    });
     let link = PathEstimate {
         rate_bps: 1_000_000_000,
         rtt: Duration::from_millis(1),
@@ -251,6 +283,7 @@ async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
     let err = live::run(&source.vm, &target, &o, &progress)
         .await
         .expect_err("a cut link fails the migration");
+    watcher.abort();
     println!("error: {err}");
     assert!(cut_at.lock().unwrap().is_some(), "the link was cut during pre-copy");
 
