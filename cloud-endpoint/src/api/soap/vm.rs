@@ -82,49 +82,48 @@ pub fn devices(vm: &VmRecord, info: &VmInfo) -> Vec<Value> {
                 .collect(),
         )
     };
+    // The fields every disk controller has: its key, label, place on the PCI bus (unit
+    // numbers from `first_unit`), bus number and the keys of the disks on it.
+    let controller = |k, label: &str, first_unit: i64, bus: u32, devices: Value| {
+        vec![
+            ("key", Value::Int(key(k))),
+            ("deviceInfo", description(label, label)),
+            ("controllerKey", Value::Int(100)),
+            ("unitNumber", Value::Int(first_unit + i64::from(bus))),
+            ("busNumber", Value::Int(i64::from(bus))),
+            ("device", devices),
+        ]
+    };
     for (k, a) in &info.scsi_adapters {
         let bus = a.scsi.bus;
-        out.push(Value::Data(
-            scsi_class(a.kind),
-            vec![
-                ("key", Value::Int(key(k))),
-                ("deviceInfo", description(&a.label, &a.label)),
-                ("controllerKey", Value::Int(100)),
-                ("unitNumber", Value::Int(3 + i64::from(bus))),
-                ("busNumber", Value::Int(i64::from(bus))),
-                ("device", disk_keys(&|d| d.scsi.is_some_and(|s| s.bus == bus))),
-                ("hotAddRemove", Value::Bool(true)),
-                ("sharedBus", Value::Enum("VirtualSCSISharing", "noSharing".into())),
-                ("scsiCtlrUnitNumber", Value::Int(7)),
-            ],
-        ));
+        let mut fields = controller(
+            k,
+            &a.label,
+            3,
+            bus,
+            disk_keys(&|d| d.scsi.is_some_and(|s| s.bus == bus)),
+        );
+        fields.extend([
+            ("hotAddRemove", Value::Bool(true)),
+            ("sharedBus", Value::Enum("VirtualSCSISharing", "noSharing".into())),
+            ("scsiCtlrUnitNumber", Value::Int(7)),
+        ]);
+        out.push(Value::Data(scsi_class(a.kind), fields));
     }
     for (k, a) in &info.sata_adapters {
         let bus = a.bus;
+        let devices = disk_keys(&|d| d.sata.is_some_and(|s| s.bus == bus));
         out.push(Value::Data(
             "VirtualAHCIController",
-            vec![
-                ("key", Value::Int(key(k))),
-                ("deviceInfo", description(&a.label, &a.label)),
-                ("controllerKey", Value::Int(100)),
-                ("unitNumber", Value::Int(24 + i64::from(bus))),
-                ("busNumber", Value::Int(i64::from(bus))),
-                ("device", disk_keys(&|d| d.sata.is_some_and(|s| s.bus == bus))),
-            ],
+            controller(k, &a.label, 24, bus, devices),
         ));
     }
     for (k, a) in &info.nvme_adapters {
         let bus = a.bus;
+        let devices = disk_keys(&|d| d.nvme.is_some_and(|s| s.bus == bus));
         out.push(Value::Data(
             "VirtualNVMEController",
-            vec![
-                ("key", Value::Int(key(k))),
-                ("deviceInfo", description(&a.label, &a.label)),
-                ("controllerKey", Value::Int(100)),
-                ("unitNumber", Value::Int(30 + i64::from(bus))),
-                ("busNumber", Value::Int(i64::from(bus))),
-                ("device", disk_keys(&|d| d.nvme.is_some_and(|s| s.bus == bus))),
-            ],
+            controller(k, &a.label, 30, bus, devices),
         ));
     }
     let has_ide = info.disks.values().any(|d| d.ide.is_some());
