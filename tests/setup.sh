@@ -14,6 +14,7 @@
 #   openssl                openssl               thumbprints checked against openssl (certs)
 #   promtool               prometheus            metrics exposition checked (metrics.rs)
 #   chromium               chromium              the dashboard in a headless browser (dashboard.rs)
+#   postgres, initdb       postgresql            the inventory on PostgreSQL (inventory::store)
 #   cargo-nextest          crates.io             the test runner
 #   user gateway-qemu      useradd               QEMU's own user when the endpoint is root
 #   debootstrap            debootstrap           the containers' Debian base (deploy/base.sh)
@@ -54,6 +55,7 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v chromium >/dev/null || need+=(chromium)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 [ -e /usr/share/OVMF/OVMF_CODE.fd ] || [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
 if [ ${#need[@]} -gt 0 ]; then
   apt_install "${need[@]}"

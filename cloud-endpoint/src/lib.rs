@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod datastore;
 pub mod health;

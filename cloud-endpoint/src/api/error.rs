@@ -260,7 +260,7 @@ mod tests {
     fn database_errors_do_not_leak_paths() {
         let e = ApiError::from(InventoryError::Db {
             path: "/secret/inventory.sqlite3".into(),
-            source: rusqlite::Error::InvalidQuery,
+            source: rusqlite::Error::InvalidQuery.into(),
         });
         assert_eq!(e.kind, ErrorKind::Error);
         assert!(!e.message.contains("secret"), "{}", e.message);

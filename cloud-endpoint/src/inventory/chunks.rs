@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use rusqlite::params;
+use crate::store_params;
 
 use super::{Inventory, InventoryError};
 
@@ -53,16 +53,15 @@ pub struct ChunkSource {
 impl Inventory {
     /// Records (or replaces) the index of one disk of `disk.migration`.
     pub fn index_disk(&self, disk: &IndexedDisk<'_>) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            let tx = conn.transaction()?;
+        self.write(|tx| {
             tx.execute(
                 "DELETE FROM chunk_source WHERE migration = ?1 AND disk = ?2",
-                params![disk.migration, disk.disk],
+                store_params![disk.migration, disk.disk],
             )?;
-            tx.execute(
+            let source: i64 = tx.query_row(
                 "INSERT INTO chunk_source (migration, vm, disk, data_path, format, capacity, user_name, edge_cert, hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
+                store_params![
                     disk.migration,
                     disk.vm,
                     disk.disk,
@@ -73,40 +72,36 @@ impl Inventory {
                     disk.edge_cert,
                     disk.hash
                 ],
+                |row| row.get(0),
             )?;
-            let source = tx.last_insert_rowid();
-            {
-                let mut insert =
-                    tx.prepare_cached("INSERT INTO chunk_index (hash, source, offset, len) VALUES (?1, ?2, ?3, ?4)")?;
-                for (offset, len, hash) in &disk.chunks {
-                    insert.execute(params![
-                        &hash[..],
-                        source,
-                        i64::try_from(*offset).unwrap_or(i64::MAX),
-                        len
-                    ])?;
-                }
+            for (offset, len, hash) in &disk.chunks {
+                tx.execute(
+                    "INSERT INTO chunk_index (hash, source, \"offset\", len) VALUES (?1, ?2, ?3, ?4)",
+                    store_params![&hash[..], source, i64::try_from(*offset).unwrap_or(i64::MAX), len],
+                )?;
             }
-            tx.commit()?;
             Ok(())
         })
     }
 
     /// Forgets the index of `migration`'s disks (discarded, or its files moved).
     pub fn drop_chunk_sources(&self, migration: &str) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            conn.execute("DELETE FROM chunk_source WHERE migration = ?1", [migration])?;
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM chunk_source WHERE migration = ?1",
+                store_params![migration],
+            )?;
             Ok(())
         })
     }
 
     /// Whether any disk of `scope` is indexed.
     pub fn has_reusable_chunks(&self, scope: ChunkScope<'_>) -> Result<bool, InventoryError> {
-        self.with_conn(|conn| {
-            Ok(conn.query_row(
+        self.read(|tx| {
+            Ok(tx.query_row(
                 "SELECT EXISTS (SELECT 1 FROM chunk_source
                   WHERE hash = ?3 AND migration != ?4 AND (user_name = ?1 OR edge_cert = ?2))",
-                params![scope.user, scope.edge_cert, scope.hash, scope.migration],
+                store_params![scope.user, scope.edge_cert, scope.hash, scope.migration],
                 |row| row.get(0),
             )?)
         })
@@ -121,16 +116,14 @@ impl Inventory {
         scope: ChunkScope<'_>,
         limit: u32,
     ) -> Result<Vec<ChunkSource>, InventoryError> {
-        self.with_conn(|conn| {
-            let mut q = conn.prepare_cached(
-                "SELECT s.data_path, s.format, s.capacity, i.offset FROM chunk_index i
+        self.read(|tx| {
+            let rows = tx.query_map(
+                "SELECT s.data_path, s.format, s.capacity, i.\"offset\" FROM chunk_index i
                    JOIN chunk_source s ON s.id = i.source
                   WHERE i.hash = ?1 AND i.len = ?2 AND s.hash = ?5 AND s.migration != ?6
                     AND (s.user_name = ?3 OR s.edge_cert = ?4)
                   ORDER BY s.id DESC LIMIT ?7",
-            )?;
-            let rows = q.query_map(
-                params![
+                store_params![
                     &chunk_hash[..],
                     len,
                     scope.user,
@@ -141,24 +134,24 @@ impl Inventory {
                 ],
                 |row| {
                     Ok(ChunkSource {
-                        data_path: PathBuf::from(row.get::<_, String>(0)?),
+                        data_path: PathBuf::from(row.get::<String>(0)?),
                         format: row.get(1)?,
-                        capacity: u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
-                        offset: u64::try_from(row.get::<_, i64>(3)?).unwrap_or(0),
+                        capacity: u64::try_from(row.get::<i64>(2)?).unwrap_or(0),
+                        offset: u64::try_from(row.get::<i64>(3)?).unwrap_or(0),
                     })
                 },
             )?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            Ok(rows)
         })
     }
 
     /// Adds bytes one connection of `migration` copied inside the cloud instead of
     /// receiving them (a replication adds each pass's).
     pub fn add_dedup_bytes(&self, migration: &str, bytes: u64) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            conn.execute(
+        self.write(|tx| {
+            tx.execute(
                 "UPDATE migration SET dedup_bytes = COALESCE(dedup_bytes, 0) + ?2 WHERE id = ?1",
-                params![migration, i64::try_from(bytes).unwrap_or(i64::MAX)],
+                store_params![migration, i64::try_from(bytes).unwrap_or(i64::MAX)],
             )?;
             Ok(())
         })

@@ -2,8 +2,9 @@
 //! by the transaction that registers the VM (see `vms.rs`), so a registered VM always has
 //! the rules it came with and its migration the report of what was created.
 
+use super::store::Tx;
+use crate::store_params;
 use gateway::plan::{FirewallGroup, FirewallRule, FirewallSpec, IpSet, NotCarried};
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::{Inventory, InventoryError};
@@ -37,7 +38,7 @@ fn parse<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, In
 /// Stores `spec` for VM `vm_id` (named `vm_name` in the cloud), inside the registering
 /// transaction: references to the VM (its source name or its cloud name) become `vm_id`,
 /// and references to other VMs of the domain their ids.
-pub(super) fn insert(tx: &Connection, vm_id: &str, vm_name: &str, spec: &FirewallSpec) -> Result<(), InventoryError> {
+pub(super) fn insert(tx: &mut dyn Tx, vm_id: &str, vm_name: &str, spec: &FirewallSpec) -> Result<(), InventoryError> {
     if spec.rules.is_empty() && spec.groups.is_empty() && spec.ip_sets.is_empty() {
         return Ok(());
     }
@@ -48,10 +49,9 @@ pub(super) fn insert(tx: &Connection, vm_id: &str, vm_name: &str, spec: &Firewal
         if own.iter().any(|o| o == name) {
             return Some(vm_id.to_owned());
         }
-        match tx
-            .query_row("SELECT id FROM vm WHERE name = ?1", [name], |r| r.get::<_, String>(0))
-            .optional()
-        {
+        match tx.query_row_opt("SELECT id FROM vm WHERE name = ?1", store_params![name], |r| {
+            r.get::<String>(0)
+        }) {
             Ok(id) => id,
             Err(e) => {
                 lookup_failed = Some(e);
@@ -66,7 +66,7 @@ pub(super) fn insert(tx: &Connection, vm_id: &str, vm_name: &str, spec: &Firewal
         tx.execute(
             "INSERT INTO firewall_rule (vm, position, rule_id, name, action, direction, disabled, rule)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
+            store_params![
                 vm_id,
                 position as i64,
                 rule.id,
@@ -81,13 +81,13 @@ pub(super) fn insert(tx: &Connection, vm_id: &str, vm_name: &str, spec: &Firewal
     for g in &spec.groups {
         tx.execute(
             "INSERT INTO firewall_group (vm, kind, name, members) VALUES (?1, 'GROUP', ?2, ?3)",
-            params![vm_id, g.name, json(&g.members)?],
+            store_params![vm_id, g.name, json(&g.members)?],
         )?;
     }
     for s in &spec.ip_sets {
         tx.execute(
             "INSERT INTO firewall_group (vm, kind, name, members) VALUES (?1, 'IP_SET', ?2, ?3)",
-            params![vm_id, s.name, json(&s.addresses)?],
+            store_params![vm_id, s.name, json(&s.addresses)?],
         )?;
     }
     Ok(())
@@ -96,27 +96,30 @@ pub(super) fn insert(tx: &Connection, vm_id: &str, vm_name: &str, spec: &Firewal
 impl Inventory {
     /// The firewall rules of a VM, in their original order; `None` if there is no such VM.
     pub fn vm_firewall(&self, vm_id: &str) -> Result<Option<VmFirewall>, InventoryError> {
-        self.with_conn(|conn| {
-            let exists: bool =
-                conn.query_row("SELECT EXISTS (SELECT 1 FROM vm WHERE id = ?1)", [vm_id], |r| r.get(0))?;
+        self.read(|tx| {
+            let exists: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM vm WHERE id = ?1)",
+                store_params![vm_id],
+                |r| r.get(0),
+            )?;
             if !exists {
                 return Ok(None);
             }
-            let rules: Vec<String> = conn
-                .prepare_cached("SELECT rule FROM firewall_rule WHERE vm = ?1 ORDER BY position")?
-                .query_map([vm_id], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            let groups: Vec<(String, String, String)> = conn
-                .prepare_cached("SELECT kind, name, members FROM firewall_group WHERE vm = ?1 ORDER BY kind, name")?
-                .query_map([vm_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?;
-            let report: Option<String> = conn
-                .query_row(
-                    "SELECT r.report FROM migration_report r JOIN migration m ON m.id = r.migration WHERE m.vm = ?1",
-                    [vm_id],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let rules: Vec<String> = tx.query_map(
+                "SELECT rule FROM firewall_rule WHERE vm = ?1 ORDER BY position",
+                store_params![vm_id],
+                |r| r.get(0),
+            )?;
+            let groups: Vec<(String, String, String)> = tx.query_map(
+                "SELECT kind, name, members FROM firewall_group WHERE vm = ?1 ORDER BY kind, name",
+                store_params![vm_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            let report: Option<String> = tx.query_row_opt(
+                "SELECT r.report FROM migration_report r JOIN migration m ON m.id = r.migration WHERE m.vm = ?1",
+                store_params![vm_id],
+                |r| r.get(0),
+            )?;
             let mut fw = VmFirewall {
                 vm: vm_id.to_owned(),
                 rules: rules
@@ -151,31 +154,29 @@ impl Inventory {
     /// The report of a migration (JSON, as stored at commit); `None` if it registered no
     /// VM (running or failed). NotFound if there is no such migration.
     pub fn migration_report(&self, migration_id: &str) -> Result<Option<String>, InventoryError> {
-        self.with_conn(|conn| {
-            super::migrations::state_of(conn, migration_id)?;
-            Ok(conn
-                .query_row(
-                    "SELECT report FROM migration_report WHERE migration = ?1",
-                    [migration_id],
-                    |row| row.get(0),
-                )
-                .optional()?)
+        self.read(|tx| {
+            super::migrations::state_of(tx, migration_id)?;
+            Ok(tx.query_row_opt(
+                "SELECT report FROM migration_report WHERE migration = ?1",
+                store_params![migration_id],
+                |row| row.get(0),
+            )?)
         })
     }
 
     /// The id of the VM named `name`, if there is one.
     pub fn vm_id_by_name(&self, name: &str) -> Result<Option<String>, InventoryError> {
-        self.with_conn(|conn| {
-            Ok(conn
-                .query_row("SELECT id FROM vm WHERE name = ?1", [name], |r| r.get(0))
-                .optional()?)
-        })
+        self.read(|tx| Ok(tx.query_row_opt("SELECT id FROM vm WHERE name = ?1", store_params![name], |r| r.get(0))?))
     }
 
     /// Whether a VM of this id exists.
     pub fn vm_exists(&self, vm_id: &str) -> Result<bool, InventoryError> {
-        self.with_conn(|conn| {
-            Ok(conn.query_row("SELECT EXISTS (SELECT 1 FROM vm WHERE id = ?1)", [vm_id], |r| r.get(0))?)
+        self.read(|tx| {
+            Ok(tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM vm WHERE id = ?1)",
+                store_params![vm_id],
+                |r| r.get(0),
+            )?)
         })
     }
 }

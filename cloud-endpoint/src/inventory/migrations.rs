@@ -1,7 +1,8 @@
 //! The migration records: a RUNNING migration holds its VM name until it SUCCEEDS (the VM
 //! is registered) or FAILS (the name is free again).
 
-use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use super::store::{Row, StoreError, Tx};
+use crate::store_params;
 
 use super::{next_number, now, Inventory, InventoryError, MigrationRecord, Principal};
 
@@ -42,7 +43,7 @@ const SELECT_MIGRATION: &str =
         dedup_bytes
     FROM migration";
 
-fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
+fn migration_from_row(row: &Row) -> Result<MigrationRecord, StoreError> {
     Ok(MigrationRecord {
         id: row.get(0)?,
         vm_name: row.get(1)?,
@@ -55,12 +56,12 @@ fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
         finished: row.get(8)?,
         logical_bytes: row.get(9)?,
         has_receipt: row.get(10)?,
-        dedup_bytes: row.get::<_, Option<u64>>(21)?.unwrap_or(0),
-        replica: match row.get::<_, Option<String>>(12)? {
+        dedup_bytes: row.get::<Option<u64>>(21)?.unwrap_or(0),
+        replica: match row.get::<Option<String>>(12)? {
             Some(last_sync) => Some(super::ReplicaRecord {
                 syncs: row.get(11)?,
                 last_sync,
-                last_delta_bytes: row.get::<_, Option<u64>>(13)?.unwrap_or(0),
+                last_delta_bytes: row.get::<Option<u64>>(13)?.unwrap_or(0),
                 state: None,
                 lag_seconds: None,
                 switchover_at: row.get(14)?,
@@ -79,21 +80,22 @@ fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
 }
 
 /// Whether a registered VM or a RUNNING migration holds `name`.
-pub(super) fn name_taken(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
+pub(super) fn name_taken(tx: &mut dyn Tx, name: &str) -> Result<bool, StoreError> {
+    tx.query_row(
         "SELECT EXISTS (SELECT 1 FROM vm WHERE name = ?1)
              OR EXISTS (SELECT 1 FROM migration WHERE vm_name = ?1 AND state = 'RUNNING')",
-        [name],
+        store_params![name],
         |row| row.get(0),
     )
 }
 
 /// The state of a migration, or NotFound.
-pub(super) fn state_of(conn: &Connection, id: &str) -> Result<(String, String), InventoryError> {
-    conn.query_row("SELECT state, vm_name FROM migration WHERE id = ?1", [id], |row| {
-        Ok((row.get(0)?, row.get(1)?))
-    })
-    .optional()?
+pub(super) fn state_of(tx: &mut dyn Tx, id: &str) -> Result<(String, String), InventoryError> {
+    tx.query_row_opt(
+        "SELECT state, vm_name FROM migration WHERE id = ?1",
+        store_params![id],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?
     .ok_or_else(|| InventoryError::NotFound {
         what: format!("migration {id}"),
     })
@@ -102,7 +104,7 @@ pub(super) fn state_of(conn: &Connection, id: &str) -> Result<(String, String), 
 impl Inventory {
     /// Whether a registered VM or a RUNNING migration holds the name.
     pub fn vm_name_taken(&self, name: &str) -> Result<bool, InventoryError> {
-        self.with_conn(|conn| Ok(name_taken(conn, name)?))
+        self.read(|tx| Ok(name_taken(tx, name)?))
     }
 
     /// Starts a migration record and reserves `vm_name` for it; fails with NameTaken if a
@@ -138,15 +140,14 @@ impl Inventory {
                 role: principal.role,
             });
         }
-        self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if name_taken(&tx, vm_name)? {
+        self.write(|tx| {
+            if name_taken(tx, vm_name)? {
                 return Err(InventoryError::NameTaken {
                     name: vm_name.to_owned(),
                 });
             }
             for (datastore, needed) in space {
-                let used = super::vms::space_on(&tx, datastore)?;
+                let used = super::vms::space_on(tx, datastore)?;
                 let free = free(datastore, used).map_err(|reason| InventoryError::FreeSpace {
                     datastore: datastore.clone(),
                     reason,
@@ -159,21 +160,20 @@ impl Inventory {
                     });
                 }
             }
-            let num = next_number(&tx, "migration")?;
+            let num = next_number(tx, "migration")?;
             let id = format!("migration-{num}");
             tx.execute(
                 "INSERT INTO migration (num, id, vm_name, user_name, edge, state, started, logical_bytes)
                  VALUES (?1, ?2, ?3, ?4, ?5, 'RUNNING', ?6, ?7)",
-                params![num, id, vm_name, principal.user, edge, now(), logical_bytes],
+                store_params![num, id, vm_name, principal.user, edge, now(), logical_bytes],
             )?;
             for (datastore, bytes) in space {
                 tx.execute(
                     "INSERT INTO migration_space (migration, datastore, bytes) VALUES (?1, ?2, ?3)
                      ON CONFLICT (migration, datastore) DO UPDATE SET bytes = bytes + excluded.bytes",
-                    params![id, datastore, bytes],
+                    store_params![id, datastore, bytes],
                 )?;
             }
-            tx.commit()?;
             Ok(id)
         })
     }
@@ -182,16 +182,14 @@ impl Inventory {
     /// already FAILED migration does nothing (the first error stays); a SUCCEEDED one is
     /// refused with MigrationNotRunning.
     pub fn fail_migration(&self, migration_id: &str, error: &str) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let (state, _) = state_of(&tx, migration_id)?;
+        self.write(|tx| {
+            let (state, _) = state_of(tx, migration_id)?;
             match state.as_str() {
                 "RUNNING" => {
                     tx.execute(
                         "UPDATE migration SET state = 'FAILED', error = ?2, finished = ?3 WHERE id = ?1",
-                        params![migration_id, error, now()],
+                        store_params![migration_id, error, now()],
                     )?;
-                    tx.commit()?;
                     Ok(())
                 }
                 "FAILED" => Ok(()),
@@ -206,18 +204,16 @@ impl Inventory {
     /// Marks every RUNNING migration FAILED with `reason` (at start: a restart cut them);
     /// returns their ids in order.
     pub fn fail_running_migrations(&self, reason: &str) -> Result<Vec<String>, InventoryError> {
-        self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let ids: Vec<String> = {
-                let mut stmt = tx.prepare("SELECT id FROM migration WHERE state = 'RUNNING' ORDER BY num")?;
-                let ids = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
-                ids
-            };
+        self.write(|tx| {
+            let ids: Vec<String> = tx.query_map(
+                "SELECT id FROM migration WHERE state = 'RUNNING' ORDER BY num",
+                &[],
+                |row| row.get(0),
+            )?;
             tx.execute(
                 "UPDATE migration SET state = 'FAILED', error = ?1, finished = ?2 WHERE state = 'RUNNING'",
-                params![reason, now()],
+                store_params![reason, now()],
             )?;
-            tx.commit()?;
             Ok(ids)
         })
     }
@@ -231,11 +227,11 @@ impl Inventory {
         plan: &[u8],
         disk_format: &str,
     ) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            conn.execute(
+        self.write(|tx| {
+            tx.execute(
                 "UPDATE migration SET edge_cert = ?2, plan = ?3, disk_format = ?4, interrupted = NULL
                  WHERE id = ?1 AND state = 'RUNNING'",
-                params![migration_id, edge_cert, plan, disk_format],
+                store_params![migration_id, edge_cert, plan, disk_format],
             )?;
             Ok(())
         })
@@ -243,38 +239,36 @@ impl Inventory {
 
     /// The resume record of a migration, or None if there is no such migration.
     pub fn resume_info(&self, migration_id: &str) -> Result<Option<ResumeInfo>, InventoryError> {
-        self.with_conn(|conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT id, vm_name, user_name, state, error, vm, edge_cert, plan, disk_format, interrupted
+        self.read(|tx| {
+            Ok(tx.query_row_opt(
+                "SELECT id, vm_name, user_name, state, error, vm, edge_cert, plan, disk_format, interrupted
                      FROM migration WHERE id = ?1",
-                    [migration_id],
-                    |row| {
-                        Ok(ResumeInfo {
-                            id: row.get(0)?,
-                            vm_name: row.get(1)?,
-                            user: row.get(2)?,
-                            state: row.get(3)?,
-                            error: row.get(4)?,
-                            vm: row.get(5)?,
-                            edge_cert: row.get(6)?,
-                            plan: row.get(7)?,
-                            disk_format: row.get(8)?,
-                            interrupted: row.get(9)?,
-                        })
-                    },
-                )
-                .optional()?)
+                store_params![migration_id],
+                |row| {
+                    Ok(ResumeInfo {
+                        id: row.get(0)?,
+                        vm_name: row.get(1)?,
+                        user: row.get(2)?,
+                        state: row.get(3)?,
+                        error: row.get(4)?,
+                        vm: row.get(5)?,
+                        edge_cert: row.get(6)?,
+                        plan: row.get(7)?,
+                        disk_format: row.get(8)?,
+                        interrupted: row.get(9)?,
+                    })
+                },
+            )?)
         })
     }
 
     /// A RUNNING migration lost its connection (or the endpoint restarted): it waits
     /// for its edge to resume it. Keeps an earlier time if it was already waiting.
     pub fn mark_interrupted(&self, migration_id: &str) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            conn.execute(
+        self.write(|tx| {
+            tx.execute(
                 "UPDATE migration SET interrupted = COALESCE(interrupted, ?2) WHERE id = ?1 AND state = 'RUNNING'",
-                params![migration_id, now()],
+                store_params![migration_id, now()],
             )?;
             Ok(())
         })
@@ -282,10 +276,10 @@ impl Inventory {
 
     /// A connection serves the migration again.
     pub fn mark_resumed(&self, migration_id: &str) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            conn.execute(
+        self.write(|tx| {
+            tx.execute(
                 "UPDATE migration SET interrupted = NULL WHERE id = ?1 AND state = 'RUNNING'",
-                [migration_id],
+                store_params![migration_id],
             )?;
             Ok(())
         })
@@ -295,25 +289,26 @@ impl Inventory {
     /// Those that cannot be resumed (no plan recorded) are FAILED with `reason`; the
     /// others wait for their edge. Returns (failed, waiting) ids.
     pub fn interrupt_running_migrations(&self, reason: &str) -> Result<(Vec<String>, Vec<String>), InventoryError> {
-        self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let ids = |sql: &str| -> rusqlite::Result<Vec<String>> {
-                let mut stmt = tx.prepare(sql)?;
-                let ids = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
-                Ok(ids)
-            };
-            let failed = ids("SELECT id FROM migration WHERE state = 'RUNNING' AND plan IS NULL ORDER BY num")?;
-            let waiting = ids("SELECT id FROM migration WHERE state = 'RUNNING' AND plan IS NOT NULL ORDER BY num")?;
+        self.write(|tx| {
+            let failed: Vec<String> = tx.query_map(
+                "SELECT id FROM migration WHERE state = 'RUNNING' AND plan IS NULL ORDER BY num",
+                &[],
+                |row| row.get(0),
+            )?;
+            let waiting: Vec<String> = tx.query_map(
+                "SELECT id FROM migration WHERE state = 'RUNNING' AND plan IS NOT NULL ORDER BY num",
+                &[],
+                |row| row.get(0),
+            )?;
             let at = now();
             tx.execute(
                 "UPDATE migration SET state = 'FAILED', error = ?1, finished = ?2 WHERE state = 'RUNNING' AND plan IS NULL",
-                params![reason, at],
+                store_params![reason, at],
             )?;
             tx.execute(
                 "UPDATE migration SET interrupted = COALESCE(interrupted, ?1) WHERE state = 'RUNNING'",
-                params![at],
+                store_params![at],
             )?;
-            tx.commit()?;
             Ok((failed, waiting))
         })
     }
@@ -321,12 +316,13 @@ impl Inventory {
     /// RUNNING migrations that have waited for their edge since before `cutoff`
     /// (RFC 3339, compared as text: every time here is UTC with the same layout).
     pub fn interrupted_before(&self, cutoff: &str) -> Result<Vec<String>, InventoryError> {
-        self.with_conn(|conn| {
-            let mut stmt = conn.prepare(
+        self.read(|tx| {
+            let ids = tx.query_map(
                 "SELECT id FROM migration WHERE state = 'RUNNING' AND interrupted IS NOT NULL AND interrupted < ?1
                  AND replica_synced IS NULL ORDER BY num",
+                store_params![cutoff],
+                |row| row.get(0),
             )?;
-            let ids = stmt.query_map([cutoff], |row| row.get(0))?.collect::<Result<_, _>>()?;
             Ok(ids)
         })
     }
@@ -343,9 +339,8 @@ impl Inventory {
         pass: PassTimes,
         schedule: Option<Option<&str>>,
     ) -> Result<Option<String>, InventoryError> {
-        self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let (state, _) = state_of(&tx, migration_id)?;
+        self.write(|tx| {
+            let (state, _) = state_of(tx, migration_id)?;
             if state != "RUNNING" {
                 return Err(InventoryError::MigrationNotRunning {
                     id: migration_id.to_owned(),
@@ -356,52 +351,51 @@ impl Inventory {
                 "UPDATE migration SET replica_syncs = replica_syncs + 1, replica_synced = ?2,
                      replica_delta_bytes = ?3, replica_pass_ms = ?4, replica_read_back_ms = ?5,
                      switchover_state = NULL WHERE id = ?1",
-                params![migration_id, now(), delta_bytes, pass.pass_ms, pass.read_back_ms],
+                store_params![migration_id, now(), delta_bytes, pass.pass_ms, pass.read_back_ms],
             )?;
             if let Some(at) = schedule {
                 tx.execute(
                     "UPDATE migration SET switchover_at = ?2 WHERE id = ?1",
-                    params![migration_id, at],
+                    store_params![migration_id, at],
                 )?;
             }
             let held: Option<String> = tx.query_row(
                 "SELECT switchover_at FROM migration WHERE id = ?1",
-                [migration_id],
+                store_params![migration_id],
                 |row| row.get(0),
             )?;
-            tx.commit()?;
             Ok(held)
         })
     }
 
     /// Ids of RUNNING migrations (their staging folders are kept at start).
     pub fn running_migrations(&self) -> Result<Vec<String>, InventoryError> {
-        self.with_conn(|conn| {
-            let mut stmt = conn.prepare("SELECT id FROM migration WHERE state = 'RUNNING' ORDER BY num")?;
-            let ids = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+        self.read(|tx| {
+            let ids = tx.query_map(
+                "SELECT id FROM migration WHERE state = 'RUNNING' ORDER BY num",
+                &[],
+                |row| row.get(0),
+            )?;
             Ok(ids)
         })
     }
 
     /// Every migration, oldest first.
     pub fn list_migrations(&self) -> Result<Vec<MigrationRecord>, InventoryError> {
-        self.with_conn(|conn| {
-            let mut stmt = conn.prepare_cached(&format!("{SELECT_MIGRATION} ORDER BY num"))?;
-            let rows = stmt.query_map([], migration_from_row)?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        self.read(|tx| {
+            let rows = tx.query_map(&format!("{SELECT_MIGRATION} ORDER BY num"), &[], migration_from_row)?;
+            Ok(rows)
         })
     }
 
     /// One migration by id.
     pub fn migration(&self, migration_id: &str) -> Result<Option<MigrationRecord>, InventoryError> {
-        self.with_conn(|conn| {
-            Ok(conn
-                .query_row(
-                    &format!("{SELECT_MIGRATION} WHERE id = ?1"),
-                    [migration_id],
-                    migration_from_row,
-                )
-                .optional()?)
+        self.read(|tx| {
+            Ok(tx.query_row_opt(
+                &format!("{SELECT_MIGRATION} WHERE id = ?1"),
+                store_params![migration_id],
+                migration_from_row,
+            )?)
         })
     }
 }
@@ -426,10 +420,10 @@ impl Inventory {
     /// Records the folders a commit is about to move, durably, before the first move.
     pub fn record_commit_moves(&self, migration_id: &str, moves: &[CommitMove]) -> Result<(), InventoryError> {
         let json = serde_json::to_string(moves).map_err(|e| InventoryError::Invalid(e.to_string()))?;
-        self.with_conn(|conn| {
-            conn.execute(
+        self.write(|tx| {
+            tx.execute(
                 "UPDATE migration SET commit_moves = ?2 WHERE id = ?1",
-                params![migration_id, json],
+                store_params![migration_id, json],
             )?;
             Ok(())
         })
@@ -437,26 +431,23 @@ impl Inventory {
 
     /// The commit is done, or undone: nothing to finish at the next start.
     pub fn clear_commit_moves(&self, migration_id: &str) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            conn.execute("UPDATE migration SET commit_moves = NULL WHERE id = ?1", [migration_id])?;
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE migration SET commit_moves = NULL WHERE id = ?1",
+                store_params![migration_id],
+            )?;
             Ok(())
         })
     }
 
     /// Commits that a crash cut, in the order they were started.
     pub fn pending_commits(&self) -> Result<Vec<PendingCommit>, InventoryError> {
-        self.with_conn(|conn| {
-            let mut stmt = conn
-                .prepare("SELECT id, state, commit_moves FROM migration WHERE commit_moves IS NOT NULL ORDER BY num")?;
-            let rows = stmt
-                .query_map([], |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, String>(2)?,
-                    ))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+        self.read(|tx| {
+            let rows = tx.query_map(
+                "SELECT id, state, commit_moves FROM migration WHERE commit_moves IS NOT NULL ORDER BY num",
+                &[],
+                |row| Ok((row.get::<String>(0)?, row.get::<String>(1)?, row.get::<String>(2)?)),
+            )?;
             rows.into_iter()
                 .map(|(migration_id, state, json)| {
                     let moves = serde_json::from_str(&json).map_err(|e| {

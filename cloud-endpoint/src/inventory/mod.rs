@@ -18,6 +18,7 @@ mod password;
 mod receipts;
 mod schema;
 mod seed;
+pub mod store;
 pub mod switchover;
 mod vms;
 
@@ -25,11 +26,11 @@ mod vms;
 mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension};
 use serde::Serialize;
+
+use crate::store_params;
+use store::{Store, StoreError, Tx, TxError};
 
 use crate::config::{DomainConfig, Role};
 
@@ -38,10 +39,6 @@ pub use migrations::{CommitMove, PassTimes, PendingCommit, ResumeInfo};
 pub use password::hash_password;
 pub use password::MAX_CONCURRENT_CHECKS as MAX_CONCURRENT_PASSWORD_CHECKS;
 pub use vms::DatastoreUse;
-
-/// How long a statement waits for a lock held by another connection (another process
-/// opening the same file, e.g. an admin tool) before failing with "database is locked".
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Everything that can go wrong in the inventory.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +77,7 @@ pub enum InventoryError {
         /// The database file (empty only inside this module, before it is filled in).
         path: PathBuf,
         #[source]
-        source: rusqlite::Error,
+        source: StoreError,
     },
 
     #[error("cannot create the folder of the inventory database {}: {source}", path.display())]
@@ -107,12 +104,27 @@ pub enum InventoryError {
     Receipt { id: String, reason: String },
 }
 
-impl From<rusqlite::Error> for InventoryError {
+impl From<StoreError> for InventoryError {
     /// The path is filled in by [`Inventory`] before the error leaves it.
-    fn from(source: rusqlite::Error) -> Self {
+    fn from(source: StoreError) -> Self {
         InventoryError::Db {
             path: PathBuf::new(),
             source,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for InventoryError {
+    fn from(source: rusqlite::Error) -> Self {
+        StoreError::from(source).into()
+    }
+}
+
+impl TxError for InventoryError {
+    fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            InventoryError::Db { source, .. } => Some(source),
+            _ => None,
         }
     }
 }
@@ -476,8 +488,9 @@ pub struct RegisteredVm {
 /// The inventory database. See the module documentation.
 #[derive(Debug)]
 pub struct Inventory {
+    /// The SQLite file, or the PostgreSQL URL without its password: what errors name.
     path: PathBuf,
-    conn: Mutex<Connection>,
+    store: Store,
 }
 
 /// Makes `file` readable and writable by its owner only (0600), if it exists.
@@ -505,20 +518,8 @@ impl Inventory {
                 source,
             })?;
         }
-        let open = || -> Result<Connection, InventoryError> {
-            let mut conn = Connection::open(path)?;
-            conn.busy_timeout(BUSY_TIMEOUT)?;
-            conn.pragma_update(None, "foreign_keys", true)?;
-            // WAL: readers do not block the writer; a crash never leaves a torn database.
-            let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
-            if !mode.eq_ignore_ascii_case("wal") {
-                tracing::warn!(database = %path.display(), mode, "SQLite could not switch to WAL mode");
-            }
-            schema::upgrade(&mut conn)?;
-            seed::reconcile(&mut conn, domain)?;
-            Ok(conn)
-        };
-        let conn = open().map_err(|e| e.with_path(path))?;
+        let store = store::SqliteStore::open(path).map_err(|e| InventoryError::from(e).with_path(path))?;
+        let inventory = Inventory::on(Store::Sqlite(store), path.to_owned(), domain)?;
         // Password hashes, users, every VM: the endpoint's only, whatever the umask made
         // of the files (or an older version left). SQLite gives its -wal and -shm files
         // the database file's mode when it creates them.
@@ -527,26 +528,44 @@ impl Inventory {
             file.push(suffix);
             private_file(Path::new(&file))?;
         }
-        Ok(Inventory {
-            path: path.to_owned(),
-            conn: Mutex::new(conn),
-        })
+        Ok(inventory)
     }
 
-    /// The database file.
+    /// [`Inventory::open`] on a PostgreSQL database that several endpoints share
+    /// (`postgres://user:password@host/db`): the schema is brought up to date by the
+    /// first endpoint that starts, and the domain made to match `domain` as for a file.
+    pub fn open_postgres(url: &str, domain: &DomainConfig) -> Result<Inventory, InventoryError> {
+        let store = store::PgStore::connect(url)?;
+        let shown = PathBuf::from(format!("{store}"));
+        Inventory::on(Store::Postgres(Box::new(store)), shown, domain)
+    }
+
+    fn on(store: Store, path: PathBuf, domain: &DomainConfig) -> Result<Inventory, InventoryError> {
+        let inventory = Inventory { path, store };
+        schema::upgrade(&inventory.store).map_err(|e| e.with_path(&inventory.path))?;
+        inventory.write(|tx| seed::reconcile(tx, domain))?;
+        Ok(inventory)
+    }
+
+    /// The database file (or URL, without its password).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Runs `f` on the connection and names the database file in its errors.
-    fn with_conn<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, InventoryError>) -> Result<T, InventoryError> {
-        f(&mut self.lock()).map_err(|e| e.with_path(&self.path))
+    /// Which engine holds the inventory.
+    pub fn dialect(&self) -> store::Dialect {
+        self.store.dialect()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while the lock was held cannot leave a half-done change behind: an
-        // unfinished rusqlite transaction rolls back when dropped.
-        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Runs `f` in a read-only transaction and names the database in its errors.
+    fn read<T>(&self, f: impl FnMut(&mut dyn Tx) -> Result<T, InventoryError>) -> Result<T, InventoryError> {
+        self.store.read(f).map_err(|e| e.with_path(&self.path))
+    }
+
+    /// Runs `f` in a transaction that writes (see [`Store::write`]: on PostgreSQL it may
+    /// run again after losing a race, so it has no effect outside the database).
+    fn write<T>(&self, f: impl FnMut(&mut dyn Tx) -> Result<T, InventoryError>) -> Result<T, InventoryError> {
+        self.store.write(f).map_err(|e| e.with_path(&self.path))
     }
 
     /// Checks a user's password. Unknown and deactivated users cost one hash too, and all
@@ -577,10 +596,12 @@ impl Inventory {
     /// Active users whose password is `password` (the endpoint asks this of the published
     /// demo password before it serves beyond loopback). One hash per active user.
     pub fn users_with_password(&self, password: &str) -> Result<Vec<String>, InventoryError> {
-        let users: Vec<(String, String)> = self.with_conn(|conn| {
-            let mut stmt = conn.prepare("SELECT name, password_hash FROM app_user WHERE active = 1 ORDER BY name")?;
-            let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        let users: Vec<(String, String)> = self.read(|tx| {
+            Ok(tx.query_map(
+                "SELECT name, password_hash FROM app_user WHERE active = 1 ORDER BY name",
+                &[],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?)
         })?;
         Ok(users
             .into_iter()
@@ -593,15 +614,15 @@ impl Inventory {
         // The name as typed, in any case (see [`user_key`]); the session gets it as
         // configured. An active user comes before a deactivated one whose name differs
         // only in case, and the exact spelling first.
-        let row: Option<(String, String, String, bool)> = self.with_conn(|conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT name, password_hash, role, active FROM app_user WHERE name = ?1 COLLATE NOCASE \
-                     ORDER BY active DESC, name = ?1 DESC LIMIT 1",
-                    [user],
-                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-                )
-                .optional()?)
+        // `lower` folds ASCII only on both engines (SQLite's; PostgreSQL's under the C
+        // collation the schema gives `name`), as [`user_key`] does.
+        let row: Option<(String, String, String, bool)> = self.read(|tx| {
+            Ok(tx.query_row_opt(
+                "SELECT name, password_hash, role, active FROM app_user WHERE lower(name) = lower(?1) \
+                 ORDER BY active DESC, CASE WHEN name = ?1 THEN 0 ELSE 1 END LIMIT 1",
+                store_params![user],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            )?)
         })?;
         // The hash runs outside the lock: it takes tens of milliseconds.
         match row {
@@ -623,10 +644,10 @@ impl Inventory {
 
     /// The datastore migrated VMs are written to (one, for now).
     pub fn datastore(&self) -> Result<DatastoreInfo, InventoryError> {
-        self.with_conn(|conn| {
-            Ok(conn.query_row(
+        self.read(|tx| {
+            Ok(tx.query_row(
                 "SELECT d.id, d.name, d.capacity_bytes FROM datastore d JOIN placement p ON p.datastore = d.id",
-                [],
+                &[],
                 |row| {
                     Ok(DatastoreInfo {
                         id: row.get(0)?,
@@ -640,34 +661,34 @@ impl Inventory {
 
     /// The cloud networks, ordered by id number.
     pub fn networks(&self) -> Result<Vec<NetworkInfo>, InventoryError> {
-        self.with_conn(|conn| {
-            let mut stmt = conn.prepare_cached("SELECT id, name FROM network ORDER BY num")?;
-            let rows = stmt.query_map([], |row| {
+        self.read(|tx| {
+            Ok(tx.query_map("SELECT id, name FROM network ORDER BY num", &[], |row| {
                 Ok(NetworkInfo {
                     id: row.get(0)?,
                     name: row.get(1)?,
                 })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })?)
         })
     }
 
     pub fn network_by_name(&self, name: &str) -> Result<Option<NetworkInfo>, InventoryError> {
-        self.with_conn(|conn| {
-            Ok(conn
-                .query_row("SELECT id, name FROM network WHERE name = ?1", [name], |row| {
+        self.read(|tx| {
+            Ok(tx.query_row_opt(
+                "SELECT id, name FROM network WHERE name = ?1",
+                store_params![name],
+                |row| {
                     Ok(NetworkInfo {
                         id: row.get(0)?,
                         name: row.get(1)?,
                     })
-                })
-                .optional()?)
+                },
+            )?)
         })
     }
 
     /// Datacenter, folders, cluster, host and datastore of the domain.
     pub fn domain(&self) -> Result<DomainInfo, InventoryError> {
-        self.with_conn(|conn| seed::domain_info(conn))
+        self.read(|tx| seed::domain_info(tx))
     }
 }
 
@@ -684,10 +705,10 @@ pub fn timestamp(t: time::OffsetDateTime) -> String {
 }
 
 /// Takes the next number of a counter (`moref` for objects, `migration`).
-fn next_number(conn: &Connection, counter: &str) -> rusqlite::Result<i64> {
-    conn.query_row(
+fn next_number(tx: &mut dyn Tx, counter: &str) -> Result<i64, StoreError> {
+    tx.query_row(
         "UPDATE counter SET last = last + 1 WHERE name = ?1 RETURNING last",
-        [counter],
+        store_params![counter],
         |row| row.get(0),
     )
 }

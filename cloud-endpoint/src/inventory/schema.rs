@@ -5,7 +5,9 @@
 
 use rusqlite::{Connection, TransactionBehavior};
 
+use super::store::Store;
 use super::InventoryError;
+use crate::store_params;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
 const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11];
@@ -337,8 +339,15 @@ CREATE INDEX chunk_index_hash ON chunk_index (hash);
 CREATE INDEX chunk_index_source ON chunk_index (source);
 "#;
 
-/// Applies the missing steps. Refuses a file written by a newer build.
-pub(super) fn upgrade(conn: &mut Connection) -> Result<(), InventoryError> {
+/// Applies the missing steps of either engine. Refuses a database written by a newer build.
+pub(super) fn upgrade(store: &Store) -> Result<(), InventoryError> {
+    match store {
+        Store::Sqlite(sqlite) => upgrade_sqlite(&mut sqlite.lock()),
+        Store::Postgres(_) => upgrade_postgres(store),
+    }
+}
+
+fn upgrade_sqlite(conn: &mut Connection) -> Result<(), InventoryError> {
     let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if found > VERSION {
         return Err(InventoryError::SchemaTooNew {
@@ -360,4 +369,284 @@ pub(super) fn upgrade(conn: &mut Connection) -> Result<(), InventoryError> {
         tracing::info!(version = index + 1, "inventory schema upgraded");
     }
     Ok(())
+}
+
+/// PostgreSQL's steps, by the version each brings the database to, numbered as SQLite's:
+/// a database of either engine at version N has the same tables and columns. PostgreSQL
+/// started at version 11, so its first step is the whole schema of SQLite's steps 1 to
+/// 11; every later step is written for both engines.
+pub(super) const PG_STEPS: &[(i64, &str)] = &[(11, PG_V11)];
+
+/// SQLite's steps 1 to 11 in PostgreSQL's words: `BIGINT` for every integer (the store
+/// reads integers as 64-bit), `BYTEA` for blobs, an identity column where SQLite had a
+/// rowid alias that the code lets the database number, `"offset"` quoted (a keyword
+/// there), and user names in the C collation so that `lower()` folds ASCII only, as the
+/// login code and SQLite do.
+const PG_V11: &str = r#"
+CREATE TABLE counter (
+    name TEXT PRIMARY KEY,
+    last BIGINT NOT NULL
+);
+INSERT INTO counter (name, last) VALUES ('moref', 0), ('migration', 0);
+
+CREATE TABLE folder (
+    id TEXT PRIMARY KEY,
+    num BIGINT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL CHECK (type IN ('DATACENTER', 'HOST', 'DATASTORE', 'NETWORK', 'VIRTUAL_MACHINE')),
+    parent TEXT
+);
+
+CREATE TABLE datacenter (
+    id TEXT PRIMARY KEY,
+    num BIGINT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    parent TEXT NOT NULL REFERENCES folder (id),
+    vm_folder TEXT NOT NULL REFERENCES folder (id),
+    host_folder TEXT NOT NULL REFERENCES folder (id),
+    datastore_folder TEXT NOT NULL REFERENCES folder (id),
+    network_folder TEXT NOT NULL REFERENCES folder (id)
+);
+
+CREATE TABLE cluster (
+    id TEXT PRIMARY KEY,
+    num BIGINT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    folder TEXT NOT NULL REFERENCES folder (id)
+);
+
+CREATE TABLE host (
+    id TEXT PRIMARY KEY,
+    num BIGINT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    cluster TEXT NOT NULL REFERENCES cluster (id),
+    cpu_cores BIGINT NOT NULL,
+    memory_mib BIGINT NOT NULL
+);
+
+CREATE TABLE datastore (
+    id TEXT PRIMARY KEY,
+    num BIGINT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    folder TEXT NOT NULL REFERENCES folder (id),
+    capacity_bytes BIGINT CHECK (capacity_bytes >= 0)
+);
+
+CREATE TABLE network (
+    id TEXT PRIMARY KEY,
+    num BIGINT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    folder TEXT NOT NULL REFERENCES folder (id)
+);
+
+CREATE TABLE placement (
+    singleton BIGINT PRIMARY KEY CHECK (singleton = 0),
+    datacenter TEXT NOT NULL REFERENCES datacenter (id),
+    folder TEXT NOT NULL REFERENCES folder (id),
+    cluster TEXT NOT NULL REFERENCES cluster (id),
+    host TEXT NOT NULL REFERENCES host (id),
+    datastore TEXT NOT NULL REFERENCES datastore (id)
+);
+
+CREATE TABLE app_user (
+    name TEXT COLLATE "C" PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('Administrator', 'MigrationOperator', 'ReadOnly')),
+    active BIGINT NOT NULL DEFAULT 1 CHECK (active IN (0, 1))
+);
+
+CREATE TABLE vm (
+    id TEXT PRIMARY KEY,
+    num BIGINT NOT NULL UNIQUE,
+    name TEXT NOT NULL UNIQUE,
+    guest_os TEXT NOT NULL,
+    num_cpus BIGINT NOT NULL CHECK (num_cpus >= 0),
+    cores_per_socket BIGINT,
+    memory_mib BIGINT NOT NULL CHECK (memory_mib >= 0),
+    firmware TEXT,
+    bios_uuid TEXT,
+    power_state TEXT NOT NULL CHECK (power_state IN ('POWERED_ON', 'POWERED_OFF', 'SUSPENDED')),
+    host TEXT NOT NULL REFERENCES host (id),
+    datastore TEXT NOT NULL REFERENCES datastore (id),
+    folder TEXT NOT NULL REFERENCES folder (id),
+    vmx_path TEXT NOT NULL,
+    created TEXT NOT NULL,
+    instance_uuid TEXT,
+    resource_pool TEXT
+);
+
+CREATE TABLE vm_disk (
+    vm TEXT NOT NULL REFERENCES vm (id) ON DELETE CASCADE,
+    position BIGINT NOT NULL,
+    key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    capacity_bytes BIGINT NOT NULL CHECK (capacity_bytes >= 0),
+    datastore TEXT,
+    PRIMARY KEY (vm, position),
+    UNIQUE (vm, key)
+);
+
+CREATE TABLE vm_nic (
+    vm TEXT NOT NULL REFERENCES vm (id) ON DELETE CASCADE,
+    position BIGINT NOT NULL,
+    key TEXT NOT NULL,
+    network TEXT NOT NULL REFERENCES network (id),
+    mac TEXT,
+    virtual_dev TEXT,
+    source_network TEXT NOT NULL,
+    address_type TEXT,
+    PRIMARY KEY (vm, position),
+    UNIQUE (vm, key)
+);
+CREATE INDEX vm_nic_network ON vm_nic (network);
+
+CREATE TABLE vm_controller (
+    vm TEXT NOT NULL REFERENCES vm (id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    type TEXT NOT NULL,
+    PRIMARY KEY (vm, key)
+);
+
+CREATE TABLE migration (
+    num BIGINT PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    vm_name TEXT NOT NULL,
+    user_name TEXT NOT NULL,
+    edge TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('RUNNING', 'SUCCEEDED', 'FAILED')),
+    error TEXT,
+    vm TEXT UNIQUE REFERENCES vm (id),
+    started TEXT NOT NULL,
+    finished TEXT,
+    logical_bytes BIGINT NOT NULL CHECK (logical_bytes >= 0),
+    edge_cert TEXT,
+    plan BYTEA,
+    disk_format TEXT,
+    interrupted TEXT,
+    commit_moves TEXT,
+    replica_syncs BIGINT NOT NULL DEFAULT 0,
+    replica_synced TEXT,
+    replica_delta_bytes BIGINT,
+    switchover_at TEXT,
+    switchover_state TEXT,
+    downtime_ms BIGINT,
+    downtime_from TEXT,
+    replica_pass_ms BIGINT,
+    replica_read_back_ms BIGINT,
+    dedup_bytes BIGINT
+);
+-- A running migration holds its VM name, across every endpoint of the domain.
+CREATE UNIQUE INDEX migration_running_name ON migration (vm_name) WHERE state = 'RUNNING';
+
+CREATE TABLE receipt (
+    migration TEXT PRIMARY KEY REFERENCES migration (id),
+    vm TEXT NOT NULL UNIQUE,
+    signed TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+
+CREATE TABLE firewall_rule (
+    vm TEXT NOT NULL REFERENCES vm (id) ON DELETE CASCADE,
+    position BIGINT NOT NULL,
+    rule_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    action TEXT NOT NULL CHECK (action IN ('ALLOW', 'DROP', 'REJECT')),
+    direction TEXT NOT NULL CHECK (direction IN ('IN', 'OUT', 'IN_OUT')),
+    disabled BIGINT NOT NULL CHECK (disabled IN (0, 1)),
+    rule TEXT NOT NULL,
+    PRIMARY KEY (vm, position),
+    UNIQUE (vm, rule_id)
+);
+
+CREATE TABLE firewall_group (
+    vm TEXT NOT NULL REFERENCES vm (id) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('GROUP', 'IP_SET')),
+    name TEXT NOT NULL,
+    members TEXT NOT NULL,
+    PRIMARY KEY (vm, kind, name)
+);
+
+CREATE TABLE migration_report (
+    migration TEXT PRIMARY KEY REFERENCES migration (id),
+    report TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+
+CREATE TABLE resource_pool (
+    id TEXT PRIMARY KEY,
+    num BIGINT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    cluster TEXT NOT NULL REFERENCES cluster (id),
+    memory_limit_mib BIGINT CHECK (memory_limit_mib >= 0),
+    cpu_limit_cores BIGINT CHECK (cpu_limit_cores >= 0),
+    UNIQUE (cluster, name)
+);
+
+CREATE TABLE migration_space (
+    migration TEXT NOT NULL REFERENCES migration (id),
+    datastore TEXT NOT NULL REFERENCES datastore (id),
+    bytes BIGINT NOT NULL CHECK (bytes >= 0),
+    PRIMARY KEY (migration, datastore)
+);
+
+CREATE TABLE superseded_receipt (
+    migration TEXT NOT NULL REFERENCES migration (id),
+    vm TEXT NOT NULL,
+    signed TEXT NOT NULL,
+    created TEXT NOT NULL,
+    superseded TEXT NOT NULL
+);
+
+CREATE TABLE chunk_source (
+    id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    migration TEXT NOT NULL REFERENCES migration (id),
+    vm TEXT REFERENCES vm (id) ON DELETE CASCADE,
+    disk BIGINT NOT NULL,
+    data_path TEXT NOT NULL,
+    format TEXT NOT NULL,
+    capacity BIGINT NOT NULL CHECK (capacity >= 0),
+    user_name TEXT NOT NULL,
+    edge_cert TEXT,
+    hash TEXT NOT NULL,
+    UNIQUE (migration, disk)
+);
+CREATE TABLE chunk_index (
+    hash BYTEA NOT NULL,
+    source BIGINT NOT NULL REFERENCES chunk_source (id) ON DELETE CASCADE,
+    "offset" BIGINT NOT NULL CHECK ("offset" >= 0),
+    len BIGINT NOT NULL CHECK (len > 0)
+);
+CREATE INDEX chunk_index_hash ON chunk_index (hash);
+CREATE INDEX chunk_index_source ON chunk_index (source);
+"#;
+
+/// An arbitrary key for the advisory lock under which one endpoint upgrades the schema
+/// while the others starting at the same time wait.
+const PG_UPGRADE_LOCK: i64 = 0x6761_7465_7761_7931;
+
+fn upgrade_postgres(store: &Store) -> Result<(), InventoryError> {
+    store.write(|tx| {
+        tx.query("SELECT pg_advisory_xact_lock(?1)", store_params![PG_UPGRADE_LOCK])?;
+        tx.batch("CREATE TABLE IF NOT EXISTS schema_version (singleton BIGINT PRIMARY KEY CHECK (singleton = 0), version BIGINT NOT NULL)")?;
+        let found: i64 = tx
+            .query_row_opt("SELECT version FROM schema_version", &[], |row| row.get(0))?
+            .unwrap_or(0);
+        if found > VERSION {
+            return Err(InventoryError::SchemaTooNew {
+                path: Default::default(),
+                found,
+                supported: VERSION,
+            });
+        }
+        for (version, step) in PG_STEPS.iter().filter(|(version, _)| *version > found) {
+            tx.batch(step)?;
+            tx.execute(
+                "INSERT INTO schema_version (singleton, version) VALUES (0, ?1)
+                 ON CONFLICT (singleton) DO UPDATE SET version = excluded.version",
+                store_params![*version],
+            )?;
+            tracing::info!(version, "inventory schema upgraded");
+        }
+        Ok(())
+    })
 }

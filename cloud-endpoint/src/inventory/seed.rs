@@ -1,7 +1,8 @@
 //! Makes the stored domain match the configured one: created whole on first start, then
 //! only grown (networks, users) and adjusted (passwords, roles, capacity) on later starts.
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use super::store::{StoreError, Tx};
+use crate::store_params;
 
 use super::{
     next_number, password, root_resource_pool, ClusterInfo, DatacenterInfo, DatastoreInfo, DomainInfo, FolderInfo,
@@ -9,48 +10,44 @@ use super::{
 };
 use crate::config::{DomainConfig, UserConfig};
 
-pub(super) fn reconcile(conn: &mut Connection, domain: &DomainConfig) -> Result<(), InventoryError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let placed: Option<String> = tx
-        .query_row("SELECT datacenter FROM placement", [], |row| row.get(0))
-        .optional()?;
+pub(super) fn reconcile(tx: &mut dyn Tx, domain: &DomainConfig) -> Result<(), InventoryError> {
+    let placed: Option<String> = tx.query_row_opt("SELECT datacenter FROM placement", &[], |row| row.get(0))?;
     match placed {
-        None => create_domain(&tx, domain)?,
-        Some(_) => check_fixed_names(&tx, domain)?,
+        None => create_domain(tx, domain)?,
+        Some(_) => check_fixed_names(tx, domain)?,
     }
     tx.execute(
         "UPDATE datastore SET capacity_bytes = ?1 WHERE id = (SELECT datastore FROM placement)",
-        [domain.datastore.capacity_bytes],
+        store_params![domain.datastore.capacity_bytes],
     )?;
-    add_placement_objects(&tx, domain)?;
-    add_networks(&tx, &domain.networks)?;
-    sync_users(&tx, &domain.users)?;
-    tx.commit()?;
+    add_placement_objects(tx, domain)?;
+    add_networks(tx, &domain.networks)?;
+    sync_users(tx, &domain.users)?;
     Ok(())
 }
 
-fn next_id(tx: &Transaction<'_>, prefix: &str) -> rusqlite::Result<(i64, String)> {
+fn next_id(tx: &mut dyn Tx, prefix: &str) -> Result<(i64, String), StoreError> {
     let n = next_number(tx, "moref")?;
     Ok((n, format!("{prefix}{n}")))
 }
 
 fn add_folder(
-    tx: &Transaction<'_>,
+    tx: &mut dyn Tx,
     prefix: &str,
     name: &str,
     kind: &str,
     parent: Option<&str>,
-) -> rusqlite::Result<String> {
+) -> Result<String, StoreError> {
     let (num, id) = next_id(tx, prefix)?;
     tx.execute(
         "INSERT INTO folder (id, num, name, type, parent) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![id, num, name, kind, parent],
+        store_params![id, num, name, kind, parent],
     )?;
     Ok(id)
 }
 
 /// The first start: the same object tree a fresh vCenter with one datacenter has.
-fn create_domain(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), InventoryError> {
+fn create_domain(tx: &mut dyn Tx, d: &DomainConfig) -> Result<(), InventoryError> {
     let root = add_folder(tx, "group-d", "Datacenters", "DATACENTER", None)?;
     let (dc_num, dc) = next_id(tx, "datacenter-")?;
     let vm_folder = add_folder(tx, "group-v", "vm", "VIRTUAL_MACHINE", Some(&dc))?;
@@ -60,7 +57,7 @@ fn create_domain(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), Inventory
     tx.execute(
         "INSERT INTO datacenter (id, num, name, parent, vm_folder, host_folder, datastore_folder, network_folder)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
+        store_params![
             dc,
             dc_num,
             d.datacenter,
@@ -75,21 +72,21 @@ fn create_domain(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), Inventory
     let (num, cluster) = next_id(tx, "domain-c")?;
     tx.execute(
         "INSERT INTO cluster (id, num, name, folder) VALUES (?1, ?2, ?3, ?4)",
-        params![cluster, num, d.cluster, host_folder],
+        store_params![cluster, num, d.cluster, host_folder],
     )?;
     let (num, host) = next_id(tx, "host-")?;
     tx.execute(
         "INSERT INTO host (id, num, name, cluster, cpu_cores, memory_mib) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![host, num, d.host.name, cluster, d.host.cpu_cores, d.host.memory_mib],
+        store_params![host, num, d.host.name, cluster, d.host.cpu_cores, d.host.memory_mib],
     )?;
     let (num, datastore) = next_id(tx, "datastore-")?;
     tx.execute(
         "INSERT INTO datastore (id, num, name, folder, capacity_bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![datastore, num, d.datastore.name, ds_folder, d.datastore.capacity_bytes],
+        store_params![datastore, num, d.datastore.name, ds_folder, d.datastore.capacity_bytes],
     )?;
     tx.execute(
         "INSERT INTO placement (singleton, datacenter, folder, cluster, host, datastore) VALUES (0, ?1, ?2, ?3, ?4, ?5)",
-        params![dc, landing, cluster, host, datastore],
+        store_params![dc, landing, cluster, host, datastore],
     )?;
     tracing::info!(datacenter = %dc, "cloud domain created in the inventory");
     Ok(())
@@ -98,12 +95,12 @@ fn create_domain(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), Inventory
 /// Renaming the datacenter, folder, cluster, host or datastore in the config does not
 /// rename the stored objects (VM paths name the datastore); say so instead of diverging
 /// silently.
-fn check_fixed_names(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), InventoryError> {
+fn check_fixed_names(tx: &mut dyn Tx, d: &DomainConfig) -> Result<(), InventoryError> {
     let stored: [String; 5] = tx.query_row(
         "SELECT dc.name, f.name, c.name, h.name, ds.name FROM placement p
          JOIN datacenter dc ON dc.id = p.datacenter JOIN folder f ON f.id = p.folder
          JOIN cluster c ON c.id = p.cluster JOIN host h ON h.id = p.host JOIN datastore ds ON ds.id = p.datastore",
-        [],
+        &[],
         |row| Ok([row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?]),
     )?;
     let configured = [&d.datacenter, &d.folder, &d.cluster, &d.host.name, &d.datastore.name];
@@ -130,41 +127,40 @@ fn check_fixed_names(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), Inven
 /// Hosts, datastores, VM folders and resource pools beyond the first: added by name when
 /// absent, on the first start as on later ones, so a config that grows grows the
 /// inventory. Nothing is removed or renamed (VMs and disk paths name them).
-fn add_placement_objects(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), InventoryError> {
+fn add_placement_objects(tx: &mut dyn Tx, d: &DomainConfig) -> Result<(), InventoryError> {
     let (cluster, ds_folder, vm_folder): (String, String, String) = tx.query_row(
         "SELECT p.cluster, dc.datastore_folder, dc.vm_folder FROM placement p JOIN datacenter dc ON dc.id = p.datacenter",
-        [],
+        &[],
         |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
     )?;
-    let exists = |sql: &str, name: &str| -> rusqlite::Result<bool> { tx.query_row(sql, [name], |row| row.get(0)) };
     for h in &d.extra_hosts {
-        if !exists("SELECT EXISTS (SELECT 1 FROM host WHERE name = ?1)", &h.name)? {
+        if !exists(tx, "SELECT EXISTS (SELECT 1 FROM host WHERE name = ?1)", &h.name)? {
             let (num, id) = next_id(tx, "host-")?;
             tx.execute(
                 "INSERT INTO host (id, num, name, cluster, cpu_cores, memory_mib) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, num, h.name, cluster, h.cpu_cores, h.memory_mib],
+                store_params![id, num, h.name, cluster, h.cpu_cores, h.memory_mib],
             )?;
             tracing::info!(host = %id, name = %h.name, "host added to the cluster");
         }
     }
     for ds in &d.extra_datastores {
-        if !exists("SELECT EXISTS (SELECT 1 FROM datastore WHERE name = ?1)", &ds.name)? {
+        if !exists(tx, "SELECT EXISTS (SELECT 1 FROM datastore WHERE name = ?1)", &ds.name)? {
             let (num, id) = next_id(tx, "datastore-")?;
             tx.execute(
                 "INSERT INTO datastore (id, num, name, folder, capacity_bytes) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, num, ds.name, ds_folder, ds.capacity_bytes],
+                store_params![id, num, ds.name, ds_folder, ds.capacity_bytes],
             )?;
             tracing::info!(datastore = %id, name = %ds.name, "datastore added");
         }
         tx.execute(
             "UPDATE datastore SET capacity_bytes = ?2 WHERE name = ?1",
-            params![ds.name, ds.capacity_bytes],
+            store_params![ds.name, ds.capacity_bytes],
         )?;
     }
     for name in &d.folders {
         let known: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM folder WHERE name = ?1 AND type = 'VIRTUAL_MACHINE' AND parent = ?2)",
-            params![name, vm_folder],
+            store_params![name, vm_folder],
             |row| row.get(0),
         )?;
         if !known {
@@ -175,7 +171,7 @@ fn add_placement_objects(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), I
     for pool in &d.resource_pools {
         let known: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM resource_pool WHERE name = ?1 AND cluster = ?2)",
-            params![pool.name, cluster],
+            store_params![pool.name, cluster],
             |row| row.get(0),
         )?;
         if !known {
@@ -183,34 +179,40 @@ fn add_placement_objects(tx: &Transaction<'_>, d: &DomainConfig) -> Result<(), I
             tx.execute(
                 "INSERT INTO resource_pool (id, num, name, cluster, memory_limit_mib, cpu_limit_cores)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![id, num, pool.name, cluster, pool.memory_limit_mib, pool.cpu_limit_cores],
+                store_params![id, num, pool.name, cluster, pool.memory_limit_mib, pool.cpu_limit_cores],
             )?;
             tracing::info!(resource_pool = %id, name = %pool.name, "resource pool added");
         } else {
             tx.execute(
                 "UPDATE resource_pool SET memory_limit_mib = ?3, cpu_limit_cores = ?4 WHERE name = ?1 AND cluster = ?2",
-                params![pool.name, cluster, pool.memory_limit_mib, pool.cpu_limit_cores],
+                store_params![pool.name, cluster, pool.memory_limit_mib, pool.cpu_limit_cores],
             )?;
         }
     }
     Ok(())
 }
 
-fn add_networks(tx: &Transaction<'_>, networks: &[String]) -> Result<(), InventoryError> {
+fn exists(tx: &mut dyn Tx, sql: &str, name: &str) -> Result<bool, StoreError> {
+    tx.query_row(sql, store_params![name], |row| row.get(0))
+}
+
+fn add_networks(tx: &mut dyn Tx, networks: &[String]) -> Result<(), InventoryError> {
     let folder: String = tx.query_row(
         "SELECT dc.network_folder FROM placement p JOIN datacenter dc ON dc.id = p.datacenter",
-        [],
+        &[],
         |row| row.get(0),
     )?;
     for name in networks {
-        let exists: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM network WHERE name = ?1)", [name], |row| {
-            row.get(0)
-        })?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM network WHERE name = ?1)",
+            store_params![name],
+            |row| row.get(0),
+        )?;
         if !exists {
             let (num, id) = next_id(tx, "network-")?;
             tx.execute(
                 "INSERT INTO network (id, num, name, folder) VALUES (?1, ?2, ?3, ?4)",
-                params![id, num, name, folder],
+                store_params![id, num, name, folder],
             )?;
             tracing::info!(network = %id, name = %name, "cloud network added");
         }
@@ -222,15 +224,13 @@ fn add_networks(tx: &Transaction<'_>, networks: &[String]) -> Result<(), Invento
 /// the next start, and a user left out of the config is deactivated (not deleted, since
 /// migrations name it). Otherwise an operator who replaces the demo password in the
 /// config would keep the published one working.
-fn sync_users(tx: &Transaction<'_>, users: &[UserConfig]) -> Result<(), InventoryError> {
+fn sync_users(tx: &mut dyn Tx, users: &[UserConfig]) -> Result<(), InventoryError> {
     for user in users {
-        let stored: Option<(String, String, bool)> = tx
-            .query_row(
-                "SELECT password_hash, role, active FROM app_user WHERE name = ?1",
-                [&user.name],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-            )
-            .optional()?;
+        let stored: Option<(String, String, bool)> = tx.query_row_opt(
+            "SELECT password_hash, role, active FROM app_user WHERE name = ?1",
+            store_params![&user.name],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )?;
         let role = user.role.as_str();
         let hash = match (&user.password_hash, &user.password, &stored) {
             (Some(given), _, _) => given.clone(),
@@ -254,7 +254,7 @@ fn sync_users(tx: &Transaction<'_>, users: &[UserConfig]) -> Result<(), Inventor
             None => {
                 tx.execute(
                     "INSERT INTO app_user (name, password_hash, role, active) VALUES (?1, ?2, ?3, 1)",
-                    params![user.name, hash, role],
+                    store_params![user.name, hash, role],
                 )?;
                 tracing::info!(user = %user.name, role, "user added to the cloud domain");
             }
@@ -262,34 +262,32 @@ fn sync_users(tx: &Transaction<'_>, users: &[UserConfig]) -> Result<(), Inventor
                 if old_hash != hash || old_role != role || !active {
                     tx.execute(
                         "UPDATE app_user SET password_hash = ?2, role = ?3, active = 1 WHERE name = ?1",
-                        params![user.name, hash, role],
+                        store_params![user.name, hash, role],
                     )?;
                     tracing::info!(user = %user.name, role, "user updated from the configuration");
                 }
             }
         }
     }
-    let mut stmt = tx.prepare("SELECT name FROM app_user WHERE active = 1")?;
-    let active: Vec<String> = stmt.query_map([], |row| row.get(0))?.collect::<Result<_, _>>()?;
+    let active: Vec<String> = tx.query_map("SELECT name FROM app_user WHERE active = 1", &[], |row| row.get(0))?;
     for name in active {
         if !users.iter().any(|u| u.name == name) {
-            tx.execute("UPDATE app_user SET active = 0 WHERE name = ?1", [&name])?;
+            tx.execute("UPDATE app_user SET active = 0 WHERE name = ?1", store_params![&name])?;
             tracing::warn!(user = %name, "user no longer configured: deactivated (kept for the migration history)");
         }
     }
     Ok(())
 }
 
-pub(super) fn domain_info(conn: &Connection) -> Result<DomainInfo, InventoryError> {
-    let (datacenter, vm_folder, cluster_id, host_id, ds_id): (String, String, String, String, String) = conn
-        .query_row(
-            "SELECT datacenter, folder, cluster, host, datastore FROM placement",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
-        )?;
-    let datacenter = conn.query_row(
+pub(super) fn domain_info(tx: &mut dyn Tx) -> Result<DomainInfo, InventoryError> {
+    let (datacenter, vm_folder, cluster_id, host_id, ds_id): (String, String, String, String, String) = tx.query_row(
+        "SELECT datacenter, folder, cluster, host, datastore FROM placement",
+        &[],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+    )?;
+    let datacenter = tx.query_row(
         "SELECT id, name, vm_folder, host_folder, datastore_folder, network_folder FROM datacenter WHERE id = ?1",
-        [&datacenter],
+        store_params![&datacenter],
         |row| {
             Ok(DatacenterInfo {
                 id: row.get(0)?,
@@ -301,26 +299,57 @@ pub(super) fn domain_info(conn: &Connection) -> Result<DomainInfo, InventoryErro
             })
         },
     )?;
-    let mut stmt = conn.prepare_cached("SELECT id, name, type, parent FROM folder ORDER BY num")?;
-    let folders = stmt
-        .query_map([], |row| {
-            Ok(FolderInfo {
+    let folders = tx.query_map("SELECT id, name, type, parent FROM folder ORDER BY num", &[], |row| {
+        Ok(FolderInfo {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            kind: row.get(2)?,
+            parent: row.get(3)?,
+        })
+    })?;
+    let cluster = tx.query_row(
+        "SELECT id, name FROM cluster WHERE id = ?1",
+        store_params![&cluster_id],
+        |row| {
+            Ok(ClusterInfo {
                 id: row.get(0)?,
                 name: row.get(1)?,
-                kind: row.get(2)?,
-                parent: row.get(3)?,
             })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let cluster = conn.query_row("SELECT id, name FROM cluster WHERE id = ?1", [&cluster_id], |row| {
+        },
+    )?;
+    let host = tx.query_row(
+        "SELECT id, name, cluster, cpu_cores, memory_mib FROM host WHERE id = ?1",
+        store_params![&host_id],
+        |row| {
+            Ok(HostInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                cluster: row.get(2)?,
+                cpu_cores: row.get(3)?,
+                memory_mib: row.get(4)?,
+            })
+        },
+    )?;
+    let datastore = tx.query_row(
+        "SELECT id, name, capacity_bytes FROM datastore WHERE id = ?1",
+        store_params![&ds_id],
+        |row| {
+            Ok(DatastoreInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                capacity_bytes: row.get(2)?,
+            })
+        },
+    )?;
+    let clusters = tx.query_map("SELECT id, name FROM cluster ORDER BY num", &[], |row| {
         Ok(ClusterInfo {
             id: row.get(0)?,
             name: row.get(1)?,
         })
     })?;
-    let host = conn.query_row(
-        "SELECT id, name, cluster, cpu_cores, memory_mib FROM host WHERE id = ?1",
-        [&host_id],
+    let hosts = tx.query_map(
+        "SELECT id, name, cluster, cpu_cores, memory_mib FROM host ORDER BY num",
+        &[],
         |row| {
             Ok(HostInfo {
                 id: row.get(0)?,
@@ -331,9 +360,9 @@ pub(super) fn domain_info(conn: &Connection) -> Result<DomainInfo, InventoryErro
             })
         },
     )?;
-    let datastore = conn.query_row(
-        "SELECT id, name, capacity_bytes FROM datastore WHERE id = ?1",
-        [&ds_id],
+    let datastores = tx.query_map(
+        "SELECT id, name, capacity_bytes FROM datastore ORDER BY num",
+        &[],
         |row| {
             Ok(DatastoreInfo {
                 id: row.get(0)?,
@@ -342,37 +371,6 @@ pub(super) fn domain_info(conn: &Connection) -> Result<DomainInfo, InventoryErro
             })
         },
     )?;
-    let mut stmt = conn.prepare_cached("SELECT id, name FROM cluster ORDER BY num")?;
-    let clusters = stmt
-        .query_map([], |row| {
-            Ok(ClusterInfo {
-                id: row.get(0)?,
-                name: row.get(1)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut stmt = conn.prepare_cached("SELECT id, name, cluster, cpu_cores, memory_mib FROM host ORDER BY num")?;
-    let hosts = stmt
-        .query_map([], |row| {
-            Ok(HostInfo {
-                id: row.get(0)?,
-                name: row.get(1)?,
-                cluster: row.get(2)?,
-                cpu_cores: row.get(3)?,
-                memory_mib: row.get(4)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut stmt = conn.prepare_cached("SELECT id, name, capacity_bytes FROM datastore ORDER BY num")?;
-    let datastores = stmt
-        .query_map([], |row| {
-            Ok(DatastoreInfo {
-                id: row.get(0)?,
-                name: row.get(1)?,
-                capacity_bytes: row.get(2)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
     // Each cluster's root pool first, then the child pools.
     let mut resource_pools: Vec<PoolInfo> = clusters
         .iter()
@@ -385,23 +383,22 @@ pub(super) fn domain_info(conn: &Connection) -> Result<DomainInfo, InventoryErro
             cpu_limit_cores: None,
         })
         .collect();
-    let mut stmt = conn.prepare_cached(
+    let children = tx.query_map(
         "SELECT id, name, cluster, memory_limit_mib, cpu_limit_cores FROM resource_pool ORDER BY num",
+        &[],
+        |row| {
+            let cluster: String = row.get(2)?;
+            Ok(PoolInfo {
+                id: row.get(0)?,
+                name: row.get(1)?,
+                parent: Some(root_resource_pool(&cluster)),
+                cluster,
+                memory_limit_mib: row.get(3)?,
+                cpu_limit_cores: row.get(4)?,
+            })
+        },
     )?;
-    let children = stmt.query_map([], |row| {
-        let cluster: String = row.get(2)?;
-        Ok(PoolInfo {
-            id: row.get(0)?,
-            name: row.get(1)?,
-            parent: Some(root_resource_pool(&cluster)),
-            cluster,
-            memory_limit_mib: row.get(3)?,
-            cpu_limit_cores: row.get(4)?,
-        })
-    })?;
-    for pool in children {
-        resource_pools.push(pool?);
-    }
+    resource_pools.extend(children);
     Ok(DomainInfo {
         datacenter,
         folders,

@@ -4,7 +4,7 @@
 //! unregistered, the migration RUNNING again with its disks as the replica, its receipt
 //! superseded). The scheduled switchover time lives here too.
 
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use crate::store_params;
 
 use super::migrations::state_of;
 use super::{now, CommitMove, Inventory, InventoryError};
@@ -27,9 +27,8 @@ impl Inventory {
     /// replication `migration_id`. Refused for a migration that is not a replication
     /// with a first pass done, or not RUNNING.
     pub fn set_switchover_at(&self, migration_id: &str, at: Option<&str>) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let (state, _) = state_of(&tx, migration_id)?;
+        self.write(|tx| {
+            let (state, _) = state_of(tx, migration_id)?;
             if state != "RUNNING" {
                 return Err(InventoryError::MigrationNotRunning {
                     id: migration_id.to_owned(),
@@ -38,7 +37,7 @@ impl Inventory {
             }
             let replica: bool = tx.query_row(
                 "SELECT replica_synced IS NOT NULL FROM migration WHERE id = ?1",
-                [migration_id],
+                store_params![migration_id],
                 |row| row.get(0),
             )?;
             if !replica {
@@ -48,9 +47,8 @@ impl Inventory {
             }
             tx.execute(
                 "UPDATE migration SET switchover_at = ?2 WHERE id = ?1",
-                params![migration_id, at],
+                store_params![migration_id, at],
             )?;
-            tx.commit()?;
             Ok(())
         })
     }
@@ -65,11 +63,11 @@ impl Inventory {
         downtime_ms: Option<u64>,
         downtime_from: &str,
     ) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            conn.execute(
+        self.write(|tx| {
+            tx.execute(
                 "UPDATE migration SET switchover_state = ?2, downtime_ms = ?3, downtime_from = ?4, switchover_at = NULL
                  WHERE id = ?1 AND state = 'SUCCEEDED'",
-                params![
+                store_params![
                     migration_id,
                     if awaiting_confirm { AWAITING_CONFIRM } else { CONFIRMED },
                     downtime_ms,
@@ -98,12 +96,11 @@ impl Inventory {
     }
 
     fn move_switchover(&self, migration_id: &str, from: &str, to: &str) -> Result<String, InventoryError> {
-        self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let (state, _) = state_of(&tx, migration_id)?;
+        self.write(|tx| {
+            let (state, _) = state_of(tx, migration_id)?;
             let (switchover, vm): (Option<String>, Option<String>) = tx.query_row(
                 "SELECT switchover_state, vm FROM migration WHERE id = ?1",
-                [migration_id],
+                store_params![migration_id],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
             let (Some(vm), true) = (vm, state == "SUCCEEDED" && switchover.as_deref() == Some(from)) else {
@@ -114,9 +111,8 @@ impl Inventory {
             };
             tx.execute(
                 "UPDATE migration SET switchover_state = ?2 WHERE id = ?1",
-                params![migration_id, to],
+                store_params![migration_id, to],
             )?;
-            tx.commit()?;
             Ok(vm)
         })
     }
@@ -128,12 +124,11 @@ impl Inventory {
     /// so that a restart finishes moving them. Returns the VM that was unregistered.
     pub fn finish_rollback(&self, migration_id: &str, moves: &[CommitMove]) -> Result<String, InventoryError> {
         let json = serde_json::to_string(moves).map_err(|e| InventoryError::Invalid(e.to_string()))?;
-        self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let (state, _) = state_of(&tx, migration_id)?;
+        self.write(|tx| {
+            let (state, _) = state_of(tx, migration_id)?;
             let (switchover, vm): (Option<String>, Option<String>) = tx.query_row(
                 "SELECT switchover_state, vm FROM migration WHERE id = ?1",
-                [migration_id],
+                store_params![migration_id],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
             let (Some(vm), true) = (vm, state == "SUCCEEDED" && switchover.as_deref() == Some(ROLLING_BACK)) else {
@@ -145,17 +140,19 @@ impl Inventory {
             tx.execute(
                 "INSERT INTO superseded_receipt (migration, vm, signed, created, superseded)
                  SELECT migration, vm, signed, created, ?2 FROM receipt WHERE migration = ?1",
-                params![migration_id, at],
+                store_params![migration_id, at],
             )?;
-            tx.execute("DELETE FROM receipt WHERE migration = ?1", [migration_id])?;
-            tx.execute("DELETE FROM migration_report WHERE migration = ?1", [migration_id])?;
+            tx.execute("DELETE FROM receipt WHERE migration = ?1", store_params![migration_id])?;
+            tx.execute(
+                "DELETE FROM migration_report WHERE migration = ?1",
+                store_params![migration_id],
+            )?;
             tx.execute(
                 "UPDATE migration SET state = 'RUNNING', vm = NULL, finished = NULL, error = NULL,
                      switchover_state = ?2, interrupted = ?3, commit_moves = ?4 WHERE id = ?1",
-                params![migration_id, ROLLED_BACK, at, json],
+                store_params![migration_id, ROLLED_BACK, at, json],
             )?;
-            tx.execute("DELETE FROM vm WHERE id = ?1", [&vm])?;
-            tx.commit()?;
+            tx.execute("DELETE FROM vm WHERE id = ?1", store_params![&vm])?;
             Ok(vm)
         })
     }
@@ -163,24 +160,25 @@ impl Inventory {
     /// Whether the host must refuse to power `vm_id` on: its migration's switchover is
     /// being rolled back. Returns the migration.
     pub fn power_on_blocked(&self, vm_id: &str) -> Result<Option<String>, InventoryError> {
-        self.with_conn(|conn| {
-            Ok(conn
-                .query_row(
-                    "SELECT id FROM migration WHERE vm = ?1 AND switchover_state IN (?2, ?3)",
-                    params![vm_id, ROLLING_BACK, ROLLED_BACK],
-                    |row| row.get(0),
-                )
-                .optional()?)
+        self.read(|tx| {
+            Ok(tx.query_row_opt(
+                "SELECT id FROM migration WHERE vm = ?1 AND switchover_state IN (?2, ?3)",
+                store_params![vm_id, ROLLING_BACK, ROLLED_BACK],
+                |row| row.get(0),
+            )?)
         })
     }
 
     /// The receipts of `migration_id`'s rolled-back switchovers, oldest first.
     pub fn superseded_receipts(&self, migration_id: &str) -> Result<Vec<String>, InventoryError> {
-        self.with_conn(|conn| {
-            state_of(conn, migration_id)?;
-            let mut stmt = conn.prepare("SELECT signed FROM superseded_receipt WHERE migration = ?1 ORDER BY rowid")?;
-            let rows = stmt.query_map([migration_id], |row| row.get(0))?;
-            Ok(rows.collect::<Result<_, _>>()?)
+        self.read(|tx| {
+            state_of(tx, migration_id)?;
+            let rows = tx.query_map(
+                "SELECT signed FROM superseded_receipt WHERE migration = ?1 ORDER BY superseded",
+                store_params![migration_id],
+                |row| row.get(0),
+            )?;
+            Ok(rows)
         })
     }
 }

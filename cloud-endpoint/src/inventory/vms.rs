@@ -2,7 +2,8 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use super::store::{Row, StoreError, Tx};
+use crate::store_params;
 
 use super::migrations::state_of;
 use super::{
@@ -14,7 +15,7 @@ const SELECT_VM: &str = "SELECT v.id, v.name, v.guest_os, v.num_cpus, v.cores_pe
         COALESCE(v.instance_uuid, ''), v.resource_pool, h.cluster
     FROM vm v LEFT JOIN migration m ON m.vm = v.id JOIN host h ON h.id = v.host";
 
-fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
+fn vm_from_row(row: &Row) -> Result<VmRecord, StoreError> {
     Ok(VmRecord {
         id: row.get(0)?,
         name: row.get(1)?,
@@ -35,34 +36,32 @@ fn vm_from_row(row: &Row<'_>) -> rusqlite::Result<VmRecord> {
         migration: row.get(13)?,
         created: row.get(14)?,
         instance_uuid: row.get(15)?,
-        resource_pool: match row.get::<_, Option<String>>(16)? {
+        resource_pool: match row.get::<Option<String>>(16)? {
             Some(pool) => pool,
-            None => super::root_resource_pool(&row.get::<_, String>(17)?),
+            None => super::root_resource_pool(&row.get::<String>(17)?),
         },
     })
 }
 
 /// Fills in disks and NICs, in their registered order.
-fn with_devices(conn: &Connection, mut vm: VmRecord) -> rusqlite::Result<VmRecord> {
-    let mut stmt = conn.prepare_cached(
+fn with_devices(tx: &mut dyn Tx, mut vm: VmRecord) -> Result<VmRecord, StoreError> {
+    vm.disks = tx.query_map(
         "SELECT key, path, capacity_bytes, COALESCE(datastore, ?2) FROM vm_disk WHERE vm = ?1 ORDER BY position",
-    )?;
-    vm.disks = stmt
-        .query_map([&vm.id, &vm.datastore], |row| {
+        store_params![&vm.id, &vm.datastore],
+        |row| {
             Ok(DiskRecord {
                 key: row.get(0)?,
                 path: row.get(1)?,
                 capacity_bytes: row.get(2)?,
                 datastore: row.get(3)?,
             })
-        })?
-        .collect::<Result<_, _>>()?;
-    let mut stmt = conn.prepare_cached(
+        },
+    )?;
+    vm.nics = tx.query_map(
         "SELECT n.key, n.network, w.name, n.mac, n.virtual_dev, n.source_network, n.address_type
          FROM vm_nic n JOIN network w ON w.id = n.network WHERE n.vm = ?1 ORDER BY n.position",
-    )?;
-    vm.nics = stmt
-        .query_map([&vm.id], |row| {
+        store_params![&vm.id],
+        |row| {
             Ok(NicRecord {
                 key: row.get(0)?,
                 network: row.get(1)?,
@@ -72,17 +71,18 @@ fn with_devices(conn: &Connection, mut vm: VmRecord) -> rusqlite::Result<VmRecor
                 source_network: row.get(5)?,
                 address_type: row.get(6)?,
             })
-        })?
-        .collect::<Result<_, _>>()?;
-    let mut stmt = conn.prepare_cached("SELECT key, type FROM vm_controller WHERE vm = ?1 ORDER BY key")?;
-    vm.controllers = stmt
-        .query_map([&vm.id], |row| {
+        },
+    )?;
+    vm.controllers = tx.query_map(
+        "SELECT key, type FROM vm_controller WHERE vm = ?1 ORDER BY key",
+        store_params![&vm.id],
+        |row| {
             Ok(gateway::plan::ControllerSpec {
                 key: row.get(0)?,
-                kind: gateway::plan::ControllerType::from_name(&row.get::<_, String>(1)?),
+                kind: gateway::plan::ControllerType::from_name(&row.get::<String>(1)?),
             })
-        })?
-        .collect::<Result<_, _>>()?;
+        },
+    )?;
     Ok(vm)
 }
 
@@ -126,7 +126,7 @@ impl Inventory {
         &self,
         migration_id: &str,
         vm: &NewVm,
-        issue: impl FnOnce(&ReceiptContext<'_>) -> Result<String, String>,
+        issue: impl Fn(&ReceiptContext<'_>) -> Result<String, String>,
     ) -> Result<RegisteredVm, InventoryError> {
         self.register_vm_with_report(migration_id, vm, issue, |_| None)
     }
@@ -137,8 +137,8 @@ impl Inventory {
         &self,
         migration_id: &str,
         vm: &NewVm,
-        issue: impl FnOnce(&ReceiptContext<'_>) -> Result<String, String>,
-        report: impl FnOnce(&ReceiptContext<'_>) -> Option<String>,
+        issue: impl Fn(&ReceiptContext<'_>) -> Result<String, String>,
+        report: impl Fn(&ReceiptContext<'_>) -> Option<String>,
     ) -> Result<RegisteredVm, InventoryError> {
         self.register(migration_id, vm, Some(Box::new(issue)), Box::new(report), "POWERED_OFF")
     }
@@ -150,7 +150,7 @@ impl Inventory {
         &self,
         migration_id: &str,
         vm: &NewVm,
-        report: impl FnOnce(&ReceiptContext<'_>) -> Option<String>,
+        report: impl Fn(&ReceiptContext<'_>) -> Option<String>,
     ) -> Result<String, InventoryError> {
         self.register(migration_id, vm, None, Box::new(report), "POWERED_ON")
             .map(|r| r.vm_id)
@@ -161,14 +161,13 @@ impl Inventory {
         &self,
         migration_id: &str,
         vm: &NewVm,
-        issue: Option<Box<dyn FnOnce(&ReceiptContext<'_>) -> Result<String, String> + '_>>,
-        report: Box<dyn FnOnce(&ReceiptContext<'_>) -> Option<String> + '_>,
+        issue: Option<Box<dyn Fn(&ReceiptContext<'_>) -> Result<String, String> + '_>>,
+        report: Box<dyn Fn(&ReceiptContext<'_>) -> Option<String> + '_>,
         power_state: &'static str,
     ) -> Result<RegisteredVm, InventoryError> {
         check_new_vm(vm)?;
-        self.with_conn(|conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let (state, reserved) = state_of(&tx, migration_id)?;
+        self.write(|tx| {
+            let (state, reserved) = state_of(tx, migration_id)?;
             if state != "RUNNING" {
                 return Err(InventoryError::MigrationNotRunning {
                     id: migration_id.to_owned(),
@@ -181,7 +180,7 @@ impl Inventory {
                     vm.name
                 )));
             }
-            let exists: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM vm WHERE name = ?1)", [&vm.name], |r| {
+            let exists: bool = tx.query_row("SELECT EXISTS (SELECT 1 FROM vm WHERE name = ?1)", store_params![&vm.name], |r| {
                 r.get(0)
             })?;
             if exists {
@@ -190,7 +189,7 @@ impl Inventory {
             for nic in &vm.nics {
                 let known: bool = tx.query_row(
                     "SELECT EXISTS (SELECT 1 FROM network WHERE id = ?1)",
-                    [&nic.network_id],
+                    store_params![&nic.network_id],
                     |r| r.get(0),
                 )?;
                 if !known {
@@ -200,7 +199,7 @@ impl Inventory {
                 }
             }
             let (default_host, default_datastore, default_folder): (String, String, String) =
-                tx.query_row("SELECT host, datastore, folder FROM placement", [], |r| {
+                tx.query_row("SELECT host, datastore, folder FROM placement", &[], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })?;
             let p = &vm.placement;
@@ -210,17 +209,16 @@ impl Inventory {
             // A root pool has no row: the VM then names none (its host's cluster's root).
             let pool = match &p.resource_pool {
                 Some(id) => tx
-                    .query_row("SELECT id FROM resource_pool WHERE id = ?1", [id], |r| r.get::<_, String>(0))
-                    .optional()?,
+                    .query_row_opt("SELECT id FROM resource_pool WHERE id = ?1", store_params![id], |r| r.get::<String>(0))?,
                 None => None,
             };
-            let num = next_number(&tx, "moref")?;
+            let num = next_number(tx, "moref")?;
             let id = format!("vm-{num}");
             tx.execute(
                 "INSERT INTO vm (id, num, name, guest_os, num_cpus, cores_per_socket, memory_mib, firmware, bios_uuid,
                                  power_state, host, datastore, folder, vmx_path, created, instance_uuid, resource_pool)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?17, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-                params![
+                store_params![
                     id,
                     num,
                     vm.name,
@@ -243,7 +241,7 @@ impl Inventory {
             for (position, disk) in vm.disks.iter().enumerate() {
                 tx.execute(
                     "INSERT INTO vm_disk (vm, position, key, path, capacity_bytes, datastore) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![
+                    store_params![
                         id,
                         position as i64,
                         disk.key,
@@ -257,7 +255,7 @@ impl Inventory {
                 tx.execute(
                     "INSERT INTO vm_nic (vm, position, key, network, mac, virtual_dev, source_network, address_type)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![
+                    store_params![
                         id,
                         position as i64,
                         nic.key,
@@ -272,13 +270,13 @@ impl Inventory {
             for controller in &vm.controllers {
                 tx.execute(
                     "INSERT INTO vm_controller (vm, key, type) VALUES (?1, ?2, ?3)",
-                    params![id, controller.key, controller.kind.name()],
+                    store_params![id, controller.key, controller.kind.name()],
                 )?;
             }
-            let started: String = tx.query_row("SELECT started FROM migration WHERE id = ?1", [migration_id], |r| {
+            let started: String = tx.query_row("SELECT started FROM migration WHERE id = ?1", store_params![migration_id], |r| {
                 r.get(0)
             })?;
-            super::firewall::insert(&tx, &id, &vm.name, &vm.firewall)?;
+            super::firewall::insert(tx, &id, &vm.name, &vm.firewall)?;
             let finished = now();
             let ctx = ReceiptContext {
                 migration_id,
@@ -286,7 +284,7 @@ impl Inventory {
                 planned_at: &started,
                 committed_at: &finished,
             };
-            let receipt = match issue {
+            let receipt = match &issue {
                 Some(issue) => issue(&ctx).map_err(|reason| InventoryError::Receipt {
                     id: migration_id.to_owned(),
                     reason,
@@ -296,35 +294,30 @@ impl Inventory {
             if let Some(report) = report(&ctx) {
                 tx.execute(
                     "INSERT INTO migration_report (migration, report, created) VALUES (?1, ?2, ?3)",
-                    params![migration_id, report, finished],
+                    store_params![migration_id, report, finished],
                 )?;
             }
             if !receipt.is_empty() {
                 tx.execute(
                     "INSERT INTO receipt (migration, vm, signed, created) VALUES (?1, ?2, ?3, ?4)",
-                    params![migration_id, id, receipt, finished],
+                    store_params![migration_id, id, receipt, finished],
                 )?;
             }
             tx.execute(
                 "UPDATE migration SET state = 'SUCCEEDED', vm = ?2, finished = ?3 WHERE id = ?1",
-                params![migration_id, id, finished],
+                store_params![migration_id, id, finished],
             )?;
-            tx.commit()?;
             Ok(RegisteredVm { vm_id: id, receipt })
         })
     }
 
     /// Every registered VM, ordered by id number.
     pub fn list_vms(&self) -> Result<Vec<VmRecord>, InventoryError> {
-        self.with_conn(|conn| {
-            let vms: Vec<VmRecord> = {
-                let mut stmt = conn.prepare_cached(&format!("{SELECT_VM} ORDER BY v.num"))?;
-                let rows = stmt.query_map([], vm_from_row)?;
-                rows.collect::<Result<_, _>>()?
-            };
+        self.read(|tx| {
+            let vms: Vec<VmRecord> = tx.query_map(&format!("{SELECT_VM} ORDER BY v.num"), &[], vm_from_row)?;
             Ok(vms
                 .into_iter()
-                .map(|vm| with_devices(conn, vm))
+                .map(|vm| with_devices(tx, vm))
                 .collect::<Result<_, _>>()?)
         })
     }
@@ -339,18 +332,20 @@ impl Inventory {
     }
 
     fn vm_where(&self, condition: &str, value: &str) -> Result<Option<VmRecord>, InventoryError> {
-        self.with_conn(|conn| {
-            let vm = conn
-                .query_row(&format!("{SELECT_VM} WHERE {condition}"), [value], vm_from_row)
-                .optional()?;
-            Ok(vm.map(|vm| with_devices(conn, vm)).transpose()?)
+        self.read(|tx| {
+            let vm = tx.query_row_opt(
+                &format!("{SELECT_VM} WHERE {condition}"),
+                store_params![value],
+                vm_from_row,
+            )?;
+            Ok(vm.map(|vm| with_devices(tx, vm)).transpose()?)
         })
     }
 
     /// Records a VM's power state (POWERED_ON, POWERED_OFF), as its host sees it.
     pub fn set_power_state(&self, id: &str, state: &str) -> Result<(), InventoryError> {
-        self.with_conn(|conn| {
-            let changed = conn.execute("UPDATE vm SET power_state = ?2 WHERE id = ?1", params![id, state])?;
+        self.write(|tx| {
+            let changed = tx.execute("UPDATE vm SET power_state = ?2 WHERE id = ?1", store_params![id, state])?;
             if changed == 0 {
                 return Err(InventoryError::NotFound {
                     what: format!("VM {id}"),
@@ -369,15 +364,15 @@ impl Inventory {
 
     /// [`Self::used_bytes_on`], with the part running migrations reserved.
     pub fn space_on(&self, datastore_id: &str) -> Result<DatastoreUse, InventoryError> {
-        self.with_conn(|conn| Ok(space_on(conn, datastore_id)?))
+        self.read(|tx| Ok(space_on(tx, datastore_id)?))
     }
 
     pub fn used_bytes(&self) -> Result<u64, InventoryError> {
-        self.with_conn(|conn| {
-            Ok(conn.query_row(
-                "SELECT (SELECT COALESCE(SUM(capacity_bytes), 0) FROM vm_disk)
-                      + (SELECT COALESCE(SUM(logical_bytes), 0) FROM migration WHERE state = 'RUNNING')",
-                [],
+        self.read(|tx| {
+            Ok(tx.query_row(
+                "SELECT (SELECT CAST(COALESCE(SUM(capacity_bytes), 0) AS BIGINT) FROM vm_disk)
+                      + (SELECT CAST(COALESCE(SUM(logical_bytes), 0) AS BIGINT) FROM migration WHERE state = 'RUNNING')",
+                &[],
                 |row| row.get(0),
             )?)
         })
@@ -394,16 +389,16 @@ pub struct DatastoreUse {
 }
 
 /// [`Inventory::space_on`] on a connection (or inside a transaction).
-pub(super) fn space_on(conn: &rusqlite::Connection, datastore_id: &str) -> rusqlite::Result<DatastoreUse> {
-    let (registered, reserved): (u64, u64) = conn.query_row(
-        "SELECT (SELECT COALESCE(SUM(d.capacity_bytes), 0) FROM vm_disk d JOIN vm v ON v.id = d.vm
+pub(super) fn space_on(tx: &mut dyn Tx, datastore_id: &str) -> Result<DatastoreUse, StoreError> {
+    let (registered, reserved): (u64, u64) = tx.query_row(
+        "SELECT (SELECT CAST(COALESCE(SUM(d.capacity_bytes), 0) AS BIGINT) FROM vm_disk d JOIN vm v ON v.id = d.vm
                  WHERE COALESCE(d.datastore, v.datastore) = ?1),
-                (SELECT COALESCE(SUM(s.bytes), 0) FROM migration_space s JOIN migration m ON m.id = s.migration
+                (SELECT CAST(COALESCE(SUM(s.bytes), 0) AS BIGINT) FROM migration_space s JOIN migration m ON m.id = s.migration
                  WHERE m.state = 'RUNNING' AND s.datastore = ?1)
-              + (SELECT COALESCE(SUM(m.logical_bytes), 0) FROM migration m
+              + (SELECT CAST(COALESCE(SUM(m.logical_bytes), 0) AS BIGINT) FROM migration m
                  WHERE m.state = 'RUNNING' AND ?1 = (SELECT datastore FROM placement)
                    AND NOT EXISTS (SELECT 1 FROM migration_space s WHERE s.migration = m.id))",
-        [datastore_id],
+        store_params![datastore_id],
         |row| Ok((row.get(0)?, row.get(1)?)),
     )?;
     Ok(DatastoreUse {

@@ -125,7 +125,7 @@ pub fn finalize(
             chunk_hash: Some(gateway::chunk::ChunkHash::CURRENT.name().to_owned()),
             vm_id: ctx.vm_id.to_owned(),
             vm_path: new_vm.vmx_path.clone(),
-            disks: receipt_disks,
+            disks: receipt_disks.clone(),
             planned_at: ctx.planned_at.to_owned(),
             committed_at: ctx.committed_at.to_owned(),
             endpoint: domain.endpoint_name.clone(),
@@ -143,7 +143,10 @@ pub fn finalize(
     for (r, d) in report.disks.iter_mut().zip(&new_vm.disks) {
         r.path = Some(d.path.clone());
     }
+    // Built in the registering transaction, which may run again on PostgreSQL: each
+    // run fills in its own copy.
     let report_json = |ctx: &crate::inventory::ReceiptContext<'_>| {
+        let mut report = report.clone();
         report.migration_id = Some(ctx.migration_id.to_owned());
         report.vm_id = Some(ctx.vm_id.to_owned());
         report.vm_path = Some(new_vm.vmx_path.clone());
@@ -374,6 +377,7 @@ pub fn finalize_live(
     };
     let vm_path = new_vm.vmx_path.clone();
     let registered = domain.inventory.register_running_vm(&migration_id, &new_vm, |ctx| {
+        let mut report = report.clone();
         report.migration_id = Some(ctx.migration_id.to_owned());
         report.vm_id = Some(ctx.vm_id.to_owned());
         report.vm_path = Some(vm_path.clone());
