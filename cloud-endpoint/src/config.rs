@@ -74,6 +74,12 @@ pub struct Config {
     pub datastore_dir: PathBuf,
     /// SQLite file of the inventory. Default `./inventory.sqlite3`.
     pub database: PathBuf,
+    /// A PostgreSQL database that holds the inventory instead of `database`, shared by
+    /// every endpoint of a scale-out domain (`postgres://user:password@host:5432/db`;
+    /// `CLOUD_ENDPOINT_DATABASE_URL` keeps the password out of the file). Each endpoint
+    /// is the host `domain.host.name` of the domain's cluster. Default none: SQLite.
+    #[serde(default)]
+    pub database_url: Option<String>,
     /// Migrations accepted at once; more wait. Default 32, at least 1.
     pub max_concurrent_migrations: u32,
     /// How long a migration whose connection ended (a dropped link, a killed edge, an
@@ -944,6 +950,9 @@ datastore_dir = "./datastore"
 
 # SQLite file of the inventory (the vCenter-like domain).
 database = "./inventory.sqlite3"
+# Or a PostgreSQL database that several endpoints share (a scale-out domain; see
+# docs/scale-out.md). Set CLOUD_ENDPOINT_DATABASE_URL to keep the password out of here.
+# database_url = "postgres://gateway:secret@db.cloud.example:5432/gateway"
 
 # Migrations accepted at once (at least 1); further ones wait.
 max_concurrent_migrations = 32

@@ -177,7 +177,7 @@ impl Endpoint {
         let receipts = gateway::receipt::ReceiptSigner::new(&chain, &key)?;
         let tls = gateway::transport::server_crypto(chain.clone(), key.clone_key(), &edge_cas)?;
         let api_tls = api::server_tls(chain.clone(), key).map_err(EndpointError::ApiTls)?;
-        let inventory = Inventory::open(&config.database, &config.domain)?;
+        let inventory = Inventory::open_configured(&config)?;
         refuse_default_passwords(&config, &inventory)?;
         // The stored name wins: VM paths already carry it.
         let datastore = Datastore::open(

@@ -531,6 +531,15 @@ impl Inventory {
         Ok(inventory)
     }
 
+    /// The inventory `config` names: its PostgreSQL database if it has one, else its
+    /// SQLite file.
+    pub fn open_configured(config: &crate::config::Config) -> Result<Inventory, InventoryError> {
+        match &config.database_url {
+            Some(url) => Inventory::open_postgres(url, &config.domain),
+            None => Inventory::open(&config.database, &config.domain),
+        }
+    }
+
     /// [`Inventory::open`] on a PostgreSQL database that several endpoints share
     /// (`postgres://user:password@host/db`): the schema is brought up to date by the
     /// first endpoint that starts, and the domain made to match `domain` as for a file.
