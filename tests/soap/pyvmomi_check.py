@@ -188,14 +188,14 @@ check(content.searchIndex.FindAllByUuid(None, "00000000-0000-0000-0000-000000000
 
 # Hosts by their hardware uuid.
 for host_id in exp["hosts"]:
-    host = vim.HostSystem(host_id, si._stub)
-    uuid = host.hardware.systemInfo.uuid
-    check(len(uuid) == 36 and host.summary.hardware.uuid == uuid, f"{host_id} uuid {uuid}")
+    host_system = vim.HostSystem(host_id, si._stub)
+    uuid = host_system.hardware.systemInfo.uuid
+    check(len(uuid) == 36 and host_system.summary.hardware.uuid == uuid, f"{host_id} uuid {uuid}")
     found = content.searchIndex.FindByUuid(None, uuid, False)
     check(isinstance(found, vim.HostSystem) and found._moId == host_id, f"{host_id} FindByUuid: {found}")
     check([h._moId for h in content.searchIndex.FindAllByUuid(None, uuid.upper(), False)] == [host_id],
           f"{host_id} FindAllByUuid")
-    check(content.searchIndex.FindByUuid(None, uuid, True) is None, f"{host_id}: no VM has a host's uuid")
+    check(content.searchIndex.FindByUuid(None, uuid, True) is None, f"no VM has the uuid of {host_id}")
 
 for ds_id in exp["datastores"]:
     ds = vim.Datastore(ds_id, si._stub)
