@@ -665,7 +665,7 @@ fn updates(state: &ApiState, ctx: &Ctx, reset: bool) -> Result<Option<String>, F
                         vec![
                             ("name", Value::Str(path.clone())),
                             ("op", Value::Enum("PropertyChangeOp", "assign".into())),
-                            ("val", value.clone()),
+                            ("val", Value::Any(Box::new(value.clone()))),
                         ],
                     ));
                 }

@@ -241,7 +241,7 @@ pub fn write_contents(out: &mut String, name: &str, objects: &[ObjectContent]) {
         Value::Ref(o.obj.clone()).write(out, "obj");
         for (path, value) in &o.props {
             out.push_str("<propSet xsi:type=\"DynamicProperty\">");
-            Value::Str(path.clone()).write(out, "name");
+            Value::Str(path.clone()).write_field(out, "name");
             value.write(out, "val");
             out.push_str("</propSet>");
         }

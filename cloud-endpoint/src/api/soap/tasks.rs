@@ -105,7 +105,7 @@ impl TaskRecord {
             fields.push(("error", error.localized()));
         }
         if let Some(result) = &self.result {
-            fields.push(("result", result.clone()));
+            fields.push(("result", Value::Any(Box::new(result.clone()))));
         }
         if let (Some(progress), TaskState::Running) = (self.progress, self.state) {
             fields.push(("progress", Value::Int(progress)));
@@ -366,7 +366,7 @@ mod tests {
         assert_eq!(info.field("entityName"), Some(&Value::str("web01")));
         assert_eq!(
             info.field("result"),
-            Some(&Value::Ref(MoRef::new("VirtualMachine", "vm-14")))
+            Some(&Value::Any(Box::new(Value::Ref(MoRef::new("VirtualMachine", "vm-14")))))
         );
         assert_eq!(
             info.field("descriptionId"),
@@ -375,19 +375,23 @@ mod tests {
         assert!(info.field("progress").is_none() && info.field("error").is_none());
         let text = xml(&info);
         assert!(
-            text.contains(r#"<queueTime xsi:type="xsd:dateTime">2024-05-01T10:00:00.060Z</queueTime>"#),
+            text.contains("<queueTime>2024-05-01T10:00:00.060Z</queueTime>"),
             "{text}"
         );
         assert!(
-            text.contains(r#"<completeTime xsi:type="xsd:dateTime">2024-05-01T10:01:02.000Z</completeTime>"#),
+            text.contains("<completeTime>2024-05-01T10:01:02.000Z</completeTime>"),
             "{text}"
         );
         assert!(
-            text.contains(r#"<reason xsi:type="TaskReasonUser"><userName xsi:type="xsd:string">migrator@cloud.local</userName></reason>"#),
+            text.contains(r#"<reason xsi:type="TaskReasonUser"><userName>migrator@cloud.local</userName></reason>"#),
             "{text}"
         );
         assert!(
             text.contains(r#"<description xsi:type="LocalizableMessage">"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"<result type="VirtualMachine" xsi:type="ManagedObjectReference">vm-14</result>"#),
             "{text}"
         );
     }
