@@ -181,7 +181,7 @@ fn hash_password() -> anyhow::Result<()> {
 }
 
 fn inventory(config: &Config, json: bool) -> anyhow::Result<()> {
-    let inv = Inventory::open_configured(&config)?;
+    let inv = Inventory::open_configured(config)?;
     let vms = inv.list_vms()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&vms)?);
@@ -217,7 +217,7 @@ fn inventory(config: &Config, json: bool) -> anyhow::Result<()> {
 }
 
 fn migrations(config: &Config, json: bool) -> anyhow::Result<()> {
-    let inv = Inventory::open_configured(&config)?;
+    let inv = Inventory::open_configured(config)?;
     let list = inv.list_migrations()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);

@@ -2,7 +2,9 @@
 (pyvmomi: one container view, RetrievePropertiesEx paged by maxObjects, then
 ContinueRetrievePropertiesEx) or through REST (GET /api/vcenter/vm, then
 GET /api/vcenter/vm/{vm} for each VM's devices), as a script would. tests/soap-bench.sh
-runs it; prints one JSON line.
+runs it; prints one JSON line. In SOAP mode it also times pyvmomi's parsing of the
+responses into Python objects apart (`parse_seconds`): each response is read whole, then
+parsed, where pyvmomi parses while it reads; the sum is the same work.
 
 usage: bench.py soap|rest HOST:PORT CA USER PASSWORD PAGE ROUNDS"""
 
@@ -18,13 +20,26 @@ host, port = server.rsplit(":", 1)
 
 def soap():
     from pyVim.connect import SmartConnect, Disconnect
-    from pyVmomi import vim, vmodl
+    from pyVmomi import vim, vmodl, SoapAdapter
+    parse = [0.0]
+    deserialize = SoapAdapter.SoapResponseDeserializer.Deserialize
+
+    def timed(self, response, result_type, ns_map=None):
+        body = response.read() if hasattr(response, "read") else response
+        t0 = time.perf_counter()
+        try:
+            return deserialize(self, body, result_type, ns_map)
+        finally:
+            parse[0] += time.perf_counter() - t0
+
+    SoapAdapter.SoapResponseDeserializer.Deserialize = timed
     si = SmartConnect(host=host, port=int(port), user=user, pwd=password,
                       sslContext=ssl.create_default_context(cafile=ca))
     content = si.RetrieveContent()
     pc = content.propertyCollector
-    times, vms, devices = [], 0, 0
+    times, parses, vms, devices = [], [], 0, 0
     for _ in range(rounds):
+        parse[0] = 0.0
         t0 = time.perf_counter()
         view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
         spec = vmodl.query.PropertyCollector.FilterSpec(
@@ -43,8 +58,9 @@ def soap():
             result = pc.ContinueRetrievePropertiesEx(result.token) if result.token else None
         view.DestroyView()
         times.append(time.perf_counter() - t0)
+        parses.append(parse[0])
     Disconnect(si)
-    return times, vms, devices
+    return times, parses, vms, devices
 
 
 def rest():
@@ -77,9 +93,11 @@ def rest():
                         + len(vm["sata_adapters"]) + len(vm["nvme_adapters"]))
         times.append(time.perf_counter() - t0)
     call("DELETE", "/api/session", h)
-    return times, vms, devices
+    return times, [], vms, devices
 
 
-times, vms, devices = soap() if mode == "soap" else rest()
+times, parses, vms, devices = soap() if mode == "soap" else rest()
+median = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
 print(json.dumps({"mode": mode, "vms": vms, "devices": devices, "seconds": times,
-                  "best": min(times), "median": sorted(times)[len(times) // 2]}))
+                  "best": min(times), "median": times[median],
+                  "parse_seconds": parses, "median_parse": parses[median] if parses else None}))

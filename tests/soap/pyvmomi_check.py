@@ -78,7 +78,41 @@ expect_fault(vmodl.query.InvalidProperty, lambda: pc.RetrievePropertiesEx([vmodl
     objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=view, skip=True, selectSet=[trav])],
     propSet=[vmodl.query.PropertyCollector.PropertySpec(type=vim.VirtualMachine, pathSet=["noSuchProperty"])])],
     vmodl.query.PropertyCollector.RetrieveOptions()), "a path no VM has")
+# A misspelled step anywhere in a path is refused, with the whole path as its name.
+for path in ["config.hardwre.device", "summary.confg.name", "config.hardware.device.key"]:
+    e = expect_fault(vmodl.query.InvalidProperty, lambda: pc.RetrievePropertiesEx([vmodl.query.PropertyCollector.FilterSpec(
+        objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=view, skip=True, selectSet=[trav])],
+        propSet=[vmodl.query.PropertyCollector.PropertySpec(type=vim.VirtualMachine, pathSet=["name", path])])],
+        vmodl.query.PropertyCollector.RetrieveOptions()), f"the misspelled path {path}")
+    check(e.name == path, f"InvalidProperty.name: {e.name}")
+# A path vim25 has that is not set here is left out, not refused.
+unset = pc.RetrievePropertiesEx([vmodl.query.PropertyCollector.FilterSpec(
+    objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=view, skip=True, selectSet=[trav])],
+    propSet=[vmodl.query.PropertyCollector.PropertySpec(type=vim.VirtualMachine,
+                                                        pathSet=["name", "config.cpuAllocation.limit"])])],
+    vmodl.query.PropertyCollector.RetrieveOptions())
+check(all([p.name for p in oc.propSet] == ["name"] for oc in unset.objects),
+      "an unset vim25 path is left out")
 view.DestroyView()
+
+# --- the migrations as Tasks ------------------------------------------------------------
+recent = {t._moId for t in content.taskManager.recentTask}
+check(set(exp["migrations"]) <= recent, f"recentTask lists the migrations: {sorted(recent)}")
+for mid, vm_id in exp["migrations"].items():
+    task = vim.Task(mid, si._stub)
+    info = task.info
+    check(info.key == mid and info.task._moId == mid, f"{mid} info.key and info.task")
+    check(info.state == "success", f"{mid} state: {info.state}")
+    check(isinstance(info.entity, vim.VirtualMachine) and info.entity._moId == vm_id,
+          f"{mid} entity: {info.entity}")
+    check(info.entityName == exp["vms"][vm_id]["name"], f"{mid} entityName: {info.entityName}")
+    check(info.result._moId == vm_id, f"{mid} result: {info.result}")
+    check(info.descriptionId == "VirtualMachine.relocate", f"{mid} descriptionId: {info.descriptionId}")
+    check(info.error is None and not info.cancelable, f"{mid} no error, not cancelable")
+    check(info.queueTime <= info.startTime <= info.completeTime, f"{mid} times: {info.queueTime} {info.completeTime}")
+    check(info.reason.userName == exp["migrator"], f"{mid} reason.userName: {info.reason.userName}")
+    check(WaitForTask(task) == "success", f"{mid} WaitForTask")
+check(len(content.taskManager.description.methodInfo) > 0, "TaskManager.description.methodInfo")
 
 # --- the inventory through traversal specs from the root folder -----------------------
 TS, SS = vmodl.query.PropertyCollector.TraversalSpec, vmodl.query.PropertyCollector.SelectionSpec
@@ -132,9 +166,15 @@ for moid, want in exp["vms"].items():
     check(vm.config.guestId.endswith("Guest"), f"{moid} guestId {vm.config.guestId}")
     # Find it again: by uuid, by instance uuid, by inventory path, as a child of its folder.
     search = content.searchIndex
-    # The test's sources share one BIOS uuid (as clones do): a VM with that uuid is found.
+    # The test's sources share one BIOS uuid (as clones do): a VM with that uuid is found,
+    # and FindAllByUuid finds each of them.
     check(search.FindByUuid(None, vm.config.uuid, True).config.uuid == vm.config.uuid, f"{moid} FindByUuid")
     check(search.FindByUuid(None, vm.config.instanceUuid, True, True)._moId == moid, f"{moid} FindByUuid instance")
+    same = [v._moId for v in search.FindAllByUuid(None, vm.config.uuid, True)]
+    want = sorted(m for m in exp["vms"] if vim.VirtualMachine(m, si._stub).config.uuid == vm.config.uuid)
+    check(sorted(same) == want and len(want) == len(exp["vms"]), f"{moid} FindAllByUuid: {same}")
+    check([v._moId for v in search.FindAllByUuid(None, vm.config.instanceUuid, True, True)] == [moid],
+          f"{moid} FindAllByUuid instance")
     path, at = [], vm
     while at is not None:
         path.append(at.name)
@@ -143,6 +183,19 @@ for moid, want in exp["vms"].items():
     check(search.FindByInventoryPath(inventory_path)._moId == moid, f"{moid} FindByInventoryPath {inventory_path}")
     check(search.FindChild(vm.parent, vm.name)._moId == moid, f"{moid} FindChild")
 check(content.searchIndex.FindByInventoryPath("no/such/path") is None, "an unknown path finds nothing")
+check(content.searchIndex.FindAllByUuid(None, "00000000-0000-0000-0000-000000000000", True) == [],
+      "an unknown uuid finds no VM")
+
+# Hosts by their hardware uuid.
+for host_id in exp["hosts"]:
+    host_system = vim.HostSystem(host_id, si._stub)
+    uuid = host_system.hardware.systemInfo.uuid
+    check(len(uuid) == 36 and host_system.summary.hardware.uuid == uuid, f"{host_id} uuid {uuid}")
+    found = content.searchIndex.FindByUuid(None, uuid, False)
+    check(isinstance(found, vim.HostSystem) and found._moId == host_id, f"{host_id} FindByUuid: {found}")
+    check([h._moId for h in content.searchIndex.FindAllByUuid(None, uuid.upper(), False)] == [host_id],
+          f"{host_id} FindAllByUuid")
+    check(content.searchIndex.FindByUuid(None, uuid, True) is None, f"no VM has the uuid of {host_id}")
 
 for ds_id in exp["datastores"]:
     ds = vim.Datastore(ds_id, si._stub)
@@ -175,6 +228,10 @@ check(isinstance(task, vim.Task), "PowerOnVM_Task returns a Task")
 WaitForTask(task)
 check(task.info.state == "success" and task.info.entity._moId == exp["boot_vm"], f"power-on task: {task.info.state}")
 check(vm.runtime.powerState == "poweredOn", f"powered on: {vm.runtime.powerState}")
+# The power-on and the migrations, side by side in recentTask, the newest last.
+recent = [t._moId for t in si.RetrieveContent().taskManager.recentTask]
+check(task._moId in recent and set(exp["migrations"]) <= set(recent), f"recentTask after a power-on: {recent}")
+check(recent[-1] == task._moId, f"the power-on is the newest task: {recent}")
 again = vm.PowerOnVM_Task()
 try:
     WaitForTask(again)

@@ -2,8 +2,9 @@
 //! tests/vapi/requirements.txt, in the virtualenv tests/vapi/venv.sh makes): two lifted VMs,
 //! one small enough to boot under QEMU; tests/soap/pyvmomi_check.py connects, walks the
 //! inventory through a container view and through traversal specs, reads every VM's disks
-//! and NICs against what REST answers, finds VMs by path and uuid, meets each fault, and
-//! powers the bootable VM on and off through tasks. Raw SOAP calls check what a client
+//! and NICs against what REST answers, finds VMs by path and uuid and hosts by uuid, reads
+//! and waits for the migrations as Tasks, meets each fault, and powers the bootable VM on
+//! and off through tasks, which the TaskManager's recentTask lists beside the migrations. Raw SOAP calls check what a client
 //! gets for a body that is not a vim25 call, and that SOAP and REST sessions are apart.
 //!
 //! Needs pyvmomi from PyPI and `qemu-system-x86_64` (tests/setup.sh installs both);
@@ -84,7 +85,7 @@ async fn pyvmomi_reads_and_powers_the_cloud_domain() {
         ..MigrateOptions::default()
     };
     let boot = migrate(&boot_vmx, &target, &opts).await.expect("boot01 migrates");
-    migrate(&db_vmx, &target, &opts).await.expect("db01 migrates");
+    let db = migrate(&db_vmx, &target, &opts).await.expect("db01 migrates");
 
     // What REST answers: the expectations of the pyvmomi checks.
     let rest = Rest::new(&cloud, &pki);
@@ -114,6 +115,25 @@ async fn pyvmomi_reads_and_powers_the_cloud_domain() {
         );
     }
     assert_eq!(vms.len(), 2);
+    // Each migration is a Task under its migration id in both APIs: REST's cis task first.
+    let mut migrations = serde_json::Map::new();
+    for lift in [&boot, &db] {
+        let task = rest
+            .json(&format!("/api/cis/tasks/{}", lift.migration_id), &token)
+            .await;
+        assert_eq!(task["status"], "SUCCEEDED", "{task}");
+        assert_eq!(task["target"]["id"], lift.vm_id.as_str(), "{task}");
+        migrations.insert(lift.migration_id.clone(), json!(lift.vm_id));
+    }
+    let hosts: Vec<Value> = rest
+        .json("/api/vcenter/host", &token)
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["host"].clone())
+        .collect();
+    assert!(!hosts.is_empty());
     let datastores: Vec<Value> = rest
         .json("/api/vcenter/datastore", &token)
         .await
@@ -179,6 +199,8 @@ async fn pyvmomi_reads_and_powers_the_cloud_domain() {
         "vms": vms,
         "boot_vm": boot.vm_id,
         "datastores": datastores,
+        "migrations": migrations,
+        "hosts": hosts,
     });
     let expected_path = tmp.path().join("expected.json");
     std::fs::write(&expected_path, serde_json::to_vec_pretty(&expected).unwrap()).unwrap();

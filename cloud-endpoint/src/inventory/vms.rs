@@ -1,6 +1,6 @@
 //! Registered VMs: inserted at the end of a migration, listed for the API.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::store::{Row, StoreError, Tx};
 use crate::store_params;
@@ -314,11 +314,51 @@ impl Inventory {
     /// Every registered VM, ordered by id number.
     pub fn list_vms(&self) -> Result<Vec<VmRecord>, InventoryError> {
         self.read(|tx| {
-            let vms: Vec<VmRecord> = tx.query_map(&format!("{SELECT_VM} ORDER BY v.num"), &[], vm_from_row)?;
-            Ok(vms
-                .into_iter()
-                .map(|vm| with_devices(tx, vm))
-                .collect::<Result<_, _>>()?)
+            let mut vms: Vec<VmRecord> = tx.query_map(&format!("{SELECT_VM} ORDER BY v.num"), &[], vm_from_row)?;
+            // Every VM's devices in one query a kind, not three a VM: the SOAP API reads
+            // the whole list at each call, and 3,000 statements for 1,000 VMs were most
+            // of its time.
+            let at: HashMap<String, usize> = vms.iter().enumerate().map(|(i, vm)| (vm.id.clone(), i)).collect();
+            for row in tx.query(
+                "SELECT d.vm, d.key, d.path, d.capacity_bytes, COALESCE(d.datastore, v.datastore)
+                 FROM vm_disk d JOIN vm v ON v.id = d.vm ORDER BY d.vm, d.position",
+                &[],
+            )? {
+                if let Some(&i) = at.get(&row.get::<String>(0)?) {
+                    vms[i].disks.push(DiskRecord {
+                        key: row.get(1)?,
+                        path: row.get(2)?,
+                        capacity_bytes: row.get(3)?,
+                        datastore: row.get(4)?,
+                    });
+                }
+            }
+            for row in tx.query(
+                "SELECT n.vm, n.key, n.network, w.name, n.mac, n.virtual_dev, n.source_network, n.address_type
+                 FROM vm_nic n JOIN network w ON w.id = n.network ORDER BY n.vm, n.position",
+                &[],
+            )? {
+                if let Some(&i) = at.get(&row.get::<String>(0)?) {
+                    vms[i].nics.push(NicRecord {
+                        key: row.get(1)?,
+                        network: row.get(2)?,
+                        network_name: row.get(3)?,
+                        mac: row.get(4)?,
+                        virtual_dev: row.get(5)?,
+                        source_network: row.get(6)?,
+                        address_type: row.get(7)?,
+                    });
+                }
+            }
+            for row in tx.query("SELECT vm, key, type FROM vm_controller ORDER BY vm, key", &[])? {
+                if let Some(&i) = at.get(&row.get::<String>(0)?) {
+                    vms[i].controllers.push(gateway::plan::ControllerSpec {
+                        key: row.get(1)?,
+                        kind: gateway::plan::ControllerType::from_name(&row.get::<String>(2)?),
+                    });
+                }
+            }
+            Ok(vms)
         })
     }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::collector::{self, moref, FilterSpec};
 use super::fault::Fault;
 use super::model::{self, known_type, Extra, Snapshot, View};
+use super::tasks::TaskRecord;
 use super::value::{MoRef, Value};
 use super::xml::{Call, Element};
 use super::{Reply, SessionObjects};
@@ -64,6 +65,7 @@ const SYNC_METHODS: &[&str] = &[
     "DestroyView",
     "FindByInventoryPath",
     "FindByUuid",
+    "FindAllByUuid",
     "FindChild",
 ];
 
@@ -235,7 +237,7 @@ async fn login(state: &ApiState, source: IpAddr, body: &Element) -> Result<Reply
 }
 
 fn snapshot(state: &ApiState, ctx: &Ctx) -> Result<Snapshot, Fault> {
-    let extra = {
+    let mut extra = {
         let all = state.soap.objects();
         let mine = all.get(&ctx.token);
         Extra {
@@ -247,6 +249,18 @@ fn snapshot(state: &ApiState, ctx: &Ctx) -> Result<Snapshot, Fault> {
     };
     let domain = &state.domain;
     let d = domain.inventory.domain().map_err(api)?;
+    // Every migration is a Task, as REST's /api/cis/tasks answers each of them.
+    let datacenter = MoRef::new("Datacenter", &d.datacenter.id);
+    for m in domain.inventory.list_migrations().map_err(api)? {
+        let moved = if m.state == "RUNNING" {
+            domain.live.progress(&m.id)
+        } else {
+            None
+        };
+        extra
+            .tasks
+            .push(TaskRecord::from_migration(&m, moved, (&datacenter, &d.datacenter.name)));
+    }
     let vms = domain.inventory.list_vms().map_err(api)?;
     let networks = domain.inventory.networks().map_err(api)?;
     let mut space = HashMap::new();
@@ -510,21 +524,36 @@ fn sync_call(state: &ApiState, ctx: &Ctx, this: &MoRef, call: &Call) -> Result<S
             let name = body.text_of("name").unwrap_or_default();
             Ok(returnval_ref(snap.find_child(&entity, name)))
         }
-        "FindByUuid" => {
+        "FindByUuid" | "FindAllByUuid" => {
+            let method = call.method.as_str();
             let uuid = body
                 .text_of("uuid")
-                .ok_or_else(|| Fault::invalid_argument("uuid", "FindByUuid needs a uuid"))?
+                .ok_or_else(|| Fault::invalid_argument("uuid", format!("{method} needs a uuid")))?
+                .trim()
                 .to_owned();
+            // vmSearch is required in vim25; a client that leaves it out searches hosts,
+            // as its false would.
             let vm_search = body.bool_of("vmSearch")?.unwrap_or(false);
+            // instanceUuid applies to a VM search only (vim25's documentation); a host
+            // search ignores it, as vCenter and govmomi's simulator do.
             let instance = body.bool_of("instanceUuid")?.unwrap_or(false);
             let snap = snapshot(state, ctx)?;
+            // One datacenter holds the whole domain: naming it narrows nothing, but it
+            // must exist.
             if let Some(dc) = body.child("datacenter") {
-                snap.resolve(&moref(dc))?;
+                snap.resolve(&MoRef {
+                    kind: "Datacenter".into(),
+                    ..moref(dc)
+                })?;
             }
-            // Hosts have no uuid in the inventory: a host search finds nothing.
-            Ok(returnval_ref(
-                vm_search.then(|| snap.find_vm_by_uuid(&uuid, instance)).flatten(),
-            ))
+            let found = snap.find_all_by_uuid(&uuid, vm_search, instance);
+            if method == "FindByUuid" {
+                return Ok(returnval_ref(found.into_iter().next()));
+            }
+            // An array answer is its returnval repeated, one a reference.
+            let mut out = String::new();
+            Value::refs(found).write_field(&mut out, "returnval");
+            Ok(out)
         }
         other => Err(Fault::not_supported(other)),
     }
@@ -555,7 +584,10 @@ async fn power_task(state: &ApiState, ctx: &Ctx, this: &MoRef, method: &str) -> 
     let principal = ctx.session.principal.clone();
     let target = MoRef::new("VirtualMachine", &vm.id);
     power::may_operate(&principal, "operate VMs").map_err(|e| Fault::no_permission(&target, privilege, e.message))?;
-    let task = state.soap.tasks.start(description, target.clone(), vm.name.clone());
+    let task = state
+        .soap
+        .tasks
+        .start(description, target.clone(), vm.name.clone(), &principal.user);
     let (domain, soap, task_id) = (state.domain.clone(), state.soap.clone(), task.clone());
     tokio::spawn(async move {
         let result = power::change(&domain, &principal, &vm.id, action).await;
@@ -633,7 +665,7 @@ fn updates(state: &ApiState, ctx: &Ctx, reset: bool) -> Result<Option<String>, F
                         vec![
                             ("name", Value::Str(path.clone())),
                             ("op", Value::Enum("PropertyChangeOp", "assign".into())),
-                            ("val", value.clone()),
+                            ("val", Value::Any(Box::new(value.clone()))),
                         ],
                     ));
                 }

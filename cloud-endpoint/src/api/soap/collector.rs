@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::fault::Fault;
-use super::model::{is_a, known_type, properties, Snapshot};
+use super::model::{check_path, is_a, known_type, properties, Snapshot};
 use super::value::{MoRef, Value};
 use super::xml::Element;
 
@@ -223,11 +223,10 @@ pub fn plan(snapshot: &Snapshot, spec: &FilterSpec) -> Result<Vec<(MoRef, Vec<St
     for obj in select(snapshot, spec)? {
         if let Some(paths) = paths_for(spec, &obj.kind) {
             // A bad path fails the call up front, as vCenter does, not on a later page.
+            // (govmomi's simulator reports it in the object's missingSet instead; vCenter
+            // and pyvmomi raise InvalidProperty for the call.)
             for path in &paths {
-                let first = path.split('.').next().unwrap_or_default();
-                if !properties(&obj.kind).contains(&first) {
-                    return Err(Fault::invalid_property(path, &obj.kind));
-                }
+                check_path(&obj.kind, path)?;
             }
             out.push((obj, paths));
         }
@@ -242,7 +241,7 @@ pub fn write_contents(out: &mut String, name: &str, objects: &[ObjectContent]) {
         Value::Ref(o.obj.clone()).write(out, "obj");
         for (path, value) in &o.props {
             out.push_str("<propSet xsi:type=\"DynamicProperty\">");
-            Value::Str(path.clone()).write(out, "name");
+            Value::Str(path.clone()).write_field(out, "name");
             value.write(out, "val");
             out.push_str("</propSet>");
         }

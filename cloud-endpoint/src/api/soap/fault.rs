@@ -25,7 +25,8 @@ impl Fault {
         }
     }
 
-    fn with(mut self, name: &'static str, value: Value) -> Fault {
+    /// The fault with one more of its type's fields.
+    pub fn with(mut self, name: &'static str, value: Value) -> Fault {
         self.fields.push((name, value));
         self
     }
@@ -71,10 +72,12 @@ impl Fault {
         Fault::new("InvalidArgument", message).with("invalidProperty", Value::str(property))
     }
 
-    pub fn invalid_property(name: &str, kind: &str) -> Fault {
+    /// A property path (`name`) vim25 does not have, or this endpoint does not answer;
+    /// `why` names the step that is not there.
+    pub fn invalid_property(name: &str, why: impl std::fmt::Display) -> Fault {
         Fault::new(
             "InvalidProperty",
-            format!("{kind} has no property {name:?}; see docs/soap.md for the properties answered"),
+            format!("the property path {name:?} is not valid: {why}; see docs/soap.md for the properties answered"),
         )
         .with("name", Value::str(name))
     }

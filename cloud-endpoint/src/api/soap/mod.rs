@@ -7,8 +7,10 @@
 //! fault      vim25 faults (InvalidLogin, NotAuthenticated, NotSupported, ...)
 //! model      the managed objects over one snapshot of the inventory, their properties
 //! vm         a VirtualMachine's config, runtime and summary, devices included
+//! host       a HostSystem's runtime, summary and hardware, and its uuid
+//! schema     vim25's fields a property path steps through (generated from pyvmomi)
 //! collector  the PropertyCollector's selection (traversal specs) and property paths
-//! tasks      Tasks of the power operations
+//! tasks      Tasks: the power operations' and the migrations'; the TaskManager's lists
 //! calls      the methods: service content, sessions, property collector, views, search,
 //!            power
 //! ```
@@ -20,7 +22,9 @@
 mod calls;
 mod collector;
 mod fault;
+mod host;
 mod model;
+mod schema;
 mod tasks;
 mod value;
 mod vm;

@@ -6,7 +6,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::fault::Fault;
-use super::tasks::TaskRecord;
+use super::schema;
+use super::tasks::{self, TaskRecord};
 use super::value::{MoRef, Value};
 use crate::inventory::{DomainInfo, NetworkInfo, VmRecord};
 
@@ -15,6 +16,7 @@ pub const PROPERTY_COLLECTOR: &str = "propertyCollector";
 pub const VIEW_MANAGER: &str = "ViewManager";
 pub const SESSION_MANAGER: &str = "SessionManager";
 pub const SEARCH_INDEX: &str = "SearchIndex";
+pub const TASK_MANAGER: &str = "TaskManager";
 
 const ENTITY_KINDS: &[&str] = &[
     "Folder",
@@ -55,6 +57,7 @@ pub fn known_type(kind: &str) -> bool {
                 | "PropertyCollector"
                 | "ViewManager"
                 | "SearchIndex"
+                | "TaskManager"
         )
 }
 
@@ -91,6 +94,7 @@ pub fn properties(kind: &str) -> &'static [&'static str] {
             "network",
             "runtime",
             "summary",
+            "hardware",
         ],
         "ResourcePool" => &["name", "parent", "overallStatus", "owner", "resourcePool", "vm"],
         "Datastore" => &["name", "parent", "overallStatus", "summary", "vm"],
@@ -108,10 +112,53 @@ pub fn properties(kind: &str) -> &'static [&'static str] {
         ],
         "ContainerView" => &["view", "container", "type", "recursive"],
         "Task" => &["info"],
+        "TaskManager" => &["recentTask", "description", "maxCollector"],
         "SessionManager" => &["currentSession"],
         "ServiceInstance" => &["content", "serverClock"],
         _ => &[],
     }
+}
+
+/// Checks a property path against vim25's types, as vCenter does before it reads a
+/// value: the first step must be a property of `kind` that this endpoint answers
+/// ([`properties`]), every later step a field of the type the step before has in vim25
+/// (`config.hardware.device`: VirtualMachineConfigInfo has `hardware`, VirtualHardware
+/// has `device`). A step into an array, a string or a reference is no field either. A
+/// path that passes may still be unset here, and is then left out, as an unset property
+/// is.
+pub fn check_path(kind: &str, path: &str) -> Result<(), Fault> {
+    let mut steps = path.split('.');
+    let first = steps.next().unwrap_or_default();
+    if !properties(kind).contains(&first) {
+        return Err(Fault::invalid_property(
+            path,
+            format!("{kind} has no property {first:?} that this endpoint answers"),
+        ));
+    }
+    let mut at = schema::PROPERTY_TYPES
+        .iter()
+        .find(|(k, p, _)| *k == kind && *p == first)
+        .map(|(_, _, t)| *t);
+    let mut walked = first.to_owned();
+    for step in steps {
+        let fields = at.and_then(|t| schema::DATA_TYPES.iter().find(|(name, _)| *name == t));
+        let Some((ty, fields)) = fields else {
+            return Err(Fault::invalid_property(
+                path,
+                format!("{kind}.{walked} is no data object: a path cannot step into it to {step:?}"),
+            ));
+        };
+        let Some((_, next)) = fields.iter().find(|(name, _)| *name == step) else {
+            return Err(Fault::invalid_property(
+                path,
+                format!("{kind}.{walked} is a {ty}, which has no field {step:?}"),
+            ));
+        };
+        at = (!next.is_empty()).then_some(*next);
+        walked.push('.');
+        walked.push_str(step);
+    }
+    Ok(())
 }
 
 /// A container view of one session (`ViewManager.CreateContainerView`).
@@ -167,6 +214,7 @@ pub fn service_content(root_folder: &str, instance_uuid: &str) -> Value {
             ("viewManager", r("ViewManager", VIEW_MANAGER)),
             ("about", about),
             ("sessionManager", r("SessionManager", SESSION_MANAGER)),
+            ("taskManager", r("TaskManager", TASK_MANAGER)),
             ("searchIndex", r("SearchIndex", SEARCH_INDEX)),
         ],
     )
@@ -248,6 +296,7 @@ impl Snapshot {
             (VIEW_MANAGER, "ViewManager"),
             (SESSION_MANAGER, "SessionManager"),
             (SEARCH_INDEX, "SearchIndex"),
+            (TASK_MANAGER, "TaskManager"),
         ] {
             index.insert(id.to_owned(), Obj::Singleton(kind));
         }
@@ -304,14 +353,12 @@ impl Snapshot {
         MoRef::new(self.kind_of(id).unwrap_or("ManagedEntity"), id)
     }
 
-    /// The value at `path` of object `obj` (which exists): `None` when unset; an unknown
-    /// first step is InvalidProperty.
+    /// The value at `path` of object `obj` (which exists): `None` when unset; a path
+    /// vim25's types do not have is InvalidProperty ([`check_path`]).
     pub fn get(&self, obj: &MoRef, path: &str) -> Result<Option<Value>, Fault> {
+        check_path(&obj.kind, path)?;
         let mut steps = path.split('.');
         let first = steps.next().unwrap_or_default();
-        if !properties(&obj.kind).contains(&first) {
-            return Err(Fault::invalid_property(path, &obj.kind));
-        }
         let Some(mut value) = self.top(obj, first) else {
             return Ok(None);
         };
@@ -374,41 +421,7 @@ impl Snapshot {
                 let h = &self.d.hosts[i].id;
                 Some(self.vm_refs(|vm| &vm.host == h))
             }
-            (Obj::Host(_), "runtime") => Some(Value::Data(
-                "HostRuntimeInfo",
-                vec![
-                    (
-                        "connectionState",
-                        Value::Enum("HostSystemConnectionState", "connected".into()),
-                    ),
-                    ("powerState", Value::Enum("HostSystemPowerState", "poweredOn".into())),
-                    ("inMaintenanceMode", Value::Bool(false)),
-                ],
-            )),
-            (Obj::Host(i), "summary") => {
-                let h = &self.d.hosts[i];
-                Some(Value::Data(
-                    "HostListSummary",
-                    vec![
-                        ("host", Value::Ref(MoRef::new("HostSystem", &h.id))),
-                        (
-                            "hardware",
-                            Value::Data(
-                                "HostHardwareSummary",
-                                vec![
-                                    ("memorySize", Value::Long((h.memory_mib as i64) << 20)),
-                                    ("numCpuCores", Value::Int(i64::from(h.cpu_cores))),
-                                ],
-                            ),
-                        ),
-                        (
-                            "config",
-                            Value::Data("HostConfigSummary", vec![("name", Value::str(&h.name))]),
-                        ),
-                        ("overallStatus", Value::Enum("ManagedEntityStatus", "green".into())),
-                    ],
-                ))
-            }
+            (Obj::Host(i), _) => super::host::property(&self.d.hosts[i], prop),
             (Obj::Pool(i), "owner") => Some(Value::Ref(MoRef::new(
                 "ClusterComputeResource",
                 &self.d.resource_pools[i].cluster,
@@ -461,6 +474,11 @@ impl Snapshot {
                 .map(|v| Value::strings(v.types.iter().map(String::as_str))),
             (Obj::View, "recursive") => self.extra.views.get(&obj.value).map(|v| Value::Bool(v.recursive)),
             (Obj::Task(i), "info") => Some(self.extra.tasks[i].info()),
+            (Obj::Singleton(TASK_MANAGER), "recentTask") => Some(Value::refs(tasks::recent(&self.extra.tasks))),
+            (Obj::Singleton(TASK_MANAGER), "description") => Some(tasks::description()),
+            // No TaskHistoryCollector can be created here (CreateCollectorForTasks is
+            // NotSupported).
+            (Obj::Singleton(TASK_MANAGER), "maxCollector") => Some(Value::Int(0)),
             (Obj::Singleton(_), "currentSession") => self.extra.session.clone(),
             (Obj::Singleton(_), "content") => {
                 Some(service_content(&self.root_folder().value, &self.extra.instance_uuid))
@@ -636,19 +654,30 @@ impl Snapshot {
             .find(|c| self.index.get(&c.value).and_then(|e| self.name(*e)) == Some(name))
     }
 
-    /// `SearchIndex.FindByUuid` for VMs: the BIOS uuid, or the instance uuid when
-    /// `instance` is set.
-    pub fn find_vm_by_uuid(&self, uuid: &str, instance: bool) -> Option<MoRef> {
-        let uuid = uuid.to_ascii_lowercase();
-        self.vms
-            .iter()
-            .find(|vm| {
-                if instance {
-                    vm.instance_uuid.eq_ignore_ascii_case(&uuid)
-                } else {
-                    super::vm::bios_uuid(vm).eq_ignore_ascii_case(&uuid)
-                }
-            })
-            .map(|vm| MoRef::new("VirtualMachine", &vm.id))
+    /// `SearchIndex.FindAllByUuid` (and `FindByUuid`, its first): with `vm_search`, the
+    /// VMs whose BIOS uuid (or instance uuid, when `instance` is set) is `uuid`; without,
+    /// the hosts whose hardware uuid it is. Uuids compare without regard to case, as
+    /// vCenter's do.
+    pub fn find_all_by_uuid(&self, uuid: &str, vm_search: bool, instance: bool) -> Vec<MoRef> {
+        if vm_search {
+            self.vms
+                .iter()
+                .filter(|vm| {
+                    if instance {
+                        vm.instance_uuid.eq_ignore_ascii_case(uuid)
+                    } else {
+                        super::vm::bios_uuid(vm).eq_ignore_ascii_case(uuid)
+                    }
+                })
+                .map(|vm| MoRef::new("VirtualMachine", &vm.id))
+                .collect()
+        } else {
+            self.d
+                .hosts
+                .iter()
+                .filter(|h| super::host::uuid(h).eq_ignore_ascii_case(uuid))
+                .map(|h| MoRef::new("HostSystem", &h.id))
+                .collect()
+        }
     }
 }

@@ -5,11 +5,12 @@ use std::collections::HashMap;
 
 use super::collector::{self, FilterSpec, ObjectSpec, PropertySpec, Selection, TraversalSpec};
 use super::model::{Extra, Snapshot, View};
+use super::tasks::{TaskRecord, TaskTable};
 use super::value::{MoRef, Value};
 use super::xml::parse_call;
 use crate::inventory::{
-    ClusterInfo, DatacenterInfo, DatastoreInfo, DiskRecord, DomainInfo, FolderInfo, HostInfo, NetworkInfo, NicRecord,
-    PoolInfo, VmRecord,
+    ClusterInfo, DatacenterInfo, DatastoreInfo, DiskRecord, DomainInfo, FolderInfo, HostInfo, MigrationRecord,
+    NetworkInfo, NicRecord, PoolInfo, VmRecord,
 };
 
 fn folder(id: &str, name: &str, kind: &str, parent: Option<&str>) -> FolderInfo {
@@ -62,6 +63,17 @@ fn vm(id: &str, name: &str, folder: &str) -> VmRecord {
 /// Root folder, datacenter-2 with its four folders, a subfolder `prod` in the VM folder,
 /// one cluster, host, root pool, datastore, network, and `n` VMs (every other in `prod`).
 fn snapshot(n: usize, views: HashMap<String, View>) -> Snapshot {
+    snapshot_with(
+        n,
+        Extra {
+            views,
+            ..Extra::default()
+        },
+    )
+}
+
+/// [`snapshot`] with what a session adds: views, tasks, the session itself.
+fn snapshot_with(n: usize, extra: Extra) -> Snapshot {
     let dc = DatacenterInfo {
         id: "datacenter-2".into(),
         name: "cloud-dc".into(),
@@ -123,16 +135,7 @@ fn snapshot(n: usize, views: HashMap<String, View>) -> Snapshot {
         name: "VM Network".into(),
     }];
     let space = HashMap::from([("datastore-10".to_owned(), (1u64 << 30, 10u64 << 30))]);
-    Snapshot::new(
-        d,
-        vms,
-        networks,
-        space,
-        Extra {
-            views,
-            ..Extra::default()
-        },
-    )
+    Snapshot::new(d, vms, networks, space, extra)
 }
 
 fn ts(name: &str, kind: &str, path: &str, select: &[&str]) -> Selection {
@@ -270,7 +273,7 @@ fn path_sets_answer_nested_properties_and_refuse_unknown_ones() {
             "runtime.powerState",
             "config.hardware.device",
             "summary.config.numCpu",
-            "config.noSuchField",
+            "config.cpuAllocation.limit",
         ],
     );
     let plan = collector::plan(&snap, &s).unwrap();
@@ -282,8 +285,8 @@ fn path_sets_answer_nested_properties_and_refuse_unknown_ones() {
         Some(Value::Enum("VirtualMachinePowerState", "poweredOff".into()))
     );
     assert_eq!(prop("summary.config.numCpu"), Some(Value::Int(2)));
-    // An unset nested field is left out, not a fault.
-    assert_eq!(prop("config.noSuchField"), None);
+    // A field vim25 has but this endpoint does not set is left out, not a fault.
+    assert_eq!(prop("config.cpuAllocation.limit"), None);
     let Some(Value::Array("VirtualDevice", devices)) = prop("config.hardware.device") else {
         panic!("devices: {:?}", prop("config.hardware.device"));
     };
@@ -303,8 +306,31 @@ fn path_sets_answer_nested_properties_and_refuse_unknown_ones() {
     );
     assert_eq!(devices[2].field("macAddress"), Some(&Value::str("00:50:56:00:00:01")));
 
-    let bad = spec(vm, false, vec![], "VirtualMachine", &["noSuchProperty"]);
-    assert_eq!(collector::plan(&snap, &bad).unwrap_err().kind, "InvalidProperty");
+    // A path vim25 does not have is refused whole, at any step, with the path as its name.
+    for path in [
+        "noSuchProperty",
+        "config.hardwre.device",
+        "summary.confg.name",
+        "config.hardware.device.key",
+        "name.length",
+        "runtime.powerState.x",
+    ] {
+        let bad = spec(vm.clone(), false, vec![], "VirtualMachine", &["name", path]);
+        let fault = collector::plan(&snap, &bad).unwrap_err();
+        assert_eq!(fault.kind, "InvalidProperty", "{path}");
+        assert_eq!(fault.fields, [("name", Value::str(path))], "{path}");
+        assert!(fault.message.contains(path), "{}", fault.message);
+    }
+    let fault = snap
+        .get(&MoRef::new("HostSystem", "host-9"), "hardware.systemInfo.uuidd")
+        .unwrap_err();
+    assert!(
+        fault
+            .message
+            .contains("HostSystem.hardware.systemInfo is a HostSystemInfo, which has no field \"uuidd\""),
+        "{}",
+        fault.message
+    );
     // A PropertySpec of another type leaves the object out.
     let other = spec(
         MoRef::new("VirtualMachine", "vm-100"),
@@ -371,16 +397,34 @@ fn search_index_finds_by_path_uuid_and_child() {
     );
     assert_eq!(snap.find_by_inventory_path("cloud-dc/vm/nope"), None);
     assert_eq!(
-        snap.find_vm_by_uuid("5003A1B2-0000-4000-8000-000000000102", true)
-            .map(|r| r.value),
-        Some("vm-102".to_owned())
+        ids(&snap.find_all_by_uuid("5003A1B2-0000-4000-8000-000000000102", true, true)),
+        ["vm-102"]
     );
     assert_eq!(
-        snap.find_vm_by_uuid("564d1234-5678-9abc-def0-123456789abc", false)
-            .map(|r| r.value),
-        Some("vm-100".to_owned()),
-        "the first VM with that BIOS uuid"
+        ids(&snap.find_all_by_uuid("564d1234-5678-9abc-def0-123456789abc", true, false)),
+        ["vm-100", "vm-101", "vm-102"],
+        "every VM with that BIOS uuid (the test's VMs are clones)"
     );
+    // A host by its hardware uuid, which its properties show.
+    let host = MoRef::new("HostSystem", "host-9");
+    let Some(Value::Str(uuid)) = snap.get(&host, "hardware.systemInfo.uuid").unwrap() else {
+        panic!("a host has a uuid");
+    };
+    assert_eq!(
+        snap.get(&host, "summary.hardware.uuid").unwrap(),
+        Some(Value::Str(uuid.clone()))
+    );
+    assert_eq!(
+        ids(&snap.find_all_by_uuid(&uuid.to_uppercase(), false, false)),
+        ["host-9"]
+    );
+    assert!(
+        snap.find_all_by_uuid(&uuid, true, false).is_empty(),
+        "no VM has a host's uuid"
+    );
+    assert!(snap
+        .find_all_by_uuid("564d1234-5678-9abc-def0-123456789abc", false, false)
+        .is_empty());
     assert_eq!(
         snap.find_child(&MoRef::new("Datacenter", "datacenter-2"), "host")
             .map(|r| r.value),
@@ -408,4 +452,122 @@ fn a_filter_spec_is_read_as_pyvmomi_sends_it() {
     assert!(fault
         .to_xml()
         .contains("<InvalidArgumentFault xmlns=\"urn:vim25\" xsi:type=\"InvalidArgument\">"));
+}
+
+/// A migration's task and a power task, as the snapshot of a call holds them.
+fn tasks() -> Vec<TaskRecord> {
+    let table = TaskTable::default();
+    let id = table.start(
+        "VirtualMachine.powerOn",
+        MoRef::new("VirtualMachine", "vm-100"),
+        "vm000".into(),
+        "migrator@cloud.local",
+    );
+    table.finish(&id, Ok(()));
+    let mut all = table.all();
+    let migration = MigrationRecord {
+        id: "migration-1".into(),
+        vm_name: "vm000".into(),
+        user: "migrator@cloud.local".into(),
+        edge: "edge-01".into(),
+        state: "SUCCEEDED".into(),
+        error: None,
+        vm: Some("vm-100".into()),
+        started: "2024-05-01T10:00:00Z".into(),
+        finished: Some("2024-05-01T10:01:00Z".into()),
+        logical_bytes: 1 << 30,
+        has_receipt: true,
+        dedup_bytes: 0,
+        replica: None,
+    };
+    let dc = MoRef::new("Datacenter", "datacenter-2");
+    all.push(TaskRecord::from_migration(&migration, None, (&dc, "cloud-dc")));
+    all
+}
+
+#[test]
+fn the_task_manager_lists_migrations_and_power_tasks() {
+    let snap = snapshot_with(
+        1,
+        Extra {
+            tasks: tasks(),
+            ..Extra::default()
+        },
+    );
+    let manager = MoRef::new("TaskManager", "TaskManager");
+    assert_eq!(snap.kind_of("TaskManager"), Some("TaskManager"));
+    let recent = snap.get(&manager, "recentTask").unwrap().unwrap();
+    // Oldest first: the migration of 2024, then the power-on of now.
+    assert_eq!(ids(&recent.morefs()), ["migration-1", "task-1"]);
+    let task = MoRef::new("Task", "migration-1");
+    assert_eq!(snap.kind_of("migration-1"), Some("Task"));
+    assert_eq!(
+        snap.get(&task, "info.state").unwrap(),
+        Some(Value::Enum("TaskInfoState", "success".into()))
+    );
+    assert_eq!(
+        snap.get(&task, "info.entity").unwrap(),
+        Some(Value::Ref(MoRef::new("VirtualMachine", "vm-100")))
+    );
+    assert_eq!(snap.get(&task, "info.error").unwrap(), None, "unset, not refused");
+    assert_eq!(snap.get(&task, "info.stat").unwrap_err().kind, "InvalidProperty");
+    let Some(content) = snap
+        .get(&MoRef::new("ServiceInstance", "ServiceInstance"), "content.taskManager")
+        .unwrap()
+    else {
+        panic!("the service content names the task manager");
+    };
+    assert_eq!(content, Value::Ref(manager.clone()));
+    assert_eq!(snap.get(&manager, "maxCollector").unwrap(), Some(Value::Int(0)));
+}
+
+/// Every field the endpoint writes into a data object of a type a path can reach is a
+/// field vim25 has: a misspelled field here would be a value no client can read.
+#[test]
+fn every_field_answered_is_a_vim25_field() {
+    fn check(v: &Value, at: &str) {
+        match v {
+            Value::Data(ty, fields) => {
+                let known = super::schema::DATA_TYPES.iter().find(|(name, _)| name == ty);
+                for (field, value) in fields {
+                    if let Some((_, vim)) = known {
+                        assert!(vim.iter().any(|(f, _)| f == field), "{at}: {ty} has no field {field}");
+                    }
+                    check(value, &format!("{at}.{field}"));
+                }
+            }
+            Value::Array(_, items) => items.iter().for_each(|i| check(i, at)),
+            _ => {}
+        }
+    }
+    let snap = snapshot_with(
+        1,
+        Extra {
+            tasks: tasks(),
+            session: None,
+            instance_uuid: "52c3c1b4-2d4c-4a53-9f21-0e6f7f6c2b10".into(),
+            views: HashMap::from([(
+                "view-1".to_owned(),
+                View {
+                    container: MoRef::new("Folder", "group-d1"),
+                    types: vec![],
+                    recursive: true,
+                },
+            )]),
+        },
+    );
+    let mut objects = snap.view_contents("view-1");
+    objects.extend([
+        MoRef::new("Task", "migration-1"),
+        MoRef::new("Task", "task-1"),
+        MoRef::new("TaskManager", "TaskManager"),
+        MoRef::new("ServiceInstance", "ServiceInstance"),
+    ]);
+    for obj in objects {
+        for prop in super::model::properties(&obj.kind) {
+            if let Some(v) = snap.get(&obj, prop).unwrap() {
+                check(&v, &format!("{}:{}.{prop}", obj.kind, obj.value));
+            }
+        }
+    }
 }

@@ -1,7 +1,13 @@
-//! vim25 values and how they are written. Every element carries its `xsi:type`, and an
-//! array that stands alone (a property's `val`) is wrapped in its `ArrayOf...` type,
-//! because pyvmomi's deserializer types a value by those attributes wherever the WSDL
-//! says `anyType`; inside a data object an array is its field's element repeated.
+//! vim25 values and how they are written. A value that stands alone (a property's `val`,
+//! a method's `returnval`) carries its `xsi:type`, an array wrapped in its `ArrayOf...`
+//! type, because pyvmomi's deserializer types a value by those attributes wherever the
+//! WSDL says `anyType`. Inside a data object an array is its field's element repeated,
+//! and a string, number, boolean, time or enum field goes without `xsi:type`, as vCenter
+//! writes it: its type is the field's, which the client knows from the WSDL, and looking
+//! up a type name for each of the tens of thousands of such fields in a large retrieval
+//! was a good part of pyvmomi's time. Data objects and references keep theirs (a field's
+//! value may be a subtype: a `VirtualDisk` in a `VirtualDevice` list), and a field
+//! declared `anyType` is a [`Value::Any`], written with its type.
 
 use super::xml::escape;
 
@@ -37,6 +43,9 @@ pub enum Value {
     /// An array: the item's declared type (`VirtualDevice`, `ManagedObjectReference`,
     /// `string`) and the items.
     Array(&'static str, Vec<Value>),
+    /// The value of a field declared `anyType` (`PropertyChange.val`, `TaskInfo.result`):
+    /// written with its `xsi:type` inside a data object too.
+    Any(Box<Value>),
 }
 
 impl Value {
@@ -65,19 +74,34 @@ impl Value {
         match self {
             Value::Ref(r) => vec![r.clone()],
             Value::Array(_, items) => items.iter().flat_map(Value::morefs).collect(),
+            Value::Any(v) => v.morefs(),
             _ => Vec::new(),
         }
     }
 
-    /// Writes the value as field `name` of a data object: an array as repeated elements.
+    /// Writes the value as field `name` of a data object: an array as repeated elements,
+    /// a simple value without `xsi:type` (see the module's comment).
     pub fn write_field(&self, out: &mut String, name: &str) {
+        let plain = |out: &mut String, text: &str| {
+            out.push('<');
+            out.push_str(name);
+            out.push('>');
+            escape(out, text);
+            out.push_str("</");
+            out.push_str(name);
+            out.push('>');
+        };
         match self {
             Value::Array(_, items) => {
                 for item in items {
-                    item.write(out, name);
+                    item.write_field(out, name);
                 }
             }
-            _ => self.write(out, name),
+            Value::Str(s) | Value::Time(s) | Value::Enum(_, s) => plain(out, s),
+            Value::Int(n) | Value::Long(n) => plain(out, &n.to_string()),
+            Value::Bool(b) => plain(out, if *b { "true" } else { "false" }),
+            Value::Any(v) => v.write(out, name),
+            Value::Ref(_) | Value::Data(..) => self.write(out, name),
         }
     }
 
@@ -116,6 +140,7 @@ impl Value {
                 }
                 out.push_str(&format!("</{name}>"));
             }
+            Value::Any(v) => v.write(out, name),
         }
     }
 }
@@ -147,7 +172,25 @@ mod tests {
         .write(&mut out, "deviceInfo");
         assert_eq!(
             out,
-            r#"<deviceInfo xsi:type="Description"><label xsi:type="xsd:string">a&lt;b</label><keys xsi:type="xsd:string">x</keys><keys xsi:type="xsd:string">y</keys></deviceInfo>"#
+            r#"<deviceInfo xsi:type="Description"><label>a&lt;b</label><keys>x</keys><keys>y</keys></deviceInfo>"#
+        );
+        // A field declared anyType keeps its type; a reference or data object always does.
+        let mut out = String::new();
+        Value::Data(
+            "PropertyChange",
+            vec![
+                ("name", Value::str("info.state")),
+                (
+                    "val",
+                    Value::Any(Box::new(Value::Enum("TaskInfoState", "success".into()))),
+                ),
+                ("obj", Value::Ref(MoRef::new("Task", "task-1"))),
+            ],
+        )
+        .write(&mut out, "change");
+        assert_eq!(
+            out,
+            r#"<change xsi:type="PropertyChange"><name>info.state</name><val xsi:type="TaskInfoState">success</val><obj type="Task" xsi:type="ManagedObjectReference">task-1</obj></change>"#
         );
         let mut out = String::new();
         Value::strings(["a"]).write(&mut out, "val");
