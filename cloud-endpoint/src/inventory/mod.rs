@@ -12,6 +12,8 @@
 
 mod chunks;
 mod firewall;
+mod leases;
+pub use leases::LeaseClock;
 mod migrations;
 pub use chunks::{ChunkScope, ChunkSource, IndexedDisk};
 mod password;
@@ -552,7 +554,8 @@ impl Inventory {
     fn on(store: Store, path: PathBuf, domain: &DomainConfig) -> Result<Inventory, InventoryError> {
         let inventory = Inventory { path, store };
         schema::upgrade(&inventory.store).map_err(|e| e.with_path(&inventory.path))?;
-        inventory.write(|tx| seed::reconcile(tx, domain))?;
+        let shared = inventory.dialect() == store::Dialect::Postgres;
+        inventory.write(|tx| seed::reconcile(tx, domain, shared))?;
         Ok(inventory)
     }
 

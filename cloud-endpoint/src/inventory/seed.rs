@@ -10,10 +10,15 @@ use super::{
 };
 use crate::config::{DomainConfig, UserConfig};
 
-pub(super) fn reconcile(tx: &mut dyn Tx, domain: &DomainConfig) -> Result<(), InventoryError> {
+/// `shared`: the database is a scale-out domain's (PostgreSQL), which other endpoints
+/// joined or will join. Each endpoint is a host of the cluster: one whose
+/// `domain.host.name` the domain does not have yet joins it as a new host, where a
+/// single endpoint's renamed host is only warned about (its VMs name the old one).
+pub(super) fn reconcile(tx: &mut dyn Tx, domain: &DomainConfig, shared: bool) -> Result<(), InventoryError> {
     let placed: Option<String> = tx.query_row_opt("SELECT datacenter FROM placement", &[], |row| row.get(0))?;
     match placed {
         None => create_domain(tx, domain)?,
+        Some(_) if shared => join_domain(tx, domain)?,
         Some(_) => check_fixed_names(tx, domain)?,
     }
     tx.execute(
@@ -89,6 +94,21 @@ fn create_domain(tx: &mut dyn Tx, d: &DomainConfig) -> Result<(), InventoryError
         store_params![dc, landing, cluster, host, datastore],
     )?;
     tracing::info!(datacenter = %dc, "cloud domain created in the inventory");
+    Ok(())
+}
+
+/// An endpoint starting on a shared database: its host joins the cluster if it is new.
+fn join_domain(tx: &mut dyn Tx, d: &DomainConfig) -> Result<(), InventoryError> {
+    if exists(tx, "SELECT EXISTS (SELECT 1 FROM host WHERE name = ?1)", &d.host.name)? {
+        return Ok(());
+    }
+    let cluster: String = tx.query_row("SELECT cluster FROM placement", &[], |row| row.get(0))?;
+    let (num, id) = next_id(tx, "host-")?;
+    tx.execute(
+        "INSERT INTO host (id, num, name, cluster, cpu_cores, memory_mib) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        store_params![id, num, d.host.name, cluster, d.host.cpu_cores, d.host.memory_mib],
+    )?;
+    tracing::info!(host = %id, name = %d.host.name, "this endpoint joined the domain as a host of its cluster");
     Ok(())
 }
 

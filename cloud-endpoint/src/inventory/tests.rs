@@ -984,3 +984,148 @@ fn both_engines_have_the_same_tables_and_columns_at_the_same_version() {
     assert!(sqlite.len() > 100, "{sqlite:?}");
     assert_eq!(sqlite, postgres);
 }
+
+mod leases {
+    use super::*;
+    use crate::cluster::lease::{Claim, Lost};
+    use std::time::Duration;
+
+    const PERIOD: Duration = Duration::from_secs(10);
+
+    fn at(ms: i64) -> LeaseClock {
+        LeaseClock::At(ms)
+    }
+
+    #[test]
+    fn a_lease_expires_renews_and_is_taken_over_by_the_next_endpoint() {
+        for_each_store(|db| {
+            let inv = db.open(&DomainConfig::default());
+            let mid = inv.begin_migration(&operator(), "edge", "web01", 1).unwrap();
+            let Claim::Granted(a) = inv.claim_migration(&mid, "esx-a", PERIOD, at(0)).unwrap() else {
+                panic!("the first claim is granted")
+            };
+            assert_eq!((a.epoch, a.expires_ms), (1, 10_000));
+            // Held: another endpoint waits, however often it asks.
+            assert!(matches!(
+                inv.claim_migration(&mid, "esx-b", PERIOD, at(9_999)).unwrap(),
+                Claim::HeldBy(lease) if lease.owner == "esx-a"
+            ));
+            // Renewed in time, it lasts.
+            let renewed = inv.renew_lease(&mid, "esx-a", 1, PERIOD, at(5_000)).unwrap().unwrap();
+            assert_eq!(renewed.expires_ms, 15_000);
+            assert!(matches!(
+                inv.claim_migration(&mid, "esx-b", PERIOD, at(14_999)).unwrap(),
+                Claim::HeldBy(_)
+            ));
+            assert_eq!(inv.orphaned_migrations(at(14_999)).unwrap(), Vec::<String>::new());
+            // Its owner died: at expiry the migration is an orphan, and the next
+            // endpoint takes it with a new epoch.
+            assert_eq!(inv.orphaned_migrations(at(15_000)).unwrap(), vec![mid.clone()]);
+            let Claim::Granted(b) = inv.claim_migration(&mid, "esx-b", PERIOD, at(15_000)).unwrap() else {
+                panic!("an expired lease is taken over")
+            };
+            assert_eq!((b.owner.as_str(), b.epoch), ("esx-b", 2));
+            // The slow owner comes back: told who has it, and cannot release it.
+            assert_eq!(
+                inv.renew_lease(&mid, "esx-a", 1, PERIOD, at(15_001)).unwrap(),
+                Err(Lost::TakenBy {
+                    migration: mid.clone(),
+                    owner: "esx-b".into(),
+                    epoch: 2
+                })
+            );
+            assert!(!inv.release_lease(&mid, "esx-a", 1).unwrap());
+            // The restarted esx-a holds nothing; esx-b holds its one lease.
+            assert!(inv.leases_held_by("esx-a", at(15_001)).unwrap().is_empty());
+            assert_eq!(inv.leases_held_by("esx-b", at(15_001)).unwrap(), vec![b.clone()]);
+            // The migration ends: the lease expires but keeps its epoch.
+            assert!(inv.release_lease(&mid, "esx-b", 2).unwrap());
+            let Claim::Granted(c) = inv.claim_migration(&mid, "esx-a", PERIOD, at(15_002)).unwrap() else {
+                panic!("a released lease is free")
+            };
+            assert_eq!(c.epoch, 3);
+        });
+    }
+
+    #[test]
+    fn endpoints_claiming_at_once_get_one_owner() {
+        for_each_store(|db| {
+            let inv = Arc::new(db.open(&DomainConfig::default()));
+            let mid = inv.begin_migration(&operator(), "edge", "web01", 1).unwrap();
+            let claims: Vec<_> = (0..6)
+                .map(|i| {
+                    let (inv, mid) = (Arc::clone(&inv), mid.clone());
+                    std::thread::spawn(move || inv.claim_migration(&mid, &format!("esx-{i}"), PERIOD, at(0)).unwrap())
+                })
+                .collect();
+            let claims: Vec<Claim> = claims.into_iter().map(|t| t.join().unwrap()).collect();
+            let granted: Vec<_> = claims.iter().filter(|c| matches!(c, Claim::Granted(_))).collect();
+            assert_eq!(granted.len(), 1, "{claims:?}");
+            let Claim::Granted(owner) = granted[0] else {
+                unreachable!()
+            };
+            assert!(claims
+                .iter()
+                .all(|c| matches!(c, Claim::Granted(l) | Claim::HeldBy(l) if l == owner)));
+        });
+    }
+
+    #[test]
+    fn the_database_clock_times_leases_in_service() {
+        for_each_store(|db| {
+            let inv = db.open(&DomainConfig::default());
+            let mid = inv.begin_migration(&operator(), "edge", "web01", 1).unwrap();
+            let before = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            let Claim::Granted(lease) = inv
+                .claim_migration(&mid, "esx-a", PERIOD, LeaseClock::Database)
+                .unwrap()
+            else {
+                panic!("granted")
+            };
+            let from_now = lease.expires_ms - before;
+            assert!((9_000..=11_000).contains(&from_now), "{from_now}");
+            assert!(matches!(
+                inv.claim_migration("migration-999", "esx-a", PERIOD, LeaseClock::Database),
+                Err(InventoryError::NotFound { .. })
+            ));
+        });
+    }
+}
+
+#[test]
+fn endpoints_sharing_postgresql_join_as_hosts_and_race_for_a_name_with_one_winner() {
+    let pg = store::test_pg::TestPg::start();
+    let endpoint = |host: &str| {
+        let mut domain = DomainConfig::default();
+        domain.host.name = host.into();
+        Arc::new(Inventory::open_postgres(&pg.url, &domain).unwrap())
+    };
+    let (a, b, c) = (endpoint("esx-a"), endpoint("esx-b"), endpoint("esx-c"));
+    // Each sees the same domain, with every endpoint a host of the one cluster.
+    let hosts: Vec<String> = a.domain().unwrap().hosts.into_iter().map(|h| h.name).collect();
+    assert_eq!(hosts, ["esx-a", "esx-b", "esx-c"]);
+    assert_eq!(c.domain().unwrap().hosts.len(), 3);
+    // A second start of esx-b adds nothing.
+    drop(endpoint("esx-b"));
+    assert_eq!(b.domain().unwrap().hosts.len(), 3);
+    // Two endpoints start migrations of the same VM name at once: one wins.
+    let racers: Vec<_> = [Arc::clone(&a), Arc::clone(&b), Arc::clone(&c)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, inv)| std::thread::spawn(move || inv.begin_migration(&operator(), &format!("edge-{i}"), "web01", 1)))
+        .collect();
+    let results: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert!(results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .all(|e| matches!(e, InventoryError::NameTaken { .. })));
+    // The winner's VM, registered through one endpoint, is listed by the others.
+    let mid = results.into_iter().find_map(Result::ok).unwrap();
+    let vm = b.register_vm(&mid, &new_vm(&b, "web01"), fake_receipt).unwrap().vm_id;
+    assert_eq!(a.list_vms().unwrap()[0].id, vm);
+    assert_eq!(c.vm(&vm).unwrap().unwrap().name, "web01");
+}
