@@ -64,6 +64,7 @@ fn migration_from_row(row: &Row<'_>) -> rusqlite::Result<MigrationRecord> {
                 state: None,
                 lag_seconds: None,
                 switchover_at: row.get(14)?,
+                switchover_window: None,
                 switchover_state: row.get(15)?,
                 downtime_ms: row.get(16)?,
                 downtime_from: row.get(17)?,

@@ -8,7 +8,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::InventoryError;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -335,6 +335,13 @@ CREATE TABLE chunk_index (
 ) STRICT;
 CREATE INDEX chunk_index_hash ON chunk_index (hash);
 CREATE INDEX chunk_index_source ON chunk_index (source);
+"#;
+
+/// The daily window a replication's scheduled switchover must start in
+/// (`HH:MM-HH:MM`, UTC; protocol version 9), set by the edge or the API beside
+/// `switchover_at`.
+const V12: &str = r#"
+ALTER TABLE migration ADD COLUMN switchover_window TEXT;
 "#;
 
 /// Applies the missing steps. Refuses a file written by a newer build.

@@ -565,6 +565,7 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          ALTER TABLE migration DROP COLUMN replica_pass_ms; ALTER TABLE migration DROP COLUMN replica_read_back_ms;
          DROP TABLE superseded_receipt;
          DROP TABLE chunk_index; DROP TABLE chunk_source; ALTER TABLE migration DROP COLUMN dedup_bytes;
+         ALTER TABLE migration DROP COLUMN switchover_window;
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -629,6 +630,7 @@ fn upgrading_a_version_8_file_keeps_what_its_vmx_files_say() {
          ALTER TABLE migration DROP COLUMN replica_pass_ms; ALTER TABLE migration DROP COLUMN replica_read_back_ms;
          DROP TABLE superseded_receipt;
          DROP TABLE chunk_index; DROP TABLE chunk_source; ALTER TABLE migration DROP COLUMN dedup_bytes;
+         ALTER TABLE migration DROP COLUMN switchover_window;
          PRAGMA user_version = 8;",
     )
     .unwrap();
