@@ -140,6 +140,7 @@ run_link() {
   while [ -n "$("${on_cloud[@]}" ss -Hlnu "sport = :$port")" ]; do port=$((port + 1)); done
   while [ -n "$("${on_cloud[@]}" ss -Hlnt "sport = :$ssh_port")" ]; do ssh_port=$((ssh_port + 1)); done
   "${on_cloud[@]}" env CLOUD_ENDPOINT_LISTEN="$host:$port" CLOUD_ENDPOINT_API_LISTEN=off \
+    CLOUD_ENDPOINT_ALLOW_DEFAULT_PASSWORDS=true \
     CLOUD_ENDPOINT_CERT="$tmp/pki/endpoint.pem" CLOUD_ENDPOINT_KEY="$tmp/pki/endpoint.key" \
     CLOUD_ENDPOINT_EDGE_CA="$tmp/pki/ca.pem" CLOUD_ENDPOINT_DATASTORE_DIR="$dir/datastore" \
     CLOUD_ENDPOINT_DATABASE="$dir/inventory.db" CLOUD_ENDPOINT_LOG=warn \
