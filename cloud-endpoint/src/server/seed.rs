@@ -244,11 +244,7 @@ pub fn ensure_indexed(
 type ChunkTable = Vec<(u64, u32, [u8; 32])>;
 
 /// The [`ChunkTable`] of each of the seed's disks.
-fn hash_disks(
-    seed: &Seed,
-    chunk_size: u32,
-    cancelled: &dyn Fn() -> bool,
-) -> Result<Vec<ChunkTable>, IndexError> {
+fn hash_disks(seed: &Seed, chunk_size: u32, cancelled: &dyn Fn() -> bool) -> Result<Vec<ChunkTable>, IndexError> {
     let cs = u64::from(chunk_size);
     let mut buf = vec![0u8; chunk_size as usize];
     let mut tables = Vec::with_capacity(seed.disks.len());
