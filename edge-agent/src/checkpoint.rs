@@ -264,10 +264,13 @@ impl Checkpoint {
 ///
 /// Without the source descriptor's digest: a replication's .vmx changes between passes
 /// (VMware rewrites it at each snapshot) while the VM stays the same; a cold lift's
-/// record also holds the .vmx's file stamp, which catches an edited one.
+/// record also holds the .vmx's file stamp, which catches an edited one. Without the
+/// seed either: it shapes the first pass's copies, not the VM, so a later pass need not
+/// name it again.
 pub fn plan_digest(plan: &gateway::plan::MigrationPlan) -> String {
     let plan = gateway::plan::MigrationPlan {
         source_descriptor_sha256: None,
+        seed: None,
         ..plan.clone()
     };
     let bytes = gateway::wire::control::encode(&plan).unwrap_or_default();

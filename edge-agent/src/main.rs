@@ -139,6 +139,13 @@ struct ReplicateArgs {
     /// refused, said, and passes go on.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     switchover_at: Option<i64>,
+    /// Switch over only inside this daily window, UTC (`02:00-04:00`; `22:00-01:00`
+    /// crosses midnight): at --switchover-at if it falls inside, else at the window's next
+    /// opening; without --switchover-at, at the next opening. A pass that ends after the
+    /// window closed waits for the next day's, and says so. The endpoint holds it (the
+    /// API can move or clear it).
+    #[arg(long, value_name = "HH:MM-HH:MM")]
+    switchover_window: Option<gateway::schedule::SwitchoverWindow>,
     #[command(flatten)]
     switchover: SwitchoverFlags,
     /// The QMP socket of the QEMU that runs the VM: each pass reads a point-in-time
@@ -146,6 +153,13 @@ struct ReplicateArgs {
     /// (docs/replication.md).
     #[arg(long, value_name = "SOCKET")]
     qmp: Option<PathBuf>,
+    /// A VM the cloud holds (its name or `vm-N` id) that seeds the first pass: chunks
+    /// its disks hold, at the same offset or anywhere, are copied inside the cloud
+    /// instead of sent. It must be a VM this user or edge lifted (or registered), with
+    /// as many disks of the same sizes; the cloud hashes it at this pass's chunk size
+    /// first if it must. Later passes ignore it.
+    #[arg(long, value_name = "VM")]
+    seed: Option<String>,
 }
 
 #[derive(Args)]
@@ -536,10 +550,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 migrate,
                 every,
                 switchover_at,
+                switchover_window,
                 switchover,
                 qmp,
+                seed,
             } = *args;
-            rt.block_on(replicate_cmd(migrate, every, switchover_at, switchover, qmp))
+            if seed.is_some() && migrate.no_dedup {
+                anyhow::bail!(
+                    "--seed and --no-dedup contradict each other: a seed's chunks are copied inside the cloud, which --no-dedup forbids; drop one"
+                );
+            }
+            let schedule = Schedule {
+                at: switchover_at,
+                window: switchover_window,
+            };
+            rt.block_on(replicate_cmd(migrate, every, schedule, switchover, qmp, seed))
         }
         Command::Switchover(args) => {
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -547,8 +572,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let SwitchoverArgs { migrate, flags, qmp } = *args;
             let extra = Extra {
                 switchover: flags.options(),
-                schedule: None,
                 qmp,
+                ..Extra::default()
             };
             rt.block_on(migrate_cmd_with(migrate, Mode::Switchover, extra))
                 .map(drop)
@@ -690,51 +715,85 @@ struct Extra {
     schedule: Option<Option<i64>>,
     /// The socket of the QEMU that runs the source (`replicate` and `switchover`).
     qmp: Option<PathBuf>,
+    /// The VM that seeds a replication's first pass (`replicate --seed`).
+    seed: Option<String>,
+    /// A replication pass: set or clear the switchover window the endpoint holds.
+    schedule_window: Option<Option<gateway::schedule::SwitchoverWindow>>,
+}
+
+/// `replicate`'s switchover schedule as given on its command line.
+struct Schedule {
+    at: Option<i64>,
+    window: Option<gateway::schedule::SwitchoverWindow>,
 }
 
 fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-/// `edge-agent replicate`: one pass, or one every `every` until stopped. With
-/// `switchover_at` (sent with the first pass), or a time the endpoint holds (set through
-/// the API), the switchover runs once that time has come: at it, or at the first pass
-/// after it. A switchover refused because the source runs is said, and passes go on.
+/// `edge-agent replicate`: one pass, or one every `every` until stopped. With a time
+/// and/or a daily window (sent with the first pass), or the ones the endpoint holds (set
+/// through the API), the switchover runs once it is due ([`gateway::schedule::switchover_due`]):
+/// at its time, inside its window. A switchover refused because the source runs is said,
+/// and passes go on; one whose window closed before a pass ended waits for the next
+/// opening, and says so.
 async fn replicate_cmd(
     a: MigrateArgs,
     every: Option<Duration>,
-    switchover_at: Option<i64>,
+    given: Schedule,
     flags: SwitchoverFlags,
     qmp: Option<PathBuf>,
+    mut seed: Option<String>,
 ) -> anyhow::Result<()> {
-    let mut schedule = switchover_at.map(Some);
-    // The endpoint's value, as the last pass learned it.
+    use gateway::schedule::{switchover_due, SwitchoverDue};
+    let mut schedule = given.at.map(Some);
+    let mut schedule_window = given.window.map(Some);
+    // The endpoint's values, as the last pass learned them.
     let mut held: Option<i64> = None;
+    let mut held_window: Option<gateway::schedule::SwitchoverWindow> = None;
     let switchover = Extra {
         switchover: flags.options(),
-        schedule: None,
         qmp: qmp.clone(),
+        ..Extra::default()
     };
     let say_at = |at: i64| migrate::rfc3339(at).unwrap_or_else(|| at.to_string());
+    let say_schedule = |at: Option<i64>, window: Option<gateway::schedule::SwitchoverWindow>| match (at, window) {
+        (Some(at), Some(w)) => format!("scheduled at {} inside the window {w} UTC", say_at(at)),
+        (Some(at), None) => format!("scheduled at {}", say_at(at)),
+        (None, Some(w)) => format!("of the window {w} UTC"),
+        (None, None) => "asked for".to_owned(),
+    };
+    let mut said_missed = None;
     loop {
-        if let Some(at) = held.filter(|&at| unix_now() >= at) {
+        if switchover_due(held, held_window, unix_now()) == SwitchoverDue::Now {
             match migrate_cmd_with(a.clone(), Mode::Switchover, switchover.clone()).await {
                 Ok(_) => return Ok(()),
                 Err(e) => eprintln!(
-                    "edge-agent: the switchover scheduled at {} did not run: {e:#}; replication goes on",
-                    say_at(at)
+                    "edge-agent: the switchover {} did not run: {e:#}; replication goes on",
+                    say_schedule(held, held_window)
                 ),
             }
         }
         let extra = Extra {
             schedule,
+            schedule_window,
             qmp: qmp.clone(),
+            seed: seed.clone(),
             ..Extra::default()
         };
         match migrate_cmd_with(a.clone(), Mode::Replicate, extra).await {
             Ok(summary) => {
                 schedule = None;
-                held = summary.and_then(|s| s.switchover_at).and_then(|t| parse_time(&t).ok());
+                schedule_window = None;
+                // The seed shaped the first pass; the replica seeds the next ones.
+                seed = None;
+                let summary = summary.as_ref();
+                held = summary
+                    .and_then(|s| s.switchover_at.as_deref())
+                    .and_then(|t| parse_time(t).ok());
+                held_window = summary
+                    .and_then(|s| s.switchover_window.as_deref())
+                    .and_then(|w| w.parse().ok());
             }
             Err(e) if every.is_none() => return Err(e),
             // A failed pass (the endpoint down, the link lost for longer than --retry-for)
@@ -744,18 +803,39 @@ async fn replicate_cmd(
                 every.unwrap_or_default().as_secs()
             ),
         }
+        let due = switchover_due(held, held_window, unix_now());
+        if let (
+            SwitchoverDue::At {
+                at,
+                missed_window: true,
+            },
+            Some(w),
+        ) = (due, held_window)
+        {
+            // Said once per missed opening, not at every pass of the day.
+            if said_missed != Some(at) {
+                eprintln!(
+                    "edge-agent: the switchover {} missed its window: the pass ended after the window {w} UTC closed; \
+                     it waits for the next opening, at {} (move or clear the window through the API to change that)",
+                    say_schedule(held, held_window),
+                    say_at(at)
+                );
+                said_missed = Some(at);
+            }
+        }
         let Some(period) = every else {
-            // One pass; a switchover whose time has come runs now.
-            return match held.filter(|&at| unix_now() >= at) {
-                Some(_) => migrate_cmd_with(a, Mode::Switchover, switchover).await.map(drop),
-                None => Ok(()),
+            // One pass; a switchover that is due runs now.
+            return match due {
+                SwitchoverDue::Now => migrate_cmd_with(a, Mode::Switchover, switchover).await.map(drop),
+                _ => Ok(()),
             };
         };
         // Wake for the scheduled switchover if it comes before the next pass.
-        let until = held
-            .map(|at| at - unix_now())
-            .filter(|&s| s > 0)
-            .map(|s| Duration::from_secs(s.unsigned_abs()));
+        let until = match due {
+            // Due but not run (refused: the source runs): the next pass, as before.
+            SwitchoverDue::Now | SwitchoverDue::NotScheduled => None,
+            SwitchoverDue::At { at, .. } => Some(Duration::from_secs((at - unix_now()).max(0).unsigned_abs())),
+        };
         tokio::time::sleep(until.map_or(period, |u| u.min(period))).await;
     }
 }
@@ -830,6 +910,8 @@ async fn migrate_cmd_with(
     .await?;
     opts.switchover = extra.switchover;
     opts.schedule = extra.schedule;
+    opts.seed = extra.seed;
+    opts.schedule_window = extra.schedule_window;
     let qmp = extra.qmp;
     match mode {
         Mode::Migrate => {}

@@ -86,9 +86,15 @@ pub struct MigrateOptions {
     /// A replication pass: set (`Some(Some)`, Unix seconds) or clear (`Some(None)`) the
     /// scheduled switchover the cloud holds.
     pub schedule: Option<Option<i64>>,
+    /// A replication pass: set (`Some(Some)`) or clear (`Some(None)`) the daily window the
+    /// scheduled switchover must start in, which the cloud holds.
+    pub schedule_window: Option<Option<gateway::schedule::SwitchoverWindow>>,
     /// Ask the cloud for chunks it holds before sending them, when it offers
     /// (`--no-dedup` turns it off: every chunk is read once and sent).
     pub dedup: bool,
+    /// A VM the cloud holds that seeds a replication's first pass (`replicate --seed`):
+    /// named in the plan; the cloud checks it before anything is staged.
+    pub seed: Option<String>,
 }
 
 /// What `edge-agent switchover` asks beyond the commit (see docs/replication.md).
@@ -138,7 +144,9 @@ impl Default for MigrateOptions {
             replication: Replication::Off,
             switchover: SwitchoverOptions::default(),
             schedule: None,
+            schedule_window: None,
             dedup: true,
+            seed: None,
         }
     }
 }
@@ -197,6 +205,7 @@ pub fn build_plan(vm: &SourceVm, opts: &MigrateOptions) -> MigrationPlan {
         firewall: vm.firewall.clone(),
         placement: opts.placement.clone(),
         source_descriptor_sha256: Some(vm.descriptor_sha256),
+        seed: opts.seed.clone(),
     };
     plan.fit_chunk_size();
     plan
@@ -1169,6 +1178,9 @@ async fn attempt(
             if let Some(at) = opts.schedule {
                 session.schedule(at);
             }
+            if let Some(window) = opts.schedule_window {
+                session.schedule_window(window);
+            }
         }
         Replication::Switchover => session.finish_as_switchover(
             opts.switchover.power_on,
@@ -1254,6 +1266,7 @@ async fn attempt(
                 repaired_chunks: shared.repaired_chunks.load(Ordering::Relaxed),
                 sent_bytes: run.sent_bytes.load(Ordering::Relaxed),
                 dedup_bytes: s.dedup_bytes(),
+                seeded_bytes: s.seeded_bytes(),
                 resent_bytes: run.resent_bytes.load(Ordering::Relaxed),
                 read_bytes: run.read_bytes.load(Ordering::Relaxed),
                 tracking: None,
@@ -1266,6 +1279,7 @@ async fn attempt(
                 replica: synced,
                 snapshots: run.tracking.notes.clone(),
                 switchover_at: s.scheduled_switchover().and_then(rfc3339),
+                switchover_window: s.scheduled_window().map(|w| w.to_string()),
                 switchover: s.switchover_outcome().map(|o| crate::report::SwitchoverReport {
                     powered_on: o.powered_on,
                     power_error: o.power_error.clone(),

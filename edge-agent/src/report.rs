@@ -90,6 +90,9 @@ pub struct Summary {
     /// Plaintext bytes the cloud copied from disks it already held (this user's or this
     /// edge's earlier lifts and replicas) instead of receiving them.
     pub dedup_bytes: u64,
+    /// Of `dedup_bytes`, those copied from the seed the replication named
+    /// (`replicate --seed`).
+    pub seeded_bytes: u64,
     /// Plaintext bytes this process sent more than once: after a reconnect, what was
     /// in flight at the break; after a rejection, the rejected chunk.
     pub resent_bytes: u64,
@@ -125,6 +128,10 @@ pub struct Summary {
     /// A replication pass: the scheduled switchover the cloud holds (RFC 3339 UTC).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub switchover_at: Option<String>,
+    /// A replication pass: the daily window (`HH:MM-HH:MM`, UTC) the cloud holds, which
+    /// the scheduled switchover must start in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchover_window: Option<String>,
     /// A switchover: whether the cloud powered the VM on, the downtime, and whether it
     /// awaits `edge-agent confirm` (or `rollback`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -207,6 +214,12 @@ impl Summary {
                 human(self.sent_bytes)
             ));
         }
+        if self.seeded_bytes > 0 {
+            text.push_str(&format!(
+                "\nseeded:         {} of them from the seed's disks",
+                human(self.seeded_bytes)
+            ));
+        }
         if !self.snapshots.is_empty() {
             text.push_str(&format!("\nread:           {} of the source", human(self.read_bytes)));
             for note in &self.snapshots {
@@ -236,10 +249,18 @@ impl Summary {
                 path.display()
             ));
         }
-        if let Some(at) = &self.switchover_at {
-            text.push_str(&format!(
+        match (&self.switchover_at, &self.switchover_window) {
+            (Some(at), None) => text.push_str(&format!(
                 "\nswitchover:     scheduled at {at} (held by the endpoint; the first pass at or after it switches over)"
-            ));
+            )),
+            (Some(at), Some(w)) => text.push_str(&format!(
+                "\nswitchover:     scheduled at {at}, inside the daily window {w} UTC (held by the endpoint; it starts at the first \
+                 pass at or after that time while the window is open, else at the window's next opening)"
+            )),
+            (None, Some(w)) => text.push_str(&format!(
+                "\nswitchover:     at the next opening of the daily window {w} UTC (held by the endpoint)"
+            )),
+            (None, None) => {}
         }
         if let Some(s) = &self.switchover {
             match (s.powered_on, s.downtime_ms, &s.power_error) {

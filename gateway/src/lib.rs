@@ -23,6 +23,7 @@ pub mod plan;
 pub mod protocol;
 pub mod qemu;
 pub mod receipt;
+pub mod schedule;
 pub mod transport;
 pub mod tunnel;
 pub mod wire;

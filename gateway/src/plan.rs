@@ -48,6 +48,13 @@ pub struct MigrationPlan {
     /// `None` for a plan made without a source file (the API's plan check). Last in the
     /// struct: the fields before it kept their encoding (protocol version 6).
     pub source_descriptor_sha256: Option<[u8; 32]>,
+    /// A VM the cloud holds (its name or `vm-N` id) that seeds a replication's first
+    /// pass (`edge-agent replicate --seed`, protocol version 9): the cloud hashes its
+    /// disks at this plan's chunk size if it has not yet, so the chunks they share are
+    /// copied inside the cloud instead of sent. Only a VM this user or edge lifted may
+    /// seed. Not part of what a resume or a later pass must repeat: it shapes the first
+    /// pass's copies, not the VM.
+    pub seed: Option<String>,
 }
 
 /// Where the cloud puts a migrated VM, vSphere's relocate spec: each object named by
@@ -253,6 +260,14 @@ impl MigrationPlan {
         }
         self.firewall.check_limits()?;
         self.placement.check_limits()?;
+        if let Some(seed) = &self.seed {
+            if seed.is_empty() || seed.len() > MAX_PLACEMENT_NAME {
+                return bad(format!(
+                    "a seed name of {} bytes is outside the 1..={MAX_PLACEMENT_NAME} allowed",
+                    seed.len()
+                ));
+            }
+        }
         let chunks = self.chunk_count();
         if chunks > MAX_CHUNKS {
             return bad(format!(
@@ -326,6 +341,7 @@ mod tests {
             firewall: FirewallSpec::default(),
             placement: Placement::default(),
             source_descriptor_sha256: None,
+            seed: None,
         }
     }
 

@@ -176,6 +176,7 @@ pub fn plan(name: &str, disks: &[(&str, u64)], chunk_size: u32) -> MigrationPlan
         firewall: Default::default(),
         placement: Default::default(),
         source_descriptor_sha256: Some(gateway::chunk::sha256(name.as_bytes())),
+        seed: None,
     }
 }
 

@@ -46,6 +46,7 @@ pub(crate) fn replica_state(domain: &Domain, m: &mut MigrationRecord) {
         ("RUNNING", _) => "in sync",
         _ => "failed",
     });
+    r.switchover_window = domain.inventory.switchover_window(&m.id).ok().flatten();
     if m.state != "RUNNING" {
         return;
     }
@@ -59,58 +60,85 @@ pub(crate) fn replica_state(domain: &Domain, m: &mut MigrationRecord) {
     if let (Some(pass), Some(read_back)) = (r.last_pass_ms, r.last_read_back_ms) {
         let seconds = (pass + read_back).div_ceil(1000).max(1);
         r.forecast_switchover_seconds = Some(seconds);
-        let start = r
-            .switchover_at
-            .as_deref()
-            .and_then(parse)
-            .filter(|&at| at > now)
-            .unwrap_or(now);
+        // The switchover starts at its time, inside its window if it has one.
+        let window = r.switchover_window.as_deref().and_then(|w| w.parse().ok());
+        let at = r.switchover_at.as_deref().and_then(parse).map(|t| t.unix_timestamp());
+        let start = match gateway::schedule::switchover_due(at, window, now.unix_timestamp()) {
+            gateway::schedule::SwitchoverDue::At { at, .. } => {
+                time::OffsetDateTime::from_unix_timestamp(at).unwrap_or(now)
+            }
+            _ => now,
+        };
         let done = start + time::Duration::seconds(i64::try_from(seconds).unwrap_or(i64::MAX / 2));
         r.forecast_done_at = Some(crate::inventory::timestamp(done));
     }
 }
 
-/// The body of `PATCH /api/gateway/migrations/{id}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrationPatch {
-    /// RFC 3339 (`2026-12-07T02:00:00Z`), or null to clear it. Required.
-    switchover_at: Option<String>,
-}
-
-/// Sets or clears the scheduled switchover of a RUNNING replication: the edge learns it
-/// at its next pass (`Synced`) and switches over at the first pass at or after it. A
-/// MigrationOperator sets their own replications', an Administrator anyone's.
+/// Sets or clears the scheduled switchover of a RUNNING replication (`switchover_at`,
+/// RFC 3339 or null) and its daily window (`switchover_window`, `HH:MM-HH:MM` UTC or
+/// null): the edge learns them at its next pass (`Synced`) and switches over at the first
+/// pass at or after the time, inside the window. A MigrationOperator sets their own
+/// replications', an Administrator anyone's.
 pub fn patch_migration(
     domain: &Domain,
     principal: &crate::inventory::Principal,
     id: &str,
     body: &[u8],
 ) -> Result<MigrationRecord, ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_argument(format!(
-            "the body is not JSON ({e}); send {{\"switchover_at\": \"2026-12-07T02:00:00Z\"}} or {{\"switchover_at\": null}}"
-        ))
-    })?;
-    if value.get("switchover_at").is_none() {
-        return Err(ApiError::invalid_argument(
-            "the body must set switchover_at: an RFC 3339 time such as \"2026-12-07T02:00:00Z\", or null to clear it",
-        ));
+    let example =
+        r#"{"switchover_at": "2026-12-07T02:00:00Z"} or {"switchover_window": "02:00-04:00"} (null clears either)"#;
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_argument(format!("the body is not JSON ({e}); send {example}")))?;
+    let Some(fields) = value.as_object() else {
+        return Err(ApiError::invalid_argument(format!(
+            "the body must be a JSON object: {example}"
+        )));
+    };
+    if let Some(other) = fields
+        .keys()
+        .find(|k| *k != "switchover_at" && *k != "switchover_window")
+    {
+        return Err(ApiError::invalid_argument(format!(
+            "unknown field {other:?}: switchover_at and switchover_window are the only fields that can be changed"
+        )));
     }
-    let patch: MigrationPatch = serde_json::from_value(value).map_err(|e| {
-        ApiError::invalid_argument(format!(
-            "{e}: switchover_at is the only field that can be changed, an RFC 3339 time or null"
-        ))
-    })?;
-    let at = match patch.switchover_at.as_deref() {
+    if fields.is_empty() {
+        return Err(ApiError::invalid_argument(format!(
+            "the body must set switchover_at (an RFC 3339 time such as \"2026-12-07T02:00:00Z\") or switchover_window \
+             (a daily window such as \"02:00-04:00\", UTC), or null to clear it: {example}"
+        )));
+    }
+    let text_or_null = |name: &str| -> Result<Option<Option<String>>, ApiError> {
+        match fields.get(name) {
+            None => Ok(None),
+            Some(serde_json::Value::Null) => Ok(Some(None)),
+            Some(serde_json::Value::String(s)) => Ok(Some(Some(s.clone()))),
+            Some(other) => Err(ApiError::invalid_argument(format!(
+                "{name} is {other}: give a string or null ({example})"
+            ))),
+        }
+    };
+    let at = match text_or_null("switchover_at")? {
         None => None,
-        Some(text) => {
-            let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).map_err(|e| {
-                ApiError::invalid_argument(format!(
-                    "switchover_at {text:?} is not an RFC 3339 time ({e}); write it like 2026-12-07T02:00:00Z"
-                ))
-            })?;
-            Some(crate::inventory::timestamp(t.to_offset(time::UtcOffset::UTC)))
+        Some(None) => Some(None),
+        Some(Some(text)) => {
+            let t =
+                time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339).map_err(|e| {
+                    ApiError::invalid_argument(format!(
+                        "switchover_at {text:?} is not an RFC 3339 time ({e}); write it like 2026-12-07T02:00:00Z"
+                    ))
+                })?;
+            Some(Some(crate::inventory::timestamp(t.to_offset(time::UtcOffset::UTC))))
+        }
+    };
+    let window = match text_or_null("switchover_window")? {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(text)) => {
+            let w: gateway::schedule::SwitchoverWindow = text
+                .parse()
+                .map_err(|e: String| ApiError::invalid_argument(format!("switchover_window: {e}")))?;
+            Some(Some(w.to_string()))
         }
     };
     let record = owned_migration(domain, principal, id, "schedule switchovers of")?;
@@ -125,16 +153,20 @@ pub fn patch_migration(
             }
         )));
     }
-    domain
-        .inventory
-        .set_switchover_at(id, at.as_deref())
-        .map_err(|e| match e {
-            e @ (crate::inventory::InventoryError::Invalid(_)
-            | crate::inventory::InventoryError::MigrationNotRunning { .. }) => {
-                ApiError::invalid_argument(e.to_string())
-            }
-            other => ApiError::from(other),
-        })?;
+    let refused = |e| match e {
+        e @ (crate::inventory::InventoryError::Invalid(_)
+        | crate::inventory::InventoryError::MigrationNotRunning { .. }) => ApiError::invalid_argument(e.to_string()),
+        other => ApiError::from(other),
+    };
+    if let Some(at) = at {
+        domain.inventory.set_switchover_at(id, at.as_deref()).map_err(refused)?;
+    }
+    if let Some(window) = window {
+        domain
+            .inventory
+            .set_switchover_window(id, window.as_deref())
+            .map_err(refused)?;
+    }
     get_migration(domain, id)
 }
 
@@ -283,6 +315,7 @@ pub(crate) fn plan_of_body(body: &[u8]) -> Result<MigrationPlan, ApiError> {
         },
         // A plan checked, not migrated: no source file was read.
         source_descriptor_sha256: None,
+        seed: None,
     };
     plan.fit_chunk_size();
     plan.check_limits()

@@ -157,3 +157,61 @@ impl Inventory {
         })
     }
 }
+
+/// Who registered a VM: the migration that brought it in (a lift, a switchover, a live
+/// migration, or a tool that registered it through [`Inventory::register_vm`]), and that
+/// migration's user and edge certificate. A seed is read only for the same user or edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmOwner {
+    pub migration: String,
+    pub user: String,
+    pub edge_cert: Option<String>,
+}
+
+/// The `disk` number under which a VM's disk `i` is indexed on demand for a seed, at a
+/// chunk size other than its lift's (or because nothing indexed it): apart from the
+/// numbers of its own disks (below [`gateway::plan::MAX_DISKS`]), so the index its lift
+/// made stays. One on-demand size per VM: seeding at another size replaces it.
+pub fn seed_disk_number(disk: u16) -> u16 {
+    gateway::plan::MAX_DISKS as u16 + disk
+}
+
+impl Inventory {
+    /// Who registered `vm_id`; `None` for a VM no migration record names.
+    pub fn vm_owner(&self, vm_id: &str) -> Result<Option<VmOwner>, InventoryError> {
+        self.read(|tx| {
+            Ok(tx.query_row_opt(
+                "SELECT id, user_name, edge_cert FROM migration WHERE vm = ?1",
+                store_params![vm_id],
+                |row| {
+                    Ok(VmOwner {
+                        migration: row.get(0)?,
+                        user: row.get(1)?,
+                        edge_cert: row.get(2)?,
+                    })
+                },
+            )?)
+        })
+    }
+
+    /// Whether every disk of `vm_id` (`disks` of them) is indexed with chunks of
+    /// `chunk_size` bytes and the hash `hash`, by its lift or on demand for a seed. A disk
+    /// indexed with no chunk of that size (all zero, or smaller than one chunk) counts
+    /// as not indexed: hashing it again costs little.
+    pub fn vm_indexed_at(&self, vm_id: &str, disks: u16, chunk_size: u32, hash: &str) -> Result<bool, InventoryError> {
+        self.read(|tx| {
+            for disk in 0..disks {
+                let found: bool = tx.query_row(
+                    "SELECT EXISTS (SELECT 1 FROM chunk_source s JOIN chunk_index i ON i.source = s.id
+                      WHERE s.vm = ?1 AND s.hash = ?2 AND (s.disk = ?3 OR s.disk = ?4) AND i.len = ?5)",
+                    store_params![vm_id, hash, disk, seed_disk_number(disk), chunk_size],
+                    |row| row.get(0),
+                )?;
+                if !found {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+    }
+}

@@ -65,6 +65,7 @@ fn migration_from_row(row: &Row) -> Result<MigrationRecord, StoreError> {
                 state: None,
                 lag_seconds: None,
                 switchover_at: row.get(14)?,
+                switchover_window: None,
                 switchover_state: row.get(15)?,
                 downtime_ms: row.get(16)?,
                 downtime_from: row.get(17)?,

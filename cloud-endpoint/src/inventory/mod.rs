@@ -15,7 +15,7 @@ mod firewall;
 mod leases;
 pub use leases::LeaseClock;
 mod migrations;
-pub use chunks::{ChunkScope, ChunkSource, IndexedDisk};
+pub use chunks::{seed_disk_number, ChunkScope, ChunkSource, IndexedDisk, VmOwner};
 mod password;
 mod receipts;
 mod schema;
@@ -436,6 +436,11 @@ pub struct ReplicaRecord {
     /// --switchover-at` or `PATCH /api/gateway/migrations/{id}`; the edge learns it at
     /// its next pass.
     pub switchover_at: Option<String>,
+    /// The daily window (`HH:MM-HH:MM`, UTC) the scheduled switchover must start in:
+    /// set by `edge-agent replicate --switchover-window` or the API's PATCH; filled by
+    /// the API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchover_window: Option<String>,
     /// How long the last pass took, from the edge's login to `SyncDone` (reading and
     /// hashing the source, sending what changed), and its read-back, in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]

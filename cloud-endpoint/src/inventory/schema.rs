@@ -10,7 +10,7 @@ use super::InventoryError;
 use crate::store_params;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -339,11 +339,18 @@ CREATE INDEX chunk_index_hash ON chunk_index (hash);
 CREATE INDEX chunk_index_source ON chunk_index (source);
 "#;
 
+/// The daily window a replication's scheduled switchover must start in
+/// (`HH:MM-HH:MM`, UTC; protocol version 9), set by the edge or the API beside
+/// `switchover_at`.
+const V12: &str = r#"
+ALTER TABLE migration ADD COLUMN switchover_window TEXT;
+"#;
+
 /// Which endpoint of a scale-out domain owns each migration (see `cluster::lease`): its
 /// name, the epoch (owners so far) and when, on the database's clock in milliseconds,
 /// another endpoint may take it over. A migration that ends keeps its row, expired, so
 /// that its epoch never goes back.
-const V12: &str = r#"
+const V13: &str = r#"
 CREATE TABLE migration_lease (
     migration TEXT PRIMARY KEY REFERENCES migration (id),
     owner TEXT NOT NULL,
@@ -388,7 +395,7 @@ fn upgrade_sqlite(conn: &mut Connection) -> Result<(), InventoryError> {
 /// a database of either engine at version N has the same tables and columns. PostgreSQL
 /// started at version 11, so its first step is the whole schema of SQLite's steps 1 to
 /// 11; every later step is written for both engines.
-pub(super) const PG_STEPS: &[(i64, &str)] = &[(11, PG_V11), (12, PG_V12)];
+pub(super) const PG_STEPS: &[(i64, &str)] = &[(11, PG_V11), (12, PG_V12), (13, PG_V13)];
 
 /// SQLite's steps 1 to 11 in PostgreSQL's words: `BIGINT` for every integer (the store
 /// reads integers as 64-bit), `BYTEA` for blobs, an identity column where SQLite had a
@@ -634,6 +641,10 @@ CREATE INDEX chunk_index_source ON chunk_index (source);
 "#;
 
 const PG_V12: &str = r#"
+ALTER TABLE migration ADD COLUMN switchover_window TEXT;
+"#;
+
+const PG_V13: &str = r#"
 CREATE TABLE migration_lease (
     migration TEXT PRIMARY KEY REFERENCES migration (id),
     owner TEXT NOT NULL,

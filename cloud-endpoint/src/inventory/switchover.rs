@@ -53,6 +53,49 @@ impl Inventory {
         })
     }
 
+    /// Sets (`Some`, `HH:MM-HH:MM` UTC) or clears the daily window the scheduled
+    /// switchover of the RUNNING replication `migration_id` must start in. Refused as
+    /// [`Self::set_switchover_at`] is.
+    pub fn set_switchover_window(&self, migration_id: &str, window: Option<&str>) -> Result<(), InventoryError> {
+        self.write(|tx| {
+            let (state, _) = state_of(tx, migration_id)?;
+            if state != "RUNNING" {
+                return Err(InventoryError::MigrationNotRunning {
+                    id: migration_id.to_owned(),
+                    state,
+                });
+            }
+            let replica: bool = tx.query_row(
+                "SELECT replica_synced IS NOT NULL FROM migration WHERE id = ?1",
+                store_params![migration_id],
+                |row| row.get(0),
+            )?;
+            if !replica {
+                return Err(InventoryError::Invalid(format!(
+                    "migration {migration_id} is not a replication with a pass done; only a replication's switchover has a window"
+                )));
+            }
+            tx.execute(
+                "UPDATE migration SET switchover_window = ?2 WHERE id = ?1",
+                store_params![migration_id, window],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The daily window of `migration_id`'s scheduled switchover, if one is set.
+    pub fn switchover_window(&self, migration_id: &str) -> Result<Option<String>, InventoryError> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row_opt(
+                    "SELECT switchover_window FROM migration WHERE id = ?1",
+                    store_params![migration_id],
+                    |row| row.get::<Option<String>>(0),
+                )?
+                .flatten())
+        })
+    }
+
     /// The switchover of `migration_id` registered its VM: it awaits confirmation
     /// (`awaiting_confirm`) or is final, and cost `downtime_ms` from `downtime_from`
     /// (absent when the VM was not powered on). The schedule is done with.

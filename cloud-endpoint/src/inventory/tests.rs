@@ -596,6 +596,8 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          ALTER TABLE migration DROP COLUMN replica_pass_ms; ALTER TABLE migration DROP COLUMN replica_read_back_ms;
          DROP TABLE superseded_receipt;
          DROP TABLE chunk_index; DROP TABLE chunk_source; ALTER TABLE migration DROP COLUMN dedup_bytes;
+         ALTER TABLE migration DROP COLUMN switchover_window;
+         DROP TABLE migration_lease;
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -661,6 +663,8 @@ fn upgrading_a_version_8_file_keeps_what_its_vmx_files_say() {
          ALTER TABLE migration DROP COLUMN replica_pass_ms; ALTER TABLE migration DROP COLUMN replica_read_back_ms;
          DROP TABLE superseded_receipt;
          DROP TABLE chunk_index; DROP TABLE chunk_source; ALTER TABLE migration DROP COLUMN dedup_bytes;
+         ALTER TABLE migration DROP COLUMN switchover_window;
+         DROP TABLE migration_lease;
          PRAGMA user_version = 8;",
     )
     .unwrap();
@@ -1128,4 +1132,74 @@ fn endpoints_sharing_postgresql_join_as_hosts_and_race_for_a_name_with_one_winne
     let vm = b.register_vm(&mid, &new_vm(&b, "web01"), fake_receipt).unwrap().vm_id;
     assert_eq!(a.list_vms().unwrap()[0].id, vm);
     assert_eq!(c.vm(&vm).unwrap().unwrap().name, "web01");
+}
+
+#[test]
+fn a_seed_is_indexed_apart_from_its_lift_at_the_chunk_size_asked_for() {
+    for_each_store(|db| {
+        let inv = db.open(&DomainConfig::default());
+        let mid = inv.begin_migration(&operator(), "edge", "tpl01", 1).unwrap();
+        let vm = inv
+            .register_vm(&mid, &new_vm(&inv, "tpl01"), fake_receipt)
+            .unwrap()
+            .vm_id;
+        // Who registered it: the seed's tenancy check reads this.
+        let owner = inv.vm_owner(&vm).unwrap().unwrap();
+        assert_eq!(
+            (owner.migration.as_str(), owner.user.as_str()),
+            (mid.as_str(), "migrator@cloud.local")
+        );
+        assert_eq!(inv.vm_owner("vm-999").unwrap(), None);
+        let disks = inv.vm(&vm).unwrap().unwrap().disks.len() as u16;
+        let indexed = |disk: u16, len: u32| IndexedDisk {
+            migration: &mid,
+            vm: Some(&vm),
+            disk,
+            data_path: PathBuf::from("/nonexistent"),
+            format: "raw",
+            capacity: 1 << 30,
+            user: "migrator@cloud.local",
+            edge_cert: "",
+            hash: "blake3",
+            chunks: vec![(0, len, [1; 32])],
+        };
+        // Lifted with 1 MiB chunks: indexed at 1 MiB, not at 64 KiB.
+        for d in 0..disks {
+            inv.index_disk(&indexed(d, 1 << 20)).unwrap();
+        }
+        assert!(inv.vm_indexed_at(&vm, disks, 1 << 20, "blake3").unwrap());
+        assert!(!inv.vm_indexed_at(&vm, disks, 64 << 10, "blake3").unwrap());
+        assert!(!inv.vm_indexed_at(&vm, disks, 1 << 20, "sha256").unwrap());
+        // Hashed on demand at 64 KiB: both sizes are there, the lift's index untouched.
+        for d in 0..disks {
+            inv.index_disk(&indexed(seed_disk_number(d), 64 << 10)).unwrap();
+        }
+        assert!(inv.vm_indexed_at(&vm, disks, 64 << 10, "blake3").unwrap());
+        assert!(inv.vm_indexed_at(&vm, disks, 1 << 20, "blake3").unwrap());
+    });
+}
+
+#[test]
+fn a_switchover_window_is_held_for_a_running_replication_only() {
+    let (_dir, path) = temp_db();
+    let inv = Inventory::open(&path, &DomainConfig::default()).unwrap();
+    let mid = inv.begin_migration(&operator(), "edge", "win01", 1).unwrap();
+    assert!(
+        inv.set_switchover_window(&mid, Some("02:00-04:00")).is_err(),
+        "no pass yet: not a replication"
+    );
+    let pass = crate::inventory::PassTimes {
+        pass_ms: 1,
+        read_back_ms: 1,
+    };
+    inv.record_replica_sync(&mid, 10, pass, None).unwrap();
+    inv.set_switchover_window(&mid, Some("02:00-04:00")).unwrap();
+    assert_eq!(inv.switchover_window(&mid).unwrap().as_deref(), Some("02:00-04:00"));
+    inv.set_switchover_window(&mid, None).unwrap();
+    assert_eq!(inv.switchover_window(&mid).unwrap(), None);
+    inv.register_vm(&mid, &new_vm(&inv, "win01"), fake_receipt).unwrap();
+    assert!(
+        inv.set_switchover_window(&mid, Some("02:00-04:00")).is_err(),
+        "switched over"
+    );
 }

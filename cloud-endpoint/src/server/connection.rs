@@ -48,6 +48,8 @@ struct Ctx {
     aborted: Arc<AtomicBool>,
     /// The migration this connection serves, once accepted or resumed.
     migration_id: Mutex<Option<String>>,
+    /// The seed the plan named (`edge-agent replicate --seed`), once checked and indexed.
+    seed: Mutex<Option<Arc<super::seed::Seed>>>,
     /// Bandwidth caps: the endpoint's total and this migration's.
     caps: Vec<Arc<gateway::transport::RateLimit>>,
     /// The endpoint's migration slots, and the one this migration holds once its plan
@@ -147,6 +149,7 @@ pub async fn serve(
             edge_cert: edge.clone(),
             aborted: super::live::abort_flag(),
             migration_id: Mutex::new(None),
+            seed: Mutex::new(None),
             caps: caps
                 .total
                 .into_iter()
@@ -600,9 +603,11 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let record = ctx.clone();
             let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
+                let seed = prepare_seed(&domain, &principal, &edge_cert, &plan, &record.conn)?;
                 let staged = placement::validate_and_stage(&domain, &principal, &edge, &edge_cert, &plan)?;
                 let id = staged.migration_id.clone();
                 record.attach(staged);
+                *record.seed.lock().expect("seed lock") = seed;
                 Ok(id)
             })
             .await
@@ -630,9 +635,19 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 return;
             };
             let guard = ctx.blocking.clone().read_owned().await;
+            let edge_cert = ctx.edge_cert.clone();
             let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
-                placement::validate(&domain, &principal, &plan).map(|v| v.preview)
+                // The seed is checked (found, this tenant's, the same disks), not indexed.
+                let seed = super::seed::resolve(&domain, &principal, &edge_cert, &plan).err();
+                match (placement::validate(&domain, &principal, &plan), seed) {
+                    (Ok(v), None) => Ok(v.preview),
+                    (Ok(_), Some(problems)) => Err((RefusalCode::PlanRejected, problems)),
+                    (Err((code, mut problems)), seed) => {
+                        problems.extend(seed.unwrap_or_default());
+                        Err((code, problems))
+                    }
+                }
             })
             .await
             .expect("validation does not panic");
@@ -802,15 +817,21 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 return;
             };
             let guard = ctx.blocking.clone().read_owned().await;
-            let results = spawn_blocking_in_span(move || {
+            let (results, seeded) = spawn_blocking_in_span(move || {
                 let _guard = guard;
-                dedup::copy_chunks(&domain, &who, &target, &chunks)
+                dedup::copy_chunks(&domain, &who, disk, &target, &chunks)
             })
             .await
             .expect("copying chunks does not panic");
             let copied = results.iter().filter(|r| r.1).count();
-            tracing::debug!(disk, asked = results.len(), copied, "hash query answered");
-            ctx.session().lookup_done(disk, results);
+            tracing::debug!(
+                disk,
+                asked = results.len(),
+                copied,
+                seeded = seeded.len(),
+                "hash query answered"
+            );
+            ctx.session().lookup_done_seeded(disk, results, &seeded);
         }
         ReceiverEvent::Finalize => {
             let staged = ctx.staged.lock().expect("staged lock").take();
@@ -885,11 +906,11 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 read_back_ms: millis(now.saturating_duration_since(verify_started)),
             };
             let who = requester(ctx);
-            let (hashes, dedup_bytes) = {
+            let (hashes, dedup_bytes, window) = {
                 let s = ctx.session();
                 let hashes: Vec<gateway::integrity::DiskHashes> =
                     s.disk_hashes().unwrap_or_default().into_iter().cloned().collect();
-                (hashes, s.dedup_bytes())
+                (hashes, s.dedup_bytes(), s.window_schedule())
             };
             let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
@@ -897,7 +918,19 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 match staged.as_ref() {
                     Some(staged) => {
                         let kept = placement::keep_replica(&domain, staged, &batch, delta_bytes, pass, schedule)
-                            .map(|at| (staged.migration_id.clone(), at));
+                            .and_then(|at| {
+                                let id = &staged.migration_id;
+                                if let Some(window) = window {
+                                    let text = window.map(|w| w.to_string());
+                                    domain
+                                        .inventory
+                                        .set_switchover_window(id, text.as_deref())
+                                        .map_err(|e| (RefusalCode::EndpointFailure, e.to_string()))?;
+                                }
+                                // What the cloud holds now (the API may have set it).
+                                let held = domain.inventory.switchover_window(id).ok().flatten();
+                                Ok((id.clone(), at, held.and_then(|w| w.parse().ok())))
+                            });
                         if let (Ok(_), Some(who)) = (&kept, who) {
                             // A replica is a disk the cloud holds: later lifts may copy from it.
                             if dedup_bytes > 0 {
@@ -914,9 +947,10 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             .expect("keeping a replica does not panic");
             let mut s = ctx.session();
             match result {
-                Ok((id, switchover_at)) => {
-                    tracing::info!(migration = %id, delta_bytes, ?switchover_at, "replica read back and kept");
+                Ok((id, switchover_at, window)) => {
+                    tracing::info!(migration = %id, delta_bytes, ?switchover_at, ?window, "replica read back and kept");
                     s.synced(&unsynced);
+                    s.set_held_window(window);
                     s.replica_kept(Ok(switchover_at));
                 }
                 Err(e) => {
@@ -960,7 +994,36 @@ fn requester(ctx: &Ctx) -> Option<dedup::Requester> {
         user,
         edge_cert: ctx.edge_cert.clone(),
         migration,
+        seed: ctx.seed.lock().expect("seed lock").clone(),
     })
+}
+
+/// The seed a plan names, checked and indexed at the plan's chunk size before anything
+/// is staged: a refused seed lists the plan's other problems too, and a seed whose
+/// hashing stops (the edge went away, a read failed) leaves nothing staged or indexed.
+fn prepare_seed(
+    domain: &Domain,
+    principal: &Principal,
+    edge_cert: &str,
+    plan: &gateway::plan::MigrationPlan,
+    conn: &quinn::Connection,
+) -> Result<Option<Arc<super::seed::Seed>>, placement::Refusal> {
+    let seed = match super::seed::resolve(domain, principal, edge_cert, plan) {
+        Ok(None) => return Ok(None),
+        Ok(Some(seed)) => seed,
+        Err(mut problems) => {
+            if let Err((_, more)) = placement::validate(domain, principal, plan) {
+                problems.extend(more);
+            }
+            return Err((RefusalCode::PlanRejected, problems));
+        }
+    };
+    // The plan's own checks first: a plan refused anyway should not cost a seed's hashing.
+    placement::validate(domain, principal, plan)?;
+    let hashed = super::seed::ensure_indexed(domain, &seed, plan.chunk_size, &|| conn.close_reason().is_some())
+        .map_err(|e| (RefusalCode::EndpointFailure, vec![e.to_string()]))?;
+    tracing::info!(seed = %seed.vm_id, hashed, "seed checked");
+    Ok(Some(Arc::new(seed)))
 }
 
 /// Threads that read a migration's staged disks back before its commit: hashing is the

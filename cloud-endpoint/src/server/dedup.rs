@@ -26,6 +26,9 @@ pub struct Requester {
     pub user: String,
     pub edge_cert: String,
     pub migration: String,
+    /// The seed the plan named, checked for this user or edge: its disk at the same
+    /// offset is tried first, and copies from it are reported as seeded.
+    pub seed: Option<std::sync::Arc<super::seed::Seed>>,
 }
 
 impl Requester {
@@ -48,19 +51,29 @@ pub fn offered(domain: &Domain, who: &Requester) -> bool {
     })
 }
 
-/// Copies each of `chunks` (offset, length, hash) that an indexed disk of `who` holds
-/// into `target`, verified against its hash after the read. Returns (offset, copied) for
-/// every chunk, in order; a chunk not found, unreadable or changed is to be sent.
+/// Copies each of `chunks` (offset, length, hash) of disk `disk` that the seed (at the
+/// same offset) or an indexed disk of `who` holds into `target`, verified against its
+/// hash after the read. Returns (offset, copied) for every chunk, in order (a chunk not
+/// found, unreadable or changed is to be sent), and the offsets copied from the seed.
 pub fn copy_chunks(
     domain: &Domain,
     who: &Requester,
+    disk: u16,
     target: &DiskFile,
     chunks: &[(u64, u32, [u8; 32])],
-) -> Vec<(u64, bool)> {
+) -> (Vec<(u64, bool)>, Vec<u64>) {
     let mut sources: HashMap<PathBuf, Option<DiskFile>> = HashMap::new();
     let mut buf = Vec::new();
     let mut results = Vec::with_capacity(chunks.len());
+    let mut seeded = Vec::new();
     for &(offset, len, hash) in chunks {
+        if let Some(seed) = &who.seed {
+            if super::seed::copy_same_offset(seed, disk, target, (offset, len, hash), &mut buf) {
+                results.push((offset, true));
+                seeded.push(offset);
+                continue;
+            }
+        }
         let found = domain
             .inventory
             .find_chunk(&hash, len, who.scope(), CANDIDATES)
@@ -84,6 +97,11 @@ pub fn copy_chunks(
             match target.write_at(&buf, offset) {
                 Ok(()) => {
                     copied = true;
+                    // The seed's chunk at another offset (indexed on demand, or by its
+                    // lift) still counts as the seed's.
+                    if who.seed.as_ref().is_some_and(|s| s.holds(&place.data_path)) {
+                        seeded.push(offset);
+                    }
                     break;
                 }
                 Err(e) => {
@@ -94,7 +112,7 @@ pub fn copy_chunks(
         }
         results.push((offset, copied));
     }
-    results
+    (results, seeded)
 }
 
 /// `[datastore] folder/file` to its path under that datastore of the domain, if it stays
@@ -107,6 +125,12 @@ fn resolve(domain: &Domain, path: &str) -> Option<PathBuf> {
         .components()
         .all(|c| matches!(c, Component::Normal(_)))
         .then(|| datastore.root().join(relative))
+}
+
+/// The data file and format of a disk the inventory names (`[datastore] folder/file`),
+/// if it is one of this endpoint's datastores' files in a format it writes.
+pub fn data_file_of(domain: &Domain, path: &str) -> Option<(PathBuf, DiskFormat)> {
+    resolve(domain, path).as_deref().and_then(data_file)
 }
 
 /// The file holding the data of a disk the inventory names by its descriptor or image,

@@ -8,6 +8,7 @@ mod live_migration;
 pub mod placement;
 mod probe;
 pub mod revoked;
+pub mod seed;
 
 use std::future::Future;
 use std::net::UdpSocket;

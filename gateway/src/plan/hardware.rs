@@ -413,6 +413,7 @@ mod tests {
             firewall: Default::default(),
             placement: Default::default(),
             source_descriptor_sha256: None,
+            seed: None,
         }
     }
 

@@ -7,6 +7,7 @@ use super::ProtocolError;
 use crate::chunk::ChunkError;
 use crate::integrity::{hex, DiskHashes};
 use crate::plan::{MigrationPlan, MigrationReport};
+use crate::schedule::SwitchoverWindow;
 use crate::wire::{ChunkHeader, CloudMessage, EdgeMessage, RefusalCode, SwitchoverOutcome, SwitchoverRequest};
 
 /// Tunables of the receiving side.
@@ -264,6 +265,10 @@ pub struct ReceiverSession {
     switchover: Option<(SwitchoverRequest, Instant)>,
     /// The edge's `Schedule` in this pass, if it sent one.
     schedule: Option<Option<i64>>,
+    /// The edge's `ScheduleWindow` in this pass, if it sent one.
+    window_schedule: Option<Option<SwitchoverWindow>>,
+    /// The switchover window the cloud holds, for the `Synced` answer.
+    held_window: Option<SwitchoverWindow>,
     /// What the driver did for the `Switchover` (see [`Self::switched_over`]).
     switchover_outcome: Option<SwitchoverOutcome>,
     /// `PlanAccepted` offered deduplication: the edge may send `HashQuery`.
@@ -301,6 +306,8 @@ impl ReceiverSession {
             keep_replica: false,
             switchover: None,
             schedule: None,
+            window_schedule: None,
+            held_window: None,
             switchover_outcome: None,
             dedup: false,
             asked: HashMap::new(),
@@ -326,6 +333,12 @@ impl ReceiverSession {
     /// [`ReceiverEvent::Lookup`] of `disk`. Copied chunks count as verified and written
     /// (acknowledged once durable); the others are to be sent, as the answer says.
     pub fn lookup_done(&mut self, disk: u16, results: Vec<(u64, bool)>) {
+        self.lookup_done_seeded(disk, results, &[]);
+    }
+
+    /// [`Self::lookup_done`], where `seeded` (offsets, a subset of the copied ones) were
+    /// copied from the seed the plan named: the answer tells the edge so.
+    pub fn lookup_done_seeded(&mut self, disk: u16, results: Vec<(u64, bool)>, seeded: &[u64]) {
         let cs = u64::from(self.plan.as_ref().map_or(0, |p| p.chunk_size));
         let Some(d) = self.disks.get_mut(usize::from(disk)) else {
             return;
@@ -357,7 +370,14 @@ impl ReceiverSession {
         self.bytes_written += bytes;
         self.dedup_bytes += bytes;
         self.unsynced.chunks.extend(written);
-        self.outbox.push_back(CloudMessage::HashAnswer { disk, copied, send });
+        let was_copied: std::collections::HashSet<u64> = copied.iter().copied().collect();
+        let seeded = seeded.iter().copied().filter(|o| was_copied.contains(o)).collect();
+        self.outbox.push_back(CloudMessage::HashAnswer {
+            disk,
+            copied,
+            send,
+            seeded,
+        });
     }
 
     /// What the edge asked with `Switchover` and when it arrived; `None` for a plain
@@ -494,6 +514,12 @@ impl ReceiverSession {
                     return Err(self.unexpected("Schedule"));
                 }
                 self.schedule = Some(switchover_at);
+            }
+            EdgeMessage::ScheduleWindow { window } => {
+                if self.phase != Phase::Streaming {
+                    return Err(self.unexpected("ScheduleWindow"));
+                }
+                self.window_schedule = Some(window);
             }
             EdgeMessage::HashQuery { disk, chunks } => {
                 if self.phase != Phase::Streaming || !self.dedup {
@@ -1263,6 +1289,18 @@ impl ReceiverSession {
         }
     }
 
+    /// The edge's change to the switchover window in this pass: `Some(None)` clears it.
+    /// The driver records it with the pass (at [`ReceiverEvent::KeepReplica`]).
+    pub fn window_schedule(&self) -> Option<Option<SwitchoverWindow>> {
+        self.window_schedule
+    }
+
+    /// The switchover window the cloud holds after recording the pass: `Synced` tells
+    /// the edge. Call before [`Self::replica_kept`].
+    pub fn set_held_window(&mut self, window: Option<SwitchoverWindow>) {
+        self.held_window = window;
+    }
+
     /// The driver kept the replica and recorded the pass (or could not); `Ok` carries
     /// the scheduled switchover (Unix seconds) the cloud holds now.
     pub fn replica_kept(&mut self, result: Result<Option<i64>, (RefusalCode, String)>) {
@@ -1275,6 +1313,7 @@ impl ReceiverSession {
                 self.outbox.push_back(CloudMessage::Synced {
                     delta_bytes: self.bytes_written,
                     switchover_at,
+                    switchover_window: self.held_window,
                 });
             }
             // What was staged stays: the pass can be run again.

@@ -7,6 +7,7 @@ use super::ProtocolError;
 use crate::integrity::DiskHashes;
 use crate::plan::{MigrationPlan, MigrationReport};
 use crate::receipt::SignedReceipt;
+use crate::schedule::SwitchoverWindow;
 use crate::wire::{CloudMessage, EdgeMessage, SwitchoverOutcome, SwitchoverRequest};
 
 /// Tunables and identity of the sending side.
@@ -234,11 +235,17 @@ pub struct SenderSession {
     end_switchover: Option<(String, bool)>,
     /// The scheduled switchover the cloud holds (Unix seconds), as `Synced` said.
     scheduled_switchover: Option<i64>,
+    /// The switchover window the cloud holds, as `Synced` said.
+    scheduled_window: Option<SwitchoverWindow>,
+    /// This pass's change to the switchover window (`ScheduleWindow`), if any.
+    window_schedule: Option<Option<SwitchoverWindow>>,
     /// The cloud offered deduplication (`PlanAccepted { dedup }`) and this is a new
     /// migration: chunks are hashed and asked about before they are sent.
     dedup: bool,
     /// Plaintext bytes the cloud copied from disks it held instead of receiving them.
     dedup_bytes: u64,
+    /// Of `dedup_bytes`, those copied from the seed the plan named.
+    seeded_bytes: u64,
     /// Never ask, whatever the cloud offers.
     refuse_dedup: bool,
 }
@@ -307,8 +314,11 @@ impl SenderSession {
             switchover_outcome: None,
             end_switchover: None,
             scheduled_switchover: None,
+            scheduled_window: None,
+            window_schedule: None,
             dedup: false,
             dedup_bytes: 0,
+            seeded_bytes: 0,
             refuse_dedup: false,
         })
     }
@@ -317,6 +327,12 @@ impl SenderSession {
     /// they did not cross the link.
     pub fn dedup_bytes(&self) -> u64 {
         self.dedup_bytes
+    }
+
+    /// Plaintext bytes of chunks the cloud copied from the seed the plan named (a part
+    /// of [`Self::dedup_bytes`]).
+    pub fn seeded_bytes(&self) -> u64 {
+        self.seeded_bytes
     }
 
     /// Sends every chunk even if the cloud offers deduplication (`--no-dedup`).
@@ -426,6 +442,17 @@ impl SenderSession {
     /// holds, at the end of this replication pass.
     pub fn schedule(&mut self, switchover_at: Option<i64>) {
         self.schedule = Some(switchover_at);
+    }
+
+    /// Sets (`Some`) or clears (`None`) the daily window the scheduled switchover must
+    /// start in, which the cloud holds, at the end of this replication pass.
+    pub fn schedule_window(&mut self, window: Option<SwitchoverWindow>) {
+        self.window_schedule = Some(window);
+    }
+
+    /// The switchover window the cloud holds, once the pass is synced.
+    pub fn scheduled_window(&self) -> Option<SwitchoverWindow> {
+        self.scheduled_window
     }
 
     /// The cloud's answer to `Switchover`: power-on, downtime, whether it awaits
@@ -772,7 +799,12 @@ impl SenderSession {
                 self.events.push_back(SenderEvent::Acked { disk, chunks, bytes });
                 self.maybe_seal(disk);
             }
-            CloudMessage::HashAnswer { disk, copied, send } => {
+            CloudMessage::HashAnswer {
+                disk,
+                copied,
+                send,
+                seeded,
+            } => {
                 if self.phase != Phase::Streaming || !self.dedup {
                     return Err(self.unexpected("HashAnswer"));
                 }
@@ -798,6 +830,20 @@ impl SenderSession {
                     }
                 }
                 self.dedup_bytes += bytes;
+                // Every seeded offset must be one this answer copied: the count is
+                // what the summary claims the seed saved.
+                let capacity = self.disk_mut(disk)?.capacity;
+                let was_copied: std::collections::HashSet<u64> = copied.iter().copied().collect();
+                let mut seeded_bytes = 0;
+                for offset in &seeded {
+                    if !was_copied.contains(offset) {
+                        return Err(ProtocolError::OutsidePlan(format!(
+                            "hash answer for disk {disk} says offset {offset} came from the seed but was not copied"
+                        )));
+                    }
+                    seeded_bytes += (capacity - offset).min(cs);
+                }
+                self.seeded_bytes += seeded_bytes;
                 if !send.is_empty() {
                     self.events.push_back(SenderEvent::Send { disk, offsets: send });
                 }
@@ -882,6 +928,7 @@ impl SenderSession {
             CloudMessage::Synced {
                 delta_bytes,
                 switchover_at,
+                switchover_window,
             } => {
                 if self.phase != Phase::AwaitCommitted || !self.keep_replica {
                     return Err(self.unexpected("Synced"));
@@ -889,6 +936,7 @@ impl SenderSession {
                 self.phase = Phase::Synced;
                 self.deadline = None;
                 self.scheduled_switchover = switchover_at;
+                self.scheduled_window = switchover_window;
                 self.events.push_back(SenderEvent::Synced {
                     delta_bytes,
                     switchover_at,
@@ -1110,6 +1158,9 @@ impl SenderSession {
                 if let Some(switchover_at) = self.schedule.take() {
                     self.outbox.push_back(EdgeMessage::Schedule { switchover_at });
                 }
+                if let Some(window) = self.window_schedule.take() {
+                    self.outbox.push_back(EdgeMessage::ScheduleWindow { window });
+                }
             }
             self.outbox.push_back(match (self.keep_replica, &self.switchover) {
                 (true, _) => EdgeMessage::SyncDone,
@@ -1131,6 +1182,15 @@ impl SenderSession {
         if let (EdgeMessage::Switchover(request), Some(s)) = (&mut msg, &self.switchover) {
             request.downtime_so_far_ms =
                 u64::try_from(now.saturating_duration_since(s.downtime_since).as_millis()).unwrap_or(u64::MAX);
+        }
+        if let EdgeMessage::Plan(plan) = &msg {
+            if plan.seed.is_some() {
+                // The cloud may first hash the seed's disks at this chunk size (a seed
+                // lifted with another one, or registered by other means): allow for
+                // that at a slow datastore's pace, as for a read-back.
+                let hashing = Duration::from_secs(self.plan.logical_bytes() / 100_000_000);
+                self.deadline = Some(now + self.config.reply_timeout + hashing);
+            }
         }
         if matches!(
             msg,

@@ -60,6 +60,7 @@ fn plan(disks: &[&Vec<u8>]) -> MigrationPlan {
         firewall: Default::default(),
         placement: Default::default(),
         source_descriptor_sha256: Some([0x5d; 32]),
+        seed: None,
     }
 }
 
@@ -166,6 +167,8 @@ struct Pair {
     synced: Option<u64>,
     /// The scheduled switchover the cloud driver holds (Unix seconds).
     cloud_switchover_at: Option<i64>,
+    /// The switchover window the cloud holds (set by the edge's `ScheduleWindow`).
+    cloud_window: Option<crate::schedule::SwitchoverWindow>,
     /// What the edge learned of it with `Synced`.
     edge_switchover_at: Option<Option<i64>>,
     /// The cloud driver rolled back (false) or confirmed (true) this migration's
@@ -178,6 +181,9 @@ struct Pair {
     /// Chunks the cloud holds on disks this edge may reuse, by hash (what its index
     /// says: a test may make the bytes disagree with the key, as a disk changed since).
     cloud_store: std::collections::HashMap<[u8; 32], Vec<u8>>,
+    /// Chunks of the seed the plan named, by hash: looked up before `cloud_store`, and
+    /// copies from it are answered as seeded.
+    seed_store: std::collections::HashMap<[u8; 32], Vec<u8>>,
     /// Hash queries the cloud answered, and the chunks they asked about.
     lookups: Vec<usize>,
     /// Chunks the cloud driver copied, and those it found changed and refused.
@@ -232,8 +238,10 @@ impl Pair {
             aborted: None,
             synced: None,
             cloud_switchover_at: None,
+            cloud_window: None,
             offer_dedup: false,
             cloud_store: std::collections::HashMap::new(),
+            seed_store: std::collections::HashMap::new(),
             lookups: Vec::new(),
             copies: 0,
             refused_copies: 0,
@@ -293,6 +301,7 @@ impl Pair {
         next.cloud_journal = self.cloud_journal;
         next.edge_checkpoint = self.edge_checkpoint;
         next.cloud_switchover_at = self.cloud_switchover_at;
+        next.cloud_window = self.cloud_window;
         next
     }
 
@@ -317,6 +326,7 @@ impl Pair {
         next.cloud_journal = self.cloud_journal;
         next.edge_checkpoint = self.edge_checkpoint;
         next.cloud_switchover_at = self.cloud_switchover_at;
+        next.cloud_window = self.cloud_window;
         next
     }
 
@@ -510,7 +520,15 @@ impl Pair {
                     // The cloud driver: copy what its index names, verified after the read.
                     self.lookups.push(chunks.len());
                     let mut results = Vec::new();
+                    let mut seeded = Vec::new();
                     for (offset, len, hash) in chunks {
+                        if let Some(data) = self.seed_store.get(&hash).filter(|d| d.len() == len as usize) {
+                            self.dests[usize::from(disk)][offset as usize..][..data.len()].copy_from_slice(data);
+                            self.copies += 1;
+                            seeded.push(offset);
+                            results.push((offset, true));
+                            continue;
+                        }
                         let copied = match self.cloud_store.get(&hash) {
                             Some(data) if data.len() == len as usize && crate::chunk::chunk_hash(data) == hash => {
                                 self.dests[usize::from(disk)][offset as usize..][..data.len()].copy_from_slice(data);
@@ -525,7 +543,7 @@ impl Pair {
                         };
                         results.push((offset, copied));
                     }
-                    self.receiver.lookup_done(disk, results);
+                    self.receiver.lookup_done_seeded(disk, results, &seeded);
                 }
                 ReceiverEvent::Finalize => {
                     self.committed = Some("vm-42".into());
@@ -563,7 +581,11 @@ impl Pair {
                     if let Some(at) = schedule {
                         self.cloud_switchover_at = at;
                     }
+                    if let Some(window) = self.receiver.window_schedule() {
+                        self.cloud_window = window;
+                    }
                     self.receiver.synced(&batch);
+                    self.receiver.set_held_window(self.cloud_window);
                     self.receiver.replica_kept(Ok(self.cloud_switchover_at));
                 }
                 ReceiverEvent::EndSwitchover { migration_id, confirm } => match self.refuse_abort.take() {
@@ -1696,6 +1718,38 @@ fn the_scheduled_switchover_is_set_by_the_edge_and_the_cloud_holds_it() {
     );
 }
 
+#[test]
+fn the_switchover_window_is_set_by_the_edge_and_the_cloud_holds_it() {
+    let night: crate::schedule::SwitchoverWindow = "02:00-04:00".parse().unwrap();
+    let sources = vec![disk_image(47, 4)];
+    let mut first = Pair::new(sources.clone(), "secret");
+    first.sender.finish_as_replica();
+    first.sender.schedule_window(Some(night));
+    first.drive();
+    assert!(first.sender.is_synced(), "{:?}", first.sender.error());
+    assert_eq!(
+        (first.cloud_window, first.sender.scheduled_window()),
+        (Some(night), Some(night))
+    );
+    // A later pass that says nothing learns what the cloud holds (the API may move it).
+    let moved: crate::schedule::SwitchoverWindow = "22:00-01:00".parse().unwrap();
+    let mut second = first.next_pass(sources.clone(), true);
+    second.cloud_window = Some(moved);
+    second.drive();
+    assert_eq!(second.sender.scheduled_window(), Some(moved));
+    // Cleared by the edge.
+    let mut third = second.next_pass(sources, true);
+    third.sender.schedule_window(None);
+    third.drive();
+    assert_eq!((third.cloud_window, third.sender.scheduled_window()), (None, None));
+    // Outside a pass it is a protocol violation, like `Schedule`.
+    let now = Instant::now();
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
+    assert!(r
+        .handle_control(EdgeMessage::ScheduleWindow { window: Some(night) }, now)
+        .is_err());
+}
+
 fn ending_pair(confirm: bool) -> Pair {
     let mut pair = Pair::new(vec![disk_image(46, 2)], "secret");
     let plan = pair.sender.plan().clone();
@@ -1914,9 +1968,85 @@ fn hash_queries_the_plan_does_not_allow_are_protocol_violations() {
         disk: 0,
         copied: vec![0],
         send: vec![],
+        seeded: vec![],
     };
     assert!(matches!(
         s.handle_control(answer, now),
         Err(ProtocolError::OutsidePlan(_))
+    ));
+}
+
+#[test]
+fn a_seeded_first_pass_reports_what_the_seed_saved_apart_from_other_copies() {
+    // The seed holds the source as it was; one chunk changed since, and one chunk the
+    // seed lacks is held elsewhere in the index.
+    let seed = disk_image(84, 20);
+    let mut source = seed.clone();
+    source[4 * CS as usize + 5] ^= 0x55;
+    source[8 * CS as usize..9 * CS as usize].fill(0x17);
+    let elsewhere = source[8 * CS as usize..9 * CS as usize].to_vec();
+    let mut pair = Pair::new(vec![source.clone()], "secret");
+    pair.offer_dedup = true;
+    let mut seed_store = store_of(&seed);
+    // Chunks 4 and 8 are random, so no other chunk shares their hashes.
+    seed_store.remove(&crate::chunk::chunk_hash(&seed[8 * CS as usize..9 * CS as usize]));
+    pair.seed_store = seed_store;
+    pair.cloud_store = [(crate::chunk::chunk_hash(&elsewhere), elsewhere)].into();
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    assert_eq!(pair.dests, vec![source.clone()]);
+    assert_eq!(pair.data_frames, 1, "only the changed chunk crosses");
+    let non_zero: Vec<usize> = source
+        .chunks(CS as usize)
+        .enumerate()
+        .filter(|(_, c)| !crate::chunk::is_zero(c))
+        .map(|(i, _)| i)
+        .collect();
+    let bytes = |skip: &[usize]| -> u64 {
+        non_zero
+            .iter()
+            .filter(|i| !skip.contains(i))
+            .map(|&i| source[i * CS as usize..].len().min(CS as usize) as u64)
+            .sum()
+    };
+    assert_eq!(pair.sender.dedup_bytes(), bytes(&[4]));
+    assert_eq!(pair.sender.seeded_bytes(), bytes(&[4, 8]));
+}
+
+#[test]
+fn a_seeded_offset_that_was_not_copied_is_a_protocol_violation() {
+    let img = disk_image(85, 4);
+    let now = Instant::now();
+    let mut s = SenderSession::new(SenderConfig::new("e", "u", "p"), plan(&[&img]), now).unwrap();
+    s.handle_control(
+        CloudMessage::Welcome {
+            endpoint: "c".into(),
+            role: "MigrationOperator".into(),
+        },
+        now,
+    )
+    .unwrap();
+    s.handle_control(
+        CloudMessage::PlanAccepted {
+            migration_id: "migration-1".into(),
+            datastore: "ds1".into(),
+            dedup: true,
+        },
+        now,
+    )
+    .unwrap();
+    // Read and hash chunk 0 so that it is asked about.
+    assert_eq!(s.work_for(0, 0), Work::Probe);
+    let first = img[..CS as usize].to_vec();
+    s.chunk_probed(0, 0, crate::chunk::chunk_hash(&first));
+    let answer = CloudMessage::HashAnswer {
+        disk: 0,
+        copied: vec![],
+        send: vec![0],
+        seeded: vec![0],
+    };
+    assert!(matches!(
+        s.handle_control(answer, now),
+        Err(ProtocolError::OutsidePlan(m)) if m.contains("seed")
     ));
 }

@@ -10,6 +10,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::{Decoded, WireError};
 use crate::plan::{MigrationPlan, MigrationReport};
+use crate::schedule::SwitchoverWindow;
 
 /// Largest control frame: a plan with hundreds of disks and NICs fits easily.
 pub const MAX_CONTROL_FRAME: usize = 1024 * 1024;
@@ -88,6 +89,10 @@ pub enum EdgeMessage {
     /// verifies each copy against its hash, and answers `HashAnswer`; it never copies a
     /// chunk across tenants. At most [`MAX_HASH_QUERY`] chunks, each asked once.
     HashQuery { disk: u16, chunks: Vec<(u64, [u8; 32])> },
+    /// Sent during a replication pass, before `SyncDone` (protocol version 9): set
+    /// (`Some`) or clear (`None`) the daily window the scheduled switchover must start
+    /// in, which the cloud holds (the API can change it too).
+    ScheduleWindow { window: Option<SwitchoverWindow> },
 }
 
 /// What `edge-agent switchover` asks of the cloud beyond a commit.
@@ -171,6 +176,9 @@ pub enum CloudMessage {
     Synced {
         delta_bytes: u64,
         switchover_at: Option<i64>,
+        /// The daily window the switchover must start in, if the cloud holds one
+        /// (protocol version 9).
+        switchover_window: Option<SwitchoverWindow>,
     },
     /// Sent just before `Committed` when the edge asked with `Switchover`.
     SwitchedOver(SwitchoverOutcome),
@@ -184,6 +192,9 @@ pub enum CloudMessage {
         disk: u16,
         copied: Vec<u64>,
         send: Vec<u64>,
+        /// Of `copied`, those read from the seed the plan named (protocol version 9):
+        /// the edge reports them apart, as what the seed saved.
+        seeded: Vec<u64>,
     },
 }
 
@@ -346,6 +357,7 @@ mod tests {
             firewall: Default::default(),
             placement: Default::default(),
             source_descriptor_sha256: Some([0x5d; 32]),
+            seed: None,
         }
     }
 

@@ -192,6 +192,7 @@ pub(crate) mod tests {
             firewall: crate::plan::FirewallSpec::default(),
             placement: Default::default(),
             source_descriptor_sha256: Some([0x5d; 32]),
+            seed: None,
         }
     }
 

@@ -43,7 +43,10 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// acknowledgements, Merkle trees and receipts (format 3) carry BLAKE3 hashes where
 /// version 7 carried SHA-256. A version-7 peer would fail every chunk's check, so it is
 /// refused at the preamble.
-pub const PROTOCOL_VERSION: u16 = 8;
+/// Version 9: the plan may name a seed (`MigrationPlan::seed`), and `HashAnswer` says which
+/// copied chunks came from it (`seeded`); a switchover window (`ScheduleWindow`, and
+/// `Synced` carrying the one the cloud holds).
+pub const PROTOCOL_VERSION: u16 = 9;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.
@@ -152,8 +155,8 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(Preamble::decode(&bad), Err(WireError::BadMagic));
         let mut newer = p.encode();
-        newer[5] = 9;
-        assert_eq!(Preamble::decode(&newer), Err(WireError::UnsupportedVersion(9)));
+        newer[5] = 10;
+        assert_eq!(Preamble::decode(&newer), Err(WireError::UnsupportedVersion(10)));
         let mut kind = p.encode();
         kind[6] = 7;
         assert_eq!(Preamble::decode(&kind), Err(WireError::UnknownStreamKind(7)));

@@ -149,11 +149,14 @@ pub fn check_resume(
         .ok()
         .flatten()
         .is_some_and(|m| m.replica.is_some());
+    // The seed shapes a first pass's copies, not the VM: a resume or a later pass need
+    // not name it again.
     let same = if replica {
         match gateway::wire::control::decode::<MigrationPlan>(stored) {
             Ok(gateway::wire::Decoded::Frame(stored, _)) => {
                 let stored = MigrationPlan {
                     source_descriptor_sha256: plan.source_descriptor_sha256,
+                    seed: plan.seed.clone(),
                     ..stored
                 };
                 plan_bytes(&stored) == plan_bytes(plan)
@@ -162,6 +165,15 @@ pub fn check_resume(
         }
     } else {
         stored == plan_bytes(plan).as_slice()
+            || match gateway::wire::control::decode::<MigrationPlan>(stored) {
+                Ok(gateway::wire::Decoded::Frame(stored, _)) => {
+                    plan_bytes(&MigrationPlan {
+                        seed: plan.seed.clone(),
+                        ..stored
+                    }) == plan_bytes(plan)
+                }
+                _ => false,
+            }
     };
     if !same {
         return Err((

@@ -100,6 +100,7 @@ fn plan(cpus: u32, memory_mib: u64, placement: Placement) -> MigrationPlan {
         firewall: FirewallSpec::default(),
         placement,
         source_descriptor_sha256: Some([1; 32]),
+        seed: None,
     }
 }
 
