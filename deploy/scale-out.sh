@@ -48,15 +48,16 @@ compose() {
 
 # Waits until `docker inspect` calls the service's container healthy (60 s at most).
 wait_healthy() {
-  local service=$1 id health t0=$SECONDS
+  local service=$1 id health state t0=$SECONDS
   id=$(compose ps -q "$service")
   [ -n "$id" ] || die "no container for $service"
   while :; do
     health=$(docker inspect -f '{{.State.Health.Status}}' "$id")
     [ "$health" = healthy ] && return 0
-    if [ $((SECONDS - t0)) -ge 60 ]; then
+    state=$(docker inspect -f '{{.State.Status}}' "$id")
+    if [ "$state" = exited ] || [ $((SECONDS - t0)) -ge 60 ]; then
       compose logs --no-color --tail=30 "$service" >&2
-      die "$service is not healthy after 60 s ($health)"
+      die "$service is not healthy ($state, $health after $((SECONDS - t0)) s)"
     fi
     sleep 0.5
   done

@@ -462,9 +462,11 @@ fn wait_container_healthy(container: &str) {
         if health == "healthy" {
             return;
         }
+        let state = stdout(Command::new("docker").args(["inspect", "-f", "{{.State.Status}}", container]));
         assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "{container} is not healthy after 60 s ({health}):\n{}",
+            state != "exited" && t0.elapsed() < Duration::from_secs(60),
+            "{container} is not healthy ({state}, {health} after {:.0} s):\n{}",
+            t0.elapsed().as_secs_f64(),
             container_logs(container)
         );
         std::thread::sleep(Duration::from_millis(250));
@@ -512,7 +514,10 @@ fn the_scale_out_deployment_shows_one_lift_through_every_endpoint() {
         .to_owned();
 
     // Every endpoint's API: the same VM with the same disks, and the cluster's three hosts.
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut views = Vec::new();
     for service in SCALE_OUT_HOSTS {
         let api = rest::Rest::at(&s.api_base(service), &s.pki);
@@ -532,9 +537,15 @@ fn the_scale_out_deployment_shows_one_lift_through_every_endpoint() {
             .filter(|v| v["name"] == "web01")
             .collect();
         assert_eq!(web01.len(), 1, "{service} does not list web01 once: {vms}");
-        assert_eq!(web01[0]["vm"], vm_id.as_str(), "{service} lists web01 under another id: {vms}");
-        let disks = vm["disks"].as_array().unwrap_or_else(|| panic!("{service}: {vm}"));
+        assert_eq!(
+            web01[0]["vm"],
+            vm_id.as_str(),
+            "{service} lists web01 under another id: {vms}"
+        );
+        let disks = vm["disks"].as_object().unwrap_or_else(|| panic!("{service}: {vm}"));
         assert_eq!(disks.len(), 1, "{service}: {vm}");
+        let disk = disks.values().next().unwrap();
+        assert_eq!(disk["capacity"], (SCALE_OUT_DISK_MIB * MIB) as u64, "{service}: {vm}");
         let mut names: Vec<&str> = hosts
             .as_array()
             .unwrap_or_else(|| panic!("{hosts}"))
@@ -563,8 +574,10 @@ fn the_scale_out_deployment_shows_one_lift_through_every_endpoint() {
         "{{range .Mounts}}{{if eq .Destination \"/var/lib/gateway/datastore\"}}{{.Name}}{{end}}{{end}}",
         &s.container("esx-c"),
     ]));
-    let disk = first.1["disks"][0]["value"]["backing"]["vmdk_file"]
-        .as_str()
+    let disk = first.1["disks"]
+        .as_object()
+        .and_then(|disks| disks.values().next())
+        .and_then(|disk| disk["backing"]["vmdk_file"].as_str())
         .unwrap_or_else(|| panic!("no disk file in {}", first.1));
     let relative = disk
         .split_once("] ")
