@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds the two images from the workspace's release binaries, with no registry:
+# Builds the images from the workspace's release binaries, with no registry:
 #   gateway/cloud-endpoint:latest   the Debian base made here (deploy/base.sh) + QEMU
 #   gateway/edge-agent:latest       FROM scratch: the binary and the glibc it links
+#   gateway/postgres:latest         the same base + Debian's postgresql, for the shared
+#                                   inventory of a scale-out domain (docs/scale-out.md)
 # The binaries are copied from target/release (`cargo build --release --workspace`
 # makes them), never built again inside an image. The base is built once per machine
 # (about a minute and a half) and reused while deploy/base.sh is unchanged.
@@ -55,6 +57,24 @@ docker build -q -f deploy/edge-agent.Dockerfile \
 docker run --rm gateway/edge-agent:latest --version >/dev/null \
   || die "gateway/edge-agent:latest does not start"
 
-for image in "$base" gateway/cloud-endpoint:latest gateway/edge-agent:latest; do
+# PostgreSQL: one layer on the base, apt-get from the machine's mirror during the build
+# (the build shares the host's network and its name for the mirror, as the host's apt
+# reaches it). Docker's cache keeps that layer while the base and the recipe are the
+# same, so after the first build this costs a second.
+read -r mirror suite < <(deploy/apt-mirror.sh)
+mirror_host=$(echo "$mirror" | sed -E 's#^[a-z]+://([^/:@]*@)?([^/:]+).*#\2#')
+add_host=()
+if address=$(getent ahostsv4 "$mirror_host" | awk 'NR == 1 { print $1 }') && [ -n "$address" ]; then
+  add_host=(--add-host "$mirror_host:$address")
+fi
+mkdir -p "$ctx/postgres"
+cp deploy/gateway-postgres "$ctx/postgres/"
+docker build -q -f deploy/postgres.Dockerfile --network host "${add_host[@]}" \
+  --build-arg "BASE=$base" --build-arg "MIRROR=$mirror" --build-arg "SUITE=$suite" \
+  --label "org.opencontainers.image.revision=$revision" \
+  -t gateway/postgres:latest "$ctx/postgres" >/dev/null \
+  || die "building gateway/postgres:latest failed (its apt-get reads $mirror)"
+
+for image in "$base" gateway/cloud-endpoint:latest gateway/edge-agent:latest gateway/postgres:latest; do
   printf '%-32s %s\n' "$image" "$(docker image inspect -f '{{.Size}}' "$image" | numfmt --to=iec --suffix=B)"
 done

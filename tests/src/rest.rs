@@ -48,6 +48,15 @@ impl Rest {
         }
     }
 
+    /// A client of the API at `base` (`https://127.0.0.1:8443`), trusting the test CA:
+    /// an endpoint this test did not start itself (a container's published port).
+    pub fn at(base: &str, pki: &Pki) -> Rest {
+        Rest {
+            http: https_client(pki),
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+
     /// A request to `path` (`/api/...`, `/rest/...`), with no session yet.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.http.request(method, format!("{}{path}", self.base))

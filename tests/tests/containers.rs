@@ -358,3 +358,244 @@ fn a_stopped_endpoint_container_drains_then_the_lift_resumes() {
     );
     d.assert_copy_identical();
 }
+
+/// The scale-out deployment of `deploy/compose.scale-out.yaml` in a compose project of its
+/// own: PostgreSQL (`gateway/postgres`) and the endpoints esx-a, esx-b and esx-c on one
+/// inventory and one datastore volume, every port published on a free loopback port.
+/// Removed, volumes and all, on drop.
+struct ScaleOut {
+    project: String,
+    work: tempfile::TempDir,
+    pki: Pki,
+    db_password: String,
+}
+
+const SCALE_OUT_HOSTS: [&str; 3] = ["esx-a", "esx-b", "esx-c"];
+/// The scale-out test's source disk: small, the lift is not what it measures.
+const SCALE_OUT_DISK_MIB: usize = 4;
+
+impl ScaleOut {
+    /// One endpoint certificate for the three names (as the edge and the other
+    /// containers call them) and 127.0.0.1 (as the test calls their published APIs);
+    /// a VM `web01`.
+    fn new() -> ScaleOut {
+        let work = tempfile::tempdir().unwrap();
+        let project = format!("gwtest-scale-{}", std::process::id());
+        let pki = Pki::with_endpoint_names(&work.path().join("pki"), &["esx-a", "esx-b", "esx-c", "127.0.0.1"]);
+        let dir = work.path().join("onprem/web01");
+        std::fs::create_dir_all(&dir).unwrap();
+        let regions: Vec<Fill> = (0..SCALE_OUT_DISK_MIB)
+            .map(|i| if i % 4 == 3 { Fill::Zero } else { Fill::Random })
+            .collect();
+        write_raw_disk(&dir.join("web01.img"), MIB, &regions, 29);
+        let nic = Nic {
+            network: "Prod-DMZ",
+            mac: "00:50:56:3f:00:02",
+        };
+        write_vmx(&dir, "web01", &["web01.img"], &[nic]);
+        run(Command::new("chown").args(["-R", "10001:10001"]).arg(work.path()));
+        let db_password = format!("{:032x}", rand::random::<u128>());
+        ScaleOut {
+            project,
+            work,
+            pki,
+            db_password,
+        }
+    }
+
+    fn compose(&self) -> Command {
+        let mut cmd = Command::new("docker-compose");
+        cmd.args(["-p", &self.project, "-f"])
+            .arg(workspace().join("deploy/compose.scale-out.yaml"))
+            .env("GATEWAY_DEPLOY_DIR", self.work.path())
+            .env("GATEWAY_DB_PASSWORD", &self.db_password);
+        for host in SCALE_OUT_HOSTS {
+            let prefix = host.replace('-', "_").to_uppercase();
+            cmd.env(format!("{prefix}_QUIC_PUBLISH"), "127.0.0.1:")
+                .env(format!("{prefix}_API_PUBLISH"), "127.0.0.1:");
+        }
+        cmd
+    }
+
+    fn container(&self, service: &str) -> String {
+        let id = stdout(self.compose().args(["ps", "-q", service]));
+        assert!(!id.is_empty(), "no container for {service}");
+        id
+    }
+
+    /// `https://127.0.0.1:PORT`: where `service`'s API is published on the host.
+    fn api_base(&self, service: &str) -> String {
+        let published = stdout(self.compose().args(["port", service, "8443"]));
+        format!("https://{published}")
+    }
+}
+
+impl Drop for ScaleOut {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &format!("{}-edge", self.project)])
+            .output();
+        let _ = self
+            .compose()
+            .args(["--profile", "edge", "down", "-v", "--remove-orphans", "-t", "1"])
+            .output();
+    }
+}
+
+fn container_logs(container: &str) -> String {
+    let out = Command::new("docker")
+        .args(["logs", container])
+        .output()
+        .expect("docker logs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Waits (60 s at most) until `container`'s healthcheck passes.
+fn wait_container_healthy(container: &str) {
+    let t0 = Instant::now();
+    loop {
+        let health = stdout(Command::new("docker").args(["inspect", "-f", "{{.State.Health.Status}}", container]));
+        if health == "healthy" {
+            return;
+        }
+        let state = stdout(Command::new("docker").args(["inspect", "-f", "{{.State.Status}}", container]));
+        assert!(
+            state != "exited" && t0.elapsed() < Duration::from_secs(60),
+            "{container} is not healthy ({state}, {health} after {:.0} s):\n{}",
+            t0.elapsed().as_secs_f64(),
+            container_logs(container)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn the_scale_out_deployment_shows_one_lift_through_every_endpoint() {
+    require_engine();
+    images();
+    let s = ScaleOut::new();
+    let t0 = Instant::now();
+    run(s.compose().args(["up", "-d"]));
+    for service in ["postgres"].into_iter().chain(SCALE_OUT_HOSTS) {
+        wait_container_healthy(&s.container(service));
+    }
+    let up_in = t0.elapsed();
+
+    // The real edge agent, in its container on the cloud network, lifts web01 through esx-a.
+    let edge = format!("{}-edge", s.project);
+    run(s.compose().args([
+        "run",
+        "-d",
+        "--no-deps",
+        "--name",
+        &edge,
+        "edge-agent",
+        "migrate",
+        "--vmx=/onprem/web01/web01.vmx",
+        "--receipt=/onprem/web01.receipt.json",
+        "--map-network=Prod-DMZ=cloud-web",
+        "--json",
+    ]));
+    let code = stdout(Command::new("timeout").args(["180", "docker", "wait", &edge]));
+    let edge_logs = container_logs(&edge);
+    assert_eq!(code, "0", "the edge failed:\n{edge_logs}");
+    let summary = edge_logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "summary")
+        .unwrap_or_else(|| panic!("no summary from the edge:\n{edge_logs}"));
+    let vm_id = summary["vm_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no vm_id in the summary: {summary}"))
+        .to_owned();
+
+    // Every endpoint's API: the same VM with the same disks, and the cluster's three hosts.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut views = Vec::new();
+    for service in SCALE_OUT_HOSTS {
+        let api = rest::Rest::at(&s.api_base(service), &s.pki);
+        let view = runtime.block_on(async {
+            let token = api.token(MIGRATOR).await;
+            let vms = api.json("/api/vcenter/vm", &token).await;
+            let vm = api.json(&format!("/api/vcenter/vm/{vm_id}"), &token).await;
+            let hosts = api.json("/api/vcenter/host", &token).await;
+            let clusters = api.json("/api/vcenter/cluster", &token).await;
+            (vms, vm, hosts, clusters)
+        });
+        let (vms, vm, hosts, clusters) = &view;
+        let web01: Vec<_> = vms
+            .as_array()
+            .unwrap_or_else(|| panic!("{vms}"))
+            .iter()
+            .filter(|v| v["name"] == "web01")
+            .collect();
+        assert_eq!(web01.len(), 1, "{service} does not list web01 once: {vms}");
+        assert_eq!(
+            web01[0]["vm"],
+            vm_id.as_str(),
+            "{service} lists web01 under another id: {vms}"
+        );
+        let disks = vm["disks"].as_object().unwrap_or_else(|| panic!("{service}: {vm}"));
+        assert_eq!(disks.len(), 1, "{service}: {vm}");
+        let disk = disks.values().next().unwrap();
+        assert_eq!(disk["capacity"], (SCALE_OUT_DISK_MIB * MIB) as u64, "{service}: {vm}");
+        let mut names: Vec<&str> = hosts
+            .as_array()
+            .unwrap_or_else(|| panic!("{hosts}"))
+            .iter()
+            .filter_map(|h| h["name"].as_str())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, SCALE_OUT_HOSTS, "{service}'s cluster: {hosts}");
+        assert_eq!(
+            clusters.as_array().map(Vec::len),
+            Some(1),
+            "{service}: one cluster: {clusters}"
+        );
+        views.push((service, view));
+    }
+    let (_, first) = &views[0];
+    for (service, view) in &views[1..] {
+        assert_eq!(view.1, first.1, "{service} shows {vm_id} apart from esx-a");
+        assert_eq!(view.2, first.2, "{service} shows other hosts than esx-a");
+    }
+
+    // The copy, read through esx-c's mount of the shared datastore volume.
+    let volume = stdout(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{range .Mounts}}{{if eq .Destination \"/var/lib/gateway/datastore\"}}{{.Name}}{{end}}{{end}}",
+        &s.container("esx-c"),
+    ]));
+    let disk = first.1["disks"]
+        .as_object()
+        .and_then(|disks| disks.values().next())
+        .and_then(|disk| disk["backing"]["vmdk_file"].as_str())
+        .unwrap_or_else(|| panic!("no disk file in {}", first.1));
+    let relative = disk
+        .split_once("] ")
+        .unwrap_or_else(|| panic!("not a datastore path: {disk}"))
+        .1;
+    let out = stdout(
+        Command::new("docker")
+            .args(["run", "--rm", "--network", "none", "--entrypoint", "qemu-img", "-v"])
+            .arg(format!("{volume}:/ds:ro"))
+            .arg("-v")
+            .arg(format!("{}:/onprem:ro", s.work.path().join("onprem").display()))
+            .args([ENDPOINT_IMAGE, "compare", "/onprem/web01/web01.img"])
+            .arg(format!("/ds/{relative}")),
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+    eprintln!(
+        "scale-out: up and healthy in {:.1} s, the whole test {:.1} s so far",
+        up_in.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+}
