@@ -171,7 +171,7 @@ impl Inventory {
             for (datastore, bytes) in space {
                 tx.execute(
                     "INSERT INTO migration_space (migration, datastore, bytes) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (migration, datastore) DO UPDATE SET bytes = bytes + excluded.bytes",
+                     ON CONFLICT (migration, datastore) DO UPDATE SET bytes = migration_space.bytes + excluded.bytes",
                     store_params![id, datastore, bytes],
                 )?;
             }

@@ -74,7 +74,7 @@ pub enum InventoryError {
     #[error("invalid inventory request: {0}")]
     Invalid(String),
 
-    #[error("inventory database {}: {source}; check that the file is a cloud-endpoint inventory on a writable disk", path.display())]
+    #[error("inventory database {}: {source}; check that it is a cloud-endpoint inventory that this endpoint may write (a file on a writable disk, or a PostgreSQL database its user owns)", path.display())]
     Db {
         /// The database file (empty only inside this module, before it is filled in).
         path: PathBuf,

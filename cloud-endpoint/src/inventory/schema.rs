@@ -658,7 +658,9 @@ CREATE TABLE migration_lease (
 const PG_UPGRADE_LOCK: i64 = 0x6761_7465_7761_7931;
 
 fn upgrade_postgres(store: &Store) -> Result<(), InventoryError> {
-    store.write(|tx| {
+    // READ COMMITTED: an endpoint that waited for the lock sees the tables the endpoint
+    // that held it created, instead of its own snapshot from before the wait.
+    store.upgrade(|tx| {
         tx.query("SELECT pg_advisory_xact_lock(?1)", store_params![PG_UPGRADE_LOCK])?;
         tx.batch("CREATE TABLE IF NOT EXISTS schema_version (singleton BIGINT PRIMARY KEY CHECK (singleton = 0), version BIGINT NOT NULL)")?;
         let found: i64 = tx

@@ -4,6 +4,7 @@
 //! unregistered, the migration RUNNING again with its disks as the replica, its receipt
 //! superseded). The scheduled switchover time lives here too.
 
+use super::store::Tx;
 use crate::store_params;
 
 use super::migrations::state_of;
@@ -22,29 +23,36 @@ pub const ROLLED_BACK: &str = "rolled back";
 pub const FROM_EDGE_STOP: &str = "source stopped by the edge";
 pub const FROM_SWITCHOVER_START: &str = "switchover started";
 
+/// Refuses a migration that is not RUNNING, or not a replication with a pass done: only
+/// such a replication's switchover `what` (can be scheduled, has a window).
+fn running_replica(tx: &mut dyn Tx, migration_id: &str, what: &str) -> Result<(), InventoryError> {
+    let (state, _) = state_of(tx, migration_id)?;
+    if state != "RUNNING" {
+        return Err(InventoryError::MigrationNotRunning {
+            id: migration_id.to_owned(),
+            state,
+        });
+    }
+    let replica: bool = tx.query_row(
+        "SELECT replica_synced IS NOT NULL FROM migration WHERE id = ?1",
+        store_params![migration_id],
+        |row| row.get(0),
+    )?;
+    if !replica {
+        return Err(InventoryError::Invalid(format!(
+            "migration {migration_id} is not a replication with a pass done; only a replication's switchover {what}"
+        )));
+    }
+    Ok(())
+}
+
 impl Inventory {
     /// Sets (`Some`, RFC 3339 UTC) or clears the scheduled switchover of the RUNNING
     /// replication `migration_id`. Refused for a migration that is not a replication
     /// with a first pass done, or not RUNNING.
     pub fn set_switchover_at(&self, migration_id: &str, at: Option<&str>) -> Result<(), InventoryError> {
         self.write(|tx| {
-            let (state, _) = state_of(tx, migration_id)?;
-            if state != "RUNNING" {
-                return Err(InventoryError::MigrationNotRunning {
-                    id: migration_id.to_owned(),
-                    state,
-                });
-            }
-            let replica: bool = tx.query_row(
-                "SELECT replica_synced IS NOT NULL FROM migration WHERE id = ?1",
-                store_params![migration_id],
-                |row| row.get(0),
-            )?;
-            if !replica {
-                return Err(InventoryError::Invalid(format!(
-                    "migration {migration_id} is not a replication with a pass done; only a replication's switchover can be scheduled"
-                )));
-            }
+            running_replica(tx, migration_id, "can be scheduled")?;
             tx.execute(
                 "UPDATE migration SET switchover_at = ?2 WHERE id = ?1",
                 store_params![migration_id, at],
@@ -58,23 +66,7 @@ impl Inventory {
     /// [`Self::set_switchover_at`] is.
     pub fn set_switchover_window(&self, migration_id: &str, window: Option<&str>) -> Result<(), InventoryError> {
         self.write(|tx| {
-            let (state, _) = state_of(tx, migration_id)?;
-            if state != "RUNNING" {
-                return Err(InventoryError::MigrationNotRunning {
-                    id: migration_id.to_owned(),
-                    state,
-                });
-            }
-            let replica: bool = tx.query_row(
-                "SELECT replica_synced IS NOT NULL FROM migration WHERE id = ?1",
-                store_params![migration_id],
-                |row| row.get(0),
-            )?;
-            if !replica {
-                return Err(InventoryError::Invalid(format!(
-                    "migration {migration_id} is not a replication with a pass done; only a replication's switchover has a window"
-                )));
-            }
+            running_replica(tx, migration_id, "has a window")?;
             tx.execute(
                 "UPDATE migration SET switchover_window = ?2 WHERE id = ?1",
                 store_params![migration_id, window],

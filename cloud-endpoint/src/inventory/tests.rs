@@ -1203,3 +1203,41 @@ fn a_switchover_window_is_held_for_a_running_replication_only() {
         "switched over"
     );
 }
+
+#[test]
+fn space_reserved_twice_on_a_datastore_adds_up() {
+    for_each_store(|db| {
+        let inv = db.open(&DomainConfig::default());
+        let ds = inv.datastore().unwrap().id;
+        let space = [(ds.clone(), 100), (ds.clone(), 50)];
+        inv.begin_migration_on(&operator(), "edge", "web01", 1, &space, &|_, _| Ok(1 << 40))
+            .unwrap();
+        assert_eq!(inv.space_on(&ds).unwrap().reserved, 150);
+    });
+}
+
+#[test]
+fn endpoints_starting_together_on_an_empty_postgresql_database_all_start() {
+    let pg = store::test_pg::TestPg::start();
+    let starts: Vec<_> = ["esx-a", "esx-b", "esx-c"]
+        .into_iter()
+        .map(|host| {
+            let url = pg.url.clone();
+            std::thread::spawn(move || {
+                let mut domain = DomainConfig::default();
+                domain.host.name = host.into();
+                Inventory::open_postgres(&url, &domain).map(|inv| inv.domain().unwrap().hosts.len())
+            })
+        })
+        .collect();
+    for start in starts {
+        let hosts = start.join().unwrap().unwrap();
+        assert!((1..=3).contains(&hosts));
+    }
+    let mut domain = DomainConfig::default();
+    domain.host.name = "esx-a".into();
+    let inv = Inventory::open_postgres(&pg.url, &domain).unwrap();
+    let mut hosts: Vec<String> = inv.domain().unwrap().hosts.into_iter().map(|h| h.name).collect();
+    hosts.sort();
+    assert_eq!(hosts, ["esx-a", "esx-b", "esx-c"]);
+}

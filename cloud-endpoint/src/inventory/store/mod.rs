@@ -293,7 +293,7 @@ pub enum StoreError {
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
 
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", postgres_message(.0))]
     Postgres(#[source] Box<tokio_postgres::Error>),
 
     #[error("cannot reach PostgreSQL at {url}: {reason}; check the database URL, that the server runs and that this endpoint may log in")]
@@ -308,6 +308,21 @@ pub enum StoreError {
         expected: &'static str,
         found: &'static str,
     },
+}
+
+/// The server's own words for an error it reported (tokio-postgres's `Display` says only
+/// "db error"), else the driver's.
+fn postgres_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut message = format!("{} ({}): {}", db.severity(), db.code().code(), db.message());
+            if let Some(detail) = db.detail() {
+                message.push_str(&format!(" ({detail})"));
+            }
+            message
+        }
+        None => e.to_string(),
+    }
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -446,6 +461,15 @@ impl Store {
         }
     }
 
+    /// Runs `f` as [`Store::write`] does, but each statement of it sees what other
+    /// transactions committed before it (a schema upgrade that waited for another's).
+    pub(crate) fn upgrade<T, E: TxError>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T, E>) -> Result<T, E> {
+        match self {
+            Store::Sqlite(store) => store.transaction(Access::Schema, &mut f),
+            Store::Postgres(store) => store.transaction(Access::Schema, &mut f),
+        }
+    }
+
     /// Runs `f` in one read-only transaction: one consistent view of the database.
     pub fn read<T, E: TxError>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T, E>) -> Result<T, E> {
         match self {
@@ -460,6 +484,9 @@ impl Store {
 pub(crate) enum Access {
     Read,
     Write,
+    /// A schema upgrade: it waits for a lock, then must see what the endpoint that held
+    /// the lock committed (PostgreSQL's READ COMMITTED: a snapshot per statement).
+    Schema,
 }
 
 /// `?N` parameters as PostgreSQL's `$N`, leaving string literals and quoted names alone.
