@@ -144,7 +144,8 @@ pub fn finalize(
         r.path = Some(d.path.clone());
     }
     // Built in the registering transaction, which may run again on PostgreSQL: each
-    // run fills in its own copy.
+    // run fills in its own copy, and the last (the one committed) goes to the edge.
+    let committed_report = std::cell::RefCell::new(None);
     let report_json = |ctx: &crate::inventory::ReceiptContext<'_>| {
         let mut report = report.clone();
         report.migration_id = Some(ctx.migration_id.to_owned());
@@ -152,7 +153,9 @@ pub fn finalize(
         report.vm_path = Some(new_vm.vmx_path.clone());
         report.zero_bytes = Some(zero_bytes);
         report.committed_at = Some(ctx.committed_at.to_owned());
-        serde_json::to_string(&report).ok()
+        let json = serde_json::to_string(&report).ok();
+        *committed_report.borrow_mut() = Some(report);
+        json
     };
     let folders = match commit_all(&domain.inventory, &migration_id, staging, other_staging) {
         Ok(folders) => folders,
@@ -179,7 +182,7 @@ pub fn finalize(
                 vm_id: registered.vm_id,
                 vm_path: new_vm.vmx_path.clone(),
                 receipt: registered.receipt,
-                report: Some(report),
+                report: Some(committed_report.take().unwrap_or(report)),
             })
         }
         Err(e) => {
@@ -376,18 +379,23 @@ pub fn finalize_live(
         }
     };
     let vm_path = new_vm.vmx_path.clone();
+    // As for a cold lift: the last run of the registering transaction's report is the
+    // one committed, and the one returned.
+    let committed_report = std::cell::RefCell::new(None);
     let registered = domain.inventory.register_running_vm(&migration_id, &new_vm, |ctx| {
         let mut report = report.clone();
         report.migration_id = Some(ctx.migration_id.to_owned());
         report.vm_id = Some(ctx.vm_id.to_owned());
         report.vm_path = Some(vm_path.clone());
         report.committed_at = Some(ctx.committed_at.to_owned());
-        serde_json::to_string(&report).ok()
+        let json = serde_json::to_string(&report).ok();
+        *committed_report.borrow_mut() = Some(report);
+        json
     });
     match registered {
         Ok(vm_id) => {
             tidy_committed(&domain.inventory, &migration_id, &folders);
-            Ok((vm_id, report))
+            Ok((vm_id, committed_report.take().unwrap_or(report)))
         }
         Err(e) => {
             remove_folders(&folders);
