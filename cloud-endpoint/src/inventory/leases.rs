@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::store::{StoreError, Tx};
+use super::store::{Row, StoreError, Tx};
 use super::{Inventory, InventoryError};
 use crate::cluster::lease::{self, Claim, Lease, Lost};
 use crate::store_params;
@@ -31,15 +31,17 @@ fn lease_of(tx: &mut dyn Tx, migration: &str) -> Result<Option<Lease>, StoreErro
     tx.query_row_opt(
         "SELECT migration, owner, epoch, expires_ms FROM migration_lease WHERE migration = ?1",
         store_params![migration],
-        |row| {
-            Ok(Lease {
-                migration: row.get(0)?,
-                owner: row.get(1)?,
-                epoch: row.get(2)?,
-                expires_ms: row.get(3)?,
-            })
-        },
+        lease_from_row,
     )
+}
+
+fn lease_from_row(row: &Row) -> Result<Lease, StoreError> {
+    Ok(Lease {
+        migration: row.get(0)?,
+        owner: row.get(1)?,
+        epoch: row.get(2)?,
+        expires_ms: row.get(3)?,
+    })
 }
 
 fn store(tx: &mut dyn Tx, lease: &Lease) -> Result<(), StoreError> {
@@ -132,14 +134,7 @@ impl Inventory {
                 "SELECT migration, owner, epoch, expires_ms FROM migration_lease
                  WHERE owner = ?1 AND expires_ms > ?2 ORDER BY migration",
                 store_params![owner, now],
-                |row| {
-                    Ok(Lease {
-                        migration: row.get(0)?,
-                        owner: row.get(1)?,
-                        epoch: row.get(2)?,
-                        expires_ms: row.get(3)?,
-                    })
-                },
+                lease_from_row,
             )?)
         })
     }
