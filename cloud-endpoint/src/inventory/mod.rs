@@ -415,6 +415,28 @@ pub struct MigrationRecord {
     pub replica: Option<ReplicaRecord>,
 }
 
+#[cfg(test)]
+impl MigrationRecord {
+    /// A 1 GiB cold lift of web01 in `state`, for the API's task tests (REST and SOAP).
+    pub(crate) fn sample(state: &str) -> MigrationRecord {
+        MigrationRecord {
+            id: "migration-3".into(),
+            vm_name: "web01".into(),
+            user: "migrator@cloud.local".into(),
+            edge: "edge-01".into(),
+            state: state.into(),
+            error: None,
+            vm: None,
+            started: "2024-05-01T10:00:00.06Z".into(),
+            finished: None,
+            logical_bytes: 1 << 30,
+            has_receipt: false,
+            dedup_bytes: 0,
+            replica: None,
+        }
+    }
+}
+
 /// The passes of a replication, as the cloud recorded them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ReplicaRecord {

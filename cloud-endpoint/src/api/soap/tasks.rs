@@ -317,21 +317,7 @@ mod tests {
     use super::*;
 
     fn migration(state: &str) -> MigrationRecord {
-        MigrationRecord {
-            id: "migration-3".into(),
-            vm_name: "web01".into(),
-            user: "migrator@cloud.local".into(),
-            edge: "edge-01".into(),
-            state: state.into(),
-            error: None,
-            vm: None,
-            started: "2024-05-01T10:00:00.06Z".into(),
-            finished: None,
-            logical_bytes: 1 << 30,
-            has_receipt: false,
-            dedup_bytes: 0,
-            replica: None,
-        }
+        MigrationRecord::sample(state)
     }
 
     fn xml(v: &Value) -> String {
