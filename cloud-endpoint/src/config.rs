@@ -80,6 +80,10 @@ pub struct Config {
     /// is the host `domain.host.name` of the domain's cluster. Default none: SQLite.
     #[serde(default)]
     pub database_url: Option<String>,
+    /// Seconds a migration's lease lasts: the endpoint serving a migration renews it
+    /// every third of this; if that endpoint dies, another may take the migration over
+    /// (its edge resumes there) once the lease expired. Default 10; 2 to 300.
+    pub migration_lease_secs: u32,
     /// Migrations accepted at once; more wait. Default 32, at least 1.
     pub max_concurrent_migrations: u32,
     /// How long a migration whose connection ended (a dropped link, a killed edge, an
@@ -504,6 +508,7 @@ struct Defaults {
     api_listen: Option<SocketAddr>,
     datastore_dir: PathBuf,
     database: PathBuf,
+    migration_lease_secs: u32,
     max_concurrent_migrations: u32,
     resume_window_hours: u64,
     verify_staged: VerifyStaged,
@@ -525,6 +530,7 @@ impl Default for Defaults {
             api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8443))),
             datastore_dir: PathBuf::from("./datastore"),
             database: PathBuf::from("./inventory.sqlite3"),
+            migration_lease_secs: 10,
             max_concurrent_migrations: 32,
             resume_window_hours: 24,
             verify_staged: VerifyStaged::All,
@@ -597,6 +603,9 @@ pub enum ConfigError {
     #[error("`max_concurrent_migrations` is 0 ({origin}); it must be at least 1")]
     ZeroConcurrency { origin: String },
 
+    #[error("`migration_lease_secs` is {secs} ({origin}); it must be 2 to 300 (shorter leases cost a renewal every third of it, longer ones make a dead endpoint's migrations wait longer)")]
+    LeasePeriod { secs: u32, origin: String },
+
     #[error("`shutdown_grace_secs` is 0 ({origin}); it must be at least 1 (running migrations need a moment to journal what arrived)")]
     ZeroShutdownGrace { origin: String },
 
@@ -628,6 +637,11 @@ impl From<figment::Error> for ConfigError {
 }
 
 impl Config {
+    /// How long a migration's lease lasts ([`Config::migration_lease_secs`]).
+    pub fn migration_lease(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.migration_lease_secs))
+    }
+
     /// How long a stop waits for running migrations ([`Config::shutdown_grace_secs`]).
     pub fn shutdown_grace(&self) -> std::time::Duration {
         std::time::Duration::from_secs(u64::from(self.shutdown_grace_secs))
@@ -749,6 +763,12 @@ impl Config {
         if self.max_concurrent_migrations == 0 {
             return Err(ConfigError::ZeroConcurrency {
                 origin: origin(figment, "max_concurrent_migrations"),
+            });
+        }
+        if !(2..=300).contains(&self.migration_lease_secs) {
+            return Err(ConfigError::LeasePeriod {
+                secs: self.migration_lease_secs,
+                origin: origin(figment, "migration_lease_secs"),
             });
         }
         if self.shutdown_grace_secs == 0 {
@@ -953,6 +973,11 @@ database = "./inventory.sqlite3"
 # Or a PostgreSQL database that several endpoints share (a scale-out domain; see
 # docs/scale-out.md). Set CLOUD_ENDPOINT_DATABASE_URL to keep the password out of here.
 # database_url = "postgres://gateway:secret@db.cloud.example:5432/gateway"
+
+# Seconds a migration's lease lasts (2 to 300). The endpoint serving a migration renews
+# it every third of this; when several endpoints share `database_url` and one dies, its
+# migrations move on (their edges resume at another endpoint) once their leases expired.
+migration_lease_secs = 10
 
 # Migrations accepted at once (at least 1); further ones wait.
 max_concurrent_migrations = 32

@@ -113,6 +113,8 @@ pub struct Domain {
     pub metrics: metrics::EndpointMetrics,
     /// The recent link and progress samples of each served migration (the dashboard's charts).
     pub links: server::links::LinkHistory,
+    /// Which migrations this endpoint owns (their leases), when several share the domain.
+    pub ownership: Arc<cluster::ownership::Ownership>,
 }
 
 impl Domain {
@@ -192,24 +194,31 @@ impl Endpoint {
             .iter()
             .map(|ds| Datastore::open(&ds.dir, &ds.name, ds.capacity_bytes).map(|d| d.with_disk_format(ds.disk_format)))
             .collect::<Result<Vec<_>, _>>()?;
+        let me = config.domain.host.name.clone();
+        let ownership = cluster::ownership::Ownership::new(&me, config.migration_lease());
         // A commit a crash cut is finished (VM registered) or undone (folders back in
-        // staging) before anything looks at staging.
-        for id in server::placement::recover_commits(&inventory)? {
+        // staging) before anything looks at staging. On a shared database, commits
+        // another endpoint is making now are its own business.
+        for id in server::placement::recover_commits(&inventory, &me)? {
             tracing::info!(migration = %id, "recovered a commit cut by the last stop");
         }
-        // Migrations cut by the restart wait for their edge to resume them; their
-        // staging folders stay, everything else under .staging is an orphan.
+        // Migrations cut by the restart (and those of endpoints that died) wait for their
+        // edge to resume them, here or at another endpoint of the domain.
         let (failed, waiting) =
-            inventory.interrupt_running_migrations("the cloud endpoint stopped while the migration ran")?;
+            inventory.interrupt_running_migrations("the cloud endpoint stopped while the migration ran", &me)?;
         for id in failed {
             tracing::warn!(migration = %id, "marked FAILED: interrupted by a restart, with no resume record");
         }
         for id in &waiting {
             tracing::info!(migration = %id, "interrupted by a restart; waiting for its edge to resume it");
         }
-        // A migration may have disks staged on several datastores.
+        // Everything under .staging that no RUNNING migration of the domain owns is an
+        // orphan. Listed first, then compared with the migrations: a folder another
+        // endpoint creates meanwhile belongs to a migration recorded before it.
         for ds in std::iter::once(&datastore).chain(&extra_datastores) {
-            for path in ds.clean_staging_except(&waiting)? {
+            let listed = ds.staging_folders()?;
+            let running = inventory.running_migrations()?;
+            for path in ds.remove_staging_folders(listed, |name| running.iter().any(|r| r == name))? {
                 tracing::warn!(path = %path.display(), "removed leftover staging folder");
             }
         }
@@ -229,6 +238,7 @@ impl Endpoint {
                 health: Default::default(),
                 metrics: metrics::EndpointMetrics::new(),
                 links: Default::default(),
+                ownership,
             }),
             config,
             tls,
@@ -325,6 +335,8 @@ impl Endpoint {
             };
             tokio::select! {
                 _ = expire => {}
+                _ = cluster::ownership::keep_leases(self.domain.ownership.clone(), self.domain.clone()) => {}
+                _ = server::placement::adopt_orphans(self.domain.clone()) => {}
                 _ = wait(stopped.clone()) => {}
             }
         };

@@ -145,6 +145,7 @@ impl From<InventoryError> for ApiError {
         match e {
             InventoryError::BadCredentials => ApiError::unauthenticated(e.to_string()),
             InventoryError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            InventoryError::ServedElsewhere { .. } => ApiError::invalid_argument(e.to_string()),
             // Database paths and SQLite messages stay in the log.
             other => ApiError::internal("the inventory could not answer", &other),
         }

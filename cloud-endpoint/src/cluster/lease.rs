@@ -48,6 +48,8 @@ pub enum Lost {
     },
     #[error("migration {migration} has no lease any more (it ended)")]
     Released { migration: String },
+    #[error("the lease of migration {migration} could not be renewed before its deadline (the database did not answer in time)")]
+    NotRenewed { migration: String },
 }
 
 /// `me` asks for `migration`, whose lease is `current`, at database time `now_ms`.

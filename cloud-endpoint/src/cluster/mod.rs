@@ -2,3 +2,4 @@
 //! endpoint owns which migration. See `docs/scale-out.md`.
 
 pub mod lease;
+pub mod ownership;

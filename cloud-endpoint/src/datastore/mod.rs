@@ -396,28 +396,50 @@ impl Datastore {
         })
     }
 
-    /// Removes everything under `.staging` except the folders of `keep` (migrations
-    /// waiting to be resumed); returns what was removed.
-    pub fn clean_staging_except(&self, keep: &[String]) -> Result<Vec<PathBuf>, DatastoreError> {
+    /// Everything under `.staging` now (one folder per migration that staged here).
+    pub fn staging_folders(&self) -> Result<Vec<PathBuf>, DatastoreError> {
         let staging = self.root.join(STAGING);
         fs::create_dir_all(&staging).map_err(io_err("create folder", &staging))?;
-        let mut removed = Vec::new();
+        let mut listed = Vec::new();
         for entry in fs::read_dir(&staging).map_err(io_err("list", &staging))? {
-            let entry = entry.map_err(io_err("list", &staging))?;
-            let path = entry.path();
-            if keep.iter().any(|k| entry.file_name() == k.as_str()) {
+            listed.push(entry.map_err(io_err("list", &staging))?.path());
+        }
+        listed.sort();
+        Ok(listed)
+    }
+
+    /// Removes the `listed` staging entries whose name `keep` refuses; returns what was
+    /// removed. An entry already gone (its migration's endpoint removed it meanwhile, on
+    /// a shared datastore) is not an error.
+    pub fn remove_staging_folders(
+        &self,
+        listed: Vec<PathBuf>,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<Vec<PathBuf>, DatastoreError> {
+        let mut removed = Vec::new();
+        for path in listed {
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(&keep) {
                 continue;
             }
-            let is_dir = entry.file_type().map_err(io_err("inspect", &path))?.is_dir();
-            if is_dir {
-                fs::remove_dir_all(&path).map_err(io_err("remove", &path))?;
-            } else {
-                fs::remove_file(&path).map_err(io_err("remove", &path))?;
+            let gone = match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() => fs::remove_dir_all(&path),
+                Ok(_) => fs::remove_file(&path),
+                Err(e) => Err(e),
+            };
+            match gone {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", &path)(e)),
             }
-            removed.push(path);
         }
-        removed.sort();
         Ok(removed)
+    }
+
+    /// Removes everything under `.staging` except the folders named in `keep`; returns
+    /// what was removed.
+    pub fn clean_staging_except(&self, keep: &[String]) -> Result<Vec<PathBuf>, DatastoreError> {
+        let listed = self.staging_folders()?;
+        self.remove_staging_folders(listed, |name| keep.iter().any(|k| k == name))
     }
 
     /// Removes everything under `.staging` (migrations cut by a restart); returns what was

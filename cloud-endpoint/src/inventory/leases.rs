@@ -17,7 +17,7 @@ pub enum LeaseClock {
     At(i64),
 }
 
-fn now_ms(tx: &mut dyn Tx, clock: LeaseClock) -> Result<i64, StoreError> {
+pub(super) fn now_ms(tx: &mut dyn Tx, clock: LeaseClock) -> Result<i64, StoreError> {
     match clock {
         LeaseClock::At(ms) => Ok(ms),
         LeaseClock::Database => {
@@ -42,6 +42,22 @@ fn lease_from_row(row: &Row) -> Result<Lease, StoreError> {
         epoch: row.get(2)?,
         expires_ms: row.get(3)?,
     })
+}
+
+/// The first lease of a migration `owner` just began, written with its record: from its
+/// first moment no other endpoint can take it for an orphan.
+pub(super) fn insert_first(tx: &mut dyn Tx, migration: &str, owner: &str, period: Duration) -> Result<(), StoreError> {
+    let now = now_ms(tx, LeaseClock::Database)?;
+    match lease::claim(None, migration, owner, now, period) {
+        Claim::Granted(first) => {
+            tx.execute(
+                "INSERT INTO migration_lease (migration, owner, epoch, expires_ms) VALUES (?1, ?2, ?3, ?4)",
+                store_params![first.migration, first.owner, first.epoch, first.expires_ms],
+            )?;
+            Ok(())
+        }
+        Claim::HeldBy(_) => unreachable!("a migration without a lease is always granted"),
+    }
 }
 
 fn store(tx: &mut dyn Tx, lease: &Lease) -> Result<(), StoreError> {
@@ -136,6 +152,77 @@ impl Inventory {
                 store_params![owner, now],
                 lease_from_row,
             )?)
+        })
+    }
+
+    /// The owner `me` renews the leases it holds, `(migration, epoch)`, in one
+    /// transaction: one answer per lease, in order (an endpoint serving hundreds of
+    /// migrations renews them with one round of statements, not one transaction each).
+    pub fn renew_leases(
+        &self,
+        held: &[(String, i64)],
+        me: &str,
+        period: Duration,
+        clock: LeaseClock,
+    ) -> Result<Vec<Result<Lease, Lost>>, InventoryError> {
+        self.write(|tx| {
+            let now = now_ms(tx, clock)?;
+            let mut answers = Vec::with_capacity(held.len());
+            for (migration, epoch) in held {
+                let renewed = lease::renew(lease_of(tx, migration)?.as_ref(), migration, me, *epoch, now, period);
+                if let Ok(lease) = &renewed {
+                    tx.execute(
+                        "UPDATE migration_lease SET expires_ms = ?2 WHERE migration = ?1",
+                        store_params![migration, lease.expires_ms],
+                    )?;
+                }
+                answers.push(renewed);
+            }
+            Ok(answers)
+        })
+    }
+
+    /// The live lease of `migration` if an endpoint other than `me` holds it: that
+    /// endpoint serves the migration now.
+    pub fn served_elsewhere(
+        &self,
+        migration: &str,
+        me: &str,
+        clock: LeaseClock,
+    ) -> Result<Option<Lease>, InventoryError> {
+        self.read(|tx| {
+            let now = now_ms(tx, clock)?;
+            Ok(lease_of(tx, migration)?.filter(|l| l.owner != me && l.expires_ms > now))
+        })
+    }
+
+    /// RUNNING migrations that some endpoint was serving when it stopped renewing their
+    /// lease (it died): those with a resume record now wait for their edge (which may
+    /// resume them at any endpoint), like the migrations of a restarted endpoint. Returns
+    /// (those without a resume record, which cannot resume and are for the caller to
+    /// discard; those now waiting).
+    pub fn interrupt_orphans(&self, clock: LeaseClock) -> Result<(Vec<String>, Vec<String>), InventoryError> {
+        self.write(|tx| {
+            let now = now_ms(tx, clock)?;
+            let orphans: Vec<(String, bool)> = tx.query_map(
+                "SELECT m.id, m.plan IS NOT NULL FROM migration m LEFT JOIN migration_lease l ON l.migration = m.id
+                 WHERE m.state = 'RUNNING' AND m.interrupted IS NULL AND (l.migration IS NULL OR l.expires_ms <= ?1)
+                 ORDER BY m.num",
+                store_params![now],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            let at = super::now();
+            let (waiting, unresumable): (Vec<_>, Vec<_>) = orphans.into_iter().partition(|(_, plan)| *plan);
+            for (id, _) in &waiting {
+                tx.execute(
+                    "UPDATE migration SET interrupted = ?2 WHERE id = ?1 AND state = 'RUNNING' AND interrupted IS NULL",
+                    store_params![id, at],
+                )?;
+            }
+            Ok((
+                unresumable.into_iter().map(|(id, _)| id).collect(),
+                waiting.into_iter().map(|(id, _)| id).collect(),
+            ))
         })
     }
 }

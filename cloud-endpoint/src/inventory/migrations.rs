@@ -118,7 +118,7 @@ impl Inventory {
         vm_name: &str,
         logical_bytes: u64,
     ) -> Result<String, InventoryError> {
-        self.begin_migration_on(principal, edge, vm_name, logical_bytes, &[], &|_, _| Ok(u64::MAX))
+        self.begin_migration_on(principal, edge, vm_name, logical_bytes, &[], &|_, _| Ok(u64::MAX), None)
     }
 
     /// [`Self::begin_migration`], reserving `space` (datastore id, bytes) on each
@@ -126,6 +126,9 @@ impl Inventory {
     /// space is checked again: `free` gives it (datastore id, what the inventory counts
     /// on it, this transaction's view). Two plans checked at the same time cannot both
     /// take the same free bytes: the second sees the first's reservation, or waits for it.
+    /// `lease` (owner, period) gives the migration its first lease in the same
+    /// transaction: no other endpoint may take it for an orphan before its owner keeps it.
+    #[allow(clippy::too_many_arguments)]
     pub fn begin_migration_on(
         &self,
         principal: &Principal,
@@ -134,6 +137,7 @@ impl Inventory {
         logical_bytes: u64,
         space: &[(String, u64)],
         free: &dyn Fn(&str, super::DatastoreUse) -> Result<u64, String>,
+        lease: Option<(&str, std::time::Duration)>,
     ) -> Result<String, InventoryError> {
         if !principal.role.may_migrate() {
             return Err(InventoryError::NotPermitted {
@@ -174,6 +178,9 @@ impl Inventory {
                      ON CONFLICT (migration, datastore) DO UPDATE SET bytes = migration_space.bytes + excluded.bytes",
                     store_params![id, datastore, bytes],
                 )?;
+            }
+            if let Some((owner, period)) = lease {
+                super::leases::insert_first(tx, &id, owner, period)?;
             }
             Ok(id)
         })
@@ -286,29 +293,47 @@ impl Inventory {
         })
     }
 
-    /// At start: every RUNNING migration lost its connection with the previous process.
-    /// Those that cannot be resumed (no plan recorded) are FAILED with `reason`; the
-    /// others wait for their edge. Returns (failed, waiting) ids.
-    pub fn interrupt_running_migrations(&self, reason: &str) -> Result<(Vec<String>, Vec<String>), InventoryError> {
+    /// At start: every RUNNING migration this endpoint (`me`) served lost its connection
+    /// with the previous process, and so did those no endpoint holds a live lease of (on
+    /// a shared database, migrations other endpoints serve now are left alone). Those
+    /// that cannot be resumed (no plan recorded) are FAILED with `reason`; the others
+    /// wait for their edge. The leases `me` held are given up: the restarted endpoint
+    /// holds none until an edge comes back. Returns (failed, waiting) ids.
+    pub fn interrupt_running_migrations(
+        &self,
+        reason: &str,
+        me: &str,
+    ) -> Result<(Vec<String>, Vec<String>), InventoryError> {
         self.write(|tx| {
-            let failed: Vec<String> = tx.query_map(
-                "SELECT id FROM migration WHERE state = 'RUNNING' AND plan IS NULL ORDER BY num",
-                &[],
-                |row| row.get(0),
-            )?;
-            let waiting: Vec<String> = tx.query_map(
-                "SELECT id FROM migration WHERE state = 'RUNNING' AND plan IS NOT NULL ORDER BY num",
-                &[],
-                |row| row.get(0),
+            let db_now = super::leases::now_ms(tx, super::LeaseClock::Database)?;
+            // Not served by another endpoint's live lease.
+            const CUT: &str = "state = 'RUNNING' AND NOT EXISTS (SELECT 1 FROM migration_lease l
+                 WHERE l.migration = migration.id AND l.owner <> ?1 AND l.expires_ms > ?2)";
+            let cut: Vec<(String, bool)> = tx.query_map(
+                &format!("SELECT id, plan IS NOT NULL FROM migration WHERE {CUT} ORDER BY num"),
+                store_params![me, db_now],
+                |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
             let at = now();
+            let (mut failed, mut waiting) = (Vec::new(), Vec::new());
+            for (id, resumable) in cut {
+                if resumable {
+                    tx.execute(
+                        "UPDATE migration SET interrupted = COALESCE(interrupted, ?2) WHERE id = ?1",
+                        store_params![id, at],
+                    )?;
+                    waiting.push(id);
+                } else {
+                    tx.execute(
+                        "UPDATE migration SET state = 'FAILED', error = ?2, finished = ?3 WHERE id = ?1",
+                        store_params![id, reason, at],
+                    )?;
+                    failed.push(id);
+                }
+            }
             tx.execute(
-                "UPDATE migration SET state = 'FAILED', error = ?1, finished = ?2 WHERE state = 'RUNNING' AND plan IS NULL",
-                store_params![reason, at],
-            )?;
-            tx.execute(
-                "UPDATE migration SET interrupted = COALESCE(interrupted, ?1) WHERE state = 'RUNNING'",
-                store_params![at],
+                "UPDATE migration_lease SET expires_ms = 0 WHERE owner = ?1 AND expires_ms > 0",
+                store_params![me],
             )?;
             Ok((failed, waiting))
         })

@@ -67,6 +67,9 @@ pub enum InventoryError {
     #[error("cannot read the free space of datastore {datastore}: {reason}; check its folder")]
     FreeSpace { datastore: String, reason: String },
 
+    #[error("migration {id} is being served by endpoint {owner} of this domain; ask that endpoint (its API), or wait until its lease expires if it is gone")]
+    ServedElsewhere { id: String, owner: String },
+
     #[error("migration {id} is {state}, not RUNNING")]
     MigrationNotRunning { id: String, state: String },
 

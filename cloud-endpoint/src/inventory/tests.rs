@@ -1097,6 +1097,95 @@ mod leases {
             ));
         });
     }
+
+    fn leased(inv: &Inventory, name: &str, owner: &str, clock: LeaseClock, plan: bool) -> String {
+        let mid = inv.begin_migration(&operator(), "edge", name, 1).unwrap();
+        assert!(matches!(
+            inv.claim_migration(&mid, owner, PERIOD, clock).unwrap(),
+            Claim::Granted(_)
+        ));
+        if plan {
+            inv.set_resume_info(&mid, "edge-cert", b"plan", "qcow2").unwrap();
+        }
+        mid
+    }
+
+    #[test]
+    fn a_restarted_endpoint_interrupts_only_its_own_and_orphaned_migrations() {
+        for_each_store(|db| {
+            let inv = db.open(&DomainConfig::default());
+            let now = LeaseClock::Database;
+            let own = leased(&inv, "own", "esx-a", now, true);
+            let own_unplanned = leased(&inv, "own-unplanned", "esx-a", now, false);
+            let elsewhere = leased(&inv, "elsewhere", "esx-b", now, true);
+            // esx-c died long ago: its lease expired.
+            let orphan = leased(&inv, "orphan", "esx-c", at(0), true);
+            let (failed, waiting) = inv.interrupt_running_migrations("restart", "esx-a").unwrap();
+            assert_eq!(failed, vec![own_unplanned.clone()]);
+            assert_eq!(waiting, vec![own.clone(), orphan.clone()]);
+            // What esx-b serves now is left alone: not interrupted, its lease intact.
+            let served = inv.resume_info(&elsewhere).unwrap().unwrap();
+            assert_eq!((served.state.as_str(), served.interrupted), ("RUNNING", None));
+            assert_eq!(inv.leases_held_by("esx-b", now).unwrap().len(), 1);
+            assert!(inv.served_elsewhere(&elsewhere, "esx-a", now).unwrap().is_some());
+            // The restarted esx-a holds no lease: its edges may resume anywhere.
+            assert!(inv.leases_held_by("esx-a", now).unwrap().is_empty());
+            assert!(inv.served_elsewhere(&own, "esx-b", now).unwrap().is_none());
+            assert!(inv.resume_info(&own).unwrap().unwrap().interrupted.is_some());
+        });
+    }
+
+    #[test]
+    fn the_migrations_of_a_dead_endpoint_wait_for_their_edges() {
+        for_each_store(|db| {
+            let inv = db.open(&DomainConfig::default());
+            let now = LeaseClock::Database;
+            let resumable = leased(&inv, "resumable", "esx-a", at(0), true);
+            let unplanned = leased(&inv, "unplanned", "esx-a", at(0), false);
+            let live = leased(&inv, "live", "esx-b", now, true);
+            let (unresumable, waiting) = inv.interrupt_orphans(now).unwrap();
+            assert_eq!(unresumable, vec![unplanned.clone()]);
+            assert_eq!(waiting, vec![resumable.clone()]);
+            assert!(inv.resume_info(&resumable).unwrap().unwrap().interrupted.is_some());
+            assert!(inv.resume_info(&live).unwrap().unwrap().interrupted.is_none());
+            // Once waiting, the sweep leaves it be; the unplanned one is the caller's to end.
+            inv.fail_migration(&unplanned, "ended by the sweep").unwrap();
+            assert_eq!(inv.interrupt_orphans(now).unwrap(), (vec![], vec![]));
+        });
+    }
+
+    #[test]
+    fn a_new_migration_is_leased_to_its_endpoint_from_its_first_transaction() {
+        for_each_store(|db| {
+            let inv = db.open(&DomainConfig::default());
+            let now = LeaseClock::Database;
+            let mid = inv
+                .begin_migration_on(
+                    &operator(),
+                    "edge",
+                    "web01",
+                    1,
+                    &[],
+                    &|_, _| Ok(u64::MAX),
+                    Some(("esx-a", PERIOD)),
+                )
+                .unwrap();
+            let held = inv.leases_held_by("esx-a", now).unwrap();
+            assert_eq!((held.len(), held[0].epoch), (1, 1));
+            assert_eq!(inv.interrupt_orphans(now).unwrap(), (vec![], vec![]));
+            assert!(matches!(
+                inv.claim_migration(&mid, "esx-b", PERIOD, now).unwrap(),
+                Claim::HeldBy(_)
+            ));
+            // One renewal round answers each lease: this one is esx-a's, the other not.
+            let other = leased(&inv, "other", "esx-b", now, true);
+            let answers = inv
+                .renew_leases(&[(mid.clone(), 1), (other.clone(), 1)], "esx-a", PERIOD, now)
+                .unwrap();
+            assert!(matches!(&answers[0], Ok(lease) if lease.owner == "esx-a"));
+            assert!(matches!(&answers[1], Err(Lost::TakenBy { owner, .. }) if owner == "esx-b"));
+        });
+    }
 }
 
 #[test]
@@ -1210,7 +1299,7 @@ fn space_reserved_twice_on_a_datastore_adds_up() {
         let inv = db.open(&DomainConfig::default());
         let ds = inv.datastore().unwrap().id;
         let space = [(ds.clone(), 100), (ds.clone(), 50)];
-        inv.begin_migration_on(&operator(), "edge", "web01", 1, &space, &|_, _| Ok(1 << 40))
+        inv.begin_migration_on(&operator(), "edge", "web01", 1, &space, &|_, _| Ok(1 << 40), None)
             .unwrap();
         assert_eq!(inv.space_on(&ds).unwrap().reserved, 150);
     });

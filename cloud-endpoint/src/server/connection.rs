@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use super::dedup;
 use super::placement::{self, Staged};
+use crate::cluster::ownership::Claimed;
 use crate::inventory::Principal;
 use crate::Domain;
 
@@ -65,6 +66,9 @@ struct Ctx {
     span: tracing::Span,
     /// UDP bytes received as last counted into the metrics.
     wire_counted: std::sync::atomic::AtomicU64,
+    /// Set when this endpoint lost the migration's lease: another endpoint may own the
+    /// staging folder now, so this connection leaves it alone.
+    lease_lost: Arc<AtomicBool>,
 }
 
 impl Ctx {
@@ -164,6 +168,7 @@ pub async fn serve(
             verify_started: Mutex::new(None),
             span: tracing::Span::current(),
             wire_counted: Default::default(),
+            lease_lost: Default::default(),
         });
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(events(ctx.clone()).in_current_span());
@@ -205,6 +210,12 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
     };
     if committed {
         tracing::info!("migration committed, connection closed");
+        return detach();
+    }
+    if ctx.lease_lost.load(Ordering::SeqCst) {
+        tracing::warn!(
+            "this endpoint lost the migration's lease: its staged files are left to the endpoint that owns it now"
+        );
         return detach();
     }
     let why = match reason {
@@ -606,6 +617,9 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 let seed = prepare_seed(&domain, &principal, &edge_cert, &plan, &record.conn)?;
                 let staged = placement::validate_and_stage(&domain, &principal, &edge, &edge_cert, &plan)?;
                 let id = staged.migration_id.clone();
+                if let Some(lease) = &staged.lease {
+                    lease.when_lost(stop_when_lost(&record));
+                }
                 record.attach(staged);
                 *record.seed.lock().expect("seed lock") = seed;
                 Ok(id)
@@ -728,9 +742,25 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let id = migration_id.clone();
             let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
-                let (staged, durable) = placement::resume(&domain, &principal, &edge_cert, &id, &plan)?;
-                record.attach(staged);
-                Ok(durable)
+                // One owner at a time: an endpoint of the domain that still holds the
+                // lease serves it (or died, and the lease runs out first).
+                let owner = &domain.ownership;
+                let lease = match owner.claim(&domain.inventory, &id, stop_when_lost(&record)) {
+                    Ok(Claimed::Mine(lease)) => lease,
+                    Ok(Claimed::HeldBy(held)) => return Err((RefusalCode::Busy, vec![owner.held_elsewhere(&held)])),
+                    Err(e) => return Err(placement::endpoint_failure(e)),
+                };
+                match placement::resume(&domain, &principal, &edge_cert, &id, &plan) {
+                    Ok((mut staged, durable)) => {
+                        staged.lease = Some(lease);
+                        record.attach(staged);
+                        Ok(durable)
+                    }
+                    Err(refused) => {
+                        lease.release(&domain.inventory);
+                        Err(refused)
+                    }
+                }
             })
             .await
             .expect("resume does not panic");
@@ -834,7 +864,8 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             ctx.session().lookup_done_seeded(disk, results, &seeded);
         }
         ReceiverEvent::Finalize => {
-            let staged = ctx.staged.lock().expect("staged lock").take();
+            let mut staged = ctx.staged.lock().expect("staged lock").take();
+            let lease = staged.as_mut().and_then(|s| s.lease.take());
             let (plan, roots, zero_bytes, hashes, dedup_bytes) = {
                 let s = ctx.session();
                 let hashes: Vec<gateway::integrity::DiskHashes> =
@@ -862,15 +893,28 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             let reversible = switchover.as_ref().is_some_and(|(request, _)| !request.confirm);
             let guard = ctx.blocking.clone().read_owned().await;
             let committing = domain.clone();
+            let lost = ctx.lease_lost.clone();
             let result = spawn_blocking_in_span(move || {
                 let _guard = guard;
-                placement::finalize(&committing, &plan, staged, &roots, zero_bytes, reversible)
+                // An owner that lost the migration must not register it: the endpoint
+                // that took it over may be writing its staging folder.
+                if let Some(lease) = &lease {
+                    if let Err(why) = lease.confirm(&committing.inventory) {
+                        lost.store(true, Ordering::SeqCst);
+                        return Err((RefusalCode::Busy, why));
+                    }
+                }
+                let registered = placement::finalize(&committing, &plan, staged, &roots, zero_bytes, reversible);
+                if let Some(lease) = lease {
+                    lease.release(&committing.inventory);
+                }
+                registered.map_err(|e| (RefusalCode::EndpointFailure, e))
             })
             .await
             .expect("finalize does not panic");
             match &result {
                 Ok(r) => tracing::info!(vm_id = %r.vm_id, path = ?r.vm_path, format, "VM registered, receipt signed"),
-                Err(e) => tracing::error!(error = %e, "commit failed"),
+                Err((_, e)) => tracing::error!(error = %e, "commit failed"),
             }
             if let (Ok(registered), Some(who)) = (&result, requester(ctx)) {
                 // Later migrations of this user or edge may copy this VM's chunks.
@@ -889,8 +933,7 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                     placement::switched_over(&domain, &migration_id, &registered.vm_id, &request, received).await;
                 ctx.session().switched_over(outcome);
             }
-            ctx.session()
-                .finalized(result.map_err(|e| (RefusalCode::EndpointFailure, e)));
+            ctx.session().finalized(result);
         }
         // A replication pass ended and was read back: the staging stays as the replica.
         ReceiverEvent::KeepReplica { delta_bytes, schedule } => {
@@ -983,6 +1026,21 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             }
         }
     }
+}
+
+/// What a lost lease does to the connection serving the migration: it stops at once, as
+/// busy (the edge resumes where the migration is owned now), and its cleanup leaves the
+/// staged files to the new owner.
+fn stop_when_lost(ctx: &Arc<Ctx>) -> crate::cluster::ownership::OnLost {
+    let (conn, lost) = (ctx.conn.clone(), ctx.lease_lost.clone());
+    Box::new(move |why| {
+        lost.store(true, Ordering::SeqCst);
+        transport::close(
+            &conn,
+            RefusalCode::Busy,
+            &format!("this cloud endpoint stops serving the migration: {why}; the edge resumes it at the endpoint that owns it now"),
+        );
+    })
 }
 
 /// Who this connection migrates for, once authenticated and the migration known: the

@@ -28,7 +28,9 @@ mod validate;
 pub use commit::{finalize, finalize_live, recover_commits, CRASH_AT_ENV};
 pub use replica::{end_switchover, keep_replica, replica_files, rfc3339, switched_over, unix_seconds, ReplicaFiles};
 pub use resolve::Resolved;
-pub use resume::{abort, authorize, check_resume, discard_files, expire, resume, suspend, Action, Durable};
+pub use resume::{
+    abort, adopt_orphans, authorize, check_resume, discard_files, expire, resume, suspend, Action, Durable,
+};
 pub use validate::{validate, Validated};
 
 #[cfg(test)]
@@ -55,6 +57,9 @@ pub struct Staged {
     pub journal: Arc<Journal>,
     /// Cloud network id of each NIC, in plan order.
     pub nic_networks: Vec<(String, String)>,
+    /// This endpoint's lease of the migration while it serves it: given up once the
+    /// files are journaled for a resume, committed or discarded.
+    pub lease: Option<crate::cluster::ownership::HeldLease>,
 }
 
 /// The plan as the inventory keeps it, to compare with a resuming edge's.
@@ -132,7 +137,7 @@ pub fn validate_and_stage(
     let format = home_format(domain, plan, &placement);
     let inv = &domain.inventory;
     let vm = &plan.vm;
-    let migration_id = reserve(domain, principal, edge, plan, &placement)?;
+    let (migration_id, lease) = reserve(domain, principal, edge, plan, &placement)?;
     let staged = (|| {
         let (staging, other_staging) = open_stagings(domain, &migration_id, &vm.name, &placement, true)?;
         let mut disks = Vec::new();
@@ -161,6 +166,7 @@ pub fn validate_and_stage(
             ) {
                 discard_stagings(staging, other_staging);
                 let _ = inv.fail_migration(&migration_id, &e.to_string());
+                lease.release(inv);
                 return Err(endpoint_failure(e));
             }
             Ok(Staged {
@@ -173,11 +179,13 @@ pub fn validate_and_stage(
                 disks,
                 journal: Arc::new(journal),
                 nic_networks,
+                lease: Some(lease),
             })
         }
         Err(e) => {
             let e: crate::datastore::DatastoreError = e;
             let _ = inv.fail_migration(&migration_id, &e.to_string());
+            lease.release(inv);
             Err(endpoint_failure(e))
         }
     }
@@ -186,14 +194,14 @@ pub fn validate_and_stage(
 /// Starts the migration's record: reserves the VM name, and the space on each datastore
 /// its disks go to, checking that space again in the transaction that reserves it
 /// ([`validate`] checked it before, but another plan may have taken it since). Returns
-/// the migration id.
+/// the migration id and this endpoint's lease of it, taken in the same transaction.
 fn reserve(
     domain: &Domain,
     principal: &Principal,
     edge: &str,
     plan: &MigrationPlan,
     placement: &Resolved,
-) -> Result<String, Refusal> {
+) -> Result<(String, crate::cluster::ownership::HeldLease), Refusal> {
     let vm = &plan.vm;
     let needed = plan.logical_bytes();
     let space: Vec<(String, u64)> = placement
@@ -216,9 +224,23 @@ fn reserve(
         }
     };
     let _deciding = crate::datastore::space_decision();
+    let owner = &domain.ownership;
+    let asked = std::time::Instant::now();
     domain
         .inventory
-        .begin_migration_on(principal, edge, &vm.name, needed, &space, &free)
+        .begin_migration_on(
+            principal,
+            edge,
+            &vm.name,
+            needed,
+            &space,
+            &free,
+            Some((owner.me(), owner.period())),
+        )
+        .map(|id| {
+            let lease = owner.keep(&id, 1, asked, Box::new(|_| {}));
+            (id, lease)
+        })
         .map_err(|e| match e {
             InventoryError::NameTaken { .. } | InventoryError::NoSpace { .. } => {
                 (RefusalCode::PlanRejected, vec![e.to_string()])
@@ -406,5 +428,8 @@ pub fn discard(domain: &Domain, staged: Staged, reason: &str) {
     discard_stagings(staged.staging, staged.other_staging);
     if let Err(e) = domain.inventory.fail_migration(&staged.migration_id, reason) {
         tracing::error!(migration = %staged.migration_id, error = %e, "cannot record the failed migration");
+    }
+    if let Some(lease) = staged.lease {
+        lease.release(&domain.inventory);
     }
 }

@@ -469,11 +469,17 @@ fn commit_all(
 /// A migration whose VM was registered only has its journal and marks removed; one whose
 /// VM was not has every folder that moved (and still carries its mark) moved back to
 /// staging, where its edge resumes it with nothing to re-send; one that failed has its
-/// moved folders removed. Returns the migrations recovered.
-pub fn recover_commits(inventory: &Inventory) -> Result<Vec<String>, crate::inventory::InventoryError> {
+/// moved folders removed. On a shared database, a commit another endpoint (not `me`)
+/// holds the lease of is being made now, and is left to it. Returns the migrations
+/// recovered.
+pub fn recover_commits(inventory: &Inventory, me: &str) -> Result<Vec<String>, crate::inventory::InventoryError> {
     let mut recovered = Vec::new();
     for pending in inventory.pending_commits()? {
         let id = &pending.migration_id;
+        if let Some(lease) = inventory.served_elsewhere(id, me, crate::inventory::LeaseClock::Database)? {
+            tracing::debug!(migration = %id, owner = %lease.owner, "a commit in progress at another endpoint");
+            continue;
+        }
         let ours = |target: &std::path::Path| crate::datastore::marked_by(target).as_deref() == Some(id.as_str());
         match pending.state.as_str() {
             "SUCCEEDED" => {

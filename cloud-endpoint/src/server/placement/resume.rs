@@ -248,6 +248,7 @@ pub fn resume(
             disks,
             journal: Arc::new(journal),
             nic_networks,
+            lease: None,
         },
         durable,
     ))
@@ -315,6 +316,10 @@ pub fn suspend(domain: &Domain, staged: Staged, unsynced: &gateway::protocol::Un
     if let Err(e) = domain.inventory.mark_interrupted(&staged.migration_id) {
         tracing::error!(migration = %staged.migration_id, error = %e, "cannot record the interruption");
     }
+    // Journaled and waiting: the edge may resume it at any endpoint now.
+    if let Some(lease) = staged.lease {
+        lease.release(&domain.inventory);
+    }
     tracing::info!(migration = %staged.migration_id, ?reason, "migration interrupted; kept for a resume");
 }
 
@@ -339,8 +344,15 @@ pub fn expire(domain: &Domain, window: Duration) -> Vec<String> {
             continue;
         }
         let reason = format!("not resumed within {hours} hours (resume_window_hours); its partial files were removed");
-        discard_files(domain, &id, &reason);
-        expired.push(id);
+        // Never under an endpoint that serves it now (its edge came back there).
+        match domain
+            .ownership
+            .while_held(&domain.inventory, &id, || discard_files(domain, &id, &reason))
+        {
+            Ok(Some(())) => expired.push(id),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(migration = %id, error = %e, "cannot take the lease to expire the migration"),
+        }
     }
     expired
 }
@@ -372,6 +384,17 @@ const ABORT_WAIT: Duration = Duration::from_secs(10);
 /// one that waits for a resume is discarded now. Blocking. The caller checked who asks
 /// ([`authorize`], or the API's rule).
 pub fn abort(domain: &Domain, migration_id: &str, reason: &str) -> Result<(), crate::inventory::InventoryError> {
+    // Another endpoint of the domain serves it: only that one can stop its connection.
+    if let Some(lease) = domain.inventory.served_elsewhere(
+        migration_id,
+        domain.ownership.me(),
+        crate::inventory::LeaseClock::Database,
+    )? {
+        return Err(crate::inventory::InventoryError::ServedElsewhere {
+            id: migration_id.to_owned(),
+            owner: lease.owner,
+        });
+    }
     if domain.live.abort(migration_id, reason) {
         // If that cleanup had already decided to keep the files for a resume, they are
         // still there once the connection lets go: discarded below.
@@ -385,7 +408,52 @@ pub fn abort(domain: &Domain, migration_id: &str, reason: &str) -> Result<(), cr
         .resume_info(migration_id)?
         .is_some_and(|m| m.state == "RUNNING");
     if running && !domain.live.is_live(migration_id) {
-        discard_files(domain, migration_id, reason);
+        let discarded = domain.ownership.while_held(&domain.inventory, migration_id, || {
+            discard_files(domain, migration_id, reason)
+        })?;
+        if discarded.is_none() {
+            let owner = domain
+                .inventory
+                .served_elsewhere(
+                    migration_id,
+                    domain.ownership.me(),
+                    crate::inventory::LeaseClock::Database,
+                )?
+                .map_or_else(|| "another endpoint".to_owned(), |l| l.owner);
+            return Err(crate::inventory::InventoryError::ServedElsewhere {
+                id: migration_id.to_owned(),
+                owner,
+            });
+        }
     }
     Ok(())
+}
+
+/// Every lease period: the migrations of endpoints that died while serving them (their
+/// leases expired) wait for their edges from now on, which may resume them at any
+/// endpoint; those that never recorded a plan cannot resume and are discarded. Runs
+/// until dropped.
+pub async fn adopt_orphans(domain: Arc<Domain>) {
+    let mut tick = tokio::time::interval(domain.ownership.period());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let domain = domain.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let (unresumable, waiting) = match domain.inventory.interrupt_orphans(crate::inventory::LeaseClock::Database) {
+                Ok(found) => found,
+                Err(e) => return tracing::warn!(error = %e, "cannot look for migrations of stopped endpoints"),
+            };
+            for id in &waiting {
+                tracing::warn!(migration = %id, "its endpoint stopped renewing its lease; waiting for its edge to resume it at any endpoint");
+            }
+            for id in unresumable {
+                let reason = "its cloud endpoint stopped before the migration's plan was recorded; migrate again";
+                let _ = domain
+                    .ownership
+                    .while_held(&domain.inventory, &id, || discard_files(&domain, &id, reason));
+            }
+        })
+        .await;
+    }
 }

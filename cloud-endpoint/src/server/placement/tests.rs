@@ -61,6 +61,7 @@ fn domain(dir: &std::path::Path) -> Domain {
         health: Default::default(),
         metrics: Default::default(),
         links: Default::default(),
+        ownership: crate::cluster::ownership::Ownership::new("esx-test", std::time::Duration::from_secs(10)),
     }
 }
 
