@@ -34,6 +34,7 @@ mod replication;
 mod replication_qemu;
 mod replication_snapshots;
 mod rest;
+mod scale_out;
 mod resume;
 mod seed;
 mod soap;

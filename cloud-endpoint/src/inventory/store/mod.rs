@@ -9,8 +9,8 @@
 
 mod postgres;
 mod sqlite;
-#[cfg(test)]
-pub(crate) mod test_pg;
+#[cfg(any(test, feature = "test-postgres"))]
+pub mod test_pg;
 #[cfg(test)]
 mod tests;
 

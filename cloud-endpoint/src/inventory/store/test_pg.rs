@@ -2,15 +2,17 @@
 //! `initdb` made once per machine), listening on a Unix socket only, killed when the test
 //! ends. Debian's `postgresql` package provides the binaries (tests/setup.sh installs
 //! it); a machine without them fails the test with that instruction rather than skip it.
+//! The end-to-end tests use it too (cargo feature `test-postgres`), for endpoints that
+//! share one domain.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// A running server and the URL of its `postgres` database.
-pub(crate) struct TestPg {
+pub struct TestPg {
     dir: tempfile::TempDir,
     bin: PathBuf,
-    pub(crate) url: String,
+    pub url: String,
 }
 
 impl std::fmt::Debug for TestPg {
@@ -116,7 +118,7 @@ fn template(bin: &Path) -> PathBuf {
 }
 
 impl TestPg {
-    pub(crate) fn start() -> TestPg {
+    pub fn start() -> TestPg {
         let bin = bin_dir();
         let template = template(&bin);
         let dir = tempfile::Builder::new().prefix("test-pg-").tempdir().expect("temp dir");
