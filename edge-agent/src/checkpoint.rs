@@ -1,11 +1,13 @@
 //! The edge's record of a migration in progress, so that a restarted agent (or one whose
 //! link dropped) continues instead of starting over.
 //!
-//! Two files per migration in the state folder, named by a key of (source, endpoint,
-//! VM name in the cloud):
+//! Two files per migration in the state folder, named by a key of (source, target,
+//! VM name in the cloud). The target is its one endpoint address, or for a target of
+//! several endpoints their URLs together, so that a migration resumed on another
+//! endpoint of the same domain keeps its record (`Target::record_keys`):
 //!
 //! ```text
-//! <key>.json     header: migration id, endpoint, plan digest, source fingerprint
+//! <key>.json     header: migration id, target, plan digest, source fingerprint
 //! <key>.chunks   appended: (disk u16, chunk index u64, hash [32]) per chunk the
 //!                cloud acknowledged or that was declared zero; the header names the
 //!                chunk hash (a record without one is SHA-256, by an older agent)
@@ -134,6 +136,21 @@ impl Checkpoint {
             chunks: None,
             pending: Vec::new(),
         }
+    }
+
+    /// The record for `source` migrated to a target as `vm_name`, under `dir`: the first
+    /// of the target's `keys` (`Target::record_keys`) that has one, so that a record an
+    /// older agent or a single-endpoint run filed under one address is found; else a new
+    /// one under the first key.
+    pub fn find(dir: &Path, source: &Path, keys: &[String], vm_name: &str) -> Checkpoint {
+        let mut candidates = keys.iter().map(|key| Checkpoint::at(dir, source, key, vm_name));
+        let Some(first) = candidates.next() else {
+            return Checkpoint::at(dir, source, "", vm_name);
+        };
+        if first.header_path.exists() {
+            return first;
+        }
+        candidates.find(|c| c.header_path.exists()).unwrap_or(first)
     }
 
     pub fn path(&self) -> &Path {

@@ -41,7 +41,7 @@ use crate::compression::{Compression, LevelController, Pressure};
 use crate::report::{secs, Progress, ProgressSink, Summary};
 use crate::source::snapshot_tracking::{self, ChangedChunks};
 use crate::source::{open_source_disk, running_lock, ChainLink, DiskReader, SourceVm};
-use crate::target::Target;
+use crate::target::{Rotation, Target};
 use crate::MigrateError;
 
 /// How to migrate, beyond what and where.
@@ -77,7 +77,8 @@ pub struct MigrateOptions {
     /// agent resumes it. `None`: no checkpoint files (a dropped link is still
     /// resumed by this process).
     pub state_dir: Option<PathBuf>,
-    /// How long to keep reconnecting after the link to the endpoint is lost.
+    /// How long to keep reconnecting after the link to the endpoint is lost (at least
+    /// [`BUSY_RESUME_PATIENCE`] while endpoints answer that the migration is busy).
     pub retry_for: Duration,
     /// A cold lift, or a pass of a replication.
     pub replication: Replication,
@@ -533,7 +534,10 @@ async fn run_pass_in(
         }
     };
 
-    let endpoint = target.addr.to_string();
+    // The target as a whole, so that a migration started on one endpoint resumes from
+    // another with the same record.
+    let keys = target.record_keys();
+    let endpoint = keys.first().cloned().unwrap_or_default();
     let source = checkpoint::fingerprint(vm).map_err(|e| MigrateError::Read {
         what: format!("the source files of {}", vm.vmx_path.display()),
         source: e,
@@ -557,7 +561,7 @@ async fn run_pass_in(
     let mut ckpt = opts
         .state_dir
         .as_deref()
-        .map(|dir| Checkpoint::at(dir, &vm.vmx_path, &endpoint, &plan.vm.name));
+        .map(|dir| Checkpoint::find(dir, &vm.vmx_path, &keys, &plan.vm.name));
     if let Some(c) = ckpt.as_mut() {
         let loaded = c.load().map_err(|e| {
             MigrateError::Target(format!(
@@ -658,7 +662,13 @@ async fn run_pass_in(
 
     let mut reconnects = 0u32;
     let mut down_since: Option<Instant> = None;
+    let mut busy_since: Option<Instant> = None;
     let mut backoff = Duration::from_secs(1);
+    let mut rotation = Rotation::new(target.endpoints.len());
+    // The endpoint that last had the migration going: after it is lost, another
+    // endpoint may refuse the resume until it released the migration.
+    let mut holder: Option<usize> = None;
+    let mut failovers = 0u32;
     loop {
         let outcome = attempt(
             vm,
@@ -670,8 +680,25 @@ async fn run_pass_in(
             &run,
             sink.clone(),
             started,
+            &mut rotation,
         )
         .await;
+        let reached = rotation.reached();
+        let went_on = match &outcome {
+            Ok(_) => true,
+            Err((_, _, progressed)) => *progressed,
+        };
+        if went_on {
+            if holder.is_some() && holder != reached {
+                failovers += 1;
+                tracing::warn!(
+                    from = %target.addr(holder.unwrap_or_default()),
+                    to = %target.addr(reached.unwrap_or_default()),
+                    "the migration goes on through another endpoint"
+                );
+            }
+            holder = reached;
+        }
         let (e, migration_id, progressed) = match outcome {
             Ok(mut summary) => {
                 let awaiting_confirm = summary.switchover.as_ref().map_or(
@@ -695,23 +722,33 @@ async fn run_pass_in(
                     run.remove_checkpoint();
                 }
                 summary.reconnects = reconnects;
+                summary.failovers = failovers;
                 return Ok(summary);
             }
             Err(failure) => failure,
         };
         if progressed {
             down_since = None;
+            busy_since = None;
             backoff = Duration::from_secs(1);
         }
         let known = migration_id.or_else(|| resume.as_ref().map(|(id, _)| id.clone()));
         match &e {
-            // Nothing was staged or changed: wait and log in again, within --retry-for.
+            // Nothing was staged or changed: wait and log in again, within --retry-for;
+            // another endpoint of the target may have room.
             MigrateError::LoginsBusy { .. } => {
                 let since = *down_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= opts.retry_for {
                     return Err(e_into(&e));
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "the endpoint is busy with logins; logging in again");
+                let at = target.addr(reached.unwrap_or_default());
+                rotation.move_on();
+                tracing::warn!(
+                    error = %e,
+                    retry_in = ?backoff,
+                    "endpoint {at} is busy with logins; logging in again through {}",
+                    target.addr(rotation.next())
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -728,18 +765,35 @@ async fn run_pass_in(
                 continue;
             }
             e if retriable(e) && known.is_some() => {
+                let id = known.clone().unwrap_or_default();
                 let since = *down_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= opts.retry_for {
+                let busy = matches!(
+                    e,
+                    MigrateError::Refused {
+                        code: RefusalCode::Busy,
+                        ..
+                    }
+                );
+                // An endpoint taking over from a lost one refuses the resume while the
+                // lost one's lease runs: that wait is owed whatever --retry-for says.
+                let patient = busy && busy_since.get_or_insert_with(Instant::now).elapsed() < BUSY_RESUME_PATIENCE;
+                if since.elapsed() >= opts.retry_for && !patient {
                     run.flush();
                     return Err(MigrateError::LinkDown {
-                        migration_id: known.unwrap_or_default(),
+                        migration_id: id,
                         secs: since.elapsed().as_secs(),
                         last: e.to_string(),
                     });
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "lost the endpoint; reconnecting to resume");
+                // Asked again soon: the lease frees the migration at a moment this
+                // agent cannot know.
+                let wait = if busy { backoff.min(BUSY_POLL) } else { backoff };
+                let moved = rotation.move_on();
+                let say = waiting_for(target, &id, e, reached, holder, moved, rotation.next(), wait);
+                tracing::warn!(migration = %id, retry_in = ?wait, "{say}");
+                sink.waiting(&say);
                 run.flush();
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 reconnects += 1;
                 sink.reconnecting();
@@ -766,7 +820,7 @@ async fn run_pass_in(
 pub fn replica_record(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> (PathBuf, bool) {
     let plan = build_plan(vm, opts);
     let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
-    let c = Checkpoint::at(&dir, &vm.vmx_path, &target.addr.to_string(), &plan.vm.name);
+    let c = Checkpoint::find(&dir, &vm.vmx_path, &target.record_keys(), &plan.vm.name);
     let replica = matches!(c.load(), Ok(Some((header, _))) if header.replica);
     (c.path().to_owned(), replica)
 }
@@ -891,9 +945,9 @@ fn recorded(
     usable: impl Fn(&Header) -> bool,
 ) -> Result<Result<Recorded, (String, PathBuf)>, MigrateError> {
     let plan = build_plan(vm, opts);
-    let endpoint = target.addr.to_string();
+    let endpoint = target.describe();
     let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
-    let ckpt = Checkpoint::at(&dir, &vm.vmx_path, &endpoint, &plan.vm.name);
+    let ckpt = Checkpoint::find(&dir, &vm.vmx_path, &target.record_keys(), &plan.vm.name);
     let loaded = ckpt
         .load()
         .map_err(|e| MigrateError::Target(format!("cannot read the checkpoint {}: {e}", ckpt.path().display())))?;
@@ -1045,6 +1099,58 @@ fn retriable(e: &MigrateError) -> bool {
     )
 }
 
+/// How long an edge keeps resuming a migration that endpoints refuse as busy, whatever
+/// `--retry-for` says: an endpoint that takes over a migration from a lost one refuses
+/// its resume until the lost endpoint's lease on it expired (up to about two lease
+/// periods, 20 s with the default 10 s lease), and a restarted endpoint closes a
+/// migration's previous connection first.
+pub const BUSY_RESUME_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The longest wait between two resumes refused as busy: the migration is released at a
+/// moment the edge cannot know, and a refused resume costs the endpoint one login.
+const BUSY_POLL: Duration = Duration::from_secs(2);
+
+/// What the operator is told while a migration waits to resume: which endpoint was
+/// lost or answered busy, which one it waits for, and where it goes next.
+#[allow(clippy::too_many_arguments)]
+fn waiting_for(
+    target: &Target,
+    id: &str,
+    e: &MigrateError,
+    reached: Option<usize>,
+    holder: Option<usize>,
+    moved: Option<(usize, usize)>,
+    next: usize,
+    wait: Duration,
+) -> String {
+    let secs = wait.as_secs_f64();
+    let then = match moved {
+        Some((_, to)) => format!("trying endpoint {} in {secs:.0} s", target.addr(to)),
+        None if target.endpoints.len() > 1 => {
+            format!("trying endpoint {} and the others in {secs:.0} s", target.addr(next))
+        }
+        None => format!("trying again in {secs:.0} s"),
+    };
+    match (e, reached) {
+        (MigrateError::Refused { problems, .. }, Some(at)) => {
+            let why = problems.join("; ");
+            match holder.filter(|&h| h != at) {
+                Some(owner) => format!(
+                    "waiting for endpoint {} to release migration {id}: endpoint {} refused to resume it yet ({why}); {then}",
+                    target.addr(owner),
+                    target.addr(at)
+                ),
+                None => format!(
+                    "waiting for migration {id} to be released: endpoint {} refused to resume it yet ({why}); {then}",
+                    target.addr(at)
+                ),
+            }
+        }
+        (e, Some(at)) => format!("lost endpoint {} ({e}); resuming migration {id}, {then}", target.addr(at)),
+        (e, None) => format!("cannot reach the cloud endpoint ({e}); resuming migration {id}, {then}"),
+    }
+}
+
 /// Whether the cloud threw the migration away (so the checkpoint is worthless).
 fn cloud_discarded(e: &MigrateError) -> bool {
     match e {
@@ -1150,14 +1256,21 @@ async fn attempt(
     run: &Arc<RunState>,
     sink: Arc<dyn ProgressSink>,
     started: Instant,
+    rotation: &mut Rotation,
 ) -> Result<Summary, AttemptFailure> {
     let _ = vm;
     let total = plan.logical_bytes();
-    let (endpoint, conn) = target
-        .connect(&opts.tuning)
+    let crate::target::Connected {
+        index,
+        endpoint,
+        conn,
+    } = target
+        .connect_from(rotation.start(), &opts.tuning)
         .await
         .map_err(|e| (MigrateError::from(e), None, false))?;
-    tracing::info!(endpoint = %target.addr, "connected");
+    rotation.connected(index);
+    let via = target.addr(index);
+    tracing::info!(endpoint = %via, "connected");
 
     let config = SenderConfig::new(&opts.agent, &target.user, &target.password);
     let mut session = match resume {
@@ -1272,6 +1385,8 @@ async fn attempt(
                 tracking: None,
                 resumed_bytes: s.resumed_bytes(),
                 reconnects: 0,
+                endpoint: via,
+                failovers: 0,
                 duration_secs: secs(duration),
                 receipt_path: kept,
                 receipt: receipt.unwrap_or_default(),
