@@ -41,7 +41,8 @@ use crate::compression::{Compression, LevelController, Pressure};
 use crate::report::{secs, Progress, ProgressSink, Summary};
 use crate::source::snapshot_tracking::{self, ChangedChunks};
 use crate::source::{open_source_disk, running_lock, ChainLink, DiskReader, SourceVm};
-use crate::target::{Rotation, Target};
+use crate::failover::{self, Rotation, BUSY_POLL, BUSY_RESUME_PATIENCE};
+use crate::target::Target;
 use crate::MigrateError;
 
 /// How to migrate, beyond what and where.
@@ -78,7 +79,7 @@ pub struct MigrateOptions {
     /// resumed by this process).
     pub state_dir: Option<PathBuf>,
     /// How long to keep reconnecting after the link to the endpoint is lost (at least
-    /// [`BUSY_RESUME_PATIENCE`] while endpoints answer that the migration is busy).
+    /// [`failover::BUSY_RESUME_PATIENCE`] while endpoints answer that the migration is busy).
     pub retry_for: Duration,
     /// A cold lift, or a pass of a replication.
     pub replication: Replication,
@@ -789,7 +790,8 @@ async fn run_pass_in(
                 // agent cannot know.
                 let wait = if busy { backoff.min(BUSY_POLL) } else { backoff };
                 let moved = rotation.move_on();
-                let say = waiting_for(target, &id, e, reached, holder, moved, rotation.next(), wait);
+                let then = failover::next_attempt(target, moved, rotation.next(), wait);
+                let say = failover::waiting_for(target, &id, e, reached, holder, progressed, &then);
                 tracing::warn!(migration = %id, retry_in = ?wait, "{say}");
                 sink.waiting(&say);
                 run.flush();
@@ -1097,58 +1099,6 @@ fn retriable(e: &MigrateError) -> bool {
             }
             | MigrateError::Protocol(ProtocolError::TimedOut(_))
     )
-}
-
-/// How long an edge keeps resuming a migration that endpoints refuse as busy, whatever
-/// `--retry-for` says: an endpoint that takes over a migration from a lost one refuses
-/// its resume until the lost endpoint's lease on it expired (up to about two lease
-/// periods, 20 s with the default 10 s lease), and a restarted endpoint closes a
-/// migration's previous connection first.
-pub const BUSY_RESUME_PATIENCE: Duration = Duration::from_secs(60);
-
-/// The longest wait between two resumes refused as busy: the migration is released at a
-/// moment the edge cannot know, and a refused resume costs the endpoint one login.
-const BUSY_POLL: Duration = Duration::from_secs(2);
-
-/// What the operator is told while a migration waits to resume: which endpoint was
-/// lost or answered busy, which one it waits for, and where it goes next.
-#[allow(clippy::too_many_arguments)]
-fn waiting_for(
-    target: &Target,
-    id: &str,
-    e: &MigrateError,
-    reached: Option<usize>,
-    holder: Option<usize>,
-    moved: Option<(usize, usize)>,
-    next: usize,
-    wait: Duration,
-) -> String {
-    let secs = wait.as_secs_f64();
-    let then = match moved {
-        Some((_, to)) => format!("trying endpoint {} in {secs:.0} s", target.addr(to)),
-        None if target.endpoints.len() > 1 => {
-            format!("trying endpoint {} and the others in {secs:.0} s", target.addr(next))
-        }
-        None => format!("trying again in {secs:.0} s"),
-    };
-    match (e, reached) {
-        (MigrateError::Refused { problems, .. }, Some(at)) => {
-            let why = problems.join("; ");
-            match holder.filter(|&h| h != at) {
-                Some(owner) => format!(
-                    "waiting for endpoint {} to release migration {id}: endpoint {} refused to resume it yet ({why}); {then}",
-                    target.addr(owner),
-                    target.addr(at)
-                ),
-                None => format!(
-                    "waiting for migration {id} to be released: endpoint {} refused to resume it yet ({why}); {then}",
-                    target.addr(at)
-                ),
-            }
-        }
-        (e, Some(at)) => format!("lost endpoint {} ({e}); resuming migration {id}, {then}", target.addr(at)),
-        (e, None) => format!("cannot reach the cloud endpoint ({e}); resuming migration {id}, {then}"),
-    }
 }
 
 /// Whether the cloud threw the migration away (so the checkpoint is worthless).

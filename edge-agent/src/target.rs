@@ -5,7 +5,7 @@
 //! A target may name several endpoints of one domain (several URLs, or one name that
 //! resolves to several addresses): they share the domain's inventory and staging, and
 //! its CA or thumbprint. A connection goes to the first of them that answers, from the
-//! one a [`Rotation`] says is next; a migration whose endpoint is lost resumes on the
+//! one a [`crate::failover::Rotation`] says is next; a migration whose endpoint is lost resumes on the
 //! next one.
 
 use std::net::SocketAddr;
@@ -214,63 +214,6 @@ async fn connect_one(
     let endpoint = transport::client_endpoint(bind, crypto, tuning)?;
     let conn = transport::connect_within(&endpoint, e.addr, &e.server_name, tuning.handshake_timeout()).await?;
     Ok((endpoint, conn))
-}
-
-/// Which endpoint of a target a migration's next connection goes to. It stays with the
-/// endpoint it reached while that one serves it; once the connection is lost (or the
-/// endpoint answers busy) it moves on to the next in the list, round robin, so that a
-/// dead endpoint is left and a busy one is asked again only after the others.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rotation {
-    count: usize,
-    next: usize,
-    reached: Option<usize>,
-}
-
-impl Rotation {
-    /// For a target of `count` endpoints, starting at the first.
-    pub fn new(count: usize) -> Rotation {
-        Rotation {
-            count: count.max(1),
-            next: 0,
-            reached: None,
-        }
-    }
-
-    /// Where the next connection starts.
-    pub fn next(&self) -> usize {
-        self.next
-    }
-
-    /// A connection is being made: where it starts. Until it reaches an endpoint,
-    /// none is [`Rotation::reached`].
-    pub fn start(&mut self) -> usize {
-        self.reached = None;
-        self.next
-    }
-
-    /// The endpoint the last connection reached, if one did.
-    pub fn reached(&self) -> Option<usize> {
-        self.reached
-    }
-
-    /// A connection reached endpoint `index`: the next one starts there too, unless
-    /// [`Rotation::move_on`] is called.
-    pub fn connected(&mut self, index: usize) {
-        let index = index % self.count;
-        self.reached = Some(index);
-        self.next = index;
-    }
-
-    /// The endpoint the last connection reached was lost (or was busy): the next
-    /// connection starts at the one after it. Returns (from, to) when that is another
-    /// endpoint; `None` for a target of one, or when no connection was made (every
-    /// endpoint was tried already).
-    pub fn move_on(&mut self) -> Option<(usize, usize)> {
-        let from = self.reached.take()?;
-        self.next = (from + 1) % self.count;
-        (self.next != from).then_some((from, self.next))
-    }
 }
 
 /// Splits `quic://host:port`, `host:port` or `host` into host and port.
@@ -492,32 +435,6 @@ mod tests {
             target(&["10.0.0.2:1", "10.0.0.1:1"], &[]).record_keys(),
             ["10.0.0.1:1,10.0.0.2:1", "10.0.0.2:1", "10.0.0.1:1"]
         );
-    }
-
-    #[test]
-    fn a_lost_endpoint_hands_over_to_the_next_round_robin() {
-        let mut r = Rotation::new(3);
-        assert_eq!(r.start(), 0);
-        // A connection that reaches no endpoint (all were tried) leaves the order.
-        assert_eq!(r.move_on(), None);
-        assert_eq!(r.start(), 0);
-        // The first endpoint that answered was the second: it is kept while it serves.
-        r.connected(1);
-        assert_eq!(r.reached(), Some(1));
-        assert_eq!(r.start(), 1);
-        assert_eq!(r.reached(), None);
-        r.connected(1);
-        assert_eq!(r.move_on(), Some((1, 2)));
-        assert_eq!(r.start(), 2);
-        r.connected(2);
-        assert_eq!(r.move_on(), Some((2, 0)));
-        r.connected(r.start());
-        assert_eq!(r.move_on(), Some((0, 1)));
-        // One endpoint: nowhere else to go.
-        let mut one = Rotation::new(1);
-        one.connected(one.start());
-        assert_eq!(one.move_on(), None);
-        assert_eq!(one.start(), 0);
     }
 
     #[test]
