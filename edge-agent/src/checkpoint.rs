@@ -342,6 +342,38 @@ mod tests {
     }
 
     #[test]
+    fn a_record_filed_under_one_address_is_found_by_a_target_of_several() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmx = Path::new("/vms/web01.vmx");
+        let keys = |k: &[&str]| k.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        let several = keys(&["a.example:4433,b.example:4433", "10.0.0.1:4433", "10.0.0.2:4433"]);
+        // Nothing recorded: a new record goes under the target as a whole.
+        let fresh = Checkpoint::find(dir.path(), vmx, &several, "web01");
+        assert_eq!(
+            fresh.path(),
+            Checkpoint::at(dir.path(), vmx, "a.example:4433,b.example:4433", "web01").path()
+        );
+        // An agent that named the second endpoint alone filed it under its address.
+        let mut single = Checkpoint::at(dir.path(), vmx, "10.0.0.2:4433", "web01");
+        single.start(&header()).unwrap();
+        let found = Checkpoint::find(dir.path(), vmx, &several, "web01");
+        assert_eq!(found.path(), single.path());
+        assert_eq!(found.load().unwrap().unwrap().0, header());
+        // Once the target's own record exists, it is the one.
+        let mut whole = Checkpoint::find(dir.path(), vmx, &several[..1], "web01");
+        whole.start(&header()).unwrap();
+        assert_eq!(
+            Checkpoint::find(dir.path(), vmx, &several, "web01").path(),
+            whole.path()
+        );
+        // Another VM name is another record.
+        assert!(Checkpoint::find(dir.path(), vmx, &several, "web02")
+            .load()
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
     fn a_record_survives_a_restart_and_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = Checkpoint::at(dir.path(), Path::new("/vms/web01.vmx"), "127.0.0.1:4433", "web 01");

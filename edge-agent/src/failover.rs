@@ -115,7 +115,10 @@ pub fn waiting_for(
                 ),
             }
         }
-        (e, Some(at)) => format!("lost endpoint {} ({e}); resuming migration {id}, {then}", target.addr(at)),
+        (e, Some(at)) => format!(
+            "lost endpoint {} ({e}); resuming migration {id}, {then}",
+            target.addr(at)
+        ),
         (e, None) => format!("cannot reach the cloud endpoint ({e}); resuming migration {id}, {then}"),
     }
 }
@@ -144,11 +147,13 @@ mod tests {
         assert_eq!(r.start(), 2);
         r.connected(2);
         assert_eq!(r.move_on(), Some((2, 0)));
-        r.connected(r.start());
+        let at = r.start();
+        r.connected(at);
         assert_eq!(r.move_on(), Some((0, 1)));
         // One endpoint: nowhere else to go.
         let mut one = Rotation::new(1);
-        one.connected(one.start());
+        let at = one.start();
+        one.connected(at);
         assert_eq!(one.move_on(), None);
         assert_eq!(one.start(), 0);
     }
@@ -190,12 +195,26 @@ mod tests {
         );
         // The endpoint that served it closes it as busy (it drains).
         let said = waiting_for(&t, "migration-7", &busy, Some(0), Some(0), true, "x");
-        assert!(said.starts_with("endpoint 10.0.0.1:4433 stopped serving migration migration-7"), "{said}");
+        assert!(
+            said.starts_with("endpoint 10.0.0.1:4433 stopped serving migration migration-7"),
+            "{said}"
+        );
         // A lost link names the endpoint lost.
         let lost = MigrateError::Protocol(gateway::protocol::ProtocolError::TimedOut("acks"));
-        let said = waiting_for(&t, "migration-7", &lost, Some(0), Some(0), true, "trying endpoint 10.0.0.2:4433 in 1 s");
+        let said = waiting_for(
+            &t,
+            "migration-7",
+            &lost,
+            Some(0),
+            Some(0),
+            true,
+            "trying endpoint 10.0.0.2:4433 in 1 s",
+        );
         assert!(said.starts_with("lost endpoint 10.0.0.1:4433 ("), "{said}");
-        assert!(said.ends_with("resuming migration migration-7, trying endpoint 10.0.0.2:4433 in 1 s"), "{said}");
+        assert!(
+            said.ends_with("resuming migration migration-7, trying endpoint 10.0.0.2:4433 in 1 s"),
+            "{said}"
+        );
         // Nothing answered: every endpoint is tried again.
         assert_eq!(
             next_attempt(&t, None, 1, Duration::from_secs(4)),

@@ -339,7 +339,13 @@ struct MigrateArgs {
     /// of one domain: repeat --url, or separate URLs with commas (a name that resolves to
     /// several addresses counts as several); a migration whose endpoint is lost resumes
     /// on the next.
-    #[arg(long, env = "EDGE_AGENT_URL", required = true, value_delimiter = ',', value_name = "URL")]
+    #[arg(
+        long,
+        env = "EDGE_AGENT_URL",
+        required = true,
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
     url: Vec<String>,
     /// User of the cloud domain (not of the on-prem vCenter).
     #[arg(long, env = "EDGE_AGENT_USER")]
@@ -1292,7 +1298,13 @@ impl Drop for Bar {
 struct LinkTestArgs {
     /// The cloud endpoint: quic://HOST[:PORT] (port 4433 by default), as for `migrate`;
     /// of several, the first that answers is measured.
-    #[arg(long, env = "EDGE_AGENT_URL", required = true, value_delimiter = ',', value_name = "URL")]
+    #[arg(
+        long,
+        env = "EDGE_AGENT_URL",
+        required = true,
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
     url: Vec<String>,
     #[command(flatten)]
     tls: TlsArgs,

@@ -38,10 +38,10 @@ use tracing::Instrument as _;
 
 use crate::checkpoint::{self, Checkpoint, Header};
 use crate::compression::{Compression, LevelController, Pressure};
+use crate::failover::{self, Rotation, BUSY_POLL, BUSY_RESUME_PATIENCE};
 use crate::report::{secs, Progress, ProgressSink, Summary};
 use crate::source::snapshot_tracking::{self, ChangedChunks};
 use crate::source::{open_source_disk, running_lock, ChainLink, DiskReader, SourceVm};
-use crate::failover::{self, Rotation, BUSY_POLL, BUSY_RESUME_PATIENCE};
 use crate::target::Target;
 use crate::MigrateError;
 
@@ -1210,11 +1210,7 @@ async fn attempt(
 ) -> Result<Summary, AttemptFailure> {
     let _ = vm;
     let total = plan.logical_bytes();
-    let crate::target::Connected {
-        index,
-        endpoint,
-        conn,
-    } = target
+    let crate::target::Connected { index, endpoint, conn } = target
         .connect_from(rotation.start(), &opts.tuning)
         .await
         .map_err(|e| (MigrateError::from(e), None, false))?;

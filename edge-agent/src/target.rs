@@ -358,7 +358,10 @@ mod tests {
     }
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     fn addrs(t: &[Endpoint]) -> Vec<String> {
@@ -422,11 +425,20 @@ mod tests {
     #[test]
     fn records_are_keyed_by_the_target_as_a_whole_and_found_under_one_address() {
         // One address: its own key, as agents always filed it.
-        assert_eq!(target(&["127.0.0.1:4433"], &["localhost:4433"]).record_keys(), ["127.0.0.1:4433", "localhost:4433"]);
+        assert_eq!(
+            target(&["127.0.0.1:4433"], &["localhost:4433"]).record_keys(),
+            ["127.0.0.1:4433", "localhost:4433"]
+        );
         assert_eq!(target(&["127.0.0.1:4433"], &[]).record_keys(), ["127.0.0.1:4433"]);
         // Several: the URLs sorted (any order names the same target), then each address.
-        let ab = target(&["10.0.0.2:4433", "10.0.0.1:4433"], &["b.example:4433", "a.example:4433"]);
-        let ba = target(&["10.0.0.1:4433", "10.0.0.2:4433"], &["a.example:4433", "b.example:4433"]);
+        let ab = target(
+            &["10.0.0.2:4433", "10.0.0.1:4433"],
+            &["b.example:4433", "a.example:4433"],
+        );
+        let ba = target(
+            &["10.0.0.1:4433", "10.0.0.2:4433"],
+            &["a.example:4433", "b.example:4433"],
+        );
         assert_eq!(ab.record_keys()[0], "a.example:4433,b.example:4433");
         assert_eq!(ab.record_keys()[0], ba.record_keys()[0]);
         assert_eq!(ab.record_keys()[1..], ["10.0.0.2:4433", "10.0.0.1:4433"]);
@@ -439,7 +451,9 @@ mod tests {
 
     #[test]
     fn no_endpoint_answering_names_each_in_the_order_tried() {
-        let silent: Vec<std::net::UdpSocket> = (0..2).map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let silent: Vec<std::net::UdpSocket> = (0..2)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
         let a = silent[0].local_addr().unwrap().to_string();
         let b = silent[1].local_addr().unwrap().to_string();
         let t = target(&[&a, &b], &[]);
@@ -450,9 +464,16 @@ mod tests {
         let started = std::time::Instant::now();
         let e = rt().block_on(t.connect_from(1, &tuning)).unwrap_err();
         // Tried side by side, not one handshake timeout after the other.
-        assert!(started.elapsed() < Duration::from_millis(1900), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(1900),
+            "{:?}",
+            started.elapsed()
+        );
         let text = e.to_string();
-        assert!(text.starts_with("none of the 2 endpoint addresses could be reached"), "{text}");
+        assert!(
+            text.starts_with("none of the 2 endpoint addresses could be reached"),
+            "{text}"
+        );
         assert!(text.find(&b).unwrap() < text.find(&a).unwrap(), "{text}");
         // One address: its own error, as before.
         let one = target(&[&a], &[]);

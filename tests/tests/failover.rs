@@ -96,10 +96,15 @@ async fn a_dead_first_endpoint_is_passed_over_for_the_live_one() {
     let mut cmd = edge_to(&bin, &pki, &urls, "migrate", &vmx, &state);
     cmd.arg("--json");
     let started = Instant::now();
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
     let took = started.elapsed();
     let s = summary_of(out);
-    println!("a dead first endpoint: the lift took {took:?} through {}", s["endpoint"]);
+    println!(
+        "a dead first endpoint: the lift took {took:?} through {}",
+        s["endpoint"]
+    );
     assert_eq!(s["endpoint"], cloud.addr.to_string(), "{s}");
     assert_eq!(s["failovers"], 0, "{s}");
     // The dead address had a moment to answer, not a whole handshake timeout (10 s).
@@ -173,9 +178,10 @@ async fn an_endpoint_killed_mid_transfer_is_resumed_on_the_next_address() {
         pki.trust_ca(),
         pki.edge_identity(),
     );
-    target
-        .endpoints
-        .push(Endpoint::new(format!("127.0.0.1:{second}").parse().unwrap(), "localhost"));
+    target.endpoints.push(Endpoint::new(
+        format!("127.0.0.1:{second}").parse().unwrap(),
+        "localhost",
+    ));
     let state = tmp.path().join("state");
     let receipt = tmp.path().join("kv01.receipt.json");
     let opts = MigrateOptions {
@@ -285,7 +291,9 @@ async fn a_record_of_one_endpoint_is_resumed_by_a_target_of_several() {
     )];
     let mut cmd = edge_to(&bin, &pki, &urls, "migrate", &vmx, &state);
     cmd.arg("--json");
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
     let s = summary_of(out);
     let total = 24 * MIB as u64;
     let resumed = s["resumed_bytes"].as_u64().unwrap();
