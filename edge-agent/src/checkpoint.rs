@@ -76,6 +76,8 @@ pub fn fingerprint(vm: &SourceVm) -> io::Result<Vec<FileStamp>> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
     pub migration_id: String,
+    /// The target the record is filed under: one endpoint's address, or the URLs of a
+    /// target of several (`Target::record_keys`).
     pub endpoint: String,
     pub vm_name: String,
     /// SHA-256 of the plan's wire encoding.

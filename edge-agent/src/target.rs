@@ -167,9 +167,20 @@ impl Target {
                 Some(done) = tries.join_next() => {
                     let (index, result) = done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
                     match result {
-                        Ok((endpoint, conn)) => return Ok(Connected { index, endpoint, conn }),
+                        Ok((endpoint, conn)) => {
+                            // Said once it matters: an endpoint of the list is down.
+                            for (failed, e) in &failures {
+                                tracing::warn!(
+                                    endpoint = %self.endpoints[*failed].addr,
+                                    error = %e,
+                                    "could not connect to this endpoint; connected to {} instead",
+                                    self.endpoints[index].addr
+                                );
+                            }
+                            return Ok(Connected { index, endpoint, conn });
+                        }
                         Err(e) => {
-                            tracing::info!(endpoint = %self.endpoints[index].addr, error = %e, "endpoint did not answer");
+                            tracing::debug!(endpoint = %self.endpoints[index].addr, error = %e, "could not connect to this endpoint");
                             failures.push((index, e));
                             if tries.is_empty() {
                                 next_at = tokio::time::Instant::now();
@@ -193,6 +204,7 @@ impl Target {
         ))
     }
 }
+
 /// How long one endpoint has to complete its handshake before the next is tried
 /// alongside: a few round trips of the link (a handshake takes one or two), at least
 /// half a second, at most three.
