@@ -1,11 +1,13 @@
 //! The edge's record of a migration in progress, so that a restarted agent (or one whose
 //! link dropped) continues instead of starting over.
 //!
-//! Two files per migration in the state folder, named by a key of (source, endpoint,
-//! VM name in the cloud):
+//! Two files per migration in the state folder, named by a key of (source, target,
+//! VM name in the cloud). The target is its one endpoint address, or for a target of
+//! several endpoints their URLs together, so that a migration resumed on another
+//! endpoint of the same domain keeps its record (`Target::record_keys`):
 //!
 //! ```text
-//! <key>.json     header: migration id, endpoint, plan digest, source fingerprint
+//! <key>.json     header: migration id, target, plan digest, source fingerprint
 //! <key>.chunks   appended: (disk u16, chunk index u64, hash [32]) per chunk the
 //!                cloud acknowledged or that was declared zero; the header names the
 //!                chunk hash (a record without one is SHA-256, by an older agent)
@@ -74,6 +76,8 @@ pub fn fingerprint(vm: &SourceVm) -> io::Result<Vec<FileStamp>> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
     pub migration_id: String,
+    /// The target the record is filed under: one endpoint's address, or the URLs of a
+    /// target of several (`Target::record_keys`).
     pub endpoint: String,
     pub vm_name: String,
     /// SHA-256 of the plan's wire encoding.
@@ -134,6 +138,21 @@ impl Checkpoint {
             chunks: None,
             pending: Vec::new(),
         }
+    }
+
+    /// The record for `source` migrated to a target as `vm_name`, under `dir`: the first
+    /// of the target's `keys` (`Target::record_keys`) that has one, so that a record an
+    /// older agent or a single-endpoint run filed under one address is found; else a new
+    /// one under the first key.
+    pub fn find(dir: &Path, source: &Path, keys: &[String], vm_name: &str) -> Checkpoint {
+        let mut candidates = keys.iter().map(|key| Checkpoint::at(dir, source, key, vm_name));
+        let Some(first) = candidates.next() else {
+            return Checkpoint::at(dir, source, "", vm_name);
+        };
+        if first.header_path.exists() {
+            return first;
+        }
+        candidates.find(|c| c.header_path.exists()).unwrap_or(first)
     }
 
     pub fn path(&self) -> &Path {
@@ -322,6 +341,38 @@ mod tests {
         // The record now names this build's hash, and holds nothing of the old one.
         let (_, again) = c.load().unwrap().unwrap();
         assert!(again.is_empty());
+    }
+
+    #[test]
+    fn a_record_filed_under_one_address_is_found_by_a_target_of_several() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmx = Path::new("/vms/web01.vmx");
+        let keys = |k: &[&str]| k.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        let several = keys(&["a.example:4433,b.example:4433", "10.0.0.1:4433", "10.0.0.2:4433"]);
+        // Nothing recorded: a new record goes under the target as a whole.
+        let fresh = Checkpoint::find(dir.path(), vmx, &several, "web01");
+        assert_eq!(
+            fresh.path(),
+            Checkpoint::at(dir.path(), vmx, "a.example:4433,b.example:4433", "web01").path()
+        );
+        // An agent that named the second endpoint alone filed it under its address.
+        let mut single = Checkpoint::at(dir.path(), vmx, "10.0.0.2:4433", "web01");
+        single.start(&header()).unwrap();
+        let found = Checkpoint::find(dir.path(), vmx, &several, "web01");
+        assert_eq!(found.path(), single.path());
+        assert_eq!(found.load().unwrap().unwrap().0, header());
+        // Once the target's own record exists, it is the one.
+        let mut whole = Checkpoint::find(dir.path(), vmx, &several[..1], "web01");
+        whole.start(&header()).unwrap();
+        assert_eq!(
+            Checkpoint::find(dir.path(), vmx, &several, "web01").path(),
+            whole.path()
+        );
+        // Another VM name is another record.
+        assert!(Checkpoint::find(dir.path(), vmx, &several, "web02")
+            .load()
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! source    the VM on disk: .vmx, raw and flat VMDK disks (read-only)
-//! target    the cloud endpoint: URL, credential, trust (CA or thumbprint)
+//! target    the cloud endpoint(s): URLs, credential, trust (CA or thumbprint)
+//! failover  which endpoint of several a migration resumes on, and how long it waits
 //! migrate   the driver: SenderSession + QUIC streams + reader/sealer workers
 //! plan      `edge-agent plan`: the endpoint checks a plan, nothing is staged
 //! report    progress and the final summary (human or JSON)
@@ -13,6 +14,7 @@
 
 pub mod checkpoint;
 pub mod compression;
+pub mod failover;
 pub mod linktest;
 pub mod live;
 pub mod metrics;

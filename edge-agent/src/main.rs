@@ -335,9 +335,18 @@ struct MigrateArgs {
     /// (.img, .raw, -flat.vmdk); a .qcow2 or .vmdk whose header is damaged is refused.
     #[arg(long = "raw-disk", value_name = "DISK")]
     raw_disk: Vec<String>,
-    /// The cloud endpoint: quic://HOST[:PORT] (port 4433 by default).
-    #[arg(long, env = "EDGE_AGENT_URL")]
-    url: String,
+    /// The cloud endpoint: quic://HOST[:PORT] (port 4433 by default). Several endpoints
+    /// of one domain: repeat --url, or separate URLs with commas (a name that resolves to
+    /// several addresses counts as several); a migration whose endpoint is lost resumes
+    /// on the next.
+    #[arg(
+        long,
+        env = "EDGE_AGENT_URL",
+        required = true,
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    url: Vec<String>,
     /// User of the cloud domain (not of the on-prem vCenter).
     #[arg(long, env = "EDGE_AGENT_USER")]
     user: String,
@@ -1150,10 +1159,10 @@ async fn prepare(
             dir.display()
         );
     }
-    let (host, port) = target::parse_url(&a.url)?;
+    let (endpoints, names) = target::resolve_all(&a.url).await?;
     let target = Target {
-        addr: target::resolve(&host, port).await?,
-        server_name: host,
+        endpoints,
+        names,
         user: a.user,
         password: a.password,
         trust: a.tls.trust()?,
@@ -1220,10 +1229,20 @@ impl ProgressSink for JsonLines {
         v["event"] = "progress".into();
         println!("{v}");
     }
+    fn waiting(&self, why: &str) {
+        println!("{}", serde_json::json!({"event": "waiting", "message": why}));
+    }
 }
 
-/// An indicatif bar on stderr: bytes, rate, ETA.
-struct Bar(ProgressBar);
+/// An indicatif bar on stderr: bytes, rate, ETA; while the migration waits to resume,
+/// what it waits for in place of the VM's name.
+struct Bar(ProgressBar, std::sync::Mutex<BarState>);
+
+#[derive(Default)]
+struct BarState {
+    vm: String,
+    waiting: bool,
+}
 
 impl Bar {
     fn new() -> Self {
@@ -1235,7 +1254,7 @@ impl Bar {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        Bar(bar)
+        Bar(bar, Default::default())
     }
 }
 
@@ -1245,12 +1264,27 @@ impl ProgressSink for Bar {
         self.0.set_length(total_bytes);
         self.0.set_message(vm.to_owned());
         self.0.enable_steady_tick(Duration::from_millis(250));
+        *self.1.lock().expect("bar state lock") = BarState {
+            vm: vm.to_owned(),
+            waiting: false,
+        };
     }
     fn progress(&self, p: &Progress) {
+        let mut state = self.1.lock().expect("bar state lock");
+        if std::mem::take(&mut state.waiting) {
+            self.0.set_message(state.vm.clone());
+        }
+        drop(state);
         self.0.set_position(p.done_bytes);
         if p.done_bytes >= p.total_bytes {
             self.0.finish();
         }
+    }
+    /// Shown in the bar once it is drawn (the log line says it too, from the start).
+    fn waiting(&self, why: &str) {
+        let mut state = self.1.lock().expect("bar state lock");
+        state.waiting = true;
+        self.0.set_message(format!("{}: {why}", state.vm));
     }
 }
 
@@ -1262,9 +1296,16 @@ impl Drop for Bar {
 
 #[derive(Args)]
 struct LinkTestArgs {
-    /// The cloud endpoint: quic://HOST[:PORT] (port 4433 by default), as for `migrate`.
-    #[arg(long, env = "EDGE_AGENT_URL")]
-    url: String,
+    /// The cloud endpoint: quic://HOST[:PORT] (port 4433 by default), as for `migrate`;
+    /// of several, the first that answers is measured.
+    #[arg(
+        long,
+        env = "EDGE_AGENT_URL",
+        required = true,
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    url: Vec<String>,
     #[command(flatten)]
     tls: TlsArgs,
     /// Seconds of throughput measurement per direction (the endpoint may clamp it).
@@ -1290,10 +1331,10 @@ struct LinkTestArgs {
 }
 
 async fn link_test_cmd(a: LinkTestArgs) -> anyhow::Result<()> {
-    let (host, port) = target::parse_url(&a.url)?;
+    let (endpoints, names) = target::resolve_all(&a.url).await?;
     let target = Target {
-        addr: target::resolve(&host, port).await?,
-        server_name: host,
+        endpoints,
+        names,
         // A link test is authenticated by the edge certificate alone.
         user: String::new(),
         password: String::new(),

@@ -218,6 +218,10 @@ impl ProgressSink for MetricsSink {
         self.metrics.reconnects.inc();
         self.inner.reconnecting();
     }
+
+    fn waiting(&self, why: &str) {
+        self.inner.waiting(why);
+    }
 }
 
 /// Binds `addr` for [`serve`]; the error names the address.

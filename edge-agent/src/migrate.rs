@@ -38,6 +38,7 @@ use tracing::Instrument as _;
 
 use crate::checkpoint::{self, Checkpoint, Header};
 use crate::compression::{Compression, LevelController, Pressure};
+use crate::failover::{self, Rotation, BUSY_POLL, BUSY_RESUME_PATIENCE};
 use crate::report::{secs, Progress, ProgressSink, Summary};
 use crate::source::snapshot_tracking::{self, ChangedChunks};
 use crate::source::{open_source_disk, running_lock, ChainLink, DiskReader, SourceVm};
@@ -77,7 +78,8 @@ pub struct MigrateOptions {
     /// agent resumes it. `None`: no checkpoint files (a dropped link is still
     /// resumed by this process).
     pub state_dir: Option<PathBuf>,
-    /// How long to keep reconnecting after the link to the endpoint is lost.
+    /// How long to keep reconnecting after the link to the endpoint is lost (at least
+    /// [`failover::BUSY_RESUME_PATIENCE`] while endpoints answer that the migration is busy).
     pub retry_for: Duration,
     /// A cold lift, or a pass of a replication.
     pub replication: Replication,
@@ -533,7 +535,10 @@ async fn run_pass_in(
         }
     };
 
-    let endpoint = target.addr.to_string();
+    // The target as a whole, so that a migration started on one endpoint resumes from
+    // another with the same record.
+    let keys = target.record_keys();
+    let endpoint = keys.first().cloned().unwrap_or_default();
     let source = checkpoint::fingerprint(vm).map_err(|e| MigrateError::Read {
         what: format!("the source files of {}", vm.vmx_path.display()),
         source: e,
@@ -557,7 +562,7 @@ async fn run_pass_in(
     let mut ckpt = opts
         .state_dir
         .as_deref()
-        .map(|dir| Checkpoint::at(dir, &vm.vmx_path, &endpoint, &plan.vm.name));
+        .map(|dir| Checkpoint::find(dir, &vm.vmx_path, &keys, &plan.vm.name));
     if let Some(c) = ckpt.as_mut() {
         let loaded = c.load().map_err(|e| {
             MigrateError::Target(format!(
@@ -658,7 +663,13 @@ async fn run_pass_in(
 
     let mut reconnects = 0u32;
     let mut down_since: Option<Instant> = None;
+    let mut busy_since: Option<Instant> = None;
     let mut backoff = Duration::from_secs(1);
+    let mut rotation = Rotation::new(target.endpoints.len());
+    // The endpoint that last had the migration going: after it is lost, another
+    // endpoint may refuse the resume until it released the migration.
+    let mut holder: Option<usize> = None;
+    let mut failovers = 0u32;
     loop {
         let outcome = attempt(
             vm,
@@ -670,8 +681,25 @@ async fn run_pass_in(
             &run,
             sink.clone(),
             started,
+            &mut rotation,
         )
         .await;
+        let reached = rotation.reached();
+        let went_on = match &outcome {
+            Ok(_) => true,
+            Err((_, _, progressed)) => *progressed,
+        };
+        if went_on {
+            if holder.is_some() && holder != reached {
+                failovers += 1;
+                tracing::warn!(
+                    from = %target.addr(holder.unwrap_or_default()),
+                    to = %target.addr(reached.unwrap_or_default()),
+                    "the migration goes on through another endpoint"
+                );
+            }
+            holder = reached;
+        }
         let (e, migration_id, progressed) = match outcome {
             Ok(mut summary) => {
                 let awaiting_confirm = summary.switchover.as_ref().map_or(
@@ -695,23 +723,33 @@ async fn run_pass_in(
                     run.remove_checkpoint();
                 }
                 summary.reconnects = reconnects;
+                summary.failovers = failovers;
                 return Ok(summary);
             }
             Err(failure) => failure,
         };
         if progressed {
             down_since = None;
+            busy_since = None;
             backoff = Duration::from_secs(1);
         }
         let known = migration_id.or_else(|| resume.as_ref().map(|(id, _)| id.clone()));
         match &e {
-            // Nothing was staged or changed: wait and log in again, within --retry-for.
+            // Nothing was staged or changed: wait and log in again, within --retry-for;
+            // another endpoint of the target may have room.
             MigrateError::LoginsBusy { .. } => {
                 let since = *down_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= opts.retry_for {
                     return Err(e_into(&e));
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "the endpoint is busy with logins; logging in again");
+                let at = target.addr(reached.unwrap_or_default());
+                rotation.move_on();
+                tracing::warn!(
+                    error = %e,
+                    retry_in = ?backoff,
+                    "endpoint {at} is busy with logins; logging in again through {}",
+                    target.addr(rotation.next())
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -728,18 +766,36 @@ async fn run_pass_in(
                 continue;
             }
             e if retriable(e) && known.is_some() => {
+                let id = known.clone().unwrap_or_default();
                 let since = *down_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= opts.retry_for {
+                let busy = matches!(
+                    e,
+                    MigrateError::Refused {
+                        code: RefusalCode::Busy,
+                        ..
+                    }
+                );
+                // An endpoint taking over from a lost one refuses the resume while the
+                // lost one's lease runs: that wait is owed whatever --retry-for says.
+                let patient = busy && busy_since.get_or_insert_with(Instant::now).elapsed() < BUSY_RESUME_PATIENCE;
+                if since.elapsed() >= opts.retry_for && !patient {
                     run.flush();
                     return Err(MigrateError::LinkDown {
-                        migration_id: known.unwrap_or_default(),
+                        migration_id: id,
                         secs: since.elapsed().as_secs(),
                         last: e.to_string(),
                     });
                 }
-                tracing::warn!(error = %e, retry_in = ?backoff, "lost the endpoint; reconnecting to resume");
+                // Asked again soon: the lease frees the migration at a moment this
+                // agent cannot know.
+                let wait = if busy { backoff.min(BUSY_POLL) } else { backoff };
+                let moved = rotation.move_on();
+                let then = failover::next_attempt(target, moved, rotation.next(), wait);
+                let say = failover::waiting_for(target, &id, e, reached, holder, progressed, &then);
+                tracing::warn!(migration = %id, retry_in = ?wait, "{say}");
+                sink.waiting(&say);
                 run.flush();
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 reconnects += 1;
                 sink.reconnecting();
@@ -766,7 +822,7 @@ async fn run_pass_in(
 pub fn replica_record(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> (PathBuf, bool) {
     let plan = build_plan(vm, opts);
     let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
-    let c = Checkpoint::at(&dir, &vm.vmx_path, &target.addr.to_string(), &plan.vm.name);
+    let c = Checkpoint::find(&dir, &vm.vmx_path, &target.record_keys(), &plan.vm.name);
     let replica = matches!(c.load(), Ok(Some((header, _))) if header.replica);
     (c.path().to_owned(), replica)
 }
@@ -891,9 +947,9 @@ fn recorded(
     usable: impl Fn(&Header) -> bool,
 ) -> Result<Result<Recorded, (String, PathBuf)>, MigrateError> {
     let plan = build_plan(vm, opts);
-    let endpoint = target.addr.to_string();
+    let endpoint = target.describe();
     let dir = opts.state_dir.clone().unwrap_or_else(checkpoint::default_state_dir);
-    let ckpt = Checkpoint::at(&dir, &vm.vmx_path, &endpoint, &plan.vm.name);
+    let ckpt = Checkpoint::find(&dir, &vm.vmx_path, &target.record_keys(), &plan.vm.name);
     let loaded = ckpt
         .load()
         .map_err(|e| MigrateError::Target(format!("cannot read the checkpoint {}: {e}", ckpt.path().display())))?;
@@ -1150,14 +1206,17 @@ async fn attempt(
     run: &Arc<RunState>,
     sink: Arc<dyn ProgressSink>,
     started: Instant,
+    rotation: &mut Rotation,
 ) -> Result<Summary, AttemptFailure> {
     let _ = vm;
     let total = plan.logical_bytes();
-    let (endpoint, conn) = target
-        .connect(&opts.tuning)
+    let crate::target::Connected { index, endpoint, conn } = target
+        .connect_from(rotation.start(), &opts.tuning)
         .await
         .map_err(|e| (MigrateError::from(e), None, false))?;
-    tracing::info!(endpoint = %target.addr, "connected");
+    rotation.connected(index);
+    let via = target.addr(index);
+    tracing::info!(endpoint = %via, "connected");
 
     let config = SenderConfig::new(&opts.agent, &target.user, &target.password);
     let mut session = match resume {
@@ -1272,6 +1331,8 @@ async fn attempt(
                 tracking: None,
                 resumed_bytes: s.resumed_bytes(),
                 reconnects: 0,
+                endpoint: via,
+                failovers: 0,
                 duration_secs: secs(duration),
                 receipt_path: kept,
                 receipt: receipt.unwrap_or_default(),

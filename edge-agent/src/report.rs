@@ -53,6 +53,11 @@ pub trait ProgressSink: Send + Sync {
     fn progress(&self, p: &Progress);
     /// The link was lost and the agent reconnects to resume.
     fn reconnecting(&self) {}
+    /// The migration waits to resume, and why: which endpoint was lost, which one must
+    /// release it first, where it goes next.
+    fn waiting(&self, why: &str) {
+        let _ = why;
+    }
 }
 
 /// A sink that shows nothing (tests, library use).
@@ -107,6 +112,12 @@ pub struct Summary {
     pub resumed_bytes: u64,
     /// Times the link was lost and the migration resumed on a new connection.
     pub reconnects: u32,
+    /// The endpoint (address) that finished the migration: with several, the one whose
+    /// certificate signed the receipt.
+    pub endpoint: String,
+    /// Times the migration went on through another endpoint of the target than the one
+    /// that served it before.
+    pub failovers: u32,
     pub duration_secs: f64,
     /// Where the endpoint's signed receipt was written, if it was.
     pub receipt_path: Option<PathBuf>,
@@ -232,6 +243,12 @@ impl Summary {
                 human(self.resumed_bytes),
                 human(self.resent_bytes),
                 self.reconnects
+            ));
+        }
+        if self.failovers > 0 {
+            text.push_str(&format!(
+                "\nfailover:       finished through endpoint {} after {} move(s) to another endpoint",
+                self.endpoint, self.failovers
             ));
         }
         if let Some(t) = &self.tracking {

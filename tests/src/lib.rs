@@ -166,14 +166,14 @@ impl Cloud {
     }
 
     pub fn target(&self, pki: &Pki, user: &str, password: &str) -> Target {
-        Target {
-            addr: self.addr,
-            server_name: "localhost".into(),
-            user: user.into(),
-            password: password.into(),
-            trust: pki.trust_ca(),
-            identity: pki.edge_identity(),
-        }
+        Target::single(
+            self.addr,
+            "localhost",
+            user,
+            password,
+            pki.trust_ca(),
+            pki.edge_identity(),
+        )
     }
 
     /// Entries of the datastore folder, `.staging` contents included.

@@ -135,7 +135,7 @@ async fn an_endpoint_cap_holds_from_the_first_byte() {
     });
     let relay = relay_rx.recv().unwrap();
     let mut target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
-    target.addr = relay.addr;
+    target.endpoints[0].addr = relay.addr;
     let vmx = random_vm(&tmp.path().join("src"), 4);
     let summary = migrate(&vmx, &target, &MigrateOptions::default())
         .await

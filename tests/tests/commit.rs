@@ -70,14 +70,14 @@ impl EndpointProcess {
     }
 
     fn target(&self, pki: &Pki) -> edge_agent::target::Target {
-        edge_agent::target::Target {
-            addr: format!("127.0.0.1:{}", self.port).parse().unwrap(),
-            server_name: "localhost".into(),
-            user: MIGRATOR.into(),
-            password: DEMO_PASSWORD.into(),
-            trust: pki.trust_ca(),
-            identity: pki.edge_identity(),
-        }
+        edge_agent::target::Target::single(
+            format!("127.0.0.1:{}", self.port).parse().unwrap(),
+            "localhost",
+            MIGRATOR,
+            DEMO_PASSWORD,
+            pki.trust_ca(),
+            pki.edge_identity(),
+        )
     }
 
     /// Every path under both datastores, relative, `.staging` contents included.

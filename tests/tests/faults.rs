@@ -155,7 +155,7 @@ async fn lift_through_a_cut(cut: Cut, seed: u64) {
     let vmx = vm(&tmp.path().join("src"), &name, 24, seed);
     let source = source::open_vm(&vmx).unwrap();
     let mut target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
-    target.addr = relay.addr;
+    target.endpoints[0].addr = relay.addr;
     let receipt = tmp.path().join("receipt.json");
     let opts = capped(None, &receipt);
     let watch = Arc::new(Watch::default());
@@ -397,7 +397,7 @@ async fn a_second_edge_cannot_resume_another_edges_migration() {
     // A goes through a relay, so its going away can be made silent.
     let relay = Relay::start(cloud.addr).await;
     let mut via_relay = target_a.clone();
-    via_relay.addr = relay.addr;
+    via_relay.endpoints[0].addr = relay.addr;
     let watch = Arc::new(Watch::default());
     let lift = {
         let (sink, target, opts) = (watch.clone(), via_relay.clone(), opts_a.clone());
@@ -488,7 +488,7 @@ async fn an_endpoint_that_does_not_answer_is_named_before_the_idle_timeout() {
     cloud.stop().await;
     // A socket that takes the datagrams and never answers, as a firewall that drops them.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    target.addr = silent.local_addr().unwrap();
+    target.endpoints[0].addr = silent.local_addr().unwrap();
     let vmx = vm(&tmp.path().join("src"), "quiet01", 1, 85);
     let opts = MigrateOptions {
         state_dir: Some(tmp.path().join("state")),
@@ -500,7 +500,7 @@ async fn an_endpoint_that_does_not_answer_is_named_before_the_idle_timeout() {
     let waited = t0.elapsed();
     let text = format!("{err:#}");
     assert!(
-        text.contains(&format!("no answer from {}", target.addr)) && text.contains("UDP port"),
+        text.contains(&format!("no answer from {}", target.endpoints[0].addr)) && text.contains("UDP port"),
         "{text}"
     );
     assert!(waited < Duration::from_secs(20), "gave up after {waited:?}");

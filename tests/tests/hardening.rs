@@ -65,14 +65,14 @@ async fn files_of_a_lift_are_private_and_peers_cannot_forge_log_lines() {
     std::fs::create_dir_all(&src).unwrap();
     write_raw_disk(&src.join("web01.img"), MIB, &[Fill::Random, Fill::Zero, Fill::Text], 7);
     let vmx = write_vmx(&src, "web01", &["web01.img"], &[]);
-    let target = edge_agent::target::Target {
-        addr: endpoint.quic,
-        server_name: "localhost".into(),
-        user: MIGRATOR.into(),
-        password: DEMO_PASSWORD.into(),
-        trust: pki.trust_ca(),
-        identity: pki.edge_identity(),
-    };
+    let target = edge_agent::target::Target::single(
+        endpoint.quic,
+        "localhost",
+        MIGRATOR,
+        DEMO_PASSWORD,
+        pki.trust_ca(),
+        pki.edge_identity(),
+    );
     let summary = migrate(&vmx, &target, &MigrateOptions::default()).await.unwrap();
     assert!(!summary.vm_id.is_empty(), "{summary:?}");
 

@@ -227,7 +227,7 @@ async fn a_link_that_breaks_during_pre_copy_leaves_the_source_running() {
     let (_tmp, pki, cloud, source) = setup("live02", "dirty=48", None, None).await;
     let relay = Arc::new(Relay::start(cloud.addr).await);
     let mut target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
-    target.addr = relay.addr;
+    target.endpoints[0].addr = relay.addr;
     let cut_at: Arc<Mutex<Option<Instant>>> = Arc::default();
     let cut = {
         let (relay, cut_at) = (relay.clone(), cut_at.clone());

@@ -13,6 +13,7 @@ mod commit;
 mod containers;
 mod damaged;
 mod dashboard;
+mod failover;
 mod faults;
 mod firewall;
 mod first_run;

@@ -292,14 +292,14 @@ async fn an_endpoint_killed_with_sigkill_is_resumed_after_its_restart() {
     let mut endpoint = start();
     let vmx = vm(&tmp.path().join("src"), "kv01", 24, 74);
     let source = source::open_vm(&vmx).unwrap();
-    let target = edge_agent::target::Target {
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        server_name: "localhost".into(),
-        user: MIGRATOR.into(),
-        password: DEMO_PASSWORD.into(),
-        trust: pki.trust_ca(),
-        identity: pki.edge_identity(),
-    };
+    let target = edge_agent::target::Target::single(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        "localhost",
+        MIGRATOR,
+        DEMO_PASSWORD,
+        pki.trust_ca(),
+        pki.edge_identity(),
+    );
     let opts = MigrateOptions {
         max_rate: Some("64mbit".parse::<Rate>().unwrap()),
         retry_for: Duration::from_secs(60),

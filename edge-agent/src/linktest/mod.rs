@@ -144,8 +144,10 @@ pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, 
         None => None,
     };
 
+    // Of several endpoints, the first that answers is the one measured.
     let (endpoint, conn) = target.connect(&opts.tuning).await?;
-    tracing::info!(endpoint = %target.addr, "connected for a link test");
+    let addr = conn.remote_address();
+    tracing::info!(endpoint = %addr, "connected for a link test");
     let result = measure(&conn, opts).await;
     match &result {
         Ok(_) => conn.close(0u32.into(), b"link test done"),
@@ -171,7 +173,7 @@ pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, 
     });
     Ok(LinkReport {
         endpoint: m.endpoint,
-        address: target.addr.to_string(),
+        address: addr.to_string(),
         upload_secs: m.upload_secs,
         download_secs: m.download_secs,
         streams: m.streams,
@@ -187,8 +189,8 @@ pub async fn run(target: &Target, opts: &LinkTestOptions) -> Result<LinkReport, 
         download: m.download,
         mtu: Mtu {
             udp_payload: m.mtu,
-            ip_mtu: stats::ip_mtu(m.mtu, target.addr.is_ipv6()),
-            ip_version: if target.addr.is_ipv6() { 6 } else { 4 },
+            ip_mtu: stats::ip_mtu(m.mtu, addr.is_ipv6()),
+            ip_version: if addr.is_ipv6() { 6 } else { 4 },
         },
         wire_overhead: m.wire_overhead,
         vm,

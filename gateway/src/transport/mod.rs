@@ -46,6 +46,10 @@ pub enum TransportError {
     StreamClosed,
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// An edge that names several endpoints of one domain reached none of them: each
+    /// address with its own failure, in the order tried.
+    #[error("{}", describe_unreachable(.0))]
+    Unreachable(Vec<(SocketAddr, TransportError)>),
 }
 
 impl TransportError {
@@ -58,6 +62,18 @@ impl TransportError {
             _ => None,
         }
     }
+}
+
+fn describe_unreachable(failures: &[(SocketAddr, TransportError)]) -> String {
+    if failures.is_empty() {
+        return "no endpoint address to connect to: name at least one endpoint (--url)".into();
+    }
+    let each: Vec<String> = failures.iter().map(|(addr, e)| format!("{addr}: {e}")).collect();
+    format!(
+        "none of the {} endpoint addresses could be reached; {}",
+        failures.len(),
+        each.join("; ")
+    )
 }
 
 fn describe_connection_error(e: &quinn::ConnectionError) -> String {
