@@ -90,16 +90,32 @@ pub fn vm(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
     write_vmx(dir, name, &[&disk], &[])
 }
 
-/// `edge-agent migrate --json` of `vmx` to `endpoint`, its state in `dir`.
-fn migrate(domain: &Domain, dir: &Path, vmx: &Path, endpoint: SocketAddr) -> std::process::Command {
-    let mut cmd = edge_at(&domain.bin, &domain.pki, endpoint.port(), MIGRATOR, "migrate");
-    cmd.arg("--vmx")
+/// `edge-agent migrate --json` of `vmx` to the domain through `endpoints` (the first
+/// tried first), its state in `dir`.
+fn migrate(domain: &Domain, dir: &Path, vmx: &Path, endpoints: &[SocketAddr]) -> std::process::Command {
+    let urls: Vec<String> = endpoints.iter().map(|e| format!("quic://{e}")).collect();
+    let pki = &domain.pki;
+    let mut cmd = std::process::Command::new(domain.bin.join("edge-agent"));
+    cmd.arg("migrate")
+        .arg("--url")
+        .arg(urls.join(","))
+        .arg("--user")
+        .arg(MIGRATOR)
+        .arg("--ca-bundle")
+        .arg(pki.path("ca.pem"))
+        .arg("--cert")
+        .arg(pki.path("edge.pem"))
+        .arg("--key")
+        .arg(pki.path("edge.key"))
+        .arg("--vmx")
         .arg(vmx)
         .arg("--state-dir")
         .arg(dir.join("state"))
         .arg("--receipt")
         .arg(dir.join("receipt.json"))
         .arg("--json")
+        .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
+        .env_remove("EDGE_AGENT_LOG")
         .env_remove("EDGE_AGENT_LOG_FORMAT")
         .stdin(Stdio::null());
     cmd
@@ -114,7 +130,12 @@ async fn vms_listed(pki: &Pki, api: SocketAddr) -> Vec<(String, String)> {
         .as_array()
         .expect("a list of VMs")
         .iter()
-        .map(|vm| (vm["name"].as_str().unwrap().to_owned(), vm["vm"].as_str().unwrap().to_owned()))
+        .map(|vm| {
+            (
+                vm["name"].as_str().unwrap().to_owned(),
+                vm["vm"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     vms.sort();
     vms
@@ -124,14 +145,18 @@ async fn vms_listed(pki: &Pki, api: SocketAddr) -> Vec<(String, String)> {
 async fn two_endpoints_race_for_one_name_and_every_endpoint_shows_one_inventory() {
     let tmp = tempfile::tempdir().unwrap();
     let domain = Domain::new(tmp.path());
-    let endpoints = [domain.endpoint("esx-a"), domain.endpoint("esx-b"), domain.endpoint("esx-c")];
+    let endpoints = [
+        domain.endpoint("esx-a"),
+        domain.endpoint("esx-b"),
+        domain.endpoint("esx-c"),
+    ];
     // Two on-prem sites lift a VM of the same name at once, one through esx-a, one
     // through esx-b: the database lets exactly one have the name.
     let (one, two) = (tmp.path().join("site-1"), tmp.path().join("site-2"));
     let (vmx_1, vmx_2) = (vm(&one, "race01", 2, 1), vm(&two, "race01", 2, 2));
     let (out_1, out_2) = tokio::join!(
-        run(migrate(&domain, &one, &vmx_1, endpoints[0].quic)),
-        run(migrate(&domain, &two, &vmx_2, endpoints[1].quic))
+        run(migrate(&domain, &one, &vmx_1, &[endpoints[0].quic])),
+        run(migrate(&domain, &two, &vmx_2, &[endpoints[1].quic]))
     );
     let won: Vec<bool> = [&out_1, &out_2].iter().map(|o| o.status.success()).collect();
     assert_eq!(
@@ -177,4 +202,194 @@ async fn two_endpoints_race_for_one_name_and_every_endpoint_shows_one_inventory(
             .unwrap();
         assert!(held.is_empty(), "{host} holds {held:?}");
     }
+}
+
+/// Remembers the last progress report and what the edge said while it waited.
+#[derive(Default)]
+struct Watch {
+    last: std::sync::Mutex<Option<edge_agent::report::Progress>>,
+    said: std::sync::Mutex<Vec<String>>,
+}
+
+impl edge_agent::report::ProgressSink for Watch {
+    fn started(&self, _: &str, _: &str, _: u64) {}
+    fn progress(&self, p: &edge_agent::report::Progress) {
+        *self.last.lock().unwrap() = Some(p.clone());
+    }
+    fn waiting(&self, why: &str) {
+        self.said.lock().unwrap().push(why.to_owned());
+    }
+}
+
+impl Watch {
+    fn done(&self) -> u64 {
+        self.last.lock().unwrap().as_ref().map_or(0, |p| p.done_bytes)
+    }
+}
+
+/// esx-a is killed with SIGKILL mid-transfer; the edge, which names esx-a and esx-b,
+/// resumes on esx-b once esx-a's lease has run out. One VM is registered, identical to
+/// the source; no staging is left; esx-a, started again, joins and holds no lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_killed_mid_transfer_hands_its_migration_to_another() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use edge_agent::target::{Endpoint, Target};
+    use gateway::transport::Rate;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let domain = Domain::new(tmp.path());
+    let mut esx_a = domain.endpoint("esx-a");
+    let esx_b = domain.endpoint("esx-b");
+    let vmx = vm(&tmp.path().join("src"), "kv01", 24, 83);
+    let source = edge_agent::source::open_vm(&vmx).unwrap();
+    let mut target = Target::single(
+        esx_a.quic,
+        "localhost",
+        MIGRATOR,
+        DEMO_PASSWORD,
+        domain.pki.trust_ca(),
+        domain.pki.edge_identity(),
+    );
+    target.endpoints.push(Endpoint::new(esx_b.quic, "localhost"));
+    let receipt = tmp.path().join("kv01.receipt.json");
+    let opts = edge_agent::migrate::MigrateOptions {
+        max_rate: Some("64mbit".parse::<Rate>().unwrap()),
+        retry_for: Duration::from_secs(90),
+        tuning: gateway::transport::TransportTuning {
+            idle_timeout: Duration::from_secs(3),
+            ..Default::default()
+        },
+        state_dir: Some(tmp.path().join("state")),
+        receipt_path: Some(receipt.clone()),
+        ..Default::default()
+    };
+    let sink = Arc::new(Watch::default());
+    let lift = {
+        let sink = sink.clone();
+        tokio::spawn(async move { edge_agent::migrate::run(&source, &target, &opts, sink).await })
+    };
+    let total = 24 * MIB as u64;
+    let t0 = Instant::now();
+    while sink.done() < total / 3 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done_at_kill = sink.done();
+    let killed = Instant::now();
+    drop(esx_a);
+    let mut moved_on = None;
+    while !lift.is_finished() {
+        if moved_on.is_none() && sink.done() > done_at_kill {
+            moved_on = Some(killed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(killed.elapsed() < Duration::from_secs(180), "the lift ends");
+    }
+    let summary = lift.await.unwrap().expect("the edge resumes at esx-b by itself");
+    let said = sink.said.lock().unwrap().clone();
+    println!(
+        "esx-a killed at {done_at_kill} of {total} bytes; the migration moved on after {moved_on:?} \
+         (lease {LEASE_SECS} s, edge idle timeout 3 s); {} resumed, {} re-sent, {} failover(s); the edge said: {said:#?}",
+        summary.resumed_bytes, summary.resent_bytes, summary.failovers
+    );
+    assert_eq!(summary.endpoint, esx_b.quic.to_string(), "{summary:?}");
+    assert_eq!(summary.failovers, 1, "{summary:?}");
+    assert!(summary.resumed_bytes > 0, "resumed, not started again: {summary:?}");
+    assert!(images_identical(
+        &tmp.path().join("src/kv01.img"),
+        &domain.datastore.join("kv01/kv01-flat.vmdk")
+    ));
+    let verdict = edge_agent::receipt::verify(&receipt, &vmx, &domain.pki.trust_ca()).unwrap();
+    assert!(verdict.ok(), "{verdict}");
+    assert!(domain.staging_left().is_empty(), "{:?}", domain.staging_left());
+    // Registered once, by one migration that succeeded.
+    let inventory = domain.inventory();
+    let migrations = inventory.list_migrations().unwrap();
+    assert_eq!(migrations.len(), 1, "{migrations:?}");
+    assert_eq!(migrations[0].state, "SUCCEEDED", "{migrations:?}");
+    assert_eq!(vms_listed(&domain.pki, esx_b.api).await.len(), 1);
+    // esx-a comes back: it joins the domain and takes no lease it does not hold.
+    esx_a = domain.endpoint("esx-a");
+    assert_eq!(
+        vms_listed(&domain.pki, esx_a.api).await,
+        vms_listed(&domain.pki, esx_b.api).await
+    );
+    for host in ["esx-a", "esx-b"] {
+        let held = inventory
+            .leases_held_by(host, cloud_endpoint::inventory::LeaseClock::Database)
+            .unwrap();
+        assert!(held.is_empty(), "{host} holds {held:?}");
+    }
+    assert!(
+        !esx_a
+            .log()
+            .iter()
+            .any(|l| l.contains("interrupted by a restart") || l.contains("removed leftover")),
+        "{:#?}",
+        esx_a.log()
+    );
+}
+
+/// 24 lifts from 4 edges spread over three endpoints: every VM registered once and
+/// identical, every endpoint served some, every endpoint's API lists all 24.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_four_lifts_from_four_edges_spread_over_three_endpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let domain = std::sync::Arc::new(Domain::new(tmp.path()));
+    let endpoints = [
+        domain.endpoint("esx-a"),
+        domain.endpoint("esx-b"),
+        domain.endpoint("esx-c"),
+    ];
+    let quic: Vec<SocketAddr> = endpoints.iter().map(|e| e.quic).collect();
+    let edges: Vec<_> = (0..4)
+        .map(|edge| {
+            let (domain, quic, root) = (domain.clone(), quic.clone(), tmp.path().join(format!("edge-{edge}")));
+            tokio::task::spawn_blocking(move || {
+                (0..6)
+                    .map(|i| {
+                        let name = format!("e{edge}vm{i}");
+                        let dir = root.join(&name);
+                        let vmx = vm(&dir, &name, 1, (edge * 10 + i) as u64);
+                        // Each lift names all three, starting at a different one.
+                        let first = (edge + i) % 3;
+                        let order: Vec<SocketAddr> = (0..3).map(|k| quic[(first + k) % 3]).collect();
+                        let mut edge_cmd = migrate(&domain, &dir, &vmx, &order);
+                        let out = edge_cmd.output().expect("edge-agent runs");
+                        let s = summary(&out);
+                        (name, dir, s["endpoint"].as_str().unwrap_or_default().to_owned())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut lifted = Vec::new();
+    for edge in edges {
+        lifted.extend(edge.await.unwrap());
+    }
+    assert_eq!(lifted.len(), 24);
+    for (name, dir, _) in &lifted {
+        assert!(
+            images_identical(
+                &dir.join(format!("{name}.img")),
+                &domain.datastore.join(format!("{name}/{name}-flat.vmdk"))
+            ),
+            "{name}"
+        );
+    }
+    for endpoint in &quic {
+        let served = lifted.iter().filter(|(_, _, e)| *e == endpoint.to_string()).count();
+        assert!(served > 0, "endpoint {endpoint} served no lift: {lifted:?}");
+    }
+    let first = vms_listed(&domain.pki, endpoints[0].api).await;
+    assert_eq!(first.len(), 24, "{first:?}");
+    for endpoint in &endpoints[1..] {
+        assert_eq!(vms_listed(&domain.pki, endpoint.api).await, first);
+    }
+    let migrations = domain.inventory().list_migrations().unwrap();
+    assert_eq!(migrations.len(), 24);
+    assert!(migrations.iter().all(|m| m.state == "SUCCEEDED"), "{migrations:?}");
+    assert!(domain.staging_left().is_empty(), "{:?}", domain.staging_left());
 }
