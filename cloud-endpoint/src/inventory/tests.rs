@@ -1246,13 +1246,15 @@ fn endpoints_starting_together_on_an_empty_postgresql_database_all_start() {
 #[test]
 fn each_host_records_where_its_endpoint_answers_and_a_vm_names_its_host() {
     for_each_store(|db| {
-        let mut domain = DomainConfig::default();
-        domain.extra_hosts = vec![crate::config::HostConfig {
-            name: "esx-b".into(),
-            cpu_cores: 8,
-            memory_mib: 8192,
-            api_url: None,
-        }];
+        let domain = DomainConfig {
+            extra_hosts: vec![crate::config::HostConfig {
+                name: "esx-b".into(),
+                cpu_cores: 8,
+                memory_mib: 8192,
+                api_url: None,
+            }],
+            ..Default::default()
+        };
         let inv = db.open(&domain);
         let esx_b = inv
             .domain()
