@@ -598,6 +598,8 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          DROP TABLE chunk_index; DROP TABLE chunk_source; ALTER TABLE migration DROP COLUMN dedup_bytes;
          ALTER TABLE migration DROP COLUMN switchover_window;
          DROP TABLE migration_lease;
+         ALTER TABLE host DROP COLUMN api_url; ALTER TABLE host DROP COLUMN api_thumbprint;
+         ALTER TABLE host DROP COLUMN api_token;
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -665,6 +667,8 @@ fn upgrading_a_version_8_file_keeps_what_its_vmx_files_say() {
          DROP TABLE chunk_index; DROP TABLE chunk_source; ALTER TABLE migration DROP COLUMN dedup_bytes;
          ALTER TABLE migration DROP COLUMN switchover_window;
          DROP TABLE migration_lease;
+         ALTER TABLE host DROP COLUMN api_url; ALTER TABLE host DROP COLUMN api_thumbprint;
+         ALTER TABLE host DROP COLUMN api_token;
          PRAGMA user_version = 8;",
     )
     .unwrap();
