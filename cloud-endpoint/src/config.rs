@@ -1724,4 +1724,46 @@ mod tests {
         let shown = format!("{:?}", DomainConfig::default());
         assert!(!shown.contains(DEMO_PASSWORD), "{shown}");
     }
+
+    #[test]
+    fn the_hosts_api_url_is_an_https_address_or_comes_from_the_api_listener() {
+        let at = |addr: &str| Some(addr.parse::<SocketAddr>().unwrap());
+        let c = load_toml(PATHS, &[]).unwrap();
+        assert_eq!(
+            c.own_api_url(at("10.0.0.5:8443")).as_deref(),
+            Some("https://10.0.0.5:8443")
+        );
+        assert_eq!(
+            c.own_api_url(at("[fd00::5]:8443")).as_deref(),
+            Some("https://[fd00::5]:8443")
+        );
+        // Nobody can dial these: none is recorded.
+        assert_eq!(c.own_api_url(at("0.0.0.0:8443")), None);
+        assert_eq!(c.own_api_url(None), None);
+        let c = load_toml(
+            PATHS,
+            &[("CLOUD_ENDPOINT_DOMAIN__HOST__API_URL", "https://esx-a:8443/")],
+        )
+        .unwrap();
+        assert_eq!(c.own_api_url(at("0.0.0.0:8443")).as_deref(), Some("https://esx-a:8443"));
+        for bad in [
+            "http://esx-a:8443",
+            "esx-a:8443",
+            "https://esx-a:8443/api",
+            "https://",
+            "not a url",
+        ] {
+            let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_DOMAIN__HOST__API_URL", bad)]).unwrap_err();
+            assert!(err.to_string().contains("domain.host.api_url"), "{bad}: {err}");
+        }
+        let err = load_toml(
+            &format!("{PATHS}[domain]\nextra_hosts = [{{ name = \"esx-b\", cpu_cores = 2, memory_mib = 1024, api_url = \"https://esx-b:8443\" }}]\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("esx-b") && err.to_string().contains("domain.host.api_url"),
+            "{err}"
+        );
+    }
 }
