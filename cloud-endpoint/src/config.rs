@@ -274,6 +274,13 @@ pub struct HostConfig {
     pub name: String,
     pub cpu_cores: u32,
     pub memory_mib: u64,
+    /// Only `domain.host`'s: where the other endpoints of a scale-out domain reach this
+    /// one's API (`https://esx-a.cloud.internal:8443`), to have it serve the power
+    /// operations and consoles of the VMs on its host. Default: `https://` and the
+    /// address the API listens on, unless that is 0.0.0.0 or [::] (then none, and the
+    /// other endpoints answer that this host's endpoint has no address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -440,6 +447,7 @@ impl Default for HostConfig {
             name: "esx-cloud-01.local".to_owned(),
             cpu_cores: 32,
             memory_mib: 262_144,
+            api_url: None,
         }
     }
 }
@@ -628,6 +636,16 @@ pub enum ConfigError {
 
     #[error("`{key}` is 0 ({origin}); it must be at least 1 (0 would refuse every edge)")]
     ZeroTransportLimit { key: &'static str, origin: String },
+
+    #[error("`domain.host.api_url` is {url:?} ({origin}): {reason}; give the https URL the other endpoints reach this one's API at, e.g. \"https://esx-a.cloud.internal:8443\"")]
+    BadApiUrl {
+        url: String,
+        reason: &'static str,
+        origin: String,
+    },
+
+    #[error("`domain.extra_hosts` gives host {name:?} an `api_url` ({origin}); only an endpoint's own host records its address: set `domain.host.api_url` in the config of {name:?}'s endpoint")]
+    ExtraHostApiUrl { name: String, origin: String },
 }
 
 impl From<figment::Error> for ConfigError {
@@ -792,6 +810,7 @@ impl Config {
             }
         }
         self.validate_placement_objects(figment)?;
+        self.validate_api_url(figment)?;
         let origin_networks = || origin(figment, "domain.networks");
         if d.networks.is_empty() {
             return Err(ConfigError::NoNetworks {
@@ -852,6 +871,49 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// `domain.host.api_url` is an https URL with a host and nothing after the port, and
+    /// no extra host has one.
+    fn validate_api_url(&self, figment: &Figment) -> Result<(), ConfigError> {
+        if let Some(host) = self.domain.extra_hosts.iter().find(|h| h.api_url.is_some()) {
+            return Err(ConfigError::ExtraHostApiUrl {
+                name: host.name.clone(),
+                origin: origin(figment, "domain.extra_hosts"),
+            });
+        }
+        let Some(url) = &self.domain.host.api_url else {
+            return Ok(());
+        };
+        let reason = match url.parse::<axum::http::Uri>() {
+            Err(_) => Some("not a URL"),
+            Ok(uri) if uri.scheme_str() != Some("https") => Some("not https (the API speaks HTTPS only)"),
+            Ok(uri) if uri.host().is_none_or(str::is_empty) => Some("it names no host"),
+            Ok(uri) if !matches!(uri.path(), "" | "/") || uri.query().is_some() => {
+                Some("it has a path or query; the endpoint adds its own")
+            }
+            Ok(_) => None,
+        };
+        match reason {
+            None => Ok(()),
+            Some(reason) => Err(ConfigError::BadApiUrl {
+                url: url.clone(),
+                reason,
+                origin: origin(figment, "domain.host.api_url"),
+            }),
+        }
+    }
+
+    /// Where the other endpoints reach this one's API (`domain.host.api_url`), given the
+    /// address its API is bound to: the configured URL, else `https://` and that address
+    /// when it names one (not 0.0.0.0 or [::], which no peer can dial).
+    pub fn own_api_url(&self, api_bound: Option<SocketAddr>) -> Option<String> {
+        if let Some(url) = &self.domain.host.api_url {
+            return Some(url.trim_end_matches('/').to_owned());
+        }
+        api_bound
+            .filter(|addr| !addr.ip().is_unspecified() && addr.port() != 0)
+            .map(|addr| format!("https://{addr}"))
     }
 
     /// Names of hosts, datastores, folders and pools: not empty, unique in their kind
@@ -1025,6 +1087,10 @@ networks = ["VM Network", "cloud-web", "cloud-db"]
 name = "esx-cloud-01.local"
 cpu_cores = 32
 memory_mib = 262144
+# Where the other endpoints of a scale-out domain (`database_url`) reach this one's API,
+# to have it power on, off or reset, and show the console of, the VMs on its host.
+# Default: https:// and the `api_listen` address, unless that is 0.0.0.0 or [::].
+# api_url = "https://esx-cloud-01.local:8443"
 
 [domain.datastore]
 name = "cloud-ds1"
@@ -1682,5 +1748,47 @@ mod tests {
     fn debug_output_hides_passwords() {
         let shown = format!("{:?}", DomainConfig::default());
         assert!(!shown.contains(DEMO_PASSWORD), "{shown}");
+    }
+
+    #[test]
+    fn the_hosts_api_url_is_an_https_address_or_comes_from_the_api_listener() {
+        let at = |addr: &str| Some(addr.parse::<SocketAddr>().unwrap());
+        let c = load_toml(PATHS, &[]).unwrap();
+        assert_eq!(
+            c.own_api_url(at("10.0.0.5:8443")).as_deref(),
+            Some("https://10.0.0.5:8443")
+        );
+        assert_eq!(
+            c.own_api_url(at("[fd00::5]:8443")).as_deref(),
+            Some("https://[fd00::5]:8443")
+        );
+        // Nobody can dial these: none is recorded.
+        assert_eq!(c.own_api_url(at("0.0.0.0:8443")), None);
+        assert_eq!(c.own_api_url(None), None);
+        let c = load_toml(
+            PATHS,
+            &[("CLOUD_ENDPOINT_DOMAIN__HOST__API_URL", "https://esx-a:8443/")],
+        )
+        .unwrap();
+        assert_eq!(c.own_api_url(at("0.0.0.0:8443")).as_deref(), Some("https://esx-a:8443"));
+        for bad in [
+            "http://esx-a:8443",
+            "esx-a:8443",
+            "https://esx-a:8443/api",
+            "https://",
+            "not a url",
+        ] {
+            let err = load_toml(PATHS, &[("CLOUD_ENDPOINT_DOMAIN__HOST__API_URL", bad)]).unwrap_err();
+            assert!(err.to_string().contains("domain.host.api_url"), "{bad}: {err}");
+        }
+        let err = load_toml(
+            &format!("{PATHS}[domain]\nextra_hosts = [{{ name = \"esx-b\", cpu_cores = 2, memory_mib = 1024, api_url = \"https://esx-b:8443\" }}]\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("esx-b") && err.to_string().contains("domain.host.api_url"),
+            "{err}"
+        );
     }
 }

@@ -78,6 +78,8 @@ pub enum EndpointError {
     Revoked(#[from] server::revoked::RevokedError),
     #[error("cannot find the VMs that ran before the restart again: {0}")]
     Hosts(#[from] hosts::HostError),
+    #[error("cannot record where the other endpoints of the domain reach this one: {0}")]
+    Announce(#[source] hosts::HostError),
     #[error(
         "refusing to serve on {addresses}, which is not loopback, while {users} still have the published demo \
          password; give each user its own password in the config file's [[domain.users]] (`cloud-endpoint \
@@ -223,6 +225,11 @@ impl Endpoint {
             }
         }
         let endpoint_name = format!("{} ({})", config.domain.host.name, certs::Thumbprint::of_der(&chain[0]));
+        let this_host = hosts::peers::this_host(
+            &inventory,
+            &config.domain.host.name,
+            certs::Thumbprint::of_der(&chain[0]),
+        )?;
         Ok(Endpoint {
             domain: Arc::new(Domain {
                 inventory,
@@ -232,7 +239,8 @@ impl Endpoint {
                 receipts,
                 live: Default::default(),
                 hosts: hosts::Hosts::new(config.domain.host.memory_mib, config.domain.host.cpu_cores)
-                    .with_qemu_user(&config.qemu_user),
+                    .with_qemu_user(&config.qemu_user)
+                    .on_host(this_host),
                 logins: logins::Logins::new(&config.logins),
                 revoked_edges,
                 health: Default::default(),
@@ -261,6 +269,12 @@ impl Endpoint {
         metrics_listener: Option<tokio::net::TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), EndpointError> {
+        // Before serving: peers call this run's address and token from here on.
+        let api_bound = api_listener.as_ref().map(|l| l.local_addr().ok());
+        let api_url = api_bound.and_then(|bound| self.config.own_api_url(bound));
+        hosts::peers::announce(&self.domain, api_url)
+            .await
+            .map_err(EndpointError::Announce)?;
         // VMs left running by the previous run are this run's again (or POWERED_OFF).
         hosts::Hosts::recover(&self.domain).await?;
         hosts::test_boot::remove_leftovers(&self.domain).await;

@@ -41,6 +41,20 @@ pub enum ErrorKind {
     Error,
 }
 
+const ALL_KINDS: [ErrorKind; 11] = [
+    ErrorKind::InvalidArgument,
+    ErrorKind::Unauthenticated,
+    ErrorKind::Unauthorized,
+    ErrorKind::NotFound,
+    ErrorKind::OperationNotFound,
+    ErrorKind::UnableToAllocateResource,
+    ErrorKind::AlreadyInDesiredState,
+    ErrorKind::NotAllowedInCurrentState,
+    ErrorKind::TimedOut,
+    ErrorKind::ServiceUnavailable,
+    ErrorKind::Error,
+];
+
 impl ErrorKind {
     /// `error_type` as vAPI spells it.
     pub fn error_type(self) -> &'static str {
@@ -57,6 +71,14 @@ impl ErrorKind {
             ErrorKind::ServiceUnavailable => "SERVICE_UNAVAILABLE",
             ErrorKind::Error => "ERROR",
         }
+    }
+
+    /// The kind whose `error_type` is `text` (a peer endpoint's answer); ERROR if none.
+    pub fn of_error_type(text: &str) -> ErrorKind {
+        ALL_KINDS
+            .into_iter()
+            .find(|k| k.error_type() == text)
+            .unwrap_or(ErrorKind::Error)
     }
 
     /// The message id / error structure name, e.g. `com.vmware.vapi.std.errors.not_found`.
@@ -178,6 +200,15 @@ impl From<HostError> for ApiError {
                 ErrorKind::NotAllowedInCurrentState
             }
             HostError::Memory { .. } | HostError::Cpus { .. } => ErrorKind::UnableToAllocateResource,
+            // Another endpoint runs the VM's host and cannot be asked now: the client may
+            // try again once the operator has acted on the message.
+            HostError::NoPeer { .. } | HostError::PeerUnreachable { .. } => ErrorKind::ServiceUnavailable,
+            HostError::OtherHost { .. } => ErrorKind::NotAllowedInCurrentState,
+            // The peer's answer, as it gave it: the client sees what the VM's host said.
+            HostError::Peer {
+                error_type, message, ..
+            } => return ApiError::new(ErrorKind::of_error_type(error_type), message.clone()),
+            HostError::Io { .. } => return ApiError::internal("the host could not read or write the VM's files", &e),
             // The operator of the endpoint must act; the message names the package.
             HostError::Qemu(QemuError::NotInstalled { .. } | QemuError::BadBinary { .. }) => {
                 tracing::error!(error = %e, "API: cannot power on");
@@ -255,6 +286,23 @@ mod tests {
             })
         );
         assert_eq!(e.kind.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn a_peers_error_keeps_its_kind() {
+        for kind in ALL_KINDS {
+            assert_eq!(ErrorKind::of_error_type(kind.error_type()), kind);
+        }
+        let e = ApiError::from(HostError::Peer {
+            host: "esx-a".into(),
+            error_type: "ALREADY_IN_DESIRED_STATE".into(),
+            message: "VM vm-14 is already POWERED_ON".into(),
+        });
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (ErrorKind::AlreadyInDesiredState, "VM vm-14 is already POWERED_ON")
+        );
+        assert_eq!(ErrorKind::of_error_type("SOMETHING_NEW"), ErrorKind::Error);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!           finding running VMs again after a restart
 //! spec.rs   an inventory VM as a gateway::qemu::MachineSpec; its runtime files
 //! test_boot.rs  disposable copies of replicas, booted while the syncs go on
+//! peers.rs  a scale-out domain's other endpoints: which one runs a VM, and calling it
 //! ```
 //!
 //! The inventory's `power_state` follows the processes: POWERED_ON once QEMU runs,
@@ -16,8 +17,15 @@
 //! vCenter restarts: QEMU runs in its own process group, and the VM folder keeps its
 //! QMP socket and pid file. On start, [`Hosts::recover`] finds each VM the inventory
 //! says is POWERED_ON again by that pid and socket, or marks it POWERED_OFF.
+//!
+//! In a scale-out domain each endpoint is one host and runs only the VMs placed on it:
+//! [`Hosts::power`] and [`Hosts::console`] hand another host's VM to its endpoint
+//! ([`peers`]), and the local operations refuse it.
 
 pub mod confine;
+pub mod peers;
+#[cfg(test)]
+mod scale_out_tests;
 mod spec;
 pub mod test_boot;
 
@@ -28,7 +36,8 @@ use std::time::Duration;
 
 use gateway::qemu::{QemuBinary, QemuError, QemuProcess};
 
-pub use spec::{machine_spec, resolve_datastore_path, VmFiles};
+pub use peers::{PowerOp, ThisHost};
+pub use spec::{machine_spec, resolve_datastore_path, tail, VmFiles};
 
 use crate::inventory::{InventoryError, VmRecord};
 use crate::Domain;
@@ -80,6 +89,29 @@ pub enum HostError {
     TestBoot { migration: String, reason: String },
     #[error("an endpoint worker failed: {0}")]
     Worker(String),
+    #[error(
+        "VM {vm} is placed on host {host}, which another endpoint of the domain runs; this endpoint runs host \
+         {this}'s VMs only: ask the endpoint of {host}"
+    )]
+    OtherHost { vm: String, host: String, this: String },
+    #[error("VM {vm} runs on host {host}, and its endpoint cannot be asked: {reason}")]
+    NoPeer {
+        vm: String,
+        host: String,
+        reason: &'static str,
+    },
+    #[error(
+        "the endpoint of host {host} at {url} cannot be reached ({reason}); check that it runs and that this \
+         endpoint reaches {url} (that endpoint's `domain.host.api_url`)"
+    )]
+    PeerUnreachable { host: String, url: String, reason: String },
+    /// The peer's own answer (its REST error type and message), passed on.
+    #[error("the endpoint of host {host} answered: {message}")]
+    Peer {
+        host: String,
+        error_type: String,
+        message: String,
+    },
     #[error(transparent)]
     Qemu(#[from] QemuError),
     #[error(transparent)]
@@ -100,6 +132,17 @@ pub enum HostError {
         above: std::path::PathBuf,
         mode: String,
     },
+}
+
+impl HostError {
+    /// The VM is in the state asked for already, whether this host or a peer said so.
+    pub fn already_in_state(&self) -> bool {
+        match self {
+            HostError::AlreadyInState { .. } => true,
+            HostError::Peer { error_type, .. } => error_type == "ALREADY_IN_DESIRED_STATE",
+            _ => false,
+        }
+    }
 }
 
 /// A VM whose QEMU runs.
@@ -130,6 +173,8 @@ pub struct Hosts {
     reserved_mib: Arc<std::sync::Mutex<u64>>,
     /// Test boots of replicas, by migration id (see [`test_boot`]).
     test_boots: tokio::sync::Mutex<HashMap<String, test_boot::TestBoot>>,
+    /// Which host of the domain this endpoint is, and whether others share it.
+    this: ThisHost,
 }
 
 /// Memory held for a live migration's destination; given back when dropped (the VM was
@@ -154,6 +199,18 @@ impl Hosts {
         self
     }
 
+    /// This endpoint is host `this` of its domain (see [`peers`]); without it, an
+    /// endpoint runs every VM of the inventory.
+    pub fn on_host(mut self, this: ThisHost) -> Hosts {
+        self.this = this;
+        self
+    }
+
+    /// Which host of the domain this endpoint is.
+    pub fn this(&self) -> &ThisHost {
+        &self.this
+    }
+
     /// The QEMU process of a running VM (QMP, for tools and tests).
     pub async fn process(&self, vm: &str) -> Option<Arc<QemuProcess>> {
         self.running.lock().await.get(vm).map(|r| r.process.clone())
@@ -170,6 +227,7 @@ impl Hosts {
             qemu_user: confine::DEFAULT_QEMU_USER.to_owned(),
             reserved_mib: Default::default(),
             test_boots: Default::default(),
+            this: ThisHost::default(),
         }
     }
 
@@ -200,7 +258,7 @@ impl Hosts {
     pub async fn power_on(domain: &Arc<Domain>, vm_id: &str) -> Result<(), HostError> {
         let hosts = &domain.hosts;
         let mut running = hosts.running.lock().await;
-        let vm = load_vm(domain, vm_id).await?;
+        let vm = load_own_vm(domain, vm_id).await?;
         if running.contains_key(vm_id) {
             return Err(HostError::AlreadyInState {
                 vm: vm_id.to_owned(),
@@ -280,7 +338,7 @@ impl Hosts {
     /// after a grace period. The VM is POWERED_OFF when this returns.
     pub async fn power_off(domain: &Arc<Domain>, vm_id: &str) -> Result<(), HostError> {
         let mut running = domain.hosts.running.lock().await;
-        load_vm(domain, vm_id).await?;
+        load_own_vm(domain, vm_id).await?;
         let Some(run) = running.remove(vm_id) else {
             return Err(HostError::AlreadyInState {
                 vm: vm_id.to_owned(),
@@ -300,7 +358,7 @@ impl Hosts {
     /// Resets a running VM (QMP `system_reset`), as the reset button does.
     pub async fn reset(domain: &Arc<Domain>, vm_id: &str) -> Result<(), HostError> {
         let running = domain.hosts.running.lock().await;
-        load_vm(domain, vm_id).await?;
+        load_own_vm(domain, vm_id).await?;
         let Some(run) = running.get(vm_id) else {
             return Err(HostError::NotRunning {
                 vm: vm_id.to_owned(),
@@ -315,15 +373,22 @@ impl Hosts {
         Ok(())
     }
 
-    /// After a restart: each VM the inventory shows POWERED_ON is found again by the pid
-    /// file and QMP socket in its folder, or, its QEMU gone, marked POWERED_OFF.
+    /// After a restart: each VM of this host the inventory shows POWERED_ON is found
+    /// again by the pid file and QMP socket in its folder, or, its QEMU gone, marked
+    /// POWERED_OFF. Another host's VMs are its endpoint's: their files are on the shared
+    /// datastore too, and marking them off or attaching to their QEMU would take them
+    /// from it.
     pub async fn recover(domain: &Arc<Domain>) -> Result<(), HostError> {
         let d = domain.clone();
         let vms = tokio::task::spawn_blocking(move || d.inventory.list_vms())
             .await
             .map_err(|e| HostError::Worker(e.to_string()))??;
         let mut running = domain.hosts.running.lock().await;
-        for vm in vms.into_iter().filter(|vm| vm.power_state == POWERED_ON) {
+        let this = &domain.hosts.this;
+        for vm in vms
+            .into_iter()
+            .filter(|vm| vm.power_state == POWERED_ON && this.runs(&vm.host))
+        {
             let files = VmFiles::of_vm(domain, &vm);
             let attached = match files.read_pid() {
                 Some(pid) => QemuProcess::attach(pid, &files.qmp_socket).await.ok(),
@@ -466,6 +531,88 @@ fn watch(domain: Arc<Domain>, vm_id: String, process: Arc<QemuProcess>, generati
             tracing::error!(vm = %vm_id, error = %e, "cannot record POWERED_OFF");
         }
     });
+}
+
+impl Hosts {
+    /// Powers VM `vm_id` on, off or resets it, on this host or, when another endpoint
+    /// runs its host, through that one; `on_behalf` (a user, a migration) goes into that
+    /// endpoint's log.
+    pub async fn power(domain: &Arc<Domain>, vm_id: &str, op: PowerOp, on_behalf: &str) -> Result<(), HostError> {
+        match route_of(domain, vm_id).await? {
+            peers::Route::Here => Hosts::power_here(domain, vm_id, op).await,
+            peers::Route::Peer(peer) => {
+                tracing::info!(vm = %vm_id, host = %peer.host, url = %peer.url, op = op.action(), "power operation forwarded to the VM's host");
+                peer.power(vm_id, op, &domain.hosts.this, on_behalf).await
+            }
+        }
+    }
+
+    /// [`Hosts::power`] on this host only (a peer forwarded it: never again).
+    pub async fn power_here(domain: &Arc<Domain>, vm_id: &str, op: PowerOp) -> Result<(), HostError> {
+        match op {
+            PowerOp::On => Hosts::power_on(domain, vm_id).await,
+            PowerOp::Off => Hosts::power_off(domain, vm_id).await,
+            PowerOp::Reset => Hosts::reset(domain, vm_id).await,
+        }
+    }
+
+    /// The last `bytes` of VM `vm_id`'s serial console, read here or by the endpoint of
+    /// its host: the log is written where QEMU runs (on a shared datastore the file
+    /// might be readable from here too, but its host decides what it holds).
+    pub async fn console(domain: &Arc<Domain>, vm_id: &str, bytes: u64, on_behalf: &str) -> Result<Vec<u8>, HostError> {
+        match route_of(domain, vm_id).await? {
+            peers::Route::Here => Hosts::console_here(domain, vm_id, bytes).await,
+            peers::Route::Peer(peer) => peer.console(vm_id, bytes, &domain.hosts.this, on_behalf).await,
+        }
+    }
+
+    /// [`Hosts::console`] on this host only.
+    pub async fn console_here(domain: &Arc<Domain>, vm_id: &str, bytes: u64) -> Result<Vec<u8>, HostError> {
+        let vm = load_own_vm(domain, vm_id).await?;
+        let path = VmFiles::of_vm(domain, &vm).console_log;
+        let read = path.clone();
+        tokio::task::spawn_blocking(move || tail(&read, bytes))
+            .await
+            .map_err(|e| HostError::Worker(e.to_string()))?
+            .map_err(|source| HostError::Io { path, source })
+    }
+}
+
+/// Who serves VM `vm_id`: this endpoint or its host's (see [`peers::route`]).
+async fn route_of(domain: &Arc<Domain>, vm_id: &str) -> Result<peers::Route, HostError> {
+    if !domain.hosts.this.shared {
+        return Ok(peers::Route::Here);
+    }
+    let d = domain.clone();
+    let id = vm_id.to_owned();
+    let host = tokio::task::spawn_blocking(move || d.inventory.vm_host(&id))
+        .await
+        .map_err(|e| HostError::Worker(e.to_string()))??
+        .ok_or_else(|| HostError::NotFound(vm_id.to_owned()))?;
+    peers::route(&domain.hosts.this, vm_id, &host)
+}
+
+/// The VM, if this endpoint runs its host (always, for a single endpoint).
+async fn load_own_vm(domain: &Arc<Domain>, vm_id: &str) -> Result<VmRecord, HostError> {
+    let vm = load_vm(domain, vm_id).await?;
+    let this = &domain.hosts.this;
+    if !this.runs(&vm.host) {
+        let d = domain.clone();
+        let host_id = vm.host.clone();
+        let host = tokio::task::spawn_blocking(move || d.inventory.domain())
+            .await
+            .map_err(|e| HostError::Worker(e.to_string()))??
+            .hosts
+            .into_iter()
+            .find(|h| h.id == host_id)
+            .map_or(host_id, |h| h.name);
+        return Err(HostError::OtherHost {
+            vm: vm_id.to_owned(),
+            host,
+            this: this.name.clone(),
+        });
+    }
+    Ok(vm)
 }
 
 async fn load_vm(domain: &Arc<Domain>, vm_id: &str) -> Result<VmRecord, HostError> {

@@ -91,6 +91,24 @@ impl VmFiles {
     }
 }
 
+/// The last `bytes` of a console log; nothing if there is none yet.
+pub fn tail(path: &Path, bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(bytes)))?;
+        let mut out = Vec::new();
+        // The log grows while we read: stop at what was asked for.
+        f.take(bytes).read_to_end(&mut out)?;
+        Ok(out)
+    };
+    match read() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        result => result,
+    }
+}
+
 /// `[datastore] folder/file` to a path under the datastore's root. Only this datastore,
 /// and only paths that stay under its root.
 pub fn resolve_datastore_path(datastore: &Datastore, path: &str) -> Result<PathBuf, HostError> {

@@ -28,6 +28,9 @@ use crate::Domain;
 /// The folder under the default datastore that holds the test boots, one folder each.
 pub const TEST_BOOT_FOLDER: &str = ".testboot";
 
+/// The file in a test boot's folder naming the host (`domain.host.name`) that runs it.
+const HOST_MARKER: &str = "host";
+
 /// What the API shows of a test boot.
 #[derive(Debug, Clone, Serialize)]
 pub struct TestBootInfo {
@@ -205,6 +208,9 @@ fn prepare(
             .mode(0o700)
             .create(&dir)
             .map_err(io_err(&dir))?;
+        // The datastore may be shared: a later start cleans its own host's test boots only.
+        let marker = dir.join(HOST_MARKER);
+        std::fs::write(&marker, &domain.hosts.this().name).map_err(io_err(&marker))?;
     }
     let copied = replica
         .disks
@@ -324,13 +330,25 @@ impl super::Hosts {
 
 /// Removes the test boots a stopped or crashed endpoint left: their QEMU (found by the
 /// pid file and QMP socket in their folder, so never another process) and their copy.
+///
+/// When other endpoints share the datastore, only this host's: another endpoint's test
+/// boot runs on, and one without a marker (being prepared, or left by an older build)
+/// cannot be told apart from it.
 pub async fn remove_leftovers(domain: &Domain) {
     let root = domain.datastore.root().join(TEST_BOOT_FOLDER);
     let Ok(entries) = std::fs::read_dir(&root) else {
         return;
     };
+    let this = domain.hosts.this();
     for entry in entries.flatten() {
         let dir = entry.path();
+        if this.shared {
+            let host = std::fs::read_to_string(dir.join(HOST_MARKER)).ok();
+            if host.as_deref().map(str::trim) != Some(this.name.as_str()) {
+                tracing::debug!(folder = %dir.display(), host = ?host, "a test boot of another host: left to its endpoint");
+                continue;
+            }
+        }
         let pid = std::fs::read_to_string(dir.join("pid"))
             .ok()
             .and_then(|p| p.trim().parse::<u32>().ok());

@@ -12,6 +12,8 @@
 
 mod chunks;
 mod firewall;
+mod hosts;
+pub use hosts::{HostApi, VmHost};
 mod leases;
 pub use leases::LeaseClock;
 mod migrations;

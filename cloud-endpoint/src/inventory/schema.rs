@@ -10,7 +10,7 @@ use super::InventoryError;
 use crate::store_params;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13, V14];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -359,6 +359,16 @@ CREATE TABLE migration_lease (
 ) STRICT;
 "#;
 
+/// Where each host's endpoint answers the others (see `hosts::peers`): its API's URL,
+/// the SHA-256 thumbprint of its certificate (pinned by the endpoint that calls it) and
+/// the token it accepts from its peers, renewed at each start. Empty until an endpoint
+/// of that host has started with this build.
+const V14: &str = r#"
+ALTER TABLE host ADD COLUMN api_url TEXT;
+ALTER TABLE host ADD COLUMN api_thumbprint TEXT;
+ALTER TABLE host ADD COLUMN api_token TEXT;
+"#;
+
 /// Applies the missing steps of either engine. Refuses a database written by a newer build.
 pub(super) fn upgrade(store: &Store) -> Result<(), InventoryError> {
     match store {
@@ -395,7 +405,7 @@ fn upgrade_sqlite(conn: &mut Connection) -> Result<(), InventoryError> {
 /// a database of either engine at version N has the same tables and columns. PostgreSQL
 /// started at version 11, so its first step is the whole schema of SQLite's steps 1 to
 /// 11; every later step is written for both engines.
-pub(super) const PG_STEPS: &[(i64, &str)] = &[(11, PG_V11), (12, PG_V12), (13, PG_V13)];
+pub(super) const PG_STEPS: &[(i64, &str)] = &[(11, PG_V11), (12, PG_V12), (13, PG_V13), (14, PG_V14)];
 
 /// SQLite's steps 1 to 11 in PostgreSQL's words: `BIGINT` for every integer (the store
 /// reads integers as 64-bit), `BYTEA` for blobs, an identity column where SQLite had a
@@ -651,6 +661,12 @@ CREATE TABLE migration_lease (
     epoch BIGINT NOT NULL CHECK (epoch > 0),
     expires_ms BIGINT NOT NULL
 );
+"#;
+
+const PG_V14: &str = r#"
+ALTER TABLE host ADD COLUMN api_url TEXT;
+ALTER TABLE host ADD COLUMN api_thumbprint TEXT;
+ALTER TABLE host ADD COLUMN api_token TEXT;
 "#;
 
 /// An arbitrary key for the advisory lock under which one endpoint upgrades the schema

@@ -598,6 +598,8 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          DROP TABLE chunk_index; DROP TABLE chunk_source; ALTER TABLE migration DROP COLUMN dedup_bytes;
          ALTER TABLE migration DROP COLUMN switchover_window;
          DROP TABLE migration_lease;
+         ALTER TABLE host DROP COLUMN api_url; ALTER TABLE host DROP COLUMN api_thumbprint;
+         ALTER TABLE host DROP COLUMN api_token;
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -665,6 +667,8 @@ fn upgrading_a_version_8_file_keeps_what_its_vmx_files_say() {
          DROP TABLE chunk_index; DROP TABLE chunk_source; ALTER TABLE migration DROP COLUMN dedup_bytes;
          ALTER TABLE migration DROP COLUMN switchover_window;
          DROP TABLE migration_lease;
+         ALTER TABLE host DROP COLUMN api_url; ALTER TABLE host DROP COLUMN api_thumbprint;
+         ALTER TABLE host DROP COLUMN api_token;
          PRAGMA user_version = 8;",
     )
     .unwrap();
@@ -815,6 +819,7 @@ fn placement_objects_added_to_the_config_join_an_existing_inventory() {
                 name: "esx-02".into(),
                 cpu_cores: 8,
                 memory_mib: 8192,
+                api_url: None,
             }],
             extra_datastores: vec![crate::config::ExtraDatastoreConfig {
                 name: "ds2".into(),
@@ -1329,4 +1334,71 @@ fn endpoints_starting_together_on_an_empty_postgresql_database_all_start() {
     let mut hosts: Vec<String> = inv.domain().unwrap().hosts.into_iter().map(|h| h.name).collect();
     hosts.sort();
     assert_eq!(hosts, ["esx-a", "esx-b", "esx-c"]);
+}
+
+#[test]
+fn each_host_records_where_its_endpoint_answers_and_a_vm_names_its_host() {
+    for_each_store(|db| {
+        let domain = DomainConfig {
+            extra_hosts: vec![crate::config::HostConfig {
+                name: "esx-b".into(),
+                cpu_cores: 8,
+                memory_mib: 8192,
+                api_url: None,
+            }],
+            ..Default::default()
+        };
+        let inv = db.open(&domain);
+        let esx_b = inv
+            .domain()
+            .unwrap()
+            .hosts
+            .into_iter()
+            .find(|h| h.name == "esx-b")
+            .unwrap();
+        let mid = inv.begin_migration(&operator(), "edge", "web01", 1).unwrap();
+        let mut vm = new_vm(&inv, "web01");
+        vm.placement.host = Some(esx_b.id.clone());
+        let vm = inv.register_vm(&mid, &vm, fake_receipt).unwrap().vm_id;
+        // No endpoint of esx-b has started: nothing recorded.
+        let unrecorded = VmHost {
+            id: esx_b.id.clone(),
+            name: "esx-b".into(),
+            api: None,
+        };
+        assert_eq!(inv.vm_host(&vm).unwrap(), Some(unrecorded));
+        assert_eq!(inv.vm_host("vm-999").unwrap(), None);
+        // Its endpoint starts, then starts again with a new token and no address.
+        let first = HostApi {
+            url: Some("https://esx-b.cloud.internal:8443".into()),
+            thumbprint: certs::Thumbprint::from([0xab; 32]).to_string(),
+            token: "first".into(),
+        };
+        assert!(inv.record_host_api("esx-b", &first).unwrap());
+        assert_eq!(inv.vm_host(&vm).unwrap().unwrap().api, Some(first.clone()));
+        let again = HostApi {
+            url: None,
+            token: "again".into(),
+            ..first
+        };
+        assert!(inv.record_host_api("esx-b", &again).unwrap());
+        assert_eq!(inv.vm_host(&vm).unwrap().unwrap().api, Some(again));
+        assert_eq!(inv.host_api_url("esx-b").unwrap(), None);
+        // A single endpoint whose stored host has another name: nothing to record.
+        assert!(!inv.record_host_api("esx-renamed", &first_of("x")).unwrap());
+        // The next start keeps what was recorded (the schema step runs once).
+        drop(inv);
+        assert_eq!(
+            db.open(&domain).vm_host(&vm).unwrap().unwrap().api.unwrap().token,
+            "again"
+        );
+    });
+}
+
+fn first_of(token: &str) -> HostApi {
+    HostApi {
+        url: None,
+        thumbprint: String::new(),
+        token: token.into(),
+    }
 }

@@ -13,7 +13,7 @@ mod tls;
 pub use congestion::{BdpConfig, BdpController};
 pub use io::{ControlReader, ControlWriter, DataReader, DataWriter};
 pub use rate::{Rate, RateLimit, CAP_WINDOW, MIN_CAP_WINDOW};
-pub use tls::{client_crypto, server_crypto, Identity, ServerTrust};
+pub use tls::{client_crypto, pinned_https_client, server_crypto, Identity, ServerTrust};
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;

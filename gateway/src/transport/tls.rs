@@ -95,6 +95,27 @@ pub fn client_crypto(identity: Identity, trust: ServerTrust) -> Result<rustls::C
     Ok(config)
 }
 
+/// rustls client configuration for one cloud endpoint calling another's HTTPS API (a
+/// scale-out domain's VM is powered on by its host's endpoint): the peer's certificate
+/// thumbprint, which the peer recorded in the shared inventory, is pinned; no client
+/// certificate (a token the peer recorded there authenticates the caller); HTTP/1.1.
+pub fn pinned_https_client(pin: Thumbprint) -> Result<rustls::ClientConfig, TransportError> {
+    let provider = provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+            pin,
+            ca: None,
+            algorithms: provider.signature_verification_algorithms,
+        }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.enable_early_data = false;
+    Ok(config)
+}
+
 /// rustls server configuration for a cloud endpoint: only clients whose
 /// certificate chains to one of `edge_cas` get in.
 pub fn server_crypto(

@@ -7,6 +7,7 @@
 //! session in their body, and `api::vapi` holds them to the same rule.
 
 mod hardware;
+mod peer;
 mod query;
 mod session;
 mod vcenter;
@@ -90,6 +91,8 @@ fn api_router(state: ApiState) -> Router {
             get(vcenter::get_power).post(vcenter::change_power),
         )
         .route("/api/gateway/vms/{vm}/console", get(vcenter::get_console))
+        .route("/api/gateway/peer/vms/{vm}/power", post(peer::power))
+        .route("/api/gateway/peer/vms/{vm}/console", get(peer::console))
         .route("/api/gateway/plans", post(vcenter::check_plan))
         .route("/api/gateway/security", get(session::security))
         .route("/api/gateway/session", get(session::whoami))
@@ -111,11 +114,13 @@ fn api_router(state: ApiState) -> Router {
 /// or session travel in the body and are checked by `api::vapi`, the metrics, which
 /// take a session or a bearer token (`api::metrics`), and the dashboard's files, which
 /// hold no data (they log in and read the rest through this API). The SOAP API at
-/// `/sdk` checks its own sessions (`api::soap`), with its own cookie.
+/// `/sdk` checks its own sessions (`api::soap`), with its own cookie. Another endpoint
+/// of the domain calls `/api/gateway/peer/` with a token of its own (`rest::peer`).
 fn is_public(method: &Method, path: &str) -> bool {
     (method == Method::POST && (path == "/api/session" || path == "/api"))
         || path == "/sdk"
         || path.starts_with("/sdk/")
+        || path.starts_with(crate::hosts::peers::PEER_PATH)
         || (method == Method::GET && path == "/metrics")
         || super::dashboard::is_asset(method, path)
 }

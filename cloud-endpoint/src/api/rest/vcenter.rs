@@ -326,8 +326,7 @@ pub async fn get_console(
     RawQuery(query): RawQuery,
 ) -> Result<axum::response::Response, ApiError> {
     let bytes = power::console_bytes(query.as_deref())?;
-    let principal = ctx.principal().clone();
-    let out = blocking(&state.domain, move |d| power::console(d, &principal, &vm, bytes)).await?;
+    let out = power::console(&state.domain, ctx.principal(), &vm, bytes).await?;
     Ok(axum::response::IntoResponse::into_response((
         [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         String::from_utf8_lossy(&out).into_owned(),

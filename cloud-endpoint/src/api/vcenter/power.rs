@@ -5,8 +5,10 @@
 //! MigrationOperator): a console shows what the guest prints, secrets included, so
 //! ReadOnly users see the power state only, as vSphere's VirtualMachine.Interact
 //! privileges do.
+//!
+//! In a scale-out domain the endpoint of the VM's host serves both; any other endpoint
+//! forwards to it (`crate::hosts::peers`), after checking the role here.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -14,7 +16,7 @@ use serde::Serialize;
 use super::not_found;
 use crate::api::error::{ApiError, ErrorKind};
 use crate::config::Role;
-use crate::hosts::{Hosts, VmFiles};
+use crate::hosts::{Hosts, PowerOp};
 use crate::inventory::Principal;
 use crate::Domain;
 
@@ -59,6 +61,14 @@ impl Action {
             Action::Reset => "reset",
         }
     }
+
+    pub fn op(self) -> PowerOp {
+        match self {
+            Action::Start => PowerOp::On,
+            Action::Stop => PowerOp::Off,
+            Action::Reset => PowerOp::Reset,
+        }
+    }
 }
 
 pub fn get(domain: &Domain, id: &str) -> Result<PowerInfo, ApiError> {
@@ -84,11 +94,7 @@ pub fn may_operate(principal: &Principal, what: &str) -> Result<(), ApiError> {
 pub async fn change(domain: &Arc<Domain>, principal: &Principal, id: &str, action: Action) -> Result<(), ApiError> {
     may_operate(principal, &format!("{} VMs", action.verb()))?;
     tracing::info!(vm = ?id, user = ?principal.user, action = action.verb(), "power operation");
-    match action {
-        Action::Start => Hosts::power_on(domain, id).await?,
-        Action::Stop => Hosts::power_off(domain, id).await?,
-        Action::Reset => Hosts::reset(domain, id).await?,
-    }
+    Hosts::power(domain, id, action.op(), &format!("user {}", principal.user)).await?;
     Ok(())
 }
 
@@ -114,30 +120,16 @@ pub fn console_bytes(query: Option<&str>) -> Result<u64, ApiError> {
     Ok(bytes)
 }
 
-/// The last `bytes` of the VM's serial console from its current or last power on; empty
-/// if it never ran here.
-pub fn console(domain: &Domain, principal: &Principal, id: &str, bytes: u64) -> Result<Vec<u8>, ApiError> {
+/// The last `bytes` of the VM's serial console from its current or last power on on its
+/// host; empty if it never ran there.
+pub async fn console(domain: &Arc<Domain>, principal: &Principal, id: &str, bytes: u64) -> Result<Vec<u8>, ApiError> {
     may_operate(principal, "read VM consoles")?;
-    let vm = domain.inventory.vm(id)?.ok_or_else(|| not_found("VM", id))?;
-    tail(&VmFiles::of_vm(domain, &vm).console_log, bytes)
+    Ok(Hosts::console(domain, id, bytes, &format!("user {}", principal.user)).await?)
 }
 
 /// The last `bytes` of a console log; nothing if there is none yet.
 pub fn tail(path: &std::path::Path, bytes: u64) -> Result<Vec<u8>, ApiError> {
-    let read = || -> std::io::Result<Vec<u8>> {
-        let mut f = std::fs::File::open(path)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(bytes)))?;
-        let mut out = Vec::new();
-        // The log grows while we read: stop at what was asked for.
-        f.take(bytes).read_to_end(&mut out)?;
-        Ok(out)
-    };
-    match read() {
-        Ok(out) => Ok(out),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(ApiError::internal("the console log cannot be read", &e)),
-    }
+    crate::hosts::tail(path, bytes).map_err(|e| ApiError::internal("the console log cannot be read", &e))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use gateway::wire::{RefusalCode, SwitchoverOutcome, SwitchoverRequest};
 use super::{
     disk_staging, endpoint_failure, open_stagings, parse_formats, resolve, resume, Action, Domain, Refusal, Staged,
 };
-use crate::hosts::{HostError, Hosts};
+use crate::hosts::{Hosts, PowerOp};
 use crate::inventory::switchover::{FROM_EDGE_STOP, FROM_SWITCHOVER_START};
 use crate::inventory::{CommitMove, InventoryError, PassTimes, Principal};
 
@@ -97,9 +97,11 @@ pub async fn switched_over(
     request: &SwitchoverRequest,
     received: Instant,
 ) -> SwitchoverOutcome {
-    // The existing power path of the hosts (and of the API): the same checks and states.
+    // The existing power path of the hosts (and of the API): the same checks and states,
+    // on the endpoint of the VM's host when another endpoint runs it.
     let (powered_on, power_error) = if request.power_on {
-        match Hosts::power_on(domain, vm_id).await {
+        let on_behalf = format!("the switchover of {migration_id}");
+        match Hosts::power(domain, vm_id, PowerOp::On, &on_behalf).await {
             Ok(()) => (true, None),
             Err(e) => {
                 tracing::warn!(migration = %migration_id, vm = %vm_id, error = %e, "switchover: cannot power the VM on");
@@ -188,8 +190,10 @@ pub async fn end_switchover(
         d.inventory.begin_rollback(&id).map_err(refused)
     }))
     .await?;
-    match Hosts::power_off(domain, &vm).await {
-        Ok(()) | Err(HostError::AlreadyInState { .. }) => {}
+    let on_behalf = format!("the rollback of {migration_id} by user {}", principal.user);
+    match Hosts::power(domain, &vm, PowerOp::Off, &on_behalf).await {
+        Ok(()) => {}
+        Err(e) if e.already_in_state() => {}
         Err(e) => {
             let id = migration_id.to_owned();
             let undone = blocking(Box::new(move |d: &Domain| {

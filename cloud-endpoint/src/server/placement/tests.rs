@@ -25,6 +25,7 @@ fn domain(dir: &std::path::Path) -> Domain {
             name: "esx-small".into(),
             cpu_cores: 2,
             memory_mib: 1024,
+            api_url: None,
         }],
         extra_datastores: vec![ExtraDatastoreConfig {
             name: "ds-small".into(),
