@@ -69,7 +69,10 @@ impl Domain {
             ("CLOUD_ENDPOINT_DATABASE_URL", self.pg.url.clone()),
             ("CLOUD_ENDPOINT_DOMAIN__HOST__NAME", host.to_owned()),
             ("CLOUD_ENDPOINT_MIGRATION_LEASE_SECS", LEASE_SECS.to_string()),
-            ("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", IDLE_TIMEOUT_SECS.to_string()),
+            (
+                "CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS",
+                IDLE_TIMEOUT_SECS.to_string(),
+            ),
         ]
     }
 

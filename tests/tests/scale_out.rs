@@ -36,7 +36,12 @@ async fn vms_listed(pki: &Pki, api: SocketAddr) -> Vec<(String, String)> {
         .as_array()
         .expect("a list of VMs")
         .iter()
-        .map(|vm| (vm["name"].as_str().unwrap().to_owned(), vm["vm"].as_str().unwrap().to_owned()))
+        .map(|vm| {
+            (
+                vm["name"].as_str().unwrap().to_owned(),
+                vm["vm"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     vms.sort();
     vms
@@ -46,7 +51,11 @@ async fn vms_listed(pki: &Pki, api: SocketAddr) -> Vec<(String, String)> {
 async fn two_endpoints_race_for_one_name_and_every_endpoint_shows_one_inventory() {
     let tmp = tempfile::tempdir().unwrap();
     let domain = Domain::new(tmp.path());
-    let endpoints = [domain.endpoint("esx-a"), domain.endpoint("esx-b"), domain.endpoint("esx-c")];
+    let endpoints = [
+        domain.endpoint("esx-a"),
+        domain.endpoint("esx-b"),
+        domain.endpoint("esx-c"),
+    ];
     // Two on-prem sites lift a VM of the same name at once, one through esx-a, one
     // through esx-b: the database lets exactly one have the name.
     let (one, two) = (tmp.path().join("site-1"), tmp.path().join("site-2"));

@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 struct Settings {
     /// SCALE_BENCH_VMS (12): VMs lifted in each phase of part 1.
     vms: usize,
-    /// SCALE_BENCH_VM_MIB (8): each VM's disk; half random, a quarter text, a quarter
+    /// SCALE_BENCH_VM_MIB (32): each VM's disk; half random, a quarter text, a quarter
     /// zero (a hole), so compression and zero detection both run.
     vm_mib: usize,
     /// SCALE_BENCH_EDGES (4): concurrent `edge-agent migrate` processes.
@@ -92,7 +92,7 @@ impl Settings {
             .collect::<anyhow::Result<Vec<(u64, u64)>>>()?;
         let s = Settings {
             vms: env_or("SCALE_BENCH_VMS", 12)?,
-            vm_mib: env_or("SCALE_BENCH_VM_MIB", 8)?,
+            vm_mib: env_or("SCALE_BENCH_VM_MIB", 32)?,
             edges: env_or("SCALE_BENCH_EDGES", 4)?,
             endpoints,
             ops_threads: env_or("SCALE_BENCH_OPS_THREADS", 4)?,
@@ -103,7 +103,10 @@ impl Settings {
             parts: list("SCALE_BENCH_PARTS", "lifts,ops,failover"),
             dir: env_or("SCALE_BENCH_DIR", PathBuf::from("/tmp/gateway-scale-out-bench"))?,
         };
-        ensure!(s.vms > 0 && s.edges > 0 && s.vm_mib >= 4, "VMS and EDGES > 0, VM_MIB >= 4");
+        ensure!(
+            s.vms > 0 && s.edges > 0 && s.vm_mib >= 4,
+            "VMS and EDGES > 0, VM_MIB >= 4"
+        );
         ensure!(s.endpoints.iter().all(|&n| (1..=8).contains(&n)), "1 to 8 endpoints");
         Ok(s)
     }
@@ -211,7 +214,10 @@ fn endpoints(domain: &Domain, n: usize, sqlite: bool, extra: &[(&'static str, St
 }
 
 fn lifts(s: &Settings, root: &Path, cores: usize) -> anyhow::Result<Value> {
-    eprintln!("[scale-out-bench] part 1: {} VMs of {} MiB, {} edges at once", s.vms, s.vm_mib, s.edges);
+    eprintln!(
+        "[scale-out-bench] part 1: {} VMs of {} MiB, {} edges at once",
+        s.vms, s.vm_mib, s.edges
+    );
     let sources = root.join("vms");
     let vms: Vec<(String, PathBuf)> = (0..s.vms)
         .map(|i| {
@@ -236,7 +242,11 @@ fn lifts(s: &Settings, root: &Path, cores: usize) -> anyhow::Result<Value> {
         let addrs: Vec<SocketAddr> = eps.iter().map(|e| e.quic).collect();
         let cpu_ep0: Duration = eps.iter().map(EndpointProcess::cpu_time).sum();
         let cpu_edges0 = reaped_children_cpu();
-        let cpu_db0 = if engine == "sqlite" { Duration::ZERO } else { domain.database_cpu() };
+        let cpu_db0 = if engine == "sqlite" {
+            Duration::ZERO
+        } else {
+            domain.database_cpu()
+        };
         let next = AtomicUsize::new(0);
         let start = Instant::now();
         let outcomes: Vec<(usize, std::process::Output)> = std::thread::scope(|scope| {
@@ -364,7 +374,9 @@ impl DurablePg {
 impl Drop for DurablePg {
     fn drop(&mut self) {
         let mut stop = as_postgres(&self.bin, "pg_ctl");
-        stop.arg("-D").arg(self.dir.path().join("data")).args(["-m", "immediate", "stop"]);
+        stop.arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"]);
         let _ = stop.stdout(Stdio::null()).stderr(Stdio::null()).status();
     }
 }
@@ -471,7 +483,10 @@ fn seed(inv: &Inventory) -> anyhow::Result<()> {
             firmware: Some("bios".into()),
             bios_uuid: None,
             vmx_path: format!("[cloud-ds1] {name}/{name}.vmx"),
-            disks: vec![disk("scsi0:0", &format!("{name}.vmdk")), disk("scsi0:1", &format!("{name}_1.vmdk"))],
+            disks: vec![
+                disk("scsi0:0", &format!("{name}.vmdk")),
+                disk("scsi0:1", &format!("{name}_1.vmdk")),
+            ],
             controllers: Vec::new(),
             nics: vec![nic(0), nic(1)],
             firewall: Default::default(),
@@ -546,13 +561,24 @@ fn pg_xacts(url: &str) -> Option<(u64, u64)> {
 
 /// One kind of operation's figures: per second, errors (after the store's own retries),
 /// and on PostgreSQL the transactions rolled back per operation (lost races run again).
-fn op_row(kind: &str, (per_s, errors, first): (f64, usize, Option<String>), xacts: Option<((u64, u64), (u64, u64))>) -> Value {
+fn op_row(
+    kind: &str,
+    (per_s, errors, first): (f64, usize, Option<String>),
+    xacts: Option<((u64, u64), (u64, u64))>,
+) -> Value {
     let (commits, rollbacks) = xacts.map_or((None, None), |((c0, r0), (c1, r1))| (Some(c1 - c0), Some(r1 - r0)));
     json!({"op": kind, "per_s": per_s, "errors": errors, "first_error": first,
            "commits": commits, "rollbacks": rollbacks})
 }
 
-fn ops_on(label: &str, inv: Inventory, url: Option<&str>, threads: usize, secs: f64, cpu: &dyn Fn() -> Duration) -> anyhow::Result<Value> {
+fn ops_on(
+    label: &str,
+    inv: Inventory,
+    url: Option<&str>,
+    threads: usize,
+    secs: f64,
+    cpu: &dyn Fn() -> Duration,
+) -> anyhow::Result<Value> {
     eprintln!("[scale-out-bench]   {label}");
     seed(&inv)?;
     let inv = Arc::new(inv);
@@ -590,7 +616,10 @@ fn ops_on(label: &str, inv: Inventory, url: Option<&str>, threads: usize, secs: 
     let before = xacts();
     let rounds = timed(threads, secs, |t, _| {
         let answers = inv.renew_leases(&held[t], &format!("keeper-{t}"), LEASE, LeaseClock::Database)?;
-        ensure!(answers.iter().all(Result::is_ok), "a lease was not renewed: {answers:?}");
+        ensure!(
+            answers.iter().all(Result::is_ok),
+            "a lease was not renewed: {answers:?}"
+        );
         Ok(1)
     });
     ops.push(op_row("renew 50 leases", rounds, before.zip(xacts())));
@@ -615,14 +644,33 @@ fn inventory_ops(s: &Settings, root: &Path) -> anyhow::Result<Value> {
     let data = durable.dir.path().join("data");
     let pg_cpu = || postgres_cpu(&data);
     let pg = Inventory::open_postgres(&durable.url, &domain)?;
-    rows.push(ops_on("PostgreSQL", pg, Some(&durable.url), s.ops_threads, s.ops_secs, &pg_cpu)?);
+    rows.push(ops_on(
+        "PostgreSQL",
+        pg,
+        Some(&durable.url),
+        s.ops_threads,
+        s.ops_secs,
+        &pg_cpu,
+    )?);
     drop(durable);
     let test = TestPg::start();
     let pg = Inventory::open_postgres(&test.url, &domain)?;
-    let test_data = Path::new(test.url.split_whitespace().find_map(|kv| kv.strip_prefix("host=")).unwrap_or("/"))
-        .join("data");
+    let test_data = Path::new(
+        test.url
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("host="))
+            .unwrap_or("/"),
+    )
+    .join("data");
     let test_cpu = || postgres_cpu(&test_data);
-    rows.push(ops_on("PostgreSQL fsync=off", pg, Some(&test.url), s.ops_threads, s.ops_secs, &test_cpu)?);
+    rows.push(ops_on(
+        "PostgreSQL fsync=off",
+        pg,
+        Some(&test.url),
+        s.ops_threads,
+        s.ops_secs,
+        &test_cpu,
+    )?);
     Ok(Value::Array(rows))
 }
 
@@ -642,7 +690,12 @@ fn failovers(s: &Settings, root: &Path) -> anyhow::Result<Value> {
     let mut rows = Vec::new();
     for &(lease, idle) in &s.failover_cases {
         eprintln!("[scale-out-bench]   lease {lease} s, idle timeout {idle} s");
-        rows.push(failover(s, &root.join(format!("failover-{lease}-{idle}")), lease, idle)?);
+        rows.push(failover(
+            s,
+            &root.join(format!("failover-{lease}-{idle}")),
+            lease,
+            idle,
+        )?);
     }
     Ok(Value::Array(rows))
 }
@@ -672,7 +725,10 @@ fn failover(s: &Settings, root: &Path, lease: u64, idle: u64) -> anyhow::Result<
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let line = serde_json::from_str(&line).unwrap_or(Value::String(line));
-            let _ = tx.send(Said { at: Instant::now(), line });
+            let _ = tx.send(Said {
+                at: Instant::now(),
+                line,
+            });
         }
     });
     let stderr = edge.stderr.take().expect("piped");
@@ -693,7 +749,10 @@ fn failover(s: &Settings, root: &Path, lease: u64, idle: u64) -> anyhow::Result<
     // The kill: at 30 % of the disk, as the edge reports it (one line a second).
     let started = Instant::now();
     while done(&said) < total * 3 / 10 {
-        ensure!(started.elapsed() < Duration::from_secs(120), "the lift made no progress");
+        ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "the lift made no progress"
+        );
         ensure!(edge.try_wait()?.is_none(), "the lift ended before 30 %");
         said.extend(rx.recv_timeout(Duration::from_millis(100)).ok());
     }
@@ -716,7 +775,10 @@ fn failover(s: &Settings, root: &Path, lease: u64, idle: u64) -> anyhow::Result<
         if edge.try_wait()?.is_some() {
             break;
         }
-        ensure!(killed.elapsed() < Duration::from_secs(300), "the lift did not end 300 s after the kill");
+        ensure!(
+            killed.elapsed() < Duration::from_secs(300),
+            "the lift did not end 300 s after the kill"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     said.extend(rx.iter());
@@ -732,7 +794,10 @@ fn failover(s: &Settings, root: &Path, lease: u64, idle: u64) -> anyhow::Result<
         bail!("the failover lift failed:\n{}\n{stderr}", lines.join("\n"));
     };
     ensure!(
-        images_identical(&src.join(format!("{name}.img")), &domain.datastore.join(name).join(format!("{name}.vmdk"))),
+        images_identical(
+            &src.join(format!("{name}.img")),
+            &domain.datastore.join(name).join(format!("{name}.vmdk"))
+        ),
         "the failed-over copy differs from its source"
     );
     let after = |at: Instant| at.checked_duration_since(killed).map(|d| d.as_secs_f64());
@@ -742,7 +807,10 @@ fn failover(s: &Settings, root: &Path, lease: u64, idle: u64) -> anyhow::Result<
         .collect();
     let message = |l: &&Said| l.line["message"].as_str().unwrap_or_default().to_owned();
     let noticed = waiting.iter().find(|l| message(l).starts_with("lost endpoint"));
-    let busy = waiting.iter().filter(|l| message(l).contains("refused to resume it yet")).count();
+    let busy = waiting
+        .iter()
+        .filter(|l| message(l).contains("refused to resume it yet"))
+        .count();
     let progress_again = said
         .iter()
         .filter(|l| l.at >= killed && l.line["event"] == "progress")
@@ -806,9 +874,17 @@ fn print_tables(r: &Value) {
                 spread.join("/"),
             );
         }
+        let busiest = rows.iter().filter_map(|r| r["cores_busy"].as_f64()).fold(0.0, f64::max);
         println!(
-            "On {cores} cores every endpoint and edge shares the same CPUs: the ceiling is the CPU, \
-             not the endpoint count (more endpoints only add processes on the same cores)."
+            "Every endpoint, edge and the database share these {cores} cores (nproc): more endpoint processes \
+             add no CPU, so the ceiling here is the CPU, not the endpoint count; the busiest phase kept {busiest:.2} \
+             of {cores} cores busy{}.",
+            if busiest < 0.8 * cores as f64 {
+                " (below the ceiling: each small migration's fixed steps, login, plan, commit and its syncs, \
+                 leave cores idle; bigger VMs or more edges reach it)"
+            } else {
+                ""
+            }
         );
     }
     if let Some(rows) = r["inventory_ops"].as_array() {
@@ -826,7 +902,9 @@ fn print_tables(r: &Value) {
             let engine = row["engine"].as_str().unwrap_or_default();
             for (k, op) in row["ops"].as_array().into_iter().flatten().enumerate() {
                 let base = sqlite["ops"][k]["per_s"].as_f64().filter(|b| *b > 0.0);
-                let ratio = base.zip(op["per_s"].as_f64()).map_or("-".into(), |(b, p)| format!("{:.2}x", p / b));
+                let ratio = base
+                    .zip(op["per_s"].as_f64())
+                    .map_or("-".into(), |(b, p)| format!("{:.2}x", p / b));
                 let per_op = match (op["rollbacks"].as_f64(), op["per_s"].as_f64()) {
                     (Some(rb), Some(p)) if p > 0.0 => {
                         let n = p * r["settings"]["ops_secs"].as_f64().unwrap_or(1.0);
@@ -857,7 +935,15 @@ fn print_tables(r: &Value) {
         );
         println!(
             "{:>7} {:>6} {:>14} {:>14} {:>12} {:>14} {:>6} {:>9} {:>8}",
-            "lease s", "idle s", "edge noticed", "lease expired", "resumed at B", "progress again", "busy", "target s", "verdict"
+            "lease s",
+            "idle s",
+            "edge noticed",
+            "lease expired",
+            "resumed at B",
+            "progress again",
+            "busy",
+            "target s",
+            "verdict"
         );
         for row in rows {
             let resumed = row["resumed_at_b_s"].as_f64();
