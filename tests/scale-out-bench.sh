@@ -45,5 +45,5 @@ fi
 
 log "cargo build --release --workspace"
 (cd "$root" && cargo build --release --workspace --quiet)
-log "running on $(nproc) cores (results are CPU-bound there: every process shares them)"
+log "nproc: $(nproc); load average: $(cut -d" " -f1-3 /proc/loadavg)"
 exec "$root/target/release/scale-out-bench"

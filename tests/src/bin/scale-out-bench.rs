@@ -130,6 +130,7 @@ fn main() -> anyhow::Result<()> {
     let mut results = json!({
         "unix_time": time_now(),
         "cores": cores,
+        "load_average_before": load_average(),
         "settings": {
             "vms": s.vms, "vm_mib": s.vm_mib, "edges": s.edges, "ops_threads": s.ops_threads,
             "ops_secs": s.ops_secs, "failover_mib": s.failover_mib, "failover_rate": s.failover_rate,
@@ -144,11 +145,23 @@ fn main() -> anyhow::Result<()> {
     if s.runs("failover") {
         results["failover"] = failovers(&s, run.path())?;
     }
+    results["load_average_after"] = json!(load_average());
     let file = s.dir.join("results.json");
     std::fs::write(&file, serde_json::to_string_pretty(&results)? + "\n")?;
     print_tables(&results);
     println!("results: {}", file.display());
     Ok(())
+}
+
+/// The machine's 1-minute load average: other work on the same cores takes CPU from the
+/// phases, which their "cores busy" (this run's processes only) does not show.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Seconds since the Unix epoch: when the run was, for results.json.
@@ -874,6 +887,10 @@ fn print_tables(r: &Value) {
                 spread.join("/"),
             );
         }
+        println!(
+            "load average (every process of the machine) before / after the run: {} / {}",
+            r["load_average_before"], r["load_average_after"]
+        );
         let busiest = rows.iter().filter_map(|r| r["cores_busy"].as_f64()).fold(0.0, f64::max);
         println!(
             "Every endpoint, edge and the database share these {cores} cores (nproc): more endpoint processes \
