@@ -21,6 +21,7 @@ pub mod guest;
 pub mod process;
 pub mod python;
 pub mod relay;
+pub mod scale_out;
 pub mod wan;
 
 pub use cloud_endpoint::config::DEMO_PASSWORD;

@@ -5,90 +5,12 @@
 //! killed mid-transfer hands its migration over to another.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
-use cloud_endpoint::inventory::store::test_pg::TestPg;
-use e2e::process::EndpointProcess;
 use e2e::rest::Rest;
+use e2e::scale_out::*;
 use e2e::*;
-
-const MIB: usize = 1 << 20;
-
-/// The seconds of a migration's lease here: a dead endpoint's migrations move on after it.
-pub const LEASE_SECS: u64 = 3;
-
-/// One domain's shared pieces: the database, the certificates, the datastore folder.
-pub struct Domain {
-    pub pg: TestPg,
-    pub pki: Pki,
-    pub datastore: PathBuf,
-    pub root: PathBuf,
-    pub bin: PathBuf,
-}
-
-impl Domain {
-    pub fn new(root: &Path) -> Domain {
-        let bin = wan::ensure_binaries();
-        let datastore = root.join("datastore");
-        std::fs::create_dir_all(&datastore).unwrap();
-        Domain {
-            pg: TestPg::start(),
-            pki: Pki::new(&root.join("pki")),
-            datastore,
-            root: root.to_owned(),
-            bin,
-        }
-    }
-
-    /// Starts the endpoint that is host `host` of the domain, on free loopback ports.
-    pub fn endpoint(&self, host: &str) -> EndpointProcess {
-        let dir = self.root.join(host);
-        std::fs::create_dir_all(&dir).unwrap();
-        let pki = &self.pki;
-        let env = [
-            ("CLOUD_ENDPOINT_LISTEN", "127.0.0.1:0".to_owned()),
-            ("CLOUD_ENDPOINT_API_LISTEN", "127.0.0.1:0".to_owned()),
-            ("CLOUD_ENDPOINT_CERT", pki.path("endpoint.pem").display().to_string()),
-            ("CLOUD_ENDPOINT_KEY", pki.path("endpoint.key").display().to_string()),
-            ("CLOUD_ENDPOINT_EDGE_CA", pki.path("ca.pem").display().to_string()),
-            ("CLOUD_ENDPOINT_DATASTORE_DIR", self.datastore.display().to_string()),
-            ("CLOUD_ENDPOINT_DATABASE_URL", self.pg.url.clone()),
-            ("CLOUD_ENDPOINT_DOMAIN__HOST__NAME", host.to_owned()),
-            ("CLOUD_ENDPOINT_MIGRATION_LEASE_SECS", LEASE_SECS.to_string()),
-            // An edge notices a dead endpoint after the idle timeout: short here.
-            ("CLOUD_ENDPOINT_TRANSPORT__IDLE_TIMEOUT_SECS", "3".to_owned()),
-        ];
-        EndpointProcess::serve(&self.bin, &dir, None, &env)
-    }
-
-    /// The inventory as the endpoints keep it, read directly.
-    pub fn inventory(&self) -> cloud_endpoint::inventory::Inventory {
-        let mut domain = cloud_endpoint::config::DomainConfig::default();
-        domain.host.name = "reader".into();
-        cloud_endpoint::inventory::Inventory::open_postgres(&self.pg.url, &domain).unwrap()
-    }
-
-    /// What is left under the datastore's `.staging`.
-    pub fn staging_left(&self) -> Vec<String> {
-        std::fs::read_dir(self.datastore.join(".staging"))
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-/// A VM of one raw disk of `mib` MiB of random bytes, named `name`, under `dir`.
-pub fn vm(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let disk = format!("{name}.img");
-    write_raw_disk(&dir.join(&disk), MIB, &vec![Fill::Random; mib], seed);
-    write_vmx(dir, name, &[&disk], &[])
-}
 
 /// `edge-agent migrate --json` of `vmx` to the domain through `endpoints` (the first
 /// tried first), its state in `dir`.
