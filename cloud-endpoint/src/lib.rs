@@ -198,6 +198,15 @@ impl Endpoint {
             .collect::<Result<Vec<_>, _>>()?;
         let me = config.domain.host.name.clone();
         let ownership = cluster::ownership::Ownership::new(&me, config.migration_lease());
+        // An edge notices this endpoint's death only after the QUIC idle timeout: past the
+        // lease, that timeout and not the lease is when its migrations move on.
+        if config.database_url.is_some() && config.transport.idle_timeout_secs > config.migration_lease_secs {
+            tracing::warn!(
+                idle_timeout_secs = config.transport.idle_timeout_secs,
+                migration_lease_secs = config.migration_lease_secs,
+                "if this endpoint dies, its edges notice after transport.idle_timeout_secs, longer than a lease:                  set transport.idle_timeout_secs to migration_lease_secs or lower for failover within two lease periods"
+            );
+        }
         // A commit a crash cut is finished (VM registered) or undone (folders back in
         // staging) before anything looks at staging. On a shared database, commits
         // another endpoint is making now are its own business.

@@ -79,7 +79,7 @@ pub enum InventoryError {
     #[error("invalid inventory request: {0}")]
     Invalid(String),
 
-    #[error("inventory database {}: {source}; check that it is a cloud-endpoint inventory that this endpoint may write (a file on a writable disk, or a PostgreSQL database its user owns)", path.display())]
+    #[error("inventory database {}: {source}; {}", path.display(), db_advice(source))]
     Db {
         /// The database file (empty only inside this module, before it is filled in).
         path: PathBuf,
@@ -109,6 +109,16 @@ pub enum InventoryError {
 
     #[error("cannot issue the receipt of migration {id}: {reason}; the VM was not registered")]
     Receipt { id: String, reason: String },
+}
+
+/// What to do about a database error: a transaction that kept losing races to other
+/// endpoints' is contention, not a database this endpoint may not write.
+fn db_advice(source: &StoreError) -> &'static str {
+    if source.is_retryable() {
+        "other endpoints' transactions kept conflicting with this one, which was run again each time until it gave up: retry in a moment, and if it persists, look at the database's load"
+    } else {
+        "check that it is a cloud-endpoint inventory that this endpoint may write (a file on a writable disk, or a PostgreSQL database its user owns)"
+    }
 }
 
 impl From<StoreError> for InventoryError {
