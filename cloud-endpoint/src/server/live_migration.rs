@@ -340,6 +340,18 @@ impl Run {
         .expect("staging does not panic")
         .map_err(|(code, problems)| (code, problems.join("; ")))?;
         let id = staged.migration_id.clone();
+        // Another endpoint may take the migration once this one cannot keep its lease:
+        // the live migration stops here (the source keeps running).
+        if let Some(lease) = &staged.lease {
+            let conn = self.conn.clone();
+            lease.when_lost(Box::new(move |why| {
+                gateway::transport::close(
+                    &conn,
+                    RefusalCode::Busy,
+                    &format!("this cloud endpoint stops the live migration: {why}; the source VM keeps running"),
+                );
+            }));
+        }
         // The connection's span (this runs in it): every later line carries the id.
         tracing::Span::current().record("migration_id", tracing::field::display(&id));
         let fail = |staged: Staged, domain: &Domain, problem: String| {
