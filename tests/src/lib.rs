@@ -471,3 +471,28 @@ pub fn proc_status(pid: u32, field: &str) -> String {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
         .to_owned()
 }
+
+/// A progress sink that remembers the last progress report and what the edge said while
+/// it waited (a failover, a busy endpoint): what a failover test asserts on.
+#[derive(Debug, Default)]
+pub struct Watch {
+    pub last: std::sync::Mutex<Option<edge_agent::report::Progress>>,
+    pub said: std::sync::Mutex<Vec<String>>,
+}
+
+impl edge_agent::report::ProgressSink for Watch {
+    fn started(&self, _: &str, _: &str, _: u64) {}
+    fn progress(&self, p: &edge_agent::report::Progress) {
+        *self.last.lock().unwrap() = Some(p.clone());
+    }
+    fn waiting(&self, why: &str) {
+        self.said.lock().unwrap().push(why.to_owned());
+    }
+}
+
+impl Watch {
+    /// The bytes done as last reported.
+    pub fn done(&self) -> u64 {
+        self.last.lock().unwrap().as_ref().map_or(0, |p| p.done_bytes)
+    }
+}

@@ -11,12 +11,11 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::*;
 use edge_agent::migrate::{self, MigrateOptions};
-use edge_agent::report::{Progress, ProgressSink};
 use edge_agent::source;
 use edge_agent::target::{Endpoint, Target};
 use gateway::transport::Rate;
@@ -115,29 +114,6 @@ async fn a_dead_first_endpoint_is_passed_over_for_the_live_one() {
     ));
     assert_receipt_verifies_and_no_checkpoint_left(&bin, &pki, &vmx, &state);
     cloud.stop().await;
-}
-
-/// Remembers the last progress report and what the edge said while it waited.
-#[derive(Default)]
-struct Watch {
-    last: Mutex<Option<Progress>>,
-    said: Mutex<Vec<String>>,
-}
-
-impl ProgressSink for Watch {
-    fn started(&self, _: &str, _: &str, _: u64) {}
-    fn progress(&self, p: &Progress) {
-        *self.last.lock().unwrap() = Some(p.clone());
-    }
-    fn waiting(&self, why: &str) {
-        self.said.lock().unwrap().push(why.to_owned());
-    }
-}
-
-impl Watch {
-    fn done(&self) -> u64 {
-        self.last.lock().unwrap().as_ref().map_or(0, |p| p.done_bytes)
-    }
 }
 
 /// The real endpoint binary on `port`, its inventory and datastore under `cloud`.

@@ -126,29 +126,6 @@ async fn two_endpoints_race_for_one_name_and_every_endpoint_shows_one_inventory(
     }
 }
 
-/// Remembers the last progress report and what the edge said while it waited.
-#[derive(Default)]
-struct Watch {
-    last: std::sync::Mutex<Option<edge_agent::report::Progress>>,
-    said: std::sync::Mutex<Vec<String>>,
-}
-
-impl edge_agent::report::ProgressSink for Watch {
-    fn started(&self, _: &str, _: &str, _: u64) {}
-    fn progress(&self, p: &edge_agent::report::Progress) {
-        *self.last.lock().unwrap() = Some(p.clone());
-    }
-    fn waiting(&self, why: &str) {
-        self.said.lock().unwrap().push(why.to_owned());
-    }
-}
-
-impl Watch {
-    fn done(&self) -> u64 {
-        self.last.lock().unwrap().as_ref().map_or(0, |p| p.done_bytes)
-    }
-}
-
 /// esx-a is killed with SIGKILL mid-transfer; the edge, which names esx-a and esx-b,
 /// resumes on esx-b once esx-a's lease has run out. One VM is registered, identical to
 /// the source; no staging is left; esx-a, started again, joins and holds no lease.
