@@ -422,11 +422,17 @@ pub fn edge_command(
 /// `user` (the demo password), with the test PKI's CA bundle, edge certificate and key;
 /// the edge's own log settings are left out so that its output is what a test expects.
 pub fn edge_at(bin: &Path, pki: &Pki, quic_port: u16, user: &str, subcommand: &str) -> std::process::Command {
+    edge_to(bin, pki, &[format!("quic://127.0.0.1:{quic_port}")], user, subcommand)
+}
+
+/// The same with one `--url` per item of `urls`: a target of several endpoints.
+pub fn edge_to(bin: &Path, pki: &Pki, urls: &[String], user: &str, subcommand: &str) -> std::process::Command {
     let mut cmd = std::process::Command::new(bin.join("edge-agent"));
-    cmd.arg(subcommand)
-        .arg("--url")
-        .arg(format!("quic://127.0.0.1:{quic_port}"))
-        .arg("--user")
+    cmd.arg(subcommand);
+    for url in urls {
+        cmd.arg("--url").arg(url);
+    }
+    cmd.arg("--user")
         .arg(user)
         .arg("--ca-bundle")
         .arg(pki.path("ca.pem"))

@@ -41,29 +41,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `edge-agent <subcommand>` as [`edge_at`] makes it, with one `--url` per item of `urls`.
-fn edge_to(bin: &Path, pki: &Pki, urls: &[String], subcommand: &str, vmx: &Path, state: &Path) -> Command {
-    let mut cmd = Command::new(bin.join("edge-agent"));
-    cmd.arg(subcommand);
-    for url in urls {
-        cmd.arg("--url").arg(url);
-    }
-    cmd.arg("--user")
-        .arg(MIGRATOR)
-        .arg("--ca-bundle")
-        .arg(pki.path("ca.pem"))
-        .arg("--cert")
-        .arg(pki.path("edge.pem"))
-        .arg("--key")
-        .arg(pki.path("edge.key"))
-        .arg("--vmx")
+/// `edge-agent <subcommand>` of `vmx` through the endpoints `urls`, its state in `state`.
+fn edge_urls(bin: &Path, pki: &Pki, urls: &[String], subcommand: &str, vmx: &Path, state: &Path) -> Command {
+    let mut cmd = edge_to(bin, pki, urls, MIGRATOR, subcommand);
+    cmd.arg("--vmx")
         .arg(vmx)
         .arg("--state-dir")
         .arg(state)
         .arg("--receipt")
-        .arg(state.join("receipt.json"))
-        .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
-        .env_remove("EDGE_AGENT_LOG");
+        .arg(state.join("receipt.json"));
     cmd
 }
 
@@ -92,7 +78,7 @@ async fn a_dead_first_endpoint_is_passed_over_for_the_live_one() {
         format!("quic://127.0.0.1:{dead}"),
         format!("quic://127.0.0.1:{}", cloud.addr.port()),
     ];
-    let mut cmd = edge_to(&bin, &pki, &urls, "migrate", &vmx, &state);
+    let mut cmd = edge_urls(&bin, &pki, &urls, "migrate", &vmx, &state);
     cmd.arg("--json");
     let started = Instant::now();
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
@@ -265,7 +251,7 @@ async fn a_record_of_one_endpoint_is_resumed_by_a_target_of_several() {
         "quic://127.0.0.1:{dead},quic://127.0.0.1:{}",
         cloud.addr.port()
     )];
-    let mut cmd = edge_to(&bin, &pki, &urls, "migrate", &vmx, &state);
+    let mut cmd = edge_urls(&bin, &pki, &urls, "migrate", &vmx, &state);
     cmd.arg("--json");
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await

@@ -16,28 +16,14 @@ use e2e::*;
 /// tried first), its state in `dir`.
 fn migrate(domain: &Domain, dir: &Path, vmx: &Path, endpoints: &[SocketAddr]) -> std::process::Command {
     let urls: Vec<String> = endpoints.iter().map(|e| format!("quic://{e}")).collect();
-    let pki = &domain.pki;
-    let mut cmd = std::process::Command::new(domain.bin.join("edge-agent"));
-    cmd.arg("migrate")
-        .arg("--url")
-        .arg(urls.join(","))
-        .arg("--user")
-        .arg(MIGRATOR)
-        .arg("--ca-bundle")
-        .arg(pki.path("ca.pem"))
-        .arg("--cert")
-        .arg(pki.path("edge.pem"))
-        .arg("--key")
-        .arg(pki.path("edge.key"))
-        .arg("--vmx")
+    let mut cmd = edge_to(&domain.bin, &domain.pki, &urls, MIGRATOR, "migrate");
+    cmd.arg("--vmx")
         .arg(vmx)
         .arg("--state-dir")
         .arg(dir.join("state"))
         .arg("--receipt")
         .arg(dir.join("receipt.json"))
         .arg("--json")
-        .env("EDGE_AGENT_PASSWORD", DEMO_PASSWORD)
-        .env_remove("EDGE_AGENT_LOG")
         .env_remove("EDGE_AGENT_LOG_FORMAT")
         .stdin(Stdio::null());
     cmd
