@@ -158,6 +158,8 @@ impl Inventory {
     /// The owner `me` renews the leases it holds, `(migration, epoch)`, in one
     /// transaction: one answer per lease, in order (an endpoint serving hundreds of
     /// migrations renews them with one round of statements, not one transaction each).
+    /// Each renewal is one compare-and-set of its row (still `me`'s, same epoch, not
+    /// expired), so renewals of several endpoints never conflict with one another.
     pub fn renew_leases(
         &self,
         held: &[(String, i64)],
@@ -165,21 +167,37 @@ impl Inventory {
         period: Duration,
         clock: LeaseClock,
     ) -> Result<Vec<Result<Lease, Lost>>, InventoryError> {
-        self.write(|tx| {
+        let result = self.store.write_by_row(|tx| {
             let now = now_ms(tx, clock)?;
+            let expires_ms = now.saturating_add(i64::try_from(period.as_millis()).unwrap_or(i64::MAX));
             let mut answers = Vec::with_capacity(held.len());
             for (migration, epoch) in held {
-                let renewed = lease::renew(lease_of(tx, migration)?.as_ref(), migration, me, *epoch, now, period);
-                if let Ok(lease) = &renewed {
-                    tx.execute(
-                        "UPDATE migration_lease SET expires_ms = ?2 WHERE migration = ?1",
-                        store_params![migration, lease.expires_ms],
-                    )?;
-                }
-                answers.push(renewed);
+                let renewed = tx.execute(
+                    "UPDATE migration_lease SET expires_ms = ?4
+                     WHERE migration = ?1 AND owner = ?2 AND epoch = ?3 AND expires_ms > ?5",
+                    store_params![migration, me, epoch, expires_ms, now],
+                )?;
+                answers.push(if renewed == 1 {
+                    Ok(Lease {
+                        migration: migration.clone(),
+                        owner: me.to_owned(),
+                        epoch: *epoch,
+                        expires_ms,
+                    })
+                } else {
+                    // Why not: the row as it is now says (taken, expired, released).
+                    let current = lease_of(tx, migration)?;
+                    match lease::renew(current.as_ref(), migration, me, *epoch, now, period) {
+                        Err(lost) => Err(lost),
+                        Ok(_) => Err(Lost::NotRenewed {
+                            migration: migration.clone(),
+                        }),
+                    }
+                });
             }
-            Ok(answers)
-        })
+            Ok::<_, InventoryError>(answers)
+        });
+        result.map_err(|e| e.with_path(&self.path))
     }
 
     /// The live lease of `migration` if an endpoint other than `me` holds it: that

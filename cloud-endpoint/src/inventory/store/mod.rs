@@ -465,8 +465,19 @@ impl Store {
     /// transactions committed before it (a schema upgrade that waited for another's).
     pub(crate) fn upgrade<T, E: TxError>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T, E>) -> Result<T, E> {
         match self {
-            Store::Sqlite(store) => store.transaction(Access::Schema, &mut f),
-            Store::Postgres(store) => store.transaction(Access::Schema, &mut f),
+            Store::Sqlite(store) => store.transaction(Access::PerStatement, &mut f),
+            Store::Postgres(store) => store.transaction(Access::PerStatement, &mut f),
+        }
+    }
+
+    /// Runs `f` in one transaction that writes rows only by compare-and-set statements
+    /// (`UPDATE ... WHERE` the row is still as expected): each statement sees the latest
+    /// committed rows, so such writes need no SERIALIZABLE isolation and never lose a
+    /// race to be run again (lease renewals of several endpoints at once).
+    pub fn write_by_row<T, E: TxError>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T, E>) -> Result<T, E> {
+        match self {
+            Store::Sqlite(store) => store.transaction(Access::PerStatement, &mut f),
+            Store::Postgres(store) => store.transaction(Access::PerStatement, &mut f),
         }
     }
 
@@ -484,9 +495,10 @@ impl Store {
 pub(crate) enum Access {
     Read,
     Write,
-    /// A schema upgrade: it waits for a lock, then must see what the endpoint that held
-    /// the lock committed (PostgreSQL's READ COMMITTED: a snapshot per statement).
-    Schema,
+    /// Each statement sees what other transactions committed before it (PostgreSQL's
+    /// READ COMMITTED): a schema upgrade that waited for another endpoint's, and writes
+    /// whose every statement is a compare-and-set of one row.
+    PerStatement,
 }
 
 /// `?N` parameters as PostgreSQL's `$N`, leaving string literals and quoted names alone.

@@ -234,7 +234,7 @@ fn run_once<T, E: TxError>(
             // One snapshot for every query of a read.
             Access::Read => IsolationLevel::RepeatableRead,
             Access::Write => IsolationLevel::Serializable,
-            Access::Schema => IsolationLevel::ReadCommitted,
+            Access::PerStatement => IsolationLevel::ReadCommitted,
         })
         .read_only(access == Access::Read)
         .start();

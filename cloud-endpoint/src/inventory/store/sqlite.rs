@@ -50,7 +50,7 @@ impl SqliteStore {
         // checked still holds when it writes, across processes too.
         let behavior = match access {
             Access::Read => TransactionBehavior::Deferred,
-            Access::Write | Access::Schema => TransactionBehavior::Immediate,
+            Access::Write | Access::PerStatement => TransactionBehavior::Immediate,
         };
         let tx = conn.transaction_with_behavior(behavior).map_err(StoreError::from)?;
         let mut handle = SqliteTx { tx };
