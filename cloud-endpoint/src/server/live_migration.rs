@@ -332,7 +332,8 @@ impl Run {
         let principal = self.principal.clone().expect("authenticated");
         let domain = self.domain.clone();
         let (edge, edge_cert) = (self.edge.clone(), self.edge_cert.clone());
-        let cold = plan.plan.clone();
+        let cold =
+            on_this_host(domain.hosts.this(), &plan.plan).map_err(|problem| (RefusalCode::PlanRejected, problem))?;
         let staged = tokio::task::spawn_blocking(move || {
             placement::validate_and_stage(&domain, &principal, &edge, &edge_cert, &cold)
         })
@@ -613,6 +614,31 @@ async fn read_tunnel_header(recv: &mut quinn::RecvStream) -> Result<TunnelHeader
     control::decode_body(&body).map_err(|e| e.to_string())
 }
 
+/// The plan as this endpoint places it. In a domain of several endpoints the destination
+/// VM runs here, so it is registered on this endpoint's host: the default when the plan
+/// names none, and a refusal when it names another host (its endpoint must take it).
+fn on_this_host(
+    this: &crate::hosts::ThisHost,
+    plan: &gateway::plan::MigrationPlan,
+) -> Result<gateway::plan::MigrationPlan, String> {
+    if !this.shared {
+        return Ok(plan.clone());
+    }
+    match plan.placement.host.as_deref() {
+        None => {
+            let mut pinned = plan.clone();
+            pinned.placement.host = Some(this.name.clone());
+            Ok(pinned)
+        }
+        Some(host) if host == this.name || this.id.as_deref() == Some(host) => Ok(plan.clone()),
+        Some(host) => Err(format!(
+            "a live migration runs on the host of the endpoint it reaches ({}), and the plan names host {host}: \
+             leave --host out or name {}, or send the live migration to the endpoint of {host}",
+            this.name, this.name
+        )),
+    }
+}
+
 /// The plan against the domain, plus what a live migration needs: a hypervisor here,
 /// room for the VM on the host, and room for its boot files in the default datastore
 /// (they arrive before the disks' space is reserved), each held from now on.
@@ -621,11 +647,15 @@ fn check_live_plan(
     principal: &Principal,
     plan: &LivePlan,
 ) -> Result<(crate::hosts::MemoryReservation, Option<ScratchSpace>), (RefusalCode, Vec<String>)> {
-    let mut problems = match placement::validate(domain, principal, &plan.plan) {
-        Ok(_) => Vec::new(),
-        Err((RefusalCode::PlanRejected, problems)) => problems,
-        Err(other) => return Err(other),
+    let (pinned, mut problems) = match on_this_host(domain.hosts.this(), &plan.plan) {
+        Ok(pinned) => (pinned, Vec::new()),
+        Err(problem) => (plan.plan.clone(), vec![problem]),
     };
+    match placement::validate(domain, principal, &pinned) {
+        Ok(_) => {}
+        Err((RefusalCode::PlanRejected, more)) => problems.extend(more),
+        Err(other) => return Err(other),
+    }
     if let Err(e) = QemuBinary::from_env() {
         problems.push(format!(
             "this endpoint cannot run VMs, so it cannot take a live migration: {e}"
@@ -835,5 +865,58 @@ impl BootFiles {
             tokio::fs::copy(&from, to).await.map_err(failed)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::on_this_host;
+    use crate::hosts::ThisHost;
+
+    fn plan(host: Option<&str>) -> gateway::plan::MigrationPlan {
+        gateway::plan::MigrationPlan {
+            vm: gateway::plan::VmSpec {
+                name: "live01".into(),
+                guest_os: "otherGuest".into(),
+                num_cpus: 1,
+                cores_per_socket: None,
+                memory_mib: 256,
+                firmware: None,
+                bios_uuid: None,
+                nics: vec![],
+                controllers: vec![],
+                disks: vec![],
+            },
+            network_map: vec![],
+            chunk_size: gateway::plan::DEFAULT_CHUNK_SIZE,
+            disk_format: None,
+            firewall: Default::default(),
+            placement: gateway::plan::Placement {
+                host: host.map(str::to_owned),
+                ..Default::default()
+            },
+            source_descriptor_sha256: None,
+            seed: None,
+        }
+    }
+
+    #[test]
+    fn a_live_migration_lands_on_the_host_of_the_endpoint_it_reaches() {
+        let esx_b = ThisHost::new("esx-b".into(), Some("host-2".into()), true, None);
+        let placed = |host| on_this_host(&esx_b, &plan(host)).map(|p| p.placement.host);
+        assert_eq!(placed(None), Ok(Some("esx-b".to_owned())));
+        assert_eq!(placed(Some("host-2")), Ok(Some("host-2".to_owned())));
+        let refused = placed(Some("esx-a")).unwrap_err();
+        assert!(refused.contains("esx-a") && refused.contains("(esx-b)"), "{refused}");
+        // One endpoint runs every host's VMs: the plan stays as it is.
+        let alone = ThisHost::new("esx-b".into(), Some("host-2".into()), false, None);
+        assert_eq!(
+            on_this_host(&alone, &plan(Some("esx-a")))
+                .unwrap()
+                .placement
+                .host
+                .as_deref(),
+            Some("esx-a")
+        );
     }
 }
