@@ -9,7 +9,7 @@ use std::time::Duration;
 use cloud_endpoint::inventory::store::test_pg::TestPg;
 
 use crate::process::EndpointProcess;
-use crate::{wan, write_raw_disk, write_vmx, Fill, Pki};
+use crate::{edge_to, wan, write_raw_disk, write_vmx, Fill, Pki, MIGRATOR};
 
 pub const MIB: usize = 1 << 20;
 
@@ -167,4 +167,23 @@ pub fn postgres_cpu(data: &Path) -> Duration {
         .map(|(t, _, _)| t)
         .sum();
     ticks(own + reaped + live)
+}
+
+impl Domain {
+    /// `edge-agent migrate --json` of `vmx` to the domain through `endpoints` (the first
+    /// tried first), its checkpoint under `dir/state` and its receipt in `dir`.
+    pub fn migrate(&self, dir: &Path, vmx: &Path, endpoints: &[std::net::SocketAddr]) -> std::process::Command {
+        let urls: Vec<String> = endpoints.iter().map(|e| format!("quic://{e}")).collect();
+        let mut cmd = edge_to(&self.bin, &self.pki, &urls, MIGRATOR, "migrate");
+        cmd.arg("--vmx")
+            .arg(vmx)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--receipt")
+            .arg(dir.join("receipt.json"))
+            .arg("--json")
+            .env_remove("EDGE_AGENT_LOG_FORMAT")
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
 }

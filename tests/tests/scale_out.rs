@@ -5,29 +5,10 @@
 //! killed mid-transfer hands its migration over to another.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 
 use e2e::rest::Rest;
 use e2e::scale_out::*;
 use e2e::*;
-
-/// `edge-agent migrate --json` of `vmx` to the domain through `endpoints` (the first
-/// tried first), its state in `dir`.
-fn migrate(domain: &Domain, dir: &Path, vmx: &Path, endpoints: &[SocketAddr]) -> std::process::Command {
-    let urls: Vec<String> = endpoints.iter().map(|e| format!("quic://{e}")).collect();
-    let mut cmd = edge_to(&domain.bin, &domain.pki, &urls, MIGRATOR, "migrate");
-    cmd.arg("--vmx")
-        .arg(vmx)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--receipt")
-        .arg(dir.join("receipt.json"))
-        .arg("--json")
-        .env_remove("EDGE_AGENT_LOG_FORMAT")
-        .stdin(Stdio::null());
-    cmd
-}
 
 /// The VMs an endpoint's API lists: (name, id), sorted.
 async fn vms_listed(pki: &Pki, api: SocketAddr) -> Vec<(String, String)> {
@@ -63,8 +44,8 @@ async fn two_endpoints_race_for_one_name_and_every_endpoint_shows_one_inventory(
     let (one, two) = (tmp.path().join("site-1"), tmp.path().join("site-2"));
     let (vmx_1, vmx_2) = (vm(&one, "race01", 2, 1), vm(&two, "race01", 2, 2));
     let (out_1, out_2) = tokio::join!(
-        run(migrate(&domain, &one, &vmx_1, &[endpoints[0].quic])),
-        run(migrate(&domain, &two, &vmx_2, &[endpoints[1].quic]))
+        run(domain.migrate(&one, &vmx_1, &[endpoints[0].quic])),
+        run(domain.migrate(&two, &vmx_2, &[endpoints[1].quic]))
     );
     let won: Vec<bool> = [&out_1, &out_2].iter().map(|o| o.status.success()).collect();
     assert_eq!(
@@ -241,7 +222,7 @@ async fn twenty_four_lifts_from_four_edges_spread_over_three_endpoints() {
                         // Each lift names all three, starting at a different one.
                         let first = (edge + i) % 3;
                         let order: Vec<SocketAddr> = (0..3).map(|k| quic[(first + k) % 3]).collect();
-                        let mut edge_cmd = migrate(&domain, &dir, &vmx, &order);
+                        let mut edge_cmd = domain.migrate(&dir, &vmx, &order);
                         let out = edge_cmd.output().expect("edge-agent runs");
                         let s = summary(&out);
                         (name, dir, s["endpoint"].as_str().unwrap_or_default().to_owned())

@@ -29,7 +29,7 @@ use cloud_endpoint::inventory::store::test_pg::TestPg;
 use cloud_endpoint::inventory::{Inventory, LeaseClock, NewDisk, NewNic, NewVm, Principal};
 use e2e::process::EndpointProcess;
 use e2e::scale_out::{postgres_cpu, proc_ticks, ticks, Domain, MIB};
-use e2e::{edge_at, images_identical, write_raw_disk, write_vmx, Fill, MIGRATOR};
+use e2e::{images_identical, write_raw_disk, write_vmx, Fill, MIGRATOR};
 use serde_json::{json, Value};
 
 /// What to run and how big; each from its environment variable.
@@ -190,24 +190,6 @@ fn reaped_children_cpu() -> Duration {
     ticks(reaped)
 }
 
-/// `edge-agent migrate --json` of `vmx` naming `endpoints` in that order.
-fn edge_migrate(domain: &Domain, endpoints: &[SocketAddr], vmx: &Path, state: &Path) -> Command {
-    let mut cmd = edge_at(&domain.bin, &domain.pki, endpoints[0].port(), MIGRATOR, "migrate");
-    for other in &endpoints[1..] {
-        cmd.arg("--url").arg(format!("quic://{other}"));
-    }
-    cmd.arg("--vmx")
-        .arg(vmx)
-        .arg("--state-dir")
-        .arg(state.join("state"))
-        .arg("--receipt")
-        .arg(state.join("receipt.json"))
-        .arg("--json")
-        .env_remove("EDGE_AGENT_LOG_FORMAT")
-        .stdin(Stdio::null());
-    cmd
-}
-
 /// Starts `n` endpoints esx-a, esx-b, ... of `domain`, each with `extra` settings on top
 /// (and on SQLite, one endpoint with its own file instead of the database).
 fn endpoints(domain: &Domain, n: usize, sqlite: bool, extra: &[(&'static str, String)]) -> Vec<EndpointProcess> {
@@ -275,9 +257,7 @@ fn lifts(s: &Settings, root: &Path, cores: usize) -> anyhow::Result<Value> {
                             let order: Vec<SocketAddr> = (0..n).map(|k| addrs[(i + k) % n]).collect();
                             let state = domain.root.join("edges").join(name);
                             std::fs::create_dir_all(&state).expect("the edge's state folder");
-                            let out = edge_migrate(&domain, &order, vmx, &state)
-                                .output()
-                                .expect("edge-agent starts");
+                            let out = domain.migrate(&state, vmx, &order).output().expect("edge-agent starts");
                             done.push((i, out));
                         }
                         done
@@ -725,7 +705,7 @@ fn failover(s: &Settings, root: &Path, lease: u64, idle: u64) -> anyhow::Result<
     let src = root.join("src");
     let vmx = e2e::scale_out::vm(&src, name, s.failover_mib, 77);
     let total = (s.failover_mib * MIB) as u64;
-    let mut cmd = edge_migrate(&domain, &[a, b], &vmx, root);
+    let mut cmd = domain.migrate(root, &vmx, &[a, b]);
     cmd.arg("--max-rate")
         .arg(&s.failover_rate)
         .arg("--retry-for")
