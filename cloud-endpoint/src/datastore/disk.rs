@@ -26,6 +26,9 @@ pub(super) trait DiskWriter: fmt::Debug + Send + Sync {
     /// Reads guest bytes `offset..offset + buf.len()` as the file holds them now
     /// (never-written ranges read as zeros): the read-back before a commit.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Whether the file holds nothing in guest bytes `offset..offset + len`, so that
+    /// they read as zeros without being read. False when it cannot tell.
+    fn is_unallocated(&self, offset: u64, len: u64) -> io::Result<bool>;
 }
 
 /// A staged disk open for writing: see [`super::Staging::create_disk`].
@@ -196,6 +199,16 @@ impl DiskFile {
         self.writer.read_at(buf, offset)
     }
 
+    /// Whether guest bytes `offset..offset + len` are unallocated in the file (a hole, a
+    /// qcow2 cluster never mapped): they read as zeros without a read. False when the
+    /// file cannot tell, or for a range past the capacity.
+    pub fn is_unallocated(&self, offset: u64, len: u64) -> io::Result<bool> {
+        if offset.checked_add(len).is_none_or(|end| end > self.capacity) {
+            return Ok(false);
+        }
+        self.writer.is_unallocated(offset, len)
+    }
+
     /// Completes the file after the last write (qcow2: its tables and header) and fsyncs
     /// it. Call once, when every chunk is written.
     pub fn finish(&self) -> io::Result<()> {
@@ -244,5 +257,22 @@ impl DiskWriter for SparseWriter {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    /// Asked of the file system (`SEEK_DATA`): a hole is zeros by definition. A file
+    /// system without hole support answers with the next byte, which says "data".
+    fn is_unallocated(&self, offset: u64, len: u64) -> io::Result<bool> {
+        use nix::unistd::{lseek, Whence};
+        let Ok(start) = i64::try_from(offset) else {
+            return Ok(false);
+        };
+        match lseek(&self.file, start, Whence::SeekData) {
+            Ok(data) => Ok(u64::try_from(data).is_ok_and(|d| d >= offset.saturating_add(len))),
+            // No data at or after `offset`.
+            Err(nix::errno::Errno::ENXIO) => Ok(true),
+            // EINVAL: the file system cannot tell (or a bad offset): read the bytes.
+            Err(nix::errno::Errno::EINVAL) => Ok(false),
+            Err(e) => Err(io::Error::from(e)),
+        }
     }
 }

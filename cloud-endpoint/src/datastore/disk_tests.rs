@@ -456,3 +456,68 @@ fn every_format_reads_back_what_the_file_holds_at_any_offset() {
         assert_eq!(again[0], first[0] ^ 0xff, "{format:?}");
     }
 }
+
+#[test]
+fn the_read_back_skips_unallocated_zero_chunks_and_still_catches_changes() {
+    let (_dir, ds) = datastore();
+    let staging = ds.stage("m10", "web01").unwrap();
+    let chunk = 256 * KIB;
+    let capacity = 5 * MIB + 3000;
+    let sent = dense(capacity, chunk, 10);
+    for (index, format) in [DiskFormat::Qcow2, DiskFormat::Raw].into_iter().enumerate() {
+        // Read back as before a commit: written, not yet finished.
+        let disk = staging.create_disk(index, capacity, format).unwrap();
+        for (offset, data) in &sent {
+            disk.write_at(data, *offset).unwrap();
+        }
+        // What the edge announced: every chunk's hash, zero chunks included.
+        let count = capacity.div_ceil(chunk);
+        let expected: Vec<(u16, u64, [u8; 32])> = (0..count)
+            .map(|i| {
+                let len = (capacity - i * chunk).min(chunk) as usize;
+                let hash = match sent.iter().find(|(offset, _)| *offset == i * chunk) {
+                    Some((_, data)) => gateway::chunk::chunk_hash(data),
+                    None => gateway::chunk::chunk_hash(&vec![0u8; len]),
+                };
+                (0, i, hash)
+            })
+            .collect();
+        let zero_chunks = count - sent.len() as u64;
+        assert!(zero_chunks >= 3, "the sample leaves zero chunks out");
+        let disks = [disk.clone()];
+        let found = read_back(&disks, &[capacity], chunk as u32, &expected, 2).unwrap();
+        assert!(
+            found.damaged.is_empty() && found.rewritten_zero.is_empty(),
+            "{format:?}: {found:?}"
+        );
+        assert_eq!(
+            found.unallocated, zero_chunks,
+            "{format:?}: zero chunks are holes, not read"
+        );
+        assert_eq!(
+            found.bytes_read,
+            sent.iter().map(|(_, d)| d.len() as u64).sum::<u64>(),
+            "{format:?}"
+        );
+
+        // A hand on the datastore: bytes in a zero chunk, one byte of a data chunk.
+        let zero_index = (0..count).find(|i| !sent.iter().any(|(o, _)| *o == i * chunk)).unwrap();
+        disk.write_at(&vec![0xab; chunk as usize], zero_index * chunk).unwrap();
+        let (data_offset, data) = &sent[1];
+        disk.write_at(&[!data[100]], data_offset + 100).unwrap();
+        let found = read_back(&disks, &[capacity], chunk as u32, &expected, 2).unwrap();
+        assert_eq!(found.rewritten_zero, vec![(0, zero_index)], "{format:?}");
+        assert_eq!(found.damaged, vec![(0, data_offset / chunk)], "{format:?}");
+        assert_eq!(
+            found.unallocated,
+            zero_chunks - 1,
+            "{format:?}: the written zero chunk is read"
+        );
+        let mut back = vec![0xffu8; chunk as usize];
+        disk.read_at(&mut back, zero_index * chunk).unwrap();
+        assert!(
+            gateway::chunk::is_zero(&back),
+            "{format:?}: the zero chunk is zeros again"
+        );
+    }
+}

@@ -268,6 +268,23 @@ impl Qcow2Writer {
     }
 }
 
+impl Qcow2Writer {
+    /// The host offset of each cluster that guest bytes `offset..end` touch (0: not
+    /// allocated, reads as zeros), from the L2 entries as the file holds them: what qemu
+    /// would read, not what a writer meant to map.
+    fn mapped_clusters(&self, offset: u64, end: u64) -> io::Result<Vec<u64>> {
+        let first = offset >> self.layout.cluster_bits;
+        let last = (end - 1) >> self.layout.cluster_bits;
+        let mut entries = vec![0u8; (last - first + 1) as usize * 8];
+        self.file
+            .read_exact_at(&mut entries, self.layout.at(self.layout.l2_tables) + first * 8)?;
+        Ok(entries
+            .chunks_exact(8)
+            .map(|entry| u64::from_be_bytes(entry.try_into().expect("8-byte entry")) & OFFSET_MASK)
+            .collect())
+    }
+}
+
 impl super::disk::DiskWriter for Qcow2Writer {
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         if data.is_empty() {
@@ -332,17 +349,10 @@ impl super::disk::DiskWriter for Qcow2Writer {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "read past the virtual size"))?;
         let cluster = self.layout.cluster_size();
         let first = offset >> self.layout.cluster_bits;
-        let last = (end - 1) >> self.layout.cluster_bits;
-        // The entries as the file holds them: what qemu would read, not what a writer
-        // meant to map.
-        let mut entries = vec![0u8; (last - first + 1) as usize * 8];
-        self.file
-            .read_exact_at(&mut entries, self.layout.at(self.layout.l2_tables) + first * 8)?;
-        for (g, entry) in (first..=last).zip(entries.chunks_exact(8)) {
+        for (g, host) in (first..).zip(self.mapped_clusters(offset, end)?) {
             let from = (g * cluster).max(offset);
             let to = ((g + 1) * cluster).min(end);
             let part = &mut buf[(from - offset) as usize..(to - offset) as usize];
-            let host = u64::from_be_bytes(entry.try_into().expect("8-byte entry")) & OFFSET_MASK;
             if host == 0 {
                 part.fill(0);
             } else {
@@ -350,6 +360,16 @@ impl super::disk::DiskWriter for Qcow2Writer {
             }
         }
         Ok(())
+    }
+
+    fn is_unallocated(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let Some(end) = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.layout.size && len > 0)
+        else {
+            return Ok(false);
+        };
+        Ok(self.mapped_clusters(offset, end)?.iter().all(|&host| host == 0))
     }
 
     fn finish(&self) -> io::Result<()> {

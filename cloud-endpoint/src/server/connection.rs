@@ -1114,6 +1114,7 @@ async fn verify_staged(ctx: &Arc<Ctx>, chunks: Vec<(u16, u64, [u8; 32])>) {
             tracing::info!(
                 chunks = count,
                 bytes = found.bytes_read,
+                unallocated = found.unallocated,
                 secs,
                 damaged = found.damaged.len(),
                 rewritten_zero = found.rewritten_zero.len(),
