@@ -11,6 +11,10 @@
 #   BENCH_CACHE=drop|warm         page cache before each timed run (default: drop if the
 #                                 kernel lets us, else warm = read the image once first)
 #   BENCH_KEEP=1                  keep the run's temp dir (logs, datastore) for inspection
+#   BENCH_BUILD=1                 cargo build --release --workspace first (0: use BENCH_BIN)
+#   BENCH_BIN=target/release      where the binaries are (a copy, to compare two builds)
+#   BENCH_FORMATS="streamOptimized.vmdk compressed.qcow2"   other source formats timed ("" none)
+#   BENCH_QUIET_WAIT=120          seconds to wait for a quiet machine before each run
 #
 # What is measured, per tool and rep: wall time (GNU time), CPU seconds (user+sys) and
 # peak RSS of the client and of the server side, and the bytes on the wire.
@@ -54,9 +58,11 @@ fi
 command -v qemu-img >/dev/null || die "qemu-img (qemu-utils) is needed for the correctness check"
 
 # --- build, sample disk ---------------------------------------------------------------
-log "cargo build --release --workspace"
-(cd "$root" && cargo build --release --workspace --quiet)
-bin=$root/target/release
+if [ "${BENCH_BUILD:-1}" = 1 ]; then
+  log "cargo build --release --workspace"
+  (cd "$root" && cargo build --release --workspace --quiet)
+fi
+bin=$(realpath "${BENCH_BIN:-$root/target/release}")
 
 img=$(sample_disk "$BENCH_SIZE")
 size=$(stat -c %s "$img")
@@ -226,7 +232,8 @@ done
 # logical rate of each beside the raw image's.
 declare -A fmt_args=([streamOptimized.vmdk]="-O vmdk -o subformat=streamOptimized"
                      [compressed.qcow2]="-O qcow2 -c")
-for fmt in streamOptimized.vmdk compressed.qcow2; do
+: >"$tmp/formats.jsonl"
+for fmt in ${BENCH_FORMATS-streamOptimized.vmdk compressed.qcow2}; do
   src=${img%.img}.$fmt
   if [ ! -s "$src" ]; then
     log "converting the sample disk to $fmt (cached as $src)"
