@@ -501,4 +501,25 @@ impl Watch {
     pub fn done(&self) -> u64 {
         self.last.lock().unwrap().as_ref().map_or(0, |p| p.done_bytes)
     }
+
+    /// Waits until the edge reports `bytes` done (a point mid-transfer to cut something
+    /// at); panics after `within` without it. Returns the bytes done then.
+    pub async fn until_done(&self, bytes: u64, within: std::time::Duration) -> u64 {
+        let t0 = std::time::Instant::now();
+        while self.done() < bytes {
+            assert!(
+                t0.elapsed() < within,
+                "no progress: {} of {bytes} bytes after {within:?}",
+                self.done()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.done()
+    }
+}
+
+/// Kills `child` (SIGKILL: a crash, nothing flushed) and reaps it.
+pub fn kill_now(child: &mut std::process::Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

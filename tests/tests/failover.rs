@@ -163,14 +163,8 @@ async fn an_endpoint_killed_mid_transfer_is_resumed_on_the_next_address() {
         tokio::spawn(async move { migrate::run(&source, &target, &opts, sink).await })
     };
     let total = 24 * MIB as u64;
-    let t0 = Instant::now();
-    while sink.done() < total / 3 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let done_at_kill = sink.done();
-    endpoint.kill().unwrap();
-    endpoint.wait().unwrap();
+    let done_at_kill = sink.until_done(total / 3, Duration::from_secs(60)).await;
+    kill_now(&mut endpoint);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut endpoint = endpoint_on(&bin, &pki, &cloud, second);
     let summary = tokio::time::timeout(Duration::from_secs(180), lift)

@@ -7,12 +7,11 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::*;
 use edge_agent::migrate::{self, MigrateOptions};
-use edge_agent::report::{Progress, ProgressSink};
 use edge_agent::source;
 use gateway::transport::Rate;
 
@@ -29,22 +28,6 @@ fn vm(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
 }
 
 /// Remembers the last progress report.
-#[derive(Default)]
-struct Last(Mutex<Option<Progress>>);
-
-impl ProgressSink for Last {
-    fn started(&self, _: &str, _: &str, _: u64) {}
-    fn progress(&self, p: &Progress) {
-        *self.0.lock().unwrap() = Some(p.clone());
-    }
-}
-
-impl Last {
-    fn done(&self) -> u64 {
-        self.0.lock().unwrap().as_ref().map_or(0, |p| p.done_bytes)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_restarted_mid_transfer_is_resumed_by_the_edge() {
     let tmp = tempfile::tempdir().unwrap();
@@ -61,17 +44,14 @@ async fn an_endpoint_restarted_mid_transfer_is_resumed_by_the_edge() {
         retry_for: Duration::from_secs(60),
         ..MigrateOptions::default()
     };
-    let sink = Arc::new(Last::default());
+    let sink = Arc::new(Watch::default());
     let lift = {
         let sink = sink.clone();
         tokio::spawn(async move { migrate::run(&source, &target, &opts, sink).await })
     };
     let total = 24 * MIB as u64;
+    sink.until_done(total / 4, Duration::from_secs(30)).await;
     let t0 = Instant::now();
-    while sink.done() < total / 4 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "no progress");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     // The task shows what the cloud holds durably, while it moves.
     let id = cloud.domain.inventory.list_migrations().unwrap()[0].id.clone();
     let task = loop {
@@ -309,20 +289,14 @@ async fn an_endpoint_killed_with_sigkill_is_resumed_after_its_restart() {
         },
         ..MigrateOptions::default()
     };
-    let sink = Arc::new(Last::default());
+    let sink = Arc::new(Watch::default());
     let lift = {
         let sink = sink.clone();
         tokio::spawn(async move { migrate::run(&source, &target, &opts, sink).await })
     };
     let total = 24 * MIB as u64;
-    let t0 = Instant::now();
-    while sink.done() < total / 3 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let done_at_kill = sink.done();
-    endpoint.kill().unwrap();
-    endpoint.wait().unwrap();
+    let done_at_kill = sink.until_done(total / 3, Duration::from_secs(60)).await;
+    kill_now(&mut endpoint);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut endpoint = start();
     let summary = lift.await.unwrap().expect("the edge resumes by itself");

@@ -137,12 +137,7 @@ async fn an_endpoint_killed_mid_transfer_hands_its_migration_to_another() {
         tokio::spawn(async move { edge_agent::migrate::run(&source, &target, &opts, sink).await })
     };
     let total = 24 * MIB as u64;
-    let t0 = Instant::now();
-    while sink.done() < total / 3 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let done_at_kill = sink.done();
+    let done_at_kill = sink.until_done(total / 3, Duration::from_secs(60)).await;
     let killed = Instant::now();
     drop(esx_a);
     let mut moved_on = None;
