@@ -5,6 +5,7 @@ pub mod dedup;
 pub mod links;
 pub mod live;
 mod live_migration;
+mod tunnels;
 pub mod placement;
 mod probe;
 pub mod revoked;
