@@ -112,6 +112,9 @@ for b in edge-agent cloud-endpoint certs; do [ -x "$bin/$b" ] || die "no $bin/$b
 # --- run folder, cleanup ----------------------------------------------------------------
 mkdir -p "$LIVE_BENCH_DIR"
 tmp=$(mktemp -d "$LIVE_BENCH_DIR/run.XXXXXX")
+# The endpoint runs the destination QEMU as its own unprivileged user, which must pass
+# through the run folder to the datastore (mktemp makes it 700).
+chmod o+x "$LIVE_BENCH_DIR" "$tmp"
 nft_table=livebench$$
 export WAN_PREFIX=lb$$ WAN_RELAY=$bin/wan-relay RELAY_STATS_SECS=5
 ON=$WAN_PREFIX-onprem CL=$WAN_PREFIX-cloud
