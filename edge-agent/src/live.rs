@@ -1015,7 +1015,11 @@ impl Tunnels {
                         if let Err(e) = splice(local, streams, level, stats).await {
                             tracing::warn!(?kind, error = %e, "tunnel ended");
                             if e.is_peer_violation() {
-                                gateway::transport::close(&conn, gateway::wire::RefusalCode::ProtocolViolation, &e.to_string());
+                                gateway::transport::close(
+                                    &conn,
+                                    gateway::wire::RefusalCode::ProtocolViolation,
+                                    &e.to_string(),
+                                );
                             }
                         }
                     });
@@ -1109,7 +1113,10 @@ mod tests {
             rate_bps: 100_000_000,
             rtt: Duration::from_millis(1),
         };
-        assert_eq!(tunnel_lanes(&TransportTuning::for_known_path(lan), lan, Duration::from_millis(1)), 7);
+        assert_eq!(
+            tunnel_lanes(&TransportTuning::for_known_path(lan), lan, Duration::from_millis(1)),
+            7
+        );
         // A measured RTT longer than the configured one asks for more, within the bound.
         let lanes = tunnel_lanes(&TransportTuning::for_known_path(lan), long, Duration::from_millis(600));
         assert_eq!(lanes, MAX_TUNNEL_LANES);

@@ -470,7 +470,9 @@ impl Run {
         if dest.streams >= most {
             self.session.refuse(
                 RefusalCode::ProtocolViolation,
-                vec![format!("more than {MAX_TUNNELS} tunnels ({most} streams) in one live migration")],
+                vec![format!(
+                    "more than {MAX_TUNNELS} tunnels ({most} streams) in one live migration"
+                )],
             );
             return;
         }

@@ -5,11 +5,11 @@ pub mod dedup;
 pub mod links;
 pub mod live;
 mod live_migration;
-mod tunnels;
 pub mod placement;
 mod probe;
 pub mod revoked;
 pub mod seed;
+mod tunnels;
 
 use std::future::Future;
 use std::net::UdpSocket;

@@ -60,7 +60,9 @@ impl<S> Lanes<S> {
             Some(p) => p,
             None => {
                 if self.seen.contains(&tunnel) {
-                    return Err(format!("tunnel {tunnel} was opened already: each tunnel has its own number"));
+                    return Err(format!(
+                        "tunnel {tunnel} was opened already: each tunnel has its own number"
+                    ));
                 }
                 if self.seen.len() as u64 >= u64::from(self.most_tunnels) {
                     return Err(format!("more than {} tunnels in one live migration", self.most_tunnels));
@@ -87,7 +89,10 @@ impl<S> Lanes<S> {
         if partial.missing > 0 {
             return Ok(None);
         }
-        let done = self.partial.remove(&tunnel).map(|p| p.lanes.into_iter().flatten().collect());
+        let done = self
+            .partial
+            .remove(&tunnel)
+            .map(|p| p.lanes.into_iter().flatten().collect());
         Ok(done)
     }
 }
@@ -112,7 +117,10 @@ mod tests {
         assert_eq!(l.add(&header(0, 2, 3, TunnelKind::Memory), "c"), Ok(None));
         assert_eq!(l.add(&header(1, 0, 1, TunnelKind::Nbd), "nbd"), Ok(Some(vec!["nbd"])));
         assert_eq!(l.add(&header(0, 0, 3, TunnelKind::Memory), "a"), Ok(None));
-        assert_eq!(l.add(&header(0, 1, 3, TunnelKind::Memory), "b"), Ok(Some(vec!["a", "b", "c"])));
+        assert_eq!(
+            l.add(&header(0, 1, 3, TunnelKind::Memory), "b"),
+            Ok(Some(vec!["a", "b", "c"]))
+        );
     }
 
     #[test]
@@ -129,8 +137,14 @@ mod tests {
         assert!(l.add(&header(0, 1, 3, TunnelKind::Memory), ()).is_err());
         assert_eq!(l.add(&header(0, 1, 2, TunnelKind::Memory), ()), Ok(Some(vec![(), ()])));
         // A finished tunnel's number is not reused, and the count is bounded.
-        assert!(l.add(&header(0, 0, 1, TunnelKind::Nbd), ()).unwrap_err().contains("opened already"));
+        assert!(l
+            .add(&header(0, 0, 1, TunnelKind::Nbd), ())
+            .unwrap_err()
+            .contains("opened already"));
         assert_eq!(l.add(&header(1, 0, 1, TunnelKind::Nbd), ()), Ok(Some(vec![()])));
-        assert!(l.add(&header(2, 0, 1, TunnelKind::Nbd), ()).unwrap_err().contains("more than 2 tunnels"));
+        assert!(l
+            .add(&header(2, 0, 1, TunnelKind::Nbd), ())
+            .unwrap_err()
+            .contains("more than 2 tunnels"));
     }
 }

@@ -19,9 +19,7 @@
 pub enum ReorderError {
     #[error("tunnel frame {seq} arrived on stream {lane} of {lanes}, which does not exist")]
     NoSuchLane { lane: usize, lanes: usize, seq: u64 },
-    #[error(
-        "tunnel frame {seq} arrived twice (stream {lane} was at frame {expected}): the peer duplicated a frame"
-    )]
+    #[error("tunnel frame {seq} arrived twice (stream {lane} was at frame {expected}): the peer duplicated a frame")]
     Duplicate { seq: u64, lane: usize, expected: u64 },
     #[error(
         "tunnel frame {seq} arrived while frame {next} is still missing, beyond the reorder window of {window} \
@@ -232,7 +230,14 @@ mod tests {
             r.accept(0, seq, seq).unwrap();
             assert_eq!(r.pop(), Some((0, seq)));
         }
-        assert!(matches!(r.accept(0, 7, 7), Err(ReorderError::BeyondWindow { seq: 7, next: 5, window: 1 })));
+        assert!(matches!(
+            r.accept(0, 7, 7),
+            Err(ReorderError::BeyondWindow {
+                seq: 7,
+                next: 5,
+                window: 1
+            })
+        ));
     }
 
     #[test]
@@ -242,7 +247,14 @@ mod tests {
         assert_eq!(drain(&mut r), vec![0]);
         // Delivered already.
         let e = r.accept(0, 0, 0).unwrap_err();
-        assert_eq!(e, ReorderError::Duplicate { seq: 0, lane: 0, expected: 2 });
+        assert_eq!(
+            e,
+            ReorderError::Duplicate {
+                seq: 0,
+                lane: 0,
+                expected: 2
+            }
+        );
         assert!(e.to_string().contains("arrived twice"), "{e}");
         // Held, not yet delivered, sent again on its lane.
         let mut r = Reorder::new(2);
@@ -254,13 +266,31 @@ mod tests {
     fn a_gap_beyond_the_window_is_refused_before_it_is_held() {
         let mut r = Reorder::new(4);
         let e = r.accept(0, 4, 4).unwrap_err();
-        assert_eq!(e, ReorderError::BeyondWindow { seq: 4, next: 0, window: 4 });
+        assert_eq!(
+            e,
+            ReorderError::BeyondWindow {
+                seq: 4,
+                next: 0,
+                window: 4
+            }
+        );
         assert!(e.to_string().contains("reorder window of 4"), "{e}");
         assert_eq!(r.held(), 0);
         // A far-future sequence number does not overflow the window check.
-        assert!(matches!(r.accept(1, u64::MAX, 0), Err(ReorderError::BeyondWindow { .. })));
+        assert!(matches!(
+            r.accept(1, u64::MAX, 0),
+            Err(ReorderError::BeyondWindow { .. })
+        ));
         // Within the window, but on the wrong lane.
-        assert!(matches!(r.accept(1, 2, 2), Err(ReorderError::WrongLane { seq: 2, lane: 1, expected: 1, .. })));
+        assert!(matches!(
+            r.accept(1, 2, 2),
+            Err(ReorderError::WrongLane {
+                seq: 2,
+                lane: 1,
+                expected: 1,
+                ..
+            })
+        ));
         assert!(matches!(r.accept(9, 2, 2), Err(ReorderError::NoSuchLane { .. })));
     }
 
