@@ -21,9 +21,12 @@
 #   LIVE_BENCH_LO_DIRTY="0 16"   guests on loopback: dirty=MIB values (0 = idle)
 #   LIVE_BENCH_WAN_DIRTY="0 4"   guests on the WAN (a dirty=16 guest dirties ~20 MiB/s, more
 #                                than 100 Mbit/s carries: pre-copy cannot converge there)
-#   LIVE_BENCH_RATE=100mbit      WAN rate (tc syntax)
+#   LIVE_BENCH_RATE=100mbit      WAN rate (tc syntax; 1gbit for issue 16's long fat link)
 #   LIVE_BENCH_DELAY_MS=75       WAN one-way delay (RTT = 2x)
 #   LIVE_BENCH_DOWNTIME_MS=300   downtime-limit on both halves
+#   LIVE_BENCH_TUNNEL_STREAMS=   QUIC streams per gateway tunnel (edge-agent --tunnel-streams, 1-32);
+#                                empty: the agent sizes it from the path (2 x BDP / 1.25 MB);
+#                                1: one stream per tunnel, as before protocol version 10
 #   LIVE_BENCH_PREFILL=32        MiB of random data on the 64 MiB source disk (for the mirror)
 #   LIVE_BENCH_TIMEOUT=300       seconds one migration may take
 #   LIVE_BENCH_UDP_MEM_MAX=8388608  raise net.core.rmem_max/wmem_max to this while the WAN
@@ -40,6 +43,8 @@
 #             Neither includes booting the guests or starting the destination QEMU.
 #   downtime  QEMU's own figure (query-migrate `downtime` on the source), both halves.
 #   memory    QEMU's total-time of the memory migration (query-migrate `total-time`).
+#   memory rate  RAM bytes QEMU sent (query-migrate ram.transferred) / memory, in MB/s: the
+#             memory stream's rate, the figure the tunnel's streams decide.
 #   wire      bytes on the wire during the migration, both directions, counted the same
 #             way for both halves:
 #             WAN: Ethernet frames received by the two ends' wan0 (rx_bytes of the cloud's
@@ -76,6 +81,7 @@ LIVE_BENCH_WAN_DIRTY=${LIVE_BENCH_WAN_DIRTY-0 4}
 LIVE_BENCH_RATE=${LIVE_BENCH_RATE:-100mbit}
 LIVE_BENCH_DELAY_MS=${LIVE_BENCH_DELAY_MS:-75}
 LIVE_BENCH_DOWNTIME_MS=${LIVE_BENCH_DOWNTIME_MS:-300}
+LIVE_BENCH_TUNNEL_STREAMS=${LIVE_BENCH_TUNNEL_STREAMS:-}
 LIVE_BENCH_PREFILL=${LIVE_BENCH_PREFILL:-32}
 LIVE_BENCH_TIMEOUT=${LIVE_BENCH_TIMEOUT:-300}
 LIVE_BENCH_UDP_MEM_MAX=${LIVE_BENCH_UDP_MEM_MAX-8388608}
@@ -106,6 +112,9 @@ for b in edge-agent cloud-endpoint certs; do [ -x "$bin/$b" ] || die "no $bin/$b
 # --- run folder, cleanup ----------------------------------------------------------------
 mkdir -p "$LIVE_BENCH_DIR"
 tmp=$(mktemp -d "$LIVE_BENCH_DIR/run.XXXXXX")
+# The endpoint runs the destination QEMU as its own unprivileged user, which must pass
+# through the run folder to the datastore (mktemp makes it 700).
+chmod o+x "$LIVE_BENCH_DIR" "$tmp"
 nft_table=livebench$$
 export WAN_PREFIX=lb$$ WAN_RELAY=$bin/wan-relay RELAY_STATS_SECS=5
 ON=$WAN_PREFIX-onprem CL=$WAN_PREFIX-cloud
@@ -289,6 +298,7 @@ gateway_case() { # NET DIRTY RUN
     prefix=(ip netns exec "$ON")
     link=(--link-rate "$LIVE_BENCH_RATE" --link-rtt "$((2 * LIVE_BENCH_DELAY_MS))ms")
   fi
+  [ -n "$LIVE_BENCH_TUNNEL_STREAMS" ] && link+=(--tunnel-streams "$LIVE_BENCH_TUNNEL_STREAMS")
   # The source: the command line the agent expects (it checks it against the .vmx).
   cmd=$("$bin/edge-agent" qemu-command --vmx "$wd/$name.vmx" --qmp "$wd/src.qmp" --serial-log "$wd/src-serial.log" \
         --kernel "$KERNEL" --initrd "$INITRD" --append "$append")
@@ -475,44 +485,47 @@ fi
 results=$LIVE_BENCH_DIR/results.json
 jq -n --slurpfile cases "$tmp/cases.jsonl" --argjson link "$link_info" --arg runs "$LIVE_BENCH_RUNS" \
   --arg rev "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)" \
-  --arg qemu "$(qemu-system-x86_64 --version | head -n1)" --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" '
+  --arg qemu "$(qemu-system-x86_64 --version | head -n1)" --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
+  --arg streams "${LIVE_BENCH_TUNNEL_STREAMS:-auto}" '
   def median: sort | if length == 0 then null elif length % 2 == 1 then .[length / 2 | floor]
                      else (.[length / 2 - 1] + .[length / 2]) / 2 end;
   def med(f): [.[] | select(.ok) | f | select(. != null)] | median;
   def ratio(a; b): if a == null or b == null or b == 0 then null else a / b end;
-  {date: (now | todate), git: $rev, qemu: $qemu, load_at_end: $load, runs: ($runs | tonumber), wan: $link,
+  def rate: if (.memory_ms // 0) > 0 and .ram_transferred != null then .ram_transferred / .memory_ms * 1000 else null end;
+  {date: (now | todate), git: $rev, tunnel_streams: $streams, qemu: $qemu, load_at_end: $load, runs: ($runs | tonumber), wan: $link,
    cases: $cases,
    rows: ($cases | group_by([.net, .dirty]) | map(
      . as $g | ($g | map(select(.mode == "direct"))) as $d | ($g | map(select(.mode == "gateway"))) as $w |
      {net: $g[0].net, dirty: $g[0].dirty,
       direct: {ok: ($d | map(select(.ok)) | length), of: ($d | length), total_s: ($d | med(.total_s)), downtime_ms: ($d | med(.downtime_ms)),
                pause_ms: ($d | med(.console.pause_est_ms)),
-               memory_ms: ($d | med(.memory_ms)), wire: ($d | med(.wire)), ram: ($d | med(.ram_transferred))},
+               memory_ms: ($d | med(.memory_ms)), memory_rate: ($d | med(rate)), wire: ($d | med(.wire)), ram: ($d | med(.ram_transferred))},
       gateway: {ok: ($w | map(select(.ok)) | length), of: ($w | length), total_s: ($w | med(.total_s)), downtime_ms: ($w | med(.downtime_ms)),
                 pause_ms: ($w | med(.console.pause_est_ms)),
-                memory_ms: ($w | med(.memory_ms)), wire: ($w | med(.wire)), wire_all: ($w | med(.wire_all)), ram: ($w | med(.ram_transferred)),
+                memory_ms: ($w | med(.memory_ms)), memory_rate: ($w | med(rate)), wire: ($w | med(.wire)), wire_all: ($w | med(.wire_all)), ram: ($w | med(.ram_transferred)),
                 tunnel_plain: ($w | med(.tunnel_plain_bytes)), tunnel_wire: ($w | med(.tunnel_wire_bytes))}}
      | . + {ratio: {total: ratio(.gateway.total_s; .direct.total_s), downtime: ratio(.gateway.downtime_ms; .direct.downtime_ms),
                     pause: ratio(.gateway.pause_ms; .direct.pause_ms),
-                    memory: ratio(.gateway.memory_ms; .direct.memory_ms), wire: ratio(.gateway.wire; .direct.wire)}}
+                    memory: ratio(.gateway.memory_ms; .direct.memory_ms), wire: ratio(.gateway.wire; .direct.wire),
+                    memory_rate: ratio(.gateway.memory_rate; .direct.memory_rate)}}
      | . + {target: (if .net == "lo" then {what: "downtime <= 1.2x direct", met: (if .ratio.downtime then .ratio.downtime <= 1.2 else null end)}
                      else {what: "total <= direct", met: (if .ratio.total then .ratio.total <= 1 else null end)} end)}))}' >"$results"
 cp "$results" "$tmp/results.json"
 
 echo
-echo "Live migration, direct (QEMU to QEMU over TCP) vs through the gateway: $(jq -r '"\(.qemu), git \(.git), \(.runs) run(s) per case (medians), load average at the end \(.load_at_end)"' "$results")"
+echo "Live migration, direct (QEMU to QEMU over TCP) vs through the gateway: $(jq -r '"\(.qemu), git \(.git), \(.runs) run(s) per case (medians), streams per tunnel \(.tunnel_streams), load average at the end \(.load_at_end)"' "$results")"
 jq -r 'if .wan.rate then "WAN: \(.wan.rate), \(.wan.one_way_delay_ms) ms each way (idle ping RTT \(.wan.idle_rtt_ms) ms), no loss; direct TCP congestion control \(.wan.tcp_cc_direct)" else empty end' "$results"
 echo
-echo "| link | guest | mode | ok | total s | downtime ms (QEMU) | console gap ms | memory ms | RAM MB | wire MB | gw/direct total | gw/direct downtime | gw/direct wire | target |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| link | guest | mode | ok | total s | downtime ms (QEMU) | console gap ms | memory ms | RAM MB | memory MB/s | wire MB | gw/direct total | gw/direct downtime | gw/direct wire | gw/direct memory rate | target |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 jq -r '
   def f(n): if . == null then "-" else (. * n | round / n | tostring) end;
   def mb: if . == null then "-" else (. / 1e6 * 10 | round / 10 | tostring) end;
   .rows[] | . as $r |
   (["direct", "gateway"][] as $m | $r[$m] as $x |
-   "| \(if $r.net == "lo" then "loopback" else "WAN" end) | \(if $r.dirty == 0 then "idle" else "dirty=\($r.dirty)" end) | \($m) | \($x.ok)/\($x.of) | \($x.total_s | f(100)) | \($x.downtime_ms | f(1)) | \($x.pause_ms | f(1)) | \($x.memory_ms | f(1)) | \($x.ram | mb) | \($x.wire | mb) | " +
-   (if $m == "gateway" then "\($r.ratio.total | f(100))x | \($r.ratio.downtime | f(100))x | \($r.ratio.wire | f(100))x | \($r.target.what): \(if $r.target.met == null then "n/a" elif $r.target.met then "met" else "MISSED" end) |"
-    else "| | | |" end))' "$results"
+   "| \(if $r.net == "lo" then "loopback" else "WAN" end) | \(if $r.dirty == 0 then "idle" else "dirty=\($r.dirty)" end) | \($m) | \($x.ok)/\($x.of) | \($x.total_s | f(100)) | \($x.downtime_ms | f(1)) | \($x.pause_ms | f(1)) | \($x.memory_ms | f(1)) | \($x.ram | mb) | \($x.memory_rate | mb) | \($x.wire | mb) | " +
+   (if $m == "gateway" then "\($r.ratio.total | f(100))x | \($r.ratio.downtime | f(100))x | \($r.ratio.wire | f(100))x | \($r.ratio.memory_rate | f(100))x | \($r.target.what): \(if $r.target.met == null then "n/a" elif $r.target.met then "met" else "MISSED" end) |"
+    else "| | | | |" end))' "$results"
 echo
 echo "Per run (exact figures):"
 jq -r '.cases[] | "  \(.net) dirty=\(.dirty) run \(.run) \(.mode): ok=\(.ok) total_s=\(.total_s) downtime_ms=\(.downtime_ms) memory_ms=\(.memory_ms) passes=\(.passes) ram_transferred=\(.ram_transferred) mirror_bytes=\(.mirror_bytes) wire=\(.wire) (up \(.wire_up), down \(.wire_down)) wire_all=\(.wire_all) console=\(.console | tojson)\(if .mode == "gateway" then " tunnel_plain=\(.tunnel_plain_bytes) tunnel_wire=\(.tunnel_wire_bytes)" else " guest_pause_ms=\(.guest_pause_ms | if . then round else . end) dirty_rate_mib_s=\(.dirty_rate_mib_s)" end) counter \(.counter.src_last)->\(.counter.dst_first)..\(.counter.dst_last)\(if (.problems | length) > 0 then " PROBLEMS: \(.problems | join("; "))" else "" end)"' "$results"

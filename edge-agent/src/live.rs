@@ -32,6 +32,7 @@ use gateway::tunnel::{splice, TunnelStats};
 use gateway::wire::control::encode;
 use gateway::wire::live::{
     BootFile, DirectBoot, LiveCloudMessage, LiveEdgeMessage, LivePlan, TunnelHeader, TunnelKind, BOOT_PIECE,
+    MAX_TUNNEL_LANES,
 };
 use gateway::wire::{Preamble, StreamKind};
 use serde::Serialize;
@@ -61,6 +62,9 @@ pub struct LiveOptions {
     pub forecast_only: bool,
     /// zstd level of the tunnels (negative levels are faster).
     pub zstd_level: i32,
+    /// Streams each tunnel is striped over; `None` sizes it from the path (see
+    /// [`tunnel_lanes`]). 1 is one stream per tunnel, as before protocol version 10.
+    pub tunnel_streams: Option<u16>,
     /// Name, network mapping, disk format, placement and transport, as for a cold lift.
     pub lift: MigrateOptions,
 }
@@ -76,6 +80,7 @@ impl Default for LiveOptions {
             link: None,
             forecast_only: false,
             zstd_level: 1,
+            tunnel_streams: None,
             lift: MigrateOptions::default(),
         }
     }
@@ -506,6 +511,8 @@ async fn run_in(
         plan,
         boot,
         downtime_limit_ms: opts.downtime.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+        // Sized from the path once it is known (`migrate_connected`).
+        tunnel_lanes: opts.tunnel_streams.unwrap_or(1).clamp(1, MAX_TUNNEL_LANES),
     };
     live_plan
         .check_limits()
@@ -529,7 +536,7 @@ async fn migrate_connected(
     opts: &LiveOptions,
     progress: &(dyn Fn(LiveProgress) + Send + Sync),
     qmp: &Qmp,
-    live_plan: LivePlan,
+    mut live_plan: LivePlan,
     boot_files: Vec<Vec<u8>>,
 ) -> Result<LiveSummary, MigrateError> {
     let qmp = qmp.clone();
@@ -575,6 +582,10 @@ async fn migrate_connected(
     }
 
     let (_endpoint, conn) = target.connect(&opts.lift.tuning).await?;
+    live_plan.tunnel_lanes = opts
+        .tunnel_streams
+        .unwrap_or_else(|| tunnel_lanes(&opts.lift.tuning, link, conn.rtt()));
+    tracing::info!(lanes = live_plan.tunnel_lanes, "streams per tunnel");
     let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
     let mut send = send;
     send.write_all(&Preamble::new(StreamKind::Live).encode())
@@ -655,6 +666,7 @@ async fn migrate_connected(
         &nbd_path,
         &mem_path,
         opts.zstd_level,
+        live_plan.tunnel_lanes,
         stats.clone(),
     )?;
 
@@ -932,6 +944,20 @@ async fn drive_source(
     Ok((last, mirrored))
 }
 
+/// Streams per tunnel for this connection: enough stream windows to cover what the
+/// connection may have in flight, its send window (twice the bandwidth-delay product of
+/// the path the transport is tuned for), or twice the BDP of the measured link at the
+/// larger of its RTT and the handshake's, if that is more. Too many lanes cost a few
+/// idle streams; too few cap the memory stream at lanes x window / RTT.
+pub fn tunnel_lanes(tuning: &gateway::transport::TransportTuning, link: PathEstimate, conn_rtt: Duration) -> u16 {
+    let measured = PathEstimate {
+        rate_bps: link.rate_bps,
+        rtt: link.rtt.max(conn_rtt),
+    };
+    let in_flight = tuning.send_window.max(2 * measured.bdp());
+    gateway::tunnel::lanes_for(in_flight, MAX_TUNNEL_LANES)
+}
+
 /// The accept loops of the local sockets.
 struct Tunnels {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -944,37 +970,57 @@ impl Tunnels {
         nbd: &Path,
         mem: &Path,
         level: i32,
+        lanes: u16,
         stats: Arc<TunnelStats>,
     ) -> Result<Tunnels, MigrateError> {
         let mut tasks = Vec::new();
+        // Tunnel numbers are unique within the migration, across both sockets.
+        let numbers = Arc::new(std::sync::atomic::AtomicU32::new(0));
         for (path, kind) in [(nbd, TunnelKind::Nbd), (mem, TunnelKind::Memory)] {
             let listener = tokio::net::UnixListener::bind(path).map_err(|source| MigrateError::Read {
                 what: format!("a tunnel socket at {}", path.display()),
                 source,
             })?;
             let conn = conn.clone();
-            let header = encode(&TunnelHeader {
-                migration_id: migration_id.to_owned(),
-                kind,
-            })
-            .expect("a tunnel header encodes");
+            let migration_id = migration_id.to_owned();
             let stats = stats.clone();
+            let numbers = numbers.clone();
             tasks.push(tokio::spawn(async move {
                 while let Ok((local, _)) = listener.accept().await {
                     let conn = conn.clone();
-                    let header = header.clone();
                     let stats = stats.clone();
+                    let tunnel = numbers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let migration_id = migration_id.clone();
                     tokio::spawn(async move {
-                        let Ok((mut send, recv)) = conn.open_bi().await else {
-                            return;
-                        };
-                        let mut head = Preamble::new(StreamKind::Tunnel).encode().to_vec();
-                        head.extend_from_slice(&header);
-                        if send.write_all(&head).await.is_err() {
-                            return;
+                        let mut streams = Vec::with_capacity(usize::from(lanes));
+                        for lane in 0..lanes {
+                            let header = encode(&TunnelHeader {
+                                migration_id: migration_id.clone(),
+                                kind,
+                                tunnel,
+                                lane,
+                                lanes,
+                            })
+                            .expect("a tunnel header encodes");
+                            let Ok((mut send, recv)) = conn.open_bi().await else {
+                                return;
+                            };
+                            let mut head = Preamble::new(StreamKind::Tunnel).encode().to_vec();
+                            head.extend_from_slice(&header);
+                            if send.write_all(&head).await.is_err() {
+                                return;
+                            }
+                            streams.push((send, recv));
                         }
-                        if let Err(e) = splice(local, send, recv, level, stats).await {
+                        if let Err(e) = splice(local, streams, level, stats).await {
                             tracing::warn!(?kind, error = %e, "tunnel ended");
+                            if e.is_peer_violation() {
+                                gateway::transport::close(
+                                    &conn,
+                                    gateway::wire::RefusalCode::ProtocolViolation,
+                                    &e.to_string(),
+                                );
+                            }
                         }
                     });
                 }
@@ -1050,5 +1096,29 @@ mod tests {
         );
         assert!(!f.converges);
         assert!(f.passes <= 30);
+    }
+
+    #[test]
+    fn tunnels_get_streams_for_twice_the_path_in_flight() {
+        use gateway::transport::TransportTuning;
+        let long = PathEstimate {
+            rate_bps: 1_000_000_000,
+            rtt: Duration::from_millis(150),
+        };
+        let tuning = TransportTuning::for_known_path(long);
+        // 2 x 18.75 MB over 1.25 MB windows.
+        assert_eq!(tunnel_lanes(&tuning, long, Duration::from_millis(150)), 30);
+        // A slow short link still fills the connection's send window (8 MB at least).
+        let lan = PathEstimate {
+            rate_bps: 100_000_000,
+            rtt: Duration::from_millis(1),
+        };
+        assert_eq!(
+            tunnel_lanes(&TransportTuning::for_known_path(lan), lan, Duration::from_millis(1)),
+            7
+        );
+        // A measured RTT longer than the configured one asks for more, within the bound.
+        let lanes = tunnel_lanes(&TransportTuning::for_known_path(lan), long, Duration::from_millis(600));
+        assert_eq!(lanes, MAX_TUNNEL_LANES);
     }
 }

@@ -305,6 +305,13 @@ struct LiveArgs {
     /// zstd level of the disk and memory tunnels (-7 fastest to 19 smallest).
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     tunnel_zstd_level: i32,
+    /// QUIC streams each tunnel (the memory stream, each disk's mirror connection) is
+    /// striped over, 1 to 32. Default: enough 1.25 MB stream windows for twice the
+    /// path's bandwidth-delay product (--link-rate and --link-rtt, or the measured
+    /// link), so a long path is not capped at one window per round trip. 1 is the
+    /// single stream of earlier versions (about 67 Mbit/s at 150 ms).
+    #[arg(long, env = "EDGE_AGENT_TUNNEL_STREAMS", value_parser = clap::value_parser!(u16).range(1..=32))]
+    tunnel_streams: Option<u16>,
     #[command(flatten)]
     lift: MigrateArgs,
 }
@@ -865,6 +872,7 @@ async fn live_cmd(a: LiveArgs) -> anyhow::Result<()> {
         link,
         forecast_only: a.forecast_only,
         zstd_level: a.tunnel_zstd_level,
+        tunnel_streams: a.tunnel_streams,
         lift,
     };
     let metrics = METRICS.get().cloned();

@@ -19,6 +19,8 @@ use gateway::qemu::{DirectKernel, QemuBinary, QemuProcess};
 use gateway::transport::{ControlReader, ControlWriter};
 use gateway::tunnel::{splice, TunnelStats};
 use gateway::wire::live::{LiveEdgeMessage, LivePlan, TunnelHeader, TunnelKind, MAX_TUNNELS};
+
+use super::tunnels::{Lane, Lanes};
 use gateway::wire::{control, Preamble, RefusalCode, StreamKind, PREAMBLE_LEN};
 use serde_json::{json, Value};
 use tracing::Instrument;
@@ -44,7 +46,10 @@ struct Destination {
     sockets: tempfile::TempDir,
     /// Set by the one memory tunnel a migration may have.
     memory_claimed: Arc<std::sync::atomic::AtomicBool>,
-    tunnels: u32,
+    /// Tunnel streams accepted so far (at most [`MAX_TUNNELS`] tunnels of `lanes` each).
+    streams: u32,
+    /// The lanes of tunnels whose streams have not all arrived yet.
+    lanes: Arc<std::sync::Mutex<Lanes>>,
 }
 
 impl Destination {
@@ -133,7 +138,8 @@ pub async fn serve(
             if tunnels_open && !tunnels_allowed {
                 // Tunnel streams only once the destination waits for them: before, a
                 // stream the peer may open is memory it can fill without being read.
-                gateway::transport::allow_streams(&conn, gateway::transport::StreamPhase::Tunnels);
+                let lanes = run.session.plan().map_or(1, |p| p.tunnel_lanes);
+                gateway::transport::allow_streams(&conn, gateway::transport::StreamPhase::Tunnels { lanes });
                 tunnels_allowed = true;
             }
             let deadline = run.session.poll_timeout();
@@ -410,7 +416,8 @@ impl Run {
             staged,
             sockets,
             memory_claimed: Arc::default(),
-            tunnels: 0,
+            streams: 0,
+            lanes: Arc::new(std::sync::Mutex::new(Lanes::new(plan.tunnel_lanes, MAX_TUNNELS))),
         };
         let pid_file = dest.staged.staging.dir().join(format!("{}.pid", plan.plan.vm.name));
         let _ = std::fs::write(&pid_file, format!("{}\n", dest.process.pid()));
@@ -453,48 +460,62 @@ impl Run {
         Ok((dest, id, exports))
     }
 
-    /// Connects a tunnel stream to the destination's NBD server or memory socket.
+    /// Takes a tunnel stream (one lane of a tunnel); once all the lanes of its tunnel
+    /// are here, connects the tunnel to the destination's NBD server or memory socket.
     fn tunnel(&mut self, send: quinn::SendStream, mut recv: quinn::RecvStream) {
         let Some(dest) = self.dest.as_mut() else {
             return;
         };
-        if dest.tunnels >= MAX_TUNNELS {
+        let most = MAX_TUNNELS * u32::from(self.session.plan().map_or(1, |p| p.tunnel_lanes));
+        if dest.streams >= most {
             self.session.refuse(
                 RefusalCode::ProtocolViolation,
-                vec![format!("more than {MAX_TUNNELS} tunnels in one live migration")],
+                vec![format!(
+                    "more than {MAX_TUNNELS} tunnels ({most} streams) in one live migration"
+                )],
             );
             return;
         }
-        dest.tunnels += 1;
+        dest.streams += 1;
         let (nbd, mem) = (dest.nbd_socket(), dest.memory_socket());
         let migration_id = dest.staged.migration_id.clone();
         let memory_claimed = dest.memory_claimed.clone();
+        let lanes = dest.lanes.clone();
         let stats = self.stats.clone();
         let conn = self.conn.clone();
         // The header is read in the tunnel's own task: a slow or silent opener must
         // not hold up the control stream.
         tokio::spawn(
             async move {
+                let refuse = |e: &str| {
+                    tracing::warn!(error = %e, "bad tunnel stream");
+                    transport_close(&conn, RefusalCode::ProtocolViolation, e);
+                };
                 let header = match read_tunnel_header(&mut recv).await {
                     Ok(h) => h,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "bad tunnel stream");
-                        transport_close(&conn, RefusalCode::ProtocolViolation, &e);
-                        return;
-                    }
+                    Err(e) => return refuse(&e),
                 };
                 if header.migration_id != migration_id {
-                    let e = format!("a tunnel for {} on the connection of {migration_id}", header.migration_id);
-                    transport_close(&conn, RefusalCode::ProtocolViolation, &e);
-                    return;
+                    return refuse(&format!(
+                        "a tunnel for {} on the connection of {migration_id}",
+                        header.migration_id
+                    ));
                 }
-                let path = match header.kind {
+                let kind = header.kind;
+                let added = lanes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add(&header, Lane { send, recv });
+                let streams = match added {
+                    Ok(Some(streams)) => streams,
+                    // The tunnel's other lanes are still on their way; the last one connects it.
+                    Ok(None) => return,
+                    Err(e) => return refuse(&e),
+                };
+                let path = match kind {
                     TunnelKind::Nbd => nbd,
                     TunnelKind::Memory if !memory_claimed.swap(true, std::sync::atomic::Ordering::SeqCst) => mem,
-                    TunnelKind::Memory => {
-                        transport_close(&conn, RefusalCode::ProtocolViolation, "a second memory tunnel");
-                        return;
-                    }
+                    TunnelKind::Memory => return refuse("a second memory tunnel"),
                 };
                 let local = match tokio::net::UnixStream::connect(&path).await {
                     Ok(s) => s,
@@ -503,8 +524,12 @@ impl Run {
                         return;
                     }
                 };
-                if let Err(e) = splice(local, send, recv, TUNNEL_LEVEL, stats).await {
-                    tracing::warn!(kind = ?header.kind, error = %e, "tunnel ended");
+                let streams = streams.into_iter().map(|l| (l.send, l.recv)).collect();
+                if let Err(e) = splice(local, streams, TUNNEL_LEVEL, stats).await {
+                    tracing::warn!(?kind, error = %e, "tunnel ended");
+                    if e.is_peer_violation() {
+                        transport_close(&conn, RefusalCode::ProtocolViolation, &e.to_string());
+                    }
                 }
             }
             .in_current_span(),

@@ -9,6 +9,7 @@ pub mod placement;
 mod probe;
 pub mod revoked;
 pub mod seed;
+mod tunnels;
 
 use std::future::Future;
 use std::net::UdpSocket;

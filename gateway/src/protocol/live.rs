@@ -432,6 +432,7 @@ mod tests {
                 append: "console=ttyS0".into(),
             }),
             downtime_limit_ms: 300,
+            tunnel_lanes: 1,
         }
     }
 

@@ -7,8 +7,11 @@
 //! the destination VM (`Ready`), the edge opens one
 //! [`StreamKind::Tunnel`](super::StreamKind::Tunnel) bidirectional stream per connection
 //! the source hypervisor makes: the storage mirror's NBD connections and the memory
-//! migration stream. A tunnel stream starts with a [`TunnelHeader`], then carries
-//! [`crate::tunnel`] frames (zstd-compressed) in both directions.
+//! migration stream; since protocol version 10 a tunnel is striped over
+//! [`LivePlan::tunnel_lanes`] such streams ("lanes") so a long path is not capped at one
+//! stream's window. Each lane starts with a [`TunnelHeader`] naming its tunnel and lane,
+//! then carries [`crate::tunnel`] frames (zstd-compressed, sequence-numbered) in both
+//! directions.
 //!
 //! The order, enforced by [`crate::protocol::live`]:
 //! edge `Hello` → cloud `Welcome`; edge `Plan` (+ `BootFile` pieces) → cloud `Ready`
@@ -32,6 +35,10 @@ pub const BOOT_PIECE: usize = 512 * 1024;
 pub const MAX_DOWNTIME_MS: u32 = 60_000;
 /// Most tunnels one live migration may open (one per NBD connection and the memory stream).
 pub const MAX_TUNNELS: u32 = 64;
+/// Most streams one tunnel may be striped over: 40 MB of stream windows in flight
+/// (150 ms at 2 Gbit/s), and a reorder buffer of at most 32 frames (8 MiB) per tunnel
+/// direction on the receiver.
+pub const MAX_TUNNEL_LANES: u16 = 32;
 
 /// What the source hypervisor runs: the cold plan (identity, disks, NICs, placement,
 /// firewall) plus what a running VM needs to continue elsewhere.
@@ -44,6 +51,10 @@ pub struct LivePlan {
     pub boot: Option<DirectBoot>,
     /// The downtime the switchover may cost, in milliseconds (QEMU's `downtime-limit`).
     pub downtime_limit_ms: u32,
+    /// Streams each tunnel may be striped over (1..=[`MAX_TUNNEL_LANES`]): the cloud
+    /// allows this many per tunnel when the destination waits. The edge sizes it from the
+    /// path (see [`crate::tunnel::lanes_for`]).
+    pub tunnel_lanes: u16,
 }
 
 /// Files of a direct kernel boot; their bytes follow as [`LiveEdgeMessage::BootFile`].
@@ -69,6 +80,12 @@ impl LivePlan {
             return Err(WireError::BadPlan(format!(
                 "downtime limit {} ms is outside 1..={MAX_DOWNTIME_MS}",
                 self.downtime_limit_ms
+            )));
+        }
+        if self.tunnel_lanes == 0 || self.tunnel_lanes > MAX_TUNNEL_LANES {
+            return Err(WireError::BadPlan(format!(
+                "{} streams per tunnel is outside 1..={MAX_TUNNEL_LANES}",
+                self.tunnel_lanes
             )));
         }
         if let Some(boot) = &self.boot {
@@ -155,11 +172,18 @@ pub enum TunnelKind {
     Memory,
 }
 
-/// First bytes of a tunnel stream, after its preamble: which migration and what for.
+/// First bytes of a tunnel stream, after its preamble: which migration, what for, and
+/// which lane of which tunnel it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelHeader {
     pub migration_id: String,
     pub kind: TunnelKind,
+    /// The tunnel, numbered by the edge from 0 within the migration; its lanes share it.
+    pub tunnel: u32,
+    /// This stream's lane: frame `s` of either direction travels on lane `s % lanes`.
+    pub lane: u16,
+    /// Lanes of the tunnel, 1..=the plan's [`LivePlan::tunnel_lanes`].
+    pub lanes: u16,
 }
 
 #[cfg(test)]
@@ -208,6 +232,7 @@ pub(crate) mod tests {
                 append: "console=ttyS0".into(),
             }),
             downtime_limit_ms: 300,
+            tunnel_lanes: 4,
         }
     }
 
@@ -275,5 +300,11 @@ pub(crate) mod tests {
         let mut p = plan();
         p.boot.as_mut().unwrap().append = "a\nb".into();
         assert!(p.check_limits().is_err());
+        for lanes in [0, MAX_TUNNEL_LANES + 1] {
+            let mut p = plan();
+            p.tunnel_lanes = lanes;
+            let e = p.check_limits().unwrap_err();
+            assert!(e.to_string().contains("streams per tunnel"), "{e}");
+        }
     }
 }

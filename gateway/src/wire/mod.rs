@@ -46,7 +46,12 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// Version 9: the plan may name a seed (`MigrationPlan::seed`), and `HashAnswer` says which
 /// copied chunks came from it (`seeded`); a switchover window (`ScheduleWindow`, and
 /// `Synced` carrying the one the cloud holds).
-pub const PROTOCOL_VERSION: u16 = 9;
+/// Version 10: a live migration's tunnel is striped over several streams
+/// ([`live::LivePlan::tunnel_lanes`], [`live::TunnelHeader`]'s tunnel and lane), and each
+/// tunnel frame carries a sequence number ([`crate::tunnel`]). A version-9 peer would
+/// read the sequence number as frame body, so it is refused at the preamble like any
+/// other version (cold migrations included: one version for the whole protocol).
+pub const PROTOCOL_VERSION: u16 = 10;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.
@@ -155,8 +160,13 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(Preamble::decode(&bad), Err(WireError::BadMagic));
         let mut newer = p.encode();
-        newer[5] = 10;
-        assert_eq!(Preamble::decode(&newer), Err(WireError::UnsupportedVersion(10)));
+        newer[5] = 11;
+        assert_eq!(Preamble::decode(&newer), Err(WireError::UnsupportedVersion(11)));
+        let mut older = p.encode();
+        older[5] = 9;
+        let e = Preamble::decode(&older).unwrap_err();
+        assert_eq!(e, WireError::UnsupportedVersion(9));
+        assert!(e.to_string().contains("upgrade the older side"), "{e}");
         let mut kind = p.encode();
         kind[6] = 7;
         assert_eq!(Preamble::decode(&kind), Err(WireError::UnknownStreamKind(7)));
