@@ -138,8 +138,15 @@ pub async fn serve(
             if tunnels_open && !tunnels_allowed {
                 // Tunnel streams only once the destination waits for them: before, a
                 // stream the peer may open is memory it can fill without being read.
-                let lanes = run.session.plan().map_or(1, |p| p.tunnel_lanes);
-                gateway::transport::allow_streams(&conn, gateway::transport::StreamPhase::Tunnels { lanes });
+                let (tunnels, lanes) = run.session.plan().map_or((1, 1), |p| {
+                    // The memory stream and one mirror connection per disk, open together.
+                    let tunnels = (p.plan.vm.disks.len() + 1).min(MAX_TUNNELS as usize) as u16;
+                    (tunnels, p.tunnel_lanes)
+                });
+                gateway::transport::allow_streams(
+                    &conn,
+                    gateway::transport::StreamPhase::Tunnels { tunnels, lanes },
+                );
                 tunnels_allowed = true;
             }
             let deadline = run.session.poll_timeout();

@@ -358,10 +358,6 @@ impl TransportTuning {
 /// Most data streams one migration may open.
 pub const MAX_DATA_STREAMS: u32 = 16;
 
-/// Tunnels a live migration may have open at once: the memory stream and the mirror
-/// connections of the disks.
-pub const TUNNELS_AT_ONCE: u32 = 4;
-
 /// What a connection is doing, for the streams its peer may open ([`phase_streams`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamPhase {
@@ -373,10 +369,12 @@ pub enum StreamPhase {
     Control,
     /// A migration streaming its disks: its data streams.
     Data,
-    /// A live migration whose destination waits: its control stream and 4 tunnels (the
-    /// memory stream and the disks' mirror connections) of `lanes` streams each (the
-    /// plan's [`crate::wire::live::LivePlan::tunnel_lanes`]).
-    Tunnels { lanes: u16 },
+    /// A live migration whose destination waits: its control stream and `tunnels`
+    /// tunnels open at once (the memory stream and one mirror connection per disk) of
+    /// `lanes` streams each (the plan's [`crate::wire::live::LivePlan::tunnel_lanes`]).
+    /// What they may buffer unread is bounded by the connection's window, not by their
+    /// number.
+    Tunnels { tunnels: u16, lanes: u16 },
     /// A link test: its probe stream, and its upload and download streams (up to
     /// [`crate::wire::probe::MAX_PROBE_STREAMS`] each).
     LinkTest,
@@ -393,7 +391,7 @@ pub fn phase_streams(phase: StreamPhase) -> (u32, u32) {
         // The control stream stays open and counts against the limit: no second one.
         StreamPhase::Control => (0, 1),
         StreamPhase::Data => (MAX_DATA_STREAMS, 1),
-        StreamPhase::Tunnels { lanes } => (0, 1 + TUNNELS_AT_ONCE * u32::from(lanes.max(1))),
+        StreamPhase::Tunnels { tunnels, lanes } => (0, 1 + u32::from(tunnels.max(1)) * u32::from(lanes.max(1))),
         StreamPhase::LinkTest => (probe, 1 + probe),
     }
 }

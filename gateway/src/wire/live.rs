@@ -88,6 +88,14 @@ impl LivePlan {
                 self.tunnel_lanes
             )));
         }
+        // Each disk's mirror connection is a tunnel, and so is the memory stream.
+        if self.plan.vm.disks.len() >= MAX_TUNNELS as usize {
+            return Err(WireError::BadPlan(format!(
+                "{} disks: a live migration carries at most {} (one tunnel each, and one for memory); migrate this VM cold",
+                self.plan.vm.disks.len(),
+                MAX_TUNNELS - 1
+            )));
+        }
         if let Some(boot) = &self.boot {
             for f in std::iter::once(&boot.kernel).chain(boot.initrd.iter()) {
                 if f.len == 0 || f.len > MAX_BOOT_FILE {
