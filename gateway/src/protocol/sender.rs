@@ -8,7 +8,7 @@ use crate::integrity::DiskHashes;
 use crate::plan::{MigrationPlan, MigrationReport};
 use crate::receipt::SignedReceipt;
 use crate::schedule::SwitchoverWindow;
-use crate::wire::{CloudMessage, EdgeMessage, SwitchoverOutcome, SwitchoverRequest};
+use crate::wire::{CloudMessage, DowntimeFrom, EdgeMessage, SwitchoverOutcome, SwitchoverRequest};
 
 /// Tunables and identity of the sending side.
 #[derive(Debug, Clone)]
@@ -256,7 +256,7 @@ struct Switchover {
     power_on: bool,
     confirm: bool,
     downtime_since: Instant,
-    stopped_by_edge: bool,
+    downtime_from: DowntimeFrom,
 }
 
 impl SenderSession {
@@ -421,20 +421,21 @@ impl SenderSession {
 
     /// Ends the pass with `Switchover` instead of `Commit`: the cloud commits, then powers
     /// the VM on if `power_on`, and keeps the switchover reversible unless `confirm`.
-    /// The downtime counts from `downtime_since` (when the edge stopped the source,
-    /// `stopped_by_edge`, or else when the switchover started).
+    /// The downtime counts from `downtime_since`, which is what `downtime_from` says
+    /// (the edge's stop of the source, the source files' last write, or the switchover's
+    /// start).
     pub fn finish_as_switchover(
         &mut self,
         power_on: bool,
         confirm: bool,
         downtime_since: Instant,
-        stopped_by_edge: bool,
+        downtime_from: DowntimeFrom,
     ) {
         self.switchover = Some(Switchover {
             power_on,
             confirm,
             downtime_since,
-            stopped_by_edge,
+            downtime_from,
         });
     }
 
@@ -1169,7 +1170,7 @@ impl SenderSession {
                     confirm: s.confirm,
                     // Filled in when it is sent (see poll_transmit).
                     downtime_so_far_ms: 0,
-                    stopped_by_edge: s.stopped_by_edge,
+                    downtime_from: s.downtime_from,
                 }),
                 (false, None) => EdgeMessage::Commit,
             });

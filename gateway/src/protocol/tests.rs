@@ -1647,14 +1647,15 @@ fn a_switchover_states_the_downtime_and_the_power_on_and_awaits_confirmation() {
     let mut last = first.next_pass(sources.clone(), false);
     // The edge stopped the source 4.5 s before this pass's commit is sent.
     let stopped = last.now - Duration::from_millis(4500);
-    last.sender.finish_as_switchover(true, false, stopped, true);
+    last.sender
+        .finish_as_switchover(true, false, stopped, crate::wire::DowntimeFrom::EdgeStop);
     // A repair round: the commit is sent twice; the downtime counts from the first.
     last.damage_before_verify = vec![(0, 7)];
     last.drive();
     assert!(last.sender.is_committed(), "{:?}", last.sender.error());
     assert_eq!(last.dests, sources);
     let (request, _) = last.receiver.switchover().cloned().expect("a switchover");
-    assert!(request.power_on && !request.confirm && request.stopped_by_edge);
+    assert!(request.power_on && !request.confirm && request.downtime_from == crate::wire::DowntimeFrom::EdgeStop);
     // The test's clock moves a millisecond a step.
     assert!((4500..5500).contains(&request.downtime_so_far_ms), "{request:?}");
     let outcome = last.sender.switchover_outcome().expect("SwitchedOver before Committed");

@@ -15,7 +15,8 @@ pub mod probe;
 
 pub use chunk::{ChunkHeader, Encoding, CHUNK_HEADER_LEN};
 pub use control::{
-    bit, set_bit, CloudMessage, EdgeMessage, RefusalCode, SwitchoverOutcome, SwitchoverRequest, MAX_CONTROL_FRAME,
+    bit, set_bit, CloudMessage, DowntimeFrom, EdgeMessage, RefusalCode, SwitchoverOutcome, SwitchoverRequest,
+    MAX_CONTROL_FRAME,
 };
 
 /// ALPN protocol id: lets a future incompatible version refuse at the TLS layer.
@@ -46,7 +47,9 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// Version 9: the plan may name a seed (`MigrationPlan::seed`), and `HashAnswer` says which
 /// copied chunks came from it (`seeded`); a switchover window (`ScheduleWindow`, and
 /// `Synced` carrying the one the cloud holds).
-pub const PROTOCOL_VERSION: u16 = 9;
+/// Version 10: `Switchover` says what its downtime counts from (`DowntimeFrom`: the
+/// switchover's start, the edge's stop of the source, or the source files' last write).
+pub const PROTOCOL_VERSION: u16 = 10;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.
