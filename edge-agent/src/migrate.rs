@@ -1371,6 +1371,15 @@ async fn attempt(
     if !opts.dedup {
         session.refuse_dedup();
     }
+    if run
+        .earlier_switchover
+        .lock()
+        .expect("earlier switchover lock poisoned")
+        .vm_id
+        .is_some()
+    {
+        session.after_switchover();
+    }
     match opts.replication {
         Replication::Sync => {
             session.finish_as_replica();

@@ -221,6 +221,9 @@ pub struct SenderSession {
     report: Option<MigrationReport>,
     /// A delta pass of a replication: `Sync` instead of `Resume`.
     delta: bool,
+    /// The edge's record says the switchover awaits confirmation: `SyncSwitchedOver`
+    /// instead of `Sync` (see [`Self::after_switchover`]).
+    after_switchover: bool,
     /// End with `SyncDone` (keep the replica) instead of `Commit`.
     keep_replica: bool,
     /// The cloud accepted the credential (a refusal before it is one of the login).
@@ -307,6 +310,7 @@ impl SenderSession {
             abort: None,
             report: None,
             delta: false,
+            after_switchover: false,
             keep_replica: false,
             welcomed: false,
             switchover: None,
@@ -506,6 +510,13 @@ impl SenderSession {
         Ok(s)
     }
 
+    /// The edge's record says the switchover of this replication awaits confirmation: the
+    /// pass asks with `SyncSwitchedOver`, which the cloud runs only if the switchover was
+    /// rolled back since (through the API), and refuses otherwise.
+    pub fn after_switchover(&mut self) {
+        self.after_switchover = true;
+    }
+
     /// Ends the pass with `SyncDone` instead of `Commit`: the cloud keeps what it holds
     /// as the replica, and nothing is registered.
     pub fn finish_as_replica(&mut self) {
@@ -692,6 +703,10 @@ impl SenderSession {
                     return Ok(());
                 }
                 self.outbox.push_back(match &self.resume {
+                    Some((migration_id, _)) if self.delta && self.after_switchover => EdgeMessage::SyncSwitchedOver {
+                        migration_id: migration_id.clone(),
+                        plan: self.plan.clone(),
+                    },
                     Some((migration_id, _)) if self.delta => EdgeMessage::Sync {
                         migration_id: migration_id.clone(),
                         plan: self.plan.clone(),

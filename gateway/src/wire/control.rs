@@ -93,6 +93,12 @@ pub enum EdgeMessage {
     /// (`Some`) or clear (`None`) the daily window the scheduled switchover must start
     /// in, which the cloud holds (the API can change it too).
     ScheduleWindow { window: Option<SwitchoverWindow> },
+    /// `Sync` from an edge whose record says the migration's switchover awaits
+    /// confirmation (protocol version 10): the switchover may have been rolled back or
+    /// confirmed through the API since. The cloud never answers it with a replay of the
+    /// commit (which is for an edge that lost the commit's answer): it runs the pass if
+    /// the switchover was rolled back, and otherwise refuses, saying where it stands.
+    SyncSwitchedOver { migration_id: String, plan: MigrationPlan },
 }
 
 /// What `edge-agent switchover` asks of the cloud beyond a commit.

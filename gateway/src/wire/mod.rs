@@ -48,7 +48,9 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// copied chunks came from it (`seeded`); a switchover window (`ScheduleWindow`, and
 /// `Synced` carrying the one the cloud holds).
 /// Version 10: `Switchover` says what its downtime counts from (`DowntimeFrom`: the
-/// switchover's start, the edge's stop of the source, or the source files' last write).
+/// switchover's start, the edge's stop of the source, or the source files' last write);
+/// `SyncSwitchedOver`, a pass from an edge whose record says its switchover awaits
+/// confirmation (rolled back or confirmed through the API since, or not).
 pub const PROTOCOL_VERSION: u16 = 10;
 pub const PREAMBLE_LEN: usize = 8;
 
