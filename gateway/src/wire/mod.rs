@@ -160,8 +160,9 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(Preamble::decode(&bad), Err(WireError::BadMagic));
         let mut newer = p.encode();
-        newer[5] = 10;
-        assert_eq!(Preamble::decode(&newer), Err(WireError::UnsupportedVersion(10)));
+        let next = PROTOCOL_VERSION + 1;
+        newer[4..6].copy_from_slice(&next.to_be_bytes());
+        assert_eq!(Preamble::decode(&newer), Err(WireError::UnsupportedVersion(next)));
         let mut kind = p.encode();
         kind[6] = 7;
         assert_eq!(Preamble::decode(&kind), Err(WireError::UnknownStreamKind(7)));
