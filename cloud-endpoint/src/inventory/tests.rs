@@ -600,6 +600,7 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          DROP TABLE migration_lease;
          ALTER TABLE host DROP COLUMN api_url; ALTER TABLE host DROP COLUMN api_thumbprint;
          ALTER TABLE host DROP COLUMN api_token;
+         ALTER TABLE migration DROP COLUMN switchover_ended_by;
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -669,6 +670,7 @@ fn upgrading_a_version_8_file_keeps_what_its_vmx_files_say() {
          DROP TABLE migration_lease;
          ALTER TABLE host DROP COLUMN api_url; ALTER TABLE host DROP COLUMN api_thumbprint;
          ALTER TABLE host DROP COLUMN api_token;
+         ALTER TABLE migration DROP COLUMN switchover_ended_by;
          PRAGMA user_version = 8;",
     )
     .unwrap();
