@@ -108,7 +108,8 @@ pub struct SwitchoverOptions {
     pub confirm: bool,
     /// When the edge stopped the source, if it did (through QMP, say): the downtime
     /// counts from there. `None`: the operator stopped it before, and the downtime
-    /// counts from the start of the switchover ([`run`]'s call).
+    /// counts from its files' last write (a .vmx source, not before the last pass:
+    /// `source_stop_estimate`), else from the start of the switchover ([`run`]'s call).
     pub source_stopped_at: Option<Instant>,
 }
 
