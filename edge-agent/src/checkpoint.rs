@@ -100,6 +100,10 @@ pub struct Header {
     /// confirm` (the record is then removed) or `rollback` (then replication goes on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switched_over: Option<String>,
+    /// When the last complete pass of a replication started (Unix seconds, the edge's
+    /// clock): a switchover's estimate of the source's stop is not earlier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pass_started: Option<i64>,
     /// The hash of the recorded chunks. A record without it was written by an agent of
     /// protocol version 7 or older, with SHA-256: [`Checkpoint::load`] drops its chunks.
     #[serde(default)]
@@ -312,6 +316,7 @@ mod tests {
             replica: false,
             frozen_chains: Vec::new(),
             switched_over: None,
+            last_pass_started: None,
             chunk_hash: gateway::chunk::ChunkHash::CURRENT,
         }
     }

@@ -84,10 +84,12 @@ enum Command {
     Switchover(Box<SwitchoverArgs>),
     /// Undo a switchover that awaits confirmation (same arguments as `switchover`): the
     /// cloud powers its VM off, unregisters it and keeps its disks as the replica; the
-    /// source can be started again and `replicate` goes on.
+    /// source can be started again and `replicate` goes on. Rolled back through the API
+    /// already: the endpoint says so, and the edge's record follows.
     Rollback(Box<MigrateArgs>),
     /// Make a switchover final (same arguments as `switchover`): no rollback afterwards;
-    /// the edge's record of the replication is removed.
+    /// the edge's record of the replication is removed (also when it was confirmed
+    /// through the API already, which the endpoint says).
     Confirm(Box<MigrateArgs>),
     /// Check a migration before anything moves (same arguments as `migrate`): the
     /// endpoint validates the plan (name, capacity on datastore and host, network
@@ -192,7 +194,8 @@ impl SwitchoverFlags {
         migrate::SwitchoverOptions {
             power_on: self.power_on,
             confirm: self.confirm,
-            // This command does not stop the source: the operator did, before.
+            // This command does not stop the source: the operator did, before (the
+            // downtime counts from its files' last write, see `migrate::run`).
             source_stopped_at: None,
         }
     }

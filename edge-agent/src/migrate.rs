@@ -21,10 +21,10 @@
 //! adaptive zstd level ([`crate::compression`]).
 
 use std::collections::{HashSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gateway::chunk::{is_zero, Sealer};
 use gateway::plan::{DiskFormat, DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
@@ -32,7 +32,7 @@ use gateway::protocol::{DoneChunk, ProtocolError, SenderConfig, SenderEvent, Sen
 use gateway::transport::{
     self, ControlReader, ControlWriter, DataWriter, Rate, RateLimit, TransportError, TransportTuning,
 };
-use gateway::wire::{ChunkHeader, CloudMessage, EdgeMessage, RefusalCode};
+use gateway::wire::{ChunkHeader, CloudMessage, DowntimeFrom, EdgeMessage, RefusalCode};
 use tokio::sync::{mpsc, Notify};
 use tracing::Instrument as _;
 
@@ -108,7 +108,8 @@ pub struct SwitchoverOptions {
     pub confirm: bool,
     /// When the edge stopped the source, if it did (through QMP, say): the downtime
     /// counts from there. `None`: the operator stopped it before, and the downtime
-    /// counts from the start of the switchover ([`run`]'s call).
+    /// counts from its files' last write (a .vmx source, not before the last pass:
+    /// `source_stop_estimate`), else from the start of the switchover ([`run`]'s call).
     pub source_stopped_at: Option<Instant>,
 }
 
@@ -292,6 +293,24 @@ struct RunState {
     commit_sent: Arc<AtomicBool>,
     /// The migration's span: its `migration_id` is recorded once the cloud gave one.
     span: tracing::Span,
+    /// A switchover the record marked as awaiting confirmation: the cloud resuming the
+    /// pass means it was rolled back since (through the API), see [`RunState::resumed`].
+    earlier_switchover: Mutex<EarlierSwitchover>,
+    /// When this pass started, on the edge's clock.
+    pass_started: SystemTime,
+    /// A switchover's downtime counts from this instant, which is what the kind says.
+    downtime_since: (Instant, DowntimeFrom),
+}
+
+/// See [`RunState::earlier_switchover`].
+#[derive(Debug, Default)]
+struct EarlierSwitchover {
+    /// The cloud VM the record names.
+    vm_id: Option<String>,
+    /// The receipt file of that switchover.
+    receipt: Option<PathBuf>,
+    /// What the edge made of it, for the summary.
+    said: Option<String>,
 }
 
 impl RunState {
@@ -337,6 +356,7 @@ impl RunState {
     fn passed(&self) {
         let mut r = self.records.lock().expect("records lock poisoned");
         r.header.frozen_chains = self.tracking.frozen.clone();
+        r.header.last_pass_started = Some(unix_seconds(self.pass_started));
         let header = r.header.clone();
         if let Some(c) = r.checkpoint.as_mut() {
             if let Err(e) = c.rewrite_header(&header) {
@@ -377,8 +397,39 @@ impl RunState {
     }
 
     /// The cloud resumed the migration of the loaded checkpoint: append to it from now.
+    /// If the record marked a switchover as awaiting confirmation, the cloud rolled it
+    /// back since (it resumes no pass of a switched-over VM): the record drops the mark,
+    /// and the receipt file is superseded, as after `edge-agent rollback`.
     fn resumed(&self) {
-        if let Some(c) = self.records.lock().expect("records lock poisoned").checkpoint.as_mut() {
+        let mut r = self.records.lock().expect("records lock poisoned");
+        let earlier = {
+            let mut e = self
+                .earlier_switchover
+                .lock()
+                .expect("earlier switchover lock poisoned");
+            e.vm_id.take().map(|vm| (vm, e.receipt.take()))
+        };
+        if let Some((vm, receipt)) = earlier {
+            let mut said = format!(
+                "the switchover to {vm} this edge recorded was rolled back in the cloud since (through the API): \
+                 replication goes on from the replica"
+            );
+            let header = r.header.clone();
+            if let Some(c) = r.checkpoint.as_ref() {
+                if let Err(e) = c.rewrite_header(&header) {
+                    tracing::warn!(error = %e, path = %c.path().display(), "cannot drop the switchover's mark from the checkpoint");
+                }
+            }
+            if let Some(kept) = receipt.as_deref().and_then(supersede_receipt) {
+                said.push_str(&format!("; {kept}"));
+            }
+            tracing::warn!("{said}");
+            self.earlier_switchover
+                .lock()
+                .expect("earlier switchover lock poisoned")
+                .said = Some(said);
+        }
+        if let Some(c) = r.checkpoint.as_mut() {
             if let Err(e) = c.open_chunks() {
                 tracing::warn!(error = %e, path = %c.path().display(), "cannot append to the checkpoint; a restart would resend more");
             }
@@ -503,6 +554,7 @@ async fn run_pass_in(
     span: tracing::Span,
 ) -> Result<Summary, MigrateError> {
     let started = Instant::now();
+    let pass_started = SystemTime::now();
     let plan = build_plan(vm, opts);
     plan.check_limits().map_err(|e| MigrateError::Target(e.to_string()))?;
     // A replication of files (not a QEMU backup) opens its disks once its record says
@@ -554,9 +606,12 @@ async fn run_pass_in(
         replica: opts.replication != Replication::Off,
         frozen_chains: Vec::new(),
         switched_over: None,
+        last_pass_started: None,
         chunk_hash: gateway::chunk::ChunkHash::CURRENT,
     };
     let mut resume: Option<(String, Vec<DoneChunk>)> = None;
+    // The cloud VM of a switchover the record marks as awaiting confirmation.
+    let mut switched_over: Option<String> = None;
     // The record as loaded: a switchover that awaits confirmation is marked in it.
     let mut loaded_header: Option<Header> = None;
     let mut ckpt = opts
@@ -571,13 +626,14 @@ async fn run_pass_in(
             ))
         })?;
         if let Some((recorded, done)) = loaded {
+            // A switchover this edge ran awaited confirmation when it last heard: the
+            // cloud holds where it stands now (it may have been rolled back or confirmed
+            // through the API), so the pass asks it. The cloud refuses the pass while the
+            // switchover awaits confirmation or once it is confirmed, and the record is
+            // kept; it accepts it after a rollback, and the pass's new record drops the mark.
             if let Some(vm_id) = &recorded.switched_over {
-                return Err(MigrateError::Target(format!(
-                    "{} was switched over to {vm_id} (migration {}), which awaits confirmation: run `edge-agent confirm` \
-                     to make it final, or `edge-agent rollback` to power the cloud VM off and go back to replicating",
-                    vm.vmx_path.display(),
-                    recorded.migration_id
-                )));
+                tracing::info!(migration = %recorded.migration_id, vm = %vm_id, "the record says the switchover awaits confirmation; asking the endpoint where it stands");
+                switched_over = Some(vm_id.clone());
             }
             match (recorded.replica, opts.replication) {
                 (false, Replication::Off) => check_unchanged(&recorded, &header, &plan, &disks, &done, c.path())?,
@@ -609,6 +665,7 @@ async fn run_pass_in(
                     header.migration_id = recorded.migration_id.clone();
                     header.started = recorded.started.clone();
                     header.frozen_chains = recorded.frozen_chains.clone();
+                    header.last_pass_started = recorded.last_pass_started;
                 }
             }
             // Appended to only once the endpoint resumed the migration for us: an agent it
@@ -645,6 +702,14 @@ async fn run_pass_in(
         }
     }
     let disks = Arc::new(disks);
+    let downtime_since = match opts.switchover.source_stopped_at {
+        Some(at) => (at, DowntimeFrom::EdgeStop),
+        None if opts.replication == Replication::Switchover && chain_tracked => {
+            let last_pass = loaded_header.as_ref().and_then(|h| h.last_pass_started);
+            source_stop_estimate(vm, last_pass, started, pass_started)
+        }
+        None => (started, DowntimeFrom::SwitchoverStart),
+    };
     let run = Arc::new(RunState {
         tracking,
         records: Mutex::new(Records {
@@ -659,6 +724,13 @@ async fn run_pass_in(
         changed,
         commit_sent,
         span,
+        earlier_switchover: Mutex::new(EarlierSwitchover {
+            vm_id: switched_over.clone(),
+            receipt: opts.receipt_path.clone(),
+            said: None,
+        }),
+        pass_started,
+        downtime_since,
     });
 
     let mut reconnects = 0u32;
@@ -724,6 +796,12 @@ async fn run_pass_in(
                 }
                 summary.reconnects = reconnects;
                 summary.failovers = failovers;
+                summary.earlier_switchover = run
+                    .earlier_switchover
+                    .lock()
+                    .expect("earlier switchover lock poisoned")
+                    .said
+                    .take();
                 return Ok(summary);
             }
             Err(failure) => failure,
@@ -752,6 +830,21 @@ async fn run_pass_in(
                 );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            MigrateError::Refused {
+                code: RefusalCode::UnknownMigration,
+                problems,
+            } if resume.is_some() && switched_over.is_some() => {
+                // Not a migration to start over: the switchover awaits confirmation, or
+                // was confirmed. The record stays for `confirm` or `rollback`.
+                return Err(MigrateError::Target(format!(
+                    "{} was switched over to {} (migration {}); the endpoint takes no pass now:\n  - {}\nthe record \
+                     of the switchover is kept",
+                    vm.vmx_path.display(),
+                    switched_over.as_deref().unwrap_or("?"),
+                    resume.as_ref().map(|(id, _)| id.as_str()).unwrap_or("?"),
+                    problems.join("\n  - ")
+                )));
             }
             MigrateError::Refused {
                 code: RefusalCode::UnknownMigration,
@@ -930,6 +1023,61 @@ pub async fn abort(vm: &SourceVm, target: &Target, opts: &MigrateOptions) -> Res
     }
 }
 
+/// Unix seconds of `t` (0 before 1970).
+fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Where the downtime of a switchover of a source the operator stopped before counts
+/// from: the newest modification time of its files (`source::last_written`), as an
+/// instant of this process (`started` is now at `started_at` on the edge's clock), not
+/// before the last pass started (`last_pass`, Unix seconds): a file last written before
+/// that, such as a copy, says nothing of the stop. Without files or with a time after
+/// now (the datastore's clock ahead of the edge's), from the switchover's start.
+fn source_stop_estimate(
+    vm: &SourceVm,
+    last_pass: Option<i64>,
+    started: Instant,
+    started_at: SystemTime,
+) -> (Instant, DowntimeFrom) {
+    let files = crate::source::last_written::stop_witnesses(vm);
+    let Some((mut written, file)) = crate::source::last_written::newest(&files) else {
+        return (started, DowntimeFrom::SwitchoverStart);
+    };
+    let floor = last_pass
+        .and_then(|s| u64::try_from(s).ok())
+        .map(|s| UNIX_EPOCH + Duration::from_secs(s));
+    if let Some(floor) = floor.filter(|f| *f > written) {
+        written = floor;
+    }
+    let Some(at) = started_at
+        .duration_since(written)
+        .ok()
+        .and_then(|before| started.checked_sub(before))
+    else {
+        tracing::warn!(file = %file.display(), "the source's files were last written after the switchover started (the datastore's clock is ahead?): the downtime counts from the switchover's start");
+        return (started, DowntimeFrom::SwitchoverStart);
+    };
+    tracing::info!(file = %file.display(), before_ms = started.duration_since(at).as_millis() as u64, "the source's files were last written before the switchover: the downtime counts from there (an estimate)");
+    (at, DowntimeFrom::SourceFilesWritten)
+}
+
+/// The receipt file of a switchover that was rolled back is renamed `.superseded`: it no
+/// longer states the cloud's VM. Returns what was done, if the file was there.
+fn supersede_receipt(receipt: &Path) -> Option<String> {
+    if !receipt.is_file() {
+        return None;
+    }
+    let superseded = receipt.with_extension("json.superseded");
+    std::fs::rename(receipt, &superseded).ok()?;
+    Some(format!(
+        "the receipt {} no longer states the cloud's VM: kept as {}",
+        receipt.display(),
+        superseded.display()
+    ))
+}
+
 /// A migration recorded in the state folder, as `abort`, `rollback` and `confirm` find it.
 struct Recorded {
     ckpt: Checkpoint,
@@ -1055,15 +1203,8 @@ pub async fn end_switchover(
             });
             kept?;
             let mut said = message;
-            if let Some(receipt) = opts.receipt_path.as_deref().filter(|p| p.is_file()) {
-                let superseded = receipt.with_extension("json.superseded");
-                if std::fs::rename(receipt, &superseded).is_ok() {
-                    said.push_str(&format!(
-                        "\nthe receipt {} no longer states the cloud's VM: kept as {}",
-                        receipt.display(),
-                        superseded.display()
-                    ));
-                }
+            if let Some(kept) = opts.receipt_path.as_deref().and_then(supersede_receipt) {
+                said.push_str(&format!("\n{kept}"));
             }
             Ok(said)
         }
@@ -1231,6 +1372,15 @@ async fn attempt(
     if !opts.dedup {
         session.refuse_dedup();
     }
+    if run
+        .earlier_switchover
+        .lock()
+        .expect("earlier switchover lock poisoned")
+        .vm_id
+        .is_some()
+    {
+        session.after_switchover();
+    }
     match opts.replication {
         Replication::Sync => {
             session.finish_as_replica();
@@ -1244,8 +1394,8 @@ async fn attempt(
         Replication::Switchover => session.finish_as_switchover(
             opts.switchover.power_on,
             opts.switchover.confirm,
-            opts.switchover.source_stopped_at.unwrap_or(started),
-            opts.switchover.source_stopped_at.is_some(),
+            run.downtime_since.0,
+            run.downtime_since.1,
         ),
         Replication::Off => {}
     }
@@ -1341,15 +1491,12 @@ async fn attempt(
                 snapshots: run.tracking.notes.clone(),
                 switchover_at: s.scheduled_switchover().and_then(rfc3339),
                 switchover_window: s.scheduled_window().map(|w| w.to_string()),
+                earlier_switchover: None,
                 switchover: s.switchover_outcome().map(|o| crate::report::SwitchoverReport {
                     powered_on: o.powered_on,
                     power_error: o.power_error.clone(),
                     downtime_ms: o.downtime_ms,
-                    downtime_from: if opts.switchover.source_stopped_at.is_some() {
-                        "source stopped by the edge"
-                    } else {
-                        "switchover started"
-                    },
+                    downtime_from: run.downtime_since.1.describe(),
                     awaiting_confirm: o.awaiting_confirm,
                 }),
             })

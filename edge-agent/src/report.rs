@@ -143,6 +143,10 @@ pub struct Summary {
     /// the scheduled switchover must start in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub switchover_window: Option<String>,
+    /// The switchover this edge had recorded as awaiting confirmation was rolled back in
+    /// the cloud since (through the API): what the edge made of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub earlier_switchover: Option<String>,
     /// A switchover: whether the cloud powered the VM on, the downtime, and whether it
     /// awaits `edge-agent confirm` (or `rollback`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -160,8 +164,9 @@ pub struct SwitchoverReport {
     /// (the edge's part stated in its request); absent when the VM was not powered on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
-    /// `source stopped by the edge`, or `switchover started` (the operator had stopped
-    /// the source before).
+    /// `source stopped by the edge`, `source files last written` (the operator had
+    /// stopped a VMware source before: its files' newest modification, an estimate), or
+    /// `switchover started` (the operator had stopped it, and its files do not say when).
     pub downtime_from: &'static str,
     pub awaiting_confirm: bool,
 }
@@ -218,6 +223,9 @@ impl Summary {
             dur = self.duration_secs,
             rate = human(self.rate() as u64),
         );
+        if let Some(said) = &self.earlier_switchover {
+            text.push_str(&format!("\nswitchover:     {said}"));
+        }
         if self.dedup_bytes > 0 {
             text.push_str(&format!(
                 "\ndeduplicated:   {} copied inside the cloud from disks it held, not sent; {} sent as data",
@@ -285,10 +293,13 @@ impl Summary {
                     "\npowered on:     {} runs in the cloud\ndowntime:       {:.2} s, from the {} to the VM running in the cloud",
                     self.vm_id,
                     ms as f64 / 1000.0,
-                    if s.downtime_from == "switchover started" {
-                        "switchover's start (the source was stopped before it)"
-                    } else {
-                        "source's stop by the edge"
+                    match s.downtime_from {
+                        "switchover started" => "switchover's start (the source was stopped before it)",
+                        "source files last written" => {
+                            "source files' last write (the source was stopped before the switchover; an estimate, \
+                             on the datastore's clock)"
+                        }
+                        _ => "source's stop by the edge",
                     }
                 )),
                 (_, _, Some(why)) => text.push_str(&format!(

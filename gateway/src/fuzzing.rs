@@ -93,7 +93,7 @@ pub fn receiver(data: &[u8]) {
                 ReceiverEvent::Authenticate { .. } => session.authenticated(Ok("Administrator".into()), "fuzz"),
                 ReceiverEvent::ValidatePlan(_) => session.plan_accepted("migration-1".into(), "ds".into(), true),
                 // A journal holding the first chunk, plus a table of no disk of the plan.
-                ReceiverEvent::ValidateResume { migration_id, plan } => {
+                ReceiverEvent::ValidateResume { migration_id, plan, .. } => {
                     let mut tables: Vec<crate::integrity::DiskHashes> = plan
                         .vm
                         .disks

@@ -2,6 +2,8 @@
 //! protocol): an operator logs in and watches a capped lift's progress move and its
 //! edge's link drawn, a ReadOnly user sees the same lift with no abort button (and the
 //! API refuses it the abort anyway), and once the lift is done its signed receipt shows.
+//! A switchover awaiting confirmation shows Rollback and Confirm to its operator only, and
+//! the page's Rollback rolls it back through the API.
 //! Screenshots of each view are saved under target/dashboard-screenshots/.
 
 use std::path::PathBuf;
@@ -272,4 +274,89 @@ async fn the_dashboard_shows_a_lift_moving_its_receipt_and_hides_abort_from_read
 /// An HTTPS client trusting the test CA, for the page's headers.
 fn reqwest_client(pki: &Pki) -> reqwest::Client {
     e2e::rest::https_client(pki)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_offers_rollback_and_confirm_of_a_switchover_to_its_operator_only() {
+    let shots = screenshot_dir();
+    let bin = wan::ensure_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let cloud = Cloud::start(&tmp.path().join("cloud"), &pki, &[]).await;
+    let base = format!("https://127.0.0.1:{}", cloud.api_addr.expect("the API runs").port());
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_raw_disk(&src.join("db05.img"), MIB, &[Fill::Random, Fill::Zero], 42);
+    let vmx = write_vmx(&src, "db05", &["db05.img"], &[]);
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let edge = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--json", "--chunk-kib", "256"]);
+        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
+    };
+    let id = summary(run(edge(&["replicate"])).await)["migration_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = summary(run(edge(&["switchover"])).await);
+    assert_eq!(done["switchover"]["awaiting_confirm"], true, "{done}");
+    let row = format!("#migrations tr[data-id={id:?}]");
+    let buttons = format!("document.querySelectorAll('{row} button.confirm, {row} button.rollback').length");
+
+    let endpoint_cert = certs::load_certs(&pki.path("endpoint.pem")).unwrap();
+    let spki = spki_sha256_base64(endpoint_cert[0].as_ref());
+    let mut browser = blocking(|| Chromium::launch(&spki, 1400, 1100));
+    blocking(|| {
+        browser.navigate(&format!("{base}/ui/"));
+        browser.wait_for(
+            "the login form",
+            "document.body.dataset.ready === 'true'",
+            Duration::from_secs(10),
+        );
+        // A ReadOnly user sees the switchover awaiting confirmation, and no button for it.
+        log_in(&mut browser, AUDITOR);
+        browser.wait_for(
+            "the switched-over replication",
+            &format!("document.querySelector('{row}')?.cells[3].textContent.includes('awaiting confirm') === true"),
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            browser.eval(&buttons),
+            0,
+            "a ReadOnly user is offered no rollback or confirm"
+        );
+        browser.eval("document.getElementById('logout').click(); true");
+        browser.wait_for(
+            "the login form again",
+            "!document.getElementById('login').hidden",
+            Duration::from_secs(10),
+        );
+        // Its operator is offered both, and rolls it back from the page.
+        log_in(&mut browser, MIGRATOR);
+        browser.wait_for(
+            "the rollback and confirm buttons",
+            &format!("{buttons} === 2"),
+            Duration::from_secs(10),
+        );
+        browser.screenshot(&shots.join("4-operator-awaiting-confirm.png"));
+        browser.eval(&format!(
+            "window.confirm = () => true; document.querySelector('{row} button.rollback').click(); true"
+        ));
+        browser.wait_for(
+            "the rolled-back replication",
+            &format!("document.querySelector('{row}')?.cells[3].textContent === 'RUNNING · rolled back'"),
+            Duration::from_secs(20),
+        );
+        assert_eq!(browser.eval(&buttons), 0, "nothing awaits confirmation any more");
+        browser.screenshot(&shots.join("5-operator-rolled-back.png"));
+    });
+    drop(browser);
+    assert!(cloud.domain.inventory.list_vms().unwrap().is_empty(), "unregistered");
+    let m = cloud_endpoint::api::gateway::get_migration(&cloud.domain, &id).unwrap();
+    assert_eq!(
+        m.replica.and_then(|r| r.switchover_ended_by),
+        Some(format!("{MIGRATOR} through the API"))
+    );
+    cloud.stop().await;
 }

@@ -41,6 +41,7 @@ mod seed;
 mod soap;
 mod sources;
 mod switchover;
+mod switchover_api;
 mod switchover_window;
 mod test_boot;
 mod trust;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use gateway::plan::{FirewallSpec, MigrationPlan, VmSpec, DEFAULT_CHUNK_SIZE};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::api::error::ApiError;
 use crate::inventory::MigrationRecord;
@@ -366,6 +366,51 @@ pub fn abort_migration(
     let reason = format!("aborted through the API by {}", principal.user);
     crate::server::placement::abort(domain, id, &reason)?;
     get_migration(domain, id)
+}
+
+/// What a rollback or confirmation through the API answers: what the endpoint did (as
+/// `edge-agent rollback` or `confirm` prints it) and the migration afterwards.
+#[derive(Debug, Serialize)]
+pub struct SwitchoverEnded {
+    pub message: String,
+    pub migration: MigrationRecord,
+}
+
+/// Rolls back (`confirm: false`) or confirms the switchover of replication `id`, for its
+/// operator or an Administrator: the same path as `edge-agent rollback` and `confirm`
+/// (`placement::end_switchover_as`). A rollback powers the cloud VM off before anything
+/// else; if it cannot, nothing changes and the error says to ask again. The edge learns
+/// of it the next time it talks to the cloud (docs/replication.md).
+pub async fn end_switchover(
+    domain: &std::sync::Arc<Domain>,
+    principal: &crate::inventory::Principal,
+    id: &str,
+    confirm: bool,
+) -> Result<SwitchoverEnded, ApiError> {
+    use crate::api::error::ErrorKind;
+    let what = if confirm {
+        "confirm switchovers of"
+    } else {
+        "roll back switchovers of"
+    };
+    let (p, i) = (principal.clone(), id.to_owned());
+    crate::api::blocking(domain, move |d| owned_migration(d, &p, &i, what)).await?;
+    let through = crate::server::placement::EndThrough::Api;
+    let message = crate::server::placement::end_switchover_as(domain, principal, id, confirm, through)
+        .await
+        .map_err(|(code, problems)| {
+            let kind = match code {
+                gateway::wire::RefusalCode::NotPermitted => ErrorKind::Unauthorized,
+                gateway::wire::RefusalCode::UnknownMigration => ErrorKind::NotAllowedInCurrentState,
+                gateway::wire::RefusalCode::EndpointFailure => ErrorKind::Error,
+                _ => ErrorKind::InvalidArgument,
+            };
+            ApiError::new(kind, problems.join("; "))
+        })?;
+    tracing::info!(migration = ?id, user = ?principal.user, confirm, ?message, "switchover ended through the API");
+    let i = id.to_owned();
+    let migration = crate::api::blocking(domain, move |d| get_migration(d, &i)).await?;
+    Ok(SwitchoverEnded { message, migration })
 }
 
 /// Starts a test boot of replication `id`'s replica (`crate::hosts::test_boot`), for

@@ -40,7 +40,7 @@ const SELECT_MIGRATION: &str =
         replica_syncs, replica_synced, replica_delta_bytes,
         switchover_at, switchover_state, downtime_ms, downtime_from, replica_pass_ms, replica_read_back_ms,
         (SELECT COUNT(*) FROM superseded_receipt s WHERE s.migration = migration.id),
-        dedup_bytes
+        dedup_bytes, switchover_ended_by
     FROM migration";
 
 fn migration_from_row(row: &Row) -> Result<MigrationRecord, StoreError> {
@@ -74,6 +74,7 @@ fn migration_from_row(row: &Row) -> Result<MigrationRecord, StoreError> {
                 forecast_switchover_seconds: None,
                 forecast_done_at: None,
                 superseded_receipts: row.get(20)?,
+                switchover_ended_by: row.get(22)?,
             }),
             None => None,
         },

@@ -500,10 +500,16 @@ pub struct ReplicaRecord {
     /// cloud, in milliseconds (absent when the VM was not powered on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
-    /// What the downtime counts from: `source stopped by the edge`, or `switchover
-    /// started` (the operator had stopped the source before).
+    /// What the downtime counts from: `source stopped by the edge`, `source files last
+    /// written` (the operator had stopped a VMware source before: its files' last
+    /// modification, an estimate), or `switchover started` (the operator had stopped it,
+    /// and its files do not say when).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_from: Option<String>,
+    /// Who rolled back or confirmed the last switchover, and how (`"alice@x through the
+    /// API"`, `"alice@x with edge-agent"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switchover_ended_by: Option<String>,
     /// Receipts of switchovers rolled back since: kept, no longer current
     /// (`GET /api/gateway/migrations/{id}/receipt` gives the current one only).
     pub superseded_receipts: u64,

@@ -10,7 +10,7 @@ use super::InventoryError;
 use crate::store_params;
 
 /// Step `i` brings a database from version `i` to `i + 1`.
-const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13, V14];
+const STEPS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8, V9, V10, V11, V12, V13, V14, V15];
 
 /// The schema version this build writes.
 pub(super) const VERSION: i64 = STEPS.len() as i64;
@@ -369,6 +369,13 @@ ALTER TABLE host ADD COLUMN api_thumbprint TEXT;
 ALTER TABLE host ADD COLUMN api_token TEXT;
 "#;
 
+/// Who ended a replication's switchover, and how (`switchover_ended_by`: "migrator@x
+/// through the API", "migrator@x with edge-agent"): the edge that ran the switchover
+/// learns from it that a rollback or confirmation happened through the API.
+const V15: &str = r#"
+ALTER TABLE migration ADD COLUMN switchover_ended_by TEXT;
+"#;
+
 /// Applies the missing steps of either engine. Refuses a database written by a newer build.
 pub(super) fn upgrade(store: &Store) -> Result<(), InventoryError> {
     match store {
@@ -405,7 +412,7 @@ fn upgrade_sqlite(conn: &mut Connection) -> Result<(), InventoryError> {
 /// a database of either engine at version N has the same tables and columns. PostgreSQL
 /// started at version 11, so its first step is the whole schema of SQLite's steps 1 to
 /// 11; every later step is written for both engines.
-pub(super) const PG_STEPS: &[(i64, &str)] = &[(11, PG_V11), (12, PG_V12), (13, PG_V13), (14, PG_V14)];
+pub(super) const PG_STEPS: &[(i64, &str)] = &[(11, PG_V11), (12, PG_V12), (13, PG_V13), (14, PG_V14), (15, PG_V15)];
 
 /// SQLite's steps 1 to 11 in PostgreSQL's words: `BIGINT` for every integer (the store
 /// reads integers as 64-bit), `BYTEA` for blobs, an identity column where SQLite had a
@@ -667,6 +674,10 @@ const PG_V14: &str = r#"
 ALTER TABLE host ADD COLUMN api_url TEXT;
 ALTER TABLE host ADD COLUMN api_thumbprint TEXT;
 ALTER TABLE host ADD COLUMN api_token TEXT;
+"#;
+
+const PG_V15: &str = r#"
+ALTER TABLE migration ADD COLUMN switchover_ended_by TEXT;
 "#;
 
 /// An arbitrary key for the advisory lock under which one endpoint upgrades the schema

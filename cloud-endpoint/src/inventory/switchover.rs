@@ -19,10 +19,6 @@ pub const ROLLING_BACK: &str = "rolling back";
 /// Rolled back: the VM is unregistered, its disks are the replica again.
 pub const ROLLED_BACK: &str = "rolled back";
 
-/// What the downtime of a switchover counts from.
-pub const FROM_EDGE_STOP: &str = "source stopped by the edge";
-pub const FROM_SWITCHOVER_START: &str = "switchover started";
-
 /// Refuses a migration that is not RUNNING, or not a replication with a pass done: only
 /// such a replication's switchover `what` (can be scheduled, has a window).
 fn running_replica(tx: &mut dyn Tx, migration_id: &str, what: &str) -> Result<(), InventoryError> {
@@ -90,6 +86,7 @@ impl Inventory {
 
     /// The switchover of `migration_id` registered its VM: it awaits confirmation
     /// (`awaiting_confirm`) or is final, and cost `downtime_ms` from `downtime_from`
+    /// (`gateway::wire::DowntimeFrom::describe`)
     /// (absent when the VM was not powered on). The schedule is done with.
     pub fn record_switchover(
         &self,
@@ -100,7 +97,8 @@ impl Inventory {
     ) -> Result<(), InventoryError> {
         self.write(|tx| {
             tx.execute(
-                "UPDATE migration SET switchover_state = ?2, downtime_ms = ?3, downtime_from = ?4, switchover_at = NULL
+                "UPDATE migration SET switchover_state = ?2, downtime_ms = ?3, downtime_from = ?4, switchover_at = NULL,
+                     switchover_ended_by = NULL
                  WHERE id = ?1 AND state = 'SUCCEEDED'",
                 store_params![
                     migration_id,
@@ -117,20 +115,29 @@ impl Inventory {
     /// to power its VM on. Refused unless the switchover awaits confirmation. Returns
     /// the VM.
     pub fn begin_rollback(&self, migration_id: &str) -> Result<String, InventoryError> {
-        self.move_switchover(migration_id, AWAITING_CONFIRM, ROLLING_BACK)
+        self.move_switchover(migration_id, AWAITING_CONFIRM, ROLLING_BACK, None)
     }
 
     /// A rollback that could not power the VM off: the switchover stands, reversible.
     pub fn cancel_rollback(&self, migration_id: &str) -> Result<String, InventoryError> {
-        self.move_switchover(migration_id, ROLLING_BACK, AWAITING_CONFIRM)
+        self.move_switchover(migration_id, ROLLING_BACK, AWAITING_CONFIRM, None)
     }
 
-    /// Confirms the switchover of `migration_id`: final, no rollback. Returns the VM.
-    pub fn confirm_switchover(&self, migration_id: &str) -> Result<String, InventoryError> {
-        self.move_switchover(migration_id, AWAITING_CONFIRM, CONFIRMED)
+    /// Confirms the switchover of `migration_id`, as `by` says (who, and how): final,
+    /// no rollback. Returns the VM.
+    pub fn confirm_switchover(&self, migration_id: &str, by: &str) -> Result<String, InventoryError> {
+        self.move_switchover(migration_id, AWAITING_CONFIRM, CONFIRMED, Some(by))
     }
 
-    fn move_switchover(&self, migration_id: &str, from: &str, to: &str) -> Result<String, InventoryError> {
+    /// Moves the switchover of `migration_id` from state `from` to `to`, recording who
+    /// ended it (`by`) when it ends.
+    fn move_switchover(
+        &self,
+        migration_id: &str,
+        from: &str,
+        to: &str,
+        by: Option<&str>,
+    ) -> Result<String, InventoryError> {
         self.write(|tx| {
             let (state, _) = state_of(tx, migration_id)?;
             let (switchover, vm): (Option<String>, Option<String>) = tx.query_row(
@@ -145,8 +152,9 @@ impl Inventory {
                 )));
             };
             tx.execute(
-                "UPDATE migration SET switchover_state = ?2 WHERE id = ?1",
-                store_params![migration_id, to],
+                "UPDATE migration SET switchover_state = ?2, switchover_ended_by = COALESCE(?3, switchover_ended_by)
+                 WHERE id = ?1",
+                store_params![migration_id, to, by],
             )?;
             Ok(vm)
         })
@@ -156,8 +164,14 @@ impl Inventory {
     /// RUNNING replication again, in one transaction. Its receipt moves to the
     /// superseded ones (unchanged: it still says what the cloud registered then), its
     /// report goes, and `moves` (each VM folder back to its staging folder) are recorded
-    /// so that a restart finishes moving them. Returns the VM that was unregistered.
-    pub fn finish_rollback(&self, migration_id: &str, moves: &[CommitMove]) -> Result<String, InventoryError> {
+    /// so that a restart finishes moving them; `by` says who rolled it back, and how.
+    /// Returns the VM that was unregistered.
+    pub fn finish_rollback(
+        &self,
+        migration_id: &str,
+        moves: &[CommitMove],
+        by: &str,
+    ) -> Result<String, InventoryError> {
         let json = serde_json::to_string(moves).map_err(|e| InventoryError::Invalid(e.to_string()))?;
         self.write(|tx| {
             let (state, _) = state_of(tx, migration_id)?;
@@ -184,8 +198,8 @@ impl Inventory {
             )?;
             tx.execute(
                 "UPDATE migration SET state = 'RUNNING', vm = NULL, finished = NULL, error = NULL,
-                     switchover_state = ?2, interrupted = ?3, commit_moves = ?4 WHERE id = ?1",
-                store_params![migration_id, ROLLED_BACK, at, json],
+                     switchover_state = ?2, interrupted = ?3, commit_moves = ?4, switchover_ended_by = ?5 WHERE id = ?1",
+                store_params![migration_id, ROLLED_BACK, at, json, by],
             )?;
             tx.execute("DELETE FROM vm WHERE id = ?1", store_params![&vm])?;
             Ok(vm)

@@ -600,6 +600,7 @@ fn upgrading_a_version_1_file_gives_each_vm_its_own_instance_uuid() {
          DROP TABLE migration_lease;
          ALTER TABLE host DROP COLUMN api_url; ALTER TABLE host DROP COLUMN api_thumbprint;
          ALTER TABLE host DROP COLUMN api_token;
+         ALTER TABLE migration DROP COLUMN switchover_ended_by;
          PRAGMA user_version = 1;",
     )
     .unwrap();
@@ -669,6 +670,7 @@ fn upgrading_a_version_8_file_keeps_what_its_vmx_files_say() {
          DROP TABLE migration_lease;
          ALTER TABLE host DROP COLUMN api_url; ALTER TABLE host DROP COLUMN api_thumbprint;
          ALTER TABLE host DROP COLUMN api_token;
+         ALTER TABLE migration DROP COLUMN switchover_ended_by;
          PRAGMA user_version = 8;",
     )
     .unwrap();
@@ -873,7 +875,8 @@ fn placement_objects_added_to_the_config_join_an_existing_inventory() {
 
 #[test]
 fn a_rolled_back_switchover_is_a_replica_again_and_its_receipt_is_superseded() {
-    use crate::inventory::switchover::{AWAITING_CONFIRM, FROM_SWITCHOVER_START, ROLLED_BACK};
+    use crate::inventory::switchover::{AWAITING_CONFIRM, ROLLED_BACK};
+    const FROM_SWITCHOVER_START: &str = "switchover started";
     for_each_store(|db| {
         let inv = db.open(&DomainConfig::default());
         let mid = inv.begin_migration(&operator(), "edge", "rb01", 1).unwrap();
@@ -911,7 +914,7 @@ fn a_rolled_back_switchover_is_a_replica_again_and_its_receipt_is_superseded() {
             Some(mid.as_str())
         );
         assert!(
-            inv.confirm_switchover(&mid).is_err(),
+            inv.confirm_switchover(&mid, "tester through the API").is_err(),
             "a rollback under way is not confirmed"
         );
         // A VM that could not be powered off: the switchover stands.
@@ -922,7 +925,10 @@ fn a_rolled_back_switchover_is_a_replica_again_and_its_receipt_is_superseded() {
             staging: "/ds/.staging/m".into(),
             target: "/ds/rb01".into(),
         }];
-        assert_eq!(inv.finish_rollback(&mid, &moves).unwrap(), first.vm_id);
+        assert_eq!(
+            inv.finish_rollback(&mid, &moves, "tester with edge-agent").unwrap(),
+            first.vm_id
+        );
         let m = inv.migration(&mid).unwrap().unwrap();
         assert_eq!(
             (m.state.as_str(), m.vm.as_deref(), m.has_receipt),
@@ -933,6 +939,7 @@ fn a_rolled_back_switchover_is_a_replica_again_and_its_receipt_is_superseded() {
             (r.switchover_state.as_deref(), r.superseded_receipts),
             (Some(ROLLED_BACK), 1)
         );
+        assert_eq!(r.switchover_ended_by.as_deref(), Some("tester with edge-agent"));
         assert!(inv.vm(&first.vm_id).unwrap().is_none(), "unregistered");
         assert!(inv.vm_name_taken("rb01").unwrap(), "the replica keeps the name");
         assert_eq!(inv.receipt(&mid).unwrap(), None);
@@ -957,7 +964,30 @@ fn a_rolled_back_switchover_is_a_replica_again_and_its_receipt_is_superseded() {
         assert_ne!(second.vm_id, first.vm_id);
         assert_eq!(inv.receipt(&mid).unwrap(), Some(second.receipt));
         inv.record_switchover(&mid, true, None, FROM_SWITCHOVER_START).unwrap();
-        assert_eq!(inv.confirm_switchover(&mid).unwrap(), second.vm_id);
+        assert_eq!(
+            inv.migration(&mid)
+                .unwrap()
+                .unwrap()
+                .replica
+                .unwrap()
+                .switchover_ended_by,
+            None,
+            "a new switchover was ended by no one yet"
+        );
+        assert_eq!(
+            inv.confirm_switchover(&mid, "tester through the API").unwrap(),
+            second.vm_id
+        );
+        assert_eq!(
+            inv.migration(&mid)
+                .unwrap()
+                .unwrap()
+                .replica
+                .unwrap()
+                .switchover_ended_by
+                .as_deref(),
+            Some("tester through the API")
+        );
         assert!(inv.begin_rollback(&mid).is_err(), "confirmed: final");
     });
 }

@@ -671,12 +671,22 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             }
             ctx.session().plan_checked(result);
         }
-        ReceiverEvent::ValidateResume { migration_id, plan } => {
+        ReceiverEvent::ValidateResume {
+            migration_id,
+            plan,
+            switched_over,
+        } => {
             let Some(principal) = authenticated(ctx, "resume") else {
                 return;
             };
-            // An edge that missed its commit's answer gets it now, with nothing staged.
-            match placement::committed_replay(&domain, &principal, &ctx.edge_cert, &migration_id, &plan) {
+            // An edge that missed its commit's answer gets it now, with nothing staged;
+            // not one whose record says it switched over (it got the answer).
+            let replay = if switched_over {
+                Ok(None)
+            } else {
+                placement::committed_replay(&domain, &principal, &ctx.edge_cert, &migration_id, &plan)
+            };
+            match replay {
                 Ok(Some(replay)) => {
                     tracing::info!(migration = ?migration_id, vm_id = %replay.registered.vm_id, "resume of a committed migration: replaying its commit");
                     let ds = ctx.datastore_name(None);

@@ -26,7 +26,10 @@ mod resolve;
 mod resume;
 mod validate;
 pub use commit::{finalize, finalize_live, recover_commits, CRASH_AT_ENV};
-pub use replica::{end_switchover, keep_replica, replica_files, rfc3339, switched_over, unix_seconds, ReplicaFiles};
+pub use replica::{
+    end_switchover, end_switchover_as, keep_replica, replica_files, rfc3339, switched_over, unix_seconds, EndThrough,
+    ReplicaFiles,
+};
 pub use resolve::Resolved;
 pub use resume::{
     abort, adopt_orphans, authorize, check_resume, discard_files, expire, resume, suspend, Action, Durable,

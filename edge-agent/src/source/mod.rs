@@ -29,6 +29,7 @@ mod claim;
 mod disk;
 pub mod firewall;
 pub mod fuzzing;
+pub mod last_written;
 mod manifest;
 mod ova;
 mod ovf;

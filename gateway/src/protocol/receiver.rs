@@ -74,7 +74,13 @@ pub enum ReceiverEvent {
     /// Check that this edge may continue `migration_id` with this (unchanged)
     /// plan, reopen its staged files and read its journal; answer with
     /// [`ReceiverSession::resume_accepted`] or [`ReceiverSession::refuse`].
-    ValidateResume { migration_id: String, plan: MigrationPlan },
+    ValidateResume {
+        migration_id: String,
+        plan: MigrationPlan,
+        /// The edge's record says the switchover awaits confirmation
+        /// (`SyncSwitchedOver`): no replay of the commit.
+        switched_over: bool,
+    },
     /// Every disk is complete and its Merkle root matches the edge's: make the
     /// files durable, register the VM with a receipt stating the roots
     /// ([`ReceiverSession::disk_roots`]), then answer with
@@ -491,8 +497,9 @@ impl ReceiverSession {
                 self.events.push_back(ReceiverEvent::ValidatePlan(plan.clone()));
                 self.plan = Some(plan);
             }
-            EdgeMessage::Resume { migration_id, plan } => self.on_resume(migration_id, plan, false)?,
-            EdgeMessage::Sync { migration_id, plan } => self.on_resume(migration_id, plan, true)?,
+            EdgeMessage::Resume { migration_id, plan } => self.on_resume(migration_id, plan, false, false)?,
+            EdgeMessage::Sync { migration_id, plan } => self.on_resume(migration_id, plan, true, false)?,
+            EdgeMessage::SyncSwitchedOver { migration_id, plan } => self.on_resume(migration_id, plan, true, true)?,
             EdgeMessage::AbortMigration { migration_id, reason } => {
                 if self.phase != Phase::AwaitPlan {
                     return Err(self.unexpected("AbortMigration"));
@@ -711,8 +718,15 @@ impl ReceiverSession {
         Ok(())
     }
 
-    /// `Resume`, or `Sync` (`delta`): continue a migration the cloud accepted before.
-    fn on_resume(&mut self, migration_id: String, plan: MigrationPlan, delta: bool) -> Result<(), ProtocolError> {
+    /// `Resume`, or `Sync` (`delta`), or `SyncSwitchedOver` (`switched_over`): continue a
+    /// migration the cloud accepted before.
+    fn on_resume(
+        &mut self,
+        migration_id: String,
+        plan: MigrationPlan,
+        delta: bool,
+        switched_over: bool,
+    ) -> Result<(), ProtocolError> {
         if self.phase != Phase::AwaitPlan {
             return Err(self.unexpected(if delta { "Sync" } else { "Resume" }));
         }
@@ -722,6 +736,7 @@ impl ReceiverSession {
         self.events.push_back(ReceiverEvent::ValidateResume {
             migration_id,
             plan: plan.clone(),
+            switched_over,
         });
         self.plan = Some(plan);
         Ok(())

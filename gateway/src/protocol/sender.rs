@@ -8,7 +8,7 @@ use crate::integrity::DiskHashes;
 use crate::plan::{MigrationPlan, MigrationReport};
 use crate::receipt::SignedReceipt;
 use crate::schedule::SwitchoverWindow;
-use crate::wire::{CloudMessage, EdgeMessage, SwitchoverOutcome, SwitchoverRequest};
+use crate::wire::{CloudMessage, DowntimeFrom, EdgeMessage, SwitchoverOutcome, SwitchoverRequest};
 
 /// Tunables and identity of the sending side.
 #[derive(Debug, Clone)]
@@ -221,6 +221,9 @@ pub struct SenderSession {
     report: Option<MigrationReport>,
     /// A delta pass of a replication: `Sync` instead of `Resume`.
     delta: bool,
+    /// The edge's record says the switchover awaits confirmation: `SyncSwitchedOver`
+    /// instead of `Sync` (see [`Self::after_switchover`]).
+    after_switchover: bool,
     /// End with `SyncDone` (keep the replica) instead of `Commit`.
     keep_replica: bool,
     /// The cloud accepted the credential (a refusal before it is one of the login).
@@ -256,7 +259,7 @@ struct Switchover {
     power_on: bool,
     confirm: bool,
     downtime_since: Instant,
-    stopped_by_edge: bool,
+    downtime_from: DowntimeFrom,
 }
 
 impl SenderSession {
@@ -307,6 +310,7 @@ impl SenderSession {
             abort: None,
             report: None,
             delta: false,
+            after_switchover: false,
             keep_replica: false,
             welcomed: false,
             switchover: None,
@@ -421,20 +425,21 @@ impl SenderSession {
 
     /// Ends the pass with `Switchover` instead of `Commit`: the cloud commits, then powers
     /// the VM on if `power_on`, and keeps the switchover reversible unless `confirm`.
-    /// The downtime counts from `downtime_since` (when the edge stopped the source,
-    /// `stopped_by_edge`, or else when the switchover started).
+    /// The downtime counts from `downtime_since`, which is what `downtime_from` says
+    /// (the edge's stop of the source, the source files' last write, or the switchover's
+    /// start).
     pub fn finish_as_switchover(
         &mut self,
         power_on: bool,
         confirm: bool,
         downtime_since: Instant,
-        stopped_by_edge: bool,
+        downtime_from: DowntimeFrom,
     ) {
         self.switchover = Some(Switchover {
             power_on,
             confirm,
             downtime_since,
-            stopped_by_edge,
+            downtime_from,
         });
     }
 
@@ -503,6 +508,13 @@ impl SenderSession {
         let mut s = SenderSession::resuming(config, plan, migration_id, checkpoint, now)?;
         s.delta = true;
         Ok(s)
+    }
+
+    /// The edge's record says the switchover of this replication awaits confirmation: the
+    /// pass asks with `SyncSwitchedOver`, which the cloud runs only if the switchover was
+    /// rolled back since (through the API), and refuses otherwise.
+    pub fn after_switchover(&mut self) {
+        self.after_switchover = true;
     }
 
     /// Ends the pass with `SyncDone` instead of `Commit`: the cloud keeps what it holds
@@ -691,6 +703,10 @@ impl SenderSession {
                     return Ok(());
                 }
                 self.outbox.push_back(match &self.resume {
+                    Some((migration_id, _)) if self.delta && self.after_switchover => EdgeMessage::SyncSwitchedOver {
+                        migration_id: migration_id.clone(),
+                        plan: self.plan.clone(),
+                    },
                     Some((migration_id, _)) if self.delta => EdgeMessage::Sync {
                         migration_id: migration_id.clone(),
                         plan: self.plan.clone(),
@@ -1169,7 +1185,7 @@ impl SenderSession {
                     confirm: s.confirm,
                     // Filled in when it is sent (see poll_transmit).
                     downtime_so_far_ms: 0,
-                    stopped_by_edge: s.stopped_by_edge,
+                    downtime_from: s.downtime_from,
                 }),
                 (false, None) => EdgeMessage::Commit,
             });

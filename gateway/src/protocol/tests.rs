@@ -1647,14 +1647,15 @@ fn a_switchover_states_the_downtime_and_the_power_on_and_awaits_confirmation() {
     let mut last = first.next_pass(sources.clone(), false);
     // The edge stopped the source 4.5 s before this pass's commit is sent.
     let stopped = last.now - Duration::from_millis(4500);
-    last.sender.finish_as_switchover(true, false, stopped, true);
+    last.sender
+        .finish_as_switchover(true, false, stopped, crate::wire::DowntimeFrom::EdgeStop);
     // A repair round: the commit is sent twice; the downtime counts from the first.
     last.damage_before_verify = vec![(0, 7)];
     last.drive();
     assert!(last.sender.is_committed(), "{:?}", last.sender.error());
     assert_eq!(last.dests, sources);
     let (request, _) = last.receiver.switchover().cloned().expect("a switchover");
-    assert!(request.power_on && !request.confirm && request.stopped_by_edge);
+    assert!(request.power_on && !request.confirm && request.downtime_from == crate::wire::DowntimeFrom::EdgeStop);
     // The test's clock moves a millisecond a step.
     assert!((4500..5500).contains(&request.downtime_so_far_ms), "{request:?}");
     let outcome = last.sender.switchover_outcome().expect("SwitchedOver before Committed");
@@ -2049,4 +2050,37 @@ fn a_seeded_offset_that_was_not_copied_is_a_protocol_violation() {
         s.handle_control(answer, now),
         Err(ProtocolError::OutsidePlan(m)) if m.contains("seed")
     ));
+}
+
+#[test]
+fn a_pass_from_a_record_marked_switched_over_asks_without_a_commit_replay() {
+    let sources = [disk_image(33, 2)];
+    let plan = plan(&sources.iter().collect::<Vec<_>>());
+    let now = Instant::now();
+    let config = || SenderConfig::new("edge-test", "migrator@cloud.local", "secret");
+    let welcome = CloudMessage::Welcome {
+        endpoint: "cloud".into(),
+        role: "MigrationOperator".into(),
+    };
+    let first_ask = |marked: bool| {
+        let mut s = SenderSession::syncing(config(), plan.clone(), "migration-1".into(), vec![], now).unwrap();
+        if marked {
+            s.after_switchover();
+        }
+        s.handle_control(welcome.clone(), now).unwrap();
+        assert!(matches!(s.poll_transmit(now), Some(EdgeMessage::Hello { .. })));
+        s.poll_transmit(now).expect("the pass asks")
+    };
+    assert!(matches!(first_ask(false), EdgeMessage::Sync { .. }));
+    let ask = first_ask(true);
+    assert!(matches!(&ask, EdgeMessage::SyncSwitchedOver { migration_id, .. } if migration_id == "migration-1"));
+    // The cloud's driver is told not to replay the commit, and the pass is a delta pass.
+    let mut r = welcomed_receiver(now);
+    r.handle_control(ask, now).unwrap();
+    assert!(r.is_delta());
+    let asked = std::iter::from_fn(|| r.poll_event()).find_map(|e| match e {
+        ReceiverEvent::ValidateResume { switched_over, .. } => Some(switched_over),
+        _ => None,
+    });
+    assert_eq!(asked, Some(true));
 }

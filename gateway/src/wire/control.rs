@@ -93,6 +93,12 @@ pub enum EdgeMessage {
     /// (`Some`) or clear (`None`) the daily window the scheduled switchover must start
     /// in, which the cloud holds (the API can change it too).
     ScheduleWindow { window: Option<SwitchoverWindow> },
+    /// `Sync` from an edge whose record says the migration's switchover awaits
+    /// confirmation (protocol version 10): the switchover may have been rolled back or
+    /// confirmed through the API since. The cloud never answers it with a replay of the
+    /// commit (which is for an edge that lost the commit's answer): it runs the pass if
+    /// the switchover was rolled back, and otherwise refuses, saying where it stands.
+    SyncSwitchedOver { migration_id: String, plan: MigrationPlan },
 }
 
 /// What `edge-agent switchover` asks of the cloud beyond a commit.
@@ -105,9 +111,34 @@ pub struct SwitchoverRequest {
     /// Milliseconds from the downtime's start to this message being sent: a duration,
     /// not a time, so the two clocks need not agree.
     pub downtime_so_far_ms: u64,
-    /// The downtime starts when the edge stopped the source (`true`), or, the source
-    /// having been stopped before by the operator, when the switchover started.
-    pub stopped_by_edge: bool,
+    /// What the downtime starts at (protocol version 10; version 9 had a bool here, whose
+    /// `false` and `true` the first two variants encode as).
+    pub downtime_from: DowntimeFrom,
+}
+
+/// What a switchover's downtime counts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DowntimeFrom {
+    /// The operator stopped the source before the switchover, and its files do not say
+    /// when: the switchover's start (the real downtime is longer).
+    SwitchoverStart,
+    /// The edge stopped the source itself (a QEMU source, through QMP).
+    EdgeStop,
+    /// The operator stopped a VMware source before the switchover: the newest
+    /// modification time of its files (.vmx, disks, .nvram, vmware.log), which a running
+    /// VM writes until it stops. An estimate: the datastore's clock, not the edge's.
+    SourceFilesWritten,
+}
+
+impl DowntimeFrom {
+    /// As the migration record and the edge's summary say it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DowntimeFrom::SwitchoverStart => "switchover started",
+            DowntimeFrom::EdgeStop => "source stopped by the edge",
+            DowntimeFrom::SourceFilesWritten => "source files last written",
+        }
+    }
 }
 
 /// The cloud's answer to [`SwitchoverRequest`], sent just before `Committed`.

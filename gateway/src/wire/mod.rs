@@ -15,7 +15,8 @@ pub mod probe;
 
 pub use chunk::{ChunkHeader, Encoding, CHUNK_HEADER_LEN};
 pub use control::{
-    bit, set_bit, CloudMessage, EdgeMessage, RefusalCode, SwitchoverOutcome, SwitchoverRequest, MAX_CONTROL_FRAME,
+    bit, set_bit, CloudMessage, DowntimeFrom, EdgeMessage, RefusalCode, SwitchoverOutcome, SwitchoverRequest,
+    MAX_CONTROL_FRAME,
 };
 
 /// ALPN protocol id: lets a future incompatible version refuse at the TLS layer.
@@ -51,6 +52,10 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// tunnel frame carries a sequence number ([`crate::tunnel`]). A version-9 peer would
 /// read the sequence number as frame body, so it is refused at the preamble like any
 /// other version (cold migrations included: one version for the whole protocol).
+/// `Switchover` says what its downtime counts from (`DowntimeFrom`: the switchover's
+/// start, the edge's stop of the source, or the source files' last write);
+/// `SyncSwitchedOver`, a pass from an edge whose record says its switchover awaits
+/// confirmation (rolled back or confirmed through the API since, or not).
 pub const PROTOCOL_VERSION: u16 = 10;
 pub const PREAMBLE_LEN: usize = 8;
 
@@ -160,12 +165,13 @@ mod tests {
         bad[0] = b'X';
         assert_eq!(Preamble::decode(&bad), Err(WireError::BadMagic));
         let mut newer = p.encode();
-        newer[5] = 11;
-        assert_eq!(Preamble::decode(&newer), Err(WireError::UnsupportedVersion(11)));
+        let next = PROTOCOL_VERSION + 1;
+        newer[4..6].copy_from_slice(&next.to_be_bytes());
+        assert_eq!(Preamble::decode(&newer), Err(WireError::UnsupportedVersion(next)));
         let mut older = p.encode();
-        older[5] = 9;
+        older[4..6].copy_from_slice(&(PROTOCOL_VERSION - 1).to_be_bytes());
         let e = Preamble::decode(&older).unwrap_err();
-        assert_eq!(e, WireError::UnsupportedVersion(9));
+        assert_eq!(e, WireError::UnsupportedVersion(PROTOCOL_VERSION - 1));
         assert!(e.to_string().contains("upgrade the older side"), "{e}");
         let mut kind = p.encode();
         kind[6] = 7;

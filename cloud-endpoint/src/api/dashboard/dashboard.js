@@ -249,6 +249,17 @@
         }
         actions.append(el('button', { type: 'button', class: 'danger abort', onclick: () => abort(m) }, 'Abort'));
       }
+      if (m.replica && m.replica.state === 'switched over (awaiting confirm)' && mayAct(m)) {
+        actions.append(el('button', {
+          type: 'button', class: 'confirm', title: 'Make the switchover final: no rollback afterwards',
+          onclick: () => endSwitchover(m, true),
+        }, 'Confirm'));
+        actions.append(el('button', {
+          type: 'button', class: 'danger rollback',
+          title: 'Power the cloud VM off and keep its disks as the replica; the source can run again',
+          onclick: () => endSwitchover(m, false),
+        }, 'Rollback'));
+      }
       const tr = el('tr', { 'data-id': m.id, 'data-state': m.state },
         td(m.id),
         td(m.vm ? m.vm_name + ' → ' + m.vm : m.vm_name),
@@ -285,6 +296,20 @@
       status(m.id + ': the edge switches over at its next pass');
     } catch (e) {
       status('Switchover of ' + m.id + ' refused: ' + e.message, true);
+    }
+  }
+
+  async function endSwitchover(m, confirm) {
+    const question = confirm
+      ? 'Confirm the switchover of ' + m.vm_name + ' to ' + m.vm + '? It becomes final: no rollback afterwards.'
+      : 'Roll back the switchover of ' + m.vm_name + '? ' + m.vm + ' is powered off and unregistered; its disks become the replica again.';
+    if (!window.confirm(question)) return;
+    const action = confirm ? 'confirm' : 'rollback';
+    try {
+      const ended = await api('POST', '/api/gateway/migrations/' + encodeURIComponent(m.id) + '?action=' + action);
+      status(ended.message);
+    } catch (e) {
+      status((confirm ? 'Confirmation' : 'Rollback') + ' of ' + m.id + ' refused: ' + e.message, true);
     }
   }
 

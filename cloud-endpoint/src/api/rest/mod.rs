@@ -70,7 +70,7 @@ fn api_router(state: ApiState) -> Router {
         .route(
             "/api/gateway/migrations/{migration}",
             get(vcenter::get_migration)
-                .post(vcenter::abort_migration)
+                .post(vcenter::migration_action)
                 .patch(vcenter::patch_migration),
         )
         .route("/api/gateway/migrations/{migration}/receipt", get(vcenter::get_receipt))

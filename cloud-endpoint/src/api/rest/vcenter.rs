@@ -234,18 +234,30 @@ pub async fn check_plan(
 
 /// `POST /api/gateway/migrations/{id}?action=abort`: aborts a RUNNING migration (the
 /// partial files are removed, the VM name freed) and returns its record, FAILED.
-pub async fn abort_migration(
+/// `?action=rollback` and `?action=confirm` end a switchover awaiting confirmation, as
+/// `edge-agent rollback` and `confirm` do, and return `{"message", "migration"}`.
+pub async fn migration_action(
     State(state): State<ApiState>,
     axum::Extension(ctx): axum::Extension<super::SessionContext>,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
-) -> Answer<crate::inventory::MigrationRecord> {
-    if query.as_deref() != Some("action=abort") {
-        return Err(ApiError::invalid_argument(format!(
-            "POST /api/gateway/migrations/{id} needs ?action=abort, the only action on a migration"
-        )));
-    }
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let principal = ctx.principal().clone();
+    match query.as_deref() {
+        Some("action=abort") => {}
+        Some(action @ ("action=rollback" | "action=confirm")) => {
+            let confirm = action == "action=confirm";
+            let ended = gateway::end_switchover(&state.domain, &principal, &id, confirm).await?;
+            return Ok(Json(ended).into_response());
+        }
+        _ => {
+            return Err(ApiError::invalid_argument(format!(
+                "POST /api/gateway/migrations/{id} needs ?action=abort (a RUNNING migration), ?action=rollback or \
+                 ?action=confirm (a switchover awaiting confirmation)"
+            )))
+        }
+    }
     let aborted = id.clone();
     let mut record = blocking(&state.domain, move |d| {
         gateway::abort_migration(d, &principal, &aborted)
@@ -264,7 +276,7 @@ pub async fn abort_migration(
         let id = id.clone();
         record = blocking(&state.domain, move |d| gateway::get_migration(d, &id)).await?;
     }
-    Ok(Json(record))
+    Ok(Json(record).into_response())
 }
 
 /// `PATCH /api/gateway/migrations/{id}` with `{"switchover_at": "2026-12-07T02:00:00Z"}`

@@ -17,7 +17,6 @@ use super::{
     disk_staging, endpoint_failure, open_stagings, parse_formats, resolve, resume, Action, Domain, Refusal, Staged,
 };
 use crate::hosts::{Hosts, PowerOp};
-use crate::inventory::switchover::{FROM_EDGE_STOP, FROM_SWITCHOVER_START};
 use crate::inventory::{CommitMove, InventoryError, PassTimes, Principal};
 
 /// A pass ended and its read-back found the replica as the edge sealed it: make what
@@ -115,11 +114,7 @@ pub async fn switched_over(
         let here = u64::try_from(received.elapsed().as_millis()).unwrap_or(u64::MAX);
         request.downtime_so_far_ms.saturating_add(here)
     });
-    let from = if request.stopped_by_edge {
-        FROM_EDGE_STOP
-    } else {
-        FROM_SWITCHOVER_START
-    };
+    let from = request.downtime_from.describe();
     let awaiting_confirm = !request.confirm;
     let d = domain.clone();
     let id = migration_id.to_owned();
@@ -139,11 +134,50 @@ pub async fn switched_over(
 }
 
 /// A step of a rollback or confirmation, run on the blocking pool.
-type DomainWork = Box<dyn FnOnce(&Domain) -> Result<String, Refusal> + Send>;
+type DomainWork<T> = Box<dyn FnOnce(&Domain) -> Result<T, Refusal> + Send>;
+
+/// Runs `f` on the blocking pool.
+async fn blocking<T: Send + 'static>(domain: &Arc<Domain>, f: DomainWork<T>) -> Result<T, Refusal> {
+    let d = domain.clone();
+    tokio::task::spawn_blocking(move || f(d.as_ref()))
+        .await
+        .unwrap_or_else(|e| Err(endpoint_failure(e.to_string())))
+}
+
+/// Through what a switchover is rolled back or confirmed: the edge that ran it
+/// (`edge-agent rollback` or `confirm`, over QUIC) or the HTTPS API (`POST
+/// /api/gateway/migrations/{id}?action=rollback|confirm`, and the dashboard). Both run
+/// [`end_switchover_as`]; only what the answers tell the user to run differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndThrough {
+    Edge,
+    Api,
+}
+
+impl EndThrough {
+    /// How it was asked, as the migration record keeps it after the user's name.
+    pub fn how(self) -> &'static str {
+        match self {
+            EndThrough::Edge => "with edge-agent",
+            EndThrough::Api => "through the API",
+        }
+    }
+
+    /// What asks for the same again.
+    fn again(self, migration_id: &str, confirm: bool) -> String {
+        match (self, confirm) {
+            (EndThrough::Edge, true) => "run `edge-agent confirm` again".to_owned(),
+            (EndThrough::Edge, false) => "run `edge-agent rollback` again".to_owned(),
+            (EndThrough::Api, true) => format!("POST /api/gateway/migrations/{migration_id}?action=confirm again"),
+            (EndThrough::Api, false) => format!("POST /api/gateway/migrations/{migration_id}?action=rollback again"),
+        }
+    }
+}
 
 /// `edge-agent rollback` (`confirm: false`) or `edge-agent confirm` of the switchover
-/// of `migration_id`, asked by `principal` on the edge of certificate `edge_cert`.
-/// Returns what was done, for the edge to print; a refusal changes nothing.
+/// of `migration_id`, asked by `principal` on the edge of certificate `edge_cert`: the
+/// edge's right to it is checked, then [`end_switchover_as`] does it. Returns what was
+/// done, for the edge to print; a refusal changes nothing.
 pub async fn end_switchover(
     domain: &Arc<Domain>,
     principal: &Principal,
@@ -151,114 +185,220 @@ pub async fn end_switchover(
     migration_id: &str,
     confirm: bool,
 ) -> Result<String, Refusal> {
-    let blocking = |f: DomainWork| {
-        let d = domain.clone();
-        async move {
-            tokio::task::spawn_blocking(move || f(d.as_ref()))
-                .await
-                .unwrap_or_else(|e| Err(endpoint_failure(e.to_string())))
-        }
-    };
     let (p, cert, id) = (principal.clone(), edge_cert.to_owned(), migration_id.to_owned());
-    let vm_name = blocking(Box::new(move |d: &Domain| {
-        super::authorize(d, &p, &cert, &id, Action::EndSwitchover).map(|info| info.vm_name)
-    }))
+    blocking(
+        domain,
+        Box::new(move |d: &Domain| super::authorize(d, &p, &cert, &id, Action::EndSwitchover).map(|_| ())),
+    )
     .await?;
+    end_switchover_as(domain, principal, migration_id, confirm, EndThrough::Edge).await
+}
+
+/// Where the switchover of `migration_id` stands for a rollback or confirmation.
+enum Standing {
+    /// It awaits confirmation: go on, for VM `vm_name`.
+    Awaiting { vm_name: String },
+    /// The edge asks for what was done already (through the API, or by an earlier run
+    /// whose answer it lost): this says so, and the edge brings its record in line.
+    Already(String),
+}
+
+/// Whether the switchover of `migration_id` can be rolled back or confirmed now, and if
+/// not, what to do instead. Reads only.
+fn standing(domain: &Domain, migration_id: &str, confirm: bool, through: EndThrough) -> Result<Standing, Refusal> {
+    use crate::inventory::switchover::{AWAITING_CONFIRM, CONFIRMED, ROLLED_BACK, ROLLING_BACK};
+    let refused = |why: String| {
+        (
+            RefusalCode::UnknownMigration,
+            vec![format!("{why}; nothing was changed")],
+        )
+    };
+    let Some(m) = domain.inventory.migration(migration_id).map_err(endpoint_failure)? else {
+        return Err(refused(format!(
+            "the endpoint has no migration {migration_id}, so no switchover to roll back or confirm"
+        )));
+    };
+    let switchover = m.replica.as_ref().and_then(|r| r.switchover_state.as_deref());
+    let by = m
+        .replica
+        .as_ref()
+        .and_then(|r| r.switchover_ended_by.as_deref())
+        .map(|b| format!(" by {b}"))
+        .unwrap_or_default();
+    let vm = m.vm.as_deref().unwrap_or("the cloud VM");
+    let name = &m.vm_name;
+    let edge = through == EndThrough::Edge;
+    match (m.state.as_str(), switchover) {
+        ("SUCCEEDED", Some(AWAITING_CONFIRM)) => Ok(Standing::Awaiting {
+            vm_name: m.vm_name.clone(),
+        }),
+        ("SUCCEEDED", Some(ROLLING_BACK)) => Err(refused(format!(
+            "the switchover of {name} (migration {migration_id}) is being rolled back now; wait for it, then look at \
+             GET /api/gateway/migrations/{migration_id}"
+        ))),
+        ("SUCCEEDED", Some(CONFIRMED)) if confirm && edge => Ok(Standing::Already(format!(
+            "the switchover of {name} was confirmed already{by}: {vm} in the cloud is final; its receipt stands; the \
+             source may be retired"
+        ))),
+        ("SUCCEEDED", Some(CONFIRMED)) => Err(refused(format!(
+            "the switchover of {name} (migration {migration_id}) to {vm} was confirmed{by}: it is final and can no \
+             longer be {}{}",
+            if confirm { "confirmed again" } else { "rolled back" },
+            if edge {
+                "; run `edge-agent confirm` to remove this edge's record of it"
+            } else {
+                ""
+            }
+        ))),
+        ("RUNNING", Some(ROLLED_BACK)) if !confirm && edge => Ok(Standing::Already(format!(
+            "the switchover of {name} was rolled back already{by}: the cloud VM was powered off and unregistered, \
+             its disks are the replica again and its receipt is superseded; the source can be started again; \
+             `edge-agent replicate` goes on from the replica"
+        ))),
+        ("RUNNING", Some(ROLLED_BACK)) => Err(refused(format!(
+            "the switchover of {name} (migration {migration_id}) was rolled back{by}: no switchover awaits \
+             confirmation; `edge-agent replicate` goes on from the replica, and `edge-agent switchover` switches \
+             over again"
+        ))),
+        ("RUNNING", _) if m.replica.is_some() => Err(refused(format!(
+            "migration {migration_id} is RUNNING, a replication of {name} that has not switched over: no switchover \
+             awaits confirmation; run `edge-agent switchover` first (or schedule it with PATCH \
+             /api/gateway/migrations/{migration_id} {{\"switchover_at\": ...}})"
+        ))),
+        (state, _) => Err(refused(format!(
+            "migration {migration_id} is {state}, not a switched-over replication: nothing to {}",
+            if confirm { "confirm" } else { "roll back" }
+        ))),
+    }
+}
+
+/// Rolls back (`confirm: false`) or confirms the switchover of `migration_id` for
+/// `principal`, whose right to it the caller checked (the edge's certificate and user,
+/// or the API's roles). The one path of both the edge and the API: a rollback powers
+/// the VM off first, and only then unregisters it and moves its folders back into
+/// staging; a confirmation makes it final. Returns what was done; a refusal changes
+/// nothing, and says what to do.
+pub async fn end_switchover_as(
+    domain: &Arc<Domain>,
+    principal: &Principal,
+    migration_id: &str,
+    confirm: bool,
+    through: EndThrough,
+) -> Result<String, Refusal> {
+    let id = migration_id.to_owned();
+    let vm_name = match blocking(domain, Box::new(move |d: &Domain| standing(d, &id, confirm, through))).await? {
+        Standing::Awaiting { vm_name } => vm_name,
+        Standing::Already(said) => return Ok(said),
+    };
+    let by = format!("{} {}", principal.user, through.how());
     let refused = |e: InventoryError| (RefusalCode::UnknownMigration, vec![format!("{e}; nothing was changed")]);
     if confirm {
         let id = migration_id.to_owned();
-        return blocking(Box::new(move |d: &Domain| {
-            let vm = d.inventory.confirm_switchover(&id).map_err(refused)?;
-            // The journal and marks only a rollback needed; left behind, they are harmless.
-            for folder in vm_folders(d, &vm_name) {
-                if let Err(e) = crate::datastore::remove_commit_leftovers(&folder) {
-                    tracing::warn!(folder = %folder.display(), error = %e, "cannot remove a confirmed VM's journal");
+        return blocking(
+            domain,
+            Box::new(move |d: &Domain| {
+                let vm = d.inventory.confirm_switchover(&id, &by).map_err(refused)?;
+                // The journal and marks only a rollback needed; left behind, they are harmless.
+                for folder in vm_folders(d, &vm_name) {
+                    if let Err(e) = crate::datastore::remove_commit_leftovers(&folder) {
+                        tracing::warn!(folder = %folder.display(), error = %e, "cannot remove a confirmed VM's journal");
+                    }
                 }
-            }
-            Ok(format!(
-                "switchover of {vm_name} confirmed: {vm} in the cloud is final and can no longer be rolled back; \
-                 its receipt stands; the source may be retired"
-            ))
-        }))
+                Ok(format!(
+                    "switchover of {vm_name} confirmed: {vm} in the cloud is final and can no longer be rolled back; \
+                     its receipt stands; the source may be retired"
+                ))
+            }),
+        )
         .await;
     }
 
     // From here the host refuses to power the VM on: the rollback powers it off next, and
     // the VM never runs in the cloud once the source may run again.
     let id = migration_id.to_owned();
-    let vm = blocking(Box::new(move |d: &Domain| {
-        d.inventory.begin_rollback(&id).map_err(refused)
-    }))
+    let vm = blocking(
+        domain,
+        Box::new(move |d: &Domain| d.inventory.begin_rollback(&id).map_err(refused)),
+    )
     .await?;
-    let on_behalf = format!("the rollback of {migration_id} by user {}", principal.user);
+    let on_behalf = format!(
+        "the rollback of {migration_id} by user {} {}",
+        principal.user,
+        through.how()
+    );
     match Hosts::power(domain, &vm, PowerOp::Off, &on_behalf).await {
         Ok(()) => {}
         Err(e) if e.already_in_state() => {}
         Err(e) => {
             let id = migration_id.to_owned();
-            let undone = blocking(Box::new(move |d: &Domain| {
-                d.inventory.cancel_rollback(&id).map_err(refused)
-            }))
+            let undone = blocking(
+                domain,
+                Box::new(move |d: &Domain| d.inventory.cancel_rollback(&id).map_err(refused)),
+            )
             .await;
             return Err((
                 RefusalCode::EndpointFailure,
                 vec![format!(
                     "cannot power {vm} off ({e}){}: the switchover stands, awaiting confirmation; do not start the \
-                     source; run `edge-agent rollback` again",
+                     source; {}",
                     if undone.is_ok() {
                         ""
                     } else {
                         " and cannot record that the rollback stopped"
-                    }
+                    },
+                    through.again(migration_id, false)
                 )],
             ));
         }
     }
-    let (p, cert, id) = (principal.clone(), edge_cert.to_owned(), migration_id.to_owned());
-    blocking(Box::new(move |d: &Domain| {
-        let moves: Vec<CommitMove> = vm_folders(d, &vm_name)
-            .into_iter()
-            .filter_map(|target| {
-                let root = target.parent()?.to_owned();
-                Some(CommitMove {
-                    staging: root.join(".staging").join(&id),
-                    target,
+    let (p, id) = (principal.clone(), migration_id.to_owned());
+    blocking(
+        domain,
+        Box::new(move |d: &Domain| {
+            let moves: Vec<CommitMove> = vm_folders(d, &vm_name)
+                .into_iter()
+                .filter_map(|target| {
+                    let root = target.parent()?.to_owned();
+                    Some(CommitMove {
+                        staging: root.join(".staging").join(&id),
+                        target,
+                    })
                 })
-            })
-            .collect();
-        // Marked, so that a restart that finds the moves unfinished moves these back.
-        for m in &moves {
-            crate::datastore::mark_folder(&m.target, &id).map_err(|e| endpoint_failure(e.to_string()))?;
-        }
-        let vm = d.inventory.finish_rollback(&id, &moves).map_err(refused)?;
-        let mut problems = Vec::new();
-        for m in &moves {
-            if let Err(e) = crate::datastore::move_back(&m.target, &m.staging) {
-                problems.push(format!("{} stays in place until the endpoint's next start ({e})", m.target.display()));
+                .collect();
+            // Marked, so that a restart that finds the moves unfinished moves these back.
+            for m in &moves {
+                crate::datastore::mark_folder(&m.target, &id).map_err(|e| endpoint_failure(e.to_string()))?;
             }
-        }
-        if problems.is_empty() {
-            if let Err(e) = d.inventory.clear_commit_moves(&id) {
-                tracing::warn!(migration = %id, error = %e, "cannot clear the rollback's record of moves; the next start does");
+            let vm = d.inventory.finish_rollback(&id, &moves, &by).map_err(refused)?;
+            let mut problems = Vec::new();
+            for m in &moves {
+                if let Err(e) = crate::datastore::move_back(&m.target, &m.staging) {
+                    problems.push(format!("{} stays in place until the endpoint's next start ({e})", m.target.display()));
+                }
             }
-        }
-        let changed = if problems.is_empty() {
-            forget_changed_chunks(d, &p, &cert, &id)
-        } else {
-            Err(problems.join("; "))
-        };
-        let next = match changed {
-            Ok(0) => "the next `edge-agent replicate` pass compares every chunk with the source".to_owned(),
-            Ok(n) => format!(
-                "the cloud VM changed {n} chunk(s) of its disks: the next `edge-agent replicate` pass sends them again"
-            ),
-            Err(e) => format!("the next pass checks the replica ({e})"),
-        };
-        Ok(format!(
-            "switchover of {vm_name} rolled back: {vm} was powered off and unregistered, its disks are the replica \
-             again (state rolled back), and its receipt is superseded; the source can be started again; {next}"
-        ))
-    }))
+            if problems.is_empty() {
+                if let Err(e) = d.inventory.clear_commit_moves(&id) {
+                    tracing::warn!(migration = %id, error = %e, "cannot clear the rollback's record of moves; the next start does");
+                }
+            }
+            let changed = if problems.is_empty() {
+                forget_changed_chunks(d, &p, &id)
+            } else {
+                Err(problems.join("; "))
+            };
+            let next = match changed {
+                Ok(0) => "the next `edge-agent replicate` pass compares every chunk with the source".to_owned(),
+                Ok(n) => format!(
+                    "the cloud VM changed {n} chunk(s) of its disks: the next `edge-agent replicate` pass sends them again"
+                ),
+                Err(e) => format!("the next pass checks the replica ({e})"),
+            };
+            Ok(format!(
+                "switchover of {vm_name} rolled back: {vm} was powered off and unregistered, its disks are the replica \
+                 again (state rolled back), and its receipt is superseded; the source can be started again; {next}"
+            ))
+        }),
+    )
     .await
 }
 
@@ -281,12 +421,14 @@ fn vm_folders(domain: &Domain, vm_name: &str) -> Vec<std::path::PathBuf> {
 /// them (expected-zero ones are rewritten with zeros here, as before a commit). Returns
 /// how many were dropped. A replica without a journal (a restart removed it) holds
 /// nothing for the next pass, which then sends every chunk.
-fn forget_changed_chunks(domain: &Domain, principal: &Principal, edge_cert: &str, id: &str) -> Result<usize, String> {
+fn forget_changed_chunks(domain: &Domain, principal: &Principal, id: &str) -> Result<usize, String> {
     let info = domain
         .inventory
         .resume_info(id)
         .map_err(|e| e.to_string())?
         .ok_or("the migration is gone")?;
+    // Reopened as the edge that owns it would (a rollback through the API has no edge).
+    let edge_cert = info.edge_cert.clone().unwrap_or_default();
     let plan = match info
         .plan
         .as_deref()
@@ -295,7 +437,7 @@ fn forget_changed_chunks(domain: &Domain, principal: &Principal, edge_cert: &str
         Some(Ok(gateway::wire::Decoded::Frame(plan, _))) => plan,
         _ => return Err("the migration's plan is not recorded".into()),
     };
-    let (staged, durable) = resume(domain, principal, edge_cert, id, &plan).map_err(|(_, p)| p.join("; "))?;
+    let (staged, durable) = resume(domain, principal, &edge_cert, id, &plan).map_err(|(_, p)| p.join("; "))?;
     let cs = u64::from(plan.chunk_size);
     let mut chunks = Vec::new();
     for (disk, table) in durable.iter().enumerate() {

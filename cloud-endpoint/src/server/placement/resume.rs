@@ -95,31 +95,58 @@ pub fn authorize(
         Action::Abort => "nothing to abort",
         Action::EndSwitchover => "nothing to roll back or confirm",
     };
-    // Whether the switchover awaits confirmation is the caller's to check, in the
-    // transaction that acts on it.
+    // Where the switchover stands (awaiting confirmation, or ended through the API) is
+    // the caller's to check (`replica::end_switchover_as`), in the transaction that acts
+    // on it.
     if action == Action::EndSwitchover {
         return match info.state.as_str() {
-            "SUCCEEDED" => Ok(info),
+            "SUCCEEDED" | "RUNNING" => Ok(info),
             state => Err(unknown(format!(
-                "migration {migration_id} is {state}, not a switched-over replication: {}",
-                if state == "RUNNING" {
-                    "run `edge-agent switchover` first"
-                } else {
-                    next
-                }
+                "migration {migration_id} is {state}, not a switched-over replication: {next}"
             ))),
         };
     }
     match info.state.as_str() {
         "RUNNING" => Ok(info),
-        "SUCCEEDED" => Err(unknown(format!(
-            "migration {migration_id} already SUCCEEDED: the VM is registered as {}; its receipt is at GET /api/gateway/migrations/{migration_id}/receipt",
-            info.vm.as_deref().unwrap_or("?")
+        "SUCCEEDED" => Err(unknown(switched_over(
+            domain,
+            migration_id,
+            info.vm.as_deref().unwrap_or("?"),
         ))),
         state => Err(unknown(format!(
             "migration {migration_id} is {state} ({}) and its files are gone; {next}",
             info.error.as_deref().unwrap_or("no reason recorded")
         ))),
+    }
+}
+
+/// Why a SUCCEEDED migration takes no more passes: a replication whose switchover awaits
+/// confirmation (through the API or the edge), or was confirmed (by whom, so that an
+/// edge that did not confirm it learns who did), or a finished lift.
+fn switched_over(domain: &Domain, migration_id: &str, vm: &str) -> String {
+    use crate::inventory::switchover::{AWAITING_CONFIRM, CONFIRMED};
+    let replica = domain
+        .inventory
+        .migration(migration_id)
+        .ok()
+        .flatten()
+        .and_then(|m| m.replica);
+    let stands = replica.as_ref().and_then(|r| r.switchover_state.as_deref());
+    let by = replica
+        .as_ref()
+        .and_then(|r| r.switchover_ended_by.as_deref())
+        .map(|b| format!(" by {b}"))
+        .unwrap_or_default();
+    match stands {
+        Some(AWAITING_CONFIRM) => format!(
+            "migration {migration_id} was switched over to {vm}, which awaits confirmation: nothing more is              replicated onto a VM that may run in the cloud; run `edge-agent confirm` (or POST              /api/gateway/migrations/{migration_id}?action=confirm) to make it final, or `edge-agent rollback` (or              ?action=rollback) to power the cloud VM off and go back to replicating"
+        ),
+        Some(CONFIRMED) => format!(
+            "the switchover of migration {migration_id} to {vm} was confirmed{by}: it is final and the replication              is finished; run `edge-agent confirm` to remove this edge's record of it"
+        ),
+        _ => format!(
+            "migration {migration_id} already SUCCEEDED: the VM is registered as {vm}; its receipt is at GET              /api/gateway/migrations/{migration_id}/receipt"
+        ),
     }
 }
 
