@@ -35,6 +35,20 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
+/// A headless browser that trusts the endpoint's key, on the dashboard's login form.
+fn open_dashboard(pki: &Pki, base: &str) -> Chromium {
+    let endpoint_cert = certs::load_certs(&pki.path("endpoint.pem")).unwrap();
+    let spki = spki_sha256_base64(endpoint_cert[0].as_ref());
+    let mut browser = Chromium::launch(&spki, 1400, 1100);
+    browser.navigate(&format!("{base}/ui/"));
+    browser.wait_for(
+        "the login form",
+        "document.body.dataset.ready === 'true'",
+        Duration::from_secs(10),
+    );
+    browser
+}
+
 /// Logs in through the page's form as `user`, and waits for the board.
 fn log_in(browser: &mut Chromium, user: &str) {
     browser.eval(&format!(
@@ -108,20 +122,10 @@ async fn the_dashboard_shows_a_lift_moving_its_receipt_and_hides_abort_from_read
     write_raw_disk(&src.join("web01.img"), MIB, &[Fill::Random; DISK_MIB], 41);
     let vmx = write_vmx(&src, "web01", &["web01.img"], &[]);
 
-    let endpoint_cert = certs::load_certs(&pki.path("endpoint.pem")).unwrap();
-    let spki = spki_sha256_base64(endpoint_cert[0].as_ref());
-    let mut browser = blocking(|| Chromium::launch(&spki, 1400, 1100));
+    let mut browser = blocking(|| open_dashboard(&pki, &base));
 
     // The operator logs in before anything moves.
-    blocking(|| {
-        browser.navigate(&format!("{base}/ui/"));
-        browser.wait_for(
-            "the login form",
-            "document.body.dataset.ready === 'true'",
-            Duration::from_secs(10),
-        );
-        log_in(&mut browser, MIGRATOR);
-    });
+    blocking(|| log_in(&mut browser, MIGRATOR));
 
     // A capped lift.
     let target = cloud.target(&pki, MIGRATOR, DEMO_PASSWORD);
@@ -304,16 +308,8 @@ async fn the_dashboard_offers_rollback_and_confirm_of_a_switchover_to_its_operat
     let row = format!("#migrations tr[data-id={id:?}]");
     let buttons = format!("document.querySelectorAll('{row} button.confirm, {row} button.rollback').length");
 
-    let endpoint_cert = certs::load_certs(&pki.path("endpoint.pem")).unwrap();
-    let spki = spki_sha256_base64(endpoint_cert[0].as_ref());
-    let mut browser = blocking(|| Chromium::launch(&spki, 1400, 1100));
+    let mut browser = blocking(|| open_dashboard(&pki, &base));
     blocking(|| {
-        browser.navigate(&format!("{base}/ui/"));
-        browser.wait_for(
-            "the login form",
-            "document.body.dataset.ready === 'true'",
-            Duration::from_secs(10),
-        );
         // A ReadOnly user sees the switchover awaiting confirmation, and no button for it.
         log_in(&mut browser, AUDITOR);
         browser.wait_for(
