@@ -112,6 +112,21 @@ impl EndpointProcess {
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
     }
+
+    /// The log lines once one of them satisfies `wanted`: the endpoint's stderr is read
+    /// by another thread, so a line may come a moment after the request that caused it.
+    /// Panics with the log after 10 s without it.
+    pub async fn log_with(&self, wanted: impl Fn(&str) -> bool) -> Vec<String> {
+        let t0 = std::time::Instant::now();
+        loop {
+            let log = self.log();
+            if log.iter().any(|l| wanted(l)) {
+                return log;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no such line in {log:#?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for EndpointProcess {

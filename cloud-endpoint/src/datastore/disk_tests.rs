@@ -521,3 +521,25 @@ fn the_read_back_skips_unallocated_zero_chunks_and_still_catches_changes() {
         );
     }
 }
+
+#[test]
+fn a_zero_chunk_sharing_the_last_written_qcow2_cluster_reads_back_as_zeros() {
+    // Chunks of 100 KiB on 64 KiB clusters: the data chunk allocates cluster 1, the zero
+    // chunk after it owns the rest, and nothing is written there before the commit.
+    let (_dir, ds) = datastore();
+    let staging = ds.stage("m11", "web01").unwrap();
+    let chunk = 100 * KIB;
+    let capacity = 2 * chunk;
+    let disk = staging.create_disk(0, capacity, DiskFormat::Qcow2).unwrap();
+    let data = vec![0x5a; chunk as usize];
+    disk.write_at(&data, 0).unwrap();
+    let expected = [
+        (0, 0, gateway::chunk::chunk_hash(&data)),
+        (0, 1, gateway::chunk::chunk_hash(&vec![0u8; chunk as usize])),
+    ];
+    let found = read_back(std::slice::from_ref(&disk), &[capacity], chunk as u32, &expected, 1).unwrap();
+    assert!(found.damaged.is_empty() && found.rewritten_zero.is_empty(), "{found:?}");
+    let mut tail = vec![0xffu8; chunk as usize];
+    disk.read_at(&mut tail, chunk).unwrap();
+    assert!(gateway::chunk::is_zero(&tail));
+}

@@ -268,6 +268,27 @@ impl Qcow2Writer {
     }
 }
 
+/// Reads `buf` at `at`, the part past the end of the file as zeros. A cluster shared by
+/// two chunks is allocated by the first one written; if the other is a zero chunk (never
+/// sent) and the cluster is the last in the file, the file ends inside it until
+/// [`super::disk::DiskWriter::finish`] sizes it to its clusters. Those bytes are zeros, as qemu reads
+/// them.
+fn read_or_zeros(file: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], at + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl Qcow2Writer {
     /// The host offset of each cluster that guest bytes `offset..end` touch (0: not
     /// allocated, reads as zeros), from the L2 entries as the file holds them: what qemu
@@ -356,7 +377,7 @@ impl super::disk::DiskWriter for Qcow2Writer {
             if host == 0 {
                 part.fill(0);
             } else {
-                self.file.read_exact_at(part, host + (from - g * cluster))?;
+                read_or_zeros(&self.file, part, host + (from - g * cluster))?;
             }
         }
         Ok(())
