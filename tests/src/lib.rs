@@ -418,6 +418,22 @@ pub fn edge_command(
     cmd
 }
 
+/// [`edge_command`] with a JSON summary and chunks of `chunk_kib` KiB: the replication
+/// tests' edge, whose summaries they read.
+pub fn edge_json(
+    bin: &Path,
+    pki: &Pki,
+    cloud: &Cloud,
+    vmx: &Path,
+    state: &Path,
+    chunk_kib: &str,
+    args: &[&str],
+) -> std::process::Command {
+    let mut all = args.to_vec();
+    all.extend(["--json", "--chunk-kib", chunk_kib]);
+    edge_command(bin, pki, cloud, vmx, state, &all)
+}
+
 /// `edge-agent <subcommand>` connected to the endpoint on loopback port `quic_port` as
 /// `user` (the demo password), with the test PKI's CA bundle, edge certificate and key;
 /// the edge's own log settings are left out so that its output is what a test expects.

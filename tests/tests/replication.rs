@@ -54,11 +54,7 @@ async fn a_running_vm_is_replicated_then_switched_over_sending_only_what_changed
     let vmx = write_vmx(&src, "db01", &["db01.img"], &[]);
     let state = tmp.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let edge = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--json", "--chunk-kib", CHUNK_KIB]);
-        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
-    };
+    let edge = |args: &[&str]| edge_json(&bin, &pki, &cloud, &vmx, &state, CHUNK_KIB, args);
 
     // First pass: everything that is not zero, into a replica; no VM registered.
     let first = summary(run(edge(&["replicate"])).await);
@@ -169,11 +165,7 @@ async fn a_replica_damaged_in_the_cloud_is_repaired_by_the_switchover() {
     let vmx = write_vmx(&src, "app01", &["app01.img"], &[]);
     let state = tmp.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let edge = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--json", "--chunk-kib", CHUNK_KIB]);
-        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
-    };
+    let edge = |args: &[&str]| edge_json(&bin, &pki, &cloud, &vmx, &state, CHUNK_KIB, args);
     summary(run(edge(&["replicate"])).await);
     // Between passes, the replica's file changes in the cloud: data, and a hole.
     let staged = files_under(&cloud.root.join(".staging"))
@@ -309,11 +301,7 @@ async fn an_earlier_lift_seeds_a_replications_first_pass() {
     std::fs::copy(tpl.join("tpl.img"), &disk).unwrap();
     guest_writes(&disk, &[MIB as u64 + 5], 100, 3);
     let vmx = write_vmx(&src, "app02", &["app02.img"], &[]);
-    let edge = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--json", "--chunk-kib", CHUNK_KIB]);
-        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
-    };
+    let edge = |args: &[&str]| edge_json(&bin, &pki, &cloud, &vmx, &state, CHUNK_KIB, args);
     let first = summary(run(edge(&["replicate"])).await);
     assert_eq!(first["replica"], true, "{first}");
     assert_eq!(

@@ -115,11 +115,7 @@ async fn a_lift_with_1mib_chunks_seeds_a_replication_with_64kib_ones() {
     std::fs::remove_file(state.join("receipt.json")).unwrap();
 
     let (disk, vmx) = clone_of(&tpl_disk, &tmp.path().join("src"), "app01");
-    let edge = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--json", "--chunk-kib", CHUNK_KIB]);
-        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
-    };
+    let edge = |args: &[&str]| edge_json(&bin, &pki, &cloud, &vmx, &state, CHUNK_KIB, args);
     // Named by its id; by name works the same (the other tests).
     let first = summary(run(edge(&["replicate", "--seed", &tpl_id])).await);
     assert_eq!(first["replica"], true, "{first}");
@@ -156,11 +152,7 @@ async fn a_vm_registered_by_other_means_seeds_a_replication() {
     register_by_other_means(&cloud, MIGRATOR, "gold01", &tpl_disk);
 
     let (disk, vmx) = clone_of(&tpl_disk, &tmp.path().join("src"), "app02");
-    let edge = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--json", "--chunk-kib", CHUNK_KIB]);
-        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
-    };
+    let edge = |args: &[&str]| edge_json(&bin, &pki, &cloud, &vmx, &state, CHUNK_KIB, args);
     let first = summary(run(edge(&["replicate", "--seed", "gold01"])).await);
     assert_eq!(first["sent_bytes"].as_u64().unwrap(), CHUNK, "{first}");
     assert_eq!(first["seeded_bytes"].as_u64().unwrap(), 6 * MIB - CHUNK, "{first}");

@@ -103,11 +103,7 @@ async fn a_switchover_powers_the_vm_on_reports_its_downtime_and_is_rolled_back_t
     );
     let state = tmp.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let edge = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--json", "--chunk-kib", CHUNK_KIB]);
-        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
-    };
+    let edge = |args: &[&str]| edge_json(&bin, &pki, &cloud, &vmx, &state, CHUNK_KIB, args);
 
     let first = summary(run(edge(&["replicate"])).await);
     let id = first["migration_id"].as_str().unwrap().to_owned();

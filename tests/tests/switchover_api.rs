@@ -52,11 +52,7 @@ async fn a_switchover_is_rolled_back_and_confirmed_through_the_api_and_the_edge_
     );
     let state = tmp.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
-    let edge = |args: &[&str]| {
-        let mut all = args.to_vec();
-        all.extend(["--json", "--chunk-kib", CHUNK_KIB]);
-        edge_command(&bin, &pki, &cloud, &vmx, &state, &all)
-    };
+    let edge = |args: &[&str]| edge_json(&bin, &pki, &cloud, &vmx, &state, CHUNK_KIB, args);
     let api = Rest::new(&cloud, &pki);
     let operator = api.token(MIGRATOR).await;
     let auditor = api.token(AUDITOR).await;
