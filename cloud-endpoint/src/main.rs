@@ -13,6 +13,7 @@ use cloud_endpoint::Endpoint;
 // are allocated on one thread and freed on another, and glibc's per-thread
 // arenas kept that memory, growing a long-running endpoint by ~23 MiB per
 // migration. mimalloc returns it.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 // are allocated on one thread and freed on another, and glibc's per-thread
 // arenas kept that memory, growing a long-running endpoint by ~23 MiB per
 // migration. mimalloc returns it.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
