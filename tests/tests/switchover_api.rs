@@ -191,3 +191,296 @@ async fn a_switchover_is_rolled_back_and_confirmed_through_the_api_and_the_edge_
     assert!(images_identical(&disk, &flat));
     cloud.stop().await;
 }
+
+/// An Administrator, and a second MigrationOperator who does not own the replication.
+const ADMIN: &str = "administrator@cloud.local";
+const OTHER: &str = "other-migrator@cloud.local";
+
+/// The built-in users plus a second operator.
+fn users() -> String {
+    let user = |name: &str, role: &str| format!("{{name=\"{name}\",password=\"{DEMO_PASSWORD}\",role=\"{role}\"}}");
+    format!(
+        "[{},{},{},{}]",
+        user(ADMIN, "Administrator"),
+        user(MIGRATOR, "MigrationOperator"),
+        user(AUDITOR, "ReadOnly"),
+        user(OTHER, "MigrationOperator")
+    )
+}
+
+/// Two users end one switchover at the same moment, `first` doing `first_action` and
+/// `second` `second_action`: exactly one wins; the other is told, in a 400, that the
+/// switchover was already ended (or is being ended) and by whom, never the database's
+/// refusal. Returns the winner's (user, action).
+async fn race<'a>(
+    api: &Rest,
+    id: &str,
+    (first, first_token, first_action): (&'a str, &str, &'a str),
+    (second, second_token, second_action): (&'a str, &str, &'a str),
+) -> (&'a str, &'a str) {
+    let (a, b) = tokio::join!(
+        act(api, id, first_action, first_token),
+        act(api, id, second_action, second_token)
+    );
+    let ((winner, won, _), (_, lost, (status, body))) = match (a.0 == StatusCode::OK, b.0 == StatusCode::OK) {
+        (true, false) => ((first, first_action, a), (second, second_action, b)),
+        (false, true) => ((second, second_action, b), (first, first_action, a)),
+        _ => panic!("exactly one of two at once wins: {first} {first_action}: {a:?}; {second} {second_action}: {b:?}"),
+    };
+    assert_eq!(status, StatusCode::BAD_REQUEST, "the {lost} that lost: {body}");
+    assert_eq!(body["error_type"], "NOT_ALLOWED_IN_CURRENT_STATE", "{body}");
+    let message = said(&body);
+    let ended = match won {
+        "confirm" => "was confirmed by",
+        _ if message.contains("being rolled back") => "is being rolled back now by",
+        _ => "was rolled back by",
+    };
+    assert!(
+        message.contains(&format!("{ended} {winner} through the API")),
+        "the {lost} that lost is told who ended it ({winner}, {won}): {message}"
+    );
+    assert!(
+        !message.contains("not a switchover that is"),
+        "the inventory's refusal, not an answer: {message}"
+    );
+    (winner, won)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_ends_another_operators_switchover_and_of_two_at_once_one_wins() {
+    let bin = wan::ensure_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    let users = users();
+    let cloud = Cloud::start(
+        &tmp.path().join("cloud"),
+        &pki,
+        &[("CLOUD_ENDPOINT_DOMAIN__USERS", users.as_str())],
+    )
+    .await;
+    let (vmx, _disk) = source_vm(&tmp.path().join("src"), "race01", &[Fill::Random, Fill::Zero], 11);
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let edge = |args: &[&str]| edge_json(&bin, &pki, &cloud, &vmx, &state, CHUNK_KIB, args);
+    let api = Rest::new(&cloud, &pki);
+    let (owner, admin, other) = (
+        api.token(MIGRATOR).await,
+        api.token(ADMIN).await,
+        api.token(OTHER).await,
+    );
+    let first = summary(run(edge(&["replicate"])).await);
+    let id = first["migration_id"].as_str().unwrap().to_owned();
+    let (edge, cloud_, id_) = (&edge, &cloud, id.as_str());
+    let switch_over = move || async move {
+        let done = summary(run(edge(&["switchover"])).await);
+        assert_eq!(done["switchover"]["awaiting_confirm"], true, "{done}");
+        assert_eq!(
+            shown(cloud_, id_)["replica"]["state"],
+            "switched over (awaiting confirm)"
+        );
+    };
+    let pass = move || async move {
+        let pass = summary(run(edge(&["replicate"])).await);
+        assert_eq!(shown(cloud_, id_)["replica"]["state"], "in sync", "{pass}");
+    };
+
+    // Another operator may neither roll back nor confirm the migrator's switchover, and
+    // is told whose it is and who may.
+    switch_over().await;
+    for action in ["rollback", "confirm"] {
+        let (status, body) = act(&api, &id, action, &other).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        let message = said(&body);
+        assert!(
+            message.contains(&format!("was started by {MIGRATOR}"))
+                && message.contains(&format!("user {OTHER} (role MigrationOperator)"))
+                && message.contains("ask an Administrator"),
+            "{body}"
+        );
+    }
+    let m = shown(&cloud, &id);
+    assert_eq!(
+        (&m["replica"]["state"], &m["replica"]["switchover_ended_by"]),
+        (&Value::from("switched over (awaiting confirm)"), &Value::Null),
+        "a refused request changes nothing"
+    );
+    assert_eq!(cloud.domain.inventory.list_vms().unwrap().len(), 1);
+
+    // An Administrator may: the rollback is theirs.
+    let (status, body) = act(&api, &id, "rollback", &admin).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (
+            &body["migration"]["replica"]["state"],
+            &body["migration"]["replica"]["switchover_ended_by"]
+        ),
+        (
+            &Value::from("rolled back"),
+            &Value::from(format!("{ADMIN} through the API"))
+        ),
+        "{body}"
+    );
+    assert!(cloud.domain.inventory.list_vms().unwrap().is_empty(), "unregistered");
+
+    // Two rollbacks at once, the owner's and the Administrator's: one rolls it back.
+    pass().await;
+    switch_over().await;
+    let (winner, _) = race(&api, &id, (MIGRATOR, &owner, "rollback"), (ADMIN, &admin, "rollback")).await;
+    let m = shown(&cloud, &id);
+    assert_eq!(
+        (&m["replica"]["state"], &m["replica"]["switchover_ended_by"]),
+        (
+            &Value::from("rolled back"),
+            &Value::from(format!("{winner} through the API"))
+        )
+    );
+    assert!(cloud.domain.inventory.list_vms().unwrap().is_empty());
+
+    // A confirmation (the Administrator's) and a rollback (the owner's) at once: the one
+    // that wins decides; then, if that was the rollback, two confirmations at once.
+    pass().await;
+    switch_over().await;
+    let (mut winner, mut won) = race(&api, &id, (ADMIN, &admin, "confirm"), (MIGRATOR, &owner, "rollback")).await;
+    if won == "rollback" {
+        assert!(cloud.domain.inventory.list_vms().unwrap().is_empty());
+        pass().await;
+        switch_over().await;
+        (winner, won) = race(&api, &id, (MIGRATOR, &owner, "confirm"), (ADMIN, &admin, "confirm")).await;
+    }
+    assert_eq!(won, "confirm");
+    let m = shown(&cloud, &id);
+    assert_eq!(
+        (
+            &m["state"],
+            &m["replica"]["state"],
+            &m["replica"]["switchover_ended_by"]
+        ),
+        (
+            &Value::from("SUCCEEDED"),
+            &Value::from("done"),
+            &Value::from(format!("{winner} through the API"))
+        )
+    );
+    assert_eq!(cloud.domain.inventory.list_vms().unwrap().len(), 1, "registered, final");
+    cloud.stop().await;
+}
+
+/// The QEMU pid of VM `name` powered on in `datastore`, from its pid file.
+fn qemu_pid(datastore: &std::path::Path, name: &str) -> u32 {
+    let file = datastore.join(name).join(format!("{name}.pid"));
+    std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Kills a QEMU a failing test would leave running: it outlives its endpoint on purpose.
+struct KillPid(u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_whose_vm_cannot_be_powered_off_changes_nothing_and_says_to_ask_again() {
+    use e2e::scale_out::Domain;
+    require_qemu();
+    let tmp = tempfile::tempdir().unwrap();
+    let domain = Domain::new(tmp.path());
+    // Two hosts of one domain: the VM runs on esx-a, the API is asked through esx-b, which
+    // must have esx-a's endpoint power it off.
+    let host_a = domain.endpoint("esx-a");
+    let host_b = domain.endpoint("esx-b");
+    let (vmx, _disk) = source_vm(&tmp.path().join("src"), "stuck01", &[Fill::Random, Fill::Zero], 12);
+    let state = tmp.path().join("state");
+    let edge = |subcommand: &str, args: &[&str]| {
+        let mut cmd = edge_to(
+            &domain.bin,
+            &domain.pki,
+            &[format!("quic://{}", host_a.quic)],
+            MIGRATOR,
+            subcommand,
+        );
+        cmd.arg("--vmx")
+            .arg(&vmx)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--receipt")
+            .arg(state.join("receipt.json"))
+            .args(["--json", "--chunk-kib", CHUNK_KIB])
+            .args(args);
+        cmd
+    };
+    let first = summary(run(edge("replicate", &[])).await);
+    let id = first["migration_id"].as_str().unwrap().to_owned();
+    let done = summary(run(edge("switchover", &["--power-on"])).await);
+    assert_eq!(done["switchover"]["awaiting_confirm"], true, "{done}");
+    let vm_id = done["vm_id"].as_str().unwrap().to_owned();
+    let pid = qemu_pid(&domain.datastore, "stuck01");
+    let _kill = KillPid(pid);
+    assert!(alive(pid));
+
+    // The endpoint of esx-a dies; its QEMU runs on (it is no child the endpoint takes
+    // along), so the VM cannot be powered off until that endpoint is back.
+    drop(host_a);
+    assert!(alive(pid), "the VM runs on without its endpoint");
+    let api = Rest::at(&format!("https://{}", host_b.api), &domain.pki);
+    let operator = api.token(MIGRATOR).await;
+    let (status, body) = act(&api, &id, "rollback", &operator).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    let message = said(&body);
+    assert!(
+        message.contains(&format!("cannot power {vm_id} off"))
+            && message.contains("esx-a")
+            && message.contains("the switchover stands, awaiting confirmation")
+            && message.contains("do not start the source")
+            && message.contains(&format!("POST /api/gateway/migrations/{id}?action=rollback again")),
+        "{body}"
+    );
+    // Nothing changed: the VM runs, registered; the switchover awaits confirmation, ended
+    // by no one; the source is not told it may start.
+    assert!(alive(pid), "QEMU {pid} was stopped after all");
+    let m = api.json(&format!("/api/gateway/migrations/{id}"), &operator).await;
+    assert_eq!(
+        (
+            &m["state"],
+            &m["vm"],
+            &m["replica"]["state"],
+            &m["replica"]["switchover_ended_by"]
+        ),
+        (
+            &Value::from("SUCCEEDED"),
+            &Value::from(vm_id.as_str()),
+            &Value::from("switched over (awaiting confirm)"),
+            &Value::Null
+        ),
+        "{m}"
+    );
+    let vm = api.json(&format!("/api/vcenter/vm/{vm_id}"), &operator).await;
+    assert_eq!(vm["power_state"], "POWERED_ON", "{vm}");
+    // The refusal left the switchover as it was: it can still be confirmed, or rolled back.
+    let inventory = domain.inventory();
+    assert_eq!(
+        inventory.power_on_blocked(&vm_id).unwrap(),
+        None,
+        "power-on is not blocked"
+    );
+
+    // esx-a's endpoint is back and finds its VM running; asked again, the rollback is done.
+    let host_a = domain.endpoint("esx-a");
+    let (status, body) = act(&api, &id, "rollback", &operator).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["message"].as_str().unwrap_or_default().contains("rolled back"),
+        "{body}"
+    );
+    assert!(!alive(pid), "QEMU {pid} still runs after the rollback");
+    assert_eq!(body["migration"]["replica"]["state"], "rolled back", "{body}");
+    drop(host_a);
+    drop(host_b);
+}
