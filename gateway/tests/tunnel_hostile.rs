@@ -276,6 +276,7 @@ async fn a_flooded_lane_is_held_to_one_frame_and_its_window_then_ending_the_othe
     for lane in 1..LANES {
         t.lanes[lane].finish().unwrap();
     }
+    let stats = t.stats.clone();
     let v = t.violation().await;
     match v {
         ReorderError::EndedEarly { lane, missing } => {
@@ -284,7 +285,7 @@ async fn a_flooded_lane_is_held_to_one_frame_and_its_window_then_ending_the_othe
         }
         other => panic!("expected a lane ended early, got {other}"),
     }
-    let (_, _, plain_in, wire_in) = t.stats.snapshot();
+    let (_, _, plain_in, wire_in) = stats.snapshot();
     assert_eq!((plain_in, wire_in), (MAX_PLAIN as u64, 2 * frame));
 }
 

@@ -398,6 +398,7 @@ async fn a_rollback_whose_vm_cannot_be_powered_off_changes_nothing_and_says_to_a
     let host_b = domain.endpoint("esx-b");
     let (vmx, _disk) = source_vm(&tmp.path().join("src"), "stuck01", &[Fill::Random, Fill::Zero], 12);
     let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
     let edge = |subcommand: &str, args: &[&str]| {
         let mut cmd = edge_to(
             &domain.bin,
