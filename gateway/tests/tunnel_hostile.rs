@@ -234,7 +234,7 @@ async fn every_frame_on_one_lane_ends_the_tunnel_at_the_second() {
     // window held the rest.
     let frame = (MAX_PLAIN + FRAME_HEAD) as u64;
     assert!(
-        refused_at.is_some_and(|s| (s as u64) * frame <= STREAM_WINDOW + 3 * frame),
+        refused_at.is_some_and(|s| s * frame <= STREAM_WINDOW + 3 * frame),
         "the peer wrote {refused_at:?} frames of {frame} bytes"
     );
 }

@@ -208,42 +208,50 @@ fn users() -> String {
     )
 }
 
-/// Two users end one switchover at the same moment, `first` doing `first_action` and
-/// `second` `second_action`: exactly one wins; the other is told, in a 400, that the
-/// switchover was already ended (or is being ended) and by whom, never the database's
-/// refusal. Returns the winner's (user, action).
-async fn race<'a>(
-    api: &Rest,
-    id: &str,
-    (first, first_token, first_action): (&'a str, &str, &'a str),
-    (second, second_token, second_action): (&'a str, &str, &'a str),
-) -> (&'a str, &'a str) {
-    let (a, b) = tokio::join!(
-        act(api, id, first_action, first_token),
-        act(api, id, second_action, second_token)
-    );
-    let ((winner, won, _), (_, lost, (status, body))) = match (a.0 == StatusCode::OK, b.0 == StatusCode::OK) {
-        (true, false) => ((first, first_action, a), (second, second_action, b)),
-        (false, true) => ((second, second_action, b), (first, first_action, a)),
-        _ => panic!("exactly one of two at once wins: {first} {first_action}: {a:?}; {second} {second_action}: {b:?}"),
-    };
-    assert_eq!(status, StatusCode::BAD_REQUEST, "the {lost} that lost: {body}");
-    assert_eq!(body["error_type"], "NOT_ALLOWED_IN_CURRENT_STATE", "{body}");
-    let message = said(&body);
-    let ended = match won {
-        "confirm" => "was confirmed by",
-        _ if message.contains("being rolled back") => "is being rolled back now by",
-        _ => "was rolled back by",
-    };
-    assert!(
-        message.contains(&format!("{ended} {winner} through the API")),
-        "the {lost} that lost is told who ended it ({winner}, {won}): {message}"
-    );
-    assert!(
-        !message.contains("not a switchover that is"),
-        "the inventory's refusal, not an answer: {message}"
-    );
-    (winner, won)
+/// Several requests end one switchover at the same moment, each `(user, token,
+/// action)`: exactly one wins; each other one is told, in a 400, that the switchover was
+/// already ended (or is being rolled back) and by whom, never the inventory's refusal.
+/// Returns the winner's (user, action).
+async fn race(cloud: &Cloud, pki: &Pki, id: &str, requests: &[(&'static str, &str, &'static str)]) -> (String, String) {
+    // A client each, connected beforehand (separate connections, as separate users'
+    // browsers have): the requests then reach the endpoint within a moment of each other,
+    // not one TLS handshake apart.
+    let mut clients = Vec::new();
+    for &(_, token, _) in requests {
+        let api = Rest::new(cloud, pki);
+        api.json(&format!("/api/gateway/migrations/{id}"), token).await;
+        clients.push(api);
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for (i, (api, &(_, token, action))) in clients.into_iter().zip(requests).enumerate() {
+        let (id, token) = (id.to_owned(), token.to_owned());
+        set.spawn(async move { (i, act(&api, &id, action, &token).await) });
+    }
+    let answers = set.join_all().await;
+    let won: Vec<usize> = answers
+        .iter()
+        .filter(|(_, (status, _))| *status == StatusCode::OK)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(won.len(), 1, "exactly one of {requests:?} wins: {answers:?}");
+    let (winner, _, action) = requests[won[0]];
+    for (i, (status, body)) in answers.iter().filter(|(i, _)| *i != won[0]) {
+        let (user, _, lost) = requests[*i];
+        assert_eq!(*status, StatusCode::BAD_REQUEST, "{user}'s {lost} that lost: {body}");
+        assert_eq!(body["error_type"], "NOT_ALLOWED_IN_CURRENT_STATE", "{body}");
+        let message = said(body);
+        assert!(
+            ["was confirmed", "is being rolled back now", "was rolled back"]
+                .iter()
+                .any(|ended| message.contains(&format!("{ended} by {winner} through the API"))),
+            "{user}'s {lost} that lost is told who ended it ({winner}, {action}): {message}"
+        );
+        assert!(
+            !message.contains("not a switchover that is"),
+            "the inventory's refusal, not an answer: {message}"
+        );
+    }
+    (winner.to_owned(), action.to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,10 +330,21 @@ async fn an_administrator_ends_another_operators_switchover_and_of_two_at_once_o
     );
     assert!(cloud.domain.inventory.list_vms().unwrap().is_empty(), "unregistered");
 
-    // Two rollbacks at once, the owner's and the Administrator's: one rolls it back.
+    // Four rollbacks at once, the owner's and the Administrator's: one rolls it back.
     pass().await;
     switch_over().await;
-    let (winner, _) = race(&api, &id, (MIGRATOR, &owner, "rollback"), (ADMIN, &admin, "rollback")).await;
+    let (winner, _) = race(
+        cloud_,
+        &pki,
+        id_,
+        &[
+            (MIGRATOR, owner.as_str(), "rollback"),
+            (ADMIN, admin.as_str(), "rollback"),
+            (MIGRATOR, owner.as_str(), "rollback"),
+            (ADMIN, admin.as_str(), "rollback"),
+        ],
+    )
+    .await;
     let m = shown(&cloud, &id);
     assert_eq!(
         (&m["replica"]["state"], &m["replica"]["switchover_ended_by"]),
@@ -336,16 +355,38 @@ async fn an_administrator_ends_another_operators_switchover_and_of_two_at_once_o
     );
     assert!(cloud.domain.inventory.list_vms().unwrap().is_empty());
 
-    // A confirmation (the Administrator's) and a rollback (the owner's) at once: the one
-    // that wins decides; then, if that was the rollback, two confirmations at once.
+    // Confirmations and rollbacks of both at once: the one that wins decides; then, if
+    // that was a rollback, four confirmations at once.
     pass().await;
     switch_over().await;
-    let (mut winner, mut won) = race(&api, &id, (ADMIN, &admin, "confirm"), (MIGRATOR, &owner, "rollback")).await;
+    let (mut winner, mut won) = race(
+        cloud_,
+        &pki,
+        id_,
+        &[
+            (ADMIN, admin.as_str(), "confirm"),
+            (MIGRATOR, owner.as_str(), "rollback"),
+            (MIGRATOR, owner.as_str(), "confirm"),
+            (ADMIN, admin.as_str(), "rollback"),
+        ],
+    )
+    .await;
     if won == "rollback" {
         assert!(cloud.domain.inventory.list_vms().unwrap().is_empty());
         pass().await;
         switch_over().await;
-        (winner, won) = race(&api, &id, (MIGRATOR, &owner, "confirm"), (ADMIN, &admin, "confirm")).await;
+        (winner, won) = race(
+            cloud_,
+            &pki,
+            id_,
+            &[
+                (MIGRATOR, owner.as_str(), "confirm"),
+                (ADMIN, admin.as_str(), "confirm"),
+                (MIGRATOR, owner.as_str(), "confirm"),
+                (ADMIN, admin.as_str(), "confirm"),
+            ],
+        )
+        .await;
     }
     assert_eq!(won, "confirm");
     let m = shown(&cloud, &id);
