@@ -187,3 +187,154 @@ pub fn live_control(data: &[u8]) {
         session.handle_timeout(now);
     }
 }
+
+/// A striped tunnel's reorder buffer fed a hostile peer's frames, as the lane readers
+/// hand them over: each op is a frame head (its body length and sequence number, checked
+/// by the real [`crate::tunnel::FrameDecoder::head`]) arriving on some lane, a lane
+/// ending, or the driver taking what is in order. A model of the protocol rule (frame
+/// `s` on lane `s % lanes`, each lane in order, a lane read again only once its frame
+/// was delivered) says what must happen; the buffer must agree: deliver every frame
+/// once and in order, refuse with the violation the model names, never hold more than
+/// one frame (and [`crate::tunnel::MAX_PLAIN`] bytes) per lane, and never panic. The
+/// first refusal ends the run, as it ends the tunnel.
+pub fn tunnel_reorder(data: &[u8]) {
+    use crate::tunnel::{FrameDecoder, Reorder, ReorderError, FRAME_HEAD, MAX_PLAIN};
+    use crate::wire::live::MAX_TUNNEL_LANES;
+    use std::collections::BTreeSet;
+
+    let Some((&first, mut rest)) = data.split_first() else {
+        return;
+    };
+    let lanes = usize::from(first) % usize::from(MAX_TUNNEL_LANES) + 1;
+    let window = lanes as u64;
+    let mut buffer: Reorder<(u64, usize)> = Reorder::new(lanes);
+    // The model: frames accepted (held or delivered), lanes ended, frames delivered.
+    let mut received = BTreeSet::new();
+    let mut ended = vec![false; lanes];
+    let mut delivered = 0u64;
+    // Whether the run ended on a refusal (of the decoder or the buffer), as the tunnel would.
+    let mut refused = false;
+    let due = |received: &BTreeSet<u64>, lane: usize| {
+        // A lane's next frame: the first of its own not received yet.
+        (lane as u64..)
+            .step_by(lanes)
+            .find(|s| !received.contains(s))
+            .unwrap_or(u64::MAX)
+    };
+    fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (got, tail) = (rest.get(..n)?, rest.get(n..)?);
+        *rest = tail;
+        Some(got)
+    }
+    while let Some(&[op]) = take(&mut rest, 1) {
+        match op % 4 {
+            // A frame: lane, length (3 bytes, the top bit of the op is the compressed
+            // bit), and a sequence number near the next one due, or any.
+            0 | 1 => {
+                let Some(&[lane, len_hi, len_mid, len_lo, delta]) = take(&mut rest, 5) else {
+                    break;
+                };
+                let seq = if op & 0x08 != 0 {
+                    let Some(raw) = take(&mut rest, 8) else { break };
+                    u64::from_be_bytes(raw.try_into().expect("8 bytes"))
+                } else {
+                    delivered.saturating_add_signed(i64::from(delta as i8))
+                };
+                // Mostly on the right lane, so that long runs get through.
+                let lane = match op & 0x30 {
+                    0x00 | 0x10 => (seq % window) as usize,
+                    0x20 => usize::from(lane) % lanes,
+                    _ => usize::from(lane),
+                };
+                let mut head = [0u8; FRAME_HEAD];
+                let len = u32::from_be_bytes([op & 0x80, len_hi, len_mid, len_lo]);
+                head[..4].copy_from_slice(&len.to_be_bytes());
+                head[4..].copy_from_slice(&seq.to_be_bytes());
+                // A head the decoder refuses never reaches the buffer.
+                let Ok(head) = FrameDecoder::head(head) else {
+                    refused = true;
+                    break;
+                };
+                assert!(head.len <= MAX_PLAIN && head.seq == seq);
+                let could_read = buffer.may_read(lane);
+                let outcome = buffer.accept(lane, seq, (seq, head.len));
+                let wanted = if lane >= lanes {
+                    Some("NoSuchLane")
+                } else if ended[lane] {
+                    Some("AfterEnd")
+                } else if seq < delivered || received.contains(&seq) {
+                    Some("Duplicate")
+                } else if seq >= delivered.saturating_add(window) {
+                    Some("BeyondWindow")
+                } else if seq != due(&received, lane) {
+                    Some("WrongLane")
+                } else if (0..lanes).any(|l| ended[l] && due(&received, l) < seq) {
+                    Some("EndedEarly")
+                } else {
+                    None
+                };
+                let named = match &outcome {
+                    Ok(()) => None,
+                    Err(ReorderError::NoSuchLane { .. }) => Some("NoSuchLane"),
+                    Err(ReorderError::AfterEnd { .. }) => Some("AfterEnd"),
+                    Err(ReorderError::Duplicate { .. }) => Some("Duplicate"),
+                    Err(ReorderError::BeyondWindow { .. }) => Some("BeyondWindow"),
+                    Err(ReorderError::WrongLane { .. }) => Some("WrongLane"),
+                    Err(ReorderError::EndedEarly { .. }) => Some("EndedEarly"),
+                };
+                assert_eq!(named, wanted, "frame {seq} on lane {lane} of {lanes}: {outcome:?}");
+                if outcome.is_err() {
+                    refused = true;
+                    break;
+                }
+                // The bound holds whatever the driver does: a lane that holds a frame
+                // takes no other.
+                assert!(could_read, "lane {lane} took a second frame while holding one");
+                received.insert(seq);
+            }
+            2 => {
+                let Some(&[lane]) = take(&mut rest, 1) else { break };
+                let lane = usize::from(lane) % (lanes + 1);
+                let outcome = buffer.end(lane);
+                let wanted = if lane >= lanes {
+                    Some("NoSuchLane")
+                } else {
+                    let owed = due(&received, lane);
+                    ended[lane] = true;
+                    received.range(delivered..).any(|&s| s > owed).then_some("EndedEarly")
+                };
+                let named = match &outcome {
+                    Ok(()) => None,
+                    Err(ReorderError::NoSuchLane { .. }) => Some("NoSuchLane"),
+                    Err(ReorderError::EndedEarly { .. }) => Some("EndedEarly"),
+                    Err(e) => panic!("ending lane {lane} refused as {e}"),
+                };
+                assert_eq!(named, wanted, "end of lane {lane} of {lanes}: {outcome:?}");
+                if outcome.is_err() {
+                    refused = true;
+                    break;
+                }
+            }
+            _ => {
+                while let Some((lane, (seq, _))) = buffer.pop() {
+                    assert_eq!(seq, delivered, "delivered out of order");
+                    assert_eq!(lane, (seq % window) as usize);
+                    delivered += 1;
+                }
+                assert!(
+                    !received.contains(&delivered),
+                    "frame {delivered} is here but not delivered"
+                );
+            }
+        }
+        assert!(buffer.held() <= lanes);
+        assert_eq!(buffer.held() as u64, received.len() as u64 - delivered);
+        assert_eq!(buffer.delivered(), delivered);
+    }
+    // Every lane ended and nothing was refused: what is held is all in order, and nothing
+    // is owed.
+    if !refused && ended.iter().all(|e| *e) {
+        while buffer.pop().is_some() {}
+        assert!(buffer.is_finished(), "every lane ended cleanly, yet frames are held");
+    }
+}

@@ -44,3 +44,8 @@ fn receiver_session() {
 fn live_control() {
     replay("live_control", gateway::fuzzing::live_control);
 }
+
+#[test]
+fn tunnel_reorder() {
+    replay("tunnel_reorder", gateway::fuzzing::tunnel_reorder);
+}

@@ -111,14 +111,16 @@ impl Inventory {
         })
     }
 
-    /// The rollback of `migration_id`'s switchover starts: from now on the host refuses
-    /// to power its VM on. Refused unless the switchover awaits confirmation. Returns
-    /// the VM.
-    pub fn begin_rollback(&self, migration_id: &str) -> Result<String, InventoryError> {
-        self.move_switchover(migration_id, AWAITING_CONFIRM, ROLLING_BACK, None)
+    /// The rollback of `migration_id`'s switchover starts, asked by `by` (who, and how,
+    /// recorded so that a request that comes meanwhile is told who is rolling it back):
+    /// from now on the host refuses to power its VM on. Refused unless the switchover
+    /// awaits confirmation. Returns the VM.
+    pub fn begin_rollback(&self, migration_id: &str, by: &str) -> Result<String, InventoryError> {
+        self.move_switchover(migration_id, AWAITING_CONFIRM, ROLLING_BACK, Some(by))
     }
 
-    /// A rollback that could not power the VM off: the switchover stands, reversible.
+    /// A rollback that could not power the VM off: the switchover stands, reversible,
+    /// and ended by no one.
     pub fn cancel_rollback(&self, migration_id: &str) -> Result<String, InventoryError> {
         self.move_switchover(migration_id, ROLLING_BACK, AWAITING_CONFIRM, None)
     }
@@ -130,7 +132,7 @@ impl Inventory {
     }
 
     /// Moves the switchover of `migration_id` from state `from` to `to`, recording who
-    /// ended it (`by`) when it ends.
+    /// ends it (`by`; `None` when it is back to awaiting confirmation).
     fn move_switchover(
         &self,
         migration_id: &str,
@@ -152,8 +154,7 @@ impl Inventory {
                 )));
             };
             tx.execute(
-                "UPDATE migration SET switchover_state = ?2, switchover_ended_by = COALESCE(?3, switchover_ended_by)
-                 WHERE id = ?1",
+                "UPDATE migration SET switchover_state = ?2, switchover_ended_by = ?3 WHERE id = ?1",
                 store_params![migration_id, to, by],
             )?;
             Ok(vm)

@@ -908,7 +908,7 @@ fn a_rolled_back_switchover_is_a_replica_again_and_its_receipt_is_superseded() {
         assert_eq!(inv.power_on_blocked(&first.vm_id).unwrap(), None);
 
         // The rollback starts: the host may not power the VM on from now on.
-        assert_eq!(inv.begin_rollback(&mid).unwrap(), first.vm_id);
+        assert_eq!(inv.begin_rollback(&mid, "tester with edge-agent").unwrap(), first.vm_id);
         assert_eq!(
             inv.power_on_blocked(&first.vm_id).unwrap().as_deref(),
             Some(mid.as_str())
@@ -917,10 +917,24 @@ fn a_rolled_back_switchover_is_a_replica_again_and_its_receipt_is_superseded() {
             inv.confirm_switchover(&mid, "tester through the API").is_err(),
             "a rollback under way is not confirmed"
         );
-        // A VM that could not be powered off: the switchover stands.
+        let ended_by = |inv: &Inventory| {
+            inv.migration(&mid)
+                .unwrap()
+                .unwrap()
+                .replica
+                .unwrap()
+                .switchover_ended_by
+        };
+        assert_eq!(
+            ended_by(&inv).as_deref(),
+            Some("tester with edge-agent"),
+            "a request meanwhile is told who is rolling it back"
+        );
+        // A VM that could not be powered off: the switchover stands, ended by no one.
         inv.cancel_rollback(&mid).unwrap();
         assert_eq!(inv.power_on_blocked(&first.vm_id).unwrap(), None);
-        inv.begin_rollback(&mid).unwrap();
+        assert_eq!(ended_by(&inv), None);
+        inv.begin_rollback(&mid, "tester with edge-agent").unwrap();
         let moves = [CommitMove {
             staging: "/ds/.staging/m".into(),
             target: "/ds/rb01".into(),
@@ -988,7 +1002,10 @@ fn a_rolled_back_switchover_is_a_replica_again_and_its_receipt_is_superseded() {
                 .as_deref(),
             Some("tester through the API")
         );
-        assert!(inv.begin_rollback(&mid).is_err(), "confirmed: final");
+        assert!(
+            inv.begin_rollback(&mid, "tester with edge-agent").is_err(),
+            "confirmed: final"
+        );
     });
 }
 

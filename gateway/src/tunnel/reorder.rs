@@ -92,7 +92,12 @@ impl<T> Reorder<T> {
             return Err(ReorderError::AfterEnd { lane, seq });
         }
         let expected = self.due[lane];
-        if seq < expected {
+        // Received already, on its own lane (which carries its frames in order): a
+        // duplicate, whichever lane it came on again. A frame not seen yet that arrives
+        // on another lane is the wrong lane, not a duplicate, even if it is below this
+        // lane's next frame.
+        let own = (seq % lanes as u64) as usize;
+        if seq < self.due[own] {
             return Err(ReorderError::Duplicate { seq, lane, expected });
         }
         let window = lanes as u64;
@@ -280,6 +285,17 @@ mod tests {
         assert!(matches!(
             r.accept(1, u64::MAX, 0),
             Err(ReorderError::BeyondWindow { .. })
+        ));
+        // Frame 0, not seen yet, on lane 1 (whose next is 1): the wrong lane, not a
+        // duplicate.
+        assert!(matches!(
+            r.accept(1, 0, 0),
+            Err(ReorderError::WrongLane {
+                seq: 0,
+                lane: 1,
+                expected: 1,
+                ..
+            })
         ));
         // Within the window, but on the wrong lane.
         assert!(matches!(

@@ -233,8 +233,9 @@ fn standing(domain: &Domain, migration_id: &str, confirm: bool, through: EndThro
             vm_name: m.vm_name.clone(),
         }),
         ("SUCCEEDED", Some(ROLLING_BACK)) => Err(refused(format!(
-            "the switchover of {name} (migration {migration_id}) is being rolled back now; wait for it, then look at \
-             GET /api/gateway/migrations/{migration_id}"
+            "the switchover of {name} (migration {migration_id}) is being rolled back now{by}, so it can no longer be \
+             {}; wait for the rollback, then look at GET /api/gateway/migrations/{migration_id}",
+            if confirm { "confirmed" } else { "rolled back again" }
         ))),
         ("SUCCEEDED", Some(CONFIRMED)) if confirm && edge => Ok(Standing::Already(format!(
             "the switchover of {name} was confirmed already{by}: {vm} in the cloud is final; its receipt stands; the \
@@ -272,6 +273,26 @@ fn standing(domain: &Domain, migration_id: &str, confirm: bool, through: EndThro
     }
 }
 
+/// A write that rolls back or confirms the switchover of `migration_id` was refused
+/// with `e` after [`standing`] let it go ahead: another request (the edge's, the API's,
+/// another user's) ended or began ending the switchover in between. The answer is the
+/// one a request after it gets (who ended it, what to do), not the inventory's refusal:
+/// `Ok` for the edge asking for what was just done, as [`Standing::Already`]. If the
+/// switchover still awaits confirmation, the write failed for another reason, which is
+/// said as it is.
+fn ended_meanwhile(
+    domain: &Domain,
+    migration_id: &str,
+    confirm: bool,
+    through: EndThrough,
+    e: InventoryError,
+) -> Result<String, Refusal> {
+    match standing(domain, migration_id, confirm, through)? {
+        Standing::Already(said) => Ok(said),
+        Standing::Awaiting { .. } => Err((RefusalCode::UnknownMigration, vec![format!("{e}; nothing was changed")])),
+    }
+}
+
 /// Rolls back (`confirm: false`) or confirms the switchover of `migration_id` for
 /// `principal`, whose right to it the caller checked (the edge's certificate and user,
 /// or the API's roles). The one path of both the edge and the API: a rollback powers
@@ -297,7 +318,10 @@ pub async fn end_switchover_as(
         return blocking(
             domain,
             Box::new(move |d: &Domain| {
-                let vm = d.inventory.confirm_switchover(&id, &by).map_err(refused)?;
+                let vm = match d.inventory.confirm_switchover(&id, &by) {
+                    Ok(vm) => vm,
+                    Err(e) => return ended_meanwhile(d, &id, confirm, through, e),
+                };
                 // The journal and marks only a rollback needed; left behind, they are harmless.
                 for folder in vm_folders(d, &vm_name) {
                     if let Err(e) = crate::datastore::remove_commit_leftovers(&folder) {
@@ -315,12 +339,23 @@ pub async fn end_switchover_as(
 
     // From here the host refuses to power the VM on: the rollback powers it off next, and
     // the VM never runs in the cloud once the source may run again.
-    let id = migration_id.to_owned();
-    let vm = blocking(
+    let (id, rolling_back_by) = (migration_id.to_owned(), by.clone());
+    // Ok(vm): the rollback began; Err(said): another request had just rolled it back,
+    // and the edge, asking for the same, is told so.
+    let began = blocking(
         domain,
-        Box::new(move |d: &Domain| d.inventory.begin_rollback(&id).map_err(refused)),
+        Box::new(
+            move |d: &Domain| match d.inventory.begin_rollback(&id, &rolling_back_by) {
+                Ok(vm) => Ok(Ok(vm)),
+                Err(e) => ended_meanwhile(d, &id, confirm, through, e).map(Err),
+            },
+        ),
     )
     .await?;
+    let vm = match began {
+        Ok(vm) => vm,
+        Err(said) => return Ok(said),
+    };
     let on_behalf = format!(
         "the rollback of {migration_id} by user {} {}",
         principal.user,
