@@ -64,7 +64,10 @@ impl Prehash {
             }
             read_bytes.fetch_add(len, Ordering::Relaxed);
             let hash = gateway::chunk::chunk_hash(&buf);
-            self.hashes.lock().expect("prehash lock poisoned").insert((disk, index), hash);
+            self.hashes
+                .lock()
+                .expect("prehash lock poisoned")
+                .insert((disk, index), hash);
             self.hashed.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -83,7 +86,10 @@ impl Prehash {
 
     /// The source's hash of a chunk, if a worker took it (once: it is removed).
     pub fn take(&self, disk: u16, index: u64) -> Option<[u8; 32]> {
-        self.hashes.lock().expect("prehash lock poisoned").remove(&(disk, index))
+        self.hashes
+            .lock()
+            .expect("prehash lock poisoned")
+            .remove(&(disk, index))
     }
 }
 

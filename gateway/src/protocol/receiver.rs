@@ -955,6 +955,11 @@ impl ReceiverSession {
         std::mem::take(&mut self.unsynced)
     }
 
+    /// How many chunks and zero runs wait to be made durable (see [`Self::take_unsynced`]).
+    pub fn unsynced_len(&self) -> usize {
+        self.unsynced.chunks.len() + self.unsynced.zero_runs.len()
+    }
+
     /// The driver made `batch` durable: acknowledge its data chunks.
     pub fn synced(&mut self, batch: &Unsynced) {
         if !matches!(self.phase, Phase::Streaming | Phase::Verifying | Phase::Finalizing) {
