@@ -1216,7 +1216,7 @@ impl SenderSession {
     /// Sets the commit deadline once the commit has actually been sent.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<EdgeMessage> {
         let mut msg = self.outbox.pop_front()?;
-        if matches!(msg, EdgeMessage::Hello { .. }) && self.phase == Phase::AwaitWelcome {
+        if matches!(msg, EdgeMessage::Hello { .. }) {
             // The request follows the hello without waiting for the welcome (protocol
             // version 11): the cloud holds it until the credential is checked, and drops
             // it with the refusal if it is not. On a 150 ms link that is 150 ms less
