@@ -29,18 +29,24 @@ VMX
   fi
 }
 
-# sample_disk SIZE: prints the path of the realistic sample disk of SIZE (tests/sample-disk.sh:
-# real files in ext4, the rest zeros), made once and cached in $BENCH_DIR; 1G is the one
-# every benchmark shares. Under 1G the smaller file set is used, so that it fits.
+# sample_disk SIZE [FILL]: prints the path of the realistic sample disk of SIZE
+# (tests/sample-disk.sh: real files in ext4, the rest zeros), made once and cached in
+# $BENCH_DIR; 1G is the one every benchmark shares. Under 1G the smaller file set is used,
+# so that it fits. With FILL (a percentage), copies of the file set fill that share of the
+# disk (sample-disk.sh's FILL): a fuller disk, cached under its own name.
 sample_disk() {
-  local size=$1 img mode=full
+  local size=$1 fill=${2:-} img mode=full
   mkdir -p "$BENCH_DIR"
-  if [ "$size" = 1G ]; then img=$BENCH_DIR/sample-disk.img; else img=$BENCH_DIR/sample-disk-$size.img; fi
+  if [ "$size" = 1G ] && [ -z "$fill" ]; then
+    img=$BENCH_DIR/sample-disk.img
+  else
+    img=$BENCH_DIR/sample-disk-$size${fill:+-fill$fill}.img
+  fi
   if [ ! -s "$img" ]; then
     [ "$(numfmt --from=iec "$size")" -lt $((1 << 30)) ] && mode=small
-    log "making $img ($size, $mode file set; takes a minute or two)"
+    log "making $img ($size, $mode file set${fill:+, $fill % of it data}; takes a minute or two)"
     # Built under a temporary name, so an interrupted run never leaves a half image cached.
-    bash "$root/tests/sample-disk.sh" "$img.part" "$size" "$mode" >&2
+    bash "$root/tests/sample-disk.sh" "$img.part" "$size" "$mode" $fill >&2
     mv "$img.part" "$img"
   fi
   echo "$img"

@@ -9,6 +9,14 @@
 # Usage (as root, from anywhere):   tests/replication-wan-bench.sh
 #   BENCH_DIR=/tmp/gateway-bench   cache of the sample image and replication-wan-results.json
 #   BENCH_SIZE=1G                  sample disk size (tests/sample-disk.sh); 256M for a quick run
+#   BENCH_FILL=                    percent of the disk holding data (tests/sample-disk.sh's FILL:
+#                                  copies of the file set); empty: the file set alone, the rest
+#                                  zeros. The file set is under 1 GiB, so a 10 GiB sample disk is
+#                                  ~90 % empty, and a cold lift of it sends only the files: that
+#                                  bounds "cold lift / switchover" whatever the switchover does
+#                                  (~17x at 10 GiB). A legacy 10 GiB VM is rarely that empty:
+#                                  BENCH_FILL=60 is a disk 60 % full of data that compresses
+#                                  like the files. Report both.
 #   BENCH_CHANGE_PCT=1             share of the disk's 64 KiB blocks rewritten before the delta
 #                                  pass, and again before the switchover
 #   BENCH_CHUNK_KIB=64             the replication's chunk size
@@ -16,7 +24,9 @@
 #   BENCH_RATE=100mbit BENCH_DELAY_MS=75 BENCH_LOSS=0   the emulated link
 #   BENCH_BUILD=1                  cargo build --release --workspace first (0: use BENCH_BIN)
 #   BENCH_BIN=target/release       where the binaries are
-#   BENCH_KEEP=1                   keep the run's temp dir
+#   BENCH_KEEP=1                   keep the run's temp dir (with each link's logs)
+#   BENCH_LOG=warn                 edge-agent and cloud-endpoint log level (info: timings of
+#                                  each step, in $BENCH_DIR/replication-wan.*/<link>/*.log)
 #
 # Per link: a first pass (a full lift into a replica); the "guest" rewrites BENCH_CHANGE_PCT %
 # of the 64 KiB blocks (new data that compresses like the disk); a delta pass (wall, wire
@@ -31,6 +41,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 wan=$root/tests/wan/wan.sh
 BENCH_DIR=${BENCH_DIR:-/tmp/gateway-bench}
 BENCH_SIZE=${BENCH_SIZE:-1G}
+BENCH_FILL=${BENCH_FILL:-}
+BENCH_LOG=${BENCH_LOG:-warn}
 BENCH_CHANGE_PCT=${BENCH_CHANGE_PCT:-1}
 BENCH_CHUNK_KIB=${BENCH_CHUNK_KIB:-64}
 BENCH_LINKS=${BENCH_LINKS:-loopback wan}
@@ -42,6 +54,7 @@ die() { log "FAILED: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces, tc, iptables, sshd, apt-get)"
 [[ $BENCH_SIZE =~ ^[0-9]+[KMGT]?$ ]] || die "BENCH_SIZE=$BENCH_SIZE is not like 1G or 256M"
+[ -z "$BENCH_FILL" ] || [[ $BENCH_FILL =~ ^[0-9]+$ ]] || die "BENCH_FILL=$BENCH_FILL is not a percentage like 60"
 for l in $BENCH_LINKS; do case $l in loopback | wan) ;; *) die "BENCH_LINKS: $l is neither loopback nor wan" ;; esac; done
 need_pkgs=()
 [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
@@ -64,8 +77,9 @@ fi
 bin=${BENCH_BIN:-$root/target/release}
 for b in edge-agent cloud-endpoint certs wan-relay; do [ -x "$bin/$b" ] || die "no $bin/$b (cargo build --release --workspace)"; done
 
-img=$(sample_disk "$BENCH_SIZE")
+img=$(sample_disk "$BENCH_SIZE" "$BENCH_FILL")
 size=$(stat -c %s "$img")
+data=$(($(stat -c %b "$img") * $(stat -c %B "$img")))
 tmp=$(mktemp -d "$BENCH_DIR/replication-wan.XXXXXX")
 export WAN_PREFIX=rb$$ WAN_RELAY=$bin/wan-relay
 link_up='' ce_pid='' sshd_pid=''
@@ -143,7 +157,7 @@ run_link() {
     CLOUD_ENDPOINT_ALLOW_DEFAULT_PASSWORDS=true \
     CLOUD_ENDPOINT_CERT="$tmp/pki/endpoint.pem" CLOUD_ENDPOINT_KEY="$tmp/pki/endpoint.key" \
     CLOUD_ENDPOINT_EDGE_CA="$tmp/pki/ca.pem" CLOUD_ENDPOINT_DATASTORE_DIR="$dir/datastore" \
-    CLOUD_ENDPOINT_DATABASE="$dir/inventory.db" CLOUD_ENDPOINT_LOG=warn \
+    CLOUD_ENDPOINT_DATABASE="$dir/inventory.db" CLOUD_ENDPOINT_LOG="$BENCH_LOG" \
     "$bin/cloud-endpoint" serve >"$dir/cloud-endpoint.log" 2>&1 &
   ce_pid=$!
   cat >"$dir/sshd_config" <<EOF
@@ -169,7 +183,7 @@ EOF
   [ "$link" = wan ] && link_args=(--link-rate "$BENCH_RATE" --link-rtt "$((2 * BENCH_DELAY_MS))ms")
   edge() { # subcommand, extra args...
     local cmd=$1; shift
-    "${on_prem[@]}" "$bin/edge-agent" "$cmd" --vmx "$dir/vm/db01.vmx" --url "quic://$host:$port" \
+    "${on_prem[@]}" env EDGE_AGENT_LOG="$BENCH_LOG" "$bin/edge-agent" "$cmd" --vmx "$dir/vm/db01.vmx" --url "quic://$host:$port" \
       --user migrator@cloud.local --password 'VMware1!Cloud' --ca-bundle "$tmp/pki/ca.pem" \
       --cert "$tmp/pki/edge.pem" --key "$tmp/pki/edge.key" --state-dir "$dir/state" \
       --receipt "$dir/receipt.json" --chunk-kib "$BENCH_CHUNK_KIB" "${link_args[@]}" --json "$@" 2>>"$dir/edge.log" | tail -n1
@@ -219,19 +233,19 @@ EOF
     | .delta_wire_share_of_full = (.delta_pass.wire_bytes / .first_pass.wire_bytes)
     | .delta_speedup_over_rsync = (.rsync_inplace_z.wall_s / .delta_pass.wall_s)
     | .switchover_shorter_than_cold = (.cold_lift.wall_s / .switchover.wall_s)' >>"$tmp/cases.jsonl"
-  rm -rf "$dir"
+  if [ "${BENCH_KEEP:-0}" = 1 ]; then rm -f "$dir"/*.img "$dir"/vm/*.img; rm -rf "$dir/datastore"; else rm -rf "$dir"; fi
 }
 
 for link in $BENCH_LINKS; do run_link "$link"; done
 
 r=$BENCH_DIR/replication-wan-results.json
 jq -n --slurpfile cases "$tmp/cases.jsonl" --argjson size "$size" --arg pct "$BENCH_CHANGE_PCT" \
-  --arg chunk "$BENCH_CHUNK_KIB" --arg wan "$BENCH_RATE, ${BENCH_DELAY_MS} ms each way, loss $BENCH_LOSS" \
+  --arg chunk "$BENCH_CHUNK_KIB" --arg fill "${BENCH_FILL:-}" --argjson data "$data" --arg wan "$BENCH_RATE, ${BENCH_DELAY_MS} ms each way, loss $BENCH_LOSS" \
   --arg rev "$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)" '
-  {date: (now | todate), git: $rev, logical_bytes: $size, change_pct: ($pct|tonumber), chunk_kib: ($chunk|tonumber),
+  {date: (now | todate), git: $rev, logical_bytes: $size, data_bytes: $data, fill_pct: (if $fill == "" then null else ($fill|tonumber) end), change_pct: ($pct|tonumber), chunk_kib: ($chunk|tonumber),
    wan: $wan, cores: '"$(nproc)"', cases: $cases}' >"$r"
 echo
-jq -r '"Replication of \(.logical_bytes) bytes, \(.change_pct) % of 64 KiB blocks rewritten, chunks of \(.chunk_kib) KiB; wan = \(.wan); git \(.git)"' "$r"
+jq -r '"Replication of \(.logical_bytes) bytes (\(.data_bytes) of them allocated), \(.change_pct) % of 64 KiB blocks rewritten, chunks of \(.chunk_kib) KiB; wan = \(.wan); git \(.git)"' "$r"
 echo
 echo "| link | first pass | delta pass | delta wire / full | rsync --inplace -z | delta vs rsync | switchover | cold lift | cold / switchover |"
 echo "|---|---|---|---|---|---|---|---|---|"

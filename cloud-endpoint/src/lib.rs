@@ -117,6 +117,10 @@ pub struct Domain {
     pub links: server::links::LinkHistory,
     /// Which migrations this endpoint owns (their leases), when several share the domain.
     pub ownership: Arc<cluster::ownership::Ownership>,
+    /// Held (written) while a pass's or a commit's chunks are indexed for deduplication,
+    /// which happens after the edge has its answer; a plan reads it before it is offered
+    /// deduplication, so the next migration finds the chunks of the one before it.
+    pub indexing: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Domain {
@@ -256,6 +260,7 @@ impl Endpoint {
                 metrics: metrics::EndpointMetrics::new(),
                 links: Default::default(),
                 ownership,
+                indexing: Default::default(),
             }),
             config,
             tls,

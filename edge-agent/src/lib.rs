@@ -6,6 +6,7 @@
 //! target    the cloud endpoint(s): URLs, credential, trust (CA or thumbprint)
 //! failover  which endpoint of several a migration resumes on, and how long it waits
 //! migrate   the driver: SenderSession + QUIC streams + reader/sealer workers
+//! prehash   a delta pass hashes the source while the connection is set up
 //! plan      `edge-agent plan`: the endpoint checks a plan, nothing is staged
 //! report    progress and the final summary (human or JSON)
 //! receipt   keeping the cloud's signed receipt; verifying one against the source
@@ -20,6 +21,7 @@ pub mod live;
 pub mod metrics;
 pub mod migrate;
 pub mod plan;
+pub mod prehash;
 pub mod receipt;
 pub mod report;
 pub mod source;

@@ -22,7 +22,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +39,7 @@ use tracing::Instrument as _;
 use crate::checkpoint::{self, Checkpoint, Header};
 use crate::compression::{Compression, LevelController, Pressure};
 use crate::failover::{self, Rotation, BUSY_POLL, BUSY_RESUME_PATIENCE};
+use crate::prehash::{self, Prehash};
 use crate::report::{secs, Progress, ProgressSink, Summary};
 use crate::source::snapshot_tracking::{self, ChangedChunks};
 use crate::source::{open_source_disk, running_lock, ChainLink, DiskReader, SourceVm};
@@ -302,6 +303,8 @@ struct RunState {
     pass_started: SystemTime,
     /// A switchover's downtime counts from this instant, which is what the kind says.
     downtime_since: (Instant, DowntimeFrom),
+    /// A delta pass: hashes of the source taken while the first connection was set up.
+    prehash: Prehash,
 }
 
 /// See [`RunState::earlier_switchover`].
@@ -733,7 +736,22 @@ async fn run_pass_in(
         }),
         pass_started,
         downtime_since,
+        prehash: Prehash::default(),
     });
+    if let (Some((_, done)), true) = (&resume, opts.replication != Replication::Off) {
+        // A delta pass reads the whole source to compare it with what it recorded, which
+        // needs nothing from the cloud: it starts now, while the connection, the login
+        // and the resume cross the link (see crate::prehash).
+        let cs = u64::from(plan.chunk_size);
+        let chunks = Arc::new(prehash::candidates(done.iter().map(|&(d, i, _)| (d, i)), |d, i| {
+            run.unchanged(d, i * cs, cs)
+        }));
+        let next = Arc::new(AtomicUsize::new(0));
+        for _ in 0..opts.workers.max(1) {
+            let (run, disks, chunks, next) = (run.clone(), disks.clone(), chunks.clone(), next.clone());
+            tokio::task::spawn_blocking(move || run.prehash.hash_ahead(&disks, &chunks, &next, cs, &run.read_bytes));
+        }
+    }
 
     let mut reconnects = 0u32;
     let mut down_since: Option<Instant> = None;
@@ -758,6 +776,8 @@ async fn run_pass_in(
             &mut rotation,
         )
         .await;
+        // Taken for the first connection only: a later one reads the running source again.
+        run.prehash.discard();
         let reached = rotation.reached();
         let went_on = match &outcome {
             Ok(_) => true,
@@ -1184,8 +1204,8 @@ pub async fn end_switchover(
     }
     .await;
     writer.finish();
-    conn.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint_conn.wait_idle()).await;
+    transport::close_and_flush(&conn, 0u32.into(), b"done", Duration::from_secs(2)).await;
+    drop(endpoint_conn);
     match outcome {
         Ok(message) if confirm => {
             ckpt.remove();
@@ -1450,8 +1470,15 @@ async fn attempt(
                 )
             };
             let duration = started.elapsed();
-            conn.close(0u32.into(), if synced { b"synced" } else { b"committed" });
-            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            // The close must reach the cloud; the drain after it is nobody's business.
+            transport::close_and_flush(
+                &conn,
+                0u32.into(),
+                if synced { b"synced" } else { b"committed" },
+                Duration::from_secs(2),
+            )
+            .await;
+            drop(endpoint);
             let s = shared.session();
             sink.progress(&Progress {
                 done_bytes: s.done_bytes(),
@@ -1754,8 +1781,16 @@ async fn control_writer(shared: &Shared, mut writer: ControlWriter) -> Result<()
             (msgs, s.is_finished())
         };
         for msg in &msgs {
-            if matches!(msg, EdgeMessage::Commit) {
+            // A switchover is a commit too: once it is out, the cloud may register (and
+            // power on) the VM, so a failure must not resume a source QEMU.
+            if matches!(msg, EdgeMessage::Commit | EdgeMessage::Switchover(_)) {
                 shared.run.commit_sent.store(true, Ordering::SeqCst);
+            }
+            if matches!(
+                msg,
+                EdgeMessage::Commit | EdgeMessage::Switchover(_) | EdgeMessage::SyncDone
+            ) {
+                tracing::info!("every disk sealed; asking the cloud to finish the pass");
             }
             writer.send(msg).await?;
         }
@@ -1817,7 +1852,8 @@ async fn control_reader(
                     done_bytes,
                     to_hash,
                 } => {
-                    tracing::info!(migration = %id, %datastore, done_bytes, to_hash, "migration resumed");
+                    let prehashed = shared.run.prehash.stop();
+                    tracing::info!(migration = %id, %datastore, done_bytes, to_hash, prehashed, "migration resumed");
                     shared.run.resumed();
                     sink.started(&plan.vm.name, &id, plan.logical_bytes());
                     migration_id = id;
@@ -1906,7 +1942,11 @@ async fn sealer(
             }
             // The source's tracking (QEMU's dirty bitmap, or the snapshot chain) knows it
             // unchanged since the replica got it: the replica's copy stays, unread.
-            Work::Compare(held) if shared.run.unchanged(disk, offset, chunk_size) => {
+            // Or it was read and found unchanged while the connection was set up.
+            Work::Compare(held)
+                if shared.run.unchanged(disk, offset, chunk_size)
+                    || shared.run.prehash.take(disk, offset / chunk_size) == Some(held) =>
+            {
                 shared.session().chunk_hashed(disk, offset, held);
                 shared.wake_writer.notify_one();
                 continue;

@@ -129,8 +129,8 @@ pub async fn check_plan(
     }
     .await;
     writer.finish();
-    conn.close(0u32.into(), b"plan checked");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    gateway::transport::close_and_flush(&conn, 0u32.into(), b"plan checked", Duration::from_secs(2)).await;
+    drop(endpoint);
     match outcome {
         Ok(report) => Ok(PlanCheck {
             vm: name,

@@ -254,14 +254,32 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
 /// How often written chunks are made durable and acknowledged. Longer batches
 /// cost fewer fsyncs; shorter ones leave less to re-send after a break.
 const SYNC_INTERVAL: Duration = Duration::from_millis(250);
+/// Written chunks are made durable as soon as nothing more arrived for this long: the
+/// end of a pass (or a pause in a sparse delta) is acknowledged without waiting for the
+/// next [`SYNC_INTERVAL`].
+const SYNC_QUIET: Duration = Duration::from_millis(20);
 
 /// Makes written chunks durable, journals them, then acknowledges them.
 async fn sync(ctx: Arc<Ctx>) {
-    let mut tick = tokio::time::interval(SYNC_INTERVAL);
+    let mut tick = tokio::time::interval(SYNC_QUIET);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rate = Rate::default();
+    let mut last = Instant::now();
+    let mut waiting = 0;
     loop {
         tick.tick().await;
+        // Every SYNC_INTERVAL while data flows; sooner once it stopped: the edge waits for
+        // the acknowledgement of its last chunks before it can seal the disk and end the
+        // pass, and a delta pass is mostly that wait.
+        let due = last.elapsed() >= SYNC_INTERVAL;
+        let pending = ctx.session().unsynced_len();
+        let quiet = pending > 0 && pending == waiting;
+        waiting = pending;
+        if !due && !quiet {
+            continue;
+        }
+        last = Instant::now();
+        waiting = 0;
         ctx.count_wire_bytes();
         sample(&ctx, &mut rate);
         // The cleanup waits for this (it takes `blocking` exclusively): a batch
@@ -633,6 +651,8 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                     // Data streams only now: until the plan is accepted, a stream the
                     // peer may open is memory it can fill without being read.
                     transport::allow_streams(&ctx.conn, transport::StreamPhase::Data);
+                    // A commit or pass that answered its edge may still be indexing.
+                    let _indexed = ctx.domain.indexing.read().await;
                     let dedup = requester(ctx).is_some_and(|who| dedup::offered(&ctx.domain, &who));
                     ctx.session().plan_accepted(id, ds, dedup);
                 }
@@ -926,24 +946,35 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 Ok(r) => tracing::info!(vm_id = %r.vm_id, path = ?r.vm_path, format, "VM registered, receipt signed"),
                 Err((_, e)) => tracing::error!(error = %e, "commit failed"),
             }
-            if let (Ok(registered), Some(who)) = (&result, requester(ctx)) {
-                // Later migrations of this user or edge may copy this VM's chunks.
-                let indexing = domain.clone();
-                let vm_id = registered.vm_id.clone();
-                let _ = spawn_blocking_in_span(move || {
-                    if dedup_bytes > 0 {
-                        let _ = indexing.inventory.add_dedup_bytes(&who.migration, dedup_bytes);
-                    }
-                    dedup::index_committed(&indexing, &who, &vm_id, &hashes);
-                })
-                .await;
-            }
+            let indexing = match (&result, requester(ctx)) {
+                // Taken before the answer: a plan accepted after it waits for the index.
+                (Ok(registered), Some(who)) => Some((
+                    registered.vm_id.clone(),
+                    who,
+                    domain.indexing.clone().write_owned().await,
+                )),
+                _ => None,
+            };
             if let (Ok(registered), Some((request, received))) = (&result, switchover) {
                 let outcome =
                     placement::switched_over(&domain, &migration_id, &registered.vm_id, &request, received).await;
                 ctx.session().switched_over(outcome);
             }
             ctx.session().finalized(result);
+            if let Some((vm_id, who, indexing)) = indexing {
+                // Later migrations of this user or edge may copy this VM's chunks. After
+                // the answer: the index is for them, and on a 10 GiB disk it is 160,000
+                // rows the edge (and a switchover's downtime) would wait for.
+                ctx.wake();
+                let _ = spawn_blocking_in_span(move || {
+                    let _indexing = indexing;
+                    if dedup_bytes > 0 {
+                        let _ = domain.inventory.add_dedup_bytes(&who.migration, dedup_bytes);
+                    }
+                    dedup::index_committed(&domain, &who, &vm_id, &hashes);
+                })
+                .await;
+            }
         }
         // A replication pass ended and was read back: the staging stays as the replica.
         ReceiverEvent::KeepReplica { delta_bytes, schedule } => {
@@ -970,46 +1001,63 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
                 let staged = record.staged.lock().expect("staged lock");
                 match staged.as_ref() {
                     Some(staged) => {
-                        let kept = placement::keep_replica(&domain, staged, &batch, delta_bytes, pass, schedule)
-                            .and_then(|at| {
-                                let id = &staged.migration_id;
-                                if let Some(window) = window {
-                                    let text = window.map(|w| w.to_string());
-                                    domain
-                                        .inventory
-                                        .set_switchover_window(id, text.as_deref())
-                                        .map_err(|e| (RefusalCode::EndpointFailure, e.to_string()))?;
-                                }
-                                // What the cloud holds now (the API may have set it).
-                                let held = domain.inventory.switchover_window(id).ok().flatten();
-                                Ok((id.clone(), at, held.and_then(|w| w.parse().ok())))
-                            });
-                        if let (Ok(_), Some(who)) = (&kept, who) {
-                            // A replica is a disk the cloud holds: later lifts may copy from it.
-                            if dedup_bytes > 0 {
-                                let _ = domain.inventory.add_dedup_bytes(&who.migration, dedup_bytes);
+                        placement::keep_replica(&domain, staged, &batch, delta_bytes, pass, schedule).and_then(|at| {
+                            let id = &staged.migration_id;
+                            if let Some(window) = window {
+                                let text = window.map(|w| w.to_string());
+                                domain
+                                    .inventory
+                                    .set_switchover_window(id, text.as_deref())
+                                    .map_err(|e| (RefusalCode::EndpointFailure, e.to_string()))?;
                             }
-                            dedup::index_replica(&domain, &who, &staged.disks, &hashes);
-                        }
-                        kept
+                            // What the cloud holds now (the API may have set it).
+                            let held = domain.inventory.switchover_window(id).ok().flatten();
+                            Ok((id.clone(), at, held.and_then(|w| w.parse().ok())))
+                        })
                     }
                     None => Err((RefusalCode::EndpointFailure, "nothing staged to keep".to_owned())),
                 }
             })
             .await
             .expect("keeping a replica does not panic");
-            let mut s = ctx.session();
-            match result {
-                Ok((id, switchover_at, window)) => {
-                    tracing::info!(migration = %id, delta_bytes, ?switchover_at, ?window, "replica read back and kept");
-                    s.synced(&unsynced);
-                    s.set_held_window(window);
-                    s.replica_kept(Ok(switchover_at));
+            let kept = result.is_ok();
+            // Taken before the answer: a plan accepted after it waits for the index.
+            let indexing = match (kept, &who) {
+                (true, Some(_)) => Some(ctx.domain.indexing.clone().write_owned().await),
+                _ => None,
+            };
+            {
+                let mut s = ctx.session();
+                match result {
+                    Ok((id, switchover_at, window)) => {
+                        tracing::info!(migration = %id, delta_bytes, ?switchover_at, ?window, "replica read back and kept");
+                        s.synced(&unsynced);
+                        s.set_held_window(window);
+                        s.replica_kept(Ok(switchover_at));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e.1, "cannot keep the replica");
+                        s.replica_kept(Err(e));
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e.1, "cannot keep the replica");
-                    s.replica_kept(Err(e));
-                }
+            }
+            if let (Some(indexing), Some(who)) = (indexing, who) {
+                // A replica is a disk the cloud holds: later lifts may copy from it. After
+                // the answer, as for a commit: every pass indexes every chunk of the disk.
+                ctx.wake();
+                let guard = ctx.blocking.clone().read_owned().await;
+                let record = ctx.clone();
+                let domain = ctx.domain.clone();
+                let _ = spawn_blocking_in_span(move || {
+                    let (_guard, _indexing) = (guard, indexing);
+                    if dedup_bytes > 0 {
+                        let _ = domain.inventory.add_dedup_bytes(&who.migration, dedup_bytes);
+                    }
+                    if let Some(staged) = record.staged.lock().expect("staged lock").as_ref() {
+                        dedup::index_replica(&domain, &who, &staged.disks, &hashes);
+                    }
+                })
+                .await;
             }
         }
         ReceiverEvent::Discard { reason } => {

@@ -13,8 +13,8 @@
 //! ```text
 //! edge                                   cloud
 //! Hello{user,password}          ->
+//! Plan (without waiting)        ->       (held until the credential is checked)
 //!                               <-       Welcome | Refused(BadCredentials)
-//! Plan                          ->
 //!                               <-       PlanAccepted | Refused(PlanRejected, [problems])
 //! (chunks on data streams)      =>
 //! ZeroChunks{runs}              ->

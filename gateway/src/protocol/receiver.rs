@@ -284,6 +284,9 @@ pub struct ReceiverSession {
     asked: HashMap<u16, HashSet<u64>>,
     /// Plaintext bytes copied inside the cloud instead of sent (deduplicated).
     dedup_bytes: u64,
+    /// The request the edge sent right behind its hello (protocol version 11), and when
+    /// it arrived: taken up once the credential is accepted, dropped if it is not.
+    early_request: Option<(EdgeMessage, Instant)>,
 }
 
 impl ReceiverSession {
@@ -318,6 +321,7 @@ impl ReceiverSession {
             dedup: false,
             asked: HashMap::new(),
             dedup_bytes: 0,
+            early_request: None,
         }
     }
 
@@ -479,6 +483,15 @@ impl ReceiverSession {
     }
 
     fn on_control(&mut self, msg: EdgeMessage, now: Instant) -> Result<(), ProtocolError> {
+        if self.phase == Phase::Authenticating && is_request(&msg) {
+            // Sent without waiting for the welcome: held, never looked at, until the
+            // credential is accepted. One request per connection, as after a welcome.
+            if self.early_request.is_some() {
+                return Err(self.unexpected("a second request"));
+            }
+            self.early_request = Some((msg, now));
+            return Ok(());
+        }
         match msg {
             EdgeMessage::Hello { agent, user, password } => {
                 if self.phase != Phase::AwaitHello {
@@ -763,8 +776,15 @@ impl ReceiverSession {
                     endpoint: endpoint.to_owned(),
                     role,
                 });
+                if let Some((request, at)) = self.early_request.take() {
+                    // As if it came now: the same checks as a request after the welcome.
+                    let _ = self.handle_control(request, at);
+                }
             }
-            Err((code, problem)) => self.fail(code, vec![problem]),
+            Err((code, problem)) => {
+                self.early_request = None;
+                self.fail(code, vec![problem]);
+            }
         }
     }
 
@@ -933,6 +953,11 @@ impl ReceiverSession {
     /// made durable and then reported with [`Self::synced`].
     pub fn take_unsynced(&mut self) -> Unsynced {
         std::mem::take(&mut self.unsynced)
+    }
+
+    /// How many chunks and zero runs wait to be made durable (see [`Self::take_unsynced`]).
+    pub fn unsynced_len(&self) -> usize {
+        self.unsynced.chunks.len() + self.unsynced.zero_runs.len()
     }
 
     /// The driver made `batch` durable: acknowledge its data chunks.
@@ -1385,4 +1410,19 @@ impl ReceiverSession {
             }
         }
     }
+}
+
+/// A message that opens what a connection is for (a plan, a resume, a delta pass, a check,
+/// an abort, the end of a switchover): one per connection, after the hello.
+fn is_request(msg: &EdgeMessage) -> bool {
+    matches!(
+        msg,
+        EdgeMessage::Plan(_)
+            | EdgeMessage::Resume { .. }
+            | EdgeMessage::Sync { .. }
+            | EdgeMessage::SyncSwitchedOver { .. }
+            | EdgeMessage::Validate(_)
+            | EdgeMessage::AbortMigration { .. }
+            | EdgeMessage::EndSwitchover { .. }
+    )
 }

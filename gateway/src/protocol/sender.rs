@@ -678,46 +678,17 @@ impl SenderSession {
                 if self.phase != Phase::AwaitWelcome {
                     return Err(self.unexpected("Welcome"));
                 }
-                self.phase = Phase::AwaitPlanAccepted;
+                // The request went out right behind the hello (see `poll_transmit`):
+                // its answer is what comes next.
+                self.phase = if self.abort.is_some() {
+                    Phase::AwaitAborted
+                } else if self.end_switchover.is_some() {
+                    Phase::AwaitSwitchoverEnded
+                } else {
+                    Phase::AwaitPlanAccepted
+                };
                 self.welcomed = true;
-                self.deadline = Some(now + self.config.reply_timeout);
-                if let Some((migration_id, reason)) = &self.abort {
-                    self.phase = Phase::AwaitAborted;
-                    self.outbox.push_back(EdgeMessage::AbortMigration {
-                        migration_id: migration_id.clone(),
-                        reason: reason.clone(),
-                    });
-                    self.events.push_back(SenderEvent::Welcomed { endpoint, role });
-                    return Ok(());
-                }
-                if let Some((migration_id, confirm)) = &self.end_switchover {
-                    self.phase = Phase::AwaitSwitchoverEnded;
-                    // A rollback powers the VM off and reads the replica back.
-                    let read_back = Duration::from_secs(self.plan.logical_bytes() / 100_000_000);
-                    self.deadline = Some(now + self.config.reply_timeout + read_back);
-                    self.outbox.push_back(EdgeMessage::EndSwitchover {
-                        migration_id: migration_id.clone(),
-                        confirm: *confirm,
-                    });
-                    self.events.push_back(SenderEvent::Welcomed { endpoint, role });
-                    return Ok(());
-                }
-                self.outbox.push_back(match &self.resume {
-                    Some((migration_id, _)) if self.delta && self.after_switchover => EdgeMessage::SyncSwitchedOver {
-                        migration_id: migration_id.clone(),
-                        plan: self.plan.clone(),
-                    },
-                    Some((migration_id, _)) if self.delta => EdgeMessage::Sync {
-                        migration_id: migration_id.clone(),
-                        plan: self.plan.clone(),
-                    },
-                    Some((migration_id, _)) => EdgeMessage::Resume {
-                        migration_id: migration_id.clone(),
-                        plan: self.plan.clone(),
-                    },
-                    None if self.validate_only => EdgeMessage::Validate(self.plan.clone()),
-                    None => EdgeMessage::Plan(self.plan.clone()),
-                });
+                self.deadline = Some(now + self.config.reply_timeout + self.request_allowance());
                 self.events.push_back(SenderEvent::Welcomed { endpoint, role });
             }
             CloudMessage::PlanAccepted {
@@ -991,6 +962,56 @@ impl SenderSession {
         Ok(())
     }
 
+    /// What this session asks of the cloud once it is logged in: a plan, a resume, a
+    /// delta pass, a check, an abort or the end of a switchover.
+    fn request(&self) -> EdgeMessage {
+        if let Some((migration_id, reason)) = &self.abort {
+            return EdgeMessage::AbortMigration {
+                migration_id: migration_id.clone(),
+                reason: reason.clone(),
+            };
+        }
+        if let Some((migration_id, confirm)) = &self.end_switchover {
+            return EdgeMessage::EndSwitchover {
+                migration_id: migration_id.clone(),
+                confirm: *confirm,
+            };
+        }
+        match &self.resume {
+            Some((migration_id, _)) if self.delta && self.after_switchover => EdgeMessage::SyncSwitchedOver {
+                migration_id: migration_id.clone(),
+                plan: self.plan.clone(),
+            },
+            Some((migration_id, _)) if self.delta => EdgeMessage::Sync {
+                migration_id: migration_id.clone(),
+                plan: self.plan.clone(),
+            },
+            Some((migration_id, _)) => EdgeMessage::Resume {
+                migration_id: migration_id.clone(),
+                plan: self.plan.clone(),
+            },
+            None if self.validate_only => EdgeMessage::Validate(self.plan.clone()),
+            None => EdgeMessage::Plan(self.plan.clone()),
+        }
+    }
+
+    /// Time the cloud may take to answer the request beyond the reply timeout, once the
+    /// credential is accepted: work that grows with the VM's size, at a slow datastore's
+    /// pace (100 MB/s).
+    fn request_allowance(&self) -> Duration {
+        let at_datastore_pace = Duration::from_secs(self.plan.logical_bytes() / 100_000_000);
+        if self.end_switchover.is_some() {
+            // A rollback powers the VM off and reads the replica back.
+            at_datastore_pace
+        } else if self.plan.seed.is_some() && self.resume.is_none() && !self.validate_only && self.abort.is_none() {
+            // The cloud may first hash the seed's disks at this chunk size (a seed
+            // lifted with another one, or registered by other means).
+            at_datastore_pace
+        } else {
+            Duration::ZERO
+        }
+    }
+
     /// Applies the cloud's bitmaps of what it holds to the checkpoint.
     fn on_resumed(&mut self, done: &[Vec<u8>]) -> Result<(), ProtocolError> {
         if done.len() != self.disks.len() {
@@ -1195,18 +1216,17 @@ impl SenderSession {
     /// Sets the commit deadline once the commit has actually been sent.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<EdgeMessage> {
         let mut msg = self.outbox.pop_front()?;
+        if matches!(msg, EdgeMessage::Hello { .. }) {
+            // The request follows the hello without waiting for the welcome (protocol
+            // version 11): the cloud holds it until the credential is checked, and drops
+            // it with the refusal if it is not. On a 150 ms link that is 150 ms less
+            // before anything moves. Built here, not in `new`: the constructors and
+            // setters (`syncing`, `after_switchover`, ...) choose what it is.
+            self.outbox.push_front(self.request());
+        }
         if let (EdgeMessage::Switchover(request), Some(s)) = (&mut msg, &self.switchover) {
             request.downtime_so_far_ms =
                 u64::try_from(now.saturating_duration_since(s.downtime_since).as_millis()).unwrap_or(u64::MAX);
-        }
-        if let EdgeMessage::Plan(plan) = &msg {
-            if plan.seed.is_some() {
-                // The cloud may first hash the seed's disks at this chunk size (a seed
-                // lifted with another one, or registered by other means): allow for
-                // that at a slow datastore's pace, as for a read-back.
-                let hashing = Duration::from_secs(self.plan.logical_bytes() / 100_000_000);
-                self.deadline = Some(now + self.config.reply_timeout + hashing);
-            }
         }
         if matches!(
             msg,

@@ -681,7 +681,9 @@ fn a_broken_migration_resumes_and_resends_only_what_was_not_acknowledged() {
     let chunks: usize = sources.iter().map(|s| s.len().div_ceil(CS as usize)).sum();
     let mut first = Pair::new(sources.clone(), "secret");
     first.reads_per_step = 2;
-    for _ in 0..12 {
+    // Cut where no acknowledgement is in flight (the plan rides with the hello: one step
+    // sooner than a plan sent after the welcome).
+    for _ in 0..11 {
         first.step();
     }
     assert!(!first.sender.is_finished());
@@ -2083,4 +2085,83 @@ fn a_pass_from_a_record_marked_switched_over_asks_without_a_commit_replay() {
         _ => None,
     });
     assert_eq!(asked, Some(true));
+}
+
+#[test]
+fn the_request_follows_the_hello_without_waiting_for_the_welcome() {
+    // Edge: the plan goes out right behind the hello, before any answer.
+    let now = Instant::now();
+    let sources = [disk_image(61, 2)];
+    let plan = plan(&sources.iter().collect::<Vec<_>>());
+    let config = || SenderConfig::new("edge-test", "migrator@cloud.local", "secret");
+    let mut s = SenderSession::new(config(), plan.clone(), now).unwrap();
+    assert!(matches!(s.poll_transmit(now), Some(EdgeMessage::Hello { .. })));
+    assert!(matches!(s.poll_transmit(now), Some(EdgeMessage::Plan(_))));
+    assert_eq!(s.poll_transmit(now), None, "one request");
+    // A delta pass that ends as a replica: its Sync, whatever was set after construction.
+    let mut s = SenderSession::syncing(config(), plan.clone(), "migration-1".into(), vec![], now).unwrap();
+    s.finish_as_replica();
+    s.after_switchover();
+    assert!(matches!(s.poll_transmit(now), Some(EdgeMessage::Hello { .. })));
+    assert!(
+        matches!(s.poll_transmit(now), Some(EdgeMessage::SyncSwitchedOver { migration_id, .. }) if migration_id == "migration-1")
+    );
+    // The welcome sends nothing more: the answer to the request comes next.
+    s.handle_control(
+        CloudMessage::Welcome {
+            endpoint: "c".into(),
+            role: "r".into(),
+        },
+        now,
+    )
+    .unwrap();
+    assert_eq!(s.poll_transmit(now), None);
+    assert!(matches!(s.poll_event(), Some(SenderEvent::Welcomed { .. })));
+    // Cloud: the request that came while the credential was checked waits for it.
+    let hello = EdgeMessage::Hello {
+        agent: "a".into(),
+        user: "u".into(),
+        password: "p".into(),
+    };
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
+    r.handle_control(hello.clone(), now).unwrap();
+    r.handle_control(EdgeMessage::Plan(plan.clone()), now).unwrap();
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::Authenticate { .. })));
+    assert_eq!(r.poll_event(), None, "nothing looks at the plan before the login");
+    r.authenticated(Ok("MigrationOperator".into()), "c");
+    assert!(matches!(r.poll_transmit(), Some(CloudMessage::Welcome { .. })));
+    assert!(matches!(r.poll_event(), Some(ReceiverEvent::ValidatePlan(_))));
+    // A refused credential drops it: refused, and nothing else happens.
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
+    r.handle_control(hello.clone(), now).unwrap();
+    r.handle_control(EdgeMessage::Plan(plan.clone()), now).unwrap();
+    while r.poll_event().is_some() {}
+    r.authenticated(Err((RefusalCode::BadCredentials, "no".into())), "c");
+    assert!(matches!(
+        r.poll_transmit(),
+        Some(CloudMessage::Refused {
+            code: RefusalCode::BadCredentials,
+            ..
+        })
+    ));
+    assert_eq!(r.poll_event(), None);
+    assert!(r.is_finished());
+    // One request per connection, early or not.
+    let mut r = ReceiverSession::new(ReceiverConfig::default(), now);
+    r.handle_control(hello, now).unwrap();
+    r.handle_control(EdgeMessage::Plan(plan.clone()), now).unwrap();
+    assert!(r.handle_control(EdgeMessage::Validate(plan), now).is_err());
+}
+
+#[test]
+fn a_migration_with_the_early_request_takes_no_extra_round_trip() {
+    // Each step delivers what is queued both ways: the plan reaches the cloud with the
+    // hello, so the welcome and the acceptance come back in the same step.
+    let mut pair = Pair::new(vec![disk_image(62, 4)], "secret");
+    pair.step();
+    pair.step();
+    assert!(pair.sender.migration_id().is_some(), "accepted after one exchange");
+    pair.drive();
+    assert!(pair.sender.is_committed(), "{:?}", pair.sender.error());
+    assert_eq!(pair.dests, pair.sources);
 }

@@ -56,7 +56,11 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// start, the edge's stop of the source, or the source files' last write);
 /// `SyncSwitchedOver`, a pass from an edge whose record says its switchover awaits
 /// confirmation (rolled back or confirmed through the API since, or not).
-pub const PROTOCOL_VERSION: u16 = 10;
+/// Version 11: the edge sends its request (`Plan`, `Resume`, `Sync`, `Validate`, ...)
+/// right behind `Hello`, without waiting for `Welcome`: the cloud holds it until the
+/// credential is accepted (and drops it with the refusal if not). A version-10 cloud
+/// would take the early request as a protocol violation, so it is refused at the preamble.
+pub const PROTOCOL_VERSION: u16 = 11;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.

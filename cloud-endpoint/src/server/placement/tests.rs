@@ -63,6 +63,7 @@ fn domain(dir: &std::path::Path) -> Domain {
         metrics: Default::default(),
         links: Default::default(),
         ownership: crate::cluster::ownership::Ownership::new("esx-test", std::time::Duration::from_secs(10)),
+        indexing: Default::default(),
     }
 }
 
