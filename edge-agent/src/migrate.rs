@@ -738,10 +738,13 @@ async fn run_pass_in(
         downtime_since,
         prehash: Prehash::default(),
     });
-    if let (Some((_, done)), true) = (&resume, opts.replication != Replication::Off) {
-        // A delta pass reads the whole source to compare it with what it recorded, which
-        // needs nothing from the cloud: it starts now, while the connection, the login
-        // and the resume cross the link (see crate::prehash).
+    let tracked = run.changed.is_some() || run.tracking.changed.iter().any(Option::is_some);
+    if let (Some((_, done)), true, false) = (&resume, opts.replication != Replication::Off, tracked) {
+        // A delta pass without changed-block tracking reads the whole source to compare
+        // it with what it recorded, which needs nothing from the cloud: it starts now,
+        // while the connection, the login and the resume cross the link (see
+        // crate::prehash). A tracked pass reads only the changed chunks, once, to send
+        // them: hashing them ahead would read each of them twice.
         let cs = u64::from(plan.chunk_size);
         let chunks = Arc::new(prehash::candidates(done.iter().map(|&(d, i, _)| (d, i)), |d, i| {
             run.unchanged(d, i * cs, cs)
