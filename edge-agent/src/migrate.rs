@@ -30,7 +30,7 @@ use gateway::chunk::{is_zero, Sealer};
 use gateway::plan::{DiskFormat, DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
 use gateway::protocol::{DoneChunk, ProtocolError, SenderConfig, SenderEvent, SenderSession, Work};
 use gateway::transport::{
-    self, ControlReader, ControlWriter, DataWriter, PathEstimate, Rate, RateLimit, TransportError, TransportTuning,
+    self, ControlReader, ControlWriter, DataWriter, Rate, RateLimit, TransportError, TransportTuning,
 };
 use gateway::wire::{ChunkHeader, CloudMessage, DowntimeFrom, EdgeMessage, RefusalCode};
 use tokio::sync::{mpsc, Notify};
@@ -59,10 +59,8 @@ pub struct MigrateOptions {
     /// Folder, cluster, host, resource pool and datastores in the cloud; the default
     /// leaves every choice to the domain.
     pub placement: gateway::plan::Placement,
-    /// Parallel data streams. `None`: as many as cover the round-trip time the
-    /// handshake measured at [`PathEstimate::DEFAULT`]'s rate ([`data_streams_for`]);
-    /// `Some(n)` when the operator chose them or described the link.
-    pub streams: Option<usize>,
+    /// Parallel data streams; [`TransportTuning::data_streams`] covers the path.
+    pub streams: usize,
     /// Reader/sealer workers. Two per core keeps the cores busy while some
     /// workers wait on the disk.
     pub workers: usize,
@@ -138,7 +136,7 @@ impl Default for MigrateOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             disk_format: None,
             placement: Default::default(),
-            streams: None,
+            streams: TransportTuning::default().data_streams,
             workers: 4,
             compression: Compression::default(),
             max_rate: None,
@@ -1585,11 +1583,7 @@ async fn drive(
     let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
     let writer = ControlWriter::open(send, true).await?;
     let reader = ControlReader::open(recv, false).await?;
-    let streams = opts
-        .streams
-        .unwrap_or_else(|| data_streams_for(conn.rtt(), opts.max_rate));
-    tracing::info!(streams, rtt_ms = conn.rtt().as_secs_f64() * 1e3, "data streams");
-    let (fail_tx, mut fail_rx) = mpsc::channel::<MigrateError>(streams + 2);
+    let (fail_tx, mut fail_rx) = mpsc::channel::<MigrateError>(opts.streams + 2);
 
     let mut tasks = tokio::task::JoinSet::new();
     {
@@ -1601,7 +1595,7 @@ async fn drive(
             }
         }));
     }
-    let (streams, workers) = (streams.max(1), opts.workers.max(1));
+    let (streams, workers) = (opts.streams.max(1), opts.workers.max(1));
     // Room for two sealed chunks per worker: a sender rarely waits while a
     // sealer is between chunks, and memory stays a few chunks deep.
     let (sealed_tx, sealed_rx) = mpsc::channel::<SealedChunk>(2 * workers);
@@ -1703,19 +1697,6 @@ async fn drive(
 }
 
 /// `task` in the current span (the migration's): its lines carry the migration id.
-/// Data streams for a path whose rate nobody gave: [`TransportTuning::for_path`] at the
-/// round-trip time the handshake measured and the default rate (or the cap, if lower),
-/// as `link-test` sizes its probe. A LAN gets 4 streams instead of the 16 a 150 ms path
-/// needs: each stream costs the endpoint a chunk's payload and plaintext buffers, and the
-/// edge a chunk held while quinn sends it, so 16 on a LAN only held memory (docs/benchmarks.md,
-/// memory). Three windows per bandwidth-delay product leave room for the RTT to grow under load.
-pub fn data_streams_for(rtt: Duration, max_rate: Option<Rate>) -> usize {
-    let rate_bps = max_rate.map_or(PathEstimate::DEFAULT.rate_bps, |r| {
-        r.bps().min(PathEstimate::DEFAULT.rate_bps)
-    });
-    TransportTuning::for_path(PathEstimate { rate_bps, rtt }).data_streams
-}
-
 fn in_span<F: std::future::Future>(task: F) -> tracing::instrument::Instrumented<F> {
     task.in_current_span()
 }
@@ -2088,24 +2069,4 @@ async fn sender(
         s.finish();
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn data_streams_follow_the_measured_round_trip_and_the_cap() {
-        // A LAN: the fewest (each stream holds buffers at both ends).
-        assert_eq!(data_streams_for(Duration::from_micros(200), None), 4);
-        // 150 ms at 1 Gbit/s: the most, as a link test's probe opens.
-        assert_eq!(data_streams_for(Duration::from_millis(150), None), 16);
-        // The same path capped at 100 Mbit/s: 1.875 MB in flight, 3 x that over 1.25 MB
-        // windows, plus one.
-        let cap = "100mbit".parse::<Rate>().unwrap();
-        assert_eq!(data_streams_for(Duration::from_millis(150), Some(cap)), 6);
-        // A cap above the default rate sizes as the default.
-        let fast = "10gbit".parse::<Rate>().unwrap();
-        assert_eq!(data_streams_for(Duration::from_millis(150), Some(fast)), 16);
-    }
 }
