@@ -7,6 +7,7 @@
 //! (and its build time) is pulled in. Calls block: from an async test, run them in
 //! `tokio::task::block_in_place` so that the endpoint under test goes on answering.
 
+use std::collections::HashMap;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -30,6 +31,11 @@ pub struct Chromium {
     /// The flat-mode session of the page: commands carrying it go to the page.
     session: String,
     next_id: u64,
+    /// The page's requests by DevTools request id: their URLs, to name failed ones.
+    requests: HashMap<String, String>,
+    /// Requests of the page that failed below HTTP ("GET https://… : net::ERR_…"), in
+    /// order: a page that shows "Failed to fetch" hides which error it was.
+    failed: Vec<String>,
     _profile: tempfile::TempDir,
 }
 
@@ -87,6 +93,7 @@ impl Chromium {
         let attached = browser.call_browser("Target.attachToTarget", json!({"targetId": target_id, "flatten": true}));
         browser.session = attached["sessionId"].as_str().expect("a session id").to_owned();
         browser.call("Page.enable", json!({}));
+        browser.call("Network.enable", json!({}));
         browser
     }
 
@@ -120,6 +127,8 @@ impl Chromium {
             ws,
             session: String::new(),
             next_id: 0,
+            requests: HashMap::new(),
+            failed: Vec::new(),
             _profile: profile,
         }
     }
@@ -143,8 +152,10 @@ impl Chromium {
             let frame = self.ws.read().unwrap_or_else(|e| panic!("DevTools {method}: {e}"));
             let Message::Text(text) = frame else { continue };
             let answer: Value = serde_json::from_str(text.as_str()).expect("DevTools speaks JSON");
-            // Events (no id) and answers to nothing we wait for pass by.
+            // Events (no id) and answers to nothing we wait for pass by, but for the
+            // network's: they name the requests that fail.
             if answer["id"].as_u64() != Some(id) {
+                self.note_network_event(&answer);
                 continue;
             }
             if let Some(error) = answer.get("error") {
@@ -152,6 +163,43 @@ impl Chromium {
             }
             return answer["result"].clone();
         }
+    }
+
+    fn note_network_event(&mut self, event: &Value) {
+        let params = &event["params"];
+        let id = params["requestId"].as_str().unwrap_or_default().to_owned();
+        match event["method"].as_str() {
+            Some("Network.requestWillBeSent") => {
+                let request = &params["request"];
+                let line = format!(
+                    "{} {}",
+                    request["method"].as_str().unwrap_or("?"),
+                    request["url"].as_str().unwrap_or("?")
+                );
+                self.requests.insert(id, line);
+            }
+            Some("Network.loadingFailed") => {
+                let request = self.requests.remove(&id).unwrap_or_else(|| format!("request {id}"));
+                let error = params["errorText"].as_str().unwrap_or("?");
+                let canceled = if params["canceled"].as_bool() == Some(true) {
+                    " (canceled)"
+                } else {
+                    ""
+                };
+                self.failed.push(format!("{request}: {error}{canceled}"));
+            }
+            Some("Network.loadingFinished") => {
+                self.requests.remove(&id);
+            }
+            _ => {}
+        }
+    }
+
+    /// The page's requests that failed below HTTP so far (a refused connection, a
+    /// reset, a TLS error, a request the browser dropped on a network change), each as
+    /// "METHOD URL: net::ERR_…".
+    pub fn failed_requests(&self) -> &[String] {
+        &self.failed
     }
 
     fn call_browser(&mut self, method: &str, params: Value) -> Value {
@@ -203,8 +251,9 @@ impl Chromium {
             if Instant::now() > deadline {
                 let text = self.eval("document.body ? document.body.innerText : ''");
                 panic!(
-                    "waited {timeout:?} for {what} ({expression}); the page shows:\n{}",
-                    text.as_str().unwrap_or_default()
+                    "waited {timeout:?} for {what} ({expression}); the page shows:\n{}\nrequests that failed: {:#?}",
+                    text.as_str().unwrap_or_default(),
+                    self.failed
                 );
             }
             std::thread::sleep(Duration::from_millis(100));

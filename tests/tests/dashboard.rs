@@ -270,6 +270,11 @@ async fn the_dashboard_shows_a_lift_moving_its_receipt_and_hides_abort_from_read
         );
         browser.screenshot(&shots.join("3-receipt.png"));
     });
+    // Said even when the page coped (it sends a dropped read or login once more): a
+    // failure here is a lead when a later run does not cope.
+    if !browser.failed_requests().is_empty() {
+        println!("requests the browser dropped: {:#?}", browser.failed_requests());
+    }
     drop(browser);
     println!("screenshots in {}", shots.display());
     cloud.stop().await;
@@ -347,6 +352,11 @@ async fn the_dashboard_offers_rollback_and_confirm_of_a_switchover_to_its_operat
         assert_eq!(browser.eval(&buttons), 0, "nothing awaits confirmation any more");
         browser.screenshot(&shots.join("5-operator-rolled-back.png"));
     });
+    // Said even when the page coped (it sends a dropped read or login once more): a
+    // failure here is a lead when a later run does not cope.
+    if !browser.failed_requests().is_empty() {
+        println!("requests the browser dropped: {:#?}", browser.failed_requests());
+    }
     drop(browser);
     assert!(cloud.domain.inventory.list_vms().unwrap().is_empty(), "unregistered");
     let m = cloud_endpoint::api::gateway::get_migration(&cloud.domain, &id).unwrap();

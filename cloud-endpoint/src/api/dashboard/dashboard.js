@@ -83,16 +83,31 @@
 
   class Unauthenticated extends Error {}
 
+  // A request the browser dropped before any answer came (fetch rejects with a
+  // TypeError: a reset connection, or Chromium's net::ERR_NETWORK_CHANGED when a network
+  // interface of the machine comes or goes) is sent once more if repeating it is safe:
+  // reads, DELETE, and the login (at worst a second session, which times out unused).
+  // An action (abort, switchover) is never sent twice.
+  async function send(path, init, repeatable) {
+    try {
+      return await fetch(path, init);
+    } catch (e) {
+      if (!repeatable || !(e instanceof TypeError)) throw e;
+      await new Promise((resolve) => setTimeout(resolve, 250));
+      return fetch(path, init);
+    }
+  }
+
   async function api(method, path, body) {
     const headers = { 'vmware-api-session-id': state.token };
     if (body !== undefined) headers['content-type'] = 'application/json';
-    const r = await fetch(path, {
+    const r = await send(path, {
       method,
       headers,
       body: body === undefined ? undefined : JSON.stringify(body),
       cache: 'no-store',
       credentials: 'omit',
-    });
+    }, method === 'GET' || method === 'DELETE');
     if (r.status === 401) throw new Unauthenticated('the session ended; log in again');
     const text = await r.text();
     if (!r.ok) {
@@ -115,12 +130,12 @@
   }
 
   async function login(user, password) {
-    const r = await fetch('/api/session', {
+    const r = await send('/api/session', {
       method: 'POST',
       headers: { authorization: 'Basic ' + base64Utf8(user + ':' + password) },
       cache: 'no-store',
       credentials: 'omit',
-    });
+    }, true);
     if (!r.ok) {
       throw new Error(r.status === 401 ? 'wrong user or password (or too many tries: wait a moment)'
         : r.status === 503 ? 'the endpoint is busy: try again in a moment'
