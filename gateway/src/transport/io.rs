@@ -99,7 +99,7 @@ impl ControlReader {
             return Ok(None);
         }
         let len = control::frame_len(prefix)?;
-        self.body.resize(len, 0);
+        crate::chunk::size_buffer(&mut self.body, len);
         if len > 0 && !read_exact_or_end(&mut self.stream, &mut self.body).await? {
             return Err(TransportError::StreamClosed);
         }
@@ -163,7 +163,7 @@ impl DataReader {
     /// Reads the payload announced by `header` into `buf`. The header was
     /// decoded (so its length is within limits) and admitted by the session.
     pub async fn read_payload(&mut self, header: &ChunkHeader, buf: &mut Vec<u8>) -> Result<(), TransportError> {
-        buf.resize(header.payload_len as usize, 0);
+        crate::chunk::size_buffer(buf, header.payload_len as usize);
         if header.payload_len > 0 && !read_exact_or_end(&mut self.stream, buf).await? {
             return Err(TransportError::StreamClosed);
         }
@@ -184,7 +184,7 @@ impl DataReader {
         F: FnMut(u64) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        buf.resize(header.payload_len as usize, 0);
+        crate::chunk::size_buffer(buf, header.payload_len as usize);
         for piece in buf.chunks_mut(PACED_PIECE) {
             pace(piece.len() as u64).await;
             if !read_exact_or_end(&mut self.stream, piece).await? {
