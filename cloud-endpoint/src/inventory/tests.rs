@@ -978,30 +978,12 @@ fn a_rolled_back_switchover_is_a_replica_again_and_its_receipt_is_superseded() {
         assert_ne!(second.vm_id, first.vm_id);
         assert_eq!(inv.receipt(&mid).unwrap(), Some(second.receipt));
         inv.record_switchover(&mid, true, None, FROM_SWITCHOVER_START).unwrap();
-        assert_eq!(
-            inv.migration(&mid)
-                .unwrap()
-                .unwrap()
-                .replica
-                .unwrap()
-                .switchover_ended_by,
-            None,
-            "a new switchover was ended by no one yet"
-        );
+        assert_eq!(ended_by(&inv), None, "a new switchover was ended by no one yet");
         assert_eq!(
             inv.confirm_switchover(&mid, "tester through the API").unwrap(),
             second.vm_id
         );
-        assert_eq!(
-            inv.migration(&mid)
-                .unwrap()
-                .unwrap()
-                .replica
-                .unwrap()
-                .switchover_ended_by
-                .as_deref(),
-            Some("tester through the API")
-        );
+        assert_eq!(ended_by(&inv).as_deref(), Some("tester through the API"));
         assert!(
             inv.begin_rollback(&mid, "tester with edge-agent").is_err(),
             "confirmed: final"
