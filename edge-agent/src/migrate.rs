@@ -39,6 +39,7 @@ use tracing::Instrument as _;
 use crate::checkpoint::{self, Checkpoint, Header};
 use crate::compression::{Compression, LevelController, Pressure};
 use crate::failover::{self, Rotation, BUSY_POLL, BUSY_RESUME_PATIENCE};
+use crate::holes::Holes;
 use crate::prehash::{self, Prehash};
 use crate::report::{secs, Progress, ProgressSink, Summary};
 use crate::source::snapshot_tracking::{self, ChangedChunks};
@@ -276,6 +277,8 @@ struct Shared {
     spare: Mutex<Vec<Vec<u8>>>,
     levels: Mutex<LevelController>,
     run: Arc<RunState>,
+    /// Runs of holes the sealers found: their chunks are zeros without a blocking task.
+    holes: Holes,
 }
 
 /// What outlives one connection: the record of done chunks (checkpointed when a
@@ -503,6 +506,24 @@ enum Sealed {
     /// Read and hashed to ask the cloud whether it holds it (deduplication).
     Probed([u8; 32]),
     Data(ChunkHeader),
+}
+
+/// A chunk of `work` found zero (read, or a hole): hashed where the cloud holds it,
+/// unchanged where the replica holds zeros, declared zero otherwise.
+fn zero_found(shared: &Shared, disk: u16, offset: u64, work: Work, chunk_len: usize) {
+    match work {
+        Work::Hash => {
+            let zero = gateway::chunk::chunk_hash(&vec![0; chunk_len]);
+            shared.session().chunk_hashed(disk, offset, zero);
+            let chunk_size = u64::from(shared.session().plan().chunk_size);
+            shared.run.record(disk, offset / chunk_size, zero);
+        }
+        // Zeros (a hole) where the replica holds zeros: unchanged.
+        Work::Compare(held) if shared.session().zero_hash(disk, offset) == Some(held) => {
+            shared.session().chunk_hashed(disk, offset, held);
+        }
+        _ => zero_done(shared, disk, offset),
+    }
 }
 
 /// A chunk found (or known) to be zero: declared, and recorded as done.
@@ -1444,6 +1465,7 @@ async fn attempt(
         spare: Mutex::new(Vec::new()),
         levels: Mutex::new(LevelController::new(opts.compression)),
         run: run.clone(),
+        holes: Holes::new(plan.vm.disks.len()),
     });
 
     let result = drive(&shared, &conn, disks, opts, plan, sink.clone(), started).await;
@@ -1897,7 +1919,7 @@ struct SealedChunk {
 /// Reads, zero-checks, hashes and compresses chunks on the blocking pool, and
 /// queues them for the senders.
 async fn sealer(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     disks: &Arc<Vec<Box<dyn DiskReader>>>,
     sealed: mpsc::Sender<SealedChunk>,
 ) -> Result<(), MigrateError> {
@@ -1937,20 +1959,27 @@ async fn sealer(
             }
             Work::Send | Work::Hash | Work::Compare(_) | Work::Probe => {}
         }
+        let chunk_len = (disks[usize::from(disk)].capacity() - offset).min(chunk_size) as usize;
+        if shared.holes.known(disk, offset, chunk_len as u64) {
+            zero_found(shared, disk, offset, work, chunk_len);
+            shared.wake_writer.notify_one();
+            continue;
+        }
         let mut b = bufs.take().expect("buffers returned after each chunk");
         if let Some(spare) = shared.spare.lock().expect("spare lock poisoned").pop() {
             b.payload = spare;
         }
         let level = shared.level.load(Ordering::Relaxed);
-        let chunk_len = (disks[usize::from(disk)].capacity() - offset).min(chunk_size) as usize;
         let disks = disks.clone();
         let keys = keys.clone();
         let run = shared.run.clone();
+        let found = shared.clone();
         let (mut b, sealed_chunk) = tokio::task::spawn_blocking(move || {
             let reader = &disks[usize::from(disk)];
-            let len = (reader.capacity() - offset).min(chunk_size) as usize;
-            // Holes of a sparse source are zeros without reading them.
-            if reader.is_hole(offset, len as u64) {
+            let len = chunk_len;
+            // Holes of a sparse source are zeros without reading them; the run this one
+            // starts is remembered for the chunks after it.
+            if found.holes.find(disk, reader.as_ref(), offset, len as u64, chunk_size) {
                 return Ok((b, Sealed::Zero));
             }
             b.plain.resize(len, 0);
@@ -1993,16 +2022,7 @@ async fn sealer(
         .await
         .expect("sealing does not panic")?;
         match (sealed_chunk, work) {
-            (Sealed::Zero, Work::Hash) => {
-                let zero = gateway::chunk::chunk_hash(&vec![0; chunk_len]);
-                shared.session().chunk_hashed(disk, offset, zero);
-                shared.run.record(disk, offset / chunk_size, zero);
-            }
-            // Zeros (a hole) where the replica holds zeros: unchanged.
-            (Sealed::Zero, Work::Compare(held)) if shared.session().zero_hash(disk, offset) == Some(held) => {
-                shared.session().chunk_hashed(disk, offset, held);
-            }
-            (Sealed::Zero, _) => zero_done(shared, disk, offset),
+            (Sealed::Zero, work) => zero_found(shared, disk, offset, work, chunk_len),
             (Sealed::Probed(hash), _) => shared.session().chunk_probed(disk, offset, hash),
             // Unchanged in a delta pass: its record is there from an earlier pass.
             (Sealed::Hashed(hash), Work::Compare(_)) => shared.session().chunk_hashed(disk, offset, hash),
