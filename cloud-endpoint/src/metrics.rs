@@ -36,6 +36,7 @@ pub struct EndpointMetrics {
     pub chunks_resent: IntCounter,
     pub chunks_rejected: IntCounter,
     pub resumes: IntCounter,
+    pub read_back_chunks: IntCounterVec,
     refusals: IntCounterVec,
     migration_bytes: IntGaugeVec,
     migration_total_bytes: IntGaugeVec,
@@ -124,6 +125,11 @@ impl EndpointMetrics {
                 "Chunks that failed verification; the edge resends each.",
             ),
             resumes: counter("resumes_total", "Migrations resumed on a new connection."),
+            read_back_chunks: counter_vec(
+                "read_back_chunks_total",
+                "Staged chunks read back and checked against their hash: at_end of a pass or before a commit, or during_pass (a replica read while the switchover's last pass streams, so that the switchover reads only what the pass wrote).",
+                &["when"],
+            ),
             refusals: counter_vec(
                 "refusals_total",
                 "Refusals sent to edges, by refusal code.",

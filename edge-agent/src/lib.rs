@@ -16,6 +16,7 @@
 pub mod checkpoint;
 pub mod compression;
 pub mod failover;
+pub mod holes;
 pub mod linktest;
 pub mod live;
 pub mod metrics;

@@ -26,25 +26,28 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use gateway::chunk::{is_zero, Sealer};
 use gateway::plan::{DiskFormat, DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
-use gateway::protocol::{DoneChunk, ProtocolError, SenderConfig, SenderEvent, SenderSession, Work};
+use gateway::protocol::{DoneChunk, ProtocolError, SenderConfig, SenderEvent, SenderSession};
 use gateway::transport::{
     self, ControlReader, ControlWriter, DataWriter, Rate, RateLimit, TransportError, TransportTuning,
 };
-use gateway::wire::{ChunkHeader, CloudMessage, DowntimeFrom, EdgeMessage, RefusalCode};
+use gateway::wire::{CloudMessage, DowntimeFrom, EdgeMessage, RefusalCode};
 use tokio::sync::{mpsc, Notify};
 use tracing::Instrument as _;
 
 use crate::checkpoint::{self, Checkpoint, Header};
 use crate::compression::{Compression, LevelController, Pressure};
 use crate::failover::{self, Rotation, BUSY_POLL, BUSY_RESUME_PATIENCE};
+use crate::holes::Holes;
 use crate::prehash::{self, Prehash};
 use crate::report::{secs, Progress, ProgressSink, Summary};
 use crate::source::snapshot_tracking::{self, ChangedChunks};
 use crate::source::{open_source_disk, running_lock, ChainLink, DiskReader, SourceVm};
 use crate::target::Target;
 use crate::MigrateError;
+
+mod sealer;
+use sealer::{sealer, SealedChunk};
 
 /// How to migrate, beyond what and where.
 #[derive(Debug, Clone)]
@@ -276,6 +279,8 @@ struct Shared {
     spare: Mutex<Vec<Vec<u8>>>,
     levels: Mutex<LevelController>,
     run: Arc<RunState>,
+    /// Runs of holes the sealers found: their chunks are zeros without a blocking task.
+    holes: Holes,
 }
 
 /// What outlives one connection: the record of done chunks (checkpointed when a
@@ -485,34 +490,6 @@ impl Shared {
             }
             notified.await;
         }
-    }
-}
-
-/// Buffers a worker moves into the blocking pool and back, so nothing is
-/// reallocated per chunk.
-struct WorkerBufs {
-    sealer: Sealer,
-    plain: Vec<u8>,
-    payload: Vec<u8>,
-}
-
-enum Sealed {
-    Zero,
-    /// Read and hashed only: the cloud holds it already.
-    Hashed([u8; 32]),
-    /// Read and hashed to ask the cloud whether it holds it (deduplication).
-    Probed([u8; 32]),
-    Data(ChunkHeader),
-}
-
-/// A chunk found (or known) to be zero: declared, and recorded as done.
-fn zero_done(shared: &Shared, disk: u16, offset: u64) {
-    let mut s = shared.session();
-    s.chunk_zero(disk, offset);
-    if let Some(hash) = s.chunk_hash(disk, offset) {
-        let index = offset / u64::from(s.plan().chunk_size);
-        drop(s);
-        shared.run.record(disk, index, hash);
     }
 }
 
@@ -1444,6 +1421,7 @@ async fn attempt(
         spare: Mutex::new(Vec::new()),
         levels: Mutex::new(LevelController::new(opts.compression)),
         run: run.clone(),
+        holes: Holes::new(plan.vm.disks.len()),
     });
 
     let result = drive(&shared, &conn, disks, opts, plan, sink.clone(), started).await;
@@ -1886,150 +1864,6 @@ async fn control_reader(
         drop(s);
         shared.wake_writer.notify_one();
     }
-}
-
-/// A chunk ready for the wire.
-struct SealedChunk {
-    header: ChunkHeader,
-    payload: Vec<u8>,
-}
-
-/// Reads, zero-checks, hashes and compresses chunks on the blocking pool, and
-/// queues them for the senders.
-async fn sealer(
-    shared: &Shared,
-    disks: &Arc<Vec<Box<dyn DiskReader>>>,
-    sealed: mpsc::Sender<SealedChunk>,
-) -> Result<(), MigrateError> {
-    let level = shared.level.load(Ordering::Relaxed);
-    let mut bufs = Some(WorkerBufs {
-        sealer: Sealer::new(level).map_err(|e| MigrateError::Target(format!("zstd level {level}: {e}")))?,
-        plain: Vec::new(),
-        payload: Vec::new(),
-    });
-    let chunk_size = u64::from(shared.session().plan().chunk_size);
-    // Disk keys (scsi0:0), for read errors.
-    let keys: Arc<[String]> = shared.session().plan().vm.disks.iter().map(|d| d.key.clone()).collect();
-    while let Some((disk, offset)) = shared.next_job().await {
-        // After a resume most chunks are done; some are known zero or only
-        // need their hash.
-        let work = shared.session().work_for(disk, offset);
-        match work {
-            Work::Skip => continue,
-            Work::Zero => {
-                zero_done(shared, disk, offset);
-                // The last chunk of a resumed migration may be one of these: its
-                // seal and commit must go out now, not with the next acknowledgement
-                // (after a resume of a fully held migration, none comes).
-                shared.wake_writer.notify_one();
-                continue;
-            }
-            // The source's tracking (QEMU's dirty bitmap, or the snapshot chain) knows it
-            // unchanged since the replica got it: the replica's copy stays, unread.
-            // Or it was read and found unchanged while the connection was set up.
-            Work::Compare(held)
-                if shared.run.unchanged(disk, offset, chunk_size)
-                    || shared.run.prehash.take(disk, offset / chunk_size) == Some(held) =>
-            {
-                shared.session().chunk_hashed(disk, offset, held);
-                shared.wake_writer.notify_one();
-                continue;
-            }
-            Work::Send | Work::Hash | Work::Compare(_) | Work::Probe => {}
-        }
-        let mut b = bufs.take().expect("buffers returned after each chunk");
-        if let Some(spare) = shared.spare.lock().expect("spare lock poisoned").pop() {
-            b.payload = spare;
-        }
-        let level = shared.level.load(Ordering::Relaxed);
-        let chunk_len = (disks[usize::from(disk)].capacity() - offset).min(chunk_size) as usize;
-        let disks = disks.clone();
-        let keys = keys.clone();
-        let run = shared.run.clone();
-        let (mut b, sealed_chunk) = tokio::task::spawn_blocking(move || {
-            let reader = &disks[usize::from(disk)];
-            let len = (reader.capacity() - offset).min(chunk_size) as usize;
-            // Holes of a sparse source are zeros without reading them.
-            if reader.is_hole(offset, len as u64) {
-                return Ok((b, Sealed::Zero));
-            }
-            b.plain.resize(len, 0);
-            if let Err(e) = reader.read_at(offset, &mut b.plain) {
-                return Err(MigrateError::Read {
-                    what: format!("disk {} at offset {offset}", keys[usize::from(disk)]),
-                    source: e,
-                });
-            }
-            run.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
-            let sealed = if work == Work::Probe {
-                // Deduplication: the hash goes into a query; the data waits for the answer.
-                if is_zero(&b.plain) {
-                    Sealed::Zero
-                } else {
-                    Sealed::Probed(gateway::chunk::chunk_hash(&b.plain))
-                }
-            } else if work == Work::Hash {
-                Sealed::Hashed(gateway::chunk::chunk_hash(&b.plain))
-            } else if let Work::Compare(held) = work {
-                // A delta pass: what the replica holds already stays.
-                let hash = gateway::chunk::chunk_hash(&b.plain);
-                if hash == held {
-                    Sealed::Hashed(hash)
-                } else if is_zero(&b.plain) {
-                    Sealed::Zero
-                } else {
-                    let _ = b.sealer.set_level(level);
-                    Sealed::Data(b.sealer.seal(disk, offset, &b.plain, &mut b.payload))
-                }
-            } else if is_zero(&b.plain) {
-                Sealed::Zero
-            } else {
-                // A level zstd refuses keeps the previous one: still correct.
-                let _ = b.sealer.set_level(level);
-                Sealed::Data(b.sealer.seal(disk, offset, &b.plain, &mut b.payload))
-            };
-            Ok((b, sealed))
-        })
-        .await
-        .expect("sealing does not panic")?;
-        match (sealed_chunk, work) {
-            (Sealed::Zero, Work::Hash) => {
-                let zero = gateway::chunk::chunk_hash(&vec![0; chunk_len]);
-                shared.session().chunk_hashed(disk, offset, zero);
-                shared.run.record(disk, offset / chunk_size, zero);
-            }
-            // Zeros (a hole) where the replica holds zeros: unchanged.
-            (Sealed::Zero, Work::Compare(held)) if shared.session().zero_hash(disk, offset) == Some(held) => {
-                shared.session().chunk_hashed(disk, offset, held);
-            }
-            (Sealed::Zero, _) => zero_done(shared, disk, offset),
-            (Sealed::Probed(hash), _) => shared.session().chunk_probed(disk, offset, hash),
-            // Unchanged in a delta pass: its record is there from an earlier pass.
-            (Sealed::Hashed(hash), Work::Compare(_)) => shared.session().chunk_hashed(disk, offset, hash),
-            (Sealed::Hashed(hash), _) => {
-                shared.session().chunk_hashed(disk, offset, hash);
-                shared.run.record(disk, offset / chunk_size, hash);
-            }
-            (Sealed::Data(header), _) => {
-                shared.session().chunk_sent(disk, offset, header.hash);
-                let chunk = SealedChunk {
-                    header,
-                    payload: std::mem::take(&mut b.payload),
-                };
-                let waiting = Instant::now();
-                if sealed.send(chunk).await.is_err() {
-                    // The senders are gone: the migration is ending.
-                    return Ok(());
-                }
-                shared
-                    .sealers_blocked_ns
-                    .fetch_add(waiting.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            }
-        }
-        shared.wake_writer.notify_one();
-        bufs = Some(b);
-    }
-    Ok(())
 }
 
 /// Takes sealed chunks off the queue and writes them to one data stream,

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use crate::holes::Holes;
 use crate::source::DiskReader;
 
 /// Hashes of source chunks taken before the cloud resumed the pass.
@@ -34,7 +35,8 @@ pub struct Prehash {
 impl Prehash {
     /// One worker's loop: takes the next chunk of `chunks` (in disk order) until none is
     /// left or [`Self::stop`] was called. Holes are left to the sealers, which skip them
-    /// without reading. `read_bytes` counts what is read.
+    /// without reading; a run of them is found with one question (see [`Holes`]).
+    /// `read_bytes` counts what is read.
     pub fn hash_ahead(
         &self,
         disks: &[Box<dyn DiskReader>],
@@ -44,6 +46,7 @@ impl Prehash {
         read_bytes: &AtomicU64,
     ) {
         let mut buf = Vec::new();
+        let holes = Holes::new(disks.len());
         while !self.stopped.load(Ordering::Relaxed) {
             let Some(&(disk, index)) = chunks.get(next.fetch_add(1, Ordering::Relaxed)) else {
                 return;
@@ -53,7 +56,8 @@ impl Prehash {
             };
             let offset = index * chunk_size;
             let len = reader.capacity().saturating_sub(offset).min(chunk_size);
-            if len == 0 || reader.is_hole(offset, len) {
+            if len == 0 || holes.known(disk, offset, len) || holes.find(disk, reader.as_ref(), offset, len, chunk_size)
+            {
                 continue;
             }
             buf.resize(len as usize, 0);

@@ -122,6 +122,12 @@ pub fn receiver(data: &[u8]) {
                         .unwrap_or_default();
                     session.staged_verified(damaged)
                 }
+                // The early read-back finds every chunk but the first intact, the tag
+                // deciding; reported at once (before the commit, or after it).
+                ReceiverEvent::VerifyEarly { chunks } => {
+                    let skip = usize::from(tag & 0x20 != 0);
+                    session.verified_early(chunks.iter().skip(skip).map(|c| (c.0, c.1)).collect())
+                }
                 ReceiverEvent::Discard { .. } => {}
                 ReceiverEvent::CheckPlan(_) => {
                     session.plan_checked(Err((crate::wire::RefusalCode::PlanRejected, vec![])))

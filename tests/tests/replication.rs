@@ -2,7 +2,8 @@
 //! (nothing registered), delta passes that send only the chunks the source changed,
 //! a switchover refused while the source runs, then a last pass, the read-back, the
 //! registration and the receipt. A replica damaged in the cloud between passes is
-//! repaired by the switchover's read-back. Real binaries over QUIC on loopback.
+//! found by the read-back the switchover runs while its last pass streams, and repaired
+//! before the VM is registered. Real binaries over QUIC on loopback.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -178,9 +179,16 @@ async fn a_replica_damaged_in_the_cloud_is_repaired_by_the_switchover() {
     f.write_all_at(b"bit rot", 2 * MIB as u64 + 77).unwrap();
     f.write_all_at(b"not zero", 5 * MIB as u64 + 300).unwrap();
     drop(f);
+    let read_back = |when: &str| cloud.domain.metrics.read_back_chunks.with_label_values(&[when]).get();
+    let chunks = 8 * MIB as u64 / CHUNK;
+    let at_end = read_back("at_end");
     let done = summary(run(edge(&["switchover"])).await);
     assert!(done["repaired_chunks"].as_u64().unwrap() >= 1, "{done}");
     assert!(images_identical(&disk, &cloud.root.join("app01/app01-flat.vmdk")));
+    // The whole replica was read while the pass streamed; at the switchover (and at the
+    // commit after the repair) only the two chunks found different then.
+    assert_eq!(read_back("during_pass"), chunks);
+    assert_eq!(read_back("at_end") - at_end, 4, "{done}");
     cloud.stop().await;
 }
 

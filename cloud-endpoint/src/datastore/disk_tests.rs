@@ -505,6 +505,24 @@ fn the_read_back_skips_unallocated_zero_chunks_and_still_catches_changes() {
         disk.write_at(&vec![0xab; chunk as usize], zero_index * chunk).unwrap();
         let (data_offset, data) = &sent[1];
         disk.write_at(&[!data[100]], data_offset + 100).unwrap();
+        // Read ahead of a switchover, while a pass writes: both found, nothing written.
+        let (intact, early) = read_back_early(&disks, &[capacity], chunk as u32, &expected, 2, &|| false).unwrap();
+        assert_eq!(intact.len() as u64, count - 2, "{format:?}");
+        assert!(!intact.contains(&(0, zero_index)) && !intact.contains(&(0, data_offset / chunk)));
+        assert!(early.rewritten_zero.is_empty(), "{format:?}");
+        let mut left = vec![0u8; chunk as usize];
+        disk.read_at(&mut left, zero_index * chunk).unwrap();
+        assert_eq!(
+            left,
+            vec![0xab; chunk as usize],
+            "{format:?}: the early read writes nothing"
+        );
+        let stopped = read_back_early(&disks, &[capacity], chunk as u32, &expected, 2, &|| true);
+        assert_eq!(
+            stopped.map(|_| ()).unwrap_err().kind(),
+            std::io::ErrorKind::Interrupted,
+            "a stopped read vouches for nothing"
+        );
         let found = read_back(&disks, &[capacity], chunk as u32, &expected, 2).unwrap();
         assert_eq!(found.rewritten_zero, vec![(0, zero_index)], "{format:?}");
         assert_eq!(found.damaged, vec![(0, data_offset / chunk)], "{format:?}");

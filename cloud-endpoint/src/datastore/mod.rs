@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 pub use disk::DiskFile;
 pub use gateway::plan::DiskFormat;
 pub use journal::{Journal, Replay, JOURNAL_FILE};
-pub use readback::{read_back, ReadBack};
+pub use readback::{read_back, read_back_early, ReadBack};
 use vmx::vmx_text;
 pub(crate) use vmx::{parse_disk_key, VIRTUAL_HW_VERSION};
 pub use vmx::{VmxDisk, VmxNic, VmxSpec};

@@ -9,6 +9,10 @@
 //! A chunk expected to be all zeros that is not is rewritten with zeros here (its content
 //! is known without the edge); any other chunk that differs is reported, and the receiver
 //! asks the edge to send it again.
+//!
+//! [`read_back_early`] is the same read without any write, for the replica of a pass that
+//! ends with the switchover, while the pass streams (and writes the same files): what it
+//! finds intact is not read again at the switchover; anything else is, by [`read_back`].
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +47,44 @@ pub fn read_back(
     chunks: &[(u16, u64, [u8; 32])],
     threads: usize,
 ) -> io::Result<ReadBack> {
+    scan(disks, capacities, chunk_size, chunks, threads, true, &|| false)
+}
+
+/// [`read_back`] without writing anything, while a pass writes the same files: returns the
+/// chunks (disk, chunk index) whose bytes match their hash. An expected-zero chunk that
+/// is not zero is not rewritten, only left out (the read-back at the switchover rewrites
+/// it). A chunk the pass writes meanwhile may be found either way; the receiver reads it
+/// again at the switchover whatever is found here. `stop` is asked before each chunk: once
+/// it says yes (the connection is gone), the read ends with [`io::ErrorKind::Interrupted`].
+pub fn read_back_early(
+    disks: &[Arc<DiskFile>],
+    capacities: &[u64],
+    chunk_size: u32,
+    chunks: &[(u16, u64, [u8; 32])],
+    threads: usize,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> io::Result<(Vec<(u16, u64)>, ReadBack)> {
+    let found = scan(disks, capacities, chunk_size, chunks, threads, false, stop)?;
+    let different: std::collections::HashSet<(u16, u64)> = found.damaged.iter().copied().collect();
+    let intact = chunks
+        .iter()
+        .map(|&(disk, index, _)| (disk, index))
+        .filter(|c| !different.contains(c))
+        .collect();
+    Ok((intact, found))
+}
+
+/// The read of both: `rewrite_zero` rewrites expected-zero chunks that are not zero (else
+/// they are reported with the damaged ones).
+fn scan(
+    disks: &[Arc<DiskFile>],
+    capacities: &[u64],
+    chunk_size: u32,
+    chunks: &[(u16, u64, [u8; 32])],
+    threads: usize,
+    rewrite_zero: bool,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> io::Result<ReadBack> {
     let cs = u64::from(chunk_size);
     let zero_full = chunk_hash(&vec![0u8; chunk_size as usize]);
     let next = AtomicU64::new(0);
@@ -54,6 +96,13 @@ pub fn read_back(
         let mut buf = vec![0u8; chunk_size as usize];
         loop {
             if first_error.lock().expect("error lock").is_some() {
+                return;
+            }
+            if stop() {
+                first_error
+                    .lock()
+                    .expect("error lock")
+                    .get_or_insert_with(|| io::Error::new(io::ErrorKind::Interrupted, "the read-back was stopped"));
                 return;
             }
             let i = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -85,7 +134,11 @@ pub fn read_back(
                 let data = &mut buf[..len];
                 file.read_at(data, offset)?;
                 bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                if zero_expected {
+                if zero_expected && !rewrite_zero {
+                    if !is_zero(data) {
+                        found.lock().expect("found lock").damaged.push((disk, index));
+                    }
+                } else if zero_expected {
                     if !is_zero(data) {
                         data.fill(0);
                         file.write_at(data, offset)?;

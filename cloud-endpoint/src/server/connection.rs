@@ -823,6 +823,17 @@ async fn handle_event(ctx: &Arc<Ctx>, event: ReceiverEvent) {
             }
             verify_staged(ctx, chunks).await
         }
+        // In a task of its own: the pass goes on (hash queries, the commit) while it reads.
+        ReceiverEvent::VerifyEarly { chunks } => {
+            let ctx = ctx.clone();
+            tokio::spawn(
+                async move {
+                    verify_early(&ctx, chunks).await;
+                    ctx.wake();
+                }
+                .in_current_span(),
+            );
+        }
         // `edge-agent rollback` or `confirm`: who asks is checked first; a refusal
         // changes nothing.
         ReceiverEvent::EndSwitchover { migration_id, confirm } => {
@@ -1169,6 +1180,11 @@ async fn verify_staged(ctx: &Arc<Ctx>, chunks: Vec<(u16, u64, [u8; 32])>) {
     match result {
         Ok(found) => {
             let secs = started.elapsed().as_secs_f64();
+            ctx.domain
+                .metrics
+                .read_back_chunks
+                .with_label_values(&["at_end"])
+                .inc_by(count as u64);
             tracing::info!(
                 chunks = count,
                 bytes = found.bytes_read,
@@ -1200,6 +1216,54 @@ async fn verify_staged(ctx: &Arc<Ctx>, chunks: Vec<(u16, u64, [u8; 32])>) {
                 "the endpoint cannot read the staged disks back from datastore {} before the commit: {e}; what arrived is kept: fix the datastore, then run the same migration again to resume",
                 ctx.datastore_name(None)
             )]);
+        }
+    }
+}
+
+/// The read-back of a replica while its last pass streams (see
+/// [`crate::datastore::read_back_early`]). It stops when the connection ends; a datastore
+/// that cannot be read now leaves every chunk to the read-back at the switchover, which
+/// reports the error if it persists.
+async fn verify_early(ctx: &Arc<Ctx>, chunks: Vec<(u16, u64, [u8; 32])>) {
+    let disks = ctx.disks.lock().expect("disks lock").clone();
+    let Some((capacities, chunk_size)) = ctx.session().plan().map(|p| {
+        let capacities: Vec<u64> = p.vm.disks.iter().map(|d| d.capacity).collect();
+        (capacities, p.chunk_size)
+    }) else {
+        return;
+    };
+    let count = chunks.len();
+    let started = Instant::now();
+    let guard = ctx.blocking.clone().read_owned().await;
+    let conn = ctx.conn.clone();
+    let result = spawn_blocking_in_span(move || {
+        let _guard = guard;
+        let gone = || conn.close_reason().is_some();
+        crate::datastore::read_back_early(&disks, &capacities, chunk_size, &chunks, READ_BACK_THREADS, &gone)
+    })
+    .await
+    .expect("the read-back does not panic");
+    match result {
+        Ok((intact, found)) => {
+            tracing::info!(
+                chunks = count,
+                intact = intact.len(),
+                bytes = found.bytes_read,
+                unallocated = found.unallocated,
+                secs = started.elapsed().as_secs_f64(),
+                "replica read back while the switchover's pass streams"
+            );
+            ctx.domain
+                .metrics
+                .read_back_chunks
+                .with_label_values(&["during_pass"])
+                .inc_by(count as u64);
+            ctx.session().verified_early(intact);
+        }
+        Err(_) if ctx.conn.close_reason().is_some() => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the replica back while the pass streams; the switchover reads all of it");
+            ctx.session().verified_early(Vec::new());
         }
     }
 }

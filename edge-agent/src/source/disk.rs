@@ -218,6 +218,10 @@ impl DiskReader for RawDisk {
     fn is_hole(&self, offset: u64, len: u64) -> bool {
         super::file_range_is_hole(&self.file, offset, len)
     }
+
+    fn hole_run(&self, offset: u64, max: u64, _step: u64) -> u64 {
+        super::file_hole_run(&self.file, offset, max.min(self.capacity.saturating_sub(offset)))
+    }
 }
 
 /// Opens `path` read-only and measures it by seeking to its end, which unlike the metadata

@@ -488,6 +488,23 @@ pub trait DiskReader: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// The length of the run of holes (see [`Self::is_hole`]) that starts at `offset`, up to
+    /// `max` bytes: 0 when `offset` holds data or nothing is known. Found `step` bytes at a
+    /// time (a chunk) unless the reader knows better: a sparse file tells a whole run with
+    /// one `lseek(SEEK_DATA)`, where asking chunk by chunk cost a seek (and a blocking
+    /// task of the agent) per chunk of a mostly empty disk.
+    fn hole_run(&self, offset: u64, max: u64, step: u64) -> u64 {
+        let mut run = 0;
+        while run < max {
+            let len = step.max(1).min(max - run);
+            if !self.is_hole(offset + run, len) {
+                break;
+            }
+            run += len;
+        }
+        run
+    }
+
     /// The VMDK snapshot chain this disk reads through, newest first: each delta and, last,
     /// its base. Empty for a disk that is not a VMDK delta or sparse VMDK.
     fn snapshot_chain(&self) -> Vec<ChainLink> {
@@ -515,15 +532,22 @@ pub struct ChainLink {
 /// Whether `file` holds no data in `[offset, offset + len)`, asked of the file system
 /// with `SEEK_DATA`. Any error (a file system or device without hole support) says no.
 pub(crate) fn file_range_is_hole(file: &std::fs::File, offset: u64, len: u64) -> bool {
+    file_hole_run(file, offset, len) >= len
+}
+
+/// How many bytes from `offset` on (up to `max`) `file` holds no data, asked of the file
+/// system with one `SEEK_DATA`. Any error (a file system or device without hole support)
+/// says none.
+pub(crate) fn file_hole_run(file: &std::fs::File, offset: u64, max: u64) -> u64 {
     use nix::unistd::{lseek, Whence};
     let Ok(start) = i64::try_from(offset) else {
-        return false;
+        return 0;
     };
     match lseek(file, start, Whence::SeekData) {
-        Ok(data) => u64::try_from(data).is_ok_and(|d| d >= offset.saturating_add(len)),
+        Ok(data) => u64::try_from(data).map_or(0, |d| d.saturating_sub(offset).min(max)),
         // ENXIO: no data at or after `offset`.
-        Err(nix::errno::Errno::ENXIO) => true,
-        Err(_) => false,
+        Err(nix::errno::Errno::ENXIO) => max,
+        Err(_) => 0,
     }
 }
 

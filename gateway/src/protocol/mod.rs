@@ -25,6 +25,11 @@
 //!                               <-       Repair{chunks found damaged}: resend, re-seal, commit again
 //!                               <-       Committed{vm id, signed receipt} | Refused(...)
 //! ```
+//! A delta pass of a replication that ends with the switchover says so in its `Sync`:
+//! the cloud reads back the replica it holds while the pass streams
+//! ([`ReceiverEvent::VerifyEarly`]), and at the switchover only what the pass wrote and
+//! what was not found intact then.
+//!
 //! Chunk writes are idempotent (a chunk is its disk, offset and hash), so a
 //! duplicate is acknowledged again and never written twice.
 

@@ -91,6 +91,14 @@ pub enum ReceiverEvent {
     /// rewrite the expected-zero ones that are not zero, and report the others that
     /// differ with [`ReceiverSession::staged_verified`].
     VerifyStaged { chunks: Vec<(u16, u64, [u8; 32])> },
+    /// A delta pass that ends with the switchover was resumed: while it streams, read
+    /// each of `chunks` (disk, chunk index, expected plaintext hash: every chunk the
+    /// replica holds) back from the staged files, **without writing anything** (the pass
+    /// writes the same files meanwhile; an expected-zero chunk that is not zero is only
+    /// reported, the read-back at the switchover rewrites it), and report those whose
+    /// bytes match with [`ReceiverSession::verified_early`]. The read-back at the
+    /// switchover then leaves them out, unless the pass wrote them since this event.
+    VerifyEarly { chunks: Vec<(u16, u64, [u8; 32])> },
     /// The migration ended without a VM: discard what was staged.
     Discard { reason: String },
     /// A replication's pass is complete and read back (`SyncDone`): keep the staged
@@ -201,6 +209,27 @@ impl Unsynced {
     }
 }
 
+/// Where a replica's chunk stands in the read-back ahead of a switchover (see
+/// [`ReceiverEvent::VerifyEarly`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Early {
+    /// Not read early, found different, or touched by the pass since: read back at the
+    /// switchover.
+    Unread,
+    /// Asked of the driver, and not touched by the pass since.
+    Reading,
+    /// Read back early and found intact, and not touched by the pass since.
+    Intact,
+}
+
+/// The read-back ahead of a switchover, for the whole session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EarlyRead {
+    NotAsked,
+    Running,
+    Done,
+}
+
 /// What the driver reports once the VM is registered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registered {
@@ -229,6 +258,18 @@ struct Disk {
     from_journal: Vec<bool>,
     /// Chunks the cloud held that this delta pass replaced: at most once each.
     replaced: HashSet<u64>,
+    /// Per chunk, the read-back ahead of a switchover. Empty unless one was asked.
+    early: Vec<Early>,
+}
+
+impl Disk {
+    /// The pass is about to change chunk `index` (or changed it): what the read-back
+    /// ahead of the switchover found there no longer holds.
+    fn touched(&mut self, index: u64) {
+        if let Some(e) = self.early.get_mut(index as usize) {
+            *e = Early::Unread;
+        }
+    }
 }
 
 /// One migration as the cloud endpoint sees it.
@@ -287,6 +328,14 @@ pub struct ReceiverSession {
     /// The request the edge sent right behind its hello (protocol version 11), and when
     /// it arrived: taken up once the credential is accepted, dropped if it is not.
     early_request: Option<(EdgeMessage, Instant)>,
+    /// The edge said its delta pass ends with `Switchover` (in `Sync`).
+    switchover_pass: bool,
+    /// The read-back of the replica while the pass streams (see
+    /// [`ReceiverEvent::VerifyEarly`]).
+    early_read: EarlyRead,
+    /// The commit arrived while the early read-back ran: the read-back at the commit is
+    /// asked for once it is reported.
+    verify_after_early: bool,
 }
 
 impl ReceiverSession {
@@ -322,6 +371,9 @@ impl ReceiverSession {
             asked: HashMap::new(),
             dedup_bytes: 0,
             early_request: None,
+            switchover_pass: false,
+            early_read: EarlyRead::NotAsked,
+            verify_after_early: false,
         }
     }
 
@@ -367,6 +419,7 @@ impl ReceiverSession {
             };
             if ok {
                 d.hashes.set(index, hash);
+                d.touched(index);
                 if let Some(f) = d.from_journal.get_mut(index as usize) {
                     *f = false;
                 }
@@ -511,8 +564,22 @@ impl ReceiverSession {
                 self.plan = Some(plan);
             }
             EdgeMessage::Resume { migration_id, plan } => self.on_resume(migration_id, plan, false, false)?,
-            EdgeMessage::Sync { migration_id, plan } => self.on_resume(migration_id, plan, true, false)?,
-            EdgeMessage::SyncSwitchedOver { migration_id, plan } => self.on_resume(migration_id, plan, true, true)?,
+            EdgeMessage::Sync {
+                migration_id,
+                plan,
+                switchover,
+            } => {
+                self.on_resume(migration_id, plan, true, false)?;
+                self.switchover_pass = switchover;
+            }
+            EdgeMessage::SyncSwitchedOver {
+                migration_id,
+                plan,
+                switchover,
+            } => {
+                self.on_resume(migration_id, plan, true, true)?;
+                self.switchover_pass = switchover;
+            }
             EdgeMessage::AbortMigration { migration_id, reason } => {
                 if self.phase != Phase::AwaitPlan {
                     return Err(self.unexpected("AbortMigration"));
@@ -613,6 +680,7 @@ impl ReceiverSession {
                 }
                 for index in first..first + count {
                     let zero = d.hashes.zero_hash(index);
+                    d.touched(index);
                     if d.hashes.get(index).is_some() {
                         // Replaced in a delta pass: the replica's file still holds the
                         // old data there; the read-back before the pass ends finds it and
@@ -715,8 +783,18 @@ impl ReceiverSession {
                     return Ok(());
                 }
                 self.phase = Phase::Verifying;
-                let chunks = self.verification_chunks();
-                self.events.push_back(ReceiverEvent::VerifyStaged { chunks });
+                if self.early_read == EarlyRead::Running {
+                    // The early read-back is still going: it goes on, and the read-back
+                    // at the commit waits for it and reads only what it did not find
+                    // intact. Stopping it instead would leave its remaining chunks to the
+                    // read-back now, the same reads on the same disks, and a chunk read
+                    // both ways is read twice: waiting costs no more than that and never
+                    // reads a chunk twice.
+                    self.verify_after_early = true;
+                } else {
+                    let chunks = self.verification_chunks();
+                    self.events.push_back(ReceiverEvent::VerifyStaged { chunks });
+                }
             }
             EdgeMessage::Abort { reason } => {
                 if !self.is_finished() {
@@ -803,6 +881,7 @@ impl ReceiverSession {
                 repairing: HashMap::new(),
                 from_journal: Vec::new(),
                 replaced: HashSet::new(),
+                early: Vec::new(),
             })
             .collect();
         self.phase = Phase::Streaming;
@@ -857,6 +936,75 @@ impl ReceiverSession {
             datastore,
             done,
         });
+        if self.delta && self.switchover_pass {
+            self.verify_early();
+        }
+    }
+
+    /// A pass that ends with the switchover: the switchover reads the whole replica back
+    /// before the VM is registered, and most of it is what the replica held before this
+    /// pass, which the pass leaves alone. Reading that now, while the pass streams, takes
+    /// it off the downtime: at the switchover only what the pass wrote (and what was not
+    /// found intact now) is read.
+    fn verify_early(&mut self) {
+        let mut chunks = Vec::new();
+        for (disk, d) in self.disks.iter_mut().enumerate() {
+            let count = d.hashes.chunk_count();
+            d.early = vec![Early::Unread; count as usize];
+            for index in 0..count {
+                if let Some(hash) = d.hashes.get(index) {
+                    d.early[index as usize] = Early::Reading;
+                    chunks.push((disk as u16, index, hash));
+                }
+            }
+        }
+        if chunks.is_empty() {
+            return;
+        }
+        self.early_read = EarlyRead::Running;
+        self.events.push_back(ReceiverEvent::VerifyEarly { chunks });
+    }
+
+    /// The driver read the replica back for a [`ReceiverEvent::VerifyEarly`]: `intact`
+    /// (disk, chunk index) are the chunks whose bytes matched their hash; every other
+    /// chunk of the event is read back at the switchover, as is any the pass touched
+    /// since the event (whatever the driver found there). If the commit came meanwhile,
+    /// its read-back is asked for now.
+    pub fn verified_early(&mut self, intact: Vec<(u16, u64)>) {
+        if self.early_read != EarlyRead::Running {
+            return;
+        }
+        self.early_read = EarlyRead::Done;
+        for (disk, index) in intact {
+            if let Some(e) = self
+                .disks
+                .get_mut(usize::from(disk))
+                .and_then(|d| d.early.get_mut(index as usize))
+            {
+                if *e == Early::Reading {
+                    *e = Early::Intact;
+                }
+            }
+        }
+        for d in &mut self.disks {
+            for e in d.early.iter_mut().filter(|e| **e == Early::Reading) {
+                *e = Early::Unread;
+            }
+        }
+        if self.verify_after_early && self.phase == Phase::Verifying {
+            self.verify_after_early = false;
+            let chunks = self.verification_chunks();
+            self.events.push_back(ReceiverEvent::VerifyStaged { chunks });
+        }
+    }
+
+    /// Chunks the read-back ahead of the switchover found intact and the pass left alone
+    /// since: the read-back at the switchover does not read them again.
+    pub fn verified_early_chunks(&self) -> u64 {
+        self.disks
+            .iter()
+            .map(|d| d.early.iter().filter(|e| **e == Early::Intact).count() as u64)
+            .sum()
     }
 
     /// The driver found the migration to resume already committed: its VM is registered
@@ -1080,8 +1228,10 @@ impl ReceiverSession {
             && !d.replaced.contains(&index)
             && !d.repairing.contains_key(&index);
         if replacing {
-            // A delta pass: the source changed this chunk since the replica got it.
+            // A delta pass: the source changed this chunk since the replica got it. The
+            // driver writes it from now on, maybe while the early read-back reads it.
             d.replaced.insert(index);
+            d.touched(index);
             d.in_flight.insert(index, h.hash);
             return Ok(Admission::Write);
         }
@@ -1110,6 +1260,7 @@ impl ReceiverSession {
                 )));
             }
         }
+        d.touched(index);
         d.in_flight.insert(index, h.hash);
         Ok(Admission::Write)
     }
@@ -1123,6 +1274,7 @@ impl ReceiverSession {
         if let Some(hash) = d.in_flight.remove(&index) {
             let len = (d.capacity - offset).min(u64::from(chunk_size));
             d.hashes.set(index, hash);
+            d.touched(index);
             d.repairing.remove(&index);
             if let Some(f) = d.from_journal.get_mut(index as usize) {
                 *f = false;
@@ -1191,6 +1343,10 @@ impl ReceiverSession {
         let mut chunks = Vec::new();
         for (disk, d) in self.disks.iter().enumerate() {
             for index in 0..d.hashes.chunk_count() {
+                // Read back while the pass streamed, and not written by it since.
+                if d.early.get(index as usize) == Some(&Early::Intact) {
+                    continue;
+                }
                 let earlier = d.from_journal.get(index as usize).copied();
                 let wanted = if only_this_pass {
                     d.replaced.contains(&index) || earlier != Some(true)
@@ -1262,6 +1418,7 @@ impl ReceiverSession {
                 continue;
             };
             d.hashes.unset(index);
+            d.touched(index);
             d.repairing.insert(index, hash);
             d.root = None;
             let offset = index * chunk_size;

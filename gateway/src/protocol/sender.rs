@@ -427,7 +427,8 @@ impl SenderSession {
     /// the VM on if `power_on`, and keeps the switchover reversible unless `confirm`.
     /// The downtime counts from `downtime_since`, which is what `downtime_from` says
     /// (the edge's stop of the source, the source files' last write, or the switchover's
-    /// start).
+    /// start). Called before the first [`Self::poll_transmit`], a delta pass says so in
+    /// its `Sync`, and the cloud reads its replica back while the pass streams.
     pub fn finish_as_switchover(
         &mut self,
         power_on: bool,
@@ -977,14 +978,19 @@ impl SenderSession {
                 confirm: *confirm,
             };
         }
+        // Said up front so that the cloud reads back, while the pass streams, what the
+        // switchover would otherwise read back after it (the downtime's longest part).
+        let switchover = self.switchover.is_some() && !self.keep_replica;
         match &self.resume {
             Some((migration_id, _)) if self.delta && self.after_switchover => EdgeMessage::SyncSwitchedOver {
                 migration_id: migration_id.clone(),
                 plan: self.plan.clone(),
+                switchover,
             },
             Some((migration_id, _)) if self.delta => EdgeMessage::Sync {
                 migration_id: migration_id.clone(),
                 plan: self.plan.clone(),
+                switchover,
             },
             Some((migration_id, _)) => EdgeMessage::Resume {
                 migration_id: migration_id.clone(),

@@ -156,6 +156,12 @@ struct Pair {
     verify_rounds: Vec<(usize, usize)>,
     /// How many chunks each read-back was asked to read.
     verified_chunks: Vec<usize>,
+    /// How many chunks each read-back ahead of a switchover was asked to read.
+    early_chunks: Vec<usize>,
+    /// What the read-back ahead of a switchover found intact, done at once (as of the
+    /// replica then) and reported later if `hold_early` (the pass goes on meanwhile).
+    early_found: Option<Vec<(u16, u64)>>,
+    hold_early: bool,
     /// The cloud already registered the VM (roots, what it answered): a resume
     /// replays the commit.
     registered: Option<(Vec<[u8; 32]>, Registered)>,
@@ -233,6 +239,9 @@ impl Pair {
             damage_every_time: false,
             verify_rounds: Vec::new(),
             verified_chunks: Vec::new(),
+            early_chunks: Vec::new(),
+            early_found: None,
+            hold_early: false,
             registered: None,
             refuse_abort: None,
             aborted: None,
@@ -281,6 +290,21 @@ impl Pair {
         }
         self.verify_rounds.push((damaged.len(), rewritten));
         damaged
+    }
+
+    /// The cloud driver's read-back ahead of a switchover: read-only, it reports the
+    /// chunks whose bytes match and writes nothing (not even a zero chunk that is not zero).
+    fn verify_early(&self, chunks: &[(u16, u64, [u8; 32])]) -> Vec<(u16, u64)> {
+        chunks
+            .iter()
+            .filter(|&&(disk, index, expected)| {
+                let dest = &self.dests[usize::from(disk)];
+                let start = index as usize * CS as usize;
+                let end = (start + CS as usize).min(dest.len());
+                crate::chunk::chunk_hash(&dest[start..end]) == expected
+            })
+            .map(|&(disk, index, _)| (disk, index))
+            .collect()
     }
 
     /// A new pair of sessions continuing `self`'s migration after a break:
@@ -572,6 +596,10 @@ impl Pair {
                     let damaged = self.verify_staged(&chunks);
                     self.receiver.staged_verified(damaged);
                 }
+                ReceiverEvent::VerifyEarly { chunks } => {
+                    self.early_chunks.push(chunks.len());
+                    self.early_found = Some(self.verify_early(&chunks));
+                }
                 ReceiverEvent::Discard { reason } => self.discarded = Some(reason),
                 ReceiverEvent::KeepReplica { schedule, .. } => {
                     let batch = self.receiver.take_unsynced();
@@ -611,6 +639,12 @@ impl Pair {
                         self.receiver.migration_aborted(Ok(()));
                     }
                 },
+            }
+        }
+        if !self.hold_early {
+            if let Some(intact) = self.early_found.take() {
+                moved = true;
+                self.receiver.verified_early(intact);
             }
         }
         while let Some(msg) = self.receiver.poll_transmit() {
@@ -1619,6 +1653,7 @@ fn a_replaced_chunk_is_replaced_once_per_pass_and_only_in_a_delta_pass() {
         EdgeMessage::Sync {
             migration_id: "m".into(),
             plan: plan(&[&img]),
+            switchover: false,
         },
         now,
     )
@@ -1645,14 +1680,15 @@ fn a_switchover_states_the_downtime_and_the_power_on_and_awaits_confirmation() {
     first.sender.finish_as_replica();
     first.drive();
     assert!(first.sender.is_synced());
-    chunk_of(&mut sources[0], 3)[..5].fill(7);
+    chunk_of(&mut sources[0], 3)[..5].fill(9);
     let mut last = first.next_pass(sources.clone(), false);
     // The edge stopped the source 4.5 s before this pass's commit is sent.
     let stopped = last.now - Duration::from_millis(4500);
     last.sender
         .finish_as_switchover(true, false, stopped, crate::wire::DowntimeFrom::EdgeStop);
-    // A repair round: the commit is sent twice; the downtime counts from the first.
-    last.damage_before_verify = vec![(0, 7)];
+    // A repair round: the commit is sent twice; the downtime counts from the first. The
+    // damage is in the chunk the pass wrote, which the switchover reads back.
+    last.damage_before_verify = vec![(0, 3 * u64::from(CS) + 7)];
     last.drive();
     assert!(last.sender.is_committed(), "{:?}", last.sender.error());
     assert_eq!(last.dests, sources);
@@ -1666,6 +1702,131 @@ fn a_switchover_states_the_downtime_and_the_power_on_and_awaits_confirmation() {
         (true, Some(request.downtime_so_far_ms), true)
     );
     assert_eq!(last.verify_rounds.len(), 2, "a repair, then the commit again");
+}
+
+/// A replica of `sources` kept by a first pass, and the source changed since: chunk 0
+/// rewritten with new data, chunk 1 (text) zeroed, chunk 2 (zeros) written.
+fn replica_then_changed(seed: u64) -> (Pair, Vec<Vec<u8>>) {
+    let sources = vec![disk_image(seed, 12)];
+    let mut first = Pair::new(sources.clone(), "secret");
+    first.sender.finish_as_replica();
+    first.drive();
+    assert!(first.sender.is_synced(), "{:?}", first.sender.error());
+    let mut changed = sources;
+    rand::rngs::StdRng::seed_from_u64(seed + 1000).fill(chunk_of(&mut changed[0], 0));
+    chunk_of(&mut changed[0], 1).fill(0);
+    chunk_of(&mut changed[0], 2)[..10].fill(9);
+    (first, changed)
+}
+
+/// The last pass of `first`'s replication, over `changed`, ending with the switchover.
+fn switchover_pass(first: Pair, changed: &[Vec<u8>]) -> Pair {
+    let mut last = first.next_pass(changed.to_vec(), false);
+    let now = last.now;
+    last.sender
+        .finish_as_switchover(false, true, now, crate::wire::DowntimeFrom::SwitchoverStart);
+    last
+}
+
+#[test]
+fn a_switchover_reads_the_replica_back_while_its_last_pass_streams() {
+    let (first, changed) = replica_then_changed(61);
+    // A pass that keeps the replica asks for no read-back ahead.
+    let mut middle = first.next_pass(changed.clone(), true);
+    middle.drive();
+    assert!(middle.sender.is_synced(), "{:?}", middle.sender.error());
+    assert!(middle.early_chunks.is_empty());
+    assert_eq!(middle.verified_chunks, vec![3], "what the pass changed");
+
+    let mut changed_again = changed.clone();
+    chunk_of(&mut changed_again[0], 4)[..3].fill(1);
+    let mut last = switchover_pass(middle, &changed_again);
+    last.drive();
+    assert!(last.sender.is_committed(), "{:?}", last.sender.error());
+    assert_eq!(last.dests, changed_again);
+    assert_eq!(
+        last.early_chunks,
+        vec![13],
+        "every chunk the replica holds, while the pass streams"
+    );
+    assert_eq!(
+        last.verified_chunks,
+        vec![1],
+        "at the switchover, only the chunk the pass wrote"
+    );
+    assert_eq!(last.receiver.verified_early_chunks(), 12);
+}
+
+#[test]
+fn a_replica_damaged_before_the_switchover_is_found_by_the_early_read_back_and_repaired() {
+    let (mut first, changed) = replica_then_changed(62);
+    // Between the passes the replica's file changes in the cloud: a data chunk the pass
+    // leaves alone (5), and a zero chunk (6), which the early read-back must not rewrite.
+    first.dests[0][5 * CS as usize + 11] ^= 0x5a;
+    first.dests[0][6 * CS as usize + 3] = 1;
+    let mut last = switchover_pass(first, &changed);
+    last.drive();
+    assert!(last.sender.is_committed(), "{:?}", last.sender.error());
+    assert_eq!(last.dests, changed);
+    assert_eq!(last.early_chunks, vec![13]);
+    assert_eq!(
+        last.verified_chunks,
+        vec![5, 5],
+        "the three chunks the pass replaced and the two found different early, at each commit"
+    );
+    assert_eq!(
+        last.verify_rounds,
+        vec![(1, 2), (0, 0)],
+        "the damaged data chunk re-sent; the damaged zero chunk and the one the pass zeroed rewritten"
+    );
+}
+
+#[test]
+fn a_switchover_before_the_early_read_back_ended_waits_for_it_and_reads_what_the_pass_wrote() {
+    let (first, changed) = replica_then_changed(63);
+    let mut last = switchover_pass(first, &changed);
+    // The early read-back read the replica as it was before the pass wrote anything
+    // (every chunk intact), and reports only after the pass wrote its chunks and the
+    // edge asked for the switchover.
+    last.hold_early = true;
+    last.drive();
+    assert!(
+        !last.sender.is_finished(),
+        "the switchover waits for the early read-back"
+    );
+    assert!(last.verified_chunks.is_empty());
+    assert_eq!(last.early_found.as_ref().map(Vec::len), Some(13));
+    last.hold_early = false;
+    last.drive();
+    assert!(last.sender.is_committed(), "{:?}", last.sender.error());
+    assert_eq!(last.dests, changed);
+    assert_eq!(
+        last.verified_chunks,
+        vec![3],
+        "the chunks the pass wrote during the early read-back, although it found them intact"
+    );
+    assert_eq!(last.receiver.verified_early_chunks(), 10);
+}
+
+#[test]
+fn the_sync_of_a_switchover_says_so() {
+    let (first, changed) = replica_then_changed(64);
+    let mut last = switchover_pass(first, &changed);
+    let request =
+        std::iter::from_fn(|| last.sender.poll_transmit(last.now)).find(|m| matches!(m, EdgeMessage::Sync { .. }));
+    assert!(
+        matches!(request, Some(EdgeMessage::Sync { switchover: true, .. })),
+        "{request:?}"
+    );
+    let mut plain = Pair::new(vec![disk_image(64, 2)], "secret")
+        .next_pass(vec![disk_image(64, 2)], true)
+        .sender;
+    let request =
+        std::iter::from_fn(|| plain.poll_transmit(Instant::now())).find(|m| matches!(m, EdgeMessage::Sync { .. }));
+    assert!(
+        matches!(request, Some(EdgeMessage::Sync { switchover: false, .. })),
+        "{request:?}"
+    );
 }
 
 #[test]

@@ -64,7 +64,14 @@ pub enum EdgeMessage {
     /// replicate` again, or `switchover`): a `Resume` in which the edge may also send
     /// chunks the cloud holds, once each, when the source changed them since the last
     /// pass. Each replaced chunk is read back before the next `SyncDone` or `Commit`.
-    Sync { migration_id: String, plan: MigrationPlan },
+    /// `switchover`: the pass ends with `Switchover` (`edge-agent switchover`), so the
+    /// cloud may read its replica back while the pass streams, and at the switchover read
+    /// only what the pass replaced (protocol version 11; see [`crate::protocol`]).
+    Sync {
+        migration_id: String,
+        plan: MigrationPlan,
+        switchover: bool,
+    },
     /// Sent instead of `Commit` when every disk is sealed and the migration is a
     /// replication: the cloud reads the staged disks back, keeps them as the
     /// replica of the source (not a registered VM), answers `Synced`, and the next
@@ -98,7 +105,12 @@ pub enum EdgeMessage {
     /// confirmed through the API since. The cloud never answers it with a replay of the
     /// commit (which is for an edge that lost the commit's answer): it runs the pass if
     /// the switchover was rolled back, and otherwise refuses, saying where it stands.
-    SyncSwitchedOver { migration_id: String, plan: MigrationPlan },
+    /// `switchover` as for `Sync` (protocol version 11).
+    SyncSwitchedOver {
+        migration_id: String,
+        plan: MigrationPlan,
+        switchover: bool,
+    },
 }
 
 /// What `edge-agent switchover` asks of the cloud beyond a commit.

@@ -60,6 +60,8 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// right behind `Hello`, without waiting for `Welcome`: the cloud holds it until the
 /// credential is accepted (and drops it with the refusal if not). A version-10 cloud
 /// would take the early request as a protocol violation, so it is refused at the preamble.
+/// `Sync` and `SyncSwitchedOver` say whether the pass ends with `Switchover`: the cloud
+/// then reads the replica back while the pass streams, not after it.
 pub const PROTOCOL_VERSION: u16 = 11;
 pub const PREAMBLE_LEN: usize = 8;
 
