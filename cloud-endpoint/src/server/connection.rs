@@ -1157,15 +1157,21 @@ fn prepare_seed(
 /// cost, and two keep up with a local disk on this kind of machine.
 const READ_BACK_THREADS: usize = 2;
 
+/// The staged disks of the migration with their sizes in the plan, and its chunk size:
+/// what a read-back reads.
+fn staged_disks(ctx: &Ctx) -> Option<(Vec<Arc<crate::datastore::DiskFile>>, Vec<u64>, u32)> {
+    let disks = ctx.disks.lock().expect("disks lock").clone();
+    ctx.session().plan().map(|p| {
+        let capacities: Vec<u64> = p.vm.disks.iter().map(|d| d.capacity).collect();
+        (disks, capacities, p.chunk_size)
+    })
+}
+
 /// The read-back before a commit (see [`crate::datastore::read_back`]): chunks that
 /// differ from what was sent are asked for again, and a datastore that cannot be read
 /// pauses the migration with what it holds kept.
 async fn verify_staged(ctx: &Arc<Ctx>, chunks: Vec<(u16, u64, [u8; 32])>) {
-    let disks = ctx.disks.lock().expect("disks lock").clone();
-    let Some((capacities, chunk_size)) = ctx.session().plan().map(|p| {
-        let capacities: Vec<u64> = p.vm.disks.iter().map(|d| d.capacity).collect();
-        (capacities, p.chunk_size)
-    }) else {
+    let Some((disks, capacities, chunk_size)) = staged_disks(ctx) else {
         return;
     };
     let count = chunks.len();
@@ -1225,11 +1231,7 @@ async fn verify_staged(ctx: &Arc<Ctx>, chunks: Vec<(u16, u64, [u8; 32])>) {
 /// that cannot be read now leaves every chunk to the read-back at the switchover, which
 /// reports the error if it persists.
 async fn verify_early(ctx: &Arc<Ctx>, chunks: Vec<(u16, u64, [u8; 32])>) {
-    let disks = ctx.disks.lock().expect("disks lock").clone();
-    let Some((capacities, chunk_size)) = ctx.session().plan().map(|p| {
-        let capacities: Vec<u64> = p.vm.disks.iter().map(|d| d.capacity).collect();
-        (capacities, p.chunk_size)
-    }) else {
+    let Some((disks, capacities, chunk_size)) = staged_disks(ctx) else {
         return;
     };
     let count = chunks.len();
