@@ -52,7 +52,9 @@ impl Default for ReceiverConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerifyScope {
     /// Every chunk, zero chunks included (the default: about a fifth of a lift's CPU
-    /// on a realistic disk, see the README's benchmark).
+    /// on a realistic disk, see the README's benchmark). For a pass that ends with the
+    /// switchover, what the pass leaves alone is read while it streams
+    /// ([`ReceiverEvent::VerifyEarly`]).
     All,
     /// Only chunks that were not written and verified over the current connection:
     /// those taken from the journal of an earlier one.
