@@ -155,7 +155,7 @@ impl Inventory {
     /// VM (running or failed). NotFound if there is no such migration.
     pub fn migration_report(&self, migration_id: &str) -> Result<Option<String>, InventoryError> {
         self.read(|tx| {
-            super::migrations::state_of(tx, migration_id)?;
+            super::state_of(tx, migration_id)?;
             Ok(tx.query_row_opt(
                 "SELECT report FROM migration_report WHERE migration = ?1",
                 store_params![migration_id],

@@ -81,7 +81,7 @@ impl Inventory {
         clock: LeaseClock,
     ) -> Result<Claim, InventoryError> {
         self.write(|tx| {
-            super::migrations::state_of(tx, migration)?;
+            super::state_of(tx, migration)?;
             let now = now_ms(tx, clock)?;
             let claim = lease::claim(lease_of(tx, migration)?.as_ref(), migration, me, now, period);
             if let Claim::Granted(lease) = &claim {

@@ -4,7 +4,7 @@
 use super::store::{Row, StoreError, Tx};
 use crate::store_params;
 
-use super::{next_number, now, Inventory, InventoryError, MigrationRecord, Principal};
+use super::{next_number, now, state_of, Inventory, InventoryError, MigrationRecord, Principal};
 
 /// How long a replication pass took, as the endpoint measured it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -89,18 +89,6 @@ pub(super) fn name_taken(tx: &mut dyn Tx, name: &str) -> Result<bool, StoreError
         store_params![name],
         |row| row.get(0),
     )
-}
-
-/// The state of a migration, or NotFound.
-pub(super) fn state_of(tx: &mut dyn Tx, id: &str) -> Result<(String, String), InventoryError> {
-    tx.query_row_opt(
-        "SELECT state, vm_name FROM migration WHERE id = ?1",
-        store_params![id],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )?
-    .ok_or_else(|| InventoryError::NotFound {
-        what: format!("migration {id}"),
-    })
 }
 
 impl Inventory {

@@ -764,6 +764,19 @@ pub fn timestamp(t: time::OffsetDateTime) -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned())
 }
 
+/// The state and reserved VM name of a migration, or NotFound. Here, not in
+/// `migrations`, because every part of the inventory that acts on a migration asks it.
+fn state_of(tx: &mut dyn Tx, id: &str) -> Result<(String, String), InventoryError> {
+    tx.query_row_opt(
+        "SELECT state, vm_name FROM migration WHERE id = ?1",
+        store_params![id],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?
+    .ok_or_else(|| InventoryError::NotFound {
+        what: format!("migration {id}"),
+    })
+}
+
 /// Takes the next number of a counter (`moref` for objects, `migration`).
 fn next_number(tx: &mut dyn Tx, counter: &str) -> Result<i64, StoreError> {
     tx.query_row(

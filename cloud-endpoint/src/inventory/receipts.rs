@@ -10,7 +10,7 @@ impl Inventory {
     /// registered no VM (running or failed). NotFound if there is no such migration.
     pub fn receipt(&self, migration_id: &str) -> Result<Option<String>, InventoryError> {
         self.read(|tx| {
-            super::migrations::state_of(tx, migration_id)?;
+            super::state_of(tx, migration_id)?;
             Ok(tx.query_row_opt(
                 "SELECT signed FROM receipt WHERE migration = ?1",
                 store_params![migration_id],

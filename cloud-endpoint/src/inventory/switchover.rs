@@ -7,8 +7,7 @@
 use super::store::Tx;
 use crate::store_params;
 
-use super::migrations::state_of;
-use super::{now, CommitMove, Inventory, InventoryError};
+use super::{now, state_of, CommitMove, Inventory, InventoryError};
 
 /// A switchover that can still be rolled back.
 pub const AWAITING_CONFIRM: &str = "awaiting confirm";

@@ -5,9 +5,9 @@ use std::collections::{HashMap, HashSet};
 use super::store::{Row, StoreError, Tx};
 use crate::store_params;
 
-use super::migrations::state_of;
 use super::{
-    next_number, now, DiskRecord, Inventory, InventoryError, NewVm, NicRecord, ReceiptContext, RegisteredVm, VmRecord,
+    next_number, now, state_of, DiskRecord, Inventory, InventoryError, NewVm, NicRecord, ReceiptContext, RegisteredVm,
+    VmRecord,
 };
 
 const SELECT_VM: &str = "SELECT v.id, v.name, v.guest_os, v.num_cpus, v.cores_per_socket, v.memory_mib, v.firmware,
