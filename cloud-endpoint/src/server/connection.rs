@@ -191,9 +191,9 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
     // Wait for blocking work the aborted tasks started (staging a plan,
     // committing, syncing): it finishes on its own and may still record staged files.
     let _quiet = ctx.blocking.write().await;
-    let (committed, resumable, unsynced) = {
+    let (committed, synced, resumable, unsynced) = {
         let mut s = ctx.session();
-        (s.is_committed(), s.is_resumable(), s.take_unsynced())
+        (s.is_committed(), s.is_synced(), s.is_resumable(), s.take_unsynced())
     };
     let staged = ctx.staged.lock().expect("staged lock").take();
     let id = ctx.migration_id.lock().expect("id lock").clone();
@@ -236,7 +236,12 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
             if let Some(id) = &id {
                 ctx.domain.live.set_progress(id, ctx.session().durable_bytes());
             }
-            tracing::warn!(reason = ?why, "migration not committed; kept for a resume");
+            // A replication's pass that ended in sync is kept, as it should be: not a warning.
+            if synced {
+                tracing::info!(reason = ?why, "pass in sync, replica kept; connection closed");
+            } else {
+                tracing::warn!(reason = ?why, "migration not committed; kept for a resume");
+            }
             let _ = spawn_blocking_in_span(move || placement::suspend(&domain, staged, &unsynced, &why)).await;
         } else {
             let why = if ctx.aborted.load(Ordering::SeqCst) {
