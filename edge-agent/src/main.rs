@@ -425,7 +425,7 @@ struct MigrateArgs {
     #[arg(long, env = "EDGE_AGENT_NO_DEDUP")]
     no_dedup: bool,
     /// The link's rate, e.g. `100mbit`, to size QUIC windows and UDP buffers
-    /// (bandwidth x RTT) and to start at a quarter of that in flight instead of
+    /// (bandwidth x RTT) and to start at half of that in flight instead of
     /// probing up from 15 kB; `edge-agent link-test` measures it. Without it, windows
     /// are sized for 1gbit and the start is the standard one.
     #[arg(long, env = "EDGE_AGENT_LINK_RATE")]

@@ -246,9 +246,13 @@ pub struct TransportTuning {
     /// handshake then does not retransmit spuriously.
     pub initial_rtt: Duration,
     /// Congestion window of the first round trip when the path is known
-    /// (measured by `edge-agent link-test` or given by the operator): a
-    /// quarter of its BDP, paced over the first RTT, saves the ~6 round trips
-    /// a standard start needs to get there (a second on a 150 ms path).
+    /// (measured by `edge-agent link-test` or given by the operator): half its
+    /// BDP, paced over the first RTT, saves the six or so round trips a standard start
+    /// needs to get there (a second on a 150 ms path). Half, as a careful
+    /// resume jumps to half the window a path held before (draft-ietf-tsvwg-
+    /// careful-resume): the rate is the operator's word, not a measurement of
+    /// this connection, and the startup triples it from there within a round
+    /// trip or two. A delta pass of a few MB is then two rounds of data, not three.
     /// `None` starts from RFC 9002's window.
     pub initial_window: Option<u64>,
 }
@@ -272,10 +276,10 @@ impl TransportTuning {
     }
 
     /// Tuning for a path the operator knows (or `link-test` measured): as
-    /// [`Self::for_path`], and starting at a quarter of its BDP.
+    /// [`Self::for_path`], and starting at half its BDP.
     pub fn for_known_path(path: PathEstimate) -> Self {
         TransportTuning {
-            initial_window: Some((path.bdp() / 4).clamp(14_720, 16 << 20)),
+            initial_window: Some((path.bdp() / 2).clamp(14_720, 16 << 20)),
             ..TransportTuning::for_path(path)
         }
     }
