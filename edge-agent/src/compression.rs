@@ -95,7 +95,9 @@ pub struct Pressure {
     /// Sealers waiting for room in the queue of sealed chunks: the network
     /// takes less than the CPU makes.
     pub sealers_blocked: f64,
-    /// Stream senders waiting for a sealed chunk: the network could take more.
+    /// A stream sender waiting for a sealed chunk: the network could take more. Share
+    /// of wall time in which at least one waited, so it does not depend on how many
+    /// streams there are.
     pub senders_starved: f64,
 }
 

@@ -403,7 +403,7 @@ struct MigrateArgs {
     #[arg(long = "disk-datastore", value_parser = parse_disk_datastore)]
     disk_datastore: Vec<(String, String)>,
     /// Parallel QUIC data streams. Default: enough to fill --link-rate x --link-rtt
-    /// (4 to 16).
+    /// (4 to 16), or without --link-rate, 1gbit x the RTT the handshake measured.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=16))]
     streams: Option<u16>,
     /// Chunk size in KiB (64 to 16384, a multiple of 4). Default 1024; 64 for
@@ -1212,7 +1212,12 @@ async fn prepare(
             datastore: a.datastore,
             disk_datastores: a.disk_datastore,
         },
-        streams: a.streams.map_or(tuning.data_streams, usize::from),
+        // A link the operator described sizes the streams; otherwise the measured RTT does.
+        streams: match (a.streams, a.link_rate) {
+            (Some(n), _) => Some(usize::from(n)),
+            (None, Some(_)) => Some(tuning.data_streams),
+            (None, None) => None,
+        },
         compression: a.zstd_level,
         max_rate: a.max_rate,
         agent: a.agent_name,

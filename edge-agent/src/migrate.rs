@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use gateway::plan::{DiskFormat, DiskSpec, MigrationPlan, NicSpec, VmSpec, DEFAULT_CHUNK_SIZE};
 use gateway::protocol::{DoneChunk, ProtocolError, SenderConfig, SenderEvent, SenderSession};
 use gateway::transport::{
-    self, ControlReader, ControlWriter, DataWriter, Rate, RateLimit, TransportError, TransportTuning,
+    self, ControlReader, ControlWriter, DataWriter, PathEstimate, Rate, RateLimit, TransportError, TransportTuning,
 };
 use gateway::wire::{CloudMessage, DowntimeFrom, EdgeMessage, RefusalCode};
 use tokio::sync::{mpsc, Notify};
@@ -62,8 +62,10 @@ pub struct MigrateOptions {
     /// Folder, cluster, host, resource pool and datastores in the cloud; the default
     /// leaves every choice to the domain.
     pub placement: gateway::plan::Placement,
-    /// Parallel data streams; [`TransportTuning::data_streams`] covers the path.
-    pub streams: usize,
+    /// Parallel data streams. `None`: as many as cover the round-trip time the
+    /// handshake measured at [`PathEstimate::DEFAULT`]'s rate ([`data_streams_for`]);
+    /// `Some(n)` when the operator chose them or described the link.
+    pub streams: Option<usize>,
     /// Reader/sealer workers. Two per core keeps the cores busy while some
     /// workers wait on the disk.
     pub workers: usize,
@@ -139,7 +141,7 @@ impl Default for MigrateOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             disk_format: None,
             placement: Default::default(),
-            streams: TransportTuning::default().data_streams,
+            streams: None,
             workers: 4,
             compression: Compression::default(),
             max_rate: None,
@@ -273,7 +275,8 @@ struct Shared {
     level: AtomicI32,
     /// Nanoseconds sealers spent waiting for room in the sealed queue.
     sealers_blocked_ns: AtomicU64,
-    /// Nanoseconds senders spent waiting for a sealed chunk.
+    /// Nanoseconds in which a sender waited on an empty sealed queue (wall time, not
+    /// summed over senders: see `sender`).
     senders_starved_ns: AtomicU64,
     /// Emptied payload buffers, handed back from senders to sealers.
     spare: Mutex<Vec<Vec<u8>>>,
@@ -1561,7 +1564,11 @@ async fn drive(
     let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
     let writer = ControlWriter::open(send, true).await?;
     let reader = ControlReader::open(recv, false).await?;
-    let (fail_tx, mut fail_rx) = mpsc::channel::<MigrateError>(opts.streams + 2);
+    let streams = opts
+        .streams
+        .unwrap_or_else(|| data_streams_for(conn.rtt(), opts.max_rate));
+    tracing::info!(streams, rtt_ms = conn.rtt().as_secs_f64() * 1e3, "data streams");
+    let (fail_tx, mut fail_rx) = mpsc::channel::<MigrateError>(streams + 2);
 
     let mut tasks = tokio::task::JoinSet::new();
     {
@@ -1573,7 +1580,7 @@ async fn drive(
             }
         }));
     }
-    let (streams, workers) = (opts.streams.max(1), opts.workers.max(1));
+    let (streams, workers) = (streams.max(1), opts.workers.max(1));
     // Room for two sealed chunks per worker: a sender rarely waits while a
     // sealer is between chunks, and memory stays a few chunks deep.
     let (sealed_tx, sealed_rx) = mpsc::channel::<SealedChunk>(2 * workers);
@@ -1622,8 +1629,9 @@ async fn drive(
                     let pressure = Pressure {
                         sealers_blocked: shared.sealers_blocked_ns.swap(0, Ordering::Relaxed) as f64
                             / (window * workers as f64),
-                        senders_starved: shared.senders_starved_ns.swap(0, Ordering::Relaxed) as f64
-                            / (window * streams as f64),
+                        // Wall time, not per stream: see `sender`.
+                        senders_starved: (shared.senders_starved_ns.swap(0, Ordering::Relaxed) as f64 / window)
+                            .min(1.0),
                     };
                     let level = shared.levels.lock().expect("levels lock poisoned").update(pressure);
                     if shared.level.swap(level, Ordering::Relaxed) != level {
@@ -1672,6 +1680,27 @@ async fn drive(
     }
     tasks.abort_all();
     outcome
+}
+
+/// Data streams for a path whose rate nobody gave: [`TransportTuning::for_path`] at the
+/// round-trip time the handshake measured and the default rate (or the cap, if lower),
+/// as `link-test` sizes its probe.
+///
+/// The trade-off: a stream carries at most [`gateway::transport::STREAM_WINDOW`] per round
+/// trip, so the streams bound the rate (4 streams at 150 ms: about 270 Mbit/s), and each
+/// one costs the endpoint memory whatever the path: quinn buffers up to a stream window
+/// the endpoint has not read yet, plus a chunk's payload and plaintext buffers. With
+/// 1 MiB chunks on loopback 16 streams held 42 MiB of the endpoint's heap at its peak and
+/// 33-36 MiB more peak RSS than 4 (docs/benchmarks.md, issue 16). So the count follows the
+/// path: a LAN gets 4, a 500 Mbit/s or 1 Gbit/s link at 150 ms still gets 16 (three
+/// windows per bandwidth-delay product, room for the RTT to grow under load and for
+/// streams that wait on a retransmission). The handshake's RTT is a floor of the path's;
+/// a link that only looks short idle is under-streamed by at most that factor of three.
+pub fn data_streams_for(rtt: Duration, max_rate: Option<Rate>) -> usize {
+    let rate_bps = max_rate.map_or(PathEstimate::DEFAULT.rate_bps, |r| {
+        r.bps().min(PathEstimate::DEFAULT.rate_bps)
+    });
+    TransportTuning::for_path(PathEstimate { rate_bps, rtt }).data_streams
 }
 
 /// `task` in the current span (the migration's): its lines carry the migration id.
@@ -1876,8 +1905,15 @@ async fn sender(
 ) -> Result<(), MigrateError> {
     let mut stream: Option<DataWriter> = None;
     loop {
+        // Starvation is timed only while this sender holds the queue: the holder waits on
+        // an empty queue, the others wait on the holder. The sum over all senders is then
+        // the wall time in which the link was ready for a chunk and none was sealed, the
+        // same whether 4 streams or 16 share the queue (summing every sender's wait would
+        // make fewer streams look less starved, and the level climb on a LAN).
+        let mut queue = sealed.lock().await;
         let waiting = Instant::now();
-        let next = sealed.lock().await.recv().await;
+        let next = queue.recv().await;
+        drop(queue);
         let Some(chunk) = next else { break };
         shared
             .senders_starved_ns
@@ -1903,4 +1939,27 @@ async fn sender(
         s.finish();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_streams_follow_the_measured_round_trip_and_the_cap() {
+        // A LAN: the fewest (each stream holds buffers at both ends).
+        assert_eq!(data_streams_for(Duration::from_micros(200), None), 4);
+        // 150 ms at 1 Gbit/s: the most, as a link test's probe opens.
+        assert_eq!(data_streams_for(Duration::from_millis(150), None), 16);
+        // The same path capped at 100 Mbit/s: 1.875 MB in flight, 3 x that over 1.25 MB
+        // windows, plus one.
+        let cap = "100mbit".parse::<Rate>().unwrap();
+        assert_eq!(data_streams_for(Duration::from_millis(150), Some(cap)), 6);
+        // A fat long link capped at 500 Mbit/s: 9.4 MB in flight still needs the most.
+        let fat = "500mbit".parse::<Rate>().unwrap();
+        assert_eq!(data_streams_for(Duration::from_millis(150), Some(fat)), 16);
+        // A cap above the default rate sizes as the default.
+        let fast = "10gbit".parse::<Rate>().unwrap();
+        assert_eq!(data_streams_for(Duration::from_millis(150), Some(fast)), 16);
+    }
 }

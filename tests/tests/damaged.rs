@@ -412,7 +412,7 @@ async fn a_source_found_damaged_mid_transfer_is_aborted_on_both_sides() {
         max_rate: Some("48mbit".parse::<Rate>().unwrap()),
         // One reader and one stream: what is read ahead of the cap stays a few chunks.
         workers: 1,
-        streams: 1,
+        streams: Some(1),
         ..MigrateOptions::default()
     };
     let len = std::fs::metadata(&disk).unwrap().len();
@@ -454,7 +454,7 @@ async fn a_read_error_a_resume_can_fix_pauses_the_migration_and_keeps_it() {
         max_rate: Some("48mbit".parse::<Rate>().unwrap()),
         // One reader and one stream: what is read ahead of the cap stays a few chunks.
         workers: 1,
-        streams: 1,
+        streams: Some(1),
         state_dir: Some(state.clone()),
         ..MigrateOptions::default()
     };

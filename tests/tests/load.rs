@@ -74,7 +74,7 @@ async fn thirty_two_concurrent_migrations_from_four_edges_all_arrive_identical()
             start.wait().await;
             let opts = MigrateOptions {
                 workers: std::env::var("W").map(|v| v.parse().unwrap()).unwrap_or(4),
-                streams: std::env::var("S").map(|v| v.parse().unwrap()).unwrap_or(16),
+                streams: std::env::var("S").ok().map(|v| v.parse().unwrap()),
                 ..Default::default()
             };
             let summary = migrate(&vmx, &target, &opts).await;
