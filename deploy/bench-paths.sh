@@ -11,6 +11,8 @@
 # Modes:
 #   host      endpoint and edge as host processes on loopback (deploy/bench.sh's host side)
 #   hostgrp   the same, each process in a cpu cgroup of its own, as Docker puts each container
+#   hostcg    the same in a cgroup of its own in each v1 controller Docker uses (cpu,
+#             cpuacct, memory, cpuset, blkio, pids), under one parent per controller
 #   netns     host processes in two network namespaces joined by a veth pair each and a
 #             Linux bridge, as Docker's bridge network joins two containers; no container
 #   bridge    the two images on a user-defined bridge network (what compose makes: MTU
@@ -64,6 +66,7 @@ net=$tag-cloud
 ns_a=$tag-a ns_b=$tag-b br=${tag:0:8}br
 pids=()
 grp=/sys/fs/cgroup/cpu/$tag
+cgs="cpu cpuacct memory cpuset blkio pids"
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.5
@@ -81,6 +84,7 @@ cleanup() {
   [ -n "${old_rmem:-}" ] && sysctl -qw net.core.rmem_max="$old_rmem" net.core.wmem_max="$old_wmem"
   [ -n "${old_shares:-}" ] && echo "$old_shares" > /sys/fs/cgroup/cpu/docker/cpu.shares
   [ -d "$grp" ] && { rmdir "$grp"/* "$grp" 2>/dev/null || true; }
+  for c in $cgs; do [ -d "/sys/fs/cgroup/$c/$tag" ] && { rmdir "/sys/fs/cgroup/$c/$tag"/* "/sys/fs/cgroup/$c/$tag" 2>/dev/null || true; }; done
 }
 trap cleanup EXIT
 "$bin/certs" quickstart --out "$work/pki" --endpoint-name cloud-endpoint --endpoint-name 10.99.7.2 --endpoint-name ep-bridge --endpoint-name ep-nosec --endpoint-name ep-shares --endpoint-name ep-binmount >/dev/null
@@ -126,6 +130,23 @@ if has hostgrp; then
   portg=$(freeport)
   sh -c 'echo $$ > "$0/ep/cgroup.procs"; exec "$@"' "$grp" env $(host_env hostgrp 127.0.0.1:$portg) "$bin/cloud-endpoint" serve 2> "$work/hostgrp-endpoint.log" & pids+=($!)
   wait_log "$work/hostgrp-endpoint.log"; echo $! > "$work/hostgrp.eppid"
+fi
+# hostcg: sh -c "$incg_sh" TAG ROLE CONTROLLERS CMD... runs CMD in ROLE's cgroups (ep or
+# edge) in every controller named; sh execs CMD, so $! is CMD.
+incg_sh='for c in $2; do echo $$ > "/sys/fs/cgroup/$c/$0/$1/cgroup.procs"; done; shift 2; exec "$@"'
+if has hostcg; then
+  for c in $cgs; do
+    for d in "$tag" "$tag/ep" "$tag/edge"; do
+      mkdir -p "/sys/fs/cgroup/$c/$d"
+      if [ "$c" = cpuset ]; then
+        cat "/sys/fs/cgroup/cpuset/$(dirname "$d" | sed 's#^\.$##')/cpuset.cpus" > "/sys/fs/cgroup/cpuset/$d/cpuset.cpus"
+        cat "/sys/fs/cgroup/cpuset/$(dirname "$d" | sed 's#^\.$##')/cpuset.mems" > "/sys/fs/cgroup/cpuset/$d/cpuset.mems"
+      fi
+    done
+  done
+  portc=$(freeport)
+  sh -c "$incg_sh" "$tag" ep "$cgs" env $(host_env hostcg 127.0.0.1:$portc) "$bin/cloud-endpoint" serve 2> "$work/hostcg-endpoint.log" & pids+=($!)
+  wait_log "$work/hostcg-endpoint.log"; echo $! > "$work/hostcg.eppid"
 fi
 if [ -n "${BENCH_UDP_MEM_MAX:-}" ]; then
   old_rmem=$(sysctl -n net.core.rmem_max) old_wmem=$(sysctl -n net.core.wmem_max)
@@ -200,7 +221,7 @@ fi
 ep_drops() { # MODE -> UDP datagrams dropped so far for a full receive buffer in the endpoint's network namespace
   local pid
   case $1 in
-    host|hostgrp|netns) pid=$(cat "$work/$1.eppid") ;;
+    host|hostgrp|hostcg|netns) pid=$(cat "$work/$1.eppid") ;;
     *) pid=$(docker inspect -f '{{.State.Pid}}' "$tag-$1") ;;
   esac
   awk '$1 == "Udp:" { if (!h) { for (i = 2; i <= NF; i++) if ($i == "RcvbufErrors") f = i; h = 1 } else print $f }' "/proc/$pid/net/snmp"
@@ -208,7 +229,7 @@ ep_drops() { # MODE -> UDP datagrams dropped so far for a full receive buffer in
 ep_cpu() { # MODE -> CPU seconds the endpoint of MODE used so far
   local pid c
   case $1 in
-    host|hostgrp|netns) pid=$(cat "$work/$1.eppid"); awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat" ;;
+    host|hostgrp|hostcg|netns) pid=$(cat "$work/$1.eppid"); awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat" ;;
     *) c=$(docker inspect -f '{{.Id}}' "$tag-$1"); awk '{ print $1 / 1e9 }' "/sys/fs/cgroup/cpuacct/docker/$c/cpuacct.usage" ;;
   esac
 }
@@ -227,6 +248,7 @@ lift() { # MODE NAME
   case $m in
     host) cpuwrap env 'EDGE_AGENT_PASSWORD=VMware1!Cloud' "$bin/edge-agent" $(edge_args "$n") "${hostargs[@]}" --url "quic://localhost:$port" > "$work/$n.out" 2>&1 ;;
     hostgrp) cpuwrap sh -c 'echo $$ > "$0/edge/cgroup.procs"; exec "$@"' "$grp" env 'EDGE_AGENT_PASSWORD=VMware1!Cloud' "$bin/edge-agent" $(edge_args "$n") "${hostargs[@]}" --url "quic://localhost:$portg" > "$work/$n.out" 2>&1 ;;
+    hostcg) cpuwrap sh -c "$incg_sh" "$tag" edge "$cgs" env 'EDGE_AGENT_PASSWORD=VMware1!Cloud' "$bin/edge-agent" $(edge_args "$n") "${hostargs[@]}" --url "quic://localhost:$portc" > "$work/$n.out" 2>&1 ;;
     netns) cpuwrap ip netns exec "$ns_a" env 'EDGE_AGENT_PASSWORD=VMware1!Cloud' "$bin/edge-agent" $(edge_args "$n") "${hostargs[@]}" --url "quic://10.99.7.2:4433" > "$work/$n.out" 2>&1 ;;
     bridge|nosec|hostnet2|shares|binmount)
       local extra=() url
