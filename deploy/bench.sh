@@ -11,6 +11,9 @@
 #                    within seconds, so each lift may read its source from the disk or not:
 #                    the host processes' walls spread 0.9-2.3 s in one run); it holds every
 #                    round's three lifted VMs, about half the sample's size each.
+# Where the difference goes (host processes in cgroups or network namespaces, the images on
+# the host's network, without seccomp, ...; and both behind an emulated WAN link):
+# deploy/bench-paths.sh, documented in its header.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
