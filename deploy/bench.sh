@@ -17,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+. "$root/tests/bench-lib.sh"
 bin=${GATEWAY_BIN:-$root/target/release}
 disk=${BENCH_DISK:-512M}
 rounds=${BENCH_ROUNDS:-3}
@@ -49,17 +50,7 @@ trap cleanup EXIT
 mkdir -p "$work/onprem/web01"
 say "making the sample VM ($disk, ext4 with real files)"
 tests/sample-disk.sh "$work/onprem/web01/web01.img" "$disk" small
-cat > "$work/onprem/web01/web01.vmx" <<VMX
-.encoding = "UTF-8"
-displayName = "web01"
-guestOS = "debian12-64"
-numvcpus = "1"
-memsize = "512"
-scsi0.present = "TRUE"
-scsi0.virtualDev = "pvscsi"
-scsi0:0.present = "TRUE"
-scsi0:0.fileName = "web01.img"
-VMX
+write_vmx "$work/onprem/web01/web01.vmx" web01 web01.img
 chown -R 10001:10001 "$work/pki" "$work/onprem"
 
 # Host processes: the endpoint on loopback.
