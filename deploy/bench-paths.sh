@@ -69,6 +69,9 @@ pids=()
 grp=/sys/fs/cgroup/cpu/$tag
 cgs="cpu cpuacct memory cpuset blkio pids"
 cleanup() {
+  # The run's own status: the tests below of what there is to undo end false when there
+  # is nothing, and an EXIT trap's last status would become the script's.
+  local rc=$?
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.5
   docker rm -f $(docker ps -aq --filter "name=^$tag-") >/dev/null 2>&1 || true
@@ -86,6 +89,7 @@ cleanup() {
   [ -n "${old_shares:-}" ] && echo "$old_shares" > /sys/fs/cgroup/cpu/docker/cpu.shares
   [ -d "$grp" ] && { rmdir "$grp"/* "$grp" 2>/dev/null || true; }
   for c in $cgs; do [ -d "/sys/fs/cgroup/$c/$tag" ] && { rmdir "/sys/fs/cgroup/$c/$tag"/* "/sys/fs/cgroup/$c/$tag" 2>/dev/null || true; }; done
+  return "$rc"
 }
 trap cleanup EXIT
 "$bin/certs" quickstart --out "$work/pki" --endpoint-name cloud-endpoint --endpoint-name 10.99.7.2 --endpoint-name ep-bridge --endpoint-name ep-nosec --endpoint-name ep-shares --endpoint-name ep-binmount >/dev/null
