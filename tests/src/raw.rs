@@ -21,6 +21,8 @@ pub struct RawEdge {
     tx: ControlWriter,
     rx: ControlReader,
     data: Option<DataWriter>,
+    /// Chunk frames written so far: a seal states how many the cloud is to wait for.
+    frames: u64,
 }
 
 impl RawEdge {
@@ -35,6 +37,7 @@ impl RawEdge {
             rx: ControlReader::open(recv, false).await.unwrap(),
             conn,
             data: None,
+            frames: 0,
         };
         edge.send(&EdgeMessage::Hello {
             agent: "raw-edge".into(),
@@ -82,6 +85,7 @@ impl RawEdge {
         if self.data.is_none() {
             self.data = Some(DataWriter::open(&self.conn).await?);
         }
+        self.frames += 1;
         self.data.as_mut().expect("opened").send_chunk(header, payload).await
     }
 
@@ -118,7 +122,8 @@ impl RawEdge {
         }
     }
 
-    /// Seals disk 0 (one chunk hash per chunk of `disk`) and commits; returns the VM id.
+    /// Seals disk 0 (one chunk hash per chunk of `disk`, every frame written counted) and
+    /// commits; returns the VM id.
     pub async fn seal_and_commit(&mut self, disk: &[u8]) -> String {
         let hashes: Vec<[u8; 32]> = disk
             .chunks(DEFAULT_CHUNK_SIZE as usize)
@@ -127,6 +132,7 @@ impl RawEdge {
         self.send(&EdgeMessage::DiskSealed {
             disk: 0,
             root: gateway::merkle::root(&hashes),
+            frames: self.frames,
         })
         .await;
         self.send(&EdgeMessage::Commit).await;

@@ -34,6 +34,8 @@ struct Ctx {
     session: Mutex<ReceiverSession>,
     wake_writer: Notify,
     wake_events: Notify,
+    /// A held seal waits for written chunks to be made durable (see the sync task).
+    sync_now: Notify,
     /// Set once the plan is accepted; taken by commit or discard.
     staged: Mutex<Option<Staged>>,
     /// Held (shared) by every blocking domain operation; the cleanup takes it
@@ -145,6 +147,7 @@ pub async fn serve(
             session: Mutex::new(ReceiverSession::new(config, connected)),
             wake_writer: Notify::new(),
             wake_events: Notify::new(),
+            sync_now: Notify::new(),
             staged: Mutex::new(None),
             blocking: Arc::new(tokio::sync::RwLock::new(())),
             disks: Mutex::new(Vec::new()),
@@ -259,9 +262,10 @@ async fn cleanup(ctx: &Arc<Ctx>, reason: &quinn::ConnectionError) {
 /// How often written chunks are made durable and acknowledged. Longer batches
 /// cost fewer fsyncs; shorter ones leave less to re-send after a break.
 const SYNC_INTERVAL: Duration = Duration::from_millis(250);
-/// Written chunks are made durable as soon as nothing more arrived for this long: the
-/// end of a pass (or a pause in a sparse delta) is acknowledged without waiting for the
-/// next [`SYNC_INTERVAL`].
+/// Written chunks are made durable as soon as nothing more arrived for this long: a
+/// pause in a sparse delta is acknowledged without waiting for the next
+/// [`SYNC_INTERVAL`]. The end of a pass does not wait even that long: the edge's seal
+/// counts its frames, and the last one written wakes the sync at once.
 const SYNC_QUIET: Duration = Duration::from_millis(20);
 
 /// Makes written chunks durable, journals them, then acknowledges them.
@@ -272,11 +276,14 @@ async fn sync(ctx: Arc<Ctx>) {
     let mut last = Instant::now();
     let mut waiting = 0;
     loop {
-        tick.tick().await;
-        // Every SYNC_INTERVAL while data flows; sooner once it stopped: the edge waits for
-        // the acknowledgement of its last chunks before it can seal the disk and end the
-        // pass, and a delta pass is mostly that wait.
-        let due = last.elapsed() >= SYNC_INTERVAL;
+        // A seal waits for its last chunks to be durable: sync them now, not after the
+        // quiet interval (the end of a delta pass is mostly that wait).
+        let sealing = tokio::select! {
+            _ = tick.tick() => false,
+            _ = ctx.sync_now.notified() => true,
+        };
+        // Every SYNC_INTERVAL while data flows; sooner once it stopped.
+        let due = sealing || last.elapsed() >= SYNC_INTERVAL;
         let pending = ctx.session().unsynced_len();
         let quiet = pending > 0 && pending == waiting;
         waiting = pending;
@@ -1362,7 +1369,14 @@ async fn data_stream(ctx: &Arc<Ctx>, recv: quinn::RecvStream) -> Result<(), Tran
         bufs = Some(b);
         match outcome {
             Ok(Ok(())) => {
-                ctx.session().chunk_written(header.disk, header.offset);
+                let sealing = {
+                    let mut s = ctx.session();
+                    s.chunk_written(header.disk, header.offset);
+                    s.seal_waits_for_sync()
+                };
+                if sealing {
+                    ctx.sync_now.notify_one();
+                }
                 metrics.received_logical_bytes.inc_by(u64::from(header.plain_len));
             }
             Ok(Err(io)) => {

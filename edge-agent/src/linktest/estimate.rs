@@ -211,9 +211,10 @@ pub const RAMP_GROWTH_PER_RTT: f64 = 1.12;
 /// machine, but the cores' measured share did not tell them apart), so the
 /// forecast counts the climb's expected cost.
 pub const RAMP_SLOW_SHARE: f64 = 0.6;
-/// Round trips after the last chunk is sent: its acknowledgement, the commit
-/// request and the read-back's answer, the registration's answer.
-pub const COMMIT_RTTS: f64 = 4.0;
+/// Round trips after the last chunk is sent: the commit request (sent with the
+/// last chunk's seal since protocol version 12, no longer after its
+/// acknowledgement) and the read-back's answer, the registration's answer.
+pub const COMMIT_RTTS: f64 = 3.0;
 /// Seconds of local work on both sides whatever the link: starting the agent,
 /// reading the VM and its checkpoint, creating the staged files, the
 /// inventory's transactions, the receipt's signature (fitted to the emulated
@@ -751,12 +752,12 @@ mod tests {
         assert_eq!((e.zstd_levels, e.zstd_final_level), ((1, 9), 9));
         assert!(e.compression_ratio > 5.0 && e.compression_ratio < 5.07, "{e:?}");
         assert_eq!(e.limit, "link");
-        // Fixed costs: 9 round trips of 150 ms, the ramp, the read-back of
-        // 25 GiB of data at 2 x 1.68 GB/s and 75 GiB of zeros at 4 GB/s,
-        // local work.
+        // Fixed costs: 8 round trips of 150 ms (5 to set up, 3 to commit), the ramp,
+        // the read-back of 25 GiB of data at 2 x 1.68 GB/s and 75 GiB of zeros at
+        // 4 GB/s, local work.
         let f = &e.fixed;
         let sync = 25.0 * gib as f64 / SYNC_BYTES_PER_SEC;
-        assert!((f.setup_secs + f.commit_secs - 9.0 * 0.15 - LOCAL_SECS - sync).abs() < 1e-9);
+        assert!((f.setup_secs + f.commit_secs - 8.0 * 0.15 - LOCAL_SECS - sync).abs() < 1e-9);
         assert_eq!(f.ramp_secs, ramp_secs(100.0, 0.15));
         let readback = 25.0 * gib as f64 / (2.0 * (64 << 20) as f64 / 0.04) + 75.0 * gib as f64 / 4e9;
         assert!((f.readback_secs - readback).abs() < 1e-6, "{f:?}");

@@ -19,8 +19,9 @@
 //! (chunks on data streams)      =>
 //! ZeroChunks{runs}              ->
 //!                               <-       Acks / Nack (resend)
-//! DiskSealed{Merkle root} per disk ->    (after every chunk of it was acked)
-//! Commit                        ->
+//! DiskSealed{root, frames} per disk ->  (as its last chunk is sent: held until that
+//!                                        many frames are durable, then checked)
+//! Commit                        ->       (held behind a held seal)
 //!                                        (the cloud reads its staged disks back)
 //!                               <-       Repair{chunks found damaged}: resend, re-seal, commit again
 //!                               <-       Committed{vm id, signed receipt} | Refused(...)

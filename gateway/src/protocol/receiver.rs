@@ -262,6 +262,15 @@ struct Disk {
     replaced: HashSet<u64>,
     /// Per chunk, the read-back ahead of a switchover. Empty unless one was asked.
     early: Vec<Early>,
+    /// Chunk frames of this disk admitted over this connection (resends and duplicates
+    /// included): a seal is checked once it is the count the edge states.
+    frames: u64,
+    /// Chunks rejected (`Nack`) and neither written nor declared zero since.
+    nacked: HashSet<u64>,
+    /// Chunks written (or copied) whose durability the driver has not reported yet.
+    not_durable: u64,
+    /// The edge's seal (root, frames), held until the frames it counts are durable.
+    held_seal: Option<([u8; 32], u64)>,
 }
 
 impl Disk {
@@ -338,6 +347,9 @@ pub struct ReceiverSession {
     /// The commit arrived while the early read-back ran: the read-back at the commit is
     /// asked for once it is reported.
     verify_after_early: bool,
+    /// `Commit`, `Switchover` or `SyncDone` that came while a seal was held, and when:
+    /// taken up once every seal is checked (protocol version 12).
+    held_finish: Option<(EdgeMessage, Instant)>,
 }
 
 impl ReceiverSession {
@@ -376,6 +388,7 @@ impl ReceiverSession {
             switchover_pass: false,
             early_read: EarlyRead::NotAsked,
             verify_after_early: false,
+            held_finish: None,
         }
     }
 
@@ -426,6 +439,7 @@ impl ReceiverSession {
                     *f = false;
                 }
                 bytes += (d.capacity - offset).min(cs);
+                d.not_durable += 1;
                 written.push((disk, offset, hash));
                 copied.push(offset);
             } else {
@@ -694,53 +708,32 @@ impl ReceiverSession {
                         d.from_journal[index as usize] = true;
                     }
                     d.hashes.set(index, zero);
+                    d.nacked.remove(&index);
                 }
                 self.unsynced.zero_runs.push((disk, offset, count));
+                self.release_seals()?;
             }
-            EdgeMessage::DiskSealed { disk, root } => {
+            EdgeMessage::DiskSealed { disk, root, frames } => {
                 if self.phase != Phase::Streaming {
                     return Err(self.unexpected("DiskSealed"));
                 }
-                let committed = self.already_committed.is_some();
                 let (d, _) = self.disk_mut(disk)?;
                 if d.root.is_some() {
                     return Err(ProtocolError::OutsidePlan(format!("disk {disk} sealed twice")));
                 }
-                if committed {
-                    let registered = d.first_root.unwrap_or_default();
-                    if registered != root {
-                        return Err(ProtocolError::Integrity(format!(
-                            "disk {disk} Merkle root {} differs from the {} the registered VM's receipt states: the source changed since it was migrated",
-                            hex(&root),
-                            hex(&registered)
-                        )));
-                    }
-                    d.root = Some(root);
-                    return Ok(());
+                // Sealed again after a chunk was rejected: this one counts the resend.
+                d.held_seal = Some((root, frames));
+                self.release_seals()?;
+            }
+            EdgeMessage::SyncDone | EdgeMessage::Commit | EdgeMessage::Switchover(_)
+                if self.phase == Phase::Streaming && self.disks.iter().any(|d| d.held_seal.is_some()) =>
+            {
+                // The disks were sealed as their last chunks were sent: this waits for
+                // those chunks (see `release_seals`). One end per pass.
+                if self.held_finish.is_some() {
+                    return Err(self.unexpected("a second commit"));
                 }
-                let Some(ours) = d.hashes.merkle_root() else {
-                    return Err(ProtocolError::Integrity(format!(
-                        "disk {disk} sealed with {} of {} chunks neither received nor declared zero",
-                        d.hashes.missing(),
-                        d.hashes.chunk_count()
-                    )));
-                };
-                if ours != root {
-                    return Err(ProtocolError::Integrity(format!(
-                        "disk {disk} Merkle root {} differs from the edge's {}",
-                        hex(&ours),
-                        hex(&root)
-                    )));
-                }
-                if d.first_root.is_some_and(|first| first != ours) {
-                    return Err(ProtocolError::Integrity(format!(
-                        "disk {disk} re-sealed after a repair with root {}, not the {} it was sealed with",
-                        hex(&ours),
-                        hex(&d.first_root.unwrap_or_default())
-                    )));
-                }
-                d.root = Some(ours);
-                d.first_root = Some(ours);
+                self.held_finish = Some((msg, now));
             }
             EdgeMessage::SyncDone => {
                 if self.phase != Phase::Streaming || self.already_committed.is_some() {
@@ -808,6 +801,87 @@ impl ReceiverSession {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Checks every held seal whose frames all arrived and are durable, then takes up
+    /// the commit (or `SyncDone`) that waited for them. Called whenever a chunk is
+    /// written, made durable or declared zero, and when a seal arrives.
+    fn release_seals(&mut self) -> Result<(), ProtocolError> {
+        if self.phase != Phase::Streaming {
+            return Ok(());
+        }
+        for disk in 0..self.disks.len() {
+            let d = &mut self.disks[disk];
+            let Some((root, frames)) = d.held_seal else {
+                continue;
+            };
+            // Fewer frames: the last ones are on their way. More: a chunk was sent again
+            // after this seal, and the edge seals again.
+            let arrived = d.frames == frames && d.in_flight.is_empty() && d.nacked.is_empty();
+            if !arrived || d.not_durable != 0 {
+                continue;
+            }
+            d.held_seal = None;
+            self.check_seal(disk as u16, root)?;
+        }
+        if self.disks.iter().all(|d| d.held_seal.is_none()) {
+            if let Some((msg, at)) = self.held_finish.take() {
+                return self.on_control(msg, at);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a held seal waits only for written chunks to be made durable: the driver
+    /// then syncs at once rather than after its quiet interval.
+    pub fn seal_waits_for_sync(&self) -> bool {
+        self.disks.iter().any(|d| {
+            d.held_seal
+                .is_some_and(|(_, frames)| d.frames == frames && d.in_flight.is_empty() && d.not_durable != 0)
+        })
+    }
+
+    /// The seal of `disk` against what the cloud holds: every chunk received or declared
+    /// zero, and the Merkle root the edge's.
+    fn check_seal(&mut self, disk: u16, root: [u8; 32]) -> Result<(), ProtocolError> {
+        let committed = self.already_committed.is_some();
+        let (d, _) = self.disk_mut(disk)?;
+        if committed {
+            let registered = d.first_root.unwrap_or_default();
+            if registered != root {
+                return Err(ProtocolError::Integrity(format!(
+                    "disk {disk} Merkle root {} differs from the {} the registered VM's receipt states: the source changed since it was migrated",
+                    hex(&root),
+                    hex(&registered)
+                )));
+            }
+            d.root = Some(root);
+            return Ok(());
+        }
+        let Some(ours) = d.hashes.merkle_root() else {
+            return Err(ProtocolError::Integrity(format!(
+                "disk {disk} sealed with {} of {} chunks neither received nor declared zero",
+                d.hashes.missing(),
+                d.hashes.chunk_count()
+            )));
+        };
+        if ours != root {
+            return Err(ProtocolError::Integrity(format!(
+                "disk {disk} Merkle root {} differs from the edge's {}",
+                hex(&ours),
+                hex(&root)
+            )));
+        }
+        if d.first_root.is_some_and(|first| first != ours) {
+            return Err(ProtocolError::Integrity(format!(
+                "disk {disk} re-sealed after a repair with root {}, not the {} it was sealed with",
+                hex(&ours),
+                hex(&d.first_root.unwrap_or_default())
+            )));
+        }
+        d.root = Some(ours);
+        d.first_root = Some(ours);
         Ok(())
     }
 
@@ -884,6 +958,10 @@ impl ReceiverSession {
                 from_journal: Vec::new(),
                 replaced: HashSet::new(),
                 early: Vec::new(),
+                frames: 0,
+                nacked: HashSet::new(),
+                not_durable: 0,
+                held_seal: None,
             })
             .collect();
         self.phase = Phase::Streaming;
@@ -1118,10 +1196,14 @@ impl ReceiverSession {
         for &(disk, offset, _) in &batch.chunks {
             self.acks.entry(disk).or_default().push(offset);
             self.durable_bytes += self.chunk_bytes(disk, offset, 1);
+            if let Some(d) = self.disks.get_mut(usize::from(disk)) {
+                d.not_durable = d.not_durable.saturating_sub(1);
+            }
         }
         for &(disk, first, count) in &batch.zero_runs {
             self.durable_bytes += self.chunk_bytes(disk, first, count);
         }
+        self.release_seals_or_fail();
     }
 
     /// Ends the migration with a refusal sent to the edge (bad plan, failed
@@ -1200,6 +1282,7 @@ impl ReceiverSession {
         }
         let delta = self.delta;
         let (d, chunk_size) = self.disk_mut(h.disk)?;
+        d.frames += 1;
         let cs = u64::from(chunk_size);
         if !h.offset.is_multiple_of(cs) || h.offset >= d.capacity {
             return Err(ProtocolError::OutsidePlan(format!(
@@ -1281,8 +1364,17 @@ impl ReceiverSession {
             if let Some(f) = d.from_journal.get_mut(index as usize) {
                 *f = false;
             }
+            d.nacked.remove(&index);
+            d.not_durable += 1;
             self.bytes_written += len;
             self.unsynced.chunks.push((disk, offset, hash));
+        }
+        self.release_seals_or_fail();
+    }
+
+    fn release_seals_or_fail(&mut self) {
+        if let Err(e) = self.release_seals() {
+            self.fail(e.code(), vec![e.to_string()]);
         }
     }
 
@@ -1292,7 +1384,9 @@ impl ReceiverSession {
         let Ok((d, chunk_size)) = self.disk_mut(disk) else {
             return Ok(());
         };
-        d.in_flight.remove(&(offset / u64::from(chunk_size)));
+        let index = offset / u64::from(chunk_size);
+        d.in_flight.remove(&index);
+        d.nacked.insert(index);
         let rejects = self.rejects.entry((disk, offset)).or_default();
         *rejects += 1;
         if *rejects > self.config.max_rejects_per_chunk {

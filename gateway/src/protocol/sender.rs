@@ -181,9 +181,15 @@ struct Disk {
     resends: Vec<u8>,
     /// Chunks not yet acked or declared zero.
     remaining: u64,
+    /// Chunks neither sent (or copied in the cloud) nor done: the disk is sealed when
+    /// none is left, without waiting for the last acknowledgements (protocol version 12).
+    unsent: u64,
+    /// Chunk frames of this disk put on data streams over this connection, resends
+    /// included: the seal says how many the cloud is to wait for.
+    frames: u64,
     /// A run of zero chunks not yet announced: (first offset, count).
     zero_run: Option<(u64, u64)>,
-    /// The Merkle root, once every chunk is acked or zero.
+    /// The Merkle root, once every chunk is sent, copied or done (`unsent` is 0).
     root: Option<[u8; 32]>,
     /// Deduplication: chunks still in [`ChunkState::Probe`], and the hashes gathered
     /// for the next `HashQuery` (at most `MAX_HASH_QUERY`).
@@ -278,6 +284,8 @@ impl SenderSession {
                     hashes: DiskHashes::new(d.capacity, plan.chunk_size),
                     resends: vec![0; n as usize],
                     remaining: n,
+                    unsent: n,
+                    frames: 0,
                     zero_run: None,
                     root: None,
                     probing: 0,
@@ -559,7 +567,9 @@ impl SenderSession {
 
     /// What to do with the chunk at `offset` of `disk`.
     pub fn work_for(&self, disk: u16, offset: u64) -> Work {
-        if self.phase != Phase::Streaming {
+        // Waiting for the commit, a chunk rejected after its disk was sealed is still
+        // sent again (it is the only kind left pending then).
+        if !matches!(self.phase, Phase::Streaming | Phase::AwaitCommitted) {
             return Work::Skip;
         }
         let cs = self.chunk_size();
@@ -598,6 +608,7 @@ impl SenderSession {
         };
         d.state[index as usize] = ChunkState::Done;
         d.remaining -= 1;
+        d.unsent -= 1;
         let len = (d.capacity - offset).min(cs);
         if hash == d.hashes.zero_hash(index) {
             self.zero_bytes += len;
@@ -786,6 +797,11 @@ impl SenderSession {
                 self.acked_bytes += bytes;
                 self.events.push_back(SenderEvent::Acked { disk, chunks, bytes });
                 self.maybe_seal(disk);
+                if self.phase == Phase::AwaitCommitted && self.deadline.is_none() && self.all_acked() {
+                    // The commit went out before its last chunks were acknowledged (see
+                    // `poll_transmit`): its answer is due from now.
+                    self.deadline = Some(now + self.commit_allowance());
+                }
             }
             CloudMessage::HashAnswer {
                 disk,
@@ -811,6 +827,7 @@ impl SenderSession {
                         // Copied in the cloud and verified there against the hash sent:
                         // acknowledged like a sent chunk once durable.
                         d.state[index as usize] = ChunkState::Sent;
+                        d.unsent -= 1;
                         bytes += (d.capacity - offset).min(cs);
                     } else {
                         d.state[index as usize] = ChunkState::Pending;
@@ -835,9 +852,12 @@ impl SenderSession {
                 if !send.is_empty() {
                     self.events.push_back(SenderEvent::Send { disk, offsets: send });
                 }
+                self.maybe_seal(disk);
             }
             CloudMessage::Nack { disk, offset, .. } => {
-                if self.phase != Phase::Streaming {
+                // A disk is sealed once its last chunk is sent, so the rejection of one of
+                // its last chunks may come while the commit waits.
+                if !matches!(self.phase, Phase::Streaming | Phase::AwaitCommitted) {
                     return Err(self.unexpected("Nack"));
                 }
                 let cs = self.chunk_size();
@@ -859,6 +879,10 @@ impl SenderSession {
                 }
                 d.state[index as usize] = ChunkState::Pending;
                 d.hashes.unset(index);
+                d.unsent += 1;
+                // Sealed already: sealed again, with the resend counted, once it is sent.
+                // The cloud holds the first seal (and any commit behind it) meanwhile.
+                d.root = None;
                 self.events.push_back(SenderEvent::Resend { disk, offset });
             }
             CloudMessage::Repair { disk, offsets } => {
@@ -879,12 +903,13 @@ impl SenderSession {
                     d.state[index as usize] = ChunkState::Pending;
                     d.hashes.unset(index);
                     d.remaining += 1;
+                    d.unsent += 1;
                     d.root = None;
                     bytes += (d.capacity - offset).min(cs);
                 }
                 self.acked_bytes = self.acked_bytes.saturating_sub(bytes);
                 // Back to streaming: the disk is sealed again once the repaired chunks
-                // are acknowledged, then the commit is sent again.
+                // are sent, then the commit is sent again.
                 self.phase = Phase::Streaming;
                 self.deadline = None;
                 self.events.push_back(SenderEvent::Repairing {
@@ -1068,6 +1093,7 @@ impl SenderSession {
                         Some(hash) => {
                             d.state[index as usize] = ChunkState::Done;
                             d.remaining -= 1;
+                            d.unsent -= 1;
                             d.hashes.set(index, hash);
                             let len = (d.capacity - index * cs).min(cs);
                             if hash == zero {
@@ -1120,7 +1146,8 @@ impl SenderSession {
     }
 
     fn streaming_disk(&mut self, disk: u16, offset: u64) -> Option<(&mut Disk, u64)> {
-        if self.phase != Phase::Streaming {
+        // Waiting for the commit, only chunks rejected after their disk's seal are pending.
+        if !matches!(self.phase, Phase::Streaming | Phase::AwaitCommitted) {
             return None;
         }
         let cs = self.chunk_size();
@@ -1147,6 +1174,7 @@ impl SenderSession {
         let zero = d.hashes.zero_hash(index);
         d.hashes.set(index, zero);
         d.remaining -= 1;
+        d.unsent -= 1;
         let len = (d.capacity - offset).min(cs);
         let flush = match &mut d.zero_run {
             Some((start, count)) if *start + *count * cs == offset => {
@@ -1168,6 +1196,18 @@ impl SenderSession {
     /// The driver sealed the chunk at `offset` (plaintext hash `hash`) and
     /// queued it on a data stream.
     pub fn chunk_sent(&mut self, disk: u16, offset: u64, hash: [u8; 32]) {
+        // Every frame the driver sends is counted, whatever its state here: the cloud
+        // waits for exactly this many before it checks the seal.
+        let Some(d) = self.disks.get_mut(usize::from(disk)) else {
+            return;
+        };
+        d.frames += 1;
+        if d.root.is_some() {
+            // A frame after the seal (a driver sending a chunk twice): the seal the cloud
+            // holds no longer counts every frame, so the disk is sealed again.
+            d.root = None;
+            self.maybe_seal(disk);
+        }
         let Some((d, index)) = self.streaming_disk(disk, offset) else {
             return;
         };
@@ -1176,17 +1216,21 @@ impl SenderSession {
             d.probing -= 1;
         }
         d.state[index as usize] = ChunkState::Sent;
+        d.unsent -= 1;
         d.hashes.set(index, hash);
         if probed {
             self.flush_query(disk);
         }
+        self.maybe_seal(disk);
     }
 
-    /// Seals a disk once every chunk is acked or zero; commits once every disk
-    /// is sealed.
+    /// Seals a disk once every chunk is sent, copied or done, without waiting for the
+    /// last acknowledgements: the cloud holds the seal until the frames it counts are
+    /// durable (protocol version 12), which saves the end of every pass a round trip.
+    /// Commits once every disk is sealed.
     fn maybe_seal(&mut self, disk: u16) {
         let d = &mut self.disks[usize::from(disk)];
-        if d.remaining != 0 || d.root.is_some() {
+        if d.unsent != 0 || d.root.is_some() {
             return;
         }
         if let Some((offset, count)) = d.zero_run.take() {
@@ -1194,7 +1238,11 @@ impl SenderSession {
         }
         let root = d.hashes.merkle_root().expect("every chunk is done");
         d.root = Some(root);
-        self.outbox.push_back(EdgeMessage::DiskSealed { disk, root });
+        self.outbox.push_back(EdgeMessage::DiskSealed {
+            disk,
+            root,
+            frames: d.frames,
+        });
         if self.disks.iter().all(|d| d.root.is_some()) && self.phase == Phase::Streaming {
             self.phase = Phase::AwaitCommitted;
             if self.keep_replica {
@@ -1238,16 +1286,28 @@ impl SenderSession {
             msg,
             EdgeMessage::Commit | EdgeMessage::SyncDone | EdgeMessage::Switchover(_)
         ) {
-            // The cloud reads every staged disk back before it answers: allow for that
-            // at a slow datastore's pace (100 MB/s) on top of the reply timeout.
-            let read_back = Duration::from_secs(self.plan.logical_bytes() / 100_000_000);
-            self.deadline = Some(now + self.config.reply_timeout + read_back);
+            // The last chunks may still be on their way (the disks were sealed when they
+            // were sent): the answer is due once they are acknowledged, not before. A slow
+            // link's data in flight is not the cloud's delay.
+            self.deadline = self.all_acked().then(|| now + self.commit_allowance());
         }
         Some(msg)
     }
 
     pub fn poll_event(&mut self) -> Option<SenderEvent> {
         self.events.pop_front()
+    }
+
+    /// Every chunk sent was acknowledged (or declared zero, or found held).
+    fn all_acked(&self) -> bool {
+        self.disks.iter().all(|d| d.remaining == 0)
+    }
+
+    /// How long the cloud may take to answer a commit or `SyncDone` once it holds every
+    /// chunk: it reads every staged disk back first, so allow for that at a slow
+    /// datastore's pace (100 MB/s) on top of the reply timeout.
+    fn commit_allowance(&self) -> Duration {
+        self.config.reply_timeout + Duration::from_secs(self.plan.logical_bytes() / 100_000_000)
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {

@@ -447,6 +447,9 @@ impl Pair {
                     t(&h, &mut payload);
                 }
                 if self.duplicate {
+                    // Sent twice by the driver, so counted twice: QUIC itself never
+                    // delivers a frame twice.
+                    self.sender.chunk_sent(disk, offset, h.hash);
                     self.data.push_back((h, payload.clone()));
                 }
                 self.data.push_back((h, payload));
@@ -1233,6 +1236,162 @@ fn a_chunk_rewritten_with_other_content_is_refused() {
     assert!(r.admit_chunk(&other).is_err());
 }
 
+/// A receiver with one disk of two chunks, each with its own hash, and the root the edge
+/// would seal them with.
+fn two_chunk_receiver() -> (ReceiverSession, [ChunkHeader; 2], [u8; 32]) {
+    let r = streaming_receiver(2 * u64::from(CS));
+    let first = header(0, 0, CS);
+    let mut second = header(0, u64::from(CS), CS);
+    second.hash = [2; 32];
+    let root = crate::merkle::root(&[first.hash, second.hash]);
+    (r, [first, second], root)
+}
+
+/// Drains the receiver's events: whether it asked for the read-back before the commit.
+fn read_back_asked(r: &mut ReceiverSession) -> bool {
+    std::iter::from_fn(|| r.poll_event()).any(|e| matches!(e, ReceiverEvent::VerifyStaged { .. }))
+}
+
+/// Drains the receiver's messages: whether one was a refusal.
+fn refused(r: &mut ReceiverSession) -> bool {
+    std::iter::from_fn(|| r.poll_transmit()).any(|m| matches!(m, CloudMessage::Refused { .. }))
+}
+
+/// The driver wrote the chunk and made it durable.
+fn write_durably(r: &mut ReceiverSession, h: &ChunkHeader) {
+    assert_eq!(r.admit_chunk(h).unwrap(), Admission::Write);
+    r.chunk_written(h.disk, h.offset);
+    let batch = r.take_unsynced();
+    r.synced(&batch);
+}
+
+fn seal(root: [u8; 32], frames: u64) -> EdgeMessage {
+    EdgeMessage::DiskSealed { disk: 0, root, frames }
+}
+
+#[test]
+fn a_seal_sent_with_the_last_chunk_waits_until_every_frame_is_durable() {
+    let (mut r, [first, second], root) = two_chunk_receiver();
+    let now = Instant::now();
+    // The edge sealed the disk and committed as it sent its last chunk: both arrive
+    // before the data and are held, not refused as a seal with missing chunks.
+    r.handle_control(seal(root, 2), now).unwrap();
+    r.handle_control(EdgeMessage::Commit, now).unwrap();
+    assert!(!read_back_asked(&mut r), "nothing arrived yet");
+    for h in [first, second] {
+        assert_eq!(r.admit_chunk(&h).unwrap(), Admission::Write);
+        r.chunk_written(0, h.offset);
+    }
+    assert!(!read_back_asked(&mut r), "written is not durable: the seal still waits");
+    assert!(r.seal_waits_for_sync(), "the driver is told to sync at once");
+    let batch = r.take_unsynced();
+    r.synced(&batch);
+    assert!(!r.seal_waits_for_sync());
+    assert!(
+        read_back_asked(&mut r),
+        "durable: the seal is checked and the commit taken up"
+    );
+    // The acknowledgements go out before anything the commit answers.
+    assert!(matches!(r.poll_transmit(), Some(CloudMessage::Acks { disk: 0, .. })));
+    assert!(!refused(&mut r));
+}
+
+#[test]
+fn a_seal_counting_more_frames_than_arrived_is_never_checked() {
+    let (mut r, [first, _], root) = two_chunk_receiver();
+    let now = Instant::now();
+    r.handle_control(seal(root, 2), now).unwrap();
+    r.handle_control(EdgeMessage::Commit, now).unwrap();
+    write_durably(&mut r, &first);
+    assert!(!read_back_asked(&mut r), "one frame of two: the commit waits");
+    // A second commit behind the held one is a protocol violation, not a second wait.
+    let err = r.handle_control(EdgeMessage::Commit, now).unwrap_err();
+    assert_eq!(err.code(), RefusalCode::ProtocolViolation, "{err}");
+}
+
+#[test]
+fn a_chunk_rejected_after_the_seal_waits_for_the_seal_that_counts_its_resend() {
+    let (mut r, [first, second], root) = two_chunk_receiver();
+    let now = Instant::now();
+    r.handle_control(seal(root, 2), now).unwrap();
+    r.handle_control(EdgeMessage::Commit, now).unwrap();
+    assert_eq!(r.admit_chunk(&first).unwrap(), Admission::Write);
+    r.chunk_rejected(0, 0, &crate::chunk::ChunkError::HashMismatch).unwrap();
+    write_durably(&mut r, &second);
+    assert!(!read_back_asked(&mut r), "two frames of two, but one was rejected");
+    // The resend arrives before the edge's second seal: still the first seal's count
+    // (2) is not what arrived (3), so nothing is checked against a stale count.
+    write_durably(&mut r, &first);
+    assert!(!read_back_asked(&mut r));
+    r.handle_control(seal(root, 3), now).unwrap();
+    assert!(read_back_asked(&mut r), "the new seal counts the resend");
+    assert!(!refused(&mut r));
+}
+
+#[test]
+fn a_wrong_root_is_refused_once_its_frames_are_durable() {
+    let (mut r, [first, second], _) = two_chunk_receiver();
+    let now = Instant::now();
+    r.handle_control(seal([9; 32], 2), now).unwrap();
+    r.handle_control(EdgeMessage::Commit, now).unwrap();
+    write_durably(&mut r, &first);
+    assert!(!refused(&mut r));
+    write_durably(&mut r, &second);
+    assert!(refused(&mut r), "the root is checked as soon as the data is in");
+    assert!(!read_back_asked(&mut r));
+}
+
+#[test]
+fn the_edge_seals_and_commits_as_its_last_chunk_is_sent_and_times_the_answer_from_the_last_ack() {
+    let img = disk_image(11, 3);
+    let now = Instant::now();
+    let mut s = SenderSession::new(SenderConfig::new("edge-test", "u", "p"), plan(&[&img]), now).unwrap();
+    while s.poll_transmit(now).is_some() {}
+    s.handle_control(
+        CloudMessage::Welcome {
+            endpoint: "cloud".into(),
+            role: "MigrationOperator".into(),
+        },
+        now,
+    )
+    .unwrap();
+    s.handle_control(
+        CloudMessage::PlanAccepted {
+            migration_id: "m".into(),
+            datastore: "ds".into(),
+            dedup: false,
+        },
+        now,
+    )
+    .unwrap();
+    let mut sent = Vec::new();
+    for (index, chunk) in img.chunks(CS as usize).enumerate() {
+        let offset = index as u64 * u64::from(CS);
+        assert_eq!(s.work_for(0, offset), Work::Send);
+        if crate::chunk::is_zero(chunk) {
+            s.chunk_zero(0, offset);
+        } else {
+            s.chunk_sent(0, offset, crate::chunk::chunk_hash(chunk));
+            sent.push(offset);
+        }
+    }
+    let out: Vec<EdgeMessage> = std::iter::from_fn(|| s.poll_transmit(now)).collect();
+    assert!(
+        out.iter()
+            .any(|m| matches!(m, EdgeMessage::DiskSealed { frames, .. } if *frames == sent.len() as u64)),
+        "sealed before any acknowledgement, counting every frame: {out:?}"
+    );
+    assert!(matches!(out.last(), Some(EdgeMessage::Commit)), "{out:?}");
+    assert_eq!(s.poll_timeout(), None, "data in flight is not the cloud's delay");
+    let later = now + Duration::from_secs(5);
+    s.handle_control(CloudMessage::Acks { disk: 0, offsets: sent }, later)
+        .unwrap();
+    assert!(
+        s.poll_timeout().is_some_and(|t| t > later),
+        "the answer is due from the last acknowledgement"
+    );
+}
+
 #[test]
 fn sealing_a_disk_with_missing_chunks_fails() {
     let mut r = streaming_receiver(3 * u64::from(CS));
@@ -1246,7 +1405,14 @@ fn sealing_a_disk_with_missing_chunks_fails() {
     )
     .unwrap();
     let err = r
-        .handle_control(EdgeMessage::DiskSealed { disk: 0, root: [0; 32] }, Instant::now())
+        .handle_control(
+            EdgeMessage::DiskSealed {
+                disk: 0,
+                root: [0; 32],
+                frames: 0,
+            },
+            Instant::now(),
+        )
         .unwrap_err();
     assert_eq!(err.code(), RefusalCode::IntegrityFailure);
     assert!(err.to_string().contains("1 of 3"), "{err}");

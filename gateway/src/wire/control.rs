@@ -37,7 +37,12 @@ pub enum EdgeMessage {
     ZeroChunks { disk: u16, offset: u64, count: u64 },
     /// Every chunk of the disk has been sent or declared zero; `root` is the
     /// Merkle root over all chunk hashes in offset order (see [`crate::merkle`]).
-    DiskSealed { disk: u16, root: [u8; 32] },
+    /// `frames`: the chunk frames of this disk the edge put on data streams over this
+    /// connection, resends included (protocol version 12). The edge seals once its last
+    /// chunk is sent, not acknowledged: the cloud holds the seal until that many frames
+    /// arrived and are durable, then checks the root. A chunk rejected after the seal is
+    /// sent again and the disk sealed again with the higher count.
+    DiskSealed { disk: u16, root: [u8; 32], frames: u64 },
     /// All disks sealed and acknowledged: register the VM.
     Commit,
     /// The edge gives up; the cloud discards everything of this migration and

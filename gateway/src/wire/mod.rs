@@ -62,7 +62,12 @@ pub const MAGIC: [u8; 4] = *b"HCMG";
 /// would take the early request as a protocol violation, so it is refused at the preamble.
 /// `Sync` and `SyncSwitchedOver` say whether the pass ends with `Switchover`: the cloud
 /// then reads the replica back while the pass streams, not after it.
-pub const PROTOCOL_VERSION: u16 = 11;
+/// Version 12: `DiskSealed` counts the disk's chunk frames, and the edge seals a disk as
+/// soon as its last chunk is sent: the cloud holds the seal (and the commit or
+/// `SyncDone` behind it) until those frames are durable. The end of every lift and pass
+/// is one round trip shorter. A version-11 cloud would check the root before the last
+/// chunks arrived, so it is refused at the preamble.
+pub const PROTOCOL_VERSION: u16 = 12;
 pub const PREAMBLE_LEN: usize = 8;
 
 /// Problems with bytes a peer sent. Each maps to a QUIC close code.
