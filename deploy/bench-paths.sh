@@ -22,6 +22,13 @@
 #   binmount  as bridge, each container running the host's binary (bind mount) instead of
 #             the image's copy on Docker's storage driver (fuse-overlayfs on this machine)
 #   shares    as bridge, both containers with --cpu-shares 8192
+#   statevol  as bridge, the edge's state folder (its checkpoint, synced every second) on
+#             a Docker volume, under /var/lib/docker on the host's disk, as compose's
+#             edge-state volume puts it; every other mode keeps it in the run's folder
+#             with the rest (BENCH_TMP), as the host processes do
+#   hostpoll  as host, with what the script's first version did beside each container
+#             lift: `docker inspect` of a running container and a read of a cgroup file
+#             every 50 ms (against an idle container of its own); the cost of that polling
 # Knobs:
 #   GATEWAY_ENDPOINT_IMAGE, GATEWAY_EDGE_IMAGE   the images (default the :latest tags that
 #                   deploy/build-images.sh makes); a warning if their revision is not HEAD's
@@ -33,6 +40,8 @@
 #   BENCH_UDP_MEM_MAX=N  sets net.core.rmem_max and wmem_max for the run, restored after:
 #                   the containers' uid 10001 cannot force larger UDP buffers past them, the
 #                   host processes (root) can (gateway::transport asks for 9375000 bytes)
+#   BENCH_PERF=DIR  records every CPU (perf record -a) during each lift into DIR/<mode><round>.data:
+#                   `perf report -i FILE --sort comm` says which processes took the CPU
 #   BENCH_WAN=1     puts the modes netns and bridge behind an emulated WAN link: tests/wan's
 #                   wan-relay holds every packet to and from the endpoint's QUIC port for
 #                   BENCH_WAN_DELAY_MS (75; each way) through NFQUEUE rules in the host's
@@ -74,7 +83,7 @@ cleanup() {
   local rc=$?
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.5
-  docker rm -f $(docker ps -aq --filter "name=^$tag-") >/dev/null 2>&1 || true
+  docker rm -f -v $(docker ps -aq --filter "name=^$tag-") >/dev/null 2>&1 || true
   docker network rm "$net" >/dev/null 2>&1 || true
   ip netns del "$ns_a" 2>/dev/null || true; ip netns del "$ns_b" 2>/dev/null || true
   ip link del "$br" 2>/dev/null || true
@@ -92,7 +101,7 @@ cleanup() {
   return "$rc"
 }
 trap cleanup EXIT
-"$bin/certs" quickstart --out "$work/pki" --endpoint-name cloud-endpoint --endpoint-name 10.99.7.2 --endpoint-name ep-bridge --endpoint-name ep-nosec --endpoint-name ep-shares --endpoint-name ep-binmount >/dev/null
+"$bin/certs" quickstart --out "$work/pki" --endpoint-name cloud-endpoint --endpoint-name 10.99.7.2 --endpoint-name ep-bridge --endpoint-name ep-nosec --endpoint-name ep-shares --endpoint-name ep-binmount --endpoint-name ep-statevol >/dev/null
 mkdir -p "$work/onprem/web01"
 if [ -n "${BENCH_SAMPLE:-}" ]; then cp --sparse=always "$BENCH_SAMPLE" "$work/onprem/web01/web01.img";
 else say "making the sample VM ($disk, ext4 with real files)"; tests/sample-disk.sh "$work/onprem/web01/web01.img" "$disk" small; fi
@@ -115,6 +124,12 @@ ctr_endpoint() { # NAME LISTEN DOCKER-ARGS...
 }
 wait_log() { for _ in $(seq 100); do grep -q "cloud endpoint serving" "$1" && return; sleep 0.1; done; say "no start: $1"; cat "$1" >&2; exit 1; }
 
+if has hostpoll; then
+  porthp=$(freeport)
+  env $(host_env hostpoll 127.0.0.1:$porthp) "$bin/cloud-endpoint" serve 2> "$work/hostpoll-endpoint.log" & pids+=($!)
+  wait_log "$work/hostpoll-endpoint.log"; echo $! > "$work/hostpoll.eppid"
+  docker run -d --name "$tag-idle" --no-healthcheck --entrypoint sleep "$endpoint_image" infinity >/dev/null
+fi
 if has host; then
   port=$(freeport)
   env $(host_env host 127.0.0.1:$port) "$bin/cloud-endpoint" serve 2> "$work/host-endpoint.log" & pids+=($!)
@@ -151,12 +166,13 @@ if [ -n "${BENCH_DOCKER_SHARES:-}" ]; then
   old_shares=$(cat /sys/fs/cgroup/cpu/docker/cpu.shares); echo "$BENCH_DOCKER_SHARES" > /sys/fs/cgroup/cpu/docker/cpu.shares
 fi
 if [ -n "${BENCH_HOG:-}" ]; then for _ in $(seq "$BENCH_HOG"); do sh -c 'while :; do :; done' & pids+=($!); done; fi
-if has bridge || has nosec || has shares || has binmount; then
+if has bridge || has nosec || has shares || has binmount || has statevol; then
   docker network create "$net" >/dev/null
 fi
 has bridge && ctr_endpoint bridge 0.0.0.0:4433 --network "$net" --network-alias ep-bridge
 has shares && ctr_endpoint shares 0.0.0.0:4433 --network "$net" --network-alias ep-shares --cpu-shares 8192
 has binmount && ctr_endpoint binmount 0.0.0.0:4433 --network "$net" --network-alias ep-binmount -v "$bin/cloud-endpoint:/usr/local/bin/cloud-endpoint:ro"
+has statevol && ctr_endpoint statevol 0.0.0.0:4433 --network "$net" --network-alias ep-statevol
 has nosec && ctr_endpoint nosec 0.0.0.0:4433 --network "$net" --network-alias ep-nosec --security-opt seccomp=unconfined
 if has hostnet2; then port2=$(freeport); ctr_endpoint hostnet2 127.0.0.1:$port2 --network host; fi
 if has netns; then
@@ -176,7 +192,7 @@ fi
 for _ in $(seq 60); do
   ok=1
   for c in $(docker ps -q --filter "name=^$tag-"); do
-    [ "$(docker inspect -f '{{.State.Health.Status}}' "$c")" = healthy ] || ok=0
+    [ "$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}healthy{{end}}' "$c")" = healthy ] || ok=0
   done
   [ $ok = 1 ] && break; sleep 0.5
 done
@@ -216,7 +232,7 @@ fi
 ep_drops() { # MODE -> UDP datagrams dropped so far for a full receive buffer in the endpoint's network namespace
   local pid
   case $1 in
-    host|hostgrp|hostcg|netns) pid=$(cat "$work/$1.eppid") ;;
+    host|hostgrp|hostcg|netns|hostpoll) pid=$(cat "$work/$1.eppid") ;;
     *) pid=$(docker inspect -f '{{.State.Pid}}' "$tag-$1") ;;
   esac
   awk '$1 == "Udp:" { if (!h) { for (i = 2; i <= NF; i++) if ($i == "RcvbufErrors") f = i; h = 1 } else print $f }' "/proc/$pid/net/snmp"
@@ -224,11 +240,14 @@ ep_drops() { # MODE -> UDP datagrams dropped so far for a full receive buffer in
 ep_cpu() { # MODE -> CPU seconds the endpoint of MODE used so far
   local pid c
   case $1 in
-    host|hostgrp|hostcg|netns) pid=$(cat "$work/$1.eppid"); awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat" ;;
+    host|hostgrp|hostcg|netns|hostpoll) pid=$(cat "$work/$1.eppid"); awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat" ;;
     *) c=$(docker inspect -f '{{.Id}}' "$tag-$1"); awk '{ print $1 / 1e9 }' "/sys/fs/cgroup/cpuacct/docker/$c/cpuacct.usage" ;;
   esac
 }
 now() { date +%s.%N; }
+# 50 ms without starting a process: a read that times out on a pipe no one writes to.
+exec {nap_fd}<> <(:)
+nap() { read -t 0.05 -u "$nap_fd" _ || true; }
 edge_args() { echo migrate --no-dedup --user migrator@cloud.local --name "$1"; }
 cpuwrap() { python3 -c 'import resource, subprocess, sys
 rc = subprocess.call(sys.argv[2:])
@@ -244,26 +263,45 @@ lift() { # MODE NAME
     host) cpuwrap env 'EDGE_AGENT_PASSWORD=VMware1!Cloud' "$bin/edge-agent" $(edge_args "$n") "${hostargs[@]}" --url "quic://localhost:$port" > "$work/$n.out" 2>&1 ;;
     hostgrp) cpuwrap sh -c 'echo $$ > "$0/edge/cgroup.procs"; exec "$@"' "$grp" env 'EDGE_AGENT_PASSWORD=VMware1!Cloud' "$bin/edge-agent" $(edge_args "$n") "${hostargs[@]}" --url "quic://localhost:$portg" > "$work/$n.out" 2>&1 ;;
     hostcg) cpuwrap sh -c "$incg_sh" "$tag" edge "$cgs" env 'EDGE_AGENT_PASSWORD=VMware1!Cloud' "$bin/edge-agent" $(edge_args "$n") "${hostargs[@]}" --url "quic://localhost:$portc" > "$work/$n.out" 2>&1 ;;
+    hostpoll)
+      local idle; idle=$(docker inspect -f '{{.Id}}' "$tag-idle")
+      ( while [ "$(docker inspect -f '{{.State.Running}}' "$tag-idle")" = true ]; do
+          cat "/sys/fs/cgroup/cpuacct/docker/$idle/cpuacct.usage" > /dev/null; sleep 0.05
+        done ) & local poller=$!
+      cpuwrap env 'EDGE_AGENT_PASSWORD=VMware1!Cloud' "$bin/edge-agent" $(edge_args "$n") "${hostargs[@]}" --url "quic://localhost:$porthp" > "$work/$n.out" 2>&1
+      kill "$poller"; wait "$poller" 2>/dev/null || true ;;
     netns) cpuwrap ip netns exec "$ns_a" env 'EDGE_AGENT_PASSWORD=VMware1!Cloud' "$bin/edge-agent" $(edge_args "$n") "${hostargs[@]}" --url "quic://10.99.7.2:4433" > "$work/$n.out" 2>&1 ;;
-    bridge|nosec|hostnet2|shares|binmount)
+    bridge|nosec|hostnet2|shares|binmount|statevol)
       local extra=() url
+      # The state folder beside the host processes' (the image's VOLUME would otherwise
+      # put it on the disk under /var/lib/docker): statevol keeps the volume.
+      if [ "$m" != statevol ]; then
+        mkdir -p "$work/state-$m"; chown 10001:10001 "$work/state-$m"
+        dargs+=(-v "$work/state-$m:/var/lib/edge-agent")
+      fi
       case $m in
         bridge) extra=(--network "$net"); url=quic://ep-bridge:4433 ;;
         nosec) extra=(--network "$net" --security-opt seccomp=unconfined); url=quic://ep-nosec:4433 ;;
         binmount) extra=(--network "$net" -v "$bin/edge-agent:/usr/local/bin/edge-agent:ro"); url=quic://ep-binmount:4433 ;;
         shares) extra=(--network "$net" --cpu-shares 8192); url=quic://ep-shares:4433 ;;
+        statevol) extra=(--network "$net"); url=quic://ep-statevol:4433 ;;
         hostnet2) extra=(--network host); url=quic://localhost:$port2 ;;
       esac
       docker create --name "$c" "${dargs[@]}" "${extra[@]}" "$edge_image" $(edge_args "$n") "${cargs[@]}" --url "$url" >/dev/null
       local id; id=$(docker inspect -f '{{.Id}}' "$c")
       docker start "$c" >/dev/null
-      local f=/sys/fs/cgroup/cpuacct/docker/$id/cpuacct.usage u=0 v
-      while [ "$(docker inspect -f '{{.State.Running}}' "$c")" = true ]; do
-        v=$(cat "$f" 2>/dev/null) && u=$v; sleep 0.05
+      local g=/sys/fs/cgroup/cpuacct/docker/$id u=0 v
+      # The edge's CPU read from its cgroup by the shell itself, no process started per
+      # poll, until the cgroup has no process left: the script's first version asked
+      # `docker inspect` every 50 ms, and that client and the daemon's answers took CPU
+      # from the lift being measured, in the container modes only (see hostpoll).
+      while read -r _ 2>/dev/null < "$g/cgroup.procs"; do
+        read -r v 2>/dev/null < "$g/cpuacct.usage" && u=$v; nap
       done
+      docker wait "$c" >/dev/null
       echo "$u" | awk '{ printf "%.3f\n", $1 / 1e9 }' > "$work/edgecpu"
       docker logs "$c" > "$work/$n.out" 2>&1
-      docker rm "$c" >/dev/null ;;
+      docker rm -v "$c" >/dev/null ;;
   esac
   awk '/^duration:/ { print $2 }' "$work/$n.out"
 }
@@ -271,7 +309,11 @@ for r in $(seq "$rounds"); do
   line="round $r:"
   for m in $modes; do
     e0=$(ep_cpu "$m"); q0=$(ep_drops "$m")
+    if [ -n "${BENCH_PERF:-}" ]; then
+      perf record -q -a -F 497 -o "$BENCH_PERF/$m$r.data" 2>/dev/null & perf_pid=$!; sleep 0.5
+    fi
     d=$(lift "$m" "$m$r") || { cat "$work/$m$r.out" >&2; exit 1; }
+    if [ -n "${BENCH_PERF:-}" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
     sleep 0.3; e1=$(ep_cpu "$m"); ec=$(cat "$work/edgecpu"); q1=$(ep_drops "$m")
     epc=$(awk -v a="$e0" -v b="$e1" 'BEGIN { printf "%.2f", b - a }')
     line+=" $m $d (CPU edge $ec endpoint $epc, rcvbuf drops $((q1 - q0)))"
@@ -286,4 +328,15 @@ for m in $modes; do
   cpu=$(awk -v m="$m" '$1 == m { print $3 + $4 }' "$work/times" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
   echo "$m $med $cpu"
 done | awk 'NR == 1 { b = $2; c = $3 } { printf "  %-9s %.2f s %+.1f %%   CPU %.2f s %+.1f %%\n", $1, $2, ($2 - b) * 100 / b, $3, ($3 - c) * 100 / c }'
+# Each round's lift against the same round's first mode: the machine's other load drifts
+# over a run and moves both sides of one round's ratio alike.
+first=${modes%% *}
+echo "median of the rounds' own ratios against $first (lift; CPU)"
+for m in $modes; do
+  [ "$m" = "$first" ] && continue
+  paste <(awk -v m="$first" '$1 == m' "$work/times") <(awk -v m="$m" '$1 == m' "$work/times") | awk '{
+    sub(/s$/, "", $2); sub(/s$/, "", $6); print ($6 - $2) * 100 / $2, ($7 + $8 - $3 - $4) * 100 / ($3 + $4) }' > "$work/ratios"
+  printf '  %-9s %+.1f %%   CPU %+.1f %%\n' "$m" "$(cut -d' ' -f1 "$work/ratios" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')" \
+    "$(cut -d' ' -f2 "$work/ratios" | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')"
+done
 true
