@@ -44,12 +44,6 @@ const BW_ROUNDS: usize = 10;
 /// [`PLATEAU_ROUNDS`] rounds: the pipe is full.
 const PLATEAU_GROWTH: f64 = 1.25;
 const PLATEAU_ROUNDS: u32 = 3;
-/// Least time every acknowledged packet must have come back late before
-/// startup takes it for a queue at the bottleneck (an eighth of the minimum
-/// RTT counts on long paths): a busy host that handles a batch of
-/// acknowledgements late makes them all look late at one instant, a queue
-/// keeps them late.
-const QUEUE_PERSISTENCE: Duration = Duration::from_millis(2);
 
 /// Builds [`BdpController`]s.
 #[derive(Debug, Clone, Default)]
@@ -214,8 +208,12 @@ impl BdpController {
             // from the control phase's trickle and shrink the window to a
             // few kB, from which the lift then climbs for seconds.
             let late_for = self.late_since.map(|t| now.saturating_duration_since(t));
-            let persistence = (min_rtt / 8).max(QUEUE_PERSISTENCE);
-            if self.measured && late_for.is_some_and(|d| d >= persistence) {
+            // Late for an eighth of the minimum RTT: a busy host that
+            // handles a batch of acknowledgements late makes them all look
+            // late at one instant, a queue keeps them late. On a short path
+            // that is microseconds, as before: startup there lasts
+            // milliseconds, so an early end costs next to nothing.
+            if self.measured && late_for.is_some_and(|d| d >= min_rtt / 8) {
                 let before = self.window;
                 self.startup = false;
                 self.window = self.target();
