@@ -182,7 +182,7 @@ impl BdpController {
         // taken after the controller hears of the ack, so the first data
         // acks of a migration still carry the plan's round trip, which
         // includes the endpoint's time to answer it (tens of milliseconds
-        // on a busy host, hundreds when its disk is busy).
+        // or more on a busy host).
         let packet_rtt = now.saturating_duration_since(sent);
         self.round_rtt_min = self.round_rtt_min.min(packet_rtt);
         self.round_rtt_max = self.round_rtt_max.max(packet_rtt);
