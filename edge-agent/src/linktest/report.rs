@@ -178,11 +178,12 @@ impl LinkReport {
             ));
             let f = &e.fixed;
             line(format!(
-                "  fixed: setup {} ({} RTT: handshake, login, plan), ramp {} (0.6 of a climb from {} Mbit/s, x{} a round trip), \
-                 read-back {}, commit {} ({} RTT, {} s local, the datastore's sync)",
+                "  fixed: setup {} ({} RTT: handshake, login, plan), ramp {} ({} of a climb from {} Mbit/s, x{} a round trip), \
+                 read-back {}, commit {} ({} RTT, {} s local, the datastore's sync of the last 250 ms)",
                 fmt_duration(f.setup_secs),
                 super::estimate::SETUP_RTTS,
                 fmt_duration(f.ramp_secs),
+                super::estimate::RAMP_SLOW_SHARE,
                 super::estimate::RAMP_START_MBIT_S,
                 super::estimate::RAMP_GROWTH_PER_RTT,
                 fmt_duration(f.readback_secs),
