@@ -274,6 +274,14 @@ struct Disk {
 }
 
 impl Disk {
+    /// Every one of the `frames` the edge's seal counts arrived and was written (or
+    /// found a duplicate), none rejected since: durability aside, the seal can be checked.
+    /// Fewer frames: the last ones are on their way. More: a chunk was sent again after
+    /// the seal, and the edge seals again.
+    fn frames_in(&self, frames: u64) -> bool {
+        self.frames == frames && self.in_flight.is_empty() && self.nacked.is_empty()
+    }
+
     /// The pass is about to change chunk `index` (or changed it): what the read-back
     /// ahead of the switchover found there no longer holds.
     fn touched(&mut self, index: u64) {
@@ -816,10 +824,7 @@ impl ReceiverSession {
             let Some((root, frames)) = d.held_seal else {
                 continue;
             };
-            // Fewer frames: the last ones are on their way. More: a chunk was sent again
-            // after this seal, and the edge seals again.
-            let arrived = d.frames == frames && d.in_flight.is_empty() && d.nacked.is_empty();
-            if !arrived || d.not_durable != 0 {
+            if !d.frames_in(frames) || d.not_durable != 0 {
                 continue;
             }
             d.held_seal = None;
@@ -838,7 +843,7 @@ impl ReceiverSession {
     pub fn seal_waits_for_sync(&self) -> bool {
         self.disks.iter().any(|d| {
             d.held_seal
-                .is_some_and(|(_, frames)| d.frames == frames && d.in_flight.is_empty() && d.not_durable != 0)
+                .is_some_and(|(_, frames)| d.frames_in(frames) && d.not_durable != 0)
         })
     }
 
