@@ -796,7 +796,6 @@ impl SenderSession {
                 }
                 self.acked_bytes += bytes;
                 self.events.push_back(SenderEvent::Acked { disk, chunks, bytes });
-                self.maybe_seal(disk);
                 if self.phase == Phase::AwaitCommitted && self.deadline.is_none() && self.all_acked() {
                     // The commit went out before its last chunks were acknowledged (see
                     // `poll_transmit`): its answer is due from now.
